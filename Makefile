@@ -1,0 +1,41 @@
+# soma-p2p developer commands. `make test` is what CI runs.
+CARGO ?= cargo
+# nextest runs test binaries in parallel; plain `cargo test` is the fallback.
+NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
+
+.PHONY: all build test lint fmt bench doc clean
+
+all: build
+
+## build: compile every crate and test target
+build:
+	$(CARGO) build --workspace --all-targets --locked
+
+## test: the whole workspace's tests (unit, integration, doc)
+test:
+ifeq ($(NEXTEST),yes)
+	$(CARGO) nextest run --workspace --locked --no-fail-fast
+	$(CARGO) test --workspace --doc --locked
+else
+	$(CARGO) test --workspace --locked --no-fail-fast
+endif
+
+## lint: formatting check and clippy with warnings as errors
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+## fmt: format the code
+fmt:
+	$(CARGO) fmt --all
+
+## bench: release-mode benchmarks (figures go in docs/benchmarks.md)
+bench:
+	$(CARGO) bench -p soma-chain --bench foundation --locked
+
+## doc: API documentation
+doc:
+	$(CARGO) doc --workspace --no-deps --locked
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,132 @@
+//! Where a node keeps the chain: commits, blocks, certificates, committees
+//! and the sync watermark.
+//!
+//! [`ConsensusStore`] is what state sync and the gRPC server need from
+//! storage. Two implementations pass the same conformance suite
+//! ([`conformance`]): [`MemStore`] for tests and light nodes, and
+//! [`RedbStore`], persistent and crash-safe, the default for a running node.
+//!
+//! The store's one invariant: the watermark ([`ConsensusStore::highest_synced_commit`])
+//! never points past what is stored. Every commit at or below it (down to
+//! [`ConsensusStore::lowest_available_commit`]) is stored with all its
+//! blocks, and every write that moves it is a single atomic transaction.
+#![warn(missing_docs, unreachable_pub)]
+
+mod check;
+pub mod conformance;
+mod error;
+mod mem;
+mod redb_store;
+
+use std::ops::RangeInclusive;
+
+use soma_types::{
+    BlockRef, CommitIndex, CommitRef, Committee, Epoch, TrustedCommit, VerifiedBlock,
+};
+
+pub use error::Error;
+pub use mem::MemStore;
+pub use redb_store::RedbStore;
+
+/// Result type of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The lowest available commit of a store never pruned: commit 0 is the
+/// genesis commit, derived from the genesis committee and never stored.
+const FIRST_COMMIT: CommitIndex = 1;
+
+/// A verified run of commits, written in one atomic step.
+#[derive(Clone, Debug)]
+pub struct SyncedBatch {
+    /// The commits, in index order; the first must follow the watermark.
+    pub commits: Vec<TrustedCommit>,
+    /// Every block the commits name (any order).
+    pub blocks: Vec<VerifiedBlock>,
+    /// Blocks certifying the last commit: stored so this node can serve the
+    /// batch to others. Empty when the batch has no certificate yet (a local
+    /// commit whose votes are still to come).
+    pub certificate: Vec<VerifiedBlock>,
+    /// Set when the last commit ends its epoch: the committee of the next
+    /// epoch, installed in the same write.
+    pub next_committee: Option<Committee>,
+}
+
+/// Storage for the chain as state sync and the gRPC server see it.
+///
+/// Implementations are shared between threads (`Send + Sync`) and each
+/// method is one consistent read or one atomic write.
+pub trait ConsensusStore: Send + Sync + 'static {
+    /// The highest commit stored with all its blocks: the sync watermark.
+    /// On a fresh store, the genesis commit (index 0).
+    fn highest_synced_commit(&self) -> Result<CommitRef>;
+
+    /// The lowest commit this store can serve: 1 on a store never pruned,
+    /// otherwise the index the last [`ConsensusStore::prune_below`] pruned
+    /// to (clamped to the watermark).
+    fn lowest_available_commit(&self) -> Result<CommitIndex>;
+
+    /// The commit at `index`, if stored. The genesis commit (index 0) is
+    /// derived from the genesis committee and never stored.
+    fn commit(&self, index: CommitIndex) -> Result<Option<TrustedCommit>>;
+
+    /// Stored commits in `range`, in order, stopping before the total
+    /// encoded size would exceed `max_bytes` (the first commit is always
+    /// returned if stored, so a caller always makes progress). The range is
+    /// clamped to the stored commits; an empty or reversed range gives an
+    /// empty vector.
+    fn commits_in_range(
+        &self,
+        range: RangeInclusive<CommitIndex>,
+        max_bytes: usize,
+    ) -> Result<Vec<TrustedCommit>>;
+
+    /// The block with reference `block`, if stored.
+    fn block(&self, block: &BlockRef) -> Result<Option<VerifiedBlock>>;
+
+    /// The blocks with the given references, in the same order; `None` for
+    /// each one not stored.
+    fn blocks(&self, refs: &[BlockRef]) -> Result<Vec<Option<VerifiedBlock>>>;
+
+    /// The certifier blocks stored for the commit at `index`, if any.
+    fn certificate(&self, index: CommitIndex) -> Result<Option<Vec<VerifiedBlock>>>;
+
+    /// The highest commit in `range` for which a certificate is stored.
+    fn highest_certified_in(
+        &self,
+        range: RangeInclusive<CommitIndex>,
+    ) -> Result<Option<CommitIndex>>;
+
+    /// The committee of `epoch`, if known.
+    fn committee(&self, epoch: Epoch) -> Result<Option<Committee>>;
+
+    /// The index of the last commit of `epoch`, once that epoch has ended.
+    fn last_commit_of_epoch(&self, epoch: Epoch) -> Result<Option<CommitIndex>>;
+
+    /// Writes a verified batch and moves the watermark to its last commit,
+    /// atomically. Refuses (with [`Error::NotContiguous`]) a batch whose
+    /// first commit does not follow the watermark by index and digest, or
+    /// whose commits do not link to each other, and (with
+    /// [`Error::MissingBlock`]) one that lacks a block its commits name,
+    /// unless that block is already stored. A refused batch writes nothing;
+    /// a batch without commits is accepted and writes nothing.
+    ///
+    /// A non-empty `certificate` is stored as the last commit's. A
+    /// `next_committee` is stored under its epoch, and the last commit is
+    /// recorded as the last of its epoch.
+    fn write_synced_batch(&self, batch: SyncedBatch) -> Result<()>;
+
+    /// Stores a certificate for an already stored commit (a local commit's
+    /// votes arrive after it), replacing any earlier one, and stores its
+    /// blocks. Refuses (with [`Error::UnknownCommit`]) a commit not stored;
+    /// an empty `blocks` stores nothing.
+    fn insert_certificate(&self, index: CommitIndex, blocks: Vec<VerifiedBlock>) -> Result<()>;
+
+    /// Deletes commits below `index`, their certificates, and the blocks
+    /// they name that no retained commit or certificate names, and raises
+    /// the lowest available commit to `index`.
+    ///
+    /// Never prunes the watermark commit: an `index` above the watermark
+    /// prunes up to it. An `index` at or below the lowest available commit
+    /// changes nothing.
+    fn prune_below(&self, index: CommitIndex) -> Result<()>;
+}

@@ -1,0 +1,273 @@
+//! [`MemStore`]: the chain in memory, behind one lock.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::RangeInclusive;
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use soma_types::{
+    BlockRef, CommitIndex, CommitRef, Committee, Epoch, TrustedCommit, VerifiedBlock,
+    genesis_commit,
+};
+
+use crate::check::{check_blocks, check_links, take_within_budget};
+use crate::{ConsensusStore, Error, FIRST_COMMIT, Result, SyncedBatch};
+
+/// A [`ConsensusStore`] held in memory, for tests and light nodes.
+///
+/// All state sits behind one `RwLock`, so each method is one consistent read
+/// or one atomic write. Nothing survives a restart.
+#[derive(Debug)]
+pub struct MemStore {
+    state: RwLock<State>,
+}
+
+/// What holds a block in the store; a block is deleted by pruning when its
+/// last holder goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Holder {
+    /// The commit at this index names the block.
+    Commit(CommitIndex),
+    /// The block certifies the commit at this index.
+    Certificate(CommitIndex),
+}
+
+#[derive(Debug)]
+struct State {
+    watermark: CommitRef,
+    lowest: CommitIndex,
+    commits: BTreeMap<CommitIndex, TrustedCommit>,
+    blocks: HashMap<BlockRef, VerifiedBlock>,
+    /// Certifier block references per commit, in the order given.
+    certificates: BTreeMap<CommitIndex, Vec<BlockRef>>,
+    committees: BTreeMap<Epoch, Committee>,
+    epoch_ends: BTreeMap<Epoch, CommitIndex>,
+    /// Reverse index: which commits and certificates hold each block.
+    holders: HashMap<BlockRef, BTreeSet<Holder>>,
+}
+
+impl State {
+    fn store_block(&mut self, block: &VerifiedBlock) {
+        self.blocks.insert(block.reference(), block.clone());
+    }
+
+    fn hold(&mut self, block: BlockRef, holder: Holder) {
+        self.holders.entry(block).or_default().insert(holder);
+    }
+
+    /// Drops `holder`'s claim on `block`, deleting the block once nothing
+    /// holds it.
+    fn release(&mut self, block: BlockRef, holder: Holder) {
+        if let Some(holders) = self.holders.get_mut(&block) {
+            holders.remove(&holder);
+            if holders.is_empty() {
+                self.holders.remove(&block);
+                self.blocks.remove(&block);
+            }
+        }
+    }
+
+    fn remove_certificate(&mut self, index: CommitIndex) {
+        if let Some(refs) = self.certificates.remove(&index) {
+            for block in refs {
+                self.release(block, Holder::Certificate(index));
+            }
+        }
+    }
+
+    fn put_certificate(&mut self, index: CommitIndex, blocks: &[VerifiedBlock]) {
+        for block in blocks {
+            self.store_block(block);
+            self.hold(block.reference(), Holder::Certificate(index));
+        }
+        let refs = blocks.iter().map(VerifiedBlock::reference).collect();
+        self.certificates.insert(index, refs);
+    }
+}
+
+impl MemStore {
+    /// A fresh store for the chain started by `genesis`: the watermark is the
+    /// genesis commit and the genesis committee is known.
+    pub fn new(genesis: &Committee) -> MemStore {
+        let state = State {
+            watermark: genesis_commit(genesis).reference(),
+            lowest: FIRST_COMMIT,
+            commits: BTreeMap::new(),
+            blocks: HashMap::new(),
+            certificates: BTreeMap::new(),
+            committees: BTreeMap::from([(genesis.epoch(), genesis.clone())]),
+            epoch_ends: BTreeMap::new(),
+            holders: HashMap::new(),
+        };
+        MemStore {
+            state: RwLock::new(state),
+        }
+    }
+
+    // A poisoned lock means a panic interrupted a write, which may have left
+    // the state half-written: refuse to go on rather than serve it.
+    fn read(&self) -> Result<RwLockReadGuard<'_, State>> {
+        self.state
+            .read()
+            .map_err(|_| Error::Database("memory store lock poisoned".into()))
+    }
+
+    fn write(&self) -> Result<RwLockWriteGuard<'_, State>> {
+        self.state
+            .write()
+            .map_err(|_| Error::Database("memory store lock poisoned".into()))
+    }
+}
+
+impl ConsensusStore for MemStore {
+    fn highest_synced_commit(&self) -> Result<CommitRef> {
+        Ok(self.read()?.watermark)
+    }
+
+    fn lowest_available_commit(&self) -> Result<CommitIndex> {
+        Ok(self.read()?.lowest)
+    }
+
+    fn commit(&self, index: CommitIndex) -> Result<Option<TrustedCommit>> {
+        Ok(self.read()?.commits.get(&index).cloned())
+    }
+
+    fn commits_in_range(
+        &self,
+        range: RangeInclusive<CommitIndex>,
+        max_bytes: usize,
+    ) -> Result<Vec<TrustedCommit>> {
+        if range.is_empty() {
+            return Ok(Vec::new());
+        }
+        let state = self.read()?;
+        let commits = state.commits.range(range).map(|(_, c)| Ok(c.clone()));
+        take_within_budget(commits, max_bytes)
+    }
+
+    fn block(&self, block: &BlockRef) -> Result<Option<VerifiedBlock>> {
+        Ok(self.read()?.blocks.get(block).cloned())
+    }
+
+    fn blocks(&self, refs: &[BlockRef]) -> Result<Vec<Option<VerifiedBlock>>> {
+        let state = self.read()?;
+        Ok(refs.iter().map(|r| state.blocks.get(r).cloned()).collect())
+    }
+
+    fn certificate(&self, index: CommitIndex) -> Result<Option<Vec<VerifiedBlock>>> {
+        let state = self.read()?;
+        let Some(refs) = state.certificates.get(&index) else {
+            return Ok(None);
+        };
+        let blocks = refs
+            .iter()
+            .map(|r| {
+                state.blocks.get(r).cloned().ok_or_else(|| {
+                    Error::Corrupt(format!("certificate of commit {index} lacks block {r}"))
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Some(blocks))
+    }
+
+    fn highest_certified_in(
+        &self,
+        range: RangeInclusive<CommitIndex>,
+    ) -> Result<Option<CommitIndex>> {
+        if range.is_empty() {
+            return Ok(None);
+        }
+        let state = self.read()?;
+        Ok(state.certificates.range(range).next_back().map(|(i, _)| *i))
+    }
+
+    fn committee(&self, epoch: Epoch) -> Result<Option<Committee>> {
+        Ok(self.read()?.committees.get(&epoch).cloned())
+    }
+
+    fn last_commit_of_epoch(&self, epoch: Epoch) -> Result<Option<CommitIndex>> {
+        Ok(self.read()?.epoch_ends.get(&epoch).copied())
+    }
+
+    fn write_synced_batch(&self, batch: SyncedBatch) -> Result<()> {
+        let Some(last) = batch.commits.last().cloned() else {
+            return Ok(());
+        };
+        let mut state = self.write()?;
+        // Every check runs before the first change, so a refused batch
+        // leaves the state untouched.
+        check_links(state.watermark, &batch.commits)?;
+        check_blocks(&batch, |r| Ok(state.blocks.contains_key(r)))?;
+
+        for block in &batch.blocks {
+            state.store_block(block);
+        }
+        for commit in &batch.commits {
+            let index = commit.index();
+            for block in &commit.commit().blocks {
+                state.hold(*block, Holder::Commit(index));
+            }
+            state.commits.insert(index, commit.clone());
+        }
+        if !batch.certificate.is_empty() {
+            state.put_certificate(last.index(), &batch.certificate);
+        }
+        if let Some(next) = batch.next_committee {
+            state.epoch_ends.insert(last.commit().epoch, last.index());
+            state.committees.insert(next.epoch(), next);
+        }
+        state.watermark = last.reference();
+        tracing::debug!(watermark = %state.watermark, "memory store wrote batch");
+        Ok(())
+    }
+
+    fn insert_certificate(&self, index: CommitIndex, blocks: Vec<VerifiedBlock>) -> Result<()> {
+        let mut state = self.write()?;
+        if !state.commits.contains_key(&index) {
+            return Err(Error::UnknownCommit(index));
+        }
+        // An empty certificate certifies nothing, as in a batch.
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        // Replacing a certificate: hold the new blocks before releasing the
+        // old ones, so a block in both is never deleted in between.
+        let old = state.certificates.remove(&index).unwrap_or_default();
+        state.put_certificate(index, &blocks);
+        let kept: BTreeSet<BlockRef> = blocks.iter().map(VerifiedBlock::reference).collect();
+        for block in old.into_iter().filter(|b| !kept.contains(b)) {
+            state.release(block, Holder::Certificate(index));
+        }
+        Ok(())
+    }
+
+    fn prune_below(&self, index: CommitIndex) -> Result<()> {
+        let mut state = self.write()?;
+        let target = index.min(state.watermark.index);
+        if target <= state.lowest {
+            return Ok(());
+        }
+        let pruned: Vec<TrustedCommit> = state
+            .commits
+            .range(..target)
+            .map(|(_, c)| c.clone())
+            .collect();
+        for commit in pruned {
+            let i = commit.index();
+            state.commits.remove(&i);
+            for block in &commit.commit().blocks {
+                state.release(*block, Holder::Commit(i));
+            }
+        }
+        let certified: Vec<CommitIndex> = state
+            .certificates
+            .range(..target)
+            .map(|(i, _)| *i)
+            .collect();
+        for i in certified {
+            state.remove_certificate(i);
+        }
+        state.lowest = target;
+        tracing::debug!(lowest = target, "memory store pruned");
+        Ok(())
+    }
+}

@@ -1,0 +1,234 @@
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    AuthorityIndex, CommitRef, Committee, Digest, Domain, Epoch, Error, KeyPair, Result, Signature,
+    Transaction, codec,
+};
+
+/// A round of the DAG within an epoch. Round 0 holds the genesis blocks.
+pub type Round = u32;
+
+/// The identity of a block: where it sits in the DAG and the digest of its
+/// encoded [`SignedBlock`].
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
+pub struct BlockRef {
+    /// Epoch of the block.
+    pub epoch: Epoch,
+    /// Round of the block within its epoch.
+    pub round: Round,
+    /// Author of the block.
+    pub author: AuthorityIndex,
+    /// blake3 of the encoded signed block.
+    pub digest: Digest,
+}
+
+impl std::fmt::Display for BlockRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "e{}r{}{}:{}",
+            self.epoch, self.round, self.author, self.digest
+        )
+    }
+}
+
+/// Carried by the leader block whose commit ends an epoch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndOfEpoch {
+    /// The committee of the next epoch.
+    pub next_committee: Committee,
+}
+
+/// A block of the DAG, as its author wrote it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Block {
+    /// Epoch the block belongs to.
+    pub epoch: Epoch,
+    /// Round within the epoch, at least 1.
+    pub round: Round,
+    /// The authority that wrote it.
+    pub author: AuthorityIndex,
+    /// Author's clock when writing it, in milliseconds since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// Blocks of earlier rounds this one builds on, the author's own first.
+    pub ancestors: Vec<BlockRef>,
+    /// Transactions included by the author.
+    pub transactions: Vec<Transaction>,
+    /// Commits the author votes for.
+    pub commit_votes: Vec<CommitRef>,
+    /// Set on the leader block whose commit ends the epoch.
+    pub end_of_epoch: Option<EndOfEpoch>,
+}
+
+/// A block and its author's signature over it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedBlock {
+    /// The block.
+    pub block: Block,
+    /// Signature by the author's protocol key under [`Domain::Block`].
+    pub signature: Signature,
+}
+
+impl SignedBlock {
+    /// Signs `block` with `key`, which should be its author's protocol key.
+    pub fn new(block: Block, key: &KeyPair) -> Self {
+        let signature = key.sign(Domain::Block, &block);
+        SignedBlock { block, signature }
+    }
+}
+
+/// A block decoded from bytes with its digests computed, not yet verified.
+///
+/// Decoding checks that the bytes are the block's canonical encoding, so
+/// each block has exactly one digest.
+#[derive(Clone, Debug)]
+pub struct UnverifiedBlock {
+    pub(crate) signed: SignedBlock,
+    pub(crate) serialized: Bytes,
+    pub(crate) reference: BlockRef,
+    pub(crate) signing_digest: Digest,
+}
+
+impl UnverifiedBlock {
+    /// Decodes a signed block from untrusted bytes of at most `limit` bytes.
+    pub fn decode(serialized: Bytes, limit: usize) -> Result<Self> {
+        let signed: SignedBlock = codec::decode(&serialized, limit)?;
+        let block_bytes = codec::encode(&signed.block);
+        let canonical = serialized.len() == block_bytes.len() + 65
+            && serialized.starts_with(&block_bytes)
+            && serialized[block_bytes.len()] == 64;
+        if !canonical {
+            return Err(Error::Malformed("non-canonical block encoding".into()));
+        }
+        Ok(Self::assemble(signed, serialized, Digest::of(&block_bytes)))
+    }
+
+    /// Wraps a signed block held in memory, encoding it once.
+    pub fn from_signed(signed: SignedBlock) -> Self {
+        let block_bytes = codec::encode(&signed.block);
+        let signing_digest = Digest::of(&block_bytes);
+        let serialized = Bytes::from(codec::encode(&signed));
+        Self::assemble(signed, serialized, signing_digest)
+    }
+
+    fn assemble(signed: SignedBlock, serialized: Bytes, signing_digest: Digest) -> Self {
+        let b = &signed.block;
+        let reference = BlockRef {
+            epoch: b.epoch,
+            round: b.round,
+            author: b.author,
+            digest: Digest::of(&serialized),
+        };
+        UnverifiedBlock {
+            signed,
+            serialized,
+            reference,
+            signing_digest,
+        }
+    }
+
+    /// The block's reference, computed from its bytes.
+    pub fn reference(&self) -> BlockRef {
+        self.reference
+    }
+
+    /// The block.
+    pub fn block(&self) -> &Block {
+        &self.signed.block
+    }
+
+    /// The signed block.
+    pub fn signed(&self) -> &SignedBlock {
+        &self.signed
+    }
+
+    /// The encoded signed block.
+    pub fn serialized(&self) -> &Bytes {
+        &self.serialized
+    }
+
+    /// Treats the block as verified. Only for blocks this node wrote itself
+    /// or read back from its own store.
+    pub fn into_trusted(self) -> VerifiedBlock {
+        VerifiedBlock(Arc::new(self))
+    }
+}
+
+/// A block that passed verification (or that this node wrote), with its
+/// encoding and reference kept so neither is computed twice. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct VerifiedBlock(Arc<UnverifiedBlock>);
+
+impl VerifiedBlock {
+    /// Signs `block` with `key` and wraps it; for blocks this node authors.
+    pub fn sign(block: Block, key: &KeyPair) -> Self {
+        UnverifiedBlock::from_signed(SignedBlock::new(block, key)).into_trusted()
+    }
+
+    /// Decodes a block from this node's own store, skipping signature checks.
+    pub fn from_trusted_bytes(serialized: Bytes) -> Result<Self> {
+        let signed: SignedBlock = codec::decode(&serialized, codec::MAX_DECODE_BYTES)?;
+        let signing_digest = Digest::of(&codec::encode(&signed.block));
+        Ok(UnverifiedBlock::assemble(signed, serialized, signing_digest).into_trusted())
+    }
+
+    /// The block's reference.
+    pub fn reference(&self) -> BlockRef {
+        self.0.reference
+    }
+
+    /// The block.
+    pub fn block(&self) -> &Block {
+        &self.0.signed.block
+    }
+
+    /// The signed block.
+    pub fn signed(&self) -> &SignedBlock {
+        &self.0.signed
+    }
+
+    /// The encoded signed block, as sent and stored.
+    pub fn serialized(&self) -> &Bytes {
+        &self.0.serialized
+    }
+
+    /// Back to an unverified block, for tests that corrupt data.
+    pub fn to_unverified(&self) -> UnverifiedBlock {
+        (*self.0).clone()
+    }
+}
+
+impl PartialEq for VerifiedBlock {
+    fn eq(&self, other: &Self) -> bool {
+        self.reference() == other.reference()
+    }
+}
+
+impl Eq for VerifiedBlock {}
+
+/// References of the round-0 genesis blocks of `committee`'s epoch, one per
+/// authority, in authority order.
+///
+/// Genesis blocks are never signed, sent or stored: their digests are
+/// derived from the committee, and round-1 blocks name them as ancestors.
+pub fn genesis_block_refs(committee: &Committee) -> Vec<BlockRef> {
+    let committee_digest = committee.digest();
+    committee
+        .authorities()
+        .map(|(author, _)| BlockRef {
+            epoch: committee.epoch(),
+            round: 0,
+            author,
+            digest: Digest::of_parts(&[
+                b"soma-p2p/genesis-block/1",
+                committee_digest.as_bytes(),
+                &author.0.to_le_bytes(),
+            ]),
+        })
+        .collect()
+}

@@ -1,0 +1,136 @@
+//! The one place that turns values into bytes and back.
+//!
+//! Everything signed, digested, stored or sent as `bytes` on the wire goes
+//! through [`encode`] and [`decode`]. They wrap bincode 2.0.1's serde API with
+//! the standard configuration (little endian, variable-length integers). The
+//! bincode project is no longer maintained; keeping every call here means the
+//! codec can move to any bincode-compatible crate in one file.
+//!
+//! [`decode`] is for untrusted input: it refuses inputs over a byte limit
+//! before reading them, rejects trailing bytes, and bounds every length
+//! prefix by a small multiple of the input's own size, so a
+//! forged prefix cannot make it allocate much more than the bytes it was
+//! given. bincode accepts long forms of small integers, so one value may have
+//! several encodings; where a digest must be unique (blocks, commits), the
+//! decoders of [`UnverifiedBlock`](crate::UnverifiedBlock) and
+//! [`UnverifiedCommit`](crate::UnverifiedCommit) also require the canonical
+//! encoding.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::{Error, Result};
+
+/// The largest input [`decode`] accepts, whatever limit the caller passes.
+pub const MAX_DECODE_BYTES: usize = 64 << 20;
+
+/// Bound on in-memory size claimed per encoded byte (see [`decode`]).
+const IN_MEMORY_FACTOR: usize = 8;
+
+type Config<const N: usize> = bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<N>,
+>;
+
+const fn config<const N: usize>() -> Config<N> {
+    bincode::config::standard().with_limit::<N>()
+}
+
+/// Encodes `value`.
+///
+/// The types of this workspace always encode (they use no serde feature
+/// bincode lacks), so this returns bytes rather than a `Result`.
+pub fn encode<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
+    bincode::serde::encode_to_vec(value, config::<MAX_DECODE_BYTES>())
+        .expect("workspace types use only serde features bincode supports")
+}
+
+/// Decodes a `T` from `bytes`, which must hold exactly one value and be at
+/// most `limit` bytes long (and at most [`MAX_DECODE_BYTES`]).
+pub fn decode<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T> {
+    let limit = limit.min(MAX_DECODE_BYTES);
+    if bytes.len() > limit {
+        return Err(Error::TooLarge {
+            len: bytes.len(),
+            limit,
+        });
+    }
+    // bincode's limit is a type parameter, and it counts the bytes read plus
+    // each container's claimed size in memory (length × element size), which
+    // for our types stays under 8× the encoded size. Pick the smallest tier
+    // above that: an honest input always fits, and a forged length prefix is
+    // refused before it allocates more than a small multiple of the input.
+    let budget = bytes.len().saturating_mul(IN_MEMORY_FACTOR);
+    let (value, read) = if budget <= 1 << 10 {
+        decode_within::<T, { 1 << 10 }>(bytes)
+    } else if budget <= 1 << 12 {
+        decode_within::<T, { 1 << 12 }>(bytes)
+    } else if budget <= 1 << 14 {
+        decode_within::<T, { 1 << 14 }>(bytes)
+    } else if budget <= 1 << 16 {
+        decode_within::<T, { 1 << 16 }>(bytes)
+    } else if budget <= 1 << 18 {
+        decode_within::<T, { 1 << 18 }>(bytes)
+    } else if budget <= 1 << 20 {
+        decode_within::<T, { 1 << 20 }>(bytes)
+    } else if budget <= 1 << 22 {
+        decode_within::<T, { 1 << 22 }>(bytes)
+    } else if budget <= 1 << 24 {
+        decode_within::<T, { 1 << 24 }>(bytes)
+    } else if budget <= 1 << 26 {
+        decode_within::<T, { 1 << 26 }>(bytes)
+    } else {
+        decode_within::<T, { IN_MEMORY_FACTOR * MAX_DECODE_BYTES }>(bytes)
+    }?;
+    if read != bytes.len() {
+        return Err(Error::TrailingBytes(bytes.len() - read));
+    }
+    Ok(value)
+}
+
+fn decode_within<T: DeserializeOwned, const N: usize>(bytes: &[u8]) -> Result<(T, usize)> {
+    bincode::serde::decode_from_slice(bytes, config::<N>())
+        .map_err(|e| Error::Malformed(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_rejects_trailing_bytes() {
+        let mut bytes = encode(&(7u64, "seven"));
+        bytes.push(0);
+        assert_eq!(
+            decode::<(u64, String)>(&bytes, 1024),
+            Err(Error::TrailingBytes(1))
+        );
+    }
+
+    #[test]
+    fn decode_rejects_input_over_limit() {
+        let bytes = encode(&vec![1u8; 100]);
+        assert!(matches!(
+            decode::<Vec<u8>>(&bytes, 50),
+            Err(Error::TooLarge { limit: 50, .. })
+        ));
+    }
+
+    #[test]
+    fn oversize_length_prefix_fails_without_allocating() {
+        // A varint length prefix claiming 2^62 elements, and nothing behind it.
+        let mut bytes = vec![0xFF];
+        bytes.extend_from_slice(&(1u64 << 62).to_le_bytes());
+        assert!(decode::<Vec<u64>>(&bytes, 1024).is_err());
+        assert!(decode::<String>(&bytes, 1024).is_err());
+    }
+
+    #[test]
+    fn truncated_input_fails() {
+        let bytes = encode(&(1u64, vec![9u8; 40]));
+        for cut in 0..bytes.len() {
+            assert!(decode::<(u64, Vec<u8>)>(&bytes[..cut], 1024).is_err());
+        }
+    }
+}

@@ -1,0 +1,242 @@
+use serde::{Deserialize, Serialize};
+
+use crate::{Digest, Error, PeerId, PublicKey, Result, codec};
+
+/// An epoch number: the period during which one committee signs the chain.
+pub type Epoch = u64;
+
+/// Voting power of an authority.
+pub type Stake = u64;
+
+/// Position of an authority in its committee.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
+pub struct AuthorityIndex(pub u32);
+
+impl AuthorityIndex {
+    /// The index as a `usize`, for indexing the committee.
+    pub fn get(self) -> usize {
+        self.0 as usize
+    }
+}
+
+impl std::fmt::Display for AuthorityIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// One member of a committee.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Authority {
+    /// Voting power.
+    pub stake: Stake,
+    /// Key that signs this authority's blocks.
+    pub protocol_key: PublicKey,
+    /// Key that identifies this authority's node on the network.
+    pub network_key: PeerId,
+    /// Where the node listens, as `host:port`.
+    pub address: String,
+}
+
+/// The set of authorities that signs the chain during one epoch.
+///
+/// A quorum is any set of distinct authorities whose stake is at least
+/// [`Committee::quorum_threshold`], that is ⌊2·total/3⌋ + 1: more than two
+/// thirds of all stake.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "CommitteeRepr")]
+pub struct Committee {
+    epoch: Epoch,
+    authorities: Vec<Authority>,
+    #[serde(skip)]
+    total: Stake,
+}
+
+impl Committee {
+    /// Builds a committee, refusing an empty one, zero stakes and stake totals
+    /// that overflow.
+    pub fn new(epoch: Epoch, authorities: Vec<Authority>) -> Result<Self> {
+        if authorities.is_empty() {
+            return Err(Error::EmptyCommittee);
+        }
+        if u32::try_from(authorities.len()).is_err() {
+            return Err(Error::InvalidStake);
+        }
+        let mut total: Stake = 0;
+        for a in &authorities {
+            if a.stake == 0 {
+                return Err(Error::InvalidStake);
+            }
+            total = total.checked_add(a.stake).ok_or(Error::InvalidStake)?;
+        }
+        Ok(Committee {
+            epoch,
+            authorities,
+            total,
+        })
+    }
+
+    /// The epoch this committee signs.
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    /// Number of authorities.
+    pub fn size(&self) -> usize {
+        self.authorities.len()
+    }
+
+    /// All authorities, by index.
+    pub fn authorities(&self) -> impl ExactSizeIterator<Item = (AuthorityIndex, &Authority)> {
+        self.authorities
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (AuthorityIndex(i as u32), a))
+    }
+
+    /// The authority at `index`, if any.
+    pub fn authority(&self, index: AuthorityIndex) -> Option<&Authority> {
+        self.authorities.get(index.get())
+    }
+
+    /// Stake of the authority at `index` (0 if out of range).
+    pub fn stake(&self, index: AuthorityIndex) -> Stake {
+        self.authority(index).map_or(0, |a| a.stake)
+    }
+
+    /// Sum of all stakes.
+    pub fn total_stake(&self) -> Stake {
+        self.total
+    }
+
+    /// Smallest stake that forms a quorum: ⌊2·total/3⌋ + 1.
+    pub fn quorum_threshold(&self) -> Stake {
+        ((2 * self.total as u128) / 3) as Stake + 1
+    }
+
+    /// Smallest stake that surely includes one honest authority:
+    /// ⌊(total − 1)/3⌋ + 1.
+    pub fn validity_threshold(&self) -> Stake {
+        (self.total - 1) / 3 + 1
+    }
+
+    /// Whether `stake` reaches quorum.
+    pub fn is_quorum(&self, stake: Stake) -> bool {
+        stake >= self.quorum_threshold()
+    }
+
+    /// Index of the authority whose network key is `peer`.
+    pub fn index_of_peer(&self, peer: &PeerId) -> Option<AuthorityIndex> {
+        self.authorities
+            .iter()
+            .position(|a| a.network_key == *peer)
+            .map(|i| AuthorityIndex(i as u32))
+    }
+
+    /// Digest of the committee's encoding.
+    pub fn digest(&self) -> Digest {
+        Digest::of(&codec::encode(self))
+    }
+}
+
+/// The encoded shape of a committee; decoding goes through
+/// [`Committee::new`] so a decoded committee is always valid.
+#[derive(Deserialize)]
+struct CommitteeRepr {
+    epoch: Epoch,
+    authorities: Vec<Authority>,
+}
+
+impl TryFrom<CommitteeRepr> for Committee {
+    type Error = Error;
+    fn try_from(r: CommitteeRepr) -> Result<Self> {
+        Committee::new(r.epoch, r.authorities)
+    }
+}
+
+/// Identity of a chain: the digest of its genesis committee. Nodes never sync
+/// from a peer that reports another chain id.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
+pub struct ChainId(pub Digest);
+
+impl ChainId {
+    /// The chain id of a chain started by `genesis`.
+    pub fn from_genesis(genesis: &Committee) -> ChainId {
+        ChainId(Digest::of_parts(&[
+            b"soma-p2p/chain/1",
+            &codec::encode(genesis),
+        ]))
+    }
+}
+
+impl std::fmt::Display for ChainId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::KeyPair;
+
+    fn committee(stakes: &[Stake]) -> Result<Committee> {
+        let authorities = stakes
+            .iter()
+            .enumerate()
+            .map(|(i, &stake)| Authority {
+                stake,
+                protocol_key: KeyPair::from_seed([i as u8; 32]).public(),
+                network_key: PeerId(KeyPair::from_seed([100 + i as u8; 32]).public().to_bytes()),
+                address: format!("127.0.0.1:{}", 9000 + i),
+            })
+            .collect();
+        Committee::new(0, authorities)
+    }
+
+    #[test]
+    fn quorum_is_more_than_two_thirds() {
+        assert_eq!(committee(&[1, 1, 1, 1]).unwrap().quorum_threshold(), 3);
+        assert_eq!(committee(&[1, 1, 1]).unwrap().quorum_threshold(), 3);
+        assert_eq!(committee(&[1; 10]).unwrap().quorum_threshold(), 7);
+        assert_eq!(committee(&[10, 20, 30, 40]).unwrap().quorum_threshold(), 67);
+        assert_eq!(committee(&[1]).unwrap().quorum_threshold(), 1);
+    }
+
+    #[test]
+    fn validity_is_more_than_one_third() {
+        assert_eq!(committee(&[1, 1, 1, 1]).unwrap().validity_threshold(), 2);
+        assert_eq!(committee(&[1; 3]).unwrap().validity_threshold(), 1);
+    }
+
+    #[test]
+    fn quorum_does_not_overflow_near_max_stake() {
+        let c = committee(&[u64::MAX / 2, u64::MAX / 2]).unwrap();
+        assert!(c.quorum_threshold() > c.total_stake() / 3 * 2);
+        assert!(c.quorum_threshold() <= c.total_stake());
+    }
+
+    #[test]
+    fn rejects_empty_zero_stake_and_overflow() {
+        assert_eq!(committee(&[]), Err(Error::EmptyCommittee));
+        assert_eq!(committee(&[1, 0]), Err(Error::InvalidStake));
+        assert_eq!(committee(&[u64::MAX, 1]), Err(Error::InvalidStake));
+    }
+
+    #[test]
+    fn decoded_committee_recomputes_total() {
+        let c = committee(&[3, 4]).unwrap();
+        let d: Committee = codec::decode(&codec::encode(&c), 1 << 16).unwrap();
+        assert_eq!(d.total_stake(), 7);
+        assert_eq!(d, c);
+    }
+
+    #[test]
+    fn decoding_refuses_zero_stake() {
+        let mut c = committee(&[3, 4]).unwrap();
+        c.authorities[1].stake = 0;
+        assert!(codec::decode::<Committee>(&codec::encode(&c), 1 << 16).is_err());
+    }
+}

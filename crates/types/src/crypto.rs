@@ -1,0 +1,183 @@
+//! ed25519 keys and domain-separated signing.
+
+use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
+use serde::{Deserialize, Serialize};
+
+use crate::fixed_bytes::fixed_bytes_newtype;
+use crate::{Digest, Error, Result, codec};
+
+/// What a signature is for. The tag is prepended to the digest being signed,
+/// so a signature made for one kind of object never verifies as another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Domain {
+    /// A block, signed by its author's protocol key.
+    Block,
+    /// A transaction, signed by its sender.
+    Transaction,
+    /// A node's self-description, signed by its network key.
+    NodeInfo,
+    /// The binding of a TLS certificate key to a network key.
+    TlsBinding,
+}
+
+impl Domain {
+    /// The tag bytes of this domain.
+    pub const fn tag(self) -> &'static [u8; 16] {
+        match self {
+            Domain::Block => b"soma-p2p/block/1",
+            Domain::Transaction => b"soma-p2p/tx/1\0\0\0",
+            Domain::NodeInfo => b"soma-p2p/node/1\0",
+            Domain::TlsBinding => b"soma-p2p/tls/1\0\0",
+        }
+    }
+
+    /// The exact bytes signed for an object whose encoding has `digest`.
+    pub fn message(self, digest: &Digest) -> [u8; 48] {
+        let mut m = [0u8; 48];
+        m[..16].copy_from_slice(self.tag());
+        m[16..].copy_from_slice(digest.as_bytes());
+        m
+    }
+}
+
+/// An ed25519 public key, checked to be a valid curve point when built or
+/// decoded.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct PublicKey(VerifyingKey);
+
+impl PublicKey {
+    /// Parses 32 bytes as a public key.
+    pub fn from_bytes(bytes: &[u8; 32]) -> Result<Self> {
+        VerifyingKey::from_bytes(bytes)
+            .map(PublicKey)
+            .map_err(|_| Error::InvalidPublicKey)
+    }
+
+    /// The compressed key bytes.
+    pub fn to_bytes(&self) -> [u8; 32] {
+        self.0.to_bytes()
+    }
+
+    /// The compressed key bytes, borrowed.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        self.0.as_bytes()
+    }
+
+    /// Whether the key is of small order (anyone can sign for it).
+    pub fn is_weak(&self) -> bool {
+        self.0.is_weak()
+    }
+
+    /// The dalek key, for batch verification.
+    pub fn verifying_key(&self) -> &VerifyingKey {
+        &self.0
+    }
+
+    /// Checks a signature over `domain`'s tag and `digest`, strictly
+    /// (rejecting weak keys and malleable signatures).
+    pub fn verify(&self, domain: Domain, digest: &Digest, signature: &Signature) -> bool {
+        !self.is_weak()
+            && self
+                .0
+                .verify_strict(&domain.message(digest), &signature.to_dalek())
+                .is_ok()
+    }
+}
+
+impl std::hash::Hash for PublicKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_bytes().hash(state)
+    }
+}
+
+impl PartialOrd for PublicKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for PublicKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_bytes().cmp(other.as_bytes())
+    }
+}
+
+impl std::fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PublicKey({})", hex::encode(self.as_bytes()))
+    }
+}
+
+impl std::fmt::Display for PublicKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&hex::encode(&self.as_bytes()[..4]))
+    }
+}
+
+impl Serialize for PublicKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        crate::fixed_bytes::serialize(self.as_bytes(), s)
+    }
+}
+
+impl<'de> Deserialize<'de> for PublicKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let bytes = crate::fixed_bytes::deserialize::<D, 32>(d)?;
+        PublicKey::from_bytes(&bytes).map_err(serde::de::Error::custom)
+    }
+}
+
+/// An ed25519 signature (64 bytes).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Signature(pub [u8; 64]);
+
+fixed_bytes_newtype!(Signature, 64);
+
+impl Signature {
+    fn to_dalek(self) -> ed25519_dalek::Signature {
+        ed25519_dalek::Signature::from_bytes(&self.0)
+    }
+}
+
+/// A signing key pair.
+#[derive(Clone)]
+pub struct KeyPair(SigningKey);
+
+impl KeyPair {
+    /// The key pair whose secret is `seed`. Deterministic: the same seed
+    /// always gives the same keys.
+    pub fn from_seed(seed: [u8; 32]) -> Self {
+        KeyPair(SigningKey::from_bytes(&seed))
+    }
+
+    /// A fresh key pair from the operating system's randomness.
+    pub fn generate() -> Self {
+        Self::from_seed(rand::random())
+    }
+
+    /// The secret seed, for writing a key file.
+    pub fn secret_bytes(&self) -> [u8; 32] {
+        self.0.to_bytes()
+    }
+
+    /// The public half.
+    pub fn public(&self) -> PublicKey {
+        PublicKey(self.0.verifying_key())
+    }
+
+    /// Signs `domain`'s tag followed by `digest`.
+    pub fn sign_digest(&self, domain: Domain, digest: &Digest) -> Signature {
+        Signature(self.0.sign(&domain.message(digest)).to_bytes())
+    }
+
+    /// Signs the encoding of `value` under `domain`.
+    pub fn sign<T: Serialize + ?Sized>(&self, domain: Domain, value: &T) -> Signature {
+        self.sign_digest(domain, &Digest::of(&codec::encode(value)))
+    }
+}
+
+impl std::fmt::Debug for KeyPair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeyPair({})", self.public())
+    }
+}

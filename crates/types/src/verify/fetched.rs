@@ -1,0 +1,135 @@
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use crate::{
+    BlockRef, Committee, Error, Limits, Result, TrustedCommit, UnverifiedBlock, VerifiedBlock,
+    verify::{SignatureBatch, check_block},
+};
+
+/// The blocks a set of verified commits names, and which have arrived.
+///
+/// Fetched blocks arrive in chunks; [`ExpectedBlocks::accept`] checks each
+/// chunk as it comes and [`ExpectedBlocks::finish`] checks that nothing is
+/// missing. A block is accepted only if its recomputed reference (digest of
+/// the bytes received) is one a commit names, so a block that passes is
+/// exactly the block the quorum certified.
+#[derive(Debug, Default)]
+pub struct ExpectedBlocks {
+    pending: BTreeSet<BlockRef>,
+    received: HashSet<BlockRef>,
+}
+
+impl ExpectedBlocks {
+    /// The blocks named by `commits`.
+    pub fn new(commits: &[TrustedCommit]) -> Self {
+        let pending: BTreeSet<BlockRef> = commits
+            .iter()
+            .flat_map(|c| c.commit().blocks.iter().copied())
+            .collect();
+        ExpectedBlocks {
+            received: HashSet::with_capacity(pending.len()),
+            pending,
+        }
+    }
+
+    /// Blocks not yet received, in reference order.
+    pub fn missing(&self) -> impl Iterator<Item = &BlockRef> {
+        self.pending.iter()
+    }
+
+    /// Number of blocks not yet received.
+    pub fn missing_count(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Number of blocks received so far.
+    pub fn received(&self) -> usize {
+        self.received.len()
+    }
+
+    /// Marks `block` as received, if it is named and has not arrived yet.
+    pub fn accept(&mut self, block: &UnverifiedBlock) -> Result<()> {
+        let r = block.reference();
+        if self.pending.remove(&r) {
+            self.received.insert(r);
+            Ok(())
+        } else if self.received.contains(&r) {
+            Err(Error::DuplicateBlock(r))
+        } else {
+            Err(Error::UnexpectedBlock(r))
+        }
+    }
+
+    /// Succeeds when every named block has arrived.
+    pub fn finish(&self) -> Result<()> {
+        match self.pending.first() {
+            None => Ok(()),
+            Some(first) => Err(Error::MissingBlocks {
+                count: self.pending.len(),
+                first: *first,
+            }),
+        }
+    }
+}
+
+/// Verifies one chunk of fetched blocks against the commits' expectations.
+///
+/// Every block must be named by a verified commit and arrive once (checked
+/// through `expected`); structure is checked against `committee`; signatures
+/// of blocks and transactions are batch-checked when `check_signatures` is
+/// true. The digest match already proves a block is the one the quorum
+/// certified, so turning signatures off is safe; it exists for speed.
+pub fn verify_fetched_blocks(
+    expected: &mut ExpectedBlocks,
+    blocks: Vec<UnverifiedBlock>,
+    committee: &Committee,
+    limits: &Limits,
+    check_signatures: bool,
+) -> Result<Vec<VerifiedBlock>> {
+    let mut batch = SignatureBatch::with_capacity(blocks.len());
+    for block in &blocks {
+        expected.accept(block)?;
+        check_block(block, committee, limits, &mut batch)?;
+    }
+    if check_signatures {
+        batch.verify()?;
+    }
+    Ok(blocks
+        .into_iter()
+        .map(UnverifiedBlock::into_trusted)
+        .collect())
+}
+
+/// Finds whether a verified batch ends its epoch.
+///
+/// A commit whose leader block carries `end_of_epoch` ends the epoch; only
+/// the last commit of a batch may do so. Returns the next committee when the
+/// batch ends the epoch, after checking it is for the next epoch.
+/// `blocks` must hold every block the commits name.
+pub fn epoch_change(
+    commits: &[TrustedCommit],
+    blocks: &HashMap<BlockRef, VerifiedBlock>,
+    committee: &Committee,
+) -> Result<Option<Committee>> {
+    let mut next = None;
+    for (i, commit) in commits.iter().enumerate() {
+        let leader_ref = commit.commit().leader;
+        let leader = blocks.get(&leader_ref).ok_or(Error::MissingBlocks {
+            count: 1,
+            first: leader_ref,
+        })?;
+        if let Some(end) = &leader.block().end_of_epoch {
+            if i + 1 != commits.len() {
+                return Err(Error::EpochEndInsideBatch(commit.index()));
+            }
+            let expected = committee.epoch() + 1;
+            if end.next_committee.epoch() != expected {
+                return Err(Error::InvalidNextCommittee {
+                    got: end.next_committee.epoch(),
+                    expected,
+                });
+            }
+            next = Some(end.next_committee.clone());
+        }
+    }
+    Ok(next)
+}

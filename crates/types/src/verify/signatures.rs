@@ -1,0 +1,207 @@
+use ed25519_dalek::VerifyingKey;
+
+use crate::{Digest, Domain, Error, PublicKey, Result, Signature, SignedItem};
+
+/// Signatures collected for one batch verification.
+///
+/// Push every signature of a request, then call [`SignatureBatch::verify`].
+/// Weak (small-order) keys are refused before any curve arithmetic; a batch
+/// that fails is re-checked one signature at a time with `verify_strict`, so
+/// the error names the first bad item.
+#[derive(Default, Clone)]
+pub struct SignatureBatch {
+    messages: Vec<[u8; 48]>,
+    signatures: Vec<ed25519_dalek::Signature>,
+    keys: Vec<VerifyingKey>,
+    items: Vec<SignedItem>,
+}
+
+impl SignatureBatch {
+    /// An empty batch with room for `n` signatures.
+    pub fn with_capacity(n: usize) -> Self {
+        SignatureBatch {
+            messages: Vec::with_capacity(n),
+            signatures: Vec::with_capacity(n),
+            keys: Vec::with_capacity(n),
+            items: Vec::with_capacity(n),
+        }
+    }
+
+    /// Adds the signature `signature` by `key` over `domain` and `digest`;
+    /// `item` names it in errors.
+    pub fn push(
+        &mut self,
+        key: &PublicKey,
+        domain: Domain,
+        digest: &Digest,
+        signature: &Signature,
+        item: SignedItem,
+    ) {
+        self.messages.push(domain.message(digest));
+        self.signatures
+            .push(ed25519_dalek::Signature::from_bytes(&signature.0));
+        self.keys.push(*key.verifying_key());
+        self.items.push(item);
+    }
+
+    /// Number of signatures in the batch.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Whether the batch is empty.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Moves the signatures of `other` into this batch.
+    pub fn append(&mut self, mut other: SignatureBatch) {
+        self.messages.append(&mut other.messages);
+        self.signatures.append(&mut other.signatures);
+        self.keys.append(&mut other.keys);
+        self.items.append(&mut other.items);
+    }
+
+    /// Splits the batch into at most `parts` batches of near-equal size, for
+    /// checking on several threads.
+    pub fn split(self, parts: usize) -> Vec<SignatureBatch> {
+        let parts = parts.clamp(1, self.len().max(1));
+        let chunk = self.len().div_ceil(parts).max(1);
+        let mut out = Vec::with_capacity(parts);
+        let mut rest = self;
+        while rest.len() > chunk {
+            let tail = SignatureBatch {
+                messages: rest.messages.split_off(chunk),
+                signatures: rest.signatures.split_off(chunk),
+                keys: rest.keys.split_off(chunk),
+                items: rest.items.split_off(chunk),
+            };
+            out.push(rest);
+            rest = tail;
+        }
+        out.push(rest);
+        out
+    }
+
+    /// Checks every signature; the error names the first bad one.
+    pub fn verify(&self) -> Result<()> {
+        if let Some(i) = self.keys.iter().position(|k| k.is_weak()) {
+            return Err(Error::WeakKey(self.items[i].clone()));
+        }
+        if self.is_empty() {
+            return Ok(());
+        }
+        let messages: Vec<&[u8]> = self.messages.iter().map(|m| &m[..]).collect();
+        if ed25519_dalek::verify_batch(&messages, &self.signatures, &self.keys).is_ok() {
+            return Ok(());
+        }
+        // The batch equation failed: find the culprit. Strict verification is
+        // the authority; a batch failing on signatures that all pass it is
+        // accepted.
+        match (0..self.len()).find(|&i| !self.verify_one(i)) {
+            Some(i) => Err(Error::BadSignature(self.items[i].clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks every signature and reports each one's result, in push order.
+    pub fn verify_each(&self) -> Vec<Result<()>> {
+        if self.verify().is_ok() {
+            return vec![Ok(()); self.len()];
+        }
+        (0..self.len())
+            .map(|i| {
+                if self.keys[i].is_weak() {
+                    Err(Error::WeakKey(self.items[i].clone()))
+                } else if self.verify_one(i) {
+                    Ok(())
+                } else {
+                    Err(Error::BadSignature(self.items[i].clone()))
+                }
+            })
+            .collect()
+    }
+
+    fn verify_one(&self, i: usize) -> bool {
+        self.keys[i]
+            .verify_strict(&self.messages[i], &self.signatures[i])
+            .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::KeyPair;
+
+    fn batch(n: usize, bad: Option<usize>) -> SignatureBatch {
+        let mut b = SignatureBatch::default();
+        for i in 0..n {
+            let key = KeyPair::from_seed([i as u8 + 1; 32]);
+            let digest = Digest::of(&[i as u8]);
+            let mut sig = key.sign_digest(Domain::Block, &digest);
+            if bad == Some(i) {
+                sig.0[0] ^= 1;
+            }
+            b.push(
+                &key.public(),
+                Domain::Block,
+                &digest,
+                &sig,
+                SignedItem::LooseTransaction(i as u32),
+            );
+        }
+        b
+    }
+
+    #[test]
+    fn good_batch_passes() {
+        assert_eq!(batch(10, None).verify(), Ok(()));
+        assert_eq!(SignatureBatch::default().verify(), Ok(()));
+    }
+
+    #[test]
+    fn bad_signature_is_named() {
+        assert_eq!(
+            batch(10, Some(7)).verify(),
+            Err(Error::BadSignature(SignedItem::LooseTransaction(7)))
+        );
+        let each = batch(4, Some(2)).verify_each();
+        assert_eq!(each.iter().filter(|r| r.is_err()).count(), 1);
+        assert!(each[2].is_err());
+    }
+
+    #[test]
+    fn weak_key_is_refused() {
+        // The identity point: a small-order key that validates any signature
+        // whose R is also of small order.
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let weak = PublicKey::from_bytes(&identity).unwrap();
+        assert!(weak.is_weak());
+        let mut sig = [0u8; 64];
+        sig[0] = 1;
+        let mut b = SignatureBatch::default();
+        b.push(
+            &weak,
+            Domain::Block,
+            &Digest::ZERO,
+            &Signature(sig),
+            SignedItem::LooseTransaction(0),
+        );
+        assert_eq!(
+            b.verify(),
+            Err(Error::WeakKey(SignedItem::LooseTransaction(0)))
+        );
+    }
+
+    #[test]
+    fn split_keeps_every_signature() {
+        let parts = batch(10, Some(9)).split(3);
+        assert_eq!(parts.len(), 3);
+        assert_eq!(parts.iter().map(SignatureBatch::len).sum::<usize>(), 10);
+        assert!(parts[2].verify().is_err());
+        assert!(parts[0].verify().is_ok());
+        assert_eq!(batch(2, None).split(8).len(), 2);
+    }
+}

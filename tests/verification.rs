@@ -1,0 +1,796 @@
+//! Each verification rule of the design: a valid case passes, and a case
+//! that breaks exactly that rule fails with that rule's error.
+
+use std::collections::{HashMap, HashSet};
+
+use bytes::Bytes;
+use soma_chain::{Chain, ChainBuilder, ChainConfig, corrupt};
+use soma_types::verify::{
+    ExpectedBlocks, NodeInfoPolicy, epoch_change, verify_blocks, verify_commit_batch,
+    verify_fetched_blocks, verify_node_infos, verify_transactions,
+};
+use soma_types::{
+    Access, AuthorityIndex, BlockRef, Domain, Error, KeyPair, Limits, NodeInfo, PeerId, SignedItem,
+    SignedNodeInfo, Transaction, UnverifiedBlock, VerifiedBlock,
+};
+
+fn chain() -> Chain {
+    ChainBuilder::new(ChainConfig {
+        commits_per_epoch: Some(30),
+        ..ChainConfig::validators(4)
+    })
+    .build(40)
+}
+
+/// A block from the middle of the chain (round > 1, epoch 0).
+fn some_block(chain: &Chain) -> VerifiedBlock {
+    chain.blocks_of(10)[2].clone()
+}
+
+fn key_of(chain: &Chain, block: &VerifiedBlock) -> KeyPair {
+    let b = block.block();
+    chain.config().protocol_key(b.epoch, b.author.get())
+}
+
+fn verify_one(chain: &Chain, block: UnverifiedBlock) -> Result<(), Error> {
+    verify_blocks(vec![block], chain.genesis(), &Limits::default()).map(|_| ())
+}
+
+// ---- blocks ----
+
+#[test]
+fn valid_block_passes() {
+    let chain = chain();
+    let block = some_block(&chain);
+    assert_eq!(verify_one(&chain, block.to_unverified()), Ok(()));
+}
+
+#[test]
+fn forged_block_signature_fails() {
+    let chain = chain();
+    let forged = corrupt::forge_signature(&some_block(&chain));
+    let r = forged.reference();
+    assert_eq!(
+        verify_one(&chain, forged),
+        Err(Error::BadSignature(SignedItem::Block(r)))
+    );
+}
+
+#[test]
+fn block_signed_by_another_authority_fails() {
+    let chain = chain();
+    let block = some_block(&chain);
+    let wrong_key = chain
+        .config()
+        .protocol_key(0, (block.block().author.get() + 1) % 4);
+    let forged = corrupt::resign(&block, &wrong_key, |_| {});
+    let r = forged.reference();
+    assert_eq!(
+        verify_one(&chain, forged),
+        Err(Error::BadSignature(SignedItem::Block(r)))
+    );
+}
+
+#[test]
+fn block_of_wrong_epoch_fails() {
+    let chain = chain();
+    let block = some_block(&chain);
+    let bad = corrupt::resign(&block, &key_of(&chain, &block), |b| {
+        b.epoch = 1;
+        for a in &mut b.ancestors {
+            a.epoch = 1;
+        }
+    });
+    assert!(matches!(
+        verify_one(&chain, bad),
+        Err(Error::WrongEpoch {
+            got: 1,
+            expected: 0,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn block_at_genesis_round_fails() {
+    let chain = chain();
+    let block = some_block(&chain);
+    let bad = corrupt::resign(&block, &key_of(&chain, &block), |b| b.round = 0);
+    assert!(matches!(
+        verify_one(&chain, bad),
+        Err(Error::GenesisRound(_))
+    ));
+}
+
+#[test]
+fn block_by_unknown_author_fails() {
+    let chain = chain();
+    let block = some_block(&chain);
+    let bad = corrupt::resign(&block, &key_of(&chain, &block), |b| {
+        b.author = AuthorityIndex(9)
+    });
+    assert!(matches!(
+        verify_one(&chain, bad),
+        Err(Error::UnknownAuthor {
+            author: AuthorityIndex(9),
+            ..
+        })
+    ));
+}
+
+#[test]
+fn block_without_ancestors_fails() {
+    let chain = chain();
+    let block = some_block(&chain);
+    let bad = corrupt::resign(&block, &key_of(&chain, &block), |b| b.ancestors.clear());
+    assert!(matches!(
+        verify_one(&chain, bad),
+        Err(Error::NoAncestors(_))
+    ));
+}
+
+#[test]
+fn block_with_more_ancestors_than_authorities_fails() {
+    let chain = chain();
+    let block = some_block(&chain);
+    let bad = corrupt::resign(&block, &key_of(&chain, &block), |b| {
+        let extra = b.ancestors[1];
+        b.ancestors.push(extra);
+    });
+    assert!(matches!(
+        verify_one(&chain, bad),
+        Err(Error::TooManyAncestors(_))
+    ));
+}
+
+#[test]
+fn block_with_duplicate_ancestor_authors_fails() {
+    let chain = chain();
+    let block = some_block(&chain);
+    let bad = corrupt::resign(&block, &key_of(&chain, &block), |b| {
+        let mut twin = b.ancestors[1];
+        twin.round -= 1;
+        twin.digest.0[0] ^= 1;
+        b.ancestors[2] = twin;
+    });
+    assert!(matches!(
+        verify_one(&chain, bad),
+        Err(Error::DuplicateAncestorAuthor { .. })
+    ));
+}
+
+#[test]
+fn block_with_ancestor_at_its_own_round_fails() {
+    let chain = chain();
+    let block = some_block(&chain);
+    let bad = corrupt::resign(&block, &key_of(&chain, &block), |b| {
+        b.ancestors[1].round = b.round
+    });
+    assert!(matches!(
+        verify_one(&chain, bad),
+        Err(Error::InvalidAncestor { .. })
+    ));
+}
+
+#[test]
+fn block_not_listing_own_ancestor_first_fails() {
+    let chain = chain();
+    let block = some_block(&chain);
+    let bad = corrupt::resign(&block, &key_of(&chain, &block), |b| b.ancestors.swap(0, 1));
+    assert!(matches!(
+        verify_one(&chain, bad),
+        Err(Error::OwnAncestorNotFirst(_))
+    ));
+}
+
+#[test]
+fn block_missing_quorum_of_ancestors_fails() {
+    let chain = chain();
+    let block = some_block(&chain);
+    // Own block and one other: stake 2 of 4, quorum is 3.
+    let bad = corrupt::resign(&block, &key_of(&chain, &block), |b| b.ancestors.truncate(2));
+    assert!(matches!(
+        verify_one(&chain, bad),
+        Err(Error::AncestorsBelowQuorum {
+            stake: 2,
+            quorum: 3,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn block_over_transaction_limit_fails() {
+    let chain = chain();
+    let block = some_block(&chain);
+    let limits = Limits {
+        max_transactions_per_block: 1,
+        ..Limits::default()
+    };
+    let result = verify_blocks(vec![block.to_unverified()], chain.genesis(), &limits);
+    assert!(matches!(
+        result,
+        Err(Error::TooManyTransactions {
+            count: 2,
+            limit: 1,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn block_with_forged_transaction_fails() {
+    let chain = chain();
+    let block = some_block(&chain);
+    let bad = corrupt::resign(&block, &key_of(&chain, &block), |b| {
+        b.transactions[1].payload = Bytes::from_static(b"changed after signing")
+    });
+    let r = bad.reference();
+    assert_eq!(
+        verify_one(&chain, bad),
+        Err(Error::BadSignature(SignedItem::Transaction {
+            block: r,
+            index: 1
+        }))
+    );
+}
+
+#[test]
+fn block_signature_replayed_from_another_domain_fails() {
+    let chain = chain();
+    let block = some_block(&chain);
+    let key = key_of(&chain, &block);
+    // The author signs the block's exact encoding, but as a transaction.
+    let mut signed = block.signed().clone();
+    signed.signature = key.sign(Domain::Transaction, &signed.block);
+    let bad = UnverifiedBlock::from_signed(signed.clone());
+    assert!(matches!(
+        verify_one(&chain, bad),
+        Err(Error::BadSignature(SignedItem::Block(_)))
+    ));
+    // And the genuine block signature does not pass as a node info's.
+    signed.signature = key.sign(Domain::Block, &signed.block);
+    assert!(!key.public().verify(
+        Domain::NodeInfo,
+        &soma_types::Digest::of(&soma_types::codec::encode(&signed.block)),
+        &signed.signature
+    ));
+    assert_eq!(
+        verify_one(&chain, UnverifiedBlock::from_signed(signed)),
+        Ok(())
+    );
+}
+
+// ---- transactions ----
+
+#[test]
+fn transactions_verify_and_name_the_bad_one() {
+    let sender = KeyPair::from_seed([3; 32]);
+    let mut txs: Vec<_> = (0..5)
+        .map(|i| Transaction::new(&sender, i, Bytes::from(vec![i as u8; 10])))
+        .collect();
+    assert_eq!(verify_transactions(&txs, &Limits::default()), Ok(()));
+    txs[3].nonce = 99;
+    assert_eq!(
+        verify_transactions(&txs, &Limits::default()),
+        Err(Error::BadSignature(SignedItem::LooseTransaction(3)))
+    );
+}
+
+#[test]
+fn oversize_transaction_payload_fails() {
+    let sender = KeyPair::from_seed([3; 32]);
+    let tx = Transaction::new(&sender, 1, Bytes::from(vec![0; 101]));
+    let limits = Limits {
+        max_transaction_payload_bytes: 100,
+        ..Limits::default()
+    };
+    assert_eq!(
+        verify_transactions(&[tx], &limits),
+        Err(Error::PayloadTooLarge {
+            len: 101,
+            limit: 100
+        })
+    );
+}
+
+// ---- commit batches ----
+
+fn verify_batch_from(
+    chain: &Chain,
+    commits: Vec<soma_types::UnverifiedCommit>,
+    certifiers: Vec<UnverifiedBlock>,
+    start: u64,
+) -> Result<(), Error> {
+    verify_commit_batch(
+        commits,
+        certifiers,
+        chain.committee_of(start),
+        chain.commit_ref(start - 1),
+        &Limits::default(),
+    )
+    .map(|_| ())
+}
+
+#[test]
+fn certified_commit_batch_passes() {
+    let chain = chain();
+    let (commits, certifiers) = chain.fetch_commits(1..=20);
+    let (trusted, cert) = verify_commit_batch(
+        commits,
+        certifiers,
+        chain.genesis(),
+        chain.commit_ref(0),
+        &Limits::default(),
+    )
+    .unwrap();
+    assert_eq!(trusted.last().unwrap().reference(), chain.commit_ref(20));
+    assert_eq!(cert.len(), 4);
+}
+
+#[test]
+fn empty_and_overlong_batches_fail() {
+    let chain = chain();
+    assert_eq!(
+        verify_batch_from(&chain, vec![], vec![], 1),
+        Err(Error::EmptyBatch)
+    );
+    let (commits, certifiers) = chain.fetch_commits(1..=20);
+    let result = verify_commit_batch(
+        commits,
+        certifiers,
+        chain.genesis(),
+        chain.commit_ref(0),
+        &Limits {
+            max_commits_per_batch: 10,
+            ..Limits::default()
+        },
+    );
+    assert_eq!(
+        result.err(),
+        Some(Error::BatchTooLong { len: 20, limit: 10 })
+    );
+}
+
+#[test]
+fn broken_digest_link_fails() {
+    let chain = chain();
+    let (commits, certifiers) = chain.fetch_commits(1..=20);
+    let broken = corrupt::break_link(&commits, 7);
+    assert_eq!(
+        verify_batch_from(&chain, broken, certifiers, 1),
+        Err(Error::BrokenLink(8))
+    );
+}
+
+#[test]
+fn first_commit_not_linking_to_our_last_fails() {
+    let chain = chain();
+    let (commits, certifiers) = chain.fetch_commits(11..=20);
+    // We are at commit 10, but believe a different digest for it.
+    let mut ours = chain.commit_ref(10);
+    ours.digest.0[5] ^= 1;
+    let result = verify_commit_batch(
+        commits.clone(),
+        certifiers.clone(),
+        chain.genesis(),
+        ours,
+        &Limits::default(),
+    );
+    assert_eq!(result.err(), Some(Error::BrokenLink(11)));
+    // Or we are at commit 9: the batch does not start where we asked.
+    let result = verify_commit_batch(
+        commits,
+        certifiers,
+        chain.genesis(),
+        chain.commit_ref(9),
+        &Limits::default(),
+    );
+    assert_eq!(
+        result.err(),
+        Some(Error::UnexpectedIndex {
+            expected: 10,
+            got: 11
+        })
+    );
+}
+
+#[test]
+fn gap_in_batch_fails() {
+    let chain = chain();
+    let (commits, certifiers) = chain.fetch_commits(1..=20);
+    assert_eq!(
+        verify_batch_from(&chain, corrupt::drop_commit(&commits, 4), certifiers, 1),
+        Err(Error::UnexpectedIndex {
+            expected: 5,
+            got: 6
+        })
+    );
+}
+
+#[test]
+fn certificate_one_vote_short_fails() {
+    let chain = chain();
+    let (commits, certifiers) = chain.fetch_commits(1..=20);
+    let short = corrupt::certificate_below_quorum(&certifiers, chain.genesis());
+    assert_eq!(short.len(), 2);
+    assert_eq!(
+        verify_batch_from(&chain, commits, short, 1),
+        Err(Error::NotCertified {
+            index: 20,
+            stake: 2,
+            quorum: 3
+        })
+    );
+}
+
+#[test]
+fn duplicate_votes_from_one_authority_count_once() {
+    let chain = chain();
+    let (commits, certifiers) = chain.fetch_commits(1..=20);
+    let mut short = corrupt::certificate_below_quorum(&certifiers, chain.genesis());
+    // A second, validly signed block by an authority that already voted.
+    let voter = short[0].clone().into_trusted();
+    let twin = corrupt::resign(&voter, &key_of(&chain, &voter), |b| b.timestamp_ms += 1);
+    short.push(twin);
+    assert!(matches!(
+        verify_batch_from(&chain, commits, short, 1),
+        Err(Error::NotCertified { stake: 2, .. })
+    ));
+}
+
+#[test]
+fn votes_for_another_commit_do_not_certify() {
+    let chain = chain();
+    let (commits, _) = chain.fetch_commits(1..=20);
+    let (_, other_certifiers) = chain.fetch_commits(1..=19);
+    assert!(matches!(
+        verify_batch_from(&chain, commits, other_certifiers, 1),
+        Err(Error::NotCertified { stake: 0, .. })
+    ));
+}
+
+#[test]
+fn forged_certifier_signature_fails() {
+    let chain = chain();
+    let (commits, mut certifiers) = chain.fetch_commits(1..=20);
+    certifiers[1] = corrupt::forge_signature(&certifiers[1].clone().into_trusted());
+    let r = certifiers[1].reference();
+    assert_eq!(
+        verify_batch_from(&chain, commits, certifiers, 1),
+        Err(Error::BadSignature(SignedItem::Block(r)))
+    );
+}
+
+#[test]
+fn padded_certificate_fails() {
+    let chain = chain();
+    let (commits, mut certifiers) = chain.fetch_commits(1..=20);
+    certifiers.push(certifiers[0].clone());
+    assert_eq!(
+        verify_batch_from(&chain, commits, certifiers, 1),
+        Err(Error::TooManyCertifiers { count: 5, limit: 4 })
+    );
+}
+
+#[test]
+fn commit_of_another_epoch_fails() {
+    let chain = chain();
+    let (mut commits, certifiers) = chain.fetch_commits(1..=1);
+    commits[0] = corrupt::edit_commit(&commits[0], |c| c.epoch = 1);
+    assert_eq!(
+        verify_batch_from(&chain, commits, certifiers, 1),
+        Err(Error::CommitWrongEpoch {
+            index: 1,
+            got: 1,
+            expected: 0
+        })
+    );
+}
+
+#[test]
+fn commit_whose_leader_is_not_last_fails() {
+    let chain = chain();
+    let (mut commits, certifiers) = chain.fetch_commits(5..=5);
+    commits[0] = corrupt::edit_commit(&commits[0], |c| c.blocks.reverse());
+    assert_eq!(
+        verify_batch_from(&chain, commits, certifiers, 5),
+        Err(Error::InvalidCommitBlocks(5))
+    );
+}
+
+// ---- fetched blocks ----
+
+fn trusted_commits(
+    chain: &Chain,
+    range: std::ops::RangeInclusive<u64>,
+) -> Vec<soma_types::TrustedCommit> {
+    range.map(|i| chain.commit(i)).collect()
+}
+
+#[test]
+fn fetched_blocks_named_by_commits_pass() {
+    let chain = chain();
+    let commits = trusted_commits(&chain, 1..=20);
+    let mut expected = ExpectedBlocks::new(&commits);
+    let blocks = chain.fetch_blocks(1..=20);
+    let n = blocks.len();
+    let (first, rest) = blocks.split_at(n / 2);
+    for chunk in [first.to_vec(), rest.to_vec()] {
+        verify_fetched_blocks(
+            &mut expected,
+            chunk,
+            chain.genesis(),
+            &Limits::default(),
+            true,
+        )
+        .unwrap();
+    }
+    assert_eq!(expected.finish(), Ok(()));
+    assert_eq!(expected.received(), n);
+}
+
+#[test]
+fn fetched_block_that_no_commit_names_fails() {
+    let chain = chain();
+    let commits = trusted_commits(&chain, 1..=10);
+    let mut expected = ExpectedBlocks::new(&commits);
+    let stranger = chain.blocks_of(15)[0].to_unverified();
+    let r = stranger.reference();
+    let blocks = corrupt::swap_block(&chain.fetch_blocks(1..=10), 3, stranger);
+    assert_eq!(
+        verify_fetched_blocks(
+            &mut expected,
+            blocks,
+            chain.genesis(),
+            &Limits::default(),
+            true
+        )
+        .err(),
+        Some(Error::UnexpectedBlock(r))
+    );
+}
+
+#[test]
+fn tampered_fetched_block_fails_even_without_signature_checks() {
+    let chain = chain();
+    let commits = trusted_commits(&chain, 1..=10);
+    let mut expected = ExpectedBlocks::new(&commits);
+    let honest = chain.blocks_of(4)[1].clone();
+    let tampered = corrupt::tamper(&honest, |b| b.timestamp_ms += 1);
+    let blocks = corrupt::swap_block(&chain.fetch_blocks(1..=10), 0, tampered);
+    assert!(matches!(
+        verify_fetched_blocks(
+            &mut expected,
+            blocks,
+            chain.genesis(),
+            &Limits::default(),
+            false
+        ),
+        Err(Error::UnexpectedBlock(_))
+    ));
+}
+
+#[test]
+fn fetched_block_arriving_twice_fails() {
+    let chain = chain();
+    let commits = trusted_commits(&chain, 1..=10);
+    let mut expected = ExpectedBlocks::new(&commits);
+    let mut blocks = chain.fetch_blocks(1..=10);
+    blocks.push(blocks[2].clone());
+    let r = blocks[2].reference();
+    assert_eq!(
+        verify_fetched_blocks(
+            &mut expected,
+            blocks,
+            chain.genesis(),
+            &Limits::default(),
+            true
+        )
+        .err(),
+        Some(Error::DuplicateBlock(r))
+    );
+}
+
+#[test]
+fn missing_fetched_block_fails() {
+    let chain = chain();
+    let commits = trusted_commits(&chain, 1..=10);
+    let mut expected = ExpectedBlocks::new(&commits);
+    let mut blocks = chain.fetch_blocks(1..=10);
+    let dropped = blocks.remove(5).reference();
+    verify_fetched_blocks(
+        &mut expected,
+        blocks,
+        chain.genesis(),
+        &Limits::default(),
+        true,
+    )
+    .unwrap();
+    assert_eq!(
+        expected.finish(),
+        Err(Error::MissingBlocks {
+            count: 1,
+            first: dropped
+        })
+    );
+    assert_eq!(
+        expected.missing().copied().collect::<Vec<_>>(),
+        vec![dropped]
+    );
+}
+
+// ---- epochs ----
+
+fn block_map(
+    chain: &Chain,
+    range: std::ops::RangeInclusive<u64>,
+) -> HashMap<BlockRef, VerifiedBlock> {
+    range
+        .flat_map(|i| chain.blocks_of(i).iter().cloned())
+        .map(|b| (b.reference(), b))
+        .collect()
+}
+
+#[test]
+fn batch_ending_the_epoch_yields_the_next_committee() {
+    let chain = chain();
+    let last = chain.epoch_last(0).unwrap();
+    assert_eq!(last, 30);
+    let commits = trusted_commits(&chain, 21..=last);
+    let next = epoch_change(&commits, &block_map(&chain, 21..=last), chain.genesis()).unwrap();
+    assert_eq!(next.as_ref(), chain.committee(1));
+    let commits = trusted_commits(&chain, 11..=20);
+    assert_eq!(
+        epoch_change(&commits, &block_map(&chain, 11..=20), chain.genesis()),
+        Ok(None)
+    );
+}
+
+#[test]
+fn epoch_end_inside_a_batch_fails() {
+    let chain = chain();
+    let commits = trusted_commits(&chain, 29..=32);
+    assert_eq!(
+        epoch_change(&commits, &block_map(&chain, 29..=32), chain.genesis()),
+        Err(Error::EpochEndInsideBatch(30))
+    );
+}
+
+#[test]
+fn next_committee_of_wrong_epoch_fails() {
+    let chain = chain();
+    let leader = chain.blocks_of(30).last().unwrap().clone();
+    let skipped = chain.committee(1).unwrap().clone();
+    let skipped =
+        soma_types::Committee::new(5, skipped.authorities().map(|(_, a)| a.clone()).collect())
+            .unwrap();
+    let bad_leader = corrupt::resign(&leader, &key_of(&chain, &leader), |b| {
+        b.end_of_epoch = Some(soma_types::EndOfEpoch {
+            next_committee: skipped,
+        })
+    })
+    .into_trusted();
+    let commit = corrupt::edit_commit(&chain.commit(30).to_unverified(), |c| {
+        c.leader = bad_leader.reference();
+        *c.blocks.last_mut().unwrap() = bad_leader.reference();
+    })
+    .into_trusted();
+    let blocks = HashMap::from([(bad_leader.reference(), bad_leader)]);
+    assert_eq!(
+        epoch_change(&[commit], &blocks, chain.genesis()),
+        Err(Error::InvalidNextCommittee {
+            got: 5,
+            expected: 1
+        })
+    );
+}
+
+#[test]
+fn committees_switch_at_the_epoch_boundary() {
+    let chain = chain();
+    let first_of_epoch_1 = chain.epoch_last(0).unwrap() + 1;
+    let block = chain.blocks_of(first_of_epoch_1 + 3)[1].to_unverified();
+    assert!(matches!(
+        verify_blocks(vec![block.clone()], chain.genesis(), &Limits::default()),
+        Err(Error::WrongEpoch { .. })
+    ));
+    let epoch_1 = chain.committee(1).unwrap();
+    assert!(verify_blocks(vec![block], epoch_1, &Limits::default()).is_ok());
+    // An epoch-0 block re-labelled as epoch 1 and signed with the old key
+    // fails: the next committee has fresh protocol keys.
+    let old = chain.blocks_of(10)[0].clone();
+    let relabelled = corrupt::resign(&old, &key_of(&chain, &old), |b| {
+        b.epoch = 1;
+        for a in &mut b.ancestors {
+            a.epoch = 1;
+        }
+    });
+    assert!(matches!(
+        verify_blocks(vec![relabelled], epoch_1, &Limits::default()),
+        Err(Error::BadSignature(_))
+    ));
+}
+
+// ---- node info ----
+
+fn node_info(key: &KeyPair, timestamp_ms: u64) -> SignedNodeInfo {
+    SignedNodeInfo::sign(
+        NodeInfo {
+            peer_id: PeerId::from(key.public()),
+            addresses: vec!["127.0.0.1:9000".into()],
+            timestamp_ms,
+            access: Access::Public,
+        },
+        key,
+    )
+}
+
+const NOW: u64 = 1_700_000_000_000;
+const DAY: u64 = 24 * 60 * 60 * 1000;
+
+fn check(infos: &[SignedNodeInfo], allowlist: Option<&HashSet<PeerId>>) -> Vec<Result<(), Error>> {
+    let policy = NodeInfoPolicy {
+        now_ms: NOW,
+        local: PeerId::from(KeyPair::from_seed([0; 32]).public()),
+        allowlist,
+    };
+    verify_node_infos(infos, &policy, &Limits::default())
+}
+
+#[test]
+fn node_info_rules() {
+    let a = KeyPair::from_seed([1; 32]);
+    let b = KeyPair::from_seed([2; 32]);
+    let me = KeyPair::from_seed([0; 32]);
+    let a_id = PeerId::from(a.public());
+
+    let valid = node_info(&a, NOW - 1000);
+    let mut wrong_key = node_info(&a, NOW);
+    wrong_key.signature = b.sign(Domain::NodeInfo, &wrong_key.info);
+    let expired = node_info(&a, NOW - DAY - 1);
+    let future = node_info(&a, NOW + 30_001);
+    let own = node_info(&me, NOW);
+    let mut many = node_info(&a, NOW).info;
+    many.addresses = vec!["x:1".into(); 5];
+    let many = SignedNodeInfo::sign(many, &a);
+    let mut long = node_info(&a, NOW).info;
+    long.addresses = vec!["x".repeat(257)];
+    let long = SignedNodeInfo::sign(long, &a);
+
+    let results = check(
+        &[valid.clone(), wrong_key, expired, future, own, many, long],
+        None,
+    );
+    assert_eq!(
+        results,
+        vec![
+            Ok(()),
+            Err(Error::BadSignature(SignedItem::NodeInfo(a_id))),
+            Err(Error::NodeInfoExpired(a_id)),
+            Err(Error::NodeInfoFromFuture(a_id)),
+            Err(Error::OwnNodeInfo),
+            Err(Error::InvalidAddresses(a_id)),
+            Err(Error::InvalidAddresses(a_id)),
+        ]
+    );
+    // Just inside the bounds passes.
+    assert_eq!(
+        check(
+            &[node_info(&a, NOW - DAY), node_info(&a, NOW + 30_000)],
+            None
+        ),
+        vec![Ok(()), Ok(())]
+    );
+}
+
+#[test]
+fn node_info_outside_allowlist_fails_when_private() {
+    let a = KeyPair::from_seed([1; 32]);
+    let b = KeyPair::from_seed([2; 32]);
+    let allow = HashSet::from([PeerId::from(a.public())]);
+    assert_eq!(
+        check(&[node_info(&a, NOW), node_info(&b, NOW)], Some(&allow)),
+        vec![Ok(()), Err(Error::NotAllowlisted(PeerId::from(b.public())))]
+    );
+}
