@@ -1,7 +1,26 @@
-//! The actors of soma-p2p: Discovery, StateSync, PeerHeights, Verifier,
-//! Connections and the GrpcAdapter, their supervision, the replay harness
-//! and the `P2pHandle` a node embeds.
+//! The actors of soma-p2p and the one handle a node embeds.
 //!
-//! Each actor is a sans-I/O core (logic driven by `handle(now, input)`) and a
-//! thin actix shell. The actors are added one issue at a time; see
-//! `docs/architecture.md`.
+//! Every actor is two pieces, in the spirit of quinn-proto and raft-rs:
+//!
+//! - a **core**: a plain struct implementing [`Core`], whose
+//!   `handle(now, input) -> outputs` holds all of the actor's logic. It does
+//!   no I/O, reads no clock and owns its randomness (a seeded RNG), so unit
+//!   tests drive it with a fake clock and the replay harness can re-run it
+//!   exactly;
+//! - a **shell**: a thin actix actor that turns mailbox messages into inputs,
+//!   passes the time, performs the outputs, and can record every input and
+//!   output to a trace ([`replay`]).
+//!
+//! Actors in this crate so far: [`peer_heights`] (how far each peer's chain
+//! reaches, and which peers to fetch from) and [`verifier`] (signature and
+//! rule checks on a thread pool).
+#![warn(missing_docs, unreachable_pub)]
+
+mod blob;
+mod core;
+pub mod peer_heights;
+pub mod replay;
+pub mod verifier;
+
+pub use blob::Blob;
+pub use core::{Core, Driver, Time};

@@ -1,3 +1,6 @@
+use std::sync::Arc;
+
+use ed25519_dalek::VerifyingKey;
 use serde::{Deserialize, Serialize};
 
 use crate::{Digest, Error, PeerId, PublicKey, Result, codec};
@@ -52,11 +55,33 @@ pub struct Committee {
     authorities: Vec<Authority>,
     #[serde(skip)]
     total: Stake,
+    #[serde(skip)]
+    keys: KeyCache,
+}
+
+/// The members' protocol keys, decompressed once when the committee is
+/// built, since every block signature check needs one.
+#[derive(Clone, Default)]
+struct KeyCache(Arc<Vec<VerifyingKey>>);
+
+impl PartialEq for KeyCache {
+    /// Derived from the authorities, which are compared already.
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for KeyCache {}
+
+impl std::fmt::Debug for KeyCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} keys", self.0.len())
+    }
 }
 
 impl Committee {
-    /// Builds a committee, refusing an empty one, zero stakes and stake totals
-    /// that overflow.
+    /// Builds a committee, refusing an empty one, zero stakes, stake totals
+    /// that overflow and protocol keys that are not valid points.
     pub fn new(epoch: Epoch, authorities: Vec<Authority>) -> Result<Self> {
         if authorities.is_empty() {
             return Err(Error::EmptyCommittee);
@@ -71,11 +96,21 @@ impl Committee {
             }
             total = total.checked_add(a.stake).ok_or(Error::InvalidStake)?;
         }
+        let keys = authorities
+            .iter()
+            .map(|a| a.protocol_key.verifying_key())
+            .collect::<Result<Vec<_>>>()?;
         Ok(Committee {
             epoch,
             authorities,
             total,
+            keys: KeyCache(Arc::new(keys)),
         })
+    }
+
+    /// The decompressed protocol key of the authority at `index`.
+    pub fn protocol_verifying_key(&self, index: AuthorityIndex) -> Option<&VerifyingKey> {
+        self.keys.0.get(index.get())
     }
 
     /// The epoch this committee signs.

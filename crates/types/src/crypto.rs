@@ -1,7 +1,7 @@
 //! ed25519 keys and domain-separated signing.
 
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::fixed_bytes::fixed_bytes_newtype;
 use crate::{Digest, Error, Result, codec};
@@ -40,90 +40,54 @@ impl Domain {
     }
 }
 
-/// An ed25519 public key, checked to be a valid curve point when built or
-/// decoded.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct PublicKey(VerifyingKey);
+/// An ed25519 public key, as its 32 compressed bytes.
+///
+/// Decoding does not decompress the curve point: that costs microseconds and
+/// is only needed to check a signature, so it happens then, and a key that
+/// is not a valid point fails the check.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PublicKey([u8; 32]);
+
+fixed_bytes_newtype!(PublicKey, 32);
 
 impl PublicKey {
-    /// Parses 32 bytes as a public key.
+    /// Parses 32 bytes as a public key, checking they are a valid point.
     pub fn from_bytes(bytes: &[u8; 32]) -> Result<Self> {
-        VerifyingKey::from_bytes(bytes)
-            .map(PublicKey)
-            .map_err(|_| Error::InvalidPublicKey)
+        let key = PublicKey(*bytes);
+        key.verifying_key()?;
+        Ok(key)
     }
 
     /// The compressed key bytes.
     pub fn to_bytes(&self) -> [u8; 32] {
-        self.0.to_bytes()
+        self.0
     }
 
     /// The compressed key bytes, borrowed.
     pub fn as_bytes(&self) -> &[u8; 32] {
-        self.0.as_bytes()
-    }
-
-    /// Whether the key is of small order (anyone can sign for it).
-    pub fn is_weak(&self) -> bool {
-        self.0.is_weak()
-    }
-
-    /// The dalek key, for batch verification.
-    pub fn verifying_key(&self) -> &VerifyingKey {
         &self.0
+    }
+
+    /// The decompressed key, for verification.
+    pub fn verifying_key(&self) -> Result<VerifyingKey> {
+        VerifyingKey::from_bytes(&self.0).map_err(|_| Error::InvalidPublicKey)
+    }
+
+    /// Whether the key is of small order (anyone can sign for it) or not a
+    /// valid point at all.
+    pub fn is_weak(&self) -> bool {
+        self.verifying_key().is_ok_and(|k| k.is_weak()) || self.verifying_key().is_err()
     }
 
     /// Checks a signature over `domain`'s tag and `digest`, strictly
     /// (rejecting weak keys and malleable signatures).
     pub fn verify(&self, domain: Domain, digest: &Digest, signature: &Signature) -> bool {
-        !self.is_weak()
-            && self
-                .0
-                .verify_strict(&domain.message(digest), &signature.to_dalek())
-                .is_ok()
-    }
-}
-
-impl std::hash::Hash for PublicKey {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.as_bytes().hash(state)
-    }
-}
-
-impl PartialOrd for PublicKey {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for PublicKey {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.as_bytes().cmp(other.as_bytes())
-    }
-}
-
-impl std::fmt::Debug for PublicKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PublicKey({})", hex::encode(self.as_bytes()))
-    }
-}
-
-impl std::fmt::Display for PublicKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&hex::encode(&self.as_bytes()[..4]))
-    }
-}
-
-impl Serialize for PublicKey {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        crate::fixed_bytes::serialize(self.as_bytes(), s)
-    }
-}
-
-impl<'de> Deserialize<'de> for PublicKey {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let bytes = crate::fixed_bytes::deserialize::<D, 32>(d)?;
-        PublicKey::from_bytes(&bytes).map_err(serde::de::Error::custom)
+        self.verifying_key().is_ok_and(|key| {
+            !key.is_weak()
+                && key
+                    .verify_strict(&domain.message(digest), &signature.to_dalek())
+                    .is_ok()
+        })
     }
 }
 
@@ -132,12 +96,6 @@ impl<'de> Deserialize<'de> for PublicKey {
 pub struct Signature(pub [u8; 64]);
 
 fixed_bytes_newtype!(Signature, 64);
-
-impl Signature {
-    fn to_dalek(self) -> ed25519_dalek::Signature {
-        ed25519_dalek::Signature::from_bytes(&self.0)
-    }
-}
 
 /// A signing key pair.
 #[derive(Clone)]
@@ -162,7 +120,7 @@ impl KeyPair {
 
     /// The public half.
     pub fn public(&self) -> PublicKey {
-        PublicKey(self.0.verifying_key())
+        PublicKey(self.0.verifying_key().to_bytes())
     }
 
     /// Signs `domain`'s tag followed by `digest`.

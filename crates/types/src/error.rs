@@ -58,6 +58,9 @@ pub enum Error {
     InvalidPublicKey,
 
     // ---- signatures ----
+    /// A signer's public key is not a valid curve point.
+    #[error("invalid public key for {0}")]
+    InvalidKey(SignedItem),
     /// A public key is of small order, so anyone could forge its signatures.
     #[error("weak public key for {0}")]
     WeakKey(SignedItem),

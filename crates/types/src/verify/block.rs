@@ -58,7 +58,7 @@ pub fn check_block(
     if b.round == 0 {
         return Err(Error::GenesisRound(r));
     }
-    let Some(author) = committee.authority(b.author) else {
+    let Some(author_key) = committee.protocol_verifying_key(b.author) else {
         return Err(Error::UnknownAuthor {
             block: r,
             author: b.author,
@@ -113,8 +113,8 @@ pub fn check_block(
     if b.commit_votes.len() > limits.max_votes_per_block {
         return Err(Error::TooManyVotes(r));
     }
-    batch.push(
-        &author.protocol_key,
+    batch.push_key(
+        author_key,
         Domain::Block,
         &block.signing_digest,
         &block.signed.signature,

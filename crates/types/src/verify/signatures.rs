@@ -2,6 +2,12 @@ use ed25519_dalek::VerifyingKey;
 
 use crate::{Digest, Domain, Error, PublicKey, Result, Signature, SignedItem};
 
+impl Signature {
+    pub(crate) fn to_dalek(self) -> ed25519_dalek::Signature {
+        ed25519_dalek::Signature::from_bytes(&self.0)
+    }
+}
+
 /// Signatures collected for one batch verification.
 ///
 /// Push every signature of a request, then call [`SignatureBatch::verify`].
@@ -14,6 +20,9 @@ pub struct SignatureBatch {
     signatures: Vec<ed25519_dalek::Signature>,
     keys: Vec<VerifyingKey>,
     items: Vec<SignedItem>,
+    /// Positions whose key is not a valid point (a placeholder key is kept
+    /// there so the vectors stay aligned).
+    invalid: Vec<usize>,
 }
 
 impl SignatureBatch {
@@ -24,6 +33,7 @@ impl SignatureBatch {
             signatures: Vec::with_capacity(n),
             keys: Vec::with_capacity(n),
             items: Vec::with_capacity(n),
+            invalid: Vec::new(),
         }
     }
 
@@ -37,10 +47,26 @@ impl SignatureBatch {
         signature: &Signature,
         item: SignedItem,
     ) {
+        let key = key.verifying_key().unwrap_or_else(|_| {
+            self.invalid.push(self.items.len());
+            placeholder_key()
+        });
+        self.push_key(&key, domain, digest, signature, item);
+    }
+
+    /// Like [`SignatureBatch::push`], with a key already decompressed (the
+    /// committee keeps its members' keys so).
+    pub fn push_key(
+        &mut self,
+        key: &VerifyingKey,
+        domain: Domain,
+        digest: &Digest,
+        signature: &Signature,
+        item: SignedItem,
+    ) {
         self.messages.push(domain.message(digest));
-        self.signatures
-            .push(ed25519_dalek::Signature::from_bytes(&signature.0));
-        self.keys.push(*key.verifying_key());
+        self.signatures.push(signature.to_dalek());
+        self.keys.push(*key);
         self.items.push(item);
     }
 
@@ -58,6 +84,8 @@ impl SignatureBatch {
     pub fn append(&mut self, mut other: SignatureBatch) {
         self.messages.append(&mut other.messages);
         self.signatures.append(&mut other.signatures);
+        let base = self.items.len();
+        self.invalid.extend(other.invalid.iter().map(|i| i + base));
         self.keys.append(&mut other.keys);
         self.items.append(&mut other.items);
     }
@@ -70,11 +98,14 @@ impl SignatureBatch {
         let mut out = Vec::with_capacity(parts);
         let mut rest = self;
         while rest.len() > chunk {
+            let (head_invalid, tail_invalid) = rest.invalid.iter().partition(|&&i| i < chunk);
+            rest.invalid = head_invalid;
             let tail = SignatureBatch {
                 messages: rest.messages.split_off(chunk),
                 signatures: rest.signatures.split_off(chunk),
                 keys: rest.keys.split_off(chunk),
                 items: rest.items.split_off(chunk),
+                invalid: tail_invalid.into_iter().map(|i: usize| i - chunk).collect(),
             };
             out.push(rest);
             rest = tail;
@@ -85,6 +116,9 @@ impl SignatureBatch {
 
     /// Checks every signature; the error names the first bad one.
     pub fn verify(&self) -> Result<()> {
+        if let Some(&i) = self.invalid.iter().min() {
+            return Err(Error::InvalidKey(self.items[i].clone()));
+        }
         if let Some(i) = self.keys.iter().position(|k| k.is_weak()) {
             return Err(Error::WeakKey(self.items[i].clone()));
         }
@@ -111,7 +145,9 @@ impl SignatureBatch {
         }
         (0..self.len())
             .map(|i| {
-                if self.keys[i].is_weak() {
+                if self.invalid.contains(&i) {
+                    Err(Error::InvalidKey(self.items[i].clone()))
+                } else if self.keys[i].is_weak() {
                     Err(Error::WeakKey(self.items[i].clone()))
                 } else if self.verify_one(i) {
                     Ok(())
@@ -127,6 +163,14 @@ impl SignatureBatch {
             .verify_strict(&self.messages[i], &self.signatures[i])
             .is_ok()
     }
+}
+
+/// A valid point standing in for a key that is not one; the position is
+/// marked invalid, so its signature is never accepted.
+fn placeholder_key() -> VerifyingKey {
+    let mut identity = [0u8; 32];
+    identity[0] = 1;
+    VerifyingKey::from_bytes(&identity).expect("the identity is a valid point")
 }
 
 #[cfg(test)]
@@ -192,6 +236,39 @@ mod tests {
         assert_eq!(
             b.verify(),
             Err(Error::WeakKey(SignedItem::LooseTransaction(0)))
+        );
+    }
+
+    #[test]
+    fn key_that_is_not_a_point_is_named() {
+        // y = 2 is not the y-coordinate of any point on the curve.
+        let mut bytes = [0u8; 32];
+        bytes[0] = 2;
+        assert!(PublicKey::from_bytes(&bytes).is_err());
+        let key: PublicKey = crate::codec::decode(&crate::codec::encode(&bytes[..]), 64).unwrap();
+        let mut b = batch(3, None);
+        b.push(
+            &key,
+            Domain::Block,
+            &Digest::ZERO,
+            &Signature([0; 64]),
+            SignedItem::LooseTransaction(3),
+        );
+        assert_eq!(
+            b.verify(),
+            Err(Error::InvalidKey(SignedItem::LooseTransaction(3)))
+        );
+        let each = b.verify_each();
+        assert!(each[..3].iter().all(Result::is_ok));
+        assert_eq!(
+            each[3],
+            Err(Error::InvalidKey(SignedItem::LooseTransaction(3)))
+        );
+        let parts = b.split(2);
+        assert!(parts[0].verify().is_ok());
+        assert_eq!(
+            parts[1].verify(),
+            Err(Error::InvalidKey(SignedItem::LooseTransaction(3)))
         );
     }
 

@@ -1,0 +1,219 @@
+//! Recording actors' inputs and outputs, and replaying them.
+//!
+//! A trace is a JSON Lines file. Its first line is the header: the actor's
+//! name and the [`Core::Init`] it was made from, RNG seed included. Every
+//! other line is one input (`"in"`) or one output (`"out"`) with a sequence
+//! number, the virtual time in milliseconds (`"t"`) and the actor's name:
+//!
+//! ```text
+//! {"seq":0,"actor":"peer_heights","init":{"seed":7,...}}
+//! {"seq":1,"t":0,"actor":"peer_heights","in":{"update":{...}}}
+//! {"seq":2,"t":0,"actor":"peer_heights","out":{"highest_known_changed":12}}
+//! ```
+//!
+//! Shells record when given a [`Recorder`] (for instance from
+//! [`Recorder::from_env`], which reads `SOMA_TRACE_DIR`). [`replay`] makes a
+//! fresh core from the header, feeds it every input at its recorded time, and
+//! compares the outputs with the recorded ones; the first difference is an
+//! error naming the line. With `SOMA_REPLAY_REWRITE=1` it rewrites the file
+//! with the outputs the core produces now, for a change made on purpose; the
+//! diff of the trace is then reviewed in the commit.
+
+mod recorder;
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::Core;
+use crate::peer_heights::PeerHeightsCore;
+use crate::verifier::VerifierCore;
+
+pub use recorder::{Recorder, TRACE_DIR_ENV};
+
+/// Set to `1` to rewrite traces with the outputs the cores produce now.
+pub const REWRITE_ENV: &str = "SOMA_REPLAY_REWRITE";
+
+/// One line of a trace.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Line {
+    seq: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    t: Option<u64>,
+    actor: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    init: Option<Value>,
+    #[serde(rename = "in", default, skip_serializing_if = "Option::is_none")]
+    input: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    out: Option<Value>,
+}
+
+/// What a successful replay went through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// The actor whose core was replayed.
+    pub actor: String,
+    /// Inputs fed to the core.
+    pub inputs: usize,
+    /// Outputs compared.
+    pub outputs: usize,
+    /// Whether the trace was rewritten (`SOMA_REPLAY_REWRITE=1`).
+    pub rewritten: bool,
+}
+
+/// Why a replay failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// The trace file could not be read or written.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// A line is not valid trace JSON.
+    #[error("line {line}: {message}")]
+    Parse {
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// The header names an actor this build does not know.
+    #[error("unknown actor {0:?}")]
+    UnknownActor(String),
+    /// The core's outputs differ from the recorded ones.
+    #[error("line {line}: expected {expected}, got {got}")]
+    Mismatch {
+        /// 1-based line number of the first recorded output that differs
+        /// (or where a missing output should be).
+        line: usize,
+        /// The recorded output (`nothing` if the core produced an extra one).
+        expected: String,
+        /// The output the core produced (`nothing` if it produced fewer).
+        got: String,
+    },
+}
+
+/// Replays the trace at `path`; rewrites it instead of failing on a
+/// difference when `SOMA_REPLAY_REWRITE=1`.
+pub fn replay(path: &Path) -> Result<Report, ReplayError> {
+    let text = std::fs::read_to_string(path)?;
+    let rewrite = std::env::var(REWRITE_ENV).is_ok_and(|v| v == "1");
+    let (report, rewritten) = replay_text(&text, rewrite)?;
+    if rewrite {
+        std::fs::write(path, rewritten)?;
+    }
+    Ok(report)
+}
+
+/// Replays a trace held in memory. With `rewrite`, differences are not
+/// errors and the second value is the trace with the outputs produced now.
+pub fn replay_text(text: &str, rewrite: bool) -> Result<(Report, String), ReplayError> {
+    let lines = parse(text)?;
+    let Some((_, header)) = lines.first() else {
+        return Err(ReplayError::Parse {
+            line: 1,
+            message: "empty trace".into(),
+        });
+    };
+    match header.actor.as_str() {
+        PeerHeightsCore::NAME => replay_core::<PeerHeightsCore>(&lines, rewrite),
+        VerifierCore::NAME => replay_core::<VerifierCore>(&lines, rewrite),
+        other => Err(ReplayError::UnknownActor(other.to_string())),
+    }
+}
+
+fn parse(text: &str) -> Result<Vec<(usize, Line)>, ReplayError> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .map(|line| (i + 1, line))
+                .map_err(|e| ReplayError::Parse {
+                    line: i + 1,
+                    message: e.to_string(),
+                })
+        })
+        .collect()
+}
+
+fn replay_core<C: Core>(
+    lines: &[(usize, Line)],
+    rewrite: bool,
+) -> Result<(Report, String), ReplayError> {
+    let (header_line, header) = &lines[0];
+    let parse_err = |line: usize, e: serde_json::Error| ReplayError::Parse {
+        line,
+        message: e.to_string(),
+    };
+    let init_value = header.init.clone().ok_or(ReplayError::Parse {
+        line: *header_line,
+        message: "the first line must be the header with \"init\"".into(),
+    })?;
+    let init: C::Init =
+        serde_json::from_value(init_value).map_err(|e| parse_err(*header_line, e))?;
+    let mut core = C::new(init.clone());
+    let mut out = Recorder::to_string_buffer();
+    out.header(C::NAME, &init);
+
+    let mut report = Report {
+        actor: C::NAME.to_string(),
+        inputs: 0,
+        outputs: 0,
+        rewritten: rewrite,
+    };
+    let mut i = 1;
+    while i < lines.len() {
+        let (line_no, line) = &lines[i];
+        let Some(input_value) = &line.input else {
+            return Err(ReplayError::Parse {
+                line: *line_no,
+                message: "an output with no input before it".into(),
+            });
+        };
+        let input: C::Input =
+            serde_json::from_value(input_value.clone()).map_err(|e| parse_err(*line_no, e))?;
+        let now = crate::Time(line.t.unwrap_or(0));
+        out.record(C::NAME, now, "in", &input);
+        let produced = core.handle(now, input);
+        report.inputs += 1;
+        i += 1;
+
+        // The recorded outputs of this input are the lines up to the next input.
+        let start = i;
+        while i < lines.len() && lines[i].1.input.is_none() {
+            i += 1;
+        }
+        let recorded = &lines[start..i];
+        for output in &produced {
+            out.record(C::NAME, now, "out", output);
+        }
+        report.outputs += produced.len();
+        if rewrite {
+            continue;
+        }
+        for k in 0..produced.len().max(recorded.len()) {
+            let got = produced
+                .get(k)
+                .map(|o| serde_json::to_value(o).map_err(|e| parse_err(*line_no, e)))
+                .transpose()?;
+            let expected = recorded
+                .get(k)
+                .map(|(_, l)| l.out.clone().unwrap_or(Value::Null));
+            if got != expected {
+                let line = recorded.get(k).map_or_else(
+                    || recorded.last().map_or(*line_no, |(n, _)| *n) + 1,
+                    |(n, _)| *n,
+                );
+                let show =
+                    |v: Option<Value>| v.map_or_else(|| "nothing".to_string(), |v| v.to_string());
+                return Err(ReplayError::Mismatch {
+                    line,
+                    expected: show(expected),
+                    got: show(got),
+                });
+            }
+        }
+    }
+    Ok((report, out.into_string()))
+}

@@ -1,0 +1,185 @@
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use rayon::prelude::*;
+use soma_types::verify::{self, NodeInfoPolicy, SignatureBatch, check_block, check_transaction};
+use soma_types::{
+    Committee, Domain, Limits, SignedItem, SignedNodeInfo, Transaction, UnverifiedBlock,
+    UnverifiedCommit, VerifiedBlock, codec,
+};
+
+use super::messages::{VerifyError, VerifyRequest, VerifyResponse};
+use crate::Blob;
+
+/// Room for a transaction's fixed fields beyond its payload.
+const TRANSACTION_OVERHEAD: usize = 256;
+
+/// Work the core admitted: the request, the committee it needs and how many
+/// parts to split it into.
+#[derive(Debug)]
+pub struct Job {
+    /// What to verify.
+    pub request: VerifyRequest,
+    /// The committee of the request's epoch.
+    pub committee: Option<Arc<Committee>>,
+    /// Parts to split the work into (one per thread at most).
+    pub parts: usize,
+    /// Size limits.
+    pub limits: Limits,
+}
+
+/// Runs a job. Parts run in parallel on the current rayon pool; errors are
+/// reported for the first bad item in request order, whatever the split.
+pub fn run_job(job: Job) -> Result<VerifyResponse, VerifyError> {
+    let limits = &job.limits;
+    let committee = || job.committee.as_deref().ok_or(VerifyError::Internal);
+    match job.request {
+        VerifyRequest::Blocks {
+            blocks,
+            check_signatures,
+            ..
+        } => {
+            let committee = committee()?;
+            let verified = in_parts(&blocks, job.parts, |_, chunk| {
+                verify_block_chunk(chunk, committee, limits, check_signatures)
+            })?;
+            Ok(VerifyResponse::Blocks(verified))
+        }
+        VerifyRequest::CommitBatch {
+            commits,
+            certifiers,
+            last_synced,
+            ..
+        } => {
+            let committee = committee()?;
+            let commits = decode_all(&commits, |b| {
+                UnverifiedCommit::decode(b, limits.max_commit_bytes)
+            })?;
+            let certifiers = decode_all(&certifiers, |b| {
+                UnverifiedBlock::decode(b, limits.max_block_bytes)
+            })?;
+            let (commits, certifiers) =
+                verify::verify_commit_batch(commits, certifiers, committee, last_synced, limits)
+                    .map_err(VerifyError::Invalid)?;
+            Ok(VerifyResponse::CommitBatch {
+                commits,
+                certifiers,
+            })
+        }
+        VerifyRequest::NodeInfos {
+            infos,
+            now_ms,
+            local,
+            allowlist,
+        } => {
+            let allowlist: Option<HashSet<_>> = allowlist.map(|a| a.into_iter().collect());
+            let policy = NodeInfoPolicy {
+                now_ms,
+                local,
+                allowlist: allowlist.as_ref(),
+            };
+            let decoded: Vec<Result<SignedNodeInfo, soma_types::Error>> = infos
+                .iter()
+                .map(|b| codec::decode(&b.0, limits.max_node_info_bytes))
+                .collect();
+            let good: Vec<SignedNodeInfo> = decoded.iter().filter_map(|d| d.clone().ok()).collect();
+            let mut checked = verify::verify_node_infos(&good, &policy, limits).into_iter();
+            let results = decoded
+                .into_iter()
+                .map(|d| {
+                    let info = d?;
+                    checked
+                        .next()
+                        .unwrap_or(Err(soma_types::Error::Malformed("missing result".into())))?;
+                    Ok(info)
+                })
+                .collect();
+            Ok(VerifyResponse::NodeInfos(results))
+        }
+        VerifyRequest::Transactions { transactions } => {
+            let verified = in_parts(&transactions, job.parts, |offset, chunk| {
+                verify_transaction_chunk(chunk, offset, limits)
+            })?;
+            Ok(VerifyResponse::Transactions(verified))
+        }
+    }
+}
+
+/// Splits `items` into `parts` consecutive chunks, runs `f(first index,
+/// chunk)` on each in parallel, and concatenates the results in order; the
+/// first failing chunk in order decides the error.
+fn in_parts<T: Send>(
+    items: &[Blob],
+    parts: usize,
+    f: impl Fn(usize, &[Blob]) -> Result<Vec<T>, VerifyError> + Sync,
+) -> Result<Vec<T>, VerifyError> {
+    if items.is_empty() {
+        return Ok(Vec::new());
+    }
+    let chunk_len = items.len().div_ceil(parts.max(1));
+    let results: Vec<Result<Vec<T>, VerifyError>> = items
+        .par_chunks(chunk_len)
+        .enumerate()
+        .map(|(i, chunk)| f(i * chunk_len, chunk))
+        .collect();
+    let mut out = Vec::with_capacity(items.len());
+    for r in results {
+        out.extend(r?);
+    }
+    Ok(out)
+}
+
+fn decode_all<T>(
+    items: &[Blob],
+    decode: impl Fn(Bytes) -> soma_types::Result<T>,
+) -> Result<Vec<T>, VerifyError> {
+    items
+        .iter()
+        .map(|b| decode(b.0.clone()).map_err(VerifyError::Invalid))
+        .collect()
+}
+
+fn verify_block_chunk(
+    chunk: &[Blob],
+    committee: &Committee,
+    limits: &Limits,
+    check_signatures: bool,
+) -> Result<Vec<VerifiedBlock>, VerifyError> {
+    let blocks = decode_all(chunk, |b| {
+        UnverifiedBlock::decode(b, limits.max_block_bytes)
+    })?;
+    let mut batch = SignatureBatch::with_capacity(blocks.len());
+    for block in &blocks {
+        check_block(block, committee, limits, &mut batch).map_err(VerifyError::Invalid)?;
+    }
+    if check_signatures {
+        batch.verify().map_err(VerifyError::Invalid)?;
+    }
+    Ok(blocks
+        .into_iter()
+        .map(UnverifiedBlock::into_trusted)
+        .collect())
+}
+
+fn verify_transaction_chunk(
+    chunk: &[Blob],
+    offset: usize,
+    limits: &Limits,
+) -> Result<Vec<Transaction>, VerifyError> {
+    let limit = limits.max_transaction_payload_bytes + TRANSACTION_OVERHEAD;
+    let txs: Vec<Transaction> = decode_all(chunk, |b| codec::decode(&b, limit))?;
+    let mut batch = SignatureBatch::with_capacity(txs.len());
+    for (i, tx) in txs.iter().enumerate() {
+        check_transaction(tx, limits).map_err(VerifyError::Invalid)?;
+        batch.push(
+            &tx.sender,
+            Domain::Transaction,
+            &tx.signing_digest(),
+            &tx.signature,
+            SignedItem::LooseTransaction((offset + i) as u32),
+        );
+    }
+    batch.verify().map_err(VerifyError::Invalid)?;
+    Ok(txs)
+}
