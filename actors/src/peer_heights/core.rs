@@ -238,20 +238,33 @@ mod tests {
     }
 
     fn for_range(c: &mut PeerHeightsCore, now: Time, start: u64, end: u64) -> Vec<PeerId> {
-        match c.handle(now, Input::PeersForRange(PeersForRange { start, end })).pop() {
+        match c
+            .handle(now, Input::PeersForRange(PeersForRange { start, end }))
+            .pop()
+        {
             Some(Output::Peers(p)) => p,
             other => panic!("unexpected {other:?}"),
         }
     }
 
     fn behind(c: &mut PeerHeightsCore, index: u64) -> Vec<PeerId> {
-        match c.handle(Time(0), Input::PeersBehind(PeersBehind { index })).pop() {
+        match c
+            .handle(Time(0), Input::PeersBehind(PeersBehind { index }))
+            .pop()
+        {
             Some(Output::Peers(p)) => p,
             other => panic!("unexpected {other:?}"),
         }
     }
 
-    fn outcome(c: &mut PeerHeightsCore, now: Time, p: u8, kind: OutcomeKind, bytes: u64, ms: u64) -> Vec<Output> {
+    fn outcome(
+        c: &mut PeerHeightsCore,
+        now: Time,
+        p: u8,
+        kind: OutcomeKind,
+        bytes: u64,
+        ms: u64,
+    ) -> Vec<Output> {
         c.handle(
             now,
             Input::Outcome(ReportOutcome {
@@ -374,7 +387,9 @@ mod tests {
             for p in 1..=8 {
                 update(&mut c, p, OURS, 1, 100);
             }
-            (0..5).map(|_| for_range(&mut c, Time(0), 1, 100)).collect::<Vec<_>>()
+            (0..5)
+                .map(|_| for_range(&mut c, Time(0), 1, 100))
+                .collect::<Vec<_>>()
         };
         assert_eq!(order(42), order(42));
         assert_ne!(order(42), order(43));
@@ -408,8 +423,9 @@ mod tests {
         let mut c = core(3);
         update(&mut c, 1, OURS, 1, 100);
         update(&mut c, 2, OURS, 1, 100);
-        let firsts: std::collections::HashSet<_> =
-            (0..50).map(|_| for_range(&mut c, Time(0), 1, 100)[0]).collect();
+        let firsts: std::collections::HashSet<_> = (0..50)
+            .map(|_| for_range(&mut c, Time(0), 1, 100)[0])
+            .collect();
         assert_eq!(firsts.len(), 2);
     }
 }

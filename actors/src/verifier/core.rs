@@ -2,7 +2,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use soma_types::{Committee, Epoch, Limits};
+use soma_types::{Committee, Epoch, KeyCache, Limits};
 
 use super::job::Job;
 use super::messages::*;
@@ -20,6 +20,8 @@ pub struct Config {
     pub queue_capacity: usize,
     /// Size limits on what is decoded and checked.
     pub limits: Limits,
+    /// Decompressed signer keys kept for reuse.
+    pub key_cache_capacity: usize,
 }
 
 impl Default for Config {
@@ -28,6 +30,7 @@ impl Default for Config {
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             queue_capacity: 256,
             limits: Limits::default(),
+            key_cache_capacity: 16_384,
         }
     }
 }
@@ -37,6 +40,7 @@ pub struct VerifierCore {
     config: Config,
     committees: BTreeMap<Epoch, Arc<Committee>>,
     in_flight: HashSet<u64>,
+    keys: Arc<KeyCache>,
 }
 
 impl Core for VerifierCore {
@@ -47,6 +51,7 @@ impl Core for VerifierCore {
 
     fn new(config: Config) -> Self {
         VerifierCore {
+            keys: Arc::new(KeyCache::new(config.key_cache_capacity)),
             config,
             committees: BTreeMap::new(),
             in_flight: HashSet::new(),
@@ -106,7 +111,110 @@ impl VerifierCore {
                 committee,
                 parts,
                 limits: self.config.limits.clone(),
+                keys: self.keys.clone(),
             })),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use soma_types::{Authority, KeyPair, PeerId};
+
+    use super::*;
+    use crate::Blob;
+
+    fn committee(epoch: Epoch) -> Committee {
+        let authorities = (0..4u8)
+            .map(|i| Authority {
+                stake: 1,
+                protocol_key: KeyPair::from_seed([i; 32]).public(),
+                network_key: PeerId([i; 32]),
+                address: String::new(),
+            })
+            .collect();
+        Committee::new(epoch, authorities).unwrap()
+    }
+
+    fn blocks(epoch: Epoch, n: usize) -> VerifyRequest {
+        VerifyRequest::Blocks {
+            epoch,
+            blocks: vec![Blob::default(); n],
+            check_signatures: true,
+        }
+    }
+
+    fn core(threads: usize, queue_capacity: usize) -> VerifierCore {
+        let mut c = VerifierCore::new(Config {
+            threads,
+            queue_capacity,
+            ..Config::default()
+        });
+        c.handle(Time(0), Input::InstallCommittee(committee(0)));
+        c
+    }
+
+    fn verify(c: &mut VerifierCore, id: u64, request: VerifyRequest) -> Output {
+        c.handle(Time(0), Input::Verify { id, request })
+            .pop()
+            .unwrap()
+    }
+
+    #[test]
+    fn requests_need_their_epochs_committee() {
+        let mut c = core(4, 8);
+        assert!(matches!(
+            verify(&mut c, 1, blocks(0, 1)),
+            Output::Run { epoch: Some(0), .. }
+        ));
+        assert_eq!(
+            verify(&mut c, 2, blocks(1, 1)),
+            Output::Rejected {
+                id: 2,
+                error: VerifyError::UnknownEpoch(1)
+            }
+        );
+        c.handle(Time(0), Input::InstallCommittee(committee(1)));
+        assert!(matches!(
+            verify(&mut c, 3, blocks(1, 1)),
+            Output::Run { epoch: Some(1), .. }
+        ));
+    }
+
+    #[test]
+    fn work_is_split_by_size_up_to_the_thread_count() {
+        let mut c = core(4, 8);
+        let parts = |o| match o {
+            Output::Run { parts, .. } => parts,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(parts(verify(&mut c, 1, blocks(0, 1))), 1);
+        assert_eq!(parts(verify(&mut c, 2, blocks(0, 17))), 2);
+        assert_eq!(parts(verify(&mut c, 3, blocks(0, 10_000))), 4);
+    }
+
+    #[test]
+    fn queue_is_bounded_and_freed_when_jobs_finish() {
+        let mut c = core(2, 2);
+        assert!(matches!(
+            verify(&mut c, 1, blocks(0, 1)),
+            Output::Run { .. }
+        ));
+        assert!(matches!(
+            verify(&mut c, 2, blocks(0, 1)),
+            Output::Run { .. }
+        ));
+        assert_eq!(
+            verify(&mut c, 3, blocks(0, 1)),
+            Output::Rejected {
+                id: 3,
+                error: VerifyError::Busy { capacity: 2 }
+            }
+        );
+        c.handle(Time(0), Input::Done { id: 1 });
+        assert!(matches!(
+            verify(&mut c, 4, blocks(0, 1)),
+            Output::Run { .. }
+        ));
     }
 }

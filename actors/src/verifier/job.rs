@@ -5,7 +5,7 @@ use bytes::Bytes;
 use rayon::prelude::*;
 use soma_types::verify::{self, NodeInfoPolicy, SignatureBatch, check_block, check_transaction};
 use soma_types::{
-    Committee, Domain, Limits, SignedItem, SignedNodeInfo, Transaction, UnverifiedBlock,
+    Committee, Domain, KeyCache, Limits, SignedItem, SignedNodeInfo, Transaction, UnverifiedBlock,
     UnverifiedCommit, VerifiedBlock, codec,
 };
 
@@ -27,6 +27,8 @@ pub struct Job {
     pub parts: usize,
     /// Size limits.
     pub limits: Limits,
+    /// Decompressed signer keys, shared by every job.
+    pub keys: Arc<KeyCache>,
 }
 
 /// Runs a job. Parts run in parallel on the current rayon pool; errors are
@@ -42,7 +44,7 @@ pub fn run_job(job: Job) -> Result<VerifyResponse, VerifyError> {
         } => {
             let committee = committee()?;
             let verified = in_parts(&blocks, job.parts, |_, chunk| {
-                verify_block_chunk(chunk, committee, limits, check_signatures)
+                verify_block_chunk(chunk, committee, limits, check_signatures, &job.keys)
             })?;
             Ok(VerifyResponse::Blocks(verified))
         }
@@ -99,7 +101,7 @@ pub fn run_job(job: Job) -> Result<VerifyResponse, VerifyError> {
         }
         VerifyRequest::Transactions { transactions } => {
             let verified = in_parts(&transactions, job.parts, |offset, chunk| {
-                verify_transaction_chunk(chunk, offset, limits)
+                verify_transaction_chunk(chunk, offset, limits, &job.keys)
             })?;
             Ok(VerifyResponse::Transactions(verified))
         }
@@ -145,17 +147,22 @@ fn verify_block_chunk(
     committee: &Committee,
     limits: &Limits,
     check_signatures: bool,
+    keys: &Arc<KeyCache>,
 ) -> Result<Vec<VerifiedBlock>, VerifyError> {
     let blocks = decode_all(chunk, |b| {
         UnverifiedBlock::decode(b, limits.max_block_bytes)
     })?;
-    let mut batch = SignatureBatch::with_capacity(blocks.len());
+    let mut batch = SignatureBatch::with_cache(blocks.len(), keys.clone());
     for block in &blocks {
-        check_block(block, committee, limits, &mut batch).map_err(VerifyError::Invalid)?;
+        check_block(
+            block,
+            committee,
+            limits,
+            check_signatures.then_some(&mut batch),
+        )
+        .map_err(VerifyError::Invalid)?;
     }
-    if check_signatures {
-        batch.verify().map_err(VerifyError::Invalid)?;
-    }
+    batch.verify().map_err(VerifyError::Invalid)?;
     Ok(blocks
         .into_iter()
         .map(UnverifiedBlock::into_trusted)
@@ -166,10 +173,11 @@ fn verify_transaction_chunk(
     chunk: &[Blob],
     offset: usize,
     limits: &Limits,
+    keys: &Arc<KeyCache>,
 ) -> Result<Vec<Transaction>, VerifyError> {
     let limit = limits.max_transaction_payload_bytes + TRANSACTION_OVERHEAD;
     let txs: Vec<Transaction> = decode_all(chunk, |b| codec::decode(&b, limit))?;
-    let mut batch = SignatureBatch::with_capacity(txs.len());
+    let mut batch = SignatureBatch::with_cache(txs.len(), keys.clone());
     for (i, tx) in txs.iter().enumerate() {
         check_transaction(tx, limits).map_err(VerifyError::Invalid)?;
         batch.push(

@@ -28,7 +28,7 @@ fn block_signatures(c: &mut Criterion) {
     let limits = Limits::default();
     let mut batch = SignatureBatch::default();
     for b in &blocks {
-        check_block(b, committee, &limits, &mut batch).unwrap();
+        check_block(b, committee, &limits, Some(&mut batch)).unwrap();
     }
     let mut group = c.benchmark_group("block_signatures_1000");
     group.throughput(Throughput::Elements(batch.len() as u64));

@@ -139,3 +139,76 @@ impl std::fmt::Debug for KeyPair {
         write!(f, "KeyPair({})", self.public())
     }
 }
+
+/// A bounded cache of decompressed keys, shared by threads that verify.
+///
+/// Decompressing a key costs about a third of checking a signature, and the
+/// same senders and authors sign again and again. When the cache is full it
+/// is emptied and refilled, which keeps it bounded without bookkeeping.
+#[derive(Debug)]
+pub struct KeyCache {
+    keys: std::sync::RwLock<std::collections::HashMap<[u8; 32], VerifyingKey>>,
+    capacity: usize,
+}
+
+impl KeyCache {
+    /// A cache holding at most `capacity` keys.
+    pub fn new(capacity: usize) -> Self {
+        KeyCache {
+            keys: std::sync::RwLock::new(std::collections::HashMap::with_capacity(
+                capacity.min(1 << 16),
+            )),
+            capacity,
+        }
+    }
+
+    /// The decompressed form of `key`, from the cache or computed.
+    pub fn get(&self, key: &PublicKey) -> Result<VerifyingKey> {
+        if let Some(k) = self
+            .keys
+            .read()
+            .ok()
+            .and_then(|m| m.get(key.as_bytes()).copied())
+        {
+            return Ok(k);
+        }
+        let k = key.verifying_key()?;
+        if let Ok(mut m) = self.keys.write() {
+            if m.len() >= self.capacity {
+                m.clear();
+            }
+            m.insert(key.to_bytes(), k);
+        }
+        Ok(k)
+    }
+
+    /// Number of keys held.
+    pub fn len(&self) -> usize {
+        self.keys.read().map_or(0, |m| m.len())
+    }
+
+    /// Whether the cache is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_cache_stays_bounded_and_refuses_invalid_points() {
+        let cache = KeyCache::new(3);
+        for i in 0..10u8 {
+            let key = KeyPair::from_seed([i; 32]).public();
+            assert_eq!(cache.get(&key).unwrap().to_bytes(), key.to_bytes());
+            assert!(cache.len() <= 3);
+        }
+        let mut not_a_point = [0u8; 32];
+        not_a_point[0] = 2;
+        let bad: PublicKey =
+            crate::codec::decode(&crate::codec::encode(&not_a_point[..]), 64).unwrap();
+        assert_eq!(cache.get(&bad), Err(Error::InvalidPublicKey));
+    }
+}

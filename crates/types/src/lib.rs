@@ -41,7 +41,7 @@ pub use commit::{
     genesis_commit,
 };
 pub use committee::{Authority, AuthorityIndex, ChainId, Committee, Epoch, Stake};
-pub use crypto::{Domain, KeyPair, PublicKey, Signature};
+pub use crypto::{Domain, KeyCache, KeyPair, PublicKey, Signature};
 pub use digest::Digest;
 pub use error::{Error, SignedItem};
 pub use limits::Limits;

@@ -73,7 +73,7 @@ pub fn verify_commit_batch(
     let mut voters = HashSet::with_capacity(certifiers.len());
     let mut stake = 0u64;
     for block in &certifiers {
-        check_block(block, committee, limits, &mut batch)?;
+        check_block(block, committee, limits, Some(&mut batch))?;
         let b = block.block();
         if b.commit_votes.contains(&last) && voters.insert(b.author) {
             stake += committee.stake(b.author);

@@ -85,14 +85,17 @@ pub fn verify_fetched_blocks(
     limits: &Limits,
     check_signatures: bool,
 ) -> Result<Vec<VerifiedBlock>> {
-    let mut batch = SignatureBatch::with_capacity(blocks.len());
+    let mut batch = SignatureBatch::with_capacity(if check_signatures { blocks.len() } else { 0 });
     for block in &blocks {
         expected.accept(block)?;
-        check_block(block, committee, limits, &mut batch)?;
+        check_block(
+            block,
+            committee,
+            limits,
+            check_signatures.then_some(&mut batch),
+        )?;
     }
-    if check_signatures {
-        batch.verify()?;
-    }
+    batch.verify()?;
     Ok(blocks
         .into_iter()
         .map(UnverifiedBlock::into_trusted)

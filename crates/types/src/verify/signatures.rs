@@ -1,6 +1,8 @@
 use ed25519_dalek::VerifyingKey;
 
-use crate::{Digest, Domain, Error, PublicKey, Result, Signature, SignedItem};
+use std::sync::Arc;
+
+use crate::{Digest, Domain, Error, KeyCache, PublicKey, Result, Signature, SignedItem};
 
 impl Signature {
     pub(crate) fn to_dalek(self) -> ed25519_dalek::Signature {
@@ -23,6 +25,8 @@ pub struct SignatureBatch {
     /// Positions whose key is not a valid point (a placeholder key is kept
     /// there so the vectors stay aligned).
     invalid: Vec<usize>,
+    /// Where decompressed keys are looked up first, if set.
+    cache: Option<Arc<KeyCache>>,
 }
 
 impl SignatureBatch {
@@ -34,6 +38,15 @@ impl SignatureBatch {
             keys: Vec::with_capacity(n),
             items: Vec::with_capacity(n),
             invalid: Vec::new(),
+            cache: None,
+        }
+    }
+
+    /// An empty batch that decompresses keys through `cache`.
+    pub fn with_cache(n: usize, cache: Arc<KeyCache>) -> Self {
+        SignatureBatch {
+            cache: Some(cache),
+            ..Self::with_capacity(n)
         }
     }
 
@@ -47,7 +60,11 @@ impl SignatureBatch {
         signature: &Signature,
         item: SignedItem,
     ) {
-        let key = key.verifying_key().unwrap_or_else(|_| {
+        let key = match &self.cache {
+            Some(cache) => cache.get(key),
+            None => key.verifying_key(),
+        };
+        let key = key.unwrap_or_else(|_| {
             self.invalid.push(self.items.len());
             placeholder_key()
         });
@@ -106,6 +123,7 @@ impl SignatureBatch {
                 keys: rest.keys.split_off(chunk),
                 items: rest.items.split_off(chunk),
                 invalid: tail_invalid.into_iter().map(|i: usize| i - chunk).collect(),
+                cache: rest.cache.clone(),
             };
             out.push(rest);
             rest = tail;

@@ -1,0 +1,126 @@
+//! Every trace in `tests/replays/` replays exactly, and replay reports the
+//! first difference when a recorded output is altered.
+
+use std::path::{Path, PathBuf};
+
+use soma_actors::replay::{ReplayError, replay, replay_text};
+
+fn traces() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("replays");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("tests/replays exists")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn every_trace_replays_exactly() {
+    let files = traces();
+    assert!(
+        files.len() >= 3,
+        "expected at least three traces, found {files:?}"
+    );
+    for file in files {
+        match replay(&file) {
+            Ok(report) => assert!(report.inputs > 0, "{} has no inputs", file.display()),
+            Err(e) => panic!("{}: {e}", file.display()),
+        }
+    }
+}
+
+#[test]
+fn altered_output_is_reported_at_its_line() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("replays/peer_heights_ban_expires.jsonl");
+    let text = std::fs::read_to_string(path).unwrap();
+    // Line 11 records that the banned peer's height is known again.
+    let altered = text.replace(
+        r#""out":{"highest_known":500}"#,
+        r#""out":{"highest_known":499}"#,
+    );
+    assert_ne!(altered, text);
+    match replay_text(&altered, false) {
+        Err(ReplayError::Mismatch {
+            line,
+            expected,
+            got,
+        }) => {
+            assert_eq!(line, 11);
+            assert_eq!(expected, r#"{"highest_known":499}"#);
+            assert_eq!(got, r#"{"highest_known":500}"#);
+        }
+        other => panic!("expected a mismatch, got {other:?}"),
+    }
+}
+
+#[test]
+fn missing_and_extra_outputs_are_reported() {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("replays/peer_heights_peer_goes_away.jsonl");
+    let text = std::fs::read_to_string(path).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    // Drop line 4, the answer to the first query: the core still produces
+    // it, where the trace now has nothing.
+    let without: String = lines
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3)
+        .map(|(_, l)| format!("{l}\n"))
+        .collect();
+    match replay_text(&without, false) {
+        Err(ReplayError::Mismatch {
+            line,
+            expected,
+            got,
+        }) => {
+            assert_eq!(line, 4);
+            assert_eq!(expected, "nothing");
+            assert_eq!(got, r#"{"highest_known":50}"#);
+        }
+        other => panic!("expected a mismatch, got {other:?}"),
+    }
+    // Drop line 3 instead, the query: its recorded answer is now extra.
+    let without: String = lines
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 2)
+        .map(|(_, l)| format!("{l}\n"))
+        .collect();
+    match replay_text(&without, false) {
+        Err(ReplayError::Mismatch {
+            line,
+            expected,
+            got,
+        }) => {
+            assert_eq!(line, 3);
+            assert_eq!(expected, r#"{"highest_known":50}"#);
+            assert_eq!(got, "nothing");
+        }
+        other => panic!("expected a mismatch, got {other:?}"),
+    }
+}
+
+#[test]
+fn rewrite_mode_regenerates_outputs() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("replays/peer_heights_ban_expires.jsonl");
+    let text = std::fs::read_to_string(path).unwrap();
+    let altered = text.replace(r#""until":61000"#, r#""until":1"#);
+    let (report, rewritten) = replay_text(&altered, true).unwrap();
+    assert!(report.rewritten);
+    assert!(rewritten.contains(r#""until":61000"#));
+    assert!(replay_text(&rewritten, false).is_ok());
+}
+
+#[test]
+fn unknown_actor_and_bad_json_are_errors() {
+    assert!(matches!(
+        replay_text(r#"{"seq":0,"actor":"nobody","init":{}}"#, false),
+        Err(ReplayError::UnknownActor(a)) if a == "nobody"
+    ));
+    assert!(matches!(
+        replay_text("not json", false),
+        Err(ReplayError::Parse { line: 1, .. })
+    ));
+}
