@@ -17,10 +17,14 @@
 #![warn(missing_docs, unreachable_pub)]
 
 mod blob;
+pub mod connections;
 mod core;
+pub mod grpc;
 pub mod peer_heights;
 pub mod replay;
+pub mod system;
 pub mod verifier;
 
 pub use blob::Blob;
 pub use core::{Core, Driver, Time};
+pub use system::{P2pBuilder, P2pConfig, P2pHandle};

@@ -54,6 +54,13 @@ impl Handler<UpdateHeight> for PeerHeights {
     }
 }
 
+impl Handler<PushHeight> for PeerHeights {
+    type Result = ();
+    fn handle(&mut self, msg: PushHeight, _: &mut Context<Self>) {
+        self.step(Input::Push(msg));
+    }
+}
+
 impl Handler<RemovePeer> for PeerHeights {
     type Result = ();
     fn handle(&mut self, msg: RemovePeer, _: &mut Context<Self>) {

@@ -25,6 +25,13 @@ pub struct Config {
     pub ban_duration_ms: u64,
     /// Seed of the balancer's randomness.
     pub seed: u64,
+    /// Peers tracked at most; reports from new peers beyond are ignored.
+    #[serde(default = "default_max_tracked_peers")]
+    pub max_tracked_peers: usize,
+}
+
+fn default_max_tracked_peers() -> usize {
+    1024
 }
 
 impl Config {
@@ -34,13 +41,16 @@ impl Config {
             chain_id,
             ban_duration_ms: Duration::from_secs(60).as_millis() as u64,
             seed,
+            max_tracked_peers: default_max_tracked_peers(),
         }
     }
 }
 
 #[derive(Clone, Debug)]
 struct Peer {
-    chain_id: ChainId,
+    /// `None` until the peer reports its chain (a PushCommit tells only a
+    /// height); such a peer is in no sync answer.
+    chain_id: Option<ChainId>,
     highest: CommitIndex,
     lowest: CommitIndex,
     throughput_bps: Option<u64>,
@@ -79,6 +89,26 @@ impl Core for PeerHeightsCore {
                 self.update(u);
                 vec![]
             }
+            Input::Push(PushHeight { peer, highest }) => {
+                let room = self.peers.len() < self.config.max_tracked_peers;
+                match self.peers.get_mut(&peer) {
+                    Some(p) => p.highest = p.highest.max(highest),
+                    None if room => {
+                        self.peers.insert(
+                            peer,
+                            Peer {
+                                chain_id: None,
+                                highest,
+                                lowest: 0,
+                                throughput_bps: None,
+                                failures: 0,
+                            },
+                        );
+                    }
+                    None => {}
+                }
+                vec![]
+            }
             Input::Remove(RemovePeer { peer }) => {
                 self.peers.remove(&peer);
                 vec![]
@@ -101,8 +131,15 @@ impl Core for PeerHeightsCore {
 
 impl PeerHeightsCore {
     fn update(&mut self, u: UpdateHeight) {
+        if !self.peers.contains_key(&u.peer) && self.peers.len() >= self.config.max_tracked_peers {
+            return;
+        }
         match self.peers.get_mut(&u.peer) {
-            Some(p) if p.chain_id == u.chain_id => {
+            // The first chain report of a peer that only pushed a height so
+            // far is the same authenticated peer: its height still only
+            // moves up.
+            Some(p) if p.chain_id.is_none_or(|c| c == u.chain_id) => {
+                p.chain_id = Some(u.chain_id);
                 p.highest = p.highest.max(u.highest);
                 p.lowest = u.lowest;
             }
@@ -111,7 +148,7 @@ impl PeerHeightsCore {
                 self.peers.insert(
                     u.peer,
                     Peer {
-                        chain_id: u.chain_id,
+                        chain_id: Some(u.chain_id),
                         highest: u.highest,
                         lowest: u.lowest,
                         throughput_bps: stats.as_ref().and_then(|s| s.throughput_bps),
@@ -124,9 +161,9 @@ impl PeerHeightsCore {
 
     /// Peers on our chain and not banned.
     fn eligible(&self) -> impl Iterator<Item = (&PeerId, &Peer)> {
-        self.peers
-            .iter()
-            .filter(|(id, p)| p.chain_id == self.config.chain_id && !self.bans.contains_key(id))
+        self.peers.iter().filter(|(id, p)| {
+            p.chain_id == Some(self.config.chain_id) && !self.bans.contains_key(id)
+        })
     }
 
     fn highest_known(&self) -> Option<CommitIndex> {
@@ -308,6 +345,52 @@ mod tests {
         update(&mut c, 1, OURS, 1, 5);
         assert_eq!(highest(&mut c, Time(0)), Some(10));
         assert_eq!(behind(&mut c, 8), vec![peer(1)]);
+    }
+
+    #[test]
+    fn pushed_height_counts_only_once_the_chain_is_known() {
+        let mut c = core(1);
+        update(&mut c, 1, OURS, 1, 10);
+        let push = |c: &mut PeerHeightsCore, p, highest| {
+            c.handle(
+                Time(0),
+                Input::Push(PushHeight {
+                    peer: peer(p),
+                    highest,
+                }),
+            )
+        };
+        push(&mut c, 1, 40);
+        push(&mut c, 1, 30);
+        // Peer 9's chain is unknown: tracked, but in no answer.
+        push(&mut c, 9, 1_000);
+        assert_eq!(highest(&mut c, Time(0)), Some(40));
+        assert!(for_range(&mut c, Time(0), 1, 500).is_empty());
+        update(&mut c, 9, OURS, 1, 20);
+        assert_eq!(highest(&mut c, Time(0)), Some(1_000));
+    }
+
+    #[test]
+    fn tracked_peers_are_bounded() {
+        let mut c = PeerHeightsCore::new(Config {
+            max_tracked_peers: 2,
+            ..Config::new(OURS, 1)
+        });
+        for p in 1..=3 {
+            update(&mut c, p, OURS, 1, u64::from(p));
+        }
+        c.handle(
+            Time(0),
+            Input::Push(PushHeight {
+                peer: peer(4),
+                highest: 99,
+            }),
+        );
+        assert_eq!(highest(&mut c, Time(0)), Some(2));
+        let Some(Output::Snapshot(s)) = c.handle(Time(0), Input::Snapshot).pop() else {
+            panic!("no snapshot")
+        };
+        assert_eq!(s.len(), 2);
     }
 
     #[test]

@@ -19,6 +19,18 @@ pub struct UpdateHeight {
     pub lowest: CommitIndex,
 }
 
+/// A peer told us (PushCommit) it synced up to `highest`. A peer that has
+/// not reported its chain yet is tracked, but kept out of every sync answer
+/// until it does.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Message)]
+#[rtype(result = "()")]
+pub struct PushHeight {
+    /// The authenticated caller.
+    pub peer: PeerId,
+    /// Its new highest synced commit.
+    pub highest: CommitIndex,
+}
+
 /// A peer disconnected: forget its heights (a ban is kept).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Message)]
 #[rtype(result = "()")]
@@ -88,8 +100,8 @@ pub struct Snapshot;
 pub struct PeerView {
     /// The peer.
     pub peer: PeerId,
-    /// The chain it is on.
-    pub chain_id: ChainId,
+    /// The chain it is on, once it has reported it.
+    pub chain_id: Option<ChainId>,
     /// Its highest synced commit.
     pub highest: CommitIndex,
     /// Its lowest available commit.
@@ -108,6 +120,8 @@ pub struct PeerView {
 pub enum Input {
     /// See [`UpdateHeight`].
     Update(UpdateHeight),
+    /// See [`PushHeight`].
+    Push(PushHeight),
     /// See [`RemovePeer`].
     Remove(RemovePeer),
     /// See [`HighestKnownCommit`].

@@ -15,5 +15,5 @@ pub use actor::PeerHeights;
 pub use core::{Config, PeerHeightsCore};
 pub use messages::{
     HighestKnownCommit, Input, OutcomeKind, Output, PeerView, PeersBehind, PeersForRange,
-    RemovePeer, ReportOutcome, Snapshot, UpdateHeight,
+    PushHeight, RemovePeer, ReportOutcome, Snapshot, UpdateHeight,
 };

@@ -1,0 +1,22 @@
+//! The gRPC adapter: tonic calls in, actor messages out.
+//!
+//! The tonic service ([`P2pService`]) turns each call into a [`Call`] sent to
+//! the [`GrpcAdapter`] actor, with the caller's identity from the TLS
+//! handshake. The adapter's core decides, without I/O, whether the call is
+//! admitted: ranges and reference counts within limits, fetches per peer
+//! within their bound, PushCommit only from authenticated peers. Admitted
+//! store reads (FetchCommits, FetchBlocks) then run on tokio's blocking pool,
+//! not on the actor's thread, so one slow read never holds up other RPCs;
+//! each holds a [`Permit`] that returns its slot to the adapter when the call
+//! ends, however it ends.
+
+mod actor;
+mod core;
+mod messages;
+mod serve;
+mod service;
+
+pub use actor::{GrpcAdapter, Permit};
+pub use core::{GrpcAdapterCore, Limits};
+pub use messages::{Admission, Call, CallMsg, Code, Input, Output, Refusal, Work};
+pub use service::P2pService;

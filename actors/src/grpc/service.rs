@@ -1,0 +1,217 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::{Addr, MailboxError};
+use bytes::Bytes;
+use soma_store::ConsensusStore;
+use soma_types::{BlockRef, ChainId, CommitRef, SignedNodeInfo, codec};
+use soma_wire::convert::{Availability, ConvertError};
+use soma_wire::proto::{self, p2p_server::P2p};
+use soma_wire::tls::{Caller, caller};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::actor::GrpcAdapter;
+use super::core::Limits;
+use super::messages::{Admission, Call, CallMsg, Work};
+use super::serve;
+
+/// Chunks of a FetchBlocks stream buffered ahead of the client.
+const STREAM_BUFFER: usize = 2;
+
+/// The tonic service of the P2p protocol. Every call goes through the
+/// [`GrpcAdapter`] first; admitted reads run on the blocking pool.
+#[derive(Clone)]
+pub struct P2pService {
+    adapter: Addr<GrpcAdapter>,
+    store: Arc<dyn ConsensusStore>,
+    chain_id: ChainId,
+    genesis: CommitRef,
+    own_info: Bytes,
+    limits: Limits,
+    timeout: Duration,
+}
+
+impl P2pService {
+    /// A service answering for the node whose store is `store`.
+    ///
+    /// `own_info` is the node's encoded `SignedNodeInfo`; `timeout` bounds
+    /// the wait for the adapter.
+    pub fn new(
+        adapter: Addr<GrpcAdapter>,
+        store: Arc<dyn ConsensusStore>,
+        chain_id: ChainId,
+        genesis: CommitRef,
+        own_info: Bytes,
+        limits: Limits,
+        timeout: Duration,
+    ) -> Self {
+        P2pService {
+            adapter,
+            store,
+            chain_id,
+            genesis,
+            own_info,
+            limits,
+            timeout,
+        }
+    }
+
+    async fn admit<T>(&self, request: &Request<T>, call: Call) -> Result<Admission, Status> {
+        let caller = match caller(request) {
+            Caller::Peer(p) => Some(p),
+            Caller::Anonymous => None,
+        };
+        self.adapter
+            .send(CallMsg { caller, call })
+            .timeout(self.timeout)
+            .await
+            .map_err(mailbox_status)?
+            .map_err(Status::from)
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn ConsensusStore) -> Result<T, Status> + Send + 'static,
+    ) -> Result<T, Status> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(store.as_ref()))
+            .await
+            .map_err(|_| Status::unavailable("the read was cancelled"))?
+    }
+}
+
+fn mailbox_status(e: MailboxError) -> Status {
+    match e {
+        MailboxError::Closed => Status::unavailable("the node is shutting down"),
+        MailboxError::Timeout => Status::deadline_exceeded("the node is overloaded"),
+    }
+}
+
+#[tonic::async_trait]
+impl P2p for P2pService {
+    async fn get_known_peers(
+        &self,
+        request: Request<proto::GetKnownPeersRequest>,
+    ) -> Result<Response<proto::GetKnownPeersResponse>, Status> {
+        let own_info = &request.get_ref().own_info;
+        if !own_info.is_empty() {
+            codec::decode::<SignedNodeInfo>(
+                own_info,
+                soma_types::Limits::default().max_node_info_bytes,
+            )
+            .map_err(|e| Status::invalid_argument(format!("own_info: {e}")))?;
+        }
+        self.admit(&request, Call::KnownPeers).await?;
+        Ok(Response::new(proto::GetKnownPeersResponse {
+            own_info: self.own_info.clone(),
+            known_peers: Vec::new(),
+        }))
+    }
+
+    async fn get_commit_availability(
+        &self,
+        request: Request<proto::GetCommitAvailabilityRequest>,
+    ) -> Result<Response<proto::GetCommitAvailabilityResponse>, Status> {
+        self.admit(&request, Call::Availability).await?;
+        let chain_id = self.chain_id;
+        let availability = self
+            .blocking(move |store| {
+                Ok(Availability {
+                    chain_id,
+                    highest: store
+                        .highest_synced_commit()
+                        .map_err(serve::store_error)?
+                        .index,
+                    lowest: store
+                        .lowest_available_commit()
+                        .map_err(serve::store_error)?,
+                })
+            })
+            .await?;
+        Ok(Response::new(availability.into()))
+    }
+
+    async fn get_commit_info(
+        &self,
+        request: Request<proto::GetCommitInfoRequest>,
+    ) -> Result<Response<proto::GetCommitInfoResponse>, Status> {
+        let index = request.get_ref().index;
+        self.admit(&request, Call::CommitInfo { index }).await?;
+        let genesis = self.genesis;
+        let commit = self
+            .blocking(move |store| {
+                match index {
+                    None => store.highest_synced_commit().map(Some),
+                    Some(0) => Ok(Some(genesis)),
+                    Some(i) => store.commit(i).map(|c| c.map(|c| c.reference())),
+                }
+                .map_err(serve::store_error)
+            })
+            .await?;
+        Ok(Response::new(proto::GetCommitInfoResponse {
+            commit: commit.map(Into::into),
+        }))
+    }
+
+    async fn push_commit(
+        &self,
+        request: Request<proto::PushCommitRequest>,
+    ) -> Result<Response<proto::PushCommitResponse>, Status> {
+        let index = request.get_ref().index;
+        self.admit(&request, Call::PushCommit { index }).await?;
+        Ok(Response::new(proto::PushCommitResponse {}))
+    }
+
+    async fn fetch_commits(
+        &self,
+        request: Request<proto::FetchCommitsRequest>,
+    ) -> Result<Response<proto::FetchCommitsResponse>, Status> {
+        let r = request.get_ref();
+        let call = Call::FetchCommits {
+            start: r.start,
+            end: r.end,
+        };
+        let admission = self.admit(&request, call).await?;
+        let Work::FetchCommits { start, end } = admission.work else {
+            return Err(Status::internal("unexpected admission"));
+        };
+        let limits = self.limits.clone();
+        let permit = admission.permit;
+        let response = self
+            .blocking(move |store| {
+                let _permit = permit;
+                serve::fetch_commits(store, start, end, &limits)
+            })
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    type FetchBlocksStream = ReceiverStream<Result<proto::FetchBlocksResponse, Status>>;
+
+    async fn fetch_blocks(
+        &self,
+        request: Request<proto::FetchBlocksRequest>,
+    ) -> Result<Response<Self::FetchBlocksStream>, Status> {
+        let call = Call::FetchBlocks {
+            refs: request.get_ref().refs.len(),
+        };
+        let admission = self.admit(&request, call).await?;
+        let refs = request
+            .get_ref()
+            .refs
+            .iter()
+            .map(BlockRef::try_from)
+            .collect::<Result<Vec<_>, ConvertError>>()?;
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let store = self.store.clone();
+        let max_bytes = self.limits.max_fetch_response_bytes;
+        let permit = admission.permit;
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            serve::stream_blocks(store, refs, max_bytes, tx);
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

@@ -1,0 +1,328 @@
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use actix::Actor;
+use bytes::Bytes;
+use soma_store::ConsensusStore;
+use soma_types::{
+    ChainId, Committee, KeyPair, NodeInfo, PeerId, SignedNodeInfo, codec, genesis_commit,
+};
+use soma_wire::proto::p2p_server::P2pServer;
+use soma_wire::tls::{self, AccessPolicy, NodeIdentity};
+use tokio::sync::{broadcast, oneshot};
+
+use super::config::P2pConfig;
+use super::handle::{Actors, Inner, P2pHandle, Running};
+use crate::connections::Connections;
+use crate::grpc::{GrpcAdapter, P2pService};
+use crate::peer_heights::{self, PeerHeights};
+use crate::replay::Recorder;
+use crate::verifier::{InstallCommittee, Verifier};
+
+/// Largest request the server decodes (a FetchBlocks of 1,000 references is
+/// about 60 KB).
+const MAX_REQUEST_BYTES: usize = 1 << 20;
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        /// The address.
+        address: std::net::SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The TLS identity or configuration failed.
+    #[error("tls: {0}")]
+    Tls(#[from] tls::TlsError),
+    /// The runtime or the actors' thread could not start.
+    #[error("cannot start: {0}")]
+    Runtime(std::io::Error),
+    /// The store could not be read.
+    #[error("store: {0}")]
+    Store(#[from] soma_store::Error),
+    /// The store holds another chain than the genesis committee's.
+    #[error("the store belongs to another chain")]
+    WrongChain,
+}
+
+/// Builds and starts a P2P node.
+pub struct P2pBuilder {
+    config: P2pConfig,
+    network_key: KeyPair,
+    genesis: Committee,
+    store: Arc<dyn ConsensusStore>,
+    identity: Option<NodeIdentity>,
+    runtime: Option<tokio::runtime::Handle>,
+}
+
+impl P2pBuilder {
+    /// A node with `config`, identified by `network_key`, on the chain of
+    /// `genesis`, keeping the chain in `store`.
+    pub fn new(
+        config: P2pConfig,
+        network_key: KeyPair,
+        genesis: Committee,
+        store: Arc<dyn ConsensusStore>,
+    ) -> Self {
+        P2pBuilder {
+            config,
+            network_key,
+            genesis,
+            store,
+            identity: None,
+            runtime: None,
+        }
+    }
+
+    /// Uses this TLS identity (e.g. loaded from PEM files) instead of a
+    /// fresh one; it must be bound to the network key.
+    pub fn identity(mut self, identity: NodeIdentity) -> Self {
+        self.identity = Some(identity);
+        self
+    }
+
+    /// Runs the gRPC server and client connections on the node's own tokio
+    /// runtime rather than a runtime owned by the handle.
+    pub fn runtime(mut self, runtime: tokio::runtime::Handle) -> Self {
+        self.runtime = Some(runtime);
+        self
+    }
+
+    /// Starts the node.
+    pub fn start(self) -> Result<P2pHandle, StartError> {
+        let P2pBuilder {
+            config,
+            network_key,
+            genesis,
+            store,
+            identity,
+            runtime,
+        } = self;
+        let identity = match identity {
+            Some(i) => i,
+            None => NodeIdentity::generate(&network_key)?,
+        };
+        let peer_id = PeerId::from(network_key.public());
+        let chain_id = ChainId::from_genesis(&genesis);
+        if store.committee(genesis.epoch())?.as_ref() != Some(&genesis) {
+            return Err(StartError::WrongChain);
+        }
+        let (owned_runtime, runtime) = match runtime {
+            Some(handle) => (None, handle),
+            None => {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .thread_name("soma-net")
+                    .enable_all()
+                    .build()
+                    .map_err(StartError::Runtime)?;
+                let handle = rt.handle().clone();
+                (Some(rt), handle)
+            }
+        };
+
+        let listener = std::net::TcpListener::bind(config.listen_address).map_err(|source| {
+            StartError::Bind {
+                address: config.listen_address,
+                source,
+            }
+        })?;
+        let local_addr = listener.local_addr().map_err(StartError::Runtime)?;
+        listener
+            .set_nonblocking(true)
+            .map_err(StartError::Runtime)?;
+        let listener = {
+            let _guard = runtime.enter();
+            tokio::net::TcpListener::from_std(listener).map_err(StartError::Runtime)?
+        };
+
+        let addresses = if config.external_addresses.is_empty() {
+            vec![local_addr.to_string()]
+        } else {
+            config.external_addresses.clone()
+        };
+        let own_info = SignedNodeInfo::sign(
+            NodeInfo {
+                peer_id,
+                addresses,
+                timestamp_ms: now_ms(),
+                access: config.access,
+            },
+            &network_key,
+        );
+
+        // Every committee the store knows, installed before anything is verified.
+        let mut committees = Vec::new();
+        let mut epoch = genesis.epoch();
+        while let Some(c) = store.committee(epoch)? {
+            committees.push(c);
+            epoch += 1;
+        }
+
+        let seed = config.seed.unwrap_or_else(rand::random);
+        let (actors, system, actor_thread, actors_stopped) = start_actors(
+            &config,
+            chain_id,
+            seed,
+            committees,
+            identity.clone(),
+            runtime.clone(),
+        )?;
+
+        let service = P2pService::new(
+            actors.adapter.clone(),
+            store.clone(),
+            chain_id,
+            genesis_commit(&genesis).reference(),
+            Bytes::from(codec::encode(&own_info)),
+            config.grpc.clone(),
+            config.timeout,
+        );
+        let policy = AccessPolicy {
+            access: config.access,
+            allowlist: config.allowlist.iter().copied().collect(),
+        };
+        let server_config = tls::server_config(&identity, &policy)?;
+        let (shutdown, shutdown_rx) = oneshot::channel::<()>();
+        let server = {
+            let _guard = runtime.enter();
+            let (health_reporter, health) = tonic_health::server::health_reporter();
+            let reflection = tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(soma_wire::proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .build_v1()
+                .map_err(|e| StartError::Runtime(std::io::Error::other(e)))?;
+            let p2p = P2pServer::new(service)
+                .max_decoding_message_size(MAX_REQUEST_BYTES)
+                .max_encoding_message_size(config.grpc.max_fetch_response_bytes + (1 << 20));
+            let incoming = tls::incoming(listener, server_config);
+            let timeout = config.timeout;
+            runtime.spawn(async move {
+                health_reporter.set_serving::<P2pServer<P2pService>>().await;
+                tonic::transport::Server::builder()
+                    .timeout(timeout)
+                    .add_service(health)
+                    .add_service(reflection)
+                    .add_service(p2p)
+                    .serve_with_incoming_shutdown(incoming, async {
+                        let _ = shutdown_rx.await;
+                    })
+                    .await
+            })
+        };
+        tracing::info!(%peer_id, %local_addr, %chain_id, "p2p node started");
+
+        let (commits, _) = broadcast::channel(config.synced_commit_broadcast_capacity.max(1));
+        Ok(P2pHandle::from_inner(Inner {
+            peer_id,
+            local_addr,
+            chain_id,
+            own_info,
+            store,
+            actors,
+            commits,
+            runtime: runtime.clone(),
+            timeout: config.timeout,
+            running: std::sync::Mutex::new(Some(Running {
+                system,
+                actor_thread,
+                actors_stopped,
+                server,
+                shutdown,
+                owned_runtime,
+            })),
+        }))
+    }
+}
+
+type Started = (
+    Actors,
+    actix_rt::System,
+    std::thread::JoinHandle<()>,
+    oneshot::Receiver<()>,
+);
+
+/// Starts the actors in an actix System on a thread of their own.
+fn start_actors(
+    config: &P2pConfig,
+    chain_id: ChainId,
+    seed: u64,
+    committees: Vec<Committee>,
+    identity: NodeIdentity,
+    runtime: tokio::runtime::Handle,
+) -> Result<Started, StartError> {
+    let config = config.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (stopped_tx, stopped_rx) = oneshot::channel();
+    let thread = std::thread::Builder::new()
+        .name("soma-actors".into())
+        .spawn(move || {
+            let system = actix_rt::System::new();
+            let started = system.block_on(async move {
+                let capacity = config.mailbox_capacity;
+                let heights = PeerHeights::new(
+                    peer_heights::Config {
+                        ban_duration_ms: config.ban_duration.as_millis() as u64,
+                        ..peer_heights::Config::new(chain_id, seed)
+                    },
+                    capacity,
+                    Recorder::from_env("peer_heights"),
+                )
+                .start();
+                let verifier = Verifier::new(
+                    config.verifier.clone(),
+                    capacity,
+                    Recorder::from_env("verifier"),
+                )?
+                .start();
+                for committee in committees {
+                    verifier.do_send(InstallCommittee(committee));
+                }
+                let connections = Connections::new(
+                    config.connections.clone(),
+                    identity,
+                    runtime,
+                    capacity,
+                    Recorder::from_env("connections"),
+                )
+                .start();
+                let adapter = GrpcAdapter::new(
+                    config.grpc.clone(),
+                    heights.clone(),
+                    capacity,
+                    Recorder::from_env("grpc_adapter"),
+                )
+                .start();
+                Ok::<_, std::io::Error>((
+                    Actors {
+                        heights,
+                        verifier,
+                        connections,
+                        adapter,
+                    },
+                    actix_rt::System::current(),
+                ))
+            });
+            let ok = started.is_ok();
+            let _ = tx.send(started);
+            if ok {
+                let _ = system.run();
+            }
+            let _ = stopped_tx.send(());
+        })
+        .map_err(StartError::Runtime)?;
+    let (actors, system) = rx
+        .recv()
+        .map_err(|_| StartError::Runtime(std::io::Error::other("the actors' thread died")))?
+        .map_err(StartError::Runtime)?;
+    Ok((actors, system, thread, stopped_rx))
+}
+
+pub(super) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

@@ -1,0 +1,56 @@
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use soma_types::{Access, PeerId};
+
+use crate::{connections, grpc, verifier};
+
+/// Settings of a P2P node. Every queue, buffer and response is bounded by one
+/// of these; the defaults are those of the design.
+#[derive(Clone, Debug)]
+pub struct P2pConfig {
+    /// Where the gRPC server listens; port 0 picks a free one.
+    pub listen_address: SocketAddr,
+    /// Addresses advertised to peers; empty means the bound listen address.
+    pub external_addresses: Vec<String>,
+    /// Who may connect.
+    pub access: Access,
+    /// Peers always allowed (and, in private mode, the only ones).
+    pub allowlist: Vec<PeerId>,
+    /// Time allowed for one request to a peer, and for the adapter to answer.
+    pub timeout: Duration,
+    /// Capacity of each actor's mailbox.
+    pub mailbox_capacity: usize,
+    /// How long a peer that sent invalid data stays banned.
+    pub ban_duration: Duration,
+    /// Capacity of the synced-commit broadcast; a subscriber further behind
+    /// misses commits and is told how many.
+    pub synced_commit_broadcast_capacity: usize,
+    /// What the server accepts.
+    pub grpc: grpc::Limits,
+    /// The verification pool.
+    pub verifier: verifier::Config,
+    /// Outbound connections.
+    pub connections: connections::Config,
+    /// Seed of the actors' randomness; `None` draws one.
+    pub seed: Option<u64>,
+}
+
+impl Default for P2pConfig {
+    fn default() -> Self {
+        P2pConfig {
+            listen_address: SocketAddr::from(([127, 0, 0, 1], 0)),
+            external_addresses: Vec::new(),
+            access: Access::Public,
+            allowlist: Vec::new(),
+            timeout: Duration::from_secs(10),
+            mailbox_capacity: 1024,
+            ban_duration: Duration::from_secs(60),
+            synced_commit_broadcast_capacity: 1024,
+            grpc: grpc::Limits::default(),
+            verifier: verifier::Config::default(),
+            connections: connections::Config::default(),
+            seed: None,
+        }
+    }
+}

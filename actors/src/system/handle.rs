@@ -1,0 +1,325 @@
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::{Addr, MailboxError};
+use soma_store::{ConsensusStore, SyncedBatch};
+use soma_types::{
+    BlockRef, ChainId, CommitIndex, CommittedSubDag, Committee, PeerId, SignedNodeInfo,
+    TrustedCommit, VerifiedBlock,
+};
+use tokio::sync::{broadcast, oneshot};
+
+use crate::connections::{ActivePeers, Connect, Connections};
+use crate::grpc::GrpcAdapter;
+use crate::peer_heights::{PeerHeights, PeerView, Snapshot};
+use crate::verifier::Verifier;
+
+/// Time allowed for the server to finish in-flight calls at shutdown.
+const SERVER_DRAIN: Duration = Duration::from_secs(5);
+
+/// The long-lived actors.
+#[derive(Clone)]
+pub(super) struct Actors {
+    pub(super) heights: Addr<PeerHeights>,
+    pub(super) verifier: Addr<Verifier>,
+    pub(super) connections: Addr<Connections>,
+    pub(super) adapter: Addr<GrpcAdapter>,
+}
+
+/// What shutdown stops.
+pub(super) struct Running {
+    pub(super) system: actix_rt::System,
+    pub(super) actor_thread: std::thread::JoinHandle<()>,
+    pub(super) actors_stopped: oneshot::Receiver<()>,
+    pub(super) server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    pub(super) shutdown: oneshot::Sender<()>,
+    pub(super) owned_runtime: Option<tokio::runtime::Runtime>,
+}
+
+pub(super) struct Inner {
+    pub(super) peer_id: PeerId,
+    pub(super) local_addr: SocketAddr,
+    pub(super) chain_id: ChainId,
+    pub(super) own_info: SignedNodeInfo,
+    pub(super) store: Arc<dyn ConsensusStore>,
+    pub(super) actors: Actors,
+    pub(super) commits: broadcast::Sender<CommittedSubDag>,
+    pub(super) runtime: tokio::runtime::Handle,
+    pub(super) timeout: Duration,
+    pub(super) running: Mutex<Option<Running>>,
+}
+
+impl Drop for Inner {
+    /// The last handle going away stops the node without waiting.
+    fn drop(&mut self) {
+        if let Some(running) = self.running.lock().ok().and_then(|mut r| r.take()) {
+            let _ = running.shutdown.send(());
+            running.system.stop();
+            if let Some(rt) = running.owned_runtime {
+                rt.shutdown_background();
+            }
+        }
+    }
+}
+
+/// Errors of handle calls.
+#[derive(Debug, thiserror::Error)]
+pub enum P2pError {
+    /// The node is shut down.
+    #[error("the node is shut down")]
+    Stopped,
+    /// An actor did not answer in time.
+    #[error("timed out")]
+    Timeout,
+    /// The store failed or refused the write.
+    #[error("store: {0}")]
+    Store(#[from] soma_store::Error),
+}
+
+fn mailbox(e: MailboxError) -> P2pError {
+    match e {
+        MailboxError::Closed => P2pError::Stopped,
+        MailboxError::Timeout => P2pError::Timeout,
+    }
+}
+
+/// A commit made by local consensus, handed to the P2P layer.
+#[derive(Clone, Debug)]
+pub struct LocalCommit {
+    /// The commit; it must follow the node's highest synced commit.
+    pub commit: TrustedCommit,
+    /// Its blocks, in commit order.
+    pub blocks: Vec<VerifiedBlock>,
+    /// Blocks certifying it, if already known (else see
+    /// [`P2pHandle::send_certificate`]).
+    pub certificate: Vec<VerifiedBlock>,
+    /// The next committee, if this commit ends its epoch.
+    pub next_committee: Option<Committee>,
+}
+
+/// Whether one long-lived actor is running.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ActorHealth {
+    /// The actor.
+    pub name: &'static str,
+    /// Whether its mailbox is open.
+    pub alive: bool,
+}
+
+/// The node's health.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Health {
+    /// Whether the node has not been shut down.
+    pub running: bool,
+    /// Each long-lived actor.
+    pub actors: Vec<ActorHealth>,
+}
+
+impl Health {
+    /// Whether the node runs and every actor is alive.
+    pub fn is_healthy(&self) -> bool {
+        self.running && self.actors.iter().all(|a| a.alive)
+    }
+}
+
+/// The handle to a running P2P node. Cheap to clone; every clone controls the
+/// same node, which stops when [`P2pHandle::shutdown`] is called or the last
+/// clone is dropped.
+#[derive(Clone)]
+pub struct P2pHandle {
+    inner: Arc<Inner>,
+}
+
+impl P2pHandle {
+    pub(super) fn from_inner(inner: Inner) -> Self {
+        P2pHandle {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// The node's peer id (its network public key).
+    pub fn peer_id(&self) -> PeerId {
+        self.inner.peer_id
+    }
+
+    /// The address the gRPC server is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.local_addr
+    }
+
+    /// The chain the node is on.
+    pub fn chain_id(&self) -> ChainId {
+        self.inner.chain_id
+    }
+
+    /// The node's signed self-description, as sent to peers.
+    pub fn node_info(&self) -> &SignedNodeInfo {
+        &self.inner.own_info
+    }
+
+    /// The node's store.
+    pub fn store(&self) -> &Arc<dyn ConsensusStore> {
+        &self.inner.store
+    }
+
+    /// Every commit the node applies from now on, in index order. A
+    /// subscriber that falls more than the broadcast capacity behind gets
+    /// `RecvError::Lagged(n)` and misses `n` commits; it never slows sync.
+    pub fn subscribe_synced_commits(&self) -> broadcast::Receiver<CommittedSubDag> {
+        self.inner.commits.subscribe()
+    }
+
+    /// Hands a commit of local consensus to the node: stored in one atomic
+    /// write, then broadcast to subscribers like a synced commit. A commit
+    /// that does not link to the highest synced commit is refused.
+    pub async fn send_commit(&self, local: LocalCommit) -> Result<(), P2pError> {
+        let subdag = {
+            let blocks: std::collections::HashMap<BlockRef, VerifiedBlock> = local
+                .blocks
+                .iter()
+                .map(|b| (b.reference(), b.clone()))
+                .collect();
+            CommittedSubDag::new(&local.commit, |r| blocks.get(r).cloned()).map_err(|_| {
+                P2pError::Store(soma_store::Error::MissingBlock(
+                    local
+                        .commit
+                        .commit()
+                        .blocks
+                        .iter()
+                        .find(|r| !blocks.contains_key(r))
+                        .copied()
+                        .unwrap_or_default(),
+                ))
+            })?
+        };
+        let batch = SyncedBatch {
+            commits: vec![local.commit],
+            blocks: local.blocks,
+            certificate: local.certificate,
+            next_committee: local.next_committee,
+        };
+        self.blocking(move |store| store.write_synced_batch(batch))
+            .await?;
+        // No receiver is not an error: nobody subscribed yet.
+        let _ = self.inner.commits.send(subdag);
+        Ok(())
+    }
+
+    /// Stores the certificate of an already stored local commit, so the node
+    /// can serve batches ending there.
+    pub async fn send_certificate(
+        &self,
+        index: CommitIndex,
+        blocks: Vec<VerifiedBlock>,
+    ) -> Result<(), P2pError> {
+        self.blocking(move |store| store.insert_certificate(index, blocks))
+            .await
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn ConsensusStore) -> soma_store::Result<T> + Send + 'static,
+    ) -> Result<T, P2pError> {
+        let store = self.inner.store.clone();
+        self.inner
+            .runtime
+            .spawn_blocking(move || f(store.as_ref()))
+            .await
+            .map_err(|_| P2pError::Stopped)?
+            .map_err(P2pError::Store)
+    }
+
+    /// Dials a peer at `address`; with `peer` given, the server must prove
+    /// that identity. The result shows in [`P2pHandle::connected_peers`].
+    pub fn connect(&self, peer: Option<PeerId>, address: impl Into<String>) {
+        self.inner.actors.connections.do_send(Connect {
+            peer,
+            address: address.into(),
+        });
+    }
+
+    /// The peers the node holds a connection to.
+    pub async fn connected_peers(&self) -> Result<Vec<PeerId>, P2pError> {
+        self.inner
+            .actors
+            .connections
+            .send(ActivePeers)
+            .timeout(self.inner.timeout)
+            .await
+            .map_err(mailbox)
+    }
+
+    /// What the node knows of each peer's chain.
+    pub async fn peer_heights(&self) -> Result<Vec<PeerView>, P2pError> {
+        self.inner
+            .actors
+            .heights
+            .send(Snapshot)
+            .timeout(self.inner.timeout)
+            .await
+            .map_err(mailbox)
+    }
+
+    /// Whether the node and each of its long-lived actors are running.
+    pub fn health(&self) -> Health {
+        let a = &self.inner.actors;
+        let running = self.inner.running.lock().is_ok_and(|r| r.is_some());
+        Health {
+            running,
+            actors: vec![
+                ActorHealth {
+                    name: "peer_heights",
+                    alive: a.heights.connected(),
+                },
+                ActorHealth {
+                    name: "verifier",
+                    alive: a.verifier.connected(),
+                },
+                ActorHealth {
+                    name: "connections",
+                    alive: a.connections.connected(),
+                },
+                ActorHealth {
+                    name: "grpc_adapter",
+                    alive: a.adapter.connected(),
+                },
+            ],
+        }
+    }
+
+    /// Stops the node gracefully: the server stops accepting calls and
+    /// drains the running ones, the actors stop, and every thread the node
+    /// started is joined. Calling it again does nothing.
+    pub async fn shutdown(&self) {
+        let Some(running) = self.inner.running.lock().ok().and_then(|mut r| r.take()) else {
+            return;
+        };
+        let Running {
+            system,
+            actor_thread,
+            actors_stopped,
+            server,
+            shutdown,
+            owned_runtime,
+        } = running;
+        let _ = shutdown.send(());
+        if tokio::time::timeout(SERVER_DRAIN, server).await.is_err() {
+            tracing::warn!("the server did not drain in time");
+        }
+        system.stop();
+        let _ = actors_stopped.await;
+        let _ = actor_thread.join();
+        if let Some(rt) = owned_runtime {
+            // A runtime cannot be dropped from async code: drop it on a
+            // thread of its own and wait for that.
+            let (done_tx, done_rx) = oneshot::channel();
+            std::thread::spawn(move || {
+                rt.shutdown_timeout(SERVER_DRAIN);
+                let _ = done_tx.send(());
+            });
+            let _ = done_rx.await;
+        }
+        tracing::info!(peer_id = %self.inner.peer_id, "p2p node stopped");
+    }
+}

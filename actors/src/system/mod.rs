@@ -1,0 +1,15 @@
+//! The one handle a node embeds.
+//!
+//! [`P2pBuilder`] takes the configuration, the node's network key, the
+//! genesis committee and a store; [`P2pBuilder::start`] starts the actors in
+//! an actix System on a dedicated thread and the gRPC server on a tokio
+//! runtime (owned, or one the node passes in), and returns a [`P2pHandle`]:
+//! `Clone + Send + Sync`, usable from any thread or runtime.
+
+mod builder;
+mod config;
+mod handle;
+
+pub use builder::{P2pBuilder, StartError};
+pub use config::P2pConfig;
+pub use handle::{ActorHealth, Health, LocalCommit, P2pError, P2pHandle};

@@ -1,0 +1,481 @@
+//! Handles in one process on 127.0.0.1 with ephemeral ports, over real mutual
+//! TLS and real gRPC, serving a ChainBuilder chain.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use soma_actors::{P2pBuilder, P2pConfig, P2pHandle};
+use soma_chain::{Chain, ChainBuilder, ChainConfig};
+use soma_store::{ConsensusStore, MemStore};
+use soma_types::verify::{ExpectedBlocks, verify_commit_batch, verify_fetched_blocks};
+use soma_types::{
+    BlockRef, KeyPair, Limits, PeerId, SignedNodeInfo, UnverifiedBlock, UnverifiedCommit, codec,
+};
+use soma_wire::convert::Availability;
+use soma_wire::proto::{self, p2p_client::P2pClient};
+use soma_wire::tls::{self, NodeIdentity};
+use tonic::Code;
+use tonic::transport::Channel;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn chain(payload_bytes: usize) -> Chain {
+    ChainBuilder::new(ChainConfig {
+        commits_per_epoch: Some(150),
+        transactions_per_block: if payload_bytes > 100 { 10 } else { 2 },
+        payload_bytes,
+        ..ChainConfig::validators(4)
+    })
+    .build(300)
+}
+
+fn start(chain: &Chain, store: Arc<dyn ConsensusStore>, key: u8) -> P2pHandle {
+    P2pBuilder::new(
+        P2pConfig::default(),
+        KeyPair::from_seed([key; 32]),
+        chain.genesis().clone(),
+        store,
+    )
+    .start()
+    .expect("node starts")
+}
+
+fn validator(chain: &Chain, key: u8) -> P2pHandle {
+    let store = MemStore::new(chain.genesis());
+    chain.write_to(&store, 100).unwrap();
+    start(chain, Arc::new(store), key)
+}
+
+fn empty(chain: &Chain, key: u8) -> P2pHandle {
+    start(chain, Arc::new(MemStore::new(chain.genesis())), key)
+}
+
+async fn client(node: &P2pHandle, identity: Option<&NodeIdentity>) -> P2pClient<Channel> {
+    let (channel, peer) = tls::connect(
+        &node.local_addr().to_string(),
+        identity,
+        Some(node.peer_id()),
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("connects");
+    assert_eq!(peer, node.peer_id());
+    P2pClient::new(channel).max_decoding_message_size(8 << 20)
+}
+
+fn identity(seed: u8) -> NodeIdentity {
+    NodeIdentity::generate(&KeyPair::from_seed([seed; 32])).unwrap()
+}
+
+async fn wait_for<F: std::future::Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
+    let deadline = Instant::now() + WAIT;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn fetch_blocks(
+    client: &mut P2pClient<Channel>,
+    refs: &[BlockRef],
+) -> Result<Vec<Vec<Bytes>>, tonic::Status> {
+    let request = proto::FetchBlocksRequest {
+        refs: refs.iter().copied().map(Into::into).collect(),
+    };
+    let mut stream = client.fetch_blocks(request).await?.into_inner();
+    let mut chunks = Vec::new();
+    while let Some(chunk) = stream.message().await? {
+        chunks.push(chunk.blocks);
+    }
+    Ok(chunks)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_handles_connect_over_mutual_tls() {
+    let chain = chain(32);
+    let a = validator(&chain, 1);
+    let b = empty(&chain, 2);
+    let c = empty(&chain, 3);
+    b.connect(Some(a.peer_id()), a.local_addr().to_string());
+    c.connect(Some(a.peer_id()), a.local_addr().to_string());
+    a.connect(Some(b.peer_id()), b.local_addr().to_string());
+    // A seed known only by address: its id is learnt from the handshake.
+    c.connect(None, b.local_addr().to_string());
+    wait_for("b to connect to a", || async {
+        b.connected_peers().await.unwrap() == vec![a.peer_id()]
+    })
+    .await;
+    wait_for("a to connect to b", || async {
+        a.connected_peers().await.unwrap() == vec![b.peer_id()]
+    })
+    .await;
+    wait_for("c to connect to a and b", || async {
+        let mut got = c.connected_peers().await.unwrap();
+        got.sort();
+        let mut want = vec![a.peer_id(), b.peer_id()];
+        want.sort();
+        got == want
+    })
+    .await;
+    for node in [&a, &b, &c] {
+        assert!(node.health().is_healthy());
+        node.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_is_served_from_the_store() {
+    let chain = chain(32);
+    let a = validator(&chain, 1);
+    let caller = identity(9);
+    let mut client = client(&a, Some(&caller)).await;
+
+    let availability = client
+        .get_commit_availability(proto::GetCommitAvailabilityRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        Availability::try_from(&availability).unwrap(),
+        Availability {
+            chain_id: chain.chain_id(),
+            highest: 300,
+            lowest: 1
+        }
+    );
+
+    for (index, expected) in [
+        (None, Some(chain.commit_ref(300))),
+        (Some(0), Some(chain.commit_ref(0))),
+        (Some(57), Some(chain.commit_ref(57))),
+        (Some(301), None),
+    ] {
+        let info = client
+            .get_commit_info(proto::GetCommitInfoRequest { index })
+            .await
+            .unwrap()
+            .into_inner();
+        let got = info
+            .commit
+            .as_ref()
+            .map(|c| soma_types::CommitRef::try_from(c).unwrap());
+        assert_eq!(got, expected, "commit info for {index:?}");
+    }
+
+    // FetchCommits: capped at the batch size of 100, certified, verifiable.
+    let response = client
+        .fetch_commits(proto::FetchCommitsRequest {
+            start: 1,
+            end: 1_000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.commits.len(), 100);
+    let commits = response
+        .commits
+        .into_iter()
+        .map(|b| UnverifiedCommit::decode(b, 1 << 20).unwrap())
+        .collect();
+    let certifiers = response
+        .certifier_blocks
+        .into_iter()
+        .map(|b| UnverifiedBlock::decode(b, 4 << 20).unwrap())
+        .collect();
+    let limits = Limits::default();
+    let (commits, _) = verify_commit_batch(
+        commits,
+        certifiers,
+        chain.genesis(),
+        chain.commit_ref(0),
+        &limits,
+    )
+    .unwrap();
+
+    // FetchBlocks: every named block, verifiable against the commits.
+    let refs: Vec<BlockRef> = commits
+        .iter()
+        .flat_map(|c| c.commit().blocks.clone())
+        .collect();
+    let chunks = fetch_blocks(&mut client, &refs).await.unwrap();
+    let blocks: Vec<UnverifiedBlock> = chunks
+        .into_iter()
+        .flatten()
+        .map(|b| UnverifiedBlock::decode(b, 4 << 20).unwrap())
+        .collect();
+    let mut expected = ExpectedBlocks::new(&commits);
+    verify_fetched_blocks(&mut expected, blocks, chain.genesis(), &limits, true).unwrap();
+    expected.finish().unwrap();
+
+    // GetKnownPeers: the node's own signed info.
+    let peers = client
+        .get_known_peers(proto::GetKnownPeersRequest {
+            own_info: Bytes::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let info: SignedNodeInfo = codec::decode(&peers.own_info, 2048).unwrap();
+    assert_eq!(info.info.peer_id, a.peer_id());
+    assert!(a.peer_id().public_key().unwrap().verify(
+        soma_types::Domain::NodeInfo,
+        &info.signing_digest(),
+        &info.signature
+    ));
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_commits_never_crosses_an_epoch() {
+    let chain = chain(32);
+    let a = validator(&chain, 1);
+    let mut client = client(&a, Some(&identity(9))).await;
+    let fetch = |start, end| proto::FetchCommitsRequest { start, end };
+    let r = client
+        .fetch_commits(fetch(101, 300))
+        .await
+        .unwrap()
+        .into_inner();
+    // Epoch 0 ends at 150.
+    assert_eq!(r.commits.len(), 50);
+    let last = UnverifiedCommit::decode(r.commits.last().unwrap().clone(), 1 << 20).unwrap();
+    assert_eq!(last.reference(), chain.commit_ref(150));
+    // Batches of epoch 1 end on multiples of 100: the validator holds
+    // certificates at 200 and 300, so a request from 151 ends at 200.
+    let r = client
+        .fetch_commits(fetch(151, 300))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = UnverifiedCommit::decode(r.commits[0].clone(), 1 << 20).unwrap();
+    assert_eq!(first.commit().epoch, 1);
+    assert_eq!(r.commits.len(), 50);
+    let r = client
+        .fetch_commits(fetch(201, 300))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.commits.len(), 100);
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_blocks_streams_chunks_of_at_most_4_mib() {
+    // Blocks of 10 transactions with 1,000-byte payloads: about 11 KB each.
+    let chain = chain(1_000);
+    let a = validator(&chain, 1);
+    let mut client = client(&a, Some(&identity(9))).await;
+    let refs: Vec<BlockRef> = (1..=260)
+        .flat_map(|i| chain.blocks_of(i).iter().map(|b| b.reference()))
+        .take(1_000)
+        .collect();
+    assert_eq!(refs.len(), 1_000);
+    let chunks = fetch_blocks(&mut client, &refs).await.unwrap();
+    assert!(
+        chunks.len() >= 2,
+        "expected several chunks, got {}",
+        chunks.len()
+    );
+    for chunk in &chunks {
+        let bytes: usize = chunk.iter().map(Bytes::len).sum();
+        assert!(bytes <= 4 << 20, "chunk of {bytes} bytes");
+    }
+    let got: Vec<BlockRef> = chunks
+        .into_iter()
+        .flatten()
+        .map(|b| UnverifiedBlock::decode(b, 4 << 20).unwrap().reference())
+        .collect();
+    assert_eq!(got, refs);
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_caller_reads_but_may_not_push() {
+    let chain = chain(32);
+    let a = validator(&chain, 1);
+    let mut anonymous = client(&a, None).await;
+    assert!(
+        anonymous
+            .get_commit_availability(proto::GetCommitAvailabilityRequest {})
+            .await
+            .is_ok()
+    );
+    let push = anonymous
+        .push_commit(proto::PushCommitRequest { index: 5 })
+        .await
+        .unwrap_err();
+    assert_eq!(push.code(), Code::PermissionDenied);
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_commit_is_attributed_to_the_authenticated_caller() {
+    let chain = chain(32);
+    let a = validator(&chain, 1);
+    let caller = identity(42);
+    let mut client = client(&a, Some(&caller)).await;
+    client
+        .push_commit(proto::PushCommitRequest { index: 77 })
+        .await
+        .unwrap();
+    wait_for("the pushed height", || async {
+        a.peer_heights()
+            .await
+            .unwrap()
+            .iter()
+            .any(|v| v.peer == caller.peer_id() && v.highest == 77)
+    })
+    .await;
+    let views = a.peer_heights().await.unwrap();
+    assert_eq!(views.len(), 1, "only the caller is credited: {views:?}");
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dialling_with_the_wrong_peer_id_fails() {
+    let chain = chain(32);
+    let a = validator(&chain, 1);
+    let wrong = PeerId::from(KeyPair::from_seed([77; 32]).public());
+    let result = tls::connect(
+        &a.local_addr().to_string(),
+        Some(&identity(9)),
+        Some(wrong),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(result.is_err());
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_the_right_status_and_the_server_stays_up() {
+    let chain = chain(32);
+    let a = validator(&chain, 1);
+    let mut client = client(&a, Some(&identity(9))).await;
+    let fetch = |start, end| proto::FetchCommitsRequest { start, end };
+    let code = |r: Result<tonic::Response<proto::FetchCommitsResponse>, tonic::Status>| {
+        r.unwrap_err().code()
+    };
+    assert_eq!(
+        code(client.fetch_commits(fetch(10, 5)).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(client.fetch_commits(fetch(0, 5)).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(client.fetch_commits(fetch(301, 400)).await),
+        Code::NotFound
+    );
+
+    let refs: Vec<BlockRef> = (1..=300)
+        .flat_map(|i| chain.blocks_of(i).iter().map(|b| b.reference()))
+        .take(1_001)
+        .collect();
+    assert_eq!(
+        fetch_blocks(&mut client, &refs).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        fetch_blocks(&mut client, &[]).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    let mut unknown = refs[0];
+    unknown.digest.0[0] ^= 1;
+    assert_eq!(
+        fetch_blocks(&mut client, &[refs[1], unknown])
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    let garbage_digest = proto::FetchBlocksRequest {
+        refs: vec![proto::BlockRef {
+            digest: Bytes::from_static(b"not a digest"),
+            ..refs[0].into()
+        }],
+    };
+    let status = client.fetch_blocks(garbage_digest).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let garbage_info = proto::GetKnownPeersRequest {
+        own_info: Bytes::from_static(&[0xff; 40]),
+    };
+    assert_eq!(
+        client
+            .get_known_peers(garbage_info)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
+
+    // Still serving.
+    assert!(
+        client
+            .get_commit_availability(proto::GetCommitAvailabilityRequest {})
+            .await
+            .is_ok()
+    );
+    assert!(a.health().is_healthy());
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_fetches_are_bounded_per_peer() {
+    let chain = chain(32);
+    let a = validator(&chain, 1);
+    let client = client(&a, Some(&identity(9))).await;
+    let refs: Vec<BlockRef> = (1..=100)
+        .flat_map(|i| chain.blocks_of(i).iter().map(|b| b.reference()))
+        .collect();
+    let tasks: Vec<_> = (0..200)
+        .map(|_| {
+            let mut client = client.clone();
+            let refs = refs.clone();
+            tokio::spawn(async move { fetch_blocks(&mut client, &refs).await })
+        })
+        .collect();
+    let mut outcomes: HashMap<&'static str, usize> = HashMap::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(chunks) => {
+                assert_eq!(chunks.iter().map(Vec::len).sum::<usize>(), refs.len());
+                *outcomes.entry("ok").or_default() += 1;
+            }
+            Err(s) if s.code() == Code::ResourceExhausted => {
+                *outcomes.entry("exhausted").or_default() += 1
+            }
+            Err(s) => panic!("unexpected status {s:?}"),
+        }
+    }
+    assert!(
+        outcomes.get("ok").copied().unwrap_or(0) >= 1,
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes.get("exhausted").copied().unwrap_or(0) >= 1,
+        "{outcomes:?}"
+    );
+    // The slots come back: a fetch after the storm is served.
+    let mut client = client;
+    assert!(fetch_blocks(&mut client, &refs[..10]).await.is_ok());
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_the_port_joins_threads_and_is_idempotent() {
+    let chain = chain(32);
+    let a = validator(&chain, 1);
+    let address = a.local_addr();
+    assert!(tokio::net::TcpStream::connect(address).await.is_ok());
+    a.shutdown().await;
+    assert!(tokio::net::TcpStream::connect(address).await.is_err());
+    let health = a.health();
+    assert!(!health.running);
+    assert!(health.actors.iter().all(|actor| !actor.alive), "{health:?}");
+    a.shutdown().await;
+    assert!(!a.health().running);
+}

@@ -1,0 +1,22 @@
+//! The wire: the gRPC protocol of soma-p2p and the authenticated transport.
+//!
+//! - [`proto`]: the code generated from `proto/soma/p2p/v1/p2p.proto`
+//!   (messages, the `P2p` client and server), built by protox and
+//!   tonic-prost-build with no system `protoc`.
+//! - [`convert`]: between proto messages and [`soma_types`], with typed errors.
+//! - [`tls`]: mutual TLS 1.3 with each node's identity bound into its
+//!   certificate, the only place connections are made.
+#![warn(missing_docs, unreachable_pub)]
+
+pub mod convert;
+pub mod tls;
+
+/// Generated protocol code.
+#[allow(missing_docs, unreachable_pub, clippy::all)]
+pub mod proto {
+    tonic::include_proto!("soma.p2p.v1");
+
+    /// Encoded file descriptors of the protocol, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/p2p_descriptor.bin"));
+}
