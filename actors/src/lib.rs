@@ -19,6 +19,7 @@
 mod blob;
 pub mod connections;
 mod core;
+pub mod discovery;
 pub mod grpc;
 pub mod peer_heights;
 pub mod replay;

@@ -35,16 +35,20 @@ pub struct Connections {
     runtime: tokio::runtime::Handle,
     clients: HashMap<PeerId, P2pClient<Channel>>,
     subscribers: Vec<Recipient<PeerEvent>>,
+    /// Peer events for the handle's subscribers (bounded broadcast).
+    events: tokio::sync::broadcast::Sender<PeerEvent>,
     mailbox_capacity: usize,
 }
 
 impl Connections {
     /// A connection manager dialling as `identity`, with client tasks on
-    /// `runtime`.
+    /// `runtime`, publishing peer events to `events` as well as to
+    /// subscribed actors.
     pub fn new(
         config: Config,
         identity: NodeIdentity,
         runtime: tokio::runtime::Handle,
+        events: tokio::sync::broadcast::Sender<PeerEvent>,
         mailbox_capacity: usize,
         recorder: Option<Recorder>,
     ) -> Self {
@@ -55,6 +59,7 @@ impl Connections {
             runtime,
             clients: HashMap::new(),
             subscribers: Vec::new(),
+            events,
             mailbox_capacity,
         }
     }
@@ -86,7 +91,12 @@ impl Connections {
                         PeerEvent::Disconnected { peer } => {
                             tracing::info!(%peer, "peer disconnected")
                         }
+                        PeerEvent::DialFailed {
+                            address, reason, ..
+                        } => tracing::debug!(%address, %reason, "dial failed"),
                     }
+                    // No receiver is fine: nobody subscribed.
+                    let _ = self.events.send(event.clone());
                     // Peer events are rare and must not be lost: delivered
                     // past the subscriber's mailbox bound.
                     self.subscribers.retain(|s| s.connected());
@@ -94,9 +104,6 @@ impl Connections {
                         s.do_send(event.clone());
                     }
                 }
-                Output::DialFailed {
-                    address, reason, ..
-                } => tracing::debug!(%address, %reason, "dial failed"),
                 Output::Peers(_) => {}
             }
         }

@@ -85,11 +85,11 @@ impl ConnectionsCore {
             return vec![];
         }
         if self.connected.len() + self.dialing.len() >= self.config.max_connections {
-            return vec![Output::DialFailed {
+            return vec![Output::Event(PeerEvent::DialFailed {
+                peer,
                 address,
-                expected: peer,
                 reason: "connection limit reached".into(),
-            }];
+            })];
         }
         self.dialing.insert(address.clone());
         if let Some(p) = peer {
@@ -123,11 +123,11 @@ impl ConnectionsCore {
                     Output::Event(PeerEvent::Connected { peer, address }),
                 ]
             }
-            DialResult::Failed(reason) => vec![Output::DialFailed {
+            DialResult::Failed(reason) => vec![Output::Event(PeerEvent::DialFailed {
+                peer: expected,
                 address,
-                expected,
                 reason,
-            }],
+            })],
         }
     }
 }
@@ -207,7 +207,10 @@ mod tests {
         let mut c = ConnectionsCore::new(Config::default());
         connect(&mut c, Some(2), "b:1");
         let out = dialed(&mut c, Some(2), "b:1", DialResult::Failed("refused".into()));
-        assert!(matches!(out[0], Output::DialFailed { .. }));
+        assert!(matches!(
+            out[0],
+            Output::Event(PeerEvent::DialFailed { .. })
+        ));
         assert_eq!(connect(&mut c, Some(2), "b:1").len(), 1);
     }
 
@@ -239,7 +242,7 @@ mod tests {
         connect(&mut c, Some(1), "a:1");
         assert!(matches!(
             connect(&mut c, Some(2), "b:1")[0],
-            Output::DialFailed { .. }
+            Output::Event(PeerEvent::DialFailed { .. })
         ));
     }
 }

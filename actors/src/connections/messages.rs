@@ -21,6 +21,15 @@ pub enum PeerEvent {
         /// The peer.
         peer: PeerId,
     },
+    /// A dial failed (Discovery backs off on such peers).
+    DialFailed {
+        /// The peer expected, if known.
+        peer: Option<PeerId>,
+        /// The address dialled.
+        address: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Dial `address`; if `peer` is given the server must prove that identity.
@@ -123,15 +132,6 @@ pub enum Output {
     },
     /// Tell subscribers.
     Event(PeerEvent),
-    /// A dial failed (Discovery backs off on such peers).
-    DialFailed {
-        /// The address.
-        address: String,
-        /// The peer expected, if any.
-        expected: Option<PeerId>,
-        /// Why.
-        reason: String,
-    },
     /// Answer to [`Input::ActivePeers`].
     Peers(Vec<PeerId>),
 }

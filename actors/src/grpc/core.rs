@@ -20,8 +20,6 @@ pub struct Limits {
     pub max_concurrent_fetches_per_peer: usize,
     /// FetchCommits and FetchBlocks running at once in total.
     pub max_concurrent_fetches: usize,
-    /// Most peers returned by GetKnownPeers.
-    pub max_peers_to_send: usize,
 }
 
 impl Default for Limits {
@@ -32,7 +30,6 @@ impl Default for Limits {
             max_fetch_response_bytes: 4 << 20,
             max_concurrent_fetches_per_peer: 4,
             max_concurrent_fetches: 64,
-            max_peers_to_send: 200,
         }
     }
 }

@@ -2,7 +2,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::{Addr, MailboxError};
-use bytes::Bytes;
 use soma_store::ConsensusStore;
 use soma_types::{BlockRef, ChainId, CommitRef, SignedNodeInfo, codec};
 use soma_wire::convert::{Availability, ConvertError};
@@ -16,6 +15,7 @@ use super::actor::GrpcAdapter;
 use super::core::Limits;
 use super::messages::{Admission, Call, CallMsg, Work};
 use super::serve;
+use crate::discovery::{Discovery, ExchangeInfo};
 
 /// Chunks of a FetchBlocks stream buffered ahead of the client.
 const STREAM_BUFFER: usize = 2;
@@ -25,34 +25,32 @@ const STREAM_BUFFER: usize = 2;
 #[derive(Clone)]
 pub struct P2pService {
     adapter: Addr<GrpcAdapter>,
+    discovery: Addr<Discovery>,
     store: Arc<dyn ConsensusStore>,
     chain_id: ChainId,
     genesis: CommitRef,
-    own_info: Bytes,
     limits: Limits,
     timeout: Duration,
 }
 
 impl P2pService {
-    /// A service answering for the node whose store is `store`.
-    ///
-    /// `own_info` is the node's encoded `SignedNodeInfo`; `timeout` bounds
-    /// the wait for the adapter.
+    /// A service answering for the node whose store is `store`;
+    /// `timeout` bounds the wait for the actors.
     pub fn new(
         adapter: Addr<GrpcAdapter>,
+        discovery: Addr<Discovery>,
         store: Arc<dyn ConsensusStore>,
         chain_id: ChainId,
         genesis: CommitRef,
-        own_info: Bytes,
         limits: Limits,
         timeout: Duration,
     ) -> Self {
         P2pService {
             adapter,
+            discovery,
             store,
             chain_id,
             genesis,
-            own_info,
             limits,
             timeout,
         }
@@ -104,9 +102,22 @@ impl P2p for P2pService {
             .map_err(|e| Status::invalid_argument(format!("own_info: {e}")))?;
         }
         self.admit(&request, Call::KnownPeers).await?;
+        let caller = match caller(&request) {
+            Caller::Peer(p) => Some(p),
+            Caller::Anonymous => None,
+        };
+        let exchanged = self
+            .discovery
+            .send(ExchangeInfo {
+                caller,
+                info: request.into_inner().own_info,
+            })
+            .timeout(self.timeout)
+            .await
+            .map_err(mailbox_status)??;
         Ok(Response::new(proto::GetKnownPeersResponse {
-            own_info: self.own_info.clone(),
-            known_peers: Vec::new(),
+            own_info: exchanged.own_info,
+            known_peers: exchanged.known_peers,
         }))
     }
 

@@ -2,11 +2,8 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use actix::Actor;
-use bytes::Bytes;
 use soma_store::ConsensusStore;
-use soma_types::{
-    ChainId, Committee, KeyPair, NodeInfo, PeerId, SignedNodeInfo, codec, genesis_commit,
-};
+use soma_types::{ChainId, Committee, KeyPair, NodeInfo, PeerId, SignedNodeInfo, genesis_commit};
 use soma_wire::proto::p2p_server::P2pServer;
 use soma_wire::tls::{self, AccessPolicy, NodeIdentity};
 use tokio::sync::{broadcast, oneshot};
@@ -14,6 +11,7 @@ use tokio::sync::{broadcast, oneshot};
 use super::config::P2pConfig;
 use super::handle::{Actors, Inner, P2pHandle, Running};
 use crate::connections::Connections;
+use crate::discovery::{self, Discovery};
 use crate::grpc::{GrpcAdapter, P2pService};
 use crate::peer_heights::{self, PeerHeights};
 use crate::replay::Recorder;
@@ -163,21 +161,34 @@ impl P2pBuilder {
         }
 
         let seed = config.seed.unwrap_or_else(rand::random);
-        let (actors, system, actor_thread, actors_stopped) = start_actors(
-            &config,
+        let (events, _) = broadcast::channel(config.peer_event_broadcast_capacity.max(1));
+        let discovery = discovery::Init {
+            config: config.discovery.clone(),
+            local: peer_id,
+            access: config.access,
+            allowlist: config.allowlist.clone(),
+            seeds: config.seed_peers.clone(),
+            seed,
+        };
+        let node = NodeParts {
             chain_id,
             seed,
             committees,
-            identity.clone(),
-            runtime.clone(),
-        )?;
+            identity: identity.clone(),
+            runtime: runtime.clone(),
+            events: events.clone(),
+            discovery,
+            key: network_key,
+            addresses: own_info.info.addresses.clone(),
+        };
+        let (actors, system, actor_thread, actors_stopped) = start_actors(&config, node)?;
 
         let service = P2pService::new(
             actors.adapter.clone(),
+            actors.discovery.clone(),
             store.clone(),
             chain_id,
             genesis_commit(&genesis).reference(),
-            Bytes::from(codec::encode(&own_info)),
             config.grpc.clone(),
             config.timeout,
         );
@@ -217,6 +228,7 @@ impl P2pBuilder {
 
         let (commits, _) = broadcast::channel(config.synced_commit_broadcast_capacity.max(1));
         Ok(P2pHandle::from_inner(Inner {
+            events,
             peer_id,
             local_addr,
             chain_id,
@@ -245,15 +257,21 @@ type Started = (
     oneshot::Receiver<()>,
 );
 
-/// Starts the actors in an actix System on a thread of their own.
-fn start_actors(
-    config: &P2pConfig,
+/// What the actors of one node are made from, besides the configuration.
+struct NodeParts {
     chain_id: ChainId,
     seed: u64,
     committees: Vec<Committee>,
     identity: NodeIdentity,
     runtime: tokio::runtime::Handle,
-) -> Result<Started, StartError> {
+    events: broadcast::Sender<crate::connections::PeerEvent>,
+    discovery: discovery::Init,
+    key: KeyPair,
+    addresses: Vec<String>,
+}
+
+/// Starts the actors in an actix System on a thread of their own.
+fn start_actors(config: &P2pConfig, node: NodeParts) -> Result<Started, StartError> {
     let config = config.clone();
     let (tx, rx) = std::sync::mpsc::channel();
     let (stopped_tx, stopped_rx) = oneshot::channel();
@@ -262,6 +280,17 @@ fn start_actors(
         .spawn(move || {
             let system = actix_rt::System::new();
             let started = system.block_on(async move {
+                let NodeParts {
+                    chain_id,
+                    seed,
+                    committees,
+                    identity,
+                    runtime,
+                    events,
+                    discovery,
+                    key,
+                    addresses,
+                } = node;
                 let capacity = config.mailbox_capacity;
                 let heights = PeerHeights::new(
                     peer_heights::Config {
@@ -284,9 +313,22 @@ fn start_actors(
                 let connections = Connections::new(
                     config.connections.clone(),
                     identity,
-                    runtime,
+                    runtime.clone(),
+                    events,
                     capacity,
                     Recorder::from_env("connections"),
+                )
+                .start();
+                let discovery = Discovery::new(
+                    discovery,
+                    key,
+                    addresses,
+                    connections.clone(),
+                    verifier.clone(),
+                    runtime,
+                    config.timeout,
+                    capacity,
+                    Recorder::from_env("discovery"),
                 )
                 .start();
                 let adapter = GrpcAdapter::new(
@@ -301,6 +343,7 @@ fn start_actors(
                         heights,
                         verifier,
                         connections,
+                        discovery,
                         adapter,
                     },
                     actix_rt::System::current(),

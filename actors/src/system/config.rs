@@ -3,6 +3,7 @@ use std::time::Duration;
 
 use soma_types::{Access, PeerId};
 
+use crate::discovery::{self, SeedPeer};
 use crate::{connections, grpc, verifier};
 
 /// Settings of a P2P node. Every queue, buffer and response is bounded by one
@@ -17,6 +18,8 @@ pub struct P2pConfig {
     pub access: Access,
     /// Peers always allowed (and, in private mode, the only ones).
     pub allowlist: Vec<PeerId>,
+    /// Peers dialled when no other is connected.
+    pub seed_peers: Vec<SeedPeer>,
     /// Time allowed for one request to a peer, and for the adapter to answer.
     pub timeout: Duration,
     /// Capacity of each actor's mailbox.
@@ -32,6 +35,10 @@ pub struct P2pConfig {
     pub verifier: verifier::Config,
     /// Outbound connections.
     pub connections: connections::Config,
+    /// Peer discovery.
+    pub discovery: discovery::Config,
+    /// Capacity of the peer-event broadcast of the handle.
+    pub peer_event_broadcast_capacity: usize,
     /// Seed of the actors' randomness; `None` draws one.
     pub seed: Option<u64>,
 }
@@ -43,6 +50,7 @@ impl Default for P2pConfig {
             external_addresses: Vec::new(),
             access: Access::Public,
             allowlist: Vec::new(),
+            seed_peers: Vec::new(),
             timeout: Duration::from_secs(10),
             mailbox_capacity: 1024,
             ban_duration: Duration::from_secs(60),
@@ -50,6 +58,8 @@ impl Default for P2pConfig {
             grpc: grpc::Limits::default(),
             verifier: verifier::Config::default(),
             connections: connections::Config::default(),
+            discovery: discovery::Config::default(),
+            peer_event_broadcast_capacity: 256,
             seed: None,
         }
     }

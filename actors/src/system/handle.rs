@@ -10,7 +10,8 @@ use soma_types::{
 };
 use tokio::sync::{broadcast, oneshot};
 
-use crate::connections::{ActivePeers, Connect, Connections};
+use crate::connections::{ActivePeers, Connect, Connections, PeerEvent};
+use crate::discovery::{Discovery, KnownPeers};
 use crate::grpc::GrpcAdapter;
 use crate::peer_heights::{PeerHeights, PeerView, Snapshot};
 use crate::verifier::Verifier;
@@ -24,6 +25,7 @@ pub(super) struct Actors {
     pub(super) heights: Addr<PeerHeights>,
     pub(super) verifier: Addr<Verifier>,
     pub(super) connections: Addr<Connections>,
+    pub(super) discovery: Addr<Discovery>,
     pub(super) adapter: Addr<GrpcAdapter>,
 }
 
@@ -38,6 +40,7 @@ pub(super) struct Running {
 }
 
 pub(super) struct Inner {
+    pub(super) events: broadcast::Sender<PeerEvent>,
     pub(super) peer_id: PeerId,
     pub(super) local_addr: SocketAddr,
     pub(super) chain_id: ChainId,
@@ -250,6 +253,24 @@ impl P2pHandle {
             .map_err(mailbox)
     }
 
+    /// The peers discovery knows, with the newest signed info of each.
+    pub async fn known_peers(&self) -> Result<Vec<SignedNodeInfo>, P2pError> {
+        self.inner
+            .actors
+            .discovery
+            .send(KnownPeers)
+            .timeout(self.inner.timeout)
+            .await
+            .map_err(mailbox)
+    }
+
+    /// Every peer event from now on: connections, disconnections, failed
+    /// dials. A subscriber more than `peer_event_broadcast_capacity` behind
+    /// gets `RecvError::Lagged(n)`.
+    pub fn subscribe_peer_events(&self) -> broadcast::Receiver<PeerEvent> {
+        self.inner.events.subscribe()
+    }
+
     /// What the node knows of each peer's chain.
     pub async fn peer_heights(&self) -> Result<Vec<PeerView>, P2pError> {
         self.inner
@@ -279,6 +300,10 @@ impl P2pHandle {
                 ActorHealth {
                     name: "connections",
                     alive: a.connections.connected(),
+                },
+                ActorHealth {
+                    name: "discovery",
+                    alive: a.discovery.connected(),
                 },
                 ActorHealth {
                     name: "grpc_adapter",

@@ -1,0 +1,105 @@
+use actix::Message;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use soma_types::{PeerId, SignedNodeInfo};
+
+/// Inputs of the Discovery core.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Input {
+    /// The interval elapsed; `unix_ms` is the wall clock, for expiry.
+    Tick {
+        /// Milliseconds since the Unix epoch.
+        unix_ms: u64,
+    },
+    /// Connections holds a connection to `peer`.
+    Connected {
+        /// The peer.
+        peer: PeerId,
+    },
+    /// The connection to `peer` is gone.
+    Disconnected {
+        /// The peer.
+        peer: PeerId,
+    },
+    /// A dial failed.
+    DialFailed {
+        /// The peer expected, if known.
+        peer: Option<PeerId>,
+        /// The address dialled.
+        address: String,
+    },
+    /// Infos received from a peer, already verified.
+    Learned {
+        /// The infos.
+        infos: Vec<SignedNodeInfo>,
+    },
+    /// A GetKnownPeers call to answer.
+    Serve {
+        /// Correlation id.
+        id: u64,
+        /// The authenticated caller, `None` if anonymous.
+        caller: Option<PeerId>,
+        /// The caller's own info, verified, if it sent a valid one.
+        info: Option<SignedNodeInfo>,
+    },
+    /// The handle asks for the known peers.
+    KnownPeers,
+}
+
+/// Outputs of the Discovery core.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Output {
+    /// Ask `peer` for the peers it knows.
+    Query {
+        /// The peer.
+        peer: PeerId,
+    },
+    /// Dial `address`, expecting `peer` if known.
+    Dial {
+        /// The peer, if known.
+        peer: Option<PeerId>,
+        /// The address.
+        address: String,
+    },
+    /// Answer GetKnownPeers call `id` with these infos.
+    Answer {
+        /// Correlation id.
+        id: u64,
+        /// A random sample of known infos.
+        infos: Vec<SignedNodeInfo>,
+    },
+    /// Refuse GetKnownPeers call `id`: the caller exceeded its rate.
+    RateLimited {
+        /// Correlation id.
+        id: u64,
+    },
+    /// Answer to [`Input::KnownPeers`].
+    Known(Vec<SignedNodeInfo>),
+}
+
+/// A GetKnownPeers call, from the gRPC service: the caller and the encoded
+/// info it sent (empty if none).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Exchanged, tonic::Status>")]
+pub struct ExchangeInfo {
+    /// The authenticated caller, `None` if anonymous.
+    pub caller: Option<PeerId>,
+    /// The caller's encoded `SignedNodeInfo`, empty if none.
+    pub info: Bytes,
+}
+
+/// The answer to a GetKnownPeers call, encoded.
+#[derive(Clone, Debug)]
+pub struct Exchanged {
+    /// Our own signed info.
+    pub own_info: Bytes,
+    /// Infos of peers we know.
+    pub known_peers: Vec<Bytes>,
+}
+
+/// The peers Discovery knows, newest info per peer.
+#[derive(Debug, Message)]
+#[rtype(result = "Vec<SignedNodeInfo>")]
+pub struct KnownPeers;
