@@ -530,83 +530,61 @@ fn fetched_blocks_named_by_commits_pass() {
     assert_eq!(expected.received(), n);
 }
 
+/// Checks `blocks` as the fetched blocks of the commits in `range`.
+fn check_fetched(
+    chain: &Chain,
+    range: std::ops::RangeInclusive<u64>,
+    blocks: Vec<UnverifiedBlock>,
+    signatures: bool,
+) -> (ExpectedBlocks, Result<Vec<VerifiedBlock>, Error>) {
+    let mut expected = ExpectedBlocks::new(&trusted_commits(chain, range));
+    let result = verify_fetched_blocks(
+        &mut expected,
+        blocks,
+        chain.genesis(),
+        &Limits::default(),
+        signatures,
+    );
+    (expected, result)
+}
+
 #[test]
 fn fetched_block_that_no_commit_names_fails() {
     let chain = chain();
-    let commits = trusted_commits(&chain, 1..=10);
-    let mut expected = ExpectedBlocks::new(&commits);
     let stranger = chain.blocks_of(15)[0].to_unverified();
     let r = stranger.reference();
     let blocks = corrupt::swap_block(&chain.fetch_blocks(1..=10), 3, stranger);
-    assert_eq!(
-        verify_fetched_blocks(
-            &mut expected,
-            blocks,
-            chain.genesis(),
-            &Limits::default(),
-            true
-        )
-        .err(),
-        Some(Error::UnexpectedBlock(r))
-    );
+    let (_, result) = check_fetched(&chain, 1..=10, blocks, true);
+    assert_eq!(result.err(), Some(Error::UnexpectedBlock(r)));
 }
 
 #[test]
 fn tampered_fetched_block_fails_even_without_signature_checks() {
     let chain = chain();
-    let commits = trusted_commits(&chain, 1..=10);
-    let mut expected = ExpectedBlocks::new(&commits);
     let honest = chain.blocks_of(4)[1].clone();
     let tampered = corrupt::tamper(&honest, |b| b.timestamp_ms += 1);
     let blocks = corrupt::swap_block(&chain.fetch_blocks(1..=10), 0, tampered);
-    assert!(matches!(
-        verify_fetched_blocks(
-            &mut expected,
-            blocks,
-            chain.genesis(),
-            &Limits::default(),
-            false
-        ),
-        Err(Error::UnexpectedBlock(_))
-    ));
+    let (_, result) = check_fetched(&chain, 1..=10, blocks, false);
+    assert!(matches!(result, Err(Error::UnexpectedBlock(_))));
 }
 
 #[test]
 fn fetched_block_arriving_twice_fails() {
     let chain = chain();
-    let commits = trusted_commits(&chain, 1..=10);
-    let mut expected = ExpectedBlocks::new(&commits);
     let mut blocks = chain.fetch_blocks(1..=10);
     blocks.push(blocks[2].clone());
     let r = blocks[2].reference();
-    assert_eq!(
-        verify_fetched_blocks(
-            &mut expected,
-            blocks,
-            chain.genesis(),
-            &Limits::default(),
-            true
-        )
-        .err(),
-        Some(Error::DuplicateBlock(r))
-    );
+    let (_, result) = check_fetched(&chain, 1..=10, blocks, true);
+    assert_eq!(result.err(), Some(Error::DuplicateBlock(r)));
 }
 
 #[test]
 fn missing_fetched_block_fails() {
     let chain = chain();
-    let commits = trusted_commits(&chain, 1..=10);
-    let mut expected = ExpectedBlocks::new(&commits);
     let mut blocks = chain.fetch_blocks(1..=10);
     let dropped = blocks.remove(5).reference();
-    verify_fetched_blocks(
-        &mut expected,
-        blocks,
-        chain.genesis(),
-        &Limits::default(),
-        true,
-    )
-    .unwrap();
+    let (expected, result) = check_fetched(&chain, 1..=10, blocks, true);
+    result.unwrap();
     assert_eq!(
         expected.finish(),
         Err(Error::MissingBlocks {

@@ -479,3 +479,61 @@ async fn shutdown_closes_the_port_joins_threads_and_is_idempotent() {
     a.shutdown().await;
     assert!(!a.health().running);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standard_health_and_reflection_services_answer_anonymous_callers() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let chain = chain(32);
+    let a = validator(&chain, 1);
+    let (channel, _) = tls::connect(
+        &a.local_addr().to_string(),
+        None,
+        None,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let mut health = HealthClient::new(channel.clone());
+    for service in ["", "soma.p2p.v1.P2p"] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(
+            status,
+            ServingStatus::Serving as i32,
+            "health of {service:?}"
+        );
+    }
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = reflection
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection answer");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(names.contains(&"soma.p2p.v1.P2p".to_string()), "{names:?}");
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_string()),
+        "{names:?}"
+    );
+    a.shutdown().await;
+}

@@ -333,3 +333,304 @@ impl DiscoveryCore {
         vec![Output::Answer { id, infos }]
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use soma_types::{KeyPair, NodeInfo};
+
+    use super::*;
+
+    const NOW_MS: u64 = 1_700_000_000_000;
+    const DAY_MS: u64 = 24 * 60 * 60 * 1000;
+
+    fn key(n: u8) -> KeyPair {
+        KeyPair::from_seed([n; 32])
+    }
+
+    fn id(n: u8) -> PeerId {
+        PeerId::from(key(n).public())
+    }
+
+    fn info(n: u8, timestamp_ms: u64) -> SignedNodeInfo {
+        SignedNodeInfo::sign(
+            NodeInfo {
+                peer_id: id(n),
+                addresses: vec![format!("10.0.0.{n}:7000")],
+                timestamp_ms,
+                access: Access::Public,
+            },
+            &key(n),
+        )
+    }
+
+    fn init(target: usize) -> Init {
+        let mut init = Init::new(id(0), 9);
+        init.config.target_concurrent_connections = target;
+        init
+    }
+
+    fn core(target: usize) -> DiscoveryCore {
+        DiscoveryCore::new(init(target))
+    }
+
+    fn learn(c: &mut DiscoveryCore, infos: Vec<SignedNodeInfo>) {
+        c.handle(Time(0), Input::Learned { infos });
+    }
+
+    fn known(c: &mut DiscoveryCore) -> Vec<PeerId> {
+        match c.handle(Time(0), Input::KnownPeers).pop() {
+            Some(Output::Known(k)) => k.iter().map(|i| i.info.peer_id).collect(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn tick(c: &mut DiscoveryCore, now: Time, unix_ms: u64) -> Vec<Output> {
+        c.handle(now, Input::Tick { unix_ms })
+    }
+
+    fn dials(out: &[Output]) -> Vec<(Option<PeerId>, String)> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Dial { peer, address } => Some((*peer, address.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn keeps_the_newest_info_per_peer() {
+        let mut c = core(8);
+        learn(&mut c, vec![info(1, NOW_MS), info(1, NOW_MS - 5)]);
+        let Some(Output::Known(k)) = c.handle(Time(0), Input::KnownPeers).pop() else {
+            panic!()
+        };
+        assert_eq!(k.len(), 1);
+        assert_eq!(k[0].info.timestamp_ms, NOW_MS);
+        learn(&mut c, vec![info(1, NOW_MS + 10)]);
+        let Some(Output::Known(k)) = c.handle(Time(0), Input::KnownPeers).pop() else {
+            panic!()
+        };
+        assert_eq!(k[0].info.timestamp_ms, NOW_MS + 10);
+    }
+
+    #[test]
+    fn never_learns_itself_and_only_allowlisted_peers_when_private() {
+        let mut c = core(8);
+        learn(&mut c, vec![info(0, NOW_MS)]);
+        assert!(known(&mut c).is_empty());
+
+        let mut private = init(8);
+        private.access = Access::Private;
+        private.allowlist = vec![id(2)];
+        let mut c = DiscoveryCore::new(private);
+        learn(&mut c, vec![info(1, NOW_MS), info(2, NOW_MS)]);
+        assert_eq!(known(&mut c), vec![id(2)]);
+    }
+
+    #[test]
+    fn expired_infos_are_dropped_at_the_tick() {
+        let mut c = core(0);
+        learn(
+            &mut c,
+            vec![info(1, NOW_MS - DAY_MS), info(2, NOW_MS - DAY_MS - 1)],
+        );
+        tick(&mut c, Time(0), NOW_MS);
+        assert_eq!(known(&mut c), vec![id(1)]);
+    }
+
+    #[test]
+    fn known_peers_are_bounded_dropping_the_oldest() {
+        let mut i = init(0);
+        i.config.max_known_peers = 2;
+        let mut c = DiscoveryCore::new(i);
+        learn(
+            &mut c,
+            vec![info(1, NOW_MS - 10), info(2, NOW_MS - 5), info(3, NOW_MS)],
+        );
+        let mut k = known(&mut c);
+        k.sort();
+        let mut want = vec![id(2), id(3)];
+        want.sort();
+        assert_eq!(k, want);
+        // An info older than all kept ones does not get in.
+        learn(&mut c, vec![info(4, NOW_MS - 100)]);
+        assert!(!known(&mut c).contains(&id(4)));
+    }
+
+    #[test]
+    fn never_dials_a_connected_or_pending_peer() {
+        let mut c = core(8);
+        learn(&mut c, vec![info(1, NOW_MS), info(2, NOW_MS)]);
+        c.handle(Time(0), Input::Connected { peer: id(1) });
+        let out = tick(&mut c, Time(0), NOW_MS);
+        assert_eq!(
+            dials(&out),
+            vec![(Some(id(2)), "10.0.0.2:7000".to_string())]
+        );
+        // Still pending: not dialled again.
+        assert!(dials(&tick(&mut c, Time(100), NOW_MS)).is_empty());
+        // A pending dial with no answer is forgotten after the timeout.
+        let later = Time(30_000);
+        assert_eq!(dials(&tick(&mut c, later, NOW_MS)).len(), 1);
+    }
+
+    #[test]
+    fn dials_up_to_the_target() {
+        let mut c = core(2);
+        learn(&mut c, (1..=5).map(|n| info(n, NOW_MS)).collect());
+        c.handle(Time(0), Input::Connected { peer: id(1) });
+        assert_eq!(dials(&tick(&mut c, Time(0), NOW_MS)).len(), 1);
+    }
+
+    #[test]
+    fn seeds_are_dialled_only_when_isolated() {
+        let mut i = init(8);
+        i.seeds = vec![SeedPeer {
+            peer_id: None,
+            address: "seed:1".into(),
+        }];
+        let mut c = DiscoveryCore::new(i);
+        assert_eq!(
+            dials(&tick(&mut c, Time(0), NOW_MS)),
+            vec![(None, "seed:1".to_string())]
+        );
+        // Pending: no second dial.
+        assert!(dials(&tick(&mut c, Time(10), NOW_MS)).is_empty());
+        c.handle(Time(20), Input::Connected { peer: id(7) });
+        c.handle(
+            Time(20),
+            Input::DialFailed {
+                peer: None,
+                address: "seed:1".into(),
+            },
+        );
+        // Connected to someone: seeds are left alone.
+        assert!(dials(&tick(&mut c, Time(60_000), NOW_MS)).is_empty());
+        c.handle(Time(60_000), Input::Disconnected { peer: id(7) });
+        assert_eq!(dials(&tick(&mut c, Time(120_000), NOW_MS)).len(), 1);
+    }
+
+    #[test]
+    fn failed_dials_back_off_exponentially() {
+        let mut c = core(8);
+        learn(&mut c, vec![info(1, NOW_MS)]);
+        let address = "10.0.0.1:7000".to_string();
+        let fail = |c: &mut DiscoveryCore, at: u64| {
+            c.handle(
+                Time(at),
+                Input::DialFailed {
+                    peer: Some(id(1)),
+                    address: address.clone(),
+                },
+            );
+        };
+        assert_eq!(dials(&tick(&mut c, Time(0), NOW_MS)).len(), 1);
+        fail(&mut c, 0);
+        assert!(dials(&tick(&mut c, Time(999), NOW_MS)).is_empty());
+        assert_eq!(dials(&tick(&mut c, Time(1_000), NOW_MS)).len(), 1);
+        fail(&mut c, 1_000);
+        assert!(dials(&tick(&mut c, Time(2_999), NOW_MS)).is_empty());
+        assert_eq!(dials(&tick(&mut c, Time(3_000), NOW_MS)).len(), 1);
+    }
+
+    #[test]
+    fn allowlisted_peers_are_dialled_first_and_past_the_target() {
+        let mut i = init(1);
+        i.allowlist = vec![id(5), id(6)];
+        let mut c = DiscoveryCore::new(i);
+        learn(&mut c, (1..=6).map(|n| info(n, NOW_MS)).collect());
+        let got: Vec<_> = dials(&tick(&mut c, Time(0), NOW_MS))
+            .into_iter()
+            .map(|(p, _)| p.unwrap())
+            .collect();
+        assert_eq!(got, vec![id(5), id(6)]);
+    }
+
+    #[test]
+    fn queries_at_most_peers_to_query_connected_peers() {
+        let mut c = core(0);
+        for n in 1..=5 {
+            c.handle(Time(0), Input::Connected { peer: id(n) });
+        }
+        let queries = tick(&mut c, Time(0), NOW_MS)
+            .iter()
+            .filter(|o| matches!(o, Output::Query { .. }))
+            .count();
+        assert_eq!(queries, 3);
+    }
+
+    #[test]
+    fn serving_remembers_only_the_callers_own_info_and_is_rate_limited() {
+        let mut i = init(0);
+        i.config.get_known_peers_rate_limit = 2;
+        let mut c = DiscoveryCore::new(i);
+        learn(&mut c, vec![info(1, NOW_MS)]);
+        // Peer 2 sends peer 3's info as its own: not remembered.
+        let out = c.handle(
+            Time(0),
+            Input::Serve {
+                id: 1,
+                caller: Some(id(2)),
+                info: Some(info(3, NOW_MS)),
+            },
+        );
+        assert!(matches!(&out[0], Output::Answer { id: 1, infos } if infos.len() == 1));
+        assert!(!known(&mut c).contains(&id(3)));
+        // Its own info is (connect-back), and it is not sent back to itself.
+        let out = c.handle(
+            Time(0),
+            Input::Serve {
+                id: 2,
+                caller: Some(id(2)),
+                info: Some(info(2, NOW_MS)),
+            },
+        );
+        assert!(known(&mut c).contains(&id(2)));
+        let Output::Answer { infos, .. } = &out[0] else {
+            panic!()
+        };
+        assert!(infos.iter().all(|i| i.info.peer_id != id(2)));
+        // Third call this interval: refused; the next interval resets.
+        let serve = |c: &mut DiscoveryCore, id| {
+            c.handle(
+                Time(0),
+                Input::Serve {
+                    id,
+                    caller: Some(self::id(2)),
+                    info: None,
+                },
+            )
+        };
+        assert_eq!(serve(&mut c, 3), vec![Output::RateLimited { id: 3 }]);
+        tick(&mut c, Time(5_000), NOW_MS);
+        assert!(matches!(serve(&mut c, 4)[0], Output::Answer { .. }));
+    }
+
+    #[test]
+    fn answers_are_a_bounded_random_sample() {
+        let mut i = init(0);
+        i.config.max_peers_to_send = 3;
+        let mut c = DiscoveryCore::new(i);
+        learn(&mut c, (1..=10).map(|n| info(n, NOW_MS)).collect());
+        let serve = |c: &mut DiscoveryCore, id| match c
+            .handle(
+                Time(0),
+                Input::Serve {
+                    id,
+                    caller: None,
+                    info: None,
+                },
+            )
+            .pop()
+        {
+            Some(Output::Answer { infos, .. }) => infos,
+            other => panic!("{other:?}"),
+        };
+        let a = serve(&mut c, 1);
+        assert_eq!(a.len(), 3);
+        let samples: std::collections::HashSet<Vec<PeerId>> = (2..8)
+            .map(|id| serve(&mut c, id).iter().map(|i| i.info.peer_id).collect())
+            .collect();
+        assert!(samples.len() > 1, "every sample was the same");
+    }
+}

@@ -6,7 +6,7 @@ use soma_store::ConsensusStore;
 use soma_types::{BlockRef, ChainId, CommitRef, SignedNodeInfo, codec};
 use soma_wire::convert::{Availability, ConvertError};
 use soma_wire::proto::{self, p2p_server::P2p};
-use soma_wire::tls::{Caller, caller};
+use soma_wire::tls::caller;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -57,10 +57,7 @@ impl P2pService {
     }
 
     async fn admit<T>(&self, request: &Request<T>, call: Call) -> Result<Admission, Status> {
-        let caller = match caller(request) {
-            Caller::Peer(p) => Some(p),
-            Caller::Anonymous => None,
-        };
+        let caller = caller(request).peer_id();
         self.adapter
             .send(CallMsg { caller, call })
             .timeout(self.timeout)
@@ -102,10 +99,7 @@ impl P2p for P2pService {
             .map_err(|e| Status::invalid_argument(format!("own_info: {e}")))?;
         }
         self.admit(&request, Call::KnownPeers).await?;
-        let caller = match caller(&request) {
-            Caller::Peer(p) => Some(p),
-            Caller::Anonymous => None,
-        };
+        let caller = caller(&request).peer_id();
         let exchanged = self
             .discovery
             .send(ExchangeInfo {

@@ -27,6 +27,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::Core;
+use crate::connections::ConnectionsCore;
+use crate::discovery::DiscoveryCore;
+use crate::grpc::GrpcAdapterCore;
 use crate::peer_heights::PeerHeightsCore;
 use crate::verifier::VerifierCore;
 
@@ -118,6 +121,9 @@ pub fn replay_text(text: &str, rewrite: bool) -> Result<(Report, String), Replay
     match header.actor.as_str() {
         PeerHeightsCore::NAME => replay_core::<PeerHeightsCore>(&lines, rewrite),
         VerifierCore::NAME => replay_core::<VerifierCore>(&lines, rewrite),
+        DiscoveryCore::NAME => replay_core::<DiscoveryCore>(&lines, rewrite),
+        ConnectionsCore::NAME => replay_core::<ConnectionsCore>(&lines, rewrite),
+        GrpcAdapterCore::NAME => replay_core::<GrpcAdapterCore>(&lines, rewrite),
         other => Err(ReplayError::UnknownActor(other.to_string())),
     }
 }

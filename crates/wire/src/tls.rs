@@ -280,9 +280,19 @@ impl NodeIdentity {
 pub enum Caller {
     /// A caller that proved this identity.
     Peer(PeerId),
-    /// A caller that presented no certificate (only possible in
-    /// [`Access::Public`]).
+    /// A caller that presented no certificate, or one without a binding
+    /// (only possible in [`Access::Public`]).
     Anonymous,
+}
+
+impl Caller {
+    /// The caller's peer id, `None` if anonymous.
+    pub fn peer_id(self) -> Option<PeerId> {
+        match self {
+            Caller::Peer(p) => Some(p),
+            Caller::Anonymous => None,
+        }
+    }
 }
 
 /// Server-side admission rule.

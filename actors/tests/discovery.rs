@@ -1,0 +1,541 @@
+//! Discovery between handles in one process on 127.0.0.1 with ephemeral
+//! ports, over real mutual TLS and real gRPC: seeds, peer exchange,
+//! convergence, private nodes, forged infos, and peers that go away.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use soma_actors::connections::{self, PeerEvent};
+use soma_actors::discovery::{self, SeedPeer};
+use soma_actors::{P2pBuilder, P2pConfig, P2pHandle};
+use soma_chain::{Chain, ChainBuilder, ChainConfig};
+use soma_store::MemStore;
+use soma_types::{Access, KeyPair, NodeInfo, PeerId, SignedNodeInfo, codec};
+use soma_wire::proto::{self, p2p_server::P2p, p2p_server::P2pServer};
+use soma_wire::tls::{self, AccessPolicy, NodeIdentity};
+use tokio::sync::broadcast;
+use tonic::{Request, Response, Status};
+
+/// Milliseconds between discovery rounds in these tests.
+const INTERVAL_MS: u64 = 200;
+
+/// Bounds every wait for something that should happen.
+const WAIT: Duration = Duration::from_secs(30);
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .try_init();
+}
+
+fn chain() -> Chain {
+    ChainBuilder::new(ChainConfig::validators(4)).build(5)
+}
+
+/// Short rounds and backoffs, a modest connection target.
+fn config(seed_peers: Vec<SeedPeer>) -> P2pConfig {
+    P2pConfig {
+        seed_peers,
+        timeout: Duration::from_secs(5),
+        discovery: discovery::Config {
+            interval_ms: INTERVAL_MS,
+            peers_to_query: 3,
+            target_concurrent_connections: 4,
+            dial_backoff_ms: INTERVAL_MS,
+            max_dial_backoff_ms: 5 * INTERVAL_MS,
+            pending_dial_timeout_ms: 5_000,
+            ..discovery::Config::default()
+        },
+        connections: connections::Config {
+            connect_timeout_ms: 5_000,
+            ..connections::Config::default()
+        },
+        ..P2pConfig::default()
+    }
+}
+
+fn start(chain: &Chain, config: P2pConfig, key: u8) -> P2pHandle {
+    P2pBuilder::new(
+        config,
+        KeyPair::from_seed([key; 32]),
+        chain.genesis().clone(),
+        Arc::new(MemStore::new(chain.genesis())),
+    )
+    .start()
+    .expect("node starts")
+}
+
+fn seed(node: &P2pHandle) -> SeedPeer {
+    SeedPeer {
+        peer_id: Some(node.peer_id()),
+        address: node.local_addr().to_string(),
+    }
+}
+
+fn peer_id(key: u8) -> PeerId {
+    PeerId::from(KeyPair::from_seed([key; 32]).public())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+async fn known(node: &P2pHandle) -> BTreeSet<PeerId> {
+    node.known_peers()
+        .await
+        .expect("discovery answers")
+        .into_iter()
+        .map(|i| i.info.peer_id)
+        .collect()
+}
+
+async fn knows_all(node: &P2pHandle, others: &[PeerId]) -> bool {
+    let known = known(node).await;
+    others.iter().all(|p| known.contains(p))
+}
+
+async fn wait_for<F: std::future::Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
+    let deadline = Instant::now() + WAIT;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Reads `events` until one matches, within the deadline.
+async fn wait_for_event(
+    what: &str,
+    events: &mut broadcast::Receiver<PeerEvent>,
+    mut matches: impl FnMut(&PeerEvent) -> bool,
+) -> PeerEvent {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Err(_) => panic!("timed out waiting for {what}"),
+            Ok(Ok(event)) if matches(&event) => return event,
+            Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => {}
+            Ok(Err(broadcast::error::RecvError::Closed)) => panic!("events closed: {what}"),
+        }
+    }
+}
+
+async fn shutdown_all(nodes: &[P2pHandle]) {
+    for node in nodes {
+        node.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_through_one_seed_all_know_each_other() {
+    init_tracing();
+    let chain = chain();
+    let s = start(&chain, config(vec![]), 1);
+    let a = start(&chain, config(vec![seed(&s)]), 2);
+    // B knows the seed only by address: its id comes from the handshake.
+    let b = start(
+        &chain,
+        config(vec![SeedPeer {
+            peer_id: None,
+            address: s.local_addr().to_string(),
+        }]),
+        3,
+    );
+    let nodes = [s, a, b];
+    let ids: Vec<PeerId> = nodes.iter().map(P2pHandle::peer_id).collect();
+    for (i, node) in nodes.iter().enumerate() {
+        let others: Vec<PeerId> = ids.iter().copied().filter(|p| *p != ids[i]).collect();
+        wait_for(&format!("node {i} to know the other two"), || {
+            knows_all(node, &others)
+        })
+        .await;
+        let known = known(node).await;
+        assert!(!known.contains(&ids[i]), "node {i} knows itself");
+        assert_eq!(known.len(), 2, "node {i} knows {known:?}");
+    }
+    // Every info known is the one its peer signed, addresses included.
+    for node in &nodes {
+        for info in node.known_peers().await.unwrap() {
+            let owner = nodes.iter().find(|n| n.peer_id() == info.info.peer_id);
+            let owner = owner.expect("an info of a running node");
+            assert_eq!(info.info.addresses, vec![owner.local_addr().to_string()]);
+        }
+    }
+    for node in &nodes {
+        assert!(node.health().is_healthy());
+    }
+    shutdown_all(&nodes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_nodes_through_one_seed_converge() {
+    init_tracing();
+    const N: usize = 16;
+    // A bound, not a measurement: gossip from one seed takes a few rounds.
+    const MAX_INTERVALS: u32 = 40;
+    let chain = chain();
+    let mut nodes = vec![start(&chain, config(vec![]), 1)];
+    let seed0 = seed(&nodes[0]);
+    let started = Instant::now();
+    for key in 2..=N as u8 {
+        nodes.push(start(&chain, config(vec![seed0.clone()]), key));
+    }
+    let ids: Vec<PeerId> = nodes.iter().map(P2pHandle::peer_id).collect();
+    wait_for("every node to know every other", || async {
+        for (i, node) in nodes.iter().enumerate() {
+            if known(node).await.len() < N - 1 {
+                return false;
+            }
+            let others: Vec<PeerId> = ids.iter().copied().filter(|p| *p != ids[i]).collect();
+            if !knows_all(node, &others).await {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    let elapsed = started.elapsed();
+    let bound = Duration::from_millis(INTERVAL_MS) * MAX_INTERVALS;
+    eprintln!("{N} nodes converged in {elapsed:?} (bound {bound:?})");
+    assert!(
+        elapsed < bound,
+        "{N} nodes took {elapsed:?}, more than {MAX_INTERVALS} intervals"
+    );
+    for (i, node) in nodes.iter().enumerate() {
+        let known = known(node).await;
+        assert_eq!(known.len(), N - 1, "node {i}");
+        assert!(!known.contains(&ids[i]), "node {i} knows itself");
+        // The connection target holds (allowlisted peers aside, none here).
+        let connected = node.connected_peers().await.unwrap();
+        assert!(connected.len() <= 4, "node {i} holds {}", connected.len());
+    }
+    shutdown_all(&nodes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_node_is_reachable_only_by_allowlisted_peers() {
+    init_tracing();
+    let chain = chain();
+    let (a_id, b_id) = (peer_id(2), peer_id(3));
+    let p = start(
+        &chain,
+        P2pConfig {
+            access: Access::Private,
+            allowlist: vec![a_id],
+            ..config(vec![])
+        },
+        1,
+    );
+    let a = start(&chain, config(vec![seed(&p)]), 2);
+    let b = {
+        // Subscribed before its first dial.
+        let b = start(&chain, config(vec![seed(&p)]), 3);
+        assert_eq!(b.peer_id(), b_id);
+        b
+    };
+    let mut b_events = b.subscribe_peer_events();
+
+    // A, allowlisted, gets through: each side learns the other.
+    wait_for("a to connect to p", || async {
+        a.connected_peers().await.unwrap().contains(&p.peer_id())
+    })
+    .await;
+    wait_for("a to learn p", || async {
+        known(&a).await.contains(&p.peer_id())
+    })
+    .await;
+    wait_for("p to learn a", || async { known(&p).await.contains(&a_id) }).await;
+
+    // B is refused at the handshake: its dial of P fails, and it never
+    // holds a connection to P nor learns it.
+    let p_address = p.local_addr().to_string();
+    let failed = wait_for_event(
+        "b's dial of p to fail",
+        &mut b_events,
+        |e| matches!(e, PeerEvent::DialFailed { address, .. } if *address == p_address),
+    )
+    .await;
+    eprintln!("b: {failed:?}");
+    // A second failure shows B retried (after its backoff) and failed again.
+    wait_for_event(
+        "b's second dial of p to fail",
+        &mut b_events,
+        |e| matches!(e, PeerEvent::DialFailed { address, .. } if *address == p_address),
+    )
+    .await;
+    assert!(!b.connected_peers().await.unwrap().contains(&p.peer_id()));
+    assert!(known(&b).await.is_empty());
+    assert!(!known(&p).await.contains(&b_id));
+    // Nothing B went through was ever a connection to P.
+    while let Ok(event) = b_events.try_recv() {
+        assert!(
+            !matches!(event, PeerEvent::Connected { .. }),
+            "b connected: {event:?}"
+        );
+    }
+    // P's known peers are its allowlist at most.
+    assert_eq!(known(&p).await, BTreeSet::from([a_id]));
+    shutdown_all(&[p, a, b]).await;
+}
+
+/// A peer that answers GetKnownPeers with its own valid info and infos of
+/// other peers it made up, and GetCommitAvailability so it stays connected.
+struct Malicious {
+    key: KeyPair,
+    address: String,
+    forged: Vec<SignedNodeInfo>,
+}
+
+impl Malicious {
+    fn own_info(&self) -> SignedNodeInfo {
+        SignedNodeInfo::sign(
+            NodeInfo {
+                peer_id: PeerId::from(self.key.public()),
+                addresses: vec![self.address.clone()],
+                timestamp_ms: now_ms(),
+                access: Access::Public,
+            },
+            &self.key,
+        )
+    }
+}
+
+#[tonic::async_trait]
+impl P2p for Malicious {
+    async fn get_known_peers(
+        &self,
+        _: Request<proto::GetKnownPeersRequest>,
+    ) -> Result<Response<proto::GetKnownPeersResponse>, Status> {
+        Ok(Response::new(proto::GetKnownPeersResponse {
+            own_info: Bytes::from(codec::encode(&self.own_info())),
+            known_peers: self
+                .forged
+                .iter()
+                .map(|i| Bytes::from(codec::encode(i)))
+                .collect(),
+        }))
+    }
+
+    async fn get_commit_availability(
+        &self,
+        _: Request<proto::GetCommitAvailabilityRequest>,
+    ) -> Result<Response<proto::GetCommitAvailabilityResponse>, Status> {
+        Ok(Response::new(
+            proto::GetCommitAvailabilityResponse::default(),
+        ))
+    }
+
+    async fn get_commit_info(
+        &self,
+        _: Request<proto::GetCommitInfoRequest>,
+    ) -> Result<Response<proto::GetCommitInfoResponse>, Status> {
+        Err(Status::unimplemented("malicious"))
+    }
+
+    async fn push_commit(
+        &self,
+        _: Request<proto::PushCommitRequest>,
+    ) -> Result<Response<proto::PushCommitResponse>, Status> {
+        Err(Status::unimplemented("malicious"))
+    }
+
+    async fn fetch_commits(
+        &self,
+        _: Request<proto::FetchCommitsRequest>,
+    ) -> Result<Response<proto::FetchCommitsResponse>, Status> {
+        Err(Status::unimplemented("malicious"))
+    }
+
+    type FetchBlocksStream = tokio_stream::Empty<Result<proto::FetchBlocksResponse, Status>>;
+
+    async fn fetch_blocks(
+        &self,
+        _: Request<proto::FetchBlocksRequest>,
+    ) -> Result<Response<Self::FetchBlocksStream>, Status> {
+        Err(Status::unimplemented("malicious"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_node_info_relayed_by_a_malicious_peer_is_never_accepted() {
+    init_tracing();
+    let chain = chain();
+    let evil_key = KeyPair::from_seed([66; 32]);
+    let evil_id = PeerId::from(evil_key.public());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let evil_address = listener.local_addr().unwrap().to_string();
+
+    // Victims: none of them runs; only the malicious peer speaks for them.
+    let forged_victim = peer_id(90);
+    let expired_victim = KeyPair::from_seed([91; 32]);
+    let future_victim = KeyPair::from_seed([92; 32]);
+    let info = |peer: PeerId, timestamp_ms: u64| NodeInfo {
+        peer_id: peer,
+        addresses: vec![evil_address.clone()],
+        timestamp_ms,
+        access: Access::Public,
+    };
+    let day_ms = 24 * 60 * 60 * 1000;
+    let forged = vec![
+        // Signed by the wrong key: the malicious peer's own.
+        SignedNodeInfo::sign(info(forged_victim, now_ms()), &evil_key),
+        // Signed by its own key, but two days old.
+        SignedNodeInfo::sign(
+            info(PeerId::from(expired_victim.public()), now_ms() - 2 * day_ms),
+            &expired_victim,
+        ),
+        // Signed by its own key, but an hour ahead.
+        SignedNodeInfo::sign(
+            info(PeerId::from(future_victim.public()), now_ms() + 3_600_000),
+            &future_victim,
+        ),
+    ];
+    let victims: Vec<PeerId> = forged.iter().map(|i| i.info.peer_id).collect();
+
+    let identity = NodeIdentity::generate(&evil_key).unwrap();
+    let server_config = tls::server_config(&identity, &AccessPolicy::default()).unwrap();
+    let evil = Malicious {
+        key: evil_key,
+        address: evil_address.clone(),
+        forged,
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(P2pServer::new(evil))
+            .serve_with_incoming_shutdown(tls::incoming(listener, server_config), async {
+                let _ = stopped.await;
+            }),
+    );
+
+    // H1 is seeded with the malicious peer; H2 knows only H1.
+    let h1 = start(
+        &chain,
+        config(vec![SeedPeer {
+            peer_id: Some(evil_id),
+            address: evil_address,
+        }]),
+        1,
+    );
+    let h2 = start(&chain, config(vec![seed(&h1)]), 2);
+
+    // H1 processed the malicious answer: it learnt the peer's own info.
+    wait_for("h1 to learn the malicious peer", || async {
+        known(&h1).await.contains(&evil_id)
+    })
+    .await;
+    // H2 learnt it relayed by H1 (valid, so relayed), and connected to it.
+    wait_for("h2 to learn the malicious peer", || async {
+        known(&h2).await.contains(&evil_id)
+    })
+    .await;
+    wait_for("h2 to connect to the malicious peer", || async {
+        h2.connected_peers().await.unwrap().contains(&evil_id)
+    })
+    .await;
+    // A query of H2's to the malicious peer ran after that; its answer is
+    // processed once the malicious peer's info is refreshed from it.
+    let before = h2
+        .known_peers()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|i| i.info.peer_id == evil_id)
+        .unwrap()
+        .info
+        .timestamp_ms;
+    wait_for("h2 to get a newer info from the malicious peer", || async {
+        h2.known_peers()
+            .await
+            .unwrap()
+            .iter()
+            .any(|i| i.info.peer_id == evil_id && i.info.timestamp_ms > before)
+    })
+    .await;
+
+    for (name, node) in [("h1", &h1), ("h2", &h2)] {
+        let known = known(node).await;
+        for victim in &victims {
+            assert!(!known.contains(victim), "{name} accepted {victim}");
+        }
+        assert!(
+            known
+                .iter()
+                .all(|p| [evil_id, h1.peer_id(), h2.peer_id()].contains(p)),
+            "{name} knows {known:?}"
+        );
+    }
+    shutdown_all(&[h1, h2]).await;
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_peer_stays_known_until_it_expires_and_is_redialled() {
+    init_tracing();
+    // Infos expire after 3 s; connections are probed every round.
+    const MAX_AGE_MS: u64 = 3_000;
+    let chain = chain();
+    let short = |seeds| {
+        let mut c = config(seeds);
+        c.discovery.node_info_max_age_ms = MAX_AGE_MS;
+        c.connections.probe_interval_ms = INTERVAL_MS;
+        c
+    };
+    let a = start(&chain, short(vec![]), 1);
+    let b = start(&chain, short(vec![seed(&a)]), 2);
+    let (a_id, b_id) = (a.peer_id(), b.peer_id());
+    let b_address = b.local_addr().to_string();
+    let mut a_events = a.subscribe_peer_events();
+
+    wait_for("a and b to know each other", || async {
+        known(&a).await.contains(&b_id) && known(&b).await.contains(&a_id)
+    })
+    .await;
+    wait_for("a to connect back to b", || async {
+        a.connected_peers().await.unwrap().contains(&b_id)
+    })
+    .await;
+
+    b.shutdown().await;
+    let stopped = Instant::now();
+    wait_for_event("a to lose b", &mut a_events, |e| {
+        *e == PeerEvent::Disconnected { peer: b_id }
+    })
+    .await;
+    // Gone, but its info is still fresh: still known.
+    let info = a
+        .known_peers()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|i| i.info.peer_id == b_id)
+        .expect("b is still known once disconnected");
+    assert!(!a.connected_peers().await.unwrap().contains(&b_id));
+
+    // Known and not connected, so A dials B again, and fails.
+    wait_for_event("a to redial b", &mut a_events, |e| {
+        matches!(e, PeerEvent::DialFailed { peer: Some(p), address, .. }
+            if *p == b_id && *address == b_address)
+    })
+    .await;
+
+    // Once its last info is older than the maximum age, B is forgotten.
+    wait_for("b's info to expire at a", || async {
+        !known(&a).await.contains(&b_id)
+    })
+    .await;
+    let expired_at = now_ms();
+    assert!(
+        expired_at >= info.info.timestamp_ms + MAX_AGE_MS,
+        "forgotten {} ms after its info was signed",
+        expired_at - info.info.timestamp_ms
+    );
+    eprintln!("b forgotten {:?} after it stopped", stopped.elapsed());
+    assert!(a.health().is_healthy());
+    a.shutdown().await;
+}
