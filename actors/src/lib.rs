@@ -23,6 +23,7 @@ pub mod discovery;
 pub mod grpc;
 pub mod peer_heights;
 pub mod replay;
+pub mod state_sync;
 pub mod system;
 pub mod verifier;
 
