@@ -2,8 +2,8 @@
 //! ports, over real mutual TLS and real gRPC: seeds, peer exchange,
 //! convergence, private nodes, forged infos, and peers that go away.
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -14,7 +14,7 @@ use soma_chain::{Chain, ChainBuilder, ChainConfig};
 use soma_store::MemStore;
 use soma_types::{Access, KeyPair, NodeInfo, PeerId, SignedNodeInfo, codec};
 use soma_wire::proto::{self, p2p_server::P2p, p2p_server::P2pServer};
-use soma_wire::tls::{self, AccessPolicy, NodeIdentity};
+use soma_wire::tls::{self, AccessPolicy, Caller, NodeIdentity};
 use tokio::sync::broadcast;
 use tonic::{Request, Response, Status};
 
@@ -231,13 +231,9 @@ async fn private_node_is_reachable_only_by_allowlisted_peers() {
         1,
     );
     let a = start(&chain, config(vec![seed(&p)]), 2);
-    let b = {
-        // Subscribed before its first dial.
-        let b = start(&chain, config(vec![seed(&p)]), 3);
-        assert_eq!(b.peer_id(), b_id);
-        b
-    };
+    let b = start(&chain, config(vec![seed(&p)]), 3);
     let mut b_events = b.subscribe_peer_events();
+    assert_eq!(b.peer_id(), b_id);
 
     // A, allowlisted, gets through: each side learns the other.
     wait_for("a to connect to p", || async {
@@ -252,31 +248,26 @@ async fn private_node_is_reachable_only_by_allowlisted_peers() {
 
     // B is refused at the handshake: its dial of P fails, and it never
     // holds a connection to P nor learns it.
-    let p_address = p.local_addr().to_string();
-    let failed = wait_for_event(
-        "b's dial of p to fail",
-        &mut b_events,
-        |e| matches!(e, PeerEvent::DialFailed { address, .. } if *address == p_address),
-    )
-    .await;
+    let (p_id, p_address) = (p.peer_id(), p.local_addr().to_string());
+    let mut refused = |e: &PeerEvent| {
+        assert!(
+            !matches!(e, PeerEvent::Connected { peer, .. } if *peer == p_id),
+            "b connected to p: {e:?}"
+        );
+        matches!(e, PeerEvent::DialFailed { address, .. } if *address == p_address)
+    };
+    let failed = wait_for_event("b's dial of p to fail", &mut b_events, &mut refused).await;
     eprintln!("b: {failed:?}");
     // A second failure shows B retried (after its backoff) and failed again.
-    wait_for_event(
-        "b's second dial of p to fail",
-        &mut b_events,
-        |e| matches!(e, PeerEvent::DialFailed { address, .. } if *address == p_address),
-    )
-    .await;
+    wait_for_event("b's second dial of p to fail", &mut b_events, &mut refused).await;
     assert!(!b.connected_peers().await.unwrap().contains(&p.peer_id()));
     assert!(known(&b).await.is_empty());
     assert!(!known(&p).await.contains(&b_id));
-    // Nothing B went through was ever a connection to P.
+    // B never had a connection to P, nor to anyone.
     while let Ok(event) = b_events.try_recv() {
-        assert!(
-            !matches!(event, PeerEvent::Connected { .. }),
-            "b connected: {event:?}"
-        );
+        refused(&event);
     }
+    assert!(b.connected_peers().await.unwrap().is_empty());
     // P's known peers are its allowlist at most.
     assert_eq!(known(&p).await, BTreeSet::from([a_id]));
     shutdown_all(&[p, a, b]).await;
@@ -288,6 +279,8 @@ struct Malicious {
     key: KeyPair,
     address: String,
     forged: Vec<SignedNodeInfo>,
+    /// The timestamp of the first own info sent to each caller.
+    answered: Arc<Mutex<HashMap<PeerId, u64>>>,
 }
 
 impl Malicious {
@@ -308,10 +301,15 @@ impl Malicious {
 impl P2p for Malicious {
     async fn get_known_peers(
         &self,
-        _: Request<proto::GetKnownPeersRequest>,
+        request: Request<proto::GetKnownPeersRequest>,
     ) -> Result<Response<proto::GetKnownPeersResponse>, Status> {
+        let own_info = self.own_info();
+        if let Caller::Peer(caller) = tls::caller(&request) {
+            let mut answered = self.answered.lock().unwrap();
+            answered.entry(caller).or_insert(own_info.info.timestamp_ms);
+        }
         Ok(Response::new(proto::GetKnownPeersResponse {
-            own_info: Bytes::from(codec::encode(&self.own_info())),
+            own_info: Bytes::from(codec::encode(&own_info)),
             known_peers: self
                 .forged
                 .iter()
@@ -396,12 +394,14 @@ async fn forged_node_info_relayed_by_a_malicious_peer_is_never_accepted() {
     ];
     let victims: Vec<PeerId> = forged.iter().map(|i| i.info.peer_id).collect();
 
+    let answered = Arc::new(Mutex::new(HashMap::new()));
     let identity = NodeIdentity::generate(&evil_key).unwrap();
     let server_config = tls::server_config(&identity, &AccessPolicy::default()).unwrap();
     let evil = Malicious {
         key: evil_key,
         address: evil_address.clone(),
         forged,
+        answered: answered.clone(),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
@@ -423,37 +423,31 @@ async fn forged_node_info_relayed_by_a_malicious_peer_is_never_accepted() {
     );
     let h2 = start(&chain, config(vec![seed(&h1)]), 2);
 
-    // H1 processed the malicious answer: it learnt the peer's own info.
+    // H1 processed a malicious answer: it knew no one else, so it learnt the
+    // peer's own info from the peer, in the answer carrying the forgeries.
     wait_for("h1 to learn the malicious peer", || async {
         known(&h1).await.contains(&evil_id)
     })
     .await;
-    // H2 learnt it relayed by H1 (valid, so relayed), and connected to it.
+    // H2 knew only H1, so it first learnt the malicious peer relayed by H1
+    // (valid, so relayed); then it connects and asks the peer itself.
     wait_for("h2 to learn the malicious peer", || async {
         known(&h2).await.contains(&evil_id)
     })
     .await;
-    wait_for("h2 to connect to the malicious peer", || async {
-        h2.connected_peers().await.unwrap().contains(&evil_id)
+    wait_for("the malicious peer to answer h2", || async {
+        answered.lock().unwrap().contains_key(&h2.peer_id())
     })
     .await;
-    // A query of H2's to the malicious peer ran after that; its answer is
-    // processed once the malicious peer's info is refreshed from it.
-    let before = h2
-        .known_peers()
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|i| i.info.peer_id == evil_id)
-        .unwrap()
-        .info
-        .timestamp_ms;
-    wait_for("h2 to get a newer info from the malicious peer", || async {
+    // An info at least as new as that answer's: the answer was processed
+    // (or a newer one, relayed by H1, which got the same forgeries).
+    let sent = answered.lock().unwrap()[&h2.peer_id()];
+    wait_for("h2 to process the malicious answer", || async {
         h2.known_peers()
             .await
             .unwrap()
             .iter()
-            .any(|i| i.info.peer_id == evil_id && i.info.timestamp_ms > before)
+            .any(|i| i.info.peer_id == evil_id && i.info.timestamp_ms >= sent)
     })
     .await;
 

@@ -71,9 +71,7 @@ impl Connections {
                 Output::Dial { address, expected } => self.dial(address, expected, ctx),
                 Output::Keep { peer } => {
                     if let Some(channel) = dialled.take() {
-                        let client = P2pClient::new(channel)
-                            .max_decoding_message_size(MAX_CLIENT_MESSAGE_BYTES);
-                        self.clients.insert(peer, client);
+                        self.clients.insert(peer, client(channel));
                     }
                 }
                 Output::Close { peer } => {
@@ -114,9 +112,16 @@ impl Connections {
         let identity = self.identity.clone();
         let timeout = Duration::from_millis(self.config.connect_timeout_ms);
         self.runtime.spawn(async move {
-            let result = tls::connect(&address, Some(&identity), expected, timeout)
-                .await
-                .map_err(|e| e.to_string());
+            let result = match tls::connect(&address, Some(&identity), expected, timeout).await {
+                // With TLS 1.3 a server refusing our certificate (private,
+                // not allowlisted) only shows on the first call: one call
+                // proves the connection before it counts as connected.
+                Ok((channel, peer)) => check(client(channel.clone()), timeout)
+                    .await
+                    .map(|()| (channel, peer))
+                    .map_err(|e| format!("refused after the handshake: {e}")),
+                Err(e) => Err(e.to_string()),
+            };
             addr.do_send(DialDone {
                 address,
                 expected,
@@ -128,18 +133,28 @@ impl Connections {
     fn probe(&self, ctx: &mut Context<Self>) {
         let timeout = Duration::from_millis(self.config.connect_timeout_ms);
         for (peer, client) in &self.clients {
-            let (peer, mut client, addr) = (*peer, client.clone(), ctx.address());
+            let (peer, client, addr) = (*peer, client.clone(), ctx.address());
             self.runtime.spawn(async move {
-                let mut request =
-                    tonic::Request::new(soma_wire::proto::GetCommitAvailabilityRequest {});
-                request.set_timeout(timeout);
-                let alive =
-                    tokio::time::timeout(timeout, client.get_commit_availability(request)).await;
-                if !matches!(alive, Ok(Ok(_))) {
+                if check(client, timeout).await.is_err() {
                     addr.do_send(ReportBroken { peer });
                 }
             });
         }
+    }
+}
+
+fn client(channel: Channel) -> P2pClient<Channel> {
+    P2pClient::new(channel).max_decoding_message_size(MAX_CLIENT_MESSAGE_BYTES)
+}
+
+/// One cheap call, to tell a working connection from a dead or refused one.
+async fn check(mut client: P2pClient<Channel>, timeout: Duration) -> Result<(), String> {
+    let mut request = tonic::Request::new(soma_wire::proto::GetCommitAvailabilityRequest {});
+    request.set_timeout(timeout);
+    match tokio::time::timeout(timeout, client.get_commit_availability(request)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(status)) => Err(status.to_string()),
+        Err(_) => Err("timed out".into()),
     }
 }
 

@@ -198,7 +198,7 @@ impl Handler<PeerEvent> for Discovery {
     type Result = ();
     fn handle(&mut self, event: PeerEvent, ctx: &mut Context<Self>) {
         let input = match event {
-            PeerEvent::Connected { peer, .. } => Input::Connected { peer },
+            PeerEvent::Connected { peer, address } => Input::Connected { peer, address },
             PeerEvent::Disconnected { peer } => Input::Disconnected { peer },
             PeerEvent::DialFailed { peer, address, .. } => Input::DialFailed { peer, address },
         };

@@ -140,8 +140,9 @@ impl Core for DiscoveryCore {
     fn handle(&mut self, now: Time, input: Input) -> Vec<Output> {
         match input {
             Input::Tick { unix_ms } => self.tick(now, unix_ms),
-            Input::Connected { peer } => {
+            Input::Connected { peer, address } => {
                 self.connected.insert(peer);
+                self.pending.remove(&address);
                 self.pending.retain(|_, (p, _)| *p != Some(peer));
                 if let Some(info) = self.known.get(&peer) {
                     for a in &info.info.addresses {
@@ -461,7 +462,13 @@ mod tests {
     fn never_dials_a_connected_or_pending_peer() {
         let mut c = core(8);
         learn(&mut c, vec![info(1, NOW_MS), info(2, NOW_MS)]);
-        c.handle(Time(0), Input::Connected { peer: id(1) });
+        c.handle(
+            Time(0),
+            Input::Connected {
+                address: String::new(),
+                peer: id(1),
+            },
+        );
         let out = tick(&mut c, Time(0), NOW_MS);
         assert_eq!(
             dials(&out),
@@ -478,7 +485,13 @@ mod tests {
     fn dials_up_to_the_target() {
         let mut c = core(2);
         learn(&mut c, (1..=5).map(|n| info(n, NOW_MS)).collect());
-        c.handle(Time(0), Input::Connected { peer: id(1) });
+        c.handle(
+            Time(0),
+            Input::Connected {
+                address: String::new(),
+                peer: id(1),
+            },
+        );
         assert_eq!(dials(&tick(&mut c, Time(0), NOW_MS)).len(), 1);
     }
 
@@ -496,7 +509,13 @@ mod tests {
         );
         // Pending: no second dial.
         assert!(dials(&tick(&mut c, Time(10), NOW_MS)).is_empty());
-        c.handle(Time(20), Input::Connected { peer: id(7) });
+        c.handle(
+            Time(20),
+            Input::Connected {
+                address: "seed:1".into(),
+                peer: id(7),
+            },
+        );
         c.handle(
             Time(20),
             Input::DialFailed {
@@ -508,6 +527,31 @@ mod tests {
         assert!(dials(&tick(&mut c, Time(60_000), NOW_MS)).is_empty());
         c.handle(Time(60_000), Input::Disconnected { peer: id(7) });
         assert_eq!(dials(&tick(&mut c, Time(120_000), NOW_MS)).len(), 1);
+    }
+
+    #[test]
+    fn a_seed_dialled_by_address_is_no_longer_pending_once_connected() {
+        let mut i = init(8);
+        i.seeds = vec![SeedPeer {
+            peer_id: None,
+            address: "seed:1".into(),
+        }];
+        let mut c = DiscoveryCore::new(i);
+        assert_eq!(dials(&tick(&mut c, Time(0), NOW_MS)).len(), 1);
+        c.handle(
+            Time(10),
+            Input::Connected {
+                address: "seed:1".into(),
+                peer: id(7),
+            },
+        );
+        c.handle(Time(20), Input::Disconnected { peer: id(7) });
+        // Isolated again: the seed is redialled at the next round, not after
+        // the pending-dial timeout.
+        assert_eq!(
+            dials(&tick(&mut c, Time(5_000), NOW_MS)),
+            vec![(None, "seed:1".to_string())]
+        );
     }
 
     #[test]
@@ -550,7 +594,13 @@ mod tests {
     fn queries_at_most_peers_to_query_connected_peers() {
         let mut c = core(0);
         for n in 1..=5 {
-            c.handle(Time(0), Input::Connected { peer: id(n) });
+            c.handle(
+                Time(0),
+                Input::Connected {
+                    address: String::new(),
+                    peer: id(n),
+                },
+            );
         }
         let queries = tick(&mut c, Time(0), NOW_MS)
             .iter()

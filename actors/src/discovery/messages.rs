@@ -16,6 +16,9 @@ pub enum Input {
     Connected {
         /// The peer.
         peer: PeerId,
+        /// The address dialled (a seed may have been dialled by address).
+        #[serde(default)]
+        address: String,
     },
     /// The connection to `peer` is gone.
     Disconnected {

@@ -31,6 +31,7 @@ use crate::connections::ConnectionsCore;
 use crate::discovery::DiscoveryCore;
 use crate::grpc::GrpcAdapterCore;
 use crate::peer_heights::PeerHeightsCore;
+use crate::state_sync::StateSyncCore;
 use crate::verifier::VerifierCore;
 
 pub use recorder::{Recorder, TRACE_DIR_ENV};
@@ -124,6 +125,7 @@ pub fn replay_text(text: &str, rewrite: bool) -> Result<(Report, String), Replay
         DiscoveryCore::NAME => replay_core::<DiscoveryCore>(&lines, rewrite),
         ConnectionsCore::NAME => replay_core::<ConnectionsCore>(&lines, rewrite),
         GrpcAdapterCore::NAME => replay_core::<GrpcAdapterCore>(&lines, rewrite),
+        StateSyncCore::NAME => replay_core::<StateSyncCore>(&lines, rewrite),
         other => Err(ReplayError::UnknownActor(other.to_string())),
     }
 }

@@ -18,8 +18,10 @@
 //! intensity limit, then another peer); invalid data avoids and bans the
 //! peer. Memory is bounded by `batches_ahead` and `max_total_fetched_bytes`.
 
+mod actor;
 mod core;
 mod messages;
 
+pub use actor::{ApplyLocal, FaultPlan, GetSyncStatus, Settings, StateSync, SyncStatus};
 pub use core::{Config, Init, StateSyncCore};
 pub use messages::{CommitBatchInfo, Failure, Input, Output, TaskId};

@@ -15,6 +15,7 @@ use crate::discovery::{self, Discovery};
 use crate::grpc::{GrpcAdapter, P2pService};
 use crate::peer_heights::{self, PeerHeights};
 use crate::replay::Recorder;
+use crate::state_sync::{self, StateSync};
 use crate::verifier::{InstallCommittee, Verifier};
 
 /// Largest request the server decodes (a FetchBlocks of 1,000 references is
@@ -152,6 +153,7 @@ impl P2pBuilder {
             &network_key,
         );
 
+        let synced = store.highest_synced_commit()?;
         // Every committee the store knows, installed before anything is verified.
         let mut committees = Vec::new();
         let mut epoch = genesis.epoch();
@@ -170,7 +172,11 @@ impl P2pBuilder {
             seeds: config.seed_peers.clone(),
             seed,
         };
+        let (commits, _) = broadcast::channel(config.synced_commit_broadcast_capacity.max(1));
         let node = NodeParts {
+            store: store.clone(),
+            synced,
+            commits: commits.clone(),
             chain_id,
             seed,
             committees,
@@ -226,7 +232,6 @@ impl P2pBuilder {
         };
         tracing::info!(%peer_id, %local_addr, %chain_id, "p2p node started");
 
-        let (commits, _) = broadcast::channel(config.synced_commit_broadcast_capacity.max(1));
         Ok(P2pHandle::from_inner(Inner {
             events,
             peer_id,
@@ -259,6 +264,9 @@ type Started = (
 
 /// What the actors of one node are made from, besides the configuration.
 struct NodeParts {
+    store: Arc<dyn ConsensusStore>,
+    synced: soma_types::CommitRef,
+    commits: broadcast::Sender<soma_types::CommittedSubDag>,
     chain_id: ChainId,
     seed: u64,
     committees: Vec<Committee>,
@@ -281,6 +289,9 @@ fn start_actors(config: &P2pConfig, node: NodeParts) -> Result<Started, StartErr
             let system = actix_rt::System::new();
             let started = system.block_on(async move {
                 let NodeParts {
+                    store,
+                    synced,
+                    commits,
                     chain_id,
                     seed,
                     committees,
@@ -301,6 +312,7 @@ fn start_actors(config: &P2pConfig, node: NodeParts) -> Result<Started, StartErr
                     Recorder::from_env("peer_heights"),
                 )
                 .start();
+                let epoch = committees.last().map_or(0, Committee::epoch);
                 let verifier = Verifier::new(
                     config.verifier.clone(),
                     capacity,
@@ -317,6 +329,31 @@ fn start_actors(config: &P2pConfig, node: NodeParts) -> Result<Started, StartErr
                     events,
                     capacity,
                     Recorder::from_env("connections"),
+                )
+                .start();
+                let state_sync = StateSync::new(
+                    state_sync::Init {
+                        config: config.state_sync.clone(),
+                        synced,
+                        epoch,
+                    },
+                    state_sync::Settings {
+                        chain_id,
+                        tick: config.tick,
+                        height_query_interval: config.height_query_interval,
+                        timeout: config.timeout,
+                        verify_synced_block_signatures: config.verify_synced_block_signatures,
+                        max_block_bytes: config.verifier.limits.max_block_bytes,
+                        faults: config.faults.clone(),
+                    },
+                    store,
+                    verifier.clone(),
+                    heights.clone(),
+                    connections.clone(),
+                    runtime.clone(),
+                    commits,
+                    capacity,
+                    Recorder::from_env("state_sync"),
                 )
                 .start();
                 let discovery = Discovery::new(
@@ -344,6 +381,7 @@ fn start_actors(config: &P2pConfig, node: NodeParts) -> Result<Started, StartErr
                         verifier,
                         connections,
                         discovery,
+                        state_sync,
                         adapter,
                     },
                     actix_rt::System::current(),

@@ -3,7 +3,10 @@ use std::time::Duration;
 
 use soma_types::{Access, PeerId};
 
+use std::sync::Arc;
+
 use crate::discovery::{self, SeedPeer};
+use crate::state_sync::{self, FaultPlan};
 use crate::{connections, grpc, verifier};
 
 /// Settings of a P2P node. Every queue, buffer and response is bounded by one
@@ -37,6 +40,18 @@ pub struct P2pConfig {
     pub connections: connections::Config,
     /// Peer discovery.
     pub discovery: discovery::Config,
+    /// State sync.
+    pub state_sync: state_sync::Config,
+    /// How often state sync looks for work.
+    pub tick: Duration,
+    /// How often every connected peer's availability is asked.
+    pub height_query_interval: Duration,
+    /// Whether synced block signatures are checked; the digest match against
+    /// certified commits is checked either way.
+    pub verify_synced_block_signatures: bool,
+    /// Failures injected into sync workers; for tests only.
+    #[doc(hidden)]
+    pub faults: Option<Arc<FaultPlan>>,
     /// Capacity of the peer-event broadcast of the handle.
     pub peer_event_broadcast_capacity: usize,
     /// Seed of the actors' randomness; `None` draws one.
@@ -59,6 +74,11 @@ impl Default for P2pConfig {
             verifier: verifier::Config::default(),
             connections: connections::Config::default(),
             discovery: discovery::Config::default(),
+            state_sync: state_sync::Config::default(),
+            tick: Duration::from_millis(100),
+            height_query_interval: Duration::from_secs(1),
+            verify_synced_block_signatures: true,
+            faults: None,
             peer_event_broadcast_capacity: 256,
             seed: None,
         }

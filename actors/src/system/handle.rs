@@ -5,8 +5,8 @@ use std::time::Duration;
 use actix::{Addr, MailboxError};
 use soma_store::{ConsensusStore, SyncedBatch};
 use soma_types::{
-    BlockRef, ChainId, CommitIndex, CommittedSubDag, Committee, PeerId, SignedNodeInfo,
-    TrustedCommit, VerifiedBlock,
+    ChainId, CommitIndex, CommittedSubDag, Committee, PeerId, SignedNodeInfo, TrustedCommit,
+    VerifiedBlock,
 };
 use tokio::sync::{broadcast, oneshot};
 
@@ -14,6 +14,7 @@ use crate::connections::{ActivePeers, Connect, Connections, PeerEvent};
 use crate::discovery::{Discovery, KnownPeers};
 use crate::grpc::GrpcAdapter;
 use crate::peer_heights::{PeerHeights, PeerView, Snapshot};
+use crate::state_sync::{ApplyLocal, GetSyncStatus, StateSync, SyncStatus};
 use crate::verifier::Verifier;
 
 /// Time allowed for the server to finish in-flight calls at shutdown.
@@ -26,6 +27,7 @@ pub(super) struct Actors {
     pub(super) verifier: Addr<Verifier>,
     pub(super) connections: Addr<Connections>,
     pub(super) discovery: Addr<Discovery>,
+    pub(super) state_sync: Addr<StateSync>,
     pub(super) adapter: Addr<GrpcAdapter>,
 }
 
@@ -173,40 +175,37 @@ impl P2pHandle {
         self.inner.commits.subscribe()
     }
 
-    /// Hands a commit of local consensus to the node: stored in one atomic
-    /// write, then broadcast to subscribers like a synced commit. A commit
-    /// that does not link to the highest synced commit is refused.
+    /// Hands a commit of local consensus to the node. It takes the path of
+    /// synced commits: one atomic store write, then the broadcast to
+    /// subscribers, then PushCommit to peers known to be behind. A commit
+    /// that does not link to the highest synced commit, or lacks a block it
+    /// names, is refused with an error.
     pub async fn send_commit(&self, local: LocalCommit) -> Result<(), P2pError> {
-        let subdag = {
-            let blocks: std::collections::HashMap<BlockRef, VerifiedBlock> = local
-                .blocks
-                .iter()
-                .map(|b| (b.reference(), b.clone()))
-                .collect();
-            CommittedSubDag::new(&local.commit, |r| blocks.get(r).cloned()).map_err(|_| {
-                P2pError::Store(soma_store::Error::MissingBlock(
-                    local
-                        .commit
-                        .commit()
-                        .blocks
-                        .iter()
-                        .find(|r| !blocks.contains_key(r))
-                        .copied()
-                        .unwrap_or_default(),
-                ))
-            })?
-        };
         let batch = SyncedBatch {
             commits: vec![local.commit],
             blocks: local.blocks,
             certificate: local.certificate,
             next_committee: local.next_committee,
         };
-        self.blocking(move |store| store.write_synced_batch(batch))
-            .await?;
-        // No receiver is not an error: nobody subscribed yet.
-        let _ = self.inner.commits.send(subdag);
-        Ok(())
+        self.inner
+            .actors
+            .state_sync
+            .send(ApplyLocal(batch))
+            .timeout(self.inner.timeout)
+            .await
+            .map_err(mailbox)?
+            .map_err(P2pError::Store)
+    }
+
+    /// How far the node has synced, and how far its peers reach.
+    pub async fn sync_status(&self) -> Result<SyncStatus, P2pError> {
+        self.inner
+            .actors
+            .state_sync
+            .send(GetSyncStatus)
+            .timeout(self.inner.timeout)
+            .await
+            .map_err(mailbox)
     }
 
     /// Stores the certificate of an already stored local commit, so the node
@@ -304,6 +303,10 @@ impl P2pHandle {
                 ActorHealth {
                     name: "discovery",
                     alive: a.discovery.connected(),
+                },
+                ActorHealth {
+                    name: "state_sync",
+                    alive: a.state_sync.connected(),
                 },
                 ActorHealth {
                     name: "grpc_adapter",

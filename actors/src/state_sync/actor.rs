@@ -1,0 +1,873 @@
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix::{
+    Actor, ActorFutureExt, Addr, AsyncContext, Context, Handler, Message, ResponseActFuture,
+    WrapFuture,
+};
+use futures::FutureExt;
+use soma_store::{ConsensusStore, SyncedBatch};
+use soma_types::verify::epoch_change;
+use soma_types::{
+    BlockRef, ChainId, CommitIndex, CommitRef, CommittedSubDag, Committee, Epoch, PeerId,
+    TrustedCommit, UnverifiedCommit, VerifiedBlock,
+};
+use soma_wire::convert::Availability;
+use soma_wire::proto;
+use tokio::sync::broadcast;
+
+use super::core::{Init, StateSyncCore};
+use super::messages::*;
+use crate::Blob;
+use crate::Driver;
+use crate::connections::{ActivePeers, Connections, GetClient, PeerEvent, SubscribePeerEvents};
+use crate::peer_heights::{
+    HighestKnownCommit, OutcomeKind, PeerHeights, PeersBehind, PeersForRange, ReportOutcome,
+    UpdateHeight,
+};
+use crate::replay::Recorder;
+use crate::verifier::{
+    InstallCommittee, Verifier, Verify, VerifyError, VerifyRequest, VerifyResponse,
+};
+
+/// Failures injected into sync workers, for tests of supervision: the next
+/// `times` tasks touching the batch starting at a given commit panic (or
+/// fail).
+#[derive(Debug, Default)]
+pub struct FaultPlan {
+    /// Batch start → workers left to panic.
+    pub panics: Mutex<HashMap<CommitIndex, u32>>,
+    /// Batch start → workers left to fail with an error.
+    pub failures: Mutex<HashMap<CommitIndex, u32>>,
+}
+
+impl FaultPlan {
+    fn take(map: &Mutex<HashMap<CommitIndex, u32>>, batch: CommitIndex) -> bool {
+        let mut map = map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match map.get_mut(&batch) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The shell's settings.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Our chain.
+    pub chain_id: ChainId,
+    /// How often the core is ticked.
+    pub tick: Duration,
+    /// How often every connected peer's availability is asked.
+    pub height_query_interval: Duration,
+    /// Time allowed for one request.
+    pub timeout: Duration,
+    /// Whether synced block signatures are checked (digests always are).
+    pub verify_synced_block_signatures: bool,
+    /// Largest block accepted, in bytes.
+    pub max_block_bytes: usize,
+    /// Injected faults, for tests.
+    pub faults: Option<Arc<FaultPlan>>,
+}
+
+/// What the node has synced, for the handle, metrics and progress bars.
+#[derive(Clone, Debug, Default, PartialEq, Eq, actix::MessageResponse)]
+pub struct SyncStatus {
+    /// The applied watermark.
+    pub synced: CommitIndex,
+    /// The highest commit known among peers of our chain.
+    pub highest_known: CommitIndex,
+    /// Commits applied since start (synced and local).
+    pub commits_applied: u64,
+    /// Blocks applied since start.
+    pub blocks_applied: u64,
+    /// Bytes of verified blocks fetched.
+    pub bytes_fetched: u64,
+    /// Workers restarted after a failure or panic.
+    pub restarts: u64,
+    /// Requests refused because a peer sent invalid data.
+    pub invalid_responses: u64,
+}
+
+/// Asks for [`SyncStatus`].
+#[derive(Message)]
+#[rtype(result = "SyncStatus")]
+pub struct GetSyncStatus;
+
+/// A commit of local consensus: stored, broadcast and pushed like a synced one.
+#[derive(Message)]
+#[rtype(result = "Result<(), soma_store::Error>")]
+pub struct ApplyLocal(pub SyncedBatch);
+
+/// Data of a verified commit batch.
+struct BatchData {
+    commits: Vec<TrustedCommit>,
+    certifiers: Vec<VerifiedBlock>,
+    refs: Vec<BlockRef>,
+    epoch: Epoch,
+    end: CommitIndex,
+    blocks: HashMap<BlockRef, VerifiedBlock>,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct TickMsg(Option<CommitIndex>);
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct CommitsDone {
+    task: TaskId,
+    peer: Option<PeerId>,
+    result: Result<BatchData, Failure>,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct BlocksDone {
+    task: TaskId,
+    batch: CommitIndex,
+    peer: Option<PeerId>,
+    result: Result<Vec<VerifiedBlock>, Failure>,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct ApplyDone {
+    start: CommitIndex,
+    result: Result<Applied, String>,
+}
+
+struct Applied {
+    last: CommitRef,
+    next_committee: Option<Committee>,
+    subdags: Vec<CommittedSubDag>,
+}
+
+/// The StateSync actor: a thin shell around [`StateSyncCore`].
+pub struct StateSync {
+    driver: Driver<StateSyncCore>,
+    settings: Settings,
+    store: Arc<dyn ConsensusStore>,
+    verifier: Addr<Verifier>,
+    heights: Addr<PeerHeights>,
+    connections: Addr<Connections>,
+    runtime: tokio::runtime::Handle,
+    commits: broadcast::Sender<CommittedSubDag>,
+    buffers: BTreeMap<CommitIndex, BatchData>,
+    status: SyncStatus,
+    mailbox_capacity: usize,
+}
+
+impl StateSync {
+    /// A StateSync actor resuming from the store's watermark.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        init: Init,
+        settings: Settings,
+        store: Arc<dyn ConsensusStore>,
+        verifier: Addr<Verifier>,
+        heights: Addr<PeerHeights>,
+        connections: Addr<Connections>,
+        runtime: tokio::runtime::Handle,
+        commits: broadcast::Sender<CommittedSubDag>,
+        mailbox_capacity: usize,
+        recorder: Option<Recorder>,
+    ) -> Self {
+        let status = SyncStatus {
+            synced: init.synced.index,
+            highest_known: init.synced.index,
+            ..SyncStatus::default()
+        };
+        StateSync {
+            driver: Driver::new(init, recorder),
+            settings,
+            store,
+            verifier,
+            heights,
+            connections,
+            runtime,
+            commits,
+            buffers: BTreeMap::new(),
+            status,
+            mailbox_capacity,
+        }
+    }
+
+    fn step(&mut self, input: Input, ctx: &mut Context<Self>) {
+        for output in self.driver.step(input) {
+            match output {
+                Output::FetchCommits {
+                    task,
+                    start,
+                    end,
+                    after,
+                    avoid,
+                } => self.fetch_commits(task, start, end, after, avoid, ctx),
+                Output::FetchBlocks {
+                    task,
+                    batch,
+                    offset,
+                    len,
+                    avoid,
+                } => self.fetch_blocks(task, batch, offset, len, avoid, ctx),
+                Output::Apply { start } => self.apply(start, ctx),
+                Output::Restarted { task, failure } => {
+                    self.status.restarts += 1;
+                    if matches!(failure, Failure::Invalid(_)) {
+                        self.status.invalid_responses += 1;
+                    }
+                    tracing::debug!(task, ?failure, "sync worker restarted");
+                }
+                Output::Reset => self.buffers.clear(),
+            }
+        }
+        let core = self.driver.core();
+        self.status.synced = core.synced().index;
+        self.status.highest_known = core.highest_known();
+    }
+
+    /// Runs a sync worker on the tonic runtime under the supervisor's
+    /// watch: a panic becomes [`Failure::Panicked`] for the core to restart.
+    fn supervise<T: Send + 'static>(
+        &self,
+        work: impl std::future::Future<Output = (Option<PeerId>, Result<T, Failure>)> + Send + 'static,
+        done: impl FnOnce(Option<PeerId>, Result<T, Failure>) + Send + 'static,
+    ) {
+        self.runtime.spawn(async move {
+            let (peer, result) = AssertUnwindSafe(work)
+                .catch_unwind()
+                .await
+                .unwrap_or((None, Err(Failure::Panicked)));
+            done(peer, result);
+        });
+    }
+
+    fn fetch_commits(
+        &mut self,
+        task: TaskId,
+        start: CommitIndex,
+        end: CommitIndex,
+        after: CommitRef,
+        avoid: Vec<PeerId>,
+        ctx: &mut Context<Self>,
+    ) {
+        let worker = Worker::new(self, avoid);
+        let faults = self.settings.faults.clone();
+        let addr = ctx.address();
+        self.supervise(
+            async move {
+                inject(&faults, start)?;
+                worker.fetch_commits(start, end, after).await
+            }
+            .map(|r| match r {
+                Ok(x) => x,
+                Err(f) => (None, Err(f)),
+            }),
+            move |peer, result| addr.do_send(CommitsDone { task, peer, result }),
+        );
+    }
+
+    fn fetch_blocks(
+        &mut self,
+        task: TaskId,
+        batch: CommitIndex,
+        offset: usize,
+        len: usize,
+        avoid: Vec<PeerId>,
+        ctx: &mut Context<Self>,
+    ) {
+        let addr = ctx.address();
+        let Some(data) = self.buffers.get(&batch) else {
+            addr.do_send(BlocksDone {
+                task,
+                batch,
+                peer: None,
+                result: Err(Failure::Error("batch data missing".into())),
+            });
+            return;
+        };
+        let refs: Vec<BlockRef> = data.refs.iter().skip(offset).take(len).copied().collect();
+        let (epoch, end) = (data.epoch, data.end);
+        let worker = Worker::new(self, avoid);
+        let faults = self.settings.faults.clone();
+        self.supervise(
+            async move {
+                inject(&faults, batch)?;
+                worker.fetch_blocks(batch, end, epoch, refs).await
+            }
+            .map(|r| match r {
+                Ok(x) => x,
+                Err(f) => (None, Err(f)),
+            }),
+            move |peer, result| {
+                addr.do_send(BlocksDone {
+                    task,
+                    batch,
+                    peer,
+                    result,
+                })
+            },
+        );
+    }
+
+    fn apply(&mut self, start: CommitIndex, ctx: &mut Context<Self>) {
+        let addr = ctx.address();
+        let Some(data) = self.buffers.remove(&start) else {
+            addr.do_send(ApplyDone {
+                start,
+                result: Err("batch data missing".into()),
+            });
+            return;
+        };
+        let store = self.store.clone();
+        self.runtime.spawn_blocking(move || {
+            let result = write_batch(store.as_ref(), data);
+            addr.do_send(ApplyDone { start, result });
+        });
+    }
+
+    fn query_heights(&self, peers: Vec<PeerId>) {
+        for peer in peers {
+            let (connections, heights) = (self.connections.clone(), self.heights.clone());
+            let timeout = self.settings.timeout;
+            self.runtime.spawn(async move {
+                let Ok(Some(mut client)) = connections.send(GetClient(peer)).await else {
+                    return;
+                };
+                let mut request = tonic::Request::new(proto::GetCommitAvailabilityRequest {});
+                request.set_timeout(timeout);
+                let Ok(Ok(response)) =
+                    tokio::time::timeout(timeout, client.get_commit_availability(request)).await
+                else {
+                    return;
+                };
+                if let Ok(a) = Availability::try_from(response.get_ref()) {
+                    heights.do_send(UpdateHeight {
+                        peer,
+                        chain_id: a.chain_id,
+                        highest: a.highest,
+                        lowest: a.lowest,
+                    });
+                }
+            });
+        }
+    }
+
+    fn push_to_peers_behind(&self, last: CommitRef) {
+        let (connections, heights) = (self.connections.clone(), self.heights.clone());
+        let timeout = self.settings.timeout;
+        self.runtime.spawn(async move {
+            let Ok(peers) = heights.send(PeersBehind { index: last.index }).await else {
+                return;
+            };
+            for peer in peers {
+                if let Ok(Some(mut client)) = connections.send(GetClient(peer)).await {
+                    let mut request =
+                        tonic::Request::new(proto::PushCommitRequest { index: last.index });
+                    request.set_timeout(timeout);
+                    let _ = client.push_commit(request).await;
+                }
+            }
+        });
+    }
+
+    fn publish(&mut self, subdags: Vec<CommittedSubDag>) {
+        for subdag in subdags {
+            self.status.commits_applied += 1;
+            self.status.blocks_applied += subdag.blocks.len() as u64;
+            // No receiver is not an error; a lagging one is told by the channel.
+            let _ = self.commits.send(subdag);
+        }
+    }
+}
+
+fn inject(faults: &Option<Arc<FaultPlan>>, batch: CommitIndex) -> Result<(), Failure> {
+    if let Some(f) = faults {
+        if FaultPlan::take(&f.panics, batch) {
+            panic!("injected panic in a sync worker for batch {batch}");
+        }
+        if FaultPlan::take(&f.failures, batch) {
+            return Err(Failure::Error("injected failure".into()));
+        }
+    }
+    Ok(())
+}
+
+/// Writes a complete batch: checks the epoch change, then one atomic write.
+fn write_batch(store: &dyn ConsensusStore, data: BatchData) -> Result<Applied, String> {
+    let committee = store
+        .committee(data.epoch)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("no committee for epoch {}", data.epoch))?;
+    let next_committee =
+        epoch_change(&data.commits, &data.blocks, &committee).map_err(|e| e.to_string())?;
+    let subdags = data
+        .commits
+        .iter()
+        .map(|c| CommittedSubDag::new(c, |r| data.blocks.get(r).cloned()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let last = data
+        .commits
+        .last()
+        .map(TrustedCommit::reference)
+        .ok_or("empty batch")?;
+    let blocks = subdags
+        .iter()
+        .flat_map(|s| s.blocks.iter().cloned())
+        .collect();
+    store
+        .write_synced_batch(SyncedBatch {
+            commits: data.commits,
+            blocks,
+            certificate: data.certifiers,
+            next_committee: next_committee.clone(),
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(Applied {
+        last,
+        next_committee,
+        subdags,
+    })
+}
+
+/// What a sync worker needs: the actors it talks to and its settings.
+struct Worker {
+    heights: Addr<PeerHeights>,
+    connections: Addr<Connections>,
+    verifier: Addr<Verifier>,
+    timeout: Duration,
+    check_signatures: bool,
+    max_block_bytes: usize,
+    avoid: HashSet<PeerId>,
+}
+
+impl Worker {
+    fn new(sync: &StateSync, avoid: Vec<PeerId>) -> Self {
+        Worker {
+            heights: sync.heights.clone(),
+            connections: sync.connections.clone(),
+            verifier: sync.verifier.clone(),
+            timeout: sync.settings.timeout,
+            check_signatures: sync.settings.verify_synced_block_signatures,
+            max_block_bytes: sync.settings.max_block_bytes,
+            avoid: avoid.into_iter().collect(),
+        }
+    }
+
+    /// The best connected peer covering `start..=end`, not avoided.
+    async fn client(
+        &self,
+        start: CommitIndex,
+        end: CommitIndex,
+    ) -> Result<
+        (
+            PeerId,
+            proto::p2p_client::P2pClient<tonic::transport::Channel>,
+        ),
+        Failure,
+    > {
+        let peers = self
+            .heights
+            .send(PeersForRange { start, end })
+            .await
+            .map_err(|_| Failure::Error("peer heights stopped".into()))?;
+        for peer in peers.into_iter().filter(|p| !self.avoid.contains(p)) {
+            if let Ok(Some(client)) = self.connections.send(GetClient(peer)).await {
+                return Ok((peer, client));
+            }
+        }
+        Err(Failure::NoPeer)
+    }
+
+    fn report(
+        &self,
+        peer: PeerId,
+        started: Instant,
+        bytes: u64,
+        result: &Result<impl Sized, Failure>,
+    ) {
+        let kind = match result {
+            Ok(_) => OutcomeKind::Success,
+            Err(Failure::Timeout) => OutcomeKind::Timeout,
+            Err(Failure::Invalid(_)) => OutcomeKind::InvalidData,
+            Err(_) => OutcomeKind::Error,
+        };
+        self.heights.do_send(ReportOutcome {
+            peer,
+            bytes,
+            latency_ms: started.elapsed().as_millis() as u64,
+            kind,
+        });
+    }
+
+    async fn fetch_commits(
+        self,
+        start: CommitIndex,
+        end: CommitIndex,
+        after: CommitRef,
+    ) -> Result<(Option<PeerId>, Result<BatchData, Failure>), Failure> {
+        let (peer, mut client) = self.client(start, start).await?;
+        let started = Instant::now();
+        let mut request = tonic::Request::new(proto::FetchCommitsRequest { start, end });
+        request.set_timeout(self.timeout);
+        let response = match tokio::time::timeout(self.timeout, client.fetch_commits(request)).await
+        {
+            Err(_) => Err(Failure::Timeout),
+            Ok(Err(status)) => Err(Failure::Error(status.to_string())),
+            Ok(Ok(r)) => Ok(r.into_inner()),
+        };
+        let result = match response {
+            Ok(r) => self.verify_commits(r, after).await,
+            Err(f) => Err(f),
+        };
+        let bytes = result.as_ref().map_or(0, |d| {
+            d.commits.iter().map(|c| c.serialized().len() as u64).sum()
+        });
+        if !matches!(result, Err(Failure::UnknownEpoch(_))) {
+            self.report(peer, started, bytes, &result);
+        }
+        Ok((Some(peer), result))
+    }
+
+    async fn verify_commits(
+        &self,
+        response: proto::FetchCommitsResponse,
+        after: CommitRef,
+    ) -> Result<BatchData, Failure> {
+        let first = response
+            .commits
+            .first()
+            .ok_or_else(|| Failure::Invalid("no commits".into()))?;
+        let epoch = UnverifiedCommit::decode(
+            first.clone(),
+            soma_types::Limits::default().max_commit_bytes,
+        )
+        .map_err(|e| Failure::Invalid(e.to_string()))?
+        .commit()
+        .epoch;
+        let request = VerifyRequest::CommitBatch {
+            epoch,
+            commits: response.commits.into_iter().map(Blob).collect(),
+            certifiers: response.certifier_blocks.into_iter().map(Blob).collect(),
+            last_synced: after,
+        };
+        match self.verifier.send(Verify(request)).await {
+            Ok(Ok(VerifyResponse::CommitBatch {
+                commits,
+                certifiers,
+            })) => {
+                let refs: Vec<BlockRef> = commits
+                    .iter()
+                    .flat_map(|c| c.commit().blocks.iter().copied())
+                    .collect();
+                let end = commits.last().map_or(0, TrustedCommit::index);
+                Ok(BatchData {
+                    commits,
+                    certifiers,
+                    refs,
+                    epoch,
+                    end,
+                    blocks: HashMap::new(),
+                })
+            }
+            Ok(Err(VerifyError::UnknownEpoch(e))) => Err(Failure::UnknownEpoch(e)),
+            Ok(Err(VerifyError::Invalid(e))) => Err(Failure::Invalid(e.to_string())),
+            Ok(Err(e)) => Err(Failure::Error(e.to_string())),
+            Ok(Ok(_)) => Err(Failure::Error("unexpected verifier answer".into())),
+            Err(_) => Err(Failure::Error("verifier stopped".into())),
+        }
+    }
+
+    async fn fetch_blocks(
+        self,
+        batch: CommitIndex,
+        end: CommitIndex,
+        epoch: Epoch,
+        refs: Vec<BlockRef>,
+    ) -> Result<(Option<PeerId>, Result<Vec<VerifiedBlock>, Failure>), Failure> {
+        let (peer, mut client) = self.client(batch, end).await?;
+        let started = Instant::now();
+        let fetched = tokio::time::timeout(self.timeout, async {
+            let mut request = tonic::Request::new(proto::FetchBlocksRequest {
+                refs: refs.iter().copied().map(Into::into).collect(),
+            });
+            request.set_timeout(self.timeout);
+            let mut stream = client
+                .fetch_blocks(request)
+                .await
+                .map_err(|s| Failure::Error(s.to_string()))?
+                .into_inner();
+            let mut blobs = Vec::with_capacity(refs.len());
+            let mut bytes = 0usize;
+            while let Some(chunk) = stream
+                .message()
+                .await
+                .map_err(|s| Failure::Error(s.to_string()))?
+            {
+                for b in chunk.blocks {
+                    bytes += b.len();
+                    blobs.push(Blob(b));
+                }
+                // A peer streaming more than was asked for is lying.
+                if blobs.len() > refs.len() || bytes > refs.len() * self.max_block_bytes {
+                    return Err(Failure::Invalid("more blocks than asked for".into()));
+                }
+            }
+            Ok((blobs, bytes))
+        })
+        .await
+        .unwrap_or(Err(Failure::Timeout));
+        let result = match fetched {
+            Ok((blobs, _)) => self.verify_blocks(epoch, blobs, &refs).await,
+            Err(f) => Err(f),
+        };
+        let bytes = result.as_ref().map_or(0, |blocks| {
+            blocks.iter().map(|b| b.serialized().len() as u64).sum()
+        });
+        self.report(peer, started, bytes, &result);
+        Ok((Some(peer), result))
+    }
+
+    async fn verify_blocks(
+        &self,
+        epoch: Epoch,
+        blobs: Vec<Blob>,
+        refs: &[BlockRef],
+    ) -> Result<Vec<VerifiedBlock>, Failure> {
+        let request = VerifyRequest::Blocks {
+            epoch,
+            blocks: blobs,
+            check_signatures: self.check_signatures,
+        };
+        let blocks = match self.verifier.send(Verify(request)).await {
+            Ok(Ok(VerifyResponse::Blocks(blocks))) => blocks,
+            Ok(Err(VerifyError::Invalid(e))) => return Err(Failure::Invalid(e.to_string())),
+            Ok(Err(e)) => return Err(Failure::Error(e.to_string())),
+            Ok(Ok(_)) => return Err(Failure::Error("unexpected verifier answer".into())),
+            Err(_) => return Err(Failure::Error("verifier stopped".into())),
+        };
+        // Exactly the blocks asked for: each one a verified commit names.
+        let mut wanted: HashSet<BlockRef> = refs.iter().copied().collect();
+        for block in &blocks {
+            if !wanted.remove(&block.reference()) {
+                return Err(Failure::Invalid(format!(
+                    "block {} was not asked for or came twice",
+                    block.reference()
+                )));
+            }
+        }
+        if let Some(missing) = wanted.iter().next() {
+            return Err(Failure::Invalid(format!("block {missing} is missing")));
+        }
+        Ok(blocks)
+    }
+}
+
+impl Actor for StateSync {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(self.mailbox_capacity);
+        self.connections
+            .do_send(SubscribePeerEvents(ctx.address().recipient()));
+        ctx.run_interval(self.settings.tick, |act, ctx| {
+            let heights = act.heights.clone();
+            ctx.spawn(
+                async move { heights.send(HighestKnownCommit).await.ok().flatten() }
+                    .into_actor(act)
+                    .map(|highest, _, ctx| ctx.notify(TickMsg(highest))),
+            );
+        });
+        ctx.run_interval(self.settings.height_query_interval, |act, ctx| {
+            let connections = act.connections.clone();
+            ctx.spawn(
+                async move { connections.send(ActivePeers).await.unwrap_or_default() }
+                    .into_actor(act)
+                    .map(|peers, act, _| act.query_heights(peers)),
+            );
+        });
+    }
+}
+
+impl Handler<TickMsg> for StateSync {
+    type Result = ();
+    fn handle(&mut self, msg: TickMsg, ctx: &mut Context<Self>) {
+        self.step(
+            Input::Tick {
+                highest_known: msg.0,
+            },
+            ctx,
+        );
+    }
+}
+
+impl Handler<PeerEvent> for StateSync {
+    type Result = ();
+    fn handle(&mut self, event: PeerEvent, _: &mut Context<Self>) {
+        // A new peer's height is asked at once, not at the next interval.
+        if let PeerEvent::Connected { peer, .. } = event {
+            self.query_heights(vec![peer]);
+        }
+    }
+}
+
+impl Handler<CommitsDone> for StateSync {
+    type Result = ();
+    fn handle(&mut self, msg: CommitsDone, ctx: &mut Context<Self>) {
+        let result = msg.result.map(|data| {
+            let info = CommitBatchInfo {
+                start: data.commits.first().map_or(0, TrustedCommit::index),
+                end: data.end,
+                last: data
+                    .commits
+                    .last()
+                    .map(TrustedCommit::reference)
+                    .unwrap_or_default(),
+                epoch: data.epoch,
+                block_count: data.refs.len(),
+            };
+            self.buffers.insert(info.start, data);
+            info
+        });
+        self.step(
+            Input::CommitsFetched {
+                task: msg.task,
+                peer: msg.peer,
+                result,
+            },
+            ctx,
+        );
+    }
+}
+
+impl Handler<BlocksDone> for StateSync {
+    type Result = ();
+    fn handle(&mut self, msg: BlocksDone, ctx: &mut Context<Self>) {
+        let result = msg.result.map(|blocks| {
+            let mut bytes = 0;
+            if let Some(data) = self.buffers.get_mut(&msg.batch) {
+                for b in blocks {
+                    bytes += b.serialized().len() as u64;
+                    data.blocks.insert(b.reference(), b);
+                }
+            }
+            self.status.bytes_fetched += bytes;
+            bytes
+        });
+        self.step(
+            Input::BlocksFetched {
+                task: msg.task,
+                peer: msg.peer,
+                result,
+            },
+            ctx,
+        );
+    }
+}
+
+impl Handler<ApplyDone> for StateSync {
+    type Result = ();
+    fn handle(&mut self, msg: ApplyDone, ctx: &mut Context<Self>) {
+        match msg.result {
+            Ok(applied) => {
+                let next_epoch = applied.next_committee.as_ref().map(Committee::epoch);
+                // The next epoch's committee is installed before anything of
+                // that epoch is verified: the Verifier's mailbox is FIFO, and
+                // the next commit fetch starts after this step.
+                if let Some(next) = applied.next_committee {
+                    tracing::info!(epoch = next.epoch(), "epoch changed");
+                    self.verifier.do_send(InstallCommittee(next));
+                }
+                let last = applied.last;
+                self.publish(applied.subdags);
+                self.step(
+                    Input::Applied {
+                        start: msg.start,
+                        last,
+                        next_epoch,
+                    },
+                    ctx,
+                );
+                self.push_to_peers_behind(last);
+            }
+            Err(reason) => self.step(
+                Input::ApplyFailed {
+                    start: msg.start,
+                    reason,
+                },
+                ctx,
+            ),
+        }
+    }
+}
+
+impl Handler<GetSyncStatus> for StateSync {
+    type Result = SyncStatus;
+    fn handle(&mut self, _: GetSyncStatus, _: &mut Context<Self>) -> SyncStatus {
+        self.status.clone()
+    }
+}
+
+impl Handler<ApplyLocal> for StateSync {
+    type Result = ResponseActFuture<Self, Result<(), soma_store::Error>>;
+
+    fn handle(&mut self, msg: ApplyLocal, _: &mut Context<Self>) -> Self::Result {
+        let store = self.store.clone();
+        let batch = msg.0;
+        let write = self.runtime.spawn_blocking(move || {
+            let blocks: HashMap<BlockRef, VerifiedBlock> = batch
+                .blocks
+                .iter()
+                .map(|b| (b.reference(), b.clone()))
+                .collect();
+            let subdags = batch
+                .commits
+                .iter()
+                .map(|c| CommittedSubDag::new(c, |r| blocks.get(r).cloned()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| {
+                    let first = batch
+                        .commits
+                        .iter()
+                        .flat_map(|c| c.commit().blocks.iter())
+                        .find(|r| !blocks.contains_key(r))
+                        .copied()
+                        .unwrap_or_default();
+                    soma_store::Error::MissingBlock(first)
+                })?;
+            let last = batch.commits.last().map(TrustedCommit::reference);
+            let next_committee = batch.next_committee.clone();
+            store.write_synced_batch(batch)?;
+            Ok((subdags, last, next_committee))
+        });
+        Box::pin(
+            async move {
+                write
+                    .await
+                    .map_err(|_| soma_store::Error::Database("the write was cancelled".into()))?
+            }
+            .into_actor(self)
+            .map(|result, act, ctx| {
+                let (subdags, last, next_committee) = result?;
+                let next_epoch = next_committee.as_ref().map(Committee::epoch);
+                if let Some(next) = next_committee {
+                    act.verifier.do_send(InstallCommittee(next));
+                }
+                act.publish(subdags);
+                if let Some(last) = last {
+                    act.step(Input::LocalApplied { last, next_epoch }, ctx);
+                    act.push_to_peers_behind(last);
+                }
+                Ok(())
+            }),
+        )
+    }
+}

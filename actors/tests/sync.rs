@@ -1,0 +1,548 @@
+//! State sync over real mutual-TLS gRPC: a fresh node catches up from
+//! validators, verifies everything, applies in order, and ends with the same
+//! store.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use soma_actors::discovery::SeedPeer;
+use soma_actors::{P2pBuilder, P2pConfig, P2pHandle};
+use soma_chain::{Chain, ChainBuilder, ChainConfig};
+use soma_store::{ConsensusStore, MemStore};
+use soma_types::KeyPair;
+
+const DEADLINE: Duration = Duration::from_secs(180);
+
+fn validator(chain: &Chain, key: u8) -> P2pHandle {
+    let store = MemStore::new(chain.genesis());
+    chain.write_to(&store, 100).unwrap();
+    P2pBuilder::new(
+        P2pConfig::default(),
+        KeyPair::from_seed([key; 32]),
+        chain.genesis().clone(),
+        Arc::new(store),
+    )
+    .start()
+    .unwrap()
+}
+
+fn fresh(
+    chain: &Chain,
+    key: u8,
+    seeds: &[&P2pHandle],
+    store: Arc<dyn ConsensusStore>,
+) -> P2pHandle {
+    let config = P2pConfig {
+        seed_peers: seeds
+            .iter()
+            .map(|s| SeedPeer {
+                peer_id: Some(s.peer_id()),
+                address: s.local_addr().to_string(),
+            })
+            .collect(),
+        synced_commit_broadcast_capacity: 10_000,
+        ..P2pConfig::default()
+    };
+    P2pBuilder::new(
+        config,
+        KeyPair::from_seed([key; 32]),
+        chain.genesis().clone(),
+        store,
+    )
+    .start()
+    .unwrap()
+}
+
+async fn wait_synced(node: &P2pHandle, target: u64) {
+    let start = Instant::now();
+    loop {
+        let status = node.sync_status().await.unwrap();
+        if status.synced >= target {
+            return;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "sync stalled at {} of {target}: {status:?}",
+            status.synced
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The fresh store holds exactly the validators' chain.
+fn assert_same_chain(chain: &Chain, store: &dyn ConsensusStore) {
+    assert_eq!(
+        store.highest_synced_commit().unwrap(),
+        chain.commit_ref(chain.tip())
+    );
+    for i in 1..=chain.tip() {
+        let commit = store.commit(i).unwrap().expect("every commit is stored");
+        assert_eq!(commit.reference(), chain.commit_ref(i));
+        let refs: Vec<_> = chain.blocks_of(i).iter().map(|b| b.reference()).collect();
+        let blocks = store.blocks(&refs).unwrap();
+        for (r, b) in refs.iter().zip(blocks) {
+            let b = b.unwrap_or_else(|| panic!("block {r} of commit {i} missing"));
+            assert_eq!(
+                b.serialized(),
+                chain.blocks_of(i)[refs.iter().position(|x| x == r).unwrap()].serialized()
+            );
+        }
+    }
+    for c in chain.committees() {
+        assert_eq!(store.committee(c.epoch()).unwrap().as_ref(), Some(c));
+    }
+    for epoch in 0..2 {
+        assert_eq!(
+            store.last_commit_of_epoch(epoch).unwrap(),
+            chain.epoch_last(epoch)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_node_catches_up_5000_commits_over_3_epochs_from_3_peers() {
+    let chain = ChainBuilder::new(ChainConfig {
+        commits_per_epoch: Some(1_800),
+        ..ChainConfig::validators(4)
+    })
+    .build(5_000);
+    assert_eq!(chain.committees().count(), 3);
+    let validators: Vec<P2pHandle> = (1..=3).map(|k| validator(&chain, k)).collect();
+    let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+    let node = fresh(
+        &chain,
+        9,
+        &validators.iter().collect::<Vec<_>>(),
+        store.clone(),
+    );
+    let mut commits = node.subscribe_synced_commits();
+    let collector = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while seen.len() < 5_000 {
+            match commits.recv().await {
+                Ok(subdag) => seen.push(subdag.commit_ref),
+                Err(e) => panic!("subscriber lost commits: {e}"),
+            }
+        }
+        seen
+    });
+
+    wait_synced(&node, 5_000).await;
+    let seen = tokio::time::timeout(DEADLINE, collector)
+        .await
+        .unwrap()
+        .unwrap();
+    let expected: Vec<_> = (1..=5_000).map(|i| chain.commit_ref(i)).collect();
+    assert_eq!(seen, expected, "every commit exactly once, in order");
+    assert_same_chain(&chain, store.as_ref());
+
+    let status = node.sync_status().await.unwrap();
+    assert_eq!(status.commits_applied, 5_000);
+    assert_eq!(status.blocks_applied as usize, chain.block_count());
+    node.shutdown().await;
+    for v in validators {
+        v.shutdown().await;
+    }
+}
+
+mod byzantine {
+    //! Peers that lie. With one honest validator present, sync completes,
+    //! nothing bad is stored or broadcast, and each liar is banned.
+
+    use std::pin::Pin;
+
+    use bytes::Bytes;
+    use soma_chain::corrupt;
+    use soma_types::{BlockRef, ChainId, Digest, batch_end};
+    use soma_wire::convert::Availability;
+    use soma_wire::proto::{self, p2p_server};
+    use soma_wire::tls::{self, AccessPolicy, NodeIdentity};
+    use tokio_stream::Stream;
+    use tonic::{Request, Response, Status};
+
+    use super::*;
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub(super) enum Lie {
+        ForgedCertifierSignature,
+        BrokenDigestChain,
+        ShortCertificate,
+        WrongBlock,
+        MissingBlock,
+        ExtraBlock,
+        OtherChain,
+        NeverAnswers,
+        StreamsForever,
+    }
+
+    struct Evil {
+        chain: Arc<Chain>,
+        lie: Lie,
+    }
+
+    type BlockStream =
+        Pin<Box<dyn Stream<Item = Result<proto::FetchBlocksResponse, Status>> + Send>>;
+
+    impl Evil {
+        async fn stall(&self) {
+            if self.lie == Lie::NeverAnswers {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    #[tonic::async_trait]
+    impl p2p_server::P2p for Evil {
+        async fn get_known_peers(
+            &self,
+            _: Request<proto::GetKnownPeersRequest>,
+        ) -> Result<Response<proto::GetKnownPeersResponse>, Status> {
+            Err(Status::unimplemented("liar"))
+        }
+
+        async fn get_commit_availability(
+            &self,
+            _: Request<proto::GetCommitAvailabilityRequest>,
+        ) -> Result<Response<proto::GetCommitAvailabilityResponse>, Status> {
+            let chain_id = if self.lie == Lie::OtherChain {
+                ChainId(Digest([0xee; 32]))
+            } else {
+                self.chain.chain_id()
+            };
+            // Claim to be far ahead, to attract requests.
+            Ok(Response::new(
+                Availability {
+                    chain_id,
+                    highest: self.chain.tip(),
+                    lowest: 1,
+                }
+                .into(),
+            ))
+        }
+
+        async fn get_commit_info(
+            &self,
+            _: Request<proto::GetCommitInfoRequest>,
+        ) -> Result<Response<proto::GetCommitInfoResponse>, Status> {
+            Ok(Response::new(proto::GetCommitInfoResponse { commit: None }))
+        }
+
+        async fn push_commit(
+            &self,
+            _: Request<proto::PushCommitRequest>,
+        ) -> Result<Response<proto::PushCommitResponse>, Status> {
+            Ok(Response::new(proto::PushCommitResponse {}))
+        }
+
+        async fn fetch_commits(
+            &self,
+            request: Request<proto::FetchCommitsRequest>,
+        ) -> Result<Response<proto::FetchCommitsResponse>, Status> {
+            self.stall().await;
+            let r = request.into_inner();
+            let chain = &self.chain;
+            let epoch = chain.commit(r.start).commit().epoch;
+            let end = batch_end(r.start, 100, chain.epoch_last(epoch), chain.tip()).min(r.end);
+            let (mut commits, mut certifiers) = chain.fetch_commits(r.start..=end);
+            match self.lie {
+                Lie::ForgedCertifierSignature => {
+                    certifiers[0] = corrupt::forge_signature(&certifiers[0].clone().into_trusted())
+                }
+                Lie::BrokenDigestChain if commits.len() > 1 => {
+                    commits = corrupt::break_link(&commits, commits.len() / 2)
+                }
+                Lie::ShortCertificate => {
+                    certifiers =
+                        corrupt::certificate_below_quorum(&certifiers, chain.committee_of(end))
+                }
+                _ => {}
+            }
+            Ok(Response::new(proto::FetchCommitsResponse {
+                commits: commits.iter().map(|c| c.serialized().clone()).collect(),
+                certifier_blocks: certifiers.iter().map(|b| b.serialized().clone()).collect(),
+            }))
+        }
+
+        type FetchBlocksStream = BlockStream;
+
+        async fn fetch_blocks(
+            &self,
+            request: Request<proto::FetchBlocksRequest>,
+        ) -> Result<Response<BlockStream>, Status> {
+            self.stall().await;
+            let refs: Vec<BlockRef> = request
+                .get_ref()
+                .refs
+                .iter()
+                .map(|r| BlockRef::try_from(r).unwrap())
+                .collect();
+            let all: std::collections::HashMap<BlockRef, Bytes> = (1..=self.chain.tip())
+                .flat_map(|i| self.chain.blocks_of(i).iter())
+                .map(|b| (b.reference(), b.serialized().clone()))
+                .collect();
+            let mut blocks: Vec<Bytes> = refs.iter().map(|r| all[r].clone()).collect();
+            let stranger = self.chain.blocks_of(self.chain.tip())[0]
+                .serialized()
+                .clone();
+            match self.lie {
+                // Every liar also lies about blocks, so nothing can be applied
+                // from liars alone and each one is asked until caught.
+                Lie::WrongBlock
+                | Lie::ForgedCertifierSignature
+                | Lie::BrokenDigestChain
+                | Lie::ShortCertificate => blocks[0] = tamper(&blocks[0]),
+                Lie::MissingBlock => {
+                    blocks.pop();
+                }
+                Lie::ExtraBlock => blocks.push(stranger),
+                Lie::StreamsForever => {
+                    let chunk = proto::FetchBlocksResponse { blocks };
+                    let endless = tokio_stream::iter(std::iter::repeat(Ok(chunk)));
+                    return Ok(Response::new(Box::pin(endless)));
+                }
+                _ => {}
+            }
+            let chunk = proto::FetchBlocksResponse { blocks };
+            Ok(Response::new(Box::pin(tokio_stream::iter(vec![Ok(chunk)]))))
+        }
+    }
+
+    /// The block changed after signing: its digest is no longer the one a
+    /// commit names.
+    fn tamper(bytes: &Bytes) -> Bytes {
+        let block = soma_types::VerifiedBlock::from_trusted_bytes(bytes.clone()).unwrap();
+        corrupt::tamper(&block, |b| b.timestamp_ms += 1)
+            .serialized()
+            .clone()
+    }
+
+    /// Serves `lie` over mutual TLS; returns its peer id and address.
+    async fn serve(chain: Arc<Chain>, lie: Lie, key: u8) -> (soma_types::PeerId, String) {
+        let identity = NodeIdentity::generate(&KeyPair::from_seed([key; 32])).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let config = tls::server_config(&identity, &AccessPolicy::default()).unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(p2p_server::P2pServer::new(Evil { chain, lie }))
+                .serve_with_incoming(tls::incoming(listener, config)),
+        );
+        (identity.peer_id(), address)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sync_completes_from_the_honest_peer_and_every_liar_is_banned() {
+        let chain = Arc::new(
+            ChainBuilder::new(ChainConfig {
+                commits_per_epoch: Some(250),
+                ..ChainConfig::validators(4)
+            })
+            .build(600),
+        );
+        let honest = validator(&chain, 1);
+        let lies = [
+            Lie::ForgedCertifierSignature,
+            Lie::BrokenDigestChain,
+            Lie::ShortCertificate,
+            Lie::WrongBlock,
+            Lie::MissingBlock,
+            Lie::ExtraBlock,
+            Lie::OtherChain,
+            Lie::NeverAnswers,
+            Lie::StreamsForever,
+        ];
+        let mut liars = Vec::new();
+        for (i, lie) in lies.iter().enumerate() {
+            liars.push((*lie, serve(chain.clone(), *lie, 100 + i as u8).await));
+        }
+        // Only liars at first, so that every one of them is asked.
+        let seeds: Vec<SeedPeer> = liars
+            .iter()
+            .map(|(_, (peer, address))| SeedPeer {
+                peer_id: Some(*peer),
+                address: address.clone(),
+            })
+            .collect();
+        let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+        let config = P2pConfig {
+            seed_peers: seeds,
+            timeout: Duration::from_secs(2),
+            // Bans must outlast the test, to be observed.
+            ban_duration: Duration::from_secs(3_600),
+            synced_commit_broadcast_capacity: 10_000,
+            connections: soma_actors::connections::Config {
+                max_connections: 32,
+                ..Default::default()
+            },
+            ..P2pConfig::default()
+        };
+        let node = P2pBuilder::new(
+            config,
+            KeyPair::from_seed([9; 32]),
+            chain.genesis().clone(),
+            store.clone(),
+        )
+        .start()
+        .unwrap();
+        let mut commits = node.subscribe_synced_commits();
+        let collector = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while seen.len() < 600 {
+                seen.push(commits.recv().await.expect("no commit lost").commit_ref);
+            }
+            seen
+        });
+
+        // Every liar that sends bad data is caught and banned.
+        let data_liars: Vec<soma_types::PeerId> = liars
+            .iter()
+            .filter(|(lie, _)| !matches!(lie, Lie::OtherChain | Lie::NeverAnswers))
+            .map(|(_, (peer, _))| *peer)
+            .collect();
+        let start = Instant::now();
+        loop {
+            let views = node.peer_heights().await.unwrap();
+            let banned = data_liars
+                .iter()
+                .filter(|p| {
+                    views
+                        .iter()
+                        .any(|v| v.peer == **p && v.banned_until.is_some())
+                })
+                .count();
+            if banned == data_liars.len() {
+                break;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "only {banned} liars banned: {views:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Nothing a liar sent was applied.
+        assert_eq!(store.highest_synced_commit().unwrap().index, 0);
+
+        // With an honest peer, sync completes; nothing bad is stored or
+        // broadcast.
+        node.connect(Some(honest.peer_id()), honest.local_addr().to_string());
+        wait_synced(&node, 600).await;
+        assert_same_chain(&chain, store.as_ref());
+        let seen = tokio::time::timeout(DEADLINE, collector)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            seen,
+            (1..=600).map(|i| chain.commit_ref(i)).collect::<Vec<_>>()
+        );
+
+        // The peer on another chain is never used; the silent one is only
+        // scored down, not banned.
+        let views = node.peer_heights().await.unwrap();
+        for (lie, (peer, _)) in &liars {
+            let view = views.iter().find(|v| v.peer == *peer);
+            match lie {
+                Lie::OtherChain => {
+                    assert_ne!(view.and_then(|v| v.chain_id), Some(chain.chain_id()))
+                }
+                Lie::NeverAnswers => {
+                    assert!(view.is_none_or(|v| v.banned_until.is_none()), "{view:?}")
+                }
+                _ => {}
+            }
+        }
+        let status = node.sync_status().await.unwrap();
+        assert!(
+            status.invalid_responses >= data_liars.len() as u64,
+            "{status:?}"
+        );
+        node.shutdown().await;
+        honest.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_that_panic_or_fail_are_restarted_and_sync_completes() {
+    use soma_actors::state_sync::FaultPlan;
+    let chain = ChainBuilder::new(ChainConfig::validators(4)).build(500);
+    let validators: Vec<P2pHandle> = (1..=2).map(|k| validator(&chain, k)).collect();
+    let faults = Arc::new(FaultPlan::default());
+    // Batch 101: two workers panic. Batch 201: five fail, past the
+    // intensity limit of three restarts.
+    faults.panics.lock().unwrap().insert(101, 2);
+    faults.failures.lock().unwrap().insert(201, 5);
+    let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+    let config = P2pConfig {
+        seed_peers: validators
+            .iter()
+            .map(|v| SeedPeer {
+                peer_id: Some(v.peer_id()),
+                address: v.local_addr().to_string(),
+            })
+            .collect(),
+        faults: Some(faults.clone()),
+        ..P2pConfig::default()
+    };
+    let node = P2pBuilder::new(
+        config,
+        KeyPair::from_seed([9; 32]),
+        chain.genesis().clone(),
+        store.clone(),
+    )
+    .start()
+    .unwrap();
+    wait_synced(&node, 500).await;
+    assert_same_chain(&chain, store.as_ref());
+    let status = node.sync_status().await.unwrap();
+    assert!(status.restarts >= 7, "restarts counted: {status:?}");
+    assert!(faults.panics.lock().unwrap().values().all(|n| *n == 0));
+    assert!(faults.failures.lock().unwrap().values().all(|n| *n == 0));
+    assert!(
+        node.health().is_healthy(),
+        "a panicking worker took an actor down"
+    );
+    node.shutdown().await;
+    for v in validators {
+        v.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_stopped_mid_sync_resumes_from_its_watermark_on_the_same_store() {
+    use soma_store::RedbStore;
+    let chain = ChainBuilder::new(ChainConfig {
+        commits_per_epoch: Some(1_000),
+        ..ChainConfig::validators(4)
+    })
+    .build(3_000);
+    let validators: Vec<P2pHandle> = (1..=2).map(|k| validator(&chain, k)).collect();
+    let seeds: Vec<&P2pHandle> = validators.iter().collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("chain.redb");
+
+    let store: Arc<dyn ConsensusStore> = Arc::new(RedbStore::open(&path, chain.genesis()).unwrap());
+    let node = fresh(&chain, 9, &seeds, store);
+    wait_synced(&node, 1_000).await;
+    node.shutdown().await;
+    drop(node);
+    let stopped_at = {
+        let store = RedbStore::open(&path, chain.genesis()).unwrap();
+        let watermark = store.highest_synced_commit().unwrap();
+        assert!(
+            watermark.index >= 1_000 && watermark.index < 3_000,
+            "{watermark:?}"
+        );
+        assert_eq!(watermark, chain.commit_ref(watermark.index));
+        watermark.index
+    };
+
+    let store: Arc<dyn ConsensusStore> = Arc::new(RedbStore::open(&path, chain.genesis()).unwrap());
+    let node = fresh(&chain, 9, &seeds, store.clone());
+    assert!(node.sync_status().await.unwrap().synced >= stopped_at);
+    wait_synced(&node, 3_000).await;
+    assert_same_chain(&chain, store.as_ref());
+    node.shutdown().await;
+    for v in validators {
+        v.shutdown().await;
+    }
+}
