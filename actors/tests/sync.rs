@@ -546,3 +546,55 @@ async fn node_stopped_mid_sync_resumes_from_its_watermark_on_the_same_store() {
         v.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_commits_take_the_sync_path_and_a_commit_that_does_not_link_is_refused() {
+    use soma_actors::system::LocalCommit;
+    let chain = ChainBuilder::new(ChainConfig::validators(4)).build(20);
+    let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+    let node = P2pBuilder::new(
+        P2pConfig::default(),
+        KeyPair::from_seed([9; 32]),
+        chain.genesis().clone(),
+        store.clone(),
+    )
+    .start()
+    .unwrap();
+    let mut commits = node.subscribe_synced_commits();
+    let local = |i: u64| LocalCommit {
+        commit: chain.commit(i),
+        blocks: chain.blocks_of(i).to_vec(),
+        certificate: chain.certificate(i).to_vec(),
+        next_committee: None,
+    };
+    for i in 1..=10 {
+        node.send_commit(local(i)).await.unwrap();
+        let subdag = commits.recv().await.unwrap();
+        assert_eq!(subdag.commit_ref, chain.commit_ref(i));
+        assert_eq!(subdag.blocks.len(), chain.blocks_of(i).len());
+    }
+    // Commit 12 does not follow commit 10: refused, nothing stored or sent.
+    let refused = node.send_commit(local(12)).await;
+    assert!(
+        matches!(
+            refused,
+            Err(soma_actors::system::P2pError::Store(
+                soma_store::Error::NotContiguous { .. }
+            ))
+        ),
+        "{refused:?}"
+    );
+    // A commit missing one of its blocks: refused too.
+    let mut partial = local(11);
+    partial.blocks.pop();
+    assert!(node.send_commit(partial).await.is_err());
+    assert_eq!(store.highest_synced_commit().unwrap(), chain.commit_ref(10));
+    assert!(commits.try_recv().is_err());
+    assert_eq!(node.sync_status().await.unwrap().synced, 10);
+    node.send_commit(local(11)).await.unwrap();
+    assert_eq!(
+        commits.recv().await.unwrap().commit_ref,
+        chain.commit_ref(11)
+    );
+    node.shutdown().await;
+}

@@ -19,4 +19,4 @@ mod service;
 pub use actor::{GrpcAdapter, Permit};
 pub use core::{GrpcAdapterCore, Limits};
 pub use messages::{Admission, Call, CallMsg, Code, Input, Output, Refusal, Work};
-pub use service::P2pService;
+pub use service::{P2pService, RpcCounts};

@@ -20,6 +20,12 @@ use crate::discovery::{Discovery, ExchangeInfo};
 /// Chunks of a FetchBlocks stream buffered ahead of the client.
 const STREAM_BUFFER: usize = 2;
 
+type BlockStream = ReceiverStream<Result<proto::FetchBlocksResponse, Status>>;
+
+/// Calls answered, by method and status code; shared with the handle for
+/// metrics.
+pub type RpcCounts = Arc<dashmap::DashMap<(&'static str, tonic::Code), u64>>;
+
 /// The tonic service of the P2p protocol. Every call goes through the
 /// [`GrpcAdapter`] first; admitted reads run on the blocking pool.
 #[derive(Clone)]
@@ -31,11 +37,13 @@ pub struct P2pService {
     genesis: CommitRef,
     limits: Limits,
     timeout: Duration,
+    counts: RpcCounts,
 }
 
 impl P2pService {
     /// A service answering for the node whose store is `store`;
     /// `timeout` bounds the wait for the actors.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         adapter: Addr<GrpcAdapter>,
         discovery: Addr<Discovery>,
@@ -44,6 +52,7 @@ impl P2pService {
         genesis: CommitRef,
         limits: Limits,
         timeout: Duration,
+        counts: RpcCounts,
     ) -> Self {
         P2pService {
             adapter,
@@ -53,7 +62,16 @@ impl P2pService {
             genesis,
             limits,
             timeout,
+            counts,
         }
+    }
+
+    fn count<T>(&self, method: &'static str, result: Result<T, Status>) -> Result<T, Status> {
+        let code = result
+            .as_ref()
+            .map_or_else(Status::code, |_| tonic::Code::Ok);
+        *self.counts.entry((method, code)).or_default() += 1;
+        result
     }
 
     async fn admit<T>(&self, request: &Request<T>, call: Call) -> Result<Admission, Status> {
@@ -90,6 +108,58 @@ impl P2p for P2pService {
         &self,
         request: Request<proto::GetKnownPeersRequest>,
     ) -> Result<Response<proto::GetKnownPeersResponse>, Status> {
+        let result = self.get_known_peers_inner(request).await;
+        self.count("GetKnownPeers", result)
+    }
+
+    async fn get_commit_availability(
+        &self,
+        request: Request<proto::GetCommitAvailabilityRequest>,
+    ) -> Result<Response<proto::GetCommitAvailabilityResponse>, Status> {
+        let result = self.get_commit_availability_inner(request).await;
+        self.count("GetCommitAvailability", result)
+    }
+
+    async fn get_commit_info(
+        &self,
+        request: Request<proto::GetCommitInfoRequest>,
+    ) -> Result<Response<proto::GetCommitInfoResponse>, Status> {
+        let result = self.get_commit_info_inner(request).await;
+        self.count("GetCommitInfo", result)
+    }
+
+    async fn push_commit(
+        &self,
+        request: Request<proto::PushCommitRequest>,
+    ) -> Result<Response<proto::PushCommitResponse>, Status> {
+        let result = self.push_commit_inner(request).await;
+        self.count("PushCommit", result)
+    }
+
+    async fn fetch_commits(
+        &self,
+        request: Request<proto::FetchCommitsRequest>,
+    ) -> Result<Response<proto::FetchCommitsResponse>, Status> {
+        let result = self.fetch_commits_inner(request).await;
+        self.count("FetchCommits", result)
+    }
+
+    type FetchBlocksStream = BlockStream;
+
+    async fn fetch_blocks(
+        &self,
+        request: Request<proto::FetchBlocksRequest>,
+    ) -> Result<Response<BlockStream>, Status> {
+        let result = self.fetch_blocks_inner(request).await;
+        self.count("FetchBlocks", result)
+    }
+}
+
+impl P2pService {
+    async fn get_known_peers_inner(
+        &self,
+        request: Request<proto::GetKnownPeersRequest>,
+    ) -> Result<Response<proto::GetKnownPeersResponse>, Status> {
         let own_info = &request.get_ref().own_info;
         if !own_info.is_empty() {
             codec::decode::<SignedNodeInfo>(
@@ -115,7 +185,7 @@ impl P2p for P2pService {
         }))
     }
 
-    async fn get_commit_availability(
+    async fn get_commit_availability_inner(
         &self,
         request: Request<proto::GetCommitAvailabilityRequest>,
     ) -> Result<Response<proto::GetCommitAvailabilityResponse>, Status> {
@@ -138,7 +208,7 @@ impl P2p for P2pService {
         Ok(Response::new(availability.into()))
     }
 
-    async fn get_commit_info(
+    async fn get_commit_info_inner(
         &self,
         request: Request<proto::GetCommitInfoRequest>,
     ) -> Result<Response<proto::GetCommitInfoResponse>, Status> {
@@ -160,7 +230,7 @@ impl P2p for P2pService {
         }))
     }
 
-    async fn push_commit(
+    async fn push_commit_inner(
         &self,
         request: Request<proto::PushCommitRequest>,
     ) -> Result<Response<proto::PushCommitResponse>, Status> {
@@ -169,7 +239,7 @@ impl P2p for P2pService {
         Ok(Response::new(proto::PushCommitResponse {}))
     }
 
-    async fn fetch_commits(
+    async fn fetch_commits_inner(
         &self,
         request: Request<proto::FetchCommitsRequest>,
     ) -> Result<Response<proto::FetchCommitsResponse>, Status> {
@@ -193,12 +263,10 @@ impl P2p for P2pService {
         Ok(Response::new(response))
     }
 
-    type FetchBlocksStream = ReceiverStream<Result<proto::FetchBlocksResponse, Status>>;
-
-    async fn fetch_blocks(
+    async fn fetch_blocks_inner(
         &self,
         request: Request<proto::FetchBlocksRequest>,
-    ) -> Result<Response<Self::FetchBlocksStream>, Status> {
+    ) -> Result<Response<BlockStream>, Status> {
         let call = Call::FetchBlocks {
             refs: request.get_ref().refs.len(),
         };

@@ -188,6 +188,7 @@ impl P2pBuilder {
             addresses: own_info.info.addresses.clone(),
         };
         let (actors, system, actor_thread, actors_stopped) = start_actors(&config, node)?;
+        let rpc_counts = crate::grpc::RpcCounts::default();
 
         let service = P2pService::new(
             actors.adapter.clone(),
@@ -197,6 +198,7 @@ impl P2pBuilder {
             genesis_commit(&genesis).reference(),
             config.grpc.clone(),
             config.timeout,
+            rpc_counts.clone(),
         );
         let policy = AccessPolicy {
             access: config.access,
@@ -233,6 +235,7 @@ impl P2pBuilder {
         tracing::info!(%peer_id, %local_addr, %chain_id, "p2p node started");
 
         Ok(P2pHandle::from_inner(Inner {
+            rpc_counts,
             events,
             peer_id,
             local_addr,

@@ -42,6 +42,7 @@ pub(super) struct Running {
 }
 
 pub(super) struct Inner {
+    pub(super) rpc_counts: crate::grpc::RpcCounts,
     pub(super) events: broadcast::Sender<PeerEvent>,
     pub(super) peer_id: PeerId,
     pub(super) local_addr: SocketAddr,
@@ -268,6 +269,15 @@ impl P2pHandle {
     /// gets `RecvError::Lagged(n)`.
     pub fn subscribe_peer_events(&self) -> broadcast::Receiver<PeerEvent> {
         self.inner.events.subscribe()
+    }
+
+    /// Calls the node's server answered, by method and status code.
+    pub fn rpc_counts(&self) -> Vec<(&'static str, tonic::Code, u64)> {
+        self.inner
+            .rpc_counts
+            .iter()
+            .map(|e| (e.key().0, e.key().1, *e.value()))
+            .collect()
     }
 
     /// What the node knows of each peer's chain.

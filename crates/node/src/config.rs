@@ -1,0 +1,528 @@
+//! The node's configuration file: TOML, kebab-case keys, every setting of
+//! the design with its default. Unknown keys and out-of-range values are
+//! refused with a message naming the key and the allowed range.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use soma_actors::P2pConfig;
+use soma_actors::discovery::SeedPeer;
+use soma_types::{Access, PeerId};
+
+/// A configuration problem, naming the key (or file) at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or has an unknown key or a bad value.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong (names the key).
+        message: String,
+    },
+    /// A value is out of its allowed range.
+    #[error("{path}: key `{key}` must be {allowed}, got {got}")]
+    Range {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: &'static str,
+        /// The allowed range.
+        allowed: &'static str,
+        /// The value given.
+        got: String,
+    },
+}
+
+/// A seed peer in the configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct SeedConfig {
+    /// The seed's peer id (hex), if known; otherwise learnt at the handshake.
+    #[serde(default)]
+    pub peer_id: Option<PeerId>,
+    /// `host:port`.
+    pub address: String,
+}
+
+/// Block production for a validator node of a local network.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ProducerConfig {
+    /// Commits produced per second.
+    pub commit_rate: f64,
+    /// Stop producing after this many commits (0: never stop).
+    #[serde(default)]
+    pub max_commits: u64,
+}
+
+/// Every tunable of the P2P layer (DESIGN section 7), with its default.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct P2pSection {
+    /// Discovery round interval.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Connections discovery dials up to.
+    pub target_concurrent_connections: usize,
+    /// Connected peers asked for known peers each round.
+    pub peers_to_query: usize,
+    /// Most peers sent in one GetKnownPeers answer.
+    pub max_peers_to_send: usize,
+    /// State sync tick.
+    #[serde(with = "humantime_serde")]
+    pub tick: Duration,
+    /// How often every connected peer's height is asked.
+    #[serde(with = "humantime_serde")]
+    pub height_query_interval: Duration,
+    /// Commits per sync batch.
+    pub commit_sync_batch_size: u64,
+    /// Block fetches at once.
+    pub parallel_fetches: usize,
+    /// Batches fetched beyond the applied watermark.
+    pub batches_ahead: usize,
+    /// Blocks per FetchBlocks request.
+    pub max_blocks_per_fetch: usize,
+    /// Largest FetchBlocks chunk or FetchCommits answer, in bytes.
+    pub max_fetch_response_bytes: usize,
+    /// Fetched, not yet applied bytes at most.
+    pub max_total_fetched_bytes: u64,
+    /// Time allowed for one request.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Wait when no peer can serve.
+    #[serde(with = "humantime_serde")]
+    pub wait_interval_when_no_peer: Duration,
+    /// How long a peer that sent invalid data is banned.
+    #[serde(with = "humantime_serde")]
+    pub ban_duration: Duration,
+    /// Capacity of every actor's mailbox.
+    pub mailbox_capacity: usize,
+    /// Capacity of the synced-commit broadcast.
+    pub synced_commit_broadcast_capacity: usize,
+    /// Whether synced block signatures are checked.
+    pub verify_synced_block_signatures: bool,
+}
+
+impl Default for P2pSection {
+    fn default() -> Self {
+        let p = P2pConfig::default();
+        P2pSection {
+            interval: Duration::from_millis(p.discovery.interval_ms),
+            target_concurrent_connections: p.discovery.target_concurrent_connections,
+            peers_to_query: p.discovery.peers_to_query,
+            max_peers_to_send: p.discovery.max_peers_to_send,
+            tick: p.tick,
+            height_query_interval: p.height_query_interval,
+            commit_sync_batch_size: p.state_sync.commit_sync_batch_size,
+            parallel_fetches: p.state_sync.parallel_fetches,
+            batches_ahead: p.state_sync.batches_ahead,
+            max_blocks_per_fetch: p.state_sync.max_blocks_per_fetch,
+            max_fetch_response_bytes: p.grpc.max_fetch_response_bytes,
+            max_total_fetched_bytes: p.state_sync.max_total_fetched_bytes,
+            timeout: p.timeout,
+            wait_interval_when_no_peer: Duration::from_millis(
+                p.state_sync.wait_interval_when_no_peer_ms,
+            ),
+            ban_duration: p.ban_duration,
+            mailbox_capacity: p.mailbox_capacity,
+            synced_commit_broadcast_capacity: p.synced_commit_broadcast_capacity,
+            verify_synced_block_signatures: p.verify_synced_block_signatures,
+        }
+    }
+}
+
+/// A node's configuration file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct NodeConfig {
+    /// Directory of the node's store (`chain.redb`).
+    pub data_dir: PathBuf,
+    /// Directory of the node's keys (`soma-p2p keygen`).
+    pub keys_dir: PathBuf,
+    /// The genesis file (`soma-p2p genesis`).
+    pub genesis: PathBuf,
+    /// Where the gRPC server listens.
+    pub listen_address: SocketAddr,
+    /// Addresses advertised to peers (default: the listen address).
+    #[serde(default)]
+    pub external_addresses: Vec<String>,
+    /// `public` or `private`.
+    #[serde(default)]
+    pub access: Access,
+    /// Peers always allowed; in private mode the only ones.
+    #[serde(default)]
+    pub allowlist: Vec<PeerId>,
+    /// Peers dialled when no other is connected.
+    #[serde(default)]
+    pub seed_peers: Vec<SeedConfig>,
+    /// Where Prometheus metrics are served, if anywhere.
+    #[serde(default)]
+    pub metrics_address: Option<SocketAddr>,
+    /// Block production (validators of a local network only).
+    #[serde(default)]
+    pub producer: Option<ProducerConfig>,
+    /// The P2P layer's tunables.
+    #[serde(default)]
+    pub p2p: P2pSection,
+}
+
+impl NodeConfig {
+    /// Reads and checks a configuration file. Relative paths in it are
+    /// relative to the file's directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config: NodeConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: one_line(&e),
+        })?;
+        config.check(path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [
+            &mut config.data_dir,
+            &mut config.keys_dir,
+            &mut config.genesis,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(config)
+    }
+
+    fn check(&self, path: &Path) -> Result<(), ConfigError> {
+        let p = &self.p2p;
+        let range = |key, allowed, ok: bool, got: String| {
+            if ok {
+                Ok(())
+            } else {
+                Err(ConfigError::Range {
+                    path: path.to_path_buf(),
+                    key,
+                    allowed,
+                    got,
+                })
+            }
+        };
+        let ms = |d: Duration| format!("{}ms", d.as_millis());
+        let between = |d: Duration, lo: u64, hi: u64| (lo..=hi).contains(&(d.as_millis() as u64));
+        range(
+            "p2p.interval",
+            "between 10ms and 1h",
+            between(p.interval, 10, 3_600_000),
+            ms(p.interval),
+        )?;
+        range(
+            "p2p.tick",
+            "between 1ms and 10s",
+            between(p.tick, 1, 10_000),
+            ms(p.tick),
+        )?;
+        range(
+            "p2p.height-query-interval",
+            "between 10ms and 1h",
+            between(p.height_query_interval, 10, 3_600_000),
+            ms(p.height_query_interval),
+        )?;
+        range(
+            "p2p.timeout",
+            "between 100ms and 10m",
+            between(p.timeout, 100, 600_000),
+            ms(p.timeout),
+        )?;
+        range(
+            "p2p.wait-interval-when-no-peer",
+            "between 10ms and 1h",
+            between(p.wait_interval_when_no_peer, 10, 3_600_000),
+            ms(p.wait_interval_when_no_peer),
+        )?;
+        range(
+            "p2p.ban-duration",
+            "between 1s and 7 days",
+            between(p.ban_duration, 1_000, 7 * 86_400_000),
+            ms(p.ban_duration),
+        )?;
+        let count = |key, v: usize, lo: usize, hi: usize, allowed| {
+            range(key, allowed, (lo..=hi).contains(&v), v.to_string())
+        };
+        count(
+            "p2p.target-concurrent-connections",
+            p.target_concurrent_connections,
+            1,
+            1_000,
+            "between 1 and 1000",
+        )?;
+        count(
+            "p2p.peers-to-query",
+            p.peers_to_query,
+            1,
+            100,
+            "between 1 and 100",
+        )?;
+        count(
+            "p2p.max-peers-to-send",
+            p.max_peers_to_send,
+            1,
+            1_000,
+            "between 1 and 1000",
+        )?;
+        count(
+            "p2p.parallel-fetches",
+            p.parallel_fetches,
+            1,
+            256,
+            "between 1 and 256",
+        )?;
+        count(
+            "p2p.batches-ahead",
+            p.batches_ahead,
+            1,
+            1_024,
+            "between 1 and 1024",
+        )?;
+        count(
+            "p2p.max-blocks-per-fetch",
+            p.max_blocks_per_fetch,
+            1,
+            10_000,
+            "between 1 and 10000",
+        )?;
+        count(
+            "p2p.mailbox-capacity",
+            p.mailbox_capacity,
+            16,
+            1 << 20,
+            "between 16 and 1048576",
+        )?;
+        count(
+            "p2p.synced-commit-broadcast-capacity",
+            p.synced_commit_broadcast_capacity,
+            1,
+            1 << 20,
+            "between 1 and 1048576",
+        )?;
+        count(
+            "p2p.max-fetch-response-bytes",
+            p.max_fetch_response_bytes,
+            64 << 10,
+            64 << 20,
+            "between 65536 and 67108864",
+        )?;
+        range(
+            "p2p.commit-sync-batch-size",
+            "between 1 and 1000",
+            (1..=1_000).contains(&p.commit_sync_batch_size),
+            p.commit_sync_batch_size.to_string(),
+        )?;
+        range(
+            "p2p.max-total-fetched-bytes",
+            "between 1048576 and 68719476736",
+            ((1 << 20)..=(64u64 << 30)).contains(&p.max_total_fetched_bytes),
+            p.max_total_fetched_bytes.to_string(),
+        )?;
+        if let Some(producer) = &self.producer {
+            range(
+                "producer.commit-rate",
+                "between 0.1 and 10000",
+                (0.1..=10_000.0).contains(&producer.commit_rate),
+                producer.commit_rate.to_string(),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The P2P layer's settings.
+    pub fn p2p_config(&self) -> P2pConfig {
+        let p = &self.p2p;
+        let mut c = P2pConfig {
+            listen_address: self.listen_address,
+            external_addresses: self.external_addresses.clone(),
+            access: self.access,
+            allowlist: self.allowlist.clone(),
+            seed_peers: self
+                .seed_peers
+                .iter()
+                .map(|s| SeedPeer {
+                    peer_id: s.peer_id,
+                    address: s.address.clone(),
+                })
+                .collect(),
+            timeout: p.timeout,
+            mailbox_capacity: p.mailbox_capacity,
+            ban_duration: p.ban_duration,
+            synced_commit_broadcast_capacity: p.synced_commit_broadcast_capacity,
+            tick: p.tick,
+            height_query_interval: p.height_query_interval,
+            verify_synced_block_signatures: p.verify_synced_block_signatures,
+            ..P2pConfig::default()
+        };
+        c.discovery.interval_ms = p.interval.as_millis() as u64;
+        c.discovery.target_concurrent_connections = p.target_concurrent_connections;
+        c.discovery.peers_to_query = p.peers_to_query;
+        c.discovery.max_peers_to_send = p.max_peers_to_send;
+        c.state_sync.commit_sync_batch_size = p.commit_sync_batch_size;
+        c.state_sync.parallel_fetches = p.parallel_fetches;
+        c.state_sync.batches_ahead = p.batches_ahead;
+        c.state_sync.max_blocks_per_fetch = p.max_blocks_per_fetch;
+        c.state_sync.max_total_fetched_bytes = p.max_total_fetched_bytes;
+        c.state_sync.wait_interval_when_no_peer_ms =
+            p.wait_interval_when_no_peer.as_millis() as u64;
+        c.grpc.commit_sync_batch_size = p.commit_sync_batch_size;
+        c.grpc.max_blocks_per_fetch = p.max_blocks_per_fetch;
+        c.grpc.max_fetch_response_bytes = p.max_fetch_response_bytes;
+        c
+    }
+}
+
+/// The first line of a TOML error, with its location: one line for the CLI.
+fn one_line(e: &toml::de::Error) -> String {
+    let message = e.message().trim().to_string();
+    match e.span() {
+        Some(span) => format!("{message} (at byte {})", span.start),
+        None => message,
+    }
+}
+
+/// A commented configuration file with every default, for `config --default`.
+pub fn default_file() -> String {
+    let p = P2pSection::default();
+    format!(
+        r#"# soma-p2p node configuration. Relative paths are relative to this file.
+
+# Directory of the node's store (chain.redb).
+data-dir = "data"
+# Directory of the keys written by `soma-p2p keygen`.
+keys-dir = "keys"
+# The genesis file written by `soma-p2p genesis`.
+genesis = "genesis.toml"
+# Where the gRPC server listens.
+listen-address = "127.0.0.1:7000"
+# Addresses advertised to peers; empty means the listen address.
+external-addresses = []
+# "public": anyone may connect, anonymous callers read only.
+# "private": only allowlisted peers get past the TLS handshake.
+access = "public"
+# Peer ids (hex) always allowed, and in private mode the only ones.
+allowlist = []
+# Peers dialled when no other is connected; peer-id is optional.
+# seed-peers = [{{ peer-id = "…", address = "10.0.0.5:7000" }}]
+seed-peers = []
+# Prometheus metrics (/metrics); omit to serve none.
+# metrics-address = "127.0.0.1:9100"
+
+# Block production, for validators of a local network only.
+# [producer]
+# commit-rate = 10.0
+# max-commits = 0
+
+[p2p]
+# Discovery: round interval, connection target, peers asked per round,
+# most peers sent per answer.
+interval = "{interval}"
+target-concurrent-connections = {target}
+peers-to-query = {query}
+max-peers-to-send = {send}
+# State sync: tick, height queries, batch size, parallel block fetches,
+# batches fetched ahead, blocks per request.
+tick = "{tick}"
+height-query-interval = "{hqi}"
+commit-sync-batch-size = {batch}
+parallel-fetches = {parallel}
+batches-ahead = {ahead}
+max-blocks-per-fetch = {blocks}
+# Bounds: largest response chunk, fetched-but-unapplied bytes.
+max-fetch-response-bytes = {resp}
+max-total-fetched-bytes = {total}
+# Time allowed per request; wait when no peer can serve; ban for bad data.
+timeout = "{timeout}"
+wait-interval-when-no-peer = "{wait}"
+ban-duration = "{ban}"
+# Queues: each actor's mailbox, the synced-commit broadcast.
+mailbox-capacity = {mailbox}
+synced-commit-broadcast-capacity = {broadcast}
+# Check synced block signatures (digests are always checked).
+verify-synced-block-signatures = {verify}
+"#,
+        interval = humantime_serde::re::humantime::format_duration(p.interval),
+        target = p.target_concurrent_connections,
+        query = p.peers_to_query,
+        send = p.max_peers_to_send,
+        tick = humantime_serde::re::humantime::format_duration(p.tick),
+        hqi = humantime_serde::re::humantime::format_duration(p.height_query_interval),
+        batch = p.commit_sync_batch_size,
+        parallel = p.parallel_fetches,
+        ahead = p.batches_ahead,
+        blocks = p.max_blocks_per_fetch,
+        resp = p.max_fetch_response_bytes,
+        total = p.max_total_fetched_bytes,
+        timeout = humantime_serde::re::humantime::format_duration(p.timeout),
+        wait = humantime_serde::re::humantime::format_duration(p.wait_interval_when_no_peer),
+        ban = humantime_serde::re::humantime::format_duration(p.ban_duration),
+        mailbox = p.mailbox_capacity,
+        broadcast = p.synced_commit_broadcast_capacity,
+        verify = p.verify_synced_block_signatures,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<NodeConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, text).unwrap();
+        NodeConfig::load(&path)
+    }
+
+    #[test]
+    fn the_default_file_parses_to_the_defaults() {
+        let config = parse(&default_file()).unwrap();
+        assert_eq!(config.p2p, P2pSection::default());
+        assert_eq!(config.p2p.interval, Duration::from_secs(5));
+        assert_eq!(config.p2p.parallel_fetches, 8);
+        assert_eq!(config.p2p.max_total_fetched_bytes, 128 << 20);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let text = default_file().replace("parallel-fetches = 8", "parallel-fetchez = 8");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("parallel-fetchez"), "{e}");
+        assert!(!e.contains('\n'), "one line: {e}");
+    }
+
+    #[test]
+    fn out_of_range_values_are_named_with_their_range() {
+        let text = default_file().replace("parallel-fetches = 8", "parallel-fetches = 0");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(
+            e.contains("p2p.parallel-fetches") && e.contains("between 1 and 256"),
+            "{e}"
+        );
+        let text = default_file().replace("timeout = \"10s\"", "timeout = \"1h\"");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("p2p.timeout"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        let text = default_file().replace("access = \"public\"", "access = \"open\"");
+        assert!(parse(&text).unwrap_err().to_string().contains("open"));
+        let text = default_file().replace("tick = \"100ms\"", "tick = \"soon\"");
+        assert!(parse(&text).is_err());
+    }
+}

@@ -1,0 +1,146 @@
+//! Key files: the network key (the node's identity), the protocol key (signs
+//! blocks), and the TLS key and identity-bound certificate.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use soma_types::{KeyPair, PeerId};
+use soma_wire::tls::NodeIdentity;
+
+/// Network key file name.
+pub const NETWORK_KEY: &str = "network.key";
+/// Protocol key file name.
+pub const PROTOCOL_KEY: &str = "protocol.key";
+/// TLS certificate file name.
+pub const TLS_CERT: &str = "tls.crt";
+/// TLS private key file name.
+pub const TLS_KEY: &str = "tls.key";
+
+/// A key file problem.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// Keys exist and `--force` was not given.
+    #[error("{0} already exists; pass --force to overwrite it")]
+    Exists(String),
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A key file holds no valid key.
+    #[error("{0}: not a key written by `soma-p2p keygen` (64 hex characters)")]
+    Invalid(String),
+    /// The TLS certificate is not bound to the network key.
+    #[error("{0}")]
+    Tls(String),
+}
+
+/// The keys of a node.
+pub struct NodeKeys {
+    /// The network key.
+    pub network: KeyPair,
+    /// The TLS identity, bound to the network key.
+    pub identity: NodeIdentity,
+}
+
+impl NodeKeys {
+    /// The node's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        PeerId::from(self.network.public())
+    }
+}
+
+fn write_secret(path: &Path, contents: &[u8]) -> Result<(), KeyError> {
+    let io = |source| KeyError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    file.write_all(contents).map_err(io)
+}
+
+/// Writes keys into `dir`: `network` and `protocol` (fresh if `None`), and a
+/// TLS identity bound to the network key. Refuses to overwrite existing keys
+/// unless `force`.
+pub fn write_keys(
+    dir: &Path,
+    network: Option<KeyPair>,
+    protocol: Option<KeyPair>,
+    force: bool,
+) -> Result<NodeKeys, KeyError> {
+    let io = |source| KeyError::Io {
+        path: dir.display().to_string(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    if !force {
+        for name in [NETWORK_KEY, PROTOCOL_KEY, TLS_CERT, TLS_KEY] {
+            let path = dir.join(name);
+            if path.exists() {
+                return Err(KeyError::Exists(path.display().to_string()));
+            }
+        }
+    }
+    let network = network.unwrap_or_else(KeyPair::generate);
+    let protocol = protocol.unwrap_or_else(KeyPair::generate);
+    let identity = NodeIdentity::generate(&network).map_err(|e| KeyError::Tls(e.to_string()))?;
+    write_secret(
+        &dir.join(NETWORK_KEY),
+        hex::encode(network.secret_bytes()).as_bytes(),
+    )?;
+    write_secret(
+        &dir.join(PROTOCOL_KEY),
+        hex::encode(protocol.secret_bytes()).as_bytes(),
+    )?;
+    write_secret(&dir.join(TLS_KEY), identity.key_pem().as_bytes())?;
+    std::fs::write(dir.join(TLS_CERT), identity.cert_pem()).map_err(|source| KeyError::Io {
+        path: dir.join(TLS_CERT).display().to_string(),
+        source,
+    })?;
+    Ok(NodeKeys { network, identity })
+}
+
+fn read_key(path: &Path) -> Result<KeyPair, KeyError> {
+    let text = std::fs::read_to_string(path).map_err(|source| KeyError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let mut seed = [0u8; 32];
+    hex::decode_to_slice(text.trim(), &mut seed)
+        .map_err(|_| KeyError::Invalid(path.display().to_string()))?;
+    Ok(KeyPair::from_seed(seed))
+}
+
+/// Reads the keys in `dir`, checking the TLS certificate is bound to the
+/// network key.
+pub fn read_keys(dir: &Path) -> Result<NodeKeys, KeyError> {
+    let network = read_key(&dir.join(NETWORK_KEY))?;
+    // Validators of a local network sign with keys derived from the genesis
+    // seed; the protocol key file is checked, not used, by this binary.
+    read_key(&dir.join(PROTOCOL_KEY))?;
+    let read = |name: &str| {
+        std::fs::read_to_string(dir.join(name)).map_err(|source| KeyError::Io {
+            path: dir.join(name).display().to_string(),
+            source,
+        })
+    };
+    let identity = NodeIdentity::from_pem(&read(TLS_CERT)?, &read(TLS_KEY)?)
+        .map_err(|e| KeyError::Tls(format!("{}: {e}", dir.join(TLS_CERT).display())))?;
+    if identity.peer_id() != PeerId::from(network.public()) {
+        return Err(KeyError::Tls(format!(
+            "{} is bound to another network key; run `soma-p2p keygen --force`",
+            dir.join(TLS_CERT).display()
+        )));
+    }
+    Ok(NodeKeys { network, identity })
+}

@@ -1,0 +1,313 @@
+//! `soma-p2p`: run a node of the soma-p2p network, make its keys and a local
+//! network's genesis, watch a node, replay traces, and run the local network
+//! demo.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+mod config;
+mod genesis;
+mod keys;
+mod localnet;
+mod metrics;
+mod producer;
+mod run;
+mod status;
+
+/// The peer-to-peer layer of a soma node: discovery, state sync and the
+/// gRPC service, over mutual TLS.
+#[derive(Parser, Debug)]
+#[command(name = "soma-p2p", version, about, long_about = None)]
+struct Cli {
+    /// Log format; the level comes from RUST_LOG (default: info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Write a node's keys: network and protocol keys (mode 0600), and a TLS
+    /// key with a certificate bound to the network key, as PEM.
+    Keygen {
+        /// Directory to write the keys into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Overwrite keys already there.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Write the genesis of a local network: the committee's parameters and
+    /// each validator's keys.
+    Genesis {
+        /// Number of validators.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        validators: u32,
+        /// Directory to write into.
+        #[arg(long)]
+        out: PathBuf,
+        /// First validator port on 127.0.0.1 (the others follow).
+        #[arg(long, default_value_t = 7000)]
+        base_port: u16,
+        /// Commits per epoch.
+        #[arg(long, default_value_t = 1000)]
+        commits_per_epoch: u64,
+        /// Overwrite files already there.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run one node until Ctrl-C or SIGTERM.
+    Run {
+        /// The node's configuration file (`soma-p2p config --default`).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// The demo: validators as separate processes on 127.0.0.1 produce
+    /// commits, then a fresh node joins through one seed and syncs.
+    Localnet {
+        /// Number of validators.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+        nodes: u32,
+        /// Commits produced before the fresh node joins.
+        #[arg(long, default_value_t = 2000)]
+        commits: u64,
+        /// Directory for configs, stores and logs (default: a fresh
+        /// temporary directory, removed at the end).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Commits per second each validator produces.
+        #[arg(long, default_value_t = 500.0)]
+        commit_rate: f64,
+        /// Commits per epoch.
+        #[arg(long, default_value_t = 1000)]
+        commits_per_epoch: u64,
+        /// Signed transactions per block.
+        #[arg(long, default_value_t = 10)]
+        transactions_per_block: usize,
+        /// Seconds to wait for production and for sync before giving up.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
+    /// Ask a running node (as an anonymous caller) for its chain, heights,
+    /// health and peers.
+    Status {
+        /// The node's gRPC address, host:port.
+        #[arg(long)]
+        addr: String,
+    },
+    /// Replay a recorded actor trace and report the first difference.
+    Replay {
+        /// The trace (JSON Lines).
+        file: PathBuf,
+    },
+    /// Configuration helpers.
+    Config {
+        /// Print a commented configuration file with every default.
+        #[arg(long)]
+        default: bool,
+    },
+}
+
+/// How a command failed, and so the exit code.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// Bad usage or configuration: exit code 2.
+    Usage(String),
+    /// The command ran and failed: exit code 1.
+    Run(String),
+}
+
+impl Failure {
+    pub(crate) fn usage(e: impl ToString) -> Self {
+        Failure::Usage(e.to_string())
+    }
+
+    pub(crate) fn run(e: impl ToString) -> Self {
+        Failure::Run(e.to_string())
+    }
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(execute(cli));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(message)) => {
+            eprintln!("error: {message}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Run(message)) => {
+            eprintln!("error: {message}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn execute(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Keygen { out, force } => {
+            let keys = keys::write_keys(&out, None, None, force).map_err(|e| match e {
+                keys::KeyError::Exists(_) => Failure::usage(e),
+                e => Failure::run(e),
+            })?;
+            println!("peer id {}", hex::encode(keys.peer_id().0));
+            println!("keys written to {}", out.display());
+            Ok(())
+        }
+        Command::Genesis {
+            validators,
+            out,
+            base_port,
+            commits_per_epoch,
+            force,
+        } => write_genesis(
+            validators as usize,
+            &out,
+            base_port,
+            commits_per_epoch,
+            force,
+        ),
+        Command::Run { config } => {
+            init_logs(cli.log_format);
+            run::run(&config).await
+        }
+        Command::Localnet {
+            nodes,
+            commits,
+            dir,
+            commit_rate,
+            commits_per_epoch,
+            transactions_per_block,
+            timeout,
+        } => {
+            localnet::run(localnet::Localnet {
+                nodes: nodes as usize,
+                commits,
+                dir,
+                commit_rate,
+                commits_per_epoch,
+                transactions_per_block,
+                timeout: Duration::from_secs(timeout),
+            })
+            .await
+        }
+        Command::Status { addr } => {
+            let s = status::query(&addr, Duration::from_secs(5))
+                .await
+                .map_err(Failure::run)?;
+            status::print(&addr, &s);
+            Ok(())
+        }
+        Command::Replay { file } => match soma_actors::replay::replay(&file) {
+            Ok(report) => {
+                println!(
+                    "{}: {} inputs, {} outputs of {} replayed exactly{}",
+                    file.display(),
+                    report.inputs,
+                    report.outputs,
+                    report.actor,
+                    if report.rewritten { " (rewritten)" } else { "" }
+                );
+                Ok(())
+            }
+            Err(e @ soma_actors::replay::ReplayError::Io(_)) => {
+                Err(Failure::usage(format!("{}: {e}", file.display())))
+            }
+            Err(e) => Err(Failure::run(format!("{}: {e}", file.display()))),
+        },
+        Command::Config { default } => {
+            if default {
+                print!("{}", config::default_file());
+                Ok(())
+            } else {
+                Err(Failure::usage(
+                    "nothing to do: `soma-p2p config --default` prints a commented default file",
+                ))
+            }
+        }
+    }
+}
+
+fn write_genesis(
+    validators: usize,
+    out: &std::path::Path,
+    base_port: u16,
+    commits_per_epoch: u64,
+    force: bool,
+) -> Result<(), Failure> {
+    let path = out.join("genesis.toml");
+    if path.exists() && !force {
+        return Err(Failure::usage(format!(
+            "{} already exists; pass --force to overwrite it",
+            path.display()
+        )));
+    }
+    std::fs::create_dir_all(out).map_err(|e| Failure::run(format!("{}: {e}", out.display())))?;
+    let genesis = genesis::GenesisFile {
+        seed: hex::encode(soma_types::KeyPair::generate().secret_bytes()),
+        stakes: vec![1; validators],
+        addresses: (0..validators)
+            .map(|i| format!("127.0.0.1:{}", base_port as usize + i))
+            .collect(),
+        transactions_per_block: 10,
+        payload_bytes: 32,
+        commits_per_epoch: Some(commits_per_epoch),
+    };
+    let text = toml::to_string(&genesis).map_err(Failure::run)?;
+    std::fs::write(&path, text).map_err(|e| Failure::run(format!("{}: {e}", path.display())))?;
+    let chain = genesis.chain_config().map_err(Failure::run)?;
+    for i in 0..validators {
+        let dir = out.join(format!("validator-{i}")).join("keys");
+        keys::write_keys(
+            &dir,
+            Some(chain.network_key(i)),
+            Some(chain.protocol_key(0, i)),
+            force,
+        )
+        .map_err(|e| match e {
+            keys::KeyError::Exists(_) => Failure::usage(e),
+            e => Failure::run(e),
+        })?;
+    }
+    let chain_id = genesis.chain_id().map_err(Failure::run)?;
+    println!("chain id {}", hex::encode(chain_id.0.0));
+    println!(
+        "genesis of {validators} validators written to {}",
+        out.display()
+    );
+    Ok(())
+}

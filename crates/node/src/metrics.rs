@@ -1,0 +1,169 @@
+//! Prometheus metrics on `/metrics`, read from the node's handle at each
+//! scrape.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::State;
+use axum::routing::get;
+use prometheus::core::Collector;
+use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use soma_actors::P2pHandle;
+
+/// The series of the design, registered once.
+struct Series {
+    registry: Registry,
+    known_peers: IntGauge,
+    connected_peers: IntGauge,
+    banned_peers: IntGauge,
+    highest_synced: IntGauge,
+    highest_known: IntGauge,
+    commits: IntCounterVec,
+    blocks: IntCounterVec,
+    bytes: IntCounterVec,
+    restarts: IntCounterVec,
+    failures: IntCounterVec,
+    rpcs: IntCounterVec,
+    actor_up: IntGaugeVec,
+    /// Last values seen, to turn totals into counter increments.
+    last: Mutex<std::collections::HashMap<String, u64>>,
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("registered once");
+    g
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("registered once");
+    c
+}
+
+impl Series {
+    fn new() -> Self {
+        let r = Registry::new();
+        let actor_up = IntGaugeVec::new(
+            Opts::new("soma_actor_up", "1 if the actor's mailbox is open"),
+            &["actor"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(actor_up.clone()))
+            .expect("registered once");
+        Series {
+            known_peers: gauge(&r, "soma_known_peers", "Peers discovery knows"),
+            connected_peers: gauge(&r, "soma_connected_peers", "Peers connected"),
+            banned_peers: gauge(&r, "soma_banned_peers", "Peers banned for invalid data"),
+            highest_synced: gauge(&r, "soma_highest_synced_commit", "Highest commit applied"),
+            highest_known: gauge(
+                &r,
+                "soma_highest_known_commit",
+                "Highest commit known among peers",
+            ),
+            commits: counter(
+                &r,
+                "soma_commits_synced_total",
+                "Commits applied (synced and local)",
+                &[],
+            ),
+            blocks: counter(&r, "soma_blocks_synced_total", "Blocks applied", &[]),
+            bytes: counter(
+                &r,
+                "soma_bytes_fetched_total",
+                "Bytes of verified blocks fetched",
+                &[],
+            ),
+            restarts: counter(
+                &r,
+                "soma_worker_restarts_total",
+                "Sync workers restarted",
+                &[],
+            ),
+            failures: counter(
+                &r,
+                "soma_verification_failures_total",
+                "Peer responses that failed verification",
+                &["kind"],
+            ),
+            rpcs: counter(&r, "soma_rpcs_total", "RPCs served", &["method", "status"]),
+            actor_up,
+            registry: r,
+            last: Mutex::new(Default::default()),
+        }
+    }
+
+    /// Raises a counter to the running total `now`.
+    fn advance(&self, counter: &IntCounterVec, labels: &[&str], now: u64) {
+        let key = format!("{}{labels:?}", counter.desc()[0].fq_name);
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let before = last.insert(key, now).unwrap_or(0);
+        counter
+            .with_label_values(labels)
+            .inc_by(now.saturating_sub(before));
+    }
+
+    async fn update(&self, handle: &P2pHandle) {
+        if let Ok(status) = handle.sync_status().await {
+            self.highest_synced.set(status.synced as i64);
+            self.highest_known.set(status.highest_known as i64);
+            self.advance(&self.commits, &[], status.commits_applied);
+            self.advance(&self.blocks, &[], status.blocks_applied);
+            self.advance(&self.bytes, &[], status.bytes_fetched);
+            self.advance(&self.restarts, &[], status.restarts);
+            self.advance(
+                &self.failures,
+                &["invalid_response"],
+                status.invalid_responses,
+            );
+        }
+        if let Ok(known) = handle.known_peers().await {
+            self.known_peers.set(known.len() as i64);
+        }
+        if let Ok(connected) = handle.connected_peers().await {
+            self.connected_peers.set(connected.len() as i64);
+        }
+        if let Ok(views) = handle.peer_heights().await {
+            self.banned_peers
+                .set(views.iter().filter(|v| v.banned_until.is_some()).count() as i64);
+        }
+        for (method, code, n) in handle.rpc_counts() {
+            self.advance(&self.rpcs, &[method, &format!("{code:?}")], n);
+        }
+        for actor in handle.health().actors {
+            self.actor_up
+                .with_label_values(&[actor.name])
+                .set(i64::from(actor.alive));
+        }
+    }
+}
+
+async fn metrics(State((handle, series)): State<(P2pHandle, Arc<Series>)>) -> String {
+    series.update(&handle).await;
+    let mut out = Vec::new();
+    let _ = TextEncoder::new().encode(&series.registry.gather(), &mut out);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Serves `/metrics` on `address` until `shutdown` resolves.
+pub async fn serve(
+    handle: P2pHandle,
+    address: SocketAddr,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(address).await?;
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .with_state((handle, Arc::new(Series::new())));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}

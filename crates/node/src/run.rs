@@ -1,0 +1,74 @@
+//! `soma-p2p run`: one node, until Ctrl-C or SIGTERM.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use soma_actors::P2pBuilder;
+use soma_store::{ConsensusStore, RedbStore};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::config::NodeConfig;
+use crate::genesis::GenesisFile;
+use crate::keys;
+
+/// File name of the store in the data directory.
+pub const STORE_FILE: &str = "chain.redb";
+
+/// Runs the node configured by `config_path`. Returns when the node has
+/// stopped gracefully after a signal.
+pub async fn run(config_path: &Path) -> Result<(), crate::Failure> {
+    let config = NodeConfig::load(config_path).map_err(crate::Failure::usage)?;
+    let genesis = GenesisFile::load(&config.genesis).map_err(crate::Failure::usage)?;
+    let committee = genesis.committee().map_err(crate::Failure::usage)?;
+    let keys = keys::read_keys(&config.keys_dir).map_err(crate::Failure::usage)?;
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| crate::Failure::run(format!("{}: {e}", config.data_dir.display())))?;
+    let store: Arc<dyn ConsensusStore> = Arc::new(
+        RedbStore::open(config.data_dir.join(STORE_FILE), &committee)
+            .map_err(|e| crate::Failure::run(format!("store: {e}")))?,
+    );
+    let peer_id = keys.peer_id();
+    let handle = P2pBuilder::new(config.p2p_config(), keys.network, committee, store)
+        .identity(keys.identity)
+        .runtime(tokio::runtime::Handle::current())
+        .start()
+        .map_err(|e| crate::Failure::run(e.to_string()))?;
+    tracing::info!(
+        peer_id = %hex::encode(peer_id.0),
+        address = %handle.local_addr(),
+        "node running"
+    );
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    if let Some(address) = config.metrics_address {
+        let mut stop = stop_rx.clone();
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = crate::metrics::serve(handle, address, shutdown).await {
+                tracing::error!(%address, %e, "metrics server failed");
+            }
+        });
+    }
+    if let Some(producer) = &config.producer {
+        let chain = genesis.chain_config().map_err(crate::Failure::usage)?;
+        tokio::spawn(crate::producer::produce(
+            handle.clone(),
+            chain,
+            producer.commit_rate,
+            producer.max_commits,
+        ));
+    }
+
+    let mut terminate =
+        signal(SignalKind::terminate()).map_err(|e| crate::Failure::run(e.to_string()))?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
+        _ = terminate.recv() => tracing::info!("terminated"),
+    }
+    let _ = stop_tx.send(true);
+    handle.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,80 @@
+//! `soma-p2p status`: asks a running node, as an anonymous caller, for its
+//! chain, heights, health and known peers.
+
+use std::time::Duration;
+
+use soma_types::{SignedNodeInfo, codec};
+use soma_wire::convert::Availability;
+use soma_wire::proto::{self, p2p_client::P2pClient};
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+/// What `status` reports.
+#[derive(Debug)]
+pub struct NodeStatus {
+    /// The node's availability.
+    pub availability: Availability,
+    /// The node's peer id, proven by its certificate.
+    pub peer_id: soma_types::PeerId,
+    /// Health of the P2p service.
+    pub serving: bool,
+    /// Peers the node advertises.
+    pub known_peers: Vec<SignedNodeInfo>,
+}
+
+/// Queries the node at `address`.
+pub async fn query(address: &str, timeout: Duration) -> Result<NodeStatus, String> {
+    let (channel, peer_id) = soma_wire::tls::connect(address, None, None, timeout)
+        .await
+        .map_err(|e| format!("cannot reach {address}: {e}"))?;
+    let mut client = P2pClient::new(channel.clone());
+    let availability = client
+        .get_commit_availability(proto::GetCommitAvailabilityRequest {})
+        .await
+        .map_err(|s| format!("availability: {}", s.message()))?;
+    let availability = Availability::try_from(availability.get_ref()).map_err(|e| e.to_string())?;
+    let serving = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: "soma.p2p.v1.P2p".into(),
+        })
+        .await
+        .is_ok_and(|r| r.get_ref().status == 1);
+    let known_peers = match client
+        .get_known_peers(proto::GetKnownPeersRequest::default())
+        .await
+    {
+        Ok(r) => r
+            .into_inner()
+            .known_peers
+            .iter()
+            .filter_map(|b| codec::decode(b, 4096).ok())
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    Ok(NodeStatus {
+        availability,
+        peer_id,
+        serving,
+        known_peers,
+    })
+}
+
+/// Prints a status report.
+pub fn print(address: &str, s: &NodeStatus) {
+    println!("node        {address}");
+    println!("peer id     {}", hex::encode(s.peer_id.0));
+    println!("chain id    {}", hex::encode(s.availability.chain_id.0.0));
+    println!(
+        "health      {}",
+        if s.serving { "serving" } else { "not serving" }
+    );
+    println!("highest     {}", s.availability.highest);
+    println!("lowest      {}", s.availability.lowest);
+    println!("peers       {}", s.known_peers.len());
+    for p in &s.known_peers {
+        println!(
+            "  {}  {}",
+            hex::encode(&p.info.peer_id.0[..8]),
+            p.info.addresses.join(", ")
+        );
+    }
+}
