@@ -3,7 +3,7 @@ CARGO ?= cargo
 # nextest runs test binaries in parallel; plain `cargo test` is the fallback.
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: all build test lint fmt bench doc clean
+.PHONY: all build test lint fmt bench demo doc clean
 
 all: build
 
@@ -29,9 +29,17 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
+## demo: build and run the local network demo (4 validators, a fresh node syncs)
+demo:
+	$(CARGO) run --release --locked -p soma-node -- localnet --nodes 4 --commits 5000
+
 ## bench: release-mode benchmarks (figures go in docs/benchmarks.md)
 bench:
 	$(CARGO) bench -p soma-chain --bench foundation --locked
+	$(CARGO) bench -p soma-actors --bench verifier --locked
+	$(CARGO) bench -p soma-actors --bench grpc --locked
+	$(CARGO) bench -p soma-actors --bench discovery --locked
+	$(CARGO) bench -p soma-actors --bench sync --locked
 
 ## doc: API documentation
 doc:

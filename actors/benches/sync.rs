@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
-use soma_actors::discovery::SeedPeer;
 use soma_actors::{P2pBuilder, P2pConfig, P2pHandle};
 use soma_chain::{Chain, ChainBuilder, ChainConfig};
 use soma_store::{ConsensusStore, MemStore};
@@ -19,18 +18,7 @@ use soma_types::{KeyPair, Limits, VerifiedBlock};
 
 fn validators(chain: &Chain) -> Vec<P2pHandle> {
     (1..=3u8)
-        .map(|k| {
-            let store = MemStore::new(chain.genesis());
-            chain.write_to(&store, 100).unwrap();
-            P2pBuilder::new(
-                P2pConfig::default(),
-                KeyPair::from_seed([k; 32]),
-                chain.genesis().clone(),
-                Arc::new(store),
-            )
-            .start()
-            .unwrap()
-        })
+        .map(|k| soma_testkit::validator(chain, k))
         .collect()
 }
 
@@ -42,13 +30,7 @@ struct Run {
 
 async fn catch_up(chain: &Chain, peers: &[P2pHandle], key: u8, signatures: bool) -> Run {
     let config = P2pConfig {
-        seed_peers: peers
-            .iter()
-            .map(|v| SeedPeer {
-                peer_id: Some(v.peer_id()),
-                address: v.local_addr().to_string(),
-            })
-            .collect(),
+        seed_peers: soma_testkit::seeds(&peers.iter().collect::<Vec<_>>()),
         verify_synced_block_signatures: signatures,
         ..P2pConfig::default()
     };

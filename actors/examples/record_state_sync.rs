@@ -38,18 +38,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build()?;
     runtime.block_on(async {
         let validators: Vec<P2pHandle> = (1..=2u8)
-            .map(|k| {
-                let store = MemStore::new(chain.genesis());
-                chain.write_to(&store, 100).unwrap();
-                P2pBuilder::new(
-                    P2pConfig::default(),
-                    KeyPair::from_seed([k; 32]),
-                    chain.genesis().clone(),
-                    Arc::new(store),
-                )
-                .start()
-                .unwrap()
-            })
+            .map(|k| soma_testkit::validator(&chain, k))
             .collect();
         let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
         let config = P2pConfig {

@@ -13,60 +13,24 @@ use soma_types::KeyPair;
 
 const DEADLINE: Duration = Duration::from_secs(180);
 
-fn validator(chain: &Chain, key: u8) -> P2pHandle {
-    let store = MemStore::new(chain.genesis());
-    chain.write_to(&store, 100).unwrap();
-    P2pBuilder::new(
-        P2pConfig::default(),
-        KeyPair::from_seed([key; 32]),
-        chain.genesis().clone(),
-        Arc::new(store),
-    )
-    .start()
-    .unwrap()
-}
+use soma_testkit::{seeds, validator};
 
 fn fresh(
     chain: &Chain,
     key: u8,
-    seeds: &[&P2pHandle],
+    peers: &[&P2pHandle],
     store: Arc<dyn ConsensusStore>,
 ) -> P2pHandle {
     let config = P2pConfig {
-        seed_peers: seeds
-            .iter()
-            .map(|s| SeedPeer {
-                peer_id: Some(s.peer_id()),
-                address: s.local_addr().to_string(),
-            })
-            .collect(),
+        seed_peers: seeds(peers),
         synced_commit_broadcast_capacity: 10_000,
         ..P2pConfig::default()
     };
-    P2pBuilder::new(
-        config,
-        KeyPair::from_seed([key; 32]),
-        chain.genesis().clone(),
-        store,
-    )
-    .start()
-    .unwrap()
+    soma_testkit::node(chain, key, config, store)
 }
 
 async fn wait_synced(node: &P2pHandle, target: u64) {
-    let start = Instant::now();
-    loop {
-        let status = node.sync_status().await.unwrap();
-        if status.synced >= target {
-            return;
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "sync stalled at {} of {target}: {status:?}",
-            status.synced
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    soma_testkit::wait_synced(node, target, DEADLINE).await;
 }
 
 /// The fresh store holds exactly the validators' chain.
@@ -473,13 +437,7 @@ async fn workers_that_panic_or_fail_are_restarted_and_sync_completes() {
     faults.failures.lock().unwrap().insert(201, 5);
     let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
     let config = P2pConfig {
-        seed_peers: validators
-            .iter()
-            .map(|v| SeedPeer {
-                peer_id: Some(v.peer_id()),
-                address: v.local_addr().to_string(),
-            })
-            .collect(),
+        seed_peers: seeds(&validators.iter().collect::<Vec<_>>()),
         faults: Some(faults.clone()),
         ..P2pConfig::default()
     };
