@@ -187,7 +187,7 @@ impl NodeConfig {
         })?;
         let mut config: NodeConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
-            message: one_line(&e),
+            message: one_line(&e, &text),
         })?;
         config.check(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
@@ -387,11 +387,17 @@ impl NodeConfig {
     }
 }
 
-/// The first line of a TOML error, with its location: one line for the CLI.
-fn one_line(e: &toml::de::Error) -> String {
-    let message = e.message().trim().to_string();
+/// A TOML error on one line, naming the line and the text there (so the
+/// key of a bad value is named).
+fn one_line(e: &toml::de::Error, text: &str) -> String {
+    let message = e.message().trim().replace('\n', " ");
     match e.span() {
-        Some(span) => format!("{message} (at byte {})", span.start),
+        Some(span) => {
+            let start = span.start.min(text.len());
+            let line = text[..start].matches('\n').count() + 1;
+            let content = text.lines().nth(line - 1).unwrap_or("").trim();
+            format!("line {line} (`{content}`): {message}")
+        }
         None => message,
     }
 }
@@ -519,10 +525,12 @@ mod tests {
     }
 
     #[test]
-    fn bad_values_are_refused() {
+    fn bad_values_are_refused_naming_their_key() {
         let text = default_file().replace("access = \"public\"", "access = \"open\"");
         assert!(parse(&text).unwrap_err().to_string().contains("open"));
         let text = default_file().replace("tick = \"100ms\"", "tick = \"soon\"");
-        assert!(parse(&text).is_err());
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("tick = \"soon\""), "{e}");
+        assert!(!e.contains('\n'), "{e}");
     }
 }

@@ -289,6 +289,15 @@ pub async fn run(net: Localnet) -> Result<(), Failure> {
         bar.finish();
 
         let joiner_height = highest(&address).await.unwrap_or(0);
+        // Discovery runs every 500 ms: give it a few rounds to learn every
+        // validator (a short sync can end before the first).
+        let discovery_deadline = Instant::now() + Duration::from_secs(5);
+        while metric(&scrape(mport).await.unwrap_or_default(), "soma_known_peers").unwrap_or(0.0)
+            < net.nodes as f64
+            && Instant::now() < discovery_deadline
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let validators_height = highest(&genesis.addresses[0]).await.unwrap_or(0);
         let text = scrape(mport).await.unwrap_or_default();
         let commits_metric = metric(&text, "soma_commits_synced_total").unwrap_or(0.0);
@@ -305,7 +314,7 @@ pub async fn run(net: Localnet) -> Result<(), Failure> {
         );
         println!("  validators            {}", net.nodes);
         println!("  peers discovered      {known}");
-        println!("  commits synced        {}", net.commits);
+        println!("  commits synced        {joiner_height}");
         println!(
             "  heights (status)      fresh node {joiner_height}, validators {validators_height}"
         );

@@ -20,7 +20,7 @@ mod status;
 /// The peer-to-peer layer of a soma node: discovery, state sync and the
 /// gRPC service, over mutual TLS.
 #[derive(Parser, Debug)]
-#[command(name = "soma-p2p", version, about, long_about = None)]
+#[command(name = "soma-p2p", version)]
 struct Cli {
     /// Log format; the level comes from RUST_LOG (default: info).
     #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]

@@ -1,0 +1,498 @@
+//! The `soma-p2p` binary as an operator runs it: help, configuration
+//! errors, keys, the local network demo, a node stopped by SIGTERM, and
+//! trace replay. Each test runs the built binary as a child process; every
+//! child is killed when its test ends, even on failure, and every file goes
+//! into a temporary directory removed at the end.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+use serde::Deserialize;
+use soma_chain::{ChainBuilder, ChainConfig};
+use soma_store::{ConsensusStore, RedbStore};
+use soma_types::{ChainId, Committee, Stake, genesis_commit};
+
+const BIN: &str = env!("CARGO_BIN_EXE_soma-p2p");
+
+/// Runs `soma-p2p args` to completion.
+fn soma(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("the binary runs")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A child process in its own process group, killed with the whole group
+/// when dropped unless it has already been waited for: a failing test
+/// leaves no node (nor a node's own children) running.
+struct Spawned {
+    child: Child,
+}
+
+impl Spawned {
+    fn spawn(command: &mut Command) -> Spawned {
+        let child = command
+            .stdin(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("the binary starts");
+        Spawned { child }
+    }
+
+    fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    /// Waits for the child to exit, at most `limit`.
+    fn wait_for(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        // Not yet reaped, so its pid (the group id) cannot have been reused.
+        if let Ok(None) = self.child.try_wait() {
+            let _ = killpg(self.pid(), Signal::SIGKILL);
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A port free on 127.0.0.1 a moment ago.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// The default configuration file, from `soma-p2p config --default`.
+fn default_config() -> String {
+    let output = soma(&["config", "--default"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    stdout(&output)
+}
+
+/// `text` with the one line setting `key` replaced by `line`.
+fn set_line(text: &str, key: &str, line: &str) -> String {
+    let prefix = format!("{key} = ");
+    let matching = text.lines().filter(|l| l.starts_with(&prefix)).count();
+    assert_eq!(matching, 1, "one `{key}` line in:\n{text}");
+    text.lines()
+        .map(|l| if l.starts_with(&prefix) { line } else { l })
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+/// Checks `output` is a usage failure: exit code 2 and a stderr of one
+/// line, `error: …`, containing each of `needles`.
+fn assert_usage_error(output: &Output, needles: &[&str]) {
+    let err = stderr(output);
+    assert_eq!(output.status.code(), Some(2), "stderr: {err}");
+    let line = err.strip_suffix('\n').unwrap_or(&err);
+    assert!(!line.contains('\n'), "one line expected, got:\n{err}");
+    assert!(line.starts_with("error: "), "{line}");
+    for needle in needles {
+        assert!(line.contains(needle), "`{needle}` missing from: {line}");
+    }
+}
+
+/// Runs `soma-p2p run` on a configuration file holding `text`.
+fn run_with_config(text: &str) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.toml");
+    fs::write(&path, text).unwrap();
+    soma(&["run", "--config", path.to_str().unwrap()])
+}
+
+#[test]
+fn help_is_given_for_every_subcommand() {
+    let subcommands: &[(&str, &[&str])] = &[
+        ("keygen", &["--out", "--force"]),
+        (
+            "genesis",
+            &[
+                "--validators",
+                "--out",
+                "--base-port",
+                "--commits-per-epoch",
+                "--force",
+            ],
+        ),
+        ("run", &["--config"]),
+        (
+            "localnet",
+            &[
+                "--nodes",
+                "--commits",
+                "--dir",
+                "--commit-rate",
+                "--commits-per-epoch",
+                "--transactions-per-block",
+                "--timeout",
+            ],
+        ),
+        ("status", &["--addr"]),
+        ("replay", &["<FILE>"]),
+        ("config", &["--default"]),
+    ];
+
+    let output = soma(&["--help"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let help = stdout(&output);
+    for flag in ["--log-format", "--help", "--version"] {
+        assert!(help.contains(flag), "`{flag}` missing from:\n{help}");
+    }
+    // The command list names exactly the subcommands checked here.
+    let listed: Vec<&str> = help
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| *name != "help")
+        .collect();
+    let expected: Vec<&str> = subcommands.iter().map(|(name, _)| *name).collect();
+    assert_eq!(listed, expected, "{help}");
+
+    for (name, flags) in subcommands {
+        let output = soma(&[name, "--help"]);
+        assert!(output.status.success(), "{name}: {}", stderr(&output));
+        let help = stdout(&output);
+        for flag in flags.iter().chain(&["--log-format", "--help"]) {
+            assert!(
+                help.contains(flag),
+                "`{flag}` missing from `{name} --help`:\n{help}"
+            );
+        }
+    }
+}
+
+#[test]
+fn an_unknown_config_key_is_named_in_a_one_line_error() {
+    let text = set_line(
+        &default_config(),
+        "parallel-fetches",
+        "parallel-fetchez = 8",
+    );
+    assert_usage_error(&run_with_config(&text), &["parallel-fetchez"]);
+}
+
+#[test]
+fn an_out_of_range_config_value_is_named_with_its_range() {
+    let text = set_line(
+        &default_config(),
+        "parallel-fetches",
+        "parallel-fetches = 0",
+    );
+    assert_usage_error(
+        &run_with_config(&text),
+        &["p2p.parallel-fetches", "between 1 and 256", "got 0"],
+    );
+}
+
+#[test]
+fn a_config_value_of_the_wrong_type_is_refused_in_one_line() {
+    let text = set_line(&default_config(), "timeout", "timeout = \"soon\"");
+    assert_usage_error(&run_with_config(&text), &["\"soon\"", "duration"]);
+}
+
+#[test]
+fn a_missing_config_file_is_named_in_a_one_line_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("absent.toml");
+    let output = soma(&["run", "--config", path.to_str().unwrap()]);
+    assert_usage_error(&output, &["absent.toml"]);
+}
+
+#[test]
+fn keygen_refuses_to_overwrite_keys_without_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    let out = keys.to_str().unwrap();
+    let secrets = ["network.key", "protocol.key", "tls.key"];
+    let read_all = || {
+        ["network.key", "protocol.key", "tls.key", "tls.crt"]
+            .map(|name| fs::read(keys.join(name)).expect("key file written"))
+    };
+    let assert_private = || {
+        for name in secrets {
+            let mode = fs::metadata(keys.join(name)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{name} has mode {mode:o}");
+        }
+    };
+
+    let output = soma(&["keygen", "--out", out]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_private();
+    let first = read_all();
+
+    let output = soma(&["keygen", "--out", out]);
+    assert_usage_error(&output, &["--force"]);
+    assert_eq!(read_all(), first, "keys changed without --force");
+
+    let output = soma(&["keygen", "--out", out, "--force"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_private();
+    assert_ne!(read_all()[0], first[0], "network.key not replaced");
+}
+
+/// The value after `label` on the first line of `text` that starts with it
+/// (after indentation), as `status` and the localnet summary print them.
+fn field<'a>(text: &'a str, label: &str) -> Option<&'a str> {
+    text.lines().find_map(|l| {
+        let rest = l.trim_start().strip_prefix(label)?;
+        rest.starts_with(char::is_whitespace).then(|| rest.trim())
+    })
+}
+
+fn summary_value<'a>(summary: &'a str, label: &str) -> &'a str {
+    field(summary, label).unwrap_or_else(|| panic!("no `{label}` line in:\n{summary}"))
+}
+
+#[test]
+fn localnet_syncs_a_fresh_node_and_reports_status_and_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = dir.path().join("net");
+    let out_path = dir.path().join("stdout");
+    let err_path = dir.path().join("stderr");
+    // Bounded by its own --timeout: at most that long for production and
+    // for sync each, then a few seconds to stop the validators.
+    let mut localnet = Spawned::spawn(
+        Command::new(BIN)
+            .args(["localnet", "--nodes", "4", "--commits", "300"])
+            .args(["--commit-rate", "500", "--timeout", "120", "--dir"])
+            .arg(&net)
+            .stdout(fs::File::create(&out_path).unwrap())
+            .stderr(fs::File::create(&err_path).unwrap()),
+    );
+    let status = localnet.child.wait().unwrap();
+    let summary = fs::read_to_string(&out_path).unwrap();
+    let log = |name: &str| fs::read_to_string(net.join(name).join("node.log")).unwrap_or_default();
+    assert!(
+        status.success(),
+        "{status}\nstdout:\n{summary}\nstderr:\n{}\njoiner log:\n{}",
+        fs::read_to_string(&err_path).unwrap_or_default(),
+        log("joiner"),
+    );
+
+    let synced: u64 = summary_value(&summary, "commits synced")
+        .parse()
+        .expect("a count");
+    assert_eq!(synced, 300, "{summary}");
+
+    let heights = summary_value(&summary, "heights (status)");
+    let (fresh, validators) = heights
+        .strip_prefix("fresh node ")
+        .and_then(|h| h.split_once(", validators "))
+        .unwrap_or_else(|| panic!("unexpected heights line: {heights}"));
+    let fresh: u64 = fresh.parse().expect("a height");
+    let validators: u64 = validators.parse().expect("a height");
+    assert_eq!(fresh, validators, "{summary}");
+    assert!(fresh >= 300, "{summary}");
+
+    let metric: f64 = summary_value(&summary, "commits (metrics)")
+        .parse()
+        .expect("a number");
+    assert!(metric >= 300.0, "{summary}");
+
+    // The fresh node, seeded with one validator by address, found them all.
+    let discovered: f64 = summary_value(&summary, "peers discovered")
+        .parse()
+        .expect("a number");
+    assert_eq!(discovered, 4.0, "{summary}");
+}
+
+/// The genesis file written by `soma-p2p genesis`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct GenesisFile {
+    seed: String,
+    stakes: Vec<Stake>,
+    addresses: Vec<String>,
+    transactions_per_block: usize,
+    payload_bytes: usize,
+    commits_per_epoch: Option<u64>,
+}
+
+/// The genesis committee of a genesis file, derived as the node derives it.
+fn genesis_committee(path: &Path) -> Committee {
+    let file: GenesisFile = toml::from_str(&fs::read_to_string(path).unwrap()).unwrap();
+    let mut seed = [0u8; 32];
+    hex::decode_to_slice(&file.seed, &mut seed).unwrap();
+    let config = ChainConfig {
+        seed,
+        stakes: file.stakes,
+        addresses: Some(file.addresses),
+        transactions_per_block: file.transactions_per_block,
+        payload_bytes: file.payload_bytes,
+        commits_per_epoch: file.commits_per_epoch,
+        ..ChainConfig::default()
+    };
+    ChainBuilder::new(config).genesis().clone()
+}
+
+#[test]
+fn sigterm_stops_a_node_cleanly_and_its_store_reopens_consistent() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let address = format!("127.0.0.1:{port}");
+    let output = soma(&[
+        "genesis",
+        "--validators",
+        "1",
+        "--out",
+        dir.path().to_str().unwrap(),
+        "--base-port",
+        &port.to_string(),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let chain_id = field(&stdout(&output), "chain id")
+        .expect("genesis prints the chain id")
+        .to_string();
+
+    // Relative paths are relative to the configuration file's directory.
+    let mut config = default_config();
+    config = set_line(&config, "data-dir", "data-dir = \"validator-0/data\"");
+    config = set_line(&config, "keys-dir", "keys-dir = \"validator-0/keys\"");
+    config = set_line(&config, "genesis", "genesis = \"genesis.toml\"");
+    config = set_line(
+        &config,
+        "listen-address",
+        &format!("listen-address = \"{address}\""),
+    );
+    // A table: it must come before `[p2p]`, or its keys would land there.
+    assert_eq!(config.matches("\n[p2p]\n").count(), 1, "{config}");
+    config = config.replace("\n[p2p]\n", "\n[producer]\ncommit-rate = 200.0\n\n[p2p]\n");
+    let config_path = dir.path().join("node.toml");
+    fs::write(&config_path, config).unwrap();
+
+    let log_path = dir.path().join("node.log");
+    let mut node = Spawned::spawn(
+        Command::new(BIN)
+            .arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log_path).unwrap()),
+    );
+    let log = || fs::read_to_string(&log_path).unwrap_or_default();
+
+    // Wait for the node to serve and produce at least 50 commits.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let output = soma(&["status", "--addr", &address]);
+        let text = stdout(&output);
+        let highest = field(&text, "highest").and_then(|h| h.parse::<u64>().ok());
+        if output.status.success() && highest.is_some_and(|h| h >= 50) {
+            break text;
+        }
+        if let Some(exit) = node.child.try_wait().unwrap() {
+            panic!("the node exited early: {exit}\n{}", log());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no 50 commits in 60 s; last status:\n{text}{}\nlog:\n{}",
+            stderr(&output),
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(field(&status, "chain id"), Some(&*chain_id), "{status}");
+    assert_eq!(field(&status, "health"), Some("serving"), "{status}");
+
+    kill(node.pid(), Signal::SIGTERM).unwrap();
+    let exit = node
+        .wait_for(Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("the node did not stop within 20 s\n{}", log()));
+    assert!(exit.success(), "{exit}\n{}", log());
+
+    // The store reopens, and every commit up to the watermark is there with
+    // its blocks, each linked to the one before.
+    let committee = genesis_committee(&dir.path().join("genesis.toml"));
+    assert_eq!(hex::encode(ChainId::from_genesis(&committee).0.0), chain_id);
+    let data: PathBuf = dir.path().join("validator-0/data/chain.redb");
+    let store = RedbStore::open(&data, &committee).expect("the store reopens");
+    let watermark = store.highest_synced_commit().unwrap();
+    assert!(watermark.index >= 50, "watermark {watermark}");
+    assert_eq!(store.lowest_available_commit().unwrap(), 1);
+    let top = store
+        .commit(watermark.index)
+        .unwrap()
+        .expect("watermark commit");
+    assert_eq!(top.reference(), watermark);
+    let mut previous = genesis_commit(&committee);
+    for index in 1..=watermark.index {
+        let commit = store
+            .commit(index)
+            .unwrap()
+            .unwrap_or_else(|| panic!("commit {index} missing below watermark {watermark}"));
+        assert_eq!(commit.index(), index);
+        assert_eq!(
+            commit.commit().previous_digest,
+            previous.reference().digest,
+            "commit {index} does not link to commit {}",
+            index - 1
+        );
+        let blocks = store.blocks(&commit.commit().blocks).unwrap();
+        assert!(!blocks.is_empty(), "commit {index} names no block");
+        for (block, reference) in blocks.iter().zip(&commit.commit().blocks) {
+            assert!(
+                block.is_some(),
+                "commit {index}: block {reference:?} missing"
+            );
+        }
+        previous = commit;
+    }
+}
+
+#[test]
+fn replay_command_reports_the_first_difference() {
+    let trace = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/replays/peer_heights_ban_expires.jsonl"
+    );
+    let output = soma(&["replay", trace]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stdout(&output).contains("replayed exactly"),
+        "{}",
+        stdout(&output)
+    );
+
+    let text = fs::read_to_string(trace).unwrap();
+    let (recorded, altered) = ("\"highest_known\":500", "\"highest_known\":499");
+    assert_eq!(text.matches(recorded).count(), 1, "one output to alter");
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("altered.jsonl");
+    fs::write(&copy, text.replace(recorded, altered)).unwrap();
+    let output = soma(&["replay", copy.to_str().unwrap()]);
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "stderr: {err}");
+    assert!(err.contains("line 11"), "{err}");
+}
