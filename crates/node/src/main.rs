@@ -73,6 +73,10 @@ enum Command {
         /// The node's configuration file (`soma-p2p config --default`).
         #[arg(long)]
         config: PathBuf,
+        /// Produce blocks and commits at this rate per second (validators of
+        /// a local network); overrides the configuration's `[producer]`.
+        #[arg(long)]
+        commit_rate: Option<f64>,
     },
     /// The demo: validators as separate processes on 127.0.0.1 produce
     /// commits, then a fresh node joins through one seed and syncs.
@@ -203,9 +207,12 @@ async fn execute(cli: Cli) -> Result<(), Failure> {
             commits_per_epoch,
             force,
         ),
-        Command::Run { config } => {
+        Command::Run {
+            config,
+            commit_rate,
+        } => {
             init_logs(cli.log_format);
-            run::run(&config).await
+            run::run(&config, commit_rate).await
         }
         Command::Localnet {
             nodes,

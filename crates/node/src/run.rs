@@ -14,10 +14,23 @@ use crate::keys;
 /// File name of the store in the data directory.
 pub const STORE_FILE: &str = "chain.redb";
 
-/// Runs the node configured by `config_path`. Returns when the node has
-/// stopped gracefully after a signal.
-pub async fn run(config_path: &Path) -> Result<(), crate::Failure> {
-    let config = NodeConfig::load(config_path).map_err(crate::Failure::usage)?;
+/// Runs the node configured by `config_path`, producing blocks at
+/// `commit_rate` if given. Returns when the node has stopped gracefully
+/// after a signal.
+pub async fn run(config_path: &Path, commit_rate: Option<f64>) -> Result<(), crate::Failure> {
+    let mut config = NodeConfig::load(config_path).map_err(crate::Failure::usage)?;
+    if let Some(rate) = commit_rate {
+        if !(0.1..=10_000.0).contains(&rate) {
+            return Err(crate::Failure::usage(format!(
+                "--commit-rate must be between 0.1 and 10000, got {rate}"
+            )));
+        }
+        let max_commits = config.producer.as_ref().map_or(0, |p| p.max_commits);
+        config.producer = Some(crate::config::ProducerConfig {
+            commit_rate: rate,
+            max_commits,
+        });
+    }
     let genesis = GenesisFile::load(&config.genesis).map_err(crate::Failure::usage)?;
     let committee = genesis.committee().map_err(crate::Failure::usage)?;
     let keys = keys::read_keys(&config.keys_dir).map_err(crate::Failure::usage)?;

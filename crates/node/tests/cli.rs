@@ -144,7 +144,7 @@ fn help_is_given_for_every_subcommand() {
                 "--force",
             ],
         ),
-        ("run", &["--config"]),
+        ("run", &["--config", "--commit-rate"]),
         (
             "localnet",
             &[
