@@ -6,108 +6,16 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill, killpg};
-use nix::unistd::Pid;
-use serde::Deserialize;
-use soma_chain::{ChainBuilder, ChainConfig};
+use nix::sys::signal::{Signal, kill};
 use soma_store::{ConsensusStore, RedbStore};
-use soma_types::{ChainId, Committee, Stake, genesis_commit};
+use soma_types::{ChainId, genesis_commit};
 
-const BIN: &str = env!("CARGO_BIN_EXE_soma-p2p");
-
-/// Runs `soma-p2p args` to completion.
-fn soma(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("the binary runs")
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-/// A child process in its own process group, killed with the whole group
-/// when dropped unless it has already been waited for: a failing test
-/// leaves no node (nor a node's own children) running.
-struct Spawned {
-    child: Child,
-}
-
-impl Spawned {
-    fn spawn(command: &mut Command) -> Spawned {
-        let child = command
-            .stdin(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .expect("the binary starts");
-        Spawned { child }
-    }
-
-    fn pid(&self) -> Pid {
-        Pid::from_raw(self.child.id() as i32)
-    }
-
-    /// Waits for the child to exit, at most `limit`.
-    fn wait_for(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return Some(status);
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        // Not yet reaped, so its pid (the group id) cannot have been reused.
-        if let Ok(None) = self.child.try_wait() {
-            let _ = killpg(self.pid(), Signal::SIGKILL);
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// A port free on 127.0.0.1 a moment ago.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-/// The default configuration file, from `soma-p2p config --default`.
-fn default_config() -> String {
-    let output = soma(&["config", "--default"]);
-    assert!(output.status.success(), "{}", stderr(&output));
-    stdout(&output)
-}
-
-/// `text` with the one line setting `key` replaced by `line`.
-fn set_line(text: &str, key: &str, line: &str) -> String {
-    let prefix = format!("{key} = ");
-    let matching = text.lines().filter(|l| l.starts_with(&prefix)).count();
-    assert_eq!(matching, 1, "one `{key}` line in:\n{text}");
-    text.lines()
-        .map(|l| if l.starts_with(&prefix) { line } else { l })
-        .map(|l| format!("{l}\n"))
-        .collect()
-}
+mod common;
+use common::*;
 
 /// Checks `output` is a usage failure: exit code 2 and a stderr of one
 /// line, `error: …`, containing each of `needles`.
@@ -264,13 +172,6 @@ fn keygen_refuses_to_overwrite_keys_without_force() {
 
 /// The value after `label` on the first line of `text` that starts with it
 /// (after indentation), as `status` and the localnet summary print them.
-fn field<'a>(text: &'a str, label: &str) -> Option<&'a str> {
-    text.lines().find_map(|l| {
-        let rest = l.trim_start().strip_prefix(label)?;
-        rest.starts_with(char::is_whitespace).then(|| rest.trim())
-    })
-}
-
 fn summary_value<'a>(summary: &'a str, label: &str) -> &'a str {
     field(summary, label).unwrap_or_else(|| panic!("no `{label}` line in:\n{summary}"))
 }
@@ -326,35 +227,6 @@ fn localnet_syncs_a_fresh_node_and_reports_status_and_metrics() {
         .parse()
         .expect("a number");
     assert_eq!(discovered, 4.0, "{summary}");
-}
-
-/// The genesis file written by `soma-p2p genesis`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct GenesisFile {
-    seed: String,
-    stakes: Vec<Stake>,
-    addresses: Vec<String>,
-    transactions_per_block: usize,
-    payload_bytes: usize,
-    commits_per_epoch: Option<u64>,
-}
-
-/// The genesis committee of a genesis file, derived as the node derives it.
-fn genesis_committee(path: &Path) -> Committee {
-    let file: GenesisFile = toml::from_str(&fs::read_to_string(path).unwrap()).unwrap();
-    let mut seed = [0u8; 32];
-    hex::decode_to_slice(&file.seed, &mut seed).unwrap();
-    let config = ChainConfig {
-        seed,
-        stakes: file.stakes,
-        addresses: Some(file.addresses),
-        transactions_per_block: file.transactions_per_block,
-        payload_bytes: file.payload_bytes,
-        commits_per_epoch: file.commits_per_epoch,
-        ..ChainConfig::default()
-    };
-    ChainBuilder::new(config).genesis().clone()
 }
 
 #[test]

@@ -1,0 +1,148 @@
+//! Helpers shared by the binary's integration tests: running `soma-p2p`,
+//! child processes that never outlive their test, configuration edits.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use serde::Deserialize;
+use soma_chain::{ChainBuilder, ChainConfig};
+use soma_types::{Committee, Stake};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_soma-p2p");
+
+/// Runs `soma-p2p args` to completion.
+pub fn soma(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("the binary runs")
+}
+
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A child process in its own process group, killed with the whole group
+/// when dropped unless it has already been waited for: a failing test
+/// leaves no node (nor a node's own children) running.
+pub struct Spawned {
+    pub child: Child,
+}
+
+impl Spawned {
+    pub fn spawn(command: &mut Command) -> Spawned {
+        let child = command
+            .stdin(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("the binary starts");
+        Spawned { child }
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    /// Waits for the child to exit, at most `limit`.
+    pub fn wait_for(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        // Not yet reaped, so its pid (the group id) cannot have been reused.
+        if let Ok(None) = self.child.try_wait() {
+            let _ = killpg(self.pid(), Signal::SIGKILL);
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A port free on 127.0.0.1 a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// The default configuration file, from `soma-p2p config --default`.
+pub fn default_config() -> String {
+    let output = soma(&["config", "--default"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    stdout(&output)
+}
+
+/// `text` with the one line setting `key` replaced by `line`.
+pub fn set_line(text: &str, key: &str, line: &str) -> String {
+    let prefix = format!("{key} = ");
+    let matching = text.lines().filter(|l| l.starts_with(&prefix)).count();
+    assert_eq!(matching, 1, "one `{key}` line in:\n{text}");
+    text.lines()
+        .map(|l| if l.starts_with(&prefix) { line } else { l })
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+/// The genesis file written by `soma-p2p genesis`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct GenesisFile {
+    seed: String,
+    stakes: Vec<Stake>,
+    addresses: Vec<String>,
+    transactions_per_block: usize,
+    payload_bytes: usize,
+    commits_per_epoch: Option<u64>,
+}
+
+/// The chain parameters of a genesis file, derived as the node derives them.
+pub fn chain_config(path: &Path) -> ChainConfig {
+    let file: GenesisFile = toml::from_str(&fs::read_to_string(path).unwrap()).unwrap();
+    let mut seed = [0u8; 32];
+    hex::decode_to_slice(&file.seed, &mut seed).unwrap();
+    ChainConfig {
+        seed,
+        stakes: file.stakes,
+        addresses: Some(file.addresses),
+        transactions_per_block: file.transactions_per_block,
+        payload_bytes: file.payload_bytes,
+        commits_per_epoch: file.commits_per_epoch,
+        ..ChainConfig::default()
+    }
+}
+
+/// The genesis committee of a genesis file, derived as the node derives it.
+pub fn genesis_committee(path: &Path) -> Committee {
+    ChainBuilder::new(chain_config(path)).genesis().clone()
+}
+
+/// The value of a `label   value` line of `soma-p2p` output.
+pub fn field<'a>(text: &'a str, label: &str) -> Option<&'a str> {
+    text.lines().find_map(|l| {
+        let rest = l.trim_start().strip_prefix(label)?;
+        rest.starts_with(char::is_whitespace).then(|| rest.trim())
+    })
+}
