@@ -88,7 +88,6 @@ fn refuse(code: Code, message: impl Into<String>) -> Refusal {
 impl GrpcAdapterCore {
     fn admit(&mut self, id: u64, caller: Option<PeerId>, call: Call) -> Result<Work, Refusal> {
         match call {
-            Call::Availability => Ok(Work::Availability),
             Call::CommitInfo { index } => Ok(Work::CommitInfo { index }),
             Call::KnownPeers => Ok(Work::KnownPeers),
             Call::PushCommit { index } => match caller {
@@ -278,6 +277,9 @@ mod tests {
         c.handle(Time(0), Input::Done { id: 1 });
         assert_eq!(code(call(&mut c, 6, Some(1), blocks.clone())), None);
         // Reads that are not fetches are never limited this way.
-        assert_eq!(code(call(&mut c, 7, Some(1), Call::Availability)), None);
+        assert_eq!(
+            code(call(&mut c, 7, Some(1), Call::CommitInfo { index: None })),
+            None
+        );
     }
 }

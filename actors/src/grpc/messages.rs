@@ -8,8 +8,6 @@ use super::actor::Permit;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Call {
-    /// GetCommitAvailability.
-    Availability,
     /// GetCommitInfo, for `index` or the latest.
     CommitInfo {
         /// The commit, `None` for the highest synced.
@@ -83,8 +81,6 @@ impl From<Refusal> for tonic::Status {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Work {
-    /// Answer from the node's state.
-    Availability,
     /// Look up one commit.
     CommitInfo {
         /// The commit, `None` for the highest synced.

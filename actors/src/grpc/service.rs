@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use actix::{Addr, MailboxError};
 use soma_store::ConsensusStore;
-use soma_types::{BlockRef, ChainId, CommitRef, SignedNodeInfo, codec};
+use soma_types::{BlockRef, CommitRef, SignedNodeInfo, codec};
 use soma_wire::convert::{Availability, ConvertError};
 use soma_wire::proto::{self, p2p_server::P2p};
 use soma_wire::tls::caller;
@@ -33,11 +33,11 @@ pub struct P2pService {
     adapter: Addr<GrpcAdapter>,
     discovery: Addr<Discovery>,
     store: Arc<dyn ConsensusStore>,
-    chain_id: ChainId,
     genesis: CommitRef,
     limits: Limits,
     timeout: Duration,
     counts: RpcCounts,
+    availability: tokio::sync::watch::Receiver<Availability>,
 }
 
 impl P2pService {
@@ -48,21 +48,21 @@ impl P2pService {
         adapter: Addr<GrpcAdapter>,
         discovery: Addr<Discovery>,
         store: Arc<dyn ConsensusStore>,
-        chain_id: ChainId,
         genesis: CommitRef,
         limits: Limits,
         timeout: Duration,
         counts: RpcCounts,
+        availability: tokio::sync::watch::Receiver<Availability>,
     ) -> Self {
         P2pService {
             adapter,
             discovery,
             store,
-            chain_id,
             genesis,
             limits,
             timeout,
             counts,
+            availability,
         }
     }
 
@@ -185,26 +185,14 @@ impl P2pService {
         }))
     }
 
+    /// Answered from the availability StateSync publishes: read-mostly
+    /// state needs neither an actor round trip nor a store read, and
+    /// admits every caller, so it skips the adapter.
     async fn get_commit_availability_inner(
         &self,
-        request: Request<proto::GetCommitAvailabilityRequest>,
+        _: Request<proto::GetCommitAvailabilityRequest>,
     ) -> Result<Response<proto::GetCommitAvailabilityResponse>, Status> {
-        self.admit(&request, Call::Availability).await?;
-        let chain_id = self.chain_id;
-        let availability = self
-            .blocking(move |store| {
-                Ok(Availability {
-                    chain_id,
-                    highest: store
-                        .highest_synced_commit()
-                        .map_err(serve::store_error)?
-                        .index,
-                    lowest: store
-                        .lowest_available_commit()
-                        .map_err(serve::store_error)?,
-                })
-            })
-            .await?;
+        let availability = *self.availability.borrow();
         Ok(Response::new(availability.into()))
     }
 

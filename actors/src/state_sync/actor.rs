@@ -162,6 +162,9 @@ pub struct StateSync {
     commits: broadcast::Sender<CommittedSubDag>,
     buffers: BTreeMap<CommitIndex, BatchData>,
     status: SyncStatus,
+    /// The node's availability, published for the gRPC service to read
+    /// without asking an actor.
+    availability: tokio::sync::watch::Sender<Availability>,
     mailbox_capacity: usize,
 }
 
@@ -177,6 +180,7 @@ impl StateSync {
         connections: Addr<Connections>,
         runtime: tokio::runtime::Handle,
         commits: broadcast::Sender<CommittedSubDag>,
+        availability: tokio::sync::watch::Sender<Availability>,
         mailbox_capacity: usize,
         recorder: Option<Recorder>,
     ) -> Self {
@@ -196,6 +200,7 @@ impl StateSync {
             commits,
             buffers: BTreeMap::new(),
             status,
+            availability,
             mailbox_capacity,
         }
     }
@@ -231,6 +236,12 @@ impl StateSync {
         let core = self.driver.core();
         self.status.synced = core.synced().index;
         self.status.highest_known = core.highest_known();
+        let synced = self.status.synced;
+        self.availability.send_if_modified(|a| {
+            let changed = a.highest != synced;
+            a.highest = synced;
+            changed
+        });
     }
 
     /// Runs a sync worker on the tonic runtime under the supervisor's

@@ -173,7 +173,14 @@ impl P2pBuilder {
             seed,
         };
         let (commits, _) = broadcast::channel(config.synced_commit_broadcast_capacity.max(1));
+        let (availability, published) =
+            tokio::sync::watch::channel(soma_wire::convert::Availability {
+                chain_id,
+                highest: synced.index,
+                lowest: store.lowest_available_commit()?,
+            });
         let node = NodeParts {
+            availability,
             store: store.clone(),
             synced,
             commits: commits.clone(),
@@ -194,11 +201,11 @@ impl P2pBuilder {
             actors.adapter.clone(),
             actors.discovery.clone(),
             store.clone(),
-            chain_id,
             genesis_commit(&genesis).reference(),
             config.grpc.clone(),
             config.timeout,
             rpc_counts.clone(),
+            published,
         );
         let policy = AccessPolicy {
             access: config.access,
@@ -267,6 +274,7 @@ type Started = (
 
 /// What the actors of one node are made from, besides the configuration.
 struct NodeParts {
+    availability: tokio::sync::watch::Sender<soma_wire::convert::Availability>,
     store: Arc<dyn ConsensusStore>,
     synced: soma_types::CommitRef,
     commits: broadcast::Sender<soma_types::CommittedSubDag>,
@@ -292,6 +300,7 @@ fn start_actors(config: &P2pConfig, node: NodeParts) -> Result<Started, StartErr
             let system = actix_rt::System::new();
             let started = system.block_on(async move {
                 let NodeParts {
+                    availability,
                     store,
                     synced,
                     commits,
@@ -355,6 +364,7 @@ fn start_actors(config: &P2pConfig, node: NodeParts) -> Result<Started, StartErr
                     connections.clone(),
                     runtime.clone(),
                     commits,
+                    availability,
                     capacity,
                     Recorder::from_env("state_sync"),
                 )
