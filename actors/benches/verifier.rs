@@ -80,6 +80,25 @@ fn main() {
         })
     });
 
+    // The same with the Verifier's key cache: what the actor's jobs do.
+    let cache = std::sync::Arc::new(soma_types::KeyCache::new(16_384));
+    let raw_cached = best_of(RUNS, || {
+        pool.install(|| {
+            use rayon::prelude::*;
+            blobs
+                .par_chunks(blobs.len().div_ceil(threads))
+                .for_each(|chunk| {
+                    let mut batch = SignatureBatch::with_cache(chunk.len(), cache.clone());
+                    for blob in chunk {
+                        let b = UnverifiedBlock::decode(blob.0.clone(), limits.max_block_bytes)
+                            .unwrap();
+                        check_block(&b, &committee, &limits, Some(&mut batch)).unwrap();
+                    }
+                    batch.verify().unwrap();
+                });
+        })
+    });
+
     // The Verifier actor: every chunk of blocks sent at once, as sync workers
     // would, on a pool of the same size.
     let actor = actix_rt::System::new().block_on(async {
@@ -127,6 +146,7 @@ fn main() {
     for (name, d) in [
         ("raw verify_batch (prepared batches)", raw),
         ("raw decode + checks + verify_batch", raw_with_prep),
+        ("the same with the key cache", raw_cached),
         ("Verifier actor (chunks of 100 blocks)", actor),
     ] {
         println!(
