@@ -169,12 +169,19 @@ pub struct NodeConfig {
     /// Where Prometheus metrics are served, if anywhere.
     #[serde(default)]
     pub metrics_address: Option<SocketAddr>,
+    /// The store's page cache, in bytes: the bound on the memory it keeps.
+    #[serde(default = "default_store_cache_bytes")]
+    pub store_cache_bytes: usize,
     /// Block production (validators of a local network only).
     #[serde(default)]
     pub producer: Option<ProducerConfig>,
     /// The P2P layer's tunables.
     #[serde(default)]
     pub p2p: P2pSection,
+}
+
+fn default_store_cache_bytes() -> usize {
+    soma_store::RedbStore::DEFAULT_CACHE_BYTES
 }
 
 impl NodeConfig {
@@ -333,6 +340,12 @@ impl NodeConfig {
             ((1 << 20)..=(64u64 << 30)).contains(&p.max_total_fetched_bytes),
             p.max_total_fetched_bytes.to_string(),
         )?;
+        range(
+            "store-cache-bytes",
+            "between 1048576 and 68719476736",
+            ((1 << 20)..=(64usize << 30)).contains(&self.store_cache_bytes),
+            self.store_cache_bytes.to_string(),
+        )?;
         if let Some(producer) = &self.producer {
             range(
                 "producer.commit-rate",
@@ -428,6 +441,8 @@ allowlist = []
 seed-peers = []
 # Prometheus metrics (/metrics); omit to serve none.
 # metrics-address = "127.0.0.1:9100"
+# The store's page cache in bytes: the bound on the memory it keeps.
+store-cache-bytes = {cache}
 
 # Block production, for validators of a local network only.
 # [producer]
@@ -462,6 +477,7 @@ synced-commit-broadcast-capacity = {broadcast}
 # Check synced block signatures (digests are always checked).
 verify-synced-block-signatures = {verify}
 "#,
+        cache = default_store_cache_bytes(),
         interval = humantime_serde::re::humantime::format_duration(p.interval),
         target = p.target_concurrent_connections,
         query = p.peers_to_query,

@@ -64,6 +64,7 @@ fn node_config(
         allowlist: Vec::new(),
         seed_peers: seeds,
         metrics_address: metrics.map(|p| ([127, 0, 0, 1], p).into()),
+        store_cache_bytes: soma_store::RedbStore::DEFAULT_CACHE_BYTES,
         producer,
         p2p: P2pSection {
             interval: Duration::from_millis(500),

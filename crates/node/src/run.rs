@@ -37,8 +37,12 @@ pub async fn run(config_path: &Path, commit_rate: Option<f64>) -> Result<(), cra
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| crate::Failure::run(format!("{}: {e}", config.data_dir.display())))?;
     let store: Arc<dyn ConsensusStore> = Arc::new(
-        RedbStore::open(config.data_dir.join(STORE_FILE), &committee)
-            .map_err(|e| crate::Failure::run(format!("store: {e}")))?,
+        RedbStore::open_with_cache(
+            config.data_dir.join(STORE_FILE),
+            &committee,
+            config.store_cache_bytes,
+        )
+        .map_err(|e| crate::Failure::run(format!("store: {e}")))?,
     );
     let peer_id = keys.peer_id();
     let handle = P2pBuilder::new(config.p2p_config(), keys.network, committee, store)

@@ -76,12 +76,29 @@ impl std::fmt::Debug for RedbStore {
 }
 
 impl RedbStore {
+    /// The page cache a store gets from [`RedbStore::open`]: 64 MiB.
+    pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
+
     /// Opens the store at `path`, creating it for the chain started by
-    /// `genesis` if the file does not exist.
+    /// `genesis` if the file does not exist, with a page cache of
+    /// [`RedbStore::DEFAULT_CACHE_BYTES`].
     ///
     /// Fails with [`Error::WrongChain`] if the file holds another chain.
     pub fn open(path: impl AsRef<Path>, genesis: &Committee) -> Result<RedbStore> {
-        let db = Database::create(path).map_err(db_err)?;
+        Self::open_with_cache(path, genesis, Self::DEFAULT_CACHE_BYTES)
+    }
+
+    /// Like [`RedbStore::open`], with a page cache of at most `cache_bytes`:
+    /// the bound on the memory the store keeps of the file.
+    pub fn open_with_cache(
+        path: impl AsRef<Path>,
+        genesis: &Committee,
+        cache_bytes: usize,
+    ) -> Result<RedbStore> {
+        let db = redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .create(path)
+            .map_err(db_err)?;
         let chain_id = ChainId::from_genesis(genesis);
         let txn = db.begin_write().map_err(db_err)?;
         {
