@@ -40,6 +40,7 @@ bench:
 	$(CARGO) bench -p soma-actors --bench grpc --locked
 	$(CARGO) bench -p soma-actors --bench discovery --locked
 	$(CARGO) bench -p soma-actors --bench sync --locked
+	$(CARGO) bench -p soma-node --bench memory --locked
 
 ## doc: API documentation
 doc:
