@@ -137,6 +137,10 @@ mod byzantine {
         OtherChain,
         NeverAnswers,
         StreamsForever,
+        /// Honest, but answers every call after a long delay.
+        Slow,
+        /// Honest commits; FetchBlocks sends half the blocks, then fails.
+        CutsStreamMidway,
     }
 
     struct Evil {
@@ -149,8 +153,10 @@ mod byzantine {
 
     impl Evil {
         async fn stall(&self) {
-            if self.lie == Lie::NeverAnswers {
-                std::future::pending::<()>().await;
+            match self.lie {
+                Lie::NeverAnswers => std::future::pending::<()>().await,
+                Lie::Slow => tokio::time::sleep(Duration::from_millis(1_500)).await,
+                _ => {}
             }
         }
     }
@@ -264,6 +270,15 @@ mod byzantine {
                     let endless = tokio_stream::iter(std::iter::repeat(Ok(chunk)));
                     return Ok(Response::new(Box::pin(endless)));
                 }
+                Lie::CutsStreamMidway => {
+                    let half = blocks.len() / 2;
+                    blocks.truncate(half.max(1));
+                    let parts = vec![
+                        Ok(proto::FetchBlocksResponse { blocks }),
+                        Err(Status::unavailable("connection reset")),
+                    ];
+                    return Ok(Response::new(Box::pin(tokio_stream::iter(parts))));
+                }
                 _ => {}
             }
             let chunk = proto::FetchBlocksResponse { blocks };
@@ -281,7 +296,11 @@ mod byzantine {
     }
 
     /// Serves `lie` over mutual TLS; returns its peer id and address.
-    async fn serve(chain: Arc<Chain>, lie: Lie, key: u8) -> (soma_types::PeerId, String) {
+    pub(super) async fn serve(
+        chain: Arc<Chain>,
+        lie: Lie,
+        key: u8,
+    ) -> (soma_types::PeerId, String) {
         let identity = NodeIdentity::generate(&KeyPair::from_seed([key; 32])).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
@@ -555,4 +574,90 @@ async fn local_commits_take_the_sync_path_and_a_commit_that_does_not_link_is_ref
         chain.commit_ref(11)
     );
     node.shutdown().await;
+}
+
+mod faults {
+    //! Peers that vanish, crawl or cut streams while a node syncs: sync
+    //! completes from the rest, and nothing partial is applied (the store
+    //! ends identical to the validators').
+
+    use super::byzantine::{Lie, serve};
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn serving_peers_shut_down_mid_sync_and_sync_completes_from_the_rest() {
+        let chain = ChainBuilder::new(ChainConfig {
+            commits_per_epoch: Some(700),
+            ..ChainConfig::validators(4)
+        })
+        .build(2_000);
+        let mut validators: Vec<P2pHandle> = (1..=3).map(|k| validator(&chain, k)).collect();
+        let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+        let mut config = P2pConfig {
+            seed_peers: seeds(&validators.iter().collect::<Vec<_>>()),
+            timeout: Duration::from_secs(2),
+            ..P2pConfig::default()
+        };
+        // Small steps, so the shutdowns land mid-sync.
+        config.state_sync.parallel_fetches = 1;
+        config.state_sync.max_blocks_per_fetch = 10;
+        let node = soma_testkit::node(&chain, 9, config, store.clone());
+        wait_synced(&node, 300).await;
+        validators.pop().unwrap().shutdown().await;
+        wait_synced(&node, 900).await;
+        validators.pop().unwrap().shutdown().await;
+        let synced_when_down = node.sync_status().await.unwrap().synced;
+        assert!(
+            synced_when_down < 2_000,
+            "the peers went away after the sync ended"
+        );
+        wait_synced(&node, 2_000).await;
+        assert_same_chain(&chain, store.as_ref());
+        node.shutdown().await;
+        for v in validators {
+            v.shutdown().await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn slow_peers_and_streams_cut_midway_do_not_stop_sync() {
+        let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(400));
+        let honest = validator(&chain, 1);
+        let slow = serve(chain.clone(), Lie::Slow, 120).await;
+        let cutter = serve(chain.clone(), Lie::CutsStreamMidway, 121).await;
+        let mut seeds = vec![
+            SeedPeer {
+                peer_id: Some(slow.0),
+                address: slow.1.clone(),
+            },
+            SeedPeer {
+                peer_id: Some(cutter.0),
+                address: cutter.1.clone(),
+            },
+        ];
+        seeds.push(SeedPeer {
+            peer_id: Some(honest.peer_id()),
+            address: honest.local_addr().to_string(),
+        });
+        let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+        let config = P2pConfig {
+            seed_peers: seeds,
+            // The slow peer answers after 1.5 s: within the timeout, so it
+            // is used, slowly, alongside the others.
+            timeout: Duration::from_secs(3),
+            ..P2pConfig::default()
+        };
+        let node = soma_testkit::node(&chain, 9, config, store.clone());
+        wait_synced(&node, 400).await;
+        assert_same_chain(&chain, store.as_ref());
+        // The cut streams were failures, not lies: the peer is not banned.
+        let views = node.peer_heights().await.unwrap();
+        let cutter_view = views.iter().find(|v| v.peer == cutter.0);
+        assert!(
+            cutter_view.is_none_or(|v| v.banned_until.is_none()),
+            "{cutter_view:?}"
+        );
+        node.shutdown().await;
+        honest.shutdown().await;
+    }
 }
