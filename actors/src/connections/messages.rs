@@ -50,7 +50,9 @@ pub struct Disconnect {
     pub peer: PeerId,
 }
 
-/// A caller saw the connection to `peer` fail; it is probed at once.
+/// A caller saw the connection to `peer` fail (transport error or no answer
+/// in time): it is dropped and reported disconnected; discovery may dial it
+/// again.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Message)]
 #[rtype(result = "()")]
 pub struct ReportBroken {

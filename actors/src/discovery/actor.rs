@@ -12,7 +12,9 @@ use super::core::{DiscoveryCore, Init};
 use super::messages::*;
 use crate::Blob;
 use crate::Driver;
-use crate::connections::{Connect, Connections, GetClient, PeerEvent, SubscribePeerEvents};
+use crate::connections::{
+    Connect, Connections, GetClient, PeerEvent, ReportBroken, SubscribePeerEvents,
+};
 use crate::replay::Recorder;
 use crate::verifier::{Verifier, Verify, VerifyRequest, VerifyResponse};
 
@@ -127,10 +129,16 @@ impl Discovery {
                     Ok(Ok(r)) => r.into_inner(),
                     Ok(Err(status)) => {
                         tracing::debug!(%peer, %status, "get known peers failed");
+                        // A transport failure means the connection is gone:
+                        // have it checked now rather than at the next probe.
+                        if status.code() == tonic::Code::Unavailable {
+                            connections.do_send(ReportBroken { peer });
+                        }
                         return;
                     }
                     Err(_) => {
                         tracing::debug!(%peer, "get known peers timed out");
+                        connections.do_send(ReportBroken { peer });
                         return;
                     }
                 };
