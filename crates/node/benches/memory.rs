@@ -7,13 +7,10 @@
 //! `SOMA_BENCH_STORE_CACHE=67108864` by default).
 
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use soma_actors::{P2pBuilder, P2pConfig, P2pHandle};
+use soma_actors::P2pHandle;
 use soma_chain::{Chain, ChainBuilder, ChainConfig};
-use soma_store::{ConsensusStore, MemStore};
-use soma_types::KeyPair;
 use soma_wire::convert::Availability;
 use soma_wire::proto::{self, p2p_client::P2pClient};
 
@@ -29,24 +26,6 @@ fn chain_config() -> ChainConfig {
         commits_per_epoch: Some(10_000),
         ..ChainConfig::default()
     }
-}
-
-/// A validator holding the first `commits` commits of `chain`.
-fn validator(chain: &Chain, commits: u64, key: u8) -> P2pHandle {
-    let store = MemStore::new(chain.genesis());
-    for range in chain.batch_ranges(100) {
-        if *range.end() <= commits {
-            store.write_synced_batch(chain.batch(range)).unwrap();
-        }
-    }
-    P2pBuilder::new(
-        P2pConfig::default(),
-        KeyPair::from_seed([key; 32]),
-        chain.genesis().clone(),
-        Arc::new(store),
-    )
-    .start()
-    .unwrap()
 }
 
 fn store_cache() -> usize {
@@ -91,7 +70,9 @@ struct Run {
 }
 
 async fn catch_up(chain: &Chain, commits: u64) -> Run {
-    let validators: Vec<P2pHandle> = (1..=3).map(|k| validator(chain, commits, k)).collect();
+    let validators: Vec<P2pHandle> = (1..=3)
+        .map(|k| soma_testkit::validator_up_to(chain, commits, k))
+        .collect();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let c = chain_config();

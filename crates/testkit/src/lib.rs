@@ -15,10 +15,20 @@ use soma_types::KeyPair;
 /// A validator serving `chain` from a MemStore written in batches of 100,
 /// identified by `KeyPair::from_seed([key; 32])`.
 pub fn validator(chain: &Chain, key: u8) -> P2pHandle {
+    validator_up_to(chain, chain.tip(), key)
+}
+
+/// A validator holding the batches of `chain` that end at or below
+/// `commits`.
+pub fn validator_up_to(chain: &Chain, commits: u64, key: u8) -> P2pHandle {
     let store = MemStore::new(chain.genesis());
-    chain
-        .write_to(&store, 100)
-        .expect("a built chain writes into a fresh store");
+    for range in chain.batch_ranges(100) {
+        if *range.end() <= commits {
+            store
+                .write_synced_batch(chain.batch(range))
+                .expect("a built chain writes into a fresh store");
+        }
+    }
     P2pBuilder::new(
         P2pConfig::default(),
         KeyPair::from_seed([key; 32]),
