@@ -3,7 +3,7 @@ CARGO ?= cargo
 # nextest runs test binaries in parallel; plain `cargo test` is the fallback.
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: all build test lint fmt bench demo doc clean
+.PHONY: all build test lint fmt bench demo fuzz doc clean
 
 all: build
 
@@ -41,6 +41,16 @@ bench:
 	$(CARGO) bench -p soma-actors --bench discovery --locked
 	$(CARGO) bench -p soma-actors --bench sync --locked
 	$(CARGO) bench -p soma-node --bench memory --locked
+
+## fuzz: run every fuzz target for FUZZ_SECONDS each (needs nightly and cargo-fuzz);
+## crashers land in fuzz/artifacts: copy each into fuzz/regressions/<target>/
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := decode_block decode_commit node_infos proto_conversions commit_batch
+fuzz:
+	@command -v cargo-fuzz >/dev/null || { echo "install cargo-fuzz: cargo install cargo-fuzz"; exit 2; }
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+		cargo +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 || exit 1; \
+	done
 
 ## doc: API documentation
 doc:

@@ -1,0 +1,147 @@
+//! The fuzz targets' bodies, shared by the libFuzzer binaries (`make fuzz`)
+//! and by `tests/fuzz_corpus.rs`, which runs them on seeded inputs and on
+//! every input kept in `fuzz/regressions/<target>/` in `make test`.
+//!
+//! Each body feeds untrusted bytes to a decoder, a proto conversion or a
+//! verification entry point. Errors are expected; a panic, a hang or a huge
+//! allocation is a bug.
+
+#![allow(dead_code)]
+
+use std::collections::HashSet;
+
+use bytes::Bytes;
+use prost::Message;
+use soma_types::verify::{self, NodeInfoPolicy};
+use soma_types::{
+    Authority, BlockRef, CommitRef, Committee, Digest, KeyPair, Limits, PeerId, SignedNodeInfo,
+    UnverifiedBlock, UnverifiedCommit, codec,
+};
+use soma_wire::convert::Availability;
+use soma_wire::proto;
+
+/// A fixed committee of four, for the verification entry points.
+pub fn committee() -> Committee {
+    let authorities = (0..4u8)
+        .map(|i| Authority {
+            stake: 1,
+            protocol_key: KeyPair::from_seed([i; 32]).public(),
+            network_key: PeerId::from(KeyPair::from_seed([100 + i; 32]).public()),
+            address: format!("127.0.0.1:{}", 7000 + u16::from(i)),
+        })
+        .collect();
+    Committee::new(0, authorities).expect("a valid committee")
+}
+
+/// Splits `data` into chunks, each prefixed by one length byte.
+fn chunks(data: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    let mut rest = data;
+    while let Some((&len, tail)) = rest.split_first() {
+        let len = usize::from(len).min(tail.len());
+        out.push(&tail[..len]);
+        rest = &tail[len..];
+    }
+    out
+}
+
+/// A block decoded from arbitrary bytes, then verified.
+pub fn decode_block(data: &[u8]) {
+    let limits = Limits::default();
+    if let Ok(block) = UnverifiedBlock::decode(Bytes::copy_from_slice(data), limits.max_block_bytes)
+    {
+        let _ = verify::verify_blocks(vec![block], &committee(), &limits);
+    }
+}
+
+/// A commit decoded from arbitrary bytes, then checked as a batch of one.
+pub fn decode_commit(data: &[u8]) {
+    let limits = Limits::default();
+    if let Ok(commit) =
+        UnverifiedCommit::decode(Bytes::copy_from_slice(data), limits.max_commit_bytes)
+    {
+        let last = CommitRef {
+            index: commit.commit().index.saturating_sub(1),
+            digest: commit.commit().previous_digest,
+        };
+        let _ = verify::verify_commit_batch(vec![commit], vec![], &committee(), last, &limits);
+    }
+}
+
+/// Node infos decoded from chunks of arbitrary bytes, then verified, with
+/// and without an allowlist.
+pub fn node_infos(data: &[u8]) {
+    let limits = Limits::default();
+    let infos: Vec<SignedNodeInfo> = chunks(data)
+        .into_iter()
+        .filter_map(|c| codec::decode(c, limits.max_node_info_bytes).ok())
+        .collect();
+    let allowlist: HashSet<PeerId> = infos.iter().map(|i| i.info.peer_id).take(1).collect();
+    for allowlist in [None, Some(&allowlist)] {
+        let policy = NodeInfoPolicy {
+            now_ms: 1_700_000_000_000,
+            local: PeerId([0; 32]),
+            allowlist,
+        };
+        let _ = verify::verify_node_infos(&infos, &policy, &limits);
+    }
+}
+
+/// Proto messages decoded from arbitrary bytes, then converted to types.
+pub fn proto_conversions(data: &[u8]) {
+    if let Ok(request) = proto::FetchBlocksRequest::decode(data) {
+        for r in &request.refs {
+            let _ = BlockRef::try_from(r);
+        }
+    }
+    if let Ok(response) = proto::GetCommitAvailabilityResponse::decode(data) {
+        let _ = Availability::try_from(&response);
+    }
+    if let Ok(response) = proto::GetCommitInfoResponse::decode(data)
+        && let Some(info) = &response.commit
+    {
+        let _ = CommitRef::try_from(info);
+    }
+    if let Ok(response) = proto::FetchCommitsResponse::decode(data) {
+        let limits = Limits::default();
+        let commits: Vec<_> = response
+            .commits
+            .into_iter()
+            .filter_map(|b| UnverifiedCommit::decode(b, limits.max_commit_bytes).ok())
+            .collect();
+        let certifiers: Vec<_> = response
+            .certifier_blocks
+            .into_iter()
+            .filter_map(|b| UnverifiedBlock::decode(b, limits.max_block_bytes).ok())
+            .collect();
+        let last = CommitRef {
+            index: 0,
+            digest: Digest::ZERO,
+        };
+        let _ = verify::verify_commit_batch(commits, certifiers, &committee(), last, &limits);
+    }
+}
+
+/// A commit batch and certifiers from chunks of arbitrary bytes, verified.
+pub fn commit_batch(data: &[u8]) {
+    let limits = Limits::default();
+    let parts = chunks(data);
+    let (commits, certifiers) = parts.split_at(parts.len() / 2);
+    let commits: Vec<_> = commits
+        .iter()
+        .filter_map(|c| {
+            UnverifiedCommit::decode(Bytes::copy_from_slice(c), limits.max_commit_bytes).ok()
+        })
+        .collect();
+    let certifiers: Vec<_> = certifiers
+        .iter()
+        .filter_map(|c| {
+            UnverifiedBlock::decode(Bytes::copy_from_slice(c), limits.max_block_bytes).ok()
+        })
+        .collect();
+    let last = commits.first().map_or(CommitRef::default(), |c| CommitRef {
+        index: c.commit().index.saturating_sub(1),
+        digest: c.commit().previous_digest,
+    });
+    let _ = verify::verify_commit_batch(commits, certifiers, &committee(), last, &limits);
+}
