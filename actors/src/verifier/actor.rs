@@ -96,8 +96,11 @@ impl Handler<Verify> for Verifier {
                     self.pool.spawn(move || {
                         let result = catch_unwind(AssertUnwindSafe(|| run_job(job)))
                             .unwrap_or(Err(VerifyError::Internal));
-                        let _ = tx.send(result);
+                        // Free the slot before answering: the mailbox is
+                        // FIFO, so a caller's next request, sent after the
+                        // answer, always finds the slot free.
                         addr.do_send(JobDone(id));
+                        let _ = tx.send(result);
                     });
                     replies.insert(id, Ok(rx));
                 }
