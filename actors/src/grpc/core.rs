@@ -20,6 +20,10 @@ pub struct Limits {
     pub max_concurrent_fetches_per_peer: usize,
     /// FetchCommits and FetchBlocks running at once in total.
     pub max_concurrent_fetches: usize,
+    /// HTTP/2 streams (calls) one connection may have open at once.
+    pub max_concurrent_streams: u32,
+    /// Requests of one connection being handled at once; more wait.
+    pub concurrency_limit_per_connection: usize,
 }
 
 impl Default for Limits {
@@ -30,6 +34,8 @@ impl Default for Limits {
             max_fetch_response_bytes: 4 << 20,
             max_concurrent_fetches_per_peer: 4,
             max_concurrent_fetches: 64,
+            max_concurrent_streams: 128,
+            concurrency_limit_per_connection: 64,
         }
     }
 }

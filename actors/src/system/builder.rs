@@ -226,10 +226,14 @@ impl P2pBuilder {
                 .max_encoding_message_size(config.grpc.max_fetch_response_bytes + (1 << 20));
             let incoming = tls::incoming(listener, server_config);
             let timeout = config.timeout;
+            let max_streams = config.grpc.max_concurrent_streams;
+            let per_connection = config.grpc.concurrency_limit_per_connection;
             runtime.spawn(async move {
                 health_reporter.set_serving::<P2pServer<P2pService>>().await;
                 tonic::transport::Server::builder()
                     .timeout(timeout)
+                    .max_concurrent_streams(max_streams)
+                    .concurrency_limit_per_connection(per_connection)
                     .add_service(health)
                     .add_service(reflection)
                     .add_service(p2p)

@@ -112,6 +112,10 @@ pub struct P2pSection {
     pub synced_commit_broadcast_capacity: usize,
     /// Whether synced block signatures are checked.
     pub verify_synced_block_signatures: bool,
+    /// HTTP/2 streams one inbound connection may have open at once.
+    pub max_concurrent_streams: u32,
+    /// Requests of one inbound connection handled at once.
+    pub concurrency_limit_per_connection: usize,
 }
 
 impl Default for P2pSection {
@@ -138,6 +142,8 @@ impl Default for P2pSection {
             mailbox_capacity: p.mailbox_capacity,
             synced_commit_broadcast_capacity: p.synced_commit_broadcast_capacity,
             verify_synced_block_signatures: p.verify_synced_block_signatures,
+            max_concurrent_streams: p.grpc.max_concurrent_streams,
+            concurrency_limit_per_connection: p.grpc.concurrency_limit_per_connection,
         }
     }
 }
@@ -294,6 +300,19 @@ impl NodeConfig {
             "between 1 and 256",
         )?;
         count(
+            "p2p.concurrency-limit-per-connection",
+            p.concurrency_limit_per_connection,
+            1,
+            10_000,
+            "between 1 and 10000",
+        )?;
+        range(
+            "p2p.max-concurrent-streams",
+            "between 1 and 10000",
+            (1..=10_000).contains(&p.max_concurrent_streams),
+            p.max_concurrent_streams.to_string(),
+        )?;
+        count(
             "p2p.batches-ahead",
             p.batches_ahead,
             1,
@@ -396,6 +415,8 @@ impl NodeConfig {
         c.grpc.commit_sync_batch_size = p.commit_sync_batch_size;
         c.grpc.max_blocks_per_fetch = p.max_blocks_per_fetch;
         c.grpc.max_fetch_response_bytes = p.max_fetch_response_bytes;
+        c.grpc.max_concurrent_streams = p.max_concurrent_streams;
+        c.grpc.concurrency_limit_per_connection = p.concurrency_limit_per_connection;
         c
     }
 }
@@ -476,6 +497,9 @@ mailbox-capacity = {mailbox}
 synced-commit-broadcast-capacity = {broadcast}
 # Check synced block signatures (digests are always checked).
 verify-synced-block-signatures = {verify}
+# Inbound connections: open calls at once, calls handled at once.
+max-concurrent-streams = {streams}
+concurrency-limit-per-connection = {per_connection}
 "#,
         cache = default_store_cache_bytes(),
         interval = humantime_serde::re::humantime::format_duration(p.interval),
@@ -496,6 +520,8 @@ verify-synced-block-signatures = {verify}
         mailbox = p.mailbox_capacity,
         broadcast = p.synced_commit_broadcast_capacity,
         verify = p.verify_synced_block_signatures,
+        streams = p.max_concurrent_streams,
+        per_connection = p.concurrency_limit_per_connection,
     )
 }
 
