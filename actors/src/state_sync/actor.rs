@@ -231,6 +231,9 @@ impl StateSync {
                     tracing::debug!(task, ?failure, "sync worker restarted");
                 }
                 Output::Reset => self.buffers.clear(),
+                Output::Discard { start } => {
+                    self.buffers.remove(&start);
+                }
             }
         }
         let core = self.driver.core();
@@ -412,7 +415,19 @@ fn inject(faults: &Option<Arc<FaultPlan>>, batch: CommitIndex) -> Result<(), Fai
 }
 
 /// Writes a complete batch: checks the epoch change, then one atomic write.
-fn write_batch(store: &dyn ConsensusStore, data: BatchData) -> Result<Applied, String> {
+/// Commits at or below the store's watermark (applied meanwhile from local
+/// consensus) are skipped; the rest must link to it.
+fn write_batch(store: &dyn ConsensusStore, mut data: BatchData) -> Result<Applied, String> {
+    let watermark = store.highest_synced_commit().map_err(|e| e.to_string())?;
+    data.commits.retain(|c| c.index() > watermark.index);
+    if data.commits.is_empty() {
+        // Local commits covered the whole batch while it was on its way.
+        return Ok(Applied {
+            last: watermark,
+            next_committee: None,
+            subdags: Vec::new(),
+        });
+    }
     let committee = store
         .committee(data.epoch)
         .map_err(|e| e.to_string())?

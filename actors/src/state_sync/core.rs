@@ -74,6 +74,8 @@ struct Chunk {
 
 #[derive(Clone, Debug)]
 struct Batch {
+    /// Last commit of the batch.
+    end: CommitIndex,
     chunks: Vec<Chunk>,
 }
 
@@ -224,6 +226,8 @@ impl Core for StateSyncCore {
                 if self.verified.index < last.index {
                     // Local consensus moved past what sync planned.
                     self.reset(&mut out);
+                } else {
+                    self.discard_applied(&mut out);
                 }
             }
         }
@@ -254,6 +258,24 @@ impl StateSyncCore {
             self.waiting_for_epoch = None;
         }
         self.highest_known = self.highest_known.max(self.synced.index);
+    }
+
+    /// Drops the batches that local commits have wholly covered. A batch
+    /// the watermark falls inside stays: applying it writes only the commits
+    /// after the watermark.
+    fn discard_applied(&mut self, out: &mut Vec<Output>) {
+        let covered: Vec<CommitIndex> = self
+            .batches
+            .iter()
+            .filter(|(start, b)| b.end <= self.synced.index && self.applying != Some(**start))
+            .map(|(start, _)| *start)
+            .collect();
+        for start in covered {
+            self.batches.remove(&start);
+            self.tasks
+                .retain(|_, t| !matches!(t, Task::Blocks { batch, .. } if *batch == start));
+            out.push(Output::Discard { start });
+        }
     }
 
     /// Forgets every batch after the watermark, to fetch them again.
@@ -288,7 +310,13 @@ impl StateSyncCore {
                         supervision: Supervision::default(),
                     })
                     .collect();
-                self.batches.insert(info.start, Batch { chunks });
+                self.batches.insert(
+                    info.start,
+                    Batch {
+                        end: info.end,
+                        chunks,
+                    },
+                );
             }
             // A stale answer (after a reset): ignore it.
             Ok(_) => {}
@@ -347,10 +375,12 @@ impl StateSyncCore {
     /// Starts whatever work is due: the next apply, the next commit fetch,
     /// and block fetches up to the limits.
     fn schedule(&mut self, now: Time, out: &mut Vec<Output>) {
-        // Apply strictly in order.
+        // Apply strictly in order. The next batch may start at or below the
+        // watermark when local commits covered part of it.
         if self.applying.is_none()
             && let Some((&start, batch)) = self.batches.first_key_value()
-            && start == self.synced.index + 1
+            && start <= self.synced.index + 1
+            && batch.end > self.synced.index
             && batch.complete()
         {
             self.applying = Some(start);
@@ -608,6 +638,49 @@ mod tests {
             },
         );
         assert!(out.contains(&Output::Apply { start: 11 }));
+        c.handle(
+            Time(0),
+            Input::Applied {
+                start: 11,
+                last: r(20),
+                next_epoch: None,
+            },
+        );
+        assert_eq!(c.synced(), r(20));
+    }
+
+    #[test]
+    fn local_commits_inside_fetched_batches_do_not_wedge_sync() {
+        // A node that produces commits itself while it syncs: local commits
+        // land inside batches sync has already fetched.
+        let mut c = core(Config {
+            parallel_fetches: 10,
+            ..config()
+        });
+        let (t, _, _) = commit_fetch(&tick(&mut c, 0, 30)).unwrap();
+        let out1 = commits_ok(&mut c, 0, t, 1, 10, 5);
+        let (t2, _, _) = commit_fetch(&out1).unwrap();
+        let first = block_fetches(&out1);
+        let out2 = commits_ok(&mut c, 0, t2, 11, 20, 5);
+        let second = block_fetches(&out2);
+        // Local consensus applies 1..=14: all of the first batch and part of
+        // the second.
+        let out = c.handle(
+            Time(0),
+            Input::LocalApplied {
+                last: r(14),
+                next_epoch: None,
+            },
+        );
+        assert!(out.contains(&Output::Discard { start: 1 }), "{out:?}");
+        assert!(!out.contains(&Output::Reset));
+        // The first batch's blocks arrive late: nothing to do with them.
+        let out = blocks_ok(&mut c, first[0].0);
+        assert!(!out.iter().any(|o| matches!(o, Output::Apply { .. })));
+        // The second batch, which the watermark falls inside, is applied
+        // (the shell writes only 15..=20).
+        let out = blocks_ok(&mut c, second[0].0);
+        assert!(out.contains(&Output::Apply { start: 11 }), "{out:?}");
         c.handle(
             Time(0),
             Input::Applied {

@@ -136,4 +136,10 @@ pub enum Output {
     },
     /// Drop the shell's data of batches after the watermark.
     Reset,
+    /// Drop the shell's data of the batch starting at `start`: local
+    /// commits covered all of it.
+    Discard {
+        /// First commit of the batch.
+        start: CommitIndex,
+    },
 }
