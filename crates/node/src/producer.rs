@@ -21,6 +21,11 @@ pub async fn produce(handle: P2pHandle, chain: ChainConfig, rate: f64, max_commi
     loop {
         let out = builder.produce_round();
         for (index, blocks) in out.certified {
+            // Checked before anything is sent: commits up to the limit may
+            // arrive by sync instead, and none past it may be produced.
+            if max_commits > 0 && index > max_commits {
+                return;
+            }
             let Some(mut local) = pending.take_if(|p| p.commit.index() == index) else {
                 continue;
             };
@@ -51,5 +56,42 @@ pub async fn produce(handle: P2pHandle, chain: ChainConfig, rate: f64, max_commi
                 next_committee,
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use soma_actors::P2pConfig;
+    use soma_chain::{ChainBuilder, ChainConfig};
+    use soma_store::{ConsensusStore, MemStore};
+
+    use super::produce;
+
+    #[test]
+    fn a_node_that_synced_up_to_the_limit_produces_nothing_past_it() {
+        let config = ChainConfig::validators(4);
+        let chain = ChainBuilder::new(config.clone()).build(30);
+        let store = MemStore::new(chain.genesis());
+        chain.write_to(&store, 10).unwrap();
+        let store: Arc<dyn ConsensusStore> = Arc::new(store);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let node = soma_testkit::node(&chain, 1, P2pConfig::default(), store.clone());
+            tokio::time::timeout(
+                Duration::from_secs(60),
+                produce(node.clone(), config, 1_000.0, 30),
+            )
+            .await
+            .expect("the producer stops at its limit");
+            assert_eq!(store.highest_synced_commit().unwrap().index, 30);
+            node.shutdown().await;
+        });
     }
 }
