@@ -537,3 +537,78 @@ async fn standard_health_and_reflection_services_answer_anonymous_callers() {
     );
     a.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_connections_past_the_limit_are_refused_until_one_closes() {
+    const LIMIT: usize = 3;
+    let chain = chain(32);
+    let store = MemStore::new(chain.genesis());
+    chain.write_to(&store, 100).unwrap();
+    let mut config = P2pConfig::default();
+    config.grpc.max_inbound_connections = LIMIT;
+    let a = P2pBuilder::new(
+        config,
+        KeyPair::from_seed([1; 32]),
+        chain.genesis().clone(),
+        Arc::new(store),
+    )
+    .start()
+    .unwrap();
+    let available = |client: &mut P2pClient<Channel>| {
+        let mut client = client.clone();
+        async move {
+            client
+                .get_commit_availability(proto::GetCommitAvailabilityRequest {})
+                .await
+                .map(|r| r.into_inner().highest_synced_commit)
+        }
+    };
+
+    // LIMIT connections, held open, are each served.
+    let mut held = Vec::new();
+    for i in 0..LIMIT {
+        let mut c = client(&a, Some(&identity(10 + i as u8))).await;
+        assert_eq!(available(&mut c).await.unwrap(), chain.tip());
+        held.push(c);
+    }
+    assert_eq!(a.inbound_connections().open, LIMIT);
+
+    // One more is refused, authenticated or not, and costs no slot.
+    for caller in [Some(identity(20)), None] {
+        let refused = tls::connect(
+            &a.local_addr().to_string(),
+            caller.as_ref(),
+            Some(a.peer_id()),
+            Duration::from_secs(5),
+        )
+        .await;
+        match refused {
+            Err(e) => eprintln!("refused: {e}"),
+            Ok((channel, _)) => {
+                let mut c = P2pClient::new(channel);
+                let status = available(&mut c).await.unwrap_err();
+                eprintln!("refused at the first call: {status}");
+            }
+        }
+    }
+    let inbound = a.inbound_connections();
+    assert_eq!(
+        (inbound.open, inbound.max, inbound.refused),
+        (LIMIT, LIMIT, 2)
+    );
+    for c in &mut held {
+        assert_eq!(available(c).await.unwrap(), chain.tip());
+    }
+
+    // One goes away: its slot comes back and a new connection gets in.
+    drop(held.pop());
+    wait_for("the closed connection's slot to come back", || async {
+        a.inbound_connections().open == LIMIT - 1
+    })
+    .await;
+    let mut late = client(&a, Some(&identity(30))).await;
+    assert_eq!(available(&mut late).await.unwrap(), chain.tip());
+    assert_eq!(a.inbound_connections().open, LIMIT);
+    assert_eq!(a.inbound_connections().refused, 2);
+    a.shutdown().await;
+}

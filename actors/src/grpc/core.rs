@@ -24,6 +24,9 @@ pub struct Limits {
     pub max_concurrent_streams: u32,
     /// Requests of one connection being handled at once; more wait.
     pub concurrency_limit_per_connection: usize,
+    /// Inbound connections open at once (handshakes included); more are
+    /// reset as soon as they are accepted.
+    pub max_inbound_connections: usize,
 }
 
 impl Default for Limits {
@@ -36,6 +39,7 @@ impl Default for Limits {
             max_concurrent_fetches: 64,
             max_concurrent_streams: 128,
             concurrency_limit_per_connection: 64,
+            max_inbound_connections: soma_wire::inbound::DEFAULT_MAX_CONNECTIONS,
         }
     }
 }

@@ -4,6 +4,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use actix::Actor;
 use soma_store::ConsensusStore;
 use soma_types::{ChainId, Committee, KeyPair, NodeInfo, PeerId, SignedNodeInfo, genesis_commit};
+use soma_wire::inbound::ConnectionLimit;
 use soma_wire::proto::p2p_server::P2pServer;
 use soma_wire::tls::{self, AccessPolicy, NodeIdentity};
 use tokio::sync::{broadcast, oneshot};
@@ -213,6 +214,7 @@ impl P2pBuilder {
         };
         let server_config = tls::server_config(&identity, &policy)?;
         let (shutdown, shutdown_rx) = oneshot::channel::<()>();
+        let inbound = ConnectionLimit::new(config.grpc.max_inbound_connections);
         let server = {
             let _guard = runtime.enter();
             let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -224,7 +226,7 @@ impl P2pBuilder {
             let p2p = P2pServer::new(service)
                 .max_decoding_message_size(MAX_REQUEST_BYTES)
                 .max_encoding_message_size(config.grpc.max_fetch_response_bytes + (1 << 20));
-            let incoming = tls::incoming(listener, server_config);
+            let incoming = tls::incoming_with_limit(listener, server_config, inbound.clone());
             let timeout = config.timeout;
             let max_streams = config.grpc.max_concurrent_streams;
             let per_connection = config.grpc.concurrency_limit_per_connection;
@@ -247,6 +249,7 @@ impl P2pBuilder {
 
         Ok(P2pHandle::from_inner(Inner {
             rpc_counts,
+            inbound,
             events,
             peer_id,
             local_addr,

@@ -43,6 +43,7 @@ pub(super) struct Running {
 
 pub(super) struct Inner {
     pub(super) rpc_counts: crate::grpc::RpcCounts,
+    pub(super) inbound: soma_wire::inbound::ConnectionLimit,
     pub(super) events: broadcast::Sender<PeerEvent>,
     pub(super) peer_id: PeerId,
     pub(super) local_addr: SocketAddr,
@@ -102,6 +103,17 @@ pub struct LocalCommit {
     pub certificate: Vec<VerifiedBlock>,
     /// The next committee, if this commit ends its epoch.
     pub next_committee: Option<Committee>,
+}
+
+/// The node's inbound connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InboundConnections {
+    /// Open now, TLS handshakes in progress included.
+    pub open: usize,
+    /// The most allowed open at once (`max_inbound_connections`).
+    pub max: usize,
+    /// Refused so far because `max` were open.
+    pub refused: u64,
 }
 
 /// Whether one long-lived actor is running.
@@ -278,6 +290,17 @@ impl P2pHandle {
             .iter()
             .map(|e| (e.key().0, e.key().1, *e.value()))
             .collect()
+    }
+
+    /// How many inbound connections are open, and how many were refused
+    /// for being past the limit.
+    pub fn inbound_connections(&self) -> InboundConnections {
+        let limit = &self.inner.inbound;
+        InboundConnections {
+            open: limit.open(),
+            max: limit.max(),
+            refused: limit.refused(),
+        }
     }
 
     /// What the node knows of each peer's chain.

@@ -12,4 +12,4 @@ mod handle;
 
 pub use builder::{P2pBuilder, StartError};
 pub use config::P2pConfig;
-pub use handle::{ActorHealth, Health, LocalCommit, P2pError, P2pHandle};
+pub use handle::{ActorHealth, Health, InboundConnections, LocalCommit, P2pError, P2pHandle};

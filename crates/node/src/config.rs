@@ -116,6 +116,8 @@ pub struct P2pSection {
     pub max_concurrent_streams: u32,
     /// Requests of one inbound connection handled at once.
     pub concurrency_limit_per_connection: usize,
+    /// Inbound connections open at once; more are refused.
+    pub max_inbound_connections: usize,
 }
 
 impl Default for P2pSection {
@@ -144,6 +146,7 @@ impl Default for P2pSection {
             verify_synced_block_signatures: p.verify_synced_block_signatures,
             max_concurrent_streams: p.grpc.max_concurrent_streams,
             concurrency_limit_per_connection: p.grpc.concurrency_limit_per_connection,
+            max_inbound_connections: p.grpc.max_inbound_connections,
         }
     }
 }
@@ -306,6 +309,13 @@ impl NodeConfig {
             10_000,
             "between 1 and 10000",
         )?;
+        count(
+            "p2p.max-inbound-connections",
+            p.max_inbound_connections,
+            1,
+            1 << 20,
+            "between 1 and 1048576",
+        )?;
         range(
             "p2p.max-concurrent-streams",
             "between 1 and 10000",
@@ -417,6 +427,7 @@ impl NodeConfig {
         c.grpc.max_fetch_response_bytes = p.max_fetch_response_bytes;
         c.grpc.max_concurrent_streams = p.max_concurrent_streams;
         c.grpc.concurrency_limit_per_connection = p.concurrency_limit_per_connection;
+        c.grpc.max_inbound_connections = p.max_inbound_connections;
         c
     }
 }
@@ -500,6 +511,9 @@ verify-synced-block-signatures = {verify}
 # Inbound connections: open calls at once, calls handled at once.
 max-concurrent-streams = {streams}
 concurrency-limit-per-connection = {per_connection}
+# Inbound connections open at once; more are reset right after accept.
+# Keep it below the open-file limit (ulimit -n).
+max-inbound-connections = {inbound}
 "#,
         cache = default_store_cache_bytes(),
         interval = humantime_serde::re::humantime::format_duration(p.interval),
@@ -522,6 +536,7 @@ concurrency-limit-per-connection = {per_connection}
         verify = p.verify_synced_block_signatures,
         streams = p.max_concurrent_streams,
         per_connection = p.concurrency_limit_per_connection,
+        inbound = p.max_inbound_connections,
     )
 }
 
@@ -543,6 +558,7 @@ mod tests {
         assert_eq!(config.p2p.interval, Duration::from_secs(5));
         assert_eq!(config.p2p.parallel_fetches, 8);
         assert_eq!(config.p2p.max_total_fetched_bytes, 128 << 20);
+        assert_eq!(config.p2p.max_inbound_connections, 512);
     }
 
     #[test]
@@ -559,6 +575,15 @@ mod tests {
         let e = parse(&text).unwrap_err().to_string();
         assert!(
             e.contains("p2p.parallel-fetches") && e.contains("between 1 and 256"),
+            "{e}"
+        );
+        let text = default_file().replace(
+            "max-inbound-connections = 512",
+            "max-inbound-connections = 0",
+        );
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(
+            e.contains("p2p.max-inbound-connections") && e.contains("between 1 and 1048576"),
             "{e}"
         );
         let text = default_file().replace("timeout = \"10s\"", "timeout = \"1h\"");

@@ -25,6 +25,8 @@ struct Series {
     restarts: IntCounterVec,
     failures: IntCounterVec,
     rpcs: IntCounterVec,
+    inbound: IntGauge,
+    inbound_refused: IntCounterVec,
     actor_up: IntGaugeVec,
     /// Last values seen, to turn totals into counter increments.
     last: Mutex<std::collections::HashMap<String, u64>>,
@@ -92,6 +94,13 @@ impl Series {
                 &["kind"],
             ),
             rpcs: counter(&r, "soma_rpcs_total", "RPCs served", &["method", "status"]),
+            inbound: gauge(&r, "soma_inbound_connections", "Inbound connections open"),
+            inbound_refused: counter(
+                &r,
+                "soma_inbound_connections_refused_total",
+                "Inbound connections refused at max-inbound-connections",
+                &[],
+            ),
             actor_up,
             registry: r,
             last: Mutex::new(Default::default()),
@@ -138,6 +147,9 @@ impl Series {
         for (method, code, n) in handle.rpc_counts() {
             self.advance(&self.rpcs, &[method, &format!("{code:?}")], n);
         }
+        let inbound = handle.inbound_connections();
+        self.inbound.set(inbound.open as i64);
+        self.advance(&self.inbound_refused, &[], inbound.refused);
         for actor in handle.health().actors {
             self.actor_up
                 .with_label_values(&[actor.name])

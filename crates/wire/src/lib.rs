@@ -6,9 +6,11 @@
 //! - [`convert`]: between proto messages and [`soma_types`], with typed errors.
 //! - [`tls`]: mutual TLS 1.3 with each node's identity bound into its
 //!   certificate, the only place connections are made.
+//! - [`inbound`]: the bound on a server's open inbound connections.
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod convert;
+pub mod inbound;
 pub mod tls;
 
 /// Generated protocol code.

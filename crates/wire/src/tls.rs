@@ -60,12 +60,14 @@ use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherEr
 use rustls::{SignatureScheme, client::Resumption, server::NoServerSessionStorage};
 use soma_types::{Access, Digest, Domain, KeyPair, PeerId, PublicKey, Signature};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tonic::transport::server::{TcpConnectInfo, TcpIncoming};
 use tonic::transport::{Channel, Endpoint};
 use tonic_tls::rustls::{SslConnectInfo, TlsStream};
 use x509_parser::oid_registry::Oid;
 use x509_parser::prelude::{FromDer, ParsedExtension, X509Certificate};
+
+use crate::inbound::{Admission, Admitted, ConnectionLimit};
 
 /// The OID of the identity binding extension, as rcgen takes it.
 pub const BINDING_OID: &[u64] = &[1, 3, 6, 1, 4, 1, 53594, 1, 1];
@@ -369,19 +371,32 @@ fn make_client_config(
 
 /// The TLS connections accepted on a listener, for
 /// [`tonic::transport::Server::serve_with_incoming`].
-pub type Incoming = BoxStream<'static, Result<TlsStream<TcpStream>, tonic_tls::Error>>;
+pub type Incoming = BoxStream<'static, Result<TlsStream<Admitted>, tonic_tls::Error>>;
 
-/// Accepts TLS connections on `listener` with `config`. Handshakes run
-/// concurrently, each bounded by [`ACCEPT_HANDSHAKE_TIMEOUT`]; a failed one
-/// is logged and dropped. The streams carry the peer's certificates to the
-/// handlers, where [`caller`] reads them.
+/// Accepts TLS connections on `listener` with `config`, at most
+/// [`DEFAULT_MAX_CONNECTIONS`](crate::inbound::DEFAULT_MAX_CONNECTIONS)
+/// open at once; see [`incoming_with_limit`].
 pub fn incoming(listener: TcpListener, config: Arc<rustls::ServerConfig>) -> Incoming {
+    incoming_with_limit(listener, config, ConnectionLimit::default())
+}
+
+/// Accepts TLS connections on `listener` with `config`, at most
+/// `limit.max()` open at once: a connection past it is reset as soon as it
+/// is accepted, before any handshake work (see [`crate::inbound`]).
+/// Handshakes run concurrently, each bounded by [`ACCEPT_HANDSHAKE_TIMEOUT`];
+/// a failed one is logged and dropped. The streams carry the peer's
+/// certificates to the handlers, where [`caller`] reads them.
+pub fn incoming_with_limit(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    limit: ConnectionLimit,
+) -> Incoming {
     let tcp = TcpIncoming::from(listener).with_nodelay(Some(true));
     let acceptor = Acceptor {
         inner: tokio_rustls::TlsAcceptor::from(config),
         timeout: ACCEPT_HANDSHAKE_TIMEOUT,
     };
-    tonic_tls::incoming_inner(tcp, acceptor)
+    tonic_tls::incoming_inner(Admission::new(tcp, limit), acceptor)
 }
 
 /// tonic-tls's rustls acceptor with a handshake timeout.

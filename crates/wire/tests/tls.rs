@@ -6,8 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use soma_types::{Access, KeyPair, PeerId};
+use soma_wire::inbound::ConnectionLimit;
 use soma_wire::tls::{self, AccessPolicy, Caller, Forgery, NodeIdentity, TlsError};
-use tokio::net::TcpListener;
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint, Server};
@@ -47,6 +49,10 @@ impl TestServer {
     }
 
     async fn start_with(config: Arc<rustls::ServerConfig>) -> Self {
+        Self::start_limited(config, ConnectionLimit::default()).await
+    }
+
+    async fn start_limited(config: Arc<rustls::ServerConfig>, limit: ConnectionLimit) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
         let callers = Arc::new(Mutex::new(Vec::new()));
@@ -59,7 +65,7 @@ impl TestServer {
         let task = tokio::spawn(
             Server::builder()
                 .add_service(service)
-                .serve_with_incoming(tls::incoming(listener, config)),
+                .serve_with_incoming(tls::incoming_with_limit(listener, config, limit)),
         );
         TestServer {
             address,
@@ -399,4 +405,57 @@ async fn connect_times_out_on_a_silent_listener() {
     assert!(matches!(result, Err(TlsError::Timeout)), "{result:?}");
     assert!(started.elapsed() >= timeout);
     silent.abort();
+}
+
+/// Polls `condition` until it holds, for at most [`PATIENCE`].
+async fn wait_until(what: &str, condition: impl Fn() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_past_the_limit_is_reset_before_any_handshake() {
+    init_tracing();
+    let server = identity();
+    let limit = ConnectionLimit::new(2);
+    let config = tls::server_config(&server, &AccessPolicy::default()).unwrap();
+    let running = TestServer::start_limited(config, limit.clone()).await;
+
+    // Two clients that never start their handshake hold both slots.
+    let mut silent = Vec::new();
+    for _ in 0..2 {
+        silent.push(TcpStream::connect(&running.address).await.unwrap());
+    }
+    wait_until("both slots taken", || limit.open() == 2).await;
+
+    // A third is reset without a byte from the server, long before a
+    // handshake would have timed out.
+    let started = Instant::now();
+    let read = tokio::time::timeout(PATIENCE, async {
+        // The reset may come before connect returns.
+        let mut third = TcpStream::connect(&running.address).await?;
+        third.read(&mut [0u8; 1]).await
+    })
+    .await
+    .expect("the server ends the connection");
+    assert!(
+        matches!(&read, Ok(0)) || read.as_ref().is_err(),
+        "the server sent something: {read:?}"
+    );
+    assert!(started.elapsed() < tls::ACCEPT_HANDSHAKE_TIMEOUT / 2);
+    assert_eq!((limit.open(), limit.refused()), (2, 1));
+    // So is a TLS client.
+    assert!(running.connect(Some(&identity()), None).await.is_err());
+    assert_eq!((limit.open(), limit.refused()), (2, 2));
+
+    // The silent clients leave: their slots come back, and a TLS client
+    // gets in and is served.
+    drop(silent);
+    wait_until("the slots to come back", || limit.open() == 0).await;
+    let (channel, _) = running.connect(Some(&identity()), None).await.unwrap();
+    check(channel.clone()).await.unwrap();
+    assert_eq!((limit.open(), limit.refused()), (1, 2));
 }
