@@ -468,6 +468,141 @@ async fn forged_node_info_relayed_by_a_malicious_peer_is_never_accepted() {
     server.await.unwrap().unwrap();
 }
 
+/// Serves `evil` over mutual TLS on `listener` until `stop` fires.
+fn serve_malicious(
+    evil: Malicious,
+    identity: &NodeIdentity,
+    listener: tokio::net::TcpListener,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+) {
+    let server_config = tls::server_config(identity, &AccessPolicy::default()).unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(P2pServer::new(evil))
+            .serve_with_incoming_shutdown(tls::incoming(listener, server_config), async {
+                let _ = stopped.await;
+            }),
+    );
+    (stop, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_copies_of_an_honest_peers_info_change_nothing_about_it() {
+    init_tracing();
+    let chain = chain();
+    let h_key = KeyPair::from_seed([1; 32]);
+    let h = start(&chain, config(vec![]), 1);
+    let h_id = h.peer_id();
+    let h_address = h.local_addr().to_string();
+    let evil_key = KeyPair::from_seed([66; 32]);
+    let evil_id = PeerId::from(evil_key.public());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let evil_address = listener.local_addr().unwrap().to_string();
+
+    // What the malicious peer relays about H, each pointing H's id at the
+    // malicious peer's own address and newer than anything H has signed.
+    let genuine = h.node_info().clone();
+    let redirected = NodeInfo {
+        addresses: vec![evil_address.clone()],
+        timestamp_ms: now_ms() + 10_000,
+        ..genuine.info.clone()
+    };
+    let mut flipped = genuine.clone();
+    flipped.signature.0[0] ^= 1;
+    let tampered = vec![
+        // H's signature kept over an edited info.
+        SignedNodeInfo {
+            info: redirected.clone(),
+            signature: genuine.signature,
+        },
+        // Signed again by the malicious peer's key.
+        SignedNodeInfo::sign(redirected.clone(), &evil_key),
+        // H's own info with its signature damaged.
+        flipped,
+        // A genuine info of H, but older: replayed, it must not replace a
+        // newer one.
+        SignedNodeInfo::sign(
+            NodeInfo {
+                timestamp_ms: genuine.info.timestamp_ms - 60_000,
+                ..redirected
+            },
+            &h_key,
+        ),
+    ];
+    let answered = Arc::new(Mutex::new(HashMap::new()));
+    let identity = NodeIdentity::generate(&evil_key).unwrap();
+    let evil = Malicious {
+        key: evil_key,
+        address: evil_address.clone(),
+        forged: tampered,
+        answered: answered.clone(),
+    };
+    let (stop, server) = serve_malicious(evil, &identity, listener);
+
+    // V knows both; the malicious peer answers it every round.
+    let v = start(
+        &chain,
+        config(vec![
+            seed(&h),
+            SeedPeer {
+                peer_id: Some(evil_id),
+                address: evil_address,
+            },
+        ]),
+        2,
+    );
+    wait_for("v to learn h and the malicious peer", || async {
+        knows_all(&v, &[h_id, evil_id]).await
+    })
+    .await;
+    wait_for("the malicious peer to answer v", || async {
+        answered.lock().unwrap().contains_key(&v.peer_id())
+    })
+    .await;
+    // Two answers processed: each carries the peer's own info, so a known
+    // info of it this new means the answer's tampered infos were judged.
+    let sent = answered.lock().unwrap()[&v.peer_id()];
+    wait_for("v to process two malicious answers", || async {
+        v.known_peers()
+            .await
+            .unwrap()
+            .iter()
+            .any(|i| i.info.peer_id == evil_id && i.info.timestamp_ms >= sent + INTERVAL_MS)
+    })
+    .await;
+
+    // V's info of H is one H signed, with H's address.
+    let known = v.known_peers().await.unwrap();
+    let h_info = known
+        .iter()
+        .find(|i| i.info.peer_id == h_id)
+        .expect("h is still known");
+    assert_eq!(h_info.info.addresses, vec![h_address]);
+    assert!(h_info.info.timestamp_ms >= genuine.info.timestamp_ms);
+    assert!(
+        h_id.public_key().unwrap().verify(
+            soma_types::Domain::NodeInfo,
+            &h_info.signing_digest(),
+            &h_info.signature
+        ),
+        "{h_info:?}"
+    );
+    // H stays connected and is not held responsible for any of it.
+    assert!(v.connected_peers().await.unwrap().contains(&h_id));
+    let views = v.peer_heights().await.unwrap();
+    let h_view = views.iter().find(|p| p.peer == h_id);
+    assert!(
+        h_view.is_some_and(|p| p.banned_until.is_none() && p.failures == 0),
+        "{h_view:?}"
+    );
+    shutdown_all(&[v, h]).await;
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_peer_stays_known_until_it_expires_and_is_redialled() {
     init_tracing();

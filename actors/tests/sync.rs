@@ -117,7 +117,7 @@ mod byzantine {
 
     use bytes::Bytes;
     use soma_chain::corrupt;
-    use soma_types::{BlockRef, ChainId, Digest, batch_end};
+    use soma_types::{AuthorityIndex, BlockRef, ChainId, Digest, batch_end};
     use soma_wire::convert::Availability;
     use soma_wire::proto::{self, p2p_server};
     use soma_wire::tls::{self, AccessPolicy, NodeIdentity};
@@ -141,6 +141,13 @@ mod byzantine {
         Slow,
         /// Honest commits; FetchBlocks sends half the blocks, then fails.
         CutsStreamMidway,
+        /// Relays another validator's data, honest except for every block
+        /// by this author: its signature forged.
+        ForgesBlocksOf(AuthorityIndex),
+        /// Likewise, with every block by this author edited after signing.
+        TampersBlocksOf(AuthorityIndex),
+        /// Likewise, with the author's certifier block forged too.
+        ForgesCertificateOf(AuthorityIndex),
     }
 
     struct Evil {
@@ -225,6 +232,14 @@ mod byzantine {
                     certifiers =
                         corrupt::certificate_below_quorum(&certifiers, chain.committee_of(end))
                 }
+                Lie::ForgesCertificateOf(author) => {
+                    for certifier in &mut certifiers {
+                        if certifier.block().author == author {
+                            *certifier =
+                                corrupt::forge_signature(&certifier.clone().into_trusted());
+                        }
+                    }
+                }
                 _ => {}
             }
             Ok(Response::new(proto::FetchCommitsResponse {
@@ -264,6 +279,20 @@ mod byzantine {
                 Lie::MissingBlock => {
                     blocks.pop();
                 }
+                Lie::ForgesBlocksOf(author) | Lie::ForgesCertificateOf(author) => {
+                    for (r, b) in refs.iter().zip(&mut blocks) {
+                        if r.author == author {
+                            *b = forge(b);
+                        }
+                    }
+                }
+                Lie::TampersBlocksOf(author) => {
+                    for (r, b) in refs.iter().zip(&mut blocks) {
+                        if r.author == author {
+                            *b = tamper(b);
+                        }
+                    }
+                }
                 Lie::ExtraBlock => blocks.push(stranger),
                 Lie::StreamsForever => {
                     let chunk = proto::FetchBlocksResponse { blocks };
@@ -293,6 +322,12 @@ mod byzantine {
         corrupt::tamper(&block, |b| b.timestamp_ms += 1)
             .serialized()
             .clone()
+    }
+
+    /// The block with its signature forged (so its digest changes too).
+    fn forge(bytes: &Bytes) -> Bytes {
+        let block = soma_types::VerifiedBlock::from_trusted_bytes(bytes.clone()).unwrap();
+        corrupt::forge_signature(&block).serialized().clone()
     }
 
     /// Serves `lie` over mutual TLS; returns its peer id and address.
@@ -441,6 +476,125 @@ mod byzantine {
         );
         node.shutdown().await;
         honest.shutdown().await;
+    }
+
+    /// Waits until `node` has banned every peer of `peers`.
+    async fn wait_banned(node: &P2pHandle, peers: &[soma_types::PeerId]) {
+        let start = Instant::now();
+        loop {
+            let views = node.peer_heights().await.unwrap();
+            let banned = |p: &soma_types::PeerId| {
+                views
+                    .iter()
+                    .any(|v| v.peer == *p && v.banned_until.is_some())
+            };
+            if peers.iter().all(banned) {
+                return;
+            }
+            assert!(start.elapsed() < DEADLINE, "not all banned: {views:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_peer_relaying_corrupted_data_is_banned_never_its_author() {
+        let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(300));
+        // H is the node of authority 0: every block by that author is its own.
+        let author = AuthorityIndex(0);
+        let h_key = chain.config().network_key(author.get());
+        let h_id = soma_types::PeerId::from(h_key.public());
+        assert_eq!(chain.genesis().authority(author).unwrap().network_key, h_id);
+        // H has produced nothing yet, so only the relays can be asked.
+        let h = P2pBuilder::new(
+            P2pConfig::default(),
+            h_key,
+            chain.genesis().clone(),
+            Arc::new(MemStore::new(chain.genesis())),
+        )
+        .start()
+        .unwrap();
+        let lies = [
+            Lie::ForgesBlocksOf(author),
+            Lie::TampersBlocksOf(author),
+            Lie::ForgesCertificateOf(author),
+        ];
+        let mut relays = Vec::new();
+        for (i, lie) in lies.iter().enumerate() {
+            relays.push(serve(chain.clone(), *lie, 130 + i as u8).await);
+        }
+        let mut seeds: Vec<SeedPeer> = relays
+            .iter()
+            .map(|(peer, address)| SeedPeer {
+                peer_id: Some(*peer),
+                address: address.clone(),
+            })
+            .collect();
+        seeds.extend(soma_testkit::seeds(&[&h]));
+        let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+        let config = P2pConfig {
+            seed_peers: seeds,
+            timeout: Duration::from_secs(2),
+            ban_duration: Duration::from_secs(3_600),
+            ..P2pConfig::default()
+        };
+        let node = soma_testkit::node(&chain, 9, config, store.clone());
+
+        // Each relay is banned for what it sent; nothing of it is applied.
+        let relay_ids: Vec<soma_types::PeerId> = relays.iter().map(|(p, _)| *p).collect();
+        wait_banned(&node, &relay_ids).await;
+        assert_eq!(store.highest_synced_commit().unwrap().index, 0);
+        // H, the author of every corrupted block, is connected and untouched:
+        // not banned, no failure on its record, its height its own.
+        let start = Instant::now();
+        let h_view = loop {
+            let views = node.peer_heights().await.unwrap();
+            if let Some(v) = views
+                .iter()
+                .find(|v| v.peer == h_id && v.chain_id.is_some())
+            {
+                break v.clone();
+            }
+            assert!(start.elapsed() < DEADLINE, "h never reported: {views:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(h_view.chain_id, Some(chain.chain_id()));
+        assert_eq!(
+            (h_view.banned_until, h_view.failures, h_view.highest),
+            (None, 0, 0),
+            "{h_view:?}"
+        );
+        assert!(node.connected_peers().await.unwrap().contains(&h_id));
+
+        // H now commits the chain itself: the node syncs all of it from H.
+        for i in 1..=chain.tip() {
+            h.send_commit(soma_actors::system::LocalCommit {
+                commit: chain.commit(i),
+                blocks: chain.blocks_of(i).to_vec(),
+                certificate: chain.certificate(i).to_vec(),
+                next_committee: None,
+            })
+            .await
+            .unwrap();
+        }
+        wait_synced(&node, chain.tip()).await;
+        assert_same_chain(&chain, store.as_ref());
+        let views = node.peer_heights().await.unwrap();
+        let h_view = views.iter().find(|v| v.peer == h_id).expect("h is known");
+        assert_eq!(
+            (h_view.banned_until, h_view.failures, h_view.highest),
+            (None, 0, chain.tip()),
+            "{h_view:?}"
+        );
+        assert!(h_view.throughput_bps > 0, "h served the sync: {h_view:?}");
+        assert!(node.connected_peers().await.unwrap().contains(&h_id));
+        for relay in &relay_ids {
+            let view = views.iter().find(|v| v.peer == *relay);
+            assert!(view.is_some_and(|v| v.banned_until.is_some()), "{view:?}");
+        }
+        let status = node.sync_status().await.unwrap();
+        assert!(status.invalid_responses >= 3, "{status:?}");
+        node.shutdown().await;
+        h.shutdown().await;
     }
 }
 

@@ -7,14 +7,12 @@
 
 use std::fs;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use rand::{Rng, SeedableRng};
-use soma_chain::{Chain, ChainBuilder};
+use soma_chain::ChainBuilder;
 use soma_store::{ConsensusStore, RedbStore};
-use soma_types::Committee;
 
 mod common;
 use common::*;
@@ -62,66 +60,12 @@ fn node_config(
     path
 }
 
-fn spawn(config: &Path, log: &Path) -> Spawned {
-    Spawned::spawn(
-        Command::new(BIN)
-            .arg("run")
-            .arg("--config")
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(
-                fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(log)
-                    .unwrap(),
-            ),
-    )
-}
-
-fn height(address: &str) -> Option<u64> {
-    let output = soma(&["status", "--addr", address]);
-    field(&stdout(&output), "highest")?.parse().ok()
-}
-
-/// The store's watermark, after checking everything below it is the chain.
-fn check_store(path: &Path, committee: &Committee, chain: &Chain) -> u64 {
-    let store = RedbStore::open(path, committee).expect("the store opens after a kill");
-    let watermark = store.highest_synced_commit().unwrap();
-    assert_eq!(
-        watermark,
-        chain.commit_ref(watermark.index),
-        "the watermark is a commit of the chain"
-    );
-    for index in 1..=watermark.index {
-        let commit = store.commit(index).unwrap().unwrap_or_else(|| {
-            panic!("commit {index} missing below watermark {}", watermark.index)
-        });
-        assert_eq!(commit.reference(), chain.commit_ref(index));
-        assert_eq!(
-            commit.commit().previous_digest,
-            chain.commit_ref(index - 1).digest
-        );
-        let blocks = store.blocks(&commit.commit().blocks).unwrap();
-        assert!(
-            blocks.iter().all(Option::is_some),
-            "a block of commit {index} is missing below the watermark"
-        );
-    }
-    watermark.index
-}
-
 #[test]
 fn a_node_killed_twenty_times_during_sync_loses_nothing_and_finishes() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     // Two validators on consecutive free ports.
-    let base = loop {
-        let p = free_port();
-        if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
-            break p;
-        }
-    };
+    let base = free_ports(2);
     let out = soma(&[
         "genesis",
         "--validators",
@@ -140,11 +84,11 @@ fn a_node_killed_twenty_times_during_sync_loses_nothing_and_finishes() {
     let v0 = format!("127.0.0.1:{base}");
     let seed0 = format!("{{ address = \"{v0}\" }}");
     let _validators = [
-        spawn(
+        run_node(
             &node_config(d, "validator-0", base, "", Some(2_000.0)),
             &d.join("validator-0.log"),
         ),
-        spawn(
+        run_node(
             &node_config(d, "validator-1", base + 1, &seed0, Some(2_000.0)),
             &d.join("validator-1.log"),
         ),
@@ -169,7 +113,7 @@ fn a_node_killed_twenty_times_during_sync_loses_nothing_and_finishes() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(20261122);
     let mut watermarks = Vec::new();
     for _ in 0..KILLS {
-        let mut node = spawn(&config, &log);
+        let mut node = run_node(&config, &log);
         // The kill point is the experiment: a random moment of the sync.
         std::thread::sleep(Duration::from_millis(rng.random_range(50..700)));
         kill(node.pid(), Signal::SIGKILL).unwrap();
@@ -191,7 +135,7 @@ fn a_node_killed_twenty_times_during_sync_loses_nothing_and_finishes() {
     );
 
     // Once more, to the end.
-    let mut node = spawn(&config, &log);
+    let mut node = run_node(&config, &log);
     let address = format!("127.0.0.1:{jport}");
     let deadline = Instant::now() + Duration::from_secs(120);
     while height(&address) != Some(COMMITS) {

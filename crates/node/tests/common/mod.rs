@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde::Deserialize;
-use soma_chain::{ChainBuilder, ChainConfig};
+use soma_chain::{Chain, ChainBuilder, ChainConfig};
+use soma_store::{ConsensusStore, RedbStore};
 use soma_types::{Committee, Stake};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_soma-p2p");
@@ -88,6 +89,17 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The first of `n` consecutive ports free on 127.0.0.1 a moment ago.
+pub fn free_ports(n: u16) -> u16 {
+    loop {
+        let base = free_port();
+        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if base.checked_add(n).is_some() && (1..n).all(|i| free(base + i)) {
+            return base;
+        }
+    }
+}
+
 /// The default configuration file, from `soma-p2p config --default`.
 pub fn default_config() -> String {
     let output = soma(&["config", "--default"]);
@@ -145,4 +157,59 @@ pub fn field<'a>(text: &'a str, label: &str) -> Option<&'a str> {
         let rest = l.trim_start().strip_prefix(label)?;
         rest.starts_with(char::is_whitespace).then(|| rest.trim())
     })
+}
+
+/// `soma-p2p run --config config`, its logs appended to `log`.
+pub fn run_node(config: &Path, log: &Path) -> Spawned {
+    Spawned::spawn(
+        Command::new(BIN)
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(
+                fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log)
+                    .unwrap(),
+            ),
+    )
+}
+
+/// The highest synced commit of the node at `address`, from
+/// `soma-p2p status`; `None` if it does not answer.
+pub fn height(address: &str) -> Option<u64> {
+    let output = soma(&["status", "--addr", address]);
+    field(&stdout(&output), "highest")?.parse().ok()
+}
+
+/// Opens the store at `path` and checks everything up to its watermark is
+/// `chain`: the watermark is a commit of the chain, and every commit below
+/// it is stored with all its blocks and links to the one before. Returns
+/// the watermark.
+pub fn check_store(path: &Path, committee: &Committee, chain: &Chain) -> u64 {
+    let store = RedbStore::open(path, committee).expect("the store opens");
+    let watermark = store.highest_synced_commit().unwrap();
+    assert_eq!(
+        watermark,
+        chain.commit_ref(watermark.index),
+        "the watermark is a commit of the chain"
+    );
+    for index in 1..=watermark.index {
+        let commit = store.commit(index).unwrap().unwrap_or_else(|| {
+            panic!("commit {index} missing below watermark {}", watermark.index)
+        });
+        assert_eq!(commit.reference(), chain.commit_ref(index));
+        assert_eq!(
+            commit.commit().previous_digest,
+            chain.commit_ref(index - 1).digest
+        );
+        let blocks = store.blocks(&commit.commit().blocks).unwrap();
+        assert!(
+            blocks.iter().all(Option::is_some),
+            "a block of commit {index} is missing below the watermark"
+        );
+    }
+    watermark.index
 }

@@ -1,0 +1,325 @@
+//! Faults of whole processes. The validators a fresh node syncs from are
+//! separate `soma-p2p run` processes, killed with SIGKILL and restarted at
+//! seeded random moments while the node's batches are in flight: the node
+//! ends with exactly their chain and never applies part of a batch. And a
+//! node that runs out of file descriptors keeps accepting connections once
+//! some are free again.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use rand::{Rng, SeedableRng};
+use soma_chain::ChainBuilder;
+use soma_store::{ConsensusStore, RedbStore};
+
+mod common;
+use common::*;
+
+const COMMITS: u64 = 3_000;
+/// Commits per sync batch of the syncing node; the validators hold a
+/// certificate at the end of each such batch.
+const BATCH: u64 = 5;
+/// Not a multiple of [`BATCH`], so that epoch ends cut batches short.
+const COMMITS_PER_EPOCH: u64 = 1_001;
+const VALIDATORS: u16 = 3;
+/// Validator processes killed (and restarted) while the node syncs.
+const KILLS: usize = 12;
+/// Bounds the sync under faults, and each wait for a process.
+const PATIENCE: Duration = Duration::from_secs(90);
+
+/// Writes `dir/<node>.toml`: the default configuration with the node's
+/// directories, port and seeds, and `lines` replacing their keys' lines
+/// (or, for a key the default file leaves out, added at the top level).
+fn node_config(dir: &Path, node: &str, port: u16, seeds: &[String], lines: &[&str]) -> PathBuf {
+    let seeds: Vec<String> = seeds
+        .iter()
+        .map(|a| format!("{{ address = \"{a}\" }}"))
+        .collect();
+    let mut config = default_config();
+    for line in [
+        format!("data-dir = \"{node}/data\""),
+        format!("keys-dir = \"{node}/keys\""),
+        "genesis = \"genesis.toml\"".to_string(),
+        format!("listen-address = \"127.0.0.1:{port}\""),
+        format!("seed-peers = [{}]", seeds.join(", ")),
+        "interval = \"200ms\"".to_string(),
+    ]
+    .iter()
+    .map(String::as_str)
+    .chain(lines.iter().copied())
+    {
+        let key = line.split(" = ").next().unwrap();
+        if config.lines().any(|l| l.starts_with(&format!("{key} = "))) {
+            config = set_line(&config, key, line);
+        } else {
+            config = format!("{line}\n{config}");
+        }
+    }
+    let path = dir.join(format!("{node}.toml"));
+    fs::write(&path, config).unwrap();
+    path
+}
+
+/// The value of the unlabelled series `name` at `/metrics` on `address`.
+fn metric(address: &str, name: &str) -> Option<f64> {
+    let mut stream = std::net::TcpStream::connect(address).ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: soma\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    text.lines().find_map(|l| {
+        let value = l.strip_prefix(name)?.strip_prefix(' ')?;
+        value.parse().ok()
+    })
+}
+
+fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn serving_validators_killed_and_restarted_mid_batch_leave_the_syncing_node_whole() {
+    let started = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = free_ports(VALIDATORS);
+    let out = soma(&[
+        "genesis",
+        "--validators",
+        &VALIDATORS.to_string(),
+        "--out",
+        d.to_str().unwrap(),
+        "--base-port",
+        &base.to_string(),
+        "--commits-per-epoch",
+        &COMMITS_PER_EPOCH.to_string(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let committee = genesis_committee(&d.join("genesis.toml"));
+    let chain = ChainBuilder::new(chain_config(&d.join("genesis.toml"))).build(COMMITS);
+
+    // The validators hold the whole chain from the start, as their own
+    // production would have left it: a certificate at each batch end.
+    let stores: Vec<PathBuf> = (0..VALIDATORS)
+        .map(|i| d.join(format!("validator-{i}/data/chain.redb")))
+        .collect();
+    for store in &stores {
+        fs::create_dir_all(store.parent().unwrap()).unwrap();
+    }
+    {
+        let store = RedbStore::open(&stores[0], &committee).unwrap();
+        chain.write_to(&store, BATCH).unwrap();
+    }
+    for store in &stores[1..] {
+        fs::copy(&stores[0], store).unwrap();
+    }
+    let addresses: Vec<String> = (0..VALIDATORS)
+        .map(|i| format!("127.0.0.1:{}", base + i))
+        .collect();
+    let configs: Vec<PathBuf> = (0..VALIDATORS)
+        .map(|i| {
+            let others: Vec<String> = addresses
+                .iter()
+                .filter(|a| **a != addresses[i as usize])
+                .cloned()
+                .collect();
+            node_config(d, &format!("validator-{i}"), base + i, &others, &[])
+        })
+        .collect();
+    let logs: Vec<PathBuf> = (0..VALIDATORS)
+        .map(|i| d.join(format!("validator-{i}.log")))
+        .collect();
+    let mut validators: Vec<Option<Spawned>> = (0..VALIDATORS as usize)
+        .map(|i| Some(run_node(&configs[i], &logs[i])))
+        .collect();
+    for address in &addresses {
+        wait_for("a validator to serve", PATIENCE, || {
+            height(address) == Some(COMMITS)
+        });
+    }
+
+    // The syncing node goes slowly, one small fetch at a time, so that
+    // every kill of a validator lands with a batch in flight.
+    let out = soma(&["keygen", "--out", d.join("joiner/keys").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let jport = free_port();
+    let jmetrics = format!("127.0.0.1:{}", free_port());
+    let joiner_config = node_config(
+        d,
+        "joiner",
+        jport,
+        &addresses,
+        &[
+            "parallel-fetches = 1",
+            "max-blocks-per-fetch = 10",
+            &format!("commit-sync-batch-size = {BATCH}"),
+            &format!("metrics-address = \"{jmetrics}\""),
+        ],
+    );
+    let jlog = d.join("joiner.log");
+    let joiner_address = format!("127.0.0.1:{jport}");
+    let mut joiner = run_node(&joiner_config, &jlog);
+    let sync_started = Instant::now();
+
+    // Kill a validator every 200-800 ms, never the last one up, and
+    // restart it 100-800 ms later, KILLS times while the node syncs.
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(20261123);
+    let mut restart_at: Vec<Option<Instant>> = vec![None; VALIDATORS as usize];
+    let mut next_kill = Instant::now() + Duration::from_millis(rng.random_range(200..800));
+    let mut kills: Vec<(usize, u64)> = Vec::new();
+    let mut seen = BTreeSet::new();
+    let mut synced = 0;
+    let deadline = Instant::now() + PATIENCE;
+    while synced < COMMITS {
+        assert!(
+            Instant::now() < deadline,
+            "sync stalled at {synced} after kills {kills:?}\n{}",
+            fs::read_to_string(&jlog).unwrap_or_default()
+        );
+        if let Some(h) = height(&joiner_address) {
+            seen.insert(h);
+            synced = h;
+        }
+        let now = Instant::now();
+        for (i, at) in restart_at.iter_mut().enumerate() {
+            if at.is_some_and(|at| now >= at) {
+                validators[i] = Some(run_node(&configs[i], &logs[i]));
+                *at = None;
+            }
+        }
+        let up: Vec<usize> = (0..restart_at.len())
+            .filter(|i| restart_at[*i].is_none())
+            .collect();
+        if now >= next_kill && up.len() > 1 && kills.len() < KILLS && synced < COMMITS {
+            let victim = up[rng.random_range(0..up.len())];
+            let mut process = validators[victim].take().unwrap();
+            kill(process.pid(), Signal::SIGKILL).unwrap();
+            process
+                .wait_for(PATIENCE)
+                .expect("a killed validator exits");
+            kills.push((victim, synced));
+            restart_at[victim] = Some(now + Duration::from_millis(rng.random_range(100..800)));
+            next_kill = now + Duration::from_millis(rng.random_range(200..800));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sync_time = sync_started.elapsed();
+
+    // A killed server is a failure, not a lie: no validator was banned.
+    assert_eq!(metric(&jmetrics, "soma_banned_peers"), Some(0.0));
+    let restarts = metric(&jmetrics, "soma_worker_restarts_total").unwrap_or(0.0);
+    kill(joiner.pid(), Signal::SIGTERM).unwrap();
+    assert!(joiner.wait_for(PATIENCE).expect("the node stops").success());
+    drop(validators);
+
+    // Every watermark the node showed was the end of a whole batch.
+    let ends: BTreeSet<u64> = std::iter::once(0)
+        .chain(chain.batch_ranges(BATCH).iter().map(|r| *r.end()))
+        .collect();
+    let partial: Vec<&u64> = seen.difference(&ends).collect();
+    assert!(partial.is_empty(), "watermarks inside a batch: {partial:?}");
+    let mid_sync = kills.iter().filter(|(_, h)| *h < COMMITS).count();
+    assert!(
+        mid_sync >= KILLS / 2,
+        "too few kills during the sync: {kills:?}"
+    );
+    assert!(restarts > 0.0, "no kill cut a fetch short");
+
+    // The node's store is the validators' chain, commit for commit, and the
+    // killed validators' stores are whole.
+    let joiner_store = d.join("joiner/data/chain.redb");
+    assert_eq!(check_store(&joiner_store, &committee, &chain), COMMITS);
+    let reopened = RedbStore::open(&joiner_store, &committee).unwrap();
+    for epoch in 0..2 {
+        assert_eq!(
+            reopened.last_commit_of_epoch(epoch).unwrap(),
+            chain.epoch_last(epoch)
+        );
+    }
+    for c in chain.committees() {
+        assert_eq!(reopened.committee(c.epoch()).unwrap().as_ref(), Some(c));
+    }
+    drop(reopened);
+    for store in &stores {
+        assert_eq!(check_store(store, &committee, &chain), COMMITS);
+    }
+    println!(
+        "{} kills ({mid_sync} during the sync): {kills:?}; {} watermarks seen; \
+         {restarts} sync workers restarted; synced in {sync_time:?}, test {:?}",
+        kills.len(),
+        seen.len(),
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_node_out_of_file_descriptors_keeps_accepting_once_some_are_free() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let port = free_port();
+    let address = format!("127.0.0.1:{port}");
+    let out = soma(&[
+        "genesis",
+        "--validators",
+        "1",
+        "--out",
+        d.to_str().unwrap(),
+        "--base-port",
+        &port.to_string(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // The connection bound is above what the file descriptor limit allows,
+    // so the limit is hit first.
+    let config = node_config(
+        d,
+        "validator-0",
+        port,
+        &[],
+        &["max-inbound-connections = 1000"],
+    );
+    let log = d.join("node.log");
+    let mut node = Spawned::spawn(
+        Command::new("sh")
+            .args(["-c", "ulimit -n 64 && exec \"$0\" run --config \"$1\""])
+            .arg(BIN)
+            .arg(&config)
+            // Accept errors are logged at debug level by the TLS layer.
+            .env("RUST_LOG", "info,tonic_tls=debug")
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap()),
+    );
+    let log = || fs::read_to_string(d.join("node.log")).unwrap_or_default();
+    wait_for("the node to serve", PATIENCE, || height(&address).is_some());
+
+    // Connections that never start their handshake use up the node's
+    // descriptors; accepting fails.
+    let held: Vec<std::net::TcpStream> = (0..100)
+        .filter_map(|_| std::net::TcpStream::connect(&address).ok())
+        .collect();
+    wait_for("accepting to fail", PATIENCE, || {
+        log().contains("Too many open files")
+    });
+    assert!(node.child.try_wait().unwrap().is_none(), "{}", log());
+
+    // They leave: the node accepts and serves again.
+    drop(held);
+    wait_for("the node to serve again", PATIENCE, || {
+        height(&address).is_some()
+    });
+    kill(node.pid(), Signal::SIGTERM).unwrap();
+    assert!(
+        node.wait_for(PATIENCE).expect("the node stops").success(),
+        "{}",
+        log()
+    );
+}
