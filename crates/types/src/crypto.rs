@@ -147,7 +147,8 @@ impl std::fmt::Debug for KeyPair {
 /// is emptied and refilled, which keeps it bounded without bookkeeping.
 #[derive(Debug)]
 pub struct KeyCache {
-    keys: std::sync::RwLock<std::collections::HashMap<[u8; 32], VerifyingKey>>,
+    /// Each key decompressed, with whether it is weak (of small order).
+    keys: std::sync::RwLock<std::collections::HashMap<[u8; 32], (VerifyingKey, bool)>>,
     capacity: usize,
 }
 
@@ -164,6 +165,12 @@ impl KeyCache {
 
     /// The decompressed form of `key`, from the cache or computed.
     pub fn get(&self, key: &PublicKey) -> Result<VerifyingKey> {
+        self.lookup(key).map(|(k, _)| k)
+    }
+
+    /// The decompressed form of `key` and whether it is weak (of small
+    /// order), from the cache or computed: both are computed once per key.
+    pub fn lookup(&self, key: &PublicKey) -> Result<(VerifyingKey, bool)> {
         if let Some(k) = self
             .keys
             .read()
@@ -173,13 +180,14 @@ impl KeyCache {
             return Ok(k);
         }
         let k = key.verifying_key()?;
+        let entry = (k, k.is_weak());
         if let Ok(mut m) = self.keys.write() {
             if m.len() >= self.capacity {
                 m.clear();
             }
-            m.insert(key.to_bytes(), k);
+            m.insert(key.to_bytes(), entry);
         }
-        Ok(k)
+        Ok(entry)
     }
 
     /// Number of keys held.

@@ -25,6 +25,8 @@ pub struct SignatureBatch {
     /// Positions whose key is not a valid point (a placeholder key is kept
     /// there so the vectors stay aligned).
     invalid: Vec<usize>,
+    /// Positions whose key is weak (of small order), found when pushed.
+    weak: Vec<usize>,
     /// Where decompressed keys are looked up first, if set.
     cache: Option<Arc<KeyCache>>,
 }
@@ -38,6 +40,7 @@ impl SignatureBatch {
             keys: Vec::with_capacity(n),
             items: Vec::with_capacity(n),
             invalid: Vec::new(),
+            weak: Vec::new(),
             cache: None,
         }
     }
@@ -60,15 +63,17 @@ impl SignatureBatch {
         signature: &Signature,
         item: SignedItem,
     ) {
+        // Weakness is a property of the key: with a cache it is computed
+        // once per key, not once per signature.
         let key = match &self.cache {
-            Some(cache) => cache.get(key),
-            None => key.verifying_key(),
+            Some(cache) => cache.lookup(key),
+            None => key.verifying_key().map(|k| (k, k.is_weak())),
         };
-        let key = key.unwrap_or_else(|_| {
+        let (key, weak) = key.unwrap_or_else(|_| {
             self.invalid.push(self.items.len());
-            placeholder_key()
+            (placeholder_key(), false)
         });
-        self.push_key(&key, domain, digest, signature, item);
+        self.push_checked(&key, weak, domain, digest, signature, item);
     }
 
     /// Like [`SignatureBatch::push`], with a key already decompressed (the
@@ -81,6 +86,21 @@ impl SignatureBatch {
         signature: &Signature,
         item: SignedItem,
     ) {
+        self.push_checked(key, key.is_weak(), domain, digest, signature, item);
+    }
+
+    fn push_checked(
+        &mut self,
+        key: &VerifyingKey,
+        weak: bool,
+        domain: Domain,
+        digest: &Digest,
+        signature: &Signature,
+        item: SignedItem,
+    ) {
+        if weak {
+            self.weak.push(self.items.len());
+        }
         self.messages.push(domain.message(digest));
         self.signatures.push(signature.to_dalek());
         self.keys.push(*key);
@@ -103,6 +123,7 @@ impl SignatureBatch {
         self.signatures.append(&mut other.signatures);
         let base = self.items.len();
         self.invalid.extend(other.invalid.iter().map(|i| i + base));
+        self.weak.extend(other.weak.iter().map(|i| i + base));
         self.keys.append(&mut other.keys);
         self.items.append(&mut other.items);
     }
@@ -117,12 +138,15 @@ impl SignatureBatch {
         while rest.len() > chunk {
             let (head_invalid, tail_invalid) = rest.invalid.iter().partition(|&&i| i < chunk);
             rest.invalid = head_invalid;
+            let (head_weak, tail_weak) = rest.weak.iter().partition(|&&i| i < chunk);
+            rest.weak = head_weak;
             let tail = SignatureBatch {
                 messages: rest.messages.split_off(chunk),
                 signatures: rest.signatures.split_off(chunk),
                 keys: rest.keys.split_off(chunk),
                 items: rest.items.split_off(chunk),
                 invalid: tail_invalid.into_iter().map(|i: usize| i - chunk).collect(),
+                weak: tail_weak.into_iter().map(|i: usize| i - chunk).collect(),
                 cache: rest.cache.clone(),
             };
             out.push(rest);
@@ -137,7 +161,7 @@ impl SignatureBatch {
         if let Some(&i) = self.invalid.iter().min() {
             return Err(Error::InvalidKey(self.items[i].clone()));
         }
-        if let Some(i) = self.keys.iter().position(|k| k.is_weak()) {
+        if let Some(&i) = self.weak.iter().min() {
             return Err(Error::WeakKey(self.items[i].clone()));
         }
         if self.is_empty() {
@@ -165,7 +189,7 @@ impl SignatureBatch {
             .map(|i| {
                 if self.invalid.contains(&i) {
                     Err(Error::InvalidKey(self.items[i].clone()))
-                } else if self.keys[i].is_weak() {
+                } else if self.weak.contains(&i) {
                     Err(Error::WeakKey(self.items[i].clone()))
                 } else if self.verify_one(i) {
                     Ok(())
@@ -231,6 +255,37 @@ mod tests {
         let each = batch(4, Some(2)).verify_each();
         assert_eq!(each.iter().filter(|r| r.is_err()).count(), 1);
         assert!(each[2].is_err());
+    }
+
+    #[test]
+    fn weak_key_is_refused_through_the_cache_and_after_a_split() {
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let weak = PublicKey::from_bytes(&identity).unwrap();
+        let cache = Arc::new(KeyCache::new(8));
+        for _ in 0..2 {
+            // The second time the key's weakness comes from the cache.
+            let mut b = SignatureBatch::with_cache(4, cache.clone());
+            b.append(batch(3, None));
+            b.push(
+                &weak,
+                Domain::Block,
+                &Digest::ZERO,
+                &Signature([1; 64]),
+                SignedItem::LooseTransaction(9),
+            );
+            assert_eq!(
+                b.verify(),
+                Err(Error::WeakKey(SignedItem::LooseTransaction(9)))
+            );
+            let parts = b.split(2);
+            assert_eq!(parts[0].verify(), Ok(()));
+            assert_eq!(
+                parts[1].verify(),
+                Err(Error::WeakKey(SignedItem::LooseTransaction(9)))
+            );
+        }
+        assert_eq!(cache.lookup(&weak).map(|(_, w)| w), Ok(true));
     }
 
     #[test]
