@@ -1,17 +1,12 @@
-//! Discovery convergence: N in-process nodes (8, 16, 32) all seeded with one
-//! of them, over real mutual TLS and gRPC on 127.0.0.1, with rounds every
-//! 500 ms (the design's default is 5 s) and every other discovery setting at
-//! its default (peers-to-query 3, target-concurrent-connections 8). Measures
-//! the seconds until every node knows every other, and the GetKnownPeers
-//! calls made on the way. `cargo bench -p soma-actors --bench discovery`.
+//! Benchmark 4: discovery convergence. N nodes, all seeded with one of them,
+//! over mutual TLS on 127.0.0.1; the time until every node knows every
+//! other, and the GetKnownPeers calls made on the way.
 //!
-//! Every run is a child process of this one, so each starts clean. The
-//! timed runs (three per size, median reported) record nothing. The counted run repeats it with
-//! `SOMA_TRACE_DIR` set, so that every Discovery shell records its core's
-//! inputs and outputs; the calls are counted from those traces (one
-//! `query` output per call made, one `serve` input per call answered), with
-//! no counter in the production code. Recording slows the counted run a
-//! little, which is why the time comes from the other.
+//! Every run is a child process of the harness, so each starts clean. The
+//! timed runs record nothing; a separate run records every Discovery core's
+//! inputs and outputs (`SOMA_TRACE_DIR`) and the calls are counted from
+//! those traces (one `query` output per call made, one `serve` input per
+//! call answered), with no counter in the production code.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -26,52 +21,12 @@ use soma_chain::{ChainBuilder, ChainConfig};
 use soma_store::MemStore;
 use soma_types::{KeyPair, PeerId};
 
-const SIZES: [usize; 3] = [8, 16, 32];
-const INTERVAL_MS: u64 = 500;
-const PEERS_TO_QUERY: usize = 3;
-/// Timed runs per size; the median is reported.
-const RUNS: usize = 3;
-/// A run that has not converged by then is reported as such.
-const DEADLINE: Duration = Duration::from_secs(60);
+use crate::Size;
+use crate::report::{Cell, Section};
 
-fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if let Some(i) = args.iter().position(|a| a == "--run") {
-        let n = args[i + 1].parse().expect("--run N");
-        child(n);
-        return;
-    }
-    println!(
-        "discovery: N nodes from one seed, interval {INTERVAL_MS} ms, \
-         peers-to-query {PEERS_TO_QUERY}, other settings default"
-    );
-    println!();
-    println!(
-        "| nodes | converged (s), median (min–max) of {RUNS} | intervals | bound: calls/node ≤ rounds × {PEERS_TO_QUERY} \
-         | calls made/node (counted) | calls answered/node (counted) | converged, recording (s) |"
-    );
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
-    for n in SIZES {
-        let mut times: Vec<f64> = (0..RUNS).map(|_| spawn(n, None).seconds).collect();
-        times.sort_by(f64::total_cmp);
-        let median = times[RUNS / 2];
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let counted = spawn(n, Some(dir.path()));
-        let intervals = median * 1000.0 / INTERVAL_MS as f64;
-        println!(
-            "| {n} | {median:.2} ({:.2}–{:.2}) | {:.1} | {:.0} | {:.1} | {:.1} | {:.2} |",
-            times[0],
-            times[RUNS - 1],
-            intervals,
-            // A round at 0 and one per interval after; each asks at most
-            // peers-to-query peers.
-            (intervals.floor() + 1.0) * PEERS_TO_QUERY as f64,
-            counted.made as f64 / n as f64,
-            counted.answered as f64 / n as f64,
-            counted.seconds,
-        );
-    }
-}
+const PEERS_TO_QUERY: usize = 3;
+/// A run that has not converged by then fails.
+const DEADLINE: Duration = Duration::from_secs(120);
 
 /// What one run reports on its last line of output.
 struct Outcome {
@@ -80,9 +35,58 @@ struct Outcome {
     answered: u64,
 }
 
-fn spawn(n: usize, trace_dir: Option<&Path>) -> Outcome {
+/// Runs the benchmark.
+pub fn section(size: &Size) -> Section {
+    let interval = size.discovery_interval_ms;
+    let mut s = Section::new(
+        "discovery",
+        "Discovery convergence from one seed",
+        format!(
+            "N nodes in one child process, all seeded with node 0, over mutual TLS on 127.0.0.1; \
+             discovery interval {interval} ms, peers-to-query {PEERS_TO_QUERY}, other settings \
+             default. Time: median of {} runs. Calls: counted exactly from the Discovery traces of \
+             one more, recorded, run, up to each node's convergence. The reference is the bound \
+             the protocol allows: a round at start and one per interval, each asking at most \
+             peers-to-query peers.",
+            size.discovery_runs
+        ),
+        &[
+            "nodes",
+            "converged (s)",
+            "fastest–slowest (s)",
+            "rounds",
+            "calls made/node",
+            "calls answered/node",
+            "bound: calls/node",
+        ],
+    );
+    for &n in &size.discovery_nodes {
+        let mut times: Vec<f64> = (0..size.discovery_runs)
+            .map(|_| spawn(n, interval, None).seconds)
+            .collect();
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let counted = spawn(n, interval, Some(dir.path()));
+        let rounds = median * 1000.0 / interval as f64;
+        s.row(
+            n.to_string(),
+            vec![
+                Cell::num(median, 2),
+                Cell::text(format!("{:.2}–{:.2}", times[0], times[times.len() - 1])),
+                Cell::num(rounds, 1),
+                Cell::num(counted.made as f64 / n as f64, 1),
+                Cell::num(counted.answered as f64 / n as f64, 1),
+                Cell::int(((rounds.floor() + 1.0) * PEERS_TO_QUERY as f64) as u32),
+            ],
+        );
+    }
+    s
+}
+
+fn spawn(n: usize, interval_ms: u64, trace_dir: Option<&Path>) -> Outcome {
     let mut command = Command::new(std::env::current_exe().expect("this executable"));
-    command.arg("--run").arg(n.to_string());
+    command.args(["child-discovery", &n.to_string(), &interval_ms.to_string()]);
     match trace_dir {
         Some(dir) => command.env(TRACE_DIR_ENV, dir),
         None => command.env_remove(TRACE_DIR_ENV),
@@ -91,11 +95,13 @@ fn spawn(n: usize, trace_dir: Option<&Path>) -> Outcome {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
-        "run of {n} nodes failed: {stdout}\n{}",
+        "discovery run of {n} nodes failed: {stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
     let last = stdout.lines().last().unwrap_or_default();
-    let mut fields = last.split_whitespace().map(|f| f.parse::<f64>().unwrap());
+    let mut fields = last
+        .split_whitespace()
+        .map(|f| f.parse::<f64>().expect("a number"));
     let mut next = || fields.next().expect("seconds made answered");
     Outcome {
         seconds: next(),
@@ -104,20 +110,15 @@ fn spawn(n: usize, trace_dir: Option<&Path>) -> Outcome {
     }
 }
 
-/// One run: prints `seconds made answered` (the counts are 0 unless
-/// recording).
-fn child(n: usize) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async move {
+/// One run in a child process: prints `seconds made answered` (the counts
+/// are 0 unless recording).
+pub fn child(n: usize, interval_ms: u64) {
+    crate::runtime(2).block_on(async move {
         let chain = ChainBuilder::new(ChainConfig::validators(4)).build(5);
         let config = |seed_peers| P2pConfig {
             seed_peers,
             discovery: discovery::Config {
-                interval_ms: INTERVAL_MS,
+                interval_ms,
                 peers_to_query: PEERS_TO_QUERY,
                 ..discovery::Config::default()
             },
@@ -160,8 +161,8 @@ fn child(n: usize) {
         }
         let converged = Instant::now();
         let seconds = (converged - began).as_secs_f64();
-        // Each node's time to convergence, in its core's virtual time
-        // (which starts a moment after `started`).
+        // Each node's time to convergence in its core's virtual time (which
+        // starts a moment after `started`).
         let cut: HashMap<PeerId, u64> = nodes
             .iter()
             .map(|(node, started)| (node.peer_id(), (converged - *started).as_millis() as u64))
@@ -177,23 +178,27 @@ fn child(n: usize) {
     });
 }
 
-/// GetKnownPeers calls made (`query` outputs) and answered (`serve`
-/// inputs) before each node's cut, summed over the Discovery traces in
-/// `dir`.
+/// GetKnownPeers calls made (`query` outputs) and answered (`serve` inputs)
+/// before each node's cut, summed over the Discovery traces in `dir`.
 fn count(dir: &Path, cut: &HashMap<PeerId, u64>) -> (u64, u64) {
     let (mut made, mut answered, mut traces) = (0, 0, 0);
     for entry in std::fs::read_dir(dir).expect("the trace directory") {
-        let path = entry.unwrap().path();
-        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let path = entry.expect("an entry").path();
+        let name = path
+            .file_name()
+            .expect("a name")
+            .to_string_lossy()
+            .into_owned();
         if !name.starts_with("discovery-") {
             continue;
         }
-        let text = std::fs::read_to_string(&path).unwrap();
+        let text = std::fs::read_to_string(&path).expect("a trace");
         let mut lines = text
             .lines()
             .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a trace line is JSON"));
         let header = lines.next().expect("a header");
-        let local: PeerId = serde_json::from_value(header["init"]["local"].clone()).unwrap();
+        let local: PeerId =
+            serde_json::from_value(header["init"]["local"].clone()).expect("the local peer id");
         let until = cut[&local];
         traces += 1;
         for line in lines {

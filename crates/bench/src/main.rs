@@ -1,0 +1,253 @@
+//! `soma-bench`: every performance figure of soma-p2p in one run, each beside
+//! its reference measured in the same run on the same machine. Prints the
+//! tables and writes them as Markdown (into `docs/benchmarks.md`, between
+//! its marks) and JSON (`docs/benchmarks.json`).
+//!
+//! `make bench` runs the full harness in release mode (under 15 minutes on 2
+//! cores); `--quick` runs every benchmark at a tiny size, for development
+//! and for the test suite, and writes under `target/bench-quick/`.
+
+mod bare;
+mod discovery;
+mod grpc;
+mod machine;
+mod memory;
+mod report;
+mod sync;
+mod verifier;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+
+use crate::machine::Machine;
+use crate::report::Report;
+
+/// The benchmarks, in the order they run.
+const SECTIONS: [&str; 6] = ["sync", "verifier", "grpc", "discovery", "memory", "scaling"];
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "soma-bench",
+    about = "Runs every soma-p2p benchmark and writes docs/benchmarks.md and docs/benchmarks.json",
+    long_about = None
+)]
+struct Cli {
+    /// Every benchmark at a tiny size (about a minute); writes under
+    /// target/bench-quick/ unless --markdown/--json say otherwise.
+    #[arg(long)]
+    quick: bool,
+    /// Only these benchmarks, comma-separated (sync, verifier, grpc,
+    /// discovery, memory, scaling); writes under target/bench-partial/
+    /// unless --markdown/--json say otherwise.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Markdown file to write the tables into (between its marks, or a new
+    /// file).
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+    /// JSON file to write.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[command(subcommand)]
+    child: Option<Child>,
+}
+
+/// Runs in child processes, started by the harness itself.
+#[derive(Subcommand, Debug)]
+enum Child {
+    /// One discovery run.
+    #[command(hide = true)]
+    ChildDiscovery { nodes: usize, interval_ms: u64 },
+    /// The syncing node of the memory benchmark.
+    #[command(hide = true)]
+    ChildMemory {
+        commits: u64,
+        cache_bytes: usize,
+        seeds: String,
+    },
+}
+
+/// How big each benchmark is.
+#[derive(Clone, Debug)]
+pub struct Size {
+    /// Commits of the catch-up chain.
+    pub sync_commits: u64,
+    /// Commits of the chain for the serving-peers scaling.
+    pub scaling_commits: u64,
+    /// About how many blocks each committee-scaling chain has.
+    pub scaling_blocks: u64,
+    /// Commits of the Verifier benchmark's chain.
+    pub verifier_commits: u64,
+    /// Repetitions where the best is taken.
+    pub runs: usize,
+    /// Length of each gRPC load.
+    pub grpc_run: Duration,
+    /// Concurrent GetCommitAvailability clients.
+    pub grpc_clients: usize,
+    /// Discovery network sizes.
+    pub discovery_nodes: Vec<usize>,
+    /// Discovery interval, ms.
+    pub discovery_interval_ms: u64,
+    /// Timed discovery runs per size.
+    pub discovery_runs: usize,
+    /// The short and the long chain of the memory benchmark.
+    pub memory_commits: (u64, u64),
+    /// Runs per memory figure (the median is reported).
+    pub memory_runs: usize,
+}
+
+impl Size {
+    /// The sizes the issue and the docs quote.
+    fn full() -> Self {
+        Size {
+            sync_commits: 20_000,
+            scaling_commits: 5_000,
+            scaling_blocks: 20_000,
+            verifier_commits: 500,
+            runs: 5,
+            grpc_run: Duration::from_secs(4),
+            grpc_clients: 64,
+            discovery_nodes: vec![8, 16, 32],
+            discovery_interval_ms: 500,
+            discovery_runs: 3,
+            memory_commits: (10_000, 100_000),
+            memory_runs: 3,
+        }
+    }
+
+    /// Tiny: every figure produced, none of them meaningful.
+    fn quick() -> Self {
+        Size {
+            sync_commits: 300,
+            scaling_commits: 100,
+            scaling_blocks: 400,
+            verifier_commits: 30,
+            runs: 1,
+            grpc_run: Duration::from_millis(300),
+            grpc_clients: 8,
+            discovery_nodes: vec![4, 6, 8],
+            discovery_interval_ms: 200,
+            discovery_runs: 1,
+            memory_commits: (200, 1_000),
+            memory_runs: 1,
+        }
+    }
+}
+
+/// Logical cores available.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// A multi-threaded tokio runtime with `workers` workers.
+pub fn runtime(workers: usize) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.child {
+        Some(Child::ChildDiscovery { nodes, interval_ms }) => {
+            discovery::child(nodes, interval_ms);
+            return ExitCode::SUCCESS;
+        }
+        Some(Child::ChildMemory {
+            commits,
+            cache_bytes,
+            seeds,
+        }) => {
+            memory::child(commits, cache_bytes, &seeds);
+            return ExitCode::SUCCESS;
+        }
+        None => {}
+    }
+    if let Some(unknown) = cli.only.iter().find(|o| !SECTIONS.contains(&o.as_str())) {
+        eprintln!(
+            "error: unknown benchmark `{unknown}` in --only; choose from {}",
+            SECTIONS.join(", ")
+        );
+        return ExitCode::from(2);
+    }
+    // The workspace root: crates/bench/../..
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .expect("the crate sits two levels below the workspace root")
+        .to_path_buf();
+    let out_dir = if cli.quick {
+        root.join("target/bench-quick")
+    } else if !cli.only.is_empty() {
+        root.join("target/bench-partial")
+    } else {
+        root.join("docs")
+    };
+    let markdown = cli
+        .markdown
+        .unwrap_or_else(|| out_dir.join("benchmarks.md"));
+    let json = cli.json.unwrap_or_else(|| out_dir.join("benchmarks.json"));
+    let size = if cli.quick {
+        Size::quick()
+    } else {
+        Size::full()
+    };
+    let machine = Machine::detect();
+    if !machine.release {
+        eprintln!(
+            "note: a debug build; figures are not representative (make bench builds release)"
+        );
+    }
+    println!(
+        "soma-bench, {} mode: {}",
+        if cli.quick { "quick" } else { "full" },
+        machine.summary()
+    );
+    let started = Instant::now();
+    let mut sections = Vec::new();
+    for key in SECTIONS {
+        if !cli.only.is_empty() && !cli.only.iter().any(|o| o == key) {
+            continue;
+        }
+        eprintln!("running {key} ...");
+        let t = Instant::now();
+        let section = match key {
+            "sync" => sync::catch_up_section(&size),
+            "verifier" => verifier::section(&size),
+            "grpc" => grpc::section(&size),
+            "discovery" => discovery::section(&size),
+            "memory" => memory::section(&size),
+            "scaling" => sync::scaling_section(&size),
+            _ => unreachable!("every key of SECTIONS is handled"),
+        };
+        eprintln!("  {key} took {:.1}s", t.elapsed().as_secs_f64());
+        println!("\n{}", section.text());
+        sections.push(section);
+    }
+    let report = Report {
+        machine,
+        mode: if cli.quick { "quick" } else { "full" },
+        sections,
+        elapsed: started.elapsed(),
+    };
+    if let Err(e) = report.write(&markdown, &json) {
+        eprintln!(
+            "error: could not write {} or {}: {e}",
+            markdown.display(),
+            json.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    println!(
+        "\nall benchmarks in {:.0}s; wrote {} and {}",
+        report.elapsed.as_secs_f64(),
+        markdown.display(),
+        json.display()
+    );
+    ExitCode::SUCCESS
+}

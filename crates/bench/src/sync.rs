@@ -1,0 +1,378 @@
+//! Catch-up sync over loopback against its two limits, and how it scales with
+//! serving peers and committee size.
+//!
+//! The crypto limit is every signature of the synced blocks through raw
+//! `verify_batch`, batches prepared beforehand, on all cores. The transport
+//! limit is the same requests a syncing node makes (commit batches, then
+//! their blocks in chunks, as many at once as the node runs) answered by the
+//! bare tonic service over the same mutual TLS, with nothing decoded.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use rayon::prelude::*;
+use soma_actors::{P2pConfig, P2pHandle};
+use soma_chain::{Chain, ChainBuilder, ChainConfig};
+use soma_store::{ConsensusStore, MemStore};
+use soma_types::Limits;
+use soma_types::verify::{SignatureBatch, check_block};
+use soma_wire::proto::{self, p2p_client::P2pClient};
+use soma_wire::tls::{self, NodeIdentity};
+
+use crate::bare::Bare;
+use crate::report::{Cell, Section};
+use crate::{Size, runtime};
+
+/// A chain of `validators` with blocks of 10 signed transactions.
+pub fn chain(validators: usize, commits: u64) -> Arc<Chain> {
+    Arc::new(
+        ChainBuilder::new(ChainConfig {
+            transactions_per_block: 10,
+            ..ChainConfig::validators(validators)
+        })
+        .build(commits),
+    )
+}
+
+/// The signatures of every synced block of `chain` and the time raw
+/// `verify_batch` takes for them on all cores (the global rayon pool).
+pub fn crypto_limit(chain: &Chain) -> (usize, Duration) {
+    let limits = Limits::default();
+    let blocks: Vec<_> = (1..=chain.tip()).flat_map(|i| chain.blocks_of(i)).collect();
+    let batches: Vec<SignatureBatch> = blocks
+        .chunks(100)
+        .map(|chunk| {
+            let mut batch = SignatureBatch::default();
+            for b in chunk {
+                let committee = chain
+                    .committee(b.block().epoch)
+                    .expect("a built chain has every epoch's committee");
+                check_block(&b.to_unverified(), committee, &limits, Some(&mut batch))
+                    .expect("a built block passes every rule");
+            }
+            batch
+        })
+        .collect();
+    let signatures = batches.iter().map(SignatureBatch::len).sum();
+    let t = Instant::now();
+    batches
+        .par_iter()
+        .for_each(|b| b.verify().expect("built signatures verify"));
+    (signatures, t.elapsed())
+}
+
+/// What moving the chain through the bare service took.
+pub struct Transport {
+    /// Wall time.
+    pub elapsed: Duration,
+    /// Bytes of blocks received (what the node's MB/s counts).
+    pub block_bytes: u64,
+}
+
+/// The transport limit: the requests a node syncing `chain` from `peers`
+/// connections makes, answered by bare services, `parallel` at once.
+pub fn transport_limit(chain: &Arc<Chain>, peers: usize, config: &P2pConfig) -> Transport {
+    let server = runtime(2);
+    let bare = Bare::new(chain.clone(), config.grpc.max_fetch_response_bytes);
+    let servers: Vec<_> = (0..peers)
+        .map(|i| {
+            bare.clone().serve(
+                &server,
+                &soma_types::KeyPair::from_seed([150 + i as u8; 32]),
+            )
+        })
+        .collect();
+    let sync = &config.state_sync;
+    let jobs: Vec<_> = chain
+        .batch_ranges(sync.commit_sync_batch_size)
+        .into_iter()
+        .map(|range| {
+            let refs: Vec<proto::BlockRef> = range
+                .clone()
+                .flat_map(|i| chain.blocks_of(i))
+                .map(|b| b.reference().into())
+                .collect();
+            (range, refs)
+        })
+        .collect();
+    let chunk = sync.max_blocks_per_fetch;
+    let parallel = sync.parallel_fetches;
+    let client = runtime(2);
+    client.block_on(async move {
+        let identity =
+            NodeIdentity::generate(&soma_types::KeyPair::from_seed([149; 32])).expect("identity");
+        let mut clients = Vec::new();
+        for (address, peer) in &servers {
+            let (channel, _) = tls::connect(
+                address,
+                Some(&identity),
+                Some(*peer),
+                Duration::from_secs(5),
+            )
+            .await
+            .expect("the bare service accepts");
+            clients.push(P2pClient::new(channel).max_decoding_message_size(usize::MAX));
+        }
+        let start = Instant::now();
+        let bytes: Vec<u64> = futures::stream::iter(jobs.into_iter().enumerate())
+            .map(|(n, (range, refs))| {
+                let mut client = clients[n % clients.len()].clone();
+                async move {
+                    let commits = client
+                        .fetch_commits(proto::FetchCommitsRequest {
+                            start: *range.start(),
+                            end: *range.end(),
+                        })
+                        .await
+                        .expect("commits served")
+                        .into_inner();
+                    assert_eq!(
+                        commits.commits.len() as u64,
+                        range.end() - range.start() + 1
+                    );
+                    let mut bytes = 0;
+                    for refs in refs.chunks(chunk) {
+                        let mut stream = client
+                            .fetch_blocks(proto::FetchBlocksRequest {
+                                refs: refs.to_vec(),
+                            })
+                            .await
+                            .expect("blocks served")
+                            .into_inner();
+                        while let Some(response) = stream.next().await {
+                            let response = response.expect("a chunk");
+                            bytes += response.blocks.iter().map(|b| b.len() as u64).sum::<u64>();
+                        }
+                    }
+                    bytes
+                }
+            })
+            .buffer_unordered(parallel)
+            .collect()
+            .await;
+        Transport {
+            elapsed: start.elapsed(),
+            block_bytes: bytes.iter().sum(),
+        }
+    })
+}
+
+/// One catch-up: the node's time and what its status reported.
+pub struct CatchUp {
+    /// From the node's start to its watermark at the tip.
+    pub elapsed: Duration,
+    /// Bytes of blocks fetched.
+    pub bytes: u64,
+    /// Sync workers restarted.
+    pub restarts: u64,
+}
+
+/// A fresh node (on a MemStore) catching up `chain` from `peers`.
+pub async fn catch_up(chain: &Chain, peers: &[P2pHandle], key: u8, signatures: bool) -> CatchUp {
+    let config = P2pConfig {
+        seed_peers: soma_testkit::seeds(&peers.iter().collect::<Vec<_>>()),
+        verify_synced_block_signatures: signatures,
+        ..P2pConfig::default()
+    };
+    let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+    let start = Instant::now();
+    let node = soma_testkit::node(chain, key, config, store);
+    soma_testkit::wait_synced(&node, chain.tip(), Duration::from_secs(1_800)).await;
+    let elapsed = start.elapsed();
+    let status = node.sync_status().await.expect("the node runs");
+    node.shutdown().await;
+    CatchUp {
+        elapsed,
+        bytes: status.bytes_fetched,
+        restarts: status.restarts,
+    }
+}
+
+/// Starts `n` validators serving `chain`.
+pub fn validators(chain: &Chain, n: usize) -> Vec<P2pHandle> {
+    (1..=n as u8)
+        .map(|k| soma_testkit::validator(chain, k))
+        .collect()
+}
+
+/// Stops `handles`.
+pub async fn stop(handles: Vec<P2pHandle>) {
+    for h in handles {
+        h.shutdown().await;
+    }
+}
+
+/// Benchmark 1: catch-up against the crypto and the transport limit.
+pub fn catch_up_section(size: &Size) -> Section {
+    let commits = size.sync_commits;
+    let built = Instant::now();
+    let chain = chain(4, commits);
+    let blocks = chain.block_count() as f64;
+    eprintln!(
+        "  chain of {commits} commits, {blocks} blocks built in {:.1}s",
+        built.elapsed().as_secs_f64()
+    );
+    let (signatures, crypto) = crypto_limit(&chain);
+    let config = P2pConfig::default();
+    let transport = transport_limit(&chain, 3, &config);
+    let rt = runtime(2);
+    let (on, off) = rt.block_on(async {
+        let peers = validators(&chain, 3);
+        let on = catch_up(&chain, &peers, 101, true).await;
+        let off = catch_up(&chain, &peers, 102, false).await;
+        stop(peers).await;
+        (on, off)
+    });
+
+    let mut s = Section::new(
+        "sync",
+        "Catch-up sync against the crypto and transport limits",
+        format!(
+            "A fresh node on a MemStore catches up {commits} commits ({blocks} blocks of 10 signed \
+             transactions, {signatures} signatures; 4-validator committee) from 3 validator nodes \
+             over mutual TLS on 127.0.0.1, default settings; everything in one process on {} cores. \
+             Crypto limit: the same signatures through raw `verify_batch`, batches prepared \
+             beforehand, on all cores. Transport limit: the same FetchCommits and FetchBlocks \
+             requests, {} at once over 3 connections, answered by a bare tonic service from memory. \
+             MB/s counts block bytes.",
+            crate::cores(),
+            config.state_sync.parallel_fetches
+        ),
+        &[
+            "path",
+            "time (s)",
+            "commits/s",
+            "blocks/s",
+            "signatures/s",
+            "MB/s",
+            "of crypto limit",
+            "of transport limit",
+        ],
+    );
+    let mb = |bytes: u64, d: Duration| Cell::num(bytes as f64 / 1e6 / d.as_secs_f64(), 1);
+    s.row(
+        "raw `verify_batch`, all cores (crypto limit)",
+        vec![
+            Cell::secs(crypto),
+            Cell::Empty,
+            Cell::Empty,
+            Cell::rate(signatures as f64, crypto),
+            Cell::Empty,
+            Cell::Ratio(1.0),
+            Cell::Empty,
+        ],
+    );
+    s.row(
+        "bare tonic stream, same requests (transport limit)",
+        vec![
+            Cell::secs(transport.elapsed),
+            Cell::rate(commits as f64, transport.elapsed),
+            Cell::rate(blocks, transport.elapsed),
+            Cell::Empty,
+            mb(transport.block_bytes, transport.elapsed),
+            Cell::Empty,
+            Cell::Ratio(1.0),
+        ],
+    );
+    for (label, run, checked) in [
+        ("catch-up, block signatures checked", &on, true),
+        ("catch-up, block signatures off", &off, false),
+    ] {
+        let sigs = signatures as f64 / run.elapsed.as_secs_f64();
+        let crypto_rate = signatures as f64 / crypto.as_secs_f64();
+        s.row(
+            label,
+            vec![
+                Cell::secs(run.elapsed),
+                Cell::rate(commits as f64, run.elapsed),
+                Cell::rate(blocks, run.elapsed),
+                if checked {
+                    Cell::int(sigs.round())
+                } else {
+                    Cell::Empty
+                },
+                mb(run.bytes, run.elapsed),
+                if checked {
+                    Cell::Ratio(sigs / crypto_rate)
+                } else {
+                    Cell::Empty
+                },
+                Cell::Ratio(transport.elapsed.as_secs_f64() / run.elapsed.as_secs_f64()),
+            ],
+        );
+    }
+    s.notes.push(format!(
+        "Worker restarts: {} with signatures checked, {} without.",
+        on.restarts, off.restarts
+    ));
+    s
+}
+
+/// Benchmark 6: throughput with 1, 2, 4 serving peers, and with committees
+/// of 4, 10, 31 validators (chains of about the same number of blocks).
+pub fn scaling_section(size: &Size) -> Section {
+    let mut s = Section::new(
+        "scaling",
+        "Scaling with serving peers and committee size",
+        format!(
+            "Catch-up as above with block signatures checked and then off. Serving peers: a \
+             4-validator chain of {} commits served by 1, 2 or 4 nodes. Committees: chains of \
+             about {} blocks each (fewer commits for larger committees), served by 3 nodes; \
+             each row's crypto limit is measured on its own chain.",
+            size.scaling_commits, size.scaling_blocks
+        ),
+        &[
+            "setup",
+            "commits",
+            "blocks",
+            "time, checked (s)",
+            "commits/s, checked",
+            "signatures/s, checked",
+            "of crypto limit",
+            "time, off (s)",
+            "commits/s, off",
+        ],
+    );
+    let rt = runtime(2);
+    let mut run = |label: String, chain: &Arc<Chain>, peers: usize| {
+        let (signatures, crypto) = crypto_limit(chain);
+        let (on, off) = rt.block_on(async {
+            let handles = validators(chain, peers);
+            let on = catch_up(chain, &handles, 103, true).await;
+            let off = catch_up(chain, &handles, 104, false).await;
+            stop(handles).await;
+            (on, off)
+        });
+        let commits = chain.tip() as f64;
+        let sigs = signatures as f64 / on.elapsed.as_secs_f64();
+        s.row(
+            label,
+            vec![
+                Cell::int(commits),
+                Cell::int(chain.block_count() as f64),
+                Cell::secs(on.elapsed),
+                Cell::rate(commits, on.elapsed),
+                Cell::int(sigs.round()),
+                Cell::Ratio(sigs / (signatures as f64 / crypto.as_secs_f64())),
+                Cell::secs(off.elapsed),
+                Cell::rate(commits, off.elapsed),
+            ],
+        );
+    };
+    let four = chain(4, size.scaling_commits);
+    for peers in [1, 2, 4] {
+        run(
+            format!("{peers} serving peer{}", if peers == 1 { "" } else { "s" }),
+            &four,
+            peers,
+        );
+    }
+    drop(four);
+    for validators in [4usize, 10, 31] {
+        let commits = (size.scaling_blocks / validators as u64).max(10);
+        let chain = chain(validators, commits);
+        run(format!("{validators} validators"), &chain, 3);
+    }
+    s
+}

@@ -1,0 +1,147 @@
+//! Benchmark 2: the Verifier actor against raw `verify_batch` on the same
+//! number of threads.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::Actor;
+use rayon::prelude::*;
+use soma_actors::Blob;
+use soma_actors::verifier::{Config, InstallCommittee, Verifier, Verify, VerifyRequest};
+use soma_types::verify::{SignatureBatch, check_block};
+use soma_types::{KeyCache, Limits, UnverifiedBlock};
+
+use crate::Size;
+use crate::report::{Cell, Section};
+
+/// Blocks per request to the actor, as a sync worker sends them.
+const CHUNK: usize = 100;
+
+fn best_of(runs: usize, mut f: impl FnMut()) -> Duration {
+    (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .min()
+        .expect("at least one run")
+}
+
+/// Runs the benchmark.
+pub fn section(size: &Size) -> Section {
+    let threads = crate::cores();
+    let chain = crate::sync::chain(4, size.verifier_commits);
+    let blocks: Vec<UnverifiedBlock> = chain.fetch_blocks(1..=chain.tip());
+    let committee = chain.genesis().clone();
+    let limits = Limits::default();
+    let mut all = SignatureBatch::default();
+    for b in &blocks {
+        check_block(b, &committee, &limits, Some(&mut all)).expect("a built block passes");
+    }
+    let signatures = all.len();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("a thread pool");
+
+    // Raw: batches prepared beforehand (keys decompressed), one per thread.
+    let parts = all.clone().split(threads);
+    let raw = best_of(size.runs, || {
+        pool.install(|| parts.par_iter().for_each(|p| p.verify().expect("valid")))
+    });
+
+    // Raw with the preparation in the timed region: decode, rule checks,
+    // digests, key decompression (with and without a key cache).
+    let blobs: Vec<Blob> = blocks
+        .iter()
+        .map(|b| Blob(b.serialized().clone()))
+        .collect();
+    let prepared = |cache: Option<Arc<KeyCache>>| {
+        let chunk_len = blobs.len().div_ceil(threads);
+        best_of(size.runs, || {
+            pool.install(|| {
+                blobs.par_chunks(chunk_len).for_each(|chunk| {
+                    let mut batch = match &cache {
+                        Some(c) => SignatureBatch::with_cache(chunk.len(), c.clone()),
+                        None => SignatureBatch::default(),
+                    };
+                    for blob in chunk {
+                        let b = UnverifiedBlock::decode(blob.0.clone(), limits.max_block_bytes)
+                            .expect("decodes");
+                        check_block(&b, &committee, &limits, Some(&mut batch)).expect("passes");
+                    }
+                    batch.verify().expect("valid");
+                })
+            })
+        })
+    };
+    let raw_prep = prepared(None);
+    let raw_cached = prepared(Some(Arc::new(KeyCache::new(16_384))));
+
+    // The actor: every chunk sent at once, as sync workers would.
+    let actor = actix_rt::System::new().block_on(async {
+        let verifier = Verifier::new(
+            Config {
+                threads,
+                ..Config::default()
+            },
+            1024,
+            None,
+        )
+        .expect("a verifier")
+        .start();
+        verifier
+            .send(InstallCommittee(committee.clone()))
+            .await
+            .expect("installed");
+        let mut best = Duration::MAX;
+        for _ in 0..size.runs {
+            let t = Instant::now();
+            let replies: Vec<_> = blobs
+                .chunks(CHUNK)
+                .map(|chunk| {
+                    verifier.send(Verify(VerifyRequest::Blocks {
+                        epoch: 0,
+                        blocks: chunk.to_vec(),
+                        check_signatures: true,
+                    }))
+                })
+                .collect();
+            for r in futures::future::join_all(replies).await {
+                r.expect("the actor answers").expect("valid blocks");
+            }
+            best = best.min(t.elapsed());
+        }
+        best
+    });
+
+    let mut s = Section::new(
+        "verifier",
+        "Verifier actor against raw `verify_batch`",
+        format!(
+            "{} blocks of 10 signed transactions ({signatures} signatures), {threads} threads on \
+             every path, best of {} runs. The actor gets the blocks as received bytes, {CHUNK} per \
+             request, all requests at once.",
+            blocks.len(),
+            size.runs
+        ),
+        &["path", "time (ms)", "signatures/s", "of raw"],
+    );
+    for (label, d) in [
+        ("raw `verify_batch`, prepared batches", raw),
+        ("raw decode + rule checks + `verify_batch`", raw_prep),
+        ("the same with the key cache", raw_cached),
+        ("Verifier actor", actor),
+    ] {
+        s.row(
+            label,
+            vec![
+                Cell::ms(d),
+                Cell::rate(signatures as f64, d),
+                Cell::Ratio(raw.as_secs_f64() / d.as_secs_f64()),
+            ],
+        );
+    }
+    s
+}

@@ -1,0 +1,88 @@
+//! The harness's quick mode runs every benchmark at a tiny size and produces
+//! every figure. Nothing here is timed: the figures of a tiny run under a
+//! debug build mean nothing, only that each was measured.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+/// Each benchmark and the rows it must produce.
+const EXPECTED: [(&str, usize); 6] = [
+    ("sync", 4),
+    ("verifier", 4),
+    ("grpc", 4),
+    ("discovery", 3),
+    ("memory", 4),
+    ("scaling", 6),
+];
+
+#[test]
+fn quick_run_produces_every_figure() {
+    let dir = tempfile::tempdir().unwrap();
+    let markdown = dir.path().join("benchmarks.md");
+    let json = dir.path().join("benchmarks.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_soma-bench"))
+        .arg("--quick")
+        .arg("--markdown")
+        .arg(&markdown)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "soma-bench --quick failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["mode"], "quick");
+    assert!(report["machine"]["cores"].as_u64().unwrap() >= 1);
+    assert!(!report["machine"]["cpu"].as_str().unwrap().is_empty());
+    assert!(!report["machine"]["commit"].as_str().unwrap().is_empty());
+    let sections = report["sections"].as_object().unwrap();
+    assert_eq!(sections.len(), EXPECTED.len(), "{:?}", sections.keys());
+    let text = std::fs::read_to_string(&markdown).unwrap();
+    for (key, rows) in EXPECTED {
+        let section = &sections[key];
+        let title = section["title"].as_str().unwrap();
+        assert!(text.contains(title), "{key}'s table is in the Markdown");
+        assert!(stdout.contains(title), "{key}'s table is printed");
+        let got = section["rows"].as_array().unwrap();
+        assert_eq!(got.len(), rows, "{key} rows: {got:?}");
+        for row in got {
+            let values = row["values"].as_object().unwrap();
+            let numbers: Vec<f64> = values.values().filter_map(Value::as_f64).collect();
+            assert!(!numbers.is_empty(), "{key} row has figures: {row}");
+            for n in numbers {
+                assert!(n.is_finite() && n > 0.0, "{key} figure {n} in {row}");
+            }
+        }
+    }
+    // Each measured figure sits beside its reference: the ratio columns.
+    let ratio = |key: &str, row: usize, column: &str| {
+        sections[key]["rows"][row]["values"][column]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key} row {row} has `{column}`"))
+    };
+    assert_eq!(ratio("sync", 0, "of crypto limit"), 1.0);
+    assert!(ratio("sync", 2, "of crypto limit") > 0.0);
+    assert!(ratio("sync", 3, "of transport limit") > 0.0);
+    assert!(ratio("verifier", 3, "of raw") > 0.0);
+    assert!(ratio("grpc", 1, "of plain") > 0.0);
+    assert!(ratio("memory", 1, "of the short chain's peak") > 0.0);
+    assert!(ratio("scaling", 5, "of crypto limit") > 0.0);
+}
+
+#[test]
+fn an_unknown_benchmark_is_refused_with_the_choices() {
+    let output = Command::new(env!("CARGO_BIN_EXE_soma-bench"))
+        .args(["--only", "sync,warp"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("`warp`"), "{stderr}");
+    assert!(stderr.contains("sync, verifier, grpc"), "{stderr}");
+}
