@@ -3,7 +3,7 @@ CARGO ?= cargo
 # nextest runs test binaries in parallel; plain `cargo test` is the fallback.
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: all build test lint fmt bench demo fuzz doc clean
+.PHONY: all build test lint deny fmt bench bench-quick bench-micro demo fuzz doc netns-test clean
 
 all: build
 
@@ -20,10 +20,24 @@ else
 	$(CARGO) test --workspace --locked --no-fail-fast
 endif
 
-## lint: formatting check and clippy with warnings as errors
-lint:
+## lint: formatting check, clippy with warnings as errors, and the dependency policy
+lint: deny
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+## deny: dependency policy (deny.toml): licences, sources, bans, and security
+## advisories when the advisory database (github.com) can be fetched.
+## Installs cargo-deny from crates.io if it is missing.
+CARGO_DENY_VERSION := 0.20.2
+deny:
+	@$(CARGO) deny --version >/dev/null 2>&1 || $(CARGO) install cargo-deny --locked --version $(CARGO_DENY_VERSION)
+	$(CARGO) deny -L error check bans licenses sources
+	@if $(CARGO) deny -L error fetch db >/dev/null 2>&1; then \
+		$(CARGO) deny -L error --offline check advisories; \
+	else \
+		echo "deny: advisory database unreachable (github.com/RustSec/advisory-db): advisories NOT checked here;"; \
+		echo "deny: run 'cargo deny check advisories' on a machine that reaches github.com"; \
+	fi
 
 ## fmt: format the code
 fmt:
@@ -33,14 +47,18 @@ fmt:
 demo:
 	$(CARGO) run --release --locked -p soma-node -- localnet --nodes 4 --commits 5000
 
-## bench: release-mode benchmarks (figures go in docs/benchmarks.md)
+## bench: the benchmark harness in release mode: prints every figure beside its
+## reference and writes docs/benchmarks.md and docs/benchmarks.json (under 15 min)
 bench:
+	$(CARGO) run --release --locked -p soma-bench
+
+## bench-quick: every benchmark at a tiny size (about a minute), written under target/bench-quick/
+bench-quick:
+	$(CARGO) run --release --locked -p soma-bench -- --quick
+
+## bench-micro: criterion microbenchmarks of signatures, codec and batch verification
+bench-micro:
 	$(CARGO) bench -p soma-chain --bench foundation --locked
-	$(CARGO) bench -p soma-actors --bench verifier --locked
-	$(CARGO) bench -p soma-actors --bench grpc --locked
-	$(CARGO) bench -p soma-actors --bench discovery --locked
-	$(CARGO) bench -p soma-actors --bench sync --locked
-	$(CARGO) bench -p soma-node --bench memory --locked
 
 ## fuzz: run every fuzz target for FUZZ_SECONDS each (needs nightly and cargo-fuzz);
 ## crashers land in fuzz/artifacts: copy each into fuzz/regressions/<target>/
@@ -55,6 +73,11 @@ fuzz:
 ## doc: API documentation
 doc:
 	$(CARGO) doc --workspace --no-deps --locked
+
+## netns-test: 5 nodes on separate hosts (network namespaces): impaired links,
+## a partition that heals; needs root and iproute2, else prints SKIP
+netns-test:
+	CARGO="$(CARGO)" bash scripts/netns-test.sh
 
 clean:
 	$(CARGO) clean
