@@ -815,3 +815,40 @@ mod faults {
         honest.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_peer_is_never_sent_more_fetches_than_it_serves() {
+    // Eight fetches at once and a single peer that serves four per peer:
+    // the node must keep to four, not have the rest refused and retried
+    // (which would also lower an honest peer's score).
+    let chain = ChainBuilder::new(ChainConfig {
+        transactions_per_block: 10,
+        ..ChainConfig::validators(4)
+    })
+    .build(2_000);
+    let server = validator(&chain, 1);
+    let mut config = P2pConfig {
+        seed_peers: seeds(&[&server]),
+        ..P2pConfig::default()
+    };
+    config.state_sync.parallel_fetches = 8;
+    config.state_sync.max_blocks_per_fetch = 50;
+    assert!(
+        config.state_sync.max_fetches_per_peer
+            <= P2pConfig::default().grpc.max_concurrent_fetches_per_peer
+    );
+    let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+    let node = soma_testkit::node(&chain, 9, config, store.clone());
+    wait_synced(&node, chain.tip()).await;
+    let status = node.sync_status().await.unwrap();
+    assert_eq!(status.restarts, 0, "no fetch was refused: {status:?}");
+    let heights = node.peer_heights().await.unwrap();
+    let peer = heights
+        .iter()
+        .find(|h| h.peer == server.peer_id())
+        .expect("the server is tracked");
+    assert_eq!(peer.failures, 0, "the server's record is clean: {peer:?}");
+    assert_same_chain(&chain, store.as_ref());
+    node.shutdown().await;
+    server.shutdown().await;
+}

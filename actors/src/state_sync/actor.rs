@@ -7,6 +7,7 @@ use actix::{
     Actor, ActorFutureExt, Addr, AsyncContext, Context, Handler, Message, ResponseActFuture,
     WrapFuture,
 };
+use dashmap::DashMap;
 use futures::FutureExt;
 use soma_store::{ConsensusStore, SyncedBatch};
 use soma_types::verify::epoch_change;
@@ -166,6 +167,9 @@ pub struct StateSync {
     /// without asking an actor.
     availability: tokio::sync::watch::Sender<Availability>,
     mailbox_capacity: usize,
+    /// Fetches in flight per peer, shared by the workers.
+    in_flight: InFlight,
+    max_fetches_per_peer: usize,
 }
 
 impl StateSync {
@@ -189,6 +193,7 @@ impl StateSync {
             highest_known: init.synced.index,
             ..SyncStatus::default()
         };
+        let max_fetches_per_peer = init.config.max_fetches_per_peer.max(1);
         StateSync {
             driver: Driver::new(init, recorder),
             settings,
@@ -202,6 +207,8 @@ impl StateSync {
             status,
             availability,
             mailbox_capacity,
+            in_flight: InFlight::default(),
+            max_fetches_per_peer,
         }
     }
 
@@ -464,6 +471,45 @@ fn write_batch(store: &dyn ConsensusStore, mut data: BatchData) -> Result<Applie
     })
 }
 
+/// Fetches in flight per peer, shared by a node's sync workers, so that no
+/// peer is asked for more at once than it serves.
+#[derive(Clone, Default)]
+struct InFlight {
+    counts: Arc<DashMap<PeerId, usize>>,
+    freed: Arc<tokio::sync::Notify>,
+}
+
+impl InFlight {
+    /// A slot for one more fetch from `peer`, if it has fewer than `max`.
+    fn take(&self, peer: PeerId, max: usize) -> Option<Slot> {
+        let mut count = self.counts.entry(peer).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(Slot {
+            peer,
+            in_flight: self.clone(),
+        })
+    }
+}
+
+/// One fetch in flight from a peer; freed when dropped.
+struct Slot {
+    peer: PeerId,
+    in_flight: InFlight,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.in_flight.counts.remove_if_mut(&self.peer, |_, count| {
+            *count = count.saturating_sub(1);
+            *count == 0
+        });
+        self.in_flight.freed.notify_waiters();
+    }
+}
+
 /// What a sync worker needs: the actors it talks to and its settings.
 struct Worker {
     heights: Addr<PeerHeights>,
@@ -473,6 +519,8 @@ struct Worker {
     check_signatures: bool,
     max_block_bytes: usize,
     avoid: HashSet<PeerId>,
+    in_flight: InFlight,
+    max_fetches_per_peer: usize,
 }
 
 impl Worker {
@@ -485,10 +533,15 @@ impl Worker {
             check_signatures: sync.settings.verify_synced_block_signatures,
             max_block_bytes: sync.settings.max_block_bytes,
             avoid: avoid.into_iter().collect(),
+            in_flight: sync.in_flight.clone(),
+            max_fetches_per_peer: sync.max_fetches_per_peer,
         }
     }
 
-    /// The best connected peer covering `start..=end`, not avoided.
+    /// The best connected peer covering `start..=end`, not avoided, with a
+    /// free fetch slot. When every such peer has `max_fetches_per_peer`
+    /// fetches out, waits for one to finish (at most the request timeout)
+    /// rather than sending a request the peer would refuse.
     async fn client(
         &self,
         start: CommitIndex,
@@ -497,20 +550,38 @@ impl Worker {
         (
             PeerId,
             proto::p2p_client::P2pClient<tonic::transport::Channel>,
+            Slot,
         ),
         Failure,
     > {
-        let peers = self
-            .heights
-            .send(PeersForRange { start, end })
-            .await
-            .map_err(|_| Failure::Error("peer heights stopped".into()))?;
-        for peer in peers.into_iter().filter(|p| !self.avoid.contains(p)) {
-            if let Ok(Some(client)) = self.connections.send(GetClient(peer)).await {
-                return Ok((peer, client));
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        loop {
+            // Registered before looking, so a slot freed meanwhile wakes us.
+            let freed = self.in_flight.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let peers = self
+                .heights
+                .send(PeersForRange { start, end })
+                .await
+                .map_err(|_| Failure::Error("peer heights stopped".into()))?;
+            let mut busy = false;
+            for peer in peers.into_iter().filter(|p| !self.avoid.contains(p)) {
+                let Some(slot) = self.in_flight.take(peer, self.max_fetches_per_peer) else {
+                    busy = true;
+                    continue;
+                };
+                if let Ok(Some(client)) = self.connections.send(GetClient(peer)).await {
+                    return Ok((peer, client, slot));
+                }
+            }
+            if !busy {
+                return Err(Failure::NoPeer);
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return Err(Failure::Timeout);
             }
         }
-        Err(Failure::NoPeer)
     }
 
     fn report(
@@ -540,7 +611,7 @@ impl Worker {
         end: CommitIndex,
         after: CommitRef,
     ) -> Result<(Option<PeerId>, Result<BatchData, Failure>), Failure> {
-        let (peer, mut client) = self.client(start, start).await?;
+        let (peer, mut client, slot) = self.client(start, start).await?;
         let started = Instant::now();
         let mut request = tonic::Request::new(proto::FetchCommitsRequest { start, end });
         request.set_timeout(self.timeout);
@@ -550,6 +621,8 @@ impl Worker {
             Ok(Err(status)) => Err(Failure::Error(status.to_string())),
             Ok(Ok(r)) => Ok(r.into_inner()),
         };
+        // The peer's part is done; verifying does not hold its slot.
+        drop(slot);
         let result = match response {
             Ok(r) => self.verify_commits(r, after).await,
             Err(f) => Err(f),
@@ -619,7 +692,7 @@ impl Worker {
         epoch: Epoch,
         refs: Vec<BlockRef>,
     ) -> Result<(Option<PeerId>, Result<Vec<VerifiedBlock>, Failure>), Failure> {
-        let (peer, mut client) = self.client(batch, end).await?;
+        let (peer, mut client, slot) = self.client(batch, end).await?;
         let started = Instant::now();
         let fetched = tokio::time::timeout(self.timeout, async {
             let mut request = tonic::Request::new(proto::FetchBlocksRequest {
@@ -651,6 +724,7 @@ impl Worker {
         })
         .await
         .unwrap_or(Err(Failure::Timeout));
+        drop(slot);
         let result = match fetched {
             Ok((blobs, _)) => self.verify_blocks(epoch, blobs, &refs).await,
             Err(f) => Err(f),

@@ -13,6 +13,11 @@ pub struct Config {
     pub commit_sync_batch_size: u64,
     /// Block fetches running at once.
     pub parallel_fetches: usize,
+    /// Fetches sent to one peer at once at most: a node serves each peer
+    /// only so many (its `max-concurrent-fetches-per-peer`, 4 by default)
+    /// and refuses the rest, which would cost a retry and the peer's score.
+    #[serde(default = "default_max_fetches_per_peer")]
+    pub max_fetches_per_peer: usize,
     /// Batches fetched beyond the applied watermark at most.
     pub batches_ahead: usize,
     /// Bytes of fetched, not yet applied blocks at most.
@@ -35,6 +40,7 @@ impl Default for Config {
         Config {
             commit_sync_batch_size: 100,
             parallel_fetches: 8,
+            max_fetches_per_peer: default_max_fetches_per_peer(),
             batches_ahead: 32,
             max_total_fetched_bytes: 128 << 20,
             max_blocks_per_fetch: 1_000,
@@ -44,6 +50,10 @@ impl Default for Config {
             restart_backoff_ms: 50,
         }
     }
+}
+
+fn default_max_fetches_per_peer() -> usize {
+    4
 }
 
 /// Everything a StateSync core is made from.

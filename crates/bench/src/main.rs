@@ -153,6 +153,13 @@ pub fn runtime(workers: usize) -> tokio::runtime::Runtime {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Logs only when asked for: they would disturb the figures.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     match cli.child {
         Some(Child::ChildDiscovery { nodes, interval_ms }) => {
             discovery::child(nodes, interval_ms);

@@ -89,6 +89,8 @@ pub struct P2pSection {
     pub commit_sync_batch_size: u64,
     /// Block fetches at once.
     pub parallel_fetches: usize,
+    /// Fetches sent to one peer at once.
+    pub max_fetches_per_peer: usize,
     /// Batches fetched beyond the applied watermark.
     pub batches_ahead: usize,
     /// Blocks per FetchBlocks request.
@@ -132,6 +134,7 @@ impl Default for P2pSection {
             height_query_interval: p.height_query_interval,
             commit_sync_batch_size: p.state_sync.commit_sync_batch_size,
             parallel_fetches: p.state_sync.parallel_fetches,
+            max_fetches_per_peer: p.state_sync.max_fetches_per_peer,
             batches_ahead: p.state_sync.batches_ahead,
             max_blocks_per_fetch: p.state_sync.max_blocks_per_fetch,
             max_fetch_response_bytes: p.grpc.max_fetch_response_bytes,
@@ -303,6 +306,13 @@ impl NodeConfig {
             "between 1 and 256",
         )?;
         count(
+            "p2p.max-fetches-per-peer",
+            p.max_fetches_per_peer,
+            1,
+            256,
+            "between 1 and 256",
+        )?;
+        count(
             "p2p.concurrency-limit-per-connection",
             p.concurrency_limit_per_connection,
             1,
@@ -417,6 +427,7 @@ impl NodeConfig {
         c.discovery.max_peers_to_send = p.max_peers_to_send;
         c.state_sync.commit_sync_batch_size = p.commit_sync_batch_size;
         c.state_sync.parallel_fetches = p.parallel_fetches;
+        c.state_sync.max_fetches_per_peer = p.max_fetches_per_peer;
         c.state_sync.batches_ahead = p.batches_ahead;
         c.state_sync.max_blocks_per_fetch = p.max_blocks_per_fetch;
         c.state_sync.max_total_fetched_bytes = p.max_total_fetched_bytes;
@@ -489,11 +500,13 @@ target-concurrent-connections = {target}
 peers-to-query = {query}
 max-peers-to-send = {send}
 # State sync: tick, height queries, batch size, parallel block fetches,
-# batches fetched ahead, blocks per request.
+# fetches sent to one peer at once (keep at or below the peers'
+# max-concurrent-fetches-per-peer), batches fetched ahead, blocks per request.
 tick = "{tick}"
 height-query-interval = "{hqi}"
 commit-sync-batch-size = {batch}
 parallel-fetches = {parallel}
+max-fetches-per-peer = {per_peer}
 batches-ahead = {ahead}
 max-blocks-per-fetch = {blocks}
 # Bounds: largest response chunk, fetched-but-unapplied bytes.
@@ -524,6 +537,7 @@ max-inbound-connections = {inbound}
         hqi = humantime_serde::re::humantime::format_duration(p.height_query_interval),
         batch = p.commit_sync_batch_size,
         parallel = p.parallel_fetches,
+        per_peer = p.max_fetches_per_peer,
         ahead = p.batches_ahead,
         blocks = p.max_blocks_per_fetch,
         resp = p.max_fetch_response_bytes,
