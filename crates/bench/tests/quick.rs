@@ -9,7 +9,7 @@ use serde_json::Value;
 /// Each benchmark and the rows it must produce.
 const EXPECTED: [(&str, usize); 6] = [
     ("sync", 4),
-    ("verifier", 4),
+    ("verifier", 5),
     ("grpc", 4),
     ("discovery", 3),
     ("memory", 4),
