@@ -396,21 +396,13 @@ async fn forged_node_info_relayed_by_a_malicious_peer_is_never_accepted() {
 
     let answered = Arc::new(Mutex::new(HashMap::new()));
     let identity = NodeIdentity::generate(&evil_key).unwrap();
-    let server_config = tls::server_config(&identity, &AccessPolicy::default()).unwrap();
     let evil = Malicious {
         key: evil_key,
         address: evil_address.clone(),
         forged,
         answered: answered.clone(),
     };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(P2pServer::new(evil))
-            .serve_with_incoming_shutdown(tls::incoming(listener, server_config), async {
-                let _ = stopped.await;
-            }),
-    );
+    let (stop, server) = serve_malicious(evil, &identity, listener);
 
     // H1 is seeded with the malicious peer; H2 knows only H1.
     let h1 = start(
@@ -435,21 +427,9 @@ async fn forged_node_info_relayed_by_a_malicious_peer_is_never_accepted() {
         known(&h2).await.contains(&evil_id)
     })
     .await;
-    wait_for("the malicious peer to answer h2", || async {
-        answered.lock().unwrap().contains_key(&h2.peer_id())
-    })
-    .await;
     // An info at least as new as that answer's: the answer was processed
     // (or a newer one, relayed by H1, which got the same forgeries).
-    let sent = answered.lock().unwrap()[&h2.peer_id()];
-    wait_for("h2 to process the malicious answer", || async {
-        h2.known_peers()
-            .await
-            .unwrap()
-            .iter()
-            .any(|i| i.info.peer_id == evil_id && i.info.timestamp_ms >= sent)
-    })
-    .await;
+    wait_answer_processed(&h2, evil_id, &answered, 0).await;
 
     for (name, node) in [("h1", &h1), ("h2", &h2)] {
         let known = known(node).await;
@@ -469,6 +449,30 @@ async fn forged_node_info_relayed_by_a_malicious_peer_is_never_accepted() {
 }
 
 /// Serves `evil` over mutual TLS on `listener` until `stop` fires.
+/// Waits until the malicious peer `evil_id` has answered `node` and `node`
+/// knows an info of it at least `newer_by_ms` newer than the one in that
+/// answer: the answer, with its forgeries, has been judged.
+async fn wait_answer_processed(
+    node: &P2pHandle,
+    evil_id: PeerId,
+    answered: &Mutex<HashMap<PeerId, u64>>,
+    newer_by_ms: u64,
+) {
+    wait_for("the malicious peer to answer", || async {
+        answered.lock().unwrap().contains_key(&node.peer_id())
+    })
+    .await;
+    let sent = answered.lock().unwrap()[&node.peer_id()];
+    wait_for("the malicious answer to be processed", || async {
+        node.known_peers()
+            .await
+            .unwrap()
+            .iter()
+            .any(|i| i.info.peer_id == evil_id && i.info.timestamp_ms >= sent + newer_by_ms)
+    })
+    .await;
+}
+
 fn serve_malicious(
     evil: Malicious,
     identity: &NodeIdentity,
@@ -558,21 +562,9 @@ async fn tampered_copies_of_an_honest_peers_info_change_nothing_about_it() {
         knows_all(&v, &[h_id, evil_id]).await
     })
     .await;
-    wait_for("the malicious peer to answer v", || async {
-        answered.lock().unwrap().contains_key(&v.peer_id())
-    })
-    .await;
     // Two answers processed: each carries the peer's own info, so a known
     // info of it this new means the answer's tampered infos were judged.
-    let sent = answered.lock().unwrap()[&v.peer_id()];
-    wait_for("v to process two malicious answers", || async {
-        v.known_peers()
-            .await
-            .unwrap()
-            .iter()
-            .any(|i| i.info.peer_id == evil_id && i.info.timestamp_ms >= sent + INTERVAL_MS)
-    })
-    .await;
+    wait_answer_processed(&v, evil_id, &answered, INTERVAL_MS).await;
 
     // V's info of H is one H signed, with H's address.
     let known = v.known_peers().await.unwrap();

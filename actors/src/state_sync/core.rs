@@ -518,7 +518,10 @@ mod tests {
         })
     }
 
-    fn block_fetches(out: &[Output]) -> Vec<(TaskId, u64, usize)> {
+    /// A block fetch's task, batch and offset.
+    type BlockFetch = (TaskId, u64, usize);
+
+    fn block_fetches(out: &[Output]) -> Vec<BlockFetch> {
         out.iter()
             .filter_map(|o| match o {
                 Output::FetchBlocks {
@@ -552,6 +555,17 @@ mod tests {
                     epoch: 0,
                     block_count: blocks,
                 }),
+            },
+        )
+    }
+
+    fn applied(c: &mut StateSyncCore, start: u64, last: u64) -> Vec<Output> {
+        c.handle(
+            Time(0),
+            Input::Applied {
+                start,
+                last: r(last),
+                next_epoch: None,
             },
         )
     }
@@ -615,18 +629,25 @@ mod tests {
         assert_eq!(offsets, vec![0, 5, 10]);
     }
 
-    #[test]
-    fn batches_apply_strictly_in_order_whatever_order_blocks_arrive() {
+    /// A core with batches 1..=10 and 11..=20 fetched (5 blocks each, one
+    /// chunk), and the block fetches of each.
+    fn two_fetched_batches() -> (StateSyncCore, Vec<BlockFetch>, Vec<BlockFetch>) {
         let mut c = core(Config {
             parallel_fetches: 10,
             ..config()
         });
-        let (t, _, _) = commit_fetch(&tick(&mut c, 0, 20)).unwrap();
+        let (t, _, _) = commit_fetch(&tick(&mut c, 0, 30)).unwrap();
         let out1 = commits_ok(&mut c, 0, t, 1, 10, 5);
         let (t2, _, _) = commit_fetch(&out1).unwrap();
         let first = block_fetches(&out1);
         let out2 = commits_ok(&mut c, 0, t2, 11, 20, 5);
         let second = block_fetches(&out2);
+        (c, first, second)
+    }
+
+    #[test]
+    fn batches_apply_strictly_in_order_whatever_order_blocks_arrive() {
+        let (mut c, first, second) = two_fetched_batches();
         // The second batch completes first: nothing to apply yet.
         let out = blocks_ok(&mut c, second[0].0);
         assert!(!out.iter().any(|o| matches!(o, Output::Apply { .. })));
@@ -639,23 +660,9 @@ mod tests {
         );
         assert!(out.contains(&Output::Apply { start: 1 }));
         // Only once the first is applied does the second go.
-        let out = c.handle(
-            Time(0),
-            Input::Applied {
-                start: 1,
-                last: r(10),
-                next_epoch: None,
-            },
-        );
+        let out = applied(&mut c, 1, 10);
         assert!(out.contains(&Output::Apply { start: 11 }));
-        c.handle(
-            Time(0),
-            Input::Applied {
-                start: 11,
-                last: r(20),
-                next_epoch: None,
-            },
-        );
+        applied(&mut c, 11, 20);
         assert_eq!(c.synced(), r(20));
     }
 
@@ -663,16 +670,7 @@ mod tests {
     fn local_commits_inside_fetched_batches_do_not_wedge_sync() {
         // A node that produces commits itself while it syncs: local commits
         // land inside batches sync has already fetched.
-        let mut c = core(Config {
-            parallel_fetches: 10,
-            ..config()
-        });
-        let (t, _, _) = commit_fetch(&tick(&mut c, 0, 30)).unwrap();
-        let out1 = commits_ok(&mut c, 0, t, 1, 10, 5);
-        let (t2, _, _) = commit_fetch(&out1).unwrap();
-        let first = block_fetches(&out1);
-        let out2 = commits_ok(&mut c, 0, t2, 11, 20, 5);
-        let second = block_fetches(&out2);
+        let (mut c, first, second) = two_fetched_batches();
         // Local consensus applies 1..=14: all of the first batch and part of
         // the second.
         let out = c.handle(
@@ -691,14 +689,7 @@ mod tests {
         // (the shell writes only 15..=20).
         let out = blocks_ok(&mut c, second[0].0);
         assert!(out.contains(&Output::Apply { start: 11 }), "{out:?}");
-        c.handle(
-            Time(0),
-            Input::Applied {
-                start: 11,
-                last: r(20),
-                next_epoch: None,
-            },
-        );
+        applied(&mut c, 11, 20);
         assert_eq!(c.synced(), r(20));
     }
 
