@@ -10,6 +10,7 @@
 mod bare;
 mod discovery;
 mod grpc;
+mod load;
 mod machine;
 mod memory;
 mod report;
@@ -26,7 +27,15 @@ use crate::machine::Machine;
 use crate::report::Report;
 
 /// The benchmarks, in the order they run.
-const SECTIONS: [&str; 6] = ["sync", "verifier", "grpc", "discovery", "memory", "scaling"];
+const SECTIONS: [&str; 7] = [
+    "sync",
+    "verifier",
+    "grpc",
+    "discovery",
+    "memory",
+    "scaling",
+    "load",
+];
 
 #[derive(Parser, Debug)]
 #[command(
@@ -40,7 +49,7 @@ struct Cli {
     #[arg(long)]
     quick: bool,
     /// Only these benchmarks, comma-separated (sync, verifier, grpc,
-    /// discovery, memory, scaling); writes under target/bench-partial/
+    /// discovery, memory, scaling, load); writes under target/bench-partial/
     /// unless --markdown/--json say otherwise.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -52,18 +61,21 @@ struct Cli {
     #[arg(long)]
     json: Option<PathBuf>,
     #[command(subcommand)]
-    child: Option<Child>,
+    child: Option<Hidden>,
 }
 
 /// Runs in child processes, started by the harness itself.
 #[derive(Subcommand, Debug)]
-enum Child {
+enum Hidden {
     /// One discovery run.
-    #[command(hide = true)]
-    ChildDiscovery { nodes: usize, interval_ms: u64 },
+    #[command(hide = true, name = "child-discovery")]
+    Discovery { nodes: usize, interval_ms: u64 },
+    /// The loaded node of the load benchmark.
+    #[command(hide = true, name = "child-serve")]
+    Serve,
     /// The syncing node of the memory benchmark.
-    #[command(hide = true)]
-    ChildMemory {
+    #[command(hide = true, name = "child-memory")]
+    Memory {
         commits: u64,
         cache_bytes: usize,
         seeds: String,
@@ -97,6 +109,8 @@ pub struct Size {
     pub memory_commits: (u64, u64),
     /// Runs per memory figure (the median is reported).
     pub memory_runs: usize,
+    /// Connections and calls in flight per connection of the load benchmark.
+    pub load: (usize, usize),
 }
 
 impl Size {
@@ -115,6 +129,7 @@ impl Size {
             discovery_runs: 3,
             memory_commits: (10_000, 100_000),
             memory_runs: 3,
+            load: (500, 10),
         }
     }
 
@@ -133,6 +148,7 @@ impl Size {
             discovery_runs: 1,
             memory_commits: (200, 1_000),
             memory_runs: 1,
+            load: (20, 5),
         }
     }
 }
@@ -161,11 +177,15 @@ fn main() -> ExitCode {
             .init();
     }
     match cli.child {
-        Some(Child::ChildDiscovery { nodes, interval_ms }) => {
+        Some(Hidden::Discovery { nodes, interval_ms }) => {
             discovery::child(nodes, interval_ms);
             return ExitCode::SUCCESS;
         }
-        Some(Child::ChildMemory {
+        Some(Hidden::Serve) => {
+            load::child();
+            return ExitCode::SUCCESS;
+        }
+        Some(Hidden::Memory {
             commits,
             cache_bytes,
             seeds,
@@ -230,6 +250,7 @@ fn main() -> ExitCode {
             "discovery" => discovery::section(&size),
             "memory" => memory::section(&size),
             "scaling" => sync::scaling_section(&size),
+            "load" => load::section(&size),
             _ => unreachable!("every key of SECTIONS is handled"),
         };
         eprintln!("  {key} took {:.1}s", t.elapsed().as_secs_f64());

@@ -7,13 +7,14 @@ use std::process::Command;
 use serde_json::Value;
 
 /// Each benchmark and the rows it must produce.
-const EXPECTED: [(&str, usize); 6] = [
+const EXPECTED: [(&str, usize); 7] = [
     ("sync", 4),
     ("verifier", 5),
     ("grpc", 4),
     ("discovery", 3),
     ("memory", 4),
     ("scaling", 6),
+    ("load", 2),
 ];
 
 #[test]
@@ -73,6 +74,12 @@ fn quick_run_produces_every_figure() {
     assert!(ratio("grpc", 1, "of plain") > 0.0);
     assert!(ratio("memory", 1, "of the short chain's peak") > 0.0);
     assert!(ratio("scaling", 5, "of crypto limit") > 0.0);
+    assert!(ratio("load", 1, "of idle") > 0.0);
+    assert!(ratio("load", 1, "calls served") > 0.0);
+    assert!(
+        stdout.contains("An honest peer was served after the storm."),
+        "{stdout}"
+    );
 }
 
 #[test]

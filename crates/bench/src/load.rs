@@ -1,0 +1,208 @@
+//! Benchmark 7: memory and admission under load. One node, a child process
+//! serving a chain from memory, gets `connections` client connections (half
+//! authenticated, each its own identity; half anonymous) keeping
+//! `connections × calls` FetchBlocks in flight at once. Its peak RSS before
+//! and after the storm, and what each call got.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use soma_actors::P2pConfig;
+use soma_chain::{Chain, ChainBuilder, ChainConfig};
+use soma_store::MemStore;
+use soma_types::{BlockRef, KeyPair, PeerId};
+use soma_wire::proto::{self, p2p_client::P2pClient};
+use soma_wire::tls::{self, NodeIdentity};
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::report::{Cell, Section};
+use crate::{Size, runtime};
+
+/// Commits of the served chain.
+const COMMITS: u64 = 1_500;
+/// Commits whose blocks each call asks for.
+const COMMITS_PER_CALL: u64 = 30;
+
+fn chain() -> Chain {
+    ChainBuilder::new(ChainConfig::validators(4)).build(COMMITS)
+}
+
+/// `VmHWM` or `VmRSS` of process `pid`, KiB.
+fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+async fn fetch(
+    mut client: P2pClient<Channel>,
+    refs: Vec<BlockRef>,
+) -> Result<usize, tonic::Status> {
+    let request = proto::FetchBlocksRequest {
+        refs: refs.into_iter().map(Into::into).collect(),
+    };
+    let mut stream = client.fetch_blocks(request).await?.into_inner();
+    let mut n = 0;
+    while let Some(chunk) = stream.message().await? {
+        n += chunk.blocks.len();
+    }
+    Ok(n)
+}
+
+/// Runs the benchmark.
+pub fn section(size: &Size) -> Section {
+    let (connections, calls) = size.load;
+    let chain = chain();
+    let refs: Vec<BlockRef> = (1..=COMMITS_PER_CALL)
+        .flat_map(|i| chain.blocks_of(i).iter().map(|b| b.reference()))
+        .collect();
+    let mut child = Command::new(std::env::current_exe().expect("this executable"))
+        .arg("child-serve")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("the child starts");
+    let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+    let first = lines.next().expect("the child's address").expect("a line");
+    let (address, peer) = first.split_once(' ').expect("address peer-id");
+    let peer = PeerId(hex_to_32(peer).expect("a 32-byte hex peer id"));
+    let pid = child.id();
+    let idle_kib = status_kib(pid, "VmHWM:");
+
+    let rt = runtime(2);
+    let (outcomes, elapsed, honest) = rt.block_on(async {
+        let mut clients = Vec::with_capacity(connections);
+        for i in 0..connections {
+            let identity = (i % 2 == 0).then(|| {
+                NodeIdentity::generate(&KeyPair::from_seed([(i % 251) as u8 + 3; 32]))
+                    .expect("identity")
+            });
+            let (channel, _) = tls::connect(
+                address,
+                identity.as_ref(),
+                Some(peer),
+                Duration::from_secs(30),
+            )
+            .await
+            .expect("connects");
+            clients.push(P2pClient::new(channel).max_decoding_message_size(8 << 20));
+        }
+        let start = Instant::now();
+        let tasks: Vec<_> = clients
+            .iter()
+            .flat_map(|c| (0..calls).map(move |_| c.clone()))
+            .map(|c| tokio::spawn(fetch(c, refs.clone())))
+            .collect();
+        let mut outcomes: HashMap<Code, usize> = HashMap::new();
+        for t in tasks {
+            let code = match t.await.expect("a call task") {
+                Ok(n) if n == refs.len() => Code::Ok,
+                Ok(_) => Code::DataLoss,
+                Err(status) => status.code(),
+            };
+            *outcomes.entry(code).or_default() += 1;
+        }
+        let elapsed = start.elapsed();
+        // An honest peer is served after the storm.
+        let identity = NodeIdentity::generate(&KeyPair::from_seed([250; 32])).expect("identity");
+        let (channel, _) =
+            tls::connect(address, Some(&identity), Some(peer), Duration::from_secs(5))
+                .await
+                .expect("connects");
+        let honest = fetch(
+            P2pClient::new(channel).max_decoding_message_size(8 << 20),
+            refs.clone(),
+        )
+        .await
+        .map_or(0, |n| n);
+        drop(clients);
+        (outcomes, elapsed, honest == refs.len())
+    });
+    let loaded_kib = status_kib(pid, "VmHWM:");
+    // Closing stdin stops the child.
+    drop(child.stdin.take());
+    let _ = child.wait();
+
+    let total = connections * calls;
+    let count = |c: Code| outcomes.get(&c).copied().unwrap_or(0);
+    let (ok, exhausted) = (count(Code::Ok), count(Code::ResourceExhausted));
+    let defaults = P2pConfig::default().grpc;
+    let mut s = Section::new(
+        "load",
+        "Load: memory and admission under thousands of in-flight fetches",
+        format!(
+            "One node in a child process serves a {COMMITS}-commit chain from memory (default \
+             settings: {} fetches per peer, {} in all, {} inbound connections). {connections} \
+             connections to it, half authenticated (each its own identity) and half anonymous \
+             (one shared allowance), keep {total} FetchBlocks of {} blocks in flight at once. \
+             Reference: the node's own peak RSS before the storm.",
+            defaults.max_concurrent_fetches_per_peer,
+            defaults.max_concurrent_fetches,
+            defaults.max_inbound_connections,
+            refs.len()
+        ),
+        &[
+            "phase",
+            "peak RSS (MiB)",
+            "of idle",
+            "calls served",
+            "RESOURCE_EXHAUSTED",
+            "other outcomes",
+            "time (s)",
+        ],
+    );
+    s.row(
+        "idle, serving",
+        vec![
+            Cell::num(idle_kib as f64 / 1024.0, 1),
+            Cell::Ratio(1.0),
+            Cell::Empty,
+            Cell::Empty,
+            Cell::Empty,
+            Cell::Empty,
+        ],
+    );
+    s.row(
+        format!("{total} fetches in flight"),
+        vec![
+            Cell::num(loaded_kib as f64 / 1024.0, 1),
+            Cell::Ratio(loaded_kib as f64 / idle_kib.max(1) as f64),
+            Cell::int(ok as f64),
+            Cell::int(exhausted as f64),
+            Cell::text((total - ok - exhausted).to_string()),
+            Cell::secs(elapsed),
+        ],
+    );
+    s.notes.push(format!(
+        "An honest peer was {} after the storm.",
+        if honest { "served" } else { "NOT served" }
+    ));
+    s
+}
+
+fn hex_to_32(text: &str) -> Option<[u8; 32]> {
+    hex::decode(text).ok()?.try_into().ok()
+}
+
+/// The loaded node, in a child process: serves the chain, prints
+/// `address peer-id-hex`, and stops when its stdin closes.
+pub fn child() {
+    let chain = chain();
+    let store = MemStore::new(chain.genesis());
+    chain.write_to(&store, 100).expect("the chain writes");
+    let node = soma_testkit::node(&chain, 1, P2pConfig::default(), Arc::new(store));
+    println!("{} {}", node.local_addr(), hex::encode(node.peer_id().0));
+    std::io::stdout().flush().expect("stdout");
+    let mut line = String::new();
+    while std::io::stdin().read_line(&mut line).is_ok_and(|n| n > 0) {
+        line.clear();
+    }
+    runtime(1).block_on(node.shutdown());
+}
