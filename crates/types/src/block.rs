@@ -99,13 +99,14 @@ impl UnverifiedBlock {
     pub fn decode(serialized: Bytes, limit: usize) -> Result<Self> {
         let signed: SignedBlock = codec::decode(&serialized, limit)?;
         let block_bytes = codec::encode(&signed.block);
-        let canonical = serialized.len() == block_bytes.len() + 65
+        let canonical = serialized.len() == block_bytes.len() + SIGNATURE_ENCODED_LEN
             && serialized.starts_with(&block_bytes)
             && serialized[block_bytes.len()] == 64;
         if !canonical {
             return Err(Error::Malformed("non-canonical block encoding".into()));
         }
-        Ok(Self::assemble(signed, serialized, Digest::of(&block_bytes)))
+        let (signing_digest, digest) = digests(&serialized, block_bytes.len());
+        Ok(Self::assemble(signed, serialized, signing_digest, digest))
     }
 
     /// Wraps a signed block held in memory, encoding it once.
@@ -113,16 +114,22 @@ impl UnverifiedBlock {
         let block_bytes = codec::encode(&signed.block);
         let signing_digest = Digest::of(&block_bytes);
         let serialized = Bytes::from(codec::encode(&signed));
-        Self::assemble(signed, serialized, signing_digest)
+        let digest = Digest::of(&serialized);
+        Self::assemble(signed, serialized, signing_digest, digest)
     }
 
-    fn assemble(signed: SignedBlock, serialized: Bytes, signing_digest: Digest) -> Self {
+    fn assemble(
+        signed: SignedBlock,
+        serialized: Bytes,
+        signing_digest: Digest,
+        digest: Digest,
+    ) -> Self {
         let b = &signed.block;
         let reference = BlockRef {
             epoch: b.epoch,
             round: b.round,
             author: b.author,
-            digest: Digest::of(&serialized),
+            digest,
         };
         UnverifiedBlock {
             signed,
@@ -164,6 +171,19 @@ impl UnverifiedBlock {
 #[derive(Clone, Debug)]
 pub struct VerifiedBlock(Arc<UnverifiedBlock>);
 
+/// Bytes of an encoded signature: its length (64, one byte) and the 64 bytes.
+const SIGNATURE_ENCODED_LEN: usize = 65;
+
+/// The signing digest (of the block's bytes, the first `block_len`) and the
+/// digest of the whole signed block, hashing the shared prefix once.
+fn digests(serialized: &[u8], block_len: usize) -> (Digest, Digest) {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&serialized[..block_len]);
+    let signing = Digest(*hasher.finalize().as_bytes());
+    hasher.update(&serialized[block_len..]);
+    (signing, Digest(*hasher.finalize().as_bytes()))
+}
+
 impl VerifiedBlock {
     /// Signs `block` with `key` and wraps it; for blocks this node authors.
     pub fn sign(block: Block, key: &KeyPair) -> Self {
@@ -173,8 +193,14 @@ impl VerifiedBlock {
     /// Decodes a block from this node's own store, skipping signature checks.
     pub fn from_trusted_bytes(serialized: Bytes) -> Result<Self> {
         let signed: SignedBlock = codec::decode(&serialized, codec::MAX_DECODE_BYTES)?;
-        let signing_digest = Digest::of(&codec::encode(&signed.block));
-        Ok(UnverifiedBlock::assemble(signed, serialized, signing_digest).into_trusted())
+        // Stored bytes are canonical (they passed `UnverifiedBlock::decode`
+        // or were encoded here): the block's bytes, then the signature.
+        let block_len = serialized
+            .len()
+            .checked_sub(SIGNATURE_ENCODED_LEN)
+            .ok_or_else(|| Error::Malformed("stored block too short".into()))?;
+        let (signing_digest, digest) = digests(&serialized, block_len);
+        Ok(UnverifiedBlock::assemble(signed, serialized, signing_digest, digest).into_trusted())
     }
 
     /// The block's reference.
