@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use soma_actors::P2pConfig;
 use soma_chain::{Chain, ChainBuilder, ChainConfig};
 use soma_store::MemStore;
-use soma_types::{BlockRef, KeyPair, PeerId};
+use soma_types::{BlockRef, KeyPair};
 use soma_wire::proto::{self, p2p_client::P2pClient};
 use soma_wire::tls::{self, NodeIdentity};
 use tonic::Code;
@@ -29,16 +29,6 @@ const COMMITS_PER_CALL: u64 = 30;
 
 fn chain() -> Chain {
     ChainBuilder::new(ChainConfig::validators(4)).build(COMMITS)
-}
-
-/// `VmHWM` or `VmRSS` of process `pid`, KiB.
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 async fn fetch(
@@ -72,9 +62,9 @@ pub fn section(size: &Size) -> Section {
     let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
     let first = lines.next().expect("the child's address").expect("a line");
     let (address, peer) = first.split_once(' ').expect("address peer-id");
-    let peer = PeerId(hex_to_32(peer).expect("a 32-byte hex peer id"));
+    let peer = crate::peer_id_from_hex(peer).expect("a 32-byte hex peer id");
     let pid = child.id();
-    let idle_kib = status_kib(pid, "VmHWM:");
+    let idle_kib = crate::peak_rss_kib(&pid.to_string());
 
     let rt = runtime(2);
     let (outcomes, elapsed, honest) = rt.block_on(async {
@@ -125,7 +115,7 @@ pub fn section(size: &Size) -> Section {
         drop(clients);
         (outcomes, elapsed, honest == refs.len())
     });
-    let loaded_kib = status_kib(pid, "VmHWM:");
+    let loaded_kib = crate::peak_rss_kib(&pid.to_string());
     // Closing stdin stops the child.
     drop(child.stdin.take());
     let _ = child.wait();
@@ -185,10 +175,6 @@ pub fn section(size: &Size) -> Section {
         if honest { "served" } else { "NOT served" }
     ));
     s
-}
-
-fn hex_to_32(text: &str) -> Option<[u8; 32]> {
-    hex::decode(text).ok()?.try_into().ok()
 }
 
 /// The loaded node, in a child process: serves the chain, prints

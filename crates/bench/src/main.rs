@@ -158,6 +158,22 @@ pub fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// Peak RSS (`VmHWM`) of process `pid` (`self` for this one), KiB; 0 if
+/// unreadable.
+pub fn peak_rss_kib(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A peer id from its hex form, as children print and take them.
+pub fn peer_id_from_hex(text: &str) -> Option<soma_types::PeerId> {
+    Some(soma_types::PeerId(hex::decode(text).ok()?.try_into().ok()?))
+}
+
 /// A multi-threaded tokio runtime with `workers` workers.
 pub fn runtime(workers: usize) -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()

@@ -11,7 +11,6 @@ use soma_actors::P2pConfig;
 use soma_actors::discovery::SeedPeer;
 use soma_chain::{Chain, ChainBuilder, ChainConfig};
 use soma_store::{ConsensusStore, RedbStore};
-use soma_types::PeerId;
 
 use crate::report::{Cell, Section};
 use crate::{Size, runtime};
@@ -137,16 +136,6 @@ pub fn section(size: &Size) -> Section {
     s
 }
 
-/// Peak RSS of this process, KiB.
-fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// The syncing node, in a child process: syncs `commits` from `seeds`
 /// (`peer-id-hex@address`, comma-separated) into a RedbStore with a page
 /// cache of `cache` bytes; prints `seconds peak-KiB`.
@@ -156,12 +145,8 @@ pub fn child(commits: u64, cache: usize, seeds: &str) {
         .split(',')
         .map(|s| {
             let (id, address) = s.split_once('@').expect("peer-id@address");
-            let id: [u8; 32] = hex::decode(id)
-                .ok()
-                .and_then(|b| b.try_into().ok())
-                .expect("a 32-byte hex peer id");
             SeedPeer {
-                peer_id: Some(PeerId(id)),
+                peer_id: Some(crate::peer_id_from_hex(id).expect("a 32-byte hex peer id")),
                 address: address.to_string(),
             }
         })
@@ -186,7 +171,7 @@ pub fn child(commits: u64, cache: usize, seeds: &str) {
         .expect("the node starts");
         soma_testkit::wait_synced(&node, commits, Duration::from_secs(1_800)).await;
         let elapsed = start.elapsed();
-        let peak = peak_rss_kib();
+        let peak = crate::peak_rss_kib("self");
         node.shutdown().await;
         println!("{} {peak}", elapsed.as_secs_f64());
     });
