@@ -25,6 +25,9 @@
 #   SOMA_P2P_BIN      a soma-p2p binary to use instead of building one
 #   CARGO             the cargo command (default: cargo)
 #   CARGO_TARGET_DIR  where cargo builds (default: <repo>/target)
+#   PROFILE           cargo profile to build with: release (default) or dev
+#                     (CI uses dev: it reuses the test build, which already
+#                     has the binary, instead of building everything again)
 #   MAX_COMMITS       commits the validators produce (default 1500)
 #   COMMIT_RATE       commits/s of each validator (default 50)
 #   PARTITIONED_RATE  commits/s of validator-3, the partitioned validator
@@ -37,6 +40,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 MAX_COMMITS=${MAX_COMMITS:-1500}
+PROFILE=${PROFILE:-release}
 COMMIT_RATE=${COMMIT_RATE:-50}
 BANDWIDTH=${BANDWIDTH:-20mbit}
 COMMITS_PER_EPOCH=500 # so that the run crosses epoch boundaries
@@ -126,11 +130,16 @@ START_MS=$(now_ms)
 if [[ -n ${SOMA_P2P_BIN:-} ]]; then
     BIN=$SOMA_P2P_BIN
 else
-    say "building soma-p2p (release)"
-    (cd "$ROOT" && "${CARGO:-cargo}" build --release --locked -p soma-node)
+    case $PROFILE in
+        release) profile_dir=release ;;
+        dev) profile_dir=debug ;;
+        *) echo "PROFILE must be release or dev, not '$PROFILE'" >&2; exit 2 ;;
+    esac
+    say "building soma-p2p ($PROFILE profile)"
+    (cd "$ROOT" && "${CARGO:-cargo}" build --profile "$PROFILE" --locked -p soma-node)
     target=${CARGO_TARGET_DIR:-$ROOT/target}
     [[ $target = /* ]] || target="$ROOT/$target"
-    BIN="$target/release/soma-p2p"
+    BIN="$target/$profile_dir/soma-p2p"
 fi
 [[ -x $BIN ]] || { echo "no soma-p2p binary at $BIN" >&2; exit 1; }
 BIN="$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")"
