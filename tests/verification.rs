@@ -72,6 +72,32 @@ fn block_signed_by_another_authority_fails() {
 }
 
 #[test]
+fn block_by_an_author_with_a_weak_key_fails() {
+    // The identity point is of small order: with it as the author's key,
+    // any signature whose R is s·B would pass a plain verification.
+    let chain = chain();
+    let block = some_block(&chain);
+    let author = block.block().author;
+    let mut identity = [0u8; 32];
+    identity[0] = 1;
+    let weak = soma_types::PublicKey::from_bytes(&identity).expect("a point");
+    let authorities = chain
+        .genesis()
+        .authorities()
+        .map(|(i, a)| soma_types::Authority {
+            protocol_key: if i == author { weak } else { a.protocol_key },
+            ..a.clone()
+        })
+        .collect();
+    let committee = soma_types::Committee::new(0, authorities).expect("a committee");
+    let r = block.reference();
+    assert_eq!(
+        verify_blocks(vec![block.to_unverified()], &committee, &Limits::default()).map(|_| ()),
+        Err(Error::WeakKey(SignedItem::Block(r)))
+    );
+}
+
+#[test]
 fn block_of_wrong_epoch_fails() {
     let chain = chain();
     let block = some_block(&chain);

@@ -152,7 +152,11 @@ fn verify_block_chunk(
     let blocks = decode_all(chunk, |b| {
         UnverifiedBlock::decode(b, limits.max_block_bytes)
     })?;
-    let mut batch = SignatureBatch::with_cache(blocks.len(), keys.clone());
+    let signatures = blocks
+        .iter()
+        .map(|b| 1 + b.block().transactions.len())
+        .sum();
+    let mut batch = SignatureBatch::with_cache(signatures, keys.clone());
     for block in &blocks {
         check_block(
             block,

@@ -92,21 +92,28 @@ pub struct UnverifiedBlock {
     pub(crate) serialized: Bytes,
     pub(crate) reference: BlockRef,
     pub(crate) signing_digest: Digest,
+    /// The signing digest of each transaction, hashed from the received
+    /// bytes; empty when the block did not come from [`UnverifiedBlock::decode`]
+    /// (then they are computed when needed).
+    transaction_digests: Vec<Digest>,
 }
 
 impl UnverifiedBlock {
     /// Decodes a signed block from untrusted bytes of at most `limit` bytes.
     pub fn decode(serialized: Bytes, limit: usize) -> Result<Self> {
         let signed: SignedBlock = codec::decode(&serialized, limit)?;
-        let block_bytes = codec::encode(&signed.block);
-        let canonical = serialized.len() == block_bytes.len() + SIGNATURE_ENCODED_LEN
-            && serialized.starts_with(&block_bytes)
-            && serialized[block_bytes.len()] == 64;
-        if !canonical {
-            return Err(Error::Malformed("non-canonical block encoding".into()));
-        }
-        let (signing_digest, digest) = digests(&serialized, block_bytes.len());
-        Ok(Self::assemble(signed, serialized, signing_digest, digest))
+        let layout = Layout::of(&signed, &serialized)
+            .ok_or_else(|| Error::Malformed("non-canonical block encoding".into()))?;
+        let (signing_digest, digest) = digests(&serialized, layout.block_len);
+        let transaction_digests = layout
+            .transactions
+            .into_iter()
+            .map(|signed_part| Digest::of(&serialized[signed_part]))
+            .collect();
+        Ok(UnverifiedBlock {
+            transaction_digests,
+            ..Self::assemble(signed, serialized, signing_digest, digest)
+        })
     }
 
     /// Wraps a signed block held in memory, encoding it once.
@@ -136,6 +143,18 @@ impl UnverifiedBlock {
             serialized,
             reference,
             signing_digest,
+            transaction_digests: Vec::new(),
+        }
+    }
+
+    /// The digest the sender of transaction `index` signed.
+    ///
+    /// # Panics
+    /// If the block has no transaction `index`.
+    pub fn transaction_signing_digest(&self, index: usize) -> Digest {
+        match self.transaction_digests.get(index) {
+            Some(digest) => *digest,
+            None => self.signed.block.transactions[index].signing_digest(),
         }
     }
 
@@ -161,7 +180,9 @@ impl UnverifiedBlock {
 
     /// Treats the block as verified. Only for blocks this node wrote itself
     /// or read back from its own store.
-    pub fn into_trusted(self) -> VerifiedBlock {
+    pub fn into_trusted(mut self) -> VerifiedBlock {
+        // Only verification reads them; verified blocks are kept in caches.
+        self.transaction_digests = Vec::new();
         VerifiedBlock(Arc::new(self))
     }
 }
@@ -173,6 +194,53 @@ pub struct VerifiedBlock(Arc<UnverifiedBlock>);
 
 /// Bytes of an encoded signature: its length (64, one byte) and the 64 bytes.
 const SIGNATURE_ENCODED_LEN: usize = 65;
+
+/// Where the parts of an encoded signed block lie.
+struct Layout {
+    /// Length of the block's encoding, which the signature follows.
+    block_len: usize,
+    /// The signed part of each transaction: its encoding without the
+    /// signature, which is the encoding of (sender, nonce, payload).
+    transactions: Vec<std::ops::Range<usize>>,
+}
+
+impl Layout {
+    /// Finds the layout by encoding `signed` field by field against `bytes`;
+    /// `None` unless `bytes` is exactly its canonical encoding. bincode writes
+    /// a struct as its fields in declaration order and a sequence as its
+    /// length then its elements, so the walk below follows [`Block`]'s
+    /// fields: a field added there must be added here, or every block is
+    /// refused as non-canonical (which the tests would show at once).
+    fn of(signed: &SignedBlock, bytes: &[u8]) -> Option<Layout> {
+        let b = &signed.block;
+        let mut pos = 0;
+        let header = (b.epoch, b.round, b.author, b.timestamp_ms, &b.ancestors);
+        if !codec::matches_at(&header, bytes, &mut pos)
+            || !codec::matches_at(&(b.transactions.len() as u64), bytes, &mut pos)
+        {
+            return None;
+        }
+        let mut transactions = Vec::with_capacity(b.transactions.len());
+        for tx in &b.transactions {
+            let start = pos;
+            if !codec::matches_at(tx, bytes, &mut pos) {
+                return None;
+            }
+            transactions.push(start..pos - SIGNATURE_ENCODED_LEN);
+        }
+        if !codec::matches_at(&(&b.commit_votes, &b.end_of_epoch), bytes, &mut pos) {
+            return None;
+        }
+        let block_len = pos;
+        if !codec::matches_at(&signed.signature, bytes, &mut pos) || pos != bytes.len() {
+            return None;
+        }
+        Some(Layout {
+            block_len,
+            transactions,
+        })
+    }
+}
 
 /// The signing digest (of the block's bytes, the first `block_len`) and the
 /// digest of the whole signed block, hashing the shared prefix once.

@@ -89,6 +89,40 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T> {
     Ok(value)
 }
 
+/// Whether `bytes[*pos..]` begins with the encoding of `value`; if so,
+/// moves `*pos` past it. Compares as it encodes, allocating nothing: the
+/// canonical-encoding checks walk received bytes with it.
+pub fn matches_at<T: Serialize + ?Sized>(value: &T, bytes: &[u8], pos: &mut usize) -> bool {
+    let mut writer = MatchWriter {
+        expected: bytes,
+        pos: *pos,
+    };
+    let matched =
+        bincode::serde::encode_into_writer(value, &mut writer, config::<MAX_DECODE_BYTES>())
+            .is_ok();
+    if matched {
+        *pos = writer.pos;
+    }
+    matched
+}
+
+/// A bincode writer that checks each write against the expected bytes.
+struct MatchWriter<'a> {
+    expected: &'a [u8],
+    pos: usize,
+}
+
+impl bincode::enc::write::Writer for MatchWriter<'_> {
+    fn write(&mut self, bytes: &[u8]) -> std::result::Result<(), bincode::error::EncodeError> {
+        let end = self.pos + bytes.len();
+        if self.expected.get(self.pos..end) != Some(bytes) {
+            return Err(bincode::error::EncodeError::Other("bytes differ"));
+        }
+        self.pos = end;
+        Ok(())
+    }
+}
+
 fn decode_within<T: DeserializeOwned, const N: usize>(bytes: &[u8]) -> Result<(T, usize)> {
     bincode::serde::decode_from_slice(bytes, config::<N>())
         .map_err(|e| Error::Malformed(e.to_string()))
@@ -97,6 +131,30 @@ fn decode_within<T: DeserializeOwned, const N: usize>(bytes: &[u8]) -> Result<(T
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn matches_at_accepts_the_encoding_and_advances() {
+        let bytes = encode(&(300u64, "abc", 7u8));
+        let mut pos = 0;
+        assert!(matches_at(&300u64, &bytes, &mut pos));
+        assert!(matches_at("abc", &bytes, &mut pos));
+        assert!(matches_at(&7u8, &bytes, &mut pos));
+        assert_eq!(pos, bytes.len());
+    }
+
+    #[test]
+    fn matches_at_refuses_other_bytes_and_keeps_its_place() {
+        let bytes = encode(&(300u64, "abc"));
+        let mut pos = 0;
+        assert!(!matches_at(&301u64, &bytes, &mut pos));
+        assert_eq!(pos, 0);
+        // A long form of 5 (a u16 marker, then two bytes) is not its encoding.
+        let long_form = [251u8, 5, 0];
+        assert!(!matches_at(&5u64, &long_form, &mut pos));
+        // Running off the end is a mismatch, not a panic.
+        assert!(matches_at(&300u64, &bytes, &mut pos));
+        assert!(!matches_at("abcdef", &bytes, &mut pos));
+    }
 
     #[test]
     fn decode_rejects_trailing_bytes() {

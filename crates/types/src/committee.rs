@@ -60,9 +60,10 @@ pub struct Committee {
 }
 
 /// The members' protocol keys, decompressed once when the committee is
-/// built, since every block signature check needs one.
+/// built, since every block signature check needs one, each with whether it
+/// is weak (of small order), which costs a scalar multiplication to learn.
 #[derive(Clone, Default)]
-struct KeyCache(Arc<Vec<VerifyingKey>>);
+struct KeyCache(Arc<Vec<(VerifyingKey, bool)>>);
 
 impl PartialEq for KeyCache {
     /// Derived from the authorities, which are compared already.
@@ -98,7 +99,7 @@ impl Committee {
         }
         let keys = authorities
             .iter()
-            .map(|a| a.protocol_key.verifying_key())
+            .map(|a| a.protocol_key.verifying_key().map(|k| (k, k.is_weak())))
             .collect::<Result<Vec<_>>>()?;
         Ok(Committee {
             epoch,
@@ -110,7 +111,17 @@ impl Committee {
 
     /// The decompressed protocol key of the authority at `index`.
     pub fn protocol_verifying_key(&self, index: AuthorityIndex) -> Option<&VerifyingKey> {
-        self.keys.0.get(index.get())
+        self.keys.0.get(index.get()).map(|(key, _)| key)
+    }
+
+    /// The decompressed protocol key of the authority at `index` and whether
+    /// it is weak (of small order), computed once when the committee was
+    /// built.
+    pub fn protocol_key_and_weakness(
+        &self,
+        index: AuthorityIndex,
+    ) -> Option<(&VerifyingKey, bool)> {
+        self.keys.0.get(index.get()).map(|(key, weak)| (key, *weak))
     }
 
     /// The epoch this committee signs.

@@ -918,6 +918,25 @@ mod canonical {
         }
     }
 
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Decoding hashes the digests from the received bytes; they must be
+        /// the digests of the decoded values.
+        #[test]
+        fn digests_from_received_bytes_are_the_values_digests(signed in arb_signed_block_with(0..5)) {
+            let bytes = codec::encode(&signed);
+            let decoded = UnverifiedBlock::decode(Bytes::from(bytes.clone()), usize::MAX).unwrap();
+            let from_values = UnverifiedBlock::from_signed(signed.clone());
+            prop_assert_eq!(decoded.reference(), from_values.reference());
+            prop_assert_eq!(decoded.reference().digest, Digest::of(&bytes));
+            for (i, tx) in signed.block.transactions.iter().enumerate() {
+                prop_assert_eq!(decoded.transaction_signing_digest(i), tx.signing_digest());
+                prop_assert_eq!(from_values.transaction_signing_digest(i), tx.signing_digest());
+            }
+        }
+    }
+
     #[test]
     fn non_canonical_lengths_inside_a_block_are_refused() {
         let signed = sample_signed_block();

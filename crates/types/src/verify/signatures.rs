@@ -76,17 +76,19 @@ impl SignatureBatch {
         self.push_checked(&key, weak, domain, digest, signature, item);
     }
 
-    /// Like [`SignatureBatch::push`], with a key already decompressed (the
-    /// committee keeps its members' keys so).
+    /// Like [`SignatureBatch::push`], with a key already decompressed and
+    /// its weakness known (the committee keeps its members' keys so). A
+    /// `weak` key fails the batch.
     pub fn push_key(
         &mut self,
         key: &VerifyingKey,
+        weak: bool,
         domain: Domain,
         digest: &Digest,
         signature: &Signature,
         item: SignedItem,
     ) {
-        self.push_checked(key, key.is_weak(), domain, digest, signature, item);
+        self.push_checked(key, weak, domain, digest, signature, item);
     }
 
     fn push_checked(
