@@ -97,10 +97,13 @@ impl VerifierCore {
             },
             None => None,
         };
-        let parts = request
-            .items()
-            .div_ceil(MIN_ITEMS_PER_PART)
-            .clamp(1, self.config.threads.max(1));
+        // The threads are shared among the jobs in flight: a job that runs
+        // alone gets them all, while jobs that run together each keep their
+        // signatures in one batch (a batch verifies cheaper per signature
+        // the larger it is).
+        let threads = self.config.threads.max(1);
+        let share = threads.div_ceil(self.in_flight.len() + 1);
+        let parts = request.items().div_ceil(MIN_ITEMS_PER_PART).clamp(1, share);
         self.in_flight.insert(id);
         Output::Run {
             id,
@@ -189,8 +192,34 @@ mod tests {
             other => panic!("{other:?}"),
         };
         assert_eq!(parts(verify(&mut c, 1, blocks(0, 1))), 1);
+        c.handle(Time(0), Input::Done { id: 1 });
         assert_eq!(parts(verify(&mut c, 2, blocks(0, 17))), 2);
+        c.handle(Time(0), Input::Done { id: 2 });
         assert_eq!(parts(verify(&mut c, 3, blocks(0, 10_000))), 4);
+    }
+
+    #[test]
+    fn jobs_in_flight_share_the_threads() {
+        let mut c = core(4, 8);
+        let parts = |o| match o {
+            Output::Run { parts, .. } => parts,
+            other => panic!("{other:?}"),
+        };
+        // Alone: every thread. Beside one job: half. Beside three or more:
+        // one part, so the job's signatures stay in one batch.
+        assert_eq!(parts(verify(&mut c, 1, blocks(0, 10_000))), 4);
+        assert_eq!(parts(verify(&mut c, 2, blocks(0, 10_000))), 2);
+        assert_eq!(parts(verify(&mut c, 3, blocks(0, 10_000))), 2);
+        assert_eq!(parts(verify(&mut c, 4, blocks(0, 10_000))), 1);
+        assert_eq!(parts(verify(&mut c, 5, blocks(0, 10_000))), 1);
+        // As jobs end, the share grows back.
+        for id in 1..=4 {
+            c.handle(Time(0), Input::Done { id });
+        }
+        assert_eq!(parts(verify(&mut c, 6, blocks(0, 10_000))), 2);
+        c.handle(Time(0), Input::Done { id: 5 });
+        c.handle(Time(0), Input::Done { id: 6 });
+        assert_eq!(parts(verify(&mut c, 7, blocks(0, 10_000))), 4);
     }
 
     #[test]
