@@ -45,11 +45,18 @@ fn chunks(data: &[u8]) -> Vec<&[u8]> {
     out
 }
 
-/// A block decoded from arbitrary bytes, then verified.
+/// A block decoded from arbitrary bytes, then verified. What decoding
+/// accepts must be the canonical encoding of what it decoded, and the
+/// digests it hashed from the bytes must be those of the decoded values.
 pub fn decode_block(data: &[u8]) {
     let limits = Limits::default();
     if let Ok(block) = UnverifiedBlock::decode(Bytes::copy_from_slice(data), limits.max_block_bytes)
     {
+        assert_eq!(codec::encode(block.signed()), data, "accepted a non-canonical block");
+        assert_eq!(block.reference().digest, Digest::of(data));
+        for (i, tx) in block.block().transactions.iter().enumerate() {
+            assert_eq!(block.transaction_signing_digest(i), tx.signing_digest());
+        }
         let _ = verify::verify_blocks(vec![block], &committee(), &limits);
     }
 }
