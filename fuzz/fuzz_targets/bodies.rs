@@ -52,7 +52,11 @@ pub fn decode_block(data: &[u8]) {
     let limits = Limits::default();
     if let Ok(block) = UnverifiedBlock::decode(Bytes::copy_from_slice(data), limits.max_block_bytes)
     {
-        assert_eq!(codec::encode(block.signed()), data, "accepted a non-canonical block");
+        assert_eq!(
+            codec::encode(block.signed()),
+            data,
+            "accepted a non-canonical block"
+        );
         assert_eq!(block.reference().digest, Digest::of(data));
         for (i, tx) in block.block().transactions.iter().enumerate() {
             assert_eq!(block.transaction_signing_digest(i), tx.signing_digest());

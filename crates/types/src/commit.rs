@@ -68,7 +68,8 @@ impl UnverifiedCommit {
     /// encodings so each commit has one digest.
     pub fn decode(serialized: Bytes, limit: usize) -> Result<Self> {
         let commit: Commit = codec::decode(&serialized, limit)?;
-        if codec::encode(&commit) != serialized {
+        let mut end = 0;
+        if !codec::matches_at(&commit, &serialized, &mut end) || end != serialized.len() {
             return Err(Error::Malformed("non-canonical commit encoding".into()));
         }
         Ok(Self::assemble(commit, serialized))
