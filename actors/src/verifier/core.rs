@@ -184,13 +184,17 @@ mod tests {
         ));
     }
 
+    /// The parts a `Run` output splits its job into.
+    fn parts(output: Output) -> usize {
+        match output {
+            Output::Run { parts, .. } => parts,
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn work_is_split_by_size_up_to_the_thread_count() {
         let mut c = core(4, 8);
-        let parts = |o| match o {
-            Output::Run { parts, .. } => parts,
-            other => panic!("{other:?}"),
-        };
         assert_eq!(parts(verify(&mut c, 1, blocks(0, 1))), 1);
         c.handle(Time(0), Input::Done { id: 1 });
         assert_eq!(parts(verify(&mut c, 2, blocks(0, 17))), 2);
@@ -201,10 +205,6 @@ mod tests {
     #[test]
     fn jobs_in_flight_share_the_threads() {
         let mut c = core(4, 8);
-        let parts = |o| match o {
-            Output::Run { parts, .. } => parts,
-            other => panic!("{other:?}"),
-        };
         // Alone: every thread. Beside one job: half. Beside three or more:
         // one part, so the job's signatures stay in one batch.
         assert_eq!(parts(verify(&mut c, 1, blocks(0, 10_000))), 4);
