@@ -10,10 +10,10 @@ use actix::{
 use dashmap::DashMap;
 use futures::FutureExt;
 use soma_store::{ConsensusStore, SyncedBatch};
-use soma_types::verify::epoch_change;
+use soma_types::verify::{ExpectedBlocks, epoch_change};
 use soma_types::{
     BlockRef, ChainId, CommitIndex, CommitRef, CommittedSubDag, Committee, Epoch, PeerId,
-    TrustedCommit, UnverifiedCommit, VerifiedBlock,
+    TrustedCommit, VerifiedBlock,
 };
 use soma_wire::convert::Availability;
 use soma_wire::proto;
@@ -72,8 +72,6 @@ pub struct Settings {
     pub timeout: Duration,
     /// Whether synced block signatures are checked (digests always are).
     pub verify_synced_block_signatures: bool,
-    /// Largest block accepted, in bytes.
-    pub max_block_bytes: usize,
     /// Injected faults, for tests.
     pub faults: Option<Arc<FaultPlan>>,
 }
@@ -115,6 +113,15 @@ struct BatchData {
     epoch: Epoch,
     end: CommitIndex,
     blocks: HashMap<BlockRef, VerifiedBlock>,
+}
+
+impl BatchData {
+    /// Bytes of the commits and certifier blocks.
+    fn commit_bytes(&self) -> u64 {
+        let commits = self.commits.iter().map(|c| c.serialized().len() as u64);
+        let certifiers = self.certifiers.iter().map(|b| b.serialized().len() as u64);
+        commits.chain(certifiers).sum()
+    }
 }
 
 #[derive(Message)]
@@ -169,6 +176,8 @@ pub struct StateSync {
     mailbox_capacity: usize,
     /// Fetches in flight per peer, shared by the workers.
     in_flight: InFlight,
+    /// The core's settings, for the workers' byte caps.
+    config: super::core::Config,
     max_fetches_per_peer: usize,
 }
 
@@ -194,6 +203,7 @@ impl StateSync {
             ..SyncStatus::default()
         };
         let max_fetches_per_peer = init.config.max_fetches_per_peer.max(1);
+        let config = init.config.clone();
         StateSync {
             driver: Driver::new(init, recorder),
             settings,
@@ -208,6 +218,7 @@ impl StateSync {
             availability,
             mailbox_capacity,
             in_flight: InFlight::default(),
+            config,
             max_fetches_per_peer,
         }
     }
@@ -220,15 +231,31 @@ impl StateSync {
                     start,
                     end,
                     after,
+                    epoch,
+                    settled,
+                    max_bytes,
                     avoid,
-                } => self.fetch_commits(task, start, end, after, avoid, ctx),
+                } => self.fetch_commits(
+                    task,
+                    CommitsWanted {
+                        start,
+                        end,
+                        after,
+                        epoch,
+                        settled,
+                        max_bytes,
+                    },
+                    avoid,
+                    ctx,
+                ),
                 Output::FetchBlocks {
                     task,
                     batch,
                     offset,
                     len,
+                    max_bytes,
                     avoid,
-                } => self.fetch_blocks(task, batch, offset, len, avoid, ctx),
+                } => self.fetch_blocks(task, batch, (offset, len, max_bytes), avoid, ctx),
                 Output::Apply { start } => self.apply(start, ctx),
                 Output::Restarted { task, failure } => {
                     self.status.restarts += 1;
@@ -236,6 +263,16 @@ impl StateSync {
                         self.status.invalid_responses += 1;
                     }
                     tracing::debug!(task, ?failure, "sync worker restarted");
+                }
+                Output::Misbehaved { peer } => {
+                    tracing::warn!(%peer, "peer claimed an epoch change that did not happen");
+                    self.status.invalid_responses += 1;
+                    self.heights.do_send(ReportOutcome {
+                        peer,
+                        bytes: 0,
+                        latency_ms: 0,
+                        kind: OutcomeKind::InvalidData,
+                    });
                 }
                 Output::Reset => self.buffers.clear(),
                 Output::Discard { start } => {
@@ -273,9 +310,7 @@ impl StateSync {
     fn fetch_commits(
         &mut self,
         task: TaskId,
-        start: CommitIndex,
-        end: CommitIndex,
-        after: CommitRef,
+        wanted: CommitsWanted,
         avoid: Vec<PeerId>,
         ctx: &mut Context<Self>,
     ) {
@@ -284,8 +319,8 @@ impl StateSync {
         let addr = ctx.address();
         self.supervise(
             async move {
-                inject(&faults, start)?;
-                worker.fetch_commits(start, end, after).await
+                inject(&faults, wanted.start)?;
+                worker.fetch_commits(wanted).await
             }
             .map(|r| match r {
                 Ok(x) => x,
@@ -299,8 +334,7 @@ impl StateSync {
         &mut self,
         task: TaskId,
         batch: CommitIndex,
-        offset: usize,
-        len: usize,
+        (offset, len, max_bytes): (usize, usize, u64),
         avoid: Vec<PeerId>,
         ctx: &mut Context<Self>,
     ) {
@@ -310,7 +344,7 @@ impl StateSync {
                 task,
                 batch,
                 peer: None,
-                result: Err(Failure::Error("batch data missing".into())),
+                result: Err(Failure::Local(LocalFailure::BatchGone)),
             });
             return;
         };
@@ -321,7 +355,9 @@ impl StateSync {
         self.supervise(
             async move {
                 inject(&faults, batch)?;
-                worker.fetch_blocks(batch, end, epoch, refs).await
+                worker
+                    .fetch_blocks(batch, end, epoch, refs, max_bytes)
+                    .await
             }
             .map(|r| match r {
                 Ok(x) => x,
@@ -415,7 +451,9 @@ fn inject(faults: &Option<Arc<FaultPlan>>, batch: CommitIndex) -> Result<(), Fai
             panic!("injected panic in a sync worker for batch {batch}");
         }
         if FaultPlan::take(&f.failures, batch) {
-            return Err(Failure::Error("injected failure".into()));
+            return Err(Failure::Status {
+                code: tonic::Code::Unavailable as i32,
+            });
         }
     }
     Ok(())
@@ -510,6 +548,21 @@ impl Drop for Slot {
     }
 }
 
+/// What a commit fetch asks for, as the core decided it.
+#[derive(Clone, Copy, Debug)]
+struct CommitsWanted {
+    start: CommitIndex,
+    end: CommitIndex,
+    after: CommitRef,
+    /// The epoch the commits must be of.
+    epoch: Epoch,
+    /// Whether that epoch is certain (no fetched batch that may end it
+    /// waits to be applied).
+    settled: bool,
+    /// Largest answer accepted.
+    max_bytes: u64,
+}
+
 /// What a sync worker needs: the actors it talks to and its settings.
 struct Worker {
     heights: Addr<PeerHeights>,
@@ -517,11 +570,13 @@ struct Worker {
     verifier: Addr<Verifier>,
     timeout: Duration,
     check_signatures: bool,
-    max_block_bytes: usize,
+    config: super::core::Config,
     avoid: HashSet<PeerId>,
     in_flight: InFlight,
     max_fetches_per_peer: usize,
 }
+
+type Client = proto::p2p_client::P2pClient<tonic::transport::Channel>;
 
 impl Worker {
     fn new(sync: &StateSync, avoid: Vec<PeerId>) -> Self {
@@ -531,7 +586,7 @@ impl Worker {
             verifier: sync.verifier.clone(),
             timeout: sync.settings.timeout,
             check_signatures: sync.settings.verify_synced_block_signatures,
-            max_block_bytes: sync.settings.max_block_bytes,
+            config: sync.config.clone(),
             avoid: avoid.into_iter().collect(),
             in_flight: sync.in_flight.clone(),
             max_fetches_per_peer: sync.max_fetches_per_peer,
@@ -546,14 +601,7 @@ impl Worker {
         &self,
         start: CommitIndex,
         end: CommitIndex,
-    ) -> Result<
-        (
-            PeerId,
-            proto::p2p_client::P2pClient<tonic::transport::Channel>,
-            Slot,
-        ),
-        Failure,
-    > {
+    ) -> Result<(PeerId, Client, Slot), Failure> {
         let deadline = tokio::time::Instant::now() + self.timeout;
         loop {
             // Registered before looking, so a slot freed meanwhile wakes us.
@@ -564,7 +612,7 @@ impl Worker {
                 .heights
                 .send(PeersForRange { start, end })
                 .await
-                .map_err(|_| Failure::Error("peer heights stopped".into()))?;
+                .map_err(|_| Failure::Local(LocalFailure::ActorUnavailable))?;
             let mut busy = false;
             for peer in peers.into_iter().filter(|p| !self.avoid.contains(p)) {
                 let Some(slot) = self.in_flight.take(peer, self.max_fetches_per_peer) else {
@@ -584,6 +632,8 @@ impl Worker {
         }
     }
 
+    /// Tells PeerHeights how a request went. Only what the peer did counts:
+    /// our own failures (a busy Verifier, say) are never held against it.
     fn report(
         &self,
         peer: PeerId,
@@ -595,7 +645,8 @@ impl Worker {
             Ok(_) => OutcomeKind::Success,
             Err(Failure::Timeout) => OutcomeKind::Timeout,
             Err(Failure::Invalid(_)) => OutcomeKind::InvalidData,
-            Err(_) => OutcomeKind::Error,
+            Err(Failure::Status { .. } | Failure::NotFound) => OutcomeKind::Error,
+            Err(_) => return,
         };
         self.heights.do_send(ReportOutcome {
             peer,
@@ -607,56 +658,46 @@ impl Worker {
 
     async fn fetch_commits(
         self,
-        start: CommitIndex,
-        end: CommitIndex,
-        after: CommitRef,
+        wanted: CommitsWanted,
     ) -> Result<(Option<PeerId>, Result<BatchData, Failure>), Failure> {
-        let (peer, mut client, slot) = self.client(start, start).await?;
+        let (peer, client, slot) = self.client(wanted.start, wanted.start).await?;
+        // The answer may be as large as the core reserved for it, no larger.
+        let mut client = client.max_decoding_message_size(to_usize(wanted.max_bytes));
         let started = Instant::now();
-        let mut request = tonic::Request::new(proto::FetchCommitsRequest { start, end });
+        let mut request = tonic::Request::new(proto::FetchCommitsRequest {
+            start: wanted.start,
+            end: wanted.end,
+        });
         request.set_timeout(self.timeout);
         let response = match tokio::time::timeout(self.timeout, client.fetch_commits(request)).await
         {
             Err(_) => Err(Failure::Timeout),
-            Ok(Err(status)) => Err(Failure::Error(status.to_string())),
+            Ok(Err(status)) => Err(status_failure(&status)),
             Ok(Ok(r)) => Ok(r.into_inner()),
         };
         // The peer's part is done; verifying does not hold its slot.
         drop(slot);
         let result = match response {
-            Ok(r) => self.verify_commits(r, after).await,
+            Ok(r) => self.verify_commits(r, wanted).await,
             Err(f) => Err(f),
         };
-        let bytes = result.as_ref().map_or(0, |d| {
-            d.commits.iter().map(|c| c.serialized().len() as u64).sum()
-        });
-        if !matches!(result, Err(Failure::UnknownEpoch(_))) {
-            self.report(peer, started, bytes, &result);
-        }
+        let bytes = result.as_ref().map_or(0, BatchData::commit_bytes);
+        self.report(peer, started, bytes, &result);
         Ok((Some(peer), result))
     }
 
+    /// Verifies a commit answer against the expected epoch's committee,
+    /// and no other: the epoch the commits claim is checked, never trusted.
     async fn verify_commits(
         &self,
         response: proto::FetchCommitsResponse,
-        after: CommitRef,
+        wanted: CommitsWanted,
     ) -> Result<BatchData, Failure> {
-        let first = response
-            .commits
-            .first()
-            .ok_or_else(|| Failure::Invalid("no commits".into()))?;
-        let epoch = UnverifiedCommit::decode(
-            first.clone(),
-            soma_types::Limits::default().max_commit_bytes,
-        )
-        .map_err(|e| Failure::Invalid(e.to_string()))?
-        .commit()
-        .epoch;
         let request = VerifyRequest::CommitBatch {
-            epoch,
+            epoch: wanted.epoch,
             commits: response.commits.into_iter().map(Blob).collect(),
             certifiers: response.certifier_blocks.into_iter().map(Blob).collect(),
-            last_synced: after,
+            last_synced: wanted.after,
         };
         match self.verifier.send(Verify(request)).await {
             Ok(Ok(VerifyResponse::CommitBatch {
@@ -672,16 +713,27 @@ impl Worker {
                     commits,
                     certifiers,
                     refs,
-                    epoch,
+                    epoch: wanted.epoch,
                     end,
                     blocks: HashMap::new(),
                 })
             }
-            Ok(Err(VerifyError::UnknownEpoch(e))) => Err(Failure::UnknownEpoch(e)),
-            Ok(Err(VerifyError::Invalid(e))) => Err(Failure::Invalid(e.to_string())),
-            Ok(Err(e)) => Err(Failure::Error(e.to_string())),
-            Ok(Ok(_)) => Err(Failure::Error("unexpected verifier answer".into())),
-            Err(_) => Err(Failure::Error("verifier stopped".into())),
+            // The first commit is of the next epoch while a batch that may
+            // end ours is not applied yet: an honest peer answers so right
+            // after an epoch change. Judged once our own data tells.
+            Ok(Err(VerifyError::Invalid(soma_types::Error::CommitWrongEpoch {
+                index,
+                got,
+                expected,
+            }))) if !wanted.settled
+                && index == wanted.start
+                && Some(got) == expected.checked_add(1) =>
+            {
+                Err(Failure::NextEpoch { claimed: got })
+            }
+            Ok(Err(e)) => Err(verify_failure(e)),
+            Ok(Ok(_)) => Err(Failure::Local(LocalFailure::VerifierUnavailable)),
+            Err(_) => Err(Failure::Local(LocalFailure::VerifierUnavailable)),
         }
     }
 
@@ -691,42 +743,21 @@ impl Worker {
         end: CommitIndex,
         epoch: Epoch,
         refs: Vec<BlockRef>,
+        max_bytes: u64,
     ) -> Result<(Option<PeerId>, Result<Vec<VerifiedBlock>, Failure>), Failure> {
-        let (peer, mut client, slot) = self.client(batch, end).await?;
+        let (peer, client, slot) = self.client(batch, end).await?;
+        let message_bytes = self.config.block_message_bytes(max_bytes);
+        let mut client = client.max_decoding_message_size(to_usize(message_bytes));
         let started = Instant::now();
-        let fetched = tokio::time::timeout(self.timeout, async {
-            let mut request = tonic::Request::new(proto::FetchBlocksRequest {
-                refs: refs.iter().copied().map(Into::into).collect(),
-            });
-            request.set_timeout(self.timeout);
-            let mut stream = client
-                .fetch_blocks(request)
-                .await
-                .map_err(|s| Failure::Error(s.to_string()))?
-                .into_inner();
-            let mut blobs = Vec::with_capacity(refs.len());
-            let mut bytes = 0usize;
-            while let Some(chunk) = stream
-                .message()
-                .await
-                .map_err(|s| Failure::Error(s.to_string()))?
-            {
-                for b in chunk.blocks {
-                    bytes += b.len();
-                    blobs.push(Blob(b));
-                }
-                // A peer streaming more than was asked for is lying.
-                if blobs.len() > refs.len() || bytes > refs.len() * self.max_block_bytes {
-                    return Err(Failure::Invalid("more blocks than asked for".into()));
-                }
-            }
-            Ok((blobs, bytes))
-        })
+        let fetched = tokio::time::timeout(
+            self.timeout,
+            self.receive_blocks(&mut client, &refs, max_bytes),
+        )
         .await
         .unwrap_or(Err(Failure::Timeout));
         drop(slot);
         let result = match fetched {
-            Ok((blobs, _)) => self.verify_blocks(epoch, blobs, &refs).await,
+            Ok(blobs) => self.verify_blocks(epoch, blobs, &refs).await,
             Err(f) => Err(f),
         };
         let bytes = result.as_ref().map_or(0, |blocks| {
@@ -734,6 +765,51 @@ impl Worker {
         });
         self.report(peer, started, bytes, &result);
         Ok((Some(peer), result))
+    }
+
+    /// Reads a FetchBlocks stream, judging each block by the digest of its
+    /// bytes as it arrives: the stream is cut at the first block not asked
+    /// for or repeated, and once the blocks pass `max_bytes`. Nothing is
+    /// decoded or signature-checked before every block asked for is in.
+    async fn receive_blocks(
+        &self,
+        client: &mut Client,
+        refs: &[BlockRef],
+        max_bytes: u64,
+    ) -> Result<Vec<Blob>, Failure> {
+        let mut request = tonic::Request::new(proto::FetchBlocksRequest {
+            refs: refs.iter().copied().map(Into::into).collect(),
+        });
+        request.set_timeout(self.timeout);
+        let mut stream = client
+            .fetch_blocks(request)
+            .await
+            .map_err(|s| status_failure(&s))?
+            .into_inner();
+        let mut expected = ExpectedBlocks::from_refs(refs.iter().copied());
+        let mut blobs = Vec::with_capacity(refs.len());
+        let mut bytes = 0u64;
+        while let Some(chunk) = stream.message().await.map_err(|s| status_failure(&s))? {
+            for blob in chunk.blocks {
+                bytes += blob.len() as u64;
+                if bytes > max_bytes {
+                    // One block never exceeds the cap of a one-block fetch:
+                    // such a block is not the one the digest names.
+                    return Err(if refs.len() == 1 {
+                        Failure::Invalid(soma_types::Error::TooLarge {
+                            len: to_usize(bytes),
+                            limit: to_usize(max_bytes),
+                        })
+                    } else {
+                        Failure::OverBudget
+                    });
+                }
+                expected.accept_bytes(&blob).map_err(Failure::Invalid)?;
+                blobs.push(Blob(blob));
+            }
+        }
+        expected.finish().map_err(Failure::Invalid)?;
+        Ok(blobs)
     }
 
     async fn verify_blocks(
@@ -749,26 +825,73 @@ impl Worker {
         };
         let blocks = match self.verifier.send(Verify(request)).await {
             Ok(Ok(VerifyResponse::Blocks(blocks))) => blocks,
-            Ok(Err(VerifyError::Invalid(e))) => return Err(Failure::Invalid(e.to_string())),
-            Ok(Err(e)) => return Err(Failure::Error(e.to_string())),
-            Ok(Ok(_)) => return Err(Failure::Error("unexpected verifier answer".into())),
-            Err(_) => return Err(Failure::Error("verifier stopped".into())),
+            Ok(Err(e)) => return Err(verify_failure(e)),
+            Ok(Ok(_)) | Err(_) => return Err(Failure::Local(LocalFailure::VerifierUnavailable)),
         };
-        // Exactly the blocks asked for: each one a verified commit names.
-        let mut wanted: HashSet<BlockRef> = refs.iter().copied().collect();
-        for block in &blocks {
-            if !wanted.remove(&block.reference()) {
-                return Err(Failure::Invalid(format!(
-                    "block {} was not asked for or came twice",
-                    block.reference()
-                )));
-            }
-        }
-        if let Some(missing) = wanted.iter().next() {
-            return Err(Failure::Invalid(format!("block {missing} is missing")));
+        // The digests matched; the whole references must too (the epoch,
+        // round and author a commit names are those of the block).
+        let wanted: HashSet<BlockRef> = refs.iter().copied().collect();
+        if let Some(block) = blocks.iter().find(|b| !wanted.contains(&b.reference())) {
+            return Err(Failure::Invalid(soma_types::Error::UnexpectedBlock(
+                block.reference(),
+            )));
         }
         Ok(blocks)
     }
+}
+
+/// A peer's error status as a failure: NOT_FOUND says the peer lacks the
+/// range; anything else (a refusal, a transport failure) is an error.
+fn status_failure(status: &tonic::Status) -> Failure {
+    match status.code() {
+        tonic::Code::NotFound => Failure::NotFound,
+        code => Failure::Status { code: code as i32 },
+    }
+}
+
+/// A Verifier refusal as a failure: only a broken rule is the peer's doing.
+fn verify_failure(error: VerifyError) -> Failure {
+    match error {
+        VerifyError::Invalid(e) => Failure::Invalid(e),
+        VerifyError::UnknownEpoch(e) => Failure::Local(LocalFailure::UnknownEpoch(e)),
+        VerifyError::Busy { .. } => Failure::Local(LocalFailure::VerifierBusy),
+        VerifyError::Stopped | VerifyError::Internal => {
+            Failure::Local(LocalFailure::VerifierUnavailable)
+        }
+    }
+}
+
+/// What the core needs to know of the epoch `committee` starts.
+fn epoch_start(committee: &Committee) -> EpochStart {
+    EpochStart {
+        epoch: committee.epoch(),
+        certifiers: max_certifiers(committee),
+    }
+}
+
+/// [`Init::certifiers`] for the committee of the epoch sync resumes in.
+pub fn certifiers_of(committee: &Committee) -> usize {
+    max_certifiers(committee)
+}
+
+fn to_usize(bytes: u64) -> usize {
+    usize::try_from(bytes).unwrap_or(usize::MAX)
+}
+
+/// Most blocks a certificate of `committee` needs: a quorum of the members
+/// with the smallest stakes. A server sends a minimal quorum, so no honest
+/// certificate is larger.
+fn max_certifiers(committee: &Committee) -> usize {
+    let mut stakes: Vec<u64> = committee.authorities().map(|(_, a)| a.stake).collect();
+    stakes.sort_unstable();
+    let mut total = 0u64;
+    for (i, stake) in stakes.iter().enumerate() {
+        total = total.saturating_add(*stake);
+        if committee.is_quorum(total) {
+            return i + 1;
+        }
+    }
+    stakes.len()
 }
 
 impl Actor for StateSync {
@@ -833,6 +956,7 @@ impl Handler<CommitsDone> for StateSync {
                     .unwrap_or_default(),
                 epoch: data.epoch,
                 block_count: data.refs.len(),
+                bytes: data.commit_bytes(),
             };
             self.buffers.insert(info.start, data);
             info
@@ -878,7 +1002,7 @@ impl Handler<ApplyDone> for StateSync {
     fn handle(&mut self, msg: ApplyDone, ctx: &mut Context<Self>) {
         match msg.result {
             Ok(applied) => {
-                let next_epoch = applied.next_committee.as_ref().map(Committee::epoch);
+                let next_epoch = applied.next_committee.as_ref().map(epoch_start);
                 // The next epoch's committee is installed before anything of
                 // that epoch is verified: the Verifier's mailbox is FIFO, and
                 // the next commit fetch starts after this step.
@@ -957,7 +1081,7 @@ impl Handler<ApplyLocal> for StateSync {
             .into_actor(self)
             .map(|result, act, ctx| {
                 let (subdags, last, next_committee) = result?;
-                let next_epoch = next_committee.as_ref().map(Committee::epoch);
+                let next_epoch = next_committee.as_ref().map(epoch_start);
                 if let Some(next) = next_committee {
                     act.verifier.do_send(InstallCommittee(next));
                 }

@@ -20,16 +20,39 @@ pub struct Config {
     pub max_fetches_per_peer: usize,
     /// Batches fetched beyond the applied watermark at most.
     pub batches_ahead: usize,
-    /// Bytes of fetched, not yet applied blocks at most.
+    /// Bytes that fetches may hold at most: every fetch in flight counts
+    /// with the most its answer may bring, from the moment it is sent, and
+    /// every fetched, not yet applied batch with its real size.
     pub max_total_fetched_bytes: u64,
     /// Blocks asked for in one FetchBlocks.
     pub max_blocks_per_fetch: usize,
+    /// Bytes of blocks one FetchBlocks may bring; a chunk of blocks that
+    /// is larger (the digests fix its size) is split. At least the largest
+    /// block.
+    #[serde(default = "default_max_bytes_per_fetch")]
+    pub max_bytes_per_fetch: u64,
+    /// Largest block, in bytes (the verification limit).
+    #[serde(default = "default_max_block_bytes")]
+    pub max_block_bytes: u64,
+    /// Largest gRPC message of a FetchBlocks stream: one message may arrive
+    /// whole before it can be counted, so each block fetch reserves one.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: u64,
+    /// Largest encoded commit, in bytes (the verification limit).
+    #[serde(default = "default_max_commit_bytes")]
+    pub max_commit_bytes: u64,
+    /// Bytes of commits a server puts in one FetchCommits answer (its
+    /// `max-fetch-response-bytes`); certifier blocks come on top.
+    #[serde(default = "default_max_message_bytes")]
+    pub commit_answer_budget_bytes: u64,
     /// How long to wait when no peer can serve, in milliseconds.
     pub wait_interval_when_no_peer_ms: u64,
     /// Restarts of one task within `restart_window_ms` before its range
     /// goes to another peer.
     pub max_restarts: u32,
-    /// The window of the restart intensity limit, in milliseconds.
+    /// The window of the restart intensity limit, in milliseconds. It must
+    /// span several request timeouts, or a peer that always times out is
+    /// never counted past the limit.
     pub restart_window_ms: u64,
     /// First wait before a restart, doubled per restart, in milliseconds.
     pub restart_backoff_ms: u64,
@@ -44,9 +67,14 @@ impl Default for Config {
             batches_ahead: 32,
             max_total_fetched_bytes: 128 << 20,
             max_blocks_per_fetch: 1_000,
+            max_bytes_per_fetch: default_max_bytes_per_fetch(),
+            max_block_bytes: default_max_block_bytes(),
+            max_message_bytes: default_max_message_bytes(),
+            max_commit_bytes: default_max_commit_bytes(),
+            commit_answer_budget_bytes: default_max_message_bytes(),
             wait_interval_when_no_peer_ms: 1_000,
             max_restarts: 3,
-            restart_window_ms: 10_000,
+            restart_window_ms: 60_000,
             restart_backoff_ms: 50,
         }
     }
@@ -54,6 +82,59 @@ impl Default for Config {
 
 fn default_max_fetches_per_peer() -> usize {
     4
+}
+
+fn default_max_bytes_per_fetch() -> u64 {
+    4 << 20
+}
+
+fn default_max_block_bytes() -> u64 {
+    soma_types::Limits::default().max_block_bytes as u64
+}
+
+fn default_max_message_bytes() -> u64 {
+    4 << 20
+}
+
+fn default_max_commit_bytes() -> u64 {
+    soma_types::Limits::default().max_commit_bytes as u64
+}
+
+/// Protobuf framing allowed on top of the payload of an answer.
+const FRAMING_BYTES: u64 = 64 << 10;
+
+impl Config {
+    /// Bytes of blocks a fetch of `len` blocks may accept: what `len`
+    /// blocks may hold at most, within the per-fetch cap, and never less
+    /// than one largest block.
+    pub fn block_fetch_bytes(&self, len: usize) -> u64 {
+        (len as u64)
+            .saturating_mul(self.max_block_bytes)
+            .min(self.max_bytes_per_fetch)
+            .max(self.max_block_bytes)
+    }
+
+    /// Largest message of a block fetch that accepts `max_bytes`.
+    pub fn block_message_bytes(&self, max_bytes: u64) -> u64 {
+        self.max_message_bytes.min(max_bytes) + FRAMING_BYTES
+    }
+
+    /// What a block fetch accepting `max_bytes` reserves of the budget: the
+    /// bytes it may keep, plus one message that arrives whole before it
+    /// can be counted.
+    fn block_reserve(&self, max_bytes: u64) -> u64 {
+        max_bytes + self.block_message_bytes(max_bytes)
+    }
+
+    /// Largest FetchCommits answer when a certificate holds at most
+    /// `certifiers` blocks: the commit budget, one commit past it (the
+    /// first always goes), the certifier blocks and framing.
+    pub fn commit_answer_bytes(&self, certifiers: usize) -> u64 {
+        self.commit_answer_budget_bytes
+            .saturating_add(self.max_commit_bytes)
+            .saturating_add((certifiers as u64).saturating_mul(self.max_block_bytes))
+            .saturating_add(FRAMING_BYTES)
+    }
 }
 
 /// Everything a StateSync core is made from.
@@ -65,45 +146,68 @@ pub struct Init {
     pub synced: CommitRef,
     /// The epoch of the next commit to sync (the last committee installed).
     pub epoch: Epoch,
+    /// Most blocks a certificate of that epoch's committee needs.
+    pub certifiers: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum ChunkState {
     Pending,
-    InFlight(TaskId),
+    /// A fetch is out, holding `reserved` bytes of the budget.
+    InFlight {
+        task: TaskId,
+        reserved: u64,
+    },
     Done(u64),
 }
 
 #[derive(Clone, Debug)]
 struct Chunk {
-    offset: usize,
     len: usize,
     state: ChunkState,
     supervision: Supervision,
+}
+
+impl Chunk {
+    fn new(len: usize) -> Self {
+        Chunk {
+            len,
+            state: ChunkState::Pending,
+            supervision: Supervision::default(),
+        }
+    }
+
+    /// Bytes of the budget the chunk holds.
+    fn bytes(&self) -> u64 {
+        match self.state {
+            ChunkState::Pending => 0,
+            ChunkState::InFlight { reserved, .. } => reserved,
+            ChunkState::Done(b) => b,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
 struct Batch {
     /// Last commit of the batch.
     end: CommitIndex,
-    chunks: Vec<Chunk>,
+    /// Reference of that commit.
+    last: CommitRef,
+    /// Bytes of the verified commits and certificate.
+    commit_bytes: u64,
+    /// Chunks of blocks, by offset in the batch's block order.
+    chunks: BTreeMap<usize, Chunk>,
 }
 
 impl Batch {
     fn complete(&self) -> bool {
         self.chunks
-            .iter()
+            .values()
             .all(|c| matches!(c.state, ChunkState::Done(_)))
     }
 
     fn bytes(&self) -> u64 {
-        self.chunks
-            .iter()
-            .map(|c| match c.state {
-                ChunkState::Done(b) => b,
-                _ => 0,
-            })
-            .sum()
+        self.commit_bytes + self.chunks.values().map(Chunk::bytes).sum::<u64>()
     }
 }
 
@@ -126,12 +230,20 @@ impl Supervision {
                 self.avoid.clear();
                 return;
             }
-            Failure::UnknownEpoch(_) => return,
-            Failure::Invalid(_) => {
-                // A liar is never asked again for this work.
+            // Our own side failed: retry after a pause, holding nothing
+            // against the peer.
+            Failure::Local(_) => {
+                self.retry_at = Time(now.0 + config.restart_backoff_ms);
+                return;
+            }
+            // Handled by the caller; nothing to retry here.
+            Failure::NextEpoch { .. } | Failure::OverBudget => return,
+            // A liar, or a peer that says it lacks what it claimed, is not
+            // asked again for this work.
+            Failure::Invalid(_) | Failure::NotFound => {
                 self.avoid.extend(peer);
             }
-            Failure::Timeout | Failure::Error(_) | Failure::Panicked => {}
+            Failure::Timeout | Failure::Status { .. } | Failure::Panicked => {}
         }
         self.failures
             .retain(|t| now.0.saturating_sub(t.0) < config.restart_window_ms);
@@ -151,8 +263,23 @@ impl Supervision {
 
 #[derive(Clone, Copy, Debug)]
 enum Task {
-    Commits,
-    Blocks { batch: CommitIndex, chunk: usize },
+    /// A commit fetch, holding `reserved` bytes of the budget.
+    Commits {
+        reserved: u64,
+    },
+    Blocks {
+        batch: CommitIndex,
+        offset: usize,
+    },
+}
+
+/// A peer's answer that the next epoch had started, not judged yet: it is
+/// judged once every fetched batch is applied and the epoch is known.
+#[derive(Clone, Copy, Debug)]
+struct EpochClaim {
+    peer: Option<PeerId>,
+    /// The epoch the peer said had started.
+    claimed: Epoch,
 }
 
 /// The logic of state sync: what to fetch next, from whom to retry, and
@@ -161,18 +288,25 @@ pub struct StateSyncCore {
     config: Config,
     /// The applied watermark.
     synced: CommitRef,
-    /// The epoch whose committee is installed last.
+    /// The epoch of the commit after the applied watermark.
     epoch: Epoch,
+    /// Most blocks a certificate of the current committee needs.
+    certifiers: usize,
     highest_known: CommitIndex,
     /// The end of the last verified commit batch (the next must link to it).
     verified: CommitRef,
     /// The commit stage: at most one fetch at a time.
     commit_task: Option<TaskId>,
     commit_supervision: Supervision,
-    /// Set when the next commits are of an epoch not installed yet.
-    waiting_for_epoch: Option<Epoch>,
+    /// Set while an answer claiming the next epoch waits to be judged; no
+    /// commits are fetched meanwhile.
+    epoch_claim: Option<EpochClaim>,
     batches: BTreeMap<CommitIndex, Batch>,
     tasks: HashMap<TaskId, Task>,
+    /// Reservations of fetches whose work was dropped (reset, discarded,
+    /// evicted): their answers still arrive, so their bytes count until
+    /// they do.
+    orphans: HashMap<TaskId, u64>,
     applying: Option<CommitIndex>,
     next_task: TaskId,
 }
@@ -188,13 +322,15 @@ impl Core for StateSyncCore {
             config: init.config,
             synced: init.synced,
             epoch: init.epoch,
+            certifiers: init.certifiers,
             highest_known: init.synced.index,
             verified: init.synced,
             commit_task: None,
             commit_supervision: Supervision::default(),
-            waiting_for_epoch: None,
+            epoch_claim: None,
             batches: BTreeMap::new(),
             tasks: HashMap::new(),
+            orphans: HashMap::new(),
             applying: None,
             next_task: 0,
         }
@@ -204,17 +340,21 @@ impl Core for StateSyncCore {
         let mut out = Vec::new();
         match input {
             Input::Tick { highest_known } => {
-                self.highest_known = self.highest_known.max(highest_known.unwrap_or(0));
+                // A claim, not a fact: it falls when liars are banned or
+                // peers leave.
+                self.highest_known = highest_known.unwrap_or(0).max(self.synced.index);
             }
             Input::CommitsFetched { task, peer, result } => {
+                self.orphans.remove(&task);
                 if self.tasks.remove(&task).is_some() {
                     self.commit_task = None;
                     self.commits_fetched(now, task, peer, result, &mut out);
                 }
             }
             Input::BlocksFetched { task, peer, result } => {
-                if let Some(Task::Blocks { batch, chunk }) = self.tasks.remove(&task) {
-                    self.blocks_fetched(now, task, peer, batch, chunk, result, &mut out);
+                self.orphans.remove(&task);
+                if let Some(Task::Blocks { batch, offset }) = self.tasks.remove(&task) {
+                    self.blocks_fetched(now, task, peer, (batch, offset), result, &mut out);
                 }
             }
             Input::Applied {
@@ -241,6 +381,7 @@ impl Core for StateSyncCore {
                 }
             }
         }
+        self.judge_epoch_claim(&mut out);
         self.schedule(now, &mut out);
         out
     }
@@ -257,17 +398,85 @@ impl StateSyncCore {
         self.highest_known
     }
 
-    fn advance(&mut self, last: CommitRef, next_epoch: Option<Epoch>) {
+    /// The epoch the next commits must be of.
+    pub fn expected_epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    /// Bytes the fetches hold: reservations of fetches in flight and the
+    /// real size of fetched batches. Never above the configured total.
+    pub fn fetched_bytes(&self) -> u64 {
+        let commits = self
+            .tasks
+            .values()
+            .map(|t| match t {
+                Task::Commits { reserved } => *reserved,
+                Task::Blocks { .. } => 0,
+            })
+            .sum::<u64>();
+        commits
+            + self.batches.values().map(Batch::bytes).sum::<u64>()
+            + self.orphans.values().sum::<u64>()
+    }
+
+    /// Drops the tasks `drop` selects; their reservations stay counted
+    /// until their answers arrive.
+    fn orphan_tasks(&mut self, drop: impl Fn(&Task) -> bool) {
+        let dropped: Vec<TaskId> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| drop(t))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in dropped {
+            if let Some(task) = self.tasks.remove(&id) {
+                let reserved = match task {
+                    Task::Commits { reserved } => {
+                        self.commit_task = None;
+                        reserved
+                    }
+                    Task::Blocks { batch, offset } => self
+                        .batches
+                        .get(&batch)
+                        .and_then(|b| b.chunks.get(&offset))
+                        .map_or(0, |c| match c.state {
+                            ChunkState::InFlight { reserved, .. } => reserved,
+                            _ => 0,
+                        }),
+                };
+                self.orphans.insert(id, reserved);
+            }
+        }
+    }
+
+    fn advance(&mut self, last: CommitRef, next_epoch: Option<EpochStart>) {
         if last.index > self.synced.index {
             self.synced = last;
         }
-        if let Some(e) = next_epoch {
-            self.epoch = self.epoch.max(e);
-        }
-        if self.waiting_for_epoch.is_some_and(|e| e <= self.epoch) {
-            self.waiting_for_epoch = None;
+        if let Some(next) = next_epoch
+            && next.epoch > self.epoch
+        {
+            self.epoch = next.epoch;
+            self.certifiers = next.certifiers;
         }
         self.highest_known = self.highest_known.max(self.synced.index);
+    }
+
+    /// Once every verified batch is applied the expected epoch is known:
+    /// a claim that the next epoch had started is judged against it.
+    fn judge_epoch_claim(&mut self, out: &mut Vec<Output>) {
+        let Some(claim) = self.epoch_claim else {
+            return;
+        };
+        if self.verified.index != self.synced.index || self.applying.is_some() {
+            return;
+        }
+        self.epoch_claim = None;
+        if self.epoch < claim.claimed
+            && let Some(peer) = claim.peer
+        {
+            out.push(Output::Misbehaved { peer });
+        }
     }
 
     /// Drops the batches that local commits have wholly covered. A batch
@@ -281,20 +490,19 @@ impl StateSyncCore {
             .map(|(start, _)| *start)
             .collect();
         for start in covered {
+            self.orphan_tasks(|t| matches!(t, Task::Blocks { batch, .. } if *batch == start));
             self.batches.remove(&start);
-            self.tasks
-                .retain(|_, t| !matches!(t, Task::Blocks { batch, .. } if *batch == start));
             out.push(Output::Discard { start });
         }
     }
 
     /// Forgets every batch after the watermark, to fetch them again.
     fn reset(&mut self, out: &mut Vec<Output>) {
+        self.orphan_tasks(|_| true);
         self.batches.clear();
-        self.tasks.clear();
-        self.commit_task = None;
         self.verified = self.synced;
-        self.waiting_for_epoch = None;
+        // A claim cannot be judged against batches that are gone.
+        self.epoch_claim = None;
         out.push(Output::Reset);
     }
 
@@ -307,30 +515,35 @@ impl StateSyncCore {
         out: &mut Vec<Output>,
     ) {
         match result {
-            Ok(info) if info.start == self.verified.index + 1 && info.end >= info.start => {
+            Ok(info)
+                if info.start == self.verified.index + 1
+                    && info.end >= info.start
+                    && info.epoch == self.epoch =>
+            {
                 self.commit_supervision = Supervision::default();
                 self.verified = info.last;
                 let step = self.config.max_blocks_per_fetch.max(1);
                 let chunks = (0..info.block_count)
                     .step_by(step)
-                    .map(|offset| Chunk {
-                        offset,
-                        len: step.min(info.block_count - offset),
-                        state: ChunkState::Pending,
-                        supervision: Supervision::default(),
-                    })
+                    .map(|offset| (offset, Chunk::new(step.min(info.block_count - offset))))
                     .collect();
                 self.batches.insert(
                     info.start,
                     Batch {
                         end: info.end,
+                        last: info.last,
+                        commit_bytes: info.bytes,
                         chunks,
                     },
                 );
             }
             // A stale answer (after a reset): ignore it.
             Ok(_) => {}
-            Err(Failure::UnknownEpoch(e)) => self.waiting_for_epoch = Some(e),
+            Err(Failure::NextEpoch { claimed }) => {
+                // Judged once the batches before it are applied; until then
+                // no commits are fetched.
+                self.epoch_claim = Some(EpochClaim { peer, claimed });
+            }
             Err(failure) => {
                 self.commit_supervision
                     .failed(now, peer, &failure, &self.config);
@@ -341,26 +554,35 @@ impl StateSyncCore {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn blocks_fetched(
         &mut self,
         now: Time,
         task: TaskId,
         peer: Option<PeerId>,
-        batch: CommitIndex,
-        chunk: usize,
+        (batch, offset): (CommitIndex, usize),
         result: Result<u64, Failure>,
         out: &mut Vec<Output>,
     ) {
-        let Some(c) = self
-            .batches
-            .get_mut(&batch)
-            .and_then(|b| b.chunks.get_mut(chunk))
-        else {
+        let Some(b) = self.batches.get_mut(&batch) else {
+            return;
+        };
+        let Some(c) = b.chunks.get_mut(&offset) else {
             return;
         };
         match result {
             Ok(bytes) => c.state = ChunkState::Done(bytes),
+            Err(Failure::OverBudget) if c.len > 1 => {
+                // The blocks are larger than one fetch may hold: fetch them
+                // in two halves.
+                let half = c.len / 2;
+                let rest = c.len - half;
+                *c = Chunk::new(half);
+                b.chunks.insert(offset + half, Chunk::new(rest));
+                out.push(Output::Restarted {
+                    task,
+                    failure: Failure::OverBudget,
+                });
+            }
             Err(failure) => {
                 c.state = ChunkState::Pending;
                 c.supervision.failed(now, peer, &failure, &self.config);
@@ -378,8 +600,58 @@ impl StateSyncCore {
         id
     }
 
-    fn fetched_bytes(&self) -> u64 {
-        self.batches.values().map(Batch::bytes).sum()
+    /// Whether `reserve` more bytes fit under `limit`. Work is never
+    /// refused when nothing is held, so a budget smaller than one fetch
+    /// slows sync down instead of stopping it.
+    fn fits(&self, reserve: u64, limit: u64) -> bool {
+        let used = self.fetched_bytes();
+        used == 0 || used.saturating_add(reserve) <= limit
+    }
+
+    /// Whether the batch next in line, starting at `start`, may send a
+    /// fetch reserving `reserve`: within the whole budget, or, for a batch
+    /// larger than the budget alone, one fetch at a time.
+    fn next_in_line_fits(&self, start: CommitIndex, reserve: u64) -> bool {
+        let alone = self.orphans.is_empty()
+            && self.tasks.is_empty()
+            && self.batches.keys().all(|s| *s == start);
+        alone || self.fits(reserve, self.config.max_total_fetched_bytes)
+    }
+
+    /// Frees memory for the batch next in line by dropping the fetched
+    /// batch furthest ahead (and the commit fetch after it): they are
+    /// fetched again later. Returns whether a batch was dropped.
+    fn evict_last(&mut self, next: CommitIndex, out: &mut Vec<Output>) -> bool {
+        let Some((&start, _)) = self.batches.last_key_value() else {
+            return false;
+        };
+        if start == next {
+            return false;
+        }
+        self.orphan_tasks(|t| match t {
+            Task::Commits { .. } => true,
+            Task::Blocks { batch, .. } => *batch == start,
+        });
+        self.batches.remove(&start);
+        self.verified = self
+            .batches
+            .last_key_value()
+            .map_or(self.synced, |(_, b)| b.last);
+        // A claim about what follows the dropped batch is moot.
+        self.epoch_claim = None;
+        out.push(Output::Discard { start });
+        true
+    }
+
+    /// The budget left to everything but the batch next in line: one block
+    /// fetch's worth is kept back for it, so the batch that frees memory
+    /// when applied can always fetch.
+    fn limit_for_later(&self) -> u64 {
+        let largest = self
+            .config
+            .block_fetch_bytes(self.config.max_blocks_per_fetch);
+        let headroom = self.config.block_reserve(largest);
+        self.config.max_total_fetched_bytes.saturating_sub(headroom)
     }
 
     /// Starts whatever work is due: the next apply, the next commit fetch,
@@ -397,13 +669,15 @@ impl StateSyncCore {
             out.push(Output::Apply { start });
         }
 
-        // Commits: one fetch at a time, within the read-ahead bound.
+        // Commits: one fetch at a time, within the read-ahead and byte bounds.
         let start = self.verified.index + 1;
+        let reserve = self.config.commit_answer_bytes(self.certifiers);
         if self.commit_task.is_none()
-            && self.waiting_for_epoch.is_none()
+            && self.epoch_claim.is_none()
             && start <= self.highest_known
             && self.batches.len() < self.config.batches_ahead
             && self.commit_supervision.retry_at <= now
+            && self.fits(reserve, self.limit_for_later())
         {
             let end = batch_end(
                 start,
@@ -412,68 +686,92 @@ impl StateSyncCore {
                 self.highest_known,
             );
             let avoid = self.commit_supervision.avoid.iter().copied().collect();
-            let task = self.task(Task::Commits);
+            let task = self.task(Task::Commits { reserved: reserve });
             self.commit_task = Some(task);
             out.push(Output::FetchCommits {
                 task,
                 start,
                 end,
                 after: self.verified,
+                epoch: self.epoch,
+                settled: self.verified.index == self.synced.index,
+                max_bytes: reserve,
                 avoid,
             });
         }
 
         // Blocks: oldest batches first, within the parallelism and byte bounds.
-        let running = self
+        let mut running = self
             .tasks
             .values()
             .filter(|t| matches!(t, Task::Blocks { .. }))
             .count();
-        let mut due = Vec::new();
-        'batches: for (&start, batch) in &self.batches {
-            for (i, chunk) in batch.chunks.iter().enumerate() {
-                if running + due.len() >= self.config.parallel_fetches {
+        let next_in_line = self.synced.index + 1;
+        let starts: Vec<CommitIndex> = self.batches.keys().copied().collect();
+        'batches: for start in starts {
+            let Some(batch) = self.batches.get(&start) else {
+                // Evicted to make room for the batch next in line.
+                break;
+            };
+            let offsets: Vec<usize> = batch.chunks.keys().copied().collect();
+            for offset in offsets {
+                if running >= self.config.parallel_fetches {
                     break 'batches;
                 }
-                if chunk.state == ChunkState::Pending && chunk.supervision.retry_at <= now {
-                    due.push((start, i));
+                let chunk = &self.batches[&start].chunks[&offset];
+                if chunk.state != ChunkState::Pending || chunk.supervision.retry_at > now {
+                    continue;
                 }
+                let (len, avoid): (usize, Vec<PeerId>) =
+                    (chunk.len, chunk.supervision.avoid.iter().copied().collect());
+                let max_bytes = self.config.block_fetch_bytes(len);
+                let reserved = self.config.block_reserve(max_bytes);
+                if start <= next_in_line {
+                    // The batch next in line frees memory when applied: it
+                    // gets room, if need be by dropping batches ahead of it.
+                    while !self.next_in_line_fits(start, reserved) {
+                        if !self.evict_last(start, out) {
+                            continue 'batches;
+                        }
+                    }
+                } else if !self.fits(reserved, self.limit_for_later()) {
+                    // Later batches wait for memory.
+                    continue 'batches;
+                }
+                let task = self.task(Task::Blocks {
+                    batch: start,
+                    offset,
+                });
+                if let Some(chunk) = self
+                    .batches
+                    .get_mut(&start)
+                    .and_then(|b| b.chunks.get_mut(&offset))
+                {
+                    chunk.state = ChunkState::InFlight { task, reserved };
+                }
+                running += 1;
+                out.push(Output::FetchBlocks {
+                    task,
+                    batch: start,
+                    offset,
+                    len,
+                    max_bytes,
+                    avoid,
+                });
             }
-        }
-        if self.fetched_bytes() >= self.config.max_total_fetched_bytes {
-            // Only the batch next in line may still fetch: it frees memory.
-            let next = self.synced.index + 1;
-            due.retain(|(start, _)| *start == next);
-        }
-        for (start, i) in due {
-            let task = self.task(Task::Blocks {
-                batch: start,
-                chunk: i,
-            });
-            let Some(chunk) = self
-                .batches
-                .get_mut(&start)
-                .and_then(|b| b.chunks.get_mut(i))
-            else {
-                continue;
-            };
-            chunk.state = ChunkState::InFlight(task);
-            out.push(Output::FetchBlocks {
-                task,
-                batch: start,
-                offset: chunk.offset,
-                len: chunk.len,
-                avoid: chunk.supervision.avoid.iter().copied().collect(),
-            });
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use rand::{Rng, SeedableRng};
     use soma_types::Digest;
 
     use super::*;
+
+    const LIAR: PeerId = PeerId([9; 32]);
+    const HONEST: PeerId = PeerId([1; 32]);
 
     fn r(index: u64) -> CommitRef {
         CommitRef {
@@ -487,6 +785,7 @@ mod tests {
             config,
             synced: r(0),
             epoch: 0,
+            certifiers: 3,
         })
     }
 
@@ -518,6 +817,21 @@ mod tests {
         })
     }
 
+    /// The expected epoch and whether it is settled, of a commit fetch.
+    fn commit_fetch_epoch(out: &[Output]) -> Option<(Epoch, bool)> {
+        out.iter().find_map(|o| match o {
+            Output::FetchCommits { epoch, settled, .. } => Some((*epoch, *settled)),
+            _ => None,
+        })
+    }
+
+    fn avoided(out: &[Output]) -> Option<Vec<PeerId>> {
+        out.iter().find_map(|o| match o {
+            Output::FetchCommits { avoid, .. } => Some(avoid.clone()),
+            _ => None,
+        })
+    }
+
     /// A block fetch's task, batch and offset.
     type BlockFetch = (TaskId, u64, usize);
 
@@ -543,42 +857,92 @@ mod tests {
         end: u64,
         blocks: usize,
     ) -> Vec<Output> {
+        let epoch = c.expected_epoch();
+        commits_done(
+            c,
+            now,
+            task,
+            Ok(CommitBatchInfo {
+                start,
+                end,
+                last: r(end),
+                epoch,
+                block_count: blocks,
+                bytes: 0,
+            }),
+        )
+    }
+
+    fn commits_done(
+        c: &mut StateSyncCore,
+        now: u64,
+        task: TaskId,
+        result: Result<CommitBatchInfo, Failure>,
+    ) -> Vec<Output> {
         c.handle(
             Time(now),
             Input::CommitsFetched {
                 task,
-                peer: Some(PeerId([1; 32])),
-                result: Ok(CommitBatchInfo {
-                    start,
-                    end,
-                    last: r(end),
-                    epoch: 0,
-                    block_count: blocks,
-                }),
+                peer: Some(HONEST),
+                result,
+            },
+        )
+    }
+
+    fn commits_failed(
+        c: &mut StateSyncCore,
+        now: u64,
+        task: TaskId,
+        peer: PeerId,
+        failure: Failure,
+    ) -> Vec<Output> {
+        c.handle(
+            Time(now),
+            Input::CommitsFetched {
+                task,
+                peer: Some(peer),
+                result: Err(failure),
             },
         )
     }
 
     fn applied(c: &mut StateSyncCore, start: u64, last: u64) -> Vec<Output> {
+        applied_ending(c, start, last, None)
+    }
+
+    fn applied_ending(
+        c: &mut StateSyncCore,
+        start: u64,
+        last: u64,
+        next_epoch: Option<EpochStart>,
+    ) -> Vec<Output> {
         c.handle(
             Time(0),
             Input::Applied {
                 start,
                 last: r(last),
-                next_epoch: None,
+                next_epoch,
+            },
+        )
+    }
+
+    fn blocks_done(
+        c: &mut StateSyncCore,
+        task: TaskId,
+        result: Result<u64, Failure>,
+    ) -> Vec<Output> {
+        c.handle(
+            Time(0),
+            Input::BlocksFetched {
+                task,
+                peer: Some(HONEST),
+                result,
             },
         )
     }
 
     fn blocks_ok(c: &mut StateSyncCore, task: TaskId) -> Vec<Output> {
-        c.handle(
-            Time(0),
-            Input::BlocksFetched {
-                task,
-                peer: Some(PeerId([1; 32])),
-                result: Ok(1_000),
-            },
-        )
+        blocks_done(c, task, Ok(1_000))
     }
 
     #[test]
@@ -694,87 +1058,191 @@ mod tests {
     }
 
     #[test]
-    fn next_epoch_waits_for_its_committee() {
+    fn commits_are_asked_of_the_expected_epoch_which_moves_only_when_an_end_is_applied() {
+        let mut c = core(config());
+        let out = tick(&mut c, 0, 30);
+        // Nothing fetched ahead: the epoch is certain.
+        assert_eq!(commit_fetch_epoch(&out), Some((0, true)));
+        let (t, _, _) = commit_fetch(&out).unwrap();
+        let out = commits_ok(&mut c, 0, t, 1, 10, 5);
+        // Batch 1..=10 may end epoch 0 until it is applied.
+        assert_eq!(commit_fetch_epoch(&out), Some((0, false)));
+        let (t2, _, _) = commit_fetch(&out).unwrap();
+        let fetch = block_fetches(&out);
+        // An answer labelled with another epoch changes nothing in the core:
+        // the worker judged it against epoch 0 and it broke the rule.
+        let wrong = Failure::Invalid(soma_types::Error::CommitWrongEpoch {
+            index: 11,
+            got: u64::MAX,
+            expected: 0,
+        });
+        let out = commits_failed(&mut c, 0, t2, LIAR, wrong);
+        assert_eq!(c.expected_epoch(), 0);
+        let out = if commit_fetch(&out).is_some() {
+            out
+        } else {
+            tick(&mut c, 1_000, 30)
+        };
+        assert_eq!(commit_fetch(&out).map(|(_, s, _)| s), Some(11));
+        assert_eq!(avoided(&out), Some(vec![LIAR]));
+        // Applying the end of epoch 0 is what moves the expected epoch.
+        blocks_ok(&mut c, fetch[0].0);
+        applied_ending(
+            &mut c,
+            1,
+            10,
+            Some(EpochStart {
+                epoch: 1,
+                certifiers: 5,
+            }),
+        );
+        assert_eq!(c.expected_epoch(), 1);
+    }
+
+    /// Batch 1..=10 fetched and its blocks in flight; the commit fetch of
+    /// 11.. answered that epoch 1 had started. Returns the block fetch.
+    fn next_epoch_claimed() -> (StateSyncCore, BlockFetch) {
         let mut c = core(config());
         let (t, _, _) = commit_fetch(&tick(&mut c, 0, 30)).unwrap();
         let out = commits_ok(&mut c, 0, t, 1, 10, 5);
+        let fetch = block_fetches(&out)[0];
         let (t2, _, _) = commit_fetch(&out).unwrap();
-        let fetch = block_fetches(&out);
-        // The next commits are of epoch 1, whose committee is not installed.
-        let out = c.handle(
-            Time(0),
-            Input::CommitsFetched {
-                task: t2,
-                peer: None,
-                result: Err(Failure::UnknownEpoch(1)),
-            },
-        );
-        assert!(commit_fetch(&out).is_none());
-        assert!(commit_fetch(&tick(&mut c, 5_000, 30)).is_none());
-        let out = blocks_ok(&mut c, fetch[0].0);
+        let out = commits_failed(&mut c, 0, t2, LIAR, Failure::NextEpoch { claimed: 1 });
+        assert_eq!(commit_fetch(&out), None);
+        // Parked until our own batch is applied, however long that takes.
+        assert_eq!(commit_fetch(&tick(&mut c, 60_000, 30)), None);
+        (c, fetch)
+    }
+
+    #[test]
+    fn a_true_claim_of_the_next_epoch_resumes_in_that_epoch() {
+        let (mut c, fetch) = next_epoch_claimed();
+        let out = blocks_ok(&mut c, fetch.0);
         assert!(out.contains(&Output::Apply { start: 1 }));
-        let out = c.handle(
-            Time(0),
-            Input::Applied {
-                start: 1,
-                last: r(10),
-                next_epoch: Some(1),
-            },
+        let out = applied_ending(
+            &mut c,
+            1,
+            10,
+            Some(EpochStart {
+                epoch: 1,
+                certifiers: 3,
+            }),
         );
+        assert!(!out.iter().any(|o| matches!(o, Output::Misbehaved { .. })));
         assert_eq!(commit_fetch(&out).map(|(_, s, _)| s), Some(11));
+        assert_eq!(commit_fetch_epoch(&out), Some((1, true)));
+    }
+
+    #[test]
+    fn a_false_claim_of_the_next_epoch_bans_the_peer_once_applied_batches_tell() {
+        let (mut c, fetch) = next_epoch_claimed();
+        blocks_ok(&mut c, fetch.0);
+        // Batch 1..=10 did not end epoch 0: the peer lied.
+        let out = applied(&mut c, 1, 10);
+        assert_eq!(
+            out.iter()
+                .filter(|o| matches!(o, Output::Misbehaved { .. }))
+                .collect::<Vec<_>>(),
+            vec![&Output::Misbehaved { peer: LIAR }]
+        );
+        assert_eq!(commit_fetch_epoch(&out), Some((0, true)));
+        assert_eq!(commit_fetch(&out).map(|(_, s, _)| s), Some(11));
+    }
+
+    #[test]
+    fn highest_known_is_a_claim_that_may_fall_but_not_below_the_watermark() {
+        let mut c = core(config());
+        tick(&mut c, 0, 1_000);
+        assert_eq!(c.highest_known(), 1_000);
+        // The peer that claimed 1,000 was banned or left.
+        let out = tick(&mut c, 100, 5);
+        assert_eq!(c.highest_known(), 5);
+        assert!(out.is_empty(), "{out:?}");
+        let mut c = core(config());
+        let (t, _, _) = commit_fetch(&tick(&mut c, 0, 10)).unwrap();
+        let out = commits_ok(&mut c, 0, t, 1, 10, 5);
+        blocks_ok(&mut c, block_fetches(&out)[0].0);
+        applied(&mut c, 1, 10);
+        tick(&mut c, 0, 0);
+        assert_eq!(c.highest_known(), 10);
     }
 
     #[test]
     fn failures_restart_with_backoff_then_move_to_another_peer() {
         let mut c = core(config());
-        let liar = PeerId([9; 32]);
         let (t, _, _) = commit_fetch(&tick(&mut c, 0, 10)).unwrap();
-        let fail = |c: &mut StateSyncCore, now, task, failure| {
-            c.handle(
-                Time(now),
-                Input::CommitsFetched {
-                    task,
-                    peer: Some(liar),
-                    result: Err(failure),
-                },
-            )
-        };
-        let out = fail(&mut c, 0, t, Failure::Timeout);
+        let out = commits_failed(&mut c, 0, t, LIAR, Failure::Timeout);
         assert!(out.iter().any(|o| matches!(o, Output::Restarted { .. })));
-        // Backoff: not before 50 ms.
+        // Backoff: not before 50 ms, and the peer is still asked.
         assert!(commit_fetch(&tick(&mut c, 49, 10)).is_none());
-        let (t, _, _) = commit_fetch(&tick(&mut c, 50, 10)).unwrap();
-        fail(&mut c, 50, t, Failure::Panicked);
+        let out = tick(&mut c, 50, 10);
+        assert_eq!(avoided(&out), Some(vec![]));
+        let (t, _, _) = commit_fetch(&out).unwrap();
+        commits_failed(&mut c, 50, t, LIAR, Failure::Panicked);
         let (t, _, _) = commit_fetch(&tick(&mut c, 200, 10)).unwrap();
-        fail(&mut c, 200, t, Failure::Error("reset".into()));
-        let (t, _, _) = commit_fetch(&tick(&mut c, 500, 10)).unwrap();
+        commits_failed(&mut c, 200, t, LIAR, Failure::Status { code: 14 });
+        let out = tick(&mut c, 500, 10);
+        assert_eq!(avoided(&out), Some(vec![]));
+        let (t, _, _) = commit_fetch(&out).unwrap();
         // The fourth failure in the window passes the limit of 3 restarts:
         // the range goes to another peer at once.
-        let out = fail(&mut c, 500, t, Failure::Timeout);
-        let retried =
-            commit_fetch(&out).is_some() || commit_fetch(&tick(&mut c, 500, 10)).is_some();
-        assert!(retried);
+        let out = commits_failed(&mut c, 500, t, LIAR, Failure::Timeout);
+        assert_eq!(commit_fetch(&out).map(|(_, s, _)| s), Some(1));
+        assert_eq!(avoided(&out), Some(vec![LIAR]));
     }
 
     #[test]
-    fn invalid_data_avoids_the_peer_for_that_work() {
+    fn a_peer_that_always_times_out_is_avoided_within_the_window() {
+        // Timeouts 10 s apart: the default window spans four of them.
         let mut c = core(config());
-        let liar = PeerId([9; 32]);
-        let (t, _, _) = commit_fetch(&tick(&mut c, 0, 10)).unwrap();
-        c.handle(
-            Time(0),
-            Input::CommitsFetched {
-                task: t,
-                peer: Some(liar),
-                result: Err(Failure::Invalid("forged".into())),
-            },
-        );
-        let out = tick(&mut c, 1_000, 10);
-        let avoid = out.iter().find_map(|o| match o {
-            Output::FetchCommits { avoid, .. } => Some(avoid.clone()),
-            _ => None,
-        });
-        assert_eq!(avoid, Some(vec![liar]));
+        let mut now = 0;
+        let (mut t, _, _) = commit_fetch(&tick(&mut c, now, 10)).unwrap();
+        for _ in 0..3 {
+            now += 10_000;
+            commits_failed(&mut c, now, t, LIAR, Failure::Timeout);
+            now += 1_000;
+            let out = tick(&mut c, now, 10);
+            assert_eq!(avoided(&out), Some(vec![]));
+            t = commit_fetch(&out).unwrap().0;
+        }
+        now += 10_000;
+        let out = commits_failed(&mut c, now, t, LIAR, Failure::Timeout);
+        assert_eq!(avoided(&out), Some(vec![LIAR]));
+    }
+
+    #[test]
+    fn invalid_data_and_not_found_avoid_the_peer_for_that_work() {
+        for failure in [
+            Failure::Invalid(soma_types::Error::EmptyBatch),
+            Failure::NotFound,
+        ] {
+            let mut c = core(config());
+            let (t, _, _) = commit_fetch(&tick(&mut c, 0, 10)).unwrap();
+            commits_failed(&mut c, 0, t, LIAR, failure);
+            assert_eq!(avoided(&tick(&mut c, 1_000, 10)), Some(vec![LIAR]));
+        }
+    }
+
+    #[test]
+    fn local_failures_are_retried_and_never_held_against_the_peer() {
+        let mut c = core(config());
+        let mut now = 0;
+        let (mut t, _, _) = commit_fetch(&tick(&mut c, now, 10)).unwrap();
+        for _ in 0..10 {
+            let out = commits_failed(
+                &mut c,
+                now,
+                t,
+                HONEST,
+                Failure::Local(LocalFailure::VerifierBusy),
+            );
+            assert_eq!(commit_fetch(&out), None);
+            assert_eq!(commit_fetch(&tick(&mut c, now + 49, 10)), None);
+            now += 50;
+            let out = tick(&mut c, now, 10);
+            assert_eq!(avoided(&out), Some(vec![]));
+            t = commit_fetch(&out).unwrap().0;
+        }
     }
 
     #[test]
@@ -793,45 +1261,166 @@ mod tests {
         assert!(commit_fetch(&tick(&mut c, 1_000, 10)).is_some());
     }
 
+    /// Bytes of a block fetch's reservation, by its `max_bytes`.
+    fn reserved(config: &Config, out: &[Output]) -> u64 {
+        out.iter()
+            .map(|o| match o {
+                Output::FetchBlocks { max_bytes, .. } => config.block_reserve(*max_bytes),
+                Output::FetchCommits { max_bytes, .. } => *max_bytes,
+                _ => 0,
+            })
+            .sum()
+    }
+
     #[test]
-    fn fetched_bytes_are_bounded() {
-        let mut c = core(Config {
-            max_total_fetched_bytes: 1_500,
+    fn fetches_count_against_the_budget_from_the_moment_they_are_sent() {
+        const MIB: u64 = 1 << 20;
+        let config = Config {
             parallel_fetches: 10,
+            max_blocks_per_fetch: 4,
+            max_block_bytes: MIB,
+            max_bytes_per_fetch: 2 * MIB,
+            max_message_bytes: MIB,
+            max_commit_bytes: MIB,
+            commit_answer_budget_bytes: MIB,
+            max_total_fetched_bytes: 30 * MIB,
+            ..config()
+        };
+        // A block fetch of 4 blocks may bring 2 MiB, and reserves one more
+        // message: 3 MiB and framing. A commit answer with 3 certifiers:
+        // 1 + 1 + 3 MiB and framing.
+        let block = 3 * MIB + FRAMING_BYTES;
+        let commits = 5 * MIB + FRAMING_BYTES;
+        assert_eq!(config.block_reserve(config.block_fetch_bytes(4)), block);
+        assert_eq!(config.commit_answer_bytes(3), commits);
+        let mut c = core(config.clone());
+        let out = tick(&mut c, 0, 1_000);
+        assert_eq!(c.fetched_bytes(), commits);
+        let (t, _, _) = commit_fetch(&out).unwrap();
+        // A batch of 40 blocks: 10 chunks. The next in line may use the whole
+        // budget: 30 MiB holds the next commit fetch and the block fetches
+        // that fit after it.
+        let mut out = commits_done(
+            &mut c,
+            0,
+            t,
+            Ok(CommitBatchInfo {
+                start: 1,
+                end: 10,
+                last: r(10),
+                epoch: 0,
+                block_count: 40,
+                bytes: 1_000,
+            }),
+        );
+        assert_eq!(c.fetched_bytes(), 1_000 + reserved(&config, &out));
+        assert!(c.fetched_bytes() <= config.max_total_fetched_bytes);
+        assert_eq!(block_fetches(&out).len(), 8);
+        // As chunks arrive (at their real size) their reservations free up
+        // for the next ones.
+        while let Some(&(task, ..)) = block_fetches(&out).first() {
+            out = blocks_done(&mut c, task, Ok(100));
+            assert!(
+                c.fetched_bytes() <= config.max_total_fetched_bytes,
+                "{} held",
+                c.fetched_bytes()
+            );
+        }
+    }
+
+    #[test]
+    fn the_budget_holds_whatever_order_things_happen_in() {
+        const MIB: u64 = 1 << 20;
+        for seed in 0..20 {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            let config = Config {
+                parallel_fetches: 6,
+                batches_ahead: 8,
+                max_blocks_per_fetch: 3,
+                max_block_bytes: MIB,
+                max_bytes_per_fetch: 2 * MIB,
+                max_message_bytes: MIB,
+                commit_answer_budget_bytes: MIB,
+                max_commit_bytes: MIB,
+                max_total_fetched_bytes: 20 * MIB,
+                ..config()
+            };
+            let mut c = core(config.clone());
+            let mut pending: Vec<Output> = tick(&mut c, 0, 500);
+            let mut now = 0;
+            let mut applied_to = 0;
+            for _ in 0..100_000 {
+                assert!(
+                    c.fetched_bytes() <= config.max_total_fetched_bytes,
+                    "seed {seed}"
+                );
+                if pending.is_empty() {
+                    now += 1_000;
+                    pending = tick(&mut c, now, 500);
+                    if pending.is_empty() {
+                        // Nothing left to do: finished, or wedged.
+                        break;
+                    }
+                    continue;
+                }
+                let i = rng.random_range(0..pending.len());
+                let out = match pending.swap_remove(i) {
+                    Output::FetchCommits {
+                        task, start, end, ..
+                    } => commits_done(
+                        &mut c,
+                        now,
+                        task,
+                        Ok(CommitBatchInfo {
+                            start,
+                            end,
+                            last: r(end),
+                            epoch: 0,
+                            block_count: rng.random_range(1..12),
+                            bytes: rng.random_range(0..MIB),
+                        }),
+                    ),
+                    Output::FetchBlocks {
+                        task, max_bytes, ..
+                    } => {
+                        let result = match rng.random_range(0..6) {
+                            0 => Err(Failure::Timeout),
+                            1 => Err(Failure::OverBudget),
+                            _ => Ok(rng.random_range(0..=max_bytes)),
+                        };
+                        blocks_done(&mut c, task, result)
+                    }
+                    Output::Apply { start } => {
+                        let end = c.batches[&start].end;
+                        applied_to = end;
+                        applied(&mut c, start, end)
+                    }
+                    _ => vec![],
+                };
+                pending.extend(out);
+            }
+            assert_eq!(applied_to, 500, "seed {seed}: sync did not finish");
+        }
+    }
+
+    #[test]
+    fn an_over_budget_chunk_is_split_in_halves() {
+        let mut c = core(Config {
             max_blocks_per_fetch: 5,
+            parallel_fetches: 10,
             ..config()
         });
-        let (t, _, _) = commit_fetch(&tick(&mut c, 0, 30)).unwrap();
+        let (t, _, _) = commit_fetch(&tick(&mut c, 0, 10)).unwrap();
         let out = commits_ok(&mut c, 0, t, 1, 10, 5);
-        let first = block_fetches(&out);
-        let (t2, _, _) = commit_fetch(&out).unwrap();
-        let out = commits_ok(&mut c, 0, t2, 11, 20, 15);
-        let second = block_fetches(&out);
-        // Two chunks of batch 2 done (2,000 bytes): past the bound, only the
-        // batch next in line may fetch.
-        blocks_ok(&mut c, second[0].0);
-        blocks_ok(&mut c, second[1].0);
-        c.handle(
-            Time(0),
-            Input::BlocksFetched {
-                task: second[2].0,
-                peer: None,
-                result: Err(Failure::Timeout),
-            },
-        );
-        assert!(block_fetches(&tick(&mut c, 10_000, 30)).is_empty());
-        c.handle(
-            Time(0),
-            Input::BlocksFetched {
-                task: first[0].0,
-                peer: None,
-                result: Err(Failure::Timeout),
-            },
-        );
-        let out = tick(&mut c, 20_000, 30);
-        assert_eq!(
-            block_fetches(&out).iter().map(|f| f.1).collect::<Vec<_>>(),
-            vec![1]
-        );
+        let first = block_fetches(&out)[0];
+        let out = blocks_done(&mut c, first.0, Err(Failure::OverBudget));
+        let halves: Vec<(usize, usize)> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::FetchBlocks { offset, len, .. } => Some((*offset, *len)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(halves, vec![(0, 2), (2, 3)]);
     }
 }

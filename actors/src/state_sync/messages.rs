@@ -18,9 +18,23 @@ pub struct CommitBatchInfo {
     pub epoch: Epoch,
     /// Blocks the commits name.
     pub block_count: usize,
+    /// Bytes of the commits and certifier blocks, held until applied.
+    pub bytes: u64,
 }
 
-/// Why a task failed.
+/// An epoch that starts once a batch is applied, and what the core needs
+/// to know of its committee.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochStart {
+    /// The new epoch.
+    pub epoch: Epoch,
+    /// Most blocks a certificate of its committee needs: it bounds the
+    /// size of a commit answer.
+    pub certifiers: usize,
+}
+
+/// Why a task failed. Peer faults and local faults are told apart, so that
+/// our own back-pressure is never charged to the peer that served us.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Failure {
@@ -28,21 +42,64 @@ pub enum Failure {
     NoPeer,
     /// The peer did not answer in time.
     Timeout,
-    /// The request failed (transport or status).
-    Error(String),
+    /// The peer answered with an error status (its gRPC code), or the
+    /// transport failed (`code` 14, UNAVAILABLE).
+    Status {
+        /// The gRPC status code.
+        code: i32,
+    },
+    /// The peer said it does not hold what it was asked for.
+    NotFound,
     /// The peer sent data that failed verification.
-    Invalid(String),
-    /// The batch is of an epoch whose committee is not installed yet.
-    UnknownEpoch(Epoch),
+    Invalid(soma_types::Error),
+    /// The peer's commits are of the epoch after the expected one, while a
+    /// fetched batch that may end the expected epoch is not applied yet: the
+    /// answer cannot be judged until it is.
+    NextEpoch {
+        /// The epoch the peer's first commit claims.
+        claimed: Epoch,
+    },
+    /// The requested blocks hold more bytes than the fetch may buffer: the
+    /// chunk is split. Not the peer's fault: the digests fix the bytes.
+    OverBudget,
+    /// Our side failed; never held against the peer.
+    Local(LocalFailure),
     /// The task panicked (caught by the supervisor).
     Panicked,
+}
+
+impl Failure {
+    /// Whether the failure is the serving peer's doing.
+    pub fn is_peer_fault(&self) -> bool {
+        matches!(
+            self,
+            Failure::Timeout | Failure::Status { .. } | Failure::NotFound | Failure::Invalid(_)
+        )
+    }
+}
+
+/// A failure on our own side of a fetch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LocalFailure {
+    /// The Verifier's queue was full.
+    VerifierBusy,
+    /// The Verifier stopped or failed internally.
+    VerifierUnavailable,
+    /// The Verifier has no committee for the expected epoch.
+    UnknownEpoch(Epoch),
+    /// PeerHeights or Connections did not answer.
+    ActorUnavailable,
+    /// The batch's data is gone (reset or discarded meanwhile).
+    BatchGone,
 }
 
 /// Inputs of the StateSync core.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Input {
-    /// The tick, with the highest commit known among peers of our chain.
+    /// The tick, with the highest commit claimed by peers of our chain (a
+    /// claim: it may go down when liars are banned or peers leave).
     Tick {
         /// From PeerHeights.
         highest_known: Option<CommitIndex>,
@@ -72,7 +129,7 @@ pub enum Input {
         /// The new watermark.
         last: CommitRef,
         /// Set when the batch ended its epoch: the epoch now current.
-        next_epoch: Option<Epoch>,
+        next_epoch: Option<EpochStart>,
     },
     /// Applying the batch failed; everything after the watermark is
     /// fetched again.
@@ -87,7 +144,7 @@ pub enum Input {
         /// The new watermark.
         last: CommitRef,
         /// Set when the commit ended its epoch.
-        next_epoch: Option<Epoch>,
+        next_epoch: Option<EpochStart>,
     },
 }
 
@@ -95,7 +152,8 @@ pub enum Input {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Output {
-    /// Fetch and verify commits `start..=end`, which must follow `after`.
+    /// Fetch and verify commits `start..=end`, which must follow `after`
+    /// and be of `epoch`.
     FetchCommits {
         /// The task.
         task: TaskId,
@@ -105,6 +163,13 @@ pub enum Output {
         end: CommitIndex,
         /// The commit they must link to.
         after: CommitRef,
+        /// The epoch the commits must be of (the expected epoch).
+        epoch: Epoch,
+        /// Whether the expected epoch is certain: false while a fetched
+        /// batch that may end it waits to be applied.
+        settled: bool,
+        /// Largest answer accepted, in bytes (its share of the budget).
+        max_bytes: u64,
         /// Peers not to ask (they failed this range).
         avoid: Vec<PeerId>,
     },
@@ -119,6 +184,8 @@ pub enum Output {
         offset: usize,
         /// Number of blocks.
         len: usize,
+        /// Bytes of blocks the fetch may accept; more is cut off.
+        max_bytes: u64,
         /// Peers not to ask.
         avoid: Vec<PeerId>,
     },
@@ -133,6 +200,12 @@ pub enum Output {
         task: TaskId,
         /// Why.
         failure: Failure,
+    },
+    /// A peer's claim proved false once our own data settled it (it said
+    /// the next epoch had started, and it had not): ban it.
+    Misbehaved {
+        /// The peer.
+        peer: PeerId,
     },
     /// Drop the shell's data of batches after the watermark.
     Reset,

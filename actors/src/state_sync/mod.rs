@@ -5,10 +5,13 @@
 //! ending early where a server does: at an epoch's end or its highest
 //! certificate):
 //!
-//! 1. **Commits**, one batch at a time: each must link to the one before and
-//!    carry a quorum certificate; it is cheap (about 1 ms per 100 commits).
-//!    A batch of an epoch whose committee is not installed waits until the
-//!    batch that ends the previous epoch is applied.
+//! 1. **Commits**, one batch at a time: each must link to the one before,
+//!    be of the *expected* epoch (the epoch after the applied watermark,
+//!    never the one the answer names) and carry a quorum certificate of that
+//!    epoch's committee; it is cheap (about 1 ms per 100 commits). An answer
+//!    of the next epoch, while a fetched batch that may end ours is not
+//!    applied, is set aside: commit fetching pauses until every fetched
+//!    batch is applied, and the peer is banned if the epoch did not change.
 //! 2. **Blocks**, in chunks of `max_blocks_per_fetch`, up to
 //!    `parallel_fetches` at once from the peers PeerHeights ranks best, each
 //!    verified by the Verifier: this is where the time goes.
@@ -16,12 +19,17 @@
 //!
 //! Work that fails is restarted by its supervision (OTP style: backoff,
 //! intensity limit, then another peer); invalid data avoids and bans the
-//! peer. Memory is bounded by `batches_ahead` and `max_total_fetched_bytes`.
+//! peer; our own failures (a busy Verifier) are never held against a peer.
+//! Memory is bounded by `batches_ahead` and `max_total_fetched_bytes`, which
+//! counts every fetch from the moment it is sent at the most its answer may
+//! bring, and fetched batches at their size.
 
 mod actor;
 mod core;
 mod messages;
 
-pub use actor::{ApplyLocal, FaultPlan, GetSyncStatus, Settings, StateSync, SyncStatus};
+pub use actor::{
+    ApplyLocal, FaultPlan, GetSyncStatus, Settings, StateSync, SyncStatus, certifiers_of,
+};
 pub use core::{Config, Init, StateSyncCore};
-pub use messages::{CommitBatchInfo, Failure, Input, Output, TaskId};
+pub use messages::{CommitBatchInfo, EpochStart, Failure, Input, LocalFailure, Output, TaskId};

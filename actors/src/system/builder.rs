@@ -332,6 +332,7 @@ fn start_actors(config: &P2pConfig, node: NodeParts) -> Result<Started, StartErr
                 )
                 .start();
                 let epoch = committees.last().map_or(0, Committee::epoch);
+                let last_committee = committees.last().cloned();
                 let verifier = Verifier::new(
                     config.verifier.clone(),
                     capacity,
@@ -352,9 +353,10 @@ fn start_actors(config: &P2pConfig, node: NodeParts) -> Result<Started, StartErr
                 .start();
                 let state_sync = StateSync::new(
                     state_sync::Init {
-                        config: config.state_sync.clone(),
+                        config: sync_config(&config),
                         synced,
                         epoch,
+                        certifiers: last_committee.as_ref().map_or(1, state_sync::certifiers_of),
                     },
                     state_sync::Settings {
                         chain_id,
@@ -362,7 +364,6 @@ fn start_actors(config: &P2pConfig, node: NodeParts) -> Result<Started, StartErr
                         height_query_interval: config.height_query_interval,
                         timeout: config.timeout,
                         verify_synced_block_signatures: config.verify_synced_block_signatures,
-                        max_block_bytes: config.verifier.limits.max_block_bytes,
                         faults: config.faults.clone(),
                     },
                     store,
@@ -426,4 +427,22 @@ pub(super) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The StateSync core's settings, with the limits it shares with the rest
+/// of the node filled in: the verification limits, the servers' commit
+/// budget, and a restart window that spans several request timeouts (or a
+/// peer that always times out would never pass the intensity limit).
+fn sync_config(config: &P2pConfig) -> state_sync::Config {
+    let limits = &config.verifier.limits;
+    let mut sync = config.state_sync.clone();
+    sync.max_block_bytes = limits.max_block_bytes as u64;
+    sync.max_commit_bytes = limits.max_commit_bytes as u64;
+    sync.commit_answer_budget_bytes = config.grpc.max_fetch_response_bytes as u64;
+    sync.max_message_bytes = config.grpc.max_fetch_response_bytes as u64;
+    sync.max_bytes_per_fetch = sync.max_bytes_per_fetch.max(sync.max_block_bytes);
+    let timeouts = u64::from(sync.max_restarts) + 1;
+    let span = (config.timeout.as_millis() as u64).saturating_mul(timeouts);
+    sync.restart_window_ms = sync.restart_window_ms.max(span);
+    sync
 }

@@ -36,7 +36,7 @@ impl std::fmt::Display for SignedItem {
 ///
 /// Each verification rule of the design has its own variant, so tests and
 /// peers' penalties can tell which rule was broken.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum Error {
     // ---- codec ----
     /// The input is longer than the limit given to the decoder.
@@ -223,6 +223,9 @@ pub enum Error {
     /// The same block arrived twice.
     #[error("block {0} arrived twice")]
     DuplicateBlock(BlockRef),
+    /// A fetched block's digest is not that of any block asked for.
+    #[error("a block of digest {0} was not asked for")]
+    UnrequestedBlock(crate::Digest),
     /// Blocks named by the commits did not arrive.
     #[error("{count} named blocks are missing, first {first}")]
     MissingBlocks {

@@ -1,34 +1,41 @@
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 
 use crate::{
-    BlockRef, Committee, Error, Limits, Result, TrustedCommit, UnverifiedBlock, VerifiedBlock,
+    BlockRef, Committee, Digest, Error, Limits, Result, TrustedCommit, UnverifiedBlock,
+    VerifiedBlock,
     verify::{SignatureBatch, check_block},
 };
 
 /// The blocks a set of verified commits names, and which have arrived.
 ///
-/// Fetched blocks arrive in chunks; [`ExpectedBlocks::accept`] checks each
-/// chunk as it comes and [`ExpectedBlocks::finish`] checks that nothing is
-/// missing. A block is accepted only if its recomputed reference (digest of
-/// the bytes received) is one a commit names, so a block that passes is
-/// exactly the block the quorum certified.
+/// Fetched blocks arrive in chunks. [`ExpectedBlocks::accept_bytes`] judges
+/// each block by the digest of the bytes received, before anything is
+/// decoded or any signature checked, so a stream can be cut at the first
+/// block nobody asked for; [`ExpectedBlocks::accept`] does the same for a
+/// decoded block and also compares its whole reference.
+/// [`ExpectedBlocks::finish`] checks that nothing is missing. A block that
+/// passes is exactly the block the quorum certified.
 #[derive(Debug, Default)]
 pub struct ExpectedBlocks {
     pending: BTreeSet<BlockRef>,
-    received: HashSet<BlockRef>,
+    by_digest: HashMap<Digest, BlockRef>,
 }
 
 impl ExpectedBlocks {
     /// The blocks named by `commits`.
     pub fn new(commits: &[TrustedCommit]) -> Self {
-        let pending: BTreeSet<BlockRef> = commits
-            .iter()
-            .flat_map(|c| c.commit().blocks.iter().copied())
-            .collect();
-        ExpectedBlocks {
-            received: HashSet::with_capacity(pending.len()),
-            pending,
-        }
+        Self::from_refs(
+            commits
+                .iter()
+                .flat_map(|c| c.commit().blocks.iter().copied()),
+        )
+    }
+
+    /// The blocks `refs` (a chunk of what verified commits name).
+    pub fn from_refs(refs: impl IntoIterator<Item = BlockRef>) -> Self {
+        let pending: BTreeSet<BlockRef> = refs.into_iter().collect();
+        let by_digest = pending.iter().map(|r| (r.digest, *r)).collect();
+        ExpectedBlocks { pending, by_digest }
     }
 
     /// Blocks not yet received, in reference order.
@@ -43,19 +50,37 @@ impl ExpectedBlocks {
 
     /// Number of blocks received so far.
     pub fn received(&self) -> usize {
-        self.received.len()
+        self.by_digest.len() - self.pending.len()
+    }
+
+    /// Marks the block encoded as `encoded` as received, judged by the
+    /// digest of those bytes alone: it must be one asked for that has not
+    /// arrived yet. Returns its reference.
+    pub fn accept_bytes(&mut self, encoded: &[u8]) -> Result<BlockRef> {
+        let digest = Digest::of(encoded);
+        let r = *self
+            .by_digest
+            .get(&digest)
+            .ok_or(Error::UnrequestedBlock(digest))?;
+        if self.pending.remove(&r) {
+            Ok(r)
+        } else {
+            Err(Error::DuplicateBlock(r))
+        }
     }
 
     /// Marks `block` as received, if it is named and has not arrived yet.
     pub fn accept(&mut self, block: &UnverifiedBlock) -> Result<()> {
         let r = block.reference();
-        if self.pending.remove(&r) {
-            self.received.insert(r);
-            Ok(())
-        } else if self.received.contains(&r) {
-            Err(Error::DuplicateBlock(r))
-        } else {
-            Err(Error::UnexpectedBlock(r))
+        match self.by_digest.get(&r.digest) {
+            Some(named) if *named == r => {
+                if self.pending.remove(&r) {
+                    Ok(())
+                } else {
+                    Err(Error::DuplicateBlock(r))
+                }
+            }
+            _ => Err(Error::UnexpectedBlock(r)),
         }
     }
 
