@@ -1,10 +1,13 @@
 //! Reads that answer RPCs from the store. They run on tokio's blocking pool.
 
+use std::cmp::Reverse;
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use prost::Message;
 use soma_store::ConsensusStore;
-use soma_types::{BlockRef, CommitIndex};
+use soma_types::{BlockRef, CommitIndex, CommitRef, Committee, Stake, VerifiedBlock};
 use soma_wire::proto;
 use tokio::sync::mpsc;
 use tonic::Status;
@@ -20,12 +23,22 @@ pub(super) fn store_error(e: soma_store::Error) -> Status {
 
 /// FetchCommits: commits from `start`, ending at the epoch's last commit if
 /// that comes first, then at the highest commit in range whose certificate
-/// is held, within the byte budget; with that certificate's blocks.
+/// is held, within the byte budget; with a minimal quorum of that
+/// certificate's blocks ([`minimal_certificate`]).
+///
+/// The answer stays within
+/// [`soma_types::Limits::max_fetch_commits_response_bytes`] for the budget
+/// and the served epoch's committee: commits within
+/// `limits.max_fetch_response_bytes` (the first always goes), at most
+/// `data.max_commits_per_batch` of them, and one certifier per author at
+/// most. A client sets its decoding cap from the same function, so a range
+/// of maximal blocks is still served.
 pub(super) fn fetch_commits(
     store: &dyn ConsensusStore,
     start: CommitIndex,
     end: CommitIndex,
     limits: &Limits,
+    data: &soma_types::Limits,
 ) -> Result<proto::FetchCommitsResponse, Status> {
     let highest = store.highest_synced_commit().map_err(store_error)?.index;
     let lowest = store.lowest_available_commit().map_err(store_error)?;
@@ -39,17 +52,21 @@ pub(super) fn fetch_commits(
             "commit {start} is past our highest, {highest}"
         )));
     }
-    let mut end = end.min(highest);
+    // A verifier refuses longer batches, and the size bound counts on it.
+    let longest = start.saturating_add(data.max_commits_per_batch.max(1) as u64 - 1);
+    let mut end = end.min(highest).min(longest);
     let first = store
         .commit(start)
         .map_err(store_error)?
         .ok_or_else(|| Status::not_found(format!("commit {start} is not held")))?;
-    if let Some(last) = store
-        .last_commit_of_epoch(first.commit().epoch)
-        .map_err(store_error)?
-    {
+    let epoch = first.commit().epoch;
+    if let Some(last) = store.last_commit_of_epoch(epoch).map_err(store_error)? {
         end = end.min(last);
     }
+    let committee = store
+        .committee(epoch)
+        .map_err(store_error)?
+        .ok_or_else(|| Status::internal(format!("committee of epoch {epoch} is not held")))?;
     let mut commits = store
         .commits_in_range(start..=end, limits.max_fetch_response_bytes)
         .map_err(store_error)?;
@@ -59,14 +76,74 @@ pub(super) fn fetch_commits(
         .map_err(store_error)?
         .ok_or_else(|| Status::not_found(format!("no certificate held in {start}..={read_end}")))?;
     commits.retain(|c| c.index() <= certified);
-    let certifiers = store
+    let last = commits
+        .last()
+        .map(|c| c.reference())
+        .ok_or_else(|| Status::internal(format!("commit {certified} is not held")))?;
+    let stored = store
         .certificate(certified)
         .map_err(store_error)?
         .unwrap_or_default();
-    Ok(proto::FetchCommitsResponse {
+    let certifiers = minimal_certificate(stored, last, &committee).ok_or_else(|| {
+        Status::internal(format!(
+            "stored certificate of commit {certified} lacks quorum"
+        ))
+    })?;
+    let response = proto::FetchCommitsResponse {
         commits: commits.iter().map(|c| c.serialized().clone()).collect(),
         certifier_blocks: certifiers.iter().map(|b| b.serialized().clone()).collect(),
-    })
+    };
+    // Holds by construction for data within `data`'s limits; a larger local
+    // block would make the caller refuse the answer, so it is never sent.
+    let bound =
+        data.max_fetch_commits_response_bytes(limits.max_fetch_response_bytes, committee.size());
+    let size = response.encoded_len();
+    if size > bound {
+        return Err(Status::internal(format!(
+            "answer of {size} bytes exceeds the bound of {bound}"
+        )));
+    }
+    Ok(response)
+}
+
+/// The certificate sent for commit `last`: of `stored`, only blocks voting
+/// for `last`, one per author, the largest stakes first (ties by author
+/// index), stopping as soon as their stake reaches quorum. `None` if the
+/// voters among `stored` hold no quorum.
+///
+/// Fewest blocks is what keeps an answer's size bounded by the committee
+/// size times the largest block, and the order makes the answer the same
+/// every time.
+pub(super) fn minimal_certificate(
+    stored: Vec<VerifiedBlock>,
+    last: CommitRef,
+    committee: &Committee,
+) -> Option<Vec<VerifiedBlock>> {
+    let mut authors = HashSet::with_capacity(stored.len());
+    let mut voters: Vec<VerifiedBlock> = Vec::with_capacity(stored.len());
+    for block in stored {
+        let b = block.block();
+        let counted = committee.authority(b.author).is_some()
+            && b.commit_votes.contains(&last)
+            && authors.insert(b.author);
+        if counted {
+            voters.push(block);
+        }
+    }
+    voters.sort_by_key(|v| {
+        let author = v.block().author;
+        (Reverse(committee.stake(author)), author)
+    });
+    let mut stake: Stake = 0;
+    let mut certificate = Vec::new();
+    for block in voters {
+        stake = stake.saturating_add(committee.stake(block.block().author));
+        certificate.push(block);
+        if committee.is_quorum(stake) {
+            return Some(certificate);
+        }
+    }
+    None
 }
 
 /// FetchBlocks: streams the blocks in request order, in chunks of at most
@@ -111,5 +188,174 @@ pub(super) fn stream_blocks(
     }
     if !chunk.is_empty() {
         send(chunk);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use soma_chain::{Chain, ChainBuilder, ChainConfig};
+    use soma_store::MemStore;
+    use soma_types::verify::verify_commit_batch;
+    use soma_types::{AuthorityIndex, UnverifiedBlock, UnverifiedCommit};
+
+    use super::*;
+
+    /// Transactions of the largest payload (64 KiB) that fit in one block
+    /// of at most 4 MiB: each block is within 2% of the largest allowed.
+    const FULL_BLOCK_TRANSACTIONS: usize = 63;
+
+    fn full_blocks_chain(stakes: Vec<Stake>, commits: CommitIndex) -> Chain {
+        ChainBuilder::new(ChainConfig {
+            stakes,
+            transactions_per_block: FULL_BLOCK_TRANSACTIONS,
+            payload_bytes: soma_types::Limits::default().max_transaction_payload_bytes,
+            ..ChainConfig::default()
+        })
+        .build(commits)
+    }
+
+    fn small_blocks_chain(stakes: Vec<Stake>, commits: CommitIndex) -> Chain {
+        ChainBuilder::new(ChainConfig {
+            stakes,
+            ..ChainConfig::default()
+        })
+        .build(commits)
+    }
+
+    fn stored(chain: &Chain) -> MemStore {
+        let store = MemStore::new(chain.genesis());
+        chain.write_to(&store, 100).unwrap();
+        store
+    }
+
+    fn authors(blocks: &[VerifiedBlock]) -> Vec<u32> {
+        blocks.iter().map(|b| b.block().author.0).collect()
+    }
+
+    /// Decodes an answer as a client does and checks it with the client's
+    /// rule; returns the certifiers' authors.
+    fn verify_answer(
+        response: &proto::FetchCommitsResponse,
+        chain: &Chain,
+        data: &soma_types::Limits,
+    ) -> Vec<u32> {
+        let commits = response
+            .commits
+            .iter()
+            .map(|b| UnverifiedCommit::decode(b.clone(), data.max_commit_bytes).unwrap())
+            .collect();
+        let certifiers = response
+            .certifier_blocks
+            .iter()
+            .map(|b| UnverifiedBlock::decode(b.clone(), data.max_block_bytes).unwrap())
+            .collect();
+        let (_, certifiers) = verify_commit_batch(
+            commits,
+            certifiers,
+            chain.genesis(),
+            chain.commit_ref(0),
+            data,
+        )
+        .unwrap();
+        authors(&certifiers)
+    }
+
+    #[test]
+    fn certificate_of_full_blocks_is_served_within_the_derived_bound() {
+        let chain = full_blocks_chain(vec![1; 4], 2);
+        let store = stored(&chain);
+        let (limits, data) = (Limits::default(), soma_types::Limits::default());
+        for block in chain.certificate(2) {
+            let len = block.serialized().len();
+            assert!(len > data.max_block_bytes * 98 / 100 && len <= data.max_block_bytes);
+        }
+        let bound = data.max_fetch_commits_response_bytes(limits.max_fetch_response_bytes, 4);
+
+        let response = fetch_commits(&store, 1, 100, &limits, &data).unwrap();
+        assert_eq!(response.commits.len(), 2);
+        assert_eq!(verify_answer(&response, &chain, &data), vec![0, 1, 2]);
+        assert!(response.encoded_len() <= bound);
+
+        // A stored certificate padded with blocks that do not vote (the
+        // commit's own full blocks) is still cut to the same minimal quorum.
+        let mut padded = chain.certificate(2).to_vec();
+        padded.extend(chain.blocks_of(2).iter().cloned());
+        store.insert_certificate(2, padded).unwrap();
+        let response = fetch_commits(&store, 1, 100, &limits, &data).unwrap();
+        assert_eq!(verify_answer(&response, &chain, &data), vec![0, 1, 2]);
+        assert!(response.encoded_len() <= bound);
+
+        // Blocks over the limits peers accept make an answer over the
+        // bound: it is refused here rather than sent and refused there.
+        let smaller = soma_types::Limits {
+            max_block_bytes: 1 << 20,
+            ..data.clone()
+        };
+        let refused = fetch_commits(&store, 1, 100, &limits, &smaller).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Internal);
+    }
+
+    #[test]
+    fn unequal_stakes_send_the_fewest_certifiers_the_client_accepts() {
+        // Total 7, quorum 5: authors 0 (3) and 3 (2) are the fewest.
+        let chain = small_blocks_chain(vec![3, 1, 1, 2], 4);
+        let store = stored(&chain);
+        let (limits, data) = (Limits::default(), soma_types::Limits::default());
+        let response = fetch_commits(&store, 1, 100, &limits, &data).unwrap();
+        assert_eq!(response.commits.len(), 4);
+        assert_eq!(verify_answer(&response, &chain, &data), vec![0, 3]);
+    }
+
+    #[test]
+    fn minimal_certificate_of_four_equal_stakes_has_three_blocks() {
+        let chain = small_blocks_chain(vec![1; 4], 3);
+        let certificate = chain.certificate(3);
+        assert_eq!(authors(certificate), vec![0, 1, 2, 3]);
+        let sent = minimal_certificate(certificate.to_vec(), chain.commit_ref(3), chain.genesis())
+            .unwrap();
+        assert_eq!(authors(&sent), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn minimal_certificate_takes_the_largest_stakes_first() {
+        // Total 10, quorum 7: author 3 alone.
+        let chain = small_blocks_chain(vec![1, 1, 1, 7], 3);
+        let sent = minimal_certificate(
+            chain.certificate(3).to_vec(),
+            chain.commit_ref(3),
+            chain.genesis(),
+        )
+        .unwrap();
+        assert_eq!(authors(&sent), vec![3]);
+
+        // Total 6, quorum 5: ties go by author index, 1 before 2.
+        let chain = small_blocks_chain(vec![1, 2, 2, 1], 3);
+        let sent = minimal_certificate(
+            chain.certificate(3).to_vec(),
+            chain.commit_ref(3),
+            chain.genesis(),
+        )
+        .unwrap();
+        assert_eq!(authors(&sent), vec![1, 2, 0]);
+    }
+
+    #[test]
+    fn minimal_certificate_counts_only_distinct_voters_for_the_commit() {
+        let chain = small_blocks_chain(vec![1; 4], 3);
+        let (voters, last) = (chain.certificate(3), chain.commit_ref(3));
+        // Non-voting blocks first, and author 0 twice: neither counts.
+        let mut stored: Vec<VerifiedBlock> = chain.blocks_of(3).to_vec();
+        stored.extend([voters[0].clone(), voters[0].clone(), voters[3].clone()]);
+        assert!(minimal_certificate(stored.clone(), last, chain.genesis()).is_none());
+        stored.push(voters[2].clone());
+        let sent = minimal_certificate(stored, last, chain.genesis()).unwrap();
+        assert_eq!(authors(&sent), vec![0, 2, 3]);
+        assert!(sent.iter().all(
+            |b| b.block().commit_votes.contains(&last) && b.block().author != AuthorityIndex(1)
+        ));
+        // Votes for another commit certify nothing here.
+        assert!(
+            minimal_certificate(voters.to_vec(), chain.commit_ref(2), chain.genesis()).is_none()
+        );
     }
 }

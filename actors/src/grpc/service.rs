@@ -35,6 +35,7 @@ pub struct P2pService {
     store: Arc<dyn ConsensusStore>,
     genesis: CommitRef,
     limits: Limits,
+    data_limits: soma_types::Limits,
     timeout: Duration,
     counts: RpcCounts,
     availability: tokio::sync::watch::Receiver<Availability>,
@@ -42,7 +43,8 @@ pub struct P2pService {
 
 impl P2pService {
     /// A service answering for the node whose store is `store`;
-    /// `timeout` bounds the wait for the actors.
+    /// `data_limits` are the sizes its peers accept (the answers are kept
+    /// within them) and `timeout` bounds the wait for the actors.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         adapter: Addr<GrpcAdapter>,
@@ -50,6 +52,7 @@ impl P2pService {
         store: Arc<dyn ConsensusStore>,
         genesis: CommitRef,
         limits: Limits,
+        data_limits: soma_types::Limits,
         timeout: Duration,
         counts: RpcCounts,
         availability: tokio::sync::watch::Receiver<Availability>,
@@ -60,6 +63,7 @@ impl P2pService {
             store,
             genesis,
             limits,
+            data_limits,
             timeout,
             counts,
             availability,
@@ -162,11 +166,8 @@ impl P2pService {
     ) -> Result<Response<proto::GetKnownPeersResponse>, Status> {
         let own_info = &request.get_ref().own_info;
         if !own_info.is_empty() {
-            codec::decode::<SignedNodeInfo>(
-                own_info,
-                soma_types::Limits::default().max_node_info_bytes,
-            )
-            .map_err(|e| Status::invalid_argument(format!("own_info: {e}")))?;
+            codec::decode::<SignedNodeInfo>(own_info, self.data_limits.max_node_info_bytes)
+                .map_err(|e| Status::invalid_argument(format!("own_info: {e}")))?;
         }
         self.admit(&request, Call::KnownPeers).await?;
         let caller = caller(&request).peer_id();
@@ -241,11 +242,12 @@ impl P2pService {
             return Err(Status::internal("unexpected admission"));
         };
         let limits = self.limits.clone();
+        let data_limits = self.data_limits.clone();
         let permit = admission.permit;
         let response = self
             .blocking(move |store| {
                 let _permit = permit;
-                serve::fetch_commits(store, start, end, &limits)
+                serve::fetch_commits(store, start, end, &limits, &data_limits)
             })
             .await?;
         Ok(Response::new(response))

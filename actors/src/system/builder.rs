@@ -204,6 +204,7 @@ impl P2pBuilder {
             store.clone(),
             genesis_commit(&genesis).reference(),
             config.grpc.clone(),
+            config.verifier.limits.clone(),
             config.timeout,
             rpc_counts.clone(),
             published,
@@ -223,9 +224,14 @@ impl P2pBuilder {
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                 .build_v1()
                 .map_err(|e| StartError::Runtime(std::io::Error::other(e)))?;
+            // tonic caps encoding per service, not per call, and the
+            // FetchCommits bound grows with the committee of the epoch
+            // served, which a later epoch may enlarge: each answer is held
+            // to its exact bound where it is built (grpc's `serve`), so the
+            // service-wide cap is left open rather than set too low.
             let p2p = P2pServer::new(service)
                 .max_decoding_message_size(MAX_REQUEST_BYTES)
-                .max_encoding_message_size(config.grpc.max_fetch_response_bytes + (1 << 20));
+                .max_encoding_message_size(usize::MAX);
             let incoming = tls::incoming_with_limit(listener, server_config, inbound.clone());
             let timeout = config.timeout;
             let max_streams = config.grpc.max_concurrent_streams;

@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use soma_types::{BlockRef, CommitRef, TrustedCommit};
+use soma_types::{BlockRef, CommitIndex, CommitRef, Epoch, TrustedCommit};
 
 use crate::{Error, Result, SyncedBatch};
 
@@ -40,6 +40,72 @@ pub(crate) fn check_blocks(
             if !provided.contains(block) && !is_stored(block)? {
                 return Err(Error::MissingBlock(*block));
             }
+        }
+    }
+    Ok(())
+}
+
+/// What [`check_epochs`] reads of a store, inside the write's own lock or
+/// transaction.
+pub(crate) trait StoredEpochs {
+    /// The epoch of the genesis committee: the lowest epoch with a stored
+    /// committee, since later ones are only stored for the epoch after the
+    /// current one.
+    fn genesis_epoch(&self) -> Result<Epoch>;
+    /// The epoch of the stored commit at `index`.
+    fn commit_epoch(&self, index: CommitIndex) -> Result<Option<Epoch>>;
+    /// The recorded last commit of `epoch`.
+    fn epoch_end(&self, epoch: Epoch) -> Result<Option<CommitIndex>>;
+    /// Whether a committee of `epoch` is stored.
+    fn has_committee(&self, epoch: Epoch) -> Result<bool>;
+}
+
+/// Checks `batch` against the stored epochs: every commit is of the
+/// current epoch (the watermark commit's, or the next one once that epoch's
+/// end is recorded, so the current epoch has no recorded end); a next
+/// committee is of the epoch after the current one and none is stored for
+/// it yet. So an ended epoch never gets another end and a committee is
+/// never replaced.
+pub(crate) fn check_epochs(
+    watermark: CommitRef,
+    batch: &SyncedBatch,
+    stored: &impl StoredEpochs,
+) -> Result<()> {
+    let watermark_epoch = match watermark.index {
+        // The genesis commit is derived, never stored.
+        0 => stored.genesis_epoch()?,
+        index => stored
+            .commit_epoch(index)?
+            .ok_or_else(|| Error::Corrupt(format!("watermark commit {index} is not stored")))?,
+    };
+    let current = match stored.epoch_end(watermark_epoch)? {
+        None => watermark_epoch,
+        Some(last) => watermark_epoch.checked_add(1).ok_or(Error::EpochEnded {
+            epoch: watermark_epoch,
+            last,
+        })?,
+    };
+    if let Some(commit) = batch.commits.iter().find(|c| c.commit().epoch != current) {
+        let got = commit.commit().epoch;
+        return Err(match stored.epoch_end(got)? {
+            Some(last) => Error::EpochEnded { epoch: got, last },
+            None => Error::WrongEpoch {
+                index: commit.index(),
+                expected: current,
+                got,
+            },
+        });
+    }
+    if let Some(next) = &batch.next_committee {
+        let got = next.epoch();
+        if stored.has_committee(got)? {
+            return Err(Error::CommitteeExists(got));
+        }
+        if current.checked_add(1) != Some(got) {
+            return Err(Error::WrongNextEpoch {
+                expected: current.saturating_add(1),
+                got,
+            });
         }
     }
     Ok(())

@@ -255,6 +255,13 @@ fn refs(blocks: &[VerifiedBlock]) -> Vec<BlockRef> {
     blocks.iter().map(VerifiedBlock::reference).collect()
 }
 
+/// Commit `commit` moved to `epoch`, linking where it did.
+fn in_epoch(commit: &TrustedCommit, epoch: Epoch) -> TrustedCommit {
+    let mut forged = commit.commit().clone();
+    forged.epoch = epoch;
+    TrustedCommit::new_trusted(forged)
+}
+
 /// Commit `commit` with another `previous_digest`: a commit that breaks the
 /// digest chain.
 fn relinked(commit: &TrustedCommit, previous_digest: Digest) -> TrustedCommit {
@@ -343,6 +350,10 @@ pub fn run_all<S: ConsensusStore>(new_store: impl Fn(&Committee) -> S) {
     blocks_keep_order_and_mark_unknown(&new_store);
     highest_certified_in_finds_last_certificate(&new_store);
     epoch_end_installs_next_committee(&new_store);
+    refuses_commits_of_an_ended_epoch(&new_store);
+    refuses_commits_of_another_epoch(&new_store);
+    refuses_replacing_a_committee(&new_store);
+    refuses_next_committee_of_another_epoch(&new_store);
     insert_certificate_needs_stored_commit(&new_store);
     prune_below_deletes_commits_blocks_and_certificates(&new_store);
     prune_below_clamps_at_watermark(&new_store);
@@ -708,6 +719,146 @@ pub fn epoch_end_installs_next_committee<S: ConsensusStore>(new_store: impl Fn(&
         chain.commit(6).reference()
     );
     assert_eq!(store.commit(5).unwrap().unwrap().commit().epoch, 1);
+    assert_eq!(store.last_commit_of_epoch(0).unwrap(), Some(4));
+}
+
+/// After an epoch's end is recorded, a batch continuing the chain with
+/// commits of that ended epoch is refused, even one carrying another
+/// committee for the next epoch: neither the end nor the committee moves.
+pub fn refuses_commits_of_an_ended_epoch<S: ConsensusStore>(new_store: impl Fn(&Committee) -> S) {
+    let chain = TestChain::new(6, Some(4));
+    let store = new_store(chain.genesis());
+    store.write_synced_batch(chain.batch(1..=4)).unwrap();
+    let before = snapshot(&store, &chain);
+
+    let mut batch = chain.batch(5..=5);
+    batch.commits = vec![in_epoch(chain.commit(5), 0)];
+    batch.next_committee = Some(test_committee(1, CHAIN_SEED + 1));
+    assert_eq!(
+        store.write_synced_batch(batch),
+        Err(Error::EpochEnded { epoch: 0, last: 4 })
+    );
+    let mut batch = chain.batch(5..=6);
+    batch.commits[1] = in_epoch(chain.commit(6), 0);
+    assert_eq!(
+        store.write_synced_batch(batch),
+        Err(Error::EpochEnded { epoch: 0, last: 4 })
+    );
+    assert_eq!(snapshot(&store, &chain), before);
+    assert_eq!(
+        store.committee(1).unwrap().as_ref(),
+        Some(chain.next_committee())
+    );
+
+    // The next epoch's own commits still follow.
+    store.write_synced_batch(chain.batch(5..=6)).unwrap();
+    assert_eq!(
+        store.highest_synced_commit().unwrap(),
+        chain.commit(6).reference()
+    );
+}
+
+/// A batch with a commit of an epoch other than the current one (the
+/// watermark commit's, or the next right after its recorded end) is
+/// refused, whether it starts the batch or comes in the middle.
+pub fn refuses_commits_of_another_epoch<S: ConsensusStore>(new_store: impl Fn(&Committee) -> S) {
+    let chain = TestChain::new(6, Some(4));
+    let store = new_store(chain.genesis());
+    let fresh = snapshot(&store, &chain);
+    let mut batch = chain.batch(1..=1);
+    batch.commits[0] = in_epoch(chain.commit(1), 1);
+    assert_eq!(
+        store.write_synced_batch(batch),
+        Err(Error::WrongEpoch {
+            index: 1,
+            expected: 0,
+            got: 1
+        })
+    );
+    assert_eq!(snapshot(&store, &chain), fresh);
+
+    store.write_synced_batch(chain.batch(1..=2)).unwrap();
+    let before = snapshot(&store, &chain);
+    // The commit ending the epoch, moved to the next epoch before its end.
+    let mut batch = chain.batch(3..=4);
+    batch.commits[1] = in_epoch(chain.commit(4), 1);
+    assert_eq!(
+        store.write_synced_batch(batch),
+        Err(Error::WrongEpoch {
+            index: 4,
+            expected: 0,
+            got: 1
+        })
+    );
+    assert_eq!(snapshot(&store, &chain), before);
+
+    store.write_synced_batch(chain.batch(3..=4)).unwrap();
+    let before = snapshot(&store, &chain);
+    // Right after the end of epoch 0 the store is in epoch 1, not 2.
+    let mut batch = chain.batch(5..=5);
+    batch.commits = vec![in_epoch(chain.commit(5), 2)];
+    assert_eq!(
+        store.write_synced_batch(batch),
+        Err(Error::WrongEpoch {
+            index: 5,
+            expected: 1,
+            got: 2
+        })
+    );
+    assert_eq!(snapshot(&store, &chain), before);
+}
+
+/// A batch carrying a committee for an epoch that already has one is
+/// refused, even when the committee is identical to the stored one.
+pub fn refuses_replacing_a_committee<S: ConsensusStore>(new_store: impl Fn(&Committee) -> S) {
+    let chain = TestChain::new(6, Some(4));
+    let store = new_store(chain.genesis());
+    let mut batch = chain.batch(1..=2);
+    batch.next_committee = Some(chain.genesis().clone());
+    assert_eq!(
+        store.write_synced_batch(batch),
+        Err(Error::CommitteeExists(0))
+    );
+
+    store.write_synced_batch(chain.batch(1..=4)).unwrap();
+    let before = snapshot(&store, &chain);
+    for committee in [
+        chain.next_committee().clone(),
+        test_committee(1, CHAIN_SEED + 1),
+    ] {
+        let mut batch = chain.batch(5..=6);
+        batch.next_committee = Some(committee);
+        assert_eq!(
+            store.write_synced_batch(batch),
+            Err(Error::CommitteeExists(1))
+        );
+    }
+    assert_eq!(snapshot(&store, &chain), before);
+    assert_eq!(
+        store.committee(1).unwrap().as_ref(),
+        Some(chain.next_committee())
+    );
+}
+
+/// A batch ending an epoch must carry the committee of the next epoch, not
+/// of a later one.
+pub fn refuses_next_committee_of_another_epoch<S: ConsensusStore>(
+    new_store: impl Fn(&Committee) -> S,
+) {
+    let chain = TestChain::new(4, Some(4));
+    let store = new_store(chain.genesis());
+    let fresh = snapshot(&store, &chain);
+    let mut batch = chain.batch(1..=4);
+    batch.next_committee = Some(test_committee(2, CHAIN_SEED));
+    assert_eq!(
+        store.write_synced_batch(batch),
+        Err(Error::WrongNextEpoch {
+            expected: 1,
+            got: 2
+        })
+    );
+    assert_eq!(snapshot(&store, &chain), fresh);
+    store.write_synced_batch(chain.batch(1..=4)).unwrap();
     assert_eq!(store.last_commit_of_epoch(0).unwrap(), Some(4));
 }
 

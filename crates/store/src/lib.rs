@@ -107,8 +107,15 @@ pub trait ConsensusStore: Send + Sync + 'static {
     /// first commit does not follow the watermark by index and digest, or
     /// whose commits do not link to each other, and (with
     /// [`Error::MissingBlock`]) one that lacks a block its commits name,
-    /// unless that block is already stored. A refused batch writes nothing;
-    /// a batch without commits is accepted and writes nothing.
+    /// unless that block is already stored. Epochs only move forward:
+    /// every commit must be of the current epoch (the watermark commit's,
+    /// or the next one once that epoch's end is recorded), else
+    /// [`Error::EpochEnded`] for an ended epoch and [`Error::WrongEpoch`]
+    /// for any other; a `next_committee` must be of the epoch after the
+    /// current one ([`Error::WrongNextEpoch`]) and not stored yet
+    /// ([`Error::CommitteeExists`], even if identical). A refused batch
+    /// writes nothing; a batch without commits is accepted and writes
+    /// nothing.
     ///
     /// A non-empty `certificate` is stored as the last commit's. A
     /// `next_committee` is stored under its epoch, and the last commit is

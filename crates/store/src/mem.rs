@@ -9,7 +9,7 @@ use soma_types::{
     genesis_commit,
 };
 
-use crate::check::{check_blocks, check_links, take_within_budget};
+use crate::check::{StoredEpochs, check_blocks, check_epochs, check_links, take_within_budget};
 use crate::{ConsensusStore, Error, FIRST_COMMIT, Result, SyncedBatch};
 
 /// A [`ConsensusStore`] held in memory, for tests and light nodes.
@@ -81,6 +81,28 @@ impl State {
         }
         let refs = blocks.iter().map(VerifiedBlock::reference).collect();
         self.certificates.insert(index, refs);
+    }
+}
+
+impl StoredEpochs for State {
+    fn genesis_epoch(&self) -> Result<Epoch> {
+        self.committees
+            .keys()
+            .next()
+            .copied()
+            .ok_or_else(|| Error::Corrupt("no committee stored".into()))
+    }
+
+    fn commit_epoch(&self, index: CommitIndex) -> Result<Option<Epoch>> {
+        Ok(self.commits.get(&index).map(|c| c.commit().epoch))
+    }
+
+    fn epoch_end(&self, epoch: Epoch) -> Result<Option<CommitIndex>> {
+        Ok(self.epoch_ends.get(&epoch).copied())
+    }
+
+    fn has_committee(&self, epoch: Epoch) -> Result<bool> {
+        Ok(self.committees.contains_key(&epoch))
     }
 }
 
@@ -196,6 +218,7 @@ impl ConsensusStore for MemStore {
         // Every check runs before the first change, so a refused batch
         // leaves the state untouched.
         check_links(state.watermark, &batch.commits)?;
+        check_epochs(state.watermark, &batch, &*state)?;
         check_blocks(&batch, |r| Ok(state.blocks.contains_key(r)))?;
 
         for block in &batch.blocks {

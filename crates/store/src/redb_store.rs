@@ -32,7 +32,7 @@ use soma_types::{
     codec, genesis_commit,
 };
 
-use crate::check::{check_blocks, check_links, take_within_budget};
+use crate::check::{StoredEpochs, check_blocks, check_epochs, check_links, take_within_budget};
 use crate::{ConsensusStore, Error, FIRST_COMMIT, Result, SyncedBatch};
 
 const BLOCK_KEY_LEN: usize = 48;
@@ -262,7 +262,9 @@ impl ConsensusStore for RedbStore {
             return Ok(());
         };
         self.write(|t| {
-            check_links(read_watermark(&t.meta)?, &batch.commits)?;
+            let watermark = read_watermark(&t.meta)?;
+            check_links(watermark, &batch.commits)?;
+            check_epochs(watermark, &batch, t)?;
             check_blocks(&batch, |r| t.blocks.contains(r))?;
 
             for block in &batch.blocks {
@@ -422,6 +424,34 @@ impl<'t> Tables<'t> {
                 .map_err(corrupt(format!("certificate {index}"))),
             None => Ok(Vec::new()),
         }
+    }
+}
+
+impl StoredEpochs for Tables<'_> {
+    fn genesis_epoch(&self) -> Result<Epoch> {
+        match self.committees.first().map_err(db_err)? {
+            Some((epoch, _)) => Ok(epoch.value()),
+            None => Err(Error::Corrupt("no committee stored".into())),
+        }
+    }
+
+    fn commit_epoch(&self, index: CommitIndex) -> Result<Option<Epoch>> {
+        match self.commits.get(index).map_err(db_err)? {
+            Some(bytes) => Ok(Some(decode_commit(index, bytes.value())?.commit().epoch)),
+            None => Ok(None),
+        }
+    }
+
+    fn epoch_end(&self, epoch: Epoch) -> Result<Option<CommitIndex>> {
+        Ok(self
+            .epoch_ends
+            .get(epoch)
+            .map_err(db_err)?
+            .map(|i| i.value()))
+    }
+
+    fn has_committee(&self, epoch: Epoch) -> Result<bool> {
+        Ok(self.committees.get(epoch).map_err(db_err)?.is_some())
     }
 }
 
