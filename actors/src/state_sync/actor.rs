@@ -12,7 +12,7 @@ use futures::FutureExt;
 use soma_store::{ConsensusStore, SyncedBatch};
 use soma_types::verify::{ExpectedBlocks, epoch_change};
 use soma_types::{
-    BlockRef, ChainId, CommitIndex, CommitRef, CommittedSubDag, Committee, Epoch, PeerId,
+    BlockRef, ChainId, CommitIndex, CommitRef, CommittedSubDag, Committee, Epoch, Limits, PeerId,
     TrustedCommit, VerifiedBlock,
 };
 use soma_wire::convert::Availability;
@@ -72,6 +72,11 @@ pub struct Settings {
     pub timeout: Duration,
     /// Whether synced block signatures are checked (digests always are).
     pub verify_synced_block_signatures: bool,
+    /// The verification limits, which bound what peers may send.
+    pub limits: Limits,
+    /// Bytes of commits a server puts in one FetchCommits answer (the
+    /// network's `max-fetch-response-bytes`); certifier blocks come on top.
+    pub commit_budget_bytes: usize,
     /// Injected faults, for tests.
     pub faults: Option<Arc<FaultPlan>>,
 }
@@ -414,6 +419,18 @@ impl StateSync {
                     });
                 }
             });
+        }
+    }
+
+    /// What the core needs to know of the epoch `committee` starts.
+    fn epoch_start(&self, committee: &Committee) -> EpochStart {
+        EpochStart {
+            epoch: committee.epoch(),
+            commit_answer_bytes: commit_answer_bytes(
+                &self.settings.limits,
+                self.settings.commit_budget_bytes,
+                committee,
+            ),
         }
     }
 
@@ -861,17 +878,16 @@ fn verify_failure(error: VerifyError) -> Failure {
     }
 }
 
-/// What the core needs to know of the epoch `committee` starts.
-fn epoch_start(committee: &Committee) -> EpochStart {
-    EpochStart {
-        epoch: committee.epoch(),
-        certifiers: max_certifiers(committee),
-    }
-}
-
-/// [`Init::certifiers`] for the committee of the epoch sync resumes in.
-pub fn certifiers_of(committee: &Committee) -> usize {
-    max_certifiers(committee)
+/// The largest FetchCommits answer of `committee`'s epoch: the limits'
+/// bound for a certificate of at most [`max_certifiers`] blocks.
+pub fn commit_answer_bytes(
+    limits: &Limits,
+    commit_budget_bytes: usize,
+    committee: &Committee,
+) -> u64 {
+    let bytes =
+        limits.max_fetch_commits_response_bytes(commit_budget_bytes, max_certifiers(committee));
+    u64::try_from(bytes).unwrap_or(u64::MAX)
 }
 
 fn to_usize(bytes: u64) -> usize {
@@ -1002,7 +1018,7 @@ impl Handler<ApplyDone> for StateSync {
     fn handle(&mut self, msg: ApplyDone, ctx: &mut Context<Self>) {
         match msg.result {
             Ok(applied) => {
-                let next_epoch = applied.next_committee.as_ref().map(epoch_start);
+                let next_epoch = applied.next_committee.as_ref().map(|c| self.epoch_start(c));
                 // The next epoch's committee is installed before anything of
                 // that epoch is verified: the Verifier's mailbox is FIFO, and
                 // the next commit fetch starts after this step.
@@ -1081,7 +1097,7 @@ impl Handler<ApplyLocal> for StateSync {
             .into_actor(self)
             .map(|result, act, ctx| {
                 let (subdags, last, next_committee) = result?;
-                let next_epoch = next_committee.as_ref().map(epoch_start);
+                let next_epoch = next_committee.as_ref().map(|c| act.epoch_start(c));
                 if let Some(next) = next_committee {
                     act.verifier.do_send(InstallCommittee(next));
                 }

@@ -38,13 +38,6 @@ pub struct Config {
     /// whole before it can be counted, so each block fetch reserves one.
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: u64,
-    /// Largest encoded commit, in bytes (the verification limit).
-    #[serde(default = "default_max_commit_bytes")]
-    pub max_commit_bytes: u64,
-    /// Bytes of commits a server puts in one FetchCommits answer (its
-    /// `max-fetch-response-bytes`); certifier blocks come on top.
-    #[serde(default = "default_max_message_bytes")]
-    pub commit_answer_budget_bytes: u64,
     /// How long to wait when no peer can serve, in milliseconds.
     pub wait_interval_when_no_peer_ms: u64,
     /// Restarts of one task within `restart_window_ms` before its range
@@ -70,8 +63,6 @@ impl Default for Config {
             max_bytes_per_fetch: default_max_bytes_per_fetch(),
             max_block_bytes: default_max_block_bytes(),
             max_message_bytes: default_max_message_bytes(),
-            max_commit_bytes: default_max_commit_bytes(),
-            commit_answer_budget_bytes: default_max_message_bytes(),
             wait_interval_when_no_peer_ms: 1_000,
             max_restarts: 3,
             restart_window_ms: 60_000,
@@ -94,10 +85,6 @@ fn default_max_block_bytes() -> u64 {
 
 fn default_max_message_bytes() -> u64 {
     4 << 20
-}
-
-fn default_max_commit_bytes() -> u64 {
-    soma_types::Limits::default().max_commit_bytes as u64
 }
 
 /// Protobuf framing allowed on top of the payload of an answer.
@@ -125,16 +112,6 @@ impl Config {
     fn block_reserve(&self, max_bytes: u64) -> u64 {
         max_bytes + self.block_message_bytes(max_bytes)
     }
-
-    /// Largest FetchCommits answer when a certificate holds at most
-    /// `certifiers` blocks: the commit budget, one commit past it (the
-    /// first always goes), the certifier blocks and framing.
-    pub fn commit_answer_bytes(&self, certifiers: usize) -> u64 {
-        self.commit_answer_budget_bytes
-            .saturating_add(self.max_commit_bytes)
-            .saturating_add((certifiers as u64).saturating_mul(self.max_block_bytes))
-            .saturating_add(FRAMING_BYTES)
-    }
 }
 
 /// Everything a StateSync core is made from.
@@ -146,8 +123,9 @@ pub struct Init {
     pub synced: CommitRef,
     /// The epoch of the next commit to sync (the last committee installed).
     pub epoch: Epoch,
-    /// Most blocks a certificate of that epoch's committee needs.
-    pub certifiers: usize,
+    /// Largest FetchCommits answer of that epoch (it depends on the
+    /// committee: see `Limits::max_fetch_commits_response_bytes`).
+    pub commit_answer_bytes: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -193,6 +171,10 @@ struct Batch {
     end: CommitIndex,
     /// Reference of that commit.
     last: CommitRef,
+    /// The epoch its commits were verified against.
+    epoch: Epoch,
+    /// The peer that served its commits.
+    peer: Option<PeerId>,
     /// Bytes of the verified commits and certificate.
     commit_bytes: u64,
     /// Chunks of blocks, by offset in the batch's block order.
@@ -290,8 +272,8 @@ pub struct StateSyncCore {
     synced: CommitRef,
     /// The epoch of the commit after the applied watermark.
     epoch: Epoch,
-    /// Most blocks a certificate of the current committee needs.
-    certifiers: usize,
+    /// Largest FetchCommits answer of the current epoch.
+    commit_answer_bytes: u64,
     highest_known: CommitIndex,
     /// The end of the last verified commit batch (the next must link to it).
     verified: CommitRef,
@@ -322,7 +304,7 @@ impl Core for StateSyncCore {
             config: init.config,
             synced: init.synced,
             epoch: init.epoch,
-            certifiers: init.certifiers,
+            commit_answer_bytes: init.commit_answer_bytes,
             highest_known: init.synced.index,
             verified: init.synced,
             commit_task: None,
@@ -365,6 +347,7 @@ impl Core for StateSyncCore {
                 self.applying = None;
                 self.batches.remove(&start);
                 self.advance(last, next_epoch);
+                self.drop_ended_epoch(&mut out);
             }
             Input::ApplyFailed { start, reason } => {
                 tracing::warn!(start, %reason, "applying a batch failed; refetching");
@@ -373,6 +356,7 @@ impl Core for StateSyncCore {
             }
             Input::LocalApplied { last, next_epoch } => {
                 self.advance(last, next_epoch);
+                self.drop_ended_epoch(&mut out);
                 if self.verified.index < last.index {
                     // Local consensus moved past what sync planned.
                     self.reset(&mut out);
@@ -457,9 +441,32 @@ impl StateSyncCore {
             && next.epoch > self.epoch
         {
             self.epoch = next.epoch;
-            self.certifiers = next.certifiers;
+            self.commit_answer_bytes = next.commit_answer_bytes;
         }
         self.highest_known = self.highest_known.max(self.synced.index);
+    }
+
+    /// Batches verified while the epoch that has just ended was expected,
+    /// following the batch that ended it, are of an ended epoch: no honest
+    /// peer serves such commits (answers never cross an epoch, and the
+    /// next ones are of the new epoch). They are dropped, never applied,
+    /// and the peers that served them are banned.
+    fn drop_ended_epoch(&mut self, out: &mut Vec<Output>) {
+        let stale: Vec<(CommitIndex, Option<PeerId>)> = self
+            .batches
+            .iter()
+            .filter(|(start, b)| b.epoch < self.epoch && **start > self.synced.index)
+            .map(|(start, b)| (*start, b.peer))
+            .collect();
+        if stale.is_empty() {
+            return;
+        }
+        for (_, peer) in &stale {
+            if let Some(peer) = peer {
+                out.push(Output::Misbehaved { peer: *peer });
+            }
+        }
+        self.reset(out);
     }
 
     /// Once every verified batch is applied the expected epoch is known:
@@ -532,6 +539,8 @@ impl StateSyncCore {
                     Batch {
                         end: info.end,
                         last: info.last,
+                        epoch: info.epoch,
+                        peer,
                         commit_bytes: info.bytes,
                         chunks,
                     },
@@ -671,7 +680,7 @@ impl StateSyncCore {
 
         // Commits: one fetch at a time, within the read-ahead and byte bounds.
         let start = self.verified.index + 1;
-        let reserve = self.config.commit_answer_bytes(self.certifiers);
+        let reserve = self.commit_answer_bytes;
         if self.commit_task.is_none()
             && self.epoch_claim.is_none()
             && start <= self.highest_known
@@ -785,7 +794,7 @@ mod tests {
             config,
             synced: r(0),
             epoch: 0,
-            certifiers: 3,
+            commit_answer_bytes: 5 << 20,
         })
     }
 
@@ -1093,7 +1102,7 @@ mod tests {
             10,
             Some(EpochStart {
                 epoch: 1,
-                certifiers: 5,
+                commit_answer_bytes: 6 << 20,
             }),
         );
         assert_eq!(c.expected_epoch(), 1);
@@ -1125,7 +1134,7 @@ mod tests {
             10,
             Some(EpochStart {
                 epoch: 1,
-                certifiers: 3,
+                commit_answer_bytes: 5 << 20,
             }),
         );
         assert!(!out.iter().any(|o| matches!(o, Output::Misbehaved { .. })));
@@ -1147,6 +1156,51 @@ mod tests {
         );
         assert_eq!(commit_fetch_epoch(&out), Some((0, true)));
         assert_eq!(commit_fetch(&out).map(|(_, s, _)| s), Some(11));
+    }
+
+    #[test]
+    fn a_batch_of_an_epoch_that_ended_before_it_is_dropped_and_its_server_banned() {
+        // A retired committee's keys certify commits past its epoch's end;
+        // while the end is fetched but not applied they verify against the
+        // epoch still expected.
+        let mut c = core(config());
+        let (t, _, _) = commit_fetch(&tick(&mut c, 0, 30)).unwrap();
+        let out = commits_ok(&mut c, 0, t, 1, 10, 5);
+        let honest_blocks = block_fetches(&out)[0];
+        let (t2, _, _) = commit_fetch(&out).unwrap();
+        let out = c.handle(
+            Time(0),
+            Input::CommitsFetched {
+                task: t2,
+                peer: Some(LIAR),
+                result: Ok(CommitBatchInfo {
+                    start: 11,
+                    end: 20,
+                    last: r(20),
+                    epoch: 0,
+                    block_count: 5,
+                    bytes: 0,
+                }),
+            },
+        );
+        let forged_blocks = block_fetches(&out)[0];
+        blocks_ok(&mut c, forged_blocks.0);
+        blocks_ok(&mut c, honest_blocks.0);
+        // Commit 10 ended epoch 0: the batch after it cannot be of epoch 0.
+        let out = applied_ending(
+            &mut c,
+            1,
+            10,
+            Some(EpochStart {
+                epoch: 1,
+                commit_answer_bytes: 5 << 20,
+            }),
+        );
+        assert!(out.contains(&Output::Misbehaved { peer: LIAR }), "{out:?}");
+        assert!(out.contains(&Output::Reset));
+        assert!(!out.contains(&Output::Apply { start: 11 }));
+        assert_eq!(commit_fetch(&out).map(|(_, s, _)| s), Some(11));
+        assert_eq!(commit_fetch_epoch(&out), Some((1, true)));
     }
 
     #[test]
@@ -1281,18 +1335,14 @@ mod tests {
             max_block_bytes: MIB,
             max_bytes_per_fetch: 2 * MIB,
             max_message_bytes: MIB,
-            max_commit_bytes: MIB,
-            commit_answer_budget_bytes: MIB,
             max_total_fetched_bytes: 30 * MIB,
             ..config()
         };
         // A block fetch of 4 blocks may bring 2 MiB, and reserves one more
-        // message: 3 MiB and framing. A commit answer with 3 certifiers:
-        // 1 + 1 + 3 MiB and framing.
+        // message: 3 MiB and framing. A commit answer: 5 MiB (see `core`).
         let block = 3 * MIB + FRAMING_BYTES;
-        let commits = 5 * MIB + FRAMING_BYTES;
+        let commits = 5 * MIB;
         assert_eq!(config.block_reserve(config.block_fetch_bytes(4)), block);
-        assert_eq!(config.commit_answer_bytes(3), commits);
         let mut c = core(config.clone());
         let out = tick(&mut c, 0, 1_000);
         assert_eq!(c.fetched_bytes(), commits);
@@ -1340,8 +1390,6 @@ mod tests {
                 max_block_bytes: MIB,
                 max_bytes_per_fetch: 2 * MIB,
                 max_message_bytes: MIB,
-                commit_answer_budget_bytes: MIB,
-                max_commit_bytes: MIB,
                 max_total_fetched_bytes: 20 * MIB,
                 ..config()
             };

@@ -28,9 +28,9 @@ pub struct CommitBatchInfo {
 pub struct EpochStart {
     /// The new epoch.
     pub epoch: Epoch,
-    /// Most blocks a certificate of its committee needs: it bounds the
-    /// size of a commit answer.
-    pub certifiers: usize,
+    /// Largest FetchCommits answer of the epoch (it depends on the
+    /// committee: see `Limits::max_fetch_commits_response_bytes`).
+    pub commit_answer_bytes: u64,
 }
 
 /// Why a task failed. Peer faults and local faults are told apart, so that

@@ -29,7 +29,7 @@ mod core;
 mod messages;
 
 pub use actor::{
-    ApplyLocal, FaultPlan, GetSyncStatus, Settings, StateSync, SyncStatus, certifiers_of,
+    ApplyLocal, FaultPlan, GetSyncStatus, Settings, StateSync, SyncStatus, commit_answer_bytes,
 };
 pub use core::{Config, Init, StateSyncCore};
 pub use messages::{CommitBatchInfo, EpochStart, Failure, Input, LocalFailure, Output, TaskId};

@@ -362,7 +362,13 @@ fn start_actors(config: &P2pConfig, node: NodeParts) -> Result<Started, StartErr
                         config: sync_config(&config),
                         synced,
                         epoch,
-                        certifiers: last_committee.as_ref().map_or(1, state_sync::certifiers_of),
+                        commit_answer_bytes: last_committee.as_ref().map_or(0, |c| {
+                            state_sync::commit_answer_bytes(
+                                &config.verifier.limits,
+                                config.grpc.max_fetch_response_bytes,
+                                c,
+                            )
+                        }),
                     },
                     state_sync::Settings {
                         chain_id,
@@ -370,6 +376,8 @@ fn start_actors(config: &P2pConfig, node: NodeParts) -> Result<Started, StartErr
                         height_query_interval: config.height_query_interval,
                         timeout: config.timeout,
                         verify_synced_block_signatures: config.verify_synced_block_signatures,
+                        limits: config.verifier.limits.clone(),
+                        commit_budget_bytes: config.grpc.max_fetch_response_bytes,
                         faults: config.faults.clone(),
                     },
                     store,
@@ -436,15 +444,12 @@ pub(super) fn now_ms() -> u64 {
 }
 
 /// The StateSync core's settings, with the limits it shares with the rest
-/// of the node filled in: the verification limits, the servers' commit
-/// budget, and a restart window that spans several request timeouts (or a
+/// of the node filled in: the largest block, the servers' message size,
+/// and a restart window that spans several request timeouts (or a
 /// peer that always times out would never pass the intensity limit).
 fn sync_config(config: &P2pConfig) -> state_sync::Config {
-    let limits = &config.verifier.limits;
     let mut sync = config.state_sync.clone();
-    sync.max_block_bytes = limits.max_block_bytes as u64;
-    sync.max_commit_bytes = limits.max_commit_bytes as u64;
-    sync.commit_answer_budget_bytes = config.grpc.max_fetch_response_bytes as u64;
+    sync.max_block_bytes = config.verifier.limits.max_block_bytes as u64;
     sync.max_message_bytes = config.grpc.max_fetch_response_bytes as u64;
     sync.max_bytes_per_fetch = sync.max_bytes_per_fetch.max(sync.max_block_bytes);
     let timeouts = u64::from(sync.max_restarts) + 1;
