@@ -9,6 +9,7 @@
 use std::path::PathBuf;
 
 use actix::Actor;
+use soma_actors::connections::PeerEvent;
 use soma_actors::peer_heights::{
     Config, HighestKnownCommit, OutcomeKind, PeerHeights, PeersBehind, PeersForRange, RemovePeer,
     ReportOutcome, Snapshot, UpdateHeight,
@@ -34,7 +35,17 @@ fn main() -> std::io::Result<()> {
             highest,
             lowest,
         };
-        // Three peers on our chain, one on another.
+        // Three peers on our chain, one on another; only connected peers
+        // are tracked.
+        for p in 1..=4 {
+            heights
+                .send(PeerEvent::Connected {
+                    peer: peer(p),
+                    address: format!("10.0.0.{p}:8080"),
+                })
+                .await
+                .unwrap();
+        }
         heights.send(update(1, ours, 1, 400)).await.unwrap();
         heights.send(update(2, ours, 1, 350)).await.unwrap();
         heights.send(update(3, ours, 101, 420)).await.unwrap();

@@ -311,29 +311,6 @@ async fn anonymous_caller_reads_but_may_not_push() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn push_commit_is_attributed_to_the_authenticated_caller() {
-    let chain = chain(32);
-    let a = validator(&chain, 1);
-    let caller = identity(42);
-    let mut client = client(&a, Some(&caller)).await;
-    client
-        .push_commit(proto::PushCommitRequest { index: 77 })
-        .await
-        .unwrap();
-    wait_for("the pushed height", || async {
-        a.peer_heights()
-            .await
-            .unwrap()
-            .iter()
-            .any(|v| v.peer == caller.peer_id() && v.highest == 77)
-    })
-    .await;
-    let views = a.peer_heights().await.unwrap();
-    assert_eq!(views.len(), 1, "only the caller is credited: {views:?}");
-    a.shutdown().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dialling_with_the_wrong_peer_id_fails() {
     let chain = chain(32);
     let a = validator(&chain, 1);

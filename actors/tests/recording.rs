@@ -3,6 +3,7 @@
 
 use actix::Actor;
 use soma_actors::Blob;
+use soma_actors::connections::PeerEvent;
 use soma_actors::peer_heights::{
     Config as HeightsConfig, HighestKnownCommit, OutcomeKind, PeerHeights, PeersForRange,
     ReportOutcome, UpdateHeight,
@@ -25,6 +26,13 @@ async fn recorded_actor_runs_replay_exactly() {
     )
     .start();
     for p in 1..=5u8 {
+        heights
+            .send(PeerEvent::Connected {
+                peer: PeerId([p; 32]),
+                address: format!("10.0.0.{p}:8080"),
+            })
+            .await
+            .unwrap();
         heights
             .send(UpdateHeight {
                 peer: PeerId([p; 32]),
@@ -99,8 +107,9 @@ async fn recorded_actor_runs_replay_exactly() {
     }
 
     let report = replay(&heights_trace).unwrap();
-    // Five updates, ten queries with ten outcomes, one last query.
-    assert_eq!((report.actor.as_str(), report.inputs), ("peer_heights", 26));
+    // Five connections and updates, ten queries with ten outcomes, one
+    // last query.
+    assert_eq!((report.actor.as_str(), report.inputs), ("peer_heights", 31));
     let report = replay(&verifier_trace).unwrap();
     assert_eq!(report.actor, "verifier");
     // Install, two requests, and the Done of the one that ran.

@@ -4,9 +4,13 @@ use soma_types::{CommitIndex, PeerId};
 use super::core::{Config, PeerHeightsCore};
 use super::messages::*;
 use crate::Driver;
+use crate::connections::PeerEvent;
 use crate::replay::Recorder;
 
 /// The PeerHeights actor: a thin shell around [`PeerHeightsCore`].
+///
+/// It must receive Connections' [`PeerEvent`]s (subscribe it with
+/// `SubscribePeerEvents` before any dial): it tracks only connected peers.
 pub struct PeerHeights {
     driver: Driver<PeerHeightsCore>,
     mailbox_capacity: usize,
@@ -44,6 +48,18 @@ impl Actor for PeerHeights {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(self.mailbox_capacity);
+    }
+}
+
+impl Handler<PeerEvent> for PeerHeights {
+    type Result = ();
+    fn handle(&mut self, event: PeerEvent, _: &mut Context<Self>) {
+        let input = match event {
+            PeerEvent::Connected { peer, .. } => Input::Connected { peer },
+            PeerEvent::Disconnected { peer } => Input::Remove(RemovePeer { peer }),
+            PeerEvent::DialFailed { .. } => return,
+        };
+        self.step(input);
     }
 }
 

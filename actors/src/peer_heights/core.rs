@@ -1,4 +1,4 @@
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
@@ -9,10 +9,14 @@ use soma_types::{ChainId, CommitIndex, PeerId};
 use super::messages::*;
 use crate::{Core, Time};
 
-/// Throughput assumed for a peer never measured, so new peers get tried.
-const PRIOR_THROUGHPUT_BPS: u64 = 1_000_000;
+/// Recent failures (each success halves the count) from which a peer keeps
+/// failing: it ranks below every peer with fewer, measured or not.
+const FAILING_AT: u32 = 3;
 /// Failure count at which a peer's weight stops halving.
 const MAX_FAILURES: u32 = 16;
+/// Weight of a peer never measured, against other unmeasured peers only:
+/// its standing already ranks it below every measured peer.
+const UNMEASURED_WEIGHT: u64 = 1 << 20;
 /// Randomness added to balancer weights, in percent.
 const JITTER_PERCENT: u64 = 20;
 
@@ -25,45 +29,112 @@ pub struct Config {
     pub ban_duration_ms: u64,
     /// Seed of the balancer's randomness.
     pub seed: u64,
-    /// Peers tracked at most; reports from new peers beyond are ignored.
+    /// Connected peers tracked at most; when one more connects, the peer
+    /// heard from longest ago is forgotten.
     #[serde(default = "default_max_tracked_peers")]
     pub max_tracked_peers: usize,
+    /// Bans kept at most (at least one); beyond, the ban that ends first is
+    /// lifted early. Kept apart from tracked peers, so no flood of peers
+    /// lifts a ban.
+    #[serde(default = "default_max_bans")]
+    pub max_bans: usize,
 }
 
 fn default_max_tracked_peers() -> usize {
     1024
 }
 
+fn default_max_bans() -> usize {
+    4096
+}
+
 impl Config {
-    /// Settings with the default ban of 60 s.
+    /// Settings with the default ban of 60 s and the default bounds.
     pub fn new(chain_id: ChainId, seed: u64) -> Self {
         Config {
             chain_id,
             ban_duration_ms: Duration::from_secs(60).as_millis() as u64,
             seed,
             max_tracked_peers: default_max_tracked_peers(),
+            max_bans: default_max_bans(),
         }
     }
 }
 
+/// A connected peer: its claim and its score.
 #[derive(Clone, Debug)]
 struct Peer {
-    /// `None` until the peer reports its chain (a PushCommit tells only a
-    /// height); such a peer is in no sync answer.
+    /// `None` until the peer answers an availability query (a PushCommit
+    /// tells only a height); such a peer is in no sync answer.
     chain_id: Option<ChainId>,
     highest: CommitIndex,
     lowest: CommitIndex,
     throughput_bps: Option<u64>,
     failures: u32,
+    /// When it connected or last reported a height: the stalest peer is
+    /// the one forgotten when the table is full.
+    heard: Time,
+}
+
+impl Peer {
+    fn connected(now: Time) -> Self {
+        Peer {
+            chain_id: None,
+            highest: 0,
+            lowest: 0,
+            throughput_bps: None,
+            failures: 0,
+            heard: now,
+        }
+    }
+
+    /// Whether its availability claim covers `start..=end`.
+    fn claims(&self, start: CommitIndex, end: CommitIndex) -> bool {
+        self.chain_id.is_some() && start <= end && self.lowest <= start && end <= self.highest
+    }
+
+    /// Where the balancer ranks it before weights count.
+    fn standing(&self) -> Standing {
+        match self.throughput_bps {
+            _ if self.failures >= FAILING_AT => Standing::Failing,
+            None => Standing::Unmeasured,
+            Some(_) => Standing::Measured,
+        }
+    }
+
+    /// Its weight within its standing: throughput halved per recent failure.
+    fn weight(&self) -> u64 {
+        let throughput = self.throughput_bps.unwrap_or(UNMEASURED_WEIGHT);
+        (throughput >> self.failures.min(MAX_FAILURES)).max(1)
+    }
+}
+
+/// Balancer tiers, worst first: a peer never measured is tried after every
+/// measured peer that is not failing, and a failing peer after all others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Standing {
+    Failing,
+    Unmeasured,
+    Measured,
 }
 
 /// The logic of PeerHeights.
+///
+/// Only peers with a live authenticated connection are tracked: a peer
+/// Connections dialled, whose certificate proved its id, that answered a
+/// first call, and that has not been reported disconnected since (the
+/// [`Input::Connected`] and [`Input::Remove`] inputs). A caller that reached
+/// our server without our dialling it is authenticated too, but is not
+/// tracked: we hold no client to fetch from it, and tracking every such
+/// caller would let any number of identities fill the table. Reports of
+/// peers not tracked are ignored.
 pub struct PeerHeightsCore {
     config: Config,
+    /// Exactly the connected peers (at most `max_tracked_peers`).
     peers: BTreeMap<PeerId, Peer>,
     /// Bans outlive disconnections, so a banned peer cannot reconnect its
-    /// way out.
-    bans: HashMap<PeerId, Time>,
+    /// way out; at most `max_bans`.
+    bans: BTreeMap<PeerId, Time>,
     rng: ChaCha8Rng,
 }
 
@@ -78,34 +149,31 @@ impl Core for PeerHeightsCore {
             rng: ChaCha8Rng::seed_from_u64(config.seed),
             config,
             peers: BTreeMap::new(),
-            bans: HashMap::new(),
+            bans: BTreeMap::new(),
         }
     }
 
     fn handle(&mut self, now: Time, input: Input) -> Vec<Output> {
         self.bans.retain(|_, until| *until > now);
         match input {
+            Input::Connected { peer } => {
+                self.connected(now, peer);
+                vec![]
+            }
             Input::Update(u) => {
-                self.update(u);
+                if let Some(p) = self.peers.get_mut(&u.peer) {
+                    // The answer is the peer's claim now, lower or not.
+                    p.chain_id = Some(u.chain_id);
+                    p.highest = u.highest;
+                    p.lowest = u.lowest;
+                    p.heard = now;
+                }
                 vec![]
             }
             Input::Push(PushHeight { peer, highest }) => {
-                let room = self.peers.len() < self.config.max_tracked_peers;
-                match self.peers.get_mut(&peer) {
-                    Some(p) => p.highest = p.highest.max(highest),
-                    None if room => {
-                        self.peers.insert(
-                            peer,
-                            Peer {
-                                chain_id: None,
-                                highest,
-                                lowest: 0,
-                                throughput_bps: None,
-                                failures: 0,
-                            },
-                        );
-                    }
-                    None => {}
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    p.highest = p.highest.max(highest);
+                    p.heard = now;
                 }
                 vec![]
             }
@@ -130,32 +198,24 @@ impl Core for PeerHeightsCore {
 }
 
 impl PeerHeightsCore {
-    fn update(&mut self, u: UpdateHeight) {
-        if !self.peers.contains_key(&u.peer) && self.peers.len() >= self.config.max_tracked_peers {
+    fn connected(&mut self, now: Time, peer: PeerId) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.heard = now;
             return;
         }
-        match self.peers.get_mut(&u.peer) {
-            // The first chain report of a peer that only pushed a height so
-            // far is the same authenticated peer: its height still only
-            // moves up.
-            Some(p) if p.chain_id.is_none_or(|c| c == u.chain_id) => {
-                p.chain_id = Some(u.chain_id);
-                p.highest = p.highest.max(u.highest);
-                p.lowest = u.lowest;
+        if self.peers.len() >= self.config.max_tracked_peers {
+            // The first minimum in id order, so the choice is replayable.
+            let stalest = self
+                .peers
+                .iter()
+                .min_by_key(|(_, p)| p.heard)
+                .map(|(id, _)| *id);
+            if let Some(id) = stalest {
+                self.peers.remove(&id);
             }
-            _ => {
-                let stats = self.peers.remove(&u.peer);
-                self.peers.insert(
-                    u.peer,
-                    Peer {
-                        chain_id: Some(u.chain_id),
-                        highest: u.highest,
-                        lowest: u.lowest,
-                        throughput_bps: stats.as_ref().and_then(|s| s.throughput_bps),
-                        failures: stats.map_or(0, |s| s.failures),
-                    },
-                );
-            }
+        }
+        if self.peers.len() < self.config.max_tracked_peers {
+            self.peers.insert(peer, Peer::connected(now));
         }
     }
 
@@ -170,41 +230,47 @@ impl PeerHeightsCore {
         self.eligible().map(|(_, p)| p.highest).max()
     }
 
-    /// The PeerBalancer order: weight is measured throughput halved per
-    /// recent failure, times up to 20% seeded randomness so load spreads
-    /// over peers of similar speed.
+    /// The PeerBalancer order: by standing (measured, then never measured,
+    /// then failing), then by weight times up to 20% seeded randomness so
+    /// load spreads over peers of similar speed.
     fn peers_for_range(&mut self, start: CommitIndex, end: CommitIndex) -> Vec<PeerId> {
-        let candidates: Vec<(PeerId, u64)> = self
+        let candidates: Vec<(Standing, u64, PeerId)> = self
             .eligible()
             .filter(|(_, p)| p.lowest <= start && p.highest >= end)
-            .map(|(id, p)| {
-                let throughput = p.throughput_bps.unwrap_or(PRIOR_THROUGHPUT_BPS);
-                (*id, (throughput >> p.failures.min(MAX_FAILURES)).max(1))
-            })
+            .map(|(id, p)| (p.standing(), p.weight(), *id))
             .collect();
-        let mut weighted: Vec<(u128, PeerId)> = candidates
+        let mut ranked: Vec<(Standing, u128, PeerId)> = candidates
             .into_iter()
-            .map(|(id, weight)| {
+            .map(|(standing, weight, id)| {
                 let jitter = 100 + self.rng.random_range(0..=JITTER_PERCENT);
-                (u128::from(weight) * u128::from(jitter), id)
+                (standing, u128::from(weight) * u128::from(jitter), id)
             })
             .collect();
-        weighted.sort_by(|a, b| b.cmp(a));
-        weighted.into_iter().map(|(_, id)| id).collect()
+        ranked.sort_by(|a, b| b.cmp(a));
+        ranked.into_iter().map(|(_, _, id)| id).collect()
     }
 
     fn outcome(&mut self, now: Time, o: ReportOutcome) -> Vec<Output> {
+        let lie = match o.kind {
+            OutcomeKind::InvalidData => true,
+            // Denying commits it claims to hold is lying about its height.
+            OutcomeKind::NotFound { start, end } => self
+                .peers
+                .get(&o.peer)
+                .is_some_and(|p| p.claims(start, end)),
+            OutcomeKind::Success | OutcomeKind::Timeout | OutcomeKind::Error => false,
+        };
         let mut outputs = Vec::new();
-        if o.kind == OutcomeKind::InvalidData {
+        if lie {
             let until = now.after(Duration::from_millis(self.config.ban_duration_ms));
-            self.bans.insert(o.peer, until);
+            self.ban(o.peer, until);
             outputs.push(Output::Banned {
                 peer: o.peer,
                 until,
             });
         }
         if let Some(p) = self.peers.get_mut(&o.peer) {
-            match o.kind {
+            let failed = match o.kind {
                 OutcomeKind::Success => {
                     let sample = o.bytes.saturating_mul(1000) / o.latency_ms.max(1);
                     // Exponential moving average, weight 1/4 on the new sample.
@@ -213,28 +279,64 @@ impl PeerHeightsCore {
                         None => sample,
                     });
                     p.failures /= 2;
+                    false
                 }
-                OutcomeKind::Timeout | OutcomeKind::Error | OutcomeKind::InvalidData => {
-                    p.failures = (p.failures + 1).min(MAX_FAILURES);
-                }
+                // Asked below its lowest, it pruned since its claim: no fault.
+                OutcomeKind::NotFound { start, .. } => lie || start >= p.lowest,
+                OutcomeKind::Timeout | OutcomeKind::Error | OutcomeKind::InvalidData => true,
+            };
+            if failed {
+                p.failures = (p.failures + 1).min(MAX_FAILURES);
             }
         }
         outputs
     }
 
+    fn ban(&mut self, peer: PeerId, until: Time) {
+        if !self.bans.contains_key(&peer) && self.bans.len() >= self.config.max_bans {
+            let first_to_end = self
+                .bans
+                .iter()
+                .min_by_key(|(_, until)| **until)
+                .map(|(id, _)| *id);
+            if let Some(id) = first_to_end {
+                self.bans.remove(&id);
+            }
+        }
+        self.bans.insert(peer, until);
+    }
+
     fn snapshot(&self) -> Vec<PeerView> {
-        self.peers
+        let mut views: BTreeMap<PeerId, PeerView> = self
+            .peers
             .iter()
-            .map(|(id, p)| PeerView {
-                peer: *id,
-                chain_id: p.chain_id,
-                highest: p.highest,
-                lowest: p.lowest,
-                throughput_bps: p.throughput_bps.unwrap_or(0),
-                failures: p.failures,
-                banned_until: self.bans.get(id).copied(),
+            .map(|(id, p)| {
+                let view = PeerView {
+                    peer: *id,
+                    connected: true,
+                    chain_id: p.chain_id,
+                    highest: p.highest,
+                    lowest: p.lowest,
+                    throughput_bps: p.throughput_bps.unwrap_or(0),
+                    failures: p.failures,
+                    banned_until: self.bans.get(id).copied(),
+                };
+                (*id, view)
             })
-            .collect()
+            .collect();
+        for (id, until) in &self.bans {
+            views.entry(*id).or_insert(PeerView {
+                peer: *id,
+                connected: false,
+                chain_id: None,
+                highest: 0,
+                lowest: 0,
+                throughput_bps: 0,
+                failures: 0,
+                banned_until: Some(*until),
+            });
+        }
+        views.into_values().collect()
     }
 }
 
@@ -255,8 +357,12 @@ mod tests {
         PeerHeightsCore::new(Config::new(OURS, seed))
     }
 
+    fn connect(c: &mut PeerHeightsCore, now: Time, p: u8) -> Vec<Output> {
+        c.handle(now, Input::Connected { peer: peer(p) })
+    }
+
     fn update(c: &mut PeerHeightsCore, p: u8, chain: ChainId, lowest: u64, highest: u64) {
-        c.handle(
+        let out = c.handle(
             Time(0),
             Input::Update(UpdateHeight {
                 peer: peer(p),
@@ -265,6 +371,29 @@ mod tests {
                 lowest,
             }),
         );
+        assert_eq!(out, vec![]);
+    }
+
+    /// A peer connects and answers an availability query.
+    fn join(c: &mut PeerHeightsCore, p: u8, chain: ChainId, lowest: u64, highest: u64) {
+        assert_eq!(connect(c, Time(0), p), vec![]);
+        update(c, p, chain, lowest, highest);
+    }
+
+    fn push(c: &mut PeerHeightsCore, now: Time, p: u8, highest: u64) {
+        let out = c.handle(
+            now,
+            Input::Push(PushHeight {
+                peer: peer(p),
+                highest,
+            }),
+        );
+        assert_eq!(out, vec![]);
+    }
+
+    fn remove(c: &mut PeerHeightsCore, now: Time, p: u8) {
+        let out = c.handle(now, Input::Remove(RemovePeer { peer: peer(p) }));
+        assert_eq!(out, vec![]);
     }
 
     fn highest(c: &mut PeerHeightsCore, now: Time) -> Option<CommitIndex> {
@@ -294,6 +423,31 @@ mod tests {
         }
     }
 
+    fn snapshot(c: &mut PeerHeightsCore, now: Time) -> Vec<PeerView> {
+        match c.handle(now, Input::Snapshot).pop() {
+            Some(Output::Snapshot(s)) => s,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// Each tracked or banned peer as (id byte, connected, lowest, highest,
+    /// failures, banned until).
+    fn table(c: &mut PeerHeightsCore, now: Time) -> Vec<(u8, bool, u64, u64, u32, Option<u64>)> {
+        snapshot(c, now)
+            .into_iter()
+            .map(|v| {
+                (
+                    v.peer.0[0],
+                    v.connected,
+                    v.lowest,
+                    v.highest,
+                    v.failures,
+                    v.banned_until.map(|t| t.0),
+                )
+            })
+            .collect()
+    }
+
     fn outcome(
         c: &mut PeerHeightsCore,
         now: Time,
@@ -313,31 +467,51 @@ mod tests {
         )
     }
 
+    fn not_found(c: &mut PeerHeightsCore, now: Time, p: u8, start: u64, end: u64) -> Vec<Output> {
+        outcome(c, now, p, OutcomeKind::NotFound { start, end }, 0, 5)
+    }
+
     #[test]
     fn highest_known_is_the_max_over_peers() {
         let mut c = core(1);
         assert_eq!(highest(&mut c, Time(0)), None);
-        update(&mut c, 1, OURS, 1, 50);
-        update(&mut c, 2, OURS, 1, 80);
+        join(&mut c, 1, OURS, 1, 50);
+        join(&mut c, 2, OURS, 1, 80);
         assert_eq!(highest(&mut c, Time(0)), Some(80));
     }
 
     #[test]
-    fn height_never_moves_down_and_lowest_is_as_reported() {
+    fn availability_answer_replaces_the_claim_even_downwards() {
         let mut c = core(1);
-        update(&mut c, 1, OURS, 10, 100);
+        join(&mut c, 1, OURS, 10, 100);
+        join(&mut c, 2, OURS, 1, 70);
         update(&mut c, 1, OURS, 40, 60);
-        let Some(Output::Snapshot(s)) = c.handle(Time(0), Input::Snapshot).pop() else {
-            panic!("no snapshot")
-        };
-        assert_eq!((s[0].lowest, s[0].highest), (40, 100));
+        assert_eq!(
+            table(&mut c, Time(0)),
+            vec![(1, true, 40, 60, 0, None), (2, true, 1, 70, 0, None)]
+        );
+        assert_eq!(highest(&mut c, Time(0)), Some(70));
+        assert_eq!(for_range(&mut c, Time(0), 61, 70), vec![peer(2)]);
+    }
+
+    #[test]
+    fn push_only_raises_the_claim() {
+        let mut c = core(1);
+        join(&mut c, 1, OURS, 1, 10);
+        push(&mut c, Time(0), 1, 40);
+        push(&mut c, Time(0), 1, 30);
+        assert_eq!(table(&mut c, Time(0)), vec![(1, true, 1, 40, 0, None)]);
+        assert_eq!(highest(&mut c, Time(0)), Some(40));
+        // The next availability answer is the claim again, lower or not.
+        update(&mut c, 1, OURS, 1, 20);
+        assert_eq!(highest(&mut c, Time(0)), Some(20));
     }
 
     #[test]
     fn other_chain_peers_are_kept_out_of_every_answer() {
         let mut c = core(1);
-        update(&mut c, 1, THEIRS, 1, 1_000);
-        update(&mut c, 2, OURS, 1, 10);
+        join(&mut c, 1, THEIRS, 1, 1_000);
+        join(&mut c, 2, OURS, 1, 10);
         assert_eq!(highest(&mut c, Time(0)), Some(10));
         assert_eq!(for_range(&mut c, Time(0), 1, 10), vec![peer(2)]);
         assert_eq!(behind(&mut c, 500), vec![peer(2)]);
@@ -350,64 +524,145 @@ mod tests {
     #[test]
     fn pushed_height_counts_only_once_the_chain_is_known() {
         let mut c = core(1);
-        update(&mut c, 1, OURS, 1, 10);
-        let push = |c: &mut PeerHeightsCore, p, highest| {
-            c.handle(
-                Time(0),
-                Input::Push(PushHeight {
-                    peer: peer(p),
-                    highest,
-                }),
-            )
-        };
-        push(&mut c, 1, 40);
-        push(&mut c, 1, 30);
+        join(&mut c, 1, OURS, 1, 10);
+        connect(&mut c, Time(0), 9);
         // Peer 9's chain is unknown: tracked, but in no answer.
-        push(&mut c, 9, 1_000);
-        assert_eq!(highest(&mut c, Time(0)), Some(40));
+        push(&mut c, Time(0), 9, 1_000);
+        assert_eq!(highest(&mut c, Time(0)), Some(10));
         assert!(for_range(&mut c, Time(0), 1, 500).is_empty());
         update(&mut c, 9, OURS, 1, 20);
-        assert_eq!(highest(&mut c, Time(0)), Some(1_000));
+        assert_eq!(highest(&mut c, Time(0)), Some(20));
     }
 
     #[test]
-    fn tracked_peers_are_bounded() {
+    fn reports_of_peers_not_connected_are_ignored() {
+        let mut c = core(1);
+        update(&mut c, 5, OURS, 1, 100);
+        push(&mut c, Time(0), 6, 200);
+        assert_eq!(highest(&mut c, Time(0)), None);
+        assert_eq!(table(&mut c, Time(0)), vec![]);
+        // Connected, a peer is tracked before it reports anything.
+        connect(&mut c, Time(0), 5);
+        assert_eq!(table(&mut c, Time(0)), vec![(5, true, 0, 0, 0, None)]);
+        update(&mut c, 5, OURS, 1, 100);
+        assert_eq!(highest(&mut c, Time(0)), Some(100));
+        // A report that arrives after the disconnection is ignored too.
+        remove(&mut c, Time(1), 5);
+        update(&mut c, 5, OURS, 1, 100);
+        push(&mut c, Time(2), 5, 300);
+        assert_eq!(highest(&mut c, Time(2)), None);
+        assert_eq!(table(&mut c, Time(2)), vec![]);
+    }
+
+    #[test]
+    fn departed_peer_leaves_every_answer() {
+        let mut c = core(1);
+        join(&mut c, 1, OURS, 1, 100);
+        join(&mut c, 2, OURS, 1, 40);
+        remove(&mut c, Time(0), 1);
+        assert_eq!(highest(&mut c, Time(0)), Some(40));
+        assert!(for_range(&mut c, Time(0), 1, 100).is_empty());
+        assert_eq!(behind(&mut c, 500), vec![peer(2)]);
+        assert_eq!(table(&mut c, Time(0)), vec![(2, true, 1, 40, 0, None)]);
+    }
+
+    #[test]
+    fn full_table_forgets_the_peer_heard_from_longest_ago() {
         let mut c = PeerHeightsCore::new(Config {
             max_tracked_peers: 2,
             ..Config::new(OURS, 1)
         });
-        for p in 1..=3 {
-            update(&mut c, p, OURS, 1, u64::from(p));
-        }
+        connect(&mut c, Time(0), 1);
+        connect(&mut c, Time(1), 2);
+        // Peer 1 reports after peer 2 connected: peer 2 is now the stalest.
         c.handle(
-            Time(0),
-            Input::Push(PushHeight {
-                peer: peer(4),
-                highest: 99,
+            Time(5),
+            Input::Update(UpdateHeight {
+                peer: peer(1),
+                chain_id: OURS,
+                highest: 10,
+                lowest: 1,
             }),
         );
-        assert_eq!(highest(&mut c, Time(0)), Some(2));
-        let Some(Output::Snapshot(s)) = c.handle(Time(0), Input::Snapshot).pop() else {
-            panic!("no snapshot")
-        };
-        assert_eq!(s.len(), 2);
+        assert_eq!(connect(&mut c, Time(6), 3), vec![]);
+        assert_eq!(
+            table(&mut c, Time(6)),
+            vec![(1, true, 1, 10, 0, None), (3, true, 0, 0, 0, None)]
+        );
+        // The forgotten peer's reports are ignored until it connects again.
+        push(&mut c, Time(7), 2, 99);
+        assert_eq!(
+            table(&mut c, Time(7))
+                .iter()
+                .map(|v| v.0)
+                .collect::<Vec<_>>(),
+            vec![1, 3]
+        );
+        // A push counts as hearing from a peer: peer 3 now outlasts peer 1.
+        push(&mut c, Time(8), 3, 5);
+        connect(&mut c, Time(9), 4);
+        assert_eq!(
+            table(&mut c, Time(9)),
+            vec![(3, true, 0, 5, 0, None), (4, true, 0, 0, 0, None)]
+        );
     }
 
     #[test]
-    fn removed_peer_is_forgotten() {
-        let mut c = core(1);
+    fn a_flood_of_peers_never_lifts_a_ban() {
+        let mut c = PeerHeightsCore::new(Config {
+            max_tracked_peers: 2,
+            ..Config::new(OURS, 1)
+        });
+        join(&mut c, 1, OURS, 1, 100);
+        outcome(&mut c, Time(0), 1, OutcomeKind::InvalidData, 0, 5);
+        for p in 2..=9 {
+            connect(&mut c, Time(u64::from(p)), p);
+        }
+        // Peer 1 left the table, its ban did not.
+        assert_eq!(
+            table(&mut c, Time(10)),
+            vec![
+                (1, false, 0, 0, 0, Some(60_000)),
+                (8, true, 0, 0, 0, None),
+                (9, true, 0, 0, 0, None)
+            ]
+        );
+        connect(&mut c, Time(20), 1);
         update(&mut c, 1, OURS, 1, 100);
-        c.handle(Time(0), Input::Remove(RemovePeer { peer: peer(1) }));
-        assert_eq!(highest(&mut c, Time(0)), None);
-        assert!(for_range(&mut c, Time(0), 1, 10).is_empty());
+        assert_eq!(highest(&mut c, Time(30)), None);
+        assert!(behind(&mut c, 1_000).is_empty());
+    }
+
+    #[test]
+    fn full_ban_list_lifts_the_ban_that_ends_first() {
+        let mut c = PeerHeightsCore::new(Config {
+            max_bans: 2,
+            ..Config::new(OURS, 1)
+        });
+        for (p, now) in [(1, 0), (2, 10), (3, 20)] {
+            assert_eq!(
+                outcome(&mut c, Time(now), p, OutcomeKind::InvalidData, 0, 5),
+                vec![Output::Banned {
+                    peer: peer(p),
+                    until: Time(now + 60_000)
+                }]
+            );
+        }
+        assert_eq!(
+            table(&mut c, Time(30)),
+            vec![
+                (2, false, 0, 0, 0, Some(60_010)),
+                (3, false, 0, 0, 0, Some(60_020))
+            ]
+        );
     }
 
     #[test]
     fn peers_for_range_need_the_whole_range() {
         let mut c = core(1);
-        update(&mut c, 1, OURS, 1, 100);
-        update(&mut c, 2, OURS, 50, 300);
-        update(&mut c, 3, OURS, 1, 40);
+        join(&mut c, 1, OURS, 1, 100);
+        join(&mut c, 2, OURS, 50, 300);
+        join(&mut c, 3, OURS, 1, 40);
         let mut got = for_range(&mut c, Time(0), 60, 90);
         got.sort();
         assert_eq!(got, vec![peer(1), peer(2)]);
@@ -418,8 +673,8 @@ mod tests {
     #[test]
     fn peers_behind_are_below_the_index() {
         let mut c = core(1);
-        update(&mut c, 1, OURS, 1, 100);
-        update(&mut c, 2, OURS, 1, 200);
+        join(&mut c, 1, OURS, 1, 100);
+        join(&mut c, 2, OURS, 1, 200);
         assert_eq!(behind(&mut c, 150), vec![peer(1)]);
         assert!(behind(&mut c, 100).is_empty());
     }
@@ -427,8 +682,8 @@ mod tests {
     #[test]
     fn invalid_data_bans_until_the_ban_ends() {
         let mut c = core(1);
-        update(&mut c, 1, OURS, 1, 100);
-        update(&mut c, 2, OURS, 1, 50);
+        join(&mut c, 1, OURS, 1, 100);
+        join(&mut c, 2, OURS, 1, 50);
         let out = outcome(&mut c, Time(1_000), 1, OutcomeKind::InvalidData, 0, 5);
         assert_eq!(
             out,
@@ -447,10 +702,14 @@ mod tests {
     #[test]
     fn ban_survives_disconnect_and_reconnect() {
         let mut c = core(1);
-        update(&mut c, 1, OURS, 1, 100);
+        join(&mut c, 1, OURS, 1, 100);
         outcome(&mut c, Time(0), 1, OutcomeKind::InvalidData, 0, 5);
-        c.handle(Time(10), Input::Remove(RemovePeer { peer: peer(1) }));
-        update(&mut c, 1, OURS, 1, 100);
+        remove(&mut c, Time(10), 1);
+        assert_eq!(
+            table(&mut c, Time(10)),
+            vec![(1, false, 0, 0, 0, Some(60_000))]
+        );
+        join(&mut c, 1, OURS, 1, 100);
         assert_eq!(highest(&mut c, Time(20)), None);
         assert_eq!(highest(&mut c, Time(60_000)), Some(100));
     }
@@ -458,9 +717,67 @@ mod tests {
     #[test]
     fn banned_peers_are_not_told_of_commits() {
         let mut c = core(1);
-        update(&mut c, 1, OURS, 1, 10);
+        join(&mut c, 1, OURS, 1, 10);
         outcome(&mut c, Time(0), 1, OutcomeKind::InvalidData, 0, 5);
         assert!(behind(&mut c, 100).is_empty());
+    }
+
+    #[test]
+    fn not_found_inside_the_claim_is_a_lie_and_bans() {
+        let mut c = core(1);
+        join(&mut c, 1, OURS, 10, 100);
+        join(&mut c, 2, OURS, 1, 50);
+        assert_eq!(
+            not_found(&mut c, Time(1_000), 1, 10, 100),
+            vec![Output::Banned {
+                peer: peer(1),
+                until: Time(61_000)
+            }]
+        );
+        assert_eq!(
+            table(&mut c, Time(1_000)),
+            vec![
+                (1, true, 10, 100, 1, Some(61_000)),
+                (2, true, 1, 50, 0, None)
+            ]
+        );
+        assert_eq!(highest(&mut c, Time(1_000)), Some(50));
+        assert!(for_range(&mut c, Time(1_000), 60, 70).is_empty());
+    }
+
+    #[test]
+    fn not_found_below_the_claimed_lowest_is_no_fault() {
+        let mut c = core(1);
+        join(&mut c, 1, OURS, 10, 100);
+        assert_eq!(not_found(&mut c, Time(0), 1, 5, 20), vec![]);
+        // Asked on an older claim; the peer has pruned since.
+        update(&mut c, 1, OURS, 50, 100);
+        assert_eq!(not_found(&mut c, Time(0), 1, 10, 49), vec![]);
+        assert_eq!(table(&mut c, Time(0)), vec![(1, true, 50, 100, 0, None)]);
+        assert_eq!(for_range(&mut c, Time(0), 50, 100), vec![peer(1)]);
+    }
+
+    #[test]
+    fn not_found_above_the_claim_is_a_failure_that_lowers_nothing() {
+        let mut c = core(1);
+        join(&mut c, 1, OURS, 10, 100);
+        assert_eq!(not_found(&mut c, Time(0), 1, 90, 150), vec![]);
+        assert_eq!(not_found(&mut c, Time(0), 1, 101, 200), vec![]);
+        // An empty range claims nothing either.
+        assert_eq!(not_found(&mut c, Time(0), 1, 50, 20), vec![]);
+        assert_eq!(table(&mut c, Time(0)), vec![(1, true, 10, 100, 3, None)]);
+        assert_eq!(highest(&mut c, Time(0)), Some(100));
+    }
+
+    #[test]
+    fn not_found_from_a_peer_not_tracked_is_ignored() {
+        let mut c = core(1);
+        assert_eq!(not_found(&mut c, Time(0), 1, 1, 10), vec![]);
+        assert_eq!(table(&mut c, Time(0)), vec![]);
+        // Connected but never answered: it claimed nothing, so no lie.
+        connect(&mut c, Time(0), 1);
+        assert_eq!(not_found(&mut c, Time(0), 1, 0, 0), vec![]);
+        assert_eq!(table(&mut c, Time(0)), vec![(1, true, 0, 0, 1, None)]);
     }
 
     #[test]
@@ -468,7 +785,7 @@ mod tests {
         let order = |seed| {
             let mut c = core(seed);
             for p in 1..=8 {
-                update(&mut c, p, OURS, 1, 100);
+                join(&mut c, p, OURS, 1, 100);
             }
             (0..5)
                 .map(|_| for_range(&mut c, Time(0), 1, 100))
@@ -479,11 +796,55 @@ mod tests {
     }
 
     #[test]
+    fn unmeasured_peer_ranks_below_every_measured_good_peer() {
+        let mut c = core(5);
+        for p in 1..=3 {
+            join(&mut c, p, OURS, 1, 100);
+        }
+        // Peer 1: 1 KB/s. Peer 2: 100 MB/s, one timeout. Peer 3: unmeasured.
+        outcome(&mut c, Time(0), 1, OutcomeKind::Success, 1_000, 1_000);
+        outcome(&mut c, Time(0), 2, OutcomeKind::Success, 10_000_000, 100);
+        outcome(&mut c, Time(0), 2, OutcomeKind::Timeout, 0, 10_000);
+        for _ in 0..50 {
+            assert_eq!(
+                for_range(&mut c, Time(0), 1, 100),
+                vec![peer(2), peer(1), peer(3)]
+            );
+        }
+    }
+
+    #[test]
+    fn peer_that_keeps_timing_out_sinks_below_every_good_peer() {
+        let mut c = core(9);
+        for p in 1..=3 {
+            join(&mut c, p, OURS, 1, 100);
+        }
+        // Peer 1: 10 GB/s, then times out again and again. Peer 2: 1 B/s.
+        // Peer 3: unmeasured.
+        outcome(&mut c, Time(0), 1, OutcomeKind::Success, 1_000_000_000, 100);
+        outcome(&mut c, Time(0), 2, OutcomeKind::Success, 1, 1_000);
+        for _ in 0..2 {
+            outcome(&mut c, Time(0), 1, OutcomeKind::Timeout, 0, 10_000);
+        }
+        assert_eq!(for_range(&mut c, Time(0), 1, 100)[0], peer(1));
+        outcome(&mut c, Time(0), 1, OutcomeKind::Timeout, 0, 10_000);
+        for _ in 0..50 {
+            assert_eq!(
+                for_range(&mut c, Time(0), 1, 100),
+                vec![peer(2), peer(3), peer(1)]
+            );
+        }
+        // Still offered last, and successes win it back.
+        outcome(&mut c, Time(0), 1, OutcomeKind::Success, 1_000_000_000, 100);
+        assert_eq!(for_range(&mut c, Time(0), 1, 100)[0], peer(1));
+    }
+
+    #[test]
     fn balancer_favours_a_fast_peer_over_a_failing_one() {
         let mut c = core(7);
-        update(&mut c, 1, OURS, 1, 100);
-        update(&mut c, 2, OURS, 1, 100);
-        update(&mut c, 3, OURS, 1, 100);
+        join(&mut c, 1, OURS, 1, 100);
+        join(&mut c, 2, OURS, 1, 100);
+        join(&mut c, 3, OURS, 1, 100);
         // Peer 1: fast. Peer 2: slow. Peer 3: fast but times out.
         outcome(&mut c, Time(0), 1, OutcomeKind::Success, 10_000_000, 100);
         outcome(&mut c, Time(0), 2, OutcomeKind::Success, 100_000, 100);
@@ -504,8 +865,8 @@ mod tests {
     #[test]
     fn jitter_spreads_load_over_equal_peers() {
         let mut c = core(3);
-        update(&mut c, 1, OURS, 1, 100);
-        update(&mut c, 2, OURS, 1, 100);
+        join(&mut c, 1, OURS, 1, 100);
+        join(&mut c, 2, OURS, 1, 100);
         let firsts: std::collections::HashSet<_> = (0..50)
             .map(|_| for_range(&mut c, Time(0), 1, 100)[0])
             .collect();

@@ -4,8 +4,9 @@ use soma_types::{ChainId, CommitIndex, PeerId};
 
 use crate::Time;
 
-/// A peer reported its commit availability (GetCommitAvailability or
-/// PushCommit). `highest` only ever moves up; `lowest` is taken as reported.
+/// A peer answered GetCommitAvailability: its current claim. Both bounds
+/// replace the last claim, so `highest` may move down; ignored unless the
+/// peer is connected.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Message)]
 #[rtype(result = "()")]
 pub struct UpdateHeight {
@@ -19,9 +20,9 @@ pub struct UpdateHeight {
     pub lowest: CommitIndex,
 }
 
-/// A peer told us (PushCommit) it synced up to `highest`. A peer that has
-/// not reported its chain yet is tracked, but kept out of every sync answer
-/// until it does.
+/// A peer told us (PushCommit) it synced up to `highest`: this only raises
+/// its claim. Ignored unless the peer is connected; a peer that has not
+/// reported its chain yet is kept out of every sync answer until it does.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Message)]
 #[rtype(result = "()")]
 pub struct PushHeight {
@@ -31,7 +32,7 @@ pub struct PushHeight {
     pub highest: CommitIndex,
 }
 
-/// A peer disconnected: forget its heights (a ban is kept).
+/// A peer disconnected: forget its claim and its score (a ban is kept).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Message)]
 #[rtype(result = "()")]
 pub struct RemovePeer {
@@ -39,7 +40,7 @@ pub struct RemovePeer {
     pub peer: PeerId,
 }
 
-/// The highest commit of any unbanned peer on our chain.
+/// The highest commit claimed by any connected, unbanned peer on our chain.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Message)]
 #[rtype(result = "Option<CommitIndex>")]
 pub struct HighestKnownCommit;
@@ -54,7 +55,8 @@ pub struct PeersForRange {
     pub end: CommitIndex,
 }
 
-/// Unbanned peers on our chain whose highest commit is below `index`.
+/// Connected, unbanned peers on our chain whose highest commit is below
+/// `index`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Message)]
 #[rtype(result = "Vec<PeerId>")]
 pub struct PeersBehind {
@@ -74,6 +76,16 @@ pub enum OutcomeKind {
     Error,
     /// It sent data that failed verification: the peer is banned.
     InvalidData,
+    /// It answered NOT_FOUND for commits `start..=end`. Judged against its
+    /// claim: inside `[lowest, highest]` it lied about its height and is
+    /// banned; starting below `lowest` it pruned, no fault; above its
+    /// claim, a failure.
+    NotFound {
+        /// First commit asked for.
+        start: CommitIndex,
+        /// Last commit asked for.
+        end: CommitIndex,
+    },
 }
 
 /// The result of a request to a peer, for the balancer and bans.
@@ -95,18 +107,22 @@ pub struct ReportOutcome {
 #[rtype(result = "Vec<PeerView>")]
 pub struct Snapshot;
 
-/// What PeerHeights knows of one peer.
+/// What PeerHeights knows of one peer: a connected peer, or a banned one
+/// that has left (then only its ban is known).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerView {
     /// The peer.
     pub peer: PeerId,
+    /// Whether it is connected (tracked); a departed peer is listed only
+    /// while banned.
+    pub connected: bool,
     /// The chain it is on, once it has reported it.
     pub chain_id: Option<ChainId>,
-    /// Its highest synced commit.
+    /// Its claimed highest synced commit.
     pub highest: CommitIndex,
-    /// Its lowest available commit.
+    /// Its claimed lowest available commit.
     pub lowest: CommitIndex,
-    /// Estimated throughput, bytes per second.
+    /// Estimated throughput, bytes per second (0 until measured).
     pub throughput_bps: u64,
     /// Recent failures (halved by each success).
     pub failures: u32,
@@ -118,11 +134,17 @@ pub struct PeerView {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Input {
+    /// Connections holds a verified connection to `peer`: it is tracked
+    /// from now on.
+    Connected {
+        /// The peer.
+        peer: PeerId,
+    },
     /// See [`UpdateHeight`].
     Update(UpdateHeight),
     /// See [`PushHeight`].
     Push(PushHeight),
-    /// See [`RemovePeer`].
+    /// See [`RemovePeer`]; also the shell's input for a disconnection.
     Remove(RemovePeer),
     /// See [`HighestKnownCommit`].
     HighestKnown,
@@ -144,9 +166,11 @@ pub enum Output {
     HighestKnown(Option<CommitIndex>),
     /// Answer to [`Input::PeersForRange`] and [`Input::PeersBehind`].
     Peers(Vec<PeerId>),
-    /// Answer to [`Input::Snapshot`], ordered by peer id.
+    /// Answer to [`Input::Snapshot`]: connected peers and banned departed
+    /// ones, ordered by peer id.
     Snapshot(Vec<PeerView>),
-    /// A peer was banned after sending invalid data.
+    /// A peer was banned after sending invalid data or denying commits it
+    /// claims to hold.
     Banned {
         /// The peer.
         peer: PeerId,

@@ -1,11 +1,18 @@
 //! How far each peer's chain reaches, and which peers to fetch from.
 //!
-//! PeerHeights keeps, per peer, the chain it is on, its highest synced and
-//! lowest available commit, a throughput estimate, a failure count and a
-//! ban. It answers the questions state sync asks: the highest commit known
-//! on our chain, the peers that can serve a range (best first, the
-//! PeerBalancer order), and the peers that are behind. Peers on another chain
-//! and banned peers are left out of every answer.
+//! PeerHeights keeps, per connected peer, the chain it is on, its claimed
+//! highest synced and lowest available commit, a throughput estimate and a
+//! failure count; bans are kept apart and outlive disconnections. It answers
+//! the questions state sync asks: the highest commit known on our chain, the
+//! peers that can serve a range (best first, the PeerBalancer order), and the
+//! peers that are behind. Peers on another chain, banned peers and departed
+//! peers are left out of every answer.
+//!
+//! Heights are claims. An availability answer replaces the last one (it may
+//! move down), a PushCommit may only raise it, and a NOT_FOUND for commits
+//! inside the claim is a lie, punished like invalid data. Only peers with a
+//! live connection held by Connections are tracked, so the table follows
+//! `PeerEvent`s and is bounded by `max_tracked_peers`; bans by `max_bans`.
 
 mod actor;
 mod core;

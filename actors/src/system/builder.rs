@@ -11,7 +11,7 @@ use tokio::sync::{broadcast, oneshot};
 
 use super::config::P2pConfig;
 use super::handle::{Actors, Inner, P2pHandle, Running};
-use crate::connections::Connections;
+use crate::connections::{Connections, SubscribePeerEvents};
 use crate::discovery::{self, Discovery};
 use crate::grpc::{GrpcAdapter, P2pService};
 use crate::peer_heights::{self, PeerHeights};
@@ -357,6 +357,8 @@ fn start_actors(config: &P2pConfig, node: NodeParts) -> Result<Started, StartErr
                     Recorder::from_env("connections"),
                 )
                 .start();
+                // Before any dial, so PeerHeights sees every connection.
+                connections.do_send(SubscribePeerEvents(heights.clone().recipient()));
                 let state_sync = StateSync::new(
                     state_sync::Init {
                         config: sync_config(&config),

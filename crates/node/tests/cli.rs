@@ -366,5 +366,5 @@ fn replay_command_reports_the_first_difference() {
     let output = soma(&["replay", copy.to_str().unwrap()]);
     let err = stderr(&output);
     assert_eq!(output.status.code(), Some(1), "stderr: {err}");
-    assert!(err.contains("line 11"), "{err}");
+    assert!(err.contains("line 13"), "{err}");
 }

@@ -1,0 +1,211 @@
+//! PeerHeights in running nodes, over real mutual TLS and real gRPC: only
+//! peers the node holds a connection to are tracked, a flood of identities
+//! pushing heights cannot crowd out an honest peer, and a peer that leaves
+//! is forgotten.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use soma_actors::{P2pConfig, P2pHandle};
+use soma_chain::{Chain, ChainBuilder, ChainConfig};
+use soma_store::{ConsensusStore, MemStore};
+use soma_types::{KeyPair, PeerId};
+use soma_wire::proto::{self, p2p_client::P2pClient};
+use soma_wire::tls::{self, NodeIdentity};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Identities that push heights, more than PeerHeights' 1,024 tracked peers.
+const FLOOD: usize = 1_100;
+
+/// Pushes in flight at once during the flood.
+const FLOOD_CONCURRENCY: usize = 16;
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .try_init();
+}
+
+fn chain() -> Chain {
+    ChainBuilder::new(ChainConfig {
+        commits_per_epoch: Some(150),
+        ..ChainConfig::validators(4)
+    })
+    .build(300)
+}
+
+fn start(chain: &Chain, key: u8, config: P2pConfig) -> (P2pHandle, Arc<dyn ConsensusStore>) {
+    let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+    let node = soma_testkit::node(chain, key, config, store.clone());
+    (node, store)
+}
+
+/// The network key of flood identity `i`, distinct for every `i < 2^16`.
+fn flood_key(i: usize) -> KeyPair {
+    let mut seed = [0xF1; 32];
+    seed[..2].copy_from_slice(&(i as u16).to_le_bytes());
+    KeyPair::from_seed(seed)
+}
+
+/// Calls PushCommit on `node` as `identity`, over a connection of its own.
+async fn push(node: &P2pHandle, identity: &NodeIdentity, index: u64) {
+    let (channel, _) = tls::connect(
+        &node.local_addr().to_string(),
+        Some(identity),
+        Some(node.peer_id()),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("connects");
+    P2pClient::new(channel)
+        .push_commit(proto::PushCommitRequest { index })
+        .await
+        .expect("the push is accepted");
+}
+
+async fn wait_for<F: std::future::Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
+    let deadline = Instant::now() + WAIT;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn assert_same_chain(chain: &Chain, store: &dyn ConsensusStore) {
+    assert_eq!(
+        store.highest_synced_commit().unwrap(),
+        chain.commit_ref(chain.tip())
+    );
+    for i in 1..=chain.tip() {
+        let commit = store.commit(i).unwrap().expect("every commit is stored");
+        assert_eq!(commit.reference(), chain.commit_ref(i));
+        let refs: Vec<_> = chain.blocks_of(i).iter().map(|b| b.reference()).collect();
+        let blocks = store.blocks(&refs).unwrap();
+        for (block, expected) in blocks.iter().zip(chain.blocks_of(i)) {
+            let block = block.as_ref().expect("every block is stored");
+            assert_eq!(block.serialized(), expected.serialized());
+        }
+    }
+    for c in chain.committees() {
+        assert_eq!(store.committee(c.epoch()).unwrap().as_ref(), Some(c));
+    }
+}
+
+async fn tracked(node: &P2pHandle) -> Vec<PeerId> {
+    node.peer_heights()
+        .await
+        .unwrap()
+        .iter()
+        .map(|v| v.peer)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heights_pushed_by_a_flood_of_identities_do_not_stop_sync_from_an_honest_peer() {
+    init_tracing();
+    let chain = chain();
+    let (node, store) = start(&chain, 9, P2pConfig::default());
+
+    // 1,100 authenticated callers, none of which the node dialled, each
+    // claim a height far past the chain's tip.
+    let started = Instant::now();
+    let pushed = futures::stream::iter(0..FLOOD)
+        .map(|i| {
+            let node = &node;
+            async move {
+                let identity = NodeIdentity::generate(&flood_key(i)).unwrap();
+                push(node, &identity, 1_000_000 + i as u64).await;
+            }
+        })
+        .buffer_unordered(FLOOD_CONCURRENCY)
+        .count()
+        .await;
+    assert_eq!(pushed, FLOOD);
+    tracing::info!(elapsed = ?started.elapsed(), "flood pushed");
+    // Each push reached PeerHeights before its answer was sent, so this
+    // snapshot comes after all of them: none is tracked.
+    assert_eq!(tracked(&node).await, Vec::<PeerId>::new());
+
+    // The honest peer arrives: it is tracked and the node syncs all of it.
+    let honest = soma_testkit::validator(&chain, 1);
+    node.connect(Some(honest.peer_id()), honest.local_addr().to_string());
+    soma_testkit::wait_synced(&node, chain.tip(), WAIT).await;
+    assert_same_chain(&chain, store.as_ref());
+    let views = node.peer_heights().await.unwrap();
+    assert_eq!(
+        views
+            .iter()
+            .map(|v| (v.peer, v.connected, v.highest))
+            .collect::<Vec<_>>(),
+        vec![(honest.peer_id(), true, chain.tip())]
+    );
+    assert_eq!(node.sync_status().await.unwrap().highest_known, chain.tip());
+    node.shutdown().await;
+    honest.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_counts_only_from_a_peer_the_node_is_connected_to() {
+    init_tracing();
+    let chain = chain();
+    // Heights are asked once, at connection; only pushes move them after.
+    let config = P2pConfig {
+        height_query_interval: Duration::from_secs(3_600),
+        ..P2pConfig::default()
+    };
+    let (a, _) = start(&chain, 1, config);
+    let (b, _) = start(&chain, 42, P2pConfig::default());
+    let stranger = NodeIdentity::generate(&KeyPair::from_seed([43; 32])).unwrap();
+    push(&a, &stranger, 77).await;
+
+    a.connect(Some(b.peer_id()), b.local_addr().to_string());
+    wait_for("b's availability answer", || async {
+        a.peer_heights()
+            .await
+            .unwrap()
+            .iter()
+            .any(|v| v.peer == b.peer_id() && v.chain_id == Some(chain.chain_id()))
+    })
+    .await;
+    // Another TLS certificate bound to b's network key is b.
+    let as_b = NodeIdentity::generate(&KeyPair::from_seed([42; 32])).unwrap();
+    push(&a, &as_b, 10_000).await;
+    wait_for("b's pushed height", || async {
+        a.peer_heights()
+            .await
+            .unwrap()
+            .iter()
+            .any(|v| v.peer == b.peer_id() && v.highest == 10_000)
+    })
+    .await;
+    // The stranger pushed first, through the same adapter: it was ignored,
+    // not merely late.
+    assert_eq!(tracked(&a).await, vec![b.peer_id()]);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_that_disconnects_is_forgotten() {
+    init_tracing();
+    let chain = chain();
+    let mut config = P2pConfig::default();
+    // A dead connection is noticed at the next probe.
+    config.connections.probe_interval_ms = 100;
+    let (node, _) = start(&chain, 9, config);
+    let honest = soma_testkit::validator(&chain, 1);
+    node.connect(Some(honest.peer_id()), honest.local_addr().to_string());
+    soma_testkit::wait_synced(&node, chain.tip(), WAIT).await;
+    assert_eq!(tracked(&node).await, vec![honest.peer_id()]);
+
+    honest.shutdown().await;
+    wait_for("the departed peer to be forgotten", || async {
+        tracked(&node).await.is_empty()
+    })
+    .await;
+    assert!(node.connected_peers().await.unwrap().is_empty());
+    node.shutdown().await;
+}
