@@ -75,23 +75,7 @@ async fn wait_for<F: std::future::Future<Output = bool>>(what: &str, mut check: 
 }
 
 fn assert_same_chain(chain: &Chain, store: &dyn ConsensusStore) {
-    assert_eq!(
-        store.highest_synced_commit().unwrap(),
-        chain.commit_ref(chain.tip())
-    );
-    for i in 1..=chain.tip() {
-        let commit = store.commit(i).unwrap().expect("every commit is stored");
-        assert_eq!(commit.reference(), chain.commit_ref(i));
-        let refs: Vec<_> = chain.blocks_of(i).iter().map(|b| b.reference()).collect();
-        let blocks = store.blocks(&refs).unwrap();
-        for (block, expected) in blocks.iter().zip(chain.blocks_of(i)) {
-            let block = block.as_ref().expect("every block is stored");
-            assert_eq!(block.serialized(), expected.serialized());
-        }
-    }
-    for c in chain.committees() {
-        assert_eq!(store.committee(c.epoch()).unwrap().as_ref(), Some(c));
-    }
+    soma_testkit::assert_same_chain(chain, store);
 }
 
 async fn tracked(node: &P2pHandle) -> Vec<PeerId> {

@@ -651,18 +651,22 @@ impl Worker {
 
     /// Tells PeerHeights how a request went. Only what the peer did counts:
     /// our own failures (a busy Verifier, say) are never held against it.
+    /// `range` is the range the peer was chosen for: a NOT_FOUND inside
+    /// what it claims to hold is a lie about its height.
     fn report(
         &self,
         peer: PeerId,
         started: Instant,
         bytes: u64,
+        (start, end): (CommitIndex, CommitIndex),
         result: &Result<impl Sized, Failure>,
     ) {
         let kind = match result {
             Ok(_) => OutcomeKind::Success,
             Err(Failure::Timeout) => OutcomeKind::Timeout,
             Err(Failure::Invalid(_)) => OutcomeKind::InvalidData,
-            Err(Failure::Status { .. } | Failure::NotFound) => OutcomeKind::Error,
+            Err(Failure::NotFound) => OutcomeKind::NotFound { start, end },
+            Err(Failure::Status { .. }) => OutcomeKind::Error,
             Err(_) => return,
         };
         self.heights.do_send(ReportOutcome {
@@ -699,7 +703,8 @@ impl Worker {
             Err(f) => Err(f),
         };
         let bytes = result.as_ref().map_or(0, BatchData::commit_bytes);
-        self.report(peer, started, bytes, &result);
+        // The peer was chosen for `start` alone: an honest one serves it.
+        self.report(peer, started, bytes, (wanted.start, wanted.start), &result);
         Ok((Some(peer), result))
     }
 
@@ -780,7 +785,7 @@ impl Worker {
         let bytes = result.as_ref().map_or(0, |blocks| {
             blocks.iter().map(|b| b.serialized().len() as u64).sum()
         });
-        self.report(peer, started, bytes, &result);
+        self.report(peer, started, bytes, (batch, end), &result);
         Ok((Some(peer), result))
     }
 

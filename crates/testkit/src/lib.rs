@@ -3,6 +3,8 @@
 //! A dev-dependency only; no production crate depends on it.
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod byzantine;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -82,5 +84,67 @@ pub async fn wait_synced(node: &P2pHandle, target: u64, deadline: Duration) -> D
             status.synced
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Asserts that `store` holds exactly `chain`: its watermark is the tip, and
+/// every commit, every block (byte for byte), every committee and every
+/// epoch end is the chain's.
+pub fn assert_same_chain(chain: &Chain, store: &dyn ConsensusStore) {
+    assert_eq!(
+        store.highest_synced_commit().expect("the store reads"),
+        chain.commit_ref(chain.tip())
+    );
+    for i in 1..=chain.tip() {
+        let commit = store
+            .commit(i)
+            .expect("the store reads")
+            .unwrap_or_else(|| panic!("commit {i} missing"));
+        assert_eq!(commit.reference(), chain.commit_ref(i));
+        let expected = chain.blocks_of(i);
+        let refs: Vec<_> = expected.iter().map(|b| b.reference()).collect();
+        let blocks = store.blocks(&refs).expect("the store reads");
+        for ((r, block), want) in refs.iter().zip(blocks).zip(expected) {
+            let block = block.unwrap_or_else(|| panic!("block {r} of commit {i} missing"));
+            assert_eq!(block.serialized(), want.serialized(), "block {r}");
+        }
+    }
+    for c in chain.committees() {
+        assert_eq!(
+            store
+                .committee(c.epoch())
+                .expect("the store reads")
+                .as_ref(),
+            Some(c),
+            "committee of epoch {}",
+            c.epoch()
+        );
+        assert_eq!(
+            store
+                .last_commit_of_epoch(c.epoch())
+                .expect("the store reads"),
+            chain.epoch_last(c.epoch()),
+            "end of epoch {}",
+            c.epoch()
+        );
+    }
+}
+
+/// Waits until `node` has banned every peer of `peers`, polling every
+/// 20 ms; panics with what the node knows of its peers after `deadline`.
+pub async fn wait_banned(node: &P2pHandle, peers: &[soma_types::PeerId], deadline: Duration) {
+    let start = Instant::now();
+    loop {
+        let views = node.peer_heights().await.expect("the node runs");
+        let banned = |p: &soma_types::PeerId| {
+            views
+                .iter()
+                .any(|v| v.peer == *p && v.banned_until.is_some())
+        };
+        if peers.iter().all(banned) {
+            return;
+        }
+        assert!(start.elapsed() < deadline, "not all banned: {views:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

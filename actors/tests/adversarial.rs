@@ -1,0 +1,180 @@
+//! Peers that send data the node never judged before, or that exploits
+//! what the node assumed: an epoch it was not expecting, commits of an
+//! epoch that has ended, floods of blocks nobody asked for, repeated
+//! blocks, heights they do not hold. Each attack runs among honest peers,
+//! over real mutual-TLS gRPC.
+//!
+//! Every test has the same shape. The node starts with an honest validator
+//! that holds only the first part of the chain, and the liar, which claims
+//! all of it: once the node has what the honest peer holds, only the liar
+//! can serve the rest, so it is surely asked. The test waits until the liar
+//! is banned, checks nothing of it was applied, then connects a validator
+//! holding the whole chain and checks the node ends with exactly the chain.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use soma_actors::discovery::SeedPeer;
+use soma_actors::{P2pConfig, P2pHandle};
+use soma_chain::{Chain, ChainBuilder, ChainConfig};
+use soma_store::{ConsensusStore, MemStore};
+use soma_testkit::byzantine::{self, Lie};
+use soma_testkit::{assert_same_chain, seeds, validator, validator_up_to, wait_banned};
+use soma_types::PeerId;
+
+const DEADLINE: Duration = Duration::from_secs(120);
+/// Commits of the chain, in two epochs of 250.
+const TIP: u64 = 500;
+/// The end of epoch 0, and all the first honest validator holds.
+const EPOCH_END: u64 = 250;
+
+fn chain() -> Arc<Chain> {
+    Arc::new(
+        ChainBuilder::new(ChainConfig {
+            commits_per_epoch: Some(EPOCH_END),
+            ..ChainConfig::validators(4)
+        })
+        .build(TIP),
+    )
+}
+
+/// A running attack: the node under attack, its store, the liar and the
+/// honest validator that holds the chain up to [`EPOCH_END`].
+struct Attack {
+    chain: Arc<Chain>,
+    node: P2pHandle,
+    store: Arc<dyn ConsensusStore>,
+    liar: PeerId,
+    partial: P2pHandle,
+}
+
+impl Attack {
+    async fn start(lie: Lie, config: P2pConfig) -> Attack {
+        let chain = chain();
+        let partial = validator_up_to(&chain, EPOCH_END, 1);
+        let (liar, address) = byzantine::serve(chain.clone(), lie, 100).await;
+        let mut seed_peers = seeds(&[&partial]);
+        seed_peers.push(SeedPeer {
+            peer_id: Some(liar),
+            address,
+        });
+        let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+        let config = P2pConfig {
+            seed_peers,
+            timeout: Duration::from_secs(3),
+            // Bans must outlast the test, to be observed.
+            ban_duration: Duration::from_secs(3_600),
+            ..config
+        };
+        let node = soma_testkit::node(&chain, 9, config, store.clone());
+        Attack {
+            chain,
+            node,
+            store,
+            liar,
+            partial,
+        }
+    }
+
+    /// Waits for the liar's ban, checks that nothing past what the honest
+    /// peer holds was applied, then brings an honest validator holding
+    /// the whole chain and waits for the node to sync it exactly.
+    async fn liar_is_banned_then_sync_completes(self) {
+        wait_banned(&self.node, &[self.liar], DEADLINE).await;
+        let synced = self.store.highest_synced_commit().unwrap();
+        assert!(synced.index <= EPOCH_END, "{synced:?}");
+        assert_eq!(synced, self.chain.commit_ref(synced.index));
+        let full = validator(&self.chain, 2);
+        self.node
+            .connect(Some(full.peer_id()), full.local_addr().to_string());
+        soma_testkit::wait_synced(&self.node, TIP, DEADLINE).await;
+        assert_same_chain(&self.chain, self.store.as_ref());
+        let views = self.node.peer_heights().await.unwrap();
+        let liar = views.iter().find(|v| v.peer == self.liar);
+        assert!(liar.is_some_and(|v| v.banned_until.is_some()), "{views:?}");
+        self.node.shutdown().await;
+        self.partial.shutdown().await;
+        full.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_naming_an_unexpected_epoch_get_their_server_banned_and_never_park_sync() {
+    // The answer's commits say epoch u64::MAX. It used to be taken as the
+    // epoch to wait for, which parked every later commit fetch for good.
+    let attack = Attack::start(Lie::FutureEpoch, P2pConfig::default()).await;
+    attack.liar_is_banned_then_sync_completes().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retired_committee_cannot_extend_the_chain_past_its_epoch() {
+    // Right after epoch 0 ends, the liar serves a commit of epoch 0 linked
+    // to its last commit, certified by epoch 0's keys, whose leader carries
+    // an end of epoch: accepted, it would fork the chain and overwrite the
+    // committee of epoch 1.
+    let attack = Attack::start(Lie::RetiredCommittee, P2pConfig::default()).await;
+    let epoch1 = attack.chain.committee(1).unwrap().clone();
+    let store = attack.store.clone();
+    attack.liar_is_banned_then_sync_completes().await;
+    assert_eq!(store.committee(1).unwrap(), Some(epoch1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_repeating_blocks_is_cut_off_and_banned() {
+    let attack = Attack::start(Lie::RepeatsBlocks, P2pConfig::default()).await;
+    attack.liar_is_banned_then_sync_completes().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_claiming_heights_it_does_not_hold_is_banned_and_its_claim_dropped() {
+    let attack = Attack::start(Lie::ClaimsHeight, P2pConfig::default()).await;
+    // The claim draws the node's fetches beyond what the honest peer holds.
+    wait_banned(&attack.node, &[attack.liar], DEADLINE).await;
+    // Once the liar is banned its claim no longer counts: what is known is
+    // what the honest peer holds, not a million commits more.
+    let start = std::time::Instant::now();
+    loop {
+        let status = attack.node.sync_status().await.unwrap();
+        if status.highest_known == EPOCH_END {
+            break;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the lie still counts: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    attack.liar_is_banned_then_sync_completes().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verifier_back_pressure_is_never_charged_to_the_serving_peer() {
+    // A Verifier that admits one request at a time refuses most of the
+    // node's parallel requests as busy: a failure on our side, retried,
+    // never counted against the honest peer that served the data.
+    let chain = chain();
+    let honest = validator(&chain, 1);
+    let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+    let mut config = P2pConfig {
+        seed_peers: seeds(&[&honest]),
+        ..P2pConfig::default()
+    };
+    config.verifier.queue_capacity = 1;
+    let node = soma_testkit::node(&chain, 9, config, store.clone());
+    soma_testkit::wait_synced(&node, TIP, DEADLINE).await;
+    assert_same_chain(&chain, store.as_ref());
+    let status = node.sync_status().await.unwrap();
+    assert!(
+        status.restarts > 0,
+        "the Verifier was never busy: {status:?}"
+    );
+    assert_eq!(status.invalid_responses, 0, "{status:?}");
+    let views = node.peer_heights().await.unwrap();
+    let view = views
+        .iter()
+        .find(|v| v.peer == honest.peer_id())
+        .expect("the honest peer is tracked");
+    assert_eq!((view.failures, view.banned_until), (0, None), "{view:?}");
+    node.shutdown().await;
+    honest.shutdown().await;
+}

@@ -1,0 +1,348 @@
+//! Peers that lie: a gRPC server over mutual TLS that answers from a
+//! [`Chain`] and breaks exactly the rule its [`Lie`] names.
+//!
+//! Tests start one or several beside honest nodes and check that sync
+//! finishes from the honest ones, accepts nothing bad, and bans the liar.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use soma_chain::{Chain, corrupt};
+use soma_types::{AuthorityIndex, BlockRef, ChainId, Digest, KeyPair, PeerId, batch_end};
+use soma_wire::convert::Availability;
+use soma_wire::proto::{self, p2p_server};
+use soma_wire::tls::{self, AccessPolicy, NodeIdentity};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+/// How a byzantine peer lies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lie {
+    /// A certifier block's signature flipped.
+    ForgedCertifierSignature,
+    /// A commit in the middle of the batch does not link to the one before.
+    BrokenDigestChain,
+    /// Certifier blocks below quorum stake.
+    ShortCertificate,
+    /// The first block of each answer edited after signing.
+    WrongBlock,
+    /// The last block of each answer left out.
+    MissingBlock,
+    /// A block nobody asked for added to each answer.
+    ExtraBlock,
+    /// Says it is on another chain.
+    OtherChain,
+    /// Never answers a fetch.
+    NeverAnswers,
+    /// Repeats its block answer forever.
+    StreamsForever,
+    /// Honest, but answers every call after a long delay.
+    Slow,
+    /// Honest commits; FetchBlocks sends half the blocks, then fails.
+    CutsStreamMidway,
+    /// Relays another validator's data, honest except for every block
+    /// by this author: its signature forged.
+    ForgesBlocksOf(AuthorityIndex),
+    /// Likewise, with every block by this author edited after signing.
+    TampersBlocksOf(AuthorityIndex),
+    /// Likewise, with the author's certifier block forged too.
+    ForgesCertificateOf(AuthorityIndex),
+    /// Answers FetchCommits with well-formed commits that name the epoch
+    /// `u64::MAX`; honest blocks.
+    FutureEpoch,
+    /// Holds the keys of every retired committee: asked for the commit
+    /// right after an epoch's end, it answers with a commit that continues
+    /// the ended epoch, certified by a quorum of that epoch's keys, whose
+    /// leader carries the epoch's end (so applying it would install a
+    /// second next committee). Honest otherwise.
+    RetiredCommittee,
+    /// Answers FetchBlocks with endless chunks of one block-sized blob that
+    /// nobody asked for; honest commits.
+    FloodsBlocks,
+    /// Sends every block it is asked for twice; honest commits.
+    RepeatsBlocks,
+    /// Claims to hold a million commits more than the chain has, and
+    /// answers NOT_FOUND to every fetch.
+    ClaimsHeight,
+}
+
+/// Bytes of each blob a [`Lie::FloodsBlocks`] peer sends: the largest
+/// block, the most one FetchBlocks message carries.
+pub const FLOOD_BLOB_BYTES: usize = 4 << 20;
+
+/// Commits a [`Lie::ClaimsHeight`] peer claims beyond the chain's tip.
+pub const CLAIMED_EXTRA_COMMITS: u64 = 1_000_000;
+
+struct Evil {
+    chain: Arc<Chain>,
+    lie: Lie,
+}
+
+type BlockStream = Pin<Box<dyn Stream<Item = Result<proto::FetchBlocksResponse, Status>> + Send>>;
+
+impl Evil {
+    async fn stall(&self) {
+        match self.lie {
+            Lie::NeverAnswers => std::future::pending::<()>().await,
+            Lie::Slow => tokio::time::sleep(Duration::from_millis(1_500)).await,
+            _ => {}
+        }
+    }
+
+    /// The commit after the end of epoch `epoch` (commit `last`) as a
+    /// retired committee would certify it: same epoch, linked to `last`,
+    /// with `last`'s blocks and leader, voted for by re-signed certifiers.
+    fn retired_continuation(&self, last: u64) -> proto::FetchCommitsResponse {
+        let chain = &self.chain;
+        let ended = chain.commit(last);
+        let fake = corrupt::edit_commit(&ended.to_unverified(), |c| {
+            c.index = last + 1;
+            c.previous_digest = ended.reference().digest;
+            c.timestamp_ms += 1;
+        });
+        let epoch = ended.commit().epoch;
+        let certifiers: Vec<Bytes> = chain
+            .certificate(last)
+            .iter()
+            .map(|b| {
+                let key = chain
+                    .config()
+                    .protocol_key(epoch, b.block().author.0 as usize);
+                corrupt::resign(b, &key, |block| {
+                    block.commit_votes = vec![fake.reference()];
+                })
+                .serialized()
+                .clone()
+            })
+            .collect();
+        proto::FetchCommitsResponse {
+            commits: vec![fake.serialized().clone()],
+            certifier_blocks: certifiers,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl p2p_server::P2p for Evil {
+    async fn get_known_peers(
+        &self,
+        _: Request<proto::GetKnownPeersRequest>,
+    ) -> Result<Response<proto::GetKnownPeersResponse>, Status> {
+        Err(Status::unimplemented("liar"))
+    }
+
+    async fn get_commit_availability(
+        &self,
+        _: Request<proto::GetCommitAvailabilityRequest>,
+    ) -> Result<Response<proto::GetCommitAvailabilityResponse>, Status> {
+        let chain_id = if self.lie == Lie::OtherChain {
+            ChainId(Digest([0xee; 32]))
+        } else {
+            self.chain.chain_id()
+        };
+        let highest = match self.lie {
+            Lie::ClaimsHeight => self.chain.tip() + CLAIMED_EXTRA_COMMITS,
+            _ => self.chain.tip(),
+        };
+        Ok(Response::new(
+            Availability {
+                chain_id,
+                highest,
+                lowest: 1,
+            }
+            .into(),
+        ))
+    }
+
+    async fn get_commit_info(
+        &self,
+        _: Request<proto::GetCommitInfoRequest>,
+    ) -> Result<Response<proto::GetCommitInfoResponse>, Status> {
+        Ok(Response::new(proto::GetCommitInfoResponse { commit: None }))
+    }
+
+    async fn push_commit(
+        &self,
+        _: Request<proto::PushCommitRequest>,
+    ) -> Result<Response<proto::PushCommitResponse>, Status> {
+        Ok(Response::new(proto::PushCommitResponse {}))
+    }
+
+    async fn fetch_commits(
+        &self,
+        request: Request<proto::FetchCommitsRequest>,
+    ) -> Result<Response<proto::FetchCommitsResponse>, Status> {
+        self.stall().await;
+        let r = request.into_inner();
+        let chain = &self.chain;
+        if self.lie == Lie::ClaimsHeight || r.start > chain.tip() || r.start == 0 {
+            return Err(Status::not_found("not held"));
+        }
+        if self.lie == Lie::RetiredCommittee {
+            let previous_epoch_ended = chain
+                .committees()
+                .filter_map(|c| chain.epoch_last(c.epoch()))
+                .any(|last| last + 1 == r.start);
+            if previous_epoch_ended {
+                return Ok(Response::new(self.retired_continuation(r.start - 1)));
+            }
+        }
+        let epoch = chain.commit(r.start).commit().epoch;
+        let end = batch_end(r.start, 100, chain.epoch_last(epoch), chain.tip()).min(r.end);
+        let (mut commits, mut certifiers) = chain.fetch_commits(r.start..=end);
+        match self.lie {
+            Lie::ForgedCertifierSignature => {
+                certifiers[0] = corrupt::forge_signature(&certifiers[0].clone().into_trusted())
+            }
+            Lie::BrokenDigestChain if commits.len() > 1 => {
+                commits = corrupt::break_link(&commits, commits.len() / 2)
+            }
+            Lie::ShortCertificate => {
+                certifiers = corrupt::certificate_below_quorum(&certifiers, chain.committee_of(end))
+            }
+            Lie::ForgesCertificateOf(author) => {
+                for certifier in &mut certifiers {
+                    if certifier.block().author == author {
+                        *certifier = corrupt::forge_signature(&certifier.clone().into_trusted());
+                    }
+                }
+            }
+            Lie::FutureEpoch => {
+                commits = commits
+                    .iter()
+                    .map(|c| corrupt::edit_commit(c, |c| c.epoch = u64::MAX))
+                    .collect();
+            }
+            _ => {}
+        }
+        Ok(Response::new(proto::FetchCommitsResponse {
+            commits: commits.iter().map(|c| c.serialized().clone()).collect(),
+            certifier_blocks: certifiers.iter().map(|b| b.serialized().clone()).collect(),
+        }))
+    }
+
+    type FetchBlocksStream = BlockStream;
+
+    async fn fetch_blocks(
+        &self,
+        request: Request<proto::FetchBlocksRequest>,
+    ) -> Result<Response<BlockStream>, Status> {
+        self.stall().await;
+        if self.lie == Lie::ClaimsHeight {
+            return Err(Status::not_found("not held"));
+        }
+        if self.lie == Lie::FloodsBlocks {
+            let blob = Bytes::from(vec![0x5a; FLOOD_BLOB_BYTES]);
+            let chunk = proto::FetchBlocksResponse { blocks: vec![blob] };
+            let endless = tokio_stream::iter(std::iter::repeat(Ok(chunk)));
+            return Ok(Response::new(Box::pin(endless)));
+        }
+        let refs = request
+            .get_ref()
+            .refs
+            .iter()
+            .map(BlockRef::try_from)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let all: std::collections::HashMap<BlockRef, Bytes> = (1..=self.chain.tip())
+            .flat_map(|i| self.chain.blocks_of(i).iter())
+            .map(|b| (b.reference(), b.serialized().clone()))
+            .collect();
+        let mut blocks = refs
+            .iter()
+            .map(|r| all.get(r).cloned())
+            .collect::<Option<Vec<Bytes>>>()
+            .ok_or_else(|| Status::not_found("block not held"))?;
+        let stranger = self.chain.blocks_of(self.chain.tip())[0]
+            .serialized()
+            .clone();
+        match self.lie {
+            // These liars also lie about blocks, so nothing can be applied
+            // from liars alone and each one is asked until caught.
+            Lie::WrongBlock
+            | Lie::ForgedCertifierSignature
+            | Lie::BrokenDigestChain
+            | Lie::ShortCertificate => blocks[0] = tamper(&blocks[0]),
+            Lie::MissingBlock => {
+                blocks.pop();
+            }
+            Lie::ForgesBlocksOf(author) | Lie::ForgesCertificateOf(author) => {
+                for (r, b) in refs.iter().zip(&mut blocks) {
+                    if r.author == author {
+                        *b = forge(b);
+                    }
+                }
+            }
+            Lie::TampersBlocksOf(author) => {
+                for (r, b) in refs.iter().zip(&mut blocks) {
+                    if r.author == author {
+                        *b = tamper(b);
+                    }
+                }
+            }
+            Lie::ExtraBlock => blocks.push(stranger),
+            Lie::RepeatsBlocks => {
+                blocks = blocks.into_iter().flat_map(|b| [b.clone(), b]).collect();
+            }
+            Lie::StreamsForever => {
+                let chunk = proto::FetchBlocksResponse { blocks };
+                let endless = tokio_stream::iter(std::iter::repeat(Ok(chunk)));
+                return Ok(Response::new(Box::pin(endless)));
+            }
+            Lie::CutsStreamMidway => {
+                let half = blocks.len() / 2;
+                blocks.truncate(half.max(1));
+                let parts = vec![
+                    Ok(proto::FetchBlocksResponse { blocks }),
+                    Err(Status::unavailable("connection reset")),
+                ];
+                return Ok(Response::new(Box::pin(tokio_stream::iter(parts))));
+            }
+            _ => {}
+        }
+        let chunk = proto::FetchBlocksResponse { blocks };
+        Ok(Response::new(Box::pin(tokio_stream::iter(vec![Ok(chunk)]))))
+    }
+}
+
+/// The block changed after signing: its digest is no longer the one a
+/// commit names.
+fn tamper(bytes: &Bytes) -> Bytes {
+    let block = soma_types::VerifiedBlock::from_trusted_bytes(bytes.clone())
+        .expect("the chain's own blocks decode");
+    corrupt::tamper(&block, |b| b.timestamp_ms += 1)
+        .serialized()
+        .clone()
+}
+
+/// The block with its signature forged (so its digest changes too).
+fn forge(bytes: &Bytes) -> Bytes {
+    let block = soma_types::VerifiedBlock::from_trusted_bytes(bytes.clone())
+        .expect("the chain's own blocks decode");
+    corrupt::forge_signature(&block).serialized().clone()
+}
+
+/// Serves `lie` about `chain` over mutual TLS on 127.0.0.1, as the node
+/// `KeyPair::from_seed([key; 32])`; returns its peer id and address. It
+/// runs on the current tokio runtime until that runtime ends.
+pub async fn serve(chain: Arc<Chain>, lie: Lie, key: u8) -> (PeerId, String) {
+    let identity =
+        NodeIdentity::generate(&KeyPair::from_seed([key; 32])).expect("an identity is made");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a loopback port is free");
+    let address = listener
+        .local_addr()
+        .expect("a bound listener has an address")
+        .to_string();
+    let config =
+        tls::server_config(&identity, &AccessPolicy::default()).expect("a server config is made");
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(p2p_server::P2pServer::new(Evil { chain, lie }))
+            .serve_with_incoming(tls::incoming(listener, config)),
+    );
+    (identity.peer_id(), address)
+}
