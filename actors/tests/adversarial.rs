@@ -174,7 +174,7 @@ async fn verifier_back_pressure_is_never_charged_to_the_serving_peer() {
         .iter()
         .find(|v| v.peer == honest.peer_id())
         .expect("the honest peer is tracked");
-    assert_eq!((view.failures, view.banned_until), (0, None), "{view:?}");
+    assert_eq!((view.faults, view.banned_until), (0, None), "{view:?}");
     node.shutdown().await;
     honest.shutdown().await;
 }

@@ -57,6 +57,7 @@ async fn a_flood_of_unrequested_maximal_chunks_is_cut_at_the_first_block_and_mem
     // far below a budget that the old behaviour (buffering up to 4 MiB per
     // block asked for, 400 blocks per fetch) overran many times over.
     let grown = peak_rss().saturating_sub(before);
+    eprintln!("peak memory grew by {} KiB", grown / 1024);
     assert!(
         grown <= budget,
         "peak memory grew by {} MiB, over the {} MiB fetch budget",

@@ -583,3 +583,42 @@ async fn one_peer_is_never_sent_more_fetches_than_it_serves() {
     node.shutdown().await;
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_of_maximal_blocks_and_certificates_is_synced() {
+    // Blocks within 2% of the 4 MiB limit (63 transactions of 64 KiB): each
+    // certificate is three times the servers' 4 MiB commit budget, and any
+    // chunk of two blocks is more than one block fetch may bring, so chunks
+    // are split down to single blocks. None of it is the peer's fault.
+    let chain = ChainBuilder::new(ChainConfig {
+        transactions_per_block: 63,
+        payload_bytes: soma_types::Limits::default().max_transaction_payload_bytes,
+        ..ChainConfig::validators(4)
+    })
+    .build(3);
+    let smallest = (1..=chain.tip())
+        .flat_map(|i| chain.blocks_of(i))
+        .map(|b| b.serialized().len())
+        .min()
+        .unwrap();
+    assert!(smallest > 4_000_000, "{smallest}");
+    let honest = validator(&chain, 1);
+    let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+    let node = fresh(&chain, 9, &[&honest], store.clone());
+    wait_synced(&node, chain.tip()).await;
+    assert_same_chain(&chain, store.as_ref());
+    let status = node.sync_status().await.unwrap();
+    // One batch, first fetched as one chunk: each split adds a chunk, until
+    // every chunk is a single block.
+    assert_eq!(
+        status.restarts,
+        chain.block_count() as u64 - 1,
+        "{status:?}"
+    );
+    assert_eq!(status.invalid_responses, 0, "{status:?}");
+    let views = node.peer_heights().await.unwrap();
+    let view = views.iter().find(|v| v.peer == honest.peer_id()).unwrap();
+    assert_eq!((view.faults, view.banned_until), (0, None), "{view:?}");
+    node.shutdown().await;
+    honest.shutdown().await;
+}

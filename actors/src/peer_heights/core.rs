@@ -71,6 +71,8 @@ struct Peer {
     lowest: CommitIndex,
     throughput_bps: Option<u64>,
     failures: u32,
+    /// Outcomes held against it since it connected (never decays).
+    faults: u64,
     /// When it connected or last reported a height: the stalest peer is
     /// the one forgotten when the table is full.
     heard: Time,
@@ -84,6 +86,7 @@ impl Peer {
             lowest: 0,
             throughput_bps: None,
             failures: 0,
+            faults: 0,
             heard: now,
         }
     }
@@ -287,6 +290,7 @@ impl PeerHeightsCore {
             };
             if failed {
                 p.failures = (p.failures + 1).min(MAX_FAILURES);
+                p.faults += 1;
             }
         }
         outputs
@@ -319,6 +323,7 @@ impl PeerHeightsCore {
                     lowest: p.lowest,
                     throughput_bps: p.throughput_bps.unwrap_or(0),
                     failures: p.failures,
+                    faults: p.faults,
                     banned_until: self.bans.get(id).copied(),
                 };
                 (*id, view)
@@ -333,6 +338,7 @@ impl PeerHeightsCore {
                 lowest: 0,
                 throughput_bps: 0,
                 failures: 0,
+                faults: 0,
                 banned_until: Some(*until),
             });
         }

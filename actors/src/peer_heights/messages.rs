@@ -126,6 +126,9 @@ pub struct PeerView {
     pub throughput_bps: u64,
     /// Recent failures (halved by each success).
     pub failures: u32,
+    /// Outcomes held against it (timeouts, errors, invalid data, denied
+    /// ranges) since it connected; unlike `failures`, never decays.
+    pub faults: u64,
     /// Banned until this time, if banned.
     pub banned_until: Option<Time>,
 }

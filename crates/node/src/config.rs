@@ -97,8 +97,11 @@ pub struct P2pSection {
     pub max_blocks_per_fetch: usize,
     /// Largest FetchBlocks chunk or FetchCommits answer, in bytes.
     pub max_fetch_response_bytes: usize,
-    /// Fetched, not yet applied bytes at most.
+    /// Bytes fetches may hold at most: each fetch in flight counts from
+    /// the moment it is sent, fetched batches until applied.
     pub max_total_fetched_bytes: u64,
+    /// Bytes of blocks one FetchBlocks may bring (larger chunks are split).
+    pub max_bytes_per_fetch: u64,
     /// Time allowed for one request.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
@@ -139,6 +142,7 @@ impl Default for P2pSection {
             max_blocks_per_fetch: p.state_sync.max_blocks_per_fetch,
             max_fetch_response_bytes: p.grpc.max_fetch_response_bytes,
             max_total_fetched_bytes: p.state_sync.max_total_fetched_bytes,
+            max_bytes_per_fetch: p.state_sync.max_bytes_per_fetch,
             timeout: p.timeout,
             wait_interval_when_no_peer: Duration::from_millis(
                 p.state_sync.wait_interval_when_no_peer_ms,
@@ -380,6 +384,12 @@ impl NodeConfig {
             p.max_total_fetched_bytes.to_string(),
         )?;
         range(
+            "p2p.max-bytes-per-fetch",
+            "between 4194304 (the largest block) and 1073741824",
+            ((4 << 20)..=(1u64 << 30)).contains(&p.max_bytes_per_fetch),
+            p.max_bytes_per_fetch.to_string(),
+        )?;
+        range(
             "store-cache-bytes",
             "between 1048576 and 68719476736",
             ((1 << 20)..=(64usize << 30)).contains(&self.store_cache_bytes),
@@ -431,6 +441,7 @@ impl NodeConfig {
         c.state_sync.batches_ahead = p.batches_ahead;
         c.state_sync.max_blocks_per_fetch = p.max_blocks_per_fetch;
         c.state_sync.max_total_fetched_bytes = p.max_total_fetched_bytes;
+        c.state_sync.max_bytes_per_fetch = p.max_bytes_per_fetch;
         c.state_sync.wait_interval_when_no_peer_ms =
             p.wait_interval_when_no_peer.as_millis() as u64;
         c.grpc.commit_sync_batch_size = p.commit_sync_batch_size;
@@ -509,9 +520,12 @@ parallel-fetches = {parallel}
 max-fetches-per-peer = {per_peer}
 batches-ahead = {ahead}
 max-blocks-per-fetch = {blocks}
-# Bounds: largest response chunk, fetched-but-unapplied bytes.
+# Bounds: largest response chunk; bytes fetches may hold (each fetch counts
+# the most its answer may bring from the moment it is sent); bytes of
+# blocks one block fetch may bring (larger chunks are split).
 max-fetch-response-bytes = {resp}
 max-total-fetched-bytes = {total}
+max-bytes-per-fetch = {per_fetch}
 # Time allowed per request; wait when no peer can serve; ban for bad data.
 timeout = "{timeout}"
 wait-interval-when-no-peer = "{wait}"
@@ -542,6 +556,7 @@ max-inbound-connections = {inbound}
         blocks = p.max_blocks_per_fetch,
         resp = p.max_fetch_response_bytes,
         total = p.max_total_fetched_bytes,
+        per_fetch = p.max_bytes_per_fetch,
         timeout = humantime_serde::re::humantime::format_duration(p.timeout),
         wait = humantime_serde::re::humantime::format_duration(p.wait_interval_when_no_peer),
         ban = humantime_serde::re::humantime::format_duration(p.ban_duration),
