@@ -173,3 +173,73 @@ impl Coefficients {
         Scalar::from(u128::from_le_bytes(z))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use curve25519_dalek::constants::EIGHT_TORSION;
+
+    /// Signatures by keys of prime and of mixed order, whose nonces carry
+    /// torsion components of every order: each passes the single check.
+    fn signatures() -> (Vec<PreparedKey>, Vec<([u8; 48], [u8; 64], usize)>) {
+        let secrets: Vec<Scalar> = (1..=3u8)
+            .map(|i| Scalar::from_bytes_mod_order_wide(&[i; 64]))
+            .collect();
+        let mut keys: Vec<PreparedKey> = secrets
+            .iter()
+            .map(|a| PreparedKey::new(&(ED25519_BASEPOINT_POINT * a).compress().0).unwrap())
+            .collect();
+        let mixed = ED25519_BASEPOINT_POINT * secrets[0] + EIGHT_TORSION[3];
+        keys.push(PreparedKey::new(&mixed.compress().0).unwrap());
+        let mut out = Vec::new();
+        for i in 0..24u8 {
+            let key = usize::from(i % 4);
+            let a = secrets[key % 3];
+            let r = Scalar::from(u64::from(i) + 100);
+            let nonce = (ED25519_BASEPOINT_POINT * r + EIGHT_TORSION[usize::from(i % 8)])
+                .compress()
+                .0;
+            let mut message = [0u8; 48];
+            message[0] = i;
+            let mut signature = [0u8; 64];
+            signature[..32].copy_from_slice(&nonce);
+            let k = challenge(&signature, &keys[key].bytes, &message);
+            signature[32..].copy_from_slice(&(r + k * a).to_bytes());
+            assert!(keys[key].verify(&message, &signature));
+            out.push((message, signature, key));
+        }
+        (keys, out)
+    }
+
+    fn holds(keys: &[PreparedKey], signatures: &[([u8; 48], [u8; 64], usize)]) -> bool {
+        let entries: Vec<BatchEntry<'_>> = signatures
+            .iter()
+            .map(|(message, signature, key)| BatchEntry {
+                key: *key,
+                message,
+                signature,
+            })
+            .collect();
+        batch_equation_holds(keys, &entries)
+    }
+
+    /// The batch equation itself must pass whatever signatures that pass
+    /// alone it holds: the single check that names a culprit would hide a
+    /// batch equation refusing good batches, at the cost of a check per
+    /// signature.
+    #[test]
+    fn batch_equation_holds_for_signatures_that_pass_alone() {
+        let (keys, signatures) = signatures();
+        assert!(holds(&keys, &signatures));
+        for n in 1..signatures.len() {
+            assert!(holds(&keys, &signatures[..n]), "first {n}");
+            assert!(holds(&keys, &signatures[n..]), "from {n}");
+        }
+        for bad in [0, 5, 23] {
+            let mut broken = signatures.clone();
+            broken[bad].0[47] ^= 1;
+            assert!(!holds(&keys, &broken), "broken at {bad}");
+            assert!(!keys[broken[bad].2].verify(&broken[bad].0, &broken[bad].1));
+        }
+    }
+}
