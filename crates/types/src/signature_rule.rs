@@ -179,9 +179,12 @@ mod tests {
     use super::*;
     use curve25519_dalek::constants::EIGHT_TORSION;
 
+    /// A message, its signature and the index of its key.
+    type Signed = ([u8; 48], [u8; 64], usize);
+
     /// Signatures by keys of prime and of mixed order, whose nonces carry
     /// torsion components of every order: each passes the single check.
-    fn signatures() -> (Vec<PreparedKey>, Vec<([u8; 48], [u8; 64], usize)>) {
+    fn signatures() -> (Vec<PreparedKey>, Vec<Signed>) {
         let secrets: Vec<Scalar> = (1..=3u8)
             .map(|i| Scalar::from_bytes_mod_order_wide(&[i; 64]))
             .collect();
@@ -211,7 +214,7 @@ mod tests {
         (keys, out)
     }
 
-    fn holds(keys: &[PreparedKey], signatures: &[([u8; 48], [u8; 64], usize)]) -> bool {
+    fn holds(keys: &[PreparedKey], signatures: &[Signed]) -> bool {
         let entries: Vec<BatchEntry<'_>> = signatures
             .iter()
             .map(|(message, signature, key)| BatchEntry {
