@@ -33,7 +33,7 @@ fn block_signatures(c: &mut Criterion) {
     let mut group = c.benchmark_group("block_signatures_1000");
     group.throughput(Throughput::Elements(batch.len() as u64));
     group.bench_function("verify_batch", |b| b.iter(|| batch.verify().unwrap()));
-    group.bench_function("verify_strict_each", |b| {
+    group.bench_function("verify_single_each", |b| {
         b.iter(|| {
             for block in &blocks {
                 let key = &committee

@@ -1,9 +1,8 @@
 use std::sync::Arc;
 
-use ed25519_dalek::VerifyingKey;
 use serde::{Deserialize, Serialize};
 
-use crate::{Digest, Error, PeerId, PublicKey, Result, codec};
+use crate::{Digest, Error, PeerId, PreparedKey, PublicKey, Result, codec};
 
 /// An epoch number: the period during which one committee signs the chain.
 pub type Epoch = u64;
@@ -63,7 +62,7 @@ pub struct Committee {
 /// built, since every block signature check needs one, each with whether it
 /// is weak (of small order), which costs a scalar multiplication to learn.
 #[derive(Clone, Default)]
-struct KeyCache(Arc<Vec<(VerifyingKey, bool)>>);
+struct KeyCache(Arc<Vec<PreparedKey>>);
 
 impl PartialEq for KeyCache {
     /// Derived from the authorities, which are compared already.
@@ -99,7 +98,7 @@ impl Committee {
         }
         let keys = authorities
             .iter()
-            .map(|a| a.protocol_key.verifying_key().map(|k| (k, k.is_weak())))
+            .map(|a| a.protocol_key.prepare())
             .collect::<Result<Vec<_>>>()?;
         Ok(Committee {
             epoch,
@@ -109,19 +108,11 @@ impl Committee {
         })
     }
 
-    /// The decompressed protocol key of the authority at `index`.
-    pub fn protocol_verifying_key(&self, index: AuthorityIndex) -> Option<&VerifyingKey> {
-        self.keys.0.get(index.get()).map(|(key, _)| key)
-    }
-
-    /// The decompressed protocol key of the authority at `index` and whether
-    /// it is weak (of small order), computed once when the committee was
+    /// The decompressed protocol key of the authority at `index`, with its
+    /// weakness (of small order), both computed once when the committee was
     /// built.
-    pub fn protocol_key_and_weakness(
-        &self,
-        index: AuthorityIndex,
-    ) -> Option<(&VerifyingKey, bool)> {
-        self.keys.0.get(index.get()).map(|(key, weak)| (key, *weak))
+    pub fn protocol_verifying_key(&self, index: AuthorityIndex) -> Option<&PreparedKey> {
+        self.keys.0.get(index.get())
     }
 
     /// The epoch this committee signs.

@@ -1,10 +1,10 @@
 //! ed25519 keys and domain-separated signing.
 
-use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
+use ed25519_dalek::{Signer, SigningKey};
 use serde::Serialize;
 
 use crate::fixed_bytes::fixed_bytes_newtype;
-use crate::{Digest, Error, Result, codec};
+use crate::{Digest, PreparedKey, Result, codec};
 
 /// What a signature is for. The tag is prepended to the digest being signed,
 /// so a signature made for one kind of object never verifies as another.
@@ -54,7 +54,7 @@ impl PublicKey {
     /// Parses 32 bytes as a public key, checking they are a valid point.
     pub fn from_bytes(bytes: &[u8; 32]) -> Result<Self> {
         let key = PublicKey(*bytes);
-        key.verifying_key()?;
+        key.prepare()?;
         Ok(key)
     }
 
@@ -68,26 +68,23 @@ impl PublicKey {
         &self.0
     }
 
-    /// The decompressed key, for verification.
-    pub fn verifying_key(&self) -> Result<VerifyingKey> {
-        VerifyingKey::from_bytes(&self.0).map_err(|_| Error::InvalidPublicKey)
+    /// The decompressed key and its weakness, for verification.
+    pub fn prepare(&self) -> Result<PreparedKey> {
+        PreparedKey::new(&self.0)
     }
 
     /// Whether the key is of small order (anyone can sign for it) or not a
     /// valid point at all.
     pub fn is_weak(&self) -> bool {
-        self.verifying_key().is_ok_and(|k| k.is_weak()) || self.verifying_key().is_err()
+        self.prepare().map_or(true, |k| k.is_weak())
     }
 
-    /// Checks a signature over `domain`'s tag and `digest`, strictly
-    /// (rejecting weak keys and malleable signatures).
+    /// Checks a signature over `domain`'s tag and `digest` under the
+    /// protocol's one acceptance rule (ZIP-215, weak keys refused), the same
+    /// rule [`SignatureBatch`](crate::verify::SignatureBatch) applies.
     pub fn verify(&self, domain: Domain, digest: &Digest, signature: &Signature) -> bool {
-        self.verifying_key().is_ok_and(|key| {
-            !key.is_weak()
-                && key
-                    .verify_strict(&domain.message(digest), &signature.to_dalek())
-                    .is_ok()
-        })
+        self.prepare()
+            .is_ok_and(|key| key.verify(&domain.message(digest), &signature.0))
     }
 }
 
@@ -148,7 +145,7 @@ impl std::fmt::Debug for KeyPair {
 #[derive(Debug)]
 pub struct KeyCache {
     /// Each key decompressed, with whether it is weak (of small order).
-    keys: std::sync::RwLock<std::collections::HashMap<[u8; 32], (VerifyingKey, bool)>>,
+    keys: std::sync::RwLock<std::collections::HashMap<[u8; 32], PreparedKey>>,
     capacity: usize,
 }
 
@@ -163,14 +160,9 @@ impl KeyCache {
         }
     }
 
-    /// The decompressed form of `key`, from the cache or computed.
-    pub fn get(&self, key: &PublicKey) -> Result<VerifyingKey> {
-        self.lookup(key).map(|(k, _)| k)
-    }
-
-    /// The decompressed form of `key` and whether it is weak (of small
-    /// order), from the cache or computed: both are computed once per key.
-    pub fn lookup(&self, key: &PublicKey) -> Result<(VerifyingKey, bool)> {
+    /// The decompressed form of `key` with its weakness, from the cache or
+    /// computed: both are computed once per key.
+    pub fn get(&self, key: &PublicKey) -> Result<PreparedKey> {
         if let Some(k) = self
             .keys
             .read()
@@ -179,15 +171,14 @@ impl KeyCache {
         {
             return Ok(k);
         }
-        let k = key.verifying_key()?;
-        let entry = (k, k.is_weak());
+        let k = key.prepare()?;
         if let Ok(mut m) = self.keys.write() {
             if m.len() >= self.capacity {
                 m.clear();
             }
-            m.insert(key.to_bytes(), entry);
+            m.insert(key.to_bytes(), k);
         }
-        Ok(entry)
+        Ok(k)
     }
 
     /// Number of keys held.
@@ -204,19 +195,20 @@ impl KeyCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Error;
 
     #[test]
     fn key_cache_stays_bounded_and_refuses_invalid_points() {
         let cache = KeyCache::new(3);
         for i in 0..10u8 {
             let key = KeyPair::from_seed([i; 32]).public();
-            assert_eq!(cache.get(&key).unwrap().to_bytes(), key.to_bytes());
+            assert_eq!(cache.get(&key).unwrap().as_bytes(), key.as_bytes());
             assert!(cache.len() <= 3);
         }
         let mut not_a_point = [0u8; 32];
         not_a_point[0] = 2;
         let bad: PublicKey =
             crate::codec::decode(&crate::codec::encode(&not_a_point[..]), 64).unwrap();
-        assert_eq!(cache.get(&bad), Err(Error::InvalidPublicKey));
+        assert_eq!(cache.get(&bad).err(), Some(Error::InvalidPublicKey));
     }
 }

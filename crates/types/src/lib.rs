@@ -29,6 +29,7 @@ mod error;
 mod fixed_bytes;
 mod limits;
 mod node_info;
+mod signature_rule;
 mod transaction;
 pub mod verify;
 
@@ -46,6 +47,7 @@ pub use digest::Digest;
 pub use error::{Error, SignedItem};
 pub use limits::Limits;
 pub use node_info::{Access, NodeInfo, PeerId, SignedNodeInfo};
+pub use signature_rule::PreparedKey;
 pub use transaction::Transaction;
 
 /// Result type of this crate.

@@ -60,7 +60,7 @@ pub fn check_block(
     if b.round == 0 {
         return Err(Error::GenesisRound(r));
     }
-    let Some((author_key, author_key_weak)) = committee.protocol_key_and_weakness(b.author) else {
+    let Some(author_key) = committee.protocol_verifying_key(b.author) else {
         return Err(Error::UnknownAuthor {
             block: r,
             author: b.author,
@@ -118,7 +118,6 @@ pub fn check_block(
     if let Some(batch) = batch.as_deref_mut() {
         batch.push_key(
             author_key,
-            author_key_weak,
             Domain::Block,
             &block.signing_digest,
             &block.signed.signature,

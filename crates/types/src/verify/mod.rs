@@ -6,7 +6,9 @@
 //!
 //! Signatures are collected into a [`SignatureBatch`] and checked together
 //! with ed25519 batch verification; when a batch fails, each signature is
-//! checked strictly to name the bad one.
+//! checked alone to name the bad one. Both checks apply one acceptance rule
+//! (ZIP-215, weak keys refused; docs/protocol.md), so they agree on every
+//! signature.
 //!
 //! The flow for a synced batch:
 //! 1. [`verify_commit_batch`]: the commits link to our last synced commit and

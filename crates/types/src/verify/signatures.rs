@@ -1,26 +1,25 @@
-use ed25519_dalek::VerifyingKey;
-
 use std::sync::Arc;
 
-use crate::{Digest, Domain, Error, KeyCache, PublicKey, Result, Signature, SignedItem};
-
-impl Signature {
-    pub(crate) fn to_dalek(self) -> ed25519_dalek::Signature {
-        ed25519_dalek::Signature::from_bytes(&self.0)
-    }
-}
+use crate::signature_rule::{BatchEntry, batch_equation_holds};
+use crate::{
+    Digest, Domain, Error, KeyCache, PreparedKey, PublicKey, Result, Signature, SignedItem,
+};
 
 /// Signatures collected for one batch verification.
 ///
 /// Push every signature of a request, then call [`SignatureBatch::verify`].
-/// Weak (small-order) keys are refused before any curve arithmetic; a batch
-/// that fails is re-checked one signature at a time with `verify_strict`, so
-/// the error names the first bad item.
+/// Keys that are not points and weak (small-order) keys are refused before
+/// any curve arithmetic. Every signature is judged by the one acceptance
+/// rule of docs/protocol.md (ZIP-215): the batch equation and the single
+/// check accept exactly the same signatures, so the verdict does not depend
+/// on the batch around a signature or on how the batch is split. A batch
+/// that fails is re-checked one signature at a time, so the error names the
+/// first bad item.
 #[derive(Default, Clone)]
 pub struct SignatureBatch {
     messages: Vec<[u8; 48]>,
-    signatures: Vec<ed25519_dalek::Signature>,
-    keys: Vec<VerifyingKey>,
+    signatures: Vec<[u8; 64]>,
+    keys: Vec<PreparedKey>,
     items: Vec<SignedItem>,
     /// Positions whose key is not a valid point (a placeholder key is kept
     /// there so the vectors stay aligned).
@@ -66,45 +65,31 @@ impl SignatureBatch {
         // Weakness is a property of the key: with a cache it is computed
         // once per key, not once per signature.
         let key = match &self.cache {
-            Some(cache) => cache.lookup(key),
-            None => key.verifying_key().map(|k| (k, k.is_weak())),
+            Some(cache) => cache.get(key),
+            None => key.prepare(),
         };
-        let (key, weak) = key.unwrap_or_else(|_| {
+        let key = key.unwrap_or_else(|_| {
             self.invalid.push(self.items.len());
-            (placeholder_key(), false)
+            placeholder_key()
         });
-        self.push_checked(&key, weak, domain, digest, signature, item);
+        self.push_key(&key, domain, digest, signature, item);
     }
 
-    /// Like [`SignatureBatch::push`], with a key already decompressed and
-    /// its weakness known (the committee keeps its members' keys so). A
-    /// `weak` key fails the batch.
+    /// Like [`SignatureBatch::push`], with a key already decompressed (the
+    /// committee keeps its members' keys so). A weak key fails the batch.
     pub fn push_key(
         &mut self,
-        key: &VerifyingKey,
-        weak: bool,
+        key: &PreparedKey,
         domain: Domain,
         digest: &Digest,
         signature: &Signature,
         item: SignedItem,
     ) {
-        self.push_checked(key, weak, domain, digest, signature, item);
-    }
-
-    fn push_checked(
-        &mut self,
-        key: &VerifyingKey,
-        weak: bool,
-        domain: Domain,
-        digest: &Digest,
-        signature: &Signature,
-        item: SignedItem,
-    ) {
-        if weak {
+        if key.is_weak() {
             self.weak.push(self.items.len());
         }
         self.messages.push(domain.message(digest));
-        self.signatures.push(signature.to_dalek());
+        self.signatures.push(signature.0);
         self.keys.push(*key);
         self.items.push(item);
     }
@@ -166,16 +151,11 @@ impl SignatureBatch {
         if let Some(&i) = self.weak.iter().min() {
             return Err(Error::WeakKey(self.items[i].clone()));
         }
-        if self.is_empty() {
+        if self.is_empty() || self.batch_passes() {
             return Ok(());
         }
-        let messages: Vec<&[u8]> = self.messages.iter().map(|m| &m[..]).collect();
-        if ed25519_dalek::verify_batch(&messages, &self.signatures, &self.keys).is_ok() {
-            return Ok(());
-        }
-        // The batch equation failed: find the culprit. Strict verification is
-        // the authority; a batch failing on signatures that all pass it is
-        // accepted.
+        // Under this rule a batch fails only if one of its signatures fails
+        // alone, so the search below always finds the culprit.
         match (0..self.len()).find(|&i| !self.verify_one(i)) {
             Some(i) => Err(Error::BadSignature(self.items[i].clone())),
             None => Ok(()),
@@ -202,19 +182,40 @@ impl SignatureBatch {
             .collect()
     }
 
+    /// The batch equation over all signatures; keys were checked already.
+    fn batch_passes(&self) -> bool {
+        // Signatures by one key share a term of the equation, so each
+        // distinct key enters it once.
+        let mut distinct: Vec<PreparedKey> = Vec::new();
+        let mut index = std::collections::HashMap::with_capacity(self.len());
+        let entries: Vec<BatchEntry<'_>> = (0..self.len())
+            .map(|i| {
+                let key = *index.entry(self.keys[i].as_bytes()).or_insert_with(|| {
+                    distinct.push(self.keys[i]);
+                    distinct.len() - 1
+                });
+                BatchEntry {
+                    key,
+                    message: &self.messages[i],
+                    signature: &self.signatures[i],
+                }
+            })
+            .collect();
+        batch_equation_holds(&distinct, &entries)
+    }
+
+    /// The single check of the same rule (weak keys were refused already).
     fn verify_one(&self, i: usize) -> bool {
-        self.keys[i]
-            .verify_strict(&self.messages[i], &self.signatures[i])
-            .is_ok()
+        self.keys[i].equation_holds(&self.messages[i], &self.signatures[i])
     }
 }
 
 /// A valid point standing in for a key that is not one; the position is
 /// marked invalid, so its signature is never accepted.
-fn placeholder_key() -> VerifyingKey {
+fn placeholder_key() -> PreparedKey {
     let mut identity = [0u8; 32];
     identity[0] = 1;
-    VerifyingKey::from_bytes(&identity).expect("the identity is a valid point")
+    PreparedKey::new(&identity).expect("the identity is a valid point")
 }
 
 #[cfg(test)]
@@ -287,7 +288,7 @@ mod tests {
                 Err(Error::WeakKey(SignedItem::LooseTransaction(9)))
             );
         }
-        assert_eq!(cache.lookup(&weak).map(|(_, w)| w), Ok(true));
+        assert_eq!(cache.get(&weak).map(|k| k.is_weak()), Ok(true));
     }
 
     #[test]
