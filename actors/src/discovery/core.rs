@@ -1004,7 +1004,12 @@ mod tests {
         learn_from(&mut c, 100, NOW_MS + 100, lies);
         assert_eq!(sorted(known(&mut c)), ids([8, 9, 10]));
         // Another source's peers are untouched by it.
-        learn_from(&mut c, 101, NOW_MS, vec![info(11, NOW_MS), info(12, NOW_MS)]);
+        learn_from(
+            &mut c,
+            101,
+            NOW_MS,
+            vec![info(11, NOW_MS), info(12, NOW_MS)],
+        );
         learn_from(&mut c, 100, NOW_MS + 100, vec![info(13, NOW_MS + 50)]);
         assert_eq!(sorted(known(&mut c)), ids([9, 10, 11, 12, 13]));
     }
@@ -1023,7 +1028,12 @@ mod tests {
     #[test]
     fn new_peers_per_source_per_interval_are_capped() {
         let mut c = config(|c| c.max_new_peers_per_source_per_interval = 2);
-        learn_from(&mut c, 100, NOW_MS, (1..=5).map(|n| info(n, NOW_MS)).collect());
+        learn_from(
+            &mut c,
+            100,
+            NOW_MS,
+            (1..=5).map(|n| info(n, NOW_MS)).collect(),
+        );
         assert_eq!(sorted(known(&mut c)), ids([1, 2]));
         // Newer infos of known peers are not new peers; another source has
         // its own allowance.
@@ -1031,7 +1041,12 @@ mod tests {
         learn_from(&mut c, 101, NOW_MS, vec![info(3, NOW_MS)]);
         assert_eq!(sorted(known(&mut c)), ids([1, 2, 3]));
         tick(&mut c, Time(5_000), NOW_MS);
-        learn_from(&mut c, 100, NOW_MS, (4..=6).map(|n| info(n, NOW_MS)).collect());
+        learn_from(
+            &mut c,
+            100,
+            NOW_MS,
+            (4..=6).map(|n| info(n, NOW_MS)).collect(),
+        );
         assert_eq!(sorted(known(&mut c)), ids([1, 2, 3, 4, 5]));
     }
 
@@ -1126,7 +1141,11 @@ mod tests {
             "[fd00::1]:7000",
             "[::ffff:127.0.0.1]:7000",
         ];
-        let public = ["1.2.3.4:7000", "[2001:db8::1]:7000", "[::ffff:1.2.3.4]:7000"];
+        let public = [
+            "1.2.3.4:7000",
+            "[2001:db8::1]:7000",
+            "[::ffff:1.2.3.4]:7000",
+        ];
         for allow in [false, true] {
             for a in never {
                 assert_eq!(prefix(a, allow), None, "{a}");

@@ -485,8 +485,7 @@ impl NodeConfig {
         c.discovery.max_known_peers = p.max_known_peers;
         c.discovery.max_known_peers_per_source = p.max_known_peers_per_source;
         c.discovery.max_known_peers_per_prefix = p.max_known_peers_per_prefix;
-        c.discovery.max_new_peers_per_source_per_interval =
-            p.max_new_peers_per_source_per_interval;
+        c.discovery.max_new_peers_per_source_per_interval = p.max_new_peers_per_source_per_interval;
         c.discovery.allow_private_addresses = p.allow_private_addresses;
         c.state_sync.commit_sync_batch_size = p.commit_sync_batch_size;
         c.state_sync.parallel_fetches = p.parallel_fetches;
