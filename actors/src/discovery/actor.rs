@@ -21,7 +21,13 @@ use crate::verifier::{Verifier, Verify, VerifyRequest, VerifyResponse};
 /// Infos verified from one peer's answer, for the core.
 #[derive(Message)]
 #[rtype(result = "()")]
-struct Learned(Vec<SignedNodeInfo>);
+struct Learned {
+    /// The peer that answered.
+    source: PeerId,
+    infos: Vec<SignedNodeInfo>,
+    /// When they were verified.
+    unix_ms: u64,
+}
 
 /// Time for a round.
 #[derive(Message)]
@@ -147,9 +153,10 @@ impl Discovery {
                 .chain(response.known_peers.into_iter().take(max))
                 .map(Blob)
                 .collect();
+            let now_ms = unix_ms();
             let request = VerifyRequest::NodeInfos {
                 infos,
-                now_ms: unix_ms(),
+                now_ms,
                 local,
                 allowlist,
             };
@@ -159,9 +166,11 @@ impl Discovery {
                 if rejected > 0 {
                     tracing::debug!(%peer, rejected, "refused node infos");
                 }
-                addr.do_send(Learned(
-                    results.into_iter().filter_map(Result::ok).collect(),
-                ));
+                addr.do_send(Learned {
+                    source: peer,
+                    infos: results.into_iter().filter_map(Result::ok).collect(),
+                    unix_ms: now_ms,
+                });
             }
         });
     }
@@ -198,7 +207,12 @@ impl Handler<Tick> for Discovery {
 impl Handler<Learned> for Discovery {
     type Result = ();
     fn handle(&mut self, msg: Learned, ctx: &mut Context<Self>) {
-        self.step(Input::Learned { infos: msg.0 }, ctx);
+        let input = Input::Learned {
+            source: Some(msg.source),
+            infos: msg.infos,
+            unix_ms: msg.unix_ms,
+        };
+        self.step(input, ctx);
     }
 }
 
@@ -231,12 +245,13 @@ impl Handler<ExchangeInfo> for Discovery {
         let id = self.next_id;
         self.next_id += 1;
         let caller = msg.caller;
+        let now_ms = unix_ms();
         // Only an authenticated caller's own info is worth verifying: it is
         // remembered to connect back. Anonymous callers get an answer only.
         let verify = (caller.is_some() && !msg.info.is_empty()).then(|| {
             let request = VerifyRequest::NodeInfos {
                 infos: vec![Blob(msg.info)],
-                now_ms: unix_ms(),
+                now_ms,
                 local: self.init.local,
                 allowlist: (self.init.access == Access::Private)
                     .then(|| self.init.allowlist.clone()),
@@ -261,7 +276,13 @@ impl Handler<ExchangeInfo> for Discovery {
         Box::pin(verified.into_actor(self).map(move |verified, act, ctx| {
             let info = verified?;
             let own_info = act.own_info.clone();
-            match act.step(Input::Serve { id, caller, info }, ctx).pop() {
+            let input = Input::Serve {
+                id,
+                caller,
+                info,
+                unix_ms: now_ms,
+            };
+            match act.step(input, ctx).pop() {
                 Some(Output::Answer { infos, .. }) => Ok(Exchanged {
                     own_info,
                     known_peers: infos

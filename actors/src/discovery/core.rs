@@ -1,4 +1,5 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
 
 use rand::SeedableRng;
 use rand::seq::{IndexedRandom, SliceRandom};
@@ -38,7 +39,13 @@ pub struct Init {
 }
 
 /// Discovery's tunable settings.
+///
+/// The known-peer table resists eclipse attacks (in the spirit of Bitcoin's
+/// addrman and discv5's tables): every entry is counted in the bucket of the
+/// peer that told us of it (its source) and in the bucket of its address
+/// prefix, and no bucket may hold more than its cap.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Config {
     /// Milliseconds between rounds.
     pub interval_ms: u64,
@@ -48,14 +55,35 @@ pub struct Config {
     pub target_concurrent_connections: usize,
     /// Most infos sent in one GetKnownPeers answer.
     pub max_peers_to_send: usize,
-    /// Most peers known at once (the oldest info is dropped beyond).
+    /// Most peers known at once. When full, a new peer takes the place of
+    /// the entry with the oldest timestamp in the fullest source bucket,
+    /// never of a peer connected to and verified.
     pub max_known_peers: usize,
+    /// Most known peers learnt from one source: one peer's answers, or all
+    /// connect-back infos together. A source that lies fills only its own
+    /// bucket.
+    pub max_known_peers_per_source: usize,
+    /// Most known peers whose dialled address is in one /24 (IPv4) or /64
+    /// (IPv6) prefix, so that addresses an attacker holds cannot fill the
+    /// table.
+    pub max_known_peers_per_prefix: usize,
+    /// Most new peers learnt from one source per interval.
+    pub max_new_peers_per_source_per_interval: usize,
+    /// Whether loopback and private addresses (10/8, 172.16/12,
+    /// 192.168/16, 100.64/10, fc00::/7) are accepted in infos. True by
+    /// default because the library's default node listens on loopback, and
+    /// local networks, tests and private validator networks need it; a
+    /// node on the public Internet sets it to false (docs/operations.md),
+    /// so that peers cannot point its dials into private networks. The
+    /// prefix caps apply to private ranges either way.
+    pub allow_private_addresses: bool,
     /// GetKnownPeers calls answered per caller per interval.
     pub get_known_peers_rate_limit: u32,
     /// An info older than this is dropped, in milliseconds.
     pub node_info_max_age_ms: u64,
     /// First wait before redialling a peer whose dial failed, doubled per
-    /// failure, in milliseconds.
+    /// failure, in milliseconds. A fresh info of the peer, or a call from
+    /// it, ends the wait.
     pub dial_backoff_ms: u64,
     /// Longest wait before redialling, in milliseconds.
     pub max_dial_backoff_ms: u64,
@@ -72,6 +100,10 @@ impl Default for Config {
             target_concurrent_connections: 8,
             max_peers_to_send: 200,
             max_known_peers: 1_000,
+            max_known_peers_per_source: 100,
+            max_known_peers_per_prefix: 50,
+            max_new_peers_per_source_per_interval: 50,
+            allow_private_addresses: true,
             get_known_peers_rate_limit: 10,
             node_info_max_age_ms: 24 * 60 * 60 * 1000,
             dial_backoff_ms: 1_000,
@@ -101,19 +133,94 @@ struct Backoff {
     retry_at: Time,
 }
 
+/// Who told us of a peer: the bucket its entry counts in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Source {
+    /// Callers' own infos (connect-back), all together: identities are
+    /// free, so one bucket bounds them all.
+    Inbound,
+    /// A peer's GetKnownPeers answer.
+    Peer(PeerId),
+}
+
+/// The /24 (IPv4) or /64 (IPv6) prefix of a dialled address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Prefix {
+    V4([u8; 3]),
+    V6([u8; 8]),
+}
+
+/// The prefix of `address` if peers may advertise it: an IP literal with a
+/// port, neither unspecified, multicast, broadcast nor link-local, and
+/// loopback or private only when allowed. Host names are refused: they
+/// cannot be bucketed without resolving them.
+fn prefix(address: &str, allow_private: bool) -> Option<Prefix> {
+    let address: SocketAddr = address.parse().ok()?;
+    if address.port() == 0 {
+        return None;
+    }
+    let ip = match address.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            if o[0] == 0 || v4.is_multicast() || v4.is_link_local() || v4.is_broadcast() {
+                return None;
+            }
+            let shared = o[0] == 100 && (o[1] & 0xc0) == 64;
+            if (v4.is_loopback() || v4.is_private() || shared) && !allow_private {
+                return None;
+            }
+            Some(Prefix::V4([o[0], o[1], o[2]]))
+        }
+        IpAddr::V6(v6) => {
+            let first = v6.segments()[0];
+            if v6.is_unspecified() || v6.is_multicast() || (first & 0xffc0) == 0xfe80 {
+                return None;
+            }
+            let unique_local = (first & 0xfe00) == 0xfc00;
+            if (v6.is_loopback() || unique_local) && !allow_private {
+                return None;
+            }
+            let mut p = [0; 8];
+            p.copy_from_slice(&v6.octets()[..8]);
+            Some(Prefix::V6(p))
+        }
+    }
+}
+
+/// A known peer.
+#[derive(Clone, Debug)]
+struct Entry {
+    info: SignedNodeInfo,
+    source: Source,
+    prefix: Prefix,
+    /// The info's timestamp, no later than our clock when it arrived: a
+    /// timestamp in the future buys no precedence.
+    seen_ms: u64,
+}
+
 /// The logic of Discovery.
 pub struct DiscoveryCore {
     init: Init,
     config: Config,
     allowlist: BTreeSet<PeerId>,
-    known: BTreeMap<PeerId, SignedNodeInfo>,
+    known: BTreeMap<PeerId, Entry>,
     connected: BTreeSet<PeerId>,
+    /// Peers we connected to and verified, never evicted until a dial to
+    /// them fails; at most the known and connected peers.
+    verified: BTreeSet<PeerId>,
     /// Dials in progress by address, with the peer expected and the start.
     pending: BTreeMap<String, (Option<PeerId>, Time)>,
     /// Backoff by address.
     backoff: BTreeMap<String, Backoff>,
     /// GetKnownPeers calls served this interval, per caller.
     served: HashMap<Option<PeerId>, u32>,
+    /// New peers learnt this interval, per source (sources are peers we
+    /// queried, and inbound).
+    learned: BTreeMap<Source, usize>,
     rng: ChaCha8Rng,
 }
 
@@ -131,9 +238,11 @@ impl Core for DiscoveryCore {
             init,
             known: BTreeMap::new(),
             connected: BTreeSet::new(),
+            verified: BTreeSet::new(),
             pending: BTreeMap::new(),
             backoff: BTreeMap::new(),
             served: HashMap::new(),
+            learned: BTreeMap::new(),
         }
     }
 
@@ -142,23 +251,27 @@ impl Core for DiscoveryCore {
             Input::Tick { unix_ms } => self.tick(now, unix_ms),
             Input::Connected { peer, address } => {
                 self.connected.insert(peer);
+                self.verified.insert(peer);
                 self.pending.remove(&address);
                 self.pending.retain(|_, (p, _)| *p != Some(peer));
-                if let Some(info) = self.known.get(&peer) {
-                    for a in &info.info.addresses {
-                        self.backoff.remove(a);
-                    }
-                }
+                self.backoff.remove(&address);
+                self.end_backoff(peer);
                 vec![]
             }
             Input::Disconnected { peer } => {
                 self.connected.remove(&peer);
+                // Still verified while known: it may be back at the next dial.
+                if !self.known.contains_key(&peer) {
+                    self.verified.remove(&peer);
+                }
                 vec![]
             }
             Input::DialFailed { peer, address } => {
                 self.pending.remove(&address);
                 if let Some(p) = peer {
                     self.pending.retain(|_, (q, _)| *q != Some(p));
+                    // Unreachable: no longer kept whatever comes.
+                    self.verified.remove(&p);
                 }
                 let b = self.backoff.entry(address).or_insert(Backoff {
                     failures: 0,
@@ -173,14 +286,26 @@ impl Core for DiscoveryCore {
                 b.retry_at = Time(now.0.saturating_add(wait));
                 vec![]
             }
-            Input::Learned { infos } => {
+            Input::Learned {
+                source,
+                infos,
+                unix_ms,
+            } => {
+                let source = source.map_or(Source::Inbound, Source::Peer);
                 for info in infos {
-                    self.learn(info);
+                    self.learn(info, source, unix_ms);
                 }
                 vec![]
             }
-            Input::Serve { id, caller, info } => self.serve(id, caller, info),
-            Input::KnownPeers => vec![Output::Known(self.known.values().cloned().collect())],
+            Input::Serve {
+                id,
+                caller,
+                info,
+                unix_ms,
+            } => self.serve(id, caller, info, unix_ms),
+            Input::KnownPeers => vec![Output::Known(
+                self.known.values().map(|e| e.info.clone()).collect(),
+            )],
         }
     }
 }
@@ -191,41 +316,151 @@ impl DiscoveryCore {
             && (self.init.access == Access::Public || self.allowlist.contains(peer))
     }
 
-    /// Keeps the newest info per peer, within the bound on known peers.
-    fn learn(&mut self, info: SignedNodeInfo) {
+    /// Whether `peer` is never evicted: connected and verified (and not
+    /// failed since), or allowlisted.
+    fn pinned(&self, peer: &PeerId) -> bool {
+        self.verified.contains(peer) || self.allowlist.contains(peer)
+    }
+
+    /// Ends the dial backoff of every address of `peer`: it is up again.
+    fn end_backoff(&mut self, peer: PeerId) {
+        if let Some(entry) = self.known.get(&peer) {
+            for a in &entry.info.info.addresses {
+                self.backoff.remove(a);
+            }
+        }
+    }
+
+    /// Keeps the newest info per peer, within the caps of the table.
+    fn learn(&mut self, info: SignedNodeInfo, source: Source, unix_ms: u64) {
         let peer = info.info.peer_id;
         if !self.acceptable(&peer) {
             return;
         }
-        match self.known.get(&peer) {
-            Some(old) if old.info.timestamp_ms >= info.info.timestamp_ms => return,
-            Some(_) => {}
-            None if self.known.len() >= self.config.max_known_peers => {
-                let oldest = self
-                    .known
-                    .iter()
-                    .min_by_key(|(_, i)| i.info.timestamp_ms)
-                    .map(|(p, _)| *p);
-                match oldest {
-                    Some(p) if self.known[&p].info.timestamp_ms < info.info.timestamp_ms => {
-                        self.known.remove(&p);
-                    }
-                    _ => return,
+        let allow_private = self.config.allow_private_addresses;
+        let mut prefixes = info.info.addresses.iter().map(|a| prefix(a, allow_private));
+        // Every address valid; the first, the one dialled, buckets it.
+        let Some(Some(first)) = prefixes.next() else {
+            return;
+        };
+        if prefixes.any(|p| p.is_none()) {
+            return;
+        }
+        let seen_ms = info.info.timestamp_ms.min(unix_ms);
+        if let Some(old) = self.known.get(&peer) {
+            if old.info.info.timestamp_ms >= info.info.timestamp_ms {
+                return;
+            }
+            let victims = if old.prefix == first {
+                Vec::new()
+            } else {
+                match self.make_room(None, first, seen_ms, peer) {
+                    Some(v) => v,
+                    None => return,
+                }
+            };
+            for v in victims {
+                self.known.remove(&v);
+            }
+            // A newer info means the peer signed it since: it may have
+            // restarted, so an old dial failure says nothing any more.
+            self.end_backoff(peer);
+            let entry = self.known.get_mut(&peer).expect("held above");
+            entry.info = info;
+            entry.prefix = first;
+            entry.seen_ms = seen_ms;
+            self.end_backoff(peer);
+            return;
+        }
+        let learned = self.learned.get(&source).copied().unwrap_or(0);
+        if learned >= self.config.max_new_peers_per_source_per_interval {
+            return;
+        }
+        let Some(victims) = self.make_room(Some(source), first, seen_ms, peer) else {
+            return;
+        };
+        for v in victims {
+            self.known.remove(&v);
+        }
+        self.known.insert(
+            peer,
+            Entry {
+                info,
+                source,
+                prefix: first,
+                seen_ms,
+            },
+        );
+        *self.learned.entry(source).or_default() += 1;
+    }
+
+    /// The entries to evict so that `peer`, seen at `seen_ms` with prefix
+    /// `prefix` and (when new) from `source`, fits every cap; `None` if it
+    /// cannot. A victim is never pinned nor newer than the newcomer.
+    fn make_room(
+        &self,
+        source: Option<Source>,
+        prefix: Prefix,
+        seen_ms: u64,
+        peer: PeerId,
+    ) -> Option<Vec<PeerId>> {
+        let mut chosen = vec![peer];
+        let count = |chosen: &[PeerId], in_bucket: &dyn Fn(&Entry) -> bool| {
+            self.known
+                .iter()
+                .filter(|(p, e)| in_bucket(e) && !chosen.contains(p))
+                .count()
+        };
+        let victim = |chosen: &[PeerId], in_bucket: &dyn Fn(&Entry) -> bool| {
+            self.known
+                .iter()
+                .filter(|(p, e)| {
+                    in_bucket(e) && !chosen.contains(p) && !self.pinned(p) && e.seen_ms <= seen_ms
+                })
+                .min_by_key(|(p, e)| (e.seen_ms, **p))
+                .map(|(p, _)| *p)
+        };
+        if let Some(source) = source {
+            let in_source = |e: &Entry| e.source == source;
+            if count(&chosen, &in_source) >= self.config.max_known_peers_per_source {
+                chosen.push(victim(&chosen, &in_source)?);
+            }
+        }
+        let in_prefix = |e: &Entry| e.prefix == prefix;
+        if count(&chosen, &in_prefix) >= self.config.max_known_peers_per_prefix {
+            chosen.push(victim(&chosen, &in_prefix)?);
+        }
+        if source.is_some() && count(&chosen, &|_| true) >= self.config.max_known_peers {
+            // The fullest source bucket gives up its oldest entry.
+            let mut sizes: BTreeMap<Source, usize> = BTreeMap::new();
+            for (p, e) in &self.known {
+                if !chosen.contains(p) {
+                    *sizes.entry(e.source).or_default() += 1;
                 }
             }
-            None => {}
+            let mut sizes: Vec<(Source, usize)> = sizes.into_iter().collect();
+            sizes.sort_by_key(|(s, n)| (std::cmp::Reverse(*n), *s));
+            let v = sizes
+                .iter()
+                .find_map(|(s, _)| victim(&chosen, &|e: &Entry| e.source == *s))?;
+            chosen.push(v);
         }
-        self.known.insert(peer, info);
+        chosen.remove(0);
+        Some(chosen)
     }
 
     fn tick(&mut self, now: Time, unix_ms: u64) -> Vec<Output> {
         let max_age = self.config.node_info_max_age_ms;
         self.known
-            .retain(|_, i| unix_ms.saturating_sub(i.info.timestamp_ms) <= max_age);
+            .retain(|_, e| unix_ms.saturating_sub(e.info.info.timestamp_ms) <= max_age);
+        let (known, connected) = (&self.known, &self.connected);
+        self.verified
+            .retain(|p| known.contains_key(p) || connected.contains(p));
         let timeout = self.config.pending_dial_timeout_ms;
         self.pending
             .retain(|_, (_, since)| now.0.saturating_sub(since.0) < timeout);
         self.served.clear();
+        self.learned.clear();
 
         let mut out = Vec::new();
         let connected: Vec<PeerId> = self.connected.iter().copied().collect();
@@ -246,14 +481,14 @@ impl DiscoveryCore {
             self.pending.values().filter_map(|(p, _)| *p).collect();
         let mut allowlisted = Vec::new();
         let mut others = Vec::new();
-        for (peer, info) in &self.known {
+        for (peer, entry) in &self.known {
             if self.connected.contains(peer)
                 || pending_peers.contains(peer)
                 || !self.acceptable(peer)
             {
                 continue;
             }
-            let Some(address) = info.info.addresses.first() else {
+            let Some(address) = entry.info.info.addresses.first() else {
                 continue;
             };
             if !self.dialable(now, address) {
@@ -310,21 +545,28 @@ impl DiscoveryCore {
         id: u64,
         caller: Option<PeerId>,
         info: Option<SignedNodeInfo>,
+        unix_ms: u64,
     ) -> Vec<Output> {
         let count = self.served.entry(caller).or_default();
         if *count >= self.config.get_known_peers_rate_limit {
             return vec![Output::RateLimited { id }];
         }
         *count += 1;
-        // Connect-back: only an authenticated caller's own info.
-        if let (Some(caller), Some(info)) = (caller, info)
-            && info.info.peer_id == caller
-        {
-            self.learn(info);
+        if let Some(caller) = caller {
+            // An authenticated call proves the caller is up: dial it again
+            // now rather than when an old failure's backoff ends.
+            self.end_backoff(caller);
+            // Connect-back: only the caller's own info.
+            if let Some(info) = info
+                && info.info.peer_id == caller
+            {
+                self.learn(info, Source::Inbound, unix_ms);
+            }
         }
         let candidates: Vec<&SignedNodeInfo> = self
             .known
             .values()
+            .map(|e| &e.info)
             .filter(|i| Some(i.info.peer_id) != caller)
             .collect();
         let infos = candidates
@@ -375,7 +617,56 @@ mod tests {
     }
 
     fn learn(c: &mut DiscoveryCore, infos: Vec<SignedNodeInfo>) {
-        c.handle(Time(0), Input::Learned { infos });
+        learn_from(c, 200, NOW_MS, infos);
+    }
+
+    /// Infos from peer `source`, arriving when the wall clock reads `unix_ms`.
+    fn learn_from(c: &mut DiscoveryCore, source: u8, unix_ms: u64, infos: Vec<SignedNodeInfo>) {
+        c.handle(
+            Time(0),
+            Input::Learned {
+                source: Some(id(source)),
+                infos,
+                unix_ms,
+            },
+        );
+    }
+
+    fn info_at(n: u8, timestamp_ms: u64, addresses: &[&str]) -> SignedNodeInfo {
+        SignedNodeInfo::sign(
+            NodeInfo {
+                peer_id: id(n),
+                addresses: addresses.iter().map(|a| a.to_string()).collect(),
+                timestamp_ms,
+                access: Access::Public,
+            },
+            &key(n),
+        )
+    }
+
+    fn sorted(mut ids: Vec<PeerId>) -> Vec<PeerId> {
+        ids.sort();
+        ids
+    }
+
+    fn ids(ns: impl IntoIterator<Item = u8>) -> Vec<PeerId> {
+        sorted(ns.into_iter().map(id).collect())
+    }
+
+    fn connect(c: &mut DiscoveryCore, n: u8) {
+        c.handle(
+            Time(0),
+            Input::Connected {
+                address: format!("10.0.0.{n}:7000"),
+                peer: id(n),
+            },
+        );
+    }
+
+    fn config(edit: impl FnOnce(&mut Config)) -> DiscoveryCore {
+        let mut i = init(0);
+        edit(&mut i.config);
+        DiscoveryCore::new(i)
     }
 
     fn known(c: &mut DiscoveryCore) -> Vec<PeerId> {
@@ -622,6 +913,7 @@ mod tests {
                 id: 1,
                 caller: Some(id(2)),
                 info: Some(info(3, NOW_MS)),
+                unix_ms: NOW_MS,
             },
         );
         assert!(matches!(&out[0], Output::Answer { id: 1, infos } if infos.len() == 1));
@@ -633,6 +925,7 @@ mod tests {
                 id: 2,
                 caller: Some(id(2)),
                 info: Some(info(2, NOW_MS)),
+                unix_ms: NOW_MS,
             },
         );
         assert!(known(&mut c).contains(&id(2)));
@@ -648,6 +941,7 @@ mod tests {
                     id,
                     caller: Some(self::id(2)),
                     info: None,
+                    unix_ms: NOW_MS,
                 },
             )
         };
@@ -669,6 +963,7 @@ mod tests {
                     id,
                     caller: None,
                     info: None,
+                    unix_ms: NOW_MS,
                 },
             )
             .pop()
@@ -682,5 +977,243 @@ mod tests {
             .map(|id| serve(&mut c, id).iter().map(|i| i.info.peer_id).collect())
             .collect();
         assert!(samples.len() > 1, "every sample was the same");
+    }
+
+    #[test]
+    fn future_timestamps_count_as_now_when_evicting() {
+        let mut c = config(|c| c.max_known_peers = 2);
+        // Stamped 25 s ahead, it arrives at NOW: it counts as seen at NOW.
+        learn_from(&mut c, 200, NOW_MS, vec![info(1, NOW_MS + 25_000)]);
+        learn_from(&mut c, 200, NOW_MS + 1, vec![info(2, NOW_MS + 1)]);
+        // The next newcomer evicts the future-stamped entry, not peer 2.
+        learn_from(&mut c, 200, NOW_MS + 2, vec![info(3, NOW_MS + 2)]);
+        assert_eq!(sorted(known(&mut c)), ids([2, 3]));
+        // Another one stamped ahead, arriving at NOW, is older than both.
+        learn_from(&mut c, 200, NOW_MS, vec![info(4, NOW_MS + 25_000)]);
+        assert_eq!(sorted(known(&mut c)), ids([2, 3]));
+    }
+
+    #[test]
+    fn a_source_fills_only_its_own_bucket() {
+        let mut c = config(|c| {
+            c.max_known_peers_per_source = 3;
+            c.max_known_peers = 10;
+        });
+        // Source 100 sends ten peers: its bucket keeps the three newest.
+        let lies = (1..=10).map(|n| info(n, NOW_MS + u64::from(n))).collect();
+        learn_from(&mut c, 100, NOW_MS + 100, lies);
+        assert_eq!(sorted(known(&mut c)), ids([8, 9, 10]));
+        // Another source's peers are untouched by it.
+        learn_from(
+            &mut c,
+            101,
+            NOW_MS,
+            vec![info(11, NOW_MS), info(12, NOW_MS)],
+        );
+        learn_from(&mut c, 100, NOW_MS + 100, vec![info(13, NOW_MS + 50)]);
+        assert_eq!(sorted(known(&mut c)), ids([9, 10, 11, 12, 13]));
+    }
+
+    #[test]
+    fn a_full_table_evicts_from_the_fullest_source_bucket() {
+        let mut c = config(|c| c.max_known_peers = 4);
+        // Peer 1 is the oldest entry, but its source holds one peer only.
+        learn_from(&mut c, 101, NOW_MS, vec![info(1, NOW_MS - 100)]);
+        let three = (2..=4).map(|n| info(n, NOW_MS + u64::from(n))).collect();
+        learn_from(&mut c, 100, NOW_MS + 10, three);
+        learn_from(&mut c, 102, NOW_MS + 10, vec![info(5, NOW_MS + 5)]);
+        assert_eq!(sorted(known(&mut c)), ids([1, 3, 4, 5]));
+    }
+
+    #[test]
+    fn new_peers_per_source_per_interval_are_capped() {
+        let mut c = config(|c| c.max_new_peers_per_source_per_interval = 2);
+        learn_from(
+            &mut c,
+            100,
+            NOW_MS,
+            (1..=5).map(|n| info(n, NOW_MS)).collect(),
+        );
+        assert_eq!(sorted(known(&mut c)), ids([1, 2]));
+        // Newer infos of known peers are not new peers; another source has
+        // its own allowance.
+        learn_from(&mut c, 100, NOW_MS, vec![info(1, NOW_MS + 1)]);
+        learn_from(&mut c, 101, NOW_MS, vec![info(3, NOW_MS)]);
+        assert_eq!(sorted(known(&mut c)), ids([1, 2, 3]));
+        tick(&mut c, Time(5_000), NOW_MS);
+        learn_from(
+            &mut c,
+            100,
+            NOW_MS,
+            (4..=6).map(|n| info(n, NOW_MS)).collect(),
+        );
+        assert_eq!(sorted(known(&mut c)), ids([1, 2, 3, 4, 5]));
+    }
+
+    #[test]
+    fn an_address_prefix_fills_only_its_own_bucket() {
+        let mut c = config(|c| c.max_known_peers_per_prefix = 2);
+        let at = |n: u8, a: &str| info_at(n, NOW_MS + u64::from(n), &[a]);
+        learn_from(
+            &mut c,
+            100,
+            NOW_MS + 100,
+            vec![
+                at(1, "1.2.3.1:7000"),
+                at(2, "1.2.3.2:7000"),
+                at(3, "1.2.3.3:7000"),
+                at(4, "1.2.4.4:7000"),
+                at(5, "[2001:db8::5]:7000"),
+                at(6, "[2001:db8::ffff:6]:7000"),
+                at(7, "[2001:db8::7]:7000"),
+                at(8, "[2001:db8:0:1::8]:7000"),
+            ],
+        );
+        // 1.2.3/24 and 2001:db8::/64 keep their two newest.
+        assert_eq!(sorted(known(&mut c)), ids([2, 3, 4, 6, 7, 8]));
+        // A known peer moving into a full prefix evicts its oldest.
+        let moved = info_at(4, NOW_MS + 50, &["1.2.3.9:7000"]);
+        learn_from(&mut c, 100, NOW_MS + 100, vec![moved]);
+        assert_eq!(sorted(known(&mut c)), ids([3, 4, 6, 7, 8]));
+    }
+
+    #[test]
+    fn verified_peers_are_never_evicted_until_a_dial_fails() {
+        let mut c = config(|c| c.max_known_peers = 2);
+        learn(&mut c, vec![info(1, NOW_MS - 100)]);
+        connect(&mut c, 1);
+        c.handle(Time(0), Input::Disconnected { peer: id(1) });
+        learn(&mut c, vec![info(2, NOW_MS), info(3, NOW_MS + 1)]);
+        assert_eq!(sorted(known(&mut c)), ids([1, 3]));
+        c.handle(
+            Time(0),
+            Input::DialFailed {
+                peer: Some(id(1)),
+                address: "10.0.0.1:7000".into(),
+            },
+        );
+        learn(&mut c, vec![info(4, NOW_MS + 2)]);
+        assert_eq!(sorted(known(&mut c)), ids([3, 4]));
+    }
+
+    #[test]
+    fn connect_back_infos_share_one_bucket() {
+        let mut c = config(|c| c.max_known_peers_per_source = 2);
+        for n in 1..=4 {
+            c.handle(
+                Time(0),
+                Input::Serve {
+                    id: u64::from(n),
+                    caller: Some(id(n)),
+                    info: Some(info(n, NOW_MS + u64::from(n))),
+                    unix_ms: NOW_MS + 100,
+                },
+            );
+        }
+        assert_eq!(sorted(known(&mut c)), ids([3, 4]));
+        learn(&mut c, vec![info(5, NOW_MS)]);
+        assert_eq!(sorted(known(&mut c)), ids([3, 4, 5]));
+    }
+
+    #[test]
+    fn advertised_addresses_are_validated() {
+        let never = [
+            "0.0.0.0:7000",
+            "0.1.2.3:7000",
+            "224.0.0.1:7000",
+            "169.254.1.1:7000",
+            "255.255.255.255:7000",
+            "[::]:7000",
+            "[ff02::1]:7000",
+            "[fe80::1]:7000",
+            "[::ffff:169.254.0.1]:7000",
+            "seed.example:7000",
+            "1.2.3.4:0",
+            "1.2.3.4",
+        ];
+        let private = [
+            "127.0.0.1:7000",
+            "10.1.2.3:7000",
+            "172.16.0.1:7000",
+            "192.168.1.1:7000",
+            "100.64.0.1:7000",
+            "[::1]:7000",
+            "[fd00::1]:7000",
+            "[::ffff:127.0.0.1]:7000",
+        ];
+        let public = [
+            "1.2.3.4:7000",
+            "[2001:db8::1]:7000",
+            "[::ffff:1.2.3.4]:7000",
+        ];
+        for allow in [false, true] {
+            for a in never {
+                assert_eq!(prefix(a, allow), None, "{a}");
+            }
+            for a in private {
+                assert_eq!(prefix(a, allow).is_some(), allow, "{a}");
+            }
+            for a in public {
+                assert!(prefix(a, allow).is_some(), "{a}");
+            }
+        }
+        // One bad address spoils the info; the first one buckets it.
+        let mut c = config(|c| c.allow_private_addresses = false);
+        learn(
+            &mut c,
+            vec![
+                info_at(1, NOW_MS, &["1.2.3.4:7000", "10.0.0.1:7000"]),
+                info_at(2, NOW_MS, &["1.2.3.4:7000", "5.6.7.8:7000"]),
+                info_at(3, NOW_MS, &[]),
+            ],
+        );
+        assert_eq!(known(&mut c), vec![id(2)]);
+    }
+
+    #[test]
+    fn a_fresh_info_ends_the_dial_backoff() {
+        let mut c = config(|c| {
+            c.target_concurrent_connections = 8;
+            c.dial_backoff_ms = 3_600_000;
+        });
+        let address = "10.0.0.1:7000".to_string();
+        let fail = |c: &mut DiscoveryCore| {
+            c.handle(
+                Time(0),
+                Input::DialFailed {
+                    peer: Some(id(1)),
+                    address: address.clone(),
+                },
+            )
+        };
+        learn(&mut c, vec![info(1, NOW_MS)]);
+        assert_eq!(dials(&tick(&mut c, Time(0), NOW_MS)).len(), 1);
+        fail(&mut c);
+        assert!(dials(&tick(&mut c, Time(10), NOW_MS)).is_empty());
+        // The same info again says nothing new: still backing off.
+        learn(&mut c, vec![info(1, NOW_MS)]);
+        assert!(dials(&tick(&mut c, Time(20), NOW_MS)).is_empty());
+        // A newer one (the peer restarted): dialled at the next round.
+        learn(&mut c, vec![info(1, NOW_MS + 1)]);
+        assert_eq!(
+            dials(&tick(&mut c, Time(30), NOW_MS)),
+            vec![(Some(id(1)), address.clone())]
+        );
+        // A call from it does the same.
+        fail(&mut c);
+        assert!(dials(&tick(&mut c, Time(40), NOW_MS)).is_empty());
+        c.handle(
+            Time(50),
+            Input::Serve {
+                id: 1,
+                caller: Some(id(1)),
+                info: None,
+                unix_ms: NOW_MS,
+            },
+        );
+        assert_eq!(
+            dials(&tick(&mut c, Time(60), NOW_MS)),
+            vec![(Some(id(1)), address)]
+        );
     }
 }

@@ -34,8 +34,16 @@ pub enum Input {
     },
     /// Infos received from a peer, already verified.
     Learned {
+        /// The peer that sent them (the one queried); `None` if unknown,
+        /// counted with connect-back infos.
+        #[serde(default)]
+        source: Option<PeerId>,
         /// The infos.
         infos: Vec<SignedNodeInfo>,
+        /// The wall clock when they were verified, in milliseconds since the
+        /// Unix epoch: later timestamps count as this one.
+        #[serde(default)]
+        unix_ms: u64,
     },
     /// A GetKnownPeers call to answer.
     Serve {
@@ -45,6 +53,10 @@ pub enum Input {
         caller: Option<PeerId>,
         /// The caller's own info, verified, if it sent a valid one.
         info: Option<SignedNodeInfo>,
+        /// The wall clock when it was verified, in milliseconds since the
+        /// Unix epoch: a later timestamp counts as this one.
+        #[serde(default)]
+        unix_ms: u64,
     },
     /// The handle asks for the known peers.
     KnownPeers,

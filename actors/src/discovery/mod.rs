@@ -9,6 +9,10 @@
 //! nodes' GetKnownPeers with a random sample and remembers the caller's own
 //! info, so it can connect back.
 //!
+//! The table of known peers resists eclipse attacks: see [`Config`] for its
+//! buckets and caps. Fresh infos of a peer, or a call from it, end its dial
+//! backoff, so a restarted peer is redialled at the next round.
+//!
 //! Received infos are checked by the Verifier (signature by the info's own
 //! key, age, clock skew, not us, bounded addresses, allowlist in private
 //! mode) before the core sees them.

@@ -79,6 +79,18 @@ pub struct P2pSection {
     pub peers_to_query: usize,
     /// Most peers sent in one GetKnownPeers answer.
     pub max_peers_to_send: usize,
+    /// Most peers known at once.
+    pub max_known_peers: usize,
+    /// Most known peers learnt from one source (one peer's answers, or all
+    /// connect-back infos together).
+    pub max_known_peers_per_source: usize,
+    /// Most known peers whose address is in one /24 (IPv4) or /64 (IPv6).
+    pub max_known_peers_per_prefix: usize,
+    /// Most new peers learnt from one source per discovery interval.
+    pub max_new_peers_per_source_per_interval: usize,
+    /// Whether infos with loopback or private addresses are accepted; a
+    /// node on the public Internet sets it to false.
+    pub allow_private_addresses: bool,
     /// State sync tick.
     #[serde(with = "humantime_serde")]
     pub tick: Duration,
@@ -133,6 +145,13 @@ impl Default for P2pSection {
             target_concurrent_connections: p.discovery.target_concurrent_connections,
             peers_to_query: p.discovery.peers_to_query,
             max_peers_to_send: p.discovery.max_peers_to_send,
+            max_known_peers: p.discovery.max_known_peers,
+            max_known_peers_per_source: p.discovery.max_known_peers_per_source,
+            max_known_peers_per_prefix: p.discovery.max_known_peers_per_prefix,
+            max_new_peers_per_source_per_interval: p
+                .discovery
+                .max_new_peers_per_source_per_interval,
+            allow_private_addresses: p.discovery.allow_private_addresses,
             tick: p.tick,
             height_query_interval: p.height_query_interval,
             commit_sync_batch_size: p.state_sync.commit_sync_batch_size,
@@ -303,6 +322,34 @@ impl NodeConfig {
             "between 1 and 1000",
         )?;
         count(
+            "p2p.max-known-peers",
+            p.max_known_peers,
+            1,
+            100_000,
+            "between 1 and 100000",
+        )?;
+        count(
+            "p2p.max-known-peers-per-source",
+            p.max_known_peers_per_source,
+            1,
+            p.max_known_peers.max(1),
+            "between 1 and max-known-peers",
+        )?;
+        count(
+            "p2p.max-known-peers-per-prefix",
+            p.max_known_peers_per_prefix,
+            1,
+            p.max_known_peers.max(1),
+            "between 1 and max-known-peers",
+        )?;
+        count(
+            "p2p.max-new-peers-per-source-per-interval",
+            p.max_new_peers_per_source_per_interval,
+            1,
+            100_000,
+            "between 1 and 100000",
+        )?;
+        count(
             "p2p.parallel-fetches",
             p.parallel_fetches,
             1,
@@ -435,6 +482,11 @@ impl NodeConfig {
         c.discovery.target_concurrent_connections = p.target_concurrent_connections;
         c.discovery.peers_to_query = p.peers_to_query;
         c.discovery.max_peers_to_send = p.max_peers_to_send;
+        c.discovery.max_known_peers = p.max_known_peers;
+        c.discovery.max_known_peers_per_source = p.max_known_peers_per_source;
+        c.discovery.max_known_peers_per_prefix = p.max_known_peers_per_prefix;
+        c.discovery.max_new_peers_per_source_per_interval = p.max_new_peers_per_source_per_interval;
+        c.discovery.allow_private_addresses = p.allow_private_addresses;
         c.state_sync.commit_sync_batch_size = p.commit_sync_batch_size;
         c.state_sync.parallel_fetches = p.parallel_fetches;
         c.state_sync.max_fetches_per_peer = p.max_fetches_per_peer;
@@ -510,6 +562,16 @@ interval = "{interval}"
 target-concurrent-connections = {target}
 peers-to-query = {query}
 max-peers-to-send = {send}
+# The known-peer table: its size; caps per source (the peer that told us,
+# or all callers' own infos together), per /24 or /64 address prefix, and
+# on new peers per source per interval. Connected peers are never evicted.
+max-known-peers = {known}
+max-known-peers-per-source = {per_source}
+max-known-peers-per-prefix = {per_prefix}
+max-new-peers-per-source-per-interval = {new_per_source}
+# Accept peers advertising loopback or private addresses (local networks,
+# tests). Set to false on a node reachable from the Internet.
+allow-private-addresses = {private}
 # State sync: tick, height queries, batch size, parallel block fetches,
 # fetches sent to one peer at once (keep at or below the peers'
 # max-concurrent-fetches-per-peer), batches fetched ahead, blocks per request.
@@ -547,6 +609,11 @@ max-inbound-connections = {inbound}
         target = p.target_concurrent_connections,
         query = p.peers_to_query,
         send = p.max_peers_to_send,
+        known = p.max_known_peers,
+        per_source = p.max_known_peers_per_source,
+        per_prefix = p.max_known_peers_per_prefix,
+        new_per_source = p.max_new_peers_per_source_per_interval,
+        private = p.allow_private_addresses,
         tick = humantime_serde::re::humantime::format_duration(p.tick),
         hqi = humantime_serde::re::humantime::format_duration(p.height_query_interval),
         batch = p.commit_sync_batch_size,
