@@ -7,8 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -31,61 +30,6 @@ const VALIDATORS: u16 = 3;
 const KILLS: usize = 12;
 /// Bounds the sync under faults, and each wait for a process.
 const PATIENCE: Duration = Duration::from_secs(90);
-
-/// Writes `dir/<node>.toml`: the default configuration with the node's
-/// directories, port and seeds, and `lines` replacing their keys' lines
-/// (or, for a key the default file leaves out, added at the top level).
-fn node_config(dir: &Path, node: &str, port: u16, seeds: &[String], lines: &[&str]) -> PathBuf {
-    let seeds: Vec<String> = seeds
-        .iter()
-        .map(|a| format!("{{ address = \"{a}\" }}"))
-        .collect();
-    let mut config = default_config();
-    for line in [
-        format!("data-dir = \"{node}/data\""),
-        format!("keys-dir = \"{node}/keys\""),
-        "genesis = \"genesis.toml\"".to_string(),
-        format!("listen-address = \"127.0.0.1:{port}\""),
-        format!("seed-peers = [{}]", seeds.join(", ")),
-        "interval = \"200ms\"".to_string(),
-    ]
-    .iter()
-    .map(String::as_str)
-    .chain(lines.iter().copied())
-    {
-        let key = line.split(" = ").next().unwrap();
-        if config.lines().any(|l| l.starts_with(&format!("{key} = "))) {
-            config = set_line(&config, key, line);
-        } else {
-            config = format!("{line}\n{config}");
-        }
-    }
-    let path = dir.join(format!("{node}.toml"));
-    fs::write(&path, config).unwrap();
-    path
-}
-
-/// The value of the unlabelled series `name` at `/metrics` on `address`.
-fn metric(address: &str, name: &str) -> Option<f64> {
-    let mut stream = std::net::TcpStream::connect(address).ok()?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: soma\r\nConnection: close\r\n\r\n")
-        .ok()?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).ok()?;
-    text.lines().find_map(|l| {
-        let value = l.strip_prefix(name)?.strip_prefix(' ')?;
-        value.parse().ok()
-    })
-}
-
-fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 #[test]
 fn serving_validators_killed_and_restarted_mid_batch_leave_the_syncing_node_whole() {

@@ -4,8 +4,9 @@
 #![allow(dead_code)]
 
 use std::fs;
+use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -212,4 +213,82 @@ pub fn check_store(path: &Path, committee: &Committee, chain: &Chain) -> u64 {
         );
     }
     watermark.index
+}
+
+/// Writes `dir/<node>.toml`: the default configuration with the node's
+/// directories, port and seeds, and `lines` replacing their keys' lines
+/// (or, for a key the default file leaves out, added at the top level).
+pub fn node_config(dir: &Path, node: &str, port: u16, seeds: &[String], lines: &[&str]) -> PathBuf {
+    let seeds: Vec<String> = seeds
+        .iter()
+        .map(|a| format!("{{ address = \"{a}\" }}"))
+        .collect();
+    let mut config = default_config();
+    for line in [
+        format!("data-dir = \"{node}/data\""),
+        format!("keys-dir = \"{node}/keys\""),
+        "genesis = \"genesis.toml\"".to_string(),
+        format!("listen-address = \"127.0.0.1:{port}\""),
+        format!("seed-peers = [{}]", seeds.join(", ")),
+        "interval = \"200ms\"".to_string(),
+    ]
+    .iter()
+    .map(String::as_str)
+    .chain(lines.iter().copied())
+    {
+        let key = line.split(" = ").next().unwrap();
+        if config.lines().any(|l| l.starts_with(&format!("{key} = "))) {
+            config = set_line(&config, key, line);
+        } else {
+            config = format!("{line}\n{config}");
+        }
+    }
+    let path = dir.join(format!("{node}.toml"));
+    fs::write(&path, config).unwrap();
+    path
+}
+
+/// The text served at `/metrics` on `address`; `None` if it does not answer.
+pub fn metrics(address: &str) -> Option<String> {
+    let mut stream = std::net::TcpStream::connect(address).ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: soma\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    Some(text)
+}
+
+/// The value of the series `name` at `/metrics` on `address`; a labelled
+/// series is named as the text format writes it
+/// (`name{label="value"}`).
+pub fn metric(address: &str, name: &str) -> Option<f64> {
+    metrics(address)?.lines().find_map(|l| {
+        let value = l.strip_prefix(name)?.strip_prefix(' ')?;
+        value.parse().ok()
+    })
+}
+
+/// Polls `done` every 50 ms until it holds; panics naming `what` after
+/// `limit`.
+pub fn wait_for(what: &str, limit: Duration, done: impl FnMut() -> bool) {
+    wait_or_report(what, limit, done, String::new);
+}
+
+/// [`wait_for`], with what `report` says at the deadline in the panic.
+pub fn wait_or_report(
+    what: &str,
+    limit: Duration,
+    mut done: impl FnMut() -> bool,
+    report: impl Fn() -> String,
+) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}\n{}",
+            report()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
