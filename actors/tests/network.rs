@@ -377,6 +377,31 @@ async fn bad_input_gets_the_right_status_and_the_server_stays_up() {
     };
     let status = client.fetch_blocks(garbage_digest).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
+    // The request cap fits the largest real request (1,000 references of
+    // at most 58 bytes each, within 64,000 + 1,024 bytes) and no more: a
+    // request twice that size is refused before it is decoded.
+    let oversized = proto::FetchBlocksRequest {
+        refs: std::iter::repeat_n(proto::BlockRef::from(refs[0]), 4_000).collect(),
+    };
+    assert!(prost::Message::encoded_len(&oversized) > 2 * 65_024);
+    let status = client.fetch_blocks(oversized).await.unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    let largest_real = proto::FetchBlocksRequest {
+        refs: refs[..1_000]
+            .iter()
+            .map(|r| proto::BlockRef::from(*r))
+            .collect(),
+    };
+    let mut stream = client
+        .fetch_blocks(largest_real)
+        .await
+        .unwrap()
+        .into_inner();
+    let mut received = 0;
+    while let Some(chunk) = stream.message().await.unwrap() {
+        received += chunk.blocks.len();
+    }
+    assert_eq!(received, 1_000);
     let garbage_info = proto::GetKnownPeersRequest {
         own_info: Bytes::from_static(&[0xff; 40]),
     };

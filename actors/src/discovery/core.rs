@@ -547,11 +547,15 @@ impl DiscoveryCore {
         info: Option<SignedNodeInfo>,
         unix_ms: u64,
     ) -> Vec<Output> {
-        let count = self.served.entry(caller).or_default();
-        if *count >= self.config.get_known_peers_rate_limit {
-            return vec![Output::RateLimited { id }];
+        // Anonymous callers share no allowance here, or one stranger could
+        // use up everyone's: the GrpcAdapter rates each connection.
+        if let Some(caller) = caller {
+            let count = self.served.entry(Some(caller)).or_default();
+            if *count >= self.config.get_known_peers_rate_limit {
+                return vec![Output::RateLimited { id }];
+            }
+            *count += 1;
         }
-        *count += 1;
         if let Some(caller) = caller {
             // An authenticated call proves the caller is up: dial it again
             // now rather than when an old failure's backoff ends.

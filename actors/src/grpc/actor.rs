@@ -69,6 +69,7 @@ impl Handler<CallMsg> for GrpcAdapter {
         let outputs = self.driver.step(Input::Call {
             id,
             caller: msg.caller,
+            connection: msg.connection,
             call: msg.call,
         });
         let mut result = Err(Refusal {

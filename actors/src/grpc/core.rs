@@ -1,4 +1,5 @@
 use std::collections::HashMap;
+use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 use soma_types::PeerId;
@@ -27,6 +28,47 @@ pub struct Limits {
     /// Inbound connections open at once (handshakes included); more are
     /// reset as soon as they are accepted.
     pub max_inbound_connections: usize,
+    /// GetCommitInfo and PushCommit calls per second each connection, and
+    /// each authenticated caller, may make on average.
+    #[serde(default = "default_cheap_calls_per_second")]
+    pub cheap_calls_per_second: u32,
+    /// Such calls one connection or caller may make at once after a quiet
+    /// spell (the token bucket's depth).
+    #[serde(default = "default_cheap_call_burst")]
+    pub cheap_call_burst: u32,
+    /// GetKnownPeers calls per minute each connection, and each
+    /// authenticated caller, may make on average: an answer carries up to
+    /// `max-peers-to-send` infos (about 220 KB), so this bounds what one
+    /// caller may take per minute.
+    #[serde(default = "default_known_peers_calls_per_minute")]
+    pub known_peers_calls_per_minute: u32,
+    /// GetKnownPeers calls one connection or caller may make at once.
+    #[serde(default = "default_known_peers_burst")]
+    pub known_peers_burst: u32,
+    /// Connections and callers whose call rates are tracked at once; past
+    /// it, the entries that have been quiet longest are forgotten.
+    #[serde(default = "default_max_rate_limited")]
+    pub max_rate_limited: usize,
+}
+
+fn default_cheap_calls_per_second() -> u32 {
+    20
+}
+
+fn default_cheap_call_burst() -> u32 {
+    40
+}
+
+fn default_known_peers_calls_per_minute() -> u32 {
+    30
+}
+
+fn default_known_peers_burst() -> u32 {
+    5
+}
+
+fn default_max_rate_limited() -> usize {
+    4_096
 }
 
 impl Default for Limits {
@@ -40,13 +82,49 @@ impl Default for Limits {
             max_concurrent_streams: 128,
             concurrency_limit_per_connection: 64,
             max_inbound_connections: soma_wire::inbound::DEFAULT_MAX_CONNECTIONS,
+            cheap_calls_per_second: default_cheap_calls_per_second(),
+            cheap_call_burst: default_cheap_call_burst(),
+            known_peers_calls_per_minute: default_known_peers_calls_per_minute(),
+            known_peers_burst: default_known_peers_burst(),
+            max_rate_limited: default_max_rate_limited(),
         }
     }
 }
 
+/// Who a call rate is kept for: each connection, and each authenticated
+/// caller across its connections. Anonymous callers have only their
+/// connection's: no allowance is shared among strangers, so one cannot
+/// shut out the rest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Payer {
+    Connection(SocketAddr),
+    Peer(PeerId),
+}
+
+/// The calls rated together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Rate {
+    /// GetCommitInfo and PushCommit.
+    Cheap,
+    /// GetKnownPeers.
+    KnownPeers,
+}
+
+/// A token bucket, in thousandths of a call so refills need no floats.
+#[derive(Clone, Copy, Debug)]
+struct Bucket {
+    milli: u64,
+    at: Time,
+}
+
+/// Thousandths of a call in a token.
+const MILLI: u64 = 1_000;
+
 /// The adapter's admission logic.
 pub struct GrpcAdapterCore {
     limits: Limits,
+    /// Call rates by payer.
+    buckets: HashMap<(Payer, Rate), Bucket>,
     /// Admitted fetches by caller.
     fetches: HashMap<Option<PeerId>, usize>,
     /// Caller of each admitted fetch still running.
@@ -62,17 +140,28 @@ impl Core for GrpcAdapterCore {
     fn new(limits: Limits) -> Self {
         GrpcAdapterCore {
             limits,
+            buckets: HashMap::new(),
             fetches: HashMap::new(),
             running: HashMap::new(),
         }
     }
 
-    fn handle(&mut self, _now: Time, input: Input) -> Vec<Output> {
+    fn handle(&mut self, now: Time, input: Input) -> Vec<Output> {
         match input {
-            Input::Call { id, caller, call } => vec![match self.admit(id, caller, call) {
-                Ok(work) => Output::Admit { id, work },
-                Err(refusal) => Output::Refuse { id, refusal },
-            }],
+            Input::Call {
+                id,
+                caller,
+                connection,
+                call,
+            } => {
+                let admitted = self
+                    .rate(now, caller, connection, &call)
+                    .and_then(|()| self.admit(id, caller, call));
+                vec![match admitted {
+                    Ok(work) => Output::Admit { id, work },
+                    Err(refusal) => Output::Refuse { id, refusal },
+                }]
+            }
             Input::Done { id } => {
                 if let Some(caller) = self.running.remove(&id)
                     && let Some(n) = self.fetches.get_mut(&caller)
@@ -96,6 +185,84 @@ fn refuse(code: Code, message: impl Into<String>) -> Refusal {
 }
 
 impl GrpcAdapterCore {
+    /// Takes a token for `call` from its connection's bucket and, for an
+    /// authenticated caller, from the caller's; fetches are bounded by
+    /// their slots instead.
+    fn rate(
+        &mut self,
+        now: Time,
+        caller: Option<PeerId>,
+        connection: Option<SocketAddr>,
+        call: &Call,
+    ) -> Result<(), Refusal> {
+        let (rate, per_minute, burst) = match call {
+            Call::CommitInfo { .. } | Call::PushCommit { .. } => (
+                Rate::Cheap,
+                u64::from(self.limits.cheap_calls_per_second) * 60,
+                self.limits.cheap_call_burst,
+            ),
+            Call::KnownPeers => (
+                Rate::KnownPeers,
+                u64::from(self.limits.known_peers_calls_per_minute),
+                self.limits.known_peers_burst,
+            ),
+            Call::FetchCommits { .. } | Call::FetchBlocks { .. } => return Ok(()),
+        };
+        let payers: Vec<Payer> = connection
+            .map(Payer::Connection)
+            .into_iter()
+            .chain(caller.map(Payer::Peer))
+            .collect();
+        let capacity = u64::from(burst.max(1)) * MILLI;
+        // Refill, then check every payer before taking from any.
+        let mut levels = Vec::with_capacity(payers.len());
+        for payer in &payers {
+            let bucket = self.buckets.get(&(*payer, rate)).copied();
+            let level = bucket.map_or(capacity, |b| {
+                let elapsed_ms = now.0.saturating_sub(b.at.0);
+                // per_minute calls a minute is per_minute thousandths a
+                // millisecond over 60.
+                let refill = elapsed_ms.saturating_mul(per_minute) / 60;
+                b.milli.saturating_add(refill).min(capacity)
+            });
+            if level < MILLI {
+                return Err(refuse(
+                    Code::ResourceExhausted,
+                    format!("rate limited: at most {per_minute} such calls a minute"),
+                ));
+            }
+            levels.push(level);
+        }
+        for (payer, level) in payers.into_iter().zip(levels) {
+            self.buckets.insert(
+                (payer, rate),
+                Bucket {
+                    milli: level - MILLI,
+                    at: now,
+                },
+            );
+        }
+        self.forget_quiet();
+        Ok(())
+    }
+
+    /// Keeps the rate table within `max_rate_limited` entries: the buckets
+    /// untouched longest go first (a forgotten bucket starts full again,
+    /// so only the quietest payers gain from it).
+    fn forget_quiet(&mut self) {
+        let max = self.limits.max_rate_limited.max(1);
+        if self.buckets.len() <= max {
+            return;
+        }
+        let mut by_age: Vec<((Payer, Rate), Time)> =
+            self.buckets.iter().map(|(k, b)| (*k, b.at)).collect();
+        by_age.sort_by_key(|(k, at)| (*at, *k));
+        let excess = self.buckets.len() - max;
+        for (key, _) in by_age.into_iter().take(excess) {
+            self.buckets.remove(&key);
+        }
+    }
+
     fn admit(&mut self, id: u64, caller: Option<PeerId>, call: Call) -> Result<Work, Refusal> {
         match call {
             Call::CommitInfo { index } => Ok(Work::CommitInfo { index }),
@@ -181,6 +348,7 @@ mod tests {
             Input::Call {
                 id,
                 caller: caller.map(|p| PeerId([p; 32])),
+                connection: None,
                 call,
             },
         )
@@ -290,6 +458,125 @@ mod tests {
         assert_eq!(
             code(call(&mut c, 7, Some(1), Call::CommitInfo { index: None })),
             None
+        );
+    }
+
+    fn rated(
+        c: &mut GrpcAdapterCore,
+        now: u64,
+        caller: Option<u8>,
+        port: u16,
+        call: Call,
+    ) -> Option<Code> {
+        code(
+            c.handle(
+                Time(now),
+                Input::Call {
+                    id: now,
+                    caller: caller.map(|p| PeerId([p; 32])),
+                    connection: Some(SocketAddr::from(([127, 0, 0, 1], port))),
+                    call,
+                },
+            )
+            .pop()
+            .unwrap(),
+        )
+    }
+
+    fn limited() -> GrpcAdapterCore {
+        GrpcAdapterCore::new(Limits {
+            cheap_calls_per_second: 10,
+            cheap_call_burst: 3,
+            known_peers_calls_per_minute: 6,
+            known_peers_burst: 2,
+            ..Limits::default()
+        })
+    }
+
+    #[test]
+    fn cheap_calls_are_rated_per_connection_with_a_burst_then_a_steady_rate() {
+        let mut c = limited();
+        let info = || Call::CommitInfo { index: None };
+        // A burst of 3, then refused.
+        for _ in 0..3 {
+            assert_eq!(rated(&mut c, 0, None, 1, info()), None);
+        }
+        assert_eq!(
+            rated(&mut c, 0, None, 1, info()),
+            Some(Code::ResourceExhausted)
+        );
+        // Another connection, even anonymous, has its own allowance.
+        assert_eq!(rated(&mut c, 0, None, 2, info()), None);
+        // 10 a second: one more after 100 ms, not before.
+        assert_eq!(
+            rated(&mut c, 99, None, 1, info()),
+            Some(Code::ResourceExhausted)
+        );
+        assert_eq!(rated(&mut c, 100, None, 1, info()), None);
+        assert_eq!(
+            rated(&mut c, 100, None, 1, info()),
+            Some(Code::ResourceExhausted)
+        );
+        // Fetches are bounded by their slots, not by rates.
+        assert_eq!(
+            rated(&mut c, 100, None, 1, Call::FetchBlocks { refs: 1 }),
+            None
+        );
+    }
+
+    #[test]
+    fn an_authenticated_caller_is_rated_across_its_connections() {
+        let mut c = limited();
+        let peers = || Call::KnownPeers;
+        assert_eq!(rated(&mut c, 0, Some(7), 1, peers()), None);
+        assert_eq!(rated(&mut c, 0, Some(7), 2, peers()), None);
+        // A third connection does not buy the same identity more.
+        assert_eq!(
+            rated(&mut c, 0, Some(7), 3, peers()),
+            Some(Code::ResourceExhausted)
+        );
+        // 6 a minute: one more after 10 s.
+        assert_eq!(
+            rated(&mut c, 9_999, Some(7), 3, peers()),
+            Some(Code::ResourceExhausted)
+        );
+        assert_eq!(rated(&mut c, 10_000, Some(7), 3, peers()), None);
+        // GetKnownPeers and the cheap calls have separate allowances.
+        assert_eq!(
+            rated(&mut c, 10_000, Some(7), 3, Call::PushCommit { index: 1 }),
+            None
+        );
+    }
+
+    #[test]
+    fn the_rate_table_forgets_the_quietest_payers_first() {
+        let mut c = GrpcAdapterCore::new(Limits {
+            max_rate_limited: 4,
+            cheap_call_burst: 1,
+            ..Limits::default()
+        });
+        let info = || Call::CommitInfo { index: None };
+        for port in 1..=5 {
+            assert_eq!(rated(&mut c, u64::from(port), None, port, info()), None);
+        }
+        assert_eq!(c.buckets.len(), 4);
+        let kept: Vec<u16> = {
+            let mut ports: Vec<u16> = c
+                .buckets
+                .keys()
+                .filter_map(|(p, _)| match p {
+                    Payer::Connection(a) => Some(a.port()),
+                    Payer::Peer(_) => None,
+                })
+                .collect();
+            ports.sort_unstable();
+            ports
+        };
+        assert_eq!(kept, vec![2, 3, 4, 5]);
+        // Port 5 is still tracked and empty: refused.
+        assert_eq!(
+            rated(&mut c, 5, None, 5, info()),
+            Some(Code::ResourceExhausted)
         );
     }
 }

@@ -116,6 +116,10 @@ pub enum Input {
         id: u64,
         /// The authenticated caller, `None` if anonymous.
         caller: Option<PeerId>,
+        /// The connection it came on (the caller's socket address), if
+        /// known.
+        #[serde(default)]
+        connection: Option<std::net::SocketAddr>,
         /// The call.
         call: Call,
     },
@@ -152,6 +156,8 @@ pub enum Output {
 pub struct CallMsg {
     /// The authenticated caller, `None` if anonymous.
     pub caller: Option<PeerId>,
+    /// The connection it came on, if known.
+    pub connection: Option<std::net::SocketAddr>,
     /// The call.
     pub call: Call,
 }

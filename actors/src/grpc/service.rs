@@ -6,7 +6,7 @@ use soma_store::ConsensusStore;
 use soma_types::{BlockRef, CommitRef, SignedNodeInfo, codec};
 use soma_wire::convert::{Availability, ConvertError};
 use soma_wire::proto::{self, p2p_server::P2p};
-use soma_wire::tls::caller;
+use soma_wire::tls::{caller, remote_addr};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -80,8 +80,13 @@ impl P2pService {
 
     async fn admit<T>(&self, request: &Request<T>, call: Call) -> Result<Admission, Status> {
         let caller = caller(request).peer_id();
+        let connection = remote_addr(request);
         self.adapter
-            .send(CallMsg { caller, call })
+            .send(CallMsg {
+                caller,
+                connection,
+                call,
+            })
             .timeout(self.timeout)
             .await
             .map_err(mailbox_status)?

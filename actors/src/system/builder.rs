@@ -19,9 +19,21 @@ use crate::replay::Recorder;
 use crate::state_sync::{self, StateSync};
 use crate::verifier::{InstallCommittee, Verifier};
 
-/// Largest request the server decodes (a FetchBlocks of 1,000 references is
-/// about 60 KB).
-const MAX_REQUEST_BYTES: usize = 1 << 20;
+/// Most bytes one block reference takes in a request: epoch, round and
+/// author as varints and a 32-byte digest, each with its field key and the
+/// entry's own key and length (58 at most).
+const MAX_BLOCK_REF_BYTES: usize = 64;
+
+/// Largest request the server decodes: the largest real request, a
+/// FetchBlocks of `max_blocks_per_fetch` references (about 60 KB for
+/// 1,000) or a GetKnownPeers carrying the caller's own info, plus framing.
+/// Anything larger is refused before it is decoded.
+pub(crate) fn max_request_bytes(grpc: &crate::grpc::Limits, data: &soma_types::Limits) -> usize {
+    let fetch = grpc
+        .max_blocks_per_fetch
+        .saturating_mul(MAX_BLOCK_REF_BYTES);
+    fetch.max(data.max_node_info_bytes).saturating_add(1 << 10)
+}
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -230,7 +242,7 @@ impl P2pBuilder {
             // to its exact bound where it is built (grpc's `serve`), so the
             // service-wide cap is left open rather than set too low.
             let p2p = P2pServer::new(service)
-                .max_decoding_message_size(MAX_REQUEST_BYTES)
+                .max_decoding_message_size(max_request_bytes(&config.grpc, &config.verifier.limits))
                 .max_encoding_message_size(usize::MAX);
             let incoming = tls::incoming_with_limit(listener, server_config, inbound.clone());
             let timeout = config.timeout;

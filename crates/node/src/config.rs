@@ -135,6 +135,17 @@ pub struct P2pSection {
     pub concurrency_limit_per_connection: usize,
     /// Inbound connections open at once; more are refused.
     pub max_inbound_connections: usize,
+    /// GetCommitInfo and PushCommit calls a second per connection and per
+    /// authenticated caller.
+    pub cheap_calls_per_second: u32,
+    /// Such calls at once after a quiet spell.
+    pub cheap_call_burst: u32,
+    /// GetKnownPeers calls a minute per connection and per caller.
+    pub known_peers_calls_per_minute: u32,
+    /// GetKnownPeers calls at once after a quiet spell.
+    pub known_peers_burst: u32,
+    /// Connections and callers whose call rates are tracked at once.
+    pub max_rate_limited: usize,
 }
 
 impl Default for P2pSection {
@@ -173,6 +184,11 @@ impl Default for P2pSection {
             max_concurrent_streams: p.grpc.max_concurrent_streams,
             concurrency_limit_per_connection: p.grpc.concurrency_limit_per_connection,
             max_inbound_connections: p.grpc.max_inbound_connections,
+            cheap_calls_per_second: p.grpc.cheap_calls_per_second,
+            cheap_call_burst: p.grpc.cheap_call_burst,
+            known_peers_calls_per_minute: p.grpc.known_peers_calls_per_minute,
+            known_peers_burst: p.grpc.known_peers_burst,
+            max_rate_limited: p.grpc.max_rate_limited,
         }
     }
 }
@@ -370,6 +386,24 @@ impl NodeConfig {
             10_000,
             "between 1 and 10000",
         )?;
+        for (key, value) in [
+            ("p2p.cheap-calls-per-second", p.cheap_calls_per_second),
+            ("p2p.cheap-call-burst", p.cheap_call_burst),
+            (
+                "p2p.known-peers-calls-per-minute",
+                p.known_peers_calls_per_minute,
+            ),
+            ("p2p.known-peers-burst", p.known_peers_burst),
+        ] {
+            count(key, value as usize, 1, 1_000_000, "between 1 and 1000000")?;
+        }
+        count(
+            "p2p.max-rate-limited",
+            p.max_rate_limited,
+            16,
+            1 << 24,
+            "between 16 and 16777216",
+        )?;
         count(
             "p2p.max-inbound-connections",
             p.max_inbound_connections,
@@ -502,6 +536,11 @@ impl NodeConfig {
         c.grpc.max_concurrent_streams = p.max_concurrent_streams;
         c.grpc.concurrency_limit_per_connection = p.concurrency_limit_per_connection;
         c.grpc.max_inbound_connections = p.max_inbound_connections;
+        c.grpc.cheap_calls_per_second = p.cheap_calls_per_second;
+        c.grpc.cheap_call_burst = p.cheap_call_burst;
+        c.grpc.known_peers_calls_per_minute = p.known_peers_calls_per_minute;
+        c.grpc.known_peers_burst = p.known_peers_burst;
+        c.grpc.max_rate_limited = p.max_rate_limited;
         c
     }
 }
@@ -603,6 +642,15 @@ concurrency-limit-per-connection = {per_connection}
 # Inbound connections open at once; more are reset right after accept.
 # Keep it below the open-file limit (ulimit -n).
 max-inbound-connections = {inbound}
+# Call rates, per connection and per authenticated caller (token buckets):
+# GetCommitInfo and PushCommit a second and at once; GetKnownPeers (answers
+# of up to max-peers-to-send infos) a minute and at once; how many
+# connections and callers are tracked.
+cheap-calls-per-second = {cheap_rate}
+cheap-call-burst = {cheap_burst}
+known-peers-calls-per-minute = {known_rate}
+known-peers-burst = {known_burst}
+max-rate-limited = {rate_limited}
 "#,
         cache = default_store_cache_bytes(),
         interval = humantime_serde::re::humantime::format_duration(p.interval),
@@ -633,6 +681,11 @@ max-inbound-connections = {inbound}
         streams = p.max_concurrent_streams,
         per_connection = p.concurrency_limit_per_connection,
         inbound = p.max_inbound_connections,
+        cheap_rate = p.cheap_calls_per_second,
+        cheap_burst = p.cheap_call_burst,
+        known_rate = p.known_peers_calls_per_minute,
+        known_burst = p.known_peers_burst,
+        rate_limited = p.max_rate_limited,
     )
 }
 

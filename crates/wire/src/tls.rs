@@ -492,6 +492,15 @@ pub fn caller<T>(request: &tonic::Request<T>) -> Caller {
         .unwrap_or(Caller::Anonymous)
 }
 
+/// The socket address a request came from, when it was served over
+/// [`incoming`]: it names the connection the call came on.
+pub fn remote_addr<T>(request: &tonic::Request<T>) -> Option<std::net::SocketAddr> {
+    request
+        .extensions()
+        .get::<SslConnectInfo<TcpConnectInfo>>()
+        .and_then(|info| info.get_ref().remote_addr())
+}
+
 /// Checks a peer's certificate (see the module docs) and returns the id it
 /// proves.
 fn verify_certificate(
