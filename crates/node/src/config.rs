@@ -383,7 +383,8 @@ impl NodeConfig {
         range(
             "p2p.inbound-idle-timeout",
             "between p2p.timeout and 1 day",
-            p.inbound_idle_timeout >= p.timeout && between(p.inbound_idle_timeout, 1_000, 86_400_000),
+            p.inbound_idle_timeout >= p.timeout
+                && between(p.inbound_idle_timeout, 1_000, 86_400_000),
             ms(p.inbound_idle_timeout),
         )?;
         range(

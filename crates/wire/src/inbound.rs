@@ -565,13 +565,8 @@ impl ConnectionLimit {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Admits `stream` or says why not.
-    fn admit(&self, stream: TcpStream) -> Result<Admitted, (TcpStream, Refusal)> {
-        let ip = match stream.peer_addr() {
-            Ok(address) => address.ip(),
-            // The client is already gone; nothing to admit.
-            Err(_) => return Err((stream, Refusal::Full)),
-        };
+    /// Admits `stream`, from `ip`, or says why not.
+    fn admit(&self, stream: TcpStream, ip: IpAddr) -> Result<Admitted, (TcpStream, Refusal)> {
         let now = Instant::now();
         let mut state = self.lock();
         let State { rules, conns } = &mut *state;
@@ -613,7 +608,9 @@ impl ConnectionLimit {
     }
 
     fn last_active(&self, conns: &HashMap<ConnId, Arc<Activity>>, id: ConnId) -> Instant {
-        let ms = conns.get(&id).map_or(0, |a| a.last_ms.load(Ordering::Relaxed));
+        let ms = conns
+            .get(&id)
+            .map_or(0, |a| a.last_ms.load(Ordering::Relaxed));
         self.shared.base + Duration::from_millis(ms)
     }
 
@@ -707,7 +704,11 @@ impl Admitted {
     }
 
     /// `result` of the stream, or the reason to close if it is pending.
-    fn or_closed<T>(&mut self, cx: &mut Context<'_>, result: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+    fn or_closed<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        result: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
         match result {
             Poll::Pending => self.poll_closed(cx).map(Err),
             ready => ready,
@@ -715,9 +716,11 @@ impl Admitted {
     }
 
     fn closed_now(&self) -> Option<io::Error> {
-        self.slot.activity.closed.load(Ordering::Acquire).then(|| {
-            io::Error::new(io::ErrorKind::ConnectionAborted, "connection closed")
-        })
+        self.slot
+            .activity
+            .closed
+            .load(Ordering::Acquire)
+            .then(|| io::Error::new(io::ErrorKind::ConnectionAborted, "connection closed"))
     }
 }
 
@@ -868,10 +871,16 @@ impl Stream for Admission {
             match ready!(Pin::new(&mut this.tcp).poll_next(cx)) {
                 None => return Poll::Ready(None),
                 Some(Err(error)) => this.accept_failed(error),
-                Some(Ok(stream)) => match this.limit.admit(stream) {
-                    Ok(admitted) => return Poll::Ready(Some(Ok(admitted))),
-                    Err((stream, refusal)) => this.refuse(stream, refusal),
-                },
+                Some(Ok(stream)) => {
+                    let Ok(peer) = stream.peer_addr() else {
+                        // The client is already gone: nothing to admit.
+                        continue;
+                    };
+                    match this.limit.admit(stream, peer.ip()) {
+                        Ok(admitted) => return Poll::Ready(Some(Ok(admitted))),
+                        Err((stream, refusal)) => this.refuse(stream, refusal),
+                    }
+                }
             }
         }
         // Only refusals and failures so far: let other tasks run.
@@ -956,9 +965,9 @@ mod tests {
 
         fn admit(&mut self, now: u64, from: &str) -> Result<Admit, Refusal> {
             let active = &self.active;
-            let admit = self
-                .rules
-                .admit(at(now), ip(from), |id| active.get(&id).copied().unwrap_or(t0()))?;
+            let admit = self.rules.admit(at(now), ip(from), |id| {
+                active.get(&id).copied().unwrap_or(t0())
+            })?;
             self.active.insert(admit.id, at(now));
             Ok(admit)
         }
@@ -1017,7 +1026,11 @@ mod tests {
         h.admit(0, "2001:db8:0:1::2").unwrap();
         let counts = h.rules.counts();
         assert_eq!(
-            (counts.admitted, counts.refused_per_prefix, counts.refused_per_ip),
+            (
+                counts.admitted,
+                counts.refused_per_prefix,
+                counts.refused_per_ip
+            ),
             (8, 2, 0)
         );
         assert_eq!(prefix(ip("192.168.7.9")), ip("192.168.7.0"));
@@ -1074,7 +1087,10 @@ mod tests {
         assert_eq!(h.identify(id, Caller::Anonymous), Err(Refusal::Unreserved));
         assert_eq!(h.rules.open(), 0);
         let id = h.admit(0, "10.0.0.1").unwrap().id;
-        assert_eq!(h.identify(id, Caller::Peer(peer(2))), Err(Refusal::Unreserved));
+        assert_eq!(
+            h.identify(id, Caller::Peer(peer(2))),
+            Err(Refusal::Unreserved)
+        );
         h.established(0, "10.0.0.1", Caller::Peer(peer(1)));
         let counts = h.rules.counts();
         assert_eq!((counts.admitted, counts.refused_unreserved), (3, 2));
@@ -1103,7 +1119,12 @@ mod tests {
             .collect();
         assert_eq!(
             evictions,
-            [Some(anon_idle), Some(anon_busy), Some(other), Some(handshake)]
+            [
+                Some(anon_idle),
+                Some(anon_busy),
+                Some(other),
+                Some(handshake)
+            ]
         );
         // Only handshakes left besides the member: the oldest goes, and
         // learns it when its handshake ends.

@@ -198,7 +198,10 @@ async fn one_host_flooding_gets_its_cap_stallers_and_idlers_are_cut_and_peers_st
     wait_until("the honest connection to close", || limit.open() == 4).await;
 
     // Silent connections are closed at the idle timeout.
-    wait_until("idle connections closed", || limit.counts().idle_closed == 4).await;
+    wait_until("idle connections closed", || {
+        limit.counts().idle_closed == 4
+    })
+    .await;
     for stream in &mut idle {
         assert!(ended(stream).await, "an idle connection stayed open");
     }
@@ -280,7 +283,10 @@ async fn a_full_server_evicts_idle_anonymous_connections_and_keeps_reserved_ones
     wait_until("two evictions", || limit.counts().evicted == 2).await;
     // The idlest go: the first two, in order.
     for stream in &mut anonymous[..2] {
-        assert!(ended(stream).await, "an idle anonymous connection stayed open");
+        assert!(
+            ended(stream).await,
+            "an idle anonymous connection stayed open"
+        );
     }
 
     // The member's connection was never evicted: its calls go over it,
