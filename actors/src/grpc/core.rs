@@ -1,8 +1,10 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use soma_types::PeerId;
+use soma_wire::inbound;
 
 use super::messages::*;
 use crate::{Core, Time};
@@ -49,6 +51,21 @@ pub struct Limits {
     /// it, the entries that have been quiet longest are forgotten.
     #[serde(default = "default_max_rate_limited")]
     pub max_rate_limited: usize,
+    /// Of `max_inbound_connections`, slots only committee members and
+    /// allowlisted peers may hold.
+    pub reserved_inbound_connections: usize,
+    /// Inbound connections from one source address.
+    pub max_inbound_per_ip: usize,
+    /// Inbound connections from one /24 (IPv4) or /64 (IPv6).
+    pub max_inbound_per_prefix: usize,
+    /// Whether loopback callers skip the per-address and per-prefix caps
+    /// and count as reserved callers (local test networks).
+    pub inbound_exempt_loopback: bool,
+    /// Time an inbound connection has to finish its TLS handshake.
+    pub tls_handshake_timeout: Duration,
+    /// Time without a byte either way after which an inbound connection
+    /// is closed.
+    pub inbound_idle_timeout: Duration,
 }
 
 fn default_cheap_calls_per_second() -> u32 {
@@ -71,6 +88,21 @@ fn default_max_rate_limited() -> usize {
     4_096
 }
 
+impl Limits {
+    /// The admission settings of the server's inbound connections.
+    pub fn inbound(&self) -> inbound::Config {
+        inbound::Config {
+            max: self.max_inbound_connections,
+            reserved: self.reserved_inbound_connections,
+            max_per_ip: self.max_inbound_per_ip,
+            max_per_prefix: self.max_inbound_per_prefix,
+            exempt_loopback: self.inbound_exempt_loopback,
+            handshake_timeout: self.tls_handshake_timeout,
+            idle_timeout: self.inbound_idle_timeout,
+        }
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -87,6 +119,12 @@ impl Default for Limits {
             known_peers_calls_per_minute: default_known_peers_calls_per_minute(),
             known_peers_burst: default_known_peers_burst(),
             max_rate_limited: default_max_rate_limited(),
+            reserved_inbound_connections: inbound::DEFAULT_RESERVED_CONNECTIONS,
+            max_inbound_per_ip: inbound::DEFAULT_MAX_PER_IP,
+            max_inbound_per_prefix: inbound::DEFAULT_MAX_PER_PREFIX,
+            inbound_exempt_loopback: true,
+            tls_handshake_timeout: inbound::DEFAULT_HANDSHAKE_TIMEOUT,
+            inbound_idle_timeout: inbound::DEFAULT_IDLE_TIMEOUT,
         }
     }
 }

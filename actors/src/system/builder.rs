@@ -174,6 +174,16 @@ impl P2pBuilder {
             committees.push(c);
             epoch += 1;
         }
+        let reserved_peers: Vec<PeerId> = config
+            .allowlist
+            .iter()
+            .copied()
+            .chain(
+                committees
+                    .iter()
+                    .flat_map(|c| c.authorities().map(|(_, a)| a.network_key)),
+            )
+            .collect();
 
         let seed = config.seed.unwrap_or_else(rand::random);
         let (events, _) = broadcast::channel(config.peer_event_broadcast_capacity.max(1));
@@ -227,7 +237,10 @@ impl P2pBuilder {
         };
         let server_config = tls::server_config(&identity, &policy)?;
         let (shutdown, shutdown_rx) = oneshot::channel::<()>();
-        let inbound = ConnectionLimit::new(config.grpc.max_inbound_connections);
+        let inbound = ConnectionLimit::with_config(config.grpc.inbound());
+        // Reserved slots: allowlisted peers and the members of every
+        // committee the store holds at start.
+        inbound.reserve_for(reserved_peers);
         let server = {
             let _guard = runtime.enter();
             let (health_reporter, health) = tonic_health::server::health_reporter();

@@ -112,8 +112,11 @@ pub struct InboundConnections {
     pub open: usize,
     /// The most allowed open at once (`max_inbound_connections`).
     pub max: usize,
-    /// Refused so far because `max` were open.
+    /// Refused so far, every reason together.
     pub refused: u64,
+    /// Admissions, refusals by reason, evictions, handshake timeouts and
+    /// idle closures so far.
+    pub counts: soma_wire::inbound::Counts,
 }
 
 /// Whether one long-lived actor is running.
@@ -292,14 +295,15 @@ impl P2pHandle {
             .collect()
     }
 
-    /// How many inbound connections are open, and how many were refused
-    /// for being past the limit.
+    /// How many inbound connections are open, and what admission did so
+    /// far (refusals by reason, evictions, timeouts).
     pub fn inbound_connections(&self) -> InboundConnections {
         let limit = &self.inner.inbound;
         InboundConnections {
             open: limit.open(),
             max: limit.max(),
             refused: limit.refused(),
+            counts: limit.counts(),
         }
     }
 

@@ -146,6 +146,21 @@ pub struct P2pSection {
     pub known_peers_burst: u32,
     /// Connections and callers whose call rates are tracked at once.
     pub max_rate_limited: usize,
+    /// Of those, slots only committee members and allowlisted peers hold.
+    pub reserved_inbound_connections: usize,
+    /// Inbound connections from one source address.
+    pub max_inbound_per_ip: usize,
+    /// Inbound connections from one /24 (IPv4) or /64 (IPv6).
+    pub max_inbound_per_prefix: usize,
+    /// Whether loopback callers skip the per-address and per-prefix caps
+    /// and count as reserved callers.
+    pub inbound_exempt_loopback: bool,
+    /// Time an inbound connection has to finish its TLS handshake.
+    #[serde(with = "humantime_serde")]
+    pub tls_handshake_timeout: Duration,
+    /// Time without traffic after which an inbound connection is closed.
+    #[serde(with = "humantime_serde")]
+    pub inbound_idle_timeout: Duration,
 }
 
 impl Default for P2pSection {
@@ -189,6 +204,12 @@ impl Default for P2pSection {
             known_peers_calls_per_minute: p.grpc.known_peers_calls_per_minute,
             known_peers_burst: p.grpc.known_peers_burst,
             max_rate_limited: p.grpc.max_rate_limited,
+            reserved_inbound_connections: p.grpc.reserved_inbound_connections,
+            max_inbound_per_ip: p.grpc.max_inbound_per_ip,
+            max_inbound_per_prefix: p.grpc.max_inbound_per_prefix,
+            inbound_exempt_loopback: p.grpc.inbound_exempt_loopback,
+            tls_handshake_timeout: p.grpc.tls_handshake_timeout,
+            inbound_idle_timeout: p.grpc.inbound_idle_timeout,
         }
     }
 }
@@ -411,6 +432,42 @@ impl NodeConfig {
             1 << 20,
             "between 1 and 1048576",
         )?;
+        count(
+            "p2p.reserved-inbound-connections",
+            p.reserved_inbound_connections,
+            0,
+            p.max_inbound_connections.saturating_sub(1),
+            "below p2p.max-inbound-connections",
+        )?;
+        count(
+            "p2p.max-inbound-per-ip",
+            p.max_inbound_per_ip,
+            1,
+            p.max_inbound_per_prefix,
+            "between 1 and p2p.max-inbound-per-prefix",
+        )?;
+        count(
+            "p2p.max-inbound-per-prefix",
+            p.max_inbound_per_prefix,
+            1,
+            1 << 20,
+            "between 1 and 1048576",
+        )?;
+        range(
+            "p2p.tls-handshake-timeout",
+            "between 100ms and 1m",
+            between(p.tls_handshake_timeout, 100, 60_000),
+            ms(p.tls_handshake_timeout),
+        )?;
+        // A call may be silent for up to the request timeout; an idle
+        // timeout below it would cut honest slow calls.
+        range(
+            "p2p.inbound-idle-timeout",
+            "between p2p.timeout and 1 day",
+            p.inbound_idle_timeout >= p.timeout
+                && between(p.inbound_idle_timeout, 1_000, 86_400_000),
+            ms(p.inbound_idle_timeout),
+        )?;
         range(
             "p2p.max-concurrent-streams",
             "between 1 and 10000",
@@ -541,6 +598,12 @@ impl NodeConfig {
         c.grpc.known_peers_calls_per_minute = p.known_peers_calls_per_minute;
         c.grpc.known_peers_burst = p.known_peers_burst;
         c.grpc.max_rate_limited = p.max_rate_limited;
+        c.grpc.reserved_inbound_connections = p.reserved_inbound_connections;
+        c.grpc.max_inbound_per_ip = p.max_inbound_per_ip;
+        c.grpc.max_inbound_per_prefix = p.max_inbound_per_prefix;
+        c.grpc.inbound_exempt_loopback = p.inbound_exempt_loopback;
+        c.grpc.tls_handshake_timeout = p.tls_handshake_timeout;
+        c.grpc.inbound_idle_timeout = p.inbound_idle_timeout;
         c
     }
 }
@@ -651,6 +714,22 @@ cheap-call-burst = {cheap_burst}
 known-peers-calls-per-minute = {known_rate}
 known-peers-burst = {known_burst}
 max-rate-limited = {rate_limited}
+# Of those, slots only committee members and allowlisted peers may hold;
+# anonymous and other callers share the rest, and when it is full the
+# longest-idle of them (anonymous first) is closed for a newcomer.
+reserved-inbound-connections = {reserved}
+# Inbound connections from one address, and from one /24 (IPv4) or /64
+# (IPv6) network.
+max-inbound-per-ip = {per_ip}
+max-inbound-per-prefix = {inbound_per_prefix}
+# Loopback callers (this host) skip the two caps above and count as
+# reserved: local test networks share 127.0.0.1. Turn off if untrusted
+# local processes or a local proxy carry remote traffic.
+inbound-exempt-loopback = {exempt}
+# Time to finish the TLS handshake; time without traffic after which an
+# inbound connection is closed (at least `timeout`).
+tls-handshake-timeout = "{handshake}"
+inbound-idle-timeout = "{idle}"
 "#,
         cache = default_store_cache_bytes(),
         interval = humantime_serde::re::humantime::format_duration(p.interval),
@@ -686,6 +765,12 @@ max-rate-limited = {rate_limited}
         known_rate = p.known_peers_calls_per_minute,
         known_burst = p.known_peers_burst,
         rate_limited = p.max_rate_limited,
+        reserved = p.reserved_inbound_connections,
+        per_ip = p.max_inbound_per_ip,
+        inbound_per_prefix = p.max_inbound_per_prefix,
+        exempt = p.inbound_exempt_loopback,
+        handshake = humantime_serde::re::humantime::format_duration(p.tls_handshake_timeout),
+        idle = humantime_serde::re::humantime::format_duration(p.inbound_idle_timeout),
     )
 }
 
@@ -708,6 +793,50 @@ mod tests {
         assert_eq!(config.p2p.parallel_fetches, 8);
         assert_eq!(config.p2p.max_total_fetched_bytes, 128 << 20);
         assert_eq!(config.p2p.max_inbound_connections, 512);
+        assert_eq!(
+            (
+                config.p2p.reserved_inbound_connections,
+                config.p2p.max_inbound_per_ip,
+                config.p2p.max_inbound_per_prefix,
+                config.p2p.inbound_exempt_loopback,
+            ),
+            (64, 8, 32, true)
+        );
+        assert_eq!(config.p2p.tls_handshake_timeout, Duration::from_secs(5));
+        assert_eq!(config.p2p.inbound_idle_timeout, Duration::from_secs(60));
+        let inbound = config.p2p_config().grpc.inbound();
+        assert_eq!(inbound, soma_wire::inbound::Config::default());
+    }
+
+    #[test]
+    fn inbound_caps_are_checked_against_each_other() {
+        let text = default_file().replace(
+            "reserved-inbound-connections = 64",
+            "reserved-inbound-connections = 512",
+        );
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(
+            e.contains("p2p.reserved-inbound-connections") && e.contains("512"),
+            "{e}"
+        );
+        let text = default_file().replace("max-inbound-per-ip = 8", "max-inbound-per-ip = 33");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("p2p.max-inbound-per-ip"), "{e}");
+        let text = default_file().replace(
+            "inbound-idle-timeout = \"1m\"",
+            "inbound-idle-timeout = \"5s\"",
+        );
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(
+            e.contains("p2p.inbound-idle-timeout") && e.contains("5000ms"),
+            "{e}"
+        );
+        let text = default_file().replace(
+            "tls-handshake-timeout = \"5s\"",
+            "tls-handshake-timeout = \"10m\"",
+        );
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("p2p.tls-handshake-timeout"), "{e}");
     }
 
     #[test]

@@ -27,6 +27,7 @@ struct Series {
     rpcs: IntCounterVec,
     inbound: IntGauge,
     inbound_refused: IntCounterVec,
+    inbound_closed: IntCounterVec,
     actor_up: IntGaugeVec,
     /// Last values seen, to turn totals into counter increments.
     last: Mutex<std::collections::HashMap<String, u64>>,
@@ -98,8 +99,14 @@ impl Series {
             inbound_refused: counter(
                 &r,
                 "soma_inbound_connections_refused_total",
-                "Inbound connections refused at max-inbound-connections",
-                &[],
+                "Inbound connections refused, by reason",
+                &["reason"],
+            ),
+            inbound_closed: counter(
+                &r,
+                "soma_inbound_connections_closed_total",
+                "Inbound connections closed by the server, by reason",
+                &["reason"],
             ),
             actor_up,
             registry: r,
@@ -149,7 +156,22 @@ impl Series {
         }
         let inbound = handle.inbound_connections();
         self.inbound.set(inbound.open as i64);
-        self.advance(&self.inbound_refused, &[], inbound.refused);
+        let c = inbound.counts;
+        for (reason, n) in [
+            ("per_ip", c.refused_per_ip),
+            ("per_prefix", c.refused_per_prefix),
+            ("full", c.refused_full),
+            ("unreserved", c.refused_unreserved),
+        ] {
+            self.advance(&self.inbound_refused, &[reason], n);
+        }
+        for (reason, n) in [
+            ("evicted", c.evicted),
+            ("handshake_timeout", c.handshake_timeouts),
+            ("idle", c.idle_closed),
+        ] {
+            self.advance(&self.inbound_closed, &[reason], n);
+        }
         for actor in handle.health().actors {
             self.actor_up
                 .with_label_values(&[actor.name])

@@ -1,41 +1,92 @@
-//! Admission of inbound connections: at most a configured number open at
-//! once.
+//! Admission of inbound connections: how many, from where, for how long.
 //!
 //! tonic holds every connection it accepts, without a bound. A server made
 //! with [`tls::incoming`](crate::tls::incoming) accepts through a
-//! [`ConnectionLimit`] instead: each accepted socket takes one permit of
-//! the limit's semaphore, and the permit lives inside the connection's IO
-//! type ([`Admitted`]), so it comes back when the connection ends, however
-//! it ends (handshake failure or timeout, client gone, server shut down). A
-//! socket accepted while no permit is left is reset at once, before the TLS
-//! handshake: past the limit, a connection costs the server one accept and
-//! one close.
+//! [`ConnectionLimit`] instead. Each accepted socket gets a slot, and the
+//! slot lives inside the connection's IO type ([`Admitted`]), so it comes
+//! back when the connection ends, however it ends (handshake failure or
+//! timeout, client gone, eviction, server shut down).
+//!
+//! The rules ([`Config`]), checked when a socket is accepted, before the
+//! TLS handshake:
+//! - at most `max_per_ip` connections from one source address and
+//!   `max_per_prefix` from one network (/24 in IPv4, /64 in IPv6), so one
+//!   host or one subnet cannot take every slot;
+//! - at most `max` in all. When all are taken, the connection of an
+//!   ordinary caller that has been idle longest is closed to make room
+//!   (anonymous callers first, then authenticated ones, then the oldest
+//!   handshake still running); if there is none, the socket is reset.
+//!
+//! A connection is admitted provisionally; once its handshake proves who
+//! calls, a caller the node reserves slots for (a committee member or an
+//! allowlisted peer, see [`ConnectionLimit::reserve_for`]) keeps its slot,
+//! while ordinary callers (anonymous or any other peer) may hold at most
+//! `max - reserved` established connections between them: one past that
+//! evicts the longest-idle ordinary connection or is closed itself.
+//!
+//! Time bounds: a handshake must finish within `handshake_timeout`, and a
+//! connection with no byte read or written for `idle_timeout` is closed
+//! (an HTTP/2 connection with no open call and no traffic is silent, so
+//! this closes it; one whose calls stall as long is closed too).
+//!
+//! A refused socket is reset at once, before any TLS work: past a limit, a
+//! connection costs the server one accept and one close. The decisions are
+//! made by a plain state machine without sockets or clocks
+//! ([`Rules`]); the socket side only feeds it addresses, identities and
+//! times, and closes what it names.
 //!
 //! Accept errors never reach tonic-tls, which would end the accept loop on
 //! one (and with it the server): an error about one connection is skipped,
 //! and running out of file descriptors or memory pauses accepting for
 //! 100 ms before trying again.
 
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::io::{self, IoSlice};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use futures::Stream;
+use futures::task::AtomicWaker;
+use soma_types::PeerId;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
+
+use crate::tls::Caller;
 
 /// The default bound: 64 times the peers a node dials by default, about
 /// 15 MiB of idle connections, and below the common open-file limit of
 /// 1,024 with room left for outbound connections and the store (see
 /// `docs/operations.md`).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+
+/// Default slots only reserved callers may use: room for a committee of
+/// 64 to hold one connection each however many ordinary callers come.
+pub const DEFAULT_RESERVED_CONNECTIONS: usize = 64;
+
+/// Default connections from one address: a node dials a peer once, so a
+/// few nodes behind one NAT fit; a single host cannot take more than 8 of
+/// 512 slots.
+pub const DEFAULT_MAX_PER_IP: usize = 8;
+
+/// Default connections from one /24 or /64: a few hosts of one provider's
+/// subnet; taking every unreserved slot needs 14 distinct networks.
+pub const DEFAULT_MAX_PER_PREFIX: usize = 32;
+
+/// Default time a client has to finish the TLS handshake: a handshake
+/// takes two round trips, well under a second on any real link.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Default time without a byte either way after which a connection is
+/// closed: six times the request timeout, sixty height queries of a
+/// connected peer.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// At most one warning of each kind (connections refused, accepts failed)
 /// per this interval; each refusal is also logged at debug level.
@@ -48,54 +99,629 @@ const ACCEPTS_PER_POLL: usize = 64;
 /// Pause of accepting after an error that is not about one connection.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
-/// The bound on a server's open inbound connections, with counts of what
-/// it let in and refused. Clones share the bound and the counts.
+/// The admission settings of a server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Connections open at once, handshakes included.
+    pub max: usize,
+    /// Of `max`, slots only reserved callers may hold (ordinary callers
+    /// share `max - reserved`).
+    pub reserved: usize,
+    /// Connections from one source address.
+    pub max_per_ip: usize,
+    /// Connections from one /24 (IPv4) or /64 (IPv6).
+    pub max_per_prefix: usize,
+    /// Whether loopback callers (this host) skip the per-address and
+    /// per-prefix caps and count as reserved callers: every node of a
+    /// local test network shares 127.0.0.1.
+    pub exempt_loopback: bool,
+    /// Time allowed for the TLS handshake.
+    pub handshake_timeout: Duration,
+    /// Time without a byte read or written after which a connection is
+    /// closed.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            max: DEFAULT_MAX_CONNECTIONS,
+            reserved: DEFAULT_RESERVED_CONNECTIONS,
+            max_per_ip: DEFAULT_MAX_PER_IP,
+            max_per_prefix: DEFAULT_MAX_PER_PREFIX,
+            exempt_loopback: true,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        }
+    }
+}
+
+impl Config {
+    /// At most `max` connections, and no other cap: no reserved slots, no
+    /// per-address or per-prefix cap, default timeouts.
+    pub fn only_max(max: usize) -> Self {
+        Config {
+            max,
+            reserved: 0,
+            max_per_ip: max,
+            max_per_prefix: max,
+            exempt_loopback: false,
+            ..Config::default()
+        }
+    }
+}
+
+/// Why a connection was refused or closed by the rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// Its source address already had `max_per_ip` connections.
+    #[error("too many connections from this address")]
+    PerIp,
+    /// Its /24 or /64 already had `max_per_prefix` connections.
+    #[error("too many connections from this network")]
+    PerPrefix,
+    /// All `max` slots were taken and none could be freed.
+    #[error("no connection slot left")]
+    Full,
+    /// After the handshake: an ordinary caller, with every unreserved
+    /// slot held by established connections and none to evict.
+    #[error("no unreserved connection slot left")]
+    Unreserved,
+}
+
+/// What happened to inbound connections so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Sockets given a slot at accept.
+    pub admitted: u64,
+    /// Refused at accept: source address at `max_per_ip`.
+    pub refused_per_ip: u64,
+    /// Refused at accept: network at `max_per_prefix`.
+    pub refused_per_prefix: u64,
+    /// Refused at accept: `max` reached and nothing to evict.
+    pub refused_full: u64,
+    /// Closed after the handshake: an ordinary caller with no unreserved
+    /// slot free and nothing to evict.
+    pub refused_unreserved: u64,
+    /// Connections closed to make room for another.
+    pub evicted: u64,
+    /// Connections whose handshake did not finish in time.
+    pub handshake_timeouts: u64,
+    /// Connections closed for being idle.
+    pub idle_closed: u64,
+}
+
+impl Counts {
+    /// Refusals of every reason.
+    pub fn refused(&self) -> u64 {
+        self.refused_per_ip + self.refused_per_prefix + self.refused_full + self.refused_unreserved
+    }
+
+    fn refuse(&mut self, refusal: Refusal) {
+        *match refusal {
+            Refusal::PerIp => &mut self.refused_per_ip,
+            Refusal::PerPrefix => &mut self.refused_per_prefix,
+            Refusal::Full => &mut self.refused_full,
+            Refusal::Unreserved => &mut self.refused_unreserved,
+        } += 1;
+    }
+}
+
+/// A connection's number, unique for the life of its [`ConnectionLimit`].
+pub type ConnId = u64;
+
+/// Where a connection stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Class {
+    /// Admitted at accept, handshake still running.
+    Handshake,
+    /// Established, caller without an identity.
+    Anonymous,
+    /// Established, a peer without reserved slots.
+    Peer,
+    /// Established, a caller with reserved slots (or an exempt loopback).
+    Reserved,
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    /// The source and its network, `None` for an exempt loopback caller.
+    source: Option<(IpAddr, IpAddr)>,
+    exempt: bool,
+    class: Class,
+    accepted: Instant,
+}
+
+/// The admission rules as a state machine: no sockets, no clock. Times
+/// come in as arguments; so does each connection's last activity, which
+/// the IO side measures.
+#[derive(Debug)]
+pub struct Rules {
+    config: Config,
+    reserved_for: HashSet<PeerId>,
+    entries: HashMap<ConnId, Entry>,
+    per_ip: HashMap<IpAddr, usize>,
+    per_prefix: HashMap<IpAddr, usize>,
+    /// Established connections of ordinary callers.
+    ordinary: usize,
+    next: ConnId,
+    counts: Counts,
+}
+
+/// A socket admitted by [`Rules::admit`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Admit {
+    /// The new connection.
+    pub id: ConnId,
+    /// The connection closed to make room, if any.
+    pub evicted: Option<ConnId>,
+}
+
+impl Rules {
+    /// No connection yet, no caller with reserved slots.
+    pub fn new(config: Config) -> Self {
+        Rules {
+            config,
+            reserved_for: HashSet::new(),
+            entries: HashMap::new(),
+            per_ip: HashMap::new(),
+            per_prefix: HashMap::new(),
+            ordinary: 0,
+            next: 0,
+            counts: Counts::default(),
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Replaces the peers that may use reserved slots. Connections already
+    /// established keep their class.
+    pub fn reserve_for(&mut self, peers: impl IntoIterator<Item = PeerId>) {
+        self.reserved_for = peers.into_iter().collect();
+    }
+
+    /// Connections holding a slot, handshakes included.
+    pub fn open(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// The counts so far.
+    pub fn counts(&self) -> Counts {
+        self.counts
+    }
+
+    /// A socket from `ip` was accepted at `now`: admits it (possibly
+    /// evicting another connection, which the caller must close) or says
+    /// why not. `last_active` gives each open connection's last read or
+    /// write.
+    pub fn admit(
+        &mut self,
+        now: Instant,
+        ip: IpAddr,
+        last_active: impl Fn(ConnId) -> Instant,
+    ) -> Result<Admit, Refusal> {
+        let result = self.try_admit(now, ip, last_active);
+        match result {
+            Ok(Admit { evicted, .. }) => {
+                self.counts.admitted += 1;
+                self.counts.evicted += u64::from(evicted.is_some());
+            }
+            Err(refusal) => self.counts.refuse(refusal),
+        }
+        result
+    }
+
+    fn try_admit(
+        &mut self,
+        now: Instant,
+        ip: IpAddr,
+        last_active: impl Fn(ConnId) -> Instant,
+    ) -> Result<Admit, Refusal> {
+        let ip = ip.to_canonical();
+        let exempt = self.config.exempt_loopback && ip.is_loopback();
+        let source = (!exempt).then(|| (ip, prefix(ip)));
+        if let Some((ip, prefix)) = source {
+            if self.per_ip.get(&ip).copied().unwrap_or(0) >= self.config.max_per_ip {
+                return Err(Refusal::PerIp);
+            }
+            if self.per_prefix.get(&prefix).copied().unwrap_or(0) >= self.config.max_per_prefix {
+                return Err(Refusal::PerPrefix);
+            }
+        }
+        let mut evicted = None;
+        if self.entries.len() >= self.config.max {
+            let victim = self
+                .victim(&last_active)
+                .or_else(|| self.oldest_handshake())
+                .ok_or(Refusal::Full)?;
+            self.release(victim);
+            evicted = Some(victim);
+        }
+        let id = self.next;
+        self.next += 1;
+        if let Some((ip, prefix)) = source {
+            *self.per_ip.entry(ip).or_default() += 1;
+            *self.per_prefix.entry(prefix).or_default() += 1;
+        }
+        self.entries.insert(
+            id,
+            Entry {
+                source,
+                exempt,
+                class: Class::Handshake,
+                accepted: now,
+            },
+        );
+        Ok(Admit { id, evicted })
+    }
+
+    /// The handshake of `id` proved `caller`. A reserved caller (or an
+    /// exempt loopback one) keeps its slot; an ordinary one keeps it if an
+    /// unreserved slot is free or can be freed by evicting the
+    /// longest-idle ordinary connection (returned, for the caller to
+    /// close). On refusal, `id` is released.
+    pub fn identify(
+        &mut self,
+        id: ConnId,
+        caller: Caller,
+        last_active: impl Fn(ConnId) -> Instant,
+    ) -> Result<Option<ConnId>, Refusal> {
+        let Some(entry) = self.entries.get(&id) else {
+            // Evicted during its handshake.
+            return Err(Refusal::Full);
+        };
+        let class = match caller {
+            _ if entry.exempt => Class::Reserved,
+            Caller::Peer(peer) if self.reserved_for.contains(&peer) => Class::Reserved,
+            Caller::Peer(_) => Class::Peer,
+            Caller::Anonymous => Class::Anonymous,
+        };
+        let mut evicted = None;
+        if class != Class::Reserved
+            && self.ordinary >= self.config.max.saturating_sub(self.config.reserved)
+        {
+            match self.victim(&last_active) {
+                Some(victim) => {
+                    self.release(victim);
+                    self.counts.evicted += 1;
+                    evicted = Some(victim);
+                }
+                None => {
+                    self.release(id);
+                    self.counts.refuse(Refusal::Unreserved);
+                    return Err(Refusal::Unreserved);
+                }
+            }
+        }
+        if class != Class::Reserved {
+            self.ordinary += 1;
+        }
+        if let Some(entry) = self.entries.get_mut(&id) {
+            entry.class = class;
+        }
+        Ok(evicted)
+    }
+
+    /// A handshake did not finish in time (its connection is released
+    /// when dropped).
+    pub fn handshake_timed_out(&mut self) {
+        self.counts.handshake_timeouts += 1;
+    }
+
+    /// A connection was closed for being idle.
+    pub fn idle_closed(&mut self) {
+        self.counts.idle_closed += 1;
+    }
+
+    /// Connection `id` ended: its slot and counts come back. Releasing a
+    /// connection already released (evicted, refused) does nothing.
+    pub fn release(&mut self, id: ConnId) {
+        let Some(entry) = self.entries.remove(&id) else {
+            return;
+        };
+        if matches!(entry.class, Class::Anonymous | Class::Peer) {
+            self.ordinary -= 1;
+        }
+        if let Some((ip, prefix)) = entry.source {
+            decrement(&mut self.per_ip, ip);
+            decrement(&mut self.per_prefix, prefix);
+        }
+    }
+
+    /// The established ordinary connection to close first: anonymous
+    /// before authenticated, then longest idle, then oldest id.
+    fn victim(&self, last_active: &impl Fn(ConnId) -> Instant) -> Option<ConnId> {
+        self.entries
+            .iter()
+            .filter(|(_, e)| matches!(e.class, Class::Anonymous | Class::Peer))
+            .min_by_key(|&(&id, e)| (e.class == Class::Peer, last_active(id), id))
+            .map(|(&id, _)| id)
+    }
+
+    /// The handshake running longest: an honest one takes a few round
+    /// trips, so the oldest is the likeliest to be stalling.
+    fn oldest_handshake(&self) -> Option<ConnId> {
+        self.entries
+            .iter()
+            .filter(|(_, e)| e.class == Class::Handshake)
+            .min_by_key(|&(&id, e)| (e.accepted, id))
+            .map(|(&id, _)| id)
+    }
+}
+
+fn decrement(counts: &mut HashMap<IpAddr, usize>, key: IpAddr) {
+    if let Some(n) = counts.get_mut(&key) {
+        *n -= 1;
+        if *n == 0 {
+            counts.remove(&key);
+        }
+    }
+}
+
+/// The network of `ip` that [`Config::max_per_prefix`] counts: its /24 in
+/// IPv4, its /64 in IPv6.
+pub fn prefix(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => {
+            let [a, b, c, _] = v4.octets();
+            IpAddr::V4(Ipv4Addr::new(a, b, c, 0))
+        }
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+    }
+}
+
+/// The admission of a server's inbound connections (see the module docs),
+/// with counts of what it let in, refused and closed. Clones share the
+/// slots and the counts.
 #[derive(Clone, Debug)]
 pub struct ConnectionLimit {
-    permits: Arc<Semaphore>,
-    max: usize,
-    refused: Arc<AtomicU64>,
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    config: Config,
+    /// The zero of every connection's activity clock.
+    base: Instant,
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    rules: Rules,
+    /// The live half of each admitted connection, to read its activity
+    /// and close it.
+    conns: HashMap<ConnId, Arc<Activity>>,
 }
 
 impl Default for ConnectionLimit {
     fn default() -> Self {
-        ConnectionLimit::new(DEFAULT_MAX_CONNECTIONS)
+        ConnectionLimit::with_config(Config::default())
     }
 }
 
 impl ConnectionLimit {
-    /// At most `max` connections open at once (0 refuses every one).
+    /// At most `max` connections open at once (0 refuses every one), and
+    /// no other cap ([`Config::only_max`]).
     pub fn new(max: usize) -> Self {
-        let max = max.min(Semaphore::MAX_PERMITS);
+        ConnectionLimit::with_config(Config::only_max(max))
+    }
+
+    /// Admission by `config`.
+    pub fn with_config(config: Config) -> Self {
         ConnectionLimit {
-            permits: Arc::new(Semaphore::new(max)),
-            max,
-            refused: Arc::new(AtomicU64::new(0)),
+            shared: Arc::new(Shared {
+                config: config.clone(),
+                base: Instant::now(),
+                state: Mutex::new(State {
+                    rules: Rules::new(config),
+                    conns: HashMap::new(),
+                }),
+            }),
         }
     }
 
-    /// The bound.
+    /// The settings.
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// The bound on open connections.
     pub fn max(&self) -> usize {
-        self.max
+        self.shared.config.max
+    }
+
+    /// Replaces the peers that may use reserved slots (committee members,
+    /// allowlisted peers); connections already established keep theirs.
+    pub fn reserve_for(&self, peers: impl IntoIterator<Item = PeerId>) {
+        self.lock().rules.reserve_for(peers);
     }
 
     /// Connections open now, handshakes in progress included.
     pub fn open(&self) -> usize {
-        self.max - self.permits.available_permits()
+        self.lock().rules.open()
     }
 
-    /// Connections refused so far because the bound was reached.
+    /// Connections refused so far, every reason together.
     pub fn refused(&self) -> u64 {
-        self.refused.load(Ordering::Relaxed)
+        self.counts().refused()
+    }
+
+    /// Everything counted so far.
+    pub fn counts(&self) -> Counts {
+        self.lock().rules.counts()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Admits `stream`, from `ip`, or says why not.
+    fn admit(&self, stream: TcpStream, ip: IpAddr) -> Result<Admitted, (TcpStream, Refusal)> {
+        let now = Instant::now();
+        let mut state = self.lock();
+        let State { rules, conns } = &mut *state;
+        let admit = match rules.admit(now, ip, |id| self.last_active(conns, id)) {
+            Ok(admit) => admit,
+            Err(refusal) => return Err((stream, refusal)),
+        };
+        close(conns, admit.evicted);
+        let activity = Arc::new(Activity {
+            last_ms: AtomicU64::new(self.now_ms()),
+            ..Activity::default()
+        });
+        conns.insert(admit.id, activity.clone());
+        drop(state);
+        let deadline = now + self.shared.config.idle_timeout;
+        Ok(Admitted {
+            stream,
+            idle: Box::pin(tokio::time::sleep_until(deadline.into())),
+            slot: Slot {
+                id: admit.id,
+                limit: self.clone(),
+                activity,
+            },
+        })
+    }
+
+    /// The handshake of `id` proved `caller`; see [`Rules::identify`].
+    fn identify(&self, id: ConnId, caller: Caller) -> Result<(), Refusal> {
+        let mut state = self.lock();
+        let State { rules, conns } = &mut *state;
+        let evicted = rules.identify(id, caller, |id| self.last_active(conns, id))?;
+        close(conns, evicted);
+        Ok(())
+    }
+
+    /// Counts a handshake that did not finish in time.
+    pub(crate) fn handshake_timed_out(&self) {
+        self.lock().rules.handshake_timed_out();
+    }
+
+    fn last_active(&self, conns: &HashMap<ConnId, Arc<Activity>>, id: ConnId) -> Instant {
+        let ms = conns
+            .get(&id)
+            .map_or(0, |a| a.last_ms.load(Ordering::Relaxed));
+        self.shared.base + Duration::from_millis(ms)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.shared.base.elapsed().as_millis() as u64
     }
 }
 
-/// An accepted TCP connection holding its permit of a [`ConnectionLimit`]
-/// until it is dropped.
+/// Closes the connection `id`, if any: its IO fails at the next poll.
+fn close(conns: &mut HashMap<ConnId, Arc<Activity>>, id: Option<ConnId>) {
+    if let Some(activity) = id.and_then(|id| conns.remove(&id)) {
+        activity.closed.store(true, Ordering::Release);
+        activity.waker.wake();
+    }
+}
+
+/// What the IO side of a connection shares with its [`ConnectionLimit`].
+#[derive(Debug, Default)]
+struct Activity {
+    /// Last read or write, in ms since [`Shared::base`].
+    last_ms: AtomicU64,
+    /// Set to close the connection.
+    closed: AtomicBool,
+    /// The connection's task, woken when `closed` is set.
+    waker: AtomicWaker,
+}
+
+/// A connection's slot, given back when dropped.
+#[derive(Debug)]
+struct Slot {
+    id: ConnId,
+    limit: ConnectionLimit,
+    activity: Arc<Activity>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut state = self.limit.lock();
+        state.rules.release(self.id);
+        state.conns.remove(&self.id);
+    }
+}
+
+/// An accepted TCP connection holding its slot of a [`ConnectionLimit`]
+/// until it is dropped. Its reads and writes fail once it was idle for the
+/// idle timeout or was evicted.
 #[derive(Debug)]
 pub struct Admitted {
     stream: TcpStream,
-    _permit: OwnedSemaphorePermit,
+    slot: Slot,
+    /// Fires at the earliest time the connection may be idle too long.
+    idle: Pin<Box<Sleep>>,
+}
+
+impl Admitted {
+    /// The handshake proved `caller`: keeps the slot or says why not.
+    pub(crate) fn identify(&self, caller: Caller) -> Result<(), Refusal> {
+        self.slot.limit.identify(self.slot.id, caller)
+    }
+
+    fn touch(&self) {
+        let now = self.slot.limit.now_ms();
+        self.slot.activity.last_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// Ready with an error once the connection is to be closed: evicted,
+    /// or idle for the idle timeout. Registers the task to learn either.
+    fn poll_closed(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        let activity = &self.slot.activity;
+        activity.waker.register(cx.waker());
+        loop {
+            if activity.closed.load(Ordering::Acquire) {
+                return Poll::Ready(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "connection closed to free its slot",
+                ));
+            }
+            ready!(self.idle.as_mut().poll(cx));
+            let limit = &self.slot.limit;
+            let last =
+                limit.shared.base + Duration::from_millis(activity.last_ms.load(Ordering::Relaxed));
+            let deadline = last + limit.shared.config.idle_timeout;
+            if Instant::now() >= deadline {
+                activity.closed.store(true, Ordering::Release);
+                limit.lock().rules.idle_closed();
+                tracing::debug!(id = self.slot.id, "inbound connection idle; closed");
+                return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, "idle"));
+            }
+            self.idle.as_mut().reset(deadline.into());
+        }
+    }
+
+    /// `result` of the stream, or the reason to close if it is pending.
+    fn or_closed<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        result: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match result {
+            Poll::Pending => self.poll_closed(cx).map(Err),
+            ready => ready,
+        }
+    }
+
+    fn closed_now(&self) -> Option<io::Error> {
+        self.slot
+            .activity
+            .closed
+            .load(Ordering::Acquire)
+            .then(|| io::Error::new(io::ErrorKind::ConnectionAborted, "connection closed"))
+    }
 }
 
 impl Connected for Admitted {
@@ -108,29 +734,54 @@ impl Connected for Admitted {
 
 impl AsyncRead for Admitted {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let this = self.get_mut();
+        if let Some(error) = this.closed_now() {
+            return Poll::Ready(Err(error));
+        }
+        let before = buf.filled().len();
+        let result = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.touch();
+        }
+        this.or_closed(cx, result)
     }
 }
 
 impl AsyncWrite for Admitted {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let this = self.get_mut();
+        if let Some(error) = this.closed_now() {
+            return Poll::Ready(Err(error));
+        }
+        let result = Pin::new(&mut this.stream).poll_write(cx, buf);
+        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
+            this.touch();
+        }
+        this.or_closed(cx, result)
     }
 
     fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        if let Some(error) = this.closed_now() {
+            return Poll::Ready(Err(error));
+        }
+        let result = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
+            this.touch();
+        }
+        this.or_closed(cx, result)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -146,8 +797,8 @@ impl AsyncWrite for Admitted {
     }
 }
 
-/// The TCP connections of a listener that got a permit of `limit`; the
-/// others are reset as soon as they are accepted.
+/// The TCP connections of a listener that `limit` admitted; the others are
+/// reset as soon as they are accepted.
 pub(crate) struct Admission {
     tcp: TcpIncoming,
     limit: ConnectionLimit,
@@ -169,20 +820,19 @@ impl Admission {
         }
     }
 
-    fn refuse(&mut self, stream: TcpStream) {
-        // Counted before the client can learn of it.
-        self.limit.refused.fetch_add(1, Ordering::Relaxed);
+    fn refuse(&mut self, stream: TcpStream, refusal: Refusal) {
         let peer = stream.peer_addr().ok();
         // A reset rather than a close: the client learns at once, and the
         // server keeps no TIME_WAIT state for it.
         let _ = stream.set_zero_linger();
         drop(stream);
-        tracing::debug!(?peer, max = self.limit.max, "inbound connection refused");
+        tracing::debug!(?peer, %refusal, "inbound connection refused");
         if let Some(refused) = self.refusals.due() {
             tracing::warn!(
                 refused,
-                max = self.limit.max,
-                "inbound connections refused: at the limit"
+                last = %refusal,
+                max = self.limit.max(),
+                "inbound connections refused"
             );
         }
     }
@@ -221,15 +871,16 @@ impl Stream for Admission {
             match ready!(Pin::new(&mut this.tcp).poll_next(cx)) {
                 None => return Poll::Ready(None),
                 Some(Err(error)) => this.accept_failed(error),
-                Some(Ok(stream)) => match this.limit.permits.clone().try_acquire_owned() {
-                    Ok(permit) => {
-                        return Poll::Ready(Some(Ok(Admitted {
-                            stream,
-                            _permit: permit,
-                        })));
+                Some(Ok(stream)) => {
+                    let Ok(peer) = stream.peer_addr() else {
+                        // The client is already gone: nothing to admit.
+                        continue;
+                    };
+                    match this.limit.admit(stream, peer.ip()) {
+                        Ok(admitted) => return Poll::Ready(Some(Ok(admitted))),
+                        Err((stream, refusal)) => this.refuse(stream, refusal),
                     }
-                    Err(_) => this.refuse(stream),
-                },
+                }
             }
         }
         // Only refusals and failures so far: let other tasks run.
@@ -261,5 +912,254 @@ impl Warning {
         }
         self.last = Some(Instant::now());
         Some(std::mem::take(&mut self.since))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use soma_types::KeyPair;
+
+    /// A fixed clock start; times in the tests are offsets from it.
+    fn t0() -> Instant {
+        static T0: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        *T0.get_or_init(Instant::now)
+    }
+
+    fn at(s: u64) -> Instant {
+        t0() + Duration::from_secs(s)
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn peer(seed: u8) -> PeerId {
+        KeyPair::from_seed([seed; 32]).public().into()
+    }
+
+    fn config(max: usize, reserved: usize, per_ip: usize, per_prefix: usize) -> Config {
+        Config {
+            max,
+            reserved,
+            max_per_ip: per_ip,
+            max_per_prefix: per_prefix,
+            exempt_loopback: false,
+            ..Config::default()
+        }
+    }
+
+    /// Rules plus each connection's last activity, as the IO side keeps it.
+    struct Harness {
+        rules: Rules,
+        active: HashMap<ConnId, Instant>,
+    }
+
+    impl Harness {
+        fn new(config: Config) -> Self {
+            Harness {
+                rules: Rules::new(config),
+                active: HashMap::new(),
+            }
+        }
+
+        fn admit(&mut self, now: u64, from: &str) -> Result<Admit, Refusal> {
+            let active = &self.active;
+            let admit = self.rules.admit(at(now), ip(from), |id| {
+                active.get(&id).copied().unwrap_or(t0())
+            })?;
+            self.active.insert(admit.id, at(now));
+            Ok(admit)
+        }
+
+        /// Admits and identifies, expecting no eviction.
+        fn established(&mut self, now: u64, from: &str, caller: Caller) -> ConnId {
+            let admit = self.admit(now, from).unwrap();
+            assert_eq!(admit.evicted, None);
+            assert_eq!(self.identify(admit.id, caller), Ok(None));
+            admit.id
+        }
+
+        fn identify(&mut self, id: ConnId, caller: Caller) -> Result<Option<ConnId>, Refusal> {
+            let active = &self.active;
+            self.rules
+                .identify(id, caller, |id| active.get(&id).copied().unwrap_or(t0()))
+        }
+
+        fn touch(&mut self, id: ConnId, now: u64) {
+            self.active.insert(id, at(now));
+        }
+    }
+
+    #[test]
+    fn one_address_gets_at_most_max_per_ip() {
+        let mut h = Harness::new(config(100, 0, 2, 100));
+        let first = h.admit(0, "10.0.0.1").unwrap().id;
+        h.admit(0, "10.0.0.1").unwrap();
+        assert_eq!(h.admit(0, "10.0.0.1"), Err(Refusal::PerIp));
+        // The IPv4-mapped form of the same address is the same address.
+        assert_eq!(h.admit(0, "::ffff:10.0.0.1"), Err(Refusal::PerIp));
+        h.admit(0, "10.0.0.2").unwrap();
+        // A slot of the address comes back when its connection ends.
+        h.rules.release(first);
+        h.admit(0, "10.0.0.1").unwrap();
+        assert_eq!(h.admit(0, "10.0.0.1"), Err(Refusal::PerIp));
+        let counts = h.rules.counts();
+        assert_eq!((counts.admitted, counts.refused_per_ip), (4, 3));
+        assert_eq!((h.rules.open(), counts.refused()), (3, 3));
+    }
+
+    #[test]
+    fn one_network_gets_at_most_max_per_prefix() {
+        let mut h = Harness::new(config(100, 0, 2, 3));
+        h.admit(0, "10.0.0.1").unwrap();
+        h.admit(0, "10.0.0.1").unwrap();
+        h.admit(0, "10.0.0.200").unwrap();
+        assert_eq!(h.admit(0, "10.0.0.3"), Err(Refusal::PerPrefix));
+        // Another /24 is another network.
+        h.admit(0, "10.0.1.1").unwrap();
+        // IPv6: one /64, whatever the interface id.
+        h.admit(0, "2001:db8::1").unwrap();
+        h.admit(0, "2001:db8::1").unwrap();
+        h.admit(0, "2001:db8::ffff:ffff:ffff:1").unwrap();
+        assert_eq!(h.admit(0, "2001:db8::2"), Err(Refusal::PerPrefix));
+        h.admit(0, "2001:db8:0:1::2").unwrap();
+        let counts = h.rules.counts();
+        assert_eq!(
+            (
+                counts.admitted,
+                counts.refused_per_prefix,
+                counts.refused_per_ip
+            ),
+            (8, 2, 0)
+        );
+        assert_eq!(prefix(ip("192.168.7.9")), ip("192.168.7.0"));
+        assert_eq!(prefix(ip("2001:db8:1:2:3:4:5:6")), ip("2001:db8:1:2::"));
+    }
+
+    #[test]
+    fn reserved_slots_are_left_to_reserved_callers() {
+        let mut h = Harness::new(config(4, 2, 10, 10));
+        let committee = peer(1);
+        h.rules.reserve_for([committee]);
+        let anonymous = h.established(0, "10.0.0.1", Caller::Anonymous);
+        let other = h.established(1, "10.0.0.2", Caller::Peer(peer(2)));
+        h.touch(anonymous, 5);
+        // The ordinary slots (4 - 2) are taken: a third ordinary caller
+        // evicts an ordinary one, anonymous first, though the
+        // authenticated one is idler.
+        let third = h.admit(6, "10.0.0.3").unwrap();
+        assert_eq!(third.evicted, None);
+        assert_eq!(h.identify(third.id, Caller::Anonymous), Ok(Some(anonymous)));
+        h.rules.release(anonymous);
+        // A committee member takes a reserved slot and evicts no one.
+        h.established(7, "10.0.0.4", Caller::Peer(committee));
+        h.established(7, "10.0.0.5", Caller::Peer(committee));
+        assert_eq!(h.rules.open(), 4);
+        // Full: newcomers evict the ordinary callers, anonymous first,
+        // never a reserved one.
+        assert_eq!(h.admit(8, "10.0.0.6").unwrap().evicted, Some(third.id));
+        assert_eq!(h.admit(8, "10.0.0.7").unwrap().evicted, Some(other));
+    }
+
+    #[test]
+    fn ordinary_callers_evict_the_longest_idle_ordinary_connection() {
+        let mut h = Harness::new(config(4, 2, 10, 10));
+        let a = h.established(0, "10.0.0.1", Caller::Anonymous);
+        let b = h.established(0, "10.0.0.2", Caller::Anonymous);
+        h.touch(a, 3);
+        h.touch(b, 2);
+        let c = h.admit(4, "10.0.0.3").unwrap().id;
+        // b was idle longer.
+        assert_eq!(h.identify(c, Caller::Peer(peer(9))), Ok(Some(b)));
+        // Released twice (evicted, then its IO dropped): counted once.
+        h.rules.release(b);
+        assert_eq!(h.rules.open(), 2);
+        let counts = h.rules.counts();
+        assert_eq!((counts.evicted, counts.refused()), (1, 0));
+    }
+
+    #[test]
+    fn without_unreserved_slots_ordinary_callers_are_refused_after_the_handshake() {
+        let mut h = Harness::new(config(2, 2, 10, 10));
+        h.rules.reserve_for([peer(1)]);
+        let id = h.admit(0, "10.0.0.1").unwrap().id;
+        assert_eq!(h.identify(id, Caller::Anonymous), Err(Refusal::Unreserved));
+        assert_eq!(h.rules.open(), 0);
+        let id = h.admit(0, "10.0.0.1").unwrap().id;
+        assert_eq!(
+            h.identify(id, Caller::Peer(peer(2))),
+            Err(Refusal::Unreserved)
+        );
+        h.established(0, "10.0.0.1", Caller::Peer(peer(1)));
+        let counts = h.rules.counts();
+        assert_eq!((counts.admitted, counts.refused_unreserved), (3, 2));
+        assert_eq!(h.rules.open(), 1);
+    }
+
+    #[test]
+    fn when_full_anonymous_then_peers_then_the_oldest_handshake_are_evicted() {
+        let mut h = Harness::new(config(5, 0, 10, 10));
+        let reserved = peer(1);
+        h.rules.reserve_for([reserved]);
+        let member = h.established(0, "10.0.0.1", Caller::Peer(reserved));
+        let other = h.established(0, "10.0.0.2", Caller::Peer(peer(2)));
+        let anon_busy = h.established(0, "10.0.0.3", Caller::Anonymous);
+        let anon_idle = h.established(0, "10.0.0.4", Caller::Anonymous);
+        let handshake = h.admit(1, "10.0.0.5").unwrap().id;
+        h.touch(anon_busy, 8);
+        h.touch(anon_idle, 3);
+        h.touch(member, 0);
+
+        // The member is idlest, but holds a reserved slot; of the ordinary
+        // callers the anonymous go first, the longest idle first, even
+        // though the authenticated one is idler.
+        let evictions: Vec<_> = (0..4)
+            .map(|i| h.admit(10 + i, "10.0.1.1").unwrap().evicted)
+            .collect();
+        assert_eq!(
+            evictions,
+            [
+                Some(anon_idle),
+                Some(anon_busy),
+                Some(other),
+                Some(handshake)
+            ]
+        );
+        // Only handshakes left besides the member: the oldest goes, and
+        // learns it when its handshake ends.
+        let (first, last) = (handshake + 1, handshake + 4);
+        let next = h.admit(20, "10.0.2.1").unwrap();
+        assert_eq!(next.evicted, Some(first));
+        assert_eq!(h.identify(first, Caller::Anonymous), Err(Refusal::Full));
+        // With reserved callers only, nothing can be evicted: refused.
+        for id in (first + 1..=last).chain([next.id]) {
+            assert_eq!(h.identify(id, Caller::Peer(reserved)), Ok(None));
+        }
+        assert_eq!(h.admit(30, "10.0.3.1"), Err(Refusal::Full));
+        let counts = h.rules.counts();
+        assert_eq!(
+            (counts.admitted, counts.evicted, counts.refused_full),
+            (10, 5, 1)
+        );
+    }
+
+    #[test]
+    fn exempt_loopback_callers_skip_the_address_caps_and_count_as_reserved() {
+        let mut h = Harness::new(Config {
+            exempt_loopback: true,
+            ..config(4, 3, 1, 1)
+        });
+        let ids: Vec<_> = (0..4)
+            .map(|_| h.established(0, "127.0.0.1", Caller::Anonymous))
+            .collect();
+        assert_eq!(ids.len(), 4);
+        // Full of reserved-class connections: nothing to evict.
+        assert_eq!(h.admit(1, "10.0.0.1"), Err(Refusal::Full));
+
+        let mut h = Harness::new(config(4, 3, 1, 1));
+        h.established(0, "127.0.0.1", Caller::Anonymous);
+        assert_eq!(h.admit(0, "127.0.0.1"), Err(Refusal::PerIp));
+        assert_eq!(h.admit(0, "127.0.0.2"), Err(Refusal::PerPrefix));
     }
 }

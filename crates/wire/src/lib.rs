@@ -6,7 +6,9 @@
 //! - [`convert`]: between proto messages and [`soma_types`], with typed errors.
 //! - [`tls`]: mutual TLS 1.3 with each node's identity bound into its
 //!   certificate, the only place connections are made.
-//! - [`inbound`]: the bound on a server's open inbound connections.
+//! - [`inbound`]: admission of a server's inbound connections: caps in all,
+//!   per address and per network, reserved slots, handshake and idle
+//!   timeouts.
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod convert;

@@ -59,7 +59,6 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError};
 use rustls::{SignatureScheme, client::Resumption, server::NoServerSessionStorage};
 use soma_types::{Access, Digest, Domain, KeyPair, PeerId, PublicKey, Signature};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tonic::transport::server::{TcpConnectInfo, TcpIncoming};
 use tonic::transport::{Channel, Endpoint};
@@ -67,7 +66,7 @@ use tonic_tls::rustls::{SslConnectInfo, TlsStream};
 use x509_parser::oid_registry::Oid;
 use x509_parser::prelude::{FromDer, ParsedExtension, X509Certificate};
 
-use crate::inbound::{Admission, Admitted, ConnectionLimit};
+use crate::inbound::{Admission, Admitted, ConnectionLimit, Refusal};
 
 /// The OID of the identity binding extension, as rcgen takes it.
 pub const BINDING_OID: &[u64] = &[1, 3, 6, 1, 4, 1, 53594, 1, 1];
@@ -78,9 +77,10 @@ pub const BINDING_OID: &[u64] = &[1, 3, 6, 1, 4, 1, 53594, 1, 1];
 /// with a target name override) do so.
 pub const SERVER_NAME: &str = "soma-p2p";
 
-/// How long a server waits for a client to complete the TLS handshake
-/// before dropping the connection, so silent clients cannot pile up.
-pub const ACCEPT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a server waits by default for a client to complete the TLS
+/// handshake before dropping the connection, so silent clients cannot pile
+/// up ([`inbound::Config::handshake_timeout`](crate::inbound::Config)).
+pub const ACCEPT_HANDSHAKE_TIMEOUT: Duration = crate::inbound::DEFAULT_HANDSHAKE_TIMEOUT;
 
 /// ALPN protocol of gRPC: HTTP/2.
 const ALPN_H2: &[u8] = b"h2";
@@ -146,6 +146,9 @@ pub enum TlsError {
     /// Connecting took longer than allowed.
     #[error("timed out")]
     Timeout,
+    /// The server's admission rules left no slot for this connection.
+    #[error("connection not admitted: {0}")]
+    NotAdmitted(#[from] Refusal),
 }
 
 /// A node's TLS identity: a P-256 key and its self-signed certificate bound
@@ -380,11 +383,12 @@ pub fn incoming(listener: TcpListener, config: Arc<rustls::ServerConfig>) -> Inc
     incoming_with_limit(listener, config, ConnectionLimit::default())
 }
 
-/// Accepts TLS connections on `listener` with `config`, at most
-/// `limit.max()` open at once: a connection past it is reset as soon as it
-/// is accepted, before any handshake work (see [`crate::inbound`]).
-/// Handshakes run concurrently, each bounded by [`ACCEPT_HANDSHAKE_TIMEOUT`];
-/// a failed one is logged and dropped. The streams carry the peer's
+/// Accepts TLS connections on `listener` with `config`, admitted by
+/// `limit` (see [`crate::inbound`]): a socket past a cap is reset as soon
+/// as it is accepted, before any handshake work. Handshakes run
+/// concurrently, each bounded by the limit's handshake timeout; a failed
+/// one is logged and dropped. Once a handshake proves the caller, the
+/// limit decides whether it keeps its slot. The streams carry the peer's
 /// certificates to the handlers, where [`caller`] reads them.
 pub fn incoming_with_limit(
     listener: TcpListener,
@@ -394,28 +398,34 @@ pub fn incoming_with_limit(
     let tcp = TcpIncoming::from(listener).with_nodelay(Some(true));
     let acceptor = Acceptor {
         inner: tokio_rustls::TlsAcceptor::from(config),
-        timeout: ACCEPT_HANDSHAKE_TIMEOUT,
+        limit: limit.clone(),
     };
     tonic_tls::incoming_inner(Admission::new(tcp, limit), acceptor)
 }
 
-/// tonic-tls's rustls acceptor with a handshake timeout.
+/// tonic-tls's rustls acceptor with a handshake timeout, asking the limit
+/// whether the proven caller keeps its slot.
 #[derive(Clone)]
 struct Acceptor {
     inner: tokio_rustls::TlsAcceptor,
-    timeout: Duration,
+    limit: ConnectionLimit,
 }
 
-impl<S> tonic_tls::TlsAcceptor<S> for Acceptor
-where
-    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-{
-    type TlsStream = TlsStream<S>;
+impl tonic_tls::TlsAcceptor<Admitted> for Acceptor {
+    type TlsStream = TlsStream<Admitted>;
 
-    async fn accept(&self, stream: S) -> Result<TlsStream<S>, tonic_tls::Error> {
-        let stream = tokio::time::timeout(self.timeout, self.inner.accept(stream))
-            .await
-            .map_err(|_| TlsError::Timeout)??;
+    async fn accept(&self, stream: Admitted) -> Result<TlsStream<Admitted>, tonic_tls::Error> {
+        let timeout = self.limit.config().handshake_timeout;
+        let stream = match tokio::time::timeout(timeout, self.inner.accept(stream)).await {
+            Ok(stream) => stream?,
+            Err(_) => {
+                self.limit.handshake_timed_out();
+                return Err(TlsError::Timeout.into());
+            }
+        };
+        let (io, connection) = stream.get_ref();
+        io.identify(caller_of(connection.peer_certificates()))
+            .map_err(TlsError::from)?;
         Ok(TlsStream::new(stream))
     }
 }
@@ -480,10 +490,16 @@ pub async fn connect(
 /// [`incoming`], whose verifier admitted the certificates the connection
 /// carries. A request without TLS connection info is anonymous.
 pub fn caller<T>(request: &tonic::Request<T>) -> Caller {
-    request
+    let certs = request
         .extensions()
         .get::<SslConnectInfo<TcpConnectInfo>>()
-        .and_then(SslConnectInfo::peer_certs)
+        .and_then(SslConnectInfo::peer_certs);
+    caller_of(certs.as_deref().map(Vec::as_slice))
+}
+
+/// The caller whose handshake, already verified, presented `certs`.
+fn caller_of(certs: Option<&[CertificateDer<'_>]>) -> Caller {
+    certs
         .and_then(|certs| {
             let (_, cert) = X509Certificate::from_der(certs.first()?).ok()?;
             let (key, _) = binding(&cert).ok()?;

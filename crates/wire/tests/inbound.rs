@@ -1,0 +1,311 @@
+//! Inbound admission against a real TLS server on loopback: one host
+//! flooding the server, stalled handshakes, idle connections, several
+//! hosts of one network, and eviction when full. Every address of
+//! 127.0.0.0/8 is loopback on Linux, so clients bind to distinct ones to
+//! appear as distinct hosts and networks.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::ServerName;
+use soma_types::KeyPair;
+use soma_wire::inbound::{Config, ConnectionLimit, Counts};
+use soma_wire::tls::{self, AccessPolicy, NodeIdentity};
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_rustls::client::TlsStream;
+use tonic::transport::{Channel, Server};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+/// Bounds every wait of a test.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .try_init();
+}
+
+fn identity() -> NodeIdentity {
+    NodeIdentity::generate(&KeyPair::generate()).unwrap()
+}
+
+/// A health server over TLS on 127.0.0.1 admitting by `limit`.
+struct TestServer {
+    address: SocketAddr,
+    task: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl TestServer {
+    async fn start(limit: ConnectionLimit) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let config = tls::server_config(&identity(), &AccessPolicy::default()).unwrap();
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        let task = tokio::spawn(
+            Server::builder()
+                .add_service(health)
+                .serve_with_incoming(tls::incoming_with_limit(listener, config, limit)),
+        );
+        TestServer { address, task }
+    }
+
+    /// A TCP connection from `from` that never starts a handshake.
+    async fn silent(&self, from: &str) -> TcpStream {
+        self.try_silent(from).await.unwrap()
+    }
+
+    /// A TCP connection from `from`, if the server did not reset it
+    /// before `connect` returned.
+    async fn try_silent(&self, from: &str) -> std::io::Result<TcpStream> {
+        let socket = TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::new(from.parse::<IpAddr>().unwrap(), 0))?;
+        socket.connect(self.address).await
+    }
+
+    /// A TLS connection from `from`, handshake done and the server's
+    /// first HTTP/2 bytes read, that then sends nothing (not even the
+    /// HTTP/2 preface).
+    async fn idle(&self, from: &str, identity: Option<&NodeIdentity>) -> TlsStream<TcpStream> {
+        let tcp = self.silent(from).await;
+        let (config, _) = tls::client_config(identity, None).unwrap();
+        let name = ServerName::try_from(tls::SERVER_NAME).unwrap();
+        let mut stream = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let read = tokio::time::timeout(PATIENCE, stream.read(&mut [0u8; 64])).await;
+        assert!(matches!(read, Ok(Ok(n)) if n > 0), "{read:?}");
+        stream
+    }
+
+    /// Connects from 127.0.0.1 as `identity` and makes one call.
+    async fn call(&self, identity: &NodeIdentity) -> Channel {
+        let (channel, _) = tls::connect(&self.address.to_string(), Some(identity), None, PATIENCE)
+            .await
+            .unwrap();
+        tokio::time::timeout(
+            PATIENCE,
+            HealthClient::new(channel.clone()).check(HealthCheckRequest {
+                service: String::new(),
+            }),
+        )
+        .await
+        .expect("the call ends")
+        .expect("the call is served");
+        channel
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Polls `condition` until it holds, for at most [`PATIENCE`].
+async fn wait_until(what: &str, condition: impl Fn() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Whether the server ended the connection within [`PATIENCE`]: reads
+/// (discarding what the server sent before) reach the end or an error.
+async fn ended<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> bool {
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(PATIENCE, async {
+        while matches!(stream.read(&mut buf).await, Ok(1..)) {}
+    })
+    .await
+    .is_ok()
+}
+
+fn config(max: usize, reserved: usize, per_ip: usize, per_prefix: usize) -> Config {
+    Config {
+        max,
+        reserved,
+        max_per_ip: per_ip,
+        max_per_prefix: per_prefix,
+        exempt_loopback: false,
+        handshake_timeout: Duration::from_millis(1_000),
+        idle_timeout: Duration::from_millis(2_000),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_host_flooding_gets_its_cap_stallers_and_idlers_are_cut_and_peers_still_call() {
+    init_tracing();
+    const MAX: usize = 32;
+    let limit = ConnectionLimit::with_config(config(MAX, 4, 8, 16));
+    let honest = identity();
+    limit.reserve_for([honest.peer_id()]);
+    let server = TestServer::start(limit.clone()).await;
+    let attacker = "127.0.1.1";
+
+    // Twice the bound from one host: four finish their handshake and go
+    // silent, four never start one, and the rest are past the host's cap.
+    let mut idle = Vec::new();
+    for i in 0..4 {
+        let who = (i % 2 == 0).then(identity);
+        idle.push(server.idle(attacker, who.as_ref()).await);
+    }
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        stalled.push(server.silent(attacker).await);
+    }
+    wait_until("eight admitted", || limit.counts().admitted == 8).await;
+    let mut refused = Vec::new();
+    for _ in 0..2 * MAX - 8 {
+        // The reset may come before connect returns.
+        if let Ok(stream) = server.try_silent(attacker).await {
+            refused.push(stream);
+        }
+    }
+    wait_until("the excess refused", || limit.counts().refused_per_ip == 56).await;
+    assert_eq!(
+        limit.counts(),
+        Counts {
+            admitted: 8,
+            refused_per_ip: 56,
+            ..Counts::default()
+        }
+    );
+    assert_eq!(limit.open(), 8);
+    for stream in &mut refused {
+        assert!(ended(stream).await, "a refused connection stayed open");
+    }
+
+    // An honest peer connects and is served.
+    drop(server.call(&honest).await);
+    wait_until("the honest connection to close", || limit.open() == 8).await;
+
+    // Stalled handshakes are cut at the handshake timeout; the honest
+    // peer is still served.
+    wait_until("stalled handshakes cut", || {
+        limit.counts().handshake_timeouts == 4
+    })
+    .await;
+    for stream in &mut stalled {
+        assert!(ended(stream).await, "a stalled handshake stayed open");
+    }
+    drop(server.call(&honest).await);
+    wait_until("the honest connection to close", || limit.open() == 4).await;
+
+    // Silent connections are closed at the idle timeout.
+    wait_until("idle connections closed", || {
+        limit.counts().idle_closed == 4
+    })
+    .await;
+    for stream in &mut idle {
+        assert!(ended(stream).await, "an idle connection stayed open");
+    }
+    drop(server.call(&honest).await);
+    wait_until("every connection closed", || limit.open() == 0).await;
+
+    assert_eq!(
+        limit.counts(),
+        Counts {
+            admitted: 11,
+            refused_per_ip: 56,
+            handshake_timeouts: 4,
+            idle_closed: 4,
+            ..Counts::default()
+        }
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hosts_of_one_network_share_the_prefix_cap() {
+    init_tracing();
+    let limit = ConnectionLimit::with_config(config(64, 0, 8, 12));
+    let server = TestServer::start(limit.clone()).await;
+
+    let mut held = Vec::new();
+    // Two hosts of 127.0.2.0/24: the first gets its 8, the second the 4
+    // left of the network's 12.
+    for host in ["127.0.2.1", "127.0.2.2"] {
+        for _ in 0..8 {
+            held.push(server.try_silent(host).await);
+        }
+    }
+    // A third host of the network gets nothing; a host of another does.
+    held.push(server.try_silent("127.0.2.3").await);
+    held.push(server.try_silent("127.0.3.1").await);
+    wait_until("every connection judged", || {
+        let c = limit.counts();
+        c.admitted + c.refused() == 18
+    })
+    .await;
+    assert_eq!(
+        limit.counts(),
+        Counts {
+            admitted: 13,
+            refused_per_prefix: 5,
+            ..Counts::default()
+        }
+    );
+    assert_eq!(limit.open(), 13);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_server_evicts_idle_anonymous_connections_and_keeps_reserved_ones() {
+    init_tracing();
+    // Three ordinary slots and one reserved; no idle timeout in reach.
+    let limit = ConnectionLimit::with_config(Config {
+        idle_timeout: PATIENCE * 10,
+        ..config(4, 1, 8, 16)
+    });
+    let member = identity();
+    limit.reserve_for([member.peer_id()]);
+    let server = TestServer::start(limit.clone()).await;
+
+    // The committee member connects first, and stays idle longest.
+    let channel = server.call(&member).await;
+    // Connected one after the other: each is idle since the server's
+    // first bytes, which it has read. The server is then full.
+    let mut anonymous = Vec::new();
+    for host in ["127.0.4.1", "127.0.4.2", "127.0.4.3"] {
+        anonymous.push(server.idle(host, None).await);
+    }
+    assert_eq!(limit.open(), 4);
+
+    // Another anonymous caller evicts one anonymous connection; so does
+    // a peer without reserved slots.
+    let mut newcomers = vec![server.idle("127.0.4.4", None).await];
+    wait_until("one eviction", || limit.counts().evicted == 1).await;
+    newcomers.push(server.idle("127.0.4.5", Some(&identity())).await);
+    wait_until("two evictions", || limit.counts().evicted == 2).await;
+    // The idlest go: the first two, in order.
+    for stream in &mut anonymous[..2] {
+        assert!(
+            ended(stream).await,
+            "an idle anonymous connection stayed open"
+        );
+    }
+
+    // The member's connection was never evicted: its calls go over it,
+    // with no new connection admitted.
+    let admitted = limit.counts().admitted;
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        limit.counts(),
+        Counts {
+            admitted,
+            evicted: 2,
+            ..Counts::default()
+        }
+    );
+    assert_eq!((admitted, limit.open()), (6, 4));
+    drop(newcomers);
+}
