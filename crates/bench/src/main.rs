@@ -7,6 +7,7 @@
 //! cores); `--quick` runs every benchmark at a tiny size, for development
 //! and for the test suite, and writes under `target/bench-quick/`.
 
+mod adversarial;
 mod bare;
 mod discovery;
 mod grpc;
@@ -27,7 +28,7 @@ use crate::machine::Machine;
 use crate::report::Report;
 
 /// The benchmarks, in the order they run.
-const SECTIONS: [&str; 7] = [
+const SECTIONS: [&str; 8] = [
     "sync",
     "verifier",
     "grpc",
@@ -35,6 +36,7 @@ const SECTIONS: [&str; 7] = [
     "memory",
     "scaling",
     "load",
+    "adversarial",
 ];
 
 #[derive(Parser, Debug)]
@@ -49,7 +51,7 @@ struct Cli {
     #[arg(long)]
     quick: bool,
     /// Only these benchmarks, comma-separated (sync, verifier, grpc,
-    /// discovery, memory, scaling, load); writes under target/bench-partial/
+    /// discovery, memory, scaling, load, adversarial); writes under target/bench-partial/
     /// unless --markdown/--json say otherwise.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -79,6 +81,16 @@ enum Hidden {
         commits: u64,
         cache_bytes: usize,
         seeds: String,
+    },
+    /// The syncing node of the adversarial benchmark's flood runs.
+    #[command(hide = true, name = "child-flood")]
+    Flood {
+        commits: u64,
+        epoch: u64,
+        budget: u64,
+        timeout_ms: u64,
+        seeds: String,
+        liar: String,
     },
 }
 
@@ -111,6 +123,14 @@ pub struct Size {
     pub memory_runs: usize,
     /// Connections and calls in flight per connection of the load benchmark.
     pub load: (usize, usize),
+    /// Commits of the adversarial benchmark's chain.
+    pub adversarial_commits: u64,
+    /// Commits per epoch of that chain.
+    pub adversarial_epoch: u64,
+    /// Runs of each adversarial setup (the median is reported).
+    pub adversarial_runs: usize,
+    /// The request timeout of the adversarial benchmark's nodes.
+    pub adversarial_timeout: Duration,
 }
 
 impl Size {
@@ -130,6 +150,10 @@ impl Size {
             memory_commits: (10_000, 100_000),
             memory_runs: 3,
             load: (500, 10),
+            adversarial_commits: 1_000,
+            adversarial_epoch: 200,
+            adversarial_runs: 3,
+            adversarial_timeout: Duration::from_secs(10),
         }
     }
 
@@ -149,6 +173,10 @@ impl Size {
             memory_commits: (200, 1_000),
             memory_runs: 1,
             load: (20, 5),
+            adversarial_commits: 200,
+            adversarial_epoch: 50,
+            adversarial_runs: 1,
+            adversarial_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -209,6 +237,17 @@ fn main() -> ExitCode {
             memory::child(commits, cache_bytes, &seeds);
             return ExitCode::SUCCESS;
         }
+        Some(Hidden::Flood {
+            commits,
+            epoch,
+            budget,
+            timeout_ms,
+            seeds,
+            liar,
+        }) => {
+            adversarial::child(commits, epoch, budget, timeout_ms, &seeds, &liar);
+            return ExitCode::SUCCESS;
+        }
         None => {}
     }
     if let Some(unknown) = cli.only.iter().find(|o| !SECTIONS.contains(&o.as_str())) {
@@ -267,6 +306,7 @@ fn main() -> ExitCode {
             "memory" => memory::section(&size),
             "scaling" => sync::scaling_section(&size),
             "load" => load::section(&size),
+            "adversarial" => adversarial::section(&size),
             _ => unreachable!("every key of SECTIONS is handled"),
         };
         eprintln!("  {key} took {:.1}s", t.elapsed().as_secs_f64());

@@ -7,7 +7,7 @@ use std::process::Command;
 use serde_json::Value;
 
 /// Each benchmark and the rows it must produce.
-const EXPECTED: [(&str, usize); 7] = [
+const EXPECTED: [(&str, usize); 8] = [
     ("sync", 4),
     ("verifier", 5),
     ("grpc", 4),
@@ -15,7 +15,11 @@ const EXPECTED: [(&str, usize); 7] = [
     ("memory", 4),
     ("scaling", 6),
     ("load", 2),
+    ("adversarial", 12),
 ];
+
+/// Figures that may be zero or below: a difference of two measurements.
+const DIFFERENCES: [&str; 2] = ["peak RSS growth (MiB)", "growth of fetch budget"];
 
 #[test]
 fn quick_run_produces_every_figure() {
@@ -54,7 +58,11 @@ fn quick_run_produces_every_figure() {
         assert_eq!(got.len(), rows, "{key} rows: {got:?}");
         for row in got {
             let values = row["values"].as_object().unwrap();
-            let numbers: Vec<f64> = values.values().filter_map(Value::as_f64).collect();
+            let numbers: Vec<f64> = values
+                .iter()
+                .filter(|(name, _)| !DIFFERENCES.contains(&name.as_str()))
+                .filter_map(|(_, v)| v.as_f64())
+                .collect();
             assert!(!numbers.is_empty(), "{key} row has figures: {row}");
             for n in numbers {
                 assert!(n.is_finite() && n > 0.0, "{key} figure {n} in {row}");
@@ -76,6 +84,15 @@ fn quick_run_produces_every_figure() {
     assert!(ratio("scaling", 5, "of crypto limit") > 0.0);
     assert!(ratio("load", 1, "of idle") > 0.0);
     assert!(ratio("load", 1, "calls served") > 0.0);
+    assert_eq!(ratio("adversarial", 0, "of honest-only"), 1.0);
+    for row in 1..=9 {
+        assert!(ratio("adversarial", row, "of honest-only") > 0.0);
+        let fate = sections["adversarial"]["rows"][row]["values"]["hostile peer, per run"]
+            .as_str()
+            .unwrap();
+        assert!(fate.ends_with("1/1"), "one verdict per run: {fate}");
+    }
+    assert!(ratio("adversarial", 11, "peak RSS (MiB), median") > 0.0);
     assert!(
         stdout.contains("An honest peer was served after the storm."),
         "{stdout}"
