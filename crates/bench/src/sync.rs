@@ -62,6 +62,51 @@ pub fn crypto_limit(chain: &Chain) -> (usize, Duration) {
     (signatures, t.elapsed())
 }
 
+/// The time plain ed25519-dalek `verify_batch` (cofactorless, so its
+/// verdict on torsion components depends on the batch: the rule the
+/// project used before) takes for the same signatures as
+/// [`crypto_limit`], batches prepared beforehand, on all cores: what the
+/// project's signature rule costs against it.
+pub fn previous_rule(chain: &Chain) -> Duration {
+    let limits = Limits::default();
+    let blocks: Vec<_> = (1..=chain.tip()).flat_map(|i| chain.blocks_of(i)).collect();
+    type Prepared = (
+        Vec<[u8; 48]>,
+        Vec<ed25519_dalek::Signature>,
+        Vec<ed25519_dalek::VerifyingKey>,
+    );
+    let batches: Vec<Prepared> = blocks
+        .chunks(100)
+        .map(|chunk| {
+            let mut batch = SignatureBatch::default();
+            for b in chunk {
+                let committee = chain
+                    .committee(b.block().epoch)
+                    .expect("a built chain has every epoch's committee");
+                check_block(&b.to_unverified(), committee, &limits, Some(&mut batch))
+                    .expect("a built block passes every rule");
+            }
+            let mut prepared: Prepared = (Vec::new(), Vec::new(), Vec::new());
+            for (key, message, signature) in batch.entries() {
+                prepared.0.push(*message);
+                prepared
+                    .1
+                    .push(ed25519_dalek::Signature::from_bytes(signature));
+                prepared
+                    .2
+                    .push(ed25519_dalek::VerifyingKey::from_bytes(key).expect("built keys decode"));
+            }
+            prepared
+        })
+        .collect();
+    let t = Instant::now();
+    batches.par_iter().for_each(|(messages, signatures, keys)| {
+        let messages: Vec<&[u8]> = messages.iter().map(|m| &m[..]).collect();
+        ed25519_dalek::verify_batch(&messages, signatures, keys).expect("built signatures verify");
+    });
+    t.elapsed()
+}
+
 /// What moving the chain through the bare service took.
 pub struct Transport {
     /// Wall time.
@@ -214,6 +259,7 @@ pub fn catch_up_section(size: &Size) -> Section {
         built.elapsed().as_secs_f64()
     );
     let (signatures, crypto) = crypto_limit(&chain);
+    let previous = previous_rule(&chain);
     let config = P2pConfig::default();
     let transport = transport_limit(&chain, 3, &config);
     let rt = runtime(2);
@@ -260,6 +306,18 @@ pub fn catch_up_section(size: &Size) -> Section {
             Cell::rate(signatures as f64, crypto),
             Cell::Empty,
             Cell::Ratio(1.0),
+            Cell::Empty,
+        ],
+    );
+    s.row(
+        "ed25519-dalek `verify_batch`, all cores (the previous, batch-dependent rule)",
+        vec![
+            Cell::secs(previous),
+            Cell::Empty,
+            Cell::Empty,
+            Cell::rate(signatures as f64, previous),
+            Cell::Empty,
+            Cell::Ratio(crypto.as_secs_f64() / previous.as_secs_f64()),
             Cell::Empty,
         ],
     );
