@@ -233,26 +233,9 @@ impl StateSync {
             match output {
                 Output::FetchCommits {
                     task,
-                    start,
-                    end,
-                    after,
-                    epoch,
-                    settled,
-                    max_bytes,
+                    wanted,
                     avoid,
-                } => self.fetch_commits(
-                    task,
-                    CommitsWanted {
-                        start,
-                        end,
-                        after,
-                        epoch,
-                        settled,
-                        max_bytes,
-                    },
-                    avoid,
-                    ctx,
-                ),
+                } => self.fetch_commits(task, wanted, avoid, ctx),
                 Output::FetchBlocks {
                     task,
                     batch,
@@ -563,21 +546,6 @@ impl Drop for Slot {
         });
         self.in_flight.freed.notify_waiters();
     }
-}
-
-/// What a commit fetch asks for, as the core decided it.
-#[derive(Clone, Copy, Debug)]
-struct CommitsWanted {
-    start: CommitIndex,
-    end: CommitIndex,
-    after: CommitRef,
-    /// The epoch the commits must be of.
-    epoch: Epoch,
-    /// Whether that epoch is certain (no fetched batch that may end it
-    /// waits to be applied).
-    settled: bool,
-    /// Largest answer accepted.
-    max_bytes: u64,
 }
 
 /// What a sync worker needs: the actors it talks to and its settings.

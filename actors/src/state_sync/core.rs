@@ -699,12 +699,14 @@ impl StateSyncCore {
             self.commit_task = Some(task);
             out.push(Output::FetchCommits {
                 task,
-                start,
-                end,
-                after: self.verified,
-                epoch: self.epoch,
-                settled: self.verified.index == self.synced.index,
-                max_bytes: reserve,
+                wanted: CommitsWanted {
+                    start,
+                    end,
+                    after: self.verified,
+                    epoch: self.epoch,
+                    settled: self.verified.index == self.synced.index,
+                    max_bytes: reserve,
+                },
                 avoid,
             });
         }
@@ -819,9 +821,7 @@ mod tests {
 
     fn commit_fetch(out: &[Output]) -> Option<(TaskId, u64, u64)> {
         out.iter().find_map(|o| match o {
-            Output::FetchCommits {
-                task, start, end, ..
-            } => Some((*task, *start, *end)),
+            Output::FetchCommits { task, wanted, .. } => Some((*task, wanted.start, wanted.end)),
             _ => None,
         })
     }
@@ -829,7 +829,7 @@ mod tests {
     /// The expected epoch and whether it is settled, of a commit fetch.
     fn commit_fetch_epoch(out: &[Output]) -> Option<(Epoch, bool)> {
         out.iter().find_map(|o| match o {
-            Output::FetchCommits { epoch, settled, .. } => Some((*epoch, *settled)),
+            Output::FetchCommits { wanted, .. } => Some((wanted.epoch, wanted.settled)),
             _ => None,
         })
     }
@@ -1320,7 +1320,7 @@ mod tests {
         out.iter()
             .map(|o| match o {
                 Output::FetchBlocks { max_bytes, .. } => config.block_reserve(*max_bytes),
-                Output::FetchCommits { max_bytes, .. } => *max_bytes,
+                Output::FetchCommits { wanted, .. } => wanted.max_bytes,
                 _ => 0,
             })
             .sum()
@@ -1413,16 +1413,14 @@ mod tests {
                 }
                 let i = rng.random_range(0..pending.len());
                 let out = match pending.swap_remove(i) {
-                    Output::FetchCommits {
-                        task, start, end, ..
-                    } => commits_done(
+                    Output::FetchCommits { task, wanted, .. } => commits_done(
                         &mut c,
                         now,
                         task,
                         Ok(CommitBatchInfo {
-                            start,
-                            end,
-                            last: r(end),
+                            start: wanted.start,
+                            end: wanted.end,
+                            last: r(wanted.end),
                             epoch: 0,
                             block_count: rng.random_range(1..12),
                             bytes: rng.random_range(0..MIB),

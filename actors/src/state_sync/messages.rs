@@ -33,6 +33,25 @@ pub struct EpochStart {
     pub commit_answer_bytes: u64,
 }
 
+/// A commit fetch, as the core decided it: commits `start..=end`, which
+/// must follow `after` and be of `epoch`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitsWanted {
+    /// First commit.
+    pub start: CommitIndex,
+    /// Last commit wanted.
+    pub end: CommitIndex,
+    /// The commit they must link to.
+    pub after: CommitRef,
+    /// The epoch the commits must be of (the expected epoch).
+    pub epoch: Epoch,
+    /// Whether the expected epoch is certain: false while a fetched batch
+    /// that may end it waits to be applied.
+    pub settled: bool,
+    /// Largest answer accepted, in bytes (its share of the budget).
+    pub max_bytes: u64,
+}
+
 /// Why a task failed. Peer faults and local faults are told apart, so that
 /// our own back-pressure is never charged to the peer that served us.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,24 +171,12 @@ pub enum Input {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Output {
-    /// Fetch and verify commits `start..=end`, which must follow `after`
-    /// and be of `epoch`.
+    /// Fetch and verify the commits `wanted` names.
     FetchCommits {
         /// The task.
         task: TaskId,
-        /// First commit.
-        start: CommitIndex,
-        /// Last commit wanted.
-        end: CommitIndex,
-        /// The commit they must link to.
-        after: CommitRef,
-        /// The epoch the commits must be of (the expected epoch).
-        epoch: Epoch,
-        /// Whether the expected epoch is certain: false while a fetched
-        /// batch that may end it waits to be applied.
-        settled: bool,
-        /// Largest answer accepted, in bytes (its share of the budget).
-        max_bytes: u64,
+        /// What to fetch, and what it must be.
+        wanted: CommitsWanted,
         /// Peers not to ask (they failed this range).
         avoid: Vec<PeerId>,
     },

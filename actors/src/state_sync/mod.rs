@@ -32,4 +32,6 @@ pub use actor::{
     ApplyLocal, FaultPlan, GetSyncStatus, Settings, StateSync, SyncStatus, commit_answer_bytes,
 };
 pub use core::{Config, Init, StateSyncCore};
-pub use messages::{CommitBatchInfo, EpochStart, Failure, Input, LocalFailure, Output, TaskId};
+pub use messages::{
+    CommitBatchInfo, CommitsWanted, EpochStart, Failure, Input, LocalFailure, Output, TaskId,
+};

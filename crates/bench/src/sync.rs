@@ -35,12 +35,12 @@ pub fn chain(validators: usize, commits: u64) -> Arc<Chain> {
     )
 }
 
-/// The signatures of every synced block of `chain` and the time raw
-/// `verify_batch` takes for them on all cores (the global rayon pool).
-pub fn crypto_limit(chain: &Chain) -> (usize, Duration) {
+/// Every signature of `chain`'s blocks (and their transactions), in
+/// batches of 100 blocks' worth, as the Verifier would check them.
+fn signature_batches(chain: &Chain) -> Vec<SignatureBatch> {
     let limits = Limits::default();
     let blocks: Vec<_> = (1..=chain.tip()).flat_map(|i| chain.blocks_of(i)).collect();
-    let batches: Vec<SignatureBatch> = blocks
+    blocks
         .chunks(100)
         .map(|chunk| {
             let mut batch = SignatureBatch::default();
@@ -53,7 +53,13 @@ pub fn crypto_limit(chain: &Chain) -> (usize, Duration) {
             }
             batch
         })
-        .collect();
+        .collect()
+}
+
+/// The signatures of every synced block of `chain` and the time raw
+/// `verify_batch` takes for them on all cores (the global rayon pool).
+pub fn crypto_limit(chain: &Chain) -> (usize, Duration) {
+    let batches = signature_batches(chain);
     let signatures = batches.iter().map(SignatureBatch::len).sum();
     let t = Instant::now();
     batches
@@ -68,24 +74,14 @@ pub fn crypto_limit(chain: &Chain) -> (usize, Duration) {
 /// [`crypto_limit`], batches prepared beforehand, on all cores: what the
 /// project's signature rule costs against it.
 pub fn previous_rule(chain: &Chain) -> Duration {
-    let limits = Limits::default();
-    let blocks: Vec<_> = (1..=chain.tip()).flat_map(|i| chain.blocks_of(i)).collect();
     type Prepared = (
         Vec<[u8; 48]>,
         Vec<ed25519_dalek::Signature>,
         Vec<ed25519_dalek::VerifyingKey>,
     );
-    let batches: Vec<Prepared> = blocks
-        .chunks(100)
-        .map(|chunk| {
-            let mut batch = SignatureBatch::default();
-            for b in chunk {
-                let committee = chain
-                    .committee(b.block().epoch)
-                    .expect("a built chain has every epoch's committee");
-                check_block(&b.to_unverified(), committee, &limits, Some(&mut batch))
-                    .expect("a built block passes every rule");
-            }
+    let batches: Vec<Prepared> = signature_batches(chain)
+        .iter()
+        .map(|batch| {
             let mut prepared: Prepared = (Vec::new(), Vec::new(), Vec::new());
             for (key, message, signature) in batch.entries() {
                 prepared.0.push(*message);
