@@ -66,20 +66,9 @@ fn a_node_killed_twenty_times_during_sync_loses_nothing_and_finishes() {
     let d = dir.path();
     // Two validators on consecutive free ports.
     let base = free_ports(2);
-    let out = soma(&[
-        "genesis",
-        "--validators",
-        "2",
-        "--out",
-        d.to_str().unwrap(),
-        "--base-port",
-        &base.to_string(),
-        "--commits-per-epoch",
-        "600",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let committee = genesis_committee(&d.join("genesis.toml"));
-    let chain = ChainBuilder::new(chain_config(&d.join("genesis.toml"))).build(COMMITS);
+    let genesis = local_genesis(d, 2, base, 600);
+    let committee = genesis_committee(&genesis);
+    let chain = ChainBuilder::new(chain_config(&genesis)).build(COMMITS);
 
     let v0 = format!("127.0.0.1:{base}");
     let seed0 = format!("{{ address = \"{v0}\" }}");

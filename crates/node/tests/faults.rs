@@ -37,20 +37,9 @@ fn serving_validators_killed_and_restarted_mid_batch_leave_the_syncing_node_whol
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let base = free_ports(VALIDATORS);
-    let out = soma(&[
-        "genesis",
-        "--validators",
-        &VALIDATORS.to_string(),
-        "--out",
-        d.to_str().unwrap(),
-        "--base-port",
-        &base.to_string(),
-        "--commits-per-epoch",
-        &COMMITS_PER_EPOCH.to_string(),
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let committee = genesis_committee(&d.join("genesis.toml"));
-    let chain = ChainBuilder::new(chain_config(&d.join("genesis.toml"))).build(COMMITS);
+    let genesis = local_genesis(d, VALIDATORS, base, COMMITS_PER_EPOCH);
+    let committee = genesis_committee(&genesis);
+    let chain = ChainBuilder::new(chain_config(&genesis)).build(COMMITS);
 
     // The validators hold the whole chain from the start, as their own
     // production would have left it: a certificate at each batch end.

@@ -78,19 +78,7 @@ fn sync_among(lies: &[Lie]) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let port = free_ports(VALIDATORS);
-    let out = soma(&[
-        "genesis",
-        "--validators",
-        &VALIDATORS.to_string(),
-        "--out",
-        d.to_str().unwrap(),
-        "--base-port",
-        &port.to_string(),
-        "--commits-per-epoch",
-        &EPOCH_END.to_string(),
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let genesis = d.join("genesis.toml");
+    let genesis = local_genesis(d, VALIDATORS, port, EPOCH_END);
     let committee = genesis_committee(&genesis);
     let chain = Arc::new(ChainBuilder::new(chain_config(&genesis)).build(TIP));
     assert_eq!(chain.epoch_last(0), Some(EPOCH_END));

@@ -147,6 +147,29 @@ pub fn chain_config(path: &Path) -> ChainConfig {
     }
 }
 
+/// Writes a local network of `validators` on ports from `base_port` into
+/// `dir` with `soma-p2p genesis`; returns the genesis file's path.
+pub fn local_genesis(
+    dir: &Path,
+    validators: u16,
+    base_port: u16,
+    commits_per_epoch: u64,
+) -> PathBuf {
+    let out = soma(&[
+        "genesis",
+        "--validators",
+        &validators.to_string(),
+        "--out",
+        dir.to_str().expect("temporary paths are UTF-8"),
+        "--base-port",
+        &base_port.to_string(),
+        "--commits-per-epoch",
+        &commits_per_epoch.to_string(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    dir.join("genesis.toml")
+}
+
 /// The genesis committee of a genesis file, derived as the node derives it.
 pub fn genesis_committee(path: &Path) -> Committee {
     ChainBuilder::new(chain_config(path)).genesis().clone()
