@@ -1,4 +1,5 @@
-//! Reads that answer RPCs from the store. They run on tokio's blocking pool.
+//! Reads that answer RPCs from the store. They run on tokio's blocking pool;
+//! block streams are sent from the async side.
 
 use std::cmp::Reverse;
 use std::collections::HashSet;
@@ -12,6 +13,7 @@ use soma_wire::proto;
 use tokio::sync::mpsc;
 use tonic::Status;
 
+use super::budget::Reservation;
 use super::core::Limits;
 
 /// References read from the store at a time while streaming blocks.
@@ -146,38 +148,58 @@ pub(super) fn minimal_certificate(
     None
 }
 
+/// Bytes a message takes in a response body: its encoding and gRPC's
+/// 5-byte frame header (no compression is used).
+pub(super) fn encoded_message_len(message: &impl Message) -> usize {
+    message.encoded_len() + GRPC_HEADER_BYTES
+}
+
+/// The header gRPC puts before each message (flag and length).
+const GRPC_HEADER_BYTES: usize = 5;
+
+type BlockSender = mpsc::Sender<Result<proto::FetchBlocksResponse, Status>>;
+
 /// FetchBlocks: streams the blocks in request order, in chunks of at most
 /// `max_bytes` (a single larger block goes alone). Stops with NOT_FOUND at
-/// the first block not held, and quietly when the caller goes away. The
-/// channel is bounded, so a slow reader holds back the reads.
-pub(super) fn stream_blocks(
+/// the first block not held, and quietly when the caller goes away.
+///
+/// Reads run on the blocking pool, [`READ_BATCH`] references at a time;
+/// sending is async, so a client that does not read holds no thread. Each
+/// chunk takes its bytes from the connection's budget (`reservation`)
+/// before it is queued, waiting while the connection holds too much; the
+/// response's body gives them back as it hands them to the transport.
+pub(super) async fn stream_blocks(
     store: Arc<dyn ConsensusStore>,
     refs: Vec<BlockRef>,
     max_bytes: usize,
-    tx: mpsc::Sender<Result<proto::FetchBlocksResponse, Status>>,
+    reservation: Arc<Reservation>,
+    tx: BlockSender,
 ) {
     let mut chunk: Vec<Bytes> = Vec::new();
     let mut chunk_bytes = 0usize;
-    let send = |chunk: Vec<Bytes>| {
-        tx.blocking_send(Ok(proto::FetchBlocksResponse { blocks: chunk }))
-            .is_ok()
-    };
-    for refs in refs.chunks(READ_BATCH) {
-        let blocks = match store.blocks(refs) {
-            Ok(b) => b,
-            Err(e) => {
-                let _ = tx.blocking_send(Err(store_error(e)));
+    for batch in refs.chunks(READ_BATCH) {
+        let read = {
+            let (store, batch) = (store.clone(), batch.to_vec());
+            tokio::task::spawn_blocking(move || store.blocks(&batch)).await
+        };
+        let blocks = match read {
+            Ok(Ok(blocks)) => blocks,
+            Ok(Err(e)) => {
+                let _ = tx.send(Err(store_error(e))).await;
                 return;
             }
+            Err(_) => return,
         };
-        for (r, block) in refs.iter().zip(blocks) {
+        for (r, block) in batch.iter().zip(blocks) {
             let Some(block) = block else {
-                let _ = tx.blocking_send(Err(Status::not_found(format!("block {r} is not held"))));
+                let _ = tx
+                    .send(Err(Status::not_found(format!("block {r} is not held"))))
+                    .await;
                 return;
             };
             let bytes = block.serialized().clone();
             if !chunk.is_empty() && chunk_bytes + bytes.len() > max_bytes {
-                if !send(std::mem::take(&mut chunk)) {
+                if !send_chunk(&tx, &reservation, std::mem::take(&mut chunk)).await {
                     return;
                 }
                 chunk_bytes = 0;
@@ -187,8 +209,19 @@ pub(super) fn stream_blocks(
         }
     }
     if !chunk.is_empty() {
-        send(chunk);
+        send_chunk(&tx, &reservation, chunk).await;
     }
+}
+
+/// Queues one chunk once the connection's budget has room; false when the
+/// caller went away (or the response was cut).
+async fn send_chunk(tx: &BlockSender, reservation: &Reservation, blocks: Vec<Bytes>) -> bool {
+    let message = proto::FetchBlocksResponse { blocks };
+    tokio::select! {
+        _ = reservation.add(encoded_message_len(&message)) => {}
+        _ = tx.closed() => return false,
+    }
+    tx.send(Ok(message)).await.is_ok()
 }
 
 #[cfg(test)]
