@@ -300,6 +300,7 @@ impl P2pService {
             self.store.clone(),
             refs,
             self.limits.max_fetch_response_bytes,
+            self.data_limits.max_block_bytes,
             reservation.clone(),
             tx,
         ));
