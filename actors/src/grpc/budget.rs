@@ -53,6 +53,15 @@ impl Buffered {
         true
     }
 
+    /// Takes `bytes` for `connection` whatever it holds: for the part of an
+    /// answer beyond the estimate it was admitted with, which waiting for
+    /// could deadlock streams that each hold an estimate.
+    pub fn grow(&mut self, connection: Connection, bytes: usize) {
+        if bytes > 0 {
+            *self.held.entry(connection).or_default() += bytes;
+        }
+    }
+
     /// Gives back `bytes` of `connection`'s (never more than it holds); the
     /// connection's entry goes when it holds nothing.
     pub fn release(&mut self, connection: Connection, bytes: usize) {
@@ -151,6 +160,23 @@ impl Reservation {
         }
     }
 
+    /// Adds `bytes` whatever the budget holds (see [`Buffered::grow`]).
+    pub fn grow(&self, bytes: usize) {
+        let mut buffered = self.budget.lock();
+        buffered.grow(self.connection, bytes);
+        self.held.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Sets what this reservation holds from `estimate` (taken earlier) to
+    /// `actual`: growing past the budget if need be, or giving back the rest.
+    pub fn settle(&self, estimate: usize, actual: usize) {
+        if actual > estimate {
+            self.grow(actual - estimate);
+        } else {
+            self.release(estimate - actual);
+        }
+    }
+
     /// Gives back `bytes` (at most what this reservation holds): they were
     /// handed to the transport.
     pub fn release(&self, bytes: usize) {
@@ -215,6 +241,11 @@ mod tests {
         assert!(!b.try_reserve(at(1), 1));
         b.release(at(1), 250);
         assert!(b.try_reserve(at(1), 1));
+        // Growing past the budget is allowed; new answers then wait.
+        assert!(b.try_reserve(at(1), 99));
+        b.grow(at(1), 20);
+        assert_eq!(b.held(at(1)), 120);
+        assert!(!b.try_reserve(at(1), 1));
     }
 
     #[test]
@@ -231,9 +262,15 @@ mod tests {
         assert_eq!((first.held(), budget.held(at(1))), (350, 750));
         assert!(second.try_add(250));
         assert_eq!(budget.held(at(1)), 1_000);
+        // An answer larger than its estimate: 400 taken, 450 built.
+        second.settle(400, 450);
+        assert_eq!((second.held(), budget.held(at(1))), (700, 1_050));
+        // One smaller: 250 taken, 100 built.
+        second.settle(250, 100);
+        assert_eq!((second.held(), budget.held(at(1))), (550, 900));
         // A release beyond what a reservation holds frees only its own.
         first.release(10_000);
-        assert_eq!((first.held(), budget.held(at(1))), (0, 650));
+        assert_eq!((first.held(), budget.held(at(1))), (0, 550));
         // Cut at the deadline: dropping gives back all it held.
         drop(second);
         assert_eq!(budget.held(at(1)), 0);

@@ -167,8 +167,10 @@ type BlockSender = mpsc::Sender<Result<proto::FetchBlocksResponse, Status>>;
 /// async, so a client that does not read holds no thread. Before a chunk is
 /// read it takes `max_bytes` from the connection's budget (`reservation`),
 /// waiting while the connection holds too much, and the reservation is set
-/// to the chunk's size once read: all the producer holds is counted. The
-/// response's body gives the bytes back as it hands them to the transport.
+/// to the chunk's size once read (never waiting again: streams that each
+/// hold an estimate would wait on each other): all the producer holds is
+/// counted. The response's body gives the bytes back as it hands them to
+/// the transport.
 pub(super) async fn stream_blocks(
     store: Arc<dyn ConsensusStore>,
     refs: Vec<BlockRef>,
@@ -202,13 +204,7 @@ pub(super) async fn stream_blocks(
         } else {
             encoded_message_len(&message)
         };
-        if len > max_bytes {
-            if !unless_closed(&tx, reservation.add(len - max_bytes)).await {
-                return;
-            }
-        } else {
-            reservation.release(max_bytes - len);
-        }
+        reservation.settle(max_bytes, len);
         if len > 0 && tx.send(Ok(message)).await.is_err() {
             return;
         }

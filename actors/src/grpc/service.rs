@@ -254,6 +254,21 @@ impl P2pService {
         };
         let limits = self.limits.clone();
         let data_limits = self.data_limits.clone();
+        // The answer's commits are within this; its size is known once read.
+        let estimate = limits.max_fetch_response_bytes;
+        let connection = connection(&request);
+        let reservation = self.budget.reservation(connection);
+        // Waits for answers of this connection to be sent first; a client
+        // that reads none of them is refused rather than kept waiting.
+        if tokio::time::timeout(self.limits.send_timeout, reservation.add(estimate))
+            .await
+            .is_err()
+        {
+            return Err(Status::resource_exhausted(format!(
+                "{} bytes of answers wait for this connection to read them",
+                self.budget.held(connection)
+            )));
+        }
         // Held by the read, so a cancelled call frees its slot only once
         // the read is done; then by the response until it is sent.
         let slot = FetchSlot::new(admission.permit, &self.stats);
@@ -262,16 +277,7 @@ impl P2pService {
                 serve::fetch_commits(store, start, end, &limits, &data_limits).map(|r| (r, slot))
             })
             .await?;
-        // Refused rather than queued: the answer is already in memory, and
-        // the client can ask another peer at once.
-        let connection = connection(&request);
-        let reservation = self.budget.reservation(connection);
-        if !reservation.try_add(serve::encoded_message_len(&response)) {
-            return Err(Status::resource_exhausted(format!(
-                "{} bytes of answers wait for this connection to read them",
-                self.budget.held(connection)
-            )));
-        }
+        reservation.settle(estimate, serve::encoded_message_len(&response));
         Ok(guarded(
             Response::new(response),
             slot,
