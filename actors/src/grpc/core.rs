@@ -26,7 +26,7 @@ pub struct Limits {
     /// headers; past it the response is cut and all it holds released.
     pub send_timeout: Duration,
     /// Bytes of answers built but not yet handed to the transport, per
-    /// connection; FetchCommits past it is refused, FetchBlocks waits.
+    /// connection; past it new answers wait for earlier ones to be sent.
     pub max_buffered_bytes_per_connection: usize,
     /// Interval of HTTP/2 pings on inbound connections.
     pub http2_keepalive_interval: Duration,

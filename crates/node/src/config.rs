@@ -610,8 +610,8 @@ concurrency-limit-per-connection = {per_connection}
 max-inbound-connections = {inbound}
 # Answers: time to hand each one to the transport (past it, it is cut and
 # its fetch slot freed; keep it at or above the peers' timeout); bytes of
-# answers built but not yet sent, per connection (FetchCommits past it is
-# refused with RESOURCE_EXHAUSTED, FetchBlocks waits).
+# answers built but not yet sent, per connection (past it, new answers wait
+# for earlier ones to be sent).
 send-timeout = "{send_timeout}"
 max-buffered-bytes-per-connection = {buffered}
 # HTTP/2 pings find dead connections; every connection is asked to close
