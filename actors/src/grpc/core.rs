@@ -23,6 +23,20 @@ pub struct Limits {
     pub max_concurrent_fetches_per_peer: usize,
     /// FetchCommits and FetchBlocks running at once in total.
     pub max_concurrent_fetches: usize,
+    /// Time a response may take to be handed to the transport after its
+    /// headers; past it the response is cut and all it holds released.
+    pub send_timeout: Duration,
+    /// Bytes of answers built but not yet handed to the transport, per
+    /// connection; past it new answers wait for earlier ones to be sent.
+    pub max_buffered_bytes_per_connection: usize,
+    /// Interval of HTTP/2 pings on inbound connections.
+    pub http2_keepalive_interval: Duration,
+    /// Time for a ping's acknowledgement before the connection is closed.
+    pub http2_keepalive_timeout: Duration,
+    /// Age after which an inbound connection is asked to close (GOAWAY).
+    pub max_connection_age: Duration,
+    /// Time after `max_connection_age` before it is closed regardless.
+    pub max_connection_age_grace: Duration,
     /// HTTP/2 streams (calls) one connection may have open at once.
     pub max_concurrent_streams: u32,
     /// Requests of one connection being handled at once; more wait.
@@ -111,6 +125,12 @@ impl Default for Limits {
             max_fetch_response_bytes: 4 << 20,
             max_concurrent_fetches_per_peer: 4,
             max_concurrent_fetches: 64,
+            send_timeout: Duration::from_secs(10),
+            max_buffered_bytes_per_connection: 16 << 20,
+            http2_keepalive_interval: Duration::from_secs(30),
+            http2_keepalive_timeout: Duration::from_secs(10),
+            max_connection_age: Duration::from_secs(30 * 60),
+            max_connection_age_grace: Duration::from_secs(30),
             max_concurrent_streams: 128,
             concurrency_limit_per_connection: 64,
             max_inbound_connections: soma_wire::inbound::DEFAULT_MAX_CONNECTIONS,

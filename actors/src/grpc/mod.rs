@@ -9,14 +9,22 @@
 //! not on the actor's thread, so one slow read never holds up other RPCs;
 //! each holds a [`Permit`] that returns its slot to the adapter when the call
 //! ends, however it ends.
+//!
+//! A call ends when its response has been handed to the transport, not when
+//! it is built: [`SendDeadline`] cuts a response that is not sent within
+//! `send_timeout` and releases all it holds, and each connection's buffered
+//! answers stay within `max_buffered_bytes_per_connection` ([`budget`]).
 
 mod actor;
+pub mod budget;
 mod core;
+mod deadline;
 mod messages;
 mod serve;
 mod service;
 
 pub use actor::{GrpcAdapter, Permit};
 pub use core::{GrpcAdapterCore, Limits};
+pub use deadline::{DeadlineBody, SLICE_BYTES, SendDeadline, SendStats};
 pub use messages::{Admission, Call, CallMsg, Code, Input, Output, Refusal, Work};
 pub use service::{P2pService, RpcCounts};

@@ -1,4 +1,5 @@
-//! Reads that answer RPCs from the store. They run on tokio's blocking pool.
+//! Reads that answer RPCs from the store. They run on tokio's blocking pool;
+//! block streams are sent from the async side.
 
 use std::cmp::Reverse;
 use std::collections::HashSet;
@@ -12,9 +13,10 @@ use soma_wire::proto;
 use tokio::sync::mpsc;
 use tonic::Status;
 
+use super::budget::Reservation;
 use super::core::Limits;
 
-/// References read from the store at a time while streaming blocks.
+/// Most references read from the store at a time while streaming blocks.
 const READ_BATCH: usize = 64;
 
 pub(super) fn store_error(e: soma_store::Error) -> Status {
@@ -146,49 +148,130 @@ pub(super) fn minimal_certificate(
     None
 }
 
+/// Bytes a message takes in a response body: its encoding and gRPC's
+/// 5-byte frame header (no compression is used).
+pub(super) fn encoded_message_len(message: &impl Message) -> usize {
+    message.encoded_len() + GRPC_HEADER_BYTES
+}
+
+/// The header gRPC puts before each message (flag and length).
+const GRPC_HEADER_BYTES: usize = 5;
+
+type BlockSender = mpsc::Sender<Result<proto::FetchBlocksResponse, Status>>;
+
 /// FetchBlocks: streams the blocks in request order, in chunks of at most
 /// `max_bytes` (a single larger block goes alone). Stops with NOT_FOUND at
-/// the first block not held, and quietly when the caller goes away. The
-/// channel is bounded, so a slow reader holds back the reads.
-pub(super) fn stream_blocks(
+/// the first block not held, and quietly when the caller goes away.
+///
+/// Each chunk is read on the blocking pool ([`read_chunk`]); sending is
+/// async, so a client that does not read holds no thread. Before a chunk is
+/// read it takes `max_bytes` from the connection's budget (`reservation`),
+/// waiting while the connection holds too much, and the reservation is set
+/// to the chunk's size once read (never waiting again: streams that each
+/// hold an estimate would wait on each other): all the producer holds is
+/// counted. The response's body gives the bytes back as it hands them to
+/// the transport.
+pub(super) async fn stream_blocks(
     store: Arc<dyn ConsensusStore>,
     refs: Vec<BlockRef>,
     max_bytes: usize,
-    tx: mpsc::Sender<Result<proto::FetchBlocksResponse, Status>>,
+    max_block_bytes: usize,
+    reservation: Arc<Reservation>,
+    tx: BlockSender,
 ) {
-    let mut chunk: Vec<Bytes> = Vec::new();
-    let mut chunk_bytes = 0usize;
-    let send = |chunk: Vec<Bytes>| {
-        tx.blocking_send(Ok(proto::FetchBlocksResponse { blocks: chunk }))
-            .is_ok()
-    };
-    for refs in refs.chunks(READ_BATCH) {
-        let blocks = match store.blocks(refs) {
-            Ok(b) => b,
-            Err(e) => {
-                let _ = tx.blocking_send(Err(store_error(e)));
-                return;
-            }
+    let refs: Arc<[BlockRef]> = refs.into();
+    // Reads never hold more than one chunk's worth of the largest blocks.
+    let per_read = (max_bytes / max_block_bytes.max(1)).clamp(1, READ_BATCH);
+    let mut next = 0;
+    while next < refs.len() {
+        if !unless_closed(&tx, reservation.add(max_bytes)).await {
+            return;
+        }
+        let read = {
+            let (store, refs) = (store.clone(), refs.clone());
+            tokio::task::spawn_blocking(move || {
+                read_chunk(store.as_ref(), &refs, next, max_bytes, per_read)
+            })
+            .await
         };
-        for (r, block) in refs.iter().zip(blocks) {
-            let Some(block) = block else {
-                let _ = tx.blocking_send(Err(Status::not_found(format!("block {r} is not held"))));
-                return;
-            };
-            let bytes = block.serialized().clone();
-            if !chunk.is_empty() && chunk_bytes + bytes.len() > max_bytes {
-                if !send(std::mem::take(&mut chunk)) {
-                    return;
-                }
-                chunk_bytes = 0;
-            }
-            chunk_bytes += bytes.len();
-            chunk.push(bytes);
+        let Ok(chunk) = read else { return };
+        next = chunk.next;
+        let message = proto::FetchBlocksResponse {
+            blocks: chunk.blocks,
+        };
+        let len = if message.blocks.is_empty() {
+            0
+        } else {
+            encoded_message_len(&message)
+        };
+        reservation.settle(max_bytes, len);
+        if len > 0 && tx.send(Ok(message)).await.is_err() {
+            return;
+        }
+        if let Some(status) = chunk.error {
+            let _ = tx.send(Err(status)).await;
+            return;
         }
     }
-    if !chunk.is_empty() {
-        send(chunk);
+}
+
+/// Runs `wait` unless the caller goes away (or the response is cut) first;
+/// false then.
+async fn unless_closed(tx: &BlockSender, wait: impl std::future::Future<Output = ()>) -> bool {
+    tokio::select! {
+        _ = wait => true,
+        _ = tx.closed() => false,
     }
+}
+
+/// One chunk of a block stream, as read.
+struct Chunk {
+    blocks: Vec<Bytes>,
+    /// Index of the first reference not in this chunk.
+    next: usize,
+    /// Why the stream ends after this chunk, if it does.
+    error: Option<Status>,
+}
+
+/// Reads the blocks of `refs` from `start`, `per_read` at a time, until
+/// the next one would take the chunk past `max_bytes`.
+fn read_chunk(
+    store: &dyn ConsensusStore,
+    refs: &[BlockRef],
+    start: usize,
+    max_bytes: usize,
+    per_read: usize,
+) -> Chunk {
+    let mut chunk = Chunk {
+        blocks: Vec::new(),
+        next: start,
+        error: None,
+    };
+    let mut bytes = 0usize;
+    while chunk.next < refs.len() {
+        let batch = &refs[chunk.next..(chunk.next + per_read).min(refs.len())];
+        let blocks = match store.blocks(batch) {
+            Ok(blocks) => blocks,
+            Err(e) => {
+                chunk.error = Some(store_error(e));
+                return chunk;
+            }
+        };
+        for (r, block) in batch.iter().zip(blocks) {
+            let Some(block) = block else {
+                chunk.error = Some(Status::not_found(format!("block {r} is not held")));
+                return chunk;
+            };
+            let block = block.serialized().clone();
+            if !chunk.blocks.is_empty() && bytes + block.len() > max_bytes {
+                return chunk;
+            }
+            bytes += block.len();
+            chunk.blocks.push(block);
+            chunk.next += 1;
+        }
+    }
+    chunk
 }
 
 #[cfg(test)]

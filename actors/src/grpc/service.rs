@@ -12,7 +12,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::actor::GrpcAdapter;
+use super::budget::{ByteBudget, Connection, Reservation};
 use super::core::Limits;
+use super::deadline::{FetchSlot, Held, SendGuard, SendStats};
 use super::messages::{Admission, Call, CallMsg, Work};
 use super::serve;
 use crate::discovery::{Discovery, ExchangeInfo};
@@ -39,12 +41,15 @@ pub struct P2pService {
     timeout: Duration,
     counts: RpcCounts,
     availability: tokio::sync::watch::Receiver<Availability>,
+    stats: Arc<SendStats>,
+    budget: Arc<ByteBudget>,
 }
 
 impl P2pService {
     /// A service answering for the node whose store is `store`;
     /// `data_limits` are the sizes its peers accept (the answers are kept
-    /// within them) and `timeout` bounds the wait for the actors.
+    /// within them) and `timeout` bounds the wait for the actors. Fetches
+    /// are counted in `stats` while their slot is held.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         adapter: Addr<GrpcAdapter>,
@@ -56,8 +61,12 @@ impl P2pService {
         timeout: Duration,
         counts: RpcCounts,
         availability: tokio::sync::watch::Receiver<Availability>,
+        stats: Arc<SendStats>,
     ) -> Self {
+        let budget = ByteBudget::new(limits.max_buffered_bytes_per_connection);
         P2pService {
+            stats,
+            budget,
             adapter,
             discovery,
             store,
@@ -248,14 +257,35 @@ impl P2pService {
         };
         let limits = self.limits.clone();
         let data_limits = self.data_limits.clone();
-        let permit = admission.permit;
-        let response = self
+        // The answer's commits are within this; its size is known once read.
+        let estimate = limits.max_fetch_response_bytes;
+        let connection = connection(&request);
+        let reservation = self.budget.reservation(connection);
+        // Waits for answers of this connection to be sent first; a client
+        // that reads none of them is refused rather than kept waiting.
+        if tokio::time::timeout(self.limits.send_timeout, reservation.add(estimate))
+            .await
+            .is_err()
+        {
+            return Err(Status::resource_exhausted(format!(
+                "{} bytes of answers wait for this connection to read them",
+                self.budget.held(connection)
+            )));
+        }
+        // Held by the read, so a cancelled call frees its slot only once
+        // the read is done; then by the response until it is sent.
+        let slot = FetchSlot::new(admission.permit, &self.stats);
+        let (response, slot) = self
             .blocking(move |store| {
-                let _permit = permit;
-                serve::fetch_commits(store, start, end, &limits, &data_limits)
+                serve::fetch_commits(store, start, end, &limits, &data_limits).map(|r| (r, slot))
             })
             .await?;
-        Ok(Response::new(response))
+        reservation.settle(estimate, serve::encoded_message_len(&response));
+        Ok(guarded(
+            Response::new(response),
+            slot,
+            Arc::new(reservation),
+        ))
     }
 
     async fn fetch_blocks_inner(
@@ -272,14 +302,38 @@ impl P2pService {
             .iter()
             .map(BlockRef::try_from)
             .collect::<Result<Vec<_>, ConvertError>>()?;
+        let slot = FetchSlot::new(admission.permit, &self.stats);
+        let reservation = Arc::new(self.budget.reservation(connection(&request)));
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let store = self.store.clone();
-        let max_bytes = self.limits.max_fetch_response_bytes;
-        let permit = admission.permit;
-        tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            serve::stream_blocks(store, refs, max_bytes, tx);
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        tokio::spawn(serve::stream_blocks(
+            self.store.clone(),
+            refs,
+            self.limits.max_fetch_response_bytes,
+            self.data_limits.max_block_bytes,
+            reservation.clone(),
+            tx,
+        ));
+        Ok(guarded(
+            Response::new(ReceiverStream::new(rx)),
+            slot,
+            reservation,
+        ))
     }
+}
+
+/// `response`, holding `slot` and `reservation` until it is sent.
+fn guarded<T>(
+    mut response: Response<T>,
+    slot: FetchSlot,
+    reservation: Arc<Reservation>,
+) -> Response<T> {
+    response
+        .extensions_mut()
+        .insert(Held::new(SendGuard::new(Some(slot), Some(reservation))));
+    response
+}
+
+/// The connection a request came on, by its remote address.
+fn connection<T>(request: &Request<T>) -> Connection {
+    remote_addr(request)
 }

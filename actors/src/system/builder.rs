@@ -13,7 +13,7 @@ use super::config::P2pConfig;
 use super::handle::{Actors, Inner, P2pHandle, Running};
 use crate::connections::{Connections, SubscribePeerEvents};
 use crate::discovery::{self, Discovery};
-use crate::grpc::{GrpcAdapter, P2pService};
+use crate::grpc::{GrpcAdapter, P2pService, SendDeadline, SendStats};
 use crate::peer_heights::{self, PeerHeights};
 use crate::replay::Recorder;
 use crate::state_sync::{self, StateSync};
@@ -219,6 +219,7 @@ impl P2pBuilder {
         };
         let (actors, system, actor_thread, actors_stopped) = start_actors(&config, node)?;
         let rpc_counts = crate::grpc::RpcCounts::default();
+        let send_stats = Arc::new(SendStats::default());
 
         let service = P2pService::new(
             actors.adapter.clone(),
@@ -230,6 +231,7 @@ impl P2pBuilder {
             config.timeout,
             rpc_counts.clone(),
             published,
+            send_stats.clone(),
         );
         let policy = AccessPolicy {
             access: config.access,
@@ -257,16 +259,23 @@ impl P2pBuilder {
             let p2p = P2pServer::new(service)
                 .max_decoding_message_size(max_request_bytes(&config.grpc, &config.verifier.limits))
                 .max_encoding_message_size(usize::MAX);
+            let p2p = SendDeadline::new(p2p, config.grpc.send_timeout, send_stats.clone());
             let incoming = tls::incoming_with_limit(listener, server_config, inbound.clone());
             let timeout = config.timeout;
-            let max_streams = config.grpc.max_concurrent_streams;
-            let per_connection = config.grpc.concurrency_limit_per_connection;
+            let limits = config.grpc.clone();
             runtime.spawn(async move {
                 health_reporter.set_serving::<P2pServer<P2pService>>().await;
+                // `timeout` ends at the response headers; the body's send
+                // is bounded by `SendDeadline`, dead peers by the pings,
+                // and every connection by its age.
                 tonic::transport::Server::builder()
                     .timeout(timeout)
-                    .max_concurrent_streams(max_streams)
-                    .concurrency_limit_per_connection(per_connection)
+                    .max_concurrent_streams(limits.max_concurrent_streams)
+                    .concurrency_limit_per_connection(limits.concurrency_limit_per_connection)
+                    .http2_keepalive_interval(Some(limits.http2_keepalive_interval))
+                    .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout))
+                    .max_connection_age(limits.max_connection_age)
+                    .max_connection_age_grace(limits.max_connection_age_grace)
                     .add_service(health)
                     .add_service(reflection)
                     .add_service(p2p)
@@ -280,6 +289,7 @@ impl P2pBuilder {
 
         Ok(P2pHandle::from_inner(Inner {
             rpc_counts,
+            send_stats,
             inbound,
             events,
             peer_id,

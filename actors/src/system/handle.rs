@@ -43,6 +43,7 @@ pub(super) struct Running {
 
 pub(super) struct Inner {
     pub(super) rpc_counts: crate::grpc::RpcCounts,
+    pub(super) send_stats: Arc<crate::grpc::SendStats>,
     pub(super) inbound: soma_wire::inbound::ConnectionLimit,
     pub(super) events: broadcast::Sender<PeerEvent>,
     pub(super) peer_id: PeerId,
@@ -293,6 +294,18 @@ impl P2pHandle {
             .iter()
             .map(|e| (e.key().0, e.key().1, *e.value()))
             .collect()
+    }
+
+    /// Fetches (FetchCommits, FetchBlocks) the server has admitted and not
+    /// yet finished sending.
+    pub fn fetches_in_flight(&self) -> usize {
+        self.inner.send_stats.fetches_in_flight()
+    }
+
+    /// Responses the server cut because the caller did not read them
+    /// within `send_timeout`.
+    pub fn responses_cut(&self) -> u64 {
+        self.inner.send_stats.responses_cut()
     }
 
     /// How many inbound connections are open, and what admission did so

@@ -161,6 +161,24 @@ pub struct P2pSection {
     /// Time without traffic after which an inbound connection is closed.
     #[serde(with = "humantime_serde")]
     pub inbound_idle_timeout: Duration,
+    /// Time a response may take to be handed to the transport; past it the
+    /// response is cut and its fetch slot and buffers released.
+    #[serde(with = "humantime_serde")]
+    pub send_timeout: Duration,
+    /// Bytes of answers built but not yet sent, per inbound connection.
+    pub max_buffered_bytes_per_connection: usize,
+    /// Interval of HTTP/2 pings on inbound connections.
+    #[serde(with = "humantime_serde")]
+    pub http2_keepalive_interval: Duration,
+    /// Time for a ping's answer before the connection is closed.
+    #[serde(with = "humantime_serde")]
+    pub http2_keepalive_timeout: Duration,
+    /// Age at which an inbound connection is asked to close.
+    #[serde(with = "humantime_serde")]
+    pub max_connection_age: Duration,
+    /// Time after that before it is closed regardless.
+    #[serde(with = "humantime_serde")]
+    pub max_connection_age_grace: Duration,
 }
 
 impl Default for P2pSection {
@@ -210,6 +228,12 @@ impl Default for P2pSection {
             inbound_exempt_loopback: p.grpc.inbound_exempt_loopback,
             tls_handshake_timeout: p.grpc.tls_handshake_timeout,
             inbound_idle_timeout: p.grpc.inbound_idle_timeout,
+            send_timeout: p.grpc.send_timeout,
+            max_buffered_bytes_per_connection: p.grpc.max_buffered_bytes_per_connection,
+            http2_keepalive_interval: p.grpc.http2_keepalive_interval,
+            http2_keepalive_timeout: p.grpc.http2_keepalive_timeout,
+            max_connection_age: p.grpc.max_connection_age,
+            max_connection_age_grace: p.grpc.max_connection_age_grace,
         }
     }
 }
@@ -321,6 +345,36 @@ impl NodeConfig {
             "between 100ms and 10m",
             between(p.timeout, 100, 600_000),
             ms(p.timeout),
+        )?;
+        range(
+            "p2p.send-timeout",
+            "between 100ms and 10m",
+            between(p.send_timeout, 100, 600_000),
+            ms(p.send_timeout),
+        )?;
+        range(
+            "p2p.http2-keepalive-interval",
+            "between 1s and 1h",
+            between(p.http2_keepalive_interval, 1_000, 3_600_000),
+            ms(p.http2_keepalive_interval),
+        )?;
+        range(
+            "p2p.http2-keepalive-timeout",
+            "between 1s and 10m",
+            between(p.http2_keepalive_timeout, 1_000, 600_000),
+            ms(p.http2_keepalive_timeout),
+        )?;
+        range(
+            "p2p.max-connection-age",
+            "between 1m and 7 days",
+            between(p.max_connection_age, 60_000, 7 * 86_400_000),
+            ms(p.max_connection_age),
+        )?;
+        range(
+            "p2p.max-connection-age-grace",
+            "between 1s and 1h",
+            between(p.max_connection_age_grace, 1_000, 3_600_000),
+            ms(p.max_connection_age_grace),
         )?;
         range(
             "p2p.wait-interval-when-no-peer",
@@ -509,6 +563,13 @@ impl NodeConfig {
             64 << 20,
             "between 65536 and 67108864",
         )?;
+        count(
+            "p2p.max-buffered-bytes-per-connection",
+            p.max_buffered_bytes_per_connection,
+            1 << 20,
+            4 << 30,
+            "between 1048576 and 4294967296",
+        )?;
         range(
             "p2p.commit-sync-batch-size",
             "between 1 and 1000",
@@ -604,6 +665,12 @@ impl NodeConfig {
         c.grpc.inbound_exempt_loopback = p.inbound_exempt_loopback;
         c.grpc.tls_handshake_timeout = p.tls_handshake_timeout;
         c.grpc.inbound_idle_timeout = p.inbound_idle_timeout;
+        c.grpc.send_timeout = p.send_timeout;
+        c.grpc.max_buffered_bytes_per_connection = p.max_buffered_bytes_per_connection;
+        c.grpc.http2_keepalive_interval = p.http2_keepalive_interval;
+        c.grpc.http2_keepalive_timeout = p.http2_keepalive_timeout;
+        c.grpc.max_connection_age = p.max_connection_age;
+        c.grpc.max_connection_age_grace = p.max_connection_age_grace;
         c
     }
 }
@@ -730,6 +797,18 @@ inbound-exempt-loopback = {exempt}
 # inbound connection is closed (at least `timeout`).
 tls-handshake-timeout = "{handshake}"
 inbound-idle-timeout = "{idle}"
+# Answers: time to hand each one to the transport (past it, it is cut and
+# its fetch slot freed; keep it at or above the peers' timeout); bytes of
+# answers built but not yet sent, per connection (past it, new answers wait
+# for earlier ones to be sent).
+send-timeout = "{send_timeout}"
+max-buffered-bytes-per-connection = {buffered}
+# HTTP/2 pings find dead connections; every connection is asked to close
+# at its maximum age and closed after the grace.
+http2-keepalive-interval = "{keepalive}"
+http2-keepalive-timeout = "{keepalive_timeout}"
+max-connection-age = "{age}"
+max-connection-age-grace = "{grace}"
 "#,
         cache = default_store_cache_bytes(),
         interval = humantime_serde::re::humantime::format_duration(p.interval),
@@ -771,6 +850,13 @@ inbound-idle-timeout = "{idle}"
         exempt = p.inbound_exempt_loopback,
         handshake = humantime_serde::re::humantime::format_duration(p.tls_handshake_timeout),
         idle = humantime_serde::re::humantime::format_duration(p.inbound_idle_timeout),
+        send_timeout = humantime_serde::re::humantime::format_duration(p.send_timeout),
+        buffered = p.max_buffered_bytes_per_connection,
+        keepalive = humantime_serde::re::humantime::format_duration(p.http2_keepalive_interval),
+        keepalive_timeout =
+            humantime_serde::re::humantime::format_duration(p.http2_keepalive_timeout),
+        age = humantime_serde::re::humantime::format_duration(p.max_connection_age),
+        grace = humantime_serde::re::humantime::format_duration(p.max_connection_age_grace),
     )
 }
 
@@ -806,6 +892,14 @@ mod tests {
         assert_eq!(config.p2p.inbound_idle_timeout, Duration::from_secs(60));
         let inbound = config.p2p_config().grpc.inbound();
         assert_eq!(inbound, soma_wire::inbound::Config::default());
+        assert_eq!(config.p2p.send_timeout, Duration::from_secs(10));
+        assert_eq!(config.p2p.max_buffered_bytes_per_connection, 16 << 20);
+        assert_eq!(config.p2p.max_connection_age, Duration::from_secs(1_800));
+        let grpc = config.p2p_config().grpc;
+        assert_eq!(grpc.send_timeout, Duration::from_secs(10));
+        assert_eq!(grpc.http2_keepalive_interval, Duration::from_secs(30));
+        assert_eq!(grpc.http2_keepalive_timeout, Duration::from_secs(10));
+        assert_eq!(grpc.max_connection_age_grace, Duration::from_secs(30));
     }
 
     #[test]
@@ -864,7 +958,21 @@ mod tests {
             e.contains("p2p.max-inbound-connections") && e.contains("between 1 and 1048576"),
             "{e}"
         );
-        let text = default_file().replace("timeout = \"10s\"", "timeout = \"1h\"");
+        let text = default_file().replace(
+            "max-buffered-bytes-per-connection = 16777216",
+            "max-buffered-bytes-per-connection = 1024",
+        );
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(
+            e.contains("p2p.max-buffered-bytes-per-connection")
+                && e.contains("between 1048576 and 4294967296"),
+            "{e}"
+        );
+        let text = default_file().replace("send-timeout = \"10s\"", "send-timeout = \"1h\"");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("p2p.send-timeout"), "{e}");
+        // At the start of a line: other keys end in "timeout" too.
+        let text = default_file().replace("\ntimeout = \"10s\"", "\ntimeout = \"1h\"");
         let e = parse(&text).unwrap_err().to_string();
         assert!(e.contains("p2p.timeout"), "{e}");
     }

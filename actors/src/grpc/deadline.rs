@@ -1,0 +1,388 @@
+//! A send deadline for every response of the P2p service.
+//!
+//! tonic's server timeout ends when the response headers are ready; the
+//! body is then polled by hyper only while the client's flow-control window
+//! has room, so a client that never reads would keep the answer, its fetch
+//! slot and its producer for ever, and a timer inside the body's poll would
+//! never fire. [`SendDeadline`] wraps the service: each response body is
+//! kept, with the [`SendGuard`] its handler attached (the fetch slot and the
+//! [`Reservation`] of buffered bytes), in a slot shared with a deadline
+//! task. The guard goes when the body ends or is dropped; at the deadline
+//! the task takes the slot and drops body and guard from outside, which
+//! frees the encoded answer and, for a block stream, the channel receiver
+//! that stops its producer.
+//!
+//! Frames go to hyper in copied slices of [`SLICE_BYTES`]: hyper holds one
+//! frame while it waits for window, and a slice of a shared buffer would
+//! keep the whole answer alive after the deadline.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use http_body::Frame;
+use tokio::sync::oneshot;
+use tonic::Status;
+use tonic::body::Body;
+use tonic::codegen::{BoxFuture, Service, http};
+use tonic::server::NamedService;
+
+use super::actor::Permit;
+use super::budget::Reservation;
+
+/// Largest frame handed to hyper at once: what a response still holds
+/// inside hyper once it is cut.
+pub const SLICE_BYTES: usize = 16 << 10;
+
+/// What the server is sending; shared with the handle.
+#[derive(Debug, Default)]
+pub struct SendStats {
+    fetches_in_flight: AtomicUsize,
+    cut: AtomicU64,
+}
+
+impl SendStats {
+    /// Admitted fetches (FetchCommits, FetchBlocks) whose slot is still
+    /// held: being read, or being sent.
+    pub fn fetches_in_flight(&self) -> usize {
+        self.fetches_in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Responses cut because they were not sent within the deadline.
+    pub fn responses_cut(&self) -> u64 {
+        self.cut.load(Ordering::Relaxed)
+    }
+}
+
+/// An admitted fetch's slot, counted in [`SendStats`] while held.
+#[derive(Debug)]
+pub(super) struct FetchSlot {
+    _permit: Permit,
+    stats: Arc<SendStats>,
+}
+
+impl FetchSlot {
+    /// Holds `permit`, counting it as a fetch in flight.
+    pub(super) fn new(permit: Permit, stats: &Arc<SendStats>) -> Self {
+        stats.fetches_in_flight.fetch_add(1, Ordering::Relaxed);
+        FetchSlot {
+            _permit: permit,
+            stats: stats.clone(),
+        }
+    }
+}
+
+impl Drop for FetchSlot {
+    fn drop(&mut self) {
+        self.stats.fetches_in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What a response holds until it is sent: released when its body ends,
+/// is dropped, or misses the deadline.
+#[derive(Debug, Default)]
+pub(super) struct SendGuard {
+    _slot: Option<FetchSlot>,
+    reservation: Option<Arc<Reservation>>,
+}
+
+impl SendGuard {
+    /// A fetch's admission `slot` and the `reservation` of its bytes not
+    /// yet handed to the transport.
+    pub(super) fn new(slot: Option<FetchSlot>, reservation: Option<Arc<Reservation>>) -> Self {
+        SendGuard {
+            _slot: slot,
+            reservation,
+        }
+    }
+}
+
+/// The response extension a handler puts its [`SendGuard`] in (extensions
+/// must be `Clone`, the guard is not).
+#[derive(Clone, Debug)]
+pub(super) struct Held(Arc<Mutex<Option<SendGuard>>>);
+
+impl Held {
+    /// Wraps `guard` for a response's extensions.
+    pub(super) fn new(guard: SendGuard) -> Self {
+        Held(Arc::new(Mutex::new(Some(guard))))
+    }
+
+    fn take(self) -> Option<SendGuard> {
+        lock(&self.0).take()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The P2p service with a send deadline on every response.
+#[derive(Clone, Debug)]
+pub struct SendDeadline<S> {
+    inner: S,
+    timeout: Duration,
+    stats: Arc<SendStats>,
+}
+
+impl<S> SendDeadline<S> {
+    /// `inner`, whose responses must be handed to the transport within
+    /// `timeout` of their headers.
+    pub fn new(inner: S, timeout: Duration, stats: Arc<SendStats>) -> Self {
+        SendDeadline {
+            inner,
+            timeout,
+            stats,
+        }
+    }
+}
+
+impl<S: NamedService> NamedService for SendDeadline<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> Service<http::Request<Body>> for SendDeadline<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<DeadlineBody>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let response = self.inner.call(request);
+        let (timeout, stats) = (self.timeout, self.stats.clone());
+        Box::pin(async move {
+            let (mut parts, body) = response.await?.into_parts();
+            let guard = parts
+                .extensions
+                .remove::<Held>()
+                .and_then(Held::take)
+                .unwrap_or_default();
+            let body = DeadlineBody::new(body, guard, timeout, stats);
+            Ok(http::Response::from_parts(parts, body))
+        })
+    }
+}
+
+/// Where a response is: still being sent, sent, or cut at the deadline.
+enum State {
+    Sending(Sending),
+    Finished,
+    Cut,
+}
+
+struct Sending {
+    body: Body,
+    /// The part of the last data frame not yet handed over.
+    rest: Bytes,
+    guard: SendGuard,
+}
+
+/// A response body cut at its deadline; see the module docs.
+pub struct DeadlineBody {
+    state: Arc<Mutex<State>>,
+    /// Dropped when the body ends or goes, which ends the deadline task.
+    _cancel: oneshot::Sender<()>,
+}
+
+impl DeadlineBody {
+    fn new(body: Body, guard: SendGuard, timeout: Duration, stats: Arc<SendStats>) -> Self {
+        let state = Arc::new(Mutex::new(State::Sending(Sending {
+            body,
+            rest: Bytes::new(),
+            guard,
+        })));
+        let (cancel, cancelled) = oneshot::channel::<()>();
+        let weak = Arc::downgrade(&state);
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(timeout) => {}
+                _ = cancelled => return,
+            }
+            let Some(state) = weak.upgrade() else { return };
+            let cut = {
+                let mut state = lock(&state);
+                match *state {
+                    State::Sending(_) => std::mem::replace(&mut *state, State::Cut),
+                    _ => return,
+                }
+            };
+            // Body, producer and guard are released here, outside the lock.
+            drop(cut);
+            stats.cut.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!("response not sent within {timeout:?}; cut");
+        });
+        DeadlineBody {
+            state,
+            _cancel: cancel,
+        }
+    }
+}
+
+impl Sending {
+    /// The next slice of `rest`, counted as handed over.
+    fn slice(&mut self) -> Frame<Bytes> {
+        let n = self.rest.len().min(SLICE_BYTES);
+        let slice = Bytes::copy_from_slice(&self.rest[..n]);
+        self.rest.advance(n);
+        if let Some(reservation) = &self.guard.reservation {
+            reservation.release(n);
+        }
+        Frame::data(slice)
+    }
+}
+
+impl http_body::Body for DeadlineBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let mut state = lock(&self.state);
+        let sending = match &mut *state {
+            State::Sending(s) => s,
+            State::Finished => return Poll::Ready(None),
+            State::Cut => {
+                return Poll::Ready(Some(Err(Status::deadline_exceeded(
+                    "the response was not read in time",
+                ))));
+            }
+        };
+        if !sending.rest.is_empty() {
+            return Poll::Ready(Some(Ok(sending.slice())));
+        }
+        let polled = ready!(Pin::new(&mut sending.body).poll_frame(cx));
+        match polled {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) if !data.is_empty() => {
+                    sending.rest = data;
+                    Poll::Ready(Some(Ok(sending.slice())))
+                }
+                Ok(empty) => Poll::Ready(Some(Ok(Frame::data(empty)))),
+                Err(trailers) => {
+                    let done = std::mem::replace(&mut *state, State::Finished);
+                    drop(state);
+                    drop(done);
+                    Poll::Ready(Some(Ok(trailers)))
+                }
+            },
+            end => {
+                let done = std::mem::replace(&mut *state, State::Finished);
+                drop(state);
+                drop(done);
+                Poll::Ready(end)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &*lock(&self.state) {
+            State::Sending(s) => s.rest.is_empty() && s.body.is_end_stream(),
+            State::Finished => true,
+            State::Cut => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use http_body::Body as _;
+
+    use super::*;
+    use crate::grpc::budget::{ByteBudget, Connection};
+
+    fn at(port: u16) -> Connection {
+        Some(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+    }
+
+    /// Frames given out in order, as tonic's encoder would.
+    struct Frames(VecDeque<Frame<Bytes>>);
+
+    impl http_body::Body for Frames {
+        type Data = Bytes;
+        type Error = Status;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+            Poll::Ready(self.0.pop_front().map(Ok))
+        }
+    }
+
+    /// A body of `frames` data frames of `len` bytes, then trailers.
+    fn body(frames: usize, len: usize) -> Body {
+        let data = (0..frames).map(|i| Frame::data(Bytes::from(vec![i as u8; len])));
+        let trailers = Frame::trailers(http::HeaderMap::new());
+        Body::new(Frames(data.chain([trailers]).collect()))
+    }
+
+    async fn next(body: &mut DeadlineBody) -> Option<Result<Frame<Bytes>, Status>> {
+        std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
+    }
+
+    #[tokio::test]
+    async fn bytes_are_released_as_slices_are_handed_over_and_the_guard_at_the_end() {
+        let budget = ByteBudget::new(1 << 20);
+        let reservation = Arc::new(budget.reservation(at(1)));
+        assert!(reservation.try_add(2 * 40_000));
+        let stats = Arc::new(SendStats::default());
+        let guard = SendGuard::new(None, Some(reservation.clone()));
+        let mut sent = DeadlineBody::new(body(2, 40_000), guard, Duration::from_secs(3_600), stats);
+        let mut lens = Vec::new();
+        while let Some(frame) = next(&mut sent).await {
+            let frame = frame.unwrap();
+            if let Some(data) = frame.data_ref() {
+                lens.push(data.len());
+                assert_eq!(budget.held(at(1)), 80_000 - lens.iter().sum::<usize>());
+            }
+        }
+        // 40,000 = 16,384 + 16,384 + 7,232, twice.
+        assert_eq!(lens, vec![16_384, 16_384, 7_232, 16_384, 16_384, 7_232]);
+        assert_eq!(budget.held(at(1)), 0);
+        // The body ended: the guard (our reservation's other holder) is gone.
+        assert_eq!(Arc::strong_count(&reservation), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unread_response_is_cut_at_the_deadline_releasing_all_it_holds() {
+        let budget = ByteBudget::new(1 << 20);
+        let reservation = Arc::new(budget.reservation(at(1)));
+        assert!(reservation.try_add(100_000));
+        let stats = Arc::new(SendStats::default());
+        let guard = SendGuard::new(None, Some(reservation));
+        let mut sent = DeadlineBody::new(
+            body(1, 100_000),
+            guard,
+            Duration::from_secs(1),
+            stats.clone(),
+        );
+        // One slice handed over, then the client stops reading.
+        let first = next(&mut sent).await.unwrap().unwrap();
+        assert_eq!(first.data_ref().map(Bytes::len), Some(SLICE_BYTES));
+        assert_eq!(budget.held(at(1)), 100_000 - SLICE_BYTES);
+        assert_eq!(stats.responses_cut(), 0);
+        // The deadline task runs when the paused clock reaches it.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::task::yield_now().await;
+        assert_eq!(stats.responses_cut(), 1);
+        assert_eq!(budget.held(at(1)), 0);
+        assert_eq!(budget.connections(), 0);
+        let after = next(&mut sent).await.unwrap().unwrap_err();
+        assert_eq!(after.code(), tonic::Code::DeadlineExceeded);
+    }
+}
