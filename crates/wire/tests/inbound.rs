@@ -290,22 +290,27 @@ async fn a_full_server_evicts_idle_anonymous_connections_and_keeps_reserved_ones
     }
 
     // The member's connection was never evicted: its calls go over it,
-    // with no new connection admitted.
+    // with no new connection admitted. The channel is held until the
+    // counts are read: dropping its last handle closes the connection,
+    // which frees the slot.
     let admitted = limit.counts().admitted;
-    HealthClient::new(channel)
+    HealthClient::new(channel.clone())
         .check(HealthCheckRequest {
             service: String::new(),
         })
         .await
         .unwrap();
-    assert_eq!(
-        limit.counts(),
-        Counts {
-            admitted,
-            evicted: 2,
-            ..Counts::default()
-        }
-    );
+    let counts = Counts {
+        admitted,
+        evicted: 2,
+        ..Counts::default()
+    };
+    assert_eq!(limit.counts(), counts);
     assert_eq!((admitted, limit.open()), (6, 4));
-    drop(newcomers);
+
+    // Connections the clients close give their slots back and count as
+    // nothing.
+    drop((channel, anonymous, newcomers));
+    wait_until("every connection closed", || limit.open() == 0).await;
+    assert_eq!(limit.counts(), counts);
 }
