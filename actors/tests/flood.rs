@@ -17,17 +17,6 @@ use soma_testkit::{assert_same_chain, seeds, validator, validator_up_to, wait_ba
 const DEADLINE: Duration = Duration::from_secs(120);
 const MIB: u64 = 1 << 20;
 
-/// The process's peak resident memory so far, from /proc.
-fn peak_rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc is mounted");
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM is reported");
-    kib * 1024
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_unrequested_maximal_chunks_is_cut_at_the_first_block_and_memory_stays_bounded()
 {
@@ -48,7 +37,7 @@ async fn a_flood_of_unrequested_maximal_chunks_is_cut_at_the_first_block_and_mem
     };
     let budget = 64 * MIB;
     config.state_sync.max_total_fetched_bytes = budget;
-    let before = peak_rss();
+    let before = soma_testkit::peak_rss();
     let node = soma_testkit::node(&chain, 9, config, store.clone());
     wait_banned(&node, &[liar], DEADLINE).await;
     let status = node.sync_status().await.unwrap();
@@ -56,7 +45,7 @@ async fn a_flood_of_unrequested_maximal_chunks_is_cut_at_the_first_block_and_mem
     // Each fetch to the liar holds one maximal message before it is cut:
     // far below a budget that the old behaviour (buffering up to 4 MiB per
     // block asked for, 400 blocks per fetch) overran many times over.
-    let grown = peak_rss().saturating_sub(before);
+    let grown = soma_testkit::peak_rss().saturating_sub(before);
     eprintln!("peak memory grew by {} KiB", grown / 1024);
     assert!(
         grown <= budget,

@@ -23,17 +23,6 @@ const BUDGET: u64 = 4 * MIB;
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 const DEADLINE: Duration = Duration::from_secs(60);
 
-/// The process's peak resident memory so far, from /proc.
-fn peak_rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc is mounted");
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM is reported");
-    kib * 1024
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unread_block_streams_hold_at_most_the_connection_budget() {
     // 160 blocks of about 256 KiB: 40 MiB asked for by every stream.
@@ -65,7 +54,7 @@ async fn unread_block_streams_hold_at_most_the_connection_budget() {
         .sum();
     assert!(asked as u64 > 32 * MIB, "{asked}");
 
-    let before = peak_rss();
+    let before = soma_testkit::peak_rss();
     let mut streams = Vec::new();
     for reader in &mut readers {
         for _ in 0..STREAMS_PER_CONNECTION {
@@ -80,7 +69,7 @@ async fn unread_block_streams_hold_at_most_the_connection_budget() {
 
     // Without the budget each stream held four chunks (two queued, one
     // being encoded, one being read): 256 MiB here.
-    let grown = peak_rss().saturating_sub(before);
+    let grown = soma_testkit::peak_rss().saturating_sub(before);
     let bound = u64::from(CONNECTIONS) * BUDGET + 48 * MIB;
     eprintln!(
         "peak memory grew by {} KiB; bound {} KiB",

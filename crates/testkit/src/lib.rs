@@ -148,3 +148,16 @@ pub async fn wait_banned(node: &P2pHandle, peers: &[soma_types::PeerId], deadlin
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// This process's peak resident memory so far, in bytes (`VmHWM` in
+/// /proc/self/status). A test that measures it runs alone in its binary,
+/// so the peak is its own.
+pub fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc is mounted");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM is reported");
+    kib * 1024
+}
