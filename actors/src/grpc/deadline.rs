@@ -36,7 +36,7 @@ use super::budget::Reservation;
 
 /// Largest frame handed to hyper at once: what a response still holds
 /// inside hyper once it is cut.
-pub const SLICE_BYTES: usize = 16 << 10;
+pub const SLICE_BYTES: usize = 64 << 10;
 
 /// What the server is sending; shared with the handle.
 #[derive(Debug, Default)]
@@ -339,20 +339,21 @@ mod tests {
     async fn bytes_are_released_as_slices_are_handed_over_and_the_guard_at_the_end() {
         let budget = ByteBudget::new(1 << 20);
         let reservation = Arc::new(budget.reservation(at(1)));
-        assert!(reservation.try_add(2 * 40_000));
+        assert!(reservation.try_add(2 * 100_000));
         let stats = Arc::new(SendStats::default());
         let guard = SendGuard::new(None, Some(reservation.clone()));
-        let mut sent = DeadlineBody::new(body(2, 40_000), guard, Duration::from_secs(3_600), stats);
+        let mut sent =
+            DeadlineBody::new(body(2, 100_000), guard, Duration::from_secs(3_600), stats);
         let mut lens = Vec::new();
         while let Some(frame) = next(&mut sent).await {
             let frame = frame.unwrap();
             if let Some(data) = frame.data_ref() {
                 lens.push(data.len());
-                assert_eq!(budget.held(at(1)), 80_000 - lens.iter().sum::<usize>());
+                assert_eq!(budget.held(at(1)), 200_000 - lens.iter().sum::<usize>());
             }
         }
-        // 40,000 = 16,384 + 16,384 + 7,232, twice.
-        assert_eq!(lens, vec![16_384, 16_384, 7_232, 16_384, 16_384, 7_232]);
+        // 100,000 = 65,536 + 34,464, twice.
+        assert_eq!(lens, vec![65_536, 34_464, 65_536, 34_464]);
         assert_eq!(budget.held(at(1)), 0);
         // The body ended: the guard (our reservation's other holder) is gone.
         assert_eq!(Arc::strong_count(&reservation), 1);
