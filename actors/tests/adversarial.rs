@@ -178,3 +178,55 @@ async fn verifier_back_pressure_is_never_charged_to_the_serving_peer() {
     node.shutdown().await;
     honest.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_peer_measured_first_does_not_keep_faster_peers_from_being_tried() {
+    // The slow peer (every answer 1.5 s late) is the only one at first, so
+    // it is the first and only peer measured. Unmeasured peers rank below
+    // good measured ones; a slow measured peer must not outrank them, or
+    // every later fetch would go to it and the honest peers never be tried.
+    let chain = chain();
+    let (slow, address) = byzantine::serve(chain.clone(), Lie::Slow, 100).await;
+    let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+    let node = soma_testkit::node(
+        &chain,
+        9,
+        P2pConfig {
+            seed_peers: vec![SeedPeer {
+                peer_id: Some(slow),
+                address,
+            }],
+            ..P2pConfig::default()
+        },
+        store.clone(),
+    );
+    let start = std::time::Instant::now();
+    loop {
+        let views = node.peer_heights().await.unwrap();
+        if views.iter().any(|v| v.peer == slow && v.throughput_bps > 0) {
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "the slow peer never served");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let honest: Vec<P2pHandle> = (1..=3).map(|k| validator(&chain, k)).collect();
+    for h in &honest {
+        node.connect(Some(h.peer_id()), h.local_addr().to_string());
+    }
+    soma_testkit::wait_synced(&node, TIP, DEADLINE).await;
+    assert_same_chain(&chain, store.as_ref());
+    let views = node.peer_heights().await.unwrap();
+    let tried = honest
+        .iter()
+        .filter(|h| {
+            views
+                .iter()
+                .any(|v| v.peer == h.peer_id() && v.throughput_bps > 0)
+        })
+        .count();
+    assert!(tried > 0, "no honest peer was ever tried: {views:?}");
+    node.shutdown().await;
+    for h in honest {
+        h.shutdown().await;
+    }
+}

@@ -14,9 +14,12 @@ use crate::{Core, Time};
 const FAILING_AT: u32 = 3;
 /// Failure count at which a peer's weight stops halving.
 const MAX_FAILURES: u32 = 16;
-/// Weight of a peer never measured, against other unmeasured peers only:
-/// its standing already ranks it below every measured peer.
-const UNMEASURED_WEIGHT: u64 = 1 << 20;
+/// Throughput, in bytes per second, from which a measured peer is good: a
+/// peer never measured is tried after every good peer and before measured
+/// peers slower than this, so the first peer measured, however slow, cannot
+/// starve the rest of ever being tried. Also the weight of unmeasured peers
+/// among themselves.
+const GOOD_THROUGHPUT_BPS: u64 = 1 << 20;
 /// Randomness added to balancer weights, in percent.
 const JITTER_PERCENT: u64 = 20;
 
@@ -101,24 +104,27 @@ impl Peer {
         match self.throughput_bps {
             _ if self.failures >= FAILING_AT => Standing::Failing,
             None => Standing::Unmeasured,
-            Some(_) => Standing::Measured,
+            Some(_) if self.weight() >= GOOD_THROUGHPUT_BPS => Standing::Good,
+            Some(_) => Standing::Slow,
         }
     }
 
     /// Its weight within its standing: throughput halved per recent failure.
     fn weight(&self) -> u64 {
-        let throughput = self.throughput_bps.unwrap_or(UNMEASURED_WEIGHT);
+        let throughput = self.throughput_bps.unwrap_or(GOOD_THROUGHPUT_BPS);
         (throughput >> self.failures.min(MAX_FAILURES)).max(1)
     }
 }
 
 /// Balancer tiers, worst first: a peer never measured is tried after every
-/// measured peer that is not failing, and a failing peer after all others.
+/// good peer (measured at [`GOOD_THROUGHPUT_BPS`] or more) and before the
+/// slower measured ones; a failing peer after all others.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Standing {
     Failing,
+    Slow,
     Unmeasured,
-    Measured,
+    Good,
 }
 
 /// The logic of PeerHeights.
@@ -802,7 +808,7 @@ mod tests {
     }
 
     #[test]
-    fn unmeasured_peer_ranks_below_every_measured_good_peer() {
+    fn unmeasured_peer_ranks_below_good_peers_and_above_slow_ones() {
         let mut c = core(5);
         for p in 1..=3 {
             join(&mut c, p, OURS, 1, 100);
@@ -811,10 +817,12 @@ mod tests {
         outcome(&mut c, Time(0), 1, OutcomeKind::Success, 1_000, 1_000);
         outcome(&mut c, Time(0), 2, OutcomeKind::Success, 10_000_000, 100);
         outcome(&mut c, Time(0), 2, OutcomeKind::Timeout, 0, 10_000);
+        // A slow peer measured first must not keep the others from ever
+        // being tried.
         for _ in 0..50 {
             assert_eq!(
                 for_range(&mut c, Time(0), 1, 100),
-                vec![peer(2), peer(1), peer(3)]
+                vec![peer(2), peer(3), peer(1)]
             );
         }
     }
@@ -837,7 +845,7 @@ mod tests {
         for _ in 0..50 {
             assert_eq!(
                 for_range(&mut c, Time(0), 1, 100),
-                vec![peer(2), peer(3), peer(1)]
+                vec![peer(3), peer(2), peer(1)]
             );
         }
         // Still offered last, and successes win it back.
