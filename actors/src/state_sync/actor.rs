@@ -98,6 +98,9 @@ pub struct SyncStatus {
     pub restarts: u64,
     /// Requests refused because a peer sent invalid data.
     pub invalid_responses: u64,
+    /// Chunks of blocks split in halves because their blocks were more
+    /// bytes than one fetch may bring (each also counts as a restart).
+    pub chunks_split: u64,
 }
 
 /// Asks for [`SyncStatus`].
@@ -247,8 +250,10 @@ impl StateSync {
                 Output::Apply { start } => self.apply(start, ctx),
                 Output::Restarted { task, failure } => {
                     self.status.restarts += 1;
-                    if matches!(failure, Failure::Invalid(_)) {
-                        self.status.invalid_responses += 1;
+                    match failure {
+                        Failure::Invalid(_) => self.status.invalid_responses += 1,
+                        Failure::OverBudget => self.status.chunks_split += 1,
+                        _ => {}
                     }
                     tracing::debug!(task, ?failure, "sync worker restarted");
                 }
