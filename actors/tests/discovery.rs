@@ -24,13 +24,6 @@ const INTERVAL_MS: u64 = 200;
 /// Bounds every wait for something that should happen.
 const WAIT: Duration = Duration::from_secs(30);
 
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .try_init();
-}
-
 fn chain() -> Chain {
     ChainBuilder::new(ChainConfig::validators(4)).build(5)
 }
@@ -132,7 +125,7 @@ async fn shutdown_all(nodes: &[P2pHandle]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_through_one_seed_all_know_each_other() {
-    init_tracing();
+    soma_testkit::init_tracing();
     let chain = chain();
     let s = start(&chain, config(vec![]), 1);
     let a = start(&chain, config(vec![seed(&s)]), 2);
@@ -173,7 +166,7 @@ async fn three_nodes_through_one_seed_all_know_each_other() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_nodes_through_one_seed_converge() {
-    init_tracing();
+    soma_testkit::init_tracing();
     const N: usize = 16;
     // A bound, not a measurement: gossip from one seed takes a few rounds.
     const MAX_INTERVALS: u32 = 40;
@@ -218,7 +211,7 @@ async fn sixteen_nodes_through_one_seed_converge() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn private_node_is_reachable_only_by_allowlisted_peers() {
-    init_tracing();
+    soma_testkit::init_tracing();
     let chain = chain();
     let (a_id, b_id) = (peer_id(2), peer_id(3));
     let p = start(
@@ -360,7 +353,7 @@ impl P2p for Malicious {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_node_info_relayed_by_a_malicious_peer_is_never_accepted() {
-    init_tracing();
+    soma_testkit::init_tracing();
     let chain = chain();
     let evil_key = KeyPair::from_seed([66; 32]);
     let evil_id = PeerId::from(evil_key.public());
@@ -495,7 +488,7 @@ fn serve_malicious(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tampered_copies_of_an_honest_peers_info_change_nothing_about_it() {
-    init_tracing();
+    soma_testkit::init_tracing();
     let chain = chain();
     let h_key = KeyPair::from_seed([1; 32]);
     let h = start(&chain, config(vec![]), 1);
@@ -597,7 +590,7 @@ async fn tampered_copies_of_an_honest_peers_info_change_nothing_about_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_peer_stays_known_until_it_expires_and_is_redialled() {
-    init_tracing();
+    soma_testkit::init_tracing();
     // Infos expire after 3 s; connections are probed every round.
     const MAX_AGE_MS: u64 = 3_000;
     let chain = chain();

@@ -49,13 +49,6 @@ const PER_SOURCE: usize = 4;
 /// Connect-back calls in flight at once.
 const CONCURRENCY: usize = 16;
 
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .try_init();
-}
-
 fn chain() -> Chain {
     ChainBuilder::new(ChainConfig::validators(4)).build(5)
 }
@@ -308,7 +301,7 @@ async fn wait_answers_judged(node: &P2pHandle, stub: &Running, after: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_identities_stamped_ahead_do_not_evict_honest_peers() {
-    init_tracing();
+    soma_testkit::init_tracing();
     let chain = chain();
     let nowhere = closed_address();
 
@@ -434,7 +427,7 @@ async fn wait_for_event(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_peer_is_redialled_when_it_shows_up_not_after_its_backoff() {
-    init_tracing();
+    soma_testkit::init_tracing();
     let chain = chain();
     // After one failed dial the node would wait an hour, far past every
     // wait of this test: a redial can only come from the peer showing up.

@@ -22,13 +22,6 @@ const FLOOD: usize = 1_100;
 /// Pushes in flight at once during the flood.
 const FLOOD_CONCURRENCY: usize = 16;
 
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .try_init();
-}
-
 fn chain() -> Chain {
     ChainBuilder::new(ChainConfig {
         commits_per_epoch: Some(150),
@@ -89,7 +82,7 @@ async fn tracked(node: &P2pHandle) -> Vec<PeerId> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heights_pushed_by_a_flood_of_identities_do_not_stop_sync_from_an_honest_peer() {
-    init_tracing();
+    soma_testkit::init_tracing();
     let chain = chain();
     let (node, store) = start(&chain, 9, P2pConfig::default());
 
@@ -133,7 +126,7 @@ async fn heights_pushed_by_a_flood_of_identities_do_not_stop_sync_from_an_honest
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn push_counts_only_from_a_peer_the_node_is_connected_to() {
-    init_tracing();
+    soma_testkit::init_tracing();
     let chain = chain();
     // Heights are asked once, at connection; only pushes move them after.
     let config = P2pConfig {
@@ -174,7 +167,7 @@ async fn push_counts_only_from_a_peer_the_node_is_connected_to() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_that_disconnects_is_forgotten() {
-    init_tracing();
+    soma_testkit::init_tracing();
     let chain = chain();
     let mut config = P2pConfig::default();
     // A dead connection is noticed at the next probe.

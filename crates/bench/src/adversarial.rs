@@ -238,24 +238,11 @@ fn flood_run(chain: &Arc<Chain>, honest: &[P2pHandle], flood: bool, size: &Size)
         .output()
         .expect("the child starts");
     drop(rt);
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "flood run failed: {stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let last = stdout.lines().last().unwrap_or_default();
-    let mut fields = last.split_whitespace();
-    let seconds: f64 = fields.next().and_then(|f| f.parse().ok()).expect("seconds");
-    let peak_kib: u64 = fields
-        .next()
-        .and_then(|f| f.parse().ok())
-        .expect("peak KiB");
-    let verdict = fields.next().and_then(Verdict::parse);
+    let (elapsed, peak_kib, rest) = crate::child_report(&output, "flood run");
     ChildRun {
-        elapsed: Duration::from_secs_f64(seconds),
+        elapsed,
         peak_kib,
-        verdict,
+        verdict: rest.first().and_then(|f| Verdict::parse(f)),
     }
 }
 

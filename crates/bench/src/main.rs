@@ -186,6 +186,33 @@ pub fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// What a benchmark child process reported on its last line: seconds,
+/// peak RSS in KiB, then any further fields. Panics with the child's
+/// output if it failed.
+pub fn child_report(
+    output: &std::process::Output,
+    what: &str,
+) -> (std::time::Duration, u64, Vec<String>) {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{what} failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let last = stdout.lines().last().unwrap_or_default();
+    let mut fields = last.split_whitespace();
+    let seconds: f64 = fields.next().and_then(|f| f.parse().ok()).expect("seconds");
+    let peak_kib: u64 = fields
+        .next()
+        .and_then(|f| f.parse().ok())
+        .expect("peak KiB");
+    (
+        std::time::Duration::from_secs_f64(seconds),
+        peak_kib,
+        fields.map(str::to_owned).collect(),
+    )
+}
+
 /// Peak RSS (`VmHWM`) of process `pid` (`self` for this one), KiB; 0 if
 /// unreadable.
 pub fn peak_rss_kib(pid: &str) -> u64 {

@@ -53,23 +53,9 @@ fn catch_up(chain: &Chain, commits: u64, cache: usize) -> Run {
         .output()
         .expect("the child starts");
     rt.block_on(crate::sync::stop(validators));
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "memory run of {commits} commits failed: {stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let last = stdout.lines().last().unwrap_or_default();
-    let mut fields = last.split_whitespace();
-    let seconds: f64 = fields.next().and_then(|f| f.parse().ok()).expect("seconds");
-    let peak_kib: u64 = fields
-        .next()
-        .and_then(|f| f.parse().ok())
-        .expect("peak KiB");
-    Run {
-        elapsed: Duration::from_secs_f64(seconds),
-        peak_kib,
-    }
+    let (elapsed, peak_kib, _) =
+        crate::child_report(&output, &format!("memory run of {commits} commits"));
+    Run { elapsed, peak_kib }
 }
 
 /// Runs the benchmark.

@@ -161,3 +161,12 @@ pub fn peak_rss() -> u64 {
         .expect("VmHWM is reported");
     kib * 1024
 }
+
+/// Sends the test's tracing to its output, filtered by `RUST_LOG`, so a
+/// failing test shows what happened; later calls do nothing.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .try_init();
+}
