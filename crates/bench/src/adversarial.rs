@@ -494,7 +494,7 @@ pub fn child(commits: u64, epoch: u64, budget: u64, timeout_ms: u64, seeds: &str
         .expect("the node starts");
         soma_testkit::wait_synced(&node, commits, Duration::from_secs(600)).await;
         let elapsed = start.elapsed();
-        let peak = crate::peak_rss_kib("self");
+        let peak = crate::peak_rss_kib(std::process::id());
         let views = node.peer_heights().await.expect("the node runs");
         node.shutdown().await;
         let verdict = liar.map_or("-", |l| Verdict::of(&views, l).code());

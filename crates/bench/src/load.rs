@@ -64,7 +64,7 @@ pub fn section(size: &Size) -> Section {
     let (address, peer) = first.split_once(' ').expect("address peer-id");
     let peer = crate::peer_id_from_hex(peer).expect("a 32-byte hex peer id");
     let pid = child.id();
-    let idle_kib = crate::peak_rss_kib(&pid.to_string());
+    let idle_kib = crate::peak_rss_kib(pid);
 
     let rt = runtime(2);
     let (outcomes, elapsed, honest) = rt.block_on(async {
@@ -115,7 +115,7 @@ pub fn section(size: &Size) -> Section {
         drop(clients);
         (outcomes, elapsed, honest == refs.len())
     });
-    let loaded_kib = crate::peak_rss_kib(&pid.to_string());
+    let loaded_kib = crate::peak_rss_kib(pid);
     // Closing stdin stops the child.
     drop(child.stdin.take());
     let _ = child.wait();

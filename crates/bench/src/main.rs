@@ -213,15 +213,10 @@ pub fn child_report(
     )
 }
 
-/// Peak RSS (`VmHWM`) of process `pid` (`self` for this one), KiB; 0 if
+/// Peak RSS (`VmHWM`) of process `pid`, KiB; 0 if
 /// unreadable.
-pub fn peak_rss_kib(pid: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    soma_testkit::peak_rss_of(pid).map_or(0, |bytes| bytes / 1024)
 }
 
 /// A peer id from its hex form, as children print and take them.

@@ -157,7 +157,7 @@ pub fn child(commits: u64, cache: usize, seeds: &str) {
         .expect("the node starts");
         soma_testkit::wait_synced(&node, commits, Duration::from_secs(1_800)).await;
         let elapsed = start.elapsed();
-        let peak = crate::peak_rss_kib("self");
+        let peak = crate::peak_rss_kib(std::process::id());
         node.shutdown().await;
         println!("{} {peak}", elapsed.as_secs_f64());
     });

@@ -19,6 +19,10 @@
 //! longer counts). Then the validator is restarted holding the whole
 //! chain, the node syncs it, and its store, opened once it stops, is
 //! exactly the validator's chain.
+//!
+//! The node's peak memory, apart from the liars' (they live in this test's
+//! process), stays within its fetch budget over the validator's: a flood of
+//! maximal chunks is cut at its first block.
 
 use std::fs;
 use std::ops::RangeInclusive;
@@ -43,6 +47,8 @@ const EPOCH_END: u64 = 250;
 const BATCH: u64 = 100;
 /// Validators of the genesis; only the first one runs.
 const VALIDATORS: u16 = 4;
+/// The node's `max-total-fetched-bytes`.
+const FETCH_BUDGET: u64 = 64 << 20;
 /// A safety net on each wait; the test takes far less.
 const PATIENCE: Duration = Duration::from_secs(120);
 
@@ -125,6 +131,7 @@ fn sync_among(lies: &[Lie]) {
             "timeout = \"3s\"",
             // Bans must outlast the test, to be counted at its end.
             "ban-duration = \"1h\"",
+            &format!("max-total-fetched-bytes = {FETCH_BUDGET}"),
             &format!("metrics-address = \"{node_metrics}\""),
         ],
     );
@@ -165,6 +172,16 @@ fn sync_among(lies: &[Lie]) {
         report,
     );
     let banned_after = sync_started.elapsed();
+    // What the liars made the node hold: its peak memory over the
+    // validator's, the same program serving the same epoch.
+    let peak = |p: &Spawned| soma_testkit::peak_rss_of(p.child.id()).expect("the process runs");
+    let grown = peak(&node).saturating_sub(peak(&validator));
+    assert!(
+        grown <= FETCH_BUDGET,
+        "the node's peak memory is {} MiB over the validator's, past its {} MiB fetch budget",
+        grown >> 20,
+        FETCH_BUDGET >> 20
+    );
     // With the liars banned, the highest known commit is the validator's,
     // not the million more that one of them claims.
     wait_or_report(
@@ -223,9 +240,10 @@ fn sync_among(lies: &[Lie]) {
         );
     }
     println!(
-        "{lies:?} banned {banned_after:?} after the node started; \
-         {failures:?} responses failed verification; the rest synced {rest_synced:?} \
+        "{lies:?} banned {banned_after:?} after the node started, its peak memory {} KiB \
+         over the validator's; {failures:?} responses failed verification; the rest synced {rest_synced:?} \
          after the validator's restart; test {:?}",
+        grown >> 10,
         started.elapsed()
     );
 }

@@ -149,17 +149,21 @@ pub async fn wait_banned(node: &P2pHandle, peers: &[soma_types::PeerId], deadlin
     }
 }
 
-/// This process's peak resident memory so far, in bytes (`VmHWM` in
-/// /proc/self/status). A test that measures it runs alone in its binary,
-/// so the peak is its own.
+/// This process's peak resident memory so far (VmHWM), in bytes. A test
+/// that measures it runs alone in its binary, so the peak is its own.
 pub fn peak_rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc is mounted");
+    peak_rss_of(std::process::id()).expect("/proc is mounted")
+}
+
+/// The peak resident memory (VmHWM) of process `pid`, in bytes; `None` if
+/// the process is gone or /proc does not report it.
+pub fn peak_rss_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kib: u64 = status
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM is reported");
-    kib * 1024
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())?;
+    Some(kib * 1024)
 }
 
 /// Sends the test's tracing to its output, filtered by `RUST_LOG`, so a
