@@ -11,6 +11,7 @@ use tokio::sync::{broadcast, oneshot};
 
 use super::config::P2pConfig;
 use super::handle::{Actors, Inner, P2pHandle, Running};
+use super::reserved::{ReservedPeers, ReservedSlots};
 use crate::connections::{Connections, SubscribePeerEvents};
 use crate::discovery::{self, Discovery};
 use crate::grpc::{GrpcAdapter, P2pService, SendDeadline, SendStats};
@@ -174,16 +175,14 @@ impl P2pBuilder {
             committees.push(c);
             epoch += 1;
         }
-        let reserved_peers: Vec<PeerId> = config
-            .allowlist
-            .iter()
-            .copied()
-            .chain(
-                committees
-                    .iter()
-                    .flat_map(|c| c.authorities().map(|(_, a)| a.network_key)),
-            )
-            .collect();
+        // Reserved slots from the first accept on; committees installed
+        // later reach the admission through the ReservedSlots actor.
+        let inbound = ConnectionLimit::with_config(config.grpc.inbound());
+        let mut reserved = ReservedPeers::new(config.allowlist.iter().copied());
+        for committee in &committees {
+            reserved.install(committee);
+        }
+        inbound.reserve_for(reserved.peers());
 
         let seed = config.seed.unwrap_or_else(rand::random);
         let (events, _) = broadcast::channel(config.peer_event_broadcast_capacity.max(1));
@@ -210,6 +209,7 @@ impl P2pBuilder {
             chain_id,
             seed,
             committees,
+            reserved: ReservedSlots::new(reserved, inbound.clone()),
             identity: identity.clone(),
             runtime: runtime.clone(),
             events: events.clone(),
@@ -239,10 +239,6 @@ impl P2pBuilder {
         };
         let server_config = tls::server_config(&identity, &policy)?;
         let (shutdown, shutdown_rx) = oneshot::channel::<()>();
-        let inbound = ConnectionLimit::with_config(config.grpc.inbound());
-        // Reserved slots: allowlisted peers and the members of every
-        // committee the store holds at start.
-        inbound.reserve_for(reserved_peers);
         let server = {
             let _guard = runtime.enter();
             let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -329,6 +325,7 @@ struct NodeParts {
     chain_id: ChainId,
     seed: u64,
     committees: Vec<Committee>,
+    reserved: ReservedSlots,
     identity: NodeIdentity,
     runtime: tokio::runtime::Handle,
     events: broadcast::Sender<crate::connections::PeerEvent>,
@@ -355,6 +352,7 @@ fn start_actors(config: &P2pConfig, node: NodeParts) -> Result<Started, StartErr
                     chain_id,
                     seed,
                     committees,
+                    reserved,
                     identity,
                     runtime,
                     events,
@@ -374,11 +372,13 @@ fn start_actors(config: &P2pConfig, node: NodeParts) -> Result<Started, StartErr
                 .start();
                 let epoch = committees.last().map_or(0, Committee::epoch);
                 let last_committee = committees.last().cloned();
+                let reserved = reserved.start();
                 let verifier = Verifier::new(
                     config.verifier.clone(),
                     capacity,
                     Recorder::from_env("verifier"),
                 )?
+                .forward_installed(reserved.clone().recipient())
                 .start();
                 for committee in committees {
                     verifier.do_send(InstallCommittee(committee));
@@ -455,6 +455,7 @@ fn start_actors(config: &P2pConfig, node: NodeParts) -> Result<Started, StartErr
                         discovery,
                         state_sync,
                         adapter,
+                        reserved,
                     },
                     actix_rt::System::current(),
                 ))

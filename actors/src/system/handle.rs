@@ -29,6 +29,7 @@ pub(super) struct Actors {
     pub(super) discovery: Addr<Discovery>,
     pub(super) state_sync: Addr<StateSync>,
     pub(super) adapter: Addr<GrpcAdapter>,
+    pub(super) reserved: Addr<super::reserved::ReservedSlots>,
 }
 
 /// What shutdown stops.
@@ -115,6 +116,9 @@ pub struct InboundConnections {
     pub max: usize,
     /// Refused so far, every reason together.
     pub refused: u64,
+    /// Peers that may use the reserved slots now: allowlisted peers and
+    /// members of the newest two committees installed.
+    pub reserved_peers: usize,
     /// Admissions, refusals by reason, evictions, handshake timeouts and
     /// idle closures so far.
     pub counts: soma_wire::inbound::Counts,
@@ -316,6 +320,7 @@ impl P2pHandle {
             open: limit.open(),
             max: limit.max(),
             refused: limit.refused(),
+            reserved_peers: limit.reserved_peers(),
             counts: limit.counts(),
         }
     }
@@ -361,6 +366,10 @@ impl P2pHandle {
                 ActorHealth {
                     name: "grpc_adapter",
                     alive: a.adapter.connected(),
+                },
+                ActorHealth {
+                    name: "reserved_slots",
+                    alive: a.reserved.connected(),
                 },
             ],
         }

@@ -9,6 +9,7 @@
 mod builder;
 mod config;
 mod handle;
+mod reserved;
 
 pub use builder::{P2pBuilder, StartError};
 pub use config::P2pConfig;

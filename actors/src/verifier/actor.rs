@@ -2,7 +2,7 @@ use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
-use actix::{Actor, AsyncContext, Context, Handler, Message, ResponseFuture};
+use actix::{Actor, AsyncContext, Context, Handler, Message, Recipient, ResponseFuture};
 use soma_types::Committee;
 use tokio::sync::oneshot;
 
@@ -30,6 +30,8 @@ pub struct Verifier {
     pool: Arc<rayon::ThreadPool>,
     next_id: u64,
     mailbox_capacity: usize,
+    /// Told of every committee installed, whatever path installed it.
+    installed: Option<Recipient<InstallCommittee>>,
 }
 
 impl Verifier {
@@ -49,7 +51,15 @@ impl Verifier {
             pool: Arc::new(pool),
             next_id: 0,
             mailbox_capacity,
+            installed: None,
         })
+    }
+
+    /// Forwards every committee this Verifier installs to `to` (the node's
+    /// reserved inbound slots follow the committees).
+    pub fn forward_installed(mut self, to: Recipient<InstallCommittee>) -> Self {
+        self.installed = Some(to);
+        self
     }
 }
 
@@ -65,6 +75,9 @@ impl Handler<InstallCommittee> for Verifier {
     type Result = ();
     fn handle(&mut self, msg: InstallCommittee, _: &mut Context<Self>) {
         tracing::info!(epoch = msg.0.epoch(), "committee installed");
+        if let Some(to) = &self.installed {
+            to.do_send(InstallCommittee(msg.0.clone()));
+        }
         self.driver.step(Input::InstallCommittee(msg.0));
     }
 }

@@ -27,6 +27,10 @@ pub struct ChainConfig {
     pub start_ms: u64,
     /// Time between rounds, in milliseconds.
     pub round_interval_ms: u64,
+    /// Whether each epoch's committee is a new set of validators (network
+    /// keys of their own); `false` keeps the same validators, with fresh
+    /// protocol keys, in every epoch.
+    pub rotate_validators: bool,
 }
 
 impl Default for ChainConfig {
@@ -40,6 +44,7 @@ impl Default for ChainConfig {
             commits_per_epoch: None,
             start_ms: 1_700_000_000_000,
             round_interval_ms: 100,
+            rotate_validators: false,
         }
     }
 }
@@ -53,9 +58,16 @@ impl ChainConfig {
         }
     }
 
-    /// The network key of validator `index` (the same in every epoch).
+    /// The network key of validator `index` of the genesis committee (and
+    /// of every committee unless `rotate_validators`).
     pub fn network_key(&self, index: usize) -> KeyPair {
-        derive_key(&self.seed, b"network", 0, index as u64)
+        self.network_key_in(0, index)
+    }
+
+    /// The network key of validator `index` of the committee of `epoch`.
+    pub fn network_key_in(&self, epoch: Epoch, index: usize) -> KeyPair {
+        let epoch = if self.rotate_validators { epoch } else { 0 };
+        derive_key(&self.seed, b"network", epoch, index as u64)
     }
 
     /// The protocol key of validator `index` in `epoch`.
@@ -332,7 +344,7 @@ fn committee_for(config: &ChainConfig, epoch: Epoch) -> Committee {
         .map(|(i, &stake)| Authority {
             stake,
             protocol_key: config.protocol_key(epoch, i).public(),
-            network_key: PeerId::from(config.network_key(i).public()),
+            network_key: PeerId::from(config.network_key_in(epoch, i).public()),
             address: config
                 .addresses
                 .as_ref()

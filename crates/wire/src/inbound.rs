@@ -283,6 +283,11 @@ impl Rules {
         self.reserved_for = peers.into_iter().collect();
     }
 
+    /// How many peers may use reserved slots.
+    pub fn reserved_peers(&self) -> usize {
+        self.reserved_for.len()
+    }
+
     /// Connections holding a slot, handshakes included.
     pub fn open(&self) -> usize {
         self.entries.len()
@@ -541,6 +546,11 @@ impl ConnectionLimit {
     /// allowlisted peers); connections already established keep theirs.
     pub fn reserve_for(&self, peers: impl IntoIterator<Item = PeerId>) {
         self.lock().rules.reserve_for(peers);
+    }
+
+    /// How many peers may use reserved slots now.
+    pub fn reserved_peers(&self) -> usize {
+        self.lock().rules.reserved_peers()
     }
 
     /// Connections open now, handshakes in progress included.
@@ -1041,7 +1051,8 @@ mod tests {
     fn reserved_slots_are_left_to_reserved_callers() {
         let mut h = Harness::new(config(4, 2, 10, 10));
         let committee = peer(1);
-        h.rules.reserve_for([committee]);
+        h.rules.reserve_for([committee, committee]);
+        assert_eq!(h.rules.reserved_peers(), 1);
         let anonymous = h.established(0, "10.0.0.1", Caller::Anonymous);
         let other = h.established(1, "10.0.0.2", Caller::Peer(peer(2)));
         h.touch(anonymous, 5);
