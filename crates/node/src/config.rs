@@ -167,6 +167,11 @@ pub struct P2pSection {
     pub send_timeout: Duration,
     /// Bytes of answers built but not yet sent, per inbound connection.
     pub max_buffered_bytes_per_connection: usize,
+    /// FetchCommits and FetchBlocks served at once, in all.
+    pub max_concurrent_fetches: usize,
+    /// FetchCommits and FetchBlocks served at once to one caller
+    /// (anonymous callers: to one connection).
+    pub max_concurrent_fetches_per_peer: usize,
     /// Interval of HTTP/2 pings on inbound connections.
     #[serde(with = "humantime_serde")]
     pub http2_keepalive_interval: Duration,
@@ -230,6 +235,8 @@ impl Default for P2pSection {
             inbound_idle_timeout: p.grpc.inbound_idle_timeout,
             send_timeout: p.grpc.send_timeout,
             max_buffered_bytes_per_connection: p.grpc.max_buffered_bytes_per_connection,
+            max_concurrent_fetches: p.grpc.max_concurrent_fetches,
+            max_concurrent_fetches_per_peer: p.grpc.max_concurrent_fetches_per_peer,
             http2_keepalive_interval: p.grpc.http2_keepalive_interval,
             http2_keepalive_timeout: p.grpc.http2_keepalive_timeout,
             max_connection_age: p.grpc.max_connection_age,
@@ -571,6 +578,18 @@ impl NodeConfig {
             "between 1048576 and 4294967296",
         )?;
         range(
+            "p2p.max-concurrent-fetches",
+            "between 1 and 65536",
+            (1..=65_536).contains(&p.max_concurrent_fetches),
+            p.max_concurrent_fetches.to_string(),
+        )?;
+        range(
+            "p2p.max-concurrent-fetches-per-peer",
+            "between 1 and max-concurrent-fetches",
+            (1..=p.max_concurrent_fetches).contains(&p.max_concurrent_fetches_per_peer),
+            p.max_concurrent_fetches_per_peer.to_string(),
+        )?;
+        range(
             "p2p.commit-sync-batch-size",
             "between 1 and 1000",
             (1..=1_000).contains(&p.commit_sync_batch_size),
@@ -667,6 +686,8 @@ impl NodeConfig {
         c.grpc.inbound_idle_timeout = p.inbound_idle_timeout;
         c.grpc.send_timeout = p.send_timeout;
         c.grpc.max_buffered_bytes_per_connection = p.max_buffered_bytes_per_connection;
+        c.grpc.max_concurrent_fetches = p.max_concurrent_fetches;
+        c.grpc.max_concurrent_fetches_per_peer = p.max_concurrent_fetches_per_peer;
         c.grpc.http2_keepalive_interval = p.http2_keepalive_interval;
         c.grpc.http2_keepalive_timeout = p.http2_keepalive_timeout;
         c.grpc.max_connection_age = p.max_connection_age;
@@ -803,6 +824,11 @@ inbound-idle-timeout = "{idle}"
 # for earlier ones to be sent).
 send-timeout = "{send_timeout}"
 max-buffered-bytes-per-connection = {buffered}
+# Fetches (FetchCommits, FetchBlocks) served at once, in all and to one
+# caller; past them a fetch gets RESOURCE_EXHAUSTED. Each holds a slot until
+# its answer is sent or cut at send-timeout.
+max-concurrent-fetches = {fetches}
+max-concurrent-fetches-per-peer = {fetches_per_peer}
 # HTTP/2 pings find dead connections; every connection is asked to close
 # at its maximum age and closed after the grace.
 http2-keepalive-interval = "{keepalive}"
@@ -852,6 +878,8 @@ max-connection-age-grace = "{grace}"
         idle = humantime_serde::re::humantime::format_duration(p.inbound_idle_timeout),
         send_timeout = humantime_serde::re::humantime::format_duration(p.send_timeout),
         buffered = p.max_buffered_bytes_per_connection,
+        fetches = p.max_concurrent_fetches,
+        fetches_per_peer = p.max_concurrent_fetches_per_peer,
         keepalive = humantime_serde::re::humantime::format_duration(p.http2_keepalive_interval),
         keepalive_timeout =
             humantime_serde::re::humantime::format_duration(p.http2_keepalive_timeout),

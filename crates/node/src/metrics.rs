@@ -26,6 +26,8 @@ struct Series {
     failures: IntCounterVec,
     rpcs: IntCounterVec,
     inbound: IntGauge,
+    fetches_in_flight: IntGauge,
+    responses_cut: IntCounterVec,
     inbound_refused: IntCounterVec,
     inbound_closed: IntCounterVec,
     actor_up: IntGaugeVec,
@@ -96,6 +98,17 @@ impl Series {
             ),
             rpcs: counter(&r, "soma_rpcs_total", "RPCs served", &["method", "status"]),
             inbound: gauge(&r, "soma_inbound_connections", "Inbound connections open"),
+            fetches_in_flight: gauge(
+                &r,
+                "soma_fetches_in_flight",
+                "Fetches served and not yet fully sent",
+            ),
+            responses_cut: counter(
+                &r,
+                "soma_responses_cut_total",
+                "Answers cut because the caller did not read them within send-timeout",
+                &[],
+            ),
             inbound_refused: counter(
                 &r,
                 "soma_inbound_connections_refused_total",
@@ -156,6 +169,9 @@ impl Series {
         }
         let inbound = handle.inbound_connections();
         self.inbound.set(inbound.open as i64);
+        self.fetches_in_flight
+            .set(handle.fetches_in_flight() as i64);
+        self.advance(&self.responses_cut, &[], handle.responses_cut());
         let c = inbound.counts;
         for (reason, n) in [
             ("per_ip", c.refused_per_ip),

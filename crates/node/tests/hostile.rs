@@ -25,16 +25,13 @@
 //! maximal chunks is cut at its first block.
 
 use std::fs;
-use std::ops::RangeInclusive;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
-use soma_chain::{Chain, ChainBuilder};
+use soma_chain::ChainBuilder;
 use soma_store::{ConsensusStore, RedbStore};
 use soma_testkit::byzantine::{self, Lie};
-use soma_types::Committee;
 
 mod common;
 use common::*;
@@ -43,25 +40,12 @@ use common::*;
 const TIP: u64 = 500;
 /// The end of epoch 0, and all the validator holds at first.
 const EPOCH_END: u64 = 250;
-/// Commits per batch of the validator's store, as the node syncs them.
-const BATCH: u64 = 100;
 /// Validators of the genesis; only the first one runs.
 const VALIDATORS: u16 = 4;
 /// The node's `max-total-fetched-bytes`.
 const FETCH_BUDGET: u64 = 64 << 20;
 /// A safety net on each wait; the test takes far less.
 const PATIENCE: Duration = Duration::from_secs(120);
-
-/// Writes into the store at `path` the batches of `chain` that end in
-/// `ends`, with the certificate at each batch end.
-fn hold(path: &Path, committee: &Committee, chain: &Chain, ends: RangeInclusive<u64>) {
-    let store = RedbStore::open(path, committee).unwrap();
-    for range in chain.batch_ranges(BATCH) {
-        if ends.contains(range.end()) {
-            store.write_synced_batch(chain.batch(range)).unwrap();
-        }
-    }
-}
 
 #[test]
 fn liars_about_commits_are_all_banned_and_the_node_syncs_the_chain_from_the_validator() {

@@ -3,6 +3,7 @@
 //! A dev-dependency only; no production crate depends on it.
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod attack;
 pub mod byzantine;
 
 use std::sync::Arc;

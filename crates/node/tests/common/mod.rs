@@ -5,6 +5,7 @@
 
 use std::fs;
 use std::io::{Read, Write};
+use std::ops::RangeInclusive;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -206,6 +207,21 @@ pub fn run_node(config: &Path, log: &Path) -> Spawned {
 pub fn height(address: &str) -> Option<u64> {
     let output = soma(&["status", "--addr", address]);
     field(&stdout(&output), "highest")?.parse().ok()
+}
+
+/// Commits per batch of a store [`hold`] writes, as a node syncs them.
+pub const BATCH: u64 = 100;
+
+/// Writes into the store at `path` the batches of `chain` that end in
+/// `ends`, with the certificate at each batch end.
+pub fn hold(path: &Path, committee: &Committee, chain: &Chain, ends: RangeInclusive<u64>) {
+    fs::create_dir_all(path.parent().expect("a store file's directory")).unwrap();
+    let store = RedbStore::open(path, committee).unwrap();
+    for range in chain.batch_ranges(BATCH) {
+        if ends.contains(range.end()) {
+            store.write_synced_batch(chain.batch(range)).unwrap();
+        }
+    }
 }
 
 /// Opens the store at `path` and checks everything up to its watermark is

@@ -1,0 +1,595 @@
+//! Attacks on a serving node, run from this process against a node that
+//! may live in another: clients that never read their answers, one host
+//! flooding the inbound connections, an anonymous client hammering the
+//! cheap calls, a thousand fresh identities sending infos stamped ahead,
+//! and a peer answering every GetKnownPeers with fakes.
+//!
+//! Each attack binds its sockets to a source address of its own, so a node
+//! that does not exempt loopback sees it as a distinct host: every address
+//! of 127.0.0.0/8 is loopback on Linux, and 127.0.0.1 stays the honest
+//! peers'. An attack runs until it is stopped (or, for the identity flood,
+//! until every identity has called), counting what it sent and what the
+//! node did with it.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use soma_types::{Access, KeyPair, NodeInfo, PeerId, SignedNodeInfo, codec};
+use soma_wire::proto::{self, p2p_client::P2pClient, p2p_server::P2p, p2p_server::P2pServer};
+use soma_wire::tls::{self, AccessPolicy, NodeIdentity};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_rustls::rustls::pki_types::ServerName;
+use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::{Code, Request, Response, Status};
+
+/// Pause after a refusal or a closed connection before an attacker tries
+/// again: it keeps retrying, without spinning on the node's refusals.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// Connections a client that must connect tries before it gives up.
+const CONNECT_TRIES: usize = 100;
+
+/// Time allowed to connect and finish a handshake.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The node attacked.
+#[derive(Clone, Copy, Debug)]
+pub struct Target {
+    /// Its listening address.
+    pub address: SocketAddr,
+    /// Its identity, if known (the TLS handshake checks it).
+    pub peer_id: Option<PeerId>,
+}
+
+/// The loopback address of attacking host `host`: 127.`10 + host`.0.1, in
+/// a /24 of its own, apart from 127.0.0.1.
+pub fn host(host: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 10u8.saturating_add(host), 0, 1))
+}
+
+/// What an attack did, and what the node did with it.
+#[derive(Debug, Default)]
+pub struct Counts {
+    /// Calls or connections sent.
+    pub sent: AtomicU64,
+    /// Calls answered in full, connections the handshake completed.
+    pub answered: AtomicU64,
+    /// Calls refused with RESOURCE_EXHAUSTED, connections reset or
+    /// closed by the node before the handshake could finish.
+    pub refused: AtomicU64,
+    /// Calls or connections the node cut or closed after admitting them.
+    pub cut: AtomicU64,
+}
+
+/// A plain copy of [`Counts`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// See [`Counts::sent`].
+    pub sent: u64,
+    /// See [`Counts::answered`].
+    pub answered: u64,
+    /// See [`Counts::refused`].
+    pub refused: u64,
+    /// See [`Counts::cut`].
+    pub cut: u64,
+}
+
+impl Counts {
+    fn add(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counts so far.
+    pub fn tally(&self) -> Tally {
+        Tally {
+            sent: self.sent.load(Ordering::Relaxed),
+            answered: self.answered.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
+            cut: self.cut.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A running attack: its tasks, aborted when it is stopped or dropped.
+pub struct Attack {
+    tasks: Vec<JoinHandle<()>>,
+    counts: Arc<Counts>,
+}
+
+impl Attack {
+    fn new(counts: Arc<Counts>) -> Self {
+        Attack {
+            tasks: Vec::new(),
+            counts,
+        }
+    }
+
+    /// What the attack did so far.
+    pub fn tally(&self) -> Tally {
+        self.counts.tally()
+    }
+
+    /// Stops the attack, closing its connections; returns what it did.
+    pub fn stop(self) -> Tally {
+        self.tally()
+    }
+
+    /// Waits until every task of the attack has ended by itself.
+    pub async fn finished(mut self) -> Tally {
+        for task in std::mem::take(&mut self.tasks) {
+            let _ = task.await;
+        }
+        self.tally()
+    }
+}
+
+impl Drop for Attack {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// A TCP connection to `target` from `source`.
+async fn tcp(source: IpAddr, target: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = match source {
+        IpAddr::V4(_) => TcpSocket::new_v4()?,
+        IpAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(source, 0))?;
+    tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(target))
+        .await
+        .map_err(|_| std::io::ErrorKind::TimedOut)?
+}
+
+/// TCP from a fixed source address, for tonic's TLS connector.
+#[derive(Clone)]
+struct FromSource {
+    source: IpAddr,
+    target: SocketAddr,
+}
+
+impl tonic_tls::Transport for FromSource {
+    type Io = TcpStream;
+    type Error = std::io::Error;
+
+    async fn connect(&self, _: &Uri) -> Result<TcpStream, std::io::Error> {
+        let stream = tcp(self.source, self.target).await?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+}
+
+/// A gRPC client of `target` on a connection of its own from `source`, as
+/// `identity` (anonymous if `None`). Each HTTP/2 stream opens with a window
+/// of `window` bytes: 0 for a client that never reads.
+pub async fn client(
+    target: Target,
+    source: IpAddr,
+    identity: Option<&NodeIdentity>,
+    window: Option<u32>,
+) -> Result<P2pClient<Channel>, tonic::transport::Error> {
+    let mut endpoint = Endpoint::from_shared(format!("http://{}", target.address))
+        .expect("a socket address is a valid URI")
+        .connect_timeout(CONNECT_TIMEOUT);
+    if let Some(window) = window {
+        endpoint = endpoint.initial_stream_window_size(window);
+    }
+    let (config, _) =
+        tls::client_config(identity, target.peer_id).expect("a generated identity is valid");
+    let connector = tonic_tls::rustls::TlsConnector::new(
+        FromSource {
+            source,
+            target: target.address,
+        },
+        config,
+        ServerName::try_from(tls::SERVER_NAME).expect("a valid name"),
+    );
+    let channel = endpoint.connect_with_connector(connector).await?;
+    Ok(P2pClient::new(channel).max_decoding_message_size(usize::MAX))
+}
+
+/// Counts the outcome of a call: refused, cut after admission, or
+/// answered.
+fn judge<T>(counts: &Counts, result: &Result<T, Status>) {
+    match result {
+        Ok(_) => Counts::add(&counts.answered),
+        Err(s) if s.code() == Code::ResourceExhausted => Counts::add(&counts.refused),
+        Err(_) => Counts::add(&counts.cut),
+    }
+}
+
+/// The key of fresh identity `i` of attack `attack`, distinct for every
+/// pair.
+pub fn fresh_key(attack: u8, i: usize) -> KeyPair {
+    let mut seed = [0xE0 | attack; 32];
+    seed[..4].copy_from_slice(&(i as u32).to_le_bytes());
+    KeyPair::from_seed(seed)
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The info of `key`, public, at `address`, stamped `timestamp_ms`.
+pub fn signed_info(key: &KeyPair, address: &str, timestamp_ms: u64) -> SignedNodeInfo {
+    SignedNodeInfo::sign(
+        NodeInfo {
+            peer_id: PeerId::from(key.public()),
+            addresses: vec![address.to_string()],
+            timestamp_ms,
+            access: Access::Public,
+        },
+        key,
+    )
+}
+
+/// What never-reading clients ask for.
+#[derive(Clone, Debug)]
+pub struct Unread {
+    /// Blocks of each FetchBlocks.
+    pub blocks: Vec<proto::BlockRef>,
+    /// Commits of each FetchCommits.
+    pub commits: proto::FetchCommitsRequest,
+    /// FetchBlocks and FetchCommits each client keeps open at once.
+    pub per_client: usize,
+    /// How long a client holds a call whose end it has not seen before it
+    /// drops it and asks again (a cut is not always seen while the window
+    /// is zero): longer than the node's send deadline, so that the slots
+    /// are freed by the node's deadline, not by the attacker.
+    pub hold: Duration,
+}
+
+/// `identities` clients that never read, each from host
+/// [`host`]`(first_host + i)` on a connection of its own with a zero
+/// window, each keeping `what.per_client` FetchBlocks and as many
+/// FetchCommits open: every call the node cuts or refuses, or that was
+/// held for `what.hold`, is sent again. Every client connects before any
+/// of them calls.
+pub async fn never_reading(
+    target: Target,
+    identities: usize,
+    first_host: u8,
+    what: Unread,
+) -> Attack {
+    let counts = Arc::new(Counts::default());
+    let mut attack = Attack::new(counts.clone());
+    let what = Arc::new(what);
+    // Every client connects before any of them calls; a handshake the
+    // node times out is tried again.
+    let readers = futures::future::join_all((0..identities).map(|i| {
+        let counts = counts.clone();
+        async move {
+            let identity = NodeIdentity::generate(&fresh_key(1, i)).expect("an identity");
+            let source = host(first_host.saturating_add(i as u8));
+            for _ in 0..CONNECT_TRIES {
+                match client(target, source, Some(&identity), Some(0)).await {
+                    Ok(reader) => return Some(reader),
+                    Err(_) => {
+                        Counts::add(&counts.refused);
+                        tokio::time::sleep(RETRY_PAUSE).await;
+                    }
+                }
+            }
+            None
+        }
+    }))
+    .await;
+    for reader in readers.into_iter().flatten() {
+        for _ in 0..what.per_client {
+            let (mut blocks, counts_b, what_b) = (reader.clone(), counts.clone(), what.clone());
+            attack.tasks.push(tokio::spawn(async move {
+                loop {
+                    Counts::add(&counts_b.sent);
+                    let request = proto::FetchBlocksRequest {
+                        refs: what_b.blocks.clone(),
+                    };
+                    // The headers come at once; a body never can. The
+                    // stream ends only when the node cuts it.
+                    let call = async {
+                        let mut stream = blocks.fetch_blocks(request).await?.into_inner();
+                        while stream.message().await?.is_some() {}
+                        Ok(())
+                    };
+                    let Ok(result) = tokio::time::timeout(what_b.hold, call).await else {
+                        continue;
+                    };
+                    judge(&counts_b, &result);
+                    if result.is_err() {
+                        tokio::time::sleep(RETRY_PAUSE).await;
+                    }
+                }
+            }));
+            let (mut commits, counts_c, what_c) = (reader.clone(), counts.clone(), what.clone());
+            attack.tasks.push(tokio::spawn(async move {
+                loop {
+                    Counts::add(&counts_c.sent);
+                    let call = commits.fetch_commits(what_c.commits);
+                    let Ok(result) = tokio::time::timeout(what_c.hold, call).await else {
+                        continue;
+                    };
+                    judge(&counts_c, &result);
+                    if result.is_err() {
+                        tokio::time::sleep(RETRY_PAUSE).await;
+                    }
+                }
+            }));
+        }
+    }
+    attack
+}
+
+/// One host, [`host`]`(source_host)`, holding `connections` inbound
+/// connections of `target`: half finish the TLS handshake (anonymous) and
+/// then stay idle, half never send a byte. Each one the node closes or
+/// refuses is opened again.
+pub fn connection_flood(target: Target, source_host: u8, connections: usize) -> Attack {
+    let counts = Arc::new(Counts::default());
+    let mut attack = Attack::new(counts.clone());
+    let source = host(source_host);
+    let (config, _) = tls::client_config(None, target.peer_id).expect("an anonymous config");
+    let connector = tokio_rustls::TlsConnector::from(config);
+    for i in 0..connections {
+        let (counts, connector) = (counts.clone(), connector.clone());
+        attack.tasks.push(tokio::spawn(async move {
+            loop {
+                Counts::add(&counts.sent);
+                let Ok(mut stream) = tcp(source, target.address).await else {
+                    Counts::add(&counts.refused);
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                    continue;
+                };
+                let mut byte = [0u8; 1];
+                if i % 2 == 0 {
+                    let name = ServerName::try_from(tls::SERVER_NAME).expect("a valid name");
+                    match tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, stream))
+                        .await
+                    {
+                        Ok(Ok(mut tls)) => {
+                            // The handshake's last flight may still be
+                            // buffered: send it, so the node sees it done.
+                            let _ = tls.flush().await;
+                            Counts::add(&counts.answered);
+                            // Idle: nothing is sent, and what the node sends
+                            // (its HTTP/2 settings) is read until it closes
+                            // the connection.
+                            while tls.read(&mut byte).await.is_ok_and(|n| n > 0) {}
+                            Counts::add(&counts.cut);
+                        }
+                        _ => Counts::add(&counts.refused),
+                    }
+                } else {
+                    // Never starts the handshake; a read ends when the node
+                    // resets (refused) or times the handshake out (cut).
+                    let _ = stream.read(&mut byte).await;
+                    Counts::add(&counts.cut);
+                }
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+        }));
+    }
+    attack
+}
+
+/// One anonymous client, from [`host`]`(source_host)` on one connection,
+/// calling GetKnownPeers and GetCommitInfo in turn, as fast as the node
+/// answers. Refusals count in [`Counts::refused`].
+pub async fn hammer(target: Target, source_host: u8) -> Attack {
+    let counts = Arc::new(Counts::default());
+    let mut attack = Attack::new(counts.clone());
+    let Ok(mut hammer) = client(target, host(source_host), None, None).await else {
+        Counts::add(&counts.refused);
+        return attack;
+    };
+    attack.tasks.push(tokio::spawn(async move {
+        loop {
+            Counts::add(&counts.sent);
+            let known = hammer
+                .get_known_peers(proto::GetKnownPeersRequest::default())
+                .await;
+            judge(&counts, &known);
+            Counts::add(&counts.sent);
+            let info = hammer
+                .get_commit_info(proto::GetCommitInfoRequest { index: None })
+                .await;
+            judge(&counts, &info);
+            if known.is_err() && info.is_err() {
+                // Refused both: a real attacker would wait too.
+                tokio::task::yield_now().await;
+            }
+        }
+    }));
+    attack
+}
+
+/// `identities` fresh identities, all from [`host`]`(source_host)`, each
+/// calling GetKnownPeers once on a connection of its own with its own info
+/// at `advertised`, stamped `ahead_ms` in the future; `concurrency` calls
+/// at once. Ends when every identity has called.
+pub fn sybil_infos(
+    target: Target,
+    source_host: u8,
+    identities: usize,
+    advertised: String,
+    ahead_ms: u64,
+    concurrency: usize,
+) -> Attack {
+    let counts = Arc::new(Counts::default());
+    let mut attack = Attack::new(counts.clone());
+    let source = host(source_host);
+    attack.tasks.push(tokio::spawn(async move {
+        futures::stream::iter(0..identities)
+            .for_each_concurrent(concurrency, |i| {
+                let (counts, advertised) = (counts.clone(), advertised.clone());
+                async move {
+                    Counts::add(&counts.sent);
+                    let key = fresh_key(2, i);
+                    let identity = NodeIdentity::generate(&key).expect("an identity");
+                    let Ok(mut sybil) = client(target, source, Some(&identity), None).await else {
+                        Counts::add(&counts.refused);
+                        return;
+                    };
+                    let info = signed_info(&key, &advertised, now_ms() + ahead_ms);
+                    let result = sybil
+                        .get_known_peers(proto::GetKnownPeersRequest {
+                            own_info: Bytes::from(codec::encode(&info)),
+                        })
+                        .await;
+                    judge(&counts, &result);
+                }
+            })
+            .await;
+    }));
+    attack
+}
+
+/// A peer served over mutual TLS on 127.0.0.1 that answers GetKnownPeers
+/// with its own fresh info and `per_call` of its fakes (a different window
+/// each call), and GetCommitAvailability, so that it stays connected; it
+/// serves nothing else.
+struct FakeInfos {
+    key: KeyPair,
+    address: String,
+    fakes: Vec<SignedNodeInfo>,
+    per_call: usize,
+    counts: Arc<Counts>,
+}
+
+#[tonic::async_trait]
+impl P2p for FakeInfos {
+    async fn get_known_peers(
+        &self,
+        _: Request<proto::GetKnownPeersRequest>,
+    ) -> Result<Response<proto::GetKnownPeersResponse>, Status> {
+        let call = self.counts.answered.fetch_add(1, Ordering::SeqCst) as usize;
+        let own = signed_info(&self.key, &self.address, now_ms());
+        let known_peers = (0..self.per_call.min(self.fakes.len()))
+            .map(|k| &self.fakes[(call * self.per_call + k) % self.fakes.len()])
+            .map(|i| Bytes::from(codec::encode(i)))
+            .collect();
+        Ok(Response::new(proto::GetKnownPeersResponse {
+            own_info: Bytes::from(codec::encode(&own)),
+            known_peers,
+        }))
+    }
+
+    async fn get_commit_availability(
+        &self,
+        _: Request<proto::GetCommitAvailabilityRequest>,
+    ) -> Result<Response<proto::GetCommitAvailabilityResponse>, Status> {
+        Ok(Response::new(
+            proto::GetCommitAvailabilityResponse::default(),
+        ))
+    }
+
+    async fn get_commit_info(
+        &self,
+        _: Request<proto::GetCommitInfoRequest>,
+    ) -> Result<Response<proto::GetCommitInfoResponse>, Status> {
+        Err(Status::unimplemented("serves infos only"))
+    }
+
+    async fn push_commit(
+        &self,
+        _: Request<proto::PushCommitRequest>,
+    ) -> Result<Response<proto::PushCommitResponse>, Status> {
+        Err(Status::unimplemented("serves infos only"))
+    }
+
+    async fn fetch_commits(
+        &self,
+        _: Request<proto::FetchCommitsRequest>,
+    ) -> Result<Response<proto::FetchCommitsResponse>, Status> {
+        Err(Status::unimplemented("serves infos only"))
+    }
+
+    type FetchBlocksStream = tokio_stream::Empty<Result<proto::FetchBlocksResponse, Status>>;
+
+    async fn fetch_blocks(
+        &self,
+        _: Request<proto::FetchBlocksRequest>,
+    ) -> Result<Response<Self::FetchBlocksStream>, Status> {
+        Err(Status::unimplemented("serves infos only"))
+    }
+}
+
+/// A running peer that answers with fake infos: its address and identity
+/// (a seed entry for the node attacked), and its answers counted in
+/// [`Counts::answered`]. Serves until dropped.
+pub struct FakeInfoPeer {
+    /// Where it listens.
+    pub address: String,
+    /// Its identity.
+    pub peer_id: PeerId,
+    /// The fresh identities whose infos it hands out.
+    pub fakes: Vec<PeerId>,
+    attack: Attack,
+}
+
+impl FakeInfoPeer {
+    /// GetKnownPeers answers sent so far.
+    pub fn answers(&self) -> u64 {
+        self.attack.tally().answered
+    }
+}
+
+/// Serves, as `key`, `fakes` fresh identities of infos at `advertised`
+/// stamped `ahead_ms` ahead (signed when it starts), `per_call` in each
+/// GetKnownPeers answer.
+pub async fn serve_fake_infos(
+    key: KeyPair,
+    fakes: usize,
+    advertised: &str,
+    ahead_ms: u64,
+    per_call: usize,
+) -> FakeInfoPeer {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binds an ephemeral port");
+    let address = listener.local_addr().expect("bound").to_string();
+    let identity = NodeIdentity::generate(&key).expect("an identity");
+    let peer_id = PeerId::from(key.public());
+    let stamped = now_ms() + ahead_ms;
+    let fakes: Vec<SignedNodeInfo> = (0..fakes)
+        .map(|i| signed_info(&fresh_key(3, i), advertised, stamped))
+        .collect();
+    let fake_ids = fakes.iter().map(|i| i.info.peer_id).collect();
+    let counts = Arc::new(Counts::default());
+    let mut attack = Attack::new(counts.clone());
+    let server = FakeInfos {
+        key,
+        address: address.clone(),
+        fakes,
+        per_call,
+        counts,
+    };
+    let config = tls::server_config(&identity, &AccessPolicy::default()).expect("tls");
+    attack.tasks.push(tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(P2pServer::new(server))
+            .serve_with_incoming(tls::incoming(listener, config))
+            .await;
+    }));
+    FakeInfoPeer {
+        address,
+        peer_id,
+        fakes: fake_ids,
+        attack,
+    }
+}
+
+/// A closed port on 127.0.0.1: dials to it are refused at once.
+pub fn closed_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binds");
+    listener.local_addr().expect("bound").to_string()
+}
