@@ -9,9 +9,9 @@
 //! infos spread over `honest_prefixes` /24s. Then the attack, both at once
 //! for `attack_intervals` rounds:
 //!
-//! - one malicious connected peer answers each query with its own info and
-//!   `fakes_per_call` never-seen identities, each in its own /24, stamped
-//!   `ahead_ms` in the future;
+//! - one malicious peer, connected when the attack starts, answers each
+//!   query with its own info and `fakes_per_call` never-seen identities,
+//!   each in its own /24, stamped `ahead_ms` in the future;
 //! - `sybils` identities, all calling from one /24, each send their own
 //!   info (advertising an address in its own /24, stamped `ahead_ms`
 //!   ahead) with GetKnownPeers every round, so the entries they hold are
@@ -255,7 +255,7 @@ pub fn eclipse_scenario(config: Config, scenario: &Eclipse) -> EclipseOutcome {
                     infos.push(info(
                         peer(Kind::Honest, h),
                         honest_address(h),
-                        unix_ms - age,
+                        unix_ms.saturating_sub(age),
                     ));
                 }
                 infos
