@@ -5,9 +5,11 @@
 //! table; and a restarted peer is redialled as soon as it shows up again.
 //!
 //! All nodes share 127.0.0.1, so every address is in one /24: the
-//! per-prefix cap is set out of the way here and the per-source cap (with
-//! connect-back infos in one bucket) carries the defence. The prefix cap is
-//! checked by the Discovery core's unit tests.
+//! per-prefix cap is set out of the way here and the per-source cap carries
+//! the defence (connect-back infos count by the caller's /24, so here all
+//! of them share one bucket). The prefix cap, and callers of different
+//! prefixes in different buckets, are checked by the Discovery core's unit
+//! tests.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -354,7 +356,8 @@ async fn a_thousand_identities_stamped_ahead_do_not_evict_honest_peers() {
         .fold(0, |most, n| async move { most.max(n) })
         .await;
 
-    // Connect-back infos share one bucket, whoever sent them.
+    // Connect-back infos of callers from one /24 share one bucket, whoever
+    // sent them: every caller here comes from 127.0.0.1.
     let sybil_ids: BTreeSet<PeerId> = (0..SYBILS)
         .map(|i| PeerId::from(sybil_key(2, i).public()))
         .collect();
@@ -371,7 +374,7 @@ async fn a_thousand_identities_stamped_ahead_do_not_evict_honest_peers() {
     // The guarantee: every honest peer connected to and verified is kept;
     // the attackers hold what is left of the table, and no more than one
     // bucket of PER_SOURCE for the malicious peer (itself included) and
-    // one for all connect-back infos.
+    // one for the connect-back infos of 127.0.0/24.
     let known = known(&node).await;
     let attackers: BTreeSet<PeerId> = known.difference(&honest_ids).copied().collect();
     assert!(known.is_superset(&honest_ids), "{known:?}");

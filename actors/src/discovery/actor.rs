@@ -244,7 +244,7 @@ impl Handler<ExchangeInfo> for Discovery {
     fn handle(&mut self, msg: ExchangeInfo, _: &mut Context<Self>) -> Self::Result {
         let id = self.next_id;
         self.next_id += 1;
-        let caller = msg.caller;
+        let (caller, remote) = (msg.caller, msg.remote);
         let now_ms = unix_ms();
         // Only an authenticated caller's own info is worth verifying: it is
         // remembered to connect back. Anonymous callers get an answer only.
@@ -281,6 +281,7 @@ impl Handler<ExchangeInfo> for Discovery {
                 caller,
                 info,
                 unix_ms: now_ms,
+                remote,
             };
             match act.step(input, ctx).pop() {
                 Some(Output::Answer { infos, .. }) => Ok(Exchanged {

@@ -59,9 +59,10 @@ pub struct Config {
     /// the entry with the oldest timestamp in the fullest source bucket,
     /// never of a peer connected to and verified.
     pub max_known_peers: usize,
-    /// Most known peers learnt from one source: one peer's answers, or all
-    /// connect-back infos together. A source that lies fills only its own
-    /// bucket.
+    /// Most known peers learnt from one source: one peer's answers, or the
+    /// connect-back infos of callers from one /24 (IPv4) or /64 (IPv6)
+    /// (callers of unknown address together). A source that lies fills only
+    /// its own bucket.
     pub max_known_peers_per_source: usize,
     /// Most known peers whose dialled address is in one /24 (IPv4) or /64
     /// (IPv6) prefix, so that addresses an attacker holds cannot fill the
@@ -136,18 +137,43 @@ struct Backoff {
 /// Who told us of a peer: the bucket its entry counts in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum Source {
-    /// Callers' own infos (connect-back), all together: identities are
-    /// free, so one bucket bounds them all.
-    Inbound,
+    /// Callers' own infos (connect-back), by the prefix of the address the
+    /// call came from (`None`: unknown, one bucket for all such calls).
+    /// Identities are free but addresses are not, so one network's callers
+    /// fill only their own bucket, never that of callers elsewhere.
+    Inbound(Option<Prefix>),
     /// A peer's GetKnownPeers answer.
     Peer(PeerId),
 }
 
-/// The /24 (IPv4) or /64 (IPv6) prefix of a dialled address.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+/// The /24 (IPv4) or /64 (IPv6) prefix of an address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum Prefix {
     V4([u8; 3]),
     V6([u8; 8]),
+}
+
+/// The prefix of `ip`, an IPv4-mapped IPv6 address counting as IPv4.
+fn ip_prefix(ip: IpAddr) -> Prefix {
+    match canonical(ip) {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            Prefix::V4([o[0], o[1], o[2]])
+        }
+        IpAddr::V6(v6) => {
+            let mut p = [0; 8];
+            p.copy_from_slice(&v6.octets()[..8]);
+            Prefix::V6(p)
+        }
+    }
+}
+
+/// `ip`, unwrapped if it is an IPv4-mapped IPv6 address.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    }
 }
 
 /// The prefix of `address` if peers may advertise it: an IP literal with a
@@ -159,10 +185,7 @@ fn prefix(address: &str, allow_private: bool) -> Option<Prefix> {
     if address.port() == 0 {
         return None;
     }
-    let ip = match address.ip() {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
-    };
+    let ip = canonical(address.ip());
     match ip {
         IpAddr::V4(v4) => {
             let o = v4.octets();
@@ -173,7 +196,6 @@ fn prefix(address: &str, allow_private: bool) -> Option<Prefix> {
             if (v4.is_loopback() || v4.is_private() || shared) && !allow_private {
                 return None;
             }
-            Some(Prefix::V4([o[0], o[1], o[2]]))
         }
         IpAddr::V6(v6) => {
             let first = v6.segments()[0];
@@ -184,11 +206,9 @@ fn prefix(address: &str, allow_private: bool) -> Option<Prefix> {
             if (v6.is_loopback() || unique_local) && !allow_private {
                 return None;
             }
-            let mut p = [0; 8];
-            p.copy_from_slice(&v6.octets()[..8]);
-            Some(Prefix::V6(p))
         }
     }
+    Some(ip_prefix(ip))
 }
 
 /// A known peer.
@@ -291,7 +311,7 @@ impl Core for DiscoveryCore {
                 infos,
                 unix_ms,
             } => {
-                let source = source.map_or(Source::Inbound, Source::Peer);
+                let source = source.map_or(Source::Inbound(None), Source::Peer);
                 for info in infos {
                     self.learn(info, source, unix_ms);
                 }
@@ -302,7 +322,8 @@ impl Core for DiscoveryCore {
                 caller,
                 info,
                 unix_ms,
-            } => self.serve(id, caller, info, unix_ms),
+                remote,
+            } => self.serve(id, caller, info, unix_ms, remote),
             Input::KnownPeers => vec![Output::Known(
                 self.known.values().map(|e| e.info.clone()).collect(),
             )],
@@ -546,6 +567,7 @@ impl DiscoveryCore {
         caller: Option<PeerId>,
         info: Option<SignedNodeInfo>,
         unix_ms: u64,
+        remote: Option<IpAddr>,
     ) -> Vec<Output> {
         // Anonymous callers share no allowance here, or one stranger could
         // use up everyone's: the GrpcAdapter rates each connection.
@@ -564,7 +586,7 @@ impl DiscoveryCore {
             if let Some(info) = info
                 && info.info.peer_id == caller
             {
-                self.learn(info, Source::Inbound, unix_ms);
+                self.learn(info, Source::Inbound(remote.map(ip_prefix)), unix_ms);
             }
         }
         let candidates: Vec<&SignedNodeInfo> = self
@@ -918,6 +940,7 @@ mod tests {
                 caller: Some(id(2)),
                 info: Some(info(3, NOW_MS)),
                 unix_ms: NOW_MS,
+                remote: None,
             },
         );
         assert!(matches!(&out[0], Output::Answer { id: 1, infos } if infos.len() == 1));
@@ -930,6 +953,7 @@ mod tests {
                 caller: Some(id(2)),
                 info: Some(info(2, NOW_MS)),
                 unix_ms: NOW_MS,
+                remote: None,
             },
         );
         assert!(known(&mut c).contains(&id(2)));
@@ -946,6 +970,7 @@ mod tests {
                     caller: Some(self::id(2)),
                     info: None,
                     unix_ms: NOW_MS,
+                    remote: None,
                 },
             )
         };
@@ -968,6 +993,7 @@ mod tests {
                     caller: None,
                     info: None,
                     unix_ms: NOW_MS,
+                    remote: None,
                 },
             )
             .pop()
@@ -1100,23 +1126,72 @@ mod tests {
         assert_eq!(sorted(known(&mut c)), ids([3, 4]));
     }
 
+    /// Caller `n` calls in from `remote`, sending its own info stamped
+    /// `timestamp_ms`.
+    fn call_in(c: &mut DiscoveryCore, n: u8, timestamp_ms: u64, remote: Option<&str>) {
+        c.handle(
+            Time(0),
+            Input::Serve {
+                id: u64::from(n),
+                caller: Some(id(n)),
+                info: Some(info(n, timestamp_ms)),
+                unix_ms: NOW_MS + 1_000,
+                remote: remote.map(|r| r.parse().unwrap()),
+            },
+        );
+    }
+
     #[test]
-    fn connect_back_infos_share_one_bucket() {
+    fn connect_back_infos_count_by_the_callers_prefix() {
         let mut c = config(|c| c.max_known_peers_per_source = 2);
-        for n in 1..=4 {
-            c.handle(
-                Time(0),
-                Input::Serve {
-                    id: u64::from(n),
-                    caller: Some(id(n)),
-                    info: Some(info(n, NOW_MS + u64::from(n))),
-                    unix_ms: NOW_MS + 100,
-                },
-            );
+        let from = [
+            // 198.51.100/24, an IPv4-mapped address included.
+            (1, Some("198.51.100.1")),
+            (2, Some("198.51.100.2")),
+            (3, Some("::ffff:198.51.100.3")),
+            // 2001:db8::/64, and another /64.
+            (4, Some("2001:db8::4")),
+            (5, Some("2001:db8::ffff:5")),
+            (6, Some("2001:db8:0:1::6")),
+            // 203.0.113/24.
+            (7, Some("203.0.113.7")),
+            // Unknown addresses: one bucket for them all.
+            (8, None),
+            (9, None),
+            (10, None),
+        ];
+        for (n, remote) in from {
+            call_in(&mut c, n, NOW_MS + u64::from(n), remote);
         }
-        assert_eq!(sorted(known(&mut c)), ids([3, 4]));
-        learn(&mut c, vec![info(5, NOW_MS)]);
-        assert_eq!(sorted(known(&mut c)), ids([3, 4, 5]));
+        // Each bucket of two keeps its two newest: 1 and 8 are gone.
+        assert_eq!(sorted(known(&mut c)), ids([2, 3, 4, 5, 6, 7, 9, 10]));
+        // Infos learnt from a peer are in yet another bucket.
+        learn(&mut c, vec![info(11, NOW_MS)]);
+        assert_eq!(sorted(known(&mut c)), ids([2, 3, 4, 5, 6, 7, 9, 10, 11]));
+    }
+
+    #[test]
+    fn a_flood_from_one_prefix_never_evicts_connect_back_infos_from_another() {
+        let mut c = config(|c| {
+            c.max_known_peers = 10;
+            c.max_known_peers_per_source = 4;
+        });
+        call_in(&mut c, 1, NOW_MS - 100, Some("198.51.100.1"));
+        call_in(&mut c, 2, NOW_MS - 100, Some("198.51.100.2"));
+        // 200 identities from one /24, each stamped ahead and newer than
+        // the honest callers, over several rounds.
+        for round in 0..4 {
+            for n in 10..210 {
+                call_in(&mut c, n, NOW_MS + 25_000, Some("203.0.113.7"));
+            }
+            tick(&mut c, Time(round * 5_000), NOW_MS);
+        }
+        let known = known(&mut c);
+        assert!(
+            known.contains(&id(1)) && known.contains(&id(2)),
+            "{known:?}"
+        );
+        assert_eq!(known.len(), 2 + 4);
     }
 
     #[test]
@@ -1213,6 +1288,7 @@ mod tests {
                 caller: Some(id(1)),
                 info: None,
                 unix_ms: NOW_MS,
+                remote: None,
             },
         );
         assert_eq!(

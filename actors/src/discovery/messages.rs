@@ -1,3 +1,5 @@
+use std::net::IpAddr;
+
 use actix::Message;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -57,6 +59,10 @@ pub enum Input {
         /// Unix epoch: a later timestamp counts as this one.
         #[serde(default)]
         unix_ms: u64,
+        /// The address the call came from, if known: its /24 or /64 is the
+        /// bucket the caller's info counts in.
+        #[serde(default)]
+        remote: Option<IpAddr>,
     },
     /// The handle asks for the known peers.
     KnownPeers,
@@ -94,13 +100,15 @@ pub enum Output {
     Known(Vec<SignedNodeInfo>),
 }
 
-/// A GetKnownPeers call, from the gRPC service: the caller and the encoded
-/// info it sent (empty if none).
+/// A GetKnownPeers call, from the gRPC service: the caller, where the call
+/// came from and the encoded info it sent (empty if none).
 #[derive(Debug, Message)]
 #[rtype(result = "Result<Exchanged, tonic::Status>")]
 pub struct ExchangeInfo {
     /// The authenticated caller, `None` if anonymous.
     pub caller: Option<PeerId>,
+    /// The remote address of the connection, if known.
+    pub remote: Option<IpAddr>,
     /// The caller's encoded `SignedNodeInfo`, empty if none.
     pub info: Bytes,
 }

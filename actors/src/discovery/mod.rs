@@ -20,6 +20,7 @@
 mod actor;
 mod core;
 mod messages;
+pub mod scenario;
 
 pub use actor::Discovery;
 pub use core::{Config, DiscoveryCore, Init, SeedPeer};

@@ -189,6 +189,7 @@ impl P2pService {
             .discovery
             .send(ExchangeInfo {
                 caller,
+                remote: remote_addr(&request).map(|a| a.ip()),
                 info: request.into_inner().own_info,
             })
             .timeout(self.timeout)
