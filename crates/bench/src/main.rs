@@ -16,6 +16,7 @@ mod machine;
 mod memory;
 mod report;
 mod sync;
+mod under_attack;
 mod verifier;
 
 use std::path::PathBuf;
@@ -28,7 +29,7 @@ use crate::machine::Machine;
 use crate::report::Report;
 
 /// The benchmarks, in the order they run.
-const SECTIONS: [&str; 8] = [
+const SECTIONS: [&str; 9] = [
     "sync",
     "verifier",
     "grpc",
@@ -37,6 +38,7 @@ const SECTIONS: [&str; 8] = [
     "scaling",
     "load",
     "adversarial",
+    "attack",
 ];
 
 #[derive(Parser, Debug)]
@@ -51,7 +53,7 @@ struct Cli {
     #[arg(long)]
     quick: bool,
     /// Only these benchmarks, comma-separated (sync, verifier, grpc,
-    /// discovery, memory, scaling, load, adversarial); writes under target/bench-partial/
+    /// discovery, memory, scaling, load, adversarial, attack); writes under target/bench-partial/
     /// unless --markdown/--json say otherwise.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -92,6 +94,9 @@ enum Hidden {
         seeds: String,
         liar: String,
     },
+    /// The served node of the under-attack benchmark.
+    #[command(hide = true, name = "child-attacked")]
+    Attacked { commits: u64, seed: String },
 }
 
 /// How big each benchmark is.
@@ -131,6 +136,10 @@ pub struct Size {
     pub adversarial_runs: usize,
     /// The request timeout of the adversarial benchmark's nodes.
     pub adversarial_timeout: Duration,
+    /// Commits of the under-attack benchmark's chain.
+    pub attack_commits: u64,
+    /// Runs of each under-attack setup (the median is reported).
+    pub attack_runs: usize,
 }
 
 impl Size {
@@ -154,6 +163,8 @@ impl Size {
             adversarial_epoch: 200,
             adversarial_runs: 3,
             adversarial_timeout: Duration::from_secs(10),
+            attack_commits: 4_000,
+            attack_runs: 3,
         }
     }
 
@@ -177,6 +188,8 @@ impl Size {
             adversarial_epoch: 50,
             adversarial_runs: 1,
             adversarial_timeout: Duration::from_secs(1),
+            attack_commits: 200,
+            attack_runs: 1,
         }
     }
 }
@@ -270,6 +283,10 @@ fn main() -> ExitCode {
             adversarial::child(commits, epoch, budget, timeout_ms, &seeds, &liar);
             return ExitCode::SUCCESS;
         }
+        Some(Hidden::Attacked { commits, seed }) => {
+            under_attack::child(commits, &seed);
+            return ExitCode::SUCCESS;
+        }
         None => {}
     }
     if let Some(unknown) = cli.only.iter().find(|o| !SECTIONS.contains(&o.as_str())) {
@@ -329,6 +346,7 @@ fn main() -> ExitCode {
             "scaling" => sync::scaling_section(&size),
             "load" => load::section(&size),
             "adversarial" => adversarial::section(&size),
+            "attack" => under_attack::section(&size),
             _ => unreachable!("every key of SECTIONS is handled"),
         };
         eprintln!("  {key} took {:.1}s", t.elapsed().as_secs_f64());

@@ -7,7 +7,7 @@ use std::process::Command;
 use serde_json::Value;
 
 /// Each benchmark and the rows it must produce.
-const EXPECTED: [(&str, usize); 8] = [
+const EXPECTED: [(&str, usize); 9] = [
     ("sync", 5),
     ("verifier", 5),
     ("grpc", 4),
@@ -16,10 +16,17 @@ const EXPECTED: [(&str, usize); 8] = [
     ("scaling", 6),
     ("load", 2),
     ("adversarial", 12),
+    ("attack", 5),
 ];
 
-/// Figures that may be zero or below: a difference of two measurements.
-const DIFFERENCES: [&str; 2] = ["peak RSS growth (MiB)", "growth of fetch budget"];
+/// Figures that may be zero or below: a difference of two measurements,
+/// or a count of what an attack met, which may be nothing in a short run.
+const DIFFERENCES: [&str; 4] = [
+    "peak RSS growth (MiB)",
+    "growth of fetch budget",
+    "refused",
+    "cut",
+];
 
 #[test]
 fn quick_run_produces_every_figure() {
@@ -94,6 +101,13 @@ fn quick_run_produces_every_figure() {
         assert!(fate.ends_with("1/1"), "one verdict per run: {fate}");
     }
     assert!(ratio("adversarial", 11, "peak RSS (MiB), median") > 0.0);
+    assert_eq!(ratio("attack", 0, "of unattacked"), 1.0);
+    for row in 1..=4 {
+        assert!(ratio("attack", row, "of unattacked") > 0.0);
+        assert!(ratio("attack", row, "attack calls / connections") > 0.0);
+    }
+    let notes = sections["attack"]["notes"].to_string();
+    assert!(notes.contains("30 honest peers connected"), "{notes}");
     assert!(
         stdout.contains("An honest peer was served after the storm."),
         "{stdout}"
