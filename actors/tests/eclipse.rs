@@ -12,9 +12,8 @@
 //! tests.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -23,11 +22,11 @@ use soma_actors::discovery::{self, SeedPeer};
 use soma_actors::{P2pBuilder, P2pConfig, P2pHandle};
 use soma_chain::{Chain, ChainBuilder, ChainConfig};
 use soma_store::MemStore;
-use soma_types::{Access, KeyPair, NodeInfo, PeerId, SignedNodeInfo, codec};
-use soma_wire::proto::{self, p2p_client::P2pClient, p2p_server::P2p, p2p_server::P2pServer};
-use soma_wire::tls::{self, AccessPolicy, NodeIdentity};
+use soma_testkit::attack::{self, FakeInfoPeer, fresh_key, now_ms, serve_infos, signed_info};
+use soma_types::{KeyPair, PeerId, SignedNodeInfo, codec};
+use soma_wire::proto::{self, p2p_client::P2pClient};
+use soma_wire::tls::{self, NodeIdentity};
 use tokio::sync::broadcast;
-use tonic::{Request, Response, Status};
 
 /// Milliseconds between discovery rounds in these tests.
 const INTERVAL_MS: u64 = 200;
@@ -53,151 +52,6 @@ const CONCURRENCY: usize = 16;
 
 fn chain() -> Chain {
     ChainBuilder::new(ChainConfig::validators(4)).build(5)
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// The key of identity `i` of attack `attack`, distinct for every pair.
-fn sybil_key(attack: u8, i: usize) -> KeyPair {
-    let mut seed = [0xE0 | attack; 32];
-    seed[..2].copy_from_slice(&(i as u16).to_le_bytes());
-    KeyPair::from_seed(seed)
-}
-
-fn signed(key: &KeyPair, address: &str, timestamp_ms: u64) -> SignedNodeInfo {
-    SignedNodeInfo::sign(
-        NodeInfo {
-            peer_id: PeerId::from(key.public()),
-            addresses: vec![address.to_string()],
-            timestamp_ms,
-            access: Access::Public,
-        },
-        key,
-    )
-}
-
-/// A closed port on 127.0.0.1: dials to it are refused at once.
-fn closed_address() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().to_string()
-}
-
-/// A peer served over mutual TLS that answers GetKnownPeers with its own
-/// fresh info and `per_call` of `fakes` (a different window each call), and
-/// GetCommitAvailability so that it stays connected. Honest peers have no
-/// fakes.
-struct Stub {
-    key: KeyPair,
-    address: String,
-    fakes: Vec<SignedNodeInfo>,
-    per_call: usize,
-    calls: AtomicUsize,
-    /// Timestamps of the own infos sent, in order.
-    answered: Arc<Mutex<Vec<u64>>>,
-}
-
-#[tonic::async_trait]
-impl P2p for Stub {
-    async fn get_known_peers(
-        &self,
-        _: Request<proto::GetKnownPeersRequest>,
-    ) -> Result<Response<proto::GetKnownPeersResponse>, Status> {
-        let call = self.calls.fetch_add(1, Ordering::SeqCst);
-        let own = signed(&self.key, &self.address, now_ms());
-        self.answered.lock().unwrap().push(own.info.timestamp_ms);
-        let known_peers = (0..self.per_call.min(self.fakes.len()))
-            .map(|k| &self.fakes[(call * self.per_call + k) % self.fakes.len()])
-            .map(|i| Bytes::from(codec::encode(i)))
-            .collect();
-        Ok(Response::new(proto::GetKnownPeersResponse {
-            own_info: Bytes::from(codec::encode(&own)),
-            known_peers,
-        }))
-    }
-
-    async fn get_commit_availability(
-        &self,
-        _: Request<proto::GetCommitAvailabilityRequest>,
-    ) -> Result<Response<proto::GetCommitAvailabilityResponse>, Status> {
-        Ok(Response::new(
-            proto::GetCommitAvailabilityResponse::default(),
-        ))
-    }
-
-    async fn get_commit_info(
-        &self,
-        _: Request<proto::GetCommitInfoRequest>,
-    ) -> Result<Response<proto::GetCommitInfoResponse>, Status> {
-        Err(Status::unimplemented("stub"))
-    }
-
-    async fn push_commit(
-        &self,
-        _: Request<proto::PushCommitRequest>,
-    ) -> Result<Response<proto::PushCommitResponse>, Status> {
-        Err(Status::unimplemented("stub"))
-    }
-
-    async fn fetch_commits(
-        &self,
-        _: Request<proto::FetchCommitsRequest>,
-    ) -> Result<Response<proto::FetchCommitsResponse>, Status> {
-        Err(Status::unimplemented("stub"))
-    }
-
-    type FetchBlocksStream = tokio_stream::Empty<Result<proto::FetchBlocksResponse, Status>>;
-
-    async fn fetch_blocks(
-        &self,
-        _: Request<proto::FetchBlocksRequest>,
-    ) -> Result<Response<Self::FetchBlocksStream>, Status> {
-        Err(Status::unimplemented("stub"))
-    }
-}
-
-/// A running stub: its seed entry, the own-info timestamps it sent, and
-/// what stops it.
-struct Running {
-    seed: SeedPeer,
-    answered: Arc<Mutex<Vec<u64>>>,
-    stop: tokio::sync::oneshot::Sender<()>,
-}
-
-async fn serve_stub(key: KeyPair, fakes: Vec<SignedNodeInfo>, per_call: usize) -> Running {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap().to_string();
-    let identity = NodeIdentity::generate(&key).unwrap();
-    let seed = SeedPeer {
-        peer_id: Some(PeerId::from(key.public())),
-        address: address.clone(),
-    };
-    let answered = Arc::new(Mutex::new(Vec::new()));
-    let stub = Stub {
-        key,
-        address,
-        fakes,
-        per_call,
-        calls: AtomicUsize::new(0),
-        answered: answered.clone(),
-    };
-    let server_config = tls::server_config(&identity, &AccessPolicy::default()).unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(P2pServer::new(stub))
-            .serve_with_incoming_shutdown(tls::incoming(listener, server_config), async {
-                let _ = stopped.await;
-            }),
-    );
-    Running {
-        seed,
-        answered,
-        stop,
-    }
 }
 
 /// Short rounds; the connection target covers every seed.
@@ -284,13 +138,13 @@ async fn call(node: &P2pHandle, key: &KeyPair, own_info: &SignedNodeInfo) -> Vec
 /// Waits until `node` has judged the answer `stub` sent after `after`
 /// answers: it knows the stub's own info from that answer or a newer one,
 /// and own info and fakes of one answer are learnt in one step.
-async fn wait_answers_judged(node: &P2pHandle, stub: &Running, after: usize) {
-    let id = stub.seed.peer_id.unwrap();
+async fn wait_answers_judged(node: &P2pHandle, stub: &FakeInfoPeer, after: usize) {
+    let id = stub.peer_id;
     wait_for("the stub to answer again", || async {
-        stub.answered.lock().unwrap().len() > after
+        stub.sent().len() > after
     })
     .await;
-    let sent = stub.answered.lock().unwrap()[after];
+    let sent = stub.sent()[after];
     wait_for("the stub's answer to be judged", || async {
         node.known_peers()
             .await
@@ -305,24 +159,24 @@ async fn wait_answers_judged(node: &P2pHandle, stub: &Running, after: usize) {
 async fn a_thousand_identities_stamped_ahead_do_not_evict_honest_peers() {
     soma_testkit::init_tracing();
     let chain = chain();
-    let nowhere = closed_address();
+    let nowhere = attack::closed_address();
 
     // The honest peers, and a malicious one offering 200 of its 1,000 fake
     // identities in every answer, each stamped 25 s ahead.
     let mut honest = Vec::new();
     for h in 0..HONEST {
-        honest.push(serve_stub(KeyPair::from_seed([h as u8 + 1; 32]), Vec::new(), 0).await);
+        honest.push(serve_infos(KeyPair::from_seed([h as u8 + 1; 32]), Vec::new(), 0).await);
     }
     let fakes: Vec<SignedNodeInfo> = (0..SYBILS)
-        .map(|i| signed(&sybil_key(1, i), &nowhere, now_ms() + AHEAD_MS))
+        .map(|i| signed_info(&fresh_key(1, i), &nowhere, now_ms() + AHEAD_MS))
         .collect();
     let fake_ids: BTreeSet<PeerId> = fakes.iter().map(|i| i.info.peer_id).collect();
-    let evil = serve_stub(KeyPair::from_seed([66; 32]), fakes, 200).await;
-    let evil_id = evil.seed.peer_id.unwrap();
-    let honest_ids: BTreeSet<PeerId> = honest.iter().map(|h| h.seed.peer_id.unwrap()).collect();
+    let evil = serve_infos(KeyPair::from_seed([66; 32]), fakes, 200).await;
+    let evil_id = evil.peer_id;
+    let honest_ids: BTreeSet<PeerId> = honest.iter().map(|h| h.peer_id).collect();
 
-    let mut seeds: Vec<SeedPeer> = honest.iter().map(|h| h.seed.clone()).collect();
-    seeds.push(evil.seed.clone());
+    let mut seeds: Vec<SeedPeer> = honest.iter().map(FakeInfoPeer::seed).collect();
+    seeds.push(evil.seed());
     let mut node_config = config(seeds);
     node_config.discovery.max_known_peers = MAX_KNOWN;
     node_config.discovery.max_known_peers_per_source = PER_SOURCE;
@@ -346,8 +200,8 @@ async fn a_thousand_identities_stamped_ahead_do_not_evict_honest_peers() {
         .map(|i| {
             let (node, nowhere, honest_ids) = (&node, &nowhere, &honest_ids);
             async move {
-                let key = sybil_key(2, i);
-                let info = signed(&key, nowhere, now_ms() + AHEAD_MS);
+                let key = fresh_key(2, i);
+                let info = signed_info(&key, nowhere, now_ms() + AHEAD_MS);
                 let answer = call(node, &key, &info).await;
                 answer.iter().filter(|p| !honest_ids.contains(p)).count()
             }
@@ -359,7 +213,7 @@ async fn a_thousand_identities_stamped_ahead_do_not_evict_honest_peers() {
     // Connect-back infos of callers from one /24 share one bucket, whoever
     // sent them: every caller here comes from 127.0.0.1.
     let sybil_ids: BTreeSet<PeerId> = (0..SYBILS)
-        .map(|i| PeerId::from(sybil_key(2, i).public()))
+        .map(|i| PeerId::from(fresh_key(2, i).public()))
         .collect();
     let sybils_known = known(&node).await.intersection(&sybil_ids).count();
     assert!(
@@ -368,7 +222,7 @@ async fn a_thousand_identities_stamped_ahead_do_not_evict_honest_peers() {
     );
 
     // The malicious peer has offered all its fakes at least twice since.
-    let answers = evil.answered.lock().unwrap().len();
+    let answers = evil.sent().len();
     wait_answers_judged(&node, &evil, answers + 2 * SYBILS / 200).await;
 
     // The guarantee: every honest peer connected to and verified is kept;
@@ -399,16 +253,14 @@ async fn a_thousand_identities_stamped_ahead_do_not_evict_honest_peers() {
 
     // What the node passes on: never more attackers than it holds.
     assert!(most_fakes_passed_on <= MAX_KNOWN - HONEST);
-    let key = sybil_key(3, 0);
-    let answer = call(&node, &key, &signed(&key, &nowhere, now_ms())).await;
+    let key = fresh_key(3, 0);
+    let answer = call(&node, &key, &signed_info(&key, &nowhere, now_ms())).await;
     let answered: BTreeSet<PeerId> = answer.into_iter().collect();
     assert!(answered.is_superset(&honest_ids));
     assert!(answered.difference(&honest_ids).count() <= MAX_KNOWN - HONEST);
 
     node.shutdown().await;
-    for stub in honest.into_iter().chain([evil]) {
-        let _ = stub.stop.send(());
-    }
+    drop((honest, evil));
 }
 
 /// Reads `events` until one matches, within the deadline.

@@ -32,6 +32,9 @@ async fn never_reading_clients_lose_their_fetch_slots_at_the_send_deadline() {
     config.grpc.max_concurrent_fetches = slots;
     config.grpc.max_concurrent_fetches_per_peer = 2;
     config.grpc.send_timeout = SEND_TIMEOUT;
+    // The deadline alone frees the slots here: no stalled answer gives its
+    // slot to a newer fetch (crates/node/tests/under_attack.rs covers that).
+    config.grpc.fetch_stall_timeout = Duration::from_secs(3_600);
     let node = server(&chain, config, Arc::new(MemStore::new(chain.genesis())));
 
     // Connected first, so all the fetches below start within one deadline.

@@ -1,6 +1,10 @@
+use std::sync::Arc;
+use std::time::Duration;
+
 use actix::{Actor, Addr, Context, Handler, Message};
 
 use super::core::{GrpcAdapterCore, Limits};
+use super::deadline::SendStats;
 use super::messages::*;
 use crate::Driver;
 use crate::peer_heights::{PeerHeights, PushHeight};
@@ -12,6 +16,13 @@ use crate::replay::Recorder;
 pub struct Permit {
     id: u64,
     adapter: Addr<GrpcAdapter>,
+}
+
+impl Permit {
+    /// The fetch's correlation id.
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
 }
 
 impl Drop for Permit {
@@ -32,6 +43,9 @@ pub struct GrpcAdapter {
     peer_heights: Addr<PeerHeights>,
     next_id: u64,
     mailbox_capacity: usize,
+    /// The answers being sent, to find stalled ones and cut them.
+    send_stats: Arc<SendStats>,
+    stall: Duration,
 }
 
 impl GrpcAdapter {
@@ -40,13 +54,16 @@ impl GrpcAdapter {
         limits: Limits,
         peer_heights: Addr<PeerHeights>,
         mailbox_capacity: usize,
+        send_stats: Arc<SendStats>,
         recorder: Option<Recorder>,
     ) -> Self {
         GrpcAdapter {
+            stall: limits.fetch_stall_timeout,
             driver: Driver::new(limits, recorder),
             peer_heights,
             next_id: 0,
             mailbox_capacity,
+            send_stats,
         }
     }
 }
@@ -66,11 +83,22 @@ impl Handler<CallMsg> for GrpcAdapter {
         use actix::AsyncContext;
         let id = self.next_id;
         self.next_id += 1;
+        // A fetch may take a stalled answer's slot (see the core); at most
+        // `max_concurrent_fetches` answers to look at.
+        let stalled = if matches!(
+            msg.call,
+            Call::FetchCommits { .. } | Call::FetchBlocks { .. }
+        ) {
+            self.send_stats.stalled(self.stall)
+        } else {
+            Vec::new()
+        };
         let outputs = self.driver.step(Input::Call {
             id,
             caller: msg.caller,
             connection: msg.connection,
             call: msg.call,
+            stalled,
         });
         let mut result = Err(Refusal {
             code: Code::Unavailable,
@@ -93,6 +121,7 @@ impl Handler<CallMsg> for GrpcAdapter {
                         },
                     });
                 }
+                Output::Cut { id: victim } => self.send_stats.preempt(victim),
                 Output::Refuse {
                     id: refused,
                     refusal,

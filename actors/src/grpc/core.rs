@@ -26,6 +26,13 @@ pub struct Limits {
     /// Time a response may take to be handed to the transport after its
     /// headers; past it the response is cut and all it holds released.
     pub send_timeout: Duration,
+    /// An answer the transport has not asked a frame of for this long is
+    /// stalled (the client's window is full: it does not read): while
+    /// every fetch slot is held, a new fetch takes the slot of the
+    /// longest-stalled one, which is cut. Clients that never read then
+    /// hold slots only while nobody else wants them.
+    #[serde(default = "default_fetch_stall_timeout")]
+    pub fetch_stall_timeout: Duration,
     /// Bytes of answers built but not yet handed to the transport, per
     /// connection; past it new answers wait for earlier ones to be sent.
     pub max_buffered_bytes_per_connection: usize,
@@ -82,6 +89,10 @@ pub struct Limits {
     pub inbound_idle_timeout: Duration,
 }
 
+fn default_fetch_stall_timeout() -> Duration {
+    Duration::from_millis(500)
+}
+
 fn default_cheap_calls_per_second() -> u32 {
     20
 }
@@ -126,6 +137,7 @@ impl Default for Limits {
             max_concurrent_fetches_per_peer: 4,
             max_concurrent_fetches: 64,
             send_timeout: Duration::from_secs(10),
+            fetch_stall_timeout: default_fetch_stall_timeout(),
             max_buffered_bytes_per_connection: 16 << 20,
             http2_keepalive_interval: Duration::from_secs(30),
             http2_keepalive_timeout: Duration::from_secs(10),
@@ -211,24 +223,20 @@ impl Core for GrpcAdapterCore {
                 caller,
                 connection,
                 call,
+                stalled,
             } => {
+                let mut out = Vec::new();
                 let admitted = self
                     .rate(now, caller, connection, &call)
-                    .and_then(|()| self.admit(id, caller, call));
-                vec![match admitted {
+                    .and_then(|()| self.admit(id, caller, call, &stalled, &mut out));
+                out.push(match admitted {
                     Ok(work) => Output::Admit { id, work },
                     Err(refusal) => Output::Refuse { id, refusal },
-                }]
+                });
+                out
             }
             Input::Done { id } => {
-                if let Some(caller) = self.running.remove(&id)
-                    && let Some(n) = self.fetches.get_mut(&caller)
-                {
-                    *n -= 1;
-                    if *n == 0 {
-                        self.fetches.remove(&caller);
-                    }
-                }
+                self.release(id);
                 vec![]
             }
         }
@@ -321,7 +329,14 @@ impl GrpcAdapterCore {
         }
     }
 
-    fn admit(&mut self, id: u64, caller: Option<PeerId>, call: Call) -> Result<Work, Refusal> {
+    fn admit(
+        &mut self,
+        id: u64,
+        caller: Option<PeerId>,
+        call: Call,
+        stalled: &[u64],
+        out: &mut Vec<Output>,
+    ) -> Result<Work, Refusal> {
         match call {
             Call::CommitInfo { index } => Ok(Work::CommitInfo { index }),
             Call::KnownPeers => Ok(Work::KnownPeers),
@@ -339,7 +354,7 @@ impl GrpcAdapterCore {
                 if end < start {
                     return Err(refuse(Code::InvalidArgument, "end is before start"));
                 }
-                self.take_fetch_slot(id, caller)?;
+                self.take_fetch_slot(id, caller, stalled, out)?;
                 let last = start.saturating_add(self.limits.commit_sync_batch_size.max(1) - 1);
                 Ok(Work::FetchCommits {
                     start,
@@ -359,30 +374,62 @@ impl GrpcAdapterCore {
                         ),
                     ));
                 }
-                self.take_fetch_slot(id, caller)?;
+                self.take_fetch_slot(id, caller, stalled, out)?;
                 Ok(Work::FetchBlocks)
             }
         }
     }
 
-    fn take_fetch_slot(&mut self, id: u64, caller: Option<PeerId>) -> Result<(), Refusal> {
-        if self.running.len() >= self.limits.max_concurrent_fetches {
-            return Err(refuse(
-                Code::ResourceExhausted,
-                "too many fetches in progress",
-            ));
+    /// Frees the slot of fetch `id`, if it holds one.
+    fn release(&mut self, id: u64) {
+        if let Some(caller) = self.running.remove(&id)
+            && let Some(n) = self.fetches.get_mut(&caller)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.fetches.remove(&caller);
+            }
         }
-        let n = self.fetches.entry(caller).or_default();
-        if *n >= self.limits.max_concurrent_fetches_per_peer {
-            return Err(refuse(
-                Code::ResourceExhausted,
-                format!(
-                    "at most {} fetches at once per peer",
-                    self.limits.max_concurrent_fetches_per_peer
-                ),
-            ));
+    }
+
+    /// A slot for fetch `id` of `caller`: a free one, or the slot of the
+    /// first of `stalled` that is running (its cut goes to `out`). At its
+    /// own cap a caller may take only the slot of its own stalled answer:
+    /// all anonymous callers share one allowance, so a stranger that never
+    /// reads cannot keep the others out. Below its cap, when every slot is
+    /// held, it may take any stalled answer's slot.
+    fn take_fetch_slot(
+        &mut self,
+        id: u64,
+        caller: Option<PeerId>,
+        stalled: &[u64],
+        out: &mut Vec<Output>,
+    ) -> Result<(), Refusal> {
+        let at_cap = self.fetches.get(&caller).copied().unwrap_or(0)
+            >= self.limits.max_concurrent_fetches_per_peer;
+        let full = self.running.len() >= self.limits.max_concurrent_fetches;
+        if at_cap || full {
+            let victim = stalled.iter().copied().find(|v| match self.running.get(v) {
+                Some(holder) => !at_cap || *holder == caller,
+                None => false,
+            });
+            let Some(victim) = victim else {
+                return Err(if at_cap {
+                    refuse(
+                        Code::ResourceExhausted,
+                        format!(
+                            "at most {} fetches at once per peer",
+                            self.limits.max_concurrent_fetches_per_peer
+                        ),
+                    )
+                } else {
+                    refuse(Code::ResourceExhausted, "too many fetches in progress")
+                });
+            };
+            self.release(victim);
+            out.push(Output::Cut { id: victim });
         }
-        *n += 1;
+        *self.fetches.entry(caller).or_default() += 1;
         self.running.insert(id, caller);
         Ok(())
     }
@@ -408,6 +455,7 @@ mod tests {
                 caller: caller.map(|p| PeerId([p; 32])),
                 connection: None,
                 call,
+                stalled: Vec::new(),
             },
         )
         .pop()
@@ -417,8 +465,81 @@ mod tests {
     fn code(o: Output) -> Option<Code> {
         match o {
             Output::Refuse { refusal, .. } => Some(refusal.code),
-            Output::Admit { .. } => None,
+            Output::Admit { .. } | Output::Cut { .. } => None,
         }
+    }
+
+    /// Fetch `id` of `caller` with `stalled` fetches to take a slot from.
+    fn fetch_past(c: &mut GrpcAdapterCore, id: u64, caller: u8, stalled: &[u64]) -> Vec<Output> {
+        c.handle(
+            Time(0),
+            Input::Call {
+                id,
+                caller: Some(PeerId([caller; 32])),
+                connection: None,
+                call: Call::FetchBlocks { refs: 1 },
+                stalled: stalled.to_vec(),
+            },
+        )
+    }
+
+    #[test]
+    fn when_every_slot_is_held_a_fetch_takes_the_longest_stalled_slot() {
+        let mut c = core();
+        // Three slots, held by callers 1, 1 and 2.
+        for (id, caller) in [(1, 1), (2, 1), (3, 2)] {
+            assert!(matches!(
+                fetch_past(&mut c, id, caller, &[])[..],
+                [Output::Admit { .. }]
+            ));
+        }
+        // Nothing stalled: refused.
+        assert_eq!(
+            code(fetch_past(&mut c, 4, 3, &[]).pop().unwrap()),
+            Some(Code::ResourceExhausted)
+        );
+        // Stalled ids that hold no slot (ended, or never admitted) are
+        // passed over; the first one holding a slot is cut.
+        let out = fetch_past(&mut c, 5, 3, &[9, 2, 1]);
+        assert_eq!(
+            out,
+            vec![
+                Output::Cut { id: 2 },
+                Output::Admit {
+                    id: 5,
+                    work: Work::FetchBlocks
+                }
+            ]
+        );
+        // The cut fetch's slot was its caller's: caller 1 has one again.
+        assert!(matches!(
+            fetch_past(&mut c, 6, 1, &[1])[..],
+            [Output::Cut { id: 1 }, Output::Admit { id: 6, .. }]
+        ));
+        // Its permit's end, arriving later, frees nothing twice: the three
+        // slots are still held (ids 3, 5, 6).
+        c.handle(Time(0), Input::Done { id: 2 });
+        c.handle(Time(0), Input::Done { id: 1 });
+        assert_eq!(
+            code(fetch_past(&mut c, 7, 4, &[]).pop().unwrap()),
+            Some(Code::ResourceExhausted)
+        );
+        // A caller at its own cap never takes another's slot: caller 3
+        // takes caller 2's (its second), then is refused.
+        assert!(matches!(
+            fetch_past(&mut c, 8, 3, &[3])[..],
+            [Output::Cut { id: 3 }, Output::Admit { id: 8, .. }]
+        ));
+        assert_eq!(
+            fetch_past(&mut c, 9, 3, &[6]),
+            vec![Output::Refuse {
+                id: 9,
+                refusal: refuse(
+                    Code::ResourceExhausted,
+                    "at most 2 fetches at once per peer"
+                ),
+            }]
+        );
     }
 
     #[test]
@@ -534,6 +655,7 @@ mod tests {
                     caller: caller.map(|p| PeerId([p; 32])),
                     connection: Some(SocketAddr::from(([127, 0, 0, 1], port))),
                     call,
+                    stalled: Vec::new(),
                 },
             )
             .pop()

@@ -16,12 +16,13 @@
 //! frame while it waits for window, and a slice of a shared buffer would
 //! keep the whole answer alive after the deadline.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 use http_body::Frame;
@@ -39,10 +40,23 @@ use super::budget::Reservation;
 pub const SLICE_BYTES: usize = 64 << 10;
 
 /// What the server is sending; shared with the handle.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct SendStats {
     fetches_in_flight: AtomicUsize,
     cut: AtomicU64,
+    preempted: AtomicU64,
+    /// The answers of admitted fetches being sent, by fetch id.
+    sending: Mutex<HashMap<u64, Weak<Mutex<State>>>>,
+}
+
+impl std::fmt::Debug for SendStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SendStats")
+            .field("fetches_in_flight", &self.fetches_in_flight())
+            .field("cut", &self.responses_cut())
+            .field("preempted", &self.responses_preempted())
+            .finish()
+    }
 }
 
 impl SendStats {
@@ -56,12 +70,63 @@ impl SendStats {
     pub fn responses_cut(&self) -> u64 {
         self.cut.load(Ordering::Relaxed)
     }
+
+    /// Stalled responses cut so that a new fetch could take their slot.
+    pub fn responses_preempted(&self) -> u64 {
+        self.preempted.load(Ordering::Relaxed)
+    }
+
+    /// The fetches whose answers the transport has not asked a frame of
+    /// for `stall` (their clients' windows are full), longest-stalled
+    /// first.
+    pub(super) fn stalled(&self, stall: Duration) -> Vec<u64> {
+        let now = Instant::now();
+        let mut stalled: Vec<(Instant, u64)> = lock(&self.sending)
+            .iter()
+            .filter_map(|(id, state)| {
+                let state = state.upgrade()?;
+                let last_polled = match &*lock(&state) {
+                    State::Sending(s) => s.last_polled,
+                    _ => return None,
+                };
+                (now.duration_since(last_polled) >= stall).then_some((last_polled, *id))
+            })
+            .collect();
+        stalled.sort_unstable();
+        stalled.into_iter().map(|(_, id)| id).collect()
+    }
+
+    /// Cuts the answer of fetch `id` now, as its deadline would, for a
+    /// newer fetch that took its slot.
+    pub(super) fn preempt(&self, id: u64) {
+        let state = lock(&self.sending).remove(&id).and_then(|s| s.upgrade());
+        if let Some(state) = state
+            && cut(&state)
+        {
+            self.preempted.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(id, "stalled response cut for a newer fetch");
+        }
+    }
+}
+
+/// Cuts a response still being sent: its body, producer and guard are
+/// dropped (outside the lock). False if it had ended already.
+fn cut(state: &Mutex<State>) -> bool {
+    let cut = {
+        let mut state = lock(state);
+        match *state {
+            State::Sending(_) => std::mem::replace(&mut *state, State::Cut),
+            _ => return false,
+        }
+    };
+    drop(cut);
+    true
 }
 
 /// An admitted fetch's slot, counted in [`SendStats`] while held.
 #[derive(Debug)]
 pub(super) struct FetchSlot {
-    _permit: Permit,
+    permit: Permit,
     stats: Arc<SendStats>,
 }
 
@@ -70,7 +135,7 @@ impl FetchSlot {
     pub(super) fn new(permit: Permit, stats: &Arc<SendStats>) -> Self {
         stats.fetches_in_flight.fetch_add(1, Ordering::Relaxed);
         FetchSlot {
-            _permit: permit,
+            permit,
             stats: stats.clone(),
         }
     }
@@ -86,7 +151,7 @@ impl Drop for FetchSlot {
 /// is dropped, or misses the deadline.
 #[derive(Debug, Default)]
 pub(super) struct SendGuard {
-    _slot: Option<FetchSlot>,
+    slot: Option<FetchSlot>,
     reservation: Option<Arc<Reservation>>,
 }
 
@@ -94,10 +159,7 @@ impl SendGuard {
     /// A fetch's admission `slot` and the `reservation` of its bytes not
     /// yet handed to the transport.
     pub(super) fn new(slot: Option<FetchSlot>, reservation: Option<Arc<Reservation>>) -> Self {
-        SendGuard {
-            _slot: slot,
-            reservation,
-        }
+        SendGuard { slot, reservation }
     }
 }
 
@@ -186,44 +248,53 @@ struct Sending {
     /// The part of the last data frame not yet handed over.
     rest: Bytes,
     guard: SendGuard,
+    /// When the transport last asked for a frame (or the response began):
+    /// it asks only while the client's window has room, so a client that
+    /// does not read leaves this behind.
+    last_polled: Instant,
 }
 
 /// A response body cut at its deadline; see the module docs.
 pub struct DeadlineBody {
     state: Arc<Mutex<State>>,
+    /// The fetch it answers, registered in `stats` while being sent.
+    fetch: Option<(u64, Arc<SendStats>)>,
     /// Dropped when the body ends or goes, which ends the deadline task.
     _cancel: oneshot::Sender<()>,
 }
 
 impl DeadlineBody {
     fn new(body: Body, guard: SendGuard, timeout: Duration, stats: Arc<SendStats>) -> Self {
+        let id = guard.slot.as_ref().map(|s| s.permit.id());
         let state = Arc::new(Mutex::new(State::Sending(Sending {
             body,
             rest: Bytes::new(),
             guard,
+            last_polled: Instant::now(),
         })));
+        if let Some(id) = id {
+            lock(&stats.sending).insert(id, Arc::downgrade(&state));
+        }
         let (cancel, cancelled) = oneshot::channel::<()>();
         let weak = Arc::downgrade(&state);
+        let task_stats = stats.clone();
         tokio::spawn(async move {
             tokio::select! {
                 _ = tokio::time::sleep(timeout) => {}
                 _ = cancelled => return,
             }
             let Some(state) = weak.upgrade() else { return };
-            let cut = {
-                let mut state = lock(&state);
-                match *state {
-                    State::Sending(_) => std::mem::replace(&mut *state, State::Cut),
-                    _ => return,
+            if cut(&state) {
+                if let Some(id) = id {
+                    lock(&task_stats.sending).remove(&id);
                 }
-            };
-            // Body, producer and guard are released here, outside the lock.
-            drop(cut);
-            stats.cut.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!("response not sent within {timeout:?}; cut");
+                task_stats.cut.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("response not sent within {timeout:?}; cut");
+            }
         });
         DeadlineBody {
             state,
+            fetch: id.map(|id| (id, stats)),
             _cancel: cancel,
         }
     }
@@ -242,6 +313,14 @@ impl Sending {
     }
 }
 
+impl Drop for DeadlineBody {
+    fn drop(&mut self) {
+        if let Some((id, stats)) = &self.fetch {
+            lock(&stats.sending).remove(id);
+        }
+    }
+}
+
 impl http_body::Body for DeadlineBody {
     type Data = Bytes;
     type Error = Status;
@@ -252,7 +331,10 @@ impl http_body::Body for DeadlineBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let mut state = lock(&self.state);
         let sending = match &mut *state {
-            State::Sending(s) => s,
+            State::Sending(s) => {
+                s.last_polled = Instant::now();
+                s
+            }
             State::Finished => return Poll::Ready(None),
             State::Cut => {
                 return Poll::Ready(Some(Err(Status::deadline_exceeded(

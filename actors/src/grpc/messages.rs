@@ -122,6 +122,11 @@ pub enum Input {
         connection: Option<std::net::SocketAddr>,
         /// The call.
         call: Call,
+        /// Admitted fetches whose answers are stalled (nothing handed to
+        /// the transport for `fetch_stall_timeout`), longest-stalled first:
+        /// the slots a fetch may take when none is free.
+        #[serde(default)]
+        stalled: Vec<u64>,
     },
     /// A call admitted earlier ended (its permit was dropped).
     Done {
@@ -140,6 +145,11 @@ pub enum Output {
         id: u64,
         /// What to do.
         work: Work,
+    },
+    /// Fetch `id` lost its slot to a newer one: cut its answer.
+    Cut {
+        /// Correlation id of the fetch to cut.
+        id: u64,
     },
     /// Call `id` is refused.
     Refuse {

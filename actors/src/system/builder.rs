@@ -201,6 +201,7 @@ impl P2pBuilder {
                 highest: synced.index,
                 lowest: store.lowest_available_commit()?,
             });
+        let send_stats = Arc::new(SendStats::default());
         let node = NodeParts {
             availability,
             store: store.clone(),
@@ -216,10 +217,10 @@ impl P2pBuilder {
             discovery,
             key: network_key,
             addresses: own_info.info.addresses.clone(),
+            send_stats: send_stats.clone(),
         };
         let (actors, system, actor_thread, actors_stopped) = start_actors(&config, node)?;
         let rpc_counts = crate::grpc::RpcCounts::default();
-        let send_stats = Arc::new(SendStats::default());
 
         let service = P2pService::new(
             actors.adapter.clone(),
@@ -329,6 +330,7 @@ struct NodeParts {
     identity: NodeIdentity,
     runtime: tokio::runtime::Handle,
     events: broadcast::Sender<crate::connections::PeerEvent>,
+    send_stats: Arc<SendStats>,
     discovery: discovery::Init,
     key: KeyPair,
     addresses: Vec<String>,
@@ -356,6 +358,7 @@ fn start_actors(config: &P2pConfig, node: NodeParts) -> Result<Started, StartErr
                     identity,
                     runtime,
                     events,
+                    send_stats,
                     discovery,
                     key,
                     addresses,
@@ -444,6 +447,7 @@ fn start_actors(config: &P2pConfig, node: NodeParts) -> Result<Started, StartErr
                     config.grpc.clone(),
                     heights.clone(),
                     capacity,
+                    send_stats,
                     Recorder::from_env("grpc_adapter"),
                 )
                 .start();

@@ -312,6 +312,12 @@ impl P2pHandle {
         self.inner.send_stats.responses_cut()
     }
 
+    /// Stalled responses the server cut so that a newer fetch could take
+    /// their slot (see `fetch_stall_timeout`).
+    pub fn responses_preempted(&self) -> u64 {
+        self.inner.send_stats.responses_preempted()
+    }
+
     /// How many inbound connections are open, and what admission did so
     /// far (refusals by reason, evictions, timeouts).
     pub fn inbound_connections(&self) -> InboundConnections {

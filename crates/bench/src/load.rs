@@ -5,7 +5,7 @@
 //! and after the storm, and what each call got.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -184,11 +184,5 @@ pub fn child() {
     let store = MemStore::new(chain.genesis());
     chain.write_to(&store, 100).expect("the chain writes");
     let node = soma_testkit::node(&chain, 1, P2pConfig::default(), Arc::new(store));
-    println!("{} {}", node.local_addr(), hex::encode(node.peer_id().0));
-    std::io::stdout().flush().expect("stdout");
-    let mut line = String::new();
-    while std::io::stdin().read_line(&mut line).is_ok_and(|n| n > 0) {
-        line.clear();
-    }
-    runtime(1).block_on(node.shutdown());
+    crate::serve_until_stdin_closes(node);
 }

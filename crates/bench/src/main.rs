@@ -163,7 +163,7 @@ impl Size {
             adversarial_epoch: 200,
             adversarial_runs: 3,
             adversarial_timeout: Duration::from_secs(10),
-            attack_commits: 4_000,
+            attack_commits: 20_000,
             attack_runs: 3,
         }
     }
@@ -230,6 +230,23 @@ pub fn child_report(
 /// unreadable.
 pub fn peak_rss_kib(pid: u32) -> u64 {
     soma_testkit::peak_rss_of(pid).map_or(0, |bytes| bytes / 1024)
+}
+
+/// A serving child's life: prints `address peer-id-hex` of `node` for the
+/// harness, serves until the harness closes its stdin, then stops it.
+pub fn serve_until_stdin_closes(node: soma_actors::P2pHandle) {
+    use std::io::{BufRead, Write};
+    println!("{} {}", node.local_addr(), hex::encode(node.peer_id().0));
+    std::io::stdout().flush().expect("stdout");
+    let mut line = String::new();
+    while std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .is_ok_and(|n| n > 0)
+    {
+        line.clear();
+    }
+    runtime(1).block_on(node.shutdown());
 }
 
 /// A peer id from its hex form, as children print and take them.

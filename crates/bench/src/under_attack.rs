@@ -7,7 +7,7 @@
 //! holding what it aims at before the honest node starts). Then the
 //! eclipse scenario of the Discovery core, at the production defaults.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,16 +41,21 @@ const PATIENCE: Duration = Duration::from_secs(300);
 enum Kind {
     None,
     NeverReading,
+    NeverReadingResend,
     ConnectionFlood,
     Hammer,
     Identities,
 }
 
-const KINDS: [(Kind, &str); 5] = [
+const KINDS: [(Kind, &str); 6] = [
     (Kind::None, "no attack"),
     (
         Kind::NeverReading,
         "16 identities never read (all 32 fetch slots)",
+    ),
+    (
+        Kind::NeverReadingResend,
+        "the same, asking again at each send deadline",
     ),
     (
         Kind::ConnectionFlood,
@@ -99,13 +104,7 @@ pub fn child(commits: u64, seed: &str) {
         }];
     }
     let node = soma_testkit::node(&chain, 1, config, Arc::new(store));
-    println!("{} {}", node.local_addr(), hex::encode(node.peer_id().0));
-    std::io::stdout().flush().expect("stdout");
-    let mut line = String::new();
-    while std::io::stdin().read_line(&mut line).is_ok_and(|n| n > 0) {
-        line.clear();
-    }
-    runtime(1).block_on(node.shutdown());
+    crate::serve_until_stdin_closes(node);
 }
 
 /// A running served node.
@@ -160,7 +159,16 @@ async fn wait_until(what: &str, done: impl Fn() -> bool) {
 async fn start_attack(kind: Kind, target: Target, chain: &Chain) -> Option<Attack> {
     match kind {
         Kind::None => None,
-        Kind::NeverReading => {
+        Kind::NeverReading | Kind::NeverReadingResend => {
+            // The node's cut reaches hyper only when the client's window
+            // opens, so a client that never reads never sees it: it either
+            // holds its calls (and the node frees the slots at the
+            // deadline), or, knowing the deadline, asks again right after.
+            let hold = if matches!(kind, Kind::NeverReading) {
+                5 * SEND_TIMEOUT
+            } else {
+                SEND_TIMEOUT + Duration::from_millis(50)
+            };
             let unread = Unread {
                 blocks: (1..=chain.tip().min(100))
                     .flat_map(|i| chain.blocks_of(i).iter())
@@ -170,8 +178,9 @@ async fn start_attack(kind: Kind, target: Target, chain: &Chain) -> Option<Attac
                     start: 1,
                     end: chain.tip().min(100),
                 },
-                per_client: FETCHES_PER_PEER / 2,
-                hold: 5 * SEND_TIMEOUT,
+                fetch_blocks: 1,
+                fetch_commits: 1,
+                hold,
             };
             let identities = FETCHES / FETCHES_PER_PEER;
             let attack = attack::never_reading(target, identities, 0, unread).await;

@@ -169,8 +169,12 @@ pub struct P2pSection {
     pub max_buffered_bytes_per_connection: usize,
     /// FetchCommits and FetchBlocks served at once, in all.
     pub max_concurrent_fetches: usize,
-    /// FetchCommits and FetchBlocks served at once to one caller
-    /// (anonymous callers: to one connection).
+    /// An answer that sent nothing for this long gives its slot to a new
+    /// fetch when every slot is held.
+    #[serde(with = "humantime_serde")]
+    pub fetch_stall_timeout: Duration,
+    /// FetchCommits and FetchBlocks served at once to one caller (all
+    /// anonymous callers share one allowance).
     pub max_concurrent_fetches_per_peer: usize,
     /// Interval of HTTP/2 pings on inbound connections.
     #[serde(with = "humantime_serde")]
@@ -236,6 +240,7 @@ impl Default for P2pSection {
             send_timeout: p.grpc.send_timeout,
             max_buffered_bytes_per_connection: p.grpc.max_buffered_bytes_per_connection,
             max_concurrent_fetches: p.grpc.max_concurrent_fetches,
+            fetch_stall_timeout: p.grpc.fetch_stall_timeout,
             max_concurrent_fetches_per_peer: p.grpc.max_concurrent_fetches_per_peer,
             http2_keepalive_interval: p.grpc.http2_keepalive_interval,
             http2_keepalive_timeout: p.grpc.http2_keepalive_timeout,
@@ -358,6 +363,12 @@ impl NodeConfig {
             "between 100ms and 10m",
             between(p.send_timeout, 100, 600_000),
             ms(p.send_timeout),
+        )?;
+        range(
+            "p2p.fetch-stall-timeout",
+            "between 10ms and 1h",
+            between(p.fetch_stall_timeout, 10, 3_600_000),
+            ms(p.fetch_stall_timeout),
         )?;
         range(
             "p2p.http2-keepalive-interval",
@@ -687,6 +698,7 @@ impl NodeConfig {
         c.grpc.send_timeout = p.send_timeout;
         c.grpc.max_buffered_bytes_per_connection = p.max_buffered_bytes_per_connection;
         c.grpc.max_concurrent_fetches = p.max_concurrent_fetches;
+        c.grpc.fetch_stall_timeout = p.fetch_stall_timeout;
         c.grpc.max_concurrent_fetches_per_peer = p.max_concurrent_fetches_per_peer;
         c.grpc.http2_keepalive_interval = p.http2_keepalive_interval;
         c.grpc.http2_keepalive_timeout = p.http2_keepalive_timeout;
@@ -829,6 +841,9 @@ max-buffered-bytes-per-connection = {buffered}
 # its answer is sent or cut at send-timeout.
 max-concurrent-fetches = {fetches}
 max-concurrent-fetches-per-peer = {fetches_per_peer}
+# An answer that sent nothing for this long is stalled: when every slot is
+# held, a new fetch takes the longest-stalled one's slot and it is cut.
+fetch-stall-timeout = "{stall}"
 # HTTP/2 pings find dead connections; every connection is asked to close
 # at its maximum age and closed after the grace.
 http2-keepalive-interval = "{keepalive}"
@@ -880,6 +895,7 @@ max-connection-age-grace = "{grace}"
         buffered = p.max_buffered_bytes_per_connection,
         fetches = p.max_concurrent_fetches,
         fetches_per_peer = p.max_concurrent_fetches_per_peer,
+        stall = humantime_serde::re::humantime::format_duration(p.fetch_stall_timeout),
         keepalive = humantime_serde::re::humantime::format_duration(p.http2_keepalive_interval),
         keepalive_timeout =
             humantime_serde::re::humantime::format_duration(p.http2_keepalive_timeout),

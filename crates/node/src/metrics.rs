@@ -106,8 +106,8 @@ impl Series {
             responses_cut: counter(
                 &r,
                 "soma_responses_cut_total",
-                "Answers cut because the caller did not read them within send-timeout",
-                &[],
+                "Answers cut unread: at send-timeout, or stalled when a newer fetch took the slot",
+                &["reason"],
             ),
             inbound_refused: counter(
                 &r,
@@ -171,7 +171,12 @@ impl Series {
         self.inbound.set(inbound.open as i64);
         self.fetches_in_flight
             .set(handle.fetches_in_flight() as i64);
-        self.advance(&self.responses_cut, &[], handle.responses_cut());
+        self.advance(&self.responses_cut, &["deadline"], handle.responses_cut());
+        self.advance(
+            &self.responses_cut,
+            &["stalled"],
+            handle.responses_preempted(),
+        );
         let c = inbound.counts;
         for (reason, n) in [
             ("per_ip", c.refused_per_ip),

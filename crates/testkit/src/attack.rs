@@ -12,12 +12,13 @@
 //! node did with it.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures::StreamExt;
+use soma_actors::discovery::SeedPeer;
 use soma_types::{Access, KeyPair, NodeInfo, PeerId, SignedNodeInfo, codec};
 use soma_wire::proto::{self, p2p_client::P2pClient, p2p_server::P2p, p2p_server::P2pServer};
 use soma_wire::tls::{self, AccessPolicy, NodeIdentity};
@@ -241,8 +242,12 @@ pub struct Unread {
     pub blocks: Vec<proto::BlockRef>,
     /// Commits of each FetchCommits.
     pub commits: proto::FetchCommitsRequest,
-    /// FetchBlocks and FetchCommits each client keeps open at once.
-    pub per_client: usize,
+    /// FetchBlocks each client keeps open at once.
+    pub fetch_blocks: usize,
+    /// FetchCommits each client keeps open at once. A connection's budget
+    /// of unsent answers (`max-buffered-bytes-per-connection`) may hold
+    /// back a second answer on one connection until the first is sent.
+    pub fetch_commits: usize,
     /// How long a client holds a call whose end it has not seen before it
     /// drops it and asks again (a cut is not always seen while the window
     /// is zero): longer than the node's send deadline, so that the slots
@@ -252,8 +257,8 @@ pub struct Unread {
 
 /// `identities` clients that never read, each from host
 /// [`host`]`(first_host + i)` on a connection of its own with a zero
-/// window, each keeping `what.per_client` FetchBlocks and as many
-/// FetchCommits open: every call the node cuts or refuses, or that was
+/// window, each keeping `what.fetch_blocks` FetchBlocks and
+/// `what.fetch_commits` FetchCommits open: every call the node cuts or refuses, or that was
 /// held for `what.hold`, is sent again. Every client connects before any
 /// of them calls.
 pub async fn never_reading(
@@ -286,7 +291,7 @@ pub async fn never_reading(
     }))
     .await;
     for reader in readers.into_iter().flatten() {
-        for _ in 0..what.per_client {
+        for _ in 0..what.fetch_blocks {
             let (mut blocks, counts_b, what_b) = (reader.clone(), counts.clone(), what.clone());
             attack.tasks.push(tokio::spawn(async move {
                 loop {
@@ -310,6 +315,8 @@ pub async fn never_reading(
                     }
                 }
             }));
+        }
+        for _ in 0..what.fetch_commits {
             let (mut commits, counts_c, what_c) = (reader.clone(), counts.clone(), what.clone());
             attack.tasks.push(tokio::spawn(async move {
                 loop {
@@ -463,6 +470,8 @@ struct FakeInfos {
     fakes: Vec<SignedNodeInfo>,
     per_call: usize,
     counts: Arc<Counts>,
+    /// Timestamps of the own infos sent, in order.
+    sent: Arc<std::sync::Mutex<Vec<u64>>>,
 }
 
 #[tonic::async_trait]
@@ -471,8 +480,12 @@ impl P2p for FakeInfos {
         &self,
         _: Request<proto::GetKnownPeersRequest>,
     ) -> Result<Response<proto::GetKnownPeersResponse>, Status> {
-        let call = self.counts.answered.fetch_add(1, Ordering::SeqCst) as usize;
         let own = signed_info(&self.key, &self.address, now_ms());
+        let call = {
+            let mut sent = self.sent.lock().unwrap_or_else(PoisonError::into_inner);
+            sent.push(own.info.timestamp_ms);
+            self.counts.answered.fetch_add(1, Ordering::SeqCst) as usize
+        };
         let known_peers = (0..self.per_call.min(self.fakes.len()))
             .map(|k| &self.fakes[(call * self.per_call + k) % self.fakes.len()])
             .map(|i| Bytes::from(codec::encode(i)))
@@ -523,23 +536,40 @@ impl P2p for FakeInfos {
     }
 }
 
-/// A running peer that answers with fake infos: its address and identity
-/// (a seed entry for the node attacked), and its answers counted in
-/// [`Counts::answered`]. Serves until dropped.
+/// A running peer that answers with infos: its address and identity (a
+/// seed entry for the node attacked), and the own infos it sent. Serves
+/// until dropped.
 pub struct FakeInfoPeer {
     /// Where it listens.
     pub address: String,
     /// Its identity.
     pub peer_id: PeerId,
-    /// The fresh identities whose infos it hands out.
+    /// The identities whose infos it hands out.
     pub fakes: Vec<PeerId>,
-    attack: Attack,
+    sent: Arc<std::sync::Mutex<Vec<u64>>>,
+    _attack: Attack,
 }
 
 impl FakeInfoPeer {
     /// GetKnownPeers answers sent so far.
     pub fn answers(&self) -> u64 {
-        self.attack.tally().answered
+        self.sent().len() as u64
+    }
+
+    /// The timestamps of the own infos sent in its answers, in order.
+    pub fn sent(&self) -> Vec<u64> {
+        self.sent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Its seed entry.
+    pub fn seed(&self) -> SeedPeer {
+        SeedPeer {
+            peer_id: Some(self.peer_id),
+            address: self.address.clone(),
+        }
     }
 }
 
@@ -553,25 +583,39 @@ pub async fn serve_fake_infos(
     ahead_ms: u64,
     per_call: usize,
 ) -> FakeInfoPeer {
+    let stamped = now_ms() + ahead_ms;
+    let fakes = (0..fakes)
+        .map(|i| signed_info(&fresh_key(3, i), advertised, stamped))
+        .collect();
+    serve_infos(key, fakes, per_call).await
+}
+
+/// Serves, as `key` on 127.0.0.1, GetKnownPeers answers of its own fresh
+/// info and `per_call` of `infos` (a different window each call), and
+/// GetCommitAvailability (so a node stays connected to it); nothing else.
+/// With no infos, an honest peer that knows no one.
+pub async fn serve_infos(
+    key: KeyPair,
+    infos: Vec<SignedNodeInfo>,
+    per_call: usize,
+) -> FakeInfoPeer {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("binds an ephemeral port");
     let address = listener.local_addr().expect("bound").to_string();
     let identity = NodeIdentity::generate(&key).expect("an identity");
     let peer_id = PeerId::from(key.public());
-    let stamped = now_ms() + ahead_ms;
-    let fakes: Vec<SignedNodeInfo> = (0..fakes)
-        .map(|i| signed_info(&fresh_key(3, i), advertised, stamped))
-        .collect();
-    let fake_ids = fakes.iter().map(|i| i.info.peer_id).collect();
+    let fake_ids = infos.iter().map(|i| i.info.peer_id).collect();
     let counts = Arc::new(Counts::default());
     let mut attack = Attack::new(counts.clone());
+    let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
     let server = FakeInfos {
         key,
         address: address.clone(),
-        fakes,
+        fakes: infos,
         per_call,
         counts,
+        sent: sent.clone(),
     };
     let config = tls::server_config(&identity, &AccessPolicy::default()).expect("tls");
     attack.tasks.push(tokio::spawn(async move {
@@ -584,7 +628,8 @@ pub async fn serve_fake_infos(
         address,
         peer_id,
         fakes: fake_ids,
-        attack,
+        sent,
+        _attack: attack,
     }
 }
 
