@@ -339,7 +339,11 @@ pub async fn never_reading(
 /// One host, [`host`]`(source_host)`, holding `connections` inbound
 /// connections of `target`: half finish the TLS handshake (anonymous) and
 /// then stay idle, half never send a byte. Each one the node closes or
-/// refuses is opened again.
+/// refuses is opened again. Counted: a handshake finished in
+/// [`Counts::answered`], one refused in [`Counts::refused`], and the end
+/// of every connection that got a socket in [`Counts::cut`] (for the
+/// silent half, a reset at accept included: it cannot tell the two
+/// apart).
 pub fn connection_flood(target: Target, source_host: u8, connections: usize) -> Attack {
     let counts = Arc::new(Counts::default());
     let mut attack = Attack::new(counts.clone());
