@@ -32,7 +32,8 @@ pub struct Init {
     /// Peers dialled first and always, even past the target; in private
     /// mode the only ones.
     pub allowlist: Vec<PeerId>,
-    /// Dialled when no peer is connected.
+    /// Dialled when no peer is connected, and while known peers leave room
+    /// under the connection target.
     pub seeds: Vec<SeedPeer>,
     /// Seed of the core's randomness.
     pub seed: u64,
@@ -234,6 +235,8 @@ pub struct DiscoveryCore {
     verified: BTreeSet<PeerId>,
     /// Dials in progress by address, with the peer expected and the start.
     pending: BTreeMap<String, (Option<PeerId>, Time)>,
+    /// The identity each seed dialled by address turned out to have.
+    seed_ids: BTreeMap<String, PeerId>,
     /// Backoff by address.
     backoff: BTreeMap<String, Backoff>,
     /// GetKnownPeers calls served this interval, per caller.
@@ -260,6 +263,7 @@ impl Core for DiscoveryCore {
             connected: BTreeSet::new(),
             verified: BTreeSet::new(),
             pending: BTreeMap::new(),
+            seed_ids: BTreeMap::new(),
             backoff: BTreeMap::new(),
             served: HashMap::new(),
             learned: BTreeMap::new(),
@@ -270,6 +274,9 @@ impl Core for DiscoveryCore {
         match input {
             Input::Tick { unix_ms } => self.tick(now, unix_ms),
             Input::Connected { peer, address } => {
+                if self.init.seeds.iter().any(|s| s.address == address) {
+                    self.seed_ids.insert(address.clone(), peer);
+                }
                 self.connected.insert(peer);
                 self.verified.insert(peer);
                 self.pending.remove(&address);
@@ -532,16 +539,28 @@ impl DiscoveryCore {
             slots = slots.saturating_sub(1);
             self.start_dial(now, Some(peer), address, out);
         }
+        let others_dialled = others.len().min(slots);
         for (peer, address) in others.into_iter().take(slots) {
             self.start_dial(now, Some(peer), address, out);
         }
-        // Isolated: the seeds.
-        if self.connected.is_empty() && self.pending.is_empty() {
+        // The seeds: all of them when isolated; otherwise those not
+        // connected, while known peers leave room under the target. Peers
+        // that stay connected but serve nothing (banned liars) must not
+        // keep a node from its seeds for ever.
+        let isolated = self.connected.is_empty() && self.pending.is_empty();
+        let room = slots.saturating_sub(others_dialled);
+        if isolated || room > 0 {
             let seeds: Vec<SeedPeer> = self
                 .init
                 .seeds
                 .iter()
-                .filter(|s| s.peer_id != Some(self.init.local) && self.dialable(now, &s.address))
+                .filter(|s| {
+                    let id = s.peer_id.or_else(|| self.seed_ids.get(&s.address).copied());
+                    id != Some(self.init.local)
+                        && id.is_none_or(|id| !self.connected.contains(&id))
+                        && self.dialable(now, &s.address)
+                })
+                .take(if isolated { usize::MAX } else { room })
                 .cloned()
                 .collect();
             for seed in seeds {
@@ -813,7 +832,7 @@ mod tests {
     }
 
     #[test]
-    fn seeds_are_dialled_only_when_isolated() {
+    fn a_connected_seed_is_not_dialled_again() {
         let mut i = init(8);
         i.seeds = vec![SeedPeer {
             peer_id: None,
@@ -844,6 +863,62 @@ mod tests {
         assert!(dials(&tick(&mut c, Time(60_000), NOW_MS)).is_empty());
         c.handle(Time(60_000), Input::Disconnected { peer: id(7) });
         assert_eq!(dials(&tick(&mut c, Time(120_000), NOW_MS)).len(), 1);
+    }
+
+    #[test]
+    fn seeds_are_redialled_while_other_peers_leave_room_under_the_target() {
+        let mut i = init(8);
+        i.seeds = vec![SeedPeer {
+            peer_id: None,
+            address: "seed:1".into(),
+        }];
+        let mut c = DiscoveryCore::new(i);
+        // Connected to a peer that is not the seed (say, one that is
+        // banned and serves nothing): the seed is dialled all the same.
+        c.handle(
+            Time(0),
+            Input::Connected {
+                address: "10.0.0.3:7000".into(),
+                peer: id(3),
+            },
+        );
+        assert_eq!(
+            dials(&tick(&mut c, Time(0), NOW_MS)),
+            vec![(None, "seed:1".to_string())]
+        );
+        c.handle(
+            Time(10),
+            Input::Connected {
+                address: "seed:1".into(),
+                peer: id(7),
+            },
+        );
+        // Connected: left alone.
+        assert!(dials(&tick(&mut c, Time(20), NOW_MS)).is_empty());
+        // Gone while the other peer stays: dialled again.
+        c.handle(Time(30), Input::Disconnected { peer: id(7) });
+        assert_eq!(
+            dials(&tick(&mut c, Time(40), NOW_MS)),
+            vec![(None, "seed:1".to_string())]
+        );
+    }
+
+    #[test]
+    fn with_no_room_under_the_target_a_connected_node_leaves_its_seeds_alone() {
+        let mut i = init(1);
+        i.seeds = vec![SeedPeer {
+            peer_id: None,
+            address: "seed:1".into(),
+        }];
+        let mut c = DiscoveryCore::new(i);
+        c.handle(
+            Time(0),
+            Input::Connected {
+                address: "10.0.0.3:7000".into(),
+                peer: id(3),
+            },
+        );
+        assert!(dials(&tick(&mut c, Time(0), NOW_MS)).is_empty());
     }
 
     #[test]

@@ -21,7 +21,8 @@ pub struct P2pConfig {
     pub access: Access,
     /// Peers always allowed (and, in private mode, the only ones).
     pub allowlist: Vec<PeerId>,
-    /// Peers dialled when no other is connected.
+    /// Peers dialled when none is connected, and while known peers leave
+    /// room under the connection target.
     pub seed_peers: Vec<SeedPeer>,
     /// Time allowed for one request to a peer, and for the adapter to answer.
     pub timeout: Duration,

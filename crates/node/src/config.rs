@@ -271,7 +271,8 @@ pub struct NodeConfig {
     /// Peers always allowed; in private mode the only ones.
     #[serde(default)]
     pub allowlist: Vec<PeerId>,
-    /// Peers dialled when no other is connected.
+    /// Peers dialled when none is connected, and while known peers leave
+    /// room under the connection target.
     #[serde(default)]
     pub seed_peers: Vec<SeedConfig>,
     /// Where Prometheus metrics are served, if anywhere.
@@ -744,7 +745,8 @@ external-addresses = []
 access = "public"
 # Peer ids (hex) always allowed, and in private mode the only ones.
 allowlist = []
-# Peers dialled when no other is connected; peer-id is optional.
+# Peers dialled when none is connected, and while known peers leave room
+# under target-concurrent-connections; peer-id is optional.
 # seed-peers = [{{ peer-id = "…", address = "10.0.0.5:7000" }}]
 seed-peers = []
 # Prometheus metrics (/metrics); omit to serve none.
