@@ -5,8 +5,6 @@
 //! and after the storm, and what each call got.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -53,16 +51,8 @@ pub fn section(size: &Size) -> Section {
     let refs: Vec<BlockRef> = (1..=COMMITS_PER_CALL)
         .flat_map(|i| chain.blocks_of(i).iter().map(|b| b.reference()))
         .collect();
-    let mut child = Command::new(std::env::current_exe().expect("this executable"))
-        .arg("child-serve")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("the child starts");
-    let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
-    let first = lines.next().expect("the child's address").expect("a line");
-    let (address, peer) = first.split_once(' ').expect("address peer-id");
-    let peer = crate::peer_id_from_hex(peer).expect("a 32-byte hex peer id");
+    let (mut child, address, peer) = crate::spawn_serving_child(&["child-serve"]);
+    let address = address.as_str();
     let pid = child.id();
     let idle_kib = crate::peak_rss_kib(pid);
 

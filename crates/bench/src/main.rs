@@ -232,6 +232,29 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
     soma_testkit::peak_rss_of(pid).map_or(0, |bytes| bytes / 1024)
 }
 
+/// Starts this executable as a serving child with `args`; returns it,
+/// with its stdout taken, once it printed its address and peer id (see
+/// [`serve_until_stdin_closes`]). Closing its stdin stops it.
+pub fn spawn_serving_child(args: &[&str]) -> (std::process::Child, String, soma_types::PeerId) {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(std::env::current_exe().expect("this executable"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("the child starts");
+    let stdout = child.stdout.take().expect("piped");
+    let first = std::io::BufReader::new(stdout)
+        .lines()
+        .next()
+        .expect("the child's address")
+        .expect("a line");
+    let (address, peer) = first.split_once(' ').expect("address peer-id");
+    let peer = peer_id_from_hex(peer).expect("a 32-byte hex peer id");
+    (child, address.to_owned(), peer)
+}
+
 /// A serving child's life: prints `address peer-id-hex` of `node` for the
 /// harness, serves until the harness closes its stdin, then stops it.
 pub fn serve_until_stdin_closes(node: soma_actors::P2pHandle) {

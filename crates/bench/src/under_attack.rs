@@ -7,8 +7,7 @@
 //! holding what it aims at before the honest node starts). Then the
 //! eclipse scenario of the Discovery core, at the production defaults.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -116,18 +115,11 @@ struct Served {
 
 impl Served {
     fn start(commits: u64, seed: &str) -> Served {
-        let mut child = Command::new(std::env::current_exe().expect("this executable"))
-            .args(["child-attacked", &commits.to_string(), seed])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("the child starts");
-        let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
-        let first = lines.next().expect("the child's address").expect("a line");
-        let (address, peer) = first.split_once(' ').expect("address peer-id");
+        let (mut child, address, peer) =
+            crate::spawn_serving_child(&["child-attacked", &commits.to_string(), seed]);
         let target = Target {
             address: address.parse().expect("a socket address"),
-            peer_id: crate::peer_id_from_hex(peer),
+            peer_id: Some(peer),
         };
         Served {
             stdin: child.stdin.take(),
