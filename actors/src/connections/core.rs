@@ -71,11 +71,22 @@ impl Core for ConnectionsCore {
                 result,
             } => self.dialed(address, expected, result),
             Input::ActivePeers => vec![Output::Peers(self.connected.keys().copied().collect())],
+            Input::ActiveConnections => vec![Output::Connections(
+                self.connected
+                    .iter()
+                    .map(|(p, a)| (*p, a.clone()))
+                    .collect(),
+            )],
         }
     }
 }
 
 impl ConnectionsCore {
+    /// The peers connected now, for a restart to report disconnected.
+    pub fn connected(&self) -> impl Iterator<Item = PeerId> + '_ {
+        self.connected.keys().copied()
+    }
+
     fn connect(&mut self, peer: Option<PeerId>, address: String) -> Vec<Output> {
         let busy = peer
             .is_some_and(|p| self.connected.contains_key(&p) || self.dialing_peers.contains(&p))
@@ -88,7 +99,7 @@ impl ConnectionsCore {
             return vec![Output::Event(PeerEvent::DialFailed {
                 peer,
                 address,
-                reason: "connection limit reached".into(),
+                reason: DialError::LimitReached,
             })];
         }
         self.dialing.insert(address.clone());
@@ -206,7 +217,12 @@ mod tests {
     fn failed_dial_is_reported_and_can_be_retried() {
         let mut c = ConnectionsCore::new(Config::default());
         connect(&mut c, Some(2), "b:1");
-        let out = dialed(&mut c, Some(2), "b:1", DialResult::Failed("refused".into()));
+        let out = dialed(
+            &mut c,
+            Some(2),
+            "b:1",
+            DialResult::Failed(DialError::Unreachable),
+        );
         assert!(matches!(
             out[0],
             Output::Event(PeerEvent::DialFailed { .. })

@@ -45,24 +45,45 @@ pub struct P2pService {
     budget: Arc<ByteBudget>,
 }
 
+/// What a [`P2pService`] is made from.
+pub struct ServiceDeps {
+    /// Admits every call but GetCommitAvailability.
+    pub adapter: Addr<GrpcAdapter>,
+    /// Answers GetKnownPeers.
+    pub discovery: Addr<Discovery>,
+    /// Where admitted reads read from.
+    pub store: Arc<dyn ConsensusStore>,
+    /// The genesis commit (commit 0 is never stored).
+    pub genesis: CommitRef,
+    /// What the server accepts.
+    pub limits: Limits,
+    /// The sizes peers accept: answers are kept within them.
+    pub data_limits: soma_types::Limits,
+    /// Time allowed for the actors to answer.
+    pub timeout: Duration,
+    /// Calls answered, by method and code.
+    pub counts: RpcCounts,
+    /// The availability StateSync publishes.
+    pub availability: tokio::sync::watch::Receiver<Availability>,
+    /// Fetches, counted while their slot is held.
+    pub stats: Arc<SendStats>,
+}
+
 impl P2pService {
-    /// A service answering for the node whose store is `store`;
-    /// `data_limits` are the sizes its peers accept (the answers are kept
-    /// within them) and `timeout` bounds the wait for the actors. Fetches
-    /// are counted in `stats` while their slot is held.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        adapter: Addr<GrpcAdapter>,
-        discovery: Addr<Discovery>,
-        store: Arc<dyn ConsensusStore>,
-        genesis: CommitRef,
-        limits: Limits,
-        data_limits: soma_types::Limits,
-        timeout: Duration,
-        counts: RpcCounts,
-        availability: tokio::sync::watch::Receiver<Availability>,
-        stats: Arc<SendStats>,
-    ) -> Self {
+    /// A service answering for the node `deps` describe.
+    pub fn new(deps: ServiceDeps) -> Self {
+        let ServiceDeps {
+            adapter,
+            discovery,
+            store,
+            genesis,
+            limits,
+            data_limits,
+            timeout,
+            counts,
+            availability,
+            stats,
+        } = deps;
         let budget = ByteBudget::new(limits.max_buffered_bytes_per_connection);
         P2pService {
             stats,
@@ -115,7 +136,9 @@ impl P2pService {
 
 fn mailbox_status(e: MailboxError) -> Status {
     match e {
-        MailboxError::Closed => Status::unavailable("the node is shutting down"),
+        MailboxError::Closed => {
+            Status::unavailable("the node is restarting an actor or shutting down; retry")
+        }
         MailboxError::Timeout => Status::deadline_exceeded("the node is overloaded"),
     }
 }

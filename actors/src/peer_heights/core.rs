@@ -1,4 +1,4 @@
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
@@ -41,6 +41,14 @@ pub struct Config {
     /// lifts a ban.
     #[serde(default = "default_max_bans")]
     pub max_bans: usize,
+    /// Fetches leased on one peer at once at most: a node serves each peer
+    /// only so many (its `max-concurrent-fetches-per-peer`, 4 by default)
+    /// and refuses the rest, which would cost a retry and the peer's score.
+    #[serde(default = "default_max_fetches_per_peer")]
+    pub max_fetches_per_peer: usize,
+    /// Requests for a slot that wait at most; more are refused as busy.
+    #[serde(default = "default_max_waiting_fetches")]
+    pub max_waiting_fetches: usize,
 }
 
 fn default_max_tracked_peers() -> usize {
@@ -49,6 +57,44 @@ fn default_max_tracked_peers() -> usize {
 
 fn default_max_bans() -> usize {
     4096
+}
+
+fn default_max_fetches_per_peer() -> usize {
+    4
+}
+
+fn default_max_waiting_fetches() -> usize {
+    64
+}
+
+/// Everything a PeerHeights core is made from: its settings and, after a
+/// restart, what must outlive the failed incarnation (the bans, and the
+/// leases of fetches still running). Heights and scores start empty.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Init {
+    /// Settings.
+    #[serde(flatten)]
+    pub config: Config,
+    /// Bans, with when each ends.
+    #[serde(default)]
+    pub bans: Vec<(PeerId, Time)>,
+    /// Fetch slots held by fetches still running.
+    #[serde(default)]
+    pub leases: Vec<Lease>,
+    /// The next lease id.
+    #[serde(default)]
+    pub next_lease: u64,
+}
+
+impl From<Config> for Init {
+    fn from(config: Config) -> Self {
+        Init {
+            config,
+            bans: Vec::new(),
+            leases: Vec::new(),
+            next_lease: 0,
+        }
+    }
 }
 
 impl Config {
@@ -60,6 +106,8 @@ impl Config {
             seed,
             max_tracked_peers: default_max_tracked_peers(),
             max_bans: default_max_bans(),
+            max_fetches_per_peer: default_max_fetches_per_peer(),
+            max_waiting_fetches: default_max_waiting_fetches(),
         }
     }
 }
@@ -144,26 +192,55 @@ pub struct PeerHeightsCore {
     /// Bans outlive disconnections, so a banned peer cannot reconnect its
     /// way out; at most `max_bans`.
     bans: BTreeMap<PeerId, Time>,
+    /// Fetch slots taken, by lease id.
+    leases: BTreeMap<u64, Lease>,
+    next_lease: u64,
+    /// Requests waiting for a slot, oldest first (at most
+    /// `max_waiting_fetches`).
+    waiting: VecDeque<Waiter>,
     rng: ChaCha8Rng,
+}
+
+/// A request for a slot that found every eligible peer busy.
+#[derive(Clone, Debug)]
+struct Waiter {
+    request: Acquire,
+    until: Time,
 }
 
 impl Core for PeerHeightsCore {
     const NAME: &'static str = "peer_heights";
-    type Init = Config;
+    type Init = Init;
     type Input = Input;
     type Output = Output;
 
-    fn new(config: Config) -> Self {
-        PeerHeightsCore {
-            rng: ChaCha8Rng::seed_from_u64(config.seed),
-            config,
+    fn new(init: Init) -> Self {
+        let mut core = PeerHeightsCore {
+            rng: ChaCha8Rng::seed_from_u64(init.config.seed),
+            config: init.config,
             peers: BTreeMap::new(),
             bans: BTreeMap::new(),
+            leases: init.leases.into_iter().map(|l| (l.id, l)).collect(),
+            next_lease: init.next_lease,
+            waiting: VecDeque::new(),
+        };
+        for (peer, until) in init.bans {
+            core.ban(peer, until);
         }
+        core
     }
 
     fn handle(&mut self, now: Time, input: Input) -> Vec<Output> {
         self.bans.retain(|_, until| *until > now);
+        let mut out = self.expire_waiters(now);
+        out.extend(self.input(now, input));
+        self.serve_waiters(&mut out);
+        out
+    }
+}
+
+impl PeerHeightsCore {
+    fn input(&mut self, now: Time, input: Input) -> Vec<Output> {
         match input {
             Input::Connected { peer } => {
                 self.connected(now, peer);
@@ -202,11 +279,139 @@ impl Core for PeerHeightsCore {
             )],
             Input::Outcome(o) => self.outcome(now, o),
             Input::Snapshot => vec![Output::Snapshot(self.snapshot())],
+            Input::Acquire(request) => self.acquire(now, request).into_iter().collect(),
+            Input::Release(r) => self.release(now, r),
         }
     }
-}
 
-impl PeerHeightsCore {
+    /// The bans in force, for a restart to carry over.
+    pub fn bans(&self) -> Vec<(PeerId, Time)> {
+        self.bans.iter().map(|(p, t)| (*p, *t)).collect()
+    }
+
+    /// The init a restarted core is made from: the same settings, the
+    /// bans, and the leases of fetches still running.
+    pub fn restart_init(&self) -> Init {
+        Init {
+            config: self.config.clone(),
+            bans: self.bans(),
+            leases: self.leases.values().copied().collect(),
+            next_lease: self.next_lease,
+        }
+    }
+
+    /// Fetches leased on `peer` now.
+    fn leased(&self, peer: &PeerId) -> usize {
+        self.leases.values().filter(|l| l.peer == *peer).count()
+    }
+
+    /// The best peer for `request` with a free slot: `Ok(None)` when peers
+    /// can serve it but every one is busy.
+    fn choose(&mut self, request: &Acquire) -> Result<Option<PeerId>, AcquireError> {
+        let ranked: Vec<PeerId> = self
+            .peers_for_range(request.start, request.end)
+            .into_iter()
+            .filter(|p| !request.avoid.contains(p))
+            .collect();
+        if ranked.is_empty() {
+            return Err(AcquireError::NoPeer);
+        }
+        let max = self.config.max_fetches_per_peer.max(1);
+        Ok(ranked.into_iter().find(|p| self.leased(p) < max))
+    }
+
+    fn grant(&mut self, request: &Acquire, peer: PeerId) -> Output {
+        let lease = Lease {
+            id: self.next_lease,
+            peer,
+            start: request.start,
+            end: request.end,
+        };
+        self.next_lease += 1;
+        self.leases.insert(lease.id, lease);
+        Output::Granted {
+            request: request.request,
+            lease,
+        }
+    }
+
+    fn acquire(&mut self, now: Time, request: Acquire) -> Option<Output> {
+        let refuse = |error| Output::Refused {
+            request: request.request,
+            error,
+        };
+        match self.choose(&request) {
+            Err(e) => Some(refuse(e)),
+            Ok(Some(peer)) => Some(self.grant(&request, peer)),
+            Ok(None) if self.waiting.len() >= self.config.max_waiting_fetches => {
+                Some(refuse(AcquireError::Busy))
+            }
+            Ok(None) => {
+                let until = now.after(Duration::from_millis(request.wait_ms));
+                self.waiting.push_back(Waiter { request, until });
+                None
+            }
+        }
+    }
+
+    /// Refuses the waiting requests whose wait is over.
+    fn expire_waiters(&mut self, now: Time) -> Vec<Output> {
+        let (expired, waiting): (VecDeque<Waiter>, VecDeque<Waiter>) =
+            std::mem::take(&mut self.waiting)
+                .into_iter()
+                .partition(|w| w.until <= now);
+        self.waiting = waiting;
+        expired
+            .into_iter()
+            .map(|w| Output::Refused {
+                request: w.request.request,
+                error: AcquireError::Busy,
+            })
+            .collect()
+    }
+
+    /// Grants waiting requests, oldest first, whatever slots are free now;
+    /// refuses those no peer can serve any more.
+    fn serve_waiters(&mut self, out: &mut Vec<Output>) {
+        let mut still = VecDeque::new();
+        while let Some(w) = self.waiting.pop_front() {
+            match self.choose(&w.request) {
+                Err(error) => out.push(Output::Refused {
+                    request: w.request.request,
+                    error,
+                }),
+                Ok(Some(peer)) => out.push(self.grant(&w.request, peer)),
+                Ok(None) => still.push_back(w),
+            }
+        }
+        self.waiting = still;
+    }
+
+    fn release(&mut self, now: Time, r: Release) -> Vec<Output> {
+        let Some(lease) = self.leases.remove(&r.lease) else {
+            return vec![];
+        };
+        let kind = match r.transfer {
+            Transfer::Delivered => OutcomeKind::Success,
+            Transfer::Timeout => OutcomeKind::Timeout,
+            Transfer::Error => OutcomeKind::Error,
+            Transfer::NotFound => OutcomeKind::NotFound {
+                start: lease.start,
+                end: lease.end,
+            },
+            Transfer::Cut | Transfer::Cancelled => return vec![],
+        };
+        self.outcome(
+            now,
+            ReportOutcome {
+                peer: lease.peer,
+                bytes: r.bytes,
+                latency_ms: r.latency_ms,
+                kind,
+            },
+        )
+    }
+
     fn connected(&mut self, now: Time, peer: PeerId) {
         if let Some(p) = self.peers.get_mut(&peer) {
             p.heard = now;
@@ -366,7 +571,7 @@ mod tests {
     }
 
     fn core(seed: u64) -> PeerHeightsCore {
-        PeerHeightsCore::new(Config::new(OURS, seed))
+        PeerHeightsCore::new(Config::new(OURS, seed).into())
     }
 
     fn connect(c: &mut PeerHeightsCore, now: Time, p: u8) -> Vec<Output> {
@@ -580,10 +785,13 @@ mod tests {
 
     #[test]
     fn full_table_forgets_the_peer_heard_from_longest_ago() {
-        let mut c = PeerHeightsCore::new(Config {
-            max_tracked_peers: 2,
-            ..Config::new(OURS, 1)
-        });
+        let mut c = PeerHeightsCore::new(
+            Config {
+                max_tracked_peers: 2,
+                ..Config::new(OURS, 1)
+            }
+            .into(),
+        );
         connect(&mut c, Time(0), 1);
         connect(&mut c, Time(1), 2);
         // Peer 1 reports after peer 2 connected: peer 2 is now the stalest.
@@ -621,10 +829,13 @@ mod tests {
 
     #[test]
     fn a_flood_of_peers_never_lifts_a_ban() {
-        let mut c = PeerHeightsCore::new(Config {
-            max_tracked_peers: 2,
-            ..Config::new(OURS, 1)
-        });
+        let mut c = PeerHeightsCore::new(
+            Config {
+                max_tracked_peers: 2,
+                ..Config::new(OURS, 1)
+            }
+            .into(),
+        );
         join(&mut c, 1, OURS, 1, 100);
         outcome(&mut c, Time(0), 1, OutcomeKind::InvalidData, 0, 5);
         for p in 2..=9 {
@@ -647,10 +858,13 @@ mod tests {
 
     #[test]
     fn full_ban_list_lifts_the_ban_that_ends_first() {
-        let mut c = PeerHeightsCore::new(Config {
-            max_bans: 2,
-            ..Config::new(OURS, 1)
-        });
+        let mut c = PeerHeightsCore::new(
+            Config {
+                max_bans: 2,
+                ..Config::new(OURS, 1)
+            }
+            .into(),
+        );
         for (p, now) in [(1, 0), (2, 10), (3, 20)] {
             assert_eq!(
                 outcome(&mut c, Time(now), p, OutcomeKind::InvalidData, 0, 5),
