@@ -56,7 +56,7 @@ impl Faults {
 #[cfg(feature = "testing")]
 mod plan {
     use std::collections::HashMap;
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
 
     use soma_types::CommitIndex;
 
@@ -68,13 +68,29 @@ mod plan {
     /// `actor=always`, for instance `state_sync=always`.
     pub const FAULTS_ENV: &str = "SOMA_FAULTS";
 
+    /// A condition of the system a fault waits for (read when the actor
+    /// gets an input).
+    type Condition = Arc<dyn Fn() -> bool + Send + Sync>;
+
     /// When an actor's handler panics.
-    #[derive(Clone, Copy, Debug)]
+    #[derive(Clone)]
     enum Trigger {
         /// On the input this many inputs from now (1: the next one), once.
         Nth(u64),
         /// On every input.
         Always,
+        /// On the first input that finds the condition true, once.
+        When(Condition),
+    }
+
+    impl std::fmt::Debug for Trigger {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            match self {
+                Trigger::Nth(n) => write!(f, "Nth({n})"),
+                Trigger::Always => write!(f, "Always"),
+                Trigger::When(_) => write!(f, "When(..)"),
+            }
+        }
     }
 
     /// Faults to inject into a node.
@@ -99,6 +115,17 @@ mod plan {
         /// panics on its `nth` input from now (1: the next), once.
         pub fn panic_actor(&self, actor: &str, nth: u64) {
             lock(&self.actors).insert(actor.to_owned(), Trigger::Nth(nth.max(1)));
+        }
+
+        /// The handler of `actor` panics once, on its first input that
+        /// finds `condition` true: a fault started when the system reached a
+        /// state (say, a store's watermark halfway to the tip).
+        pub fn panic_actor_when(
+            &self,
+            actor: &str,
+            condition: impl Fn() -> bool + Send + Sync + 'static,
+        ) {
+            lock(&self.actors).insert(actor.to_owned(), Trigger::When(Arc::new(condition)));
         }
 
         /// The handler of `actor` panics on every input from now on.
@@ -126,25 +153,31 @@ mod plan {
         }
 
         pub(super) fn on_input(&self, actor: &'static str) {
-            let fire = {
+            let condition = {
                 let mut actors = lock(&self.actors);
                 match actors.get_mut(actor) {
-                    Some(Trigger::Always) => true,
+                    Some(Trigger::Always) => None,
                     Some(Trigger::Nth(n)) if *n <= 1 => {
                         actors.remove(actor);
-                        true
+                        None
                     }
                     Some(Trigger::Nth(n)) => {
                         *n -= 1;
-                        false
+                        return;
                     }
-                    None => false,
+                    Some(Trigger::When(c)) => Some(c.clone()),
+                    None => return,
                 }
             };
-            if fire {
-                *lock(&self.injected).entry(actor.to_owned()).or_default() += 1;
-                panic!("injected panic in the {actor} actor");
+            // Read outside the lock: the condition may take locks of its own.
+            if let Some(condition) = condition {
+                if !condition() {
+                    return;
+                }
+                lock(&self.actors).remove(actor);
             }
+            *lock(&self.injected).entry(actor.to_owned()).or_default() += 1;
+            panic!("injected panic in the {actor} actor");
         }
 
         pub(super) fn on_worker(&self, batch: CommitIndex) -> Result<(), Failure> {

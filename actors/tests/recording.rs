@@ -5,8 +5,8 @@ use actix::Actor;
 use soma_actors::Blob;
 use soma_actors::connections::PeerEvent;
 use soma_actors::peer_heights::{
-    Config as HeightsConfig, Deps as HeightsDeps, HighestKnownCommit, OutcomeKind, PeerHeights, PeersForRange,
-    ReportOutcome, UpdateHeight,
+    Config as HeightsConfig, Deps as HeightsDeps, HighestKnownCommit, OutcomeKind, PeerHeights,
+    PeersForRange, ReportOutcome, UpdateHeight,
 };
 use soma_actors::replay::{Recorder, replay};
 use soma_actors::verifier::{Config, Deps, InstallCommittee, Verifier, Verify, VerifyRequest};

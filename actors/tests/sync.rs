@@ -565,8 +565,7 @@ async fn one_peer_is_never_sent_more_fetches_than_it_serves() {
     config.state_sync.parallel_fetches = 8;
     config.state_sync.max_blocks_per_fetch = 50;
     assert!(
-        config.max_fetches_per_peer
-            <= P2pConfig::default().grpc.max_concurrent_fetches_per_peer
+        config.max_fetches_per_peer <= P2pConfig::default().grpc.max_concurrent_fetches_per_peer
     );
     let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
     let node = soma_testkit::node(&chain, 9, config, store.clone());

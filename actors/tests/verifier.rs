@@ -23,7 +23,9 @@ fn chain() -> Chain {
 }
 
 fn start(config: Config, chain: &Chain) -> Addr<Verifier> {
-    let addr = Verifier::new(Deps::new(config, 1024), None).unwrap().start();
+    let addr = Verifier::new(Deps::new(config, 1024), None)
+        .unwrap()
+        .start();
     addr.do_send(InstallCommittee(chain.genesis().clone()));
     addr
 }

@@ -1100,4 +1100,184 @@ mod tests {
             .collect();
         assert_eq!(firsts.len(), 2);
     }
+
+    fn acquire(c: &mut PeerHeightsCore, now: u64, request: u64, avoid: &[u8]) -> Vec<Output> {
+        c.handle(
+            Time(now),
+            Input::Acquire(Acquire {
+                request,
+                start: 1,
+                end: 100,
+                avoid: avoid.iter().map(|p| peer(*p)).collect(),
+                wait_ms: 1_000,
+            }),
+        )
+    }
+
+    fn release(c: &mut PeerHeightsCore, now: u64, lease: u64, transfer: Transfer) -> Vec<Output> {
+        c.handle(
+            Time(now),
+            Input::Release(Release {
+                lease,
+                transfer,
+                bytes: 1_000_000,
+                latency_ms: 10,
+            }),
+        )
+    }
+
+    /// The lease granted by `out`, as (request, lease id, peer byte).
+    fn granted(out: &[Output]) -> Vec<(u64, u64, u8)> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Granted { request, lease } => Some((*request, lease.id, lease.peer.0[0])),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn refused(out: &[Output]) -> Vec<(u64, AcquireError)> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Refused { request, error } => Some((*request, *error)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn slots(max_fetches_per_peer: usize, max_waiting_fetches: usize) -> PeerHeightsCore {
+        PeerHeightsCore::new(
+            Config {
+                max_fetches_per_peer,
+                max_waiting_fetches,
+                ..Config::new(OURS, 1)
+            }
+            .into(),
+        )
+    }
+
+    #[test]
+    fn a_peer_is_leased_at_most_max_fetches_per_peer_at_once() {
+        let mut c = slots(2, 8);
+        join(&mut c, 1, OURS, 1, 100);
+        assert_eq!(granted(&acquire(&mut c, 0, 0, &[])), vec![(0, 0, 1)]);
+        assert_eq!(granted(&acquire(&mut c, 0, 1, &[])), vec![(1, 1, 1)]);
+        // The third waits: no answer yet.
+        assert_eq!(acquire(&mut c, 0, 2, &[]), vec![]);
+        // A release hands its slot to the waiting request at once.
+        assert_eq!(
+            granted(&release(&mut c, 5, 0, Transfer::Delivered)),
+            vec![(2, 2, 1)]
+        );
+        assert_eq!(acquire(&mut c, 5, 3, &[]), vec![]);
+    }
+
+    #[test]
+    fn a_busy_peer_hands_the_request_to_the_next_best_free_one() {
+        let mut c = slots(1, 8);
+        join(&mut c, 1, OURS, 1, 100);
+        join(&mut c, 2, OURS, 1, 100);
+        let first = granted(&acquire(&mut c, 0, 0, &[]))[0].2;
+        let second = granted(&acquire(&mut c, 0, 1, &[]))[0].2;
+        assert_eq!(
+            std::collections::BTreeSet::from([first, second]),
+            std::collections::BTreeSet::from([1, 2])
+        );
+    }
+
+    #[test]
+    fn avoided_or_missing_peers_leave_no_peer_and_waiting_requests_expire_busy() {
+        let mut c = slots(1, 8);
+        assert_eq!(
+            refused(&acquire(&mut c, 0, 0, &[])),
+            vec![(0, AcquireError::NoPeer)]
+        );
+        join(&mut c, 1, OURS, 1, 100);
+        assert_eq!(
+            refused(&acquire(&mut c, 0, 1, &[1])),
+            vec![(1, AcquireError::NoPeer)]
+        );
+        assert_eq!(granted(&acquire(&mut c, 0, 2, &[])), vec![(2, 0, 1)]);
+        assert_eq!(acquire(&mut c, 0, 3, &[]), vec![]);
+        // Its wait (1 s) is over at the first input after it.
+        assert_eq!(highest(&mut c, Time(999)), Some(100));
+        assert_eq!(
+            refused(&c.handle(Time(1_000), Input::HighestKnown)),
+            vec![(3, AcquireError::Busy)]
+        );
+        // A waiting request whose only peer leaves has no peer any more.
+        assert_eq!(acquire(&mut c, 1_000, 4, &[]), vec![]);
+        let out = c.handle(Time(1_001), Input::Remove(RemovePeer { peer: peer(1) }));
+        assert_eq!(refused(&out), vec![(4, AcquireError::NoPeer)]);
+    }
+
+    #[test]
+    fn waiting_requests_are_bounded() {
+        let mut c = slots(1, 2);
+        join(&mut c, 1, OURS, 1, 100);
+        assert_eq!(granted(&acquire(&mut c, 0, 0, &[])).len(), 1);
+        assert_eq!(acquire(&mut c, 0, 1, &[]), vec![]);
+        assert_eq!(acquire(&mut c, 0, 2, &[]), vec![]);
+        assert_eq!(
+            refused(&acquire(&mut c, 0, 3, &[])),
+            vec![(3, AcquireError::Busy)]
+        );
+    }
+
+    #[test]
+    fn a_release_scores_the_transfer_and_judges_not_found_by_the_leased_range() {
+        let mut c = slots(4, 8);
+        join(&mut c, 1, OURS, 1, 100);
+        acquire(&mut c, 0, 0, &[]);
+        acquire(&mut c, 0, 1, &[]);
+        acquire(&mut c, 0, 2, &[]);
+        // A timeout counts a failure; a cut transfer and a cancelled one
+        // count nothing (state sync judges a cut one itself).
+        assert_eq!(release(&mut c, 0, 0, Transfer::Timeout), vec![]);
+        assert_eq!(release(&mut c, 0, 1, Transfer::Cut), vec![]);
+        assert_eq!(table(&mut c, Time(0)), vec![(1, true, 1, 100, 1, None)]);
+        // NOT_FOUND for 1..=100, leased as inside its claim: a lie.
+        assert_eq!(
+            release(&mut c, 0, 2, Transfer::NotFound),
+            vec![Output::Banned {
+                peer: peer(1),
+                until: Time(60_000)
+            }]
+        );
+        // A lease released twice, or unknown, changes nothing.
+        assert_eq!(release(&mut c, 0, 2, Transfer::Timeout), vec![]);
+        assert_eq!(
+            table(&mut c, Time(0)),
+            vec![(1, true, 1, 100, 2, Some(60_000))]
+        );
+    }
+
+    #[test]
+    fn a_restart_keeps_the_bans_and_the_leases_of_running_fetches() {
+        let mut c = slots(1, 8);
+        join(&mut c, 1, OURS, 1, 100);
+        join(&mut c, 2, OURS, 1, 100);
+        outcome(&mut c, Time(0), 2, OutcomeKind::InvalidData, 0, 1);
+        assert_eq!(granted(&acquire(&mut c, 0, 0, &[])), vec![(0, 0, 1)]);
+        let mut restarted = PeerHeightsCore::new(c.restart_init());
+        // Heights start empty; the peers connected are told again.
+        assert_eq!(highest(&mut restarted, Time(10)), None);
+        join(&mut restarted, 1, OURS, 1, 100);
+        join(&mut restarted, 2, OURS, 1, 100);
+        assert_eq!(
+            table(&mut restarted, Time(10)),
+            vec![
+                (1, true, 1, 100, 0, None),
+                (2, true, 1, 100, 0, Some(60_000))
+            ]
+        );
+        // Peer 1's one slot is still held by the running fetch, and peer 2
+        // is banned: the request waits, and gets the slot when the fetch
+        // leased before the restart ends. New leases take new ids.
+        assert_eq!(acquire(&mut restarted, 10, 1, &[]), vec![]);
+        assert_eq!(
+            granted(&release(&mut restarted, 20, 0, Transfer::Delivered)),
+            vec![(1, 1, 1)]
+        );
+    }
 }

@@ -1389,6 +1389,96 @@ mod tests {
     }
 
     #[test]
+    fn invalid_data_reports_its_server_and_not_found_leaves_that_to_peer_heights() {
+        let mut c = core(config());
+        let (t, _, _) = commit_fetch(&tick(&mut c, 0, 10)).unwrap();
+        let invalid = Failure::Invalid(soma_types::Error::EmptyBatch);
+        let out = commits_failed(&mut c, 0, t, LIAR, invalid.clone());
+        assert_eq!(
+            out,
+            vec![
+                Output::Misbehaved { peer: LIAR },
+                Output::Restarted {
+                    task: t,
+                    failure: invalid
+                }
+            ]
+        );
+        let (t, _, _) = commit_fetch(&tick(&mut c, 1_000, 10)).unwrap();
+        let out = commits_failed(&mut c, 1_000, t, HONEST, Failure::NotFound);
+        assert_eq!(
+            out,
+            vec![Output::Restarted {
+                task: t,
+                failure: Failure::NotFound
+            }]
+        );
+    }
+
+    #[test]
+    fn heights_are_asked_of_every_peer_each_interval_and_of_a_new_peer_at_once() {
+        let mut c = core(Config {
+            height_query_interval_ms: 1_000,
+            ..config()
+        });
+        let queries = |out: Vec<Output>| -> Vec<Option<PeerId>> {
+            out.into_iter()
+                .filter_map(|o| match o {
+                    Output::QueryHeights { peer } => Some(peer),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(queries(tick(&mut c, 0, 0)), vec![None]);
+        assert_eq!(queries(tick(&mut c, 999, 0)), vec![]);
+        assert_eq!(
+            queries(c.handle(Time(999), Input::PeerConnected { peer: HONEST })),
+            vec![Some(HONEST)]
+        );
+        assert_eq!(queries(tick(&mut c, 1_000, 0)), vec![None]);
+        assert_eq!(queries(tick(&mut c, 1_500, 0)), vec![]);
+    }
+
+    #[test]
+    fn a_write_of_a_failed_incarnation_moves_the_watermark_like_local_commits() {
+        // A restarted core planned batch 1..=10 afresh while the failed
+        // incarnation's write of 1..=10 and 11..=20 was still running.
+        let mut c = StateSyncCore::new(Init {
+            config: config(),
+            synced: r(0),
+            epoch: 0,
+            commit_answer_bytes: 5 << 20,
+            first_task: 7,
+        });
+        let (t, _, _) = commit_fetch(&tick(&mut c, 0, 30)).unwrap();
+        assert_eq!(t, 7, "task ids go on from the failed incarnation's");
+        commits_ok(&mut c, 0, t, 1, 10, 5);
+        let out = c.handle(
+            Time(0),
+            Input::Applied {
+                start: 11,
+                last: r(20),
+                next_epoch: None,
+            },
+        );
+        assert_eq!(c.synced(), r(20));
+        // The batch it fetched is below the watermark now: refetched from 21.
+        assert!(out.contains(&Output::Reset), "{out:?}");
+        assert_eq!(commit_fetch(&out).map(|f| f.1), Some(21));
+        // A failed write of the old incarnation changes nothing.
+        assert_eq!(
+            c.handle(
+                Time(0),
+                Input::ApplyFailed {
+                    start: 1,
+                    error: crate::state_sync::ApplyError::Cancelled,
+                },
+            ),
+            vec![]
+        );
+    }
+
+    #[test]
     fn local_failures_are_retried_and_never_held_against_the_peer() {
         let mut c = core(config());
         let mut now = 0;

@@ -90,7 +90,7 @@ pub fn section(size: &Size) -> Section {
         };
         let verifier = Verifier::new(Deps::new(config, 1024), None)
             .expect("a verifier")
-        .start();
+            .start();
         verifier
             .send(InstallCommittee(committee.clone()))
             .await
