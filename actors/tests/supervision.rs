@@ -106,30 +106,67 @@ async fn assert_handle_answers(node: &P2pHandle, chain: &Chain) {
         .expect("a certificate of a stored commit is stored");
 }
 
-/// The scenario every actor goes through: validators serve the chain, the
-/// node starts syncing, `actor` panics mid-sync, and sync completes.
-async fn panic_mid_sync_and_recover(actor: &str) {
-    init_tracing();
-    let chain = chain();
-    let validators: Vec<P2pHandle> = (1..=2).map(|k| validator(&chain, k)).collect();
-    let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
-    let faults = Arc::new(FaultPlan::default());
-    panic_mid_sync(&faults, actor, &store);
-    let node = fresh(&chain, &validators, store.clone(), faults.clone());
-    wait_synced(&node, chain.tip(), DEADLINE).await;
-    assert_same_chain(&chain, store.as_ref());
-    assert_eq!(faults.injected(actor), 1, "the panic was injected mid-sync");
-    let expected: Vec<(&str, u64)> = ACTORS
-        .iter()
-        .map(|a| (*a, u64::from(*a == actor)))
-        .collect();
-    assert_eq!(restarts(&node), expected);
-    assert!(node.health().is_healthy(), "{:?}", node.health());
-    assert_handle_answers(&node, &chain).await;
-    node.shutdown().await;
-    for v in validators {
-        v.shutdown().await;
+/// A running scenario: validators serve the chain, the node syncs it, and
+/// `actor` panics once mid-sync.
+struct Scenario {
+    actor: &'static str,
+    chain: Chain,
+    validators: Vec<P2pHandle>,
+    store: Arc<dyn ConsensusStore>,
+    faults: Arc<FaultPlan>,
+    node: P2pHandle,
+}
+
+impl Scenario {
+    fn start(actor: &'static str) -> Scenario {
+        init_tracing();
+        let chain = chain();
+        let validators: Vec<P2pHandle> = (1..=2).map(|k| validator(&chain, k)).collect();
+        let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+        let faults = Arc::new(FaultPlan::default());
+        panic_mid_sync(&faults, actor, &store);
+        let node = fresh(&chain, &validators, store.clone(), faults.clone());
+        Scenario {
+            actor,
+            chain,
+            validators,
+            store,
+            faults,
+            node,
+        }
     }
+
+    /// Sync completes with the validators' chain, the one panic was
+    /// injected and counted as the actor's one restart, and the handle
+    /// answers every call.
+    async fn finish(self) {
+        let Scenario {
+            actor,
+            chain,
+            validators,
+            store,
+            faults,
+            node,
+        } = self;
+        wait_synced(&node, chain.tip(), DEADLINE).await;
+        assert_same_chain(&chain, store.as_ref());
+        assert_eq!(faults.injected(actor), 1, "the panic was injected mid-sync");
+        let expected: Vec<(&str, u64)> = ACTORS
+            .iter()
+            .map(|a| (*a, u64::from(*a == actor)))
+            .collect();
+        assert_eq!(restarts(&node), expected);
+        assert!(node.health().is_healthy(), "{:?}", node.health());
+        assert_handle_answers(&node, &chain).await;
+        node.shutdown().await;
+        for v in validators {
+            v.shutdown().await;
+        }
+    }
+}
+
+async fn panic_mid_sync_and_recover(actor: &'static str) {
+    Scenario::start(actor).finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,14 +199,8 @@ async fn a_panic_in_discovery_mid_sync_is_restarted_and_sync_completes() {
 /// UNAVAILABLE; the calls after it are answered again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_in_the_grpc_adapter_mid_sync_is_restarted_and_sync_completes() {
-    init_tracing();
-    let chain = chain();
-    let validators: Vec<P2pHandle> = (1..=2).map(|k| validator(&chain, k)).collect();
-    let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
-    let faults = Arc::new(FaultPlan::default());
-    panic_mid_sync(&faults, "grpc_adapter", &store);
-    let node = fresh(&chain, &validators, store.clone(), faults.clone());
-    let address = node.local_addr().to_string();
+    let scenario = Scenario::start("grpc_adapter");
+    let address = scenario.node.local_addr().to_string();
     let caller = tokio::spawn(async move {
         let timeout = Duration::from_secs(5);
         let (channel, _) = soma_wire::tls::connect(&address, None, None, timeout)
@@ -189,26 +220,13 @@ async fn a_panic_in_the_grpc_adapter_mid_sync_is_restarted_and_sync_completes() 
         }
         codes
     });
-    wait_synced(&node, chain.tip(), DEADLINE).await;
     let codes = tokio::time::timeout(DEADLINE, caller)
         .await
         .expect("the caller saw the adapter come back")
         .unwrap();
     let refused: Vec<&tonic::Code> = codes.iter().filter(|c| **c != tonic::Code::Ok).collect();
     assert_eq!(refused, vec![&tonic::Code::Unavailable], "{codes:?}");
-    assert_same_chain(&chain, store.as_ref());
-    assert_eq!(faults.injected("grpc_adapter"), 1);
-    let expected: Vec<(&str, u64)> = ACTORS
-        .iter()
-        .map(|a| (*a, u64::from(*a == "grpc_adapter")))
-        .collect();
-    assert_eq!(restarts(&node), expected);
-    assert!(node.health().is_healthy(), "{:?}", node.health());
-    assert_handle_answers(&node, &chain).await;
-    node.shutdown().await;
-    for v in validators {
-        v.shutdown().await;
-    }
+    scenario.finish().await;
 }
 
 /// An actor that panics on every input is restarted `max_restarts` times;

@@ -180,14 +180,16 @@ fn transfer_of(failure: &Failure) -> Transfer {
 }
 
 impl Worker {
-    /// A slot on the best peer for `start..=end` not in `avoid`, waiting
-    /// at most the request timeout for one to be free.
-    async fn lease(
+    /// How every fetch of the batch starting at `batch` begins: injected
+    /// faults (tests only), then a slot on the best peer for `range` not in
+    /// `avoid`, waiting at most the request timeout for one to be free.
+    async fn begin(
         &self,
-        start: CommitIndex,
-        end: CommitIndex,
+        batch: CommitIndex,
+        (start, end): (CommitIndex, CommitIndex),
         avoid: Vec<PeerId>,
     ) -> Result<Slot, Failure> {
+        self.faults.on_worker(batch)?;
         let wait = self.outbound.timeout();
         let request = AcquirePeer {
             start,
@@ -216,11 +218,9 @@ impl Worker {
         wanted: CommitsWanted,
         avoid: Vec<PeerId>,
     ) -> Outcome<BatchData> {
-        if let Err(f) = self.faults.on_worker(wanted.start) {
-            return (None, Err(f));
-        }
         // The peer is chosen for `start` alone: an honest one serves it.
-        let slot = match self.lease(wanted.start, wanted.start, avoid).await {
+        let range = (wanted.start, wanted.start);
+        let slot = match self.begin(wanted.start, range, avoid).await {
             Ok(slot) => slot,
             Err(f) => return (None, Err(f)),
         };
@@ -294,10 +294,8 @@ impl Worker {
         chunk: BlockChunk,
         avoid: Vec<PeerId>,
     ) -> Outcome<Vec<VerifiedBlock>> {
-        if let Err(f) = self.faults.on_worker(chunk.batch) {
-            return (None, Err(f));
-        }
-        let slot = match self.lease(chunk.batch, chunk.end, avoid).await {
+        let range = (chunk.batch, chunk.end);
+        let slot = match self.begin(chunk.batch, range, avoid).await {
             Ok(slot) => slot,
             Err(f) => return (None, Err(f)),
         };
