@@ -40,13 +40,14 @@ deny:
 		echo "deny: run 'cargo deny check advisories' on a machine that reaches github.com"; \
 	fi
 
-## no-test-hooks: the `soma-p2p` binary, built as released (`-p soma-node`),
-## carries no `testing` feature (fault injection, forged identities)
+## no-test-hooks: no build of the workspace's programs (`cargo build`, with or
+## without `--workspace`; tests aside) carries a `testing` feature (fault
+## injection, forged identities): only dev-dependencies enable them
 no-test-hooks:
-	@if $(CARGO) tree -p soma-node -e normal -f '{p} {f}' --locked | grep -q 'testing'; then \
-		echo "no-test-hooks: a 'testing' feature reaches the soma-p2p binary:"; \
-		$(CARGO) tree -p soma-node -e normal -f '{p} {f}' --locked | grep testing; exit 1; \
-	else echo "no-test-hooks: the soma-p2p binary carries no testing feature"; fi
+	@if $(CARGO) tree --workspace -e normal -f '{p} {f}' --locked | grep -q 'testing'; then \
+		echo "no-test-hooks: a 'testing' feature reaches a build of the programs:"; \
+		$(CARGO) tree --workspace -e normal -f '{p} {f}' --locked | grep testing; exit 1; \
+	else echo "no-test-hooks: no program of the workspace carries a testing feature"; fi
 
 ## fmt: format the code
 fmt:

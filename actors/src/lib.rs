@@ -28,6 +28,7 @@ mod core;
 pub mod discovery;
 pub mod faults;
 pub mod grpc;
+mod holders;
 pub mod peer_heights;
 pub mod replay;
 pub mod state_sync;

@@ -118,13 +118,21 @@ impl ConnectionsCore {
         expected: Option<PeerId>,
         result: DialResult,
     ) -> Vec<Output> {
-        self.dialing.remove(&address);
+        let planned = self.dialing.remove(&address);
         if let Some(p) = expected {
             self.dialing_peers.remove(&p);
         }
         match result {
             DialResult::Connected(peer) if self.connected.contains_key(&peer) => {
                 // A seed dialled by address turned out to be a peer we hold.
+                vec![Output::Close { peer }]
+            }
+            // A dial this core did not start (a failed incarnation's) counts
+            // like a new one against the limit.
+            DialResult::Connected(peer)
+                if !planned
+                    && self.connected.len() + self.dialing.len() >= self.config.max_connections =>
+            {
                 vec![Output::Close { peer }]
             }
             DialResult::Connected(peer) => {
@@ -246,6 +254,25 @@ mod tests {
         assert!(
             c.handle(Time(0), Input::Broken { peer: peer(3) })
                 .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_dial_the_core_did_not_start_counts_against_the_limit() {
+        let mut c = ConnectionsCore::new(Config {
+            max_connections: 1,
+            ..Config::default()
+        });
+        connect(&mut c, Some(1), "a:1");
+        dialed(&mut c, Some(1), "a:1", DialResult::Connected(peer(1)));
+        // A restarted core hears of a dial its failed incarnation started.
+        assert_eq!(
+            dialed(&mut c, Some(2), "b:1", DialResult::Connected(peer(2))),
+            vec![Output::Close { peer: peer(2) }]
+        );
+        assert_eq!(
+            c.handle(Time(0), Input::ActivePeers),
+            vec![Output::Peers(vec![peer(1)])]
         );
     }
 

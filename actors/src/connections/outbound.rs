@@ -39,17 +39,24 @@ pub enum CallError {
 }
 
 impl CallError {
-    /// What a status seen by a client means: one carrying a source error
-    /// was made by our transport (the connection failed), one without it
-    /// is the peer's answer.
+    /// What a status seen by a client means. One without a source error is
+    /// the peer's answer. One with a source was made on our side: by the
+    /// client's own deadline (the request's timeout, `TimeoutExpired`),
+    /// which is a timeout, or by the transport failing under the call.
     pub fn from_status(status: &tonic::Status) -> Self {
-        if std::error::Error::source(status).is_some() {
-            CallError::Transport
-        } else {
-            CallError::Status {
+        let mut source = std::error::Error::source(status);
+        if source.is_none() {
+            return CallError::Status {
                 code: status.code() as i32,
-            }
+            };
         }
+        while let Some(e) = source {
+            if e.is::<tonic::TimeoutExpired>() {
+                return CallError::Timeout;
+            }
+            source = e.source();
+        }
+        CallError::Transport
     }
 
     /// Whether the peer answered NOT_FOUND.
@@ -127,5 +134,30 @@ where
         Err(_) => Err(CallError::Timeout),
         Ok(Err(status)) => Err(CallError::from_status(&status)),
         Ok(Ok(answer)) => Ok(answer),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_status_is_the_peers_answer_a_timeout_or_a_failed_transport() {
+        let answered = tonic::Status::not_found("no such commit");
+        assert!(CallError::from_status(&answered).is_not_found());
+        let unavailable = tonic::Status::unavailable("shutting down");
+        assert_eq!(
+            CallError::from_status(&unavailable),
+            CallError::Status {
+                code: tonic::Code::Unavailable as i32
+            }
+        );
+        // The client's deadline, as tonic reports it.
+        let deadline = tonic::Status::from_error(Box::new(tonic::TimeoutExpired(())));
+        assert_eq!(CallError::from_status(&deadline), CallError::Timeout);
+        let reset = tonic::Status::from_error(Box::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset,
+        )));
+        assert_eq!(CallError::from_status(&reset), CallError::Transport);
     }
 }

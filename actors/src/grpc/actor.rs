@@ -8,6 +8,7 @@ use super::deadline::SendStats;
 use super::messages::*;
 use crate::Driver;
 use crate::faults::Faults;
+use crate::holders::{Holders, Token};
 use crate::peer_heights::{PeerHeights, PushHeight};
 use crate::replay::Recorder;
 
@@ -17,6 +18,7 @@ use crate::replay::Recorder;
 pub struct Permit {
     id: u64,
     adapter: Addr<GrpcAdapter>,
+    _token: Token,
 }
 
 impl Permit {
@@ -58,6 +60,8 @@ pub struct GrpcAdapter {
     driver: Driver<GrpcAdapterCore>,
     /// Outlives restarts, so a fetch id is never given twice.
     next_id: u64,
+    /// The admitted calls whose [`Permit`] is still held.
+    holders: Holders,
 }
 
 impl GrpcAdapter {
@@ -69,6 +73,7 @@ impl GrpcAdapter {
                 .with_faults(deps.faults.clone()),
             deps,
             next_id: 0,
+            holders: Holders::default(),
         }
     }
 
@@ -87,9 +92,11 @@ impl Actor for GrpcAdapter {
 
 impl Supervised for GrpcAdapter {
     /// The fetches still running keep their slots (their permits are
-    /// dropped later, as ever); call rates start afresh.
+    /// dropped later, as ever), but not those whose permit is gone (its
+    /// message lost with the panic); call rates start afresh.
     fn restarting(&mut self, _: &mut Context<Self>) {
-        let init = self.driver.core().restart_init();
+        let mut init = self.driver.core().restart_init();
+        init.running.retain(|(id, _)| self.holders.held(*id));
         self.driver.restart(init);
     }
 }
@@ -136,6 +143,7 @@ impl Handler<CallMsg> for GrpcAdapter {
                         permit: Permit {
                             id,
                             adapter: ctx.address(),
+                            _token: self.holders.hold(id),
                         },
                     });
                 }

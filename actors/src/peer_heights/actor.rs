@@ -1,4 +1,5 @@
 use std::collections::HashMap;
+use std::time::Instant;
 
 use actix::{
     Actor, ActorFutureExt, Addr, AsyncContext, Context, Handler, ResponseFuture, Supervised,
@@ -12,6 +13,7 @@ use super::messages::*;
 use crate::Driver;
 use crate::connections::{ActivePeers, Connections, PeerEvent};
 use crate::faults::Faults;
+use crate::holders::{Holders, Token};
 use crate::replay::Recorder;
 
 /// What the PeerHeights actor is made from; kept across restarts.
@@ -43,7 +45,54 @@ impl Deps {
     }
 }
 
-type Reply = oneshot::Sender<Result<Lease, AcquireError>>;
+type Reply = oneshot::Sender<Result<Slot, AcquireError>>;
+
+/// A fetch slot granted by PeerHeights. Dropped without [`Slot::release`]
+/// (the fetch failed, was aborted, or its worker stopped waiting before the
+/// grant reached it), it is released as cancelled: no path leaks a slot.
+#[derive(Debug)]
+pub struct Slot {
+    lease: Lease,
+    heights: Addr<PeerHeights>,
+    granted: Instant,
+    released: bool,
+    _token: Token,
+}
+
+impl Slot {
+    /// The lease: the peer to fetch from, and the range it was chosen for.
+    pub fn lease(&self) -> Lease {
+        self.lease
+    }
+
+    /// Gives the slot back with how the transfer went and the bytes it
+    /// brought; returns how long the transfer took since the grant, in
+    /// milliseconds.
+    pub fn release(mut self, transfer: Transfer, bytes: u64) -> u64 {
+        self.released = true;
+        let latency_ms = self.granted.elapsed().as_millis() as u64;
+        self.heights.do_send(Release {
+            lease: self.lease.id,
+            transfer,
+            bytes,
+            latency_ms,
+        });
+        latency_ms
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if !self.released {
+            self.heights.do_send(Release {
+                lease: self.lease.id,
+                transfer: Transfer::Cancelled,
+                bytes: 0,
+                latency_ms: 0,
+            });
+        }
+    }
+}
 
 /// The PeerHeights actor: a thin shell around [`PeerHeightsCore`].
 ///
@@ -56,6 +105,8 @@ pub struct PeerHeights {
     next_request: u64,
     /// Acquire requests not answered yet.
     replies: HashMap<u64, Reply>,
+    /// The leases whose [`Slot`] is still held.
+    holders: Holders,
 }
 
 impl PeerHeights {
@@ -67,48 +118,44 @@ impl PeerHeights {
             deps,
             next_request: 0,
             replies: HashMap::new(),
+            holders: Holders::default(),
         }
     }
 
-    /// Steps the core and answers acquire requests; a slot granted to a
-    /// caller that stopped waiting is released at once.
-    fn step(&mut self, input: Input) -> Vec<Output> {
+    /// Steps the core and answers acquire requests with [`Slot`]s. A slot
+    /// that reaches no caller is dropped, and so released.
+    fn step(&mut self, input: Input, ctx: &mut Context<Self>) -> Vec<Output> {
         let mut answers = Vec::new();
-        let mut inputs = vec![input];
-        while let Some(input) = inputs.pop() {
-            for output in self.driver.step(input) {
-                match output {
-                    Output::Banned { peer, until } => {
-                        tracing::warn!(%peer, until_ms = until.0, "peer banned");
-                    }
-                    Output::Granted { request, lease } => {
-                        let delivered = self
-                            .replies
-                            .remove(&request)
-                            .is_some_and(|r| r.send(Ok(lease)).is_ok());
-                        if !delivered {
-                            inputs.push(Input::Release(Release {
-                                lease: lease.id,
-                                transfer: Transfer::Cancelled,
-                                bytes: 0,
-                                latency_ms: 0,
-                            }));
-                        }
-                    }
-                    Output::Refused { request, error } => {
-                        if let Some(r) = self.replies.remove(&request) {
-                            let _ = r.send(Err(error));
-                        }
-                    }
-                    other => answers.push(other),
+        for output in self.driver.step(input) {
+            match output {
+                Output::Banned { peer, until } => {
+                    tracing::warn!(%peer, until_ms = until.0, "peer banned");
                 }
+                Output::Granted { request, lease } => {
+                    let slot = Slot {
+                        lease,
+                        heights: ctx.address(),
+                        granted: Instant::now(),
+                        released: false,
+                        _token: self.holders.hold(lease.id),
+                    };
+                    if let Some(r) = self.replies.remove(&request) {
+                        let _ = r.send(Ok(slot));
+                    }
+                }
+                Output::Refused { request, error } => {
+                    if let Some(r) = self.replies.remove(&request) {
+                        let _ = r.send(Err(error));
+                    }
+                }
+                other => answers.push(other),
             }
         }
         answers
     }
 
-    fn peers(&mut self, input: Input) -> Vec<PeerId> {
-        match self.step(input).pop() {
+    fn peers(&mut self, input: Input, ctx: &mut Context<Self>) -> Vec<PeerId> {
+        match self.step(input, ctx).pop() {
             Some(Output::Peers(peers)) => peers,
             _ => Vec::new(),
         }
@@ -128,9 +175,9 @@ impl Actor for PeerHeights {
         ctx.wait(
             async move { connections.send(ActivePeers).await.unwrap_or_default() }
                 .into_actor(self)
-                .map(|peers, act, _| {
+                .map(|peers, act, ctx| {
                     for peer in peers {
-                        act.step(Input::Connected { peer });
+                        act.step(Input::Connected { peer }, ctx);
                     }
                 }),
         );
@@ -138,10 +185,13 @@ impl Actor for PeerHeights {
 }
 
 impl Supervised for PeerHeights {
-    /// Bans and the leases of running fetches carry over; heights, scores
-    /// and waiting requests (whose callers see an error and retry) do not.
+    /// Bans and the leases of running fetches carry over (those whose slot
+    /// is still held: a release lost with the panicking message is not
+    /// counted for ever); heights, scores and waiting requests (whose
+    /// callers see an error and retry) do not.
     fn restarting(&mut self, _: &mut Context<Self>) {
-        let init = self.driver.core().restart_init();
+        let mut init = self.driver.core().restart_init();
+        init.leases.retain(|l| self.holders.held(l.id));
         self.replies.clear();
         self.driver.restart(init);
     }
@@ -149,73 +199,74 @@ impl Supervised for PeerHeights {
 
 impl Handler<PeerEvent> for PeerHeights {
     type Result = ();
-    fn handle(&mut self, event: PeerEvent, _: &mut Context<Self>) {
+    fn handle(&mut self, event: PeerEvent, ctx: &mut Context<Self>) {
         let input = match event {
             PeerEvent::Connected { peer, .. } => Input::Connected { peer },
             PeerEvent::Disconnected { peer } => Input::Remove(RemovePeer { peer }),
             PeerEvent::DialFailed { .. } => return,
         };
-        self.step(input);
+        self.step(input, ctx);
     }
 }
 
 impl Handler<UpdateHeight> for PeerHeights {
     type Result = ();
-    fn handle(&mut self, msg: UpdateHeight, _: &mut Context<Self>) {
-        self.step(Input::Update(msg));
+    fn handle(&mut self, msg: UpdateHeight, ctx: &mut Context<Self>) {
+        self.step(Input::Update(msg), ctx);
     }
 }
 
 impl Handler<PushHeight> for PeerHeights {
     type Result = ();
-    fn handle(&mut self, msg: PushHeight, _: &mut Context<Self>) {
-        self.step(Input::Push(msg));
+    fn handle(&mut self, msg: PushHeight, ctx: &mut Context<Self>) {
+        self.step(Input::Push(msg), ctx);
     }
 }
 
 impl Handler<RemovePeer> for PeerHeights {
     type Result = ();
-    fn handle(&mut self, msg: RemovePeer, _: &mut Context<Self>) {
-        self.step(Input::Remove(msg));
+    fn handle(&mut self, msg: RemovePeer, ctx: &mut Context<Self>) {
+        self.step(Input::Remove(msg), ctx);
     }
 }
 
 impl Handler<ReportOutcome> for PeerHeights {
     type Result = ();
-    fn handle(&mut self, msg: ReportOutcome, _: &mut Context<Self>) {
-        self.step(Input::Outcome(msg));
+    fn handle(&mut self, msg: ReportOutcome, ctx: &mut Context<Self>) {
+        self.step(Input::Outcome(msg), ctx);
     }
 }
 
 impl Handler<AcquirePeer> for PeerHeights {
-    type Result = ResponseFuture<Result<Lease, AcquireError>>;
-    fn handle(&mut self, msg: AcquirePeer, _: &mut Context<Self>) -> Self::Result {
+    type Result = ResponseFuture<Result<Slot, AcquireError>>;
+    fn handle(&mut self, msg: AcquirePeer, ctx: &mut Context<Self>) -> Self::Result {
         let request = self.next_request;
         self.next_request += 1;
         let (tx, rx) = oneshot::channel();
         self.replies.insert(request, tx);
-        self.step(Input::Acquire(Acquire {
+        let acquire = Acquire {
             request,
             start: msg.start,
             end: msg.end,
             avoid: msg.avoid,
             wait_ms: msg.wait_ms,
-        }));
+        };
+        self.step(Input::Acquire(acquire), ctx);
         Box::pin(async move { rx.await.unwrap_or(Err(AcquireError::Unavailable)) })
     }
 }
 
 impl Handler<Release> for PeerHeights {
     type Result = ();
-    fn handle(&mut self, msg: Release, _: &mut Context<Self>) {
-        self.step(Input::Release(msg));
+    fn handle(&mut self, msg: Release, ctx: &mut Context<Self>) {
+        self.step(Input::Release(msg), ctx);
     }
 }
 
 impl Handler<HighestKnownCommit> for PeerHeights {
     type Result = Option<CommitIndex>;
-    fn handle(&mut self, _: HighestKnownCommit, _: &mut Context<Self>) -> Option<CommitIndex> {
-        match self.step(Input::HighestKnown).pop() {
+    fn handle(&mut self, _: HighestKnownCommit, ctx: &mut Context<Self>) -> Option<CommitIndex> {
+        match self.step(Input::HighestKnown, ctx).pop() {
             Some(Output::HighestKnown(h)) => h,
             _ => None,
         }
@@ -224,22 +275,22 @@ impl Handler<HighestKnownCommit> for PeerHeights {
 
 impl Handler<PeersForRange> for PeerHeights {
     type Result = Vec<PeerId>;
-    fn handle(&mut self, msg: PeersForRange, _: &mut Context<Self>) -> Vec<PeerId> {
-        self.peers(Input::PeersForRange(msg))
+    fn handle(&mut self, msg: PeersForRange, ctx: &mut Context<Self>) -> Vec<PeerId> {
+        self.peers(Input::PeersForRange(msg), ctx)
     }
 }
 
 impl Handler<PeersBehind> for PeerHeights {
     type Result = Vec<PeerId>;
-    fn handle(&mut self, msg: PeersBehind, _: &mut Context<Self>) -> Vec<PeerId> {
-        self.peers(Input::PeersBehind(msg))
+    fn handle(&mut self, msg: PeersBehind, ctx: &mut Context<Self>) -> Vec<PeerId> {
+        self.peers(Input::PeersBehind(msg), ctx)
     }
 }
 
 impl Handler<Snapshot> for PeerHeights {
     type Result = Vec<PeerView>;
-    fn handle(&mut self, _: Snapshot, _: &mut Context<Self>) -> Vec<PeerView> {
-        match self.step(Input::Snapshot).pop() {
+    fn handle(&mut self, _: Snapshot, ctx: &mut Context<Self>) -> Vec<PeerView> {
+        match self.step(Input::Snapshot, ctx).pop() {
             Some(Output::Snapshot(s)) => s,
             _ => Vec::new(),
         }

@@ -392,14 +392,13 @@ impl PeerHeightsCore {
             return vec![];
         };
         let kind = match r.transfer {
-            Transfer::Delivered => OutcomeKind::Success,
             Transfer::Timeout => OutcomeKind::Timeout,
             Transfer::Error => OutcomeKind::Error,
             Transfer::NotFound => OutcomeKind::NotFound {
                 start: lease.start,
                 end: lease.end,
             },
-            Transfer::Cut | Transfer::Cancelled => return vec![],
+            Transfer::Received | Transfer::Cancelled => return vec![],
         };
         self.outcome(
             now,
@@ -1166,7 +1165,7 @@ mod tests {
         assert_eq!(acquire(&mut c, 0, 2, &[]), vec![]);
         // A release hands its slot to the waiting request at once.
         assert_eq!(
-            granted(&release(&mut c, 5, 0, Transfer::Delivered)),
+            granted(&release(&mut c, 5, 0, Transfer::Received)),
             vec![(2, 2, 1)]
         );
         assert_eq!(acquire(&mut c, 5, 3, &[]), vec![]);
@@ -1231,10 +1230,10 @@ mod tests {
         acquire(&mut c, 0, 0, &[]);
         acquire(&mut c, 0, 1, &[]);
         acquire(&mut c, 0, 2, &[]);
-        // A timeout counts a failure; a cut transfer and a cancelled one
-        // count nothing (state sync judges a cut one itself).
+        // A timeout counts a failure; a transfer received (judged later)
+        // and a cancelled one count nothing.
         assert_eq!(release(&mut c, 0, 0, Transfer::Timeout), vec![]);
-        assert_eq!(release(&mut c, 0, 1, Transfer::Cut), vec![]);
+        assert_eq!(release(&mut c, 0, 1, Transfer::Received), vec![]);
         assert_eq!(table(&mut c, Time(0)), vec![(1, true, 1, 100, 1, None)]);
         // NOT_FOUND for 1..=100, leased as inside its claim: a lie.
         assert_eq!(
@@ -1276,7 +1275,7 @@ mod tests {
         // leased before the restart ends. New leases take new ids.
         assert_eq!(acquire(&mut restarted, 10, 1, &[]), vec![]);
         assert_eq!(
-            granted(&release(&mut restarted, 20, 0, Transfer::Delivered)),
+            granted(&release(&mut restarted, 20, 0, Transfer::Received)),
             vec![(1, 1, 1)]
         );
     }

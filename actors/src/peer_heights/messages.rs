@@ -88,7 +88,7 @@ pub struct Acquire {
 
 /// [`Acquire`] as an actor message, answered once a slot is granted.
 #[derive(Clone, Debug, PartialEq, Eq, Message)]
-#[rtype(result = "Result<Lease, AcquireError>")]
+#[rtype(result = "Result<super::Slot, AcquireError>")]
 pub struct AcquirePeer {
     /// First commit needed.
     pub start: CommitIndex,
@@ -121,18 +121,17 @@ pub enum AcquireError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Transfer {
-    /// The peer sent what was asked (judged later, by verification).
-    Delivered,
+    /// The peer's part is done and what it sent is judged later (verified,
+    /// or cut on what it held): a success is reported once verified, a liar
+    /// by state sync, so nothing is counted yet. A liar's fast answers so
+    /// never improve its score.
+    Received,
     /// It did not answer in time.
     Timeout,
     /// The request failed (transport error, error status).
     Error,
     /// It answered NOT_FOUND: judged against its claim for the lease's range.
     NotFound,
-    /// The worker cut the transfer on what it held (a block not asked for,
-    /// more bytes than the fetch may hold): state sync judges it and
-    /// reports a liar itself, so nothing is counted here.
-    Cut,
     /// The fetch ended on our side (cancelled, failed locally): nothing to
     /// hold against the peer or to measure.
     Cancelled,

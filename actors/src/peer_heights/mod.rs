@@ -24,7 +24,7 @@ mod actor;
 mod core;
 mod messages;
 
-pub use actor::{Deps, PeerHeights};
+pub use actor::{Deps, PeerHeights, Slot};
 pub use core::{Config, Init, PeerHeightsCore};
 pub use messages::{
     Acquire, AcquireError, AcquirePeer, HighestKnownCommit, Input, Lease, OutcomeKind, Output,

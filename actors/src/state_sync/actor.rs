@@ -179,10 +179,12 @@ impl StateSync {
 impl Handler<ApplyDone> for StateSync {
     type Result = ();
 
-    /// After a write: the next committee to the Verifier (before anything
-    /// of its epoch is verified: the Verifier's mailbox is FIFO and the
-    /// next fetch starts after this step), the sub-DAGs to subscribers in
-    /// order, the core told, the height pushed to peers behind.
+    /// After a write: first what must not be lost if anything later
+    /// fails, the sub-DAGs to subscribers in order and a local commit's
+    /// answer; then the next committee to the Verifier (before anything of
+    /// its epoch is verified: the Verifier's mailbox is FIFO and the next
+    /// fetch starts after this step), the core told, the height pushed to
+    /// peers behind.
     fn handle(&mut self, done: ApplyDone, ctx: &mut Context<Self>) {
         let (applied, origin) = match (done.result, done.origin) {
             (Ok(applied), origin) => (applied, origin),
@@ -194,6 +196,20 @@ impl Handler<ApplyDone> for StateSync {
                 return;
             }
         };
+        let (last, wrote) = (applied.last, !applied.subdags.is_empty());
+        for subdag in applied.subdags {
+            self.status.commits_applied += 1;
+            self.status.blocks_applied += subdag.blocks.len() as u64;
+            // No receiver is not an error; a lagging one is told by the channel.
+            let _ = self.deps.commits.send(subdag);
+        }
+        let synced = match origin {
+            Origin::Synced(start) => Some(start),
+            Origin::Local(reply) => {
+                let _ = reply.send(Ok(()));
+                None
+            }
+        };
         let next_epoch = applied.next_committee.as_ref().map(|c| EpochStart {
             epoch: c.epoch(),
             commit_answer_bytes: self.deps.commit_answer_bytes(c),
@@ -202,27 +218,15 @@ impl Handler<ApplyDone> for StateSync {
             tracing::info!(epoch = next.epoch(), "epoch changed");
             self.deps.verifier.do_send(InstallCommittee(next));
         }
-        let (last, wrote) = (applied.last, !applied.subdags.is_empty());
-        for subdag in applied.subdags {
-            self.status.commits_applied += 1;
-            self.status.blocks_applied += subdag.blocks.len() as u64;
-            // No receiver is not an error; a lagging one is told by the channel.
-            let _ = self.deps.commits.send(subdag);
-        }
-        match origin {
-            Origin::Synced(start) => {
-                let input = Input::Applied {
-                    start,
-                    last,
-                    next_epoch,
-                };
-                self.step(input, ctx);
-            }
-            Origin::Local(reply) => {
-                self.step(Input::LocalApplied { last, next_epoch }, ctx);
-                let _ = reply.send(Ok(()));
-            }
-        }
+        let input = match synced {
+            Some(start) => Input::Applied {
+                start,
+                last,
+                next_epoch,
+            },
+            None => Input::LocalApplied { last, next_epoch },
+        };
+        self.step(input, ctx);
         if wrote {
             self.deps.runtime.spawn(self.deps.calls().push_commit(last));
         }
@@ -292,9 +296,15 @@ impl Handler<CommitsDone> for StateSync {
     type Result = ();
     fn handle(&mut self, msg: CommitsDone, ctx: &mut Context<Self>) {
         self.workers.remove(&msg.task);
+        // Only the data of a fetch the core waits for is kept: a late answer
+        // (a dropped task's, a failed incarnation's) must not replace a live
+        // batch's.
+        let awaited = self.driver.core().awaits(msg.task);
         let result = msg.result.map(|data| {
             let info = data.info();
-            self.buffers.insert(info.start, data);
+            if awaited {
+                self.buffers.insert(info.start, data);
+            }
             info
         });
         let (task, peer) = (msg.task, msg.peer);

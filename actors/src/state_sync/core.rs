@@ -412,6 +412,12 @@ impl StateSyncCore {
         self.epoch
     }
 
+    /// Whether `task` is one the core waits for: not finished, not dropped
+    /// by a reset or a discard, not a failed incarnation's.
+    pub fn awaits(&self, task: TaskId) -> bool {
+        self.tasks.contains_key(&task)
+    }
+
     /// The id the next task gets: where a restarted core's ids start.
     pub fn next_task(&self) -> TaskId {
         self.next_task

@@ -13,7 +13,7 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix::Addr;
 use futures::FutureExt;
@@ -30,8 +30,7 @@ use crate::Blob;
 use crate::connections::{ActivePeers, Client, Connections, Outbound};
 use crate::faults::Faults;
 use crate::peer_heights::{
-    AcquirePeer, Lease, OutcomeKind, PeerHeights, PeersBehind, Release, ReportOutcome, Transfer,
-    UpdateHeight,
+    AcquirePeer, OutcomeKind, PeerHeights, PeersBehind, ReportOutcome, Slot, Transfer, UpdateHeight,
 };
 use crate::verifier::{Verifier, Verify, VerifyError, VerifyRequest, VerifyResponse};
 
@@ -133,40 +132,6 @@ pub(super) struct Worker {
     pub(super) faults: Faults,
 }
 
-/// A leased fetch slot; dropped unreleased (the worker failed or was
-/// aborted), it is released as cancelled, so no path leaks a slot.
-struct Slot {
-    lease: Lease,
-    heights: Addr<PeerHeights>,
-    started: Instant,
-    released: bool,
-}
-
-impl Slot {
-    fn release(mut self, transfer: Transfer, bytes: u64) {
-        self.released = true;
-        self.heights.do_send(Release {
-            lease: self.lease.id,
-            transfer,
-            bytes,
-            latency_ms: self.started.elapsed().as_millis() as u64,
-        });
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        if !self.released {
-            self.heights.do_send(Release {
-                lease: self.lease.id,
-                transfer: Transfer::Cancelled,
-                bytes: 0,
-                latency_ms: 0,
-            });
-        }
-    }
-}
-
 /// How a transfer that ended with `failure` is told to PeerHeights.
 fn transfer_of(failure: &Failure) -> Transfer {
     match failure {
@@ -174,7 +139,7 @@ fn transfer_of(failure: &Failure) -> Transfer {
         Failure::Status { .. } | Failure::Transport => Transfer::Error,
         Failure::NotFound => Transfer::NotFound,
         // Cut on what it held: the core judges it (and reports a liar).
-        Failure::Invalid(_) | Failure::OverBudget { .. } => Transfer::Cut,
+        Failure::Invalid(_) | Failure::OverBudget { .. } => Transfer::Received,
         _ => Transfer::Cancelled,
     }
 }
@@ -203,13 +168,20 @@ impl Worker {
                 .await
                 .map_err(|_| Failure::Local(LocalFailure::PeersBusy))?
                 .map_err(|_| Failure::Local(LocalFailure::ActorUnavailable))?;
-        let lease = answer?;
-        Ok(Slot {
-            lease,
-            heights: self.heights.clone(),
-            started: Instant::now(),
-            released: false,
-        })
+        Ok(answer?)
+    }
+
+    /// Scores `peer` for a transfer of `bytes` in `latency_ms` whose data
+    /// passed verification; a failed verification is the core's to report.
+    fn verified<T>(&self, peer: PeerId, bytes: u64, latency_ms: u64, result: &Result<T, Failure>) {
+        if result.is_ok() {
+            self.heights.do_send(ReportOutcome {
+                peer,
+                bytes,
+                latency_ms,
+                kind: OutcomeKind::Success,
+            });
+        }
     }
 
     /// Fetches and verifies the commits `wanted` names.
@@ -224,7 +196,7 @@ impl Worker {
             Ok(slot) => slot,
             Err(f) => return (None, Err(f)),
         };
-        let peer = slot.lease.peer;
+        let peer = slot.lease().peer;
         // The answer may be as large as the core reserved for it, no larger.
         let max = to_usize(wanted.max_bytes);
         let message = proto::FetchCommitsRequest {
@@ -247,8 +219,10 @@ impl Worker {
         };
         let bytes = response.commits.iter().map(|c| c.len() as u64).sum();
         // The peer's part is done; verifying does not hold its slot.
-        slot.release(Transfer::Delivered, bytes);
-        (Some(peer), self.verify_commits(response, wanted).await)
+        let latency = slot.release(Transfer::Received, bytes);
+        let result = self.verify_commits(response, wanted).await;
+        self.verified(peer, bytes, latency, &result);
+        (Some(peer), result)
     }
 
     /// Verifies a commit answer against the expected epoch's committee,
@@ -299,7 +273,7 @@ impl Worker {
             Ok(slot) => slot,
             Err(f) => return (None, Err(f)),
         };
-        let peer = slot.lease.peer;
+        let peer = slot.lease().peer;
         let message_bytes = to_usize(self.config.block_message_bytes(chunk.max_bytes));
         let message = proto::FetchBlocksRequest {
             refs: chunk.refs.iter().copied().map(Into::into).collect(),
@@ -325,11 +299,10 @@ impl Worker {
                 return (Some(peer), Err(failure));
             }
         };
-        slot.release(
-            Transfer::Delivered,
-            blobs.iter().map(|b| b.0.len() as u64).sum(),
-        );
+        let bytes = blobs.iter().map(|b| b.0.len() as u64).sum();
+        let latency = slot.release(Transfer::Received, bytes);
         let result = self.verify_blocks(chunk.epoch, blobs, &chunk.refs).await;
+        self.verified(peer, bytes, latency, &result);
         (Some(peer), result)
     }
 

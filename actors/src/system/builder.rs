@@ -293,6 +293,7 @@ impl P2pBuilder {
                 shutdown: Some(shutdown),
                 owned_runtime,
             })),
+            halted: tokio::sync::OnceCell::new(),
         });
         handle.stop_on_failure();
         Ok(handle)

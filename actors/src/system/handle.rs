@@ -48,6 +48,9 @@ pub(super) struct Inner {
     pub(super) runtime: tokio::runtime::Handle,
     pub(super) timeout: Duration,
     pub(super) running: Mutex<Option<Running>>,
+    /// Set once the server has drained and the actors are told to stop;
+    /// a second caller (a failure and `shutdown` at once) waits for it.
+    pub(super) halted: tokio::sync::OnceCell<()>,
 }
 
 impl Inner {
@@ -58,8 +61,13 @@ impl Inner {
     }
 
     /// Stops the server (it drains the calls in flight) and the actors;
-    /// joining their thread is left to `shutdown` or the drop.
+    /// joining their thread is left to `shutdown` or the drop. Done once:
+    /// every caller returns once it is done.
     async fn halt(&self) {
+        self.halted.get_or_init(|| self.stop_serving()).await;
+    }
+
+    async fn stop_serving(&self) {
         let (shutdown, server, system) = {
             let mut running = self.running();
             let Some(r) = running.as_mut() else {

@@ -15,6 +15,7 @@ use super::job::run_job;
 use super::messages::*;
 use crate::Driver;
 use crate::faults::Faults;
+use crate::holders::Holders;
 use crate::replay::Recorder;
 
 /// Installs the committee of an epoch; sent at each epoch change, before
@@ -79,6 +80,8 @@ pub struct Verifier {
     /// Outlives restarts, with the jobs running on it.
     pool: Arc<rayon::ThreadPool>,
     next_id: u64,
+    /// The jobs still running on the pool.
+    holders: Holders,
 }
 
 impl Verifier {
@@ -95,6 +98,7 @@ impl Verifier {
             deps,
             pool: Arc::new(pool),
             next_id: 0,
+            holders: Holders::default(),
         })
     }
 
@@ -128,11 +132,13 @@ impl Actor for Verifier {
 }
 
 impl Supervised for Verifier {
-    /// The pool and its running jobs carry over (their callers are
-    /// answered by the pool directly); committees are installed again from
-    /// the store when the actor starts.
+    /// The pool and the jobs still running on it carry over (their callers
+    /// are answered by the pool directly; a job whose end was reported in
+    /// the message that panicked is not counted for ever); committees are
+    /// installed again from the store when the actor starts.
     fn restarting(&mut self, _: &mut Context<Self>) {
-        let init = self.driver.core().restart_init();
+        let mut init = self.driver.core().restart_init();
+        init.running.retain(|id| self.holders.held(*id));
         self.driver.restart(init);
     }
 }
@@ -168,7 +174,9 @@ impl Handler<Verify> for Verifier {
                 } => {
                     let (tx, rx) = oneshot::channel();
                     let addr = ctx.address();
+                    let token = self.holders.hold(id);
                     self.pool.spawn(move || {
+                        let _running = token;
                         let result = catch_unwind(AssertUnwindSafe(|| run_job(job)))
                             .unwrap_or(Err(VerifyError::Internal));
                         // Free the slot before answering: the mailbox is
