@@ -252,6 +252,14 @@ impl Handler<AcquirePeer> for PeerHeights {
             wait_ms: msg.wait_ms,
         };
         self.step(Input::Acquire(acquire), ctx);
+        if self.replies.contains_key(&request) {
+            // It waits: the core refuses it when its wait is over, at the
+            // first input from then on; this timer makes sure there is one.
+            let wait = std::time::Duration::from_millis(msg.wait_ms);
+            ctx.run_later(wait, |act, ctx| {
+                act.step(Input::Tick, ctx);
+            });
+        }
         Box::pin(async move { rx.await.unwrap_or(Err(AcquireError::Unavailable)) })
     }
 }

@@ -281,6 +281,7 @@ impl PeerHeightsCore {
             Input::Snapshot => vec![Output::Snapshot(self.snapshot())],
             Input::Acquire(request) => self.acquire(now, request).into_iter().collect(),
             Input::Release(r) => self.release(now, r),
+            Input::Tick => vec![],
         }
     }
 

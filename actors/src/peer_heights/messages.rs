@@ -259,6 +259,9 @@ pub enum Input {
     Acquire(Acquire),
     /// See [`Release`].
     Release(Release),
+    /// Time passed: the shell's timer for a waiting request's end, so its
+    /// refusal does not wait for another input.
+    Tick,
 }
 
 /// Outputs of the PeerHeights core.
