@@ -3,7 +3,7 @@ CARGO ?= cargo
 # nextest runs test binaries in parallel; plain `cargo test` is the fallback.
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: all build test lint deny fmt bench bench-quick bench-micro demo fuzz doc netns-test clean
+.PHONY: all build test lint deny no-test-hooks fmt bench bench-quick bench-micro demo fuzz doc netns-test clean
 
 all: build
 
@@ -20,8 +20,9 @@ else
 	$(CARGO) test --workspace --locked --no-fail-fast
 endif
 
-## lint: formatting check, clippy with warnings as errors, and the dependency policy
-lint: deny
+## lint: formatting check, clippy with warnings as errors, the dependency policy,
+## and no test hook in the node binary's build
+lint: deny no-test-hooks
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
@@ -38,6 +39,15 @@ deny:
 		echo "deny: advisory database unreachable (github.com/RustSec/advisory-db): advisories NOT checked here;"; \
 		echo "deny: run 'cargo deny check advisories' on a machine that reaches github.com"; \
 	fi
+
+## no-test-hooks: no build of the workspace's programs (`cargo build`, with or
+## without `--workspace`; tests aside) carries a `testing` feature (fault
+## injection, forged identities): only dev-dependencies enable them
+no-test-hooks:
+	@if $(CARGO) tree --workspace -e normal -f '{p} {f}' --locked | grep -q 'testing'; then \
+		echo "no-test-hooks: a 'testing' feature reaches a build of the programs:"; \
+		$(CARGO) tree --workspace -e normal -f '{p} {f}' --locked | grep testing; exit 1; \
+	else echo "no-test-hooks: no program of the workspace carries a testing feature"; fi
 
 ## fmt: format the code
 fmt:

@@ -31,6 +31,43 @@ fn every_trace_replays_exactly() {
     }
 }
 
+/// A trace recorded across a restart replays in two parts: a fresh core
+/// from each header, and the second core's outputs (a lease granted after
+/// the restart takes the id after the failed incarnation's last) match.
+#[test]
+fn a_trace_across_a_restart_replays_from_each_header() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("replays");
+    let report = replay(&dir.join("peer_heights_restart.jsonl")).unwrap();
+    assert_eq!(
+        (report.actor.as_str(), report.restarts),
+        ("peer_heights", 1)
+    );
+    let report = replay(&dir.join("supervisor_restart.jsonl")).unwrap();
+    assert_eq!(
+        (report.actor.as_str(), report.inputs, report.restarts),
+        ("supervisor", 1, 0)
+    );
+    // Made from the first header instead, the core after the restart
+    // would grant lease ids from 0 again: replay tells them apart.
+    let text = std::fs::read_to_string(dir.join("peer_heights_restart.jsonl")).unwrap();
+    let headers: Vec<&str> = text.lines().filter(|l| l.contains("\"init\"")).collect();
+    assert_eq!(headers.len(), 2);
+    let first_init = &headers[0][headers[0].find("\"init\"").unwrap()..];
+    let second = headers[1];
+    let altered = text.replace(
+        second,
+        &format!(
+            "{}{}",
+            &second[..second.find("\"init\"").unwrap()],
+            first_init
+        ),
+    );
+    assert!(matches!(
+        replay_text(&altered, false),
+        Err(ReplayError::Mismatch { .. })
+    ));
+}
+
 #[test]
 fn altered_output_is_reported_at_its_line() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("replays/peer_heights_ban_expires.jsonl");

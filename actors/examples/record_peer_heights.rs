@@ -11,8 +11,8 @@ use std::path::PathBuf;
 use actix::Actor;
 use soma_actors::connections::PeerEvent;
 use soma_actors::peer_heights::{
-    Config, HighestKnownCommit, OutcomeKind, PeerHeights, PeersBehind, PeersForRange, RemovePeer,
-    ReportOutcome, Snapshot, UpdateHeight,
+    Config, Deps, HighestKnownCommit, OutcomeKind, PeerHeights, PeersBehind, PeersForRange,
+    RemovePeer, ReportOutcome, Snapshot, UpdateHeight,
 };
 use soma_actors::replay::Recorder;
 use soma_types::{ChainId, Digest, PeerId};
@@ -28,7 +28,8 @@ fn main() -> std::io::Result<()> {
     let peer = |n: u8| PeerId([n; 32]);
 
     actix_rt::System::new().block_on(async move {
-        let heights = PeerHeights::new(Config::new(ours, 2024), 1024, Some(recorder)).start();
+        let deps = Deps::new(Config::new(ours, 2024), None, 1024);
+        let heights = PeerHeights::new(deps, Some(recorder)).start();
         let update = |p: u8, chain, lowest, highest| UpdateHeight {
             peer: peer(p),
             chain_id: chain,

@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::faults::Faults;
 use crate::replay::Recorder;
 
 /// Virtual time: milliseconds since the shell started its core.
@@ -53,11 +54,14 @@ pub trait Core: Sized {
 /// What a shell holds: the core, the clock, and an optional recorder.
 ///
 /// Shells call [`Driver::step`] for every input, so recording is the same
-/// for every actor.
+/// for every actor. A restarted actor keeps its driver's clock and
+/// recorder: [`Driver::restart`] writes the new core's init as a header in
+/// the middle of the trace, and replay starts a fresh core there.
 pub struct Driver<C: Core> {
     core: C,
     start: Instant,
     recorder: Option<Recorder>,
+    faults: Faults,
 }
 
 impl<C: Core> Driver<C> {
@@ -71,7 +75,23 @@ impl<C: Core> Driver<C> {
             core: C::new(init),
             start: Instant::now(),
             recorder,
+            faults: Faults::default(),
         }
+    }
+
+    /// Consults `faults` before every input (tests of supervision).
+    pub(crate) fn with_faults(mut self, faults: Faults) -> Self {
+        self.faults = faults;
+        self
+    }
+
+    /// Replaces the core with a fresh one made from `init`, as a restart
+    /// does; the clock and the recorder go on.
+    pub fn restart(&mut self, init: C::Init) {
+        if let Some(r) = self.recorder.as_mut() {
+            r.header(C::NAME, &init);
+        }
+        self.core = C::new(init);
     }
 
     /// The current virtual time.
@@ -82,6 +102,9 @@ impl<C: Core> Driver<C> {
     /// Feeds `input` to the core at the current time, recording both the
     /// input and every output.
     pub fn step(&mut self, input: C::Input) -> Vec<C::Output> {
+        // An injected panic comes before the input is recorded: the trace
+        // holds only inputs the core handled.
+        self.faults.on_input(C::NAME);
         let now = self.now();
         if let Some(r) = self.recorder.as_mut() {
             r.record(C::NAME, now, "in", &input);
@@ -98,5 +121,28 @@ impl<C: Core> Driver<C> {
     /// The core, for reads that are not inputs (metrics, debugging).
     pub fn core(&self) -> &C {
         &self.core
+    }
+}
+
+/// Failures within a sliding window: the intensity limit of an OTP
+/// supervisor, shared by the node's supervisor and the sync workers'.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Intensity {
+    failures: Vec<Time>,
+}
+
+impl Intensity {
+    /// Records a failure at `now` and returns how many fell within the
+    /// last `window_ms`, this one included.
+    pub(crate) fn record(&mut self, now: Time, window_ms: u64) -> u32 {
+        self.failures
+            .retain(|t| now.0.saturating_sub(t.0) < window_ms);
+        self.failures.push(now);
+        u32::try_from(self.failures.len()).unwrap_or(u32::MAX)
+    }
+
+    /// Forgets every failure.
+    pub(crate) fn clear(&mut self) {
+        self.failures.clear();
     }
 }

@@ -11,19 +11,28 @@
 //!   passes the time, performs the outputs, and can record every input and
 //!   output to a trace ([`replay`]).
 //!
-//! Actors in this crate so far: [`peer_heights`] (how far each peer's chain
-//! reaches, and which peers to fetch from) and [`verifier`] (signature and
-//! rule checks on a thread pool).
+//! The actors: [`connections`] (the one place connections are made),
+//! [`discovery`] (finding peers), [`peer_heights`] (how far each peer's
+//! chain reaches, and fetch slots on peers), [`state_sync`] (catching up),
+//! [`verifier`] (signature and rule checks on a thread pool) and [`grpc`]
+//! (the server's admission). They run under the [`supervisor`] tree, and a
+//! node embeds them through [`P2pHandle`] ([`system`]).
+//!
+//! Features: `testing` compiles in fault injection ([`faults`]) for tests of
+//! supervision; production builds leave it out.
 #![warn(missing_docs, unreachable_pub)]
 
 mod blob;
 pub mod connections;
 mod core;
 pub mod discovery;
+pub mod faults;
 pub mod grpc;
+mod holders;
 pub mod peer_heights;
 pub mod replay;
 pub mod state_sync;
+pub mod supervisor;
 pub mod system;
 pub mod verifier;
 

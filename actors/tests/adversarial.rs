@@ -106,6 +106,44 @@ async fn commits_naming_an_unexpected_epoch_get_their_server_banned_and_never_pa
     attack.liar_is_banned_then_sync_completes().await;
 }
 
+/// A restart of PeerHeights keeps its bans: a liar banned before it is
+/// still banned, until the same time, after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ban_outlives_a_restart_of_peer_heights() {
+    let faults = Arc::new(soma_actors::faults::FaultPlan::default());
+    let config = P2pConfig {
+        faults: Some(faults.clone()),
+        ..P2pConfig::default()
+    };
+    let attack = Attack::start(Lie::FutureEpoch, config).await;
+    wait_banned(&attack.node, &[attack.liar], DEADLINE).await;
+    let ban = |views: Vec<soma_actors::peer_heights::PeerView>| {
+        views
+            .into_iter()
+            .find(|v| v.peer == attack.liar)
+            .and_then(|v| v.banned_until)
+    };
+    let before = ban(attack.node.peer_heights().await.unwrap());
+    assert!(before.is_some());
+    faults.panic_actor("peer_heights", 1);
+    let restarted = || {
+        attack
+            .node
+            .health()
+            .actors
+            .iter()
+            .any(|a| a.name == "peer_heights" && a.restarts == 1)
+    };
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while !restarted() {
+        assert!(std::time::Instant::now() < deadline, "never restarted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(faults.injected("peer_heights"), 1);
+    assert_eq!(ban(attack.node.peer_heights().await.unwrap()), before);
+    attack.liar_is_banned_then_sync_completes().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retired_committee_cannot_extend_the_chain_past_its_epoch() {
     // Right after epoch 0 ends, the liar serves a commit of epoch 0 linked

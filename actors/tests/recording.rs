@@ -5,11 +5,11 @@ use actix::Actor;
 use soma_actors::Blob;
 use soma_actors::connections::PeerEvent;
 use soma_actors::peer_heights::{
-    Config as HeightsConfig, HighestKnownCommit, OutcomeKind, PeerHeights, PeersForRange,
-    ReportOutcome, UpdateHeight,
+    Config as HeightsConfig, Deps as HeightsDeps, HighestKnownCommit, OutcomeKind, PeerHeights,
+    PeersForRange, ReportOutcome, UpdateHeight,
 };
 use soma_actors::replay::{Recorder, replay};
-use soma_actors::verifier::{Config, InstallCommittee, Verifier, Verify, VerifyRequest};
+use soma_actors::verifier::{Config, Deps, InstallCommittee, Verifier, Verify, VerifyRequest};
 use soma_chain::{ChainBuilder, ChainConfig};
 use soma_types::PeerId;
 
@@ -20,8 +20,7 @@ async fn recorded_actor_runs_replay_exactly() {
 
     let heights_trace = dir.path().join("heights.jsonl");
     let heights = PeerHeights::new(
-        HeightsConfig::new(chain.chain_id(), 5),
-        64,
+        HeightsDeps::new(HeightsConfig::new(chain.chain_id(), 5), None, 64),
         Some(Recorder::to_file(&heights_trace).unwrap()),
     )
     .start();
@@ -66,12 +65,12 @@ async fn recorded_actor_runs_replay_exactly() {
     assert_eq!(heights.send(HighestKnownCommit).await.unwrap(), Some(50));
 
     let verifier_trace = dir.path().join("verifier.jsonl");
+    let config = Config {
+        threads: 2,
+        ..Config::default()
+    };
     let verifier = Verifier::new(
-        Config {
-            threads: 2,
-            ..Config::default()
-        },
-        64,
+        Deps::new(config, 64),
         Some(Recorder::to_file(&verifier_trace).unwrap()),
     )
     .unwrap()

@@ -331,7 +331,7 @@ mod byzantine {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_that_panic_or_fail_are_restarted_and_sync_completes() {
-    use soma_actors::state_sync::FaultPlan;
+    use soma_actors::faults::FaultPlan;
     let chain = ChainBuilder::new(ChainConfig::validators(4)).build(500);
     let validators: Vec<P2pHandle> = (1..=2).map(|k| validator(&chain, k)).collect();
     let faults = Arc::new(FaultPlan::default());
@@ -565,8 +565,7 @@ async fn one_peer_is_never_sent_more_fetches_than_it_serves() {
     config.state_sync.parallel_fetches = 8;
     config.state_sync.max_blocks_per_fetch = 50;
     assert!(
-        config.state_sync.max_fetches_per_peer
-            <= P2pConfig::default().grpc.max_concurrent_fetches_per_peer
+        config.max_fetches_per_peer <= P2pConfig::default().grpc.max_concurrent_fetches_per_peer
     );
     let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
     let node = soma_testkit::node(&chain, 9, config, store.clone());

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use soma_actors::Blob;
 use soma_actors::verifier::{
-    Config, InstallCommittee, Verifier, Verify, VerifyError, VerifyRequest, VerifyResponse,
+    Config, Deps, InstallCommittee, Verifier, Verify, VerifyError, VerifyRequest, VerifyResponse,
 };
 use soma_chain::{Chain, ChainBuilder, ChainConfig, corrupt};
 use soma_types::{
@@ -23,7 +23,9 @@ fn chain() -> Chain {
 }
 
 fn start(config: Config, chain: &Chain) -> Addr<Verifier> {
-    let addr = Verifier::new(config, 1024, None).unwrap().start();
+    let addr = Verifier::new(Deps::new(config, 1024), None)
+        .unwrap()
+        .start();
     addr.do_send(InstallCommittee(chain.genesis().clone()));
     addr
 }

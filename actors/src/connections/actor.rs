@@ -1,15 +1,17 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use actix::{Actor, AsyncContext, Context, Handler, Message, Recipient};
+use actix::{Actor, AsyncContext, Context, Handler, Message, Recipient, Supervised};
 use soma_types::PeerId;
-use soma_wire::proto::p2p_client::P2pClient;
+use soma_wire::proto;
 use soma_wire::tls::{self, NodeIdentity};
 use tonic::transport::Channel;
 
 use super::core::{Config, ConnectionsCore};
 use super::messages::*;
+use super::outbound::{CallError, Client, call_client};
 use crate::Driver;
+use crate::faults::Faults;
 use crate::replay::Recorder;
 
 /// Largest message a client accepts (a FetchBlocks chunk plus framing).
@@ -21,7 +23,26 @@ pub(crate) const MAX_CLIENT_MESSAGE_BYTES: usize = 8 << 20;
 struct DialDone {
     address: String,
     expected: Option<PeerId>,
-    result: Result<(Channel, PeerId), String>,
+    result: Result<(Channel, PeerId), DialError>,
+}
+
+/// What the Connections actor is made from; kept across restarts.
+#[derive(Clone)]
+pub struct Deps {
+    /// Its settings.
+    pub config: Config,
+    /// The TLS identity it dials as.
+    pub identity: NodeIdentity,
+    /// The runtime dials and probes run on.
+    pub runtime: tokio::runtime::Handle,
+    /// The actors told of every [`PeerEvent`]; wired once, since their
+    /// addresses outlive restarts.
+    pub subscribers: Vec<Recipient<PeerEvent>>,
+    /// Peer events for the handle's subscribers (bounded broadcast).
+    pub events: tokio::sync::broadcast::Sender<PeerEvent>,
+    /// Capacity of its mailbox.
+    pub mailbox_capacity: usize,
+    pub(crate) faults: Faults,
 }
 
 /// The Connections actor: a thin shell around [`ConnectionsCore`].
@@ -29,38 +50,19 @@ struct DialDone {
 /// Dials and probes run on the tonic runtime, so client connections and
 /// their I/O never run on the actors' thread.
 pub struct Connections {
+    deps: Deps,
     driver: Driver<ConnectionsCore>,
-    config: Config,
-    identity: NodeIdentity,
-    runtime: tokio::runtime::Handle,
-    clients: HashMap<PeerId, P2pClient<Channel>>,
-    subscribers: Vec<Recipient<PeerEvent>>,
-    /// Peer events for the handle's subscribers (bounded broadcast).
-    events: tokio::sync::broadcast::Sender<PeerEvent>,
-    mailbox_capacity: usize,
+    clients: HashMap<PeerId, Client>,
 }
 
 impl Connections {
-    /// A connection manager dialling as `identity`, with client tasks on
-    /// `runtime`, publishing peer events to `events` as well as to
-    /// subscribed actors.
-    pub fn new(
-        config: Config,
-        identity: NodeIdentity,
-        runtime: tokio::runtime::Handle,
-        events: tokio::sync::broadcast::Sender<PeerEvent>,
-        mailbox_capacity: usize,
-        recorder: Option<Recorder>,
-    ) -> Self {
+    /// A connection manager made from `deps`; it records a trace if
+    /// `recorder` is given.
+    pub fn new(deps: Deps, recorder: Option<Recorder>) -> Self {
         Connections {
-            driver: Driver::new(config.clone(), recorder),
-            config,
-            identity,
-            runtime,
+            driver: Driver::new(deps.config.clone(), recorder).with_faults(deps.faults.clone()),
+            deps,
             clients: HashMap::new(),
-            subscribers: Vec::new(),
-            events,
-            mailbox_capacity,
         }
     }
 
@@ -81,37 +83,36 @@ impl Connections {
                         self.clients.remove(&peer);
                     }
                 }
-                Output::Event(event) => {
-                    match &event {
-                        PeerEvent::Connected { peer, address } => {
-                            tracing::info!(%peer, %address, "peer connected")
-                        }
-                        PeerEvent::Disconnected { peer } => {
-                            tracing::info!(%peer, "peer disconnected")
-                        }
-                        PeerEvent::DialFailed {
-                            address, reason, ..
-                        } => tracing::debug!(%address, %reason, "dial failed"),
-                    }
-                    // No receiver is fine: nobody subscribed.
-                    let _ = self.events.send(event.clone());
-                    // Peer events are rare and must not be lost: delivered
-                    // past the subscriber's mailbox bound.
-                    self.subscribers.retain(|s| s.connected());
-                    for s in &self.subscribers {
-                        s.do_send(event.clone());
-                    }
-                }
-                Output::Peers(_) => {}
+                Output::Event(event) => self.publish(event),
+                Output::Peers(_) | Output::Connections(_) => {}
             }
+        }
+    }
+
+    fn publish(&self, event: PeerEvent) {
+        match &event {
+            PeerEvent::Connected { peer, address } => {
+                tracing::info!(%peer, %address, "peer connected")
+            }
+            PeerEvent::Disconnected { peer } => tracing::info!(%peer, "peer disconnected"),
+            PeerEvent::DialFailed {
+                address, reason, ..
+            } => tracing::debug!(%address, %reason, "dial failed"),
+        }
+        // No receiver is fine: nobody subscribed.
+        let _ = self.deps.events.send(event.clone());
+        // Peer events are rare and must not be lost: delivered past the
+        // subscriber's mailbox bound.
+        for s in &self.deps.subscribers {
+            s.do_send(event.clone());
         }
     }
 
     fn dial(&self, address: String, expected: Option<PeerId>, ctx: &mut Context<Self>) {
         let addr = ctx.address();
-        let identity = self.identity.clone();
-        let timeout = Duration::from_millis(self.config.connect_timeout_ms);
-        self.runtime.spawn(async move {
+        let identity = self.deps.identity.clone();
+        let timeout = Duration::from_millis(self.deps.config.connect_timeout_ms);
+        self.deps.runtime.spawn(async move {
             let result = match tls::connect(&address, Some(&identity), expected, timeout).await {
                 // With TLS 1.3 a server refusing our certificate (private,
                 // not allowlisted) only shows on the first call: one call
@@ -119,8 +120,11 @@ impl Connections {
                 Ok((channel, peer)) => check(client(channel.clone()), timeout)
                     .await
                     .map(|()| (channel, peer))
-                    .map_err(|e| format!("refused after the handshake: {e}")),
-                Err(e) => Err(e.to_string()),
+                    .map_err(DialError::FirstCall),
+                Err(e) => {
+                    tracing::debug!(%address, %e, "dial failed");
+                    Err(DialError::from(&e))
+                }
             };
             addr.do_send(DialDone {
                 address,
@@ -131,10 +135,10 @@ impl Connections {
     }
 
     fn probe(&self, ctx: &mut Context<Self>) {
-        let timeout = Duration::from_millis(self.config.connect_timeout_ms);
+        let timeout = Duration::from_millis(self.deps.config.connect_timeout_ms);
         for (peer, client) in &self.clients {
             let (peer, client, addr) = (*peer, client.clone(), ctx.address());
-            self.runtime.spawn(async move {
+            self.deps.runtime.spawn(async move {
                 if check(client, timeout).await.is_err() {
                     addr.do_send(ReportBroken { peer });
                 }
@@ -143,28 +147,41 @@ impl Connections {
     }
 }
 
-fn client(channel: Channel) -> P2pClient<Channel> {
-    P2pClient::new(channel).max_decoding_message_size(MAX_CLIENT_MESSAGE_BYTES)
+fn client(channel: Channel) -> Client {
+    Client::new(channel).max_decoding_message_size(MAX_CLIENT_MESSAGE_BYTES)
 }
 
 /// One cheap call, to tell a working connection from a dead or refused one.
-async fn check(mut client: P2pClient<Channel>, timeout: Duration) -> Result<(), String> {
-    let mut request = tonic::Request::new(soma_wire::proto::GetCommitAvailabilityRequest {});
-    request.set_timeout(timeout);
-    match tokio::time::timeout(timeout, client.get_commit_availability(request)).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(status)) => Err(status.to_string()),
-        Err(_) => Err("timed out".into()),
-    }
+async fn check(client: Client, timeout: Duration) -> Result<(), CallError> {
+    let message = proto::GetCommitAvailabilityRequest {};
+    call_client(client, timeout, message, |mut c, r| async move {
+        c.get_commit_availability(r).await
+    })
+    .await
+    .map(drop)
 }
 
 impl Actor for Connections {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.set_mailbox_capacity(self.mailbox_capacity);
-        let interval = Duration::from_millis(self.config.probe_interval_ms.max(1));
+        ctx.set_mailbox_capacity(self.deps.mailbox_capacity);
+        let interval = Duration::from_millis(self.deps.config.probe_interval_ms.max(1));
         ctx.run_interval(interval, |act, ctx| act.probe(ctx));
+    }
+}
+
+impl Supervised for Connections {
+    /// Starts empty: the clients of the failed incarnation are dropped and
+    /// every peer it held is reported disconnected, so the actors that
+    /// follow peer events forget them and Discovery dials them again.
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        let held: Vec<PeerId> = self.driver.core().connected().collect();
+        self.clients.clear();
+        self.driver.restart(self.deps.config.clone());
+        for peer in held {
+            self.publish(PeerEvent::Disconnected { peer });
+        }
     }
 }
 
@@ -215,16 +232,19 @@ impl Handler<ActivePeers> for Connections {
     }
 }
 
-impl Handler<GetClient> for Connections {
-    type Result = Option<P2pClient<Channel>>;
-    fn handle(&mut self, msg: GetClient, _: &mut Context<Self>) -> Self::Result {
-        self.clients.get(&msg.0).cloned()
+impl Handler<ActiveConnections> for Connections {
+    type Result = Vec<(PeerId, String)>;
+    fn handle(&mut self, _: ActiveConnections, _: &mut Context<Self>) -> Self::Result {
+        match self.driver.step(Input::ActiveConnections).pop() {
+            Some(Output::Connections(c)) => c,
+            _ => Vec::new(),
+        }
     }
 }
 
-impl Handler<SubscribePeerEvents> for Connections {
-    type Result = ();
-    fn handle(&mut self, msg: SubscribePeerEvents, _: &mut Context<Self>) {
-        self.subscribers.push(msg.0);
+impl Handler<GetClient> for Connections {
+    type Result = Option<Client>;
+    fn handle(&mut self, msg: GetClient, _: &mut Context<Self>) -> Self::Result {
+        self.clients.get(&msg.0).cloned()
     }
 }

@@ -71,11 +71,22 @@ impl Core for ConnectionsCore {
                 result,
             } => self.dialed(address, expected, result),
             Input::ActivePeers => vec![Output::Peers(self.connected.keys().copied().collect())],
+            Input::ActiveConnections => vec![Output::Connections(
+                self.connected
+                    .iter()
+                    .map(|(p, a)| (*p, a.clone()))
+                    .collect(),
+            )],
         }
     }
 }
 
 impl ConnectionsCore {
+    /// The peers connected now, for a restart to report disconnected.
+    pub fn connected(&self) -> impl Iterator<Item = PeerId> + '_ {
+        self.connected.keys().copied()
+    }
+
     fn connect(&mut self, peer: Option<PeerId>, address: String) -> Vec<Output> {
         let busy = peer
             .is_some_and(|p| self.connected.contains_key(&p) || self.dialing_peers.contains(&p))
@@ -88,7 +99,7 @@ impl ConnectionsCore {
             return vec![Output::Event(PeerEvent::DialFailed {
                 peer,
                 address,
-                reason: "connection limit reached".into(),
+                reason: DialError::LimitReached,
             })];
         }
         self.dialing.insert(address.clone());
@@ -107,13 +118,21 @@ impl ConnectionsCore {
         expected: Option<PeerId>,
         result: DialResult,
     ) -> Vec<Output> {
-        self.dialing.remove(&address);
+        let planned = self.dialing.remove(&address);
         if let Some(p) = expected {
             self.dialing_peers.remove(&p);
         }
         match result {
             DialResult::Connected(peer) if self.connected.contains_key(&peer) => {
                 // A seed dialled by address turned out to be a peer we hold.
+                vec![Output::Close { peer }]
+            }
+            // A dial this core did not start (a failed incarnation's) counts
+            // like a new one against the limit.
+            DialResult::Connected(peer)
+                if !planned
+                    && self.connected.len() + self.dialing.len() >= self.config.max_connections =>
+            {
                 vec![Output::Close { peer }]
             }
             DialResult::Connected(peer) => {
@@ -206,7 +225,12 @@ mod tests {
     fn failed_dial_is_reported_and_can_be_retried() {
         let mut c = ConnectionsCore::new(Config::default());
         connect(&mut c, Some(2), "b:1");
-        let out = dialed(&mut c, Some(2), "b:1", DialResult::Failed("refused".into()));
+        let out = dialed(
+            &mut c,
+            Some(2),
+            "b:1",
+            DialResult::Failed(DialError::Unreachable),
+        );
         assert!(matches!(
             out[0],
             Output::Event(PeerEvent::DialFailed { .. })
@@ -230,6 +254,25 @@ mod tests {
         assert!(
             c.handle(Time(0), Input::Broken { peer: peer(3) })
                 .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_dial_the_core_did_not_start_counts_against_the_limit() {
+        let mut c = ConnectionsCore::new(Config {
+            max_connections: 1,
+            ..Config::default()
+        });
+        connect(&mut c, Some(1), "a:1");
+        dialed(&mut c, Some(1), "a:1", DialResult::Connected(peer(1)));
+        // A restarted core hears of a dial its failed incarnation started.
+        assert_eq!(
+            dialed(&mut c, Some(2), "b:1", DialResult::Connected(peer(2))),
+            vec![Output::Close { peer: peer(2) }]
+        );
+        assert_eq!(
+            c.handle(Time(0), Input::ActivePeers),
+            vec![Output::Peers(vec![peer(1)])]
         );
     }
 

@@ -1,8 +1,9 @@
-use actix::{Message, Recipient};
+use actix::Message;
 use serde::{Deserialize, Serialize};
 use soma_types::PeerId;
-use soma_wire::proto::p2p_client::P2pClient;
-use tonic::transport::Channel;
+use soma_wire::tls::TlsError;
+
+use super::outbound::{CallError, Client};
 
 /// A peer connected or disconnected.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Message)]
@@ -28,8 +29,70 @@ pub enum PeerEvent {
         /// The address dialled.
         address: String,
         /// Why.
-        reason: String,
+        reason: DialError,
     },
+}
+
+/// Why a dial failed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(rename_all = "snake_case")]
+pub enum DialError {
+    /// We hold `max_connections` connections or dials already.
+    #[error("connection limit reached")]
+    LimitReached,
+    /// The address is not `host:port`.
+    #[error("invalid address")]
+    InvalidAddress,
+    /// Connecting or the handshake took longer than `connect_timeout`.
+    #[error("timed out")]
+    Timeout,
+    /// TCP, the TLS handshake or HTTP/2 failed.
+    #[error("unreachable")]
+    Unreachable,
+    /// The server proved another identity than the peer dialled.
+    #[error("peer is {found}, expected {expected}")]
+    UnexpectedPeer {
+        /// The peer dialled.
+        expected: PeerId,
+        /// The peer the server proved to be.
+        found: PeerId,
+    },
+    /// The server's certificate or its identity binding is not valid.
+    #[error("invalid certificate")]
+    InvalidCertificate,
+    /// The server's admission or access rules refused us, or our own TLS
+    /// configuration failed.
+    #[error("refused")]
+    Refused,
+    /// The handshake passed but the first call failed (a private server
+    /// refusing our certificate shows only then).
+    #[error("first call failed: {0}")]
+    FirstCall(CallError),
+}
+
+impl From<&TlsError> for DialError {
+    fn from(e: &TlsError) -> Self {
+        match e {
+            TlsError::Address(_) => DialError::InvalidAddress,
+            TlsError::Timeout => DialError::Timeout,
+            TlsError::Connect(_) => DialError::Unreachable,
+            TlsError::UnexpectedPeer { expected, found } => DialError::UnexpectedPeer {
+                expected: *expected,
+                found: *found,
+            },
+            TlsError::Certificate(_)
+            | TlsError::NotSelfSigned
+            | TlsError::MissingBinding
+            | TlsError::MalformedBinding
+            | TlsError::InvalidBinding => DialError::InvalidCertificate,
+            TlsError::Generate(_)
+            | TlsError::Pem(_)
+            | TlsError::KeyMismatch
+            | TlsError::NotAllowed(_)
+            | TlsError::Rustls(_)
+            | TlsError::NotAdmitted(_) => DialError::Refused,
+        }
+    }
 }
 
 /// Dial `address`; if `peer` is given the server must prove that identity.
@@ -65,15 +128,17 @@ pub struct ReportBroken {
 #[rtype(result = "Vec<PeerId>")]
 pub struct ActivePeers;
 
+/// The peers we hold a connection to, with the address each was dialled
+/// at: what an actor that follows [`PeerEvent`]s rebuilds its view from
+/// after a restart.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Message)]
+#[rtype(result = "Vec<(PeerId, String)>")]
+pub struct ActiveConnections;
+
 /// The gRPC client of a connected peer.
 #[derive(Clone, Debug, Message)]
-#[rtype(result = "Option<P2pClient<Channel>>")]
+#[rtype(result = "Option<Client>")]
 pub struct GetClient(pub PeerId);
-
-/// Receive every [`PeerEvent`] from now on.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct SubscribePeerEvents(pub Recipient<PeerEvent>);
 
 /// How a dial ended.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,7 +147,7 @@ pub enum DialResult {
     /// Connected to this (verified) peer.
     Connected(PeerId),
     /// The dial failed.
-    Failed(String),
+    Failed(DialError),
 }
 
 /// Inputs of the Connections core.
@@ -109,6 +174,8 @@ pub enum Input {
     },
     /// See [`ActivePeers`].
     ActivePeers,
+    /// See [`ActiveConnections`].
+    ActiveConnections,
 }
 
 /// Outputs of the Connections core.
@@ -136,4 +203,6 @@ pub enum Output {
     Event(PeerEvent),
     /// Answer to [`Input::ActivePeers`].
     Peers(Vec<PeerId>),
+    /// Answer to [`Input::ActiveConnections`].
+    Connections(Vec<(PeerId, String)>),
 }

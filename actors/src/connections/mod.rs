@@ -4,16 +4,19 @@
 //! client per connected peer, and tells subscribers when a peer connects or
 //! disconnects ([`PeerEvent`]). It never dials a peer that is connected or
 //! being dialled; a seed known only by address is dialled by address and its
-//! peer id learnt from the handshake. A periodic probe (the standard health
-//! check) notices dead connections, as does any caller reporting a failure.
+//! peer id learnt from the handshake. A periodic probe (one cheap call)
+//! notices dead connections, as does any call through [`Outbound`], the one
+//! way the other actors call a peer.
 
 mod actor;
 mod core;
 mod messages;
+mod outbound;
 
-pub use actor::Connections;
+pub use actor::{Connections, Deps};
 pub use core::{Config, ConnectionsCore};
 pub use messages::{
-    ActivePeers, Connect, DialResult, Disconnect, GetClient, Input, Output, PeerEvent,
-    ReportBroken, SubscribePeerEvents,
+    ActiveConnections, ActivePeers, Connect, DialError, DialResult, Disconnect, GetClient, Input,
+    Output, PeerEvent, ReportBroken,
 };
+pub use outbound::{CallError, Client, Outbound};

@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use actix::{
     Actor, ActorFutureExt, Addr, AsyncContext, Context, Handler, Message, ResponseActFuture,
-    WrapFuture,
+    Supervised, WrapFuture,
 };
 use bytes::Bytes;
 use soma_types::{Access, KeyPair, NodeInfo, PeerId, SignedNodeInfo, codec};
@@ -12,9 +12,8 @@ use super::core::{DiscoveryCore, Init};
 use super::messages::*;
 use crate::Blob;
 use crate::Driver;
-use crate::connections::{
-    Connect, Connections, GetClient, PeerEvent, ReportBroken, SubscribePeerEvents,
-};
+use crate::connections::{ActiveConnections, Connect, Connections, Outbound, PeerEvent};
+use crate::faults::Faults;
 use crate::replay::Recorder;
 use crate::verifier::{Verifier, Verify, VerifyRequest, VerifyResponse};
 
@@ -34,51 +33,52 @@ struct Learned {
 #[rtype(result = "()")]
 struct Tick;
 
+/// What the Discovery actor is made from; kept across restarts.
+#[derive(Clone)]
+pub struct Deps {
+    /// The core's settings, seeds and RNG seed.
+    pub init: Init,
+    /// The node's network key, which signs its info.
+    pub key: KeyPair,
+    /// The addresses the node advertises.
+    pub addresses: Vec<String>,
+    /// Where dials go, and calls to peers.
+    pub connections: Addr<Connections>,
+    /// Checks every info received.
+    pub verifier: Addr<Verifier>,
+    /// The runtime queries run on.
+    pub runtime: tokio::runtime::Handle,
+    /// Time allowed for one query.
+    pub timeout: Duration,
+    /// Capacity of its mailbox.
+    pub mailbox_capacity: usize,
+    pub(crate) faults: Faults,
+}
+
 /// The Discovery actor: a thin shell around [`DiscoveryCore`]. It signs our
 /// node info afresh each round, runs GetKnownPeers queries on the tonic
 /// runtime, has the Verifier check every info received, and turns dials
 /// into [`Connect`] messages.
 pub struct Discovery {
+    deps: Deps,
     driver: Driver<DiscoveryCore>,
-    init: Init,
-    key: KeyPair,
-    addresses: Vec<String>,
     own_info: Bytes,
-    connections: Addr<Connections>,
-    verifier: Addr<Verifier>,
-    runtime: tokio::runtime::Handle,
-    timeout: Duration,
+    outbound: Outbound,
     next_id: u64,
-    mailbox_capacity: usize,
+    restarts: u64,
 }
 
 impl Discovery {
-    /// A Discovery actor for the node with network key `key`, advertising
-    /// `addresses`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        init: Init,
-        key: KeyPair,
-        addresses: Vec<String>,
-        connections: Addr<Connections>,
-        verifier: Addr<Verifier>,
-        runtime: tokio::runtime::Handle,
-        timeout: Duration,
-        mailbox_capacity: usize,
-        recorder: Option<Recorder>,
-    ) -> Self {
+    /// A Discovery actor made from `deps`; it records a trace if
+    /// `recorder` is given.
+    pub fn new(deps: Deps, recorder: Option<Recorder>) -> Self {
         let mut discovery = Discovery {
-            driver: Driver::new(init.clone(), recorder),
-            init,
-            key,
-            addresses,
+            driver: Driver::new(deps.init.clone(), recorder).with_faults(deps.faults.clone()),
+            outbound: Outbound::new(deps.connections.clone(), deps.timeout),
+            deps,
             own_info: Bytes::new(),
-            connections,
-            verifier,
-            runtime,
-            timeout,
             next_id: 0,
-            mailbox_capacity,
+            restarts: 0,
         };
         discovery.sign_own_info(unix_ms());
         discovery
@@ -87,14 +87,23 @@ impl Discovery {
     fn sign_own_info(&mut self, unix_ms: u64) {
         let info = SignedNodeInfo::sign(
             NodeInfo {
-                peer_id: PeerId::from(self.key.public()),
-                addresses: self.addresses.clone(),
+                peer_id: PeerId::from(self.deps.key.public()),
+                addresses: self.deps.addresses.clone(),
                 timestamp_ms: unix_ms,
-                access: self.init.access,
+                access: self.deps.init.access,
             },
-            &self.key,
+            &self.deps.key,
         );
         self.own_info = Bytes::from(codec::encode(&info));
+    }
+
+    /// The rules infos received are checked against.
+    fn rules(&self) -> InfoRules {
+        let init = &self.deps.init;
+        InfoRules {
+            local: init.local,
+            allowlist: (init.access == Access::Private).then(|| init.allowlist.clone()),
+        }
     }
 
     fn step(&mut self, input: Input, ctx: &mut Context<Self>) -> Vec<Output> {
@@ -103,7 +112,7 @@ impl Discovery {
             match output {
                 Output::Query { peer } => self.query(peer, ctx),
                 Output::Dial { peer, address } => {
-                    self.connections.do_send(Connect { peer, address })
+                    self.deps.connections.do_send(Connect { peer, address })
                 }
                 other => replies.push(other),
             }
@@ -114,52 +123,33 @@ impl Discovery {
     /// Asks `peer` for its known peers; what comes back is verified before
     /// the core learns it.
     fn query(&self, peer: PeerId, ctx: &mut Context<Self>) {
-        let (connections, verifier, addr) = (
-            self.connections.clone(),
-            self.verifier.clone(),
+        let (outbound, verifier, addr) = (
+            self.outbound.clone(),
+            self.deps.verifier.clone(),
             ctx.address(),
         );
-        let own_info = self.own_info.clone();
-        let timeout = self.timeout;
-        let local = self.init.local;
-        let allowlist = (self.init.access == Access::Private).then(|| self.init.allowlist.clone());
-        let max = self.init.config.max_peers_to_send;
-        self.runtime.spawn(async move {
-            let Ok(Some(mut client)) = connections.send(GetClient(peer)).await else {
-                return;
+        let message = proto::GetKnownPeersRequest {
+            own_info: self.own_info.clone(),
+        };
+        let max = self.deps.init.config.max_peers_to_send;
+        let rules = self.rules();
+        self.deps.runtime.spawn(async move {
+            let call =
+                |mut c: crate::connections::Client, r| async move { c.get_known_peers(r).await };
+            let response = match outbound.call(peer, message, call).await {
+                Ok(r) => r.into_inner(),
+                Err(e) => {
+                    tracing::debug!(%peer, %e, "get known peers failed");
+                    return;
+                }
             };
-            let mut request = tonic::Request::new(proto::GetKnownPeersRequest { own_info });
-            request.set_timeout(timeout);
-            let response =
-                match tokio::time::timeout(timeout, client.get_known_peers(request)).await {
-                    Ok(Ok(r)) => r.into_inner(),
-                    Ok(Err(status)) => {
-                        tracing::debug!(%peer, %status, "get known peers failed");
-                        // A transport failure means the connection is gone:
-                        // have it checked now rather than at the next probe.
-                        if status.code() == tonic::Code::Unavailable {
-                            connections.do_send(ReportBroken { peer });
-                        }
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "get known peers timed out");
-                        connections.do_send(ReportBroken { peer });
-                        return;
-                    }
-                };
             // Never more than a server may send, whatever it sends.
             let infos: Vec<Blob> = std::iter::once(response.own_info)
                 .chain(response.known_peers.into_iter().take(max))
                 .map(Blob)
                 .collect();
             let now_ms = unix_ms();
-            let request = VerifyRequest::NodeInfos {
-                infos,
-                now_ms,
-                local,
-                allowlist,
-            };
+            let request = rules.request(infos, now_ms);
             if let Ok(Ok(VerifyResponse::NodeInfos(results))) = verifier.send(Verify(request)).await
             {
                 let rejected = results.iter().filter(|r| r.is_err()).count();
@@ -176,6 +166,25 @@ impl Discovery {
     }
 }
 
+/// What a received info must be besides validly signed and fresh: not ours,
+/// and allowlisted when the node is private.
+#[derive(Clone)]
+struct InfoRules {
+    local: PeerId,
+    allowlist: Option<Vec<PeerId>>,
+}
+
+impl InfoRules {
+    fn request(self, infos: Vec<Blob>, now_ms: u64) -> VerifyRequest {
+        VerifyRequest::NodeInfos {
+            infos,
+            now_ms,
+            local: self.local,
+            allowlist: self.allowlist,
+        }
+    }
+}
+
 fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -186,12 +195,39 @@ impl Actor for Discovery {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.set_mailbox_capacity(self.mailbox_capacity);
-        self.connections
-            .do_send(SubscribePeerEvents(ctx.address().recipient()));
+        ctx.set_mailbox_capacity(self.deps.mailbox_capacity);
+        // The peers connected now first: the mailbox waits for them, so no
+        // peer event that follows this snapshot is handled before it.
+        let connections = self.deps.connections.clone();
+        ctx.wait(
+            async move {
+                connections
+                    .send(ActiveConnections)
+                    .await
+                    .unwrap_or_default()
+            }
+            .into_actor(self)
+            .map(|held, act, ctx| {
+                for (peer, address) in held {
+                    act.step(Input::Connected { peer, address }, ctx);
+                }
+            }),
+        );
         ctx.notify(Tick);
-        let interval = Duration::from_millis(self.init.config.interval_ms.max(1));
+        let interval = Duration::from_millis(self.deps.init.config.interval_ms.max(1));
         ctx.run_interval(interval, |_, ctx| ctx.notify(Tick));
+    }
+}
+
+impl Supervised for Discovery {
+    /// Known peers start empty (seeds, the peers connected and their
+    /// answers fill the table again); the RNG takes a seed of its own per
+    /// incarnation, so a restart does not repeat the same choices.
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        self.restarts += 1;
+        let mut init = self.deps.init.clone();
+        init.seed = init.seed.wrapping_add(self.restarts);
+        self.driver.restart(init);
     }
 }
 
@@ -249,14 +285,8 @@ impl Handler<ExchangeInfo> for Discovery {
         // Only an authenticated caller's own info is worth verifying: it is
         // remembered to connect back. Anonymous callers get an answer only.
         let verify = (caller.is_some() && !msg.info.is_empty()).then(|| {
-            let request = VerifyRequest::NodeInfos {
-                infos: vec![Blob(msg.info)],
-                now_ms,
-                local: self.init.local,
-                allowlist: (self.init.access == Access::Private)
-                    .then(|| self.init.allowlist.clone()),
-            };
-            self.verifier.send(Verify(request))
+            let request = self.rules().request(vec![Blob(msg.info)], now_ms);
+            self.deps.verifier.send(Verify(request))
         });
         let verified = async move {
             let Some(verify) = verify else {

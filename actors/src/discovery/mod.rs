@@ -22,6 +22,6 @@ mod core;
 mod messages;
 pub mod scenario;
 
-pub use actor::Discovery;
+pub use actor::{Deps, Discovery};
 pub use core::{Config, DiscoveryCore, Init, SeedPeer};
 pub use messages::{ExchangeInfo, Exchanged, Input, KnownPeers, Output};

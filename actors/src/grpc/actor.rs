@@ -1,12 +1,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::{Actor, Addr, Context, Handler, Message};
+use actix::{Actor, Addr, Context, Handler, Message, Supervised};
 
 use super::core::{GrpcAdapterCore, Limits};
 use super::deadline::SendStats;
 use super::messages::*;
 use crate::Driver;
+use crate::faults::Faults;
+use crate::holders::{Holders, Token};
 use crate::peer_heights::{PeerHeights, PushHeight};
 use crate::replay::Recorder;
 
@@ -16,6 +18,7 @@ use crate::replay::Recorder;
 pub struct Permit {
     id: u64,
     adapter: Addr<GrpcAdapter>,
+    _token: Token,
 }
 
 impl Permit {
@@ -35,36 +38,47 @@ impl Drop for Permit {
 #[rtype(result = "()")]
 struct Done(u64);
 
+/// What the GrpcAdapter actor is made from; kept across restarts.
+#[derive(Clone)]
+pub struct Deps {
+    /// What the server admits.
+    pub limits: Limits,
+    /// Where pushed heights go.
+    pub peer_heights: Addr<PeerHeights>,
+    /// The answers being sent, to find stalled ones and cut them.
+    pub send_stats: Arc<SendStats>,
+    /// Capacity of its mailbox.
+    pub mailbox_capacity: usize,
+    pub(crate) faults: Faults,
+}
+
 /// The GrpcAdapter actor: admits calls through [`GrpcAdapterCore`] and
 /// performs the side effects of admitted ones (a pushed height goes to
 /// PeerHeights).
 pub struct GrpcAdapter {
+    deps: Deps,
     driver: Driver<GrpcAdapterCore>,
-    peer_heights: Addr<PeerHeights>,
+    /// Outlives restarts, so a fetch id is never given twice.
     next_id: u64,
-    mailbox_capacity: usize,
-    /// The answers being sent, to find stalled ones and cut them.
-    send_stats: Arc<SendStats>,
-    stall: Duration,
+    /// The admitted calls whose [`Permit`] is still held.
+    holders: Holders,
 }
 
 impl GrpcAdapter {
-    /// An adapter enforcing `limits`.
-    pub fn new(
-        limits: Limits,
-        peer_heights: Addr<PeerHeights>,
-        mailbox_capacity: usize,
-        send_stats: Arc<SendStats>,
-        recorder: Option<Recorder>,
-    ) -> Self {
+    /// An adapter made from `deps`; it records a trace if `recorder` is
+    /// given.
+    pub fn new(deps: Deps, recorder: Option<Recorder>) -> Self {
         GrpcAdapter {
-            stall: limits.fetch_stall_timeout,
-            driver: Driver::new(limits, recorder),
-            peer_heights,
+            driver: Driver::new(deps.limits.clone().into(), recorder)
+                .with_faults(deps.faults.clone()),
+            deps,
             next_id: 0,
-            mailbox_capacity,
-            send_stats,
+            holders: Holders::default(),
         }
+    }
+
+    fn stall(&self) -> Duration {
+        self.deps.limits.fetch_stall_timeout
     }
 }
 
@@ -72,7 +86,18 @@ impl Actor for GrpcAdapter {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.set_mailbox_capacity(self.mailbox_capacity);
+        ctx.set_mailbox_capacity(self.deps.mailbox_capacity);
+    }
+}
+
+impl Supervised for GrpcAdapter {
+    /// The fetches still running keep their slots (their permits are
+    /// dropped later, as ever), but not those whose permit is gone (its
+    /// message lost with the panic); call rates start afresh.
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        let mut init = self.driver.core().restart_init();
+        init.running.retain(|(id, _)| self.holders.held(*id));
+        self.driver.restart(init);
     }
 }
 
@@ -89,7 +114,7 @@ impl Handler<CallMsg> for GrpcAdapter {
             msg.call,
             Call::FetchCommits { .. } | Call::FetchBlocks { .. }
         ) {
-            self.send_stats.stalled(self.stall)
+            self.deps.send_stats.stalled(self.stall())
         } else {
             Vec::new()
         };
@@ -108,7 +133,7 @@ impl Handler<CallMsg> for GrpcAdapter {
             match output {
                 Output::Admit { id: admitted, work } if admitted == id => {
                     if let Work::PushCommit { peer, index } = &work {
-                        self.peer_heights.do_send(PushHeight {
+                        self.deps.peer_heights.do_send(PushHeight {
                             peer: *peer,
                             highest: *index,
                         });
@@ -118,10 +143,11 @@ impl Handler<CallMsg> for GrpcAdapter {
                         permit: Permit {
                             id,
                             adapter: ctx.address(),
+                            _token: self.holders.hold(id),
                         },
                     });
                 }
-                Output::Cut { id: victim } => self.send_stats.preempt(victim),
+                Output::Cut { id: victim } => self.deps.send_stats.preempt(victim),
                 Output::Refuse {
                     id: refused,
                     refusal,

@@ -190,6 +190,28 @@ struct Bucket {
 /// Thousandths of a call in a token.
 const MILLI: u64 = 1_000;
 
+/// Everything an adapter core is made from: its limits and, after a
+/// restart, the fetches still running (their slots stay taken until their
+/// permits are dropped). Call rates start afresh.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Init {
+    /// The limits.
+    #[serde(flatten)]
+    pub limits: Limits,
+    /// Admitted fetches still running, with their callers.
+    #[serde(default)]
+    pub running: Vec<(u64, Option<PeerId>)>,
+}
+
+impl From<Limits> for Init {
+    fn from(limits: Limits) -> Self {
+        Init {
+            limits,
+            running: Vec::new(),
+        }
+    }
+}
+
 /// The adapter's admission logic.
 pub struct GrpcAdapterCore {
     limits: Limits,
@@ -203,16 +225,20 @@ pub struct GrpcAdapterCore {
 
 impl Core for GrpcAdapterCore {
     const NAME: &'static str = "grpc_adapter";
-    type Init = Limits;
+    type Init = Init;
     type Input = Input;
     type Output = Output;
 
-    fn new(limits: Limits) -> Self {
+    fn new(init: Init) -> Self {
+        let mut fetches: HashMap<Option<PeerId>, usize> = HashMap::new();
+        for (_, caller) in &init.running {
+            *fetches.entry(*caller).or_default() += 1;
+        }
         GrpcAdapterCore {
-            limits,
+            limits: init.limits,
             buckets: HashMap::new(),
-            fetches: HashMap::new(),
-            running: HashMap::new(),
+            fetches,
+            running: init.running.into_iter().collect(),
         }
     }
 
@@ -239,6 +265,20 @@ impl Core for GrpcAdapterCore {
                 self.release(id);
                 vec![]
             }
+        }
+    }
+}
+
+impl GrpcAdapterCore {
+    /// The init a restarted core is made from: the same limits and the
+    /// fetches still running.
+    pub fn restart_init(&self) -> Init {
+        let mut running: Vec<(u64, Option<PeerId>)> =
+            self.running.iter().map(|(id, c)| (*id, *c)).collect();
+        running.sort_unstable();
+        Init {
+            limits: self.limits.clone(),
+            running,
         }
     }
 }
@@ -440,11 +480,11 @@ mod tests {
     use super::*;
 
     fn core() -> GrpcAdapterCore {
-        GrpcAdapterCore::new(Limits {
+        GrpcAdapterCore::new(Init::from(Limits {
             max_concurrent_fetches_per_peer: 2,
             max_concurrent_fetches: 3,
             ..Limits::default()
-        })
+        }))
     }
 
     fn call(c: &mut GrpcAdapterCore, id: u64, caller: Option<u8>, call: Call) -> Output {
@@ -664,13 +704,13 @@ mod tests {
     }
 
     fn limited() -> GrpcAdapterCore {
-        GrpcAdapterCore::new(Limits {
+        GrpcAdapterCore::new(Init::from(Limits {
             cheap_calls_per_second: 10,
             cheap_call_burst: 3,
             known_peers_calls_per_minute: 6,
             known_peers_burst: 2,
             ..Limits::default()
-        })
+        }))
     }
 
     #[test]
@@ -730,11 +770,14 @@ mod tests {
 
     #[test]
     fn the_rate_table_forgets_the_quietest_payers_first() {
-        let mut c = GrpcAdapterCore::new(Limits {
-            max_rate_limited: 4,
-            cheap_call_burst: 1,
-            ..Limits::default()
-        });
+        let mut c = GrpcAdapterCore::new(
+            Limits {
+                max_rate_limited: 4,
+                cheap_call_burst: 1,
+                ..Limits::default()
+            }
+            .into(),
+        );
         let info = || Call::CommitInfo { index: None };
         for port in 1..=5 {
             assert_eq!(rated(&mut c, u64::from(port), None, port, info()), None);

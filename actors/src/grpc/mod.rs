@@ -23,8 +23,8 @@ mod messages;
 mod serve;
 mod service;
 
-pub use actor::{GrpcAdapter, Permit};
-pub use core::{GrpcAdapterCore, Limits};
+pub use actor::{Deps, GrpcAdapter, Permit};
+pub use core::{GrpcAdapterCore, Init, Limits};
 pub use deadline::{DeadlineBody, SLICE_BYTES, SendDeadline, SendStats};
 pub use messages::{Admission, Call, CallMsg, Code, Input, Output, Refusal, Work};
-pub use service::{P2pService, RpcCounts};
+pub use service::{P2pService, RpcCounts, ServiceDeps};

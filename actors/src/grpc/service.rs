@@ -32,50 +32,40 @@ pub type RpcCounts = Arc<dashmap::DashMap<(&'static str, tonic::Code), u64>>;
 /// [`GrpcAdapter`] first; admitted reads run on the blocking pool.
 #[derive(Clone)]
 pub struct P2pService {
-    adapter: Addr<GrpcAdapter>,
-    discovery: Addr<Discovery>,
-    store: Arc<dyn ConsensusStore>,
-    genesis: CommitRef,
-    limits: Limits,
-    data_limits: soma_types::Limits,
-    timeout: Duration,
-    counts: RpcCounts,
-    availability: tokio::sync::watch::Receiver<Availability>,
-    stats: Arc<SendStats>,
+    deps: Arc<ServiceDeps>,
     budget: Arc<ByteBudget>,
 }
 
+/// What a [`P2pService`] is made from.
+pub struct ServiceDeps {
+    /// Admits every call but GetCommitAvailability.
+    pub adapter: Addr<GrpcAdapter>,
+    /// Answers GetKnownPeers.
+    pub discovery: Addr<Discovery>,
+    /// Where admitted reads read from.
+    pub store: Arc<dyn ConsensusStore>,
+    /// The genesis commit (commit 0 is never stored).
+    pub genesis: CommitRef,
+    /// What the server accepts.
+    pub limits: Limits,
+    /// The sizes peers accept: answers are kept within them.
+    pub data_limits: soma_types::Limits,
+    /// Time allowed for the actors to answer.
+    pub timeout: Duration,
+    /// Calls answered, by method and code.
+    pub counts: RpcCounts,
+    /// The availability StateSync publishes.
+    pub availability: tokio::sync::watch::Receiver<Availability>,
+    /// Fetches, counted while their slot is held.
+    pub stats: Arc<SendStats>,
+}
+
 impl P2pService {
-    /// A service answering for the node whose store is `store`;
-    /// `data_limits` are the sizes its peers accept (the answers are kept
-    /// within them) and `timeout` bounds the wait for the actors. Fetches
-    /// are counted in `stats` while their slot is held.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        adapter: Addr<GrpcAdapter>,
-        discovery: Addr<Discovery>,
-        store: Arc<dyn ConsensusStore>,
-        genesis: CommitRef,
-        limits: Limits,
-        data_limits: soma_types::Limits,
-        timeout: Duration,
-        counts: RpcCounts,
-        availability: tokio::sync::watch::Receiver<Availability>,
-        stats: Arc<SendStats>,
-    ) -> Self {
-        let budget = ByteBudget::new(limits.max_buffered_bytes_per_connection);
+    /// A service answering for the node `deps` describe.
+    pub fn new(deps: ServiceDeps) -> Self {
         P2pService {
-            stats,
-            budget,
-            adapter,
-            discovery,
-            store,
-            genesis,
-            limits,
-            data_limits,
-            timeout,
-            counts,
-            availability,
+            budget: ByteBudget::new(deps.limits.max_buffered_bytes_per_connection),
+            deps: Arc::new(deps),
         }
     }
 
@@ -83,20 +73,21 @@ impl P2pService {
         let code = result
             .as_ref()
             .map_or_else(Status::code, |_| tonic::Code::Ok);
-        *self.counts.entry((method, code)).or_default() += 1;
+        *self.deps.counts.entry((method, code)).or_default() += 1;
         result
     }
 
     async fn admit<T>(&self, request: &Request<T>, call: Call) -> Result<Admission, Status> {
         let caller = caller(request).peer_id();
         let connection = remote_addr(request);
-        self.adapter
+        self.deps
+            .adapter
             .send(CallMsg {
                 caller,
                 connection,
                 call,
             })
-            .timeout(self.timeout)
+            .timeout(self.deps.timeout)
             .await
             .map_err(mailbox_status)?
             .map_err(Status::from)
@@ -106,7 +97,7 @@ impl P2pService {
         &self,
         f: impl FnOnce(&dyn ConsensusStore) -> Result<T, Status> + Send + 'static,
     ) -> Result<T, Status> {
-        let store = self.store.clone();
+        let store = self.deps.store.clone();
         tokio::task::spawn_blocking(move || f(store.as_ref()))
             .await
             .map_err(|_| Status::unavailable("the read was cancelled"))?
@@ -115,7 +106,9 @@ impl P2pService {
 
 fn mailbox_status(e: MailboxError) -> Status {
     match e {
-        MailboxError::Closed => Status::unavailable("the node is shutting down"),
+        MailboxError::Closed => {
+            Status::unavailable("the node is restarting an actor or shutting down; retry")
+        }
         MailboxError::Timeout => Status::deadline_exceeded("the node is overloaded"),
     }
 }
@@ -180,19 +173,20 @@ impl P2pService {
     ) -> Result<Response<proto::GetKnownPeersResponse>, Status> {
         let own_info = &request.get_ref().own_info;
         if !own_info.is_empty() {
-            codec::decode::<SignedNodeInfo>(own_info, self.data_limits.max_node_info_bytes)
+            codec::decode::<SignedNodeInfo>(own_info, self.deps.data_limits.max_node_info_bytes)
                 .map_err(|e| Status::invalid_argument(format!("own_info: {e}")))?;
         }
         self.admit(&request, Call::KnownPeers).await?;
         let caller = caller(&request).peer_id();
         let exchanged = self
+            .deps
             .discovery
             .send(ExchangeInfo {
                 caller,
                 remote: remote_addr(&request).map(|a| a.ip()),
                 info: request.into_inner().own_info,
             })
-            .timeout(self.timeout)
+            .timeout(self.deps.timeout)
             .await
             .map_err(mailbox_status)??;
         Ok(Response::new(proto::GetKnownPeersResponse {
@@ -208,7 +202,7 @@ impl P2pService {
         &self,
         _: Request<proto::GetCommitAvailabilityRequest>,
     ) -> Result<Response<proto::GetCommitAvailabilityResponse>, Status> {
-        let availability = *self.availability.borrow();
+        let availability = *self.deps.availability.borrow();
         Ok(Response::new(availability.into()))
     }
 
@@ -218,7 +212,7 @@ impl P2pService {
     ) -> Result<Response<proto::GetCommitInfoResponse>, Status> {
         let index = request.get_ref().index;
         self.admit(&request, Call::CommitInfo { index }).await?;
-        let genesis = self.genesis;
+        let genesis = self.deps.genesis;
         let commit = self
             .blocking(move |store| {
                 match index {
@@ -256,15 +250,15 @@ impl P2pService {
         let Work::FetchCommits { start, end } = admission.work else {
             return Err(Status::internal("unexpected admission"));
         };
-        let limits = self.limits.clone();
-        let data_limits = self.data_limits.clone();
+        let limits = self.deps.limits.clone();
+        let data_limits = self.deps.data_limits.clone();
         // The answer's commits are within this; its size is known once read.
         let estimate = limits.max_fetch_response_bytes;
         let connection = connection(&request);
         let reservation = self.budget.reservation(connection);
         // Waits for answers of this connection to be sent first; a client
         // that reads none of them is refused rather than kept waiting.
-        if tokio::time::timeout(self.limits.send_timeout, reservation.add(estimate))
+        if tokio::time::timeout(self.deps.limits.send_timeout, reservation.add(estimate))
             .await
             .is_err()
         {
@@ -275,7 +269,7 @@ impl P2pService {
         }
         // Held by the read, so a cancelled call frees its slot only once
         // the read is done; then by the response until it is sent.
-        let slot = FetchSlot::new(admission.permit, &self.stats);
+        let slot = FetchSlot::new(admission.permit, &self.deps.stats);
         let (response, slot) = self
             .blocking(move |store| {
                 serve::fetch_commits(store, start, end, &limits, &data_limits).map(|r| (r, slot))
@@ -303,14 +297,14 @@ impl P2pService {
             .iter()
             .map(BlockRef::try_from)
             .collect::<Result<Vec<_>, ConvertError>>()?;
-        let slot = FetchSlot::new(admission.permit, &self.stats);
+        let slot = FetchSlot::new(admission.permit, &self.deps.stats);
         let reservation = Arc::new(self.budget.reservation(connection(&request)));
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         tokio::spawn(serve::stream_blocks(
-            self.store.clone(),
+            self.deps.store.clone(),
             refs,
-            self.limits.max_fetch_response_bytes,
-            self.data_limits.max_block_bytes,
+            self.deps.limits.max_fetch_response_bytes,
+            self.deps.data_limits.max_block_bytes,
             reservation.clone(),
             tx,
         ));

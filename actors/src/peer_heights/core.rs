@@ -1,4 +1,4 @@
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
@@ -41,6 +41,14 @@ pub struct Config {
     /// lifts a ban.
     #[serde(default = "default_max_bans")]
     pub max_bans: usize,
+    /// Fetches leased on one peer at once at most: a node serves each peer
+    /// only so many (its `max-concurrent-fetches-per-peer`, 4 by default)
+    /// and refuses the rest, which would cost a retry and the peer's score.
+    #[serde(default = "default_max_fetches_per_peer")]
+    pub max_fetches_per_peer: usize,
+    /// Requests for a slot that wait at most; more are refused as busy.
+    #[serde(default = "default_max_waiting_fetches")]
+    pub max_waiting_fetches: usize,
 }
 
 fn default_max_tracked_peers() -> usize {
@@ -49,6 +57,44 @@ fn default_max_tracked_peers() -> usize {
 
 fn default_max_bans() -> usize {
     4096
+}
+
+fn default_max_fetches_per_peer() -> usize {
+    4
+}
+
+fn default_max_waiting_fetches() -> usize {
+    64
+}
+
+/// Everything a PeerHeights core is made from: its settings and, after a
+/// restart, what must outlive the failed incarnation (the bans, and the
+/// leases of fetches still running). Heights and scores start empty.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Init {
+    /// Settings.
+    #[serde(flatten)]
+    pub config: Config,
+    /// Bans, with when each ends.
+    #[serde(default)]
+    pub bans: Vec<(PeerId, Time)>,
+    /// Fetch slots held by fetches still running.
+    #[serde(default)]
+    pub leases: Vec<Lease>,
+    /// The next lease id.
+    #[serde(default)]
+    pub next_lease: u64,
+}
+
+impl From<Config> for Init {
+    fn from(config: Config) -> Self {
+        Init {
+            config,
+            bans: Vec::new(),
+            leases: Vec::new(),
+            next_lease: 0,
+        }
+    }
 }
 
 impl Config {
@@ -60,6 +106,8 @@ impl Config {
             seed,
             max_tracked_peers: default_max_tracked_peers(),
             max_bans: default_max_bans(),
+            max_fetches_per_peer: default_max_fetches_per_peer(),
+            max_waiting_fetches: default_max_waiting_fetches(),
         }
     }
 }
@@ -144,26 +192,55 @@ pub struct PeerHeightsCore {
     /// Bans outlive disconnections, so a banned peer cannot reconnect its
     /// way out; at most `max_bans`.
     bans: BTreeMap<PeerId, Time>,
+    /// Fetch slots taken, by lease id.
+    leases: BTreeMap<u64, Lease>,
+    next_lease: u64,
+    /// Requests waiting for a slot, oldest first (at most
+    /// `max_waiting_fetches`).
+    waiting: VecDeque<Waiter>,
     rng: ChaCha8Rng,
+}
+
+/// A request for a slot that found every eligible peer busy.
+#[derive(Clone, Debug)]
+struct Waiter {
+    request: Acquire,
+    until: Time,
 }
 
 impl Core for PeerHeightsCore {
     const NAME: &'static str = "peer_heights";
-    type Init = Config;
+    type Init = Init;
     type Input = Input;
     type Output = Output;
 
-    fn new(config: Config) -> Self {
-        PeerHeightsCore {
-            rng: ChaCha8Rng::seed_from_u64(config.seed),
-            config,
+    fn new(init: Init) -> Self {
+        let mut core = PeerHeightsCore {
+            rng: ChaCha8Rng::seed_from_u64(init.config.seed),
+            config: init.config,
             peers: BTreeMap::new(),
             bans: BTreeMap::new(),
+            leases: init.leases.into_iter().map(|l| (l.id, l)).collect(),
+            next_lease: init.next_lease,
+            waiting: VecDeque::new(),
+        };
+        for (peer, until) in init.bans {
+            core.ban(peer, until);
         }
+        core
     }
 
     fn handle(&mut self, now: Time, input: Input) -> Vec<Output> {
         self.bans.retain(|_, until| *until > now);
+        let mut out = self.expire_waiters(now);
+        out.extend(self.input(now, input));
+        self.serve_waiters(&mut out);
+        out
+    }
+}
+
+impl PeerHeightsCore {
+    fn input(&mut self, now: Time, input: Input) -> Vec<Output> {
         match input {
             Input::Connected { peer } => {
                 self.connected(now, peer);
@@ -202,11 +279,139 @@ impl Core for PeerHeightsCore {
             )],
             Input::Outcome(o) => self.outcome(now, o),
             Input::Snapshot => vec![Output::Snapshot(self.snapshot())],
+            Input::Acquire(request) => self.acquire(now, request).into_iter().collect(),
+            Input::Release(r) => self.release(now, r),
+            Input::Tick => vec![],
         }
     }
-}
 
-impl PeerHeightsCore {
+    /// The bans in force, for a restart to carry over.
+    pub fn bans(&self) -> Vec<(PeerId, Time)> {
+        self.bans.iter().map(|(p, t)| (*p, *t)).collect()
+    }
+
+    /// The init a restarted core is made from: the same settings, the
+    /// bans, and the leases of fetches still running.
+    pub fn restart_init(&self) -> Init {
+        Init {
+            config: self.config.clone(),
+            bans: self.bans(),
+            leases: self.leases.values().copied().collect(),
+            next_lease: self.next_lease,
+        }
+    }
+
+    /// Fetches leased on `peer` now.
+    fn leased(&self, peer: &PeerId) -> usize {
+        self.leases.values().filter(|l| l.peer == *peer).count()
+    }
+
+    /// The best peer for `request` with a free slot: `Ok(None)` when peers
+    /// can serve it but every one is busy.
+    fn choose(&mut self, request: &Acquire) -> Result<Option<PeerId>, AcquireError> {
+        let ranked: Vec<PeerId> = self
+            .peers_for_range(request.start, request.end)
+            .into_iter()
+            .filter(|p| !request.avoid.contains(p))
+            .collect();
+        if ranked.is_empty() {
+            return Err(AcquireError::NoPeer);
+        }
+        let max = self.config.max_fetches_per_peer.max(1);
+        Ok(ranked.into_iter().find(|p| self.leased(p) < max))
+    }
+
+    fn grant(&mut self, request: &Acquire, peer: PeerId) -> Output {
+        let lease = Lease {
+            id: self.next_lease,
+            peer,
+            start: request.start,
+            end: request.end,
+        };
+        self.next_lease += 1;
+        self.leases.insert(lease.id, lease);
+        Output::Granted {
+            request: request.request,
+            lease,
+        }
+    }
+
+    fn acquire(&mut self, now: Time, request: Acquire) -> Option<Output> {
+        let refuse = |error| Output::Refused {
+            request: request.request,
+            error,
+        };
+        match self.choose(&request) {
+            Err(e) => Some(refuse(e)),
+            Ok(Some(peer)) => Some(self.grant(&request, peer)),
+            Ok(None) if self.waiting.len() >= self.config.max_waiting_fetches => {
+                Some(refuse(AcquireError::Busy))
+            }
+            Ok(None) => {
+                let until = now.after(Duration::from_millis(request.wait_ms));
+                self.waiting.push_back(Waiter { request, until });
+                None
+            }
+        }
+    }
+
+    /// Refuses the waiting requests whose wait is over.
+    fn expire_waiters(&mut self, now: Time) -> Vec<Output> {
+        let (expired, waiting): (VecDeque<Waiter>, VecDeque<Waiter>) =
+            std::mem::take(&mut self.waiting)
+                .into_iter()
+                .partition(|w| w.until <= now);
+        self.waiting = waiting;
+        expired
+            .into_iter()
+            .map(|w| Output::Refused {
+                request: w.request.request,
+                error: AcquireError::Busy,
+            })
+            .collect()
+    }
+
+    /// Grants waiting requests, oldest first, whatever slots are free now;
+    /// refuses those no peer can serve any more.
+    fn serve_waiters(&mut self, out: &mut Vec<Output>) {
+        let mut still = VecDeque::new();
+        while let Some(w) = self.waiting.pop_front() {
+            match self.choose(&w.request) {
+                Err(error) => out.push(Output::Refused {
+                    request: w.request.request,
+                    error,
+                }),
+                Ok(Some(peer)) => out.push(self.grant(&w.request, peer)),
+                Ok(None) => still.push_back(w),
+            }
+        }
+        self.waiting = still;
+    }
+
+    fn release(&mut self, now: Time, r: Release) -> Vec<Output> {
+        let Some(lease) = self.leases.remove(&r.lease) else {
+            return vec![];
+        };
+        let kind = match r.transfer {
+            Transfer::Timeout => OutcomeKind::Timeout,
+            Transfer::Error => OutcomeKind::Error,
+            Transfer::NotFound => OutcomeKind::NotFound {
+                start: lease.start,
+                end: lease.end,
+            },
+            Transfer::Received | Transfer::Cancelled => return vec![],
+        };
+        self.outcome(
+            now,
+            ReportOutcome {
+                peer: lease.peer,
+                bytes: r.bytes,
+                latency_ms: r.latency_ms,
+                kind,
+            },
+        )
+    }
+
     fn connected(&mut self, now: Time, peer: PeerId) {
         if let Some(p) = self.peers.get_mut(&peer) {
             p.heard = now;
@@ -366,7 +571,7 @@ mod tests {
     }
 
     fn core(seed: u64) -> PeerHeightsCore {
-        PeerHeightsCore::new(Config::new(OURS, seed))
+        PeerHeightsCore::new(Config::new(OURS, seed).into())
     }
 
     fn connect(c: &mut PeerHeightsCore, now: Time, p: u8) -> Vec<Output> {
@@ -580,10 +785,13 @@ mod tests {
 
     #[test]
     fn full_table_forgets_the_peer_heard_from_longest_ago() {
-        let mut c = PeerHeightsCore::new(Config {
-            max_tracked_peers: 2,
-            ..Config::new(OURS, 1)
-        });
+        let mut c = PeerHeightsCore::new(
+            Config {
+                max_tracked_peers: 2,
+                ..Config::new(OURS, 1)
+            }
+            .into(),
+        );
         connect(&mut c, Time(0), 1);
         connect(&mut c, Time(1), 2);
         // Peer 1 reports after peer 2 connected: peer 2 is now the stalest.
@@ -621,10 +829,13 @@ mod tests {
 
     #[test]
     fn a_flood_of_peers_never_lifts_a_ban() {
-        let mut c = PeerHeightsCore::new(Config {
-            max_tracked_peers: 2,
-            ..Config::new(OURS, 1)
-        });
+        let mut c = PeerHeightsCore::new(
+            Config {
+                max_tracked_peers: 2,
+                ..Config::new(OURS, 1)
+            }
+            .into(),
+        );
         join(&mut c, 1, OURS, 1, 100);
         outcome(&mut c, Time(0), 1, OutcomeKind::InvalidData, 0, 5);
         for p in 2..=9 {
@@ -647,10 +858,13 @@ mod tests {
 
     #[test]
     fn full_ban_list_lifts_the_ban_that_ends_first() {
-        let mut c = PeerHeightsCore::new(Config {
-            max_bans: 2,
-            ..Config::new(OURS, 1)
-        });
+        let mut c = PeerHeightsCore::new(
+            Config {
+                max_bans: 2,
+                ..Config::new(OURS, 1)
+            }
+            .into(),
+        );
         for (p, now) in [(1, 0), (2, 10), (3, 20)] {
             assert_eq!(
                 outcome(&mut c, Time(now), p, OutcomeKind::InvalidData, 0, 5),
@@ -885,5 +1099,185 @@ mod tests {
             .map(|_| for_range(&mut c, Time(0), 1, 100)[0])
             .collect();
         assert_eq!(firsts.len(), 2);
+    }
+
+    fn acquire(c: &mut PeerHeightsCore, now: u64, request: u64, avoid: &[u8]) -> Vec<Output> {
+        c.handle(
+            Time(now),
+            Input::Acquire(Acquire {
+                request,
+                start: 1,
+                end: 100,
+                avoid: avoid.iter().map(|p| peer(*p)).collect(),
+                wait_ms: 1_000,
+            }),
+        )
+    }
+
+    fn release(c: &mut PeerHeightsCore, now: u64, lease: u64, transfer: Transfer) -> Vec<Output> {
+        c.handle(
+            Time(now),
+            Input::Release(Release {
+                lease,
+                transfer,
+                bytes: 1_000_000,
+                latency_ms: 10,
+            }),
+        )
+    }
+
+    /// The lease granted by `out`, as (request, lease id, peer byte).
+    fn granted(out: &[Output]) -> Vec<(u64, u64, u8)> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Granted { request, lease } => Some((*request, lease.id, lease.peer.0[0])),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn refused(out: &[Output]) -> Vec<(u64, AcquireError)> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Refused { request, error } => Some((*request, *error)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn slots(max_fetches_per_peer: usize, max_waiting_fetches: usize) -> PeerHeightsCore {
+        PeerHeightsCore::new(
+            Config {
+                max_fetches_per_peer,
+                max_waiting_fetches,
+                ..Config::new(OURS, 1)
+            }
+            .into(),
+        )
+    }
+
+    #[test]
+    fn a_peer_is_leased_at_most_max_fetches_per_peer_at_once() {
+        let mut c = slots(2, 8);
+        join(&mut c, 1, OURS, 1, 100);
+        assert_eq!(granted(&acquire(&mut c, 0, 0, &[])), vec![(0, 0, 1)]);
+        assert_eq!(granted(&acquire(&mut c, 0, 1, &[])), vec![(1, 1, 1)]);
+        // The third waits: no answer yet.
+        assert_eq!(acquire(&mut c, 0, 2, &[]), vec![]);
+        // A release hands its slot to the waiting request at once.
+        assert_eq!(
+            granted(&release(&mut c, 5, 0, Transfer::Received)),
+            vec![(2, 2, 1)]
+        );
+        assert_eq!(acquire(&mut c, 5, 3, &[]), vec![]);
+    }
+
+    #[test]
+    fn a_busy_peer_hands_the_request_to_the_next_best_free_one() {
+        let mut c = slots(1, 8);
+        join(&mut c, 1, OURS, 1, 100);
+        join(&mut c, 2, OURS, 1, 100);
+        let first = granted(&acquire(&mut c, 0, 0, &[]))[0].2;
+        let second = granted(&acquire(&mut c, 0, 1, &[]))[0].2;
+        assert_eq!(
+            std::collections::BTreeSet::from([first, second]),
+            std::collections::BTreeSet::from([1, 2])
+        );
+    }
+
+    #[test]
+    fn avoided_or_missing_peers_leave_no_peer_and_waiting_requests_expire_busy() {
+        let mut c = slots(1, 8);
+        assert_eq!(
+            refused(&acquire(&mut c, 0, 0, &[])),
+            vec![(0, AcquireError::NoPeer)]
+        );
+        join(&mut c, 1, OURS, 1, 100);
+        assert_eq!(
+            refused(&acquire(&mut c, 0, 1, &[1])),
+            vec![(1, AcquireError::NoPeer)]
+        );
+        assert_eq!(granted(&acquire(&mut c, 0, 2, &[])), vec![(2, 0, 1)]);
+        assert_eq!(acquire(&mut c, 0, 3, &[]), vec![]);
+        // Its wait (1 s) is over at the first input after it.
+        assert_eq!(highest(&mut c, Time(999)), Some(100));
+        assert_eq!(
+            refused(&c.handle(Time(1_000), Input::HighestKnown)),
+            vec![(3, AcquireError::Busy)]
+        );
+        // A waiting request whose only peer leaves has no peer any more.
+        assert_eq!(acquire(&mut c, 1_000, 4, &[]), vec![]);
+        let out = c.handle(Time(1_001), Input::Remove(RemovePeer { peer: peer(1) }));
+        assert_eq!(refused(&out), vec![(4, AcquireError::NoPeer)]);
+    }
+
+    #[test]
+    fn waiting_requests_are_bounded() {
+        let mut c = slots(1, 2);
+        join(&mut c, 1, OURS, 1, 100);
+        assert_eq!(granted(&acquire(&mut c, 0, 0, &[])).len(), 1);
+        assert_eq!(acquire(&mut c, 0, 1, &[]), vec![]);
+        assert_eq!(acquire(&mut c, 0, 2, &[]), vec![]);
+        assert_eq!(
+            refused(&acquire(&mut c, 0, 3, &[])),
+            vec![(3, AcquireError::Busy)]
+        );
+    }
+
+    #[test]
+    fn a_release_scores_the_transfer_and_judges_not_found_by_the_leased_range() {
+        let mut c = slots(4, 8);
+        join(&mut c, 1, OURS, 1, 100);
+        acquire(&mut c, 0, 0, &[]);
+        acquire(&mut c, 0, 1, &[]);
+        acquire(&mut c, 0, 2, &[]);
+        // A timeout counts a failure; a transfer received (judged later)
+        // and a cancelled one count nothing.
+        assert_eq!(release(&mut c, 0, 0, Transfer::Timeout), vec![]);
+        assert_eq!(release(&mut c, 0, 1, Transfer::Received), vec![]);
+        assert_eq!(table(&mut c, Time(0)), vec![(1, true, 1, 100, 1, None)]);
+        // NOT_FOUND for 1..=100, leased as inside its claim: a lie.
+        assert_eq!(
+            release(&mut c, 0, 2, Transfer::NotFound),
+            vec![Output::Banned {
+                peer: peer(1),
+                until: Time(60_000)
+            }]
+        );
+        // A lease released twice, or unknown, changes nothing.
+        assert_eq!(release(&mut c, 0, 2, Transfer::Timeout), vec![]);
+        assert_eq!(
+            table(&mut c, Time(0)),
+            vec![(1, true, 1, 100, 2, Some(60_000))]
+        );
+    }
+
+    #[test]
+    fn a_restart_keeps_the_bans_and_the_leases_of_running_fetches() {
+        let mut c = slots(1, 8);
+        join(&mut c, 1, OURS, 1, 100);
+        join(&mut c, 2, OURS, 1, 100);
+        outcome(&mut c, Time(0), 2, OutcomeKind::InvalidData, 0, 1);
+        assert_eq!(granted(&acquire(&mut c, 0, 0, &[])), vec![(0, 0, 1)]);
+        let mut restarted = PeerHeightsCore::new(c.restart_init());
+        // Heights start empty; the peers connected are told again.
+        assert_eq!(highest(&mut restarted, Time(10)), None);
+        join(&mut restarted, 1, OURS, 1, 100);
+        join(&mut restarted, 2, OURS, 1, 100);
+        assert_eq!(
+            table(&mut restarted, Time(10)),
+            vec![
+                (1, true, 1, 100, 0, None),
+                (2, true, 1, 100, 0, Some(60_000))
+            ]
+        );
+        // Peer 1's one slot is still held by the running fetch, and peer 2
+        // is banned: the request waits, and gets the slot when the fetch
+        // leased before the restart ends. New leases take new ids.
+        assert_eq!(acquire(&mut restarted, 10, 1, &[]), vec![]);
+        assert_eq!(
+            granted(&release(&mut restarted, 20, 0, Transfer::Received)),
+            vec![(1, 1, 1)]
+        );
     }
 }

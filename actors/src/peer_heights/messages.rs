@@ -55,6 +55,102 @@ pub struct PeersForRange {
     pub end: CommitIndex,
 }
 
+/// A fetch slot on one peer, granted for commits `start..=end`: the peer
+/// is sent at most `max_fetches_per_peer` fetches at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// The lease's id, to release it.
+    pub id: u64,
+    /// The peer to fetch from.
+    pub peer: PeerId,
+    /// First commit of the range it was chosen for.
+    pub start: CommitIndex,
+    /// Last commit of that range.
+    pub end: CommitIndex,
+}
+
+/// Asks for the best peer that can serve commits `start..=end`, is not in
+/// `avoid`, and has a free fetch slot. When every such peer's slots are
+/// taken the request waits, at most `wait_ms`, for one to be released.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Acquire {
+    /// Correlation id of the request.
+    pub request: u64,
+    /// First commit needed.
+    pub start: CommitIndex,
+    /// Last commit needed.
+    pub end: CommitIndex,
+    /// Peers not to choose (they failed this work).
+    pub avoid: Vec<PeerId>,
+    /// How long the request may wait for a slot, in milliseconds.
+    pub wait_ms: u64,
+}
+
+/// [`Acquire`] as an actor message, answered once a slot is granted.
+#[derive(Clone, Debug, PartialEq, Eq, Message)]
+#[rtype(result = "Result<super::Slot, AcquireError>")]
+pub struct AcquirePeer {
+    /// First commit needed.
+    pub start: CommitIndex,
+    /// Last commit needed.
+    pub end: CommitIndex,
+    /// Peers not to choose.
+    pub avoid: Vec<PeerId>,
+    /// How long to wait for a slot, in milliseconds.
+    pub wait_ms: u64,
+}
+
+/// Why no fetch slot was granted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(rename_all = "snake_case")]
+pub enum AcquireError {
+    /// No connected, unbanned peer of our chain covers the range (or every
+    /// one that does is avoided).
+    #[error("no peer can serve the range")]
+    NoPeer,
+    /// Peers cover the range, but their slots stayed taken for as long as
+    /// the request could wait, or too many requests wait already.
+    #[error("every peer that can serve the range is busy")]
+    Busy,
+    /// PeerHeights restarted or stopped before answering.
+    #[error("peer heights is unavailable")]
+    Unavailable,
+}
+
+/// How the transfer of a leased fetch went, as its worker saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transfer {
+    /// The peer's part is done and what it sent is judged later (verified,
+    /// or cut on what it held): a success is reported once verified, a liar
+    /// by state sync, so nothing is counted yet. A liar's fast answers so
+    /// never improve its score.
+    Received,
+    /// It did not answer in time.
+    Timeout,
+    /// The request failed (transport error, error status).
+    Error,
+    /// It answered NOT_FOUND: judged against its claim for the lease's range.
+    NotFound,
+    /// The fetch ended on our side (cancelled, failed locally): nothing to
+    /// hold against the peer or to measure.
+    Cancelled,
+}
+
+/// Gives a lease's slot back, with how the transfer went.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Message)]
+#[rtype(result = "()")]
+pub struct Release {
+    /// The lease.
+    pub lease: u64,
+    /// How the transfer went.
+    pub transfer: Transfer,
+    /// Bytes received.
+    pub bytes: u64,
+    /// Time the transfer took, in milliseconds.
+    pub latency_ms: u64,
+}
+
 /// Connected, unbanned peers on our chain whose highest commit is below
 /// `index`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Message)]
@@ -159,6 +255,13 @@ pub enum Input {
     Outcome(ReportOutcome),
     /// See [`Snapshot`].
     Snapshot,
+    /// See [`Acquire`].
+    Acquire(Acquire),
+    /// See [`Release`].
+    Release(Release),
+    /// Time passed: the shell's timer for a waiting request's end, so its
+    /// refusal does not wait for another input.
+    Tick,
 }
 
 /// Outputs of the PeerHeights core.
@@ -179,5 +282,19 @@ pub enum Output {
         peer: PeerId,
         /// When the ban ends.
         until: Time,
+    },
+    /// Answer to [`Input::Acquire`]: a fetch slot on `lease.peer`.
+    Granted {
+        /// The request answered.
+        request: u64,
+        /// The slot.
+        lease: Lease,
+    },
+    /// Answer to [`Input::Acquire`]: no slot (see [`AcquireError`]).
+    Refused {
+        /// The request answered.
+        request: u64,
+        /// Why.
+        error: AcquireError,
     },
 }

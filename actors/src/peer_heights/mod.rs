@@ -13,14 +13,21 @@
 //! inside the claim is a lie, punished like invalid data. Only peers with a
 //! live connection held by Connections are tracked, so the table follows
 //! `PeerEvent`s and is bounded by `max_tracked_peers`; bans by `max_bans`.
+//!
+//! PeerHeights also holds the fetch slots: state sync's workers acquire a
+//! peer for a range ([`AcquirePeer`]), which grants the best peer with a
+//! free slot (at most `max_fetches_per_peer` per peer) or waits for one, and
+//! release the [`Lease`] with how the transfer went. Peer choice is so a
+//! decision of the core, in its trace.
 
 mod actor;
 mod core;
 mod messages;
 
-pub use actor::PeerHeights;
-pub use core::{Config, PeerHeightsCore};
+pub use actor::{Deps, PeerHeights, Slot};
+pub use core::{Config, Init, PeerHeightsCore};
 pub use messages::{
-    HighestKnownCommit, Input, OutcomeKind, Output, PeerView, PeersBehind, PeersForRange,
-    PushHeight, RemovePeer, ReportOutcome, Snapshot, UpdateHeight,
+    Acquire, AcquireError, AcquirePeer, HighestKnownCommit, Input, Lease, OutcomeKind, Output,
+    PeerView, PeersBehind, PeersForRange, PushHeight, Release, RemovePeer, ReportOutcome, Snapshot,
+    Transfer, UpdateHeight,
 };

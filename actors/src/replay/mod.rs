@@ -11,6 +11,10 @@
 //! {"seq":2,"t":0,"actor":"peer_heights","out":{"highest_known_changed":12}}
 //! ```
 //!
+//! A restarted actor goes on writing the same trace: a header line in the
+//! middle holds the init its core was rebuilt from, and replay makes a
+//! fresh core there.
+//!
 //! Shells record when given a [`Recorder`] (for instance from
 //! [`Recorder::from_env`], which reads `SOMA_TRACE_DIR`). [`replay`] makes a
 //! fresh core from the header, feeds it every input at its recorded time, and
@@ -32,6 +36,7 @@ use crate::discovery::DiscoveryCore;
 use crate::grpc::GrpcAdapterCore;
 use crate::peer_heights::PeerHeightsCore;
 use crate::state_sync::StateSyncCore;
+use crate::supervisor::SupervisorCore;
 use crate::verifier::VerifierCore;
 
 pub use recorder::{Recorder, TRACE_DIR_ENV};
@@ -63,6 +68,9 @@ pub struct Report {
     pub inputs: usize,
     /// Outputs compared.
     pub outputs: usize,
+    /// Restarts the trace records: headers after the first, each making a
+    /// fresh core from the init the restarted shell rebuilt.
+    pub restarts: usize,
     /// Whether the trace was rewritten (`SOMA_REPLAY_REWRITE=1`).
     pub rewritten: bool,
 }
@@ -126,6 +134,7 @@ pub fn replay_text(text: &str, rewrite: bool) -> Result<(Report, String), Replay
         ConnectionsCore::NAME => replay_core::<ConnectionsCore>(&lines, rewrite),
         GrpcAdapterCore::NAME => replay_core::<GrpcAdapterCore>(&lines, rewrite),
         StateSyncCore::NAME => replay_core::<StateSyncCore>(&lines, rewrite),
+        SupervisorCore::NAME => replay_core::<SupervisorCore>(&lines, rewrite),
         other => Err(ReplayError::UnknownActor(other.to_string())),
     }
 }
@@ -149,30 +158,42 @@ fn replay_core<C: Core>(
     lines: &[(usize, Line)],
     rewrite: bool,
 ) -> Result<(Report, String), ReplayError> {
-    let (header_line, header) = &lines[0];
     let parse_err = |line: usize, e: serde_json::Error| ReplayError::Parse {
         line,
         message: e.to_string(),
     };
-    let init_value = header.init.clone().ok_or(ReplayError::Parse {
-        line: *header_line,
-        message: "the first line must be the header with \"init\"".into(),
-    })?;
-    let init: C::Init =
-        serde_json::from_value(init_value).map_err(|e| parse_err(*header_line, e))?;
-    let mut core = C::new(init.clone());
+    let (header_line, header) = &lines[0];
+    if header.init.is_none() {
+        return Err(ReplayError::Parse {
+            line: *header_line,
+            message: "the first line must be the header with \"init\"".into(),
+        });
+    }
     let mut out = Recorder::to_string_buffer();
-    out.header(C::NAME, &init);
-
+    let mut core: Option<C> = None;
     let mut report = Report {
         actor: C::NAME.to_string(),
         inputs: 0,
         outputs: 0,
+        restarts: 0,
         rewritten: rewrite,
     };
-    let mut i = 1;
+    let mut i = 0;
     while i < lines.len() {
         let (line_no, line) = &lines[i];
+        // A header: the first core, or a restart with the init the shell
+        // rebuilt it from.
+        if let Some(init) = &line.init {
+            let init: C::Init =
+                serde_json::from_value(init.clone()).map_err(|e| parse_err(*line_no, e))?;
+            out.header(C::NAME, &init);
+            if core.is_some() {
+                report.restarts += 1;
+            }
+            core = Some(C::new(init));
+            i += 1;
+            continue;
+        }
         let Some(input_value) = &line.input else {
             return Err(ReplayError::Parse {
                 line: *line_no,
@@ -183,13 +204,17 @@ fn replay_core<C: Core>(
             serde_json::from_value(input_value.clone()).map_err(|e| parse_err(*line_no, e))?;
         let now = crate::Time(line.t.unwrap_or(0));
         out.record(C::NAME, now, "in", &input);
-        let produced = core.handle(now, input);
+        let produced = core
+            .as_mut()
+            .expect("the first line is a header")
+            .handle(now, input);
         report.inputs += 1;
         i += 1;
 
-        // The recorded outputs of this input are the lines up to the next input.
+        // The recorded outputs of this input are the lines up to the next
+        // input or header.
         let start = i;
-        while i < lines.len() && lines[i].1.input.is_none() {
+        while i < lines.len() && lines[i].1.input.is_none() && lines[i].1.init.is_none() {
             i += 1;
         }
         let recorded = &lines[start..i];

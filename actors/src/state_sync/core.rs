@@ -1,9 +1,10 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
-use soma_types::{CommitIndex, CommitRef, Epoch, PeerId, batch_end};
+use soma_types::{CommitIndex, CommitRef, Committee, Epoch, Limits, PeerId, batch_end};
 
 use super::messages::*;
+use crate::core::Intensity;
 use crate::{Core, Time};
 
 /// State sync's tunable settings (the design's defaults).
@@ -13,11 +14,6 @@ pub struct Config {
     pub commit_sync_batch_size: u64,
     /// Block fetches running at once.
     pub parallel_fetches: usize,
-    /// Fetches sent to one peer at once at most: a node serves each peer
-    /// only so many (its `max-concurrent-fetches-per-peer`, 4 by default)
-    /// and refuses the rest, which would cost a retry and the peer's score.
-    #[serde(default = "default_max_fetches_per_peer")]
-    pub max_fetches_per_peer: usize,
     /// Batches fetched beyond the applied watermark at most.
     pub batches_ahead: usize,
     /// Bytes that fetches may hold at most: every fetch in flight counts
@@ -49,6 +45,10 @@ pub struct Config {
     pub restart_window_ms: u64,
     /// First wait before a restart, doubled per restart, in milliseconds.
     pub restart_backoff_ms: u64,
+    /// How often every connected peer's availability is asked, in
+    /// milliseconds (a peer that connects is asked at once).
+    #[serde(default = "default_height_query_interval_ms")]
+    pub height_query_interval_ms: u64,
 }
 
 impl Default for Config {
@@ -56,7 +56,6 @@ impl Default for Config {
         Config {
             commit_sync_batch_size: 100,
             parallel_fetches: 8,
-            max_fetches_per_peer: default_max_fetches_per_peer(),
             batches_ahead: 32,
             max_total_fetched_bytes: 128 << 20,
             max_blocks_per_fetch: 1_000,
@@ -67,12 +66,13 @@ impl Default for Config {
             max_restarts: 3,
             restart_window_ms: 60_000,
             restart_backoff_ms: 50,
+            height_query_interval_ms: default_height_query_interval_ms(),
         }
     }
 }
 
-fn default_max_fetches_per_peer() -> usize {
-    4
+fn default_height_query_interval_ms() -> u64 {
+    1_000
 }
 
 fn default_max_bytes_per_fetch() -> u64 {
@@ -126,6 +126,11 @@ pub struct Init {
     /// Largest FetchCommits answer of that epoch (it depends on the
     /// committee: see `Limits::max_fetch_commits_response_bytes`).
     pub commit_answer_bytes: u64,
+    /// The first task id: after a restart, the one after the failed
+    /// incarnation's last, so no late answer of its tasks is taken for a
+    /// new task's.
+    #[serde(default)]
+    pub first_task: TaskId,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -198,7 +203,7 @@ impl Batch {
 /// work goes to another peer and the peer is avoided for it.
 #[derive(Clone, Debug, Default)]
 struct Supervision {
-    failures: Vec<Time>,
+    failures: Intensity,
     retry_at: Time,
     avoid: BTreeSet<PeerId>,
 }
@@ -212,25 +217,22 @@ impl Supervision {
                 self.avoid.clear();
                 return;
             }
-            // Our own side failed: retry after a pause, holding nothing
-            // against the peer.
-            Failure::Local(_) => {
+            // Our own side failed, or the peer left before it was asked:
+            // retry after a pause, holding nothing against the peer.
+            Failure::Local(_) | Failure::Disconnected => {
                 self.retry_at = Time(now.0 + config.restart_backoff_ms);
                 return;
             }
             // Handled by the caller; nothing to retry here.
-            Failure::NextEpoch { .. } | Failure::OverBudget => return,
+            Failure::OverBudget { .. } => return,
             // A liar, or a peer that says it lacks what it claimed, is not
             // asked again for this work.
             Failure::Invalid(_) | Failure::NotFound => {
                 self.avoid.extend(peer);
             }
-            Failure::Timeout | Failure::Status { .. } | Failure::Panicked => {}
+            Failure::Timeout | Failure::Status { .. } | Failure::Transport | Failure::Panicked => {}
         }
-        self.failures
-            .retain(|t| now.0.saturating_sub(t.0) < config.restart_window_ms);
-        self.failures.push(now);
-        let restarts = self.failures.len() as u32;
+        let restarts = self.failures.record(now, config.restart_window_ms);
         if restarts > config.max_restarts {
             // Past the intensity limit: hand the work to another peer.
             self.avoid.extend(peer);
@@ -245,9 +247,13 @@ impl Supervision {
 
 #[derive(Clone, Copy, Debug)]
 enum Task {
-    /// A commit fetch, holding `reserved` bytes of the budget.
+    /// A commit fetch of the batch starting at `start`, holding `reserved`
+    /// bytes of the budget; `settled` if the expected epoch was certain
+    /// when it was sent.
     Commits {
         reserved: u64,
+        start: CommitIndex,
+        settled: bool,
     },
     Blocks {
         batch: CommitIndex,
@@ -291,6 +297,8 @@ pub struct StateSyncCore {
     orphans: HashMap<TaskId, u64>,
     applying: Option<CommitIndex>,
     next_task: TaskId,
+    /// When every connected peer's availability is asked next.
+    next_height_query: Time,
 }
 
 impl Core for StateSyncCore {
@@ -314,7 +322,8 @@ impl Core for StateSyncCore {
             tasks: HashMap::new(),
             orphans: HashMap::new(),
             applying: None,
-            next_task: 0,
+            next_task: init.first_task,
+            next_height_query: Time(0),
         }
     }
 
@@ -325,12 +334,21 @@ impl Core for StateSyncCore {
                 // A claim, not a fact: it falls when liars are banned or
                 // peers leave.
                 self.highest_known = highest_known.unwrap_or(0).max(self.synced.index);
+                if now >= self.next_height_query {
+                    self.next_height_query = now.after(std::time::Duration::from_millis(
+                        self.config.height_query_interval_ms.max(1),
+                    ));
+                    out.push(Output::QueryHeights { peer: None });
+                }
             }
+            // A new peer's height is asked at once, not at the next interval.
+            Input::PeerConnected { peer } => out.push(Output::QueryHeights { peer: Some(peer) }),
             Input::CommitsFetched { task, peer, result } => {
                 self.orphans.remove(&task);
-                if self.tasks.remove(&task).is_some() {
+                if let Some(Task::Commits { start, settled, .. }) = self.tasks.remove(&task) {
                     self.commit_task = None;
-                    self.commits_fetched(now, task, peer, result, &mut out);
+                    let result = judge_epoch_answer(result, start, settled);
+                    self.commits_fetched(now, (task, peer), result, &mut out);
                 }
             }
             Input::BlocksFetched { task, peer, result } => {
@@ -343,27 +361,34 @@ impl Core for StateSyncCore {
                 start,
                 last,
                 next_epoch,
-            } => {
+            } if self.applying == Some(start) => {
                 self.applying = None;
                 self.batches.remove(&start);
                 self.advance(last, next_epoch);
                 self.drop_ended_epoch(&mut out);
             }
-            Input::ApplyFailed { start, reason } => {
-                tracing::warn!(start, %reason, "applying a batch failed; refetching");
-                self.applying = None;
-                self.reset(&mut out);
+            // Not this core's write (a failed incarnation's, finished after
+            // a restart): the watermark moved under the plan.
+            Input::Applied {
+                last, next_epoch, ..
             }
-            Input::LocalApplied { last, next_epoch } => {
+            | Input::LocalApplied { last, next_epoch } => {
                 self.advance(last, next_epoch);
                 self.drop_ended_epoch(&mut out);
                 if self.verified.index < last.index {
-                    // Local consensus moved past what sync planned.
+                    // The watermark moved past what sync planned.
                     self.reset(&mut out);
                 } else {
                     self.discard_applied(&mut out);
                 }
             }
+            Input::ApplyFailed { start, error } if self.applying == Some(start) => {
+                tracing::warn!(start, %error, "applying a batch failed; refetching");
+                self.applying = None;
+                self.reset(&mut out);
+            }
+            // A failed incarnation's write: nothing of this core's plan.
+            Input::ApplyFailed { .. } => {}
         }
         self.judge_epoch_claim(&mut out);
         self.schedule(now, &mut out);
@@ -387,6 +412,17 @@ impl StateSyncCore {
         self.epoch
     }
 
+    /// Whether `task` is one the core waits for: not finished, not dropped
+    /// by a reset or a discard, not a failed incarnation's.
+    pub fn awaits(&self, task: TaskId) -> bool {
+        self.tasks.contains_key(&task)
+    }
+
+    /// The id the next task gets: where a restarted core's ids start.
+    pub fn next_task(&self) -> TaskId {
+        self.next_task
+    }
+
     /// Bytes the fetches hold: reservations of fetches in flight and the
     /// real size of fetched batches. Never above the configured total.
     pub fn fetched_bytes(&self) -> u64 {
@@ -394,7 +430,7 @@ impl StateSyncCore {
             .tasks
             .values()
             .map(|t| match t {
-                Task::Commits { reserved } => *reserved,
+                Task::Commits { reserved, .. } => *reserved,
                 Task::Blocks { .. } => 0,
             })
             .sum::<u64>();
@@ -415,7 +451,7 @@ impl StateSyncCore {
         for id in dropped {
             if let Some(task) = self.tasks.remove(&id) {
                 let reserved = match task {
-                    Task::Commits { reserved } => {
+                    Task::Commits { reserved, .. } => {
                         self.commit_task = None;
                         reserved
                     }
@@ -516,9 +552,8 @@ impl StateSyncCore {
     fn commits_fetched(
         &mut self,
         now: Time,
-        task: TaskId,
-        peer: Option<PeerId>,
-        result: Result<CommitBatchInfo, Failure>,
+        (task, peer): (TaskId, Option<PeerId>),
+        result: Result<CommitBatchInfo, Claim>,
         out: &mut Vec<Output>,
     ) {
         match result {
@@ -548,17 +583,15 @@ impl StateSyncCore {
             }
             // A stale answer (after a reset): ignore it.
             Ok(_) => {}
-            Err(Failure::NextEpoch { claimed }) => {
+            Err(Claim::NextEpoch(claimed)) => {
                 // Judged once the batches before it are applied; until then
                 // no commits are fetched.
                 self.epoch_claim = Some(EpochClaim { peer, claimed });
             }
-            Err(failure) => {
+            Err(Claim::Failed(failure)) => {
                 self.commit_supervision
                     .failed(now, peer, &failure, &self.config);
-                if !matches!(failure, Failure::NoPeer) {
-                    out.push(Output::Restarted { task, failure });
-                }
+                restarted(task, peer, failure, out);
             }
         }
     }
@@ -580,24 +613,30 @@ impl StateSyncCore {
         };
         match result {
             Ok(bytes) => c.state = ChunkState::Done(bytes),
-            Err(Failure::OverBudget) if c.len > 1 => {
+            Err(failure @ Failure::OverBudget { .. }) if c.len > 1 => {
                 // The blocks are larger than one fetch may hold: fetch them
                 // in two halves.
                 let half = c.len / 2;
                 let rest = c.len - half;
                 *c = Chunk::new(half);
                 b.chunks.insert(offset + half, Chunk::new(rest));
-                out.push(Output::Restarted {
-                    task,
-                    failure: Failure::OverBudget,
-                });
+                out.push(Output::Restarted { task, failure });
             }
             Err(failure) => {
+                // One block never exceeds the cap of a one-block fetch: such
+                // a block is not the one its digest names.
+                let failure = match failure {
+                    Failure::OverBudget { received, max } => {
+                        Failure::Invalid(soma_types::Error::TooLarge {
+                            len: usize::try_from(received).unwrap_or(usize::MAX),
+                            limit: usize::try_from(max).unwrap_or(usize::MAX),
+                        })
+                    }
+                    other => other,
+                };
                 c.state = ChunkState::Pending;
                 c.supervision.failed(now, peer, &failure, &self.config);
-                if !matches!(failure, Failure::NoPeer) {
-                    out.push(Output::Restarted { task, failure });
-                }
+                restarted(task, peer, failure, out);
             }
         }
     }
@@ -695,7 +734,11 @@ impl StateSyncCore {
                 self.highest_known,
             );
             let avoid = self.commit_supervision.avoid.iter().copied().collect();
-            let task = self.task(Task::Commits { reserved: reserve });
+            let task = self.task(Task::Commits {
+                reserved: reserve,
+                start,
+                settled: self.verified.index == self.synced.index,
+            });
             self.commit_task = Some(task);
             out.push(Output::FetchCommits {
                 task,
@@ -774,6 +817,74 @@ impl StateSyncCore {
     }
 }
 
+/// The largest FetchCommits answer of `committee`'s epoch: the limits'
+/// bound for a certificate of at most [`max_certifiers`] blocks.
+pub fn commit_answer_bytes(
+    limits: &Limits,
+    commit_budget_bytes: usize,
+    committee: &Committee,
+) -> u64 {
+    let bytes =
+        limits.max_fetch_commits_response_bytes(commit_budget_bytes, max_certifiers(committee));
+    u64::try_from(bytes).unwrap_or(u64::MAX)
+}
+
+/// Most blocks a certificate of `committee` needs: a quorum of the members
+/// with the smallest stakes. A server sends a minimal quorum, so no honest
+/// certificate is larger.
+fn max_certifiers(committee: &Committee) -> usize {
+    let mut stakes: Vec<u64> = committee.authorities().map(|(_, a)| a.stake).collect();
+    stakes.sort_unstable();
+    let mut total = 0u64;
+    for (i, stake) in stakes.iter().enumerate() {
+        total = total.saturating_add(*stake);
+        if committee.is_quorum(total) {
+            return i + 1;
+        }
+    }
+    stakes.len()
+}
+
+/// A commit answer as the core reads it: a failure, or a claim that the
+/// next epoch has started, to be judged later.
+enum Claim {
+    NextEpoch(Epoch),
+    Failed(Failure),
+}
+
+/// Reads a commit fetch's failure. The first commit of the epoch after the
+/// expected one, while a fetched batch that may end ours is not applied
+/// yet (the fetch was not `settled`), is what an honest peer answers right
+/// after an epoch change: a claim judged once our own data tells.
+fn judge_epoch_answer(
+    result: Result<CommitBatchInfo, Failure>,
+    start: CommitIndex,
+    settled: bool,
+) -> Result<CommitBatchInfo, Claim> {
+    result.map_err(|failure| match failure {
+        Failure::Invalid(soma_types::Error::CommitWrongEpoch {
+            index,
+            got,
+            expected,
+        }) if !settled && index == start && Some(got) == expected.checked_add(1) => {
+            Claim::NextEpoch(got)
+        }
+        failure => Claim::Failed(failure),
+    })
+}
+
+/// A task failed and its work is retried: counted, and a peer that sent
+/// invalid data reported.
+fn restarted(task: TaskId, peer: Option<PeerId>, failure: Failure, out: &mut Vec<Output>) {
+    if matches!(failure, Failure::NoPeer) {
+        return;
+    }
+    if let (Failure::Invalid(_), Some(peer)) = (&failure, peer) {
+        out.push(Output::Misbehaved { peer });
+    }
+    out.push(Output::Restarted { task, failure });
+}
+
 #[cfg(test)]
 mod tests {
     use rand::{Rng, SeedableRng};
@@ -797,6 +908,7 @@ mod tests {
             synced: r(0),
             epoch: 0,
             commit_answer_bytes: 5 << 20,
+            first_task: 0,
         })
     }
 
@@ -1116,7 +1228,12 @@ mod tests {
         let out = commits_ok(&mut c, 0, t, 1, 10, 5);
         let fetch = block_fetches(&out)[0];
         let (t2, _, _) = commit_fetch(&out).unwrap();
-        let out = commits_failed(&mut c, 0, t2, LIAR, Failure::NextEpoch { claimed: 1 });
+        let claim = Failure::Invalid(soma_types::Error::CommitWrongEpoch {
+            index: 11,
+            got: 1,
+            expected: 0,
+        });
+        let out = commits_failed(&mut c, 0, t2, LIAR, claim);
         assert_eq!(commit_fetch(&out), None);
         // Parked until our own batch is applied, however long that takes.
         assert_eq!(commit_fetch(&tick(&mut c, 60_000, 30)), None);
@@ -1278,6 +1395,96 @@ mod tests {
     }
 
     #[test]
+    fn invalid_data_reports_its_server_and_not_found_leaves_that_to_peer_heights() {
+        let mut c = core(config());
+        let (t, _, _) = commit_fetch(&tick(&mut c, 0, 10)).unwrap();
+        let invalid = Failure::Invalid(soma_types::Error::EmptyBatch);
+        let out = commits_failed(&mut c, 0, t, LIAR, invalid.clone());
+        assert_eq!(
+            out,
+            vec![
+                Output::Misbehaved { peer: LIAR },
+                Output::Restarted {
+                    task: t,
+                    failure: invalid
+                }
+            ]
+        );
+        let (t, _, _) = commit_fetch(&tick(&mut c, 1_000, 10)).unwrap();
+        let out = commits_failed(&mut c, 1_000, t, HONEST, Failure::NotFound);
+        assert_eq!(
+            out,
+            vec![Output::Restarted {
+                task: t,
+                failure: Failure::NotFound
+            }]
+        );
+    }
+
+    #[test]
+    fn heights_are_asked_of_every_peer_each_interval_and_of_a_new_peer_at_once() {
+        let mut c = core(Config {
+            height_query_interval_ms: 1_000,
+            ..config()
+        });
+        let queries = |out: Vec<Output>| -> Vec<Option<PeerId>> {
+            out.into_iter()
+                .filter_map(|o| match o {
+                    Output::QueryHeights { peer } => Some(peer),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(queries(tick(&mut c, 0, 0)), vec![None]);
+        assert_eq!(queries(tick(&mut c, 999, 0)), vec![]);
+        assert_eq!(
+            queries(c.handle(Time(999), Input::PeerConnected { peer: HONEST })),
+            vec![Some(HONEST)]
+        );
+        assert_eq!(queries(tick(&mut c, 1_000, 0)), vec![None]);
+        assert_eq!(queries(tick(&mut c, 1_500, 0)), vec![]);
+    }
+
+    #[test]
+    fn a_write_of_a_failed_incarnation_moves_the_watermark_like_local_commits() {
+        // A restarted core planned batch 1..=10 afresh while the failed
+        // incarnation's write of 1..=10 and 11..=20 was still running.
+        let mut c = StateSyncCore::new(Init {
+            config: config(),
+            synced: r(0),
+            epoch: 0,
+            commit_answer_bytes: 5 << 20,
+            first_task: 7,
+        });
+        let (t, _, _) = commit_fetch(&tick(&mut c, 0, 30)).unwrap();
+        assert_eq!(t, 7, "task ids go on from the failed incarnation's");
+        commits_ok(&mut c, 0, t, 1, 10, 5);
+        let out = c.handle(
+            Time(0),
+            Input::Applied {
+                start: 11,
+                last: r(20),
+                next_epoch: None,
+            },
+        );
+        assert_eq!(c.synced(), r(20));
+        // The batch it fetched is below the watermark now: refetched from 21.
+        assert!(out.contains(&Output::Reset), "{out:?}");
+        assert_eq!(commit_fetch(&out).map(|f| f.1), Some(21));
+        // A failed write of the old incarnation changes nothing.
+        assert_eq!(
+            c.handle(
+                Time(0),
+                Input::ApplyFailed {
+                    start: 1,
+                    error: crate::state_sync::ApplyError::Cancelled,
+                },
+            ),
+            vec![]
+        );
+    }
+
+    #[test]
     fn local_failures_are_retried_and_never_held_against_the_peer() {
         let mut c = core(config());
         let mut now = 0;
@@ -1431,7 +1638,10 @@ mod tests {
                     } => {
                         let result = match rng.random_range(0..6) {
                             0 => Err(Failure::Timeout),
-                            1 => Err(Failure::OverBudget),
+                            1 => Err(Failure::OverBudget {
+                                received: max_bytes + 1,
+                                max: max_bytes,
+                            }),
                             _ => Ok(rng.random_range(0..=max_bytes)),
                         };
                         blocks_done(&mut c, task, result)
@@ -1459,7 +1669,11 @@ mod tests {
         let (t, _, _) = commit_fetch(&tick(&mut c, 0, 10)).unwrap();
         let out = commits_ok(&mut c, 0, t, 1, 10, 5);
         let first = block_fetches(&out)[0];
-        let out = blocks_done(&mut c, first.0, Err(Failure::OverBudget));
+        let over = Failure::OverBudget {
+            received: 9 << 20,
+            max: 8 << 20,
+        };
+        let out = blocks_done(&mut c, first.0, Err(over.clone()));
         let halves: Vec<(usize, usize)> = out
             .iter()
             .filter_map(|o| match o {
@@ -1468,5 +1682,57 @@ mod tests {
             })
             .collect();
         assert_eq!(halves, vec![(0, 2), (2, 3)]);
+        assert!(out.contains(&Output::Restarted {
+            task: first.0,
+            failure: over
+        }));
+        assert!(!out.iter().any(|o| matches!(o, Output::Misbehaved { .. })));
+    }
+
+    #[test]
+    fn a_single_block_over_the_budget_is_a_lie_and_its_server_is_reported() {
+        let mut c = core(Config {
+            max_blocks_per_fetch: 1,
+            ..config()
+        });
+        let (t, _, _) = commit_fetch(&tick(&mut c, 0, 10)).unwrap();
+        let out = commits_ok(&mut c, 0, t, 1, 10, 1);
+        let only = block_fetches(&out)[0];
+        let over = Failure::OverBudget {
+            received: 5 << 20,
+            max: 4 << 20,
+        };
+        let out = c.handle(
+            Time(0),
+            Input::BlocksFetched {
+                task: only.0,
+                peer: Some(LIAR),
+                result: Err(over),
+            },
+        );
+        let too_large = Failure::Invalid(soma_types::Error::TooLarge {
+            len: 5 << 20,
+            limit: 4 << 20,
+        });
+        assert_eq!(
+            &out[..2],
+            &[
+                Output::Misbehaved { peer: LIAR },
+                Output::Restarted {
+                    task: only.0,
+                    failure: too_large
+                }
+            ]
+        );
+        // The liar is avoided for that chunk from now on.
+        let retry = tick(&mut c, 10_000, 10);
+        let avoid: Vec<Vec<PeerId>> = retry
+            .iter()
+            .filter_map(|o| match o {
+                Output::FetchBlocks { avoid, .. } => Some(avoid.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(avoid, vec![vec![LIAR]]);
     }
 }

@@ -1,5 +1,12 @@
+use actix::Message;
 use serde::{Deserialize, Serialize};
-use soma_types::{CommitIndex, CommitRef, Epoch, PeerId};
+use soma_store::SyncedBatch;
+use soma_types::{CommitIndex, CommitRef, Epoch, PeerId, VerifiedBlock};
+
+use super::apply::{Applied, ApplyError};
+use super::worker::BatchData;
+use crate::connections::CallError;
+use crate::peer_heights::AcquireError;
 
 /// Correlation id of a fetch task.
 pub type TaskId = u64;
@@ -61,26 +68,30 @@ pub enum Failure {
     NoPeer,
     /// The peer did not answer in time.
     Timeout,
-    /// The peer answered with an error status (its gRPC code), or the
-    /// transport failed (`code` 14, UNAVAILABLE).
+    /// The peer answered with an error status (its gRPC code).
     Status {
         /// The gRPC status code.
         code: i32,
     },
+    /// The connection failed under the call.
+    Transport,
+    /// The peer left (or its connection was dropped) before it was asked.
+    Disconnected,
     /// The peer said it does not hold what it was asked for.
     NotFound,
-    /// The peer sent data that failed verification.
+    /// The peer sent data that failed verification. A commit answer of the
+    /// epoch after the expected one may be an honest peer's, right after an
+    /// epoch change: the core judges that, not the worker.
     Invalid(soma_types::Error),
-    /// The peer's commits are of the epoch after the expected one, while a
-    /// fetched batch that may end the expected epoch is not applied yet: the
-    /// answer cannot be judged until it is.
-    NextEpoch {
-        /// The epoch the peer's first commit claims.
-        claimed: Epoch,
-    },
     /// The requested blocks hold more bytes than the fetch may buffer: the
-    /// chunk is split. Not the peer's fault: the digests fix the bytes.
-    OverBudget,
+    /// chunk is split. Not the peer's fault, unless the chunk is one block
+    /// (the digest fixes a block's size, within the limit).
+    OverBudget {
+        /// Bytes received when the stream was cut.
+        received: u64,
+        /// Bytes the fetch could hold.
+        max: u64,
+    },
     /// Our side failed; never held against the peer.
     Local(LocalFailure),
     /// The task panicked (caught by the supervisor).
@@ -92,8 +103,34 @@ impl Failure {
     pub fn is_peer_fault(&self) -> bool {
         matches!(
             self,
-            Failure::Timeout | Failure::Status { .. } | Failure::NotFound | Failure::Invalid(_)
+            Failure::Timeout
+                | Failure::Status { .. }
+                | Failure::Transport
+                | Failure::NotFound
+                | Failure::Invalid(_)
         )
+    }
+}
+
+impl From<CallError> for Failure {
+    fn from(e: CallError) -> Self {
+        match e {
+            CallError::NoConnection => Failure::Disconnected,
+            CallError::Timeout => Failure::Timeout,
+            CallError::Transport => Failure::Transport,
+            e if e.is_not_found() => Failure::NotFound,
+            CallError::Status { code } => Failure::Status { code },
+        }
+    }
+}
+
+impl From<AcquireError> for Failure {
+    fn from(e: AcquireError) -> Self {
+        match e {
+            AcquireError::NoPeer => Failure::NoPeer,
+            AcquireError::Busy => Failure::Local(LocalFailure::PeersBusy),
+            AcquireError::Unavailable => Failure::Local(LocalFailure::ActorUnavailable),
+        }
     }
 }
 
@@ -109,6 +146,9 @@ pub enum LocalFailure {
     UnknownEpoch(Epoch),
     /// PeerHeights or Connections did not answer.
     ActorUnavailable,
+    /// Every peer that covers the range had all its fetch slots taken for
+    /// as long as the fetch could wait.
+    PeersBusy,
     /// The batch's data is gone (reset or discarded meanwhile).
     BatchGone,
 }
@@ -122,6 +162,11 @@ pub enum Input {
     Tick {
         /// From PeerHeights.
         highest_known: Option<CommitIndex>,
+    },
+    /// Connections holds a new connection to `peer`.
+    PeerConnected {
+        /// The peer.
+        peer: PeerId,
     },
     /// A commit fetch ended.
     CommitsFetched {
@@ -142,6 +187,8 @@ pub enum Input {
         result: Result<u64, Failure>,
     },
     /// The batch starting at `start` was written; the watermark is `last`.
+    /// A batch the core is not applying (one a failed incarnation sent to
+    /// the store before a restart) moves the watermark like local commits.
     Applied {
         /// First commit of the batch.
         start: CommitIndex,
@@ -156,7 +203,7 @@ pub enum Input {
         /// First commit of the batch.
         start: CommitIndex,
         /// Why.
-        reason: String,
+        error: ApplyError,
     },
     /// Local consensus applied commits up to `last` (through the same path).
     LocalApplied {
@@ -208,11 +255,17 @@ pub enum Output {
         /// Why.
         failure: Failure,
     },
-    /// A peer's claim proved false once our own data settled it (it said
-    /// the next epoch had started, and it had not): ban it.
+    /// A peer sent data that failed verification, or its claim proved
+    /// false once our own data settled it (it said the next epoch had
+    /// started, and it had not): ban it.
     Misbehaved {
         /// The peer.
         peer: PeerId,
+    },
+    /// Ask `peer` (every connected peer if `None`) for its availability.
+    QueryHeights {
+        /// The peer, or all.
+        peer: Option<PeerId>,
     },
     /// Drop the shell's data of batches after the watermark.
     Reset,
@@ -222,4 +275,79 @@ pub enum Output {
         /// First commit of the batch.
         start: CommitIndex,
     },
+}
+
+/// What the node has synced, for the handle, metrics and progress bars.
+#[derive(Clone, Debug, Default, PartialEq, Eq, actix::MessageResponse)]
+pub struct SyncStatus {
+    /// The applied watermark.
+    pub synced: CommitIndex,
+    /// The highest commit known among peers of our chain.
+    pub highest_known: CommitIndex,
+    /// Commits applied since start (synced and local).
+    pub commits_applied: u64,
+    /// Blocks applied since start.
+    pub blocks_applied: u64,
+    /// Bytes of verified blocks fetched.
+    pub bytes_fetched: u64,
+    /// Workers restarted after a failure or panic.
+    pub restarts: u64,
+    /// Answers refused because a peer sent invalid data or made a false
+    /// claim.
+    pub invalid_responses: u64,
+    /// Chunks of blocks split in halves because their blocks were more
+    /// bytes than one fetch may bring (each also counts as a restart).
+    pub chunks_split: u64,
+}
+
+/// Asks for [`SyncStatus`].
+#[derive(Message)]
+#[rtype(result = "SyncStatus")]
+pub struct GetSyncStatus;
+
+/// A commit of local consensus: stored, broadcast and pushed like a synced
+/// one. Answered once the write is done, and applied even if StateSync
+/// restarts meanwhile.
+#[derive(Message)]
+#[rtype(result = "Result<(), ApplyError>")]
+pub struct ApplyLocal(pub SyncedBatch);
+
+/// The tick, with PeerHeights' answer.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(super) struct TickMsg(pub(super) Option<CommitIndex>);
+
+/// A commit fetch ended.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(super) struct CommitsDone {
+    pub(super) task: TaskId,
+    pub(super) peer: Option<PeerId>,
+    pub(super) result: Result<BatchData, Failure>,
+}
+
+/// A block fetch ended.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(super) struct BlocksDone {
+    pub(super) task: TaskId,
+    pub(super) batch: CommitIndex,
+    pub(super) peer: Option<PeerId>,
+    pub(super) result: Result<Vec<VerifiedBlock>, Failure>,
+}
+
+/// Who waits for a write.
+pub(super) enum Origin {
+    /// Sync's batch starting at this commit.
+    Synced(CommitIndex),
+    /// A local commit, whose sender waits for the answer.
+    Local(tokio::sync::oneshot::Sender<Result<(), ApplyError>>),
+}
+
+/// A write ended.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(super) struct ApplyDone {
+    pub(super) origin: Origin,
+    pub(super) result: Result<Applied, ApplyError>,
 }

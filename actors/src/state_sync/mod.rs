@@ -23,15 +23,24 @@
 //! Memory is bounded by `batches_ahead` and `max_total_fetched_bytes`, which
 //! counts every fetch from the moment it is sent at the most its answer may
 //! bring, and fetched batches at their size.
+//!
+//! The folder: `core.rs` decides all of the above; `worker.rs` is one fetch
+//! (a fetch slot leased from PeerHeights, the call, the Verifier's check);
+//! `apply.rs` is the one write path of synced and local commits;
+//! `actor.rs` is the shell that runs them, made from `deps.rs`.
 
 mod actor;
+mod apply;
 mod core;
+mod deps;
 mod messages;
+mod worker;
 
-pub use actor::{
-    ApplyLocal, FaultPlan, GetSyncStatus, Settings, StateSync, SyncStatus, commit_answer_bytes,
-};
-pub use core::{Config, Init, StateSyncCore};
+pub use actor::StateSync;
+pub use apply::ApplyError;
+pub use core::{Config, Init, StateSyncCore, commit_answer_bytes};
+pub use deps::Deps;
 pub use messages::{
-    CommitBatchInfo, CommitsWanted, EpochStart, Failure, Input, LocalFailure, Output, TaskId,
+    ApplyLocal, CommitBatchInfo, CommitsWanted, EpochStart, Failure, GetSyncStatus, Input,
+    LocalFailure, Output, SyncStatus, TaskId,
 };

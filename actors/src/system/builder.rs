@@ -1,7 +1,6 @@
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use actix::Actor;
 use soma_store::ConsensusStore;
 use soma_types::{ChainId, Committee, KeyPair, NodeInfo, PeerId, SignedNodeInfo, genesis_commit};
 use soma_wire::inbound::ConnectionLimit;
@@ -10,15 +9,11 @@ use soma_wire::tls::{self, AccessPolicy, NodeIdentity};
 use tokio::sync::{broadcast, oneshot};
 
 use super::config::P2pConfig;
-use super::handle::{Actors, Inner, P2pHandle, Running};
-use super::reserved::{ReservedPeers, ReservedSlots};
-use crate::connections::{Connections, SubscribePeerEvents};
-use crate::discovery::{self, Discovery};
-use crate::grpc::{GrpcAdapter, P2pService, SendDeadline, SendStats};
-use crate::peer_heights::{self, PeerHeights};
-use crate::replay::Recorder;
-use crate::state_sync::{self, StateSync};
-use crate::verifier::{InstallCommittee, Verifier};
+use super::handle::{Inner, P2pHandle, Running};
+use super::tree::{self, NodeParts};
+use crate::discovery;
+use crate::grpc::{P2pService, SendDeadline, SendStats, ServiceDeps};
+use crate::supervisor::TreeStatus;
 
 /// Most bytes one block reference takes in a request: epoch, round and
 /// author as varints and a 32-byte digest, each with its field key and the
@@ -168,25 +163,13 @@ impl P2pBuilder {
         );
 
         let synced = store.highest_synced_commit()?;
-        // Every committee the store knows, installed before anything is verified.
-        let mut committees = Vec::new();
-        let mut epoch = genesis.epoch();
-        while let Some(c) = store.committee(epoch)? {
-            committees.push(c);
-            epoch += 1;
-        }
-        // Reserved slots from the first accept on; committees installed
-        // later reach the admission through the ReservedSlots actor.
+        // Reserved slots from the first accept on (the ReservedSlots actor
+        // reserves for the stored committees as it is made); committees
+        // installed later reach the admission through it.
         let inbound = ConnectionLimit::with_config(config.grpc.inbound());
-        let mut reserved = ReservedPeers::new(config.allowlist.iter().copied());
-        for committee in &committees {
-            reserved.install(committee);
-        }
-        inbound.reserve_for(reserved.peers());
-
         let seed = config.seed.unwrap_or_else(rand::random);
         let (events, _) = broadcast::channel(config.peer_event_broadcast_capacity.max(1));
-        let discovery = discovery::Init {
+        let discovery_init = discovery::Init {
             config: config.discovery.clone(),
             local: peer_id,
             access: config.access,
@@ -202,38 +185,41 @@ impl P2pBuilder {
                 lowest: store.lowest_available_commit()?,
             });
         let send_stats = Arc::new(SendStats::default());
-        let node = NodeParts {
+        let (tree, tree_status) = tokio::sync::watch::channel(TreeStatus::default());
+        let parts = NodeParts {
             availability,
             store: store.clone(),
-            synced,
+            genesis_epoch: genesis.epoch(),
             commits: commits.clone(),
             chain_id,
             seed,
-            committees,
-            reserved: ReservedSlots::new(reserved, inbound.clone()),
+            admission: inbound.clone(),
             identity: identity.clone(),
             runtime: runtime.clone(),
             events: events.clone(),
-            discovery,
+            send_stats: send_stats.clone(),
+            discovery_init,
             key: network_key,
             addresses: own_info.info.addresses.clone(),
-            send_stats: send_stats.clone(),
+            tree,
+            faults: faults(&config),
         };
-        let (actors, system, actor_thread, actors_stopped) = start_actors(&config, node)?;
+        let started = tree::start(&config, parts)?;
+        let actors = started.actors.clone();
         let rpc_counts = crate::grpc::RpcCounts::default();
 
-        let service = P2pService::new(
-            actors.adapter.clone(),
-            actors.discovery.clone(),
-            store.clone(),
-            genesis_commit(&genesis).reference(),
-            config.grpc.clone(),
-            config.verifier.limits.clone(),
-            config.timeout,
-            rpc_counts.clone(),
-            published,
-            send_stats.clone(),
-        );
+        let service = P2pService::new(ServiceDeps {
+            adapter: actors.adapter.clone(),
+            discovery: actors.discovery.clone(),
+            store: store.clone(),
+            genesis: genesis_commit(&genesis).reference(),
+            limits: config.grpc.clone(),
+            data_limits: config.verifier.limits.clone(),
+            timeout: config.timeout,
+            counts: rpc_counts.clone(),
+            availability: published,
+            stats: send_stats.clone(),
+        });
         let policy = AccessPolicy {
             access: config.access,
             allowlist: config.allowlist.iter().copied().collect(),
@@ -284,7 +270,7 @@ impl P2pBuilder {
         };
         tracing::info!(%peer_id, %local_addr, %chain_id, "p2p node started");
 
-        Ok(P2pHandle::from_inner(Inner {
+        let handle = P2pHandle::from_inner(Inner {
             rpc_counts,
             send_stats,
             inbound,
@@ -296,206 +282,42 @@ impl P2pBuilder {
             store,
             actors,
             commits,
+            tree: tree_status,
             runtime: runtime.clone(),
             timeout: config.timeout,
             running: std::sync::Mutex::new(Some(Running {
-                system,
-                actor_thread,
-                actors_stopped,
-                server,
-                shutdown,
+                system: started.system,
+                actor_thread: started.thread,
+                actors_stopped: started.stopped,
+                server: Some(server),
+                shutdown: Some(shutdown),
                 owned_runtime,
             })),
-        }))
+            halted: tokio::sync::OnceCell::new(),
+        });
+        handle.stop_on_failure();
+        Ok(handle)
     }
 }
 
-type Started = (
-    Actors,
-    actix_rt::System,
-    std::thread::JoinHandle<()>,
-    oneshot::Receiver<()>,
-);
-
-/// What the actors of one node are made from, besides the configuration.
-struct NodeParts {
-    availability: tokio::sync::watch::Sender<soma_wire::convert::Availability>,
-    store: Arc<dyn ConsensusStore>,
-    synced: soma_types::CommitRef,
-    commits: broadcast::Sender<soma_types::CommittedSubDag>,
-    chain_id: ChainId,
-    seed: u64,
-    committees: Vec<Committee>,
-    reserved: ReservedSlots,
-    identity: NodeIdentity,
-    runtime: tokio::runtime::Handle,
-    events: broadcast::Sender<crate::connections::PeerEvent>,
-    send_stats: Arc<SendStats>,
-    discovery: discovery::Init,
-    key: KeyPair,
-    addresses: Vec<String>,
+/// The faults the node's actors consult: the configuration's plan, or one
+/// from the environment (the `testing` feature only).
+#[cfg(feature = "testing")]
+fn faults(config: &P2pConfig) -> crate::faults::Faults {
+    let plan = config
+        .faults
+        .clone()
+        .or_else(|| crate::faults::FaultPlan::from_env().map(Arc::new));
+    crate::faults::Faults::new(plan)
 }
 
-/// Starts the actors in an actix System on a thread of their own.
-fn start_actors(config: &P2pConfig, node: NodeParts) -> Result<Started, StartError> {
-    let config = config.clone();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let (stopped_tx, stopped_rx) = oneshot::channel();
-    let thread = std::thread::Builder::new()
-        .name("soma-actors".into())
-        .spawn(move || {
-            let system = actix_rt::System::new();
-            let started = system.block_on(async move {
-                let NodeParts {
-                    availability,
-                    store,
-                    synced,
-                    commits,
-                    chain_id,
-                    seed,
-                    committees,
-                    reserved,
-                    identity,
-                    runtime,
-                    events,
-                    send_stats,
-                    discovery,
-                    key,
-                    addresses,
-                } = node;
-                let capacity = config.mailbox_capacity;
-                let heights = PeerHeights::new(
-                    peer_heights::Config {
-                        ban_duration_ms: config.ban_duration.as_millis() as u64,
-                        ..peer_heights::Config::new(chain_id, seed)
-                    },
-                    capacity,
-                    Recorder::from_env("peer_heights"),
-                )
-                .start();
-                let epoch = committees.last().map_or(0, Committee::epoch);
-                let last_committee = committees.last().cloned();
-                let reserved = reserved.start();
-                let verifier = Verifier::new(
-                    config.verifier.clone(),
-                    capacity,
-                    Recorder::from_env("verifier"),
-                )?
-                .forward_installed(reserved.clone().recipient())
-                .start();
-                for committee in committees {
-                    verifier.do_send(InstallCommittee(committee));
-                }
-                let connections = Connections::new(
-                    config.connections.clone(),
-                    identity,
-                    runtime.clone(),
-                    events,
-                    capacity,
-                    Recorder::from_env("connections"),
-                )
-                .start();
-                // Before any dial, so PeerHeights sees every connection.
-                connections.do_send(SubscribePeerEvents(heights.clone().recipient()));
-                let state_sync = StateSync::new(
-                    state_sync::Init {
-                        config: sync_config(&config),
-                        synced,
-                        epoch,
-                        commit_answer_bytes: last_committee.as_ref().map_or(0, |c| {
-                            state_sync::commit_answer_bytes(
-                                &config.verifier.limits,
-                                config.grpc.max_fetch_response_bytes,
-                                c,
-                            )
-                        }),
-                    },
-                    state_sync::Settings {
-                        chain_id,
-                        tick: config.tick,
-                        height_query_interval: config.height_query_interval,
-                        timeout: config.timeout,
-                        verify_synced_block_signatures: config.verify_synced_block_signatures,
-                        limits: config.verifier.limits.clone(),
-                        commit_budget_bytes: config.grpc.max_fetch_response_bytes,
-                        faults: config.faults.clone(),
-                    },
-                    store,
-                    verifier.clone(),
-                    heights.clone(),
-                    connections.clone(),
-                    runtime.clone(),
-                    commits,
-                    availability,
-                    capacity,
-                    Recorder::from_env("state_sync"),
-                )
-                .start();
-                let discovery = Discovery::new(
-                    discovery,
-                    key,
-                    addresses,
-                    connections.clone(),
-                    verifier.clone(),
-                    runtime,
-                    config.timeout,
-                    capacity,
-                    Recorder::from_env("discovery"),
-                )
-                .start();
-                let adapter = GrpcAdapter::new(
-                    config.grpc.clone(),
-                    heights.clone(),
-                    capacity,
-                    send_stats,
-                    Recorder::from_env("grpc_adapter"),
-                )
-                .start();
-                Ok::<_, std::io::Error>((
-                    Actors {
-                        heights,
-                        verifier,
-                        connections,
-                        discovery,
-                        state_sync,
-                        adapter,
-                        reserved,
-                    },
-                    actix_rt::System::current(),
-                ))
-            });
-            let ok = started.is_ok();
-            let _ = tx.send(started);
-            if ok {
-                let _ = system.run();
-            }
-            let _ = stopped_tx.send(());
-        })
-        .map_err(StartError::Runtime)?;
-    let (actors, system) = rx
-        .recv()
-        .map_err(|_| StartError::Runtime(std::io::Error::other("the actors' thread died")))?
-        .map_err(StartError::Runtime)?;
-    Ok((actors, system, thread, stopped_rx))
+#[cfg(not(feature = "testing"))]
+fn faults(_: &P2pConfig) -> crate::faults::Faults {
+    crate::faults::Faults::default()
 }
 
 pub(super) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// The StateSync core's settings, with the limits it shares with the rest
-/// of the node filled in: the largest block, the servers' message size,
-/// and a restart window that spans several request timeouts (or a
-/// peer that always times out would never pass the intensity limit).
-fn sync_config(config: &P2pConfig) -> state_sync::Config {
-    let mut sync = config.state_sync.clone();
-    sync.max_block_bytes = config.verifier.limits.max_block_bytes as u64;
-    sync.max_message_bytes = config.grpc.max_fetch_response_bytes as u64;
-    sync.max_bytes_per_fetch = sync.max_bytes_per_fetch.max(sync.max_block_bytes);
-    let timeouts = u64::from(sync.max_restarts) + 1;
-    let span = (config.timeout.as_millis() as u64).saturating_mul(timeouts);
-    sync.restart_window_ms = sync.restart_window_ms.max(span);
-    sync
 }

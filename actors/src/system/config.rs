@@ -3,11 +3,8 @@ use std::time::Duration;
 
 use soma_types::{Access, PeerId};
 
-use std::sync::Arc;
-
 use crate::discovery::{self, SeedPeer};
-use crate::state_sync::{self, FaultPlan};
-use crate::{connections, grpc, verifier};
+use crate::{connections, grpc, state_sync, supervisor, verifier};
 
 /// Settings of a P2P node. Every queue, buffer and response is bounded by one
 /// of these; the defaults are those of the design.
@@ -30,6 +27,16 @@ pub struct P2pConfig {
     pub mailbox_capacity: usize,
     /// How long a peer that sent invalid data stays banned.
     pub ban_duration: Duration,
+    /// Fetches sent to one peer at once at most: a node serves each peer
+    /// only so many (its `max-concurrent-fetches-per-peer`) and refuses the
+    /// rest. PeerHeights leases the slots.
+    pub max_fetches_per_peer: usize,
+    /// Fetches that may wait for a free slot at once; more are refused as
+    /// busy and retried by state sync.
+    pub max_waiting_fetches: usize,
+    /// The supervisor's intensity limit: restarts of one actor within a
+    /// window before the node stops.
+    pub supervision: supervisor::Config,
     /// Capacity of the synced-commit broadcast; a subscriber further behind
     /// misses commits and is told how many.
     pub synced_commit_broadcast_capacity: usize,
@@ -50,9 +57,9 @@ pub struct P2pConfig {
     /// Whether synced block signatures are checked; the digest match against
     /// certified commits is checked either way.
     pub verify_synced_block_signatures: bool,
-    /// Failures injected into sync workers; for tests only.
-    #[doc(hidden)]
-    pub faults: Option<Arc<FaultPlan>>,
+    /// Faults to inject (the `testing` feature only).
+    #[cfg(feature = "testing")]
+    pub faults: Option<std::sync::Arc<crate::faults::FaultPlan>>,
     /// Capacity of the peer-event broadcast of the handle.
     pub peer_event_broadcast_capacity: usize,
     /// Seed of the actors' randomness; `None` draws one.
@@ -70,6 +77,9 @@ impl Default for P2pConfig {
             timeout: Duration::from_secs(10),
             mailbox_capacity: 1024,
             ban_duration: Duration::from_secs(60),
+            max_fetches_per_peer: 4,
+            max_waiting_fetches: 64,
+            supervision: supervisor::Config::default(),
             synced_commit_broadcast_capacity: 1024,
             grpc: grpc::Limits::default(),
             verifier: verifier::Config::default(),
@@ -79,6 +89,7 @@ impl Default for P2pConfig {
             tick: Duration::from_millis(100),
             height_query_interval: Duration::from_secs(1),
             verify_synced_block_signatures: true,
+            #[cfg(feature = "testing")]
             faults: None,
             peer_event_broadcast_capacity: 256,
             seed: None,

@@ -2,43 +2,33 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use actix::{Addr, MailboxError};
+use actix::MailboxError;
 use soma_store::{ConsensusStore, SyncedBatch};
 use soma_types::{
     ChainId, CommitIndex, CommittedSubDag, Committee, PeerId, SignedNodeInfo, TrustedCommit,
     VerifiedBlock,
 };
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::{broadcast, oneshot, watch};
 
-use crate::connections::{ActivePeers, Connect, Connections, PeerEvent};
-use crate::discovery::{Discovery, KnownPeers};
-use crate::grpc::GrpcAdapter;
-use crate::peer_heights::{PeerHeights, PeerView, Snapshot};
-use crate::state_sync::{ApplyLocal, GetSyncStatus, StateSync, SyncStatus};
-use crate::verifier::Verifier;
+use super::tree::Actors;
+use crate::connections::{ActivePeers, Connect, PeerEvent};
+use crate::discovery::KnownPeers;
+use crate::peer_heights::{PeerView, Snapshot};
+use crate::state_sync::{ApplyError, ApplyLocal, GetSyncStatus, SyncStatus};
+use crate::supervisor::{NodeFailure, TreeStatus};
 
 /// Time allowed for the server to finish in-flight calls at shutdown.
 const SERVER_DRAIN: Duration = Duration::from_secs(5);
 
-/// The long-lived actors.
-#[derive(Clone)]
-pub(super) struct Actors {
-    pub(super) heights: Addr<PeerHeights>,
-    pub(super) verifier: Addr<Verifier>,
-    pub(super) connections: Addr<Connections>,
-    pub(super) discovery: Addr<Discovery>,
-    pub(super) state_sync: Addr<StateSync>,
-    pub(super) adapter: Addr<GrpcAdapter>,
-    pub(super) reserved: Addr<super::reserved::ReservedSlots>,
-}
-
-/// What shutdown stops.
+/// What shutdown stops. The server and the System are stopped first, by
+/// [`P2pHandle::shutdown`] or, when an actor fails past the intensity
+/// limit, by the node itself; threads are joined by `shutdown`.
 pub(super) struct Running {
     pub(super) system: actix_rt::System,
     pub(super) actor_thread: std::thread::JoinHandle<()>,
     pub(super) actors_stopped: oneshot::Receiver<()>,
-    pub(super) server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
-    pub(super) shutdown: oneshot::Sender<()>,
+    pub(super) server: Option<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
+    pub(super) shutdown: Option<oneshot::Sender<()>>,
     pub(super) owned_runtime: Option<tokio::runtime::Runtime>,
 }
 
@@ -54,16 +44,56 @@ pub(super) struct Inner {
     pub(super) store: Arc<dyn ConsensusStore>,
     pub(super) actors: Actors,
     pub(super) commits: broadcast::Sender<CommittedSubDag>,
+    pub(super) tree: watch::Receiver<TreeStatus>,
     pub(super) runtime: tokio::runtime::Handle,
     pub(super) timeout: Duration,
     pub(super) running: Mutex<Option<Running>>,
+    /// Set once the server has drained and the actors are told to stop;
+    /// a second caller (a failure and `shutdown` at once) waits for it.
+    pub(super) halted: tokio::sync::OnceCell<()>,
+}
+
+impl Inner {
+    fn running(&self) -> std::sync::MutexGuard<'_, Option<Running>> {
+        self.running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Stops the server (it drains the calls in flight) and the actors;
+    /// joining their thread is left to `shutdown` or the drop. Done once:
+    /// every caller returns once it is done.
+    async fn halt(&self) {
+        self.halted.get_or_init(|| self.stop_serving()).await;
+    }
+
+    async fn stop_serving(&self) {
+        let (shutdown, server, system) = {
+            let mut running = self.running();
+            let Some(r) = running.as_mut() else {
+                return;
+            };
+            (r.shutdown.take(), r.server.take(), r.system.clone())
+        };
+        if let Some(shutdown) = shutdown {
+            let _ = shutdown.send(());
+        }
+        if let Some(server) = server
+            && tokio::time::timeout(SERVER_DRAIN, server).await.is_err()
+        {
+            tracing::warn!("the server did not drain in time");
+        }
+        system.stop();
+    }
 }
 
 impl Drop for Inner {
     /// The last handle going away stops the node without waiting.
     fn drop(&mut self) {
-        if let Some(running) = self.running.lock().ok().and_then(|mut r| r.take()) {
-            let _ = running.shutdown.send(());
+        if let Some(running) = self.running().take() {
+            if let Some(shutdown) = running.shutdown {
+                let _ = shutdown.send(());
+            }
             running.system.stop();
             if let Some(rt) = running.owned_runtime {
                 rt.shutdown_background();
@@ -84,6 +114,18 @@ pub enum P2pError {
     /// The store failed or refused the write.
     #[error("store: {0}")]
     Store(#[from] soma_store::Error),
+    /// The commit was refused before the store saw it.
+    #[error("refused: {0}")]
+    Refused(ApplyError),
+}
+
+impl From<ApplyError> for P2pError {
+    fn from(e: ApplyError) -> Self {
+        match e {
+            ApplyError::Store(e) => P2pError::Store(e),
+            e => P2pError::Refused(e),
+        }
+    }
 }
 
 fn mailbox(e: MailboxError) -> P2pError {
@@ -131,21 +173,26 @@ pub struct ActorHealth {
     pub name: &'static str,
     /// Whether its mailbox is open.
     pub alive: bool,
+    /// Times its supervisor restarted it after a panic or a stop.
+    pub restarts: u64,
 }
 
 /// The node's health.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Health {
-    /// Whether the node has not been shut down.
+    /// Whether the node has been neither shut down nor stopped by a
+    /// failure.
     pub running: bool,
     /// Each long-lived actor.
     pub actors: Vec<ActorHealth>,
+    /// Why the node stopped on its own, if it did.
+    pub failure: Option<NodeFailure>,
 }
 
 impl Health {
     /// Whether the node runs and every actor is alive.
     pub fn is_healthy(&self) -> bool {
-        self.running && self.actors.iter().all(|a| a.alive)
+        self.running && self.failure.is_none() && self.actors.iter().all(|a| a.alive)
     }
 }
 
@@ -215,7 +262,7 @@ impl P2pHandle {
             .timeout(self.inner.timeout)
             .await
             .map_err(mailbox)?
-            .map_err(P2pError::Store)
+            .map_err(P2pError::from)
     }
 
     /// How far the node has synced, and how far its peers reach.
@@ -342,65 +389,72 @@ impl P2pHandle {
             .map_err(mailbox)
     }
 
-    /// Whether the node and each of its long-lived actors are running.
+    /// Whether the node and each of its long-lived actors are running, and
+    /// how often each was restarted.
     pub fn health(&self) -> Health {
-        let a = &self.inner.actors;
-        let running = self.inner.running.lock().is_ok_and(|r| r.is_some());
+        let tree = self.inner.tree.borrow().clone();
+        let running = self.inner.running().is_some() && tree.failure.is_none();
+        let actors = self
+            .inner
+            .actors
+            .alive()
+            .into_iter()
+            .map(|(name, alive)| ActorHealth {
+                name,
+                alive,
+                restarts: tree.restarts.get(name).copied().unwrap_or(0),
+            })
+            .collect();
         Health {
             running,
-            actors: vec![
-                ActorHealth {
-                    name: "peer_heights",
-                    alive: a.heights.connected(),
-                },
-                ActorHealth {
-                    name: "verifier",
-                    alive: a.verifier.connected(),
-                },
-                ActorHealth {
-                    name: "connections",
-                    alive: a.connections.connected(),
-                },
-                ActorHealth {
-                    name: "discovery",
-                    alive: a.discovery.connected(),
-                },
-                ActorHealth {
-                    name: "state_sync",
-                    alive: a.state_sync.connected(),
-                },
-                ActorHealth {
-                    name: "grpc_adapter",
-                    alive: a.adapter.connected(),
-                },
-                ActorHealth {
-                    name: "reserved_slots",
-                    alive: a.reserved.connected(),
-                },
-            ],
+            actors,
+            failure: tree.failure,
         }
+    }
+
+    /// Why the node stopped on its own, if it did: an actor failed more
+    /// often than the supervisor's intensity limit allows.
+    pub fn failure(&self) -> Option<NodeFailure> {
+        self.inner.tree.borrow().failure.clone()
+    }
+
+    /// Waits until the node stops on its own and says why; `None` if it
+    /// was shut down instead.
+    pub async fn failed(&self) -> Option<NodeFailure> {
+        let mut tree = self.inner.tree.clone();
+        let failed = tree.wait_for(|t| t.failure.is_some()).await.ok()?;
+        failed.failure.clone()
+    }
+
+    /// Stops the server and the actors once an actor fails past the
+    /// intensity limit: the node never runs half its actors.
+    pub(super) fn stop_on_failure(&self) {
+        let inner = Arc::downgrade(&self.inner);
+        let mut tree = self.inner.tree.clone();
+        self.inner.runtime.spawn(async move {
+            if tree.wait_for(|t| t.failure.is_some()).await.is_err() {
+                return;
+            }
+            if let Some(inner) = inner.upgrade() {
+                inner.halt().await;
+            }
+        });
     }
 
     /// Stops the node gracefully: the server stops accepting calls and
     /// drains the running ones, the actors stop, and every thread the node
     /// started is joined. Calling it again does nothing.
     pub async fn shutdown(&self) {
-        let Some(running) = self.inner.running.lock().ok().and_then(|mut r| r.take()) else {
+        self.inner.halt().await;
+        let Some(running) = self.inner.running().take() else {
             return;
         };
         let Running {
-            system,
             actor_thread,
             actors_stopped,
-            server,
-            shutdown,
             owned_runtime,
+            ..
         } = running;
-        let _ = shutdown.send(());
-        if tokio::time::timeout(SERVER_DRAIN, server).await.is_err() {
-            tracing::warn!("the server did not drain in time");
-        }
-        system.stop();
         let _ = actors_stopped.await;
         let _ = actor_thread.join();
         if let Some(rt) = owned_runtime {

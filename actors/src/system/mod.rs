@@ -6,11 +6,19 @@
 //! runtime (owned, or one the node passes in), and returns a [`P2pHandle`]:
 //! `Clone + Send + Sync`, usable from any thread or runtime.
 
+//!
+//! The actors run under a supervision tree (see [`crate::supervisor`]):
+//! an actor that panics is restarted in place, its address unchanged, so
+//! the handle keeps working; one that fails past the intensity limit stops
+//! the node, which [`P2pHandle::health`] and [`P2pHandle::failed`] report.
+
 mod builder;
 mod config;
 mod handle;
 mod reserved;
+mod tree;
 
+pub use crate::supervisor::NodeFailure;
 pub use builder::{P2pBuilder, StartError};
 pub use config::P2pConfig;
 pub use handle::{ActorHealth, Health, InboundConnections, LocalCommit, P2pError, P2pHandle};

@@ -9,12 +9,14 @@
 //! the new set to the admission.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
-use actix::{Actor, Context, Handler};
+use actix::{Actor, Context, Handler, Supervised};
+use soma_store::ConsensusStore;
 use soma_types::{Committee, Epoch, PeerId};
 use soma_wire::inbound::ConnectionLimit;
 
-use crate::verifier::InstallCommittee;
+use crate::verifier::{InstallCommittee, stored_committees};
 
 /// Committees whose members hold reservations: the newest installed (the
 /// epoch the node has reached) and the one before it.
@@ -72,20 +74,52 @@ impl ReservedPeers {
 /// one message per committee installed, so its mailbox needs no bound of
 /// its own.
 pub(crate) struct ReservedSlots {
+    allowlist: Vec<PeerId>,
+    /// The store whose committees (from the genesis epoch on) are reserved
+    /// for at start and after a restart.
+    committees: (Arc<dyn ConsensusStore>, Epoch),
     peers: ReservedPeers,
     admission: ConnectionLimit,
 }
 
 impl ReservedSlots {
-    /// Keeps `admission` reserving for `peers` and the committees
-    /// installed from now on.
-    pub(crate) fn new(peers: ReservedPeers, admission: ConnectionLimit) -> Self {
-        ReservedSlots { peers, admission }
+    /// Keeps `admission` reserving for the allowlist, the committees the
+    /// store holds, and those installed from now on.
+    pub(crate) fn new(
+        allowlist: Vec<PeerId>,
+        committees: (Arc<dyn ConsensusStore>, Epoch),
+        admission: ConnectionLimit,
+    ) -> Self {
+        let mut slots = ReservedSlots {
+            peers: ReservedPeers::new(allowlist.iter().copied()),
+            allowlist,
+            committees,
+            admission,
+        };
+        slots.rebuild();
+        slots
+    }
+
+    /// The reserved peers from the allowlist and the stored committees.
+    fn rebuild(&mut self) {
+        self.peers = ReservedPeers::new(self.allowlist.iter().copied());
+        let (store, first) = &self.committees;
+        match stored_committees(store.as_ref(), *first) {
+            Ok(committees) => committees.iter().for_each(|c| self.peers.install(c)),
+            Err(e) => tracing::warn!(%e, "reserved slots: cannot read the committees"),
+        }
+        self.admission.reserve_for(self.peers.peers());
     }
 }
 
 impl Actor for ReservedSlots {
     type Context = Context<Self>;
+}
+
+impl Supervised for ReservedSlots {
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        self.rebuild();
+    }
 }
 
 impl Handler<InstallCommittee> for ReservedSlots {

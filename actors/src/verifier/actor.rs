@@ -2,18 +2,24 @@ use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
-use actix::{Actor, AsyncContext, Context, Handler, Message, Recipient, ResponseFuture};
-use soma_types::Committee;
+use actix::{
+    Actor, ActorContext, AsyncContext, Context, Handler, Message, Recipient, ResponseFuture,
+    Supervised,
+};
+use soma_store::ConsensusStore;
+use soma_types::{Committee, Epoch};
 use tokio::sync::oneshot;
 
 use super::core::{Config, VerifierCore};
 use super::job::run_job;
 use super::messages::*;
 use crate::Driver;
+use crate::faults::Faults;
+use crate::holders::Holders;
 use crate::replay::Recorder;
 
-/// Installs the committee of an epoch; sent at genesis and at each epoch
-/// change, before anything of that epoch is verified.
+/// Installs the committee of an epoch; sent at each epoch change, before
+/// anything of that epoch is verified.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct InstallCommittee(pub Committee);
@@ -23,43 +29,85 @@ pub struct InstallCommittee(pub Committee);
 #[rtype(result = "()")]
 struct JobDone(u64);
 
+/// What the Verifier actor is made from; kept across restarts.
+#[derive(Clone)]
+pub struct Deps {
+    /// Its settings.
+    pub config: Config,
+    /// Capacity of its mailbox.
+    pub mailbox_capacity: usize,
+    /// A store whose committees (from `first_epoch` on) are installed when
+    /// the actor starts and again after a restart; without one, every
+    /// committee comes by [`InstallCommittee`].
+    pub committees: Option<(Arc<dyn ConsensusStore>, Epoch)>,
+    /// Told of every committee installed, whatever path installed it.
+    pub installed: Option<Recipient<InstallCommittee>>,
+    pub(crate) faults: Faults,
+}
+
+impl Deps {
+    /// A Verifier with `config`, committees by message only.
+    pub fn new(config: Config, mailbox_capacity: usize) -> Self {
+        Deps {
+            config,
+            mailbox_capacity,
+            committees: None,
+            installed: None,
+            faults: Faults::default(),
+        }
+    }
+}
+
+/// Every committee `store` holds from `first` on, in epoch order.
+pub(crate) fn stored_committees(
+    store: &dyn ConsensusStore,
+    first: Epoch,
+) -> Result<Vec<Committee>, soma_store::Error> {
+    let mut committees = Vec::new();
+    let mut epoch = first;
+    while let Some(c) = store.committee(epoch)? {
+        committees.push(c);
+        epoch += 1;
+    }
+    Ok(committees)
+}
+
 /// The Verifier actor: a thin shell around [`VerifierCore`] that runs the
 /// admitted jobs on a rayon pool and answers each caller when its job ends.
 pub struct Verifier {
+    deps: Deps,
     driver: Driver<VerifierCore>,
+    /// Outlives restarts, with the jobs running on it.
     pool: Arc<rayon::ThreadPool>,
     next_id: u64,
-    mailbox_capacity: usize,
-    /// Told of every committee installed, whatever path installed it.
-    installed: Option<Recipient<InstallCommittee>>,
+    /// The jobs still running on the pool.
+    holders: Holders,
 }
 
 impl Verifier {
-    /// A Verifier with a pool of `config.threads` threads.
-    pub fn new(
-        config: Config,
-        mailbox_capacity: usize,
-        recorder: Option<Recorder>,
-    ) -> std::io::Result<Self> {
+    /// A Verifier with a pool of `deps.config.threads` threads.
+    pub fn new(deps: Deps, recorder: Option<Recorder>) -> std::io::Result<Self> {
         let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(config.threads.max(1))
+            .num_threads(deps.config.threads.max(1))
             .thread_name(|i| format!("soma-verify-{i}"))
             .build()
             .map_err(std::io::Error::other)?;
         Ok(Verifier {
-            driver: Driver::new(config, recorder),
+            driver: Driver::new(deps.config.clone().into(), recorder)
+                .with_faults(deps.faults.clone()),
+            deps,
             pool: Arc::new(pool),
             next_id: 0,
-            mailbox_capacity,
-            installed: None,
+            holders: Holders::default(),
         })
     }
 
-    /// Forwards every committee this Verifier installs to `to` (the node's
-    /// reserved inbound slots follow the committees).
-    pub fn forward_installed(mut self, to: Recipient<InstallCommittee>) -> Self {
-        self.installed = Some(to);
-        self
+    fn install(&mut self, committee: Committee) {
+        tracing::info!(epoch = committee.epoch(), "committee installed");
+        if let Some(to) = &self.deps.installed {
+            to.do_send(InstallCommittee(committee.clone()));
+        }
+        self.driver.step(Input::InstallCommittee(committee));
     }
 }
 
@@ -67,18 +115,38 @@ impl Actor for Verifier {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.set_mailbox_capacity(self.mailbox_capacity);
+        ctx.set_mailbox_capacity(self.deps.mailbox_capacity);
+        let Some((store, first)) = self.deps.committees.clone() else {
+            return;
+        };
+        match stored_committees(store.as_ref(), first) {
+            Ok(committees) => committees.into_iter().for_each(|c| self.install(c)),
+            Err(e) => {
+                // Without its committees it can verify nothing: a failure
+                // for the supervisor.
+                tracing::error!(%e, "the verifier cannot read the committees");
+                ctx.stop();
+            }
+        }
+    }
+}
+
+impl Supervised for Verifier {
+    /// The pool and the jobs still running on it carry over (their callers
+    /// are answered by the pool directly; a job whose end was reported in
+    /// the message that panicked is not counted for ever); committees are
+    /// installed again from the store when the actor starts.
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        let mut init = self.driver.core().restart_init();
+        init.running.retain(|id| self.holders.held(*id));
+        self.driver.restart(init);
     }
 }
 
 impl Handler<InstallCommittee> for Verifier {
     type Result = ();
     fn handle(&mut self, msg: InstallCommittee, _: &mut Context<Self>) {
-        tracing::info!(epoch = msg.0.epoch(), "committee installed");
-        if let Some(to) = &self.installed {
-            to.do_send(InstallCommittee(msg.0.clone()));
-        }
-        self.driver.step(Input::InstallCommittee(msg.0));
+        self.install(msg.0);
     }
 }
 
@@ -106,7 +174,9 @@ impl Handler<Verify> for Verifier {
                 } => {
                     let (tx, rx) = oneshot::channel();
                     let addr = ctx.address();
+                    let token = self.holders.hold(id);
                     self.pool.spawn(move || {
+                        let _running = token;
                         let result = catch_unwind(AssertUnwindSafe(|| run_job(job)))
                             .unwrap_or(Err(VerifyError::Internal));
                         // Free the slot before answering: the mailbox is

@@ -35,6 +35,28 @@ impl Default for Config {
     }
 }
 
+/// Everything a Verifier core is made from: its settings and, after a
+/// restart, the jobs still running on the pool (they count against the
+/// queue until they end). Committees are installed as inputs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Init {
+    /// Settings.
+    #[serde(flatten)]
+    pub config: Config,
+    /// Ids of jobs running on the pool.
+    #[serde(default)]
+    pub running: Vec<u64>,
+}
+
+impl From<Config> for Init {
+    fn from(config: Config) -> Self {
+        Init {
+            config,
+            running: Vec::new(),
+        }
+    }
+}
+
 /// The logic of the Verifier: committees, admission and splitting.
 pub struct VerifierCore {
     config: Config,
@@ -45,16 +67,16 @@ pub struct VerifierCore {
 
 impl Core for VerifierCore {
     const NAME: &'static str = "verifier";
-    type Init = Config;
+    type Init = Init;
     type Input = Input;
     type Output = Output;
 
-    fn new(config: Config) -> Self {
+    fn new(init: Init) -> Self {
         VerifierCore {
-            keys: Arc::new(KeyCache::new(config.key_cache_capacity)),
-            config,
+            keys: Arc::new(KeyCache::new(init.config.key_cache_capacity)),
+            config: init.config,
             committees: BTreeMap::new(),
-            in_flight: HashSet::new(),
+            in_flight: init.running.into_iter().collect(),
         }
     }
 
@@ -75,6 +97,17 @@ impl Core for VerifierCore {
 }
 
 impl VerifierCore {
+    /// The init a restarted core is made from: the same settings and the
+    /// jobs still running.
+    pub fn restart_init(&self) -> Init {
+        let mut running: Vec<u64> = self.in_flight.iter().copied().collect();
+        running.sort_unstable();
+        Init {
+            config: self.config.clone(),
+            running,
+        }
+    }
+
     fn admit(&mut self, id: u64, request: VerifyRequest) -> Output {
         if self.in_flight.len() >= self.config.queue_capacity {
             return Output::Rejected {
@@ -148,11 +181,14 @@ mod tests {
     }
 
     fn core(threads: usize, queue_capacity: usize) -> VerifierCore {
-        let mut c = VerifierCore::new(Config {
-            threads,
-            queue_capacity,
-            ..Config::default()
-        });
+        let mut c = VerifierCore::new(
+            Config {
+                threads,
+                queue_capacity,
+                ..Config::default()
+            }
+            .into(),
+        );
         c.handle(Time(0), Input::InstallCommittee(committee(0)));
         c
     }

@@ -14,7 +14,8 @@ mod core;
 mod job;
 mod messages;
 
-pub use actor::{InstallCommittee, Verifier};
-pub use core::{Config, VerifierCore};
+pub(crate) use actor::stored_committees;
+pub use actor::{Deps, InstallCommittee, Verifier};
+pub use core::{Config, Init, VerifierCore};
 pub use job::{Job, run_job};
 pub use messages::{Input, Output, Verify, VerifyError, VerifyRequest, VerifyResponse};

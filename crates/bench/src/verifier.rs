@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use actix::Actor;
 use rayon::prelude::*;
 use soma_actors::Blob;
-use soma_actors::verifier::{Config, InstallCommittee, Verifier, Verify, VerifyRequest};
+use soma_actors::verifier::{Config, Deps, InstallCommittee, Verifier, Verify, VerifyRequest};
 use soma_types::verify::{SignatureBatch, check_block};
 use soma_types::{KeyCache, Limits, UnverifiedBlock};
 
@@ -84,16 +84,13 @@ pub fn section(size: &Size) -> Section {
 
     // The actor: every chunk sent at once, as sync workers would.
     let actor: Vec<Duration> = actix_rt::System::new().block_on(async {
-        let verifier = Verifier::new(
-            Config {
-                threads,
-                ..Config::default()
-            },
-            1024,
-            None,
-        )
-        .expect("a verifier")
-        .start();
+        let config = Config {
+            threads,
+            ..Config::default()
+        };
+        let verifier = Verifier::new(Deps::new(config, 1024), None)
+            .expect("a verifier")
+            .start();
         verifier
             .send(InstallCommittee(committee.clone()))
             .await

@@ -125,6 +125,12 @@ pub struct P2pSection {
     pub ban_duration: Duration,
     /// Capacity of every actor's mailbox.
     pub mailbox_capacity: usize,
+    /// Restarts of one actor (after a panic) allowed within
+    /// `actor-restart-window`; one more failure stops the node.
+    pub max_actor_restarts: u32,
+    /// The window of `max-actor-restarts`.
+    #[serde(with = "humantime_serde")]
+    pub actor_restart_window: Duration,
     /// Capacity of the synced-commit broadcast.
     pub synced_commit_broadcast_capacity: usize,
     /// Whether synced block signatures are checked.
@@ -209,7 +215,7 @@ impl Default for P2pSection {
             height_query_interval: p.height_query_interval,
             commit_sync_batch_size: p.state_sync.commit_sync_batch_size,
             parallel_fetches: p.state_sync.parallel_fetches,
-            max_fetches_per_peer: p.state_sync.max_fetches_per_peer,
+            max_fetches_per_peer: p.max_fetches_per_peer,
             batches_ahead: p.state_sync.batches_ahead,
             max_blocks_per_fetch: p.state_sync.max_blocks_per_fetch,
             max_fetch_response_bytes: p.grpc.max_fetch_response_bytes,
@@ -221,6 +227,8 @@ impl Default for P2pSection {
             ),
             ban_duration: p.ban_duration,
             mailbox_capacity: p.mailbox_capacity,
+            max_actor_restarts: p.supervision.max_restarts,
+            actor_restart_window: Duration::from_millis(p.supervision.restart_window_ms),
             synced_commit_broadcast_capacity: p.synced_commit_broadcast_capacity,
             verify_synced_block_signatures: p.verify_synced_block_signatures,
             max_concurrent_streams: p.grpc.max_concurrent_streams,
@@ -352,6 +360,12 @@ impl NodeConfig {
             "between 10ms and 1h",
             between(p.height_query_interval, 10, 3_600_000),
             ms(p.height_query_interval),
+        )?;
+        range(
+            "p2p.actor-restart-window",
+            "between 1s and 1d",
+            between(p.actor_restart_window, 1_000, 86_400_000),
+            ms(p.actor_restart_window),
         )?;
         range(
             "p2p.timeout",
@@ -672,7 +686,9 @@ impl NodeConfig {
         c.discovery.allow_private_addresses = p.allow_private_addresses;
         c.state_sync.commit_sync_batch_size = p.commit_sync_batch_size;
         c.state_sync.parallel_fetches = p.parallel_fetches;
-        c.state_sync.max_fetches_per_peer = p.max_fetches_per_peer;
+        c.max_fetches_per_peer = p.max_fetches_per_peer;
+        c.supervision.max_restarts = p.max_actor_restarts;
+        c.supervision.restart_window_ms = p.actor_restart_window.as_millis() as u64;
         c.state_sync.batches_ahead = p.batches_ahead;
         c.state_sync.max_blocks_per_fetch = p.max_blocks_per_fetch;
         c.state_sync.max_total_fetched_bytes = p.max_total_fetched_bytes;
@@ -798,6 +814,11 @@ wait-interval-when-no-peer = "{wait}"
 ban-duration = "{ban}"
 # Queues: each actor's mailbox, the synced-commit broadcast.
 mailbox-capacity = {mailbox}
+# An actor that panics is restarted in place, at most max-actor-restarts
+# times within actor-restart-window; one more failure stops the node (and
+# `soma-p2p run` exits with an error naming the actor).
+max-actor-restarts = {actor_restarts}
+actor-restart-window = "{actor_window}"
 synced-commit-broadcast-capacity = {broadcast}
 # Check synced block signatures (digests are always checked).
 verify-synced-block-signatures = {verify}
@@ -877,6 +898,8 @@ max-connection-age-grace = "{grace}"
         wait = humantime_serde::re::humantime::format_duration(p.wait_interval_when_no_peer),
         ban = humantime_serde::re::humantime::format_duration(p.ban_duration),
         mailbox = p.mailbox_capacity,
+        actor_restarts = p.max_actor_restarts,
+        actor_window = humantime_serde::re::humantime::format_duration(p.actor_restart_window),
         broadcast = p.synced_commit_broadcast_capacity,
         verify = p.verify_synced_block_signatures,
         streams = p.max_concurrent_streams,

@@ -243,8 +243,13 @@ async fn execute(cli: Cli) -> Result<(), Failure> {
         }
         Command::Replay { file } => match soma_actors::replay::replay(&file) {
             Ok(report) => {
+                let restarts = match report.restarts {
+                    0 => String::new(),
+                    1 => ", across 1 restart".to_owned(),
+                    n => format!(", across {n} restarts"),
+                };
                 println!(
-                    "{}: {} inputs, {} outputs of {} replayed exactly{}",
+                    "{}: {} inputs, {} outputs of {} replayed exactly{restarts}{}",
                     file.display(),
                     report.inputs,
                     report.outputs,

@@ -31,6 +31,7 @@ struct Series {
     inbound_refused: IntCounterVec,
     inbound_closed: IntCounterVec,
     actor_up: IntGaugeVec,
+    actor_restarts: IntCounterVec,
     /// Last values seen, to turn totals into counter increments.
     last: Mutex<std::collections::HashMap<String, u64>>,
 }
@@ -121,6 +122,12 @@ impl Series {
                 "Inbound connections closed by the server, by reason",
                 &["reason"],
             ),
+            actor_restarts: counter(
+                &r,
+                "soma_actor_restarts_total",
+                "Restarts of a long-lived actor by its supervisor, after a panic or a stop",
+                &["actor"],
+            ),
             actor_up,
             registry: r,
             last: Mutex::new(Default::default()),
@@ -197,6 +204,7 @@ impl Series {
             self.actor_up
                 .with_label_values(&[actor.name])
                 .set(i64::from(actor.alive));
+            self.advance(&self.actor_restarts, &[actor.name], actor.restarts);
         }
     }
 }

@@ -16,7 +16,8 @@ pub const STORE_FILE: &str = "chain.redb";
 
 /// Runs the node configured by `config_path`, producing blocks at
 /// `commit_rate` if given. Returns when the node has stopped gracefully
-/// after a signal.
+/// after a signal, or with an error naming the actor when the node stopped
+/// itself because an actor failed past its restarts.
 pub async fn run(config_path: &Path, commit_rate: Option<f64>) -> Result<(), crate::Failure> {
     let mut config = NodeConfig::load(config_path).map_err(crate::Failure::usage)?;
     if let Some(rate) = commit_rate {
@@ -81,11 +82,21 @@ pub async fn run(config_path: &Path, commit_rate: Option<f64>) -> Result<(), cra
 
     let mut terminate =
         signal(SignalKind::terminate()).map_err(|e| crate::Failure::run(e.to_string()))?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
-        _ = terminate.recv() => tracing::info!("terminated"),
-    }
+    let failure = tokio::select! {
+        _ = tokio::signal::ctrl_c() => {
+            tracing::info!("interrupted");
+            None
+        }
+        _ = terminate.recv() => {
+            tracing::info!("terminated");
+            None
+        }
+        failure = handle.failed() => failure,
+    };
     let _ = stop_tx.send(true);
     handle.shutdown().await;
-    Ok(())
+    match failure {
+        None => Ok(()),
+        Some(failure) => Err(crate::Failure::run(failure)),
+    }
 }

@@ -1,7 +1,9 @@
 use soma_types::{BlockRef, CommitIndex, CommitRef, Epoch};
 
-/// Errors of the store.
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+/// Errors of the store. Serializable, so a refused write travels in traces
+/// as what it is.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Error {
     /// A batch does not continue the stored chain: a commit does not follow
     /// the watermark, or the commit before it in the batch, by index and

@@ -3,7 +3,7 @@
 //!
 //! [`ConsensusStore`] is what state sync and the gRPC server need from
 //! storage. Two implementations pass the same conformance suite
-//! ([`conformance`]): [`MemStore`] for tests and light nodes, and
+//! (`conformance`, with the `testing` feature): [`MemStore`] for tests and light nodes, and
 //! [`RedbStore`], persistent and crash-safe, the default for a running node.
 //!
 //! The store's one invariant: the watermark ([`ConsensusStore::highest_synced_commit`])
@@ -13,6 +13,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 mod check;
+#[cfg(feature = "testing")]
 pub mod conformance;
 mod error;
 mod mem;

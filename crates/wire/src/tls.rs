@@ -171,8 +171,9 @@ impl std::fmt::Debug for NodeIdentity {
     }
 }
 
-/// A wrong identity, for tests that check forgeries are refused.
-#[doc(hidden)]
+/// A wrong identity, for tests that check forgeries are refused (the
+/// `testing` feature).
+#[cfg(feature = "testing")]
 #[derive(Debug)]
 pub enum Forgery {
     /// A certificate without the binding extension.
@@ -187,32 +188,38 @@ impl NodeIdentity {
     /// A fresh P-256 TLS key and a self-signed certificate binding it to
     /// `network_key`.
     pub fn generate(network_key: &KeyPair) -> Result<Self, TlsError> {
-        Self::build(network_key, None)
+        Self::build(network_key, |spki| {
+            Ok(Some(sign_binding(network_key, network_key, spki)))
+        })
     }
 
     /// An identity whose certificate is wrong as `forgery` says; its
     /// [`peer_id`](Self::peer_id) is `network_key`'s. Only for tests.
-    #[doc(hidden)]
+    #[cfg(feature = "testing")]
     pub fn forged(network_key: &KeyPair, forgery: Forgery) -> Result<Self, TlsError> {
-        Self::build(network_key, Some(forgery))
-    }
-
-    fn build(network_key: &KeyPair, forgery: Option<Forgery>) -> Result<Self, TlsError> {
-        let tls_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let spki = tls_key.subject_public_key_info();
-        let binding = |signer: &KeyPair, spki: &[u8]| {
-            let signature = signer.sign_digest(Domain::TlsBinding, &Digest::of(spki));
-            encode_binding(&network_key.public(), &signature)
-        };
-        let binding = match forgery {
-            None => Some(binding(network_key, &spki)),
-            Some(Forgery::NoBinding) => None,
-            Some(Forgery::SignedByAnotherKey) => Some(binding(&KeyPair::generate(), &spki)),
-            Some(Forgery::BindsOtherCertificate) => {
+        let binding = |spki: &[u8]| match forgery {
+            Forgery::NoBinding => Ok(None),
+            Forgery::SignedByAnotherKey => {
+                Ok(Some(sign_binding(network_key, &KeyPair::generate(), spki)))
+            }
+            Forgery::BindsOtherCertificate => {
                 let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-                Some(binding(network_key, &other.subject_public_key_info()))
+                Ok(Some(sign_binding(
+                    network_key,
+                    network_key,
+                    &other.subject_public_key_info(),
+                )))
             }
         };
+        Self::build(network_key, binding)
+    }
+
+    fn build(
+        network_key: &KeyPair,
+        binding_of: impl FnOnce(&[u8]) -> Result<Option<Vec<u8>>, TlsError>,
+    ) -> Result<Self, TlsError> {
+        let tls_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let binding = binding_of(&tls_key.subject_public_key_info())?;
 
         let mut params = rcgen::CertificateParams::new(vec![SERVER_NAME.to_owned()])?;
         params.distinguished_name = rcgen::DistinguishedName::new();
@@ -562,6 +569,13 @@ fn binding(cert: &X509Certificate<'_>) -> Result<(PublicKey, Signature), TlsErro
         return Err(TlsError::MalformedBinding);
     }
     decode_binding(ext.value).ok_or(TlsError::MalformedBinding)
+}
+
+/// The binding of `network_key` to the TLS key `spki`, signed by `signer`
+/// (the network key itself, unless a test forges it).
+fn sign_binding(network_key: &KeyPair, signer: &KeyPair, spki: &[u8]) -> Vec<u8> {
+    let signature = signer.sign_digest(Domain::TlsBinding, &Digest::of(spki));
+    encode_binding(&network_key.public(), &signature)
 }
 
 /// The DER of the binding extension's content.

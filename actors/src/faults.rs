@@ -1,0 +1,203 @@
+//! Fault injection, for tests of supervision.
+//!
+//! With the `testing` feature a node can be given a [`FaultPlan`]: panics
+//! in an actor's handler on its Nth input (or on every input), and panics
+//! or failures in the sync workers of given batches. Without the feature
+//! there is no plan to give, and the hooks below compile to nothing, so a
+//! production build carries no way to trigger them.
+
+use soma_types::CommitIndex;
+
+use crate::state_sync::Failure;
+
+#[cfg(feature = "testing")]
+pub use plan::{FAULTS_ENV, FaultPlan};
+
+/// The faults a shell or a sync worker consults: a plan with the `testing`
+/// feature, nothing without it.
+#[derive(Clone, Default)]
+pub(crate) struct Faults {
+    #[cfg(feature = "testing")]
+    plan: Option<std::sync::Arc<FaultPlan>>,
+}
+
+impl Faults {
+    /// Faults following `plan`.
+    #[cfg(feature = "testing")]
+    pub(crate) fn new(plan: Option<std::sync::Arc<FaultPlan>>) -> Self {
+        Faults { plan }
+    }
+
+    /// Called by a shell before its core handles an input: panics if the
+    /// plan says this input of `actor` does.
+    #[inline]
+    pub(crate) fn on_input(&self, actor: &'static str) {
+        #[cfg(feature = "testing")]
+        if let Some(plan) = &self.plan {
+            plan.on_input(actor);
+        }
+        #[cfg(not(feature = "testing"))]
+        let _ = actor;
+    }
+
+    /// Called by a sync worker for the batch starting at `batch`: panics,
+    /// or fails as a peer's transport would, if the plan says so.
+    #[inline]
+    pub(crate) fn on_worker(&self, batch: CommitIndex) -> Result<(), Failure> {
+        #[cfg(feature = "testing")]
+        if let Some(plan) = &self.plan {
+            return plan.on_worker(batch);
+        }
+        let _ = batch;
+        Ok(())
+    }
+}
+
+#[cfg(feature = "testing")]
+mod plan {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    use soma_types::CommitIndex;
+
+    use crate::state_sync::Failure;
+
+    /// Environment variable a node started by [`crate::P2pBuilder`] reads
+    /// a plan from when its configuration has none (with the `testing`
+    /// feature only): comma-separated `actor=N` (its Nth input panics) or
+    /// `actor=always`, for instance `state_sync=always`.
+    pub const FAULTS_ENV: &str = "SOMA_FAULTS";
+
+    /// A condition of the system a fault waits for (read when the actor
+    /// gets an input).
+    type Condition = Arc<dyn Fn() -> bool + Send + Sync>;
+
+    /// When an actor's handler panics.
+    #[derive(Clone)]
+    enum Trigger {
+        /// On the input this many inputs from now (1: the next one), once.
+        Nth(u64),
+        /// On every input.
+        Always,
+        /// On the first input that finds the condition true, once.
+        When(Condition),
+    }
+
+    impl std::fmt::Debug for Trigger {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            match self {
+                Trigger::Nth(n) => write!(f, "Nth({n})"),
+                Trigger::Always => write!(f, "Always"),
+                Trigger::When(_) => write!(f, "When(..)"),
+            }
+        }
+    }
+
+    /// Faults to inject into a node.
+    #[derive(Debug, Default)]
+    pub struct FaultPlan {
+        /// Batch start → sync workers left to panic.
+        pub panics: Mutex<HashMap<CommitIndex, u32>>,
+        /// Batch start → sync workers left to fail with a transport error.
+        pub failures: Mutex<HashMap<CommitIndex, u32>>,
+        /// Actor name → when its handler panics.
+        actors: Mutex<HashMap<String, Trigger>>,
+        /// Actor name → panics injected so far.
+        injected: Mutex<HashMap<String, u64>>,
+    }
+
+    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    impl FaultPlan {
+        /// The handler of `actor` (its core's name, e.g. `"state_sync"`)
+        /// panics on its `nth` input from now (1: the next), once.
+        pub fn panic_actor(&self, actor: &str, nth: u64) {
+            lock(&self.actors).insert(actor.to_owned(), Trigger::Nth(nth.max(1)));
+        }
+
+        /// The handler of `actor` panics once, on its first input that
+        /// finds `condition` true: a fault started when the system reached a
+        /// state (say, a store's watermark halfway to the tip).
+        pub fn panic_actor_when(
+            &self,
+            actor: &str,
+            condition: impl Fn() -> bool + Send + Sync + 'static,
+        ) {
+            lock(&self.actors).insert(actor.to_owned(), Trigger::When(Arc::new(condition)));
+        }
+
+        /// The handler of `actor` panics on every input from now on.
+        pub fn panic_actor_always(&self, actor: &str) {
+            lock(&self.actors).insert(actor.to_owned(), Trigger::Always);
+        }
+
+        /// Panics injected into `actor` so far.
+        pub fn injected(&self, actor: &str) -> u64 {
+            lock(&self.injected).get(actor).copied().unwrap_or(0)
+        }
+
+        /// A plan from [`FAULTS_ENV`], if it is set and well-formed.
+        pub fn from_env() -> Option<Self> {
+            let text = std::env::var(FAULTS_ENV).ok()?;
+            let plan = FaultPlan::default();
+            for entry in text.split(',').filter(|e| !e.trim().is_empty()) {
+                let (actor, when) = entry.trim().split_once('=')?;
+                match when {
+                    "always" => plan.panic_actor_always(actor),
+                    n => plan.panic_actor(actor, n.parse().ok()?),
+                }
+            }
+            Some(plan)
+        }
+
+        pub(super) fn on_input(&self, actor: &'static str) {
+            let condition = {
+                let mut actors = lock(&self.actors);
+                match actors.get_mut(actor) {
+                    Some(Trigger::Always) => None,
+                    Some(Trigger::Nth(n)) if *n <= 1 => {
+                        actors.remove(actor);
+                        None
+                    }
+                    Some(Trigger::Nth(n)) => {
+                        *n -= 1;
+                        return;
+                    }
+                    Some(Trigger::When(c)) => Some(c.clone()),
+                    None => return,
+                }
+            };
+            // Read outside the lock: the condition may take locks of its own.
+            if let Some(condition) = condition {
+                if !condition() {
+                    return;
+                }
+                lock(&self.actors).remove(actor);
+            }
+            *lock(&self.injected).entry(actor.to_owned()).or_default() += 1;
+            panic!("injected panic in the {actor} actor");
+        }
+
+        pub(super) fn on_worker(&self, batch: CommitIndex) -> Result<(), Failure> {
+            if take(&self.panics, batch) {
+                panic!("injected panic in a sync worker for batch {batch}");
+            }
+            if take(&self.failures, batch) {
+                return Err(Failure::Transport);
+            }
+            Ok(())
+        }
+    }
+
+    fn take(map: &Mutex<HashMap<CommitIndex, u32>>, batch: CommitIndex) -> bool {
+        match lock(map).get_mut(&batch) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+}

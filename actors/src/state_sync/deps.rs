@@ -1,0 +1,106 @@
+//! What the StateSync actor is made from, and how its parts are built
+//! from it: at start and after a restart alike.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Addr;
+use soma_store::ConsensusStore;
+use soma_types::{CommittedSubDag, Committee, Epoch, Limits};
+use soma_wire::convert::Availability;
+use tokio::sync::{broadcast, watch};
+
+use super::core::{Config, Init, commit_answer_bytes};
+use super::messages::TaskId;
+use super::worker::{PeerCalls, Worker};
+use crate::connections::{Connections, Outbound};
+use crate::faults::Faults;
+use crate::peer_heights::PeerHeights;
+use crate::verifier::{Verifier, stored_committees};
+
+/// What the StateSync actor is made from; kept across restarts. Its
+/// watermark and epoch are read from the store, at start and after a
+/// restart alike.
+#[derive(Clone)]
+pub struct Deps {
+    /// The core's settings.
+    pub config: Config,
+    /// The epoch of the genesis committee.
+    pub genesis_epoch: Epoch,
+    /// How often the core is ticked.
+    pub tick: Duration,
+    /// Time allowed for one request.
+    pub timeout: Duration,
+    /// Whether synced block signatures are checked (digests always are).
+    pub verify_synced_block_signatures: bool,
+    /// The verification limits, which bound what peers may send.
+    pub limits: Limits,
+    /// Bytes of commits a server puts in one FetchCommits answer (the
+    /// network's `max-fetch-response-bytes`); certifier blocks come on top.
+    pub commit_budget_bytes: usize,
+    /// The chain.
+    pub store: Arc<dyn ConsensusStore>,
+    /// Checks what peers send.
+    pub verifier: Addr<Verifier>,
+    /// Peers' heights and fetch slots.
+    pub heights: Addr<PeerHeights>,
+    /// Clients of connected peers.
+    pub connections: Addr<Connections>,
+    /// The runtime workers, queries and store writes run on.
+    pub runtime: tokio::runtime::Handle,
+    /// Where applied commits are broadcast.
+    pub commits: broadcast::Sender<CommittedSubDag>,
+    /// The node's availability, published for the gRPC service to read
+    /// without asking an actor.
+    pub availability: watch::Sender<Availability>,
+    /// Capacity of its mailbox.
+    pub mailbox_capacity: usize,
+    pub(crate) faults: Faults,
+}
+
+impl Deps {
+    /// The core's init from the store: its watermark, and the last
+    /// committee it holds (the epoch of the next commit to sync).
+    pub(super) fn init(&self, first_task: TaskId) -> Result<Init, soma_store::Error> {
+        let synced = self.store.highest_synced_commit()?;
+        let committees = stored_committees(self.store.as_ref(), self.genesis_epoch)?;
+        let last = committees.last();
+        Ok(Init {
+            config: self.config.clone(),
+            synced,
+            epoch: last.map_or(self.genesis_epoch, Committee::epoch),
+            commit_answer_bytes: last.map_or(0, |c| self.commit_answer_bytes(c)),
+            first_task,
+        })
+    }
+
+    /// The largest FetchCommits answer of `committee`'s epoch.
+    pub(super) fn commit_answer_bytes(&self, committee: &Committee) -> u64 {
+        commit_answer_bytes(&self.limits, self.commit_budget_bytes, committee)
+    }
+
+    /// What each sync worker is given.
+    pub(super) fn worker(&self) -> Worker {
+        Worker {
+            heights: self.heights.clone(),
+            outbound: self.outbound(),
+            verifier: self.verifier.clone(),
+            check_signatures: self.verify_synced_block_signatures,
+            config: self.config.clone(),
+            faults: self.faults.clone(),
+        }
+    }
+
+    /// The calls to peers besides fetches.
+    pub(super) fn calls(&self) -> PeerCalls {
+        PeerCalls {
+            outbound: self.outbound(),
+            heights: self.heights.clone(),
+            connections: self.connections.clone(),
+        }
+    }
+
+    fn outbound(&self) -> Outbound {
+        Outbound::new(self.connections.clone(), self.timeout)
+    }
+}

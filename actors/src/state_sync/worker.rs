@@ -1,0 +1,470 @@
+//! The sync worker: one fetch, from asking PeerHeights for a peer to the
+//! Verifier's verdict.
+//!
+//! A worker leases a fetch slot on the best peer for its range, calls the
+//! peer through [`Outbound`], releases the slot with how the transfer went
+//! as soon as the peer's part is done, and has the Verifier check what
+//! came. It decides nothing about what the result means for sync: the core
+//! does (retry, avoid, ban, split). The checks it makes itself are those
+//! that must happen as bytes arrive: a FetchBlocks stream is cut at the
+//! first block whose digest was not asked for, or once it brings more
+//! bytes than the fetch may hold.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::time::Duration;
+
+use actix::Addr;
+use futures::FutureExt;
+use soma_types::verify::ExpectedBlocks;
+use soma_types::{BlockRef, CommitIndex, CommitRef, Epoch, PeerId, TrustedCommit, VerifiedBlock};
+use soma_wire::convert::Availability;
+use soma_wire::proto;
+use tokio::task::AbortHandle;
+
+use super::apply::{Batch, Source};
+use super::core::Config;
+use super::messages::{CommitBatchInfo, CommitsWanted, Failure, LocalFailure};
+use crate::Blob;
+use crate::connections::{ActivePeers, Client, Connections, Outbound};
+use crate::faults::Faults;
+use crate::peer_heights::{
+    AcquirePeer, OutcomeKind, PeerHeights, PeersBehind, ReportOutcome, Slot, Transfer, UpdateHeight,
+};
+use crate::verifier::{Verifier, Verify, VerifyError, VerifyRequest, VerifyResponse};
+
+/// Data of a verified commit batch, held by the shell until applied.
+pub(super) struct BatchData {
+    pub(super) commits: Vec<TrustedCommit>,
+    pub(super) certifiers: Vec<VerifiedBlock>,
+    /// The blocks the commits name, in commit order.
+    pub(super) refs: Vec<BlockRef>,
+    pub(super) epoch: Epoch,
+    pub(super) end: CommitIndex,
+    pub(super) blocks: HashMap<BlockRef, VerifiedBlock>,
+}
+
+impl BatchData {
+    /// Bytes of the commits and certifier blocks.
+    pub(super) fn commit_bytes(&self) -> u64 {
+        let commits = self.commits.iter().map(|c| c.serialized().len() as u64);
+        let certifiers = self.certifiers.iter().map(|b| b.serialized().len() as u64);
+        commits.chain(certifiers).sum()
+    }
+
+    /// What the core needs to know of it.
+    pub(super) fn info(&self) -> CommitBatchInfo {
+        CommitBatchInfo {
+            start: self.commits.first().map_or(0, TrustedCommit::index),
+            end: self.end,
+            last: self
+                .commits
+                .last()
+                .map(TrustedCommit::reference)
+                .unwrap_or_default(),
+            epoch: self.epoch,
+            block_count: self.refs.len(),
+            bytes: self.commit_bytes(),
+        }
+    }
+
+    /// Blocks `offset..offset + len` of the batch starting at `batch`.
+    pub(super) fn chunk(
+        &self,
+        batch: CommitIndex,
+        offset: usize,
+        len: usize,
+        max_bytes: u64,
+    ) -> BlockChunk {
+        BlockChunk {
+            batch,
+            end: self.end,
+            epoch: self.epoch,
+            refs: self.refs.iter().skip(offset).take(len).copied().collect(),
+            max_bytes,
+        }
+    }
+
+    /// Keeps verified blocks; returns their bytes.
+    pub(super) fn add(&mut self, blocks: Vec<VerifiedBlock>) -> u64 {
+        let mut bytes = 0;
+        for b in blocks {
+            bytes += b.serialized().len() as u64;
+            self.blocks.insert(b.reference(), b);
+        }
+        bytes
+    }
+
+    /// The batch to write.
+    pub(super) fn into_batch(self) -> Batch {
+        Batch {
+            commits: self.commits,
+            blocks: self.blocks,
+            certificate: self.certifiers,
+            source: Source::Synced { epoch: self.epoch },
+        }
+    }
+}
+
+/// A chunk of blocks to fetch: `refs` of the batch `batch..=end` of
+/// `epoch`, at most `max_bytes` of them.
+pub(super) struct BlockChunk {
+    pub(super) batch: CommitIndex,
+    pub(super) end: CommitIndex,
+    pub(super) epoch: Epoch,
+    pub(super) refs: Vec<BlockRef>,
+    pub(super) max_bytes: u64,
+}
+
+/// What a worker ends with: the peer it asked, if one was leased, and the
+/// result.
+pub(super) type Outcome<T> = (Option<PeerId>, Result<T, Failure>);
+
+/// What a sync worker needs; cloned per fetch.
+#[derive(Clone)]
+pub(super) struct Worker {
+    pub(super) heights: Addr<PeerHeights>,
+    pub(super) outbound: Outbound,
+    pub(super) verifier: Addr<Verifier>,
+    pub(super) check_signatures: bool,
+    pub(super) config: Config,
+    pub(super) faults: Faults,
+}
+
+/// How a transfer that ended with `failure` is told to PeerHeights.
+fn transfer_of(failure: &Failure) -> Transfer {
+    match failure {
+        Failure::Timeout => Transfer::Timeout,
+        Failure::Status { .. } | Failure::Transport => Transfer::Error,
+        Failure::NotFound => Transfer::NotFound,
+        // Cut on what it held: the core judges it (and reports a liar).
+        Failure::Invalid(_) | Failure::OverBudget { .. } => Transfer::Received,
+        _ => Transfer::Cancelled,
+    }
+}
+
+impl Worker {
+    /// How every fetch of the batch starting at `batch` begins: injected
+    /// faults (tests only), then a slot on the best peer for `range` not in
+    /// `avoid`, waiting at most the request timeout for one to be free.
+    async fn begin(
+        &self,
+        batch: CommitIndex,
+        (start, end): (CommitIndex, CommitIndex),
+        avoid: Vec<PeerId>,
+    ) -> Result<Slot, Failure> {
+        self.faults.on_worker(batch)?;
+        let wait = self.outbound.timeout();
+        let request = AcquirePeer {
+            start,
+            end,
+            avoid,
+            wait_ms: wait.as_millis() as u64,
+        };
+        // PeerHeights answers within `wait`; the margin covers its mailbox.
+        let answer =
+            tokio::time::timeout(wait + Duration::from_secs(1), self.heights.send(request))
+                .await
+                .map_err(|_| Failure::Local(LocalFailure::PeersBusy))?
+                .map_err(|_| Failure::Local(LocalFailure::ActorUnavailable))?;
+        Ok(answer?)
+    }
+
+    /// Scores `peer` for a transfer of `bytes` in `latency_ms` whose data
+    /// passed verification; a failed verification is the core's to report.
+    fn verified<T>(&self, peer: PeerId, bytes: u64, latency_ms: u64, result: &Result<T, Failure>) {
+        if result.is_ok() {
+            self.heights.do_send(ReportOutcome {
+                peer,
+                bytes,
+                latency_ms,
+                kind: OutcomeKind::Success,
+            });
+        }
+    }
+
+    /// Fetches and verifies the commits `wanted` names.
+    pub(super) async fn fetch_commits(
+        self,
+        wanted: CommitsWanted,
+        avoid: Vec<PeerId>,
+    ) -> Outcome<BatchData> {
+        // The peer is chosen for `start` alone: an honest one serves it.
+        let range = (wanted.start, wanted.start);
+        let slot = match self.begin(wanted.start, range, avoid).await {
+            Ok(slot) => slot,
+            Err(f) => return (None, Err(f)),
+        };
+        let peer = slot.lease().peer;
+        // The answer may be as large as the core reserved for it, no larger.
+        let max = to_usize(wanted.max_bytes);
+        let message = proto::FetchCommitsRequest {
+            start: wanted.start,
+            end: wanted.end,
+        };
+        let answer = self
+            .outbound
+            .call(peer, message, move |c, r| async move {
+                c.max_decoding_message_size(max).fetch_commits(r).await
+            })
+            .await;
+        let response = match answer {
+            Ok(r) => r.into_inner(),
+            Err(e) => {
+                let failure = Failure::from(e);
+                slot.release(transfer_of(&failure), 0);
+                return (Some(peer), Err(failure));
+            }
+        };
+        let bytes = response.commits.iter().map(|c| c.len() as u64).sum();
+        // The peer's part is done; verifying does not hold its slot.
+        let latency = slot.release(Transfer::Received, bytes);
+        let result = self.verify_commits(response, wanted).await;
+        self.verified(peer, bytes, latency, &result);
+        (Some(peer), result)
+    }
+
+    /// Verifies a commit answer against the expected epoch's committee,
+    /// and no other: the epoch the commits claim is checked, never trusted.
+    async fn verify_commits(
+        &self,
+        response: proto::FetchCommitsResponse,
+        wanted: CommitsWanted,
+    ) -> Result<BatchData, Failure> {
+        let request = VerifyRequest::CommitBatch {
+            epoch: wanted.epoch,
+            commits: response.commits.into_iter().map(Blob).collect(),
+            certifiers: response.certifier_blocks.into_iter().map(Blob).collect(),
+            last_synced: wanted.after,
+        };
+        match self.verifier.send(Verify(request)).await {
+            Ok(Ok(VerifyResponse::CommitBatch {
+                commits,
+                certifiers,
+            })) => {
+                let refs: Vec<BlockRef> = commits
+                    .iter()
+                    .flat_map(|c| c.commit().blocks.iter().copied())
+                    .collect();
+                let end = commits.last().map_or(0, TrustedCommit::index);
+                Ok(BatchData {
+                    commits,
+                    certifiers,
+                    refs,
+                    epoch: wanted.epoch,
+                    end,
+                    blocks: HashMap::new(),
+                })
+            }
+            Ok(Err(e)) => Err(verify_failure(e)),
+            Ok(Ok(_)) | Err(_) => Err(Failure::Local(LocalFailure::VerifierUnavailable)),
+        }
+    }
+
+    /// Fetches and verifies a chunk of blocks.
+    pub(super) async fn fetch_blocks(
+        self,
+        chunk: BlockChunk,
+        avoid: Vec<PeerId>,
+    ) -> Outcome<Vec<VerifiedBlock>> {
+        let range = (chunk.batch, chunk.end);
+        let slot = match self.begin(chunk.batch, range, avoid).await {
+            Ok(slot) => slot,
+            Err(f) => return (None, Err(f)),
+        };
+        let peer = slot.lease().peer;
+        let message_bytes = to_usize(self.config.block_message_bytes(chunk.max_bytes));
+        let message = proto::FetchBlocksRequest {
+            refs: chunk.refs.iter().copied().map(Into::into).collect(),
+        };
+        let (refs, max_bytes) = (chunk.refs.clone(), chunk.max_bytes);
+        let received = self
+            .outbound
+            .call(peer, message, move |c, r| async move {
+                let mut stream = c
+                    .max_decoding_message_size(message_bytes)
+                    .fetch_blocks(r)
+                    .await?
+                    .into_inner();
+                receive_blocks(&mut stream, &refs, max_bytes).await
+            })
+            .await
+            .map_err(Failure::from)
+            .and_then(|r| r);
+        let blobs = match received {
+            Ok(blobs) => blobs,
+            Err(failure) => {
+                slot.release(transfer_of(&failure), 0);
+                return (Some(peer), Err(failure));
+            }
+        };
+        let bytes = blobs.iter().map(|b| b.0.len() as u64).sum();
+        let latency = slot.release(Transfer::Received, bytes);
+        let result = self.verify_blocks(chunk.epoch, blobs, &chunk.refs).await;
+        self.verified(peer, bytes, latency, &result);
+        (Some(peer), result)
+    }
+
+    async fn verify_blocks(
+        &self,
+        epoch: Epoch,
+        blobs: Vec<Blob>,
+        refs: &[BlockRef],
+    ) -> Result<Vec<VerifiedBlock>, Failure> {
+        let request = VerifyRequest::Blocks {
+            epoch,
+            blocks: blobs,
+            check_signatures: self.check_signatures,
+        };
+        let blocks = match self.verifier.send(Verify(request)).await {
+            Ok(Ok(VerifyResponse::Blocks(blocks))) => blocks,
+            Ok(Err(e)) => return Err(verify_failure(e)),
+            Ok(Ok(_)) | Err(_) => return Err(Failure::Local(LocalFailure::VerifierUnavailable)),
+        };
+        // The digests matched; the whole references must too (the epoch,
+        // round and author a commit names are those of the block).
+        let wanted: HashSet<BlockRef> = refs.iter().copied().collect();
+        if let Some(block) = blocks.iter().find(|b| !wanted.contains(&b.reference())) {
+            return Err(Failure::Invalid(soma_types::Error::UnexpectedBlock(
+                block.reference(),
+            )));
+        }
+        Ok(blocks)
+    }
+}
+
+/// Runs a worker on `runtime` under its supervisor's watch: a panic
+/// becomes [`Failure::Panicked`] for the core to restart, and the outcome
+/// goes to `addr` as `done` makes it.
+pub(super) fn supervised<T, M, A>(
+    runtime: &tokio::runtime::Handle,
+    work: impl Future<Output = Outcome<T>> + Send + 'static,
+    addr: Addr<A>,
+    done: impl FnOnce(Outcome<T>) -> M + Send + 'static,
+) -> AbortHandle
+where
+    T: Send + 'static,
+    M: actix::Message<Result = ()> + Send + 'static,
+    A: actix::Handler<M>,
+    A::Context: actix::dev::ToEnvelope<A, M>,
+{
+    runtime
+        .spawn(async move {
+            let outcome = AssertUnwindSafe(work)
+                .catch_unwind()
+                .await
+                .unwrap_or((None, Err(Failure::Panicked)));
+            addr.do_send(done(outcome));
+        })
+        .abort_handle()
+}
+
+/// The calls StateSync makes besides fetches: availability queries,
+/// pushes of the new height, and reports of liars.
+#[derive(Clone)]
+pub(super) struct PeerCalls {
+    pub(super) outbound: Outbound,
+    pub(super) heights: Addr<PeerHeights>,
+    pub(super) connections: Addr<Connections>,
+}
+
+impl PeerCalls {
+    /// Asks `peer`, or every connected peer, for its availability.
+    pub(super) async fn query_heights(self, peer: Option<PeerId>) {
+        let peers = match peer {
+            Some(p) => vec![p],
+            None => self.connections.send(ActivePeers).await.unwrap_or_default(),
+        };
+        for peer in peers {
+            tokio::spawn(self.clone().query_height(peer));
+        }
+    }
+
+    /// Has PeerHeights ban `peer`: it sent invalid data or a false claim.
+    pub(super) fn misbehaved(&self, peer: PeerId) {
+        tracing::warn!(%peer, "peer sent invalid data or a false claim");
+        self.heights.do_send(ReportOutcome {
+            peer,
+            bytes: 0,
+            latency_ms: 0,
+            kind: OutcomeKind::InvalidData,
+        });
+    }
+
+    /// Asks `peer` for its availability; the answer goes to PeerHeights.
+    async fn query_height(self, peer: PeerId) {
+        let message = proto::GetCommitAvailabilityRequest {};
+        let call = |mut c: Client, r| async move { c.get_commit_availability(r).await };
+        let Ok(response) = self.outbound.call(peer, message, call).await else {
+            return;
+        };
+        if let Ok(a) = Availability::try_from(response.get_ref()) {
+            self.heights.do_send(UpdateHeight {
+                peer,
+                chain_id: a.chain_id,
+                highest: a.highest,
+                lowest: a.lowest,
+            });
+        }
+    }
+
+    /// Tells the peers known to be behind that we synced `last`.
+    pub(super) async fn push_commit(self, last: CommitRef) {
+        let Ok(peers) = self.heights.send(PeersBehind { index: last.index }).await else {
+            return;
+        };
+        for peer in peers {
+            let message = proto::PushCommitRequest { index: last.index };
+            let call = |mut c: Client, r| async move { c.push_commit(r).await };
+            let _ = self.outbound.call(peer, message, call).await;
+        }
+    }
+}
+
+/// Reads a FetchBlocks stream, judging each block by the digest of its
+/// bytes as it arrives: the stream is cut at the first block not asked for
+/// or repeated, and once the blocks pass `max_bytes`. Nothing is decoded or
+/// signature-checked before every block asked for is in. A status error of
+/// the stream is the call's failure (the outer `Result`).
+async fn receive_blocks(
+    stream: &mut tonic::Streaming<proto::FetchBlocksResponse>,
+    refs: &[BlockRef],
+    max_bytes: u64,
+) -> Result<Result<Vec<Blob>, Failure>, tonic::Status> {
+    let mut expected = ExpectedBlocks::from_refs(refs.iter().copied());
+    let mut blobs = Vec::with_capacity(refs.len());
+    let mut bytes = 0u64;
+    while let Some(chunk) = stream.message().await? {
+        for blob in chunk.blocks {
+            bytes += blob.len() as u64;
+            if bytes > max_bytes {
+                return Ok(Err(Failure::OverBudget {
+                    received: bytes,
+                    max: max_bytes,
+                }));
+            }
+            if let Err(e) = expected.accept_bytes(&blob) {
+                return Ok(Err(Failure::Invalid(e)));
+            }
+            blobs.push(Blob(blob));
+        }
+    }
+    Ok(expected.finish().map(|()| blobs).map_err(Failure::Invalid))
+}
+
+/// A Verifier refusal as a failure: only a broken rule is the peer's doing.
+fn verify_failure(error: VerifyError) -> Failure {
+    match error {
+        VerifyError::Invalid(e) => Failure::Invalid(e),
+        VerifyError::UnknownEpoch(e) => Failure::Local(LocalFailure::UnknownEpoch(e)),
+        VerifyError::Busy { .. } => Failure::Local(LocalFailure::VerifierBusy),
+        VerifyError::Stopped | VerifyError::Internal => {
+            Failure::Local(LocalFailure::VerifierUnavailable)
+        }
+    }
+}
+
+pub(super) fn to_usize(bytes: u64) -> usize {
+    usize::try_from(bytes).unwrap_or(usize::MAX)
+}

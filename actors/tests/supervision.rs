@@ -1,0 +1,291 @@
+//! The supervision tree on a real node: a panic injected into the handler
+//! of each long-lived actor while the node is halfway through a catch-up.
+//! The actor is restarted in place, sync completes with the validators'
+//! chain, the restart is counted in `health()`, and the handle still
+//! answers every call. An actor that panics on every input is restarted up
+//! to the intensity limit, then the node stops, saying which actor failed.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use soma_actors::faults::FaultPlan;
+use soma_actors::supervisor;
+use soma_actors::system::{LocalCommit, P2pError};
+use soma_actors::{P2pConfig, P2pHandle};
+use soma_chain::{Chain, ChainBuilder, ChainConfig};
+use soma_store::{ConsensusStore, MemStore};
+use soma_testkit::{assert_same_chain, init_tracing, seeds, validator, wait_synced};
+use soma_wire::proto;
+
+const COMMITS: u64 = 2_000;
+/// The fault waits for the node's watermark to be inside this range: the
+/// node has applied batches and has batches left to fetch.
+const MID_SYNC: std::ops::RangeInclusive<u64> = 300..=1_700;
+const DEADLINE: Duration = Duration::from_secs(180);
+
+/// Every long-lived actor, by the name faults and `health()` use.
+const ACTORS: [&str; 7] = [
+    "peer_heights",
+    "verifier",
+    "connections",
+    "discovery",
+    "state_sync",
+    "grpc_adapter",
+    "reserved_slots",
+];
+
+fn chain() -> Chain {
+    ChainBuilder::new(ChainConfig {
+        commits_per_epoch: Some(800),
+        ..ChainConfig::validators(4)
+    })
+    .build(COMMITS)
+}
+
+/// A fresh node syncing from `validators`, with `faults`; discovery and
+/// height queries run often, so every actor gets inputs during the sync.
+fn fresh(
+    chain: &Chain,
+    validators: &[P2pHandle],
+    store: Arc<dyn ConsensusStore>,
+    faults: Arc<FaultPlan>,
+) -> P2pHandle {
+    let mut config = P2pConfig {
+        seed_peers: seeds(&validators.iter().collect::<Vec<_>>()),
+        height_query_interval: Duration::from_millis(50),
+        faults: Some(faults),
+        ..P2pConfig::default()
+    };
+    config.discovery.interval_ms = 50;
+    soma_testkit::node(chain, 9, config, store)
+}
+
+/// Panics the handler of `actor` once, on its first input after the
+/// store's watermark entered [`MID_SYNC`].
+fn panic_mid_sync(faults: &FaultPlan, actor: &str, store: &Arc<dyn ConsensusStore>) {
+    let store = store.clone();
+    faults.panic_actor_when(actor, move || {
+        let watermark = store.highest_synced_commit().map_or(0, |c| c.index);
+        MID_SYNC.contains(&watermark)
+    });
+}
+
+/// Restarts of each actor, as `health()` reports them.
+fn restarts(node: &P2pHandle) -> Vec<(&'static str, u64)> {
+    node.health()
+        .actors
+        .iter()
+        .map(|a| (a.name, a.restarts))
+        .collect()
+}
+
+/// Every query of the handle gets an answer, and a local commit that does
+/// not link is refused by the store (StateSync handled it).
+async fn assert_handle_answers(node: &P2pHandle, chain: &Chain) {
+    let status = node.sync_status().await.expect("sync status");
+    assert_eq!(status.synced, chain.tip());
+    assert!(!node.connected_peers().await.expect("connected").is_empty());
+    node.known_peers().await.expect("known peers");
+    assert!(!node.peer_heights().await.expect("heights").is_empty());
+    let stale = LocalCommit {
+        commit: chain.commit(1),
+        blocks: chain.blocks_of(1).to_vec(),
+        certificate: Vec::new(),
+        next_committee: None,
+    };
+    assert!(
+        matches!(
+            node.send_commit(stale).await,
+            Err(P2pError::Store(soma_store::Error::NotContiguous { .. }))
+        ),
+        "a commit below the watermark is refused"
+    );
+    let certificate = chain.certificate(chain.tip()).to_vec();
+    node.send_certificate(chain.tip(), certificate)
+        .await
+        .expect("a certificate of a stored commit is stored");
+}
+
+/// A running scenario: validators serve the chain, the node syncs it, and
+/// `actor` panics once mid-sync.
+struct Scenario {
+    actor: &'static str,
+    chain: Chain,
+    validators: Vec<P2pHandle>,
+    store: Arc<dyn ConsensusStore>,
+    faults: Arc<FaultPlan>,
+    node: P2pHandle,
+}
+
+impl Scenario {
+    fn start(actor: &'static str) -> Scenario {
+        init_tracing();
+        let chain = chain();
+        let validators: Vec<P2pHandle> = (1..=2).map(|k| validator(&chain, k)).collect();
+        let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+        let faults = Arc::new(FaultPlan::default());
+        panic_mid_sync(&faults, actor, &store);
+        let node = fresh(&chain, &validators, store.clone(), faults.clone());
+        Scenario {
+            actor,
+            chain,
+            validators,
+            store,
+            faults,
+            node,
+        }
+    }
+
+    /// Sync completes with the validators' chain, the one panic was
+    /// injected and counted as the actor's one restart, and the handle
+    /// answers every call.
+    async fn finish(self) {
+        let Scenario {
+            actor,
+            chain,
+            validators,
+            store,
+            faults,
+            node,
+        } = self;
+        wait_synced(&node, chain.tip(), DEADLINE).await;
+        assert_same_chain(&chain, store.as_ref());
+        assert_eq!(faults.injected(actor), 1, "the panic was injected mid-sync");
+        let expected: Vec<(&str, u64)> = ACTORS
+            .iter()
+            .map(|a| (*a, u64::from(*a == actor)))
+            .collect();
+        assert_eq!(restarts(&node), expected);
+        assert!(node.health().is_healthy(), "{:?}", node.health());
+        assert_handle_answers(&node, &chain).await;
+        node.shutdown().await;
+        for v in validators {
+            v.shutdown().await;
+        }
+    }
+}
+
+async fn panic_mid_sync_and_recover(actor: &'static str) {
+    Scenario::start(actor).finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_state_sync_mid_sync_is_restarted_and_sync_completes() {
+    panic_mid_sync_and_recover("state_sync").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_peer_heights_mid_sync_is_restarted_and_sync_completes() {
+    panic_mid_sync_and_recover("peer_heights").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_the_verifier_mid_sync_is_restarted_and_sync_completes() {
+    panic_mid_sync_and_recover("verifier").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_connections_mid_sync_is_restarted_and_sync_completes() {
+    panic_mid_sync_and_recover("connections").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_discovery_mid_sync_is_restarted_and_sync_completes() {
+    panic_mid_sync_and_recover("discovery").await;
+}
+
+/// The syncing node's adapter hears only calls to the node: a client calls
+/// GetCommitInfo throughout. The call whose handling panics is refused
+/// UNAVAILABLE; the calls after it are answered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_the_grpc_adapter_mid_sync_is_restarted_and_sync_completes() {
+    let scenario = Scenario::start("grpc_adapter");
+    let address = scenario.node.local_addr().to_string();
+    let caller = tokio::spawn(async move {
+        let timeout = Duration::from_secs(5);
+        let (channel, _) = soma_wire::tls::connect(&address, None, None, timeout)
+            .await
+            .expect("an anonymous caller connects");
+        let mut client = proto::p2p_client::P2pClient::new(channel);
+        let mut codes = Vec::new();
+        // Until a call after the refused one is answered.
+        while !codes.contains(&tonic::Code::Unavailable) || codes.last() != Some(&tonic::Code::Ok) {
+            let request = proto::GetCommitInfoRequest { index: None };
+            let code = match client.get_commit_info(request).await {
+                Ok(_) => tonic::Code::Ok,
+                Err(status) => status.code(),
+            };
+            codes.push(code);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        codes
+    });
+    let codes = tokio::time::timeout(DEADLINE, caller)
+        .await
+        .expect("the caller saw the adapter come back")
+        .unwrap();
+    let refused: Vec<&tonic::Code> = codes.iter().filter(|c| **c != tonic::Code::Ok).collect();
+    assert_eq!(refused, vec![&tonic::Code::Unavailable], "{codes:?}");
+    scenario.finish().await;
+}
+
+/// An actor that panics on every input is restarted `max_restarts` times;
+/// its next failure stops the node: the server and every actor, the
+/// handle's calls then refused, and `failed()` naming the actor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_actor_failing_past_the_intensity_limit_stops_the_node_cleanly() {
+    init_tracing();
+    let chain = ChainBuilder::new(ChainConfig::validators(4)).build(200);
+    let validators: Vec<P2pHandle> = (1..=2).map(|k| validator(&chain, k)).collect();
+    let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+    let faults = Arc::new(FaultPlan::default());
+    faults.panic_actor_always("state_sync");
+    let config = P2pConfig {
+        seed_peers: seeds(&validators.iter().collect::<Vec<_>>()),
+        supervision: supervisor::Config {
+            max_restarts: 3,
+            restart_window_ms: 60_000,
+        },
+        faults: Some(faults.clone()),
+        ..P2pConfig::default()
+    };
+    let node = soma_testkit::node(&chain, 9, config, store);
+    let address = node.local_addr();
+    let failure = tokio::time::timeout(DEADLINE, node.failed())
+        .await
+        .expect("the node stops")
+        .expect("on a failure");
+    assert_eq!(failure.actor, "state_sync");
+    assert_eq!(failure.failures, 4);
+    assert!(
+        failure
+            .to_string()
+            .contains("the state_sync actor failed 4 times"),
+        "{failure}"
+    );
+    // Three restarts, then the fourth failure: four injected panics.
+    assert_eq!(faults.injected("state_sync"), 4);
+    let health = node.health();
+    assert!(!health.running && !health.is_healthy(), "{health:?}");
+    assert_eq!(health.failure, Some(failure));
+    let state_sync = health.actors.iter().find(|a| a.name == "state_sync");
+    assert_eq!(state_sync.map(|a| a.restarts), Some(3));
+    // Never half-running: every actor stops, and the server with them.
+    let deadline = Instant::now() + DEADLINE;
+    while node.health().actors.iter().any(|a| a.alive) {
+        assert!(Instant::now() < deadline, "{:?}", node.health());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(matches!(node.sync_status().await, Err(P2pError::Stopped)));
+    assert!(matches!(
+        node.connected_peers().await,
+        Err(P2pError::Stopped)
+    ));
+    let address = address.to_string();
+    let refused = soma_wire::tls::connect(&address, None, None, Duration::from_secs(2)).await;
+    assert!(refused.is_err(), "the server stopped listening");
+    node.shutdown().await;
+    for v in validators {
+        v.shutdown().await;
+    }
+}
