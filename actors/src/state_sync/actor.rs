@@ -13,6 +13,7 @@ use super::apply::{self, ApplyError, Batch};
 use super::core::StateSyncCore;
 use super::deps::Deps;
 use super::messages::*;
+use super::prune;
 use super::worker::{BatchData, Outcome, Worker, supervised};
 use crate::Driver;
 use crate::connections::PeerEvent;
@@ -36,6 +37,9 @@ pub struct StateSync {
     /// Set when a restart could not read the store: the actor stops at
     /// once, a failure for its supervisor.
     broken: Option<soma_store::Error>,
+    /// Whether a prune run is under way (one at a time; it outlives a
+    /// restart, and so does this flag).
+    pruning: bool,
 }
 
 impl StateSync {
@@ -46,6 +50,9 @@ impl StateSync {
         let status = SyncStatus {
             synced: init.synced.index,
             highest_known: init.synced.index,
+            requested: init.synced.index,
+            executed: init.executed,
+            lowest_available: deps.store.lowest_available_commit()?,
             ..SyncStatus::default()
         };
         Ok(StateSync {
@@ -56,6 +63,7 @@ impl StateSync {
             workers: HashMap::new(),
             status,
             broken: None,
+            pruning: false,
         })
     }
 
@@ -114,6 +122,9 @@ impl StateSync {
         let core = self.driver.core();
         self.status.synced = core.synced().index;
         self.status.highest_known = core.highest_known();
+        self.status.requested = core.requested();
+        self.status.paused_for_executor = core.paused_for_executor();
+        self.status.unavailable = core.unavailable();
         let synced = self.status.synced;
         self.deps.availability.send_if_modified(|a| {
             let changed = a.highest != synced;
@@ -162,6 +173,36 @@ impl StateSync {
             batch,
             peer,
             result,
+        });
+    }
+
+    /// Prunes the store to its retention on the blocking pool, publishing
+    /// each new lowest commit as soon as it is written.
+    fn prune(&mut self, ctx: &mut Context<Self>) {
+        if self.pruning || self.deps.prune.retention == prune::Retention::All {
+            return;
+        }
+        self.pruning = true;
+        let (store, addr) = (self.deps.store.clone(), ctx.address());
+        let (config, execution) = (self.deps.prune.clone(), self.deps.execution.clone());
+        let availability = self.deps.availability.clone();
+        let epoch = self.driver.core().expected_epoch();
+        self.deps.runtime.spawn_blocking(move || {
+            let result = prune::run(
+                store.as_ref(),
+                &config,
+                epoch,
+                || execution.executed(),
+                |lowest| {
+                    availability.send_if_modified(|a| {
+                        let changed = a.lowest != lowest;
+                        a.lowest = lowest;
+                        changed
+                    });
+                },
+            );
+            // One run at a time: this send cannot pile up.
+            addr.do_send(PruneDone(result));
         });
     }
 
@@ -242,6 +283,21 @@ impl Actor for StateSync {
             tracing::error!(%e, "state sync cannot read its watermark");
             return ctx.stop();
         }
+        // The executor's progress, as it moves (a watch: only the latest
+        // value is kept, so a fast executor cannot flood the mailbox).
+        let executed = futures::stream::unfold(
+            (self.deps.execution.subscribe(), true),
+            |(mut rx, first)| async move {
+                if !first {
+                    rx.changed().await.ok()?;
+                }
+                let taken = *rx.borrow_and_update();
+                Some((ExecutorMoved(taken), (rx, false)))
+            },
+        );
+        ctx.add_stream(executed);
+        let prune_every = std::time::Duration::from_millis(self.deps.prune.interval_ms.max(1));
+        ctx.run_interval(prune_every, |act, ctx| act.prune(ctx));
         ctx.run_interval(self.deps.tick, |act, ctx| {
             let heights = act.deps.heights.clone();
             ctx.spawn(
@@ -343,5 +399,32 @@ impl Handler<ApplyLocal> for StateSync {
         let (reply, answer) = oneshot::channel();
         self.write(Batch::local(msg.0), Origin::Local(reply), ctx);
         Box::pin(async move { answer.await.unwrap_or(Err(ApplyError::Cancelled)) })
+    }
+}
+
+impl actix::StreamHandler<ExecutorMoved> for StateSync {
+    fn handle(&mut self, moved: ExecutorMoved, ctx: &mut Context<Self>) {
+        self.status.executed = moved.0;
+        self.step(Input::Executed { taken: moved.0 }, ctx);
+    }
+
+    /// The watch closes only when the node is dropped.
+    fn finished(&mut self, _: &mut Context<Self>) {}
+}
+
+impl Handler<PruneDone> for StateSync {
+    type Result = ();
+    fn handle(&mut self, done: PruneDone, _: &mut Context<Self>) {
+        self.pruning = false;
+        match done.0 {
+            Ok(pruned) => {
+                self.status.lowest_available = pruned.lowest;
+                self.status.commits_pruned += pruned.commits;
+                if pruned.commits > 0 {
+                    tracing::debug!(lowest = pruned.lowest, pruned.commits, "store pruned");
+                }
+            }
+            Err(e) => tracing::warn!(%e, "pruning failed; tried again at the next interval"),
+        }
     }
 }

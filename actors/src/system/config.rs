@@ -38,8 +38,15 @@ pub struct P2pConfig {
     /// window before the node stops.
     pub supervision: supervisor::Config,
     /// Capacity of the synced-commit broadcast; a subscriber further behind
-    /// misses commits and is told how many.
+    /// misses commits and is told how many. Streams from an index
+    /// ([`super::CommitStream`]) read the store instead and miss nothing.
     pub synced_commit_broadcast_capacity: usize,
+    /// Bytes of commits a [`super::CommitStream`] reads from the store at
+    /// once while it is behind (their blocks come on top).
+    pub synced_commit_read_bytes: usize,
+    /// What the store keeps (`retention`), and how often and in what steps
+    /// it is pruned.
+    pub prune: state_sync::prune::Config,
     /// What the server accepts.
     pub grpc: grpc::Limits,
     /// The verification pool.
@@ -81,6 +88,8 @@ impl Default for P2pConfig {
             max_waiting_fetches: 64,
             supervision: supervisor::Config::default(),
             synced_commit_broadcast_capacity: 1024,
+            synced_commit_read_bytes: 1 << 20,
+            prune: state_sync::prune::Config::default(),
             grpc: grpc::Limits::default(),
             verifier: verifier::Config::default(),
             connections: connections::Config::default(),
