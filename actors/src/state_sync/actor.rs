@@ -7,7 +7,7 @@ use actix::{
 };
 use soma_types::{CommitIndex, PeerId};
 use tokio::sync::oneshot;
-use tokio::task::AbortHandle;
+use tokio::task::{AbortHandle, JoinSet};
 
 use super::apply::{self, ApplyError, Batch};
 use super::core::StateSyncCore;
@@ -17,6 +17,7 @@ use super::prune;
 use super::worker::{BatchData, Outcome, Worker, supervised};
 use crate::Driver;
 use crate::connections::PeerEvent;
+use crate::dropped::{self, Droppable};
 use crate::peer_heights::HighestKnownCommit;
 use crate::replay::Recorder;
 use crate::verifier::InstallCommittee;
@@ -37,6 +38,10 @@ pub struct StateSync {
     /// Set when a restart could not read the store: the actor stops at
     /// once, a failure for its supervisor.
     broken: Option<soma_store::Error>,
+    /// Height queries and commit pushes running: at most
+    /// `max_background_calls`, aborted on a restart and when the actor
+    /// is dropped.
+    background: JoinSet<()>,
     /// Whether a prune run is under way (one at a time; it outlives a
     /// restart, and so does this flag).
     pruning: bool,
@@ -63,6 +68,7 @@ impl StateSync {
             workers: HashMap::new(),
             status,
             broken: None,
+            background: JoinSet::new(),
             pruning: false,
         })
     }
@@ -109,9 +115,7 @@ impl StateSync {
                     self.deps.calls().misbehaved(peer);
                 }
                 Output::QueryHeights { peer } => {
-                    self.deps
-                        .runtime
-                        .spawn(self.deps.calls().query_heights(peer));
+                    self.background(self.deps.calls().query_heights(peer));
                 }
                 Output::Reset => self.buffers.clear(),
                 Output::Discard { start } => {
@@ -131,6 +135,16 @@ impl StateSync {
             a.highest = synced;
             changed
         });
+    }
+
+    /// Runs a call to peers in the background, unless as many run as
+    /// allowed (the next tick or commit repeats it: counted as dropped).
+    fn background(&mut self, call: impl Future<Output = ()> + Send + 'static) {
+        while self.background.try_join_next().is_some() {}
+        if self.background.len() >= self.deps.max_background_calls {
+            return dropped::count(Droppable::PeerCall);
+        }
+        self.background.spawn_on(call, &self.deps.runtime);
     }
 
     /// Runs a worker, tracked so a restart can abort it.
@@ -269,7 +283,7 @@ impl Handler<ApplyDone> for StateSync {
         };
         self.step(input, ctx);
         if wrote {
-            self.deps.runtime.spawn(self.deps.calls().push_commit(last));
+            self.background(self.deps.calls().push_commit(last));
         }
     }
 }
@@ -309,6 +323,25 @@ impl Actor for StateSync {
     }
 }
 
+impl StateSync {
+    /// Aborts every worker and background call (their fetch slots are
+    /// released as they drop).
+    fn abort_tasks(&mut self) {
+        for (_, worker) in self.workers.drain() {
+            worker.abort();
+        }
+        self.background.abort_all();
+    }
+}
+
+impl Drop for StateSync {
+    /// At shutdown (the System stops and drops its actors), no task of
+    /// this actor outlives it, even on a runtime the node does not own.
+    fn drop(&mut self) {
+        self.abort_tasks();
+    }
+}
+
 impl Supervised for StateSync {
     /// Workers are aborted (their slots are released as they drop) and
     /// fetched batches dropped; the watermark and epoch are read from the
@@ -316,9 +349,7 @@ impl Supervised for StateSync {
     /// Counters carry over. A write in flight still reports, as a write
     /// this core did not plan.
     fn restarting(&mut self, _: &mut Context<Self>) {
-        for (_, worker) in self.workers.drain() {
-            worker.abort();
-        }
+        self.abort_tasks();
         self.buffers.clear();
         match self.deps.init(self.driver.core().next_task()) {
             Ok(init) => self.driver.restart(init),

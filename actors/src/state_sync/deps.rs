@@ -62,6 +62,8 @@ pub struct Deps {
     pub prune: prune::Config,
     /// Capacity of its mailbox.
     pub mailbox_capacity: usize,
+    /// Height queries and commit pushes running at once at most.
+    pub max_background_calls: usize,
     pub(crate) faults: Faults,
 }
 

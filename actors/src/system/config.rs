@@ -25,6 +25,10 @@ pub struct P2pConfig {
     pub timeout: Duration,
     /// Capacity of each actor's mailbox.
     pub mailbox_capacity: usize,
+    /// Background calls of state sync to peers (rounds of height queries,
+    /// commit pushes) running at once at most; a round past it is skipped
+    /// and counted, the next one repeats it.
+    pub max_background_calls: usize,
     /// How long a peer that sent invalid data stays banned.
     pub ban_duration: Duration,
     /// Fetches sent to one peer at once at most: a node serves each peer
@@ -83,6 +87,7 @@ impl Default for P2pConfig {
             seed_peers: Vec::new(),
             timeout: Duration::from_secs(10),
             mailbox_capacity: 1024,
+            max_background_calls: 16,
             ban_duration: Duration::from_secs(60),
             max_fetches_per_peer: 4,
             max_waiting_fetches: 64,

@@ -126,6 +126,9 @@ pub enum P2pError {
     /// The commit was refused before the store saw it.
     #[error("refused: {0}")]
     Refused(ApplyError),
+    /// The actor's mailbox is full; try again later.
+    #[error("the node is busy; try again")]
+    Busy,
     /// An executor is registered already (its stream is alive).
     #[error("an executor is registered already")]
     ExecutorRegistered,
@@ -348,11 +351,24 @@ impl P2pHandle {
 
     /// Dials a peer at `address`; with `peer` given, the server must prove
     /// that identity. The result shows in [`P2pHandle::connected_peers`].
-    pub fn connect(&self, peer: Option<PeerId>, address: impl Into<String>) {
-        self.inner.actors.connections.do_send(Connect {
+    /// Refused with [`P2pError::Busy`] while Connections' mailbox is full.
+    pub fn connect(
+        &self,
+        peer: Option<PeerId>,
+        address: impl Into<String>,
+    ) -> Result<(), P2pError> {
+        let connect = Connect {
             peer,
             address: address.into(),
-        });
+        };
+        self.inner
+            .actors
+            .connections
+            .try_send(connect)
+            .map_err(|e| match e {
+                actix::prelude::SendError::Full(_) => P2pError::Busy,
+                actix::prelude::SendError::Closed(_) => P2pError::Stopped,
+            })
     }
 
     /// The peers the node holds a connection to.

@@ -242,6 +242,7 @@ fn start_tree(config: &P2pConfig, parts: NodeParts) -> Result<Actors, StartError
             execution,
             prune: config.prune.clone(),
             mailbox_capacity: capacity,
+            max_background_calls: config.max_background_calls.max(1),
             faults: faults.clone(),
         },
         Recorder::from_env(state_sync::StateSyncCore::NAME),
