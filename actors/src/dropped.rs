@@ -67,8 +67,8 @@ pub fn dropped(kind: Droppable) -> u64 {
     DROPPED[kind as usize].load(Ordering::Relaxed)
 }
 
-/// Sends `msg` unless `to`'s mailbox is full (or closed), then drops and
-/// counts it as `kind`.
+/// Sends `msg` unless `to`'s mailbox is full, then drops and counts it as
+/// `kind` (a closed mailbox drops it uncounted).
 pub(crate) fn try_send<A, M>(to: &Addr<A>, msg: M, kind: Droppable)
 where
     A: Actor + Handler<M>,
@@ -76,7 +76,8 @@ where
     M: Message + Send + 'static,
     M::Result: Send,
 {
-    if to.try_send(msg).is_err() {
+    // A closed mailbox is a stopping actor, not a drop to count.
+    if let Err(actix::prelude::SendError::Full(_)) = to.try_send(msg) {
         count(kind);
     }
 }

@@ -67,6 +67,8 @@ async fn a_slow_executor_gets_every_commit_of_a_long_catch_up_once_and_sync_keep
             retention: Retention::Commits(500),
             interval_ms: 50,
             batch_commits: 200,
+            grace_ms: 0,
+            ..prune::Config::default()
         },
         ..P2pConfig::default()
     };
@@ -94,9 +96,10 @@ async fn a_slow_executor_gets_every_commit_of_a_long_catch_up_once_and_sync_keep
                 status.requested
             );
             paused_seen |= status.paused_for_executor;
-            pruned_seen |= status.lowest_available > 1;
             // Pruning never removes the commit after the one taken.
-            assert!(status.lowest_available <= taken + 1, "{status:?}");
+            let lowest = store.lowest_available_commit().unwrap();
+            assert!(lowest <= taken + 1, "pruned to {lowest} with {taken} taken");
+            pruned_seen |= lowest > 1;
         }
         if subdag.commit_ref.index.is_multiple_of(10) {
             tokio::time::sleep(WORK * 10).await;
@@ -120,7 +123,11 @@ async fn a_slow_executor_gets_every_commit_of_a_long_catch_up_once_and_sync_keep
     assert_eq!(status.executed, None);
     assert_eq!(status.lowest_available, COMMITS - 499);
     assert_eq!(status.commits_pruned, COMMITS - 500);
-    // A second executor may register now.
+    // A second executor may register now, but not below what is kept.
+    assert!(matches!(
+        node.subscribe_executor_from(1),
+        Err(P2pError::Pruned { index: 1, lowest }) if lowest == COMMITS - 499
+    ));
     let late = node
         .subscribe_executor_from(COMMITS - 10)
         .expect("registers");
@@ -159,7 +166,7 @@ fn local(chain: &Chain, index: u64) -> LocalCommit {
 async fn a_stream_switches_from_the_store_to_live_commits_without_gap_or_duplicate() {
     init_tracing();
     const TOTAL: u64 = 1_200;
-    let chain = small_chain(TOTAL);
+    let chain = small_chain(TOTAL + 1);
     let config = P2pConfig {
         synced_commit_broadcast_capacity: 4,
         // Small store reads: the stream switches many times.
@@ -201,12 +208,20 @@ async fn a_stream_switches_from_the_store_to_live_commits_without_gap_or_duplica
         let expected: Vec<_> = (from..=TOTAL).map(|i| chain.commit_ref(i)).collect();
         assert!(seen == expected, "from {from}: every commit once, in order");
     }
-    // A stream from the genesis commit starts at 1; one past the tip
-    // waits for the next commit.
+    // A stream from the genesis commit starts at 1.
     let mut first = node.subscribe_synced_commits_from(0);
     assert_eq!(first.next().await.unwrap().commit_ref, chain.commit_ref(1));
+    // One past the tip reads the store once, finds nothing and goes live
+    // (a call cut short loses nothing); the next commit comes live.
     let mut next = node.subscribe_synced_commits_from(TOTAL + 1);
-    assert_eq!(next.next_index(), TOTAL + 1);
+    while next.store_reads() == 0 {
+        let waited = tokio::time::timeout(Duration::from_millis(10), next.next()).await;
+        assert!(waited.is_err(), "nothing to deliver yet");
+    }
+    node.send_commit(local(&chain, TOTAL + 1)).await.unwrap();
+    let live = next.next().await.unwrap();
+    assert_eq!(live.commit_ref, chain.commit_ref(TOTAL + 1));
+    assert_eq!(next.store_reads(), 1, "delivered live, not read back");
     node.shutdown().await;
     assert_eq!(next.next().await.unwrap_err(), StreamError::Stopped);
 }
@@ -225,6 +240,8 @@ async fn a_fresh_node_syncs_from_genesis_among_pruning_peers() {
             retention: Retention::Commits(300),
             interval_ms: 20,
             batch_commits: 250,
+            grace_ms: 0,
+            ..prune::Config::default()
         },
         ..P2pConfig::default()
     };
@@ -315,4 +332,55 @@ fn count(node: &P2pHandle, rpc: &str, code: tonic::Code) -> u64 {
         .filter(|(r, c, _)| *r == rpc && *c == code)
         .map(|(_, _, n)| n)
         .sum()
+}
+
+/// A pruning node advertises its new lowest commit a grace before it
+/// deletes below it: a peer that still holds the old claim is served, not
+/// refused (which it would take for a lie about the range).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pruning_node_advertises_its_new_lowest_a_grace_before_it_deletes() {
+    init_tracing();
+    const TIP: u64 = 1_000;
+    let chain = small_chain(TIP);
+    let pruning = validator_with(
+        &chain,
+        2,
+        P2pConfig {
+            prune: prune::Config {
+                retention: Retention::Commits(300),
+                interval_ms: 20,
+                grace_ms: 3_600_000,
+                ..prune::Config::default()
+            },
+            ..P2pConfig::default()
+        },
+    );
+    let observer = soma_testkit::node(
+        &chain,
+        8,
+        P2pConfig {
+            seed_peers: seeds(&[&pruning]),
+            ..P2pConfig::default()
+        },
+        Arc::new(MemStore::new(chain.genesis())),
+    );
+    wait_until("the new lowest advertised", async || {
+        let heights = observer.peer_heights().await.unwrap();
+        heights.first().is_some_and(|v| v.lowest == TIP - 299)
+    })
+    .await;
+    // Nothing deleted within the grace: an old claim is still good.
+    assert_eq!(pruning.store().lowest_available_commit().unwrap(), 1);
+    let address = pruning.local_addr().to_string();
+    let (channel, _) = soma_wire::tls::connect(&address, None, None, Duration::from_secs(5))
+        .await
+        .expect("an anonymous caller connects");
+    let mut client = soma_wire::proto::p2p_client::P2pClient::new(channel);
+    let answer = client
+        .fetch_commits(soma_wire::proto::FetchCommitsRequest { start: 1, end: 100 })
+        .await
+        .expect("commits below the advertised lowest are served within the grace");
+    assert_eq!(answer.get_ref().commits.len(), 100);
+    observer.shutdown().await;
+    pruning.shutdown().await;
 }

@@ -1,5 +1,5 @@
-//! Shutdown leaves no task of the node behind, even on a runtime the node
-//! does not own (where nothing else would stop them).
+//! Shutdown leaves no sync worker behind, even on a runtime the node does
+//! not own (where nothing else would stop it).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

@@ -1,5 +1,6 @@
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
+use std::time::Instant;
 
 use actix::{
     Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, Message, ResponseFuture,
@@ -38,13 +39,21 @@ pub struct StateSync {
     /// Set when a restart could not read the store: the actor stops at
     /// once, a failure for its supervisor.
     broken: Option<soma_store::Error>,
-    /// Height queries and commit pushes running: at most
-    /// `max_background_calls`, aborted on a restart and when the actor
-    /// is dropped.
-    background: JoinSet<()>,
+    /// Rounds of height queries running: at most `max_background_calls`.
+    queries: JoinSet<()>,
+    /// The round of commit pushes running, if one is: one at a time, so
+    /// peers that never answer a push cannot crowd out height queries.
+    /// Both sets are aborted on a restart and when the actor is dropped.
+    pushes: JoinSet<()>,
     /// Whether a prune run is under way (one at a time; it outlives a
     /// restart, and so does this flag).
     pruning: bool,
+    /// Prune targets advertised and not yet a grace old, oldest first (one
+    /// a run at most, so at most a grace's worth of runs).
+    announced: VecDeque<(Instant, CommitIndex)>,
+    /// The highest target advertised at least a grace ago: commits below
+    /// it may be deleted.
+    ripe: Option<CommitIndex>,
 }
 
 impl StateSync {
@@ -68,8 +77,11 @@ impl StateSync {
             workers: HashMap::new(),
             status,
             broken: None,
-            background: JoinSet::new(),
+            queries: JoinSet::new(),
+            pushes: JoinSet::new(),
             pruning: false,
+            announced: VecDeque::new(),
+            ripe: None,
         })
     }
 
@@ -115,7 +127,9 @@ impl StateSync {
                     self.deps.calls().misbehaved(peer);
                 }
                 Output::QueryHeights { peer } => {
-                    self.background(self.deps.calls().query_heights(peer));
+                    let round = self.deps.calls().query_heights(peer);
+                    let most = self.deps.max_background_calls;
+                    spawn_within(&mut self.queries, most, round, &self.deps.runtime);
                 }
                 Output::Reset => self.buffers.clear(),
                 Output::Discard { start } => {
@@ -135,16 +149,6 @@ impl StateSync {
             a.highest = synced;
             changed
         });
-    }
-
-    /// Runs a call to peers in the background, unless as many run as
-    /// allowed (the next tick or commit repeats it: counted as dropped).
-    fn background(&mut self, call: impl Future<Output = ()> + Send + 'static) {
-        while self.background.try_join_next().is_some() {}
-        if self.background.len() >= self.deps.max_background_calls {
-            return dropped::count(Droppable::PeerCall);
-        }
-        self.background.spawn_on(call, &self.deps.runtime);
     }
 
     /// Runs a worker, tracked so a restart can abort it.
@@ -190,30 +194,28 @@ impl StateSync {
         });
     }
 
-    /// Prunes the store to its retention on the blocking pool, publishing
-    /// each new lowest commit as soon as it is written.
+    /// Prunes the store towards its retention on the blocking pool: only
+    /// below a target advertised at least `grace_ms` ago. A panic in the
+    /// run is reported like a store error, so pruning goes on next time.
     fn prune(&mut self, ctx: &mut Context<Self>) {
         if self.pruning || self.deps.prune.retention == prune::Retention::All {
             return;
         }
+        let grace = std::time::Duration::from_millis(self.deps.prune.grace_ms);
+        while let Some(&(at, target)) = self.announced.front()
+            && at.elapsed() >= grace
+        {
+            self.ripe = self.ripe.max(Some(target));
+            self.announced.pop_front();
+        }
         self.pruning = true;
         let (store, addr) = (self.deps.store.clone(), ctx.address());
         let (config, execution) = (self.deps.prune.clone(), self.deps.execution.clone());
-        let availability = self.deps.availability.clone();
-        let epoch = self.driver.core().expected_epoch();
+        let (epoch, ripe) = (self.driver.core().expected_epoch(), self.ripe);
         self.deps.runtime.spawn_blocking(move || {
-            let result = prune::run(
-                store.as_ref(),
-                &config,
-                epoch,
-                || execution.executed(),
-                |lowest| {
-                    availability.send_if_modified(|a| {
-                        let changed = a.lowest != lowest;
-                        a.lowest = lowest;
-                        changed
-                    });
-                },
+            let run = || prune::run(store.as_ref(), &config, epoch, ripe, || execution.hold());
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).unwrap_or(
+                Err(soma_store::Error::Database("the prune run panicked".into())),
             );
             // One run at a time: this send cannot pile up.
             addr.do_send(PruneDone(result));
@@ -283,7 +285,10 @@ impl Handler<ApplyDone> for StateSync {
         };
         self.step(input, ctx);
         if wrote {
-            self.background(self.deps.calls().push_commit(last));
+            // A round still running skips this one; the next write pushes
+            // a newer height.
+            let round = self.deps.calls().push_commit(last);
+            spawn_within(&mut self.pushes, 1, round, &self.deps.runtime);
         }
     }
 }
@@ -330,7 +335,8 @@ impl StateSync {
         for (_, worker) in self.workers.drain() {
             worker.abort();
         }
-        self.background.abort_all();
+        self.queries.abort_all();
+        self.pushes.abort_all();
     }
 }
 
@@ -454,8 +460,34 @@ impl Handler<PruneDone> for StateSync {
                 if pruned.commits > 0 {
                     tracing::debug!(lowest = pruned.lowest, pruned.commits, "store pruned");
                 }
+                // Advertised at once, deleted below a grace later.
+                let last = self.announced.back().map(|(_, t)| *t).max(self.ripe);
+                if let Some(target) = pruned.target.filter(|t| Some(*t) > last) {
+                    self.announced.push_back((Instant::now(), target));
+                }
+                let advertised = pruned.target.unwrap_or(0).max(pruned.lowest);
+                self.deps.availability.send_if_modified(|a| {
+                    let raised = advertised > a.lowest;
+                    a.lowest = a.lowest.max(advertised);
+                    raised
+                });
             }
             Err(e) => tracing::warn!(%e, "pruning failed; tried again at the next interval"),
         }
     }
+}
+
+/// Runs a round of calls to peers in `set`, unless `most` run already (the
+/// next tick or write repeats it: counted as dropped).
+fn spawn_within(
+    set: &mut JoinSet<()>,
+    most: usize,
+    round: impl Future<Output = ()> + Send + 'static,
+    runtime: &tokio::runtime::Handle,
+) {
+    while set.try_join_next().is_some() {}
+    if set.len() >= most {
+        return dropped::count(Droppable::PeerCall);
+    }
+    set.spawn_on(round, runtime);
 }

@@ -415,6 +415,13 @@ impl Core for StateSyncCore {
         }
         self.judge_epoch_claim(&mut out);
         self.schedule(now, &mut out);
+        // Synced past by local commits, or no longer claimed by anyone.
+        if self
+            .unavailable
+            .is_some_and(|u| u <= self.verified.index || u > self.highest_known)
+        {
+            self.unavailable = None;
+        }
         out
     }
 }
@@ -658,11 +665,9 @@ impl StateSyncCore {
                 self.epoch_claim = Some(EpochClaim { peer, claimed });
             }
             Err(Claim::Failed(failure)) => {
-                if failure == Failure::NoPeer {
-                    // Nobody connected holds it: asked again after the
-                    // no-peer wait, and reported meanwhile.
-                    self.unavailable = Some(self.verified.index + 1);
-                }
+                // Nobody connected holds it: asked again after the no-peer
+                // wait, and reported until a peer is found for it.
+                self.unavailable = (failure == Failure::NoPeer).then_some(self.verified.index + 1);
                 self.commit_supervision
                     .failed(now, peer, &failure, &self.config);
                 restarted(task, peer, failure, out);
@@ -1567,8 +1572,25 @@ mod tests {
         assert_eq!(commit_fetch(&tick(&mut c, 10 + wait - 1, 100)), None);
         let (t, start, end) = commit_fetch(&tick(&mut c, 10 + wait, 100)).unwrap();
         assert_eq!((start, end), (1, 10));
-        // A peer served it: no longer reported.
-        commits_ok(&mut c, 10 + wait, t, 1, 10, 0);
+        // Another failure (a peer was found, and timed out): no longer
+        // reported.
+        let out = commits_done(&mut c, 10 + wait, t, Err(Failure::Timeout));
+        assert_eq!(c.unavailable(), None);
+        assert_eq!(commit_fetch(&out), None);
+        // Unavailable again; then no peer claims it any more.
+        let (t, _, _) = commit_fetch(&tick(&mut c, 10 + 3 * wait, 100)).unwrap();
+        commits_done(&mut c, 10 + 3 * wait, t, Err(Failure::NoPeer));
+        assert_eq!(c.unavailable(), Some(1));
+        c.handle(
+            Time(10 + 3 * wait),
+            Input::Tick {
+                highest_known: None,
+            },
+        );
+        assert_eq!(c.unavailable(), None);
+        // Claimed again and served: not reported.
+        let (t, _, _) = commit_fetch(&tick(&mut c, 10 + 5 * wait, 100)).unwrap();
+        commits_ok(&mut c, 10 + 5 * wait, t, 1, 10, 0);
         assert_eq!(c.unavailable(), None);
     }
 

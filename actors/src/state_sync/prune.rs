@@ -3,7 +3,13 @@
 //!
 //! Which commits to keep is decided here without I/O ([`target`],
 //! [`next_step`]); [`run`] performs the steps on the store, one write
-//! transaction each, so a sync write never waits behind a long prune.
+//! transaction each, at most `max_steps_per_run` a run, so a sync write
+//! never waits behind a long prune. Pruning is announced before it is
+//! done: each run returns the retention's target, which the node
+//! advertises as its lowest available commit at once, and commits below a
+//! target are deleted only once it was announced `grace_ms` ago. Peers
+//! refresh a node's availability every few seconds, so an honest peer
+//! does not ask for a commit just pruned and take the NOT_FOUND for a lie.
 //! Pruning never removes a commit the registered executor has not taken,
 //! nor the watermark commit (the store refuses that).
 
@@ -34,6 +40,12 @@ pub struct Config {
     pub interval_ms: u64,
     /// Commits removed in one write transaction at most.
     pub batch_commits: u64,
+    /// Write transactions of one prune run at most; the next run goes on.
+    pub max_steps_per_run: u32,
+    /// Time between advertising a new lowest commit and deleting below it,
+    /// in milliseconds: longer than peers take to learn it (their height
+    /// query interval plus a request timeout).
+    pub grace_ms: u64,
 }
 
 impl Default for Config {
@@ -42,6 +54,8 @@ impl Default for Config {
             retention: Retention::All,
             interval_ms: 10_000,
             batch_commits: 1_000,
+            max_steps_per_run: 16,
+            grace_ms: 30_000,
         }
     }
 }
@@ -93,26 +107,34 @@ pub struct Pruned {
     pub lowest: CommitIndex,
     /// Commits removed.
     pub commits: u64,
+    /// Where the retention (and the executor) would have the store
+    /// pruned to now: the lowest commit to advertise, deleted below once
+    /// the grace has passed. `None` if nothing is to go.
+    pub target: Option<CommitIndex>,
 }
 
-/// Prunes `store` to `retention`, one bounded write transaction per step.
-/// `executed` is read before each step (the executor moves meanwhile);
-/// `stepped` is told each new lowest commit as soon as it is written.
-pub fn run(
+/// Prunes `store` towards the retention, deleting only below `ripe` (a
+/// target announced a grace ago), one bounded write transaction per step,
+/// at most `max_steps_per_run` steps. `executed` is called before each
+/// step and returns the executor's position with a guard held across the
+/// step, so an executor cannot register below a step in progress.
+pub fn run<G>(
     store: &dyn ConsensusStore,
     config: &Config,
     epoch: Epoch,
-    executed: impl Fn() -> Option<CommitIndex>,
-    mut stepped: impl FnMut(CommitIndex),
+    ripe: Option<CommitIndex>,
+    executed: impl Fn() -> (Option<CommitIndex>, G),
 ) -> Result<Pruned, soma_store::Error> {
     let start = store.lowest_available_commit()?;
     let mut lowest = start;
-    loop {
+    let mut announced = None;
+    for step in 0..=config.max_steps_per_run {
+        let (executed, _guard) = executed();
         let chain = Chain {
             synced: store.highest_synced_commit()?.index,
             lowest,
             epoch,
-            executed: executed(),
+            executed,
         };
         let epoch_start = |e: Epoch| match e.checked_sub(1) {
             None => Some(1),
@@ -122,16 +144,22 @@ pub fn run(
                 .flatten()
                 .map(|last| last + 1),
         };
-        let Some(goal) = target(config.retention, chain, epoch_start) else {
+        let goal = target(config.retention, chain, epoch_start);
+        if step == 0 {
+            announced = goal;
+        }
+        let Some(goal) = goal.zip(ripe).map(|(g, r)| g.min(r)) else {
             break;
         };
-        let Some(step) = next_step(lowest, goal, config.batch_commits) else {
+        if step == config.max_steps_per_run {
+            break;
+        }
+        let Some(next) = next_step(lowest, goal, config.batch_commits) else {
             break;
         };
-        store.prune_below(step)?;
+        store.prune_below(next)?;
         lowest = store.lowest_available_commit()?;
-        stepped(lowest);
-        if lowest < step {
+        if lowest < next {
             // The store pruned less than asked (its watermark): done.
             break;
         }
@@ -139,6 +167,7 @@ pub fn run(
     Ok(Pruned {
         lowest,
         commits: lowest - start,
+        target: announced,
     })
 }
 
@@ -210,7 +239,7 @@ mod tests {
     }
 
     #[test]
-    fn a_run_prunes_in_steps_down_to_the_retention() {
+    fn a_run_prunes_in_bounded_steps_below_what_was_announced() {
         use soma_chain::{ChainBuilder, ChainConfig};
         use soma_store::{MemStore, SyncedBatch};
         let built = ChainBuilder::new(ChainConfig::validators(4)).build(250);
@@ -227,35 +256,49 @@ mod tests {
         }
         let config = Config {
             retention: Retention::Commits(50),
-            interval_ms: 0,
             batch_commits: 60,
+            max_steps_per_run: 2,
+            ..Config::default()
         };
+        let with = |taken: Option<u64>| move || (taken, ());
+        // Nothing announced yet: nothing deleted, the target is announced.
+        let pruned = run(&store, &config, 0, None, with(None)).unwrap();
+        let announced = Pruned {
+            lowest: 1,
+            commits: 0,
+            target: Some(201),
+        };
+        assert_eq!(pruned, announced);
+        assert!(store.commit(1).unwrap().is_some());
+        // Announced: two steps of 60 a run, then the next run goes on.
+        let pruned = run(&store, &config, 0, Some(201), with(None)).unwrap();
+        assert_eq!((pruned.lowest, pruned.commits), (121, 120));
+        assert!(store.commit(120).unwrap().is_none());
+        assert!(store.commit(121).unwrap().is_some());
         // The executor holds 150: pruning stops below 151.
-        let mut steps = Vec::new();
-        let pruned = run(&store, &config, 0, || Some(150), |l| steps.push(l)).unwrap();
-        assert_eq!(steps, vec![61, 121, 151]);
+        let pruned = run(&store, &config, 0, Some(201), with(Some(150))).unwrap();
         assert_eq!(
             pruned,
             Pruned {
                 lowest: 151,
-                commits: 150
+                commits: 30,
+                target: Some(151)
             }
         );
-        assert_eq!(store.lowest_available_commit().unwrap(), 151);
-        assert!(store.commit(150).unwrap().is_none());
-        assert!(store.commit(151).unwrap().is_some());
-        // The executor moves on: pruning follows it down to the retention.
-        let mut steps = Vec::new();
-        let pruned = run(&store, &config, 0, || Some(249), |l| steps.push(l)).unwrap();
-        assert_eq!(steps, vec![201]);
+        // Only as far as was announced: 180, though the target is 201.
+        let pruned = run(&store, &config, 0, Some(180), with(None)).unwrap();
+        assert_eq!((pruned.lowest, pruned.target), (180, Some(201)));
+        let pruned = run(&store, &config, 0, Some(201), with(None)).unwrap();
         assert_eq!(pruned.lowest, 201);
-        // Retention reached: nothing more, with or without an executor.
-        let pruned = run(&store, &config, 0, || None, |_| {}).unwrap();
+        assert_eq!(store.lowest_available_commit().unwrap(), 201);
+        // Retention reached: nothing more.
+        let pruned = run(&store, &config, 0, Some(250), with(None)).unwrap();
         assert_eq!(
             pruned,
             Pruned {
                 lowest: 201,
-                commits: 0
+                commits: 0,
+                target: None
             }
         );
     }

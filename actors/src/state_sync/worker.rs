@@ -417,11 +417,16 @@ impl PeerCalls {
         let Ok(peers) = self.heights.send(PeersBehind { index: last.index }).await else {
             return;
         };
-        for peer in peers {
+        // Concurrently: one peer that never answers holds up no other.
+        let push = |peer| {
             let message = proto::PushCommitRequest { index: last.index };
             let call = |mut c: Client, r| async move { c.push_commit(r).await };
-            let _ = self.outbound.call(peer, message, call).await;
-        }
+            let outbound = self.outbound.clone();
+            async move {
+                let _ = outbound.call(peer, message, call).await;
+            }
+        };
+        futures::future::join_all(peers.into_iter().map(push)).await;
     }
 }
 

@@ -17,7 +17,7 @@
 //! given yet.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use soma_store::ConsensusStore;
 use soma_types::{BlockRef, CommitIndex, CommittedSubDag};
@@ -54,37 +54,62 @@ impl From<soma_store::Error> for StreamError {
 /// commit the executor has taken (it has executed every commit before the
 /// one it holds).
 #[derive(Clone, Debug)]
-pub(crate) struct Execution(watch::Sender<Option<CommitIndex>>);
+pub(crate) struct Execution {
+    taken: watch::Sender<Option<CommitIndex>>,
+    /// Held across each prune step and each registration, so an executor
+    /// never registers below a step in progress.
+    pruning: Arc<Mutex<()>>,
+}
 
 impl Execution {
     pub(crate) fn new() -> Self {
-        Execution(watch::Sender::new(None))
+        Execution {
+            taken: watch::Sender::new(None),
+            pruning: Arc::default(),
+        }
+    }
+
+    /// The executor's position, with the guard a prune step holds.
+    pub(crate) fn hold(&self) -> (Option<CommitIndex>, MutexGuard<'_, ()>) {
+        let guard = self.pruning.lock().unwrap_or_else(PoisonError::into_inner);
+        (self.executed(), guard)
     }
 
     /// Where the executor is, as state sync and pruning see it.
     pub(crate) fn subscribe(&self) -> watch::Receiver<Option<CommitIndex>> {
-        self.0.subscribe()
+        self.taken.subscribe()
     }
 
     /// The last commit the executor has taken, if one is registered.
     pub(crate) fn executed(&self) -> Option<CommitIndex> {
-        *self.0.borrow()
+        *self.taken.borrow()
     }
 
-    /// Registers an executor that has taken every commit up to `taken`;
-    /// false if one is registered already.
-    fn register(&self, taken: CommitIndex) -> bool {
-        self.0.send_if_modified(|e| match e {
+    /// Registers an executor that has taken every commit up to `taken`,
+    /// unless one is registered already or the commit after `taken` is
+    /// pruned.
+    fn register(&self, taken: CommitIndex, store: &dyn ConsensusStore) -> Result<(), Refused> {
+        let _guard = self.pruning.lock().unwrap_or_else(PoisonError::into_inner);
+        let lowest = store.lowest_available_commit().map_err(Refused::Store)?;
+        if taken + 1 < lowest {
+            return Err(Refused::Pruned(lowest));
+        }
+        let registered = self.taken.send_if_modified(|e| match e {
             Some(_) => false,
             None => {
                 *e = Some(taken);
                 true
             }
-        })
+        });
+        if registered {
+            Ok(())
+        } else {
+            Err(Refused::Taken)
+        }
     }
 
     fn advance(&self, taken: CommitIndex) {
-        self.0.send_if_modified(|e| match e {
+        self.taken.send_if_modified(|e| match e {
             Some(at) if *at < taken => {
                 *at = taken;
                 true
@@ -94,8 +119,19 @@ impl Execution {
     }
 
     fn unregister(&self) {
-        self.0.send_replace(None);
+        self.taken.send_replace(None);
     }
+}
+
+/// Why an executor could not register.
+#[derive(Debug)]
+pub(super) enum Refused {
+    /// Another executor is registered.
+    Taken,
+    /// The first commit it asks for is pruned; the lowest kept.
+    Pruned(CommitIndex),
+    /// The store failed.
+    Store(soma_store::Error),
 }
 
 /// What a [`CommitStream`] is made from.
@@ -124,6 +160,7 @@ pub struct CommitStream {
     /// behind) rather than taken from the broadcast.
     behind: bool,
     executor: Option<Execution>,
+    store_reads: u64,
 }
 
 impl CommitStream {
@@ -136,17 +173,15 @@ impl CommitStream {
             buffer: VecDeque::new(),
             behind: true,
             executor: None,
+            store_reads: 0,
         }
     }
 
-    /// The same stream, registered as the executor; `None` if an executor
-    /// is registered already.
-    pub(super) fn executor(mut self, execution: &Execution) -> Option<Self> {
-        if !execution.register(self.next - 1) {
-            return None;
-        }
+    /// The same stream, registered as the executor.
+    pub(super) fn executor(mut self, execution: &Execution) -> Result<Self, Refused> {
+        execution.register(self.next - 1, self.source.store.as_ref())?;
         self.executor = Some(execution.clone());
-        Some(self)
+        Ok(self)
     }
 
     /// The index of the commit the next call delivers.
@@ -161,17 +196,36 @@ impl CommitStream {
 
     /// The next commit. An executor's call also tells the node that every
     /// commit delivered before has been executed: its lead and pruning
-    /// move on.
+    /// move on. Cancel-safe: a call dropped before it returns loses
+    /// nothing (the commit is read again by the next call).
     pub async fn next(&mut self) -> Result<CommittedSubDag, StreamError> {
         if let Some(execution) = &self.executor {
             execution.advance(self.next - 1);
         }
+        let result = self.next_commit().await;
+        if result.is_err()
+            && let Some(execution) = self.executor.take()
+        {
+            // An executor that cannot go on must not hold sync and pruning.
+            execution.unregister();
+        }
+        result
+    }
+
+    /// Store reads made so far (one more each time the stream falls
+    /// behind or catches up).
+    pub fn store_reads(&self) -> u64 {
+        self.store_reads
+    }
+
+    async fn next_commit(&mut self) -> Result<CommittedSubDag, StreamError> {
         loop {
             if let Some(subdag) = self.buffer.pop_front() {
                 return Ok(self.deliver(subdag));
             }
             if self.behind {
                 let read = self.read().await?;
+                self.store_reads += 1;
                 if read.is_empty() {
                     // Caught up: whatever is applied next is broadcast
                     // after this subscriber subscribed.
@@ -221,8 +275,9 @@ impl Drop for CommitStream {
     }
 }
 
-/// The stored commits from `next` up to the watermark, stopping before
-/// `max_bytes` of commits (at least one), each with its blocks.
+/// The stored commits from `next` up to the watermark, each with its
+/// blocks, stopping before `max_bytes` of commits and again before
+/// `max_bytes` of blocks (at least one commit).
 fn read_from(
     store: &dyn ConsensusStore,
     next: CommitIndex,
@@ -237,25 +292,24 @@ fn read_from(
         let lowest = store.lowest_available_commit()?;
         return Err(StreamError::Pruned { next, lowest });
     }
-    let refs: Vec<BlockRef> = commits
-        .iter()
-        .flat_map(|c| c.commit().blocks.iter().copied())
-        .collect();
-    let found = store.blocks(&refs)?;
-    let blocks: std::collections::HashMap<BlockRef, _> = refs
-        .into_iter()
-        .zip(found)
-        .filter_map(|(r, b)| Some((r, b?)))
-        .collect();
-    commits
-        .iter()
-        .map(|c| {
-            CommittedSubDag::new(c, |r| blocks.get(r).cloned()).map_err(|_| {
-                let missing = c.commit().blocks.iter().find(|r| !blocks.contains_key(r));
-                StreamError::Store(soma_store::Error::MissingBlock(
-                    missing.copied().unwrap_or_default(),
-                ))
-            })
-        })
-        .collect()
+    let mut subdags = Vec::with_capacity(commits.len());
+    let mut block_bytes = 0;
+    for commit in &commits {
+        if !subdags.is_empty() && block_bytes >= max_bytes {
+            break;
+        }
+        let refs: &[BlockRef] = &commit.commit().blocks;
+        let found = store.blocks(refs)?;
+        let mut blocks = std::collections::HashMap::with_capacity(refs.len());
+        for (r, block) in refs.iter().zip(found) {
+            let block = block.ok_or(soma_store::Error::MissingBlock(*r))?;
+            block_bytes += block.serialized().len();
+            blocks.insert(*r, block);
+        }
+        let subdag = CommittedSubDag::new(commit, |r| blocks.get(r).cloned()).map_err(|_| {
+            soma_store::Error::MissingBlock(refs.first().copied().unwrap_or_default())
+        })?;
+        subdags.push(subdag);
+    }
+    Ok(subdags)
 }

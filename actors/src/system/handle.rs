@@ -129,6 +129,14 @@ pub enum P2pError {
     /// The actor's mailbox is full; try again later.
     #[error("the node is busy; try again")]
     Busy,
+    /// The executor asked for a commit the node has pruned.
+    #[error("commit {index} is pruned; the lowest kept is {lowest}")]
+    Pruned {
+        /// The commit asked for.
+        index: CommitIndex,
+        /// The lowest commit the store keeps.
+        lowest: CommitIndex,
+    },
     /// An executor is registered already (its stream is alive).
     #[error("an executor is registered already")]
     ExecutorRegistered,
@@ -286,10 +294,19 @@ impl P2pHandle {
     /// anything, and pruning never removes a commit it has not taken.
     /// One executor at a time: [`P2pError::ExecutorRegistered`] while
     /// another's stream lives; dropping the stream unregisters it.
+    ///
+    /// The node does not persist the executor's position: register it
+    /// right after start (the first prune runs one `prune.interval_ms`
+    /// later), or a pruning node may remove commits it has not executed.
     pub fn subscribe_executor_from(&self, index: CommitIndex) -> Result<CommitStream, P2pError> {
+        use super::commits::Refused;
         self.subscribe_synced_commits_from(index)
             .executor(&self.inner.execution)
-            .ok_or(P2pError::ExecutorRegistered)
+            .map_err(|e| match e {
+                Refused::Taken => P2pError::ExecutorRegistered,
+                Refused::Pruned(lowest) => P2pError::Pruned { index, lowest },
+                Refused::Store(e) => P2pError::Store(e),
+            })
     }
 
     /// Hands a commit of local consensus to the node. It takes the path of

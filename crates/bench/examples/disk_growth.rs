@@ -28,7 +28,9 @@ fn main() {
     let ranges = chain.batch_ranges(100);
     let (first, second) = ranges.split_at(ranges.len() / 2);
     for range in first {
-        store.write_synced_batch(chain.batch(range.clone())).unwrap();
+        store
+            .write_synced_batch(chain.batch(range.clone()))
+            .unwrap();
     }
     let full = size();
     println!(
@@ -38,7 +40,9 @@ fn main() {
         full / commits
     );
     for range in second {
-        store.write_synced_batch(chain.batch(range.clone())).unwrap();
+        store
+            .write_synced_batch(chain.batch(range.clone()))
+            .unwrap();
         let watermark = *range.end();
         store
             .prune_below(watermark.saturating_sub(KEEP - 1))

@@ -142,6 +142,9 @@ pub struct P2pSection {
     pub prune_interval: Duration,
     /// Commits removed in one write transaction at most.
     pub prune_batch_commits: u64,
+    /// Time between advertising a new lowest commit and deleting below it.
+    #[serde(with = "humantime_serde")]
+    pub prune_grace: Duration,
     /// Commits sync fetches past the last one a registered executor took.
     pub max_lead_over_execution: u64,
     /// Whether synced block signatures are checked.
@@ -244,6 +247,7 @@ impl Default for P2pSection {
             retention: retention_text(p.prune.retention),
             prune_interval: Duration::from_millis(p.prune.interval_ms),
             prune_batch_commits: p.prune.batch_commits,
+            prune_grace: Duration::from_millis(p.prune.grace_ms),
             max_lead_over_execution: p.state_sync.max_lead_over_execution,
             verify_synced_block_signatures: p.verify_synced_block_signatures,
             max_concurrent_streams: p.grpc.max_concurrent_streams,
@@ -609,6 +613,15 @@ impl NodeConfig {
             between(p.prune_interval, 100, 86_400_000),
             ms(p.prune_interval),
         )?;
+        // Peers learn a node's lowest commit by asking every
+        // height-query-interval; a request may take up to the timeout.
+        range(
+            "p2p.prune-grace",
+            "at least p2p.height-query-interval plus p2p.timeout, at most 1 day",
+            p.prune_grace >= p.height_query_interval + p.timeout
+                && between(p.prune_grace, 0, 86_400_000),
+            ms(p.prune_grace),
+        )?;
         range(
             "p2p.prune-batch-commits",
             "between 1 and 1000000",
@@ -730,6 +743,8 @@ impl NodeConfig {
             retention: parse_retention(&p.retention).unwrap_or_default(),
             interval_ms: p.prune_interval.as_millis() as u64,
             batch_commits: p.prune_batch_commits,
+            grace_ms: p.prune_grace.as_millis() as u64,
+            ..soma_actors::state_sync::prune::Config::default()
         };
         c.state_sync.parallel_fetches = p.parallel_fetches;
         c.max_fetches_per_peer = p.max_fetches_per_peer;
@@ -891,10 +906,14 @@ synced-commit-broadcast-capacity = {broadcast}
 # What the store keeps: "all" (an archive), "commits:N" (the last N
 # commits) or "epochs:N" (the last N epochs). Pruning runs every
 # prune-interval, at most prune-batch-commits per write, and never removes
-# a commit a registered executor has not taken yet.
+# a commit a registered executor has not taken yet. A new lowest commit is
+# advertised prune-grace before commits below it are deleted, so peers
+# with an older view are still served (at least height-query-interval plus
+# timeout).
 retention = "{retention}"
 prune-interval = "{prune_interval}"
 prune-batch-commits = {prune_batch}
+prune-grace = "{prune_grace}"
 # Commits sync fetches past the last one a registered executor has taken
 # (at least commit-sync-batch-size); sync pauses there.
 max-lead-over-execution = {lead}
@@ -982,6 +1001,7 @@ max-connection-age-grace = "{grace}"
         retention = p.retention,
         prune_interval = humantime_serde::re::humantime::format_duration(p.prune_interval),
         prune_batch = p.prune_batch_commits,
+        prune_grace = humantime_serde::re::humantime::format_duration(p.prune_grace),
         lead = p.max_lead_over_execution,
         verify = p.verify_synced_block_signatures,
         streams = p.max_concurrent_streams,
