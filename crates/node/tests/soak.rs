@@ -35,6 +35,7 @@
 //! are printed as a table and written, with a summary and a plot,
 //! to `target/soak/` (`samples.csv`, `summary.txt`, `samples.svg`).
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs;
@@ -160,6 +161,56 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// the node's dials to them fail at once.
 const ADVERTISED: &str = "127.0.0.1:1";
 
+/// Bytes allocated in this process and not yet freed: the heap the node
+/// holds, beside what the allocator keeps resident after frees. It tells
+/// a leak (the heap grows) from freed memory the allocator keeps (only
+/// the resident memory grows); it is reported, not judged.
+static LIVE_HEAP: AtomicU64 = AtomicU64::new(0);
+
+/// The system allocator, counting [`LIVE_HEAP`].
+struct Counting;
+
+// SAFETY: every call goes to the system allocator unchanged; the counter
+// only adds and subtracts the sizes of the blocks it returns and frees.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller's guarantees, passed on.
+        let block = unsafe { System.alloc(layout) };
+        if !block.is_null() {
+            LIVE_HEAP.fetch_add(layout.size() as u64, Ordering::Relaxed);
+        }
+        block
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller's guarantees, passed on.
+        let block = unsafe { System.alloc_zeroed(layout) };
+        if !block.is_null() {
+            LIVE_HEAP.fetch_add(layout.size() as u64, Ordering::Relaxed);
+        }
+        block
+    }
+
+    unsafe fn dealloc(&self, block: *mut u8, layout: Layout) {
+        // SAFETY: the caller's guarantees, passed on.
+        unsafe { System.dealloc(block, layout) };
+        LIVE_HEAP.fetch_sub(layout.size() as u64, Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, block: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: the caller's guarantees, passed on.
+        let moved = unsafe { System.realloc(block, layout, new_size) };
+        if !moved.is_null() {
+            LIVE_HEAP.fetch_add(new_size as u64, Ordering::Relaxed);
+            LIVE_HEAP.fetch_sub(layout.size() as u64, Ordering::Relaxed);
+        }
+        moved
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
 /// The run's length, warm-up and sample interval.
 #[derive(Clone, Copy, Debug)]
 struct Plan {
@@ -196,6 +247,12 @@ struct Sample {
     /// Seconds since the node started.
     t: f64,
     rss_bytes: u64,
+    /// Of `rss_bytes`, anonymous memory (heap, stacks), and pages of files
+    /// (the binary's code, faulted in as new paths run).
+    rss_anon_bytes: u64,
+    rss_file_bytes: u64,
+    /// See [`LIVE_HEAP`].
+    heap_bytes: u64,
     fds: u64,
     threads: u64,
     tracked_peers: u64,
@@ -316,8 +373,13 @@ impl Sampled<'_> {
     /// One sample: the process first, then the node, the store and the
     /// executor, then the validators' tip.
     fn sample(&self, t: f64) -> Result<Sample, String> {
-        let (rss_bytes, fds, threads) = (
+        let (rss_bytes, rss_anon_bytes, rss_file_bytes) = (
             proc_status("VmRSS") * 1024,
+            proc_status("RssAnon") * 1024,
+            proc_status("RssFile") * 1024,
+        );
+        let (heap_bytes, fds, threads) = (
+            LIVE_HEAP.load(Ordering::Relaxed),
             open_fds(),
             proc_status("Threads"),
         );
@@ -332,6 +394,9 @@ impl Sampled<'_> {
         Ok(Sample {
             t,
             rss_bytes,
+            rss_anon_bytes,
+            rss_file_bytes,
+            heap_bytes,
             fds,
             threads,
             tracked_peers: tracked.len() as u64,
@@ -783,8 +848,10 @@ fn soak_node_stays_flat() {
             restart_window_ms: 60_000,
         },
         faults: Some(faults.clone()),
-        // Pruning, and sync held to the executor: see `Pruner` and
-        // `Executor` (issue 16) for the settings that come here.
+        // Issue 16: once the node has them, `retention:
+        // Retention::Commits(RETENTION_COMMITS)` and
+        // `max_lead_over_execution: MAX_LEAD_OVER_EXECUTION` go here, and
+        // `Pruner` and the broadcast in `Executor` go.
         ..P2pConfig::default()
     };
     let node = P2pBuilder::new(
@@ -1013,9 +1080,11 @@ fn results_dir() -> PathBuf {
 
 fn header() -> String {
     format!(
-        "{:>6} {:>9} {:>5} {:>7} {:>7} {:>5} {:>9} {:>7} {:>5} {:>8}",
+        "{:>6} {:>9} {:>9} {:>9} {:>5} {:>7} {:>7} {:>5} {:>9} {:>7} {:>5} {:>8}",
         "t s",
         "rss MiB",
+        "anon MiB",
+        "heap MiB",
         "fds",
         "threads",
         "tracked",
@@ -1029,9 +1098,11 @@ fn header() -> String {
 
 fn row(s: &Sample) -> String {
     format!(
-        "{:>6.0} {:>9.1} {:>5} {:>7} {:>7} {:>5} {:>9} {:>7} {:>5} {:>8}",
+        "{:>6.0} {:>9.1} {:>9.1} {:>9.1} {:>5} {:>7} {:>7} {:>5} {:>9} {:>7} {:>5} {:>8}",
         s.t,
         s.rss_bytes as f64 / (1 << 20) as f64,
+        s.rss_anon_bytes as f64 / (1 << 20) as f64,
+        s.heap_bytes as f64 / (1 << 20) as f64,
         s.fds,
         s.threads,
         s.tracked_peers,
@@ -1084,6 +1155,15 @@ fn judge(plan: &Plan, samples: &[Sample], bound: u64) -> Verdict {
             }
         }
     }
+    if let Some(first) = after.first() {
+        let worst = after.iter().map(|s| s.heap_bytes).max().unwrap_or(0);
+        let _ = writeln!(
+            text,
+            "live heap (reported, not judged): first after warm-up {}, most {worst} ({:.3}×)",
+            first.heap_bytes,
+            worst as f64 / first.heap_bytes.max(1) as f64
+        );
+    }
     let worst_store = after.iter().map(|s| s.store_bytes).max().unwrap_or(0);
     let _ = writeln!(
         text,
@@ -1121,14 +1201,17 @@ fn judge(plan: &Plan, samples: &[Sample], bound: u64) -> Verdict {
 
 fn write_results(dir: &Path, plan: &Plan, samples: &[Sample], summary: &str, verdict: &Verdict) {
     let mut csv = String::from(
-        "t_s,rss_bytes,fds,threads,tracked_peers,known_peers,store_bytes,synced,highest_known,tip,sync_lag,executed\n",
+        "t_s,rss_bytes,rss_anon_bytes,rss_file_bytes,heap_bytes,fds,threads,tracked_peers,known_peers,store_bytes,synced,highest_known,tip,sync_lag,executed\n",
     );
     for s in samples {
         let _ = writeln!(
             csv,
-            "{:.1},{},{},{},{},{},{},{},{},{},{},{}",
+            "{:.1},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             s.t,
             s.rss_bytes,
+            s.rss_anon_bytes,
+            s.rss_file_bytes,
+            s.heap_bytes,
             s.fds,
             s.threads,
             s.tracked_peers,
@@ -1169,6 +1252,17 @@ fn plot(
             (format!("{name} / first after warm-up"), points)
         })
         .collect();
+    let warm_up = plan.warm_up.as_secs_f64();
+    if let Some(first) = samples.iter().find(|s| s.t >= warm_up) {
+        let heap = first.heap_bytes.max(1) as f64;
+        series.push((
+            "live heap / first after warm-up (not judged)".to_owned(),
+            samples
+                .iter()
+                .map(|s| (s.t, s.heap_bytes as f64 / heap))
+                .collect(),
+        ));
+    }
     let bound = verdict.store_bound.max(1) as f64;
     series.push((
         "store / retention bound".to_owned(),
@@ -1191,6 +1285,7 @@ fn plot(
         RGBColor(148, 103, 189),
         RGBColor(140, 86, 75),
         RGBColor(23, 190, 207),
+        RGBColor(188, 189, 34),
         RGBColor(227, 119, 194),
     ];
     let t_max = samples.last().map_or(1.0, |s| s.t).max(1.0);
@@ -1238,7 +1333,6 @@ fn plot(
             .label(label)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
     }
-    let warm_up = plan.warm_up.as_secs_f64();
     chart
         .draw_series(DashedLineSeries::new(
             vec![(warm_up, 0.0), (warm_up, y_max)],
