@@ -136,9 +136,11 @@ const PEER_FLOOR: f64 = 5.0;
 /// allowed; a node that stops syncing passes it within 30 s.
 const SYNC_LAG_BOUND: u64 = 30 * COMMIT_RATE as u64;
 /// The store's overhead over the bytes of blocks it retains: B-tree pages
-/// are at least half full, and commits, certificates and the index of
-/// blocks' holders come on top of the blocks.
-const STORE_SLACK: u64 = 2;
+/// are at least half full (2×); commits, certificates and the index of
+/// blocks' holders come on top of the blocks, and the pages a write frees
+/// are reused only by later writes (one more time, together). A 600 s run
+/// saw redb shrink its file to 2.1 times those bytes, then double it.
+const STORE_SLACK: u64 = 3;
 /// redb grows a full file to twice its size (below 4 GiB), so the file
 /// may be up to twice what it holds.
 const REDB_GROWTH: u64 = 2;
