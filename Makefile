@@ -3,7 +3,7 @@ CARGO ?= cargo
 # nextest runs test binaries in parallel; plain `cargo test` is the fallback.
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: all build test lint deny no-test-hooks fmt bench bench-quick bench-micro demo fuzz doc netns-test clean
+.PHONY: all build test lint deny no-test-hooks fmt bench bench-quick bench-micro demo soak fuzz doc netns-test clean
 
 all: build
 
@@ -56,6 +56,15 @@ fmt:
 ## demo: build and run the local network demo (4 validators, a fresh node syncs)
 demo:
 	$(CARGO) run --release --locked -p soma-node -- localnet --nodes 4 --commits 5000
+
+## soak: the soak test in release mode for SOAK_SECONDS (default 600): three
+## validator processes, a syncing node with pruning and a slow executor under
+## caller churn, validator restarts and actor panics, sampled every 10 s; it
+## fails if a sample grows past its limit. Writes target/soak/samples.csv,
+## summary.txt and samples.svg. `make test` runs a 60 s version.
+SOAK_SECONDS ?= 600
+soak:
+	SOAK_SECONDS=$(SOAK_SECONDS) $(CARGO) test --release --locked -p soma-node --test soak -- --nocapture
 
 ## bench: the benchmark harness in release mode: prints every figure beside its
 ## reference and writes docs/benchmarks.md and docs/benchmarks.json (under 15 min)

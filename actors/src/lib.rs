@@ -26,6 +26,7 @@ mod blob;
 pub mod connections;
 mod core;
 pub mod discovery;
+pub mod dropped;
 pub mod faults;
 pub mod grpc;
 mod holders;

@@ -86,7 +86,8 @@ impl Attack {
         assert_eq!(synced, self.chain.commit_ref(synced.index));
         let full = validator(&self.chain, 2);
         self.node
-            .connect(Some(full.peer_id()), full.local_addr().to_string());
+            .connect(Some(full.peer_id()), full.local_addr().to_string())
+            .expect("Connections takes the dial");
         soma_testkit::wait_synced(&self.node, TIP, DEADLINE).await;
         assert_same_chain(&self.chain, self.store.as_ref());
         let views = self.node.peer_heights().await.unwrap();
@@ -249,7 +250,8 @@ async fn a_slow_peer_measured_first_does_not_keep_faster_peers_from_being_tried(
     }
     let honest: Vec<P2pHandle> = (1..=3).map(|k| validator(&chain, k)).collect();
     for h in &honest {
-        node.connect(Some(h.peer_id()), h.local_addr().to_string());
+        node.connect(Some(h.peer_id()), h.local_addr().to_string())
+            .expect("Connections takes the dial");
     }
     soma_testkit::wait_synced(&node, TIP, DEADLINE).await;
     assert_same_chain(&chain, store.as_ref());

@@ -38,7 +38,8 @@ async fn a_flood_of_unrequested_maximal_chunks_is_cut_at_the_first_block_and_the
     let status = node.sync_status().await.unwrap();
     assert!(status.synced <= 200, "{status:?}");
     let full = validator(&chain, 2);
-    node.connect(Some(full.peer_id()), full.local_addr().to_string());
+    node.connect(Some(full.peer_id()), full.local_addr().to_string())
+        .expect("Connections takes the dial");
     soma_testkit::wait_synced(&node, chain.tip(), DEADLINE).await;
     assert_same_chain(&chain, store.as_ref());
     node.shutdown().await;

@@ -108,7 +108,8 @@ async fn heights_pushed_by_a_flood_of_identities_do_not_stop_sync_from_an_honest
 
     // The honest peer arrives: it is tracked and the node syncs all of it.
     let honest = soma_testkit::validator(&chain, 1);
-    node.connect(Some(honest.peer_id()), honest.local_addr().to_string());
+    node.connect(Some(honest.peer_id()), honest.local_addr().to_string())
+        .expect("Connections takes the dial");
     soma_testkit::wait_synced(&node, chain.tip(), WAIT).await;
     assert_same_chain(&chain, store.as_ref());
     let views = node.peer_heights().await.unwrap();
@@ -138,7 +139,8 @@ async fn push_counts_only_from_a_peer_the_node_is_connected_to() {
     let stranger = NodeIdentity::generate(&KeyPair::from_seed([43; 32])).unwrap();
     push(&a, &stranger, 77).await;
 
-    a.connect(Some(b.peer_id()), b.local_addr().to_string());
+    a.connect(Some(b.peer_id()), b.local_addr().to_string())
+        .expect("Connections takes the dial");
     wait_for("b's availability answer", || async {
         a.peer_heights()
             .await
@@ -174,7 +176,8 @@ async fn peer_that_disconnects_is_forgotten() {
     config.connections.probe_interval_ms = 100;
     let (node, _) = start(&chain, 9, config);
     let honest = soma_testkit::validator(&chain, 1);
-    node.connect(Some(honest.peer_id()), honest.local_addr().to_string());
+    node.connect(Some(honest.peer_id()), honest.local_addr().to_string())
+        .expect("Connections takes the dial");
     soma_testkit::wait_synced(&node, chain.tip(), WAIT).await;
     assert_eq!(tracked(&node).await, vec![honest.peer_id()]);
 

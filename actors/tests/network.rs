@@ -98,11 +98,15 @@ async fn three_handles_connect_over_mutual_tls() {
     let a = validator(&chain, 1);
     let b = empty(&chain, 2);
     let c = empty(&chain, 3);
-    b.connect(Some(a.peer_id()), a.local_addr().to_string());
-    c.connect(Some(a.peer_id()), a.local_addr().to_string());
-    a.connect(Some(b.peer_id()), b.local_addr().to_string());
+    b.connect(Some(a.peer_id()), a.local_addr().to_string())
+        .expect("Connections takes the dial");
+    c.connect(Some(a.peer_id()), a.local_addr().to_string())
+        .expect("Connections takes the dial");
+    a.connect(Some(b.peer_id()), b.local_addr().to_string())
+        .expect("Connections takes the dial");
     // A seed known only by address: its id is learnt from the handshake.
-    c.connect(None, b.local_addr().to_string());
+    c.connect(None, b.local_addr().to_string())
+        .expect("Connections takes the dial");
     wait_for("b to connect to a", || async {
         b.connected_peers().await.unwrap() == vec![a.peer_id()]
     })

@@ -152,7 +152,8 @@ async fn a_member_of_a_committee_installed_by_sync_gets_a_reserved_slot() {
     node.connect(
         Some(validator.peer_id()),
         validator.local_addr().to_string(),
-    );
+    )
+    .expect("Connections takes the dial");
     soma_testkit::wait_synced(&node, TIP, DEADLINE).await;
     wait_until("committee 1 reserved", || inbound().reserved_peers == 9).await;
 

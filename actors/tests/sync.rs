@@ -187,7 +187,8 @@ mod byzantine {
 
         // With an honest peer, sync completes; nothing bad is stored or
         // broadcast.
-        node.connect(Some(honest.peer_id()), honest.local_addr().to_string());
+        node.connect(Some(honest.peer_id()), honest.local_addr().to_string())
+            .expect("Connections takes the dial");
         wait_synced(&node, 600).await;
         assert_same_chain(&chain, store.as_ref());
         let seen = tokio::time::timeout(DEADLINE, collector)

@@ -1,6 +1,7 @@
 //! The one way to call a peer: get its client from Connections, bound the
 //! call by the request timeout, and type what went wrong.
 
+use crate::dropped::{Droppable, try_send};
 use std::future::Future;
 use std::time::Duration;
 
@@ -111,7 +112,12 @@ impl Outbound {
         };
         let result = call_client(client, self.timeout, message, call).await;
         if result.as_ref().err() == Some(&CallError::Transport) {
-            self.connections.do_send(ReportBroken { peer });
+            // The probe finds a broken connection too, if this is dropped.
+            try_send(
+                &self.connections,
+                ReportBroken { peer },
+                Droppable::ReportBroken,
+            );
         }
         result
     }

@@ -1,5 +1,6 @@
 use std::time::Duration;
 
+use crate::dropped::{Droppable, try_send};
 use actix::{
     Actor, ActorFutureExt, Addr, AsyncContext, Context, Handler, Message, ResponseActFuture,
     Supervised, WrapFuture,
@@ -111,9 +112,12 @@ impl Discovery {
         for output in self.driver.step(input) {
             match output {
                 Output::Query { peer } => self.query(peer, ctx),
-                Output::Dial { peer, address } => {
-                    self.deps.connections.do_send(Connect { peer, address })
-                }
+                // The next round dials again what a full mailbox drops.
+                Output::Dial { peer, address } => try_send(
+                    &self.deps.connections,
+                    Connect { peer, address },
+                    Droppable::Dial,
+                ),
                 other => replies.push(other),
             }
         }

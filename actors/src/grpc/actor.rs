@@ -1,3 +1,4 @@
+use crate::dropped::{Droppable, try_send};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -133,10 +134,12 @@ impl Handler<CallMsg> for GrpcAdapter {
             match output {
                 Output::Admit { id: admitted, work } if admitted == id => {
                     if let Work::PushCommit { peer, index } = &work {
-                        self.deps.peer_heights.do_send(PushHeight {
+                        // A height claim: the next query repeats it.
+                        let push = PushHeight {
                             peer: *peer,
                             highest: *index,
-                        });
+                        };
+                        try_send(&self.deps.peer_heights, push, Droppable::PushHeight);
                     }
                     result = Ok(Admission {
                         work,

@@ -21,7 +21,7 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
@@ -110,7 +110,11 @@ impl SendStats {
 }
 
 /// Cuts a response still being sent: its body, producer and guard are
-/// dropped (outside the lock). False if it had ended already.
+/// dropped (outside the lock), and the transport's task is woken, so it
+/// polls the body again and sends the error. (The task may be waiting on
+/// the producer just dropped, which would never wake it: the client would
+/// wait for the rest of the answer for good.) False if it had ended
+/// already.
 fn cut(state: &Mutex<State>) -> bool {
     let cut = {
         let mut state = lock(state);
@@ -119,7 +123,13 @@ fn cut(state: &Mutex<State>) -> bool {
             _ => return false,
         }
     };
-    drop(cut);
+    if let State::Sending(mut sending) = cut {
+        let waker = sending.waker.take();
+        drop(sending);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
     true
 }
 
@@ -252,6 +262,8 @@ struct Sending {
     /// it asks only while the client's window has room, so a client that
     /// does not read leaves this behind.
     last_polled: Instant,
+    /// The transport's task, as of its last poll: woken by a cut.
+    waker: Option<Waker>,
 }
 
 /// A response body cut at its deadline; see the module docs.
@@ -271,6 +283,7 @@ impl DeadlineBody {
             rest: Bytes::new(),
             guard,
             last_polled: Instant::now(),
+            waker: None,
         })));
         if let Some(id) = id {
             lock(&stats.sending).insert(id, Arc::downgrade(&state));
@@ -333,6 +346,9 @@ impl http_body::Body for DeadlineBody {
         let sending = match &mut *state {
             State::Sending(s) => {
                 s.last_polled = Instant::now();
+                if !s.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    s.waker = Some(cx.waker().clone());
+                }
                 s
             }
             State::Finished => return Poll::Ready(None),
@@ -467,5 +483,55 @@ mod tests {
         assert_eq!(budget.connections(), 0);
         let after = next(&mut sent).await.unwrap().unwrap_err();
         assert_eq!(after.code(), tonic::Code::DeadlineExceeded);
+    }
+
+    /// A producer that never yields a frame (the handler is starved).
+    struct Pending;
+
+    impl http_body::Body for Pending {
+        type Data = Bytes;
+        type Error = Status;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+            Poll::Pending
+        }
+    }
+
+    /// A response waiting on its producer when a newer fetch preempts it:
+    /// the transport's task is woken and gets the error, rather than wait
+    /// for good on a producer that was dropped.
+    #[tokio::test]
+    async fn a_response_cut_while_its_producer_is_pending_wakes_the_transport() {
+        let stats = Arc::new(SendStats::default());
+        let mut sent = DeadlineBody::new(
+            Body::new(Pending),
+            SendGuard::default(),
+            Duration::from_secs(3_600),
+            stats.clone(),
+        );
+        // Registered as fetch 7's answer, as an admitted fetch's is.
+        lock(&stats.sending).insert(7, Arc::downgrade(&sent.state));
+        let transport = tokio::spawn(async move { next(&mut sent).await });
+        // The transport has polled the body and waits on the producer.
+        while lock(&stats.sending)
+            .get(&7)
+            .and_then(Weak::upgrade)
+            .is_some_and(|s| matches!(&*lock(&s), State::Sending(s) if s.waker.is_none()))
+        {
+            tokio::task::yield_now().await;
+        }
+        stats.preempt(7);
+        let frame = tokio::time::timeout(Duration::from_secs(10), transport)
+            .await
+            .expect("the transport was woken")
+            .unwrap();
+        assert_eq!(
+            frame.unwrap().unwrap_err().code(),
+            tonic::Code::DeadlineExceeded
+        );
+        assert_eq!(stats.responses_preempted(), 1);
     }
 }

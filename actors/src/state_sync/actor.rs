@@ -1,5 +1,6 @@
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
+use std::time::Instant;
 
 use actix::{
     Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, Message, ResponseFuture,
@@ -7,15 +8,17 @@ use actix::{
 };
 use soma_types::{CommitIndex, PeerId};
 use tokio::sync::oneshot;
-use tokio::task::AbortHandle;
+use tokio::task::{AbortHandle, JoinSet};
 
 use super::apply::{self, ApplyError, Batch};
 use super::core::StateSyncCore;
 use super::deps::Deps;
 use super::messages::*;
+use super::prune;
 use super::worker::{BatchData, Outcome, Worker, supervised};
 use crate::Driver;
 use crate::connections::PeerEvent;
+use crate::dropped::{self, Droppable};
 use crate::peer_heights::HighestKnownCommit;
 use crate::replay::Recorder;
 use crate::verifier::InstallCommittee;
@@ -36,6 +39,21 @@ pub struct StateSync {
     /// Set when a restart could not read the store: the actor stops at
     /// once, a failure for its supervisor.
     broken: Option<soma_store::Error>,
+    /// Rounds of height queries running: at most `max_background_calls`.
+    queries: JoinSet<()>,
+    /// The round of commit pushes running, if one is: one at a time, so
+    /// peers that never answer a push cannot crowd out height queries.
+    /// Both sets are aborted on a restart and when the actor is dropped.
+    pushes: JoinSet<()>,
+    /// Whether a prune run is under way (one at a time; it outlives a
+    /// restart, and so does this flag).
+    pruning: bool,
+    /// Prune targets advertised and not yet a grace old, oldest first (one
+    /// a run at most, so at most a grace's worth of runs).
+    announced: VecDeque<(Instant, CommitIndex)>,
+    /// The highest target advertised at least a grace ago: commits below
+    /// it may be deleted.
+    ripe: Option<CommitIndex>,
 }
 
 impl StateSync {
@@ -46,6 +64,9 @@ impl StateSync {
         let status = SyncStatus {
             synced: init.synced.index,
             highest_known: init.synced.index,
+            requested: init.synced.index,
+            executed: init.executed,
+            lowest_available: deps.store.lowest_available_commit()?,
             ..SyncStatus::default()
         };
         Ok(StateSync {
@@ -56,6 +77,11 @@ impl StateSync {
             workers: HashMap::new(),
             status,
             broken: None,
+            queries: JoinSet::new(),
+            pushes: JoinSet::new(),
+            pruning: false,
+            announced: VecDeque::new(),
+            ripe: None,
         })
     }
 
@@ -101,9 +127,9 @@ impl StateSync {
                     self.deps.calls().misbehaved(peer);
                 }
                 Output::QueryHeights { peer } => {
-                    self.deps
-                        .runtime
-                        .spawn(self.deps.calls().query_heights(peer));
+                    let round = self.deps.calls().query_heights(peer);
+                    let most = self.deps.max_background_calls;
+                    spawn_within(&mut self.queries, most, round, &self.deps.runtime);
                 }
                 Output::Reset => self.buffers.clear(),
                 Output::Discard { start } => {
@@ -114,6 +140,9 @@ impl StateSync {
         let core = self.driver.core();
         self.status.synced = core.synced().index;
         self.status.highest_known = core.highest_known();
+        self.status.requested = core.requested();
+        self.status.paused_for_executor = core.paused_for_executor();
+        self.status.unavailable = core.unavailable();
         let synced = self.status.synced;
         self.deps.availability.send_if_modified(|a| {
             let changed = a.highest != synced;
@@ -162,6 +191,34 @@ impl StateSync {
             batch,
             peer,
             result,
+        });
+    }
+
+    /// Prunes the store towards its retention on the blocking pool: only
+    /// below a target advertised at least `grace_ms` ago. A panic in the
+    /// run is reported like a store error, so pruning goes on next time.
+    fn prune(&mut self, ctx: &mut Context<Self>) {
+        if self.pruning || self.deps.prune.retention == prune::Retention::All {
+            return;
+        }
+        let grace = std::time::Duration::from_millis(self.deps.prune.grace_ms);
+        while let Some(&(at, target)) = self.announced.front()
+            && at.elapsed() >= grace
+        {
+            self.ripe = self.ripe.max(Some(target));
+            self.announced.pop_front();
+        }
+        self.pruning = true;
+        let (store, addr) = (self.deps.store.clone(), ctx.address());
+        let (config, execution) = (self.deps.prune.clone(), self.deps.execution.clone());
+        let (epoch, ripe) = (self.driver.core().expected_epoch(), self.ripe);
+        self.deps.runtime.spawn_blocking(move || {
+            let run = || prune::run(store.as_ref(), &config, epoch, ripe, || execution.hold());
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).unwrap_or(
+                Err(soma_store::Error::Database("the prune run panicked".into())),
+            );
+            // One run at a time: this send cannot pile up.
+            addr.do_send(PruneDone(result));
         });
     }
 
@@ -228,7 +285,10 @@ impl Handler<ApplyDone> for StateSync {
         };
         self.step(input, ctx);
         if wrote {
-            self.deps.runtime.spawn(self.deps.calls().push_commit(last));
+            // A round still running skips this one; the next write pushes
+            // a newer height.
+            let round = self.deps.calls().push_commit(last);
+            spawn_within(&mut self.pushes, 1, round, &self.deps.runtime);
         }
     }
 }
@@ -242,6 +302,21 @@ impl Actor for StateSync {
             tracing::error!(%e, "state sync cannot read its watermark");
             return ctx.stop();
         }
+        // The executor's progress, as it moves (a watch: only the latest
+        // value is kept, so a fast executor cannot flood the mailbox).
+        let executed = futures::stream::unfold(
+            (self.deps.execution.subscribe(), true),
+            |(mut rx, first)| async move {
+                if !first {
+                    rx.changed().await.ok()?;
+                }
+                let taken = *rx.borrow_and_update();
+                Some((ExecutorMoved(taken), (rx, false)))
+            },
+        );
+        ctx.add_stream(executed);
+        let prune_every = std::time::Duration::from_millis(self.deps.prune.interval_ms.max(1));
+        ctx.run_interval(prune_every, |act, ctx| act.prune(ctx));
         ctx.run_interval(self.deps.tick, |act, ctx| {
             let heights = act.deps.heights.clone();
             ctx.spawn(
@@ -253,6 +328,26 @@ impl Actor for StateSync {
     }
 }
 
+impl StateSync {
+    /// Aborts every worker and background call (their fetch slots are
+    /// released as they drop).
+    fn abort_tasks(&mut self) {
+        for (_, worker) in self.workers.drain() {
+            worker.abort();
+        }
+        self.queries.abort_all();
+        self.pushes.abort_all();
+    }
+}
+
+impl Drop for StateSync {
+    /// At shutdown (the System stops and drops its actors), no task of
+    /// this actor outlives it, even on a runtime the node does not own.
+    fn drop(&mut self) {
+        self.abort_tasks();
+    }
+}
+
 impl Supervised for StateSync {
     /// Workers are aborted (their slots are released as they drop) and
     /// fetched batches dropped; the watermark and epoch are read from the
@@ -260,9 +355,7 @@ impl Supervised for StateSync {
     /// Counters carry over. A write in flight still reports, as a write
     /// this core did not plan.
     fn restarting(&mut self, _: &mut Context<Self>) {
-        for (_, worker) in self.workers.drain() {
-            worker.abort();
-        }
+        self.abort_tasks();
         self.buffers.clear();
         match self.deps.init(self.driver.core().next_task()) {
             Ok(init) => self.driver.restart(init),
@@ -344,4 +437,57 @@ impl Handler<ApplyLocal> for StateSync {
         self.write(Batch::local(msg.0), Origin::Local(reply), ctx);
         Box::pin(async move { answer.await.unwrap_or(Err(ApplyError::Cancelled)) })
     }
+}
+
+impl actix::StreamHandler<ExecutorMoved> for StateSync {
+    fn handle(&mut self, moved: ExecutorMoved, ctx: &mut Context<Self>) {
+        self.status.executed = moved.0;
+        self.step(Input::Executed { taken: moved.0 }, ctx);
+    }
+
+    /// The watch closes only when the node is dropped.
+    fn finished(&mut self, _: &mut Context<Self>) {}
+}
+
+impl Handler<PruneDone> for StateSync {
+    type Result = ();
+    fn handle(&mut self, done: PruneDone, _: &mut Context<Self>) {
+        self.pruning = false;
+        match done.0 {
+            Ok(pruned) => {
+                self.status.lowest_available = pruned.lowest;
+                self.status.commits_pruned += pruned.commits;
+                if pruned.commits > 0 {
+                    tracing::debug!(lowest = pruned.lowest, pruned.commits, "store pruned");
+                }
+                // Advertised at once, deleted below a grace later.
+                let last = self.announced.back().map(|(_, t)| *t).max(self.ripe);
+                if let Some(target) = pruned.target.filter(|t| Some(*t) > last) {
+                    self.announced.push_back((Instant::now(), target));
+                }
+                let advertised = pruned.target.unwrap_or(0).max(pruned.lowest);
+                self.deps.availability.send_if_modified(|a| {
+                    let raised = advertised > a.lowest;
+                    a.lowest = a.lowest.max(advertised);
+                    raised
+                });
+            }
+            Err(e) => tracing::warn!(%e, "pruning failed; tried again at the next interval"),
+        }
+    }
+}
+
+/// Runs a round of calls to peers in `set`, unless `most` run already (the
+/// next tick or write repeats it: counted as dropped).
+fn spawn_within(
+    set: &mut JoinSet<()>,
+    most: usize,
+    round: impl Future<Output = ()> + Send + 'static,
+    runtime: &tokio::runtime::Handle,
+) {
+    while set.try_join_next().is_some() {}
+    if set.len() >= most {
+        return dropped::count(Droppable::PeerCall);
+    }
+    set.spawn_on(round, runtime);
 }

@@ -49,6 +49,10 @@ pub struct Config {
     /// milliseconds (a peer that connects is asked at once).
     #[serde(default = "default_height_query_interval_ms")]
     pub height_query_interval_ms: u64,
+    /// Commits fetched past the last one a registered executor has taken
+    /// at most: sync pauses there rather than run ahead of execution.
+    #[serde(default = "default_max_lead_over_execution")]
+    pub max_lead_over_execution: u64,
 }
 
 impl Default for Config {
@@ -67,12 +71,17 @@ impl Default for Config {
             restart_window_ms: 60_000,
             restart_backoff_ms: 50,
             height_query_interval_ms: default_height_query_interval_ms(),
+            max_lead_over_execution: default_max_lead_over_execution(),
         }
     }
 }
 
 fn default_height_query_interval_ms() -> u64 {
     1_000
+}
+
+fn default_max_lead_over_execution() -> u64 {
+    10_000
 }
 
 fn default_max_bytes_per_fetch() -> u64 {
@@ -131,6 +140,10 @@ pub struct Init {
     /// new task's.
     #[serde(default)]
     pub first_task: TaskId,
+    /// The last commit the registered executor has taken, if one is
+    /// registered.
+    #[serde(default)]
+    pub executed: Option<CommitIndex>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -281,6 +294,12 @@ pub struct StateSyncCore {
     /// Largest FetchCommits answer of the current epoch.
     commit_answer_bytes: u64,
     highest_known: CommitIndex,
+    /// The last commit the registered executor has taken, if one is.
+    executed: Option<CommitIndex>,
+    /// The highest commit a commit fetch has asked for.
+    requested: CommitIndex,
+    /// The next commit to fetch, while no connected peer holds it.
+    unavailable: Option<CommitIndex>,
     /// The end of the last verified commit batch (the next must link to it).
     verified: CommitRef,
     /// The commit stage: at most one fetch at a time.
@@ -314,6 +333,9 @@ impl Core for StateSyncCore {
             epoch: init.epoch,
             commit_answer_bytes: init.commit_answer_bytes,
             highest_known: init.synced.index,
+            executed: init.executed,
+            requested: init.synced.index,
+            unavailable: None,
             verified: init.synced,
             commit_task: None,
             commit_supervision: Supervision::default(),
@@ -341,6 +363,7 @@ impl Core for StateSyncCore {
                     out.push(Output::QueryHeights { peer: None });
                 }
             }
+            Input::Executed { taken } => self.executed = taken,
             // A new peer's height is asked at once, not at the next interval.
             Input::PeerConnected { peer } => out.push(Output::QueryHeights { peer: Some(peer) }),
             Input::CommitsFetched { task, peer, result } => {
@@ -392,6 +415,13 @@ impl Core for StateSyncCore {
         }
         self.judge_epoch_claim(&mut out);
         self.schedule(now, &mut out);
+        // Synced past by local commits, or no longer claimed by anyone.
+        if self
+            .unavailable
+            .is_some_and(|u| u <= self.verified.index || u > self.highest_known)
+        {
+            self.unavailable = None;
+        }
         out
     }
 }
@@ -405,6 +435,51 @@ impl StateSyncCore {
     /// The highest commit known among peers.
     pub fn highest_known(&self) -> CommitIndex {
         self.highest_known
+    }
+
+    /// The next commit to fetch, while no connected peer holds it.
+    pub fn unavailable(&self) -> Option<CommitIndex> {
+        self.unavailable
+    }
+
+    /// The highest commit a commit fetch has asked for.
+    pub fn requested(&self) -> CommitIndex {
+        self.requested
+    }
+
+    /// The highest commit sync may ask for: the highest known, held to
+    /// `max_lead_over_execution` past a registered executor.
+    pub fn fetch_limit(&self) -> CommitIndex {
+        match self.executed {
+            Some(taken) => self
+                .highest_known
+                .min(taken.saturating_add(self.config.max_lead_over_execution)),
+            None => self.highest_known,
+        }
+    }
+
+    /// The end of the next commit batch, if it is within the lead. A
+    /// batch is never cut at the lead: servers keep certificates at batch
+    /// ends, so a cut batch could not be certified; sync waits until the
+    /// whole batch fits instead (the lead is at least one batch).
+    fn next_batch_end(&self) -> Option<CommitIndex> {
+        let start = self.verified.index + 1;
+        if start > self.highest_known {
+            return None;
+        }
+        let end = batch_end(
+            start,
+            self.config.commit_sync_batch_size,
+            None,
+            self.highest_known,
+        );
+        (end <= self.fetch_limit()).then_some(end)
+    }
+
+    /// Whether sync waits for the executor: there is more to fetch, but
+    /// not within the lead.
+    pub fn paused_for_executor(&self) -> bool {
+        self.verified.index < self.highest_known && self.next_batch_end().is_none()
     }
 
     /// The epoch the next commits must be of.
@@ -563,6 +638,7 @@ impl StateSyncCore {
                     && info.epoch == self.epoch =>
             {
                 self.commit_supervision = Supervision::default();
+                self.unavailable = None;
                 self.verified = info.last;
                 let step = self.config.max_blocks_per_fetch.max(1);
                 let chunks = (0..info.block_count)
@@ -589,6 +665,9 @@ impl StateSyncCore {
                 self.epoch_claim = Some(EpochClaim { peer, claimed });
             }
             Err(Claim::Failed(failure)) => {
+                // Nobody connected holds it: asked again after the no-peer
+                // wait, and reported until a peer is found for it.
+                self.unavailable = (failure == Failure::NoPeer).then_some(self.verified.index + 1);
                 self.commit_supervision
                     .failed(now, peer, &failure, &self.config);
                 restarted(task, peer, failure, out);
@@ -722,17 +801,12 @@ impl StateSyncCore {
         let reserve = self.commit_answer_bytes;
         if self.commit_task.is_none()
             && self.epoch_claim.is_none()
-            && start <= self.highest_known
+            && let Some(end) = self.next_batch_end()
             && self.batches.len() < self.config.batches_ahead
             && self.commit_supervision.retry_at <= now
             && self.fits(reserve, self.limit_for_later())
         {
-            let end = batch_end(
-                start,
-                self.config.commit_sync_batch_size,
-                None,
-                self.highest_known,
-            );
+            self.requested = self.requested.max(end);
             let avoid = self.commit_supervision.avoid.iter().copied().collect();
             let task = self.task(Task::Commits {
                 reserved: reserve,
@@ -909,6 +983,7 @@ mod tests {
             epoch: 0,
             commit_answer_bytes: 5 << 20,
             first_task: 0,
+            executed: None,
         })
     }
 
@@ -1446,6 +1521,80 @@ mod tests {
     }
 
     #[test]
+    fn commits_are_fetched_at_most_the_lead_past_the_executor() {
+        let mut c = core(Config {
+            max_lead_over_execution: 25,
+            batches_ahead: 8,
+            ..config()
+        });
+        // The executor has taken nothing yet: commits up to 25 only.
+        c.handle(Time(0), Input::Executed { taken: Some(0) });
+        let (t, start, end) = commit_fetch(&tick(&mut c, 0, 100)).unwrap();
+        assert_eq!((start, end), (1, 10));
+        let (t, start, end) = commit_fetch(&commits_ok(&mut c, 0, t, 1, 10, 0)).unwrap();
+        assert_eq!((start, end), (11, 20));
+        // 21..=30 passes the lead, and a batch is never cut: sync pauses.
+        let out = commits_ok(&mut c, 0, t, 11, 20, 0);
+        assert_eq!(commit_fetch(&out), None, "sync pauses at the lead");
+        assert_eq!(c.requested(), 20);
+        assert!(c.paused_for_executor());
+        assert_eq!(commit_fetch(&tick(&mut c, 1, 100)), None);
+        // The executor takes commit 4: 21..=30 fits in 4 + 25.
+        assert_eq!(
+            commit_fetch(&c.handle(Time(2), Input::Executed { taken: Some(4) })),
+            None
+        );
+        let (t, start, end) =
+            commit_fetch(&c.handle(Time(2), Input::Executed { taken: Some(5) })).unwrap();
+        assert_eq!((start, end), (21, 30));
+        assert_eq!(c.requested(), 30);
+        // The executor moves on: the next batch follows at once.
+        c.handle(Time(3), Input::Executed { taken: Some(20) });
+        let (_, start, end) = commit_fetch(&commits_ok(&mut c, 3, t, 21, 30, 0)).unwrap();
+        assert_eq!((start, end), (31, 40));
+        assert!(!c.paused_for_executor());
+        // Unregistered: the lead no longer holds.
+        c.handle(Time(4), Input::Executed { taken: None });
+        assert_eq!(c.fetch_limit(), 100);
+    }
+
+    #[test]
+    fn a_range_no_peer_holds_is_reported_and_asked_again_after_the_wait() {
+        let mut c = core(config());
+        let (t, start, _) = commit_fetch(&tick(&mut c, 0, 100)).unwrap();
+        assert_eq!(start, 1);
+        assert_eq!(c.unavailable(), None);
+        let out = commits_done(&mut c, 10, t, Err(Failure::NoPeer));
+        assert_eq!(commit_fetch(&out), None);
+        assert_eq!(c.unavailable(), Some(1));
+        // Not asked again before the no-peer wait is over.
+        let wait = config().wait_interval_when_no_peer_ms;
+        assert_eq!(commit_fetch(&tick(&mut c, 10 + wait - 1, 100)), None);
+        let (t, start, end) = commit_fetch(&tick(&mut c, 10 + wait, 100)).unwrap();
+        assert_eq!((start, end), (1, 10));
+        // Another failure (a peer was found, and timed out): no longer
+        // reported.
+        let out = commits_done(&mut c, 10 + wait, t, Err(Failure::Timeout));
+        assert_eq!(c.unavailable(), None);
+        assert_eq!(commit_fetch(&out), None);
+        // Unavailable again; then no peer claims it any more.
+        let (t, _, _) = commit_fetch(&tick(&mut c, 10 + 3 * wait, 100)).unwrap();
+        commits_done(&mut c, 10 + 3 * wait, t, Err(Failure::NoPeer));
+        assert_eq!(c.unavailable(), Some(1));
+        c.handle(
+            Time(10 + 3 * wait),
+            Input::Tick {
+                highest_known: None,
+            },
+        );
+        assert_eq!(c.unavailable(), None);
+        // Claimed again and served: not reported.
+        let (t, _, _) = commit_fetch(&tick(&mut c, 10 + 5 * wait, 100)).unwrap();
+        commits_ok(&mut c, 10 + 5 * wait, t, 1, 10, 0);
+        assert_eq!(c.unavailable(), None);
+    }
+
+    #[test]
     fn a_write_of_a_failed_incarnation_moves_the_watermark_like_local_commits() {
         // A restarted core planned batch 1..=10 afresh while the failed
         // incarnation's write of 1..=10 and 11..=20 was still running.
@@ -1455,6 +1604,7 @@ mod tests {
             epoch: 0,
             commit_answer_bytes: 5 << 20,
             first_task: 7,
+            executed: None,
         });
         let (t, _, _) = commit_fetch(&tick(&mut c, 0, 30)).unwrap();
         assert_eq!(t, 7, "task ids go on from the failed incarnation's");

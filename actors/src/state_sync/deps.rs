@@ -12,10 +12,12 @@ use tokio::sync::{broadcast, watch};
 
 use super::core::{Config, Init, commit_answer_bytes};
 use super::messages::TaskId;
+use super::prune;
 use super::worker::{PeerCalls, Worker};
 use crate::connections::{Connections, Outbound};
 use crate::faults::Faults;
 use crate::peer_heights::PeerHeights;
+use crate::system::Execution;
 use crate::verifier::{Verifier, stored_committees};
 
 /// What the StateSync actor is made from; kept across restarts. Its
@@ -53,8 +55,15 @@ pub struct Deps {
     /// The node's availability, published for the gRPC service to read
     /// without asking an actor.
     pub availability: watch::Sender<Availability>,
+    /// The registered executor's progress: sync keeps within
+    /// `max_lead_over_execution` of it, pruning below it.
+    pub(crate) execution: Execution,
+    /// What the store keeps, and how it is pruned.
+    pub prune: prune::Config,
     /// Capacity of its mailbox.
     pub mailbox_capacity: usize,
+    /// Height queries and commit pushes running at once at most.
+    pub max_background_calls: usize,
     pub(crate) faults: Faults,
 }
 
@@ -71,6 +80,7 @@ impl Deps {
             epoch: last.map_or(self.genesis_epoch, Committee::epoch),
             commit_answer_bytes: last.map_or(0, |c| self.commit_answer_bytes(c)),
             first_task,
+            executed: self.execution.executed(),
         })
     }
 

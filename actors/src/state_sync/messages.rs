@@ -163,6 +163,12 @@ pub enum Input {
         /// From PeerHeights.
         highest_known: Option<CommitIndex>,
     },
+    /// The registered executor has taken every commit up to `taken`
+    /// (`None`: no executor is registered, so the lead is not held).
+    Executed {
+        /// The last commit it has taken.
+        taken: Option<CommitIndex>,
+    },
     /// Connections holds a new connection to `peer`.
     PeerConnected {
         /// The peer.
@@ -298,6 +304,22 @@ pub struct SyncStatus {
     /// Chunks of blocks split in halves because their blocks were more
     /// bytes than one fetch may bring (each also counts as a restart).
     pub chunks_split: u64,
+    /// The highest commit a commit fetch has asked for.
+    pub requested: CommitIndex,
+    /// The last commit the registered executor has taken, if one is.
+    pub executed: Option<CommitIndex>,
+    /// Whether sync waits for the executor (it is `max_lead_over_execution`
+    /// commits ahead of it).
+    pub paused_for_executor: bool,
+    /// The lowest commit the store holds (pruning raises it).
+    pub lowest_available: CommitIndex,
+    /// Commits pruned since start.
+    pub commits_pruned: u64,
+    /// Set while the next commit to sync is held by no connected peer
+    /// (every peer that claims commits past it pruned it, or has not
+    /// stored it): that commit. Sync asks again every
+    /// `wait_interval_when_no_peer_ms`, not in a loop.
+    pub unavailable: Option<CommitIndex>,
 }
 
 /// Asks for [`SyncStatus`].
@@ -351,3 +373,13 @@ pub(super) struct ApplyDone {
     pub(super) origin: Origin,
     pub(super) result: Result<Applied, ApplyError>,
 }
+
+/// The registered executor's progress moved (see `Execution`).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(super) struct ExecutorMoved(pub(super) Option<CommitIndex>);
+
+/// A prune run ended.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(super) struct PruneDone(pub(super) Result<super::prune::Pruned, soma_store::Error>);

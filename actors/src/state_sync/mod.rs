@@ -27,13 +27,15 @@
 //! The folder: `core.rs` decides all of the above; `worker.rs` is one fetch
 //! (a fetch slot leased from PeerHeights, the call, the Verifier's check);
 //! `apply.rs` is the one write path of synced and local commits;
-//! `actor.rs` is the shell that runs them, made from `deps.rs`.
+//! `actor.rs` is the shell that runs them, made from `deps.rs`; `prune.rs`
+//! keeps the store within its retention.
 
 mod actor;
 mod apply;
 mod core;
 mod deps;
 mod messages;
+pub mod prune;
 mod worker;
 
 pub use actor::StateSync;
@@ -44,3 +46,4 @@ pub use messages::{
     ApplyLocal, CommitBatchInfo, CommitsWanted, EpochStart, Failure, GetSyncStatus, Input,
     LocalFailure, Output, SyncStatus, TaskId,
 };
+pub use prune::Retention;

@@ -10,6 +10,7 @@
 //! first block whose digest was not asked for, or once it brings more
 //! bytes than the fetch may hold.
 
+use crate::dropped::{Droppable, try_send};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -376,9 +377,9 @@ impl PeerCalls {
             Some(p) => vec![p],
             None => self.connections.send(ActivePeers).await.unwrap_or_default(),
         };
-        for peer in peers {
-            tokio::spawn(self.clone().query_height(peer));
-        }
+        // Concurrently, within this one task, so aborting it (a restart,
+        // shutdown) stops every query.
+        futures::future::join_all(peers.into_iter().map(|p| self.clone().query_height(p))).await;
     }
 
     /// Has PeerHeights ban `peer`: it sent invalid data or a false claim.
@@ -400,12 +401,14 @@ impl PeerCalls {
             return;
         };
         if let Ok(a) = Availability::try_from(response.get_ref()) {
-            self.heights.do_send(UpdateHeight {
+            // The next query repeats a dropped answer.
+            let update = UpdateHeight {
                 peer,
                 chain_id: a.chain_id,
                 highest: a.highest,
                 lowest: a.lowest,
-            });
+            };
+            try_send(&self.heights, update, Droppable::UpdateHeight);
         }
     }
 
@@ -414,11 +417,16 @@ impl PeerCalls {
         let Ok(peers) = self.heights.send(PeersBehind { index: last.index }).await else {
             return;
         };
-        for peer in peers {
+        // Concurrently: one peer that never answers holds up no other.
+        let push = |peer| {
             let message = proto::PushCommitRequest { index: last.index };
             let call = |mut c: Client, r| async move { c.push_commit(r).await };
-            let _ = self.outbound.call(peer, message, call).await;
-        }
+            let outbound = self.outbound.clone();
+            async move {
+                let _ = outbound.call(peer, message, call).await;
+            }
+        };
+        futures::future::join_all(peers.into_iter().map(push)).await;
     }
 }
 

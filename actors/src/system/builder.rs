@@ -6,8 +6,9 @@ use soma_types::{ChainId, Committee, KeyPair, NodeInfo, PeerId, SignedNodeInfo, 
 use soma_wire::inbound::ConnectionLimit;
 use soma_wire::proto::p2p_server::P2pServer;
 use soma_wire::tls::{self, AccessPolicy, NodeIdentity};
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::{broadcast, oneshot, watch};
 
+use super::Execution;
 use super::config::P2pConfig;
 use super::handle::{Inner, P2pHandle, Running};
 use super::tree::{self, NodeParts};
@@ -184,6 +185,8 @@ impl P2pBuilder {
                 highest: synced.index,
                 lowest: store.lowest_available_commit()?,
             });
+        let execution = Execution::new();
+        let (stopped, _) = watch::channel(false);
         let send_stats = Arc::new(SendStats::default());
         let (tree, tree_status) = tokio::sync::watch::channel(TreeStatus::default());
         let parts = NodeParts {
@@ -191,6 +194,7 @@ impl P2pBuilder {
             store: store.clone(),
             genesis_epoch: genesis.epoch(),
             commits: commits.clone(),
+            execution: execution.clone(),
             chain_id,
             seed,
             admission: inbound.clone(),
@@ -282,6 +286,9 @@ impl P2pBuilder {
             store,
             actors,
             commits,
+            execution,
+            stopped,
+            commit_read_bytes: config.synced_commit_read_bytes.max(1),
             tree: tree_status,
             runtime: runtime.clone(),
             timeout: config.timeout,

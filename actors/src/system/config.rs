@@ -25,6 +25,10 @@ pub struct P2pConfig {
     pub timeout: Duration,
     /// Capacity of each actor's mailbox.
     pub mailbox_capacity: usize,
+    /// Background calls of state sync to peers (rounds of height queries,
+    /// commit pushes) running at once at most; a round past it is skipped
+    /// and counted, the next one repeats it.
+    pub max_background_calls: usize,
     /// How long a peer that sent invalid data stays banned.
     pub ban_duration: Duration,
     /// Fetches sent to one peer at once at most: a node serves each peer
@@ -38,8 +42,15 @@ pub struct P2pConfig {
     /// window before the node stops.
     pub supervision: supervisor::Config,
     /// Capacity of the synced-commit broadcast; a subscriber further behind
-    /// misses commits and is told how many.
+    /// misses commits and is told how many. Streams from an index
+    /// ([`super::CommitStream`]) read the store instead and miss nothing.
     pub synced_commit_broadcast_capacity: usize,
+    /// Bytes of commits a [`super::CommitStream`] reads from the store at
+    /// once while it is behind (their blocks come on top).
+    pub synced_commit_read_bytes: usize,
+    /// What the store keeps (`retention`), and how often and in what steps
+    /// it is pruned.
+    pub prune: state_sync::prune::Config,
     /// What the server accepts.
     pub grpc: grpc::Limits,
     /// The verification pool.
@@ -76,11 +87,14 @@ impl Default for P2pConfig {
             seed_peers: Vec::new(),
             timeout: Duration::from_secs(10),
             mailbox_capacity: 1024,
+            max_background_calls: 16,
             ban_duration: Duration::from_secs(60),
             max_fetches_per_peer: 4,
             max_waiting_fetches: 64,
             supervision: supervisor::Config::default(),
             synced_commit_broadcast_capacity: 1024,
+            synced_commit_read_bytes: 1 << 20,
+            prune: state_sync::prune::Config::default(),
             grpc: grpc::Limits::default(),
             verifier: verifier::Config::default(),
             connections: connections::Config::default(),

@@ -10,6 +10,7 @@ use soma_types::{
 };
 use tokio::sync::{broadcast, oneshot, watch};
 
+use super::commits::{CommitStream, Execution, Source};
 use super::tree::Actors;
 use crate::connections::{ActivePeers, Connect, PeerEvent};
 use crate::discovery::KnownPeers;
@@ -44,6 +45,12 @@ pub(super) struct Inner {
     pub(super) store: Arc<dyn ConsensusStore>,
     pub(super) actors: Actors,
     pub(super) commits: broadcast::Sender<CommittedSubDag>,
+    /// The registered executor's progress.
+    pub(super) execution: Execution,
+    /// Set once the node stops, for streams waiting on live commits.
+    pub(super) stopped: watch::Sender<bool>,
+    /// Bytes of commits a stream reads from the store at once.
+    pub(super) commit_read_bytes: usize,
     pub(super) tree: watch::Receiver<TreeStatus>,
     pub(super) runtime: tokio::runtime::Handle,
     pub(super) timeout: Duration,
@@ -78,6 +85,7 @@ impl Inner {
         if let Some(shutdown) = shutdown {
             let _ = shutdown.send(());
         }
+        self.stopped.send_replace(true);
         if let Some(server) = server
             && tokio::time::timeout(SERVER_DRAIN, server).await.is_err()
         {
@@ -90,6 +98,7 @@ impl Inner {
 impl Drop for Inner {
     /// The last handle going away stops the node without waiting.
     fn drop(&mut self) {
+        self.stopped.send_replace(true);
         if let Some(running) = self.running().take() {
             if let Some(shutdown) = running.shutdown {
                 let _ = shutdown.send(());
@@ -117,6 +126,20 @@ pub enum P2pError {
     /// The commit was refused before the store saw it.
     #[error("refused: {0}")]
     Refused(ApplyError),
+    /// The actor's mailbox is full; try again later.
+    #[error("the node is busy; try again")]
+    Busy,
+    /// The executor asked for a commit the node has pruned.
+    #[error("commit {index} is pruned; the lowest kept is {lowest}")]
+    Pruned {
+        /// The commit asked for.
+        index: CommitIndex,
+        /// The lowest commit the store keeps.
+        lowest: CommitIndex,
+    },
+    /// An executor is registered already (its stream is alive).
+    #[error("an executor is registered already")]
+    ExecutorRegistered,
 }
 
 impl From<ApplyError> for P2pError {
@@ -236,11 +259,54 @@ impl P2pHandle {
         &self.inner.store
     }
 
-    /// Every commit the node applies from now on, in index order. A
-    /// subscriber that falls more than the broadcast capacity behind gets
+    /// Every commit the node applies from now on, in index order, for
+    /// observers that accept gaps (a dashboard, a log). A subscriber that
+    /// falls more than the broadcast capacity behind gets
     /// `RecvError::Lagged(n)` and misses `n` commits; it never slows sync.
+    /// Use [`P2pHandle::subscribe_synced_commits_from`] to miss nothing.
     pub fn subscribe_synced_commits(&self) -> broadcast::Receiver<CommittedSubDag> {
         self.inner.commits.subscribe()
+    }
+
+    /// Every commit from `index` on, exactly once and in index order: read
+    /// from the store while the stream is behind, taken live once it has
+    /// caught up. It never slows sync; if it falls below what the node's
+    /// retention keeps, it says so ([`super::StreamError::Pruned`]) rather than
+    /// skip. For the executor, use [`P2pHandle::subscribe_executor_from`].
+    pub fn subscribe_synced_commits_from(&self, index: CommitIndex) -> CommitStream {
+        CommitStream::new(
+            Source {
+                store: self.inner.store.clone(),
+                live: self.inner.commits.subscribe(),
+                stopped: self.inner.stopped.subscribe(),
+                runtime: self.inner.runtime.clone(),
+                read_bytes: self.inner.commit_read_bytes,
+            },
+            index,
+        )
+    }
+
+    /// Like [`P2pHandle::subscribe_synced_commits_from`], registered as
+    /// the node's executor: sync fetches at most the state sync setting
+    /// `max_lead_over_execution` commits past the last commit the executor
+    /// has taken (a call to [`CommitStream::next`] means every commit
+    /// delivered before it is executed), pausing rather than dropping
+    /// anything, and pruning never removes a commit it has not taken.
+    /// One executor at a time: [`P2pError::ExecutorRegistered`] while
+    /// another's stream lives; dropping the stream unregisters it.
+    ///
+    /// The node does not persist the executor's position: register it
+    /// right after start (the first prune runs one `prune.interval_ms`
+    /// later), or a pruning node may remove commits it has not executed.
+    pub fn subscribe_executor_from(&self, index: CommitIndex) -> Result<CommitStream, P2pError> {
+        use super::commits::Refused;
+        self.subscribe_synced_commits_from(index)
+            .executor(&self.inner.execution)
+            .map_err(|e| match e {
+                Refused::Taken => P2pError::ExecutorRegistered,
+                Refused::Pruned(lowest) => P2pError::Pruned { index, lowest },
+                Refused::Store(e) => P2pError::Store(e),
+            })
     }
 
     /// Hands a commit of local consensus to the node. It takes the path of
@@ -302,11 +368,24 @@ impl P2pHandle {
 
     /// Dials a peer at `address`; with `peer` given, the server must prove
     /// that identity. The result shows in [`P2pHandle::connected_peers`].
-    pub fn connect(&self, peer: Option<PeerId>, address: impl Into<String>) {
-        self.inner.actors.connections.do_send(Connect {
+    /// Refused with [`P2pError::Busy`] while Connections' mailbox is full.
+    pub fn connect(
+        &self,
+        peer: Option<PeerId>,
+        address: impl Into<String>,
+    ) -> Result<(), P2pError> {
+        let connect = Connect {
             peer,
             address: address.into(),
-        });
+        };
+        self.inner
+            .actors
+            .connections
+            .try_send(connect)
+            .map_err(|e| match e {
+                actix::prelude::SendError::Full(_) => P2pError::Busy,
+                actix::prelude::SendError::Closed(_) => P2pError::Stopped,
+            })
     }
 
     /// The peers the node holds a connection to.

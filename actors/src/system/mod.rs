@@ -13,12 +13,16 @@
 //! the node, which [`P2pHandle::health`] and [`P2pHandle::failed`] report.
 
 mod builder;
+mod commits;
 mod config;
 mod handle;
 mod reserved;
 mod tree;
 
+pub use crate::state_sync::Retention;
 pub use crate::supervisor::NodeFailure;
 pub use builder::{P2pBuilder, StartError};
+pub(crate) use commits::Execution;
+pub use commits::{CommitStream, StreamError};
 pub use config::P2pConfig;
 pub use handle::{ActorHealth, Health, InboundConnections, LocalCommit, P2pError, P2pHandle};

@@ -1,6 +1,7 @@
 //! Starting the supervision tree: every long-lived actor under the root
 //! supervisor, on the actors' own thread.
 
+use super::Execution;
 use std::sync::Arc;
 
 use actix::{Actor, Addr, AsyncContext, Context, Supervised};
@@ -69,6 +70,7 @@ pub(super) struct NodeParts {
     pub(super) store: Arc<dyn ConsensusStore>,
     pub(super) genesis_epoch: Epoch,
     pub(super) commits: broadcast::Sender<CommittedSubDag>,
+    pub(super) execution: Execution,
     pub(super) chain_id: ChainId,
     pub(super) seed: u64,
     pub(super) admission: ConnectionLimit,
@@ -139,6 +141,7 @@ fn start_tree(config: &P2pConfig, parts: NodeParts) -> Result<Actors, StartError
         store,
         genesis_epoch,
         commits,
+        execution,
         chain_id,
         seed,
         admission,
@@ -236,7 +239,10 @@ fn start_tree(config: &P2pConfig, parts: NodeParts) -> Result<Actors, StartError
             runtime: runtime.clone(),
             commits,
             availability,
+            execution,
+            prune: config.prune.clone(),
             mailbox_capacity: capacity,
+            max_background_calls: config.max_background_calls.max(1),
             faults: faults.clone(),
         },
         Recorder::from_env(state_sync::StateSyncCore::NAME),
@@ -317,6 +323,10 @@ fn sync_config(config: &P2pConfig) -> state_sync::Config {
     sync.max_message_bytes = config.grpc.max_fetch_response_bytes as u64;
     sync.max_bytes_per_fetch = sync.max_bytes_per_fetch.max(sync.max_block_bytes);
     sync.height_query_interval_ms = config.height_query_interval.as_millis() as u64;
+    // Batches are never cut at the lead: it holds one batch at least.
+    sync.max_lead_over_execution = sync
+        .max_lead_over_execution
+        .max(sync.commit_sync_batch_size);
     let timeouts = u64::from(sync.max_restarts) + 1;
     let span = (config.timeout.as_millis() as u64).saturating_mul(timeouts);
     sync.restart_window_ms = sync.restart_window_ms.max(span);

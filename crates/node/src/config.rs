@@ -2,6 +2,7 @@
 //! the design with its default. Unknown keys and out-of-range values are
 //! refused with a message naming the key and the allowed range.
 
+use soma_actors::system::Retention;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -133,6 +134,19 @@ pub struct P2pSection {
     pub actor_restart_window: Duration,
     /// Capacity of the synced-commit broadcast.
     pub synced_commit_broadcast_capacity: usize,
+    /// What the store keeps: `all`, `commits:N` (the last N commits) or
+    /// `epochs:N` (every commit of the last N epochs).
+    pub retention: String,
+    /// How often the store is pruned to the retention.
+    #[serde(with = "humantime_serde")]
+    pub prune_interval: Duration,
+    /// Commits removed in one write transaction at most.
+    pub prune_batch_commits: u64,
+    /// Time between advertising a new lowest commit and deleting below it.
+    #[serde(with = "humantime_serde")]
+    pub prune_grace: Duration,
+    /// Commits sync fetches past the last one a registered executor took.
+    pub max_lead_over_execution: u64,
     /// Whether synced block signatures are checked.
     pub verify_synced_block_signatures: bool,
     /// HTTP/2 streams one inbound connection may have open at once.
@@ -230,6 +244,11 @@ impl Default for P2pSection {
             max_actor_restarts: p.supervision.max_restarts,
             actor_restart_window: Duration::from_millis(p.supervision.restart_window_ms),
             synced_commit_broadcast_capacity: p.synced_commit_broadcast_capacity,
+            retention: retention_text(p.prune.retention),
+            prune_interval: Duration::from_millis(p.prune.interval_ms),
+            prune_batch_commits: p.prune.batch_commits,
+            prune_grace: Duration::from_millis(p.prune.grace_ms),
+            max_lead_over_execution: p.state_sync.max_lead_over_execution,
             verify_synced_block_signatures: p.verify_synced_block_signatures,
             max_concurrent_streams: p.grpc.max_concurrent_streams,
             concurrency_limit_per_connection: p.grpc.concurrency_limit_per_connection,
@@ -582,6 +601,39 @@ impl NodeConfig {
             1 << 20,
             "between 16 and 1048576",
         )?;
+        range(
+            "p2p.retention",
+            RETENTION_FORMS,
+            parse_retention(&p.retention).is_ok(),
+            format!("{:?}", p.retention),
+        )?;
+        range(
+            "p2p.prune-interval",
+            "between 100ms and 1 day",
+            between(p.prune_interval, 100, 86_400_000),
+            ms(p.prune_interval),
+        )?;
+        // Peers learn a node's lowest commit by asking every
+        // height-query-interval; a request may take up to the timeout.
+        range(
+            "p2p.prune-grace",
+            "at least p2p.height-query-interval plus p2p.timeout, at most 1 day",
+            p.prune_grace >= p.height_query_interval + p.timeout
+                && between(p.prune_grace, 0, 86_400_000),
+            ms(p.prune_grace),
+        )?;
+        range(
+            "p2p.prune-batch-commits",
+            "between 1 and 1000000",
+            (1..=1_000_000).contains(&p.prune_batch_commits),
+            p.prune_batch_commits.to_string(),
+        )?;
+        range(
+            "p2p.max-lead-over-execution",
+            "at least p2p.commit-sync-batch-size",
+            p.max_lead_over_execution >= p.commit_sync_batch_size,
+            p.max_lead_over_execution.to_string(),
+        )?;
         count(
             "p2p.synced-commit-broadcast-capacity",
             p.synced_commit_broadcast_capacity,
@@ -685,6 +737,15 @@ impl NodeConfig {
         c.discovery.max_new_peers_per_source_per_interval = p.max_new_peers_per_source_per_interval;
         c.discovery.allow_private_addresses = p.allow_private_addresses;
         c.state_sync.commit_sync_batch_size = p.commit_sync_batch_size;
+        c.state_sync.max_lead_over_execution = p.max_lead_over_execution;
+        c.prune = soma_actors::state_sync::prune::Config {
+            // Checked by `validate`.
+            retention: parse_retention(&p.retention).unwrap_or_default(),
+            interval_ms: p.prune_interval.as_millis() as u64,
+            batch_commits: p.prune_batch_commits,
+            grace_ms: p.prune_grace.as_millis() as u64,
+            ..soma_actors::state_sync::prune::Config::default()
+        };
         c.state_sync.parallel_fetches = p.parallel_fetches;
         c.max_fetches_per_peer = p.max_fetches_per_peer;
         c.supervision.max_restarts = p.max_actor_restarts;
@@ -727,6 +788,28 @@ impl NodeConfig {
 
 /// A TOML error on one line, naming the line and the text there (so the
 /// key of a bad value is named).
+const RETENTION_FORMS: &str = "\"all\", \"commits:N\" or \"epochs:N\" with N at least 1";
+
+/// `all`, `commits:N` or `epochs:N`, as the configuration writes it.
+pub fn parse_retention(text: &str) -> Result<Retention, &'static str> {
+    const EXPECTED: &str = RETENTION_FORMS;
+    let number = |n: &str| n.trim().parse::<u64>().ok().filter(|n| *n >= 1);
+    match text.trim().split_once(':') {
+        None if text.trim() == "all" => Ok(Retention::All),
+        Some(("commits", n)) => number(n).map(Retention::Commits).ok_or(EXPECTED),
+        Some(("epochs", n)) => number(n).map(Retention::Epochs).ok_or(EXPECTED),
+        _ => Err(EXPECTED),
+    }
+}
+
+fn retention_text(retention: Retention) -> String {
+    match retention {
+        Retention::All => "all".into(),
+        Retention::Commits(n) => format!("commits:{n}"),
+        Retention::Epochs(n) => format!("epochs:{n}"),
+    }
+}
+
 fn one_line(e: &toml::de::Error, text: &str) -> String {
     let message = e.message().trim().replace('\n', " ");
     match e.span() {
@@ -820,6 +903,20 @@ mailbox-capacity = {mailbox}
 max-actor-restarts = {actor_restarts}
 actor-restart-window = "{actor_window}"
 synced-commit-broadcast-capacity = {broadcast}
+# What the store keeps: "all" (an archive), "commits:N" (the last N
+# commits) or "epochs:N" (the last N epochs). Pruning runs every
+# prune-interval, at most prune-batch-commits per write, and never removes
+# a commit a registered executor has not taken yet. A new lowest commit is
+# advertised prune-grace before commits below it are deleted, so peers
+# with an older view are still served (at least height-query-interval plus
+# timeout).
+retention = "{retention}"
+prune-interval = "{prune_interval}"
+prune-batch-commits = {prune_batch}
+prune-grace = "{prune_grace}"
+# Commits sync fetches past the last one a registered executor has taken
+# (at least commit-sync-batch-size); sync pauses there.
+max-lead-over-execution = {lead}
 # Check synced block signatures (digests are always checked).
 verify-synced-block-signatures = {verify}
 # Inbound connections: open calls at once, calls handled at once.
@@ -901,6 +998,11 @@ max-connection-age-grace = "{grace}"
         actor_restarts = p.max_actor_restarts,
         actor_window = humantime_serde::re::humantime::format_duration(p.actor_restart_window),
         broadcast = p.synced_commit_broadcast_capacity,
+        retention = p.retention,
+        prune_interval = humantime_serde::re::humantime::format_duration(p.prune_interval),
+        prune_batch = p.prune_batch_commits,
+        prune_grace = humantime_serde::re::humantime::format_duration(p.prune_grace),
+        lead = p.max_lead_over_execution,
         verify = p.verify_synced_block_signatures,
         streams = p.max_concurrent_streams,
         per_connection = p.concurrency_limit_per_connection,
@@ -969,6 +1071,38 @@ mod tests {
         assert_eq!(grpc.http2_keepalive_interval, Duration::from_secs(30));
         assert_eq!(grpc.http2_keepalive_timeout, Duration::from_secs(10));
         assert_eq!(grpc.max_connection_age_grace, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn retention_is_parsed_and_a_bad_one_is_named() {
+        let config = parse(&default_file()).unwrap();
+        assert_eq!(config.p2p_config().prune.retention, Retention::All);
+        for (text, retention) in [
+            ("commits:5000", Retention::Commits(5_000)),
+            ("epochs:3", Retention::Epochs(3)),
+        ] {
+            let file =
+                default_file().replace("retention = \"all\"", &format!("retention = \"{text}\""));
+            assert_eq!(
+                parse(&file).unwrap().p2p_config().prune.retention,
+                retention
+            );
+        }
+        for bad in ["some", "commits:0", "epochs:x", "commits"] {
+            let file =
+                default_file().replace("retention = \"all\"", &format!("retention = \"{bad}\""));
+            let e = parse(&file).unwrap_err().to_string();
+            assert!(
+                e.contains("p2p.retention") && e.contains("commits:N"),
+                "{e}"
+            );
+        }
+        let file = default_file().replace(
+            "max-lead-over-execution = 10000",
+            "max-lead-over-execution = 10",
+        );
+        let e = parse(&file).unwrap_err().to_string();
+        assert!(e.contains("p2p.max-lead-over-execution"), "{e}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Prometheus metrics on `/metrics`, read from the node's handle at each
 //! scrape.
 
+use soma_actors::dropped::{Droppable, dropped};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -32,6 +33,11 @@ struct Series {
     inbound_closed: IntCounterVec,
     actor_up: IntGaugeVec,
     actor_restarts: IntCounterVec,
+    lowest_available: IntGauge,
+    pruned: IntCounterVec,
+    unavailable: IntGauge,
+    executor_lead: IntGauge,
+    dropped: IntCounterVec,
     /// Last values seen, to turn totals into counter increments.
     last: Mutex<std::collections::HashMap<String, u64>>,
 }
@@ -128,6 +134,28 @@ impl Series {
                 "Restarts of a long-lived actor by its supervisor, after a panic or a stop",
                 &["actor"],
             ),
+            lowest_available: gauge(
+                &r,
+                "soma_lowest_available_commit",
+                "Lowest commit the store keeps (pruning raises it)",
+            ),
+            pruned: counter(&r, "soma_commits_pruned_total", "Commits pruned", &[]),
+            unavailable: gauge(
+                &r,
+                "soma_sync_unavailable_commit",
+                "The next commit to sync while no connected peer holds it; 0 otherwise",
+            ),
+            executor_lead: gauge(
+                &r,
+                "soma_executor_lead",
+                "Commits sync has asked for past the last one the registered executor took; 0 without one",
+            ),
+            dropped: counter(
+                &r,
+                "soma_dropped_messages_total",
+                "Messages dropped because their receiver's mailbox was full (each is repeated later)",
+                &["message"],
+            ),
             actor_up,
             registry: r,
             last: Mutex::new(Default::default()),
@@ -160,6 +188,16 @@ impl Series {
                 &["invalid_response"],
                 status.invalid_responses,
             );
+            self.lowest_available.set(status.lowest_available as i64);
+            self.advance(&self.pruned, &[], status.commits_pruned);
+            self.unavailable.set(status.unavailable.unwrap_or(0) as i64);
+            let lead = status
+                .executed
+                .map_or(0, |taken| status.requested.saturating_sub(taken));
+            self.executor_lead.set(lead as i64);
+        }
+        for kind in Droppable::ALL {
+            self.advance(&self.dropped, &[kind.name()], dropped(kind));
         }
         if let Ok(known) = handle.known_peers().await {
             self.known_peers.set(known.len() as i64);

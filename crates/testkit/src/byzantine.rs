@@ -6,6 +6,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -78,12 +79,32 @@ pub const CLAIMED_EXTRA_COMMITS: u64 = 1_000_000;
 struct Evil {
     chain: Arc<Chain>,
     lie: Lie,
+    /// Calls stalled right now (see [`serve_counting`]).
+    stalled: Arc<AtomicUsize>,
+}
+
+/// Counts a stalled call while it lives: a call dropped by its client
+/// (cancelled, its connection closed) stops counting.
+struct Stalled(Arc<AtomicUsize>);
+
+impl Stalled {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Stalled(count.clone())
+    }
+}
+
+impl Drop for Stalled {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 type BlockStream = Pin<Box<dyn Stream<Item = Result<proto::FetchBlocksResponse, Status>> + Send>>;
 
 impl Evil {
     async fn stall(&self) {
+        let _stalled = Stalled::new(&self.stalled);
         match self.lie {
             Lie::NeverAnswers => std::future::pending::<()>().await,
             Lie::Slow => tokio::time::sleep(Duration::from_millis(1_500)).await,
@@ -328,6 +349,19 @@ fn forge(bytes: &Bytes) -> Bytes {
 /// `KeyPair::from_seed([key; 32])`; returns its peer id and address. It
 /// runs on the current tokio runtime until that runtime ends.
 pub async fn serve(chain: Arc<Chain>, lie: Lie, key: u8) -> (PeerId, String) {
+    let (peer, address, _) = serve_counting(chain, lie, key).await;
+    (peer, address)
+}
+
+/// Like [`serve`], also returning how many calls are stalled at the
+/// moment ([`Lie::NeverAnswers`], [`Lie::Slow`]): a call stops counting
+/// when it is answered or its client drops it.
+pub async fn serve_counting(
+    chain: Arc<Chain>,
+    lie: Lie,
+    key: u8,
+) -> (PeerId, String, Arc<AtomicUsize>) {
+    let stalled = Arc::new(AtomicUsize::new(0));
     let identity =
         NodeIdentity::generate(&KeyPair::from_seed([key; 32])).expect("an identity is made");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -341,8 +375,12 @@ pub async fn serve(chain: Arc<Chain>, lie: Lie, key: u8) -> (PeerId, String) {
         tls::server_config(&identity, &AccessPolicy::default()).expect("a server config is made");
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(p2p_server::P2pServer::new(Evil { chain, lie }))
+            .add_service(p2p_server::P2pServer::new(Evil {
+                chain,
+                lie,
+                stalled: stalled.clone(),
+            }))
             .serve_with_incoming(tls::incoming(listener, config)),
     );
-    (identity.peer_id(), address)
+    (identity.peer_id(), address, stalled)
 }

@@ -24,6 +24,22 @@ pub fn validator(chain: &Chain, key: u8) -> P2pHandle {
 /// A validator holding the batches of `chain` that end at or below
 /// `commits`.
 pub fn validator_up_to(chain: &Chain, commits: u64, key: u8) -> P2pHandle {
+    node(
+        chain,
+        key,
+        P2pConfig::default(),
+        Arc::new(stored(chain, commits)),
+    )
+}
+
+/// A validator serving `chain`, started with `config`.
+pub fn validator_with(chain: &Chain, key: u8, config: P2pConfig) -> P2pHandle {
+    node(chain, key, config, Arc::new(stored(chain, chain.tip())))
+}
+
+/// A MemStore holding the batches of 100 of `chain` that end at or below
+/// `commits`.
+pub fn stored(chain: &Chain, commits: u64) -> MemStore {
     let store = MemStore::new(chain.genesis());
     for range in chain.batch_ranges(100) {
         if *range.end() <= commits {
@@ -32,14 +48,7 @@ pub fn validator_up_to(chain: &Chain, commits: u64, key: u8) -> P2pHandle {
                 .expect("a built chain writes into a fresh store");
         }
     }
-    P2pBuilder::new(
-        P2pConfig::default(),
-        KeyPair::from_seed([key; 32]),
-        chain.genesis().clone(),
-        Arc::new(store),
-    )
-    .start()
-    .expect("a validator starts")
+    store
 }
 
 /// Seed entries (with peer ids) for `nodes`.

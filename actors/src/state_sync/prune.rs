@@ -1,0 +1,305 @@
+//! Pruning: how much of the chain the node keeps, and removing the rest
+//! in bounded steps.
+//!
+//! Which commits to keep is decided here without I/O ([`target`],
+//! [`next_step`]); [`run`] performs the steps on the store, one write
+//! transaction each, at most `max_steps_per_run` a run, so a sync write
+//! never waits behind a long prune. Pruning is announced before it is
+//! done: each run returns the retention's target, which the node
+//! advertises as its lowest available commit at once, and commits below a
+//! target are deleted only once it was announced `grace_ms` ago. Peers
+//! refresh a node's availability every few seconds, so an honest peer
+//! does not ask for a commit just pruned and take the NOT_FOUND for a lie.
+//! Pruning never removes a commit the registered executor has not taken,
+//! nor the watermark commit (the store refuses that).
+
+use serde::{Deserialize, Serialize};
+use soma_store::ConsensusStore;
+use soma_types::{CommitIndex, Epoch};
+
+/// How much of the chain a node keeps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Retention {
+    /// Every commit since genesis (an archive node; the default).
+    #[default]
+    All,
+    /// The last `n` commits, the watermark included (at least 1).
+    Commits(u64),
+    /// Every commit of the last `n` epochs, the current one included (at
+    /// least 1).
+    Epochs(u64),
+}
+
+/// Pruning settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Config {
+    /// What to keep.
+    pub retention: Retention,
+    /// How often the store is pruned, in milliseconds.
+    pub interval_ms: u64,
+    /// Commits removed in one write transaction at most.
+    pub batch_commits: u64,
+    /// Write transactions of one prune run at most; the next run goes on.
+    pub max_steps_per_run: u32,
+    /// Time between advertising a new lowest commit and deleting below it,
+    /// in milliseconds: longer than peers take to learn it (their height
+    /// query interval plus a request timeout).
+    pub grace_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            retention: Retention::All,
+            interval_ms: 10_000,
+            batch_commits: 1_000,
+            max_steps_per_run: 16,
+            grace_ms: 30_000,
+        }
+    }
+}
+
+/// Where the node's chain stands, as far as pruning is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Chain {
+    /// The watermark.
+    pub synced: CommitIndex,
+    /// The lowest commit stored.
+    pub lowest: CommitIndex,
+    /// The epoch of the next commit.
+    pub epoch: Epoch,
+    /// The last commit the registered executor has taken, if one is.
+    pub executed: Option<CommitIndex>,
+}
+
+/// The index the store may prune below (every commit under it removed),
+/// or `None` if nothing is to go. `epoch_start(e)` is the first commit of
+/// epoch `e`, if known.
+pub fn target(
+    retention: Retention,
+    chain: Chain,
+    epoch_start: impl FnOnce(Epoch) -> Option<CommitIndex>,
+) -> Option<CommitIndex> {
+    let keep_from = match retention {
+        Retention::All => return None,
+        Retention::Commits(n) => (chain.synced + 1).saturating_sub(n.max(1)),
+        Retention::Epochs(n) => {
+            let first_kept = chain.epoch.checked_sub(n.max(1) - 1)?;
+            epoch_start(first_kept)?
+        }
+    };
+    // The executor still needs the commit after the one it holds.
+    let floor = chain.executed.map_or(u64::MAX, |taken| taken + 1);
+    let target = keep_from.min(floor).min(chain.synced);
+    (target > chain.lowest).then_some(target)
+}
+
+/// The next step towards `target`: at most `batch` commits above `lowest`.
+pub fn next_step(lowest: CommitIndex, target: CommitIndex, batch: u64) -> Option<CommitIndex> {
+    (target > lowest).then(|| target.min(lowest.saturating_add(batch.max(1))))
+}
+
+/// What a prune run did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// The lowest commit stored after it.
+    pub lowest: CommitIndex,
+    /// Commits removed.
+    pub commits: u64,
+    /// Where the retention (and the executor) would have the store
+    /// pruned to now: the lowest commit to advertise, deleted below once
+    /// the grace has passed. `None` if nothing is to go.
+    pub target: Option<CommitIndex>,
+}
+
+/// Prunes `store` towards the retention, deleting only below `ripe` (a
+/// target announced a grace ago), one bounded write transaction per step,
+/// at most `max_steps_per_run` steps. `executed` is called before each
+/// step and returns the executor's position with a guard held across the
+/// step, so an executor cannot register below a step in progress.
+pub fn run<G>(
+    store: &dyn ConsensusStore,
+    config: &Config,
+    epoch: Epoch,
+    ripe: Option<CommitIndex>,
+    executed: impl Fn() -> (Option<CommitIndex>, G),
+) -> Result<Pruned, soma_store::Error> {
+    let start = store.lowest_available_commit()?;
+    let mut lowest = start;
+    let mut announced = None;
+    for step in 0..=config.max_steps_per_run {
+        let (executed, _guard) = executed();
+        let chain = Chain {
+            synced: store.highest_synced_commit()?.index,
+            lowest,
+            epoch,
+            executed,
+        };
+        let epoch_start = |e: Epoch| match e.checked_sub(1) {
+            None => Some(1),
+            Some(before) => store
+                .last_commit_of_epoch(before)
+                .ok()
+                .flatten()
+                .map(|last| last + 1),
+        };
+        let goal = target(config.retention, chain, epoch_start);
+        if step == 0 {
+            announced = goal;
+        }
+        let Some(goal) = goal.zip(ripe).map(|(g, r)| g.min(r)) else {
+            break;
+        };
+        if step == config.max_steps_per_run {
+            break;
+        }
+        let Some(next) = next_step(lowest, goal, config.batch_commits) else {
+            break;
+        };
+        store.prune_below(next)?;
+        lowest = store.lowest_available_commit()?;
+        if lowest < next {
+            // The store pruned less than asked (its watermark): done.
+            break;
+        }
+    }
+    Ok(Pruned {
+        lowest,
+        commits: lowest - start,
+        target: announced,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chain(synced: u64, lowest: u64, epoch: Epoch, executed: Option<u64>) -> Chain {
+        Chain {
+            synced,
+            lowest,
+            epoch,
+            executed,
+        }
+    }
+
+    #[test]
+    fn keeping_everything_prunes_nothing() {
+        let c = chain(10_000, 1, 5, None);
+        assert_eq!(target(Retention::All, c, |_| Some(1)), None);
+    }
+
+    #[test]
+    fn the_last_n_commits_are_kept_with_the_watermark() {
+        let c = chain(1_000, 1, 0, None);
+        // Commits 901..=1000 are kept.
+        assert_eq!(target(Retention::Commits(100), c, |_| None), Some(901));
+        // Keeping none still keeps the watermark commit.
+        assert_eq!(target(Retention::Commits(0), c, |_| None), Some(1_000));
+        // More than the chain: nothing to prune.
+        assert_eq!(target(Retention::Commits(1_000), c, |_| None), None);
+        // Already pruned there.
+        let c = chain(1_000, 901, 0, None);
+        assert_eq!(target(Retention::Commits(100), c, |_| None), None);
+    }
+
+    #[test]
+    fn the_last_n_epochs_are_kept_from_the_first_commit_of_the_oldest() {
+        let starts = |e: Epoch| Some(1 + e * 500);
+        let c = chain(2_200, 1, 4, None);
+        // Epochs 3 and 4 are kept: from commit 1501.
+        assert_eq!(target(Retention::Epochs(2), c, starts), Some(1_501));
+        // The current epoch alone.
+        assert_eq!(target(Retention::Epochs(1), c, starts), Some(2_001));
+        // More epochs than there are: nothing.
+        assert_eq!(target(Retention::Epochs(5), c, starts), None);
+        // An epoch whose start is unknown: nothing.
+        assert_eq!(target(Retention::Epochs(2), c, |_| None), None);
+    }
+
+    #[test]
+    fn nothing_the_executor_has_not_taken_is_pruned() {
+        // The executor holds 400: it needs 401 on.
+        let c = chain(1_000, 1, 0, Some(400));
+        assert_eq!(target(Retention::Commits(100), c, |_| None), Some(401));
+        // An executor that has taken nothing yet keeps everything.
+        let c = chain(1_000, 1, 0, Some(0));
+        assert_eq!(target(Retention::Commits(100), c, |_| None), None);
+    }
+
+    #[test]
+    fn steps_are_bounded_by_the_batch() {
+        assert_eq!(next_step(1, 2_501, 1_000), Some(1_001));
+        assert_eq!(next_step(1_001, 2_501, 1_000), Some(2_001));
+        assert_eq!(next_step(2_001, 2_501, 1_000), Some(2_501));
+        assert_eq!(next_step(2_501, 2_501, 1_000), None);
+        // A zero batch still moves.
+        assert_eq!(next_step(5, 10, 0), Some(6));
+    }
+
+    #[test]
+    fn a_run_prunes_in_bounded_steps_below_what_was_announced() {
+        use soma_chain::{ChainBuilder, ChainConfig};
+        use soma_store::{MemStore, SyncedBatch};
+        let built = ChainBuilder::new(ChainConfig::validators(4)).build(250);
+        let store = MemStore::new(built.genesis());
+        for i in 1..=250 {
+            store
+                .write_synced_batch(SyncedBatch {
+                    commits: vec![built.commit(i)],
+                    blocks: built.blocks_of(i).to_vec(),
+                    certificate: Vec::new(),
+                    next_committee: None,
+                })
+                .unwrap();
+        }
+        let config = Config {
+            retention: Retention::Commits(50),
+            batch_commits: 60,
+            max_steps_per_run: 2,
+            ..Config::default()
+        };
+        let with = |taken: Option<u64>| move || (taken, ());
+        // Nothing announced yet: nothing deleted, the target is announced.
+        let pruned = run(&store, &config, 0, None, with(None)).unwrap();
+        let announced = Pruned {
+            lowest: 1,
+            commits: 0,
+            target: Some(201),
+        };
+        assert_eq!(pruned, announced);
+        assert!(store.commit(1).unwrap().is_some());
+        // Announced: two steps of 60 a run, then the next run goes on.
+        let pruned = run(&store, &config, 0, Some(201), with(None)).unwrap();
+        assert_eq!((pruned.lowest, pruned.commits), (121, 120));
+        assert!(store.commit(120).unwrap().is_none());
+        assert!(store.commit(121).unwrap().is_some());
+        // The executor holds 150: pruning stops below 151.
+        let pruned = run(&store, &config, 0, Some(201), with(Some(150))).unwrap();
+        assert_eq!(
+            pruned,
+            Pruned {
+                lowest: 151,
+                commits: 30,
+                target: Some(151)
+            }
+        );
+        // Only as far as was announced: 180, though the target is 201.
+        let pruned = run(&store, &config, 0, Some(180), with(None)).unwrap();
+        assert_eq!((pruned.lowest, pruned.target), (180, Some(201)));
+        let pruned = run(&store, &config, 0, Some(201), with(None)).unwrap();
+        assert_eq!(pruned.lowest, 201);
+        assert_eq!(store.lowest_available_commit().unwrap(), 201);
+        // Retention reached: nothing more.
+        let pruned = run(&store, &config, 0, Some(250), with(None)).unwrap();
+        assert_eq!(
+            pruned,
+            Pruned {
+                lowest: 201,
+                commits: 0,
+                target: None
+            }
+        );
+    }
+}

@@ -1,0 +1,315 @@
+//! Lossless delivery of applied commits: [`CommitStream`].
+//!
+//! A stream delivers every commit from a chosen index on, exactly once and
+//! in index order. While it is behind it reads the store, a bounded batch
+//! at a time; once it has caught up it takes commits from the live
+//! broadcast. It subscribes to the broadcast before it first reads the
+//! store, and it delivers by index, not by arrival: a broadcast commit at
+//! or below the last one delivered is skipped, and a gap (the broadcast
+//! lagged, or the stream was reading the store when a commit went by)
+//! sends it back to the store. So the switch in either direction can
+//! neither lose nor repeat a commit.
+//!
+//! One stream may register as the node's executor
+//! ([`super::P2pHandle::subscribe_executor_from`]): state sync then fetches
+//! at most `max_lead_over_execution` commits past the last commit the
+//! executor has taken, and pruning never removes a commit it has not been
+//! given yet.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use soma_store::ConsensusStore;
+use soma_types::{BlockRef, CommitIndex, CommittedSubDag};
+use tokio::sync::{broadcast, watch};
+
+/// Why a [`CommitStream`] cannot deliver the next commit.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StreamError {
+    /// The next commit was pruned from the store: the stream is behind
+    /// the node's retention (only an executor is protected from that).
+    #[error("commit {next} is pruned; the lowest stored is {lowest}")]
+    Pruned {
+        /// The commit the stream needed.
+        next: CommitIndex,
+        /// The lowest commit the store holds.
+        lowest: CommitIndex,
+    },
+    /// The store failed, or holds a commit without a block it names.
+    #[error("store: {0}")]
+    Store(soma_store::Error),
+    /// The node stopped.
+    #[error("the node stopped")]
+    Stopped,
+}
+
+impl From<soma_store::Error> for StreamError {
+    fn from(e: soma_store::Error) -> Self {
+        StreamError::Store(e)
+    }
+}
+
+/// The registered executor's progress, shared by the handle's streams and
+/// state sync: `None` while no executor is registered, otherwise the last
+/// commit the executor has taken (it has executed every commit before the
+/// one it holds).
+#[derive(Clone, Debug)]
+pub(crate) struct Execution {
+    taken: watch::Sender<Option<CommitIndex>>,
+    /// Held across each prune step and each registration, so an executor
+    /// never registers below a step in progress.
+    pruning: Arc<Mutex<()>>,
+}
+
+impl Execution {
+    pub(crate) fn new() -> Self {
+        Execution {
+            taken: watch::Sender::new(None),
+            pruning: Arc::default(),
+        }
+    }
+
+    /// The executor's position, with the guard a prune step holds.
+    pub(crate) fn hold(&self) -> (Option<CommitIndex>, MutexGuard<'_, ()>) {
+        let guard = self.pruning.lock().unwrap_or_else(PoisonError::into_inner);
+        (self.executed(), guard)
+    }
+
+    /// Where the executor is, as state sync and pruning see it.
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Option<CommitIndex>> {
+        self.taken.subscribe()
+    }
+
+    /// The last commit the executor has taken, if one is registered.
+    pub(crate) fn executed(&self) -> Option<CommitIndex> {
+        *self.taken.borrow()
+    }
+
+    /// Registers an executor that has taken every commit up to `taken`,
+    /// unless one is registered already or the commit after `taken` is
+    /// pruned.
+    fn register(&self, taken: CommitIndex, store: &dyn ConsensusStore) -> Result<(), Refused> {
+        let _guard = self.pruning.lock().unwrap_or_else(PoisonError::into_inner);
+        let lowest = store.lowest_available_commit().map_err(Refused::Store)?;
+        if taken + 1 < lowest {
+            return Err(Refused::Pruned(lowest));
+        }
+        let registered = self.taken.send_if_modified(|e| match e {
+            Some(_) => false,
+            None => {
+                *e = Some(taken);
+                true
+            }
+        });
+        if registered {
+            Ok(())
+        } else {
+            Err(Refused::Taken)
+        }
+    }
+
+    fn advance(&self, taken: CommitIndex) {
+        self.taken.send_if_modified(|e| match e {
+            Some(at) if *at < taken => {
+                *at = taken;
+                true
+            }
+            _ => false,
+        });
+    }
+
+    fn unregister(&self) {
+        self.taken.send_replace(None);
+    }
+}
+
+/// Why an executor could not register.
+#[derive(Debug)]
+pub(super) enum Refused {
+    /// Another executor is registered.
+    Taken,
+    /// The first commit it asks for is pruned; the lowest kept.
+    Pruned(CommitIndex),
+    /// The store failed.
+    Store(soma_store::Error),
+}
+
+/// What a [`CommitStream`] is made from.
+pub(super) struct Source {
+    pub(super) store: Arc<dyn ConsensusStore>,
+    pub(super) live: broadcast::Receiver<CommittedSubDag>,
+    pub(super) stopped: watch::Receiver<bool>,
+    pub(super) runtime: tokio::runtime::Handle,
+    /// Bytes of commits one store read brings at most (its blocks on top).
+    pub(super) read_bytes: usize,
+}
+
+/// Every applied commit from a given index on, exactly once, in order.
+///
+/// Made by [`super::P2pHandle::subscribe_synced_commits_from`] (an
+/// observer) or [`super::P2pHandle::subscribe_executor_from`] (the
+/// executor, which holds sync back and pruning off). Dropping an executor's
+/// stream unregisters it.
+pub struct CommitStream {
+    source: Source,
+    /// The index of the next commit to deliver.
+    next: CommitIndex,
+    /// Commits read from the store, not delivered yet.
+    buffer: VecDeque<CommittedSubDag>,
+    /// Whether the next commit is read from the store (the stream is
+    /// behind) rather than taken from the broadcast.
+    behind: bool,
+    executor: Option<Execution>,
+    store_reads: u64,
+}
+
+impl CommitStream {
+    /// A stream whose first commit is `from` (commit 0, the genesis
+    /// commit, is never delivered: a stream from 0 starts at 1).
+    pub(super) fn new(source: Source, from: CommitIndex) -> Self {
+        CommitStream {
+            source,
+            next: from.max(1),
+            buffer: VecDeque::new(),
+            behind: true,
+            executor: None,
+            store_reads: 0,
+        }
+    }
+
+    /// The same stream, registered as the executor.
+    pub(super) fn executor(mut self, execution: &Execution) -> Result<Self, Refused> {
+        execution.register(self.next - 1, self.source.store.as_ref())?;
+        self.executor = Some(execution.clone());
+        Ok(self)
+    }
+
+    /// The index of the commit the next call delivers.
+    pub fn next_index(&self) -> CommitIndex {
+        self.next
+    }
+
+    /// Whether this stream is the registered executor.
+    pub fn is_executor(&self) -> bool {
+        self.executor.is_some()
+    }
+
+    /// The next commit. An executor's call also tells the node that every
+    /// commit delivered before has been executed: its lead and pruning
+    /// move on. Cancel-safe: a call dropped before it returns loses
+    /// nothing (the commit is read again by the next call).
+    pub async fn next(&mut self) -> Result<CommittedSubDag, StreamError> {
+        if let Some(execution) = &self.executor {
+            execution.advance(self.next - 1);
+        }
+        let result = self.next_commit().await;
+        if result.is_err()
+            && let Some(execution) = self.executor.take()
+        {
+            // An executor that cannot go on must not hold sync and pruning.
+            execution.unregister();
+        }
+        result
+    }
+
+    /// Store reads made so far (one more each time the stream falls
+    /// behind or catches up).
+    pub fn store_reads(&self) -> u64 {
+        self.store_reads
+    }
+
+    async fn next_commit(&mut self) -> Result<CommittedSubDag, StreamError> {
+        loop {
+            if let Some(subdag) = self.buffer.pop_front() {
+                return Ok(self.deliver(subdag));
+            }
+            if self.behind {
+                let read = self.read().await?;
+                self.store_reads += 1;
+                if read.is_empty() {
+                    // Caught up: whatever is applied next is broadcast
+                    // after this subscriber subscribed.
+                    self.behind = false;
+                }
+                self.buffer = read.into();
+                continue;
+            }
+            let received = tokio::select! {
+                r = self.source.live.recv() => r,
+                _ = self.source.stopped.wait_for(|s| *s) => return Err(StreamError::Stopped),
+            };
+            match received {
+                Ok(subdag) if subdag.commit_ref.index < self.next => {}
+                Ok(subdag) if subdag.commit_ref.index == self.next => {
+                    return Ok(self.deliver(subdag));
+                }
+                // A gap: the commits between are in the store.
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => self.behind = true,
+                Err(broadcast::error::RecvError::Closed) => return Err(StreamError::Stopped),
+            }
+        }
+    }
+
+    fn deliver(&mut self, subdag: CommittedSubDag) -> CommittedSubDag {
+        self.next = subdag.commit_ref.index + 1;
+        subdag
+    }
+
+    /// The stored commits from the next on, at most `read_bytes` of them;
+    /// empty once the stream has caught up with the watermark.
+    async fn read(&self) -> Result<Vec<CommittedSubDag>, StreamError> {
+        let (store, next, bytes) = (self.source.store.clone(), self.next, self.source.read_bytes);
+        self.source
+            .runtime
+            .spawn_blocking(move || read_from(store.as_ref(), next, bytes))
+            .await
+            .map_err(|_| StreamError::Stopped)?
+    }
+}
+
+impl Drop for CommitStream {
+    fn drop(&mut self) {
+        if let Some(execution) = &self.executor {
+            execution.unregister();
+        }
+    }
+}
+
+/// The stored commits from `next` up to the watermark, each with its
+/// blocks, stopping before `max_bytes` of commits and again before
+/// `max_bytes` of blocks (at least one commit).
+fn read_from(
+    store: &dyn ConsensusStore,
+    next: CommitIndex,
+    max_bytes: usize,
+) -> Result<Vec<CommittedSubDag>, StreamError> {
+    let watermark = store.highest_synced_commit()?.index;
+    if next > watermark {
+        return Ok(Vec::new());
+    }
+    let commits = store.commits_in_range(next..=watermark, max_bytes)?;
+    if commits.first().map(|c| c.index()) != Some(next) {
+        let lowest = store.lowest_available_commit()?;
+        return Err(StreamError::Pruned { next, lowest });
+    }
+    let mut subdags = Vec::with_capacity(commits.len());
+    let mut block_bytes = 0;
+    for commit in &commits {
+        if !subdags.is_empty() && block_bytes >= max_bytes {
+            break;
+        }
+        let refs: &[BlockRef] = &commit.commit().blocks;
+        let found = store.blocks(refs)?;
+        let mut blocks = std::collections::HashMap::with_capacity(refs.len());
+        for (r, block) in refs.iter().zip(found) {
+            let block = block.ok_or(soma_store::Error::MissingBlock(*r))?;
+            block_bytes += block.serialized().len();
+            blocks.insert(*r, block);
+        }
+        let subdag = CommittedSubDag::new(commit, |r| blocks.get(r).cloned()).map_err(|_| {
+            soma_store::Error::MissingBlock(refs.first().copied().unwrap_or_default())
+        })?;
+        subdags.push(subdag);
+    }
+    Ok(subdags)
+}
