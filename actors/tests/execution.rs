@@ -113,15 +113,18 @@ async fn a_slow_executor_gets_every_commit_of_a_long_catch_up_once_and_sync_keep
     );
     assert!(pruned_seen, "the node pruned while the executor worked");
 
-    // Once the executor unregisters, pruning catches up with the retention.
+    // The executor unregisters; pruning reaches the retention.
     drop(executor);
-    wait_until("pruning to the retention", async || {
-        store.lowest_available_commit().unwrap() == COMMITS - 499
+    wait_until("the executor unregistered", async || {
+        node.sync_status().await.unwrap().executed.is_none()
     })
     .await;
+    wait_until("pruning to the retention", async || {
+        node.sync_status().await.unwrap().lowest_available == COMMITS - 499
+    })
+    .await;
+    assert_eq!(store.lowest_available_commit().unwrap(), COMMITS - 499);
     let status = node.sync_status().await.unwrap();
-    assert_eq!(status.executed, None);
-    assert_eq!(status.lowest_available, COMMITS - 499);
     assert_eq!(status.commits_pruned, COMMITS - 500);
     // A second executor may register now, but not below what is kept.
     assert!(matches!(
