@@ -56,22 +56,7 @@ fn serving_validators_killed_and_restarted_mid_batch_leave_the_syncing_node_whol
     for store in &stores[1..] {
         fs::copy(&stores[0], store).unwrap();
     }
-    let addresses: Vec<String> = (0..VALIDATORS)
-        .map(|i| format!("127.0.0.1:{}", base + i))
-        .collect();
-    let configs: Vec<PathBuf> = (0..VALIDATORS)
-        .map(|i| {
-            let others: Vec<String> = addresses
-                .iter()
-                .filter(|a| **a != addresses[i as usize])
-                .cloned()
-                .collect();
-            node_config(d, &format!("validator-{i}"), base + i, &others, &[])
-        })
-        .collect();
-    let logs: Vec<PathBuf> = (0..VALIDATORS)
-        .map(|i| d.join(format!("validator-{i}.log")))
-        .collect();
+    let (addresses, configs, logs) = validator_network(d, base, VALIDATORS);
     let mut validators: Vec<Option<Spawned>> = (0..VALIDATORS as usize)
         .map(|i| Some(run_node(&configs[i], &logs[i])))
         .collect();

@@ -42,7 +42,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -568,19 +568,7 @@ struct Validators {
 }
 
 fn run_validator(config: &Path, log: &Path) -> Spawned {
-    Spawned::spawn(
-        Command::new(BIN)
-            .args(["run", "--commit-rate", &COMMIT_RATE.to_string(), "--config"])
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(
-                fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(log)
-                    .expect("the log opens"),
-            ),
-    )
+    run_node_with(config, log, &["--commit-rate", &COMMIT_RATE.to_string()])
 }
 
 fn log_tail(log: &Path) -> String {
@@ -604,22 +592,7 @@ impl Validators {
             fs::create_dir_all(store.parent().expect("a directory")).unwrap();
             fs::copy(&first, &store).unwrap();
         }
-        let addresses: Vec<String> = (0..VALIDATORS)
-            .map(|i| format!("127.0.0.1:{}", base + i))
-            .collect();
-        let configs: Vec<PathBuf> = (0..VALIDATORS)
-            .map(|i| {
-                let others: Vec<String> = addresses
-                    .iter()
-                    .filter(|a| **a != addresses[i as usize])
-                    .cloned()
-                    .collect();
-                node_config(dir, &format!("validator-{i}"), base + i, &others, &[])
-            })
-            .collect();
-        let logs: Vec<PathBuf> = (0..VALIDATORS)
-            .map(|i| dir.join(format!("validator-{i}.log")))
-            .collect();
+        let (addresses, configs, logs) = validator_network(dir, base, VALIDATORS);
         let processes = configs
             .iter()
             .zip(&logs)

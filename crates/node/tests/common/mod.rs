@@ -186,9 +186,16 @@ pub fn field<'a>(text: &'a str, label: &str) -> Option<&'a str> {
 
 /// `soma-p2p run --config config`, its logs appended to `log`.
 pub fn run_node(config: &Path, log: &Path) -> Spawned {
+    run_node_with(config, log, &[])
+}
+
+/// `soma-p2p run --config config` with `args` besides, its logs appended
+/// to `log`.
+pub fn run_node_with(config: &Path, log: &Path, args: &[&str]) -> Spawned {
     Spawned::spawn(
         Command::new(BIN)
             .arg("run")
+            .args(args)
             .arg("--config")
             .arg(config)
             .stdout(Stdio::null())
@@ -200,6 +207,31 @@ pub fn run_node(config: &Path, log: &Path) -> Spawned {
                     .unwrap(),
             ),
     )
+}
+
+/// A local network of `n` validators in `dir` on ports from `base`, each
+/// seeded with the others: their addresses, configuration files and log
+/// paths (`validator-{i}`, as `soma-p2p genesis` names them).
+pub fn validator_network(
+    dir: &Path,
+    base: u16,
+    n: u16,
+) -> (Vec<String>, Vec<PathBuf>, Vec<PathBuf>) {
+    let addresses: Vec<String> = (0..n).map(|i| format!("127.0.0.1:{}", base + i)).collect();
+    let configs = (0..n)
+        .map(|i| {
+            let others: Vec<String> = addresses
+                .iter()
+                .filter(|a| **a != addresses[i as usize])
+                .cloned()
+                .collect();
+            node_config(dir, &format!("validator-{i}"), base + i, &others, &[])
+        })
+        .collect();
+    let logs = (0..n)
+        .map(|i| dir.join(format!("validator-{i}.log")))
+        .collect();
+    (addresses, configs, logs)
 }
 
 /// The highest synced commit of the node at `address`, from
