@@ -194,11 +194,20 @@ fi
 
 # --------------------------------------------------- genesis and configs --
 
-"$BIN" genesis --validators 4 --out "$WORK" --commits-per-epoch "$COMMITS_PER_EPOCH" >/dev/null
+"$BIN" genesis --validators 4 --out "$WORK" --commits-per-epoch "$COMMITS_PER_EPOCH" \
+    --base-port "$P2P_PORT" >/dev/null
 # The committee's addresses are the hosts' (they are part of the genesis, so
-# they are rewritten before any node starts).
-sed -i "s|^addresses = .*|addresses = [\"$(addr 1):$P2P_PORT\", \"$(addr 2):$P2P_PORT\", \"$(addr 3):$P2P_PORT\", \"$(addr 4):$P2P_PORT\"]|" \
-    "$WORK/genesis.toml"
+# they are rewritten before any node starts): validator-i's entry has port
+# P2P_PORT + i on 127.0.0.1.
+for i in 0 1 2 3; do
+    sed -i "s|^address = \"127.0.0.1:$((P2P_PORT + i))\"\$|address = \"$(addr $((i + 1))):$P2P_PORT\"|" \
+        "$WORK/genesis.toml"
+done
+if [[ $(grep -c "^address = \"$SUBNET\." "$WORK/genesis.toml") != 4 ]]; then
+    echo "the genesis addresses were not rewritten:" >&2
+    cat "$WORK/genesis.toml" >&2
+    exit 1
+fi
 "$BIN" keygen --out "$WORK/fresh/keys" >/dev/null
 DEFAULT_CONFIG=$("$BIN" config --default)
 

@@ -1,4 +1,5 @@
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use soma_types::{
@@ -31,6 +32,10 @@ pub struct ChainConfig {
     /// keys of their own); `false` keeps the same validators, with fresh
     /// protocol keys, in every epoch.
     pub rotate_validators: bool,
+    /// Keys of each validator, `(network, protocol)`, kept in every epoch
+    /// instead of keys derived from `seed`: a committee whose members made
+    /// their own keys. Its length must match `stakes`.
+    pub keys: Option<Arc<Vec<(KeyPair, KeyPair)>>>,
 }
 
 impl Default for ChainConfig {
@@ -45,6 +50,7 @@ impl Default for ChainConfig {
             start_ms: 1_700_000_000_000,
             round_interval_ms: 100,
             rotate_validators: false,
+            keys: None,
         }
     }
 }
@@ -66,13 +72,27 @@ impl ChainConfig {
 
     /// The network key of validator `index` of the committee of `epoch`.
     pub fn network_key_in(&self, epoch: Epoch, index: usize) -> KeyPair {
+        if let Some(keys) = &self.keys {
+            return keys[index].0.clone();
+        }
         let epoch = if self.rotate_validators { epoch } else { 0 };
         derive_key(&self.seed, b"network", epoch, index as u64)
     }
 
     /// The protocol key of validator `index` in `epoch`.
     pub fn protocol_key(&self, epoch: Epoch, index: usize) -> KeyPair {
+        if let Some(keys) = &self.keys {
+            return keys[index].1.clone();
+        }
         derive_key(&self.seed, b"protocol", epoch, index as u64)
+    }
+}
+
+impl ChainConfig {
+    /// The committee of `epoch`: the configured stakes and addresses, with
+    /// each validator's keys for that epoch.
+    pub fn committee(&self, epoch: Epoch) -> Committee {
+        committee_for(self, epoch)
     }
 }
 
@@ -116,6 +136,13 @@ impl ChainBuilder {
     /// A builder at genesis.
     pub fn new(config: ChainConfig) -> Self {
         assert!(!config.stakes.is_empty(), "a chain needs validators");
+        if let Some(keys) = &config.keys {
+            assert_eq!(
+                keys.len(),
+                config.stakes.len(),
+                "one key pair per validator"
+            );
+        }
         let genesis = committee_for(&config, 0);
         let protocol_keys = protocol_keys(&config, 0);
         let senders = (0..16)

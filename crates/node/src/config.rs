@@ -853,7 +853,8 @@ seed-peers = []
 # The store's page cache in bytes: the bound on the memory it keeps.
 store-cache-bytes = {cache}
 
-# Block production, for validators of a local network only.
+# Block production, for validators of a local network only: it reads the
+# producer secrets in producer.toml beside the genesis.
 # [producer]
 # commit-rate = 10.0
 # max-commits = 0

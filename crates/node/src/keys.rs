@@ -1,5 +1,6 @@
 //! Key files: the network key (the node's identity), the protocol key (signs
-//! blocks), and the TLS key and identity-bound certificate.
+//! blocks), the TLS key and identity-bound certificate, and `public.toml`,
+//! the public half of the first two, for a genesis.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -7,6 +8,8 @@ use std::path::Path;
 
 use soma_types::{KeyPair, PeerId};
 use soma_wire::tls::NodeIdentity;
+
+use crate::genesis::{PUBLIC_FILE, PublicFile};
 
 /// Network key file name.
 pub const NETWORK_KEY: &str = "network.key";
@@ -54,7 +57,8 @@ impl NodeKeys {
     }
 }
 
-fn write_secret(path: &Path, contents: &[u8]) -> Result<(), KeyError> {
+/// Writes a secret file, readable by its owner only (mode 0600).
+pub fn write_secret(path: &Path, contents: &[u8]) -> Result<(), KeyError> {
     let io = |source| KeyError::Io {
         path: path.display().to_string(),
         source,
@@ -84,7 +88,7 @@ pub fn write_keys(
     };
     std::fs::create_dir_all(dir).map_err(io)?;
     if !force {
-        for name in [NETWORK_KEY, PROTOCOL_KEY, TLS_CERT, TLS_KEY] {
+        for name in [NETWORK_KEY, PROTOCOL_KEY, TLS_CERT, TLS_KEY, PUBLIC_FILE] {
             let path = dir.join(name);
             if path.exists() {
                 return Err(KeyError::Exists(path.display().to_string()));
@@ -103,11 +107,20 @@ pub fn write_keys(
         hex::encode(protocol.secret_bytes()).as_bytes(),
     )?;
     write_secret(&dir.join(TLS_KEY), identity.key_pem().as_bytes())?;
-    std::fs::write(dir.join(TLS_CERT), identity.cert_pem()).map_err(|source| KeyError::Io {
-        path: dir.join(TLS_CERT).display().to_string(),
-        source,
-    })?;
+    write_public(&dir.join(TLS_CERT), identity.cert_pem())?;
+    let public = PublicFile::new(&network.public(), &protocol.public());
+    write_public(
+        &dir.join(PUBLIC_FILE),
+        toml::to_string(&public).expect("a public file encodes"),
+    )?;
     Ok(NodeKeys { network, identity })
+}
+
+fn write_public(path: &Path, contents: String) -> Result<(), KeyError> {
+    std::fs::write(path, contents).map_err(|source| KeyError::Io {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 fn read_key(path: &Path) -> Result<KeyPair, KeyError> {
@@ -125,8 +138,8 @@ fn read_key(path: &Path) -> Result<KeyPair, KeyError> {
 /// network key.
 pub fn read_keys(dir: &Path) -> Result<NodeKeys, KeyError> {
     let network = read_key(&dir.join(NETWORK_KEY))?;
-    // Validators of a local network sign with keys derived from the genesis
-    // seed; the protocol key file is checked, not used, by this binary.
+    // This binary signs no block with it (a local network's producer plays
+    // every validator from its own seed): the protocol key is checked only.
     read_key(&dir.join(PROTOCOL_KEY))?;
     let read = |name: &str| {
         std::fs::read_to_string(dir.join(name)).map_err(|source| KeyError::Io {

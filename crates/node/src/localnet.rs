@@ -15,7 +15,7 @@ use tokio::process::{Child, Command};
 
 use crate::Failure;
 use crate::config::{NodeConfig, P2pSection, ProducerConfig, SeedConfig};
-use crate::genesis::GenesisFile;
+use crate::genesis::{GENESIS_FILE, PRODUCER_FILE};
 use crate::keys;
 
 /// The demo's settings.
@@ -181,26 +181,31 @@ pub async fn run(net: Localnet) -> Result<(), Failure> {
     let ports: Vec<u16> = (0..net.nodes)
         .map(|_| free_port())
         .collect::<Result<_, _>>()?;
-    let genesis = GenesisFile {
-        seed: hex::encode(soma_types::KeyPair::generate().secret_bytes()),
-        stakes: vec![1; net.nodes],
-        addresses: ports.iter().map(|p| format!("127.0.0.1:{p}")).collect(),
-        transactions_per_block: net.transactions_per_block,
-        payload_bytes: 32,
-        commits_per_epoch: Some(net.commits_per_epoch),
-    };
+    let addresses: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let (genesis, producer, chain) = crate::genesis::local_network(
+        &vec![1; net.nodes],
+        addresses.clone(),
+        Some(net.commits_per_epoch),
+        net.transactions_per_block,
+    );
     write(
-        &dir.join("genesis.toml"),
+        &dir.join(GENESIS_FILE),
         toml::to_string(&genesis).map_err(|e| Failure::run(e.to_string()))?,
     )?;
-    let chain = genesis.chain_config().map_err(Failure::run)?;
+    keys::write_secret(
+        &dir.join(PRODUCER_FILE),
+        toml::to_string(&producer)
+            .map_err(|e| Failure::run(e.to_string()))?
+            .as_bytes(),
+    )
+    .map_err(|e| Failure::run(e.to_string()))?;
 
     let mut children = Vec::new();
     let result = async {
         // Validators, each seeded with validator 0.
         let seed0 = SeedConfig {
             peer_id: Some(soma_types::PeerId::from(chain.network_key(0).public())),
-            address: genesis.addresses[0].clone(),
+            address: addresses[0].clone(),
         };
         for (i, port) in ports.iter().enumerate() {
             let vdir = dir.join(format!("validator-{i}"));
@@ -233,7 +238,7 @@ pub async fn run(net: Localnet) -> Result<(), Failure> {
         );
         let deadline = Instant::now() + net.timeout;
         loop {
-            if let Some(h) = highest(&genesis.addresses[0]).await {
+            if let Some(h) = highest(&addresses[0]).await {
                 produced.set_position(h.min(net.commits));
                 if h >= net.commits {
                     break;
@@ -255,7 +260,7 @@ pub async fn run(net: Localnet) -> Result<(), Failure> {
         let (jport, mport) = (free_port()?, free_port()?);
         let seeds = vec![SeedConfig {
             peer_id: None,
-            address: genesis.addresses[0].clone(),
+            address: addresses[0].clone(),
         }];
         write(
             &jdir.join("node.toml"),
@@ -302,7 +307,7 @@ pub async fn run(net: Localnet) -> Result<(), Failure> {
         {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let validators_height = highest(&genesis.addresses[0]).await.unwrap_or(0);
+        let validators_height = highest(&addresses[0]).await.unwrap_or(0);
         let text = scrape(mport).await.unwrap_or_default();
         let commits_metric = metric(&text, "soma_commits_synced_total").unwrap_or(0.0);
         let blocks = metric(&text, "soma_blocks_synced_total").unwrap_or(0.0);

@@ -39,8 +39,9 @@ enum LogFormat {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Write a node's keys: network and protocol keys (mode 0600), and a TLS
-    /// key with a certificate bound to the network key, as PEM.
+    /// Write a node's keys: network and protocol keys (mode 0600), a TLS key
+    /// with a certificate bound to the network key, as PEM, and the public
+    /// keys in `public.toml`, for a genesis.
     Keygen {
         /// Directory to write the keys into.
         #[arg(long)]
@@ -49,19 +50,33 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Write the genesis of a local network: the committee's parameters and
-    /// each validator's keys.
+    /// Write a genesis (`genesis.toml`, public material only). Either from
+    /// validators' public files (`--validator public.toml --stake N
+    /// --address HOST:PORT`, repeated, in committee order), or a whole local
+    /// network (`--validators N`): the genesis, each validator's keys in its
+    /// own directory, and the block producer's secrets in `producer.toml`.
+    #[command(group(clap::ArgGroup::new("committee").required(true).args(["validators", "validator"])))]
     Genesis {
-        /// Number of validators.
+        /// Number of validators of a local network on 127.0.0.1.
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
-        validators: u32,
+        validators: Option<u32>,
+        /// A validator's `public.toml` (from `soma-p2p keygen`); repeat it,
+        /// with one --stake and one --address per validator, in order.
+        #[arg(long, requires_all = ["stake", "address"])]
+        validator: Vec<PathBuf>,
+        /// Stake of each --validator, in order.
+        #[arg(long, requires = "validator")]
+        stake: Vec<u64>,
+        /// Address (host:port) of each --validator, in order.
+        #[arg(long, requires = "validator")]
+        address: Vec<String>,
         /// Directory to write into.
         #[arg(long)]
         out: PathBuf,
-        /// First validator port on 127.0.0.1 (the others follow).
-        #[arg(long, default_value_t = 7000)]
+        /// First validator port on 127.0.0.1 (local network; the others follow).
+        #[arg(long, default_value_t = 7000, conflicts_with = "validator")]
         base_port: u16,
-        /// Commits per epoch.
+        /// Commits per epoch, for block producers.
         #[arg(long, default_value_t = 1000)]
         commits_per_epoch: u64,
         /// Overwrite files already there.
@@ -192,21 +207,27 @@ async fn execute(cli: Cli) -> Result<(), Failure> {
             })?;
             println!("peer id {}", hex::encode(keys.peer_id().0));
             println!("keys written to {}", out.display());
+            println!(
+                "public keys, for a genesis: {}",
+                out.join(genesis::PUBLIC_FILE).display()
+            );
             Ok(())
         }
         Command::Genesis {
             validators,
+            validator,
+            stake,
+            address,
             out,
             base_port,
             commits_per_epoch,
             force,
-        } => write_genesis(
-            validators as usize,
-            &out,
-            base_port,
-            commits_per_epoch,
-            force,
-        ),
+        } => match validators {
+            Some(n) => write_local_genesis(n as usize, &out, base_port, commits_per_epoch, force),
+            None => {
+                write_public_genesis(&validator, &stake, &address, &out, commits_per_epoch, force)
+            }
+        },
         Command::Run {
             config,
             commit_rate,
@@ -276,34 +297,94 @@ async fn execute(cli: Cli) -> Result<(), Failure> {
     }
 }
 
-fn write_genesis(
-    validators: usize,
-    out: &std::path::Path,
-    base_port: u16,
-    commits_per_epoch: u64,
-    force: bool,
-) -> Result<(), Failure> {
-    let path = out.join("genesis.toml");
+/// Refuses to overwrite `path` unless `force`.
+fn check_new(path: &std::path::Path, force: bool) -> Result<(), Failure> {
     if path.exists() && !force {
         return Err(Failure::usage(format!(
             "{} already exists; pass --force to overwrite it",
             path.display()
         )));
     }
+    Ok(())
+}
+
+fn write_file(path: &std::path::Path, text: &str) -> Result<(), Failure> {
+    std::fs::write(path, text).map_err(|e| Failure::run(format!("{}: {e}", path.display())))
+}
+
+/// Writes `genesis` as `out/genesis.toml` and prints its chain id.
+fn write_genesis_file(
+    out: &std::path::Path,
+    genesis: &genesis::GenesisFile,
+) -> Result<(), Failure> {
+    let chain_id = genesis.chain_id().map_err(Failure::usage)?;
     std::fs::create_dir_all(out).map_err(|e| Failure::run(format!("{}: {e}", out.display())))?;
+    let text = toml::to_string(genesis).map_err(Failure::run)?;
+    write_file(&out.join(genesis::GENESIS_FILE), &text)?;
+    println!("chain id {}", hex::encode(chain_id.0.0));
+    Ok(())
+}
+
+fn write_public_genesis(
+    validators: &[PathBuf],
+    stakes: &[u64],
+    addresses: &[String],
+    out: &std::path::Path,
+    commits_per_epoch: u64,
+    force: bool,
+) -> Result<(), Failure> {
+    if stakes.len() != validators.len() || addresses.len() != validators.len() {
+        return Err(Failure::usage(format!(
+            "each --validator needs one --stake and one --address, in the same order: \
+             got {} validators, {} stakes, {} addresses",
+            validators.len(),
+            stakes.len(),
+            addresses.len()
+        )));
+    }
+    check_new(&out.join(genesis::GENESIS_FILE), force)?;
+    let entries = validators
+        .iter()
+        .zip(stakes)
+        .zip(addresses)
+        .map(|((path, &stake), address)| {
+            let public = genesis::PublicFile::load(path)?;
+            Ok(genesis::ValidatorEntry {
+                network_key: public.network_key,
+                protocol_key: public.protocol_key,
+                stake,
+                address: address.clone(),
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()
+        .map_err(Failure::usage)?;
     let genesis = genesis::GenesisFile {
-        seed: hex::encode(soma_types::KeyPair::generate().secret_bytes()),
-        stakes: vec![1; validators],
-        addresses: (0..validators)
-            .map(|i| format!("127.0.0.1:{}", base_port as usize + i))
-            .collect(),
-        transactions_per_block: 10,
-        payload_bytes: 32,
         commits_per_epoch: Some(commits_per_epoch),
+        validators: entries,
     };
-    let text = toml::to_string(&genesis).map_err(Failure::run)?;
-    std::fs::write(&path, text).map_err(|e| Failure::run(format!("{}: {e}", path.display())))?;
-    let chain = genesis.chain_config().map_err(Failure::run)?;
+    write_genesis_file(out, &genesis)?;
+    println!(
+        "genesis of {} validators written to {}",
+        validators.len(),
+        out.join(genesis::GENESIS_FILE).display()
+    );
+    Ok(())
+}
+
+fn write_local_genesis(
+    validators: usize,
+    out: &std::path::Path,
+    base_port: u16,
+    commits_per_epoch: u64,
+    force: bool,
+) -> Result<(), Failure> {
+    check_new(&out.join(genesis::GENESIS_FILE), force)?;
+    check_new(&out.join(genesis::PRODUCER_FILE), force)?;
+    let addresses = (0..validators)
+        .map(|i| format!("127.0.0.1:{}", base_port as usize + i))
+        .collect();
+    let (genesis, producer, chain) =
+        genesis::local_network(&vec![1; validators], addresses, Some(commits_per_epoch), 10);
     for i in 0..validators {
         let dir = out.join(format!("validator-{i}")).join("keys");
         keys::write_keys(
@@ -317,8 +398,12 @@ fn write_genesis(
             e => Failure::run(e),
         })?;
     }
-    let chain_id = genesis.chain_id().map_err(Failure::run)?;
-    println!("chain id {}", hex::encode(chain_id.0.0));
+    write_genesis_file(out, &genesis)?;
+    keys::write_secret(
+        &out.join(genesis::PRODUCER_FILE),
+        toml::to_string(&producer).map_err(Failure::run)?.as_bytes(),
+    )
+    .map_err(Failure::run)?;
     println!(
         "genesis of {validators} validators written to {}",
         out.display()

@@ -8,7 +8,7 @@ use soma_store::{ConsensusStore, RedbStore};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::config::NodeConfig;
-use crate::genesis::GenesisFile;
+use crate::genesis::{GenesisFile, ProducerFile};
 use crate::keys;
 
 /// File name of the store in the data directory.
@@ -71,7 +71,10 @@ pub async fn run(config_path: &Path, commit_rate: Option<f64>) -> Result<(), cra
         });
     }
     if let Some(producer) = &config.producer {
-        let chain = genesis.chain_config().map_err(crate::Failure::usage)?;
+        let secrets = ProducerFile::path_beside(&config.genesis);
+        let chain = ProducerFile::load(&secrets)
+            .and_then(|p| p.chain_config(&genesis))
+            .map_err(|e| crate::Failure::usage(format!("{}: {e}", secrets.display())))?;
         tokio::spawn(crate::producer::produce(
             handle.clone(),
             chain,

@@ -46,6 +46,9 @@ fn help_is_given_for_every_subcommand() {
             "genesis",
             &[
                 "--validators",
+                "--validator",
+                "--stake",
+                "--address",
                 "--out",
                 "--base-port",
                 "--commits-per-epoch",

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde::Deserialize;
-use soma_chain::{Chain, ChainBuilder, ChainConfig};
+use soma_chain::{Chain, ChainConfig};
 use soma_store::{ConsensusStore, RedbStore};
-use soma_types::{Committee, Stake};
+use soma_types::{Authority, Committee, PeerId, PublicKey, Stake};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_soma-p2p");
 
@@ -120,29 +120,55 @@ pub fn set_line(text: &str, key: &str, line: &str) -> String {
         .collect()
 }
 
-/// The genesis file written by `soma-p2p genesis`.
+/// The genesis file written by `soma-p2p genesis`: public material only.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct GenesisFile {
-    seed: String,
-    stakes: Vec<Stake>,
-    addresses: Vec<String>,
-    transactions_per_block: usize,
-    payload_bytes: usize,
     commits_per_epoch: Option<u64>,
+    #[serde(rename = "validator")]
+    validators: Vec<GenesisValidator>,
 }
 
-/// The chain parameters of a genesis file, derived as the node derives them.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct GenesisValidator {
+    network_key: String,
+    protocol_key: String,
+    stake: Stake,
+    address: String,
+}
+
+/// The local network's producer secrets, beside its genesis.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct ProducerFile {
+    seed: String,
+    transactions_per_block: usize,
+    payload_bytes: usize,
+}
+
+fn read_genesis(path: &Path) -> GenesisFile {
+    toml::from_str(&fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn key32(text: &str) -> [u8; 32] {
+    let mut bytes = [0u8; 32];
+    hex::decode_to_slice(text, &mut bytes).unwrap();
+    bytes
+}
+
+/// The chain a local network's producer builds: its genesis, with the
+/// seed of `producer.toml` beside it.
 pub fn chain_config(path: &Path) -> ChainConfig {
-    let file: GenesisFile = toml::from_str(&fs::read_to_string(path).unwrap()).unwrap();
-    let mut seed = [0u8; 32];
-    hex::decode_to_slice(&file.seed, &mut seed).unwrap();
+    let file = read_genesis(path);
+    let producer: ProducerFile =
+        toml::from_str(&fs::read_to_string(path.with_file_name("producer.toml")).unwrap()).unwrap();
     ChainConfig {
-        seed,
-        stakes: file.stakes,
-        addresses: Some(file.addresses),
-        transactions_per_block: file.transactions_per_block,
-        payload_bytes: file.payload_bytes,
+        seed: key32(&producer.seed),
+        stakes: file.validators.iter().map(|v| v.stake).collect(),
+        addresses: Some(file.validators.iter().map(|v| v.address.clone()).collect()),
+        transactions_per_block: producer.transactions_per_block,
+        payload_bytes: producer.payload_bytes,
         commits_per_epoch: file.commits_per_epoch,
         ..ChainConfig::default()
     }
@@ -171,9 +197,20 @@ pub fn local_genesis(
     dir.join("genesis.toml")
 }
 
-/// The genesis committee of a genesis file, derived as the node derives it.
+/// The genesis committee a genesis file describes, read from its public
+/// entries alone.
 pub fn genesis_committee(path: &Path) -> Committee {
-    ChainBuilder::new(chain_config(path)).genesis().clone()
+    let authorities = read_genesis(path)
+        .validators
+        .into_iter()
+        .map(|v| Authority {
+            stake: v.stake,
+            protocol_key: PublicKey::from_bytes(&key32(&v.protocol_key)).unwrap(),
+            network_key: PeerId(key32(&v.network_key)),
+            address: v.address,
+        })
+        .collect();
+    Committee::new(0, authorities).unwrap()
 }
 
 /// The value of a `label   value` line of `soma-p2p` output.
