@@ -22,6 +22,7 @@
 //! supervision; production builds leave it out.
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod archive;
 mod blob;
 pub mod connections;
 mod core;

@@ -35,7 +35,7 @@ pub(super) fn store_error(e: soma_store::Error) -> Status {
 /// `data.max_commits_per_batch` of them, and one certifier per author at
 /// most. A client sets its decoding cap from the same function, so a range
 /// of maximal blocks is still served.
-pub(super) fn fetch_commits(
+pub(crate) fn fetch_commits(
     store: &dyn ConsensusStore,
     start: CommitIndex,
     end: CommitIndex,

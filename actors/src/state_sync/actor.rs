@@ -211,7 +211,11 @@ impl StateSync {
         self.pruning = true;
         let (store, addr) = (self.deps.store.clone(), ctx.address());
         let (config, execution) = (self.deps.prune.clone(), self.deps.execution.clone());
-        let (epoch, ripe) = (self.driver.core().expected_epoch(), self.ripe);
+        let (epoch, mut ripe) = (self.driver.core().expected_epoch(), self.ripe);
+        if let Some(archived) = &self.deps.archived {
+            // Nothing is pruned before it is archived.
+            ripe = ripe.map(|r| r.min(*archived.borrow()));
+        }
         self.deps.runtime.spawn_blocking(move || {
             let run = || prune::run(store.as_ref(), &config, epoch, ripe, || execution.hold());
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).unwrap_or(

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use actix::Addr;
 use soma_store::ConsensusStore;
-use soma_types::{CommittedSubDag, Committee, Epoch, Limits};
+use soma_types::{CommitIndex, CommittedSubDag, Committee, Epoch, Limits};
 use soma_wire::convert::Availability;
 use tokio::sync::{broadcast, watch};
 
@@ -14,6 +14,7 @@ use super::core::{Config, Init, commit_answer_bytes};
 use super::messages::TaskId;
 use super::prune;
 use super::worker::{PeerCalls, Worker};
+use crate::archive::ArchiveReader;
 use crate::connections::{Connections, Outbound};
 use crate::faults::Faults;
 use crate::peer_heights::PeerHeights;
@@ -64,6 +65,11 @@ pub struct Deps {
     pub mailbox_capacity: usize,
     /// Height queries and commit pushes running at once at most.
     pub max_background_calls: usize,
+    /// Where batches no connected peer holds are read, if anywhere.
+    pub archive: Option<Arc<ArchiveReader>>,
+    /// The next commit the archive writer will archive, if the node
+    /// writes an archive: nothing from it on is pruned.
+    pub archived: Option<watch::Receiver<CommitIndex>>,
     pub(crate) faults: Faults,
 }
 
@@ -98,6 +104,7 @@ impl Deps {
             check_signatures: self.verify_synced_block_signatures,
             config: self.config.clone(),
             faults: self.faults.clone(),
+            archive: self.archive.clone(),
         }
     }
 

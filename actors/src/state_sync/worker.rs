@@ -14,6 +14,7 @@ use crate::dropped::{Droppable, try_send};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Addr;
@@ -28,6 +29,7 @@ use super::apply::{Batch, Source};
 use super::core::Config;
 use super::messages::{CommitBatchInfo, CommitsWanted, Failure, LocalFailure};
 use crate::Blob;
+use crate::archive::ArchiveReader;
 use crate::connections::{ActivePeers, Client, Connections, Outbound};
 use crate::faults::Faults;
 use crate::peer_heights::{
@@ -131,6 +133,8 @@ pub(super) struct Worker {
     pub(super) check_signatures: bool,
     pub(super) config: Config,
     pub(super) faults: Faults,
+    /// Where batches no connected peer holds are read, if anywhere.
+    pub(super) archive: Option<Arc<ArchiveReader>>,
 }
 
 /// How a transfer that ended with `failure` is told to PeerHeights.
@@ -195,6 +199,7 @@ impl Worker {
         let range = (wanted.start, wanted.start);
         let slot = match self.begin(wanted.start, range, avoid).await {
             Ok(slot) => slot,
+            Err(Failure::NoPeer) => return (None, self.commits_from_archive(wanted).await),
             Err(f) => return (None, Err(f)),
         };
         let peer = slot.lease().peer;
@@ -272,6 +277,7 @@ impl Worker {
         let range = (chunk.batch, chunk.end);
         let slot = match self.begin(chunk.batch, range, avoid).await {
             Ok(slot) => slot,
+            Err(Failure::NoPeer) => return (None, self.blocks_from_archive(&chunk).await),
             Err(f) => return (None, Err(f)),
         };
         let peer = slot.lease().peer;
@@ -305,6 +311,57 @@ impl Worker {
         let result = self.verify_blocks(chunk.epoch, blobs, &chunk.refs).await;
         self.verified(peer, bytes, latency, &result);
         (Some(peer), result)
+    }
+
+    /// With no peer for the range: the archive's copy, verified as a
+    /// peer's answer is. A range the archive lacks stays [`Failure::NoPeer`].
+    async fn commits_from_archive(&self, wanted: CommitsWanted) -> Result<BatchData, Failure> {
+        let Some(archive) = &self.archive else {
+            return Err(Failure::NoPeer);
+        };
+        let (commits, certifier_blocks) = archive
+            .commits(wanted.start, wanted.end, wanted.max_bytes)
+            .await
+            .ok_or(Failure::NoPeer)?;
+        let response = proto::FetchCommitsResponse {
+            commits,
+            certifier_blocks,
+        };
+        let result = self.verify_commits(response, wanted).await;
+        // Commits of the next epoch, asked for while the batch that ends
+        // the expected one waits to be applied, are the core's to judge
+        // (as from a peer): a true copy, not a corrupt one.
+        let next_epoch = matches!(
+            &result,
+            Err(Failure::Invalid(soma_types::Error::CommitWrongEpoch { got, expected, .. }))
+                if !wanted.settled && Some(*got) == expected.checked_add(1)
+        );
+        if !next_epoch {
+            refused_by(archive, wanted.start, &result);
+        }
+        result
+    }
+
+    /// [`Self::commits_from_archive`] for a chunk of blocks: checked as
+    /// they would be arriving on a stream, then verified.
+    async fn blocks_from_archive(&self, chunk: &BlockChunk) -> Result<Vec<VerifiedBlock>, Failure> {
+        let Some(archive) = &self.archive else {
+            return Err(Failure::NoPeer);
+        };
+        let blobs = archive
+            .blocks(chunk.batch, &chunk.refs)
+            .await
+            .ok_or(Failure::NoPeer)?;
+        let mut intake = Intake::new(&chunk.refs, chunk.max_bytes);
+        let result = match blobs.into_iter().try_for_each(|b| intake.accept(b)) {
+            Ok(()) => match intake.finish() {
+                Ok(blobs) => self.verify_blocks(chunk.epoch, blobs, &chunk.refs).await,
+                Err(f) => Err(f),
+            },
+            Err(f) => Err(f),
+        };
+        refused_by(archive, chunk.batch, &result);
+        result
     }
 
     async fn verify_blocks(
@@ -430,35 +487,75 @@ impl PeerCalls {
     }
 }
 
-/// Reads a FetchBlocks stream, judging each block by the digest of its
-/// bytes as it arrives: the stream is cut at the first block not asked for
-/// or repeated, and once the blocks pass `max_bytes`. Nothing is decoded or
-/// signature-checked before every block asked for is in. A status error of
-/// the stream is the call's failure (the outer `Result`).
+/// Counts and logs archive data that verification refused, and forgets
+/// the batch read, so the next attempt reads the archive again.
+fn refused_by<T>(archive: &ArchiveReader, batch: CommitIndex, result: &Result<T, Failure>) {
+    if let Err(Failure::Invalid(e)) = result {
+        tracing::warn!(batch, %e, "archived data refused: the archive is corrupt or forged");
+        archive.refused();
+    }
+}
+
+/// Blocks as they arrive, judged by the digest of their bytes: the first
+/// block not asked for or repeated, or past `max_bytes`, ends the intake.
+/// Nothing is decoded or signature-checked before every block asked for
+/// is in.
+struct Intake {
+    expected: ExpectedBlocks,
+    blobs: Vec<Blob>,
+    bytes: u64,
+    max_bytes: u64,
+}
+
+impl Intake {
+    fn new(refs: &[BlockRef], max_bytes: u64) -> Self {
+        Intake {
+            expected: ExpectedBlocks::from_refs(refs.iter().copied()),
+            blobs: Vec::with_capacity(refs.len()),
+            bytes: 0,
+            max_bytes,
+        }
+    }
+
+    fn accept(&mut self, blob: bytes::Bytes) -> Result<(), Failure> {
+        self.bytes += blob.len() as u64;
+        if self.bytes > self.max_bytes {
+            return Err(Failure::OverBudget {
+                received: self.bytes,
+                max: self.max_bytes,
+            });
+        }
+        self.expected
+            .accept_bytes(&blob)
+            .map_err(Failure::Invalid)?;
+        self.blobs.push(Blob(blob));
+        Ok(())
+    }
+
+    /// The blocks, once every one asked for is in.
+    fn finish(self) -> Result<Vec<Blob>, Failure> {
+        self.expected.finish().map_err(Failure::Invalid)?;
+        Ok(self.blobs)
+    }
+}
+
+/// Reads a FetchBlocks stream through an [`Intake`]: the stream is cut
+/// where the intake ends. A status error of the stream is the call's
+/// failure (the outer `Result`).
 async fn receive_blocks(
     stream: &mut tonic::Streaming<proto::FetchBlocksResponse>,
     refs: &[BlockRef],
     max_bytes: u64,
 ) -> Result<Result<Vec<Blob>, Failure>, tonic::Status> {
-    let mut expected = ExpectedBlocks::from_refs(refs.iter().copied());
-    let mut blobs = Vec::with_capacity(refs.len());
-    let mut bytes = 0u64;
+    let mut intake = Intake::new(refs, max_bytes);
     while let Some(chunk) = stream.message().await? {
         for blob in chunk.blocks {
-            bytes += blob.len() as u64;
-            if bytes > max_bytes {
-                return Ok(Err(Failure::OverBudget {
-                    received: bytes,
-                    max: max_bytes,
-                }));
+            if let Err(f) = intake.accept(blob) {
+                return Ok(Err(f));
             }
-            if let Err(e) = expected.accept_bytes(&blob) {
-                return Ok(Err(Failure::Invalid(e)));
-            }
-            blobs.push(Blob(blob));
         }
     }
-    Ok(expected.finish().map(|()| blobs).map_err(Failure::Invalid))
+    Ok(intake.finish())
 }
 
 /// A Verifier refusal as a failure: only a broken rule is the peer's doing.

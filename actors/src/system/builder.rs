@@ -12,6 +12,7 @@ use super::Execution;
 use super::config::P2pConfig;
 use super::handle::{Inner, P2pHandle, Running};
 use super::tree::{self, NodeParts};
+use crate::archive::{Archive, ArchiveReader, WriterDeps, run_writer};
 use crate::discovery;
 use crate::grpc::{P2pService, SendDeadline, SendStats, ServiceDeps};
 use crate::supervisor::TreeStatus;
@@ -55,6 +56,9 @@ pub enum StartError {
     /// The store holds another chain than the genesis committee's.
     #[error("the store belongs to another chain")]
     WrongChain,
+    /// The archive could not be opened.
+    #[error("{0}")]
+    Archive(#[from] crate::archive::ArchiveError),
 }
 
 /// Builds and starts a P2P node.
@@ -116,6 +120,11 @@ impl P2pBuilder {
         };
         let peer_id = PeerId::from(network_key.public());
         let chain_id = ChainId::from_genesis(&genesis);
+        // Before anything that must be stopped if it fails.
+        let archive = match &config.archive {
+            Some(c) => Some(Archive::open(c.clone(), chain_id)?),
+            None => None,
+        };
         if store.committee(genesis.epoch())?.as_ref() != Some(&genesis) {
             return Err(StartError::WrongChain);
         }
@@ -187,6 +196,28 @@ impl P2pBuilder {
             });
         let execution = Execution::new();
         let (stopped, _) = watch::channel(false);
+        let batch_size = config.state_sync.commit_sync_batch_size;
+        let reader = archive
+            .as_ref()
+            .filter(|a| a.config().read)
+            .map(|a| Arc::new(ArchiveReader::new(a.clone(), batch_size)));
+        let writer = archive.as_ref().filter(|a| a.config().write).map(|a| {
+            let (archived, watched) = watch::channel(0);
+            let deps = WriterDeps {
+                archive: a.clone(),
+                store: store.clone(),
+                grpc: config.grpc.clone(),
+                data: config.verifier.limits.clone(),
+                batch_size,
+                archived,
+                stopped: stopped.subscribe(),
+            };
+            (deps, watched)
+        });
+        let (writer, archived) = match writer {
+            Some((deps, watched)) => (Some(deps), Some(watched)),
+            None => (None, None),
+        };
         let send_stats = Arc::new(SendStats::default());
         let (tree, tree_status) = tokio::sync::watch::channel(TreeStatus::default());
         let parts = NodeParts {
@@ -207,6 +238,8 @@ impl P2pBuilder {
             addresses: own_info.info.addresses.clone(),
             tree,
             faults: faults(&config),
+            archive: reader,
+            archived,
         };
         let started = tree::start(&config, parts)?;
         let actors = started.actors.clone();
@@ -272,6 +305,9 @@ impl P2pBuilder {
                     .await
             })
         };
+        if let Some(deps) = writer {
+            runtime.spawn(run_writer(deps));
+        }
         tracing::info!(%peer_id, %local_addr, %chain_id, "p2p node started");
 
         let handle = P2pHandle::from_inner(Inner {
@@ -288,6 +324,7 @@ impl P2pBuilder {
             commits,
             execution,
             stopped,
+            archive: archive.map(|a| a.stats().clone()),
             commit_read_bytes: config.synced_commit_read_bytes.max(1),
             tree: tree_status,
             runtime: runtime.clone(),

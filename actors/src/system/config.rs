@@ -51,6 +51,9 @@ pub struct P2pConfig {
     /// What the store keeps (`retention`), and how often and in what steps
     /// it is pruned.
     pub prune: state_sync::prune::Config,
+    /// An archive of certified batches to write, and to read what no
+    /// connected peer holds; `None`: no archive.
+    pub archive: Option<crate::archive::Config>,
     /// What the server accepts.
     pub grpc: grpc::Limits,
     /// The verification pool.
@@ -95,6 +98,7 @@ impl Default for P2pConfig {
             synced_commit_broadcast_capacity: 1024,
             synced_commit_read_bytes: 1 << 20,
             prune: state_sync::prune::Config::default(),
+            archive: None,
             grpc: grpc::Limits::default(),
             verifier: verifier::Config::default(),
             connections: connections::Config::default(),

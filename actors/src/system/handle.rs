@@ -47,8 +47,11 @@ pub(super) struct Inner {
     pub(super) commits: broadcast::Sender<CommittedSubDag>,
     /// The registered executor's progress.
     pub(super) execution: Execution,
-    /// Set once the node stops, for streams waiting on live commits.
+    /// Set once the node stops, for streams waiting on live commits and
+    /// the archive writer.
     pub(super) stopped: watch::Sender<bool>,
+    /// The archive's counters, if the node has an archive.
+    pub(super) archive: Option<Arc<crate::archive::ArchiveStats>>,
     /// Bytes of commits a stream reads from the store at once.
     pub(super) commit_read_bytes: usize,
     pub(super) tree: watch::Receiver<TreeStatus>,
@@ -424,6 +427,12 @@ impl P2pHandle {
             .iter()
             .map(|e| (e.key().0, e.key().1, *e.value()))
             .collect()
+    }
+
+    /// What the archive did, if the node has one: the writer's position,
+    /// batches written and read, failures, and archived data refused.
+    pub fn archive_status(&self) -> Option<crate::archive::ArchiveStatus> {
+        self.inner.archive.as_ref().map(|a| a.status())
     }
 
     /// Fetches (FetchCommits, FetchBlocks) the server has admitted and not

@@ -83,6 +83,8 @@ pub(super) struct NodeParts {
     pub(super) addresses: Vec<String>,
     pub(super) tree: watch::Sender<TreeStatus>,
     pub(super) faults: Faults,
+    pub(super) archive: Option<Arc<crate::archive::ArchiveReader>>,
+    pub(super) archived: Option<watch::Receiver<soma_types::CommitIndex>>,
 }
 
 /// The running actors' System and thread.
@@ -154,6 +156,8 @@ fn start_tree(config: &P2pConfig, parts: NodeParts) -> Result<Actors, StartError
         addresses,
         tree,
         faults,
+        archive,
+        archived,
     } = parts;
     let capacity = config.mailbox_capacity;
     let root_ctx = Context::<Supervisor>::new();
@@ -243,6 +247,8 @@ fn start_tree(config: &P2pConfig, parts: NodeParts) -> Result<Actors, StartError
             prune: config.prune.clone(),
             mailbox_capacity: capacity,
             max_background_calls: config.max_background_calls.max(1),
+            archive,
+            archived,
             faults: faults.clone(),
         },
         Recorder::from_env(state_sync::StateSyncCore::NAME),

@@ -67,6 +67,53 @@ pub struct ProducerConfig {
     pub max_commits: u64,
 }
 
+/// An archive of certified batches (docs/operations.md, "Archive").
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ArchiveSection {
+    /// A local directory (relative to this file), `s3://bucket/prefix`,
+    /// `gs://bucket/prefix` or `https://host/prefix`.
+    pub url: String,
+    /// Copy every certified batch into the archive.
+    #[serde(default = "yes")]
+    pub write: bool,
+    /// Read batches no connected peer holds from the archive.
+    #[serde(default = "yes")]
+    pub read: bool,
+    /// How often the writer looks for new certified batches.
+    #[serde(default = "default_archive_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// Time allowed for one archive request.
+    #[serde(default = "default_archive_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Largest archive object read or written, in bytes.
+    #[serde(default = "default_archive_object_bytes")]
+    pub max_object_bytes: u64,
+    /// Longest pause between retries of a failed write.
+    #[serde(default = "default_archive_max_retry", with = "humantime_serde")]
+    pub max_retry: Duration,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_archive_interval() -> Duration {
+    soma_actors::archive::Config::new("").interval
+}
+
+fn default_archive_timeout() -> Duration {
+    soma_actors::archive::Config::new("").request_timeout
+}
+
+fn default_archive_object_bytes() -> u64 {
+    soma_actors::archive::Config::new("").max_object_bytes
+}
+
+fn default_archive_max_retry() -> Duration {
+    soma_actors::archive::Config::new("").max_retry
+}
+
 /// Every tunable of the P2P layer (DESIGN section 7), with its default.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
@@ -311,6 +358,9 @@ pub struct NodeConfig {
     /// Block production (validators of a local network only).
     #[serde(default)]
     pub producer: Option<ProducerConfig>,
+    /// An archive of certified batches, if any.
+    #[serde(default)]
+    pub archive: Option<ArchiveSection>,
     /// The P2P layer's tunables.
     #[serde(default)]
     pub p2p: P2pSection,
@@ -342,6 +392,12 @@ impl NodeConfig {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
+        }
+        if let Some(archive) = &mut config.archive
+            && !archive.url.contains("://")
+            && Path::new(&archive.url).is_relative()
+        {
+            archive.url = base.join(&archive.url).display().to_string();
         }
         Ok(config)
     }
@@ -691,6 +747,40 @@ impl NodeConfig {
             ((1 << 20)..=(64usize << 30)).contains(&self.store_cache_bytes),
             self.store_cache_bytes.to_string(),
         )?;
+        if let Some(archive) = &self.archive {
+            range(
+                "archive.url",
+                "a directory, s3://bucket/prefix, gs://bucket/prefix or https://host/prefix",
+                !archive.url.trim().is_empty(),
+                format!("{:?}", archive.url),
+            )?;
+            range(
+                "archive.interval",
+                "between 10ms and 1h",
+                (Duration::from_millis(10)..=Duration::from_secs(3600)).contains(&archive.interval),
+                humantime_serde::re::humantime::format_duration(archive.interval).to_string(),
+            )?;
+            range(
+                "archive.request-timeout",
+                "between 100ms and 1h",
+                (Duration::from_millis(100)..=Duration::from_secs(3600))
+                    .contains(&archive.request_timeout),
+                humantime_serde::re::humantime::format_duration(archive.request_timeout)
+                    .to_string(),
+            )?;
+            range(
+                "archive.max-retry",
+                "between 1s and 1h",
+                (Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&archive.max_retry),
+                humantime_serde::re::humantime::format_duration(archive.max_retry).to_string(),
+            )?;
+            range(
+                "archive.max-object-bytes",
+                "between 16777216 and 17179869184",
+                ((16 << 20)..=(16u64 << 30)).contains(&archive.max_object_bytes),
+                archive.max_object_bytes.to_string(),
+            )?;
+        }
         if let Some(producer) = &self.producer {
             range(
                 "producer.commit-rate",
@@ -782,6 +872,16 @@ impl NodeConfig {
         c.grpc.http2_keepalive_timeout = p.http2_keepalive_timeout;
         c.grpc.max_connection_age = p.max_connection_age;
         c.grpc.max_connection_age_grace = p.max_connection_age_grace;
+        c.archive = self.archive.as_ref().map(|a| soma_actors::archive::Config {
+            url: a.url.clone(),
+            write: a.write,
+            read: a.read,
+            max_object_bytes: a.max_object_bytes,
+            interval: a.interval,
+            request_timeout: a.request_timeout,
+            max_retry: a.max_retry,
+            ..soma_actors::archive::Config::new("")
+        });
         c
     }
 }
@@ -852,6 +952,17 @@ seed-peers = []
 # metrics-address = "127.0.0.1:9100"
 # The store's page cache in bytes: the bound on the memory it keeps.
 store-cache-bytes = {cache}
+
+# An archive of certified batches: written in the background, read when
+# no connected peer holds a range this node needs (docs/operations.md).
+# [archive]
+# url = "archive"              # a directory, s3://…, gs://… or https://…
+# write = true
+# read = true
+# interval = "1s"
+# request-timeout = "30s"
+# max-object-bytes = 268435456
+# max-retry = "1m"
 
 # Block production, for validators of a local network only: it reads the
 # producer secrets in producer.toml beside the genesis.

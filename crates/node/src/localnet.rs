@@ -66,6 +66,7 @@ fn node_config(
         metrics_address: metrics.map(|p| ([127, 0, 0, 1], p).into()),
         store_cache_bytes: soma_store::RedbStore::DEFAULT_CACHE_BYTES,
         producer,
+        archive: None,
         p2p: P2pSection {
             interval: Duration::from_millis(500),
             // Every node of the demo is on 127.0.0.1: per-address caps

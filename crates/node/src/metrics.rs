@@ -38,6 +38,11 @@ struct Series {
     unavailable: IntGauge,
     executor_lead: IntGauge,
     dropped: IntCounterVec,
+    archive_next: IntGauge,
+    archive_written: IntCounterVec,
+    archive_read: IntCounterVec,
+    archive_errors: IntCounterVec,
+    archive_refused: IntCounterVec,
     /// Last values seen, to turn totals into counter increments.
     last: Mutex<std::collections::HashMap<String, u64>>,
 }
@@ -156,6 +161,35 @@ impl Series {
                 "Messages dropped because their receiver's mailbox was full (each is repeated later)",
                 &["message"],
             ),
+            archive_next: gauge(
+                &r,
+                "soma_archive_next_commit",
+                "The next commit the archive writer will archive; every commit below it is archived",
+            ),
+            archive_written: counter(
+                &r,
+                "soma_archive_batches_written_total",
+                "Certified batches written to the archive",
+                &[],
+            ),
+            archive_read: counter(
+                &r,
+                "soma_archive_reads_total",
+                "Archive reads for sync: batches handed to verification (read) or not held (miss)",
+                &["outcome"],
+            ),
+            archive_errors: counter(
+                &r,
+                "soma_archive_errors_total",
+                "Failed archive requests (each retried), by direction",
+                &["op"],
+            ),
+            archive_refused: counter(
+                &r,
+                "soma_archive_refused_total",
+                "Archived data that failed verification (a corrupt or forged archive); never applied",
+                &[],
+            ),
             actor_up,
             registry: r,
             last: Mutex::new(Default::default()),
@@ -237,6 +271,15 @@ impl Series {
             ("idle", c.idle_closed),
         ] {
             self.advance(&self.inbound_closed, &[reason], n);
+        }
+        if let Some(a) = handle.archive_status() {
+            self.archive_next.set(a.next as i64);
+            self.advance(&self.archive_written, &[], a.batches_written);
+            self.advance(&self.archive_read, &["read"], a.batches_read);
+            self.advance(&self.archive_read, &["miss"], a.read_misses);
+            self.advance(&self.archive_errors, &["write"], a.write_errors);
+            self.advance(&self.archive_errors, &["read"], a.read_errors);
+            self.advance(&self.archive_refused, &[], a.refused);
         }
         for actor in handle.health().actors {
             self.actor_up

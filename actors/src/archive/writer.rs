@@ -1,0 +1,194 @@
+//! Writing batches: a task that copies each certified batch of the store
+//! into the archive, behind sync and never in its way.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use soma_store::ConsensusStore;
+use soma_types::{BlockRef, CommitIndex, batch_end};
+use tokio::sync::watch;
+
+use super::{Archive, ArchiveError, ArchiveStats, ArchivedBatch};
+use crate::grpc;
+
+/// What the writer needs.
+pub(crate) struct WriterDeps {
+    pub(crate) archive: Archive,
+    pub(crate) store: Arc<dyn ConsensusStore>,
+    /// The serving limits: a batch is what FetchCommits would answer.
+    pub(crate) grpc: grpc::Limits,
+    pub(crate) data: soma_types::Limits,
+    /// Commits per batch (the node's `commit-sync-batch-size`).
+    pub(crate) batch_size: u64,
+    /// The next commit to archive, published for pruning: nothing at or
+    /// above it is pruned.
+    pub(crate) archived: watch::Sender<CommitIndex>,
+    /// Set when the node stops.
+    pub(crate) stopped: watch::Receiver<bool>,
+}
+
+/// What one look at the store found.
+enum Step {
+    /// A batch to write.
+    Batch(ArchivedBatch),
+    /// Nothing certified past what is archived yet.
+    Idle,
+    /// The next commit to archive is pruned already; go on from `lowest`.
+    Pruned { lowest: CommitIndex },
+}
+
+/// Copies certified batches into the archive until the node stops: at
+/// once while there are some, every `interval` otherwise, and after a
+/// failure again after a pause that doubles from `min_retry` to
+/// `max_retry`. Failures are logged and counted, never fatal.
+pub(crate) async fn run_writer(mut deps: WriterDeps) {
+    let config = deps.archive.config().clone();
+    let stats = deps.archive.stats().clone();
+    let mut retry = config.min_retry;
+    let mut next = None;
+    loop {
+        if *deps.stopped.borrow() {
+            return;
+        }
+        let pause = match step(&deps, &mut next).await {
+            Ok(true) => {
+                retry = config.min_retry;
+                Duration::ZERO
+            }
+            Ok(false) => {
+                retry = config.min_retry;
+                config.interval
+            }
+            Err(e) => {
+                ArchiveStats::count(&stats.write_errors);
+                tracing::warn!(%e, next = ?next, ?retry, "archive write failed; retrying");
+                let pause = retry;
+                retry = (retry * 2).min(config.max_retry);
+                pause
+            }
+        };
+        if pause.is_zero() {
+            continue;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = deps.stopped.changed() => return,
+        }
+    }
+}
+
+/// Archives one batch if there is one: `Ok(true)` if the writer moved on.
+async fn step(deps: &WriterDeps, next: &mut Option<CommitIndex>) -> Result<bool, ArchiveError> {
+    let archive = &deps.archive;
+    let stats = archive.stats();
+    let from = match *next {
+        Some(n) => n,
+        None => {
+            let n = match archive.head().await? {
+                Some(n) => n,
+                None => {
+                    let store = deps.store.clone();
+                    blocking(move || Ok(store.lowest_available_commit()?)).await?
+                }
+            };
+            publish(deps, stats, n);
+            *next = Some(n);
+            n
+        }
+    };
+    let store = deps.store.clone();
+    let (grpc, data, batch_size) = (deps.grpc.clone(), deps.data.clone(), deps.batch_size);
+    let found = blocking(move || build(store.as_ref(), from, &grpc, &data, batch_size)).await?;
+    match found {
+        Step::Idle => Ok(false),
+        Step::Pruned { lowest } => {
+            tracing::error!(
+                from,
+                lowest,
+                "commits were pruned before they were archived; the archive has a gap"
+            );
+            *next = Some(lowest);
+            publish(deps, stats, lowest);
+            Ok(true)
+        }
+        Step::Batch(batch) => {
+            archive.put_batch(&batch).await?;
+            let after = batch.last + 1;
+            // The head moves only once its batches are stored.
+            archive.set_head(after).await?;
+            ArchiveStats::count(&stats.batches_written);
+            tracing::debug!(first = batch.first, last = batch.last, "batch archived");
+            *next = Some(after);
+            publish(deps, stats, after);
+            Ok(true)
+        }
+    }
+}
+
+fn publish(deps: &WriterDeps, stats: &ArchiveStats, next: CommitIndex) {
+    stats.next.store(next, std::sync::atomic::Ordering::Relaxed);
+    deps.archived.send_replace(next);
+}
+
+/// Runs a store read on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    read: impl FnOnce() -> Result<T, ArchiveError> + Send + 'static,
+) -> Result<T, ArchiveError> {
+    tokio::task::spawn_blocking(read)
+        .await
+        .map_err(|e| ArchiveError::Source(format!("the store read failed: {e}")))?
+}
+
+impl From<soma_store::Error> for ArchiveError {
+    fn from(e: soma_store::Error) -> Self {
+        ArchiveError::Source(e.to_string())
+    }
+}
+
+/// The batch starting at `from`, as FetchCommits would answer it, with
+/// every block its commits name.
+fn build(
+    store: &dyn ConsensusStore,
+    from: CommitIndex,
+    grpc: &grpc::Limits,
+    data: &soma_types::Limits,
+    batch_size: u64,
+) -> Result<Step, ArchiveError> {
+    let watermark = store.highest_synced_commit()?.index;
+    if from > watermark {
+        return Ok(Step::Idle);
+    }
+    let lowest = store.lowest_available_commit()?;
+    if from < lowest {
+        return Ok(Step::Pruned { lowest });
+    }
+    let end = batch_end(from, batch_size, None, watermark);
+    let answer = match grpc::fetch_commits(store, from, end, grpc, data) {
+        Ok(answer) => answer,
+        // No certificate held in the range yet.
+        Err(status) if status.code() == tonic::Code::NotFound => return Ok(Step::Idle),
+        Err(status) => return Err(ArchiveError::Source(status.message().to_string())),
+    };
+    let last = from + answer.commits.len() as u64 - 1;
+    let commits = store.commits_in_range(from..=last, usize::MAX)?;
+    let refs: Vec<BlockRef> = commits
+        .iter()
+        .flat_map(|c| c.commit().blocks.iter().copied())
+        .collect();
+    let blocks = store
+        .blocks(&refs)?
+        .into_iter()
+        .zip(&refs)
+        .map(|(b, r)| {
+            b.map(|b| b.serialized().clone())
+                .ok_or_else(|| ArchiveError::Source(format!("block {r:?} is not stored")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Step::Batch(ArchivedBatch {
+        first: from,
+        last,
+        commits: answer.commits,
+        certifiers: answer.certifier_blocks,
+        blocks,
+    }))
+}
