@@ -3,7 +3,7 @@ CARGO ?= cargo
 # nextest runs test binaries in parallel; plain `cargo test` is the fallback.
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: all build test lint deny no-test-hooks fmt bench bench-quick bench-micro demo soak fuzz doc netns-test clean
+.PHONY: all build test lint deny no-test-hooks fmt bench bench-quick bench-micro demo soak fuzz doc netns-test archive-s3-test clean
 
 all: build
 
@@ -52,6 +52,15 @@ no-test-hooks:
 ## fmt: format the code
 fmt:
 	$(CARGO) fmt --all
+
+## archive-s3-test: the archive tests against a real S3-compatible server:
+## installs s3s-fs from crates.io into target/tools (once, a few minutes),
+## then runs actors/tests/archive.rs with it. `make test` runs the same
+## test, and skips its S3 part saying so when no server is installed.
+S3S_FS_VERSION := 0.14.1
+archive-s3-test:
+	@test -x target/tools/bin/s3s-fs || $(CARGO) install s3s-fs --locked --version $(S3S_FS_VERSION) --features binary --root target/tools
+	SOMA_S3S_FS=$(CURDIR)/target/tools/bin/s3s-fs $(CARGO) test --locked -p soma-actors --test archive -- --nocapture s3
 
 ## demo: build and run the local network demo (4 validators, a fresh node syncs)
 demo:

@@ -1185,6 +1185,59 @@ mod tests {
         assert_eq!(grpc.max_connection_age_grace, Duration::from_secs(30));
     }
 
+    /// The default file with its commented `[archive]` section enabled,
+    /// `edit` applied to the section's text.
+    fn with_archive(edit: impl Fn(&str) -> String) -> String {
+        let file = default_file();
+        let start = file.find("# [archive]").expect("the default file shows [archive]");
+        let end = start + file[start..].find("\n\n").expect("the section ends");
+        let section: String = file[start..end]
+            .lines()
+            .map(|l| format!("{}\n", l.strip_prefix("# ").unwrap_or(l)))
+            .collect();
+        // A table must come after the top-level keys, before `[p2p]`.
+        format!("{}{}{}", &file[..start], edit(&section), &file[end..])
+    }
+
+    #[test]
+    fn an_archive_section_is_read_and_its_bad_values_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, with_archive(|s| s.to_string())).unwrap();
+        let config = NodeConfig::load(&path).unwrap();
+        let archive = config.p2p_config().archive.expect("an archive");
+        // A relative directory is relative to the file.
+        assert_eq!(archive.url, dir.path().join("archive").display().to_string());
+        assert_eq!(
+            (archive.write, archive.read, archive.max_object_bytes),
+            (true, true, 256 << 20)
+        );
+        assert_eq!(archive.interval, Duration::from_secs(1));
+        assert_eq!(archive.request_timeout, Duration::from_secs(30));
+        assert_eq!(archive.max_retry, Duration::from_secs(60));
+
+        let s3 = parse(&with_archive(|s| {
+            s.replace("url = \"archive\"", "url = \"s3://bucket/soma\"")
+                .replace("write = true", "write = false")
+        }))
+        .unwrap()
+        .p2p_config()
+        .archive
+        .unwrap();
+        assert_eq!((s3.url.as_str(), s3.write, s3.read), ("s3://bucket/soma", false, true));
+
+        let e = parse(&with_archive(|s| s.replace("interval = \"1s\"", "interval = \"0s\"")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("archive.interval") && e.contains("between 10ms and 1h"), "{e}");
+        let e = parse(&with_archive(|s| {
+            s.replace("max-object-bytes = 268435456", "max-object-bytes = 10")
+        }))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("archive.max-object-bytes"), "{e}");
+    }
+
     #[test]
     fn retention_is_parsed_and_a_bad_one_is_named() {
         let config = parse(&default_file()).unwrap();
