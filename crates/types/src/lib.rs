@@ -13,6 +13,8 @@
 //! - **Domain-separated signatures.** A signature covers
 //!   `DOMAIN_TAG || blake3(encoding)`, with one tag per kind of object
 //!   ([`Domain`]), so a block signature can never pass as a transaction's.
+//!   The TLS binding hashes the certificate's SubjectPublicKeyInfo DER
+//!   instead of an encoding. docs/protocol.md specifies the bytes of each.
 //! - **Pure verification.** The rules in [`verify`] are plain functions with
 //!   no I/O, returning an [`Error`] variant per rule broken. Objects that
 //!   passed them are wrapped in [`VerifiedBlock`] and [`TrustedCommit`], which
