@@ -411,6 +411,31 @@ mod tests {
         assert_eq!(refusal(vec![]), "the genesis has no [[validator]]");
     }
 
+    /// The genesis file of the protocol's test vectors reads to the
+    /// committee, encoding and chain id the vectors give.
+    #[test]
+    fn the_test_vector_genesis_gives_its_chain_id() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/test-vectors.json");
+        let vectors: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let vector = &vectors["genesis"];
+        let file: GenesisFile = toml::from_str(vector["genesis_toml"].as_str().unwrap()).unwrap();
+        let committee = file.committee().unwrap();
+        assert_eq!(
+            hex::encode(soma_types::codec::encode(&committee)),
+            vector["encoding"].as_str().unwrap()
+        );
+        assert_eq!(
+            hex::encode(file.chain_id().unwrap().0.0),
+            vector["chain_id"].as_str().unwrap()
+        );
+        // And the file this binary writes for that committee is the same.
+        assert_eq!(
+            toml::to_string(&GenesisFile::of(&committee, file.commits_per_epoch)).unwrap(),
+            vector["genesis_toml"].as_str().unwrap()
+        );
+    }
+
     #[test]
     fn a_producer_of_another_genesis_is_refused() {
         let (genesis, producer, chain) =
