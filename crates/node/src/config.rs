@@ -1189,7 +1189,9 @@ mod tests {
     /// `edit` applied to the section's text.
     fn with_archive(edit: impl Fn(&str) -> String) -> String {
         let file = default_file();
-        let start = file.find("# [archive]").expect("the default file shows [archive]");
+        let start = file
+            .find("# [archive]")
+            .expect("the default file shows [archive]");
         let end = start + file[start..].find("\n\n").expect("the section ends");
         let section: String = file[start..end]
             .lines()
@@ -1207,7 +1209,10 @@ mod tests {
         let config = NodeConfig::load(&path).unwrap();
         let archive = config.p2p_config().archive.expect("an archive");
         // A relative directory is relative to the file.
-        assert_eq!(archive.url, dir.path().join("archive").display().to_string());
+        assert_eq!(
+            archive.url,
+            dir.path().join("archive").display().to_string()
+        );
         assert_eq!(
             (archive.write, archive.read, archive.max_object_bytes),
             (true, true, 256 << 20)
@@ -1224,12 +1229,20 @@ mod tests {
         .p2p_config()
         .archive
         .unwrap();
-        assert_eq!((s3.url.as_str(), s3.write, s3.read), ("s3://bucket/soma", false, true));
+        assert_eq!(
+            (s3.url.as_str(), s3.write, s3.read),
+            ("s3://bucket/soma", false, true)
+        );
 
-        let e = parse(&with_archive(|s| s.replace("interval = \"1s\"", "interval = \"0s\"")))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("archive.interval") && e.contains("between 10ms and 1h"), "{e}");
+        let e = parse(&with_archive(|s| {
+            s.replace("interval = \"1s\"", "interval = \"0s\"")
+        }))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("archive.interval") && e.contains("between 10ms and 1h"),
+            "{e}"
+        );
         let e = parse(&with_archive(|s| {
             s.replace("max-object-bytes = 268435456", "max-object-bytes = 10")
         }))
