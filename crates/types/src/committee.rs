@@ -81,7 +81,8 @@ impl std::fmt::Debug for KeyCache {
 
 impl Committee {
     /// Builds a committee, refusing an empty one, zero stakes, stake totals
-    /// that overflow and protocol keys that are not valid points.
+    /// that overflow, a network or protocol key held by two authorities,
+    /// and protocol keys that are not valid points.
     pub fn new(epoch: Epoch, authorities: Vec<Authority>) -> Result<Self> {
         if authorities.is_empty() {
             return Err(Error::EmptyCommittee);
@@ -95,6 +96,13 @@ impl Committee {
                 return Err(Error::InvalidStake);
             }
             total = total.checked_add(a.stake).ok_or(Error::InvalidStake)?;
+        }
+        let mut network = std::collections::HashSet::with_capacity(authorities.len());
+        let mut protocol = std::collections::HashSet::with_capacity(authorities.len());
+        for (i, a) in authorities.iter().enumerate() {
+            if !network.insert(a.network_key) || !protocol.insert(a.protocol_key) {
+                return Err(Error::RepeatedKey { index: i as u32 });
+            }
         }
         let keys = authorities
             .iter()
@@ -260,6 +268,24 @@ mod tests {
         assert_eq!(committee(&[]), Err(Error::EmptyCommittee));
         assert_eq!(committee(&[1, 0]), Err(Error::InvalidStake));
         assert_eq!(committee(&[u64::MAX, 1]), Err(Error::InvalidStake));
+    }
+
+    #[test]
+    fn rejects_a_key_held_by_two_authorities() {
+        let mut c = committee(&[1, 1, 1]).unwrap();
+        c.authorities[2].network_key = c.authorities[0].network_key;
+        assert_eq!(
+            Committee::new(0, c.authorities.clone()),
+            Err(Error::RepeatedKey { index: 2 })
+        );
+        let mut c = committee(&[1, 1, 1]).unwrap();
+        c.authorities[1].protocol_key = c.authorities[0].protocol_key;
+        assert_eq!(
+            Committee::new(0, c.authorities.clone()),
+            Err(Error::RepeatedKey { index: 1 })
+        );
+        // Decoding goes through the same check.
+        assert!(codec::decode::<Committee>(&codec::encode(&c), 1 << 16).is_err());
     }
 
     #[test]

@@ -75,6 +75,13 @@ pub enum Error {
     /// An authority has zero stake, or the total stake overflows.
     #[error("committee stake is invalid")]
     InvalidStake,
+    /// Two authorities share a network key or a protocol key: one signer
+    /// would count twice towards a quorum.
+    #[error("authority {index} repeats the key of an earlier authority")]
+    RepeatedKey {
+        /// The later authority's index.
+        index: u32,
+    },
 
     // ---- transactions ----
     /// A transaction payload exceeds the configured limit.
