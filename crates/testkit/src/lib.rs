@@ -5,6 +5,7 @@
 
 pub mod attack;
 pub mod byzantine;
+pub mod impair;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
