@@ -118,6 +118,25 @@ pub(super) struct BlockChunk {
     pub(super) max_bytes: u64,
 }
 
+/// A commit answer as received, not checked yet.
+pub(super) struct CommitAnswer {
+    /// Who sent it.
+    pub(super) peer: PeerId,
+    pub(super) response: proto::FetchCommitsResponse,
+    /// Bytes of its commits.
+    pub(super) bytes: u64,
+    /// How long the peer took, for its score once the answer checks out.
+    pub(super) latency_ms: u64,
+}
+
+impl CommitAnswer {
+    /// Bytes it holds: commits and certifier blocks.
+    pub(super) fn held_bytes(&self) -> u64 {
+        let certifiers = self.response.certifier_blocks.iter();
+        self.bytes + certifiers.map(|b| b.len() as u64).sum::<u64>()
+    }
+}
+
 /// What a worker ends with: the peer it asked, if one was leased, and the
 /// result.
 pub(super) type Outcome<T> = (Option<PeerId>, Result<T, Failure>);
@@ -191,19 +210,44 @@ impl Worker {
         wanted: CommitsWanted,
         avoid: Vec<PeerId>,
     ) -> Outcome<BatchData> {
+        let fetched = self
+            .commit_answer((wanted.start, wanted.end), wanted.max_bytes, avoid)
+            .await;
+        match fetched {
+            (peer, Ok(answer)) => (peer, self.check_commits(answer, wanted).await),
+            (peer, Err(f)) => (peer, Err(f)),
+        }
+    }
+
+    /// Verifies a commit answer fetched ahead, as [`Self::fetch_commits`]
+    /// verifies one it fetched.
+    pub(super) async fn check_commits(
+        self,
+        answer: CommitAnswer,
+        wanted: CommitsWanted,
+    ) -> Result<BatchData, Failure> {
+        let result = self.verify_commits(answer.response, wanted).await;
+        self.verified(answer.peer, answer.bytes, answer.latency_ms, &result);
+        result
+    }
+
+    /// Fetches the commits `start..=end`, unchecked: the answer of a peer
+    /// leased for `start`, at most `max_bytes`.
+    pub(super) async fn commit_answer(
+        &self,
+        (start, end): (CommitIndex, CommitIndex),
+        max_bytes: u64,
+        avoid: Vec<PeerId>,
+    ) -> Outcome<CommitAnswer> {
         // The peer is chosen for `start` alone: an honest one serves it.
-        let range = (wanted.start, wanted.start);
-        let slot = match self.begin(wanted.start, range, avoid).await {
+        let slot = match self.begin(start, (start, start), avoid).await {
             Ok(slot) => slot,
             Err(f) => return (None, Err(f)),
         };
         let peer = slot.lease().peer;
         // The answer may be as large as the core reserved for it, no larger.
-        let max = to_usize(wanted.max_bytes);
-        let message = proto::FetchCommitsRequest {
-            start: wanted.start,
-            end: wanted.end,
-        };
+        let max = to_usize(max_bytes);
+        let message = proto::FetchCommitsRequest { start, end };
         let answer = self
             .outbound
             .call(peer, message, move |c, r| async move {
@@ -220,10 +264,14 @@ impl Worker {
         };
         let bytes = response.commits.iter().map(|c| c.len() as u64).sum();
         // The peer's part is done; verifying does not hold its slot.
-        let latency = slot.release(Transfer::Received, bytes);
-        let result = self.verify_commits(response, wanted).await;
-        self.verified(peer, bytes, latency, &result);
-        (Some(peer), result)
+        let latency_ms = slot.release(Transfer::Received, bytes);
+        let answer = CommitAnswer {
+            peer,
+            response,
+            bytes,
+            latency_ms,
+        };
+        (Some(peer), Ok(answer))
     }
 
     /// Verifies a commit answer against the expected epoch's committee,
