@@ -422,7 +422,7 @@ impl Core for StateSyncCore {
             Input::CommitsPrefetched { task, peer, result } => {
                 self.orphans.remove(&task);
                 if let Some(Task::Ahead { start }) = self.tasks.remove(&task) {
-                    self.prefetched(now, start, peer, result);
+                    self.prefetched(now, (task, start), peer, result, &mut out);
                 }
             }
             Input::BlocksFetched { task, peer, result } => {
@@ -934,13 +934,15 @@ impl StateSyncCore {
     }
 
     /// A fetch ahead ended: its answer waits for its turn, or, failed, is
-    /// left to the fetch in turn (which is supervised as any other).
+    /// left to the fetch in turn (which is supervised as any other); the
+    /// failure is counted as a restart.
     fn prefetched(
         &mut self,
         now: Time,
-        start: CommitIndex,
+        (task, start): (TaskId, CommitIndex),
         peer: Option<PeerId>,
         result: Result<u64, Failure>,
+        out: &mut Vec<Output>,
     ) {
         match result {
             Ok(_) => {
@@ -958,6 +960,7 @@ impl StateSyncCore {
                 if matches!(failure, Failure::Timeout | Failure::Transport) {
                     self.ahead_depth = (self.ahead_depth / 2).max(1);
                 }
+                restarted(task, peer, failure, out);
             }
         }
     }
@@ -1472,8 +1475,13 @@ mod tests {
         assert_eq!(c.commit_fetches_ahead(), 2);
         let out = ahead_done(&mut c, 0, first, Err(Failure::Timeout));
         assert_eq!(c.commit_fetches_ahead(), 1);
-        // Not held against anyone here: the fetch in turn is supervised.
-        assert!(!out.iter().any(|o| matches!(o, Output::Restarted { .. })));
+        // Counted, but not held against anyone here: the fetch in turn is
+        // supervised.
+        assert!(out.contains(&Output::Restarted {
+            task: first,
+            failure: Failure::Timeout
+        }));
+        assert!(!out.iter().any(|o| matches!(o, Output::Misbehaved { .. })));
         let fetch = commit_fetch(&out).unwrap();
         assert_eq!((fetch.1, fetch.2), (11, 20));
         assert_eq!(checks_ahead(&out), None);
