@@ -3,7 +3,7 @@
 //! netem). Listens on `--listen`, forwards every connection to
 //! `--upstream` with the delay, jitter, bandwidth limit and resets asked
 //! for, and runs until it is killed. Prints `listening on <address>` once
-//! it accepts, and its counters when its stdin closes, if it is a pipe.
+//! it accepts, then its counters every `--report-every-s` seconds.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -45,6 +45,9 @@ struct Cli {
     /// Bytes on the way in one direction of one connection at most.
     #[arg(long, default_value_t = DEFAULT_QUEUE_BYTES)]
     queue_bytes: usize,
+    /// Print the counters on this period, in seconds; 0: never.
+    #[arg(long, default_value_t = 0)]
+    report_every_s: u64,
 }
 
 fn main() -> ExitCode {
@@ -75,19 +78,14 @@ fn main() -> ExitCode {
         };
         let link = ImpairedLink::start(listener, cli.upstream, impairment);
         println!("listening on {} -> {}", link.local_addr(), cli.upstream);
-        // Runs until killed; a closed stdin (when it is a pipe) stops it
-        // in order, with its counters.
-        let stdin = tokio::task::spawn_blocking(|| {
-            let mut sink = String::new();
-            while std::io::stdin().read_line(&mut sink).is_ok_and(|n| n > 0) {
-                sink.clear();
-            }
-        });
-        let _ = stdin.await;
-        if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        if cli.report_every_s == 0 {
             std::future::pending::<()>().await;
         }
-        println!("{:?}", link.stats());
-        ExitCode::SUCCESS
+        let mut every = tokio::time::interval(Duration::from_secs(cli.report_every_s));
+        every.tick().await;
+        loop {
+            every.tick().await;
+            println!("{:?}", link.stats());
+        }
     })
 }
