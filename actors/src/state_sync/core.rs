@@ -1022,13 +1022,11 @@ impl StateSyncCore {
         {
             match ahead {
                 // Its turn came while it was on the way: fetch deeper.
-                Some(Prefetch { ready: None, .. }) => {
-                    if self.ahead_waited != start {
-                        self.ahead_waited = start;
-                        self.ahead_depth =
-                            (self.ahead_depth + 1).min(self.config.commit_fetches_ahead);
-                    }
+                Some(Prefetch { ready: None, .. }) if self.ahead_waited != start => {
+                    self.ahead_waited = start;
+                    self.ahead_depth = (self.ahead_depth + 1).min(self.config.commit_fetches_ahead);
                 }
+                Some(Prefetch { ready: None, .. }) => {}
                 // Fetched ahead: checked now, its reservation carried over.
                 Some(Prefetch {
                     task: fetched,
