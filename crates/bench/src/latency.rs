@@ -91,9 +91,11 @@ pub fn section(size: &Size) -> Section {
              delay, with no bandwidth limit. The validators advertise the links' addresses, so \
              every connection to them, redials included, goes through a link. Reference: the \
              same catch-up straight over loopback, in the same run. Default settings: {} block \
-             fetches at once, at most {} fetches per peer. Everything \
+             fetches at once, commit batches fetched up to {} ahead (adaptive depth), at most {} \
+             fetches per peer. Everything \
              in one process on {} cores.",
             sync.parallel_fetches,
+            sync.commit_fetches_ahead,
             defaults.max_fetches_per_peer,
             crate::cores(),
         ),
