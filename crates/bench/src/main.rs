@@ -181,7 +181,10 @@ impl Size {
         Size {
             sync_commits: 300,
             latency_commits: 300,
-            latency_reset_every: Duration::from_millis(200),
+            // Long enough for a redial and a fetch through a 100 ms link
+            // between resets; shorter would reset every connection before
+            // its handshake is done.
+            latency_reset_every: Duration::from_secs(2),
             scaling_commits: 100,
             scaling_blocks: 400,
             verifier_commits: 30,
