@@ -21,14 +21,16 @@ const EXPECTED: [(&str, usize); 10] = [
 ];
 
 /// Figures that may be zero or below: a difference of two measurements,
-/// or a count of what an attack met, which may be nothing in a short run.
-const DIFFERENCES: [&str; 6] = [
+/// a count of what an attack or a link met, which may be nothing in a short
+/// run, or a setting that is zero in one row (the round trip of a link).
+const DIFFERENCES: [&str; 7] = [
     "peak RSS growth (MiB)",
     "growth of fetch budget",
     "refused",
     "cut",
     "connection resets",
     "worker restarts",
+    "round trip (ms)",
 ];
 
 #[test]
