@@ -7,8 +7,14 @@
 #   host 1-4  validators of one genesis, each producing the same chain
 #             ([producer]) up to MAX_COMMITS;
 #   host 5    a fresh node, seeded only with validator-0's address.
-# Every link is impaired (netem latency and loss when the kernel has it, a
-# tbf bandwidth limit either way). Once the fresh node has joined and is
+# Every link is impaired: a tbf bandwidth limit either way, and latency
+# from netem (50 ms +- 10 ms each way, 1% loss) when the kernel has it;
+# where it has not, from soma-impair (crates/testkit), a userspace TCP
+# forwarder in each host's namespace in front of its node: peers reach the
+# node only through it (its port is the one in the genesis, the seeds and
+# the node's advertised address), and it delays every byte 50 ms +- 10 ms
+# each way, so a round trip between two hosts is 100 ms as with netem.
+# A TCP forwarder cannot lose packets: loss is not emulated then. Once the fresh node has joined and is
 # syncing, hosts 4 and 5 are partitioned: their veths are detached from the
 # bridge, so each is alone, while the other three validators keep producing
 # to MAX_COMMITS. The fresh node must not move while cut off. Then the
@@ -23,6 +29,7 @@
 #
 # Environment (all optional):
 #   SOMA_P2P_BIN      a soma-p2p binary to use instead of building one
+#   SOMA_IMPAIR_BIN   a soma-impair binary (default: beside soma-p2p)
 #   CARGO             the cargo command (default: cargo)
 #   CARGO_TARGET_DIR  where cargo builds (default: <repo>/target)
 #   PROFILE           cargo profile to build with: release (default) or dev
@@ -45,6 +52,9 @@ COMMIT_RATE=${COMMIT_RATE:-50}
 BANDWIDTH=${BANDWIDTH:-20mbit}
 COMMITS_PER_EPOCH=500 # so that the run crosses epoch boundaries
 P2P_PORT=7000
+PROXY_PORT=7001        # soma-impair's, in front of P2P_PORT, without netem
+DELAY_MS=50            # one way, each link
+JITTER_MS=10
 METRICS_PORT=9100
 SUBNET=10.213.0
 HOSTS=5                # hosts 1..4 validators, host 5 the fresh node
@@ -135,14 +145,15 @@ else
         dev) profile_dir=debug ;;
         *) echo "PROFILE must be release or dev, not '$PROFILE'" >&2; exit 2 ;;
     esac
-    say "building soma-p2p ($PROFILE profile)"
-    (cd "$ROOT" && "${CARGO:-cargo}" build --profile "$PROFILE" --locked -p soma-node)
+    say "building soma-p2p and soma-impair ($PROFILE profile)"
+    (cd "$ROOT" && "${CARGO:-cargo}" build --profile "$PROFILE" --locked -p soma-node -p soma-testkit --bins)
     target=${CARGO_TARGET_DIR:-$ROOT/target}
     [[ $target = /* ]] || target="$ROOT/$target"
     BIN="$target/$profile_dir/soma-p2p"
 fi
 [[ -x $BIN ]] || { echo "no soma-p2p binary at $BIN" >&2; exit 1; }
 BIN="$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")"
+IMPAIR_BIN=${SOMA_IMPAIR_BIN:-$(dirname "$BIN")/soma-impair}
 START_MS=$(now_ms) # the test's clock starts after the build
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/soma-netns-test.XXXXXX")
@@ -170,14 +181,17 @@ done
 
 # Latency and loss need sch_netem; probe it on the first host's link.
 NETEM=0
-if tc -n "$(ns 1)" qdisc add dev eth0 root netem delay 50ms 10ms loss 1% 2>/dev/null; then
+if tc -n "$(ns 1)" qdisc add dev eth0 root netem delay ${DELAY_MS}ms ${JITTER_MS}ms loss 1% 2>/dev/null; then
     NETEM=1
+fi
+if ((!NETEM)); then
+    [[ -x $IMPAIR_BIN ]] || { echo "netem unavailable and no soma-impair binary at $IMPAIR_BIN" >&2; exit 1; }
 fi
 for i in $(seq 1 "$HOSTS"); do
     if ((NETEM)); then
         # Every packet leaves its sender's eth0 once: 50 ms +- 10 ms one
         # way, 1% loss per packet.
-        ((i == 1)) || tc -n "$(ns "$i")" qdisc add dev eth0 root netem delay 50ms 10ms loss 1%
+        ((i == 1)) || tc -n "$(ns "$i")" qdisc add dev eth0 root netem delay ${DELAY_MS}ms ${JITTER_MS}ms loss 1%
     else
         # The host's upload.
         tc -n "$(ns "$i")" qdisc add dev eth0 root tbf rate "$BANDWIDTH" burst 32kb latency 200ms
@@ -188,19 +202,21 @@ done
 if ((NETEM)); then
     say "impairments: netem delay 50ms 10ms, loss 1% on every host's eth0; tbf $BANDWIDTH towards every host"
 else
-    say "netem unavailable in this kernel: latency and loss NOT applied"
-    say "impairments: tbf $BANDWIDTH on every link, both directions"
+    say "netem unavailable in this kernel: latency from soma-impair in front of every node, loss NOT applied"
+    say "impairments: soma-impair ${DELAY_MS} ms +- ${JITTER_MS} ms each way; tbf $BANDWIDTH on every link, both directions"
 fi
+# The port peers reach a node on: its own, or its soma-impair's.
+if ((NETEM)); then PEER_PORT=$P2P_PORT; else PEER_PORT=$PROXY_PORT; fi
 
 # --------------------------------------------------- genesis and configs --
 
 "$BIN" genesis --validators 4 --out "$WORK" --commits-per-epoch "$COMMITS_PER_EPOCH" \
     --base-port "$P2P_PORT" >/dev/null
 # The committee's addresses are the hosts' (they are part of the genesis, so
-# they are rewritten before any node starts): validator-i's entry has port
-# P2P_PORT + i on 127.0.0.1.
+# they are rewritten before any node starts, to the port peers reach them
+# on): validator-i's entry has port P2P_PORT + i on 127.0.0.1.
 for i in 0 1 2 3; do
-    sed -i "s|^address = \"127.0.0.1:$((P2P_PORT + i))\"\$|address = \"$(addr $((i + 1))):$P2P_PORT\"|" \
+    sed -i "s|^address = \"127.0.0.1:$((P2P_PORT + i))\"\$|address = \"$(addr $((i + 1))):$PEER_PORT\"|" \
         "$WORK/genesis.toml"
 done
 if [[ $(grep -c "^address = \"$SUBNET\." "$WORK/genesis.toml") != 4 ]]; then
@@ -234,6 +250,7 @@ write_config() {
         "listen-address = \"$(addr "$host"):$P2P_PORT\"
 metrics-address = \"$(addr "$host"):$METRICS_PORT\"")
     c=$(set_line "$c" seed-peers "seed-peers = [$seeds]")
+    c=$(set_line "$c" external-addresses "external-addresses = [\"$(addr "$host"):$PEER_PORT\"]")
     c=$(set_line "$c" interval 'interval = "1s"')
     if [[ -n $rate ]]; then
         c=$(awk -v rate="$rate" -v max="$MAX_COMMITS" \
@@ -242,7 +259,7 @@ metrics-address = \"$(addr "$host"):$METRICS_PORT\"")
     printf '%s\n' "$c" >"$WORK/$(name "$host")/node.toml"
 }
 
-seed() { echo "{ address = \"$(addr "$1"):$P2P_PORT\" }"; }
+seed() { echo "{ address = \"$(addr "$1"):$PEER_PORT\" }"; }
 PARTITIONED_RATE=${PARTITIONED_RATE:-10}
 write_config 1 "$(seed 2)" "$COMMIT_RATE"
 write_config 2 "$(seed 1)" "$COMMIT_RATE"
@@ -250,10 +267,18 @@ write_config 3 "$(seed 1)" "$COMMIT_RATE"
 write_config 4 "$(seed 1)" "$PARTITIONED_RATE"
 write_config "$FRESH" "$(seed 1)" "" # the fresh node: one seed, by address only
 
-# start HOST: one node in its namespace, logging to <work>/<name>.log.
+# start HOST: one node in its namespace, logging to <work>/<name>.log;
+# without netem, its soma-impair first (logging to <name>.impair.log).
 declare -A PID_OF
 start() {
     local host=$1
+    if ((!NETEM)); then
+        ip netns exec "$(ns "$host")" "$IMPAIR_BIN" \
+            --listen "$(addr "$host"):$PROXY_PORT" --upstream "$(addr "$host"):$P2P_PORT" \
+            --delay-ms "$DELAY_MS" --jitter-ms "$JITTER_MS" --report-every-s 5 \
+            </dev/null >"$WORK/$(name "$host").impair.log" 2>&1 &
+        PIDS+=($!)
+    fi
     ip netns exec "$(ns "$host")" "$BIN" run --config "$WORK/$(name "$host")/node.toml" \
         </dev/null >/dev/null 2>"$WORK/$(name "$host").log" &
     # `ip netns exec` execs the command: this is the node's pid.
@@ -366,7 +391,7 @@ wait_for "the validators to know and connect to each other" 30 validators_meshed
 say "validators meshed: $(state)"
 
 start "$FRESH"
-say "fresh node started on $(addr "$FRESH"), seeded with $(addr 1):$P2P_PORT only"
+say "fresh node started on $(addr "$FRESH"), seeded with $(addr 1):$PEER_PORT only"
 wait_for "the fresh node to discover every validator and start syncing" 30 fresh_joined
 say "fresh node joined: $(state)"
 
@@ -435,9 +460,13 @@ done
 
 echo
 if ((NETEM)); then
-    echo "impairments: netem delay 50ms 10ms loss 1%, tbf $BANDWIDTH (tbf overlimits: $shaped)"
+    echo "impairments: netem delay ${DELAY_MS}ms ${JITTER_MS}ms loss 1%, tbf $BANDWIDTH (tbf overlimits: $shaped)"
 else
-    echo "impairments: tbf $BANDWIDTH only; netem unavailable in this kernel, latency and loss NOT applied (tbf overlimits: $shaped)"
+    # The forwarders' last counters: connections and bytes through them.
+    through=$(for i in $(seq 1 "$HOSTS"); do tail -n 1 "$WORK/$(name "$i").impair.log"; done |
+        awk '{ gsub(/[,{}]/, " "); for (f = 1; f < NF; f++) { if ($f == "connections:") c += $(f + 1); if ($f == "bytes_up:" || $f == "bytes_down:") b += $(f + 1) } }
+            END { printf "%d connections, %d bytes", c, b }')
+    echo "impairments: soma-impair ${DELAY_MS}ms +- ${JITTER_MS}ms each way (no loss: netem unavailable in this kernel), tbf $BANDWIDTH (tbf overlimits: $shaped); through the forwarders: $through"
 fi
 echo "partition: $(secs $((HEAL_MS - PART_MS))) s; heights when healed: $PART_HEIGHTS, majority $MAX_COMMITS"
 echo "after heal: discovery converged in $(secs $((DISC_MS - HEAL_MS))) s, sync converged in $(secs $((SYNC_MS - HEAL_MS))) s"

@@ -68,6 +68,9 @@ pub struct Config {
     pub min_retry: Duration,
     /// Longest pause between retries of a failed write.
     pub max_retry: Duration,
+    /// Batches a reader keeps after reading them: sync reads a batch's
+    /// commits, then its blocks in chunks, for several batches at once.
+    pub cached_batches: usize,
     /// Object store options (`aws_endpoint`, `aws_access_key_id`, …, as
     /// the `object_store` crate names them), over those taken from the
     /// `AWS_*` and `GOOGLE_*` environment variables.
@@ -86,6 +89,7 @@ impl Config {
             request_timeout: Duration::from_secs(30),
             min_retry: Duration::from_millis(500),
             max_retry: Duration::from_secs(60),
+            cached_batches: 4,
             options: Vec::new(),
         }
     }

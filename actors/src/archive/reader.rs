@@ -2,7 +2,7 @@
 //! range. Nothing read is trusted; the worker verifies it as a peer's
 //! answer.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
@@ -10,13 +10,14 @@ use soma_types::{BlockRef, CommitIndex, Digest};
 
 use super::{Archive, ArchiveError, ArchiveStats, ArchivedBatch};
 
-/// Reads archived batches for sync, keeping the last one read: a batch's
-/// commits and then its blocks, chunk by chunk, come from one object.
+/// Reads archived batches for sync, keeping the last `cached_batches`
+/// read: a batch's commits and then its blocks, chunk by chunk, come from
+/// one object, and sync works on several batches at once.
 #[derive(Debug)]
 pub struct ArchiveReader {
     archive: Archive,
     batch_size: u64,
-    last: Mutex<Option<Arc<ArchivedBatch>>>,
+    recent: Mutex<VecDeque<Arc<ArchivedBatch>>>,
 }
 
 impl ArchiveReader {
@@ -26,7 +27,7 @@ impl ArchiveReader {
         ArchiveReader {
             archive,
             batch_size: batch_size.max(1),
-            last: Mutex::new(None),
+            recent: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -40,7 +41,7 @@ impl ArchiveReader {
     /// been repaired meanwhile.
     pub(crate) fn refused(&self) {
         ArchiveStats::count(&self.archive.stats().refused);
-        *self.last.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        self.recent().clear();
     }
 
     /// The archived batch that holds commit `index`: the one starting
@@ -50,12 +51,8 @@ impl ArchiveReader {
         index: CommitIndex,
     ) -> Result<Option<Arc<ArchivedBatch>>, ArchiveError> {
         let holds = |b: &ArchivedBatch| b.first <= index && index <= b.last;
-        let cached = self
-            .last
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        if let Some(batch) = cached.filter(|b| holds(b)) {
+        let cached = self.recent().iter().find(|b| holds(b)).cloned();
+        if let Some(batch) = cached {
             return Ok(Some(batch));
         }
         let boundary = (index.saturating_sub(1) / self.batch_size) * self.batch_size + 1;
@@ -66,11 +63,19 @@ impl ArchiveReader {
         for first in firsts {
             if let Some(batch) = self.archive.batch(first).await?.filter(holds) {
                 let batch = Arc::new(batch);
-                *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(batch.clone());
+                let mut recent = self.recent();
+                recent.push_back(batch.clone());
+                while recent.len() > self.archive.config().cached_batches {
+                    recent.pop_front();
+                }
                 return Ok(Some(batch));
             }
         }
         Ok(None)
+    }
+
+    fn recent(&self) -> std::sync::MutexGuard<'_, VecDeque<Arc<ArchivedBatch>>> {
+        self.recent.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// [`Self::holding`], counted: a miss or an error is `None`.

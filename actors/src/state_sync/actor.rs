@@ -15,7 +15,7 @@ use super::core::StateSyncCore;
 use super::deps::Deps;
 use super::messages::*;
 use super::prune;
-use super::worker::{BatchData, Outcome, Worker, supervised};
+use super::worker::{BatchData, CommitAnswer, Outcome, Worker, supervised};
 use crate::Driver;
 use crate::connections::PeerEvent;
 use crate::dropped::{self, Droppable};
@@ -33,6 +33,9 @@ pub struct StateSync {
     driver: Driver<StateSyncCore>,
     worker: Worker,
     buffers: BTreeMap<CommitIndex, BatchData>,
+    /// Commit answers fetched ahead, unchecked, until the core uses or
+    /// forgets them (it counts them against the fetch budget).
+    ahead: HashMap<TaskId, CommitAnswer>,
     /// Workers running, aborted on a restart.
     workers: HashMap<TaskId, AbortHandle>,
     status: SyncStatus,
@@ -74,6 +77,7 @@ impl StateSync {
             worker: deps.worker(),
             deps,
             buffers: BTreeMap::new(),
+            ahead: HashMap::new(),
             workers: HashMap::new(),
             status,
             broken: None,
@@ -92,6 +96,7 @@ impl StateSync {
                     task,
                     wanted,
                     avoid,
+                    prefetched: None,
                 } => {
                     let work = self.worker.clone().fetch_commits(wanted, avoid);
                     self.spawn(task, work, ctx, move |(peer, result)| CommitsDone {
@@ -99,6 +104,49 @@ impl StateSync {
                         peer,
                         result,
                     });
+                }
+                Output::FetchCommits {
+                    task,
+                    wanted,
+                    prefetched: Some(ahead),
+                    ..
+                } => {
+                    let Some(answer) = self.ahead.remove(&ahead) else {
+                        let result = Err(Failure::Local(LocalFailure::BatchGone));
+                        ctx.notify(CommitsDone {
+                            task,
+                            peer: None,
+                            result,
+                        });
+                        continue;
+                    };
+                    let peer = answer.peer;
+                    let worker = self.worker.clone();
+                    let work = async move { (peer, worker.check_commits(answer, wanted).await) };
+                    self.spawn(task, work, ctx, move |(peer, result)| CommitsDone {
+                        task,
+                        peer,
+                        result,
+                    });
+                }
+                Output::FetchCommitsAhead {
+                    task,
+                    start,
+                    end,
+                    max_bytes,
+                    avoid,
+                } => {
+                    let worker = self.worker.clone();
+                    let work =
+                        async move { worker.commit_answer((start, end), max_bytes, avoid).await };
+                    self.spawn(task, work, ctx, move |(peer, result)| AheadDone {
+                        task,
+                        peer,
+                        result,
+                    });
+                }
+                Output::ForgetCommitsAhead { task } => {
+                    self.ahead.remove(&task);
                 }
                 Output::FetchBlocks {
                     task,
@@ -361,6 +409,7 @@ impl Supervised for StateSync {
     fn restarting(&mut self, _: &mut Context<Self>) {
         self.abort_tasks();
         self.buffers.clear();
+        self.ahead.clear();
         match self.deps.init(self.driver.core().next_task()) {
             Ok(init) => self.driver.restart(init),
             Err(e) => self.broken = Some(e),
@@ -406,6 +455,24 @@ impl Handler<CommitsDone> for StateSync {
         });
         let (task, peer) = (msg.task, msg.peer);
         self.step(Input::CommitsFetched { task, peer, result }, ctx);
+    }
+}
+
+impl Handler<AheadDone> for StateSync {
+    type Result = ();
+    fn handle(&mut self, msg: AheadDone, ctx: &mut Context<Self>) {
+        self.workers.remove(&msg.task);
+        // Kept only while the core waits for it, as fetched batches are.
+        let awaited = self.driver.core().awaits(msg.task);
+        let result = msg.result.map(|answer| {
+            let bytes = answer.held_bytes();
+            if awaited {
+                self.ahead.insert(msg.task, answer);
+            }
+            bytes
+        });
+        let (task, peer) = (msg.task, msg.peer);
+        self.step(Input::CommitsPrefetched { task, peer, result }, ctx);
     }
 }
 

@@ -14,6 +14,17 @@ pub struct Config {
     pub commit_sync_batch_size: u64,
     /// Block fetches running at once.
     pub parallel_fetches: usize,
+    /// Commit batches fetched ahead of the one next in line, at most. On
+    /// a long path one commit fetch per round trip would bound sync at a
+    /// batch per round trip; batches fetched ahead arrive while earlier
+    /// ones are checked, and each is checked only when its turn comes,
+    /// exactly as if it had been fetched then. The depth in use adapts:
+    /// it grows by one each time the batch next in line was still on the
+    /// way when its turn came (the pipe was not full), and halves when a
+    /// fetch ahead times out or its connection fails. 0: one commit fetch
+    /// at a time (what a recorded trace without the field ran with).
+    #[serde(default)]
+    pub commit_fetches_ahead: usize,
     /// Batches fetched beyond the applied watermark at most.
     pub batches_ahead: usize,
     /// Bytes that fetches may hold at most: every fetch in flight counts
@@ -60,6 +71,7 @@ impl Default for Config {
         Config {
             commit_sync_batch_size: 100,
             parallel_fetches: 8,
+            commit_fetches_ahead: 8,
             batches_ahead: 32,
             max_total_fetched_bytes: 128 << 20,
             max_blocks_per_fetch: 1_000,
@@ -272,6 +284,24 @@ enum Task {
         batch: CommitIndex,
         offset: usize,
     },
+    /// A commit fetch ahead of the batch next in line (its bytes are
+    /// counted by its [`Prefetch`]).
+    Ahead {
+        start: CommitIndex,
+    },
+}
+
+/// A commit answer fetched ahead, not checked yet: the shell holds it
+/// until its turn comes (or the core forgets it).
+#[derive(Clone, Copy, Debug)]
+struct Prefetch {
+    task: TaskId,
+    /// The last commit asked for (the answer may end before).
+    end: CommitIndex,
+    /// Bytes of the budget it holds until used or forgotten.
+    reserved: u64,
+    /// Set once the answer is in: the peer that sent it.
+    ready: Option<Option<PeerId>>,
 }
 
 /// A peer's answer that the next epoch had started, not judged yet: it is
@@ -302,8 +332,18 @@ pub struct StateSyncCore {
     unavailable: Option<CommitIndex>,
     /// The end of the last verified commit batch (the next must link to it).
     verified: CommitRef,
-    /// The commit stage: at most one fetch at a time.
+    /// The commit stage: at most one batch checked at a time.
     commit_task: Option<TaskId>,
+    /// Commit answers fetched ahead, by the first commit asked for.
+    prefetches: BTreeMap<CommitIndex, Prefetch>,
+    /// How many batches are fetched ahead now (see
+    /// [`Config::commit_fetches_ahead`]).
+    ahead_depth: usize,
+    /// No fetch ahead is sent before this (after one failed).
+    ahead_retry_at: Time,
+    /// The last batch whose turn came while it was on the way (the depth
+    /// grows once per such batch).
+    ahead_waited: CommitIndex,
     commit_supervision: Supervision,
     /// Set while an answer claiming the next epoch waits to be judged; no
     /// commits are fetched meanwhile.
@@ -327,6 +367,7 @@ impl Core for StateSyncCore {
     type Output = Output;
 
     fn new(init: Init) -> Self {
+        let depth = init.config.commit_fetches_ahead.min(1);
         StateSyncCore {
             config: init.config,
             synced: init.synced,
@@ -338,6 +379,10 @@ impl Core for StateSyncCore {
             unavailable: None,
             verified: init.synced,
             commit_task: None,
+            prefetches: BTreeMap::new(),
+            ahead_depth: depth,
+            ahead_retry_at: Time(0),
+            ahead_waited: 0,
             commit_supervision: Supervision::default(),
             epoch_claim: None,
             batches: BTreeMap::new(),
@@ -372,6 +417,12 @@ impl Core for StateSyncCore {
                     self.commit_task = None;
                     let result = judge_epoch_answer(result, start, settled);
                     self.commits_fetched(now, (task, peer), result, &mut out);
+                }
+            }
+            Input::CommitsPrefetched { task, peer, result } => {
+                self.orphans.remove(&task);
+                if let Some(Task::Ahead { start }) = self.tasks.remove(&task) {
+                    self.prefetched(now, (task, start), peer, result, &mut out);
                 }
             }
             Input::BlocksFetched { task, peer, result } => {
@@ -506,10 +557,11 @@ impl StateSyncCore {
             .values()
             .map(|t| match t {
                 Task::Commits { reserved, .. } => *reserved,
-                Task::Blocks { .. } => 0,
+                Task::Blocks { .. } | Task::Ahead { .. } => 0,
             })
             .sum::<u64>();
         commits
+            + self.prefetches.values().map(|p| p.reserved).sum::<u64>()
             + self.batches.values().map(Batch::bytes).sum::<u64>()
             + self.orphans.values().sum::<u64>()
     }
@@ -529,6 +581,9 @@ impl StateSyncCore {
                     Task::Commits { reserved, .. } => {
                         self.commit_task = None;
                         reserved
+                    }
+                    Task::Ahead { start } => {
+                        self.prefetches.remove(&start).map_or(0, |p| p.reserved)
                     }
                     Task::Blocks { batch, offset } => self
                         .batches
@@ -616,6 +671,7 @@ impl StateSyncCore {
 
     /// Forgets every batch after the watermark, to fetch them again.
     fn reset(&mut self, out: &mut Vec<Output>) {
+        self.forget_prefetches(|_| true, out);
         self.orphan_tasks(|_| true);
         self.batches.clear();
         self.verified = self.synced;
@@ -755,8 +811,9 @@ impl StateSyncCore {
         if start == next {
             return false;
         }
+        self.forget_prefetches(|_| true, out);
         self.orphan_tasks(|t| match t {
-            Task::Commits { .. } => true,
+            Task::Commits { .. } | Task::Ahead { .. } => true,
             Task::Blocks { batch, .. } => *batch == start,
         });
         self.batches.remove(&start);
@@ -781,6 +838,160 @@ impl StateSyncCore {
         self.config.max_total_fetched_bytes.saturating_sub(headroom)
     }
 
+    /// Sends the commit fetch of the batch next in line, `start..=end`,
+    /// holding `reserved`; `fetched` names the fetch ahead whose answer it
+    /// checks instead of asking a peer.
+    fn send_commit_fetch(
+        &mut self,
+        start: CommitIndex,
+        end: CommitIndex,
+        reserved: u64,
+        fetched: Option<TaskId>,
+        out: &mut Vec<Output>,
+    ) {
+        self.requested = self.requested.max(end);
+        let avoid = self.commit_supervision.avoid.iter().copied().collect();
+        let settled = self.verified.index == self.synced.index;
+        let task = self.task(Task::Commits {
+            reserved,
+            start,
+            settled,
+        });
+        self.commit_task = Some(task);
+        out.push(Output::FetchCommits {
+            task,
+            wanted: CommitsWanted {
+                start,
+                end,
+                after: self.verified,
+                epoch: self.epoch,
+                settled,
+                max_bytes: reserved,
+            },
+            avoid,
+            prefetched: fetched,
+        });
+    }
+
+    /// Sends commit fetches for the batches after the one next in line,
+    /// up to the depth in use, within the read-ahead and byte bounds.
+    /// Each range is where a full batch would end; a batch that ends
+    /// early (at an epoch's end) leaves the ranges after it to be fetched
+    /// in turn, and those that no longer line up are forgotten.
+    fn fetch_ahead(&mut self, now: Time, out: &mut Vec<Output>) {
+        if self.ahead_depth == 0 || self.epoch_claim.is_some() || self.ahead_retry_at > now {
+            return;
+        }
+        let size = self.config.commit_sync_batch_size;
+        let limit = self.fetch_limit();
+        // The batch next in line is being fetched or checked: start after it.
+        let mut start = self.verified.index + 1;
+        let mut ahead = 0;
+        loop {
+            let end = match self.prefetches.get(&start) {
+                Some(p) => p.end,
+                None => batch_end(start, size, None, self.highest_known),
+            };
+            if start > self.highest_known || end > limit {
+                return;
+            }
+            let next_in_line = start == self.verified.index + 1;
+            if !next_in_line {
+                if ahead >= self.ahead_depth {
+                    return;
+                }
+                ahead += 1;
+                if !self.prefetches.contains_key(&start) {
+                    let reserve = self.commit_answer_bytes;
+                    let planned = self.batches.len() + 1 + self.prefetches.len();
+                    if planned >= self.config.batches_ahead
+                        || !self.fits(reserve, self.limit_for_later())
+                    {
+                        return;
+                    }
+                    let task = self.task(Task::Ahead { start });
+                    self.prefetches.insert(
+                        start,
+                        Prefetch {
+                            task,
+                            end,
+                            reserved: reserve,
+                            ready: None,
+                        },
+                    );
+                    self.requested = self.requested.max(end);
+                    out.push(Output::FetchCommitsAhead {
+                        task,
+                        start,
+                        end,
+                        max_bytes: reserve,
+                        avoid: self.commit_supervision.avoid.iter().copied().collect(),
+                    });
+                }
+            }
+            start = end + 1;
+        }
+    }
+
+    /// A fetch ahead ended: its answer waits for its turn, or, failed, is
+    /// left to the fetch in turn (which is supervised as any other); the
+    /// failure is counted as a restart.
+    fn prefetched(
+        &mut self,
+        now: Time,
+        (task, start): (TaskId, CommitIndex),
+        peer: Option<PeerId>,
+        result: Result<u64, Failure>,
+        out: &mut Vec<Output>,
+    ) {
+        match result {
+            Ok(_) => {
+                if let Some(p) = self.prefetches.get_mut(&start) {
+                    p.ready = Some(peer);
+                }
+            }
+            Err(failure) => {
+                self.prefetches.remove(&start);
+                let pause = match failure {
+                    Failure::NoPeer => self.config.wait_interval_when_no_peer_ms,
+                    _ => self.config.restart_backoff_ms,
+                };
+                self.ahead_retry_at = Time(now.0 + pause);
+                if matches!(failure, Failure::Timeout | Failure::Transport) {
+                    self.ahead_depth = (self.ahead_depth / 2).max(1);
+                }
+                restarted(task, peer, failure, out);
+            }
+        }
+    }
+
+    /// Forgets the fetches ahead whose first commit `forget` selects: an
+    /// answer that is in is dropped by the shell; one on the way keeps its
+    /// reservation until it arrives.
+    fn forget_prefetches(&mut self, forget: impl Fn(CommitIndex) -> bool, out: &mut Vec<Output>) {
+        let gone: Vec<CommitIndex> = self
+            .prefetches
+            .keys()
+            .copied()
+            .filter(|s| forget(*s))
+            .collect();
+        for start in gone {
+            let Some(p) = self.prefetches.remove(&start) else {
+                continue;
+            };
+            if p.ready.is_some() {
+                out.push(Output::ForgetCommitsAhead { task: p.task });
+            } else if self.tasks.remove(&p.task).is_some() {
+                self.orphans.insert(p.task, p.reserved);
+            }
+        }
+    }
+
+    /// The depth of fetches ahead in use.
+    pub fn commit_fetches_ahead(&self) -> usize {
+        self.ahead_depth
+    }
+
     /// Starts whatever work is due: the next apply, the next commit fetch,
     /// and block fetches up to the limits.
     fn schedule(&mut self, now: Time, out: &mut Vec<Output>) {
@@ -796,37 +1007,43 @@ impl StateSyncCore {
             out.push(Output::Apply { start });
         }
 
-        // Commits: one fetch at a time, within the read-ahead and byte bounds.
+        // Commits: one batch checked at a time, in order, within the
+        // read-ahead and byte bounds; its answer may have been fetched
+        // ahead.
         let start = self.verified.index + 1;
+        self.forget_prefetches(|s| s < start, out);
+        let ahead = self.prefetches.get(&start).copied();
         let reserve = self.commit_answer_bytes;
         if self.commit_task.is_none()
             && self.epoch_claim.is_none()
             && let Some(end) = self.next_batch_end()
             && self.batches.len() < self.config.batches_ahead
             && self.commit_supervision.retry_at <= now
-            && self.fits(reserve, self.limit_for_later())
         {
-            self.requested = self.requested.max(end);
-            let avoid = self.commit_supervision.avoid.iter().copied().collect();
-            let task = self.task(Task::Commits {
-                reserved: reserve,
-                start,
-                settled: self.verified.index == self.synced.index,
-            });
-            self.commit_task = Some(task);
-            out.push(Output::FetchCommits {
-                task,
-                wanted: CommitsWanted {
-                    start,
+            match ahead {
+                // Its turn came while it was on the way: fetch deeper.
+                Some(Prefetch { ready: None, .. }) if self.ahead_waited != start => {
+                    self.ahead_waited = start;
+                    self.ahead_depth = (self.ahead_depth + 1).min(self.config.commit_fetches_ahead);
+                }
+                Some(Prefetch { ready: None, .. }) => {}
+                // Fetched ahead: checked now, its reservation carried over.
+                Some(Prefetch {
+                    task: fetched,
                     end,
-                    after: self.verified,
-                    epoch: self.epoch,
-                    settled: self.verified.index == self.synced.index,
-                    max_bytes: reserve,
-                },
-                avoid,
-            });
+                    reserved,
+                    ready: Some(_),
+                }) => {
+                    self.prefetches.remove(&start);
+                    self.send_commit_fetch(start, end, reserved, Some(fetched), out);
+                }
+                None if self.fits(reserve, self.limit_for_later()) => {
+                    self.send_commit_fetch(start, end, reserve, None, out);
+                }
+                None => {}
+            }
         }
+        self.fetch_ahead(now, out);
 
         // Blocks: oldest batches first, within the parallelism and byte bounds.
         let mut running = self
@@ -987,9 +1204,12 @@ mod tests {
         })
     }
 
+    /// One commit fetch at a time: most rules are easier seen so; the
+    /// fetches ahead have tests of their own.
     fn config() -> Config {
         Config {
             commit_sync_batch_size: 10,
+            commit_fetches_ahead: 0,
             parallel_fetches: 3,
             batches_ahead: 4,
             max_blocks_per_fetch: 5,
@@ -1139,6 +1359,154 @@ mod tests {
 
     fn blocks_ok(c: &mut StateSyncCore, task: TaskId) -> Vec<Output> {
         blocks_done(c, task, Ok(1_000))
+    }
+
+    fn ahead_done(
+        c: &mut StateSyncCore,
+        now: u64,
+        task: TaskId,
+        result: Result<u64, Failure>,
+    ) -> Vec<Output> {
+        c.handle(
+            Time(now),
+            Input::CommitsPrefetched {
+                task,
+                peer: Some(HONEST),
+                result,
+            },
+        )
+    }
+
+    /// Each fetch ahead: task, first and last commit.
+    fn fetches_ahead(out: &[Output]) -> Vec<(TaskId, u64, u64)> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::FetchCommitsAhead {
+                    task, start, end, ..
+                } => Some((*task, *start, *end)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The fetch ahead a commit fetch checks, if it checks one.
+    fn checks_ahead(out: &[Output]) -> Option<TaskId> {
+        out.iter().find_map(|o| match o {
+            Output::FetchCommits { prefetched, .. } => *prefetched,
+            _ => None,
+        })
+    }
+
+    fn ahead_config(depth: usize) -> Config {
+        Config {
+            commit_fetches_ahead: depth,
+            batches_ahead: 16,
+            ..config()
+        }
+    }
+
+    #[test]
+    fn commits_fetched_ahead_are_checked_in_their_turn_after_the_batch_before() {
+        let mut c = core(ahead_config(4));
+        let out = tick(&mut c, 0, 100);
+        let (head, _, _) = commit_fetch(&out).unwrap();
+        // The depth starts at one batch ahead.
+        assert_eq!(fetches_ahead(&out), vec![(1, 11, 20)]);
+        assert!(ahead_done(&mut c, 0, 1, Ok(500)).is_empty());
+        let out = commits_ok(&mut c, 0, head, 1, 10, 5);
+        // Checked now, against the batch before, from the answer in hand.
+        assert_eq!(checks_ahead(&out), Some(1));
+        let wanted = out
+            .iter()
+            .find_map(|o| match o {
+                Output::FetchCommits { wanted, .. } => Some(*wanted),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!((wanted.start, wanted.end, wanted.after), (11, 20, r(10)));
+        assert_eq!(wanted.epoch, c.expected_epoch());
+        // And the next range goes out ahead.
+        assert_eq!(
+            fetches_ahead(&out).iter().map(|f| f.1).collect::<Vec<_>>(),
+            vec![21]
+        );
+        assert_eq!(c.commit_fetches_ahead(), 1, "the pipe was full");
+    }
+
+    #[test]
+    fn the_depth_grows_while_batches_are_still_on_the_way_in_their_turn() {
+        let mut c = core(ahead_config(3));
+        let out = tick(&mut c, 0, 100);
+        let (head, _, _) = commit_fetch(&out).unwrap();
+        let out = commits_ok(&mut c, 0, head, 1, 10, 5);
+        // 11..=20 is on the way: nothing to check yet; two go ahead of it.
+        assert_eq!(commit_fetch(&out), None);
+        assert_eq!(c.commit_fetches_ahead(), 2);
+        let starts = |out: &[Output]| fetches_ahead(out).iter().map(|f| f.1).collect::<Vec<_>>();
+        assert_eq!(starts(&out), vec![21, 31]);
+        // Ticks while it waits do not grow it again.
+        tick(&mut c, 10, 100);
+        assert_eq!(c.commit_fetches_ahead(), 2);
+        // Its answer in, it is checked; the next one still on the way when
+        // its turn comes grows the depth to the most allowed, no further.
+        let out = ahead_done(&mut c, 20, 1, Ok(500));
+        let t = commit_fetch(&out).unwrap().0;
+        assert_eq!(checks_ahead(&out), Some(1));
+        let out = commits_ok(&mut c, 20, t, 11, 20, 5);
+        assert_eq!(c.commit_fetches_ahead(), 3);
+        assert_eq!(commit_fetch(&out), None);
+        assert_eq!(starts(&out), vec![41, 51]);
+        let out = ahead_done(&mut c, 30, fetches_ahead(&out)[0].0, Ok(500));
+        assert_eq!(commit_fetch(&out), None, "41 is not 21's turn");
+        assert!(fetches_ahead(&out).is_empty(), "no deeper than 3");
+    }
+
+    #[test]
+    fn a_failed_fetch_ahead_leaves_its_batch_to_an_ordinary_fetch_and_halves_the_depth() {
+        let mut c = core(ahead_config(4));
+        let out = tick(&mut c, 0, 100);
+        let (head, _, _) = commit_fetch(&out).unwrap();
+        let [(first, 11, 20)] = fetches_ahead(&out)[..] else {
+            panic!("{out:?}")
+        };
+        commits_ok(&mut c, 0, head, 1, 10, 5);
+        assert_eq!(c.commit_fetches_ahead(), 2);
+        let out = ahead_done(&mut c, 0, first, Err(Failure::Timeout));
+        assert_eq!(c.commit_fetches_ahead(), 1);
+        // Counted, but not held against anyone here: the fetch in turn is
+        // supervised.
+        assert!(out.contains(&Output::Restarted {
+            task: first,
+            failure: Failure::Timeout
+        }));
+        assert!(!out.iter().any(|o| matches!(o, Output::Misbehaved { .. })));
+        let fetch = commit_fetch(&out).unwrap();
+        assert_eq!((fetch.1, fetch.2), (11, 20));
+        assert_eq!(checks_ahead(&out), None);
+        // Nothing goes ahead until the pause after the failure is over.
+        assert!(fetches_ahead(&out).is_empty());
+    }
+
+    #[test]
+    fn answers_fetched_ahead_are_forgotten_when_the_plan_is_reset() {
+        let mut c = core(ahead_config(1));
+        let out = tick(&mut c, 0, 100);
+        let (ahead, _, _) = fetches_ahead(&out)[0];
+        ahead_done(&mut c, 0, ahead, Ok(500));
+        // Local commits moved the watermark past what sync planned: the
+        // plan is reset, and the answer held ahead dropped with it.
+        let out = c.handle(
+            Time(0),
+            Input::LocalApplied {
+                last: r(5),
+                next_epoch: None,
+            },
+        );
+        assert!(
+            out.contains(&Output::ForgetCommitsAhead { task: ahead }),
+            "{out:?}"
+        );
+        assert!(!c.awaits(ahead));
     }
 
     #[test]
@@ -1748,6 +2116,7 @@ mod tests {
                 max_bytes_per_fetch: 2 * MIB,
                 max_message_bytes: MIB,
                 max_total_fetched_bytes: 20 * MIB,
+                commit_fetches_ahead: (seed % 4) as usize,
                 ..config()
             };
             let mut c = core(config.clone());
@@ -1783,6 +2152,15 @@ mod tests {
                             bytes: rng.random_range(0..MIB),
                         }),
                     ),
+                    Output::FetchCommitsAhead {
+                        task, max_bytes, ..
+                    } => {
+                        let result = match rng.random_range(0..4) {
+                            0 => Err(Failure::Timeout),
+                            _ => Ok(rng.random_range(0..=max_bytes)),
+                        };
+                        ahead_done(&mut c, now, task, result)
+                    }
                     Output::FetchBlocks {
                         task, max_bytes, ..
                     } => {

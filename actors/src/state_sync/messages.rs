@@ -183,6 +183,16 @@ pub enum Input {
         /// The verified batch, or why not.
         result: Result<CommitBatchInfo, Failure>,
     },
+    /// A commit fetch ahead ended; its answer, not checked yet, is held
+    /// by the shell.
+    CommitsPrefetched {
+        /// The task.
+        task: TaskId,
+        /// The peer asked, if one was found.
+        peer: Option<PeerId>,
+        /// Bytes of the answer, or why not.
+        result: Result<u64, Failure>,
+    },
     /// A block fetch ended.
     BlocksFetched {
         /// The task.
@@ -232,6 +242,28 @@ pub enum Output {
         wanted: CommitsWanted,
         /// Peers not to ask (they failed this range).
         avoid: Vec<PeerId>,
+        /// The fetch ahead whose answer to check instead of asking a peer.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        prefetched: Option<TaskId>,
+    },
+    /// Fetch the commits `start..=end` ahead of their turn, and hold the
+    /// answer unchecked.
+    FetchCommitsAhead {
+        /// The task.
+        task: TaskId,
+        /// First commit.
+        start: CommitIndex,
+        /// Last commit wanted.
+        end: CommitIndex,
+        /// Largest answer accepted, in bytes.
+        max_bytes: u64,
+        /// Peers not to ask.
+        avoid: Vec<PeerId>,
+    },
+    /// Drop the answer of a fetch ahead: it will not be used.
+    ForgetCommitsAhead {
+        /// The task that fetched it.
+        task: TaskId,
     },
     /// Fetch and verify blocks `offset..offset + len` of the batch starting
     /// at `batch`.
@@ -346,6 +378,15 @@ pub(super) struct CommitsDone {
     pub(super) task: TaskId,
     pub(super) peer: Option<PeerId>,
     pub(super) result: Result<BatchData, Failure>,
+}
+
+/// A commit fetch ahead ended.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(super) struct AheadDone {
+    pub(super) task: TaskId,
+    pub(super) peer: Option<PeerId>,
+    pub(super) result: Result<super::worker::CommitAnswer, Failure>,
 }
 
 /// A block fetch ended.

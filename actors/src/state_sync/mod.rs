@@ -8,7 +8,10 @@
 //! 1. **Commits**, one batch at a time: each must link to the one before,
 //!    be of the *expected* epoch (the epoch after the applied watermark,
 //!    never the one the answer names) and carry a quorum certificate of that
-//!    epoch's committee; it is cheap (about 1 ms per 100 commits). An answer
+//!    epoch's committee; it is cheap (about 1 ms per 100 commits). Batches
+//!    are checked one at a time, but fetched ahead (`commit_fetches_ahead`,
+//!    an adaptive depth), so a long round trip is not paid once per batch:
+//!    an answer fetched ahead is held unchecked until its turn. An answer
 //!    of the next epoch, while a fetched batch that may end ours is not
 //!    applied, is set aside: commit fetching pauses until every fetched
 //!    batch is applied, and the peer is banned if the epoch did not change.

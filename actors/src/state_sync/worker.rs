@@ -120,6 +120,25 @@ pub(super) struct BlockChunk {
     pub(super) max_bytes: u64,
 }
 
+/// A commit answer as received, not checked yet.
+pub(super) struct CommitAnswer {
+    /// Who sent it; `None`: the archive.
+    pub(super) peer: Option<PeerId>,
+    pub(super) response: proto::FetchCommitsResponse,
+    /// Bytes of its commits.
+    pub(super) bytes: u64,
+    /// How long the peer took, for its score once the answer checks out.
+    pub(super) latency_ms: u64,
+}
+
+impl CommitAnswer {
+    /// Bytes it holds: commits and certifier blocks.
+    pub(super) fn held_bytes(&self) -> u64 {
+        let certifiers = self.response.certifier_blocks.iter();
+        self.bytes + certifiers.map(|b| b.len() as u64).sum::<u64>()
+    }
+}
+
 /// What a worker ends with: the peer it asked, if one was leased, and the
 /// result.
 pub(super) type Outcome<T> = (Option<PeerId>, Result<T, Failure>);
@@ -195,20 +214,63 @@ impl Worker {
         wanted: CommitsWanted,
         avoid: Vec<PeerId>,
     ) -> Outcome<BatchData> {
+        let fetched = self
+            .commit_answer((wanted.start, wanted.end), wanted.max_bytes, avoid)
+            .await;
+        match fetched {
+            (peer, Ok(answer)) => (peer, self.check_commits(answer, wanted).await),
+            (peer, Err(f)) => (peer, Err(f)),
+        }
+    }
+
+    /// Verifies a commit answer fetched ahead, as [`Self::fetch_commits`]
+    /// verifies one it fetched.
+    pub(super) async fn check_commits(
+        self,
+        answer: CommitAnswer,
+        wanted: CommitsWanted,
+    ) -> Result<BatchData, Failure> {
+        let result = self.verify_commits(answer.response, wanted).await;
+        match (answer.peer, &self.archive) {
+            (Some(peer), _) => self.verified(peer, answer.bytes, answer.latency_ms, &result),
+            (None, Some(archive)) => {
+                // Commits of the next epoch, asked for while the batch that
+                // ends the expected one waits to be applied, are the core's
+                // to judge (as from a peer): a true copy, not a corrupt one.
+                let next_epoch = matches!(
+                    &result,
+                    Err(Failure::Invalid(soma_types::Error::CommitWrongEpoch { got, expected, .. }))
+                        if !wanted.settled && Some(*got) == expected.checked_add(1)
+                );
+                if !next_epoch {
+                    refused_by(archive, wanted.start, &result);
+                }
+            }
+            (None, None) => {}
+        }
+        result
+    }
+
+    /// Fetches the commits `start..=end`, unchecked: the answer of a peer
+    /// leased for `start`, at most `max_bytes`.
+    pub(super) async fn commit_answer(
+        &self,
+        (start, end): (CommitIndex, CommitIndex),
+        max_bytes: u64,
+        avoid: Vec<PeerId>,
+    ) -> Outcome<CommitAnswer> {
         // The peer is chosen for `start` alone: an honest one serves it.
-        let range = (wanted.start, wanted.start);
-        let slot = match self.begin(wanted.start, range, avoid).await {
+        let slot = match self.begin(start, (start, start), avoid).await {
             Ok(slot) => slot,
-            Err(Failure::NoPeer) => return (None, self.commits_from_archive(wanted).await),
+            Err(Failure::NoPeer) => {
+                return (None, self.archive_answer(start, end, max_bytes).await);
+            }
             Err(f) => return (None, Err(f)),
         };
         let peer = slot.lease().peer;
         // The answer may be as large as the core reserved for it, no larger.
-        let max = to_usize(wanted.max_bytes);
-        let message = proto::FetchCommitsRequest {
-            start: wanted.start,
-            end: wanted.end,
-        };
+        let max = to_usize(max_bytes);
+        let message = proto::FetchCommitsRequest { start, end };
         let answer = self
             .outbound
             .call(peer, message, move |c, r| async move {
@@ -225,10 +287,14 @@ impl Worker {
         };
         let bytes = response.commits.iter().map(|c| c.len() as u64).sum();
         // The peer's part is done; verifying does not hold its slot.
-        let latency = slot.release(Transfer::Received, bytes);
-        let result = self.verify_commits(response, wanted).await;
-        self.verified(peer, bytes, latency, &result);
-        (Some(peer), result)
+        let latency_ms = slot.release(Transfer::Received, bytes);
+        let answer = CommitAnswer {
+            peer: Some(peer),
+            response,
+            bytes,
+            latency_ms,
+        };
+        (Some(peer), Ok(answer))
     }
 
     /// Verifies a commit answer against the expected epoch's committee,
@@ -313,36 +379,32 @@ impl Worker {
         (Some(peer), result)
     }
 
-    /// With no peer for the range: the archive's copy, verified as a
-    /// peer's answer is. A range the archive lacks stays [`Failure::NoPeer`].
-    async fn commits_from_archive(&self, wanted: CommitsWanted) -> Result<BatchData, Failure> {
-        let Some(archive) = &self.archive else {
-            return Err(Failure::NoPeer);
-        };
+    /// With no peer for the range: the archive's copy, unchecked, to be
+    /// verified as a peer's answer is ([`Self::check_commits`]). A range
+    /// the archive lacks stays [`Failure::NoPeer`].
+    async fn archive_answer(
+        &self,
+        start: CommitIndex,
+        end: CommitIndex,
+        max_bytes: u64,
+    ) -> Result<CommitAnswer, Failure> {
+        let archive = self.archive.as_ref().ok_or(Failure::NoPeer)?;
         let (commits, certifier_blocks) = archive
-            .commits(wanted.start, wanted.end, wanted.max_bytes)
+            .commits(start, end, max_bytes)
             .await
             .ok_or(Failure::NoPeer)?;
-        let response = proto::FetchCommitsResponse {
-            commits,
-            certifier_blocks,
-        };
-        let result = self.verify_commits(response, wanted).await;
-        // Commits of the next epoch, asked for while the batch that ends
-        // the expected one waits to be applied, are the core's to judge
-        // (as from a peer): a true copy, not a corrupt one.
-        let next_epoch = matches!(
-            &result,
-            Err(Failure::Invalid(soma_types::Error::CommitWrongEpoch { got, expected, .. }))
-                if !wanted.settled && Some(*got) == expected.checked_add(1)
-        );
-        if !next_epoch {
-            refused_by(archive, wanted.start, &result);
-        }
-        result
+        Ok(CommitAnswer {
+            peer: None,
+            bytes: commits.iter().map(|c| c.len() as u64).sum(),
+            response: proto::FetchCommitsResponse {
+                commits,
+                certifier_blocks,
+            },
+            latency_ms: 0,
+        })
     }
 
-    /// [`Self::commits_from_archive`] for a chunk of blocks: checked as
+    /// [`Self::archive_answer`] for a chunk of blocks: checked as
     /// they would be arriving on a stream, then verified.
     async fn blocks_from_archive(&self, chunk: &BlockChunk) -> Result<Vec<VerifiedBlock>, Failure> {
         let Some(archive) = &self.archive else {

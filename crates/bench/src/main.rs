@@ -11,6 +11,7 @@ mod adversarial;
 mod bare;
 mod discovery;
 mod grpc;
+mod latency;
 mod load;
 mod machine;
 mod memory;
@@ -29,8 +30,9 @@ use crate::machine::Machine;
 use crate::report::Report;
 
 /// The benchmarks, in the order they run.
-const SECTIONS: [&str; 9] = [
+const SECTIONS: [&str; 10] = [
     "sync",
+    "latency",
     "verifier",
     "grpc",
     "discovery",
@@ -52,8 +54,8 @@ struct Cli {
     /// target/bench-quick/ unless --markdown/--json say otherwise.
     #[arg(long)]
     quick: bool,
-    /// Only these benchmarks, comma-separated (sync, verifier, grpc,
-    /// discovery, memory, scaling, load, adversarial, attack); writes under target/bench-partial/
+    /// Only these benchmarks, comma-separated (sync, latency, verifier,
+    /// grpc, discovery, memory, scaling, load, adversarial, attack); writes under target/bench-partial/
     /// unless --markdown/--json say otherwise.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -104,6 +106,10 @@ enum Hidden {
 pub struct Size {
     /// Commits of the catch-up chain.
     pub sync_commits: u64,
+    /// Commits of the chain caught up through impaired links.
+    pub latency_commits: u64,
+    /// The reset period of the latency benchmark's row with resets.
+    pub latency_reset_every: Duration,
     /// Commits of the chain for the serving-peers scaling.
     pub scaling_commits: u64,
     /// About how many blocks each committee-scaling chain has.
@@ -147,6 +153,8 @@ impl Size {
     fn full() -> Self {
         Size {
             sync_commits: 20_000,
+            latency_commits: 40_000,
+            latency_reset_every: Duration::from_secs(10),
             scaling_commits: 5_000,
             scaling_blocks: 20_000,
             verifier_commits: 500,
@@ -172,6 +180,11 @@ impl Size {
     fn quick() -> Self {
         Size {
             sync_commits: 300,
+            latency_commits: 300,
+            // Long enough for a redial and a fetch through a 100 ms link
+            // between resets; shorter would reset every connection before
+            // its handshake is done.
+            latency_reset_every: Duration::from_secs(2),
             scaling_commits: 100,
             scaling_blocks: 400,
             verifier_commits: 30,
@@ -379,6 +392,7 @@ fn main() -> ExitCode {
         let t = Instant::now();
         let section = match key {
             "sync" => sync::catch_up_section(&size),
+            "latency" => latency::section(&size),
             "verifier" => verifier::section(&size),
             "grpc" => grpc::section(&size),
             "discovery" => discovery::section(&size),

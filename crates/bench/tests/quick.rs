@@ -7,8 +7,9 @@ use std::process::Command;
 use serde_json::Value;
 
 /// Each benchmark and the rows it must produce.
-const EXPECTED: [(&str, usize); 9] = [
+const EXPECTED: [(&str, usize); 10] = [
     ("sync", 5),
+    ("latency", 6),
     ("verifier", 5),
     ("grpc", 4),
     ("discovery", 3),
@@ -20,12 +21,16 @@ const EXPECTED: [(&str, usize); 9] = [
 ];
 
 /// Figures that may be zero or below: a difference of two measurements,
-/// or a count of what an attack met, which may be nothing in a short run.
-const DIFFERENCES: [&str; 4] = [
+/// a count of what an attack or a link met, which may be nothing in a short
+/// run, or a setting that is zero in one row (the round trip of a link).
+const DIFFERENCES: [&str; 7] = [
     "peak RSS growth (MiB)",
     "growth of fetch budget",
     "refused",
     "cut",
+    "connection resets",
+    "worker restarts",
+    "round trip (ms)",
 ];
 
 #[test]
@@ -86,6 +91,10 @@ fn quick_run_produces_every_figure() {
     assert!(ratio("sync", 1, "of crypto limit") > 0.0);
     assert!(ratio("sync", 3, "of crypto limit") > 0.0);
     assert!(ratio("sync", 4, "of transport limit") > 0.0);
+    assert_eq!(ratio("latency", 0, "of loopback"), 1.0);
+    for row in 1..=5 {
+        assert!(ratio("latency", row, "of loopback") > 0.0);
+    }
     assert!(ratio("verifier", 3, "of raw") > 0.0);
     assert!(ratio("grpc", 1, "of plain") > 0.0);
     assert!(ratio("memory", 1, "of the short chain's peak") > 0.0);
@@ -123,5 +132,5 @@ fn an_unknown_benchmark_is_refused_with_the_choices() {
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("`warp`"), "{stderr}");
-    assert!(stderr.contains("sync, verifier, grpc"), "{stderr}");
+    assert!(stderr.contains("sync, latency, verifier"), "{stderr}");
 }

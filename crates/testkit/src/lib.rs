@@ -5,6 +5,7 @@
 
 pub mod attack;
 pub mod byzantine;
+pub mod impair;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,6 +36,36 @@ pub fn validator_up_to(chain: &Chain, commits: u64, key: u8) -> P2pHandle {
 /// A validator serving `chain`, started with `config`.
 pub fn validator_with(chain: &Chain, key: u8, config: P2pConfig) -> P2pHandle {
     node(chain, key, config, Arc::new(stored(chain, chain.tip())))
+}
+
+/// A validator serving `chain` (key `key`, started with `config`) that
+/// peers reach through an impaired link: it advertises the link's address,
+/// so that a peer redialling it (after a reset) comes through the link
+/// again. Returns the validator, the link, and the seed entry to reach it.
+pub async fn validator_behind_link(
+    chain: &Chain,
+    key: u8,
+    config: P2pConfig,
+    impairment: impair::Impairment,
+) -> (P2pHandle, impair::ImpairedLink, SeedPeer) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a free port on 127.0.0.1");
+    let address = listener.local_addr().expect("a bound listener");
+    let node = validator_with(
+        chain,
+        key,
+        P2pConfig {
+            external_addresses: vec![address.to_string()],
+            ..config
+        },
+    );
+    let link = impair::ImpairedLink::start(listener, node.local_addr(), impairment);
+    let seed = SeedPeer {
+        peer_id: Some(node.peer_id()),
+        address: address.to_string(),
+    };
+    (node, link, seed)
 }
 
 /// A MemStore holding the batches of 100 of `chain` that end at or below

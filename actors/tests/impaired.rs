@@ -1,0 +1,118 @@
+//! Catch-up over an impaired path: every validator behind a link
+//! (`soma_testkit::impair`) with a long round trip, every connection
+//! through the links reset several times while sync runs. Sync must finish,
+//! across epoch changes, with the store identical to the validators'.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use soma_actors::P2pConfig;
+use soma_chain::{ChainBuilder, ChainConfig};
+use soma_store::{ConsensusStore, MemStore};
+use soma_testkit::impair::{ImpairedLink, Impairment};
+
+const DEADLINE: Duration = Duration::from_secs(120);
+
+/// Round trip of every link.
+const ROUND_TRIP: Duration = Duration::from_millis(250);
+
+/// Commits of the chain, and of each epoch.
+const COMMITS: u64 = 2_000;
+const PER_EPOCH: u64 = 800;
+
+/// Every link resets its connections each time the node's watermark
+/// passes another multiple of this (so every reset falls while sync runs,
+/// whatever the machine's speed).
+const RESET_STEP: u64 = 400;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catch_up_completes_through_links_of_250_ms_round_trip_with_resets() {
+    soma_testkit::init_tracing();
+    let chain = ChainBuilder::new(ChainConfig {
+        commits_per_epoch: Some(PER_EPOCH),
+        ..ChainConfig::validators(4)
+    })
+    .build(COMMITS);
+    assert_eq!(chain.committees().count(), 3);
+    let impairment = Impairment {
+        jitter: Duration::from_millis(10),
+        ..Impairment::round_trip(ROUND_TRIP)
+    };
+    let mut validators = Vec::new();
+    let mut links: Vec<ImpairedLink> = Vec::new();
+    let mut seeds = Vec::new();
+    for k in 1..=3 {
+        let (node, link, seed) = soma_testkit::validator_behind_link(
+            &chain,
+            k,
+            P2pConfig::default(),
+            impairment.clone(),
+        )
+        .await;
+        validators.push(node);
+        links.push(link);
+        seeds.push(seed);
+    }
+    let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+    let mut config = P2pConfig {
+        seed_peers: seeds,
+        ..P2pConfig::default()
+    };
+    // A peer lost to a reset is redialled at the next discovery round.
+    config.discovery.interval_ms = 500;
+    let node = soma_testkit::node(&chain, 9, config, store.clone());
+
+    // Resets while sync runs: each time the watermark passes a step, every
+    // connection through every link is reset, the node's and the
+    // validators' own alike.
+    let start = Instant::now();
+    let mut next_reset = RESET_STEP;
+    let mut resets_sent = 0;
+    loop {
+        let status = node.sync_status().await.expect("the node runs");
+        if status.synced >= chain.tip() {
+            break;
+        }
+        if status.synced >= next_reset {
+            for link in &links {
+                link.reset_now();
+            }
+            resets_sent += 1;
+            next_reset = status.synced / RESET_STEP * RESET_STEP + RESET_STEP;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "sync stalled at {} of {}: {status:?}",
+            status.synced,
+            chain.tip()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stats: Vec<_> = links.iter().map(ImpairedLink::stats).collect();
+    let status = node.sync_status().await.unwrap();
+    tracing::info!(?stats, ?status, resets_sent, "synced through the links");
+    assert!(
+        resets_sent >= 2,
+        "{resets_sent} rounds of resets during sync"
+    );
+    for s in &stats {
+        // Each reset found live connections to close, and the node came
+        // back through the link after it.
+        assert!(
+            s.resets >= 2,
+            "every link reset its connections during sync: {stats:?}"
+        );
+        assert!(s.connections > s.connections_reset, "{stats:?}");
+    }
+    soma_testkit::assert_same_chain(&chain, store.as_ref());
+    assert_eq!(
+        status.invalid_responses, 0,
+        "no honest peer was taken for a liar"
+    );
+    assert_eq!(status.commits_applied, chain.tip());
+
+    node.shutdown().await;
+    for v in validators {
+        v.shutdown().await;
+    }
+}
