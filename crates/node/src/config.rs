@@ -153,6 +153,9 @@ pub struct P2pSection {
     pub max_fetches_per_peer: usize,
     /// Batches fetched beyond the applied watermark.
     pub batches_ahead: usize,
+    /// Commit batches fetched ahead of the one next in line at most (the
+    /// depth adapts below it); 0: one commit fetch at a time.
+    pub commit_fetches_ahead: usize,
     /// Blocks per FetchBlocks request.
     pub max_blocks_per_fetch: usize,
     /// Largest FetchBlocks chunk or FetchCommits answer, in bytes.
@@ -278,6 +281,7 @@ impl Default for P2pSection {
             parallel_fetches: p.state_sync.parallel_fetches,
             max_fetches_per_peer: p.max_fetches_per_peer,
             batches_ahead: p.state_sync.batches_ahead,
+            commit_fetches_ahead: p.state_sync.commit_fetches_ahead,
             max_blocks_per_fetch: p.state_sync.max_blocks_per_fetch,
             max_fetch_response_bytes: p.grpc.max_fetch_response_bytes,
             max_total_fetched_bytes: p.state_sync.max_total_fetched_bytes,
@@ -644,6 +648,13 @@ impl NodeConfig {
             "between 1 and 1024",
         )?;
         count(
+            "p2p.commit-fetches-ahead",
+            p.commit_fetches_ahead,
+            0,
+            64,
+            "between 0 and 64",
+        )?;
+        count(
             "p2p.max-blocks-per-fetch",
             p.max_blocks_per_fetch,
             1,
@@ -841,6 +852,7 @@ impl NodeConfig {
         c.supervision.max_restarts = p.max_actor_restarts;
         c.supervision.restart_window_ms = p.actor_restart_window.as_millis() as u64;
         c.state_sync.batches_ahead = p.batches_ahead;
+        c.state_sync.commit_fetches_ahead = p.commit_fetches_ahead;
         c.state_sync.max_blocks_per_fetch = p.max_blocks_per_fetch;
         c.state_sync.max_total_fetched_bytes = p.max_total_fetched_bytes;
         c.state_sync.max_bytes_per_fetch = p.max_bytes_per_fetch;
@@ -996,6 +1008,9 @@ commit-sync-batch-size = {batch}
 parallel-fetches = {parallel}
 max-fetches-per-peer = {per_peer}
 batches-ahead = {ahead}
+# Commit batches fetched ahead of the one next in line, at most: what keeps
+# sync fast over long round trips (0: one at a time).
+commit-fetches-ahead = {commits_ahead}
 max-blocks-per-fetch = {blocks}
 # Bounds: largest response chunk; bytes fetches may hold (each fetch counts
 # the most its answer may bring from the moment it is sent); bytes of
@@ -1099,6 +1114,7 @@ max-connection-age-grace = "{grace}"
         parallel = p.parallel_fetches,
         per_peer = p.max_fetches_per_peer,
         ahead = p.batches_ahead,
+        commits_ahead = p.commit_fetches_ahead,
         blocks = p.max_blocks_per_fetch,
         resp = p.max_fetch_response_bytes,
         total = p.max_total_fetched_bytes,
