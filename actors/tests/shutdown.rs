@@ -15,9 +15,10 @@ use soma_types::KeyPair;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
-/// A peer that never answers holds the node's commit fetch; the request
-/// timeout is far longer than the test. Shutting the node down aborts the
-/// fetch's worker: the peer sees the call dropped.
+/// A peer that never answers holds the node's commit fetches: the batch
+/// next in line and the one fetched ahead of it; the request timeout is
+/// far longer than the test. Shutting the node down aborts both workers:
+/// the peer sees both calls dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_aborts_sync_workers_on_a_runtime_the_node_does_not_own() {
     init_tracing();
@@ -41,8 +42,10 @@ async fn shutdown_aborts_sync_workers_on_a_runtime_the_node_does_not_own() {
     .start()
     .expect("the node starts");
     let start = Instant::now();
-    // One commit fetch at a time: exactly one call stalls.
-    while stalled.load(Ordering::SeqCst) != 1 {
+    // The depth of fetches ahead starts at one, and grows only when a
+    // batch's turn comes, which the stalled first one never lets happen:
+    // exactly two calls stall.
+    while stalled.load(Ordering::SeqCst) != 2 {
         assert!(
             start.elapsed() < DEADLINE,
             "the fetch never reached the peer"
