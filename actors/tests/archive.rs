@@ -15,7 +15,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use soma_actors::archive::{ArchiveStatus, ArchivedBatch, Config};
 use soma_actors::state_sync::prune;
@@ -41,24 +41,27 @@ fn chain() -> Chain {
     .build(TIP)
 }
 
-/// Polls `done` every 10 ms until it holds; panics with `what` after
-/// [`DEADLINE`].
-async fn wait_until(what: &str, mut done: impl AsyncFnMut() -> bool) {
-    let start = Instant::now();
-    while !done().await {
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+/// [`soma_testkit::wait_until`] with [`DEADLINE`].
+async fn wait_until(what: &str, done: impl AsyncFnMut() -> bool) {
+    soma_testkit::wait_until(what, DEADLINE, done).await
 }
 
-fn archive_config(url: &str, write: bool, read: bool) -> Config {
+/// A local archive in `dir`, with the test's short intervals.
+fn local(dir: &Path) -> Config {
     Config {
-        write,
-        read,
         interval: Duration::from_millis(20),
         min_retry: Duration::from_millis(10),
         max_retry: Duration::from_millis(100),
-        ..Config::new(url)
+        ..Config::new(dir.to_str().expect("temporary paths are UTF-8"))
+    }
+}
+
+/// `base`, only written, or only read.
+fn only(base: &Config, write: bool) -> Config {
+    Config {
+        write,
+        read: !write,
+        ..base.clone()
     }
 }
 
@@ -82,14 +85,14 @@ fn object_path(dir: &Path, first: u64) -> PathBuf {
     dir.join("batches").join(format!("{first:020}.batch"))
 }
 
-/// Writes the whole of `chain` into an archive at `url` from a node that
-/// holds it, and checks it wrote one object per batch a peer serves.
-async fn archive_everything(chain: &Chain, url: &str) -> Vec<u64> {
+/// Writes the whole of `chain` into the archive `base` names from a node
+/// that holds it, and checks it wrote one object per batch a peer serves.
+async fn archive_everything(chain: &Chain, base: &Config) -> Vec<u64> {
     let writer = validator_with(
         chain,
         1,
         P2pConfig {
-            archive: Some(archive_config(url, true, false)),
+            archive: Some(only(base, true)),
             ..P2pConfig::default()
         },
     );
@@ -129,16 +132,16 @@ async fn pruned_validators(chain: &Chain) -> Vec<P2pHandle> {
     validators
 }
 
-/// A fresh node seeded with `peers`, reading the archive at `url`.
+/// A fresh node seeded with `peers`, reading the archive `base` names.
 fn fresh_node(
     chain: &Chain,
     peers: &[P2pHandle],
-    url: &str,
+    base: &Config,
 ) -> (P2pHandle, Arc<dyn ConsensusStore>) {
     let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
     let mut config = P2pConfig {
         seed_peers: seeds(&peers.iter().collect::<Vec<_>>()),
-        archive: Some(archive_config(url, false, true)),
+        archive: Some(only(base, false)),
         ..P2pConfig::default()
     };
     config.state_sync.wait_interval_when_no_peer_ms = 50;
@@ -155,10 +158,10 @@ fn count(node: &P2pHandle, rpc: &str, code: tonic::Code) -> u64 {
 }
 
 /// The archived half of the test: every peer pruned below `TIP - KEPT`,
-/// a fresh node syncs from genesis through the archive at `url`.
-async fn sync_through_archive(chain: &Chain, url: &str, firsts: &[u64]) {
+/// a fresh node syncs from genesis through the archive `base` names.
+async fn sync_through_archive(chain: &Chain, base: &Config, firsts: &[u64]) {
     let validators = pruned_validators(chain).await;
-    let (node, store) = fresh_node(chain, &validators, url);
+    let (node, store) = fresh_node(chain, &validators, base);
     wait_synced(&node, TIP, DEADLINE).await;
     assert_same_chain(chain, store.as_ref());
 
@@ -185,10 +188,9 @@ async fn a_fresh_node_syncs_from_genesis_through_the_archive_when_every_peer_pru
     init_tracing();
     let chain = chain();
     let dir = tempfile::tempdir().unwrap();
-    let url = dir.path().to_str().unwrap();
-    let firsts = archive_everything(&chain, url).await;
+    let firsts = archive_everything(&chain, &local(dir.path())).await;
     assert_eq!(objects(dir.path()), firsts.iter().copied().collect());
-    sync_through_archive(&chain, url, &firsts).await;
+    sync_through_archive(&chain, &local(dir.path()), &firsts).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -196,8 +198,7 @@ async fn a_corrupt_archive_object_is_refused_and_never_applied() {
     init_tracing();
     let chain = chain();
     let dir = tempfile::tempdir().unwrap();
-    let url = dir.path().to_str().unwrap();
-    archive_everything(&chain, url).await;
+    archive_everything(&chain, &local(dir.path())).await;
 
     // One byte of one block of the batch 301..=400 flipped.
     let path = object_path(dir.path(), 301);
@@ -211,7 +212,7 @@ async fn a_corrupt_archive_object_is_refused_and_never_applied() {
     std::fs::write(&path, batch.encode()).unwrap();
 
     let validators = pruned_validators(&chain).await;
-    let (node, store) = fresh_node(&chain, &validators, url);
+    let (node, store) = fresh_node(&chain, &validators, &local(dir.path()));
     // Sync reaches the corrupt batch, and the archive's copy is refused
     // each time it is read again.
     wait_until("the corrupt batch refused twice", async || {
@@ -245,7 +246,7 @@ async fn a_failing_archive_is_retried_never_holds_sync_up_and_holds_pruning_back
     let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
     let config = P2pConfig {
         seed_peers: seeds(&[&source]),
-        archive: Some(archive_config(dir.path().to_str().unwrap(), true, false)),
+        archive: Some(only(&local(dir.path()), true)),
         prune: prune::Config {
             retention: Retention::Commits(KEPT),
             interval_ms: 20,
@@ -345,63 +346,25 @@ async fn an_archive_on_an_s3_compatible_server_serves_a_fresh_node() {
     })
     .await;
 
+    let base = Config {
+        options: vec![
+            ("aws_endpoint".into(), format!("http://127.0.0.1:{port}")),
+            ("aws_allow_http".into(), "true".into()),
+            ("aws_access_key_id".into(), "soma".into()),
+            ("aws_secret_access_key".into(), "soma-secret".into()),
+            ("aws_region".into(), "us-east-1".into()),
+        ],
+        ..Config {
+            url: "s3://soma/archive".into(),
+            ..local(root.path())
+        }
+    };
     let chain = chain();
-    let url = "s3://soma/archive";
-    let options = vec![
-        (
-            "aws_endpoint".to_string(),
-            format!("http://127.0.0.1:{port}"),
-        ),
-        ("aws_allow_http".to_string(), "true".to_string()),
-        ("aws_access_key_id".to_string(), "soma".to_string()),
-        (
-            "aws_secret_access_key".to_string(),
-            "soma-secret".to_string(),
-        ),
-        ("aws_region".to_string(), "us-east-1".to_string()),
-    ];
-    let writer = validator_with(
-        &chain,
-        1,
-        P2pConfig {
-            archive: Some(Config {
-                options: options.clone(),
-                ..archive_config(url, true, false)
-            }),
-            ..P2pConfig::default()
-        },
-    );
-    wait_until("the archive written", async || {
-        status(&writer).next == TIP + 1
-    })
-    .await;
-    let firsts: Vec<u64> = chain.batch_ranges(100).iter().map(|r| *r.start()).collect();
-    assert_eq!(status(&writer).batches_written, firsts.len() as u64);
-    writer.shutdown().await;
+    let firsts = archive_everything(&chain, &base).await;
     // The server keeps objects as files under the bucket's directory.
     assert_eq!(
         objects(&root.path().join("soma/archive")),
         firsts.iter().copied().collect()
     );
-
-    let validators = pruned_validators(&chain).await;
-    let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
-    let mut config = P2pConfig {
-        seed_peers: seeds(&validators.iter().collect::<Vec<_>>()),
-        archive: Some(Config {
-            options,
-            ..archive_config(url, false, true)
-        }),
-        ..P2pConfig::default()
-    };
-    config.state_sync.wait_interval_when_no_peer_ms = 50;
-    let node = soma_testkit::node(&chain, 9, config, store.clone());
-    wait_synced(&node, TIP, DEADLINE).await;
-    assert_same_chain(&chain, store.as_ref());
-    let read = status(&node);
-    assert_eq!((read.refused, read.read_errors), (0, 0), "{read:?}");
-    node.shutdown().await;
-    for v in validators {
-        v.shutdown().await;
-    }
+    sync_through_archive(&chain, &base, &firsts).await;
 }

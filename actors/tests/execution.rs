@@ -13,7 +13,7 @@
 //!   instead of asking in a loop.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use soma_actors::state_sync::prune;
 use soma_actors::system::{LocalCommit, P2pError, Retention, StreamError};
@@ -35,14 +35,9 @@ fn small_chain(commits: u64) -> Chain {
     .build(commits)
 }
 
-/// Polls `done` every 10 ms until it holds; panics with `what` after
-/// [`DEADLINE`].
-async fn wait_until(what: &str, mut done: impl AsyncFnMut() -> bool) {
-    let start = Instant::now();
-    while !done().await {
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+/// [`soma_testkit::wait_until`] with [`DEADLINE`].
+async fn wait_until(what: &str, done: impl AsyncFnMut() -> bool) {
+    soma_testkit::wait_until(what, DEADLINE, done).await
 }
 
 /// The executor takes ten commits, then works on them for ten times

@@ -128,6 +128,16 @@ pub async fn wait_synced(node: &P2pHandle, target: u64, deadline: Duration) -> D
     }
 }
 
+/// Polls `done` every 10 ms until it holds; panics with `what` after
+/// `deadline`.
+pub async fn wait_until(what: &str, deadline: Duration, mut done: impl AsyncFnMut() -> bool) {
+    let start = Instant::now();
+    while !done().await {
+        assert!(start.elapsed() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Asserts that `store` holds exactly `chain`: its watermark is the tip, and
 /// every commit, every block (byte for byte), every committee and every
 /// epoch end is the chain's.
