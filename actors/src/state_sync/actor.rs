@@ -175,16 +175,7 @@ impl StateSync {
                     self.deps.calls().misbehaved(peer);
                 }
                 Output::QueryHeights { peer } => {
-                    let query = self.deps.calls().query_heights(peer);
-                    // The answers are in PeerHeights' mailbox once the round
-                    // is done: a tick then schedules what they allow (a new
-                    // peer's commits, at start) instead of the next interval.
-                    let (heights, me) = (self.deps.heights.clone(), ctx.address());
-                    let round = async move {
-                        query.await;
-                        let highest = heights.send(HighestKnownCommit).await.ok().flatten();
-                        me.do_send(TickMsg(highest));
-                    };
+                    let round = self.deps.calls().query_heights(peer);
                     let most = self.deps.max_background_calls;
                     spawn_within(&mut self.queries, most, round, &self.deps.runtime);
                 }
