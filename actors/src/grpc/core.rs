@@ -18,6 +18,10 @@ pub struct Limits {
     pub max_blocks_per_fetch: usize,
     /// Largest FetchBlocks chunk and FetchCommits response, in bytes.
     pub max_fetch_response_bytes: usize,
+    /// Bytes of FetchCommits answers kept in memory to answer the same
+    /// request again while the store is unchanged; 0 keeps none.
+    #[serde(default = "default_answer_cache_bytes")]
+    pub answer_cache_bytes: usize,
     /// FetchCommits and FetchBlocks running at once for one caller (all
     /// anonymous callers share one allowance).
     pub max_concurrent_fetches_per_peer: usize,
@@ -89,6 +93,10 @@ pub struct Limits {
     pub inbound_idle_timeout: Duration,
 }
 
+fn default_answer_cache_bytes() -> usize {
+    16 << 20
+}
+
 fn default_fetch_stall_timeout() -> Duration {
     Duration::from_millis(500)
 }
@@ -134,6 +142,7 @@ impl Default for Limits {
             commit_sync_batch_size: 100,
             max_blocks_per_fetch: 1_000,
             max_fetch_response_bytes: 4 << 20,
+            answer_cache_bytes: default_answer_cache_bytes(),
             max_concurrent_fetches_per_peer: 4,
             max_concurrent_fetches: 64,
             send_timeout: Duration::from_secs(10),

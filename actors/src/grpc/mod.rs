@@ -6,7 +6,9 @@
 //! admitted: ranges and reference counts within limits, fetches per peer
 //! within their bound, PushCommit only from authenticated peers. Admitted
 //! store reads (FetchCommits, FetchBlocks) then run on tokio's blocking pool,
-//! not on the actor's thread, so one slow read never holds up other RPCs;
+//! not on the actor's thread, so one slow read never holds up other RPCs
+//! (a FetchCommits answer still valid for the store's current version is
+//! served from memory instead: [`answers`]);
 //! each holds a [`Permit`] that returns its slot to the adapter when the call
 //! ends, however it ends.
 //!
@@ -16,6 +18,7 @@
 //! answers stay within `max_buffered_bytes_per_connection` ([`budget`]).
 
 mod actor;
+mod answers;
 pub mod budget;
 mod core;
 mod deadline;

@@ -2,6 +2,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::{Addr, MailboxError};
+use prost::Message;
 use soma_store::ConsensusStore;
 use soma_types::{BlockRef, CommitRef, SignedNodeInfo, codec};
 use soma_wire::convert::{Availability, ConvertError};
@@ -12,6 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::actor::GrpcAdapter;
+use super::answers::AnswerCache;
 use super::budget::{ByteBudget, Connection, Reservation};
 use super::core::Limits;
 use super::deadline::{FetchSlot, Held, SendGuard, SendStats};
@@ -34,6 +36,7 @@ pub type RpcCounts = Arc<dashmap::DashMap<(&'static str, tonic::Code), u64>>;
 pub struct P2pService {
     deps: Arc<ServiceDeps>,
     budget: Arc<ByteBudget>,
+    answers: Arc<AnswerCache>,
 }
 
 /// What a [`P2pService`] is made from.
@@ -65,6 +68,7 @@ impl P2pService {
     pub fn new(deps: ServiceDeps) -> Self {
         P2pService {
             budget: ByteBudget::new(deps.limits.max_buffered_bytes_per_connection),
+            answers: Arc::new(AnswerCache::new(deps.limits.answer_cache_bytes)),
             deps: Arc::new(deps),
         }
     }
@@ -270,11 +274,23 @@ impl P2pService {
         // Held by the read, so a cancelled call frees its slot only once
         // the read is done; then by the response until it is sent.
         let slot = FetchSlot::new(admission.permit, &self.deps.stats);
-        let (response, slot) = self
-            .blocking(move |store| {
-                serve::fetch_commits(store, start, end, &limits, &data_limits).map(|r| (r, slot))
-            })
-            .await?;
+        // Observed before reading: an answer read now is kept for this
+        // version only (see `answers`).
+        let version = self.deps.store.version();
+        let (response, slot) = match self.answers.get(version, start, end) {
+            Some(kept) => (kept, slot),
+            None => {
+                let (response, slot) = self
+                    .blocking(move |store| {
+                        serve::fetch_commits(store, start, end, &limits, &data_limits)
+                            .map(|r| (r, slot))
+                    })
+                    .await?;
+                let size = response.encoded_len();
+                self.answers.insert(version, start, end, &response, size);
+                (response, slot)
+            }
+        };
         reservation.settle(estimate, serve::encoded_message_len(&response));
         Ok(guarded(
             Response::new(response),

@@ -127,6 +127,9 @@ struct Peer {
     /// When it connected or last reported a height: the stalest peer is
     /// the one forgotten when the table is full.
     heard: Time,
+    /// Fetches it serves us at once, learned from its refusals (`None`:
+    /// `max_fetches_per_peer`); see [`Transfer::Busy`].
+    slots: Option<usize>,
 }
 
 impl Peer {
@@ -139,6 +142,7 @@ impl Peer {
             failures: 0,
             faults: 0,
             heard: now,
+            slots: None,
         }
     }
 
@@ -317,8 +321,17 @@ impl PeerHeightsCore {
         if ranked.is_empty() {
             return Err(AcquireError::NoPeer);
         }
+        Ok(ranked.into_iter().find(|p| self.leased(p) < self.slots(p)))
+    }
+
+    /// Fetches `peer` may be leased at once: `max_fetches_per_peer`, or
+    /// fewer once it refused some as busy.
+    fn slots(&self, peer: &PeerId) -> usize {
         let max = self.config.max_fetches_per_peer.max(1);
-        Ok(ranked.into_iter().find(|p| self.leased(p) < max))
+        self.peers
+            .get(peer)
+            .and_then(|p| p.slots)
+            .map_or(max, |s| s.clamp(1, max))
     }
 
     fn grant(&mut self, request: &Acquire, peer: PeerId) -> Output {
@@ -393,6 +406,16 @@ impl PeerHeightsCore {
             return vec![];
         };
         let kind = match r.transfer {
+            Transfer::Busy => {
+                // It was serving the fetches still leased to it; it ranks
+                // lower until it answers again, but holds no fault.
+                let serving = self.leased(&lease.peer).max(1);
+                if let Some(p) = self.peers.get_mut(&lease.peer) {
+                    p.slots = Some(serving);
+                    p.failures = (p.failures + 1).min(MAX_FAILURES);
+                }
+                return vec![];
+            }
             Transfer::Timeout => OutcomeKind::Timeout,
             Transfer::Error => OutcomeKind::Error,
             Transfer::NotFound => OutcomeKind::NotFound {
@@ -493,6 +516,9 @@ impl PeerHeightsCore {
                         None => sample,
                     });
                     p.failures /= 2;
+                    // Probe for the slot it refused, one answer at a time.
+                    let max = self.config.max_fetches_per_peer.max(1);
+                    p.slots = p.slots.map(|s| s + 1).filter(|s| *s < max);
                     false
                 }
                 // Asked below its lowest, it pruned since its claim: no fault.
@@ -1170,6 +1196,39 @@ mod tests {
             vec![(2, 2, 1)]
         );
         assert_eq!(acquire(&mut c, 5, 3, &[]), vec![]);
+    }
+
+    #[test]
+    fn a_peer_that_refuses_as_busy_gets_the_slots_it_served_then_earns_them_back() {
+        let mut c = slots(4, 8);
+        join(&mut c, 1, OURS, 1, 100);
+        for request in 0..4 {
+            assert_eq!(granted(&acquire(&mut c, 0, request, &[])).len(), 1);
+        }
+        // It serves 2 at once: the 4th is refused while 3 are leased, then
+        // the 3rd while 2 are.
+        assert_eq!(release(&mut c, 1, 3, Transfer::Busy), vec![]);
+        assert_eq!(release(&mut c, 1, 2, Transfer::Busy), vec![]);
+        // 2 leased, 2 slots: a new request waits, it is not sent.
+        assert_eq!(acquire(&mut c, 2, 4, &[]), vec![]);
+        // A slot freed goes to the waiting request, and no more.
+        assert_eq!(
+            granted(&release(&mut c, 3, 0, Transfer::Received)),
+            vec![(4, 4, 1)]
+        );
+        assert_eq!(acquire(&mut c, 3, 5, &[]), vec![]);
+        // A verified answer earns one slot back: the waiting request goes
+        // at once, and the next waits again (3 leased, 3 slots).
+        let out = outcome(&mut c, Time(4), 1, OutcomeKind::Success, 1_000, 10);
+        assert_eq!(granted(&out), vec![(5, 5, 1)]);
+        assert_eq!(acquire(&mut c, 4, 6, &[]), vec![]);
+        // Answers up to the configured 4 slots, never past them.
+        let out = outcome(&mut c, Time(5), 1, OutcomeKind::Success, 1_000, 10);
+        assert_eq!(granted(&out), vec![(6, 6, 1)]);
+        outcome(&mut c, Time(6), 1, OutcomeKind::Success, 1_000, 10);
+        assert_eq!(acquire(&mut c, 6, 7, &[]), vec![], "4 leased, 4 slots");
+        // Busy is load, not a fault.
+        assert_eq!(c.peers[&peer(1)].faults, 0);
     }
 
     #[test]

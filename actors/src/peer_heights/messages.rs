@@ -130,6 +130,11 @@ pub enum Transfer {
     Timeout,
     /// The request failed (transport error, error status).
     Error,
+    /// It refused for now (RESOURCE_EXHAUSTED): it serves fewer fetches
+    /// from us at once than we sent. Not a fault: its slots for us shrink
+    /// to the fetches it was serving, and each verified answer from it
+    /// grows them back by one, up to `max_fetches_per_peer`.
+    Busy,
     /// It answered NOT_FOUND: judged against its claim for the lease's range.
     NotFound,
     /// The fetch ended on our side (cancelled, failed locally): nothing to

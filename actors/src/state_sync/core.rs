@@ -242,8 +242,13 @@ impl Supervision {
                 self.avoid.clear();
                 return;
             }
-            // Our own side failed, or the peer left before it was asked:
+            // Our own side failed, the peer left before it was asked, or
+            // it refused for now (busy: PeerHeights lowers its slots):
             // retry after a pause, holding nothing against the peer.
+            busy if busy.is_busy() => {
+                self.retry_at = Time(now.0 + config.restart_backoff_ms);
+                return;
+            }
             Failure::Local(_) | Failure::Disconnected => {
                 self.retry_at = Time(now.0 + config.restart_backoff_ms);
                 return;
@@ -1822,6 +1827,30 @@ mod tests {
         now += 10_000;
         let out = commits_failed(&mut c, now, t, LIAR, Failure::Timeout);
         assert_eq!(avoided(&out), Some(vec![LIAR]));
+    }
+
+    #[test]
+    fn a_busy_peer_is_asked_again_after_a_pause_and_never_avoided() {
+        let busy = Failure::Status {
+            code: tonic::Code::ResourceExhausted as i32,
+        };
+        assert!(busy.is_busy());
+        assert!(!Failure::Status { code: 14 }.is_busy());
+        let backoff = config().restart_backoff_ms;
+        let mut c = core(config());
+        let mut now = 0;
+        let (mut t, _, _) = commit_fetch(&tick(&mut c, now, 10)).unwrap();
+        // Far past the restart intensity limit, all within one window.
+        for _ in 0..10 {
+            now += 10;
+            commits_failed(&mut c, now, t, LIAR, busy.clone());
+            // Not before the pause.
+            assert_eq!(commit_fetch(&tick(&mut c, now + backoff - 1, 10)), None);
+            now += backoff;
+            let out = tick(&mut c, now, 10);
+            assert_eq!(avoided(&out), Some(vec![]));
+            t = commit_fetch(&out).unwrap().0;
+        }
     }
 
     #[test]

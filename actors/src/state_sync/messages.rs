@@ -99,6 +99,14 @@ pub enum Failure {
 }
 
 impl Failure {
+    /// Whether the peer refused for now (RESOURCE_EXHAUSTED): it serves
+    /// fewer fetches from us at once than we sent, or is loaded. Load, not
+    /// a fault: the work is retried after a pause and the peer is not
+    /// avoided for it (PeerHeights lowers its slots and its rank).
+    pub fn is_busy(&self) -> bool {
+        matches!(self, Failure::Status { code } if *code == tonic::Code::ResourceExhausted as i32)
+    }
+
     /// Whether the failure is the serving peer's doing.
     pub fn is_peer_fault(&self) -> bool {
         matches!(

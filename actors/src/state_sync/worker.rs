@@ -160,6 +160,7 @@ pub(super) struct Worker {
 fn transfer_of(failure: &Failure) -> Transfer {
     match failure {
         Failure::Timeout => Transfer::Timeout,
+        busy if busy.is_busy() => Transfer::Busy,
         Failure::Status { .. } | Failure::Transport => Transfer::Error,
         Failure::NotFound => Transfer::NotFound,
         // Cut on what it held: the core judges it (and reports a liar).

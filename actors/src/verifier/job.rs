@@ -150,7 +150,7 @@ fn verify_block_chunk(
     keys: &Arc<KeyCache>,
 ) -> Result<Vec<VerifiedBlock>, VerifyError> {
     let blocks = decode_all(chunk, |b| {
-        UnverifiedBlock::decode(b, limits.max_block_bytes)
+        UnverifiedBlock::decode_for(b, limits.max_block_bytes, check_signatures)
     })?;
     let signatures = blocks
         .iter()

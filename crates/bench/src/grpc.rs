@@ -106,6 +106,42 @@ async fn fetch(mut c: P2pClient<Channel>) -> usize {
     bytes
 }
 
+/// The references of the blocks of commits `start..start + 100` of the
+/// 1,000-commit chain, for each of its ten batches.
+fn block_refs(chain: &soma_chain::Chain) -> Arc<Vec<Vec<proto::BlockRef>>> {
+    Arc::new(
+        (1..=1_000)
+            .step_by(100)
+            .map(|start| {
+                (start..start + 100)
+                    .flat_map(|i| chain.blocks_of(i))
+                    .map(|b| b.reference().into())
+                    .collect()
+            })
+            .collect(),
+    )
+}
+
+/// Ten FetchBlocks, each of the blocks of 100 commits (about 400, what a
+/// sync worker asks for one batch); returns the bytes received.
+async fn fetch_blocks(mut c: P2pClient<Channel>, refs: Arc<Vec<Vec<proto::BlockRef>>>) -> usize {
+    let mut bytes = 0;
+    for refs in refs.iter() {
+        let mut stream = c
+            .fetch_blocks(proto::FetchBlocksRequest { refs: refs.clone() })
+            .await
+            .expect("blocks served")
+            .into_inner();
+        let mut blocks = 0;
+        while let Some(chunk) = stream.message().await.expect("a chunk") {
+            blocks += chunk.blocks.len();
+            bytes += chunk.blocks.iter().map(|b| b.len()).sum::<usize>();
+        }
+        assert_eq!(blocks, refs.len(), "every block asked for is served");
+    }
+    bytes
+}
+
 /// Runs the benchmark.
 pub fn section(size: &Size) -> Section {
     let chain = crate::sync::chain(4, 1_000);
@@ -113,6 +149,14 @@ pub fn section(size: &Size) -> Section {
     chain.write_to(&store, 100).expect("the chain writes");
     // The node, with its own runtime, as a node embeds it.
     let node = soma_testkit::node(&chain, 1, P2pConfig::default(), Arc::new(store));
+    // The same node keeping no answers: every FetchCommits reads the store.
+    let uncached = {
+        let store = MemStore::new(chain.genesis());
+        chain.write_to(&store, 100).expect("the chain writes");
+        let mut config = P2pConfig::default();
+        config.grpc.answer_cache_bytes = 0;
+        soma_testkit::node(&chain, 3, config, Arc::new(store))
+    };
     // The bare service: its own runtime of the same size.
     let bare_rt = runtime(2);
     let (bare_address, bare_peer) = Bare::new(
@@ -130,7 +174,29 @@ pub fn section(size: &Size) -> Section {
     let through = clients.block_on(load(n, run, &node_address, node.peer_id(), availability));
     let bare_fetch = clients.block_on(load(per_peer, run, &bare_address, bare_peer, fetch));
     let node_fetch = clients.block_on(load(per_peer, run, &node_address, node.peer_id(), fetch));
+    let uncached_address = uncached.local_addr().to_string();
+    let uncached_fetch = clients.block_on(load(
+        per_peer,
+        run,
+        &uncached_address,
+        uncached.peer_id(),
+        fetch,
+    ));
+    let refs = block_refs(&chain);
+    let blocks = {
+        let refs = refs.clone();
+        move |c| fetch_blocks(c, refs.clone())
+    };
+    let bare_blocks = clients.block_on(load(
+        per_peer,
+        run,
+        &bare_address,
+        bare_peer,
+        blocks.clone(),
+    ));
+    let node_blocks = clients.block_on(load(per_peer, run, &node_address, node.peer_id(), blocks));
     clients.block_on(node.shutdown());
+    clients.block_on(uncached.shutdown());
 
     let mut s = Section::new(
         "grpc",
@@ -141,7 +207,11 @@ pub fn section(size: &Size) -> Section {
              127.0.0.1, each on its own 2-worker runtime; clients on a third. GetCommitAvailability: \
              {n} clients, each on its own connection, call in a loop for {:.1} s. FetchCommits: \
              one peer with {per_peer} connections (its per-peer allowance) fetching batches of \
-             100 commits with their certificate. Server and clients share the {} cores.",
+             100 commits with their certificate, ten per request; the node keeps answers in memory \
+             while its store is unchanged (`answer-cache-bytes`), and the row with the cache off \
+             reads every answer from the store. FetchBlocks: the same peer fetching the blocks of \
+             100 commits (about 400 blocks, 1.6 KB each) per call, ten per request. Server and \
+             clients share the {} cores.",
             run.as_secs_f64(),
             crate::cores()
         ),
@@ -171,6 +241,24 @@ pub fn section(size: &Size) -> Section {
             true,
         ),
         ("FetchCommits ×10, the node", &node_fetch, &bare_fetch, true),
+        (
+            "FetchCommits ×10, the node, answer cache off",
+            &uncached_fetch,
+            &bare_fetch,
+            true,
+        ),
+        (
+            "FetchBlocks ×10, plain handler",
+            &bare_blocks,
+            &bare_blocks,
+            true,
+        ),
+        (
+            "FetchBlocks ×10, the node",
+            &node_blocks,
+            &bare_blocks,
+            true,
+        ),
     ] {
         s.row(
             label,

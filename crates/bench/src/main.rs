@@ -9,6 +9,7 @@
 
 mod adversarial;
 mod bare;
+mod cores;
 mod discovery;
 mod grpc;
 mod latency;
@@ -30,8 +31,9 @@ use crate::machine::Machine;
 use crate::report::Report;
 
 /// The benchmarks, in the order they run.
-const SECTIONS: [&str; 10] = [
+const SECTIONS: [&str; 11] = [
     "sync",
+    "cores",
     "latency",
     "verifier",
     "grpc",
@@ -54,7 +56,7 @@ struct Cli {
     /// target/bench-quick/ unless --markdown/--json say otherwise.
     #[arg(long)]
     quick: bool,
-    /// Only these benchmarks, comma-separated (sync, latency, verifier,
+    /// Only these benchmarks, comma-separated (sync, cores, latency, verifier,
     /// grpc, discovery, memory, scaling, load, adversarial, attack); writes under target/bench-partial/
     /// unless --markdown/--json say otherwise.
     #[arg(long, value_delimiter = ',')]
@@ -106,6 +108,8 @@ enum Hidden {
 pub struct Size {
     /// Commits of the catch-up chain.
     pub sync_commits: u64,
+    /// Commits of the chain caught up on 1 core, then 2.
+    pub cores_commits: u64,
     /// Commits of the chain caught up through impaired links.
     pub latency_commits: u64,
     /// The reset period of the latency benchmark's row with resets.
@@ -153,6 +157,7 @@ impl Size {
     fn full() -> Self {
         Size {
             sync_commits: 20_000,
+            cores_commits: 10_000,
             latency_commits: 40_000,
             latency_reset_every: Duration::from_secs(10),
             scaling_commits: 5_000,
@@ -180,6 +185,7 @@ impl Size {
     fn quick() -> Self {
         Size {
             sync_commits: 300,
+            cores_commits: 100,
             latency_commits: 300,
             // Long enough for a redial and a fetch through a 100 ms link
             // between resets; shorter would reset every connection before
@@ -392,6 +398,7 @@ fn main() -> ExitCode {
         let t = Instant::now();
         let section = match key {
             "sync" => sync::catch_up_section(&size),
+            "cores" => cores::section(&size),
             "latency" => latency::section(&size),
             "verifier" => verifier::section(&size),
             "grpc" => grpc::section(&size),

@@ -207,9 +207,14 @@ async fn start_attack(kind: Kind, target: Target, chain: &Chain) -> Option<Attac
     }
 }
 
+/// How long an honest catch-up may take before the run is counted as
+/// stalled (about 20 times the slowest catch-up measured).
+const STALLED_AFTER: Duration = Duration::from_secs(60);
+
 /// One catch-up of `chain` from a fresh served node under `kind`: the
-/// time, the served node's peak RSS (KiB) and what the attack did.
-fn run(chain: &Arc<Chain>, kind: Kind, key: u8) -> (Duration, u64, Tally) {
+/// time (`None`: not at the tip after [`STALLED_AFTER`]), the served
+/// node's peak RSS (KiB) and what the attack did.
+fn run(chain: &Arc<Chain>, kind: Kind, key: u8) -> (Option<Duration>, u64, Tally) {
     let attack_rt = runtime(1);
     // The identity flood comes with a peer of fakes, a seed of the node.
     let fake_peer = matches!(kind, Kind::Identities).then(|| {
@@ -239,7 +244,12 @@ fn run(chain: &Arc<Chain>, kind: Kind, key: u8) -> (Duration, u64, Tally) {
             ..P2pConfig::default()
         };
         let node = soma_testkit::node(chain, key, config, Arc::new(MemStore::new(chain.genesis())));
-        let elapsed = soma_testkit::wait_synced(&node, chain.tip(), PATIENCE).await;
+        let synced = soma_testkit::wait_synced(&node, chain.tip(), PATIENCE);
+        let elapsed = tokio::time::timeout(STALLED_AFTER, synced).await.ok();
+        if elapsed.is_none() {
+            let status = node.sync_status().await;
+            eprintln!("  {kind:?}: stalled after {STALLED_AFTER:?}: {status:?}");
+        }
         node.shutdown().await;
         elapsed
     });
@@ -259,7 +269,8 @@ pub fn section(size: &Size) -> Section {
     let (commits, runs) = (size.attack_commits, size.attack_runs);
     let chain = Arc::new(chain(commits));
     let blocks = chain.block_count() as f64;
-    let mut results: Vec<Vec<(Duration, u64, Tally)>> = KINDS.iter().map(|_| Vec::new()).collect();
+    let mut results: Vec<Vec<(Option<Duration>, u64, Tally)>> =
+        KINDS.iter().map(|_| Vec::new()).collect();
     // Rounds of every setup in turn, so drift weighs on each alike.
     let mut key = 0u8;
     for _ in 0..runs {
@@ -279,9 +290,11 @@ pub fn section(size: &Size) -> Section {
              from this process, each attacking host bound to a 127/8 address of its own; it \
              starts first and holds what it aims at before an honest node in this process \
              catches the chain up from the served node alone. Median of {runs} run(s), a fresh \
-             served node each. `of unattacked`: the honest throughput over the unattacked \
-             one's (aim: at least 0.5).",
-            SEND_TIMEOUT.as_secs()
+             served node each; a catch-up not at the tip after {}s is counted as stalled and \
+             left out of the medians. `of unattacked`: the honest throughput over the \
+             unattacked one's (aim: at least 0.5).",
+            SEND_TIMEOUT.as_secs(),
+            STALLED_AFTER.as_secs()
         ),
         &[
             "attack",
@@ -292,19 +305,30 @@ pub fn section(size: &Size) -> Section {
             "attack calls / connections",
             "refused",
             "cut",
+            "stalled runs",
         ],
     );
-    let reference = median(&mut results[0].iter().map(|r| r.0).collect::<Vec<_>>());
+    let completed = |results: &[(Option<Duration>, u64, Tally)]| -> Vec<Duration> {
+        results.iter().filter_map(|r| r.0).collect()
+    };
+    let median_of = |mut times: Vec<Duration>| (!times.is_empty()).then(|| median(&mut times));
+    let reference = median_of(completed(&results[0]));
     for ((kind, label), results) in KINDS.iter().zip(&results) {
-        let time = median(&mut results.iter().map(|r| r.0).collect::<Vec<_>>());
+        let time = median_of(completed(results));
         let peak = median(&mut results.iter().map(|r| r.1).collect::<Vec<_>>());
         let tally = results[results.len() / 2].2;
-        let mut cells = vec![
-            Cell::secs(time),
-            Cell::rate(blocks, time),
-            Cell::Ratio(reference.as_secs_f64() / time.as_secs_f64()),
-            Cell::num(peak as f64 / 1024.0, 1),
-        ];
+        let stalled = results.len() - completed(results).len();
+        let mut cells = match time {
+            Some(time) => vec![
+                Cell::secs(time),
+                Cell::rate(blocks, time),
+                reference.map_or(Cell::Empty, |r| {
+                    Cell::Ratio(r.as_secs_f64() / time.as_secs_f64())
+                }),
+            ],
+            None => vec![Cell::Empty, Cell::Empty, Cell::Empty],
+        };
+        cells.push(Cell::num(peak as f64 / 1024.0, 1));
         if matches!(kind, Kind::None) {
             cells.extend([Cell::Empty, Cell::Empty, Cell::Empty]);
         } else {
@@ -314,6 +338,7 @@ pub fn section(size: &Size) -> Section {
                 Cell::int(tally.cut as f64),
             ]);
         }
+        cells.push(Cell::text(format!("{stalled}/{}", results.len())));
         s.row(*label, cells);
     }
 

@@ -7,11 +7,13 @@ use std::process::Command;
 use serde_json::Value;
 
 /// Each benchmark and the rows it must produce.
-const EXPECTED: [(&str, usize); 10] = [
+const EXPECTED: [(&str, usize); 11] = [
     ("sync", 5),
+    // Replaced below by 2 per core count the machine allows (1, 2).
+    ("cores", 0),
     ("latency", 6),
     ("verifier", 5),
-    ("grpc", 4),
+    ("grpc", 7),
     ("discovery", 3),
     ("memory", 4),
     ("scaling", 6),
@@ -67,6 +69,10 @@ fn quick_run_produces_every_figure() {
         assert!(text.contains(title), "{key}'s table is in the Markdown");
         assert!(stdout.contains(title), "{key}'s table is printed");
         let got = section["rows"].as_array().unwrap();
+        let rows = match key {
+            "cores" => 2 * report["machine"]["cores"].as_u64().unwrap().min(2) as usize,
+            _ => rows,
+        };
         assert_eq!(got.len(), rows, "{key} rows: {got:?}");
         for row in got {
             let values = row["values"].as_object().unwrap();
@@ -97,6 +103,15 @@ fn quick_run_produces_every_figure() {
     }
     assert!(ratio("verifier", 3, "of raw") > 0.0);
     assert!(ratio("grpc", 1, "of plain") > 0.0);
+    for row in [2, 4, 5, 6] {
+        assert!(ratio("grpc", row, "of plain") > 0.0);
+    }
+    assert!(ratio("cores", 0, "CPU ms per 1,000 commits") > 0.0);
+    let notes = sections["cores"]["notes"].to_string();
+    assert!(
+        notes.contains("Projected ceiling with signatures off"),
+        "{notes}"
+    );
     assert!(ratio("memory", 1, "of the short chain's peak") > 0.0);
     assert!(ratio("scaling", 5, "of crypto limit") > 0.0);
     assert!(ratio("load", 1, "of idle") > 0.0);
@@ -132,5 +147,8 @@ fn an_unknown_benchmark_is_refused_with_the_choices() {
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("`warp`"), "{stderr}");
-    assert!(stderr.contains("sync, latency, verifier"), "{stderr}");
+    assert!(
+        stderr.contains("sync, cores, latency, verifier"),
+        "{stderr}"
+    );
 }

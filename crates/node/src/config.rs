@@ -237,6 +237,9 @@ pub struct P2pSection {
     pub send_timeout: Duration,
     /// Bytes of answers built but not yet sent, per inbound connection.
     pub max_buffered_bytes_per_connection: usize,
+    /// Bytes of FetchCommits answers kept to answer the same request
+    /// again while the store is unchanged; 0 keeps none.
+    pub answer_cache_bytes: usize,
     /// FetchCommits and FetchBlocks served at once, in all.
     pub max_concurrent_fetches: usize,
     /// An answer that sent nothing for this long gives its slot to a new
@@ -317,6 +320,7 @@ impl Default for P2pSection {
             inbound_idle_timeout: p.grpc.inbound_idle_timeout,
             send_timeout: p.grpc.send_timeout,
             max_buffered_bytes_per_connection: p.grpc.max_buffered_bytes_per_connection,
+            answer_cache_bytes: p.grpc.answer_cache_bytes,
             max_concurrent_fetches: p.grpc.max_concurrent_fetches,
             fetch_stall_timeout: p.grpc.fetch_stall_timeout,
             max_concurrent_fetches_per_peer: p.grpc.max_concurrent_fetches_per_peer,
@@ -722,6 +726,13 @@ impl NodeConfig {
             4 << 30,
             "between 1048576 and 4294967296",
         )?;
+        count(
+            "p2p.answer-cache-bytes",
+            p.answer_cache_bytes,
+            0,
+            4 << 30,
+            "between 0 (none kept) and 4294967296",
+        )?;
         range(
             "p2p.max-concurrent-fetches",
             "between 1 and 65536",
@@ -877,6 +888,7 @@ impl NodeConfig {
         c.grpc.inbound_idle_timeout = p.inbound_idle_timeout;
         c.grpc.send_timeout = p.send_timeout;
         c.grpc.max_buffered_bytes_per_connection = p.max_buffered_bytes_per_connection;
+        c.grpc.answer_cache_bytes = p.answer_cache_bytes;
         c.grpc.max_concurrent_fetches = p.max_concurrent_fetches;
         c.grpc.fetch_stall_timeout = p.fetch_stall_timeout;
         c.grpc.max_concurrent_fetches_per_peer = p.max_concurrent_fetches_per_peer;
@@ -1083,6 +1095,10 @@ inbound-idle-timeout = "{idle}"
 # for earlier ones to be sent).
 send-timeout = "{send_timeout}"
 max-buffered-bytes-per-connection = {buffered}
+# FetchCommits answers kept in memory, in bytes, to answer the same request
+# again (syncing peers ask for the same batches) while the store is
+# unchanged; 0 keeps none.
+answer-cache-bytes = {answer_cache}
 # Fetches (FetchCommits, FetchBlocks) served at once, in all and to one
 # caller; past them a fetch gets RESOURCE_EXHAUSTED. Each holds a slot until
 # its answer is sent or cut at send-timeout.
@@ -1148,6 +1164,7 @@ max-connection-age-grace = "{grace}"
         idle = humantime_serde::re::humantime::format_duration(p.inbound_idle_timeout),
         send_timeout = humantime_serde::re::humantime::format_duration(p.send_timeout),
         buffered = p.max_buffered_bytes_per_connection,
+        answer_cache = p.answer_cache_bytes,
         fetches = p.max_concurrent_fetches,
         fetches_per_peer = p.max_concurrent_fetches_per_peer,
         stall = humantime_serde::re::humantime::format_duration(p.fetch_stall_timeout),
@@ -1193,6 +1210,7 @@ mod tests {
         assert_eq!(inbound, soma_wire::inbound::Config::default());
         assert_eq!(config.p2p.send_timeout, Duration::from_secs(10));
         assert_eq!(config.p2p.max_buffered_bytes_per_connection, 16 << 20);
+        assert_eq!(config.p2p.answer_cache_bytes, 16 << 20);
         assert_eq!(config.p2p.max_connection_age, Duration::from_secs(1_800));
         let grpc = config.p2p_config().grpc;
         assert_eq!(grpc.send_timeout, Duration::from_secs(10));

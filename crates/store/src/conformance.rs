@@ -358,6 +358,7 @@ pub fn run_all<S: ConsensusStore>(new_store: impl Fn(&Committee) -> S) {
     prune_below_deletes_commits_blocks_and_certificates(&new_store);
     prune_below_clamps_at_watermark(&new_store);
     prune_below_never_lowers_lowest(&new_store);
+    version_rises_with_every_write(&new_store);
 }
 
 /// A fresh store holds the genesis commit as watermark, nothing to serve,
@@ -661,6 +662,34 @@ pub fn blocks_keep_order_and_mark_unknown<S: ConsensusStore>(new_store: impl Fn(
     );
     assert!(store.blocks(&[]).unwrap().is_empty());
     assert!(store.block(&unknown).unwrap().is_none());
+}
+
+/// The version rises with every write that changes the store (a batch, a
+/// certificate, pruning) and stays put across reads.
+pub fn version_rises_with_every_write<S: ConsensusStore>(new_store: impl Fn(&Committee) -> S) {
+    let chain = TestChain::new(6, None);
+    let store = new_store(chain.genesis());
+    let mut seen = store.version();
+    let mut rose = |store: &S, what: &str| {
+        let now = store.version();
+        assert!(now > seen, "{what}: version {now}, {seen} before");
+        seen = now;
+    };
+    store.write_synced_batch(chain.batch(1..=3)).unwrap();
+    rose(&store, "a batch");
+    store.write_synced_batch(chain.batch(4..=6)).unwrap();
+    rose(&store, "a second batch");
+    store
+        .insert_certificate(5, chain.certificate(5).to_vec())
+        .unwrap();
+    rose(&store, "a certificate");
+    store.prune_below(3).unwrap();
+    rose(&store, "pruning");
+    let before = store.version();
+    store.commits_in_range(1..=6, usize::MAX).unwrap();
+    store.certificate(6).unwrap();
+    store.highest_synced_commit().unwrap();
+    assert_eq!(store.version(), before, "reads do not move the version");
 }
 
 /// `highest_certified_in` finds the highest certified commit in a range.

@@ -57,6 +57,13 @@ pub struct SyncedBatch {
 /// Implementations are shared between threads (`Send + Sync`) and each
 /// method is one consistent read or one atomic write.
 pub trait ConsensusStore: Send + Sync + 'static {
+    /// A number raised by every write (after it is visible to reads), never
+    /// lowered while the store is open. An answer computed from reads begun
+    /// after observing version `v` is still what the same reads would give
+    /// as long as the version is `v`: caches of answers key on it. Starts
+    /// at 0 when the store is opened.
+    fn version(&self) -> u64;
+
     /// The highest commit stored with all its blocks: the sync watermark.
     /// On a fresh store, the genesis commit (index 0).
     fn highest_synced_commit(&self) -> Result<CommitRef>;

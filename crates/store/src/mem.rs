@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::RangeInclusive;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use soma_types::{
@@ -19,6 +20,9 @@ use crate::{ConsensusStore, Error, FIRST_COMMIT, Result, SyncedBatch};
 #[derive(Debug)]
 pub struct MemStore {
     state: RwLock<State>,
+    /// See [`ConsensusStore::version`]: raised by every write, under the
+    /// write lock.
+    version: AtomicU64,
 }
 
 /// What holds a block in the store; a block is deleted by pruning when its
@@ -122,6 +126,7 @@ impl MemStore {
         };
         MemStore {
             state: RwLock::new(state),
+            version: AtomicU64::new(0),
         }
     }
 
@@ -133,14 +138,24 @@ impl MemStore {
             .map_err(|_| Error::Database("memory store lock poisoned".into()))
     }
 
+    /// The state to change. Raises the version while holding the lock, so
+    /// a read that saw the old version either ran before the change or sees
+    /// a newer version afterwards.
     fn write(&self) -> Result<RwLockWriteGuard<'_, State>> {
-        self.state
+        let state = self
+            .state
             .write()
-            .map_err(|_| Error::Database("memory store lock poisoned".into()))
+            .map_err(|_| Error::Database("memory store lock poisoned".into()))?;
+        self.version.fetch_add(1, Ordering::AcqRel);
+        Ok(state)
     }
 }
 
 impl ConsensusStore for MemStore {
+    fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
     fn highest_synced_commit(&self) -> Result<CommitRef> {
         Ok(self.read()?.watermark)
     }

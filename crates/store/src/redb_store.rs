@@ -21,6 +21,7 @@
 use std::fmt::Display;
 use std::ops::RangeInclusive;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use redb::{
@@ -67,6 +68,9 @@ const LOWEST: &str = "lowest-available";
 /// it was after its last completed write.
 pub struct RedbStore {
     db: Database,
+    /// See [`ConsensusStore::version`]: raised after every write
+    /// transaction's commit.
+    version: AtomicU64,
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -119,7 +123,10 @@ impl RedbStore {
             }
         }
         txn.commit().map_err(db_err)?;
-        let store = RedbStore { db };
+        let store = RedbStore {
+            db,
+            version: AtomicU64::new(0),
+        };
         // A corrupt meta table fails the open, not the first sync.
         let watermark = store.highest_synced_commit()?;
         let lowest = store.lowest_available_commit()?;
@@ -140,12 +147,20 @@ impl RedbStore {
             // On error the transaction is dropped, which aborts it.
             f(&mut tables)?
         };
-        txn.commit().map_err(db_err)?;
+        let committed = txn.commit().map_err(db_err);
+        // After the commit (or its failure, whose effect is unknown): a
+        // read that saw the old version may have read the old snapshot.
+        self.version.fetch_add(1, Ordering::AcqRel);
+        committed?;
         Ok(value)
     }
 }
 
 impl ConsensusStore for RedbStore {
+    fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
     fn highest_synced_commit(&self) -> Result<CommitRef> {
         self.read(|txn| read_watermark(&txn.open_table(META).map_err(db_err)?))
     }

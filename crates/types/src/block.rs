@@ -101,15 +101,27 @@ pub struct UnverifiedBlock {
 impl UnverifiedBlock {
     /// Decodes a signed block from untrusted bytes of at most `limit` bytes.
     pub fn decode(serialized: Bytes, limit: usize) -> Result<Self> {
+        Self::decode_for(serialized, limit, true)
+    }
+
+    /// [`UnverifiedBlock::decode`], hashing each transaction's signed part
+    /// now only if `signatures` are to be checked: a node that does not
+    /// check them (the block is proven by its digest) skips that work, and
+    /// a digest asked for later is computed then.
+    pub fn decode_for(serialized: Bytes, limit: usize, signatures: bool) -> Result<Self> {
         let signed: SignedBlock = codec::decode(&serialized, limit)?;
         let layout = Layout::of(&signed, &serialized)
             .ok_or_else(|| Error::Malformed("non-canonical block encoding".into()))?;
         let (signing_digest, digest) = digests(&serialized, layout.block_len);
-        let transaction_digests = layout
-            .transactions
-            .into_iter()
-            .map(|signed_part| Digest::of(&serialized[signed_part]))
-            .collect();
+        let transaction_digests = if signatures {
+            layout
+                .transactions
+                .into_iter()
+                .map(|signed_part| Digest::of(&serialized[signed_part]))
+                .collect()
+        } else {
+            Vec::new()
+        };
         Ok(UnverifiedBlock {
             transaction_digests,
             ..Self::assemble(signed, serialized, signing_digest, digest)

@@ -491,6 +491,28 @@ mod unverified {
             );
         }
 
+        /// Decoding without hashing the transactions now (signatures off)
+        /// gives the same block, digests included, as the full decode.
+        #[test]
+        fn decoding_for_unchecked_signatures_gives_the_same_block(signed in arb_signed_block()) {
+            let bytes = UnverifiedBlock::from_signed(signed.clone()).serialized().clone();
+            let full = UnverifiedBlock::decode(bytes.clone(), usize::MAX).unwrap();
+            let lazy = UnverifiedBlock::decode_for(bytes, usize::MAX, false).unwrap();
+            prop_assert_eq!(lazy.reference(), full.reference());
+            prop_assert_eq!(lazy.signed(), full.signed());
+            prop_assert_eq!(lazy.serialized(), full.serialized());
+            for i in 0..signed.block.transactions.len() {
+                prop_assert_eq!(
+                    lazy.transaction_signing_digest(i),
+                    full.transaction_signing_digest(i)
+                );
+                prop_assert_eq!(
+                    full.transaction_signing_digest(i),
+                    signed.block.transactions[i].signing_digest()
+                );
+            }
+        }
+
         #[test]
         fn decoded_commit_has_the_reference_of_the_commit(commit in arb_commit()) {
             let wrapped = UnverifiedCommit::from_commit(commit.clone());

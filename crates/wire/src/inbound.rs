@@ -46,7 +46,7 @@ use std::io::{self, IoSlice};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
@@ -595,6 +595,7 @@ impl ConnectionLimit {
         Ok(Admitted {
             stream,
             idle: Box::pin(tokio::time::sleep_until(deadline.into())),
+            caller: OnceLock::new(),
             slot: Slot {
                 id: admit.id,
                 limit: self.clone(),
@@ -673,12 +674,29 @@ pub struct Admitted {
     slot: Slot,
     /// Fires at the earliest time the connection may be idle too long.
     idle: Pin<Box<Sleep>>,
+    /// Who the handshake proved, once it did; every request on the
+    /// connection reads it from [`ConnInfo`] instead of parsing the
+    /// certificate again.
+    caller: OnceLock<Caller>,
+}
+
+/// What the handlers learn about the connection a request came on: the
+/// socket's addresses and the caller its handshake proved.
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    /// The socket's addresses.
+    pub tcp: TcpConnectInfo,
+    /// The caller, `None` before the handshake proved one.
+    pub caller: Option<Caller>,
 }
 
 impl Admitted {
     /// The handshake proved `caller`: keeps the slot or says why not.
     pub(crate) fn identify(&self, caller: Caller) -> Result<(), Refusal> {
-        self.slot.limit.identify(self.slot.id, caller)
+        self.slot.limit.identify(self.slot.id, caller)?;
+        // Set once, by the one handshake of this connection.
+        self.caller.get_or_init(|| caller);
+        Ok(())
     }
 
     fn touch(&self) {
@@ -735,10 +753,13 @@ impl Admitted {
 }
 
 impl Connected for Admitted {
-    type ConnectInfo = TcpConnectInfo;
+    type ConnectInfo = ConnInfo;
 
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.stream.connect_info()
+    fn connect_info(&self) -> ConnInfo {
+        ConnInfo {
+            tcp: self.stream.connect_info(),
+            caller: self.caller.get().copied(),
+        }
     }
 }
 

@@ -60,13 +60,13 @@ use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherEr
 use rustls::{SignatureScheme, client::Resumption, server::NoServerSessionStorage};
 use soma_types::{Access, Digest, Domain, KeyPair, PeerId, PublicKey, Signature};
 use tokio::net::TcpListener;
-use tonic::transport::server::{TcpConnectInfo, TcpIncoming};
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Endpoint};
 use tonic_tls::rustls::{SslConnectInfo, TlsStream};
 use x509_parser::oid_registry::Oid;
 use x509_parser::prelude::{FromDer, ParsedExtension, X509Certificate};
 
-use crate::inbound::{Admission, Admitted, ConnectionLimit, Refusal};
+use crate::inbound::{Admission, Admitted, ConnInfo, ConnectionLimit, Refusal};
 
 /// The OID of the identity binding extension, as rcgen takes it.
 pub const BINDING_OID: &[u64] = &[1, 3, 6, 1, 4, 1, 53594, 1, 1];
@@ -492,16 +492,16 @@ pub async fn connect(
 /// The caller of a request served over [`incoming`]: `Peer(id)` if it
 /// presented a certificate, else `Anonymous`.
 ///
-/// The handshake already verified the certificate, so this only reads the
-/// bound key back from it: it must only see requests served over
-/// [`incoming`], whose verifier admitted the certificates the connection
-/// carries. A request without TLS connection info is anonymous.
+/// The handshake verified the certificate and recorded the caller it
+/// proves with the connection (`incoming` yields a connection only after
+/// that), so this reads it back without parsing anything per request. A
+/// request without that connection info is anonymous.
 pub fn caller<T>(request: &tonic::Request<T>) -> Caller {
-    let certs = request
+    request
         .extensions()
-        .get::<SslConnectInfo<TcpConnectInfo>>()
-        .and_then(SslConnectInfo::peer_certs);
-    caller_of(certs.as_deref().map(Vec::as_slice))
+        .get::<SslConnectInfo<ConnInfo>>()
+        .and_then(|info| info.get_ref().caller)
+        .unwrap_or(Caller::Anonymous)
 }
 
 /// The caller whose handshake, already verified, presented `certs`.
@@ -520,8 +520,8 @@ fn caller_of(certs: Option<&[CertificateDer<'_>]>) -> Caller {
 pub fn remote_addr<T>(request: &tonic::Request<T>) -> Option<std::net::SocketAddr> {
     request
         .extensions()
-        .get::<SslConnectInfo<TcpConnectInfo>>()
-        .and_then(|info| info.get_ref().remote_addr())
+        .get::<SslConnectInfo<ConnInfo>>()
+        .and_then(|info| info.get_ref().tcp.remote_addr())
 }
 
 /// Checks a peer's certificate (see the module docs) and returns the id it
