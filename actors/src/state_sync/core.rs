@@ -806,6 +806,27 @@ impl StateSyncCore {
         alone || self.fits(reserve, self.config.max_total_fetched_bytes)
     }
 
+    /// Whether the commit fetch of the batch starting at `start`, reserving
+    /// `reserve`, fits within the budget left to later work. When that
+    /// batch is the next to apply (no fetched batch before it), nothing but
+    /// it frees memory, and the fetches ahead of it wait for it: they must
+    /// not hold its room (one refused as busy, retried after a pause, may
+    /// find every byte taken by fetches ahead sent meanwhile). So the
+    /// fetches furthest ahead are forgotten until it fits: an answer in is
+    /// dropped at once; one on the way keeps its bytes until it arrives,
+    /// and the fetch goes out then.
+    fn commit_room(&mut self, start: CommitIndex, reserve: u64, out: &mut Vec<Output>) -> bool {
+        let limit = self.limit_for_later();
+        if start == self.synced.index + 1 {
+            while !self.fits(reserve, limit)
+                && let Some((&last, _)) = self.prefetches.last_key_value()
+            {
+                self.forget_prefetches(|s| s == last, out);
+            }
+        }
+        self.fits(reserve, limit)
+    }
+
     /// Frees memory for the batch next in line by dropping the fetched
     /// batch furthest ahead (and the commit fetch after it): they are
     /// fetched again later. Returns whether a batch was dropped.
@@ -1042,7 +1063,7 @@ impl StateSyncCore {
                     self.prefetches.remove(&start);
                     self.send_commit_fetch(start, end, reserved, Some(fetched), out);
                 }
-                None if self.fits(reserve, self.limit_for_later()) => {
+                None if self.commit_room(start, reserve, out) => {
                     self.send_commit_fetch(start, end, reserve, None, out);
                 }
                 None => {}
@@ -1490,6 +1511,92 @@ mod tests {
         assert_eq!(checks_ahead(&out), None);
         // Nothing goes ahead until the pause after the failure is over.
         assert!(fetches_ahead(&out).is_empty());
+    }
+
+    /// The stall of a catch-up from one peer that refuses some fetches as
+    /// busy: the fetch ahead of the batch next in line and then its own
+    /// fetch are refused, and while it waits to retry, fetches ahead of it
+    /// take the whole budget. Their answers wait for it, and it waited for
+    /// their room: nothing moved again. The batch next in line gets room
+    /// by forgetting the fetches furthest ahead, as its blocks do by
+    /// dropping the batches furthest ahead.
+    #[test]
+    fn fetches_ahead_never_starve_the_commit_fetch_of_the_batch_next_in_line() {
+        const ANSWER: u64 = 10 << 20;
+        let busy = || Failure::Status {
+            code: tonic::Code::ResourceExhausted as i32,
+        };
+        let mut config = ahead_config(3);
+        // Room for three answers besides the one block fetch kept back for
+        // the batch next in line, no more.
+        let headroom = config.block_reserve(config.block_fetch_bytes(config.max_blocks_per_fetch));
+        config.max_total_fetched_bytes = 3 * ANSWER + headroom;
+        let budget = config.max_total_fetched_bytes;
+        let mut c = StateSyncCore::new(Init {
+            config,
+            synced: r(0),
+            epoch: 0,
+            commit_answer_bytes: ANSWER,
+            first_task: 0,
+            executed: None,
+        });
+        let starts = |out: &[Output]| fetches_ahead(out).iter().map(|f| f.1).collect::<Vec<_>>();
+        // Two batches go through, the second fetched ahead; the depth grows
+        // to three meanwhile.
+        let mut ahead: BTreeMap<u64, TaskId> = BTreeMap::new();
+        let mut sent = |out: &[Output]| ahead.extend(fetches_ahead(out).iter().map(|f| (f.1, f.0)));
+        let out = tick(&mut c, 0, 1_000);
+        sent(&out);
+        let (head, 1, 10) = commit_fetch(&out).unwrap() else {
+            panic!("{out:?}")
+        };
+        let out = commits_ok(&mut c, 0, head, 1, 10, 0);
+        sent(&out);
+        assert!(out.contains(&Output::Apply { start: 1 }));
+        applied(&mut c, 1, 10);
+        let out = ahead_done(&mut c, 0, 1, Ok(500));
+        sent(&out);
+        let (second, 11, 20) = commit_fetch(&out).unwrap() else {
+            panic!("{out:?}")
+        };
+        let out = commits_ok(&mut c, 0, second, 11, 20, 0);
+        sent(&out);
+        assert_eq!(c.commit_fetches_ahead(), 3);
+        applied(&mut c, 11, 20);
+        assert_eq!(ahead[&11], 1);
+        assert_eq!(
+            ahead.keys().copied().collect::<Vec<_>>(),
+            vec![11, 21, 31, 41]
+        );
+        // The peer refuses the fetch ahead of 21..=30, then the fetch in
+        // its turn.
+        let out = ahead_done(&mut c, 0, ahead[&21], Err(busy()));
+        let (third, 21, 30) = commit_fetch(&out).unwrap() else {
+            panic!("{out:?}")
+        };
+        let out = commits_failed(&mut c, 10, third, HONEST, busy());
+        assert_eq!(commit_fetch(&out), None, "retried after a pause");
+        // Meanwhile the pause after the failed fetch ahead is over: one
+        // more goes ahead, and every answer ahead comes in.
+        let out = tick(&mut c, 50, 1_000);
+        assert_eq!(starts(&out), vec![51]);
+        let last = fetches_ahead(&out)[0].0;
+        for task in [ahead[&31], ahead[&41], last] {
+            assert_eq!(commit_fetch(&ahead_done(&mut c, 55, task, Ok(500))), None);
+        }
+        // Its turn again: the answer furthest ahead is dropped to make room.
+        let out = tick(&mut c, 60, 1_000);
+        assert_eq!(
+            commit_fetch(&out).map(|(_, s, e)| (s, e)),
+            Some((21, 30)),
+            "the batch next in line must be fetched: {out:?}"
+        );
+        assert!(out.contains(&Output::ForgetCommitsAhead { task: last }));
+        assert!(c.fetched_bytes() <= budget);
+        // And sync goes on from the answers kept.
+        let (fourth, _, _) = commit_fetch(&out).unwrap();
+        let out = commits_ok(&mut c, 60, fourth, 21, 30, 0);
+        assert_eq!(checks_ahead(&out), Some(ahead[&31]));
     }
 
     #[test]
