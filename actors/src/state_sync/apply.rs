@@ -17,6 +17,7 @@ use soma_types::verify::epoch_change;
 use soma_types::{
     BlockRef, CommitRef, CommittedSubDag, Committee, Epoch, TrustedCommit, VerifiedBlock,
 };
+use tokio::sync::broadcast;
 
 /// Why writing a batch failed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -158,4 +159,20 @@ pub(super) fn write(store: &dyn ConsensusStore, mut batch: Batch) -> Result<Appl
         next_committee,
         subdags,
     })
+}
+
+/// Hands the written sub-DAGs to subscribers in index order; returns the
+/// commits and blocks handed. No receiver is not an error, and a lagging
+/// one is told so by the channel.
+pub(super) fn publish(
+    subdags: Vec<CommittedSubDag>,
+    subscribers: &broadcast::Sender<CommittedSubDag>,
+) -> (u64, u64) {
+    let (mut commits, mut blocks) = (0, 0);
+    for subdag in subdags {
+        commits += 1;
+        blocks += subdag.blocks.len() as u64;
+        let _ = subscribers.send(subdag);
+    }
+    (commits, blocks)
 }

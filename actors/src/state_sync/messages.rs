@@ -362,6 +362,17 @@ pub struct SyncStatus {
     pub unavailable: Option<CommitIndex>,
 }
 
+impl SyncStatus {
+    /// Takes the core's view of where sync stands.
+    pub(super) fn follow(&mut self, core: &super::core::StateSyncCore) {
+        self.synced = core.synced().index;
+        self.highest_known = core.highest_known();
+        self.requested = core.requested();
+        self.paused_for_executor = core.paused_for_executor();
+        self.unavailable = core.unavailable();
+    }
+}
+
 /// Asks for [`SyncStatus`].
 #[derive(Message)]
 #[rtype(result = "SyncStatus")]

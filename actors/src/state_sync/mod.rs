@@ -30,13 +30,15 @@
 //! The folder: `core.rs` decides all of the above; `worker.rs` is one fetch
 //! (a fetch slot leased from PeerHeights, the call, the Verifier's check);
 //! `apply.rs` is the one write path of synced and local commits;
-//! `actor.rs` is the shell that runs them, made from `deps.rs`; `prune.rs`
+//! `actor.rs` is the shell that runs them, made from `deps.rs`, holding
+//! what was fetched in `fetched.rs`; `prune.rs`
 //! keeps the store within its retention.
 
 mod actor;
 mod apply;
 mod core;
 mod deps;
+mod fetched;
 mod messages;
 pub mod prune;
 mod worker;

@@ -13,9 +13,16 @@
 //! Pruning never removes a commit the registered executor has not taken,
 //! nor the watermark commit (the store refuses that).
 
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
 use serde::{Deserialize, Serialize};
 use soma_store::ConsensusStore;
 use soma_types::{CommitIndex, Epoch};
+use tokio::sync::watch;
+
+use crate::system::Execution;
 
 /// How much of the chain a node keeps.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -171,6 +178,131 @@ pub fn run<G>(
     })
 }
 
+/// When the shell may prune, without a clock of its own: one run at a
+/// time, and each target advertised with the time it was, so a run
+/// deletes only below a target advertised at least a grace ago.
+#[derive(Debug, Default)]
+pub(super) struct Schedule {
+    running: bool,
+    /// Targets advertised and not yet a grace old, oldest first (one a
+    /// rise at most, so at most a grace's worth of runs).
+    announced: VecDeque<(Instant, CommitIndex)>,
+    /// The highest target advertised at least a grace ago.
+    ripe: Option<CommitIndex>,
+}
+
+impl Schedule {
+    /// Starts a run at `now` unless one is under way: `Some` with the
+    /// index the run may delete below (`None` inside: nothing yet).
+    pub(super) fn start(&mut self, now: Instant, grace: Duration) -> Option<Option<CommitIndex>> {
+        if self.running {
+            return None;
+        }
+        while let Some(&(at, target)) = self.announced.front()
+            && now.saturating_duration_since(at) >= grace
+        {
+            self.ripe = self.ripe.max(Some(target));
+            self.announced.pop_front();
+        }
+        self.running = true;
+        Some(self.ripe)
+    }
+
+    /// A run ended at `now`: a target above every one advertised is
+    /// advertised from now. Returns the lowest commit to advertise.
+    pub(super) fn finished(&mut self, now: Instant, pruned: &Pruned) -> CommitIndex {
+        self.running = false;
+        let last = self.announced.back().map(|(_, t)| *t).max(self.ripe);
+        if let Some(target) = pruned.target.filter(|t| Some(*t) > last) {
+            self.announced.push_back((now, target));
+        }
+        pruned.target.unwrap_or(0).max(pruned.lowest)
+    }
+
+    /// A run failed: the next interval tries again.
+    pub(super) fn failed(&mut self) {
+        self.running = false;
+    }
+}
+
+/// The shell of pruning: runs on the blocking pool, one run at a time, as
+/// the [`Schedule`] allows. It outlives a restart of the actor, so a run
+/// under way still reports.
+pub(super) struct Pruner {
+    schedule: Schedule,
+    config: Config,
+    store: Arc<dyn ConsensusStore>,
+    execution: Execution,
+    /// The next commit the archive writer will archive, if the node
+    /// writes an archive: nothing from it on is pruned.
+    archived: Option<watch::Receiver<CommitIndex>>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Pruner {
+    pub(super) fn new(deps: &super::Deps) -> Self {
+        Pruner {
+            schedule: Schedule::default(),
+            config: deps.prune.clone(),
+            store: deps.store.clone(),
+            execution: deps.execution.clone(),
+            archived: deps.archived.clone(),
+            runtime: deps.runtime.clone(),
+        }
+    }
+
+    /// Starts a run towards the retention, with `epoch` the epoch of the
+    /// next commit, unless the node keeps everything or a run is under
+    /// way; `done` gets its result on the blocking pool. A panic in the run
+    /// is reported like a store error, so pruning goes on next time.
+    pub(super) fn start(
+        &mut self,
+        epoch: Epoch,
+        done: impl FnOnce(Result<Pruned, soma_store::Error>) + Send + 'static,
+    ) {
+        let grace = Duration::from_millis(self.config.grace_ms);
+        if self.config.retention == Retention::All {
+            return;
+        }
+        let Some(mut ripe) = self.schedule.start(Instant::now(), grace) else {
+            return;
+        };
+        if let Some(archived) = &self.archived {
+            ripe = ripe.map(|r| r.min(*archived.borrow()));
+        }
+        let (store, config) = (self.store.clone(), self.config.clone());
+        let execution = self.execution.clone();
+        self.runtime.spawn_blocking(move || {
+            let run = || run(store.as_ref(), &config, epoch, ripe, || execution.hold());
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).unwrap_or(
+                Err(soma_store::Error::Database("the prune run panicked".into())),
+            );
+            done(result);
+        });
+    }
+
+    /// A run ended: the lowest commit to advertise now, if it succeeded
+    /// (commits below it are deleted a grace later).
+    pub(super) fn finished(
+        &mut self,
+        result: &Result<Pruned, soma_store::Error>,
+    ) -> Option<CommitIndex> {
+        match result {
+            Ok(pruned) => {
+                if pruned.commits > 0 {
+                    tracing::debug!(lowest = pruned.lowest, pruned.commits, "store pruned");
+                }
+                Some(self.schedule.finished(Instant::now(), pruned))
+            }
+            Err(e) => {
+                self.schedule.failed();
+                tracing::warn!(%e, "pruning failed; tried again at the next interval");
+                None
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -301,5 +433,44 @@ mod tests {
                 target: None
             }
         );
+    }
+
+    #[test]
+    fn a_run_deletes_only_below_targets_advertised_a_grace_ago_one_run_at_a_time() {
+        let (t0, grace) = (Instant::now(), Duration::from_secs(30));
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let ran = |lowest, target| Pruned {
+            lowest,
+            commits: 0,
+            target,
+        };
+        let mut schedule = Schedule::default();
+        // Nothing advertised yet: the first run deletes nothing.
+        assert_eq!(schedule.start(at(0), grace), Some(None));
+        // One run at a time.
+        assert_eq!(schedule.start(at(1), grace), None);
+        // Its target is advertised at once.
+        assert_eq!(schedule.finished(at(1), &ran(1, Some(101))), 101);
+        // Not yet a grace old.
+        assert_eq!(schedule.start(at(30), grace), Some(None));
+        assert_eq!(schedule.finished(at(30), &ran(1, Some(151))), 151);
+        // 101 is a grace old at 31 s, 151 not until 60 s.
+        assert_eq!(schedule.start(at(31), grace), Some(Some(101)));
+        assert_eq!(schedule.finished(at(31), &ran(101, Some(151))), 151);
+        assert_eq!(schedule.start(at(59), grace), Some(Some(101)));
+        // A failed run advertises nothing and frees the schedule.
+        schedule.failed();
+        assert_eq!(schedule.start(at(60), grace), Some(Some(151)));
+        // A target no higher than one advertised is not queued again: the
+        // queue holds one entry a rise, however often runs end.
+        assert_eq!(schedule.finished(at(60), &ran(151, Some(201))), 201);
+        for t in 61..90 {
+            assert_eq!(schedule.start(at(t), grace), Some(Some(151)));
+            assert_eq!(schedule.finished(at(t), &ran(151, Some(201))), 201);
+        }
+        assert_eq!(schedule.announced.len(), 1);
+        assert_eq!(schedule.start(at(90), grace), Some(Some(201)));
+        // Nothing to go: the lowest stored is what is advertised.
+        assert_eq!(schedule.finished(at(101), &ran(201, None)), 201);
     }
 }

@@ -10,7 +10,7 @@
 //! first block whose digest was not asked for, or once it brings more
 //! bytes than the fetch may hold.
 
-use crate::dropped::{Droppable, try_send};
+use crate::dropped::{self, Droppable, try_send};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -23,11 +23,11 @@ use soma_types::verify::ExpectedBlocks;
 use soma_types::{BlockRef, CommitIndex, CommitRef, Epoch, PeerId, TrustedCommit, VerifiedBlock};
 use soma_wire::convert::Availability;
 use soma_wire::proto;
-use tokio::task::AbortHandle;
+use tokio::task::{AbortHandle, JoinSet};
 
 use super::apply::{Batch, Source};
 use super::core::Config;
-use super::messages::{CommitBatchInfo, CommitsWanted, Failure, LocalFailure};
+use super::messages::{CommitBatchInfo, CommitsWanted, Failure, LocalFailure, TaskId};
 use crate::Blob;
 use crate::archive::ArchiveReader;
 use crate::connections::{ActivePeers, Client, Connections, Outbound};
@@ -455,32 +455,6 @@ impl Worker {
     }
 }
 
-/// Runs a worker on `runtime` under its supervisor's watch: a panic
-/// becomes [`Failure::Panicked`] for the core to restart, and the outcome
-/// goes to `addr` as `done` makes it.
-pub(super) fn supervised<T, M, A>(
-    runtime: &tokio::runtime::Handle,
-    work: impl Future<Output = Outcome<T>> + Send + 'static,
-    addr: Addr<A>,
-    done: impl FnOnce(Outcome<T>) -> M + Send + 'static,
-) -> AbortHandle
-where
-    T: Send + 'static,
-    M: actix::Message<Result = ()> + Send + 'static,
-    A: actix::Handler<M>,
-    A::Context: actix::dev::ToEnvelope<A, M>,
-{
-    runtime
-        .spawn(async move {
-            let outcome = AssertUnwindSafe(work)
-                .catch_unwind()
-                .await
-                .unwrap_or((None, Err(Failure::Panicked)));
-            addr.do_send(done(outcome));
-        })
-        .abort_handle()
-}
-
 /// The calls StateSync makes besides fetches: availability queries,
 /// pushes of the new height, and reports of liars.
 #[derive(Clone)]
@@ -635,4 +609,94 @@ fn verify_failure(error: VerifyError) -> Failure {
 
 pub(super) fn to_usize(bytes: u64) -> usize {
     usize::try_from(bytes).unwrap_or(usize::MAX)
+}
+
+/// Every task StateSync runs on the runtime, aborted together on a
+/// restart and when the actor is dropped (a worker's fetch slot is
+/// released as it drops): sync workers by task, and rounds of calls to
+/// peers, each one task: height queries, at most `most_queries` rounds at
+/// once, and commit pushes, one round at a time, so peers that never
+/// answer a push cannot crowd out height queries. A round asked for while
+/// its set is full is dropped (counted): the next tick or write repeats it
+/// with newer data.
+pub(super) struct Tasks {
+    workers: HashMap<TaskId, AbortHandle>,
+    queries: JoinSet<()>,
+    pushes: JoinSet<()>,
+    most_queries: usize,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Tasks {
+    pub(super) fn new(most_queries: usize, runtime: tokio::runtime::Handle) -> Self {
+        Tasks {
+            workers: HashMap::new(),
+            queries: JoinSet::new(),
+            pushes: JoinSet::new(),
+            most_queries,
+            runtime,
+        }
+    }
+
+    /// Runs a worker under its supervisor's watch: a panic becomes
+    /// [`Failure::Panicked`] for the core to restart, and the outcome goes
+    /// to `addr` as `done` makes it.
+    pub(super) fn worker<T, M, A>(
+        &mut self,
+        task: TaskId,
+        work: impl Future<Output = Outcome<T>> + Send + 'static,
+        addr: Addr<A>,
+        done: impl FnOnce(Outcome<T>) -> M + Send + 'static,
+    ) where
+        T: Send + 'static,
+        M: actix::Message<Result = ()> + Send + 'static,
+        A: actix::Handler<M>,
+        A::Context: actix::dev::ToEnvelope<A, M>,
+    {
+        let handle = self.runtime.spawn(async move {
+            let outcome = AssertUnwindSafe(work)
+                .catch_unwind()
+                .await
+                .unwrap_or((None, Err(Failure::Panicked)));
+            addr.do_send(done(outcome));
+        });
+        self.workers.insert(task, handle.abort_handle());
+    }
+
+    /// A worker ended: it is no longer tracked.
+    pub(super) fn ended(&mut self, task: TaskId) {
+        self.workers.remove(&task);
+    }
+
+    /// Runs a round of height queries.
+    pub(super) fn query(&mut self, round: impl Future<Output = ()> + Send + 'static) {
+        Self::spawn_within(&mut self.queries, self.most_queries, round, &self.runtime);
+    }
+
+    /// Runs a round of commit pushes.
+    pub(super) fn push(&mut self, round: impl Future<Output = ()> + Send + 'static) {
+        Self::spawn_within(&mut self.pushes, 1, round, &self.runtime);
+    }
+
+    /// Aborts every task.
+    pub(super) fn abort_all(&mut self) {
+        for (_, worker) in self.workers.drain() {
+            worker.abort();
+        }
+        self.queries.abort_all();
+        self.pushes.abort_all();
+    }
+
+    fn spawn_within(
+        set: &mut JoinSet<()>,
+        most: usize,
+        round: impl Future<Output = ()> + Send + 'static,
+        runtime: &tokio::runtime::Handle,
+    ) {
+        while set.try_join_next().is_some() {}
+        if set.len() >= most {
+            return dropped::count(Droppable::PeerCall);
+        }
+        set.spawn_on(round, runtime);
+    }
 }

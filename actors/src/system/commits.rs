@@ -75,9 +75,18 @@ impl Execution {
         (self.executed(), guard)
     }
 
-    /// Where the executor is, as state sync and pruning see it.
-    pub(crate) fn subscribe(&self) -> watch::Receiver<Option<CommitIndex>> {
-        self.taken.subscribe()
+    /// The executor's position now and each time it moves. Only the
+    /// latest is kept (a watch), so a fast executor cannot flood a
+    /// mailbox; the stream ends when the node is dropped.
+    pub(crate) fn moves(&self) -> impl futures::Stream<Item = Option<CommitIndex>> + use<> {
+        let rx = self.taken.subscribe();
+        futures::stream::unfold((rx, true), |(mut rx, first)| async move {
+            if !first {
+                rx.changed().await.ok()?;
+            }
+            let taken = *rx.borrow_and_update();
+            Some((taken, (rx, false)))
+        })
     }
 
     /// The last commit the executor has taken, if one is registered.
