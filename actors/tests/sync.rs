@@ -630,3 +630,40 @@ async fn a_chain_of_maximal_blocks_and_certificates_is_synced() {
     node.shutdown().await;
     honest.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_synced_from_a_synced_node_serves_a_third_with_certificates() {
+    // A → B → C: B syncs from a validator A, A stops, and C syncs from B
+    // alone. C can only finish if B stored certificates it can serve:
+    // at batch ends, at epoch ends that are not batch ends, and at the tip.
+    let chain = ChainBuilder::new(ChainConfig {
+        commits_per_epoch: Some(450),
+        ..ChainConfig::validators(4)
+    })
+    .build(1_000);
+    assert_eq!(chain.committees().count(), 3);
+    let a = validator(&chain, 1);
+    let b_store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+    let b = fresh(&chain, 8, &[&a], b_store.clone());
+    wait_synced(&b, 1_000).await;
+    a.shutdown().await;
+    assert_same_chain(&chain, b_store.as_ref());
+
+    let c_store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+    let c = fresh(&chain, 9, &[&b], c_store.clone());
+    wait_synced(&c, 1_000).await;
+    assert_same_chain(&chain, c_store.as_ref());
+    // C's certificates are what B served: the same minimal quorums.
+    for i in 1..=1_000 {
+        assert_eq!(
+            c_store.certificate(i).unwrap(),
+            b_store.certificate(i).unwrap(),
+            "certificate of commit {i}"
+        );
+    }
+    let peers: Vec<_> = c.peer_heights().await.unwrap();
+    let peers: Vec<_> = peers.iter().map(|v| v.peer).collect();
+    assert_eq!(peers, [b.peer_id()], "C knew no peer but B");
+    c.shutdown().await;
+    b.shutdown().await;
+}
