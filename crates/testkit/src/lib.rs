@@ -203,7 +203,11 @@ pub fn assert_certified(
         let Some(certificate) = store.certificate(i).expect("the store reads") else {
             continue;
         };
-        let source: Vec<_> = chain.certificate(i).iter().map(|b| b.serialized()).collect();
+        let source: Vec<_> = chain
+            .certificate(i)
+            .iter()
+            .map(|b| b.serialized())
+            .collect();
         let committee = chain.committee_of(i);
         let mut authors = std::collections::HashSet::new();
         let mut stake = 0;
