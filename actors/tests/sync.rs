@@ -667,3 +667,44 @@ async fn a_node_synced_from_a_synced_node_serves_a_third_with_certificates() {
     c.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_fails_writes_mid_sync_holds_the_watermark_and_sync_recovers_when_it_heals() {
+    use soma_testkit::failing_store::FailingStore;
+    let chain = ChainBuilder::new(ChainConfig::validators(4)).build(1_500);
+    let validators: Vec<P2pHandle> = (1..=2).map(|k| validator(&chain, k)).collect();
+    // The disk fills up once the store holds 500 commits.
+    let store = Arc::new(FailingStore::new(MemStore::new(chain.genesis())));
+    store.fail_writes_above(500);
+    let node = fresh(
+        &chain,
+        9,
+        &validators.iter().collect::<Vec<_>>(),
+        store.clone(),
+    );
+    soma_testkit::wait_until("three failed writes", DEADLINE, async || {
+        store.failed_writes() >= 3
+    })
+    .await;
+    let status = node.sync_status().await.unwrap();
+    assert_eq!(status.synced, 500, "nothing past the full disk: {status:?}");
+    assert_eq!(
+        store.inner().highest_synced_commit().unwrap(),
+        chain.commit_ref(500)
+    );
+    assert_eq!(
+        status.invalid_responses, 0,
+        "a full disk is no peer's fault"
+    );
+
+    store.heal();
+    wait_synced(&node, 1_500).await;
+    let status = node.sync_status().await.unwrap();
+    assert_eq!(status.store_write_failures, store.failed_writes());
+    assert_eq!(status.invalid_responses, 0);
+    assert_same_chain(&chain, store.as_ref());
+    // Nobody was banned for our disk.
+    let views = node.peer_heights().await.unwrap();
+    assert!(views.iter().all(|v| v.banned_until.is_none()), "{views:?}");
+    node.shutdown().await;
+}

@@ -24,6 +24,7 @@ struct Series {
     blocks: IntCounterVec,
     bytes: IntCounterVec,
     restarts: IntCounterVec,
+    write_failures: IntCounterVec,
     failures: IntCounterVec,
     rpcs: IntCounterVec,
     inbound: IntGauge,
@@ -100,6 +101,12 @@ impl Series {
                 &r,
                 "soma_worker_restarts_total",
                 "Sync workers restarted",
+                &[],
+            ),
+            write_failures: counter(
+                &r,
+                "soma_store_write_failures_total",
+                "Batches the store failed to write (each fetched again after a pause)",
                 &[],
             ),
             failures: counter(
@@ -217,6 +224,8 @@ impl Series {
             self.advance(&self.blocks, &[], status.blocks_applied);
             self.advance(&self.bytes, &[], status.bytes_fetched);
             self.advance(&self.restarts, &[], status.restarts);
+            let writes_failed = status.store_write_failures;
+            self.advance(&self.write_failures, &[], writes_failed);
             self.advance(
                 &self.failures,
                 &["invalid_response"],

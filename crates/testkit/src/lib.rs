@@ -5,6 +5,7 @@
 
 pub mod attack;
 pub mod byzantine;
+pub mod failing_store;
 pub mod impair;
 
 use std::sync::Arc;
