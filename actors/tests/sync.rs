@@ -708,3 +708,48 @@ async fn a_store_that_fails_writes_mid_sync_holds_the_watermark_and_sync_recover
     assert!(views.iter().all(|v| v.banned_until.is_none()), "{views:?}");
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_lags_at_the_default_capacity_is_told_what_it_missed() {
+    // The default broadcast capacity, as operators run it: a subscriber
+    // that does not read while 3,000 commits are applied misses all but
+    // the last 1,024, is told the exact count, and then reads the rest in
+    // order; a stream from an index misses nothing.
+    let config = P2pConfig::default();
+    let capacity = config.synced_commit_broadcast_capacity;
+    assert_eq!(capacity, 1_024);
+    let chain = ChainBuilder::new(ChainConfig::validators(4)).build(3_000);
+    let source = validator(&chain, 1);
+    let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+    // No seed: nothing is applied before both subscribe.
+    let node = soma_testkit::node(&chain, 9, config, store);
+    let mut lagging = node.subscribe_synced_commits();
+    let mut stream = node.subscribe_synced_commits_from(1);
+    node.connect(Some(source.peer_id()), source.local_addr().to_string())
+        .unwrap();
+    wait_synced(&node, 3_000).await;
+
+    let missed = 3_000 - capacity as u64;
+    match lagging.recv().await {
+        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => assert_eq!(n, missed),
+        other => panic!(
+            "expected Lagged({missed}), got {:?}",
+            other.map(|s| s.commit_ref)
+        ),
+    }
+    for i in missed + 1..=3_000 {
+        let subdag = lagging.recv().await.unwrap();
+        assert_eq!(subdag.commit_ref, chain.commit_ref(i));
+    }
+    assert!(lagging.try_recv().is_err(), "nothing past the tip");
+    for i in 1..=3_000 {
+        let subdag = stream.next().await.unwrap();
+        assert_eq!(
+            subdag.commit_ref,
+            chain.commit_ref(i),
+            "the stream misses nothing"
+        );
+    }
+    node.shutdown().await;
+    source.shutdown().await;
+}
