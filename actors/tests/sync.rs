@@ -89,7 +89,7 @@ mod byzantine {
 
     use soma_types::AuthorityIndex;
 
-    pub(super) use soma_testkit::byzantine::{Lie, serve};
+    pub(super) use soma_testkit::byzantine::{Lie, serve, serve_observed};
 
     use super::*;
 
@@ -116,16 +116,13 @@ mod byzantine {
         ];
         let mut liars = Vec::new();
         for (i, lie) in lies.iter().enumerate() {
-            liars.push((*lie, serve(chain.clone(), *lie, 100 + i as u8).await));
+            liars.push((
+                *lie,
+                serve_observed(chain.clone(), *lie, 100 + i as u8).await,
+            ));
         }
         // Only liars at first, so that every one of them is asked.
-        let seeds: Vec<SeedPeer> = liars
-            .iter()
-            .map(|(_, (peer, address))| SeedPeer {
-                peer_id: Some(*peer),
-                address: address.clone(),
-            })
-            .collect();
+        let seeds: Vec<SeedPeer> = liars.iter().map(|(_, served)| served.seed()).collect();
         let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
         let config = P2pConfig {
             seed_peers: seeds,
@@ -160,7 +157,7 @@ mod byzantine {
         let data_liars: Vec<soma_types::PeerId> = liars
             .iter()
             .filter(|(lie, _)| !matches!(lie, Lie::OtherChain | Lie::NeverAnswers))
-            .map(|(_, (peer, _))| *peer)
+            .map(|(_, served)| served.peer)
             .collect();
         let start = Instant::now();
         loop {
@@ -200,19 +197,26 @@ mod byzantine {
             (1..=600).map(|i| chain.commit_ref(i)).collect::<Vec<_>>()
         );
 
-        // The peer on another chain is never used; the silent one is only
-        // scored down, not banned.
+        // The peer on another chain is never asked for anything; the
+        // silent one was asked, and is only scored down, not banned.
         let views = node.peer_heights().await.unwrap();
-        for (lie, (peer, _)) in &liars {
-            let view = views.iter().find(|v| v.peer == *peer);
+        for (lie, served) in &liars {
+            let view = views.iter().find(|v| v.peer == served.peer);
             match lie {
                 Lie::OtherChain => {
-                    assert_ne!(view.and_then(|v| v.chain_id), Some(chain.chain_id()))
+                    assert_ne!(view.and_then(|v| v.chain_id), Some(chain.chain_id()));
+                    assert_eq!(
+                        served.fetches(),
+                        0,
+                        "a peer of another chain was fetched from"
+                    );
                 }
                 Lie::NeverAnswers => {
-                    assert!(view.is_none_or(|v| v.banned_until.is_none()), "{view:?}")
+                    assert!(served.fetches() > 0, "the silent peer was never asked");
+                    let view = view.expect("the silent peer is known");
+                    assert!(view.faults > 0 && view.banned_until.is_none(), "{view:?}");
                 }
-                _ => {}
+                _ => assert!(served.fetches() > 0, "{lie:?} was never asked"),
             }
         }
         let status = node.sync_status().await.unwrap();
@@ -467,7 +471,7 @@ mod faults {
     //! completes from the rest, and nothing partial is applied (the store
     //! ends identical to the validators').
 
-    use super::byzantine::{Lie, serve};
+    use super::byzantine::{Lie, serve_observed};
     use super::*;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -509,40 +513,46 @@ mod faults {
     async fn slow_peers_and_streams_cut_midway_do_not_stop_sync() {
         let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(400));
         let honest = validator(&chain, 1);
-        let slow = serve(chain.clone(), Lie::Slow, 120).await;
-        let cutter = serve(chain.clone(), Lie::CutsStreamMidway, 121).await;
-        let mut seeds = vec![
-            SeedPeer {
-                peer_id: Some(slow.0),
-                address: slow.1.clone(),
-            },
-            SeedPeer {
-                peer_id: Some(cutter.0),
-                address: cutter.1.clone(),
-            },
-        ];
-        seeds.push(SeedPeer {
-            peer_id: Some(honest.peer_id()),
-            address: honest.local_addr().to_string(),
-        });
+        let slow = serve_observed(chain.clone(), Lie::Slow, 120).await;
+        let cutter = serve_observed(chain.clone(), Lie::CutsStreamMidway, 121).await;
+        // Only the slow and the cutting peer at first, so both are asked.
         let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
         let config = P2pConfig {
-            seed_peers: seeds,
-            // The slow peer answers after 1.5 s: within the timeout, so it
-            // is used, slowly, alongside the others.
-            timeout: Duration::from_secs(3),
+            seed_peers: vec![slow.seed(), cutter.seed()],
+            // The slow peer answers 1.5 s late: well within the timeout,
+            // so it is used, slowly.
+            timeout: Duration::from_secs(10),
             ..P2pConfig::default()
         };
         let node = soma_testkit::node(&chain, 9, config, store.clone());
+        // The cutter never completes a block fetch: a batch applied means
+        // the slow peer served its blocks, and a fault on the cutter's
+        // record means a stream was cut and counted.
+        soma_testkit::wait_until(
+            "a slow answer applied and a cut counted",
+            DEADLINE,
+            async || {
+                let synced = node.sync_status().await.unwrap().synced;
+                let views = node.peer_heights().await.unwrap();
+                let cut = views.iter().any(|v| v.peer == cutter.peer && v.faults > 0);
+                synced >= 100 && cut
+            },
+        )
+        .await;
+        assert!(cutter.fetches() > 0 && slow.fetches() > 0);
+        node.connect(Some(honest.peer_id()), honest.local_addr().to_string())
+            .expect("Connections takes the dial");
         wait_synced(&node, 400).await;
         assert_same_chain(&chain, store.as_ref());
-        // The cut streams were failures, not lies: the peer is not banned.
+        // The cut streams were failures, not lies: the cutter is scored
+        // down, not banned; the slow peer served and is held to nothing.
         let views = node.peer_heights().await.unwrap();
-        let cutter_view = views.iter().find(|v| v.peer == cutter.0);
-        assert!(
-            cutter_view.is_none_or(|v| v.banned_until.is_none()),
-            "{cutter_view:?}"
-        );
+        let view = |peer| views.iter().find(|v| v.peer == peer).expect("still known");
+        let cut = view(cutter.peer);
+        assert!(cut.faults > 0 && cut.banned_until.is_none(), "{cut:?}");
+        let late = view(slow.peer);
+        assert!(late.throughput_bps > 0, "it served: {late:?}");
+        assert_eq!((late.faults, late.banned_until), (0, None), "{late:?}");
         node.shutdown().await;
         honest.shutdown().await;
     }
