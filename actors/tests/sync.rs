@@ -382,32 +382,50 @@ async fn node_stopped_mid_sync_resumes_from_its_watermark_on_the_same_store() {
         ..ChainConfig::validators(4)
     })
     .build(3_000);
-    let validators: Vec<P2pHandle> = (1..=2).map(|k| validator(&chain, k)).collect();
-    let seeds: Vec<&P2pHandle> = validators.iter().collect();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("chain.redb");
 
+    // First the validators hold 1,500 commits: the node stops there.
+    let partial: Vec<P2pHandle> = (1..=2)
+        .map(|k| soma_testkit::validator_up_to(&chain, 1_500, k))
+        .collect();
     let store: Arc<dyn ConsensusStore> = Arc::new(RedbStore::open(&path, chain.genesis()).unwrap());
-    let node = fresh(&chain, 9, &seeds, store);
-    wait_synced(&node, 1_000).await;
+    let node = fresh(&chain, 9, &partial.iter().collect::<Vec<_>>(), store);
+    wait_synced(&node, 1_500).await;
     node.shutdown().await;
     drop(node);
-    let stopped_at = {
-        let store = RedbStore::open(&path, chain.genesis()).unwrap();
-        let watermark = store.highest_synced_commit().unwrap();
-        assert!(
-            watermark.index >= 1_000 && watermark.index < 3_000,
-            "{watermark:?}"
-        );
-        assert_eq!(watermark, chain.commit_ref(watermark.index));
-        watermark.index
-    };
+    for v in partial {
+        v.shutdown().await;
+    }
+    let store = RedbStore::open(&path, chain.genesis()).unwrap();
+    assert_eq!(
+        store.highest_synced_commit().unwrap(),
+        chain.commit_ref(1_500)
+    );
+    drop(store);
 
+    // Restarted on the same store, with validators of the whole chain:
+    // it fetches and applies exactly what it lacks.
+    let validators: Vec<P2pHandle> = (1..=2).map(|k| validator(&chain, k)).collect();
     let store: Arc<dyn ConsensusStore> = Arc::new(RedbStore::open(&path, chain.genesis()).unwrap());
-    let node = fresh(&chain, 9, &seeds, store.clone());
-    assert!(node.sync_status().await.unwrap().synced >= stopped_at);
+    let node = fresh(
+        &chain,
+        9,
+        &validators.iter().collect::<Vec<_>>(),
+        store.clone(),
+    );
+    assert_eq!(node.sync_status().await.unwrap().synced, 1_500);
     wait_synced(&node, 3_000).await;
     assert_same_chain(&chain, store.as_ref());
+    let status = node.sync_status().await.unwrap();
+    let lacked = (1_501..=3_000).flat_map(|i| chain.blocks_of(i));
+    assert_eq!(status.commits_applied, 1_500);
+    assert_eq!(status.blocks_applied, lacked.clone().count() as u64);
+    let bytes: usize = lacked.map(|b| b.serialized().len()).sum();
+    assert_eq!(
+        status.bytes_fetched, bytes as u64,
+        "only the lacking blocks fetched"
+    );
     node.shutdown().await;
     for v in validators {
         v.shutdown().await;
