@@ -168,12 +168,9 @@ async fn three_nodes_through_one_seed_all_know_each_other() {
 async fn sixteen_nodes_through_one_seed_converge() {
     soma_testkit::init_tracing();
     const N: usize = 16;
-    // A bound, not a measurement: gossip from one seed takes a few rounds.
-    const MAX_INTERVALS: u32 = 40;
     let chain = chain();
     let mut nodes = vec![start(&chain, config(vec![]), 1)];
     let seed0 = seed(&nodes[0]);
-    let started = Instant::now();
     for key in 2..=N as u8 {
         nodes.push(start(&chain, config(vec![seed0.clone()]), key));
     }
@@ -191,13 +188,7 @@ async fn sixteen_nodes_through_one_seed_converge() {
         true
     })
     .await;
-    let elapsed = started.elapsed();
-    let bound = Duration::from_millis(INTERVAL_MS) * MAX_INTERVALS;
-    eprintln!("{N} nodes converged in {elapsed:?} (bound {bound:?})");
-    assert!(
-        elapsed < bound,
-        "{N} nodes took {elapsed:?}, more than {MAX_INTERVALS} intervals"
-    );
+    // How fast is measured by `make bench` (discovery section), not here.
     for (i, node) in nodes.iter().enumerate() {
         let known = known(node).await;
         assert_eq!(known.len(), N - 1, "node {i}");

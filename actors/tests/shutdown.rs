@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use soma_actors::discovery::SeedPeer;
 use soma_actors::{P2pBuilder, P2pConfig};
 use soma_chain::{ChainBuilder, ChainConfig};
-use soma_store::MemStore;
+use soma_store::{ConsensusStore, MemStore, RedbStore};
 use soma_testkit::byzantine::{Lie, serve_counting};
 use soma_testkit::init_tracing;
 use soma_types::KeyPair;
@@ -60,4 +60,95 @@ async fn shutdown_aborts_sync_workers_on_a_runtime_the_node_does_not_own() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// A node shut down while it syncs (from a validator 40 ms away) and
+/// serves another node's sync: shutdown returns within the server's drain
+/// (a safety net, not a timing), no task of the node is left on the
+/// runtime it was given, and its store reopens consistent: the watermark a
+/// commit of the chain, everything below it stored and certified.
+#[test]
+fn a_node_shut_down_while_it_syncs_and_serves_leaves_no_task_and_a_consistent_store() {
+    init_tracing();
+    let chain = ChainBuilder::new(ChainConfig::validators(4)).build(3_000);
+    let tip = chain.tip();
+    let node_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let test_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("chain.redb");
+    test_rt.block_on(async {
+        let rtt = soma_testkit::impair::Impairment::round_trip(Duration::from_millis(40));
+        let (source, _link, seed) =
+            soma_testkit::validator_behind_link(&chain, 1, P2pConfig::default(), rtt).await;
+        let store = RedbStore::open(&path, chain.genesis()).unwrap();
+        let config = P2pConfig {
+            seed_peers: vec![seed],
+            ..P2pConfig::default()
+        };
+        let node = P2pBuilder::new(
+            config,
+            KeyPair::from_seed([8; 32]),
+            chain.genesis().clone(),
+            Arc::new(store),
+        )
+        .runtime(node_rt.handle().clone())
+        .start()
+        .expect("the node starts");
+        let config = P2pConfig {
+            seed_peers: soma_testkit::seeds(&[&node]),
+            ..P2pConfig::default()
+        };
+        let downstream =
+            soma_testkit::node(&chain, 9, config, Arc::new(MemStore::new(chain.genesis())));
+        // Both busy: the node has synced part of the chain, and the node
+        // downstream has synced part of that from it.
+        soma_testkit::wait_until("the node mid-sync and serving", DEADLINE, async || {
+            let ours = node.sync_status().await.unwrap().synced;
+            let theirs = downstream.sync_status().await.unwrap().synced;
+            ours >= 500 && theirs >= 200
+        })
+        .await;
+        let synced = node.sync_status().await.unwrap().synced;
+        assert!(
+            synced < tip,
+            "the node finished before the shutdown ({synced}): slow its source"
+        );
+
+        tokio::time::timeout(DEADLINE, node.shutdown())
+            .await
+            .expect("shutdown returns within the server's drain");
+        drop(node);
+        soma_testkit::wait_until("no task of the node left", DEADLINE, async || {
+            node_rt.metrics().num_alive_tasks() == 0
+        })
+        .await;
+        downstream.shutdown().await;
+        source.shutdown().await;
+    });
+    // Nothing holds the store any more: it reopens, consistent.
+    let store = RedbStore::open(&path, chain.genesis()).expect("the store reopens");
+    let watermark = store.highest_synced_commit().unwrap();
+    assert!(watermark.index >= 500, "{watermark:?}");
+    assert_eq!(watermark, chain.commit_ref(watermark.index));
+    for i in 1..=watermark.index {
+        let commit = store
+            .commit(i)
+            .unwrap()
+            .unwrap_or_else(|| panic!("commit {i} missing"));
+        assert_eq!(commit.reference(), chain.commit_ref(i));
+        let refs: Vec<_> = chain.blocks_of(i).iter().map(|b| b.reference()).collect();
+        assert!(
+            store.blocks(&refs).unwrap().iter().all(Option::is_some),
+            "blocks of {i}"
+        );
+    }
+    soma_testkit::assert_certified(&chain, &store, 1..=watermark.index);
 }

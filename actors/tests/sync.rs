@@ -89,7 +89,7 @@ mod byzantine {
 
     use soma_types::AuthorityIndex;
 
-    pub(super) use soma_testkit::byzantine::{Lie, serve};
+    pub(super) use soma_testkit::byzantine::{Lie, serve, serve_observed};
 
     use super::*;
 
@@ -116,16 +116,13 @@ mod byzantine {
         ];
         let mut liars = Vec::new();
         for (i, lie) in lies.iter().enumerate() {
-            liars.push((*lie, serve(chain.clone(), *lie, 100 + i as u8).await));
+            liars.push((
+                *lie,
+                serve_observed(chain.clone(), *lie, 100 + i as u8).await,
+            ));
         }
         // Only liars at first, so that every one of them is asked.
-        let seeds: Vec<SeedPeer> = liars
-            .iter()
-            .map(|(_, (peer, address))| SeedPeer {
-                peer_id: Some(*peer),
-                address: address.clone(),
-            })
-            .collect();
+        let seeds: Vec<SeedPeer> = liars.iter().map(|(_, served)| served.seed()).collect();
         let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
         let config = P2pConfig {
             seed_peers: seeds,
@@ -160,7 +157,7 @@ mod byzantine {
         let data_liars: Vec<soma_types::PeerId> = liars
             .iter()
             .filter(|(lie, _)| !matches!(lie, Lie::OtherChain | Lie::NeverAnswers))
-            .map(|(_, (peer, _))| *peer)
+            .map(|(_, served)| served.peer)
             .collect();
         let start = Instant::now();
         loop {
@@ -200,19 +197,26 @@ mod byzantine {
             (1..=600).map(|i| chain.commit_ref(i)).collect::<Vec<_>>()
         );
 
-        // The peer on another chain is never used; the silent one is only
-        // scored down, not banned.
+        // The peer on another chain is never asked for anything; the
+        // silent one was asked, and is only scored down, not banned.
         let views = node.peer_heights().await.unwrap();
-        for (lie, (peer, _)) in &liars {
-            let view = views.iter().find(|v| v.peer == *peer);
+        for (lie, served) in &liars {
+            let view = views.iter().find(|v| v.peer == served.peer);
             match lie {
                 Lie::OtherChain => {
-                    assert_ne!(view.and_then(|v| v.chain_id), Some(chain.chain_id()))
+                    assert_ne!(view.and_then(|v| v.chain_id), Some(chain.chain_id()));
+                    assert_eq!(
+                        served.fetches(),
+                        0,
+                        "a peer of another chain was fetched from"
+                    );
                 }
                 Lie::NeverAnswers => {
-                    assert!(view.is_none_or(|v| v.banned_until.is_none()), "{view:?}")
+                    assert!(served.fetches() > 0, "the silent peer was never asked");
+                    let view = view.expect("the silent peer is known");
+                    assert!(view.faults > 0 && view.banned_until.is_none(), "{view:?}");
                 }
-                _ => {}
+                _ => assert!(served.fetches() > 0, "{lie:?} was never asked"),
             }
         }
         let status = node.sync_status().await.unwrap();
@@ -378,32 +382,50 @@ async fn node_stopped_mid_sync_resumes_from_its_watermark_on_the_same_store() {
         ..ChainConfig::validators(4)
     })
     .build(3_000);
-    let validators: Vec<P2pHandle> = (1..=2).map(|k| validator(&chain, k)).collect();
-    let seeds: Vec<&P2pHandle> = validators.iter().collect();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("chain.redb");
 
+    // First the validators hold 1,500 commits: the node stops there.
+    let partial: Vec<P2pHandle> = (1..=2)
+        .map(|k| soma_testkit::validator_up_to(&chain, 1_500, k))
+        .collect();
     let store: Arc<dyn ConsensusStore> = Arc::new(RedbStore::open(&path, chain.genesis()).unwrap());
-    let node = fresh(&chain, 9, &seeds, store);
-    wait_synced(&node, 1_000).await;
+    let node = fresh(&chain, 9, &partial.iter().collect::<Vec<_>>(), store);
+    wait_synced(&node, 1_500).await;
     node.shutdown().await;
     drop(node);
-    let stopped_at = {
-        let store = RedbStore::open(&path, chain.genesis()).unwrap();
-        let watermark = store.highest_synced_commit().unwrap();
-        assert!(
-            watermark.index >= 1_000 && watermark.index < 3_000,
-            "{watermark:?}"
-        );
-        assert_eq!(watermark, chain.commit_ref(watermark.index));
-        watermark.index
-    };
+    for v in partial {
+        v.shutdown().await;
+    }
+    let store = RedbStore::open(&path, chain.genesis()).unwrap();
+    assert_eq!(
+        store.highest_synced_commit().unwrap(),
+        chain.commit_ref(1_500)
+    );
+    drop(store);
 
+    // Restarted on the same store, with validators of the whole chain:
+    // it fetches and applies exactly what it lacks.
+    let validators: Vec<P2pHandle> = (1..=2).map(|k| validator(&chain, k)).collect();
     let store: Arc<dyn ConsensusStore> = Arc::new(RedbStore::open(&path, chain.genesis()).unwrap());
-    let node = fresh(&chain, 9, &seeds, store.clone());
-    assert!(node.sync_status().await.unwrap().synced >= stopped_at);
+    let node = fresh(
+        &chain,
+        9,
+        &validators.iter().collect::<Vec<_>>(),
+        store.clone(),
+    );
+    assert_eq!(node.sync_status().await.unwrap().synced, 1_500);
     wait_synced(&node, 3_000).await;
     assert_same_chain(&chain, store.as_ref());
+    let status = node.sync_status().await.unwrap();
+    let lacked = (1_501..=3_000).flat_map(|i| chain.blocks_of(i));
+    assert_eq!(status.commits_applied, 1_500);
+    assert_eq!(status.blocks_applied, lacked.clone().count() as u64);
+    let bytes: usize = lacked.map(|b| b.serialized().len()).sum();
+    assert_eq!(
+        status.bytes_fetched, bytes as u64,
+        "only the lacking blocks fetched"
+    );
     node.shutdown().await;
     for v in validators {
         v.shutdown().await;
@@ -467,7 +489,7 @@ mod faults {
     //! completes from the rest, and nothing partial is applied (the store
     //! ends identical to the validators').
 
-    use super::byzantine::{Lie, serve};
+    use super::byzantine::{Lie, serve_observed};
     use super::*;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -509,40 +531,46 @@ mod faults {
     async fn slow_peers_and_streams_cut_midway_do_not_stop_sync() {
         let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(400));
         let honest = validator(&chain, 1);
-        let slow = serve(chain.clone(), Lie::Slow, 120).await;
-        let cutter = serve(chain.clone(), Lie::CutsStreamMidway, 121).await;
-        let mut seeds = vec![
-            SeedPeer {
-                peer_id: Some(slow.0),
-                address: slow.1.clone(),
-            },
-            SeedPeer {
-                peer_id: Some(cutter.0),
-                address: cutter.1.clone(),
-            },
-        ];
-        seeds.push(SeedPeer {
-            peer_id: Some(honest.peer_id()),
-            address: honest.local_addr().to_string(),
-        });
+        let slow = serve_observed(chain.clone(), Lie::Slow, 120).await;
+        let cutter = serve_observed(chain.clone(), Lie::CutsStreamMidway, 121).await;
+        // Only the slow and the cutting peer at first, so both are asked.
         let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
         let config = P2pConfig {
-            seed_peers: seeds,
-            // The slow peer answers after 1.5 s: within the timeout, so it
-            // is used, slowly, alongside the others.
-            timeout: Duration::from_secs(3),
+            seed_peers: vec![slow.seed(), cutter.seed()],
+            // The slow peer answers 1.5 s late: well within the timeout,
+            // so it is used, slowly.
+            timeout: Duration::from_secs(10),
             ..P2pConfig::default()
         };
         let node = soma_testkit::node(&chain, 9, config, store.clone());
+        // The cutter never completes a block fetch: a batch applied means
+        // the slow peer served its blocks, and a fault on the cutter's
+        // record means a stream was cut and counted.
+        soma_testkit::wait_until(
+            "a slow answer applied and a cut counted",
+            DEADLINE,
+            async || {
+                let synced = node.sync_status().await.unwrap().synced;
+                let views = node.peer_heights().await.unwrap();
+                let cut = views.iter().any(|v| v.peer == cutter.peer && v.faults > 0);
+                synced >= 100 && cut
+            },
+        )
+        .await;
+        assert!(cutter.fetches() > 0 && slow.fetches() > 0);
+        node.connect(Some(honest.peer_id()), honest.local_addr().to_string())
+            .expect("Connections takes the dial");
         wait_synced(&node, 400).await;
         assert_same_chain(&chain, store.as_ref());
-        // The cut streams were failures, not lies: the peer is not banned.
+        // The cut streams were failures, not lies: the cutter is scored
+        // down, not banned; the slow peer served and is held to nothing.
         let views = node.peer_heights().await.unwrap();
-        let cutter_view = views.iter().find(|v| v.peer == cutter.0);
-        assert!(
-            cutter_view.is_none_or(|v| v.banned_until.is_none()),
-            "{cutter_view:?}"
-        );
+        let view = |peer| views.iter().find(|v| v.peer == peer).expect("still known");
+        let cut = view(cutter.peer);
+        assert!(cut.faults > 0 && cut.banned_until.is_none(), "{cut:?}");
+        let late = view(slow.peer);
+        assert!(late.throughput_bps > 0, "it served: {late:?}");
+        assert_eq!((late.faults, late.banned_until), (0, None), "{late:?}");
         node.shutdown().await;
         honest.shutdown().await;
     }
@@ -629,4 +657,127 @@ async fn a_chain_of_maximal_blocks_and_certificates_is_synced() {
     assert_eq!(view.banned_until, None, "{view:?}");
     node.shutdown().await;
     honest.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_synced_from_a_synced_node_serves_a_third_with_certificates() {
+    // A → B → C: B syncs from a validator A, A stops, and C syncs from B
+    // alone. C can only finish if B stored certificates it can serve:
+    // at batch ends, at epoch ends that are not batch ends, and at the tip.
+    let chain = ChainBuilder::new(ChainConfig {
+        commits_per_epoch: Some(450),
+        ..ChainConfig::validators(4)
+    })
+    .build(1_000);
+    assert_eq!(chain.committees().count(), 3);
+    let a = validator(&chain, 1);
+    let b_store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+    let b = fresh(&chain, 8, &[&a], b_store.clone());
+    wait_synced(&b, 1_000).await;
+    a.shutdown().await;
+    assert_same_chain(&chain, b_store.as_ref());
+
+    let c_store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+    let c = fresh(&chain, 9, &[&b], c_store.clone());
+    wait_synced(&c, 1_000).await;
+    assert_same_chain(&chain, c_store.as_ref());
+    // C's certificates are what B served: the same minimal quorums.
+    for i in 1..=1_000 {
+        assert_eq!(
+            c_store.certificate(i).unwrap(),
+            b_store.certificate(i).unwrap(),
+            "certificate of commit {i}"
+        );
+    }
+    let peers: Vec<_> = c.peer_heights().await.unwrap();
+    let peers: Vec<_> = peers.iter().map(|v| v.peer).collect();
+    assert_eq!(peers, [b.peer_id()], "C knew no peer but B");
+    c.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_fails_writes_mid_sync_holds_the_watermark_and_sync_recovers_when_it_heals() {
+    use soma_testkit::failing_store::FailingStore;
+    let chain = ChainBuilder::new(ChainConfig::validators(4)).build(1_500);
+    let validators: Vec<P2pHandle> = (1..=2).map(|k| validator(&chain, k)).collect();
+    // The disk fills up once the store holds 500 commits.
+    let store = Arc::new(FailingStore::new(MemStore::new(chain.genesis())));
+    store.fail_writes_above(500);
+    let node = fresh(
+        &chain,
+        9,
+        &validators.iter().collect::<Vec<_>>(),
+        store.clone(),
+    );
+    soma_testkit::wait_until("three failed writes", DEADLINE, async || {
+        store.failed_writes() >= 3
+    })
+    .await;
+    let status = node.sync_status().await.unwrap();
+    assert_eq!(status.synced, 500, "nothing past the full disk: {status:?}");
+    assert_eq!(
+        store.inner().highest_synced_commit().unwrap(),
+        chain.commit_ref(500)
+    );
+    assert_eq!(
+        status.invalid_responses, 0,
+        "a full disk is no peer's fault"
+    );
+
+    store.heal();
+    wait_synced(&node, 1_500).await;
+    let status = node.sync_status().await.unwrap();
+    assert_eq!(status.store_write_failures, store.failed_writes());
+    assert_eq!(status.invalid_responses, 0);
+    assert_same_chain(&chain, store.as_ref());
+    // Nobody was banned for our disk.
+    let views = node.peer_heights().await.unwrap();
+    assert!(views.iter().all(|v| v.banned_until.is_none()), "{views:?}");
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_lags_at_the_default_capacity_is_told_what_it_missed() {
+    // The default broadcast capacity, as operators run it: a subscriber
+    // that does not read while 3,000 commits are applied misses all but
+    // the last 1,024, is told the exact count, and then reads the rest in
+    // order; a stream from an index misses nothing.
+    let config = P2pConfig::default();
+    let capacity = config.synced_commit_broadcast_capacity;
+    assert_eq!(capacity, 1_024);
+    let chain = ChainBuilder::new(ChainConfig::validators(4)).build(3_000);
+    let source = validator(&chain, 1);
+    let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+    // No seed: nothing is applied before both subscribe.
+    let node = soma_testkit::node(&chain, 9, config, store);
+    let mut lagging = node.subscribe_synced_commits();
+    let mut stream = node.subscribe_synced_commits_from(1);
+    node.connect(Some(source.peer_id()), source.local_addr().to_string())
+        .unwrap();
+    wait_synced(&node, 3_000).await;
+
+    let missed = 3_000 - capacity as u64;
+    match lagging.recv().await {
+        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => assert_eq!(n, missed),
+        other => panic!(
+            "expected Lagged({missed}), got {:?}",
+            other.map(|s| s.commit_ref)
+        ),
+    }
+    for i in missed + 1..=3_000 {
+        let subdag = lagging.recv().await.unwrap();
+        assert_eq!(subdag.commit_ref, chain.commit_ref(i));
+    }
+    assert!(lagging.try_recv().is_err(), "nothing past the tip");
+    for i in 1..=3_000 {
+        let subdag = stream.next().await.unwrap();
+        assert_eq!(
+            subdag.commit_ref,
+            chain.commit_ref(i),
+            "the stream misses nothing"
+        );
+    }
+    node.shutdown().await;
+    source.shutdown().await;
 }

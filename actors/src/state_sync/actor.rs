@@ -207,6 +207,7 @@ impl Handler<ApplyDone> for StateSync {
         let applied = match done.result {
             Ok(applied) => applied,
             Err(error) => {
+                self.status.store_write_failures += 1;
                 return match done.origin {
                     Origin::Synced(start) => self.step(Input::ApplyFailed { start, error }, ctx),
                     Origin::Local(reply) => drop(reply.send(Err(error))),

@@ -64,6 +64,12 @@ pub struct Config {
     /// at most: sync pauses there rather than run ahead of execution.
     #[serde(default = "default_max_lead_over_execution")]
     pub max_lead_over_execution: u64,
+    /// Longest pause after a failed store write before the batch is
+    /// fetched again, in milliseconds. The pause starts at
+    /// `restart_backoff_ms` and doubles with each write in a row that
+    /// fails, so a full disk does not turn into a refetch loop.
+    #[serde(default = "default_max_write_backoff_ms")]
+    pub max_write_backoff_ms: u64,
 }
 
 impl Default for Config {
@@ -84,8 +90,13 @@ impl Default for Config {
             restart_backoff_ms: 50,
             height_query_interval_ms: default_height_query_interval_ms(),
             max_lead_over_execution: default_max_lead_over_execution(),
+            max_write_backoff_ms: default_max_write_backoff_ms(),
         }
     }
+}
+
+fn default_max_write_backoff_ms() -> u64 {
+    10_000
 }
 
 fn default_height_query_interval_ms() -> u64 {
@@ -360,6 +371,10 @@ pub struct StateSyncCore {
     /// they do.
     orphans: HashMap<TaskId, u64>,
     applying: Option<CommitIndex>,
+    /// Store writes in a row that failed; no commits are fetched before
+    /// `write_retry_at`.
+    write_failures: u32,
+    write_retry_at: Time,
     next_task: TaskId,
     /// When every connected peer's availability is asked next.
     next_height_query: Time,
@@ -394,6 +409,8 @@ impl Core for StateSyncCore {
             tasks: HashMap::new(),
             orphans: HashMap::new(),
             applying: None,
+            write_failures: 0,
+            write_retry_at: Time(0),
             next_task: init.first_task,
             next_height_query: Time(0),
         }
@@ -442,6 +459,7 @@ impl Core for StateSyncCore {
                 next_epoch,
             } if self.applying == Some(start) => {
                 self.applying = None;
+                self.write_failures = 0;
                 self.batches.remove(&start);
                 self.advance(last, next_epoch);
                 self.drop_ended_epoch(&mut out);
@@ -461,8 +479,21 @@ impl Core for StateSyncCore {
                     self.discard_applied(&mut out);
                 }
             }
+            // The batch's data went with the write: it is fetched again,
+            // after a pause that doubles with each write in a row that fails.
             Input::ApplyFailed { start, error } if self.applying == Some(start) => {
-                tracing::warn!(start, %error, "applying a batch failed; refetching");
+                self.write_failures = self.write_failures.saturating_add(1);
+                let doublings = (self.write_failures - 1).min(20);
+                let pause = (self.config.restart_backoff_ms << doublings)
+                    .min(self.config.max_write_backoff_ms);
+                self.write_retry_at = Time(now.0.saturating_add(pause));
+                tracing::warn!(
+                    start,
+                    %error,
+                    failures = self.write_failures,
+                    pause_ms = pause,
+                    "writing a synced batch to the store failed; fetching it again after a pause"
+                );
                 self.applying = None;
                 self.reset(&mut out);
             }
@@ -905,7 +936,11 @@ impl StateSyncCore {
     /// early (at an epoch's end) leaves the ranges after it to be fetched
     /// in turn, and those that no longer line up are forgotten.
     fn fetch_ahead(&mut self, now: Time, out: &mut Vec<Output>) {
-        if self.ahead_depth == 0 || self.epoch_claim.is_some() || self.ahead_retry_at > now {
+        if self.ahead_depth == 0
+            || self.epoch_claim.is_some()
+            || self.ahead_retry_at > now
+            || self.write_retry_at > now
+        {
             return;
         }
         let size = self.config.commit_sync_batch_size;
@@ -1045,6 +1080,7 @@ impl StateSyncCore {
             && let Some(end) = self.next_batch_end()
             && self.batches.len() < self.config.batches_ahead
             && self.commit_supervision.retry_at <= now
+            && self.write_retry_at <= now
         {
             match ahead {
                 // Its turn came while it was on the way: fetch deeper.
@@ -1704,6 +1740,63 @@ mod tests {
         assert!(out.contains(&Output::Apply { start: 11 }));
         applied(&mut c, 11, 20);
         assert_eq!(c.synced(), r(20));
+    }
+
+    /// Fetches the batch `start..=end` (its blocks in one fetch) at `now`
+    /// and returns the outputs once its blocks are in.
+    fn fetch_batch(c: &mut StateSyncCore, now: u64, start: u64, end: u64) -> Vec<Output> {
+        let (t, s, e) = commit_fetch(&tick(c, now, end)).unwrap();
+        assert_eq!((s, e), (start, end));
+        let out = commits_ok(c, now, t, start, end, 5);
+        let blocks = block_fetches(&out);
+        assert_eq!(blocks.len(), 1);
+        blocks_ok(c, blocks[0].0)
+    }
+
+    #[test]
+    fn a_failed_store_write_is_fetched_again_after_a_pause_doubling_to_its_cap() {
+        let mut c = core(Config {
+            max_write_backoff_ms: 300,
+            ..config()
+        });
+        let disk_full = || {
+            crate::state_sync::ApplyError::Store(soma_store::Error::Database("disk full".into()))
+        };
+        let mut now = 0;
+        // restart_backoff_ms is 50: 50, 100, 200, then the cap.
+        for pause in [50, 100, 200, 300, 300] {
+            let out = fetch_batch(&mut c, now, 1, 10);
+            assert!(out.contains(&Output::Apply { start: 1 }), "{out:?}");
+            let out = c.handle(
+                Time(now),
+                Input::ApplyFailed {
+                    start: 1,
+                    error: disk_full(),
+                },
+            );
+            assert!(out.contains(&Output::Reset), "{out:?}");
+            assert_eq!(commit_fetch(&out), None);
+            assert_eq!(commit_fetch(&tick(&mut c, now + pause - 1, 10)), None);
+            now += pause;
+        }
+        // The write succeeds: the next batch is fetched at once, and the
+        // next failure pauses for the first step again.
+        fetch_batch(&mut c, now, 1, 10);
+        let out = applied(&mut c, 1, 10);
+        assert_eq!(c.synced(), r(10));
+        assert_eq!(commit_fetch(&out), None, "highest known is 10");
+        let out = fetch_batch(&mut c, now, 11, 20);
+        assert!(out.contains(&Output::Apply { start: 11 }), "{out:?}");
+        let failed = Input::ApplyFailed {
+            start: 11,
+            error: disk_full(),
+        };
+        c.handle(Time(now), failed);
+        assert_eq!(commit_fetch(&tick(&mut c, now + 49, 20)), None);
+        assert_eq!(
+            commit_fetch(&tick(&mut c, now + 50, 20)).map(|f| f.1),
+            Some(11)
+        );
     }
 
     #[test]

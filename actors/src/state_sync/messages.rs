@@ -351,6 +351,8 @@ pub struct SyncStatus {
     /// Whether sync waits for the executor (it is `max_lead_over_execution`
     /// commits ahead of it).
     pub paused_for_executor: bool,
+    /// Batches (synced or local) the store failed to write.
+    pub store_write_failures: u64,
     /// The lowest commit the store holds (pruning raises it).
     pub lowest_available: CommitIndex,
     /// Commits pruned since start.

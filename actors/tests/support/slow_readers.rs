@@ -33,11 +33,20 @@ pub fn server(chain: &Chain, config: P2pConfig, store: Arc<dyn ConsensusStore>) 
 /// does).
 pub async fn client(node: &P2pHandle, key: [u8; 32], window: u32) -> P2pClient<Channel> {
     let identity = NodeIdentity::generate(&KeyPair::from_seed(key)).expect("an identity");
+    client_as(node, Some(&identity), window).await
+}
+
+/// Like [`client`], as `identity` (`None`: anonymous).
+pub async fn client_as(
+    node: &P2pHandle,
+    identity: Option<&NodeIdentity>,
+    window: u32,
+) -> P2pClient<Channel> {
     let endpoint = Endpoint::from_shared(format!("http://{}", node.local_addr()))
         .expect("an address")
         .initial_stream_window_size(window)
         .connect_timeout(Duration::from_secs(5));
-    let (config, _) = tls::client_config(Some(&identity), Some(node.peer_id())).expect("tls");
+    let (config, _) = tls::client_config(identity, Some(node.peer_id())).expect("tls");
     let connector = tonic_tls::rustls::TlsConnector::new(
         tonic_tls::TcpTransport::from_endpoint(&endpoint),
         config,

@@ -1219,6 +1219,122 @@ mod tests {
         assert_eq!(grpc.max_connection_age_grace, Duration::from_secs(30));
     }
 
+    /// Other valid-looking values for a key's default `value`, as TOML.
+    fn other_values(key: &str, value: &str) -> Vec<String> {
+        let special: &[(&str, &[&str])] = &[
+            ("listen-address", &["\"127.0.0.1:7001\""]),
+            ("external-addresses", &["[\"192.0.2.1:7000\"]"]),
+            ("access", &["\"private\""]),
+            (
+                "allowlist",
+                &[concat!(
+                    "[\"",
+                    "0101010101010101010101010101010101010101010101010101010101010101",
+                    "\"]"
+                )],
+            ),
+            ("seed-peers", &["[{ address = \"192.0.2.1:7000\" }]"]),
+            ("retention", &["\"commits:100\"", "\"epochs:2\""]),
+            ("url", &["\"elsewhere\""]),
+        ];
+        if let Some((_, values)) = special.iter().find(|(k, _)| *k == key) {
+            return values.iter().map(|v| v.to_string()).collect();
+        }
+        match value {
+            "true" => return vec!["false".into()],
+            "false" => return vec!["true".into()],
+            _ => {}
+        }
+        // A number, or a duration in quotes: its digits changed.
+        let inner = value.trim_matches('"');
+        let digits: String = inner
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.')
+            .collect();
+        let unit = &inner[digits.len()..];
+        let quote = if value.starts_with('"') { "\"" } else { "" };
+        let Ok(n) = digits.parse::<f64>() else {
+            panic!("{key} = {value}: no other value known; add one here");
+        };
+        [n + 1.0, n - 1.0, n * 2.0, (n / 2.0).floor()]
+            .into_iter()
+            .filter(|m| *m >= 0.0 && *m != n)
+            .map(|m| {
+                let m = if digits.contains('.') {
+                    format!("{m:.1}")
+                } else {
+                    format!("{m}")
+                };
+                format!("{quote}{m}{unit}{quote}")
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_key_set_to_another_value_changes_the_settings_the_node_runs_with() {
+        // Keys `run` reads straight from the file (paths, the store's
+        // cache, block production): their use is tested where they are
+        // used. Every other key must change the P2P settings, or it is read
+        // and dropped.
+        const READ_BY_RUN: [&str; 5] = [
+            "data-dir",
+            "keys-dir",
+            "genesis",
+            "store-cache-bytes",
+            "commit-rate",
+        ];
+        let file = with_archive(|section| section.to_string());
+        // One directory for all: relative paths resolve alike.
+        let dir = tempfile::tempdir().unwrap();
+        let parse = |text: &str| {
+            let path = dir.path().join("node.toml");
+            std::fs::write(&path, text).unwrap();
+            NodeConfig::load(&path)
+        };
+        let settings = |c: &NodeConfig| format!("{:?}", c.p2p_config());
+        let base = settings(&parse(&file).expect("the default file with [archive] parses"));
+        let again = settings(&parse(&file).unwrap());
+        assert_eq!(base, again, "the same file gives the same settings");
+        let mut checked = 0;
+        for line in file.lines() {
+            let Some((key, value)) = line.split_once(" = ") else {
+                continue;
+            };
+            if line.starts_with('#') || READ_BY_RUN.contains(&key) {
+                continue;
+            }
+            let value = value.split(" #").next().unwrap().trim();
+            let tried: Vec<_> = other_values(key, value)
+                .into_iter()
+                .map(|v| {
+                    let text = file.replacen(line, &format!("{key} = {v}"), 1);
+                    (v, parse(&text))
+                })
+                .collect();
+            let Some((v, config)) = tried
+                .iter()
+                .find_map(|(v, c)| c.as_ref().ok().map(|c| (v, c)))
+            else {
+                panic!(
+                    "{key}: no other value loads: {:?}",
+                    tried
+                        .iter()
+                        .map(|(v, c)| (v, c.as_ref().err()))
+                        .collect::<Vec<_>>()
+                );
+            };
+            assert_ne!(
+                settings(config),
+                base,
+                "`{key} = {v}` does not reach the node's settings"
+            );
+            checked += 1;
+        }
+        // Every key of the default file but those `run` reads itself: the
+        // top level, [p2p] and [archive].
+        assert_eq!(checked, 5 + 57 + 7);
+    }
+
     /// The default file with its commented `[archive]` section enabled,
     /// `edit` applied to the section's text.
     fn with_archive(edit: impl Fn(&str) -> String) -> String {

@@ -24,6 +24,7 @@ struct Series {
     blocks: IntCounterVec,
     bytes: IntCounterVec,
     restarts: IntCounterVec,
+    write_failures: IntCounterVec,
     failures: IntCounterVec,
     rpcs: IntCounterVec,
     inbound: IntGauge,
@@ -100,6 +101,12 @@ impl Series {
                 &r,
                 "soma_worker_restarts_total",
                 "Sync workers restarted",
+                &[],
+            ),
+            write_failures: counter(
+                &r,
+                "soma_store_write_failures_total",
+                "Batches the store failed to write (each fetched again after a pause)",
                 &[],
             ),
             failures: counter(
@@ -217,6 +224,8 @@ impl Series {
             self.advance(&self.blocks, &[], status.blocks_applied);
             self.advance(&self.bytes, &[], status.bytes_fetched);
             self.advance(&self.restarts, &[], status.restarts);
+            let writes_failed = status.store_write_failures;
+            self.advance(&self.write_failures, &[], writes_failed);
             self.advance(
                 &self.failures,
                 &["invalid_response"],
@@ -310,4 +319,92 @@ pub async fn serve(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use soma_actors::P2pConfig;
+    use soma_chain::{ChainBuilder, ChainConfig};
+    use soma_store::MemStore;
+
+    use super::*;
+
+    /// The value of the series `series` (name and labels, as exposed).
+    fn value(text: &str, series: &str) -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no series {series} in\n{text}"))
+    }
+
+    async fn scrape(handle: &P2pHandle, series: &Arc<Series>) -> String {
+        metrics(State((handle.clone(), series.clone()))).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn after_a_known_sync_the_metrics_say_exactly_what_happened() {
+        // A fresh node syncs 300 commits, three batches of 100, from one
+        // validator, with nothing going wrong.
+        let chain = ChainBuilder::new(ChainConfig::validators(4)).build(300);
+        let source = soma_testkit::validator(&chain, 1);
+        let config = P2pConfig {
+            seed_peers: soma_testkit::seeds(&[&source]),
+            ..P2pConfig::default()
+        };
+        let store = Arc::new(MemStore::new(chain.genesis()));
+        let node = soma_testkit::node(&chain, 9, config, store);
+        soma_testkit::wait_synced(&node, 300, Duration::from_secs(120)).await;
+
+        let ours = scrape(&node, &Arc::new(Series::new())).await;
+        let blocks = (1..=300).flat_map(|i| chain.blocks_of(i));
+        let bytes: usize = blocks.clone().map(|b| b.serialized().len()).sum();
+        assert_eq!(value(&ours, "soma_highest_synced_commit"), 300.0);
+        assert_eq!(value(&ours, "soma_highest_known_commit"), 300.0);
+        assert_eq!(value(&ours, "soma_commits_synced_total"), 300.0);
+        assert_eq!(
+            value(&ours, "soma_blocks_synced_total"),
+            blocks.count() as f64
+        );
+        assert_eq!(value(&ours, "soma_bytes_fetched_total"), bytes as f64);
+        assert_eq!(value(&ours, "soma_worker_restarts_total"), 0.0);
+        assert_eq!(value(&ours, "soma_store_write_failures_total"), 0.0);
+        let invalid = r#"soma_verification_failures_total{kind="invalid_response"}"#;
+        assert_eq!(value(&ours, invalid), 0.0);
+        assert_eq!(value(&ours, "soma_connected_peers"), 1.0);
+        assert_eq!(value(&ours, "soma_banned_peers"), 0.0);
+        let actors = [
+            "connections",
+            "discovery",
+            "grpc_adapter",
+            "peer_heights",
+            "reserved_slots",
+            "state_sync",
+            "verifier",
+        ];
+        for actor in actors {
+            let up = format!("soma_actor_up{{actor=\"{actor}\"}}");
+            assert_eq!(value(&ours, &up), 1.0, "{actor}");
+            let restarts = format!("soma_actor_restarts_total{{actor=\"{actor}\"}}");
+            assert_eq!(value(&ours, &restarts), 0.0, "{actor}");
+        }
+        let listed = ours.lines().filter(|l| l.starts_with("soma_actor_up{"));
+        assert_eq!(listed.count(), actors.len());
+
+        // The source served each batch once: its commits, then its blocks
+        // in one call (fewer than max-blocks-per-fetch each).
+        let theirs = scrape(&source, &Arc::new(Series::new())).await;
+        for method in ["FetchCommits", "FetchBlocks"] {
+            let served = format!("soma_rpcs_total{{method=\"{method}\",status=\"Ok\"}}");
+            assert_eq!(value(&theirs, &served), 3.0, "{method}\n{theirs}");
+        }
+        let refused = theirs
+            .lines()
+            .filter(|l| l.starts_with("soma_rpcs_total{") && !l.contains("status=\"Ok\""));
+        assert_eq!(refused.collect::<Vec<_>>(), Vec::<&str>::new());
+        assert_eq!(value(&theirs, "soma_inbound_connections"), 1.0);
+        assert_eq!(value(&theirs, "soma_fetches_in_flight"), 0.0);
+        node.shutdown().await;
+        source.shutdown().await;
+    }
 }

@@ -1,5 +1,5 @@
-//! Crash safety: a node is killed with SIGKILL at random (seeded) moments
-//! while it syncs, twenty times, and restarted each time on the same
+//! Crash safety: a node is killed with SIGKILL each time it has synced
+//! past where it was last killed, twenty times, restarted each time on the same
 //! RedbStore. After every kill the store opens, its watermark is a stored
 //! commit of the chain, nothing is missing below it, and every commit links
 //! to the one before; at the end sync completes to exactly the validators'
@@ -10,7 +10,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
-use rand::{Rng, SeedableRng};
 use soma_chain::ChainBuilder;
 use soma_store::{ConsensusStore, RedbStore};
 
@@ -99,33 +98,45 @@ fn a_node_killed_twenty_times_during_sync_loses_nothing_and_finishes() {
     let log = d.join("joiner.log");
     let store = d.join("joiner/data/chain.redb");
 
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(20261122);
-    let mut watermarks = Vec::new();
+    // Each run is killed as soon as it has synced past the last run's
+    // watermark: a moment of the sync chosen by its state, not by a clock.
+    let address = format!("127.0.0.1:{jport}");
+    let mut watermarks: Vec<u64> = Vec::new();
     for _ in 0..KILLS {
         let mut node = run_node(&config, &log);
-        // The kill point is the experiment: a random moment of the sync.
-        std::thread::sleep(Duration::from_millis(rng.random_range(50..700)));
+        let before = watermarks.last().copied().unwrap_or(0);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let seen = loop {
+            match height(&address) {
+                Some(h) if h > before => break h,
+                _ => {}
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no progress past {before}: {}",
+                fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        };
         kill(node.pid(), Signal::SIGKILL).unwrap();
         node.wait_for(Duration::from_secs(10))
             .expect("a killed node exits");
-        watermarks.push(check_store(&store, &committee, &chain));
+        let watermark = check_store(&store, &committee, &chain);
+        // What the node reported as synced was on disk.
+        assert!(watermark >= seen, "reported {seen}, stored {watermark}");
+        watermarks.push(watermark);
     }
-    let mid_sync = watermarks
-        .iter()
-        .filter(|w| **w > 0 && **w < COMMITS)
-        .count();
     assert!(
-        mid_sync >= 3,
-        "too few kills landed mid-sync: {watermarks:?}"
+        watermarks.windows(2).all(|w| w[0] < w[1]),
+        "every run made progress and kept it: {watermarks:?}"
     );
     assert!(
-        watermarks.windows(2).all(|w| w[0] <= w[1]),
-        "progress was lost: {watermarks:?}"
+        *watermarks.last().unwrap() < COMMITS,
+        "the last kill landed after the sync: slow the node down: {watermarks:?}"
     );
 
     // Once more, to the end.
     let mut node = run_node(&config, &log);
-    let address = format!("127.0.0.1:{jport}");
     let deadline = Instant::now() + Duration::from_secs(120);
     while height(&address) != Some(COMMITS) {
         assert!(

@@ -81,6 +81,8 @@ struct Evil {
     lie: Lie,
     /// Calls stalled right now (see [`serve_counting`]).
     stalled: Arc<AtomicUsize>,
+    /// FetchCommits and FetchBlocks calls received.
+    fetches: Arc<AtomicUsize>,
 }
 
 /// Counts a stalled call while it lives: a call dropped by its client
@@ -195,6 +197,7 @@ impl p2p_server::P2p for Evil {
         &self,
         request: Request<proto::FetchCommitsRequest>,
     ) -> Result<Response<proto::FetchCommitsResponse>, Status> {
+        self.fetches.fetch_add(1, Ordering::SeqCst);
         self.stall().await;
         let r = request.into_inner();
         let chain = &self.chain;
@@ -250,6 +253,7 @@ impl p2p_server::P2p for Evil {
         &self,
         request: Request<proto::FetchBlocksRequest>,
     ) -> Result<Response<BlockStream>, Status> {
+        self.fetches.fetch_add(1, Ordering::SeqCst);
         self.stall().await;
         if self.lie == Lie::ClaimsHeight {
             return Err(Status::not_found("not held"));
@@ -361,7 +365,40 @@ pub async fn serve_counting(
     lie: Lie,
     key: u8,
 ) -> (PeerId, String, Arc<AtomicUsize>) {
-    let stalled = Arc::new(AtomicUsize::new(0));
+    let served = serve_observed(chain, lie, key).await;
+    (served.peer, served.address, served.stalled)
+}
+
+/// A byzantine peer started by [`serve_observed`], and what it sees.
+pub struct Served {
+    /// Its peer id.
+    pub peer: PeerId,
+    /// Its address.
+    pub address: String,
+    /// Calls stalled right now.
+    pub stalled: Arc<AtomicUsize>,
+    /// FetchCommits and FetchBlocks calls it has received.
+    pub fetches: Arc<AtomicUsize>,
+}
+
+impl Served {
+    /// Its seed entry.
+    pub fn seed(&self) -> soma_actors::discovery::SeedPeer {
+        soma_actors::discovery::SeedPeer {
+            peer_id: Some(self.peer),
+            address: self.address.clone(),
+        }
+    }
+
+    /// Fetches it has received so far.
+    pub fn fetches(&self) -> usize {
+        self.fetches.load(Ordering::SeqCst)
+    }
+}
+
+/// Like [`serve`], returning what the peer sees as well.
+pub async fn serve_observed(chain: Arc<Chain>, lie: Lie, key: u8) -> Served {
+    let (stalled, fetches) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let identity =
         NodeIdentity::generate(&KeyPair::from_seed([key; 32])).expect("an identity is made");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -379,8 +416,14 @@ pub async fn serve_counting(
                 chain,
                 lie,
                 stalled: stalled.clone(),
+                fetches: fetches.clone(),
             }))
             .serve_with_incoming(tls::incoming(listener, config)),
     );
-    (identity.peer_id(), address, stalled)
+    Served {
+        peer: identity.peer_id(),
+        address,
+        stalled,
+        fetches,
+    }
 }

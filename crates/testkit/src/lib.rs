@@ -5,6 +5,7 @@
 
 pub mod attack;
 pub mod byzantine;
+pub mod failing_store;
 pub mod impair;
 
 use std::sync::Arc;
@@ -179,6 +180,70 @@ pub fn assert_same_chain(chain: &Chain, store: &dyn ConsensusStore) {
             c.epoch()
         );
     }
+    assert_eq!(
+        store.lowest_available_commit().expect("the store reads"),
+        1,
+        "the lowest commit kept"
+    );
+    assert_certified(chain, store, 1..=chain.tip());
+}
+
+/// Asserts that every certificate `store` holds for a commit of `range` is
+/// a quorum of the source's certifier blocks of that commit (blocks by the
+/// committee that voted for it, no author twice), and that every commit of
+/// `range` is covered: a commit at or after it, in its epoch, is
+/// certified, so the store can serve every batch of the range to others.
+/// Returns how many commits hold a certificate.
+pub fn assert_certified(
+    chain: &Chain,
+    store: &dyn ConsensusStore,
+    range: std::ops::RangeInclusive<soma_types::CommitIndex>,
+) -> usize {
+    let mut certified = Vec::new();
+    for i in range.clone() {
+        let Some(certificate) = store.certificate(i).expect("the store reads") else {
+            continue;
+        };
+        let source: Vec<_> = chain
+            .certificate(i)
+            .iter()
+            .map(|b| b.serialized())
+            .collect();
+        let committee = chain.committee_of(i);
+        let mut authors = std::collections::HashSet::new();
+        let mut stake = 0;
+        for block in &certificate {
+            assert!(
+                source.contains(&block.serialized()),
+                "commit {i}: certifier {} is not one of the source's",
+                block.reference()
+            );
+            let author = block.block().author;
+            assert!(authors.insert(author), "commit {i}: author {author} twice");
+            assert!(
+                block.block().commit_votes.contains(&chain.commit_ref(i)),
+                "commit {i}: certifier {} does not vote for it",
+                block.reference()
+            );
+            stake += committee.stake(author);
+        }
+        assert!(
+            committee.is_quorum(stake),
+            "commit {i}: certificate of {} blocks holds no quorum",
+            certificate.len()
+        );
+        certified.push(i);
+    }
+    for i in range {
+        let epoch = chain.commit(i).commit().epoch;
+        let last = chain.epoch_last(epoch).unwrap_or(chain.tip());
+        assert!(
+            certified.iter().any(|&c| c >= i && c <= last),
+            "commit {i}: no certified commit from it to the end of epoch {epoch}: \
+             the store could not serve it"
+        );
+    }
+    certified.len()
 }
 
 /// Waits until `node` has banned every peer of `peers`, polling every

@@ -320,6 +320,7 @@ pub fn check_store(path: &Path, committee: &Committee, chain: &Chain) -> u64 {
             "a block of commit {index} is missing below the watermark"
         );
     }
+    soma_testkit::assert_certified(chain, &store, 1..=watermark.index);
     watermark.index
 }
 

@@ -1,0 +1,108 @@
+//! A store whose disk fills up on demand: writes of batches past a commit
+//! fail, reads pass through.
+
+use std::ops::RangeInclusive;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use soma_store::{ConsensusStore, Error, MemStore, Result, SyncedBatch};
+use soma_types::{
+    BlockRef, CommitIndex, CommitRef, Committee, Epoch, TrustedCommit, VerifiedBlock,
+};
+
+/// A [`MemStore`] that refuses batch writes holding a commit above a
+/// chosen index with [`Error::Database`], as a full disk would, until
+/// healed. Every other call passes through.
+pub struct FailingStore {
+    inner: MemStore,
+    /// Writes of a commit above this fail (`u64::MAX`: none).
+    fail_above: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl FailingStore {
+    /// A store over `inner` that fails nothing yet.
+    pub fn new(inner: MemStore) -> Self {
+        FailingStore {
+            inner,
+            fail_above: AtomicU64::new(u64::MAX),
+            failed: AtomicU64::new(0),
+        }
+    }
+
+    /// From now on, a batch write holding a commit above `index` fails.
+    pub fn fail_writes_above(&self, index: CommitIndex) {
+        self.fail_above.store(index, Ordering::SeqCst);
+    }
+
+    /// Writes succeed again.
+    pub fn heal(&self) {
+        self.fail_above.store(u64::MAX, Ordering::SeqCst);
+    }
+
+    /// Writes failed so far.
+    pub fn failed_writes(&self) -> u64 {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    /// The store underneath.
+    pub fn inner(&self) -> &MemStore {
+        &self.inner
+    }
+}
+
+impl ConsensusStore for FailingStore {
+    fn version(&self) -> u64 {
+        self.inner.version()
+    }
+    fn highest_synced_commit(&self) -> Result<CommitRef> {
+        self.inner.highest_synced_commit()
+    }
+    fn lowest_available_commit(&self) -> Result<CommitIndex> {
+        self.inner.lowest_available_commit()
+    }
+    fn commit(&self, index: CommitIndex) -> Result<Option<TrustedCommit>> {
+        self.inner.commit(index)
+    }
+    fn commits_in_range(
+        &self,
+        range: RangeInclusive<CommitIndex>,
+        max_bytes: usize,
+    ) -> Result<Vec<TrustedCommit>> {
+        self.inner.commits_in_range(range, max_bytes)
+    }
+    fn block(&self, block: &BlockRef) -> Result<Option<VerifiedBlock>> {
+        self.inner.block(block)
+    }
+    fn blocks(&self, refs: &[BlockRef]) -> Result<Vec<Option<VerifiedBlock>>> {
+        self.inner.blocks(refs)
+    }
+    fn certificate(&self, index: CommitIndex) -> Result<Option<Vec<VerifiedBlock>>> {
+        self.inner.certificate(index)
+    }
+    fn highest_certified_in(
+        &self,
+        range: RangeInclusive<CommitIndex>,
+    ) -> Result<Option<CommitIndex>> {
+        self.inner.highest_certified_in(range)
+    }
+    fn committee(&self, epoch: Epoch) -> Result<Option<Committee>> {
+        self.inner.committee(epoch)
+    }
+    fn last_commit_of_epoch(&self, epoch: Epoch) -> Result<Option<CommitIndex>> {
+        self.inner.last_commit_of_epoch(epoch)
+    }
+    fn write_synced_batch(&self, batch: SyncedBatch) -> Result<()> {
+        let last = batch.commits.last().map_or(0, TrustedCommit::index);
+        if last > self.fail_above.load(Ordering::SeqCst) {
+            self.failed.fetch_add(1, Ordering::SeqCst);
+            return Err(Error::Database("no space left on device".into()));
+        }
+        self.inner.write_synced_batch(batch)
+    }
+    fn insert_certificate(&self, index: CommitIndex, blocks: Vec<VerifiedBlock>) -> Result<()> {
+        self.inner.insert_certificate(index, blocks)
+    }
+    fn prune_below(&self, index: CommitIndex) -> Result<()> {
+        self.inner.prune_below(index)
+    }
+}
