@@ -3,7 +3,7 @@ CARGO ?= cargo
 # nextest runs test binaries in parallel; plain `cargo test` is the fallback.
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: all build test lint deny no-test-hooks fmt bench bench-quick bench-micro demo soak fuzz doc netns-test archive-s3-test clean
+.PHONY: all build test lint deny no-test-hooks fmt bench bench-quick bench-micro sim demo soak fuzz doc netns-test archive-s3-test clean
 
 all: build
 
@@ -84,6 +84,11 @@ soak:
 ## reference and writes docs/benchmarks.md and docs/benchmarks.json (under 15 min)
 bench:
 	$(CARGO) run --release --locked -p soma-bench
+
+## sim: networks of 1,000 and 10,000 simulated nodes (the production Discovery
+## core in virtual time): convergence, churn, partition; writes docs/simulation.md
+sim:
+	$(CARGO) run --release --locked -p soma-sim -- --out docs/simulation.md
 
 ## bench-quick: every benchmark at a tiny size (about a minute), written under target/bench-quick/
 bench-quick:

@@ -102,10 +102,16 @@ impl<C: Core> Driver<C> {
     /// Feeds `input` to the core at the current time, recording both the
     /// input and every output.
     pub fn step(&mut self, input: C::Input) -> Vec<C::Output> {
+        let now = self.now();
+        self.step_at(now, input)
+    }
+
+    /// Feeds `input` at time `now` rather than the clock's: for a
+    /// simulation in virtual time, whose traces replay like any other.
+    pub fn step_at(&mut self, now: Time, input: C::Input) -> Vec<C::Output> {
         // An injected panic comes before the input is recorded: the trace
         // holds only inputs the core handled.
         self.faults.on_input(C::NAME);
-        let now = self.now();
         if let Some(r) = self.recorder.as_mut() {
             r.record(C::NAME, now, "in", &input);
         }
@@ -116,6 +122,12 @@ impl<C: Core> Driver<C> {
             }
         }
         outputs
+    }
+
+    /// The recorder, once the driver is done with it (a simulation's
+    /// trace).
+    pub fn into_recorder(self) -> Option<Recorder> {
+        self.recorder
     }
 
     /// The core, for reads that are not inputs (metrics, debugging).

@@ -339,6 +339,12 @@ impl Core for DiscoveryCore {
 }
 
 impl DiscoveryCore {
+    /// The peers known now, in id order (a read, not an input: for
+    /// metrics and simulations).
+    pub fn known_peers(&self) -> impl Iterator<Item = &PeerId> {
+        self.known.keys()
+    }
+
     fn acceptable(&self, peer: &PeerId) -> bool {
         *peer != self.init.local
             && (self.init.access == Access::Public || self.allowlist.contains(peer))

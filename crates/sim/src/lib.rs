@@ -1,0 +1,11 @@
+//! A deterministic simulator of soma-p2p networks: thousands of nodes made
+//! of the production sans-I/O cores, in virtual time, from one seed.
+//!
+//! [`net`] is the network (links, churn, partitions) around the real
+//! Discovery core; [`scenarios`] are the experiments `make sim` runs and
+//! writes to docs/simulation.md. The same seed gives the same run, bit for
+//! bit ([`net::Sim::digest`]), and any node's inputs can be written as a
+//! trace the replay harness replays.
+
+pub mod net;
+pub mod scenarios;

@@ -1,0 +1,787 @@
+//! The simulated network: nodes made of the production Discovery core,
+//! links with a round trip per pair of regions, jitter and loss, churn and
+//! partitions, all driven by one event queue in virtual time from one
+//! seed. Nothing reads a clock or a socket, so a run is a pure function of
+//! its [`Settings`] and the actions applied to it.
+//!
+//! What stands in for the node's shells, in the same way they behave:
+//!
+//! - **Connections.** A dial takes two round trips (TCP and TLS) and
+//!   succeeds if the target is up, reachable, and the dialler holds fewer
+//!   than `max_connections` connections; otherwise it fails after
+//!   `call_timeout_ms` (the target does not answer) or one round trip (it
+//!   refuses). A connection to a node that leaves, or across a partition,
+//!   breaks after `call_timeout_ms`.
+//! - **GetKnownPeers.** A query goes to a connected peer with the caller's
+//!   own info (the connect-back the real shell sends); the peer's core
+//!   serves it, and the answer comes back with the peer's own info first,
+//!   as the real service answers. Either leg may be lost.
+//! - **Infos** carry blank signatures: the core trusts what the Verifier
+//!   passed, and signatures are not what is simulated.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::net::{IpAddr, Ipv4Addr};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use soma_actors::discovery::{Config, DiscoveryCore, Init, Input, Output, SeedPeer};
+use soma_actors::replay::Recorder;
+use soma_actors::{Driver, Time};
+use soma_types::{Access, NodeInfo, PeerId, Signature, SignedNodeInfo};
+
+/// The wall clock at virtual time 0, in milliseconds since the Unix epoch.
+pub const START_UNIX_MS: u64 = 1_750_000_000_000;
+
+/// Round trips between regions, in milliseconds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Latency {
+    /// The regions' names.
+    pub regions: Vec<&'static str>,
+    /// `rtt_ms[a][b]`: the round trip between a node in `a` and one in `b`.
+    pub rtt_ms: Vec<Vec<u64>>,
+}
+
+impl Latency {
+    /// One region: every round trip is `rtt_ms`.
+    pub fn uniform(rtt_ms: u64) -> Self {
+        Latency {
+            regions: vec!["local"],
+            rtt_ms: vec![vec![rtt_ms]],
+        }
+    }
+
+    /// Five regions with round trips of the order public clouds measure
+    /// between them (within a region: a few milliseconds).
+    pub fn world() -> Self {
+        Latency {
+            regions: vec!["us-east", "us-west", "europe", "asia", "south-america"],
+            rtt_ms: vec![
+                vec![4, 65, 80, 190, 120],
+                vec![65, 4, 140, 130, 170],
+                vec![80, 140, 4, 220, 200],
+                vec![190, 130, 220, 4, 300],
+                vec![120, 170, 200, 300, 4],
+            ],
+        }
+    }
+}
+
+/// What the simulated network is made of.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    /// Nodes at the start.
+    pub nodes: usize,
+    /// The first `seeds` nodes are every other node's seed peers.
+    pub seeds: usize,
+    /// Seed of everything random: latencies, losses, the cores' own
+    /// randomness, churn.
+    pub seed: u64,
+    /// Every node's Discovery settings.
+    pub discovery: Config,
+    /// Round trips between regions; nodes are spread over them evenly.
+    pub latency: Latency,
+    /// Each delivery takes its leg's time times a factor drawn from
+    /// `1 ± jitter`.
+    pub jitter: f64,
+    /// Probability that a message (a query or its answer) is lost.
+    pub loss: f64,
+    /// How long a call or dial waits for an answer, in milliseconds.
+    pub call_timeout_ms: u64,
+    /// Connections a node holds at most (its Connections actor's limit).
+    pub max_connections: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            nodes: 100,
+            seeds: 1,
+            seed: 1,
+            discovery: Config::default(),
+            latency: Latency::world(),
+            jitter: 0.1,
+            loss: 0.0,
+            call_timeout_ms: 10_000,
+            max_connections: 32,
+        }
+    }
+}
+
+/// Counts over the whole run.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// GetKnownPeers calls sent.
+    pub queries: u64,
+    /// Calls answered (not lost, not rate limited).
+    pub answers: u64,
+    /// Calls refused by the callee's rate limit.
+    pub rate_limited: u64,
+    /// Messages lost.
+    pub lost: u64,
+    /// Infos received in answers.
+    pub infos: u64,
+    /// Bytes of the answers (their infos, encoded).
+    pub bytes: u64,
+    /// Dials started.
+    pub dials: u64,
+    /// Dials that failed.
+    pub dials_failed: u64,
+    /// Connections broken by a leave or a partition.
+    pub broken: u64,
+}
+
+/// One node's view, sampled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeView {
+    /// The node.
+    pub index: usize,
+    /// Whether it runs.
+    pub up: bool,
+    /// Peers in its known-peer table.
+    pub known: usize,
+    /// Of those, peers that are up now.
+    pub known_up: usize,
+    /// Peers it holds a connection to.
+    pub connected: usize,
+    /// Virtual time it was last started, in milliseconds.
+    pub started_ms: u64,
+}
+
+#[derive(Debug)]
+enum Event {
+    Tick {
+        node: usize,
+        incarnation: u32,
+    },
+    Dialled {
+        node: usize,
+        incarnation: u32,
+        target: Option<usize>,
+        address: String,
+        expected: Option<PeerId>,
+        ok: bool,
+    },
+    Query {
+        from: usize,
+        to: usize,
+        incarnation: u32,
+        info: SignedNodeInfo,
+    },
+    Answer {
+        to: usize,
+        from: usize,
+        incarnation: u32,
+        infos: Vec<SignedNodeInfo>,
+    },
+    Broken {
+        node: usize,
+        incarnation: u32,
+        peer: usize,
+    },
+}
+
+struct Node {
+    id: PeerId,
+    address: String,
+    region: usize,
+    up: bool,
+    /// Raised at each restart: events of an earlier incarnation are
+    /// dropped.
+    incarnation: u32,
+    started_ms: u64,
+    /// Peers this node dialled and holds a connection to.
+    connections: BTreeSet<usize>,
+    driver: Driver<DiscoveryCore>,
+}
+
+/// The simulation.
+pub struct Sim {
+    settings: Settings,
+    rng: ChaCha8Rng,
+    now: u64,
+    sequence: u64,
+    queue: BinaryHeap<Reverse<(u64, u64)>>,
+    events: BTreeMap<u64, Event>,
+    nodes: Vec<Node>,
+    by_address: BTreeMap<String, usize>,
+    /// The side of the partition each node is on, while one holds.
+    sides: Option<Vec<bool>>,
+    /// Which node's core records a trace, if any.
+    recorded: Option<usize>,
+    counts: Counts,
+    /// Every input and output, hashed in order: equal for equal runs.
+    digest: blake3::Hasher,
+}
+
+/// The peer id of node `index`: deterministic, distinct.
+pub fn peer_id(index: usize) -> PeerId {
+    let mut id = [0u8; 32];
+    id[..8].copy_from_slice(&(index as u64).to_le_bytes());
+    id[31] = 0x51;
+    PeerId(id)
+}
+
+/// The address of node `index`: each node in its own /24 of 16.0.0.0/4.
+pub fn address(index: usize) -> String {
+    let ip = Ipv4Addr::from(0x1000_0000 + ((index as u32) << 8) + 1);
+    format!("{ip}:7000")
+}
+
+fn info(id: PeerId, address: &str, timestamp_ms: u64) -> SignedNodeInfo {
+    SignedNodeInfo {
+        info: NodeInfo {
+            peer_id: id,
+            addresses: vec![address.to_string()],
+            timestamp_ms,
+            access: Access::Public,
+        },
+        signature: Signature([0; 64]),
+    }
+}
+
+/// Bytes of one info as the wire carries it (one IPv4 address).
+const INFO_BYTES: u64 = 32 + 8 + 1 + 1 + 16 + 64 + 8;
+
+impl Sim {
+    /// A network of `settings.nodes` nodes, none started yet; `recorded`
+    /// names the node whose core records a trace.
+    pub fn new(settings: Settings, recorded: Option<usize>) -> Self {
+        let rng = ChaCha8Rng::seed_from_u64(settings.seed);
+        let mut sim = Sim {
+            settings,
+            rng,
+            now: 0,
+            sequence: 0,
+            queue: BinaryHeap::new(),
+            events: BTreeMap::new(),
+            nodes: Vec::new(),
+            by_address: BTreeMap::new(),
+            sides: None,
+            recorded,
+            counts: Counts::default(),
+            digest: blake3::Hasher::new(),
+        };
+        for _ in 0..sim.settings.nodes {
+            sim.add_node();
+        }
+        sim
+    }
+
+    /// Virtual time now, in milliseconds.
+    pub fn now(&self) -> u64 {
+        self.now
+    }
+
+    /// Counts so far.
+    pub fn counts(&self) -> &Counts {
+        &self.counts
+    }
+
+    /// The number of nodes ever made (up or not).
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether there is no node.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// A hash of every input and output so far: two runs are the same run
+    /// exactly when their digests are equal.
+    pub fn digest(&self) -> [u8; 32] {
+        *self.digest.clone().finalize().as_bytes()
+    }
+
+    /// The trace of the recorded node so far, if one records.
+    pub fn trace(self) -> Option<String> {
+        let index = self.recorded?;
+        let node = self.nodes.into_iter().nth(index)?;
+        node.driver.into_recorder().map(Recorder::into_string)
+    }
+
+    /// Adds a node (not started): its region, identity and address.
+    pub fn add_node(&mut self) -> usize {
+        let index = self.nodes.len();
+        let region = index % self.settings.latency.regions.len();
+        let (id, address) = (peer_id(index), address(index));
+        self.by_address.insert(address.clone(), index);
+        let driver = self.make_driver(index, id);
+        self.nodes.push(Node {
+            id,
+            address,
+            region,
+            up: false,
+            incarnation: 0,
+            started_ms: 0,
+            connections: BTreeSet::new(),
+            driver,
+        });
+        index
+    }
+
+    fn init(&mut self, index: usize, id: PeerId) -> Init {
+        let seeds = (0..self.settings.seeds)
+            .filter(|s| *s != index)
+            .map(|s| SeedPeer {
+                peer_id: Some(peer_id(s)),
+                address: address(s),
+            })
+            .collect();
+        Init {
+            config: self.settings.discovery.clone(),
+            seeds,
+            ..Init::new(id, self.rng.random())
+        }
+    }
+
+    fn make_driver(&mut self, index: usize, id: PeerId) -> Driver<DiscoveryCore> {
+        let init = self.init(index, id);
+        let recorder = (self.recorded == Some(index)).then(Recorder::to_string_buffer);
+        Driver::new(init, recorder)
+    }
+
+    /// Starts node `index`; after a leave, with a fresh core, as a
+    /// restarted process has. Its first round comes within an interval.
+    pub fn start(&mut self, index: usize) {
+        if self.nodes[index].incarnation > 0 {
+            let init = self.init(index, self.nodes[index].id);
+            self.nodes[index].driver.restart(init);
+        }
+        let node = &mut self.nodes[index];
+        node.up = true;
+        node.started_ms = self.now;
+        node.incarnation += 1;
+        node.connections.clear();
+        let incarnation = node.incarnation;
+        let interval = self.settings.discovery.interval_ms.max(1);
+        let first = self.rng.random_range(0..interval);
+        self.schedule(
+            first,
+            Event::Tick {
+                node: index,
+                incarnation,
+            },
+        );
+    }
+
+    /// Starts every node.
+    pub fn start_all(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.start(i);
+        }
+    }
+
+    /// Stops node `index`: its peers' connections to it break.
+    pub fn stop(&mut self, index: usize) {
+        self.nodes[index].up = false;
+        self.nodes[index].connections.clear();
+        self.break_links(|a, b| a == index || b == index);
+    }
+
+    /// Splits the network: nodes for which `side` is true on one side.
+    /// Connections across break; calls across are lost.
+    pub fn partition(&mut self, side: impl Fn(usize) -> bool) {
+        let sides: Vec<bool> = (0..self.nodes.len()).map(side).collect();
+        self.sides = Some(sides.clone());
+        self.break_links(|a, b| sides.get(a) != sides.get(b));
+    }
+
+    /// Ends the partition.
+    pub fn heal(&mut self) {
+        self.sides = None;
+    }
+
+    fn break_links(&mut self, broken: impl Fn(usize, usize) -> bool) {
+        let timeout = self.settings.call_timeout_ms;
+        for a in 0..self.nodes.len() {
+            let gone: Vec<usize> = self.nodes[a]
+                .connections
+                .iter()
+                .copied()
+                .filter(|b| broken(a, *b))
+                .collect();
+            for b in gone {
+                let incarnation = self.nodes[a].incarnation;
+                self.schedule(
+                    timeout,
+                    Event::Broken {
+                        node: a,
+                        incarnation,
+                        peer: b,
+                    },
+                );
+            }
+        }
+    }
+
+    fn reachable(&self, a: usize, b: usize) -> bool {
+        self.nodes[b].up && self.sides.as_ref().is_none_or(|s| s.get(a) == s.get(b))
+    }
+
+    /// One leg (half a round trip) between `a` and `b`, jittered.
+    fn leg(&mut self, a: usize, b: usize) -> u64 {
+        let (ra, rb) = (self.nodes[a].region, self.nodes[b].region);
+        let rtt = self.settings.latency.rtt_ms[ra][rb] as f64;
+        let jitter = self.settings.jitter;
+        let factor = if jitter > 0.0 {
+            self.rng.random_range(1.0 - jitter..=1.0 + jitter)
+        } else {
+            1.0
+        };
+        ((rtt / 2.0) * factor).round().max(1.0) as u64
+    }
+
+    fn lost(&mut self) -> bool {
+        let lost = self.settings.loss > 0.0 && self.rng.random_bool(self.settings.loss);
+        self.counts.lost += u64::from(lost);
+        lost
+    }
+
+    fn schedule(&mut self, after: u64, event: Event) {
+        self.sequence += 1;
+        self.queue.push(Reverse((self.now + after, self.sequence)));
+        self.events.insert(self.sequence, event);
+    }
+
+    /// Runs every event up to virtual time `until`.
+    pub fn run_until(&mut self, until: u64) {
+        while let Some(&Reverse((at, sequence))) = self.queue.peek() {
+            if at > until {
+                break;
+            }
+            self.queue.pop();
+            self.now = at;
+            let event = self
+                .events
+                .remove(&sequence)
+                .expect("every queued event is stored");
+            self.handle(event);
+        }
+        self.now = self.now.max(until);
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Tick { node, incarnation } => {
+                if !self.current(node, incarnation) {
+                    return;
+                }
+                let unix_ms = START_UNIX_MS + self.now;
+                self.step(node, Input::Tick { unix_ms });
+                let interval = self.settings.discovery.interval_ms.max(1);
+                self.schedule(interval, Event::Tick { node, incarnation });
+            }
+            Event::Dialled {
+                node,
+                incarnation,
+                target,
+                address,
+                expected,
+                ok,
+            } => {
+                if !self.current(node, incarnation) {
+                    return;
+                }
+                match target.filter(|_| ok) {
+                    Some(t) => {
+                        self.nodes[node].connections.insert(t);
+                        let peer = self.nodes[t].id;
+                        self.step(node, Input::Connected { peer, address });
+                    }
+                    None => {
+                        self.counts.dials_failed += 1;
+                        self.step(
+                            node,
+                            Input::DialFailed {
+                                peer: expected,
+                                address,
+                            },
+                        );
+                    }
+                }
+            }
+            Event::Query {
+                from,
+                to,
+                incarnation,
+                info,
+            } => {
+                if !self.nodes[to].up {
+                    return;
+                }
+                let unix_ms = START_UNIX_MS + self.now;
+                let remote = address(from)
+                    .split(':')
+                    .next()
+                    .and_then(|ip| ip.parse::<IpAddr>().ok());
+                let id = self.sequence;
+                let outputs = self.step(
+                    to,
+                    Input::Serve {
+                        id,
+                        caller: Some(self.nodes[from].id),
+                        info: Some(info),
+                        unix_ms,
+                        remote,
+                    },
+                );
+                for output in outputs {
+                    match output {
+                        Output::Answer { infos, .. } => {
+                            if self.lost() || !self.reachable(to, from) {
+                                continue;
+                            }
+                            let own = info_of(&self.nodes[to], unix_ms);
+                            let infos = std::iter::once(own).chain(infos).collect();
+                            let leg = self.leg(to, from);
+                            self.schedule(
+                                leg,
+                                Event::Answer {
+                                    to: from,
+                                    from: to,
+                                    incarnation,
+                                    infos,
+                                },
+                            );
+                        }
+                        Output::RateLimited { .. } => self.counts.rate_limited += 1,
+                        _ => {}
+                    }
+                }
+            }
+            Event::Answer {
+                to,
+                from,
+                incarnation,
+                infos,
+            } => {
+                if !self.current(to, incarnation) {
+                    return;
+                }
+                self.counts.answers += 1;
+                self.counts.infos += infos.len() as u64;
+                self.counts.bytes += infos.len() as u64 * INFO_BYTES;
+                let unix_ms = START_UNIX_MS + self.now;
+                let source = Some(self.nodes[from].id);
+                self.step(
+                    to,
+                    Input::Learned {
+                        source,
+                        infos,
+                        unix_ms,
+                    },
+                );
+            }
+            Event::Broken {
+                node,
+                incarnation,
+                peer,
+            } => {
+                if !self.current(node, incarnation) || !self.nodes[node].connections.remove(&peer) {
+                    return;
+                }
+                self.counts.broken += 1;
+                let peer = self.nodes[peer].id;
+                self.step(node, Input::Disconnected { peer });
+            }
+        }
+    }
+
+    fn current(&self, node: usize, incarnation: u32) -> bool {
+        self.nodes[node].up && self.nodes[node].incarnation == incarnation
+    }
+
+    /// Feeds `input` to node `node`'s core now and carries out what it asks.
+    fn step(&mut self, node: usize, input: Input) -> Vec<Output> {
+        self.digest.update(&(node as u64).to_le_bytes());
+        self.digest.update(&self.now.to_le_bytes());
+        hash_input(&mut self.digest, &input);
+        let outputs = self.nodes[node].driver.step_at(Time(self.now), input);
+        let mut rest = Vec::new();
+        for output in outputs {
+            hash_output(&mut self.digest, &output);
+            match output {
+                Output::Query { peer } => self.query(node, peer),
+                Output::Dial { peer, address } => self.dial(node, peer, address),
+                other => rest.push(other),
+            }
+        }
+        rest
+    }
+
+    fn query(&mut self, from: usize, peer: PeerId) {
+        let Some(to) = self.index_of(&peer) else {
+            return;
+        };
+        self.counts.queries += 1;
+        if !self.nodes[from].connections.contains(&to) || self.lost() || !self.reachable(from, to) {
+            return;
+        }
+        let info = info_of(&self.nodes[from], START_UNIX_MS + self.now);
+        let incarnation = self.nodes[from].incarnation;
+        let leg = self.leg(from, to);
+        self.schedule(
+            leg,
+            Event::Query {
+                from,
+                to,
+                incarnation,
+                info,
+            },
+        );
+    }
+
+    fn dial(&mut self, node: usize, expected: Option<PeerId>, address: String) {
+        self.counts.dials += 1;
+        let target = self.by_address.get(&address).copied();
+        let incarnation = self.nodes[node].incarnation;
+        let (after, ok) = match target {
+            Some(t) if t != node && self.reachable(node, t) => {
+                let full = self.nodes[node].connections.len() >= self.settings.max_connections;
+                let wrong = expected.is_some_and(|p| p != self.nodes[t].id);
+                let rtt = self.leg(node, t) * 2;
+                (if full || wrong { rtt } else { 2 * rtt }, !full && !wrong)
+            }
+            _ => (self.settings.call_timeout_ms, false),
+        };
+        self.schedule(
+            after,
+            Event::Dialled {
+                node,
+                incarnation,
+                target,
+                address,
+                expected,
+                ok,
+            },
+        );
+    }
+
+    fn index_of(&self, peer: &PeerId) -> Option<usize> {
+        let mut n = [0u8; 8];
+        n.copy_from_slice(&peer.0[..8]);
+        let index = u64::from_le_bytes(n) as usize;
+        (index < self.nodes.len() && self.nodes[index].id == *peer).then_some(index)
+    }
+
+    /// Every node's view now.
+    pub fn views(&self) -> Vec<NodeView> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .map(|(index, n)| {
+                let known: Vec<usize> = n
+                    .driver
+                    .core()
+                    .known_peers()
+                    .filter_map(|p| self.index_of(p))
+                    .collect();
+                NodeView {
+                    index,
+                    up: n.up,
+                    known: known.len(),
+                    known_up: known.iter().filter(|k| self.nodes[**k].up).count(),
+                    connected: n.connections.len(),
+                    started_ms: n.started_ms,
+                }
+            })
+            .collect()
+    }
+
+    /// The nodes node `index` knows.
+    pub fn known_by(&self, index: usize) -> Vec<usize> {
+        self.nodes[index]
+            .driver
+            .core()
+            .known_peers()
+            .filter_map(|p| self.index_of(p))
+            .collect()
+    }
+
+    /// The nodes node `index` holds a connection to.
+    pub fn connections_of(&self, index: usize) -> Vec<usize> {
+        self.nodes[index].connections.iter().copied().collect()
+    }
+
+    /// The settings the network was made with.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+}
+
+fn info_of(node: &Node, unix_ms: u64) -> SignedNodeInfo {
+    info(node.id, &node.address, unix_ms)
+}
+
+/// Feeds what identifies `input` to `h`: its kind and every peer, address
+/// and time it names (cheaper than its whole text, as precise for a run).
+fn hash_input(h: &mut blake3::Hasher, input: &Input) {
+    match input {
+        Input::Tick { unix_ms } => {
+            h.update(b"t");
+            h.update(&unix_ms.to_le_bytes());
+        }
+        Input::Connected { peer, address } => {
+            h.update(b"c");
+            h.update(&peer.0);
+            h.update(address.as_bytes());
+        }
+        Input::Disconnected { peer } => {
+            h.update(b"d");
+            h.update(&peer.0);
+        }
+        Input::DialFailed { peer, address } => {
+            h.update(b"f");
+            h.update(&peer.map_or([0; 32], |p| p.0));
+            h.update(address.as_bytes());
+        }
+        Input::Learned { source, infos, .. } => {
+            h.update(b"l");
+            h.update(&source.map_or([0; 32], |p| p.0));
+            hash_infos(h, infos);
+        }
+        Input::Serve { id, caller, .. } => {
+            h.update(b"s");
+            h.update(&id.to_le_bytes());
+            h.update(&caller.map_or([0; 32], |p| p.0));
+        }
+        Input::KnownPeers => {
+            h.update(b"k");
+        }
+    }
+}
+
+fn hash_output(h: &mut blake3::Hasher, output: &Output) {
+    match output {
+        Output::Query { peer } => {
+            h.update(b"Q");
+            h.update(&peer.0);
+        }
+        Output::Dial { address, .. } => {
+            h.update(b"D");
+            h.update(address.as_bytes());
+        }
+        Output::Answer { id, infos } => {
+            h.update(b"A");
+            h.update(&id.to_le_bytes());
+            hash_infos(h, infos);
+        }
+        Output::RateLimited { id } => {
+            h.update(b"R");
+            h.update(&id.to_le_bytes());
+        }
+        Output::Known(infos) => {
+            h.update(b"K");
+            hash_infos(h, infos);
+        }
+    }
+}
+
+fn hash_infos(h: &mut blake3::Hasher, infos: &[SignedNodeInfo]) {
+    for i in infos {
+        h.update(&i.info.peer_id.0);
+        h.update(&i.info.timestamp_ms.to_le_bytes());
+    }
+}

@@ -1,0 +1,274 @@
+//! The experiments: what a real network needs to know about discovery,
+//! answered on the simulated one. Each returns figures; `make sim` prints
+//! them into docs/simulation.md and the tests assert their properties.
+
+use rand::seq::IndexedRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::net::{Latency, NodeView, Settings, Sim};
+
+/// Every node connected to at least `target` peers (or all the others,
+/// in a smaller network) and knowing at least as many.
+pub fn converged(views: &[NodeView], target: usize) -> bool {
+    let up = views.iter().filter(|v| v.up).count();
+    let want = target.min(up.saturating_sub(1));
+    views
+        .iter()
+        .filter(|v| v.up)
+        .all(|v| v.connected >= want && v.known >= want)
+}
+
+/// Whether the connections of the nodes that are up join them into one
+/// network (a connection counts both ways).
+pub fn one_network(sim: &Sim) -> bool {
+    components(sim) == 1
+}
+
+/// The number of separate networks the up nodes' connections make.
+pub fn components(sim: &Sim) -> usize {
+    let n = sim.len();
+    let mut parent: Vec<usize> = (0..n).collect();
+    fn root(parent: &mut [usize], mut x: usize) -> usize {
+        while parent[x] != x {
+            parent[x] = parent[parent[x]];
+            x = parent[x];
+        }
+        x
+    }
+    let views = sim.views();
+    for v in views.iter().filter(|v| v.up) {
+        for c in sim.connections_of(v.index) {
+            let (a, b) = (root(&mut parent, v.index), root(&mut parent, c));
+            parent[a] = b;
+        }
+    }
+    let mut roots: Vec<usize> = views
+        .iter()
+        .filter(|v| v.up)
+        .map(|v| root(&mut parent, v.index))
+        .collect();
+    roots.sort_unstable();
+    roots.dedup();
+    roots.len()
+}
+
+/// How a network of `nodes` converged from `seeds` seed nodes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Convergence {
+    /// Nodes.
+    pub nodes: usize,
+    /// The seed of the run.
+    pub seed: u64,
+    /// Discovery intervals until every node was converged, if it was
+    /// within the run.
+    pub intervals: Option<u64>,
+    /// Virtual time to convergence, in milliseconds.
+    pub time_ms: Option<u64>,
+    /// GetKnownPeers calls per node per interval, over the run.
+    pub calls_per_node_interval: f64,
+    /// Answer bytes received per node per interval, over the run.
+    pub bytes_per_node_interval: f64,
+    /// Known peers per node at the end: fewest and median.
+    pub known_min: usize,
+    /// Median known peers per node at the end.
+    pub known_median: usize,
+}
+
+/// Starts every node at once (each seeded with the first `seeds`) and runs
+/// until converged or `max_intervals` have passed.
+pub fn convergence(settings: Settings, max_intervals: u64) -> Convergence {
+    let interval = settings.discovery.interval_ms.max(1);
+    let target = settings.discovery.target_concurrent_connections;
+    let (nodes, seed) = (settings.nodes, settings.seed);
+    let mut sim = Sim::new(settings, None);
+    sim.start_all();
+    let mut intervals = None;
+    let mut ran = 0;
+    for i in 1..=max_intervals {
+        sim.run_until(i * interval);
+        ran = i;
+        if converged(&sim.views(), target) {
+            intervals = Some(i);
+            break;
+        }
+    }
+    let mut known: Vec<usize> = sim.views().iter().map(|v| v.known).collect();
+    known.sort_unstable();
+    let counts = sim.counts();
+    let per = (nodes as u64 * ran.max(1)) as f64;
+    Convergence {
+        nodes,
+        seed,
+        intervals,
+        time_ms: intervals.map(|i| i * interval),
+        calls_per_node_interval: counts.queries as f64 / per,
+        bytes_per_node_interval: counts.bytes as f64 / per,
+        known_min: known.first().copied().unwrap_or(0),
+        known_median: known.get(known.len() / 2).copied().unwrap_or(0),
+    }
+}
+
+/// One minute of a network under churn.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChurnMinute {
+    /// Minutes since churn began.
+    pub minute: u64,
+    /// Known-peer entries of up nodes that name a node that is down, over
+    /// all their entries.
+    pub stale_fraction: f64,
+    /// Dials that failed this minute, over the dials of the minute.
+    pub dial_failure_fraction: f64,
+    /// Nodes up for at least six intervals and connected to fewer than
+    /// the target (a node that just joined is still dialling).
+    pub under_target: usize,
+}
+
+/// A run under churn, minute by minute, and how it ended.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Churn {
+    /// Each minute of churn.
+    pub minutes: Vec<ChurnMinute>,
+    /// Nodes under their connection target once the churn stopped and a
+    /// call timeout and three intervals passed: nodes that did not recover.
+    pub under_target_after: usize,
+}
+
+/// Converges `settings` (for `warmup_intervals`), then each minute for
+/// `minutes` replaces `percent_per_minute` % of the nodes: as many leave
+/// as join, fresh, seeded like the others. The seed nodes stay.
+pub fn churn(
+    settings: Settings,
+    warmup_intervals: u64,
+    minutes: u64,
+    percent_per_minute: f64,
+) -> Churn {
+    let timeout = settings.call_timeout_ms;
+    let interval = settings.discovery.interval_ms.max(1);
+    let target = settings.discovery.target_concurrent_connections;
+    let mut rng = ChaCha8Rng::seed_from_u64(settings.seed ^ 0xc4u64);
+    let per_minute = ((settings.nodes as f64) * percent_per_minute / 100.0).round() as usize;
+    let seeds = settings.seeds;
+    let mut sim = Sim::new(settings, None);
+    sim.start_all();
+    sim.run_until(warmup_intervals * interval);
+    let mut out = Vec::new();
+    for minute in 1..=minutes {
+        let start = sim.now();
+        let before = sim.counts().clone();
+        // Spread over the minute: one leave and one join at a time.
+        for k in 0..per_minute {
+            let at = start + (k as u64 + 1) * 60_000 / (per_minute as u64 + 1);
+            sim.run_until(at);
+            let up: Vec<usize> = sim
+                .views()
+                .iter()
+                .filter(|v| v.up && v.index >= seeds)
+                .map(|v| v.index)
+                .collect();
+            if let Some(&gone) = up.choose(&mut rng) {
+                sim.stop(gone);
+            }
+            let joined = sim.add_node();
+            sim.start(joined);
+        }
+        sim.run_until(start + 60_000);
+        let views = sim.views();
+        let (mut stale, mut entries) = (0, 0);
+        for v in views.iter().filter(|v| v.up) {
+            stale += v.known - v.known_up;
+            entries += v.known;
+        }
+        let after = sim.counts();
+        let dials = after.dials - before.dials;
+        let failed = after.dials_failed - before.dials_failed;
+        let want = target.min(views.iter().filter(|v| v.up).count().saturating_sub(1));
+        out.push(ChurnMinute {
+            minute,
+            stale_fraction: stale as f64 / entries.max(1) as f64,
+            dial_failure_fraction: failed as f64 / dials.max(1) as f64,
+            under_target: views
+                .iter()
+                .filter(|v| v.up && v.connected < want)
+                .filter(|v| sim.now() - v.started_ms >= 6 * interval)
+                .count(),
+        });
+    }
+    sim.run_until(sim.now() + timeout + 3 * interval);
+    let views = sim.views();
+    let want = target.min(views.iter().filter(|v| v.up).count().saturating_sub(1));
+    let under_target_after = views.iter().filter(|v| v.up && v.connected < want).count();
+    Churn {
+        minutes: out,
+        under_target_after,
+    }
+}
+
+/// A partition and its healing.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PartitionHeal {
+    /// Separate networks at the end of the partition.
+    pub components_split: usize,
+    /// Virtual time from the heal to one connected network again, in
+    /// milliseconds, if within the run.
+    pub heal_ms: Option<u64>,
+    /// Nodes that knew a node of the other half when the partition ended.
+    pub knew_across: usize,
+}
+
+/// Converges, splits the network into two halves for `split_ms`, heals it,
+/// and measures (every interval) the time until its connections join it
+/// into one network again, up to `max_ms`.
+pub fn partition_and_heal(
+    settings: Settings,
+    warmup_intervals: u64,
+    split_ms: u64,
+    max_ms: u64,
+) -> PartitionHeal {
+    let interval = settings.discovery.interval_ms.max(1);
+    let nodes = settings.nodes;
+    let half = |i: usize| i.is_multiple_of(2);
+    let mut sim = Sim::new(settings, None);
+    sim.start_all();
+    sim.run_until(warmup_intervals * interval);
+    sim.partition(half);
+    sim.run_until(sim.now() + split_ms);
+    let components_split = components(&sim);
+    let knew_across = (0..nodes)
+        .filter(|&i| sim.known_by(i).iter().any(|&k| half(k) != half(i)))
+        .count();
+    sim.heal();
+    let healed_at = sim.now();
+    let mut heal_ms = None;
+    while sim.now() < healed_at + max_ms {
+        sim.run_until(sim.now() + interval);
+        if one_network(&sim) {
+            heal_ms = Some(sim.now() - healed_at);
+            break;
+        }
+    }
+    PartitionHeal {
+        components_split,
+        heal_ms,
+        knew_across,
+    }
+}
+
+/// A network of `nodes` in the five regions of [`Latency::world`], with
+/// the default Discovery settings and `seeds` seed nodes.
+pub fn world(nodes: usize, seed: u64) -> Settings {
+    Settings {
+        nodes,
+        seeds: 3,
+        seed,
+        latency: Latency::world(),
+        ..Settings::default()
+    }
+}
+
+/// A seed for scenario `name` at run `k`: fixed, so a report is
+/// reproducible.
+pub fn seed_of(name: &str, k: u64) -> u64 {
+    let mut rng = ChaCha8Rng::seed_from_u64(name.bytes().map(u64::from).sum::<u64>() + k);
+    rng.random()
+}
