@@ -9,7 +9,9 @@ use soma_actors::peer_heights::{
     PeersForRange, ReportOutcome, UpdateHeight,
 };
 use soma_actors::replay::{Recorder, replay};
-use soma_actors::verifier::{Config, Deps, InstallCommittee, Verifier, Verify, VerifyRequest};
+use soma_actors::verifier::{
+    Config, Deps, InstallCommittee, Verifier, Verify, VerifyError, VerifyRequest, VerifyResponse,
+};
 use soma_chain::{ChainBuilder, ChainConfig};
 use soma_types::PeerId;
 
@@ -81,8 +83,11 @@ async fn recorded_actor_runs_replay_exactly() {
         .iter()
         .map(|b| Blob(b.serialized().clone()))
         .collect();
+    // Epoch 0's committee is installed: the ten commits' blocks verify,
+    // in order. Epoch 3 has none: refused as such.
+    let mut answers = Vec::new();
     for epoch in [0, 3] {
-        let _ = verifier
+        let answer = verifier
             .send(Verify(VerifyRequest::Blocks {
                 epoch,
                 blocks: blocks.clone(),
@@ -90,7 +95,21 @@ async fn recorded_actor_runs_replay_exactly() {
             }))
             .await
             .unwrap();
+        answers.push(answer);
     }
+    match &answers[0] {
+        Ok(VerifyResponse::Blocks(verified)) => {
+            let got: Vec<_> = verified.iter().map(|b| b.serialized().clone()).collect();
+            let sent: Vec<_> = blocks.iter().map(|b| b.0.clone()).collect();
+            assert_eq!(got, sent);
+        }
+        other => panic!("epoch 0's blocks verify: {other:?}"),
+    }
+    assert!(
+        matches!(answers[1], Err(VerifyError::UnknownEpoch(3))),
+        "{:?}",
+        answers[1]
+    );
     // The pool reports a finished job just after answering: wait (with a
     // deadline) until the verifier has recorded it.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
