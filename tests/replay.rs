@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use soma_actors::replay::{ReplayError, replay, replay_text};
+use soma_actors::replay::{REWRITE_ENV, ReplayError, check, replay_text};
 
 fn traces() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("replays");
@@ -19,16 +19,39 @@ fn traces() -> Vec<PathBuf> {
 #[test]
 fn every_trace_replays_exactly() {
     let files = traces();
-    assert!(
-        files.len() >= 3,
-        "expected at least three traces, found {files:?}"
-    );
+    assert_eq!(files.len(), TRACES, "the traces checked in: {files:?}");
     for file in files {
-        match replay(&file) {
-            Ok(report) => assert!(report.inputs > 0, "{} has no inputs", file.display()),
+        let before = std::fs::read(&file).unwrap();
+        match check(&file) {
+            Ok(report) => {
+                assert!(report.inputs > 0, "{} has no inputs", file.display());
+                assert!(!report.rewritten, "{}", file.display());
+            }
             Err(e) => panic!("{}: {e}", file.display()),
         }
+        assert_eq!(
+            std::fs::read(&file).unwrap(),
+            before,
+            "{} changed",
+            file.display()
+        );
     }
+}
+
+/// The traces in tests/replays.
+const TRACES: usize = 12;
+
+/// A rewrite is a deliberate act on one file (`SOMA_REPLAY_REWRITE=1
+/// soma-p2p replay FILE`, see docs/replay.md), never a side effect of the
+/// tests: with the variable exported they fail, rather than pass on traces
+/// they rewrote.
+#[test]
+fn the_tests_run_with_rewriting_off() {
+    assert!(
+        std::env::var(REWRITE_ENV).is_err(),
+        "{REWRITE_ENV} is set: the tests compare traces, they do not rewrite them; \
+         unset it, and rewrite a trace with `{REWRITE_ENV}=1 soma-p2p replay FILE`"
+    );
 }
 
 /// A trace recorded across a restart replays in two parts: a fresh core
@@ -37,12 +60,12 @@ fn every_trace_replays_exactly() {
 #[test]
 fn a_trace_across_a_restart_replays_from_each_header() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("replays");
-    let report = replay(&dir.join("peer_heights_restart.jsonl")).unwrap();
+    let report = check(&dir.join("peer_heights_restart.jsonl")).unwrap();
     assert_eq!(
         (report.actor.as_str(), report.restarts),
         ("peer_heights", 1)
     );
-    let report = replay(&dir.join("supervisor_restart.jsonl")).unwrap();
+    let report = check(&dir.join("supervisor_restart.jsonl")).unwrap();
     assert_eq!(
         (report.actor.as_str(), report.inputs, report.restarts),
         ("supervisor", 1, 0)

@@ -8,7 +8,7 @@ use soma_actors::peer_heights::{
     Config as HeightsConfig, Deps as HeightsDeps, HighestKnownCommit, OutcomeKind, PeerHeights,
     PeersForRange, ReportOutcome, UpdateHeight,
 };
-use soma_actors::replay::{Recorder, replay};
+use soma_actors::replay::{Recorder, check};
 use soma_actors::verifier::{
     Config, Deps, InstallCommittee, Verifier, Verify, VerifyError, VerifyRequest, VerifyResponse,
 };
@@ -124,11 +124,11 @@ async fn recorded_actor_runs_replay_exactly() {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
 
-    let report = replay(&heights_trace).unwrap();
+    let report = check(&heights_trace).unwrap();
     // Five connections and updates, ten queries with ten outcomes, one
     // last query.
     assert_eq!((report.actor.as_str(), report.inputs), ("peer_heights", 31));
-    let report = replay(&verifier_trace).unwrap();
+    let report = check(&verifier_trace).unwrap();
     assert_eq!(report.actor, "verifier");
     // Install, two requests, and the Done of the one that ran.
     assert_eq!(report.inputs, 4);

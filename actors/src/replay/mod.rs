@@ -117,6 +117,14 @@ pub fn replay(path: &Path) -> Result<Report, ReplayError> {
     Ok(report)
 }
 
+/// Replays the trace at `path` and never rewrites it, whatever the
+/// environment says: what tests use, so that a rewrite is always a
+/// deliberate act (`SOMA_REPLAY_REWRITE=1 soma-p2p replay FILE`).
+pub fn check(path: &Path) -> Result<Report, ReplayError> {
+    let text = std::fs::read_to_string(path)?;
+    replay_text(&text, false).map(|(report, _)| report)
+}
+
 /// Replays a trace held in memory. With `rewrite`, differences are not
 /// errors and the second value is the trace with the outputs produced now.
 pub fn replay_text(text: &str, rewrite: bool) -> Result<(Report, String), ReplayError> {
