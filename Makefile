@@ -99,13 +99,15 @@ bench-micro:
 	$(CARGO) bench -p soma-chain --bench foundation --locked
 
 ## fuzz: run every fuzz target for FUZZ_SECONDS each (needs nightly and cargo-fuzz);
-## crashers land in fuzz/artifacts: copy each into fuzz/regressions/<target>/
+## it starts from the seeds in fuzz/regressions/<target>/; crashers land in
+## fuzz/artifacts: copy each into fuzz/regressions/<target>/
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS := decode_block decode_commit node_infos proto_conversions commit_batch
 fuzz:
 	@command -v cargo-fuzz >/dev/null || { echo "install cargo-fuzz: cargo install cargo-fuzz"; exit 2; }
 	cd fuzz && for t in $(FUZZ_TARGETS); do \
-		cargo +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 || exit 1; \
+		mkdir -p corpus/$$t; \
+		cargo +nightly fuzz run $$t corpus/$$t regressions/$$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 || exit 1; \
 	done
 
 ## doc: API documentation

@@ -20,27 +20,49 @@ use soma_types::{
 use soma_wire::convert::Availability;
 use soma_wire::proto;
 
+/// The keys of the fixed committee: validator `i`'s protocol key and
+/// network key. Seeds are made with them (`tests/fuzz_corpus.rs`), so that
+/// what they hold verifies against [`committee`].
+pub fn keys(i: u8) -> (KeyPair, KeyPair) {
+    (
+        KeyPair::from_seed([i; 32]),
+        KeyPair::from_seed([100 + i; 32]),
+    )
+}
+
 /// A fixed committee of four, for the verification entry points.
 pub fn committee() -> Committee {
     let authorities = (0..4u8)
         .map(|i| Authority {
             stake: 1,
-            protocol_key: KeyPair::from_seed([i; 32]).public(),
-            network_key: PeerId::from(KeyPair::from_seed([100 + i; 32]).public()),
-            address: format!("127.0.0.1:{}", 7000 + u16::from(i)),
+            protocol_key: keys(i).0.public(),
+            network_key: PeerId::from(keys(i).1.public()),
+            address: format!("127.0.0.1:{}", 20_000 + u16::from(i)),
         })
         .collect();
     Committee::new(0, authorities).expect("a valid committee")
 }
 
-/// Splits `data` into chunks, each prefixed by one length byte.
-fn chunks(data: &[u8]) -> Vec<&[u8]> {
+/// Splits `data` into chunks, each prefixed by its length as two
+/// little-endian bytes (a chunk holds a commit or a block of up to 64 KiB).
+pub fn chunks(data: &[u8]) -> Vec<&[u8]> {
     let mut out = Vec::new();
     let mut rest = data;
-    while let Some((&len, tail)) = rest.split_first() {
-        let len = usize::from(len).min(tail.len());
-        out.push(&tail[..len]);
-        rest = &tail[len..];
+    while rest.len() >= 2 {
+        let len = usize::from(u16::from_le_bytes([rest[0], rest[1]])).min(rest.len() - 2);
+        out.push(&rest[2..2 + len]);
+        rest = &rest[2 + len..];
+    }
+    out
+}
+
+/// The inverse of [`chunks`]: what a seed is made of.
+pub fn join(parts: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for p in parts {
+        let len = u16::try_from(p.len()).expect("a chunk fits in 64 KiB");
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(p);
     }
     out
 }
@@ -79,23 +101,38 @@ pub fn decode_commit(data: &[u8]) {
     }
 }
 
+/// The time the node-info bodies verify at, in milliseconds since the
+/// Unix epoch.
+pub const NOW_MS: u64 = 1_700_000_000_000;
+
 /// Node infos decoded from chunks of arbitrary bytes, then verified, with
 /// and without an allowlist.
 pub fn node_infos(data: &[u8]) {
+    node_infos_checked(data);
+}
+
+/// [`node_infos`], returning what verification said of each info without
+/// an allowlist (empty if no chunk decoded).
+pub fn node_infos_checked(data: &[u8]) -> Vec<Result<(), soma_types::Error>> {
     let limits = Limits::default();
     let infos: Vec<SignedNodeInfo> = chunks(data)
         .into_iter()
         .filter_map(|c| codec::decode(c, limits.max_node_info_bytes).ok())
         .collect();
     let allowlist: HashSet<PeerId> = infos.iter().map(|i| i.info.peer_id).take(1).collect();
+    let mut first = Vec::new();
     for allowlist in [None, Some(&allowlist)] {
         let policy = NodeInfoPolicy {
-            now_ms: 1_700_000_000_000,
+            now_ms: NOW_MS,
             local: PeerId([0; 32]),
             allowlist,
         };
-        let _ = verify::verify_node_infos(&infos, &policy, &limits);
+        let verdicts = verify::verify_node_infos(&infos, &policy, &limits);
+        if first.is_empty() {
+            first = verdicts;
+        }
     }
+    first
 }
 
 /// Proto messages decoded from arbitrary bytes, then converted to types.
@@ -133,11 +170,22 @@ pub fn proto_conversions(data: &[u8]) {
     }
 }
 
-/// A commit batch and certifiers from chunks of arbitrary bytes, verified.
+/// A commit batch and certifiers from arbitrary bytes, verified: the
+/// first byte is the number of commits, then chunks (see [`chunks`]), the
+/// commits first and the certifier blocks after.
 pub fn commit_batch(data: &[u8]) {
+    commit_batch_checked(data);
+}
+
+/// [`commit_batch`], returning the verification's verdict (`None` if no
+/// commit decoded: nothing was verified).
+pub fn commit_batch_checked(data: &[u8]) -> Option<Result<(), soma_types::Error>> {
     let limits = Limits::default();
+    let Some((&n, data)) = data.split_first() else {
+        return None;
+    };
     let parts = chunks(data);
-    let (commits, certifiers) = parts.split_at(parts.len() / 2);
+    let (commits, certifiers) = parts.split_at(usize::from(n).min(parts.len()));
     let commits: Vec<_> = commits
         .iter()
         .filter_map(|c| {
@@ -150,9 +198,10 @@ pub fn commit_batch(data: &[u8]) {
             UnverifiedBlock::decode(Bytes::copy_from_slice(c), limits.max_block_bytes).ok()
         })
         .collect();
-    let last = commits.first().map_or(CommitRef::default(), |c| CommitRef {
+    let last = commits.first().map(|c| CommitRef {
         index: c.commit().index.saturating_sub(1),
         digest: c.commit().previous_digest,
-    });
-    let _ = verify::verify_commit_batch(commits, certifiers, &committee(), last, &limits);
+    })?;
+    let verdict = verify::verify_commit_batch(commits, certifiers, &committee(), last, &limits);
+    Some(verdict.map(|_| ()))
 }
