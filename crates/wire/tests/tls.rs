@@ -431,9 +431,7 @@ async fn a_connection_past_the_limit_is_reset_before_any_handshake() {
     }
     wait_until("both slots taken", || limit.open() == 2).await;
 
-    // A third is reset without a byte from the server, long before a
-    // handshake would have timed out.
-    let started = Instant::now();
+    // A third is reset without a byte from the server.
     let read = tokio::time::timeout(PATIENCE, async {
         // The reset may come before connect returns.
         let mut third = TcpStream::connect(&running.address).await?;
@@ -445,7 +443,7 @@ async fn a_connection_past_the_limit_is_reset_before_any_handshake() {
         matches!(&read, Ok(0)) || read.as_ref().is_err(),
         "the server sent something: {read:?}"
     );
-    assert!(started.elapsed() < tls::ACCEPT_HANDSHAKE_TIMEOUT / 2);
+    // Refused by the limit, not timed out: the refusal is counted.
     assert_eq!((limit.open(), limit.refused()), (2, 1));
     // So is a TLS client.
     assert!(running.connect(Some(&identity()), None).await.is_err());
