@@ -181,9 +181,7 @@ pub fn commit_batch(data: &[u8]) {
 /// commit decoded: nothing was verified).
 pub fn commit_batch_checked(data: &[u8]) -> Option<Result<(), soma_types::Error>> {
     let limits = Limits::default();
-    let Some((&n, data)) = data.split_first() else {
-        return None;
-    };
+    let (&n, data) = data.split_first()?;
     let parts = chunks(data);
     let (commits, certifiers) = parts.split_at(usize::from(n).min(parts.len()));
     let commits: Vec<_> = commits
