@@ -62,8 +62,8 @@ async fn shutdown_aborts_sync_workers_on_a_runtime_the_node_does_not_own() {
     }
 }
 
-/// A node shut down while it syncs (from a validator 40 ms away) and
-/// serves another node's sync: shutdown returns within the server's drain
+/// A node shut down while it syncs (from a validator 40 ms away, held
+/// quiet mid-transfer) and serves another node's sync: shutdown returns within the server's drain
 /// (a safety net, not a timing), no task of the node is left on the
 /// runtime it was given, and its store reopens consistent: the watermark a
 /// commit of the chain, everything below it stored and certified.
@@ -86,7 +86,7 @@ fn a_node_shut_down_while_it_syncs_and_serves_leaves_no_task_and_a_consistent_st
     let path = dir.path().join("chain.redb");
     test_rt.block_on(async {
         let rtt = soma_testkit::impair::Impairment::round_trip(Duration::from_millis(40));
-        let (source, _link, seed) =
+        let (source, link, seed) =
             soma_testkit::validator_behind_link(&chain, 1, P2pConfig::default(), rtt).await;
         let store = RedbStore::open(&path, chain.genesis()).unwrap();
         let config = P2pConfig {
@@ -102,25 +102,28 @@ fn a_node_shut_down_while_it_syncs_and_serves_leaves_no_task_and_a_consistent_st
         .runtime(node_rt.handle().clone())
         .start()
         .expect("the node starts");
+        // Mid-sync: part of the chain synced, then its source goes quiet
+        // with the node's fetches open, so the node can never finish
+        // before the shutdown, however fast this machine.
+        soma_testkit::wait_until("the node mid-sync", DEADLINE, async || {
+            node.sync_status().await.unwrap().synced >= 500
+        })
+        .await;
+        link.hold();
         let config = P2pConfig {
             seed_peers: soma_testkit::seeds(&[&node]),
             ..P2pConfig::default()
         };
         let downstream =
             soma_testkit::node(&chain, 9, config, Arc::new(MemStore::new(chain.genesis())));
-        // Both busy: the node has synced part of the chain, and the node
-        // downstream has synced part of that from it.
-        soma_testkit::wait_until("the node mid-sync and serving", DEADLINE, async || {
-            let ours = node.sync_status().await.unwrap().synced;
-            let theirs = downstream.sync_status().await.unwrap().synced;
-            ours >= 500 && theirs >= 200
+        // And serving: the node downstream has synced part of what the
+        // node holds from it.
+        soma_testkit::wait_until("the node serving", DEADLINE, async || {
+            downstream.sync_status().await.unwrap().synced >= 200
         })
         .await;
         let synced = node.sync_status().await.unwrap().synced;
-        assert!(
-            synced < tip,
-            "the node finished before the shutdown ({synced}): slow its source"
-        );
+        assert!(synced < tip, "the node finished despite its held source");
 
         tokio::time::timeout(DEADLINE, node.shutdown())
             .await

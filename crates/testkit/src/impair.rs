@@ -236,6 +236,21 @@ impl ImpairedLink {
         self.shared.reset_all()
     }
 
+    /// Holds every byte back, connections open, until
+    /// [`ImpairedLink::release`]: a peer that has gone quiet mid-transfer,
+    /// switched on when a test has reached the state it needs.
+    pub fn hold(&self) {
+        // An hour stands for "until released": longer than any test.
+        let until = Instant::now() + Duration::from_secs(3600);
+        self.shared.stalled_until.send_replace(Some(until));
+    }
+
+    /// Ends a [`ImpairedLink::hold`] (or a periodic stall under way): what
+    /// was held is delivered in order.
+    pub fn release(&self) {
+        self.shared.stalled_until.send_replace(None);
+    }
+
     /// Connections forwarded right now.
     pub fn live_connections(&self) -> usize {
         self.shared
@@ -422,12 +437,12 @@ impl<'a> Direction<'a> {
             drop(tx);
             clean
         };
-        let stalled = shared.stalled_until.subscribe();
+        let mut stalled = shared.stalled_until.subscribe();
         let write = async {
             let mut ok = true;
             while let Some((due, chunk)) = rx.recv().await {
                 tokio::time::sleep_until(due).await;
-                wait_stall(&stalled).await;
+                wait_stall(&mut stalled).await;
                 if let Some(bucket) = bucket {
                     let wait = bucket
                         .lock()
@@ -458,12 +473,18 @@ impl<'a> Direction<'a> {
     }
 }
 
-/// Waits while a stall is on.
-async fn wait_stall(stalled: &watch::Receiver<Option<Instant>>) {
+/// Waits while a stall is on; a stall ended early ([`ImpairedLink::release`])
+/// ends the wait at once.
+async fn wait_stall(stalled: &mut watch::Receiver<Option<Instant>>) {
     loop {
-        let until = *stalled.borrow();
+        let until = *stalled.borrow_and_update();
         match until {
-            Some(t) if t > Instant::now() => tokio::time::sleep_until(t).await,
+            Some(t) if t > Instant::now() => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(t) => {}
+                    _ = stalled.changed() => {}
+                }
+            }
             _ => return,
         }
     }
@@ -709,6 +730,27 @@ mod tests {
             "{:?}",
             start.elapsed()
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_link_delivers_nothing_until_released_then_everything_in_order() {
+        crate::init_tracing();
+        let link = ImpairedLink::listen(echo().await, Impairment::default())
+            .await
+            .unwrap();
+        let stream = TcpStream::connect(link.local_addr()).await.unwrap();
+        let (mut r, mut w) = stream.into_split();
+        link.hold();
+        w.write_all(b"held").await.unwrap();
+        let mut back = [0u8; 4];
+        // The paused clock jumps to the timeout at once when every task
+        // waits: ten minutes of a held link pass in no real time.
+        let read = tokio::time::timeout(Duration::from_secs(600), r.read_exact(&mut back));
+        assert!(read.await.is_err(), "a byte passed a held link");
+        assert_eq!(link.stats().bytes_up, 0, "nothing delivered upstream");
+        link.release();
+        r.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"held");
     }
 
     #[tokio::test]
