@@ -507,32 +507,43 @@ mod faults {
             ..ChainConfig::validators(4)
         })
         .build(2_000);
-        let mut validators: Vec<P2pHandle> = (1..=3).map(|k| validator(&chain, k)).collect();
+        // The survivor sits behind a link that can be held quiet, so the
+        // second shutdown lands mid-sync however fast this machine is.
+        let (survivor, link, survivor_seed) = soma_testkit::validator_behind_link(
+            &chain,
+            1,
+            P2pConfig::default(),
+            soma_testkit::impair::Impairment::default(),
+        )
+        .await;
+        let mut validators: Vec<P2pHandle> = (2..=3).map(|k| validator(&chain, k)).collect();
         let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+        let mut seed_peers = seeds(&validators.iter().collect::<Vec<_>>());
+        seed_peers.push(survivor_seed);
         let mut config = P2pConfig {
-            seed_peers: seeds(&validators.iter().collect::<Vec<_>>()),
+            seed_peers,
             timeout: Duration::from_secs(2),
             ..P2pConfig::default()
         };
-        // Small steps, so the shutdowns land mid-sync.
+        // Small steps, so the first shutdown lands mid-sync.
         config.state_sync.parallel_fetches = 1;
         config.state_sync.max_blocks_per_fetch = 10;
         let node = soma_testkit::node(&chain, 9, config, store.clone());
         wait_synced(&node, 300).await;
         validators.pop().unwrap().shutdown().await;
         wait_synced(&node, 900).await;
+        link.hold();
         validators.pop().unwrap().shutdown().await;
         let synced_when_down = node.sync_status().await.unwrap().synced;
         assert!(
             synced_when_down < 2_000,
-            "the peers went away after the sync ended"
+            "the node finished with its one peer left held quiet"
         );
+        link.release();
         wait_synced(&node, 2_000).await;
         assert_same_chain(&chain, store.as_ref());
         node.shutdown().await;
-        for v in validators {
-            v.shutdown().await;
-        }
+        survivor.shutdown().await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
