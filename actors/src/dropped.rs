@@ -20,6 +20,9 @@ pub enum Droppable {
     PushHeight,
     /// A dial Discovery asks of Connections.
     Dial,
+    /// A connection Discovery rotates out, asked of Connections (the next
+    /// rotation drops one again while the node is over its target).
+    Disconnect,
     /// A broken connection reported by a failed call.
     ReportBroken,
     /// A peer's availability answer, to PeerHeights.
@@ -31,9 +34,10 @@ pub enum Droppable {
 
 impl Droppable {
     /// Every kind, in metric order.
-    pub const ALL: [Droppable; 5] = [
+    pub const ALL: [Droppable; 6] = [
         Droppable::PushHeight,
         Droppable::Dial,
+        Droppable::Disconnect,
         Droppable::ReportBroken,
         Droppable::UpdateHeight,
         Droppable::PeerCall,
@@ -44,6 +48,7 @@ impl Droppable {
         match self {
             Droppable::PushHeight => "push_height",
             Droppable::Dial => "dial",
+            Droppable::Disconnect => "disconnect",
             Droppable::ReportBroken => "report_broken",
             Droppable::UpdateHeight => "update_height",
             Droppable::PeerCall => "peer_call",
@@ -51,7 +56,8 @@ impl Droppable {
     }
 }
 
-static DROPPED: [AtomicU64; Droppable::ALL.len()] = [const { AtomicU64::new(0) }; 5];
+static DROPPED: [AtomicU64; Droppable::ALL.len()] =
+    [const { AtomicU64::new(0) }; Droppable::ALL.len()];
 
 /// Counts one dropped message of `kind`.
 pub(crate) fn count(kind: Droppable) {

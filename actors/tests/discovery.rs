@@ -644,3 +644,55 @@ async fn lost_peer_stays_known_until_it_expires_and_is_redialled() {
     assert!(a.health().is_healthy());
     a.shutdown().await;
 }
+
+/// A node at its connection target of one swaps its connection over what
+/// it knows: it connects to a peer past its target and drops the other,
+/// every peer still up (so a drop can only be the rotation's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_at_its_target_rotates_its_connection_to_another_known_peer() {
+    soma_testkit::init_tracing();
+    let chain = chain();
+    let s = start(&chain, config(vec![]), 1);
+    let others: Vec<P2pHandle> = (2..=4)
+        .map(|k| start(&chain, config(vec![seed(&s)]), k))
+        .collect();
+    let mut c = config(vec![seed(&s)]);
+    c.discovery.target_concurrent_connections = 1;
+    c.discovery.rotation_interval_ms = 500;
+    let node = start(&chain, c, 9);
+    let mut events = node.subscribe_peer_events();
+    let ids: Vec<PeerId> = others.iter().map(P2pHandle::peer_id).collect();
+    wait_for("the node to know the other three", || {
+        knows_all(&node, &ids)
+    })
+    .await;
+    // Events before the rotation are the seed's connection (and perhaps
+    // dials to the others it learnt before it was full); the first drop
+    // is a rotation's.
+    let mut connected = BTreeSet::new();
+    let dropped = loop {
+        match wait_for_event("a connection dropped", &mut events, |_| true).await {
+            PeerEvent::Connected { peer, .. } => {
+                connected.insert(peer);
+            }
+            PeerEvent::Disconnected { peer } => break peer,
+            PeerEvent::DialFailed { .. } => panic!("every peer is up"),
+        }
+    };
+    // Isolated, it dialled its seed only; full, it waited for the
+    // rotation, which connected one of the others and dropped the seed.
+    let rotated_in: Vec<PeerId> = connected
+        .iter()
+        .filter(|p| ids.contains(p))
+        .copied()
+        .collect();
+    assert_eq!(rotated_in.len(), 1, "{connected:?}");
+    assert_eq!(connected, BTreeSet::from([s.peer_id(), rotated_in[0]]));
+    assert_eq!(dropped, s.peer_id(), "never the peer rotated in");
+    for n in others.iter().chain([&s]) {
+        assert!(n.health().is_healthy());
+    }
+    shutdown_all(&[node]).await;
+    shutdown_all(&others).await;
+    s.shutdown().await;
+}

@@ -13,7 +13,9 @@ use super::core::{DiscoveryCore, Init};
 use super::messages::*;
 use crate::Blob;
 use crate::Driver;
-use crate::connections::{ActiveConnections, Connect, Connections, Outbound, PeerEvent};
+use crate::connections::{
+    ActiveConnections, Connect, Connections, Disconnect, Outbound, PeerEvent,
+};
 use crate::faults::Faults;
 use crate::replay::Recorder;
 use crate::verifier::{Verifier, Verify, VerifyRequest, VerifyResponse};
@@ -117,6 +119,11 @@ impl Discovery {
                     &self.deps.connections,
                     Connect { peer, address },
                     Droppable::Dial,
+                ),
+                Output::Disconnect { peer } => try_send(
+                    &self.deps.connections,
+                    Disconnect { peer },
+                    Droppable::Disconnect,
                 ),
                 other => replies.push(other),
             }

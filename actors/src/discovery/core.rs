@@ -91,6 +91,15 @@ pub struct Config {
     pub max_dial_backoff_ms: u64,
     /// A dial with no result after this long is forgotten, in milliseconds.
     pub pending_dial_timeout_ms: u64,
+    /// Every this many milliseconds a node with no room under its target
+    /// dials one known peer more, chosen at random, and once connected
+    /// drops one of its other connections at random: its connections keep
+    /// moving over what it knows, so that networks split by a partition
+    /// join again once it heals. Never dropped: allowlisted peers, and the
+    /// oldest half of the target (anchors), so that an attacker who fills
+    /// the known-peer table still cannot rotate a node into holding only
+    /// its peers. 0: never.
+    pub rotation_interval_ms: u64,
 }
 
 impl Default for Config {
@@ -111,6 +120,7 @@ impl Default for Config {
             dial_backoff_ms: 1_000,
             max_dial_backoff_ms: 60_000,
             pending_dial_timeout_ms: 30_000,
+            rotation_interval_ms: 60_000,
         }
     }
 }
@@ -241,6 +251,15 @@ pub struct DiscoveryCore {
     backoff: BTreeMap<String, Backoff>,
     /// GetKnownPeers calls served this interval, per caller.
     served: HashMap<Option<PeerId>, u32>,
+    /// When the next rotation dial is due (set at the first tick).
+    next_rotation: Option<Time>,
+    /// The address of the rotation dial in progress: once it connects,
+    /// another connection is dropped.
+    rotating: Option<String>,
+    /// The order in which connected peers connected (a counter, not a
+    /// time): the oldest are the anchors rotation leaves alone.
+    connected_order: BTreeMap<PeerId, u64>,
+    connections_made: u64,
     /// New peers learnt this interval, per source (sources are peers we
     /// queried, and inbound).
     learned: BTreeMap<Source, usize>,
@@ -266,6 +285,10 @@ impl Core for DiscoveryCore {
             seed_ids: BTreeMap::new(),
             backoff: BTreeMap::new(),
             served: HashMap::new(),
+            next_rotation: None,
+            rotating: None,
+            connected_order: BTreeMap::new(),
+            connections_made: 0,
             learned: BTreeMap::new(),
         }
     }
@@ -279,14 +302,19 @@ impl Core for DiscoveryCore {
                 }
                 self.connected.insert(peer);
                 self.verified.insert(peer);
+                if !self.connected_order.contains_key(&peer) {
+                    self.connections_made += 1;
+                    self.connected_order.insert(peer, self.connections_made);
+                }
                 self.pending.remove(&address);
                 self.pending.retain(|_, (p, _)| *p != Some(peer));
                 self.backoff.remove(&address);
                 self.end_backoff(peer);
-                vec![]
+                self.rotated(peer, &address)
             }
             Input::Disconnected { peer } => {
                 self.connected.remove(&peer);
+                self.connected_order.remove(&peer);
                 // Still verified while known: it may be back at the next dial.
                 if !self.known.contains_key(&peer) {
                     self.verified.remove(&peer);
@@ -295,6 +323,9 @@ impl Core for DiscoveryCore {
             }
             Input::DialFailed { peer, address } => {
                 self.pending.remove(&address);
+                if self.rotating.as_ref() == Some(&address) {
+                    self.rotating = None;
+                }
                 if let Some(p) = peer {
                     self.pending.retain(|_, (q, _)| *q != Some(p));
                     // Unreachable: no longer kept whatever comes.
@@ -493,6 +524,11 @@ impl DiscoveryCore {
         let timeout = self.config.pending_dial_timeout_ms;
         self.pending
             .retain(|_, (_, since)| now.0.saturating_sub(since.0) < timeout);
+        if let Some(address) = &self.rotating
+            && !self.pending.contains_key(address)
+        {
+            self.rotating = None;
+        }
         self.served.clear();
         self.learned.clear();
 
@@ -546,8 +582,21 @@ impl DiscoveryCore {
             self.start_dial(now, Some(peer), address, out);
         }
         let others_dialled = others.len().min(slots);
-        for (peer, address) in others.into_iter().take(slots) {
+        let mut others = others.into_iter();
+        for (peer, address) in others.by_ref().take(slots) {
             self.start_dial(now, Some(peer), address, out);
+        }
+        // Full: one dial more now and then, to rotate a connection.
+        let interval = self.config.rotation_interval_ms;
+        let due = *self
+            .next_rotation
+            .get_or_insert(Time(now.0.saturating_add(interval)));
+        if interval > 0 && slots == 0 && now >= due && self.rotating.is_none() {
+            self.next_rotation = Some(Time(now.0.saturating_add(interval)));
+            if let Some((peer, address)) = others.next() {
+                self.rotating = Some(address.clone());
+                self.start_dial(now, Some(peer), address, out);
+            }
         }
         // The seeds: all of them when isolated; otherwise those not
         // connected, while known peers leave room under the target. Peers
@@ -573,6 +622,34 @@ impl DiscoveryCore {
                 self.start_dial(now, seed.peer_id, seed.address, out);
             }
         }
+    }
+
+    /// After `peer` connected at `address`: if that was the rotation dial
+    /// and the node now holds more connections than its target, one other
+    /// connection, at random, is dropped: never an allowlisted peer nor
+    /// one of the anchors (the oldest half of the target); with no other
+    /// to drop, the new one goes.
+    fn rotated(&mut self, peer: PeerId, address: &str) -> Vec<Output> {
+        if self.rotating.as_deref() != Some(address) {
+            return vec![];
+        }
+        self.rotating = None;
+        let target = self.config.target_concurrent_connections;
+        if self.connected.len() <= target {
+            return vec![];
+        }
+        let mut others: Vec<(u64, PeerId)> = self
+            .connected
+            .iter()
+            .filter(|p| **p != peer && !self.allowlist.contains(*p))
+            .map(|p| (self.connected_order.get(p).copied().unwrap_or(0), *p))
+            .collect();
+        others.sort_unstable();
+        let anchors = (target / 2).min(others.len());
+        let victim = others[anchors..]
+            .choose(&mut self.rng)
+            .map_or(peer, |(_, p)| *p);
+        vec![Output::Disconnect { peer: victim }]
     }
 
     fn start_dial(
@@ -835,6 +912,131 @@ mod tests {
             },
         );
         assert_eq!(dials(&tick(&mut c, Time(0), NOW_MS)).len(), 1);
+    }
+
+    fn disconnects(out: &[Output]) -> Vec<PeerId> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Disconnect { peer } => Some(*peer),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The one dial in `out`, of a known peer.
+    fn one_dial(out: &[Output]) -> (PeerId, String) {
+        match dials(out).as_slice() {
+            [(Some(peer), address)] => (*peer, address.clone()),
+            _ => panic!("one dial of a known peer: {out:?}"),
+        }
+    }
+
+    /// A core at its target of 2 (peers 1 and 2 connected) that knows
+    /// peers 1 to 5.
+    fn full(edit: impl FnOnce(&mut Init)) -> DiscoveryCore {
+        let mut i = init(2);
+        edit(&mut i);
+        let mut c = DiscoveryCore::new(i);
+        learn(&mut c, (1..=5).map(|n| info(n, NOW_MS)).collect());
+        connect(&mut c, 1);
+        connect(&mut c, 2);
+        c
+    }
+
+    #[test]
+    fn a_full_node_rotates_one_connection_per_interval() {
+        let mut c = full(|_| {});
+        let interval = Config::default().rotation_interval_ms;
+        assert_eq!(dials(&tick(&mut c, Time(0), NOW_MS)), vec![]);
+        assert_eq!(dials(&tick(&mut c, Time(interval - 1), NOW_MS)), vec![]);
+        let (new, address) = one_dial(&tick(&mut c, Time(interval), NOW_MS));
+        assert!(ids(3..=5).contains(&new), "a known peer not connected");
+        // One rotation at a time, however many ticks pass.
+        assert_eq!(dials(&tick(&mut c, Time(interval + 1), NOW_MS)), vec![]);
+        let out = c.handle(
+            Time(interval + 2),
+            Input::Connected {
+                peer: new,
+                address: address.clone(),
+            },
+        );
+        // Peer 1, the oldest, is the anchor (half the target of 2).
+        let dropped = disconnects(&out);
+        assert_eq!(dropped, vec![id(2)], "{out:?}");
+        c.handle(Time(interval + 3), Input::Disconnected { peer: dropped[0] });
+        // Back at the target: the next rotation an interval later.
+        assert_eq!(dials(&tick(&mut c, Time(2 * interval - 1), NOW_MS)), vec![]);
+        assert_eq!(dials(&tick(&mut c, Time(2 * interval), NOW_MS)).len(), 1);
+    }
+
+    #[test]
+    fn a_failed_rotation_dial_drops_nothing() {
+        let mut c = full(|_| {});
+        let interval = Config::default().rotation_interval_ms;
+        tick(&mut c, Time(0), NOW_MS);
+        let (peer, address) = one_dial(&tick(&mut c, Time(interval), NOW_MS));
+        let peer = Some(peer);
+        let out = c.handle(Time(interval + 1), Input::DialFailed { peer, address });
+        assert_eq!(out, vec![]);
+        // A dial that connects later is an ordinary one: nothing dropped.
+        let out = c.handle(
+            Time(interval + 2),
+            Input::Connected {
+                peer: id(3),
+                address: "10.0.0.3:7000".into(),
+            },
+        );
+        assert_eq!(disconnects(&out), vec![]);
+    }
+
+    #[test]
+    fn rotation_never_drops_an_allowlisted_peer() {
+        // Target 1; allowlisted 1 and ordinary 2 connected: the only
+        // connection a rotation may drop is 2's.
+        let mut c = full(|i| {
+            i.allowlist = vec![id(1)];
+            i.config.target_concurrent_connections = 1;
+        });
+        let interval = Config::default().rotation_interval_ms;
+        tick(&mut c, Time(0), NOW_MS);
+        let (new, address) = one_dial(&tick(&mut c, Time(interval), NOW_MS));
+        let out = c.handle(Time(interval + 1), Input::Connected { peer: new, address });
+        assert_eq!(disconnects(&out), vec![id(2)]);
+    }
+
+    #[test]
+    fn rotation_never_drops_the_anchors_the_oldest_half_of_the_target() {
+        // Target 4: peers 1 and 2, connected first, are the anchors; 30
+        // rotations over peers 3 to 12 never drop them.
+        let mut c = core(4);
+        learn(&mut c, (1..=12).map(|n| info(n, NOW_MS)).collect());
+        for n in 1..=4 {
+            connect(&mut c, n);
+        }
+        let interval = Config::default().rotation_interval_ms;
+        tick(&mut c, Time(0), NOW_MS);
+        let mut dropped = BTreeSet::new();
+        for k in 1..=30 {
+            let now = Time(k * interval);
+            let (new, address) = one_dial(&tick(&mut c, now, NOW_MS));
+            let out = c.handle(now, Input::Connected { peer: new, address });
+            let [victim] = disconnects(&out)[..] else {
+                panic!("one connection dropped: {out:?}")
+            };
+            assert!(victim != id(1) && victim != id(2) && victim != new, "{k}");
+            dropped.insert(victim);
+            c.handle(now, Input::Disconnected { peer: victim });
+        }
+        // And the rest do move: more than the two first non-anchors went.
+        assert!(dropped.len() > 2, "{dropped:?}");
+    }
+
+    #[test]
+    fn rotation_off_never_dials_past_the_target() {
+        let mut c = full(|i| i.config.rotation_interval_ms = 0);
+        for minute in 0..10 {
+            assert_eq!(dials(&tick(&mut c, Time(minute * 60_000), NOW_MS)), vec![]);
+        }
     }
 
     #[test]

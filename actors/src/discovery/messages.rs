@@ -84,6 +84,11 @@ pub enum Output {
         /// The address.
         address: String,
     },
+    /// Drop the connection to `peer` (a connection rotated out).
+    Disconnect {
+        /// The peer.
+        peer: PeerId,
+    },
     /// Answer GetKnownPeers call `id` with these infos.
     Answer {
         /// Correlation id.

@@ -139,6 +139,10 @@ pub struct P2pSection {
     /// Whether infos with loopback or private addresses are accepted; a
     /// node on the public Internet sets it to false.
     pub allow_private_addresses: bool,
+    /// How often a node at its connection target swaps one connection for
+    /// one to another known peer; zero: never.
+    #[serde(with = "humantime_serde")]
+    pub rotation_interval: Duration,
     /// State sync tick.
     #[serde(with = "humantime_serde")]
     pub tick: Duration,
@@ -278,6 +282,7 @@ impl Default for P2pSection {
                 .discovery
                 .max_new_peers_per_source_per_interval,
             allow_private_addresses: p.discovery.allow_private_addresses,
+            rotation_interval: Duration::from_millis(p.discovery.rotation_interval_ms),
             tick: p.tick,
             height_query_interval: p.height_query_interval,
             commit_sync_batch_size: p.state_sync.commit_sync_batch_size,
@@ -431,6 +436,12 @@ impl NodeConfig {
             "between 10ms and 1h",
             between(p.interval, 10, 3_600_000),
             ms(p.interval),
+        )?;
+        range(
+            "p2p.rotation-interval",
+            "0s (never) or between 1s and 1d",
+            p.rotation_interval.is_zero() || between(p.rotation_interval, 1_000, 86_400_000),
+            ms(p.rotation_interval),
         )?;
         range(
             "p2p.tick",
@@ -848,6 +859,7 @@ impl NodeConfig {
         c.discovery.max_known_peers_per_prefix = p.max_known_peers_per_prefix;
         c.discovery.max_new_peers_per_source_per_interval = p.max_new_peers_per_source_per_interval;
         c.discovery.allow_private_addresses = p.allow_private_addresses;
+        c.discovery.rotation_interval_ms = p.rotation_interval.as_millis() as u64;
         c.state_sync.commit_sync_batch_size = p.commit_sync_batch_size;
         c.state_sync.max_lead_over_execution = p.max_lead_over_execution;
         c.prune = soma_actors::state_sync::prune::Config {
@@ -1011,6 +1023,9 @@ max-new-peers-per-source-per-interval = {new_per_source}
 # Accept peers advertising loopback or private addresses (local networks,
 # tests). Set to false on a node reachable from the Internet.
 allow-private-addresses = {private}
+# At its connection target, swap one connection for one to another known
+# peer this often, so that networks rejoin after a partition; "0s": never.
+rotation-interval = "{rotation}"
 # State sync: tick, height queries, batch size, parallel block fetches,
 # fetches sent to one peer at once (keep at or below the peers'
 # max-concurrent-fetches-per-peer), batches fetched ahead, blocks per request.
@@ -1124,6 +1139,7 @@ max-connection-age-grace = "{grace}"
         per_prefix = p.max_known_peers_per_prefix,
         new_per_source = p.max_new_peers_per_source_per_interval,
         private = p.allow_private_addresses,
+        rotation = humantime_serde::re::humantime::format_duration(p.rotation_interval),
         tick = humantime_serde::re::humantime::format_duration(p.tick),
         hqi = humantime_serde::re::humantime::format_duration(p.height_query_interval),
         batch = p.commit_sync_batch_size,
@@ -1332,7 +1348,7 @@ mod tests {
         }
         // Every key of the default file but those `run` reads itself: the
         // top level, [p2p] and [archive].
-        assert_eq!(checked, 5 + 57 + 7);
+        assert_eq!(checked, 5 + 58 + 7);
     }
 
     /// The default file with its commented `[archive]` section enabled,

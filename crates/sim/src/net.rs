@@ -23,6 +23,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::net::{IpAddr, Ipv4Addr};
 
+use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use soma_actors::discovery::{Config, DiscoveryCore, Init, Input, Output, SeedPeer};
@@ -90,6 +91,13 @@ pub struct Settings {
     pub call_timeout_ms: u64,
     /// Connections a node holds at most (its Connections actor's limit).
     pub max_connections: usize,
+    /// The last `sybils` nodes are an attacker's: each on an address of
+    /// its own /24 (the most addresses an attacker could hold, so the
+    /// per-prefix caps do not help the honest nodes), connecting and
+    /// querying at the limits of the protocol, and answering every
+    /// GetKnownPeers call, however often, with as many fresh infos of
+    /// sybils as an answer may hold.
+    pub sybils: usize,
 }
 
 impl Default for Settings {
@@ -104,6 +112,7 @@ impl Default for Settings {
             loss: 0.0,
             call_timeout_ms: 10_000,
             max_connections: 32,
+            sybils: 0,
         }
     }
 }
@@ -129,6 +138,8 @@ pub struct Counts {
     pub dials_failed: u64,
     /// Connections broken by a leave or a partition.
     pub broken: u64,
+    /// Connections a node dropped to rotate them.
+    pub rotated: u64,
 }
 
 /// One node's view, sampled.
@@ -146,6 +157,8 @@ pub struct NodeView {
     pub connected: usize,
     /// Virtual time it was last started, in milliseconds.
     pub started_ms: u64,
+    /// Whether it is a sybil.
+    pub sybil: bool,
 }
 
 #[derive(Debug)]
@@ -175,6 +188,13 @@ enum Event {
         infos: Vec<SignedNodeInfo>,
     },
     Broken {
+        node: usize,
+        incarnation: u32,
+        peer: usize,
+    },
+    /// A connection the node dropped itself: its Connections closed it
+    /// and tells Discovery so.
+    Closed {
         node: usize,
         incarnation: u32,
         peer: usize,
@@ -321,6 +341,24 @@ impl Sim {
         index
     }
 
+    /// Whether node `index` is a sybil.
+    pub fn is_sybil(&self, index: usize) -> bool {
+        index >= self.settings.nodes.saturating_sub(self.settings.sybils)
+            && index < self.settings.nodes
+    }
+
+    /// A sybil's answer: as many infos of sybils as an answer holds,
+    /// stamped now.
+    fn sybil_answer(&mut self, unix_ms: u64) -> Vec<SignedNodeInfo> {
+        let first = self.settings.nodes - self.settings.sybils;
+        let sybils: Vec<usize> = (first..self.settings.nodes).collect();
+        let count = self.settings.discovery.max_peers_to_send;
+        sybils
+            .choose_multiple(&mut self.rng, count)
+            .map(|&i| info_of(&self.nodes[i], unix_ms))
+            .collect()
+    }
+
     fn init(&mut self, index: usize, id: PeerId) -> Init {
         let seeds = (0..self.settings.seeds)
             .filter(|s| *s != index)
@@ -329,8 +367,15 @@ impl Sim {
                 address: address(s),
             })
             .collect();
+        let mut config = self.settings.discovery.clone();
+        if self.is_sybil(index) {
+            // At the limits: as many connections as a node holds, every
+            // connected peer asked every round.
+            config.target_concurrent_connections = self.settings.max_connections;
+            config.peers_to_query = self.settings.max_connections;
+        }
         Init {
-            config: self.settings.discovery.clone(),
+            config,
             seeds,
             ..Init::new(id, self.rng.random())
         }
@@ -517,16 +562,23 @@ impl Sim {
                     .next()
                     .and_then(|ip| ip.parse::<IpAddr>().ok());
                 let id = self.sequence;
-                let outputs = self.step(
-                    to,
-                    Input::Serve {
+                let outputs = if self.is_sybil(to) {
+                    vec![Output::Answer {
                         id,
-                        caller: Some(self.nodes[from].id),
-                        info: Some(info),
-                        unix_ms,
-                        remote,
-                    },
-                );
+                        infos: self.sybil_answer(unix_ms),
+                    }]
+                } else {
+                    self.step(
+                        to,
+                        Input::Serve {
+                            id,
+                            caller: Some(self.nodes[from].id),
+                            info: Some(info),
+                            unix_ms,
+                            remote,
+                        },
+                    )
+                };
                 for output in outputs {
                     match output {
                         Output::Answer { infos, .. } => {
@@ -586,6 +638,16 @@ impl Sim {
                 let peer = self.nodes[peer].id;
                 self.step(node, Input::Disconnected { peer });
             }
+            Event::Closed {
+                node,
+                incarnation,
+                peer,
+            } => {
+                if self.current(node, incarnation) {
+                    let peer = self.nodes[peer].id;
+                    self.step(node, Input::Disconnected { peer });
+                }
+            }
         }
     }
 
@@ -605,6 +667,7 @@ impl Sim {
             match output {
                 Output::Query { peer } => self.query(node, peer),
                 Output::Dial { peer, address } => self.dial(node, peer, address),
+                Output::Disconnect { peer } => self.close(node, peer),
                 other => rest.push(other),
             }
         }
@@ -631,6 +694,26 @@ impl Sim {
                 info,
             },
         );
+    }
+
+    /// Closes `node`'s connection to `peer` at once, as its Connections
+    /// would; Discovery hears of it as the next event.
+    fn close(&mut self, node: usize, peer: PeerId) {
+        let Some(index) = self.index_of(&peer) else {
+            return;
+        };
+        if self.nodes[node].connections.remove(&index) {
+            self.counts.rotated += 1;
+            let incarnation = self.nodes[node].incarnation;
+            self.schedule(
+                0,
+                Event::Closed {
+                    node,
+                    incarnation,
+                    peer: index,
+                },
+            );
+        }
     }
 
     fn dial(&mut self, node: usize, expected: Option<PeerId>, address: String) {
@@ -685,6 +768,7 @@ impl Sim {
                     known_up: known.iter().filter(|k| self.nodes[**k].up).count(),
                     connected: n.connections.len(),
                     started_ms: n.started_ms,
+                    sybil: self.is_sybil(index),
                 }
             })
             .collect()
@@ -762,6 +846,10 @@ fn hash_output(h: &mut blake3::Hasher, output: &Output) {
         Output::Dial { address, .. } => {
             h.update(b"D");
             h.update(address.as_bytes());
+        }
+        Output::Disconnect { peer } => {
+            h.update(b"X");
+            h.update(&peer.0);
         }
         Output::Answer { id, infos } => {
             h.update(b"A");

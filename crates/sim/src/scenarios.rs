@@ -254,6 +254,71 @@ pub fn partition_and_heal(
     }
 }
 
+/// The honest nodes' state at one minute of an eclipse attempt.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EclipseMinute {
+    /// Minutes since the sybils started.
+    pub minute: u64,
+    /// Honest entries over all entries of an honest node's known-peer
+    /// table: the mean over honest nodes, and the lowest.
+    pub table_mean: f64,
+    /// The lowest honest-entry fraction of any honest node.
+    pub table_min: f64,
+    /// Honest peers over all peers an honest node holds a connection to:
+    /// the mean over honest nodes.
+    pub connections_mean: f64,
+    /// The lowest honest-connection fraction of any honest node.
+    pub connections_min: f64,
+    /// Honest nodes whose every connection is to a sybil: eclipsed.
+    pub eclipsed: usize,
+}
+
+/// Converges the honest nodes of `settings` (its sybils not yet started)
+/// for `warmup_intervals`, then starts the sybils and samples every
+/// minute for `minutes`.
+pub fn eclipse(settings: Settings, warmup_intervals: u64, minutes: u64) -> Vec<EclipseMinute> {
+    let interval = settings.discovery.interval_ms.max(1);
+    let mut sim = Sim::new(settings, None);
+    let (honest, sybils): (Vec<usize>, Vec<usize>) =
+        (0..sim.len()).partition(|&i| !sim.is_sybil(i));
+    for &i in &honest {
+        sim.start(i);
+    }
+    sim.run_until(warmup_intervals * interval);
+    for &i in &sybils {
+        sim.start(i);
+    }
+    let started = sim.now();
+    let fraction = |of: &[usize], sim: &Sim| {
+        let good = of.iter().filter(|&&k| !sim.is_sybil(k)).count();
+        good as f64 / of.len().max(1) as f64
+    };
+    (1..=minutes)
+        .map(|minute| {
+            sim.run_until(started + minute * 60_000);
+            let tables: Vec<f64> = honest
+                .iter()
+                .map(|&i| fraction(&sim.known_by(i), &sim))
+                .collect();
+            let conns: Vec<Vec<usize>> = honest.iter().map(|&i| sim.connections_of(i)).collect();
+            let held: Vec<f64> = conns.iter().map(|c| fraction(c, &sim)).collect();
+            let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+            let min = |v: &[f64]| v.iter().copied().fold(1.0, f64::min);
+            EclipseMinute {
+                minute,
+                table_mean: mean(&tables),
+                table_min: min(&tables),
+                connections_mean: mean(&held),
+                connections_min: min(&held),
+                eclipsed: conns
+                    .iter()
+                    .filter(|c| !c.is_empty() && c.iter().all(|&k| sim.is_sybil(k)))
+                    .count(),
+            }
+        })
+        .collect()
+}
+
 /// A network of `nodes` in the five regions of [`Latency::world`], with
 /// the default Discovery settings and `seeds` seed nodes.
 pub fn world(nodes: usize, seed: u64) -> Settings {

@@ -75,15 +75,57 @@ fn a_network_under_churn_goes_back_to_its_connection_target_once_churn_stops() {
 }
 
 #[test]
-fn two_halves_apart_for_ten_minutes_stay_apart_after_the_heal() {
-    // What the simulator found: every node holds its connection target
-    // within its half, and Discovery dials only below the target, so once
-    // the partition heals no connection crosses it again (though every
-    // node still knows nodes of the other half when it heals).
+fn two_halves_apart_for_ten_minutes_join_again_after_the_heal() {
+    // Every node holds its connection target within its half; once the
+    // partition heals, only the rotation of connections (one dial past
+    // the target a minute) crosses it again, over the nodes of the other
+    // half every node still knows.
     let settings = small(6);
     let nodes = settings.nodes;
-    let result = partition_and_heal(settings, 12, 600_000, 120_000);
+    let result = partition_and_heal(settings, 12, 600_000, 600_000);
     assert_eq!(result.components_split, 2, "{result:?}");
     assert_eq!(result.knew_across, nodes, "{result:?}");
+    assert!(result.heal_ms.is_some(), "{result:?}");
+}
+
+#[test]
+fn without_rotation_two_halves_stay_apart_after_the_heal() {
+    // The same run with rotation off: Discovery dials only below its
+    // target, so no connection crosses the healed partition, ever.
+    let mut settings = small(6);
+    settings.discovery.rotation_interval_ms = 0;
+    let result = partition_and_heal(settings, 12, 600_000, 600_000);
+    assert_eq!(result.components_split, 2, "{result:?}");
     assert_eq!(result.heal_ms, None, "{result:?}");
+}
+
+#[test]
+fn sybils_flooding_fresh_infos_never_rotate_an_honest_node_past_its_anchors() {
+    // 30 % of the nodes an attacker's, answering every call with sybils
+    // only, at the limits, for three minutes after the honest network
+    // converged. Tables of 40 (of 99 others), 10 per source, 20 infos an
+    // answer, so that the caps bite in a network this small.
+    let mut settings = Settings {
+        nodes: 100,
+        sybils: 30,
+        ..small(8)
+    };
+    settings.discovery.max_known_peers = 40;
+    settings.discovery.max_known_peers_per_source = 10;
+    settings.discovery.max_peers_to_send = 20;
+    // A rotation every 10 s: three minutes of attack hold eighteen.
+    settings.discovery.rotation_interval_ms = 10_000;
+    let minutes = soma_sim::scenarios::eclipse(settings, 12, 3);
+    assert_eq!(minutes.len(), 3);
+    // The flood is real: sybils hold more of the tables than their 30 %
+    // of the nodes, and rotation moves connections to them.
+    let last = &minutes[2];
+    assert!(last.table_mean < 0.7, "{last:?}");
+    assert!(last.connections_mean < 1.0, "{last:?}");
+    // But the anchors, half the target of 8 made before the attack, stay:
+    // every honest node keeps at least half its connections honest.
+    for m in &minutes {
+        assert!(m.connections_min >= 0.5, "{m:?}");
+        assert_eq!(m.eclipsed, 0, "{m:?}");
+    }
 }
