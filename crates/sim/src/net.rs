@@ -98,6 +98,10 @@ pub struct Settings {
     /// GetKnownPeers call, however often, with as many fresh infos of
     /// sybils as an answer may hold.
     pub sybils: usize,
+    /// Whether a node runs its first round as it starts, as the node's
+    /// Discovery actor does; otherwise at a random point of its first
+    /// interval (nodes of a real network do not start in step).
+    pub first_round_at_start: bool,
 }
 
 impl Default for Settings {
@@ -113,6 +117,7 @@ impl Default for Settings {
             call_timeout_ms: 10_000,
             max_connections: 32,
             sybils: 0,
+            first_round_at_start: false,
         }
     }
 }
@@ -401,7 +406,11 @@ impl Sim {
         node.connections.clear();
         let incarnation = node.incarnation;
         let interval = self.settings.discovery.interval_ms.max(1);
-        let first = self.rng.random_range(0..interval);
+        let first = if self.settings.first_round_at_start {
+            0
+        } else {
+            self.rng.random_range(0..interval)
+        };
         self.schedule(
             first,
             Event::Tick {

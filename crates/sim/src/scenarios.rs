@@ -319,6 +319,59 @@ pub fn eclipse(settings: Settings, warmup_intervals: u64, minutes: u64) -> Vec<E
         .collect()
 }
 
+/// How long until every node knew every other, and the calls it took.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FullKnowledge {
+    /// Virtual time until every node knew every other, in milliseconds,
+    /// if within the run.
+    pub time_ms: Option<u64>,
+    /// GetKnownPeers calls made per node until then.
+    pub calls_per_node: f64,
+}
+
+/// Starts every node at once and runs, looking every 10 ms of virtual
+/// time, until every node knows every other or `max_ms` passed: the
+/// criterion of the real-node benchmark (docs/benchmarks.md).
+pub fn full_knowledge(settings: Settings, max_ms: u64) -> FullKnowledge {
+    let nodes = settings.nodes;
+    let mut sim = Sim::new(settings, None);
+    sim.start_all();
+    let mut time_ms = None;
+    while sim.now() < max_ms {
+        sim.run_until(sim.now() + 10);
+        if sim.views().iter().all(|v| v.known + 1 >= nodes) {
+            time_ms = Some(sim.now());
+            break;
+        }
+    }
+    FullKnowledge {
+        time_ms,
+        calls_per_node: sim.counts().queries as f64 / nodes.max(1) as f64,
+    }
+}
+
+/// The real-node benchmark's network: `nodes` on one host (round trips
+/// of 1 ms, no jitter), all seeded with node 0, started together, each
+/// running its first round as it starts, rounds every 500 ms, 3 peers
+/// asked per round.
+pub fn like_the_bench(nodes: usize, seed: u64) -> Settings {
+    let mut settings = Settings {
+        nodes,
+        seeds: 1,
+        seed,
+        latency: Latency {
+            regions: vec!["host"],
+            rtt_ms: vec![vec![1]],
+        },
+        jitter: 0.0,
+        first_round_at_start: true,
+        ..Settings::default()
+    };
+    settings.discovery.interval_ms = 500;
+    settings.discovery.peers_to_query = 3;
+    settings
+}
+
 /// A network of `nodes` in the five regions of [`Latency::world`], with
 /// the default Discovery settings and `seeds` seed nodes.
 pub fn world(nodes: usize, seed: u64) -> Settings {
