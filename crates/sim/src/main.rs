@@ -205,7 +205,11 @@ fn bench_section(md: &mut String) {
          each):\n"
     )
     .unwrap();
-    writeln!(md, "| nodes | seed | simulated (s) | rounds | calls made / node |").unwrap();
+    writeln!(
+        md,
+        "| nodes | seed | simulated (s) | rounds | calls made / node |"
+    )
+    .unwrap();
     writeln!(md, "|---|---|---|---|---|").unwrap();
     for n in [8, 16, 32] {
         for k in 0..3 {
@@ -215,8 +219,10 @@ fn bench_section(md: &mut String) {
             let r = full_knowledge(settings, 60_000);
             let line = format!(
                 "| {n} | {seed} | {} | {} | {:.1} |",
-                r.time_ms
-                    .map_or("not within 60 s".into(), |t| format!("{:.2}", t as f64 / 1_000.0)),
+                r.time_ms.map_or("not within 60 s".into(), |t| format!(
+                    "{:.2}",
+                    t as f64 / 1_000.0
+                )),
                 r.time_ms
                     .map_or("–".into(), |t| format!("{:.1}", t as f64 / interval)),
                 r.calls_per_node
