@@ -2,10 +2,12 @@
 //! of the production sans-I/O cores, in virtual time, from one seed.
 //!
 //! [`net`] is the network (links, churn, partitions) around the real
-//! Discovery core; [`scenarios`] are the experiments `make sim` runs and
+//! Discovery core; [`heights`] spreads new commits over a network it made,
+//! through the real PeerHeights core; [`scenarios`] are the experiments `make sim` runs and
 //! writes to docs/simulation.md. The same seed gives the same run, bit for
 //! bit ([`net::Sim::digest`]), and any node's inputs can be written as a
 //! trace the replay harness replays.
 
+pub mod heights;
 pub mod net;
 pub mod scenarios;

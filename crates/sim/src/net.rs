@@ -793,6 +793,13 @@ impl Sim {
             .collect()
     }
 
+    /// The round trip between nodes `a` and `b`, without jitter, in
+    /// milliseconds.
+    pub fn rtt_ms(&self, a: usize, b: usize) -> u64 {
+        let (ra, rb) = (self.nodes[a].region, self.nodes[b].region);
+        self.settings.latency.rtt_ms[ra][rb]
+    }
+
     /// The nodes node `index` holds a connection to.
     pub fn connections_of(&self, index: usize) -> Vec<usize> {
         self.nodes[index].connections.iter().copied().collect()

@@ -6,6 +6,7 @@ use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::heights::{HeightSettings, Spread, spread};
 use crate::net::{Latency, NodeView, Settings, Sim};
 
 /// Every node connected to at least `target` peers (or all the others,
@@ -370,6 +371,24 @@ pub fn like_the_bench(nodes: usize, seed: u64) -> Settings {
     settings.discovery.interval_ms = 500;
     settings.discovery.peers_to_query = 3;
     settings
+}
+
+/// Converges `settings` for `warmup_intervals`, then spreads `commits`
+/// new commits from the seed nodes (the validators) over the connections
+/// Discovery made, through the PeerHeights core of every node.
+pub fn heights(
+    settings: Settings,
+    warmup_intervals: u64,
+    commits: u64,
+    spread_settings: HeightSettings,
+) -> Spread {
+    let interval = settings.discovery.interval_ms.max(1);
+    let (seeds, seed) = (settings.seeds, settings.seed);
+    let mut sim = Sim::new(settings, None);
+    sim.start_all();
+    sim.run_until(warmup_intervals * interval);
+    let validators: Vec<usize> = (0..seeds).collect();
+    spread(&sim, &validators, commits, spread_settings, seed, 600_000)
 }
 
 /// A network of `nodes` in the five regions of [`Latency::world`], with

@@ -3,6 +3,7 @@
 
 use soma_actors::discovery::Config;
 use soma_actors::replay::replay_text;
+use soma_sim::heights::HeightSettings;
 use soma_sim::net::{Settings, Sim};
 use soma_sim::scenarios::{churn, convergence, partition_and_heal, world};
 
@@ -128,4 +129,31 @@ fn sybils_flooding_fresh_infos_never_rotate_an_honest_node_past_its_anchors() {
         assert!(m.connections_min >= 0.5, "{m:?}");
         assert_eq!(m.eclipsed, 0, "{m:?}");
     }
+}
+
+#[test]
+fn new_commits_reach_every_node_through_height_queries_and_pushes() {
+    // 2,000 commits at the seed nodes (the validators) of a converged
+    // network of 60: every node syncs them all, with pushes and without;
+    // the same seed gives the same spread.
+    let heights = |push| {
+        let settings = HeightSettings {
+            push,
+            ..HeightSettings::default()
+        };
+        soma_sim::scenarios::heights(small(9), 12, 2_000, settings)
+    };
+    let pushed = heights(true);
+    eprintln!("{pushed:?}");
+    assert!(pushed.all_synced_ms.is_some(), "{pushed:?}");
+    assert!(pushed.all_know_ms <= pushed.all_synced_ms, "{pushed:?}");
+    // Every node fetched all 2,000 commits in batches of 400 at most:
+    // 5 fetches each for the 58 that are not validators.
+    assert_eq!(pushed.fetches, 58 * 5, "{pushed:?}");
+    assert!(pushed.pushes_taken > 0 && pushed.pushes_taken <= pushed.pushes);
+    assert_eq!(heights(true), pushed);
+    let queried = heights(false);
+    eprintln!("{queried:?}");
+    assert!(queried.all_synced_ms.is_some(), "{queried:?}");
+    assert_eq!((queried.pushes, queried.pushes_taken), (0, 0));
 }
