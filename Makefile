@@ -86,8 +86,8 @@ bench:
 	$(CARGO) run --release --locked -p soma-bench
 
 ## sim: networks of 1,000 and 10,000 simulated nodes (the production Discovery
-## core in virtual time): convergence, churn, partition, eclipse, and the
-## real-node discovery benchmark simulated; writes docs/simulation.md
+## and PeerHeights cores in virtual time): convergence, churn, partition, eclipse,
+## heights, and the real-node discovery benchmark simulated; writes docs/simulation.md
 sim:
 	$(CARGO) run --release --locked -p soma-sim -- --out docs/simulation.md
 

@@ -1,3 +1,4 @@
+use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 
@@ -469,46 +470,63 @@ impl DiscoveryCore {
         seen_ms: u64,
         peer: PeerId,
     ) -> Option<Vec<PeerId>> {
+        // One pass over the table per cap, whatever the table holds: a
+        // flood of infos costs each of them linear time, never more.
         let mut chosen = vec![peer];
-        let count = |chosen: &[PeerId], in_bucket: &dyn Fn(&Entry) -> bool| {
-            self.known
-                .iter()
-                .filter(|(p, e)| in_bucket(e) && !chosen.contains(p))
-                .count()
-        };
-        let victim = |chosen: &[PeerId], in_bucket: &dyn Fn(&Entry) -> bool| {
-            self.known
-                .iter()
-                .filter(|(p, e)| {
-                    in_bucket(e) && !chosen.contains(p) && !self.pinned(p) && e.seen_ms <= seen_ms
-                })
-                .min_by_key(|(p, e)| (e.seen_ms, **p))
-                .map(|(p, _)| *p)
-        };
-        if let Some(source) = source {
-            let in_source = |e: &Entry| e.source == source;
-            if count(&chosen, &in_source) >= self.config.max_known_peers_per_source {
-                chosen.push(victim(&chosen, &in_source)?);
+        let older = |oldest: &mut Option<(u64, PeerId)>, candidate: (u64, PeerId)| {
+            if oldest.is_none_or(|o| candidate < o) {
+                *oldest = Some(candidate);
             }
-        }
-        let in_prefix = |e: &Entry| e.prefix == prefix;
-        if count(&chosen, &in_prefix) >= self.config.max_known_peers_per_prefix {
-            chosen.push(victim(&chosen, &in_prefix)?);
-        }
-        if source.is_some() && count(&chosen, &|_| true) >= self.config.max_known_peers {
-            // The fullest source bucket gives up its oldest entry.
-            let mut sizes: BTreeMap<Source, usize> = BTreeMap::new();
-            for (p, e) in &self.known {
-                if !chosen.contains(p) {
-                    *sizes.entry(e.source).or_default() += 1;
+        };
+        let eligible = |chosen: &[PeerId], p: &PeerId, e: &Entry| {
+            !chosen.contains(p) && !self.pinned(p) && e.seen_ms <= seen_ms
+        };
+        // A bucket's entries not chosen yet, and its oldest evictable one.
+        let bucket = |chosen: &[PeerId], in_bucket: &dyn Fn(&Entry) -> bool| {
+            let mut size = 0;
+            let mut oldest: Option<(u64, PeerId)> = None;
+            for (p, e) in self.known.iter().filter(|(_, e)| in_bucket(e)) {
+                if chosen.contains(p) {
+                    continue;
+                }
+                size += 1;
+                if eligible(chosen, p, e) {
+                    older(&mut oldest, (e.seen_ms, *p));
                 }
             }
-            let mut sizes: Vec<(Source, usize)> = sizes.into_iter().collect();
-            sizes.sort_by_key(|(s, n)| (std::cmp::Reverse(*n), *s));
-            let v = sizes
-                .iter()
-                .find_map(|(s, _)| victim(&chosen, &|e: &Entry| e.source == *s))?;
-            chosen.push(v);
+            (size, oldest.map(|(_, p)| p))
+        };
+        if let Some(source) = source {
+            let (size, oldest) = bucket(&chosen, &|e| e.source == source);
+            if size >= self.config.max_known_peers_per_source {
+                chosen.push(oldest?);
+            }
+        }
+        let (size, oldest) = bucket(&chosen, &|e| e.prefix == prefix);
+        if size >= self.config.max_known_peers_per_prefix {
+            chosen.push(oldest?);
+        }
+        // `peer` is new to the table here (an update passes no source).
+        let kept = self.known.len() + 1 - chosen.len();
+        if source.is_some() && kept >= self.config.max_known_peers {
+            // The fullest source bucket with an evictable entry gives up
+            // its oldest (ties: the lowest source).
+            let mut buckets: BTreeMap<Source, (usize, Option<(u64, PeerId)>)> = BTreeMap::new();
+            for (p, e) in &self.known {
+                if chosen.contains(p) {
+                    continue;
+                }
+                let (size, oldest) = buckets.entry(e.source).or_default();
+                *size += 1;
+                if eligible(&chosen, p, e) {
+                    older(oldest, (e.seen_ms, *p));
+                }
+            }
+            let (_, _, victim) = buckets
+                .into_iter()
+                .filter_map(|(s, (size, oldest))| oldest.map(|(_, p)| (Reverse(size), s, p)))
+                .min()?;
+            chosen.push(victim);
         }
         chosen.remove(0);
         Some(chosen)
