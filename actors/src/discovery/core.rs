@@ -1057,6 +1057,113 @@ mod tests {
         }
     }
 
+    /// The eviction as it was first written, a scan per bucket: the
+    /// reference the one-pass version must agree with.
+    fn make_room_reference(
+        c: &DiscoveryCore,
+        source: Option<Source>,
+        prefix: Prefix,
+        seen_ms: u64,
+        peer: PeerId,
+    ) -> Option<Vec<PeerId>> {
+        let mut chosen = vec![peer];
+        let count = |chosen: &[PeerId], in_bucket: &dyn Fn(&Entry) -> bool| {
+            c.known
+                .iter()
+                .filter(|(p, e)| in_bucket(e) && !chosen.contains(p))
+                .count()
+        };
+        let victim = |chosen: &[PeerId], in_bucket: &dyn Fn(&Entry) -> bool| {
+            c.known
+                .iter()
+                .filter(|(p, e)| {
+                    in_bucket(e) && !chosen.contains(p) && !c.pinned(p) && e.seen_ms <= seen_ms
+                })
+                .min_by_key(|(p, e)| (e.seen_ms, **p))
+                .map(|(p, _)| *p)
+        };
+        if let Some(source) = source {
+            let in_source = |e: &Entry| e.source == source;
+            if count(&chosen, &in_source) >= c.config.max_known_peers_per_source {
+                chosen.push(victim(&chosen, &in_source)?);
+            }
+        }
+        let in_prefix = |e: &Entry| e.prefix == prefix;
+        if count(&chosen, &in_prefix) >= c.config.max_known_peers_per_prefix {
+            chosen.push(victim(&chosen, &in_prefix)?);
+        }
+        if source.is_some() && count(&chosen, &|_| true) >= c.config.max_known_peers {
+            let mut sizes: BTreeMap<Source, usize> = BTreeMap::new();
+            for (p, e) in &c.known {
+                if !chosen.contains(p) {
+                    *sizes.entry(e.source).or_default() += 1;
+                }
+            }
+            let mut sizes: Vec<(Source, usize)> = sizes.into_iter().collect();
+            sizes.sort_by_key(|(s, n)| (std::cmp::Reverse(*n), *s));
+            let v = sizes
+                .iter()
+                .find_map(|(s, _)| victim(&chosen, &|e: &Entry| e.source == *s))?;
+            chosen.push(v);
+        }
+        chosen.remove(0);
+        Some(chosen)
+    }
+
+    #[test]
+    fn eviction_in_one_pass_chooses_what_a_scan_per_bucket_chooses() {
+        use rand::Rng;
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let unsigned = |peer: PeerId| SignedNodeInfo {
+            info: NodeInfo {
+                peer_id: peer,
+                addresses: vec![],
+                timestamp_ms: 0,
+                access: Access::Public,
+            },
+            signature: soma_types::Signature([0; 64]),
+        };
+        let sources = [
+            Source::Inbound(None),
+            Source::Inbound(Some(Prefix::V4([1, 2, 3]))),
+            Source::Peer(PeerId([1; 32])),
+            Source::Peer(PeerId([2; 32])),
+            Source::Peer(PeerId([3; 32])),
+        ];
+        let prefixes = [0u8, 1, 2, 3].map(|n| Prefix::V4([10, 0, n]));
+        let mut evicted = 0;
+        for _ in 0..3_000 {
+            let mut c = config(|c| {
+                c.max_known_peers = 30;
+                c.max_known_peers_per_source = 9;
+                c.max_known_peers_per_prefix = 10;
+            });
+            for _ in 0..rng.random_range(0..40) {
+                let peer = PeerId(rng.random());
+                let entry = Entry {
+                    info: unsigned(peer),
+                    source: *sources.choose(&mut rng).unwrap(),
+                    prefix: *prefixes.choose(&mut rng).unwrap(),
+                    seen_ms: rng.random_range(0..50),
+                };
+                c.known.insert(peer, entry);
+                if rng.random_bool(0.2) {
+                    c.verified.insert(peer);
+                }
+            }
+            let source = rng
+                .random_bool(0.8)
+                .then(|| *sources.choose(&mut rng).unwrap());
+            let prefix = *prefixes.choose(&mut rng).unwrap();
+            let (seen_ms, peer) = (rng.random_range(0..60), PeerId(rng.random()));
+            let want = make_room_reference(&c, source, prefix, seen_ms, peer);
+            assert_eq!(c.make_room(source, prefix, seen_ms, peer), want);
+            evicted += want.map_or(0, |v| v.len());
+        }
+        // The cases reach the caps: evictions happen, often.
+        assert!(evicted > 500, "{evicted}");
+    }
+
     #[test]
     fn a_connected_seed_is_not_dialled_again() {
         let mut i = init(8);
