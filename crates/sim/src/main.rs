@@ -136,7 +136,11 @@ fn main() {
          and one other connection dropped, joins them."
     )
     .unwrap();
-    eclipse_section(&mut md, if cli.quick { 200 } else { 2_000 }, minutes);
+    eclipse_section(
+        &mut md,
+        if cli.quick { 200 } else { 2_000 },
+        if cli.quick { 3 } else { 5 },
+    );
     heights_section(&mut md, sizes);
     bench_section(&mut md);
     eprintln!("done in {:.0} s", started.elapsed().as_secs_f64());
@@ -279,12 +283,14 @@ fn heights_section(md: &mut String, sizes: &[usize]) {
     };
     for &n in sizes {
         let seed = seed_of("heights", n as u64);
-        for push in [true, false] {
-            let settings = HeightSettings {
-                push,
-                ..HeightSettings::default()
-            };
-            let r = heights(world(n, seed), 30, commits, settings);
+        let runs = [true, false].map(|push| HeightSettings {
+            push,
+            ..HeightSettings::default()
+        });
+        for (push, r) in [true, false]
+            .into_iter()
+            .zip(heights(world(n, seed), 12, commits, &runs))
+        {
             let line = format!(
                 "| {n} | {seed} | {} | {} | {} | {} | {:.2} | {:.2} | {} |",
                 if push { "on" } else { "off" },

@@ -375,20 +375,23 @@ pub fn like_the_bench(nodes: usize, seed: u64) -> Settings {
 
 /// Converges `settings` for `warmup_intervals`, then spreads `commits`
 /// new commits from the seed nodes (the validators) over the connections
-/// Discovery made, through the PeerHeights core of every node.
+/// Discovery made, through the PeerHeights core of every node: once for
+/// each of `runs`, on the same network.
 pub fn heights(
     settings: Settings,
     warmup_intervals: u64,
     commits: u64,
-    spread_settings: HeightSettings,
-) -> Spread {
+    runs: &[HeightSettings],
+) -> Vec<Spread> {
     let interval = settings.discovery.interval_ms.max(1);
     let (seeds, seed) = (settings.seeds, settings.seed);
     let mut sim = Sim::new(settings, None);
     sim.start_all();
     sim.run_until(warmup_intervals * interval);
     let validators: Vec<usize> = (0..seeds).collect();
-    spread(&sim, &validators, commits, spread_settings, seed, 600_000)
+    runs.iter()
+        .map(|run| spread(&sim, &validators, commits, run.clone(), seed, 600_000))
+        .collect()
 }
 
 /// A network of `nodes` in the five regions of [`Latency::world`], with
