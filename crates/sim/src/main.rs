@@ -83,6 +83,10 @@ fn main() {
             writeln!(md, "{line}").unwrap();
         }
     }
+    eprintln!(
+        "convergence done at {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
     let n = sizes[0];
     writeln!(md, "\n## Churn: 1 % of {n} nodes replaced per minute\n").unwrap();
     writeln!(
@@ -155,7 +159,7 @@ fn eclipse_section(md: &mut String, n: usize, minutes: u64) {
          {n} nodes; the sybils start once the honest nodes converged (30 intervals). Each \
          sybil holds an address in a /24 of its own (the most an attacker could hold: the \
          per-prefix caps do not help), keeps 32 connections, asks every connected peer each \
-         round, and answers every call with 200 infos of sybils stamped now. Figures over \
+         round (keeping 10 infos of each answer: enough to find honest nodes), and answers every call with 200 infos of sybils stamped now. Figures over \
          the honest nodes: the honest share of their known-peer tables (mean, lowest) and \
          of the peers they hold connections to (mean, lowest), and how many hold sybils \
          only (eclipsed).\n"

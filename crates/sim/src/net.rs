@@ -265,6 +265,9 @@ fn info(id: PeerId, address: &str, timestamp_ms: u64) -> SignedNodeInfo {
     }
 }
 
+/// Infos a sybil keeps of each answer it gets.
+const SYBIL_LEARNS: usize = 10;
+
 /// Bytes of one info as the wire carries it (one IPv4 address).
 const INFO_BYTES: u64 = 32 + 8 + 1 + 1 + 16 + 64 + 8;
 
@@ -626,6 +629,14 @@ impl Sim {
                 self.counts.bytes += infos.len() as u64 * INFO_BYTES;
                 let unix_ms = START_UNIX_MS + self.now;
                 let source = Some(self.nodes[from].id);
+                // A sybil keeps only the first few infos of an answer:
+                // enough to find honest nodes to connect to, and the attack
+                // does not depend on its own table (which would cost the
+                // simulation most of its time).
+                let mut infos = infos;
+                if self.is_sybil(to) {
+                    infos.truncate(SYBIL_LEARNS);
+                }
                 self.step(
                     to,
                     Input::Learned {
