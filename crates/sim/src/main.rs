@@ -53,6 +53,14 @@ fn main() {
     let mut md = String::new();
     let started = Instant::now();
     writeln!(md, "{}", INTRO).unwrap();
+    if cli.quick {
+        writeln!(
+            md,
+            "This is the quick run (`soma-sim --quick`): 200 nodes, shorter runs. `make sim` \
+             runs 1,000 and 10,000 nodes.\n"
+        )
+        .unwrap();
+    }
     writeln!(md, "## Convergence\n").unwrap();
     writeln!(
         md,
@@ -192,9 +200,11 @@ fn eclipse_section(md: &mut String, n: usize, minutes: u64) {
     }
     writeln!(
         md,
-        "\nThe flood works on the tables: answers from sybils fill up to their source's cap, \
-         and each sybil calling in leaves its own info, so sybils hold more of the honest \
-         tables than their share of the nodes. Connections follow the tables only through \
+        "\nIn a network larger than a table (1,000 entries), the flood works on the tables: \
+         answers from sybils fill up to their source's cap, and each sybil calling in leaves \
+         its own info, so sybils hold more of the honest tables than their share of the \
+         nodes (in a smaller network every node knows every other, and the tables hold the \
+         sybils' share exactly). Connections follow the tables only through \
          rotation, and rotation never drops the anchors, the oldest half of the target: a \
          node connected before the attack keeps at least half its connections honest. \
          Rotation off keeps every pre-attack connection, but then a partition never heals; \
@@ -264,7 +274,7 @@ fn heights_section(md: &mut String, sizes: &[usize]) {
     writeln!(
         md,
         "\n## Heights: {commits} new commits spreading from the validators\n\n\
-         Each network converges (30 intervals); then the three seed nodes, standing for \
+         Each network converges (12 intervals); then the three seed nodes, standing for \
          the validators, hold {commits} commits more than every other node. Each node asks \
          every peer it is connected to for its height every second (StateSync's \
          `height-query-interval`), its PeerHeights core tracks the answers and leases the \
