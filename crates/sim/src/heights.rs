@@ -19,7 +19,7 @@ use soma_actors::peer_heights::{
     Transfer, UpdateHeight,
 };
 use soma_actors::{Driver, Time};
-use soma_types::{ChainId, CommitIndex, Digest, PeerId};
+use soma_types::{ChainId, CommitIndex, Digest};
 
 use crate::net::{Sim, peer_id};
 
@@ -112,7 +112,6 @@ struct Run<'a> {
     sim: &'a Sim,
     settings: HeightSettings,
     nodes: Vec<Node>,
-    index: BTreeMap<PeerId, usize>,
     queue: BinaryHeap<Reverse<(u64, u64)>>,
     events: BTreeMap<u64, Event>,
     sequence: u64,
@@ -155,7 +154,6 @@ pub fn spread(
         sim,
         settings,
         nodes,
-        index: (0..sim.len()).map(|i| (peer_id(i), i)).collect(),
         queue: BinaryHeap::new(),
         events: BTreeMap::new(),
         sequence: 0,
@@ -277,7 +275,7 @@ impl Run<'_> {
             }
             Event::Push { to, from, highest } => {
                 self.spread.pushes += 1;
-                if self.sim.connections_of(to).contains(&from) {
+                if self.sim.holds_connection(to, from) {
                     self.spread.pushes_taken += 1;
                 }
                 let push = PushHeight {
@@ -322,7 +320,7 @@ impl Run<'_> {
             return;
         };
         for peer in peers {
-            let Some(&to) = self.index.get(&peer) else {
+            let Some(to) = self.sim.index_of(&peer) else {
                 continue;
             };
             let leg = self.leg(node, to);
@@ -363,7 +361,7 @@ impl Run<'_> {
         let Some(Output::Granted { lease, .. }) = granted.into_iter().next() else {
             return;
         };
-        let Some(&from) = self.index.get(&lease.peer) else {
+        let Some(from) = self.sim.index_of(&lease.peer) else {
             return;
         };
         self.nodes[node].fetching = true;

@@ -762,7 +762,8 @@ impl Sim {
         );
     }
 
-    fn index_of(&self, peer: &PeerId) -> Option<usize> {
+    /// The node whose identity is `peer`, if any.
+    pub fn index_of(&self, peer: &PeerId) -> Option<usize> {
         let mut n = [0u8; 8];
         n.copy_from_slice(&peer.0[..8]);
         let index = u64::from_le_bytes(n) as usize;
@@ -809,6 +810,11 @@ impl Sim {
     pub fn rtt_ms(&self, a: usize, b: usize) -> u64 {
         let (ra, rb) = (self.nodes[a].region, self.nodes[b].region);
         self.settings.latency.rtt_ms[ra][rb]
+    }
+
+    /// Whether node `a` holds a connection to node `b`.
+    pub fn holds_connection(&self, a: usize, b: usize) -> bool {
+        self.nodes[a].connections.contains(&b)
     }
 
     /// The nodes node `index` holds a connection to.
