@@ -1,4 +1,3 @@
-use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 
@@ -9,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use soma_types::{Access, PeerId, SignedNodeInfo};
 
 use super::messages::*;
+use super::table::{Caps, Table};
 use crate::{Core, Time};
 
 /// A peer to dial when isolated; its id is learnt from the handshake if not
@@ -148,7 +148,7 @@ struct Backoff {
 
 /// Who told us of a peer: the bucket its entry counts in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-enum Source {
+pub(super) enum Source {
     /// Callers' own infos (connect-back), by the prefix of the address the
     /// call came from (`None`: unknown, one bucket for all such calls).
     /// Identities are free but addresses are not, so one network's callers
@@ -160,7 +160,7 @@ enum Source {
 
 /// The /24 (IPv4) or /64 (IPv6) prefix of an address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-enum Prefix {
+pub(super) enum Prefix {
     V4([u8; 3]),
     V6([u8; 8]),
 }
@@ -225,13 +225,13 @@ fn prefix(address: &str, allow_private: bool) -> Option<Prefix> {
 
 /// A known peer.
 #[derive(Clone, Debug)]
-struct Entry {
-    info: SignedNodeInfo,
-    source: Source,
-    prefix: Prefix,
+pub(super) struct Entry {
+    pub info: SignedNodeInfo,
+    pub source: Source,
+    pub prefix: Prefix,
     /// The info's timestamp, no later than our clock when it arrived: a
     /// timestamp in the future buys no precedence.
-    seen_ms: u64,
+    pub seen_ms: u64,
 }
 
 /// The logic of Discovery.
@@ -239,7 +239,7 @@ pub struct DiscoveryCore {
     init: Init,
     config: Config,
     allowlist: BTreeSet<PeerId>,
-    known: BTreeMap<PeerId, Entry>,
+    known: Table,
     connected: BTreeSet<PeerId>,
     /// Peers we connected to and verified, never evicted until a dial to
     /// them fails; at most the known and connected peers.
@@ -279,7 +279,7 @@ impl Core for DiscoveryCore {
             allowlist: init.allowlist.iter().copied().collect(),
             config: init.config.clone(),
             init,
-            known: BTreeMap::new(),
+            known: Table::default(),
             connected: BTreeSet::new(),
             verified: BTreeSet::new(),
             pending: BTreeMap::new(),
@@ -403,6 +403,12 @@ impl DiscoveryCore {
         if !self.acceptable(&peer) {
             return;
         }
+        // Most infos of a busy network are ones we hold already: they are
+        // dropped before their addresses are parsed.
+        let old = self.known.get(&peer);
+        if old.is_some_and(|old| old.info.info.timestamp_ms >= info.info.timestamp_ms) {
+            return;
+        }
         let allow_private = self.config.allow_private_addresses;
         let mut prefixes = info.info.addresses.iter().map(|a| prefix(a, allow_private));
         // Every address valid; the first, the one dialled, buckets it.
@@ -413,10 +419,7 @@ impl DiscoveryCore {
             return;
         }
         let seen_ms = info.info.timestamp_ms.min(unix_ms);
-        if let Some(old) = self.known.get(&peer) {
-            if old.info.info.timestamp_ms >= info.info.timestamp_ms {
-                return;
-            }
+        if let Some(old) = old {
             let victims = if old.prefix == first {
                 Vec::new()
             } else {
@@ -431,11 +434,7 @@ impl DiscoveryCore {
             // A newer info means the peer signed it since: it may have
             // restarted, so an old dial failure says nothing any more.
             self.end_backoff(peer);
-            let entry = self.known.get_mut(&peer).expect("held above");
-            entry.info = info;
-            entry.prefix = first;
-            entry.seen_ms = seen_ms;
-            self.end_backoff(peer);
+            self.known.update(peer, info, first, seen_ms);
             return;
         }
         let learned = self.learned.get(&source).copied().unwrap_or(0);
@@ -470,72 +469,19 @@ impl DiscoveryCore {
         seen_ms: u64,
         peer: PeerId,
     ) -> Option<Vec<PeerId>> {
-        // One pass over the table per cap, whatever the table holds: a
-        // flood of infos costs each of them linear time, never more.
-        let mut chosen = vec![peer];
-        let older = |oldest: &mut Option<(u64, PeerId)>, candidate: (u64, PeerId)| {
-            if oldest.is_none_or(|o| candidate < o) {
-                *oldest = Some(candidate);
-            }
+        let caps = Caps {
+            total: self.config.max_known_peers,
+            per_source: self.config.max_known_peers_per_source,
+            per_prefix: self.config.max_known_peers_per_prefix,
         };
-        let eligible = |chosen: &[PeerId], p: &PeerId, e: &Entry| {
-            !chosen.contains(p) && !self.pinned(p) && e.seen_ms <= seen_ms
-        };
-        // A bucket's entries not chosen yet, and its oldest evictable one.
-        let bucket = |chosen: &[PeerId], in_bucket: &dyn Fn(&Entry) -> bool| {
-            let mut size = 0;
-            let mut oldest: Option<(u64, PeerId)> = None;
-            for (p, e) in self.known.iter().filter(|(_, e)| in_bucket(e)) {
-                if chosen.contains(p) {
-                    continue;
-                }
-                size += 1;
-                if eligible(chosen, p, e) {
-                    older(&mut oldest, (e.seen_ms, *p));
-                }
-            }
-            (size, oldest.map(|(_, p)| p))
-        };
-        if let Some(source) = source {
-            let (size, oldest) = bucket(&chosen, &|e| e.source == source);
-            if size >= self.config.max_known_peers_per_source {
-                chosen.push(oldest?);
-            }
-        }
-        let (size, oldest) = bucket(&chosen, &|e| e.prefix == prefix);
-        if size >= self.config.max_known_peers_per_prefix {
-            chosen.push(oldest?);
-        }
-        // `peer` is new to the table here (an update passes no source).
-        let kept = self.known.len() + 1 - chosen.len();
-        if source.is_some() && kept >= self.config.max_known_peers {
-            // The fullest source bucket with an evictable entry gives up
-            // its oldest (ties: the lowest source).
-            let mut buckets: BTreeMap<Source, (usize, Option<(u64, PeerId)>)> = BTreeMap::new();
-            for (p, e) in &self.known {
-                if chosen.contains(p) {
-                    continue;
-                }
-                let (size, oldest) = buckets.entry(e.source).or_default();
-                *size += 1;
-                if eligible(&chosen, p, e) {
-                    older(oldest, (e.seen_ms, *p));
-                }
-            }
-            let (_, _, victim) = buckets
-                .into_iter()
-                .filter_map(|(s, (size, oldest))| oldest.map(|(_, p)| (Reverse(size), s, p)))
-                .min()?;
-            chosen.push(victim);
-        }
-        chosen.remove(0);
-        Some(chosen)
+        self.known
+            .make_room(caps, source, prefix, seen_ms, peer, |p| self.pinned(p))
     }
 
     fn tick(&mut self, now: Time, unix_ms: u64) -> Vec<Output> {
         let max_age = self.config.node_info_max_age_ms;
         self.known
-            .retain(|_, e| unix_ms.saturating_sub(e.info.info.timestamp_ms) <= max_age);
+            .retain(|e| unix_ms.saturating_sub(e.info.info.timestamp_ms) <= max_age);
         let (known, connected) = (&self.known, &self.connected);
         self.verified
             .retain(|p| known.contains_key(p) || connected.contains(p));
@@ -569,7 +515,7 @@ impl DiscoveryCore {
             self.pending.values().filter_map(|(p, _)| *p).collect();
         let mut allowlisted = Vec::new();
         let mut others = Vec::new();
-        for (peer, entry) in &self.known {
+        for (peer, entry) in self.known.iter() {
             if self.connected.contains(peer)
                 || pending_peers.contains(peer)
                 || !self.acceptable(peer)
@@ -1057,8 +1003,8 @@ mod tests {
         }
     }
 
-    /// The eviction as it was first written, a scan per bucket: the
-    /// reference the one-pass version must agree with.
+    /// The eviction as it was first written, a scan of the table per
+    /// bucket: the reference the indexed version must agree with.
     fn make_room_reference(
         c: &DiscoveryCore,
         source: Option<Source>,
@@ -1094,7 +1040,7 @@ mod tests {
         }
         if source.is_some() && count(&chosen, &|_| true) >= c.config.max_known_peers {
             let mut sizes: BTreeMap<Source, usize> = BTreeMap::new();
-            for (p, e) in &c.known {
+            for (p, e) in c.known.iter() {
                 if !chosen.contains(p) {
                     *sizes.entry(e.source).or_default() += 1;
                 }
@@ -1111,7 +1057,7 @@ mod tests {
     }
 
     #[test]
-    fn eviction_in_one_pass_chooses_what_a_scan_per_bucket_chooses() {
+    fn eviction_from_the_bucket_index_chooses_what_a_scan_per_bucket_chooses() {
         use rand::Rng;
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         let unsigned = |peer: PeerId| SignedNodeInfo {
@@ -1138,6 +1084,7 @@ mod tests {
                 c.max_known_peers_per_source = 9;
                 c.max_known_peers_per_prefix = 10;
             });
+            let mut peers = Vec::new();
             for _ in 0..rng.random_range(0..40) {
                 let peer = PeerId(rng.random());
                 let entry = Entry {
@@ -1147,8 +1094,27 @@ mod tests {
                     seen_ms: rng.random_range(0..50),
                 };
                 c.known.insert(peer, entry);
+                peers.push(peer);
                 if rng.random_bool(0.2) {
                     c.verified.insert(peer);
+                }
+            }
+            // Updates and removals move entries between buckets: the
+            // index must follow.
+            for _ in 0..rng.random_range(0..10) {
+                let Some(&peer) = peers.choose(&mut rng) else {
+                    break;
+                };
+                match c.known.get(&peer).cloned() {
+                    Some(_) if rng.random_bool(0.3) => {
+                        c.known.remove(&peer);
+                    }
+                    Some(entry) => {
+                        let prefix = *prefixes.choose(&mut rng).unwrap();
+                        let seen_ms = rng.random_range(0..50);
+                        c.known.update(peer, entry.info, prefix, seen_ms);
+                    }
+                    None => {}
                 }
             }
             let source = rng

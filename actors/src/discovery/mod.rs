@@ -21,6 +21,7 @@ mod actor;
 mod core;
 mod messages;
 pub mod scenario;
+mod table;
 
 pub use actor::{Deps, Discovery};
 pub use core::{Config, DiscoveryCore, Init, SeedPeer};
