@@ -5,7 +5,8 @@
 //! from a message. If that message is lost (its handler panicked), the
 //! core's count would stay taken across the restart. So each holder of the
 //! work also keeps a [`Token`]; at a restart the shell carries over only
-//! the work whose token is still alive.
+//! the work whose token is still alive. A shell may also learn that work
+//! ended from the tokens alone ([`Holders::ended`]), with no message.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
@@ -26,9 +27,31 @@ impl Holders {
     /// the table is no larger than the work still held.
     pub(crate) fn hold(&mut self, id: u64) -> Token {
         self.held.retain(|_, t| t.strong_count() > 0);
+        self.hold_keeping_ended(id)
+    }
+
+    /// A token for the work `id`, forgetting nothing: for a shell that
+    /// learns of ended work from [`Holders::ended`] alone.
+    pub(crate) fn hold_keeping_ended(&mut self, id: u64) -> Token {
         let token = Arc::new(());
         self.held.insert(id, Arc::downgrade(&token));
         Token(token)
+    }
+
+    /// The work whose tokens were dropped since the last call, in id
+    /// order; it is forgotten.
+    pub(crate) fn ended(&mut self) -> Vec<u64> {
+        let mut ended: Vec<u64> = self
+            .held
+            .iter()
+            .filter(|(_, t)| t.strong_count() == 0)
+            .map(|(id, _)| *id)
+            .collect();
+        ended.sort_unstable();
+        for id in &ended {
+            self.held.remove(id);
+        }
+        ended
     }
 
     /// Whether the work `id` is still held.
@@ -53,5 +76,25 @@ mod tests {
         assert_eq!(holders.held.len(), 2, "the dropped token was forgotten");
         drop(b);
         assert!(!holders.held(2));
+    }
+
+    #[test]
+    fn ended_work_is_reported_once_in_id_order() {
+        let mut holders = Holders::default();
+        let tokens: Vec<Token> = (0..5).map(|id| holders.hold_keeping_ended(id)).collect();
+        assert_eq!(holders.ended(), Vec::<u64>::new());
+        let mut tokens = tokens.into_iter().map(Some).collect::<Vec<_>>();
+        for id in [3, 0, 4] {
+            tokens[id] = None;
+        }
+        // Held elsewhere too: not ended while any holder keeps it.
+        let copy = tokens[1].clone();
+        tokens[1] = None;
+        let _five = holders.hold_keeping_ended(5);
+        assert_eq!(holders.ended(), vec![0, 3, 4]);
+        assert_eq!(holders.ended(), Vec::<u64>::new(), "reported once");
+        drop(copy);
+        assert_eq!(holders.ended(), vec![1]);
+        assert!(holders.held(2) && holders.held(5));
     }
 }

@@ -2,7 +2,7 @@ use crate::dropped::{Droppable, try_send};
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::{Actor, Addr, Context, Handler, Message, Supervised};
+use actix::{Actor, Addr, Context, Handler, Supervised};
 
 use super::core::{GrpcAdapterCore, Limits};
 use super::deadline::SendStats;
@@ -14,11 +14,12 @@ use crate::peer_heights::{PeerHeights, PushHeight};
 use crate::replay::Recorder;
 
 /// An admitted fetch's slot; dropping it (the call ended, failed or was
-/// cancelled) gives the slot back to the adapter.
+/// cancelled) gives the slot back to the adapter, which learns of it at
+/// its next call (from the permit's token): a fetch's end costs no message and
+/// no wake-up of the adapter's thread.
 #[derive(Debug)]
 pub struct Permit {
     id: u64,
-    adapter: Addr<GrpcAdapter>,
     _token: Token,
 }
 
@@ -28,16 +29,6 @@ impl Permit {
         self.id
     }
 }
-
-impl Drop for Permit {
-    fn drop(&mut self) {
-        self.adapter.do_send(Done(self.id));
-    }
-}
-
-#[derive(Message)]
-#[rtype(result = "()")]
-struct Done(u64);
 
 /// What the GrpcAdapter actor is made from; kept across restarts.
 #[derive(Clone)]
@@ -93,10 +84,11 @@ impl Actor for GrpcAdapter {
 
 impl Supervised for GrpcAdapter {
     /// The fetches still running keep their slots (their permits are
-    /// dropped later, as ever), but not those whose permit is gone (its
-    /// message lost with the panic); call rates start afresh.
+    /// dropped later, as ever), but not those whose permit is gone; call
+    /// rates start afresh.
     fn restarting(&mut self, _: &mut Context<Self>) {
         let mut init = self.driver.core().restart_init();
+        self.holders.ended();
         init.running.retain(|(id, _)| self.holders.held(*id));
         self.driver.restart(init);
     }
@@ -105,8 +97,12 @@ impl Supervised for GrpcAdapter {
 impl Handler<CallMsg> for GrpcAdapter {
     type Result = Result<Admission, Refusal>;
 
-    fn handle(&mut self, msg: CallMsg, ctx: &mut Context<Self>) -> Self::Result {
-        use actix::AsyncContext;
+    fn handle(&mut self, msg: CallMsg, _: &mut Context<Self>) -> Self::Result {
+        // The fetches that ended since the last call free their slots
+        // first (in id order, so a replay sees the same inputs).
+        for id in self.holders.ended() {
+            self.driver.step(Input::Done { id });
+        }
         let id = self.next_id;
         self.next_id += 1;
         // A fetch may take a stalled answer's slot (see the core); at most
@@ -145,8 +141,7 @@ impl Handler<CallMsg> for GrpcAdapter {
                         work,
                         permit: Permit {
                             id,
-                            adapter: ctx.address(),
-                            _token: self.holders.hold(id),
+                            _token: self.holders.hold_keeping_ended(id),
                         },
                     });
                 }
@@ -159,12 +154,5 @@ impl Handler<CallMsg> for GrpcAdapter {
             }
         }
         result
-    }
-}
-
-impl Handler<Done> for GrpcAdapter {
-    type Result = ();
-    fn handle(&mut self, msg: Done, _: &mut Context<Self>) {
-        self.driver.step(Input::Done { id: msg.0 });
     }
 }
