@@ -60,8 +60,7 @@ pub fn section(size: &Size) -> Section {
         .iter()
         .map(|b| Blob(b.serialized().clone()))
         .collect();
-    let prepared = |cache: Option<Arc<KeyCache>>| {
-        let chunk_len = blobs.len().div_ceil(threads);
+    let prepared_in = |cache: Option<Arc<KeyCache>>, chunk_len: usize| {
         best_of(size.runs, || {
             pool.install(|| {
                 blobs.par_chunks(chunk_len).for_each(|chunk| {
@@ -79,8 +78,14 @@ pub fn section(size: &Size) -> Section {
             })
         })
     };
-    let raw_prep = prepared(None);
-    let raw_cached = prepared(Some(Arc::new(KeyCache::new(16_384))));
+    let whole = blobs.len().div_ceil(threads);
+    let raw_prep = prepared_in(None, whole);
+    let cache = Arc::new(KeyCache::new(16_384));
+    let raw_cached = prepared_in(Some(cache.clone()), whole);
+    let raw_cached_chunks: Vec<Duration> = CHUNKS
+        .iter()
+        .map(|&n| prepared_in(Some(cache.clone()), n))
+        .collect();
 
     // The actor: every chunk sent at once, as sync workers would.
     let actor: Vec<Duration> = actix_rt::System::new().block_on(async {
@@ -148,6 +153,12 @@ pub fn section(size: &Size) -> Section {
         ("the same with the key cache".to_string(), raw_cached),
     ]
     .into_iter()
+    .chain(
+        CHUNKS
+            .iter()
+            .zip(&raw_cached_chunks)
+            .map(|(n, d)| (format!("the same, one batch per {n} blocks"), *d)),
+    )
     .chain(actor_rows)
     {
         s.row(
