@@ -20,6 +20,22 @@ struct Cli {
     /// Small sizes only, for a quick look.
     #[arg(long)]
     quick: bool,
+    /// Only these sections, comma-separated (convergence, churn,
+    /// partition, eclipse, heights, bench, hour).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Nodes of the long run ("hour" section).
+    #[arg(long, default_value_t = 2_000)]
+    hour_nodes: usize,
+    /// Protocol minutes of the long run.
+    #[arg(long, default_value_t = 60)]
+    hour_minutes: u64,
+}
+
+impl Cli {
+    fn runs(&self, section: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s == section)
+    }
 }
 
 const INTRO: &str = "# Simulation
@@ -45,6 +61,10 @@ StateSync core (in the heights section a fetch is a cost: a round trip and
 a time per commit, while the PeerHeights core tracks heights and chooses
 whom to fetch from), inbound connection limits (a node accepts every dial up to its
 Connections limit of 32), and bandwidth (a link is a delay, not a pipe).
+
+Each section can be run alone (`soma-sim --only eclipse`); the last one,
+the long run under churn, states how fast the simulator ran, in protocol
+seconds per wall second (`--hour-nodes`, `--hour-minutes` size it).
 ";
 
 fn main() {
@@ -61,6 +81,46 @@ fn main() {
         )
         .unwrap();
     }
+    if cli.runs("convergence") {
+        convergence_section(&mut md, sizes);
+        eprintln!(
+            "convergence done at {:.0} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    let n = sizes[0];
+    if cli.runs("churn") {
+        churn_section(&mut md, n, if cli.quick { 3 } else { 10 });
+    }
+    if cli.runs("partition") {
+        partition_section(&mut md, n);
+    }
+    if cli.runs("eclipse") {
+        eclipse_section(
+            &mut md,
+            if cli.quick { 200 } else { 2_000 },
+            if cli.quick { 3 } else { 5 },
+        );
+    }
+    if cli.runs("heights") {
+        heights_section(&mut md, sizes);
+    }
+    if cli.runs("bench") {
+        bench_section(&mut md);
+    }
+    if cli.runs("hour") {
+        let (nodes, minutes) = if cli.quick {
+            (200, 3)
+        } else {
+            (cli.hour_nodes, cli.hour_minutes)
+        };
+        hour_section(&mut md, nodes, minutes);
+    }
+    eprintln!("done in {:.0} s", started.elapsed().as_secs_f64());
+    std::fs::write(&cli.out, md).expect("the report is written");
+}
+
+fn convergence_section(md: &mut String, sizes: &[usize]) {
     writeln!(md, "## Convergence\n").unwrap();
     writeln!(
         md,
@@ -91,11 +151,9 @@ fn main() {
             writeln!(md, "{line}").unwrap();
         }
     }
-    eprintln!(
-        "convergence done at {:.0} s",
-        started.elapsed().as_secs_f64()
-    );
-    let n = sizes[0];
+}
+
+fn churn_section(md: &mut String, n: usize, minutes: u64) {
     writeln!(md, "\n## Churn: 1 % of {n} nodes replaced per minute\n").unwrap();
     writeln!(
         md,
@@ -103,7 +161,6 @@ fn main() {
     )
     .unwrap();
     writeln!(md, "|---|---|---|---|").unwrap();
-    let minutes = if cli.quick { 3 } else { 10 };
     let run = churn(world(n, seed_of("churn", 0)), 30, minutes, 1.0);
     for m in &run.minutes {
         writeln!(
@@ -119,6 +176,9 @@ fn main() {
         run.under_target_after
     )
     .unwrap();
+}
+
+fn partition_section(md: &mut String, n: usize) {
     writeln!(
         md,
         "\n## Partition and heal: two halves of {n} nodes apart for 10 minutes\n"
@@ -148,15 +208,6 @@ fn main() {
          and one other connection dropped, joins them."
     )
     .unwrap();
-    eclipse_section(
-        &mut md,
-        if cli.quick { 200 } else { 2_000 },
-        if cli.quick { 3 } else { 5 },
-    );
-    heights_section(&mut md, sizes);
-    bench_section(&mut md);
-    eprintln!("done in {:.0} s", started.elapsed().as_secs_f64());
-    std::fs::write(&cli.out, md).expect("the report is written");
 }
 
 /// Sybils at 10 % and 30 %, with rotation and without.
@@ -330,6 +381,53 @@ fn heights_section(md: &mut String, sizes: &[usize]) {
          mode, and callers would evict the tracked peers. A push from a caller not tracked \
          could instead bring the receiver's next height query forward (at most once per \
          interval, whoever pushes); not built yet."
+    )
+    .unwrap();
+}
+
+/// The long run: a large network under churn for an hour of protocol time.
+fn hour_section(md: &mut String, n: usize, minutes: u64) {
+    let seed = seed_of("hour", 0);
+    let settings = world(n, seed);
+    let interval = settings.discovery.interval_ms;
+    let t = Instant::now();
+    let run = churn(settings, 30, minutes, 1.0);
+    let wall = t.elapsed().as_secs_f64();
+    let every = minutes.div_ceil(6).max(1);
+    writeln!(
+        md,
+        "\n## An hour at scale: {n} nodes, {minutes} minutes of churn\n\n\
+         The churn section's run (1 % of the nodes replaced per minute, after 30 intervals \
+         to converge) at {n} nodes for {minutes} minutes of protocol time, seed {seed}: \
+         {:.0} s of wall time on this machine for {:.1} minutes of protocol time in all, \
+         {:.1} protocol seconds per wall second. Every {every} minutes:\n",
+        wall,
+        (30 * interval + minutes * 60_000) as f64 / 60_000.0,
+        (30 * interval + minutes * 60_000) as f64 / 1_000.0 / wall
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "| minute | stale entries | dials failed | settled nodes under target |"
+    )
+    .unwrap();
+    writeln!(md, "|---|---|---|---|").unwrap();
+    for m in run
+        .minutes
+        .iter()
+        .filter(|m| m.minute % every == 0 || m.minute == 1)
+    {
+        let line = format!(
+            "| {} | {:.3} | {:.3} | {} |",
+            m.minute, m.stale_fraction, m.dial_failure_fraction, m.under_target
+        );
+        eprintln!("{line}");
+        writeln!(md, "{line}").unwrap();
+    }
+    writeln!(
+        md,
+        "\nOnce churn stops, nodes under target after a call timeout and three intervals: {}.",
+        run.under_target_after
     )
     .unwrap();
 }

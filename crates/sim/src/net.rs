@@ -770,6 +770,11 @@ impl Sim {
         (index < self.nodes.len() && self.nodes[index].id == *peer).then_some(index)
     }
 
+    /// Whether node `index` runs now.
+    pub fn is_up(&self, index: usize) -> bool {
+        self.nodes[index].up
+    }
+
     /// Every node's view now.
     pub fn views(&self) -> Vec<NodeView> {
         self.nodes

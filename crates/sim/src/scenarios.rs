@@ -161,12 +161,7 @@ pub fn churn(
         for k in 0..per_minute {
             let at = start + (k as u64 + 1) * 60_000 / (per_minute as u64 + 1);
             sim.run_until(at);
-            let up: Vec<usize> = sim
-                .views()
-                .iter()
-                .filter(|v| v.up && v.index >= seeds)
-                .map(|v| v.index)
-                .collect();
+            let up: Vec<usize> = (seeds..sim.len()).filter(|&i| sim.is_up(i)).collect();
             if let Some(&gone) = up.choose(&mut rng) {
                 sim.stop(gone);
             }
