@@ -396,14 +396,19 @@ fn hour_section(md: &mut String, n: usize, minutes: u64) {
     let every = minutes.div_ceil(6).max(1);
     writeln!(
         md,
-        "\n## An hour at scale: {n} nodes, {minutes} minutes of churn\n\n\
+        "\n## The long run: {n} nodes, {minutes} minutes of churn\n\n\
          The churn section's run (1 % of the nodes replaced per minute, after 30 intervals \
          to converge) at {n} nodes for {minutes} minutes of protocol time, seed {seed}: \
          {:.0} s of wall time on this machine for {:.1} minutes of protocol time in all, \
-         {:.1} protocol seconds per wall second. Every {every} minutes:\n",
+         {:.1} protocol seconds per wall second. {}:\n",
         wall,
         (30 * interval + minutes * 60_000) as f64 / 60_000.0,
-        (30 * interval + minutes * 60_000) as f64 / 1_000.0 / wall
+        (30 * interval + minutes * 60_000) as f64 / 1_000.0 / wall,
+        if every == 1 {
+            "Each minute".to_string()
+        } else {
+            format!("The first minute, then every {every}")
+        }
     )
     .unwrap();
     writeln!(
