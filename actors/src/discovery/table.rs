@@ -6,7 +6,7 @@
 //! room for, that scan was most of a node's Discovery time. The index
 //! costs every newer info of a known peer two re-insertions; in a small
 //! network, where the table never fills, that makes Discovery slower
-//! (docs/simulation.md measures both).
+//! (docs/benchmarks.md, "The simulator's speed", measures both).
 
 use std::cmp::Reverse;
 use std::collections::BTreeMap;
