@@ -1,3 +1,4 @@
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::dropped::{Droppable, try_send};
@@ -26,7 +27,7 @@ use crate::verifier::{Verifier, Verify, VerifyRequest, VerifyResponse};
 struct Learned {
     /// The peer that answered.
     source: PeerId,
-    infos: Vec<SignedNodeInfo>,
+    infos: Vec<Arc<SignedNodeInfo>>,
     /// When they were verified.
     unix_ms: u64,
 }
@@ -169,7 +170,11 @@ impl Discovery {
                 }
                 addr.do_send(Learned {
                     source: peer,
-                    infos: results.into_iter().filter_map(Result::ok).collect(),
+                    infos: results
+                        .into_iter()
+                        .filter_map(Result::ok)
+                        .map(Arc::new)
+                        .collect(),
                     unix_ms: now_ms,
                 });
             }
@@ -279,7 +284,7 @@ impl Handler<KnownPeers> for Discovery {
     type Result = Vec<SignedNodeInfo>;
     fn handle(&mut self, _: KnownPeers, ctx: &mut Context<Self>) -> Vec<SignedNodeInfo> {
         match self.step(Input::KnownPeers, ctx).pop() {
-            Some(Output::Known(k)) => k,
+            Some(Output::Known(k)) => k.into_iter().map(Arc::unwrap_or_clone).collect(),
             _ => Vec::new(),
         }
     }

@@ -1,5 +1,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use rand::SeedableRng;
 use rand::seq::{IndexedRandom, SliceRandom};
@@ -158,25 +159,20 @@ pub(super) enum Source {
     Peer(PeerId),
 }
 
-/// The /24 (IPv4) or /64 (IPv6) prefix of an address.
+/// The /24 (IPv4) or /64 (IPv6) prefix of an address, its bits as a
+/// number (the address with the host bits cleared, shifted right): ordered
+/// as the bytes would be, compared without a call to `memcmp`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(super) enum Prefix {
-    V4([u8; 3]),
-    V6([u8; 8]),
+    V4(u32),
+    V6(u64),
 }
 
 /// The prefix of `ip`, an IPv4-mapped IPv6 address counting as IPv4.
 fn ip_prefix(ip: IpAddr) -> Prefix {
     match canonical(ip) {
-        IpAddr::V4(v4) => {
-            let o = v4.octets();
-            Prefix::V4([o[0], o[1], o[2]])
-        }
-        IpAddr::V6(v6) => {
-            let mut p = [0; 8];
-            p.copy_from_slice(&v6.octets()[..8]);
-            Prefix::V6(p)
-        }
+        IpAddr::V4(v4) => Prefix::V4(v4.to_bits() >> 8),
+        IpAddr::V6(v6) => Prefix::V6((v6.to_bits() >> 64) as u64),
     }
 }
 
@@ -226,7 +222,7 @@ fn prefix(address: &str, allow_private: bool) -> Option<Prefix> {
 /// A known peer.
 #[derive(Clone, Debug)]
 pub(super) struct Entry {
-    pub info: SignedNodeInfo,
+    pub info: Arc<SignedNodeInfo>,
     pub source: Source,
     pub prefix: Prefix,
     /// The info's timestamp, no later than our clock when it arrived: a
@@ -398,7 +394,7 @@ impl DiscoveryCore {
     }
 
     /// Keeps the newest info per peer, within the caps of the table.
-    fn learn(&mut self, info: SignedNodeInfo, source: Source, unix_ms: u64) {
+    fn learn(&mut self, info: Arc<SignedNodeInfo>, source: Source, unix_ms: u64) {
         let peer = info.info.peer_id;
         if !self.acceptable(&peer) {
             return;
@@ -409,15 +405,16 @@ impl DiscoveryCore {
         if old.is_some_and(|old| old.info.info.timestamp_ms >= info.info.timestamp_ms) {
             return;
         }
-        let allow_private = self.config.allow_private_addresses;
-        let mut prefixes = info.info.addresses.iter().map(|a| prefix(a, allow_private));
-        // Every address valid; the first, the one dialled, buckets it.
-        let Some(Some(first)) = prefixes.next() else {
-            return;
+        // Every address valid; the first, the one dialled, buckets it. A
+        // peer that signs afresh mostly keeps its addresses: those were
+        // checked when its entry was made.
+        let first = match old {
+            Some(old) if old.info.info.addresses == info.info.addresses => old.prefix,
+            _ => match self.prefix_of(&info.info.addresses) {
+                Some(first) => first,
+                None => return,
+            },
         };
-        if prefixes.any(|p| p.is_none()) {
-            return;
-        }
         let seen_ms = info.info.timestamp_ms.min(unix_ms);
         if let Some(old) = old {
             let victims = if old.prefix == first {
@@ -457,6 +454,15 @@ impl DiscoveryCore {
             },
         );
         *self.learned.entry(source).or_default() += 1;
+    }
+
+    /// The bucket of `addresses`: the prefix of the first, if every one is
+    /// a valid address here.
+    fn prefix_of(&self, addresses: &[String]) -> Option<Prefix> {
+        let allow_private = self.config.allow_private_addresses;
+        let mut prefixes = addresses.iter().map(|a| prefix(a, allow_private));
+        let first = prefixes.next()??;
+        prefixes.all(|p| p.is_some()).then_some(first)
     }
 
     /// The entries to evict so that `peer`, seen at `seen_ms` with prefix
@@ -510,55 +516,69 @@ impl DiscoveryCore {
             && self.backoff.get(address).is_none_or(|b| b.retry_at <= now)
     }
 
+    /// Whether `peer` is one to dial: not connected, no dial to it in
+    /// progress, and acceptable.
+    fn wanted(&self, peer: &PeerId, pending_peers: &BTreeSet<PeerId>) -> bool {
+        !self.connected.contains(peer) && !pending_peers.contains(peer) && self.acceptable(peer)
+    }
+
+    /// The address to dial `entry`'s peer at, if it may be dialled now.
+    fn dial_address(&self, now: Time, entry: &Entry) -> Option<String> {
+        let address = entry.info.info.addresses.first()?;
+        self.dialable(now, address).then(|| address.clone())
+    }
+
     fn dial(&mut self, now: Time, out: &mut Vec<Output>) {
         let pending_peers: BTreeSet<PeerId> =
             self.pending.values().filter_map(|(p, _)| *p).collect();
-        let mut allowlisted = Vec::new();
-        let mut others = Vec::new();
-        for (peer, entry) in self.known.iter() {
-            if self.connected.contains(peer)
-                || pending_peers.contains(peer)
-                || !self.acceptable(peer)
-            {
-                continue;
-            }
-            let Some(address) = entry.info.info.addresses.first() else {
-                continue;
-            };
-            if !self.dialable(now, address) {
-                continue;
-            }
-            let target = (*peer, address.clone());
-            if self.allowlist.contains(peer) {
-                allowlisted.push(target);
-            } else {
-                others.push(target);
-            }
-        }
-        others.shuffle(&mut self.rng);
         // Allowlisted peers always; the rest up to the connection target.
-        let mut slots = self
+        let allowlisted: Vec<(PeerId, String)> = self
+            .allowlist
+            .iter()
+            .filter(|p| self.wanted(p, &pending_peers))
+            .filter_map(|p| Some((*p, self.dial_address(now, self.known.get(p)?)?)))
+            .collect();
+        let slots = self
             .config
             .target_concurrent_connections
-            .saturating_sub(self.connected.len() + self.pending.len());
-        for (peer, address) in allowlisted {
-            slots = slots.saturating_sub(1);
-            self.start_dial(now, Some(peer), address, out);
-        }
-        let others_dialled = others.len().min(slots);
-        let mut others = others.into_iter();
-        for (peer, address) in others.by_ref().take(slots) {
-            self.start_dial(now, Some(peer), address, out);
-        }
+            .saturating_sub(self.connected.len() + self.pending.len())
+            .saturating_sub(allowlisted.len());
         // Full: one dial more now and then, to rotate a connection.
         let interval = self.config.rotation_interval_ms;
         let due = *self
             .next_rotation
             .get_or_insert(Time(now.0.saturating_add(interval)));
-        if interval > 0 && slots == 0 && now >= due && self.rotating.is_none() {
+        let rotate = interval > 0 && slots == 0 && now >= due && self.rotating.is_none();
+        // A random choice of the others: only as many as are dialled have
+        // their addresses checked, the step a full node takes every tick.
+        let count = if rotate { 1 } else { slots };
+        let mut others = Vec::new();
+        if count > 0 {
+            let mut candidates: Vec<(&PeerId, &Entry)> = self
+                .known
+                .iter()
+                .filter(|(p, _)| self.wanted(p, &pending_peers) && !self.allowlist.contains(p))
+                .collect();
+            candidates.shuffle(&mut self.rng);
+            others = candidates
+                .into_iter()
+                .filter_map(|(p, e)| Some((*p, self.dial_address(now, e)?)))
+                .take(count)
+                .collect();
+        }
+        for (peer, address) in allowlisted {
+            self.start_dial(now, Some(peer), address, out);
+        }
+        let mut others_dialled = 0;
+        if rotate {
             self.next_rotation = Some(Time(now.0.saturating_add(interval)));
-            if let Some((peer, address)) = others.next() {
+            if let Some((peer, address)) = others.pop() {
                 self.rotating = Some(address.clone());
+                self.start_dial(now, Some(peer), address, out);
+            }
+        } else {
+            others_dialled = others.len();
+            for (peer, address) in others {
                 self.start_dial(now, Some(peer), address, out);
             }
         }
@@ -652,18 +672,21 @@ impl DiscoveryCore {
             if let Some(info) = info
                 && info.info.peer_id == caller
             {
-                self.learn(info, Source::Inbound(remote.map(ip_prefix)), unix_ms);
+                let source = Source::Inbound(remote.map(ip_prefix));
+                self.learn(Arc::new(info), source, unix_ms);
             }
         }
-        let candidates: Vec<&SignedNodeInfo> = self
+        // Filtered by the table's keys: reading each info would cost a
+        // cache miss per entry in a large network.
+        let candidates: Vec<&Arc<SignedNodeInfo>> = self
             .known
-            .values()
-            .map(|e| &e.info)
-            .filter(|i| Some(i.info.peer_id) != caller)
+            .iter()
+            .filter(|(peer, _)| Some(**peer) != caller)
+            .map(|(_, e)| &e.info)
             .collect();
         let infos = candidates
             .choose_multiple(&mut self.rng, self.config.max_peers_to_send)
-            .map(|i| (*i).clone())
+            .map(|i| Arc::clone(i))
             .collect();
         vec![Output::Answer { id, infos }]
     }
@@ -718,7 +741,7 @@ mod tests {
             Time(0),
             Input::Learned {
                 source: Some(id(source)),
-                infos,
+                infos: infos.into_iter().map(Arc::new).collect(),
                 unix_ms,
             },
         );
@@ -1071,12 +1094,12 @@ mod tests {
         };
         let sources = [
             Source::Inbound(None),
-            Source::Inbound(Some(Prefix::V4([1, 2, 3]))),
+            Source::Inbound(Some(Prefix::V4(0x01_02_03))),
             Source::Peer(PeerId([1; 32])),
             Source::Peer(PeerId([2; 32])),
             Source::Peer(PeerId([3; 32])),
         ];
-        let prefixes = [0u8, 1, 2, 3].map(|n| Prefix::V4([10, 0, n]));
+        let prefixes = [0u32, 1, 2, 3].map(|n| Prefix::V4(0x0a_00_00 | n));
         let mut evicted = 0;
         for _ in 0..3_000 {
             let mut c = config(|c| {
@@ -1088,7 +1111,7 @@ mod tests {
             for _ in 0..rng.random_range(0..40) {
                 let peer = PeerId(rng.random());
                 let entry = Entry {
-                    info: unsigned(peer),
+                    info: unsigned(peer).into(),
                     source: *sources.choose(&mut rng).unwrap(),
                     prefix: *prefixes.choose(&mut rng).unwrap(),
                     seen_ms: rng.random_range(0..50),
@@ -1452,6 +1475,24 @@ mod tests {
             (4..=6).map(|n| info(n, NOW_MS)).collect(),
         );
         assert_eq!(sorted(known(&mut c)), ids([1, 2, 3, 4, 5]));
+    }
+
+    #[test]
+    fn a_prefix_is_the_24_or_64_bits_and_orders_as_the_address() {
+        let p = |a: &str| prefix(a, false).unwrap();
+        assert_eq!(p("1.2.3.4:1"), Prefix::V4(0x01_02_03));
+        assert_eq!(p("1.2.3.4:1"), p("1.2.3.254:2"));
+        assert_eq!(p("[::ffff:1.2.3.9]:1"), p("1.2.3.4:1"));
+        assert_eq!(p("[2001:db8:1:2::1]:1"), Prefix::V6(0x2001_0db8_0001_0002));
+        assert_eq!(p("[2001:db8:1:2::1]:1"), p("[2001:db8:1:2:ffff::9]:1"));
+        let ordered = [
+            "1.2.3.4:1",
+            "1.2.4.1:1",
+            "1.3.0.1:1",
+            "2.0.0.1:1",
+            "[2001::1]:1",
+        ];
+        assert!(ordered.windows(2).all(|w| p(w[0]) < p(w[1])));
     }
 
     #[test]

@@ -1,4 +1,5 @@
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use actix::Message;
 use bytes::Bytes;
@@ -40,8 +41,9 @@ pub enum Input {
         /// counted with connect-back infos.
         #[serde(default)]
         source: Option<PeerId>,
-        /// The infos.
-        infos: Vec<SignedNodeInfo>,
+        /// The infos, shared: a table and the answers built from it hold
+        /// the same info, not copies.
+        infos: Vec<Arc<SignedNodeInfo>>,
         /// The wall clock when they were verified, in milliseconds since the
         /// Unix epoch: later timestamps count as this one.
         #[serde(default)]
@@ -94,7 +96,7 @@ pub enum Output {
         /// Correlation id.
         id: u64,
         /// A random sample of known infos.
-        infos: Vec<SignedNodeInfo>,
+        infos: Vec<Arc<SignedNodeInfo>>,
     },
     /// Refuse GetKnownPeers call `id`: the caller exceeded its rate.
     RateLimited {
@@ -102,7 +104,7 @@ pub enum Output {
         id: u64,
     },
     /// Answer to [`Input::KnownPeers`].
-    Known(Vec<SignedNodeInfo>),
+    Known(Vec<Arc<SignedNodeInfo>>),
 }
 
 /// A GetKnownPeers call, from the gRPC service: the caller, where the call

@@ -22,6 +22,7 @@
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 
 use rand::Rng;
 use rand::SeedableRng;
@@ -157,8 +158,8 @@ fn peer_index(peer: &PeerId) -> usize {
 }
 
 /// An info as the Verifier passes it on; its signature is never read.
-fn info(peer_id: PeerId, ip: Ipv4Addr, timestamp_ms: u64) -> SignedNodeInfo {
-    SignedNodeInfo {
+fn info(peer_id: PeerId, ip: Ipv4Addr, timestamp_ms: u64) -> Arc<SignedNodeInfo> {
+    Arc::new(SignedNodeInfo {
         info: NodeInfo {
             peer_id,
             addresses: vec![format!("{ip}:7000")],
@@ -166,7 +167,7 @@ fn info(peer_id: PeerId, ip: Ipv4Addr, timestamp_ms: u64) -> SignedNodeInfo {
             access: Access::Public,
         },
         signature: Signature([0; 64]),
-    }
+    })
 }
 
 /// Host `host` of /24 number `prefix` counted from `base` (public unicast
@@ -285,7 +286,7 @@ pub fn eclipse_scenario(config: Config, scenario: &Eclipse) -> EclipseOutcome {
                 Input::Serve {
                     id: calls,
                     caller: Some(id),
-                    info: Some(own),
+                    info: Some(Arc::unwrap_or_clone(own)),
                     unix_ms,
                     remote: Some(sybil_remote),
                 },

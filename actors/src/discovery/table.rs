@@ -12,6 +12,7 @@ use std::cmp::Reverse;
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 use std::ops::Bound;
+use std::sync::Arc;
 
 use soma_types::{PeerId, SignedNodeInfo};
 
@@ -125,7 +126,7 @@ impl Table {
     pub(super) fn update(
         &mut self,
         peer: PeerId,
-        info: SignedNodeInfo,
+        info: Arc<SignedNodeInfo>,
         prefix: Prefix,
         seen_ms: u64,
     ) {

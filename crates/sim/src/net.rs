@@ -22,6 +22,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
@@ -184,13 +185,13 @@ enum Event {
         from: usize,
         to: usize,
         incarnation: u32,
-        info: SignedNodeInfo,
+        info: Arc<SignedNodeInfo>,
     },
     Answer {
         to: usize,
         from: usize,
         incarnation: u32,
-        infos: Vec<SignedNodeInfo>,
+        infos: Vec<Arc<SignedNodeInfo>>,
     },
     Broken {
         node: usize,
@@ -253,8 +254,8 @@ pub fn address(index: usize) -> String {
     format!("{ip}:7000")
 }
 
-fn info(id: PeerId, address: &str, timestamp_ms: u64) -> SignedNodeInfo {
-    SignedNodeInfo {
+fn info(id: PeerId, address: &str, timestamp_ms: u64) -> Arc<SignedNodeInfo> {
+    Arc::new(SignedNodeInfo {
         info: NodeInfo {
             peer_id: id,
             addresses: vec![address.to_string()],
@@ -262,7 +263,7 @@ fn info(id: PeerId, address: &str, timestamp_ms: u64) -> SignedNodeInfo {
             access: Access::Public,
         },
         signature: Signature([0; 64]),
-    }
+    })
 }
 
 /// Infos a sybil keeps of each answer it gets.
@@ -357,7 +358,7 @@ impl Sim {
 
     /// A sybil's answer: as many infos of sybils as an answer holds,
     /// stamped now.
-    fn sybil_answer(&mut self, unix_ms: u64) -> Vec<SignedNodeInfo> {
+    fn sybil_answer(&mut self, unix_ms: u64) -> Vec<Arc<SignedNodeInfo>> {
         let first = self.settings.nodes - self.settings.sybils;
         let sybils: Vec<usize> = (first..self.settings.nodes).collect();
         let count = self.settings.discovery.max_peers_to_send;
@@ -585,7 +586,7 @@ impl Sim {
                         Input::Serve {
                             id,
                             caller: Some(self.nodes[from].id),
-                            info: Some(info),
+                            info: Some(Arc::unwrap_or_clone(info)),
                             unix_ms,
                             remote,
                         },
@@ -833,7 +834,7 @@ impl Sim {
     }
 }
 
-fn info_of(node: &Node, unix_ms: u64) -> SignedNodeInfo {
+fn info_of(node: &Node, unix_ms: u64) -> Arc<SignedNodeInfo> {
     info(node.id, &node.address, unix_ms)
 }
 
@@ -905,9 +906,13 @@ fn hash_output(h: &mut blake3::Hasher, output: &Output) {
     }
 }
 
-fn hash_infos(h: &mut blake3::Hasher, infos: &[SignedNodeInfo]) {
+/// One update for all of `infos`: blake3 hashes a long input several
+/// chunks at a time, where short updates go one block at a time.
+fn hash_infos(h: &mut blake3::Hasher, infos: &[Arc<SignedNodeInfo>]) {
+    let mut bytes = Vec::with_capacity(infos.len() * 40);
     for i in infos {
-        h.update(&i.info.peer_id.0);
-        h.update(&i.info.timestamp_ms.to_le_bytes());
+        bytes.extend_from_slice(&i.info.peer_id.0);
+        bytes.extend_from_slice(&i.info.timestamp_ms.to_le_bytes());
     }
+    h.update(&bytes);
 }
