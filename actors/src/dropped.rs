@@ -16,7 +16,8 @@ use actix::{Actor, Addr, Handler, Message};
 /// The sends that may be dropped, by the name the metric uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Droppable {
-    /// A PushCommit's height, from the gRPC adapter to PeerHeights.
+    /// A PushCommit's height, from the gRPC adapter to PeerHeights or
+    /// StateSync.
     PushHeight,
     /// A dial Discovery asks of Connections.
     Dial,

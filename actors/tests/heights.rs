@@ -168,6 +168,55 @@ async fn push_counts_only_from_a_peer_the_node_is_connected_to() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_from_a_stranger_has_the_node_ask_its_own_peers_at_once() {
+    soma_testkit::init_tracing();
+    let chain = chain();
+    // Heights are asked at connection, then only when a push hints.
+    let config = P2pConfig {
+        height_query_interval: Duration::from_secs(3_600),
+        ..P2pConfig::default()
+    };
+    let (a, store) = start(&chain, 1, config);
+    let (b, _) = start(&chain, 42, P2pConfig::default());
+    a.connect(Some(b.peer_id()), b.local_addr().to_string())
+        .expect("Connections takes the dial");
+    let b_at = |height: u64| {
+        let a = &a;
+        let b = b.peer_id();
+        let chain_id = chain.chain_id();
+        async move {
+            a.peer_heights()
+                .await
+                .unwrap()
+                .iter()
+                .any(|v| v.peer == b && v.chain_id == Some(chain_id) && v.highest == height)
+        }
+    };
+    wait_for("b's availability answer, at genesis", || b_at(0)).await;
+
+    // b syncs from a validator a does not know; b does not push to a, a
+    // peer it never dialled.
+    let validator = soma_testkit::validator(&chain, 1);
+    b.connect(
+        Some(validator.peer_id()),
+        validator.local_addr().to_string(),
+    )
+    .expect("Connections takes the dial");
+    soma_testkit::wait_synced(&b, chain.tip(), WAIT).await;
+    assert!(b_at(0).await, "a still holds b's height of its connection");
+
+    // A stranger's push is not taken as a claim, but a asks b at once.
+    let stranger = NodeIdentity::generate(&KeyPair::from_seed([43; 32])).unwrap();
+    push(&a, &stranger, chain.tip()).await;
+    soma_testkit::wait_synced(&a, chain.tip(), WAIT).await;
+    assert_same_chain(&chain, store.as_ref());
+    assert_eq!(tracked(&a).await, vec![b.peer_id()]);
+    for node in [a, b, validator] {
+        node.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_that_disconnects_is_forgotten() {
     soma_testkit::init_tracing();
     let chain = chain();

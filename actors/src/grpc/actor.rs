@@ -12,6 +12,7 @@ use crate::faults::Faults;
 use crate::holders::{Holders, Token};
 use crate::peer_heights::{PeerHeights, PushHeight};
 use crate::replay::Recorder;
+use crate::state_sync::{HeightPushed, StateSync};
 
 /// An admitted fetch's slot; dropping it (the call ended, failed or was
 /// cancelled) gives the slot back to the adapter, which learns of it at
@@ -35,8 +36,11 @@ impl Permit {
 pub struct Deps {
     /// What the server admits.
     pub limits: Limits,
-    /// Where pushed heights go.
+    /// Where pushed heights go: PeerHeights takes those of the peers it
+    /// tracks, and StateSync may ask its peers at once.
     pub peer_heights: Addr<PeerHeights>,
+    /// See `peer_heights`.
+    pub state_sync: Addr<StateSync>,
     /// The answers being sent, to find stalled ones and cut them.
     pub send_stats: Arc<SendStats>,
     /// Capacity of its mailbox.
@@ -46,7 +50,7 @@ pub struct Deps {
 
 /// The GrpcAdapter actor: admits calls through [`GrpcAdapterCore`] and
 /// performs the side effects of admitted ones (a pushed height goes to
-/// PeerHeights).
+/// PeerHeights, and to StateSync as a hint to ask heights at once).
 pub struct GrpcAdapter {
     deps: Deps,
     driver: Driver<GrpcAdapterCore>,
@@ -136,6 +140,8 @@ impl Handler<CallMsg> for GrpcAdapter {
                             highest: *index,
                         };
                         try_send(&self.deps.peer_heights, push, Droppable::PushHeight);
+                        let hint = HeightPushed { index: *index };
+                        try_send(&self.deps.state_sync, hint, Droppable::PushHeight);
                     }
                     result = Ok(Admission {
                         work,

@@ -305,6 +305,13 @@ impl Handler<TickMsg> for StateSync {
     }
 }
 
+impl Handler<HeightPushed> for StateSync {
+    type Result = ();
+    fn handle(&mut self, HeightPushed { index }: HeightPushed, ctx: &mut Context<Self>) {
+        self.step(Input::Pushed { index }, ctx);
+    }
+}
+
 impl Handler<PeerEvent> for StateSync {
     type Result = ();
     fn handle(&mut self, event: PeerEvent, ctx: &mut Context<Self>) {

@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 use soma_types::{CommitIndex, CommitRef, Committee, Epoch, Limits, PeerId, batch_end};
 
 use super::messages::*;
+use super::queries::HeightQueries;
 use crate::core::Intensity;
 use crate::{Core, Time};
 
@@ -377,7 +378,7 @@ pub struct StateSyncCore {
     write_retry_at: Time,
     next_task: TaskId,
     /// When every connected peer's availability is asked next.
-    next_height_query: Time,
+    height_queries: HeightQueries,
 }
 
 impl Core for StateSyncCore {
@@ -388,6 +389,7 @@ impl Core for StateSyncCore {
 
     fn new(init: Init) -> Self {
         let depth = init.config.commit_fetches_ahead.min(1);
+        let height_queries = HeightQueries::new(init.config.height_query_interval_ms);
         StateSyncCore {
             config: init.config,
             synced: init.synced,
@@ -412,7 +414,7 @@ impl Core for StateSyncCore {
             write_failures: 0,
             write_retry_at: Time(0),
             next_task: init.first_task,
-            next_height_query: Time(0),
+            height_queries,
         }
     }
 
@@ -423,10 +425,12 @@ impl Core for StateSyncCore {
                 // A claim, not a fact: it falls when liars are banned or
                 // peers leave.
                 self.highest_known = highest_known.unwrap_or(0).max(self.synced.index);
-                if now >= self.next_height_query {
-                    self.next_height_query = now.after(std::time::Duration::from_millis(
-                        self.config.height_query_interval_ms.max(1),
-                    ));
+                if self.height_queries.due(now) {
+                    out.push(Output::QueryHeights { peer: None });
+                }
+            }
+            Input::Pushed { index } => {
+                if self.height_queries.pushed(now, index, self.highest_known) {
                     out.push(Output::QueryHeights { peer: None });
                 }
             }
@@ -2115,6 +2119,42 @@ mod tests {
         );
         assert_eq!(queries(tick(&mut c, 1_000, 0)), vec![None]);
         assert_eq!(queries(tick(&mut c, 1_500, 0)), vec![]);
+    }
+
+    #[test]
+    fn a_push_beyond_every_claim_asks_every_peer_at_once_once_per_interval() {
+        let mut c = core(Config {
+            height_query_interval_ms: 1_000,
+            ..config()
+        });
+        let queries = |out: Vec<Output>| -> Vec<Option<PeerId>> {
+            out.into_iter()
+                .filter_map(|o| match o {
+                    Output::QueryHeights { peer } => Some(peer),
+                    _ => None,
+                })
+                .collect()
+        };
+        let push = |c: &mut StateSyncCore, at: u64, index: u64| {
+            queries(c.handle(Time(at), Input::Pushed { index }))
+        };
+        assert_eq!(queries(tick(&mut c, 0, 10)), vec![None]);
+        assert_eq!(
+            push(&mut c, 100, 10),
+            vec![],
+            "no more than the peers claim"
+        );
+        assert_eq!(push(&mut c, 300, 11), vec![None]);
+        assert_eq!(
+            push(&mut c, 400, 12),
+            vec![],
+            "one early round per interval"
+        );
+        // The periodic round moved an interval past the early one.
+        assert_eq!(queries(tick(&mut c, 1_000, 10)), vec![]);
+        assert_eq!(queries(tick(&mut c, 1_300, 10)), vec![None]);
+        assert_eq!(push(&mut c, 1_350, 13), vec![None]);
+        assert_eq!(queries(tick(&mut c, 2_300, 10)), vec![]);
     }
 
     #[test]

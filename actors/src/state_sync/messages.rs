@@ -171,6 +171,12 @@ pub enum Input {
         /// From PeerHeights.
         highest_known: Option<CommitIndex>,
     },
+    /// A caller pushed its new height (PushCommit): see
+    /// [`HeightQueries::pushed`](super::HeightQueries::pushed).
+    Pushed {
+        /// The height it claims.
+        index: CommitIndex,
+    },
     /// The registered executor has taken every commit up to `taken`
     /// (`None`: no executor is registered, so the lead is not held).
     Executed {
@@ -379,6 +385,15 @@ impl SyncStatus {
 #[derive(Message)]
 #[rtype(result = "SyncStatus")]
 pub struct GetSyncStatus;
+
+/// A caller's PushCommit, from the GrpcAdapter: the height it claims may
+/// bring the next height query forward ([`Input::Pushed`]).
+#[derive(Clone, Debug, Message)]
+#[rtype(result = "()")]
+pub struct HeightPushed {
+    /// The height claimed.
+    pub index: CommitIndex,
+}
 
 /// A commit of local consensus: stored, broadcast and pushed like a synced
 /// one. Answered once the write is done, and applied even if StateSync

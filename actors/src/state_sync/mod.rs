@@ -41,6 +41,7 @@ mod deps;
 mod fetched;
 mod messages;
 pub mod prune;
+mod queries;
 mod worker;
 
 pub use actor::StateSync;
@@ -48,7 +49,8 @@ pub use apply::ApplyError;
 pub use core::{Config, Init, StateSyncCore, commit_answer_bytes};
 pub use deps::Deps;
 pub use messages::{
-    ApplyLocal, CommitBatchInfo, CommitsWanted, EpochStart, Failure, GetSyncStatus, Input,
-    LocalFailure, Output, SyncStatus, TaskId,
+    ApplyLocal, CommitBatchInfo, CommitsWanted, EpochStart, Failure, GetSyncStatus, HeightPushed,
+    Input, LocalFailure, Output, SyncStatus, TaskId,
 };
 pub use prune::Retention;
+pub use queries::HeightQueries;

@@ -271,6 +271,7 @@ fn start_tree(config: &P2pConfig, parts: NodeParts) -> Result<Actors, StartError
         grpc::Deps {
             limits: config.grpc.clone(),
             peer_heights: actors.heights.clone(),
+            state_sync: actors.state_sync.clone(),
             send_stats,
             mailbox_capacity: capacity,
             faults,

@@ -7,7 +7,8 @@
 //! connections Discovery made, and their round trips. What sync does with
 //! a range once a peer is chosen is a cost, not the StateSync core: one
 //! round trip to the peer plus a fixed time per commit (the verification
-//! and apply work the benchmarks measure).
+//! and apply work the benchmarks measure). When each node asks its peers
+//! is the production schedule too: StateSync's [`HeightQueries`].
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
@@ -18,6 +19,7 @@ use soma_actors::peer_heights::{
     Acquire, Config, Init, Input, Output, PeerHeightsCore, PeersBehind, PushHeight, Release,
     Transfer, UpdateHeight,
 };
+use soma_actors::state_sync::HeightQueries;
 use soma_actors::{Driver, Time};
 use soma_types::{ChainId, CommitIndex, Digest};
 
@@ -33,6 +35,10 @@ pub struct HeightSettings {
     /// (PushCommit). A push counts only where the receiver holds a
     /// connection to the pusher: PeerHeights ignores untracked callers.
     pub push: bool,
+    /// Whether a push beyond every tracked claim brings the receiver's
+    /// next round of queries forward, at most once per interval, as
+    /// StateSync's [`HeightQueries`] does (off: the schedule before it).
+    pub hint: bool,
     /// Commits fetched in one request at most (a sync batch).
     pub batch: u64,
     /// Time a node spends per commit it syncs (verification and apply),
@@ -45,6 +51,7 @@ impl Default for HeightSettings {
         HeightSettings {
             query_interval_ms: 1_000,
             push: true,
+            hint: true,
             batch: 400,
             apply_us_per_commit: 100,
         }
@@ -68,14 +75,17 @@ pub struct Spread {
     /// Pushes the receiver took: it holds a connection to the pusher, so
     /// its PeerHeights tracks it (the others are ignored).
     pub pushes_taken: u64,
+    /// Rounds of queries a push brought forward.
+    pub early_rounds: u64,
     /// Fetches made.
     pub fetches: u64,
 }
 
 #[derive(Debug)]
 enum Event {
-    /// Node `node` asks all its peers.
-    Round { node: usize },
+    /// Node `node` asks all its peers, if this round is still its next
+    /// (an early round moves the next one).
+    Round { node: usize, generation: u64 },
     /// Node `from`'s height query reaches `to`.
     Query { from: usize, to: usize },
     /// `to` hears `from`'s height.
@@ -101,6 +111,10 @@ enum Event {
 
 struct Node {
     core: Driver<PeerHeightsCore>,
+    queries: HeightQueries,
+    /// Raised when an early round moves the next: the round planned
+    /// before is dropped.
+    generation: u64,
     height: CommitIndex,
     fetching: bool,
     knew_at: Option<u64>,
@@ -117,6 +131,8 @@ struct Run<'a> {
     sequence: u64,
     now: u64,
     tip: CommitIndex,
+    /// When the validators got the new commits: times are counted from it.
+    start: u64,
     spread: Spread,
 }
 
@@ -144,6 +160,8 @@ pub fn spread(
     let nodes = (0..sim.len())
         .map(|_| Node {
             core: Driver::new(Init::from(Config::new(CHAIN, rng.random())), None),
+            queries: HeightQueries::new(settings.query_interval_ms),
+            generation: 0,
             height: 0,
             fetching: false,
             knew_at: None,
@@ -159,6 +177,7 @@ pub fn spread(
         sequence: 0,
         now: 0,
         tip: commits,
+        start: 0,
         spread: Spread {
             all_know_ms: None,
             all_synced_ms: None,
@@ -166,6 +185,7 @@ pub fn spread(
             queries: 0,
             pushes: 0,
             pushes_taken: 0,
+            early_rounds: 0,
             fetches: 0,
         },
     };
@@ -179,15 +199,34 @@ pub fn spread(
             );
         }
         let first = rng.random_range(0..run.settings.query_interval_ms.max(1));
-        run.schedule(first, Event::Round { node: i });
+        run.schedule(
+            first,
+            Event::Round {
+                node: i,
+                generation: 0,
+            },
+        );
     }
+    // Every node asks its peers once (all at height 0) before the new
+    // commits appear, as in a running network.
+    let warm_up = 2 * run.settings.query_interval_ms.max(1);
+    run.go(&up, warm_up);
+    run.now = warm_up;
+    run.start = warm_up;
+    run.spread.queries = 0;
     for &v in validators {
         let node = &mut run.nodes[v];
         node.height = commits;
         node.knew_at = Some(0);
         node.synced_at = Some(0);
     }
-    run.go(&up, max_ms);
+    // Commits of local consensus are pushed as synced ones are.
+    if run.settings.push {
+        for &v in validators {
+            run.push(v);
+        }
+    }
+    run.go(&up, warm_up + max_ms);
     let mut synced: Vec<u64> = up.iter().filter_map(|&i| run.nodes[i].synced_at).collect();
     synced.sort_unstable();
     if synced.len() == up.len() {
@@ -212,10 +251,11 @@ impl Run<'_> {
     }
 
     fn go(&mut self, up: &[usize], max_ms: u64) {
-        while let Some(Reverse((at, sequence))) = self.queue.pop() {
+        while let Some(&Reverse((at, sequence))) = self.queue.peek() {
             if at > max_ms {
                 break;
             }
+            self.queue.pop();
             self.now = at;
             let event = self.events.remove(&sequence).expect("a queued event");
             self.handle(event);
@@ -236,19 +276,11 @@ impl Run<'_> {
 
     fn handle(&mut self, event: Event) {
         match event {
-            Event::Round { node } => {
-                for peer in self.sim.connections_of(node) {
-                    let leg = self.leg(node, peer);
-                    self.schedule(
-                        leg,
-                        Event::Query {
-                            from: node,
-                            to: peer,
-                        },
-                    );
+            Event::Round { node, generation } => {
+                let n = &mut self.nodes[node];
+                if generation == n.generation && n.queries.due(Time(self.now)) {
+                    self.ask_peers(node);
                 }
-                let interval = self.settings.query_interval_ms.max(1);
-                self.schedule(interval, Event::Round { node });
             }
             Event::Query { from, to } => {
                 let highest = self.nodes[to].height;
@@ -284,6 +316,18 @@ impl Run<'_> {
                 };
                 self.step(to, Input::Push(push));
                 self.sync(to);
+                // StateSync's view: the tracked claims and its own height.
+                let known = match self.step(to, Input::HighestKnown).pop() {
+                    Some(Output::HighestKnown(k)) => k.unwrap_or(0),
+                    _ => 0,
+                }
+                .max(self.nodes[to].height);
+                let now = Time(self.now);
+                if self.settings.hint && self.nodes[to].queries.pushed(now, highest, known) {
+                    self.spread.early_rounds += 1;
+                    self.nodes[to].generation += 1;
+                    self.ask_peers(to);
+                }
             }
             Event::Fetched {
                 node,
@@ -302,7 +346,7 @@ impl Run<'_> {
                 n.fetching = false;
                 n.height = n.height.max(end);
                 if n.height >= self.tip && n.synced_at.is_none() {
-                    n.synced_at = Some(self.now);
+                    n.synced_at = Some(self.now - self.start);
                 }
                 if self.settings.push {
                     self.push(node);
@@ -310,6 +354,25 @@ impl Run<'_> {
                 self.sync(node);
             }
         }
+    }
+
+    /// Node `node` asks every peer it is connected to for its height, and
+    /// plans its next round.
+    fn ask_peers(&mut self, node: usize) {
+        for peer in self.sim.connections_of(node) {
+            let leg = self.leg(node, peer);
+            self.schedule(
+                leg,
+                Event::Query {
+                    from: node,
+                    to: peer,
+                },
+            );
+        }
+        let n = &self.nodes[node];
+        let generation = n.generation;
+        let after = n.queries.next().0.saturating_sub(self.now);
+        self.schedule(after, Event::Round { node, generation });
     }
 
     /// Tells the peers `node` knows to be behind its new height.
@@ -343,7 +406,7 @@ impl Run<'_> {
         };
         let n = &mut self.nodes[node];
         if known >= self.tip && n.knew_at.is_none() {
-            n.knew_at = Some(self.now);
+            n.knew_at = Some(self.now - self.start);
         }
         if n.fetching || known <= n.height {
             return;

@@ -136,12 +136,13 @@ fn new_commits_reach_every_node_through_height_queries_and_pushes() {
     // 2,000 commits at the seed nodes (the validators) of a converged
     // network of 60: every node syncs them all, with pushes and without;
     // the same seed gives the same spread.
-    let runs = [true, false].map(|push| HeightSettings {
+    let runs = [(true, true), (true, false), (false, false)].map(|(push, hint)| HeightSettings {
         push,
+        hint,
         ..HeightSettings::default()
     });
     let spreads = soma_sim::scenarios::heights(small(9), 12, 2_000, &runs);
-    let (pushed, queried) = (&spreads[0], &spreads[1]);
+    let (pushed, unhinted, queried) = (&spreads[0], &spreads[1], &spreads[2]);
     eprintln!("{pushed:?}");
     assert!(pushed.all_synced_ms.is_some(), "{pushed:?}");
     assert!(pushed.all_know_ms <= pushed.all_synced_ms, "{pushed:?}");
@@ -156,4 +157,11 @@ fn new_commits_reach_every_node_through_height_queries_and_pushes() {
     eprintln!("{queried:?}");
     assert!(queried.all_synced_ms.is_some(), "{queried:?}");
     assert_eq!((queried.pushes, queried.pushes_taken), (0, 0));
+    // Pushes not taken bring rounds forward, at most one per node and
+    // interval; without hints, none.
+    let synced_s = pushed.all_synced_ms.unwrap().div_ceil(1_000);
+    assert!(pushed.early_rounds > 0, "{pushed:?}");
+    assert!(pushed.early_rounds <= 58 * synced_s, "{pushed:?}");
+    assert_eq!((unhinted.early_rounds, queried.early_rounds), (0, 0));
+    assert_eq!(unhinted.fetches, 58 * 5, "{unhinted:?}");
 }
