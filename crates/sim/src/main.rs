@@ -59,7 +59,7 @@ What the simulator leaves out, and so what these figures do not show:
 signatures (infos carry blank ones: the core trusts the Verifier), the
 StateSync core (in the heights section a fetch is a cost: a round trip and
 a time per commit, while the PeerHeights core tracks heights and chooses
-whom to fetch from), inbound connection limits (a node accepts every dial up to its
+whom to fetch from, and StateSync's `HeightQueries` decides when to ask), inbound connection limits (a node accepts every dial up to its
 Connections limit of 32), and bandwidth (a link is a delay, not a pipe).
 
 Each section can be run alone (`soma-sim --only eclipse`); the last one,
