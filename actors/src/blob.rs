@@ -1,5 +1,6 @@
 use bytes::Bytes;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use soma_types::Digest;
 
 /// Bytes in a message: raw in binary encodings, hex in JSON traces.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -37,5 +38,70 @@ impl<'de> Deserialize<'de> for Blob {
         } else {
             Bytes::deserialize(d).map(Blob)
         }
+    }
+}
+
+/// A block's bytes with their digest, hashed once where they arrive (to
+/// match them to a block asked for): the Verifier does not hash them
+/// again. The digest is always that of the bytes: it is computed here, and
+/// a trace holds the bytes alone, hashed again when read.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "Blob", into = "Blob")]
+pub struct HashedBlob {
+    bytes: Bytes,
+    digest: Digest,
+}
+
+impl HashedBlob {
+    /// `bytes`, hashed.
+    pub fn new(bytes: Bytes) -> Self {
+        HashedBlob {
+            digest: Digest::of(&bytes),
+            bytes,
+        }
+    }
+
+    /// The bytes.
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    /// The digest of the bytes.
+    pub fn digest(&self) -> Digest {
+        self.digest
+    }
+}
+
+impl From<Blob> for HashedBlob {
+    fn from(blob: Blob) -> Self {
+        HashedBlob::new(blob.0)
+    }
+}
+
+impl From<HashedBlob> for Blob {
+    fn from(hashed: HashedBlob) -> Self {
+        Blob(hashed.bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hashed_blob_is_traced_as_its_bytes_and_hashed_again_when_read() {
+        let hashed = HashedBlob::new(Bytes::from_static(b"a block's bytes"));
+        assert_eq!(hashed.digest(), Digest::of(b"a block's bytes"));
+        let json = serde_json::to_string(&hashed).unwrap();
+        assert_eq!(
+            json,
+            serde_json::to_string(&Blob(hashed.bytes().clone())).unwrap()
+        );
+        let read: HashedBlob = serde_json::from_str(&json).unwrap();
+        assert_eq!(read, hashed);
+        // Other bytes under the same text cannot keep the old digest.
+        let other: HashedBlob = serde_json::from_str(&json.replace("61", "62")).unwrap();
+        assert_eq!(other.digest(), Digest::of(other.bytes()));
+        assert_ne!(other.digest(), hashed.digest());
     }
 }

@@ -2,7 +2,7 @@
 //! cores: what the shells feed their cores is all the cores depend on.
 
 use actix::Actor;
-use soma_actors::Blob;
+use soma_actors::HashedBlob;
 use soma_actors::connections::PeerEvent;
 use soma_actors::peer_heights::{
     Config as HeightsConfig, Deps as HeightsDeps, HighestKnownCommit, OutcomeKind, PeerHeights,
@@ -78,10 +78,10 @@ async fn recorded_actor_runs_replay_exactly() {
     .unwrap()
     .start();
     verifier.do_send(InstallCommittee(chain.genesis().clone()));
-    let blocks: Vec<Blob> = chain
+    let blocks: Vec<HashedBlob> = chain
         .fetch_blocks(1..=10)
         .iter()
-        .map(|b| Blob(b.serialized().clone()))
+        .map(|b| HashedBlob::new(b.serialized().clone()))
         .collect();
     // Epoch 0's committee is installed: the ten commits' blocks verify,
     // in order. Epoch 3 has none: refused as such.
@@ -100,7 +100,7 @@ async fn recorded_actor_runs_replay_exactly() {
     match &answers[0] {
         Ok(VerifyResponse::Blocks(verified)) => {
             let got: Vec<_> = verified.iter().map(|b| b.serialized().clone()).collect();
-            let sent: Vec<_> = blocks.iter().map(|b| b.0.clone()).collect();
+            let sent: Vec<_> = blocks.iter().map(|b| b.bytes().clone()).collect();
             assert_eq!(got, sent);
         }
         other => panic!("epoch 0's blocks verify: {other:?}"),

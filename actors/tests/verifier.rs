@@ -5,10 +5,10 @@
 use actix::{Actor, Addr};
 use bytes::Bytes;
 use rand::{Rng, SeedableRng};
-use soma_actors::Blob;
 use soma_actors::verifier::{
     Config, Deps, InstallCommittee, Verifier, Verify, VerifyError, VerifyRequest, VerifyResponse,
 };
+use soma_actors::{Blob, HashedBlob};
 use soma_chain::{Chain, ChainBuilder, ChainConfig, corrupt};
 use soma_types::{
     CommitRef, Error, KeyPair, PeerId, SignedItem, Transaction, UnverifiedBlock, UnverifiedCommit,
@@ -37,10 +37,10 @@ fn blobs_of_commits(commits: &[UnverifiedCommit]) -> Vec<Blob> {
         .collect()
 }
 
-fn blobs_of_blocks(blocks: &[UnverifiedBlock]) -> Vec<Blob> {
+fn blobs_of_blocks<B: From<Blob>>(blocks: &[UnverifiedBlock]) -> Vec<B> {
     blocks
         .iter()
-        .map(|b| Blob(b.serialized().clone()))
+        .map(|b| Blob(b.serialized().clone()).into())
         .collect()
 }
 
@@ -308,7 +308,10 @@ async fn ten_thousand_random_byte_strings_never_crash_it() {
         let requests = [
             VerifyRequest::Blocks {
                 epoch: 0,
-                blocks: random_blobs(100),
+                blocks: random_blobs(100)
+                    .into_iter()
+                    .map(HashedBlob::from)
+                    .collect(),
                 check_signatures: round % 2 == 0,
             },
             VerifyRequest::CommitBatch {

@@ -28,7 +28,6 @@ use tokio::task::{AbortHandle, JoinSet};
 use super::apply::{Batch, Source};
 use super::core::Config;
 use super::messages::{CommitBatchInfo, CommitsWanted, Failure, LocalFailure, TaskId};
-use crate::Blob;
 use crate::archive::ArchiveReader;
 use crate::connections::{ActivePeers, Client, Connections, Outbound};
 use crate::faults::Faults;
@@ -36,6 +35,7 @@ use crate::peer_heights::{
     AcquirePeer, OutcomeKind, PeerHeights, PeersBehind, ReportOutcome, Slot, Transfer, UpdateHeight,
 };
 use crate::verifier::{Verifier, Verify, VerifyError, VerifyRequest, VerifyResponse};
+use crate::{Blob, HashedBlob};
 
 /// Data of a verified commit batch, held by the shell until applied.
 pub(super) struct BatchData {
@@ -373,7 +373,7 @@ impl Worker {
                 return (Some(peer), Err(failure));
             }
         };
-        let bytes = blobs.iter().map(|b| b.0.len() as u64).sum();
+        let bytes = blobs.iter().map(|b| b.bytes().len() as u64).sum();
         let latency = slot.release(Transfer::Received, bytes);
         let result = self.verify_blocks(chunk.epoch, blobs, &chunk.refs).await;
         self.verified(peer, bytes, latency, &result);
@@ -430,7 +430,7 @@ impl Worker {
     async fn verify_blocks(
         &self,
         epoch: Epoch,
-        blobs: Vec<Blob>,
+        blobs: Vec<HashedBlob>,
         refs: &[BlockRef],
     ) -> Result<Vec<VerifiedBlock>, Failure> {
         let request = VerifyRequest::Blocks {
@@ -536,10 +536,10 @@ fn refused_by<T>(archive: &ArchiveReader, batch: CommitIndex, result: &Result<T,
 /// Blocks as they arrive, judged by the digest of their bytes: the first
 /// block not asked for or repeated, or past `max_bytes`, ends the intake.
 /// Nothing is decoded or signature-checked before every block asked for
-/// is in.
+/// is in; the digests go to the Verifier with the bytes.
 struct Intake {
     expected: ExpectedBlocks,
-    blobs: Vec<Blob>,
+    blobs: Vec<HashedBlob>,
     bytes: u64,
     max_bytes: u64,
 }
@@ -562,15 +562,16 @@ impl Intake {
                 max: self.max_bytes,
             });
         }
+        let blob = HashedBlob::new(blob);
         self.expected
-            .accept_bytes(&blob)
+            .accept_digest(blob.digest())
             .map_err(Failure::Invalid)?;
-        self.blobs.push(Blob(blob));
+        self.blobs.push(blob);
         Ok(())
     }
 
     /// The blocks, once every one asked for is in.
-    fn finish(self) -> Result<Vec<Blob>, Failure> {
+    fn finish(self) -> Result<Vec<HashedBlob>, Failure> {
         self.expected.finish().map_err(Failure::Invalid)?;
         Ok(self.blobs)
     }
@@ -583,7 +584,7 @@ async fn receive_blocks(
     stream: &mut tonic::Streaming<proto::FetchBlocksResponse>,
     refs: &[BlockRef],
     max_bytes: u64,
-) -> Result<Result<Vec<Blob>, Failure>, tonic::Status> {
+) -> Result<Result<Vec<HashedBlob>, Failure>, tonic::Status> {
     let mut intake = Intake::new(refs, max_bytes);
     while let Some(chunk) = stream.message().await? {
         for blob in chunk.blocks {

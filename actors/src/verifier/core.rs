@@ -158,7 +158,7 @@ mod tests {
     use soma_types::{Authority, KeyPair, PeerId};
 
     use super::*;
-    use crate::Blob;
+    use crate::HashedBlob;
 
     fn committee(epoch: Epoch) -> Committee {
         let authorities = (0..4u8)
@@ -175,7 +175,7 @@ mod tests {
     fn blocks(epoch: Epoch, n: usize) -> VerifyRequest {
         VerifyRequest::Blocks {
             epoch,
-            blocks: vec![Blob::default(); n],
+            blocks: vec![HashedBlob::new(Default::default()); n],
             check_signatures: true,
         }
     }

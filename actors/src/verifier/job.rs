@@ -10,7 +10,7 @@ use soma_types::{
 };
 
 use super::messages::{VerifyError, VerifyRequest, VerifyResponse};
-use crate::Blob;
+use crate::{Blob, HashedBlob};
 
 /// Room for a transaction's fixed fields beyond its payload.
 const TRANSACTION_OVERHEAD: usize = 256;
@@ -111,10 +111,10 @@ pub fn run_job(job: Job) -> Result<VerifyResponse, VerifyError> {
 /// Splits `items` into `parts` consecutive chunks, runs `f(first index,
 /// chunk)` on each in parallel, and concatenates the results in order; the
 /// first failing chunk in order decides the error.
-fn in_parts<T: Send>(
-    items: &[Blob],
+fn in_parts<I: Sync, T: Send>(
+    items: &[I],
     parts: usize,
-    f: impl Fn(usize, &[Blob]) -> Result<Vec<T>, VerifyError> + Sync,
+    f: impl Fn(usize, &[I]) -> Result<Vec<T>, VerifyError> + Sync,
 ) -> Result<Vec<T>, VerifyError> {
     if items.is_empty() {
         return Ok(Vec::new());
@@ -143,15 +143,25 @@ fn decode_all<T>(
 }
 
 fn verify_block_chunk(
-    chunk: &[Blob],
+    chunk: &[HashedBlob],
     committee: &Committee,
     limits: &Limits,
     check_signatures: bool,
     keys: &Arc<KeyCache>,
 ) -> Result<Vec<VerifiedBlock>, VerifyError> {
-    let blocks = decode_all(chunk, |b| {
-        UnverifiedBlock::decode_for(b, limits.max_block_bytes, check_signatures)
-    })?;
+    let blocks = chunk
+        .iter()
+        .map(|b| {
+            let (bytes, digest) = (b.bytes().clone(), b.digest());
+            UnverifiedBlock::decode_with_digest(
+                bytes,
+                digest,
+                limits.max_block_bytes,
+                check_signatures,
+            )
+            .map_err(VerifyError::Invalid)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let signatures = blocks
         .iter()
         .map(|b| 1 + b.block().transactions.len())

@@ -5,7 +5,7 @@ use soma_types::{
 };
 
 use super::job::Job;
-use crate::Blob;
+use crate::{Blob, HashedBlob};
 
 /// What to verify. Items arrive as their encoded bytes, exactly as received
 /// from the network; decoding is part of the work done on the pool.
@@ -17,8 +17,8 @@ pub enum VerifyRequest {
     Blocks {
         /// Epoch whose committee signs the blocks.
         epoch: Epoch,
-        /// Encoded signed blocks.
-        blocks: Vec<Blob>,
+        /// Encoded signed blocks, hashed where they arrived.
+        blocks: Vec<HashedBlob>,
         /// Whether to check signatures (structure is always checked).
         check_signatures: bool,
     },

@@ -91,7 +91,9 @@ pub struct UnverifiedBlock {
     pub(crate) signed: SignedBlock,
     pub(crate) serialized: Bytes,
     pub(crate) reference: BlockRef,
-    pub(crate) signing_digest: Digest,
+    /// The digest the author signed, when hashed at decoding (a block whose
+    /// signatures are not checked skips it; it is computed if asked for).
+    signing_digest: Option<Digest>,
     /// The signing digest of each transaction, hashed from the received
     /// bytes; empty when the block did not come from [`UnverifiedBlock::decode`]
     /// (then they are computed when needed).
@@ -109,10 +111,42 @@ impl UnverifiedBlock {
     /// check them (the block is proven by its digest) skips that work, and
     /// a digest asked for later is computed then.
     pub fn decode_for(serialized: Bytes, limit: usize, signatures: bool) -> Result<Self> {
+        Self::decode_hashed(serialized, None, limit, signatures)
+    }
+
+    /// [`UnverifiedBlock::decode_for`] of bytes whose digest the receiver
+    /// computed as they arrived (to match them to a block asked for): the
+    /// block is not hashed again, and not at all if its signatures are not
+    /// checked. `digest` must be `Digest::of(&serialized)`.
+    pub fn decode_with_digest(
+        serialized: Bytes,
+        digest: Digest,
+        limit: usize,
+        signatures: bool,
+    ) -> Result<Self> {
+        debug_assert_eq!(digest, Digest::of(&serialized), "the digest of these bytes");
+        Self::decode_hashed(serialized, Some(digest), limit, signatures)
+    }
+
+    fn decode_hashed(
+        serialized: Bytes,
+        digest: Option<Digest>,
+        limit: usize,
+        signatures: bool,
+    ) -> Result<Self> {
         let signed: SignedBlock = codec::decode(&serialized, limit)?;
         let layout = Layout::of(&signed, &serialized)
             .ok_or_else(|| Error::Malformed("non-canonical block encoding".into()))?;
-        let (signing_digest, digest) = digests(&serialized, layout.block_len);
+        debug_assert_eq!(layout.block_len + SIGNATURE_ENCODED_LEN, serialized.len());
+        let (signing_digest, digest) = match (signatures, digest) {
+            (true, None) => {
+                let (signing, digest) = digests(&serialized, layout.block_len);
+                (Some(signing), digest)
+            }
+            (true, Some(digest)) => (Some(Digest::of(&serialized[..layout.block_len])), digest),
+            (false, None) => (None, Digest::of(&serialized)),
+            (false, Some(digest)) => (None, digest),
+        };
         let transaction_digests = if signatures {
             layout
                 .transactions
@@ -134,13 +168,13 @@ impl UnverifiedBlock {
         let signing_digest = Digest::of(&block_bytes);
         let serialized = Bytes::from(codec::encode(&signed));
         let digest = Digest::of(&serialized);
-        Self::assemble(signed, serialized, signing_digest, digest)
+        Self::assemble(signed, serialized, Some(signing_digest), digest)
     }
 
     fn assemble(
         signed: SignedBlock,
         serialized: Bytes,
-        signing_digest: Digest,
+        signing_digest: Option<Digest>,
         digest: Digest,
     ) -> Self {
         let b = &signed.block;
@@ -157,6 +191,15 @@ impl UnverifiedBlock {
             signing_digest,
             transaction_digests: Vec::new(),
         }
+    }
+
+    /// The digest the author signed: the hash of the block's bytes, which
+    /// come before the signature in its canonical encoding.
+    pub fn signing_digest(&self) -> Digest {
+        self.signing_digest.unwrap_or_else(|| {
+            let block_len = self.serialized.len() - SIGNATURE_ENCODED_LEN;
+            Digest::of(&self.serialized[..block_len])
+        })
     }
 
     /// The digest the sender of transaction `index` signed.
@@ -280,7 +323,8 @@ impl VerifiedBlock {
             .checked_sub(SIGNATURE_ENCODED_LEN)
             .ok_or_else(|| Error::Malformed("stored block too short".into()))?;
         let (signing_digest, digest) = digests(&serialized, block_len);
-        Ok(UnverifiedBlock::assemble(signed, serialized, signing_digest, digest).into_trusted())
+        let block = UnverifiedBlock::assemble(signed, serialized, Some(signing_digest), digest);
+        Ok(block.into_trusted())
     }
 
     /// The block's reference.

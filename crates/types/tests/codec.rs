@@ -513,6 +513,31 @@ mod unverified {
             }
         }
 
+        /// A block decoded with the digest its receiver computed, signatures
+        /// checked or not, is the block the plain decode gives: the same
+        /// reference, bytes and signed value, and the same digest signed by
+        /// its author (hashed at decoding, or when asked for).
+        #[test]
+        fn decoding_with_the_digest_handed_over_gives_the_same_block(signed in arb_signed_block()) {
+            let bytes = UnverifiedBlock::from_signed(signed.clone()).serialized().clone();
+            let plain = UnverifiedBlock::decode(bytes.clone(), usize::MAX).unwrap();
+            let digest = Digest::of(&bytes);
+            let signing = Digest::of(&codec::encode(&signed.block));
+            prop_assert_eq!(plain.signing_digest(), signing);
+            for signatures in [true, false] {
+                let handed = UnverifiedBlock::decode_with_digest(
+                    bytes.clone(), digest, usize::MAX, signatures,
+                ).unwrap();
+                let own = UnverifiedBlock::decode_for(bytes.clone(), usize::MAX, signatures).unwrap();
+                for b in [&handed, &own] {
+                    prop_assert_eq!(b.reference(), plain.reference());
+                    prop_assert_eq!(b.signed(), plain.signed());
+                    prop_assert_eq!(b.serialized(), plain.serialized());
+                    prop_assert_eq!(b.signing_digest(), signing);
+                }
+            }
+        }
+
         #[test]
         fn decoded_commit_has_the_reference_of_the_commit(commit in arb_commit()) {
             let wrapped = UnverifiedCommit::from_commit(commit.clone());

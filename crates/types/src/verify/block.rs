@@ -119,7 +119,7 @@ pub fn check_block(
         batch.push_key(
             author_key,
             Domain::Block,
-            &block.signing_digest,
+            &block.signing_digest(),
             &block.signed.signature,
             SignedItem::Block(r),
         );

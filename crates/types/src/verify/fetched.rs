@@ -57,7 +57,12 @@ impl ExpectedBlocks {
     /// digest of those bytes alone: it must be one asked for that has not
     /// arrived yet. Returns its reference.
     pub fn accept_bytes(&mut self, encoded: &[u8]) -> Result<BlockRef> {
-        let digest = Digest::of(encoded);
+        self.accept_digest(Digest::of(encoded))
+    }
+
+    /// [`ExpectedBlocks::accept_bytes`] for bytes already hashed:
+    /// `digest` is the digest of the block's encoding.
+    pub fn accept_digest(&mut self, digest: Digest) -> Result<BlockRef> {
         let r = *self
             .by_digest
             .get(&digest)
