@@ -297,7 +297,7 @@ impl Core for DiscoveryCore {
                 if self.init.seeds.iter().any(|s| s.address == address) {
                     self.seed_ids.insert(address.clone(), peer);
                 }
-                self.connected.insert(peer);
+                let new = self.connected.insert(peer);
                 self.verified.insert(peer);
                 if !self.connected_order.contains_key(&peer) {
                     self.connections_made += 1;
@@ -307,7 +307,17 @@ impl Core for DiscoveryCore {
                 self.pending.retain(|_, (p, _)| *p != Some(peer));
                 self.backoff.remove(&address);
                 self.end_backoff(peer);
-                self.rotated(peer, &address)
+                let mut out = self.rotated(peer, &address);
+                // A new connection is asked for its peers at once, not at
+                // the next round: a server at its inbound limit closes its
+                // longest-idle connection for each newcomer, and a seed
+                // that many nodes dial at once would close this one before
+                // it carried a single call.
+                let dropped = out.contains(&Output::Disconnect { peer });
+                if new && !dropped {
+                    out.insert(0, Output::Query { peer });
+                }
+                out
             }
             Input::Disconnected { peer } => {
                 self.connected.remove(&peer);
@@ -954,6 +964,27 @@ mod tests {
         // Back at the target: the next rotation an interval later.
         assert_eq!(dials(&tick(&mut c, Time(2 * interval - 1), NOW_MS)), vec![]);
         assert_eq!(dials(&tick(&mut c, Time(2 * interval), NOW_MS)).len(), 1);
+    }
+
+    #[test]
+    fn a_new_connection_is_asked_for_its_peers_at_once() {
+        let mut c = config(|_| {});
+        let connected = |c: &mut DiscoveryCore, n: u8| {
+            let address = format!("10.0.0.{n}:7000");
+            c.handle(
+                Time(0),
+                Input::Connected {
+                    address,
+                    peer: id(n),
+                },
+            )
+        };
+        assert_eq!(connected(&mut c, 1), vec![Output::Query { peer: id(1) }]);
+        // Told again of a connection it holds: no second call.
+        assert_eq!(connected(&mut c, 1), vec![]);
+        c.handle(Time(0), Input::Disconnected { peer: id(1) });
+        assert_eq!(connected(&mut c, 1), vec![Output::Query { peer: id(1) }]);
+        assert_eq!(connected(&mut c, 2), vec![Output::Query { peer: id(2) }]);
     }
 
     #[test]

@@ -9,5 +9,6 @@
 //! trace the replay harness replays.
 
 pub mod heights;
+mod inbound;
 pub mod net;
 pub mod scenarios;

@@ -10,6 +10,7 @@ use soma_sim::scenarios::{
     churn, convergence, eclipse, full_knowledge, heights, like_the_bench, partition_and_heal,
     seed_of, world,
 };
+use soma_wire::inbound;
 
 #[derive(Parser)]
 #[command(about = "Simulated networks of soma-p2p nodes, from the production cores")]
@@ -20,7 +21,7 @@ struct Cli {
     /// Small sizes only, for a quick look.
     #[arg(long)]
     quick: bool,
-    /// Only these sections, comma-separated (convergence, churn,
+    /// Only these sections, comma-separated (convergence, inbound, churn,
     /// partition, eclipse, heights, bench, hour).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -59,8 +60,9 @@ What the simulator leaves out, and so what these figures do not show:
 signatures (infos carry blank ones: the core trusts the Verifier), the
 StateSync core (in the heights section a fetch is a cost: a round trip and
 a time per commit, while the PeerHeights core tracks heights and chooses
-whom to fetch from, and StateSync's `HeightQueries` decides when to ask), inbound connection limits (a node accepts every dial up to its
-Connections limit of 32), and bandwidth (a link is a delay, not a pipe).
+whom to fetch from, and StateSync's `HeightQueries` decides when to ask),
+inbound connection limits outside their own section (elsewhere a node
+accepts every dial; its outbound connections stop at 32), and bandwidth (a link is a delay, not a pipe).
 
 Each section can be run alone (`soma-sim --only eclipse`); the last one,
 the long run under churn, states how fast the simulator ran, in protocol
@@ -87,6 +89,9 @@ fn main() {
             "convergence done at {:.0} s",
             started.elapsed().as_secs_f64()
         );
+    }
+    if cli.runs("inbound") {
+        inbound_section(&mut md, cli.quick, sizes);
     }
     let n = sizes[0];
     if cli.runs("churn") {
@@ -146,6 +151,68 @@ fn convergence_section(md: &mut String, sizes: &[usize]) {
                 c.known_min,
                 c.known_median,
                 t.elapsed().as_secs_f64()
+            );
+            eprintln!("{line}");
+            writeln!(md, "{line}").unwrap();
+        }
+    }
+}
+
+/// Convergence from the three seeds with every node's server admitting
+/// inbound connections by the production rules, against the same run with
+/// no inbound limit.
+fn inbound_section(md: &mut String, quick: bool, sizes: &[usize]) {
+    // The quick run scales the node's limits down to its 200 nodes.
+    let config = if quick {
+        inbound::Config {
+            max: 40,
+            reserved: 8,
+            ..inbound::Config::default()
+        }
+    } else {
+        inbound::Config::default()
+    };
+    writeln!(
+        md,
+        "\n## Seeds at their inbound limit\n\n\
+         Convergence as above, once with every node admitting inbound connections by the \
+         node's own rules (`soma_wire::inbound::Rules`: at most {} open, {} of them reserved \
+         for committee members and allowlisted peers, none here; when full, the \
+         longest-idle ordinary connection is closed for the newcomer), once with no limit. \
+         A connection's activity is the GetKnownPeers calls it carries.\n",
+        config.max, config.reserved
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "| nodes | seed | inbound rules | intervals | known, fewest | known, median | evicted | refused | most inbound at the end |"
+    )
+    .unwrap();
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|").unwrap();
+    for &n in sizes {
+        let seed = seed_of("convergence", 0);
+        for rules in [Some(config.clone()), None] {
+            let label = if rules.is_some() {
+                "the node's"
+            } else {
+                "none"
+            };
+            let c = convergence(
+                Settings {
+                    inbound: rules,
+                    ..world(n, seed)
+                },
+                120,
+            );
+            let line = format!(
+                "| {n} | {seed} | {label} | {} | {} | {} | {} | {} | {} |",
+                c.intervals
+                    .map_or("not within 120".into(), |i| i.to_string()),
+                c.known_min,
+                c.known_median,
+                c.inbound_evicted,
+                c.inbound_refused,
+                c.inbound_most
             );
             eprintln!("{line}");
             writeln!(md, "{line}").unwrap();

@@ -11,7 +11,10 @@
 //!   than `max_connections` connections; otherwise it fails after
 //!   `call_timeout_ms` (the target does not answer) or one round trip (it
 //!   refuses). A connection to a node that leaves, or across a partition,
-//!   breaks after `call_timeout_ms`.
+//!   breaks after `call_timeout_ms`. With [`Settings::inbound`], the target
+//!   admits the connection by the production inbound rules: refused, it
+//!   fails; admitted, it may evict another node's connection, whose dialler
+//!   sees it close a leg later.
 //! - **GetKnownPeers.** A query goes to a connected peer with the caller's
 //!   own info (the connect-back the real shell sends); the peer's core
 //!   serves it, and the answer comes back with the peer's own info first,
@@ -23,7 +26,9 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
+use std::time::Instant;
 
+use crate::inbound::Server;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -103,6 +108,10 @@ pub struct Settings {
     /// Discovery actor does; otherwise at a random point of its first
     /// interval (nodes of a real network do not start in step).
     pub first_round_at_start: bool,
+    /// The inbound admission rules every node's server applies (the
+    /// production `soma_wire::inbound::Rules`); `None`: every dial is
+    /// accepted.
+    pub inbound: Option<soma_wire::inbound::Config>,
 }
 
 impl Default for Settings {
@@ -119,6 +128,7 @@ impl Default for Settings {
             max_connections: 32,
             sybils: 0,
             first_round_at_start: false,
+            inbound: None,
         }
     }
 }
@@ -146,6 +156,10 @@ pub struct Counts {
     pub broken: u64,
     /// Connections a node dropped to rotate them.
     pub rotated: u64,
+    /// Dials the target's inbound rules refused.
+    pub inbound_refused: u64,
+    /// Connections a target's inbound rules closed to admit another.
+    pub inbound_evicted: u64,
 }
 
 /// One node's view, sampled.
@@ -218,6 +232,8 @@ struct Node {
     started_ms: u64,
     /// Peers this node dialled and holds a connection to.
     connections: BTreeSet<usize>,
+    /// Its inbound side, with [`Settings::inbound`].
+    server: Option<Server>,
     driver: Driver<DiscoveryCore>,
 }
 
@@ -238,6 +254,8 @@ pub struct Sim {
     counts: Counts,
     /// Every input and output, hashed in order: equal for equal runs.
     digest: blake3::Hasher,
+    /// Virtual time 0 for the inbound rules, which read `Instant`s.
+    base: Instant,
 }
 
 /// The peer id of node `index`: deterministic, distinct.
@@ -250,8 +268,11 @@ pub fn peer_id(index: usize) -> PeerId {
 
 /// The address of node `index`: each node in its own /24 of 16.0.0.0/4.
 pub fn address(index: usize) -> String {
-    let ip = Ipv4Addr::from(0x1000_0000 + ((index as u32) << 8) + 1);
-    format!("{ip}:7000")
+    format!("{}:7000", ip_of(index))
+}
+
+fn ip_of(index: usize) -> Ipv4Addr {
+    Ipv4Addr::from(0x1000_0000 + ((index as u32) << 8) + 1)
 }
 
 fn info(id: PeerId, address: &str, timestamp_ms: u64) -> Arc<SignedNodeInfo> {
@@ -290,6 +311,7 @@ impl Sim {
             recorded,
             counts: Counts::default(),
             digest: blake3::Hasher::new(),
+            base: Instant::now(),
         };
         for _ in 0..sim.settings.nodes {
             sim.add_node();
@@ -345,6 +367,7 @@ impl Sim {
             incarnation: 0,
             started_ms: 0,
             connections: BTreeSet::new(),
+            server: None,
             driver,
         });
         index
@@ -403,11 +426,13 @@ impl Sim {
             let init = self.init(index, self.nodes[index].id);
             self.nodes[index].driver.restart(init);
         }
+        let server = (self.settings.inbound.clone()).map(|config| Server::new(config, self.base));
         let node = &mut self.nodes[index];
         node.up = true;
         node.started_ms = self.now;
         node.incarnation += 1;
         node.connections.clear();
+        node.server = server;
         let incarnation = node.incarnation;
         let interval = self.settings.discovery.interval_ms.max(1);
         let first = if self.settings.first_round_at_start {
@@ -434,7 +459,10 @@ impl Sim {
     /// Stops node `index`: its peers' connections to it break.
     pub fn stop(&mut self, index: usize) {
         self.nodes[index].up = false;
-        self.nodes[index].connections.clear();
+        for target in std::mem::take(&mut self.nodes[index].connections) {
+            self.release(target, index);
+        }
+        self.nodes[index].server = None;
         self.break_links(|a, b| a == index || b == index);
     }
 
@@ -542,7 +570,7 @@ impl Sim {
                 if !self.current(node, incarnation) {
                     return;
                 }
-                match target.filter(|_| ok) {
+                match target.filter(|&t| ok && self.admitted(t, node)) {
                     Some(t) => {
                         self.nodes[node].connections.insert(t);
                         let peer = self.nodes[t].id;
@@ -568,6 +596,10 @@ impl Sim {
             } => {
                 if !self.nodes[to].up {
                     return;
+                }
+                let now = self.now;
+                if let Some(server) = self.nodes[to].server.as_mut() {
+                    server.touch(from, now);
                 }
                 let unix_ms = START_UNIX_MS + self.now;
                 let remote = address(from)
@@ -655,6 +687,7 @@ impl Sim {
                 if !self.current(node, incarnation) || !self.nodes[node].connections.remove(&peer) {
                     return;
                 }
+                self.release(peer, node);
                 self.counts.broken += 1;
                 let peer = self.nodes[peer].id;
                 self.step(node, Input::Disconnected { peer });
@@ -724,6 +757,7 @@ impl Sim {
             return;
         };
         if self.nodes[node].connections.remove(&index) {
+            self.release(index, node);
             self.counts.rotated += 1;
             let incarnation = self.nodes[node].incarnation;
             self.schedule(
@@ -761,6 +795,52 @@ impl Sim {
                 ok,
             },
         );
+    }
+
+    /// Whether `target`'s inbound rules admit `dialler`'s connection; the
+    /// connections evicted for it close, each seen by its dialler a leg
+    /// later. Without rules (or a server, the target being down), yes.
+    fn admitted(&mut self, target: usize, dialler: usize) -> bool {
+        let ip = IpAddr::V4(ip_of(dialler));
+        let (now, peer) = (self.now, self.nodes[dialler].id);
+        let Some(server) = self.nodes[target].server.as_mut() else {
+            return true;
+        };
+        match server.accept(now, dialler, ip, peer) {
+            Ok(evicted) => {
+                for d in evicted {
+                    self.counts.inbound_evicted += 1;
+                    if self.nodes[d].connections.remove(&target) {
+                        let incarnation = self.nodes[d].incarnation;
+                        let leg = self.leg(target, d);
+                        let event = Event::Closed {
+                            node: d,
+                            incarnation,
+                            peer: target,
+                        };
+                        self.schedule(leg, event);
+                    }
+                }
+                true
+            }
+            Err(_) => {
+                self.counts.inbound_refused += 1;
+                false
+            }
+        }
+    }
+
+    /// `dialler`'s connection to `target` closed: `target`'s server frees
+    /// its slot.
+    fn release(&mut self, target: usize, dialler: usize) {
+        if let Some(server) = self.nodes[target].server.as_mut() {
+            server.release(dialler);
+        }
+    }
+
+    /// Inbound connections `index`'s server holds (0 without rules).
+    pub fn inbound_open(&self, index: usize) -> usize {
+        self.nodes[index].server.as_ref().map_or(0, Server::open)
     }
 
     /// The node whose identity is `peer`, if any.

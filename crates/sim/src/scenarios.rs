@@ -74,6 +74,13 @@ pub struct Convergence {
     pub known_min: usize,
     /// Median known peers per node at the end.
     pub known_median: usize,
+    /// Connections the targets' inbound rules closed to admit others, and
+    /// dials they refused (both 0 without [`Settings::inbound`]).
+    pub inbound_evicted: u64,
+    /// See `inbound_evicted`.
+    pub inbound_refused: u64,
+    /// The most inbound connections any node held at the end.
+    pub inbound_most: usize,
 }
 
 /// Starts every node at once (each seeded with the first `seeds`) and runs
@@ -107,6 +114,12 @@ pub fn convergence(settings: Settings, max_intervals: u64) -> Convergence {
         bytes_per_node_interval: counts.bytes as f64 / per,
         known_min: known.first().copied().unwrap_or(0),
         known_median: known.get(known.len() / 2).copied().unwrap_or(0),
+        inbound_evicted: counts.inbound_evicted,
+        inbound_refused: counts.inbound_refused,
+        inbound_most: (0..sim.len())
+            .map(|i| sim.inbound_open(i))
+            .max()
+            .unwrap_or(0),
     }
 }
 

@@ -165,3 +165,28 @@ fn new_commits_reach_every_node_through_height_queries_and_pushes() {
     assert_eq!((unhinted.early_rounds, queried.early_rounds), (0, 0));
     assert_eq!(unhinted.fetches, 58 * 5, "{unhinted:?}");
 }
+
+#[test]
+fn a_network_converges_with_its_seeds_at_their_inbound_limit() {
+    // 200 nodes start at once and dial the same three seeds, whose servers
+    // hold 32 ordinary connections at most (the node's rules, scaled down):
+    // the seeds close their longest-idle connection for each newcomer, and
+    // every node still converges, since a new connection is asked for its
+    // peers at once. The rules' clock is virtual: the same seed, the same
+    // run.
+    let config = soma_wire::inbound::Config {
+        max: 40,
+        reserved: 8,
+        ..soma_wire::inbound::Config::default()
+    };
+    let settings = || Settings {
+        inbound: Some(config.clone()),
+        ..world(200, 5)
+    };
+    let c = convergence(settings(), 120);
+    assert!(c.intervals.is_some(), "{c:?}");
+    assert_eq!((c.known_min, c.known_median), (199, 199), "{c:?}");
+    assert_eq!(c.inbound_most, 32, "{c:?}");
+    assert!(c.inbound_evicted > 0, "{c:?}");
+    assert_eq!(convergence(settings(), 120), c);
+}
