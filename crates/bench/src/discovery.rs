@@ -47,7 +47,8 @@ pub fn section(size: &Size) -> Section {
              default. Time: median of {} runs. Calls: counted exactly from the Discovery traces of \
              one more, recorded, run, up to each node's convergence. The reference is the bound \
              the protocol allows: a round at start and one per interval, each asking at most \
-             peers-to-query peers.",
+             peers-to-query peers, and one call to each new connection, at most the \
+             connection target (8) of them before the first rotation.",
             size.discovery_runs
         ),
         &[
@@ -77,11 +78,19 @@ pub fn section(size: &Size) -> Section {
                 Cell::num(rounds, 1),
                 Cell::num(counted.made as f64 / n as f64, 1),
                 Cell::num(counted.answered as f64 / n as f64, 1),
-                Cell::int(((rounds.floor() + 1.0) * PEERS_TO_QUERY as f64) as u32),
+                Cell::int(calls_bound(rounds, n) as u32),
             ],
         );
     }
     s
+}
+
+/// The most GetKnownPeers calls a node of `n` may make in `rounds`
+/// intervals: a round at start and one per interval, and one per new
+/// connection (a node connects to at most its target before it rotates).
+fn calls_bound(rounds: f64, n: usize) -> usize {
+    let target = discovery::Config::default().target_concurrent_connections;
+    (rounds.floor() as usize + 1) * PEERS_TO_QUERY + target.min(n - 1)
 }
 
 fn spawn(n: usize, interval_ms: u64, trace_dir: Option<&Path>) -> Outcome {
