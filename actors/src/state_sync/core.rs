@@ -1283,6 +1283,16 @@ mod tests {
         }
     }
 
+    /// The height queries among `out`: the peer asked, `None` for all.
+    fn queries(out: Vec<Output>) -> Vec<Option<PeerId>> {
+        out.into_iter()
+            .filter_map(|o| match o {
+                Output::QueryHeights { peer } => Some(peer),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn tick(c: &mut StateSyncCore, now: u64, highest: u64) -> Vec<Output> {
         c.handle(
             Time(now),
@@ -2103,14 +2113,6 @@ mod tests {
             height_query_interval_ms: 1_000,
             ..config()
         });
-        let queries = |out: Vec<Output>| -> Vec<Option<PeerId>> {
-            out.into_iter()
-                .filter_map(|o| match o {
-                    Output::QueryHeights { peer } => Some(peer),
-                    _ => None,
-                })
-                .collect()
-        };
         assert_eq!(queries(tick(&mut c, 0, 0)), vec![None]);
         assert_eq!(queries(tick(&mut c, 999, 0)), vec![]);
         assert_eq!(
@@ -2127,14 +2129,6 @@ mod tests {
             height_query_interval_ms: 1_000,
             ..config()
         });
-        let queries = |out: Vec<Output>| -> Vec<Option<PeerId>> {
-            out.into_iter()
-                .filter_map(|o| match o {
-                    Output::QueryHeights { peer } => Some(peer),
-                    _ => None,
-                })
-                .collect()
-        };
         let push = |c: &mut StateSyncCore, at: u64, index: u64| {
             queries(c.handle(Time(at), Input::Pushed { index }))
         };

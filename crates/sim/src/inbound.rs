@@ -55,13 +55,8 @@ impl Server {
             |id: ConnId| base + Duration::from_millis(active.get(&id).copied().unwrap_or(0));
         let admit = self.rules.admit(now, ip, last_active)?;
         let mut evicted: Vec<ConnId> = admit.evicted.into_iter().collect();
-        let active = &self.active;
-        let last_active =
-            |id: ConnId| base + Duration::from_millis(active.get(&id).copied().unwrap_or(0));
-        evicted.extend(
-            self.rules
-                .identify(admit.id, Caller::Peer(peer), last_active)?,
-        );
+        let caller = Caller::Peer(peer);
+        evicted.extend(self.rules.identify(admit.id, caller, last_active)?);
         let gone = evicted
             .into_iter()
             .filter_map(|id| self.forget(id))
