@@ -228,6 +228,9 @@ pub(super) struct Entry {
     /// The info's timestamp, no later than our clock when it arrived: a
     /// timestamp in the future buys no precedence.
     pub seen_ms: u64,
+    /// The info's own timestamp, kept beside it: comparing an incoming
+    /// info with the entry reads no more than the entry.
+    pub timestamp_ms: u64,
 }
 
 /// The logic of Discovery.
@@ -412,7 +415,13 @@ impl DiscoveryCore {
         // Most infos of a busy network are ones we hold already: they are
         // dropped before their addresses are parsed.
         let old = self.known.get(&peer);
-        if old.is_some_and(|old| old.info.info.timestamp_ms >= info.info.timestamp_ms) {
+        if old.is_some_and(|old| old.timestamp_ms >= info.info.timestamp_ms) {
+            return;
+        }
+        // So are new peers past their source's allowance: in a network
+        // larger than the table, most of an answer.
+        let allowance = self.config.max_new_peers_per_source_per_interval;
+        if old.is_none() && self.learned.get(&source).is_some_and(|n| *n >= allowance) {
             return;
         }
         // Every address valid; the first, the one dialled, buckets it. A
@@ -444,10 +453,6 @@ impl DiscoveryCore {
             self.known.update(peer, info, first, seen_ms);
             return;
         }
-        let learned = self.learned.get(&source).copied().unwrap_or(0);
-        if learned >= self.config.max_new_peers_per_source_per_interval {
-            return;
-        }
         let Some(victims) = self.make_room(Some(source), first, seen_ms, peer) else {
             return;
         };
@@ -457,6 +462,7 @@ impl DiscoveryCore {
         self.known.insert(
             peer,
             Entry {
+                timestamp_ms: info.info.timestamp_ms,
                 info,
                 source,
                 prefix: first,
@@ -497,7 +503,7 @@ impl DiscoveryCore {
     fn tick(&mut self, now: Time, unix_ms: u64) -> Vec<Output> {
         let max_age = self.config.node_info_max_age_ms;
         self.known
-            .retain(|e| unix_ms.saturating_sub(e.info.info.timestamp_ms) <= max_age);
+            .retain(|e| unix_ms.saturating_sub(e.timestamp_ms) <= max_age);
         let (known, connected) = (&self.known, &self.connected);
         self.verified
             .retain(|p| known.contains_key(p) || connected.contains(p));
@@ -828,6 +834,13 @@ mod tests {
             panic!()
         };
         assert_eq!(k[0].info.timestamp_ms, NOW_MS + 10);
+        // Older than the info the update brought, newer than the first:
+        // the entry compares with the newest.
+        learn(&mut c, vec![info(1, NOW_MS + 5)]);
+        let Some(Output::Known(k)) = c.handle(Time(0), Input::KnownPeers).pop() else {
+            panic!()
+        };
+        assert_eq!(k[0].info.timestamp_ms, NOW_MS + 10);
     }
 
     #[test]
@@ -1142,6 +1155,7 @@ mod tests {
             for _ in 0..rng.random_range(0..40) {
                 let peer = PeerId(rng.random());
                 let entry = Entry {
+                    timestamp_ms: 0,
                     info: unsigned(peer).into(),
                     source: *sources.choose(&mut rng).unwrap(),
                     prefix: *prefixes.choose(&mut rng).unwrap(),

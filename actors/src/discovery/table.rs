@@ -61,6 +61,14 @@ impl<K: Ord + Copy> Ordered<K> {
         }
     }
 
+    /// Moves an item within its bucket, from `from_ms` to `to_ms`; the
+    /// bucket's size stays.
+    fn relocate(&mut self, key: K, from_ms: u64, to_ms: u64, peer: PeerId) {
+        if from_ms != to_ms && self.items.remove(&(key, from_ms, peer)) {
+            self.items.insert((key, to_ms, peer));
+        }
+    }
+
     fn len(&self, key: K) -> usize {
         self.sizes.get(&key).copied().unwrap_or(0)
     }
@@ -133,10 +141,16 @@ impl Table {
         let Some(entry) = self.entries.get_mut(&peer) else {
             return;
         };
-        self.by_source.remove(entry.source, entry.seen_ms, peer);
-        self.by_source.insert(entry.source, seen_ms, peer);
-        self.by_prefix.remove(entry.prefix, entry.seen_ms, peer);
-        self.by_prefix.insert(prefix, seen_ms, peer);
+        self.by_source
+            .relocate(entry.source, entry.seen_ms, seen_ms, peer);
+        if entry.prefix == prefix {
+            self.by_prefix
+                .relocate(prefix, entry.seen_ms, seen_ms, peer);
+        } else {
+            self.by_prefix.remove(entry.prefix, entry.seen_ms, peer);
+            self.by_prefix.insert(prefix, seen_ms, peer);
+        }
+        entry.timestamp_ms = info.info.timestamp_ms;
         entry.info = info;
         entry.prefix = prefix;
         entry.seen_ms = seen_ms;
