@@ -54,7 +54,9 @@ written as a trace that `soma-p2p replay` replays.
 Default Discovery settings throughout: a round every 5 s, 3 peers asked per
 round, a connection target of 8, 200 infos per answer, 1,000 known peers at
 most, a connection rotated every minute. Seeds: the first three nodes,
-every node's seed peers.
+every node's seed peers. A node signs its own info as it starts and at each
+round, as the Discovery actor does, and sends that info with every call it
+makes or answers until the next round.
 
 What the simulator leaves out, and so what these figures do not show:
 signatures (infos carry blank ones: the core trusts the Verifier), the

@@ -19,6 +19,10 @@
 //!   own info (the connect-back the real shell sends); the peer's core
 //!   serves it, and the answer comes back with the peer's own info first,
 //!   as the real service answers. Either leg may be lost.
+//! - **Own info.** A node signs its own info as it starts and again at
+//!   each round, as the Discovery actor does, and every call it makes or
+//!   answers carries that info until the next round (a sybil signs afresh
+//!   for every answer, as an attacker may).
 //! - **Infos** carry blank signatures: the core trusts what the Verifier
 //!   passed, and signatures are not what is simulated.
 
@@ -230,6 +234,8 @@ struct Node {
     /// dropped.
     incarnation: u32,
     started_ms: u64,
+    /// Its own info, signed at its start and at each round since.
+    own: Arc<SignedNodeInfo>,
     /// Peers this node dialled and holds a connection to.
     connections: BTreeSet<usize>,
     /// Its inbound side, with [`Settings::inbound`].
@@ -359,8 +365,10 @@ impl Sim {
         let (id, address) = (peer_id(index), address(index));
         self.by_address.insert(address.clone(), index);
         let driver = self.make_driver(index, id);
+        let own = info(id, &address, START_UNIX_MS + self.now);
         self.nodes.push(Node {
             id,
+            own,
             address,
             region,
             up: false,
@@ -430,6 +438,7 @@ impl Sim {
         let node = &mut self.nodes[index];
         node.up = true;
         node.started_ms = self.now;
+        node.own = info_of(node, START_UNIX_MS + self.now);
         node.incarnation += 1;
         node.connections.clear();
         node.server = server;
@@ -555,6 +564,7 @@ impl Sim {
                     return;
                 }
                 let unix_ms = START_UNIX_MS + self.now;
+                self.nodes[node].own = info_of(&self.nodes[node], unix_ms);
                 self.step(node, Input::Tick { unix_ms });
                 let interval = self.settings.discovery.interval_ms.max(1);
                 self.schedule(interval, Event::Tick { node, incarnation });
@@ -630,7 +640,7 @@ impl Sim {
                             if self.lost() || !self.reachable(to, from) {
                                 continue;
                             }
-                            let own = info_of(&self.nodes[to], unix_ms);
+                            let own = self.own_info(to, unix_ms);
                             let infos = std::iter::once(own).chain(infos).collect();
                             let leg = self.leg(to, from);
                             self.schedule(
@@ -736,7 +746,7 @@ impl Sim {
         if !self.nodes[from].connections.contains(&to) || self.lost() || !self.reachable(from, to) {
             return;
         }
-        let info = info_of(&self.nodes[from], START_UNIX_MS + self.now);
+        let info = self.own_info(from, START_UNIX_MS + self.now);
         let incarnation = self.nodes[from].incarnation;
         let leg = self.leg(from, to);
         self.schedule(
@@ -835,6 +845,16 @@ impl Sim {
     fn release(&mut self, target: usize, dialler: usize) {
         if let Some(server) = self.nodes[target].server.as_mut() {
             server.release(dialler);
+        }
+    }
+
+    /// The info node `index` sends with a call or an answer now: the one
+    /// it signed last; a sybil's, signed now.
+    fn own_info(&self, index: usize, unix_ms: u64) -> Arc<SignedNodeInfo> {
+        if self.is_sybil(index) {
+            info_of(&self.nodes[index], unix_ms)
+        } else {
+            Arc::clone(&self.nodes[index].own)
         }
     }
 

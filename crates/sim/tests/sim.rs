@@ -4,7 +4,7 @@
 use soma_actors::discovery::Config;
 use soma_actors::replay::replay_text;
 use soma_sim::heights::HeightSettings;
-use soma_sim::net::{Settings, Sim};
+use soma_sim::net::{START_UNIX_MS, Settings, Sim};
 use soma_sim::scenarios::{churn, convergence, partition_and_heal, world};
 
 fn small(seed: u64) -> Settings {
@@ -56,6 +56,50 @@ fn a_nodes_inputs_from_a_simulated_run_replay_through_the_replay_harness() {
     assert_eq!(rewritten, trace);
     assert!(report.inputs > 50, "{report:?}");
     assert_eq!(report.restarts, 1, "{report:?}");
+}
+
+#[test]
+fn a_node_sends_the_info_it_signed_at_its_last_round_not_one_per_call() {
+    // As the Discovery actor does: every node signs its info as it starts
+    // (time 0 here) and at each round, a whole interval apart; the calls
+    // and answers between carry the last one.
+    let settings = Settings {
+        loss: 0.0,
+        ..small(5)
+    };
+    let interval = settings.discovery.interval_ms;
+    let mut sim = Sim::new(settings, Some(3));
+    sim.start_all();
+    sim.run_until(60_000);
+    let trace = sim.trace().expect("node 3 records");
+    let mut stamps: std::collections::BTreeMap<String, std::collections::BTreeSet<u64>> =
+        Default::default();
+    for line in trace.lines() {
+        let event: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+        let input = &event["in"];
+        let infos: Vec<&serde_json::Value> = match (&input["learned"], &input["serve"]) {
+            (serde_json::Value::Object(l), _) => l["infos"].as_array().unwrap().iter().collect(),
+            (_, serde_json::Value::Object(s)) => s.get("info").into_iter().collect(),
+            _ => continue,
+        };
+        for i in infos.into_iter().filter(|i| !i.is_null()) {
+            let peer = i["info"]["peer_id"].as_str().unwrap().to_string();
+            let ms = i["info"]["timestamp_ms"].as_u64().unwrap() - START_UNIX_MS;
+            stamps.entry(peer).or_default().insert(ms);
+        }
+    }
+    // Node 3 heard of most of the network, most peers more than once.
+    assert!(stamps.len() >= 50, "{} peers", stamps.len());
+    let often = stamps.values().filter(|s| s.len() >= 4).count();
+    assert!(often >= 5, "{often} peers with four infos or more");
+    for (peer, ms) in &stamps {
+        // Besides the one signed at the start, each info a whole number
+        // of intervals after the one before.
+        let rounds: Vec<u64> = ms.iter().copied().filter(|ms| *ms > 0).collect();
+        for pair in rounds.windows(2) {
+            assert_eq!((pair[1] - pair[0]) % interval, 0, "{peer}: {ms:?}");
+        }
+    }
 }
 
 #[test]
