@@ -194,9 +194,12 @@ impl Table {
         pinned: impl Fn(&PeerId) -> bool,
     ) -> Option<Vec<PeerId>> {
         let mut chosen = vec![peer];
-        // A bucket's size without the entries chosen already.
+        // A bucket's size without the entries chosen already. `peer`
+        // itself is in none of the buckets counted: it is new to the
+        // table, or (an update, which comes here only for a new prefix)
+        // still in its old prefix's bucket; it is not looked up.
         let size = |len: usize, chosen: &[PeerId], in_bucket: &dyn Fn(&Entry) -> bool| {
-            let gone = chosen
+            let gone = chosen[1..]
                 .iter()
                 .filter(|p| self.entries.get(*p).is_some_and(in_bucket))
                 .count();
