@@ -6,12 +6,12 @@ use std::collections::{HashMap, HashSet};
 use bytes::Bytes;
 use soma_chain::{Chain, ChainBuilder, ChainConfig, corrupt};
 use soma_types::verify::{
-    ExpectedBlocks, NodeInfoPolicy, epoch_change, verify_blocks, verify_commit_batch,
-    verify_fetched_blocks, verify_node_infos, verify_transactions,
+    ExpectedBlocks, NodeInfoPolicy, certify_commit_run, epoch_change, verify_blocks,
+    verify_commit_batch, verify_fetched_blocks, verify_node_infos, verify_transactions,
 };
 use soma_types::{
     Access, AuthorityIndex, BlockRef, Domain, Error, KeyPair, Limits, NodeInfo, PeerId, SignedItem,
-    SignedNodeInfo, Transaction, UnverifiedBlock, VerifiedBlock,
+    SignedNodeInfo, Transaction, TrustedCommit, UnverifiedBlock, VerifiedBlock,
 };
 
 fn chain() -> Chain {
@@ -416,6 +416,124 @@ fn first_commit_not_linking_to_our_last_fails() {
         result.err(),
         Some(Error::UnexpectedIndex {
             expected: 10,
+            got: 11
+        })
+    );
+}
+
+/// What a verification accepted, as bytes: commits then certifier blocks.
+type Accepted = Result<(Vec<Bytes>, Vec<Bytes>), Error>;
+
+fn accepted(result: Result<(Vec<TrustedCommit>, Vec<VerifiedBlock>), Error>) -> Accepted {
+    result.map(|(commits, certifiers)| {
+        (
+            commits.iter().map(|c| c.serialized().clone()).collect(),
+            certifiers.iter().map(|b| b.serialized().clone()).collect(),
+        )
+    })
+}
+
+#[test]
+fn a_run_certified_ahead_then_linked_is_exactly_the_batch_verified_in_turn() {
+    // Every batch of a chain over an epoch change, whole or corrupted, under
+    // each committee, after the right commit and after wrong ones: a run
+    // certified ahead and linked at its turn is accepted exactly when the
+    // batch is verified in turn, as the same commits and certifier blocks.
+    let chain = chain();
+    let limits = Limits::default();
+    let mut accepted_count = 0;
+    for start in (1..=31).step_by(10) {
+        let (commits, certifiers) = chain.fetch_commits(start..=start + 9);
+        let certifiers_short =
+            corrupt::certificate_below_quorum(&certifiers, chain.committee_of(start + 9));
+        let batches = [
+            (commits.clone(), certifiers.clone()),
+            (corrupt::break_link(&commits, 4), certifiers.clone()),
+            (corrupt::drop_commit(&commits, 0), certifiers.clone()),
+            (commits.clone(), certifiers_short),
+        ];
+        let mut other_digest = chain.commit_ref(start - 1);
+        other_digest.digest.0[0] ^= 1;
+        let afters = [
+            chain.commit_ref(start - 1),
+            other_digest,
+            chain.commit_ref(start),
+        ];
+        for (commits, certifiers) in &batches {
+            for committee in chain.committees() {
+                for after in afters {
+                    let in_turn = accepted(verify_commit_batch(
+                        commits.clone(),
+                        certifiers.clone(),
+                        committee,
+                        after,
+                        &limits,
+                    ));
+                    let ahead = accepted(
+                        certify_commit_run(
+                            commits.clone(),
+                            certifiers.clone(),
+                            committee,
+                            after.index + 1,
+                            &limits,
+                        )
+                        .and_then(|run| {
+                            assert_eq!(run.epoch(), committee.epoch());
+                            run.link(after)
+                        }),
+                    );
+                    assert_eq!(in_turn.is_ok(), ahead.is_ok(), "batch {start}, {after:?}");
+                    if in_turn.is_ok() {
+                        accepted_count += 1;
+                        assert_eq!(in_turn, ahead);
+                    }
+                }
+            }
+        }
+    }
+    // Under its own epoch's committee: each whole batch after the commit
+    // before it, and each batch without its first commit after that commit.
+    assert_eq!(accepted_count, 8);
+}
+
+#[test]
+fn a_run_certified_ahead_is_refused_at_its_turn_if_it_does_not_follow_our_last_commit() {
+    let chain = chain();
+    let (commits, certifiers) = chain.fetch_commits(11..=20);
+    let certify = || {
+        certify_commit_run(
+            commits.clone(),
+            certifiers.clone(),
+            chain.genesis(),
+            11,
+            &Limits::default(),
+        )
+        .unwrap()
+    };
+    let mut ours = chain.commit_ref(10);
+    ours.digest.0[5] ^= 1;
+    assert_eq!(certify().link(ours).err(), Some(Error::BrokenLink(11)));
+    assert_eq!(
+        certify().link(chain.commit_ref(9)).err(),
+        Some(Error::UnexpectedIndex {
+            expected: 10,
+            got: 11
+        })
+    );
+    let (trusted, _) = certify().link(chain.commit_ref(10)).unwrap();
+    assert_eq!(trusted.last().unwrap().reference(), chain.commit_ref(20));
+    // Certified from the wrong first index: refused before any link.
+    let wrong_start = certify_commit_run(
+        commits.clone(),
+        certifiers.clone(),
+        chain.genesis(),
+        12,
+        &Limits::default(),
+    );
+    assert_eq!(
+        wrong_start.err(),
+        Some(Error::UnexpectedIndex {
+            expected: 12,
             got: 11
         })
     );

@@ -80,12 +80,19 @@ impl StateSync {
                     task,
                     start,
                     end,
+                    epoch,
                     max_bytes,
                     avoid,
                 } => {
                     let worker = self.worker.clone();
-                    let work =
-                        async move { worker.commit_answer((start, end), max_bytes, avoid).await };
+                    let work = async move {
+                        match worker.commit_answer((start, end), max_bytes, avoid).await {
+                            (peer, Ok(answer)) => {
+                                (peer, Ok(worker.certify_ahead(answer, start, epoch).await))
+                            }
+                            failed => failed,
+                        }
+                    };
                     self.tasks
                         .worker(task, work, ctx.address(), move |(peer, result)| AheadDone {
                             task,

@@ -989,6 +989,7 @@ impl StateSyncCore {
                         task,
                         start,
                         end,
+                        epoch: self.epoch,
                         max_bytes: reserve,
                         avoid: self.commit_supervision.avoid.iter().copied().collect(),
                     });

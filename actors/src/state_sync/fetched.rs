@@ -1,7 +1,8 @@
 //! What the StateSync shell holds between a fetch and the write: verified
 //! commit batches with the blocks fetched so far, and commit answers
-//! fetched ahead, unchecked until their turn. The core counts all of it
-//! against the fetch budget and says when to use or drop it; this only
+//! fetched ahead (certified as they arrived if they were of the epoch then
+//! expected), whose link to the batch before them is checked at their
+//! turn. The core counts all of it against the fetch budget and says when to use or drop it; this only
 //! keeps it, and turns a worker's result into the core's input.
 
 use std::collections::{BTreeMap, HashMap};
@@ -16,7 +17,7 @@ use super::worker::{BatchData, BlockChunk, CommitAnswer};
 pub(super) struct Fetched {
     /// Verified commit batches by first index, until applied.
     batches: BTreeMap<CommitIndex, BatchData>,
-    /// Commit answers fetched ahead, by task, until checked or forgotten.
+    /// Commit answers fetched ahead, by task, until their turn or forgotten.
     ahead: HashMap<TaskId, CommitAnswer>,
 }
 

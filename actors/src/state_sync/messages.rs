@@ -261,7 +261,10 @@ pub enum Output {
         prefetched: Option<TaskId>,
     },
     /// Fetch the commits `start..=end` ahead of their turn, and hold the
-    /// answer unchecked.
+    /// answer until then. It is certified as it arrives if its commits are
+    /// of `epoch`; at its turn only the link of its first commit to the one
+    /// before is left to check (a batch of another epoch is checked in
+    /// full then).
     FetchCommitsAhead {
         /// The task.
         task: TaskId,
@@ -269,6 +272,8 @@ pub enum Output {
         start: CommitIndex,
         /// Last commit wanted.
         end: CommitIndex,
+        /// The epoch expected when the fetch is sent.
+        epoch: Epoch,
         /// Largest answer accepted, in bytes.
         max_bytes: u64,
         /// Peers not to ask.

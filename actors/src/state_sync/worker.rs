@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use actix::Addr;
 use futures::FutureExt;
-use soma_types::verify::ExpectedBlocks;
+use soma_types::verify::{CertifiedRun, ExpectedBlocks};
 use soma_types::{BlockRef, CommitIndex, CommitRef, Epoch, PeerId, TrustedCommit, VerifiedBlock};
 use soma_wire::convert::Availability;
 use soma_wire::proto;
@@ -49,6 +49,23 @@ pub(super) struct BatchData {
 }
 
 impl BatchData {
+    /// A verified batch of `epoch`, none of its blocks fetched yet.
+    fn new(commits: Vec<TrustedCommit>, certifiers: Vec<VerifiedBlock>, epoch: Epoch) -> Self {
+        let refs: Vec<BlockRef> = commits
+            .iter()
+            .flat_map(|c| c.commit().blocks.iter().copied())
+            .collect();
+        let end = commits.last().map_or(0, TrustedCommit::index);
+        BatchData {
+            commits,
+            certifiers,
+            refs,
+            epoch,
+            end,
+            blocks: HashMap::new(),
+        }
+    }
+
     /// Bytes of the commits and certifier blocks.
     pub(super) fn commit_bytes(&self) -> u64 {
         let commits = self.commits.iter().map(|c| c.serialized().len() as u64);
@@ -129,6 +146,8 @@ pub(super) struct CommitAnswer {
     pub(super) bytes: u64,
     /// How long the peer took, for its score once the answer checks out.
     pub(super) latency_ms: u64,
+    /// The answer certified ahead of its turn, if that passed.
+    pub(super) certified: Option<CertifiedRun>,
 }
 
 impl CommitAnswer {
@@ -224,14 +243,45 @@ impl Worker {
         }
     }
 
+    /// Certifies a commit answer fetched ahead as it arrives, if its
+    /// commits are of `epoch`: every rule but the link of its first commit
+    /// to the one before. Whatever fails here is checked again in full at
+    /// its turn (the epoch may have been a wrong guess), where it counts.
+    pub(super) async fn certify_ahead(
+        &self,
+        mut answer: CommitAnswer,
+        start: CommitIndex,
+        epoch: Epoch,
+    ) -> CommitAnswer {
+        let request = VerifyRequest::CommitRun {
+            epoch,
+            start,
+            commits: answer.response.commits.iter().cloned().map(Blob).collect(),
+            certifiers: (answer.response.certifier_blocks.iter().cloned())
+                .map(Blob)
+                .collect(),
+        };
+        if let Ok(Ok(VerifyResponse::CommitRun(run))) = self.verifier.send(Verify(request)).await {
+            answer.certified = Some(run);
+        }
+        answer
+    }
+
     /// Verifies a commit answer fetched ahead, as [`Self::fetch_commits`]
-    /// verifies one it fetched.
+    /// verifies one it fetched: if it was certified ahead for the epoch
+    /// `wanted`, only the link of its first commit is left to check.
     pub(super) async fn check_commits(
         self,
         answer: CommitAnswer,
         wanted: CommitsWanted,
     ) -> Result<BatchData, Failure> {
-        let result = self.verify_commits(answer.response, wanted).await;
+        let result = match answer.certified {
+            Some(run) if run.epoch() == wanted.epoch => run
+                .link(wanted.after)
+                .map(|(commits, certifiers)| BatchData::new(commits, certifiers, wanted.epoch))
+                .map_err(Failure::Invalid),
+            _ => self.verify_commits(answer.response, wanted).await,
+        };
         match (answer.peer, &self.archive) {
             (Some(peer), _) => self.verified(peer, answer.bytes, answer.latency_ms, &result),
             (None, Some(archive)) => {
@@ -294,6 +344,7 @@ impl Worker {
             response,
             bytes,
             latency_ms,
+            certified: None,
         };
         (Some(peer), Ok(answer))
     }
@@ -315,21 +366,7 @@ impl Worker {
             Ok(Ok(VerifyResponse::CommitBatch {
                 commits,
                 certifiers,
-            })) => {
-                let refs: Vec<BlockRef> = commits
-                    .iter()
-                    .flat_map(|c| c.commit().blocks.iter().copied())
-                    .collect();
-                let end = commits.last().map_or(0, TrustedCommit::index);
-                Ok(BatchData {
-                    commits,
-                    certifiers,
-                    refs,
-                    epoch: wanted.epoch,
-                    end,
-                    blocks: HashMap::new(),
-                })
-            }
+            })) => Ok(BatchData::new(commits, certifiers, wanted.epoch)),
             Ok(Err(e)) => Err(verify_failure(e)),
             Ok(Ok(_)) | Err(_) => Err(Failure::Local(LocalFailure::VerifierUnavailable)),
         }
@@ -402,6 +439,7 @@ impl Worker {
                 certifier_blocks,
             },
             latency_ms: 0,
+            certified: None,
         })
     }
 

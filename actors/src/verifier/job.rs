@@ -55,12 +55,7 @@ pub fn run_job(job: Job) -> Result<VerifyResponse, VerifyError> {
             ..
         } => {
             let committee = committee()?;
-            let commits = decode_all(&commits, |b| {
-                UnverifiedCommit::decode(b, limits.max_commit_bytes)
-            })?;
-            let certifiers = decode_all(&certifiers, |b| {
-                UnverifiedBlock::decode(b, limits.max_block_bytes)
-            })?;
+            let (commits, certifiers) = decode_commit_batch(&commits, &certifiers, limits)?;
             let (commits, certifiers) =
                 verify::verify_commit_batch(commits, certifiers, committee, last_synced, limits)
                     .map_err(VerifyError::Invalid)?;
@@ -68,6 +63,18 @@ pub fn run_job(job: Job) -> Result<VerifyResponse, VerifyError> {
                 commits,
                 certifiers,
             })
+        }
+        VerifyRequest::CommitRun {
+            start,
+            commits,
+            certifiers,
+            ..
+        } => {
+            let committee = committee()?;
+            let (commits, certifiers) = decode_commit_batch(&commits, &certifiers, limits)?;
+            verify::certify_commit_run(commits, certifiers, committee, start, limits)
+                .map(VerifyResponse::CommitRun)
+                .map_err(VerifyError::Invalid)
         }
         VerifyRequest::NodeInfos {
             infos,
@@ -130,6 +137,21 @@ fn in_parts<I: Sync, T: Send>(
         out.extend(r?);
     }
     Ok(out)
+}
+
+/// The commits and certifier blocks of a commit answer, decoded.
+fn decode_commit_batch(
+    commits: &[Blob],
+    certifiers: &[Blob],
+    limits: &Limits,
+) -> Result<(Vec<UnverifiedCommit>, Vec<UnverifiedBlock>), VerifyError> {
+    let commits = decode_all(commits, |b| {
+        UnverifiedCommit::decode(b, limits.max_commit_bytes)
+    })?;
+    let certifiers = decode_all(certifiers, |b| {
+        UnverifiedBlock::decode(b, limits.max_block_bytes)
+    })?;
+    Ok((commits, certifiers))
 }
 
 fn decode_all<T>(

@@ -1,7 +1,9 @@
 use actix::Message;
 use serde::{Deserialize, Serialize};
+use soma_types::verify::CertifiedRun;
 use soma_types::{
-    CommitRef, Epoch, PeerId, SignedNodeInfo, Transaction, TrustedCommit, VerifiedBlock,
+    CommitIndex, CommitRef, Epoch, PeerId, SignedNodeInfo, Transaction, TrustedCommit,
+    VerifiedBlock,
 };
 
 use super::job::Job;
@@ -33,6 +35,19 @@ pub enum VerifyRequest {
         /// Our last synced commit, which the batch must follow.
         last_synced: CommitRef,
     },
+    /// A commit batch fetched ahead of its turn: every rule of
+    /// `CommitBatch` but the link of its first commit to the one before,
+    /// which is not known yet (see [`soma_types::verify::CertifiedRun`]).
+    CommitRun {
+        /// Epoch the batch is expected to be of.
+        epoch: Epoch,
+        /// Index its first commit must have.
+        start: CommitIndex,
+        /// Encoded commits, in index order.
+        commits: Vec<Blob>,
+        /// Encoded certifier blocks.
+        certifiers: Vec<Blob>,
+    },
     /// Node infos received from a peer; each is judged on its own.
     NodeInfos {
         /// Encoded signed node infos.
@@ -60,6 +75,11 @@ impl VerifyRequest {
                 commits,
                 certifiers,
                 ..
+            }
+            | VerifyRequest::CommitRun {
+                commits,
+                certifiers,
+                ..
             } => commits.len() + certifiers.len(),
             VerifyRequest::NodeInfos { infos, .. } => infos.len(),
             VerifyRequest::Transactions { transactions } => transactions.len(),
@@ -69,9 +89,9 @@ impl VerifyRequest {
     /// The epoch whose committee the request needs, if any.
     pub fn epoch(&self) -> Option<Epoch> {
         match self {
-            VerifyRequest::Blocks { epoch, .. } | VerifyRequest::CommitBatch { epoch, .. } => {
-                Some(*epoch)
-            }
+            VerifyRequest::Blocks { epoch, .. }
+            | VerifyRequest::CommitBatch { epoch, .. }
+            | VerifyRequest::CommitRun { epoch, .. } => Some(*epoch),
             VerifyRequest::NodeInfos { .. } | VerifyRequest::Transactions { .. } => None,
         }
     }
@@ -89,6 +109,8 @@ pub enum VerifyResponse {
         /// The certifier blocks.
         certifiers: Vec<VerifiedBlock>,
     },
+    /// The commit run, certified; its first link still to check.
+    CommitRun(CertifiedRun),
     /// One result per node info, in request order.
     NodeInfos(Vec<Result<SignedNodeInfo, soma_types::Error>>),
     /// The transactions, verified, in request order.

@@ -1,8 +1,8 @@
 use std::collections::HashSet;
 
 use crate::{
-    CommitRef, Committee, Error, Limits, Result, TrustedCommit, UnverifiedBlock, UnverifiedCommit,
-    VerifiedBlock,
+    CommitIndex, CommitRef, Committee, Epoch, Error, Limits, Result, TrustedCommit,
+    UnverifiedBlock, UnverifiedCommit, VerifiedBlock,
     verify::{SignatureBatch, check_block},
 };
 
@@ -20,7 +20,10 @@ use crate::{
 ///   among those voting for the last commit's reference hold quorum stake.
 ///
 /// Certifying the last commit certifies them all, through the digest chain.
-/// Returns the commits and the certifier blocks, now trusted.
+/// Returns the commits and the certifier blocks, now trusted. The same as
+/// [`certify_commit_run`] from `last_synced.index + 1`, then
+/// [`CertifiedRun::link`] to `last_synced`, except that a first commit that
+/// does not follow `last_synced` is named before anything else is checked.
 pub fn verify_commit_batch(
     commits: Vec<UnverifiedCommit>,
     certifiers: Vec<UnverifiedBlock>,
@@ -28,6 +31,89 @@ pub fn verify_commit_batch(
     last_synced: CommitRef,
     limits: &Limits,
 ) -> Result<(Vec<TrustedCommit>, Vec<VerifiedBlock>)> {
+    if let Some(first) = commits.first() {
+        follows(first, last_synced)?;
+    }
+    certify_commit_run(
+        commits,
+        certifiers,
+        committee,
+        last_synced.index + 1,
+        limits,
+    )?
+    .link(last_synced)
+}
+
+/// A run of commits from `start` whose every rule of
+/// [`verify_commit_batch`] holds but one: that its first commit links to
+/// the commit before it, which is not known yet. A commit batch fetched
+/// ahead of its turn is certified as it arrives, off the path of the
+/// batches before it; at its turn, [`CertifiedRun::link`] checks that last
+/// rule, a comparison of digests.
+#[derive(Clone, Debug)]
+pub struct CertifiedRun {
+    commits: Vec<UnverifiedCommit>,
+    certifiers: Vec<UnverifiedBlock>,
+    epoch: Epoch,
+}
+
+impl CertifiedRun {
+    /// The epoch of the committee that certified it.
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    /// Bytes of its commits and certifier blocks, as received.
+    pub fn bytes(&self) -> u64 {
+        let commits = self.commits.iter().map(|c| c.serialized().len() as u64);
+        let certifiers = self.certifiers.iter().map(|b| b.serialized().len() as u64);
+        commits.chain(certifiers).sum()
+    }
+
+    /// The run, trusted, if its first commit follows `last_synced` (the
+    /// index after it, linking to its digest).
+    pub fn link(self, last_synced: CommitRef) -> Result<(Vec<TrustedCommit>, Vec<VerifiedBlock>)> {
+        let first = self.commits.first().ok_or(Error::EmptyBatch)?;
+        follows(first, last_synced)?;
+        Ok((
+            self.commits
+                .into_iter()
+                .map(UnverifiedCommit::into_trusted)
+                .collect(),
+            self.certifiers
+                .into_iter()
+                .map(UnverifiedBlock::into_trusted)
+                .collect(),
+        ))
+    }
+}
+
+/// Whether `commit` is the one right after `previous`, linking to it.
+fn follows(commit: &UnverifiedCommit, previous: CommitRef) -> Result<()> {
+    let c = commit.commit();
+    let expected = previous.index + 1;
+    if c.index != expected {
+        return Err(Error::UnexpectedIndex {
+            expected,
+            got: c.index,
+        });
+    }
+    if c.previous_digest != previous.digest {
+        return Err(Error::BrokenLink(c.index));
+    }
+    Ok(())
+}
+
+/// Checks every rule of [`verify_commit_batch`] on a batch whose first
+/// commit must be `start`, except the link of that first commit to the one
+/// before it: that is [`CertifiedRun::link`]'s.
+pub fn certify_commit_run(
+    commits: Vec<UnverifiedCommit>,
+    certifiers: Vec<UnverifiedBlock>,
+    committee: &Committee,
+    start: CommitIndex,
+    limits: &Limits,
+) -> Result<CertifiedRun> {
     if commits.is_empty() {
         return Err(Error::EmptyBatch);
     }
@@ -37,18 +123,18 @@ pub fn verify_commit_batch(
             limit: limits.max_commits_per_batch,
         });
     }
-    let mut previous = last_synced;
+    let mut previous: Option<CommitRef> = None;
     for unverified in &commits {
         let c = unverified.commit();
-        let expected = previous.index + 1;
-        if c.index != expected {
-            return Err(Error::UnexpectedIndex {
-                expected,
-                got: c.index,
-            });
-        }
-        if c.previous_digest != previous.digest {
-            return Err(Error::BrokenLink(c.index));
+        match previous {
+            Some(p) => follows(unverified, p)?,
+            None if c.index != start => {
+                return Err(Error::UnexpectedIndex {
+                    expected: start,
+                    got: c.index,
+                });
+            }
+            None => {}
         }
         if c.epoch != committee.epoch() {
             return Err(Error::CommitWrongEpoch {
@@ -58,9 +144,9 @@ pub fn verify_commit_batch(
             });
         }
         check_commit_blocks(unverified, committee, limits)?;
-        previous = unverified.reference();
+        previous = Some(unverified.reference());
     }
-    let last = previous;
+    let last = previous.expect("the batch is not empty");
 
     // A certificate needs at most one block per authority; more is padding.
     if certifiers.len() > committee.size() {
@@ -87,16 +173,11 @@ pub fn verify_commit_batch(
         });
     }
     batch.verify()?;
-    Ok((
-        commits
-            .into_iter()
-            .map(UnverifiedCommit::into_trusted)
-            .collect(),
-        certifiers
-            .into_iter()
-            .map(UnverifiedBlock::into_trusted)
-            .collect(),
-    ))
+    Ok(CertifiedRun {
+        commits,
+        certifiers,
+        epoch: committee.epoch(),
+    })
 }
 
 fn check_commit_blocks(
