@@ -632,6 +632,39 @@ async fn one_peer_is_never_sent_more_fetches_than_it_serves() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_starts_once_every_seed_answered_its_height_query_and_certifies_batches_ahead_across_epochs()
+ {
+    // State sync never ticks here (an interval of an hour): only the seeds'
+    // height answers can start it, once all three are in. Epochs of 250
+    // commits with batches of 100 fetched up to 8 ahead: batches fetched
+    // ahead are certified as they arrive, those past an epoch's end (not
+    // of the epoch expected then) are checked in full at their turn.
+    let chain = ChainBuilder::new(ChainConfig {
+        commits_per_epoch: Some(250),
+        ..ChainConfig::validators(4)
+    })
+    .build(1_500);
+    assert_eq!(chain.committees().count(), 7);
+    let validators: Vec<P2pHandle> = (1..=3).map(|k| validator(&chain, k)).collect();
+    let config = P2pConfig {
+        seed_peers: seeds(&validators.iter().collect::<Vec<_>>()),
+        tick: Duration::from_secs(3_600),
+        ..P2pConfig::default()
+    };
+    let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+    let node = soma_testkit::node(&chain, 9, config, store.clone());
+    wait_synced(&node, chain.tip()).await;
+    assert_same_chain(&chain, store.as_ref());
+    let status = node.sync_status().await.unwrap();
+    assert_eq!(status.commits_applied, chain.tip());
+    assert_eq!(status.restarts, 0, "no batch was refused: {status:?}");
+    node.shutdown().await;
+    for v in validators {
+        v.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chain_of_maximal_blocks_and_certificates_is_synced() {
     // Blocks within 2% of the 4 MiB limit (63 transactions of 64 KiB): each
     // certificate is three times the servers' 4 MiB commit budget, and any

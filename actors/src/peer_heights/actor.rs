@@ -281,6 +281,16 @@ impl Handler<HighestKnownCommit> for PeerHeights {
     }
 }
 
+impl Handler<HeightsHeard> for PeerHeights {
+    type Result = HeardHeights;
+    fn handle(&mut self, _: HeightsHeard, ctx: &mut Context<Self>) -> HeardHeights {
+        match self.step(Input::HeightsHeard, ctx).pop() {
+            Some(Output::HeightsHeard(h)) => h,
+            _ => HeardHeights::default(),
+        }
+    }
+}
+
 impl Handler<PeersForRange> for PeerHeights {
     type Result = Vec<PeerId>;
     fn handle(&mut self, msg: PeersForRange, ctx: &mut Context<Self>) -> Vec<PeerId> {

@@ -272,6 +272,10 @@ impl PeerHeightsCore {
                 vec![]
             }
             Input::HighestKnown => vec![Output::HighestKnown(self.highest_known())],
+            Input::HeightsHeard => vec![Output::HeightsHeard(HeardHeights {
+                highest: self.highest_known(),
+                awaiting: self.peers.values().filter(|p| p.chain_id.is_none()).count(),
+            })],
             Input::PeersForRange(PeersForRange { start, end }) => {
                 vec![Output::Peers(self.peers_for_range(start, end))]
             }
@@ -721,6 +725,38 @@ mod tests {
         join(&mut c, 1, OURS, 1, 50);
         join(&mut c, 2, OURS, 1, 80);
         assert_eq!(highest(&mut c, Time(0)), Some(80));
+    }
+
+    fn heard(c: &mut PeerHeightsCore) -> HeardHeights {
+        match c.handle(Time(0), Input::HeightsHeard).pop() {
+            Some(Output::HeightsHeard(h)) => h,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn heights_heard_counts_the_connected_peers_not_answered_yet() {
+        let mut c = core(1);
+        let expect = |highest, awaiting| HeardHeights { highest, awaiting };
+        assert_eq!(heard(&mut c), expect(None, 0));
+        for p in 1..=3 {
+            assert_eq!(connect(&mut c, Time(0), p), vec![]);
+        }
+        assert_eq!(heard(&mut c), expect(None, 3));
+        update(&mut c, 2, OURS, 1, 50);
+        assert_eq!(heard(&mut c), expect(Some(50), 2));
+        // A peer of another chain has answered too; its claim counts for
+        // nothing.
+        update(&mut c, 1, THEIRS, 1, 900);
+        assert_eq!(heard(&mut c), expect(Some(50), 1));
+        // A push is no answer: the peer is still awaited.
+        push(&mut c, Time(0), 3, 70);
+        assert_eq!(heard(&mut c), expect(Some(50), 1));
+        // One that leaves before answering is no longer awaited.
+        remove(&mut c, Time(0), 3);
+        assert_eq!(heard(&mut c), expect(Some(50), 0));
+        join(&mut c, 4, OURS, 1, 60);
+        assert_eq!(heard(&mut c), expect(Some(60), 0));
     }
 
     #[test]

@@ -45,6 +45,24 @@ pub struct RemovePeer {
 #[rtype(result = "Option<CommitIndex>")]
 pub struct HighestKnownCommit;
 
+/// How far the connected peers' heights are known: the highest commit
+/// claimed (as [`HighestKnownCommit`]) and how many connected peers have
+/// not answered a height query yet.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Message)]
+#[rtype(result = "HeardHeights")]
+pub struct HeightsHeard;
+
+/// Answer to [`HeightsHeard`].
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, actix::MessageResponse,
+)]
+pub struct HeardHeights {
+    /// See [`HighestKnownCommit`].
+    pub highest: Option<CommitIndex>,
+    /// Connected peers whose availability has not come in yet.
+    pub awaiting: usize,
+}
+
 /// Peers that can serve commits `start..=end`, best first.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Message)]
 #[rtype(result = "Vec<PeerId>")]
@@ -252,6 +270,8 @@ pub enum Input {
     Remove(RemovePeer),
     /// See [`HighestKnownCommit`].
     HighestKnown,
+    /// See [`HeightsHeard`].
+    HeightsHeard,
     /// See [`PeersForRange`].
     PeersForRange(PeersForRange),
     /// See [`PeersBehind`].
@@ -275,6 +295,8 @@ pub enum Input {
 pub enum Output {
     /// Answer to [`Input::HighestKnown`].
     HighestKnown(Option<CommitIndex>),
+    /// Answer to [`Input::HeightsHeard`].
+    HeightsHeard(HeardHeights),
     /// Answer to [`Input::PeersForRange`] and [`Input::PeersBehind`].
     Peers(Vec<PeerId>),
     /// Answer to [`Input::Snapshot`]: connected peers and banned departed

@@ -17,7 +17,7 @@ use super::prune::Pruner;
 use super::worker::{Tasks, Worker};
 use crate::Driver;
 use crate::connections::PeerEvent;
-use crate::peer_heights::HighestKnownCommit;
+use crate::peer_heights::{HeightsHeard, HighestKnownCommit};
 use crate::replay::Recorder;
 use crate::verifier::InstallCommittee;
 
@@ -127,8 +127,25 @@ impl StateSync {
                     self.status.invalid_responses += 1;
                     self.deps.calls().misbehaved(peer);
                 }
-                Output::QueryHeights { peer } => {
-                    self.tasks.query(self.deps.calls().query_heights(peer));
+                Output::QueryHeights { peer: None } => {
+                    self.tasks.query(self.deps.calls().query_heights(None));
+                }
+                // A new connection's height: once every connected peer's is
+                // in (at start, the seeds'), a tick schedules what they allow
+                // instead of the next interval. Waiting for all of them
+                // spreads the first fetches over every peer: the first to
+                // answer does not get them all.
+                Output::QueryHeights { peer: Some(peer) } => {
+                    let query = self.deps.calls().query_heights(Some(peer));
+                    let (heights, me) = (self.deps.heights.clone(), ctx.address());
+                    self.tasks.query(async move {
+                        query.await;
+                        if let Ok(heard) = heights.send(HeightsHeard).await
+                            && heard.awaiting == 0
+                        {
+                            me.do_send(TickMsg(heard.highest));
+                        }
+                    });
                 }
                 Output::Reset => self.fetched.reset(),
                 Output::Discard { start } => self.fetched.discard(start),
