@@ -85,9 +85,10 @@ soak:
 bench:
 	$(CARGO) run --release --locked -p soma-bench
 
-## sim: networks of 1,000 and 10,000 simulated nodes (the production Discovery
-## and PeerHeights cores in virtual time): convergence, churn, partition, eclipse,
-## heights, the real-node discovery benchmark simulated, and an hour of churn at
+## sim: networks of 1,000 and 10,000 simulated nodes (the production Discovery,
+## PeerHeights and StateSync cores in virtual time): convergence, churn, partition,
+## eclipse, heights, a catch-up among hostile peers, the real-node discovery
+## benchmark simulated, and an hour of churn at
 ## 2,000 nodes; writes docs/simulation.md (well over an hour on 2 cores; `--only` runs a part)
 sim:
 	$(CARGO) run --release --locked -p soma-sim -- --out docs/simulation.md

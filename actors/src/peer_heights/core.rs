@@ -155,6 +155,8 @@ impl Peer {
     fn standing(&self) -> Standing {
         match self.throughput_bps {
             _ if self.failures >= FAILING_AT => Standing::Failing,
+            // Never delivered, and already failed: it has shown nothing else.
+            None if self.faults > 0 => Standing::Failing,
             None => Standing::Unmeasured,
             Some(_) if self.weight() >= GOOD_THROUGHPUT_BPS => Standing::Good,
             Some(_) => Standing::Slow,
@@ -322,10 +324,22 @@ impl PeerHeightsCore {
             .into_iter()
             .filter(|p| !request.avoid.contains(p))
             .collect();
-        if ranked.is_empty() {
+        let Some(best) = ranked.first() else {
             return Err(AcquireError::NoPeer);
-        }
-        Ok(ranked.into_iter().find(|p| self.leased(p) < self.slots(p)))
+        };
+        let failing = |peer: &PeerId| {
+            (self.peers.get(peer)).is_none_or(|p| p.standing() == Standing::Failing)
+        };
+        let settle_for_failing = failing(best);
+        Ok(ranked
+            .iter()
+            .find(|p| self.leased(p) < self.slots(p))
+            // A failing peer is asked only when no other can serve the
+            // range: while one can, the request waits for its slot. Else a
+            // peer that never answers takes a fetch whenever the good ones
+            // are full, and holds it for a whole timeout each time.
+            .filter(|p| settle_for_failing || !failing(p))
+            .copied())
     }
 
     /// Fetches `peer` may be leased at once: `max_fetches_per_peer`, or
@@ -1216,6 +1230,28 @@ mod tests {
             }
             .into(),
         )
+    }
+
+    #[test]
+    fn a_peer_that_never_delivered_and_timed_out_is_asked_only_when_no_other_can_serve() {
+        let mut c = slots(1, 8);
+        join(&mut c, 1, OURS, 1, 100);
+        join(&mut c, 2, OURS, 1, 100);
+        let mut leases = granted(&acquire(&mut c, 0, 0, &[]));
+        leases.extend(granted(&acquire(&mut c, 0, 1, &[])));
+        leases.sort_by_key(|&(.., p)| p);
+        let [(_, silent, 1), (_, serving, 2)] = leases[..] else {
+            panic!("one lease on each peer: {leases:?}");
+        };
+        // Peer 1 never answers. Peer 2's slot is still taken: the next
+        // request waits for it rather than go to peer 1 again.
+        assert_eq!(release(&mut c, 10_000, silent, Transfer::Timeout), vec![]);
+        assert_eq!(acquire(&mut c, 10_000, 2, &[]), vec![]);
+        let out = release(&mut c, 10_001, serving, Transfer::Received);
+        assert_eq!(granted(&out), vec![(2, 2, 2)]);
+        // With no other peer for the range, peer 1 is asked after all.
+        remove(&mut c, Time(10_002), 2);
+        assert_eq!(granted(&acquire(&mut c, 10_002, 3, &[])), vec![(3, 3, 1)]);
     }
 
     #[test]

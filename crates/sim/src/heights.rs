@@ -10,9 +10,6 @@
 //! and apply work the benchmarks measure). When each node asks its peers
 //! is the production schedule too: StateSync's [`HeightQueries`].
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
-
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use soma_actors::peer_heights::{
@@ -24,6 +21,7 @@ use soma_actors::{Driver, Time};
 use soma_types::{ChainId, CommitIndex, Digest};
 
 use crate::net::{Sim, peer_id};
+use crate::queue::Queue;
 
 /// How heights travel.
 #[derive(Clone, Debug, PartialEq)]
@@ -126,10 +124,7 @@ struct Run<'a> {
     sim: &'a Sim,
     settings: HeightSettings,
     nodes: Vec<Node>,
-    queue: BinaryHeap<Reverse<(u64, u64)>>,
-    events: BTreeMap<u64, Event>,
-    sequence: u64,
-    now: u64,
+    queue: Queue<Event>,
     tip: CommitIndex,
     /// When the validators got the new commits: times are counted from it.
     start: u64,
@@ -172,10 +167,7 @@ pub fn spread(
         sim,
         settings,
         nodes,
-        queue: BinaryHeap::new(),
-        events: BTreeMap::new(),
-        sequence: 0,
-        now: 0,
+        queue: Queue::default(),
         tip: commits,
         start: 0,
         spread: Spread {
@@ -211,7 +203,7 @@ pub fn spread(
     // commits appear, as in a running network.
     let warm_up = 2 * run.settings.query_interval_ms.max(1);
     run.go(&up, warm_up);
-    run.now = warm_up;
+    run.queue.advance_to(warm_up);
     run.start = warm_up;
     run.spread.queries = 0;
     for &v in validators {
@@ -237,9 +229,7 @@ pub fn spread(
 
 impl Run<'_> {
     fn schedule(&mut self, after: u64, event: Event) {
-        self.sequence += 1;
-        self.queue.push(Reverse((self.now + after, self.sequence)));
-        self.events.insert(self.sequence, event);
+        self.queue.schedule(after, event);
     }
 
     fn leg(&self, a: usize, b: usize) -> u64 {
@@ -247,17 +237,11 @@ impl Run<'_> {
     }
 
     fn step(&mut self, node: usize, input: Input) -> Vec<Output> {
-        self.nodes[node].core.step_at(Time(self.now), input)
+        self.nodes[node].core.step_at(Time(self.queue.now()), input)
     }
 
     fn go(&mut self, up: &[usize], max_ms: u64) {
-        while let Some(&Reverse((at, sequence))) = self.queue.peek() {
-            if at > max_ms {
-                break;
-            }
-            self.queue.pop();
-            self.now = at;
-            let event = self.events.remove(&sequence).expect("a queued event");
+        while let Some(event) = self.queue.next_until(max_ms) {
             self.handle(event);
             let all = |f: fn(&Node) -> Option<u64>, nodes: &[Node]| {
                 up.iter().map(|&i| f(&nodes[i])).max().flatten()
@@ -278,7 +262,7 @@ impl Run<'_> {
         match event {
             Event::Round { node, generation } => {
                 let n = &mut self.nodes[node];
-                if generation == n.generation && n.queries.due(Time(self.now)) {
+                if generation == n.generation && n.queries.due(Time(self.queue.now())) {
                     self.ask_peers(node);
                 }
             }
@@ -322,7 +306,7 @@ impl Run<'_> {
                     _ => 0,
                 }
                 .max(self.nodes[to].height);
-                let now = Time(self.now);
+                let now = Time(self.queue.now());
                 if self.settings.hint && self.nodes[to].queries.pushed(now, highest, known) {
                     self.spread.early_rounds += 1;
                     self.nodes[to].generation += 1;
@@ -346,7 +330,7 @@ impl Run<'_> {
                 n.fetching = false;
                 n.height = n.height.max(end);
                 if n.height >= self.tip && n.synced_at.is_none() {
-                    n.synced_at = Some(self.now - self.start);
+                    n.synced_at = Some(self.queue.now() - self.start);
                 }
                 if self.settings.push {
                     self.push(node);
@@ -371,7 +355,7 @@ impl Run<'_> {
         }
         let n = &self.nodes[node];
         let generation = n.generation;
-        let after = n.queries.next().0.saturating_sub(self.now);
+        let after = n.queries.next().0.saturating_sub(self.queue.now());
         self.schedule(after, Event::Round { node, generation });
     }
 
@@ -406,7 +390,7 @@ impl Run<'_> {
         };
         let n = &mut self.nodes[node];
         if known >= self.tip && n.knew_at.is_none() {
-            n.knew_at = Some(self.now - self.start);
+            n.knew_at = Some(self.queue.now() - self.start);
         }
         if n.fetching || known <= n.height {
             return;
@@ -414,7 +398,7 @@ impl Run<'_> {
         let start = n.height + 1;
         let end = known.min(n.height + self.settings.batch);
         let acquire = Acquire {
-            request: self.sequence,
+            request: self.queue.last_sequence(),
             start,
             end,
             avoid: Vec::new(),

@@ -3,7 +3,9 @@
 //!
 //! [`net`] is the network (links, churn, partitions) around the real
 //! Discovery core; [`heights`] spreads new commits over a network it made,
-//! through the real PeerHeights core; [`scenarios`] are the experiments `make sim` runs and
+//! through the real PeerHeights core; [`sync`] has a network far behind catch up,
+//! every node running the real StateSync and PeerHeights cores, among
+//! hostile peers; [`scenarios`] are the experiments `make sim` runs and
 //! writes to docs/simulation.md. The same seed gives the same run, bit for
 //! bit ([`net::Sim::digest`]), and any node's inputs can be written as a
 //! trace the replay harness replays.
@@ -11,4 +13,6 @@
 pub mod heights;
 mod inbound;
 pub mod net;
+mod queue;
 pub mod scenarios;
+pub mod sync;

@@ -7,9 +7,10 @@ use clap::Parser;
 use soma_sim::heights::HeightSettings;
 use soma_sim::net::Settings;
 use soma_sim::scenarios::{
-    churn, convergence, eclipse, full_knowledge, heights, like_the_bench, partition_and_heal,
-    seed_of, world,
+    churn, converged_network, convergence, eclipse, full_knowledge, heights, like_the_bench,
+    partition_and_heal, seed_of, world,
 };
+use soma_sim::sync::{Hostile, SyncSettings, catch_up};
 use soma_wire::inbound;
 
 #[derive(Parser)]
@@ -22,7 +23,7 @@ struct Cli {
     #[arg(long)]
     quick: bool,
     /// Only these sections, comma-separated (convergence, inbound, churn,
-    /// partition, eclipse, heights, bench, hour).
+    /// partition, eclipse, heights, sync, bench, hour).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Nodes of the long run ("hour" section).
@@ -60,11 +61,13 @@ makes or answers until the next round.
 
 What the simulator leaves out, and so what these figures do not show:
 signatures (infos carry blank ones: the core trusts the Verifier), the
-StateSync core (in the heights section a fetch is a cost: a round trip and
-a time per commit, while the PeerHeights core tracks heights and chooses
-whom to fetch from, and StateSync's `HeightQueries` decides when to ask),
-inbound connection limits outside their own section (elsewhere a node
-accepts every dial; its outbound connections stop at 32), and bandwidth (a link is a delay, not a pipe).
+StateSync core outside the catch-up section (in the heights section a fetch
+is a cost: a round trip and a time per commit, while the PeerHeights core
+tracks heights and chooses whom to fetch from, and StateSync's
+`HeightQueries` decides when to ask), inbound connection limits outside
+their own section (elsewhere a node accepts every dial; its outbound
+connections stop at 32), and bandwidth outside the catch-up section (a link
+is a delay, not a pipe; there, each node's upload is one).
 
 Each section can be run alone (`soma-sim --only eclipse`); the last one,
 the long run under churn, states how fast the simulator ran, in protocol
@@ -111,6 +114,9 @@ fn main() {
     }
     if cli.runs("heights") {
         heights_section(&mut md, sizes);
+    }
+    if cli.runs("sync") {
+        sync_section(&mut md, if cli.quick { 200 } else { 1_000 });
     }
     if cli.runs("bench") {
         bench_section(&mut md);
@@ -519,4 +525,87 @@ fn hour_section(md: &mut String, n: usize, minutes: u64) {
         run.under_target_after
     )
     .unwrap();
+}
+
+/// A network far behind its validators catches up, every node running the
+/// StateSync and PeerHeights cores, honest and among hostile peers.
+fn sync_section(md: &mut String, n: usize) {
+    let d = SyncSettings::default();
+    writeln!(
+        md,
+        "\n## Catch-up: {n} nodes far behind, among hostile peers\n\n\
+         Each network converges (12 intervals); then the three seed nodes, standing for \
+         the validators, hold {} commits (4 blocks each) that every other node lacks. Every \
+         node that syncs runs the production StateSync core (what to fetch, how far ahead, \
+         what to retry and whom to avoid) and PeerHeights core (heights, fetch slots, \
+         scores, bans), with the node's defaults: batches of 100 commits, 8 block fetches \
+         and 8 commit fetches ahead at once, 4 fetches per peer, a request timeout of 10 s. \
+         Peers are the ones it dialled. Stand-ins for the rest: verification costs {} µs \
+         per block and {} µs per commit batch on one queue per node (a 2-core node with \
+         signatures checked), a node serves {} fetches at once and {} per caller (more are \
+         refused as busy) through an upload of {} MB/s, and a node that applies a batch \
+         pushes its height to the peers it knows to be behind. Hostile nodes, drawn from \
+         the nodes that are not validators, claim every commit and: never answer a fetch \
+         (silent), answer at once with data that fails verification (liars), or serve \
+         everything 1.5 s late (slow). Times from the start; \"of honest\" is the median \
+         node's time against the run without hostile nodes.\n",
+        d.commits,
+        d.verify_us_per_block,
+        d.verify_us_per_batch,
+        d.serve_slots,
+        d.serve_slots_per_peer,
+        d.upload_bytes_per_s / 1_000_000,
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "| hostile | followers | median synced (s) | of honest | 90th pct (s) | all synced (s) | fetches / node | timeouts | invalid | busy | restarts | bans | wall (s) |"
+    )
+    .unwrap();
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|").unwrap();
+    let modes: [(&str, Option<(Hostile, f64)>); 6] = [
+        ("none", None),
+        ("10 % silent", Some((Hostile::Silent, 0.1))),
+        ("30 % silent", Some((Hostile::Silent, 0.3))),
+        ("10 % liars", Some((Hostile::Liar, 0.1))),
+        ("30 % liars", Some((Hostile::Liar, 0.3))),
+        ("10 % slow", Some((Hostile::Slow { delay_ms: 1_500 }, 0.1))),
+    ];
+    let seed = seed_of("sync", n as u64);
+    let (sim, validators, _) = converged_network(world(n, seed), 12);
+    let secs = |ms: Option<u64>| {
+        ms.map_or("not within 10 min".into(), |t| {
+            format!("{:.2}", t as f64 / 1_000.0)
+        })
+    };
+    let mut honest = None;
+    for (mode, hostile) in modes {
+        let t = Instant::now();
+        let settings = SyncSettings {
+            hostile,
+            ..SyncSettings::default()
+        };
+        let (r, _) = catch_up(&sim, &validators, settings, seed, 600_000, None);
+        let wall = t.elapsed().as_secs_f64();
+        honest = honest.or(r.median_synced_ms);
+        let ratio = match (r.median_synced_ms, honest) {
+            (Some(m), Some(h)) => format!("{:.2}", m as f64 / h.max(1) as f64),
+            _ => "–".into(),
+        };
+        let line = format!(
+            "| {mode} | {} | {} | {ratio} | {} | {} | {:.1} | {} | {} | {} | {} | {} | {wall:.1} |",
+            r.followers,
+            secs(r.median_synced_ms),
+            secs(r.p90_synced_ms),
+            secs(r.all_synced_ms),
+            r.fetches as f64 / r.followers.max(1) as f64,
+            r.timeouts,
+            r.invalid,
+            r.busy,
+            r.restarts,
+            r.bans,
+        );
+        eprintln!("{line}");
+        writeln!(md, "{line}").unwrap();
+    }
 }

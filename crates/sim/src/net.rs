@@ -26,13 +26,13 @@
 //! - **Infos** carry blank signatures: the core trusts what the Verifier
 //!   passed, and signatures are not what is simulated.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Instant;
 
 use crate::inbound::Server;
+use crate::queue::Queue;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -247,10 +247,7 @@ struct Node {
 pub struct Sim {
     settings: Settings,
     rng: ChaCha8Rng,
-    now: u64,
-    sequence: u64,
-    queue: BinaryHeap<Reverse<(u64, u64)>>,
-    events: BTreeMap<u64, Event>,
+    queue: Queue<Event>,
     nodes: Vec<Node>,
     by_address: BTreeMap<String, usize>,
     /// The side of the partition each node is on, while one holds.
@@ -307,10 +304,7 @@ impl Sim {
         let mut sim = Sim {
             settings,
             rng,
-            now: 0,
-            sequence: 0,
-            queue: BinaryHeap::new(),
-            events: BTreeMap::new(),
+            queue: Queue::default(),
             nodes: Vec::new(),
             by_address: BTreeMap::new(),
             sides: None,
@@ -327,7 +321,7 @@ impl Sim {
 
     /// Virtual time now, in milliseconds.
     pub fn now(&self) -> u64 {
-        self.now
+        self.queue.now()
     }
 
     /// Counts so far.
@@ -365,7 +359,7 @@ impl Sim {
         let (id, address) = (peer_id(index), address(index));
         self.by_address.insert(address.clone(), index);
         let driver = self.make_driver(index, id);
-        let own = info(id, &address, START_UNIX_MS + self.now);
+        let own = info(id, &address, START_UNIX_MS + self.queue.now());
         self.nodes.push(Node {
             id,
             own,
@@ -437,8 +431,8 @@ impl Sim {
         let server = (self.settings.inbound.clone()).map(|config| Server::new(config, self.base));
         let node = &mut self.nodes[index];
         node.up = true;
-        node.started_ms = self.now;
-        node.own = info_of(node, START_UNIX_MS + self.now);
+        node.started_ms = self.queue.now();
+        node.own = info_of(node, START_UNIX_MS + self.queue.now());
         node.incarnation += 1;
         node.connections.clear();
         node.server = server;
@@ -535,26 +529,15 @@ impl Sim {
     }
 
     fn schedule(&mut self, after: u64, event: Event) {
-        self.sequence += 1;
-        self.queue.push(Reverse((self.now + after, self.sequence)));
-        self.events.insert(self.sequence, event);
+        self.queue.schedule(after, event);
     }
 
     /// Runs every event up to virtual time `until`.
     pub fn run_until(&mut self, until: u64) {
-        while let Some(&Reverse((at, sequence))) = self.queue.peek() {
-            if at > until {
-                break;
-            }
-            self.queue.pop();
-            self.now = at;
-            let event = self
-                .events
-                .remove(&sequence)
-                .expect("every queued event is stored");
+        while let Some(event) = self.queue.next_until(until) {
             self.handle(event);
         }
-        self.now = self.now.max(until);
+        self.queue.advance_to(until);
     }
 
     fn handle(&mut self, event: Event) {
@@ -563,7 +546,7 @@ impl Sim {
                 if !self.current(node, incarnation) {
                     return;
                 }
-                let unix_ms = START_UNIX_MS + self.now;
+                let unix_ms = START_UNIX_MS + self.queue.now();
                 self.nodes[node].own = info_of(&self.nodes[node], unix_ms);
                 self.step(node, Input::Tick { unix_ms });
                 let interval = self.settings.discovery.interval_ms.max(1);
@@ -607,16 +590,16 @@ impl Sim {
                 if !self.nodes[to].up {
                     return;
                 }
-                let now = self.now;
+                let now = self.queue.now();
                 if let Some(server) = self.nodes[to].server.as_mut() {
                     server.touch(from, now);
                 }
-                let unix_ms = START_UNIX_MS + self.now;
+                let unix_ms = START_UNIX_MS + self.queue.now();
                 let remote = address(from)
                     .split(':')
                     .next()
                     .and_then(|ip| ip.parse::<IpAddr>().ok());
-                let id = self.sequence;
+                let id = self.queue.last_sequence();
                 let outputs = if self.is_sybil(to) {
                     vec![Output::Answer {
                         id,
@@ -670,7 +653,7 @@ impl Sim {
                 self.counts.answers += 1;
                 self.counts.infos += infos.len() as u64;
                 self.counts.bytes += infos.len() as u64 * INFO_BYTES;
-                let unix_ms = START_UNIX_MS + self.now;
+                let unix_ms = START_UNIX_MS + self.queue.now();
                 let source = Some(self.nodes[from].id);
                 // A sybil keeps only the first few infos of an answer:
                 // enough to find honest nodes to connect to, and the attack
@@ -722,9 +705,11 @@ impl Sim {
     /// Feeds `input` to node `node`'s core now and carries out what it asks.
     fn step(&mut self, node: usize, input: Input) -> Vec<Output> {
         self.digest.update(&(node as u64).to_le_bytes());
-        self.digest.update(&self.now.to_le_bytes());
+        self.digest.update(&self.queue.now().to_le_bytes());
         hash_input(&mut self.digest, &input);
-        let outputs = self.nodes[node].driver.step_at(Time(self.now), input);
+        let outputs = self.nodes[node]
+            .driver
+            .step_at(Time(self.queue.now()), input);
         let mut rest = Vec::new();
         for output in outputs {
             hash_output(&mut self.digest, &output);
@@ -746,7 +731,7 @@ impl Sim {
         if !self.nodes[from].connections.contains(&to) || self.lost() || !self.reachable(from, to) {
             return;
         }
-        let info = self.own_info(from, START_UNIX_MS + self.now);
+        let info = self.own_info(from, START_UNIX_MS + self.queue.now());
         let incarnation = self.nodes[from].incarnation;
         let leg = self.leg(from, to);
         self.schedule(
@@ -812,7 +797,7 @@ impl Sim {
     /// later. Without rules (or a server, the target being down), yes.
     fn admitted(&mut self, target: usize, dialler: usize) -> bool {
         let ip = IpAddr::V4(ip_of(dialler));
-        let (now, peer) = (self.now, self.nodes[dialler].id);
+        let (now, peer) = (self.queue.now(), self.nodes[dialler].id);
         let Some(server) = self.nodes[target].server.as_mut() else {
             return true;
         };

@@ -391,15 +391,21 @@ pub fn heights(
     commits: u64,
     runs: &[HeightSettings],
 ) -> Vec<Spread> {
+    let (sim, validators, seed) = converged_network(settings, warmup_intervals);
+    runs.iter()
+        .map(|run| spread(&sim, &validators, commits, run.clone(), seed, 600_000))
+        .collect()
+}
+
+/// The network of `settings` after `warmup_intervals` of Discovery, its
+/// seed nodes, and its seed.
+pub fn converged_network(settings: Settings, warmup_intervals: u64) -> (Sim, Vec<usize>, u64) {
     let interval = settings.discovery.interval_ms.max(1);
     let (seeds, seed) = (settings.seeds, settings.seed);
     let mut sim = Sim::new(settings, None);
     sim.start_all();
     sim.run_until(warmup_intervals * interval);
-    let validators: Vec<usize> = (0..seeds).collect();
-    runs.iter()
-        .map(|run| spread(&sim, &validators, commits, run.clone(), seed, 600_000))
-        .collect()
+    (sim, (0..seeds).collect(), seed)
 }
 
 /// A network of `nodes` in the five regions of [`Latency::world`], with

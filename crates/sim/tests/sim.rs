@@ -5,7 +5,8 @@ use soma_actors::discovery::Config;
 use soma_actors::replay::replay_text;
 use soma_sim::heights::HeightSettings;
 use soma_sim::net::{START_UNIX_MS, Settings, Sim};
-use soma_sim::scenarios::{churn, convergence, partition_and_heal, world};
+use soma_sim::scenarios::{churn, converged_network, convergence, partition_and_heal, world};
+use soma_sim::sync::{Hostile, SyncRun, SyncSettings, catch_up};
 
 fn small(seed: u64) -> Settings {
     Settings {
@@ -233,4 +234,84 @@ fn a_network_converges_with_its_seeds_at_their_inbound_limit() {
     assert_eq!(c.inbound_most, 32, "{c:?}");
     assert!(c.inbound_evicted > 0, "{c:?}");
     assert_eq!(convergence(settings(), 120), c);
+}
+
+/// A converged network of 60 (2 validators) where every other node lacks
+/// 2,000 commits, with 30 % of those nodes `hostile`.
+fn catch_up_among(
+    hostile: Option<Hostile>,
+    seed: u64,
+    recorded: Option<usize>,
+) -> (SyncRun, Option<String>) {
+    let (sim, validators, _) = converged_network(small(seed), 12);
+    let settings = SyncSettings {
+        commits: 2_000,
+        hostile: hostile.map(|h| (h, 0.3)),
+        ..SyncSettings::default()
+    };
+    catch_up(&sim, &validators, settings, seed, 600_000, recorded)
+}
+
+#[test]
+fn a_network_far_behind_catches_up_through_the_state_sync_cores_among_hostile_peers() {
+    let chain = soma_types::ChainId(soma_types::Digest([0; 32]));
+    let slots = soma_actors::peer_heights::Config::new(chain, 0).max_fetches_per_peer;
+    let (honest, _) = catch_up_among(None, 21, None);
+    eprintln!("{honest:?}");
+    assert_eq!((honest.followers, honest.synced), (58, 58));
+    // Nothing is fetched twice: 20 batches of 100 commits, each one commit
+    // fetch and one block fetch (400 blocks), plus the refusals of busy
+    // validators, each asked again.
+    assert_eq!(honest.fetches, 58 * 20 * 2 + honest.busy, "{honest:?}");
+    assert_eq!((honest.timeouts, honest.invalid, honest.bans), (0, 0, 0));
+    for hostile in [
+        Hostile::Silent,
+        Hostile::Liar,
+        Hostile::Slow { delay_ms: 1_500 },
+    ] {
+        let (r, _) = catch_up_among(Some(hostile), 21, None);
+        eprintln!("{hostile:?}: {r:?}");
+        assert_eq!((r.followers, r.hostile), (41, 17), "{r:?}");
+        assert_eq!(r.synced, r.followers, "every honest node synced: {r:?}");
+        assert!(r.hostile_connections > 0, "{r:?}");
+        // A hostile peer costs each node that dialled it at most the
+        // fetches it may hold at once: then it ranks below every peer that
+        // can serve, or is banned.
+        let most = (slots * r.hostile_connections) as u64;
+        match hostile {
+            Hostile::Silent => {
+                assert!(r.timeouts > 0 && r.timeouts <= most, "{r:?}");
+                assert_eq!((r.invalid, r.bans), (0, 0));
+            }
+            Hostile::Liar => {
+                assert!(r.invalid > 0 && r.invalid <= most, "{r:?}");
+                assert_eq!((r.bans, r.timeouts), (r.invalid, 0));
+            }
+            Hostile::Slow { .. } => assert_eq!((r.timeouts, r.invalid, r.bans), (0, 0, 0)),
+        }
+    }
+}
+
+#[test]
+fn a_catch_up_is_the_same_for_one_seed_and_another_for_another() {
+    let (a, _) = catch_up_among(Some(Hostile::Silent), 31, None);
+    let (b, _) = catch_up_among(Some(Hostile::Silent), 31, None);
+    assert_eq!(a, b);
+    let (c, _) = catch_up_among(Some(Hostile::Silent), 32, None);
+    assert_ne!(a.digest, c.digest);
+}
+
+#[test]
+fn a_state_sync_core_from_a_simulated_catch_up_replays_through_the_replay_harness() {
+    // The first node that syncs (validators and hostile nodes do not, so
+    // they record nothing) records its StateSync core.
+    let (run, trace) = (2..60)
+        .map(|node| catch_up_among(Some(Hostile::Liar), 21, Some(node)))
+        .find_map(|(run, trace)| Some((run, trace?)))
+        .expect("a node syncs");
+    let (report, rewritten) = replay_text(&trace, false).expect("the trace replays bit-exact");
+    assert_eq!(rewritten, trace);
+    // At least one input per batch fetched and applied.
+    assert!(report.inputs >= 3 * 20, "{report:?} {run:?}");
+    assert_eq!(report.restarts, 0, "{report:?}");
 }

@@ -1,0 +1,1103 @@
+//! Catch-up: a network far behind its validators syncs from them and from
+//! each other, every node made of the production StateSync and PeerHeights
+//! cores, while some nodes are hostile.
+//!
+//! The StateSync core decides what to fetch, how far ahead, what to retry
+//! and whom to avoid; the PeerHeights core tracks heights, leases fetch
+//! slots on peers and bans liars. What stands in for their shells, as the
+//! node's own shells behave:
+//!
+//! - **Workers.** A fetch leases a slot on a peer (waiting at most the
+//!   request timeout for one), sends its request, and ends at the answer or
+//!   at the timeout; the slot is released with what happened and the
+//!   answer is verified on the node's one verification queue (a cost per
+//!   block and per commit batch), then handed to the core. A batch fetched
+//!   ahead is certified as it arrives and, at its turn, only linked.
+//! - **Servers.** A node serves the commits it holds: at most
+//!   `serve_slots` fetches at once and `serve_slots_per_peer` per caller
+//!   (more are refused as busy), each answer leaving through the node's
+//!   upload at `upload_bytes_per_s` one after another.
+//! - **Heights.** The core's height queries go to every peer the node
+//!   dialled; a node that applies a batch pushes its height to the peers
+//!   its PeerHeights knows to be behind.
+//!
+//! Commits and blocks are not built: a batch is its size and its end, and
+//! verification is its cost. Everything else is the production code.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use rand::seq::IndexedRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use soma_actors::peer_heights::{
+    self, Acquire, Lease, OutcomeKind, PeerHeightsCore, PeersBehind, PushHeight, Release,
+    ReportOutcome, Transfer, UpdateHeight,
+};
+use soma_actors::replay::Recorder;
+use soma_actors::state_sync::{
+    self, ApplyError, CommitBatchInfo, Failure, Input, LocalFailure, Output, StateSyncCore, TaskId,
+};
+use soma_actors::{Driver, Time};
+use soma_types::{ChainId, CommitIndex, CommitRef, Digest, PeerId};
+
+use crate::net::{Sim, peer_id};
+use crate::queue::Queue;
+
+/// What a hostile node does with the fetches it is sent. Each claims to
+/// hold every commit, so that it is asked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hostile {
+    /// Never answers a fetch: each one ends at the caller's timeout.
+    Silent,
+    /// Answers every fetch at once with data that fails verification.
+    Liar,
+    /// Serves what it holds (everything), each answer `delay_ms` late.
+    Slow {
+        /// The delay added to each answer.
+        delay_ms: u64,
+    },
+}
+
+/// How a catch-up runs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SyncSettings {
+    /// Commits the validators hold and every other node lacks.
+    pub commits: CommitIndex,
+    /// Blocks each commit names.
+    pub blocks_per_commit: u64,
+    /// Bytes of one commit on the wire.
+    pub commit_bytes: u64,
+    /// Bytes of one block on the wire.
+    pub block_bytes: u64,
+    /// Certifier blocks sent with each commit batch.
+    pub certifier_blocks: u64,
+    /// Each node's upload, in bytes per second.
+    pub upload_bytes_per_s: u64,
+    /// Verification time per block, in microseconds (the node's cores
+    /// together: 48 is the 21,000 blocks/s of a 2-core catch-up with
+    /// signatures checked).
+    pub verify_us_per_block: u64,
+    /// Verification time of a commit batch and its certificate, in
+    /// microseconds.
+    pub verify_us_per_batch: u64,
+    /// Fetches a node serves at once (`max-concurrent-fetches`).
+    pub serve_slots: usize,
+    /// Fetches a node serves one caller at once
+    /// (`max-concurrent-fetches-per-peer`).
+    pub serve_slots_per_peer: usize,
+    /// Time allowed for one request (`timeout`), in milliseconds.
+    pub timeout_ms: u64,
+    /// StateSync's tick (`tick`), in milliseconds.
+    pub tick_ms: u64,
+    /// Hostile nodes: what they do, and the fraction of the nodes that
+    /// are not validators.
+    pub hostile: Option<(Hostile, f64)>,
+    /// The StateSync core's settings.
+    pub state_sync: state_sync::Config,
+}
+
+impl Default for SyncSettings {
+    /// The node's defaults, and a chain like the benchmarks': 4 blocks per
+    /// commit of 10 signed transactions each.
+    fn default() -> Self {
+        SyncSettings {
+            commits: 10_000,
+            blocks_per_commit: 4,
+            commit_bytes: 250,
+            block_bytes: 1_600,
+            certifier_blocks: 3,
+            upload_bytes_per_s: 125_000_000,
+            verify_us_per_block: 48,
+            verify_us_per_batch: 500,
+            serve_slots: 64,
+            serve_slots_per_peer: 4,
+            timeout_ms: 10_000,
+            tick_ms: 100,
+            hostile: None,
+            state_sync: state_sync::Config::default(),
+        }
+    }
+}
+
+/// How a catch-up went.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncRun {
+    /// Honest nodes that had to sync (neither validators nor hostile).
+    pub followers: usize,
+    /// Hostile nodes.
+    pub hostile: usize,
+    /// Connections from followers to hostile nodes.
+    pub hostile_connections: usize,
+    /// Followers that synced every commit within the run.
+    pub synced: usize,
+    /// The median follower's time to sync, in milliseconds, once all did.
+    pub median_synced_ms: Option<u64>,
+    /// The 90th percentile, once all synced.
+    pub p90_synced_ms: Option<u64>,
+    /// Time until the last follower synced.
+    pub all_synced_ms: Option<u64>,
+    /// Fetches sent to a peer.
+    pub fetches: u64,
+    /// Fetches that ended at their timeout.
+    pub timeouts: u64,
+    /// Answers that failed verification.
+    pub invalid: u64,
+    /// Fetches refused as busy.
+    pub busy: u64,
+    /// Work the StateSync cores restarted.
+    pub restarts: u64,
+    /// Bans PeerHeights cores imposed.
+    pub bans: u64,
+    /// Every StateSync output in order, hashed: equal for equal runs.
+    pub digest: [u8; 32],
+}
+
+/// A fetch, as the worker that runs it sees it.
+#[derive(Clone, Copy, Debug)]
+enum Work {
+    Commits {
+        task: TaskId,
+        start: CommitIndex,
+        end: CommitIndex,
+    },
+    Ahead {
+        task: TaskId,
+        start: CommitIndex,
+        end: CommitIndex,
+    },
+    Blocks {
+        task: TaskId,
+        batch: CommitIndex,
+        end: CommitIndex,
+        len: u64,
+    },
+}
+
+impl Work {
+    /// The range a peer must hold to be leased: the first commit for a
+    /// commit fetch (an honest peer serves it), the whole batch for blocks.
+    fn range(&self) -> (CommitIndex, CommitIndex) {
+        match *self {
+            Work::Commits { start, .. } | Work::Ahead { start, .. } => (start, start),
+            Work::Blocks { batch, end, .. } => (batch, end),
+        }
+    }
+}
+
+/// A commit answer: what the server sent.
+#[derive(Clone, Copy, Debug)]
+struct Answer {
+    peer: PeerId,
+    start: CommitIndex,
+    end: CommitIndex,
+    bytes: u64,
+    /// From the request to the answer, in milliseconds.
+    latency_ms: u64,
+    valid: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Reply {
+    Data {
+        end: CommitIndex,
+        bytes: u64,
+        valid: bool,
+    },
+    Busy,
+    NotFound,
+}
+
+#[derive(Debug)]
+enum Event {
+    /// StateSync's tick at `node`.
+    Tick { node: usize },
+    /// PeerHeights' timer for waiting requests at `node`.
+    HeightsTick { node: usize },
+    /// `from`'s height query reaches `to`.
+    Query {
+        from: usize,
+        to: usize,
+        connecting: bool,
+    },
+    /// `to` hears `from`'s height.
+    Height {
+        to: usize,
+        from: usize,
+        highest: CommitIndex,
+        connecting: bool,
+    },
+    /// `to` hears `from`'s push.
+    Push {
+        to: usize,
+        from: usize,
+        highest: CommitIndex,
+    },
+    /// Call `call` of `client`, for `work`, reaches `server`.
+    Request {
+        server: usize,
+        client: usize,
+        call: u64,
+        work: Work,
+    },
+    /// `server` has sent its answer to `client`: the slot is free.
+    Served { server: usize, client: usize },
+    /// The answer to call `call` reaches `client`.
+    Reply {
+        client: usize,
+        call: u64,
+        reply: Reply,
+    },
+    /// Call `call` of `client` reached its timeout.
+    Timeout { client: usize, call: u64 },
+    /// A worker of `node` ends: the core hears `input`; a verified answer
+    /// scores its peer first.
+    Done {
+        node: usize,
+        input: Input,
+        verified: Option<ReportOutcome>,
+    },
+    /// `node` wrote the batch `start..=end`.
+    Applied {
+        node: usize,
+        start: CommitIndex,
+        end: CommitIndex,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    Validator,
+    Follower,
+    Hostile(Hostile),
+}
+
+/// A call sent and not answered yet.
+struct Call {
+    work: Work,
+    lease: Lease,
+    sent_us: u64,
+}
+
+struct Node {
+    role: Role,
+    /// Commits held (and served).
+    height: CommitIndex,
+    sync: Option<Driver<StateSyncCore>>,
+    heights: Option<Driver<PeerHeightsCore>>,
+    next_request: u64,
+    /// Fetches waiting for a slot, by PeerHeights request.
+    waiting: BTreeMap<u64, Work>,
+    calls: BTreeMap<u64, Call>,
+    /// Commit answers fetched ahead, by task.
+    ahead: BTreeMap<TaskId, Answer>,
+    /// The end of each batch whose commits were verified, by start.
+    batch_ends: BTreeMap<CommitIndex, CommitIndex>,
+    /// When the verification queue is free, in microseconds.
+    verifier_free_us: u64,
+    /// When the upload is free, in microseconds.
+    upload_free_us: u64,
+    serving: BTreeMap<usize, usize>,
+    serving_total: usize,
+    synced_at_us: Option<u64>,
+}
+
+struct Run<'a> {
+    sim: &'a Sim,
+    settings: SyncSettings,
+    nodes: Vec<Node>,
+    /// Virtual time in microseconds.
+    queue: Queue<Event>,
+    next_call: u64,
+    run: SyncRun,
+    digest: blake3::Hasher,
+}
+
+/// The chain every node is on.
+const CHAIN: ChainId = ChainId(Digest([9; 32]));
+
+/// gRPC's RESOURCE_EXHAUSTED: how a server refuses a fetch for now.
+const RESOURCE_EXHAUSTED: i32 = 8;
+
+/// The reference of commit `index` of the simulated chain.
+fn commit_ref(index: CommitIndex) -> CommitRef {
+    let mut digest = [0u8; 32];
+    digest[..8].copy_from_slice(&index.to_le_bytes());
+    CommitRef {
+        index,
+        digest: Digest(digest),
+    }
+}
+
+/// The up nodes of `sim`, connected as Discovery left them: `validators`
+/// hold `settings.commits` commits, a fraction of the rest is hostile, and
+/// every other node starts at commit 0 and syncs. Runs until every such
+/// node has synced or `max_ms` passed. `recorded` names a node whose
+/// StateSync core records a trace, returned with the run.
+pub fn catch_up(
+    sim: &Sim,
+    validators: &[usize],
+    settings: SyncSettings,
+    seed: u64,
+    max_ms: u64,
+    recorded: Option<usize>,
+) -> (SyncRun, Option<String>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let up: Vec<usize> = (0..sim.len()).filter(|&i| sim.is_up(i)).collect();
+    let others: Vec<usize> = up
+        .iter()
+        .copied()
+        .filter(|i| !validators.contains(i))
+        .collect();
+    let hostile: BTreeSet<usize> = match settings.hostile {
+        Some((_, fraction)) => {
+            let count = (others.len() as f64 * fraction).round() as usize;
+            others.choose_multiple(&mut rng, count).copied().collect()
+        }
+        None => BTreeSet::new(),
+    };
+    let nodes = (0..sim.len())
+        .map(|i| {
+            let role = match settings.hostile {
+                _ if validators.contains(&i) => Role::Validator,
+                Some((kind, _)) if hostile.contains(&i) => Role::Hostile(kind),
+                _ => Role::Follower,
+            };
+            let follows = role == Role::Follower && sim.is_up(i);
+            let config = peer_heights::Config::new(CHAIN, rng.random());
+            let recorder = (recorded == Some(i)).then(Recorder::to_string_buffer);
+            Node {
+                role,
+                height: if role == Role::Follower {
+                    0
+                } else {
+                    settings.commits
+                },
+                sync: follows.then(|| Driver::new(init(&settings), recorder)),
+                heights: follows.then(|| Driver::new(peer_heights::Init::from(config), None)),
+                next_request: 0,
+                waiting: BTreeMap::new(),
+                calls: BTreeMap::new(),
+                ahead: BTreeMap::new(),
+                batch_ends: BTreeMap::new(),
+                verifier_free_us: 0,
+                upload_free_us: 0,
+                serving: BTreeMap::new(),
+                serving_total: 0,
+                synced_at_us: None,
+            }
+        })
+        .collect();
+    let followers: Vec<usize> = up
+        .iter()
+        .copied()
+        .filter(|&i| !validators.contains(&i) && !hostile.contains(&i))
+        .collect();
+    let mut run = Run {
+        sim,
+        settings,
+        nodes,
+        queue: Queue::default(),
+        next_call: 0,
+        run: SyncRun {
+            followers: followers.len(),
+            hostile: hostile.len(),
+            hostile_connections: followers
+                .iter()
+                .map(|&i| {
+                    let peers = sim.connections_of(i);
+                    peers.iter().filter(|p| hostile.contains(p)).count()
+                })
+                .sum(),
+            synced: 0,
+            median_synced_ms: None,
+            p90_synced_ms: None,
+            all_synced_ms: None,
+            fetches: 0,
+            timeouts: 0,
+            invalid: 0,
+            busy: 0,
+            restarts: 0,
+            bans: 0,
+            digest: [0; 32],
+        },
+        digest: blake3::Hasher::new(),
+    };
+    for &node in &followers {
+        for peer in sim.connections_of(node) {
+            let peer = peer_id(peer);
+            run.heights_step(node, peer_heights::Input::Connected { peer });
+            run.sync_step(node, Input::PeerConnected { peer });
+        }
+        let tick = run.ms_to_us(run.settings.tick_ms);
+        run.queue.schedule(tick, Event::Tick { node });
+    }
+    run.go(&followers, max_ms.saturating_mul(1_000));
+    let mut synced: Vec<u64> = followers
+        .iter()
+        .filter_map(|&i| run.nodes[i].synced_at_us)
+        .map(|us| us / 1_000)
+        .collect();
+    synced.sort_unstable();
+    run.run.synced = synced.len();
+    if synced.len() == followers.len() && !synced.is_empty() {
+        run.run.median_synced_ms = Some(synced[synced.len() / 2]);
+        run.run.p90_synced_ms = Some(synced[(synced.len() * 9).div_ceil(10) - 1]);
+        run.run.all_synced_ms = synced.last().copied();
+    }
+    run.run.digest = *run.digest.finalize().as_bytes();
+    let trace = recorded.and_then(|i| {
+        let driver = run.nodes[i].sync.take()?;
+        driver.into_recorder().map(Recorder::into_string)
+    });
+    (run.run, trace)
+}
+
+/// A follower's StateSync core at commit 0 of epoch 0.
+fn init(settings: &SyncSettings) -> state_sync::Init {
+    state_sync::Init {
+        config: settings.state_sync.clone(),
+        synced: commit_ref(0),
+        epoch: 0,
+        // The node's largest fetch answer (`max-fetch-response-bytes`).
+        commit_answer_bytes: 4 << 20,
+        first_task: 0,
+        executed: None,
+    }
+}
+
+impl Run<'_> {
+    fn ms_to_us(&self, ms: u64) -> u64 {
+        ms.saturating_mul(1_000)
+    }
+
+    fn now(&self) -> Time {
+        Time(self.queue.now() / 1_000)
+    }
+
+    /// Half the round trip between `a` and `b`, in microseconds.
+    fn leg(&self, a: usize, b: usize) -> u64 {
+        (self.sim.rtt_ms(a, b) * 1_000 / 2).max(1)
+    }
+
+    fn go(&mut self, followers: &[usize], until_us: u64) {
+        let mut left = followers.len();
+        while left > 0 {
+            let Some(event) = self.queue.next_until(until_us) else {
+                break;
+            };
+            if let Event::Applied { node, .. } = &event {
+                let node = *node;
+                let before = self.nodes[node].synced_at_us.is_some();
+                self.handle(event);
+                if !before && self.nodes[node].synced_at_us.is_some() {
+                    left -= 1;
+                }
+            } else {
+                self.handle(event);
+            }
+        }
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Tick { node } => {
+                let highest_known = match self.heights_step(node, peer_heights::Input::HighestKnown)
+                {
+                    Some(peer_heights::Output::HighestKnown(h)) => h,
+                    _ => None,
+                };
+                self.sync_step(node, Input::Tick { highest_known });
+                let tick = self.ms_to_us(self.settings.tick_ms);
+                self.queue.schedule(tick, Event::Tick { node });
+            }
+            Event::HeightsTick { node } => {
+                self.heights_step(node, peer_heights::Input::Tick);
+            }
+            Event::Query {
+                from,
+                to,
+                connecting,
+            } => {
+                let highest = match self.nodes[to].role {
+                    Role::Hostile(_) => self.settings.commits,
+                    _ => self.nodes[to].height,
+                };
+                let leg = self.leg(from, to);
+                let height = Event::Height {
+                    to: from,
+                    from: to,
+                    highest,
+                    connecting,
+                };
+                self.queue.schedule(leg, height);
+            }
+            Event::Height {
+                to,
+                from,
+                highest,
+                connecting,
+            } => {
+                let update = UpdateHeight {
+                    peer: peer_id(from),
+                    chain_id: CHAIN,
+                    highest,
+                    lowest: 1,
+                };
+                self.heights_step(to, peer_heights::Input::Update(update));
+                // A new connection's answer: once every connected peer's is
+                // in, the shell ticks at once.
+                if connecting
+                    && let Some(peer_heights::Output::HeightsHeard(heard)) =
+                        self.heights_step(to, peer_heights::Input::HeightsHeard)
+                    && heard.awaiting == 0
+                {
+                    self.sync_step(
+                        to,
+                        Input::Tick {
+                            highest_known: heard.highest,
+                        },
+                    );
+                }
+            }
+            Event::Push { to, from, highest } => {
+                if self.nodes[to].sync.is_some() {
+                    let push = PushHeight {
+                        peer: peer_id(from),
+                        highest,
+                    };
+                    self.heights_step(to, peer_heights::Input::Push(push));
+                    self.sync_step(to, Input::Pushed { index: highest });
+                }
+            }
+            Event::Request {
+                server,
+                client,
+                call,
+                work,
+            } => self.serve(server, client, call, work),
+            Event::Served { server, client } => {
+                let n = &mut self.nodes[server];
+                n.serving_total -= 1;
+                if let Some(count) = n.serving.get_mut(&client) {
+                    *count -= 1;
+                    if *count == 0 {
+                        n.serving.remove(&client);
+                    }
+                }
+            }
+            Event::Reply {
+                client,
+                call,
+                reply,
+            } => self.replied(client, call, reply),
+            Event::Timeout { client, call } => {
+                if let Some(call) = self.nodes[client].calls.remove(&call) {
+                    self.run.timeouts += 1;
+                    self.release(client, &call, Transfer::Timeout, 0);
+                    self.finish(client, call.work, Some(call.lease.peer), Failure::Timeout);
+                }
+            }
+            Event::Done {
+                node,
+                input,
+                verified,
+            } => {
+                if let Some(outcome) = verified {
+                    self.heights_step(node, peer_heights::Input::Outcome(outcome));
+                }
+                self.sync_step(node, input);
+            }
+            Event::Applied { node, start, end } => {
+                let n = &mut self.nodes[node];
+                n.height = n.height.max(end);
+                if n.height >= self.settings.commits && n.synced_at_us.is_none() {
+                    n.synced_at_us = Some(self.queue.now());
+                }
+                let applied = Input::Applied {
+                    start,
+                    last: commit_ref(end),
+                    next_epoch: None,
+                };
+                self.sync_step(node, applied);
+                self.push(node, end);
+            }
+        }
+    }
+
+    /// Feeds `input` to `node`'s StateSync core and carries out what it
+    /// decides, as the actor's shell does.
+    fn sync_step(&mut self, node: usize, input: Input) {
+        let now = self.now();
+        let Some(driver) = self.nodes[node].sync.as_mut() else {
+            return;
+        };
+        let outputs = driver.step_at(now, input);
+        for output in outputs {
+            self.digest.update(&self.queue.now().to_le_bytes());
+            self.digest.update(&(node as u64).to_le_bytes());
+            self.digest.update(format!("{output:?}").as_bytes());
+            self.carry_out(node, output);
+        }
+    }
+
+    fn carry_out(&mut self, node: usize, output: Output) {
+        match output {
+            Output::FetchCommits {
+                task,
+                wanted,
+                avoid,
+                prefetched,
+            } => match prefetched {
+                None => {
+                    let work = Work::Commits {
+                        task,
+                        start: wanted.start,
+                        end: wanted.end,
+                    };
+                    self.begin(node, work, avoid);
+                }
+                Some(ahead) => match self.nodes[node].ahead.remove(&ahead) {
+                    // Certified as it arrived: only its link is checked.
+                    Some(answer) if answer.valid => {
+                        let input = self.commits_input(node, task, &answer);
+                        let verified = Some(success(&answer));
+                        let done = Event::Done {
+                            node,
+                            input,
+                            verified,
+                        };
+                        self.queue.schedule(0, done);
+                    }
+                    // Its early check failed: checked in full now.
+                    Some(answer) => {
+                        let work = Work::Commits {
+                            task,
+                            start: answer.start,
+                            end: answer.end,
+                        };
+                        self.verify(node, work, answer);
+                    }
+                    None => {
+                        let gone = Failure::Local(LocalFailure::BatchGone);
+                        let work = Work::Commits {
+                            task,
+                            start: wanted.start,
+                            end: wanted.end,
+                        };
+                        self.finish(node, work, None, gone);
+                    }
+                },
+            },
+            Output::FetchCommitsAhead {
+                task,
+                start,
+                end,
+                avoid,
+                ..
+            } => self.begin(node, Work::Ahead { task, start, end }, avoid),
+            Output::ForgetCommitsAhead { task } => {
+                self.nodes[node].ahead.remove(&task);
+            }
+            Output::FetchBlocks {
+                task,
+                batch,
+                len,
+                avoid,
+                ..
+            } => {
+                let end = self.nodes[node].batch_ends.get(&batch).copied();
+                let work = Work::Blocks {
+                    task,
+                    batch,
+                    end: end.unwrap_or(batch),
+                    len: len as u64,
+                };
+                match end {
+                    Some(_) => self.begin(node, work, avoid),
+                    None => {
+                        let gone = Failure::Local(LocalFailure::BatchGone);
+                        self.finish(node, work, None, gone);
+                    }
+                }
+            }
+            Output::Apply { start } => match self.nodes[node].batch_ends.remove(&start) {
+                Some(end) => {
+                    self.queue.schedule(0, Event::Applied { node, start, end });
+                }
+                None => {
+                    let error = ApplyError::BatchGone;
+                    let done = Event::Done {
+                        node,
+                        input: Input::ApplyFailed { start, error },
+                        verified: None,
+                    };
+                    self.queue.schedule(0, done);
+                }
+            },
+            Output::Restarted { .. } => self.run.restarts += 1,
+            Output::Misbehaved { peer } => {
+                let outcome = ReportOutcome {
+                    peer,
+                    bytes: 0,
+                    latency_ms: 0,
+                    kind: OutcomeKind::InvalidData,
+                };
+                self.heights_step(node, peer_heights::Input::Outcome(outcome));
+            }
+            Output::QueryHeights { peer } => {
+                let (peers, connecting) = match peer {
+                    Some(peer) => (self.sim.index_of(&peer).into_iter().collect(), true),
+                    None => (self.sim.connections_of(node), false),
+                };
+                for to in peers {
+                    let leg = self.leg(node, to);
+                    let query = Event::Query {
+                        from: node,
+                        to,
+                        connecting,
+                    };
+                    self.queue.schedule(leg, query);
+                }
+            }
+            Output::Reset => self.nodes[node].ahead.clear(),
+            Output::Discard { start } => {
+                self.nodes[node].batch_ends.remove(&start);
+            }
+        }
+    }
+
+    /// Feeds `input` to `node`'s PeerHeights core; a slot granted or
+    /// refused goes to the fetch that waits for it, anything else is
+    /// returned.
+    fn heights_step(
+        &mut self,
+        node: usize,
+        input: peer_heights::Input,
+    ) -> Option<peer_heights::Output> {
+        let now = self.now();
+        let outputs = self.nodes[node].heights.as_mut()?.step_at(now, input);
+        let mut answer = None;
+        for output in outputs {
+            match output {
+                peer_heights::Output::Granted { request, lease } => {
+                    if let Some(work) = self.nodes[node].waiting.remove(&request) {
+                        self.send(node, work, lease);
+                    }
+                }
+                peer_heights::Output::Refused { request, error } => {
+                    if let Some(work) = self.nodes[node].waiting.remove(&request) {
+                        self.finish(node, work, None, Failure::from(error));
+                    }
+                }
+                peer_heights::Output::Banned { .. } => self.run.bans += 1,
+                other => answer = Some(other),
+            }
+        }
+        answer
+    }
+
+    /// A worker begins: it asks for a slot on a peer for the work's range,
+    /// waiting at most the request timeout.
+    fn begin(&mut self, node: usize, work: Work, avoid: Vec<PeerId>) {
+        let n = &mut self.nodes[node];
+        n.next_request += 1;
+        let request = n.next_request;
+        n.waiting.insert(request, work);
+        let (start, end) = work.range();
+        let acquire = Acquire {
+            request,
+            start,
+            end,
+            avoid,
+            wait_ms: self.settings.timeout_ms,
+        };
+        self.heights_step(node, peer_heights::Input::Acquire(acquire));
+        if self.nodes[node].waiting.contains_key(&request) {
+            let wait = self.ms_to_us(self.settings.timeout_ms);
+            self.queue.schedule(wait, Event::HeightsTick { node });
+        }
+    }
+
+    /// Sends the work's request to the leased peer, with its timeout.
+    fn send(&mut self, node: usize, work: Work, lease: Lease) {
+        let Some(server) = self.sim.index_of(&lease.peer) else {
+            return self.finish(node, work, None, Failure::Disconnected);
+        };
+        self.next_call += 1;
+        let call = self.next_call;
+        let sent_us = self.queue.now();
+        let entry = Call {
+            work,
+            lease,
+            sent_us,
+        };
+        self.nodes[node].calls.insert(call, entry);
+        self.run.fetches += 1;
+        let leg = self.leg(node, server);
+        let request = Event::Request {
+            server,
+            client: node,
+            call,
+            work,
+        };
+        self.queue.schedule(leg, request);
+        let timeout = self.ms_to_us(self.settings.timeout_ms);
+        self.queue
+            .schedule(timeout, Event::Timeout { client: node, call });
+    }
+
+    /// `server` answers call `call` of `client`, as its role has it.
+    fn serve(&mut self, server: usize, client: usize, call: u64, work: Work) {
+        let s = &self.settings;
+        let (serve_slots, per_peer) = (s.serve_slots, s.serve_slots_per_peer);
+        let leg = self.leg(server, client);
+        let n = &mut self.nodes[server];
+        let delay = match n.role {
+            Role::Hostile(Hostile::Silent) => return,
+            Role::Hostile(Hostile::Slow { delay_ms }) => delay_ms * 1_000,
+            _ => 0,
+        };
+        let from_client = n.serving.get(&client).copied().unwrap_or(0);
+        if n.serving_total >= serve_slots || from_client >= per_peer {
+            let busy = Event::Reply {
+                client,
+                call,
+                reply: Reply::Busy,
+            };
+            self.queue.schedule(leg, busy);
+            return;
+        }
+        let reply = answer_to(work, n.height, &self.settings);
+        let reply = match (n.role, reply) {
+            (Role::Hostile(Hostile::Liar), Reply::Data { end, bytes, .. }) => Reply::Data {
+                end,
+                bytes,
+                valid: false,
+            },
+            (_, reply) => reply,
+        };
+        let bytes = match reply {
+            Reply::Data { bytes, .. } => bytes,
+            Reply::Busy | Reply::NotFound => 0,
+        };
+        n.serving_total += 1;
+        *n.serving.entry(client).or_default() += 1;
+        let now = self.queue.now();
+        let start = now.max(n.upload_free_us);
+        n.upload_free_us = start + bytes * 1_000_000 / self.settings.upload_bytes_per_s.max(1);
+        let sent = n.upload_free_us - now;
+        self.queue.schedule(sent, Event::Served { server, client });
+        let arrives = Event::Reply {
+            client,
+            call,
+            reply,
+        };
+        self.queue.schedule(sent + leg + delay, arrives);
+    }
+
+    /// The answer to call `call` reaches `client`.
+    fn replied(&mut self, client: usize, call: u64, reply: Reply) {
+        let Some(call) = self.nodes[client].calls.remove(&call) else {
+            return;
+        };
+        let peer = call.lease.peer;
+        match reply {
+            Reply::Busy => {
+                self.run.busy += 1;
+                self.release(client, &call, Transfer::Busy, 0);
+                let busy = Failure::Status {
+                    code: RESOURCE_EXHAUSTED,
+                };
+                self.finish(client, call.work, Some(peer), busy);
+            }
+            Reply::NotFound => {
+                self.release(client, &call, Transfer::NotFound, 0);
+                self.finish(client, call.work, Some(peer), Failure::NotFound);
+            }
+            Reply::Data { end, bytes, valid } => {
+                self.release(client, &call, Transfer::Received, bytes);
+                let (start, _) = call.work.range();
+                let answer = Answer {
+                    peer,
+                    start,
+                    end,
+                    bytes,
+                    latency_ms: (self.queue.now() - call.sent_us) / 1_000,
+                    valid,
+                };
+                self.verify(client, call.work, answer);
+            }
+        }
+    }
+
+    /// The worker's slot goes back, with how the transfer went.
+    fn release(&mut self, node: usize, call: &Call, transfer: Transfer, bytes: u64) {
+        let release = Release {
+            lease: call.lease.id,
+            transfer,
+            bytes,
+            latency_ms: (self.queue.now() - call.sent_us) / 1_000,
+        };
+        self.heights_step(node, peer_heights::Input::Release(release));
+    }
+
+    /// Verifies `answer` on the node's verification queue, then hands the
+    /// result to the core. An answer fetched ahead is certified as it
+    /// arrives and held; whatever that finds is judged at its turn.
+    fn verify(&mut self, node: usize, work: Work, answer: Answer) {
+        let s = &self.settings;
+        let cost = match work {
+            Work::Commits { .. } | Work::Ahead { .. } => s.verify_us_per_batch,
+            Work::Blocks { len, .. } => len * s.verify_us_per_block,
+        };
+        let now = self.queue.now();
+        let n = &mut self.nodes[node];
+        n.verifier_free_us = n.verifier_free_us.max(now) + cost;
+        let after = n.verifier_free_us - now;
+        let (input, verified) = match work {
+            Work::Ahead { task, .. } => {
+                self.nodes[node].ahead.insert(task, answer);
+                let input = Input::CommitsPrefetched {
+                    task,
+                    peer: Some(answer.peer),
+                    result: Ok(answer.bytes),
+                };
+                (input, None)
+            }
+            _ if !answer.valid => {
+                self.run.invalid += 1;
+                let lie = Failure::Invalid(soma_types::Error::Malformed("a forged answer".into()));
+                (failed(work, Some(answer.peer), lie), None)
+            }
+            Work::Commits { task, .. } => {
+                let input = self.commits_input(node, task, &answer);
+                (input, Some(success(&answer)))
+            }
+            Work::Blocks { task, .. } => {
+                let input = Input::BlocksFetched {
+                    task,
+                    peer: Some(answer.peer),
+                    result: Ok(answer.bytes),
+                };
+                (input, Some(success(&answer)))
+            }
+        };
+        let done = Event::Done {
+            node,
+            input,
+            verified,
+        };
+        self.queue.schedule(after, done);
+    }
+
+    /// A verified commit batch: its end is kept for its block fetches and
+    /// its write.
+    fn commits_input(&mut self, node: usize, task: TaskId, answer: &Answer) -> Input {
+        self.nodes[node].batch_ends.insert(answer.start, answer.end);
+        let count = answer.end - answer.start + 1;
+        let info = CommitBatchInfo {
+            start: answer.start,
+            end: answer.end,
+            last: commit_ref(answer.end),
+            epoch: 0,
+            block_count: (count * self.settings.blocks_per_commit) as usize,
+            bytes: answer.bytes,
+        };
+        Input::CommitsFetched {
+            task,
+            peer: Some(answer.peer),
+            result: Ok(info),
+        }
+    }
+
+    /// A worker ends with `failure`, as soon as the core can hear it.
+    fn finish(&mut self, node: usize, work: Work, peer: Option<PeerId>, failure: Failure) {
+        let done = Event::Done {
+            node,
+            input: failed(work, peer, failure),
+            verified: None,
+        };
+        self.queue.schedule(0, done);
+    }
+
+    /// Tells the peers `node`'s PeerHeights knows to be behind that it
+    /// holds `index`.
+    fn push(&mut self, node: usize, index: CommitIndex) {
+        let behind = peer_heights::Input::PeersBehind(PeersBehind { index });
+        let Some(peer_heights::Output::Peers(peers)) = self.heights_step(node, behind) else {
+            return;
+        };
+        for peer in peers {
+            let Some(to) = self.sim.index_of(&peer) else {
+                continue;
+            };
+            let leg = self.leg(node, to);
+            let push = Event::Push {
+                to,
+                from: node,
+                highest: index,
+            };
+            self.queue.schedule(leg, push);
+        }
+    }
+}
+
+/// What an honest server holding `height` commits sends for `work`.
+fn answer_to(work: Work, height: CommitIndex, settings: &SyncSettings) -> Reply {
+    match work {
+        Work::Commits { start, end, .. } | Work::Ahead { start, end, .. } => {
+            if height < start {
+                return Reply::NotFound;
+            }
+            let end = end.min(height);
+            let bytes = (end - start + 1) * settings.commit_bytes
+                + settings.certifier_blocks * settings.block_bytes;
+            Reply::Data {
+                end,
+                bytes,
+                valid: true,
+            }
+        }
+        Work::Blocks { end, len, .. } => {
+            if height < end {
+                return Reply::NotFound;
+            }
+            Reply::Data {
+                end,
+                bytes: len * settings.block_bytes,
+                valid: true,
+            }
+        }
+    }
+}
+
+/// The core's input for `work` ended by `failure`.
+fn failed(work: Work, peer: Option<PeerId>, failure: Failure) -> Input {
+    match work {
+        Work::Commits { task, .. } => Input::CommitsFetched {
+            task,
+            peer,
+            result: Err(failure),
+        },
+        Work::Ahead { task, .. } => Input::CommitsPrefetched {
+            task,
+            peer,
+            result: Err(failure),
+        },
+        Work::Blocks { task, .. } => Input::BlocksFetched {
+            task,
+            peer,
+            result: Err(failure),
+        },
+    }
+}
+
+/// The score of a transfer whose data passed verification.
+fn success(answer: &Answer) -> ReportOutcome {
+    ReportOutcome {
+        peer: answer.peer,
+        bytes: answer.bytes,
+        latency_ms: answer.latency_ms,
+        kind: OutcomeKind::Success,
+    }
+}
