@@ -327,18 +327,21 @@ impl PeerHeightsCore {
         let Some(best) = ranked.first() else {
             return Err(AcquireError::NoPeer);
         };
-        let failing = |peer: &PeerId| {
-            (self.peers.get(peer)).is_none_or(|p| p.standing() == Standing::Failing)
+        // Failing for its faults (timeouts, errors), not only for load.
+        let faulty = |peer: &PeerId| {
+            (self.peers.get(peer)).is_none_or(|p| p.standing() == Standing::Failing && p.faults > 0)
         };
-        let settle_for_failing = failing(best);
+        let settle_for_faulty = faulty(best);
         Ok(ranked
             .iter()
             .find(|p| self.leased(p) < self.slots(p))
-            // A failing peer is asked only when no other can serve the
-            // range: while one can, the request waits for its slot. Else a
-            // peer that never answers takes a fetch whenever the good ones
-            // are full, and holds it for a whole timeout each time.
-            .filter(|p| settle_for_failing || !failing(p))
+            // A peer failing for its faults is asked only when no other can
+            // serve the range: while one can, the request waits for its
+            // slot. Else a peer that never answers takes a fetch whenever
+            // the good ones are full, and holds it for a whole timeout each
+            // time. A peer failing only for refusing as busy is not held
+            // back: it is loaded, and its slots already shrank.
+            .filter(|p| settle_for_faulty || !faulty(p))
             .copied())
     }
 
@@ -1252,6 +1255,27 @@ mod tests {
         // With no other peer for the range, peer 1 is asked after all.
         remove(&mut c, Time(10_002), 2);
         assert_eq!(granted(&acquire(&mut c, 10_002, 3, &[])), vec![(3, 3, 1)]);
+    }
+
+    #[test]
+    fn a_peer_failing_only_for_refusing_as_busy_is_still_leased_when_the_others_are_full() {
+        let mut c = slots(1, 8);
+        join(&mut c, 1, OURS, 1, 100);
+        join(&mut c, 2, OURS, 1, 100);
+        // Peer 2 is measured and good: it ranks first, and holds its slot.
+        outcome(&mut c, Time(0), 2, OutcomeKind::Success, 10_000_000, 10);
+        assert_eq!(granted(&acquire(&mut c, 0, 0, &[])), vec![(0, 0, 2)]);
+        // Peer 1 refuses three fetches as busy: failing, with no fault.
+        for request in 1..=3 {
+            let lease = request;
+            assert_eq!(
+                granted(&acquire(&mut c, 1, request, &[])),
+                vec![(request, lease, 1)]
+            );
+            assert_eq!(release(&mut c, 1, lease, Transfer::Busy), vec![]);
+        }
+        // It is loaded, not at fault: the next request still goes to it.
+        assert_eq!(granted(&acquire(&mut c, 2, 4, &[])), vec![(4, 4, 1)]);
     }
 
     #[test]
