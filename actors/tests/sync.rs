@@ -221,8 +221,11 @@ mod byzantine {
                 }
                 Lie::NeverAnswers => {
                     assert!(served.fetches() > 0, "the silent peer was never asked");
+                    // Timed out (a fault) or beaten by another peer asked
+                    // once it was late (a failure): scored down either way.
                     let view = view.expect("the silent peer is known");
-                    assert!(view.faults > 0 && view.banned_until.is_none(), "{view:?}");
+                    assert!(view.faults + u64::from(view.failures) > 0, "{view:?}");
+                    assert_eq!(view.banned_until, None, "{view:?}");
                 }
                 _ => assert!(served.fetches() > 0, "{lie:?} was never asked"),
             }
@@ -232,6 +235,47 @@ mod byzantine {
             status.invalid_responses >= data_liars.len() as u64,
             "{status:?}"
         );
+        node.shutdown().await;
+        honest.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fetch_a_silent_peer_holds_is_asked_of_another_peer_long_before_its_timeout() {
+        let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(600));
+        let honest = validator(&chain, 1);
+        let silent = serve_observed(chain.clone(), Lie::NeverAnswers, 120).await;
+        let mut seed_peers = seeds(&[&honest]);
+        seed_peers.push(silent.seed());
+        let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+        let config = P2pConfig {
+            seed_peers,
+            // A fetch the silent peer holds would hold sync for an hour.
+            timeout: Duration::from_secs(3_600),
+            // One fetch per peer at once: while the honest peer serves
+            // one, the next goes to the silent peer.
+            max_fetches_per_peer: 1,
+            synced_commit_broadcast_capacity: 10_000,
+            ..P2pConfig::default()
+        };
+        let node = P2pBuilder::new(
+            config,
+            KeyPair::from_seed([9; 32]),
+            chain.genesis().clone(),
+            store.clone(),
+        )
+        .start()
+        .unwrap();
+        wait_synced(&node, 600).await;
+        assert_same_chain(&chain, store.as_ref());
+        // It was asked, found late once the honest peer answered in its
+        // place, and ranks lower for it; silence within the timeout is no
+        // fault, and proves no lie.
+        assert!(silent.fetches() > 0, "the silent peer was never asked");
+        let views = node.peer_heights().await.unwrap();
+        let view = views.iter().find(|v| v.peer == silent.peer);
+        let view = view.expect("the silent peer is known");
+        assert!(view.failures > 0, "{view:?}");
+        assert_eq!((view.faults, view.banned_until), (0, None), "{view:?}");
         node.shutdown().await;
         honest.shutdown().await;
     }

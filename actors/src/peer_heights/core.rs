@@ -437,6 +437,12 @@ impl PeerHeightsCore {
                 }
                 return vec![];
             }
+            Transfer::Late => {
+                if let Some(p) = self.peers.get_mut(&lease.peer) {
+                    p.failures = (p.failures + 1).min(MAX_FAILURES);
+                }
+                return vec![];
+            }
             Transfer::Timeout => OutcomeKind::Timeout,
             Transfer::Error => OutcomeKind::Error,
             Transfer::NotFound => OutcomeKind::NotFound {
@@ -1255,6 +1261,34 @@ mod tests {
         // With no other peer for the range, peer 1 is asked after all.
         remove(&mut c, Time(10_002), 2);
         assert_eq!(granted(&acquire(&mut c, 10_002, 3, &[])), vec![(3, 3, 1)]);
+    }
+
+    #[test]
+    fn a_late_peer_beaten_by_another_ranks_lower_with_no_fault() {
+        let mut c = slots(4, 8);
+        join(&mut c, 1, OURS, 1, 100);
+        join(&mut c, 2, OURS, 1, 100);
+        // Peer 2 has answered before; peer 1 never has. Both are beaten
+        // three times: each time a failure, never a fault.
+        outcome(&mut c, Time(0), 2, OutcomeKind::Success, 10_000_000, 10);
+        for round in 0..3 {
+            let mut leases = granted(&acquire(&mut c, 0, 2 * round, &[2]));
+            leases.extend(granted(&acquire(&mut c, 0, 2 * round + 1, &[1])));
+            assert_eq!(leases.iter().map(|l| l.2).collect::<Vec<_>>(), vec![1, 2]);
+            for (_, lease, _) in leases {
+                assert_eq!(release(&mut c, 500, lease, Transfer::Late), vec![]);
+            }
+        }
+        let views = snapshot(&mut c, Time(500));
+        let record = |p: u8| {
+            let v = views.iter().find(|v| v.peer == peer(p)).expect("known");
+            (v.failures, v.faults)
+        };
+        assert_eq!((record(1), record(2)), ((3, 0), (3, 0)));
+        // Three in a row: the never-measured peer is tried last, yet
+        // still asked when no other can serve (it is at no fault).
+        assert_eq!(granted(&acquire(&mut c, 600, 6, &[])), vec![(6, 6, 2)]);
+        assert_eq!(granted(&acquire(&mut c, 600, 7, &[2])), vec![(7, 7, 1)]);
     }
 
     #[test]

@@ -158,6 +158,11 @@ pub enum Transfer {
     /// The fetch ended on our side (cancelled, failed locally): nothing to
     /// hold against the peer or to measure.
     Cancelled,
+    /// It had not answered when another peer, asked the same once this
+    /// fetch was late, did. Not a fault (it may be slow, not silent): it
+    /// ranks lower until it answers again, and after three in a row it is
+    /// tried after every other peer.
+    Late,
 }
 
 /// Gives a lease's slot back, with how the transfer went.

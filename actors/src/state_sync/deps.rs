@@ -105,6 +105,7 @@ impl Deps {
             config: self.config.clone(),
             faults: self.faults.clone(),
             archive: self.archive.clone(),
+            hedging: Default::default(),
         }
     }
 

@@ -15,6 +15,7 @@ use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use actix::Addr;
@@ -173,6 +174,64 @@ pub(super) struct Worker {
     pub(super) faults: Faults,
     /// Where batches no connected peer holds are read, if anywhere.
     pub(super) archive: Option<Arc<ArchiveReader>>,
+    /// When a late fetch asks a second peer; shared by the actor's workers.
+    pub(super) hedging: Hedging,
+}
+
+/// The two kinds of fetch, whose answers take different times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum FetchKind {
+    Commits,
+    Blocks,
+}
+
+/// Earliest a late fetch asks a second peer.
+const HEDGE_MIN: Duration = Duration::from_millis(100);
+
+/// When a fetch still unanswered also asks a second peer: after four times
+/// the recent answer time of fetches of its kind (a moving average over
+/// the actor's workers), at least [`HEDGE_MIN`]; while none has answered,
+/// after a twentieth of the request timeout; never past half of it.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Hedging {
+    /// Moving averages of answer times, in milliseconds (0: none yet).
+    commits_ms: Arc<AtomicU64>,
+    blocks_ms: Arc<AtomicU64>,
+}
+
+impl Hedging {
+    fn average(&self, kind: FetchKind) -> &AtomicU64 {
+        match kind {
+            FetchKind::Commits => &self.commits_ms,
+            FetchKind::Blocks => &self.blocks_ms,
+        }
+    }
+
+    /// A fetch of `kind` was answered in `latency_ms`.
+    pub(super) fn answered(&self, kind: FetchKind, latency_ms: u64) {
+        let average = self.average(kind);
+        let sample = latency_ms.max(1);
+        // Updates may race and one be lost: an estimate, not a count.
+        let old = average.load(Ordering::Relaxed);
+        let new = match old {
+            0 => sample,
+            old => (old.saturating_mul(3).saturating_add(sample)) / 4,
+        };
+        average.store(new, Ordering::Relaxed);
+    }
+
+    /// How long a fetch of `kind` waits for its peer alone.
+    pub(super) fn delay(&self, kind: FetchKind, timeout: Duration) -> Duration {
+        hedge_delay(self.average(kind).load(Ordering::Relaxed), timeout)
+    }
+}
+
+fn hedge_delay(average_ms: u64, timeout: Duration) -> Duration {
+    let delay = match average_ms {
+        0 => timeout / 20,
+        ms => Duration::from_millis(ms.saturating_mul(4)),
+    };
+    delay.max(HEDGE_MIN).min(timeout / 2)
 }
 
 /// How a transfer that ended with `failure` is told to PeerHeights.
@@ -195,10 +254,20 @@ impl Worker {
     async fn begin(
         &self,
         batch: CommitIndex,
-        (start, end): (CommitIndex, CommitIndex),
+        range: (CommitIndex, CommitIndex),
         avoid: Vec<PeerId>,
     ) -> Result<Slot, Failure> {
         self.faults.on_worker(batch)?;
+        self.acquire(range, avoid).await
+    }
+
+    /// A slot on the best peer for `start..=end` not in `avoid`, waiting
+    /// at most the request timeout for one to be free.
+    async fn acquire(
+        &self,
+        (start, end): (CommitIndex, CommitIndex),
+        avoid: Vec<PeerId>,
+    ) -> Result<Slot, Failure> {
         let wait = self.outbound.timeout();
         let request = AcquirePeer {
             start,
@@ -213,6 +282,62 @@ impl Worker {
                 .map_err(|_| Failure::Local(LocalFailure::PeersBusy))?
                 .map_err(|_| Failure::Local(LocalFailure::ActorUnavailable))?;
         Ok(answer?)
+    }
+
+    /// Runs `call` on the peer `first` leases. If no answer came within
+    /// the hedge delay, also on a second peer for `range` (not that one,
+    /// nor one in `avoid`), and keeps the answer that comes first, with the
+    /// slot of the peer that sent it. The first peer, beaten by the second,
+    /// is released as [`Transfer::Late`]: it ranks lower, with no fault (a
+    /// slow peer is not a silent one, and the call that would tell them
+    /// apart is dropped). A second
+    /// peer that fails, or none free, leaves the first to answer alone.
+    /// Either way one call's answer is returned, as if only it was sent.
+    async fn hedged<T, F, Fut>(
+        &self,
+        first: Slot,
+        (kind, range): (FetchKind, (CommitIndex, CommitIndex)),
+        mut avoid: Vec<PeerId>,
+        call: F,
+    ) -> (Slot, Result<T, Failure>)
+    where
+        F: Fn(PeerId) -> Fut,
+        Fut: Future<Output = Result<T, Failure>>,
+    {
+        let first_peer = first.lease().peer;
+        let mut first_call = std::pin::pin!(call(first_peer));
+        // The delay is read again as other fetches answer: a fetch sent
+        // before any answered is not left to the default.
+        let started = tokio::time::Instant::now();
+        loop {
+            let delay = self.hedging.delay(kind, self.outbound.timeout());
+            let left = delay.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                break;
+            }
+            let wait = left.min(HEDGE_MIN);
+            if let Ok(result) = tokio::time::timeout(wait, &mut first_call).await {
+                return (first, result);
+            }
+        }
+        avoid.push(first_peer);
+        let second = std::pin::pin!(async {
+            let slot = self.acquire(range, avoid).await.ok()?;
+            match call(slot.lease().peer).await {
+                Ok(answer) => Some((slot, answer)),
+                Err(failure) => {
+                    slot.release(transfer_of(&failure), 0);
+                    None
+                }
+            }
+        });
+        tokio::select! {
+            result = &mut first_call => (first, result),
+            Some((slot, answer)) = second => {
+                first.release(Transfer::Late, 0);
+                (slot, Ok(answer))
+            }
+        }
     }
 
     /// Scores `peer` for a transfer of `bytes` in `latency_ms` whose data
@@ -311,27 +436,30 @@ impl Worker {
         avoid: Vec<PeerId>,
     ) -> Outcome<CommitAnswer> {
         // The peer is chosen for `start` alone: an honest one serves it.
-        let slot = match self.begin(start, (start, start), avoid).await {
+        let slot = match self.begin(start, (start, start), avoid.clone()).await {
             Ok(slot) => slot,
             Err(Failure::NoPeer) => {
                 return (None, self.archive_answer(start, end, max_bytes).await);
             }
             Err(f) => return (None, Err(f)),
         };
-        let peer = slot.lease().peer;
         // The answer may be as large as the core reserved for it, no larger.
         let max = to_usize(max_bytes);
         let message = proto::FetchCommitsRequest { start, end };
-        let answer = self
-            .outbound
-            .call(peer, message, move |c, r| async move {
-                c.max_decoding_message_size(max).fetch_commits(r).await
-            })
-            .await;
+        let call = |peer| async move {
+            let call = move |mut c: Client, r| async move {
+                c = c.max_decoding_message_size(max);
+                c.fetch_commits(r).await
+            };
+            let answer = self.outbound.call(peer, message, call).await;
+            answer.map(|r| r.into_inner()).map_err(Failure::from)
+        };
+        let kind = (FetchKind::Commits, (start, start));
+        let (slot, answer) = self.hedged(slot, kind, avoid, call).await;
+        let peer = slot.lease().peer;
         let response = match answer {
-            Ok(r) => r.into_inner(),
-            Err(e) => {
-                let failure = Failure::from(e);
+            Ok(response) => response,
+            Err(failure) => {
                 slot.release(transfer_of(&failure), 0);
                 return (Some(peer), Err(failure));
             }
@@ -339,6 +467,7 @@ impl Worker {
         let bytes = response.commits.iter().map(|c| c.len() as u64).sum();
         // The peer's part is done; verifying does not hold its slot.
         let latency_ms = slot.release(Transfer::Received, bytes);
+        self.hedging.answered(FetchKind::Commits, latency_ms);
         let answer = CommitAnswer {
             peer: Some(peer),
             response,
@@ -379,30 +508,36 @@ impl Worker {
         avoid: Vec<PeerId>,
     ) -> Outcome<Vec<VerifiedBlock>> {
         let range = (chunk.batch, chunk.end);
-        let slot = match self.begin(chunk.batch, range, avoid).await {
+        let slot = match self.begin(chunk.batch, range, avoid.clone()).await {
             Ok(slot) => slot,
             Err(Failure::NoPeer) => return (None, self.blocks_from_archive(&chunk).await),
             Err(f) => return (None, Err(f)),
         };
-        let peer = slot.lease().peer;
         let message_bytes = to_usize(self.config.block_message_bytes(chunk.max_bytes));
         let message = proto::FetchBlocksRequest {
             refs: chunk.refs.iter().copied().map(Into::into).collect(),
         };
-        let (refs, max_bytes) = (chunk.refs.clone(), chunk.max_bytes);
-        let received = self
-            .outbound
-            .call(peer, message, move |c, r| async move {
-                let mut stream = c
-                    .max_decoding_message_size(message_bytes)
-                    .fetch_blocks(r)
-                    .await?
-                    .into_inner();
-                receive_blocks(&mut stream, &refs, max_bytes).await
-            })
-            .await
-            .map_err(Failure::from)
-            .and_then(|r| r);
+        let outbound = &self.outbound;
+        let call = |peer| {
+            let message = message.clone();
+            let (refs, max_bytes) = (chunk.refs.clone(), chunk.max_bytes);
+            async move {
+                let call = move |c: Client, r| async move {
+                    let mut stream = c
+                        .max_decoding_message_size(message_bytes)
+                        .fetch_blocks(r)
+                        .await?
+                        .into_inner();
+                    receive_blocks(&mut stream, &refs, max_bytes).await
+                };
+                let received = outbound.call(peer, message, call).await;
+                received.map_err(Failure::from).and_then(|r| r)
+            }
+        };
+        let (slot, received) = self
+            .hedged(slot, (FetchKind::Blocks, range), avoid, call)
+            .await;
+        let peer = slot.lease().peer;
         let blobs = match received {
             Ok(blobs) => blobs,
             Err(failure) => {
@@ -412,6 +547,7 @@ impl Worker {
         };
         let bytes = blobs.iter().map(|b| b.bytes().len() as u64).sum();
         let latency = slot.release(Transfer::Received, bytes);
+        self.hedging.answered(FetchKind::Blocks, latency);
         let result = self.verify_blocks(chunk.epoch, blobs, &chunk.refs).await;
         self.verified(peer, bytes, latency, &result);
         (Some(peer), result)
@@ -737,5 +873,50 @@ impl Tasks {
             return dropped::count(Droppable::PeerCall);
         }
         set.spawn_on(round, runtime);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn a_late_fetch_asks_a_second_peer_after_four_times_the_usual_answer_time() {
+        let ms = Duration::from_millis;
+        // Nothing answered yet: a twentieth of the timeout.
+        assert_eq!(hedge_delay(0, TIMEOUT), ms(500));
+        assert_eq!(hedge_delay(60, TIMEOUT), ms(240));
+        // Never before 100 ms, never past half the timeout.
+        assert_eq!(hedge_delay(5, TIMEOUT), ms(100));
+        assert_eq!(hedge_delay(3_000, TIMEOUT), ms(5_000));
+        assert_eq!(hedge_delay(0, ms(1_000)), ms(100));
+    }
+
+    #[test]
+    fn answer_times_are_averaged_by_kind() {
+        let hedging = Hedging::default();
+        hedging.answered(FetchKind::Blocks, 100);
+        assert_eq!(
+            hedging.delay(FetchKind::Blocks, TIMEOUT),
+            Duration::from_millis(400)
+        );
+        // A quarter of each new answer time counts.
+        hedging.answered(FetchKind::Blocks, 500);
+        assert_eq!(
+            hedging.delay(FetchKind::Blocks, TIMEOUT),
+            Duration::from_millis(800)
+        );
+        // Commit fetches have their own average.
+        assert_eq!(
+            hedging.delay(FetchKind::Commits, TIMEOUT),
+            Duration::from_millis(500)
+        );
+        hedging.answered(FetchKind::Commits, 0);
+        assert_eq!(
+            hedging.delay(FetchKind::Commits, TIMEOUT),
+            Duration::from_millis(100)
+        );
     }
 }

@@ -626,8 +626,9 @@ fn sync_section(md: &mut String, n: usize) {
          took 3.3 times as long as without them, 82.5 s at 1,000 nodes). What remains is \
          that first round: when the batch next in line is among the fetches a silent peer \
          holds, the node waits out the timeout, which shows in the 90th percentile and the \
-         last node. Asking a second peer for the batch next in line once it is late (a \
-         hedged fetch) would remove it; it is not built.",
+         last node. The node's sync worker now asks a second peer for a fetch once it is late (a \
+         hedged fetch: docs/architecture.md), which removes that wait; the simulator's \
+         stand-in for the worker does not hedge, so these rows show the cores without it.",
         d.serve_slots
     )
     .unwrap();
