@@ -54,3 +54,4 @@ pub use messages::{
 };
 pub use prune::Retention;
 pub use queries::HeightQueries;
+pub use worker::{FetchKind, HEDGE_MIN, Hedging};

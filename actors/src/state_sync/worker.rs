@@ -180,20 +180,23 @@ pub(super) struct Worker {
 
 /// The two kinds of fetch, whose answers take different times.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum FetchKind {
+pub enum FetchKind {
+    /// FetchCommits.
     Commits,
+    /// FetchBlocks.
     Blocks,
 }
 
-/// Earliest a late fetch asks a second peer.
-const HEDGE_MIN: Duration = Duration::from_millis(100);
+/// Earliest a late fetch asks a second peer; also how often a late fetch
+/// reads its delay again.
+pub const HEDGE_MIN: Duration = Duration::from_millis(100);
 
 /// When a fetch still unanswered also asks a second peer: after four times
 /// the recent answer time of fetches of its kind (a moving average over
 /// the actor's workers), at least [`HEDGE_MIN`]; while none has answered,
 /// after a twentieth of the request timeout; never past half of it.
 #[derive(Clone, Debug, Default)]
-pub(super) struct Hedging {
+pub struct Hedging {
     /// Moving averages of answer times, in milliseconds (0: none yet).
     commits_ms: Arc<AtomicU64>,
     blocks_ms: Arc<AtomicU64>,
@@ -208,7 +211,7 @@ impl Hedging {
     }
 
     /// A fetch of `kind` was answered in `latency_ms`.
-    pub(super) fn answered(&self, kind: FetchKind, latency_ms: u64) {
+    pub fn answered(&self, kind: FetchKind, latency_ms: u64) {
         let average = self.average(kind);
         let sample = latency_ms.max(1);
         // Updates may race and one be lost: an estimate, not a count.
@@ -221,7 +224,7 @@ impl Hedging {
     }
 
     /// How long a fetch of `kind` waits for its peer alone.
-    pub(super) fn delay(&self, kind: FetchKind, timeout: Duration) -> Duration {
+    pub fn delay(&self, kind: FetchKind, timeout: Duration) -> Duration {
         hedge_delay(self.average(kind).load(Ordering::Relaxed), timeout)
     }
 }

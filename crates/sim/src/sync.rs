@@ -12,7 +12,9 @@
 //!   at the timeout; the slot is released with what happened and the
 //!   answer is verified on the node's one verification queue (a cost per
 //!   block and per commit batch), then handed to the core. A batch fetched
-//!   ahead is certified as it arrives and, at its turn, only linked.
+//!   ahead is certified as it arrives and, at its turn, only linked. A
+//!   fetch still unanswered after the production [`Hedging`] delay also
+//!   asks a second peer, and the first answer is kept, as the worker does.
 //! - **Servers.** A node serves the commits it holds: at most
 //!   `serve_slots` fetches at once and `serve_slots_per_peer` per caller
 //!   (more are refused as busy), each answer leaving through the node's
@@ -25,6 +27,7 @@
 //! verification is its cost. Everything else is the production code.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
@@ -35,7 +38,8 @@ use soma_actors::peer_heights::{
 };
 use soma_actors::replay::Recorder;
 use soma_actors::state_sync::{
-    self, ApplyError, CommitBatchInfo, Failure, Input, LocalFailure, Output, StateSyncCore, TaskId,
+    self, ApplyError, CommitBatchInfo, Failure, FetchKind, HEDGE_MIN, Hedging, Input, LocalFailure,
+    Output, StateSyncCore, TaskId,
 };
 use soma_actors::{Driver, Time};
 use soma_types::{ChainId, CommitIndex, CommitRef, Digest, PeerId};
@@ -136,8 +140,10 @@ pub struct SyncRun {
     pub p90_synced_ms: Option<u64>,
     /// Time until the last follower synced.
     pub all_synced_ms: Option<u64>,
-    /// Fetches sent to a peer.
+    /// Fetches sent to a peer (hedges apart).
     pub fetches: u64,
+    /// Second peers asked for a fetch that was late (hedges).
+    pub hedges: u64,
     /// Fetches that ended at their timeout.
     pub timeouts: u64,
     /// Answers that failed verification.
@@ -180,6 +186,13 @@ impl Work {
         match *self {
             Work::Commits { start, .. } | Work::Ahead { start, .. } => (start, start),
             Work::Blocks { batch, end, .. } => (batch, end),
+        }
+    }
+
+    fn kind(&self) -> FetchKind {
+        match self {
+            Work::Commits { .. } | Work::Ahead { .. } => FetchKind::Commits,
+            Work::Blocks { .. } => FetchKind::Blocks,
         }
     }
 }
@@ -249,6 +262,8 @@ enum Event {
     },
     /// Call `call` of `client` reached its timeout.
     Timeout { client: usize, call: u64 },
+    /// Whether call `call` of `client` is late enough to be hedged.
+    HedgeCheck { client: usize, call: u64 },
     /// A worker of `node` ends: the core hears `input`; a verified answer
     /// scores its peer first.
     Done {
@@ -276,7 +291,19 @@ struct Call {
     work: Work,
     lease: Lease,
     sent_us: u64,
+    /// Peers the work avoids.
+    avoid: Vec<PeerId>,
+    /// Set on a hedge: the call it hedges.
+    hedge_of: Option<u64>,
+    /// Set on a hedged call: its hedge, once sent.
+    hedge: Option<u64>,
+    /// Whether a hedge was asked for (at most one per call).
+    hedged: bool,
 }
+
+/// A fetch waiting for a slot: its work, the peers it avoids, and the call
+/// it hedges, if it is a hedge.
+type Waiting = (Work, Vec<PeerId>, Option<u64>);
 
 struct Node {
     role: Role,
@@ -286,7 +313,8 @@ struct Node {
     heights: Option<Driver<PeerHeightsCore>>,
     next_request: u64,
     /// Fetches waiting for a slot, by PeerHeights request.
-    waiting: BTreeMap<u64, Work>,
+    waiting: BTreeMap<u64, Waiting>,
+    hedging: Hedging,
     calls: BTreeMap<u64, Call>,
     /// Commit answers fetched ahead, by task.
     ahead: BTreeMap<TaskId, Answer>,
@@ -376,6 +404,7 @@ pub fn catch_up(
                 heights: follows.then(|| Driver::new(peer_heights::Init::from(config), None)),
                 next_request: 0,
                 waiting: BTreeMap::new(),
+                hedging: Hedging::default(),
                 calls: BTreeMap::new(),
                 ahead: BTreeMap::new(),
                 batch_ends: BTreeMap::new(),
@@ -413,6 +442,7 @@ pub fn catch_up(
             p90_synced_ms: None,
             all_synced_ms: None,
             fetches: 0,
+            hedges: 0,
             timeouts: 0,
             invalid: 0,
             busy: 0,
@@ -594,9 +624,10 @@ impl Run<'_> {
                 if let Some(call) = self.nodes[client].calls.remove(&call) {
                     self.run.timeouts += 1;
                     self.release(client, &call, Transfer::Timeout, 0);
-                    self.finish(client, call.work, Some(call.lease.peer), Failure::Timeout);
+                    self.failed_call(client, call, Failure::Timeout);
                 }
             }
+            Event::HedgeCheck { client, call } => self.hedge_check(client, call),
             Event::Done {
                 node,
                 input,
@@ -780,13 +811,32 @@ impl Run<'_> {
         for output in outputs {
             match output {
                 peer_heights::Output::Granted { request, lease } => {
-                    if let Some(work) = self.nodes[node].waiting.remove(&request) {
-                        self.send(node, work, lease);
+                    let Some((work, avoid, hedge_of)) = self.nodes[node].waiting.remove(&request)
+                    else {
+                        continue;
+                    };
+                    match hedge_of {
+                        // The hedged call ended while its hedge waited: the
+                        // slot is given back unused.
+                        Some(first) if !self.nodes[node].calls.contains_key(&first) => {
+                            let release = Release {
+                                lease: lease.id,
+                                transfer: Transfer::Cancelled,
+                                bytes: 0,
+                                latency_ms: 0,
+                            };
+                            self.heights_step(node, peer_heights::Input::Release(release));
+                        }
+                        _ => self.send(node, (work, avoid, hedge_of), lease),
                     }
                 }
                 peer_heights::Output::Refused { request, error } => {
-                    if let Some(work) = self.nodes[node].waiting.remove(&request) {
-                        self.finish(node, work, None, Failure::from(error));
+                    match self.nodes[node].waiting.remove(&request) {
+                        // No second peer: the first answers alone.
+                        Some((_, _, Some(_))) | None => {}
+                        Some((work, _, None)) => {
+                            self.finish(node, work, None, Failure::from(error))
+                        }
                     }
                 }
                 peer_heights::Output::Banned { .. } => self.run.bans += 1,
@@ -799,10 +849,16 @@ impl Run<'_> {
     /// A worker begins: it asks for a slot on a peer for the work's range,
     /// waiting at most the request timeout.
     fn begin(&mut self, node: usize, work: Work, avoid: Vec<PeerId>) {
+        self.acquire(node, (work, avoid, None));
+    }
+
+    /// Asks PeerHeights for a slot for `waiting`'s work.
+    fn acquire(&mut self, node: usize, waiting: Waiting) {
+        let (work, avoid) = (waiting.0, waiting.1.clone());
         let n = &mut self.nodes[node];
         n.next_request += 1;
         let request = n.next_request;
-        n.waiting.insert(request, work);
+        n.waiting.insert(request, waiting);
         let (start, end) = work.range();
         let acquire = Acquire {
             request,
@@ -818,8 +874,9 @@ impl Run<'_> {
         }
     }
 
-    /// Sends the work's request to the leased peer, with its timeout.
-    fn send(&mut self, node: usize, work: Work, lease: Lease) {
+    /// Sends the work's request to the leased peer, with its timeout; a
+    /// call that is not a hedge is watched for lateness.
+    fn send(&mut self, node: usize, (work, avoid, hedge_of): Waiting, lease: Lease) {
         let Some(server) = self.sim.index_of(&lease.peer) else {
             return self.finish(node, work, None, Failure::Disconnected);
         };
@@ -830,9 +887,27 @@ impl Run<'_> {
             work,
             lease,
             sent_us,
+            avoid,
+            hedge_of,
+            hedge: None,
+            hedged: false,
         };
-        self.nodes[node].calls.insert(call, entry);
-        self.run.fetches += 1;
+        let calls = &mut self.nodes[node].calls;
+        calls.insert(call, entry);
+        match hedge_of {
+            Some(first) => {
+                if let Some(first) = calls.get_mut(&first) {
+                    first.hedge = Some(call);
+                }
+                self.run.hedges += 1;
+            }
+            None => {
+                self.run.fetches += 1;
+                let check = self.hedge_wait(node, work.kind(), 0);
+                self.queue
+                    .schedule(check, Event::HedgeCheck { client: node, call });
+            }
+        }
         let leg = self.leg(node, server);
         let request = Event::Request {
             server,
@@ -903,31 +978,99 @@ impl Run<'_> {
         let peer = call.lease.peer;
         match reply {
             Reply::Busy => {
-                self.run.busy += 1;
+                if call.hedge_of.is_none() {
+                    self.run.busy += 1;
+                }
                 self.release(client, &call, Transfer::Busy, 0);
                 let busy = Failure::Status {
                     code: RESOURCE_EXHAUSTED,
                 };
-                self.finish(client, call.work, Some(peer), busy);
+                self.failed_call(client, call, busy);
             }
             Reply::NotFound => {
                 self.release(client, &call, Transfer::NotFound, 0);
-                self.finish(client, call.work, Some(peer), Failure::NotFound);
+                self.failed_call(client, call, Failure::NotFound);
             }
             Reply::Data { end, bytes, valid } => {
+                // The first answer is kept; the other call is dropped, the
+                // hedged peer released as late.
+                let other = call.hedge_of.or(call.hedge);
+                if let Some(other) = other.and_then(|o| self.nodes[client].calls.remove(&o)) {
+                    let transfer = match other.hedge_of {
+                        Some(_) => Transfer::Cancelled,
+                        None => Transfer::Late,
+                    };
+                    self.release(client, &other, transfer, 0);
+                }
                 self.release(client, &call, Transfer::Received, bytes);
+                let latency_ms = (self.queue.now() - call.sent_us) / 1_000;
+                self.nodes[client]
+                    .hedging
+                    .answered(call.work.kind(), latency_ms);
                 let (start, _) = call.work.range();
                 let answer = Answer {
                     peer,
                     start,
                     end,
                     bytes,
-                    latency_ms: (self.queue.now() - call.sent_us) / 1_000,
+                    latency_ms,
                     valid,
                 };
                 self.verify(client, call.work, answer);
             }
         }
+    }
+
+    /// A call failed (its slot already released). A hedge that fails
+    /// leaves its first call to answer alone; a first call that fails ends
+    /// the fetch, and its hedge is dropped.
+    fn failed_call(&mut self, client: usize, call: Call, failure: Failure) {
+        if let Some(first) = call.hedge_of {
+            if let Some(first) = self.nodes[client].calls.get_mut(&first) {
+                first.hedge = None;
+            }
+            return;
+        }
+        if let Some(hedge) = call.hedge.and_then(|h| self.nodes[client].calls.remove(&h)) {
+            self.release(client, &hedge, Transfer::Cancelled, 0);
+        }
+        self.finish(client, call.work, Some(call.lease.peer), failure);
+    }
+
+    /// How long until call `call`, sent `elapsed_us` ago, is checked
+    /// again: its hedge delay, read afresh at most every [`HEDGE_MIN`].
+    fn hedge_wait(&self, node: usize, kind: FetchKind, elapsed_us: u64) -> u64 {
+        let timeout = Duration::from_millis(self.settings.timeout_ms);
+        let delay = self.nodes[node].hedging.delay(kind, timeout);
+        let left = (delay.as_micros() as u64).saturating_sub(elapsed_us);
+        left.min(HEDGE_MIN.as_micros() as u64)
+    }
+
+    /// Hedges call `call` of `client` if it is still unanswered past its
+    /// delay: a second peer is asked for the same range.
+    fn hedge_check(&mut self, client: usize, call: u64) {
+        let now = self.queue.now();
+        let Some(c) = self.nodes[client].calls.get(&call) else {
+            return;
+        };
+        if c.hedged {
+            return;
+        }
+        let (work, elapsed) = (c.work, now - c.sent_us);
+        let wait = self.hedge_wait(client, work.kind(), elapsed);
+        if wait > 0 {
+            let check = Event::HedgeCheck { client, call };
+            self.queue.schedule(wait, check);
+            return;
+        }
+        let c = self.nodes[client]
+            .calls
+            .get_mut(&call)
+            .expect("checked above");
+        c.hedged = true;
+        let mut avoid = c.avoid.clone();
+        avoid.push(c.lease.peer);
+        self.acquire(client, (work, avoid, Some(call)));
     }
 
     /// The worker's slot goes back, with how the transfer went.
