@@ -327,9 +327,13 @@ impl PeerHeightsCore {
         let Some(best) = ranked.first() else {
             return Err(AcquireError::NoPeer);
         };
-        // Failing for its faults (timeouts, errors), not only for load.
+        // Failing for its faults (timeouts, errors) or for being beaten by
+        // other peers, not for load: a peer whose slots shrank for refusing
+        // as busy, and with no fault, is only loaded.
         let faulty = |peer: &PeerId| {
-            (self.peers.get(peer)).is_none_or(|p| p.standing() == Standing::Failing && p.faults > 0)
+            (self.peers.get(peer)).is_none_or(|p| {
+                p.standing() == Standing::Failing && (p.faults > 0 || p.slots.is_none())
+            })
         };
         let settle_for_faulty = faulty(best);
         Ok(ranked
@@ -1289,6 +1293,26 @@ mod tests {
         // still asked when no other can serve (it is at no fault).
         assert_eq!(granted(&acquire(&mut c, 600, 6, &[])), vec![(6, 6, 2)]);
         assert_eq!(granted(&acquire(&mut c, 600, 7, &[2])), vec![(7, 7, 1)]);
+    }
+
+    #[test]
+    fn a_peer_beaten_three_times_is_asked_only_when_no_other_can_serve() {
+        let mut c = slots(1, 8);
+        join(&mut c, 1, OURS, 1, 100);
+        join(&mut c, 2, OURS, 1, 100);
+        outcome(&mut c, Time(0), 2, OutcomeKind::Success, 10_000_000, 10);
+        // Peer 1 is asked three times, and each time peer 2 answers first.
+        for request in 0..3 {
+            let lease = granted(&acquire(&mut c, 0, request, &[2]));
+            assert_eq!(lease, vec![(request, request, 1)]);
+            assert_eq!(release(&mut c, 200, request, Transfer::Late), vec![]);
+        }
+        // Peer 2's one slot is taken: the next request waits for it rather
+        // than go to peer 1, and gets it once it is free.
+        assert_eq!(granted(&acquire(&mut c, 300, 3, &[])), vec![(3, 3, 2)]);
+        assert_eq!(acquire(&mut c, 300, 4, &[]), vec![]);
+        let out = release(&mut c, 310, 3, Transfer::Received);
+        assert_eq!(granted(&out), vec![(4, 4, 2)]);
     }
 
     #[test]

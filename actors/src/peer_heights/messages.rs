@@ -160,8 +160,8 @@ pub enum Transfer {
     Cancelled,
     /// It had not answered when another peer, asked the same once this
     /// fetch was late, did. Not a fault (it may be slow, not silent): it
-    /// ranks lower until it answers again, and after three in a row it is
-    /// tried after every other peer.
+    /// ranks lower until it answers again, and after three it is asked only
+    /// while no other peer covers the range.
     Late,
 }
 

@@ -635,7 +635,7 @@ fn sync_section(md: &mut String, n: usize) {
          held, the node waited out the timeout. A late fetch now also asks a second peer \
          (hedges); where one has a free slot, that wait is gone (in the 60-node network of \
          the tests, with 30 % silent peers, the median node synced in 1.7 s instead of \
-         11.1 s, the last in 11.6 s instead of 30.8 s). Here the validators are saturated and most hedges wait for a slot like \
+         11.1 s, the last in 11.7 s instead of 30.8 s). Here the validators are saturated and most hedges wait for a slot like \
          any fetch, so silent peers still cost timeouts, in the 90th percentile and the last \
          node (at 30 % silent, before hedges: 4,248 timeouts, 90th percentile 36.0 s, last \
          node 86.3 s). Where nothing is hostile, hedges are answers queued at loaded \
