@@ -628,7 +628,8 @@ fn sync_section(md: &mut String, n: usize) {
          soon as the fetch slots of its measured peers are full, and a peer that never \
          answers holds each such fetch for a whole request timeout. PeerHeights ranks a \
          peer that never delivered and has timed out as failing, and leases a peer failing \
-         for its faults only when no other peer covers the range (before, it leased one \
+         for its faults (or beaten three times by hedges, below) only when no other peer \
+         covers the range (before, it leased one \
          whenever the better peers were full, and with 30 % silent peers the median node \
          took 3.3 times as long as without them, 82.5 s at 1,000 nodes). What remained was \
          that first round: when the batch next in line was among the fetches a silent peer \
