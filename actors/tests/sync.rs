@@ -257,14 +257,7 @@ mod byzantine {
             synced_commit_broadcast_capacity: 10_000,
             ..P2pConfig::default()
         };
-        let node = P2pBuilder::new(
-            config,
-            KeyPair::from_seed([9; 32]),
-            chain.genesis().clone(),
-            store.clone(),
-        )
-        .start()
-        .unwrap();
+        let node = soma_testkit::node(&chain, 9, config, store.clone());
         wait_synced(&node, 600).await;
         assert_same_chain(&chain, store.as_ref());
         // It was asked, found late once the honest peer answered in its
