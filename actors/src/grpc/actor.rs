@@ -25,6 +25,10 @@ pub struct Permit {
 }
 
 impl Permit {
+    pub(crate) fn new(id: u64, token: Token) -> Self {
+        Permit { id, _token: token }
+    }
+
     /// The fetch's correlation id.
     pub(crate) fn id(&self) -> u64 {
         self.id
@@ -102,6 +106,16 @@ impl Handler<CallMsg> for GrpcAdapter {
     type Result = Result<Admission, Refusal>;
 
     fn handle(&mut self, msg: CallMsg, _: &mut Context<Self>) -> Self::Result {
+        let fetch = matches!(
+            msg.call,
+            Call::FetchCommits { .. } | Call::FetchBlocks { .. }
+        );
+        // A fetch asking for a slot first takes back every slot kept by a
+        // connection for its next fetch (see `kept`), so none stands in
+        // its way.
+        if fetch {
+            drop(self.deps.send_stats.kept.reclaim());
+        }
         // The fetches that ended since the last call free their slots
         // first (in id order, so a replay sees the same inputs).
         for id in self.holders.ended() {
@@ -111,10 +125,7 @@ impl Handler<CallMsg> for GrpcAdapter {
         self.next_id += 1;
         // A fetch may take a stalled answer's slot (see the core); at most
         // `max_concurrent_fetches` answers to look at.
-        let stalled = if matches!(
-            msg.call,
-            Call::FetchCommits { .. } | Call::FetchBlocks { .. }
-        ) {
+        let stalled = if fetch {
             self.deps.send_stats.stalled(self.stall())
         } else {
             Vec::new()
@@ -145,10 +156,7 @@ impl Handler<CallMsg> for GrpcAdapter {
                     }
                     result = Ok(Admission {
                         work,
-                        permit: Permit {
-                            id,
-                            _token: self.holders.hold_keeping_ended(id),
-                        },
+                        permit: Permit::new(id, self.holders.hold_keeping_ended(id)),
                     });
                 }
                 Output::Cut { id: victim } => self.deps.send_stats.preempt(victim),

@@ -292,6 +292,47 @@ impl GrpcAdapterCore {
     }
 }
 
+/// What a fetch call reads, if it is well formed within `limits`
+/// (FetchCommits capped at the batch size); the checks a fetch passes
+/// before it may have a slot, whether the core admits it or it starts on a
+/// slot its connection kept (see `KeptSlots`).
+pub(crate) fn fetch_work(limits: &Limits, call: Call) -> Result<Work, Refusal> {
+    match call {
+        Call::FetchCommits { start, end } => {
+            if start == 0 {
+                return Err(refuse(Code::InvalidArgument, "start must be at least 1"));
+            }
+            if end < start {
+                return Err(refuse(Code::InvalidArgument, "end is before start"));
+            }
+            let last = start.saturating_add(limits.commit_sync_batch_size.max(1) - 1);
+            Ok(Work::FetchCommits {
+                start,
+                end: end.min(last),
+            })
+        }
+        Call::FetchBlocks { refs } => {
+            if refs == 0 {
+                return Err(refuse(Code::InvalidArgument, "no block references"));
+            }
+            if refs > limits.max_blocks_per_fetch {
+                return Err(refuse(
+                    Code::InvalidArgument,
+                    format!(
+                        "{refs} block references exceed the limit of {}",
+                        limits.max_blocks_per_fetch
+                    ),
+                ));
+            }
+            Ok(Work::FetchBlocks)
+        }
+        other => Err(refuse(
+            Code::InvalidArgument,
+            format!("{other:?} is not a fetch"),
+        )),
+    }
+}
+
 fn refuse(code: Code, message: impl Into<String>) -> Refusal {
     Refusal {
         code,
@@ -396,35 +437,10 @@ impl GrpcAdapterCore {
                     "anonymous callers may not push commits",
                 )),
             },
-            Call::FetchCommits { start, end } => {
-                if start == 0 {
-                    return Err(refuse(Code::InvalidArgument, "start must be at least 1"));
-                }
-                if end < start {
-                    return Err(refuse(Code::InvalidArgument, "end is before start"));
-                }
+            Call::FetchCommits { .. } | Call::FetchBlocks { .. } => {
+                let work = fetch_work(&self.limits, call)?;
                 self.take_fetch_slot(id, caller, stalled, out)?;
-                let last = start.saturating_add(self.limits.commit_sync_batch_size.max(1) - 1);
-                Ok(Work::FetchCommits {
-                    start,
-                    end: end.min(last),
-                })
-            }
-            Call::FetchBlocks { refs } => {
-                if refs == 0 {
-                    return Err(refuse(Code::InvalidArgument, "no block references"));
-                }
-                if refs > self.limits.max_blocks_per_fetch {
-                    return Err(refuse(
-                        Code::InvalidArgument,
-                        format!(
-                            "{refs} block references exceed the limit of {}",
-                            self.limits.max_blocks_per_fetch
-                        ),
-                    ));
-                }
-                self.take_fetch_slot(id, caller, stalled, out)?;
-                Ok(Work::FetchBlocks)
+                Ok(work)
             }
         }
     }

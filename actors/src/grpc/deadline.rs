@@ -34,6 +34,7 @@ use tonic::server::NamedService;
 
 use super::actor::Permit;
 use super::budget::Reservation;
+use super::kept::{KeptSlots, SlotKey};
 
 /// Largest frame handed to hyper at once: what a response still holds
 /// inside hyper once it is cut.
@@ -47,6 +48,8 @@ pub struct SendStats {
     preempted: AtomicU64,
     /// The answers of admitted fetches being sent, by fetch id.
     sending: Mutex<HashMap<u64, Weak<Mutex<State>>>>,
+    /// Slots of answered fetches, kept for their connection's next fetch.
+    pub(super) kept: KeptSlots,
 }
 
 impl std::fmt::Debug for SendStats {
@@ -55,6 +58,7 @@ impl std::fmt::Debug for SendStats {
             .field("fetches_in_flight", &self.fetches_in_flight())
             .field("cut", &self.responses_cut())
             .field("preempted", &self.responses_preempted())
+            .field("on_kept_slots", &self.fetches_on_kept_slots())
             .finish()
     }
 }
@@ -74,6 +78,12 @@ impl SendStats {
     /// Stalled responses cut so that a new fetch could take their slot.
     pub fn responses_preempted(&self) -> u64 {
         self.preempted.load(Ordering::Relaxed)
+    }
+
+    /// Fetches that started on the slot their connection kept from its
+    /// fetch before, without asking the adapter (see `grpc::kept`).
+    pub fn fetches_on_kept_slots(&self) -> u64 {
+        self.kept.reused()
     }
 
     /// The fetches whose answers the transport has not asked a frame of
@@ -100,11 +110,13 @@ impl SendStats {
     /// newer fetch that took its slot.
     pub(super) fn preempt(&self, id: u64) {
         let state = lock(&self.sending).remove(&id).and_then(|s| s.upgrade());
-        if let Some(state) = state
-            && cut(&state)
-        {
+        if state.is_some_and(|state| cut(&state)) {
             self.preempted.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(id, "stalled response cut for a newer fetch");
+        } else {
+            // Its answer ended meanwhile: its slot, which the adapter gave
+            // away, may be kept by now or about to be.
+            self.kept.revoke(id);
         }
     }
 }
@@ -133,27 +145,46 @@ fn cut(state: &Mutex<State>) -> bool {
     true
 }
 
-/// An admitted fetch's slot, counted in [`SendStats`] while held.
+/// An admitted fetch's slot, counted in [`SendStats`] while held. Once
+/// its answer is handed to the transport in full ([`FetchSlot::answered`])
+/// it is kept for the next fetch of its connection (`grpc::kept`);
+/// otherwise dropping it gives the slot back to the adapter.
 #[derive(Debug)]
 pub(super) struct FetchSlot {
-    permit: Permit,
+    permit: Option<Permit>,
     stats: Arc<SendStats>,
+    /// Where the slot is kept once answered, if the connection is known.
+    keep_for: Option<SlotKey>,
+    answered: bool,
 }
 
 impl FetchSlot {
-    /// Holds `permit`, counting it as a fetch in flight.
-    pub(super) fn new(permit: Permit, stats: &Arc<SendStats>) -> Self {
+    /// Holds `permit`, counting it as a fetch in flight; `keep_for` names
+    /// the connection and caller that may reuse it once answered.
+    pub(super) fn new(permit: Permit, stats: &Arc<SendStats>, keep_for: Option<SlotKey>) -> Self {
         stats.fetches_in_flight.fetch_add(1, Ordering::Relaxed);
         FetchSlot {
-            permit,
+            permit: Some(permit),
             stats: stats.clone(),
+            keep_for,
+            answered: false,
         }
+    }
+
+    /// The answer was handed to the transport in full: the slot may be kept.
+    fn answered(&mut self) {
+        self.answered = true;
     }
 }
 
 impl Drop for FetchSlot {
     fn drop(&mut self) {
         self.stats.fetches_in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.answered
+            && let (Some(key), Some(permit)) = (self.keep_for, self.permit.take())
+        {
+            self.stats.kept.keep(key, permit);
+        }
     }
 }
 
@@ -277,7 +308,10 @@ pub struct DeadlineBody {
 
 impl DeadlineBody {
     fn new(body: Body, guard: SendGuard, timeout: Duration, stats: Arc<SendStats>) -> Self {
-        let id = guard.slot.as_ref().map(|s| s.permit.id());
+        let id = guard
+            .slot
+            .as_ref()
+            .and_then(|s| s.permit.as_ref().map(Permit::id));
         let state = Arc::new(Mutex::new(State::Sending(Sending {
             body,
             rest: Bytes::new(),
@@ -326,10 +360,33 @@ impl Sending {
     }
 }
 
+/// Ends a response being sent: what it holds is released outside the
+/// lock, its fetch slot kept for the connection if `answered` (all of it
+/// handed to the transport).
+fn finish(mut state: MutexGuard<'_, State>, answered: bool) {
+    let mut done = std::mem::replace(&mut *state, State::Finished);
+    drop(state);
+    if answered
+        && let State::Sending(sending) = &mut done
+        && let Some(slot) = &mut sending.guard.slot
+    {
+        slot.answered();
+    }
+    drop(done);
+}
+
 impl Drop for DeadlineBody {
     fn drop(&mut self) {
+        // Only its own registration: a slot kept and reused by the next
+        // fetch has the same id, and that answer may be registered by now.
         if let Some((id, stats)) = &self.fetch {
-            lock(&stats.sending).remove(id);
+            let mut sending = lock(&stats.sending);
+            if sending
+                .get(id)
+                .is_some_and(|s| Weak::ptr_eq(s, &Arc::downgrade(&self.state)))
+            {
+                sending.remove(id);
+            }
         }
     }
 }
@@ -370,16 +427,12 @@ impl http_body::Body for DeadlineBody {
                 }
                 Ok(empty) => Poll::Ready(Some(Ok(Frame::data(empty)))),
                 Err(trailers) => {
-                    let done = std::mem::replace(&mut *state, State::Finished);
-                    drop(state);
-                    drop(done);
+                    finish(state, true);
                     Poll::Ready(Some(Ok(trailers)))
                 }
             },
             end => {
-                let done = std::mem::replace(&mut *state, State::Finished);
-                drop(state);
-                drop(done);
+                finish(state, end.is_none());
                 Poll::Ready(end)
             }
         }
@@ -533,5 +586,58 @@ mod tests {
             tonic::Code::DeadlineExceeded
         );
         assert_eq!(stats.responses_preempted(), 1);
+    }
+
+    fn slot(stats: &Arc<SendStats>, holders: &mut crate::holders::Holders, id: u64) -> FetchSlot {
+        let key = (
+            std::net::SocketAddr::from(([127, 0, 0, 1], 9)),
+            Some(soma_types::PeerId([9; 32])),
+        );
+        let permit = Permit::new(id, holders.hold_keeping_ended(id));
+        FetchSlot::new(permit, stats, Some(key))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slot_is_kept_only_once_its_answer_was_sent_whole() {
+        let stats = Arc::new(SendStats::default());
+        let mut holders = crate::holders::Holders::default();
+        let timeout = Duration::from_secs(1);
+        // Sent whole: kept, still held.
+        let guard = SendGuard::new(Some(slot(&stats, &mut holders, 1)), None);
+        let mut sent = DeadlineBody::new(body(1, 10), guard, timeout, stats.clone());
+        while next(&mut sent).await.is_some() {}
+        assert_eq!(stats.kept.len(), 1);
+        assert_eq!(stats.fetches_in_flight(), 0);
+        // The next fetch reuses id 1 while the old body is still around:
+        // dropping the old body leaves the new answer registered.
+        let reused = stats.kept.reclaim().pop().expect("kept");
+        let guard = SendGuard::new(Some(FetchSlot::new(reused, &stats, None)), None);
+        let mut again = DeadlineBody::new(body(1, 100_000), guard, timeout, stats.clone());
+        drop(sent);
+        assert!(lock(&stats.sending).contains_key(&1));
+        // Cut at its deadline: not kept, given back.
+        next(&mut again).await.unwrap().unwrap();
+        tokio::time::sleep(timeout).await;
+        tokio::task::yield_now().await;
+        assert_eq!(stats.responses_cut(), 1);
+        assert_eq!(stats.kept.len(), 0);
+        assert_eq!(holders.ended(), vec![1]);
+        // Preempted: not kept either.
+        let guard = SendGuard::new(Some(slot(&stats, &mut holders, 2)), None);
+        let mut cut = DeadlineBody::new(body(1, 100_000), guard, timeout, stats.clone());
+        next(&mut cut).await.unwrap().unwrap();
+        stats.preempt(2);
+        assert_eq!(stats.kept.len(), 0);
+        assert_eq!(holders.ended(), vec![2]);
+        // Dropped unsent (the connection went): not kept.
+        let guard = SendGuard::new(Some(slot(&stats, &mut holders, 3)), None);
+        drop(DeadlineBody::new(
+            body(1, 10),
+            guard,
+            timeout,
+            stats.clone(),
+        ));
+        assert_eq!(stats.kept.len(), 0);
+        assert_eq!(holders.ended(), vec![3]);
     }
 }

@@ -10,7 +10,10 @@
 //! (a FetchCommits answer still valid for the store's current version is
 //! served from memory instead: [`answers`]);
 //! each holds a [`Permit`] that returns its slot to the adapter when the call
-//! ends, however it ends.
+//! ends, however it ends; a slot whose answer was sent in full is kept for
+//! the next fetch of the same connection until the adapter takes it back
+//! ([`kept`]), so a peer fetching batch after batch does not wait for the
+//! actor each time.
 //!
 //! A call ends when its response has been handed to the transport, not when
 //! it is built: [`SendDeadline`] cuts a response that is not sent within
@@ -22,6 +25,7 @@ mod answers;
 pub mod budget;
 mod core;
 mod deadline;
+mod kept;
 mod messages;
 mod serve;
 mod service;

@@ -16,7 +16,9 @@ use super::actor::GrpcAdapter;
 use super::answers::AnswerCache;
 use super::budget::{ByteBudget, Connection, Reservation};
 use super::core::Limits;
+use super::core::fetch_work;
 use super::deadline::{FetchSlot, Held, SendGuard, SendStats};
+use super::kept::SlotKey;
 use super::messages::{Admission, Call, CallMsg, Work};
 use super::serve;
 use crate::discovery::{Discovery, ExchangeInfo};
@@ -95,6 +97,25 @@ impl P2pService {
             .await
             .map_err(mailbox_status)?
             .map_err(Status::from)
+    }
+
+    /// Admission for a fetch: on the slot its connection kept from its
+    /// fetch before if there is one (the request checked as the adapter
+    /// would), else from the adapter.
+    async fn admit_fetch<T>(&self, request: &Request<T>, call: Call) -> Result<Admission, Status> {
+        let kept = &self.deps.stats.kept;
+        if let Some(key) = slot_key(request)
+            && let Some(permit) = kept.take(key)
+        {
+            return match fetch_work(&self.deps.limits, call) {
+                Ok(work) => Ok(Admission { work, permit }),
+                Err(refusal) => {
+                    kept.put_back(key, permit);
+                    Err(refusal.into())
+                }
+            };
+        }
+        self.admit(request, call).await
     }
 
     async fn blocking<T: Send + 'static>(
@@ -250,7 +271,7 @@ impl P2pService {
             start: r.start,
             end: r.end,
         };
-        let admission = self.admit(&request, call).await?;
+        let admission = self.admit_fetch(&request, call).await?;
         let Work::FetchCommits { start, end } = admission.work else {
             return Err(Status::internal("unexpected admission"));
         };
@@ -273,7 +294,7 @@ impl P2pService {
         }
         // Held by the read, so a cancelled call frees its slot only once
         // the read is done; then by the response until it is sent.
-        let slot = FetchSlot::new(admission.permit, &self.deps.stats);
+        let slot = FetchSlot::new(admission.permit, &self.deps.stats, slot_key(&request));
         // Observed before reading: an answer read now is kept for this
         // version only (see `answers`).
         let version = self.deps.store.version();
@@ -306,14 +327,14 @@ impl P2pService {
         let call = Call::FetchBlocks {
             refs: request.get_ref().refs.len(),
         };
-        let admission = self.admit(&request, call).await?;
+        let admission = self.admit_fetch(&request, call).await?;
         let refs = request
             .get_ref()
             .refs
             .iter()
             .map(BlockRef::try_from)
             .collect::<Result<Vec<_>, ConvertError>>()?;
-        let slot = FetchSlot::new(admission.permit, &self.deps.stats);
+        let slot = FetchSlot::new(admission.permit, &self.deps.stats, slot_key(&request));
         let reservation = Arc::new(self.budget.reservation(connection(&request)));
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         tokio::spawn(serve::stream_blocks(
@@ -342,6 +363,12 @@ fn guarded<T>(
         .extensions_mut()
         .insert(Held::new(SendGuard::new(Some(slot), Some(reservation))));
     response
+}
+
+/// Who may reuse the slot of a fetch of `request`: its connection and
+/// caller; `None` (never kept) when the connection is not known.
+fn slot_key<T>(request: &Request<T>) -> Option<SlotKey> {
+    Some((remote_addr(request)?, caller(request).peer_id()))
 }
 
 /// The connection a request came on, by its remote address.

@@ -453,6 +453,13 @@ impl P2pHandle {
         self.inner.send_stats.responses_preempted()
     }
 
+    /// Fetches the server started on the slot their connection kept from
+    /// its fetch before, without a round trip to the GrpcAdapter (see
+    /// docs/architecture.md, "Fetch slots kept by their connection").
+    pub fn fetches_on_kept_slots(&self) -> u64 {
+        self.inner.send_stats.fetches_on_kept_slots()
+    }
+
     /// How many inbound connections are open, and what admission did so
     /// far (refusals by reason, evictions, timeouts).
     pub fn inbound_connections(&self) -> InboundConnections {

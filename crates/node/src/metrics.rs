@@ -30,6 +30,7 @@ struct Series {
     inbound: IntGauge,
     fetches_in_flight: IntGauge,
     responses_cut: IntCounterVec,
+    fetches_on_kept_slots: IntCounterVec,
     inbound_refused: IntCounterVec,
     inbound_closed: IntCounterVec,
     actor_up: IntGaugeVec,
@@ -127,6 +128,12 @@ impl Series {
                 "soma_responses_cut_total",
                 "Answers cut unread: at send-timeout, or stalled when a newer fetch took the slot",
                 &["reason"],
+            ),
+            fetches_on_kept_slots: counter(
+                &r,
+                "soma_fetches_on_kept_slots_total",
+                "Fetches served on the slot their connection kept from its fetch before, without asking the GrpcAdapter",
+                &[],
             ),
             inbound_refused: counter(
                 &r,
@@ -264,6 +271,11 @@ impl Series {
             &self.responses_cut,
             &["stalled"],
             handle.responses_preempted(),
+        );
+        self.advance(
+            &self.fetches_on_kept_slots,
+            &[],
+            handle.fetches_on_kept_slots(),
         );
         let c = inbound.counts;
         for (reason, n) in [

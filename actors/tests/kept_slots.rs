@@ -1,0 +1,159 @@
+//! Fetch slots kept by their connection: a connection fetching one batch
+//! after another starts each fetch on the slot of its last, with the same
+//! answers as through the adapter; the slot stays counted as its caller's,
+//! so the per-peer cap holds exactly; and a kept slot never keeps another
+//! caller, or another connection of the same caller, out.
+
+#[path = "support/slow_readers.rs"]
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use soma_actors::{P2pConfig, P2pHandle};
+use soma_chain::{ChainBuilder, ChainConfig};
+use soma_store::MemStore;
+use soma_wire::proto::{self, p2p_client::P2pClient};
+use support::{block_refs, client, server, wait_fetches};
+use tonic::Code;
+use tonic::transport::Channel;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+/// A stream window that holds an unread FetchBlocks of 100 commits' blocks
+/// (about 640 KB) part-sent; a FetchCommits is read whole.
+const WINDOW: u32 = 65_535;
+
+fn config(per_peer: usize, in_all: usize) -> P2pConfig {
+    let mut config = P2pConfig::default();
+    config.grpc.max_concurrent_fetches_per_peer = per_peer;
+    config.grpc.max_concurrent_fetches = in_all;
+    // Nothing is cut during a test: a held answer keeps its slot.
+    config.grpc.send_timeout = Duration::from_secs(3_600);
+    config.grpc.fetch_stall_timeout = Duration::from_secs(3_600);
+    config
+}
+
+fn node(config: P2pConfig, commits: u64) -> (P2pHandle, Arc<soma_chain::Chain>) {
+    let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(commits));
+    let node = server(&chain, config, Arc::new(MemStore::new(chain.genesis())));
+    (node, chain)
+}
+
+async fn fetch(
+    client: &mut P2pClient<Channel>,
+    start: u64,
+    end: u64,
+) -> Result<proto::FetchCommitsResponse, tonic::Status> {
+    client
+        .fetch_commits(proto::FetchCommitsRequest { start, end })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_fetching_batch_after_batch_reuses_its_slot_with_the_same_answers() {
+    let (node, _) = node(config(4, 16), 300);
+    let ranges = [
+        (1, 100),
+        (101, 200),
+        (201, 300),
+        (1, 100),
+        (51, 100),
+        (201, 300),
+    ];
+    let mut a = client(&node, [100; 32], 1 << 24).await;
+    let mut kept = Vec::new();
+    for (start, end) in ranges {
+        kept.push(fetch(&mut a, start, end).await.expect("served"));
+    }
+    // Every fetch after the first started on the slot of the one before.
+    assert_eq!(node.fetches_on_kept_slots(), ranges.len() as u64 - 1);
+
+    // An invalid request on a kept slot is refused as the adapter refuses
+    // it, and the slot stays kept for the next.
+    let refused = fetch(&mut a, 0, 5).await.expect_err("start 0 is invalid");
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert_eq!(refused.message(), "start must be at least 1");
+    let refused = fetch(&mut a, 9, 8).await.expect_err("a reversed range");
+    assert_eq!(refused.message(), "end is before start");
+    // Capped at the batch size as the adapter caps it.
+    let capped = fetch(&mut a, 1, 1_000).await.expect("served");
+    assert_eq!(capped, kept[0]);
+    assert_eq!(node.fetches_on_kept_slots(), ranges.len() as u64);
+
+    // The same requests, each on a new connection (each asks the adapter),
+    // get the same answers, and reuse no slot.
+    for ((start, end), answer) in ranges.into_iter().zip(&kept) {
+        let mut fresh = client(&node, [101; 32], 1 << 24).await;
+        let through_adapter = fetch(&mut fresh, start, end).await.expect("served");
+        assert_eq!(&through_adapter, answer, "{start}..={end}");
+    }
+    assert_eq!(node.fetches_on_kept_slots(), ranges.len() as u64);
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_slot_counts_against_its_callers_cap() {
+    const PER_PEER: usize = 2;
+    let (node, chain) = node(config(PER_PEER, 16), 100);
+    let refs = block_refs(&chain, 100);
+    let mut a = client(&node, [100; 32], WINDOW).await;
+    fetch(&mut a, 1, 100).await.expect("served");
+    wait_fetches(&node, 0, DEADLINE).await;
+
+    // Three block fetches held part-sent on the same connection: the
+    // first on the kept slot, the second admitted up to the cap, the
+    // third refused. Keeping a slot gave the caller nothing more.
+    let mut held = Vec::new();
+    let mut outcomes = Vec::new();
+    for _ in 0..3 {
+        let request = proto::FetchBlocksRequest { refs: refs.clone() };
+        match a.fetch_blocks(request).await {
+            Ok(stream) => {
+                held.push(stream.into_inner());
+                outcomes.push(Ok(()));
+            }
+            Err(status) => outcomes.push(Err(status.message().to_string())),
+        }
+    }
+    assert_eq!(
+        outcomes,
+        [
+            Ok(()),
+            Ok(()),
+            Err(format!("at most {PER_PEER} fetches at once per peer")),
+        ]
+    );
+    assert_eq!(node.fetches_on_kept_slots(), 1);
+    wait_fetches(&node, PER_PEER, DEADLINE).await;
+    drop(held);
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_slot_never_keeps_another_caller_or_connection_out() {
+    // One fetch slot in all: whoever keeps it would shut everyone else
+    // out if the adapter did not take it back.
+    let (node, _) = node(config(1, 1), 100);
+    let mut a = client(&node, [100; 32], 1 << 24).await;
+    let mut b = client(&node, [101; 32], 1 << 24).await;
+    let mut a_again = client(&node, [100; 32], 1 << 24).await;
+    let answer = fetch(&mut a, 1, 100).await.expect("served");
+    wait_fetches(&node, 0, DEADLINE).await;
+    // a's slot is kept; b, then a on its second connection, then a on its
+    // first are each admitted in turn.
+    assert_eq!(fetch(&mut b, 1, 100).await.expect("b served"), answer);
+    assert_eq!(
+        fetch(&mut a_again, 1, 100)
+            .await
+            .expect("a's other connection served"),
+        answer
+    );
+    assert_eq!(fetch(&mut a, 1, 100).await.expect("a served"), answer);
+    // Each asked the adapter: every kept slot was taken back first.
+    assert_eq!(node.fetches_on_kept_slots(), 0);
+    // With nobody else asking, a's next fetch reuses its slot.
+    assert_eq!(fetch(&mut a, 1, 100).await.expect("a served"), answer);
+    assert_eq!(node.fetches_on_kept_slots(), 1);
+    node.shutdown().await;
+}
