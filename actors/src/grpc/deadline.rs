@@ -6,27 +6,29 @@
 //! slot and its producer for ever, and a timer inside the body's poll would
 //! never fire. [`SendDeadline`] wraps the service: each response body is
 //! kept, with the [`SendGuard`] its handler attached (the fetch slot and the
-//! [`Reservation`] of buffered bytes), in a slot shared with a deadline
-//! task. The guard goes when the body ends or is dropped; at the deadline
-//! the task takes the slot and drops body and guard from outside, which
-//! frees the encoded answer and, for a block stream, the channel receiver
-//! that stops its producer.
+//! [`Reservation`] of buffered bytes), in a slot registered by its deadline
+//! with the service's one sweeper task. The guard goes when the body ends
+//! or is dropped (which also unregisters it); at each of its ticks the
+//! sweeper takes the slot of every response past its deadline and drops
+//! body and guard from outside, which frees the encoded answer and, for a
+//! block stream, the channel receiver that stops its producer. A response
+//! is so cut within the deadline plus one tick ([`sweep_tick`]), and costs
+//! no task and no timer of its own: two map operations under a lock.
 //!
 //! Frames go to hyper in copied slices of [`SLICE_BYTES`]: hyper holds one
 //! frame while it waits for window, and a slice of a shared buffer would
 //! keep the whole answer alive after the deadline.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll, Waker, ready};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 use http_body::Frame;
-use tokio::sync::oneshot;
 use tonic::Status;
 use tonic::body::Body;
 use tonic::codegen::{BoxFuture, Service, http};
@@ -50,6 +52,47 @@ pub struct SendStats {
     sending: Mutex<HashMap<u64, Weak<Mutex<State>>>>,
     /// Slots of answered fetches, kept for their connection's next fetch.
     pub(super) kept: KeptSlots,
+    /// Every response being sent, by deadline, for the sweeper.
+    deadlines: Mutex<BTreeMap<Deadline, Weak<Mutex<State>>>>,
+    /// Responses registered so far: the second half of a deadline's key.
+    registered: AtomicU64,
+    /// Whether the sweeper task runs.
+    sweeping: AtomicBool,
+}
+
+/// When a response must have been sent, and which one it is (the order
+/// it was registered in).
+type Deadline = (tokio::time::Instant, u64);
+
+/// How often the sweeper looks for responses past their deadline: an
+/// eighth of `timeout`, between 10 ms and 1 s.
+pub(crate) fn sweep_tick(timeout: Duration) -> Duration {
+    (timeout / 8).clamp(Duration::from_millis(10), Duration::from_secs(1))
+}
+
+/// Cuts, every [`sweep_tick`], the responses past their deadline; ends
+/// once the stats are gone (the node and its handle dropped).
+async fn sweep(stats: Weak<SendStats>, tick: Duration) {
+    let mut ticks = tokio::time::interval(tick);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(stats) = stats.upgrade() else { return };
+        let now = tokio::time::Instant::now();
+        let due: Vec<Weak<Mutex<State>>> = {
+            let mut deadlines = lock(&stats.deadlines);
+            let later = deadlines.split_off(&(now, u64::MAX));
+            std::mem::replace(&mut *deadlines, later)
+                .into_values()
+                .collect()
+        };
+        for state in due.iter().filter_map(Weak::upgrade) {
+            if cut(&state) {
+                stats.cut.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("response not sent within its deadline; cut");
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for SendStats {
@@ -301,9 +344,10 @@ struct Sending {
 pub struct DeadlineBody {
     state: Arc<Mutex<State>>,
     /// The fetch it answers, registered in `stats` while being sent.
-    fetch: Option<(u64, Arc<SendStats>)>,
-    /// Dropped when the body ends or goes, which ends the deadline task.
-    _cancel: oneshot::Sender<()>,
+    fetch: Option<u64>,
+    /// Its key in the sweeper's deadlines.
+    deadline: Deadline,
+    stats: Arc<SendStats>,
 }
 
 impl DeadlineBody {
@@ -322,27 +366,19 @@ impl DeadlineBody {
         if let Some(id) = id {
             lock(&stats.sending).insert(id, Arc::downgrade(&state));
         }
-        let (cancel, cancelled) = oneshot::channel::<()>();
-        let weak = Arc::downgrade(&state);
-        let task_stats = stats.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = tokio::time::sleep(timeout) => {}
-                _ = cancelled => return,
-            }
-            let Some(state) = weak.upgrade() else { return };
-            if cut(&state) {
-                if let Some(id) = id {
-                    lock(&task_stats.sending).remove(&id);
-                }
-                task_stats.cut.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!("response not sent within {timeout:?}; cut");
-            }
-        });
+        let deadline = (
+            tokio::time::Instant::now() + timeout,
+            stats.registered.fetch_add(1, Ordering::Relaxed),
+        );
+        lock(&stats.deadlines).insert(deadline, Arc::downgrade(&state));
+        if !stats.sweeping.swap(true, Ordering::Relaxed) {
+            tokio::spawn(sweep(Arc::downgrade(&stats), sweep_tick(timeout)));
+        }
         DeadlineBody {
             state,
-            fetch: id.map(|id| (id, stats)),
-            _cancel: cancel,
+            fetch: id,
+            deadline,
+            stats,
         }
     }
 }
@@ -377,10 +413,11 @@ fn finish(mut state: MutexGuard<'_, State>, answered: bool) {
 
 impl Drop for DeadlineBody {
     fn drop(&mut self) {
+        lock(&self.stats.deadlines).remove(&self.deadline);
         // Only its own registration: a slot kept and reused by the next
         // fetch has the same id, and that answer may be registered by now.
-        if let Some((id, stats)) = &self.fetch {
-            let mut sending = lock(&stats.sending);
+        if let Some(id) = &self.fetch {
+            let mut sending = lock(&self.stats.sending);
             if sending
                 .get(id)
                 .is_some_and(|s| Weak::ptr_eq(s, &Arc::downgrade(&self.state)))
@@ -528,8 +565,11 @@ mod tests {
         assert_eq!(first.data_ref().map(Bytes::len), Some(SLICE_BYTES));
         assert_eq!(budget.held(at(1)), 100_000 - SLICE_BYTES);
         assert_eq!(stats.responses_cut(), 0);
-        // The deadline task runs when the paused clock reaches it.
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        // Not before its deadline; by the sweeper's first tick after it.
+        tokio::time::sleep(Duration::from_millis(999)).await;
+        tokio::task::yield_now().await;
+        assert_eq!(stats.responses_cut(), 0);
+        tokio::time::sleep(sweep_tick(Duration::from_secs(1))).await;
         tokio::task::yield_now().await;
         assert_eq!(stats.responses_cut(), 1);
         assert_eq!(budget.held(at(1)), 0);
