@@ -250,7 +250,7 @@ fn read_chunk(
     let mut bytes = 0usize;
     while chunk.next < refs.len() {
         let batch = &refs[chunk.next..(chunk.next + per_read).min(refs.len())];
-        let blocks = match store.blocks(batch) {
+        let blocks = match store.block_bytes(batch) {
             Ok(blocks) => blocks,
             Err(e) => {
                 chunk.error = Some(store_error(e));
@@ -262,7 +262,6 @@ fn read_chunk(
                 chunk.error = Some(Status::not_found(format!("block {r} is not held")));
                 return chunk;
             };
-            let block = block.serialized().clone();
             if !chunk.blocks.is_empty() && bytes + block.len() > max_bytes {
                 return chunk;
             }

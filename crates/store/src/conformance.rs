@@ -332,6 +332,20 @@ fn assert_blocks_stored<S: ConsensusStore>(store: &S, blocks: &[VerifiedBlock], 
             assert_eq!(found.serialized(), block.serialized());
         }
     }
+    // The encodings alone are exactly what the decoded reads give.
+    let refs: Vec<BlockRef> = blocks.iter().map(VerifiedBlock::reference).collect();
+    let decoded: Vec<Option<Bytes>> = store
+        .blocks(&refs)
+        .unwrap()
+        .into_iter()
+        .map(|b| b.map(|b| b.serialized().clone()))
+        .collect();
+    let expected: Vec<Option<Bytes>> = blocks
+        .iter()
+        .map(|b| stored.then(|| b.serialized().clone()))
+        .collect();
+    assert_eq!(decoded, expected);
+    assert_eq!(store.block_bytes(&refs).unwrap(), expected);
 }
 
 /// Runs the whole suite against stores made by `new_store`.
@@ -660,7 +674,9 @@ pub fn blocks_keep_order_and_mark_unknown<S: ConsensusStore>(new_store: impl Fn(
             Some(known_a.serialized().clone()),
         ]
     );
+    assert_eq!(store.block_bytes(&asked).unwrap(), found);
     assert!(store.blocks(&[]).unwrap().is_empty());
+    assert!(store.block_bytes(&[]).unwrap().is_empty());
     assert!(store.block(&unknown).unwrap().is_none());
 }
 

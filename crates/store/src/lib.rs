@@ -21,6 +21,7 @@ mod redb_store;
 
 use std::ops::RangeInclusive;
 
+use bytes::Bytes;
 use soma_types::{
     BlockRef, CommitIndex, CommitRef, Committee, Epoch, TrustedCommit, VerifiedBlock,
 };
@@ -94,6 +95,20 @@ pub trait ConsensusStore: Send + Sync + 'static {
     /// The blocks with the given references, in the same order; `None` for
     /// each one not stored.
     fn blocks(&self, refs: &[BlockRef]) -> Result<Vec<Option<VerifiedBlock>>>;
+
+    /// The encodings of the blocks with the given references, in the same
+    /// order; `None` for each one not stored: exactly the `serialized()`
+    /// bytes of what [`blocks`](Self::blocks) returns. What a FetchBlocks
+    /// answer needs; a store that keeps blocks encoded returns them without
+    /// decoding them (it still checks that the bytes are the block asked
+    /// for).
+    fn block_bytes(&self, refs: &[BlockRef]) -> Result<Vec<Option<Bytes>>> {
+        Ok(self
+            .blocks(refs)?
+            .into_iter()
+            .map(|b| b.map(|b| b.serialized().clone()))
+            .collect())
+    }
 
     /// The certifier blocks stored for the commit at `index`, if any.
     fn certificate(&self, index: CommitIndex) -> Result<Option<Vec<VerifiedBlock>>>;

@@ -190,6 +190,14 @@ impl ConsensusStore for MemStore {
         Ok(refs.iter().map(|r| state.blocks.get(r).cloned()).collect())
     }
 
+    fn block_bytes(&self, refs: &[BlockRef]) -> Result<Vec<Option<bytes::Bytes>>> {
+        let state = self.read()?;
+        Ok(refs
+            .iter()
+            .map(|r| state.blocks.get(r).map(|b| b.serialized().clone()))
+            .collect())
+    }
+
     fn certificate(&self, index: CommitIndex) -> Result<Option<Vec<VerifiedBlock>>> {
         let state = self.read()?;
         let Some(refs) = state.certificates.get(&index) else {

@@ -29,8 +29,8 @@ use redb::{
     WriteTransaction,
 };
 use soma_types::{
-    BlockRef, ChainId, CommitIndex, CommitRef, Committee, Epoch, TrustedCommit, VerifiedBlock,
-    codec, genesis_commit,
+    BlockRef, ChainId, CommitIndex, CommitRef, Committee, Digest, Epoch, TrustedCommit,
+    VerifiedBlock, codec, genesis_commit,
 };
 
 use crate::check::{StoredEpochs, check_blocks, check_epochs, check_links, take_within_budget};
@@ -206,6 +206,13 @@ impl ConsensusStore for RedbStore {
         self.read(|txn| {
             let blocks = txn.open_table(BLOCKS).map_err(db_err)?;
             refs.iter().map(|r| read_block(&blocks, r)).collect()
+        })
+    }
+
+    fn block_bytes(&self, refs: &[BlockRef]) -> Result<Vec<Option<Bytes>>> {
+        self.read(|txn| {
+            let blocks = txn.open_table(BLOCKS).map_err(db_err)?;
+            refs.iter().map(|r| read_block_bytes(&blocks, r)).collect()
         })
     }
 
@@ -587,6 +594,27 @@ fn read_block(
         )));
     }
     Ok(Some(stored))
+}
+
+/// The stored bytes of `block`, checked to be that block by their digest
+/// (the key holds the rest of its reference) but not decoded: a block's
+/// digest is the blake3 of its encoding, so bytes that hash to it are the
+/// bytes that were stored.
+fn read_block_bytes(
+    blocks: &impl ReadableTable<&'static BlockKey, &'static [u8]>,
+    block: &BlockRef,
+) -> Result<Option<Bytes>> {
+    let Some(bytes) = blocks.get(&block_key(block)).map_err(db_err)? else {
+        return Ok(None);
+    };
+    let bytes = bytes.value();
+    if Digest::of(bytes) != block.digest {
+        return Err(Error::Corrupt(format!(
+            "block {block} holds bytes of digest {}",
+            Digest::of(bytes)
+        )));
+    }
+    Ok(Some(Bytes::copy_from_slice(bytes)))
 }
 
 fn decode_commit(index: CommitIndex, bytes: &[u8]) -> Result<TrustedCommit> {

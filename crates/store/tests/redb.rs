@@ -174,6 +174,17 @@ fn corrupt_values_read_as_corrupt() {
     assert!(is_corrupt(store.block(&block)));
     assert!(is_corrupt(store.block(&chain.blocks(1)[1].reference())));
     assert!(is_corrupt(store.blocks(&[block])));
+    // Read as bytes, not decoded: still checked to be the block asked for.
+    assert!(is_corrupt(store.block_bytes(&[block])));
+    assert!(is_corrupt(
+        store.block_bytes(&[chain.blocks(1)[1].reference()])
+    ));
+    assert_eq!(
+        store
+            .block_bytes(&[chain.blocks(1)[2].reference()])
+            .unwrap(),
+        vec![Some(chain.blocks(1)[2].serialized().clone())]
+    );
     assert!(is_corrupt(store.certificate(3)));
     assert!(is_corrupt(store.committee(0)));
     // Pruning must decode what it deletes, and refuses the corrupt commits

@@ -76,6 +76,9 @@ impl ConsensusStore for FailingStore {
     fn blocks(&self, refs: &[BlockRef]) -> Result<Vec<Option<VerifiedBlock>>> {
         self.inner.blocks(refs)
     }
+    fn block_bytes(&self, refs: &[BlockRef]) -> Result<Vec<Option<bytes::Bytes>>> {
+        self.inner.block_bytes(refs)
+    }
     fn certificate(&self, index: CommitIndex) -> Result<Option<Vec<VerifiedBlock>>> {
         self.inner.certificate(index)
     }
