@@ -114,7 +114,9 @@ impl Handler<CallMsg> for GrpcAdapter {
         // connection for its next fetch (see `kept`), so none stands in
         // its way.
         if fetch {
-            drop(self.deps.send_stats.kept.reclaim());
+            let kept = &self.deps.send_stats.kept;
+            drop(kept.reclaim());
+            kept.forget_revoked(|id| self.holders.held(id));
         }
         // The fetches that ended since the last call free their slots
         // first (in id order, so a replay sees the same inputs).
@@ -159,7 +161,10 @@ impl Handler<CallMsg> for GrpcAdapter {
                         permit: Permit::new(id, self.holders.hold_keeping_ended(id)),
                     });
                 }
-                Output::Cut { id: victim } => self.deps.send_stats.preempt(victim),
+                Output::Cut { id: victim } => {
+                    let held = self.holders.held(victim);
+                    self.deps.send_stats.preempt(victim, held);
+                }
                 Output::Refuse {
                     id: refused,
                     refusal,

@@ -53,7 +53,7 @@ pub struct SendStats {
     /// Slots of answered fetches, kept for their connection's next fetch.
     pub(super) kept: KeptSlots,
     /// Every response being sent, by deadline, for the sweeper.
-    deadlines: Mutex<BTreeMap<Deadline, Weak<Mutex<State>>>>,
+    deadlines: Mutex<BTreeMap<Deadline, Registered>>,
     /// Responses registered so far: the second half of a deadline's key.
     registered: AtomicU64,
     /// Whether the sweeper task runs.
@@ -63,6 +63,9 @@ pub struct SendStats {
 /// When a response must have been sent, and which one it is (the order
 /// it was registered in).
 type Deadline = (tokio::time::Instant, u64);
+
+/// A response the sweeper watches, and the fetch it answers if any.
+type Registered = (Weak<Mutex<State>>, Option<u64>);
 
 /// How often the sweeper looks for responses past their deadline: an
 /// eighth of `timeout`, between 10 ms and 1 s.
@@ -79,15 +82,23 @@ async fn sweep(stats: Weak<SendStats>, tick: Duration) {
         ticks.tick().await;
         let Some(stats) = stats.upgrade() else { return };
         let now = tokio::time::Instant::now();
-        let due: Vec<Weak<Mutex<State>>> = {
+        let due: Vec<Registered> = {
             let mut deadlines = lock(&stats.deadlines);
             let later = deadlines.split_off(&(now, u64::MAX));
             std::mem::replace(&mut *deadlines, later)
                 .into_values()
                 .collect()
         };
-        for state in due.iter().filter_map(Weak::upgrade) {
+        for (state, fetch) in due {
+            let Some(state) = state.upgrade() else {
+                continue;
+            };
             if cut(&state) {
+                // The transport may keep the cut body (and so its
+                // registration) until the connection closes.
+                if let Some(id) = fetch {
+                    stats.unregister(id, &state);
+                }
                 stats.cut.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!("response not sent within its deadline; cut");
             }
@@ -149,16 +160,32 @@ impl SendStats {
         stalled.into_iter().map(|(_, id)| id).collect()
     }
 
+    /// Forgets `state` as the answer of fetch `id`; only its own
+    /// registration: a slot kept and reused by the next fetch has the same
+    /// id, and that answer may be registered by now.
+    fn unregister(&self, id: u64, state: &Arc<Mutex<State>>) {
+        let mut sending = lock(&self.sending);
+        if sending
+            .get(&id)
+            .is_some_and(|s| Weak::ptr_eq(s, &Arc::downgrade(state)))
+        {
+            sending.remove(&id);
+        }
+    }
+
     /// Cuts the answer of fetch `id` now, as its deadline would, for a
     /// newer fetch that took its slot.
-    pub(super) fn preempt(&self, id: u64) {
+    /// `held`: whether its permit is still alive (if not, its slot can no
+    /// longer be kept either).
+    pub(super) fn preempt(&self, id: u64, held: bool) {
         let state = lock(&self.sending).remove(&id).and_then(|s| s.upgrade());
         if state.is_some_and(|state| cut(&state)) {
             self.preempted.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(id, "stalled response cut for a newer fetch");
-        } else {
+        } else if held {
             // Its answer ended meanwhile: its slot, which the adapter gave
-            // away, may be kept by now or about to be.
+            // away, may be kept by now, about to be, or taken by the next
+            // fetch of its connection.
             self.kept.revoke(id);
         }
     }
@@ -370,7 +397,7 @@ impl DeadlineBody {
             tokio::time::Instant::now() + timeout,
             stats.registered.fetch_add(1, Ordering::Relaxed),
         );
-        lock(&stats.deadlines).insert(deadline, Arc::downgrade(&state));
+        lock(&stats.deadlines).insert(deadline, (Arc::downgrade(&state), id));
         if !stats.sweeping.swap(true, Ordering::Relaxed) {
             tokio::spawn(sweep(Arc::downgrade(&stats), sweep_tick(timeout)));
         }
@@ -414,16 +441,8 @@ fn finish(mut state: MutexGuard<'_, State>, answered: bool) {
 impl Drop for DeadlineBody {
     fn drop(&mut self) {
         lock(&self.stats.deadlines).remove(&self.deadline);
-        // Only its own registration: a slot kept and reused by the next
-        // fetch has the same id, and that answer may be registered by now.
-        if let Some(id) = &self.fetch {
-            let mut sending = lock(&self.stats.sending);
-            if sending
-                .get(id)
-                .is_some_and(|s| Weak::ptr_eq(s, &Arc::downgrade(&self.state)))
-            {
-                sending.remove(id);
-            }
+        if let Some(id) = self.fetch {
+            self.stats.unregister(id, &self.state);
         }
     }
 }
@@ -464,7 +483,13 @@ impl http_body::Body for DeadlineBody {
                 }
                 Ok(empty) => Poll::Ready(Some(Ok(Frame::data(empty)))),
                 Err(trailers) => {
-                    finish(state, true);
+                    // An answer that ended in an error status was not
+                    // sent in full.
+                    let ok = trailers
+                        .trailers_ref()
+                        .and_then(|t| t.get("grpc-status"))
+                        .is_none_or(|status| status == "0");
+                    finish(state, ok);
                     Poll::Ready(Some(Ok(trailers)))
                 }
             },
@@ -616,7 +641,7 @@ mod tests {
         {
             tokio::task::yield_now().await;
         }
-        stats.preempt(7);
+        stats.preempt(7, true);
         let frame = tokio::time::timeout(Duration::from_secs(10), transport)
             .await
             .expect("the transport was woken")
@@ -662,13 +687,29 @@ mod tests {
         assert_eq!(stats.responses_cut(), 1);
         assert_eq!(stats.kept.len(), 0);
         assert_eq!(holders.ended(), vec![1]);
+        // The cut body is still around (the transport keeps it until the
+        // connection goes) but is no longer an answer being sent.
+        assert!(!lock(&stats.sending).contains_key(&1));
+        drop(again);
         // Preempted: not kept either.
         let guard = SendGuard::new(Some(slot(&stats, &mut holders, 2)), None);
         let mut cut = DeadlineBody::new(body(1, 100_000), guard, timeout, stats.clone());
         next(&mut cut).await.unwrap().unwrap();
-        stats.preempt(2);
+        stats.preempt(2, true);
         assert_eq!(stats.kept.len(), 0);
         assert_eq!(holders.ended(), vec![2]);
+        // Ended with an error status: not sent in full, not kept.
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("5"));
+        let failed = Body::new(Frames(VecDeque::from([
+            Frame::data(Bytes::from_static(b"x")),
+            Frame::trailers(trailers),
+        ])));
+        let guard = SendGuard::new(Some(slot(&stats, &mut holders, 4)), None);
+        let mut sent = DeadlineBody::new(failed, guard, timeout, stats.clone());
+        while next(&mut sent).await.is_some() {}
+        assert_eq!(stats.kept.len(), 0);
+        assert_eq!(holders.ended(), vec![4]);
         // Dropped unsent (the connection went): not kept.
         let guard = SendGuard::new(Some(slot(&stats, &mut holders, 3)), None);
         drop(DeadlineBody::new(

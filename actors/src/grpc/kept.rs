@@ -18,7 +18,10 @@
 //! A fetch on a kept slot passes the same checks of its request as one the
 //! core admits (`fetch_work`); an invalid one is refused and the slot
 //! stays kept. There are at most as many kept slots as fetch slots
-//! (`max-concurrent-fetches`): each is one the core counts.
+//! (`max-concurrent-fetches`): each is one the core counts, but for one
+//! race: a preemption that takes a slot just as its connection's next
+//! fetch took it from here lets that fetch finish uncounted (microseconds
+//! wide, one answer long); its slot is then never kept ([`KeptSlots::revoke`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -34,8 +37,9 @@ use super::actor::Permit;
 /// address by another identity does not inherit it).
 pub(crate) type SlotKey = (SocketAddr, Option<PeerId>);
 
-/// Revoked ids remembered for a slot about to be kept; only a race between
-/// a preemption and the end of the answer leaves one, so a few suffice.
+/// Revoked ids remembered for a slot not yet kept; only a preemption racing
+/// the end of an answer leaves one, and the adapter forgets those whose
+/// permit is gone, so a few suffice.
 const MAX_REVOKED: usize = 64;
 
 /// The slots kept, by connection and caller.
@@ -86,7 +90,7 @@ impl KeptSlots {
         drop(found);
     }
 
-    /// A slot kept for `key`, if any, counted as reused.
+    /// A slot kept for `key`, if any.
     pub(crate) fn take(&self, key: SlotKey) -> Option<Permit> {
         let mut state = self.lock();
         let slots = &mut state.slots;
@@ -95,17 +99,18 @@ impl KeptSlots {
         if kept.is_empty() {
             slots.remove(&key);
         }
-        if permit.is_some() {
-            self.reused.fetch_add(1, Ordering::Relaxed);
-        }
         permit
     }
 
-    /// Gives back `permit`, taken for a fetch that did not start (its
-    /// request was invalid): not counted as reused.
-    pub(crate) fn put_back(&self, key: SlotKey, permit: Permit) {
-        self.reused.fetch_sub(1, Ordering::Relaxed);
-        self.keep(key, permit);
+    /// Counts a fetch started on a kept slot (its request was valid).
+    pub(crate) fn started(&self) {
+        self.reused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Forgets the revoked ids `held` says are no longer held: their
+    /// permits are gone, so none of them can be kept any more.
+    pub(crate) fn forget_revoked(&self, held: impl Fn(u64) -> bool) {
+        self.lock().revoked.retain(|id| held(*id));
     }
 
     /// Every kept slot, taken out: dropping them gives their slots back to
@@ -160,13 +165,9 @@ mod tests {
         assert!(kept.take(key(3, 1)).is_none());
         assert_eq!(kept.take(key(2, 1)).map(|p| p.id()), Some(3));
         assert!(kept.take(key(2, 1)).is_none());
-        assert_eq!(kept.reused(), 1);
         // Only the slot taken (and dropped here) ended; the kept ones are
         // still held, and the adapter still counts them.
         assert_eq!(holders.ended(), vec![3]);
-        let taken = kept.take(key(1, 1)).expect("a slot kept for it");
-        kept.put_back(key(1, 1), taken);
-        assert_eq!(kept.reused(), 1);
         assert_eq!(kept.len(), 2);
         drop(kept.reclaim());
         assert_eq!(kept.len(), 0);
@@ -190,5 +191,11 @@ mod tests {
         // Others are kept as ever.
         kept.keep(key(1, 1), Permit::new(3, holders.hold_keeping_ended(3)));
         assert_eq!(kept.take(key(1, 1)).map(|p| p.id()), Some(3));
+        // A revoked id whose permit went without being kept is forgotten
+        // once the adapter sees it is no longer held.
+        kept.revoke(4);
+        kept.forget_revoked(|id| id != 4);
+        kept.keep(key(1, 1), Permit::new(4, holders.hold_keeping_ended(4)));
+        assert_eq!(kept.take(key(1, 1)).map(|p| p.id()), Some(4));
     }
 }

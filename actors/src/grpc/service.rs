@@ -108,9 +108,12 @@ impl P2pService {
             && let Some(permit) = kept.take(key)
         {
             return match fetch_work(&self.deps.limits, call) {
-                Ok(work) => Ok(Admission { work, permit }),
+                Ok(work) => {
+                    kept.started();
+                    Ok(Admission { work, permit })
+                }
                 Err(refusal) => {
-                    kept.put_back(key, permit);
+                    kept.keep(key, permit);
                     Err(refusal.into())
                 }
             };
@@ -327,13 +330,14 @@ impl P2pService {
         let call = Call::FetchBlocks {
             refs: request.get_ref().refs.len(),
         };
-        let admission = self.admit_fetch(&request, call).await?;
+        // Malformed references are refused before any slot is taken.
         let refs = request
             .get_ref()
             .refs
             .iter()
             .map(BlockRef::try_from)
             .collect::<Result<Vec<_>, ConvertError>>()?;
+        let admission = self.admit_fetch(&request, call).await?;
         let slot = FetchSlot::new(admission.permit, &self.deps.stats, slot_key(&request));
         let reservation = Arc::new(self.budget.reservation(connection(&request)));
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
