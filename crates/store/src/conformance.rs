@@ -318,7 +318,18 @@ pub fn snapshot<S: ConsensusStore>(store: &S, chain: &TestChain) -> Snapshot {
     }
 }
 
-/// Asserts that every block of `blocks` is stored (`true`) or not.
+/// The encodings of the decoded blocks `store.blocks(refs)` returns.
+fn decoded_bytes<S: ConsensusStore>(store: &S, refs: &[BlockRef]) -> Vec<Option<Bytes>> {
+    store
+        .blocks(refs)
+        .unwrap()
+        .into_iter()
+        .map(|b| b.map(|b| b.serialized().clone()))
+        .collect()
+}
+
+/// Asserts that every block of `blocks` is stored (`true`) or not, read
+/// decoded and as encodings alike.
 fn assert_blocks_stored<S: ConsensusStore>(store: &S, blocks: &[VerifiedBlock], stored: bool) {
     for block in blocks {
         let found = store.block(&block.reference()).unwrap();
@@ -334,12 +345,7 @@ fn assert_blocks_stored<S: ConsensusStore>(store: &S, blocks: &[VerifiedBlock], 
     }
     // The encodings alone are exactly what the decoded reads give.
     let refs: Vec<BlockRef> = blocks.iter().map(VerifiedBlock::reference).collect();
-    let decoded: Vec<Option<Bytes>> = store
-        .blocks(&refs)
-        .unwrap()
-        .into_iter()
-        .map(|b| b.map(|b| b.serialized().clone()))
-        .collect();
+    let decoded = decoded_bytes(store, &refs);
     let expected: Vec<Option<Bytes>> = blocks
         .iter()
         .map(|b| stored.then(|| b.serialized().clone()))
@@ -659,12 +665,7 @@ pub fn blocks_keep_order_and_mark_unknown<S: ConsensusStore>(new_store: impl Fn(
         known_b.reference(),
         known_a.reference(),
     ];
-    let found: Vec<Option<Bytes>> = store
-        .blocks(&asked)
-        .unwrap()
-        .into_iter()
-        .map(|b| b.map(|b| b.serialized().clone()))
-        .collect();
+    let found = decoded_bytes(&store, &asked);
     assert_eq!(
         found,
         vec![
