@@ -132,7 +132,7 @@ impl Series {
             fetches_on_kept_slots: counter(
                 &r,
                 "soma_fetches_on_kept_slots_total",
-                "Fetches served on the slot their connection kept from its fetch before, without asking the GrpcAdapter",
+                "Fetches started on the slot their connection kept from its fetch before, without asking the GrpcAdapter",
                 &[],
             ),
             inbound_refused: counter(
