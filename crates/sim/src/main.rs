@@ -8,7 +8,7 @@ use soma_sim::heights::HeightSettings;
 use soma_sim::net::Settings;
 use soma_sim::scenarios::{
     churn, converged_network, convergence, eclipse, full_knowledge, heights, like_the_bench,
-    partition_and_heal, seed_of, world,
+    partition_and_heal, seed_of,
 };
 use soma_sim::sync::{Hostile, SyncSettings, catch_up};
 use soma_wire::inbound;
@@ -32,6 +32,10 @@ struct Cli {
     /// Protocol minutes of the long run.
     #[arg(long, default_value_t = 60)]
     hour_minutes: u64,
+    /// Threads that step nodes side by side (default: every core). The
+    /// figures are the same whatever the number.
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 impl Cli {
@@ -74,8 +78,33 @@ the long run under churn, states how fast the simulator ran, in protocol
 seconds per wall second (`--hour-nodes`, `--hour-minutes` size it).
 ";
 
+/// Threads every simulated network here runs on ([`Settings::threads`]).
+static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+/// [`soma_sim::scenarios::world`] on this run's threads.
+fn world(nodes: usize, seed: u64) -> Settings {
+    Settings {
+        threads: THREADS.get().copied().unwrap_or(1),
+        ..soma_sim::scenarios::world(nodes, seed)
+    }
+}
+
+/// An allocator whose threads do not queue for each other: with glibc's,
+/// the cores' steps on two threads spent a third of their time waiting for
+/// its arena locks (docs/benchmarks.md, "The simulator's speed").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let cli = Cli::parse();
+    let threads = cli
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get));
+    if threads == 0 {
+        eprintln!("error: --threads must be at least 1");
+        std::process::exit(2);
+    }
+    THREADS.set(threads).expect("set once");
     let sizes: &[usize] = if cli.quick { &[200] } else { &[1_000, 10_000] };
     let mut md = String::new();
     let started = Instant::now();

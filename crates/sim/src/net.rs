@@ -28,11 +28,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::inbound::Server;
-use crate::queue::Queue;
+use crate::queue::{Due, Queue};
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -116,6 +117,9 @@ pub struct Settings {
     /// production `soma_wire::inbound::Rules`); `None`: every dial is
     /// accepted.
     pub inbound: Option<soma_wire::inbound::Config>,
+    /// Threads that step nodes' cores side by side. The run is the same,
+    /// bit for bit, whatever the number ([`Sim::run_until`] says how).
+    pub threads: usize,
 }
 
 impl Default for Settings {
@@ -133,6 +137,7 @@ impl Default for Settings {
             sybils: 0,
             first_round_at_start: false,
             inbound: None,
+            threads: 1,
         }
     }
 }
@@ -259,6 +264,71 @@ pub struct Sim {
     digest: blake3::Hasher,
     /// Virtual time 0 for the inbound rules, which read `Instant`s.
     base: Instant,
+    /// With more than one thread: the pool that, with the calling thread,
+    /// steps nodes ahead.
+    pool: Option<Arc<rayon::ThreadPool>>,
+    /// Each node's place in the window being handled
+    /// ([`Sim::step_ahead`]).
+    marks: Vec<Mark>,
+    /// Steps taken ahead of each node whose outputs wait for their turn.
+    pending: Vec<usize>,
+    /// Steps taken ahead in all.
+    ahead: u64,
+    stamp: u64,
+    /// A buffer for the bytes that identify an input.
+    scratch: Vec<u8>,
+}
+
+/// A step taken ahead of its event's turn: the bytes that identify its
+/// input, and the core's outputs, still to be carried out.
+struct Ahead {
+    input: Vec<u8>,
+    outputs: Vec<Output>,
+    kind: Stepped,
+}
+
+/// What a step taken ahead was, for what remains to do at its turn.
+enum Stepped {
+    Tick,
+    Answer,
+    /// A call from `from`, to answer.
+    Call {
+        from: usize,
+        incarnation: u32,
+    },
+}
+
+/// What an event is to its node's core, within a window.
+enum Kind {
+    /// Steps it, with an input known ahead: a round, a call, an answer.
+    Ahead,
+    /// Leaves it alone (an event of an earlier incarnation, a sybil's call).
+    Neutral,
+    /// Steps it with an input that depends on the events before.
+    Blocks,
+}
+
+/// A node's place in the window being stepped ahead.
+#[derive(Clone, Copy, Default)]
+struct Mark {
+    stamp: u64,
+    /// Its chain of events going ahead.
+    chain: Option<usize>,
+    /// An event that cannot go ahead came: the rest wait their turn.
+    blocked: bool,
+}
+
+impl Event {
+    /// The node whose core the event may step.
+    fn node(&self) -> usize {
+        match self {
+            Event::Tick { node, .. }
+            | Event::Dialled { node, .. }
+            | Event::Broken { node, .. }
+            | Event::Closed { node, .. } => *node,
+            Event::Query { to, .. } | Event::Answer { to, .. } => *to,
+        }
+    }
 }
 
 /// The peer id of node `index`: deterministic, distinct.
@@ -301,6 +371,14 @@ impl Sim {
     /// names the node whose core records a trace.
     pub fn new(settings: Settings, recorded: Option<usize>) -> Self {
         let rng = ChaCha8Rng::seed_from_u64(settings.seed);
+        let pool = (settings.threads > 1).then(|| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(settings.threads - 1)
+                .thread_name(|i| format!("soma-sim-{i}"))
+                .build()
+                .expect("the simulator's threads start");
+            Arc::new(pool)
+        });
         let mut sim = Sim {
             settings,
             rng,
@@ -312,6 +390,12 @@ impl Sim {
             counts: Counts::default(),
             digest: blake3::Hasher::new(),
             base: Instant::now(),
+            pool,
+            marks: Vec::new(),
+            pending: Vec::new(),
+            ahead: 0,
+            stamp: 0,
+            scratch: Vec::new(),
         };
         for _ in 0..sim.settings.nodes {
             sim.add_node();
@@ -327,6 +411,12 @@ impl Sim {
     /// Counts so far.
     pub fn counts(&self) -> &Counts {
         &self.counts
+    }
+
+    /// Steps taken ahead of their turn, side by side
+    /// ([`Settings::threads`]); none on one thread.
+    pub fn steps_ahead(&self) -> u64 {
+        self.ahead
     }
 
     /// The number of nodes ever made (up or not).
@@ -533,14 +623,342 @@ impl Sim {
     }
 
     /// Runs every event up to virtual time `until`.
+    ///
+    /// With [`Settings::threads`] above one, events are taken a window at a
+    /// time, as wide as the shortest delay anything handled can schedule
+    /// (the shortest leg between two nodes), so nothing handled in a
+    /// window schedules an event into it but the close a node's own output
+    /// asks for at once, which reaches a node already reached. Each node's
+    /// rounds, calls and answers in the window, up to its first event whose
+    /// input depends on what came before (a dial's result, a broken or
+    /// closed connection), are stepped ahead, the nodes side by side, each
+    /// step at its own time; then every event is handled in its order,
+    /// those stepped ahead carrying out the outputs their step gave. A step
+    /// reads and changes only its own node's core, and everything else
+    /// (connections, servers, own infos, the network's randomness, the
+    /// counts, the digest) changes in the order one thread would change it:
+    /// the run is the same. An event scheduled into the window that reached
+    /// a node with steps ahead still to carry out would break that; it
+    /// panics instead.
     pub fn run_until(&mut self, until: u64) {
-        while let Some(event) = self.queue.next_until(until) {
-            self.handle(event);
+        let width = if self.pool.is_some() {
+            self.lookahead()
+        } else {
+            1
+        };
+        let mut due = Vec::new();
+        while self.queue.take_window(until, width, &mut due) {
+            let mut ahead = self.step_ahead(&mut due);
+            for (i, d) in due.drain(..).enumerate() {
+                while let Some(first) = self.queue.next_before(d.at, d.sequence) {
+                    assert!(
+                        self.pending.get(first.event.node()).is_none_or(|n| *n == 0),
+                        "an event scheduled within the window reached a node stepped ahead"
+                    );
+                    self.handle(first.event, first.sequence);
+                }
+                self.queue.advance_to(d.at);
+                match ahead.get_mut(i).and_then(Option::take) {
+                    Some(a) => self.finish(d.event, a),
+                    None => self.handle(d.event, d.sequence),
+                }
+            }
         }
         self.queue.advance_to(until);
     }
 
-    fn handle(&mut self, event: Event) {
+    /// The shortest delay a handled event can schedule another after, but
+    /// for a node's own close: a leg between the two closest regions at
+    /// the lowest jitter (dials, timeouts and rounds take longer).
+    fn lookahead(&self) -> u64 {
+        let rtt = self.settings.latency.rtt_ms.iter().flatten().min();
+        let low = 1.0 - self.settings.jitter.max(0.0);
+        rtt.map_or(1, |&rtt| ((rtt as f64 / 2.0) * low).round().max(1.0) as u64)
+    }
+
+    /// Steps ahead, on the pool, each node's events of `due` (one
+    /// window's) up to its first that cannot go ahead, taking what they
+    /// carry out of them; what each step gave, by the event's position
+    /// (none if fewer than two nodes have any).
+    fn step_ahead(&mut self, due: &mut [Due<Event>]) -> Vec<Option<Ahead>> {
+        let Some(pool) = self.pool.clone() else {
+            return Vec::new();
+        };
+        self.stamp += 1;
+        let stamp = self.stamp;
+        self.marks.resize(self.nodes.len(), Mark::default());
+        self.pending.resize(self.nodes.len(), 0);
+        // Each node's chain: the positions of its events that go ahead.
+        let mut chains: Vec<(usize, Vec<usize>)> = Vec::new();
+        for (i, d) in due.iter().enumerate() {
+            let node = d.event.node();
+            let kind = self.kind(&d.event);
+            let mark = &mut self.marks[node];
+            if mark.stamp != stamp {
+                *mark = Mark {
+                    stamp,
+                    chain: None,
+                    blocked: false,
+                };
+            }
+            match kind {
+                Kind::Neutral => {}
+                _ if mark.blocked => {}
+                Kind::Ahead => {
+                    let chain = *mark.chain.get_or_insert(chains.len());
+                    if chain == chains.len() {
+                        chains.push((node, Vec::new()));
+                    }
+                    chains[chain].1.push(i);
+                }
+                Kind::Blocks => mark.blocked = true,
+            }
+        }
+        if chains.len() < 2 {
+            return Vec::new();
+        }
+        // By node, as `disjoint_mut` takes them.
+        chains.sort_unstable_by_key(|(node, _)| *node);
+        let jobs: Vec<Job> = chains
+            .iter()
+            .map(|(node, chain)| {
+                self.pending[*node] = chain.len();
+                chain
+                    .iter()
+                    .map(|&i| (i, Time(due[i].at), self.input_ahead(&mut due[i])))
+                    .collect()
+            })
+            .collect();
+        let nodes = disjoint_mut(&mut self.nodes, chains.iter().map(|(node, _)| *node));
+        // The heaviest chains first, each taken by the next free thread
+        // (this one among them): the window ends soonest.
+        let mut work: Vec<(usize, &mut Node, Job)> = nodes
+            .into_iter()
+            .zip(jobs)
+            .map(|(n, job)| (weight(&job), n, job))
+            .collect();
+        work.sort_by_key(|(w, ..)| std::cmp::Reverse(*w));
+        let slots: Vec<Mutex<Option<(&mut Node, Job)>>> = work
+            .into_iter()
+            .map(|(_, n, job)| Mutex::new(Some((n, job))))
+            .collect();
+        let next = AtomicUsize::new(0);
+        let done: Mutex<Vec<(usize, Ahead)>> = Mutex::new(Vec::with_capacity(due.len()));
+        let run = || {
+            let mut mine = Vec::new();
+            while let Some(slot) = slots.get(next.fetch_add(1, Ordering::Relaxed)) {
+                let Some((n, job)) = slot.lock().ok().and_then(|mut s| s.take()) else {
+                    continue;
+                };
+                for (i, at, (input, kind)) in job {
+                    let mut bytes = Vec::new();
+                    input_bytes(&mut bytes, &input);
+                    let outputs = n.driver.step_at(at, input);
+                    let input = bytes;
+                    mine.push((
+                        i,
+                        Ahead {
+                            input,
+                            outputs,
+                            kind,
+                        },
+                    ));
+                }
+            }
+            if let Ok(mut done) = done.lock() {
+                done.append(&mut mine);
+            }
+        };
+        pool.in_place_scope(|scope| {
+            for _ in 0..pool.current_num_threads() {
+                scope.spawn(|_| run());
+            }
+            run();
+        });
+        let stepped = done.into_inner().unwrap_or_default();
+        self.ahead += stepped.len() as u64;
+        let mut ahead: Vec<Option<Ahead>> = due.iter().map(|_| None).collect();
+        for (i, a) in stepped {
+            ahead[i] = Some(a);
+        }
+        ahead
+    }
+
+    /// Whether `event` can be stepped ahead, or leaves its node's core
+    /// alone (so the node's later events still can), or neither.
+    fn kind(&self, event: &Event) -> Kind {
+        let (steps, ahead) = match event {
+            Event::Tick { node, incarnation }
+            | Event::Answer {
+                to: node,
+                incarnation,
+                ..
+            } => (self.current(*node, *incarnation), true),
+            // A sybil answers without its core.
+            Event::Query { to, .. } => (self.nodes[*to].up && !self.is_sybil(*to), true),
+            Event::Dialled {
+                node, incarnation, ..
+            }
+            | Event::Broken {
+                node, incarnation, ..
+            }
+            | Event::Closed {
+                node, incarnation, ..
+            } => (self.current(*node, *incarnation), false),
+        };
+        match (steps, ahead) {
+            (false, _) => Kind::Neutral,
+            (true, true) => Kind::Ahead,
+            (true, false) => Kind::Blocks,
+        }
+    }
+
+    /// The input of an event that goes ahead, taking what it carries.
+    fn input_ahead(&mut self, due: &mut Due<Event>) -> (Input, Stepped) {
+        match &mut due.event {
+            Event::Tick { .. } => (
+                Input::Tick {
+                    unix_ms: START_UNIX_MS + due.at,
+                },
+                Stepped::Tick,
+            ),
+            Event::Answer {
+                to, from, infos, ..
+            } => {
+                let input = self.learned(*to, *from, std::mem::take(infos), due.at);
+                (input, Stepped::Answer)
+            }
+            Event::Query {
+                from,
+                to,
+                info,
+                incarnation,
+            } => {
+                let info = std::mem::replace(info, Arc::clone(&self.nodes[*from].own));
+                let input = self.serve_input(*from, *to, info, due.at, due.sequence);
+                let call = Stepped::Call {
+                    from: *from,
+                    incarnation: *incarnation,
+                };
+                (input, call)
+            }
+            _ => unreachable!("only rounds, calls and answers go ahead"),
+        }
+    }
+
+    /// Carries out, at its turn, what `event`'s step ahead gave.
+    fn finish(&mut self, event: Event, ahead: Ahead) {
+        let node = event.node();
+        self.pending[node] -= 1;
+        let Ahead {
+            input,
+            outputs,
+            kind,
+        } = ahead;
+        match kind {
+            Stepped::Tick => {
+                let unix_ms = START_UNIX_MS + self.queue.now();
+                self.nodes[node].own = info_of(&self.nodes[node], unix_ms);
+                self.carry_out(node, &input, outputs);
+                if let Event::Tick { incarnation, .. } = event {
+                    let interval = self.settings.discovery.interval_ms.max(1);
+                    self.schedule(interval, Event::Tick { node, incarnation });
+                }
+            }
+            Stepped::Answer => {
+                self.carry_out(node, &input, outputs);
+            }
+            Stepped::Call { from, incarnation } => {
+                self.touch(node, from);
+                let rest = self.carry_out(node, &input, outputs);
+                self.answer(node, from, incarnation, rest);
+            }
+        }
+    }
+
+    /// The input an answer from `from` brings `to` at time `at`, counted.
+    fn learned(
+        &mut self,
+        to: usize,
+        from: usize,
+        mut infos: Vec<Arc<SignedNodeInfo>>,
+        at: u64,
+    ) -> Input {
+        self.counts.answers += 1;
+        self.counts.infos += infos.len() as u64;
+        self.counts.bytes += infos.len() as u64 * INFO_BYTES;
+        // A sybil keeps only the first few infos of an answer: enough to
+        // find honest nodes to connect to, and the attack does not depend
+        // on its own table (which would cost the simulation most of its
+        // time).
+        if self.is_sybil(to) {
+            infos.truncate(SYBIL_LEARNS);
+        }
+        Input::Learned {
+            source: Some(self.nodes[from].id),
+            infos,
+            unix_ms: START_UNIX_MS + at,
+        }
+    }
+
+    /// The input `from`'s call, carrying `info`, brings `to` at time `at`;
+    /// `sequence` (the call's) names it.
+    fn serve_input(
+        &self,
+        from: usize,
+        to: usize,
+        info: Arc<SignedNodeInfo>,
+        at: u64,
+        sequence: u64,
+    ) -> Input {
+        debug_assert!(!self.is_sybil(to), "a sybil's answers are not its core's");
+        Input::Serve {
+            id: sequence,
+            caller: Some(self.nodes[from].id),
+            info: Some(Arc::unwrap_or_clone(info)),
+            unix_ms: START_UNIX_MS + at,
+            remote: Some(IpAddr::V4(ip_of(from))),
+        }
+    }
+
+    /// `from`'s call reached `to`'s server: the connection is active.
+    fn touch(&mut self, to: usize, from: usize) {
+        let now = self.queue.now();
+        if let Some(server) = self.nodes[to].server.as_mut() {
+            server.touch(from, now);
+        }
+    }
+
+    /// Sends `to`'s answer to `from`'s call, out of `outputs`.
+    fn answer(&mut self, to: usize, from: usize, incarnation: u32, outputs: Vec<Output>) {
+        let unix_ms = START_UNIX_MS + self.queue.now();
+        for output in outputs {
+            match output {
+                Output::Answer { infos, .. } => {
+                    if self.lost() || !self.reachable(to, from) {
+                        continue;
+                    }
+                    let own = self.own_info(to, unix_ms);
+                    let infos = std::iter::once(own).chain(infos).collect();
+                    let leg = self.leg(to, from);
+                    self.schedule(
+                        leg,
+                        Event::Answer {
+                            to: from,
+                            from: to,
+                            incarnation,
+                            infos,
+                        },
+                    );
+                }
+                Output::RateLimited { .. } => self.counts.rate_limited += 1,
+                _ => {}
+            }
+        }
+    }
+
+    /// Handles `event`, whose sequence number is `sequence`.
+    fn handle(&mut self, event: Event, sequence: u64) {
         match event {
             Event::Tick { node, incarnation } => {
                 if !self.current(node, incarnation) {
@@ -590,56 +1008,18 @@ impl Sim {
                 if !self.nodes[to].up {
                     return;
                 }
-                let now = self.queue.now();
-                if let Some(server) = self.nodes[to].server.as_mut() {
-                    server.touch(from, now);
-                }
-                let unix_ms = START_UNIX_MS + self.queue.now();
-                let remote = address(from)
-                    .split(':')
-                    .next()
-                    .and_then(|ip| ip.parse::<IpAddr>().ok());
-                let id = self.queue.last_sequence();
+                self.touch(to, from);
                 let outputs = if self.is_sybil(to) {
+                    let unix_ms = START_UNIX_MS + self.queue.now();
                     vec![Output::Answer {
-                        id,
+                        id: sequence,
                         infos: self.sybil_answer(unix_ms),
                     }]
                 } else {
-                    self.step(
-                        to,
-                        Input::Serve {
-                            id,
-                            caller: Some(self.nodes[from].id),
-                            info: Some(Arc::unwrap_or_clone(info)),
-                            unix_ms,
-                            remote,
-                        },
-                    )
+                    let input = self.serve_input(from, to, info, self.queue.now(), sequence);
+                    self.step(to, input)
                 };
-                for output in outputs {
-                    match output {
-                        Output::Answer { infos, .. } => {
-                            if self.lost() || !self.reachable(to, from) {
-                                continue;
-                            }
-                            let own = self.own_info(to, unix_ms);
-                            let infos = std::iter::once(own).chain(infos).collect();
-                            let leg = self.leg(to, from);
-                            self.schedule(
-                                leg,
-                                Event::Answer {
-                                    to: from,
-                                    from: to,
-                                    incarnation,
-                                    infos,
-                                },
-                            );
-                        }
-                        Output::RateLimited { .. } => self.counts.rate_limited += 1,
-                        _ => {}
-                    }
-                }
+                self.answer(to, from, incarnation, outputs);
             }
             Event::Answer {
                 to,
@@ -650,27 +1030,8 @@ impl Sim {
                 if !self.current(to, incarnation) {
                     return;
                 }
-                self.counts.answers += 1;
-                self.counts.infos += infos.len() as u64;
-                self.counts.bytes += infos.len() as u64 * INFO_BYTES;
-                let unix_ms = START_UNIX_MS + self.queue.now();
-                let source = Some(self.nodes[from].id);
-                // A sybil keeps only the first few infos of an answer:
-                // enough to find honest nodes to connect to, and the attack
-                // does not depend on its own table (which would cost the
-                // simulation most of its time).
-                let mut infos = infos;
-                if self.is_sybil(to) {
-                    infos.truncate(SYBIL_LEARNS);
-                }
-                self.step(
-                    to,
-                    Input::Learned {
-                        source,
-                        infos,
-                        unix_ms,
-                    },
-                );
+                let input = self.learned(to, from, infos, self.queue.now());
+                self.step(to, input);
             }
             Event::Broken {
                 node,
@@ -704,12 +1065,23 @@ impl Sim {
 
     /// Feeds `input` to node `node`'s core now and carries out what it asks.
     fn step(&mut self, node: usize, input: Input) -> Vec<Output> {
-        self.digest.update(&(node as u64).to_le_bytes());
-        self.digest.update(&self.queue.now().to_le_bytes());
-        hash_input(&mut self.digest, &input);
+        let mut bytes = std::mem::take(&mut self.scratch);
+        bytes.clear();
+        input_bytes(&mut bytes, &input);
         let outputs = self.nodes[node]
             .driver
             .step_at(Time(self.queue.now()), input);
+        let rest = self.carry_out(node, &bytes, outputs);
+        self.scratch = bytes;
+        rest
+    }
+
+    /// Carries out what node `node`'s core asked when given the input
+    /// `input` identifies; returns the outputs left to the caller.
+    fn carry_out(&mut self, node: usize, input: &[u8], outputs: Vec<Output>) -> Vec<Output> {
+        self.digest.update(&(node as u64).to_le_bytes());
+        self.digest.update(&self.queue.now().to_le_bytes());
+        self.digest.update(input);
         let mut rest = Vec::new();
         for output in outputs {
             hash_output(&mut self.digest, &output);
@@ -923,40 +1295,71 @@ fn info_of(node: &Node, unix_ms: u64) -> Arc<SignedNodeInfo> {
     info(node.id, &node.address, unix_ms)
 }
 
-/// Feeds what identifies `input` to `h`: its kind and every peer, address
+/// A node's chain of steps taken ahead: each event's position in its
+/// window, its time, its input and what it is.
+type Job = Vec<(usize, Time, (Input, Stepped))>;
+
+/// About how long a chain takes: an answer's infos each cost a lookup in
+/// the table, a call an answer's sample, a round little.
+fn weight(job: &Job) -> usize {
+    job.iter()
+        .map(|(_, _, (input, _))| match input {
+            Input::Learned { infos, .. } => infos.len(),
+            Input::Serve { .. } => 50,
+            _ => 10,
+        })
+        .sum()
+}
+
+/// Indices of `items`, ascending and distinct, to their items.
+fn disjoint_mut<T>(items: &mut [T], ascending: impl Iterator<Item = usize>) -> Vec<&mut T> {
+    let (mut rest, mut base) = (items, 0);
+    let mut out = Vec::new();
+    for i in ascending {
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut(i - base);
+        let (item, tail) = tail
+            .split_first_mut()
+            .expect("indices ascending, distinct and in range");
+        out.push(item);
+        (rest, base) = (tail, i + 1);
+    }
+    out
+}
+
+/// What identifies `input`, to be hashed: its kind and every peer, address
 /// and time it names (cheaper than its whole text, as precise for a run).
-fn hash_input(h: &mut blake3::Hasher, input: &Input) {
+fn input_bytes(h: &mut Vec<u8>, input: &Input) {
     match input {
         Input::Tick { unix_ms } => {
-            h.update(b"t");
-            h.update(&unix_ms.to_le_bytes());
+            h.extend_from_slice(b"t");
+            h.extend_from_slice(&unix_ms.to_le_bytes());
         }
         Input::Connected { peer, address } => {
-            h.update(b"c");
-            h.update(&peer.0);
-            h.update(address.as_bytes());
+            h.extend_from_slice(b"c");
+            h.extend_from_slice(&peer.0);
+            h.extend_from_slice(address.as_bytes());
         }
         Input::Disconnected { peer } => {
-            h.update(b"d");
-            h.update(&peer.0);
+            h.extend_from_slice(b"d");
+            h.extend_from_slice(&peer.0);
         }
         Input::DialFailed { peer, address } => {
-            h.update(b"f");
-            h.update(&peer.map_or([0; 32], |p| p.0));
-            h.update(address.as_bytes());
+            h.extend_from_slice(b"f");
+            h.extend_from_slice(&peer.map_or([0; 32], |p| p.0));
+            h.extend_from_slice(address.as_bytes());
         }
         Input::Learned { source, infos, .. } => {
-            h.update(b"l");
-            h.update(&source.map_or([0; 32], |p| p.0));
-            hash_infos(h, infos);
+            h.extend_from_slice(b"l");
+            h.extend_from_slice(&source.map_or([0; 32], |p| p.0));
+            info_bytes(h, infos);
         }
         Input::Serve { id, caller, .. } => {
-            h.update(b"s");
-            h.update(&id.to_le_bytes());
-            h.update(&caller.map_or([0; 32], |p| p.0));
+            h.extend_from_slice(b"s");
+            h.extend_from_slice(&id.to_le_bytes());
+            h.extend_from_slice(&caller.map_or([0; 32], |p| p.0));
         }
         Input::KnownPeers => {
-            h.update(b"k");
+            h.extend_from_slice(b"k");
         }
     }
 }
@@ -995,9 +1398,15 @@ fn hash_output(h: &mut blake3::Hasher, output: &Output) {
 /// chunks at a time, where short updates go one block at a time.
 fn hash_infos(h: &mut blake3::Hasher, infos: &[Arc<SignedNodeInfo>]) {
     let mut bytes = Vec::with_capacity(infos.len() * 40);
-    for i in infos {
-        bytes.extend_from_slice(&i.info.peer_id.0);
-        bytes.extend_from_slice(&i.info.timestamp_ms.to_le_bytes());
-    }
+    info_bytes(&mut bytes, infos);
     h.update(&bytes);
+}
+
+/// What identifies `infos`: each one's peer and timestamp.
+fn info_bytes(out: &mut Vec<u8>, infos: &[Arc<SignedNodeInfo>]) {
+    out.reserve(infos.len() * 40);
+    for i in infos {
+        out.extend_from_slice(&i.info.peer_id.0);
+        out.extend_from_slice(&i.info.timestamp_ms.to_le_bytes());
+    }
 }

@@ -12,6 +12,16 @@ pub struct Queue<E> {
     heap: BinaryHeap<Reverse<Scheduled<E>>>,
 }
 
+/// An event taken from the queue, with its time and sequence number.
+pub struct Due<E> {
+    /// Its virtual time.
+    pub at: u64,
+    /// Its sequence number, unique within the run.
+    pub sequence: u64,
+    /// The event.
+    pub event: E,
+}
+
 struct Scheduled<E> {
     at: u64,
     sequence: u64,
@@ -81,6 +91,50 @@ impl<E> Queue<E> {
         let Reverse(next) = self.heap.pop()?;
         self.now = next.at;
         Some(next.event)
+    }
+
+    /// Every event due within `width` (at least 1) of the earliest one
+    /// waiting, and at or before `until`, appended to `out` in their order;
+    /// false when none is due. The clock does not move: the caller moves it
+    /// to each event's time as it handles them ([`Queue::advance_to`]),
+    /// taking first the events scheduled meanwhile that come before
+    /// ([`Queue::next_before`]).
+    pub fn take_window(&mut self, until: u64, width: u64, out: &mut Vec<Due<E>>) -> bool {
+        let Some(first) = self.heap.peek().map(|next| next.0.at) else {
+            return false;
+        };
+        if first > until {
+            return false;
+        }
+        let end = first
+            .saturating_add(width.max(1))
+            .min(until.saturating_add(1));
+        while self.heap.peek().is_some_and(|next| next.0.at < end) {
+            if let Some(Reverse(next)) = self.heap.pop() {
+                out.push(Due {
+                    at: next.at,
+                    sequence: next.sequence,
+                    event: next.event,
+                });
+            }
+        }
+        true
+    }
+
+    /// The next event waiting if it comes before time `at` and sequence
+    /// `sequence`, with the clock moved to its time.
+    pub fn next_before(&mut self, at: u64, sequence: u64) -> Option<Due<E>> {
+        let next = &self.heap.peek()?.0;
+        if (next.at, next.sequence) >= (at, sequence) {
+            return None;
+        }
+        let Reverse(next) = self.heap.pop()?;
+        self.now = next.at;
+        Some(Due {
+            at: next.at,
+            sequence: next.sequence,
+            event: next.event,
+        })
     }
 
     /// Moves the clock forward to `time` (never back).

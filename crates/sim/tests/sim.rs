@@ -44,6 +44,54 @@ fn one_seed_gives_the_same_run_bit_for_bit_and_another_seed_another() {
 }
 
 #[test]
+fn threads_step_nodes_side_by_side_and_the_run_stays_the_same() {
+    // Churn, a partition, losses, sybils answering without their cores and
+    // servers at their inbound limit closing connections: every kind of
+    // event, on one thread and on two or three.
+    let inbound = soma_wire::inbound::Config {
+        max: 12,
+        reserved: 2,
+        ..soma_wire::inbound::Config::default()
+    };
+    let variants = [
+        small(11),
+        Settings {
+            sybils: 12,
+            ..small(12)
+        },
+        Settings {
+            inbound: Some(inbound),
+            ..small(13)
+        },
+    ];
+    for settings in variants {
+        let one = run(settings.clone(), None, 120_000);
+        assert_eq!(one.steps_ahead(), 0);
+        let answers = one.counts().answers;
+        for threads in [2, 3] {
+            let many = run(
+                Settings {
+                    threads,
+                    ..settings.clone()
+                },
+                None,
+                120_000,
+            );
+            assert_eq!(many.digest(), one.digest(), "{threads} threads");
+            assert_eq!(many.counts(), one.counts());
+            assert_eq!(many.views(), one.views());
+            // Steps went ahead in numbers: a third as many as there were
+            // answers, in a network of 60 whose windows (2 ms) hold few.
+            assert!(
+                many.steps_ahead() * 3 > answers,
+                "{} steps ahead, {answers} answers",
+                many.steps_ahead()
+            );
+        }
+    }
+}
+
+#[test]
 fn a_nodes_inputs_from_a_simulated_run_replay_through_the_replay_harness() {
     // Node 7 leaves and comes back: its trace holds a restart too.
     let sim = run(small(5), Some(7), 120_000);
