@@ -75,7 +75,9 @@ is a delay, not a pipe; there, each node's upload is one).
 
 Each section can be run alone (`soma-sim --only eclipse`); the last one,
 the long run under churn, states how fast the simulator ran, in protocol
-seconds per wall second (`--hour-nodes`, `--hour-minutes` size it).
+seconds per wall second (`--hour-nodes`, `--hour-minutes` size it). Nodes
+are stepped on every core (`--threads`); the figures are the same on one,
+bit for bit (docs/benchmarks.md, \"The simulator's speed\", says how).
 ";
 
 /// Threads every simulated network here runs on ([`Settings::threads`]).

@@ -208,7 +208,8 @@ enum Event {
         from: usize,
         to: usize,
         incarnation: u32,
-        info: Arc<SignedNodeInfo>,
+        /// The caller's own info; taken when the call is stepped ahead.
+        info: Option<Arc<SignedNodeInfo>>,
     },
     Answer {
         to: usize,
@@ -282,6 +283,8 @@ pub struct Sim {
 /// A step taken ahead of its event's turn: the bytes that identify its
 /// input, and the core's outputs, still to be carried out.
 struct Ahead {
+    /// The time it was stepped at.
+    at: u64,
     input: Vec<u8>,
     outputs: Vec<Output>,
     kind: Stepped,
@@ -639,10 +642,11 @@ impl Sim {
     /// counts, the digest) changes in the order one thread would change it:
     /// the run is the same. An event scheduled into the window that reached
     /// a node with steps ahead still to carry out would break that; it
-    /// panics instead.
+    /// panics instead (as a step's panic does; a `Sim` left by a panic is
+    /// mid-window, not to be run again).
     pub fn run_until(&mut self, until: u64) {
         let width = if self.pool.is_some() {
-            self.lookahead()
+            self.window()
         } else {
             1
         };
@@ -667,13 +671,25 @@ impl Sim {
         self.queue.advance_to(until);
     }
 
-    /// The shortest delay a handled event can schedule another after, but
-    /// for a node's own close: a leg between the two closest regions at
-    /// the lowest jitter (dials, timeouts and rounds take longer).
-    fn lookahead(&self) -> u64 {
-        let rtt = self.settings.latency.rtt_ms.iter().flatten().min();
-        let low = 1.0 - self.settings.jitter.max(0.0);
-        rtt.map_or(1, |&rtt| ((rtt as f64 / 2.0) * low).round().max(1.0) as u64)
+    /// The width of a window: one more than the shortest delay a handled
+    /// event can schedule another after (a leg between the two closest
+    /// regions at the lowest jitter, a dial's timeout, a round), the
+    /// close a node's own output asks for at once aside. An event
+    /// scheduled from the window's first instant lands at its last at the
+    /// earliest, after every event already there.
+    fn window(&self) -> u64 {
+        let s = &self.settings;
+        let low = 1.0 - s.jitter.max(0.0);
+        let leg = s
+            .latency
+            .rtt_ms
+            .iter()
+            .flatten()
+            .min()
+            .map_or(1, |&rtt| ((rtt as f64 / 2.0) * low).round().max(1.0) as u64);
+        leg.min(s.call_timeout_ms)
+            .min(s.discovery.interval_ms.max(1))
+            + 1
     }
 
     /// Steps ahead, on the pool, each node's events of `due` (one
@@ -747,9 +763,8 @@ impl Sim {
         let run = || {
             let mut mine = Vec::new();
             while let Some(slot) = slots.get(next.fetch_add(1, Ordering::Relaxed)) {
-                let Some((n, job)) = slot.lock().ok().and_then(|mut s| s.take()) else {
-                    continue;
-                };
+                let taken = slot.lock().expect("no step panicked").take();
+                let (n, job) = taken.expect("each chain is taken once");
                 for (i, at, (input, kind)) in job {
                     let mut bytes = Vec::new();
                     input_bytes(&mut bytes, &input);
@@ -758,6 +773,7 @@ impl Sim {
                     mine.push((
                         i,
                         Ahead {
+                            at: at.0,
                             input,
                             outputs,
                             kind,
@@ -765,9 +781,7 @@ impl Sim {
                     ));
                 }
             }
-            if let Ok(mut done) = done.lock() {
-                done.append(&mut mine);
-            }
+            done.lock().expect("no step panicked").append(&mut mine);
         };
         pool.in_place_scope(|scope| {
             for _ in 0..pool.current_num_threads() {
@@ -775,7 +789,7 @@ impl Sim {
             }
             run();
         });
-        let stepped = done.into_inner().unwrap_or_default();
+        let stepped = done.into_inner().expect("no step panicked");
         self.ahead += stepped.len() as u64;
         let mut ahead: Vec<Option<Ahead>> = due.iter().map(|_| None).collect();
         for (i, a) in stepped {
@@ -834,8 +848,7 @@ impl Sim {
                 info,
                 incarnation,
             } => {
-                let info = std::mem::replace(info, Arc::clone(&self.nodes[*from].own));
-                let input = self.serve_input(*from, *to, info, due.at, due.sequence);
+                let input = self.serve_input(*from, *to, info.take(), due.at, due.sequence);
                 let call = Stepped::Call {
                     from: *from,
                     incarnation: *incarnation,
@@ -851,6 +864,7 @@ impl Sim {
         let node = event.node();
         self.pending[node] -= 1;
         let Ahead {
+            at,
             input,
             outputs,
             kind,
@@ -859,18 +873,18 @@ impl Sim {
             Stepped::Tick => {
                 let unix_ms = START_UNIX_MS + self.queue.now();
                 self.nodes[node].own = info_of(&self.nodes[node], unix_ms);
-                self.carry_out(node, &input, outputs);
+                self.carry_out(node, at, &input, outputs);
                 if let Event::Tick { incarnation, .. } = event {
                     let interval = self.settings.discovery.interval_ms.max(1);
                     self.schedule(interval, Event::Tick { node, incarnation });
                 }
             }
             Stepped::Answer => {
-                self.carry_out(node, &input, outputs);
+                self.carry_out(node, at, &input, outputs);
             }
             Stepped::Call { from, incarnation } => {
                 self.touch(node, from);
-                let rest = self.carry_out(node, &input, outputs);
+                let rest = self.carry_out(node, at, &input, outputs);
                 self.answer(node, from, incarnation, rest);
             }
         }
@@ -907,7 +921,7 @@ impl Sim {
         &self,
         from: usize,
         to: usize,
-        info: Arc<SignedNodeInfo>,
+        info: Option<Arc<SignedNodeInfo>>,
         at: u64,
         sequence: u64,
     ) -> Input {
@@ -915,7 +929,7 @@ impl Sim {
         Input::Serve {
             id: sequence,
             caller: Some(self.nodes[from].id),
-            info: Some(Arc::unwrap_or_clone(info)),
+            info: info.map(Arc::unwrap_or_clone),
             unix_ms: START_UNIX_MS + at,
             remote: Some(IpAddr::V4(ip_of(from))),
         }
@@ -1071,16 +1085,23 @@ impl Sim {
         let outputs = self.nodes[node]
             .driver
             .step_at(Time(self.queue.now()), input);
-        let rest = self.carry_out(node, &bytes, outputs);
+        let rest = self.carry_out(node, self.queue.now(), &bytes, outputs);
         self.scratch = bytes;
         rest
     }
 
-    /// Carries out what node `node`'s core asked when given the input
-    /// `input` identifies; returns the outputs left to the caller.
-    fn carry_out(&mut self, node: usize, input: &[u8], outputs: Vec<Output>) -> Vec<Output> {
+    /// Carries out what node `node`'s core asked when given, at time `at`,
+    /// the input `input` identifies; returns the outputs left to the
+    /// caller.
+    fn carry_out(
+        &mut self,
+        node: usize,
+        at: u64,
+        input: &[u8],
+        outputs: Vec<Output>,
+    ) -> Vec<Output> {
         self.digest.update(&(node as u64).to_le_bytes());
-        self.digest.update(&self.queue.now().to_le_bytes());
+        self.digest.update(&at.to_le_bytes());
         self.digest.update(input);
         let mut rest = Vec::new();
         for output in outputs {
@@ -1112,7 +1133,7 @@ impl Sim {
                 from,
                 to,
                 incarnation,
-                info,
+                info: Some(info),
             },
         );
     }
@@ -1348,15 +1369,37 @@ fn input_bytes(h: &mut Vec<u8>, input: &Input) {
             h.extend_from_slice(&peer.map_or([0; 32], |p| p.0));
             h.extend_from_slice(address.as_bytes());
         }
-        Input::Learned { source, infos, .. } => {
+        Input::Learned {
+            source,
+            infos,
+            unix_ms,
+        } => {
             h.extend_from_slice(b"l");
             h.extend_from_slice(&source.map_or([0; 32], |p| p.0));
+            h.extend_from_slice(&unix_ms.to_le_bytes());
             info_bytes(h, infos);
         }
-        Input::Serve { id, caller, .. } => {
+        Input::Serve {
+            id,
+            caller,
+            info,
+            unix_ms,
+            remote,
+        } => {
             h.extend_from_slice(b"s");
             h.extend_from_slice(&id.to_le_bytes());
             h.extend_from_slice(&caller.map_or([0; 32], |p| p.0));
+            h.extend_from_slice(&unix_ms.to_le_bytes());
+            let (peer, stamp) = info
+                .as_ref()
+                .map_or(([0; 32], 0), |i| (i.info.peer_id.0, i.info.timestamp_ms));
+            h.extend_from_slice(&peer);
+            h.extend_from_slice(&stamp.to_le_bytes());
+            match remote {
+                Some(IpAddr::V4(ip)) => h.extend_from_slice(&ip.octets()),
+                Some(IpAddr::V6(ip)) => h.extend_from_slice(&ip.octets()),
+                None => h.extend_from_slice(b"-"),
+            }
         }
         Input::KnownPeers => {
             h.extend_from_slice(b"k");

@@ -47,7 +47,10 @@ fn one_seed_gives_the_same_run_bit_for_bit_and_another_seed_another() {
 fn threads_step_nodes_side_by_side_and_the_run_stays_the_same() {
     // Churn, a partition, losses, sybils answering without their cores and
     // servers at their inbound limit closing connections: every kind of
-    // event, on one thread and on two or three.
+    // event, on one thread and on two or three. Windows are 3 ms in the
+    // world's latencies; one region of 200 ms round trips makes them
+    // 91 ms, so a node's events chain, and dials, rotations and evictions
+    // fall inside them.
     let inbound = soma_wire::inbound::Config {
         max: 12,
         reserved: 2,
@@ -63,30 +66,43 @@ fn threads_step_nodes_side_by_side_and_the_run_stays_the_same() {
             inbound: Some(inbound),
             ..small(13)
         },
+        Settings {
+            latency: soma_sim::net::Latency::uniform(200),
+            inbound: Some(soma_wire::inbound::Config {
+                max: 12,
+                reserved: 2,
+                ..soma_wire::inbound::Config::default()
+            }),
+            ..small(14)
+        },
     ];
     for settings in variants {
-        let one = run(settings.clone(), None, 120_000);
+        let one = run(settings.clone(), Some(7), 120_000);
         assert_eq!(one.steps_ahead(), 0);
         let answers = one.counts().answers;
+        let (digest, counts, views) = (one.digest(), one.counts().clone(), one.views());
+        let trace = one.trace().expect("node 7 records");
         for threads in [2, 3] {
             let many = run(
                 Settings {
                     threads,
                     ..settings.clone()
                 },
-                None,
+                Some(7),
                 120_000,
             );
-            assert_eq!(many.digest(), one.digest(), "{threads} threads");
-            assert_eq!(many.counts(), one.counts());
-            assert_eq!(many.views(), one.views());
+            assert_eq!(many.digest(), digest, "{threads} threads");
+            assert_eq!(many.counts(), &counts);
+            assert_eq!(many.views(), views);
             // Steps went ahead in numbers: a third as many as there were
-            // answers, in a network of 60 whose windows (2 ms) hold few.
+            // answers, in a network of 60 whose windows hold few events.
             assert!(
                 many.steps_ahead() * 3 > answers,
                 "{} steps ahead, {answers} answers",
                 many.steps_ahead()
             );
+            // Node 7's inputs and outputs, every field, at their times.
+            assert_eq!(many.trace().expect("node 7 records"), trace);
         }
     }
 }
