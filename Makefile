@@ -89,7 +89,8 @@ bench:
 ## PeerHeights and StateSync cores in virtual time): convergence, churn, partition,
 ## eclipse, heights, a catch-up among hostile peers, the real-node discovery
 ## benchmark simulated, and an hour of churn at
-## 2,000 nodes; writes docs/simulation.md (well over an hour on 2 cores; `--only` runs a part)
+## 2,000 nodes; writes docs/simulation.md, on every core (long: docs/benchmarks.md,
+## "The simulator's speed"; `--only` runs a part, `--hour-nodes 10000` the long run at 10,000)
 sim:
 	$(CARGO) run --release --locked -p soma-sim -- --out docs/simulation.md
 
