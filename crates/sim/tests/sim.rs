@@ -63,16 +63,12 @@ fn threads_step_nodes_side_by_side_and_the_run_stays_the_same() {
             ..small(12)
         },
         Settings {
-            inbound: Some(inbound),
+            inbound: Some(inbound.clone()),
             ..small(13)
         },
         Settings {
             latency: soma_sim::net::Latency::uniform(200),
-            inbound: Some(soma_wire::inbound::Config {
-                max: 12,
-                reserved: 2,
-                ..soma_wire::inbound::Config::default()
-            }),
+            inbound: Some(inbound),
             ..small(14)
         },
     ];
