@@ -663,7 +663,10 @@ impl Sim {
                 }
                 self.queue.advance_to(d.at);
                 match ahead.get_mut(i).and_then(Option::take) {
-                    Some(a) => self.finish(d.event, a),
+                    Some(a) => {
+                        self.pending[d.event.node()] -= 1;
+                        self.finish(d.event, a);
+                    }
                     None => self.handle(d.event, d.sequence),
                 }
             }
@@ -827,7 +830,8 @@ impl Sim {
         }
     }
 
-    /// The input of an event that goes ahead, taking what it carries.
+    /// The input of a round, a call or an answer (an event that may go
+    /// ahead), taking what it carries.
     fn input_ahead(&mut self, due: &mut Due<Event>) -> (Input, Stepped) {
         match &mut due.event {
             Event::Tick { .. } => (
@@ -859,10 +863,10 @@ impl Sim {
         }
     }
 
-    /// Carries out, at its turn, what `event`'s step ahead gave.
+    /// Carries out, at its turn, what `event`'s step gave, taken ahead or
+    /// now.
     fn finish(&mut self, event: Event, ahead: Ahead) {
         let node = event.node();
-        self.pending[node] -= 1;
         let Ahead {
             at,
             input,
@@ -973,17 +977,32 @@ impl Sim {
 
     /// Handles `event`, whose sequence number is `sequence`.
     fn handle(&mut self, event: Event, sequence: u64) {
+        if let Kind::Ahead = self.kind(&event) {
+            // A round, a call or an answer: stepped now the way a step
+            // taken ahead is, and carried out the same way.
+            let at = self.queue.now();
+            let mut due = Due {
+                at,
+                sequence,
+                event,
+            };
+            let (input, kind) = self.input_ahead(&mut due);
+            let mut bytes = Vec::new();
+            input_bytes(&mut bytes, &input);
+            let node = due.event.node();
+            let outputs = self.nodes[node].driver.step_at(Time(at), input);
+            let ahead = Ahead {
+                at,
+                input: bytes,
+                outputs,
+                kind,
+            };
+            self.finish(due.event, ahead);
+            return;
+        }
         match event {
-            Event::Tick { node, incarnation } => {
-                if !self.current(node, incarnation) {
-                    return;
-                }
-                let unix_ms = START_UNIX_MS + self.queue.now();
-                self.nodes[node].own = info_of(&self.nodes[node], unix_ms);
-                self.step(node, Input::Tick { unix_ms });
-                let interval = self.settings.discovery.interval_ms.max(1);
-                self.schedule(interval, Event::Tick { node, incarnation });
-            }
+            // Rounds and answers of an earlier incarnation.
+            Event::Tick { .. } | Event::Answer { .. } => {}
             Event::Dialled {
                 node,
                 incarnation,
@@ -1017,35 +1036,20 @@ impl Sim {
                 from,
                 to,
                 incarnation,
-                info,
+                ..
             } => {
+                // A call to a sybil, which answers without its core, or to
+                // a node that is down.
                 if !self.nodes[to].up {
                     return;
                 }
                 self.touch(to, from);
-                let outputs = if self.is_sybil(to) {
-                    let unix_ms = START_UNIX_MS + self.queue.now();
-                    vec![Output::Answer {
-                        id: sequence,
-                        infos: self.sybil_answer(unix_ms),
-                    }]
-                } else {
-                    let input = self.serve_input(from, to, info, self.queue.now(), sequence);
-                    self.step(to, input)
-                };
+                let unix_ms = START_UNIX_MS + self.queue.now();
+                let outputs = vec![Output::Answer {
+                    id: sequence,
+                    infos: self.sybil_answer(unix_ms),
+                }];
                 self.answer(to, from, incarnation, outputs);
-            }
-            Event::Answer {
-                to,
-                from,
-                incarnation,
-                infos,
-            } => {
-                if !self.current(to, incarnation) {
-                    return;
-                }
-                let input = self.learned(to, from, infos, self.queue.now());
-                self.step(to, input);
             }
             Event::Broken {
                 node,
