@@ -2,6 +2,7 @@
 //! that breaks exactly that rule fails with that rule's error.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use soma_chain::{Chain, ChainBuilder, ChainConfig, corrupt};
@@ -10,8 +11,9 @@ use soma_types::verify::{
     verify_commit_batch, verify_fetched_blocks, verify_node_infos, verify_transactions,
 };
 use soma_types::{
-    Access, AuthorityIndex, BlockRef, Domain, Error, KeyPair, Limits, NodeInfo, PeerId, SignedItem,
-    SignedNodeInfo, Transaction, TrustedCommit, UnverifiedBlock, VerifiedBlock,
+    Access, AuthorityIndex, BlockRef, Domain, Error, KeyCache, KeyPair, Limits, NodeInfo, PeerId,
+    SignedBlock, SignedItem, SignedNodeInfo, Transaction, TrustedCommit, UnverifiedBlock,
+    VerifiedBlock,
 };
 
 fn chain() -> Chain {
@@ -441,16 +443,31 @@ fn a_run_certified_ahead_then_linked_is_exactly_the_batch_verified_in_turn() {
     // batch is verified in turn, as the same commits and certifier blocks.
     let chain = chain();
     let limits = Limits::default();
+    // Shared by every batch, as the Verifier shares it: a key decompressed
+    // for one batch is reused by the next.
+    let keys = Arc::new(KeyCache::new(64));
     let mut accepted_count = 0;
     for start in (1..=31).step_by(10) {
         let (commits, certifiers) = chain.fetch_commits(start..=start + 9);
         let certifiers_short =
             corrupt::certificate_below_quorum(&certifiers, chain.committee_of(start + 9));
+        // A certifier validly signed by its author over a transaction whose
+        // sender's signature is wrong: refused by the signer keys' path,
+        // cached (ahead) or not (in turn).
+        let mut forged_transaction = certifiers.clone();
+        let mut signed = forged_transaction[0].signed().clone();
+        signed.block.transactions[0].signature.0[0] ^= 1;
+        let author = chain
+            .config()
+            .protocol_key(signed.block.epoch, signed.block.author.get());
+        forged_transaction[0] =
+            UnverifiedBlock::from_signed(SignedBlock::new(signed.block, &author));
         let batches = [
             (commits.clone(), certifiers.clone()),
             (corrupt::break_link(&commits, 4), certifiers.clone()),
             (corrupt::drop_commit(&commits, 0), certifiers.clone()),
             (commits.clone(), certifiers_short),
+            (commits.clone(), forged_transaction),
         ];
         let mut other_digest = chain.commit_ref(start - 1);
         other_digest.digest.0[0] ^= 1;
@@ -476,6 +493,7 @@ fn a_run_certified_ahead_then_linked_is_exactly_the_batch_verified_in_turn() {
                             committee,
                             after.index + 1,
                             &limits,
+                            Some(&keys),
                         )
                         .and_then(|run| {
                             assert_eq!(run.epoch(), committee.epoch());
@@ -507,6 +525,7 @@ fn a_run_certified_ahead_is_refused_at_its_turn_if_it_does_not_follow_our_last_c
             chain.genesis(),
             11,
             &Limits::default(),
+            None,
         )
         .unwrap()
     };
@@ -529,6 +548,7 @@ fn a_run_certified_ahead_is_refused_at_its_turn_if_it_does_not_follow_our_last_c
         chain.genesis(),
         12,
         &Limits::default(),
+        None,
     );
     assert_eq!(
         wrong_start.err(),

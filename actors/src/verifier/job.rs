@@ -72,9 +72,16 @@ pub fn run_job(job: Job) -> Result<VerifyResponse, VerifyError> {
         } => {
             let committee = committee()?;
             let (commits, certifiers) = decode_commit_batch(&commits, &certifiers, limits)?;
-            verify::certify_commit_run(commits, certifiers, committee, start, limits)
-                .map(VerifyResponse::CommitRun)
-                .map_err(VerifyError::Invalid)
+            verify::certify_commit_run(
+                commits,
+                certifiers,
+                committee,
+                start,
+                limits,
+                Some(&job.keys),
+            )
+            .map(VerifyResponse::CommitRun)
+            .map_err(VerifyError::Invalid)
         }
         VerifyRequest::NodeInfos {
             infos,

@@ -16,8 +16,7 @@
 //! [`UnverifiedCommit`](crate::UnverifiedCommit) also require the canonical
 //! encoding.
 
-use serde::Serialize;
-use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
@@ -47,8 +46,10 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
 }
 
 /// Decodes a `T` from `bytes`, which must hold exactly one value and be at
-/// most `limit` bytes long (and at most [`MAX_DECODE_BYTES`]).
-pub fn decode<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T> {
+/// most `limit` bytes long (and at most [`MAX_DECODE_BYTES`]). A `T` that
+/// borrows (`&'a [u8]` fields with `#[serde(borrow)]`) points into `bytes`
+/// instead of copying.
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8], limit: usize) -> Result<T> {
     let limit = limit.min(MAX_DECODE_BYTES);
     if bytes.len() > limit {
         return Err(Error::TooLarge {
@@ -123,8 +124,8 @@ impl bincode::enc::write::Writer for MatchWriter<'_> {
     }
 }
 
-fn decode_within<T: DeserializeOwned, const N: usize>(bytes: &[u8]) -> Result<(T, usize)> {
-    bincode::serde::decode_from_slice(bytes, config::<N>())
+fn decode_within<'a, T: Deserialize<'a>, const N: usize>(bytes: &'a [u8]) -> Result<(T, usize)> {
+    bincode::serde::borrow_decode_from_slice(bytes, config::<N>())
         .map_err(|e| Error::Malformed(e.to_string()))
 }
 

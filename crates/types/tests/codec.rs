@@ -14,7 +14,8 @@ use serde::de::DeserializeOwned;
 use soma_types::{
     Access, Authority, AuthorityIndex, Block, BlockRef, ChainId, Commit, CommitRef, Committee,
     Digest, Domain, EndOfEpoch, Error, KeyPair, Limits, NodeInfo, PeerId, PublicKey, Signature,
-    SignedBlock, SignedNodeInfo, Transaction, UnverifiedBlock, UnverifiedCommit, codec,
+    SignedBlock, SignedNodeInfo, Transaction, UnverifiedBlock, UnverifiedCommit, VerifiedBlock,
+    codec,
 };
 
 // ---- allocation tracking ----
@@ -489,6 +490,31 @@ mod unverified {
                 (decoded.reference().epoch, decoded.reference().round, decoded.reference().author),
                 (signed.block.epoch, signed.block.round, signed.block.author)
             );
+        }
+
+        /// A decoded block's payloads are slices of its bytes, not copies,
+        /// and the block is exactly what the plain decode of the same bytes
+        /// gives, from the network (`decode`) or from a store
+        /// (`from_trusted_bytes`).
+        #[test]
+        fn decoded_payloads_are_slices_of_the_blocks_bytes(
+            signed in arb_signed_block_with(0..12)
+        ) {
+            let bytes = UnverifiedBlock::from_signed(signed.clone()).serialized().clone();
+            let plain: SignedBlock = codec::decode(&bytes, usize::MAX).unwrap();
+            let received = UnverifiedBlock::decode(bytes.clone(), usize::MAX).unwrap();
+            let stored = VerifiedBlock::from_trusted_bytes(bytes.clone()).unwrap();
+            prop_assert_eq!(received.signed(), &plain);
+            prop_assert_eq!(stored.signed(), &plain);
+            prop_assert_eq!(&plain, &signed);
+            let within = |p: &Bytes| {
+                let (start, end) = (bytes.as_ptr() as usize, bytes.as_ptr() as usize + bytes.len());
+                let at = p.as_ptr() as usize;
+                start <= at && at + p.len() <= end
+            };
+            for t in received.block().transactions.iter().chain(&stored.block().transactions) {
+                prop_assert!(t.payload.is_empty() || within(&t.payload), "payload copied");
+            }
         }
 
         /// Decoding without hashing the transactions now (signatures off)

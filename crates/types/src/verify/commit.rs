@@ -1,7 +1,8 @@
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use crate::{
-    CommitIndex, CommitRef, Committee, Epoch, Error, Limits, Result, TrustedCommit,
+    CommitIndex, CommitRef, Committee, Epoch, Error, KeyCache, Limits, Result, TrustedCommit,
     UnverifiedBlock, UnverifiedCommit, VerifiedBlock,
     verify::{SignatureBatch, check_block},
 };
@@ -40,6 +41,7 @@ pub fn verify_commit_batch(
         committee,
         last_synced.index + 1,
         limits,
+        None,
     )?
     .link(last_synced)
 }
@@ -106,13 +108,16 @@ fn follows(commit: &UnverifiedCommit, previous: CommitRef) -> Result<()> {
 
 /// Checks every rule of [`verify_commit_batch`] on a batch whose first
 /// commit must be `start`, except the link of that first commit to the one
-/// before it: that is [`CertifiedRun::link`]'s.
+/// before it: that is [`CertifiedRun::link`]'s. The certifier blocks'
+/// transaction signers' keys are decompressed through `keys` if given
+/// (a sync's certificates come from the same few senders batch after batch).
 pub fn certify_commit_run(
     commits: Vec<UnverifiedCommit>,
     certifiers: Vec<UnverifiedBlock>,
     committee: &Committee,
     start: CommitIndex,
     limits: &Limits,
+    keys: Option<&Arc<KeyCache>>,
 ) -> Result<CertifiedRun> {
     if commits.is_empty() {
         return Err(Error::EmptyBatch);
@@ -155,7 +160,14 @@ pub fn certify_commit_run(
             limit: committee.size(),
         });
     }
-    let mut batch = SignatureBatch::with_capacity(certifiers.len());
+    let signatures = certifiers
+        .iter()
+        .map(|b| 1 + b.block().transactions.len())
+        .sum();
+    let mut batch = match keys {
+        Some(keys) => SignatureBatch::with_cache(signatures, keys.clone()),
+        None => SignatureBatch::with_capacity(signatures),
+    };
     let mut voters = HashSet::with_capacity(certifiers.len());
     let mut stake = 0u64;
     for block in &certifiers {
