@@ -1,6 +1,6 @@
 use bytes::Bytes;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use soma_types::Digest;
+use soma_types::{BlockDigests, Digest};
 
 /// Bytes in a message: raw in binary encodings, hex in JSON traces.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -41,22 +41,23 @@ impl<'de> Deserialize<'de> for Blob {
     }
 }
 
-/// A block's bytes with their digest, hashed once where they arrive (to
+/// A block's bytes with their digests, hashed once where they arrive (to
 /// match them to a block asked for): the Verifier does not hash them
-/// again. The digest is always that of the bytes: it is computed here, and
-/// a trace holds the bytes alone, hashed again when read.
+/// again. The digests are always those of the bytes: they are computed
+/// here, and a trace holds the bytes alone, hashed again when read.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(from = "Blob", into = "Blob")]
 pub struct HashedBlob {
     bytes: Bytes,
-    digest: Digest,
+    digests: BlockDigests,
 }
 
 impl HashedBlob {
-    /// `bytes`, hashed.
+    /// `bytes`, hashed: the digest of the whole, and in the same pass the
+    /// digest a block's author signs (all but its signature).
     pub fn new(bytes: Bytes) -> Self {
         HashedBlob {
-            digest: Digest::of(&bytes),
+            digests: BlockDigests::of(&bytes),
             bytes,
         }
     }
@@ -68,7 +69,13 @@ impl HashedBlob {
 
     /// The digest of the bytes.
     pub fn digest(&self) -> Digest {
-        self.digest
+        self.digests.digest
+    }
+
+    /// The digest of the bytes and, if they are a block, the digest its
+    /// author signed.
+    pub fn digests(&self) -> BlockDigests {
+        self.digests
     }
 }
 

@@ -181,10 +181,9 @@ fn verify_block_chunk(
     let blocks = chunk
         .iter()
         .map(|b| {
-            let (bytes, digest) = (b.bytes().clone(), b.digest());
-            UnverifiedBlock::decode_with_digest(
-                bytes,
-                digest,
+            UnverifiedBlock::decode_with_digests(
+                b.bytes().clone(),
+                b.digests(),
                 limits.max_block_bytes,
                 check_signatures,
             )

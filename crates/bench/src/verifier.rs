@@ -72,10 +72,9 @@ pub fn section(size: &Size) -> Section {
                         None => SignatureBatch::default(),
                     };
                     for blob in chunk {
-                        let (bytes, digest) = (blob.bytes().clone(), blob.digest());
-                        let b = UnverifiedBlock::decode_with_digest(
-                            bytes,
-                            digest,
+                        let b = UnverifiedBlock::decode_with_digests(
+                            blob.bytes().clone(),
+                            blob.digests(),
                             limits.max_block_bytes,
                             true,
                         )

@@ -114,23 +114,27 @@ impl UnverifiedBlock {
         Self::decode_hashed(serialized, None, limit, signatures)
     }
 
-    /// [`UnverifiedBlock::decode_for`] of bytes whose digest the receiver
-    /// computed as they arrived (to match them to a block asked for): the
-    /// block is not hashed again, and not at all if its signatures are not
-    /// checked. `digest` must be `Digest::of(&serialized)`.
-    pub fn decode_with_digest(
+    /// [`UnverifiedBlock::decode_for`] of bytes whose digests the receiver
+    /// computed as they arrived (to match them to a block asked for, in one
+    /// pass with the digest its author signed): the block is not hashed
+    /// again. `digests` must be `BlockDigests::of(&serialized)`.
+    pub fn decode_with_digests(
         serialized: Bytes,
-        digest: Digest,
+        digests: BlockDigests,
         limit: usize,
         signatures: bool,
     ) -> Result<Self> {
-        debug_assert_eq!(digest, Digest::of(&serialized), "the digest of these bytes");
-        Self::decode_hashed(serialized, Some(digest), limit, signatures)
+        debug_assert_eq!(
+            digests,
+            BlockDigests::of(&serialized),
+            "the digests of these bytes"
+        );
+        Self::decode_hashed(serialized, Some(digests), limit, signatures)
     }
 
     fn decode_hashed(
         serialized: Bytes,
-        digest: Option<Digest>,
+        handed: Option<BlockDigests>,
         limit: usize,
         signatures: bool,
     ) -> Result<Self> {
@@ -138,14 +142,23 @@ impl UnverifiedBlock {
         let layout = Layout::of(&signed, &serialized)
             .ok_or_else(|| Error::Malformed("non-canonical block encoding".into()))?;
         debug_assert_eq!(layout.block_len + SIGNATURE_ENCODED_LEN, serialized.len());
-        let (signing_digest, digest) = match (signatures, digest) {
+        let (signing_digest, digest) = match (signatures, handed) {
             (true, None) => {
                 let (signing, digest) = digests(&serialized, layout.block_len);
                 (Some(signing), digest)
             }
-            (true, Some(digest)) => (Some(Digest::of(&serialized[..layout.block_len])), digest),
+            (true, Some(handed)) => {
+                // The signing digest handed over is of everything but the
+                // last SIGNATURE_ENCODED_LEN bytes, which the layout found
+                // to be the signature.
+                let signing = handed
+                    .signing
+                    .filter(|_| layout.block_len + SIGNATURE_ENCODED_LEN == serialized.len())
+                    .unwrap_or_else(|| Digest::of(&serialized[..layout.block_len]));
+                (Some(signing), handed.digest)
+            }
             (false, None) => (None, Digest::of(&serialized)),
-            (false, Some(digest)) => (None, digest),
+            (false, Some(handed)) => (None, handed.digest),
         };
         let transaction_digests = if signatures {
             layout
@@ -359,6 +372,39 @@ struct WireTransaction<'a> {
     nonce: u64,
     payload: &'a [u8],
     signature: Signature,
+}
+
+/// The digests of a signed block's encoding, from one pass over it: the
+/// digest of the whole (its reference's) and the digest its author signed,
+/// of everything but the signature at its end (`None` for bytes too short
+/// to hold one). Computed from bytes not yet decoded, as they arrive; the
+/// decode confirms where the signature lies before the signing digest is
+/// used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockDigests {
+    /// blake3 of the bytes.
+    pub digest: Digest,
+    /// blake3 of the bytes but the last `SIGNATURE_ENCODED_LEN`.
+    pub signing: Option<Digest>,
+}
+
+impl BlockDigests {
+    /// The digests of `serialized`.
+    pub fn of(serialized: &[u8]) -> Self {
+        match serialized.len().checked_sub(SIGNATURE_ENCODED_LEN) {
+            Some(block_len) => {
+                let (signing, digest) = digests(serialized, block_len);
+                BlockDigests {
+                    digest,
+                    signing: Some(signing),
+                }
+            }
+            None => BlockDigests {
+                digest: Digest::of(serialized),
+                signing: None,
+            },
+        }
+    }
 }
 
 /// The signing digest (of the block's bytes, the first `block_len`) and the

@@ -12,10 +12,10 @@ use proptest::prelude::*;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use soma_types::{
-    Access, Authority, AuthorityIndex, Block, BlockRef, ChainId, Commit, CommitRef, Committee,
-    Digest, Domain, EndOfEpoch, Error, KeyPair, Limits, NodeInfo, PeerId, PublicKey, Signature,
-    SignedBlock, SignedNodeInfo, Transaction, UnverifiedBlock, UnverifiedCommit, VerifiedBlock,
-    codec,
+    Access, Authority, AuthorityIndex, Block, BlockDigests, BlockRef, ChainId, Commit, CommitRef,
+    Committee, Digest, Domain, EndOfEpoch, Error, KeyPair, Limits, NodeInfo, PeerId, PublicKey,
+    Signature, SignedBlock, SignedNodeInfo, Transaction, UnverifiedBlock, UnverifiedCommit,
+    VerifiedBlock, codec,
 };
 
 // ---- allocation tracking ----
@@ -547,12 +547,13 @@ mod unverified {
         fn decoding_with_the_digest_handed_over_gives_the_same_block(signed in arb_signed_block()) {
             let bytes = UnverifiedBlock::from_signed(signed.clone()).serialized().clone();
             let plain = UnverifiedBlock::decode(bytes.clone(), usize::MAX).unwrap();
-            let digest = Digest::of(&bytes);
+            let digests = BlockDigests::of(&bytes);
             let signing = Digest::of(&codec::encode(&signed.block));
+            prop_assert_eq!(digests, BlockDigests { digest: Digest::of(&bytes), signing: Some(signing) });
             prop_assert_eq!(plain.signing_digest(), signing);
             for signatures in [true, false] {
-                let handed = UnverifiedBlock::decode_with_digest(
-                    bytes.clone(), digest, usize::MAX, signatures,
+                let handed = UnverifiedBlock::decode_with_digests(
+                    bytes.clone(), digests, usize::MAX, signatures,
                 ).unwrap();
                 let own = UnverifiedBlock::decode_for(bytes.clone(), usize::MAX, signatures).unwrap();
                 for b in [&handed, &own] {
