@@ -661,6 +661,14 @@ async fn a_node_at_its_target_rotates_its_connection_to_another_known_peer() {
     c.discovery.rotation_interval_ms = 500;
     let node = start(&chain, c, 9);
     let mut events = node.subscribe_peer_events();
+    // The seed may have connected before the subscription: what was
+    // connected once subscribed counts with the events after it.
+    let mut connected: BTreeSet<PeerId> = node
+        .connected_peers()
+        .await
+        .expect("the node runs")
+        .into_iter()
+        .collect();
     let ids: Vec<PeerId> = others.iter().map(P2pHandle::peer_id).collect();
     wait_for("the node to know the other three", || {
         knows_all(&node, &ids)
@@ -669,7 +677,6 @@ async fn a_node_at_its_target_rotates_its_connection_to_another_known_peer() {
     // Events before the rotation are the seed's connection (and perhaps
     // dials to the others it learnt before it was full); the first drop
     // is a rotation's.
-    let mut connected = BTreeSet::new();
     let dropped = loop {
         match wait_for_event("a connection dropped", &mut events, |_| true).await {
             PeerEvent::Connected { peer, .. } => {
