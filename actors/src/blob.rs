@@ -1,6 +1,6 @@
 use bytes::Bytes;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use soma_types::{BlockDigests, Digest};
+use soma_types::{Digest, HashedBytes};
 
 /// Bytes in a message: raw in binary encodings, hex in JSON traces.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -47,35 +47,28 @@ impl<'de> Deserialize<'de> for Blob {
 /// here, and a trace holds the bytes alone, hashed again when read.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(from = "Blob", into = "Blob")]
-pub struct HashedBlob {
-    bytes: Bytes,
-    digests: BlockDigests,
-}
+pub struct HashedBlob(HashedBytes);
 
 impl HashedBlob {
     /// `bytes`, hashed: the digest of the whole, and in the same pass the
     /// digest a block's author signs (all but its signature).
     pub fn new(bytes: Bytes) -> Self {
-        HashedBlob {
-            digests: BlockDigests::of(&bytes),
-            bytes,
-        }
+        HashedBlob(HashedBytes::new(bytes))
     }
 
     /// The bytes.
     pub fn bytes(&self) -> &Bytes {
-        &self.bytes
+        self.0.bytes()
     }
 
     /// The digest of the bytes.
     pub fn digest(&self) -> Digest {
-        self.digests.digest
+        self.0.digest()
     }
 
-    /// The digest of the bytes and, if they are a block, the digest its
-    /// author signed.
-    pub fn digests(&self) -> BlockDigests {
-        self.digests
+    /// The bytes with both their digests, for decoding as a block.
+    pub fn hashed(&self) -> &HashedBytes {
+        &self.0
     }
 }
 
@@ -87,7 +80,7 @@ impl From<Blob> for HashedBlob {
 
 impl From<HashedBlob> for Blob {
     fn from(hashed: HashedBlob) -> Self {
-        Blob(hashed.bytes)
+        Blob(hashed.0.into_bytes())
     }
 }
 

@@ -3,7 +3,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use rayon::prelude::*;
-use soma_types::verify::{self, NodeInfoPolicy, SignatureBatch, check_block, check_transaction};
+use soma_types::verify::{
+    self, Fill, NodeInfoPolicy, SignatureBatch, check_block, check_transaction,
+};
 use soma_types::{
     Committee, Domain, KeyCache, Limits, SignedItem, SignedNodeInfo, Transaction, UnverifiedBlock,
     UnverifiedCommit, VerifiedBlock, codec,
@@ -181,9 +183,8 @@ fn verify_block_chunk(
     let blocks = chunk
         .iter()
         .map(|b| {
-            UnverifiedBlock::decode_with_digests(
-                b.bytes().clone(),
-                b.digests(),
+            UnverifiedBlock::decode_hashed_bytes(
+                b.hashed().clone(),
                 limits.max_block_bytes,
                 check_signatures,
             )
@@ -194,7 +195,8 @@ fn verify_block_chunk(
         .iter()
         .map(|b| 1 + b.block().transactions.len())
         .sum();
-    let mut batch = SignatureBatch::with_cache(signatures, keys.clone());
+    // Blocks matched to digests of certified commits: their keys are kept.
+    let mut batch = SignatureBatch::with_cache(signatures, keys.clone(), Fill::Yes);
     for block in &blocks {
         check_block(
             block,
@@ -219,7 +221,8 @@ fn verify_transaction_chunk(
 ) -> Result<Vec<Transaction>, VerifyError> {
     let limit = limits.max_transaction_payload_bytes + TRANSACTION_OVERHEAD;
     let txs: Vec<Transaction> = decode_all(chunk, |b| codec::decode(&b, limit))?;
-    let mut batch = SignatureBatch::with_cache(txs.len(), keys.clone());
+    // Anyone's transactions, not yet checked: looked up, never kept.
+    let mut batch = SignatureBatch::with_cache(txs.len(), keys.clone(), Fill::No);
     for (i, tx) in txs.iter().enumerate() {
         check_transaction(tx, limits).map_err(VerifyError::Invalid)?;
         batch.push(

@@ -8,7 +8,7 @@ use actix::Actor;
 use rayon::prelude::*;
 use soma_actors::HashedBlob;
 use soma_actors::verifier::{Config, Deps, InstallCommittee, Verifier, Verify, VerifyRequest};
-use soma_types::verify::{SignatureBatch, check_block};
+use soma_types::verify::{Fill, SignatureBatch, check_block};
 use soma_types::{KeyCache, Limits, UnverifiedBlock};
 
 use crate::Size;
@@ -68,13 +68,12 @@ pub fn section(size: &Size) -> Section {
             pool.install(|| {
                 blobs.par_chunks(chunk_len).for_each(|chunk| {
                     let mut batch = match &cache {
-                        Some(c) => SignatureBatch::with_cache(chunk.len(), c.clone()),
+                        Some(c) => SignatureBatch::with_cache(chunk.len(), c.clone(), Fill::Yes),
                         None => SignatureBatch::default(),
                     };
                     for blob in chunk {
-                        let b = UnverifiedBlock::decode_with_digests(
-                            blob.bytes().clone(),
-                            blob.digests(),
+                        let b = UnverifiedBlock::decode_hashed_bytes(
+                            blob.hashed().clone(),
                             limits.max_block_bytes,
                             true,
                         )

@@ -114,22 +114,15 @@ impl UnverifiedBlock {
         Self::decode_hashed(serialized, None, limit, signatures)
     }
 
-    /// [`UnverifiedBlock::decode_for`] of bytes whose digests the receiver
-    /// computed as they arrived (to match them to a block asked for, in one
-    /// pass with the digest its author signed): the block is not hashed
-    /// again. `digests` must be `BlockDigests::of(&serialized)`.
-    pub fn decode_with_digests(
-        serialized: Bytes,
-        digests: BlockDigests,
+    /// [`UnverifiedBlock::decode_for`] of bytes hashed as they arrived (to
+    /// match them to a block asked for, in one pass with the digest its
+    /// author signed): the block is not hashed again.
+    pub fn decode_hashed_bytes(
+        hashed: HashedBytes,
         limit: usize,
         signatures: bool,
     ) -> Result<Self> {
-        debug_assert_eq!(
-            digests,
-            BlockDigests::of(&serialized),
-            "the digests of these bytes"
-        );
-        Self::decode_hashed(serialized, Some(digests), limit, signatures)
+        Self::decode_hashed(hashed.bytes, Some(hashed.digests), limit, signatures)
     }
 
     fn decode_hashed(
@@ -374,36 +367,62 @@ struct WireTransaction<'a> {
     signature: Signature,
 }
 
-/// The digests of a signed block's encoding, from one pass over it: the
-/// digest of the whole (its reference's) and the digest its author signed,
-/// of everything but the signature at its end (`None` for bytes too short
-/// to hold one). Computed from bytes not yet decoded, as they arrive; the
-/// decode confirms where the signature lies before the signing digest is
-/// used.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BlockDigests {
-    /// blake3 of the bytes.
-    pub digest: Digest,
-    /// blake3 of the bytes but the last `SIGNATURE_ENCODED_LEN`.
-    pub signing: Option<Digest>,
+/// A block's bytes as received, with their digests from one pass over
+/// them: the digest of the whole (its reference's) and the digest its
+/// author signed, of everything but the signature at its end (`None` for
+/// bytes too short to hold one). Computed here from the bytes it holds, so
+/// the two cannot disagree; the decode confirms where the signature lies
+/// before the signing digest is used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HashedBytes {
+    bytes: Bytes,
+    digests: BlockDigests,
 }
 
-impl BlockDigests {
-    /// The digests of `serialized`.
-    pub fn of(serialized: &[u8]) -> Self {
-        match serialized.len().checked_sub(SIGNATURE_ENCODED_LEN) {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct BlockDigests {
+    digest: Digest,
+    signing: Option<Digest>,
+}
+
+impl HashedBytes {
+    /// `bytes`, hashed.
+    pub fn new(bytes: Bytes) -> Self {
+        let digests = match bytes.len().checked_sub(SIGNATURE_ENCODED_LEN) {
             Some(block_len) => {
-                let (signing, digest) = digests(serialized, block_len);
+                let (signing, digest) = digests(&bytes, block_len);
                 BlockDigests {
                     digest,
                     signing: Some(signing),
                 }
             }
             None => BlockDigests {
-                digest: Digest::of(serialized),
+                digest: Digest::of(&bytes),
                 signing: None,
             },
-        }
+        };
+        HashedBytes { bytes, digests }
+    }
+
+    /// The bytes.
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    /// blake3 of the bytes.
+    pub fn digest(&self) -> Digest {
+        self.digests.digest
+    }
+
+    /// blake3 of the bytes but the last 65 (a signed block's encoded
+    /// signature): the digest its author signed, if the bytes are a block.
+    pub fn signing_digest(&self) -> Option<Digest> {
+        self.digests.signing
+    }
+
+    /// The bytes, without their digests.
+    pub fn into_bytes(self) -> Bytes {
+        self.bytes
     }
 }
 

@@ -163,12 +163,7 @@ impl KeyCache {
     /// The decompressed form of `key` with its weakness, from the cache or
     /// computed: both are computed once per key.
     pub fn get(&self, key: &PublicKey) -> Result<PreparedKey> {
-        if let Some(k) = self
-            .keys
-            .read()
-            .ok()
-            .and_then(|m| m.get(key.as_bytes()).copied())
-        {
+        if let Some(k) = self.held(key) {
             return Ok(k);
         }
         let k = key.prepare()?;
@@ -179,6 +174,23 @@ impl KeyCache {
             m.insert(key.to_bytes(), k);
         }
         Ok(k)
+    }
+
+    /// Like [`KeyCache::get`], but a key not held is decompressed without
+    /// being kept: for keys from input not yet authenticated, which must
+    /// not be able to push out the keys of verified work.
+    pub fn peek(&self, key: &PublicKey) -> Result<PreparedKey> {
+        match self.held(key) {
+            Some(k) => Ok(k),
+            None => key.prepare(),
+        }
+    }
+
+    fn held(&self, key: &PublicKey) -> Option<PreparedKey> {
+        self.keys
+            .read()
+            .ok()
+            .and_then(|m| m.get(key.as_bytes()).copied())
     }
 
     /// Number of keys held.

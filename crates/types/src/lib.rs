@@ -36,7 +36,7 @@ mod transaction;
 pub mod verify;
 
 pub use block::{
-    Block, BlockDigests, BlockRef, EndOfEpoch, Round, SignedBlock, UnverifiedBlock, VerifiedBlock,
+    Block, BlockRef, EndOfEpoch, HashedBytes, Round, SignedBlock, UnverifiedBlock, VerifiedBlock,
     genesis_block_refs,
 };
 pub use commit::{

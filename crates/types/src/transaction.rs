@@ -13,7 +13,10 @@ pub struct Transaction {
     pub sender: PublicKey,
     /// Sender-chosen sequence number.
     pub nonce: u64,
-    /// Opaque application data.
+    /// Opaque application data. In a block decoded from received bytes it
+    /// is a slice of the block's bytes, which may share the buffer the
+    /// block arrived in (up to a response's size): copy it
+    /// (`Bytes::copy_from_slice`) to keep it long after the block.
     pub payload: Bytes,
     /// The sender's signature over the fields above.
     pub signature: Signature,

@@ -12,8 +12,8 @@ use proptest::prelude::*;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use soma_types::{
-    Access, Authority, AuthorityIndex, Block, BlockDigests, BlockRef, ChainId, Commit, CommitRef,
-    Committee, Digest, Domain, EndOfEpoch, Error, KeyPair, Limits, NodeInfo, PeerId, PublicKey,
+    Access, Authority, AuthorityIndex, Block, BlockRef, ChainId, Commit, CommitRef, Committee,
+    Digest, Domain, EndOfEpoch, Error, HashedBytes, KeyPair, Limits, NodeInfo, PeerId, PublicKey,
     Signature, SignedBlock, SignedNodeInfo, Transaction, UnverifiedBlock, UnverifiedCommit,
     VerifiedBlock, codec,
 };
@@ -547,13 +547,14 @@ mod unverified {
         fn decoding_with_the_digest_handed_over_gives_the_same_block(signed in arb_signed_block()) {
             let bytes = UnverifiedBlock::from_signed(signed.clone()).serialized().clone();
             let plain = UnverifiedBlock::decode(bytes.clone(), usize::MAX).unwrap();
-            let digests = BlockDigests::of(&bytes);
+            let hashed = HashedBytes::new(bytes.clone());
             let signing = Digest::of(&codec::encode(&signed.block));
-            prop_assert_eq!(digests, BlockDigests { digest: Digest::of(&bytes), signing: Some(signing) });
+            prop_assert_eq!(hashed.digest(), Digest::of(&bytes));
+            prop_assert_eq!(hashed.signing_digest(), Some(signing));
             prop_assert_eq!(plain.signing_digest(), signing);
             for signatures in [true, false] {
-                let handed = UnverifiedBlock::decode_with_digests(
-                    bytes.clone(), digests, usize::MAX, signatures,
+                let handed = UnverifiedBlock::decode_hashed_bytes(
+                    hashed.clone(), usize::MAX, signatures,
                 ).unwrap();
                 let own = UnverifiedBlock::decode_for(bytes.clone(), usize::MAX, signatures).unwrap();
                 for b in [&handed, &own] {

@@ -8,7 +8,7 @@ use curve25519_dalek::constants::{ED25519_BASEPOINT_POINT, EIGHT_TORSION};
 use curve25519_dalek::edwards::{CompressedEdwardsY, EdwardsPoint};
 use curve25519_dalek::scalar::Scalar;
 use sha2::{Digest as _, Sha512};
-use soma_types::verify::SignatureBatch;
+use soma_types::verify::{Fill, SignatureBatch};
 use soma_types::{Digest, Domain, Error, KeyCache, KeyPair, PublicKey, Signature, SignedItem};
 use std::sync::Arc;
 
@@ -325,7 +325,7 @@ fn valid_signatures() -> Vec<(PublicKey, Digest, Signature)> {
 /// named by its position.
 fn mixed_batch(v: &Vector, at: usize, cache: Option<Arc<KeyCache>>) -> SignatureBatch {
     let mut batch = match cache {
-        Some(cache) => SignatureBatch::with_cache(21, cache),
+        Some(cache) => SignatureBatch::with_cache(21, cache, Fill::Yes),
         None => SignatureBatch::default(),
     };
     let mut valid = valid_signatures().into_iter();
@@ -393,7 +393,7 @@ fn every_path_gives_each_vector_its_verdict() {
             "{}",
             v.name
         );
-        let mut cached = SignatureBatch::with_cache(1, cache.clone());
+        let mut cached = SignatureBatch::with_cache(1, cache.clone(), Fill::Yes);
         cached.push(
             &key,
             Domain::Block,

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use crate::{
     CommitIndex, CommitRef, Committee, Epoch, Error, KeyCache, Limits, Result, TrustedCommit,
     UnverifiedBlock, UnverifiedCommit, VerifiedBlock,
-    verify::{SignatureBatch, check_block},
+    verify::{Fill, SignatureBatch, check_block},
 };
 
 /// Verifies a fetched batch of commits and the certificate of its last one.
@@ -109,8 +109,10 @@ fn follows(commit: &UnverifiedCommit, previous: CommitRef) -> Result<()> {
 /// Checks every rule of [`verify_commit_batch`] on a batch whose first
 /// commit must be `start`, except the link of that first commit to the one
 /// before it: that is [`CertifiedRun::link`]'s. The certifier blocks'
-/// transaction signers' keys are decompressed through `keys` if given
-/// (a sync's certificates come from the same few senders batch after batch).
+/// transaction signers' keys are looked up in `keys` if given (a sync's
+/// certificates come from the senders of the blocks it verifies); keys not
+/// held are not added, since certifier blocks come from any peer and are
+/// not yet authenticated here.
 pub fn certify_commit_run(
     commits: Vec<UnverifiedCommit>,
     certifiers: Vec<UnverifiedBlock>,
@@ -165,7 +167,7 @@ pub fn certify_commit_run(
         .map(|b| 1 + b.block().transactions.len())
         .sum();
     let mut batch = match keys {
-        Some(keys) => SignatureBatch::with_cache(signatures, keys.clone()),
+        Some(keys) => SignatureBatch::with_cache(signatures, keys.clone(), Fill::No),
         None => SignatureBatch::with_capacity(signatures),
     };
     let mut voters = HashSet::with_capacity(certifiers.len());

@@ -29,4 +29,4 @@ pub use block::{check_block, check_transaction, verify_blocks, verify_transactio
 pub use commit::{CertifiedRun, certify_commit_run, verify_commit_batch};
 pub use fetched::{ExpectedBlocks, epoch_change, verify_fetched_blocks};
 pub use node_info::{NodeInfoPolicy, check_node_info, verify_node_infos};
-pub use signatures::SignatureBatch;
+pub use signatures::{Fill, SignatureBatch};

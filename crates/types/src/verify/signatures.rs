@@ -26,8 +26,19 @@ pub struct SignatureBatch {
     invalid: Vec<usize>,
     /// Positions whose key is weak (of small order), found when pushed.
     weak: Vec<usize>,
-    /// Where decompressed keys are looked up first, if set.
-    cache: Option<Arc<KeyCache>>,
+    /// Where decompressed keys are looked up first, if set, and whether
+    /// keys not held are added to it.
+    cache: Option<(Arc<KeyCache>, Fill)>,
+}
+
+/// Whether a batch adds the keys it decompresses to its cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fill {
+    /// Keys not held are kept (input already matched to what was asked).
+    Yes,
+    /// Keys not held are decompressed and dropped (input from anyone, not
+    /// yet authenticated: it must not push out the keys of verified work).
+    No,
 }
 
 impl SignatureBatch {
@@ -44,10 +55,11 @@ impl SignatureBatch {
         }
     }
 
-    /// An empty batch that decompresses keys through `cache`.
-    pub fn with_cache(n: usize, cache: Arc<KeyCache>) -> Self {
+    /// An empty batch that decompresses keys through `cache`, adding the
+    /// keys it lacks if `fill` says so.
+    pub fn with_cache(n: usize, cache: Arc<KeyCache>, fill: Fill) -> Self {
         SignatureBatch {
-            cache: Some(cache),
+            cache: Some((cache, fill)),
             ..Self::with_capacity(n)
         }
     }
@@ -65,7 +77,8 @@ impl SignatureBatch {
         // Weakness is a property of the key: with a cache it is computed
         // once per key, not once per signature.
         let key = match &self.cache {
-            Some(cache) => cache.get(key),
+            Some((cache, Fill::Yes)) => cache.get(key),
+            Some((cache, Fill::No)) => cache.peek(key),
             None => key.prepare(),
         };
         let key = key.unwrap_or_else(|_| {
@@ -279,7 +292,7 @@ mod tests {
         let cache = Arc::new(KeyCache::new(8));
         for _ in 0..2 {
             // The second time the key's weakness comes from the cache.
-            let mut b = SignatureBatch::with_cache(4, cache.clone());
+            let mut b = SignatureBatch::with_cache(4, cache.clone(), Fill::Yes);
             b.append(batch(3, None));
             b.push(
                 &weak,
@@ -300,6 +313,56 @@ mod tests {
             );
         }
         assert_eq!(cache.get(&weak).map(|k| k.is_weak()), Ok(true));
+    }
+
+    #[test]
+    fn a_batch_that_does_not_fill_its_cache_reads_it_and_leaves_it_as_it_was() {
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let weak = PublicKey::from_bytes(&identity).unwrap();
+        let held = KeyPair::from_seed([40; 32]).public();
+        let cache = Arc::new(KeyCache::new(8));
+        cache.get(&held).unwrap();
+        let fresh = KeyPair::from_seed([41; 32]);
+        let mut b = SignatureBatch::with_cache(3, cache.clone(), Fill::No);
+        // A valid signature by a key not held, one by the held key (whose
+        // signature is wrong), and a weak key: each judged as without a
+        // cache, and only the key held before is held after.
+        let digest = Digest::of(b"message");
+        b.push(
+            &fresh.public(),
+            Domain::Transaction,
+            &digest,
+            &fresh.sign_digest(Domain::Transaction, &digest),
+            SignedItem::LooseTransaction(0),
+        );
+        b.push(
+            &held,
+            Domain::Transaction,
+            &digest,
+            &Signature([7; 64]),
+            SignedItem::LooseTransaction(1),
+        );
+        b.push(
+            &weak,
+            Domain::Transaction,
+            &digest,
+            &Signature([1; 64]),
+            SignedItem::LooseTransaction(2),
+        );
+        let each = b.verify_each();
+        assert_eq!(each[0], Ok(()));
+        assert_eq!(
+            each[1],
+            Err(Error::BadSignature(SignedItem::LooseTransaction(1)))
+        );
+        assert_eq!(
+            each[2],
+            Err(Error::WeakKey(SignedItem::LooseTransaction(2)))
+        );
+        assert_eq!(cache.len(), 1);
+        assert!(cache.peek(&fresh.public()).is_ok());
+        assert_eq!(cache.len(), 1, "a key peeked at is not kept");
     }
 
     #[test]
