@@ -3,10 +3,15 @@
 //! a newcomer walks the buckets involved from their oldest entry, instead
 //! of scanning the whole table per cap: in a network larger than the table
 //! (1,000 entries), where most answers bring peers the table must make
-//! room for, that scan was most of a node's Discovery time. The index
-//! costs every newer info of a known peer two re-insertions; in a small
-//! network, where the table never fills, that makes Discovery slower
-//! (docs/benchmarks.md, "The simulator's speed", measures both).
+//! room for, that scan was most of a node's Discovery time.
+//!
+//! An entry is indexed at a seen time no later than its own: a newer info
+//! of a known peer (every peer signs afresh each interval, so most of what
+//! a table takes in) only changes the entry, and the index is brought up
+//! to date where it is read, as a bucket is walked from its oldest entry.
+//! Walking stops at the first entry that may go, so only the oldest end of
+//! the buckets a newcomer needs room in is ever settled (docs/benchmarks.md,
+//! "The simulator's speed").
 
 use std::cmp::Reverse;
 use std::collections::BTreeMap;
@@ -73,34 +78,46 @@ impl<K: Ord + Copy> Ordered<K> {
         self.sizes.get(&key).copied().unwrap_or(0)
     }
 
-    /// Bucket `key`'s oldest entry that may go (ties: the lowest id): none
-    /// newer than `seen_ms`, pinned or chosen.
-    fn first_evictable(
-        &self,
-        key: K,
-        seen_ms: u64,
-        chosen: &[PeerId],
-        pinned: &dyn Fn(&PeerId) -> bool,
-    ) -> Option<PeerId> {
+    /// The first item of bucket `key` after `after` (from its oldest if
+    /// `None`) indexed no later than `seen_ms`.
+    fn next(&self, key: K, seen_ms: u64, after: Option<(u64, PeerId)>) -> Option<(u64, PeerId)> {
+        let lower = match after {
+            Some((ms, peer)) => Bound::Excluded((key, ms, peer)),
+            None => Bound::Included((key, 0, PeerId([0; 32]))),
+        };
         self.items
-            .range((Bound::Included((key, 0, PeerId([0; 32]))), Bound::Unbounded))
-            .take_while(|(k, seen, _)| *k == key && *seen <= seen_ms)
-            .find(|(_, _, p)| !chosen.contains(p) && !pinned(p))
-            .map(|(_, _, p)| *p)
+            .range((lower, Bound::Unbounded))
+            .next()
+            .filter(|(k, ms, _)| *k == key && *ms <= seen_ms)
+            .map(|(_, ms, p)| (*ms, *p))
     }
+}
+
+/// An entry with the seen time the indexes hold it at: never later than
+/// its own (`entry.seen_ms`), equal once settled.
+struct Slot {
+    entry: Entry,
+    indexed_ms: u64,
+}
+
+/// Which index a bucket is in.
+#[derive(Clone, Copy)]
+enum Bucket {
+    Source(Source),
+    Prefix(Prefix),
 }
 
 /// Known peers by id, indexed by source and by prefix.
 #[derive(Default)]
 pub(super) struct Table {
-    entries: BTreeMap<PeerId, Entry>,
+    entries: BTreeMap<PeerId, Slot>,
     by_source: Ordered<Source>,
     by_prefix: Ordered<Prefix>,
 }
 
 impl Table {
     pub(super) fn get(&self, peer: &PeerId) -> Option<&Entry> {
-        self.entries.get(peer)
+        self.entries.get(peer).map(|s| &s.entry)
     }
 
     pub(super) fn contains_key(&self, peer: &PeerId) -> bool {
@@ -112,17 +129,21 @@ impl Table {
     }
 
     pub(super) fn values(&self) -> impl Iterator<Item = &Entry> {
-        self.entries.values()
+        self.entries.values().map(|s| &s.entry)
     }
 
     pub(super) fn iter(&self) -> impl Iterator<Item = (&PeerId, &Entry)> {
-        self.entries.iter()
+        self.entries.iter().map(|(p, s)| (p, &s.entry))
     }
 
     /// Adds or replaces `peer`'s entry.
     pub(super) fn insert(&mut self, peer: PeerId, entry: Entry) {
         let (source, prefix, seen_ms) = (entry.source, entry.prefix, entry.seen_ms);
-        if let Some(old) = self.entries.insert(peer, entry) {
+        let slot = Slot {
+            entry,
+            indexed_ms: seen_ms,
+        };
+        if let Some(old) = self.entries.insert(peer, slot) {
             self.unindex(peer, &old);
         }
         self.by_source.insert(source, seen_ms, peer);
@@ -130,7 +151,9 @@ impl Table {
     }
 
     /// Gives `peer`'s entry a newer info, seen at `seen_ms`, with the
-    /// prefix `prefix`; its source stays. Nothing happens if unknown.
+    /// prefix `prefix`; its source stays. Nothing happens if unknown. A
+    /// later seen time with the same prefix leaves the indexes as they are
+    /// (settled when walked); anything else moves the entry in them now.
     pub(super) fn update(
         &mut self,
         peer: PeerId,
@@ -138,17 +161,16 @@ impl Table {
         prefix: Prefix,
         seen_ms: u64,
     ) {
-        let Some(entry) = self.entries.get_mut(&peer) else {
+        let Some(slot) = self.entries.get_mut(&peer) else {
             return;
         };
-        self.by_source
-            .relocate(entry.source, entry.seen_ms, seen_ms, peer);
-        if entry.prefix == prefix {
-            self.by_prefix
-                .relocate(prefix, entry.seen_ms, seen_ms, peer);
-        } else {
-            self.by_prefix.remove(entry.prefix, entry.seen_ms, peer);
+        let entry = &mut slot.entry;
+        if entry.prefix != prefix || seen_ms < slot.indexed_ms {
+            self.by_source
+                .relocate(entry.source, slot.indexed_ms, seen_ms, peer);
+            self.by_prefix.remove(entry.prefix, slot.indexed_ms, peer);
             self.by_prefix.insert(prefix, seen_ms, peer);
+            slot.indexed_ms = seen_ms;
         }
         entry.timestamp_ms = info.info.timestamp_ms;
         entry.info = info;
@@ -156,15 +178,17 @@ impl Table {
         entry.seen_ms = seen_ms;
     }
 
-    fn unindex(&mut self, peer: PeerId, entry: &Entry) {
-        self.by_source.remove(entry.source, entry.seen_ms, peer);
-        self.by_prefix.remove(entry.prefix, entry.seen_ms, peer);
+    fn unindex(&mut self, peer: PeerId, slot: &Slot) {
+        self.by_source
+            .remove(slot.entry.source, slot.indexed_ms, peer);
+        self.by_prefix
+            .remove(slot.entry.prefix, slot.indexed_ms, peer);
     }
 
     pub(super) fn remove(&mut self, peer: &PeerId) -> Option<Entry> {
-        let entry = self.entries.remove(peer)?;
-        self.unindex(*peer, &entry);
-        Some(entry)
+        let slot = self.entries.remove(peer)?;
+        self.unindex(*peer, &slot);
+        Some(slot.entry)
     }
 
     /// Keeps only the entries `keep` accepts.
@@ -172,11 +196,47 @@ impl Table {
         let gone: Vec<PeerId> = self
             .entries
             .iter()
-            .filter(|(_, e)| !keep(e))
+            .filter(|(_, s)| !keep(&s.entry))
             .map(|(p, _)| *p)
             .collect();
         for peer in gone {
             self.remove(&peer);
+        }
+    }
+
+    /// Bucket `bucket`'s oldest entry that may go (ties: the lowest id):
+    /// none newer than `seen_ms`, pinned or chosen. Entries indexed earlier
+    /// than they were seen are moved to their place as they are met: every
+    /// entry met before the one returned is then where it belongs, and one
+    /// not met is indexed, so seen, later than it.
+    fn first_evictable(
+        &mut self,
+        bucket: Bucket,
+        seen_ms: u64,
+        chosen: &[PeerId],
+        pinned: &dyn Fn(&PeerId) -> bool,
+    ) -> Option<PeerId> {
+        let mut after = None;
+        loop {
+            let (indexed_ms, peer) = match bucket {
+                Bucket::Source(key) => self.by_source.next(key, seen_ms, after),
+                Bucket::Prefix(key) => self.by_prefix.next(key, seen_ms, after),
+            }?;
+            let slot = self.entries.get_mut(&peer)?;
+            if slot.entry.seen_ms != indexed_ms {
+                let e = &slot.entry;
+                self.by_source
+                    .relocate(e.source, indexed_ms, e.seen_ms, peer);
+                self.by_prefix
+                    .relocate(e.prefix, indexed_ms, e.seen_ms, peer);
+                slot.indexed_ms = e.seen_ms;
+                // The next item is now the one after where it was.
+                continue;
+            }
+            if !chosen.contains(&peer) && !pinned(&peer) {
+                return Some(peer);
+            }
+            after = Some((indexed_ms, peer));
         }
     }
 
@@ -185,7 +245,7 @@ impl Table {
     /// cannot. A victim is never pinned nor newer than the newcomer; of a
     /// bucket's candidates the oldest goes (ties: the lowest id).
     pub(super) fn make_room(
-        &self,
+        &mut self,
         caps: Caps,
         source: Option<Source>,
         prefix: Prefix,
@@ -198,28 +258,26 @@ impl Table {
         // itself is in none of the buckets counted: it is new to the
         // table, or (an update, which comes here only for a new prefix)
         // still in its old prefix's bucket; it is not looked up.
-        let size = |len: usize, chosen: &[PeerId], in_bucket: &dyn Fn(&Entry) -> bool| {
-            let gone = chosen[1..]
-                .iter()
-                .filter(|p| self.entries.get(*p).is_some_and(in_bucket))
-                .count();
-            len - gone
-        };
+        let size =
+            |table: &Self, len: usize, chosen: &[PeerId], in_bucket: &dyn Fn(&Entry) -> bool| {
+                let gone = chosen[1..]
+                    .iter()
+                    .filter(|p| table.get(p).is_some_and(in_bucket))
+                    .count();
+                len - gone
+            };
         if let Some(source) = source {
             let len = self.by_source.len(source);
-            if size(len, &chosen, &|e| e.source == source) >= caps.per_source {
-                chosen.push(
-                    self.by_source
-                        .first_evictable(source, seen_ms, &chosen, &pinned)?,
-                );
+            if size(self, len, &chosen, &|e| e.source == source) >= caps.per_source {
+                let victim =
+                    self.first_evictable(Bucket::Source(source), seen_ms, &chosen, &pinned)?;
+                chosen.push(victim);
             }
         }
         let len = self.by_prefix.len(prefix);
-        if size(len, &chosen, &|e| e.prefix == prefix) >= caps.per_prefix {
-            chosen.push(
-                self.by_prefix
-                    .first_evictable(prefix, seen_ms, &chosen, &pinned)?,
-            );
+        if size(self, len, &chosen, &|e| e.prefix == prefix) >= caps.per_prefix {
+            let victim = self.first_evictable(Bucket::Prefix(prefix), seen_ms, &chosen, &pinned)?;
+            chosen.push(victim);
         }
         // `peer` is new to the table here (an update passes no source).
         let kept = self.entries.len() + 1 - chosen.len();
@@ -230,12 +288,12 @@ impl Table {
                 .by_source
                 .sizes
                 .iter()
-                .map(|(s, n)| (Reverse(size(*n, &chosen, &|e| e.source == *s)), *s))
+                .map(|(s, n)| (Reverse(size(self, *n, &chosen, &|e| e.source == *s)), *s))
                 .collect();
             fullest.sort_unstable();
-            let victim = fullest
-                .into_iter()
-                .find_map(|(_, s)| self.by_source.first_evictable(s, seen_ms, &chosen, &pinned))?;
+            let victim = fullest.into_iter().find_map(|(_, s)| {
+                self.first_evictable(Bucket::Source(s), seen_ms, &chosen, &pinned)
+            })?;
             chosen.push(victim);
         }
         chosen.remove(0);
