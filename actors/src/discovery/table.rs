@@ -93,11 +93,13 @@ impl<K: Ord + Copy> Ordered<K> {
     }
 }
 
-/// An entry with the seen time the indexes hold it at: never later than
-/// its own (`entry.seen_ms`), equal once settled.
+/// An entry with the seen time each index holds it at: never later than
+/// its own (`entry.seen_ms`), equal once settled. Each index is settled on
+/// its own, as it is walked: a bucket that never needs room never is.
 struct Slot {
     entry: Entry,
-    indexed_ms: u64,
+    source_ms: u64,
+    prefix_ms: u64,
 }
 
 /// Which index a bucket is in.
@@ -141,7 +143,8 @@ impl Table {
         let (source, prefix, seen_ms) = (entry.source, entry.prefix, entry.seen_ms);
         let slot = Slot {
             entry,
-            indexed_ms: seen_ms,
+            source_ms: seen_ms,
+            prefix_ms: seen_ms,
         };
         if let Some(old) = self.entries.insert(peer, slot) {
             self.unindex(peer, &old);
@@ -165,12 +168,15 @@ impl Table {
             return;
         };
         let entry = &mut slot.entry;
-        if entry.prefix != prefix || seen_ms < slot.indexed_ms {
+        if seen_ms < slot.source_ms {
             self.by_source
-                .relocate(entry.source, slot.indexed_ms, seen_ms, peer);
-            self.by_prefix.remove(entry.prefix, slot.indexed_ms, peer);
+                .relocate(entry.source, slot.source_ms, seen_ms, peer);
+            slot.source_ms = seen_ms;
+        }
+        if entry.prefix != prefix || seen_ms < slot.prefix_ms {
+            self.by_prefix.remove(entry.prefix, slot.prefix_ms, peer);
             self.by_prefix.insert(prefix, seen_ms, peer);
-            slot.indexed_ms = seen_ms;
+            slot.prefix_ms = seen_ms;
         }
         entry.timestamp_ms = info.info.timestamp_ms;
         entry.info = info;
@@ -180,9 +186,9 @@ impl Table {
 
     fn unindex(&mut self, peer: PeerId, slot: &Slot) {
         self.by_source
-            .remove(slot.entry.source, slot.indexed_ms, peer);
+            .remove(slot.entry.source, slot.source_ms, peer);
         self.by_prefix
-            .remove(slot.entry.prefix, slot.indexed_ms, peer);
+            .remove(slot.entry.prefix, slot.prefix_ms, peer);
     }
 
     pub(super) fn remove(&mut self, peer: &PeerId) -> Option<Entry> {
@@ -223,13 +229,18 @@ impl Table {
                 Bucket::Prefix(key) => self.by_prefix.next(key, seen_ms, after),
             }?;
             let slot = self.entries.get_mut(&peer)?;
-            if slot.entry.seen_ms != indexed_ms {
-                let e = &slot.entry;
-                self.by_source
-                    .relocate(e.source, indexed_ms, e.seen_ms, peer);
-                self.by_prefix
-                    .relocate(e.prefix, indexed_ms, e.seen_ms, peer);
-                slot.indexed_ms = e.seen_ms;
+            let seen = slot.entry.seen_ms;
+            if seen != indexed_ms {
+                match bucket {
+                    Bucket::Source(key) => {
+                        self.by_source.relocate(key, indexed_ms, seen, peer);
+                        slot.source_ms = seen;
+                    }
+                    Bucket::Prefix(key) => {
+                        self.by_prefix.relocate(key, indexed_ms, seen, peer);
+                        slot.prefix_ms = seen;
+                    }
+                }
                 // The next item is now the one after where it was.
                 continue;
             }
