@@ -7,10 +7,11 @@
 //!
 //! An entry is indexed at a seen time no later than its own: a newer info
 //! of a known peer (every peer signs afresh each interval, so most of what
-//! a table takes in) only changes the entry, and the index is brought up
+//! a table takes in) only changes the entry, and each index is brought up
 //! to date where it is read, as a bucket is walked from its oldest entry.
 //! Walking stops at the first entry that may go, so only the oldest end of
-//! the buckets a newcomer needs room in is ever settled (docs/benchmarks.md,
+//! the buckets a newcomer needs room in is ever settled, and an index
+//! whose buckets are never walked is never settled (docs/benchmarks.md,
 //! "The simulator's speed").
 
 use std::cmp::Reverse;
