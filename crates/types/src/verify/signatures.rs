@@ -329,27 +329,18 @@ mod tests {
         // signature is wrong), and a weak key: each judged as without a
         // cache, and only the key held before is held after.
         let digest = Digest::of(b"message");
-        b.push(
-            &fresh.public(),
-            Domain::Transaction,
-            &digest,
-            &fresh.sign_digest(Domain::Transaction, &digest),
-            SignedItem::LooseTransaction(0),
-        );
-        b.push(
-            &held,
-            Domain::Transaction,
-            &digest,
-            &Signature([7; 64]),
-            SignedItem::LooseTransaction(1),
-        );
-        b.push(
-            &weak,
-            Domain::Transaction,
-            &digest,
-            &Signature([1; 64]),
-            SignedItem::LooseTransaction(2),
-        );
+        let signatures = [
+            (
+                fresh.public(),
+                fresh.sign_digest(Domain::Transaction, &digest),
+            ),
+            (held, Signature([7; 64])),
+            (weak, Signature([1; 64])),
+        ];
+        for (i, (key, signature)) in signatures.iter().enumerate() {
+            let item = SignedItem::LooseTransaction(i as u32);
+            b.push(key, Domain::Transaction, &digest, signature, item);
+        }
         let each = b.verify_each();
         assert_eq!(each[0], Ok(()));
         assert_eq!(
