@@ -92,7 +92,7 @@ bench:
 ## 2,000 nodes; writes docs/simulation.md, on every core (long: docs/benchmarks.md,
 ## "The simulator's speed"; `--only` runs a part, `--hour-nodes 10000` the long run at 10,000)
 sim:
-	$(CARGO) run --release --locked -p soma-sim -- --out docs/simulation.md
+	$(CARGO) run --release --locked -p soma-sim
 
 ## bench-quick: every benchmark at a tiny size (about a minute), written under target/bench-quick/
 bench-quick:

@@ -16,15 +16,16 @@ use soma_wire::inbound;
 #[derive(Parser)]
 #[command(about = "Simulated networks of soma-p2p nodes, from the production cores")]
 struct Cli {
-    /// Where to write the report (Markdown).
-    #[arg(long, default_value = "docs/simulation.md")]
-    out: std::path::PathBuf,
+    /// Where to write the report (Markdown). Default: the workspace's
+    /// docs/simulation.md for a full run, target/sim-quick/ with --quick
+    /// and target/sim-partial/ with --only, wherever soma-sim is run from.
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
     /// Small sizes only, for a quick look.
     #[arg(long)]
     quick: bool,
-    /// Only these sections, comma-separated (convergence, inbound, churn,
-    /// partition, eclipse, heights, sync, bench, hour).
-    #[arg(long, value_delimiter = ',')]
+    /// Only these sections, comma-separated.
+    #[arg(long, value_delimiter = ',', value_parser = SECTIONS)]
     only: Vec<String>,
     /// Nodes of the long run ("hour" section).
     #[arg(long, default_value_t = 2_000)]
@@ -37,6 +38,19 @@ struct Cli {
     #[arg(long)]
     threads: Option<usize>,
 }
+
+/// The report's sections, in the order they run.
+const SECTIONS: [&str; 9] = [
+    "convergence",
+    "inbound",
+    "churn",
+    "partition",
+    "eclipse",
+    "heights",
+    "sync",
+    "bench",
+    "hour",
+];
 
 impl Cli {
     fn runs(&self, section: &str) -> bool {
@@ -73,7 +87,8 @@ their own section (elsewhere a node accepts every dial; its outbound
 connections stop at 32), and bandwidth outside the catch-up section (a link
 is a delay, not a pipe; there, each node's upload is one).
 
-Each section can be run alone (`soma-sim --only eclipse`); the last one,
+Each section can be run alone (`soma-sim --only eclipse`, written to
+target/sim-partial/ unless `--out` says otherwise); the last one,
 the long run under churn, states how fast the simulator ran, in protocol
 seconds per wall second (`--hour-nodes`, `--hour-minutes` size it). Nodes
 are stepped on every core (`--threads`); the figures are the same on one,
@@ -107,6 +122,37 @@ fn main() {
         std::process::exit(2);
     }
     THREADS.set(threads).expect("set once");
+    let out = cli.out.clone().unwrap_or_else(|| {
+        // The workspace root: crates/sim/../..
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .ancestors()
+            .nth(2)
+            .expect("the crate sits two levels below the workspace root");
+        let dir = if cli.quick {
+            root.join("target/sim-quick")
+        } else if !cli.only.is_empty() {
+            root.join("target/sim-partial")
+        } else {
+            root.join("docs")
+        };
+        // Only the directories of the defaults are made.
+        let _ = std::fs::create_dir_all(&dir);
+        dir.join("simulation.md")
+    });
+    // A long run must not end without a place for its report.
+    let dir = match out.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => std::path::Path::new("."),
+    };
+    if !dir.is_dir() {
+        eprintln!(
+            "error: cannot write the report to {}: {} is not a directory; pass --out with \
+             a path in an existing directory",
+            out.display(),
+            dir.display()
+        );
+        std::process::exit(2);
+    }
     let sizes: &[usize] = if cli.quick { &[200] } else { &[1_000, 10_000] };
     let mut md = String::new();
     let started = Instant::now();
@@ -161,7 +207,16 @@ fn main() {
         hour_section(&mut md, nodes, minutes);
     }
     eprintln!("done in {:.0} s", started.elapsed().as_secs_f64());
-    std::fs::write(&cli.out, md).expect("the report is written");
+    if let Err(e) = std::fs::write(&out, &md) {
+        // The run is not lost: its report goes to stdout instead.
+        eprintln!(
+            "error: could not write the report to {}: {e}; it follows on stdout",
+            out.display()
+        );
+        print!("{md}");
+        std::process::exit(1);
+    }
+    eprintln!("wrote {}", out.display());
 }
 
 fn convergence_section(md: &mut String, sizes: &[usize]) {
