@@ -16,6 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     tonic_prost_build::configure()
         .bytes(".")
+        .codec_path("crate::codec::ReservingCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }

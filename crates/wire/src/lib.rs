@@ -3,6 +3,8 @@
 //! - [`proto`]: the code generated from `proto/soma/p2p/v1/p2p.proto`
 //!   (messages, the `P2p` client and server), built by protox and
 //!   tonic-prost-build with no system `protoc`.
+//! - [`codec`]: the generated code's codec, prost's with each message
+//!   encoded into one reservation of its length.
 //! - [`convert`]: between proto messages and [`soma_types`], with typed errors.
 //! - [`tls`]: mutual TLS 1.3 with each node's identity bound into its
 //!   certificate, the only place connections are made.
@@ -11,6 +13,7 @@
 //!   timeouts.
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod codec;
 pub mod convert;
 pub mod inbound;
 pub mod tls;
