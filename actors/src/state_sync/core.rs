@@ -275,10 +275,19 @@ impl Supervision {
             Failure::Timeout | Failure::Status { .. } | Failure::Transport | Failure::Panicked => {}
         }
         let restarts = self.failures.record(now, config.restart_window_ms);
+        // The fault was that peer's, now avoided: the work goes to another
+        // at once rather than after a pause (a liar would otherwise cost
+        // the honest work a backoff). Each such retry avoids one more
+        // peer, so they cannot spin: with every peer avoided the fetch
+        // finds none and waits `wait_interval_when_no_peer_ms`.
+        let peers_fault =
+            peer.is_some() && matches!(failure, Failure::Invalid(_) | Failure::NotFound);
         if restarts > config.max_restarts {
             // Past the intensity limit: hand the work to another peer.
             self.avoid.extend(peer);
             self.failures.clear();
+            self.retry_at = now;
+        } else if peers_fault {
             self.retry_at = now;
         } else {
             let backoff = config.restart_backoff_ms << (restarts.saturating_sub(1)).min(10);
@@ -2069,16 +2078,30 @@ mod tests {
     }
 
     #[test]
-    fn invalid_data_and_not_found_avoid_the_peer_for_that_work() {
+    fn invalid_data_and_not_found_send_the_work_to_another_peer_at_once() {
         for failure in [
             Failure::Invalid(soma_types::Error::EmptyBatch),
             Failure::NotFound,
         ] {
             let mut c = core(config());
-            let (t, _, _) = commit_fetch(&tick(&mut c, 0, 10)).unwrap();
-            commits_failed(&mut c, 0, t, LIAR, failure);
-            assert_eq!(avoided(&tick(&mut c, 1_000, 10)), Some(vec![LIAR]));
+            let (t, start, end) = commit_fetch(&tick(&mut c, 0, 10)).unwrap();
+            // Asked again in the same step, of anyone but the liar.
+            let out = commits_failed(&mut c, 10, t, LIAR, failure.clone());
+            let (again, ..) = commit_fetch(&out).unwrap();
+            assert_eq!(commit_fetch(&out), Some((again, start, end)), "{failure:?}");
+            assert_eq!(avoided(&out), Some(vec![LIAR]));
+            // A second liar for the same work: avoided too, at once again.
+            let out = commits_failed(&mut c, 20, again, HONEST, failure);
+            assert_eq!(avoided(&out), Some(vec![HONEST, LIAR]));
         }
+        // A timeout says nothing of the peer's honesty: the work waits the
+        // backoff.
+        let backoff = config().restart_backoff_ms;
+        let mut c = core(config());
+        let (t, _, _) = commit_fetch(&tick(&mut c, 0, 10)).unwrap();
+        assert_eq!(commit_fetch(&commits_failed(&mut c, 10, t, LIAR, Failure::Timeout)), None);
+        assert_eq!(commit_fetch(&tick(&mut c, 10 + backoff - 1, 10)), None);
+        assert!(commit_fetch(&tick(&mut c, 10 + backoff, 10)).is_some());
     }
 
     #[test]
@@ -2087,9 +2110,10 @@ mod tests {
         let (t, _, _) = commit_fetch(&tick(&mut c, 0, 10)).unwrap();
         let invalid = Failure::Invalid(soma_types::Error::EmptyBatch);
         let out = commits_failed(&mut c, 0, t, LIAR, invalid.clone());
+        // Then the work, asked again at once.
         assert_eq!(
-            out,
-            vec![
+            &out[..2],
+            &[
                 Output::Misbehaved { peer: LIAR },
                 Output::Restarted {
                     task: t,
@@ -2097,15 +2121,16 @@ mod tests {
                 }
             ]
         );
-        let (t, _, _) = commit_fetch(&tick(&mut c, 1_000, 10)).unwrap();
+        let (t, _, _) = commit_fetch(&out[2..]).unwrap();
         let out = commits_failed(&mut c, 1_000, t, HONEST, Failure::NotFound);
         assert_eq!(
-            out,
-            vec![Output::Restarted {
+            &out[..1],
+            &[Output::Restarted {
                 task: t,
                 failure: Failure::NotFound
             }]
         );
+        assert!(commit_fetch(&out[1..]).is_some(), "{out:?}");
     }
 
     #[test]
@@ -2516,9 +2541,8 @@ mod tests {
                 }
             ]
         );
-        // The liar is avoided for that chunk from now on.
-        let retry = tick(&mut c, 10_000, 10);
-        let avoid: Vec<Vec<PeerId>> = retry
+        // The chunk is asked again at once, of anyone but the liar.
+        let avoid: Vec<Vec<PeerId>> = out[2..]
             .iter()
             .filter_map(|o| match o {
                 Output::FetchBlocks { avoid, .. } => Some(avoid.clone()),
