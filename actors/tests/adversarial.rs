@@ -270,3 +270,55 @@ async fn a_slow_peer_measured_first_does_not_keep_faster_peers_from_being_tried(
         h.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retired_committees_batch_never_gets_the_honest_peers_after_it_banned() {
+    // Epochs of 20 commits: 24 epoch ends at which the liar, holding every
+    // retired committee's keys, answers a fetch from the commit after the
+    // end with a commit continuing the ended epoch. Fetched ahead of its
+    // turn, before the end is applied, that commit is certified like any
+    // other; the honest answer for the commits after it then does not link
+    // to it. Blaming that answer's server banned the honest peers one by
+    // one (all three within 3 ms once the work was asked again at once),
+    // and sync stalled for the ban. Whether the liar is asked for such a
+    // commit while the end is not applied depends on timing (about one
+    // catch-up in four here), so eight fresh nodes catch up in turn.
+    let chain = Arc::new(
+        ChainBuilder::new(ChainConfig {
+            commits_per_epoch: Some(20),
+            ..ChainConfig::validators(4)
+        })
+        .build(TIP),
+    );
+    let honest: Vec<P2pHandle> = (1..=3).map(|k| validator(&chain, k)).collect();
+    let (liar, address) = byzantine::serve(chain.clone(), Lie::RetiredCommittee, 100).await;
+    let mut seed_peers = seeds(&honest.iter().collect::<Vec<_>>());
+    seed_peers.push(SeedPeer {
+        peer_id: Some(liar),
+        address,
+    });
+    for key in 9..17 {
+        let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+        let config = P2pConfig {
+            seed_peers: seed_peers.clone(),
+            // A wrongful ban would outlast the test.
+            ban_duration: Duration::from_secs(3_600),
+            ..P2pConfig::default()
+        };
+        let node = soma_testkit::node(&chain, key, config, store.clone());
+        soma_testkit::wait_synced(&node, TIP, DEADLINE).await;
+        assert_same_chain(&chain, store.as_ref());
+        let views = node.peer_heights().await.unwrap();
+        for h in &honest {
+            let view = views.iter().find(|v| v.peer == h.peer_id());
+            assert!(
+                view.is_some_and(|v| v.banned_until.is_none()),
+                "node {key}: an honest peer was banned: {views:?}"
+            );
+        }
+        node.shutdown().await;
+    }
+    for h in honest {
+        h.shutdown().await;
+    }
+}

@@ -374,6 +374,10 @@ pub struct StateSyncCore {
     /// Set while an answer claiming the next epoch waits to be judged; no
     /// commits are fetched meanwhile.
     epoch_claim: Option<EpochClaim>,
+    /// The first commit of an answer that did not link to the batch
+    /// before it and the peer that sent it, not asked for that commit
+    /// again until a batch holding it is verified ([`Self::link_disputed`]).
+    link_dispute: Option<(CommitIndex, PeerId)>,
     batches: BTreeMap<CommitIndex, Batch>,
     tasks: HashMap<TaskId, Task>,
     /// Reservations of fetches whose work was dropped (reset, discarded,
@@ -416,6 +420,7 @@ impl Core for StateSyncCore {
             ahead_waited: 0,
             commit_supervision: Supervision::default(),
             epoch_claim: None,
+            link_dispute: None,
             batches: BTreeMap::new(),
             tasks: HashMap::new(),
             orphans: HashMap::new(),
@@ -744,6 +749,12 @@ impl StateSyncCore {
             {
                 self.commit_supervision = Supervision::default();
                 self.unavailable = None;
+                if self
+                    .link_dispute
+                    .is_some_and(|(index, _)| index <= info.end)
+                {
+                    self.link_dispute = None;
+                }
                 self.verified = info.last;
                 let step = self.config.max_blocks_per_fetch.max(1);
                 let chunks = (0..info.block_count)
@@ -768,6 +779,11 @@ impl StateSyncCore {
                 // Judged once the batches before it are applied; until then
                 // no commits are fetched.
                 self.epoch_claim = Some(EpochClaim { peer, claimed });
+            }
+            Err(Claim::Failed(
+                failure @ Failure::Invalid(soma_types::Error::BrokenLink(index)),
+            )) if self.link_disputed(now, (index, peer), &failure, out) => {
+                restarted(task, None, failure, out);
             }
             Err(Claim::Failed(failure)) => {
                 // Nobody connected holds it: asked again after the no-peer
@@ -881,12 +897,20 @@ impl StateSyncCore {
         if start == next {
             return false;
         }
+        self.drop_last_batch(out);
+        true
+    }
+
+    /// Drops the last fetched batch (not yet applied), the commit fetches
+    /// after it and every fetch ahead: it is fetched again in turn.
+    fn drop_last_batch(&mut self, out: &mut Vec<Output>) -> Option<Batch> {
+        let (&start, _) = self.batches.last_key_value()?;
         self.forget_prefetches(|_| true, out);
         self.orphan_tasks(|t| match t {
             Task::Commits { .. } | Task::Ahead { .. } => true,
             Task::Blocks { batch, .. } => *batch == start,
         });
-        self.batches.remove(&start);
+        let dropped = self.batches.remove(&start);
         self.verified = self
             .batches
             .last_key_value()
@@ -894,6 +918,49 @@ impl StateSyncCore {
         // A claim about what follows the dropped batch is moot.
         self.epoch_claim = None;
         out.push(Output::Discard { start });
+        dropped
+    }
+
+    /// A commit answer that does not link to the batch before it, while
+    /// that batch, from another peer, is not applied yet: each is
+    /// certified by a quorum, so one was forged with a committee's keys (a
+    /// retired or compromised committee), and which one cannot be told
+    /// here. Blaming the answer's server would let the holder of a retired
+    /// committee's keys, serving one forged batch, have every honest peer
+    /// that answers the batch after it banned. Neither server is reported:
+    /// the batch before is dropped and fetched again from anyone but its
+    /// server, and the answer's server is not asked for the batch after it
+    /// next time. Whichever was forged is so replaced. A batch before that
+    /// is being written stays; the answer's work waits the backoff. Returns
+    /// whether the answer was such a dispute.
+    fn link_disputed(
+        &mut self,
+        now: Time,
+        (index, peer): (CommitIndex, Option<PeerId>),
+        failure: &Failure,
+        out: &mut Vec<Output>,
+    ) -> bool {
+        let Some((&start, before)) = self.batches.last_key_value() else {
+            return false;
+        };
+        let other_server = before.peer.is_some() && before.peer != peer;
+        if index != self.verified.index + 1 || before.last != self.verified || !other_server {
+            return false;
+        }
+        if self.applying == Some(start) {
+            // Being written, it cannot be dropped: the store judges it
+            // (a forged batch fails there, and sync starts again from the
+            // watermark). Asked again after the pause, blaming no one.
+            self.commit_supervision
+                .failed(now, None, failure, &self.config);
+            return true;
+        }
+        let dropped = self.drop_last_batch(out);
+        self.commit_supervision = Supervision::default();
+        self.commit_supervision
+            .avoid
+            .extend(dropped.and_then(|b| b.peer));
+        self.link_dispute = peer.map(|p| (index, p));
         true
     }
 
@@ -920,7 +987,7 @@ impl StateSyncCore {
         out: &mut Vec<Output>,
     ) {
         self.requested = self.requested.max(end);
-        let avoid = self.commit_supervision.avoid.iter().copied().collect();
+        let avoid = self.commit_avoid(start);
         let settled = self.verified.index == self.synced.index;
         let task = self.task(Task::Commits {
             reserved,
@@ -941,6 +1008,19 @@ impl StateSyncCore {
             avoid,
             prefetched: fetched,
         });
+    }
+
+    /// The peers a commit fetch from `start` must not ask: those the
+    /// commit stage's supervision avoids, and the server of an answer from
+    /// `start` that did not link to the batch before it.
+    fn commit_avoid(&self, start: CommitIndex) -> Vec<PeerId> {
+        let mut avoid = self.commit_supervision.avoid.clone();
+        if let Some((index, peer)) = self.link_dispute
+            && index == start
+        {
+            avoid.insert(peer);
+        }
+        avoid.into_iter().collect()
     }
 
     /// Sends commit fetches for the batches after the one next in line,
@@ -1000,7 +1080,7 @@ impl StateSyncCore {
                         end,
                         epoch: self.epoch,
                         max_bytes: reserve,
-                        avoid: self.commit_supervision.avoid.iter().copied().collect(),
+                        avoid: self.commit_avoid(start),
                     });
                 }
             }
@@ -2099,9 +2179,127 @@ mod tests {
         let backoff = config().restart_backoff_ms;
         let mut c = core(config());
         let (t, _, _) = commit_fetch(&tick(&mut c, 0, 10)).unwrap();
-        assert_eq!(commit_fetch(&commits_failed(&mut c, 10, t, LIAR, Failure::Timeout)), None);
+        assert_eq!(
+            commit_fetch(&commits_failed(&mut c, 10, t, LIAR, Failure::Timeout)),
+            None
+        );
         assert_eq!(commit_fetch(&tick(&mut c, 10 + backoff - 1, 10)), None);
         assert!(commit_fetch(&tick(&mut c, 10 + backoff, 10)).is_some());
+    }
+
+    /// The batch 1..=10 served by `first`, verified, its blocks not yet in;
+    /// returns the commit fetch of 11..=20 that follows and the fetch of
+    /// the batch's blocks.
+    fn batch_served_by(c: &mut StateSyncCore, first: PeerId) -> (TaskId, TaskId) {
+        let (t, _, _) = commit_fetch(&tick(c, 0, 100)).unwrap();
+        let info = CommitBatchInfo {
+            start: 1,
+            end: 10,
+            last: r(10),
+            epoch: c.expected_epoch(),
+            block_count: 5,
+            bytes: 0,
+        };
+        let out = c.handle(
+            Time(0),
+            Input::CommitsFetched {
+                task: t,
+                peer: Some(first),
+                result: Ok(info),
+            },
+        );
+        let (next, start, _) = commit_fetch(&out).unwrap();
+        assert_eq!(start, 11);
+        let blocks = block_fetches(&out);
+        assert_eq!(blocks.len(), 1);
+        (next, blocks[0].0)
+    }
+
+    #[test]
+    fn an_answer_that_does_not_link_to_another_peers_unapplied_batch_blames_neither() {
+        const OTHER: PeerId = PeerId([2; 32]);
+        let broken = Failure::Invalid(soma_types::Error::BrokenLink(11));
+        let mut c = core(config());
+        let (t, _) = batch_served_by(&mut c, LIAR);
+        let out = commits_failed(&mut c, 0, t, HONEST, broken.clone());
+        assert!(
+            !out.iter().any(|o| matches!(o, Output::Misbehaved { .. })),
+            "{out:?}"
+        );
+        assert!(out.contains(&Output::Restarted {
+            task: t,
+            failure: broken
+        }));
+        // The batch before is dropped and asked again of anyone but its
+        // server, at once.
+        assert!(out.contains(&Output::Discard { start: 1 }), "{out:?}");
+        let (again, start, end) = commit_fetch(&out).unwrap();
+        assert_eq!((start, end), (1, 10));
+        assert_eq!(avoided(&out), Some(vec![LIAR]));
+        // Served by another peer, the batch after it is not asked of the
+        // peer whose answer did not link, once; then of anyone again.
+        let out = c.handle(
+            Time(1),
+            Input::CommitsFetched {
+                task: again,
+                peer: Some(OTHER),
+                result: Ok(CommitBatchInfo {
+                    start: 1,
+                    end: 10,
+                    last: r(10),
+                    epoch: c.expected_epoch(),
+                    block_count: 5,
+                    bytes: 0,
+                }),
+            },
+        );
+        let (t, start, _) = commit_fetch(&out).unwrap();
+        assert_eq!(start, 11);
+        assert_eq!(avoided(&out), Some(vec![HONEST]));
+        let out = commits_ok(&mut c, 2, t, 11, 20, 5);
+        assert_eq!(commit_fetch(&out).map(|f| f.1), Some(21));
+        assert_eq!(avoided(&out), Some(vec![]));
+    }
+
+    #[test]
+    fn an_answer_that_does_not_link_to_another_peers_batch_being_written_waits_blaming_neither() {
+        let broken = Failure::Invalid(soma_types::Error::BrokenLink(11));
+        let backoff = config().restart_backoff_ms;
+        let mut c = core(config());
+        let (t, blocks) = batch_served_by(&mut c, LIAR);
+        // Its blocks in, the batch is being written.
+        let out = blocks_ok(&mut c, blocks);
+        assert!(out.contains(&Output::Apply { start: 1 }), "{out:?}");
+        let out = commits_failed(&mut c, 0, t, HONEST, broken.clone());
+        assert!(
+            !out.iter().any(|o| matches!(o, Output::Misbehaved { .. })),
+            "{out:?}"
+        );
+        assert!(!out.contains(&Output::Discard { start: 1 }), "{out:?}");
+        assert_eq!(commit_fetch(&out), None);
+        assert_eq!(commit_fetch(&tick(&mut c, backoff - 1, 100)), None);
+        let out = tick(&mut c, backoff, 100);
+        assert_eq!(commit_fetch(&out).map(|f| f.1), Some(11));
+        assert_eq!(avoided(&out), Some(vec![]));
+    }
+
+    #[test]
+    fn an_answer_that_does_not_link_to_its_own_servers_batch_or_an_applied_one_is_a_lie() {
+        let broken = Failure::Invalid(soma_types::Error::BrokenLink(11));
+        // The same peer served the batch before.
+        let mut c = core(config());
+        let (t, _) = batch_served_by(&mut c, LIAR);
+        let out = commits_failed(&mut c, 0, t, LIAR, broken.clone());
+        assert_eq!(out[0], Output::Misbehaved { peer: LIAR });
+        assert!(!out.contains(&Output::Discard { start: 1 }), "{out:?}");
+        // The batch before is applied: only the answer can be wrong.
+        let mut c = core(config());
+        fetch_batch(&mut c, 0, 1, 10);
+        applied(&mut c, 1, 10);
+        let (t, start, _) = commit_fetch(&tick(&mut c, 0, 100)).unwrap();
+        assert_eq!(start, 11);
+        let out = commits_failed(&mut c, 0, t, LIAR, broken);
+        assert_eq!(out[0], Output::Misbehaved { peer: LIAR });
     }
 
     #[test]
