@@ -423,6 +423,39 @@ fn first_commit_not_linking_to_our_last_fails() {
     );
 }
 
+#[test]
+fn the_next_epochs_commits_after_a_forged_continuation_are_named_of_their_epoch() {
+    // Epoch 0 ends at commit 30. A retired committee certified a commit 31
+    // of epoch 0 continuing it, verified before the end was applied: what
+    // we take for our last commit is that forgery, and epoch 0 is still
+    // the one expected. The true commits from 31 (this test's from 32 are
+    // the same case) are of epoch 1 and do not link to the forgery: they
+    // are named of another epoch, a claim the caller judges once the end
+    // is applied, not a broken link blamed on their honest sender.
+    let chain = chain();
+    assert_eq!(chain.epoch_last(0), Some(30));
+    let (commits, certifiers) = chain.fetch_commits(32..=35);
+    let forged = soma_types::CommitRef {
+        index: 31,
+        digest: soma_types::Digest([7; 32]),
+    };
+    let result = verify_commit_batch(
+        commits,
+        certifiers,
+        chain.committee_of(30),
+        forged,
+        &Limits::default(),
+    );
+    assert_eq!(
+        result.err(),
+        Some(Error::CommitWrongEpoch {
+            index: 32,
+            got: 1,
+            expected: 0
+        })
+    );
+}
+
 /// What a verification accepted, as bytes: commits then certifier blocks.
 type Accepted = Result<(Vec<Bytes>, Vec<Bytes>), Error>;
 

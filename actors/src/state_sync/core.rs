@@ -275,13 +275,17 @@ impl Supervision {
             Failure::Timeout | Failure::Status { .. } | Failure::Transport | Failure::Panicked => {}
         }
         let restarts = self.failures.record(now, config.restart_window_ms);
-        // The fault was that peer's, now avoided: the work goes to another
-        // at once rather than after a pause (a liar would otherwise cost
-        // the honest work a backoff). Each such retry avoids one more
-        // peer, so they cannot spin: with every peer avoided the fetch
-        // finds none and waits `wait_interval_when_no_peer_ms`.
-        let peers_fault =
-            peer.is_some() && matches!(failure, Failure::Invalid(_) | Failure::NotFound);
+        // Invalid data is its sender's fault, and the sender now avoided:
+        // the work goes to another peer at once rather than after a pause
+        // (a liar would otherwise cost the honest work a backoff). Each
+        // such retry avoids one more peer, so they cannot spin: with every
+        // peer avoided the fetch finds none and waits
+        // `wait_interval_when_no_peer_ms`. A NOT_FOUND keeps the pause: an
+        // honest peer answers it for a block only a forger holds (a retired
+        // committee's, of a batch verified before its epoch's end was
+        // applied), PeerHeights may ban it for that, and the pause leaves
+        // time for the end to be applied and the forged batch dropped.
+        let peers_fault = peer.is_some() && matches!(failure, Failure::Invalid(_));
         if restarts > config.max_restarts {
             // Past the intensity limit: hand the work to another peer.
             self.avoid.extend(peer);
@@ -374,10 +378,6 @@ pub struct StateSyncCore {
     /// Set while an answer claiming the next epoch waits to be judged; no
     /// commits are fetched meanwhile.
     epoch_claim: Option<EpochClaim>,
-    /// The first commit of an answer that did not link to the batch
-    /// before it and the peer that sent it, not asked for that commit
-    /// again until a batch holding it is verified ([`Self::link_disputed`]).
-    link_dispute: Option<(CommitIndex, PeerId)>,
     batches: BTreeMap<CommitIndex, Batch>,
     tasks: HashMap<TaskId, Task>,
     /// Reservations of fetches whose work was dropped (reset, discarded,
@@ -420,7 +420,6 @@ impl Core for StateSyncCore {
             ahead_waited: 0,
             commit_supervision: Supervision::default(),
             epoch_claim: None,
-            link_dispute: None,
             batches: BTreeMap::new(),
             tasks: HashMap::new(),
             orphans: HashMap::new(),
@@ -749,12 +748,6 @@ impl StateSyncCore {
             {
                 self.commit_supervision = Supervision::default();
                 self.unavailable = None;
-                if self
-                    .link_dispute
-                    .is_some_and(|(index, _)| index <= info.end)
-                {
-                    self.link_dispute = None;
-                }
                 self.verified = info.last;
                 let step = self.config.max_blocks_per_fetch.max(1);
                 let chunks = (0..info.block_count)
@@ -779,11 +772,6 @@ impl StateSyncCore {
                 // Judged once the batches before it are applied; until then
                 // no commits are fetched.
                 self.epoch_claim = Some(EpochClaim { peer, claimed });
-            }
-            Err(Claim::Failed(
-                failure @ Failure::Invalid(soma_types::Error::BrokenLink(index)),
-            )) if self.link_disputed(now, (index, peer), &failure, out) => {
-                restarted(task, None, failure, out);
             }
             Err(Claim::Failed(failure)) => {
                 // Nobody connected holds it: asked again after the no-peer
@@ -897,20 +885,12 @@ impl StateSyncCore {
         if start == next {
             return false;
         }
-        self.drop_last_batch(out);
-        true
-    }
-
-    /// Drops the last fetched batch (not yet applied), the commit fetches
-    /// after it and every fetch ahead: it is fetched again in turn.
-    fn drop_last_batch(&mut self, out: &mut Vec<Output>) -> Option<Batch> {
-        let (&start, _) = self.batches.last_key_value()?;
         self.forget_prefetches(|_| true, out);
         self.orphan_tasks(|t| match t {
             Task::Commits { .. } | Task::Ahead { .. } => true,
             Task::Blocks { batch, .. } => *batch == start,
         });
-        let dropped = self.batches.remove(&start);
+        self.batches.remove(&start);
         self.verified = self
             .batches
             .last_key_value()
@@ -918,49 +898,6 @@ impl StateSyncCore {
         // A claim about what follows the dropped batch is moot.
         self.epoch_claim = None;
         out.push(Output::Discard { start });
-        dropped
-    }
-
-    /// A commit answer that does not link to the batch before it, while
-    /// that batch, from another peer, is not applied yet: each is
-    /// certified by a quorum, so one was forged with a committee's keys (a
-    /// retired or compromised committee), and which one cannot be told
-    /// here. Blaming the answer's server would let the holder of a retired
-    /// committee's keys, serving one forged batch, have every honest peer
-    /// that answers the batch after it banned. Neither server is reported:
-    /// the batch before is dropped and fetched again from anyone but its
-    /// server, and the answer's server is not asked for the batch after it
-    /// next time. Whichever was forged is so replaced. A batch before that
-    /// is being written stays; the answer's work waits the backoff. Returns
-    /// whether the answer was such a dispute.
-    fn link_disputed(
-        &mut self,
-        now: Time,
-        (index, peer): (CommitIndex, Option<PeerId>),
-        failure: &Failure,
-        out: &mut Vec<Output>,
-    ) -> bool {
-        let Some((&start, before)) = self.batches.last_key_value() else {
-            return false;
-        };
-        let other_server = before.peer.is_some() && before.peer != peer;
-        if index != self.verified.index + 1 || before.last != self.verified || !other_server {
-            return false;
-        }
-        if self.applying == Some(start) {
-            // Being written, it cannot be dropped: the store judges it
-            // (a forged batch fails there, and sync starts again from the
-            // watermark). Asked again after the pause, blaming no one.
-            self.commit_supervision
-                .failed(now, None, failure, &self.config);
-            return true;
-        }
-        let dropped = self.drop_last_batch(out);
-        self.commit_supervision = Supervision::default();
-        self.commit_supervision
-            .avoid
-            .extend(dropped.and_then(|b| b.peer));
-        self.link_dispute = peer.map(|p| (index, p));
         true
     }
 
@@ -987,7 +924,7 @@ impl StateSyncCore {
         out: &mut Vec<Output>,
     ) {
         self.requested = self.requested.max(end);
-        let avoid = self.commit_avoid(start);
+        let avoid = self.commit_supervision.avoid.iter().copied().collect();
         let settled = self.verified.index == self.synced.index;
         let task = self.task(Task::Commits {
             reserved,
@@ -1008,19 +945,6 @@ impl StateSyncCore {
             avoid,
             prefetched: fetched,
         });
-    }
-
-    /// The peers a commit fetch from `start` must not ask: those the
-    /// commit stage's supervision avoids, and the server of an answer from
-    /// `start` that did not link to the batch before it.
-    fn commit_avoid(&self, start: CommitIndex) -> Vec<PeerId> {
-        let mut avoid = self.commit_supervision.avoid.clone();
-        if let Some((index, peer)) = self.link_dispute
-            && index == start
-        {
-            avoid.insert(peer);
-        }
-        avoid.into_iter().collect()
     }
 
     /// Sends commit fetches for the batches after the one next in line,
@@ -1080,7 +1004,7 @@ impl StateSyncCore {
                         end,
                         epoch: self.epoch,
                         max_bytes: reserve,
-                        avoid: self.commit_avoid(start),
+                        avoid: self.commit_supervision.avoid.iter().copied().collect(),
                     });
                 }
             }
@@ -2158,148 +2082,34 @@ mod tests {
     }
 
     #[test]
-    fn invalid_data_and_not_found_send_the_work_to_another_peer_at_once() {
-        for failure in [
-            Failure::Invalid(soma_types::Error::EmptyBatch),
-            Failure::NotFound,
-        ] {
-            let mut c = core(config());
-            let (t, start, end) = commit_fetch(&tick(&mut c, 0, 10)).unwrap();
-            // Asked again in the same step, of anyone but the liar.
-            let out = commits_failed(&mut c, 10, t, LIAR, failure.clone());
-            let (again, ..) = commit_fetch(&out).unwrap();
-            assert_eq!(commit_fetch(&out), Some((again, start, end)), "{failure:?}");
-            assert_eq!(avoided(&out), Some(vec![LIAR]));
-            // A second liar for the same work: avoided too, at once again.
-            let out = commits_failed(&mut c, 20, again, HONEST, failure);
-            assert_eq!(avoided(&out), Some(vec![HONEST, LIAR]));
-        }
-        // A timeout says nothing of the peer's honesty: the work waits the
-        // backoff.
-        let backoff = config().restart_backoff_ms;
+    fn invalid_data_sends_the_work_to_another_peer_at_once_and_not_found_after_the_pause() {
+        let invalid = Failure::Invalid(soma_types::Error::EmptyBatch);
         let mut c = core(config());
-        let (t, _, _) = commit_fetch(&tick(&mut c, 0, 10)).unwrap();
-        assert_eq!(
-            commit_fetch(&commits_failed(&mut c, 10, t, LIAR, Failure::Timeout)),
-            None
-        );
-        assert_eq!(commit_fetch(&tick(&mut c, 10 + backoff - 1, 10)), None);
-        assert!(commit_fetch(&tick(&mut c, 10 + backoff, 10)).is_some());
-    }
-
-    /// The batch 1..=10 served by `first`, verified, its blocks not yet in;
-    /// returns the commit fetch of 11..=20 that follows and the fetch of
-    /// the batch's blocks.
-    fn batch_served_by(c: &mut StateSyncCore, first: PeerId) -> (TaskId, TaskId) {
-        let (t, _, _) = commit_fetch(&tick(c, 0, 100)).unwrap();
-        let info = CommitBatchInfo {
-            start: 1,
-            end: 10,
-            last: r(10),
-            epoch: c.expected_epoch(),
-            block_count: 5,
-            bytes: 0,
-        };
-        let out = c.handle(
-            Time(0),
-            Input::CommitsFetched {
-                task: t,
-                peer: Some(first),
-                result: Ok(info),
-            },
-        );
-        let (next, start, _) = commit_fetch(&out).unwrap();
-        assert_eq!(start, 11);
-        let blocks = block_fetches(&out);
-        assert_eq!(blocks.len(), 1);
-        (next, blocks[0].0)
-    }
-
-    #[test]
-    fn an_answer_that_does_not_link_to_another_peers_unapplied_batch_blames_neither() {
-        const OTHER: PeerId = PeerId([2; 32]);
-        let broken = Failure::Invalid(soma_types::Error::BrokenLink(11));
-        let mut c = core(config());
-        let (t, _) = batch_served_by(&mut c, LIAR);
-        let out = commits_failed(&mut c, 0, t, HONEST, broken.clone());
-        assert!(
-            !out.iter().any(|o| matches!(o, Output::Misbehaved { .. })),
-            "{out:?}"
-        );
-        assert!(out.contains(&Output::Restarted {
-            task: t,
-            failure: broken
-        }));
-        // The batch before is dropped and asked again of anyone but its
-        // server, at once.
-        assert!(out.contains(&Output::Discard { start: 1 }), "{out:?}");
-        let (again, start, end) = commit_fetch(&out).unwrap();
-        assert_eq!((start, end), (1, 10));
+        let (t, start, end) = commit_fetch(&tick(&mut c, 0, 10)).unwrap();
+        // Asked again in the same step, of anyone but the liar.
+        let out = commits_failed(&mut c, 10, t, LIAR, invalid.clone());
+        let (again, ..) = commit_fetch(&out).unwrap();
+        assert_eq!(commit_fetch(&out), Some((again, start, end)));
         assert_eq!(avoided(&out), Some(vec![LIAR]));
-        // Served by another peer, the batch after it is not asked of the
-        // peer whose answer did not link, once; then of anyone again.
-        let out = c.handle(
-            Time(1),
-            Input::CommitsFetched {
-                task: again,
-                peer: Some(OTHER),
-                result: Ok(CommitBatchInfo {
-                    start: 1,
-                    end: 10,
-                    last: r(10),
-                    epoch: c.expected_epoch(),
-                    block_count: 5,
-                    bytes: 0,
-                }),
-            },
-        );
-        let (t, start, _) = commit_fetch(&out).unwrap();
-        assert_eq!(start, 11);
-        assert_eq!(avoided(&out), Some(vec![HONEST]));
-        let out = commits_ok(&mut c, 2, t, 11, 20, 5);
-        assert_eq!(commit_fetch(&out).map(|f| f.1), Some(21));
-        assert_eq!(avoided(&out), Some(vec![]));
-    }
-
-    #[test]
-    fn an_answer_that_does_not_link_to_another_peers_batch_being_written_waits_blaming_neither() {
-        let broken = Failure::Invalid(soma_types::Error::BrokenLink(11));
+        // A second liar for the same work: avoided too, at once again.
+        let out = commits_failed(&mut c, 20, again, HONEST, invalid);
+        assert_eq!(avoided(&out), Some(vec![HONEST, LIAR]));
+        // A NOT_FOUND (what an honest peer answers for a forger's block)
+        // and a timeout say nothing of the peer's honesty: the work waits
+        // the backoff, the NOT_FOUND's server avoided for it.
         let backoff = config().restart_backoff_ms;
-        let mut c = core(config());
-        let (t, blocks) = batch_served_by(&mut c, LIAR);
-        // Its blocks in, the batch is being written.
-        let out = blocks_ok(&mut c, blocks);
-        assert!(out.contains(&Output::Apply { start: 1 }), "{out:?}");
-        let out = commits_failed(&mut c, 0, t, HONEST, broken.clone());
-        assert!(
-            !out.iter().any(|o| matches!(o, Output::Misbehaved { .. })),
-            "{out:?}"
-        );
-        assert!(!out.contains(&Output::Discard { start: 1 }), "{out:?}");
-        assert_eq!(commit_fetch(&out), None);
-        assert_eq!(commit_fetch(&tick(&mut c, backoff - 1, 100)), None);
-        let out = tick(&mut c, backoff, 100);
-        assert_eq!(commit_fetch(&out).map(|f| f.1), Some(11));
-        assert_eq!(avoided(&out), Some(vec![]));
-    }
-
-    #[test]
-    fn an_answer_that_does_not_link_to_its_own_servers_batch_or_an_applied_one_is_a_lie() {
-        let broken = Failure::Invalid(soma_types::Error::BrokenLink(11));
-        // The same peer served the batch before.
-        let mut c = core(config());
-        let (t, _) = batch_served_by(&mut c, LIAR);
-        let out = commits_failed(&mut c, 0, t, LIAR, broken.clone());
-        assert_eq!(out[0], Output::Misbehaved { peer: LIAR });
-        assert!(!out.contains(&Output::Discard { start: 1 }), "{out:?}");
-        // The batch before is applied: only the answer can be wrong.
-        let mut c = core(config());
-        fetch_batch(&mut c, 0, 1, 10);
-        applied(&mut c, 1, 10);
-        let (t, start, _) = commit_fetch(&tick(&mut c, 0, 100)).unwrap();
-        assert_eq!(start, 11);
-        let out = commits_failed(&mut c, 0, t, LIAR, broken);
-        assert_eq!(out[0], Output::Misbehaved { peer: LIAR });
+        for (failure, avoid) in [(Failure::NotFound, vec![LIAR]), (Failure::Timeout, vec![])] {
+            let mut c = core(config());
+            let (t, _, _) = commit_fetch(&tick(&mut c, 0, 10)).unwrap();
+            assert_eq!(
+                commit_fetch(&commits_failed(&mut c, 10, t, LIAR, failure)),
+                None
+            );
+            assert_eq!(commit_fetch(&tick(&mut c, 10 + backoff - 1, 10)), None);
+            let out = tick(&mut c, 10 + backoff, 10);
+            assert!(commit_fetch(&out).is_some());
+            assert_eq!(avoided(&out), Some(avoid));
+        }
     }
 
     #[test]
@@ -2322,13 +2132,12 @@ mod tests {
         let (t, _, _) = commit_fetch(&out[2..]).unwrap();
         let out = commits_failed(&mut c, 1_000, t, HONEST, Failure::NotFound);
         assert_eq!(
-            &out[..1],
-            &[Output::Restarted {
+            out,
+            vec![Output::Restarted {
                 task: t,
                 failure: Failure::NotFound
             }]
         );
-        assert!(commit_fetch(&out[1..]).is_some(), "{out:?}");
     }
 
     #[test]

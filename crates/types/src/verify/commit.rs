@@ -23,8 +23,15 @@ use crate::{
 /// Certifying the last commit certifies them all, through the digest chain.
 /// Returns the commits and the certifier blocks, now trusted. The same as
 /// [`certify_commit_run`] from `last_synced.index + 1`, then
-/// [`CertifiedRun::link`] to `last_synced`, except that a first commit that
-/// does not follow `last_synced` is named before anything else is checked.
+/// [`CertifiedRun::link`] to `last_synced`, except that the first commit's
+/// epoch, then whether it follows `last_synced`, are named before anything
+/// else is checked.
+///
+/// The epoch comes first because `last_synced` may be a commit a retired
+/// committee certified past its epoch's end, verified before that end was
+/// applied: the true next commit, of the next epoch, does not link to it,
+/// and must be reported as of another epoch (which a caller expecting the
+/// end may judge later) rather than as a broken link, blamed on its sender.
 pub fn verify_commit_batch(
     commits: Vec<UnverifiedCommit>,
     certifiers: Vec<UnverifiedBlock>,
@@ -33,6 +40,7 @@ pub fn verify_commit_batch(
     limits: &Limits,
 ) -> Result<(Vec<TrustedCommit>, Vec<VerifiedBlock>)> {
     if let Some(first) = commits.first() {
+        of_epoch(first, committee.epoch())?;
         follows(first, last_synced)?;
     }
     certify_commit_run(
@@ -90,6 +98,19 @@ impl CertifiedRun {
     }
 }
 
+/// Whether `commit` is of `epoch`.
+fn of_epoch(commit: &UnverifiedCommit, epoch: Epoch) -> Result<()> {
+    let c = commit.commit();
+    if c.epoch != epoch {
+        return Err(Error::CommitWrongEpoch {
+            index: c.index,
+            got: c.epoch,
+            expected: epoch,
+        });
+    }
+    Ok(())
+}
+
 /// Whether `commit` is the one right after `previous`, linking to it.
 fn follows(commit: &UnverifiedCommit, previous: CommitRef) -> Result<()> {
     let c = commit.commit();
@@ -143,13 +164,7 @@ pub fn certify_commit_run(
             }
             None => {}
         }
-        if c.epoch != committee.epoch() {
-            return Err(Error::CommitWrongEpoch {
-                index: c.index,
-                got: c.epoch,
-                expected: committee.epoch(),
-            });
-        }
+        of_epoch(unverified, committee.epoch())?;
         check_commit_blocks(unverified, committee, limits)?;
         previous = Some(unverified.reference());
     }
