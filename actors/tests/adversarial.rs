@@ -279,8 +279,8 @@ async fn a_retired_committees_batch_never_gets_the_honest_peers_after_it_banned(
     // turn, before the end is applied, that commit is certified like any
     // other; the honest answer for the commits after it then does not link
     // to it. Blaming that answer's server banned the honest peers one by
-    // one (all three within 3 ms once the work was asked again at once),
-    // and sync stalled for the ban. Whether the liar is asked for such a
+    // one, one per restart backoff (all three within 3 ms when the work
+    // was asked again at once, and sync stalled for the ban). Whether the liar is asked for such a
     // commit while the end is not applied depends on timing (about one
     // catch-up in four here), so eight fresh nodes catch up in turn.
     let chain = Arc::new(

@@ -275,23 +275,10 @@ impl Supervision {
             Failure::Timeout | Failure::Status { .. } | Failure::Transport | Failure::Panicked => {}
         }
         let restarts = self.failures.record(now, config.restart_window_ms);
-        // Invalid data is its sender's fault, and the sender now avoided:
-        // the work goes to another peer at once rather than after a pause
-        // (a liar would otherwise cost the honest work a backoff). Each
-        // such retry avoids one more peer, so they cannot spin: with every
-        // peer avoided the fetch finds none and waits
-        // `wait_interval_when_no_peer_ms`. A NOT_FOUND keeps the pause: an
-        // honest peer answers it for a block only a forger holds (a retired
-        // committee's, of a batch verified before its epoch's end was
-        // applied), PeerHeights may ban it for that, and the pause leaves
-        // time for the end to be applied and the forged batch dropped.
-        let peers_fault = peer.is_some() && matches!(failure, Failure::Invalid(_));
         if restarts > config.max_restarts {
             // Past the intensity limit: hand the work to another peer.
             self.avoid.extend(peer);
             self.failures.clear();
-            self.retry_at = now;
-        } else if peers_fault {
             self.retry_at = now;
         } else {
             let backoff = config.restart_backoff_ms << (restarts.saturating_sub(1)).min(10);
@@ -2082,33 +2069,15 @@ mod tests {
     }
 
     #[test]
-    fn invalid_data_sends_the_work_to_another_peer_at_once_and_not_found_after_the_pause() {
-        let invalid = Failure::Invalid(soma_types::Error::EmptyBatch);
-        let mut c = core(config());
-        let (t, start, end) = commit_fetch(&tick(&mut c, 0, 10)).unwrap();
-        // Asked again in the same step, of anyone but the liar.
-        let out = commits_failed(&mut c, 10, t, LIAR, invalid.clone());
-        let (again, ..) = commit_fetch(&out).unwrap();
-        assert_eq!(commit_fetch(&out), Some((again, start, end)));
-        assert_eq!(avoided(&out), Some(vec![LIAR]));
-        // A second liar for the same work: avoided too, at once again.
-        let out = commits_failed(&mut c, 20, again, HONEST, invalid);
-        assert_eq!(avoided(&out), Some(vec![HONEST, LIAR]));
-        // A NOT_FOUND (what an honest peer answers for a forger's block)
-        // and a timeout say nothing of the peer's honesty: the work waits
-        // the backoff, the NOT_FOUND's server avoided for it.
-        let backoff = config().restart_backoff_ms;
-        for (failure, avoid) in [(Failure::NotFound, vec![LIAR]), (Failure::Timeout, vec![])] {
+    fn invalid_data_and_not_found_avoid_the_peer_for_that_work() {
+        for failure in [
+            Failure::Invalid(soma_types::Error::EmptyBatch),
+            Failure::NotFound,
+        ] {
             let mut c = core(config());
             let (t, _, _) = commit_fetch(&tick(&mut c, 0, 10)).unwrap();
-            assert_eq!(
-                commit_fetch(&commits_failed(&mut c, 10, t, LIAR, failure)),
-                None
-            );
-            assert_eq!(commit_fetch(&tick(&mut c, 10 + backoff - 1, 10)), None);
-            let out = tick(&mut c, 10 + backoff, 10);
-            assert!(commit_fetch(&out).is_some());
-            assert_eq!(avoided(&out), Some(avoid));
+            commits_failed(&mut c, 0, t, LIAR, failure);
+            assert_eq!(avoided(&tick(&mut c, 1_000, 10)), Some(vec![LIAR]));
         }
     }
 
@@ -2118,10 +2087,9 @@ mod tests {
         let (t, _, _) = commit_fetch(&tick(&mut c, 0, 10)).unwrap();
         let invalid = Failure::Invalid(soma_types::Error::EmptyBatch);
         let out = commits_failed(&mut c, 0, t, LIAR, invalid.clone());
-        // Then the work, asked again at once.
         assert_eq!(
-            &out[..2],
-            &[
+            out,
+            vec![
                 Output::Misbehaved { peer: LIAR },
                 Output::Restarted {
                     task: t,
@@ -2129,7 +2097,7 @@ mod tests {
                 }
             ]
         );
-        let (t, _, _) = commit_fetch(&out[2..]).unwrap();
+        let (t, _, _) = commit_fetch(&tick(&mut c, 1_000, 10)).unwrap();
         let out = commits_failed(&mut c, 1_000, t, HONEST, Failure::NotFound);
         assert_eq!(
             out,
@@ -2548,8 +2516,9 @@ mod tests {
                 }
             ]
         );
-        // The chunk is asked again at once, of anyone but the liar.
-        let avoid: Vec<Vec<PeerId>> = out[2..]
+        // The liar is avoided for that chunk from now on.
+        let retry = tick(&mut c, 10_000, 10);
+        let avoid: Vec<Vec<PeerId>> = retry
             .iter()
             .filter_map(|o| match o {
                 Output::FetchBlocks { avoid, .. } => Some(avoid.clone()),
