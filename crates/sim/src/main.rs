@@ -122,37 +122,7 @@ fn main() {
         std::process::exit(2);
     }
     THREADS.set(threads).expect("set once");
-    let out = cli.out.clone().unwrap_or_else(|| {
-        // The workspace root: crates/sim/../..
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .ancestors()
-            .nth(2)
-            .expect("the crate sits two levels below the workspace root");
-        let dir = if cli.quick {
-            root.join("target/sim-quick")
-        } else if !cli.only.is_empty() {
-            root.join("target/sim-partial")
-        } else {
-            root.join("docs")
-        };
-        // Only the directories of the defaults are made.
-        let _ = std::fs::create_dir_all(&dir);
-        dir.join("simulation.md")
-    });
-    // A long run must not end without a place for its report.
-    let dir = match out.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => std::path::Path::new("."),
-    };
-    if !dir.is_dir() {
-        eprintln!(
-            "error: cannot write the report to {}: {} is not a directory; pass --out with \
-             a path in an existing directory",
-            out.display(),
-            dir.display()
-        );
-        std::process::exit(2);
-    }
+    let out = report_path(&cli);
     let sizes: &[usize] = if cli.quick { &[200] } else { &[1_000, 10_000] };
     let mut md = String::new();
     let started = Instant::now();
@@ -217,6 +187,43 @@ fn main() {
         std::process::exit(1);
     }
     eprintln!("wrote {}", out.display());
+}
+
+/// Where the report goes: `--out`, or the workspace's default for the
+/// kind of run. Exits with a message if its directory does not exist: a
+/// long run must not end without a place for its report.
+fn report_path(cli: &Cli) -> std::path::PathBuf {
+    let out = cli.out.clone().unwrap_or_else(|| {
+        // The workspace root: crates/sim/../..
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .ancestors()
+            .nth(2)
+            .expect("the crate sits two levels below the workspace root");
+        let dir = if cli.quick {
+            root.join("target/sim-quick")
+        } else if !cli.only.is_empty() {
+            root.join("target/sim-partial")
+        } else {
+            root.join("docs")
+        };
+        // Only the directories of the defaults are made.
+        let _ = std::fs::create_dir_all(&dir);
+        dir.join("simulation.md")
+    });
+    let dir = match out.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => std::path::Path::new("."),
+    };
+    if !dir.is_dir() {
+        eprintln!(
+            "error: cannot write the report to {}: {} is not a directory; pass --out with \
+             a path in an existing directory",
+            out.display(),
+            dir.display()
+        );
+        std::process::exit(2);
+    }
+    out
 }
 
 fn convergence_section(md: &mut String, sizes: &[usize]) {
