@@ -686,6 +686,21 @@ fn commit_of_another_epoch_fails() {
 }
 
 #[test]
+fn a_block_named_by_two_commits_of_a_batch_fails() {
+    // A block is committed once. A batch naming one twice (a forger
+    // reusing blocks for commits it made up) would have each fetched
+    // twice, and an honest server answering both would be blamed.
+    let chain = chain();
+    let (mut commits, certifiers) = chain.fetch_commits(5..=6);
+    let earlier = commits[0].commit().blocks[0];
+    commits[1] = corrupt::edit_commit(&commits[1], |c| c.blocks.insert(0, earlier));
+    assert_eq!(
+        verify_batch_from(&chain, commits, certifiers, 5),
+        Err(Error::InvalidCommitBlocks(6))
+    );
+}
+
+#[test]
 fn commit_whose_leader_is_not_last_fails() {
     let chain = chain();
     let (mut commits, certifiers) = chain.fetch_commits(5..=5);

@@ -273,16 +273,20 @@ async fn a_slow_peer_measured_first_does_not_keep_faster_peers_from_being_tried(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retired_committees_batch_never_gets_the_honest_peers_after_it_banned() {
+    soma_testkit::init_tracing();
     // Epochs of 20 commits: 24 epoch ends at which the liar, holding every
     // retired committee's keys, answers a fetch from the commit after the
-    // end with a commit continuing the ended epoch. Fetched ahead of its
-    // turn, before the end is applied, that commit is certified like any
-    // other; the honest answer for the commits after it then does not link
-    // to it. Blaming that answer's server banned the honest peers one by
-    // one, one per restart backoff (all three within 3 ms when the work
-    // was asked again at once, and sync stalled for the ban). Whether the liar is asked for such a
-    // commit while the end is not applied depends on timing (about one
-    // catch-up in four here), so eight fresh nodes catch up in turn.
+    // end with commits continuing the ended epoch to the end of the range
+    // asked (up to 80: four epochs' worth), each naming a new block nobody
+    // serves. Fetched ahead of its turn, before the end is applied, that
+    // batch is certified like any other. Then each honest answer about
+    // what follows must not be blamed on its server:
+    // - the commits after it do not link to it, and are of an epoch one or
+    //   more ahead (a claim, judged once the end is applied);
+    // - its blocks are NOT_FOUND (no proof of a lie before every batch
+    //   before theirs is applied).
+    // Whether the liar is asked for such a range while the end is not
+    // applied depends on timing, so eight fresh nodes catch up in turn.
     let chain = Arc::new(
         ChainBuilder::new(ChainConfig {
             commits_per_epoch: Some(20),

@@ -108,7 +108,11 @@ impl StateSync {
                     len,
                     max_bytes,
                     avoid,
-                } => self.fetch_blocks(task, batch, (offset, len, max_bytes), avoid, ctx),
+                    settled,
+                } => {
+                    let chunk = (offset, len, max_bytes);
+                    self.fetch_blocks(task, (batch, settled), chunk, avoid, ctx)
+                }
                 Output::Apply { start } => match self.fetched.take_batch(start) {
                     Some(batch) => self.write(batch, Origin::Synced(start), ctx),
                     None => ctx.notify(ApplyDone {
@@ -187,7 +191,7 @@ impl StateSync {
     fn fetch_blocks(
         &mut self,
         task: TaskId,
-        batch: CommitIndex,
+        (batch, settled): (CommitIndex, bool),
         chunk: (usize, usize, u64),
         avoid: Vec<PeerId>,
         ctx: &mut Context<Self>,
@@ -198,7 +202,7 @@ impl StateSync {
             peer,
             result,
         };
-        match self.fetched.chunk(batch, chunk) {
+        match self.fetched.chunk(batch, chunk, settled) {
             Some(chunk) => {
                 let work = self.worker.clone().fetch_blocks(chunk, avoid);
                 self.tasks.worker(task, work, ctx.address(), done);

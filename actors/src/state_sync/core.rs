@@ -289,13 +289,11 @@ impl Supervision {
 
 #[derive(Clone, Copy, Debug)]
 enum Task {
-    /// A commit fetch of the batch starting at `start`, holding `reserved`
-    /// bytes of the budget; `settled` if the expected epoch was certain
-    /// when it was sent.
+    /// A commit fetch of the batch next in line, as sent, holding
+    /// `reserved` bytes of the budget.
     Commits {
         reserved: u64,
-        start: CommitIndex,
-        settled: bool,
+        wanted: CommitsWanted,
     },
     Blocks {
         batch: CommitIndex,
@@ -439,9 +437,9 @@ impl Core for StateSyncCore {
             Input::PeerConnected { peer } => out.push(Output::QueryHeights { peer: Some(peer) }),
             Input::CommitsFetched { task, peer, result } => {
                 self.orphans.remove(&task);
-                if let Some(Task::Commits { start, settled, .. }) = self.tasks.remove(&task) {
+                if let Some(Task::Commits { wanted, .. }) = self.tasks.remove(&task) {
                     self.commit_task = None;
-                    let result = judge_epoch_answer(result, start, settled);
+                    let result = judge_epoch_answer(result, &wanted);
                     self.commits_fetched(now, (task, peer), result, &mut out);
                 }
             }
@@ -482,6 +480,28 @@ impl Core for StateSyncCore {
                 } else {
                     self.discard_applied(&mut out);
                 }
+            }
+            // A peer's batch whose epoch change breaks a rule: its commits
+            // were certified, but carry an epoch's end before their last
+            // (an ended epoch continued, by a retired committee's keys) or
+            // name a next committee of the wrong epoch. No honest server
+            // holds such commits (its own write refuses them): its server
+            // is banned, and the batch fetched again from another at once.
+            // (The archive's goes the way of a failed write, below.)
+            Input::ApplyFailed {
+                start,
+                error:
+                    error @ crate::state_sync::ApplyError::EpochChange(
+                        soma_types::Error::EpochEndInsideBatch(_)
+                        | soma_types::Error::InvalidNextCommittee { .. },
+                    ),
+            } if self.applying == Some(start) && self.server_of(start).is_some() => {
+                tracing::warn!(start, %error, "a synced batch breaks the epoch rules");
+                if let Some(peer) = self.server_of(start) {
+                    out.push(Output::Misbehaved { peer });
+                }
+                self.applying = None;
+                self.reset(&mut out);
             }
             // The batch's data went with the write: it is fetched again,
             // after a pause that doubles with each write in a row that fails.
@@ -692,6 +712,11 @@ impl StateSyncCore {
         }
     }
 
+    /// The peer that served the commits of the batch starting at `start`.
+    fn server_of(&self, start: CommitIndex) -> Option<PeerId> {
+        self.batches.get(&start).and_then(|b| b.peer)
+    }
+
     /// Drops the batches that local commits have wholly covered. A batch
     /// the watermark falls inside stays: applying it writes only the commits
     /// after the watermark.
@@ -755,7 +780,7 @@ impl StateSyncCore {
             }
             // A stale answer (after a reset): ignore it.
             Ok(_) => {}
-            Err(Claim::NextEpoch(claimed)) => {
+            Err(Claim::LaterEpoch(claimed)) => {
                 // Judged once the batches before it are applied; until then
                 // no commits are fetched.
                 self.epoch_claim = Some(EpochClaim { peer, claimed });
@@ -912,23 +937,19 @@ impl StateSyncCore {
     ) {
         self.requested = self.requested.max(end);
         let avoid = self.commit_supervision.avoid.iter().copied().collect();
-        let settled = self.verified.index == self.synced.index;
-        let task = self.task(Task::Commits {
-            reserved,
+        let wanted = CommitsWanted {
             start,
-            settled,
-        });
+            end,
+            after: self.verified,
+            epoch: self.epoch,
+            settled: self.verified.index == self.synced.index,
+            max_bytes: reserved,
+        };
+        let task = self.task(Task::Commits { reserved, wanted });
         self.commit_task = Some(task);
         out.push(Output::FetchCommits {
             task,
-            wanted: CommitsWanted {
-                start,
-                end,
-                after: self.verified,
-                epoch: self.epoch,
-                settled,
-                max_bytes: reserved,
-            },
+            wanted,
             avoid,
             prefetched: fetched,
         });
@@ -1169,6 +1190,7 @@ impl StateSyncCore {
                     len,
                     max_bytes,
                     avoid,
+                    settled: start <= next_in_line,
                 });
             }
         }
@@ -1206,26 +1228,23 @@ fn max_certifiers(committee: &Committee) -> usize {
 /// A commit answer as the core reads it: a failure, or a claim that the
 /// next epoch has started, to be judged later.
 enum Claim {
-    NextEpoch(Epoch),
+    LaterEpoch(Epoch),
     Failed(Failure),
 }
 
-/// Reads a commit fetch's failure. The first commit of the epoch after the
-/// expected one, while a fetched batch that may end ours is not applied
-/// yet (the fetch was not `settled`), is what an honest peer answers right
-/// after an epoch change: a claim judged once our own data tells.
+/// Reads a commit fetch's failure: an answer that a later epoch has
+/// started, while the expected one is not settled
+/// ([`CommitsWanted::claims_later_epoch`]), is a claim judged once our own
+/// data tells.
 fn judge_epoch_answer(
     result: Result<CommitBatchInfo, Failure>,
-    start: CommitIndex,
-    settled: bool,
+    wanted: &CommitsWanted,
 ) -> Result<CommitBatchInfo, Claim> {
     result.map_err(|failure| match failure {
-        Failure::Invalid(soma_types::Error::CommitWrongEpoch {
-            index,
-            got,
-            expected,
-        }) if !settled && index == start && Some(got) == expected.checked_add(1) => {
-            Claim::NextEpoch(got)
+        Failure::Invalid(soma_types::Error::CommitWrongEpoch { got, .. })
+            if wanted.claims_later_epoch(&failure) =>
+        {
+            Claim::LaterEpoch(got)
         }
         failure => Claim::Failed(failure),
     })
@@ -1815,6 +1834,27 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_breaking_the_epoch_rules_at_its_write_bans_its_server_and_is_fetched_again_at_once()
+    {
+        let mut c = core(config());
+        let out = fetch_batch(&mut c, 0, 1, 10);
+        assert!(out.contains(&Output::Apply { start: 1 }), "{out:?}");
+        let out = c.handle(
+            Time(0),
+            Input::ApplyFailed {
+                start: 1,
+                error: crate::state_sync::ApplyError::EpochChange(
+                    soma_types::Error::EpochEndInsideBatch(4),
+                ),
+            },
+        );
+        assert_eq!(misbehaved(&out), vec![HONEST]);
+        assert!(out.contains(&Output::Reset), "{out:?}");
+        // Not a failing disk: no pause before the batch is asked again.
+        assert_eq!(commit_fetch(&out).map(|f| f.1), Some(1));
+    }
+
+    #[test]
     fn local_commits_inside_fetched_batches_do_not_wedge_sync() {
         // A node that produces commits itself while it syncs: local commits
         // land inside batches sync has already fetched.
@@ -1854,10 +1894,12 @@ mod tests {
         let (t2, _, _) = commit_fetch(&out).unwrap();
         let fetch = block_fetches(&out);
         // An answer labelled with another epoch changes nothing in the core:
-        // the worker judged it against epoch 0 and it broke the rule.
+        // the worker judged it against epoch 0 and it broke the rule (a
+        // commit of a later epoch after one of the expected epoch is no
+        // claim: an epoch starts at the answer's first commit or not in it).
         let wrong = Failure::Invalid(soma_types::Error::CommitWrongEpoch {
-            index: 11,
-            got: u64::MAX,
+            index: 12,
+            got: 1,
             expected: 0,
         });
         let out = commits_failed(&mut c, 0, t2, LIAR, wrong);
@@ -1886,6 +1928,11 @@ mod tests {
     /// Batch 1..=10 fetched and its blocks in flight; the commit fetch of
     /// 11.. answered that epoch 1 had started. Returns the block fetch.
     fn next_epoch_claimed() -> (StateSyncCore, BlockFetch) {
+        later_epoch_claimed(1)
+    }
+
+    /// As [`next_epoch_claimed`], with epoch `got` claimed.
+    fn later_epoch_claimed(got: Epoch) -> (StateSyncCore, BlockFetch) {
         let mut c = core(config());
         let (t, _, _) = commit_fetch(&tick(&mut c, 0, 30)).unwrap();
         let out = commits_ok(&mut c, 0, t, 1, 10, 5);
@@ -1893,14 +1940,46 @@ mod tests {
         let (t2, _, _) = commit_fetch(&out).unwrap();
         let claim = Failure::Invalid(soma_types::Error::CommitWrongEpoch {
             index: 11,
-            got: 1,
+            got,
             expected: 0,
         });
         let out = commits_failed(&mut c, 0, t2, LIAR, claim);
         assert_eq!(commit_fetch(&out), None);
+        assert_eq!(misbehaved(&out), Vec::<PeerId>::new());
         // Parked until our own batch is applied, however long that takes.
         assert_eq!(commit_fetch(&tick(&mut c, 60_000, 30)), None);
         (c, fetch)
+    }
+
+    fn misbehaved(out: &[Output]) -> Vec<PeerId> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Misbehaved { peer } => Some(*peer),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_epoch_two_ahead_is_a_claim_too_and_judged_once_applied_batches_tell() {
+        // After a retired committee's continuation of epoch 0 longer than
+        // epoch 1, the honest commits at its end are of epoch 2: a claim,
+        // not a lie, while epoch 0's end may wait to be applied.
+        let (mut c, fetch) = later_epoch_claimed(2);
+        blocks_ok(&mut c, fetch.0);
+        // Here batch 1..=10 ended epoch 0 and nothing more: epoch 2 had
+        // not started at 11, and the claim was false.
+        let out = applied_ending(
+            &mut c,
+            1,
+            10,
+            Some(EpochStart {
+                epoch: 1,
+                commit_answer_bytes: 5 << 20,
+            }),
+        );
+        assert_eq!(misbehaved(&out), vec![LIAR]);
+        assert_eq!(commit_fetch_epoch(&out), Some((1, true)));
     }
 
     #[test]
@@ -1936,6 +2015,40 @@ mod tests {
         );
         assert_eq!(commit_fetch_epoch(&out), Some((0, true)));
         assert_eq!(commit_fetch(&out).map(|(_, s, _)| s), Some(11));
+    }
+
+    #[test]
+    fn block_fetches_are_settled_only_once_every_batch_before_is_applied() {
+        let settled = |out: &[Output]| -> Vec<(u64, bool)> {
+            out.iter()
+                .filter_map(|o| match o {
+                    Output::FetchBlocks { batch, settled, .. } => Some((*batch, *settled)),
+                    _ => None,
+                })
+                .collect()
+        };
+        let mut c = core(config());
+        let (t, _, _) = commit_fetch(&tick(&mut c, 0, 30)).unwrap();
+        let out = commits_ok(&mut c, 0, t, 1, 10, 5);
+        assert_eq!(settled(&out), vec![(1, true)]);
+        let first = block_fetches(&out)[0];
+        let (t2, _, _) = commit_fetch(&out).unwrap();
+        let out = commits_ok(&mut c, 0, t2, 11, 20, 5);
+        // Batch 1..=10 may end the epoch: 11..=20 may be a continuation
+        // of an ended epoch, whose blocks no honest peer holds.
+        assert_eq!(settled(&out), vec![(11, false)]);
+        let second = block_fetches(&out)[0];
+        let out = blocks_done(&mut c, second.0, Err(Failure::NotFound));
+        assert_eq!(misbehaved(&out), Vec::<PeerId>::new());
+        blocks_ok(&mut c, first.0);
+        let out = applied(&mut c, 1, 10);
+        // The retry, once nothing before it waits: settled.
+        let out = if settled(&out).is_empty() {
+            tick(&mut c, 60_000, 30)
+        } else {
+            out
+        };
+        assert_eq!(settled(&out), vec![(11, true)]);
     }
 
     #[test]

@@ -80,9 +80,10 @@ impl Fetched {
         &self,
         batch: CommitIndex,
         (offset, len, max_bytes): (usize, usize, u64),
+        settled: bool,
     ) -> Option<BlockChunk> {
         let data = self.batches.get(&batch)?;
-        Some(data.chunk(batch, offset, len, max_bytes))
+        Some(data.chunk(batch, (offset, len, max_bytes), settled))
     }
 
     /// The batch starting at `start`, to write.

@@ -59,6 +59,23 @@ pub struct CommitsWanted {
     pub max_bytes: u64,
 }
 
+impl CommitsWanted {
+    /// Whether `failure` is an answer that a later epoch has started at
+    /// `start`, given while the expected epoch is not settled: what an
+    /// honest peer answers right after an epoch's end we have fetched but
+    /// not applied, and also after a continuation of the ended epoch that
+    /// a retired committee's keys certified, which may run past the whole
+    /// next epoch. Not a lie to punish at once but a claim, judged once the
+    /// batches before it are applied.
+    pub fn claims_later_epoch(&self, failure: &Failure) -> bool {
+        matches!(
+            failure,
+            Failure::Invalid(soma_types::Error::CommitWrongEpoch { index, got, expected })
+                if !self.settled && *index == self.start && got > expected
+        )
+    }
+}
+
 /// Why a task failed. Peer faults and local faults are told apart, so that
 /// our own back-pressure is never charged to the peer that served us.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -299,6 +316,13 @@ pub enum Output {
         max_bytes: u64,
         /// Peers not to ask.
         avoid: Vec<PeerId>,
+        /// Whether every batch before this one is applied, so that the
+        /// batch is certainly of the expected epoch. Until then it may be
+        /// a continuation of an epoch that a batch before it ends, which a
+        /// retired committee's keys can certify, naming blocks no honest
+        /// peer holds: a NOT_FOUND is then no proof of a lie.
+        #[serde(default)]
+        settled: bool,
     },
     /// Every block of the batch starting at `start` is in: write it.
     Apply {

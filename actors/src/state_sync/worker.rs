@@ -90,13 +90,13 @@ impl BatchData {
         }
     }
 
-    /// Blocks `offset..offset + len` of the batch starting at `batch`.
+    /// Blocks `offset..offset + len` of the batch starting at `batch`;
+    /// `settled` if every batch before it is applied.
     pub(super) fn chunk(
         &self,
         batch: CommitIndex,
-        offset: usize,
-        len: usize,
-        max_bytes: u64,
+        (offset, len, max_bytes): (usize, usize, u64),
+        settled: bool,
     ) -> BlockChunk {
         BlockChunk {
             batch,
@@ -104,6 +104,7 @@ impl BatchData {
             epoch: self.epoch,
             refs: self.refs.iter().skip(offset).take(len).copied().collect(),
             max_bytes,
+            settled,
         }
     }
 
@@ -129,13 +130,29 @@ impl BatchData {
 }
 
 /// A chunk of blocks to fetch: `refs` of the batch `batch..=end` of
-/// `epoch`, at most `max_bytes` of them.
+/// `epoch`, at most `max_bytes` of them; `settled` if every batch before
+/// it is applied ([`Output::FetchBlocks`]).
 pub(super) struct BlockChunk {
     pub(super) batch: CommitIndex,
     pub(super) end: CommitIndex,
     pub(super) epoch: Epoch,
     pub(super) refs: Vec<BlockRef>,
     pub(super) max_bytes: u64,
+    pub(super) settled: bool,
+}
+
+impl BlockChunk {
+    /// How a fetch of it that ended with `failure` is told to PeerHeights.
+    /// A NOT_FOUND is judged against the peer's claim only once the batch
+    /// is settled: before, the batch may be a retired committee's
+    /// continuation of an ended epoch, whose blocks no honest peer holds,
+    /// and the answer counts as an error status would.
+    fn transfer_of(&self, failure: &Failure) -> Transfer {
+        match transfer_of(failure) {
+            Transfer::NotFound if !self.settled => Transfer::Error,
+            transfer => transfer,
+        }
+    }
 }
 
 /// A commit answer as received, not checked yet.
@@ -294,14 +311,15 @@ impl Worker {
     /// is released as [`Transfer::Late`]: it ranks lower, with no fault (a
     /// slow peer is not a silent one, and the call that would tell them
     /// apart is dropped). A second
-    /// peer that fails, or none free, leaves the first to answer alone.
+    /// peer that fails, or none free, leaves the first to answer alone,
+    /// its slot released as `transfer` tells from its failure.
     /// Either way one call's answer is returned, as if only it was sent.
     async fn hedged<T, F, Fut>(
         &self,
         first: Slot,
         (kind, range): (FetchKind, (CommitIndex, CommitIndex)),
         mut avoid: Vec<PeerId>,
-        call: F,
+        (call, transfer): (F, impl Fn(&Failure) -> Transfer),
     ) -> (Slot, Result<T, Failure>)
     where
         F: Fn(PeerId) -> Fut,
@@ -329,7 +347,7 @@ impl Worker {
             match call(slot.lease().peer).await {
                 Ok(answer) => Some((slot, answer)),
                 Err(failure) => {
-                    slot.release(transfer_of(&failure), 0);
+                    slot.release(transfer(&failure), 0);
                     None
                 }
             }
@@ -413,15 +431,11 @@ impl Worker {
         match (answer.peer, &self.archive) {
             (Some(peer), _) => self.verified(peer, answer.bytes, answer.latency_ms, &result),
             (None, Some(archive)) => {
-                // Commits of the next epoch, asked for while the batch that
+                // Commits of a later epoch, asked for while the batch that
                 // ends the expected one waits to be applied, are the core's
                 // to judge (as from a peer): a true copy, not a corrupt one.
-                let next_epoch = matches!(
-                    &result,
-                    Err(Failure::Invalid(soma_types::Error::CommitWrongEpoch { got, expected, .. }))
-                        if !wanted.settled && Some(*got) == expected.checked_add(1)
-                );
-                if !next_epoch {
+                let claim = matches!(&result, Err(f) if wanted.claims_later_epoch(f));
+                if !claim {
                     refused_by(archive, wanted.start, &result);
                 }
             }
@@ -458,7 +472,7 @@ impl Worker {
             answer.map(|r| r.into_inner()).map_err(Failure::from)
         };
         let kind = (FetchKind::Commits, (start, start));
-        let (slot, answer) = self.hedged(slot, kind, avoid, call).await;
+        let (slot, answer) = self.hedged(slot, kind, avoid, (call, transfer_of)).await;
         let peer = slot.lease().peer;
         let response = match answer {
             Ok(response) => response,
@@ -538,13 +552,18 @@ impl Worker {
             }
         };
         let (slot, received) = self
-            .hedged(slot, (FetchKind::Blocks, range), avoid, call)
+            .hedged(
+                slot,
+                (FetchKind::Blocks, range),
+                avoid,
+                (call, |f: &Failure| chunk.transfer_of(f)),
+            )
             .await;
         let peer = slot.lease().peer;
         let blobs = match received {
             Ok(blobs) => blobs,
             Err(failure) => {
-                slot.release(transfer_of(&failure), 0);
+                slot.release(chunk.transfer_of(&failure), 0);
                 return (Some(peer), Err(failure));
             }
         };
@@ -895,6 +914,35 @@ mod tests {
         assert_eq!(hedge_delay(5, TIMEOUT), ms(100));
         assert_eq!(hedge_delay(3_000, TIMEOUT), ms(5_000));
         assert_eq!(hedge_delay(0, ms(1_000)), ms(100));
+    }
+
+    #[test]
+    fn not_found_for_a_chunk_is_judged_only_once_its_batch_is_settled() {
+        let chunk = |settled| BlockChunk {
+            batch: 11,
+            end: 20,
+            epoch: 0,
+            refs: Vec::new(),
+            max_bytes: 1 << 20,
+            settled,
+        };
+        assert_eq!(
+            chunk(true).transfer_of(&Failure::NotFound),
+            Transfer::NotFound
+        );
+        assert_eq!(
+            chunk(false).transfer_of(&Failure::NotFound),
+            Transfer::Error
+        );
+        // Every other failure is told as for any fetch.
+        assert_eq!(
+            chunk(false).transfer_of(&Failure::Timeout),
+            Transfer::Timeout
+        );
+        assert_eq!(
+            chunk(false).transfer_of(&Failure::Transport),
+            Transfer::Error
+        );
     }
 
     #[test]

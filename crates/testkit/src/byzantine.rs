@@ -53,11 +53,16 @@ pub enum Lie {
     /// Answers FetchCommits with well-formed commits that name the epoch
     /// `u64::MAX`; honest blocks.
     FutureEpoch,
-    /// Holds the keys of every retired committee: asked for the commit
-    /// right after an epoch's end, it answers with a commit that continues
-    /// the ended epoch, certified by a quorum of that epoch's keys, whose
-    /// leader carries the epoch's end (so applying it would install a
-    /// second next committee). Honest otherwise.
+    /// Holds the keys of every retired committee: asked for commits from
+    /// the one right after an epoch's end, it answers with commits that
+    /// continue the ended epoch up to the last one asked for (a batch at
+    /// most), the last certified by a quorum of that epoch's keys, each
+    /// naming a new block of that epoch, a copy of the ended commit's
+    /// leader, which carries the epoch's end (so applying one would
+    /// install a second next committee). Nobody serves those blocks, and
+    /// honest peers answer NOT_FOUND for them. Where epochs are shorter
+    /// than the continuation, the true commits after it are of an epoch
+    /// two or more ahead. Honest otherwise.
     RetiredCommittee,
     /// Answers FetchBlocks with endless chunks of one block-sized blob that
     /// nobody asked for; honest commits.
@@ -117,15 +122,35 @@ impl Evil {
     /// The commit after the end of epoch `epoch` (commit `last`) as a
     /// retired committee would certify it: same epoch, linked to `last`,
     /// with `last`'s blocks and leader, voted for by re-signed certifiers.
-    fn retired_continuation(&self, last: u64) -> proto::FetchCommitsResponse {
+    /// Commits `last + 1..=end` (a batch at most) continuing the epoch
+    /// that ended at `last`, each naming one block of its own (the ended
+    /// commit's leader, signed again with a later timestamp), the last
+    /// certified by a quorum of the retired committee's keys. No one holds
+    /// the blocks: not even this peer serves them.
+    fn retired_continuation(&self, last: u64, end: u64) -> proto::FetchCommitsResponse {
         let chain = &self.chain;
         let ended = chain.commit(last);
-        let fake = corrupt::edit_commit(&ended.to_unverified(), |c| {
-            c.index = last + 1;
-            c.previous_digest = ended.reference().digest;
-            c.timestamp_ms += 1;
-        });
         let epoch = ended.commit().epoch;
+        let leader = chain.blocks_of(last).last().expect("a commit has a leader");
+        let leader_key = chain
+            .config()
+            .protocol_key(epoch, leader.block().author.0 as usize);
+        let count = end.saturating_sub(last).clamp(1, 100);
+        let mut previous = ended.reference();
+        let fakes: Vec<_> = (1..=count)
+            .map(|i| {
+                let block = corrupt::resign(leader, &leader_key, |b| b.timestamp_ms += i);
+                let fake = corrupt::edit_commit(&ended.to_unverified(), |c| {
+                    c.index = last + i;
+                    c.previous_digest = previous.digest;
+                    c.timestamp_ms += i;
+                    c.leader = block.reference();
+                    c.blocks = vec![block.reference()];
+                });
+                previous = fake.reference();
+                fake
+            })
+            .collect();
         let certifiers: Vec<Bytes> = chain
             .certificate(last)
             .iter()
@@ -134,14 +159,14 @@ impl Evil {
                     .config()
                     .protocol_key(epoch, b.block().author.0 as usize);
                 corrupt::resign(b, &key, |block| {
-                    block.commit_votes = vec![fake.reference()];
+                    block.commit_votes = vec![previous];
                 })
                 .serialized()
                 .clone()
             })
             .collect();
         proto::FetchCommitsResponse {
-            commits: vec![fake.serialized().clone()],
+            commits: fakes.iter().map(|c| c.serialized().clone()).collect(),
             certifier_blocks: certifiers,
         }
     }
@@ -210,7 +235,7 @@ impl p2p_server::P2p for Evil {
                 .filter_map(|c| chain.epoch_last(c.epoch()))
                 .any(|last| last + 1 == r.start);
             if previous_epoch_ended {
-                return Ok(Response::new(self.retired_continuation(r.start - 1)));
+                return Ok(Response::new(self.retired_continuation(r.start - 1, r.end)));
             }
         }
         let epoch = chain.commit(r.start).commit().epoch;

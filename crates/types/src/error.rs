@@ -200,8 +200,9 @@ pub enum Error {
         /// The committee's epoch.
         expected: Epoch,
     },
-    /// A commit's block list is empty, repeats a block, lacks its leader or
-    /// names blocks of another epoch.
+    /// A commit's block list is empty, repeats a block (its own or one an
+    /// earlier commit of the batch named), lacks its leader or names blocks
+    /// of another epoch.
     #[error("commit {0} has an invalid block list")]
     InvalidCommitBlocks(CommitIndex),
     /// The certifier blocks do not carry quorum votes for the last commit.

@@ -2,8 +2,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use crate::{
-    CommitIndex, CommitRef, Committee, Epoch, Error, KeyCache, Limits, Result, TrustedCommit,
-    UnverifiedBlock, UnverifiedCommit, VerifiedBlock,
+    BlockRef, CommitIndex, CommitRef, Committee, Epoch, Error, KeyCache, Limits, Result,
+    TrustedCommit, UnverifiedBlock, UnverifiedCommit, VerifiedBlock,
     verify::{Fill, SignatureBatch, check_block},
 };
 
@@ -16,7 +16,8 @@ use crate::{
 ///   digest of the one before;
 /// - every commit is of the committee's epoch (a batch never crosses an
 ///   epoch), names at most `limits.max_blocks_per_commit` distinct blocks of
-///   that epoch, and ends with its leader;
+///   that epoch, none named by a commit before it in the batch (a block is
+///   committed once), and ends with its leader;
 /// - the certifier blocks pass every block rule, and the distinct authors
 ///   among those voting for the last commit's reference hold quorum stake.
 ///
@@ -152,6 +153,7 @@ pub fn certify_commit_run(
         });
     }
     let mut previous: Option<CommitRef> = None;
+    let mut named = HashSet::new();
     for unverified in &commits {
         let c = unverified.commit();
         match previous {
@@ -165,7 +167,7 @@ pub fn certify_commit_run(
             None => {}
         }
         of_epoch(unverified, committee.epoch())?;
-        check_commit_blocks(unverified, committee, limits)?;
+        check_commit_blocks(unverified, committee, limits, &mut named)?;
         previous = Some(unverified.reference());
     }
     let last = previous.expect("the batch is not empty");
@@ -209,10 +211,13 @@ pub fn certify_commit_run(
     })
 }
 
+/// The rules of one commit's blocks; `named` holds the blocks the commits
+/// before it in the run named: a block is committed once.
 fn check_commit_blocks(
     commit: &UnverifiedCommit,
     committee: &Committee,
     limits: &Limits,
+    named: &mut HashSet<BlockRef>,
 ) -> Result<()> {
     let c = commit.commit();
     let invalid = || Error::InvalidCommitBlocks(c.index);
@@ -222,12 +227,11 @@ fn check_commit_blocks(
     if c.blocks.last() != Some(&c.leader) {
         return Err(invalid());
     }
-    let mut seen = HashSet::with_capacity(c.blocks.len());
     for r in &c.blocks {
         let valid = r.epoch == c.epoch
             && r.round > 0
             && committee.authority(r.author).is_some()
-            && seen.insert(*r);
+            && named.insert(*r);
         if !valid {
             return Err(invalid());
         }
