@@ -50,6 +50,7 @@ struct Attack {
 
 impl Attack {
     async fn start(lie: Lie, config: P2pConfig) -> Attack {
+        soma_testkit::init_tracing();
         let chain = chain();
         let partial = validator_up_to(&chain, EPOCH_END, 1);
         let (liar, address) = byzantine::serve(chain.clone(), lie, 100).await;

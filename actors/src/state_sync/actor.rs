@@ -108,11 +108,7 @@ impl StateSync {
                     len,
                     max_bytes,
                     avoid,
-                    settled,
-                } => {
-                    let chunk = (offset, len, max_bytes);
-                    self.fetch_blocks(task, (batch, settled), chunk, avoid, ctx)
-                }
+                } => self.fetch_blocks(task, batch, (offset, len, max_bytes), avoid, ctx),
                 Output::Apply { start } => match self.fetched.take_batch(start) {
                     Some(batch) => self.write(batch, Origin::Synced(start), ctx),
                     None => ctx.notify(ApplyDone {
@@ -130,6 +126,9 @@ impl StateSync {
                 Output::Misbehaved { peer } => {
                     self.status.invalid_responses += 1;
                     self.deps.calls().misbehaved(peer);
+                }
+                Output::WithheldBlocks { peer, start, end } => {
+                    self.deps.calls().withheld(peer, start, end);
                 }
                 Output::QueryHeights { peer: None } => {
                     self.tasks.query(self.deps.calls().query_heights(None));
@@ -191,7 +190,7 @@ impl StateSync {
     fn fetch_blocks(
         &mut self,
         task: TaskId,
-        (batch, settled): (CommitIndex, bool),
+        batch: CommitIndex,
         chunk: (usize, usize, u64),
         avoid: Vec<PeerId>,
         ctx: &mut Context<Self>,
@@ -202,7 +201,7 @@ impl StateSync {
             peer,
             result,
         };
-        match self.fetched.chunk(batch, chunk, settled) {
+        match self.fetched.chunk(batch, chunk) {
             Some(chunk) => {
                 let work = self.worker.clone().fetch_blocks(chunk, avoid);
                 self.tasks.worker(task, work, ctx.address(), done);
@@ -380,9 +379,11 @@ impl Handler<BlocksDone> for StateSync {
     type Result = ();
     fn handle(&mut self, done: BlocksDone, ctx: &mut Context<Self>) {
         self.ended(done.task);
-        let (input, bytes) = self.fetched.blocks_done(done);
+        let (inputs, bytes) = self.fetched.blocks_done(done);
         self.status.bytes_fetched += bytes;
-        self.step(input, ctx);
+        for input in inputs {
+            self.step(input, ctx);
+        }
     }
 }
 

@@ -190,10 +190,18 @@ struct Chunk {
 
 impl Chunk {
     fn new(len: usize) -> Self {
+        Self::avoiding(len, BTreeSet::new())
+    }
+
+    /// A chunk of `len` blocks not to be asked of `avoid`.
+    fn avoiding(len: usize, avoid: BTreeSet<PeerId>) -> Self {
         Chunk {
             len,
             state: ChunkState::Pending,
-            supervision: Supervision::default(),
+            supervision: Supervision {
+                avoid,
+                ..Supervision::default()
+            },
         }
     }
 
@@ -221,6 +229,11 @@ struct Batch {
     commit_bytes: u64,
     /// Chunks of blocks, by offset in the batch's block order.
     chunks: BTreeMap<usize, Chunk>,
+    /// Peers that answered NOT_FOUND for some of its blocks, with the
+    /// commits naming the blocks asked (the first such answer of each):
+    /// judged once the batch is applied, when the blocks are known to
+    /// exist. At most one entry per peer.
+    withheld: BTreeMap<PeerId, (CommitIndex, CommitIndex)>,
 }
 
 impl Batch {
@@ -269,7 +282,7 @@ impl Supervision {
             Failure::OverBudget { .. } => return,
             // A liar, or a peer that says it lacks what it claimed, is not
             // asked again for this work.
-            Failure::Invalid(_) | Failure::NotFound => {
+            Failure::Invalid(_) | Failure::NotFound | Failure::BlocksWithheld { .. } => {
                 self.avoid.extend(peer);
             }
             Failure::Timeout | Failure::Status { .. } | Failure::Transport | Failure::Panicked => {}
@@ -462,7 +475,19 @@ impl Core for StateSyncCore {
             } if self.applying == Some(start) => {
                 self.applying = None;
                 self.write_failures = 0;
-                self.batches.remove(&start);
+                if let Some(b) = self.batches.remove(&start) {
+                    // Its blocks exist: a NOT_FOUND for them is judged
+                    // against what each peer claimed to hold.
+                    out.extend(
+                        b.withheld
+                            .into_iter()
+                            .map(|(peer, (start, end))| Output::WithheldBlocks {
+                                peer,
+                                start,
+                                end,
+                            }),
+                    );
+                }
                 self.advance(last, next_epoch);
                 self.drop_ended_epoch(&mut out);
             }
@@ -481,36 +506,24 @@ impl Core for StateSyncCore {
                     self.discard_applied(&mut out);
                 }
             }
-            // A peer's batch whose epoch change breaks a rule: its commits
-            // were certified, but carry an epoch's end before their last
-            // (an ended epoch continued, by a retired committee's keys) or
-            // name a next committee of the wrong epoch. No honest server
-            // holds such commits (its own write refuses them): its server
-            // is banned, and the batch fetched again from another at once.
-            // (The archive's goes the way of a failed write, below.)
+            // A batch whose epoch change breaks a rule, found at its write.
             Input::ApplyFailed {
                 start,
                 error:
-                    error @ crate::state_sync::ApplyError::EpochChange(
-                        soma_types::Error::EpochEndInsideBatch(_)
-                        | soma_types::Error::InvalidNextCommittee { .. },
+                    crate::state_sync::ApplyError::EpochChange(
+                        error @ (soma_types::Error::EpochEndInsideBatch(_)
+                        | soma_types::Error::InvalidNextCommittee { .. }),
                     ),
-            } if self.applying == Some(start) && self.server_of(start).is_some() => {
-                tracing::warn!(start, %error, "a synced batch breaks the epoch rules");
-                if let Some(peer) = self.server_of(start) {
-                    out.push(Output::Misbehaved { peer });
-                }
-                self.applying = None;
-                self.reset(&mut out);
+            } if self.applying == Some(start) => self.refuse(now, start, &error, &mut out),
+            // Found as its blocks arrived.
+            Input::BatchBroken { start, error } if self.batches.contains_key(&start) => {
+                self.refuse(now, start, &error, &mut out);
             }
+            Input::BatchBroken { .. } => {}
             // The batch's data went with the write: it is fetched again,
             // after a pause that doubles with each write in a row that fails.
             Input::ApplyFailed { start, error } if self.applying == Some(start) => {
-                self.write_failures = self.write_failures.saturating_add(1);
-                let doublings = (self.write_failures - 1).min(20);
-                let pause = (self.config.restart_backoff_ms << doublings)
-                    .min(self.config.max_write_backoff_ms);
-                self.write_retry_at = Time(now.0.saturating_add(pause));
+                let pause = self.pause_writes(now);
                 tracing::warn!(
                     start,
                     %error,
@@ -712,9 +725,55 @@ impl StateSyncCore {
         }
     }
 
-    /// The peer that served the commits of the batch starting at `start`.
-    fn server_of(&self, start: CommitIndex) -> Option<PeerId> {
-        self.batches.get(&start).and_then(|b| b.peer)
+    /// Refuses the batch starting at `start`, verified but breaking an
+    /// epoch rule its certificate cannot show: its commits carry an epoch's
+    /// end before their last (an ended epoch continued with a retired
+    /// committee's keys) or a next committee of the wrong epoch. No honest
+    /// server holds such commits (its own write refuses them): the peer
+    /// that served them is banned and everything after the watermark
+    /// fetched again at once. The archive's is paused on as a failed write.
+    fn refuse(
+        &mut self,
+        now: Time,
+        start: CommitIndex,
+        error: &soma_types::Error,
+        out: &mut Vec<Output>,
+    ) {
+        tracing::warn!(start, %error, "a verified batch breaks the epoch rules");
+        match self.batches.get(&start).and_then(|b| b.peer) {
+            Some(peer) => out.push(Output::Misbehaved { peer }),
+            None => {
+                self.pause_writes(now);
+            }
+        }
+        if self.applying == Some(start) {
+            self.applying = None;
+        }
+        self.reset(out);
+    }
+
+    /// Counts a failed write and pauses sync's fetches after it, doubling
+    /// with each in a row up to `max_write_backoff_ms`. Returns the pause.
+    fn pause_writes(&mut self, now: Time) -> u64 {
+        self.write_failures = self.write_failures.saturating_add(1);
+        let doublings = (self.write_failures - 1).min(20);
+        let pause =
+            (self.config.restart_backoff_ms << doublings).min(self.config.max_write_backoff_ms);
+        self.write_retry_at = Time(now.0.saturating_add(pause));
+        pause
+    }
+
+    /// Forgets a claim that a later epoch had started without judging it
+    /// (the batches it was to be judged against are gone): its peer is
+    /// not asked for the next commit fetch, so that a liar cannot park
+    /// commit fetching again and again at no cost.
+    fn forget_claim(&mut self) {
+        if let Some(EpochClaim {
+            peer: Some(peer), ..
+        }) = self.epoch_claim.take()
+        {
+            self.commit_supervision.avoid.insert(peer);
+        }
     }
 
     /// Drops the batches that local commits have wholly covered. A batch
@@ -741,7 +800,7 @@ impl StateSyncCore {
         self.batches.clear();
         self.verified = self.synced;
         // A claim cannot be judged against batches that are gone.
-        self.epoch_claim = None;
+        self.forget_claim();
         out.push(Output::Reset);
     }
 
@@ -775,6 +834,7 @@ impl StateSyncCore {
                         peer,
                         commit_bytes: info.bytes,
                         chunks,
+                        withheld: BTreeMap::new(),
                     },
                 );
             }
@@ -822,6 +882,30 @@ impl StateSyncCore {
                 b.chunks.insert(offset + half, Chunk::new(rest));
                 out.push(Output::Restarted { task, failure });
             }
+            Err(failure @ Failure::BlocksWithheld { held, commits }) if c.len > 1 => {
+                // The peer lacks some of the blocks, or says so. An honest
+                // server lacks blocks only of a forged batch, whose forged
+                // commits may come after true ones up to an epoch's end;
+                // it sends the blocks it holds, in the order asked, up to
+                // the first it lacks. The chunk is split there (in halves
+                // if it sent none), both parts avoiding this peer: what
+                // others hold arrives, and in a forged batch with it that
+                // end, which proves the forgery (`Input::BatchBroken`).
+                // The NOT_FOUND itself is judged once the batch is applied.
+                let at = match held {
+                    0 => c.len / 2,
+                    held => held.min(c.len - 1),
+                };
+                let mut avoid = std::mem::take(&mut c.supervision.avoid);
+                if let Some(peer) = peer {
+                    avoid.insert(peer);
+                    b.withheld.entry(peer).or_insert(commits);
+                }
+                let rest = c.len - at;
+                *c = Chunk::avoiding(at, avoid.clone());
+                b.chunks.insert(offset + at, Chunk::avoiding(rest, avoid));
+                out.push(Output::Restarted { task, failure });
+            }
             Err(failure) => {
                 // One block never exceeds the cap of a one-block fetch: such
                 // a block is not the one its digest names.
@@ -834,6 +918,9 @@ impl StateSyncCore {
                     }
                     other => other,
                 };
+                if let (Failure::BlocksWithheld { commits, .. }, Some(peer)) = (&failure, peer) {
+                    b.withheld.entry(peer).or_insert(*commits);
+                }
                 c.state = ChunkState::Pending;
                 c.supervision.failed(now, peer, &failure, &self.config);
                 restarted(task, peer, failure, out);
@@ -908,7 +995,7 @@ impl StateSyncCore {
             .last_key_value()
             .map_or(self.synced, |(_, b)| b.last);
         // A claim about what follows the dropped batch is moot.
-        self.epoch_claim = None;
+        self.forget_claim();
         out.push(Output::Discard { start });
         true
     }
@@ -1190,7 +1277,6 @@ impl StateSyncCore {
                     len,
                     max_bytes,
                     avoid,
-                    settled: start <= next_in_line,
                 });
             }
         }
@@ -1271,6 +1357,7 @@ mod tests {
 
     const LIAR: PeerId = PeerId([9; 32]);
     const HONEST: PeerId = PeerId([1; 32]);
+    const OTHER: PeerId = PeerId([2; 32]);
 
     fn r(index: u64) -> CommitRef {
         CommitRef {
@@ -2018,40 +2105,6 @@ mod tests {
     }
 
     #[test]
-    fn block_fetches_are_settled_only_once_every_batch_before_is_applied() {
-        let settled = |out: &[Output]| -> Vec<(u64, bool)> {
-            out.iter()
-                .filter_map(|o| match o {
-                    Output::FetchBlocks { batch, settled, .. } => Some((*batch, *settled)),
-                    _ => None,
-                })
-                .collect()
-        };
-        let mut c = core(config());
-        let (t, _, _) = commit_fetch(&tick(&mut c, 0, 30)).unwrap();
-        let out = commits_ok(&mut c, 0, t, 1, 10, 5);
-        assert_eq!(settled(&out), vec![(1, true)]);
-        let first = block_fetches(&out)[0];
-        let (t2, _, _) = commit_fetch(&out).unwrap();
-        let out = commits_ok(&mut c, 0, t2, 11, 20, 5);
-        // Batch 1..=10 may end the epoch: 11..=20 may be a continuation
-        // of an ended epoch, whose blocks no honest peer holds.
-        assert_eq!(settled(&out), vec![(11, false)]);
-        let second = block_fetches(&out)[0];
-        let out = blocks_done(&mut c, second.0, Err(Failure::NotFound));
-        assert_eq!(misbehaved(&out), Vec::<PeerId>::new());
-        blocks_ok(&mut c, first.0);
-        let out = applied(&mut c, 1, 10);
-        // The retry, once nothing before it waits: settled.
-        let out = if settled(&out).is_empty() {
-            tick(&mut c, 60_000, 30)
-        } else {
-            out
-        };
-        assert_eq!(settled(&out), vec![(11, true)]);
-    }
-
-    #[test]
     fn a_batch_of_an_epoch_that_ended_before_it_is_dropped_and_its_server_banned() {
         // A retired committee's keys certify commits past its epoch's end;
         // while the end is fetched but not applied they verify against the
@@ -2592,6 +2645,138 @@ mod tests {
             failure: over
         }));
         assert!(!out.iter().any(|o| matches!(o, Output::Misbehaved { .. })));
+    }
+
+    /// Each block fetch: offset, length and the peers avoided.
+    fn chunks(out: &[Output]) -> Vec<(usize, usize, Vec<PeerId>)> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::FetchBlocks {
+                    offset, len, avoid, ..
+                } => Some((*offset, *len, avoid.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// `peer` answered NOT_FOUND to block fetch `task`, after `held` of
+    /// its blocks, named by `commits`.
+    fn withheld_by(
+        c: &mut StateSyncCore,
+        task: TaskId,
+        peer: PeerId,
+        (held, commits): (usize, (u64, u64)),
+    ) -> Vec<Output> {
+        c.handle(
+            Time(0),
+            Input::BlocksFetched {
+                task,
+                peer: Some(peer),
+                result: Err(Failure::BlocksWithheld { held, commits }),
+            },
+        )
+    }
+
+    #[test]
+    fn blocks_withheld_split_the_chunk_where_the_peer_stopped_and_are_judged_once_applied() {
+        let mut c = core(Config {
+            parallel_fetches: 10,
+            ..config()
+        });
+        let (t, _, _) = commit_fetch(&tick(&mut c, 0, 10)).unwrap();
+        let out = commits_ok(&mut c, 0, t, 1, 10, 5);
+        let whole = block_fetches(&out)[0];
+        // It sent 3 of the 5 blocks, then NOT_FOUND: held against no one
+        // yet, since the batch may be a forgery whose blocks nobody has.
+        let out = withheld_by(&mut c, whole.0, LIAR, (3, (1, 10)));
+        assert_eq!(misbehaved(&out), Vec::<PeerId>::new());
+        assert_eq!(chunks(&out), vec![(0, 3, vec![LIAR]), (3, 2, vec![LIAR])]);
+        let parts = block_fetches(&out);
+        // NOT_FOUND at once, for the second part: in halves.
+        let out = withheld_by(&mut c, parts[1].0, OTHER, (0, (6, 10)));
+        assert_eq!(
+            chunks(&out),
+            vec![(3, 1, vec![OTHER, LIAR]), (4, 1, vec![OTHER, LIAR])]
+        );
+        let singles = block_fetches(&out);
+        blocks_ok(&mut c, parts[0].0);
+        blocks_ok(&mut c, singles[0].0);
+        let out = blocks_ok(&mut c, singles[1].0);
+        assert!(out.contains(&Output::Apply { start: 1 }), "{out:?}");
+        // Every block existed: each NOT_FOUND is now PeerHeights' to judge
+        // against what its peer claimed.
+        let out = applied(&mut c, 1, 10);
+        let judged: Vec<Output> = out
+            .into_iter()
+            .filter(|o| matches!(o, Output::WithheldBlocks { .. }))
+            .collect();
+        // Each against the commits that named what it was asked for, in
+        // peer order (OTHER sorts before LIAR).
+        assert_eq!(
+            judged,
+            vec![
+                Output::WithheldBlocks {
+                    peer: OTHER,
+                    start: 6,
+                    end: 10
+                },
+                Output::WithheldBlocks {
+                    peer: LIAR,
+                    start: 1,
+                    end: 10
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn blocks_withheld_of_a_batch_dropped_are_never_judged() {
+        let (mut c, first, _) = two_fetched_batches();
+        withheld_by(&mut c, first[0].0, LIAR, (0, (1, 10)));
+        // The batch turns out to break the epoch rules: its server is
+        // banned, everything is fetched again, and the NOT_FOUND for its
+        // blocks (none of which anyone may hold) is forgotten.
+        let out = c.handle(
+            Time(0),
+            Input::BatchBroken {
+                start: 1,
+                error: soma_types::Error::EpochEndInsideBatch(4),
+            },
+        );
+        assert_eq!(misbehaved(&out), vec![HONEST]);
+        assert!(out.contains(&Output::Reset), "{out:?}");
+        let (t, _, _) = commit_fetch(&out).unwrap();
+        let out = commits_ok(&mut c, 0, t, 1, 10, 5);
+        let out = blocks_ok(&mut c, block_fetches(&out)[0].0);
+        assert!(out.contains(&Output::Apply { start: 1 }), "{out:?}");
+        let out = applied(&mut c, 1, 10);
+        assert!(
+            !out.iter()
+                .any(|o| matches!(o, Output::WithheldBlocks { .. })),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn a_claim_forgotten_unjudged_leaves_its_peer_avoided_for_the_next_commit_fetch() {
+        let (mut c, _) = next_epoch_claimed();
+        // Local commits pass what was verified: the plan is reset, and the
+        // claim with it.
+        let out = c.handle(
+            Time(0),
+            Input::LocalApplied {
+                last: r(12),
+                next_epoch: None,
+            },
+        );
+        assert!(out.contains(&Output::Reset), "{out:?}");
+        let out = if commit_fetch(&out).is_some() {
+            out
+        } else {
+            tick(&mut c, 60_000, 30)
+        };
+        assert_eq!(commit_fetch(&out).map(|f| f.1), Some(13));
+        assert_eq!(avoided(&out), Some(vec![LIAR]));
     }
 
     #[test]

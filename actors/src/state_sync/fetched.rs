@@ -51,18 +51,24 @@ impl Fetched {
     }
 
     /// A block fetch ended: its blocks join their batch (if it is still
-    /// held). Returns the core's input and the bytes kept.
-    pub(super) fn blocks_done(&mut self, done: BlocksDone) -> (Input, u64) {
+    /// held). Returns the core's inputs (the fetch's, then the batch's
+    /// refusal if the blocks show it breaks a rule) and the bytes kept.
+    pub(super) fn blocks_done(&mut self, done: BlocksDone) -> (Vec<Input>, u64) {
         let mut kept = 0;
+        let mut broken = None;
         let result = done.result.map(|blocks| {
-            kept = self
-                .batches
-                .get_mut(&done.batch)
-                .map_or(0, |d| d.add(blocks));
+            if let Some(d) = self.batches.get_mut(&done.batch) {
+                (kept, broken) = d.add(blocks);
+            }
             kept
         });
         let (task, peer) = (done.task, done.peer);
-        (Input::BlocksFetched { task, peer, result }, kept)
+        let mut inputs = vec![Input::BlocksFetched { task, peer, result }];
+        inputs.extend(broken.map(|error| Input::BatchBroken {
+            start: done.batch,
+            error,
+        }));
+        (inputs, kept)
     }
 
     /// The answer fetched ahead by `task`, to be checked now.
@@ -80,10 +86,9 @@ impl Fetched {
         &self,
         batch: CommitIndex,
         (offset, len, max_bytes): (usize, usize, u64),
-        settled: bool,
     ) -> Option<BlockChunk> {
         let data = self.batches.get(&batch)?;
-        Some(data.chunk(batch, (offset, len, max_bytes), settled))
+        Some(data.chunk(batch, offset, len, max_bytes))
     }
 
     /// The batch starting at `start`, to write.

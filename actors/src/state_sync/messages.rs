@@ -96,6 +96,15 @@ pub enum Failure {
     Disconnected,
     /// The peer said it does not hold what it was asked for.
     NotFound,
+    /// The peer answered NOT_FOUND to a block fetch after sending `held`
+    /// of the blocks asked for (an honest server sends them in the order
+    /// asked, up to the first it lacks).
+    BlocksWithheld {
+        /// Blocks received before the NOT_FOUND.
+        held: usize,
+        /// The first and last commits that name the blocks asked for.
+        commits: (CommitIndex, CommitIndex),
+    },
     /// The peer sent data that failed verification. A commit answer of the
     /// epoch after the expected one may be an honest peer's, right after an
     /// epoch change: the core judges that, not the worker.
@@ -132,6 +141,7 @@ impl Failure {
                 | Failure::Status { .. }
                 | Failure::Transport
                 | Failure::NotFound
+                | Failure::BlocksWithheld { .. }
                 | Failure::Invalid(_)
         )
     }
@@ -252,6 +262,16 @@ pub enum Input {
         /// Why.
         error: ApplyError,
     },
+    /// The blocks of the batch starting at `start`, as they arrived, show
+    /// that its commits break a rule their certificate cannot: a commit
+    /// before the last carries the epoch's end. Its server is banned and
+    /// everything after the watermark fetched again.
+    BatchBroken {
+        /// First commit of the batch.
+        start: CommitIndex,
+        /// The rule broken.
+        error: soma_types::Error,
+    },
     /// Local consensus applied commits up to `last` (through the same path).
     LocalApplied {
         /// The new watermark.
@@ -316,13 +336,17 @@ pub enum Output {
         max_bytes: u64,
         /// Peers not to ask.
         avoid: Vec<PeerId>,
-        /// Whether every batch before this one is applied, so that the
-        /// batch is certainly of the expected epoch. Until then it may be
-        /// a continuation of an epoch that a batch before it ends, which a
-        /// retired committee's keys can certify, naming blocks no honest
-        /// peer holds: a NOT_FOUND is then no proof of a lie.
-        #[serde(default)]
-        settled: bool,
+    },
+    /// `peer` answered NOT_FOUND for blocks of the batch `start..=end`,
+    /// which is now applied, so they existed: a lie if it claimed to hold
+    /// the range (PeerHeights judges it as a NOT_FOUND of a fetch).
+    WithheldBlocks {
+        /// The peer.
+        peer: PeerId,
+        /// First commit of the batch.
+        start: CommitIndex,
+        /// Last commit of the batch.
+        end: CommitIndex,
     },
     /// Every block of the batch starting at `start` is in: write it.
     Apply {

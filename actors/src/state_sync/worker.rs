@@ -90,32 +90,65 @@ impl BatchData {
         }
     }
 
-    /// Blocks `offset..offset + len` of the batch starting at `batch`;
-    /// `settled` if every batch before it is applied.
+    /// Blocks `offset..offset + len` of the batch starting at `batch`.
     pub(super) fn chunk(
         &self,
         batch: CommitIndex,
-        (offset, len, max_bytes): (usize, usize, u64),
-        settled: bool,
+        offset: usize,
+        len: usize,
+        max_bytes: u64,
     ) -> BlockChunk {
         BlockChunk {
             batch,
-            end: self.end,
+            commits: self.commits_naming(offset, len),
             epoch: self.epoch,
             refs: self.refs.iter().skip(offset).take(len).copied().collect(),
             max_bytes,
-            settled,
         }
     }
 
-    /// Keeps verified blocks; returns their bytes.
-    pub(super) fn add(&mut self, blocks: Vec<VerifiedBlock>) -> u64 {
+    /// The first and last commits that name blocks `offset..offset + len`
+    /// (the batch's whole range if none do).
+    fn commits_naming(&self, offset: usize, len: usize) -> (CommitIndex, CommitIndex) {
+        let (chunk_start, chunk_end) = (offset, offset.saturating_add(len));
+        let mut first = None;
+        let mut last = None;
+        let mut at = 0;
+        for c in &self.commits {
+            let named = c.commit().blocks.len();
+            if at < chunk_end && chunk_start < at + named {
+                first.get_or_insert(c.index());
+                last = Some(c.index());
+            }
+            at += named;
+        }
+        let start = self.commits.first().map_or(0, TrustedCommit::index);
+        (first.unwrap_or(start), last.unwrap_or(self.end))
+    }
+
+    /// Keeps verified blocks; returns their bytes, and the rule the
+    /// batch breaks if one of them shows it: the leader of a commit before
+    /// the last carrying the epoch's end. Such commits were certified by
+    /// the epoch's committee past the epoch's end (a retired committee's
+    /// keys); the blocks after the end are new, held by no honest peer, so
+    /// the batch is refused as soon as the end arrives, before anyone is
+    /// asked for them again and again.
+    pub(super) fn add(&mut self, blocks: Vec<VerifiedBlock>) -> (u64, Option<soma_types::Error>) {
         let mut bytes = 0;
+        let mut broken = None;
+        let before_last = &self.commits[..self.commits.len().saturating_sub(1)];
         for b in blocks {
             bytes += b.serialized().len() as u64;
+            if broken.is_none() && b.block().end_of_epoch.is_some() {
+                let r = b.reference();
+                broken = before_last
+                    .iter()
+                    .find(|c| c.commit().leader == r)
+                    .map(|c| soma_types::Error::EpochEndInsideBatch(c.index()));
+            }
             self.blocks.insert(b.reference(), b);
         }
-        bytes
+        (bytes, broken)
     }
 
     /// The batch to write.
@@ -129,29 +162,26 @@ impl BatchData {
     }
 }
 
-/// A chunk of blocks to fetch: `refs` of the batch `batch..=end` of
-/// `epoch`, at most `max_bytes` of them; `settled` if every batch before
-/// it is applied ([`Output::FetchBlocks`]).
+/// A chunk of blocks to fetch: `refs` of the batch starting at `batch`, of
+/// `epoch`, named by the commits `commits` (first and last): a peer that
+/// holds those can serve it. At most `max_bytes` of them.
 pub(super) struct BlockChunk {
     pub(super) batch: CommitIndex,
-    pub(super) end: CommitIndex,
+    pub(super) commits: (CommitIndex, CommitIndex),
     pub(super) epoch: Epoch,
     pub(super) refs: Vec<BlockRef>,
     pub(super) max_bytes: u64,
-    pub(super) settled: bool,
 }
 
-impl BlockChunk {
-    /// How a fetch of it that ended with `failure` is told to PeerHeights.
-    /// A NOT_FOUND is judged against the peer's claim only once the batch
-    /// is settled: before, the batch may be a retired committee's
-    /// continuation of an ended epoch, whose blocks no honest peer holds,
-    /// and the answer counts as an error status would.
-    fn transfer_of(&self, failure: &Failure) -> Transfer {
-        match transfer_of(failure) {
-            Transfer::NotFound if !self.settled => Transfer::Error,
-            transfer => transfer,
-        }
+/// How a block fetch that ended with `failure` is told to PeerHeights. A
+/// NOT_FOUND is judged later, by the core, once the batch is applied
+/// ([`Output::WithheldBlocks`]): until then the batch may be a retired
+/// committee's forgery, certified by keys it still holds, whose blocks no
+/// honest peer has, and the answer is held against no one.
+fn block_transfer_of(failure: &Failure) -> Transfer {
+    match transfer_of(failure) {
+        Transfer::NotFound => Transfer::Cancelled,
+        transfer => transfer,
     }
 }
 
@@ -260,7 +290,7 @@ fn transfer_of(failure: &Failure) -> Transfer {
         Failure::Timeout => Transfer::Timeout,
         busy if busy.is_busy() => Transfer::Busy,
         Failure::Status { .. } | Failure::Transport => Transfer::Error,
-        Failure::NotFound => Transfer::NotFound,
+        Failure::NotFound | Failure::BlocksWithheld { .. } => Transfer::NotFound,
         // Cut on what it held: the core judges it (and reports a liar).
         Failure::Invalid(_) | Failure::OverBudget { .. } => Transfer::Received,
         _ => Transfer::Cancelled,
@@ -524,7 +554,7 @@ impl Worker {
         chunk: BlockChunk,
         avoid: Vec<PeerId>,
     ) -> Outcome<Vec<VerifiedBlock>> {
-        let range = (chunk.batch, chunk.end);
+        let range = chunk.commits;
         let slot = match self.begin(chunk.batch, range, avoid.clone()).await {
             Ok(slot) => slot,
             Err(Failure::NoPeer) => return (None, self.blocks_from_archive(&chunk).await),
@@ -545,10 +575,17 @@ impl Worker {
                         .fetch_blocks(r)
                         .await?
                         .into_inner();
-                    receive_blocks(&mut stream, &refs, max_bytes).await
+                    receive_blocks(&mut stream, (&refs, range), max_bytes).await
                 };
                 let received = outbound.call(peer, message, call).await;
-                received.map_err(Failure::from).and_then(|r| r)
+                match received.map_err(Failure::from).and_then(|r| r) {
+                    // Refused before any block: none held.
+                    Err(Failure::NotFound) => Err(Failure::BlocksWithheld {
+                        held: 0,
+                        commits: range,
+                    }),
+                    other => other,
+                }
             }
         };
         let (slot, received) = self
@@ -556,14 +593,14 @@ impl Worker {
                 slot,
                 (FetchKind::Blocks, range),
                 avoid,
-                (call, |f: &Failure| chunk.transfer_of(f)),
+                (call, block_transfer_of),
             )
             .await;
         let peer = slot.lease().peer;
         let blobs = match received {
             Ok(blobs) => blobs,
             Err(failure) => {
-                slot.release(chunk.transfer_of(&failure), 0);
+                slot.release(block_transfer_of(&failure), 0);
                 return (Some(peer), Err(failure));
             }
         };
@@ -675,11 +712,21 @@ impl PeerCalls {
     /// Has PeerHeights ban `peer`: it sent invalid data or a false claim.
     pub(super) fn misbehaved(&self, peer: PeerId) {
         tracing::warn!(%peer, "peer sent invalid data or a false claim");
+        self.judge(peer, OutcomeKind::InvalidData);
+    }
+
+    /// Has PeerHeights judge `peer`'s NOT_FOUND for blocks of the batch
+    /// `start..=end`, applied since: a lie if it claimed to hold them.
+    pub(super) fn withheld(&self, peer: PeerId, start: CommitIndex, end: CommitIndex) {
+        self.judge(peer, OutcomeKind::NotFound { start, end });
+    }
+
+    fn judge(&self, peer: PeerId, kind: OutcomeKind) {
         self.heights.do_send(ReportOutcome {
             peer,
             bytes: 0,
             latency_ms: 0,
-            kind: OutcomeKind::InvalidData,
+            kind,
         });
     }
 
@@ -774,22 +821,31 @@ impl Intake {
 }
 
 /// Reads a FetchBlocks stream through an [`Intake`]: the stream is cut
-/// where the intake ends. A status error of the stream is the call's
-/// failure (the outer `Result`).
+/// where the intake ends. A NOT_FOUND after some blocks is
+/// [`Failure::BlocksWithheld`]; any other status error of the stream is
+/// the call's failure (the outer `Result`).
 async fn receive_blocks(
     stream: &mut tonic::Streaming<proto::FetchBlocksResponse>,
-    refs: &[BlockRef],
+    (refs, commits): (&[BlockRef], (CommitIndex, CommitIndex)),
     max_bytes: u64,
 ) -> Result<Result<Vec<HashedBlob>, Failure>, tonic::Status> {
     let mut intake = Intake::new(refs, max_bytes);
-    while let Some(chunk) = stream.message().await? {
+    loop {
+        let chunk = match stream.message().await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => return Ok(intake.finish()),
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                let held = intake.blobs.len();
+                return Ok(Err(Failure::BlocksWithheld { held, commits }));
+            }
+            Err(status) => return Err(status),
+        };
         for blob in chunk.blocks {
             if let Err(f) = intake.accept(blob) {
                 return Ok(Err(f));
             }
         }
     }
-    Ok(intake.finish())
 }
 
 /// A Verifier refusal as a failure: only a broken rule is the peer's doing.
@@ -917,32 +973,36 @@ mod tests {
     }
 
     #[test]
-    fn not_found_for_a_chunk_is_judged_only_once_its_batch_is_settled() {
-        let chunk = |settled| BlockChunk {
-            batch: 11,
-            end: 20,
-            epoch: 0,
-            refs: Vec::new(),
-            max_bytes: 1 << 20,
-            settled,
+    fn a_chunk_is_leased_for_the_commits_that_name_its_blocks() {
+        let chain = soma_chain::ChainBuilder::new(soma_chain::ChainConfig::validators(4)).build(10);
+        let commits = chain.commits()[..10].to_vec();
+        let counts: Vec<usize> = commits.iter().map(|c| c.commit().blocks.len()).collect();
+        let data = BatchData::new(commits, Vec::new(), 0);
+        let total: usize = counts.iter().sum();
+        assert_eq!(data.commits_naming(0, total), (1, 10));
+        // The first commit's blocks alone, then one block past them.
+        assert_eq!(data.commits_naming(0, counts[0]), (1, 1));
+        assert_eq!(data.commits_naming(0, counts[0] + 1), (1, 2));
+        // The last block: the last commit's leader.
+        assert_eq!(data.commits_naming(total - 1, 1), (10, 10));
+        // Blocks of the third commit only.
+        let third = counts[0] + counts[1];
+        assert_eq!(data.commits_naming(third, counts[2]), (3, 3));
+    }
+
+    #[test]
+    fn not_found_for_blocks_is_left_to_the_core() {
+        assert_eq!(block_transfer_of(&Failure::NotFound), Transfer::Cancelled);
+        let withheld = Failure::BlocksWithheld {
+            held: 3,
+            commits: (11, 14),
         };
-        assert_eq!(
-            chunk(true).transfer_of(&Failure::NotFound),
-            Transfer::NotFound
-        );
-        assert_eq!(
-            chunk(false).transfer_of(&Failure::NotFound),
-            Transfer::Error
-        );
+        assert_eq!(block_transfer_of(&withheld), Transfer::Cancelled);
+        assert_eq!(transfer_of(&withheld), Transfer::NotFound);
+        assert_eq!(transfer_of(&Failure::NotFound), Transfer::NotFound);
         // Every other failure is told as for any fetch.
-        assert_eq!(
-            chunk(false).transfer_of(&Failure::Timeout),
-            Transfer::Timeout
-        );
-        assert_eq!(
-            chunk(false).transfer_of(&Failure::Transport),
-            Transfer::Error
-        );
+        assert_eq!(block_transfer_of(&Failure::Timeout), Transfer::Timeout);
+        assert_eq!(block_transfer_of(&Failure::Transport), Transfer::Error);
     }
 
     #[test]

@@ -766,14 +766,9 @@ impl Run<'_> {
                 }
             },
             Output::Restarted { .. } => self.run.restarts += 1,
-            Output::Misbehaved { peer } => {
-                let outcome = ReportOutcome {
-                    peer,
-                    bytes: 0,
-                    latency_ms: 0,
-                    kind: OutcomeKind::InvalidData,
-                };
-                self.heights_step(node, peer_heights::Input::Outcome(outcome));
+            Output::Misbehaved { peer } => self.judge(node, peer, OutcomeKind::InvalidData),
+            Output::WithheldBlocks { peer, start, end } => {
+                self.judge(node, peer, OutcomeKind::NotFound { start, end });
             }
             Output::QueryHeights { peer } => {
                 let (peers, connecting) = match peer {
@@ -795,6 +790,18 @@ impl Run<'_> {
                 self.nodes[node].batch_ends.remove(&start);
             }
         }
+    }
+
+    /// Has `node`'s PeerHeights judge what `peer` did, as the StateSync
+    /// shell reports it.
+    fn judge(&mut self, node: usize, peer: PeerId, kind: OutcomeKind) {
+        let outcome = ReportOutcome {
+            peer,
+            bytes: 0,
+            latency_ms: 0,
+            kind,
+        };
+        self.heights_step(node, peer_heights::Input::Outcome(outcome));
     }
 
     /// Feeds `input` to `node`'s PeerHeights core; a slot granted or
@@ -988,7 +995,13 @@ impl Run<'_> {
                 self.failed_call(client, call, busy);
             }
             Reply::NotFound => {
-                self.release(client, &call, Transfer::NotFound, 0);
+                // As the worker does: a NOT_FOUND for blocks is judged by
+                // the core once their batch is applied.
+                let transfer = match call.work {
+                    Work::Blocks { .. } => Transfer::Cancelled,
+                    Work::Commits { .. } | Work::Ahead { .. } => Transfer::NotFound,
+                };
+                self.release(client, &call, transfer, 0);
                 self.failed_call(client, call, Failure::NotFound);
             }
             Reply::Data { end, bytes, valid } => {

@@ -53,14 +53,15 @@ pub enum Lie {
     /// Answers FetchCommits with well-formed commits that name the epoch
     /// `u64::MAX`; honest blocks.
     FutureEpoch,
-    /// Holds the keys of every retired committee: asked for commits from
-    /// the one right after an epoch's end, it answers with commits that
-    /// continue the ended epoch up to the last one asked for (a batch at
-    /// most), the last certified by a quorum of that epoch's keys, each
-    /// naming a new block of that epoch, a copy of the ended commit's
-    /// leader, which carries the epoch's end (so applying one would
-    /// install a second next committee). Nobody serves those blocks, and
-    /// honest peers answer NOT_FOUND for them. Where epochs are shorter
+    /// Holds the keys of every retired committee: asked for a range that
+    /// an epoch's end falls just before or inside (not at its last
+    /// commit), it answers with the true commits up to that end, then
+    /// commits that continue the ended epoch up to the last one asked for
+    /// (a batch at most), the last certified by a quorum of that epoch's
+    /// keys, each naming a new block of that epoch, a copy of the ended
+    /// commit's leader, which carries the epoch's end (so applying one
+    /// would install a second next committee). Nobody serves those blocks,
+    /// and honest peers answer NOT_FOUND for them. Where epochs are shorter
     /// than the continuation, the true commits after it are of an epoch
     /// two or more ahead. Honest otherwise.
     RetiredCommittee,
@@ -230,12 +231,23 @@ impl p2p_server::P2p for Evil {
             return Err(Status::not_found("not held"));
         }
         if self.lie == Lie::RetiredCommittee {
-            let previous_epoch_ended = chain
+            // An epoch that ends just before the range or inside it, not at
+            // its end.
+            let ended = chain
                 .committees()
                 .filter_map(|c| chain.epoch_last(c.epoch()))
-                .any(|last| last + 1 == r.start);
-            if previous_epoch_ended {
-                return Ok(Response::new(self.retired_continuation(r.start - 1, r.end)));
+                .find(|&last| last + 1 >= r.start && last < r.end);
+            if let Some(last) = ended {
+                let mut answer = self.retired_continuation(last, r.end);
+                // The true commits up to the end, then the forged ones, in
+                // one batch.
+                if last >= r.start {
+                    let (commits, _) = chain.fetch_commits(r.start..=last);
+                    let forged = std::mem::take(&mut answer.commits);
+                    answer.commits = commits.iter().map(|c| c.serialized().clone()).collect();
+                    answer.commits.extend(forged);
+                }
+                return Ok(Response::new(answer));
             }
         }
         let epoch = chain.commit(r.start).commit().epoch;
