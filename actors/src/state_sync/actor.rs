@@ -86,7 +86,8 @@ impl StateSync {
                 } => {
                     let worker = self.worker.clone();
                     let work = async move {
-                        match worker.commit_answer((start, end), max_bytes, avoid).await {
+                        let cap = (max_bytes, true);
+                        match worker.commit_answer((start, end), cap, avoid).await {
                             (peer, Ok(answer)) => {
                                 (peer, Ok(worker.certify_ahead(answer, start, epoch).await))
                             }

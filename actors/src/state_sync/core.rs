@@ -123,6 +123,13 @@ fn default_max_message_bytes() -> u64 {
 /// Protobuf framing allowed on top of the payload of an answer.
 const FRAMING_BYTES: u64 = 64 << 10;
 
+/// A fetch ahead may bring this many times the largest commit answer of
+/// the epoch seen so far (see [`StateSyncCore::ahead_reserve`]).
+const AHEAD_ANSWER_FACTOR: u64 = 4;
+
+/// ... and at least this many bytes.
+const AHEAD_ANSWER_MIN_BYTES: u64 = 256 << 10;
+
 impl Config {
     /// Bytes of blocks a fetch of `len` blocks may accept: what `len`
     /// blocks may hold at most, within the per-fetch cap, and never less
@@ -351,6 +358,9 @@ pub struct StateSyncCore {
     epoch: Epoch,
     /// Largest FetchCommits answer of the current epoch.
     commit_answer_bytes: u64,
+    /// Largest commit answer received in the current epoch (0: none yet;
+    /// `commit_answer_bytes` once one ahead was larger than its cap).
+    largest_answer: u64,
     highest_known: CommitIndex,
     /// The last commit the registered executor has taken, if one is.
     executed: Option<CommitIndex>,
@@ -406,6 +416,7 @@ impl Core for StateSyncCore {
             synced: init.synced,
             epoch: init.epoch,
             commit_answer_bytes: init.commit_answer_bytes,
+            largest_answer: 0,
             highest_known: init.synced.index,
             executed: init.executed,
             requested: init.synced.index,
@@ -681,6 +692,7 @@ impl StateSyncCore {
         {
             self.epoch = next.epoch;
             self.commit_answer_bytes = next.commit_answer_bytes;
+            self.largest_answer = 0;
         }
         self.highest_known = self.highest_known.max(self.synced.index);
     }
@@ -817,6 +829,7 @@ impl StateSyncCore {
                     && info.end >= info.start
                     && info.epoch == self.epoch =>
             {
+                self.largest_answer = self.largest_answer.max(info.bytes);
                 self.commit_supervision = Supervision::default();
                 self.unavailable = None;
                 self.verified = info.last;
@@ -1075,7 +1088,7 @@ impl StateSyncCore {
                 }
                 ahead += 1;
                 if !self.prefetches.contains_key(&start) {
-                    let reserve = self.commit_answer_bytes;
+                    let reserve = self.ahead_reserve();
                     let planned = self.batches.len() + 1 + self.prefetches.len();
                     if planned >= self.config.batches_ahead
                         || !self.fits(reserve, self.limit_for_later())
@@ -1119,13 +1132,22 @@ impl StateSyncCore {
         out: &mut Vec<Output>,
     ) {
         match result {
-            Ok(_) => {
+            // The answer is in: it holds its own bytes, not the most it
+            // could have held, until its turn (and carries them over).
+            Ok(held) => {
+                self.largest_answer = self.largest_answer.max(held);
                 if let Some(p) = self.prefetches.get_mut(&start) {
                     p.ready = Some(peer);
+                    p.reserved = p.reserved.min(held);
                 }
             }
             Err(failure) => {
                 self.prefetches.remove(&start);
+                // Larger than its cap: answers of this epoch may be that
+                // large, and fetches ahead reserve the most from now on.
+                if let Failure::OverBudget { .. } = failure {
+                    self.largest_answer = self.commit_answer_bytes;
+                }
                 let pause = match failure {
                     Failure::NoPeer => self.config.wait_interval_when_no_peer_ms,
                     _ => self.config.restart_backoff_ms,
@@ -1136,6 +1158,28 @@ impl StateSyncCore {
                 }
                 restarted(task, peer, failure, out);
             }
+        }
+    }
+
+    /// What a fetch ahead reserves, and the most its answer may bring.
+    /// Every FetchCommits answer could be `commit_answer_bytes` (a
+    /// certificate of maximal blocks), but real ones are a small part of
+    /// that, and holding the most for each fetch ahead would let a few of
+    /// them fill the fetch budget: on a long path, where many are on the
+    /// way at once, that is what bounded sync. So a fetch ahead reserves
+    /// [`AHEAD_ANSWER_FACTOR`] times the largest answer of the epoch seen
+    /// so far (at least [`AHEAD_ANSWER_MIN_BYTES`], at most the most), and
+    /// the most until one is seen. A larger answer is cut at that bound
+    /// like any other (`Failure::OverBudget`, not the peer's fault): the
+    /// fetch in turn asks again, reserving the most, as do fetches ahead
+    /// for the rest of the epoch.
+    fn ahead_reserve(&self) -> u64 {
+        match self.largest_answer {
+            0 => self.commit_answer_bytes,
+            seen => seen
+                .saturating_mul(AHEAD_ANSWER_FACTOR)
+                .max(AHEAD_ANSWER_MIN_BYTES)
+                .min(self.commit_answer_bytes),
         }
     }
 
@@ -1677,6 +1721,89 @@ mod tests {
     /// their room: nothing moved again. The batch next in line gets room
     /// by forgetting the fetches furthest ahead, as its blocks do by
     /// dropping the batches furthest ahead.
+    /// The most each fetch ahead in `out` may bring.
+    fn ahead_caps(out: &[Output]) -> Vec<u64> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::FetchCommitsAhead { max_bytes, .. } => Some(*max_bytes),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn fetches_ahead_reserve_four_times_the_largest_answer_of_the_epoch_seen() {
+        const MOST: u64 = 5 << 20;
+        // Some fetches ahead are sent, each reserving `cap`.
+        let assert_all = |out: &[Output], cap: u64| {
+            let caps = ahead_caps(out);
+            assert!(
+                !caps.is_empty() && caps.iter().all(|&c| c == cap),
+                "{out:?}"
+            );
+        };
+        let mut c = core(ahead_config(8));
+        let out = tick(&mut c, 0, 1_000);
+        // No answer seen yet: the most an answer may be.
+        assert_eq!(ahead_caps(&out), vec![MOST]);
+        let (head, _, _) = commit_fetch(&out).unwrap();
+        let first_ahead = fetches_ahead(&out)[0].0;
+        let answer = |start, bytes| {
+            Ok(CommitBatchInfo {
+                start,
+                end: start + 9,
+                last: r(start + 9),
+                epoch: 0,
+                block_count: 0,
+                bytes,
+            })
+        };
+        // A small answer: the floor.
+        let out = commits_done(&mut c, 0, head, answer(1, 10_000));
+        assert_all(&out, 256 << 10);
+        // An answer ahead of 100,000 bytes: four times that, for the
+        // fetches ahead sent once the first batch is applied.
+        let out = ahead_done(&mut c, 0, first_ahead, Ok(100_000));
+        let (check, 11, 20) = commit_fetch(&out).unwrap() else {
+            panic!("{out:?}")
+        };
+        let out = commits_done(&mut c, 0, check, answer(11, 100_000));
+        assert_all(&out, 400_000);
+        // One ahead over its cap: the most again, for the epoch.
+        let over = fetches_ahead(&out)[0].0;
+        let out = ahead_done(
+            &mut c,
+            0,
+            over,
+            Err(Failure::OverBudget {
+                received: 400_001,
+                max: 400_000,
+            }),
+        );
+        assert!(!out.iter().any(|o| matches!(o, Output::Misbehaved { .. })));
+        assert_all(&tick(&mut c, 1_000, 1_000), MOST);
+    }
+
+    #[test]
+    fn an_answer_fetched_ahead_holds_its_own_bytes_once_in_and_carries_them_to_its_turn() {
+        let mut c = core(ahead_config(2));
+        let out = tick(&mut c, 0, 1_000);
+        let (head, _, _) = commit_fetch(&out).unwrap();
+        let ahead = fetches_ahead(&out);
+        assert_eq!(ahead.len(), 1, "{out:?}");
+        // The fetch in turn and the one ahead, each the most an answer of
+        // the epoch may be (5 MiB here).
+        assert_eq!(c.fetched_bytes(), 2 * (5 << 20));
+        ahead_done(&mut c, 0, ahead[0].0, Ok(700));
+        assert_eq!(c.fetched_bytes(), (5 << 20) + 700);
+        // Its turn: checked holding those bytes, not a new reservation.
+        let out = commits_ok(&mut c, 0, head, 1, 10, 0);
+        applied(&mut c, 1, 10);
+        assert_eq!(checks_ahead(&out), Some(ahead[0].0), "{out:?}");
+        let more_ahead: u64 = ahead_caps(&out).iter().sum();
+        assert_eq!(c.fetched_bytes(), 700 + more_ahead, "{out:?}");
+    }
+
     #[test]
     fn fetches_ahead_never_starve_the_commit_fetch_of_the_batch_next_in_line() {
         const ANSWER: u64 = 10 << 20;
@@ -1711,7 +1838,9 @@ mod tests {
         sent(&out);
         assert!(out.contains(&Output::Apply { start: 1 }));
         applied(&mut c, 1, 10);
-        let out = ahead_done(&mut c, 0, 1, Ok(500));
+        // Answers as large as they may be: fetches ahead keep reserving
+        // the most.
+        let out = ahead_done(&mut c, 0, 1, Ok(ANSWER));
         sent(&out);
         let (second, 11, 20) = commit_fetch(&out).unwrap() else {
             panic!("{out:?}")
@@ -1734,12 +1863,16 @@ mod tests {
         let out = commits_failed(&mut c, 10, third, HONEST, busy());
         assert_eq!(commit_fetch(&out), None, "retried after a pause");
         // Meanwhile the pause after the failed fetch ahead is over: one
-        // more goes ahead, and every answer ahead comes in.
+        // more goes ahead, and every answer ahead comes in, each as large
+        // as it may be (an answer in holds its own bytes).
         let out = tick(&mut c, 50, 1_000);
         assert_eq!(starts(&out), vec![51]);
         let last = fetches_ahead(&out)[0].0;
         for task in [ahead[&31], ahead[&41], last] {
-            assert_eq!(commit_fetch(&ahead_done(&mut c, 55, task, Ok(500))), None);
+            assert_eq!(
+                commit_fetch(&ahead_done(&mut c, 55, task, Ok(ANSWER))),
+                None
+            );
         }
         // Its turn again: the answer furthest ahead is dropped to make room.
         let out = tick(&mut c, 60, 1_000);

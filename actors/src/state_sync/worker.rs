@@ -411,7 +411,7 @@ impl Worker {
         avoid: Vec<PeerId>,
     ) -> Outcome<BatchData> {
         let fetched = self
-            .commit_answer((wanted.start, wanted.end), wanted.max_bytes, avoid)
+            .commit_answer((wanted.start, wanted.end), (wanted.max_bytes, false), avoid)
             .await;
         match fetched {
             (peer, Ok(answer)) => (peer, self.check_commits(answer, wanted).await),
@@ -476,10 +476,13 @@ impl Worker {
 
     /// Fetches the commits `start..=end`, unchecked: the answer of a peer
     /// leased for `start`, at most `max_bytes`.
+    /// `estimated`: `max_bytes` is the core's estimate for a fetch ahead,
+    /// below the most an answer may be; an answer over it is then
+    /// [`Failure::OverBudget`], no fault of the peer's.
     pub(super) async fn commit_answer(
         &self,
         (start, end): (CommitIndex, CommitIndex),
-        max_bytes: u64,
+        (max_bytes, estimated): (u64, bool),
         avoid: Vec<PeerId>,
     ) -> Outcome<CommitAnswer> {
         // The peer is chosen for `start` alone: an honest one serves it.
@@ -501,10 +504,20 @@ impl Worker {
             let answer = self.outbound.call(peer, message, call).await;
             answer.map(|r| r.into_inner()).map_err(Failure::from)
         };
+        let over_cap = |failure: Failure| match failure {
+            Failure::Status { code } if estimated && code == tonic::Code::OutOfRange as i32 => {
+                Failure::OverBudget {
+                    received: max_bytes.saturating_add(1),
+                    max: max_bytes,
+                }
+            }
+            failure => failure,
+        };
+        let judge = |failure: &Failure| transfer_of(&over_cap(failure.clone()));
         let kind = (FetchKind::Commits, (start, start));
-        let (slot, answer) = self.hedged(slot, kind, avoid, (call, transfer_of)).await;
+        let (slot, answer) = self.hedged(slot, kind, avoid, (call, judge)).await;
         let peer = slot.lease().peer;
-        let response = match answer {
+        let response = match answer.map_err(over_cap) {
             Ok(response) => response,
             Err(failure) => {
                 slot.release(transfer_of(&failure), 0);
