@@ -155,6 +155,12 @@ pub enum Transfer {
     Busy,
     /// It answered NOT_FOUND: judged against its claim for the lease's range.
     NotFound,
+    /// It answered NOT_FOUND to a block fetch. Counted as an error now;
+    /// whether it claimed the lease's range is noted, and held against it
+    /// only if StateSync later reports the blocks existed
+    /// ([`OutcomeKind::Withheld`]): until its batch is applied, the blocks
+    /// may be a retired committee's forgery that no honest peer holds.
+    Withheld,
     /// The fetch ended on our side (cancelled, failed locally): nothing to
     /// hold against the peer or to measure.
     Cancelled,
@@ -210,6 +216,10 @@ pub enum OutcomeKind {
         /// Last commit asked for.
         end: CommitIndex,
     },
+    /// The blocks it answered NOT_FOUND for ([`Transfer::Withheld`]) are
+    /// now applied, so they existed: banned if it claimed, when it
+    /// answered, to hold the commits naming them.
+    Withheld,
 }
 
 /// The result of a request to a peer, for the balancer and bans.

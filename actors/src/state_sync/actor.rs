@@ -128,9 +128,7 @@ impl StateSync {
                     self.status.invalid_responses += 1;
                     self.deps.calls().misbehaved(peer);
                 }
-                Output::WithheldBlocks { peer, start, end } => {
-                    self.deps.calls().withheld(peer, start, end);
-                }
+                Output::WithheldBlocks { peer } => self.deps.calls().withheld(peer),
                 Output::QueryHeights { peer: None } => {
                     self.tasks.query(self.deps.calls().query_heights(None));
                 }
@@ -379,8 +377,8 @@ impl Handler<AheadDone> for StateSync {
 impl Handler<BlocksDone> for StateSync {
     type Result = ();
     fn handle(&mut self, done: BlocksDone, ctx: &mut Context<Self>) {
-        self.ended(done.task);
-        let (inputs, bytes) = self.fetched.blocks_done(done);
+        let awaited = self.ended(done.task);
+        let (inputs, bytes) = self.fetched.blocks_done(done, awaited);
         self.status.bytes_fetched += bytes;
         for input in inputs {
             self.step(input, ctx);

@@ -123,6 +123,10 @@ fn default_max_message_bytes() -> u64 {
 /// Protobuf framing allowed on top of the payload of an answer.
 const FRAMING_BYTES: u64 = 64 << 10;
 
+/// Peers a chunk split after a NOT_FOUND passes on to its parts as not to
+/// be asked, at most.
+const MAX_SPLIT_AVOIDED: usize = 16;
+
 /// A fetch ahead may bring this many times the largest commit answer of
 /// the epoch seen so far (see [`StateSyncCore::ahead_reserve`]).
 const AHEAD_ANSWER_FACTOR: u64 = 4;
@@ -236,11 +240,10 @@ struct Batch {
     commit_bytes: u64,
     /// Chunks of blocks, by offset in the batch's block order.
     chunks: BTreeMap<usize, Chunk>,
-    /// Peers that answered NOT_FOUND for some of its blocks, with the
-    /// commits naming the blocks asked (the first such answer of each):
-    /// judged once the batch is applied, when the blocks are known to
-    /// exist. At most one entry per peer.
-    withheld: BTreeMap<PeerId, (CommitIndex, CommitIndex)>,
+    /// Peers that answered NOT_FOUND for some of its blocks: judged once
+    /// the batch is applied, when the blocks are known to exist. At most
+    /// one entry per peer leased for it.
+    withheld: BTreeSet<PeerId>,
 }
 
 impl Batch {
@@ -361,6 +364,10 @@ pub struct StateSyncCore {
     /// Largest commit answer received in the current epoch (0: none yet;
     /// `commit_answer_bytes` once one ahead was larger than its cap).
     largest_answer: u64,
+    /// The last commit of the current epoch, once a forged batch running
+    /// past it showed where it is (`Error::EpochEndInsideBatch`): commit
+    /// ranges end there, so no answer can span it again.
+    known_end: Option<CommitIndex>,
     highest_known: CommitIndex,
     /// The last commit the registered executor has taken, if one is.
     executed: Option<CommitIndex>,
@@ -417,6 +424,7 @@ impl Core for StateSyncCore {
             epoch: init.epoch,
             commit_answer_bytes: init.commit_answer_bytes,
             largest_answer: 0,
+            known_end: None,
             highest_known: init.synced.index,
             executed: init.executed,
             requested: init.synced.index,
@@ -490,13 +498,7 @@ impl Core for StateSyncCore {
                     // Its blocks exist: a NOT_FOUND for them is judged
                     // against what each peer claimed to hold.
                     out.extend(
-                        b.withheld
-                            .into_iter()
-                            .map(|(peer, (start, end))| Output::WithheldBlocks {
-                                peer,
-                                start,
-                                end,
-                            }),
+                        (b.withheld.into_iter()).map(|peer| Output::WithheldBlocks { peer }),
                     );
                 }
                 self.advance(last, next_epoch);
@@ -605,7 +607,7 @@ impl StateSyncCore {
         let end = batch_end(
             start,
             self.config.commit_sync_batch_size,
-            None,
+            self.known_end,
             self.highest_known,
         );
         (end <= self.fetch_limit()).then_some(end)
@@ -693,20 +695,23 @@ impl StateSyncCore {
             self.epoch = next.epoch;
             self.commit_answer_bytes = next.commit_answer_bytes;
             self.largest_answer = 0;
+            self.known_end = None;
         }
         self.highest_known = self.highest_known.max(self.synced.index);
     }
 
     /// Batches verified while the epoch that has just ended was expected,
-    /// following the batch that ended it, are of an ended epoch: no honest
-    /// peer serves such commits (answers never cross an epoch, and the
-    /// next ones are of the new epoch). They are dropped, never applied,
-    /// and the peers that served them are banned.
+    /// running past the commit that ended it, are of an ended epoch: no
+    /// honest peer serves such commits (answers never cross an epoch, and
+    /// the next ones are of the new epoch). They are dropped, never
+    /// applied, and the peers that served them are banned. That includes
+    /// a batch the watermark falls inside, when local commits ended the
+    /// epoch there.
     fn drop_ended_epoch(&mut self, out: &mut Vec<Output>) {
         let stale: Vec<(CommitIndex, Option<PeerId>)> = self
             .batches
             .iter()
-            .filter(|(start, b)| b.epoch < self.epoch && **start > self.synced.index)
+            .filter(|(_, b)| b.epoch < self.epoch && b.end > self.synced.index)
             .map(|(start, b)| (*start, b.peer))
             .collect();
         if stale.is_empty() {
@@ -752,6 +757,14 @@ impl StateSyncCore {
         out: &mut Vec<Output>,
     ) {
         tracing::warn!(start, %error, "a verified batch breaks the epoch rules");
+        // The end its blocks showed is the epoch's (commits certified by
+        // the epoch's committee, the leader's block matched to its digest):
+        // no range asked from now on runs past it.
+        if let soma_types::Error::EpochEndInsideBatch(end) = *error
+            && end > self.synced.index
+        {
+            self.known_end = Some(end);
+        }
         match self.batches.get(&start).and_then(|b| b.peer) {
             Some(peer) => out.push(Output::Misbehaved { peer }),
             None => {
@@ -847,7 +860,7 @@ impl StateSyncCore {
                         peer,
                         commit_bytes: info.bytes,
                         chunks,
-                        withheld: BTreeMap::new(),
+                        withheld: BTreeSet::new(),
                     },
                 );
             }
@@ -895,7 +908,7 @@ impl StateSyncCore {
                 b.chunks.insert(offset + half, Chunk::new(rest));
                 out.push(Output::Restarted { task, failure });
             }
-            Err(failure @ Failure::BlocksWithheld { held, commits }) if c.len > 1 => {
+            Err(failure @ Failure::BlocksWithheld { held }) if c.len > 1 => {
                 // The peer lacks some of the blocks, or says so. An honest
                 // server lacks blocks only of a forged batch, whose forged
                 // commits may come after true ones up to an epoch's end;
@@ -910,9 +923,13 @@ impl StateSyncCore {
                     held => held.min(c.len - 1),
                 };
                 let mut avoid = std::mem::take(&mut c.supervision.avoid);
+                // Bounded: past that many, the parts start afresh.
+                if avoid.len() >= MAX_SPLIT_AVOIDED {
+                    avoid.clear();
+                }
                 if let Some(peer) = peer {
                     avoid.insert(peer);
-                    b.withheld.entry(peer).or_insert(commits);
+                    b.withheld.insert(peer);
                 }
                 let rest = c.len - at;
                 *c = Chunk::avoiding(at, avoid.clone());
@@ -931,8 +948,8 @@ impl StateSyncCore {
                     }
                     other => other,
                 };
-                if let (Failure::BlocksWithheld { commits, .. }, Some(peer)) = (&failure, peer) {
-                    b.withheld.entry(peer).or_insert(*commits);
+                if let (Failure::BlocksWithheld { .. }, Some(peer)) = (&failure, peer) {
+                    b.withheld.insert(peer);
                 }
                 c.state = ChunkState::Pending;
                 c.supervision.failed(now, peer, &failure, &self.config);
@@ -1076,7 +1093,7 @@ impl StateSyncCore {
         loop {
             let end = match self.prefetches.get(&start) {
                 Some(p) => p.end,
-                None => batch_end(start, size, None, self.highest_known),
+                None => batch_end(start, size, self.known_end, self.highest_known),
             };
             if start > self.highest_known || end > limit {
                 return;
@@ -2793,19 +2810,14 @@ mod tests {
     }
 
     /// `peer` answered NOT_FOUND to block fetch `task`, after `held` of
-    /// its blocks, named by `commits`.
-    fn withheld_by(
-        c: &mut StateSyncCore,
-        task: TaskId,
-        peer: PeerId,
-        (held, commits): (usize, (u64, u64)),
-    ) -> Vec<Output> {
+    /// its blocks.
+    fn withheld_by(c: &mut StateSyncCore, task: TaskId, peer: PeerId, held: usize) -> Vec<Output> {
         c.handle(
             Time(0),
             Input::BlocksFetched {
                 task,
                 peer: Some(peer),
-                result: Err(Failure::BlocksWithheld { held, commits }),
+                result: Err(Failure::BlocksWithheld { held }),
             },
         )
     }
@@ -2821,12 +2833,12 @@ mod tests {
         let whole = block_fetches(&out)[0];
         // It sent 3 of the 5 blocks, then NOT_FOUND: held against no one
         // yet, since the batch may be a forgery whose blocks nobody has.
-        let out = withheld_by(&mut c, whole.0, LIAR, (3, (1, 10)));
+        let out = withheld_by(&mut c, whole.0, LIAR, 3);
         assert_eq!(misbehaved(&out), Vec::<PeerId>::new());
         assert_eq!(chunks(&out), vec![(0, 3, vec![LIAR]), (3, 2, vec![LIAR])]);
         let parts = block_fetches(&out);
         // NOT_FOUND at once, for the second part: in halves.
-        let out = withheld_by(&mut c, parts[1].0, OTHER, (0, (6, 10)));
+        let out = withheld_by(&mut c, parts[1].0, OTHER, 0);
         assert_eq!(
             chunks(&out),
             vec![(3, 1, vec![OTHER, LIAR]), (4, 1, vec![OTHER, LIAR])]
@@ -2837,35 +2849,72 @@ mod tests {
         let out = blocks_ok(&mut c, singles[1].0);
         assert!(out.contains(&Output::Apply { start: 1 }), "{out:?}");
         // Every block existed: each NOT_FOUND is now PeerHeights' to judge
-        // against what its peer claimed.
+        // against what its peer claimed when it answered.
         let out = applied(&mut c, 1, 10);
         let judged: Vec<Output> = out
             .into_iter()
             .filter(|o| matches!(o, Output::WithheldBlocks { .. }))
             .collect();
-        // Each against the commits that named what it was asked for, in
-        // peer order (OTHER sorts before LIAR).
+        // In peer order (OTHER sorts before LIAR).
         assert_eq!(
             judged,
             vec![
-                Output::WithheldBlocks {
-                    peer: OTHER,
-                    start: 6,
-                    end: 10
-                },
-                Output::WithheldBlocks {
-                    peer: LIAR,
-                    start: 1,
-                    end: 10
-                }
+                Output::WithheldBlocks { peer: OTHER },
+                Output::WithheldBlocks { peer: LIAR }
             ]
         );
     }
 
     #[test]
+    fn once_a_forged_batch_shows_the_epochs_end_no_range_runs_past_it() {
+        let mut c = core(config());
+        let out = tick(&mut c, 0, 30);
+        let (t, 1, 10) = commit_fetch(&out).unwrap() else {
+            panic!("{out:?}")
+        };
+        commits_ok(&mut c, 0, t, 1, 10, 5);
+        // Its blocks show commit 6 ends the epoch: 7..=10 are forged.
+        let out = c.handle(
+            Time(0),
+            Input::BatchBroken {
+                start: 1,
+                error: soma_types::Error::EpochEndInsideBatch(6),
+            },
+        );
+        assert_eq!(misbehaved(&out), vec![HONEST]);
+        assert_eq!(commit_fetch(&out).map(|(_, s, e)| (s, e)), Some((1, 6)));
+        // Past the end, ranges are whole again.
+        let (t, _, _) = commit_fetch(&out).unwrap();
+        let out = commits_ok(&mut c, 0, t, 1, 6, 5);
+        assert_eq!(commit_fetch(&out).map(|(_, s, e)| (s, e)), Some((7, 10)));
+    }
+
+    #[test]
+    fn local_commits_ending_the_epoch_inside_a_fetched_batch_drop_it_and_ban_its_server() {
+        // Batch 11..=20 was verified for epoch 0; local consensus then
+        // applies 1..=14, and 14 ends epoch 0: 15..=20 of epoch 0 are
+        // forged (a retired committee's keys).
+        let (mut c, _, _) = two_fetched_batches();
+        let out = c.handle(
+            Time(0),
+            Input::LocalApplied {
+                last: r(14),
+                next_epoch: Some(EpochStart {
+                    epoch: 1,
+                    commit_answer_bytes: 5 << 20,
+                }),
+            },
+        );
+        assert_eq!(misbehaved(&out), vec![HONEST]);
+        assert!(out.contains(&Output::Reset), "{out:?}");
+        assert_eq!(commit_fetch_epoch(&out), Some((1, true)));
+        assert_eq!(commit_fetch(&out).map(|(_, s, _)| s), Some(15));
+    }
+
+    #[test]
     fn blocks_withheld_of_a_batch_dropped_are_never_judged() {
         let (mut c, first, _) = two_fetched_batches();
-        withheld_by(&mut c, first[0].0, LIAR, (0, (1, 10)));
+        withheld_by(&mut c, first[0].0, LIAR, 0);
         // The batch turns out to break the epoch rules: its server is
         // banned, everything is fetched again, and the NOT_FOUND for its
         // blocks (none of which anyone may hold) is forgotten.

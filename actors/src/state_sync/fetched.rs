@@ -50,14 +50,16 @@ impl Fetched {
         Input::CommitsPrefetched { task, peer, result }
     }
 
-    /// A block fetch ended: its blocks join their batch (if it is still
-    /// held). Returns the core's inputs (the fetch's, then the batch's
-    /// refusal if the blocks show it breaks a rule) and the bytes kept.
-    pub(super) fn blocks_done(&mut self, done: BlocksDone) -> (Vec<Input>, u64) {
+    /// A block fetch ended: its blocks join their batch if the core
+    /// `awaited` the task (a dropped task's blocks may be of an older batch
+    /// that started at the same commit, and would not be counted). Returns
+    /// the core's inputs (the fetch's, then the batch's refusal if the
+    /// blocks show it breaks a rule) and the bytes kept.
+    pub(super) fn blocks_done(&mut self, done: BlocksDone, awaited: bool) -> (Vec<Input>, u64) {
         let mut kept = 0;
         let mut broken = None;
         let result = done.result.map(|blocks| {
-            if let Some(d) = self.batches.get_mut(&done.batch) {
+            if let Some(d) = self.batches.get_mut(&done.batch).filter(|_| awaited) {
                 (kept, broken) = d.add(blocks);
             }
             kept

@@ -102,8 +102,6 @@ pub enum Failure {
     BlocksWithheld {
         /// Blocks received before the NOT_FOUND.
         held: usize,
-        /// The first and last commits that name the blocks asked for.
-        commits: (CommitIndex, CommitIndex),
     },
     /// The peer sent data that failed verification. A commit answer of the
     /// epoch after the expected one may be an honest peer's, right after an
@@ -337,16 +335,12 @@ pub enum Output {
         /// Peers not to ask.
         avoid: Vec<PeerId>,
     },
-    /// `peer` answered NOT_FOUND for blocks of the batch `start..=end`,
-    /// which is now applied, so they existed: a lie if it claimed to hold
-    /// the range (PeerHeights judges it as a NOT_FOUND of a fetch).
+    /// `peer` answered NOT_FOUND for blocks of a batch now applied, so
+    /// they existed: a lie if it claimed, when it answered, to hold the
+    /// commits naming them (PeerHeights noted that then).
     WithheldBlocks {
         /// The peer.
         peer: PeerId,
-        /// First commit of the batch.
-        start: CommitIndex,
-        /// Last commit of the batch.
-        end: CommitIndex,
     },
     /// Every block of the batch starting at `start` is in: write it.
     Apply {

@@ -174,13 +174,13 @@ pub(super) struct BlockChunk {
 }
 
 /// How a block fetch that ended with `failure` is told to PeerHeights. A
-/// NOT_FOUND is judged later, by the core, once the batch is applied
-/// ([`Output::WithheldBlocks`]): until then the batch may be a retired
-/// committee's forgery, certified by keys it still holds, whose blocks no
-/// honest peer has, and the answer is held against no one.
+/// NOT_FOUND is [`Transfer::Withheld`]: an error now, a lie only once the
+/// batch is applied ([`Output::WithheldBlocks`]). Until then the batch may
+/// be a retired committee's forgery, certified by keys it still holds,
+/// whose blocks no honest peer has.
 fn block_transfer_of(failure: &Failure) -> Transfer {
     match transfer_of(failure) {
-        Transfer::NotFound => Transfer::Cancelled,
+        Transfer::NotFound => Transfer::Withheld,
         transfer => transfer,
     }
 }
@@ -588,15 +588,12 @@ impl Worker {
                         .fetch_blocks(r)
                         .await?
                         .into_inner();
-                    receive_blocks(&mut stream, (&refs, range), max_bytes).await
+                    receive_blocks(&mut stream, &refs, max_bytes).await
                 };
                 let received = outbound.call(peer, message, call).await;
                 match received.map_err(Failure::from).and_then(|r| r) {
                     // Refused before any block: none held.
-                    Err(Failure::NotFound) => Err(Failure::BlocksWithheld {
-                        held: 0,
-                        commits: range,
-                    }),
+                    Err(Failure::NotFound) => Err(Failure::BlocksWithheld { held: 0 }),
                     other => other,
                 }
             }
@@ -728,10 +725,10 @@ impl PeerCalls {
         self.judge(peer, OutcomeKind::InvalidData);
     }
 
-    /// Has PeerHeights judge `peer`'s NOT_FOUND for blocks of the batch
-    /// `start..=end`, applied since: a lie if it claimed to hold them.
-    pub(super) fn withheld(&self, peer: PeerId, start: CommitIndex, end: CommitIndex) {
-        self.judge(peer, OutcomeKind::NotFound { start, end });
+    /// Has PeerHeights judge `peer`'s NOT_FOUND for blocks of a batch
+    /// applied since: a lie if it claimed to hold them when it answered.
+    pub(super) fn withheld(&self, peer: PeerId) {
+        self.judge(peer, OutcomeKind::Withheld);
     }
 
     fn judge(&self, peer: PeerId, kind: OutcomeKind) {
@@ -826,6 +823,11 @@ impl Intake {
         Ok(())
     }
 
+    /// Whether every block asked for is in.
+    fn complete(&self) -> bool {
+        self.expected.missing_count() == 0
+    }
+
     /// The blocks, once every one asked for is in.
     fn finish(self) -> Result<Vec<HashedBlob>, Failure> {
         self.expected.finish().map_err(Failure::Invalid)?;
@@ -839,7 +841,7 @@ impl Intake {
 /// the call's failure (the outer `Result`).
 async fn receive_blocks(
     stream: &mut tonic::Streaming<proto::FetchBlocksResponse>,
-    (refs, commits): (&[BlockRef], (CommitIndex, CommitIndex)),
+    refs: &[BlockRef],
     max_bytes: u64,
 ) -> Result<Result<Vec<HashedBlob>, Failure>, tonic::Status> {
     let mut intake = Intake::new(refs, max_bytes);
@@ -847,9 +849,13 @@ async fn receive_blocks(
         let chunk = match stream.message().await {
             Ok(Some(chunk)) => chunk,
             Ok(None) => return Ok(intake.finish()),
+            // Every block came, then NOT_FOUND: nothing is missing.
+            Err(status) if status.code() == tonic::Code::NotFound && intake.complete() => {
+                return Ok(intake.finish());
+            }
             Err(status) if status.code() == tonic::Code::NotFound => {
                 let held = intake.blobs.len();
-                return Ok(Err(Failure::BlocksWithheld { held, commits }));
+                return Ok(Err(Failure::BlocksWithheld { held }));
             }
             Err(status) => return Err(status),
         };
@@ -1005,12 +1011,9 @@ mod tests {
 
     #[test]
     fn not_found_for_blocks_is_left_to_the_core() {
-        assert_eq!(block_transfer_of(&Failure::NotFound), Transfer::Cancelled);
-        let withheld = Failure::BlocksWithheld {
-            held: 3,
-            commits: (11, 14),
-        };
-        assert_eq!(block_transfer_of(&withheld), Transfer::Cancelled);
+        assert_eq!(block_transfer_of(&Failure::NotFound), Transfer::Withheld);
+        let withheld = Failure::BlocksWithheld { held: 3 };
+        assert_eq!(block_transfer_of(&withheld), Transfer::Withheld);
         assert_eq!(transfer_of(&withheld), Transfer::NotFound);
         assert_eq!(transfer_of(&Failure::NotFound), Transfer::NotFound);
         // Every other failure is told as for any fetch.

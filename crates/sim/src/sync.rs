@@ -767,9 +767,7 @@ impl Run<'_> {
             },
             Output::Restarted { .. } => self.run.restarts += 1,
             Output::Misbehaved { peer } => self.judge(node, peer, OutcomeKind::InvalidData),
-            Output::WithheldBlocks { peer, start, end } => {
-                self.judge(node, peer, OutcomeKind::NotFound { start, end });
-            }
+            Output::WithheldBlocks { peer } => self.judge(node, peer, OutcomeKind::Withheld),
             Output::QueryHeights { peer } => {
                 let (peers, connecting) = match peer {
                     Some(peer) => (self.sim.index_of(&peer).into_iter().collect(), true),
@@ -998,7 +996,7 @@ impl Run<'_> {
                 // As the worker does: a NOT_FOUND for blocks is judged by
                 // the core once their batch is applied.
                 let transfer = match call.work {
-                    Work::Blocks { .. } => Transfer::Cancelled,
+                    Work::Blocks { .. } => Transfer::Withheld,
                     Work::Commits { .. } | Work::Ahead { .. } => Transfer::NotFound,
                 };
                 self.release(client, &call, transfer, 0);
