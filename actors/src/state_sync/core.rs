@@ -1586,6 +1586,15 @@ mod tests {
         )
     }
 
+    /// Batch `start..=last` applied, its last commit ending epoch 0.
+    fn ended_epoch_0(c: &mut StateSyncCore, start: u64, last: u64) -> Vec<Output> {
+        let next = EpochStart {
+            epoch: 1,
+            commit_answer_bytes: 5 << 20,
+        };
+        applied_ending(c, start, last, Some(next))
+    }
+
     fn blocks_done(
         c: &mut StateSyncCore,
         task: TaskId,
@@ -2206,15 +2215,7 @@ mod tests {
         blocks_ok(&mut c, fetch.0);
         // Here batch 1..=10 ended epoch 0 and nothing more: epoch 2 had
         // not started at 11, and the claim was false.
-        let out = applied_ending(
-            &mut c,
-            1,
-            10,
-            Some(EpochStart {
-                epoch: 1,
-                commit_answer_bytes: 5 << 20,
-            }),
-        );
+        let out = ended_epoch_0(&mut c, 1, 10);
         assert_eq!(misbehaved(&out), vec![LIAR]);
         assert_eq!(commit_fetch_epoch(&out), Some((1, true)));
     }
@@ -2224,15 +2225,7 @@ mod tests {
         let (mut c, fetch) = next_epoch_claimed();
         let out = blocks_ok(&mut c, fetch.0);
         assert!(out.contains(&Output::Apply { start: 1 }));
-        let out = applied_ending(
-            &mut c,
-            1,
-            10,
-            Some(EpochStart {
-                epoch: 1,
-                commit_answer_bytes: 5 << 20,
-            }),
-        );
+        let out = ended_epoch_0(&mut c, 1, 10);
         assert!(!out.iter().any(|o| matches!(o, Output::Misbehaved { .. })));
         assert_eq!(commit_fetch(&out).map(|(_, s, _)| s), Some(11));
         assert_eq!(commit_fetch_epoch(&out), Some((1, true)));
@@ -2283,15 +2276,7 @@ mod tests {
         blocks_ok(&mut c, forged_blocks.0);
         blocks_ok(&mut c, honest_blocks.0);
         // Commit 10 ended epoch 0: the batch after it cannot be of epoch 0.
-        let out = applied_ending(
-            &mut c,
-            1,
-            10,
-            Some(EpochStart {
-                epoch: 1,
-                commit_answer_bytes: 5 << 20,
-            }),
-        );
+        let out = ended_epoch_0(&mut c, 1, 10);
         assert!(out.contains(&Output::Misbehaved { peer: LIAR }), "{out:?}");
         assert!(out.contains(&Output::Reset));
         assert!(!out.contains(&Output::Apply { start: 11 }));
