@@ -204,11 +204,6 @@ pub struct PeerHeightsCore {
     /// Requests waiting for a slot, oldest first (at most
     /// `max_waiting_fetches`).
     waiting: VecDeque<Waiter>,
-    /// Peers that answered NOT_FOUND for blocks they claimed to hold,
-    /// when: a lie if the blocks turn out to exist
-    /// ([`OutcomeKind::Withheld`]). Kept across disconnections, at most
-    /// `max_bans` (the oldest goes).
-    withheld: BTreeMap<PeerId, Time>,
     rng: ChaCha8Rng,
 }
 
@@ -234,7 +229,6 @@ impl Core for PeerHeightsCore {
             leases: init.leases.into_iter().map(|l| (l.id, l)).collect(),
             next_lease: init.next_lease,
             waiting: VecDeque::new(),
-            withheld: BTreeMap::new(),
         };
         for (peer, until) in init.bans {
             core.ban(peer, until);
@@ -467,18 +461,8 @@ impl PeerHeightsCore {
             }
             Transfer::Timeout => OutcomeKind::Timeout,
             Transfer::Error => OutcomeKind::Error,
-            Transfer::Withheld => {
-                // Noted as the claim stood when it answered: a claim
-                // changed later (pruned, disconnected) does not undo it.
-                let claimed = self
-                    .peers
-                    .get(&lease.peer)
-                    .is_some_and(|p| p.claims(lease.start, lease.end));
-                if claimed {
-                    self.note_withheld(lease.peer, now);
-                }
-                OutcomeKind::Error
-            }
+            // Judged later ([`OutcomeKind::Withheld`]); an error for now.
+            Transfer::Withheld => OutcomeKind::Error,
             Transfer::NotFound => OutcomeKind::NotFound {
                 start: lease.start,
                 end: lease.end,
@@ -556,7 +540,7 @@ impl PeerHeightsCore {
                 .peers
                 .get(&o.peer)
                 .is_some_and(|p| p.claims(start, end)),
-            OutcomeKind::Withheld => self.withheld.remove(&o.peer).is_some(),
+            OutcomeKind::Withheld => true,
             OutcomeKind::Success | OutcomeKind::Timeout | OutcomeKind::Error => false,
         };
         let mut outputs = Vec::new();
@@ -595,10 +579,6 @@ impl PeerHeightsCore {
             }
         }
         outputs
-    }
-
-    fn note_withheld(&mut self, peer: PeerId, now: Time) {
-        insert_bounded(&mut self.withheld, (peer, now), self.config.max_bans);
     }
 
     fn ban(&mut self, peer: PeerId, until: Time) {
@@ -1493,21 +1473,25 @@ mod tests {
     }
 
     #[test]
-    fn blocks_withheld_are_judged_by_the_claim_when_answered_once_they_prove_to_exist() {
+    fn blocks_withheld_are_an_error_then_a_ban_once_they_prove_to_exist() {
         let mut c = slots(4, 8);
         join(&mut c, 1, OURS, 1, 100);
         join(&mut c, 2, OURS, 1, 100);
-        join(&mut c, 3, OURS, 1, 100);
         for (request, p) in [(0, 1), (1, 2)] {
-            let others: Vec<u8> = [1, 2, 3].into_iter().filter(|q| *q != p).collect();
-            assert_eq!(granted(&acquire(&mut c, 0, request, &others))[0].2, p);
+            let other = 3 - p;
+            assert_eq!(granted(&acquire(&mut c, 0, request, &[other]))[0].2, p);
         }
-        // Both deny blocks of commits they claim (1..=100): an error now,
-        // no ban, since the blocks may be a forgery no one holds.
+        // Both deny blocks of commits they were leased for, so claimed:
+        // an error now, no ban, since the blocks may be a forgery no one
+        // holds.
         assert_eq!(release(&mut c, 0, 0, Transfer::Withheld), vec![]);
         assert_eq!(release(&mut c, 0, 1, Transfer::Withheld), vec![]);
+        assert_eq!(
+            table(&mut c, Time(0)),
+            vec![(1, true, 1, 100, 1, None), (2, true, 1, 100, 1, None)]
+        );
         // Peer 1 then claims to have pruned them, peer 2 leaves: neither
-        // undoes what it claimed when it answered.
+        // undoes what it answered.
         update(&mut c, 1, OURS, 101, 200);
         c.handle(Time(0), Input::Remove(RemovePeer { peer: peer(2) }));
         // The blocks existed (their batch is applied): both lied.
@@ -1521,28 +1505,11 @@ mod tests {
                 }]
             );
         }
-        // Peer 3 never denied anything: no ban however it is reported.
+        // Counted once, when it answered.
         assert_eq!(
-            outcome(&mut c, Time(0), 3, OutcomeKind::Withheld, 0, 0),
-            vec![]
+            table(&mut c, Time(0))[0],
+            (1, true, 101, 200, 1, Some(60_000))
         );
-    }
-
-    #[test]
-    fn blocks_withheld_outside_the_claim_are_never_a_lie() {
-        let mut c = slots(4, 8);
-        join(&mut c, 1, OURS, 1, 100);
-        // Leased 1..=100 while claiming it, then claiming less before it
-        // answers: the claim at the answer counts.
-        assert_eq!(granted(&acquire(&mut c, 0, 0, &[])).len(), 1);
-        update(&mut c, 1, OURS, 50, 100);
-        assert_eq!(release(&mut c, 0, 0, Transfer::Withheld), vec![]);
-        assert_eq!(
-            outcome(&mut c, Time(0), 1, OutcomeKind::Withheld, 0, 0),
-            vec![]
-        );
-        // Counted as a failure when it answered.
-        assert_eq!(table(&mut c, Time(0)), vec![(1, true, 50, 100, 1, None)]);
     }
 
     #[test]

@@ -155,11 +155,10 @@ pub enum Transfer {
     Busy,
     /// It answered NOT_FOUND: judged against its claim for the lease's range.
     NotFound,
-    /// It answered NOT_FOUND to a block fetch. Counted as an error now;
-    /// whether it claimed the lease's range is noted, and held against it
-    /// only if StateSync later reports the blocks existed
-    /// ([`OutcomeKind::Withheld`]): until its batch is applied, the blocks
-    /// may be a retired committee's forgery that no honest peer holds.
+    /// It answered NOT_FOUND to a block fetch. Counted as an error now,
+    /// and a lie only if StateSync later reports the blocks existed
+    /// ([`OutcomeKind::Withheld`]): until their batch is applied, they may
+    /// be a retired committee's forgery that no honest peer holds.
     Withheld,
     /// The fetch ended on our side (cancelled, failed locally): nothing to
     /// hold against the peer or to measure.
@@ -217,8 +216,11 @@ pub enum OutcomeKind {
         end: CommitIndex,
     },
     /// The blocks it answered NOT_FOUND for ([`Transfer::Withheld`]) are
-    /// now applied, so they existed: banned if it claimed, when it
-    /// answered, to hold the commits naming them.
+    /// now applied, so they existed: banned. It was leased the fetch for
+    /// the commits naming them, so it claimed them when asked, and a peer
+    /// keeps what it pruned for a grace after it stops claiming it
+    /// (`prune-grace` is at least a height query interval and a request
+    /// timeout), so an honest peer never answers so.
     Withheld,
 }
 

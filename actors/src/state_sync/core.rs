@@ -762,6 +762,10 @@ impl StateSyncCore {
         // no range asked from now on runs past it.
         if let soma_types::Error::EpochEndInsideBatch(end) = *error
             && end > self.synced.index
+            && self
+                .batches
+                .get(&start)
+                .is_some_and(|b| b.epoch == self.epoch)
         {
             self.known_end = Some(end);
         }
@@ -1149,13 +1153,13 @@ impl StateSyncCore {
         out: &mut Vec<Output>,
     ) {
         match result {
-            // The answer is in: it holds its own bytes, not the most it
-            // could have held, until its turn (and carries them over).
-            Ok(held) => {
-                self.largest_answer = self.largest_answer.max(held);
+            // The answer is in. It keeps its reservation until its turn:
+            // what it holds in memory is bounded by the cap it was fetched
+            // with, not by the bytes it counts. Its size is not learnt from
+            // either: it is not verified yet.
+            Ok(_) => {
                 if let Some(p) = self.prefetches.get_mut(&start) {
                     p.ready = Some(peer);
-                    p.reserved = p.reserved.min(held);
                 }
             }
             Err(failure) => {
@@ -1787,12 +1791,14 @@ mod tests {
         // A small answer: the floor.
         let out = commits_done(&mut c, 0, head, answer(1, 10_000));
         assert_all(&out, 256 << 10);
-        // An answer ahead of 100,000 bytes: four times that, for the
-        // fetches ahead sent once the first batch is applied.
-        let out = ahead_done(&mut c, 0, first_ahead, Ok(100_000));
+        // An answer ahead counts only once verified, in its turn: as it
+        // arrives its size is a peer's word (here 4,000,000 bytes).
+        let out = ahead_done(&mut c, 0, first_ahead, Ok(4_000_000));
+        assert_eq!(ahead_caps(&out), Vec::<u64>::new());
         let (check, 11, 20) = commit_fetch(&out).unwrap() else {
             panic!("{out:?}")
         };
+        // Verified, it has 100,000 bytes: four times that.
         let out = commits_done(&mut c, 0, check, answer(11, 100_000));
         assert_all(&out, 400_000);
         // One ahead over its cap: the most again, for the epoch.
@@ -1808,26 +1814,6 @@ mod tests {
         );
         assert!(!out.iter().any(|o| matches!(o, Output::Misbehaved { .. })));
         assert_all(&tick(&mut c, 1_000, 1_000), MOST);
-    }
-
-    #[test]
-    fn an_answer_fetched_ahead_holds_its_own_bytes_once_in_and_carries_them_to_its_turn() {
-        let mut c = core(ahead_config(2));
-        let out = tick(&mut c, 0, 1_000);
-        let (head, _, _) = commit_fetch(&out).unwrap();
-        let ahead = fetches_ahead(&out);
-        assert_eq!(ahead.len(), 1, "{out:?}");
-        // The fetch in turn and the one ahead, each the most an answer of
-        // the epoch may be (5 MiB here).
-        assert_eq!(c.fetched_bytes(), 2 * (5 << 20));
-        ahead_done(&mut c, 0, ahead[0].0, Ok(700));
-        assert_eq!(c.fetched_bytes(), (5 << 20) + 700);
-        // Its turn: checked holding those bytes, not a new reservation.
-        let out = commits_ok(&mut c, 0, head, 1, 10, 0);
-        applied(&mut c, 1, 10);
-        assert_eq!(checks_ahead(&out), Some(ahead[0].0), "{out:?}");
-        let more_ahead: u64 = ahead_caps(&out).iter().sum();
-        assert_eq!(c.fetched_bytes(), 700 + more_ahead, "{out:?}");
     }
 
     #[test]
@@ -1889,8 +1875,7 @@ mod tests {
         let out = commits_failed(&mut c, 10, third, HONEST, busy());
         assert_eq!(commit_fetch(&out), None, "retried after a pause");
         // Meanwhile the pause after the failed fetch ahead is over: one
-        // more goes ahead, and every answer ahead comes in, each as large
-        // as it may be (an answer in holds its own bytes).
+        // more goes ahead, and every answer ahead comes in.
         let out = tick(&mut c, 50, 1_000);
         assert_eq!(starts(&out), vec![51]);
         let last = fetches_ahead(&out)[0].0;

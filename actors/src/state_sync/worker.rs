@@ -513,14 +513,23 @@ impl Worker {
             }
             failure => failure,
         };
-        let judge = |failure: &Failure| transfer_of(&over_cap(failure.clone()));
+        // Over an estimated cap: no fault, but the peer ranks lower for it,
+        // since a peer can send that status itself.
+        let judge = |failure: &Failure| match failure {
+            Failure::OverBudget { .. } => Transfer::Late,
+            failure => transfer_of(failure),
+        };
+        let judge_call = |failure: &Failure| judge(&over_cap(failure.clone()));
         let kind = (FetchKind::Commits, (start, start));
-        let (slot, answer) = self.hedged(slot, kind, avoid, (call, judge)).await;
+        let (slot, answer) = self.hedged(slot, kind, avoid, (call, judge_call)).await;
         let peer = slot.lease().peer;
-        let response = match answer.map_err(over_cap) {
+        let response = match answer
+            .map_err(over_cap)
+            .and_then(|r| kept(r, end - start + 1))
+        {
             Ok(response) => response,
             Err(failure) => {
-                slot.release(transfer_of(&failure), 0);
+                slot.release(judge(&failure), 0);
                 return (Some(peer), Err(failure));
             }
         };
@@ -867,6 +876,45 @@ async fn receive_blocks(
     }
 }
 
+/// Certifier blocks a commit answer may carry before anything is checked:
+/// more than any committee's quorum (the Verifier holds the answer to the
+/// expected committee's size).
+const MAX_CERTIFIER_BLOCKS: usize = 1_024;
+
+/// A commit answer of at most `asked` commits as it is kept until checked:
+/// its commits and certifier blocks copied out of the received message, so
+/// that what it holds is what it counts (a slice would keep the whole
+/// message alive, with whatever unknown fields padded it), and no more
+/// entries than could be valid (each would cost a `Bytes` however short).
+fn kept(
+    response: proto::FetchCommitsResponse,
+    asked: u64,
+) -> Result<proto::FetchCommitsResponse, Failure> {
+    let commits = response.commits.len();
+    if u64::try_from(commits).unwrap_or(u64::MAX) > asked {
+        return Err(Failure::Invalid(soma_types::Error::BatchTooLong {
+            len: commits,
+            limit: usize::try_from(asked).unwrap_or(usize::MAX),
+        }));
+    }
+    let certifiers = response.certifier_blocks.len();
+    if certifiers > MAX_CERTIFIER_BLOCKS {
+        return Err(Failure::Invalid(soma_types::Error::TooManyCertifiers {
+            count: certifiers,
+            limit: MAX_CERTIFIER_BLOCKS,
+        }));
+    }
+    let copy = |all: Vec<bytes::Bytes>| {
+        all.iter()
+            .map(|b| bytes::Bytes::copy_from_slice(b))
+            .collect()
+    };
+    Ok(proto::FetchCommitsResponse {
+        commits: copy(response.commits),
+        certifier_blocks: copy(response.certifier_blocks),
+    })
+}
+
 /// A Verifier refusal as a failure: only a broken rule is the peer's doing.
 fn verify_failure(error: VerifyError) -> Failure {
     match error {
@@ -1007,6 +1055,40 @@ mod tests {
         // Blocks of the third commit only.
         let third = counts[0] + counts[1];
         assert_eq!(data.commits_naming(third, counts[2]), (3, 3));
+    }
+
+    #[test]
+    fn a_commit_answer_is_kept_as_copies_of_what_could_be_valid() {
+        let message = bytes::Bytes::from(vec![7u8; 4_096]);
+        let answer = |commits: usize, certifiers: usize| proto::FetchCommitsResponse {
+            commits: vec![message.slice(0..10); commits],
+            certifier_blocks: vec![message.slice(10..20); certifiers],
+        };
+        let kept_answer = kept(answer(3, 4), 3).unwrap();
+        assert_eq!(kept_answer, answer(3, 4));
+        // Copies: nothing of the received message is kept alive.
+        let inside = message.as_ptr_range();
+        assert!(
+            (kept_answer
+                .commits
+                .iter()
+                .chain(&kept_answer.certifier_blocks))
+            .all(|b| !inside.contains(&b.as_ptr()))
+        );
+        assert_eq!(
+            kept(answer(4, 4), 3),
+            Err(Failure::Invalid(soma_types::Error::BatchTooLong {
+                len: 4,
+                limit: 3
+            }))
+        );
+        assert_eq!(
+            kept(answer(0, MAX_CERTIFIER_BLOCKS + 1), 3),
+            Err(Failure::Invalid(soma_types::Error::TooManyCertifiers {
+                count: MAX_CERTIFIER_BLOCKS + 1,
+                limit: MAX_CERTIFIER_BLOCKS
+            }))
+        );
     }
 
     #[test]
