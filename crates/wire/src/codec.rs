@@ -9,15 +9,17 @@
 //! over the fields' lengths), so one reservation makes the buffer the right
 //! size at once. The bytes written are prost's, unchanged.
 //!
-//! A decoded `bytes` field is a slice of the received message, which keeps
-//! all of it alive: a peer that pads a message with unknown fields (which
-//! prost skips) would have the receiver hold the padding while it counts
-//! only the fields. A message received longer than its decoded fields
-//! encode to is decoded again from an exact copy of them
-//! ([`compact`]); an honest message, encoded canonically, is not.
+//! A decoded `bytes` field would be a slice of tonic's read buffer, which
+//! keeps all of it alive, and that buffer is reused from message to
+//! message of a stream: a peer padding messages with unknown fields (which
+//! prost skips) could have a block counted at its own size keep a buffer
+//! of the message size limit alive. Messages are decoded so that every
+//! `bytes` field is a copy of its own bytes ([`decode_copying`]): one
+//! memcpy per field, and what is kept is what is counted.
 
 use std::marker::PhantomData;
 
+use bytes::Buf;
 use prost::Message;
 use tonic::Status;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
@@ -40,52 +42,15 @@ where
     type Encode = T;
     type Decode = U;
     type Encoder = ReservingEncoder<T>;
-    type Decoder = CompactingDecoder<U>;
+    type Decoder = CopyingDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
         ReservingEncoder(PhantomData)
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        CompactingDecoder(PhantomData)
+        CopyingDecoder(PhantomData)
     }
-}
-
-/// Decodes a prost message; one received longer than its fields encode to
-/// is decoded again from an exact copy ([`compact`]).
-#[derive(Debug, Clone, Copy)]
-pub struct CompactingDecoder<U>(PhantomData<U>);
-
-impl<U: Message + Default> Decoder for CompactingDecoder<U> {
-    type Item = U;
-    type Error = Status;
-
-    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
-        let received = bytes::Buf::remaining(buf);
-        let item = U::decode(buf).map_err(decode_error)?;
-        compact(item, received).map(Some).map_err(decode_error)
-    }
-
-    fn buffer_settings(&self) -> BufferSettings {
-        BufferSettings::default()
-    }
-}
-
-/// `item`, decoded from `received` bytes, as it keeps no more than its
-/// own encoding alive: if `received` is more than that (unknown fields,
-/// non-canonical lengths), decoded again from an exact encoding of it, so
-/// that its `bytes` fields are slices of that and the received message
-/// can be dropped.
-pub fn compact<U: Message + Default>(item: U, received: usize) -> Result<U, prost::DecodeError> {
-    if received <= item.encoded_len() {
-        return Ok(item);
-    }
-    U::decode(bytes::Bytes::from(item.encode_to_vec()))
-}
-
-/// As tonic maps a protobuf decoding error (INTERNAL).
-fn decode_error(e: prost::DecodeError) -> Status {
-    Status::internal(e.to_string())
 }
 
 /// Encodes a prost message after reserving its encoded length.
@@ -105,6 +70,55 @@ impl<T: Message> Encoder for ReservingEncoder<T> {
     fn buffer_settings(&self) -> BufferSettings {
         BufferSettings::default()
     }
+}
+
+/// Decodes a prost message, every `bytes` field a copy of its own bytes
+/// ([`decode_copying`]).
+#[derive(Debug, Clone, Copy)]
+pub struct CopyingDecoder<U>(PhantomData<U>);
+
+impl<U: Message + Default> Decoder for CopyingDecoder<U> {
+    type Item = U;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        decode_copying(buf).map(Some).map_err(decode_error)
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::default()
+    }
+}
+
+/// Decodes a `U` from `buf` with every `bytes` field copied out: prost
+/// takes such a field with `Buf::copy_to_bytes`, which on tonic's buffer
+/// (as on `Bytes`) is a slice of it. Through [`Copying`], which leaves
+/// `copy_to_bytes` to its default, it is a new allocation of exactly the
+/// field's length.
+pub fn decode_copying<U: Message + Default, B: Buf>(buf: &mut B) -> Result<U, prost::DecodeError> {
+    U::decode(Copying(buf))
+}
+
+/// A [`Buf`] that hands out copies, never slices, of what it holds.
+struct Copying<'a, B>(&'a mut B);
+
+impl<B: Buf> Buf for Copying<'_, B> {
+    fn remaining(&self) -> usize {
+        self.0.remaining()
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self.0.chunk()
+    }
+
+    fn advance(&mut self, n: usize) {
+        self.0.advance(n);
+    }
+}
+
+/// As tonic maps a protobuf decoding error (INTERNAL).
+fn decode_error(e: prost::DecodeError) -> Status {
+    Status::internal(e.to_string())
 }
 
 #[cfg(test)]
@@ -130,29 +144,20 @@ mod tests {
     }
 
     #[test]
-    fn a_padded_message_keeps_only_what_it_decoded_to() {
+    fn decoded_fields_keep_nothing_of_the_received_buffer_alive() {
         let message = FetchBlocksResponse {
             blocks: vec![Bytes::from(vec![1u8; 100]), Bytes::from(vec![2u8; 50])],
         };
-        let received = padded(&message, 1 << 20);
-        let decoded = FetchBlocksResponse::decode(received.clone()).unwrap();
-        // As prost decodes it: slices of the whole padded message.
-        assert!(decoded.blocks.iter().all(|b| inside(&received, b)));
-        let kept = compact(decoded, received.len()).unwrap();
-        assert_eq!(kept, message);
-        assert!(kept.blocks.iter().all(|b| !inside(&received, b)));
-    }
-
-    #[test]
-    fn a_canonical_message_is_kept_as_received() {
-        let message = FetchBlocksResponse {
-            blocks: vec![Bytes::from(vec![1u8; 100])],
-        };
-        let received = Bytes::from(message.encode_to_vec());
-        let decoded = FetchBlocksResponse::decode(received.clone()).unwrap();
-        let kept = compact(decoded, received.len()).unwrap();
-        assert_eq!(kept, message);
-        // No copy: still the received bytes.
-        assert!(kept.blocks.iter().all(|b| inside(&received, b)));
+        for received in [
+            padded(&message, 1 << 20),
+            Bytes::from(message.encode_to_vec()),
+        ] {
+            // As prost decodes from a shared buffer: slices of all of it.
+            let sliced = FetchBlocksResponse::decode(received.clone()).unwrap();
+            assert!(sliced.blocks.iter().all(|b| inside(&received, b)));
+            let copied: FetchBlocksResponse = decode_copying(&mut received.clone()).unwrap();
+            assert_eq!(copied, message);
+            assert!(copied.blocks.iter().all(|b| !inside(&received, b)));
+        }
     }
 }
