@@ -496,15 +496,9 @@ impl Worker {
         // The answer may be as large as the core reserved for it, no larger.
         let max = to_usize(max_bytes);
         let message = proto::FetchCommitsRequest { start, end };
-        let call = |peer| async move {
-            let call = move |mut c: Client, r| async move {
-                c = c.max_decoding_message_size(max);
-                c.fetch_commits(r).await
-            };
-            let answer = self.outbound.call(peer, message, call).await;
-            answer.map(|r| r.into_inner()).map_err(Failure::from)
-        };
-        let over_cap = |failure: Failure| match failure {
+        // Over an estimated cap: no fault of the peer's (`OverBudget`), but
+        // it ranks lower for it, since a peer can send that status itself.
+        let over_cap = move |failure: Failure| match failure {
             Failure::Status { code } if estimated && code == tonic::Code::OutOfRange as i32 => {
                 Failure::OverBudget {
                     received: max_bytes.saturating_add(1),
@@ -513,20 +507,24 @@ impl Worker {
             }
             failure => failure,
         };
-        // Over an estimated cap: no fault, but the peer ranks lower for it,
-        // since a peer can send that status itself.
         let judge = |failure: &Failure| match failure {
             Failure::OverBudget { .. } => Transfer::Late,
             failure => transfer_of(failure),
         };
-        let judge_call = |failure: &Failure| judge(&over_cap(failure.clone()));
+        let call = |peer| async move {
+            let call = move |mut c: Client, r| async move {
+                c = c.max_decoding_message_size(max);
+                c.fetch_commits(r).await
+            };
+            let answer = self.outbound.call(peer, message, call).await;
+            answer
+                .map(|r| r.into_inner())
+                .map_err(|e| over_cap(Failure::from(e)))
+        };
         let kind = (FetchKind::Commits, (start, start));
-        let (slot, answer) = self.hedged(slot, kind, avoid, (call, judge_call)).await;
+        let (slot, answer) = self.hedged(slot, kind, avoid, (call, judge)).await;
         let peer = slot.lease().peer;
-        let response = match answer
-            .map_err(over_cap)
-            .and_then(|r| kept(r, end - start + 1))
-        {
+        let response = match answer.and_then(|r| kept(r, end - start + 1)) {
             Ok(response) => response,
             Err(failure) => {
                 slot.release(judge(&failure), 0);
@@ -884,8 +882,8 @@ const MAX_CERTIFIER_BLOCKS: usize = 1_024;
 /// A commit answer of at most `asked` commits, refused before it is kept
 /// if it has more entries than could be valid: each costs a `Bytes` in
 /// memory however short it is on the wire. (What the entries hold is no
-/// more than they count: the codec drops any padding of the received
-/// message, `soma_wire::codec::compact`.)
+/// more than they count: the codec copies each out of the received
+/// message, `soma_wire::codec::decode_copying`.)
 fn kept(
     response: proto::FetchCommitsResponse,
     asked: u64,
