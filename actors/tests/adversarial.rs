@@ -12,14 +12,16 @@
 //! holding the whole chain and checks the node ends with exactly the chain.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use soma_actors::discovery::SeedPeer;
+use soma_actors::peer_heights::PeerView;
 use soma_actors::{P2pConfig, P2pHandle};
 use soma_chain::{Chain, ChainBuilder, ChainConfig};
 use soma_store::{ConsensusStore, MemStore};
 use soma_testkit::byzantine::{self, Lie};
-use soma_testkit::{assert_same_chain, seeds, validator, validator_up_to, wait_banned};
+use soma_testkit::{assert_same_chain, seeds, validator, validator_up_to, wait_banned, wait_until};
 use soma_types::PeerId;
 
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -45,6 +47,8 @@ struct Attack {
     node: P2pHandle,
     store: Arc<dyn ConsensusStore>,
     liar: PeerId,
+    /// Block fetches the liar answered NOT_FOUND.
+    denied: Arc<AtomicUsize>,
     partial: P2pHandle,
 }
 
@@ -53,12 +57,9 @@ impl Attack {
         soma_testkit::init_tracing();
         let chain = chain();
         let partial = validator_up_to(&chain, EPOCH_END, 1);
-        let (liar, address) = byzantine::serve(chain.clone(), lie, 100).await;
+        let served = byzantine::serve_observed(chain.clone(), lie, 100).await;
         let mut seed_peers = seeds(&[&partial]);
-        seed_peers.push(SeedPeer {
-            peer_id: Some(liar),
-            address,
-        });
+        seed_peers.push(served.seed());
         let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
         let config = P2pConfig {
             seed_peers,
@@ -72,7 +73,8 @@ impl Attack {
             chain,
             node,
             store,
-            liar,
+            liar: served.peer,
+            denied: served.denied,
             partial,
         }
     }
@@ -85,6 +87,16 @@ impl Attack {
         let synced = self.store.highest_synced_commit().unwrap();
         assert!(synced.index <= EPOCH_END, "{synced:?}");
         assert_eq!(synced, self.chain.commit_ref(synced.index));
+        let liar = self.liar;
+        let views = self.sync_completes().await;
+        let liar = views.iter().find(|v| v.peer == liar);
+        assert!(liar.is_some_and(|v| v.banned_until.is_some()), "{views:?}");
+    }
+
+    /// Brings an honest validator holding the whole chain, waits for the
+    /// node to sync it exactly, and returns PeerHeights' view of the
+    /// peers then.
+    async fn sync_completes(self) -> Vec<PeerView> {
         let full = validator(&self.chain, 2);
         self.node
             .connect(Some(full.peer_id()), full.local_addr().to_string())
@@ -92,11 +104,10 @@ impl Attack {
         soma_testkit::wait_synced(&self.node, TIP, DEADLINE).await;
         assert_same_chain(&self.chain, self.store.as_ref());
         let views = self.node.peer_heights().await.unwrap();
-        let liar = views.iter().find(|v| v.peer == self.liar);
-        assert!(liar.is_some_and(|v| v.banned_until.is_some()), "{views:?}");
         self.node.shutdown().await;
         self.partial.shutdown().await;
         full.shutdown().await;
+        views
     }
 }
 
@@ -157,6 +168,35 @@ async fn a_retired_committee_cannot_extend_the_chain_past_its_epoch() {
     let store = attack.store.clone();
     attack.liar_is_banned_then_sync_completes().await;
     assert_eq!(store.committee(1).unwrap(), Some(epoch1));
+}
+
+/// The peer past the honest one's chain prunes when first asked for
+/// blocks past it (of epoch 1), and denies them only once the node's
+/// height queries have heard so, as `prune-grace` makes an honest node do. Its NOT_FOUND is judged
+/// on that view: the blocks, applied later from another peer, existed, but
+/// it no longer claimed them, so it is not banned (judged on its claim
+/// when it was leased the fetch, it was).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_said_it_pruned_before_denying_blocks_is_not_banned() {
+    let config = P2pConfig {
+        height_query_interval: Duration::from_millis(100),
+        ..P2pConfig::default()
+    };
+    let attack = Attack::start(Lie::PrunesAtEpoch(1), config).await;
+    let denied = attack.denied.clone();
+    wait_until(
+        "the pruning peer to deny a block fetch",
+        DEADLINE,
+        async || denied.load(Ordering::SeqCst) > 0,
+    )
+    .await;
+    let pruner = attack.liar;
+    let views = attack.sync_completes().await;
+    let pruner = views.iter().find(|v| v.peer == pruner);
+    assert!(
+        pruner.is_some_and(|v| v.banned_until.is_none()),
+        "{views:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

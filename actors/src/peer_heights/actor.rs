@@ -291,6 +291,16 @@ impl Handler<HeightsHeard> for PeerHeights {
     }
 }
 
+impl Handler<ClaimsRange> for PeerHeights {
+    type Result = bool;
+    fn handle(&mut self, msg: ClaimsRange, ctx: &mut Context<Self>) -> bool {
+        matches!(
+            self.step(Input::ClaimsRange(msg), ctx).pop(),
+            Some(Output::Claims(true))
+        )
+    }
+}
+
 impl Handler<PeersForRange> for PeerHeights {
     type Result = Vec<PeerId>;
     fn handle(&mut self, msg: PeersForRange, ctx: &mut Context<Self>) -> Vec<PeerId> {

@@ -299,6 +299,9 @@ impl PeerHeightsCore {
                     .map(|(id, _)| *id)
                     .collect(),
             )],
+            Input::ClaimsRange(ClaimsRange { peer, start, end }) => vec![Output::Claims(
+                self.peers.get(&peer).is_some_and(|p| p.claims(start, end)),
+            )],
             Input::Outcome(o) => self.outcome(now, o),
             Input::Snapshot => vec![Output::Snapshot(self.snapshot())],
             Input::Acquire(request) => self.acquire(now, request).into_iter().collect(),
@@ -1510,6 +1513,31 @@ mod tests {
             table(&mut c, Time(0))[0],
             (1, true, 101, 200, 1, Some(60_000))
         );
+    }
+
+    #[test]
+    fn a_claim_is_judged_on_the_view_now() {
+        let mut c = slots(1, 8);
+        join(&mut c, 1, OURS, 10, 100);
+        let claims = |c: &mut PeerHeightsCore, p: u8, start, end| {
+            let input = Input::ClaimsRange(ClaimsRange {
+                peer: peer(p),
+                start,
+                end,
+            });
+            c.handle(Time(0), input)
+        };
+        let yes = vec![Output::Claims(true)];
+        let no = vec![Output::Claims(false)];
+        assert_eq!(claims(&mut c, 1, 10, 100), yes);
+        assert_eq!(claims(&mut c, 1, 9, 100), no);
+        assert_eq!(claims(&mut c, 1, 10, 101), no);
+        // Unknown peers claim nothing.
+        assert_eq!(claims(&mut c, 2, 10, 100), no);
+        // Its new lowest commit, once heard, ends the claim below it.
+        update(&mut c, 1, OURS, 51, 120);
+        assert_eq!(claims(&mut c, 1, 10, 100), no);
+        assert_eq!(claims(&mut c, 1, 51, 120), yes);
     }
 
     #[test]

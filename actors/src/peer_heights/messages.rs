@@ -73,6 +73,19 @@ pub struct PeersForRange {
     pub end: CommitIndex,
 }
 
+/// Whether `peer` claims to hold commits `start..=end` now: the view a
+/// NOT_FOUND for blocks is judged against ([`OutcomeKind::Withheld`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Message)]
+#[rtype(result = "bool")]
+pub struct ClaimsRange {
+    /// The peer.
+    pub peer: PeerId,
+    /// First commit.
+    pub start: CommitIndex,
+    /// Last commit.
+    pub end: CommitIndex,
+}
+
 /// A fetch slot on one peer, granted for commits `start..=end`: the peer
 /// is sent at most `max_fetches_per_peer` fetches at once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -216,11 +229,12 @@ pub enum OutcomeKind {
         end: CommitIndex,
     },
     /// The blocks it answered NOT_FOUND for ([`Transfer::Withheld`]) are
-    /// now applied, so they existed: banned. It was leased the fetch for
-    /// the commits naming them, so it claimed them when asked, and a peer
-    /// keeps what it pruned for a grace after it stops claiming it
-    /// (`prune-grace` is at least a height query interval and a request
-    /// timeout), so an honest peer never answers so.
+    /// now applied, so they existed: banned. It is reported only if it
+    /// still claimed the commits naming them when its answer came
+    /// ([`ClaimsRange`]). A peer keeps what it prunes for `prune-grace`
+    /// after it stops claiming it, and that is at least two height query
+    /// intervals and a request timeout: by then the stop is known even
+    /// if one query failed, so an honest peer never answers so.
     Withheld,
 }
 
@@ -293,6 +307,8 @@ pub enum Input {
     PeersForRange(PeersForRange),
     /// See [`PeersBehind`].
     PeersBehind(PeersBehind),
+    /// See [`ClaimsRange`].
+    ClaimsRange(ClaimsRange),
     /// See [`ReportOutcome`].
     Outcome(ReportOutcome),
     /// See [`Snapshot`].
@@ -316,6 +332,8 @@ pub enum Output {
     HeightsHeard(HeardHeights),
     /// Answer to [`Input::PeersForRange`] and [`Input::PeersBehind`].
     Peers(Vec<PeerId>),
+    /// Answer to [`Input::ClaimsRange`].
+    Claims(bool),
     /// Answer to [`Input::Snapshot`]: connected peers and banned departed
     /// ones, ordered by peer id.
     Snapshot(Vec<PeerView>),

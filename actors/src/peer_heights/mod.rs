@@ -27,7 +27,7 @@ mod messages;
 pub use actor::{Deps, PeerHeights, Slot};
 pub use core::{Config, Init, PeerHeightsCore};
 pub use messages::{
-    Acquire, AcquireError, AcquirePeer, HeardHeights, HeightsHeard, HighestKnownCommit, Input,
-    Lease, OutcomeKind, Output, PeerView, PeersBehind, PeersForRange, PushHeight, Release,
-    RemovePeer, ReportOutcome, Snapshot, Transfer, UpdateHeight,
+    Acquire, AcquireError, AcquirePeer, ClaimsRange, HeardHeights, HeightsHeard,
+    HighestKnownCommit, Input, Lease, OutcomeKind, Output, PeerView, PeersBehind, PeersForRange,
+    PushHeight, Release, RemovePeer, ReportOutcome, Snapshot, Transfer, UpdateHeight,
 };

@@ -912,7 +912,7 @@ impl StateSyncCore {
                 b.chunks.insert(offset + half, Chunk::new(rest));
                 out.push(Output::Restarted { task, failure });
             }
-            Err(failure @ Failure::BlocksWithheld { held }) if c.len > 1 => {
+            Err(failure @ Failure::BlocksWithheld { held, claimed }) if c.len > 1 => {
                 // The peer lacks some of the blocks, or says so. An honest
                 // server lacks blocks only of a forged batch, whose forged
                 // commits may come after true ones up to an epoch's end;
@@ -921,7 +921,8 @@ impl StateSyncCore {
                 // if it sent none), both parts avoiding this peer: what
                 // others hold arrives, and in a forged batch with it that
                 // end, which proves the forgery (`Input::BatchBroken`).
-                // The NOT_FOUND itself is judged once the batch is applied.
+                // The NOT_FOUND itself is judged once the batch is applied,
+                // if the peer claimed the commits when it answered.
                 let at = match held {
                     0 => c.len / 2,
                     held => held.min(c.len - 1),
@@ -933,7 +934,9 @@ impl StateSyncCore {
                 }
                 if let Some(peer) = peer {
                     avoid.insert(peer);
-                    b.withheld.insert(peer);
+                    if claimed {
+                        b.withheld.insert(peer);
+                    }
                 }
                 let rest = c.len - at;
                 *c = Chunk::avoiding(at, avoid.clone());
@@ -952,7 +955,9 @@ impl StateSyncCore {
                     }
                     other => other,
                 };
-                if let (Failure::BlocksWithheld { .. }, Some(peer)) = (&failure, peer) {
+                if let (Failure::BlocksWithheld { claimed: true, .. }, Some(peer)) =
+                    (&failure, peer)
+                {
                     b.withheld.insert(peer);
                 }
                 c.state = ChunkState::Pending;
@@ -2780,14 +2785,26 @@ mod tests {
     }
 
     /// `peer` answered NOT_FOUND to block fetch `task`, after `held` of
-    /// its blocks.
+    /// its blocks, while it claimed the commits naming them.
     fn withheld_by(c: &mut StateSyncCore, task: TaskId, peer: PeerId, held: usize) -> Vec<Output> {
+        denied_by(c, task, peer, held, true)
+    }
+
+    /// `peer` answered NOT_FOUND to block fetch `task` after `held` of its
+    /// blocks; `claimed`: it still claimed the commits naming them.
+    fn denied_by(
+        c: &mut StateSyncCore,
+        task: TaskId,
+        peer: PeerId,
+        held: usize,
+        claimed: bool,
+    ) -> Vec<Output> {
         c.handle(
             Time(0),
             Input::BlocksFetched {
                 task,
                 peer: Some(peer),
-                result: Err(Failure::BlocksWithheld { held }),
+                result: Err(Failure::BlocksWithheld { held, claimed }),
             },
         )
     }
@@ -2833,6 +2850,35 @@ mod tests {
                 Output::WithheldBlocks { peer: LIAR }
             ]
         );
+    }
+
+    #[test]
+    fn blocks_denied_by_a_peer_no_longer_claiming_them_are_never_judged() {
+        let mut c = core(Config {
+            parallel_fetches: 10,
+            ..config()
+        });
+        let (t, _, _) = commit_fetch(&tick(&mut c, 0, 10)).unwrap();
+        let out = commits_ok(&mut c, 0, t, 1, 10, 5);
+        let whole = block_fetches(&out)[0];
+        // OTHER had advertised a lowest commit above the batch before it
+        // answered: it pruned the blocks after its grace, as it may.
+        let out = denied_by(&mut c, whole.0, OTHER, 2, false);
+        assert_eq!(chunks(&out), vec![(0, 2, vec![OTHER]), (2, 3, vec![OTHER])]);
+        let parts = block_fetches(&out);
+        blocks_ok(&mut c, parts[0].0);
+        // LIAR still claimed them.
+        let out = withheld_by(&mut c, parts[1].0, LIAR, 0);
+        let singles = block_fetches(&out);
+        assert_eq!(singles.len(), 2, "{out:?}");
+        blocks_ok(&mut c, singles[0].0);
+        let out = blocks_ok(&mut c, singles[1].0);
+        assert!(out.contains(&Output::Apply { start: 1 }), "{out:?}");
+        let judged: Vec<Output> = applied(&mut c, 1, 10)
+            .into_iter()
+            .filter(|o| matches!(o, Output::WithheldBlocks { .. }))
+            .collect();
+        assert_eq!(judged, vec![Output::WithheldBlocks { peer: LIAR }]);
     }
 
     #[test]

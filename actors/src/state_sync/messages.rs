@@ -102,6 +102,12 @@ pub enum Failure {
     BlocksWithheld {
         /// Blocks received before the NOT_FOUND.
         held: usize,
+        /// Whether, when the answer came, PeerHeights still had the peer
+        /// claiming the commits that name the blocks. Only then is the
+        /// NOT_FOUND a lie once the batch is applied: a peer whose new
+        /// lowest commit we had learnt deleted them after its
+        /// `prune-grace`, as an honest node does.
+        claimed: bool,
     },
     /// The peer sent data that failed verification. A commit answer of the
     /// epoch after the expected one may be an honest peer's, right after an
@@ -336,8 +342,8 @@ pub enum Output {
         avoid: Vec<PeerId>,
     },
     /// `peer` answered NOT_FOUND for blocks of a batch now applied, so
-    /// they existed: a lie if it claimed, when it answered, to hold the
-    /// commits naming them (PeerHeights noted that then).
+    /// they existed, while it claimed the commits naming them
+    /// ([`Failure::BlocksWithheld`]'s `claimed`): a lie.
     WithheldBlocks {
         /// The peer.
         peer: PeerId,

@@ -33,7 +33,8 @@ use crate::archive::ArchiveReader;
 use crate::connections::{ActivePeers, Client, Connections, Outbound};
 use crate::faults::Faults;
 use crate::peer_heights::{
-    AcquirePeer, OutcomeKind, PeerHeights, PeersBehind, ReportOutcome, Slot, Transfer, UpdateHeight,
+    AcquirePeer, ClaimsRange, OutcomeKind, PeerHeights, PeersBehind, ReportOutcome, Slot, Transfer,
+    UpdateHeight,
 };
 use crate::verifier::{Verifier, Verify, VerifyError, VerifyRequest, VerifyResponse};
 use crate::{Blob, HashedBlob};
@@ -600,7 +601,10 @@ impl Worker {
                 let received = outbound.call(peer, message, call).await;
                 match received.map_err(Failure::from).and_then(|r| r) {
                     // Refused before any block: none held.
-                    Err(Failure::NotFound) => Err(Failure::BlocksWithheld { held: 0 }),
+                    Err(Failure::NotFound) => Err(Failure::BlocksWithheld {
+                        held: 0,
+                        claimed: false,
+                    }),
                     other => other,
                 }
             }
@@ -616,6 +620,11 @@ impl Worker {
         let peer = slot.lease().peer;
         let blobs = match received {
             Ok(blobs) => blobs,
+            Err(Failure::BlocksWithheld { held, .. }) => {
+                slot.release(Transfer::Withheld, 0);
+                let claimed = self.claims(peer, range).await;
+                return (Some(peer), Err(Failure::BlocksWithheld { held, claimed }));
+            }
             Err(failure) => {
                 slot.release(block_transfer_of(&failure), 0);
                 return (Some(peer), Err(failure));
@@ -627,6 +636,14 @@ impl Worker {
         let result = self.verify_blocks(chunk.epoch, blobs, &chunk.refs).await;
         self.verified(peer, bytes, latency, &result);
         (Some(peer), result)
+    }
+
+    /// Whether `peer` claims commits `start..=end` in PeerHeights' view
+    /// now: a NOT_FOUND for the blocks they name is then a lie, once the
+    /// blocks are shown to exist. Unknown (PeerHeights restarting) is no.
+    async fn claims(&self, peer: PeerId, (start, end): (CommitIndex, CommitIndex)) -> bool {
+        let query = ClaimsRange { peer, start, end };
+        self.heights.send(query).await.unwrap_or(false)
     }
 
     /// With no peer for the range: the archive's copy, unchecked, to be
@@ -862,7 +879,9 @@ async fn receive_blocks(
             }
             Err(status) if status.code() == tonic::Code::NotFound => {
                 let held = intake.blobs.len();
-                return Ok(Err(Failure::BlocksWithheld { held }));
+                // Judged against the peer's claim by the caller.
+                let claimed = false;
+                return Ok(Err(Failure::BlocksWithheld { held, claimed }));
             }
             Err(status) => return Err(status),
         };
@@ -1074,7 +1093,10 @@ mod tests {
     #[test]
     fn not_found_for_blocks_is_left_to_the_core() {
         assert_eq!(block_transfer_of(&Failure::NotFound), Transfer::Withheld);
-        let withheld = Failure::BlocksWithheld { held: 3 };
+        let withheld = Failure::BlocksWithheld {
+            held: 3,
+            claimed: true,
+        };
         assert_eq!(block_transfer_of(&withheld), Transfer::Withheld);
         assert_eq!(transfer_of(&withheld), Transfer::NotFound);
         assert_eq!(transfer_of(&Failure::NotFound), Transfer::NotFound);

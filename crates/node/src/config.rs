@@ -696,11 +696,13 @@ impl NodeConfig {
             ms(p.prune_interval),
         )?;
         // Peers learn a node's lowest commit by asking every
-        // height-query-interval; a request may take up to the timeout.
+        // height-query-interval; a request may take up to the timeout, and
+        // one may fail. A peer still claiming blocks it denies once they
+        // are shown to exist is banned, so the grace covers a failed query.
         range(
             "p2p.prune-grace",
-            "at least p2p.height-query-interval plus p2p.timeout, at most 1 day",
-            p.prune_grace >= p.height_query_interval + p.timeout
+            "at least twice p2p.height-query-interval plus p2p.timeout, at most 1 day",
+            p.prune_grace >= 2 * p.height_query_interval + p.timeout
                 && between(p.prune_grace, 0, 86_400_000),
             ms(p.prune_grace),
         )?;
@@ -1522,6 +1524,17 @@ mod tests {
         let text = default_file().replace("\ntimeout = \"10s\"", "\ntimeout = \"1h\"");
         let e = parse(&text).unwrap_err().to_string();
         assert!(e.contains("p2p.timeout"), "{e}");
+        // 2 × 1s + 10s: 12s is the least grace the defaults allow.
+        let grace = |g: &str| default_file().replace("prune-grace = \"30s\"", g);
+        assert!(parse(&grace("prune-grace = \"12s\"")).is_ok());
+        let e = parse(&grace("prune-grace = \"11s 999ms\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("p2p.prune-grace")
+                && e.contains("twice p2p.height-query-interval plus p2p.timeout"),
+            "{e}"
+        );
     }
 
     #[test]

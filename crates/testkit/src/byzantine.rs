@@ -15,6 +15,7 @@ use soma_types::{AuthorityIndex, BlockRef, ChainId, Digest, KeyPair, PeerId, bat
 use soma_wire::convert::Availability;
 use soma_wire::proto::{self, p2p_server};
 use soma_wire::tls::{self, AccessPolicy, NodeIdentity};
+use tokio::sync::watch;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
@@ -73,7 +74,19 @@ pub enum Lie {
     /// Claims to hold a million commits more than the chain has, and
     /// answers NOT_FOUND to every fetch.
     ClaimsHeight,
+    /// Not a lie: an honest node that prunes. Honest until it is first
+    /// asked for blocks of this epoch or a later one; then it advertises
+    /// a lowest commit past the chain's tip (it holds nothing), and
+    /// answers that fetch and every later one NOT_FOUND only once it has
+    /// told [`PRUNE_TOLD_QUERIES`] height queries so, as a node does that
+    /// waits `prune-grace` between advertising and deleting.
+    PrunesAtEpoch(u64),
 }
+
+/// Height queries a [`Lie::PrunesAtEpoch`] peer answers with its new lowest
+/// commit before it denies what it held: the least `prune-grace` lets a
+/// node's peers ask (twice the height query interval and a timeout).
+pub const PRUNE_TOLD_QUERIES: u32 = 2;
 
 /// Bytes of each blob a [`Lie::FloodsBlocks`] peer sends: the largest
 /// block, the most one FetchBlocks message carries.
@@ -89,6 +102,11 @@ struct Evil {
     stalled: Arc<AtomicUsize>,
     /// FetchCommits and FetchBlocks calls received.
     fetches: Arc<AtomicUsize>,
+    /// FetchBlocks calls answered NOT_FOUND.
+    denied: Arc<AtomicUsize>,
+    /// A [`Lie::PrunesAtEpoch`] peer: `None` until it prunes, then the height
+    /// queries it has answered since.
+    told: Arc<watch::Sender<Option<u32>>>,
 }
 
 /// Counts a stalled call while it lives: a call dropped by its client
@@ -118,6 +136,23 @@ impl Evil {
             Lie::Slow => tokio::time::sleep(Duration::from_millis(1_500)).await,
             _ => {}
         }
+    }
+
+    /// A [`Lie::PrunesAtEpoch`] peer prunes now, if it has not yet, and returns
+    /// once it has told [`PRUNE_TOLD_QUERIES`] height queries so.
+    async fn pruned(&self) {
+        self.told.send_if_modified(|told| {
+            let first = told.is_none();
+            if first {
+                *told = Some(0);
+            }
+            first
+        });
+        let mut told = self.told.subscribe();
+        // The sender lives as long as `self`.
+        let _ = told
+            .wait_for(|t| t.is_some_and(|n| n >= PRUNE_TOLD_QUERIES))
+            .await;
     }
 
     /// The commit after the end of epoch `epoch` (commit `last`) as a
@@ -195,11 +230,20 @@ impl p2p_server::P2p for Evil {
             Lie::ClaimsHeight => self.chain.tip() + CLAIMED_EXTRA_COMMITS,
             _ => self.chain.tip(),
         };
+        let mut lowest = 1;
+        self.told.send_if_modified(|told| match told {
+            Some(n) => {
+                lowest = highest + 1;
+                *n += 1;
+                true
+            }
+            None => false,
+        });
         Ok(Response::new(
             Availability {
                 chain_id,
                 highest,
-                lowest: 1,
+                lowest,
             }
             .into(),
         ))
@@ -227,6 +271,10 @@ impl p2p_server::P2p for Evil {
         self.stall().await;
         let r = request.into_inner();
         let chain = &self.chain;
+        if matches!(self.lie, Lie::PrunesAtEpoch(_)) && self.told.borrow().is_some() {
+            self.pruned().await;
+            return Err(Status::not_found("pruned"));
+        }
         if self.lie == Lie::ClaimsHeight || r.start > chain.tip() || r.start == 0 {
             return Err(Status::not_found("not held"));
         }
@@ -295,12 +343,6 @@ impl p2p_server::P2p for Evil {
         if self.lie == Lie::ClaimsHeight {
             return Err(Status::not_found("not held"));
         }
-        if self.lie == Lie::FloodsBlocks {
-            let blob = Bytes::from(vec![0x5a; FLOOD_BLOB_BYTES]);
-            let chunk = proto::FetchBlocksResponse { blocks: vec![blob] };
-            let endless = tokio_stream::iter(std::iter::repeat(Ok(chunk)));
-            return Ok(Response::new(Box::pin(endless)));
-        }
         let refs = request
             .get_ref()
             .refs
@@ -308,6 +350,19 @@ impl p2p_server::P2p for Evil {
             .map(BlockRef::try_from)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if let Lie::PrunesAtEpoch(epoch) = self.lie
+            && (self.told.borrow().is_some() || refs.iter().any(|r| r.epoch >= epoch))
+        {
+            self.pruned().await;
+            self.denied.fetch_add(1, Ordering::SeqCst);
+            return Err(Status::not_found("pruned"));
+        }
+        if self.lie == Lie::FloodsBlocks {
+            let blob = Bytes::from(vec![0x5a; FLOOD_BLOB_BYTES]);
+            let chunk = proto::FetchBlocksResponse { blocks: vec![blob] };
+            let endless = tokio_stream::iter(std::iter::repeat(Ok(chunk)));
+            return Ok(Response::new(Box::pin(endless)));
+        }
         let all: std::collections::HashMap<BlockRef, Bytes> = (1..=self.chain.tip())
             .flat_map(|i| self.chain.blocks_of(i).iter())
             .map(|b| (b.reference(), b.serialized().clone()))
@@ -416,6 +471,8 @@ pub struct Served {
     pub stalled: Arc<AtomicUsize>,
     /// FetchCommits and FetchBlocks calls it has received.
     pub fetches: Arc<AtomicUsize>,
+    /// FetchBlocks calls it has answered NOT_FOUND ([`Lie::PrunesAtEpoch`]).
+    pub denied: Arc<AtomicUsize>,
 }
 
 impl Served {
@@ -436,6 +493,7 @@ impl Served {
 /// Like [`serve`], returning what the peer sees as well.
 pub async fn serve_observed(chain: Arc<Chain>, lie: Lie, key: u8) -> Served {
     let (stalled, fetches) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let denied = Arc::new(AtomicUsize::new(0));
     let identity =
         NodeIdentity::generate(&KeyPair::from_seed([key; 32])).expect("an identity is made");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -454,6 +512,8 @@ pub async fn serve_observed(chain: Arc<Chain>, lie: Lie, key: u8) -> Served {
                 lie,
                 stalled: stalled.clone(),
                 fetches: fetches.clone(),
+                denied: denied.clone(),
+                told: Arc::new(watch::Sender::new(None)),
             }))
             .serve_with_incoming(tls::incoming(listener, config)),
     );
@@ -462,5 +522,6 @@ pub async fn serve_observed(chain: Arc<Chain>, lie: Lie, key: u8) -> Served {
         address,
         stalled,
         fetches,
+        denied,
     }
 }
