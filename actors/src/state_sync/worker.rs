@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use actix::Addr;
-use futures::FutureExt;
+use futures::{FutureExt, StreamExt};
 use soma_types::verify::{CertifiedRun, ExpectedBlocks};
 use soma_types::{BlockRef, CommitIndex, CommitRef, Epoch, PeerId, TrustedCommit, VerifiedBlock};
 use soma_wire::convert::Availability;
@@ -497,17 +497,6 @@ impl Worker {
         // The answer may be as large as the core reserved for it, no larger.
         let max = to_usize(max_bytes);
         let message = proto::FetchCommitsRequest { start, end };
-        // Over an estimated cap: no fault of the peer's (`OverBudget`), but
-        // it ranks lower for it, since a peer can send that status itself.
-        let over_cap = move |failure: Failure| match failure {
-            Failure::Status { code } if estimated && code == tonic::Code::OutOfRange as i32 => {
-                Failure::OverBudget {
-                    received: max_bytes.saturating_add(1),
-                    max: max_bytes,
-                }
-            }
-            failure => failure,
-        };
         let judge = |failure: &Failure| match failure {
             Failure::OverBudget { .. } => Transfer::Late,
             failure => transfer_of(failure),
@@ -520,7 +509,7 @@ impl Worker {
             let answer = self.outbound.call(peer, message, call).await;
             answer
                 .map(|r| r.into_inner())
-                .map_err(|e| over_cap(Failure::from(e)))
+                .map_err(|e| over_cap(Failure::from(e), (max_bytes, estimated)))
         };
         let kind = (FetchKind::Commits, (start, start));
         let (slot, answer) = self.hedged(slot, kind, avoid, (call, judge)).await;
@@ -801,6 +790,24 @@ impl PeerCalls {
     }
 }
 
+/// A commit fetch's `failure`, given the cap its answer was decoded with
+/// and whether that cap was the core's estimate: tonic refuses a message
+/// over the cap as OUT_OF_RANGE, and over an estimate that is
+/// [`Failure::OverBudget`], no fault of the peer's (it is asked again with
+/// the most an answer may be). It ranks the peer lower all the same
+/// ([`Transfer::Late`]), since a peer can send that status itself.
+fn over_cap(failure: Failure, (max_bytes, estimated): (u64, bool)) -> Failure {
+    match failure {
+        Failure::Status { code } if estimated && code == tonic::Code::OutOfRange as i32 => {
+            Failure::OverBudget {
+                received: max_bytes.saturating_add(1),
+                max: max_bytes,
+            }
+        }
+        failure => failure,
+    }
+}
+
 /// Counts and logs archive data that verification refused, and forgets
 /// the batch read, so the next attempt reads the archive again.
 fn refused_by<T>(archive: &ArchiveReader, batch: CommitIndex, result: &Result<T, Failure>) {
@@ -859,31 +866,34 @@ impl Intake {
     }
 }
 
-/// Reads a FetchBlocks stream through an [`Intake`]: the stream is cut
-/// where the intake ends. A NOT_FOUND after some blocks is
-/// [`Failure::BlocksWithheld`]; any other status error of the stream is
-/// the call's failure (the outer `Result`).
-async fn receive_blocks(
-    stream: &mut tonic::Streaming<proto::FetchBlocksResponse>,
+/// Reads a FetchBlocks stream (a [`tonic::Streaming`]) through an
+/// [`Intake`]: the stream is cut where the intake ends. A NOT_FOUND after
+/// some blocks is [`Failure::BlocksWithheld`]; any other status error of
+/// the stream is the call's failure (the outer `Result`).
+async fn receive_blocks<S>(
+    stream: &mut S,
     refs: &[BlockRef],
     max_bytes: u64,
-) -> Result<Result<Vec<HashedBlob>, Failure>, tonic::Status> {
+) -> Result<Result<Vec<HashedBlob>, Failure>, tonic::Status>
+where
+    S: futures::Stream<Item = Result<proto::FetchBlocksResponse, tonic::Status>> + Unpin,
+{
     let mut intake = Intake::new(refs, max_bytes);
     loop {
-        let chunk = match stream.message().await {
-            Ok(Some(chunk)) => chunk,
-            Ok(None) => return Ok(intake.finish()),
+        let chunk = match stream.next().await {
+            Some(Ok(chunk)) => chunk,
+            None => return Ok(intake.finish()),
             // Every block came, then NOT_FOUND: nothing is missing.
-            Err(status) if status.code() == tonic::Code::NotFound && intake.complete() => {
+            Some(Err(status)) if status.code() == tonic::Code::NotFound && intake.complete() => {
                 return Ok(intake.finish());
             }
-            Err(status) if status.code() == tonic::Code::NotFound => {
+            Some(Err(status)) if status.code() == tonic::Code::NotFound => {
                 let held = intake.blobs.len();
                 // Judged against the peer's claim by the caller.
                 let claimed = false;
                 return Ok(Err(Failure::BlocksWithheld { held, claimed }));
             }
-            Err(status) => return Err(status),
+            Some(Err(status)) => return Err(status),
         };
         for blob in chunk.blocks {
             if let Err(f) = intake.accept(blob) {
@@ -1046,6 +1056,92 @@ mod tests {
         assert_eq!(hedge_delay(5, TIMEOUT), ms(100));
         assert_eq!(hedge_delay(3_000, TIMEOUT), ms(5_000));
         assert_eq!(hedge_delay(0, ms(1_000)), ms(100));
+    }
+
+    #[test]
+    fn only_an_estimated_caps_out_of_range_is_over_budget() {
+        let out_of_range = Failure::Status {
+            code: tonic::Code::OutOfRange as i32,
+        };
+        // tonic's status for an answer over the decoding cap (checked over
+        // the network by `fetch_budget`'s test).
+        assert_eq!(
+            over_cap(out_of_range.clone(), (300_000, true)),
+            Failure::OverBudget {
+                received: 300_001,
+                max: 300_000
+            }
+        );
+        // Over the most an answer may be: the peer's fault, as sent.
+        assert_eq!(
+            over_cap(out_of_range.clone(), (300_000, false)),
+            out_of_range
+        );
+        let other = Failure::Status {
+            code: tonic::Code::Internal as i32,
+        };
+        assert_eq!(over_cap(other.clone(), (300_000, true)), other);
+        assert_eq!(
+            over_cap(Failure::Timeout, (300_000, true)),
+            Failure::Timeout
+        );
+    }
+
+    type Received = Result<Result<Vec<HashedBlob>, Failure>, tonic::Status>;
+
+    /// The blocks of commits 1 and 2 of a chain, as bytes, and their refs.
+    fn two_commits_blocks() -> (Vec<bytes::Bytes>, Vec<BlockRef>) {
+        let chain = soma_chain::ChainBuilder::new(soma_chain::ChainConfig::validators(4)).build(2);
+        (1..=2)
+            .flat_map(|i| chain.blocks_of(i))
+            .map(|b| (b.serialized().clone(), b.reference()))
+            .unzip()
+    }
+
+    /// What [`receive_blocks`] makes of a stream of `messages` (each a
+    /// list of indices into [`two_commits_blocks`]) ending with `end`
+    /// (none: the stream ends cleanly), asked for every one of the blocks.
+    async fn received(messages: &[&[usize]], end: Option<tonic::Status>) -> Received {
+        let (blocks, refs) = two_commits_blocks();
+        let mut items: Vec<Result<proto::FetchBlocksResponse, tonic::Status>> = messages
+            .iter()
+            .map(|m| {
+                let blocks = m.iter().map(|i| blocks[*i].clone()).collect();
+                Ok(proto::FetchBlocksResponse { blocks })
+            })
+            .collect();
+        items.extend(end.map(Err));
+        receive_blocks(&mut futures::stream::iter(items), &refs, u64::MAX).await
+    }
+
+    #[tokio::test]
+    async fn a_block_stream_is_taken_whole_whatever_status_ends_it() {
+        let not_found = || Some(tonic::Status::not_found("no more"));
+        let n = two_commits_blocks().1.len();
+        assert!(n >= 4, "{n}");
+        let every: Vec<usize> = (0..n).collect();
+        // Every block, then the end of the stream or NOT_FOUND: complete.
+        for end in [None, not_found()] {
+            let blobs = received(&[&every[..2], &every[2..]], end).await;
+            assert_eq!(blobs.unwrap().unwrap().len(), n);
+        }
+        // Some, then NOT_FOUND: withheld after what came.
+        assert_eq!(
+            received(&[&every[..3]], not_found()).await.unwrap(),
+            Err(Failure::BlocksWithheld {
+                held: 3,
+                claimed: false
+            })
+        );
+        // Some, then a clean end: blocks missing, invalid.
+        let result = received(&[&every[..3]], None).await;
+        assert!(matches!(result, Ok(Err(Failure::Invalid(_)))), "{result:?}");
+        // Any other status is the call's failure.
+        let result = received(&[&every[..1]], Some(tonic::Status::internal("x"))).await;
+        assert_eq!(result.unwrap_err().code(), tonic::Code::Internal);
+        // A block repeated ends the intake, whatever follows.
+        let result = received(&[&[0, 0]], not_found()).await;
+        assert!(matches!(result, Ok(Err(Failure::Invalid(_)))), "{result:?}");
     }
 
     #[test]
