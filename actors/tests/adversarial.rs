@@ -170,33 +170,53 @@ async fn a_retired_committee_cannot_extend_the_chain_past_its_epoch() {
     assert_eq!(store.committee(1).unwrap(), Some(epoch1));
 }
 
-/// The peer past the honest one's chain prunes when first asked for
-/// blocks past it (of epoch 1), and denies them only once the node's
-/// height queries have heard so, as `prune-grace` makes an honest node do. Its NOT_FOUND is judged
-/// on that view: the blocks, applied later from another peer, existed, but
-/// it no longer claimed them, so it is not banned (judged on its claim
-/// when it was leased the fetch, it was).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_that_said_it_pruned_before_denying_blocks_is_not_banned() {
-    let config = P2pConfig {
-        height_query_interval: Duration::from_millis(100),
-        ..P2pConfig::default()
-    };
-    let attack = Attack::start(Lie::PrunesAtEpoch(1), config).await;
+/// Waits until the attack's peer has answered NOT_FOUND to a fetch, then completes the sync from a full validator and returns the node's
+/// view of that peer then.
+async fn view_after_denied(attack: Attack) -> PeerView {
     let denied = attack.denied.clone();
-    wait_until(
-        "the pruning peer to deny a block fetch",
-        DEADLINE,
-        async || denied.load(Ordering::SeqCst) > 0,
-    )
-    .await;
-    let pruner = attack.liar;
+    let what = "the peer to deny a fetch";
+    wait_until(what, DEADLINE, async || denied.load(Ordering::SeqCst) > 0).await;
+    let peer = attack.liar;
     let views = attack.sync_completes().await;
-    let pruner = views.iter().find(|v| v.peer == pruner);
-    assert!(
-        pruner.is_some_and(|v| v.banned_until.is_none()),
-        "{views:?}"
-    );
+    let view = views.iter().find(|v| v.peer == peer);
+    view.cloned()
+        .unwrap_or_else(|| panic!("{peer} is not listed: {views:?}"))
+}
+
+/// The peer past the honest one's chain prunes when first asked for
+/// blocks past it (of epoch 1), and denies them at once, before any
+/// periodic height query has heard it pruned: as an honest node does
+/// whose peers' view of it is staler than its `prune-grace`. The node
+/// asks it afresh before judging, so, though the blocks, applied later
+/// from another peer, existed, it is not banned (judged on its claim when
+/// it was leased the fetch, or on the periodic queries' view, it was).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_pruned_the_blocks_it_denies_is_not_banned() {
+    let attack = Attack::start(Lie::PrunesAtBlocksOf(1), P2pConfig::default()).await;
+    let pruner = view_after_denied(attack).await;
+    assert_eq!(pruner.banned_until, None, "{pruner:?}");
+    // Its NOT_FOUND reached the node, as an error.
+    assert!(pruner.faults > 0, "{pruner:?}");
+    assert_eq!(pruner.lowest, TIP + 1, "{pruner:?}");
+}
+
+/// The same for commits: a peer that pruned the commits it denies, before
+/// any periodic query heard so, is not banned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_pruned_the_commits_it_denies_is_not_banned() {
+    let attack = Attack::start(Lie::PrunesAtCommitsOf(1), P2pConfig::default()).await;
+    let pruner = view_after_denied(attack).await;
+    assert_eq!(pruner.banned_until, None, "{pruner:?}");
+    assert_eq!(pruner.lowest, TIP + 1, "{pruner:?}");
+}
+
+/// The same peer, still claiming the blocks it denies: banned once they
+/// are applied from another peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_denying_blocks_it_claims_is_banned_once_they_prove_to_exist() {
+    let attack = Attack::start(Lie::WithholdsBlocksOf(1), P2pConfig::default()).await;
+    let liar = view_after_denied(attack).await;
+    assert!(liar.banned_until.is_some(), "{liar:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

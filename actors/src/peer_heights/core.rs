@@ -266,10 +266,14 @@ impl PeerHeightsCore {
             }
             Input::Update(u) => {
                 if let Some(p) = self.peers.get_mut(&u.peer) {
-                    // The answer is the peer's claim now, lower or not.
+                    // The answer is the peer's claim now, its highest lower
+                    // or not. Its lowest never goes down while it stays
+                    // connected: a node deletes what it pruned, so a claim
+                    // below it again is a lie to be leased fetches it
+                    // denied (or an answer overtaken by a later one).
                     p.chain_id = Some(u.chain_id);
                     p.highest = u.highest;
-                    p.lowest = u.lowest;
+                    p.lowest = p.lowest.max(u.lowest);
                     p.heard = now;
                 }
                 vec![]
@@ -808,6 +812,20 @@ mod tests {
         );
         assert_eq!(highest(&mut c, Time(0)), Some(70));
         assert_eq!(for_range(&mut c, Time(0), 61, 70), vec![peer(2)]);
+    }
+
+    #[test]
+    fn a_peers_lowest_never_goes_down_while_it_stays_connected() {
+        let mut c = core(1);
+        join(&mut c, 1, OURS, 10, 100);
+        update(&mut c, 1, OURS, 40, 120);
+        update(&mut c, 1, OURS, 1, 130);
+        assert_eq!(table(&mut c, Time(0)), vec![(1, true, 40, 130, 0, None)]);
+        assert_eq!(for_range(&mut c, Time(0), 39, 50), Vec::<PeerId>::new());
+        // A new connection starts afresh.
+        remove(&mut c, Time(0), 1);
+        join(&mut c, 1, OURS, 1, 130);
+        assert_eq!(table(&mut c, Time(0)), vec![(1, true, 1, 130, 0, None)]);
     }
 
     #[test]

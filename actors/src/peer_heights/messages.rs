@@ -230,11 +230,11 @@ pub enum OutcomeKind {
     },
     /// The blocks it answered NOT_FOUND for ([`Transfer::Withheld`]) are
     /// now applied, so they existed: banned. It is reported only if it
-    /// still claimed the commits naming them when its answer came
-    /// ([`ClaimsRange`]). A peer keeps what it prunes for `prune-grace`
-    /// after it stops claiming it, and that is at least two height query
-    /// intervals and a request timeout: by then the stop is known even
-    /// if one query failed, so an honest peer never answers so.
+    /// still claimed the commits naming them just after its answer
+    /// ([`ClaimsRange`], after asking it afresh). An honest node advertises
+    /// a new lowest commit before it deletes below it, so its fresh answer
+    /// no longer claims what it pruned; only if that answer does not come
+    /// is it judged on the view of the periodic queries.
     Withheld,
 }
 

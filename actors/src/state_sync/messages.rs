@@ -106,7 +106,9 @@ pub enum Failure {
         /// claiming the commits that name the blocks. Only then is the
         /// NOT_FOUND a lie once the batch is applied: a peer whose new
         /// lowest commit we had learnt deleted them after its
-        /// `prune-grace`, as an honest node does.
+        /// `prune-grace`, as an honest node does. Traces recorded before
+        /// it existed read as not claimed.
+        #[serde(default)]
         claimed: bool,
     },
     /// The peer sent data that failed verification. A commit answer of the

@@ -8,8 +8,10 @@
 //! done: each run returns the retention's target, which the node
 //! advertises as its lowest available commit at once, and commits below a
 //! target are deleted only once it was announced `grace_ms` ago. Peers
-//! refresh a node's availability every few seconds, so an honest peer
-//! does not ask for a commit just pruned and take the NOT_FOUND for a lie.
+//! ask a node's availability every height query interval, so they rarely
+//! ask for a commit just pruned; one that does asks the node's
+//! availability again before it judges the NOT_FOUND, and sees the
+//! commit is no longer claimed.
 //! Pruning never removes a commit the registered executor has not taken,
 //! nor the watermark commit (the store refuses that).
 
@@ -50,8 +52,9 @@ pub struct Config {
     /// Write transactions of one prune run at most; the next run goes on.
     pub max_steps_per_run: u32,
     /// Time between advertising a new lowest commit and deleting below it,
-    /// in milliseconds: longer than peers take to learn it (their height
-    /// query interval plus a request timeout).
+    /// in milliseconds: longer than peers take to learn it (the node
+    /// checks at least twice their height query interval plus a request
+    /// timeout).
     pub grace_ms: u64,
 }
 

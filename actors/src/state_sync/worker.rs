@@ -517,6 +517,10 @@ impl Worker {
         let response = match answer.and_then(|r| kept(r, end - start + 1)) {
             Ok(response) => response,
             Err(failure) => {
+                if failure == Failure::NotFound {
+                    // PeerHeights judges it on the claim it makes now.
+                    self.refresh(peer).await;
+                }
                 slot.release(judge(&failure), 0);
                 return (Some(peer), Err(failure));
             }
@@ -627,12 +631,37 @@ impl Worker {
         (Some(peer), result)
     }
 
-    /// Whether `peer` claims commits `start..=end` in PeerHeights' view
-    /// now: a NOT_FOUND for the blocks they name is then a lie, once the
-    /// blocks are shown to exist. Unknown (PeerHeights restarting) is no.
+    /// Whether `peer`, which has just answered NOT_FOUND for blocks,
+    /// claims commits `start..=end` now: asked afresh first
+    /// ([`Self::refresh`]), then judged on PeerHeights' view. A NOT_FOUND
+    /// for the blocks they name is then a lie, once the blocks are shown
+    /// to exist. Unknown (PeerHeights restarting or slow) is no.
     async fn claims(&self, peer: PeerId, (start, end): (CommitIndex, CommitIndex)) -> bool {
+        self.refresh(peer).await;
         let query = ClaimsRange { peer, start, end };
-        self.heights.send(query).await.unwrap_or(false)
+        let answer = tokio::time::timeout(self.outbound.timeout(), self.heights.send(query)).await;
+        matches!(answer, Ok(Ok(true)))
+    }
+
+    /// Asks `peer` for its availability now and has PeerHeights take the
+    /// answer before anything sent after this returns. An honest node
+    /// advertises a new lowest commit before it deletes below it, so after
+    /// its NOT_FOUND for what it pruned its answer no longer claims it,
+    /// whatever the height query interval and the grace. A liar that
+    /// answers so to escape cannot claim those commits again while it
+    /// stays connected (PeerHeights never lowers a peer's lowest). The
+    /// answer is waited for no longer than a late fetch is before another
+    /// peer is asked (the hedge delay of commit fetches): one that does
+    /// not come by then leaves the view as it is, so a peer that stalls
+    /// the question holds up the work it denied no longer than a slow
+    /// answer could.
+    async fn refresh(&self, peer: PeerId) {
+        let timeout = self.outbound.timeout();
+        let wait = self.hedging.delay(FetchKind::Commits, timeout);
+        let answer = tokio::time::timeout(wait, availability(&self.outbound, peer)).await;
+        if let Ok(Some(update)) = answer {
+            let _ = tokio::time::timeout(timeout, self.heights.send(update)).await;
+        }
     }
 
     /// With no peer for the range: the archive's copy, unchecked, to be
@@ -755,19 +784,8 @@ impl PeerCalls {
 
     /// Asks `peer` for its availability; the answer goes to PeerHeights.
     async fn query_height(self, peer: PeerId) {
-        let message = proto::GetCommitAvailabilityRequest {};
-        let call = |mut c: Client, r| async move { c.get_commit_availability(r).await };
-        let Ok(response) = self.outbound.call(peer, message, call).await else {
-            return;
-        };
-        if let Ok(a) = Availability::try_from(response.get_ref()) {
+        if let Some(update) = availability(&self.outbound, peer).await {
             // The next query repeats a dropped answer.
-            let update = UpdateHeight {
-                peer,
-                chain_id: a.chain_id,
-                highest: a.highest,
-                lowest: a.lowest,
-            };
             try_send(&self.heights, update, Droppable::UpdateHeight);
         }
     }
@@ -788,6 +806,21 @@ impl PeerCalls {
         };
         futures::future::join_all(peers.into_iter().map(push)).await;
     }
+}
+
+/// `peer`'s availability, as PeerHeights takes it; `None` if it does not
+/// answer, or answers with something that is not one.
+async fn availability(outbound: &Outbound, peer: PeerId) -> Option<UpdateHeight> {
+    let message = proto::GetCommitAvailabilityRequest {};
+    let call = |mut c: Client, r| async move { c.get_commit_availability(r).await };
+    let response = outbound.call(peer, message, call).await.ok()?;
+    let a = Availability::try_from(response.get_ref()).ok()?;
+    Some(UpdateHeight {
+        peer,
+        chain_id: a.chain_id,
+        highest: a.highest,
+        lowest: a.lowest,
+    })
 }
 
 /// A commit fetch's `failure`, given the cap its answer was decoded with

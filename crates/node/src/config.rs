@@ -1064,8 +1064,8 @@ synced-commit-broadcast-capacity = {broadcast}
 # prune-interval, at most prune-batch-commits per write, and never removes
 # a commit a registered executor has not taken yet. A new lowest commit is
 # advertised prune-grace before commits below it are deleted, so peers
-# with an older view are still served (at least height-query-interval plus
-# timeout).
+# with an older view are still served (at least twice height-query-interval
+# plus timeout).
 retention = "{retention}"
 prune-interval = "{prune_interval}"
 prune-batch-commits = {prune_batch}

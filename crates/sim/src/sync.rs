@@ -993,8 +993,11 @@ impl Run<'_> {
                 self.failed_call(client, call, busy);
             }
             Reply::NotFound => {
-                // As the worker does: a NOT_FOUND for blocks is judged by
-                // the core once their batch is applied.
+                // As the worker releases it: a NOT_FOUND for blocks is
+                // an error until their batch is applied. The core is told
+                // a plain NOT_FOUND, never judged: a simulated server's
+                // height only grows and fetches are leased to peers
+                // claiming the range, so none denies blocks it holds.
                 let transfer = match call.work {
                     Work::Blocks { .. } => Transfer::Withheld,
                     Work::Commits { .. } | Work::Ahead { .. } => Transfer::NotFound,

@@ -6,7 +6,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,7 +15,6 @@ use soma_types::{AuthorityIndex, BlockRef, ChainId, Digest, KeyPair, PeerId, bat
 use soma_wire::convert::Availability;
 use soma_wire::proto::{self, p2p_server};
 use soma_wire::tls::{self, AccessPolicy, NodeIdentity};
-use tokio::sync::watch;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
@@ -76,17 +75,17 @@ pub enum Lie {
     ClaimsHeight,
     /// Not a lie: an honest node that prunes. Honest until it is first
     /// asked for blocks of this epoch or a later one; then it advertises
-    /// a lowest commit past the chain's tip (it holds nothing), and
-    /// answers that fetch and every later one NOT_FOUND only once it has
-    /// told [`PRUNE_TOLD_QUERIES`] height queries so, as a node does that
-    /// waits `prune-grace` between advertising and deleting.
-    PrunesAtEpoch(u64),
+    /// a lowest commit past the chain's tip (it holds nothing) and
+    /// answers that fetch and every later one NOT_FOUND at once, as a
+    /// node does whose peers' view of it is staler than its `prune-grace`.
+    PrunesAtBlocksOf(u64),
+    /// The same, pruning when first asked for commits of this epoch or a
+    /// later one.
+    PrunesAtCommitsOf(u64),
+    /// Claims every commit and serves them, but answers NOT_FOUND to
+    /// every block fetch asking for a block of this epoch or a later one.
+    WithholdsBlocksOf(u64),
 }
-
-/// Height queries a [`Lie::PrunesAtEpoch`] peer answers with its new lowest
-/// commit before it denies what it held: the least `prune-grace` lets a
-/// node's peers ask (twice the height query interval and a timeout).
-pub const PRUNE_TOLD_QUERIES: u32 = 2;
 
 /// Bytes of each blob a [`Lie::FloodsBlocks`] peer sends: the largest
 /// block, the most one FetchBlocks message carries.
@@ -102,11 +101,10 @@ struct Evil {
     stalled: Arc<AtomicUsize>,
     /// FetchCommits and FetchBlocks calls received.
     fetches: Arc<AtomicUsize>,
-    /// FetchBlocks calls answered NOT_FOUND.
+    /// Fetches answered NOT_FOUND for what it pruned or withholds.
     denied: Arc<AtomicUsize>,
-    /// A [`Lie::PrunesAtEpoch`] peer: `None` until it prunes, then the height
-    /// queries it has answered since.
-    told: Arc<watch::Sender<Option<u32>>>,
+    /// Whether a pruning peer has pruned.
+    pruned: AtomicBool,
 }
 
 /// Counts a stalled call while it lives: a call dropped by its client
@@ -138,21 +136,24 @@ impl Evil {
         }
     }
 
-    /// A [`Lie::PrunesAtEpoch`] peer prunes now, if it has not yet, and returns
-    /// once it has told [`PRUNE_TOLD_QUERIES`] height queries so.
-    async fn pruned(&self) {
-        self.told.send_if_modified(|told| {
-            let first = told.is_none();
-            if first {
-                *told = Some(0);
+    /// Whether a fetch asking for data of `epochs` is denied, and counted
+    /// so: a pruning peer prunes at the first it is meant to.
+    fn denies(&self, commits: bool, mut epochs: impl Iterator<Item = u64>) -> bool {
+        let denied = match self.lie {
+            Lie::PrunesAtBlocksOf(first) | Lie::PrunesAtCommitsOf(first) => {
+                let trigger = commits == matches!(self.lie, Lie::PrunesAtCommitsOf(_));
+                if trigger && epochs.any(|e| e >= first) {
+                    self.pruned.store(true, Ordering::SeqCst);
+                }
+                self.pruned.load(Ordering::SeqCst)
             }
-            first
-        });
-        let mut told = self.told.subscribe();
-        // The sender lives as long as `self`.
-        let _ = told
-            .wait_for(|t| t.is_some_and(|n| n >= PRUNE_TOLD_QUERIES))
-            .await;
+            Lie::WithholdsBlocksOf(first) => !commits && epochs.any(|e| e >= first),
+            _ => false,
+        };
+        if denied {
+            self.denied.fetch_add(1, Ordering::SeqCst);
+        }
+        denied
     }
 
     /// The commit after the end of epoch `epoch` (commit `last`) as a
@@ -230,15 +231,10 @@ impl p2p_server::P2p for Evil {
             Lie::ClaimsHeight => self.chain.tip() + CLAIMED_EXTRA_COMMITS,
             _ => self.chain.tip(),
         };
-        let mut lowest = 1;
-        self.told.send_if_modified(|told| match told {
-            Some(n) => {
-                lowest = highest + 1;
-                *n += 1;
-                true
-            }
-            None => false,
-        });
+        let lowest = match self.pruned.load(Ordering::SeqCst) {
+            true => highest + 1,
+            false => 1,
+        };
         Ok(Response::new(
             Availability {
                 chain_id,
@@ -271,11 +267,11 @@ impl p2p_server::P2p for Evil {
         self.stall().await;
         let r = request.into_inner();
         let chain = &self.chain;
-        if matches!(self.lie, Lie::PrunesAtEpoch(_)) && self.told.borrow().is_some() {
-            self.pruned().await;
-            return Err(Status::not_found("pruned"));
-        }
         if self.lie == Lie::ClaimsHeight || r.start > chain.tip() || r.start == 0 {
+            return Err(Status::not_found("not held"));
+        }
+        let epochs = (r.start..=r.end.min(chain.tip())).map(|i| chain.commit(i).commit().epoch);
+        if self.denies(true, epochs) {
             return Err(Status::not_found("not held"));
         }
         if self.lie == Lie::RetiredCommittee {
@@ -350,12 +346,8 @@ impl p2p_server::P2p for Evil {
             .map(BlockRef::try_from)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if let Lie::PrunesAtEpoch(epoch) = self.lie
-            && (self.told.borrow().is_some() || refs.iter().any(|r| r.epoch >= epoch))
-        {
-            self.pruned().await;
-            self.denied.fetch_add(1, Ordering::SeqCst);
-            return Err(Status::not_found("pruned"));
+        if self.denies(false, refs.iter().map(|r| r.epoch)) {
+            return Err(Status::not_found("not held"));
         }
         if self.lie == Lie::FloodsBlocks {
             let blob = Bytes::from(vec![0x5a; FLOOD_BLOB_BYTES]);
@@ -471,7 +463,9 @@ pub struct Served {
     pub stalled: Arc<AtomicUsize>,
     /// FetchCommits and FetchBlocks calls it has received.
     pub fetches: Arc<AtomicUsize>,
-    /// FetchBlocks calls it has answered NOT_FOUND ([`Lie::PrunesAtEpoch`]).
+    /// Fetches it has answered NOT_FOUND for what it pruned or withholds
+    /// ([`Lie::PrunesAtBlocksOf`], [`Lie::PrunesAtCommitsOf`],
+    /// [`Lie::WithholdsBlocksOf`]).
     pub denied: Arc<AtomicUsize>,
 }
 
@@ -513,7 +507,7 @@ pub async fn serve_observed(chain: Arc<Chain>, lie: Lie, key: u8) -> Served {
                 stalled: stalled.clone(),
                 fetches: fetches.clone(),
                 denied: denied.clone(),
-                told: Arc::new(watch::Sender::new(None)),
+                pruned: AtomicBool::new(false),
             }))
             .serve_with_incoming(tls::incoming(listener, config)),
     );
