@@ -219,6 +219,18 @@ async fn a_peer_denying_blocks_it_claims_is_banned_once_they_prove_to_exist() {
     assert!(liar.banned_until.is_some(), "{liar:?}");
 }
 
+/// The same, claiming nothing from its first denial on, so that the claim
+/// it makes when asked again covers nothing: judged on the most it
+/// claimed while connected, it is banned all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_denying_blocks_then_disclaiming_them_is_banned_all_the_same() {
+    let lie = Lie::WithholdsBlocksThenDisclaims(1);
+    let attack = Attack::start(lie, P2pConfig::default()).await;
+    let liar = view_after_denied(attack).await;
+    assert!(liar.banned_until.is_some(), "{liar:?}");
+    assert_eq!(liar.highest, 0, "{liar:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_repeating_blocks_is_cut_off_and_banned() {
     let attack = Attack::start(Lie::RepeatsBlocks, P2pConfig::default()).await;

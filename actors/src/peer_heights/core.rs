@@ -119,6 +119,10 @@ struct Peer {
     /// tells only a height); such a peer is in no sync answer.
     chain_id: Option<ChainId>,
     highest: CommitIndex,
+    /// The highest it has claimed since it connected: what a denial is
+    /// judged against. A node's highest synced commit never goes down, so
+    /// a lower claim is no excuse for denying what it claimed before.
+    most: CommitIndex,
     lowest: CommitIndex,
     throughput_bps: Option<u64>,
     failures: u32,
@@ -137,6 +141,7 @@ impl Peer {
         Peer {
             chain_id: None,
             highest: 0,
+            most: 0,
             lowest: 0,
             throughput_bps: None,
             failures: 0,
@@ -146,9 +151,12 @@ impl Peer {
         }
     }
 
-    /// Whether its availability claim covers `start..=end`.
+    /// Whether it claims `start..=end`, as a denial is judged: from its
+    /// lowest (which never goes down) to the most it has claimed since it
+    /// connected. Claiming less to escape a judgement gives up the range
+    /// for as long as it stays connected.
     fn claims(&self, start: CommitIndex, end: CommitIndex) -> bool {
-        self.chain_id.is_some() && start <= end && self.lowest <= start && end <= self.highest
+        self.chain_id.is_some() && start <= end && self.lowest <= start && end <= self.most
     }
 
     /// Where the balancer ranks it before weights count.
@@ -273,6 +281,7 @@ impl PeerHeightsCore {
                     // denied (or an answer overtaken by a later one).
                     p.chain_id = Some(u.chain_id);
                     p.highest = u.highest;
+                    p.most = p.most.max(u.highest);
                     p.lowest = p.lowest.max(u.lowest);
                     p.heard = now;
                 }
@@ -281,6 +290,7 @@ impl PeerHeightsCore {
             Input::Push(PushHeight { peer, highest }) => {
                 if let Some(p) = self.peers.get_mut(&peer) {
                     p.highest = p.highest.max(highest);
+                    p.most = p.most.max(highest);
                     p.heard = now;
                 }
                 vec![]
@@ -1556,6 +1566,15 @@ mod tests {
         update(&mut c, 1, OURS, 51, 120);
         assert_eq!(claims(&mut c, 1, 10, 100), no);
         assert_eq!(claims(&mut c, 1, 51, 120), yes);
+        // A lower highest does not: it is judged on the most it claimed,
+        // though fetches are leased on what it claims now.
+        update(&mut c, 1, OURS, 51, 0);
+        assert_eq!(claims(&mut c, 1, 51, 120), yes);
+        assert_eq!(claims(&mut c, 1, 51, 121), no);
+        assert_eq!(for_range(&mut c, Time(0), 51, 60), Vec::<PeerId>::new());
+        // Pushes count too.
+        push(&mut c, Time(0), 1, 130);
+        assert_eq!(claims(&mut c, 1, 121, 130), yes);
     }
 
     #[test]

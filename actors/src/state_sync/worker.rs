@@ -341,9 +341,10 @@ impl Worker {
     /// slot of the peer that sent it. The first peer, beaten by the second,
     /// is released as [`Transfer::Late`]: it ranks lower, with no fault (a
     /// slow peer is not a silent one, and the call that would tell them
-    /// apart is dropped). A second
-    /// peer that fails, or none free, leaves the first to answer alone,
-    /// its slot released as `transfer` tells from its failure.
+    /// apart is dropped). A second peer that fails, or none free, leaves
+    /// the first to answer alone, its slot released as `transfer` tells
+    /// from its failure, but a NOT_FOUND as an error: a denial is judged
+    /// only on the peer's claim asked afresh, and this one's is not.
     /// Either way one call's answer is returned, as if only it was sent.
     async fn hedged<T, F, Fut>(
         &self,
@@ -378,7 +379,11 @@ impl Worker {
             match call(slot.lease().peer).await {
                 Ok(answer) => Some((slot, answer)),
                 Err(failure) => {
-                    slot.release(transfer(&failure), 0);
+                    let transfer = match transfer(&failure) {
+                        Transfer::NotFound => Transfer::Error,
+                        other => other,
+                    };
+                    slot.release(transfer, 0);
                     None
                 }
             }
@@ -517,11 +522,13 @@ impl Worker {
         let response = match answer.and_then(|r| kept(r, end - start + 1)) {
             Ok(response) => response,
             Err(failure) => {
-                if failure == Failure::NotFound {
-                    // PeerHeights judges it on the claim it makes now.
-                    self.refresh(peer).await;
-                }
-                slot.release(judge(&failure), 0);
+                // PeerHeights judges a NOT_FOUND on the claim it makes now;
+                // if it answered and PeerHeights did not take that, on none.
+                let transfer = match judge(&failure) {
+                    Transfer::NotFound if !self.refresh(peer).await => Transfer::Error,
+                    transfer => transfer,
+                };
+                slot.release(transfer, 0);
                 return (Some(peer), Err(failure));
             }
         };
@@ -615,7 +622,7 @@ impl Worker {
             Ok(blobs) => blobs,
             Err(Failure::BlocksWithheld { held, .. }) => {
                 slot.release(Transfer::Withheld, 0);
-                let claimed = self.claims(peer, range).await;
+                let claimed = self.refresh(peer).await && self.claims(peer, range).await;
                 return (Some(peer), Err(Failure::BlocksWithheld { held, claimed }));
             }
             Err(failure) => {
@@ -631,36 +638,41 @@ impl Worker {
         (Some(peer), result)
     }
 
-    /// Whether `peer`, which has just answered NOT_FOUND for blocks,
-    /// claims commits `start..=end` now: asked afresh first
-    /// ([`Self::refresh`]), then judged on PeerHeights' view. A NOT_FOUND
-    /// for the blocks they name is then a lie, once the blocks are shown
-    /// to exist. Unknown (PeerHeights restarting or slow) is no.
+    /// Whether `peer` claims commits `start..=end` in PeerHeights' view:
+    /// a NOT_FOUND for the blocks they name is then a lie, once the blocks
+    /// are shown to exist. Unknown (PeerHeights restarting or slow) is no.
     async fn claims(&self, peer: PeerId, (start, end): (CommitIndex, CommitIndex)) -> bool {
-        self.refresh(peer).await;
         let query = ClaimsRange { peer, start, end };
         let answer = tokio::time::timeout(self.outbound.timeout(), self.heights.send(query)).await;
         matches!(answer, Ok(Ok(true)))
     }
 
-    /// Asks `peer` for its availability now and has PeerHeights take the
-    /// answer before anything sent after this returns. An honest node
-    /// advertises a new lowest commit before it deletes below it, so after
-    /// its NOT_FOUND for what it pruned its answer no longer claims it,
-    /// whatever the height query interval and the grace. A liar that
-    /// answers so to escape cannot claim those commits again while it
-    /// stays connected (PeerHeights never lowers a peer's lowest). The
-    /// answer is waited for no longer than a late fetch is before another
-    /// peer is asked (the hedge delay of commit fetches): one that does
-    /// not come by then leaves the view as it is, so a peer that stalls
-    /// the question holds up the work it denied no longer than a slow
-    /// answer could.
-    async fn refresh(&self, peer: PeerId) {
+    /// Asks `peer`, which has just answered NOT_FOUND, for its
+    /// availability now, and has PeerHeights take the answer before
+    /// anything sent after this returns; whether its NOT_FOUND may then be
+    /// judged on PeerHeights' view. An honest node advertises a new lowest
+    /// commit before it deletes below it, so its answer no longer claims
+    /// what it pruned, whatever the height query interval and the grace.
+    /// A liar that answers so to escape gives those commits up while it
+    /// stays connected: PeerHeights never lowers a peer's lowest, and
+    /// judges on the most it has claimed, not a lower highest.
+    ///
+    /// The answer is waited for no longer than a late fetch is before
+    /// another peer is asked (the hedge delay of commit fetches): one
+    /// that does not come by then leaves the view as it is (kept current
+    /// by `prune-grace`), so a peer that stalls the question holds up the
+    /// work it denied by at most that delay more. An answer PeerHeights
+    /// did not take (our overload) is `false`: no judgement on a view the
+    /// peer may have corrected.
+    async fn refresh(&self, peer: PeerId) -> bool {
         let timeout = self.outbound.timeout();
         let wait = self.hedging.delay(FetchKind::Commits, timeout);
-        let answer = tokio::time::timeout(wait, availability(&self.outbound, peer)).await;
-        if let Ok(Some(update)) = answer {
-            let _ = tokio::time::timeout(timeout, self.heights.send(update)).await;
+        match tokio::time::timeout(wait, availability(&self.outbound, peer)).await {
+            Ok(Some(update)) => {
+                let taken = tokio::time::timeout(timeout, self.heights.send(update)).await;
+                matches!(taken, Ok(Ok(())))
+            }
+            Ok(None) | Err(_) => true,
         }
     }
 

@@ -85,6 +85,10 @@ pub enum Lie {
     /// Claims every commit and serves them, but answers NOT_FOUND to
     /// every block fetch asking for a block of this epoch or a later one.
     WithholdsBlocksOf(u64),
+    /// As [`Lie::WithholdsBlocksOf`], and from its first denial on it
+    /// answers height queries claiming no commit (a highest of 0), to
+    /// escape a judgement on what it claims when it is asked again.
+    WithholdsBlocksThenDisclaims(u64),
 }
 
 /// Bytes of each blob a [`Lie::FloodsBlocks`] peer sends: the largest
@@ -103,7 +107,7 @@ struct Evil {
     fetches: Arc<AtomicUsize>,
     /// Fetches answered NOT_FOUND for what it pruned or withholds.
     denied: Arc<AtomicUsize>,
-    /// Whether a pruning peer has pruned.
+    /// Whether a pruning peer has pruned (or a disclaiming one denied).
     pruned: AtomicBool,
 }
 
@@ -147,9 +151,14 @@ impl Evil {
                 }
                 self.pruned.load(Ordering::SeqCst)
             }
-            Lie::WithholdsBlocksOf(first) => !commits && epochs.any(|e| e >= first),
+            Lie::WithholdsBlocksOf(first) | Lie::WithholdsBlocksThenDisclaims(first) => {
+                !commits && epochs.any(|e| e >= first)
+            }
             _ => false,
         };
+        if denied && matches!(self.lie, Lie::WithholdsBlocksThenDisclaims(_)) {
+            self.pruned.store(true, Ordering::SeqCst);
+        }
         if denied {
             self.denied.fetch_add(1, Ordering::SeqCst);
         }
@@ -231,9 +240,10 @@ impl p2p_server::P2p for Evil {
             Lie::ClaimsHeight => self.chain.tip() + CLAIMED_EXTRA_COMMITS,
             _ => self.chain.tip(),
         };
-        let lowest = match self.pruned.load(Ordering::SeqCst) {
-            true => highest + 1,
-            false => 1,
+        let (lowest, highest) = match self.pruned.load(Ordering::SeqCst) {
+            false => (1, highest),
+            true if matches!(self.lie, Lie::WithholdsBlocksThenDisclaims(_)) => (1, 0),
+            true => (highest + 1, highest),
         };
         Ok(Response::new(
             Availability {
