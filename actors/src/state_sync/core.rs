@@ -2809,18 +2809,32 @@ mod tests {
         )
     }
 
-    #[test]
-    fn blocks_withheld_split_the_chunk_where_the_peer_stopped_and_are_judged_once_applied() {
+    /// A core with batch 1..=10 verified, its 5 blocks asked for in one
+    /// chunk: that fetch's task.
+    fn one_chunk_asked() -> (StateSyncCore, TaskId) {
         let mut c = core(Config {
             parallel_fetches: 10,
             ..config()
         });
         let (t, _, _) = commit_fetch(&tick(&mut c, 0, 10)).unwrap();
         let out = commits_ok(&mut c, 0, t, 1, 10, 5);
-        let whole = block_fetches(&out)[0];
+        let whole = block_fetches(&out)[0].0;
+        (c, whole)
+    }
+
+    /// The peers reported for blocks withheld once batch 1..=10 is applied.
+    fn judged_once_applied(c: &mut StateSyncCore) -> Vec<Output> {
+        (applied(c, 1, 10).into_iter())
+            .filter(|o| matches!(o, Output::WithheldBlocks { .. }))
+            .collect()
+    }
+
+    #[test]
+    fn blocks_withheld_split_the_chunk_where_the_peer_stopped_and_are_judged_once_applied() {
+        let (mut c, whole) = one_chunk_asked();
         // It sent 3 of the 5 blocks, then NOT_FOUND: held against no one
         // yet, since the batch may be a forgery whose blocks nobody has.
-        let out = withheld_by(&mut c, whole.0, LIAR, 3);
+        let out = withheld_by(&mut c, whole, LIAR, 3);
         assert_eq!(misbehaved(&out), Vec::<PeerId>::new());
         assert_eq!(chunks(&out), vec![(0, 3, vec![LIAR]), (3, 2, vec![LIAR])]);
         let parts = block_fetches(&out);
@@ -2836,15 +2850,10 @@ mod tests {
         let out = blocks_ok(&mut c, singles[1].0);
         assert!(out.contains(&Output::Apply { start: 1 }), "{out:?}");
         // Every block existed: each NOT_FOUND is now PeerHeights' to judge
-        // against what its peer claimed when it answered.
-        let out = applied(&mut c, 1, 10);
-        let judged: Vec<Output> = out
-            .into_iter()
-            .filter(|o| matches!(o, Output::WithheldBlocks { .. }))
-            .collect();
-        // In peer order (OTHER sorts before LIAR).
+        // (each peer claimed the commits when it answered). In peer order
+        // (OTHER sorts before LIAR).
         assert_eq!(
-            judged,
+            judged_once_applied(&mut c),
             vec![
                 Output::WithheldBlocks { peer: OTHER },
                 Output::WithheldBlocks { peer: LIAR }
@@ -2854,16 +2863,10 @@ mod tests {
 
     #[test]
     fn blocks_denied_by_a_peer_no_longer_claiming_them_are_never_judged() {
-        let mut c = core(Config {
-            parallel_fetches: 10,
-            ..config()
-        });
-        let (t, _, _) = commit_fetch(&tick(&mut c, 0, 10)).unwrap();
-        let out = commits_ok(&mut c, 0, t, 1, 10, 5);
-        let whole = block_fetches(&out)[0];
-        // OTHER had advertised a lowest commit above the batch before it
-        // answered: it pruned the blocks after its grace, as it may.
-        let out = denied_by(&mut c, whole.0, OTHER, 2, false);
+        let (mut c, whole) = one_chunk_asked();
+        // OTHER no longer claimed the commits just after it answered: it
+        // had pruned them, as it may.
+        let out = denied_by(&mut c, whole, OTHER, 2, false);
         assert_eq!(chunks(&out), vec![(0, 2, vec![OTHER]), (2, 3, vec![OTHER])]);
         let parts = block_fetches(&out);
         blocks_ok(&mut c, parts[0].0);
@@ -2874,11 +2877,10 @@ mod tests {
         blocks_ok(&mut c, singles[0].0);
         let out = blocks_ok(&mut c, singles[1].0);
         assert!(out.contains(&Output::Apply { start: 1 }), "{out:?}");
-        let judged: Vec<Output> = applied(&mut c, 1, 10)
-            .into_iter()
-            .filter(|o| matches!(o, Output::WithheldBlocks { .. }))
-            .collect();
-        assert_eq!(judged, vec![Output::WithheldBlocks { peer: LIAR }]);
+        assert_eq!(
+            judged_once_applied(&mut c),
+            vec![Output::WithheldBlocks { peer: LIAR }]
+        );
     }
 
     #[test]
