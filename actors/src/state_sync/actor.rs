@@ -14,7 +14,7 @@ use super::deps::Deps;
 use super::fetched::Fetched;
 use super::messages::*;
 use super::prune::Pruner;
-use super::worker::{Tasks, Worker};
+use super::worker::{PeerCalls, Tasks, Worker};
 use crate::Driver;
 use crate::connections::PeerEvent;
 use crate::peer_heights::{HeightsHeard, HighestKnownCommit};
@@ -126,11 +126,11 @@ impl StateSync {
                 }
                 Output::Misbehaved { peer } => {
                     self.status.invalid_responses += 1;
-                    self.deps.calls().misbehaved(peer);
+                    self.calls().misbehaved(peer);
                 }
-                Output::WithheldBlocks { peer } => self.deps.calls().withheld(peer),
+                Output::WithheldBlocks { peer } => self.calls().withheld(peer),
                 Output::QueryHeights { peer: None } => {
-                    self.tasks.query(self.deps.calls().query_heights(None));
+                    self.tasks.query(self.calls().query_heights(None));
                 }
                 // A new connection's height: once every connected peer's is
                 // in (at start, the seeds'), a tick schedules what they allow
@@ -138,7 +138,7 @@ impl StateSync {
                 // spreads the first fetches over every peer: the first to
                 // answer does not get them all.
                 Output::QueryHeights { peer: Some(peer) } => {
-                    let query = self.deps.calls().query_heights(Some(peer));
+                    let query = self.calls().query_heights(Some(peer));
                     let (heights, me) = (self.deps.heights.clone(), ctx.address());
                     self.tasks.query(async move {
                         query.await;
@@ -265,7 +265,7 @@ impl Handler<ApplyDone> for StateSync {
         }
         self.step(input, ctx);
         if wrote {
-            self.tasks.push(self.deps.calls().push_commit(last));
+            self.tasks.push(self.calls().push_commit(last));
         }
     }
 }
@@ -348,6 +348,11 @@ impl Handler<PeerEvent> for StateSync {
 }
 
 impl StateSync {
+    /// The calls to peers besides fetches, sharing the workers' hedging.
+    fn calls(&self) -> PeerCalls {
+        self.deps.calls(self.worker.hedging.clone())
+    }
+
     /// A worker ended: it is no longer tracked. Whether the core awaits
     /// its result (only then is its data kept).
     fn ended(&mut self, task: TaskId) -> bool {

@@ -13,7 +13,7 @@ use tokio::sync::{broadcast, watch};
 use super::core::{Config, Init, commit_answer_bytes};
 use super::messages::TaskId;
 use super::prune;
-use super::worker::{PeerCalls, Worker};
+use super::worker::{Hedging, PeerCalls, Worker};
 use crate::archive::ArchiveReader;
 use crate::connections::{Connections, Outbound};
 use crate::faults::Faults;
@@ -109,12 +109,14 @@ impl Deps {
         }
     }
 
-    /// The calls to peers besides fetches.
-    pub(super) fn calls(&self) -> PeerCalls {
+    /// The calls to peers besides fetches; height queries' answer times
+    /// go to the workers' `hedging`.
+    pub(super) fn calls(&self, hedging: Hedging) -> PeerCalls {
         PeerCalls {
             outbound: self.outbound(),
             heights: self.heights.clone(),
             connections: self.connections.clone(),
+            hedging,
         }
     }
 

@@ -16,7 +16,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::Addr;
 use futures::{FutureExt, StreamExt};
@@ -241,13 +241,18 @@ pub const HEDGE_MIN: Duration = Duration::from_millis(100);
 
 /// When a fetch still unanswered also asks a second peer: after four times
 /// the recent answer time of fetches of its kind (a moving average over
-/// the actor's workers), at least [`HEDGE_MIN`]; while none has answered,
-/// after a twentieth of the request timeout; never past half of it.
+/// the actor's workers), at least [`HEDGE_MIN`]. While none has answered,
+/// the round trip to peers stands in for it: four times the recent answer
+/// time of height queries, which come before any fetch (a peer slow to
+/// serve the first fetch would otherwise hold sync up for a fixed part of
+/// the timeout). With neither, after a twentieth of the request timeout;
+/// never past half of it.
 #[derive(Clone, Debug, Default)]
 pub struct Hedging {
     /// Moving averages of answer times, in milliseconds (0: none yet).
     commits_ms: Arc<AtomicU64>,
     blocks_ms: Arc<AtomicU64>,
+    queries_ms: Arc<AtomicU64>,
 }
 
 impl Hedging {
@@ -260,27 +265,39 @@ impl Hedging {
 
     /// A fetch of `kind` was answered in `latency_ms`.
     pub fn answered(&self, kind: FetchKind, latency_ms: u64) {
-        let average = self.average(kind);
-        let sample = latency_ms.max(1);
-        // Updates may race and one be lost: an estimate, not a count.
-        let old = average.load(Ordering::Relaxed);
-        let new = match old {
-            0 => sample,
-            old => (old.saturating_mul(3).saturating_add(sample)) / 4,
-        };
-        average.store(new, Ordering::Relaxed);
+        record(self.average(kind), latency_ms);
+    }
+
+    /// A height query was answered in `latency_ms`.
+    pub fn queried(&self, latency_ms: u64) {
+        record(&self.queries_ms, latency_ms);
     }
 
     /// How long a fetch of `kind` waits for its peer alone.
     pub fn delay(&self, kind: FetchKind, timeout: Duration) -> Duration {
-        hedge_delay(self.average(kind).load(Ordering::Relaxed), timeout)
+        let fetches = self.average(kind).load(Ordering::Relaxed);
+        hedge_delay(fetches, self.queries_ms.load(Ordering::Relaxed), timeout)
     }
 }
 
-fn hedge_delay(average_ms: u64, timeout: Duration) -> Duration {
-    let delay = match average_ms {
-        0 => timeout / 20,
-        ms => Duration::from_millis(ms.saturating_mul(4)),
+/// Adds `latency_ms` to a moving average (weight 1/4 on the new sample).
+fn record(average: &AtomicU64, latency_ms: u64) {
+    let sample = latency_ms.max(1);
+    // Updates may race and one be lost: an estimate, not a count.
+    let old = average.load(Ordering::Relaxed);
+    let new = match old {
+        0 => sample,
+        old => (old.saturating_mul(3).saturating_add(sample)) / 4,
+    };
+    average.store(new, Ordering::Relaxed);
+}
+
+/// [`Hedging`]'s delay from the average answer times of the fetches of a
+/// kind and of height queries (0: none yet).
+fn hedge_delay(fetches_ms: u64, queries_ms: u64, timeout: Duration) -> Duration {
+    let delay = match (fetches_ms, queries_ms) {
+        (0, 0) => timeout / 20,
+        (0, ms) | (ms, _) => Duration::from_millis(ms.saturating_mul(4)),
     };
     delay.max(HEDGE_MIN).min(timeout / 2)
 }
@@ -759,6 +776,8 @@ pub(super) struct PeerCalls {
     pub(super) outbound: Outbound,
     pub(super) heights: Addr<PeerHeights>,
     pub(super) connections: Addr<Connections>,
+    /// The workers' hedging, told how long height queries take.
+    pub(super) hedging: Hedging,
 }
 
 impl PeerCalls {
@@ -794,9 +813,12 @@ impl PeerCalls {
         });
     }
 
-    /// Asks `peer` for its availability; the answer goes to PeerHeights.
+    /// Asks `peer` for its availability; the answer goes to PeerHeights,
+    /// its answer time to [`Hedging`].
     async fn query_height(self, peer: PeerId) {
+        let asked = Instant::now();
         if let Some(update) = availability(&self.outbound, peer).await {
+            self.hedging.queried(asked.elapsed().as_millis() as u64);
             // The next query repeats a dropped answer.
             try_send(&self.heights, update, Droppable::UpdateHeight);
         }
@@ -1095,12 +1117,19 @@ mod tests {
     fn a_late_fetch_asks_a_second_peer_after_four_times_the_usual_answer_time() {
         let ms = Duration::from_millis;
         // Nothing answered yet: a twentieth of the timeout.
-        assert_eq!(hedge_delay(0, TIMEOUT), ms(500));
-        assert_eq!(hedge_delay(60, TIMEOUT), ms(240));
+        assert_eq!(hedge_delay(0, 0, TIMEOUT), ms(500));
+        assert_eq!(hedge_delay(60, 0, TIMEOUT), ms(240));
+        // No fetch yet: the height queries' round trip stands in.
+        assert_eq!(hedge_delay(0, 40, TIMEOUT), ms(160));
+        // Once fetches answer, theirs counts alone.
+        assert_eq!(hedge_delay(60, 40, TIMEOUT), ms(240));
+        assert_eq!(hedge_delay(60, 4_000, TIMEOUT), ms(240));
         // Never before 100 ms, never past half the timeout.
-        assert_eq!(hedge_delay(5, TIMEOUT), ms(100));
-        assert_eq!(hedge_delay(3_000, TIMEOUT), ms(5_000));
-        assert_eq!(hedge_delay(0, ms(1_000)), ms(100));
+        assert_eq!(hedge_delay(5, 0, TIMEOUT), ms(100));
+        assert_eq!(hedge_delay(0, 1, TIMEOUT), ms(100));
+        assert_eq!(hedge_delay(3_000, 0, TIMEOUT), ms(5_000));
+        assert_eq!(hedge_delay(0, 3_000, TIMEOUT), ms(5_000));
+        assert_eq!(hedge_delay(0, 0, ms(1_000)), ms(100));
     }
 
     #[test]
@@ -1270,5 +1299,19 @@ mod tests {
             hedging.delay(FetchKind::Commits, TIMEOUT),
             Duration::from_millis(100)
         );
+    }
+
+    #[test]
+    fn height_queries_set_the_delay_only_until_a_fetch_of_the_kind_answers() {
+        let hedging = Hedging::default();
+        hedging.queried(50);
+        hedging.queried(90);
+        // (3 × 50 + 90) / 4 = 60, four times over.
+        let ms = Duration::from_millis;
+        assert_eq!(hedging.delay(FetchKind::Commits, TIMEOUT), ms(240));
+        assert_eq!(hedging.delay(FetchKind::Blocks, TIMEOUT), ms(240));
+        hedging.answered(FetchKind::Blocks, 30);
+        assert_eq!(hedging.delay(FetchKind::Blocks, TIMEOUT), ms(120));
+        assert_eq!(hedging.delay(FetchKind::Commits, TIMEOUT), ms(240));
     }
 }

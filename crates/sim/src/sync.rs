@@ -231,6 +231,8 @@ enum Event {
         from: usize,
         to: usize,
         connecting: bool,
+        /// When it was sent, in microseconds.
+        sent_us: u64,
     },
     /// `to` hears `from`'s height.
     Height {
@@ -238,6 +240,8 @@ enum Event {
         from: usize,
         highest: CommitIndex,
         connecting: bool,
+        /// When its query was sent, in microseconds.
+        sent_us: u64,
     },
     /// `to` hears `from`'s push.
     Push {
@@ -547,6 +551,7 @@ impl Run<'_> {
                 from,
                 to,
                 connecting,
+                sent_us,
             } => {
                 let highest = match self.nodes[to].role {
                     Role::Hostile(_) => self.settings.commits,
@@ -558,6 +563,7 @@ impl Run<'_> {
                     from: to,
                     highest,
                     connecting,
+                    sent_us,
                 };
                 self.queue.schedule(leg, height);
             }
@@ -566,7 +572,11 @@ impl Run<'_> {
                 from,
                 highest,
                 connecting,
+                sent_us,
             } => {
+                // As the shell does: its answer time goes to hedging.
+                let latency_ms = (self.queue.now() - sent_us) / 1_000;
+                self.nodes[to].hedging.queried(latency_ms);
                 let update = UpdateHeight {
                     peer: peer_id(from),
                     chain_id: CHAIN,
@@ -779,6 +789,7 @@ impl Run<'_> {
                         from: node,
                         to,
                         connecting,
+                        sent_us: self.queue.now(),
                     };
                     self.queue.schedule(leg, query);
                 }
