@@ -245,8 +245,9 @@ pub const HEDGE_MIN: Duration = Duration::from_millis(100);
 /// the round trip to peers stands in for it: four times the recent answer
 /// time of height queries, which come before any fetch (a peer slow to
 /// serve the first fetch would otherwise hold sync up for a fixed part of
-/// the timeout). With neither, after a twentieth of the request timeout;
-/// never past half of it.
+/// the timeout), but never more than that fixed part, a twentieth of the
+/// request timeout, so peers slow to answer queries cannot stretch it.
+/// With neither, that twentieth; never past half the timeout.
 #[derive(Clone, Debug, Default)]
 pub struct Hedging {
     /// Moving averages of answer times, in milliseconds (0: none yet).
@@ -295,9 +296,11 @@ fn record(average: &AtomicU64, latency_ms: u64) {
 /// [`Hedging`]'s delay from the average answer times of the fetches of a
 /// kind and of height queries (0: none yet).
 fn hedge_delay(fetches_ms: u64, queries_ms: u64, timeout: Duration) -> Duration {
+    let four_times = |ms: u64| Duration::from_millis(ms.saturating_mul(4));
     let delay = match (fetches_ms, queries_ms) {
         (0, 0) => timeout / 20,
-        (0, ms) | (ms, _) => Duration::from_millis(ms.saturating_mul(4)),
+        (0, ms) => four_times(ms).min(timeout / 20),
+        (ms, _) => four_times(ms),
     };
     delay.max(HEDGE_MIN).min(timeout / 2)
 }
@@ -1119,8 +1122,10 @@ mod tests {
         // Nothing answered yet: a twentieth of the timeout.
         assert_eq!(hedge_delay(0, 0, TIMEOUT), ms(500));
         assert_eq!(hedge_delay(60, 0, TIMEOUT), ms(240));
-        // No fetch yet: the height queries' round trip stands in.
+        // No fetch yet: the height queries' round trip stands in, up to
+        // the twentieth.
         assert_eq!(hedge_delay(0, 40, TIMEOUT), ms(160));
+        assert_eq!(hedge_delay(0, 200, TIMEOUT), ms(500));
         // Once fetches answer, theirs counts alone.
         assert_eq!(hedge_delay(60, 40, TIMEOUT), ms(240));
         assert_eq!(hedge_delay(60, 4_000, TIMEOUT), ms(240));
@@ -1128,7 +1133,7 @@ mod tests {
         assert_eq!(hedge_delay(5, 0, TIMEOUT), ms(100));
         assert_eq!(hedge_delay(0, 1, TIMEOUT), ms(100));
         assert_eq!(hedge_delay(3_000, 0, TIMEOUT), ms(5_000));
-        assert_eq!(hedge_delay(0, 3_000, TIMEOUT), ms(5_000));
+        assert_eq!(hedge_delay(0, 3_000, TIMEOUT), ms(500));
         assert_eq!(hedge_delay(0, 0, ms(1_000)), ms(100));
     }
 
