@@ -73,10 +73,15 @@ pub(crate) fn fetch_commits(
         .commits_in_range(start..=end, limits.max_fetch_response_bytes)
         .map_err(store_error)?;
     let read_end = commits.last().map_or(start, |c| c.index());
+    // Commits held but not certified yet (local commits whose votes are
+    // still to come): UNAVAILABLE, not NOT_FOUND, which a peer takes for a
+    // lie about the height claimed.
     let certified = store
         .highest_certified_in(start..=read_end)
         .map_err(store_error)?
-        .ok_or_else(|| Status::not_found(format!("no certificate held in {start}..={read_end}")))?;
+        .ok_or_else(|| {
+            Status::unavailable(format!("no certificate held yet in {start}..={read_end}"))
+        })?;
     commits.retain(|c| c.index() <= certified);
     let last = commits
         .last()
@@ -375,6 +380,41 @@ mod tests {
         };
         let refused = fetch_commits(&store, 1, 100, &limits, &smaller).unwrap_err();
         assert_eq!(refused.code(), tonic::Code::Internal);
+    }
+
+    #[test]
+    fn commits_held_without_a_certificate_yet_are_unavailable_not_denied() {
+        let chain = small_blocks_chain(vec![1; 4], 4);
+        let store = MemStore::new(chain.genesis());
+        store.write_synced_batch(chain.batch(1..=2)).unwrap();
+        // Commits 3 and 4 from local consensus, their votes still to come.
+        for i in 3..=4 {
+            store
+                .write_synced_batch(soma_store::SyncedBatch {
+                    commits: vec![chain.commit(i)],
+                    blocks: chain.blocks_of(i).to_vec(),
+                    certificate: Vec::new(),
+                    next_committee: None,
+                })
+                .unwrap();
+        }
+        let (limits, data) = (Limits::default(), soma_types::Limits::default());
+        let refused = fetch_commits(&store, 3, 4, &limits, &data).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused}");
+        // A range reaching certified commits is served up to them.
+        let response = fetch_commits(&store, 1, 4, &limits, &data).unwrap();
+        assert_eq!(response.commits.len(), 2);
+        // Once the certificate of 4 is in, 3 and 4 are served.
+        store
+            .insert_certificate(4, chain.certificate(4).to_vec())
+            .unwrap();
+        let response = fetch_commits(&store, 3, 4, &limits, &data).unwrap();
+        assert_eq!(response.commits.len(), 2);
+        verify_answer(
+            &fetch_commits(&store, 1, 4, &limits, &data).unwrap(),
+            &chain,
+            &data,
+        );
     }
 
     #[test]
