@@ -35,12 +35,20 @@ enum Holder {
     Certificate(CommitIndex),
 }
 
+/// A block as kept: its encoding beside the block, so that serving it
+/// reads the map's entry and no further.
+#[derive(Debug)]
+struct Kept {
+    bytes: bytes::Bytes,
+    block: VerifiedBlock,
+}
+
 #[derive(Debug)]
 struct State {
     watermark: CommitRef,
     lowest: CommitIndex,
     commits: BTreeMap<CommitIndex, TrustedCommit>,
-    blocks: HashMap<BlockRef, VerifiedBlock>,
+    blocks: HashMap<BlockRef, Kept>,
     /// Certifier block references per commit, in the order given.
     certificates: BTreeMap<CommitIndex, Vec<BlockRef>>,
     committees: BTreeMap<Epoch, Committee>,
@@ -51,7 +59,13 @@ struct State {
 
 impl State {
     fn store_block(&mut self, block: &VerifiedBlock) {
-        self.blocks.insert(block.reference(), block.clone());
+        self.blocks.insert(
+            block.reference(),
+            Kept {
+                bytes: block.serialized().clone(),
+                block: block.clone(),
+            },
+        );
     }
 
     fn hold(&mut self, block: BlockRef, holder: Holder) {
@@ -182,19 +196,22 @@ impl ConsensusStore for MemStore {
     }
 
     fn block(&self, block: &BlockRef) -> Result<Option<VerifiedBlock>> {
-        Ok(self.read()?.blocks.get(block).cloned())
+        Ok(self.read()?.blocks.get(block).map(|k| k.block.clone()))
     }
 
     fn blocks(&self, refs: &[BlockRef]) -> Result<Vec<Option<VerifiedBlock>>> {
         let state = self.read()?;
-        Ok(refs.iter().map(|r| state.blocks.get(r).cloned()).collect())
+        Ok(refs
+            .iter()
+            .map(|r| state.blocks.get(r).map(|k| k.block.clone()))
+            .collect())
     }
 
     fn block_bytes(&self, refs: &[BlockRef]) -> Result<Vec<Option<bytes::Bytes>>> {
         let state = self.read()?;
         Ok(refs
             .iter()
-            .map(|r| state.blocks.get(r).map(|b| b.serialized().clone()))
+            .map(|r| state.blocks.get(r).map(|k| k.bytes.clone()))
             .collect())
     }
 
@@ -206,7 +223,7 @@ impl ConsensusStore for MemStore {
         let blocks = refs
             .iter()
             .map(|r| {
-                state.blocks.get(r).cloned().ok_or_else(|| {
+                state.blocks.get(r).map(|k| k.block.clone()).ok_or_else(|| {
                     Error::Corrupt(format!("certificate of commit {index} lacks block {r}"))
                 })
             })
