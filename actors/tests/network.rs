@@ -265,6 +265,97 @@ async fn fetch_commits_never_crosses_an_epoch() {
     a.shutdown().await;
 }
 
+/// What `node` answers to GetCommitAvailability.
+async fn availability(node: &P2pHandle) -> Availability {
+    let mut client = client(node, Some(&identity(9))).await;
+    let answer = client
+        .get_commit_availability(proto::GetCommitAvailabilityRequest {})
+        .await
+        .unwrap();
+    Availability::try_from(answer.get_ref()).unwrap()
+}
+
+/// A node advertises, and pushes, only commits whose certificate it holds.
+/// A local commit stored before its votes arrive is answered UNAVAILABLE
+/// until `send_certificate`; claiming it earlier had followers ask for it
+/// and count the refusal against an honest node. A node started on such a
+/// store advertises the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_commits_with_a_certificate_held_are_advertised_and_pushed() {
+    use soma_actors::system::LocalCommit;
+    let chain = ChainBuilder::new(ChainConfig::validators(4)).build(20);
+    let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+    // Every height is asked only as a connection opens, so each node
+    // learns of the other's certificates from its push alone; the
+    // producer's discovery dials the follower back soon.
+    let quiet = || P2pConfig {
+        height_query_interval: Duration::from_secs(3_600),
+        ..P2pConfig::default()
+    };
+    let mut config = quiet();
+    config.discovery.interval_ms = 50;
+    let producer = soma_testkit::node(&chain, 1, config, store.clone());
+    for i in 1..=20 {
+        let local = LocalCommit {
+            commit: chain.commit(i),
+            blocks: chain.blocks_of(i).to_vec(),
+            certificate: Vec::new(),
+            next_committee: None,
+        };
+        producer.send_commit(local).await.unwrap();
+    }
+    let advertised = |highest| Availability {
+        chain_id: chain.chain_id(),
+        highest,
+        lowest: 1,
+    };
+    assert_eq!(availability(&producer).await, advertised(0));
+
+    let config = P2pConfig {
+        seed_peers: soma_testkit::seeds(&[&producer]),
+        ..quiet()
+    };
+    let follower = soma_testkit::node(&chain, 2, config, Arc::new(MemStore::new(chain.genesis())));
+    let view = async |of: &P2pHandle, peer: PeerId| {
+        let views = of.peer_heights().await.unwrap();
+        views.into_iter().find(|v| v.peer == peer)
+    };
+    let (producer_id, follower_id) = (producer.peer_id(), follower.peer_id());
+    wait_for("each hears the other's height", async || {
+        let heard = async |of, peer| view(of, peer).await.is_some_and(|v| v.chain_id.is_some());
+        heard(&follower, producer_id).await && heard(&producer, follower_id).await
+    })
+    .await;
+    assert_eq!(view(&follower, producer_id).await.unwrap().highest, 0);
+
+    producer
+        .send_certificate(10, chain.certificate(10).to_vec())
+        .await
+        .unwrap();
+    assert_eq!(availability(&producer).await, advertised(10));
+    soma_testkit::wait_synced(&follower, 10, WAIT).await;
+    // Restarted on the producer's store: commits 1..=20, a certificate of
+    // commit 10 alone.
+    let restarted = start(&chain, store.clone(), 3);
+    assert_eq!(availability(&restarted).await, advertised(10));
+    restarted.shutdown().await;
+
+    producer
+        .send_certificate(20, chain.certificate(20).to_vec())
+        .await
+        .unwrap();
+    assert_eq!(availability(&producer).await, advertised(20));
+    soma_testkit::wait_synced(&follower, 20, WAIT).await;
+    let view = view(&follower, producer_id).await.unwrap();
+    assert_eq!(
+        (view.highest, view.failures, view.faults, view.banned_until),
+        (20, 0, 0, None),
+        "{view:?}"
+    );
+    follower.shutdown().await;
+    producer.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetch_blocks_streams_chunks_of_at_most_4_mib() {
     // Blocks of 10 transactions with 1,000-byte payloads: about 11 KB each.

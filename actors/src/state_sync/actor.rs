@@ -5,7 +5,7 @@ use actix::{
     Supervised, WrapFuture,
 };
 use futures::StreamExt;
-use soma_types::{CommitIndex, PeerId};
+use soma_types::{CommitIndex, CommitRef, PeerId};
 use tokio::sync::oneshot;
 
 use super::apply::{self, ApplyError, Batch};
@@ -154,12 +154,21 @@ impl StateSync {
             }
         }
         self.status.follow(self.driver.core());
-        let synced = self.status.synced;
-        self.deps.availability.send_if_modified(|a| {
-            let changed = a.highest != synced;
-            a.highest = synced;
-            changed
+    }
+
+    /// Advertises `commit` as the highest this node serves, if it is
+    /// higher than the one advertised: the highest commit whose
+    /// certificate is stored, never a local commit still without one
+    /// (answered UNAVAILABLE). Pushes it to the peers known to be behind.
+    fn advertise(&mut self, commit: CommitRef) {
+        let raised = self.deps.availability.send_if_modified(|a| {
+            let raised = commit.index > a.highest;
+            a.highest = a.highest.max(commit.index);
+            raised
         });
+        if raised {
+            self.tasks.push(self.calls().push_commit(commit));
+        }
     }
 
     fn fetch_commits(
@@ -240,7 +249,11 @@ impl Handler<ApplyDone> for StateSync {
                 };
             }
         };
-        let (last, wrote) = (applied.last, !applied.subdags.is_empty());
+        let last = applied.last;
+        // Advertised before a local commit's sender hears it is stored.
+        if applied.certified {
+            self.advertise(last);
+        }
         let (commits, blocks) = apply::publish(applied.subdags, &self.deps.commits);
         self.status.commits_applied += commits;
         self.status.blocks_applied += blocks;
@@ -264,9 +277,6 @@ impl Handler<ApplyDone> for StateSync {
             self.deps.verifier.do_send(InstallCommittee(next));
         }
         self.step(input, ctx);
-        if wrote {
-            self.tasks.push(self.calls().push_commit(last));
-        }
     }
 }
 
@@ -405,6 +415,13 @@ impl Handler<ApplyLocal> for StateSync {
         let (reply, answer) = oneshot::channel();
         self.write(Batch::local(msg.0), Origin::Local(reply), ctx);
         Box::pin(async move { answer.await.unwrap_or(Err(ApplyError::Cancelled)) })
+    }
+}
+
+impl Handler<Certified> for StateSync {
+    type Result = ();
+    fn handle(&mut self, Certified(commit): Certified, _: &mut Context<Self>) {
+        self.advertise(commit);
     }
 }
 

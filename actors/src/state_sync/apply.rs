@@ -101,6 +101,9 @@ pub(super) struct Applied {
     /// The sub-DAGs written, in index order (none if local commits had
     /// covered the whole batch).
     pub(super) subdags: Vec<CommittedSubDag>,
+    /// Whether the write stored a certificate of `last`: every synced
+    /// batch's does, a local commit's only if it came with one.
+    pub(super) certified: bool,
 }
 
 /// Writes `batch` in one atomic store write.
@@ -116,6 +119,7 @@ pub(super) fn write(store: &dyn ConsensusStore, mut batch: Batch) -> Result<Appl
                     last: watermark,
                     next_committee: None,
                     subdags: Vec::new(),
+                    certified: false,
                 });
             }
             let committee = store
@@ -148,6 +152,7 @@ pub(super) fn write(store: &dyn ConsensusStore, mut batch: Batch) -> Result<Appl
         .iter()
         .flat_map(|s| s.blocks.iter().cloned())
         .collect();
+    let certified = !batch.certificate.is_empty();
     store.write_synced_batch(SyncedBatch {
         commits: batch.commits,
         blocks,
@@ -158,6 +163,7 @@ pub(super) fn write(store: &dyn ConsensusStore, mut batch: Batch) -> Result<Appl
         last,
         next_committee,
         subdags,
+        certified,
     })
 }
 

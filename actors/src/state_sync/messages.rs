@@ -457,6 +457,14 @@ pub struct HeightPushed {
 #[rtype(result = "Result<(), ApplyError>")]
 pub struct ApplyLocal(pub SyncedBatch);
 
+/// A certificate of a stored local commit was stored
+/// ([`P2pHandle::send_certificate`](crate::P2pHandle::send_certificate)):
+/// the node can serve batches ending there, so it advertises and pushes
+/// that commit. Answered once advertised.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Certified(pub CommitRef);
+
 /// The tick, with PeerHeights' answer.
 #[derive(Message)]
 #[rtype(result = "()")]

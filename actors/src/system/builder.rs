@@ -188,11 +188,15 @@ impl P2pBuilder {
             seed,
         };
         let (commits, _) = broadcast::channel(config.synced_commit_broadcast_capacity.max(1));
+        // Advertised: the highest commit whose certificate is held (a local
+        // commit stored without one is not served until it has one).
+        let lowest = store.lowest_available_commit()?;
+        let certified = store.highest_certified_in(lowest..=synced.index)?;
         let (availability, published) =
             tokio::sync::watch::channel(soma_wire::convert::Availability {
                 chain_id,
-                highest: synced.index,
-                lowest: store.lowest_available_commit()?,
+                highest: certified.unwrap_or(0),
+                lowest,
             });
         let execution = Execution::new();
         let (stopped, _) = watch::channel(false);

@@ -15,7 +15,7 @@ use super::tree::Actors;
 use crate::connections::{ActivePeers, Connect, PeerEvent};
 use crate::discovery::KnownPeers;
 use crate::peer_heights::{PeerView, Snapshot};
-use crate::state_sync::{ApplyError, ApplyLocal, GetSyncStatus, SyncStatus};
+use crate::state_sync::{ApplyError, ApplyLocal, Certified, GetSyncStatus, SyncStatus};
 use crate::supervisor::{NodeFailure, TreeStatus};
 
 /// Time allowed for the server to finish in-flight calls at shutdown.
@@ -314,7 +314,8 @@ impl P2pHandle {
 
     /// Hands a commit of local consensus to the node. It takes the path of
     /// synced commits: one atomic store write, then the broadcast to
-    /// subscribers, then PushCommit to peers known to be behind. A commit
+    /// subscribers, then, if it came with its certificate, PushCommit to
+    /// peers known to be behind (else at [`P2pHandle::send_certificate`]). A commit
     /// that does not link to the highest synced commit, or lacks a block it
     /// names, is refused with an error.
     pub async fn send_commit(&self, local: LocalCommit) -> Result<(), P2pError> {
@@ -346,14 +347,32 @@ impl P2pHandle {
     }
 
     /// Stores the certificate of an already stored local commit, so the node
-    /// can serve batches ending there.
+    /// can serve batches ending there. The node advertises (and pushes to
+    /// peers behind) only commits whose certificate it holds: a local
+    /// commit sent without one is served, and claimed, from this call on.
+    /// An empty `blocks` certifies nothing.
     pub async fn send_certificate(
         &self,
         index: CommitIndex,
         blocks: Vec<VerifiedBlock>,
     ) -> Result<(), P2pError> {
-        self.blocking(move |store| store.insert_certificate(index, blocks))
+        let certifies = !blocks.is_empty();
+        let commit = self
+            .blocking(move |store| {
+                store.insert_certificate(index, blocks)?;
+                store.commit(index)
+            })
+            .await?;
+        let Some(commit) = commit.filter(|_| certifies) else {
+            return Ok(());
+        };
+        self.inner
+            .actors
+            .state_sync
+            .send(Certified(commit.reference()))
+            .timeout(self.inner.timeout)
             .await
+            .map_err(mailbox)
     }
 
     async fn blocking<T: Send + 'static>(
