@@ -279,11 +279,13 @@ async fn availability(node: &P2pHandle) -> Availability {
 /// A local commit stored before its votes arrive is answered UNAVAILABLE
 /// until `send_certificate`; claiming it earlier had followers ask for it
 /// and count the refusal against an honest node. A node started on such a
-/// store advertises the same.
+/// store advertises the same, and a certificate without a quorum of votes
+/// is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_commits_with_a_certificate_held_are_advertised_and_pushed() {
-    use soma_actors::system::LocalCommit;
-    let chain = ChainBuilder::new(ChainConfig::validators(4)).build(20);
+    use soma_actors::state_sync::ApplyError;
+    use soma_actors::system::{LocalCommit, P2pError};
+    let chain = ChainBuilder::new(ChainConfig::validators(4)).build(26);
     let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
     // Every height is asked only as a connection opens, so each node
     // learns of the other's certificates from its push alone; the
@@ -295,14 +297,18 @@ async fn only_commits_with_a_certificate_held_are_advertised_and_pushed() {
     let mut config = quiet();
     config.discovery.interval_ms = 50;
     let producer = soma_testkit::node(&chain, 1, config, store.clone());
+    let local = |i, certified: bool| LocalCommit {
+        commit: chain.commit(i),
+        blocks: chain.blocks_of(i).to_vec(),
+        certificate: if certified {
+            chain.certificate(i).to_vec()
+        } else {
+            Vec::new()
+        },
+        next_committee: None,
+    };
     for i in 1..=20 {
-        let local = LocalCommit {
-            commit: chain.commit(i),
-            blocks: chain.blocks_of(i).to_vec(),
-            certificate: Vec::new(),
-            next_committee: None,
-        };
-        producer.send_commit(local).await.unwrap();
+        producer.send_commit(local(i, false)).await.unwrap();
     }
     let advertised = |highest| Availability {
         chain_id: chain.chain_id(),
@@ -334,11 +340,11 @@ async fn only_commits_with_a_certificate_held_are_advertised_and_pushed() {
         .unwrap();
     assert_eq!(availability(&producer).await, advertised(10));
     soma_testkit::wait_synced(&follower, 10, WAIT).await;
-    // Restarted on the producer's store: commits 1..=20, a certificate of
-    // commit 10 alone.
-    let restarted = start(&chain, store.clone(), 3);
-    assert_eq!(availability(&restarted).await, advertised(10));
-    restarted.shutdown().await;
+    // A node started on the producer's store: commits 1..=20, a
+    // certificate of commit 10 alone.
+    let second = start(&chain, store.clone(), 3);
+    assert_eq!(availability(&second).await, advertised(10));
+    second.shutdown().await;
 
     producer
         .send_certificate(20, chain.certificate(20).to_vec())
@@ -346,10 +352,31 @@ async fn only_commits_with_a_certificate_held_are_advertised_and_pushed() {
         .unwrap();
     assert_eq!(availability(&producer).await, advertised(20));
     soma_testkit::wait_synced(&follower, 20, WAIT).await;
+
+    // With the follower listening: local commits without certificates are
+    // not claimed, nor is an empty certificate or one short of a quorum.
+    for i in 21..=25 {
+        producer.send_commit(local(i, false)).await.unwrap();
+    }
+    producer.send_certificate(25, Vec::new()).await.unwrap();
+    let short = chain.certificate(25)[..1].to_vec();
+    assert!(matches!(
+        producer.send_certificate(25, short).await,
+        Err(P2pError::Refused(ApplyError::NoQuorum(25)))
+    ));
+    assert_eq!(availability(&producer).await, advertised(20));
+    let status = producer.sync_status().await.unwrap();
+    assert_eq!((status.synced, status.advertised), (25, 20));
+    assert_eq!(view(&follower, producer_id).await.unwrap().highest, 20);
+    // A local commit sent with its certificate is claimed and pushed.
+    producer.send_commit(local(26, true)).await.unwrap();
+    assert_eq!(availability(&producer).await, advertised(26));
+    soma_testkit::wait_synced(&follower, 26, WAIT).await;
+    assert!(store.certificate(25).unwrap().is_none());
     let view = view(&follower, producer_id).await.unwrap();
     assert_eq!(
         (view.highest, view.failures, view.faults, view.banned_until),
-        (20, 0, 0, None),
+        (26, 0, 0, None),
         "{view:?}"
     );
     follower.shutdown().await;

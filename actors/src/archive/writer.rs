@@ -163,9 +163,14 @@ fn build(
         return Ok(Step::Pruned { lowest });
     }
     let end = batch_end(from, batch_size, None, watermark);
+    // Local commits whose certificate is still to come: nothing to archive
+    // yet (the answer would be UNAVAILABLE).
+    if store.highest_certified_in(from..=end)?.is_none() {
+        return Ok(Step::Idle);
+    }
     let answer = match grpc::fetch_commits(store, from, end, grpc, data) {
         Ok(answer) => answer,
-        // No certificate held in the range yet.
+        // Pruned meanwhile: the next look finds where the store stands.
         Err(status) if status.code() == tonic::Code::NotFound => return Ok(Step::Idle),
         Err(status) => return Err(ArchiveError::Source(status.message().to_string())),
     };
@@ -191,4 +196,37 @@ fn build(
         certifiers: answer.certifier_blocks,
         blocks,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use soma_chain::{ChainBuilder, ChainConfig};
+    use soma_store::{MemStore, SyncedBatch};
+
+    use super::*;
+
+    #[test]
+    fn local_commits_wait_for_their_certificate_before_they_are_archived() {
+        let chain = ChainBuilder::new(ChainConfig::validators(4)).build(5);
+        let store = MemStore::new(chain.genesis());
+        for i in 1..=5 {
+            let batch = SyncedBatch {
+                commits: vec![chain.commit(i)],
+                blocks: chain.blocks_of(i).to_vec(),
+                certificate: Vec::new(),
+                next_committee: None,
+            };
+            store.write_synced_batch(batch).unwrap();
+        }
+        let (grpc, data) = (grpc::Limits::default(), soma_types::Limits::default());
+        let look = |store: &MemStore| build(store, 1, &grpc, &data, 100).unwrap();
+        assert!(matches!(look(&store), Step::Idle));
+        store
+            .insert_certificate(4, chain.certificate(4).to_vec())
+            .unwrap();
+        let Step::Batch(batch) = look(&store) else {
+            panic!("commits 1..=4 are certified");
+        };
+        assert_eq!((batch.first, batch.last), (1, 4));
+    }
 }

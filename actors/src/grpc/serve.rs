@@ -121,7 +121,7 @@ pub(crate) fn fetch_commits(
 /// Fewest blocks is what keeps an answer's size bounded by the committee
 /// size times the largest block, and the order makes the answer the same
 /// every time.
-pub(super) fn minimal_certificate(
+pub(crate) fn minimal_certificate(
     stored: Vec<VerifiedBlock>,
     last: CommitRef,
     committee: &Committee,

@@ -251,8 +251,8 @@ impl Handler<ApplyDone> for StateSync {
         };
         let last = applied.last;
         // Advertised before a local commit's sender hears it is stored.
-        if applied.certified {
-            self.advertise(last);
+        if let Some(certified) = applied.certified {
+            self.advertise(certified);
         }
         let (commits, blocks) = apply::publish(applied.subdags, &self.deps.commits);
         self.status.commits_applied += commits;
@@ -404,7 +404,10 @@ impl Handler<BlocksDone> for StateSync {
 impl Handler<GetSyncStatus> for StateSync {
     type Result = SyncStatus;
     fn handle(&mut self, _: GetSyncStatus, _: &mut Context<Self>) -> SyncStatus {
-        self.status.clone()
+        SyncStatus {
+            advertised: self.deps.availability.borrow().highest,
+            ..self.status.clone()
+        }
     }
 }
 
@@ -418,10 +421,27 @@ impl Handler<ApplyLocal> for StateSync {
     }
 }
 
-impl Handler<Certified> for StateSync {
+impl Handler<StoreCertificate> for StateSync {
+    type Result = ResponseFuture<Result<(), ApplyError>>;
+
+    fn handle(&mut self, msg: StoreCertificate, ctx: &mut Context<Self>) -> Self::Result {
+        let (reply, answer) = oneshot::channel();
+        let (store, addr) = (self.deps.store.clone(), ctx.address());
+        self.deps.runtime.spawn_blocking(move || {
+            let result = apply::certify(store.as_ref(), msg.index, msg.blocks);
+            addr.do_send(CertificateStored { result, reply });
+        });
+        Box::pin(async move { answer.await.unwrap_or(Err(ApplyError::Cancelled)) })
+    }
+}
+
+impl Handler<CertificateStored> for StateSync {
     type Result = ();
-    fn handle(&mut self, Certified(commit): Certified, _: &mut Context<Self>) {
-        self.advertise(commit);
+    fn handle(&mut self, stored: CertificateStored, _: &mut Context<Self>) {
+        if let Ok(Some(commit)) = stored.result {
+            self.advertise(commit);
+        }
+        let _ = stored.reply.send(stored.result.map(|_| ()));
     }
 }
 

@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 use soma_store::{ConsensusStore, SyncedBatch};
 use soma_types::verify::epoch_change;
 use soma_types::{
-    BlockRef, CommitRef, CommittedSubDag, Committee, Epoch, TrustedCommit, VerifiedBlock,
+    BlockRef, CommitIndex, CommitRef, CommittedSubDag, Committee, Epoch, TrustedCommit,
+    VerifiedBlock,
 };
 use tokio::sync::broadcast;
 
@@ -42,6 +43,10 @@ pub enum ApplyError {
     /// The write's task was cancelled (the node is stopping).
     #[error("the write was cancelled")]
     Cancelled,
+    /// A local certificate's blocks do not hold a quorum of votes for the
+    /// commit they are given for (the node could not serve it).
+    #[error("the certificate of commit {0} holds no quorum of votes for it")]
+    NoQuorum(CommitIndex),
 }
 
 impl From<soma_store::Error> for ApplyError {
@@ -101,9 +106,10 @@ pub(super) struct Applied {
     /// The sub-DAGs written, in index order (none if local commits had
     /// covered the whole batch).
     pub(super) subdags: Vec<CommittedSubDag>,
-    /// Whether the write stored a certificate of `last`: every synced
-    /// batch's does, a local commit's only if it came with one.
-    pub(super) certified: bool,
+    /// The commit whose certificate the write stored: every synced
+    /// batch's last (also when local commits had covered it), a local
+    /// commit only if it came with its certificate.
+    pub(super) certified: Option<CommitRef>,
 }
 
 /// Writes `batch` in one atomic store write.
@@ -112,14 +118,24 @@ pub(super) fn write(store: &dyn ConsensusStore, mut batch: Batch) -> Result<Appl
         Source::Local { next_committee } => next_committee.clone(),
         Source::Synced { epoch } => {
             let watermark = store.highest_synced_commit()?;
+            let batch_last = batch.commits.last().map(TrustedCommit::index);
             batch.commits.retain(|c| c.index() > watermark.index);
             if batch.commits.is_empty() {
-                // Local commits covered the whole batch on its way.
+                // Local commits covered the whole batch on its way; their
+                // certificates may still be to come, and this one is
+                // verified. Kept only if it certifies the commit stored.
+                let certified = match batch_last {
+                    Some(index) => certify(store, index, batch.certificate).unwrap_or_else(|e| {
+                        tracing::debug!(index, %e, "a synced certificate of local commits not kept");
+                        None
+                    }),
+                    None => None,
+                };
                 return Ok(Applied {
                     last: watermark,
                     next_committee: None,
                     subdags: Vec::new(),
-                    certified: false,
+                    certified,
                 });
             }
             let committee = store
@@ -152,7 +168,18 @@ pub(super) fn write(store: &dyn ConsensusStore, mut batch: Batch) -> Result<Appl
         .iter()
         .flat_map(|s| s.blocks.iter().cloned())
         .collect();
-    let certified = !batch.certificate.is_empty();
+    let certified = if batch.certificate.is_empty() {
+        None
+    } else {
+        if let Source::Local { .. } = batch.source {
+            let epoch = batch.commits.last().map_or(0, |c| c.commit().epoch);
+            let committee = store
+                .committee(epoch)?
+                .ok_or(ApplyError::NoCommittee(epoch))?;
+            check_quorum(&batch.certificate, last, &committee)?;
+        }
+        Some(last)
+    };
     store.write_synced_batch(SyncedBatch {
         commits: batch.commits,
         blocks,
@@ -165,6 +192,42 @@ pub(super) fn write(store: &dyn ConsensusStore, mut batch: Batch) -> Result<Appl
         subdags,
         certified,
     })
+}
+
+/// Stores `blocks` as the certificate of the stored commit `index`, if
+/// they hold a quorum of votes for it; returns that commit. An empty
+/// `blocks` certifies nothing (`None`).
+pub(super) fn certify(
+    store: &dyn ConsensusStore,
+    index: CommitIndex,
+    blocks: Vec<VerifiedBlock>,
+) -> Result<Option<CommitRef>, ApplyError> {
+    if blocks.is_empty() {
+        return Ok(None);
+    }
+    let commit = store
+        .commit(index)?
+        .ok_or(soma_store::Error::UnknownCommit(index))?;
+    let epoch = commit.commit().epoch;
+    let committee = store
+        .committee(epoch)?
+        .ok_or(ApplyError::NoCommittee(epoch))?;
+    check_quorum(&blocks, commit.reference(), &committee)?;
+    store.insert_certificate(index, blocks)?;
+    Ok(Some(commit.reference()))
+}
+
+/// Refuses a certificate the node could not serve: one whose blocks hold
+/// no quorum of votes for `last` (the rule of
+/// [`minimal_certificate`](crate::grpc::minimal_certificate)).
+fn check_quorum(
+    certificate: &[VerifiedBlock],
+    last: CommitRef,
+    committee: &Committee,
+) -> Result<(), ApplyError> {
+    crate::grpc::minimal_certificate(certificate.to_vec(), last, committee)
+        .map(|_| ())
+        .ok_or(ApplyError::NoQuorum(last.index))
 }
 
 /// Hands the written sub-DAGs to subscribers in index order; returns the
@@ -181,4 +244,75 @@ pub(super) fn publish(
         let _ = subscribers.send(subdag);
     }
     (commits, blocks)
+}
+
+#[cfg(test)]
+mod tests {
+    use soma_chain::{Chain, ChainBuilder, ChainConfig};
+    use soma_store::MemStore;
+
+    use super::*;
+
+    /// Commits `range` of `chain` as one batch, with the given certificate.
+    fn batch(
+        chain: &Chain,
+        range: std::ops::RangeInclusive<u64>,
+        certificate: Vec<VerifiedBlock>,
+        source: Source,
+    ) -> Batch {
+        let mut batch = Batch::local(SyncedBatch {
+            commits: range.clone().map(|i| chain.commit(i)).collect(),
+            blocks: range.flat_map(|i| chain.blocks_of(i).to_vec()).collect(),
+            certificate,
+            next_committee: None,
+        });
+        batch.source = source;
+        batch
+    }
+
+    fn local() -> Source {
+        Source::Local {
+            next_committee: None,
+        }
+    }
+
+    #[test]
+    fn a_local_certificate_short_of_a_quorum_is_refused_and_nothing_written() {
+        let chain = ChainBuilder::new(ChainConfig::validators(4)).build(2);
+        let store = MemStore::new(chain.genesis());
+        let short = chain.certificate(1)[..2].to_vec();
+        let refused = write(&store, batch(&chain, 1..=1, short, local()));
+        assert_eq!(refused.err(), Some(ApplyError::NoQuorum(1)));
+        assert_eq!(store.highest_synced_commit().unwrap().index, 0);
+        let full = chain.certificate(1).to_vec();
+        let applied = write(&store, batch(&chain, 1..=1, full, local())).unwrap();
+        assert_eq!(applied.certified, Some(chain.commit_ref(1)));
+        // Without a certificate: stored, not certified.
+        let applied = write(&store, batch(&chain, 2..=2, Vec::new(), local())).unwrap();
+        assert_eq!(
+            (applied.last, applied.certified),
+            (chain.commit_ref(2), None)
+        );
+    }
+
+    #[test]
+    fn a_synced_batch_covered_by_local_commits_still_gives_them_its_certificate() {
+        let chain = ChainBuilder::new(ChainConfig::validators(4)).build(10);
+        let store = MemStore::new(chain.genesis());
+        write(&store, batch(&chain, 1..=10, Vec::new(), local())).unwrap();
+        let synced = || Source::Synced { epoch: 0 };
+        // A certificate that is not one of commit 10: not kept.
+        let wrong = chain.certificate(9).to_vec();
+        let applied = write(&store, batch(&chain, 1..=10, wrong, synced())).unwrap();
+        assert_eq!(
+            (applied.last, applied.certified),
+            (chain.commit_ref(10), None)
+        );
+        assert!(store.certificate(10).unwrap().is_none());
+        let right = chain.certificate(10).to_vec();
+        let applied = write(&store, batch(&chain, 1..=10, right, synced())).unwrap();
+        assert!(applied.subdags.is_empty());
+        assert_eq!(applied.certified, Some(chain.commit_ref(10)));
+        assert_eq!(store.highest_certified_in(1..=10).unwrap(), Some(10));
+    }
 }

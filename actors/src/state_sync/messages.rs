@@ -389,6 +389,10 @@ pub enum Output {
 pub struct SyncStatus {
     /// The applied watermark.
     pub synced: CommitIndex,
+    /// The highest commit the node serves, and advertises to peers: the
+    /// highest whose certificate it holds. Below `synced` while local
+    /// commits wait for their certificates.
+    pub advertised: CommitIndex,
     /// The highest commit known among peers of our chain.
     pub highest_known: CommitIndex,
     /// Commits applied since start (synced and local).
@@ -457,13 +461,20 @@ pub struct HeightPushed {
 #[rtype(result = "Result<(), ApplyError>")]
 pub struct ApplyLocal(pub SyncedBatch);
 
-/// A certificate of a stored local commit was stored
+/// The certificate of a stored local commit
 /// ([`P2pHandle::send_certificate`](crate::P2pHandle::send_certificate)):
-/// the node can serve batches ending there, so it advertises and pushes
-/// that commit. Answered once advertised.
+/// stored once its blocks hold a quorum of votes for the commit, then
+/// advertised and pushed, since the node can serve batches ending there.
+/// Answered once advertised; written and advertised even if the sender
+/// goes away meanwhile.
 #[derive(Message)]
-#[rtype(result = "()")]
-pub struct Certified(pub CommitRef);
+#[rtype(result = "Result<(), ApplyError>")]
+pub struct StoreCertificate {
+    /// The commit certified.
+    pub index: CommitIndex,
+    /// Its certifier blocks.
+    pub blocks: Vec<VerifiedBlock>,
+}
 
 /// The tick, with PeerHeights' answer.
 #[derive(Message)]
@@ -504,6 +515,14 @@ pub(super) enum Origin {
     Synced(CommitIndex),
     /// A local commit, whose sender waits for the answer.
     Local(tokio::sync::oneshot::Sender<Result<(), ApplyError>>),
+}
+
+/// A certificate's write ended: the commit it certified, if any.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(super) struct CertificateStored {
+    pub(super) result: Result<Option<CommitRef>, ApplyError>,
+    pub(super) reply: tokio::sync::oneshot::Sender<Result<(), ApplyError>>,
 }
 
 /// A write ended.

@@ -49,8 +49,8 @@ pub use apply::ApplyError;
 pub use core::{Config, Init, StateSyncCore, commit_answer_bytes};
 pub use deps::Deps;
 pub use messages::{
-    ApplyLocal, Certified, CommitBatchInfo, CommitsWanted, EpochStart, Failure, GetSyncStatus,
-    HeightPushed, Input, LocalFailure, Output, SyncStatus, TaskId,
+    ApplyLocal, CommitBatchInfo, CommitsWanted, EpochStart, Failure, GetSyncStatus, HeightPushed,
+    Input, LocalFailure, Output, StoreCertificate, SyncStatus, TaskId,
 };
 pub use prune::Retention;
 pub use queries::HeightQueries;

@@ -73,8 +73,10 @@ impl Default for Config {
 /// Where the node's chain stands, as far as pruning is concerned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Chain {
-    /// The watermark.
-    pub synced: CommitIndex,
+    /// The highest commit whose certificate is held: the watermark on a
+    /// node that syncs; local commits above it still wait for theirs. It
+    /// is what the node advertises, so it and its certificate are kept.
+    pub certified: CommitIndex,
     /// The lowest commit stored.
     pub lowest: CommitIndex,
     /// The epoch of the next commit.
@@ -93,7 +95,7 @@ pub fn target(
 ) -> Option<CommitIndex> {
     let keep_from = match retention {
         Retention::All => return None,
-        Retention::Commits(n) => (chain.synced + 1).saturating_sub(n.max(1)),
+        Retention::Commits(n) => (chain.certified + 1).saturating_sub(n.max(1)),
         Retention::Epochs(n) => {
             let first_kept = chain.epoch.checked_sub(n.max(1) - 1)?;
             epoch_start(first_kept)?
@@ -101,7 +103,7 @@ pub fn target(
     };
     // The executor still needs the commit after the one it holds.
     let floor = chain.executed.map_or(u64::MAX, |taken| taken + 1);
-    let target = keep_from.min(floor).min(chain.synced);
+    let target = keep_from.min(floor).min(chain.certified);
     (target > chain.lowest).then_some(target)
 }
 
@@ -140,8 +142,11 @@ pub fn run<G>(
     let mut announced = None;
     for step in 0..=config.max_steps_per_run {
         let (executed, _guard) = executed();
+        let watermark = store.highest_synced_commit()?.index;
         let chain = Chain {
-            synced: store.highest_synced_commit()?.index,
+            certified: store
+                .highest_certified_in(lowest..=watermark)?
+                .unwrap_or(lowest),
             lowest,
             epoch,
             executed,
@@ -310,9 +315,9 @@ impl Pruner {
 mod tests {
     use super::*;
 
-    fn chain(synced: u64, lowest: u64, epoch: Epoch, executed: Option<u64>) -> Chain {
+    fn chain(certified: u64, lowest: u64, epoch: Epoch, executed: Option<u64>) -> Chain {
         Chain {
-            synced,
+            certified,
             lowest,
             epoch,
             executed,
@@ -373,22 +378,52 @@ mod tests {
         assert_eq!(next_step(5, 10, 0), Some(6));
     }
 
-    #[test]
-    fn a_run_prunes_in_bounded_steps_below_what_was_announced() {
+    /// Commits 1..=250 of a 4-validator chain, one per write, each with its
+    /// certificate if `certified` says so.
+    fn store_of_250(certified: impl Fn(u64) -> bool) -> soma_store::MemStore {
         use soma_chain::{ChainBuilder, ChainConfig};
         use soma_store::{MemStore, SyncedBatch};
         let built = ChainBuilder::new(ChainConfig::validators(4)).build(250);
         let store = MemStore::new(built.genesis());
         for i in 1..=250 {
+            let certificate = if certified(i) {
+                built.certificate(i).to_vec()
+            } else {
+                Vec::new()
+            };
             store
                 .write_synced_batch(SyncedBatch {
                     commits: vec![built.commit(i)],
                     blocks: built.blocks_of(i).to_vec(),
-                    certificate: Vec::new(),
+                    certificate,
                     next_committee: None,
                 })
                 .unwrap();
         }
+        store
+    }
+
+    #[test]
+    fn the_highest_certified_commit_is_kept_with_the_commits_above_it() {
+        // Local commits 201..=250 still wait for their certificates: the
+        // node advertises 200, and keeps what it advertises.
+        let store = store_of_250(|i| i % 100 == 0);
+        let config = |n| Config {
+            retention: Retention::Commits(n),
+            ..Config::default()
+        };
+        let announced = |n| run(&store, &config(n), 0, None, || (None, ())).unwrap();
+        assert_eq!(announced(50).target, Some(151));
+        assert_eq!(announced(0).target, Some(200));
+        // Nothing certified: nothing could be served, nothing is pruned.
+        let store = store_of_250(|_| false);
+        let pruned = run(&store, &config(0), 0, None, || (None, ())).unwrap();
+        assert_eq!(pruned.target, None);
+    }
+
+    #[test]
+    fn a_run_prunes_in_bounded_steps_below_what_was_announced() {
+        let store = store_of_250(|_| true);
         let config = Config {
             retention: Retention::Commits(50),
             batch_commits: 60,

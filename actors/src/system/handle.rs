@@ -15,7 +15,7 @@ use super::tree::Actors;
 use crate::connections::{ActivePeers, Connect, PeerEvent};
 use crate::discovery::KnownPeers;
 use crate::peer_heights::{PeerView, Snapshot};
-use crate::state_sync::{ApplyError, ApplyLocal, Certified, GetSyncStatus, SyncStatus};
+use crate::state_sync::{ApplyError, ApplyLocal, GetSyncStatus, StoreCertificate, SyncStatus};
 use crate::supervisor::{NodeFailure, TreeStatus};
 
 /// Time allowed for the server to finish in-flight calls at shutdown.
@@ -350,42 +350,23 @@ impl P2pHandle {
     /// can serve batches ending there. The node advertises (and pushes to
     /// peers behind) only commits whose certificate it holds: a local
     /// commit sent without one is served, and claimed, from this call on.
-    /// An empty `blocks` certifies nothing.
+    /// Refused ([`ApplyError::NoQuorum`]) if `blocks` hold no quorum of
+    /// votes for the commit; an empty `blocks` certifies nothing. Once
+    /// sent, the write and the advertisement happen even if this call is
+    /// dropped or times out.
     pub async fn send_certificate(
         &self,
         index: CommitIndex,
         blocks: Vec<VerifiedBlock>,
     ) -> Result<(), P2pError> {
-        let certifies = !blocks.is_empty();
-        let commit = self
-            .blocking(move |store| {
-                store.insert_certificate(index, blocks)?;
-                store.commit(index)
-            })
-            .await?;
-        let Some(commit) = commit.filter(|_| certifies) else {
-            return Ok(());
-        };
         self.inner
             .actors
             .state_sync
-            .send(Certified(commit.reference()))
+            .send(StoreCertificate { index, blocks })
             .timeout(self.inner.timeout)
             .await
-            .map_err(mailbox)
-    }
-
-    async fn blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&dyn ConsensusStore) -> soma_store::Result<T> + Send + 'static,
-    ) -> Result<T, P2pError> {
-        let store = self.inner.store.clone();
-        self.inner
-            .runtime
-            .spawn_blocking(move || f(store.as_ref()))
-            .await
-            .map_err(|_| P2pError::Stopped)?
-            .map_err(P2pError::Store)
+            .map_err(mailbox)?
+            .map_err(P2pError::from)
     }
 
     /// Dials a peer at `address`; with `peer` given, the server must prove

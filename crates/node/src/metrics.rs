@@ -19,6 +19,7 @@ struct Series {
     connected_peers: IntGauge,
     banned_peers: IntGauge,
     highest_synced: IntGauge,
+    advertised: IntGauge,
     highest_known: IntGauge,
     commits: IntCounterVec,
     blocks: IntCounterVec,
@@ -80,6 +81,11 @@ impl Series {
             connected_peers: gauge(&r, "soma_connected_peers", "Peers connected"),
             banned_peers: gauge(&r, "soma_banned_peers", "Peers banned for invalid data"),
             highest_synced: gauge(&r, "soma_highest_synced_commit", "Highest commit applied"),
+            advertised: gauge(
+                &r,
+                "soma_advertised_commit",
+                "Highest commit served and advertised: the highest whose certificate is held",
+            ),
             highest_known: gauge(
                 &r,
                 "soma_highest_known_commit",
@@ -226,6 +232,7 @@ impl Series {
     async fn update(&self, handle: &P2pHandle) {
         if let Ok(status) = handle.sync_status().await {
             self.highest_synced.set(status.synced as i64);
+            self.advertised.set(status.advertised as i64);
             self.highest_known.set(status.highest_known as i64);
             self.advance(&self.commits, &[], status.commits_applied);
             self.advance(&self.blocks, &[], status.blocks_applied);
@@ -372,6 +379,7 @@ mod tests {
         let blocks = (1..=300).flat_map(|i| chain.blocks_of(i));
         let bytes: usize = blocks.clone().map(|b| b.serialized().len()).sum();
         assert_eq!(value(&ours, "soma_highest_synced_commit"), 300.0);
+        assert_eq!(value(&ours, "soma_advertised_commit"), 300.0);
         assert_eq!(value(&ours, "soma_highest_known_commit"), 300.0);
         assert_eq!(value(&ours, "soma_commits_synced_total"), 300.0);
         assert_eq!(
