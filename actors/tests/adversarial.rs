@@ -399,3 +399,63 @@ async fn a_retired_committees_batch_never_gets_the_honest_peers_after_it_banned(
         h.shutdown().await;
     }
 }
+
+/// A peer that never answers PushCommit holds up pushes to itself only:
+/// the node pushes each new height to its other peers at once, and keeps
+/// one push at most on its way to the staller. Pushes used to go out in
+/// rounds, one round at a time, each waiting for every peer: one such peer
+/// held a round for the whole request timeout, and every push meanwhile
+/// was dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_answers_pushes_holds_up_only_pushes_to_itself() {
+    use soma_actors::system::LocalCommit;
+    let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(10));
+    let staller = byzantine::serve_observed(chain.clone(), Lie::StallsPushes, 100).await;
+    // Heights are asked only as a connection opens, so the follower learns
+    // of each commit from the producer's push alone; a push the staller
+    // holds waits the whole (long) request timeout.
+    let quiet = || P2pConfig {
+        height_query_interval: Duration::from_secs(3_600),
+        timeout: Duration::from_secs(600),
+        ..P2pConfig::default()
+    };
+    let mut config = quiet();
+    config.discovery.interval_ms = 50;
+    let empty = || Arc::new(MemStore::new(chain.genesis()));
+    let producer = soma_testkit::node(&chain, 1, config, empty());
+    producer
+        .connect(Some(staller.peer), staller.address.clone())
+        .unwrap();
+    let config = P2pConfig {
+        seed_peers: seeds(&[&producer]),
+        ..quiet()
+    };
+    let follower = soma_testkit::node(&chain, 2, config, empty());
+    let heard = [staller.peer, follower.peer_id()];
+    wait_until("the producer hears both heights", DEADLINE, async || {
+        let views = producer.peer_heights().await.unwrap();
+        let heard_from = |peer| views.iter().any(|v| v.peer == peer && v.chain_id.is_some());
+        heard.iter().all(|p| heard_from(*p))
+    })
+    .await;
+    let wait = Duration::from_secs(30);
+    let local = |i| LocalCommit {
+        commit: chain.commit(i),
+        blocks: chain.blocks_of(i).to_vec(),
+        certificate: chain.certificate(i).to_vec(),
+        next_committee: None,
+    };
+    for i in 1..=5 {
+        producer.send_commit(local(i)).await.unwrap();
+        soma_testkit::wait_synced(&follower, i, wait).await;
+    }
+    // A burst: heights that rise while a push is on its way reach the
+    // follower with the push after it.
+    for i in 6..=10 {
+        producer.send_commit(local(i)).await.unwrap();
+    }
+    soma_testkit::wait_synced(&follower, 10, wait).await;
+    assert_eq!(staller.stalled.load(Ordering::SeqCst), 1);
+    follower.shutdown().await;
+    producer.shutdown().await;
+}

@@ -334,24 +334,20 @@ async fn only_commits_with_a_certificate_held_are_advertised_and_pushed() {
     .await;
     assert_eq!(view(&follower, producer_id).await.unwrap().highest, 0);
 
-    producer
-        .send_certificate(10, chain.certificate(10).to_vec())
-        .await
-        .unwrap();
-    assert_eq!(availability(&producer).await, advertised(10));
-    soma_testkit::wait_synced(&follower, 10, WAIT).await;
+    // Each certificate is advertised, and the follower syncs to it.
+    let certify = async |i| {
+        let certificate = chain.certificate(i).to_vec();
+        producer.send_certificate(i, certificate).await.unwrap();
+        assert_eq!(availability(&producer).await, advertised(i));
+        soma_testkit::wait_synced(&follower, i, WAIT).await;
+    };
+    certify(10).await;
     // A node started on the producer's store: commits 1..=20, a
     // certificate of commit 10 alone.
     let second = start(&chain, store.clone(), 3);
     assert_eq!(availability(&second).await, advertised(10));
     second.shutdown().await;
-
-    producer
-        .send_certificate(20, chain.certificate(20).to_vec())
-        .await
-        .unwrap();
-    assert_eq!(availability(&producer).await, advertised(20));
-    soma_testkit::wait_synced(&follower, 20, WAIT).await;
+    certify(20).await;
 
     // With the follower listening: local commits without certificates are
     // not claimed, nor is an empty certificate or one short of a quorum.

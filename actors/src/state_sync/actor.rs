@@ -40,6 +40,10 @@ pub struct StateSync {
     tasks: Tasks,
     /// Keeps the store within its retention.
     pruner: Pruner,
+    /// Set while PeerHeights is asked which peers to push the advertised
+    /// height to: whether the height rose since it was asked (then it is
+    /// asked again once it answers).
+    asking_behind: Option<bool>,
 }
 
 impl StateSync {
@@ -58,12 +62,17 @@ impl StateSync {
         Ok(StateSync {
             driver: Driver::new(init, recorder).with_faults(deps.faults.clone()),
             worker: deps.worker(),
-            tasks: Tasks::new(deps.max_background_calls, deps.runtime.clone()),
+            tasks: Tasks::new(
+                deps.max_background_calls,
+                deps.max_pushes,
+                deps.runtime.clone(),
+            ),
             pruner: Pruner::new(&deps),
             deps,
             fetched: Fetched::default(),
             status,
             broken: None,
+            asking_behind: None,
         })
     }
 
@@ -159,16 +168,40 @@ impl StateSync {
     /// Advertises `commit` as the highest this node serves, if it is
     /// higher than the one advertised: the highest commit whose
     /// certificate is stored, never a local commit still without one
-    /// (answered UNAVAILABLE). Pushes it to the peers known to be behind.
-    fn advertise(&mut self, commit: CommitRef) {
+    /// (answered UNAVAILABLE). Pushes it to the peers known to be behind,
+    /// one push per peer at a time ([`Tasks::push_to`]).
+    fn advertise(&mut self, commit: CommitRef, ctx: &mut Context<Self>) {
         let raised = self.deps.availability.send_if_modified(|a| {
             let raised = commit.index > a.highest;
             a.highest = a.highest.max(commit.index);
             raised
         });
         if raised {
-            self.tasks.push(self.calls().push_commit(commit));
+            self.push_advertised(ctx);
         }
+    }
+
+    /// Pushes the advertised height to the peers known to be behind it:
+    /// one question to PeerHeights at a time, asked again if the height
+    /// rose meanwhile.
+    fn push_advertised(&mut self, ctx: &mut Context<Self>) {
+        if let Some(rose) = &mut self.asking_behind {
+            *rose = true;
+            return;
+        }
+        self.asking_behind = Some(false);
+        let index = self.deps.availability.borrow().highest;
+        let behind = self.calls().peers_behind(index);
+        ctx.spawn(behind.into_actor(self).map(|peers, act, ctx| {
+            for peer in peers {
+                let advertised = act.deps.availability.subscribe();
+                let push = act.calls().push_commits(peer, advertised);
+                act.tasks.push_to(peer, push);
+            }
+            if act.asking_behind.take() == Some(true) {
+                act.push_advertised(ctx);
+            }
+        }));
     }
 
     fn fetch_commits(
@@ -252,7 +285,7 @@ impl Handler<ApplyDone> for StateSync {
         let last = applied.last;
         // Advertised before a local commit's sender hears it is stored.
         if let Some(certified) = applied.certified {
-            self.advertise(certified);
+            self.advertise(certified, ctx);
         }
         let (commits, blocks) = apply::publish(applied.subdags, &self.deps.commits);
         self.status.commits_applied += commits;
@@ -326,6 +359,8 @@ impl Supervised for StateSync {
     /// this core did not plan.
     fn restarting(&mut self, _: &mut Context<Self>) {
         self.tasks.abort_all();
+        // The question to PeerHeights went with the context's futures.
+        self.asking_behind = None;
         self.fetched.clear();
         match self.deps.init(self.driver.core().next_task()) {
             Ok(init) => self.driver.restart(init),
@@ -437,9 +472,9 @@ impl Handler<StoreCertificate> for StateSync {
 
 impl Handler<CertificateStored> for StateSync {
     type Result = ();
-    fn handle(&mut self, stored: CertificateStored, _: &mut Context<Self>) {
+    fn handle(&mut self, stored: CertificateStored, ctx: &mut Context<Self>) {
         if let Ok(Some(commit)) = stored.result {
-            self.advertise(commit);
+            self.advertise(commit, ctx);
         }
         let _ = stored.reply.send(stored.result.map(|_| ()));
     }

@@ -126,7 +126,9 @@ pub(super) fn write(store: &dyn ConsensusStore, mut batch: Batch) -> Result<Appl
                 // verified. Kept only if it certifies the commit stored.
                 let certified = match batch_last {
                     Some(index) => certify(store, index, batch.certificate).unwrap_or_else(|e| {
-                        tracing::debug!(index, %e, "a synced certificate of local commits not kept");
+                        // A verified certificate that does not certify the
+                        // local commit at its index: two chains.
+                        tracing::warn!(index, %e, "a synced certificate of local commits not kept");
                         None
                     }),
                     None => None,

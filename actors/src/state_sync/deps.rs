@@ -63,8 +63,12 @@ pub struct Deps {
     pub prune: prune::Config,
     /// Capacity of its mailbox.
     pub mailbox_capacity: usize,
-    /// Height queries and commit pushes running at once at most.
+    /// Rounds of height queries running at once at most.
     pub max_background_calls: usize,
+    /// Pushes of the advertised height on their way at once at most (one
+    /// per peer at most; PeerHeights' `max_tracked_peers` bounds the peers
+    /// asked, this the peers gone since with a push still on its way).
+    pub max_pushes: usize,
     /// Where batches no connected peer holds are read, if anywhere.
     pub archive: Option<Arc<ArchiveReader>>,
     /// The next commit the archive writer will archive, if the node

@@ -21,9 +21,10 @@ use std::time::{Duration, Instant};
 use actix::Addr;
 use futures::{FutureExt, StreamExt};
 use soma_types::verify::{CertifiedRun, ExpectedBlocks};
-use soma_types::{BlockRef, CommitIndex, CommitRef, Epoch, PeerId, TrustedCommit, VerifiedBlock};
+use soma_types::{BlockRef, CommitIndex, Epoch, PeerId, TrustedCommit, VerifiedBlock};
 use soma_wire::convert::Availability;
 use soma_wire::proto;
+use tokio::sync::watch;
 use tokio::task::{AbortHandle, JoinSet};
 
 use super::apply::{Batch, Source};
@@ -827,21 +828,36 @@ impl PeerCalls {
         }
     }
 
-    /// Tells the peers known to be behind that we synced `last`.
-    pub(super) async fn push_commit(self, last: CommitRef) {
-        let Ok(peers) = self.heights.send(PeersBehind { index: last.index }).await else {
-            return;
-        };
-        // Concurrently: one peer that never answers holds up no other.
-        let push = |peer| {
-            let message = proto::PushCommitRequest { index: last.index };
-            let call = |mut c: Client, r| async move { c.push_commit(r).await };
-            let outbound = self.outbound.clone();
-            async move {
-                let _ = outbound.call(peer, message, call).await;
+    /// The peers known to be behind `index`.
+    pub(super) async fn peers_behind(self, index: CommitIndex) -> Vec<PeerId> {
+        self.heights
+            .send(PeersBehind { index })
+            .await
+            .unwrap_or_default()
+    }
+
+    /// Tells `peer` the highest commit we serve, as `advertised` reads
+    /// when each push is sent: again while it rose during the last push,
+    /// so a height that rose while a push was on its way still reaches the
+    /// peer. Stops at the first push the peer does not answer.
+    pub(super) async fn push_commits(
+        self,
+        peer: PeerId,
+        mut advertised: watch::Receiver<Availability>,
+    ) {
+        let mut sent = 0;
+        loop {
+            let index = advertised.borrow_and_update().highest;
+            if index <= sent {
+                return;
             }
-        };
-        futures::future::join_all(peers.into_iter().map(push)).await;
+            let message = proto::PushCommitRequest { index };
+            let call = |mut c: Client, r| async move { c.push_commit(r).await };
+            if self.outbound.call(peer, message, call).await.is_err() {
+                return;
+            }
+            sent = index;
+        }
     }
 }
 
@@ -1022,27 +1038,39 @@ pub(super) fn to_usize(bytes: u64) -> usize {
 
 /// Every task StateSync runs on the runtime, aborted together on a
 /// restart and when the actor is dropped (a worker's fetch slot is
-/// released as it drops): sync workers by task, and rounds of calls to
-/// peers, each one task: height queries, at most `most_queries` rounds at
-/// once, and commit pushes, one round at a time, so peers that never
-/// answer a push cannot crowd out height queries. A round asked for while
-/// its set is full is dropped (counted): the next tick or write repeats it
-/// with newer data.
+/// released as it drops): sync workers by task; rounds of height queries,
+/// each one task, at most `most_queries` at once (a round asked for while
+/// the set is full is dropped, counted: the next tick repeats it); and
+/// commit pushes, one task per peer and at most one per peer at a time, so
+/// a peer that never answers a push holds up only pushes to itself. A push
+/// to a peer whose last one is still on its way is skipped: the one on its
+/// way, or the next, or the peer's height queries, bring it a height.
 pub(super) struct Tasks {
     workers: HashMap<TaskId, AbortHandle>,
     queries: JoinSet<()>,
     pushes: JoinSet<()>,
+    /// The push on its way to each peer, by peer and by task.
+    pushing: HashMap<PeerId, tokio::task::Id>,
+    pushed: HashMap<tokio::task::Id, PeerId>,
     most_queries: usize,
+    most_pushes: usize,
     runtime: tokio::runtime::Handle,
 }
 
 impl Tasks {
-    pub(super) fn new(most_queries: usize, runtime: tokio::runtime::Handle) -> Self {
+    pub(super) fn new(
+        most_queries: usize,
+        most_pushes: usize,
+        runtime: tokio::runtime::Handle,
+    ) -> Self {
         Tasks {
             workers: HashMap::new(),
             queries: JoinSet::new(),
             pushes: JoinSet::new(),
+            pushing: HashMap::new(),
+            pushed: HashMap::new(),
             most_queries,
+            most_pushes,
             runtime,
         }
     }
@@ -1082,9 +1110,35 @@ impl Tasks {
         Self::spawn_within(&mut self.queries, self.most_queries, round, &self.runtime);
     }
 
-    /// Runs a round of commit pushes.
-    pub(super) fn push(&mut self, round: impl Future<Output = ()> + Send + 'static) {
-        Self::spawn_within(&mut self.pushes, 1, round, &self.runtime);
+    /// Runs `push` to `peer`, unless a push to it is on its way (which
+    /// carries a newer height itself: [`PeerCalls::push_commits`]). Past
+    /// `most_pushes` on their way, the push is dropped (counted).
+    pub(super) fn push_to(
+        &mut self,
+        peer: PeerId,
+        push: impl Future<Output = ()> + Send + 'static,
+    ) {
+        while let Some(ended) = self.pushes.try_join_next_with_id() {
+            let id = ended.map_or_else(|e| e.id(), |(id, ())| id);
+            if let Some(peer) = self.pushed.remove(&id) {
+                self.pushing.remove(&peer);
+            }
+        }
+        if self.pushing.contains_key(&peer) {
+            return;
+        }
+        if self.pushes.len() >= self.most_pushes {
+            return dropped::count(Droppable::PeerCall);
+        }
+        let id = self.pushes.spawn_on(push, &self.runtime).id();
+        self.pushing.insert(peer, id);
+        self.pushed.insert(id, peer);
+    }
+
+    /// Peers with a push on its way.
+    #[cfg(test)]
+    fn pushing(&self) -> usize {
+        self.pushing.len()
     }
 
     /// Aborts every task.
@@ -1094,6 +1148,8 @@ impl Tasks {
         }
         self.queries.abort_all();
         self.pushes.abort_all();
+        self.pushing.clear();
+        self.pushed.clear();
     }
 
     fn spawn_within(
@@ -1112,9 +1168,47 @@ impl Tasks {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicUsize;
+
     use super::*;
 
     const TIMEOUT: Duration = Duration::from_secs(10);
+
+    #[tokio::test]
+    async fn a_push_to_a_peer_waits_for_its_last_and_holds_up_no_other() {
+        let mut tasks = Tasks::new(1, 8, tokio::runtime::Handle::current());
+        let peer = |n| PeerId([n; 32]);
+        let (stuck, pushed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let push = |count: &Arc<AtomicUsize>, forever: bool| {
+            let count = count.clone();
+            async move {
+                count.fetch_add(1, Ordering::SeqCst);
+                if forever {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        // Peer 1 never answers: its next pushes are skipped, and peer 2
+        // is pushed every time, each push after the one before ended.
+        for _ in 0..5 {
+            tasks.push_to(peer(1), push(&stuck, true));
+            tasks.push_to(peer(2), push(&pushed, false));
+            while tasks.pushes.len() > 1 {
+                tokio::task::yield_now().await;
+                while let Some(ended) = tasks.pushes.try_join_next_with_id() {
+                    let peer = tasks.pushed.remove(&ended.unwrap().0).unwrap();
+                    tasks.pushing.remove(&peer);
+                }
+            }
+        }
+        assert_eq!(stuck.load(Ordering::SeqCst), 1);
+        assert_eq!(pushed.load(Ordering::SeqCst), 5);
+        assert_eq!(tasks.pushing(), 1);
+        tasks.abort_all();
+        assert_eq!(tasks.pushing(), 0);
+        tasks.push_to(peer(1), push(&stuck, false));
+        assert_eq!(tasks.pushing(), 1);
+    }
 
     #[test]
     fn a_late_fetch_asks_a_second_peer_after_four_times_the_usual_answer_time() {

@@ -25,9 +25,9 @@ pub struct P2pConfig {
     pub timeout: Duration,
     /// Capacity of each actor's mailbox.
     pub mailbox_capacity: usize,
-    /// Background calls of state sync to peers (rounds of height queries,
-    /// commit pushes) running at once at most; a round past it is skipped
-    /// and counted, the next one repeats it.
+    /// Rounds of height queries of state sync running at once at most; a
+    /// round past it is skipped and counted, the next one repeats it.
+    /// (Commit pushes go one task per peer, at most one per peer.)
     pub max_background_calls: usize,
     /// How long a peer that sent invalid data stays banned.
     pub ban_duration: Duration,

@@ -194,19 +194,17 @@ fn start_tree(config: &P2pConfig, parts: NodeParts) -> Result<Actors, StartError
         Recorder::from_env(verifier::VerifierCore::NAME),
     )
     .map_err(StartError::Runtime)?;
+    let heights_config = peer_heights::Config {
+        ban_duration_ms: config.ban_duration.as_millis() as u64,
+        max_fetches_per_peer: config.max_fetches_per_peer,
+        max_waiting_fetches: config.max_waiting_fetches,
+        ..peer_heights::Config::new(chain_id, seed)
+    };
+    let max_tracked_peers = heights_config.max_tracked_peers;
     let heights = PeerHeights::new(
         peer_heights::Deps {
             faults: faults.clone(),
-            ..peer_heights::Deps::new(
-                peer_heights::Config {
-                    ban_duration_ms: config.ban_duration.as_millis() as u64,
-                    max_fetches_per_peer: config.max_fetches_per_peer,
-                    max_waiting_fetches: config.max_waiting_fetches,
-                    ..peer_heights::Config::new(chain_id, seed)
-                },
-                Some(actors.connections.clone()),
-                capacity,
-            )
+            ..peer_heights::Deps::new(heights_config, Some(actors.connections.clone()), capacity)
         },
         Recorder::from_env(peer_heights::PeerHeightsCore::NAME),
     );
@@ -247,6 +245,7 @@ fn start_tree(config: &P2pConfig, parts: NodeParts) -> Result<Actors, StartError
             prune: config.prune.clone(),
             mailbox_capacity: capacity,
             max_background_calls: config.max_background_calls.max(1),
+            max_pushes: max_tracked_peers.max(1),
             archive,
             archived,
             faults: faults.clone(),

@@ -89,6 +89,10 @@ pub enum Lie {
     /// answers height queries claiming no commit (a highest of 0), to
     /// escape a judgement on what it claims when it is asked again.
     WithholdsBlocksThenDisclaims(u64),
+    /// Claims no commit (a highest of 0), so a node that dials it pushes
+    /// it every new height, and never answers a PushCommit (each one
+    /// counted stalled while it waits).
+    StallsPushes,
 }
 
 /// Bytes of each blob a [`Lie::FloodsBlocks`] peer sends: the largest
@@ -238,6 +242,7 @@ impl p2p_server::P2p for Evil {
         };
         let highest = match self.lie {
             Lie::ClaimsHeight => self.chain.tip() + CLAIMED_EXTRA_COMMITS,
+            Lie::StallsPushes => 0,
             _ => self.chain.tip(),
         };
         let (lowest, highest) = match self.pruned.load(Ordering::SeqCst) {
@@ -266,6 +271,10 @@ impl p2p_server::P2p for Evil {
         &self,
         _: Request<proto::PushCommitRequest>,
     ) -> Result<Response<proto::PushCommitResponse>, Status> {
+        if self.lie == Lie::StallsPushes {
+            let _stalled = Stalled::new(&self.stalled);
+            std::future::pending::<()>().await;
+        }
         Ok(Response::new(proto::PushCommitResponse {}))
     }
 
