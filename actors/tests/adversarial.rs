@@ -408,7 +408,6 @@ async fn a_retired_committees_batch_never_gets_the_honest_peers_after_it_banned(
 /// was dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_never_answers_pushes_holds_up_only_pushes_to_itself() {
-    use soma_actors::system::LocalCommit;
     let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(10));
     let staller = byzantine::serve_observed(chain.clone(), Lie::StallsPushes, 100).await;
     // Heights are asked only as a connection opens, so the follower learns
@@ -439,12 +438,7 @@ async fn a_peer_that_never_answers_pushes_holds_up_only_pushes_to_itself() {
     })
     .await;
     let wait = Duration::from_secs(30);
-    let local = |i| LocalCommit {
-        commit: chain.commit(i),
-        blocks: chain.blocks_of(i).to_vec(),
-        certificate: chain.certificate(i).to_vec(),
-        next_committee: None,
-    };
+    let local = |i| soma_testkit::local_commit(&chain, i);
     for i in 1..=5 {
         producer.send_commit(local(i)).await.unwrap();
         soma_testkit::wait_synced(&follower, i, wait).await;

@@ -147,12 +147,7 @@ async fn a_slow_executor_gets_every_commit_of_a_long_catch_up_once_and_sync_keep
 
 /// A local commit of `chain` as consensus hands it over.
 fn local(chain: &Chain, index: u64) -> LocalCommit {
-    LocalCommit {
-        commit: chain.commit(index),
-        blocks: chain.blocks_of(index).to_vec(),
-        certificate: chain.certificate(index).to_vec(),
-        next_committee: None,
-    }
+    soma_testkit::local_commit(chain, index)
 }
 
 /// A node fed by local consensus: 400 commits are stored before the

@@ -479,7 +479,6 @@ async fn node_stopped_mid_sync_resumes_from_its_watermark_on_the_same_store() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_commits_take_the_sync_path_and_a_commit_that_does_not_link_is_refused() {
-    use soma_actors::system::LocalCommit;
     let chain = ChainBuilder::new(ChainConfig::validators(4)).build(20);
     let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
     let node = P2pBuilder::new(
@@ -491,12 +490,7 @@ async fn local_commits_take_the_sync_path_and_a_commit_that_does_not_link_is_ref
     .start()
     .unwrap();
     let mut commits = node.subscribe_synced_commits();
-    let local = |i: u64| LocalCommit {
-        commit: chain.commit(i),
-        blocks: chain.blocks_of(i).to_vec(),
-        certificate: chain.certificate(i).to_vec(),
-        next_committee: None,
-    };
+    let local = |i| soma_testkit::local_commit(&chain, i);
     for i in 1..=10 {
         node.send_commit(local(i)).await.unwrap();
         let subdag = commits.recv().await.unwrap();

@@ -83,6 +83,17 @@ pub fn stored(chain: &Chain, commits: u64) -> MemStore {
     store
 }
 
+/// Commit `index` of `chain` as local consensus hands it over, with its
+/// certificate.
+pub fn local_commit(chain: &Chain, index: u64) -> soma_actors::system::LocalCommit {
+    soma_actors::system::LocalCommit {
+        commit: chain.commit(index),
+        blocks: chain.blocks_of(index).to_vec(),
+        certificate: chain.certificate(index).to_vec(),
+        next_committee: None,
+    }
+}
+
 /// Seed entries (with peer ids) for `nodes`.
 pub fn seeds(nodes: &[&P2pHandle]) -> Vec<SeedPeer> {
     nodes
