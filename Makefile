@@ -20,11 +20,12 @@ else
 	$(CARGO) test --workspace --locked --no-fail-fast
 endif
 
-## lint: formatting check, clippy with warnings as errors, the dependency policy,
+## lint: formatting check, clippy and rustdoc with warnings as errors, the dependency policy,
 ## and no test hook in the node binary's build
 lint: deny no-test-hooks
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps --locked
 
 ## deny: dependency policy (deny.toml): licences, sources, bans, and security
 ## advisories when the advisory database (github.com) can be fetched.

@@ -3,7 +3,7 @@
 //! actix's `do_send` queues past a mailbox's capacity, so a receiver that
 //! falls behind would let its queue grow without bound. Every send whose
 //! loss is harmless (the next round, query or probe repeats it) goes
-//! through [`try_send`] instead, and a full mailbox drops it and counts it
+//! through `try_send` instead, and a full mailbox drops it and counts it
 //! here; sends that must not be lost are bounded by construction (see
 //! docs/architecture.md, "Bounded sends"). The counts are per process, as
 //! the metric `soma_dropped_messages_total{message}` reports them.

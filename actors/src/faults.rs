@@ -1,6 +1,6 @@
 //! Fault injection, for tests of supervision.
 //!
-//! With the `testing` feature a node can be given a [`FaultPlan`]: panics
+//! With the `testing` feature a node can be given a `FaultPlan`: panics
 //! in an actor's handler on its Nth input (or on every input), and panics
 //! or failures in the sync workers of given batches. Without the feature
 //! there is no plan to give, and the hooks below compile to nothing, so a

@@ -2,7 +2,7 @@
 //! nodes that need history no connected peer holds any more.
 //!
 //! A node with `write` on copies every certified batch it holds into the
-//! archive ([`writer`]), in the background: a slow or failing archive is
+//! archive (`writer`), in the background: a slow or failing archive is
 //! counted and retried, and never holds up sync. A node with `read` on
 //! turns to the archive when no connected peer holds the range it needs
 //! (every peer's lowest available commit is above it): a sync worker reads

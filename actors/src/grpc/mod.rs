@@ -8,11 +8,11 @@
 //! store reads (FetchCommits, FetchBlocks) then run on tokio's blocking pool,
 //! not on the actor's thread, so one slow read never holds up other RPCs
 //! (a FetchCommits answer still valid for the store's current version is
-//! served from memory instead: [`answers`]);
+//! served from memory instead: `answers`);
 //! each holds a [`Permit`] that returns its slot to the adapter when the call
 //! ends, however it ends; a slot whose answer was sent in full is kept for
 //! the next fetch of the same connection until the adapter takes it back
-//! ([`kept`]), so a peer fetching batch after batch does not wait for the
+//! (`kept`), so a peer fetching batch after batch does not wait for the
 //! actor each time.
 //!
 //! A call ends when its response has been handed to the transport, not when

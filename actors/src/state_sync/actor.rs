@@ -22,10 +22,10 @@ use crate::replay::Recorder;
 use crate::verifier::InstallCommittee;
 
 /// The StateSync actor: a thin shell around [`StateSyncCore`]. It runs
-/// the core's fetches as [`Worker`]s on the runtime, each under
+/// the core's fetches as `Worker`s on the runtime, each under
 /// `catch_unwind` (a panic is the task's [`Failure::Panicked`]), holds the
 /// fetched batches until they are written, and performs writes through the
-/// one [`apply`] path.
+/// one `apply` path.
 pub struct StateSync {
     deps: Deps,
     driver: Driver<StateSyncCore>,

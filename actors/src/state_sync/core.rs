@@ -1354,7 +1354,7 @@ impl StateSyncCore {
 }
 
 /// The largest FetchCommits answer of `committee`'s epoch: the limits'
-/// bound for a certificate of at most [`max_certifiers`] blocks.
+/// bound for a certificate of at most `max_certifiers` blocks.
 pub fn commit_answer_bytes(
     limits: &Limits,
     commit_budget_bytes: usize,

@@ -2,7 +2,7 @@
 //!
 //! actix restarts an actor only when it stops itself, and a panic in a
 //! handler ends the actor's task and closes its mailbox. So each
-//! long-lived actor runs under a [`guard`](start) of ours: a future that
+//! long-lived actor runs under a guard (`start`) of ours: a future that
 //! polls the actor's context under `catch_unwind`. When the actor panics
 //! (in a handler, a timer or a future of its own) or stops, the guard asks
 //! the root [`Supervisor`] what to do and waits for the answer. The root's

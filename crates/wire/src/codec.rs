@@ -92,7 +92,7 @@ impl<U: Message + Default> Decoder for CopyingDecoder<U> {
 
 /// Decodes a `U` from `buf` with every `bytes` field copied out: prost
 /// takes such a field with `Buf::copy_to_bytes`, which on tonic's buffer
-/// (as on `Bytes`) is a slice of it. Through [`Copying`], which leaves
+/// (as on `Bytes`) is a slice of it. Through `Copying`, which leaves
 /// `copy_to_bytes` to its default, it is a new allocation of exactly the
 /// field's length.
 pub fn decode_copying<U: Message + Default, B: Buf>(buf: &mut B) -> Result<U, prost::DecodeError> {
