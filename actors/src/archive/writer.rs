@@ -162,7 +162,12 @@ fn build(
     if from < lowest {
         return Ok(Step::Pruned { lowest });
     }
-    let end = batch_end(from, batch_size, None, watermark);
+    // The range `fetch_commits` reads: it ends at the epoch's last commit.
+    let epoch_last = match store.commit(from)? {
+        Some(c) => store.last_commit_of_epoch(c.commit().epoch)?,
+        None => None,
+    };
+    let end = batch_end(from, batch_size, epoch_last, watermark);
     // Local commits whose certificate is still to come: nothing to archive
     // yet (the answer would be UNAVAILABLE).
     if store.highest_certified_in(from..=end)?.is_none() {
@@ -201,32 +206,37 @@ fn build(
 #[cfg(test)]
 mod tests {
     use soma_chain::{ChainBuilder, ChainConfig};
-    use soma_store::{MemStore, SyncedBatch};
+    use soma_store::MemStore;
 
     use super::*;
 
     #[test]
     fn local_commits_wait_for_their_certificate_before_they_are_archived() {
-        let chain = ChainBuilder::new(ChainConfig::validators(4)).build(5);
+        // Epoch 0 ends at commit 4; commits 1..=6 are local, without
+        // certificates.
+        let chain = ChainBuilder::new(ChainConfig {
+            commits_per_epoch: Some(4),
+            ..ChainConfig::validators(4)
+        })
+        .build(6);
         let store = MemStore::new(chain.genesis());
-        for i in 1..=5 {
-            let batch = SyncedBatch {
-                commits: vec![chain.commit(i)],
-                blocks: chain.blocks_of(i).to_vec(),
-                certificate: Vec::new(),
-                next_committee: None,
-            };
+        for i in 1..=6 {
+            let mut batch = chain.batch(i..=i);
+            batch.certificate.clear();
             store.write_synced_batch(batch).unwrap();
         }
         let (grpc, data) = (grpc::Limits::default(), soma_types::Limits::default());
         let look = |store: &MemStore| build(store, 1, &grpc, &data, 100).unwrap();
         assert!(matches!(look(&store), Step::Idle));
-        store
-            .insert_certificate(4, chain.certificate(4).to_vec())
-            .unwrap();
+        // A certificate past the epoch's end: still nothing to archive
+        // from commit 1, whose batch ends with the epoch.
+        let certify = |i: u64| store.insert_certificate(i, chain.certificate(i).to_vec());
+        certify(6).unwrap();
+        assert!(matches!(look(&store), Step::Idle));
+        certify(3).unwrap();
         let Step::Batch(batch) = look(&store) else {
-            panic!("commits 1..=4 are certified");
+            panic!("commits 1..=3 are certified");
         };
-        assert_eq!((batch.first, batch.last), (1, 4));
+        assert_eq!((batch.first, batch.last), (1, 3));
     }
 }

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use soma_store::ConsensusStore;
 use soma_types::{CommitIndex, Epoch};
+use soma_wire::convert::Availability;
 use tokio::sync::watch;
 
 use crate::system::Execution;
@@ -126,14 +127,15 @@ pub struct Pruned {
 }
 
 /// Prunes `store` towards the retention, deleting only below `ripe` (a
-/// target announced a grace ago), one bounded write transaction per step,
+/// target announced a grace ago), never past `advertised` (the highest
+/// commit the node advertises), one bounded write transaction per step,
 /// at most `max_steps_per_run` steps. `executed` is called before each
 /// step and returns the executor's position with a guard held across the
 /// step, so an executor cannot register below a step in progress.
 pub fn run<G>(
     store: &dyn ConsensusStore,
     config: &Config,
-    epoch: Epoch,
+    (epoch, advertised): (Epoch, CommitIndex),
     ripe: Option<CommitIndex>,
     executed: impl Fn() -> (Option<CommitIndex>, G),
 ) -> Result<Pruned, soma_store::Error> {
@@ -142,10 +144,12 @@ pub fn run<G>(
     let mut announced = None;
     for step in 0..=config.max_steps_per_run {
         let (executed, _guard) = executed();
-        let watermark = store.highest_synced_commit()?.index;
+        // What the node advertises, which its store may have passed by a
+        // certificate written but not yet advertised.
+        let served = store.highest_synced_commit()?.index.min(advertised);
         let chain = Chain {
             certified: store
-                .highest_certified_in(lowest..=watermark)?
+                .highest_certified_in(lowest..=served)?
                 .unwrap_or(lowest),
             lowest,
             epoch,
@@ -244,6 +248,8 @@ pub(super) struct Pruner {
     /// The next commit the archive writer will archive, if the node
     /// writes an archive: nothing from it on is pruned.
     archived: Option<watch::Receiver<CommitIndex>>,
+    /// What the node advertises: its highest commit is never pruned.
+    advertised: watch::Receiver<Availability>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -255,6 +261,7 @@ impl Pruner {
             store: deps.store.clone(),
             execution: deps.execution.clone(),
             archived: deps.archived.clone(),
+            advertised: deps.availability.subscribe(),
             runtime: deps.runtime.clone(),
         }
     }
@@ -279,9 +286,13 @@ impl Pruner {
             ripe = ripe.map(|r| r.min(*archived.borrow()));
         }
         let (store, config) = (self.store.clone(), self.config.clone());
+        let advertised = self.advertised.borrow().highest;
         let execution = self.execution.clone();
         self.runtime.spawn_blocking(move || {
-            let run = || run(store.as_ref(), &config, epoch, ripe, || execution.hold());
+            let run = || {
+                let position = (epoch, advertised);
+                run(store.as_ref(), &config, position, ripe, || execution.hold())
+            };
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).unwrap_or(
                 Err(soma_store::Error::Database("the prune run panicked".into())),
             );
@@ -412,12 +423,17 @@ mod tests {
             retention: Retention::Commits(n),
             ..Config::default()
         };
-        let announced = |n| run(&store, &config(n), 0, None, || (None, ())).unwrap();
+        let announced = |n| run(&store, &config(n), (0, 250), None, || (None, ())).unwrap();
         assert_eq!(announced(50).target, Some(151));
         assert_eq!(announced(0).target, Some(200));
+        // A certificate of 250 written but not yet advertised: pruning
+        // keeps to the advertised 200.
+        let store = store_of_250(|i| i % 50 == 0);
+        let announced = run(&store, &config(0), (0, 200), None, || (None, ())).unwrap();
+        assert_eq!(announced.target, Some(200));
         // Nothing certified: nothing could be served, nothing is pruned.
         let store = store_of_250(|_| false);
-        let pruned = run(&store, &config(0), 0, None, || (None, ())).unwrap();
+        let pruned = run(&store, &config(0), (0, 250), None, || (None, ())).unwrap();
         assert_eq!(pruned.target, None);
     }
 
@@ -432,7 +448,7 @@ mod tests {
         };
         let with = |taken: Option<u64>| move || (taken, ());
         // Nothing announced yet: nothing deleted, the target is announced.
-        let pruned = run(&store, &config, 0, None, with(None)).unwrap();
+        let pruned = run(&store, &config, (0, 250), None, with(None)).unwrap();
         let announced = Pruned {
             lowest: 1,
             commits: 0,
@@ -441,12 +457,12 @@ mod tests {
         assert_eq!(pruned, announced);
         assert!(store.commit(1).unwrap().is_some());
         // Announced: two steps of 60 a run, then the next run goes on.
-        let pruned = run(&store, &config, 0, Some(201), with(None)).unwrap();
+        let pruned = run(&store, &config, (0, 250), Some(201), with(None)).unwrap();
         assert_eq!((pruned.lowest, pruned.commits), (121, 120));
         assert!(store.commit(120).unwrap().is_none());
         assert!(store.commit(121).unwrap().is_some());
         // The executor holds 150: pruning stops below 151.
-        let pruned = run(&store, &config, 0, Some(201), with(Some(150))).unwrap();
+        let pruned = run(&store, &config, (0, 250), Some(201), with(Some(150))).unwrap();
         assert_eq!(
             pruned,
             Pruned {
@@ -456,13 +472,13 @@ mod tests {
             }
         );
         // Only as far as was announced: 180, though the target is 201.
-        let pruned = run(&store, &config, 0, Some(180), with(None)).unwrap();
+        let pruned = run(&store, &config, (0, 250), Some(180), with(None)).unwrap();
         assert_eq!((pruned.lowest, pruned.target), (180, Some(201)));
-        let pruned = run(&store, &config, 0, Some(201), with(None)).unwrap();
+        let pruned = run(&store, &config, (0, 250), Some(201), with(None)).unwrap();
         assert_eq!(pruned.lowest, 201);
         assert_eq!(store.lowest_available_commit().unwrap(), 201);
         // Retention reached: nothing more.
-        let pruned = run(&store, &config, 0, Some(250), with(None)).unwrap();
+        let pruned = run(&store, &config, (0, 250), Some(250), with(None)).unwrap();
         assert_eq!(
             pruned,
             Pruned {
