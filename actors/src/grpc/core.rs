@@ -73,7 +73,8 @@ pub struct Limits {
     #[serde(default = "default_known_peers_burst")]
     pub known_peers_burst: u32,
     /// Connections and callers whose call rates are tracked at once; past
-    /// it, the entries that have been quiet longest are forgotten.
+    /// it, the entries that have been quiet longest are forgotten, down to
+    /// three quarters of it at once.
     #[serde(default = "default_max_rate_limited")]
     pub max_rate_limited: usize,
     /// Of `max_inbound_connections`, slots only committee members and
@@ -402,20 +403,25 @@ impl GrpcAdapterCore {
         Ok(())
     }
 
-    /// Keeps the rate table within `max_rate_limited` entries: the buckets
-    /// untouched longest go first (a forgotten bucket starts full again,
-    /// so only the quietest payers gain from it).
+    /// Keeps the rate table within `max_rate_limited` entries: past it,
+    /// the buckets untouched longest go (a forgotten bucket starts full
+    /// again, so only the quietest payers gain from it), down to three
+    /// quarters of the bound at once. One pass over the table then serves
+    /// a quarter of it in new entries: a host opening connection after
+    /// connection, each a new payer, would otherwise cost a pass (and a
+    /// sort) per connection on the actors' thread.
     fn forget_quiet(&mut self) {
         let max = self.limits.max_rate_limited.max(1);
         if self.buckets.len() <= max {
             return;
         }
-        let mut by_age: Vec<((Payer, Rate), Time)> =
-            self.buckets.iter().map(|(k, b)| (*k, b.at)).collect();
-        by_age.sort_by_key(|(k, at)| (*at, *k));
-        let excess = self.buckets.len() - max;
-        for (key, _) in by_age.into_iter().take(excess) {
-            self.buckets.remove(&key);
+        let keep = max - max / 4;
+        let mut by_age: Vec<(Time, (Payer, Rate))> =
+            self.buckets.iter().map(|(k, b)| (b.at, *k)).collect();
+        let excess = by_age.len() - keep;
+        by_age.select_nth_unstable(excess);
+        for (_, key) in &by_age[..excess] {
+            self.buckets.remove(key);
         }
     }
 
@@ -797,18 +803,14 @@ mod tests {
     fn the_rate_table_forgets_the_quietest_payers_first() {
         let mut c = GrpcAdapterCore::new(
             Limits {
-                max_rate_limited: 4,
+                max_rate_limited: 8,
                 cheap_call_burst: 1,
                 ..Limits::default()
             }
             .into(),
         );
         let info = || Call::CommitInfo { index: None };
-        for port in 1..=5 {
-            assert_eq!(rated(&mut c, u64::from(port), None, port, info()), None);
-        }
-        assert_eq!(c.buckets.len(), 4);
-        let kept: Vec<u16> = {
+        let kept = |c: &GrpcAdapterCore| {
             let mut ports: Vec<u16> = c
                 .buckets
                 .keys()
@@ -820,7 +822,17 @@ mod tests {
             ports.sort_unstable();
             ports
         };
-        assert_eq!(kept, vec![2, 3, 4, 5]);
+        for port in 1..=8 {
+            assert_eq!(rated(&mut c, u64::from(port), None, port, info()), None);
+        }
+        assert_eq!(kept(&c), (1..=8).collect::<Vec<_>>());
+        // Past the bound: down to three quarters of it at once, the
+        // quietest first; the next new payers fit without a pass.
+        assert_eq!(rated(&mut c, 9, None, 9, info()), None);
+        assert_eq!(kept(&c), vec![4, 5, 6, 7, 8, 9]);
+        assert_eq!(rated(&mut c, 10, None, 10, info()), None);
+        assert_eq!(rated(&mut c, 11, None, 11, info()), None);
+        assert_eq!(kept(&c), vec![4, 5, 6, 7, 8, 9, 10, 11]);
         // Port 5 is still tracked and empty: refused.
         assert_eq!(
             rated(&mut c, 5, None, 5, info()),
