@@ -245,6 +245,14 @@ impl Core for PeerHeightsCore {
     }
 
     fn handle(&mut self, now: Time, input: Input) -> Vec<Output> {
+        // A push from a peer not tracked changes nothing, and any caller
+        // may push as often as its rate allows: it costs no pass over the
+        // bans and the waiting requests (the next input makes that pass).
+        if let Input::Push(PushHeight { peer, .. }) = &input
+            && !self.peers.contains_key(peer)
+        {
+            return vec![];
+        }
         self.bans.retain(|_, until| *until > now);
         let mut out = self.expire_waiters(now);
         out.extend(self.input(now, input));
