@@ -260,6 +260,38 @@ async fn a_peer_claiming_heights_it_does_not_hold_is_banned_and_its_claim_droppe
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_claiming_heights_it_refuses_as_busy_is_doubted_and_its_claim_not_counted() {
+    refusing_liar_is_doubted(tonic::Code::ResourceExhausted).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_claiming_heights_it_refuses_as_unavailable_is_doubted_and_its_claim_not_counted() {
+    refusing_liar_is_doubted(tonic::Code::Unavailable).await;
+}
+
+/// The liar claims a million commits more than the chain has and refuses
+/// every fetch with `code`, which proves no lie: it is never banned, but
+/// once it fails a commit fetch past what the honest peer holds, its claim
+/// above that is doubted and not counted, and sync completes when a peer
+/// holding the chain comes.
+async fn refusing_liar_is_doubted(code: tonic::Code) {
+    let attack = Attack::start(Lie::ClaimsHeightRefusing(code), P2pConfig::default()).await;
+    soma_testkit::wait_synced(&attack.node, EPOCH_END, DEADLINE).await;
+    let (node, liar) = (&attack.node, attack.liar);
+    wait_until("the lie to stop counting", DEADLINE, async || {
+        let status = node.sync_status().await.unwrap();
+        let views = node.peer_heights().await.unwrap();
+        let view = views.iter().find(|v| v.peer == liar).unwrap();
+        assert_eq!(view.banned_until, None, "{view:?}");
+        status.highest_known == EPOCH_END && view.doubted_above == Some(EPOCH_END)
+    })
+    .await;
+    let views = attack.sync_completes().await;
+    let view = views.iter().find(|v| v.peer == liar).unwrap();
+    assert_eq!(view.banned_until, None, "{view:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verifier_back_pressure_is_never_charged_to_the_serving_peer() {
     // A Verifier that admits one request at a time refuses most of the
     // node's parallel requests as busy: a failure on our side, retried,

@@ -6,7 +6,7 @@ use std::time::Duration;
 use actix::Actor;
 use soma_actors::connections::PeerEvent;
 use soma_actors::peer_heights::{
-    AcquireError, AcquirePeer, Config, Deps, PeerHeights, Transfer, UpdateHeight,
+    AcquireError, AcquirePeer, Config, Deps, FetchKind, PeerHeights, Transfer, UpdateHeight,
 };
 use soma_types::{ChainId, Digest, PeerId};
 
@@ -17,6 +17,7 @@ fn acquire(wait_ms: u64) -> AcquirePeer {
     AcquirePeer {
         start: 1,
         end: 10,
+        kind: FetchKind::Blocks,
         avoid: Vec::new(),
         wait_ms,
     }

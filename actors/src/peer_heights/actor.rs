@@ -248,6 +248,7 @@ impl Handler<AcquirePeer> for PeerHeights {
             request,
             start: msg.start,
             end: msg.end,
+            kind: msg.kind,
             avoid: msg.avoid,
             wait_ms: msg.wait_ms,
         };

@@ -22,6 +22,15 @@ const MAX_FAILURES: u32 = 16;
 const GOOD_THROUGHPUT_BPS: u64 = 1 << 20;
 /// Randomness added to balancer weights, in percent.
 const JITTER_PERCENT: u64 = 20;
+/// How long, in milliseconds, the claim of a peer that failed a commit
+/// fetch is doubted above where the fetch started, the first time: as long
+/// as state sync waits before asking again when no peer holds a range.
+/// Each further failure, with no commit answer between, doubles it, up to
+/// the ban duration.
+const DOUBT_MS: u64 = 1_000;
+/// The longest doubt a refusal as busy brings: an honest peer may be kept
+/// busy by others for long, and must still be asked now and then.
+const MAX_BUSY_DOUBT_MS: u64 = 8_000;
 
 /// PeerHeights settings, and the seed of its RNG.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -134,6 +143,12 @@ struct Peer {
     /// Fetches it serves us at once, learned from its refusals (`None`:
     /// `max_fetches_per_peer`); see [`Transfer::Busy`].
     slots: Option<usize>,
+    /// Its claim above this commit is doubted, until the time given: it
+    /// failed a commit fetch starting just after, without a provable lie.
+    doubt: Option<(CommitIndex, Time)>,
+    /// Commit fetches it failed since it last answered one: how long the
+    /// next doubt lasts.
+    doubted: u32,
 }
 
 impl Peer {
@@ -148,6 +163,18 @@ impl Peer {
             faults: 0,
             heard: now,
             slots: None,
+            doubt: None,
+            doubted: 0,
+        }
+    }
+
+    /// The highest commit it claims that counts: its claim, or less while
+    /// a commit fetch it failed leaves the rest in doubt. Only this is
+    /// known or leased; a denial is still judged on the whole claim.
+    fn credited(&self) -> CommitIndex {
+        match self.doubt {
+            Some((above, _)) => self.highest.min(above),
+            None => self.highest,
         }
     }
 
@@ -254,6 +281,11 @@ impl Core for PeerHeightsCore {
             return vec![];
         }
         self.bans.retain(|_, until| *until > now);
+        for p in self.peers.values_mut() {
+            if p.doubt.is_some_and(|(_, until)| until <= now) {
+                p.doubt = None;
+            }
+        }
         let mut out = self.expire_waiters(now);
         out.extend(self.input(now, input));
         self.serve_waiters(&mut out);
@@ -402,6 +434,7 @@ impl PeerHeightsCore {
             peer,
             start: request.start,
             end: request.end,
+            kind: request.kind,
         };
         self.next_lease += 1;
         self.leases.insert(lease.id, lease);
@@ -467,6 +500,9 @@ impl PeerHeightsCore {
         let Some(lease) = self.leases.remove(&r.lease) else {
             return vec![];
         };
+        if lease.kind == FetchKind::Commits {
+            self.judge_claim(now, &lease, r.transfer);
+        }
         let kind = match r.transfer {
             Transfer::Busy => {
                 // It was serving the fetches still leased to it; it ranks
@@ -505,6 +541,39 @@ impl PeerHeightsCore {
         )
     }
 
+    /// A commit fetch asks for commits nobody has shown to exist, on a
+    /// peer's claim. One that fails without a provable lie (refused as
+    /// busy, an error status, no answer) leaves the claim above where it
+    /// started in doubt: not counted in the highest known, nor leased,
+    /// for [`DOUBT_MS`], doubled by each further failure until the peer
+    /// answers a commit fetch again (up to the ban duration, or
+    /// [`MAX_BUSY_DOUBT_MS`] after a refusal as busy). Else a peer claiming far more than it
+    /// holds, and refusing each fetch in a way that proves nothing, is
+    /// never banned and keeps the highest known, and the fetches planned
+    /// from it, where no honest peer is. An honest peer doubted so is only
+    /// asked for those commits a little later, or by another peer.
+    fn judge_claim(&mut self, now: Time, lease: &Lease, transfer: Transfer) {
+        let Some(p) = self.peers.get_mut(&lease.peer) else {
+            return;
+        };
+        match transfer {
+            Transfer::Received => p.doubted = 0,
+            Transfer::Busy | Transfer::Timeout | Transfer::Error => {
+                let cap = match transfer {
+                    Transfer::Busy => MAX_BUSY_DOUBT_MS,
+                    _ => self.config.ban_duration_ms,
+                };
+                let ms = DOUBT_MS.saturating_mul(1 << p.doubted.min(16));
+                let ms = ms.min(cap.max(DOUBT_MS));
+                p.doubted = p.doubted.saturating_add(1);
+                let above = lease.start.saturating_sub(1);
+                let above = p.doubt.map_or(above, |(was, _)| was.min(above));
+                p.doubt = Some((above, now.after(Duration::from_millis(ms))));
+            }
+            Transfer::NotFound | Transfer::Withheld | Transfer::Cancelled | Transfer::Late => {}
+        }
+    }
+
     fn connected(&mut self, now: Time, peer: PeerId) {
         if let Some(p) = self.peers.get_mut(&peer) {
             p.heard = now;
@@ -534,7 +603,7 @@ impl PeerHeightsCore {
     }
 
     fn highest_known(&self) -> Option<CommitIndex> {
-        self.eligible().map(|(_, p)| p.highest).max()
+        self.eligible().map(|(_, p)| p.credited()).max()
     }
 
     /// The PeerBalancer order: by standing (measured, then never measured,
@@ -543,7 +612,7 @@ impl PeerHeightsCore {
     fn peers_for_range(&mut self, start: CommitIndex, end: CommitIndex) -> Vec<PeerId> {
         let candidates: Vec<(Standing, u64, PeerId)> = self
             .eligible()
-            .filter(|(_, p)| p.lowest <= start && p.highest >= end)
+            .filter(|(_, p)| p.lowest <= start && p.credited() >= end)
             .map(|(id, p)| (p.standing(), p.weight(), *id))
             .collect();
         let mut ranked: Vec<(Standing, u128, PeerId)> = candidates
@@ -621,6 +690,7 @@ impl PeerHeightsCore {
                     chain_id: p.chain_id,
                     highest: p.highest,
                     lowest: p.lowest,
+                    doubted_above: p.doubt.map(|(above, _)| above),
                     throughput_bps: p.throughput_bps.unwrap_or(0),
                     failures: p.failures,
                     faults: p.faults,
@@ -636,6 +706,7 @@ impl PeerHeightsCore {
                 chain_id: None,
                 highest: 0,
                 lowest: 0,
+                doubted_above: None,
                 throughput_bps: 0,
                 failures: 0,
                 faults: 0,
@@ -1243,6 +1314,7 @@ mod tests {
                 request,
                 start: 1,
                 end: 100,
+                kind: FetchKind::Blocks,
                 avoid: avoid.iter().map(|p| peer(*p)).collect(),
                 wait_ms: 1_000,
             }),
@@ -1289,6 +1361,143 @@ mod tests {
             }
             .into(),
         )
+    }
+
+    /// A lease for `kind` of `start..=end`, asked at `now`, and its id
+    /// and peer byte once granted.
+    fn lease_for(
+        c: &mut PeerHeightsCore,
+        now: u64,
+        kind: FetchKind,
+        (start, end): (u64, u64),
+    ) -> Option<(u64, u8)> {
+        let out = c.handle(
+            Time(now),
+            Input::Acquire(Acquire {
+                request: now,
+                start,
+                end,
+                kind,
+                avoid: Vec::new(),
+                wait_ms: 0,
+            }),
+        );
+        granted(&out).first().map(|&(_, lease, p)| (lease, p))
+    }
+
+    #[test]
+    fn a_claim_whose_commit_fetch_failed_is_doubted_above_it_for_a_doubling_while() {
+        let mut c = core(1);
+        join(&mut c, 1, OURS, 1, 1_000_000);
+        join(&mut c, 2, OURS, 1, 500);
+        assert_eq!(highest(&mut c, Time(0)), Some(1_000_000));
+        // Peer 1 alone claims 501: a commit fetch from it, refused as busy.
+        let commits = FetchKind::Commits;
+        let (lease, 1) = lease_for(&mut c, 0, commits, (501, 501)).unwrap() else {
+            panic!("only peer 1 claims 501");
+        };
+        assert_eq!(release(&mut c, 0, lease, Transfer::Busy), vec![]);
+        // Its claim above 500 counts no more, for a second: it is neither
+        // known nor leased, and the commits below stay its to serve.
+        assert_eq!(highest(&mut c, Time(999)), Some(500));
+        assert_eq!(for_range(&mut c, Time(999), 501, 501), vec![]);
+        assert!(for_range(&mut c, Time(999), 400, 500).contains(&peer(1)));
+        let view = |c: &mut PeerHeightsCore, now| {
+            let views = snapshot(c, Time(now));
+            let v = views.iter().find(|v| v.peer == peer(1)).cloned().unwrap();
+            (v.highest, v.doubted_above, v.banned_until, v.faults)
+        };
+        assert_eq!(view(&mut c, 999), (1_000_000, Some(500), None, 0));
+        assert_eq!(highest(&mut c, Time(1_000)), Some(1_000_000));
+        // Each further failure doubles the doubt, whatever it was.
+        let mut at = 1_000;
+        for (transfer, doubt) in [
+            (Transfer::Error, 2_000),
+            (Transfer::Timeout, 4_000),
+            (Transfer::Busy, 8_000),
+        ] {
+            let (lease, 1) = lease_for(&mut c, at, commits, (501, 501)).unwrap() else {
+                panic!("the doubt is over at {at}");
+            };
+            release(&mut c, at, lease, transfer);
+            assert_eq!(highest(&mut c, Time(at + doubt - 1)), Some(500));
+            assert_eq!(highest(&mut c, Time(at + doubt)), Some(1_000_000));
+            at += doubt;
+        }
+        // A commit answer (received, judged later) starts it over.
+        let (lease, 1) = lease_for(&mut c, at, commits, (501, 501)).unwrap() else {
+            panic!("the doubt is over");
+        };
+        release(&mut c, at, lease, Transfer::Received);
+        let (lease, 1) = lease_for(&mut c, at, commits, (601, 601)).unwrap() else {
+            panic!("not doubted");
+        };
+        release(&mut c, at, lease, Transfer::Busy);
+        assert_eq!(view(&mut c, at).1, Some(600));
+        assert_eq!(highest(&mut c, Time(at + 1_000)), Some(1_000_000));
+        // A denial is still judged on the whole claim, doubted or not.
+        let (lease, 1) = lease_for(&mut c, at + 1_000, commits, (601, 601)).unwrap() else {
+            panic!("the doubt is over");
+        };
+        release(&mut c, at + 1_000, lease, Transfer::Busy);
+        let denied = c.handle(
+            Time(at + 1_000),
+            Input::Outcome(ReportOutcome {
+                peer: peer(1),
+                bytes: 0,
+                latency_ms: 1,
+                kind: OutcomeKind::NotFound {
+                    start: 700,
+                    end: 800,
+                },
+            }),
+        );
+        assert!(matches!(denied[..], [Output::Banned { .. }]), "{denied:?}");
+    }
+
+    #[test]
+    fn a_doubt_lasts_at_most_a_ban_or_eight_seconds_when_busy_and_block_fetches_raise_none() {
+        let mut c = PeerHeightsCore::new(
+            Config {
+                ban_duration_ms: 5_000,
+                ..Config::new(OURS, 1)
+            }
+            .into(),
+        );
+        join(&mut c, 1, OURS, 1, 1_000);
+        // Blocks are fetched for certified commits: a failure there says
+        // nothing of the claim.
+        for transfer in [Transfer::Busy, Transfer::Error, Transfer::Timeout] {
+            let (lease, 1) = lease_for(&mut c, 0, FetchKind::Blocks, (1, 100)).unwrap() else {
+                panic!("peer 1 holds the blocks");
+            };
+            release(&mut c, 0, lease, transfer);
+            assert_eq!(highest(&mut c, Time(0)), Some(1_000));
+        }
+        let mut at = 0;
+        for doubt in [1_000, 2_000, 4_000, 5_000, 5_000] {
+            let (lease, 1) = lease_for(&mut c, at, FetchKind::Commits, (101, 101)).unwrap() else {
+                panic!("the doubt is over at {at}");
+            };
+            release(&mut c, at, lease, Transfer::Timeout);
+            assert_eq!(highest(&mut c, Time(at + doubt - 1)), Some(100));
+            at += doubt;
+        }
+        assert_eq!(highest(&mut c, Time(at)), Some(1_000));
+        // Refused as busy, past eight seconds: an honest peer others keep
+        // busy is still asked now and then.
+        let mut c = core(1);
+        join(&mut c, 1, OURS, 1, 1_000);
+        let mut at = 0;
+        for doubt in [1_000, 2_000, 4_000, 8_000, 8_000] {
+            let (lease, 1) = lease_for(&mut c, at, FetchKind::Commits, (101, 101)).unwrap() else {
+                panic!("the doubt is over at {at}");
+            };
+            release(&mut c, at, lease, Transfer::Busy);
+            assert_eq!(highest(&mut c, Time(at + doubt - 1)), Some(100));
+            at += doubt;
+        }
+        assert_eq!(highest(&mut c, Time(at)), Some(1_000));
     }
 
     #[test]

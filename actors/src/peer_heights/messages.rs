@@ -86,6 +86,19 @@ pub struct ClaimsRange {
     pub end: CommitIndex,
 }
 
+/// The two kinds of fetch. Their answers take different times, and only
+/// a commit fetch asks for commits nobody has shown to exist: a block
+/// fetch is for the blocks of commits already certified.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FetchKind {
+    /// FetchCommits.
+    Commits,
+    /// FetchBlocks.
+    #[default]
+    Blocks,
+}
+
 /// A fetch slot on one peer, granted for commits `start..=end`: the peer
 /// is sent at most `max_fetches_per_peer` fetches at once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,6 +111,9 @@ pub struct Lease {
     pub start: CommitIndex,
     /// Last commit of that range.
     pub end: CommitIndex,
+    /// What it fetches.
+    #[serde(default)]
+    pub kind: FetchKind,
 }
 
 /// Asks for the best peer that can serve commits `start..=end`, is not in
@@ -111,6 +127,9 @@ pub struct Acquire {
     pub start: CommitIndex,
     /// Last commit needed.
     pub end: CommitIndex,
+    /// What it fetches.
+    #[serde(default)]
+    pub kind: FetchKind,
     /// Peers not to choose (they failed this work).
     pub avoid: Vec<PeerId>,
     /// How long the request may wait for a slot, in milliseconds.
@@ -125,6 +144,8 @@ pub struct AcquirePeer {
     pub start: CommitIndex,
     /// Last commit needed.
     pub end: CommitIndex,
+    /// What it fetches.
+    pub kind: FetchKind,
     /// Peers not to choose.
     pub avoid: Vec<PeerId>,
     /// How long to wait for a slot, in milliseconds.
@@ -272,6 +293,12 @@ pub struct PeerView {
     pub highest: CommitIndex,
     /// Its claimed lowest available commit.
     pub lowest: CommitIndex,
+    /// While its claim above this commit is doubted: it failed a commit
+    /// fetch starting just after, and is neither counted nor asked there
+    /// for a while (it may be lying about its height in a way that proves
+    /// nothing, refusing as busy, say).
+    #[serde(default)]
+    pub doubted_above: Option<CommitIndex>,
     /// Estimated throughput, bytes per second (0 until measured).
     pub throughput_bps: u64,
     /// Recent failures (halved by each success).

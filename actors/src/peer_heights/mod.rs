@@ -27,7 +27,7 @@ mod messages;
 pub use actor::{Deps, PeerHeights, Slot};
 pub use core::{Config, Init, PeerHeightsCore};
 pub use messages::{
-    Acquire, AcquireError, AcquirePeer, ClaimsRange, HeardHeights, HeightsHeard,
+    Acquire, AcquireError, AcquirePeer, ClaimsRange, FetchKind, HeardHeights, HeightsHeard,
     HighestKnownCommit, Input, Lease, OutcomeKind, Output, PeerView, PeersBehind, PeersForRange,
     PushHeight, Release, RemovePeer, ReportOutcome, Snapshot, Transfer, UpdateHeight,
 };

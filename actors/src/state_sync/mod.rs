@@ -44,6 +44,7 @@ pub mod prune;
 mod queries;
 mod worker;
 
+pub use crate::peer_heights::FetchKind;
 pub use actor::StateSync;
 pub use apply::ApplyError;
 pub use core::{Config, Init, StateSyncCore, commit_answer_bytes};
@@ -54,4 +55,4 @@ pub use messages::{
 };
 pub use prune::Retention;
 pub use queries::HeightQueries;
-pub use worker::{FetchKind, HEDGE_MIN, Hedging};
+pub use worker::{HEDGE_MIN, Hedging};

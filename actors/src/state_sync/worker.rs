@@ -34,8 +34,8 @@ use crate::archive::ArchiveReader;
 use crate::connections::{ActivePeers, Client, Connections, Outbound};
 use crate::faults::Faults;
 use crate::peer_heights::{
-    AcquirePeer, ClaimsRange, OutcomeKind, PeerHeights, PeersBehind, ReportOutcome, Slot, Transfer,
-    UpdateHeight,
+    AcquirePeer, ClaimsRange, FetchKind, OutcomeKind, PeerHeights, PeersBehind, ReportOutcome,
+    Slot, Transfer, UpdateHeight,
 };
 use crate::verifier::{Verifier, Verify, VerifyError, VerifyRequest, VerifyResponse};
 use crate::{Blob, HashedBlob};
@@ -227,15 +227,6 @@ pub(super) struct Worker {
     pub(super) hedging: Hedging,
 }
 
-/// The two kinds of fetch, whose answers take different times.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FetchKind {
-    /// FetchCommits.
-    Commits,
-    /// FetchBlocks.
-    Blocks,
-}
-
 /// Earliest a late fetch asks a second peer; also how often a late fetch
 /// reads its delay again.
 pub const HEDGE_MIN: Duration = Duration::from_millis(100);
@@ -326,24 +317,25 @@ impl Worker {
     async fn begin(
         &self,
         batch: CommitIndex,
-        range: (CommitIndex, CommitIndex),
+        work: (FetchKind, (CommitIndex, CommitIndex)),
         avoid: Vec<PeerId>,
     ) -> Result<Slot, Failure> {
         self.faults.on_worker(batch)?;
-        self.acquire(range, avoid).await
+        self.acquire(work, avoid).await
     }
 
     /// A slot on the best peer for `start..=end` not in `avoid`, waiting
     /// at most the request timeout for one to be free.
     async fn acquire(
         &self,
-        (start, end): (CommitIndex, CommitIndex),
+        (kind, (start, end)): (FetchKind, (CommitIndex, CommitIndex)),
         avoid: Vec<PeerId>,
     ) -> Result<Slot, Failure> {
         let wait = self.outbound.timeout();
         let request = AcquirePeer {
             start,
             end,
+            kind,
             avoid,
             wait_ms: wait.as_millis() as u64,
         };
@@ -396,7 +388,7 @@ impl Worker {
         }
         avoid.push(first_peer);
         let second = std::pin::pin!(async {
-            let slot = self.acquire(range, avoid).await.ok()?;
+            let slot = self.acquire((kind, range), avoid).await.ok()?;
             match call(slot.lease().peer).await {
                 Ok(answer) => Some((slot, answer)),
                 Err(failure) => {
@@ -513,7 +505,8 @@ impl Worker {
         avoid: Vec<PeerId>,
     ) -> Outcome<CommitAnswer> {
         // The peer is chosen for `start` alone: an honest one serves it.
-        let slot = match self.begin(start, (start, start), avoid.clone()).await {
+        let work = (FetchKind::Commits, (start, start));
+        let slot = match self.begin(start, work, avoid.clone()).await {
             Ok(slot) => slot,
             Err(Failure::NoPeer) => {
                 return (None, self.archive_answer(start, end, max_bytes).await);
@@ -537,8 +530,7 @@ impl Worker {
                 .map(|r| r.into_inner())
                 .map_err(|e| over_cap(Failure::from(e), (max_bytes, estimated)))
         };
-        let kind = (FetchKind::Commits, (start, start));
-        let (slot, answer) = self.hedged(slot, kind, avoid, (call, judge)).await;
+        let (slot, answer) = self.hedged(slot, work, avoid, (call, judge)).await;
         let peer = slot.lease().peer;
         let response = match answer.and_then(|r| kept(r, end - start + 1)) {
             Ok(response) => response,
@@ -597,7 +589,8 @@ impl Worker {
         avoid: Vec<PeerId>,
     ) -> Outcome<Vec<VerifiedBlock>> {
         let range = chunk.commits;
-        let slot = match self.begin(chunk.batch, range, avoid.clone()).await {
+        let work = (FetchKind::Blocks, range);
+        let slot = match self.begin(chunk.batch, work, avoid.clone()).await {
             Ok(slot) => slot,
             Err(Failure::NoPeer) => return (None, self.blocks_from_archive(&chunk).await),
             Err(f) => return (None, Err(f)),
@@ -631,12 +624,7 @@ impl Worker {
             }
         };
         let (slot, received) = self
-            .hedged(
-                slot,
-                (FetchKind::Blocks, range),
-                avoid,
-                (call, block_transfer_of),
-            )
+            .hedged(slot, work, avoid, (call, block_transfer_of))
             .await;
         let peer = slot.lease().peer;
         let blobs = match received {

@@ -18,6 +18,7 @@ struct Series {
     known_peers: IntGauge,
     connected_peers: IntGauge,
     banned_peers: IntGauge,
+    doubted_peers: IntGauge,
     highest_synced: IntGauge,
     advertised: IntGauge,
     highest_known: IntGauge,
@@ -80,6 +81,11 @@ impl Series {
             known_peers: gauge(&r, "soma_known_peers", "Peers discovery knows"),
             connected_peers: gauge(&r, "soma_connected_peers", "Peers connected"),
             banned_peers: gauge(&r, "soma_banned_peers", "Peers banned for invalid data"),
+            doubted_peers: gauge(
+                &r,
+                "soma_doubted_peers",
+                "Peers whose claimed height is not counted for now: they failed a commit fetch",
+            ),
             highest_synced: gauge(&r, "soma_highest_synced_commit", "Highest commit applied"),
             advertised: gauge(
                 &r,
@@ -265,6 +271,8 @@ impl Series {
         if let Ok(views) = handle.peer_heights().await {
             self.banned_peers
                 .set(views.iter().filter(|v| v.banned_until.is_some()).count() as i64);
+            self.doubted_peers
+                .set(views.iter().filter(|v| v.doubted_above.is_some()).count() as i64);
         }
         for (method, code, n) in handle.rpc_counts() {
             self.advance(&self.rpcs, &[method, &format!("{code:?}")], n);
@@ -393,6 +401,7 @@ mod tests {
         assert_eq!(value(&ours, invalid), 0.0);
         assert_eq!(value(&ours, "soma_connected_peers"), 1.0);
         assert_eq!(value(&ours, "soma_banned_peers"), 0.0);
+        assert_eq!(value(&ours, "soma_doubted_peers"), 0.0);
         let actors = [
             "connections",
             "discovery",

@@ -13,8 +13,8 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use soma_actors::peer_heights::{
-    Acquire, Config, Init, Input, Output, PeerHeightsCore, PeersBehind, PushHeight, Release,
-    Transfer, UpdateHeight,
+    Acquire, Config, FetchKind, Init, Input, Output, PeerHeightsCore, PeersBehind, PushHeight,
+    Release, Transfer, UpdateHeight,
 };
 use soma_actors::state_sync::HeightQueries;
 use soma_actors::{Driver, Time};
@@ -401,6 +401,7 @@ impl Run<'_> {
             request: self.queue.last_sequence(),
             start,
             end,
+            kind: FetchKind::Commits,
             avoid: Vec::new(),
             wait_ms: 0,
         };

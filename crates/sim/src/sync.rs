@@ -880,6 +880,7 @@ impl Run<'_> {
             request,
             start,
             end,
+            kind: work.kind(),
             avoid,
             wait_ms: self.settings.timeout_ms,
         };

@@ -73,6 +73,10 @@ pub enum Lie {
     /// Claims to hold a million commits more than the chain has, and
     /// answers NOT_FOUND to every fetch.
     ClaimsHeight,
+    /// Claims as [`Lie::ClaimsHeight`] does, but refuses every fetch with
+    /// this status, which proves no lie (RESOURCE_EXHAUSTED: busy;
+    /// UNAVAILABLE), so it is never banned.
+    ClaimsHeightRefusing(tonic::Code),
     /// Not a lie: an honest node that prunes. Honest until it is first
     /// asked for blocks of this epoch or a later one; then it advertises
     /// a lowest commit past the chain's tip (it holds nothing) and
@@ -135,13 +139,16 @@ impl Drop for Stalled {
 type BlockStream = Pin<Box<dyn Stream<Item = Result<proto::FetchBlocksResponse, Status>> + Send>>;
 
 impl Evil {
-    async fn stall(&self) {
+    /// Holds a fetch as the lie says; a refusing liar refuses it here.
+    async fn stall(&self) -> Result<(), Status> {
         let _stalled = Stalled::new(&self.stalled);
         match self.lie {
             Lie::NeverAnswers => std::future::pending::<()>().await,
             Lie::Slow => tokio::time::sleep(Duration::from_millis(1_500)).await,
+            Lie::ClaimsHeightRefusing(code) => return Err(Status::new(code, "refused")),
             _ => {}
         }
+        Ok(())
     }
 
     /// Whether a fetch asking for data of `epochs` is denied, and counted
@@ -241,7 +248,9 @@ impl p2p_server::P2p for Evil {
             self.chain.chain_id()
         };
         let highest = match self.lie {
-            Lie::ClaimsHeight => self.chain.tip() + CLAIMED_EXTRA_COMMITS,
+            Lie::ClaimsHeight | Lie::ClaimsHeightRefusing(_) => {
+                self.chain.tip() + CLAIMED_EXTRA_COMMITS
+            }
             Lie::StallsPushes => 0,
             _ => self.chain.tip(),
         };
@@ -283,7 +292,7 @@ impl p2p_server::P2p for Evil {
         request: Request<proto::FetchCommitsRequest>,
     ) -> Result<Response<proto::FetchCommitsResponse>, Status> {
         self.fetches.fetch_add(1, Ordering::SeqCst);
-        self.stall().await;
+        self.stall().await?;
         let r = request.into_inner();
         let chain = &self.chain;
         if self.lie == Lie::ClaimsHeight || r.start > chain.tip() || r.start == 0 {
@@ -354,7 +363,7 @@ impl p2p_server::P2p for Evil {
         request: Request<proto::FetchBlocksRequest>,
     ) -> Result<Response<BlockStream>, Status> {
         self.fetches.fetch_add(1, Ordering::SeqCst);
-        self.stall().await;
+        self.stall().await?;
         if self.lie == Lie::ClaimsHeight {
             return Err(Status::not_found("not held"));
         }
