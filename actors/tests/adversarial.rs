@@ -269,6 +269,27 @@ async fn a_peer_claiming_heights_it_refuses_as_unavailable_is_doubted_and_its_cl
     refusing_liar_is_doubted(tonic::Code::Unavailable).await;
 }
 
+/// Waits until `liar` holds a fetch, its claim is doubted above `at`, and
+/// the highest known commit is `at`; it is never banned.
+async fn wait_doubted(node: &P2pHandle, liar: &byzantine::Served, at: u64) {
+    let start = std::time::Instant::now();
+    loop {
+        let status = node.sync_status().await.unwrap();
+        let views = node.peer_heights().await.unwrap();
+        let view = views.iter().find(|v| v.peer == liar.peer).unwrap();
+        assert_eq!(view.banned_until, None, "{view:?}");
+        let holding = liar.stalled.load(Ordering::SeqCst) > 0;
+        if holding && status.highest_known == at && view.doubted_above == Some(at) {
+            return;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "not doubted above {at}: holding {holding}, {status:?}, {view:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// The liar claims a million commits more than the chain has and refuses
 /// every fetch with `code`, which proves no lie: it is never banned, but
 /// once it fails a commit fetch past what the honest peer holds, its claim
@@ -289,6 +310,42 @@ async fn refusing_liar_is_doubted(code: tonic::Code) {
     let views = attack.sync_completes().await;
     let view = views.iter().find(|v| v.peer == liar).unwrap();
     assert_eq!(view.banned_until, None, "{view:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_claiming_heights_holds_no_fetch_once_another_peer_can_serve_it() {
+    // The liar claims a million commits more than the chain has and never
+    // answers a fetch; the request timeout is ten minutes. Past what the
+    // honest peer holds, only the liar claims the next commit, so the
+    // commit fetch next in line is its, and no hedge finds another peer.
+    soma_testkit::init_tracing();
+    let chain = chain();
+    let partial = validator_up_to(&chain, EPOCH_END, 1);
+    let liar = byzantine::serve_observed(chain.clone(), Lie::ClaimsHeightSilent, 100).await;
+    let mut seed_peers = seeds(&[&partial]);
+    seed_peers.push(liar.seed());
+    let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+    let config = P2pConfig {
+        seed_peers,
+        timeout: Duration::from_secs(600),
+        ..P2pConfig::default()
+    };
+    let node = soma_testkit::node(&chain, 9, config, store.clone());
+    soma_testkit::wait_synced(&node, EPOCH_END, DEADLINE).await;
+    // Once the liar holds that fetch unanswered for a second, its claim is
+    // doubted: what is known is what the honest peer holds.
+    wait_doubted(&node, &liar, EPOCH_END).await;
+    // A peer holding the chain comes: the held fetch goes to it as soon
+    // as it claims the commit, not after the liar's ten minutes.
+    let full = validator(&chain, 2);
+    node.connect(Some(full.peer_id()), full.local_addr().to_string())
+        .expect("Connections takes the dial");
+    soma_testkit::wait_synced(&node, TIP, DEADLINE).await;
+    assert_same_chain(&chain, store.as_ref());
+    wait_doubted(&node, &liar, TIP).await;
+    node.shutdown().await;
+    partial.shutdown().await;
+    full.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -272,6 +272,13 @@ impl Handler<Release> for PeerHeights {
     }
 }
 
+impl Handler<LeaseUnanswered> for PeerHeights {
+    type Result = ();
+    fn handle(&mut self, LeaseUnanswered { lease }: LeaseUnanswered, ctx: &mut Context<Self>) {
+        self.step(Input::Unanswered { lease }, ctx);
+    }
+}
+
 impl Handler<HighestKnownCommit> for PeerHeights {
     type Result = Option<CommitIndex>;
     fn handle(&mut self, _: HighestKnownCommit, ctx: &mut Context<Self>) -> Option<CommitIndex> {

@@ -1,4 +1,4 @@
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
@@ -25,12 +25,13 @@ const JITTER_PERCENT: u64 = 20;
 /// How long, in milliseconds, the claim of a peer that failed a commit
 /// fetch is doubted above where the fetch started, the first time: as long
 /// as state sync waits before asking again when no peer holds a range.
-/// Each further failure, with no commit answer between, doubles it, up to
-/// the ban duration.
+/// Each further failure, with no commit answer above it between, doubles
+/// it, up to [`MAX_DOUBT_MS`].
 const DOUBT_MS: u64 = 1_000;
-/// The longest doubt a refusal as busy brings: an honest peer may be kept
-/// busy by others for long, and must still be asked now and then.
-const MAX_BUSY_DOUBT_MS: u64 = 8_000;
+/// The longest doubt: none of the failures that raise one proves a lie,
+/// and an honest peer kept busy by others must still be asked now and
+/// then.
+const MAX_DOUBT_MS: u64 = 8_000;
 
 /// PeerHeights settings, and the seed of its RNG.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,12 +144,22 @@ struct Peer {
     /// Fetches it serves us at once, learned from its refusals (`None`:
     /// `max_fetches_per_peer`); see [`Transfer::Busy`].
     slots: Option<usize>,
-    /// Its claim above this commit is doubted, until the time given: it
-    /// failed a commit fetch starting just after, without a provable lie.
-    doubt: Option<(CommitIndex, Time)>,
-    /// Commit fetches it failed since it last answered one: how long the
-    /// next doubt lasts.
-    doubted: u32,
+    /// Its claim above `doubt.above` is doubted while `doubt.until` is
+    /// set; see [`PeerHeightsCore::doubt`].
+    doubt: Doubt,
+}
+
+/// The doubt on a peer's claim. Its point and count outlive the doubt
+/// itself: they say which answer ends the doubling.
+#[derive(Clone, Copy, Debug, Default)]
+struct Doubt {
+    /// The claim above this commit is doubted (or was, last).
+    above: CommitIndex,
+    /// Until when, while it is doubted.
+    until: Option<Time>,
+    /// Commit fetches it failed with no commit answer above `above`
+    /// since: how long the next doubt lasts.
+    count: u32,
 }
 
 impl Peer {
@@ -163,18 +174,19 @@ impl Peer {
             faults: 0,
             heard: now,
             slots: None,
-            doubt: None,
-            doubted: 0,
+            doubt: Doubt::default(),
         }
     }
 
-    /// The highest commit it claims that counts: its claim, or less while
-    /// a commit fetch it failed leaves the rest in doubt. Only this is
-    /// known or leased; a denial is still judged on the whole claim.
-    fn credited(&self) -> CommitIndex {
-        match self.doubt {
-            Some((above, _)) => self.highest.min(above),
-            None => self.highest,
+    /// The highest commit it claims that counts for `kind`: for a commit
+    /// fetch, and for the highest known, its claim or less while a commit
+    /// fetch it failed leaves the rest in doubt; for a block fetch (of
+    /// commits already certified), its claim. A denial is judged on the
+    /// whole claim either way.
+    fn credited(&self, kind: FetchKind) -> CommitIndex {
+        match (kind, self.doubt.until) {
+            (FetchKind::Commits, Some(_)) => self.highest.min(self.doubt.above),
+            _ => self.highest,
         }
     }
 
@@ -239,6 +251,10 @@ pub struct PeerHeightsCore {
     /// Requests waiting for a slot, oldest first (at most
     /// `max_waiting_fetches`).
     waiting: VecDeque<Waiter>,
+    /// Commit fetches whose peer's claim was doubted while they went
+    /// unanswered ([`Input::Unanswered`]), and still are: the doubt lasts
+    /// while they do. A subset of `leases`.
+    doubted_leases: BTreeSet<u64>,
     rng: ChaCha8Rng,
 }
 
@@ -264,6 +280,7 @@ impl Core for PeerHeightsCore {
             leases: init.leases.into_iter().map(|l| (l.id, l)).collect(),
             next_lease: init.next_lease,
             waiting: VecDeque::new(),
+            doubted_leases: BTreeSet::new(),
         };
         for (peer, until) in init.bans {
             core.ban(peer, until);
@@ -281,9 +298,14 @@ impl Core for PeerHeightsCore {
             return vec![];
         }
         self.bans.retain(|_, until| *until > now);
-        for p in self.peers.values_mut() {
-            if p.doubt.is_some_and(|(_, until)| until <= now) {
-                p.doubt = None;
+        // A doubt lasts at least as long as a commit fetch doubted while
+        // unanswered stays so.
+        let holding: BTreeSet<PeerId> = (self.doubted_leases.iter())
+            .filter_map(|id| self.leases.get(id).map(|l| l.peer))
+            .collect();
+        for (id, p) in &mut self.peers {
+            if p.doubt.until.is_some_and(|until| until <= now) && !holding.contains(id) {
+                p.doubt.until = None;
             }
         }
         let mut out = self.expire_waiters(now);
@@ -345,7 +367,11 @@ impl PeerHeightsCore {
                 awaiting: self.peers.values().filter(|p| p.chain_id.is_none()).count(),
             })],
             Input::PeersForRange(PeersForRange { start, end }) => {
-                vec![Output::Peers(self.peers_for_range(start, end))]
+                vec![Output::Peers(self.peers_for_range(
+                    FetchKind::Commits,
+                    start,
+                    end,
+                ))]
             }
             Input::PeersBehind(PeersBehind { index }) => vec![Output::Peers(
                 self.eligible()
@@ -360,6 +386,15 @@ impl PeerHeightsCore {
             Input::Snapshot => vec![Output::Snapshot(self.snapshot())],
             Input::Acquire(request) => self.acquire(now, request).into_iter().collect(),
             Input::Release(r) => self.release(now, r),
+            Input::Unanswered { lease } => {
+                if let Some(l) = self.leases.get(&lease).copied()
+                    && l.kind == FetchKind::Commits
+                    && self.doubted_leases.insert(lease)
+                {
+                    self.doubt(now, &l);
+                }
+                vec![]
+            }
             Input::Tick => vec![],
         }
     }
@@ -389,7 +424,7 @@ impl PeerHeightsCore {
     /// can serve it but every one is busy.
     fn choose(&mut self, request: &Acquire) -> Result<Option<PeerId>, AcquireError> {
         let ranked: Vec<PeerId> = self
-            .peers_for_range(request.start, request.end)
+            .peers_for_range(request.kind, request.start, request.end)
             .into_iter()
             .filter(|p| !request.avoid.contains(p))
             .collect();
@@ -501,6 +536,7 @@ impl PeerHeightsCore {
             return vec![];
         };
         if lease.kind == FetchKind::Commits {
+            self.doubted_leases.remove(&lease.id);
             self.judge_claim(now, &lease, r.transfer);
         }
         let kind = match r.transfer {
@@ -541,37 +577,54 @@ impl PeerHeightsCore {
         )
     }
 
-    /// A commit fetch asks for commits nobody has shown to exist, on a
-    /// peer's claim. One that fails without a provable lie (refused as
-    /// busy, an error status, no answer) leaves the claim above where it
-    /// started in doubt: not counted in the highest known, nor leased,
-    /// for [`DOUBT_MS`], doubled by each further failure until the peer
-    /// answers a commit fetch again (up to the ban duration, or
-    /// [`MAX_BUSY_DOUBT_MS`] after a refusal as busy). Else a peer claiming far more than it
-    /// holds, and refusing each fetch in a way that proves nothing, is
-    /// never banned and keeps the highest known, and the fetches planned
-    /// from it, where no honest peer is. An honest peer doubted so is only
-    /// asked for those commits a little later, or by another peer.
+    /// Judges a peer's claim on how a commit fetch leased on it ended
+    /// (`lease` is no longer counted among its leases). A refusal as busy
+    /// while it served no other fetch of ours, an error status, or no
+    /// answer in time proves no lie, but leaves its claim above where the
+    /// fetch started in doubt ([`PeerHeightsCore::doubt`]). A refusal as
+    /// busy while it served others of ours says only that we sent too
+    /// many (its slots learn it), and an answer later than a hedge's that
+    /// another peer covered the range. An answer starting above where it
+    /// was last doubted ends the doubt and its doubling.
     fn judge_claim(&mut self, now: Time, lease: &Lease, transfer: Transfer) {
+        let busy_alone = transfer == Transfer::Busy && self.leased(&lease.peer) == 0;
         let Some(p) = self.peers.get_mut(&lease.peer) else {
             return;
         };
         match transfer {
-            Transfer::Received => p.doubted = 0,
-            Transfer::Busy | Transfer::Timeout | Transfer::Error => {
-                let cap = match transfer {
-                    Transfer::Busy => MAX_BUSY_DOUBT_MS,
-                    _ => self.config.ban_duration_ms,
-                };
-                let ms = DOUBT_MS.saturating_mul(1 << p.doubted.min(16));
-                let ms = ms.min(cap.max(DOUBT_MS));
-                p.doubted = p.doubted.saturating_add(1);
-                let above = lease.start.saturating_sub(1);
-                let above = p.doubt.map_or(above, |(was, _)| was.min(above));
-                p.doubt = Some((above, now.after(Duration::from_millis(ms))));
-            }
-            Transfer::NotFound | Transfer::Withheld | Transfer::Cancelled | Transfer::Late => {}
+            Transfer::Received if lease.start > p.doubt.above => p.doubt = Doubt::default(),
+            Transfer::Timeout | Transfer::Error => self.doubt(now, lease),
+            Transfer::Busy if busy_alone => self.doubt(now, lease),
+            _ => {}
         }
+    }
+
+    /// A commit fetch asks for commits nobody has shown to exist, on a
+    /// peer's claim: `lease`'s peer has not answered it, or answered with
+    /// a failure that proves no lie. Its claim above where the fetch
+    /// started is in doubt: not counted in the highest known, nor leased
+    /// for commit fetches, for [`DOUBT_MS`], doubled by each further
+    /// failure up to [`MAX_DOUBT_MS`] until it answers a commit fetch
+    /// above that point. Else a peer claiming far more than it holds, and
+    /// refusing each fetch in a way that proves nothing, is never banned
+    /// and keeps the highest known, and the fetches planned from it, where
+    /// no honest peer is. An honest peer doubted so is asked for those
+    /// commits a little later, or another peer is.
+    fn doubt(&mut self, now: Time, lease: &Lease) {
+        let Some(p) = self.peers.get_mut(&lease.peer) else {
+            return;
+        };
+        let d = &mut p.doubt;
+        let ms = (DOUBT_MS << d.count.min(8)).min(MAX_DOUBT_MS);
+        d.count = d.count.saturating_add(1);
+        let above = lease.start.saturating_sub(1);
+        d.above = if d.until.is_some() {
+            d.above.min(above)
+        } else {
+            above
+        };
+        let until = now.after(Duration::from_millis(ms));
+        d.until = Some(d.until.map_or(until, |was| was.max(until)));
     }
 
     fn connected(&mut self, now: Time, peer: PeerId) {
@@ -603,16 +656,23 @@ impl PeerHeightsCore {
     }
 
     fn highest_known(&self) -> Option<CommitIndex> {
-        self.eligible().map(|(_, p)| p.credited()).max()
+        (self.eligible())
+            .map(|(_, p)| p.credited(FetchKind::Commits))
+            .max()
     }
 
     /// The PeerBalancer order: by standing (measured, then never measured,
     /// then failing), then by weight times up to 20% seeded randomness so
     /// load spreads over peers of similar speed.
-    fn peers_for_range(&mut self, start: CommitIndex, end: CommitIndex) -> Vec<PeerId> {
+    fn peers_for_range(
+        &mut self,
+        kind: FetchKind,
+        start: CommitIndex,
+        end: CommitIndex,
+    ) -> Vec<PeerId> {
         let candidates: Vec<(Standing, u64, PeerId)> = self
             .eligible()
-            .filter(|(_, p)| p.lowest <= start && p.credited() >= end)
+            .filter(|(_, p)| p.lowest <= start && p.credited(kind) >= end)
             .map(|(id, p)| (p.standing(), p.weight(), *id))
             .collect();
         let mut ranked: Vec<(Standing, u128, PeerId)> = candidates
@@ -690,7 +750,7 @@ impl PeerHeightsCore {
                     chain_id: p.chain_id,
                     highest: p.highest,
                     lowest: p.lowest,
-                    doubted_above: p.doubt.map(|(above, _)| above),
+                    doubted_above: p.doubt.until.map(|_| p.doubt.above),
                     throughput_bps: p.throughput_bps.unwrap_or(0),
                     failures: p.failures,
                     faults: p.faults,
@@ -1391,40 +1451,61 @@ mod tests {
         join(&mut c, 1, OURS, 1, 1_000_000);
         join(&mut c, 2, OURS, 1, 500);
         assert_eq!(highest(&mut c, Time(0)), Some(1_000_000));
-        // Peer 1 alone claims 501: a commit fetch from it, refused as busy.
+        // Peer 1 alone claims 501: a commit fetch from it, refused as busy
+        // while it served nothing else of ours.
         let commits = FetchKind::Commits;
         let (lease, 1) = lease_for(&mut c, 0, commits, (501, 501)).unwrap() else {
             panic!("only peer 1 claims 501");
         };
         assert_eq!(release(&mut c, 0, lease, Transfer::Busy), vec![]);
         // Its claim above 500 counts no more, for a second: it is neither
-        // known nor leased, and the commits below stay its to serve.
+        // known nor leased for commits; blocks and the commits below are
+        // still its to serve.
         assert_eq!(highest(&mut c, Time(999)), Some(500));
-        assert_eq!(for_range(&mut c, Time(999), 501, 501), vec![]);
-        assert!(for_range(&mut c, Time(999), 400, 500).contains(&peer(1)));
-        let view = |c: &mut PeerHeightsCore, now| {
-            let views = snapshot(c, Time(now));
-            let v = views.iter().find(|v| v.peer == peer(1)).cloned().unwrap();
-            (v.highest, v.doubted_above, v.banned_until, v.faults)
+        assert_eq!(lease_for(&mut c, 999, commits, (501, 501)), None);
+        let (blocks, 1) = lease_for(&mut c, 999, FetchKind::Blocks, (501, 600)).unwrap() else {
+            panic!("peer 1 still serves blocks");
         };
-        assert_eq!(view(&mut c, 999), (1_000_000, Some(500), None, 0));
+        release(&mut c, 999, blocks, Transfer::Cancelled);
+        assert!(for_range(&mut c, Time(999), 400, 500).contains(&peer(1)));
+        assert_eq!(view(&mut c, 999), (1_000_000, Some(500), None));
         assert_eq!(highest(&mut c, Time(1_000)), Some(1_000_000));
-        // Each further failure doubles the doubt, whatever it was.
+        assert_eq!(view(&mut c, 1_000).1, None);
+        // Each further failure that proves nothing doubles the doubt, up
+        // to eight seconds.
         let mut at = 1_000;
         for (transfer, doubt) in [
             (Transfer::Error, 2_000),
             (Transfer::Timeout, 4_000),
             (Transfer::Busy, 8_000),
+            (Transfer::Error, 8_000),
         ] {
             let (lease, 1) = lease_for(&mut c, at, commits, (501, 501)).unwrap() else {
                 panic!("the doubt is over at {at}");
             };
             release(&mut c, at, lease, transfer);
-            assert_eq!(highest(&mut c, Time(at + doubt - 1)), Some(500));
+            assert_eq!(
+                highest(&mut c, Time(at + doubt - 1)),
+                Some(500),
+                "{transfer:?}"
+            );
             assert_eq!(highest(&mut c, Time(at + doubt)), Some(1_000_000));
             at += doubt;
         }
-        // A commit answer (received, judged later) starts it over.
+        // An answer no further than where it was doubted changes nothing;
+        // one above starts it over. (Peer 2 leaves, so peer 1, failing,
+        // is leased the commits below too.)
+        remove(&mut c, Time(at), 2);
+        let (lease, 1) = lease_for(&mut c, at, commits, (500, 500)).unwrap() else {
+            panic!("the doubt is over");
+        };
+        release(&mut c, at, lease, Transfer::Received);
+        let (lease, 1) = lease_for(&mut c, at, commits, (501, 501)).unwrap() else {
+            panic!("the doubt is over");
+        };
+        release(&mut c, at, lease, Transfer::Timeout);
+        assert_eq!(highest(&mut c, Time(at + 7_999)), Some(500));
+        at += 8_000;
         let (lease, 1) = lease_for(&mut c, at, commits, (501, 501)).unwrap() else {
             panic!("the doubt is over");
         };
@@ -1455,15 +1536,16 @@ mod tests {
         assert!(matches!(denied[..], [Output::Banned { .. }]), "{denied:?}");
     }
 
+    /// Peer 1's claim, where it is doubted, and its ban.
+    fn view(c: &mut PeerHeightsCore, now: u64) -> (u64, Option<u64>, Option<Time>) {
+        let views = snapshot(c, Time(now));
+        let v = views.iter().find(|v| v.peer == peer(1)).cloned().unwrap();
+        (v.highest, v.doubted_above, v.banned_until)
+    }
+
     #[test]
-    fn a_doubt_lasts_at_most_a_ban_or_eight_seconds_when_busy_and_block_fetches_raise_none() {
-        let mut c = PeerHeightsCore::new(
-            Config {
-                ban_duration_ms: 5_000,
-                ..Config::new(OURS, 1)
-            }
-            .into(),
-        );
+    fn failures_that_say_nothing_of_the_claim_raise_no_doubt() {
+        let mut c = core(1);
         join(&mut c, 1, OURS, 1, 1_000);
         // Blocks are fetched for certified commits: a failure there says
         // nothing of the claim.
@@ -1474,30 +1556,81 @@ mod tests {
             release(&mut c, 0, lease, transfer);
             assert_eq!(highest(&mut c, Time(0)), Some(1_000));
         }
-        let mut at = 0;
-        for doubt in [1_000, 2_000, 4_000, 5_000, 5_000] {
-            let (lease, 1) = lease_for(&mut c, at, FetchKind::Commits, (101, 101)).unwrap() else {
-                panic!("the doubt is over at {at}");
+        // Nor do our own cancellations, an answer later than another
+        // peer's (a hedge covered the range, so another peer claims it), or
+        // a NOT_FOUND (judged as a lie or not on its own).
+        for transfer in [Transfer::Cancelled, Transfer::Late, Transfer::NotFound] {
+            let (lease, 1) = lease_for(&mut c, 0, FetchKind::Commits, (1_001, 1_001))
+                .or_else(|| lease_for(&mut c, 0, FetchKind::Commits, (101, 101)))
+                .unwrap()
+            else {
+                panic!("peer 1 claims 101");
             };
-            release(&mut c, at, lease, Transfer::Timeout);
-            assert_eq!(highest(&mut c, Time(at + doubt - 1)), Some(100));
-            at += doubt;
+            release(&mut c, 0, lease, transfer);
         }
-        assert_eq!(highest(&mut c, Time(at)), Some(1_000));
-        // Refused as busy, past eight seconds: an honest peer others keep
-        // busy is still asked now and then.
+        assert_eq!(view(&mut c, 0).1, None);
+        // Refused as busy while it served another fetch of ours: it serves
+        // us fewer at once than we sent, which its slots learn.
         let mut c = core(1);
         join(&mut c, 1, OURS, 1, 1_000);
-        let mut at = 0;
-        for doubt in [1_000, 2_000, 4_000, 8_000, 8_000] {
-            let (lease, 1) = lease_for(&mut c, at, FetchKind::Commits, (101, 101)).unwrap() else {
-                panic!("the doubt is over at {at}");
-            };
-            release(&mut c, at, lease, Transfer::Busy);
-            assert_eq!(highest(&mut c, Time(at + doubt - 1)), Some(100));
-            at += doubt;
-        }
-        assert_eq!(highest(&mut c, Time(at)), Some(1_000));
+        let (other, 1) = lease_for(&mut c, 0, FetchKind::Blocks, (1, 100)).unwrap() else {
+            panic!("peer 1 holds the blocks");
+        };
+        let (lease, 1) = lease_for(&mut c, 0, FetchKind::Commits, (101, 101)).unwrap() else {
+            panic!("peer 1 claims 101");
+        };
+        release(&mut c, 0, lease, Transfer::Busy);
+        assert_eq!(highest(&mut c, Time(0)), Some(1_000));
+        release(&mut c, 0, other, Transfer::Received);
+    }
+
+    #[test]
+    fn a_doubt_only_widens_and_an_unanswered_commit_fetch_raises_it_at_once() {
+        let mut c = core(1);
+        join(&mut c, 1, OURS, 1, 1_000);
+        let commits = FetchKind::Commits;
+        let unanswered = |c: &mut PeerHeightsCore, now, lease| {
+            assert_eq!(c.handle(Time(now), Input::Unanswered { lease }), vec![]);
+        };
+        let (low, 1) = lease_for(&mut c, 0, commits, (201, 201)).unwrap() else {
+            panic!("peer 1 claims 201");
+        };
+        let (high, 1) = lease_for(&mut c, 0, commits, (301, 301)).unwrap() else {
+            panic!("peer 1 claims 301");
+        };
+        // Unanswered past the hedge delay with no other peer for it: in
+        // doubt at once, above 200, for a second; once only.
+        unanswered(&mut c, 100, low);
+        unanswered(&mut c, 100, low);
+        assert_eq!(view(&mut c, 100).1, Some(200));
+        // A failure higher up while it is in doubt keeps the doubt where
+        // it is widest, and lasts its own time (2 s, the second in a row).
+        release(&mut c, 500, high, Transfer::Timeout);
+        assert_eq!(view(&mut c, 500).1, Some(200));
+        // Those 2 s are over, but the fetch doubted while unanswered still
+        // is: the doubt lasts while it does.
+        assert_eq!(highest(&mut c, Time(2_500)), Some(200));
+        // It fails at last: a third failure (4 s).
+        release(&mut c, 3_000, low, Transfer::Timeout);
+        assert_eq!(highest(&mut c, Time(6_999)), Some(200));
+        assert_eq!(highest(&mut c, Time(7_000)), Some(1_000));
+        // The next is the fourth (8 s), and the doubt lasts while the
+        // fetch stays unanswered, past those 8 s; its answer ends it.
+        let (slow, 1) = lease_for(&mut c, 7_000, commits, (301, 301)).unwrap() else {
+            panic!("the doubt is over");
+        };
+        unanswered(&mut c, 8_000, slow);
+        assert_eq!(highest(&mut c, Time(15_999)), Some(300));
+        assert_eq!(highest(&mut c, Time(20_000)), Some(300));
+        release(&mut c, 20_000, slow, Transfer::Received);
+        assert_eq!(highest(&mut c, Time(20_000)), Some(1_000));
+        assert_eq!(view(&mut c, 20_000).1, None);
+        // Blocks' leases are never doubted so.
+        let (blocks, 1) = lease_for(&mut c, 20_000, FetchKind::Blocks, (1, 100)).unwrap() else {
+            panic!("peer 1 holds the blocks");
+        };
+        unanswered(&mut c, 20_000, blocks);
+        assert_eq!(highest(&mut c, Time(20_000)), Some(1_000));
     }
 
     #[test]

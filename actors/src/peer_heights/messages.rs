@@ -218,6 +218,18 @@ pub struct Release {
     pub latency_ms: u64,
 }
 
+/// A commit fetch on `lease` went unanswered past the hedge delay, and no
+/// other peer covers its first commit: the peer alone claims it and has
+/// not shown it. Its claim above is doubted at once, as if the fetch had
+/// failed, rather than counted in full until the fetch ends; an answer
+/// still ends the doubt.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Message)]
+#[rtype(result = "()")]
+pub struct LeaseUnanswered {
+    /// The lease.
+    pub lease: u64,
+}
+
 /// Connected, unbanned peers on our chain whose highest commit is below
 /// `index`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Message)]
@@ -344,6 +356,11 @@ pub enum Input {
     Acquire(Acquire),
     /// See [`Release`].
     Release(Release),
+    /// See [`LeaseUnanswered`].
+    Unanswered {
+        /// The lease.
+        lease: u64,
+    },
     /// Time passed: the shell's timer for a waiting request's end, so its
     /// refusal does not wait for another input.
     Tick,

@@ -28,6 +28,7 @@ pub use actor::{Deps, PeerHeights, Slot};
 pub use core::{Config, Init, PeerHeightsCore};
 pub use messages::{
     Acquire, AcquireError, AcquirePeer, ClaimsRange, FetchKind, HeardHeights, HeightsHeard,
-    HighestKnownCommit, Input, Lease, OutcomeKind, Output, PeerView, PeersBehind, PeersForRange,
-    PushHeight, Release, RemovePeer, ReportOutcome, Snapshot, Transfer, UpdateHeight,
+    HighestKnownCommit, Input, Lease, LeaseUnanswered, OutcomeKind, Output, PeerView, PeersBehind,
+    PeersForRange, PushHeight, Release, RemovePeer, ReportOutcome, Snapshot, Transfer,
+    UpdateHeight,
 };

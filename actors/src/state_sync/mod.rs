@@ -55,4 +55,4 @@ pub use messages::{
 };
 pub use prune::Retention;
 pub use queries::HeightQueries;
-pub use worker::{HEDGE_MIN, Hedging};
+pub use worker::{HEDGE_MIN, Hedging, UNANSWERED_DOUBT};

@@ -34,8 +34,8 @@ use crate::archive::ArchiveReader;
 use crate::connections::{ActivePeers, Client, Connections, Outbound};
 use crate::faults::Faults;
 use crate::peer_heights::{
-    AcquirePeer, ClaimsRange, FetchKind, OutcomeKind, PeerHeights, PeersBehind, ReportOutcome,
-    Slot, Transfer, UpdateHeight,
+    AcquirePeer, ClaimsRange, FetchKind, LeaseUnanswered, OutcomeKind, PeerHeights, PeersBehind,
+    ReportOutcome, Slot, Transfer, UpdateHeight,
 };
 use crate::verifier::{Verifier, Verify, VerifyError, VerifyRequest, VerifyResponse};
 use crate::{Blob, HashedBlob};
@@ -231,6 +231,12 @@ pub(super) struct Worker {
 /// reads its delay again.
 pub const HEDGE_MIN: Duration = Duration::from_millis(100);
 
+/// How long a commit fetch goes unanswered, with no other peer to hedge
+/// it on, before its peer's claim past its start is doubted: well above
+/// an honest answer's time, so a fetch merely slow is seldom doubted (and
+/// its answer ends the doubt).
+pub const UNANSWERED_DOUBT: Duration = Duration::from_secs(1);
+
 /// When a fetch still unanswered also asks a second peer: after four times
 /// the recent answer time of fetches of its kind (a moving average over
 /// the actor's workers), at least [`HEDGE_MIN`]. While none has answered,
@@ -354,8 +360,10 @@ impl Worker {
     /// slot of the peer that sent it. The first peer, beaten by the second,
     /// is released as [`Transfer::Late`]: it ranks lower, with no fault (a
     /// slow peer is not a silent one, and the call that would tell them
-    /// apart is dropped). A second peer that fails, or none free, leaves
-    /// the first to answer alone, its slot released as `transfer` tells
+    /// apart is dropped). While no other peer covers `range`, the second
+    /// is looked for again ([`Self::second_peer`]). A second peer that
+    /// fails, or none free, leaves the first to answer alone, its slot
+    /// released as `transfer` tells
     /// from its failure, but a NOT_FOUND as an error: a denial is judged
     /// only on the peer's claim asked afresh, and this one's is not.
     /// Either way one call's answer is returned, as if only it was sent.
@@ -387,8 +395,11 @@ impl Worker {
             }
         }
         avoid.push(first_peer);
+        let first_lease = first.lease().id;
         let second = std::pin::pin!(async {
-            let slot = self.acquire((kind, range), avoid).await.ok()?;
+            let slot = self
+                .second_peer((kind, range), avoid, first_lease, started)
+                .await?;
             match call(slot.lease().peer).await {
                 Ok(answer) => Some((slot, answer)),
                 Err(failure) => {
@@ -406,6 +417,37 @@ impl Worker {
             Some((slot, answer)) = second => {
                 first.release(Transfer::Late, 0);
                 (slot, Ok(answer))
+            }
+        }
+    }
+
+    /// A slot for the hedge of the fetch leased as `first`, sent at
+    /// `started`: while no other peer covers `range`, asked again every
+    /// [`HEDGE_MIN`], for one may come (a peer that reached the range
+    /// since), so a peer that holds the fetch unanswered holds it only
+    /// until another can serve it. A commit fetch that no other peer could
+    /// take and that is still unanswered [`UNANSWERED_DOUBT`] after it was
+    /// sent has its peer's claim doubted at once ([`LeaseUnanswered`]).
+    /// `None` once acquiring fails otherwise.
+    async fn second_peer(
+        &self,
+        (kind, range): (FetchKind, (CommitIndex, CommitIndex)),
+        avoid: Vec<PeerId>,
+        first: u64,
+        started: tokio::time::Instant,
+    ) -> Option<Slot> {
+        let mut doubted = kind != FetchKind::Commits;
+        loop {
+            match self.acquire((kind, range), avoid.clone()).await {
+                Ok(slot) => return Some(slot),
+                Err(Failure::NoPeer) => {
+                    if !doubted && started.elapsed() >= UNANSWERED_DOUBT {
+                        doubted = true;
+                        self.heights.do_send(LeaseUnanswered { lease: first });
+                    }
+                    tokio::time::sleep(HEDGE_MIN).await;
+                }
+                Err(_) => return None,
             }
         }
     }

@@ -33,13 +33,13 @@ use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use soma_actors::peer_heights::{
-    self, Acquire, Lease, OutcomeKind, PeerHeightsCore, PeersBehind, PushHeight, Release,
-    ReportOutcome, Transfer, UpdateHeight,
+    self, Acquire, AcquireError, Lease, OutcomeKind, PeerHeightsCore, PeersBehind, PushHeight,
+    Release, ReportOutcome, Transfer, UpdateHeight,
 };
 use soma_actors::replay::Recorder;
 use soma_actors::state_sync::{
     self, ApplyError, CommitBatchInfo, Failure, FetchKind, HEDGE_MIN, Hedging, Input, LocalFailure,
-    Output, StateSyncCore, TaskId,
+    Output, StateSyncCore, TaskId, UNANSWERED_DOUBT,
 };
 use soma_actors::{Driver, Time};
 use soma_types::{ChainId, CommitIndex, CommitRef, Digest, PeerId};
@@ -301,8 +301,11 @@ struct Call {
     hedge_of: Option<u64>,
     /// Set on a hedged call: its hedge, once sent.
     hedge: Option<u64>,
-    /// Whether a hedge was asked for (at most one per call).
+    /// Whether a hedge is being looked for or was sent (at most one per
+    /// call).
     hedged: bool,
+    /// Whether its peer's claim was doubted while it went unanswered.
+    unanswered: bool,
 }
 
 /// A fetch waiting for a slot: its work, the peers it avoids, and the call
@@ -848,8 +851,8 @@ impl Run<'_> {
                 }
                 peer_heights::Output::Refused { request, error } => {
                     match self.nodes[node].waiting.remove(&request) {
-                        // No second peer: the first answers alone.
-                        Some((_, _, Some(_))) | None => {}
+                        Some((_, _, Some(first))) => self.no_second_peer(node, first, error),
+                        None => {}
                         Some((work, _, None)) => {
                             self.finish(node, work, None, Failure::from(error))
                         }
@@ -908,6 +911,7 @@ impl Run<'_> {
             hedge_of,
             hedge: None,
             hedged: false,
+            unanswered: false,
         };
         let calls = &mut self.nodes[node].calls;
         calls.insert(call, entry);
@@ -1097,6 +1101,34 @@ impl Run<'_> {
         let mut avoid = c.avoid.clone();
         avoid.push(c.lease.peer);
         self.acquire(client, (work, avoid, Some(call)));
+    }
+
+    /// No second peer for the hedge of call `first`. As the worker does
+    /// (`Worker::second_peer`): while no other peer covers the range, one
+    /// is looked for again after [`HEDGE_MIN`], and a commit fetch still
+    /// unanswered [`UNANSWERED_DOUBT`] after it was sent has its peer's
+    /// claim doubted. Otherwise the first answers alone.
+    fn no_second_peer(&mut self, node: usize, first: u64, error: AcquireError) {
+        let now = self.queue.now();
+        let Some(c) = self.nodes[node].calls.get_mut(&first) else {
+            return;
+        };
+        if error != AcquireError::NoPeer {
+            return;
+        }
+        c.hedged = false;
+        let unanswered = now - c.sent_us >= UNANSWERED_DOUBT.as_micros() as u64;
+        if c.work.kind() == FetchKind::Commits && !c.unanswered && unanswered {
+            c.unanswered = true;
+            let lease = c.lease.id;
+            self.heights_step(node, peer_heights::Input::Unanswered { lease });
+        }
+        let again = HEDGE_MIN.as_micros() as u64;
+        let check = Event::HedgeCheck {
+            client: node,
+            call: first,
+        };
+        self.queue.schedule(again, check);
     }
 
     /// The worker's slot goes back, with how the transfer went.

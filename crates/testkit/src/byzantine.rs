@@ -77,6 +77,8 @@ pub enum Lie {
     /// this status, which proves no lie (RESOURCE_EXHAUSTED: busy;
     /// UNAVAILABLE), so it is never banned.
     ClaimsHeightRefusing(tonic::Code),
+    /// Claims as [`Lie::ClaimsHeight`] does, and never answers a fetch.
+    ClaimsHeightSilent,
     /// Not a lie: an honest node that prunes. Honest until it is first
     /// asked for blocks of this epoch or a later one; then it advertises
     /// a lowest commit past the chain's tip (it holds nothing) and
@@ -143,7 +145,7 @@ impl Evil {
     async fn stall(&self) -> Result<(), Status> {
         let _stalled = Stalled::new(&self.stalled);
         match self.lie {
-            Lie::NeverAnswers => std::future::pending::<()>().await,
+            Lie::NeverAnswers | Lie::ClaimsHeightSilent => std::future::pending::<()>().await,
             Lie::Slow => tokio::time::sleep(Duration::from_millis(1_500)).await,
             Lie::ClaimsHeightRefusing(code) => return Err(Status::new(code, "refused")),
             _ => {}
@@ -248,7 +250,7 @@ impl p2p_server::P2p for Evil {
             self.chain.chain_id()
         };
         let highest = match self.lie {
-            Lie::ClaimsHeight | Lie::ClaimsHeightRefusing(_) => {
+            Lie::ClaimsHeight | Lie::ClaimsHeightRefusing(_) | Lie::ClaimsHeightSilent => {
                 self.chain.tip() + CLAIMED_EXTRA_COMMITS
             }
             Lie::StallsPushes => 0,
