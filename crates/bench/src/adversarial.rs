@@ -23,7 +23,7 @@ use crate::report::{Cell, Section};
 use crate::{Size, runtime};
 
 /// The hostile kinds, each with the label of its row.
-const KINDS: [(Lie, &str); 9] = [
+const KINDS: [(Lie, &str); 11] = [
     (Lie::FutureEpoch, "commits of epoch u64::MAX"),
     (
         Lie::RetiredCommittee,
@@ -35,6 +35,14 @@ const KINDS: [(Lie, &str); 9] = [
     ),
     (Lie::RepeatsBlocks, "every block sent twice"),
     (Lie::ClaimsHeight, "claims a million commits it lacks"),
+    (
+        Lie::ClaimsHeightRefusing(tonic::Code::ResourceExhausted),
+        "claims a million commits, refuses every fetch as busy",
+    ),
+    (
+        Lie::ClaimsHeightSilent,
+        "claims a million commits, never answers a fetch",
+    ),
     (Lie::NeverAnswers, "never answers a fetch"),
     (Lie::Slow, "honest, 1.5 s late"),
     (Lie::WrongBlock, "a block edited after signing"),
@@ -73,6 +81,9 @@ fn chain_config(epoch: u64) -> ChainConfig {
 enum Verdict {
     /// Banned for invalid data or a lie about its height.
     Banned,
+    /// Not banned, but its claim is doubted: a commit fetch past what
+    /// the other peers hold failed on it, or went unanswered.
+    Doubted,
     /// Not banned, but failed (a timeout): ranked after every other peer.
     Avoided,
     /// Served data that was accepted.
@@ -85,6 +96,7 @@ impl Verdict {
     fn of(node_views: &[soma_actors::peer_heights::PeerView], liar: PeerId) -> Verdict {
         match node_views.iter().find(|v| v.peer == liar) {
             Some(v) if v.banned_until.is_some() => Verdict::Banned,
+            Some(v) if v.doubted_above.is_some() => Verdict::Doubted,
             Some(v) if v.failures > 0 => Verdict::Avoided,
             Some(v) if v.throughput_bps > 0 => Verdict::Served,
             _ => Verdict::NotAsked,
@@ -94,6 +106,7 @@ impl Verdict {
     fn name(self) -> &'static str {
         match self {
             Verdict::Banned => "banned",
+            Verdict::Doubted => "doubted",
             Verdict::Avoided => "avoided",
             Verdict::Served => "served",
             Verdict::NotAsked => "not asked",
@@ -104,6 +117,7 @@ impl Verdict {
     fn code(self) -> &'static str {
         match self {
             Verdict::Banned => "banned",
+            Verdict::Doubted => "doubted",
             Verdict::Avoided => "avoided",
             Verdict::Served => "served",
             Verdict::NotAsked => "not-asked",
@@ -113,6 +127,7 @@ impl Verdict {
     fn parse(code: &str) -> Option<Verdict> {
         [
             Verdict::Banned,
+            Verdict::Doubted,
             Verdict::Avoided,
             Verdict::Served,
             Verdict::NotAsked,
