@@ -48,7 +48,8 @@ pub struct Config {
     pub max_tracked_peers: usize,
     /// Bans kept at most (at least one); beyond, the ban that ends first is
     /// lifted early. Kept apart from tracked peers, so no flood of peers
-    /// lifts a ban.
+    /// lifts a ban. Doubts on claims are kept apart likewise, as many at
+    /// most.
     #[serde(default = "default_max_bans")]
     pub max_bans: usize,
     /// Fetches leased on one peer at once at most: a node serves each peer
@@ -144,13 +145,11 @@ struct Peer {
     /// Fetches it serves us at once, learned from its refusals (`None`:
     /// `max_fetches_per_peer`); see [`Transfer::Busy`].
     slots: Option<usize>,
-    /// Its claim above `doubt.above` is doubted while `doubt.until` is
-    /// set; see [`PeerHeightsCore::doubt`].
-    doubt: Doubt,
 }
 
-/// The doubt on a peer's claim. Its point and count outlive the doubt
-/// itself: they say which answer ends the doubling.
+/// The doubt on a peer's claim ([`PeerHeightsCore::doubt`]). Its point
+/// and count outlive the doubt itself (they say which answer ends the
+/// doubling), and the peer's connection.
 #[derive(Clone, Copy, Debug, Default)]
 struct Doubt {
     /// The claim above this commit is doubted (or was, last).
@@ -174,18 +173,17 @@ impl Peer {
             faults: 0,
             heard: now,
             slots: None,
-            doubt: Doubt::default(),
         }
     }
 
-    /// The highest commit it claims that counts for `kind`: for a commit
-    /// fetch, and for the highest known, its claim or less while a commit
-    /// fetch it failed leaves the rest in doubt; for a block fetch (of
-    /// commits already certified), its claim. A denial is judged on the
-    /// whole claim either way.
-    fn credited(&self, kind: FetchKind) -> CommitIndex {
-        match (kind, self.doubt.until) {
-            (FetchKind::Commits, Some(_)) => self.highest.min(self.doubt.above),
+    /// The highest commit it claims that counts for `kind`, under
+    /// `doubt`: for a commit fetch, and for the highest known, its claim
+    /// or less while a commit fetch it failed leaves the rest in doubt;
+    /// for a block fetch (of commits already certified), its claim. A
+    /// denial is judged on the whole claim either way.
+    fn credited(&self, doubt: Option<&Doubt>, kind: FetchKind) -> CommitIndex {
+        match (kind, doubt) {
+            (FetchKind::Commits, Some(d)) if d.until.is_some() => self.highest.min(d.above),
             _ => self.highest,
         }
     }
@@ -251,6 +249,9 @@ pub struct PeerHeightsCore {
     /// Requests waiting for a slot, oldest first (at most
     /// `max_waiting_fetches`).
     waiting: VecDeque<Waiter>,
+    /// Doubts on peers' claims, connected or not, so a peer cannot shed
+    /// one by reconnecting; at most `max_bans`, as bans.
+    doubts: BTreeMap<PeerId, Doubt>,
     /// Commit fetches whose peer's claim was doubted while they went
     /// unanswered ([`Input::Unanswered`]), and still are: the doubt lasts
     /// while they do. A subset of `leases`.
@@ -280,6 +281,7 @@ impl Core for PeerHeightsCore {
             leases: init.leases.into_iter().map(|l| (l.id, l)).collect(),
             next_lease: init.next_lease,
             waiting: VecDeque::new(),
+            doubts: BTreeMap::new(),
             doubted_leases: BTreeSet::new(),
         };
         for (peer, until) in init.bans {
@@ -303,9 +305,9 @@ impl Core for PeerHeightsCore {
         let holding: BTreeSet<PeerId> = (self.doubted_leases.iter())
             .filter_map(|id| self.leases.get(id).map(|l| l.peer))
             .collect();
-        for (id, p) in &mut self.peers {
-            if p.doubt.until.is_some_and(|until| until <= now) && !holding.contains(id) {
-                p.doubt.until = None;
+        for (id, d) in &mut self.doubts {
+            if d.until.is_some_and(|until| until <= now) && !holding.contains(id) {
+                d.until = None;
             }
         }
         let mut out = self.expire_waiters(now);
@@ -588,11 +590,11 @@ impl PeerHeightsCore {
     /// was last doubted ends the doubt and its doubling.
     fn judge_claim(&mut self, now: Time, lease: &Lease, transfer: Transfer) {
         let busy_alone = transfer == Transfer::Busy && self.leased(&lease.peer) == 0;
-        let Some(p) = self.peers.get_mut(&lease.peer) else {
-            return;
-        };
+        let above = self.doubts.get(&lease.peer).map(|d| d.above);
         match transfer {
-            Transfer::Received if lease.start > p.doubt.above => p.doubt = Doubt::default(),
+            Transfer::Received if above.is_some_and(|a| lease.start > a) => {
+                self.doubts.remove(&lease.peer);
+            }
             Transfer::Timeout | Transfer::Error => self.doubt(now, lease),
             Transfer::Busy if busy_alone => self.doubt(now, lease),
             _ => {}
@@ -611,10 +613,17 @@ impl PeerHeightsCore {
     /// no honest peer is. An honest peer doubted so is asked for those
     /// commits a little later, or another peer is.
     fn doubt(&mut self, now: Time, lease: &Lease) {
-        let Some(p) = self.peers.get_mut(&lease.peer) else {
-            return;
-        };
-        let d = &mut p.doubt;
+        if !self.doubts.contains_key(&lease.peer) && self.doubts.len() >= self.config.max_bans {
+            // The first of the doubts that end first (ended ones first),
+            // in id order, so the choice is replayable.
+            let first = (self.doubts.iter())
+                .min_by_key(|(_, d)| d.until)
+                .map(|(id, _)| *id);
+            if let Some(id) = first {
+                self.doubts.remove(&id);
+            }
+        }
+        let d = self.doubts.entry(lease.peer).or_default();
         let ms = (DOUBT_MS << d.count.min(8)).min(MAX_DOUBT_MS);
         d.count = d.count.saturating_add(1);
         let above = lease.start.saturating_sub(1);
@@ -657,7 +666,7 @@ impl PeerHeightsCore {
 
     fn highest_known(&self) -> Option<CommitIndex> {
         (self.eligible())
-            .map(|(_, p)| p.credited(FetchKind::Commits))
+            .map(|(id, p)| p.credited(self.doubts.get(id), FetchKind::Commits))
             .max()
     }
 
@@ -672,7 +681,7 @@ impl PeerHeightsCore {
     ) -> Vec<PeerId> {
         let candidates: Vec<(Standing, u64, PeerId)> = self
             .eligible()
-            .filter(|(_, p)| p.lowest <= start && p.credited(kind) >= end)
+            .filter(|(id, p)| p.lowest <= start && p.credited(self.doubts.get(id), kind) >= end)
             .map(|(id, p)| (p.standing(), p.weight(), *id))
             .collect();
         let mut ranked: Vec<(Standing, u128, PeerId)> = candidates
@@ -750,7 +759,7 @@ impl PeerHeightsCore {
                     chain_id: p.chain_id,
                     highest: p.highest,
                     lowest: p.lowest,
-                    doubted_above: p.doubt.until.map(|_| p.doubt.above),
+                    doubted_above: (self.doubts.get(id)).and_then(|d| d.until.map(|_| d.above)),
                     throughput_bps: p.throughput_bps.unwrap_or(0),
                     failures: p.failures,
                     faults: p.faults,
@@ -1541,6 +1550,70 @@ mod tests {
         let views = snapshot(c, Time(now));
         let v = views.iter().find(|v| v.peer == peer(1)).cloned().unwrap();
         (v.highest, v.doubted_above, v.banned_until)
+    }
+
+    #[test]
+    fn a_doubt_outlives_a_reconnection_and_the_doubts_kept_are_bounded() {
+        let mut c = PeerHeightsCore::new(
+            Config {
+                max_bans: 2,
+                ..Config::new(OURS, 1)
+            }
+            .into(),
+        );
+        join(&mut c, 1, OURS, 1, 1_000);
+        let commits = FetchKind::Commits;
+        let (lease, 1) = lease_for(&mut c, 0, commits, (101, 101)).unwrap() else {
+            panic!("peer 1 claims 101");
+        };
+        release(&mut c, 0, lease, Transfer::Busy);
+        // It leaves and is dialled again at once, claiming as much: still
+        // doubted, and its next failure doubles the doubt.
+        remove(&mut c, Time(10), 1);
+        join(&mut c, 1, OURS, 1, 1_000);
+        assert_eq!(highest(&mut c, Time(999)), Some(100));
+        assert_eq!(view(&mut c, 999).1, Some(100));
+        let (lease, 1) = lease_for(&mut c, 1_000, commits, (101, 101)).unwrap() else {
+            panic!("the doubt is over");
+        };
+        release(&mut c, 1_000, lease, Transfer::Busy);
+        assert_eq!(highest(&mut c, Time(2_999)), Some(100));
+        assert_eq!(highest(&mut c, Time(3_000)), Some(1_000));
+        // Two doubts are kept at most here: a third peer's doubt forgets
+        // the one that ended first.
+        for p in [2, 3] {
+            join(&mut c, p, OURS, 1, 1_000);
+        }
+        for (at, p) in [(3_000, 2), (3_000, 3)] {
+            let (lease, got) = lease_for_peer(&mut c, at, p);
+            assert_eq!(got, p);
+            release(&mut c, at, lease, Transfer::Timeout);
+        }
+        let doubted: Vec<u8> = snapshot(&mut c, Time(3_000))
+            .iter()
+            .filter(|v| v.doubted_above.is_some())
+            .map(|v| v.peer.0[0])
+            .collect();
+        assert_eq!(doubted, vec![2, 3]);
+        assert_eq!(c.doubts.len(), 2);
+    }
+
+    /// A commit lease of 101 on peer `p`, the others avoided.
+    fn lease_for_peer(c: &mut PeerHeightsCore, now: u64, p: u8) -> (u64, u8) {
+        let avoid = (1..=3).filter(|&q| q != p).map(peer).collect();
+        let out = c.handle(
+            Time(now),
+            Input::Acquire(Acquire {
+                request: now,
+                start: 101,
+                end: 101,
+                kind: FetchKind::Commits,
+                avoid,
+                wait_ms: 0,
+            }),
+        );
+        let (_, lease, got) = granted(&out)[0];
+        (lease, got)
     }
 
     #[test]
