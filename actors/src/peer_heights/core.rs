@@ -302,9 +302,7 @@ impl Core for PeerHeightsCore {
         self.bans.retain(|_, until| *until > now);
         // A doubt lasts at least as long as a commit fetch doubted while
         // unanswered stays so.
-        let holding: BTreeSet<PeerId> = (self.doubted_leases.iter())
-            .filter_map(|id| self.leases.get(id).map(|l| l.peer))
-            .collect();
+        let holding = self.holding();
         for (id, d) in &mut self.doubts {
             if d.until.is_some_and(|until| until <= now) && !holding.contains(id) {
                 d.until = None;
@@ -615,9 +613,11 @@ impl PeerHeightsCore {
     fn doubt(&mut self, now: Time, lease: &Lease) {
         if !self.doubts.contains_key(&lease.peer) && self.doubts.len() >= self.config.max_bans {
             // The first of the doubts that end first (ended ones first),
-            // in id order, so the choice is replayable.
+            // in id order, so the choice is replayable; one held by an
+            // unanswered fetch last, whatever its time says.
+            let holding = self.holding();
             let first = (self.doubts.iter())
-                .min_by_key(|(_, d)| d.until)
+                .min_by_key(|(id, d)| (holding.contains(id), d.until))
                 .map(|(id, _)| *id);
             if let Some(id) = first {
                 self.doubts.remove(&id);
@@ -634,6 +634,13 @@ impl PeerHeightsCore {
         };
         let until = now.after(Duration::from_millis(ms));
         d.until = Some(d.until.map_or(until, |was| was.max(until)));
+    }
+
+    /// Peers with a commit fetch doubted while unanswered, still so.
+    fn holding(&self) -> BTreeSet<PeerId> {
+        (self.doubted_leases.iter())
+            .filter_map(|id| self.leases.get(id).map(|l| l.peer))
+            .collect()
     }
 
     fn connected(&mut self, now: Time, peer: PeerId) {
@@ -1596,6 +1603,37 @@ mod tests {
             .collect();
         assert_eq!(doubted, vec![2, 3]);
         assert_eq!(c.doubts.len(), 2);
+    }
+
+    #[test]
+    fn a_doubt_held_by_an_unanswered_fetch_is_forgotten_last() {
+        let mut c = PeerHeightsCore::new(
+            Config {
+                max_bans: 2,
+                ..Config::new(OURS, 1)
+            }
+            .into(),
+        );
+        for p in 1..=3 {
+            join(&mut c, p, OURS, 1, 1_000);
+        }
+        // Peer 1 holds a commit fetch unanswered: in doubt while it does,
+        // though its second has long passed.
+        let (held, 1) = lease_for_peer(&mut c, 0, 1) else {
+            panic!("peer 1 was asked for");
+        };
+        c.handle(Time(0), Input::Unanswered { lease: held });
+        for (at, p) in [(5_000, 2), (5_000, 3)] {
+            let (lease, got) = lease_for_peer(&mut c, at, p);
+            assert_eq!(got, p);
+            release(&mut c, at, lease, Transfer::Timeout);
+        }
+        let doubted: Vec<u8> = snapshot(&mut c, Time(5_000))
+            .iter()
+            .filter(|v| v.doubted_above.is_some())
+            .map(|v| v.peer.0[0])
+            .collect();
+        assert_eq!(doubted, vec![1, 3]);
     }
 
     /// A commit lease of 101 on peer `p`, the others avoided.
