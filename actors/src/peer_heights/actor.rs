@@ -185,10 +185,10 @@ impl Actor for PeerHeights {
 }
 
 impl Supervised for PeerHeights {
-    /// Bans and the leases of running fetches carry over (those whose slot
-    /// is still held: a release lost with the panicking message is not
-    /// counted for ever); heights, scores and waiting requests (whose
-    /// callers see an error and retry) do not.
+    /// Bans, doubts on claims and the leases of running fetches carry
+    /// over (those whose slot is still held: a release lost with the
+    /// panicking message is not counted for ever); heights, scores and
+    /// waiting requests (whose callers see an error and retry) do not.
     fn restarting(&mut self, _: &mut Context<Self>) {
         let mut init = self.driver.core().restart_init();
         init.leases.retain(|l| self.holders.held(l.id));

@@ -79,8 +79,9 @@ fn default_max_waiting_fetches() -> usize {
 }
 
 /// Everything a PeerHeights core is made from: its settings and, after a
-/// restart, what must outlive the failed incarnation (the bans, and the
-/// leases of fetches still running). Heights and scores start empty.
+/// restart, what must outlive the failed incarnation (the bans, the doubts
+/// on claims, and the leases of fetches still running). Heights and
+/// scores start empty.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Init {
     /// Settings.
@@ -95,6 +96,13 @@ pub struct Init {
     /// The next lease id.
     #[serde(default)]
     pub next_lease: u64,
+    /// Doubts on claims, by peer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub doubts: Vec<(PeerId, Doubt)>,
+    /// Leases among `leases` whose peer's claim was doubted while they went
+    /// unanswered.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub doubted_leases: Vec<u64>,
 }
 
 impl From<Config> for Init {
@@ -104,6 +112,8 @@ impl From<Config> for Init {
             bans: Vec::new(),
             leases: Vec::new(),
             next_lease: 0,
+            doubts: Vec::new(),
+            doubted_leases: Vec::new(),
         }
     }
 }
@@ -147,18 +157,20 @@ struct Peer {
     slots: Option<usize>,
 }
 
-/// The doubt on a peer's claim ([`PeerHeightsCore::doubt`]). Its point
-/// and count outlive the doubt itself (they say which answer ends the
-/// doubling), and the peer's connection.
-#[derive(Clone, Copy, Debug, Default)]
-struct Doubt {
+/// The doubt on a peer's claim: a commit fetch it failed without a
+/// provable lie leaves its claim above where the fetch started neither
+/// counted nor leased for a while. Its point and count outlive the doubt
+/// itself (they say which answer ends the doubling), the peer's connection
+/// and a restart.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Doubt {
     /// The claim above this commit is doubted (or was, last).
-    above: CommitIndex,
+    pub above: CommitIndex,
     /// Until when, while it is doubted.
-    until: Option<Time>,
+    pub until: Option<Time>,
     /// Commit fetches it failed with no commit answer above `above`
     /// since: how long the next doubt lasts.
-    count: u32,
+    pub count: u32,
 }
 
 impl Peer {
@@ -281,9 +293,12 @@ impl Core for PeerHeightsCore {
             leases: init.leases.into_iter().map(|l| (l.id, l)).collect(),
             next_lease: init.next_lease,
             waiting: VecDeque::new(),
-            doubts: BTreeMap::new(),
-            doubted_leases: BTreeSet::new(),
+            doubts: init.doubts.into_iter().collect(),
+            doubted_leases: init.doubted_leases.into_iter().collect(),
         };
+        // Only leases carried over can be held doubted.
+        let leases = &core.leases;
+        core.doubted_leases.retain(|id| leases.contains_key(id));
         for (peer, until) in init.bans {
             core.ban(peer, until);
         }
@@ -412,6 +427,8 @@ impl PeerHeightsCore {
             bans: self.bans(),
             leases: self.leases.values().copied().collect(),
             next_lease: self.next_lease,
+            doubts: self.doubts.iter().map(|(p, d)| (*p, *d)).collect(),
+            doubted_leases: self.doubted_leases.iter().copied().collect(),
         }
     }
 
@@ -1634,6 +1651,43 @@ mod tests {
             .map(|v| v.peer.0[0])
             .collect();
         assert_eq!(doubted, vec![1, 3]);
+    }
+
+    #[test]
+    fn doubts_and_the_fetches_holding_them_outlive_a_restart() {
+        let mut c = core(1);
+        for p in 1..=2 {
+            join(&mut c, p, OURS, 1, 1_000);
+        }
+        let (held, 1) = lease_for_peer(&mut c, 0, 1) else {
+            panic!("peer 1 was asked for");
+        };
+        c.handle(Time(0), Input::Unanswered { lease: held });
+        let (lease, 2) = lease_for_peer(&mut c, 0, 2) else {
+            panic!("peer 2 was asked for");
+        };
+        release(&mut c, 0, lease, Transfer::Busy);
+        // Restarted at 5 s: peer 2's doubt is over; peer 1's is held by
+        // the fetch still running. Peers are tracked again as they
+        // answer.
+        let mut c = PeerHeightsCore::new(c.restart_init());
+        for p in 1..=2 {
+            join(&mut c, p, OURS, 1, 1_000);
+        }
+        assert_eq!(view(&mut c, 5_000).1, Some(100));
+        assert_eq!(highest(&mut c, Time(5_000)), Some(1_000));
+        // Peer 2's next failure is its second in a row (2 s).
+        let (lease, 2) = lease_for_peer(&mut c, 5_000, 2) else {
+            panic!("peer 2 was asked for");
+        };
+        release(&mut c, 5_000, lease, Transfer::Busy);
+        remove(&mut c, Time(5_000), 1);
+        assert_eq!(highest(&mut c, Time(6_999)), Some(100));
+        assert_eq!(highest(&mut c, Time(7_000)), Some(1_000));
+        // The held fetch answers at last: peer 1's doubt ends.
+        join(&mut c, 1, OURS, 1, 1_000);
+        release(&mut c, 7_000, held, Transfer::Received);
+        assert_eq!(view(&mut c, 7_000).1, None);
     }
 
     /// A commit lease of 101 on peer `p`, the others avoided.

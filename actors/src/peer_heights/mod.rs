@@ -25,7 +25,7 @@ mod core;
 mod messages;
 
 pub use actor::{Deps, PeerHeights, Slot};
-pub use core::{Config, Init, PeerHeightsCore};
+pub use core::{Config, Doubt, Init, PeerHeightsCore};
 pub use messages::{
     Acquire, AcquireError, AcquirePeer, ClaimsRange, FetchKind, HeardHeights, HeightsHeard,
     HighestKnownCommit, Input, Lease, LeaseUnanswered, OutcomeKind, Output, PeerView, PeersBehind,
