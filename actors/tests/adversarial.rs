@@ -105,6 +105,19 @@ impl Attack {
         assert!(liar.is_some_and(|v| v.banned_until.is_some()), "{views:?}");
     }
 
+    /// Waits until the node has what the honest peer holds and the liar's
+    /// claim past it is doubted (with a fetch held, if `holding`), then
+    /// until sync completes from a full validator; the liar is never
+    /// banned.
+    async fn doubted_then_sync_completes(self, holding: bool) {
+        soma_testkit::wait_synced(&self.node, EPOCH_END, DEADLINE).await;
+        wait_doubted(&self, EPOCH_END, holding).await;
+        let liar = self.liar;
+        let views = self.sync_completes().await;
+        let view = views.iter().find(|v| v.peer == liar).unwrap();
+        assert_eq!(view.banned_until, None, "{view:?}");
+    }
+
     /// Brings an honest validator holding the whole chain, waits for the
     /// node to sync it exactly, and returns PeerHeights' view of the
     /// peers then.
@@ -281,22 +294,23 @@ async fn a_peer_claiming_heights_it_refuses_as_unavailable_is_doubted_and_its_cl
     refusing_liar_is_doubted(tonic::Code::Unavailable).await;
 }
 
-/// Waits until the liar holds a fetch, its claim is doubted above `at`,
-/// and the highest known commit is `at`; it is never banned.
-async fn wait_doubted(attack: &Attack, at: u64) {
+/// Waits until the liar's claim is doubted above `at` and the highest
+/// known commit is `at` (and, if `holding`, the liar holds a fetch); it is
+/// never banned.
+async fn wait_doubted(attack: &Attack, at: u64, holding: bool) {
     let (node, start) = (&attack.node, std::time::Instant::now());
     loop {
         let status = node.sync_status().await.unwrap();
         let views = node.peer_heights().await.unwrap();
         let view = views.iter().find(|v| v.peer == attack.liar).unwrap();
         assert_eq!(view.banned_until, None, "{view:?}");
-        let holding = attack.stalled.load(Ordering::SeqCst) > 0;
-        if holding && status.highest_known == at && view.doubted_above == Some(at) {
+        let held = attack.stalled.load(Ordering::SeqCst) > 0;
+        if (held || !holding) && status.highest_known == at && view.doubted_above == Some(at) {
             return;
         }
         assert!(
             start.elapsed() < DEADLINE,
-            "not doubted above {at}: holding {holding}, {status:?}, {view:?}"
+            "not doubted above {at}: holding {held}, {status:?}, {view:?}"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -309,19 +323,7 @@ async fn wait_doubted(attack: &Attack, at: u64) {
 /// holding the chain comes.
 async fn refusing_liar_is_doubted(code: tonic::Code) {
     let attack = Attack::start(Lie::ClaimsHeightRefusing(code), P2pConfig::default()).await;
-    soma_testkit::wait_synced(&attack.node, EPOCH_END, DEADLINE).await;
-    let (node, liar) = (&attack.node, attack.liar);
-    wait_until("the lie to stop counting", DEADLINE, async || {
-        let status = node.sync_status().await.unwrap();
-        let views = node.peer_heights().await.unwrap();
-        let view = views.iter().find(|v| v.peer == liar).unwrap();
-        assert_eq!(view.banned_until, None, "{view:?}");
-        status.highest_known == EPOCH_END && view.doubted_above == Some(EPOCH_END)
-    })
-    .await;
-    let views = attack.sync_completes().await;
-    let view = views.iter().find(|v| v.peer == liar).unwrap();
-    assert_eq!(view.banned_until, None, "{view:?}");
+    attack.doubted_then_sync_completes(false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -335,16 +337,11 @@ async fn a_silent_peer_claiming_heights_holds_no_fetch_once_another_peer_can_ser
         ..P2pConfig::default()
     };
     let attack = Attack::start_with(Lie::ClaimsHeightSilent, config).await;
-    soma_testkit::wait_synced(&attack.node, EPOCH_END, DEADLINE).await;
     // Once the liar holds that fetch unanswered for a second, its claim is
-    // doubted: what is known is what the honest peer holds.
-    wait_doubted(&attack, EPOCH_END).await;
-    // A peer holding the chain comes: the held fetch goes to it as soon
-    // as it claims the commit, not after the liar's ten minutes.
-    let liar = attack.liar;
-    let views = attack.sync_completes().await;
-    let view = views.iter().find(|v| v.peer == liar).unwrap();
-    assert_eq!(view.banned_until, None, "{view:?}");
+    // doubted: what is known is what the honest peer holds. Then a peer
+    // holding the chain comes: the held fetch goes to it as soon as it
+    // claims the commit, not after the liar's ten minutes.
+    attack.doubted_then_sync_completes(true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1157,13 +1157,7 @@ mod tests {
 
     #[test]
     fn full_ban_list_lifts_the_ban_that_ends_first() {
-        let mut c = PeerHeightsCore::new(
-            Config {
-                max_bans: 2,
-                ..Config::new(OURS, 1)
-            }
-            .into(),
-        );
+        let mut c = keeping_two_bans();
         for (p, now) in [(1, 0), (2, 10), (3, 20)] {
             assert_eq!(
                 outcome(&mut c, Time(now), p, OutcomeKind::InvalidData, 0, 5),
@@ -1529,31 +1523,16 @@ mod tests {
         // one above starts it over. (Peer 2 leaves, so peer 1, failing,
         // is leased the commits below too.)
         remove(&mut c, Time(at), 2);
-        let (lease, 1) = lease_for(&mut c, at, commits, (500, 500)).unwrap() else {
-            panic!("the doubt is over");
-        };
-        release(&mut c, at, lease, Transfer::Received);
-        let (lease, 1) = lease_for(&mut c, at, commits, (501, 501)).unwrap() else {
-            panic!("the doubt is over");
-        };
-        release(&mut c, at, lease, Transfer::Timeout);
+        commit_fetch_on_peer_1(&mut c, at, 500, Transfer::Received);
+        commit_fetch_on_peer_1(&mut c, at, 501, Transfer::Timeout);
         assert_eq!(highest(&mut c, Time(at + 7_999)), Some(500));
         at += 8_000;
-        let (lease, 1) = lease_for(&mut c, at, commits, (501, 501)).unwrap() else {
-            panic!("the doubt is over");
-        };
-        release(&mut c, at, lease, Transfer::Received);
-        let (lease, 1) = lease_for(&mut c, at, commits, (601, 601)).unwrap() else {
-            panic!("not doubted");
-        };
-        release(&mut c, at, lease, Transfer::Busy);
+        commit_fetch_on_peer_1(&mut c, at, 501, Transfer::Received);
+        commit_fetch_on_peer_1(&mut c, at, 601, Transfer::Busy);
         assert_eq!(view(&mut c, at).1, Some(600));
         assert_eq!(highest(&mut c, Time(at + 1_000)), Some(1_000_000));
         // A denial is still judged on the whole claim, doubted or not.
-        let (lease, 1) = lease_for(&mut c, at + 1_000, commits, (601, 601)).unwrap() else {
-            panic!("the doubt is over");
-        };
-        release(&mut c, at + 1_000, lease, Transfer::Busy);
+        commit_fetch_on_peer_1(&mut c, at + 1_000, 601, Transfer::Busy);
         let denied = c.handle(
             Time(at + 1_000),
             Input::Outcome(ReportOutcome {
@@ -1578,29 +1557,16 @@ mod tests {
 
     #[test]
     fn a_doubt_outlives_a_reconnection_and_the_doubts_kept_are_bounded() {
-        let mut c = PeerHeightsCore::new(
-            Config {
-                max_bans: 2,
-                ..Config::new(OURS, 1)
-            }
-            .into(),
-        );
+        let mut c = keeping_two_bans();
         join(&mut c, 1, OURS, 1, 1_000);
-        let commits = FetchKind::Commits;
-        let (lease, 1) = lease_for(&mut c, 0, commits, (101, 101)).unwrap() else {
-            panic!("peer 1 claims 101");
-        };
-        release(&mut c, 0, lease, Transfer::Busy);
+        commit_fetch_on_peer_1(&mut c, 0, 101, Transfer::Busy);
         // It leaves and is dialled again at once, claiming as much: still
         // doubted, and its next failure doubles the doubt.
         remove(&mut c, Time(10), 1);
         join(&mut c, 1, OURS, 1, 1_000);
         assert_eq!(highest(&mut c, Time(999)), Some(100));
         assert_eq!(view(&mut c, 999).1, Some(100));
-        let (lease, 1) = lease_for(&mut c, 1_000, commits, (101, 101)).unwrap() else {
-            panic!("the doubt is over");
-        };
-        release(&mut c, 1_000, lease, Transfer::Busy);
+        commit_fetch_on_peer_1(&mut c, 1_000, 101, Transfer::Busy);
         assert_eq!(highest(&mut c, Time(2_999)), Some(100));
         assert_eq!(highest(&mut c, Time(3_000)), Some(1_000));
         // Two doubts are kept at most here: a third peer's doubt forgets
@@ -1608,29 +1574,13 @@ mod tests {
         for p in [2, 3] {
             join(&mut c, p, OURS, 1, 1_000);
         }
-        for (at, p) in [(3_000, 2), (3_000, 3)] {
-            let (lease, got) = lease_for_peer(&mut c, at, p);
-            assert_eq!(got, p);
-            release(&mut c, at, lease, Transfer::Timeout);
-        }
-        let doubted: Vec<u8> = snapshot(&mut c, Time(3_000))
-            .iter()
-            .filter(|v| v.doubted_above.is_some())
-            .map(|v| v.peer.0[0])
-            .collect();
-        assert_eq!(doubted, vec![2, 3]);
+        assert_eq!(peers_2_and_3_time_out(&mut c, 3_000), vec![2, 3]);
         assert_eq!(c.doubts.len(), 2);
     }
 
     #[test]
     fn a_doubt_held_by_an_unanswered_fetch_is_forgotten_last() {
-        let mut c = PeerHeightsCore::new(
-            Config {
-                max_bans: 2,
-                ..Config::new(OURS, 1)
-            }
-            .into(),
-        );
+        let mut c = keeping_two_bans();
         for p in 1..=3 {
             join(&mut c, p, OURS, 1, 1_000);
         }
@@ -1640,17 +1590,7 @@ mod tests {
             panic!("peer 1 was asked for");
         };
         c.handle(Time(0), Input::Unanswered { lease: held });
-        for (at, p) in [(5_000, 2), (5_000, 3)] {
-            let (lease, got) = lease_for_peer(&mut c, at, p);
-            assert_eq!(got, p);
-            release(&mut c, at, lease, Transfer::Timeout);
-        }
-        let doubted: Vec<u8> = snapshot(&mut c, Time(5_000))
-            .iter()
-            .filter(|v| v.doubted_above.is_some())
-            .map(|v| v.peer.0[0])
-            .collect();
-        assert_eq!(doubted, vec![1, 3]);
+        assert_eq!(peers_2_and_3_time_out(&mut c, 5_000), vec![1, 3]);
     }
 
     #[test]
@@ -1688,6 +1628,39 @@ mod tests {
         join(&mut c, 1, OURS, 1, 1_000);
         release(&mut c, 7_000, held, Transfer::Received);
         assert_eq!(view(&mut c, 7_000).1, None);
+    }
+
+    /// A commit fetch of `start` at `at`, leased on peer 1 (it must be),
+    /// released with `transfer`.
+    fn commit_fetch_on_peer_1(c: &mut PeerHeightsCore, at: u64, start: u64, transfer: Transfer) {
+        let lease = lease_for(c, at, FetchKind::Commits, (start, start));
+        let Some((lease, 1)) = lease else {
+            panic!("not leased on peer 1 at {at}: {lease:?}");
+        };
+        release(c, at, lease, transfer);
+    }
+
+    /// A core that keeps two bans at most, and as many doubts.
+    fn keeping_two_bans() -> PeerHeightsCore {
+        let config = Config {
+            max_bans: 2,
+            ..Config::new(OURS, 1)
+        };
+        PeerHeightsCore::new(config.into())
+    }
+
+    /// Commit fetches on peers 2 and 3 time out at `at`; returns the peers
+    /// doubted then.
+    fn peers_2_and_3_time_out(c: &mut PeerHeightsCore, at: u64) -> Vec<u8> {
+        for p in [2, 3] {
+            let (lease, got) = lease_for_peer(c, at, p);
+            assert_eq!(got, p);
+            release(c, at, lease, Transfer::Timeout);
+        }
+        (snapshot(c, Time(at)).iter())
+            .filter(|v| v.doubted_above.is_some())
+            .map(|v| v.peer.0[0])
+            .collect()
     }
 
     /// A commit lease of 101 on peer `p`, the others avoided.
