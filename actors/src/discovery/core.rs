@@ -41,6 +41,9 @@ pub struct Init {
     pub seed: u64,
 }
 
+/// Entries of the table of known peers allocated when a core is made.
+const TABLE_PREALLOCATED: usize = 4_096;
+
 /// Discovery's tunable settings.
 ///
 /// The known-peer table resists eclipse attacks (in the spirit of Bitcoin's
@@ -282,12 +285,15 @@ impl Core for DiscoveryCore {
     type Output = Output;
 
     fn new(init: Init) -> Self {
+        // Room for a full table at once (up to a bound, whatever the
+        // setting): one that grows keeps spare room as large again.
+        let known = Table::with_capacity(init.config.max_known_peers.min(TABLE_PREALLOCATED));
         DiscoveryCore {
             rng: ChaCha8Rng::seed_from_u64(init.seed),
             allowlist: init.allowlist.iter().copied().collect(),
             config: init.config.clone(),
             init,
-            known: Table::default(),
+            known,
             connected: BTreeSet::new(),
             verified: BTreeSet::new(),
             pending: BTreeMap::new(),
@@ -381,16 +387,19 @@ impl Core for DiscoveryCore {
                 unix_ms,
                 remote,
             } => self.serve(id, caller, info, unix_ms, remote),
-            Input::KnownPeers => vec![Output::Known(
-                self.known.values().map(|e| e.info.clone()).collect(),
-            )],
+            Input::KnownPeers => {
+                let mut known: Vec<Arc<SignedNodeInfo>> =
+                    self.known.values().map(|e| e.info.clone()).collect();
+                known.sort_unstable_by_key(|i| i.info.peer_id);
+                vec![Output::Known(known)]
+            }
         }
     }
 }
 
 impl DiscoveryCore {
-    /// The peers known now, in id order (a read, not an input: for
-    /// metrics and simulations).
+    /// The peers known now, in no particular order (a read, not an input:
+    /// for metrics and simulations).
     pub fn known_peers(&self) -> impl Iterator<Item = &PeerId> {
         self.known.keys()
     }
@@ -402,6 +411,9 @@ impl DiscoveryCore {
 
     /// Ends the dial backoff of every address of `peer`: it is up again.
     fn end_backoff(&mut self, peer: PeerId) {
+        if self.backoff.is_empty() {
+            return;
+        }
         if let Some(entry) = self.known.get(&peer) {
             for a in &entry.info.info.addresses {
                 self.backoff.remove(a);
@@ -697,17 +709,21 @@ impl DiscoveryCore {
                 self.learn(Arc::new(info), source, unix_ms);
             }
         }
-        // Filtered by the table's keys: reading each info would cost a
-        // cache miss per entry in a large network.
-        let candidates: Vec<&Arc<SignedNodeInfo>> = self
-            .known
-            .iter()
-            .filter(|(peer, _)| Some(**peer) != caller)
-            .map(|(_, e)| &e.info)
-            .collect();
-        let infos = candidates
-            .choose_multiple(&mut self.rng, self.config.max_peers_to_send)
-            .map(|i| Arc::clone(i))
+        // Drawn by position, the caller's own entry left out: only the
+        // entries sent are read (a walk over the whole table cost a cache
+        // miss per entry in a large network).
+        let skip = caller.and_then(|c| self.known.position(&c));
+        let len = self.known.len() - usize::from(skip.is_some());
+        let amount = self.config.max_peers_to_send.min(len);
+        let infos = rand::seq::index::sample(&mut self.rng, len, amount)
+            .into_iter()
+            .filter_map(|i| {
+                let position = match skip {
+                    Some(s) if i >= s => i + 1,
+                    _ => i,
+                };
+                self.known.get_index(position).map(|(_, e)| e.info.clone())
+            })
             .collect();
         vec![Output::Answer { id, infos }]
     }
@@ -1467,6 +1483,44 @@ mod tests {
             .map(|id| serve(&mut c, id).iter().map(|i| i.info.peer_id).collect())
             .collect();
         assert!(samples.len() > 1, "every sample was the same");
+    }
+
+    #[test]
+    fn an_answer_with_room_for_all_holds_every_peer_but_the_caller() {
+        // Answers are drawn by position in the table: wherever the caller
+        // lies, it is left out and every other peer can be drawn.
+        let mut i = init(0);
+        i.config.max_peers_to_send = 9;
+        let mut c = DiscoveryCore::new(i);
+        learn(&mut c, (1..=10).map(|n| info(n, NOW_MS)).collect());
+        let answer = |c: &mut DiscoveryCore, caller: Option<PeerId>| match c
+            .handle(
+                Time(0),
+                Input::Serve {
+                    id: 1,
+                    caller,
+                    info: None,
+                    unix_ms: NOW_MS,
+                    remote: None,
+                },
+            )
+            .pop()
+        {
+            Some(Output::Answer { infos, .. }) => {
+                sorted(infos.iter().map(|i| i.info.peer_id).collect())
+            }
+            other => panic!("{other:?}"),
+        };
+        for caller in 1..=10 {
+            let others = ids((1..=10).filter(|n| *n != caller));
+            assert_eq!(answer(&mut c, Some(id(caller))), others, "caller {caller}");
+            tick(&mut c, Time(0), NOW_MS);
+        }
+        // A caller the table does not hold: any 9 of the 10.
+        let mut drawn = answer(&mut c, Some(id(11)));
+        drawn.dedup();
+        assert_eq!(drawn.len(), 9);
+        assert!(drawn.iter().all(|p| ids(1..=10).contains(p)));
     }
 
     #[test]

@@ -103,7 +103,7 @@ pub enum Output {
         /// Correlation id.
         id: u64,
     },
-    /// Answer to [`Input::KnownPeers`].
+    /// Answer to [`Input::KnownPeers`], in id order.
     Known(Vec<Arc<SignedNodeInfo>>),
 }
 

@@ -15,11 +15,12 @@
 //! "The simulator's speed").
 
 use std::cmp::Reverse;
-use std::collections::BTreeMap;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::hash::Hash;
 use std::ops::Bound;
 use std::sync::Arc;
 
+use indexmap::IndexMap;
 use soma_types::{PeerId, SignedNodeInfo};
 
 use super::core::{Entry, Prefix, Source};
@@ -34,22 +35,23 @@ pub(super) struct Caps {
 
 /// Entries by bucket, each bucket's oldest first. One ordered set for all
 /// buckets (most prefix buckets hold one or two entries; a set per bucket
-/// would cost a tree node each), with each bucket's size beside it.
+/// would cost a tree node each), with each bucket's size beside it, looked
+/// up by hash (read for every newcomer; nothing depends on its order).
 struct Ordered<K> {
     items: BTreeSet<(K, u64, PeerId)>,
-    sizes: BTreeMap<K, usize>,
+    sizes: HashMap<K, usize>,
 }
 
 impl<K> Default for Ordered<K> {
     fn default() -> Self {
         Self {
             items: BTreeSet::new(),
-            sizes: BTreeMap::new(),
+            sizes: HashMap::new(),
         }
     }
 }
 
-impl<K: Ord + Copy> Ordered<K> {
+impl<K: Ord + Hash + Copy> Ordered<K> {
     fn insert(&mut self, key: K, seen_ms: u64, peer: PeerId) {
         if self.items.insert((key, seen_ms, peer)) {
             *self.sizes.entry(key).or_default() += 1;
@@ -110,17 +112,45 @@ enum Bucket {
     Prefix(Prefix),
 }
 
-/// Known peers by id, indexed by source and by prefix.
+/// Known peers by id, indexed by source and by prefix. The entries lie in
+/// one array with a hash index beside it: a lookup is a hash and a probe
+/// rather than a walk down a tree of 32-byte keys, and an answer draws its
+/// infos by position. The order of the array is the order entries came in,
+/// with the last moved into each removed one's place: it depends on the
+/// inputs only, never on the hashes, so a core's outputs stay the same for
+/// the same inputs whatever the hasher's keys.
 #[derive(Default)]
 pub(super) struct Table {
-    entries: BTreeMap<PeerId, Slot>,
+    entries: IndexMap<PeerId, Slot>,
     by_source: Ordered<Source>,
     by_prefix: Ordered<Prefix>,
 }
 
 impl Table {
+    /// An empty table with room for `capacity` entries before it grows.
+    pub(super) fn with_capacity(capacity: usize) -> Self {
+        Table {
+            entries: IndexMap::with_capacity(capacity),
+            ..Table::default()
+        }
+    }
+
     pub(super) fn get(&self, peer: &PeerId) -> Option<&Entry> {
         self.entries.get(peer).map(|s| &s.entry)
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// The entry at `position` (in `0..len()`), with its peer.
+    pub(super) fn get_index(&self, position: usize) -> Option<(&PeerId, &Entry)> {
+        self.entries.get_index(position).map(|(p, s)| (p, &s.entry))
+    }
+
+    /// Where `peer`'s entry lies, if known.
+    pub(super) fn position(&self, peer: &PeerId) -> Option<usize> {
+        self.entries.get_index_of(peer)
     }
 
     pub(super) fn contains_key(&self, peer: &PeerId) -> bool {
@@ -193,7 +223,7 @@ impl Table {
     }
 
     pub(super) fn remove(&mut self, peer: &PeerId) -> Option<Entry> {
-        let slot = self.entries.remove(peer)?;
+        let slot = self.entries.swap_remove(peer)?;
         self.unindex(*peer, &slot);
         Some(slot.entry)
     }
@@ -295,7 +325,8 @@ impl Table {
         let kept = self.entries.len() + 1 - chosen.len();
         if source.is_some() && kept >= caps.total {
             // The fullest source bucket with an evictable entry gives up
-            // its oldest (ties: the lowest source).
+            // its oldest (ties: the lowest source; the sizes' own order is
+            // the hash's, so the sort decides).
             let mut fullest: Vec<(Reverse<usize>, Source)> = self
                 .by_source
                 .sizes
