@@ -12,6 +12,7 @@
 //! the handle keeps working; one that fails past the intensity limit stops
 //! the node, which [`P2pHandle::health`] and [`P2pHandle::failed`] report.
 
+mod allocator;
 mod builder;
 mod commits;
 mod config;
@@ -21,6 +22,7 @@ mod tree;
 
 pub use crate::state_sync::Retention;
 pub use crate::supervisor::NodeFailure;
+pub use allocator::{ARENA_ENV, limit_allocator_arenas};
 pub use builder::{P2pBuilder, StartError};
 pub(crate) use commits::Execution;
 pub use commits::{CommitStream, StreamError};

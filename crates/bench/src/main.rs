@@ -306,6 +306,9 @@ pub fn runtime(workers: usize) -> tokio::runtime::Runtime {
 }
 
 fn main() -> ExitCode {
+    // As the node binary does, so that what is measured is what runs
+    // (references included: one process, one allocator).
+    soma_actors::system::limit_allocator_arenas();
     let cli = Cli::parse();
     // Logs only when asked for: they would disturb the figures.
     if std::env::var_os("RUST_LOG").is_some() {

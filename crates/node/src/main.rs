@@ -173,6 +173,9 @@ fn init_logs(format: LogFormat) {
 }
 
 fn main() -> ExitCode {
+    // Before any thread starts: every thread's allocations then share one
+    // arena per core, and the node's memory stays flat.
+    let arenas = soma_actors::system::limit_allocator_arenas();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -184,7 +187,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let result = runtime.block_on(execute(cli));
+    let result = runtime.block_on(execute(cli, arenas));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(message)) => {
@@ -198,7 +201,8 @@ fn main() -> ExitCode {
     }
 }
 
-async fn execute(cli: Cli) -> Result<(), Failure> {
+/// Runs the command; `arenas` is the malloc arena limit `main` set, if any.
+async fn execute(cli: Cli, arenas: Option<usize>) -> Result<(), Failure> {
     match cli.command {
         Command::Keygen { out, force } => {
             let keys = keys::write_keys(&out, None, None, force).map_err(|e| match e {
@@ -233,7 +237,7 @@ async fn execute(cli: Cli) -> Result<(), Failure> {
             commit_rate,
         } => {
             init_logs(cli.log_format);
-            run::run(&config, commit_rate).await
+            run::run(&config, commit_rate, arenas).await
         }
         Command::Localnet {
             nodes,

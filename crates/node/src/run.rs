@@ -17,8 +17,13 @@ pub const STORE_FILE: &str = "chain.redb";
 /// Runs the node configured by `config_path`, producing blocks at
 /// `commit_rate` if given. Returns when the node has stopped gracefully
 /// after a signal, or with an error naming the actor when the node stopped
-/// itself because an actor failed past its restarts.
-pub async fn run(config_path: &Path, commit_rate: Option<f64>) -> Result<(), crate::Failure> {
+/// itself because an actor failed past its restarts. `arenas` is the
+/// malloc arena limit the program set (logged once the config is read).
+pub async fn run(
+    config_path: &Path,
+    commit_rate: Option<f64>,
+    arenas: Option<usize>,
+) -> Result<(), crate::Failure> {
     let mut config = NodeConfig::load(config_path).map_err(crate::Failure::usage)?;
     if let Some(rate) = commit_rate {
         if !(0.1..=10_000.0).contains(&rate) {
@@ -35,6 +40,13 @@ pub async fn run(config_path: &Path, commit_rate: Option<f64>) -> Result<(), cra
     let genesis = GenesisFile::load(&config.genesis).map_err(crate::Failure::usage)?;
     let committee = genesis.committee().map_err(crate::Failure::usage)?;
     let keys = keys::read_keys(&config.keys_dir).map_err(crate::Failure::usage)?;
+    match arenas {
+        Some(arenas) => tracing::info!(arenas, "malloc arenas limited to one per core"),
+        None => tracing::info!(
+            variable = soma_actors::system::ARENA_ENV,
+            "malloc arenas left to the C library"
+        ),
+    }
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| crate::Failure::run(format!("{}: {e}", config.data_dir.display())))?;
     let store: Arc<dyn ConsensusStore> = Arc::new(
