@@ -157,6 +157,16 @@ struct Peer {
     slots: Option<usize>,
 }
 
+/// Whether a claim in doubt counts as doubted when peers are ranked for a
+/// range.
+#[derive(Clone, Copy)]
+enum Doubts {
+    /// Only what it is credited with counts.
+    Count,
+    /// Its whole claim counts: for the last resort.
+    Ignore,
+}
+
 /// The doubt on a peer's claim: a commit fetch it failed without a
 /// provable lie leaves its claim above where the fetch started neither
 /// counted nor leased for a while. Its point and count outlive the doubt
@@ -386,6 +396,7 @@ impl PeerHeightsCore {
                     FetchKind::Commits,
                     start,
                     end,
+                    Doubts::Count,
                 ))]
             }
             Input::PeersBehind(PeersBehind { index }) => vec![Output::Peers(
@@ -440,11 +451,24 @@ impl PeerHeightsCore {
     /// The best peer for `request` with a free slot: `Ok(None)` when peers
     /// can serve it but every one is busy.
     fn choose(&mut self, request: &Acquire) -> Result<Option<PeerId>, AcquireError> {
-        let ranked: Vec<PeerId> = self
-            .peers_for_range(request.kind, request.start, request.end)
+        let (kind, start, end) = (request.kind, request.start, request.end);
+        let mut ranked: Vec<PeerId> = self
+            .peers_for_range(kind, start, end, Doubts::Count)
             .into_iter()
             .filter(|p| !request.avoid.contains(p))
             .collect();
+        if ranked.is_empty() {
+            // A claim in doubt is asked as the last resort, as a failing
+            // peer is: when no other peer covers the range. An honest
+            // server whose slots an attacker fills refuses us as busy and
+            // is doubted, and it may be the only one that holds what we
+            // lack; it still counts for nothing in the highest known.
+            ranked = self
+                .peers_for_range(kind, start, end, Doubts::Ignore)
+                .into_iter()
+                .filter(|p| !request.avoid.contains(p))
+                .collect();
+        }
         let Some(best) = ranked.first() else {
             return Err(AcquireError::NoPeer);
         };
@@ -604,7 +628,15 @@ impl PeerHeightsCore {
     /// another peer covered the range. An answer starting above where it
     /// was last doubted ends the doubt and its doubling.
     fn judge_claim(&mut self, now: Time, lease: &Lease, transfer: Transfer) {
-        let busy_alone = transfer == Transfer::Busy && self.leased(&lease.peer) == 0;
+        // Busy with none of our other fetches, from a peer that never
+        // delivered one: a peer that has served us and refuses as busy now
+        // is loaded, maybe by an attacker filling its slots, and it may be
+        // the only one to hold what we lack (doubting it would lower the
+        // highest known to what we hold, and stop the catch-up for the
+        // doubt's length each time).
+        let busy_alone = transfer == Transfer::Busy
+            && self.leased(&lease.peer) == 0
+            && (self.peers.get(&lease.peer)).is_none_or(|p| p.throughput_bps.is_none());
         let above = self.doubts.get(&lease.peer).map(|d| d.above);
         match transfer {
             Transfer::Received if above.is_some_and(|a| lease.start > a) => {
@@ -702,10 +734,15 @@ impl PeerHeightsCore {
         kind: FetchKind,
         start: CommitIndex,
         end: CommitIndex,
+        doubts: Doubts,
     ) -> Vec<PeerId> {
+        let doubt = |id: &PeerId| match doubts {
+            Doubts::Count => self.doubts.get(id),
+            Doubts::Ignore => None,
+        };
         let candidates: Vec<(Standing, u64, PeerId)> = self
             .eligible()
-            .filter(|(id, p)| p.lowest <= start && p.credited(self.doubts.get(id), kind) >= end)
+            .filter(|(id, p)| p.lowest <= start && p.credited(doubt(id), kind) >= end)
             .map(|(id, p)| (p.standing(), p.weight(), *id))
             .collect();
         let mut ranked: Vec<(Standing, u128, PeerId)> = candidates
@@ -1485,11 +1522,23 @@ mod tests {
             panic!("only peer 1 claims 501");
         };
         assert_eq!(release(&mut c, 0, lease, Transfer::Busy), vec![]);
-        // Its claim above 500 counts no more, for a second: it is neither
-        // known nor leased for commits; blocks and the commits below are
-        // still its to serve.
+        // Its claim above 500 counts no more, for a second: it is not
+        // known, and it is leased commits above 500 only as the last
+        // resort, while no other peer claims them (an honest server whose
+        // slots an attacker fills is refused as busy too, and may be the
+        // only one to hold them); blocks and the commits below are still
+        // its to serve.
         assert_eq!(highest(&mut c, Time(999)), Some(500));
-        assert_eq!(lease_for(&mut c, 999, commits, (501, 501)), None);
+        let (last_resort, 1) = lease_for(&mut c, 999, commits, (501, 501)).unwrap() else {
+            panic!("peer 1 alone claims 501");
+        };
+        release(&mut c, 999, last_resort, Transfer::Cancelled);
+        join(&mut c, 3, OURS, 1, 600);
+        assert_eq!(
+            lease_for(&mut c, 999, commits, (501, 501)).map(|l| l.1),
+            Some(3)
+        );
+        remove(&mut c, Time(999), 3);
         let (blocks, 1) = lease_for(&mut c, 999, FetchKind::Blocks, (501, 600)).unwrap() else {
             panic!("peer 1 still serves blocks");
         };
@@ -1720,6 +1769,18 @@ mod tests {
         release(&mut c, 0, lease, Transfer::Busy);
         assert_eq!(highest(&mut c, Time(0)), Some(1_000));
         release(&mut c, 0, other, Transfer::Received);
+        // Refused as busy, serving nothing else of ours, by a peer that
+        // has delivered before: loaded (an attacker may hold its slots),
+        // and maybe the only one to hold what we lack.
+        let mut c = core(1);
+        join(&mut c, 1, OURS, 1, 1_000);
+        outcome(&mut c, Time(0), 1, OutcomeKind::Success, 100_000, 10);
+        let (lease, 1) = lease_for(&mut c, 0, FetchKind::Commits, (101, 101)).unwrap() else {
+            panic!("peer 1 claims 101");
+        };
+        release(&mut c, 0, lease, Transfer::Busy);
+        assert_eq!(highest(&mut c, Time(0)), Some(1_000));
+        assert_eq!(view(&mut c, 0).1, None);
     }
 
     #[test]
