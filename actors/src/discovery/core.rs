@@ -1455,28 +1455,34 @@ mod tests {
         assert!(matches!(serve(&mut c, 4)[0], Output::Answer { .. }));
     }
 
-    #[test]
-    fn answers_are_a_bounded_random_sample() {
+    /// A core that knows peers 1 to 10 and sends `max_peers_to_send`.
+    fn knowing_ten(max_peers_to_send: usize) -> DiscoveryCore {
         let mut i = init(0);
-        i.config.max_peers_to_send = 3;
+        i.config.max_peers_to_send = max_peers_to_send;
         let mut c = DiscoveryCore::new(i);
         learn(&mut c, (1..=10).map(|n| info(n, NOW_MS)).collect());
-        let serve = |c: &mut DiscoveryCore, id| match c
-            .handle(
-                Time(0),
-                Input::Serve {
-                    id,
-                    caller: None,
-                    info: None,
-                    unix_ms: NOW_MS,
-                    remote: None,
-                },
-            )
-            .pop()
-        {
+        c
+    }
+
+    /// The infos of the answer to GetKnownPeers call `id` from `caller`.
+    fn answer(c: &mut DiscoveryCore, id: u64, caller: Option<PeerId>) -> Vec<Arc<SignedNodeInfo>> {
+        let serve = Input::Serve {
+            id,
+            caller,
+            info: None,
+            unix_ms: NOW_MS,
+            remote: None,
+        };
+        match c.handle(Time(0), serve).pop() {
             Some(Output::Answer { infos, .. }) => infos,
             other => panic!("{other:?}"),
-        };
+        }
+    }
+
+    #[test]
+    fn answers_are_a_bounded_random_sample() {
+        let mut c = knowing_ten(3);
+        let serve = |c: &mut DiscoveryCore, id| answer(c, id, None);
         let a = serve(&mut c, 1);
         assert_eq!(a.len(), 3);
         let samples: std::collections::HashSet<Vec<PeerId>> = (2..8)
@@ -1489,27 +1495,14 @@ mod tests {
     fn an_answer_with_room_for_all_holds_every_peer_but_the_caller() {
         // Answers are drawn by position in the table: wherever the caller
         // lies, it is left out and every other peer can be drawn.
-        let mut i = init(0);
-        i.config.max_peers_to_send = 9;
-        let mut c = DiscoveryCore::new(i);
-        learn(&mut c, (1..=10).map(|n| info(n, NOW_MS)).collect());
-        let answer = |c: &mut DiscoveryCore, caller: Option<PeerId>| match c
-            .handle(
-                Time(0),
-                Input::Serve {
-                    id: 1,
-                    caller,
-                    info: None,
-                    unix_ms: NOW_MS,
-                    remote: None,
-                },
+        let mut c = knowing_ten(9);
+        let answer = |c: &mut DiscoveryCore, caller: Option<PeerId>| {
+            sorted(
+                answer(c, 1, caller)
+                    .iter()
+                    .map(|i| i.info.peer_id)
+                    .collect(),
             )
-            .pop()
-        {
-            Some(Output::Answer { infos, .. }) => {
-                sorted(infos.iter().map(|i| i.info.peer_id).collect())
-            }
-            other => panic!("{other:?}"),
         };
         for caller in 1..=10 {
             let others = ids((1..=10).filter(|n| *n != caller));
