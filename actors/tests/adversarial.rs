@@ -345,6 +345,55 @@ async fn a_silent_peer_claiming_heights_holds_no_fetch_once_another_peer_can_ser
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sole_peer_that_served_us_and_refuses_as_busy_is_never_doubted() {
+    // The attack of filling an honest node's fetch slots, seen from a node
+    // syncing from it alone: once the peer has served a commit batch, it
+    // refuses every second commit fetch as busy. It is loaded, not lying:
+    // were its claim doubted, the highest known would fall to what the
+    // node holds and the catch-up would stop for each doubt's length.
+    soma_testkit::init_tracing();
+    let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(LOADED_TIP));
+    let loaded = byzantine::serve_observed(chain.clone(), Lie::BusyWhenLoaded, 100).await;
+    let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+    let config = P2pConfig {
+        seed_peers: vec![loaded.seed()],
+        ..P2pConfig::default()
+    };
+    let node = soma_testkit::node(&chain, 9, config, store.clone());
+    // Loaded once a batch it served is applied (so it has delivered).
+    wait_until("a batch applied", DEADLINE, async || {
+        node.sync_status().await.unwrap().synced >= 1
+    })
+    .await;
+    loaded.load();
+    let start = std::time::Instant::now();
+    loop {
+        let status = node.sync_status().await.unwrap();
+        let views = node.peer_heights().await.unwrap();
+        let view = views.iter().find(|v| v.peer == loaded.peer).unwrap();
+        assert_eq!(
+            (status.highest_known, view.doubted_above, view.banned_until),
+            (LOADED_TIP, None, None),
+            "{status:?} {view:?}"
+        );
+        if status.synced == LOADED_TIP {
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "sync stalled: {status:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_same_chain(&chain, store.as_ref());
+    // The load was met: commit fetches were refused while it lasted.
+    let refused = loaded.denied.load(Ordering::SeqCst);
+    assert!(refused > 0, "no commit fetch was refused");
+    node.shutdown().await;
+}
+
+/// Commits of the chain served by a loaded peer: enough commit fetches
+/// remain after the first batch is applied (at most 8 are ahead).
+const LOADED_TIP: u64 = 2_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verifier_back_pressure_is_never_charged_to_the_serving_peer() {
     // A Verifier that admits one request at a time refuses most of the
     // node's parallel requests as busy: a failure on our side, retried,

@@ -99,6 +99,12 @@ pub enum Lie {
     /// it every new height, and never answers a PushCommit (each one
     /// counted stalled while it waits).
     StallsPushes,
+    /// Not a lie: an honest node whose fetch slots others fill at times.
+    /// Honest until its [`Served::load`] is called; from then on it
+    /// refuses every second commit fetch (the first one included) with
+    /// RESOURCE_EXHAUSTED, as a node refuses when its slots are all held,
+    /// and serves the rest.
+    BusyWhenLoaded,
 }
 
 /// Bytes of each blob a [`Lie::FloodsBlocks`] peer sends: the largest
@@ -119,6 +125,10 @@ struct Evil {
     denied: Arc<AtomicUsize>,
     /// Whether a pruning peer has pruned (or a disclaiming one denied).
     pruned: AtomicBool,
+    /// Whether a [`Lie::BusyWhenLoaded`] peer is loaded.
+    loaded: Arc<AtomicBool>,
+    /// Commit fetches received while loaded.
+    loaded_commit_fetches: AtomicUsize,
 }
 
 /// Counts a stalled call while it lives: a call dropped by its client
@@ -151,6 +161,19 @@ impl Evil {
             _ => {}
         }
         Ok(())
+    }
+
+    /// Whether a loaded [`Lie::BusyWhenLoaded`] peer refuses this commit
+    /// fetch (every second one), counted as denied.
+    fn busy(&self) -> bool {
+        if self.lie != Lie::BusyWhenLoaded || !self.loaded.load(Ordering::SeqCst) {
+            return false;
+        }
+        let refused = (self.loaded_commit_fetches.fetch_add(1, Ordering::SeqCst)).is_multiple_of(2);
+        if refused {
+            self.denied.fetch_add(1, Ordering::SeqCst);
+        }
+        refused
     }
 
     /// Whether a fetch asking for data of `epochs` is denied, and counted
@@ -295,6 +318,9 @@ impl p2p_server::P2p for Evil {
     ) -> Result<Response<proto::FetchCommitsResponse>, Status> {
         self.fetches.fetch_add(1, Ordering::SeqCst);
         self.stall().await?;
+        if self.busy() {
+            return Err(Status::resource_exhausted("every fetch slot is held"));
+        }
         let r = request.into_inner();
         let chain = &self.chain;
         if self.lie == Lie::ClaimsHeight || r.start > chain.tip() || r.start == 0 {
@@ -493,10 +519,12 @@ pub struct Served {
     pub stalled: Arc<AtomicUsize>,
     /// FetchCommits and FetchBlocks calls it has received.
     pub fetches: Arc<AtomicUsize>,
-    /// Fetches it has answered NOT_FOUND for what it pruned or withholds
+    /// Fetches it has refused: NOT_FOUND for what it pruned or withholds
     /// ([`Lie::PrunesAtBlocksOf`], [`Lie::PrunesAtCommitsOf`],
-    /// [`Lie::WithholdsBlocksOf`]).
+    /// [`Lie::WithholdsBlocksOf`]), busy while loaded
+    /// ([`Lie::BusyWhenLoaded`]).
     pub denied: Arc<AtomicUsize>,
+    loaded: Arc<AtomicBool>,
 }
 
 impl Served {
@@ -506,6 +534,12 @@ impl Served {
             peer_id: Some(self.peer),
             address: self.address.clone(),
         }
+    }
+
+    /// Loads a [`Lie::BusyWhenLoaded`] peer: from now on it refuses every
+    /// second commit fetch as busy.
+    pub fn load(&self) {
+        self.loaded.store(true, Ordering::SeqCst);
     }
 
     /// Fetches it has received so far.
@@ -518,6 +552,7 @@ impl Served {
 pub async fn serve_observed(chain: Arc<Chain>, lie: Lie, key: u8) -> Served {
     let (stalled, fetches) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let denied = Arc::new(AtomicUsize::new(0));
+    let loaded = Arc::new(AtomicBool::new(false));
     let identity =
         NodeIdentity::generate(&KeyPair::from_seed([key; 32])).expect("an identity is made");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -538,6 +573,8 @@ pub async fn serve_observed(chain: Arc<Chain>, lie: Lie, key: u8) -> Served {
                 fetches: fetches.clone(),
                 denied: denied.clone(),
                 pruned: AtomicBool::new(false),
+                loaded: loaded.clone(),
+                loaded_commit_fetches: AtomicUsize::new(0),
             }))
             .serve_with_incoming(tls::incoming(listener, config)),
     );
@@ -547,5 +584,6 @@ pub async fn serve_observed(chain: Arc<Chain>, lie: Lie, key: u8) -> Served {
         stalled,
         fetches,
         denied,
+        loaded,
     }
 }
