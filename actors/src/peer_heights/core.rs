@@ -32,6 +32,14 @@ const DOUBT_MS: u64 = 1_000;
 /// and an honest peer kept busy by others must still be asked now and
 /// then.
 const MAX_DOUBT_MS: u64 = 8_000;
+/// How long, in milliseconds, a peer that never delivered to us may refuse
+/// our commit fetches as busy, with no commit answer between, before its
+/// claim is doubted. Longer than a node's default `fetch-stall-timeout`
+/// (500 ms), after which a new fetch takes the slot of an answer its
+/// client does not read: an honest node whose slots attackers fill serves
+/// us within it, and a node that was only loaded for a moment is not
+/// doubted for it.
+const BUSY_GRACE_MS: u64 = DOUBT_MS;
 
 /// PeerHeights settings, and the seed of its RNG.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -181,6 +189,10 @@ pub struct Doubt {
     /// Commit fetches it failed with no commit answer above `above`
     /// since: how long the next doubt lasts.
     pub count: u32,
+    /// When it first refused a commit fetch of ours as busy with no commit
+    /// answer since (see [`BUSY_GRACE_MS`]).
+    #[serde(default)]
+    pub busy_since: Option<Time>,
 }
 
 impl Peer {
@@ -619,21 +631,23 @@ impl PeerHeightsCore {
     }
 
     /// Judges a peer's claim on how a commit fetch leased on it ended
-    /// (`lease` is no longer counted among its leases). A refusal as busy
-    /// while it served no other fetch of ours, an error status, or no
-    /// answer in time proves no lie, but leaves its claim above where the
-    /// fetch started in doubt ([`PeerHeightsCore::doubt`]). A refusal as
-    /// busy while it served others of ours says only that we sent too
-    /// many (its slots learn it), and an answer later than a hedge's that
-    /// another peer covered the range. An answer starting above where it
-    /// was last doubted ends the doubt and its doubling.
+    /// (`lease` is no longer counted among its leases). An error status,
+    /// no answer in time, or refusals as busy for [`BUSY_GRACE_MS`] while
+    /// it served no other fetch of ours prove no lie, but leave its claim
+    /// above where the fetch started in doubt ([`PeerHeightsCore::doubt`]).
+    /// A refusal as busy while it served others of ours says only that we
+    /// sent too many (its slots learn it), and an answer later than a
+    /// hedge's that another peer covered the range. An answer starting
+    /// above where it was last doubted ends the doubt and its doubling;
+    /// any commit answer ends a run of refusals as busy.
     fn judge_claim(&mut self, now: Time, lease: &Lease, transfer: Transfer) {
         // Busy with none of our other fetches, from a peer that never
         // delivered one: a peer that has served us and refuses as busy now
         // is loaded, maybe by an attacker filling its slots, and it may be
         // the only one to hold what we lack (doubting it would lower the
         // highest known to what we hold, and stop the catch-up for the
-        // doubt's length each time).
+        // doubt's length each time). One that never did is doubted only
+        // once it has refused so for [`BUSY_GRACE_MS`].
         let busy_alone = transfer == Transfer::Busy
             && self.leased(&lease.peer) == 0
             && (self.peers.get(&lease.peer)).is_none_or(|p| p.throughput_bps.is_none());
@@ -642,8 +656,19 @@ impl PeerHeightsCore {
             Transfer::Received if above.is_some_and(|a| lease.start > a) => {
                 self.doubts.remove(&lease.peer);
             }
+            Transfer::Received => {
+                if let Some(d) = self.doubts.get_mut(&lease.peer) {
+                    d.busy_since = None;
+                }
+            }
             Transfer::Timeout | Transfer::Error => self.doubt(now, lease),
-            Transfer::Busy if busy_alone => self.doubt(now, lease),
+            Transfer::Busy if busy_alone => {
+                let d = self.doubt_entry(lease.peer);
+                let since = *d.busy_since.get_or_insert(now);
+                if since.after(Duration::from_millis(BUSY_GRACE_MS)) <= now {
+                    self.doubt(now, lease);
+                }
+            }
             _ => {}
         }
     }
@@ -660,7 +685,23 @@ impl PeerHeightsCore {
     /// no honest peer is. An honest peer doubted so is asked for those
     /// commits a little later, or another peer is.
     fn doubt(&mut self, now: Time, lease: &Lease) {
-        if !self.doubts.contains_key(&lease.peer) && self.doubts.len() >= self.config.max_bans {
+        let d = self.doubt_entry(lease.peer);
+        let ms = (DOUBT_MS << d.count.min(8)).min(MAX_DOUBT_MS);
+        d.count = d.count.saturating_add(1);
+        let above = lease.start.saturating_sub(1);
+        d.above = if d.until.is_some() {
+            d.above.min(above)
+        } else {
+            above
+        };
+        let until = now.after(Duration::from_millis(ms));
+        d.until = Some(d.until.map_or(until, |was| was.max(until)));
+    }
+
+    /// The doubt kept on `peer`'s claim, made room for if new: at most
+    /// `max_bans` are kept.
+    fn doubt_entry(&mut self, peer: PeerId) -> &mut Doubt {
+        if !self.doubts.contains_key(&peer) && self.doubts.len() >= self.config.max_bans {
             // The first of the doubts that end first (ended ones first),
             // in id order, so the choice is replayable; one held by an
             // unanswered fetch last, whatever its time says.
@@ -672,17 +713,7 @@ impl PeerHeightsCore {
                 self.doubts.remove(&id);
             }
         }
-        let d = self.doubts.entry(lease.peer).or_default();
-        let ms = (DOUBT_MS << d.count.min(8)).min(MAX_DOUBT_MS);
-        d.count = d.count.saturating_add(1);
-        let above = lease.start.saturating_sub(1);
-        d.above = if d.until.is_some() {
-            d.above.min(above)
-        } else {
-            above
-        };
-        let until = now.after(Duration::from_millis(ms));
-        d.until = Some(d.until.map_or(until, |was| was.max(until)));
+        self.doubts.entry(peer).or_default()
     }
 
     /// Peers with a commit fetch doubted while unanswered, still so.
@@ -1515,41 +1546,46 @@ mod tests {
         join(&mut c, 1, OURS, 1, 1_000_000);
         join(&mut c, 2, OURS, 1, 500);
         assert_eq!(highest(&mut c, Time(0)), Some(1_000_000));
-        // Peer 1 alone claims 501: a commit fetch from it, refused as busy
-        // while it served nothing else of ours.
+        // Peer 1 alone claims 501: commit fetches from it, refused as busy
+        // while it served nothing else of ours, and never anything. Loaded
+        // for a moment, maybe by others filling its slots: no doubt until
+        // it has refused so for a second.
         let commits = FetchKind::Commits;
-        let (lease, 1) = lease_for(&mut c, 0, commits, (501, 501)).unwrap() else {
-            panic!("only peer 1 claims 501");
-        };
-        assert_eq!(release(&mut c, 0, lease, Transfer::Busy), vec![]);
+        for at in [0, 999, 1_000] {
+            let (lease, 1) = lease_for(&mut c, at, commits, (501, 501)).unwrap() else {
+                panic!("only peer 1 claims 501");
+            };
+            assert_eq!(highest(&mut c, Time(at)), Some(1_000_000), "at {at}");
+            assert_eq!(release(&mut c, at, lease, Transfer::Busy), vec![]);
+        }
         // Its claim above 500 counts no more, for a second: it is not
         // known, and it is leased commits above 500 only as the last
         // resort, while no other peer claims them (an honest server whose
         // slots an attacker fills is refused as busy too, and may be the
         // only one to hold them); blocks and the commits below are still
         // its to serve.
-        assert_eq!(highest(&mut c, Time(999)), Some(500));
-        let (last_resort, 1) = lease_for(&mut c, 999, commits, (501, 501)).unwrap() else {
+        assert_eq!(highest(&mut c, Time(1_999)), Some(500));
+        let (last_resort, 1) = lease_for(&mut c, 1_999, commits, (501, 501)).unwrap() else {
             panic!("peer 1 alone claims 501");
         };
-        release(&mut c, 999, last_resort, Transfer::Cancelled);
+        release(&mut c, 1_999, last_resort, Transfer::Cancelled);
         join(&mut c, 3, OURS, 1, 600);
         assert_eq!(
-            lease_for(&mut c, 999, commits, (501, 501)).map(|l| l.1),
+            lease_for(&mut c, 1_999, commits, (501, 501)).map(|l| l.1),
             Some(3)
         );
-        remove(&mut c, Time(999), 3);
-        let (blocks, 1) = lease_for(&mut c, 999, FetchKind::Blocks, (501, 600)).unwrap() else {
+        remove(&mut c, Time(1_999), 3);
+        let (blocks, 1) = lease_for(&mut c, 1_999, FetchKind::Blocks, (501, 600)).unwrap() else {
             panic!("peer 1 still serves blocks");
         };
-        release(&mut c, 999, blocks, Transfer::Cancelled);
-        assert!(for_range(&mut c, Time(999), 400, 500).contains(&peer(1)));
-        assert_eq!(view(&mut c, 999), (1_000_000, Some(500), None));
-        assert_eq!(highest(&mut c, Time(1_000)), Some(1_000_000));
-        assert_eq!(view(&mut c, 1_000).1, None);
+        release(&mut c, 1_999, blocks, Transfer::Cancelled);
+        assert!(for_range(&mut c, Time(1_999), 400, 500).contains(&peer(1)));
+        assert_eq!(view(&mut c, 1_999), (1_000_000, Some(500), None));
+        assert_eq!(highest(&mut c, Time(2_000)), Some(1_000_000));
+        assert_eq!(view(&mut c, 2_000).1, None);
         // Each further failure that proves nothing doubles the doubt, up
-        // to eight seconds.
-        let mut at = 1_000;
+        // to eight seconds; a refusal as busy counts at once now.
+        let mut at = 2_000;
         for (transfer, doubt) in [
             (Transfer::Error, 2_000),
             (Transfer::Timeout, 4_000),
@@ -1577,11 +1613,14 @@ mod tests {
         assert_eq!(highest(&mut c, Time(at + 7_999)), Some(500));
         at += 8_000;
         commit_fetch_on_peer_1(&mut c, at, 501, Transfer::Received);
-        commit_fetch_on_peer_1(&mut c, at, 601, Transfer::Busy);
+        commit_fetch_on_peer_1(&mut c, at, 601, Transfer::Error);
         assert_eq!(view(&mut c, at).1, Some(600));
         assert_eq!(highest(&mut c, Time(at + 1_000)), Some(1_000_000));
-        // A denial is still judged on the whole claim, doubted or not.
+        // A commit answer started the refusals as busy over: the next is
+        // within the grace again.
         commit_fetch_on_peer_1(&mut c, at + 1_000, 601, Transfer::Busy);
+        assert_eq!(view(&mut c, at + 1_000).1, None);
+        // A denial is still judged on the whole claim, doubted or not.
         let denied = c.handle(
             Time(at + 1_000),
             Input::Outcome(ReportOutcome {
@@ -1605,17 +1644,39 @@ mod tests {
     }
 
     #[test]
+    fn refusals_as_busy_count_from_the_first_through_a_reconnection_and_a_restart() {
+        let mut c = core(1);
+        join(&mut c, 1, OURS, 1, 1_000);
+        let busy = |c: &mut PeerHeightsCore, at| {
+            let (lease, 1) = lease_for(c, at, FetchKind::Commits, (101, 101)).unwrap() else {
+                panic!("peer 1 claims 101");
+            };
+            release(c, at, lease, Transfer::Busy);
+            view(c, at).1
+        };
+        assert_eq!(busy(&mut c, 0), None);
+        // Leaving and coming back does not start the grace over, nor does
+        // a restart.
+        remove(&mut c, Time(500), 1);
+        join(&mut c, 1, OURS, 1, 1_000);
+        let mut c = PeerHeightsCore::new(c.restart_init());
+        join(&mut c, 1, OURS, 1, 1_000);
+        assert_eq!(busy(&mut c, 999), None);
+        assert_eq!(busy(&mut c, 1_000), Some(100));
+    }
+
+    #[test]
     fn a_doubt_outlives_a_reconnection_and_the_doubts_kept_are_bounded() {
         let mut c = keeping_two_bans();
         join(&mut c, 1, OURS, 1, 1_000);
-        commit_fetch_on_peer_1(&mut c, 0, 101, Transfer::Busy);
+        commit_fetch_on_peer_1(&mut c, 0, 101, Transfer::Error);
         // It leaves and is dialled again at once, claiming as much: still
         // doubted, and its next failure doubles the doubt.
         remove(&mut c, Time(10), 1);
         join(&mut c, 1, OURS, 1, 1_000);
         assert_eq!(highest(&mut c, Time(999)), Some(100));
         assert_eq!(view(&mut c, 999).1, Some(100));
-        commit_fetch_on_peer_1(&mut c, 1_000, 101, Transfer::Busy);
+        commit_fetch_on_peer_1(&mut c, 1_000, 101, Transfer::Error);
         assert_eq!(highest(&mut c, Time(2_999)), Some(100));
         assert_eq!(highest(&mut c, Time(3_000)), Some(1_000));
         // Two doubts are kept at most here: a third peer's doubt forgets
@@ -1655,7 +1716,7 @@ mod tests {
         let (lease, 2) = lease_for_peer(&mut c, 0, 2) else {
             panic!("peer 2 was asked for");
         };
-        release(&mut c, 0, lease, Transfer::Busy);
+        release(&mut c, 0, lease, Transfer::Error);
         // Restarted at 5 s: peer 2's doubt is over; peer 1's is held by
         // the fetch still running. Peers are tracked again as they
         // answer.
@@ -1669,7 +1730,7 @@ mod tests {
         let (lease, 2) = lease_for_peer(&mut c, 5_000, 2) else {
             panic!("peer 2 was asked for");
         };
-        release(&mut c, 5_000, lease, Transfer::Busy);
+        release(&mut c, 5_000, lease, Transfer::Error);
         remove(&mut c, Time(5_000), 1);
         assert_eq!(highest(&mut c, Time(6_999)), Some(100));
         assert_eq!(highest(&mut c, Time(7_000)), Some(1_000));
@@ -1775,12 +1836,14 @@ mod tests {
         let mut c = core(1);
         join(&mut c, 1, OURS, 1, 1_000);
         outcome(&mut c, Time(0), 1, OutcomeKind::Success, 100_000, 10);
-        let (lease, 1) = lease_for(&mut c, 0, FetchKind::Commits, (101, 101)).unwrap() else {
-            panic!("peer 1 claims 101");
-        };
-        release(&mut c, 0, lease, Transfer::Busy);
-        assert_eq!(highest(&mut c, Time(0)), Some(1_000));
-        assert_eq!(view(&mut c, 0).1, None);
+        for at in [0, 1_000, 2_000] {
+            let (lease, 1) = lease_for(&mut c, at, FetchKind::Commits, (101, 101)).unwrap() else {
+                panic!("peer 1 claims 101");
+            };
+            release(&mut c, at, lease, Transfer::Busy);
+            assert_eq!(highest(&mut c, Time(at)), Some(1_000));
+            assert_eq!(view(&mut c, at).1, None);
+        }
     }
 
     #[test]
