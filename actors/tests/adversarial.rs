@@ -327,6 +327,24 @@ async fn refusing_liar_is_doubted(code: tonic::Code) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_served_us_then_refuses_as_busy_past_the_tip_is_doubted_there() {
+    // The liar relays the true chain, so it has delivered to us, and
+    // claims a million commits more, refusing every fetch past the tip as
+    // busy. Once the node holds the chain, nothing but those refusals
+    // comes from it: its claim past the tip is doubted, not counted.
+    let attack = Attack::start(Lie::ServesThenClaimsHeightBusy, P2pConfig::default()).await;
+    soma_testkit::wait_synced(&attack.node, TIP, DEADLINE).await;
+    assert_same_chain(&attack.chain, attack.store.as_ref());
+    let views = attack.node.peer_heights().await.unwrap();
+    let liar = views.iter().find(|v| v.peer == attack.liar).unwrap();
+    assert!(
+        liar.throughput_bps > 0,
+        "the liar never delivered: {liar:?}"
+    );
+    wait_doubted(&attack, TIP, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_peer_claiming_heights_holds_no_fetch_once_another_peer_can_serve_it() {
     // The liar claims a million commits more than the chain has and never
     // answers a fetch; the request timeout is ten minutes. Past what the

@@ -32,9 +32,9 @@ const DOUBT_MS: u64 = 1_000;
 /// and an honest peer kept busy by others must still be asked now and
 /// then.
 const MAX_DOUBT_MS: u64 = 8_000;
-/// How long, in milliseconds, a peer that never delivered to us may refuse
-/// our commit fetches as busy, with no commit answer between, before its
-/// claim is doubted. Longer than a node's default `fetch-stall-timeout`
+/// How long, in milliseconds, a peer may refuse our commit fetches as
+/// busy, with no answer to any fetch of ours between, before its claim is
+/// doubted. Longer than a node's default `fetch-stall-timeout`
 /// (500 ms), after which a new fetch takes the slot of an answer its
 /// client does not read: an honest node whose slots attackers fill serves
 /// us within it, and a node that was only loaded for a moment is not
@@ -189,10 +189,15 @@ pub struct Doubt {
     /// Commit fetches it failed with no commit answer above `above`
     /// since: how long the next doubt lasts.
     pub count: u32,
-    /// When it first refused a commit fetch of ours as busy with no commit
-    /// answer since (see [`BUSY_GRACE_MS`]).
+    /// When it first refused a commit fetch of ours as busy, in a run no
+    /// commit answer from it has ended yet (see [`BUSY_GRACE_MS`]).
     #[serde(default)]
     pub busy_since: Option<Time>,
+    /// The lowest start of the commit fetches it refused in that run: only
+    /// a commit answer starting there or above ends it, which a peer
+    /// claiming what it lacks cannot give by serving what it holds.
+    #[serde(default)]
+    pub busy_above: CommitIndex,
 }
 
 impl Peer {
@@ -639,34 +644,52 @@ impl PeerHeightsCore {
     /// sent too many (its slots learn it), and an answer later than a
     /// hedge's that another peer covered the range. An answer starting
     /// above where it was last doubted ends the doubt and its doubling;
-    /// any commit answer ends a run of refusals as busy.
+    /// one starting where a run of refusals as busy did, or above, ends
+    /// the run.
     fn judge_claim(&mut self, now: Time, lease: &Lease, transfer: Transfer) {
-        // Busy with none of our other fetches, from a peer that never
-        // delivered one: a peer that has served us and refuses as busy now
-        // is loaded, maybe by an attacker filling its slots, and it may be
-        // the only one to hold what we lack (doubting it would lower the
-        // highest known to what we hold, and stop the catch-up for the
-        // doubt's length each time). One that never did is doubted only
-        // once it has refused so for [`BUSY_GRACE_MS`].
-        let busy_alone = transfer == Transfer::Busy
-            && self.leased(&lease.peer) == 0
-            && (self.peers.get(&lease.peer)).is_none_or(|p| p.throughput_bps.is_none());
-        let above = self.doubts.get(&lease.peer).map(|d| d.above);
         match transfer {
-            Transfer::Received if above.is_some_and(|a| lease.start > a) => {
-                self.doubts.remove(&lease.peer);
-            }
             Transfer::Received => {
-                if let Some(d) = self.doubts.get_mut(&lease.peer) {
+                let Some(d) = self.doubts.get_mut(&lease.peer) else {
+                    return;
+                };
+                if lease.start > d.above {
+                    (d.until, d.count) = (None, 0);
+                }
+                if lease.start >= d.busy_above {
                     d.busy_since = None;
+                }
+                if (d.until, d.count, d.busy_since) == (None, 0, None) {
+                    self.doubts.remove(&lease.peer);
                 }
             }
             Transfer::Timeout | Transfer::Error => self.doubt(now, lease),
-            Transfer::Busy if busy_alone => {
+            // Busy with none of our other fetches: a peer refusing so may
+            // be loaded, maybe by an attacker filling its slots, and it may
+            // be the only one to hold what we lack (doubting it at once
+            // would lower the highest known to what we hold, and stop the
+            // catch-up for the doubt's length each time). It is doubted
+            // only once it has refused so for [`BUSY_GRACE_MS`] without
+            // serving the commits refused: a loaded node serves them within
+            // it, a peer claiming what it lacks never does. Each such doubt
+            // needs a run of its own, so an attacker keeping an honest
+            // node's slots full must win a whole grace each time.
+            Transfer::Busy if self.leased(&lease.peer) == 0 => {
                 let d = self.doubt_entry(lease.peer);
-                let since = *d.busy_since.get_or_insert(now);
+                let since = match d.busy_since {
+                    Some(since) => {
+                        d.busy_above = d.busy_above.min(lease.start);
+                        since
+                    }
+                    None => {
+                        (d.busy_since, d.busy_above) = (Some(now), lease.start);
+                        now
+                    }
+                };
                 if since.after(Duration::from_millis(BUSY_GRACE_MS)) <= now {
                     self.doubt(now, lease);
+                    if let Some(d) = self.doubts.get_mut(&lease.peer) {
+                        d.busy_since = None;
+                    }
                 }
             }
             _ => {}
@@ -1584,13 +1607,13 @@ mod tests {
         assert_eq!(highest(&mut c, Time(2_000)), Some(1_000_000));
         assert_eq!(view(&mut c, 2_000).1, None);
         // Each further failure that proves nothing doubles the doubt, up
-        // to eight seconds; a refusal as busy counts at once now.
+        // to eight seconds.
         let mut at = 2_000;
         for (transfer, doubt) in [
             (Transfer::Error, 2_000),
             (Transfer::Timeout, 4_000),
-            (Transfer::Busy, 8_000),
             (Transfer::Error, 8_000),
+            (Transfer::Timeout, 8_000),
         ] {
             let (lease, 1) = lease_for(&mut c, at, commits, (501, 501)).unwrap() else {
                 panic!("the doubt is over at {at}");
@@ -1647,6 +1670,9 @@ mod tests {
     fn refusals_as_busy_count_from_the_first_through_a_reconnection_and_a_restart() {
         let mut c = core(1);
         join(&mut c, 1, OURS, 1, 1_000);
+        // Having served us before is no exemption: a liar relays what
+        // others hold, then refuses what it claims past it.
+        outcome(&mut c, Time(0), 1, OutcomeKind::Success, 100_000, 10);
         let busy = |c: &mut PeerHeightsCore, at| {
             let (lease, 1) = lease_for(c, at, FetchKind::Commits, (101, 101)).unwrap() else {
                 panic!("peer 1 claims 101");
@@ -1661,8 +1687,24 @@ mod tests {
         join(&mut c, 1, OURS, 1, 1_000);
         let mut c = PeerHeightsCore::new(c.restart_init());
         join(&mut c, 1, OURS, 1, 1_000);
+        outcome(&mut c, Time(999), 1, OutcomeKind::Success, 100_000, 10);
+        // Nor do answers below what it refused, of commits or blocks: a
+        // liar serves what it holds and refuses what it claims past it.
+        commit_fetch_on_peer_1(&mut c, 999, 100, Transfer::Received);
+        let (blocks, 1) = lease_for(&mut c, 999, FetchKind::Blocks, (1, 100)).unwrap() else {
+            panic!("peer 1 holds the blocks");
+        };
+        release(&mut c, 999, blocks, Transfer::Received);
         assert_eq!(busy(&mut c, 999), None);
         assert_eq!(busy(&mut c, 1_000), Some(100));
+        // The doubt's second is over. Each doubt needs a run of its own
+        // (an attacker filling an honest node's slots must win a whole
+        // grace again), and doubles as any failure's does.
+        assert_eq!(busy(&mut c, 2_000), None);
+        assert_eq!(busy(&mut c, 2_999), None);
+        assert_eq!(busy(&mut c, 3_000), Some(100));
+        assert_eq!(highest(&mut c, Time(4_999)), Some(100));
+        assert_eq!(highest(&mut c, Time(5_000)), Some(1_000));
     }
 
     #[test]
@@ -1831,18 +1873,16 @@ mod tests {
         assert_eq!(highest(&mut c, Time(0)), Some(1_000));
         release(&mut c, 0, other, Transfer::Received);
         // Refused as busy, serving nothing else of ours, by a peer that
-        // has delivered before: loaded (an attacker may hold its slots),
-        // and maybe the only one to hold what we lack.
+        // serves what it refused soon after: loaded (an attacker may hold
+        // its slots), and maybe the only one to hold what we lack. Its
+        // answer starts the run of refusals over.
         let mut c = core(1);
         join(&mut c, 1, OURS, 1, 1_000);
-        outcome(&mut c, Time(0), 1, OutcomeKind::Success, 100_000, 10);
-        for at in [0, 1_000, 2_000] {
-            let (lease, 1) = lease_for(&mut c, at, FetchKind::Commits, (101, 101)).unwrap() else {
-                panic!("peer 1 claims 101");
-            };
-            release(&mut c, at, lease, Transfer::Busy);
-            assert_eq!(highest(&mut c, Time(at)), Some(1_000));
-            assert_eq!(view(&mut c, at).1, None);
+        for at in [0, 900, 1_800, 2_700] {
+            commit_fetch_on_peer_1(&mut c, at, 101, Transfer::Busy);
+            commit_fetch_on_peer_1(&mut c, at + 800, 101, Transfer::Received);
+            assert_eq!(highest(&mut c, Time(at + 800)), Some(1_000));
+            assert_eq!(view(&mut c, at + 800).1, None);
         }
     }
 

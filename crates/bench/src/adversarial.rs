@@ -23,7 +23,7 @@ use crate::report::{Cell, Section};
 use crate::{Size, runtime};
 
 /// The hostile kinds, each with the label of its row.
-const KINDS: [(Lie, &str); 11] = [
+const KINDS: [(Lie, &str); 12] = [
     (Lie::FutureEpoch, "commits of epoch u64::MAX"),
     (
         Lie::RetiredCommittee,
@@ -42,6 +42,10 @@ const KINDS: [(Lie, &str); 11] = [
     (
         Lie::ClaimsHeightSilent,
         "claims a million commits, never answers a fetch",
+    ),
+    (
+        Lie::ServesThenClaimsHeightBusy,
+        "serves the chain, claims a million commits more, refuses those as busy",
     ),
     (Lie::NeverAnswers, "never answers a fetch"),
     (Lie::Slow, "honest, 1.5 s late"),

@@ -18,7 +18,7 @@ const EXPECTED: [(&str, usize); 11] = [
     ("memory", 4),
     ("scaling", 6),
     ("load", 2),
-    ("adversarial", 14),
+    ("adversarial", 15),
     ("attack", 6),
 ];
 
@@ -133,7 +133,7 @@ fn quick_run_produces_every_figure() {
     assert!(ratio("scaling", 5, "of crypto limit") > 0.0);
     assert!(ratio("load", 1, "of idle") > 0.0);
     assert!(ratio("load", 1, "calls served") > 0.0);
-    for row in 1..=11 {
+    for row in 1..=12 {
         let time = "catch-up (s), median";
         consistent("adversarial", row, "of honest-only", time, true);
         let fate = sections["adversarial"]["rows"][row]["values"]["hostile peer, per run"]
@@ -141,7 +141,7 @@ fn quick_run_produces_every_figure() {
             .unwrap();
         assert!(fate.ends_with("1/1"), "one verdict per run: {fate}");
     }
-    assert!(ratio("adversarial", 13, "peak RSS (MiB), median") > 0.0);
+    assert!(ratio("adversarial", 14, "peak RSS (MiB), median") > 0.0);
     for row in 1..=5 {
         consistent("attack", row, "of unattacked", "catch-up (s)", false);
         assert!(ratio("attack", row, "attack calls / connections") > 0.0);

@@ -79,6 +79,11 @@ pub enum Lie {
     ClaimsHeightRefusing(tonic::Code),
     /// Claims as [`Lie::ClaimsHeight`] does, and never answers a fetch.
     ClaimsHeightSilent,
+    /// Serves the chain honestly, and claims as [`Lie::ClaimsHeight`]
+    /// does, refusing every fetch past the chain's tip as busy
+    /// (RESOURCE_EXHAUSTED): a peer that has delivered, and whose each
+    /// refusal looks like load.
+    ServesThenClaimsHeightBusy,
     /// Not a lie: an honest node that prunes. Honest until it is first
     /// asked for blocks of this epoch or a later one; then it advertises
     /// a lowest commit past the chain's tip (it holds nothing) and
@@ -273,9 +278,10 @@ impl p2p_server::P2p for Evil {
             self.chain.chain_id()
         };
         let highest = match self.lie {
-            Lie::ClaimsHeight | Lie::ClaimsHeightRefusing(_) | Lie::ClaimsHeightSilent => {
-                self.chain.tip() + CLAIMED_EXTRA_COMMITS
-            }
+            Lie::ClaimsHeight
+            | Lie::ClaimsHeightRefusing(_)
+            | Lie::ClaimsHeightSilent
+            | Lie::ServesThenClaimsHeightBusy => self.chain.tip() + CLAIMED_EXTRA_COMMITS,
             Lie::StallsPushes => 0,
             _ => self.chain.tip(),
         };
@@ -323,6 +329,9 @@ impl p2p_server::P2p for Evil {
         }
         let r = request.into_inner();
         let chain = &self.chain;
+        if self.lie == Lie::ServesThenClaimsHeightBusy && r.start > chain.tip() {
+            return Err(Status::resource_exhausted("every fetch slot is held"));
+        }
         if self.lie == Lie::ClaimsHeight || r.start > chain.tip() || r.start == 0 {
             return Err(Status::not_found("not held"));
         }
