@@ -190,7 +190,7 @@ pub struct Doubt {
     /// since: how long the next doubt lasts.
     pub count: u32,
     /// When it first refused a commit fetch of ours as busy, in a run no
-    /// commit answer from it has ended yet (see [`BUSY_GRACE_MS`]).
+    /// commit answer from it has ended yet (a run that lasts 1 s doubts the claim).
     #[serde(default)]
     pub busy_since: Option<Time>,
     /// The lowest start of the commit fetches it refused in that run: only
