@@ -33,8 +33,8 @@ const DOUBT_MS: u64 = 1_000;
 /// then.
 const MAX_DOUBT_MS: u64 = 8_000;
 /// How long, in milliseconds, a peer may refuse our commit fetches as
-/// busy, with no answer to any fetch of ours between, before its claim is
-/// doubted. Longer than a node's default `fetch-stall-timeout`
+/// busy, with no commit answer between starting where the first refused
+/// fetch did or above, before its claim is doubted. Longer than a node's default `fetch-stall-timeout`
 /// (500 ms), after which a new fetch takes the slot of an answer its
 /// client does not read: an honest node whose slots attackers fill serves
 /// us within it, and a node that was only loaded for a moment is not
@@ -675,21 +675,14 @@ impl PeerHeightsCore {
             // node's slots full must win a whole grace each time.
             Transfer::Busy if self.leased(&lease.peer) == 0 => {
                 let d = self.doubt_entry(lease.peer);
-                let since = match d.busy_since {
-                    Some(since) => {
-                        d.busy_above = d.busy_above.min(lease.start);
-                        since
-                    }
-                    None => {
-                        (d.busy_since, d.busy_above) = (Some(now), lease.start);
-                        now
-                    }
-                };
+                if d.busy_since.is_none() {
+                    d.busy_above = lease.start;
+                }
+                let since = *d.busy_since.get_or_insert(now);
+                d.busy_above = d.busy_above.min(lease.start);
                 if since.after(Duration::from_millis(BUSY_GRACE_MS)) <= now {
+                    d.busy_since = None;
                     self.doubt(now, lease);
-                    if let Some(d) = self.doubts.get_mut(&lease.peer) {
-                        d.busy_since = None;
-                    }
                 }
             }
             _ => {}
