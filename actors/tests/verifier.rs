@@ -352,3 +352,63 @@ async fn ten_thousand_random_byte_strings_never_crash_it() {
             .is_ok()
     );
 }
+
+#[actix_rt::test]
+async fn block_requests_that_wait_for_a_thread_are_verified_together_and_answered_apart() {
+    let chain = chain();
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("verifier.jsonl");
+    let verifier = Verifier::new(
+        Deps::new(
+            Config {
+                threads: 1,
+                ..Config::default()
+            },
+            1024,
+        ),
+        Some(soma_actors::replay::Recorder::to_file(&trace).unwrap()),
+    )
+    .unwrap()
+    .start();
+    verifier.do_send(InstallCommittee(chain.genesis().clone()));
+    let of = |commits: std::ops::RangeInclusive<u64>| chain.fetch_blocks(commits);
+    let mut forged = of(21..=30);
+    let bad = corrupt::forge_signature(&forged[17].clone().into_trusted());
+    let bad_ref = bad.reference();
+    forged[17] = bad;
+    let request = |blocks: &[UnverifiedBlock]| {
+        verifier.send(Verify(VerifyRequest::Blocks {
+            epoch: 0,
+            blocks: blobs_of_blocks(blocks),
+            check_signatures: true,
+        }))
+    };
+    // All four are in the mailbox before the first job can report its
+    // end, so the last three wait for the one thread and run as one job.
+    let (first, second, third, fourth) = tokio::join!(
+        request(&of(1..=10)),
+        request(&of(11..=20)),
+        request(&forged),
+        request(&of(31..=40)),
+    );
+    for (answer, commits) in [(first, 1..=10), (second, 11..=20), (fourth, 31..=40)] {
+        let Ok(VerifyResponse::Blocks(verified)) = answer.unwrap() else {
+            panic!("honest blocks refused");
+        };
+        let got: Vec<_> = verified.iter().map(|b| b.reference()).collect();
+        let expected: Vec<_> = of(commits).iter().map(UnverifiedBlock::reference).collect();
+        assert_eq!(got, expected);
+    }
+    // The forged block fails its own request, as it would alone.
+    assert_eq!(
+        invalid(third.unwrap()),
+        Error::BadSignature(SignedItem::Block(bad_ref))
+    );
+    let runs: Vec<serde_json::Value> = std::fs::read_to_string(&trace)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|l| l["out"]["run"].get("requests").cloned())
+        .collect();
+    assert_eq!(runs, [serde_json::json!([0]), serde_json::json!([1, 2, 3])]);
+}

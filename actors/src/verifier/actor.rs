@@ -82,6 +82,8 @@ pub struct Verifier {
     next_id: u64,
     /// The jobs still running on the pool.
     holders: Holders,
+    /// Callers of the requests waiting for a thread, by request id.
+    callers: HashMap<u64, oneshot::Sender<Result<VerifyResponse, VerifyError>>>,
 }
 
 impl Verifier {
@@ -99,6 +101,7 @@ impl Verifier {
             pool: Arc::new(pool),
             next_id: 0,
             holders: Holders::default(),
+            callers: HashMap::new(),
         })
     }
 
@@ -134,12 +137,15 @@ impl Actor for Verifier {
 impl Supervised for Verifier {
     /// The pool and the jobs still running on it carry over (their callers
     /// are answered by the pool directly; a job whose end was reported in
-    /// the message that panicked is not counted for ever); committees are
-    /// installed again from the store when the actor starts.
+    /// the message that panicked is not counted for ever); the requests
+    /// waiting for a thread are dropped, their callers told the Verifier
+    /// stopped; committees are installed again from the store when the
+    /// actor starts.
     fn restarting(&mut self, _: &mut Context<Self>) {
         let mut init = self.driver.core().restart_init();
-        init.running.retain(|id| self.holders.held(*id));
+        init.running.retain(|job| self.holders.held(job.id));
         self.driver.restart(init);
+        self.callers.clear();
     }
 }
 
@@ -152,8 +158,9 @@ impl Handler<InstallCommittee> for Verifier {
 
 impl Handler<JobDone> for Verifier {
     type Result = ();
-    fn handle(&mut self, msg: JobDone, _: &mut Context<Self>) {
-        self.driver.step(Input::Done { id: msg.0 });
+    fn handle(&mut self, msg: JobDone, ctx: &mut Context<Self>) {
+        let outputs = self.driver.step(Input::Done { id: msg.0 });
+        self.act(outputs, ctx);
     }
 }
 
@@ -163,42 +170,52 @@ impl Handler<Verify> for Verifier {
     fn handle(&mut self, msg: Verify, ctx: &mut Context<Self>) -> Self::Result {
         let id = self.next_id;
         self.next_id += 1;
+        let (tx, rx) = oneshot::channel();
+        self.callers.insert(id, tx);
         let outputs = self.driver.step(Input::Verify { id, request: msg.0 });
-        let mut replies = HashMap::new();
+        self.act(outputs, ctx);
+        Box::pin(async move { rx.await.unwrap_or(Err(VerifyError::Stopped)) })
+    }
+}
+
+impl Verifier {
+    /// Starts the jobs the core started on the pool and answers the
+    /// requests it refused.
+    fn act(&mut self, outputs: Vec<Output>, ctx: &mut Context<Self>) {
         for output in outputs {
             match output {
                 Output::Run {
                     id,
+                    requests,
                     job: JobSlot(Some(job)),
                     ..
                 } => {
-                    let (tx, rx) = oneshot::channel();
+                    let callers: Vec<_> = requests.iter().map(|r| self.callers.remove(r)).collect();
                     let addr = ctx.address();
                     let token = self.holders.hold(id);
                     self.pool.spawn(move || {
                         let _running = token;
-                        let result = catch_unwind(AssertUnwindSafe(|| run_job(job)))
-                            .unwrap_or(Err(VerifyError::Internal));
-                        // Free the slot before answering: the mailbox is
+                        let n = callers.len();
+                        let results = catch_unwind(AssertUnwindSafe(|| run_job(job)))
+                            .unwrap_or_else(|_| vec![Err(VerifyError::Internal); n]);
+                        // Free the threads before answering: the mailbox is
                         // FIFO, so a caller's next request, sent after the
-                        // answer, always finds the slot free.
+                        // answer, always finds them free.
                         addr.do_send(JobDone(id));
-                        let _ = tx.send(result);
+                        for (caller, result) in callers.into_iter().zip(results) {
+                            if let Some(caller) = caller {
+                                let _ = caller.send(result);
+                            }
+                        }
                     });
-                    replies.insert(id, Ok(rx));
                 }
                 Output::Rejected { id, error } => {
-                    replies.insert(id, Err(error));
+                    if let Some(caller) = self.callers.remove(&id) {
+                        let _ = caller.send(Err(error));
+                    }
                 }
                 Output::Run { .. } | Output::Installed { .. } => {}
             }
         }
-        let reply = replies.remove(&id).unwrap_or(Err(VerifyError::Internal));
-        Box::pin(async move {
-            match reply {
-                Ok(rx) => rx.await.unwrap_or(Err(VerifyError::Stopped)),
-                Err(e) => Err(e),
-            }
-        })
     }
 }

@@ -1,4 +1,4 @@
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -22,6 +22,16 @@ pub struct Config {
     pub limits: Limits,
     /// Decompressed signer keys kept for reuse.
     pub key_cache_capacity: usize,
+    /// Most blocks one thread verifies in one batch when block requests
+    /// that waited for a thread are merged into one job. Batches of about
+    /// 400 blocks (4,400 signatures) verified fastest per signature here:
+    /// larger ones outgrow the caches.
+    #[serde(default = "default_merge_blocks_per_thread")]
+    pub merge_blocks_per_thread: usize,
+}
+
+fn default_merge_blocks_per_thread() -> usize {
+    400
 }
 
 impl Default for Config {
@@ -31,21 +41,35 @@ impl Default for Config {
             queue_capacity: 256,
             limits: Limits::default(),
             key_cache_capacity: 16_384,
+            merge_blocks_per_thread: default_merge_blocks_per_thread(),
         }
     }
 }
 
+/// A job on the pool, as a restarted core must still count it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Running {
+    /// The job's id (that of its first request).
+    pub id: u64,
+    /// Threads it took.
+    pub threads: usize,
+    /// Requests it answers.
+    pub requests: usize,
+}
+
 /// Everything a Verifier core is made from: its settings and, after a
 /// restart, the jobs still running on the pool (they count against the
-/// queue until they end). Committees are installed as inputs.
+/// queue and hold their threads until they end). Committees are installed
+/// as inputs; requests that were waiting for a thread are not carried over
+/// (their callers are told the Verifier stopped).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Init {
     /// Settings.
     #[serde(flatten)]
     pub config: Config,
-    /// Ids of jobs running on the pool.
+    /// Jobs running on the pool.
     #[serde(default)]
-    pub running: Vec<u64>,
+    pub running: Vec<Running>,
 }
 
 impl From<Config> for Init {
@@ -57,11 +81,42 @@ impl From<Config> for Init {
     }
 }
 
-/// The logic of the Verifier: committees, admission and splitting.
+/// A request admitted and waiting for a thread.
+struct Waiting {
+    id: u64,
+    request: VerifyRequest,
+    committee: Option<Arc<Committee>>,
+}
+
+impl Waiting {
+    /// What block requests must share to be verified in one batch: the
+    /// committee's epoch and whether signatures are checked.
+    fn block_kind(&self) -> Option<(Epoch, bool)> {
+        match &self.request {
+            VerifyRequest::Blocks {
+                epoch,
+                check_signatures,
+                ..
+            } => Some((*epoch, *check_signatures)),
+            _ => None,
+        }
+    }
+}
+
+/// The logic of the Verifier: committees, admission, and scheduling on the
+/// pool's threads.
+///
+/// A request runs at once when a thread is free, split across the free
+/// threads; otherwise it waits. When threads free up, the oldest waiting
+/// request runs next, and block requests of its kind waiting behind it
+/// join it in one job (a batch verifies cheaper per signature the larger
+/// it is). A job takes a share of what waits in proportion to the threads
+/// free, so that threads freeing up later find work too.
 pub struct VerifierCore {
     config: Config,
     committees: BTreeMap<Epoch, Arc<Committee>>,
-    in_flight: HashSet<u64>,
+    running: BTreeMap<u64, Running>,
+    waiting: VecDeque<Waiting>,
     keys: Arc<KeyCache>,
 }
 
@@ -76,7 +131,8 @@ impl Core for VerifierCore {
             keys: Arc::new(KeyCache::new(init.config.key_cache_capacity)),
             config: init.config,
             committees: BTreeMap::new(),
-            in_flight: init.running.into_iter().collect(),
+            running: init.running.into_iter().map(|r| (r.id, r)).collect(),
+            waiting: VecDeque::new(),
         }
     }
 
@@ -87,10 +143,13 @@ impl Core for VerifierCore {
                 self.committees.insert(epoch, Arc::new(committee));
                 vec![Output::Installed { epoch }]
             }
-            Input::Verify { id, request } => vec![self.admit(id, request)],
+            Input::Verify { id, request } => match self.admit(id, request) {
+                Ok(()) => self.dispatch(),
+                Err(error) => vec![Output::Rejected { id, error }],
+            },
             Input::Done { id } => {
-                self.in_flight.remove(&id);
-                vec![]
+                self.running.remove(&id);
+                self.dispatch()
             }
         }
     }
@@ -100,50 +159,131 @@ impl VerifierCore {
     /// The init a restarted core is made from: the same settings and the
     /// jobs still running.
     pub fn restart_init(&self) -> Init {
-        let mut running: Vec<u64> = self.in_flight.iter().copied().collect();
-        running.sort_unstable();
         Init {
             config: self.config.clone(),
-            running,
+            running: self.running.values().cloned().collect(),
         }
     }
 
-    fn admit(&mut self, id: u64, request: VerifyRequest) -> Output {
-        if self.in_flight.len() >= self.config.queue_capacity {
-            return Output::Rejected {
-                id,
-                error: VerifyError::Busy {
-                    capacity: self.config.queue_capacity,
-                },
-            };
+    /// Ids of the requests waiting for a thread, oldest first.
+    pub fn waiting(&self) -> Vec<u64> {
+        self.waiting.iter().map(|w| w.id).collect()
+    }
+
+    fn threads(&self) -> usize {
+        self.config.threads.max(1)
+    }
+
+    fn free_threads(&self) -> usize {
+        let taken: usize = self.running.values().map(|r| r.threads).sum();
+        self.threads().saturating_sub(taken)
+    }
+
+    fn pending(&self) -> usize {
+        self.waiting.len() + self.running.values().map(|r| r.requests).sum::<usize>()
+    }
+
+    /// Queues request `id`, or says why not.
+    fn admit(&mut self, id: u64, request: VerifyRequest) -> Result<(), VerifyError> {
+        if self.pending() >= self.config.queue_capacity {
+            return Err(VerifyError::Busy {
+                capacity: self.config.queue_capacity,
+            });
         }
-        let epoch = request.epoch();
-        let committee = match epoch {
-            Some(e) => match self.committees.get(&e) {
-                Some(c) => Some(c.clone()),
-                None => {
-                    return Output::Rejected {
-                        id,
-                        error: VerifyError::UnknownEpoch(e),
-                    };
-                }
-            },
+        let committee = match request.epoch() {
+            Some(e) => Some(
+                self.committees
+                    .get(&e)
+                    .cloned()
+                    .ok_or(VerifyError::UnknownEpoch(e))?,
+            ),
             None => None,
         };
-        // The threads are shared among the jobs in flight: a job that runs
-        // alone gets them all, while jobs that run together each keep their
-        // signatures in one batch (a batch verifies cheaper per signature
-        // the larger it is).
-        let threads = self.config.threads.max(1);
-        let share = threads.div_ceil(self.in_flight.len() + 1);
-        let parts = request.items().div_ceil(MIN_ITEMS_PER_PART).clamp(1, share);
-        self.in_flight.insert(id);
+        self.waiting.push_back(Waiting {
+            id,
+            request,
+            committee,
+        });
+        Ok(())
+    }
+
+    /// Starts jobs while threads are free and requests wait.
+    fn dispatch(&mut self) -> Vec<Output> {
+        let mut outputs = Vec::new();
+        loop {
+            let free = self.free_threads();
+            if free == 0 {
+                break;
+            }
+            let Some(first) = self.waiting.pop_front() else {
+                break;
+            };
+            let mut taken = vec![first];
+            if let Some(kind) = taken[0].block_kind() {
+                self.merge_into(&mut taken, kind, free);
+            }
+            outputs.push(self.start(taken, free));
+        }
+        outputs
+    }
+
+    /// Moves into `taken` (a block request of `kind`) the waiting block
+    /// requests of the same kind, oldest first, up to this job's share of
+    /// them: in proportion to the `free` threads among all, within
+    /// `merge_blocks_per_thread` for each free thread.
+    fn merge_into(&mut self, taken: &mut Vec<Waiting>, kind: (Epoch, bool), free: usize) {
+        let of_kind: usize = self
+            .waiting
+            .iter()
+            .filter(|w| w.block_kind() == Some(kind))
+            .map(|w| w.request.items())
+            .sum();
+        let mut items = taken[0].request.items();
+        let share = (items + of_kind)
+            .saturating_mul(free)
+            .div_ceil(self.threads());
+        let limit = free.saturating_mul(self.config.merge_blocks_per_thread);
+        let mut i = 0;
+        while i < self.waiting.len() && items < share {
+            let next = &self.waiting[i];
+            if next.block_kind() != Some(kind) {
+                i += 1;
+                continue;
+            }
+            if items + next.request.items() > limit {
+                break;
+            }
+            items += next.request.items();
+            taken.extend(self.waiting.remove(i));
+        }
+    }
+
+    fn start(&mut self, taken: Vec<Waiting>, free: usize) -> Output {
+        let id = taken[0].id;
+        let epoch = taken[0].request.epoch();
+        let committee = taken[0].committee.clone();
+        let items: usize = taken.iter().map(|w| w.request.items()).sum();
+        let parts = if taken[0].request.splits() {
+            items.div_ceil(MIN_ITEMS_PER_PART).clamp(1, free)
+        } else {
+            1
+        };
+        let requests: Vec<u64> = taken.iter().map(|w| w.id).collect();
+        self.running.insert(
+            id,
+            Running {
+                id,
+                threads: parts,
+                requests: requests.len(),
+            },
+        );
         Output::Run {
             id,
+            requests,
             epoch,
             parts,
             job: JobSlot(Some(Job {
-                request,
+                requests: taken.into_iter().map(|w| w.request).collect(),
                 committee,
                 parts,
                 limits: self.config.limits.clone(),
@@ -172,19 +312,33 @@ mod tests {
         Committee::new(epoch, authorities).unwrap()
     }
 
-    fn blocks(epoch: Epoch, n: usize) -> VerifyRequest {
+    fn blocks_checked(epoch: Epoch, n: usize, check_signatures: bool) -> VerifyRequest {
         VerifyRequest::Blocks {
             epoch,
             blocks: vec![HashedBlob::new(Default::default()); n],
-            check_signatures: true,
+            check_signatures,
         }
     }
 
-    fn core(threads: usize, queue_capacity: usize) -> VerifierCore {
+    fn blocks(epoch: Epoch, n: usize) -> VerifyRequest {
+        blocks_checked(epoch, n, true)
+    }
+
+    fn infos(n: usize) -> VerifyRequest {
+        VerifyRequest::NodeInfos {
+            infos: vec![Default::default(); n],
+            now_ms: 0,
+            local: PeerId([9; 32]),
+            allowlist: None,
+        }
+    }
+
+    fn core_with(threads: usize, queue_capacity: usize, merge: usize) -> VerifierCore {
         let mut c = VerifierCore::new(
             Config {
                 threads,
                 queue_capacity,
+                merge_blocks_per_thread: merge,
                 ..Config::default()
             }
             .into(),
@@ -193,93 +347,242 @@ mod tests {
         c
     }
 
-    fn verify(c: &mut VerifierCore, id: u64, request: VerifyRequest) -> Output {
+    fn core(threads: usize, queue_capacity: usize) -> VerifierCore {
+        core_with(threads, queue_capacity, 1_024)
+    }
+
+    /// A job started: its id, the requests it answers and its parts.
+    #[derive(Debug, PartialEq)]
+    struct Started {
+        id: u64,
+        requests: Vec<u64>,
+        parts: usize,
+    }
+
+    fn started(outputs: Vec<Output>) -> Vec<Started> {
+        outputs
+            .into_iter()
+            .map(|o| match o {
+                Output::Run {
+                    id,
+                    requests,
+                    parts,
+                    job: JobSlot(Some(job)),
+                    ..
+                } => {
+                    assert_eq!(job.requests.len(), requests.len());
+                    assert_eq!(job.parts, parts);
+                    Started {
+                        id,
+                        requests,
+                        parts,
+                    }
+                }
+                other => panic!("not a job: {other:?}"),
+            })
+            .collect()
+    }
+
+    fn job(id: u64, requests: &[u64], parts: usize) -> Started {
+        Started {
+            id,
+            requests: requests.to_vec(),
+            parts,
+        }
+    }
+
+    fn verify(c: &mut VerifierCore, id: u64, request: VerifyRequest) -> Vec<Output> {
         c.handle(Time(0), Input::Verify { id, request })
-            .pop()
-            .unwrap()
+    }
+
+    fn done(c: &mut VerifierCore, id: u64) -> Vec<Started> {
+        started(c.handle(Time(0), Input::Done { id }))
     }
 
     #[test]
     fn requests_need_their_epochs_committee() {
         let mut c = core(4, 8);
         assert!(matches!(
-            verify(&mut c, 1, blocks(0, 1)),
-            Output::Run { epoch: Some(0), .. }
+            verify(&mut c, 1, blocks(0, 1))[..],
+            [Output::Run { epoch: Some(0), .. }]
         ));
         assert_eq!(
             verify(&mut c, 2, blocks(1, 1)),
-            Output::Rejected {
+            vec![Output::Rejected {
                 id: 2,
                 error: VerifyError::UnknownEpoch(1)
-            }
+            }]
         );
         c.handle(Time(0), Input::InstallCommittee(committee(1)));
         assert!(matches!(
-            verify(&mut c, 3, blocks(1, 1)),
-            Output::Run { epoch: Some(1), .. }
+            verify(&mut c, 3, blocks(1, 1))[..],
+            [Output::Run { epoch: Some(1), .. }]
         ));
     }
 
-    /// The parts a `Run` output splits its job into.
-    fn parts(output: Output) -> usize {
-        match output {
-            Output::Run { parts, .. } => parts,
-            other => panic!("{other:?}"),
-        }
-    }
-
     #[test]
-    fn work_is_split_by_size_up_to_the_thread_count() {
+    fn work_is_split_by_size_up_to_the_free_threads() {
         let mut c = core(4, 8);
-        assert_eq!(parts(verify(&mut c, 1, blocks(0, 1))), 1);
-        c.handle(Time(0), Input::Done { id: 1 });
-        assert_eq!(parts(verify(&mut c, 2, blocks(0, 17))), 2);
-        c.handle(Time(0), Input::Done { id: 2 });
-        assert_eq!(parts(verify(&mut c, 3, blocks(0, 10_000))), 4);
-    }
-
-    #[test]
-    fn jobs_in_flight_share_the_threads() {
-        let mut c = core(4, 8);
-        // Alone: every thread. Beside one job: half. Beside three or more:
-        // one part, so the job's signatures stay in one batch.
-        assert_eq!(parts(verify(&mut c, 1, blocks(0, 10_000))), 4);
-        assert_eq!(parts(verify(&mut c, 2, blocks(0, 10_000))), 2);
-        assert_eq!(parts(verify(&mut c, 3, blocks(0, 10_000))), 2);
-        assert_eq!(parts(verify(&mut c, 4, blocks(0, 10_000))), 1);
-        assert_eq!(parts(verify(&mut c, 5, blocks(0, 10_000))), 1);
-        // As jobs end, the share grows back.
-        for id in 1..=4 {
-            c.handle(Time(0), Input::Done { id });
-        }
-        assert_eq!(parts(verify(&mut c, 6, blocks(0, 10_000))), 2);
-        c.handle(Time(0), Input::Done { id: 5 });
-        c.handle(Time(0), Input::Done { id: 6 });
-        assert_eq!(parts(verify(&mut c, 7, blocks(0, 10_000))), 4);
-    }
-
-    #[test]
-    fn queue_is_bounded_and_freed_when_jobs_finish() {
-        let mut c = core(2, 2);
-        assert!(matches!(
-            verify(&mut c, 1, blocks(0, 1)),
-            Output::Run { .. }
-        ));
-        assert!(matches!(
-            verify(&mut c, 2, blocks(0, 1)),
-            Output::Run { .. }
-        ));
+        assert_eq!(started(verify(&mut c, 1, blocks(0, 1))), [job(1, &[1], 1)]);
+        // Three threads are left; 17 blocks are worth two of them.
+        assert_eq!(started(verify(&mut c, 2, blocks(0, 17))), [job(2, &[2], 2)]);
         assert_eq!(
-            verify(&mut c, 3, blocks(0, 1)),
-            Output::Rejected {
-                id: 3,
-                error: VerifyError::Busy { capacity: 2 }
-            }
+            started(verify(&mut c, 3, blocks(0, 10_000))),
+            [job(3, &[3], 1)]
         );
-        c.handle(Time(0), Input::Done { id: 1 });
-        assert!(matches!(
+        done(&mut c, 1);
+        done(&mut c, 2);
+        done(&mut c, 3);
+        assert_eq!(
+            started(verify(&mut c, 4, blocks(0, 10_000))),
+            [job(4, &[4], 4)]
+        );
+    }
+
+    #[test]
+    fn requests_that_do_not_split_take_one_thread() {
+        let mut c = core(4, 8);
+        assert_eq!(started(verify(&mut c, 1, infos(1_000))), [job(1, &[1], 1)]);
+        assert_eq!(
+            started(verify(&mut c, 2, blocks(0, 1_000))),
+            [job(2, &[2], 3)]
+        );
+    }
+
+    #[test]
+    fn requests_wait_for_a_free_thread_in_order() {
+        let mut c = core(2, 8);
+        assert_eq!(
+            started(verify(&mut c, 1, blocks(0, 400))),
+            [job(1, &[1], 2)]
+        );
+        // Every thread is taken: the others wait, whatever their kind.
+        assert_eq!(verify(&mut c, 2, infos(3)), vec![]);
+        assert_eq!(verify(&mut c, 3, blocks(0, 400)), vec![]);
+        assert_eq!(c.waiting(), [2, 3]);
+        // The oldest first, on one thread; the next on the thread left.
+        assert_eq!(done(&mut c, 1), [job(2, &[2], 1), job(3, &[3], 1)]);
+        assert_eq!(c.waiting(), Vec::<u64>::new());
+        assert_eq!(done(&mut c, 2), []);
+    }
+
+    #[test]
+    fn waiting_block_requests_of_one_kind_run_as_one_job() {
+        let mut c = core(2, 16);
+        assert_eq!(
+            started(verify(&mut c, 1, blocks(0, 400))),
+            [job(1, &[1], 2)]
+        );
+        c.handle(Time(0), Input::InstallCommittee(committee(1)));
+        for (id, request) in [
+            (2, blocks(0, 400)),
+            (3, blocks(1, 400)),
+            (4, blocks_checked(0, 400, false)),
+            (5, infos(2)),
+            (6, blocks(0, 400)),
+            (7, blocks(0, 100)),
+        ] {
+            assert_eq!(verify(&mut c, id, request), vec![]);
+        }
+        // All threads free: requests 2, 6 and 7 (epoch 0, signatures
+        // checked) in one job over both threads; another epoch or rule is
+        // not merged.
+        assert_eq!(done(&mut c, 1), [job(2, &[2, 6, 7], 2)]);
+        assert_eq!(c.waiting(), [3, 4, 5]);
+        assert_eq!(done(&mut c, 2), [job(3, &[3], 2)]);
+        assert_eq!(done(&mut c, 3), [job(4, &[4], 2)]);
+        assert_eq!(done(&mut c, 4), [job(5, &[5], 1)]);
+    }
+
+    #[test]
+    fn a_job_takes_its_share_of_the_waiting_blocks_for_the_threads_free() {
+        let mut c = core(2, 16);
+        assert_eq!(started(verify(&mut c, 1, infos(1))), [job(1, &[1], 1)]);
+        assert_eq!(started(verify(&mut c, 2, infos(1))), [job(2, &[2], 1)]);
+        for id in 3..=10 {
+            assert_eq!(verify(&mut c, id, blocks(0, 100)), vec![]);
+        }
+        // One thread of two is free: half of the 800 blocks waiting.
+        assert_eq!(done(&mut c, 1), [job(3, &[3, 4, 5, 6], 1)]);
+        // Each thread freeing up takes half of what is left, so that the
+        // last jobs are short and end together.
+        assert_eq!(done(&mut c, 2), [job(7, &[7, 8], 1)]);
+        assert_eq!(done(&mut c, 3), [job(9, &[9], 1)]);
+        assert_eq!(done(&mut c, 7), [job(10, &[10], 1)]);
+        assert_eq!(c.waiting(), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn a_merged_job_holds_at_most_its_limit_of_blocks_per_thread() {
+        let mut c = core_with(2, 16, 250);
+        assert_eq!(started(verify(&mut c, 1, blocks(0, 10))), [job(1, &[1], 1)]);
+        assert_eq!(started(verify(&mut c, 2, blocks(0, 10))), [job(2, &[2], 1)]);
+        for id in 3..=8 {
+            assert_eq!(verify(&mut c, id, blocks(0, 100)), vec![]);
+        }
+        assert_eq!(done(&mut c, 1), [job(3, &[3, 4], 1)]);
+        // A request larger than the limit still runs, alone.
+        assert_eq!(verify(&mut c, 9, blocks(0, 600)), vec![]);
+        assert_eq!(done(&mut c, 2), [job(5, &[5, 6], 1)]);
+        assert_eq!(done(&mut c, 3), [job(7, &[7, 8], 1)]);
+        assert_eq!(done(&mut c, 5), [job(9, &[9], 1)]);
+    }
+
+    #[test]
+    fn the_queue_counts_waiting_and_running_requests() {
+        let mut c = core(1, 3);
+        assert_eq!(started(verify(&mut c, 1, blocks(0, 1))), [job(1, &[1], 1)]);
+        assert_eq!(verify(&mut c, 2, blocks(0, 1)), vec![]);
+        assert_eq!(verify(&mut c, 3, blocks(0, 1)), vec![]);
+        assert_eq!(
             verify(&mut c, 4, blocks(0, 1)),
-            Output::Run { .. }
+            vec![Output::Rejected {
+                id: 4,
+                error: VerifyError::Busy { capacity: 3 }
+            }]
+        );
+        // Requests 2 and 3 merge into one job: both still count.
+        assert_eq!(done(&mut c, 1), [job(2, &[2, 3], 1)]);
+        assert_eq!(verify(&mut c, 5, blocks(0, 1)), vec![]);
+        assert!(matches!(
+            verify(&mut c, 6, blocks(0, 1))[..],
+            [Output::Rejected { id: 6, .. }]
         ));
+        assert_eq!(done(&mut c, 2), [job(5, &[5], 1)]);
+    }
+
+    #[test]
+    fn a_restarted_core_counts_the_jobs_still_running() {
+        let mut c = core(2, 3);
+        assert_eq!(started(verify(&mut c, 1, blocks(0, 1))), [job(1, &[1], 1)]);
+        assert_eq!(
+            started(verify(&mut c, 2, blocks(0, 400))),
+            [job(2, &[2], 1)]
+        );
+        let init = c.restart_init();
+        assert_eq!(
+            init.running,
+            [
+                Running {
+                    id: 1,
+                    threads: 1,
+                    requests: 1
+                },
+                Running {
+                    id: 2,
+                    threads: 1,
+                    requests: 1
+                }
+            ]
+        );
+        let mut c = VerifierCore::new(init);
+        c.handle(Time(0), Input::InstallCommittee(committee(0)));
+        // Both threads are still taken, and two of three requests.
+        assert_eq!(verify(&mut c, 3, blocks(0, 1)), vec![]);
+        assert!(matches!(
+            verify(&mut c, 4, blocks(0, 1))[..],
+            [Output::Rejected { id: 4, .. }]
+        ));
+        assert_eq!(done(&mut c, 2), [job(3, &[3], 1)]);
     }
 }

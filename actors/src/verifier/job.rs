@@ -17,12 +17,13 @@ use crate::{Blob, HashedBlob};
 /// Room for a transaction's fixed fields beyond its payload.
 const TRANSACTION_OVERHEAD: usize = 256;
 
-/// Work the core admitted: the request, the committee it needs and how many
-/// parts to split it into.
+/// Work the core started: one request, or block requests of one epoch and
+/// rule to verify as one batch; the committee they need and how many parts
+/// to split the work into.
 #[derive(Debug)]
 pub struct Job {
-    /// What to verify.
-    pub request: VerifyRequest,
+    /// What to verify, in order.
+    pub requests: Vec<VerifyRequest>,
     /// The committee of the request's epoch.
     pub committee: Option<Arc<Committee>>,
     /// Parts to split the work into (one per thread at most).
@@ -33,12 +34,70 @@ pub struct Job {
     pub keys: Arc<KeyCache>,
 }
 
-/// Runs a job. Parts run in parallel on the current rayon pool; errors are
-/// reported for the first bad item in request order, whatever the split.
-pub fn run_job(job: Job) -> Result<VerifyResponse, VerifyError> {
+/// Runs a job: one result per request, in order, each exactly what the
+/// request verified alone would give. Parts run in parallel on the current
+/// rayon pool; errors are reported for the first bad item in request
+/// order, whatever the split.
+///
+/// Merged block requests are verified as one batch; if it fails, each
+/// request is verified again on its own, so that one request's bad item
+/// fails that request only. Blocks reach the Verifier matched to the
+/// digests of certified commits, so a failure means a faulty committee,
+/// and the second pass is not a cost a peer can impose.
+pub fn run_job(mut job: Job) -> Vec<Result<VerifyResponse, VerifyError>> {
+    if job.requests.len() > 1
+        && let Ok(verified) = verify_merged_blocks(&job)
+    {
+        return verified;
+    }
+    std::mem::take(&mut job.requests)
+        .into_iter()
+        .map(|request| run_request(request, &job))
+        .collect()
+}
+
+/// The merged block requests of `job` as one batch, split back into one
+/// answer per request.
+fn verify_merged_blocks(
+    job: &Job,
+) -> Result<Vec<Result<VerifyResponse, VerifyError>>, VerifyError> {
+    let mut all = Vec::new();
+    let mut lengths = Vec::with_capacity(job.requests.len());
+    let mut check = None;
+    let committee = job.committee.as_deref().ok_or(VerifyError::Internal)?;
+    for request in &job.requests {
+        let VerifyRequest::Blocks {
+            epoch,
+            blocks,
+            check_signatures,
+        } = request
+        else {
+            return Err(VerifyError::Internal);
+        };
+        if *epoch != committee.epoch()
+            || *check.get_or_insert(*check_signatures) != *check_signatures
+        {
+            return Err(VerifyError::Internal);
+        }
+        all.extend(blocks.iter().cloned());
+        lengths.push(blocks.len());
+    }
+    let check_signatures = check.unwrap_or(true);
+    let mut verified = in_parts(&all, job.parts, |_, chunk| {
+        verify_block_chunk(chunk, committee, &job.limits, check_signatures, &job.keys)
+    })?
+    .into_iter();
+    Ok(lengths
+        .into_iter()
+        .map(|n| Ok(VerifyResponse::Blocks(verified.by_ref().take(n).collect())))
+        .collect())
+}
+
+/// Runs one request.
+fn run_request(request: VerifyRequest, job: &Job) -> Result<VerifyResponse, VerifyError> {
     let limits = &job.limits;
     let committee = || job.committee.as_deref().ok_or(VerifyError::Internal);
-    match job.request {
+    match request {
         VerifyRequest::Blocks {
             blocks,
             check_signatures,

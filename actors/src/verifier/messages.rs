@@ -86,6 +86,15 @@ impl VerifyRequest {
         }
     }
 
+    /// Whether its items can be split across threads (the others run on
+    /// one thread).
+    pub fn splits(&self) -> bool {
+        matches!(
+            self,
+            VerifyRequest::Blocks { .. } | VerifyRequest::Transactions { .. }
+        )
+    }
+
     /// The epoch whose committee the request needs, if any.
     pub fn epoch(&self) -> Option<Epoch> {
         match self {
@@ -174,9 +183,9 @@ pub enum Input {
         /// The request.
         request: VerifyRequest,
     },
-    /// The pool finished request `id`.
+    /// The pool finished job `id`.
     Done {
-        /// Correlation id.
+        /// The job's id.
         id: u64,
     },
 }
@@ -190,10 +199,13 @@ pub enum Output {
         /// Its epoch.
         epoch: Epoch,
     },
-    /// Run request `id` on the pool, split in `parts`.
+    /// Run job `id` on the pool, split in `parts`: one request, or block
+    /// requests merged into one batch.
     Run {
-        /// Correlation id.
+        /// The job's id: that of its first request.
         id: u64,
+        /// The requests it answers, in order.
+        requests: Vec<u64>,
         /// Epoch of the committee used, if any.
         epoch: Option<Epoch>,
         /// Number of parts the work is split into.
