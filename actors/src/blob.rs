@@ -1,6 +1,6 @@
 use bytes::Bytes;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use soma_types::{Digest, HashedBytes};
+use soma_types::{Digest, HashedBytes, UnverifiedBlock};
 
 /// Bytes in a message: raw in binary encodings, hex in JSON traces.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -84,6 +84,55 @@ impl From<HashedBlob> for Blob {
     }
 }
 
+/// A block decoded where it arrived, once its bytes matched a block asked
+/// for, with the digests hashed there: the Verifier checks its rules and
+/// signatures without decoding it again. A trace holds its bytes; reading
+/// one decodes them again.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(try_from = "Blob", into = "Blob")]
+pub struct DecodedBlock(UnverifiedBlock);
+
+impl DecodedBlock {
+    /// Decodes `hashed` (at most `limit` bytes), with the digests its
+    /// signatures need if `signatures` (they are computed when asked for
+    /// otherwise).
+    pub fn decode(hashed: &HashedBlob, limit: usize, signatures: bool) -> soma_types::Result<Self> {
+        UnverifiedBlock::decode_hashed_bytes(hashed.hashed().clone(), limit, signatures)
+            .map(DecodedBlock)
+    }
+
+    /// The block.
+    pub fn block(&self) -> &UnverifiedBlock {
+        &self.0
+    }
+
+    /// The block, owned.
+    pub fn into_block(self) -> UnverifiedBlock {
+        self.0
+    }
+}
+
+impl PartialEq for DecodedBlock {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.serialized() == other.0.serialized()
+    }
+}
+
+impl Eq for DecodedBlock {}
+
+impl TryFrom<Blob> for DecodedBlock {
+    type Error = soma_types::Error;
+    fn try_from(blob: Blob) -> Result<Self, Self::Error> {
+        UnverifiedBlock::decode_for(blob.0, usize::MAX, true).map(DecodedBlock)
+    }
+}
+
+impl From<DecodedBlock> for Blob {
+    fn from(block: DecodedBlock) -> Self {
+        Blob(block.0.serialized().clone())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,5 +152,24 @@ mod tests {
         let other: HashedBlob = serde_json::from_str(&json.replace("61", "62")).unwrap();
         assert_eq!(other.digest(), Digest::of(other.bytes()));
         assert_ne!(other.digest(), hashed.digest());
+    }
+
+    #[test]
+    fn a_decoded_block_is_traced_as_its_bytes_and_decoded_again_when_read() {
+        let chain = soma_chain::ChainBuilder::new(soma_chain::ChainConfig::validators(4)).build(2);
+        let block = chain.fetch_blocks(1..=1).remove(0);
+        let hashed = HashedBlob::new(block.serialized().clone());
+        let decoded = DecodedBlock::decode(&hashed, usize::MAX, true).unwrap();
+        assert_eq!(decoded.block().reference(), block.reference());
+        let json = serde_json::to_string(&decoded).unwrap();
+        assert_eq!(
+            json,
+            serde_json::to_string(&Blob(block.serialized().clone())).unwrap()
+        );
+        let read: DecodedBlock = serde_json::from_str(&json).unwrap();
+        assert_eq!(read, decoded);
+        assert_eq!(read.block().reference(), block.reference());
+        // Bytes that are no block fail to read.
+        assert!(serde_json::from_str::<DecodedBlock>(r#""00ff""#).is_err());
     }
 }

@@ -38,6 +38,6 @@ pub mod supervisor;
 pub mod system;
 pub mod verifier;
 
-pub use blob::{Blob, HashedBlob};
+pub use blob::{Blob, DecodedBlock, HashedBlob};
 pub use core::{Core, Driver, Time};
 pub use system::{P2pBuilder, P2pConfig, P2pHandle};

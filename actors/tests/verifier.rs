@@ -8,7 +8,7 @@ use rand::{Rng, SeedableRng};
 use soma_actors::verifier::{
     Config, Deps, InstallCommittee, Verifier, Verify, VerifyError, VerifyRequest, VerifyResponse,
 };
-use soma_actors::{Blob, HashedBlob};
+use soma_actors::{Blob, DecodedBlock, HashedBlob};
 use soma_chain::{Chain, ChainBuilder, ChainConfig, corrupt};
 use soma_types::{
     CommitRef, Error, KeyPair, PeerId, SignedItem, Transaction, UnverifiedBlock, UnverifiedCommit,
@@ -411,4 +411,106 @@ async fn block_requests_that_wait_for_a_thread_are_verified_together_and_answere
         .filter_map(|l| l["out"]["run"].get("requests").cloned())
         .collect();
     assert_eq!(runs, [serde_json::json!([0]), serde_json::json!([1, 2, 3])]);
+}
+
+/// The blocks as sync hands them: decoded where they arrived.
+fn decoded(blocks: &[UnverifiedBlock], signatures: bool) -> Vec<DecodedBlock> {
+    blocks
+        .iter()
+        .map(|b| {
+            let hashed = HashedBlob::new(b.serialized().clone());
+            DecodedBlock::decode(&hashed, usize::MAX, signatures).unwrap()
+        })
+        .collect()
+}
+
+/// An answer as what can be compared: the verified blocks' bytes, or the
+/// error.
+fn outcome(answer: Result<VerifyResponse, VerifyError>) -> Result<Vec<Bytes>, VerifyError> {
+    match answer {
+        Ok(VerifyResponse::Blocks(blocks)) => {
+            Ok(blocks.iter().map(|b| b.serialized().clone()).collect())
+        }
+        Ok(other) => panic!("not blocks: {other:?}"),
+        Err(e) => Err(e),
+    }
+}
+
+#[actix_rt::test]
+async fn blocks_decoded_where_they_arrived_get_exactly_the_answer_of_their_bytes() {
+    let chain = chain();
+    let verifier = start(Config::default(), &chain);
+    let honest = chain.fetch_blocks(1..=30);
+    let mut forged_block = honest.clone();
+    forged_block[57] = corrupt::forge_signature(&forged_block[57].clone().into_trusted());
+    let mut forged_transaction = honest.clone();
+    let key = chain
+        .config()
+        .protocol_key(0, forged_transaction[33].block().author.get());
+    forged_transaction[33] =
+        corrupt::resign(&forged_transaction[33].clone().into_trusted(), &key, |b| {
+            b.transactions[1].nonce += 1
+        });
+    let first_of_epoch_1 = chain.epoch_last(0).unwrap() + 1;
+    let other_epoch: Vec<_> = chain
+        .blocks_of(first_of_epoch_1)
+        .iter()
+        .map(|b| b.to_unverified())
+        .collect();
+    let mut cases = 0;
+    for blocks in [&honest, &forged_block, &forged_transaction, &other_epoch] {
+        for check_signatures in [true, false] {
+            // Decoded with or without the signatures' digests: these are
+            // computed when needed.
+            for digests in [true, false] {
+                let as_bytes = verifier
+                    .send(Verify(VerifyRequest::Blocks {
+                        epoch: 0,
+                        blocks: blobs_of_blocks(blocks),
+                        check_signatures,
+                    }))
+                    .await
+                    .unwrap();
+                let as_decoded = verifier
+                    .send(Verify(VerifyRequest::DecodedBlocks {
+                        epoch: 0,
+                        blocks: decoded(blocks, digests),
+                        check_signatures,
+                    }))
+                    .await
+                    .unwrap();
+                assert_eq!(outcome(as_decoded), outcome(as_bytes));
+                cases += 1;
+            }
+        }
+    }
+    assert_eq!(cases, 16);
+    // What each case gave, for the record: the honest blocks pass, a
+    // forged block or transaction fails naming it when signatures are
+    // checked, a block of another epoch always fails.
+    let answer = |blocks: &[UnverifiedBlock], check_signatures| {
+        verifier.send(Verify(VerifyRequest::DecodedBlocks {
+            epoch: 0,
+            blocks: decoded(blocks, true),
+            check_signatures,
+        }))
+    };
+    let sent: Vec<Bytes> = honest.iter().map(|b| b.serialized().clone()).collect();
+    assert_eq!(outcome(answer(&honest, true).await.unwrap()), Ok(sent));
+    assert_eq!(
+        invalid(answer(&forged_block, true).await.unwrap()),
+        Error::BadSignature(SignedItem::Block(forged_block[57].reference()))
+    );
+    assert_eq!(
+        invalid(answer(&forged_transaction, true).await.unwrap()),
+        Error::BadSignature(SignedItem::Transaction {
+            block: forged_transaction[33].reference(),
+            index: 1
+        })
+    );
+    assert!(outcome(answer(&forged_transaction, false).await.unwrap()).is_ok());
+    assert!(matches!(
+        invalid(answer(&other_epoch, false).await.unwrap()),
+        Error::WrongEpoch { .. }
+    ));
 }

@@ -38,7 +38,7 @@ use crate::peer_heights::{
     ReportOutcome, Slot, Transfer, UpdateHeight,
 };
 use crate::verifier::{Verifier, Verify, VerifyError, VerifyRequest, VerifyResponse};
-use crate::{Blob, HashedBlob};
+use crate::{Blob, DecodedBlock, HashedBlob};
 
 /// Data of a verified commit batch, held by the shell until applied.
 pub(super) struct BatchData {
@@ -642,6 +642,7 @@ impl Worker {
             refs: chunk.refs.iter().copied().map(Into::into).collect(),
         };
         let outbound = &self.outbound;
+        let decoding = self.decoding();
         let call = |peer| {
             let message = message.clone();
             let (refs, max_bytes) = (chunk.refs.clone(), chunk.max_bytes);
@@ -652,7 +653,7 @@ impl Worker {
                         .fetch_blocks(r)
                         .await?
                         .into_inner();
-                    receive_blocks(&mut stream, &refs, max_bytes).await
+                    receive_blocks(&mut stream, &refs, max_bytes, decoding).await
                 };
                 let received = outbound.call(peer, message, call).await;
                 match received.map_err(Failure::from).and_then(|r| r) {
@@ -681,7 +682,10 @@ impl Worker {
                 return (Some(peer), Err(failure));
             }
         };
-        let bytes = blobs.iter().map(|b| b.bytes().len() as u64).sum();
+        let bytes = blobs
+            .iter()
+            .map(|b| b.block().serialized().len() as u64)
+            .sum();
         let latency = slot.release(Transfer::Received, bytes);
         self.hedging.answered(FetchKind::Blocks, latency);
         let result = self.verify_blocks(chunk.epoch, blobs, &chunk.refs).await;
@@ -763,7 +767,7 @@ impl Worker {
             .blocks(chunk.batch, &chunk.refs)
             .await
             .ok_or(Failure::NoPeer)?;
-        let mut intake = Intake::new(&chunk.refs, chunk.max_bytes);
+        let mut intake = Intake::new(&chunk.refs, chunk.max_bytes, self.decoding());
         let result = match blobs.into_iter().try_for_each(|b| intake.accept(b)) {
             Ok(()) => match intake.finish() {
                 Ok(blobs) => self.verify_blocks(chunk.epoch, blobs, &chunk.refs).await,
@@ -775,15 +779,24 @@ impl Worker {
         result
     }
 
+    /// How blocks are decoded as they arrive: within the size limit, with
+    /// the digests their signatures need if they are checked.
+    fn decoding(&self) -> Decoding {
+        Decoding {
+            limit: to_usize(self.config.max_block_bytes),
+            signatures: self.check_signatures,
+        }
+    }
+
     async fn verify_blocks(
         &self,
         epoch: Epoch,
-        blobs: Vec<HashedBlob>,
+        blocks: Vec<DecodedBlock>,
         refs: &[BlockRef],
     ) -> Result<Vec<VerifiedBlock>, Failure> {
-        let request = VerifyRequest::Blocks {
+        let request = VerifyRequest::DecodedBlocks {
             epoch,
-            blocks: blobs,
+            blocks,
             check_signatures: self.check_signatures,
         };
         let blocks = match self.verifier.send(Verify(request)).await {
@@ -933,24 +946,38 @@ fn refused_by<T>(archive: &ArchiveReader, batch: CommitIndex, result: &Result<T,
     }
 }
 
+/// How an [`Intake`] decodes the blocks it takes in.
+#[derive(Clone, Copy, Debug)]
+struct Decoding {
+    /// Largest block, in bytes.
+    limit: usize,
+    /// Whether to compute the digests signatures are checked against.
+    signatures: bool,
+}
+
 /// Blocks as they arrive, judged by the digest of their bytes: the first
 /// block not asked for or repeated, or past `max_bytes`, ends the intake.
-/// Nothing is decoded or signature-checked before every block asked for
-/// is in; the digests go to the Verifier with the bytes.
+/// A block whose digest is one asked for (so its bytes are those a
+/// certified commit names) is decoded at once, on the network thread,
+/// with the digests hashed there: the Verifier checks rules and
+/// signatures only. Nothing is signature-checked before every block asked
+/// for is in.
 struct Intake {
     expected: ExpectedBlocks,
-    blobs: Vec<HashedBlob>,
+    blobs: Vec<DecodedBlock>,
     bytes: u64,
     max_bytes: u64,
+    decoding: Decoding,
 }
 
 impl Intake {
-    fn new(refs: &[BlockRef], max_bytes: u64) -> Self {
+    fn new(refs: &[BlockRef], max_bytes: u64, decoding: Decoding) -> Self {
         Intake {
             expected: ExpectedBlocks::from_refs(refs.iter().copied()),
             blobs: Vec::with_capacity(refs.len()),
             bytes: 0,
             max_bytes,
+            decoding,
         }
     }
 
@@ -966,7 +993,9 @@ impl Intake {
         self.expected
             .accept_digest(blob.digest())
             .map_err(Failure::Invalid)?;
-        self.blobs.push(blob);
+        let Decoding { limit, signatures } = self.decoding;
+        let block = DecodedBlock::decode(&blob, limit, signatures).map_err(Failure::Invalid)?;
+        self.blobs.push(block);
         Ok(())
     }
 
@@ -976,7 +1005,7 @@ impl Intake {
     }
 
     /// The blocks, once every one asked for is in.
-    fn finish(self) -> Result<Vec<HashedBlob>, Failure> {
+    fn finish(self) -> Result<Vec<DecodedBlock>, Failure> {
         self.expected.finish().map_err(Failure::Invalid)?;
         Ok(self.blobs)
     }
@@ -990,11 +1019,12 @@ async fn receive_blocks<S>(
     stream: &mut S,
     refs: &[BlockRef],
     max_bytes: u64,
-) -> Result<Result<Vec<HashedBlob>, Failure>, tonic::Status>
+    decoding: Decoding,
+) -> Result<Result<Vec<DecodedBlock>, Failure>, tonic::Status>
 where
     S: futures::Stream<Item = Result<proto::FetchBlocksResponse, tonic::Status>> + Unpin,
 {
-    let mut intake = Intake::new(refs, max_bytes);
+    let mut intake = Intake::new(refs, max_bytes, decoding);
     loop {
         let chunk = match stream.next().await {
             Some(Ok(chunk)) => chunk,
@@ -1290,7 +1320,7 @@ mod tests {
         );
     }
 
-    type Received = Result<Result<Vec<HashedBlob>, Failure>, tonic::Status>;
+    type Received = Result<Result<Vec<DecodedBlock>, Failure>, tonic::Status>;
 
     /// The blocks of commits 1 and 2 of a chain, as bytes, and their refs.
     fn two_commits_blocks() -> (Vec<bytes::Bytes>, Vec<BlockRef>) {
@@ -1314,7 +1344,11 @@ mod tests {
             })
             .collect();
         items.extend(end.map(Err));
-        receive_blocks(&mut futures::stream::iter(items), &refs, u64::MAX).await
+        let decoding = Decoding {
+            limit: usize::MAX,
+            signatures: true,
+        };
+        receive_blocks(&mut futures::stream::iter(items), &refs, u64::MAX, decoding).await
     }
 
     #[tokio::test]

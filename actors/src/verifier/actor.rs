@@ -194,10 +194,13 @@ impl Verifier {
                     let addr = ctx.address();
                     let token = self.holders.hold(id);
                     self.pool.spawn(move || {
-                        let _running = token;
                         let n = callers.len();
                         let results = catch_unwind(AssertUnwindSafe(|| run_job(job)))
                             .unwrap_or_else(|_| vec![Err(VerifyError::Internal); n]);
+                        // The job has ended: a restart from here on forgets
+                        // it, so that its threads are not held for ever if
+                        // the handler of its end is what fails.
+                        drop(token);
                         // Free the threads before answering: the mailbox is
                         // FIFO, so a caller's next request, sent after the
                         // answer, always finds them free.
@@ -214,8 +217,103 @@ impl Verifier {
                         let _ = caller.send(Err(error));
                     }
                 }
-                Output::Run { .. } | Output::Installed { .. } => {}
+                // A run without its job (only a replayed trace has one):
+                // its callers are told, and its threads freed.
+                Output::Run { id, requests, .. } => {
+                    for r in requests {
+                        if let Some(caller) = self.callers.remove(&r) {
+                            let _ = caller.send(Err(VerifyError::Internal));
+                        }
+                    }
+                    ctx.address().do_send(JobDone(id));
+                }
+                Output::Installed { .. } => {}
             }
         }
+    }
+}
+
+#[cfg(all(test, feature = "testing"))]
+mod tests {
+    use soma_chain::{ChainBuilder, ChainConfig};
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::faults::FaultPlan;
+    use crate::supervisor::{self, Parent, Supervisor, TreeStatus};
+    use crate::{Core, HashedBlob};
+
+    #[actix_rt::test]
+    async fn a_restart_tells_the_waiting_callers_and_the_running_job_still_answers() {
+        let chain = ChainBuilder::new(ChainConfig::validators(4)).build(20);
+        let (tree, _status) = watch::channel(TreeStatus::default());
+        let root_ctx = Context::<Supervisor>::new();
+        let root = root_ctx.address();
+        supervisor::start(
+            root_ctx,
+            Supervisor::new(Default::default(), tree.clone(), None),
+            "supervisor",
+            Parent::Fatal(tree),
+        );
+        let plan = Arc::new(FaultPlan::default());
+        let deps = Deps {
+            faults: Faults::new(Some(plan.clone())),
+            ..Deps::new(
+                Config {
+                    threads: 1,
+                    ..Config::default()
+                },
+                64,
+            )
+        };
+        let ctx = Context::<Verifier>::new();
+        let verifier = ctx.address();
+        supervisor::start(
+            ctx,
+            Verifier::new(deps, None).unwrap(),
+            VerifierCore::NAME,
+            Parent::Root(root),
+        );
+        let install = || InstallCommittee(chain.genesis().clone());
+        verifier.send(install()).await.unwrap();
+        let request = |commits| {
+            verifier.send(Verify(VerifyRequest::Blocks {
+                epoch: 0,
+                blocks: chain
+                    .fetch_blocks(commits)
+                    .iter()
+                    .map(|b| HashedBlob::new(b.serialized().clone()))
+                    .collect(),
+                check_signatures: true,
+            }))
+        };
+        // The first runs on the one thread, the second waits, and the
+        // handler panics on the third: the actor restarts.
+        plan.panic_actor(VerifierCore::NAME, 3);
+        // A deadline only so that a caller never answered fails the test
+        // rather than hanging it.
+        let (running, waiting, failed) =
+            tokio::time::timeout(std::time::Duration::from_secs(60), async {
+                tokio::join!(request(1..=5), request(6..=10), request(11..=15))
+            })
+            .await
+            .expect("every caller is answered");
+        assert_eq!(plan.injected(VerifierCore::NAME), 1);
+        let Ok(VerifyResponse::Blocks(blocks)) = running.unwrap() else {
+            panic!("the running job's caller is answered");
+        };
+        assert_eq!(blocks.len(), chain.fetch_blocks(1..=5).len());
+        assert_eq!(waiting.unwrap().err(), Some(VerifyError::Stopped));
+        // The request whose handling panicked is never answered: its
+        // caller sees the reply dropped (a sync worker's "Verifier
+        // unavailable", as for `Stopped`).
+        assert!(failed.is_err(), "{failed:?}");
+        // The restarted Verifier (committees come again, here by message)
+        // answers the next request.
+        verifier.send(install()).await.unwrap();
+        assert!(matches!(
+            request(16..=20).await.unwrap(),
+            Ok(VerifyResponse::Blocks(_))
+        ));
     }
 }

@@ -81,6 +81,10 @@ impl From<Config> for Init {
     }
 }
 
+/// Epoch, signatures checked, decoded: block requests alike in these can
+/// be verified as one batch.
+type BlockKind = (Epoch, bool, bool);
+
 /// A request admitted and waiting for a thread.
 struct Waiting {
     id: u64,
@@ -90,14 +94,20 @@ struct Waiting {
 
 impl Waiting {
     /// What block requests must share to be verified in one batch: the
-    /// committee's epoch and whether signatures are checked.
-    fn block_kind(&self) -> Option<(Epoch, bool)> {
+    /// committee's epoch, whether signatures are checked, and whether the
+    /// blocks come decoded.
+    fn block_kind(&self) -> Option<BlockKind> {
         match &self.request {
             VerifyRequest::Blocks {
                 epoch,
                 check_signatures,
                 ..
-            } => Some((*epoch, *check_signatures)),
+            } => Some((*epoch, *check_signatures, false)),
+            VerifyRequest::DecodedBlocks {
+                epoch,
+                check_signatures,
+                ..
+            } => Some((*epoch, *check_signatures, true)),
             _ => None,
         }
     }
@@ -231,7 +241,7 @@ impl VerifierCore {
     /// requests of the same kind, oldest first, up to this job's share of
     /// them: in proportion to the `free` threads among all, within
     /// `merge_blocks_per_thread` for each free thread.
-    fn merge_into(&mut self, taken: &mut Vec<Waiting>, kind: (Epoch, bool), free: usize) {
+    fn merge_into(&mut self, taken: &mut Vec<Waiting>, kind: BlockKind, free: usize) {
         let of_kind: usize = self
             .waiting
             .iter()
@@ -243,10 +253,17 @@ impl VerifierCore {
             .saturating_mul(free)
             .div_ceil(self.threads());
         let limit = free.saturating_mul(self.config.merge_blocks_per_thread);
+        let committee = taken[0].committee.clone();
+        let same_committee = |w: &Waiting| match (&w.committee, &committee) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
         let mut i = 0;
         while i < self.waiting.len() && items < share {
             let next = &self.waiting[i];
-            if next.block_kind() != Some(kind) {
+            // Of the same kind, and admitted under the same committee (one
+            // installed again for its epoch is another).
+            if next.block_kind() != Some(kind) || !same_committee(next) {
                 i += 1;
                 continue;
             }
@@ -492,6 +509,18 @@ mod tests {
         assert_eq!(done(&mut c, 2), [job(3, &[3], 2)]);
         assert_eq!(done(&mut c, 3), [job(4, &[4], 2)]);
         assert_eq!(done(&mut c, 4), [job(5, &[5], 1)]);
+    }
+
+    #[test]
+    fn requests_of_a_committee_installed_again_are_not_merged_with_older_ones() {
+        let mut c = core(1, 8);
+        assert_eq!(started(verify(&mut c, 1, blocks(0, 1))), [job(1, &[1], 1)]);
+        assert_eq!(verify(&mut c, 2, blocks(0, 1)), vec![]);
+        c.handle(Time(0), Input::InstallCommittee(committee(0)));
+        assert_eq!(verify(&mut c, 3, blocks(0, 1)), vec![]);
+        assert_eq!(verify(&mut c, 4, blocks(0, 1)), vec![]);
+        assert_eq!(done(&mut c, 1), [job(2, &[2], 1)]);
+        assert_eq!(done(&mut c, 2), [job(3, &[3, 4], 1)]);
     }
 
     #[test]

@@ -1,4 +1,5 @@
 use std::collections::HashSet;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -12,7 +13,7 @@ use soma_types::{
 };
 
 use super::messages::{VerifyError, VerifyRequest, VerifyResponse};
-use crate::{Blob, HashedBlob};
+use crate::{Blob, DecodedBlock, HashedBlob};
 
 /// Room for a transaction's fixed fields beyond its payload.
 const TRANSACTION_OVERHEAD: usize = 256;
@@ -46,45 +47,80 @@ pub struct Job {
 /// and the second pass is not a cost a peer can impose.
 pub fn run_job(mut job: Job) -> Vec<Result<VerifyResponse, VerifyError>> {
     if job.requests.len() > 1
-        && let Ok(verified) = verify_merged_blocks(&job)
+        && let Ok(Ok(verified)) = catch_unwind(AssertUnwindSafe(|| verify_merged_blocks(&mut job)))
     {
         return verified;
     }
+    // One at a time, a panic failing only its own request.
     std::mem::take(&mut job.requests)
         .into_iter()
-        .map(|request| run_request(request, &job))
+        .map(|request| {
+            catch_unwind(AssertUnwindSafe(|| run_request(request, &job)))
+                .unwrap_or(Err(VerifyError::Internal))
+        })
         .collect()
 }
 
 /// The merged block requests of `job` as one batch, split back into one
-/// answer per request.
-fn verify_merged_blocks(
-    job: &Job,
+/// answer per request. The requests are taken out of `job` only once the
+/// batch has passed.
+pub(super) fn verify_merged_blocks(
+    job: &mut Job,
 ) -> Result<Vec<Result<VerifyResponse, VerifyError>>, VerifyError> {
-    let mut all = Vec::new();
+    let committee = job.committee.clone().ok_or(VerifyError::Internal)?;
+    let mut kind = None;
+    let mut bytes = Vec::new();
+    let mut decoded = Vec::new();
     let mut lengths = Vec::with_capacity(job.requests.len());
-    let mut check = None;
-    let committee = job.committee.as_deref().ok_or(VerifyError::Internal)?;
     for request in &job.requests {
-        let VerifyRequest::Blocks {
-            epoch,
-            blocks,
-            check_signatures,
-        } = request
-        else {
-            return Err(VerifyError::Internal);
+        let (epoch, check_signatures, n) = match request {
+            VerifyRequest::Blocks {
+                epoch,
+                blocks,
+                check_signatures,
+            } => {
+                bytes.extend(blocks.iter().cloned());
+                (*epoch, (*check_signatures, false), blocks.len())
+            }
+            VerifyRequest::DecodedBlocks {
+                epoch,
+                blocks,
+                check_signatures,
+            } => {
+                decoded.extend(blocks.iter().map(DecodedBlock::block));
+                (*epoch, (*check_signatures, true), blocks.len())
+            }
+            _ => return Err(VerifyError::Internal),
         };
-        if *epoch != committee.epoch()
-            || *check.get_or_insert(*check_signatures) != *check_signatures
-        {
+        if epoch != committee.epoch() || *kind.get_or_insert(check_signatures) != check_signatures {
             return Err(VerifyError::Internal);
         }
-        all.extend(blocks.iter().cloned());
-        lengths.push(blocks.len());
+        lengths.push(n);
     }
-    let check_signatures = check.unwrap_or(true);
-    let mut verified = in_parts(&all, job.parts, |_, chunk| {
-        verify_block_chunk(chunk, committee, &job.limits, check_signatures, &job.keys)
+    let (check_signatures, _) = kind.ok_or(VerifyError::Internal)?;
+    let limits = &job.limits;
+    if !decoded.is_empty() {
+        check_in_parts(
+            &decoded,
+            job.parts,
+            &committee,
+            limits,
+            check_signatures,
+            &job.keys,
+        )?;
+        drop(decoded);
+        return Ok(std::mem::take(&mut job.requests)
+            .into_iter()
+            .map(|request| match request {
+                VerifyRequest::DecodedBlocks { blocks, .. } => {
+                    Ok(VerifyResponse::Blocks(trusted(blocks)))
+                }
+                _ => Err(VerifyError::Internal),
+            })
+            .collect());
+    }
+    let mut verified = in_parts(&bytes, job.parts, |_, chunk| {
+        verify_block_chunk(chunk, &committee, limits, check_signatures, &job.keys)
     })?
     .into_iter();
     Ok(lengths
@@ -108,6 +144,24 @@ fn run_request(request: VerifyRequest, job: &Job) -> Result<VerifyResponse, Veri
                 verify_block_chunk(chunk, committee, limits, check_signatures, &job.keys)
             })?;
             Ok(VerifyResponse::Blocks(verified))
+        }
+        VerifyRequest::DecodedBlocks {
+            blocks,
+            check_signatures,
+            ..
+        } => {
+            let committee = committee()?;
+            let refs: Vec<&UnverifiedBlock> = blocks.iter().map(DecodedBlock::block).collect();
+            check_in_parts(
+                &refs,
+                job.parts,
+                committee,
+                limits,
+                check_signatures,
+                &job.keys,
+            )?;
+            drop(refs);
+            Ok(VerifyResponse::Blocks(trusted(blocks)))
         }
         VerifyRequest::CommitBatch {
             commits,
@@ -232,6 +286,7 @@ fn decode_all<T>(
         .collect()
 }
 
+/// Decodes a chunk of blocks received as bytes and checks them.
 fn verify_block_chunk(
     chunk: &[HashedBlob],
     committee: &Committee,
@@ -250,13 +305,46 @@ fn verify_block_chunk(
             .map_err(VerifyError::Invalid)
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let refs: Vec<&UnverifiedBlock> = blocks.iter().collect();
+    check_blocks(&refs, committee, limits, check_signatures, keys)?;
+    Ok(blocks
+        .into_iter()
+        .map(UnverifiedBlock::into_trusted)
+        .collect())
+}
+
+/// [`check_blocks`] on `parts` chunks of `blocks` in parallel; the first
+/// failing chunk in order decides the error.
+fn check_in_parts(
+    blocks: &[&UnverifiedBlock],
+    parts: usize,
+    committee: &Committee,
+    limits: &Limits,
+    check_signatures: bool,
+    keys: &Arc<KeyCache>,
+) -> Result<(), VerifyError> {
+    in_parts(blocks, parts, |_, chunk| {
+        check_blocks(chunk, committee, limits, check_signatures, keys).map(|()| Vec::<()>::new())
+    })
+    .map(drop)
+}
+
+/// Every block rule, and the signatures of the blocks and their
+/// transactions in one batch if `check_signatures`.
+fn check_blocks(
+    blocks: &[&UnverifiedBlock],
+    committee: &Committee,
+    limits: &Limits,
+    check_signatures: bool,
+    keys: &Arc<KeyCache>,
+) -> Result<(), VerifyError> {
     let signatures = blocks
         .iter()
         .map(|b| 1 + b.block().transactions.len())
         .sum();
     // Blocks matched to digests of certified commits: their keys are kept.
     let mut batch = SignatureBatch::with_cache(signatures, keys.clone(), Fill::Yes);
-    for block in &blocks {
+    for block in blocks {
         check_block(
             block,
             committee,
@@ -265,11 +353,15 @@ fn verify_block_chunk(
         )
         .map_err(VerifyError::Invalid)?;
     }
-    batch.verify().map_err(VerifyError::Invalid)?;
-    Ok(blocks
+    batch.verify().map_err(VerifyError::Invalid)
+}
+
+/// Blocks that passed every check, as verified blocks.
+fn trusted(blocks: Vec<DecodedBlock>) -> Vec<VerifiedBlock> {
+    blocks
         .into_iter()
-        .map(UnverifiedBlock::into_trusted)
-        .collect())
+        .map(|b| b.into_block().into_trusted())
+        .collect()
 }
 
 fn verify_transaction_chunk(
@@ -294,4 +386,67 @@ fn verify_transaction_chunk(
     }
     batch.verify().map_err(VerifyError::Invalid)?;
     Ok(txs)
+}
+
+#[cfg(test)]
+mod tests {
+    use soma_chain::{ChainBuilder, ChainConfig};
+
+    use super::*;
+
+    #[test]
+    fn merged_block_requests_verify_as_one_batch_and_each_gets_its_own_blocks() {
+        let chain = ChainBuilder::new(ChainConfig::validators(4)).build(30);
+        let ranges = [1..=4, 5..=5, 6..=30];
+        let blobs = |r: &std::ops::RangeInclusive<u64>| -> Vec<HashedBlob> {
+            chain
+                .fetch_blocks(r.clone())
+                .iter()
+                .map(|b| HashedBlob::new(b.serialized().clone()))
+                .collect()
+        };
+        // As bytes, and decoded where they arrived.
+        for decoded in [false, true] {
+            let requests = ranges
+                .iter()
+                .map(|r| match decoded {
+                    false => VerifyRequest::Blocks {
+                        epoch: 0,
+                        blocks: blobs(r),
+                        check_signatures: true,
+                    },
+                    true => VerifyRequest::DecodedBlocks {
+                        epoch: 0,
+                        blocks: blobs(r)
+                            .iter()
+                            .map(|b| DecodedBlock::decode(b, usize::MAX, true).unwrap())
+                            .collect(),
+                        check_signatures: true,
+                    },
+                })
+                .collect();
+            let mut job = Job {
+                requests,
+                committee: Some(Arc::new(chain.genesis().clone())),
+                parts: 2,
+                limits: Limits::default(),
+                keys: Arc::new(KeyCache::new(64)),
+            };
+            // The batch of all three passes as one, not request by request.
+            let answers = verify_merged_blocks(&mut job).expect("honest blocks pass as one batch");
+            assert_eq!(answers.len(), 3);
+            for (answer, range) in answers.into_iter().zip(ranges.clone()) {
+                let Ok(VerifyResponse::Blocks(blocks)) = answer else {
+                    panic!("honest blocks refused");
+                };
+                let got: Vec<_> = blocks.iter().map(|b| b.reference()).collect();
+                let expected: Vec<_> = chain
+                    .fetch_blocks(range)
+                    .iter()
+                    .map(UnverifiedBlock::reference)
+                    .collect();
+                assert_eq!(got, expected);
+            }
+        }
+    }
 }

@@ -7,7 +7,7 @@ use soma_types::{
 };
 
 use super::job::Job;
-use crate::{Blob, HashedBlob};
+use crate::{Blob, DecodedBlock, HashedBlob};
 
 /// What to verify. Items arrive as their encoded bytes, exactly as received
 /// from the network; decoding is part of the work done on the pool.
@@ -21,6 +21,18 @@ pub enum VerifyRequest {
         epoch: Epoch,
         /// Encoded signed blocks, hashed where they arrived.
         blocks: Vec<HashedBlob>,
+        /// Whether to check signatures (structure is always checked).
+        check_signatures: bool,
+    },
+    /// Signed blocks of `epoch` as sync hands them: decoded on the network
+    /// threads as they arrived, once their bytes matched blocks of
+    /// certified commits. Every rule of `Blocks` but the decoding, which
+    /// is done; the answer is exactly that of `Blocks` with their bytes.
+    DecodedBlocks {
+        /// Epoch whose committee signs the blocks.
+        epoch: Epoch,
+        /// The blocks, decoded.
+        blocks: Vec<DecodedBlock>,
         /// Whether to check signatures (structure is always checked).
         check_signatures: bool,
     },
@@ -71,6 +83,7 @@ impl VerifyRequest {
     pub fn items(&self) -> usize {
         match self {
             VerifyRequest::Blocks { blocks, .. } => blocks.len(),
+            VerifyRequest::DecodedBlocks { blocks, .. } => blocks.len(),
             VerifyRequest::CommitBatch {
                 commits,
                 certifiers,
@@ -91,7 +104,9 @@ impl VerifyRequest {
     pub fn splits(&self) -> bool {
         matches!(
             self,
-            VerifyRequest::Blocks { .. } | VerifyRequest::Transactions { .. }
+            VerifyRequest::Blocks { .. }
+                | VerifyRequest::DecodedBlocks { .. }
+                | VerifyRequest::Transactions { .. }
         )
     }
 
@@ -99,6 +114,7 @@ impl VerifyRequest {
     pub fn epoch(&self) -> Option<Epoch> {
         match self {
             VerifyRequest::Blocks { epoch, .. }
+            | VerifyRequest::DecodedBlocks { epoch, .. }
             | VerifyRequest::CommitBatch { epoch, .. }
             | VerifyRequest::CommitRun { epoch, .. } => Some(*epoch),
             VerifyRequest::NodeInfos { .. } | VerifyRequest::Transactions { .. } => None,
