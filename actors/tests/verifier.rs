@@ -514,3 +514,59 @@ async fn blocks_decoded_where_they_arrived_get_exactly_the_answer_of_their_bytes
         Error::WrongEpoch { .. }
     ));
 }
+
+#[actix_rt::test]
+async fn decoded_blocks_are_held_to_the_verifiers_size_limit_like_their_bytes() {
+    let chain = chain();
+    let blocks = chain.fetch_blocks(1..=10);
+    let mut sizes: Vec<usize> = blocks.iter().map(|b| b.serialized().len()).collect();
+    sizes.sort_unstable();
+    // The largest blocks are over the Verifier's limit; they were decoded
+    // with none.
+    let limit = sizes[sizes.len() - 1] - 1;
+    let verifier = start(
+        Config {
+            limits: soma_types::Limits {
+                max_block_bytes: limit,
+                ..soma_types::Limits::default()
+            },
+            ..Config::default()
+        },
+        &chain,
+    );
+    let as_bytes = verifier
+        .send(Verify(VerifyRequest::Blocks {
+            epoch: 0,
+            blocks: blobs_of_blocks(&blocks),
+            check_signatures: true,
+        }))
+        .await
+        .unwrap();
+    let as_decoded = verifier
+        .send(Verify(VerifyRequest::DecodedBlocks {
+            epoch: 0,
+            blocks: decoded(&blocks, true),
+            check_signatures: true,
+        }))
+        .await
+        .unwrap();
+    let first_over = blocks
+        .iter()
+        .map(|b| b.serialized().len())
+        .find(|len| *len > limit)
+        .unwrap();
+    assert_eq!(
+        invalid(as_decoded),
+        Error::TooLarge {
+            len: first_over,
+            limit
+        }
+    );
+    assert_eq!(
+        invalid(as_bytes),
+        Error::TooLarge {
+            len: first_over,
+            limit
+        }
+    );
+}

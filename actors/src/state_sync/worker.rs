@@ -642,7 +642,6 @@ impl Worker {
             refs: chunk.refs.iter().copied().map(Into::into).collect(),
         };
         let outbound = &self.outbound;
-        let decoding = self.decoding();
         let call = |peer| {
             let message = message.clone();
             let (refs, max_bytes) = (chunk.refs.clone(), chunk.max_bytes);
@@ -653,7 +652,7 @@ impl Worker {
                         .fetch_blocks(r)
                         .await?
                         .into_inner();
-                    receive_blocks(&mut stream, &refs, max_bytes, decoding).await
+                    receive_blocks(&mut stream, &refs, max_bytes).await
                 };
                 let received = outbound.call(peer, message, call).await;
                 match received.map_err(Failure::from).and_then(|r| r) {
@@ -682,10 +681,7 @@ impl Worker {
                 return (Some(peer), Err(failure));
             }
         };
-        let bytes = blobs
-            .iter()
-            .map(|b| b.block().serialized().len() as u64)
-            .sum();
+        let bytes = blobs.iter().map(|b| b.bytes().len() as u64).sum();
         let latency = slot.release(Transfer::Received, bytes);
         self.hedging.answered(FetchKind::Blocks, latency);
         let result = self.verify_blocks(chunk.epoch, blobs, &chunk.refs).await;
@@ -767,7 +763,7 @@ impl Worker {
             .blocks(chunk.batch, &chunk.refs)
             .await
             .ok_or(Failure::NoPeer)?;
-        let mut intake = Intake::new(&chunk.refs, chunk.max_bytes, self.decoding());
+        let mut intake = Intake::new(&chunk.refs, chunk.max_bytes);
         let result = match blobs.into_iter().try_for_each(|b| intake.accept(b)) {
             Ok(()) => match intake.finish() {
                 Ok(blobs) => self.verify_blocks(chunk.epoch, blobs, &chunk.refs).await,
@@ -779,21 +775,32 @@ impl Worker {
         result
     }
 
-    /// How blocks are decoded as they arrive: within the size limit, with
-    /// the digests their signatures need if they are checked.
-    fn decoding(&self) -> Decoding {
-        Decoding {
-            limit: to_usize(self.config.max_block_bytes),
-            signatures: self.check_signatures,
-        }
-    }
-
+    /// Decodes the blocks of a complete answer (their digests matched
+    /// those asked for, so their bytes are those certified commits name),
+    /// then has the Verifier check them. The decoding runs on the
+    /// runtime's blocking pool, once the answer is whole and its peer's
+    /// slot released: not on the threads that serve peers, not timed as the
+    /// peer's latency, and never for an answer that is dropped. The
+    /// Verifier's threads, the bound with signatures checked, are left the
+    /// rules and signatures.
     async fn verify_blocks(
         &self,
         epoch: Epoch,
-        blocks: Vec<DecodedBlock>,
+        blobs: Vec<HashedBlob>,
         refs: &[BlockRef],
     ) -> Result<Vec<VerifiedBlock>, Failure> {
+        let (limit, signatures) = (to_usize(self.config.max_block_bytes), self.check_signatures);
+        let decoding = tokio::task::spawn_blocking(move || {
+            blobs
+                .iter()
+                .map(|b| DecodedBlock::decode(b, limit, signatures))
+                .collect::<Result<Vec<_>, _>>()
+        });
+        let blocks = match decoding.await {
+            Ok(Ok(blocks)) => blocks,
+            Ok(Err(e)) => return Err(Failure::Invalid(e)),
+            Err(_) => return Err(Failure::Local(LocalFailure::VerifierUnavailable)),
+        };
         let request = VerifyRequest::DecodedBlocks {
             epoch,
             blocks,
@@ -946,38 +953,24 @@ fn refused_by<T>(archive: &ArchiveReader, batch: CommitIndex, result: &Result<T,
     }
 }
 
-/// How an [`Intake`] decodes the blocks it takes in.
-#[derive(Clone, Copy, Debug)]
-struct Decoding {
-    /// Largest block, in bytes.
-    limit: usize,
-    /// Whether to compute the digests signatures are checked against.
-    signatures: bool,
-}
-
 /// Blocks as they arrive, judged by the digest of their bytes: the first
 /// block not asked for or repeated, or past `max_bytes`, ends the intake.
-/// A block whose digest is one asked for (so its bytes are those a
-/// certified commit names) is decoded at once, on the network thread,
-/// with the digests hashed there: the Verifier checks rules and
-/// signatures only. Nothing is signature-checked before every block asked
-/// for is in.
+/// Nothing is decoded or signature-checked before every block asked for
+/// is in; the digests go on with the bytes.
 struct Intake {
     expected: ExpectedBlocks,
-    blobs: Vec<DecodedBlock>,
+    blobs: Vec<HashedBlob>,
     bytes: u64,
     max_bytes: u64,
-    decoding: Decoding,
 }
 
 impl Intake {
-    fn new(refs: &[BlockRef], max_bytes: u64, decoding: Decoding) -> Self {
+    fn new(refs: &[BlockRef], max_bytes: u64) -> Self {
         Intake {
             expected: ExpectedBlocks::from_refs(refs.iter().copied()),
             blobs: Vec::with_capacity(refs.len()),
             bytes: 0,
             max_bytes,
-            decoding,
         }
     }
 
@@ -993,9 +986,7 @@ impl Intake {
         self.expected
             .accept_digest(blob.digest())
             .map_err(Failure::Invalid)?;
-        let Decoding { limit, signatures } = self.decoding;
-        let block = DecodedBlock::decode(&blob, limit, signatures).map_err(Failure::Invalid)?;
-        self.blobs.push(block);
+        self.blobs.push(blob);
         Ok(())
     }
 
@@ -1005,7 +996,7 @@ impl Intake {
     }
 
     /// The blocks, once every one asked for is in.
-    fn finish(self) -> Result<Vec<DecodedBlock>, Failure> {
+    fn finish(self) -> Result<Vec<HashedBlob>, Failure> {
         self.expected.finish().map_err(Failure::Invalid)?;
         Ok(self.blobs)
     }
@@ -1019,12 +1010,11 @@ async fn receive_blocks<S>(
     stream: &mut S,
     refs: &[BlockRef],
     max_bytes: u64,
-    decoding: Decoding,
-) -> Result<Result<Vec<DecodedBlock>, Failure>, tonic::Status>
+) -> Result<Result<Vec<HashedBlob>, Failure>, tonic::Status>
 where
     S: futures::Stream<Item = Result<proto::FetchBlocksResponse, tonic::Status>> + Unpin,
 {
-    let mut intake = Intake::new(refs, max_bytes, decoding);
+    let mut intake = Intake::new(refs, max_bytes);
     loop {
         let chunk = match stream.next().await {
             Some(Ok(chunk)) => chunk,
@@ -1320,7 +1310,7 @@ mod tests {
         );
     }
 
-    type Received = Result<Result<Vec<DecodedBlock>, Failure>, tonic::Status>;
+    type Received = Result<Result<Vec<HashedBlob>, Failure>, tonic::Status>;
 
     /// The blocks of commits 1 and 2 of a chain, as bytes, and their refs.
     fn two_commits_blocks() -> (Vec<bytes::Bytes>, Vec<BlockRef>) {
@@ -1344,11 +1334,7 @@ mod tests {
             })
             .collect();
         items.extend(end.map(Err));
-        let decoding = Decoding {
-            limit: usize::MAX,
-            signatures: true,
-        };
-        receive_blocks(&mut futures::stream::iter(items), &refs, u64::MAX, decoding).await
+        receive_blocks(&mut futures::stream::iter(items), &refs, u64::MAX).await
     }
 
     #[tokio::test]

@@ -313,8 +313,10 @@ fn verify_block_chunk(
         .collect())
 }
 
-/// [`check_blocks`] on `parts` chunks of `blocks` in parallel; the first
-/// failing chunk in order decides the error.
+/// Decoded blocks checked as their bytes would be, on `parts` chunks in
+/// parallel: in each chunk the size limit the bytes would have been
+/// decoded within (whoever decoded them may have used another), then
+/// [`check_blocks`]; the first failing chunk in order decides the error.
 fn check_in_parts(
     blocks: &[&UnverifiedBlock],
     parts: usize,
@@ -323,7 +325,15 @@ fn check_in_parts(
     check_signatures: bool,
     keys: &Arc<KeyCache>,
 ) -> Result<(), VerifyError> {
+    let limit = limits.max_block_bytes.min(codec::MAX_DECODE_BYTES);
     in_parts(blocks, parts, |_, chunk| {
+        if let Some(b) = chunk.iter().find(|b| b.serialized().len() > limit) {
+            let len = b.serialized().len();
+            return Err(VerifyError::Invalid(soma_types::Error::TooLarge {
+                len,
+                limit,
+            }));
+        }
         check_blocks(chunk, committee, limits, check_signatures, keys).map(|()| Vec::<()>::new())
     })
     .map(drop)

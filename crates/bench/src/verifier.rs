@@ -177,8 +177,12 @@ pub fn section(size: &Size) -> Section {
         &["path", "time (ms)", "signatures/s", "of raw"],
     );
     let actor_rows = shapes.zip(&actor).map(|((n, as_decoded), d)| {
-        let what = if as_decoded { "" } else { " as bytes" };
-        (format!("Verifier actor, requests of {n} blocks{what}"), *d)
+        let what = if as_decoded {
+            "decoded blocks"
+        } else {
+            "blocks as bytes"
+        };
+        (format!("Verifier actor, requests of {n} {what}"), *d)
     });
     for (label, d) in [
         ("raw `verify_batch`, prepared batches".to_string(), raw),
