@@ -20,17 +20,6 @@ use crate::report::{Cell, Section};
 /// signature the larger it is.
 const CHUNKS: [usize; 2] = [400, 100];
 
-fn best_of(runs: usize, mut f: impl FnMut()) -> Duration {
-    (0..runs)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed()
-        })
-        .min()
-        .expect("at least one run")
-}
-
 /// Runs the benchmark.
 pub fn section(size: &Size) -> Section {
     let threads = crate::cores();
@@ -50,9 +39,7 @@ pub fn section(size: &Size) -> Section {
 
     // Raw: batches prepared beforehand (keys decompressed), one per thread.
     let parts = all.clone().split(threads);
-    let raw = best_of(size.runs, || {
-        pool.install(|| parts.par_iter().for_each(|p| p.verify().expect("valid")))
-    });
+    let raw = || pool.install(|| parts.par_iter().for_each(|p| p.verify().expect("valid")));
 
     // Raw with the preparation in the timed region: decode, rule checks,
     // signing digests, key decompression (with and without a key cache).
@@ -63,50 +50,68 @@ pub fn section(size: &Size) -> Section {
         .iter()
         .map(|b| HashedBlob::new(b.serialized().clone()))
         .collect();
-    let prepared_in = |cache: Option<Arc<KeyCache>>, chunk_len: usize| {
-        best_of(size.runs, || {
-            pool.install(|| {
-                blobs.par_chunks(chunk_len).for_each(|chunk| {
-                    let mut batch = match &cache {
-                        Some(c) => SignatureBatch::with_cache(chunk.len(), c.clone(), Fill::Yes),
-                        None => SignatureBatch::default(),
-                    };
-                    for blob in chunk {
-                        let b = UnverifiedBlock::decode_hashed_bytes(
-                            blob.hashed().clone(),
-                            limits.max_block_bytes,
-                            true,
-                        )
-                        .expect("decodes");
-                        check_block(&b, &committee, &limits, Some(&mut batch)).expect("passes");
-                    }
-                    batch.verify().expect("valid");
-                })
+    let prepared_in = |cache: Option<&Arc<KeyCache>>, chunk_len: usize| {
+        pool.install(|| {
+            blobs.par_chunks(chunk_len).for_each(|chunk| {
+                let mut batch = match cache {
+                    Some(c) => SignatureBatch::with_cache(chunk.len(), c.clone(), Fill::Yes),
+                    None => SignatureBatch::default(),
+                };
+                for blob in chunk {
+                    let b = UnverifiedBlock::decode_hashed_bytes(
+                        blob.hashed().clone(),
+                        limits.max_block_bytes,
+                        true,
+                    )
+                    .expect("decodes");
+                    check_block(&b, &committee, &limits, Some(&mut batch)).expect("passes");
+                }
+                batch.verify().expect("valid");
             })
         })
     };
     let whole = blobs.len().div_ceil(threads);
-    let raw_prep = prepared_in(None, whole);
     let cache = Arc::new(KeyCache::new(16_384));
-    let raw_cached = prepared_in(Some(cache.clone()), whole);
-    let raw_cached_chunks: Vec<Duration> = CHUNKS
-        .iter()
-        .map(|&n| prepared_in(Some(cache.clone()), n))
-        .collect();
 
     // The actor: every chunk sent at once, as sync workers would, the
-    // blocks decoded as a worker's network thread decodes them while they
-    // arrive (like their hashing above, before the timed region); then
-    // the same requests as bytes, which the Verifier's threads decode.
+    // blocks decoded as a worker decodes them before it sends them (like
+    // their hashing above, before the timed region); then the same
+    // requests as bytes, which the Verifier's threads decode.
     let decoded: Vec<DecodedBlock> = blobs
         .iter()
         .map(|b| DecodedBlock::decode(b, limits.max_block_bytes, true).expect("decodes"))
         .collect();
-    let shapes = CHUNKS
+    let shapes: Vec<(usize, bool)> = CHUNKS
         .iter()
         .map(|&n| (n, true))
-        .chain([(CHUNKS[0], false)]);
-    let actor: Vec<Duration> = actix_rt::System::new().block_on(async {
+        .chain([(CHUNKS[0], false)])
+        .collect();
+    let requests = |chunk_len: usize, as_decoded: bool| -> Vec<VerifyRequest> {
+        (0..blobs.len())
+            .step_by(chunk_len)
+            .map(|start| {
+                let end = (start + chunk_len).min(blobs.len());
+                if as_decoded {
+                    VerifyRequest::DecodedBlocks {
+                        epoch: 0,
+                        blocks: decoded[start..end].to_vec(),
+                        check_signatures: true,
+                    }
+                } else {
+                    VerifyRequest::Blocks {
+                        epoch: 0,
+                        blocks: blobs[start..end].to_vec(),
+                        check_signatures: true,
+                    }
+                }
+            })
+            .collect()
+    };
+
+    // Rounds: every row timed once in each, so that all rows see the same
+    // machine (a row timed alone at another moment moved the ratios by
+    // more than the gaps they measure); each row's best round counts.
+    let best: Vec<Duration> = actix_rt::System::new().block_on(async {
         let config = Config {
             threads,
             ..Config::default()
@@ -118,31 +123,26 @@ pub fn section(size: &Size) -> Section {
             .send(InstallCommittee(committee.clone()))
             .await
             .expect("installed");
-        let mut times = Vec::new();
-        for (chunk_len, as_decoded) in shapes.clone() {
-            let mut best = Duration::MAX;
-            for _ in 0..size.runs {
-                // The requests are built (their blocks' handles cloned)
-                // before the clock starts.
-                let requests: Vec<VerifyRequest> = (0..blobs.len())
-                    .step_by(chunk_len)
-                    .map(|start| {
-                        let end = (start + chunk_len).min(blobs.len());
-                        if as_decoded {
-                            VerifyRequest::DecodedBlocks {
-                                epoch: 0,
-                                blocks: decoded[start..end].to_vec(),
-                                check_signatures: true,
-                            }
-                        } else {
-                            VerifyRequest::Blocks {
-                                epoch: 0,
-                                blocks: blobs[start..end].to_vec(),
-                                check_signatures: true,
-                            }
-                        }
-                    })
-                    .collect();
+        let timed = |f: &dyn Fn()| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        };
+        let mut best: Vec<Duration> = Vec::new();
+        for _ in 0..size.runs {
+            let mut times = vec![
+                timed(&raw),
+                timed(&|| prepared_in(None, whole)),
+                timed(&|| prepared_in(Some(&cache), whole)),
+            ];
+            times.extend(
+                CHUNKS
+                    .iter()
+                    .map(|&n| timed(&|| prepared_in(Some(&cache), n))),
+            );
+            for &(chunk_len, as_decoded) in &shapes {
+                // Built (their blocks' handles cloned) before the clock.
+                let requests = requests(chunk_len, as_decoded);
                 let t = Instant::now();
                 let replies: Vec<_> = requests
                     .into_iter()
@@ -151,23 +151,34 @@ pub fn section(size: &Size) -> Section {
                 for r in futures::future::join_all(replies).await {
                     r.expect("the actor answers").expect("valid blocks");
                 }
-                best = best.min(t.elapsed());
+                times.push(t.elapsed());
             }
-            times.push(best);
+            if best.is_empty() {
+                best = times;
+            } else {
+                best.iter_mut()
+                    .zip(times)
+                    .for_each(|(b, t)| *b = (*b).min(t));
+            }
         }
-        times
+        best
     });
+    let raw = best[0];
+    let (raw_prep, raw_cached) = (best[1], best[2]);
+    let raw_cached_chunks = &best[3..3 + CHUNKS.len()];
+    let actor = &best[3 + CHUNKS.len()..];
 
     let mut s = Section::new(
         "verifier",
         "Verifier actor against raw `verify_batch`",
         format!(
             "{} blocks of 10 signed transactions ({signatures} signatures), {threads} threads on \
-             every path, best of {} runs. The actor gets all requests at once, their blocks as \
-             a sync worker hands them (hashed and decoded on the network threads as they \
-             arrive, before the clock starts): {} blocks per request (what a sync worker sends \
-             for a 100-commit batch), then {}; then {} blocks per request as received bytes, \
-             decoded on the Verifier's threads.",
+             every path; {} rounds, each timing every row once, and each row's best round. \
+             The actor gets all requests at once, their blocks as a sync worker hands them \
+             (hashed as they arrived and decoded on the blocking pool, before the clock \
+             starts): {} blocks per request (what a sync worker sends for a 100-commit batch), \
+             then {}; then {} blocks per request as received bytes, decoded on the Verifier's \
+             threads.",
             blocks.len(),
             size.runs,
             CHUNKS[0],
@@ -176,7 +187,7 @@ pub fn section(size: &Size) -> Section {
         ),
         &["path", "time (ms)", "signatures/s", "of raw"],
     );
-    let actor_rows = shapes.zip(&actor).map(|((n, as_decoded), d)| {
+    let actor_rows = shapes.iter().zip(actor).map(|(&(n, as_decoded), d)| {
         let what = if as_decoded {
             "decoded blocks"
         } else {
@@ -196,7 +207,7 @@ pub fn section(size: &Size) -> Section {
     .chain(
         CHUNKS
             .iter()
-            .zip(&raw_cached_chunks)
+            .zip(raw_cached_chunks)
             .map(|(n, d)| (format!("the same, one batch per {n} blocks"), *d)),
     )
     .chain(actor_rows)
