@@ -176,7 +176,8 @@ impl VerifierCore {
     }
 
     /// Ids of the requests waiting for a thread, oldest first.
-    pub fn waiting(&self) -> Vec<u64> {
+    #[cfg(test)]
+    fn waiting(&self) -> Vec<u64> {
         self.waiting.iter().map(|w| w.id).collect()
     }
 

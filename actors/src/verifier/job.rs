@@ -68,12 +68,13 @@ pub(super) fn verify_merged_blocks(
     job: &mut Job,
 ) -> Result<Vec<Result<VerifyResponse, VerifyError>>, VerifyError> {
     let committee = job.committee.clone().ok_or(VerifyError::Internal)?;
-    let mut kind = None;
+    // Signatures checked, blocks decoded: the same for every request.
+    let mut rule = None;
     let mut bytes = Vec::new();
     let mut decoded = Vec::new();
     let mut lengths = Vec::with_capacity(job.requests.len());
     for request in &job.requests {
-        let (epoch, check_signatures, n) = match request {
+        let (epoch, this_rule, n) = match request {
             VerifyRequest::Blocks {
                 epoch,
                 blocks,
@@ -92,12 +93,12 @@ pub(super) fn verify_merged_blocks(
             }
             _ => return Err(VerifyError::Internal),
         };
-        if epoch != committee.epoch() || *kind.get_or_insert(check_signatures) != check_signatures {
+        if epoch != committee.epoch() || *rule.get_or_insert(this_rule) != this_rule {
             return Err(VerifyError::Internal);
         }
         lengths.push(n);
     }
-    let (check_signatures, _) = kind.ok_or(VerifyError::Internal)?;
+    let (check_signatures, _) = rule.ok_or(VerifyError::Internal)?;
     let limits = &job.limits;
     if !decoded.is_empty() {
         check_in_parts(
