@@ -33,65 +33,129 @@ pub(super) struct Caps {
     pub(super) per_prefix: usize,
 }
 
+/// A bucket's number in its index's items, and its size. Numbers are
+/// reused once a bucket empties; an entry's bucket is never empty, so the
+/// number a slot keeps stays its bucket's while the entry is in it.
+#[derive(Clone, Copy)]
+struct BucketInfo {
+    id: u32,
+    len: usize,
+}
+
 /// Entries by bucket, each bucket's oldest first. One ordered set for all
 /// buckets (most prefix buckets hold one or two entries; a set per bucket
-/// would cost a tree node each), with each bucket's size beside it, looked
-/// up by hash (read for every newcomer; nothing depends on its order).
+/// would cost a tree node each), each bucket named in it by a small
+/// number, not by its key: an item is 48 bytes rather than up to 80, and
+/// compares as integers, so a walk down the set touches half the memory
+/// (docs/benchmarks.md, "The simulator's speed"). Each bucket's number and
+/// size are looked up by hash (nothing depends on that map's order).
 struct Ordered<K> {
-    items: BTreeSet<(K, u64, PeerId)>,
-    sizes: HashMap<K, usize>,
+    items: BTreeSet<(u32, u64, PeerId)>,
+    buckets: HashMap<K, BucketInfo>,
+    free: Vec<u32>,
+    /// The buckets fullest first (ties: the lowest key), if kept: kept as
+    /// sizes change, rather than sorted for each newcomer to a full table.
+    ranked: Option<BTreeSet<(Reverse<usize>, K, u32)>>,
 }
 
 impl<K> Default for Ordered<K> {
     fn default() -> Self {
         Self {
             items: BTreeSet::new(),
-            sizes: HashMap::new(),
+            buckets: HashMap::new(),
+            free: Vec::new(),
+            ranked: None,
         }
     }
 }
 
 impl<K: Ord + Hash + Copy> Ordered<K> {
-    fn insert(&mut self, key: K, seen_ms: u64, peer: PeerId) {
-        if self.items.insert((key, seen_ms, peer)) {
-            *self.sizes.entry(key).or_default() += 1;
+    /// Adds `peer` to bucket `key` at `seen_ms`; the bucket's number.
+    fn insert(&mut self, key: K, seen_ms: u64, peer: PeerId) -> u32 {
+        let next = self.buckets.len() as u32;
+        let free = &mut self.free;
+        let bucket = self.buckets.entry(key).or_insert_with(|| BucketInfo {
+            id: free.pop().unwrap_or(next),
+            len: 0,
+        });
+        let id = bucket.id;
+        if self.items.insert((id, seen_ms, peer)) {
+            bucket.len += 1;
+            let len = bucket.len;
+            self.rerank(key, id, len - 1, len);
+        } else if bucket.len == 0 {
+            self.buckets.remove(&key);
+            self.free.push(id);
         }
+        id
     }
 
-    fn remove(&mut self, key: K, seen_ms: u64, peer: PeerId) {
-        if self.items.remove(&(key, seen_ms, peer)) {
-            match self.sizes.get_mut(&key) {
-                Some(n) if *n > 1 => *n -= 1,
-                _ => {
-                    self.sizes.remove(&key);
-                }
+    /// Bucket `key` (number `id`) went from `from` entries to `to`.
+    fn rerank(&mut self, key: K, id: u32, from: usize, to: usize) {
+        if let Some(ranked) = &mut self.ranked {
+            if from > 0 {
+                ranked.remove(&(Reverse(from), key, id));
+            }
+            if to > 0 {
+                ranked.insert((Reverse(to), key, id));
             }
         }
     }
 
-    /// Moves an item within its bucket, from `from_ms` to `to_ms`; the
-    /// bucket's size stays.
-    fn relocate(&mut self, key: K, from_ms: u64, to_ms: u64, peer: PeerId) {
-        if from_ms != to_ms && self.items.remove(&(key, from_ms, peer)) {
-            self.items.insert((key, to_ms, peer));
+    /// The first ranked bucket after `after` (from the fullest if `None`)
+    /// that `skip` does not name.
+    fn ranked_after(
+        &self,
+        after: Option<(Reverse<usize>, K, u32)>,
+        skip: impl Fn(&K) -> bool,
+    ) -> Option<(Reverse<usize>, K, u32)> {
+        let ranked = self.ranked.as_ref()?;
+        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+        ranked
+            .range((lower, Bound::Unbounded))
+            .find(|(_, k, _)| !skip(k))
+            .copied()
+    }
+
+    /// Takes `peer`, indexed at `seen_ms`, out of bucket `key` (number
+    /// `id`).
+    fn remove(&mut self, key: K, id: u32, seen_ms: u64, peer: PeerId) {
+        if self.items.remove(&(id, seen_ms, peer))
+            && let Some(bucket) = self.buckets.get_mut(&key)
+        {
+            bucket.len -= 1;
+            let len = bucket.len;
+            if len == 0 {
+                self.buckets.remove(&key);
+                self.free.push(id);
+            }
+            self.rerank(key, id, len + 1, len);
         }
     }
 
-    fn len(&self, key: K) -> usize {
-        self.sizes.get(&key).copied().unwrap_or(0)
+    /// Moves an item within its bucket (number `id`), from `from_ms` to
+    /// `to_ms`; the bucket's size stays.
+    fn relocate(&mut self, id: u32, from_ms: u64, to_ms: u64, peer: PeerId) {
+        if from_ms != to_ms && self.items.remove(&(id, from_ms, peer)) {
+            self.items.insert((id, to_ms, peer));
+        }
     }
 
-    /// The first item of bucket `key` after `after` (from its oldest if
-    /// `None`) indexed no later than `seen_ms`.
-    fn next(&self, key: K, seen_ms: u64, after: Option<(u64, PeerId)>) -> Option<(u64, PeerId)> {
+    fn get(&self, key: K) -> Option<BucketInfo> {
+        self.buckets.get(&key).copied()
+    }
+
+    /// The first item of bucket number `id` after `after` (from its oldest
+    /// if `None`) indexed no later than `seen_ms`.
+    fn next(&self, id: u32, seen_ms: u64, after: Option<(u64, PeerId)>) -> Option<(u64, PeerId)> {
         let lower = match after {
-            Some((ms, peer)) => Bound::Excluded((key, ms, peer)),
-            None => Bound::Included((key, 0, PeerId([0; 32]))),
+            Some((ms, peer)) => Bound::Excluded((id, ms, peer)),
+            None => Bound::Included((id, 0, PeerId([0; 32]))),
         };
         self.items
             .range((lower, Bound::Unbounded))
             .next()
-            .filter(|(k, ms, _)| *k == key && *ms <= seen_ms)
+            .filter(|(i, ms, _)| *i == id && *ms <= seen_ms)
             .map(|(_, ms, p)| (*ms, *p))
     }
 }
@@ -103,13 +167,40 @@ struct Slot {
     entry: Entry,
     source_ms: u64,
     prefix_ms: u64,
+    /// The numbers of the entry's buckets in each index.
+    source_id: u32,
+    prefix_id: u32,
 }
 
-/// Which index a bucket is in.
+/// Where an entry lies in both indexes.
+#[derive(Clone, Copy)]
+struct Indexed {
+    source: Source,
+    source_id: u32,
+    source_ms: u64,
+    prefix: Prefix,
+    prefix_id: u32,
+    prefix_ms: u64,
+}
+
+impl Slot {
+    fn indexed(&self) -> Indexed {
+        Indexed {
+            source: self.entry.source,
+            source_id: self.source_id,
+            source_ms: self.source_ms,
+            prefix: self.entry.prefix,
+            prefix_id: self.prefix_id,
+            prefix_ms: self.prefix_ms,
+        }
+    }
+}
+
+/// A bucket by its index and number there.
 #[derive(Clone, Copy)]
 enum Bucket {
-    Source(Source),
-    Prefix(Prefix),
+    Source(u32),
+    Prefix(u32),
 }
 
 /// Known peers by id, indexed by source and by prefix. The entries lie in
@@ -119,7 +210,6 @@ enum Bucket {
 /// with the last moved into each removed one's place: it depends on the
 /// inputs only, never on the hashes, so a core's outputs stay the same for
 /// the same inputs whatever the hasher's keys.
-#[derive(Default)]
 pub(super) struct Table {
     entries: IndexMap<PeerId, Slot>,
     by_source: Ordered<Source>,
@@ -131,7 +221,11 @@ impl Table {
     pub(super) fn with_capacity(capacity: usize) -> Self {
         Table {
             entries: IndexMap::with_capacity(capacity),
-            ..Table::default()
+            by_source: Ordered {
+                ranked: Some(BTreeSet::new()),
+                ..Ordered::default()
+            },
+            by_prefix: Ordered::default(),
         }
     }
 
@@ -172,16 +266,19 @@ impl Table {
     /// Adds or replaces `peer`'s entry.
     pub(super) fn insert(&mut self, peer: PeerId, entry: Entry) {
         let (source, prefix, seen_ms) = (entry.source, entry.prefix, entry.seen_ms);
+        // Replaced in place: the entry keeps its position.
+        if let Some(old) = self.entries.get(&peer) {
+            let old = old.indexed();
+            self.unindex(peer, old);
+        }
         let slot = Slot {
             entry,
             source_ms: seen_ms,
             prefix_ms: seen_ms,
+            source_id: self.by_source.insert(source, seen_ms, peer),
+            prefix_id: self.by_prefix.insert(prefix, seen_ms, peer),
         };
-        if let Some(old) = self.entries.insert(peer, slot) {
-            self.unindex(peer, &old);
-        }
-        self.by_source.insert(source, seen_ms, peer);
-        self.by_prefix.insert(prefix, seen_ms, peer);
+        self.entries.insert(peer, slot);
     }
 
     /// Gives `peer`'s entry a newer info, seen at `seen_ms`, with the
@@ -201,12 +298,13 @@ impl Table {
         let entry = &mut slot.entry;
         if seen_ms < slot.source_ms {
             self.by_source
-                .relocate(entry.source, slot.source_ms, seen_ms, peer);
+                .relocate(slot.source_id, slot.source_ms, seen_ms, peer);
             slot.source_ms = seen_ms;
         }
         if entry.prefix != prefix || seen_ms < slot.prefix_ms {
-            self.by_prefix.remove(entry.prefix, slot.prefix_ms, peer);
-            self.by_prefix.insert(prefix, seen_ms, peer);
+            self.by_prefix
+                .remove(entry.prefix, slot.prefix_id, slot.prefix_ms, peer);
+            slot.prefix_id = self.by_prefix.insert(prefix, seen_ms, peer);
             slot.prefix_ms = seen_ms;
         }
         entry.timestamp_ms = info.info.timestamp_ms;
@@ -215,16 +313,16 @@ impl Table {
         entry.seen_ms = seen_ms;
     }
 
-    fn unindex(&mut self, peer: PeerId, slot: &Slot) {
+    fn unindex(&mut self, peer: PeerId, at: Indexed) {
         self.by_source
-            .remove(slot.entry.source, slot.source_ms, peer);
+            .remove(at.source, at.source_id, at.source_ms, peer);
         self.by_prefix
-            .remove(slot.entry.prefix, slot.prefix_ms, peer);
+            .remove(at.prefix, at.prefix_id, at.prefix_ms, peer);
     }
 
     pub(super) fn remove(&mut self, peer: &PeerId) -> Option<Entry> {
         let slot = self.entries.swap_remove(peer)?;
-        self.unindex(*peer, &slot);
+        self.unindex(*peer, slot.indexed());
         Some(slot.entry)
     }
 
@@ -256,19 +354,19 @@ impl Table {
         let mut after = None;
         loop {
             let (indexed_ms, peer) = match bucket {
-                Bucket::Source(key) => self.by_source.next(key, seen_ms, after),
-                Bucket::Prefix(key) => self.by_prefix.next(key, seen_ms, after),
+                Bucket::Source(id) => self.by_source.next(id, seen_ms, after),
+                Bucket::Prefix(id) => self.by_prefix.next(id, seen_ms, after),
             }?;
             let slot = self.entries.get_mut(&peer)?;
             let seen = slot.entry.seen_ms;
             if seen != indexed_ms {
                 match bucket {
-                    Bucket::Source(key) => {
-                        self.by_source.relocate(key, indexed_ms, seen, peer);
+                    Bucket::Source(id) => {
+                        self.by_source.relocate(id, indexed_ms, seen, peer);
                         slot.source_ms = seen;
                     }
-                    Bucket::Prefix(key) => {
-                        self.by_prefix.relocate(key, indexed_ms, seen, peer);
+                    Bucket::Prefix(id) => {
+                        self.by_prefix.relocate(id, indexed_ms, seen, peer);
                         slot.prefix_ms = seen;
                     }
                 }
@@ -308,35 +406,62 @@ impl Table {
                     .count();
                 len - gone
             };
-        if let Some(source) = source {
-            let len = self.by_source.len(source);
-            if size(self, len, &chosen, &|e| e.source == source) >= caps.per_source {
-                let victim =
-                    self.first_evictable(Bucket::Source(source), seen_ms, &chosen, &pinned)?;
-                chosen.push(victim);
-            }
+        if let Some(source) = source
+            && let Some(bucket) = self.by_source.get(source)
+            && size(self, bucket.len, &chosen, &|e| e.source == source) >= caps.per_source
+        {
+            let victim =
+                self.first_evictable(Bucket::Source(bucket.id), seen_ms, &chosen, &pinned)?;
+            chosen.push(victim);
         }
-        let len = self.by_prefix.len(prefix);
-        if size(self, len, &chosen, &|e| e.prefix == prefix) >= caps.per_prefix {
-            let victim = self.first_evictable(Bucket::Prefix(prefix), seen_ms, &chosen, &pinned)?;
+        if let Some(bucket) = self.by_prefix.get(prefix)
+            && size(self, bucket.len, &chosen, &|e| e.prefix == prefix) >= caps.per_prefix
+        {
+            let victim =
+                self.first_evictable(Bucket::Prefix(bucket.id), seen_ms, &chosen, &pinned)?;
             chosen.push(victim);
         }
         // `peer` is new to the table here (an update passes no source).
         let kept = self.entries.len() + 1 - chosen.len();
         if source.is_some() && kept >= caps.total {
             // The fullest source bucket with an evictable entry gives up
-            // its oldest (ties: the lowest source; the sizes' own order is
-            // the hash's, so the sort decides).
-            let mut fullest: Vec<(Reverse<usize>, Source)> = self
-                .by_source
-                .sizes
+            // its oldest (ties: the lowest source). The buckets of the
+            // entries chosen already rank without them: at most two, taken
+            // in turn with the others.
+            let mut less: Vec<(Source, usize)> = Vec::new();
+            for e in chosen[1..].iter().filter_map(|p| self.get(p)) {
+                match less.iter_mut().find(|(s, _)| *s == e.source) {
+                    Some((_, n)) => *n += 1,
+                    None => less.push((e.source, 1)),
+                }
+            }
+            let mut moved: Vec<(Reverse<usize>, Source, u32)> = less
                 .iter()
-                .map(|(s, n)| (Reverse(size(self, *n, &chosen, &|e| e.source == *s)), *s))
+                .filter_map(|&(s, n)| {
+                    let b = self.by_source.get(s)?;
+                    Some((Reverse(b.len - n), s, b.id))
+                })
                 .collect();
-            fullest.sort_unstable();
-            let victim = fullest.into_iter().find_map(|(_, s)| {
-                self.first_evictable(Bucket::Source(s), seen_ms, &chosen, &pinned)
-            })?;
+            moved.sort_unstable();
+            let mut moved = moved.into_iter().peekable();
+            let mut after = None;
+            let victim = loop {
+                let ranked = self
+                    .by_source
+                    .ranked_after(after, |s| less.iter().any(|(l, _)| l == s));
+                let (_, _, id) = match (ranked, moved.peek()) {
+                    (Some(r), Some(m)) if *m < r => moved.next()?,
+                    (Some(r), _) => {
+                        after = Some(r);
+                        r
+                    }
+                    (None, _) => moved.next()?,
+                };
+                if let Some(v) = self.first_evictable(Bucket::Source(id), seen_ms, &chosen, &pinned)
+                {
+                    break v;
+                }
+            };
             chosen.push(victim);
         }
         chosen.remove(0);
