@@ -112,7 +112,24 @@ fn world(nodes: usize, seed: u64) -> Settings {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc's `mi_option_purge_delay` (its `mimalloc.h`, version 3; the
+/// bindings name no constant for it).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Keeps the memory the allocator frees for its reuse. By default mimalloc
+/// returns freed pages to the system after 10 ms, and a simulation, which
+/// frees and allocates each round's infos and answers, then paid the
+/// kernel for zeroing them again on their next use: a tenth of its time
+/// (docs/benchmarks.md, "The simulator's speed"). The peak stays what the
+/// simulation holds at once.
+fn keep_freed_memory() {
+    // SAFETY: sets an option by its number, which mimalloc reads at each
+    // purge decision; called before any thread but this one is started.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+}
+
 fn main() {
+    keep_freed_memory();
     let cli = Cli::parse();
     let threads = cli
         .threads
