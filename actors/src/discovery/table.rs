@@ -16,14 +16,31 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap};
-use std::hash::Hash;
+use std::hash::{BuildHasher, Hash};
 use std::ops::Bound;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+use foldhash::SharedSeed;
+use foldhash::fast::SeedableRandomState as RandomState;
 use indexmap::IndexMap;
 use soma_types::{PeerId, SignedNodeInfo};
 
 use super::core::{Entry, Prefix, Source};
+
+/// The hasher of a table's maps: foldhash, keyed from the system's
+/// randomness. A SipHash of each 32-byte id was a sixth of a large
+/// simulated network's time (docs/benchmarks.md, "The simulator's speed");
+/// foldhash's own seed comes from addresses and the clock, and peer ids
+/// (and the addresses that make prefixes) are whatever anyone mints, so
+/// both of its seeds are drawn from std's randomly keyed hasher instead:
+/// without them no one can aim ids at one slot. A table holds at most
+/// `max_known_peers` entries, so even a slot aimed at costs a bounded walk.
+fn hasher() -> RandomState {
+    static SHARED: OnceLock<SharedSeed> = OnceLock::new();
+    let random = || std::hash::RandomState::new().hash_one(0u8);
+    let shared = SHARED.get_or_init(|| SharedSeed::from_u64(random()));
+    RandomState::with_seed(random(), shared)
+}
 
 /// The caps [`Table::make_room`] keeps.
 #[derive(Clone, Copy, Debug)]
@@ -51,7 +68,7 @@ struct BucketInfo {
 /// size are looked up by hash (nothing depends on that map's order).
 struct Ordered<K> {
     items: BTreeSet<(u32, u64, PeerId)>,
-    buckets: HashMap<K, BucketInfo>,
+    buckets: HashMap<K, BucketInfo, RandomState>,
     free: Vec<u32>,
     /// The buckets fullest first (ties: the lowest key), if kept: kept as
     /// sizes change, rather than sorted for each newcomer to a full table.
@@ -62,7 +79,7 @@ impl<K> Default for Ordered<K> {
     fn default() -> Self {
         Self {
             items: BTreeSet::new(),
-            buckets: HashMap::new(),
+            buckets: HashMap::with_hasher(hasher()),
             free: Vec::new(),
             ranked: None,
         }
@@ -211,7 +228,7 @@ enum Bucket {
 /// inputs only, never on the hashes, so a core's outputs stay the same for
 /// the same inputs whatever the hasher's keys.
 pub(super) struct Table {
-    entries: IndexMap<PeerId, Slot>,
+    entries: IndexMap<PeerId, Slot, RandomState>,
     by_source: Ordered<Source>,
     by_prefix: Ordered<Prefix>,
 }
@@ -220,7 +237,7 @@ impl Table {
     /// An empty table with room for `capacity` entries before it grows.
     pub(super) fn with_capacity(capacity: usize) -> Self {
         Table {
-            entries: IndexMap::with_capacity(capacity),
+            entries: IndexMap::with_capacity_and_hasher(capacity, hasher()),
             by_source: Ordered {
                 ranked: Some(BTreeSet::new()),
                 ..Ordered::default()
