@@ -1233,6 +1233,20 @@ mod tests {
     }
 
     #[test]
+    fn a_cap_of_zero_admits_no_peer() {
+        let caps: [fn(&mut Config); 3] = [
+            |c| c.max_known_peers = 0,
+            |c| c.max_known_peers_per_source = 0,
+            |c| c.max_known_peers_per_prefix = 0,
+        ];
+        for cap in caps {
+            let mut c = config(cap);
+            learn(&mut c, vec![info(1, NOW_MS), info(2, NOW_MS)]);
+            assert_eq!(known(&mut c), vec![]);
+        }
+    }
+
+    #[test]
     fn a_connected_seed_is_not_dialled_again() {
         let mut i = init(8);
         i.seeds = vec![SeedPeer {

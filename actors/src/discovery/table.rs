@@ -100,9 +100,9 @@ impl<K: Ord + Hash + Copy> Ordered<K> {
             bucket.len += 1;
             let len = bucket.len;
             self.rerank(key, id, len - 1, len);
-        } else if bucket.len == 0 {
-            self.buckets.remove(&key);
-            self.free.push(id);
+        } else {
+            // Already there: then so is its bucket, counted.
+            debug_assert!(bucket.len > 0, "an indexed item's bucket is counted");
         }
         id
     }
@@ -423,19 +423,22 @@ impl Table {
                     .count();
                 len - gone
             };
-        if let Some(source) = source
-            && let Some(bucket) = self.by_source.get(source)
-            && size(self, bucket.len, &chosen, &|e| e.source == source) >= caps.per_source
-        {
-            let victim =
-                self.first_evictable(Bucket::Source(bucket.id), seen_ms, &chosen, &pinned)?;
-            chosen.push(victim);
+        // A bucket not yet made counts as empty: under a cap of 0 there is
+        // nothing to evict and the newcomer is refused.
+        if let Some(source) = source {
+            let bucket = self.by_source.get(source);
+            let len = bucket.map_or(0, |b| b.len);
+            if size(self, len, &chosen, &|e| e.source == source) >= caps.per_source {
+                let id = bucket?.id;
+                let victim = self.first_evictable(Bucket::Source(id), seen_ms, &chosen, &pinned)?;
+                chosen.push(victim);
+            }
         }
-        if let Some(bucket) = self.by_prefix.get(prefix)
-            && size(self, bucket.len, &chosen, &|e| e.prefix == prefix) >= caps.per_prefix
-        {
-            let victim =
-                self.first_evictable(Bucket::Prefix(bucket.id), seen_ms, &chosen, &pinned)?;
+        let bucket = self.by_prefix.get(prefix);
+        let len = bucket.map_or(0, |b| b.len);
+        if size(self, len, &chosen, &|e| e.prefix == prefix) >= caps.per_prefix {
+            let id = bucket?.id;
+            let victim = self.first_evictable(Bucket::Prefix(id), seen_ms, &chosen, &pinned)?;
             chosen.push(victim);
         }
         // `peer` is new to the table here (an update passes no source).

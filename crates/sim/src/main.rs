@@ -117,11 +117,11 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 /// Keeps the memory the allocator frees for its reuse. By default mimalloc
-/// returns freed pages to the system after 10 ms, and a simulation, which
-/// frees and allocates each round's infos and answers, then paid the
-/// kernel for zeroing them again on their next use: a tenth of its time
-/// (docs/benchmarks.md, "The simulator's speed"). The peak stays what the
-/// simulation holds at once.
+/// returns freed pages to the system after a delay (1 s in version 3), and
+/// a simulation, which frees and allocates each round's infos and answers,
+/// then paid the kernel to zero them again on their next use: 4-8 % of a
+/// long run's time (docs/benchmarks.md, "The simulator's speed"). The peak
+/// stays what the simulation holds at once.
 fn keep_freed_memory() {
     // SAFETY: sets an option by its number, which mimalloc reads at each
     // purge decision; called before any thread but this one is started.
