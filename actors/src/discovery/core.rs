@@ -375,9 +375,7 @@ impl Core for DiscoveryCore {
                 unix_ms,
             } => {
                 let source = source.map_or(Source::Inbound(None), Source::Peer);
-                for info in infos {
-                    self.learn(info, source, unix_ms);
-                }
+                self.learn_all(infos, source, unix_ms);
                 vec![]
             }
             Input::Serve {
@@ -422,7 +420,32 @@ impl DiscoveryCore {
     }
 
     /// Keeps the newest info per peer, within the caps of the table.
-    fn learn(&mut self, info: Arc<SignedNodeInfo>, source: Source, unix_ms: u64) {
+    /// Learns `infos`, all from `source`: its count of new peers this
+    /// interval is looked up once, not for each info.
+    fn learn_all(
+        &mut self,
+        infos: impl IntoIterator<Item = Arc<SignedNodeInfo>>,
+        source: Source,
+        unix_ms: u64,
+    ) {
+        let mut learned = self.learned.get(&source).copied().unwrap_or(0);
+        for info in infos {
+            self.learn(info, source, unix_ms, &mut learned);
+        }
+        if learned > 0 {
+            self.learned.insert(source, learned);
+        }
+    }
+
+    /// Learns `info` from `source`, which has brought `learned` new peers
+    /// this interval.
+    fn learn(
+        &mut self,
+        info: Arc<SignedNodeInfo>,
+        source: Source,
+        unix_ms: u64,
+        learned: &mut usize,
+    ) {
         let peer = info.info.peer_id;
         if !self.acceptable(&peer) {
             return;
@@ -437,7 +460,7 @@ impl DiscoveryCore {
             return;
         }
         let allowance = self.config.max_new_peers_per_source_per_interval;
-        if old.is_none() && self.learned.get(&source).is_some_and(|n| *n >= allowance) {
+        if old.is_none() && *learned >= allowance {
             return;
         }
         // Every address valid; the first, the one dialled, buckets it. A
@@ -485,7 +508,7 @@ impl DiscoveryCore {
                 seen_ms,
             },
         );
-        *self.learned.entry(source).or_default() += 1;
+        *learned += 1;
     }
 
     /// The bucket of `addresses`: the prefix of the first, if every one is
@@ -706,7 +729,7 @@ impl DiscoveryCore {
                 && info.info.peer_id == caller
             {
                 let source = Source::Inbound(remote.map(ip_prefix));
-                self.learn(Arc::new(info), source, unix_ms);
+                self.learn_all([Arc::new(info)], source, unix_ms);
             }
         }
         // Drawn by position, the caller's own entry left out: only the
@@ -1585,6 +1608,9 @@ mod tests {
             NOW_MS,
             (1..=5).map(|n| info(n, NOW_MS)).collect(),
         );
+        assert_eq!(sorted(known(&mut c)), ids([1, 2]));
+        // The allowance is per interval, not per answer.
+        learn_from(&mut c, 100, NOW_MS, vec![info(7, NOW_MS)]);
         assert_eq!(sorted(known(&mut c)), ids([1, 2]));
         // Newer infos of known peers are not new peers; another source has
         // its own allowance.
