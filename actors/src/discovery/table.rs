@@ -21,7 +21,7 @@ use std::ops::Bound;
 use std::sync::{Arc, OnceLock};
 
 use foldhash::SharedSeed;
-use foldhash::fast::SeedableRandomState as RandomState;
+use foldhash::fast::SeedableRandomState;
 use indexmap::IndexMap;
 use soma_types::{PeerId, SignedNodeInfo};
 
@@ -35,11 +35,11 @@ use super::core::{Entry, Prefix, Source};
 /// both of its seeds are drawn from std's randomly keyed hasher instead:
 /// without them no one can aim ids at one slot. A table holds at most
 /// `max_known_peers` entries, so even a slot aimed at costs a bounded walk.
-fn hasher() -> RandomState {
+fn hasher() -> SeedableRandomState {
     static SHARED: OnceLock<SharedSeed> = OnceLock::new();
     let random = || std::hash::RandomState::new().hash_one(0u8);
     let shared = SHARED.get_or_init(|| SharedSeed::from_u64(random()));
-    RandomState::with_seed(random(), shared)
+    SeedableRandomState::with_seed(random(), shared)
 }
 
 /// The caps [`Table::make_room`] keeps.
@@ -68,7 +68,7 @@ struct BucketInfo {
 /// size are looked up by hash (nothing depends on that map's order).
 struct Ordered<K> {
     items: BTreeSet<(u32, u64, PeerId)>,
-    buckets: HashMap<K, BucketInfo, RandomState>,
+    buckets: HashMap<K, BucketInfo, SeedableRandomState>,
     free: Vec<u32>,
     /// The buckets fullest first (ties: the lowest key), if kept: kept as
     /// sizes change, rather than sorted for each newcomer to a full table.
@@ -228,7 +228,7 @@ enum Bucket {
 /// inputs only, never on the hashes, so a core's outputs stay the same for
 /// the same inputs whatever the hasher's keys.
 pub(super) struct Table {
-    entries: IndexMap<PeerId, Slot, RandomState>,
+    entries: IndexMap<PeerId, Slot, SeedableRandomState>,
     by_source: Ordered<Source>,
     by_prefix: Ordered<Prefix>,
 }
