@@ -246,7 +246,23 @@ struct Node {
     connections: BTreeSet<usize>,
     /// Its inbound side, with [`Settings::inbound`].
     server: Option<Server>,
-    driver: Driver<DiscoveryCore>,
+    /// Its core, while it runs. A stopped node holds none, as a process
+    /// that exited holds no memory (a long run under churn would otherwise
+    /// keep every departed node's table); the recorded node keeps its
+    /// driver, whose trace goes on across a restart.
+    driver: Option<Driver<DiscoveryCore>>,
+}
+
+impl Node {
+    /// The core's driver; only a running node is stepped.
+    fn driver(&mut self) -> &mut Driver<DiscoveryCore> {
+        self.driver.as_mut().expect("a node that runs has a core")
+    }
+
+    /// The peers its table holds (none while it is stopped).
+    fn known_peers(&self) -> impl Iterator<Item = &PeerId> {
+        self.driver.iter().flat_map(|d| d.core().known_peers())
+    }
 }
 
 /// The simulation.
@@ -442,7 +458,7 @@ impl Sim {
     pub fn trace(self) -> Option<String> {
         let index = self.recorded?;
         let node = self.nodes.into_iter().nth(index)?;
-        node.driver.into_recorder().map(Recorder::into_string)
+        node.driver?.into_recorder().map(Recorder::into_string)
     }
 
     /// Adds a node (not started): its region, identity and address.
@@ -463,7 +479,7 @@ impl Sim {
             started_ms: 0,
             connections: BTreeSet::new(),
             server: None,
-            driver,
+            driver: Some(driver),
         });
         index
     }
@@ -519,7 +535,10 @@ impl Sim {
     pub fn start(&mut self, index: usize) {
         if self.nodes[index].incarnation > 0 {
             let init = self.init(index, self.nodes[index].id);
-            self.nodes[index].driver.restart(init);
+            match self.nodes[index].driver.as_mut() {
+                Some(driver) => driver.restart(init),
+                None => self.nodes[index].driver = Some(Driver::new(init, None)),
+            }
         }
         let server = (self.settings.inbound.clone()).map(|config| Server::new(config, self.base));
         let node = &mut self.nodes[index];
@@ -559,6 +578,9 @@ impl Sim {
             self.release(target, index);
         }
         self.nodes[index].server = None;
+        if self.recorded != Some(index) {
+            self.nodes[index].driver = None;
+        }
         self.break_links(|a, b| a == index || b == index);
     }
 
@@ -771,7 +793,7 @@ impl Sim {
                 for (i, at, (input, kind)) in job {
                     let mut bytes = Vec::new();
                     input_bytes(&mut bytes, &input);
-                    let outputs = n.driver.step_at(at, input);
+                    let outputs = n.driver().step_at(at, input);
                     let input = bytes;
                     mine.push((
                         i,
@@ -990,7 +1012,7 @@ impl Sim {
             let mut bytes = Vec::new();
             input_bytes(&mut bytes, &input);
             let node = due.event.node();
-            let outputs = self.nodes[node].driver.step_at(Time(at), input);
+            let outputs = self.nodes[node].driver().step_at(Time(at), input);
             let ahead = Ahead {
                 at,
                 input: bytes,
@@ -1087,7 +1109,7 @@ impl Sim {
         bytes.clear();
         input_bytes(&mut bytes, &input);
         let outputs = self.nodes[node]
-            .driver
+            .driver()
             .step_at(Time(self.queue.now()), input);
         let rest = self.carry_out(node, self.queue.now(), &bytes, outputs);
         self.scratch = bytes;
@@ -1264,12 +1286,7 @@ impl Sim {
             .iter()
             .enumerate()
             .map(|(index, n)| {
-                let known: Vec<usize> = n
-                    .driver
-                    .core()
-                    .known_peers()
-                    .filter_map(|p| self.index_of(p))
-                    .collect();
+                let known: Vec<usize> = n.known_peers().filter_map(|p| self.index_of(p)).collect();
                 NodeView {
                     index,
                     up: n.up,
@@ -1286,8 +1303,6 @@ impl Sim {
     /// The nodes node `index` knows.
     pub fn known_by(&self, index: usize) -> Vec<usize> {
         self.nodes[index]
-            .driver
-            .core()
             .known_peers()
             .filter_map(|p| self.index_of(p))
             .collect()

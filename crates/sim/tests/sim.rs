@@ -381,3 +381,30 @@ fn a_state_sync_core_from_a_simulated_catch_up_replays_through_the_replay_harnes
     assert!(report.inputs >= 3 * 20, "{report:?} {run:?}");
     assert_eq!(report.restarts, 0, "{report:?}");
 }
+
+/// Runs `sim` an interval at a time, at most `intervals` of them, until
+/// node `index` knows every other node; whether it did.
+fn until_it_knows_everyone(sim: &mut Sim, index: usize, intervals: u64) -> bool {
+    let interval = sim.settings().discovery.interval_ms;
+    let others = sim.len() - 1;
+    for _ in 0..intervals {
+        if sim.known_by(index).len() == others {
+            return true;
+        }
+        sim.run_until(sim.now() + interval);
+    }
+    sim.known_by(index).len() == others
+}
+
+#[test]
+fn a_stopped_node_holds_no_table_and_a_restart_learns_the_network_again() {
+    let mut sim = Sim::new(small(9), None);
+    sim.start_all();
+    assert!(until_it_knows_everyone(&mut sim, 7, 30));
+    // A departed process keeps nothing: a long run under churn does not
+    // carry every departed node's table.
+    sim.stop(7);
+    assert_eq!(sim.known_by(7), Vec::<usize>::new());
+    sim.start(7);
+    assert!(until_it_knows_everyone(&mut sim, 7, 30));
+}
