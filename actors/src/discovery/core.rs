@@ -92,7 +92,9 @@ pub struct Config {
     /// failure, in milliseconds. A fresh info of the peer, or a call from
     /// it, ends the wait.
     pub dial_backoff_ms: u64,
-    /// Longest wait before redialling, in milliseconds.
+    /// Longest wait before redialling, in milliseconds. An address not
+    /// dialled again within this long after its wait ended is forgotten:
+    /// its next failure waits the first wait again.
     pub max_dial_backoff_ms: u64,
     /// A dial with no result after this long is forgotten, in milliseconds.
     pub pending_dial_timeout_ms: u64,
@@ -259,7 +261,8 @@ pub struct DiscoveryCore {
     pending: BTreeMap<String, (Option<PeerId>, Time)>,
     /// The identity each seed dialled by address turned out to have.
     seed_ids: BTreeMap<String, PeerId>,
-    /// Backoff by address.
+    /// Backoff by address: only the failures of the last two longest
+    /// waits ([`DiscoveryCore::forget_old_backoffs`]).
     backoff: BTreeMap<String, Backoff>,
     /// GetKnownPeers calls served this interval, per caller.
     served: HashMap<Option<PeerId>, u32>,
@@ -405,6 +408,18 @@ impl DiscoveryCore {
     fn acceptable(&self, peer: &PeerId) -> bool {
         *peer != self.init.local
             && (self.init.access == Access::Public || self.allowlist.contains(peer))
+    }
+
+    /// Forgets the backoff of every address whose wait ended more than a
+    /// longest wait ago and that has not failed again since. Without this, every
+    /// address that ever failed would stay (a departed peer's, or one a
+    /// liar named) for as long as the node runs; with it, the map holds the
+    /// failures of the last two longest waits at most, which the dials a
+    /// round makes bound.
+    fn forget_old_backoffs(&mut self, now: Time) {
+        let forget_after = self.config.max_dial_backoff_ms;
+        self.backoff
+            .retain(|_, b| now.0.saturating_sub(b.retry_at.0) < forget_after);
     }
 
     /// Ends the dial backoff of every address of `peer`: it is up again.
@@ -557,6 +572,7 @@ impl DiscoveryCore {
         }
         self.served.clear();
         self.learned.clear();
+        self.forget_old_backoffs(now);
 
         let mut out = Vec::new();
         let connected: Vec<PeerId> = self.connected.iter().copied().collect();
@@ -1812,6 +1828,56 @@ mod tests {
             ],
         );
         assert_eq!(known(&mut c), vec![id(2)]);
+    }
+
+    #[test]
+    fn dial_backoffs_are_forgotten_a_longest_wait_after_they_end_and_kept_while_in_use() {
+        let mut c = config(|c| {
+            c.dial_backoff_ms = 1_000;
+            c.max_dial_backoff_ms = 60_000;
+        });
+        // A node running for two weeks, a new address failing each round
+        // (departed peers, or addresses a liar named): the map holds the
+        // failures of the last 61 s, 13 of them, not every one since.
+        let rounds: u64 = 14 * DAY_MS / 5_000;
+        for k in 0..rounds {
+            let now = Time(k * 5_000);
+            tick(&mut c, now, NOW_MS);
+            c.handle(
+                now,
+                Input::DialFailed {
+                    peer: None,
+                    address: format!("10.{}.{}.{}:7000", k >> 16, (k >> 8) & 255, k & 255),
+                },
+            );
+            assert!(c.backoff.len() <= 13, "{k}: {}", c.backoff.len());
+        }
+        assert_eq!(c.backoff.len(), 13);
+
+        // An address that keeps failing keeps its doubling wait, capped
+        // at the longest: forgetting never restarts a wait in use.
+        let mut c = config(|c| {
+            c.target_concurrent_connections = 8;
+            c.dial_backoff_ms = 1_000;
+            c.max_dial_backoff_ms = 60_000;
+        });
+        learn(&mut c, vec![info(1, NOW_MS)]);
+        let mut dialled = Vec::new();
+        for k in 0..120 {
+            let now = Time(k * 5_000);
+            for (peer, address) in dials(&tick(&mut c, now, NOW_MS)) {
+                dialled.push(now.0);
+                c.handle(now, Input::DialFailed { peer, address });
+            }
+        }
+        let gaps: Vec<u64> = dialled.windows(2).map(|w| w[1] - w[0]).collect();
+        assert_eq!(
+            gaps,
+            [
+                5_000, 5_000, 5_000, 10_000, 20_000, 35_000, 60_000, 60_000, 60_000, 60_000,
+                60_000, 60_000, 60_000, 60_000
+            ]
+        );
     }
 
     #[test]
