@@ -1,4 +1,4 @@
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 use soma_types::{CommitIndex, CommitRef, Committee, Epoch, Limits, PeerId, batch_end};
@@ -123,9 +123,12 @@ fn default_max_message_bytes() -> u64 {
 /// Protobuf framing allowed on top of the payload of an answer.
 const FRAMING_BYTES: u64 = 64 << 10;
 
-/// Peers a chunk split after a NOT_FOUND passes on to its parts as not to
-/// be asked, at most.
-const MAX_SPLIT_AVOIDED: usize = 16;
+/// Peers one unit of work (a commit fetch, a chunk of blocks and the parts
+/// it splits into) avoids at most: past that many, the oldest is asked
+/// again. Each failure that avoids a peer can come from a new identity, so
+/// without a bound the set would grow with every identity a hostile host
+/// mints while the work finds no one to serve it.
+const MAX_AVOIDED: usize = 16;
 
 /// A fetch ahead may bring this many times the largest commit answer of
 /// the epoch seen so far (see [`StateSyncCore::ahead_reserve`]).
@@ -201,11 +204,11 @@ struct Chunk {
 
 impl Chunk {
     fn new(len: usize) -> Self {
-        Self::avoiding(len, BTreeSet::new())
+        Self::avoiding(len, Avoided::default())
     }
 
     /// A chunk of `len` blocks not to be asked of `avoid`.
-    fn avoiding(len: usize, avoid: BTreeSet<PeerId>) -> Self {
+    fn avoiding(len: usize, avoid: Avoided) -> Self {
         Chunk {
             len,
             state: ChunkState::Pending,
@@ -258,6 +261,40 @@ impl Batch {
     }
 }
 
+/// The peers one unit of work is not to be asked of, the most recent
+/// [`MAX_AVOIDED`] of them, oldest first.
+#[derive(Clone, Debug, Default)]
+struct Avoided(VecDeque<PeerId>);
+
+impl Avoided {
+    /// Avoids `peer` too (at most once), forgetting the oldest past the
+    /// bound.
+    fn insert(&mut self, peer: PeerId) {
+        if self.0.contains(&peer) {
+            return;
+        }
+        if self.0.len() >= MAX_AVOIDED {
+            self.0.pop_front();
+        }
+        self.0.push_back(peer);
+    }
+
+    fn extend(&mut self, peer: Option<PeerId>) {
+        if let Some(peer) = peer {
+            self.insert(peer);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    /// The peers avoided, as a request names them.
+    fn to_vec(&self) -> Vec<PeerId> {
+        self.0.iter().copied().collect()
+    }
+}
+
 /// The restart policy of one unit of work (OTP style): failures within a
 /// window are retried with doubling backoff; past the intensity limit the
 /// work goes to another peer and the peer is avoided for it.
@@ -265,7 +302,7 @@ impl Batch {
 struct Supervision {
     failures: Intensity,
     retry_at: Time,
-    avoid: BTreeSet<PeerId>,
+    avoid: Avoided,
 }
 
 impl Supervision {
@@ -928,10 +965,6 @@ impl StateSyncCore {
                     held => held.min(c.len - 1),
                 };
                 let mut avoid = std::mem::take(&mut c.supervision.avoid);
-                // Bounded: past that many, the parts start afresh.
-                if avoid.len() >= MAX_SPLIT_AVOIDED {
-                    avoid.clear();
-                }
                 if let Some(peer) = peer {
                     avoid.insert(peer);
                     if claimed {
@@ -1062,7 +1095,7 @@ impl StateSyncCore {
         out: &mut Vec<Output>,
     ) {
         self.requested = self.requested.max(end);
-        let avoid = self.commit_supervision.avoid.iter().copied().collect();
+        let avoid = self.commit_supervision.avoid.to_vec();
         let wanted = CommitsWanted {
             start,
             end,
@@ -1138,7 +1171,7 @@ impl StateSyncCore {
                         end,
                         epoch: self.epoch,
                         max_bytes: reserve,
-                        avoid: self.commit_supervision.avoid.iter().copied().collect(),
+                        avoid: self.commit_supervision.avoid.to_vec(),
                     });
                 }
             }
@@ -1313,7 +1346,7 @@ impl StateSyncCore {
                     continue;
                 }
                 let (len, avoid): (usize, Vec<PeerId>) =
-                    (chunk.len, chunk.supervision.avoid.iter().copied().collect());
+                    (chunk.len, chunk.supervision.avoid.to_vec());
                 let max_bytes = self.config.block_fetch_bytes(len);
                 let reserved = self.config.block_reserve(max_bytes);
                 if start <= next_in_line {
@@ -2360,6 +2393,27 @@ mod tests {
     }
 
     #[test]
+    fn identities_minted_to_fail_the_commit_fetch_are_avoided_within_a_bound() {
+        // A host mints a new identity for each failure, while the commit
+        // fetch finds no one honest: the fetch avoids the most recent
+        // `MAX_AVOIDED` of them, oldest forgotten first, not every one.
+        let liars: Vec<PeerId> = (0..100u8).map(|i| PeerId([20 + i; 32])).collect();
+        let mut c = core(config());
+        let mut out = tick(&mut c, 0, 10);
+        for (k, liar) in liars.iter().enumerate() {
+            let now = 1_000 * (k as u64 + 1);
+            let (t, _, _) = commit_fetch(&out).unwrap();
+            out = commits_failed(&mut c, now, t, *liar, Failure::NotFound);
+            if commit_fetch(&out).is_none() {
+                out = tick(&mut c, now + 500, 10);
+            }
+            let first = (k + 1).saturating_sub(MAX_AVOIDED);
+            assert_eq!(avoided(&out), Some(liars[first..=k].to_vec()), "{k}");
+        }
+        assert_eq!(avoided(&out).unwrap().len(), 16);
+    }
+
+    #[test]
     fn invalid_data_and_not_found_avoid_the_peer_for_that_work() {
         for failure in [
             Failure::Invalid(soma_types::Error::EmptyBatch),
@@ -2838,11 +2892,12 @@ mod tests {
         assert_eq!(misbehaved(&out), Vec::<PeerId>::new());
         assert_eq!(chunks(&out), vec![(0, 3, vec![LIAR]), (3, 2, vec![LIAR])]);
         let parts = block_fetches(&out);
-        // NOT_FOUND at once, for the second part: in halves.
+        // NOT_FOUND at once, for the second part: in halves (the peers
+        // avoided in the order they failed).
         let out = withheld_by(&mut c, parts[1].0, OTHER, 0);
         assert_eq!(
             chunks(&out),
-            vec![(3, 1, vec![OTHER, LIAR]), (4, 1, vec![OTHER, LIAR])]
+            vec![(3, 1, vec![LIAR, OTHER]), (4, 1, vec![LIAR, OTHER])]
         );
         let singles = block_fetches(&out);
         blocks_ok(&mut c, parts[0].0);
