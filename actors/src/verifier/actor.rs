@@ -235,7 +235,10 @@ impl Verifier {
 
 #[cfg(all(test, feature = "testing"))]
 mod tests {
-    use soma_chain::{ChainBuilder, ChainConfig};
+    use std::ops::RangeInclusive;
+
+    use soma_chain::{Chain, ChainBuilder, ChainConfig};
+    use soma_types::CommitIndex;
     use tokio::sync::watch;
 
     use super::*;
@@ -243,10 +246,10 @@ mod tests {
     use crate::supervisor::{self, Parent, Supervisor, TreeStatus};
     use crate::{Core, HashedBlob};
 
-    #[actix_rt::test]
-    async fn a_restart_tells_the_waiting_callers_and_the_running_job_still_answers() {
-        let chain = ChainBuilder::new(ChainConfig::validators(4)).build(20);
-        let (tree, _status) = watch::channel(TreeStatus::default());
+    /// A Verifier of one thread under a supervisor, its faults from
+    /// `plan`; the tree's status, to keep while the test runs.
+    fn supervised(plan: &Arc<FaultPlan>) -> (actix::Addr<Verifier>, watch::Receiver<TreeStatus>) {
+        let (tree, status) = watch::channel(TreeStatus::default());
         let root_ctx = Context::<Supervisor>::new();
         let root = root_ctx.address();
         supervisor::start(
@@ -255,7 +258,6 @@ mod tests {
             "supervisor",
             Parent::Fatal(tree),
         );
-        let plan = Arc::new(FaultPlan::default());
         let deps = Deps {
             faults: Faults::new(Some(plan.clone())),
             ..Deps::new(
@@ -274,19 +276,30 @@ mod tests {
             VerifierCore::NAME,
             Parent::Root(root),
         );
+        (verifier, status)
+    }
+
+    /// A request to verify the blocks of `commits`, signatures checked.
+    fn verify_blocks(chain: &Chain, commits: RangeInclusive<CommitIndex>) -> Verify {
+        Verify(VerifyRequest::Blocks {
+            epoch: 0,
+            blocks: chain
+                .fetch_blocks(commits)
+                .iter()
+                .map(|b| HashedBlob::new(b.serialized().clone()))
+                .collect(),
+            check_signatures: true,
+        })
+    }
+
+    #[actix_rt::test]
+    async fn a_restart_tells_the_waiting_callers_and_the_running_job_still_answers() {
+        let chain = ChainBuilder::new(ChainConfig::validators(4)).build(20);
+        let plan = Arc::new(FaultPlan::default());
+        let (verifier, _status) = supervised(&plan);
         let install = || InstallCommittee(chain.genesis().clone());
         verifier.send(install()).await.unwrap();
-        let request = |commits| {
-            verifier.send(Verify(VerifyRequest::Blocks {
-                epoch: 0,
-                blocks: chain
-                    .fetch_blocks(commits)
-                    .iter()
-                    .map(|b| HashedBlob::new(b.serialized().clone()))
-                    .collect(),
-                check_signatures: true,
-            }))
-        };
+        let request = |commits| verifier.send(verify_blocks(&chain, commits));
         // The first runs on the one thread, the second waits, and the
         // handler panics on the third: the actor restarts.
         plan.panic_actor(VerifierCore::NAME, 3);
@@ -315,5 +328,35 @@ mod tests {
             request(16..=20).await.unwrap(),
             Ok(VerifyResponse::Blocks(_))
         ));
+    }
+
+    #[actix_rt::test]
+    async fn a_panic_in_the_handler_of_a_jobs_end_frees_its_thread_for_the_next_request() {
+        let chain = ChainBuilder::new(ChainConfig::validators(4)).build(10);
+        let plan = Arc::new(FaultPlan::default());
+        let (verifier, _status) = supervised(&plan);
+        let install = || InstallCommittee(chain.genesis().clone());
+        let request = |commits| verifier.send(verify_blocks(&chain, commits));
+        verifier.send(install()).await.unwrap();
+        // The request is the next input, its job's end the one after: the
+        // handler of the end panics and the actor restarts.
+        plan.panic_actor(VerifierCore::NAME, 2);
+        let Ok(VerifyResponse::Blocks(blocks)) = request(1..=5).await.unwrap() else {
+            panic!("the job answers its caller itself");
+        };
+        assert_eq!(blocks.len(), chain.fetch_blocks(1..=5).len());
+        // The end came before the answer, so the restart comes before
+        // these. Had the restarted core still counted the job, its one
+        // thread would stay taken and the request would wait for ever (the
+        // deadline only turns that into a failure).
+        verifier.send(install()).await.unwrap();
+        let next = tokio::time::timeout(std::time::Duration::from_secs(30), request(6..=10))
+            .await
+            .expect("the thread is free again");
+        assert_eq!(plan.injected(VerifierCore::NAME), 1);
+        let Ok(VerifyResponse::Blocks(blocks)) = next.unwrap() else {
+            panic!("the restarted Verifier verifies");
+        };
+        assert_eq!(blocks.len(), chain.fetch_blocks(6..=10).len());
     }
 }
