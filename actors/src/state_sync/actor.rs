@@ -138,8 +138,16 @@ impl StateSync {
                     self.calls().misbehaved(peer);
                 }
                 Output::WithheldBlocks { peer } => self.calls().withheld(peer),
+                // A round: each connected peer asked in a task of its own,
+                // so that one that never answers holds up no other's.
                 Output::QueryHeights { peer: None } => {
-                    self.tasks.query(self.calls().query_heights(None));
+                    let connected = self.calls().connected();
+                    ctx.spawn(connected.into_actor(self).map(|peers, act, _| {
+                        for peer in peers {
+                            let query = act.calls().query_height(peer);
+                            act.tasks.query(peer, query);
+                        }
+                    }));
                 }
                 // A new connection's height: once every connected peer's is
                 // in (at start, the seeds'), a tick schedules what they allow
@@ -147,9 +155,9 @@ impl StateSync {
                 // spreads the first fetches over every peer: the first to
                 // answer does not get them all.
                 Output::QueryHeights { peer: Some(peer) } => {
-                    let query = self.calls().query_heights(Some(peer));
+                    let query = self.calls().query_height(peer);
                     let (heights, me) = (self.deps.heights.clone(), ctx.address());
-                    self.tasks.query(async move {
+                    self.tasks.query(peer, async move {
                         query.await;
                         if let Ok(heard) = heights.send(HeightsHeard).await
                             && heard.awaiting == 0

@@ -63,7 +63,7 @@ pub struct Deps {
     pub prune: prune::Config,
     /// Capacity of its mailbox.
     pub mailbox_capacity: usize,
-    /// Rounds of height queries running at once at most.
+    /// Height queries on their way at once at most, one per peer at most.
     pub max_background_calls: usize,
     /// Pushes of the advertised height on their way at once at most (one
     /// per peer at most; PeerHeights' `max_tracked_peers` bounds the peers

@@ -835,15 +835,10 @@ pub(super) struct PeerCalls {
 }
 
 impl PeerCalls {
-    /// Asks `peer`, or every connected peer, for its availability.
-    pub(super) async fn query_heights(self, peer: Option<PeerId>) {
-        let peers = match peer {
-            Some(p) => vec![p],
-            None => self.connections.send(ActivePeers).await.unwrap_or_default(),
-        };
-        // Concurrently, within this one task, so aborting it (a restart,
-        // shutdown) stops every query.
-        futures::future::join_all(peers.into_iter().map(|p| self.clone().query_height(p))).await;
+    /// The peers connected now: those a round of height queries asks.
+    pub(super) fn connected(&self) -> impl Future<Output = Vec<PeerId>> + 'static {
+        let connections = self.connections.clone();
+        async move { connections.send(ActivePeers).await.unwrap_or_default() }
     }
 
     /// Has PeerHeights ban `peer`: it sent invalid data or a false claim.
@@ -869,7 +864,7 @@ impl PeerCalls {
 
     /// Asks `peer` for its availability; the answer goes to PeerHeights,
     /// its answer time to [`Hedging`].
-    async fn query_height(self, peer: PeerId) {
+    pub(super) async fn query_height(self, peer: PeerId) {
         let asked = Instant::now();
         if let Some(update) = availability(&self.outbound, peer).await {
             self.hedging.queried(asked.elapsed().as_millis() as u64);
@@ -1086,24 +1081,79 @@ pub(super) fn to_usize(bytes: u64) -> usize {
     usize::try_from(bytes).unwrap_or(usize::MAX)
 }
 
+/// Tasks on the runtime, one per peer at most at a time, and at most
+/// `most` in all: a peer that never answers holds up only its own next
+/// call, not the calls to any other peer.
+struct PerPeer {
+    set: JoinSet<()>,
+    /// The task on its way to each peer, by peer and by task.
+    by_peer: HashMap<PeerId, tokio::task::Id>,
+    by_task: HashMap<tokio::task::Id, PeerId>,
+    most: usize,
+}
+
+impl PerPeer {
+    fn new(most: usize) -> Self {
+        PerPeer {
+            set: JoinSet::new(),
+            by_peer: HashMap::new(),
+            by_task: HashMap::new(),
+            most,
+        }
+    }
+
+    /// Runs `call` to `peer`, unless a call to it is on its way (skipped:
+    /// the caller repeats it later) or `most` are (dropped, counted).
+    fn spawn(
+        &mut self,
+        peer: PeerId,
+        call: impl Future<Output = ()> + Send + 'static,
+        runtime: &tokio::runtime::Handle,
+    ) {
+        while let Some(ended) = self.set.try_join_next_with_id() {
+            let id = ended.map_or_else(|e| e.id(), |(id, ())| id);
+            if let Some(peer) = self.by_task.remove(&id) {
+                self.by_peer.remove(&peer);
+            }
+        }
+        if self.by_peer.contains_key(&peer) {
+            return;
+        }
+        if self.set.len() >= self.most {
+            return dropped::count(Droppable::PeerCall);
+        }
+        let id = self.set.spawn_on(call, runtime).id();
+        self.by_peer.insert(peer, id);
+        self.by_task.insert(id, peer);
+    }
+
+    /// Peers with a call on its way.
+    #[cfg(test)]
+    fn peers(&self) -> usize {
+        self.by_peer.len()
+    }
+
+    fn abort_all(&mut self) {
+        self.set.abort_all();
+        self.by_peer.clear();
+        self.by_task.clear();
+    }
+}
+
 /// Every task StateSync runs on the runtime, aborted together on a
 /// restart and when the actor is dropped (a worker's fetch slot is
-/// released as it drops): sync workers by task; rounds of height queries,
-/// each one task, at most `most_queries` at once (a round asked for while
-/// the set is full is dropped, counted: the next tick repeats it); and
-/// commit pushes, one task per peer and at most one per peer at a time, so
-/// a peer that never answers a push holds up only pushes to itself. A push
-/// to a peer whose last one is still on its way is skipped: the one on its
+/// released as it drops): sync workers by task; height queries and commit
+/// pushes, each one task per peer and at most one per peer at a time
+/// ([`PerPeer`]), at most `most_queries` and `most_pushes` of each. A
+/// query or push to a peer whose last one is still on its way is skipped:
+/// a peer that never answers (a silent one holds its call for the whole
+/// timeout) holds up only its own next one, never a round's queries to the
+/// other peers. The next round asks it again; for a push, the one on its
 /// way, or the next, or the peer's height queries, bring it a height.
 pub(super) struct Tasks {
     workers: HashMap<TaskId, AbortHandle>,
-    queries: JoinSet<()>,
-    pushes: JoinSet<()>,
-    /// The push on its way to each peer, by peer and by task.
-    pushing: HashMap<PeerId, tokio::task::Id>,
-    pushed: HashMap<tokio::task::Id, PeerId>,
-    most_queries: usize,
-    most_pushes: usize,
+    queries: PerPeer,
+    pushes: PerPeer,
     runtime: tokio::runtime::Handle,
 }
 
@@ -1115,12 +1165,8 @@ impl Tasks {
     ) -> Self {
         Tasks {
             workers: HashMap::new(),
-            queries: JoinSet::new(),
-            pushes: JoinSet::new(),
-            pushing: HashMap::new(),
-            pushed: HashMap::new(),
-            most_queries,
-            most_pushes,
+            queries: PerPeer::new(most_queries),
+            pushes: PerPeer::new(most_pushes),
             runtime,
         }
     }
@@ -1155,40 +1201,19 @@ impl Tasks {
         self.workers.remove(&task);
     }
 
-    /// Runs a round of height queries.
-    pub(super) fn query(&mut self, round: impl Future<Output = ()> + Send + 'static) {
-        Self::spawn_within(&mut self.queries, self.most_queries, round, &self.runtime);
+    /// Runs `query` of `peer`'s height, unless one is on its way.
+    pub(super) fn query(&mut self, peer: PeerId, query: impl Future<Output = ()> + Send + 'static) {
+        self.queries.spawn(peer, query, &self.runtime);
     }
 
-    /// Runs `push` to `peer`, unless a push to it is on its way (which
-    /// carries a newer height itself: [`PeerCalls::push_commits`]). Past
-    /// `most_pushes` on their way, the push is dropped (counted).
+    /// Runs `push` to `peer`, unless one is on its way (which carries a
+    /// newer height itself: [`PeerCalls::push_commits`]).
     pub(super) fn push_to(
         &mut self,
         peer: PeerId,
         push: impl Future<Output = ()> + Send + 'static,
     ) {
-        while let Some(ended) = self.pushes.try_join_next_with_id() {
-            let id = ended.map_or_else(|e| e.id(), |(id, ())| id);
-            if let Some(peer) = self.pushed.remove(&id) {
-                self.pushing.remove(&peer);
-            }
-        }
-        if self.pushing.contains_key(&peer) {
-            return;
-        }
-        if self.pushes.len() >= self.most_pushes {
-            return dropped::count(Droppable::PeerCall);
-        }
-        let id = self.pushes.spawn_on(push, &self.runtime).id();
-        self.pushing.insert(peer, id);
-        self.pushed.insert(id, peer);
-    }
-
-    /// Peers with a push on its way.
-    #[cfg(test)]
-    fn pushing(&self) -> usize {
-        self.pushing.len()
+        self.pushes.spawn(peer, push, &self.runtime);
     }
 
     /// Aborts every task.
@@ -1198,21 +1223,6 @@ impl Tasks {
         }
         self.queries.abort_all();
         self.pushes.abort_all();
-        self.pushing.clear();
-        self.pushed.clear();
-    }
-
-    fn spawn_within(
-        set: &mut JoinSet<()>,
-        most: usize,
-        round: impl Future<Output = ()> + Send + 'static,
-        runtime: &tokio::runtime::Handle,
-    ) {
-        while set.try_join_next().is_some() {}
-        if set.len() >= most {
-            return dropped::count(Droppable::PeerCall);
-        }
-        set.spawn_on(round, runtime);
     }
 }
 
@@ -1224,40 +1234,86 @@ mod tests {
 
     const TIMEOUT: Duration = Duration::from_secs(10);
 
+    /// A call that counts itself in `count` and, if `forever`, never
+    /// ends (a peer that never answers).
+    fn call(count: &Arc<AtomicUsize>, forever: bool) -> impl Future<Output = ()> + use<> {
+        let count = count.clone();
+        async move {
+            count.fetch_add(1, Ordering::SeqCst);
+            if forever {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Runs `set`'s tasks until only `left` are on their way (the rest end
+    /// within a few turns of the runtime; a bound on the turns makes a
+    /// task that never ends a failure, not a hang).
+    async fn until_left(set: &mut PerPeer, left: usize) {
+        for _ in 0..1_000 {
+            if set.set.len() <= left {
+                return;
+            }
+            tokio::task::yield_now().await;
+            while let Some(ended) = set.set.try_join_next_with_id() {
+                let peer = set.by_task.remove(&ended.unwrap().0).unwrap();
+                set.by_peer.remove(&peer);
+            }
+        }
+        panic!("{} calls on their way, not {left}", set.set.len());
+    }
+
     #[tokio::test]
     async fn a_push_to_a_peer_waits_for_its_last_and_holds_up_no_other() {
         let mut tasks = Tasks::new(1, 8, tokio::runtime::Handle::current());
         let peer = |n| PeerId([n; 32]);
         let (stuck, pushed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let push = |count: &Arc<AtomicUsize>, forever: bool| {
-            let count = count.clone();
-            async move {
-                count.fetch_add(1, Ordering::SeqCst);
-                if forever {
-                    std::future::pending::<()>().await;
-                }
-            }
-        };
         // Peer 1 never answers: its next pushes are skipped, and peer 2
         // is pushed every time, each push after the one before ended.
         for _ in 0..5 {
-            tasks.push_to(peer(1), push(&stuck, true));
-            tasks.push_to(peer(2), push(&pushed, false));
-            while tasks.pushes.len() > 1 {
-                tokio::task::yield_now().await;
-                while let Some(ended) = tasks.pushes.try_join_next_with_id() {
-                    let peer = tasks.pushed.remove(&ended.unwrap().0).unwrap();
-                    tasks.pushing.remove(&peer);
-                }
-            }
+            tasks.push_to(peer(1), call(&stuck, true));
+            tasks.push_to(peer(2), call(&pushed, false));
+            until_left(&mut tasks.pushes, 1).await;
         }
         assert_eq!(stuck.load(Ordering::SeqCst), 1);
         assert_eq!(pushed.load(Ordering::SeqCst), 5);
-        assert_eq!(tasks.pushing(), 1);
+        assert_eq!(tasks.pushes.peers(), 1);
         tasks.abort_all();
-        assert_eq!(tasks.pushing(), 0);
-        tasks.push_to(peer(1), push(&stuck, false));
-        assert_eq!(tasks.pushing(), 1);
+        assert_eq!(tasks.pushes.peers(), 0);
+        tasks.push_to(peer(1), call(&stuck, false));
+        assert_eq!(tasks.pushes.peers(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_silent_peer_holds_up_only_its_own_next_height_query() {
+        // Room for four queries at once, eight peers, and peer 1 never
+        // answers: each round still asks the seven others, and peer 1 once
+        // in all. (When a round was one task waiting for all its queries,
+        // each round lasted a call timeout, and past four of them rounds
+        // were dropped whole.)
+        let most = 4;
+        let mut tasks = Tasks::new(most, 8, tokio::runtime::Handle::current());
+        let peer = |n| PeerId([n; 32]);
+        let silent = Arc::new(AtomicUsize::new(0));
+        let answered: Vec<Arc<AtomicUsize>> =
+            (0..8).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+        let rounds = 10;
+        for _ in 0..rounds {
+            tasks.query(peer(1), call(&silent, true));
+            for n in 2..=8u8 {
+                tasks.query(peer(n), call(&answered[n as usize - 1], false));
+                // The room left, as the answers come in.
+                if tasks.queries.set.len() == most {
+                    until_left(&mut tasks.queries, 1).await;
+                }
+            }
+            until_left(&mut tasks.queries, 1).await;
+        }
+        assert_eq!(silent.load(Ordering::SeqCst), 1);
+        for n in 2..=8 {
+            assert_eq!(answered[n - 1].load(Ordering::SeqCst), rounds, "peer {n}");
+        }
+        assert_eq!(tasks.queries.peers(), 1);
     }
 
     #[test]

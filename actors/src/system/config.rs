@@ -25,9 +25,11 @@ pub struct P2pConfig {
     pub timeout: Duration,
     /// Capacity of each actor's mailbox.
     pub mailbox_capacity: usize,
-    /// Rounds of height queries of state sync running at once at most; a
-    /// round past it is skipped and counted, the next one repeats it.
-    /// (Commit pushes go one task per peer, at most one per peer.)
+    /// Height queries of state sync on their way at once at most, each a
+    /// task of its own and at most one per peer (a peer whose last query
+    /// is still on its way is not asked again until it ends); a query past
+    /// the bound is skipped and counted, the next round asks again.
+    /// (Commit pushes go the same way, one per peer.)
     pub max_background_calls: usize,
     /// How long a peer that sent invalid data stays banned.
     pub ban_duration: Duration,
