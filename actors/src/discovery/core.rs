@@ -411,15 +411,18 @@ impl DiscoveryCore {
     }
 
     /// Forgets the backoff of every address whose wait ended more than a
-    /// longest wait ago and that has not failed again since. Without this, every
+    /// longest wait ago, that has not failed again since and that is not
+    /// being dialled. Without this, every
     /// address that ever failed would stay (a departed peer's, or one a
     /// liar named) for as long as the node runs; with it, the map holds the
     /// failures of the last two longest waits at most, which the dials a
     /// round makes bound.
     fn forget_old_backoffs(&mut self, now: Time) {
         let forget_after = self.config.max_dial_backoff_ms;
-        self.backoff
-            .retain(|_, b| now.0.saturating_sub(b.retry_at.0) < forget_after);
+        let pending = &self.pending;
+        self.backoff.retain(|address, b| {
+            now.0.saturating_sub(b.retry_at.0) < forget_after || pending.contains_key(address)
+        });
     }
 
     /// Ends the dial backoff of every address of `peer`: it is up again.
@@ -1878,6 +1881,39 @@ mod tests {
                 60_000, 60_000, 60_000, 60_000
             ]
         );
+    }
+
+    #[test]
+    fn a_dial_backoff_is_kept_while_its_address_is_being_dialled() {
+        // A dial that outlasts the longest wait (its timeout set longer
+        // here) keeps its address's backoff: its failure doubles the wait.
+        let mut c = config(|c| {
+            c.target_concurrent_connections = 8;
+            c.dial_backoff_ms = 1_000;
+            c.max_dial_backoff_ms = 60_000;
+            c.pending_dial_timeout_ms = 120_000;
+        });
+        learn(&mut c, vec![info(1, NOW_MS)]);
+        let address = "10.0.0.1:7000".to_string();
+        let failed = |c: &mut DiscoveryCore, at: u64| {
+            c.handle(
+                Time(at),
+                Input::DialFailed {
+                    peer: Some(id(1)),
+                    address: address.clone(),
+                },
+            )
+        };
+        assert_eq!(dials(&tick(&mut c, Time(0), NOW_MS)).len(), 1);
+        failed(&mut c, 0);
+        // Dialled again once the first wait ends, and not answered for a
+        // minute: its wait ended 64 s ago.
+        assert_eq!(dials(&tick(&mut c, Time(5_000), NOW_MS)).len(), 1);
+        assert!(dials(&tick(&mut c, Time(65_000), NOW_MS)).is_empty());
+        failed(&mut c, 65_000);
+        // The second failure waits 2 s, not the first's 1 s again.
+        assert!(dials(&tick(&mut c, Time(66_000), NOW_MS)).is_empty());
+        assert_eq!(dials(&tick(&mut c, Time(67_000), NOW_MS)).len(), 1);
     }
 
     #[test]

@@ -44,6 +44,9 @@ pub struct StateSync {
     /// height to: whether the height rose since it was asked (then it is
     /// asked again once it answers).
     asking_behind: Option<bool>,
+    /// Whether a round's question to Connections (the peers to ask) is
+    /// on its way: one at a time.
+    asking_connected: bool,
 }
 
 impl StateSync {
@@ -62,17 +65,14 @@ impl StateSync {
         Ok(StateSync {
             driver: Driver::new(init, recorder).with_faults(deps.faults.clone()),
             worker: deps.worker(),
-            tasks: Tasks::new(
-                deps.max_background_calls,
-                deps.max_pushes,
-                deps.runtime.clone(),
-            ),
+            tasks: Tasks::new(deps.max_queries, deps.max_pushes, deps.runtime.clone()),
             pruner: Pruner::new(&deps),
             deps,
             fetched: Fetched::default(),
             status,
             broken: None,
             asking_behind: None,
+            asking_connected: false,
         })
     }
 
@@ -139,10 +139,14 @@ impl StateSync {
                 }
                 Output::WithheldBlocks { peer } => self.calls().withheld(peer),
                 // A round: each connected peer asked in a task of its own,
-                // so that one that never answers holds up no other's.
-                Output::QueryHeights { peer: None } => {
+                // so that one that never answers holds up no other's. A
+                // round due while the last one's question to Connections
+                // is unanswered is skipped: the next one asks.
+                Output::QueryHeights { peer: None } if !self.asking_connected => {
+                    self.asking_connected = true;
                     let connected = self.calls().connected();
                     ctx.spawn(connected.into_actor(self).map(|peers, act, _| {
+                        act.asking_connected = false;
                         for peer in peers {
                             let query = act.calls().query_height(peer);
                             act.tasks.query(peer, query);
@@ -166,6 +170,7 @@ impl StateSync {
                         }
                     });
                 }
+                Output::QueryHeights { peer: None } => {}
                 Output::Reset => self.fetched.reset(),
                 Output::Discard { start } => self.fetched.discard(start),
             }
@@ -367,8 +372,10 @@ impl Supervised for StateSync {
     /// this core did not plan.
     fn restarting(&mut self, _: &mut Context<Self>) {
         self.tasks.abort_all();
-        // The question to PeerHeights went with the context's futures.
+        // The questions to PeerHeights and Connections went with the
+        // context's futures.
         self.asking_behind = None;
+        self.asking_connected = false;
         self.fetched.clear();
         match self.deps.init(self.driver.core().next_task()) {
             Ok(init) => self.driver.restart(init),

@@ -267,11 +267,11 @@ impl Batch {
 struct Avoided(VecDeque<PeerId>);
 
 impl Avoided {
-    /// Avoids `peer` too (at most once), forgetting the oldest past the
-    /// bound.
+    /// Avoids `peer` as the most recent (once, wherever it was before),
+    /// forgetting the oldest past the bound.
     fn insert(&mut self, peer: PeerId) {
-        if self.0.contains(&peer) {
-            return;
+        if let Some(at) = self.0.iter().position(|p| *p == peer) {
+            self.0.remove(at);
         }
         if self.0.len() >= MAX_AVOIDED {
             self.0.pop_front();
@@ -2410,7 +2410,16 @@ mod tests {
             let first = (k + 1).saturating_sub(MAX_AVOIDED);
             assert_eq!(avoided(&out), Some(liars[first..=k].to_vec()), "{k}");
         }
-        assert_eq!(avoided(&out).unwrap().len(), 16);
+        // One of them failing again is the most recent: forgotten last.
+        let (t, _, _) = commit_fetch(&out).unwrap();
+        out = commits_failed(&mut c, 200_000, t, liars[90], Failure::NotFound);
+        if commit_fetch(&out).is_none() {
+            out = tick(&mut c, 200_500, 10);
+        }
+        let mut expected = liars[84..100].to_vec();
+        expected.retain(|p| *p != liars[90]);
+        expected.push(liars[90]);
+        assert_eq!(avoided(&out), Some(expected));
     }
 
     #[test]

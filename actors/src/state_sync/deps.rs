@@ -63,8 +63,11 @@ pub struct Deps {
     pub prune: prune::Config,
     /// Capacity of its mailbox.
     pub mailbox_capacity: usize,
-    /// Height queries on their way at once at most, one per peer at most.
-    pub max_background_calls: usize,
+    /// Height queries on their way at once at most, one per peer at most:
+    /// the connections held at most (Connections' `max_connections`), so
+    /// that every connected peer is asked each round, whoever else never
+    /// answers.
+    pub max_queries: usize,
     /// Pushes of the advertised height on their way at once at most (one
     /// per peer at most; PeerHeights' `max_tracked_peers` bounds the peers
     /// asked, this the peers gone since with a push still on its way).

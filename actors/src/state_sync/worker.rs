@@ -1286,31 +1286,28 @@ mod tests {
 
     #[tokio::test]
     async fn a_silent_peer_holds_up_only_its_own_next_height_query() {
-        // Room for four queries at once, eight peers, and peer 1 never
-        // answers: each round still asks the seven others, and peer 1 once
-        // in all. (When a round was one task waiting for all its queries,
-        // each round lasted a call timeout, and past four of them rounds
-        // were dropped whole.)
-        let most = 4;
-        let mut tasks = Tasks::new(most, 8, tokio::runtime::Handle::current());
+        // Eight connected peers, room for a query to each (the connections
+        // held at most), and peer 1 never answers: each round asks the
+        // seven others, and peer 1 once in all. (When a round was one task
+        // waiting for all its queries, each round lasted a call timeout,
+        // and past the rounds allowed at once they were dropped whole.)
+        let peers = 8;
+        let mut tasks = Tasks::new(peers, 8, tokio::runtime::Handle::current());
         let peer = |n| PeerId([n; 32]);
         let silent = Arc::new(AtomicUsize::new(0));
         let answered: Vec<Arc<AtomicUsize>> =
-            (0..8).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+            (0..peers).map(|_| Arc::new(AtomicUsize::new(0))).collect();
         let rounds = 10;
         for _ in 0..rounds {
+            // A round asks every peer at once, as the actor does.
             tasks.query(peer(1), call(&silent, true));
-            for n in 2..=8u8 {
-                tasks.query(peer(n), call(&answered[n as usize - 1], false));
-                // The room left, as the answers come in.
-                if tasks.queries.set.len() == most {
-                    until_left(&mut tasks.queries, 1).await;
-                }
+            for n in 2..=peers {
+                tasks.query(peer(n as u8), call(&answered[n - 1], false));
             }
             until_left(&mut tasks.queries, 1).await;
         }
         assert_eq!(silent.load(Ordering::SeqCst), 1);
-        for n in 2..=8 {
+        for n in 2..=peers {
             assert_eq!(answered[n - 1].load(Ordering::SeqCst), rounds, "peer {n}");
         }
         assert_eq!(tasks.queries.peers(), 1);

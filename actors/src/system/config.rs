@@ -25,12 +25,6 @@ pub struct P2pConfig {
     pub timeout: Duration,
     /// Capacity of each actor's mailbox.
     pub mailbox_capacity: usize,
-    /// Height queries of state sync on their way at once at most, each a
-    /// task of its own and at most one per peer (a peer whose last query
-    /// is still on its way is not asked again until it ends); a query past
-    /// the bound is skipped and counted, the next round asks again.
-    /// (Commit pushes go the same way, one per peer.)
-    pub max_background_calls: usize,
     /// How long a peer that sent invalid data stays banned.
     pub ban_duration: Duration,
     /// Fetches sent to one peer at once at most: a node serves each peer
@@ -92,7 +86,6 @@ impl Default for P2pConfig {
             seed_peers: Vec::new(),
             timeout: Duration::from_secs(10),
             mailbox_capacity: 1024,
-            max_background_calls: 16,
             ban_duration: Duration::from_secs(60),
             max_fetches_per_peer: 4,
             max_waiting_fetches: 64,

@@ -249,7 +249,9 @@ struct Node {
     /// Its core, while it runs. A stopped node holds none, as a process
     /// that exited holds no memory (a long run under churn would otherwise
     /// keep every departed node's table); the recorded node keeps its
-    /// driver, whose trace goes on across a restart.
+    /// driver, whose trace goes on across a restart (and so its table, in
+    /// [`Sim::views`], while it is stopped), and so does a node never
+    /// started.
     driver: Option<Driver<DiscoveryCore>>,
 }
 
@@ -578,7 +580,9 @@ impl Sim {
             self.release(target, index);
         }
         self.nodes[index].server = None;
-        if self.recorded != Some(index) {
+        // Not the recorded node's, and not one never started (its core is
+        // the one it starts with).
+        if self.recorded != Some(index) && self.nodes[index].incarnation > 0 {
             self.nodes[index].driver = None;
         }
         self.break_links(|a, b| a == index || b == index);

@@ -399,8 +399,11 @@ fn until_it_knows_everyone(sim: &mut Sim, index: usize, intervals: u64) -> bool 
 #[test]
 fn a_stopped_node_holds_no_table_and_a_restart_learns_the_network_again() {
     let mut sim = Sim::new(small(9), None);
+    // Stopped before it ever ran: it starts with the core it was made with.
+    sim.stop(5);
     sim.start_all();
     assert!(until_it_knows_everyone(&mut sim, 7, 30));
+    assert!(until_it_knows_everyone(&mut sim, 5, 30));
     // A departed process keeps nothing: a long run under churn does not
     // carry every departed node's table.
     sim.stop(7);
