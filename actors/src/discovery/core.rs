@@ -863,6 +863,17 @@ mod tests {
         DiscoveryCore::new(i)
     }
 
+    /// A dial of peer 1 (at its address in [`info`]) failed at `at`.
+    fn peer_1_dial_failed(c: &mut DiscoveryCore, at: u64) -> Vec<Output> {
+        c.handle(
+            Time(at),
+            Input::DialFailed {
+                peer: Some(id(1)),
+                address: "10.0.0.1:7000".to_string(),
+            },
+        )
+    }
+
     fn known(c: &mut DiscoveryCore) -> Vec<PeerId> {
         match c.handle(Time(0), Input::KnownPeers).pop() {
             Some(Output::Known(k)) => k.iter().map(|i| i.info.peer_id).collect(),
@@ -1407,21 +1418,11 @@ mod tests {
     fn failed_dials_back_off_exponentially() {
         let mut c = core(8);
         learn(&mut c, vec![info(1, NOW_MS)]);
-        let address = "10.0.0.1:7000".to_string();
-        let fail = |c: &mut DiscoveryCore, at: u64| {
-            c.handle(
-                Time(at),
-                Input::DialFailed {
-                    peer: Some(id(1)),
-                    address: address.clone(),
-                },
-            );
-        };
         assert_eq!(dials(&tick(&mut c, Time(0), NOW_MS)).len(), 1);
-        fail(&mut c, 0);
+        peer_1_dial_failed(&mut c, 0);
         assert!(dials(&tick(&mut c, Time(999), NOW_MS)).is_empty());
         assert_eq!(dials(&tick(&mut c, Time(1_000), NOW_MS)).len(), 1);
-        fail(&mut c, 1_000);
+        peer_1_dial_failed(&mut c, 1_000);
         assert!(dials(&tick(&mut c, Time(2_999), NOW_MS)).is_empty());
         assert_eq!(dials(&tick(&mut c, Time(3_000), NOW_MS)).len(), 1);
     }
@@ -1894,23 +1895,13 @@ mod tests {
             c.pending_dial_timeout_ms = 120_000;
         });
         learn(&mut c, vec![info(1, NOW_MS)]);
-        let address = "10.0.0.1:7000".to_string();
-        let failed = |c: &mut DiscoveryCore, at: u64| {
-            c.handle(
-                Time(at),
-                Input::DialFailed {
-                    peer: Some(id(1)),
-                    address: address.clone(),
-                },
-            )
-        };
         assert_eq!(dials(&tick(&mut c, Time(0), NOW_MS)).len(), 1);
-        failed(&mut c, 0);
+        peer_1_dial_failed(&mut c, 0);
         // Dialled again once the first wait ends, and not answered for a
         // minute: its wait ended 64 s ago.
         assert_eq!(dials(&tick(&mut c, Time(5_000), NOW_MS)).len(), 1);
         assert!(dials(&tick(&mut c, Time(65_000), NOW_MS)).is_empty());
-        failed(&mut c, 65_000);
+        peer_1_dial_failed(&mut c, 65_000);
         // The second failure waits 2 s, not the first's 1 s again.
         assert!(dials(&tick(&mut c, Time(66_000), NOW_MS)).is_empty());
         assert_eq!(dials(&tick(&mut c, Time(67_000), NOW_MS)).len(), 1);
