@@ -292,6 +292,18 @@ mod tests {
         })
     }
 
+    /// How many blocks an answer verified; panics, saying `what`, if the
+    /// answer is not verified blocks.
+    fn blocks_verified(
+        answer: Result<Result<VerifyResponse, VerifyError>, actix::MailboxError>,
+        what: &str,
+    ) -> usize {
+        match answer {
+            Ok(Ok(VerifyResponse::Blocks(blocks))) => blocks.len(),
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+
     #[actix_rt::test]
     async fn a_restart_tells_the_waiting_callers_and_the_running_job_still_answers() {
         let chain = ChainBuilder::new(ChainConfig::validators(4)).build(20);
@@ -312,10 +324,10 @@ mod tests {
             .await
             .expect("every caller is answered");
         assert_eq!(plan.injected(VerifierCore::NAME), 1);
-        let Ok(VerifyResponse::Blocks(blocks)) = running.unwrap() else {
-            panic!("the running job's caller is answered");
-        };
-        assert_eq!(blocks.len(), chain.fetch_blocks(1..=5).len());
+        assert_eq!(
+            blocks_verified(running, "the running job's caller is answered"),
+            chain.fetch_blocks(1..=5).len()
+        );
         assert_eq!(waiting.unwrap().err(), Some(VerifyError::Stopped));
         // The request whose handling panicked is never answered: its
         // caller sees the reply dropped (a sync worker's "Verifier
@@ -341,10 +353,10 @@ mod tests {
         // The request is the next input, its job's end the one after: the
         // handler of the end panics and the actor restarts.
         plan.panic_actor(VerifierCore::NAME, 2);
-        let Ok(VerifyResponse::Blocks(blocks)) = request(1..=5).await.unwrap() else {
-            panic!("the job answers its caller itself");
-        };
-        assert_eq!(blocks.len(), chain.fetch_blocks(1..=5).len());
+        assert_eq!(
+            blocks_verified(request(1..=5).await, "the job answers its caller itself"),
+            chain.fetch_blocks(1..=5).len()
+        );
         // The end came before the answer, so the restart comes before
         // these. Had the restarted core still counted the job, its one
         // thread would stay taken and the request would wait for ever (the
@@ -354,9 +366,9 @@ mod tests {
             .await
             .expect("the thread is free again");
         assert_eq!(plan.injected(VerifierCore::NAME), 1);
-        let Ok(VerifyResponse::Blocks(blocks)) = next.unwrap() else {
-            panic!("the restarted Verifier verifies");
-        };
-        assert_eq!(blocks.len(), chain.fetch_blocks(6..=10).len());
+        assert_eq!(
+            blocks_verified(next, "the restarted Verifier verifies"),
+            chain.fetch_blocks(6..=10).len()
+        );
     }
 }
