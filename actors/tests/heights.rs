@@ -1,18 +1,22 @@
 //! PeerHeights in running nodes, over real mutual TLS and real gRPC: only
 //! peers the node holds a connection to are tracked, a flood of identities
-//! pushing heights cannot crowd out an honest peer, and a peer that leaves
+//! pushing heights cannot crowd out an honest peer, a peer that never
+//! answers a height query holds up no other peer's, and a peer that leaves
 //! is forgotten.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use soma_actors::{P2pConfig, P2pHandle};
 use soma_chain::{Chain, ChainBuilder, ChainConfig};
 use soma_store::{ConsensusStore, MemStore};
+use soma_testkit::byzantine::{Lie, serve_observed};
 use soma_types::{KeyPair, PeerId};
 use soma_wire::proto::{self, p2p_client::P2pClient};
 use soma_wire::tls::{self, NodeIdentity};
+use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -237,4 +241,67 @@ async fn peer_that_disconnects_is_forgotten() {
     .await;
     assert!(node.connected_peers().await.unwrap().is_empty());
     node.shutdown().await;
+}
+
+/// Height queries `node` has answered.
+fn height_queries_answered(node: &P2pHandle) -> u64 {
+    node.rpc_counts()
+        .iter()
+        .filter(|(method, code, _)| *method == "GetCommitAvailability" && *code == Code::Ok)
+        .map(|(_, _, n)| n)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_answering_height_queries_holds_up_only_its_own() {
+    // A node connected to three validators and to a peer that serves the
+    // chain but, once connected (its first height query is the check of
+    // the dial), holds every height query open. The request timeout is an
+    // hour and connections are not probed, so that no query of the silent
+    // peer ends and it stays connected during the test: the validators
+    // must still be asked round after round (a round waiting for every
+    // peer's answer would ask them once), each as often as the others,
+    // and the silent peer only once more in all (its one query still on
+    // its way).
+    const ROUNDS: u64 = 30;
+    let chain = Arc::new(chain());
+    let validators: Vec<P2pHandle> = (1..=3)
+        .map(|k| soma_testkit::validator(&chain, k))
+        .collect();
+    let silent = serve_observed(chain.clone(), Lie::SilentAfterFirstHeightQuery, 40).await;
+    let mut seed_peers = soma_testkit::seeds(&validators.iter().collect::<Vec<_>>());
+    seed_peers.push(silent.seed());
+    let mut config = P2pConfig {
+        seed_peers,
+        timeout: Duration::from_secs(3_600),
+        height_query_interval: Duration::from_millis(20),
+        ..P2pConfig::default()
+    };
+    config.connections.probe_interval_ms = 3_600_000;
+    let (node, store) = start(&chain, 9, config);
+    wait_for("every validator asked its height 30 times", || async {
+        validators
+            .iter()
+            .all(|v| height_queries_answered(v) >= ROUNDS)
+    })
+    .await;
+    // Every validator asked in every round: none left behind the others
+    // (with too few queries allowed at once, the one last in a round's
+    // order was: 30 against 234).
+    let asked: Vec<u64> = validators.iter().map(height_queries_answered).collect();
+    let (fewest, most) = (asked.iter().min().unwrap(), asked.iter().max().unwrap());
+    assert!(most - fewest <= ROUNDS / 3, "{asked:?}");
+    let connected = node.connected_peers().await.unwrap();
+    assert!(connected.contains(&silent.peer), "{connected:?}");
+    let queries = || silent.height_queries.load(Ordering::SeqCst);
+    assert_eq!(queries(), 2, "the dial's check, then one query held");
+    assert_eq!(silent.stalled.load(Ordering::SeqCst), 1, "still held open");
+    // The honest work is done: the chain, from the validators.
+    soma_testkit::wait_synced(&node, chain.tip(), WAIT).await;
+    assert_same_chain(&chain, store.as_ref());
+    assert_eq!(queries(), 2);
+    node.shutdown().await;
+    for v in validators {
+        v.shutdown().await;
+    }
 }

@@ -110,6 +110,11 @@ pub enum Lie {
     /// RESOURCE_EXHAUSTED, as a node refuses when its slots are all held,
     /// and serves the rest.
     BusyWhenLoaded,
+    /// Serves the chain honestly and answers its first height query
+    /// (GetCommitAvailability: the check of a node dialling it), then
+    /// holds every later one open until its client drops it. Each is
+    /// counted in [`Served::height_queries`].
+    SilentAfterFirstHeightQuery,
 }
 
 /// Bytes of each blob a [`Lie::FloodsBlocks`] peer sends: the largest
@@ -134,6 +139,8 @@ struct Evil {
     loaded: Arc<AtomicBool>,
     /// Commit fetches received while loaded.
     loaded_commit_fetches: AtomicUsize,
+    /// GetCommitAvailability calls received.
+    height_queries: Arc<AtomicUsize>,
 }
 
 /// Counts a stalled call while it lives: a call dropped by its client
@@ -272,6 +279,11 @@ impl p2p_server::P2p for Evil {
         &self,
         _: Request<proto::GetCommitAvailabilityRequest>,
     ) -> Result<Response<proto::GetCommitAvailabilityResponse>, Status> {
+        let before = self.height_queries.fetch_add(1, Ordering::SeqCst);
+        if self.lie == Lie::SilentAfterFirstHeightQuery && before > 0 {
+            let _stalled = Stalled::new(&self.stalled);
+            std::future::pending::<()>().await;
+        }
         let chain_id = if self.lie == Lie::OtherChain {
             ChainId(Digest([0xee; 32]))
         } else {
@@ -533,6 +545,8 @@ pub struct Served {
     /// [`Lie::WithholdsBlocksOf`]), busy while loaded
     /// ([`Lie::BusyWhenLoaded`]).
     pub denied: Arc<AtomicUsize>,
+    /// GetCommitAvailability calls it has received.
+    pub height_queries: Arc<AtomicUsize>,
     loaded: Arc<AtomicBool>,
 }
 
@@ -562,6 +576,7 @@ pub async fn serve_observed(chain: Arc<Chain>, lie: Lie, key: u8) -> Served {
     let (stalled, fetches) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let denied = Arc::new(AtomicUsize::new(0));
     let loaded = Arc::new(AtomicBool::new(false));
+    let height_queries = Arc::new(AtomicUsize::new(0));
     let identity =
         NodeIdentity::generate(&KeyPair::from_seed([key; 32])).expect("an identity is made");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -584,6 +599,7 @@ pub async fn serve_observed(chain: Arc<Chain>, lie: Lie, key: u8) -> Served {
                 pruned: AtomicBool::new(false),
                 loaded: loaded.clone(),
                 loaded_commit_fetches: AtomicUsize::new(0),
+                height_queries: height_queries.clone(),
             }))
             .serve_with_incoming(tls::incoming(listener, config)),
     );
@@ -593,6 +609,7 @@ pub async fn serve_observed(chain: Arc<Chain>, lie: Lie, key: u8) -> Served {
         stalled,
         fetches,
         denied,
+        height_queries,
         loaded,
     }
 }
