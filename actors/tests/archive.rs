@@ -29,6 +29,14 @@ const DEADLINE: Duration = Duration::from_secs(120);
 const TIP: u64 = 1_500;
 /// What the pruned peers keep: commits above `TIP - KEPT`.
 const KEPT: u64 = 300;
+/// Commits per sync batch, so per archived object: the batches the tests
+/// name (301..=400 corrupted, an epoch's end at 550 closing one early).
+const BATCH: u64 = 100;
+
+/// The default settings, syncing and serving in batches of [`BATCH`].
+fn config() -> P2pConfig {
+    P2pConfig::default().with_commit_sync_batch_size(BATCH)
+}
 
 /// A chain of small commits whose epochs end at 550 and 1,100, inside
 /// batches, so archived batches end at epoch ends too.
@@ -93,14 +101,18 @@ async fn archive_everything(chain: &Chain, base: &Config) -> Vec<u64> {
         1,
         P2pConfig {
             archive: Some(only(base, true)),
-            ..P2pConfig::default()
+            ..config()
         },
     );
     wait_until("the archive written", async || {
         status(&writer).next == TIP + 1
     })
     .await;
-    let firsts: Vec<u64> = chain.batch_ranges(100).iter().map(|r| *r.start()).collect();
+    let firsts: Vec<u64> = chain
+        .batch_ranges(BATCH)
+        .iter()
+        .map(|r| *r.start())
+        .collect();
     let written = status(&writer);
     assert_eq!(written.batches_written, firsts.len() as u64, "{written:?}");
     assert_eq!(written.write_errors, 0);
@@ -118,7 +130,7 @@ async fn pruned_validators(chain: &Chain) -> Vec<P2pHandle> {
             grace_ms: 0,
             ..prune::Config::default()
         },
-        ..P2pConfig::default()
+        ..config()
     };
     let validators: Vec<P2pHandle> = (2..=3)
         .map(|k| validator_with(chain, k, pruning.clone()))
@@ -142,7 +154,7 @@ fn fresh_node(
     let mut config = P2pConfig {
         seed_peers: seeds(&peers.iter().collect::<Vec<_>>()),
         archive: Some(only(base, false)),
-        ..P2pConfig::default()
+        ..config()
     };
     config.state_sync.wait_interval_when_no_peer_ms = 50;
     (soma_testkit::node(chain, 9, config, store.clone()), store)
@@ -240,7 +252,7 @@ async fn a_corrupt_archive_object_is_refused_and_never_applied() {
 async fn a_failing_archive_is_retried_never_holds_sync_up_and_holds_pruning_back() {
     init_tracing();
     let chain = chain();
-    let source = validator_with(&chain, 1, P2pConfig::default());
+    let source = validator_with(&chain, 1, config());
     let dir = tempfile::tempdir().unwrap();
     // A file where the batches' directory must go: every write fails.
     let blocker = dir.path().join("batches");
@@ -257,7 +269,7 @@ async fn a_failing_archive_is_retried_never_holds_sync_up_and_holds_pruning_back
             grace_ms: 0,
             ..prune::Config::default()
         },
-        ..P2pConfig::default()
+        ..config()
     };
     let node = soma_testkit::node(&chain, 9, config, store.clone());
     wait_synced(&node, TIP, DEADLINE).await;
@@ -283,7 +295,7 @@ async fn a_failing_archive_is_retried_never_holds_sync_up_and_holds_pruning_back
     .await;
     assert_eq!(
         status(&node).batches_written,
-        chain.batch_ranges(100).len() as u64
+        chain.batch_ranges(BATCH).len() as u64
     );
     wait_until("pruned to the retention", async || {
         store.lowest_available_commit().unwrap() == TIP - KEPT + 1

@@ -23,8 +23,9 @@ const DEADLINE: Duration = Duration::from_secs(30);
 /// (about 640 KB) part-sent; a FetchCommits is read whole.
 const WINDOW: u32 = 65_535;
 
+/// A server answering in batches of 100, the ranges the tests fetch.
 fn config(per_peer: usize, in_all: usize) -> P2pConfig {
-    let mut config = P2pConfig::default();
+    let mut config = P2pConfig::default().with_commit_sync_batch_size(100);
     config.grpc.max_concurrent_fetches_per_peer = per_peer;
     config.grpc.max_concurrent_fetches = in_all;
     // Nothing is cut during a test: a held answer keeps its slot.

@@ -31,9 +31,11 @@ fn chain(payload_bytes: usize) -> Chain {
     .build(300)
 }
 
+/// A node serving and syncing in batches of 100, the batches its store is
+/// written in.
 fn start(chain: &Chain, store: Arc<dyn ConsensusStore>, key: u8) -> P2pHandle {
     P2pBuilder::new(
-        P2pConfig::default(),
+        P2pConfig::default().with_commit_sync_batch_size(100),
         KeyPair::from_seed([key; 32]),
         chain.genesis().clone(),
         store,

@@ -385,10 +385,10 @@ async fn workers_that_panic_or_fail_are_restarted_and_sync_completes() {
     let chain = ChainBuilder::new(ChainConfig::validators(4)).build(500);
     let validators: Vec<P2pHandle> = (1..=2).map(|k| validator(&chain, k)).collect();
     let faults = Arc::new(FaultPlan::default());
-    // Batch 101: two workers panic. Batch 201: five fail, past the
+    // Batch 201: two workers panic. Batch 401: five fail, past the
     // intensity limit of three restarts.
-    faults.panics.lock().unwrap().insert(101, 2);
-    faults.failures.lock().unwrap().insert(201, 5);
+    faults.panics.lock().unwrap().insert(201, 2);
+    faults.failures.lock().unwrap().insert(401, 5);
     let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
     let config = P2pConfig {
         seed_peers: seeds(&validators.iter().collect::<Vec<_>>()),
@@ -784,9 +784,9 @@ async fn a_store_that_fails_writes_mid_sync_holds_the_watermark_and_sync_recover
     use soma_testkit::failing_store::FailingStore;
     let chain = ChainBuilder::new(ChainConfig::validators(4)).build(1_500);
     let validators: Vec<P2pHandle> = (1..=2).map(|k| validator(&chain, k)).collect();
-    // The disk fills up once the store holds 500 commits.
+    // The disk fills up once the store holds 600 commits (three batches).
     let store = Arc::new(FailingStore::new(MemStore::new(chain.genesis())));
-    store.fail_writes_above(500);
+    store.fail_writes_above(600);
     let node = fresh(
         &chain,
         9,
@@ -798,10 +798,10 @@ async fn a_store_that_fails_writes_mid_sync_holds_the_watermark_and_sync_recover
     })
     .await;
     let status = node.sync_status().await.unwrap();
-    assert_eq!(status.synced, 500, "nothing past the full disk: {status:?}");
+    assert_eq!(status.synced, 600, "nothing past the full disk: {status:?}");
     assert_eq!(
         store.inner().highest_synced_commit().unwrap(),
-        chain.commit_ref(500)
+        chain.commit_ref(600)
     );
     assert_eq!(
         status.invalid_responses, 0,

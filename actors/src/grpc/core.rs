@@ -140,7 +140,7 @@ impl Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            commit_sync_batch_size: 100,
+            commit_sync_batch_size: crate::state_sync::DEFAULT_COMMIT_SYNC_BATCH_SIZE,
             max_blocks_per_fetch: 1_000,
             max_fetch_response_bytes: 4 << 20,
             answer_cache_bytes: default_answer_cache_bytes(),
@@ -633,6 +633,7 @@ mod tests {
 
     #[test]
     fn fetch_commits_is_capped_at_the_batch_size() {
+        // The default batch size, 200, caps 101..=10,000 at 300.
         let mut c = core();
         assert_eq!(
             call(
@@ -648,7 +649,7 @@ mod tests {
                 id: 1,
                 work: Work::FetchCommits {
                     start: 101,
-                    end: 200
+                    end: 300
                 }
             }
         );

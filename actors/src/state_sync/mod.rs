@@ -47,7 +47,7 @@ mod worker;
 pub use crate::peer_heights::FetchKind;
 pub use actor::StateSync;
 pub use apply::ApplyError;
-pub use core::{Config, Init, StateSyncCore, commit_answer_bytes};
+pub use core::{Config, DEFAULT_COMMIT_SYNC_BATCH_SIZE, Init, StateSyncCore, commit_answer_bytes};
 pub use deps::Deps;
 pub use messages::{
     ApplyLocal, CommitBatchInfo, CommitsWanted, EpochStart, Failure, GetSyncStatus, HeightPushed,

@@ -76,6 +76,17 @@ pub struct P2pConfig {
     pub seed: Option<u64>,
 }
 
+impl P2pConfig {
+    /// The same config with `commits` per sync batch, for syncing
+    /// (`state_sync`) and as the most one FetchCommits answer holds
+    /// (`grpc`): the two settings a batch size is made of.
+    pub fn with_commit_sync_batch_size(mut self, commits: u64) -> Self {
+        self.state_sync.commit_sync_batch_size = commits;
+        self.grpc.commit_sync_batch_size = commits;
+        self
+    }
+}
+
 impl Default for P2pConfig {
     fn default() -> Self {
         P2pConfig {

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use actix::Actor;
 use rayon::prelude::*;
+use soma_actors::state_sync::DEFAULT_COMMIT_SYNC_BATCH_SIZE;
 use soma_actors::verifier::{Config, Deps, InstallCommittee, Verifier, Verify, VerifyRequest};
 use soma_actors::{DecodedBlock, HashedBlob};
 use soma_types::verify::{Fill, SignatureBatch, check_block};
@@ -15,10 +16,10 @@ use crate::Size;
 use crate::report::{Cell, Section};
 
 /// Blocks per request to the actor: a sync worker sends the blocks of one
-/// 100-commit batch (about 400 with 4 validators) in one request; smaller
-/// requests are measured too, since a batch verifies cheaper per
-/// signature the larger it is.
-const CHUNKS: [usize; 2] = [400, 100];
+/// batch (4 per commit with 4 validators: 800 for the default 200
+/// commits) in one request; smaller requests are measured too, those of
+/// the batches of 100 and of 25 commits.
+const CHUNKS: [usize; 3] = [4 * DEFAULT_COMMIT_SYNC_BATCH_SIZE as usize, 400, 100];
 
 /// Runs the benchmark.
 pub fn section(size: &Size) -> Section {
@@ -176,13 +177,18 @@ pub fn section(size: &Size) -> Section {
              every path; {} rounds, each timing every row once, and each row's best round. \
              The actor gets all requests at once, their blocks as a sync worker hands them \
              (hashed as they arrived and decoded on the blocking pool, before the clock \
-             starts): {} blocks per request (what a sync worker sends for a 100-commit batch), \
-             then {}; then {} blocks per request as received bytes, decoded on the Verifier's \
-             threads.",
+             starts): {} blocks per request (what a sync worker sends for a batch of {} \
+             commits, the default), then {}; then {} blocks per request as received bytes, \
+             decoded on the Verifier's threads.",
             blocks.len(),
             size.runs,
             CHUNKS[0],
-            CHUNKS[1],
+            DEFAULT_COMMIT_SYNC_BATCH_SIZE,
+            CHUNKS[1..]
+                .iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(", then "),
             CHUNKS[0]
         ),
         &["path", "time (ms)", "signatures/s", "of raw"],

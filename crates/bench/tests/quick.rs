@@ -12,7 +12,7 @@ const EXPECTED: [(&str, usize); 11] = [
     // Replaced below by 2 per core count the machine allows (1, 2).
     ("cores", 0),
     ("latency", 6),
-    ("verifier", 8),
+    ("verifier", 10),
     ("grpc", 7),
     ("discovery", 3),
     ("memory", 4),

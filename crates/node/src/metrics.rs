@@ -371,9 +371,10 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn after_a_known_sync_the_metrics_say_exactly_what_happened() {
-        // A fresh node syncs 300 commits, three batches of 100, from one
+        // A fresh node syncs three batches of the default size from one
         // validator, with nothing going wrong.
-        let chain = ChainBuilder::new(ChainConfig::validators(4)).build(300);
+        let tip = 3 * P2pConfig::default().state_sync.commit_sync_batch_size;
+        let chain = ChainBuilder::new(ChainConfig::validators(4)).build(tip);
         let source = soma_testkit::validator(&chain, 1);
         let config = P2pConfig {
             seed_peers: soma_testkit::seeds(&[&source]),
@@ -381,15 +382,15 @@ mod tests {
         };
         let store = Arc::new(MemStore::new(chain.genesis()));
         let node = soma_testkit::node(&chain, 9, config, store);
-        soma_testkit::wait_synced(&node, 300, Duration::from_secs(120)).await;
+        soma_testkit::wait_synced(&node, tip, Duration::from_secs(120)).await;
 
         let ours = scrape(&node, &Arc::new(Series::new())).await;
-        let blocks = (1..=300).flat_map(|i| chain.blocks_of(i));
+        let blocks = (1..=tip).flat_map(|i| chain.blocks_of(i));
         let bytes: usize = blocks.clone().map(|b| b.serialized().len()).sum();
-        assert_eq!(value(&ours, "soma_highest_synced_commit"), 300.0);
-        assert_eq!(value(&ours, "soma_advertised_commit"), 300.0);
-        assert_eq!(value(&ours, "soma_highest_known_commit"), 300.0);
-        assert_eq!(value(&ours, "soma_commits_synced_total"), 300.0);
+        assert_eq!(value(&ours, "soma_highest_synced_commit"), tip as f64);
+        assert_eq!(value(&ours, "soma_advertised_commit"), tip as f64);
+        assert_eq!(value(&ours, "soma_highest_known_commit"), tip as f64);
+        assert_eq!(value(&ours, "soma_commits_synced_total"), tip as f64);
         assert_eq!(
             value(&ours, "soma_blocks_synced_total"),
             blocks.count() as f64

@@ -648,7 +648,7 @@ fn sync_section(md: &mut String, n: usize) {
          the validators, hold {} commits (4 blocks each) that every other node lacks. Every \
          node that syncs runs the production StateSync core (what to fetch, how far ahead, \
          what to retry and whom to avoid) and PeerHeights core (heights, fetch slots, \
-         scores, bans), with the node's defaults: batches of 100 commits, 8 block fetches \
+         scores, bans), with the node's defaults: batches of {} commits, 8 block fetches \
          and 8 commit fetches ahead at once, 4 fetches per peer, a request timeout of 10 s. \
          Peers are the ones it dialled. Stand-ins for the rest: verification costs {} µs \
          per block and {} µs per commit batch on one queue per node (a 2-core node with \
@@ -662,6 +662,7 @@ fn sync_section(md: &mut String, n: usize) {
          everything 1.5 s late (slow). Times from the start; \"of honest\" is the median \
          node's time against the run without hostile nodes.\n",
         d.commits,
+        d.state_sync.commit_sync_batch_size,
         d.verify_us_per_block,
         d.verify_us_per_batch,
         d.serve_slots,

@@ -319,10 +319,12 @@ fn a_network_far_behind_catches_up_through_the_state_sync_cores_among_hostile_pe
     let (honest, _) = catch_up_among(None, 21, None);
     eprintln!("{honest:?}");
     assert_eq!((honest.followers, honest.synced), (58, 58));
-    // Nothing is fetched twice: 20 batches of 100 commits, each one commit
-    // fetch and one block fetch (400 blocks), plus the refusals of busy
-    // validators, each asked again.
-    assert_eq!(honest.fetches, 58 * 20 * 2 + honest.busy, "{honest:?}");
+    // Nothing is fetched twice: 10 batches of 200 commits (the default
+    // size), each one commit fetch and one block fetch (800 blocks), plus
+    // the refusals of busy validators, each asked again.
+    let batch = soma_actors::state_sync::DEFAULT_COMMIT_SYNC_BATCH_SIZE;
+    assert_eq!(2_000 / batch, 10);
+    assert_eq!(honest.fetches, 58 * 10 * 2 + honest.busy, "{honest:?}");
     assert_eq!((honest.timeouts, honest.invalid, honest.bans), (0, 0, 0));
     for hostile in [
         Hostile::Silent,
