@@ -677,11 +677,14 @@ async fn sync_starts_once_every_seed_answered_its_height_query_and_certifies_bat
     .build(1_500);
     assert_eq!(chain.committees().count(), 7);
     let validators: Vec<P2pHandle> = (1..=3).map(|k| validator(&chain, k)).collect();
-    let config = P2pConfig {
+    let mut config = P2pConfig {
         seed_peers: seeds(&validators.iter().collect::<Vec<_>>()),
         tick: Duration::from_secs(3_600),
         ..P2pConfig::default()
     };
+    // The Verifier keeps only the newest committee: across seven epochs
+    // sync never asks it to verify against an older one.
+    config.verifier.max_committees = 1;
     let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
     let node = soma_testkit::node(&chain, 9, config, store.clone());
     wait_synced(&node, chain.tip()).await;

@@ -28,10 +28,22 @@ pub struct Config {
     /// larger ones outgrow the caches.
     #[serde(default = "default_merge_blocks_per_thread")]
     pub merge_blocks_per_thread: usize,
+    /// Committees kept, those of the newest epochs installed (at least
+    /// one): a request of an older epoch is refused (`UnknownEpoch`), and
+    /// installing one older than all kept drops it at once. Sync verifies
+    /// against the epoch it has reached, whose committee is the newest
+    /// installed or the one before, so a node that runs for years holds
+    /// this many committees, not one per epoch it has seen.
+    #[serde(default = "default_max_committees")]
+    pub max_committees: usize,
 }
 
 fn default_merge_blocks_per_thread() -> usize {
     400
+}
+
+fn default_max_committees() -> usize {
+    16
 }
 
 impl Default for Config {
@@ -42,6 +54,7 @@ impl Default for Config {
             limits: Limits::default(),
             key_cache_capacity: 16_384,
             merge_blocks_per_thread: default_merge_blocks_per_thread(),
+            max_committees: default_max_committees(),
         }
     }
 }
@@ -151,6 +164,9 @@ impl Core for VerifierCore {
             Input::InstallCommittee(committee) => {
                 let epoch = committee.epoch();
                 self.committees.insert(epoch, Arc::new(committee));
+                while self.committees.len() > self.config.max_committees.max(1) {
+                    self.committees.pop_first();
+                }
                 vec![Output::Installed { epoch }]
             }
             Input::Verify { id, request } => match self.admit(id, request) {
@@ -415,6 +431,41 @@ mod tests {
 
     fn done(c: &mut VerifierCore, id: u64) -> Vec<Started> {
         started(c.handle(Time(0), Input::Done { id }))
+    }
+
+    #[test]
+    fn only_the_newest_committees_are_kept() {
+        // Epochs 0 to 20 installed with room for 16: epochs 5 to 20 stay.
+        let mut c = VerifierCore::new(
+            Config {
+                threads: 64,
+                max_committees: 16,
+                ..Config::default()
+            }
+            .into(),
+        );
+        for epoch in 0..=20 {
+            c.handle(Time(0), Input::InstallCommittee(committee(epoch)));
+        }
+        let kept: Vec<Epoch> = c.committees.keys().copied().collect();
+        assert_eq!(kept, (5..=20).collect::<Vec<_>>());
+        assert_eq!(
+            verify(&mut c, 1, blocks(4, 1)),
+            vec![Output::Rejected {
+                id: 1,
+                error: VerifyError::UnknownEpoch(4)
+            }]
+        );
+        assert!(matches!(
+            verify(&mut c, 2, blocks(5, 1))[..],
+            [Output::Run { epoch: Some(5), .. }]
+        ));
+        // An epoch older than all kept, installed late, is dropped at once;
+        // one installed again changes nothing.
+        c.handle(Time(0), Input::InstallCommittee(committee(2)));
+        c.handle(Time(0), Input::InstallCommittee(committee(20)));
+        let now: Vec<Epoch> = c.committees.keys().copied().collect();
+        assert_eq!(now, kept);
     }
 
     #[test]
