@@ -6,6 +6,7 @@
 //! to the intensity limit, then the node stops, saying which actor failed.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use soma_actors::faults::FaultPlan;
@@ -14,6 +15,7 @@ use soma_actors::system::{LocalCommit, P2pError};
 use soma_actors::{P2pConfig, P2pHandle};
 use soma_chain::{Chain, ChainBuilder, ChainConfig};
 use soma_store::{ConsensusStore, MemStore};
+use soma_testkit::byzantine::{Lie, serve_observed};
 use soma_testkit::{assert_same_chain, init_tracing, seeds, validator, wait_synced};
 use soma_wire::proto;
 
@@ -298,4 +300,60 @@ async fn an_actor_failing_past_the_intensity_limit_stops_the_node_cleanly() {
     for v in validators {
         v.shutdown().await;
     }
+}
+
+/// Waits until `done`, polling; fails past [`DEADLINE`].
+async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A StateSync restart aborts its pushes to the peers behind; it pushes
+/// the advertised height to them again, even when that height never rises
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_sync_restart_pushes_the_advertised_height_again_to_peers_behind() {
+    init_tracing();
+    let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(300));
+    let source = validator(&chain, 1);
+    // Claims no commit, so it is behind, and holds every push open: the
+    // push on its way when StateSync restarts is aborted, not answered.
+    let behind = serve_observed(chain.clone(), Lie::StallsPushes, 40).await;
+    let faults = Arc::new(FaultPlan::default());
+    let config = P2pConfig {
+        seed_peers: vec![seeds(&[&source]).remove(0), behind.seed()],
+        // No push or query ends by its timeout during the test.
+        timeout: Duration::from_secs(3_600),
+        faults: Some(faults.clone()),
+        ..P2pConfig::default()
+    };
+    let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+    let node = soma_testkit::node(&chain, 9, config, store);
+    wait_synced(&node, chain.tip(), DEADLINE).await;
+    // One push reached the peer behind, and is held: each peer gets one
+    // push at a time, and this one is never answered.
+    wait_for("a push held by the peer behind", || {
+        behind.stalled.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let before = behind.pushes();
+    assert_eq!(before.len(), 1, "{before:?}");
+
+    faults.panic_actor("state_sync", 1);
+    wait_for("StateSync restarted", || {
+        restarts(&node).contains(&("state_sync", 1))
+    })
+    .await;
+    // The aborted push is sent again, with the height advertised now.
+    wait_for("the height pushed again", || behind.pushes().len() == 2).await;
+    assert_eq!(behind.pushes(), [before[0], chain.tip()]);
+    wait_for("the new push held", || {
+        behind.stalled.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    node.shutdown().await;
+    source.shutdown().await;
 }

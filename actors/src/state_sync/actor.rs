@@ -370,7 +370,7 @@ impl Supervised for StateSync {
     /// store again, and task ids go on from the failed incarnation's.
     /// Counters carry over. A write in flight still reports, as a write
     /// this core did not plan.
-    fn restarting(&mut self, _: &mut Context<Self>) {
+    fn restarting(&mut self, ctx: &mut Context<Self>) {
         self.tasks.abort_all();
         // The questions to PeerHeights and Connections went with the
         // context's futures.
@@ -380,6 +380,12 @@ impl Supervised for StateSync {
         match self.deps.init(self.driver.core().next_task()) {
             Ok(init) => self.driver.restart(init),
             Err(e) => self.broken = Some(e),
+        }
+        // The pushes to the peers behind went with the tasks, and so did
+        // the question of who they are: both again, for the height
+        // advertised now (it may never rise again).
+        if self.deps.availability.borrow().highest > 0 {
+            self.push_advertised(ctx);
         }
     }
 }

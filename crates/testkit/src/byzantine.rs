@@ -5,8 +5,8 @@
 //! finishes from the honest ones, accepts nothing bad, and bans the liar.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -141,10 +141,17 @@ struct Evil {
     loaded_commit_fetches: AtomicUsize,
     /// GetCommitAvailability calls received.
     height_queries: Arc<AtomicUsize>,
+    /// The index of each PushCommit received, in order.
+    pushes: Arc<Mutex<Vec<u64>>>,
 }
 
 /// Counts a stalled call while it lives: a call dropped by its client
 /// (cancelled, its connection closed) stops counting.
+/// The pushes seen, whatever a panicking holder left.
+fn locked(m: &Mutex<Vec<u64>>) -> MutexGuard<'_, Vec<u64>> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 struct Stalled(Arc<AtomicUsize>);
 
 impl Stalled {
@@ -321,8 +328,9 @@ impl p2p_server::P2p for Evil {
 
     async fn push_commit(
         &self,
-        _: Request<proto::PushCommitRequest>,
+        request: Request<proto::PushCommitRequest>,
     ) -> Result<Response<proto::PushCommitResponse>, Status> {
+        locked(&self.pushes).push(request.get_ref().index);
         if self.lie == Lie::StallsPushes {
             let _stalled = Stalled::new(&self.stalled);
             std::future::pending::<()>().await;
@@ -547,6 +555,8 @@ pub struct Served {
     pub denied: Arc<AtomicUsize>,
     /// GetCommitAvailability calls it has received.
     pub height_queries: Arc<AtomicUsize>,
+    /// The index of each PushCommit it has received, in order.
+    pub pushes: Arc<Mutex<Vec<u64>>>,
     loaded: Arc<AtomicBool>,
 }
 
@@ -569,6 +579,11 @@ impl Served {
     pub fn fetches(&self) -> usize {
         self.fetches.load(Ordering::SeqCst)
     }
+
+    /// The index of each PushCommit it has received so far, in order.
+    pub fn pushes(&self) -> Vec<u64> {
+        locked(&self.pushes).clone()
+    }
 }
 
 /// Like [`serve`], returning what the peer sees as well.
@@ -577,6 +592,7 @@ pub async fn serve_observed(chain: Arc<Chain>, lie: Lie, key: u8) -> Served {
     let denied = Arc::new(AtomicUsize::new(0));
     let loaded = Arc::new(AtomicBool::new(false));
     let height_queries = Arc::new(AtomicUsize::new(0));
+    let pushes = Arc::new(Mutex::new(Vec::new()));
     let identity =
         NodeIdentity::generate(&KeyPair::from_seed([key; 32])).expect("an identity is made");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -600,6 +616,7 @@ pub async fn serve_observed(chain: Arc<Chain>, lie: Lie, key: u8) -> Served {
                 loaded: loaded.clone(),
                 loaded_commit_fetches: AtomicUsize::new(0),
                 height_queries: height_queries.clone(),
+                pushes: pushes.clone(),
             }))
             .serve_with_incoming(tls::incoming(listener, config)),
     );
@@ -610,6 +627,7 @@ pub async fn serve_observed(chain: Arc<Chain>, lie: Lie, key: u8) -> Served {
         fetches,
         denied,
         height_queries,
+        pushes,
         loaded,
     }
 }
