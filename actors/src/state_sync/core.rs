@@ -120,18 +120,45 @@ fn default_max_message_bytes() -> u64 {
     4 << 20
 }
 
-/// Protobuf framing allowed on top of the payload of an answer.
 /// Commits per sync batch unless configured: every batch costs a
 /// certificate (a quorum of certifier blocks, their signatures checked)
 /// and a round of commit and block fetches, so larger batches spread that
-/// over more commits. 200 caught up 10–15 % faster than 100, with
-/// signatures checked and off; 400 no faster than 200
-/// (docs/benchmarks.md, "Commit batches of 200"). Nodes of one network
-/// should use one value: a node serves only ranges ending at the batch
-/// ends it certified (docs/protocol.md, "Batch ends").
+/// over more commits. 200 caught up about 13 % faster than 100 with
+/// signatures off and 3–4 % faster with them checked; 400 no faster than
+/// 200 (docs/benchmarks.md, "Commit batches of 200"). Nodes of one
+/// network should use one value: a node serves only ranges holding a
+/// batch end it certified (docs/protocol.md, "Batch ends").
 pub const DEFAULT_COMMIT_SYNC_BATCH_SIZE: u64 = 200;
 
+/// Protobuf framing allowed on top of the payload of an answer.
 const FRAMING_BYTES: u64 = 64 << 10;
+
+/// Blocks after which [`BlocksSeen`] halves its counts, so that its
+/// average follows the chain's last few thousand blocks.
+const BLOCKS_SEEN_SPAN: u64 = 8_192;
+
+/// Bytes and blocks of the block fetches completed lately.
+#[derive(Clone, Copy, Debug, Default)]
+struct BlocksSeen {
+    bytes: u64,
+    blocks: u64,
+}
+
+impl BlocksSeen {
+    fn add(&mut self, bytes: u64, blocks: usize) {
+        self.bytes = self.bytes.saturating_add(bytes);
+        self.blocks = self.blocks.saturating_add(blocks as u64);
+        if self.blocks > BLOCKS_SEEN_SPAN {
+            self.bytes /= 2;
+            self.blocks /= 2;
+        }
+    }
+
+    /// Bytes per block, rounded up; `None` before any block.
+    fn average(&self) -> Option<u64> {
+        (self.blocks > 0 && self.bytes > 0).then(|| self.bytes.div_ceil(self.blocks))
+    }
+}
 
 /// Peers one unit of work (a commit fetch, a chunk of blocks and the parts
 /// it splits into) avoids at most: past that many, the oldest is asked
@@ -411,6 +438,9 @@ pub struct StateSyncCore {
     /// Largest commit answer received in the current epoch (0: none yet;
     /// `commit_answer_bytes` once one ahead was larger than its cap).
     largest_answer: u64,
+    /// Bytes and blocks of the block fetches completed lately, which size
+    /// the chunks of new batches ([`StateSyncCore::chunk_blocks`]).
+    blocks_seen: BlocksSeen,
     /// The last commit of the current epoch, once a forged batch running
     /// past it showed where it is (`Error::EpochEndInsideBatch`): commit
     /// ranges end there, so no answer can span it again.
@@ -471,6 +501,7 @@ impl Core for StateSyncCore {
             epoch: init.epoch,
             commit_answer_bytes: init.commit_answer_bytes,
             largest_answer: 0,
+            blocks_seen: BlocksSeen::default(),
             known_end: None,
             highest_known: init.synced.index,
             executed: init.executed,
@@ -897,7 +928,7 @@ impl StateSyncCore {
                 self.commit_supervision = Supervision::default();
                 self.unavailable = None;
                 self.verified = info.last;
-                let step = self.config.max_blocks_per_fetch.max(1);
+                let step = self.chunk_blocks();
                 let chunks = (0..info.block_count)
                     .step_by(step)
                     .map(|offset| (offset, Chunk::new(step.min(info.block_count - offset))))
@@ -933,6 +964,22 @@ impl StateSyncCore {
         }
     }
 
+    /// Blocks in each chunk of a new batch: `max_blocks_per_fetch`, or
+    /// fewer when the blocks fetched lately average more than three
+    /// quarters of `max_bytes_per_fetch` allows for that many. A chunk
+    /// past the bytes a fetch may bring is cut and fetched again in
+    /// halves; sized so, chunks of large blocks rarely are.
+    fn chunk_blocks(&self) -> usize {
+        let most = self.config.max_blocks_per_fetch.max(1);
+        match self.blocks_seen.average() {
+            Some(average) => {
+                let fit = (self.config.max_bytes_per_fetch / 4 * 3 / average).max(1);
+                most.min(usize::try_from(fit).unwrap_or(usize::MAX))
+            }
+            None => most,
+        }
+    }
+
     fn blocks_fetched(
         &mut self,
         now: Time,
@@ -945,11 +992,30 @@ impl StateSyncCore {
         let Some(b) = self.batches.get_mut(&batch) else {
             return;
         };
+        if result == Err(Failure::NoPeer) && b.last.index > self.highest_known {
+            // No peer tracked claims the batch's last commit any more (the
+            // one that claimed it was banned, or left): its blocks can be
+            // had from no one, and a batch running past every honest claim
+            // can be a retired committee's continuation of its epoch, whose
+            // forged blocks nobody holds. Everything not yet applied is
+            // fetched again, up to what is claimed now.
+            tracing::warn!(
+                batch,
+                last = b.last.index,
+                highest_known = self.highest_known,
+                "a fetched batch runs past every claim; fetching again"
+            );
+            self.reset(out);
+            return;
+        }
         let Some(c) = b.chunks.get_mut(&offset) else {
             return;
         };
         match result {
-            Ok(bytes) => c.state = ChunkState::Done(bytes),
+            Ok(bytes) => {
+                c.state = ChunkState::Done(bytes);
+                self.blocks_seen.add(bytes, c.len);
+            }
             Err(failure @ Failure::OverBudget { .. }) if c.len > 1 => {
                 // The blocks are larger than one fetch may hold: fetch them
                 // in two halves.
@@ -2843,6 +2909,68 @@ mod tests {
             failure: over
         }));
         assert!(!out.iter().any(|o| matches!(o, Output::Misbehaved { .. })));
+    }
+
+    #[test]
+    fn chunks_of_new_batches_are_sized_by_the_blocks_fetched_lately() {
+        // A fetch may bring 1 MiB, of 100 blocks at most.
+        let mut c = core(Config {
+            max_blocks_per_fetch: 100,
+            max_bytes_per_fetch: 1 << 20,
+            parallel_fetches: 10,
+            ..config()
+        });
+        let lens = |out: &[Output]| -> Vec<(usize, usize)> {
+            chunks(out).iter().map(|(o, l, _)| (*o, *l)).collect()
+        };
+        // Nothing fetched yet: chunks of 100.
+        let (t, _, _) = commit_fetch(&tick(&mut c, 0, 30)).unwrap();
+        let out = commits_ok(&mut c, 0, t, 1, 10, 100);
+        assert_eq!(lens(&out), vec![(0, 100)]);
+        // Its 100 blocks brought 800 KiB: 8 KiB a block, so three quarters
+        // of 1 MiB hold 96 of them.
+        let first = block_fetches(&out)[0].0;
+        let (t, _, _) = commit_fetch(&out).expect("the next batch asked for");
+        blocks_done(&mut c, first, Ok(800 << 10));
+        let out = commits_ok(&mut c, 1, t, 11, 20, 200);
+        assert_eq!(lens(&out), vec![(0, 96), (96, 96), (192, 8)]);
+        // Blocks of 64 KiB: 12 a chunk.
+        let [(a, ..), (b, ..), (d, ..)] = block_fetches(&out)[..] else {
+            panic!("three chunks: {out:?}");
+        };
+        let (t, _, _) = commit_fetch(&out).expect("the next batch asked for");
+        blocks_done(&mut c, a, Ok(96 * (64 << 10)));
+        blocks_done(&mut c, b, Ok(96 * (64 << 10)));
+        blocks_done(&mut c, d, Ok(8 * (64 << 10)));
+        let out = commits_ok(&mut c, 2, t, 21, 30, 30);
+        // 100 blocks of 8 KiB and 200 of 64 KiB: 45.3 KiB a block, so
+        // 16 a chunk.
+        assert_eq!(lens(&out), vec![(0, 16), (16, 14)]);
+    }
+
+    #[test]
+    fn a_batch_past_every_claim_whose_blocks_no_peer_holds_is_fetched_again_up_to_the_claims() {
+        // Batch 1..=10 is fetched while a peer claims 30; that claim goes
+        // (its peer banned), and the peers left claim 6. The batch's blocks
+        // then find no peer: the batch is dropped and 1..=6 asked for.
+        let mut c = core(Config {
+            parallel_fetches: 10,
+            ..config()
+        });
+        let (t, _, _) = commit_fetch(&tick(&mut c, 0, 30)).unwrap();
+        let out = commits_ok(&mut c, 0, t, 1, 10, 5);
+        let chunk = block_fetches(&out)[0].0;
+        tick(&mut c, 1, 6);
+        let out = blocks_done(&mut c, chunk, Err(Failure::NoPeer));
+        assert!(out.contains(&Output::Reset), "{out:?}");
+        let (t, start, end) = commit_fetch(&out).expect("fetched again");
+        assert_eq!((start, end), (1, 6));
+        // While the batch is within the claims, no peer for its blocks is
+        // only a wait.
+        let out = commits_ok(&mut c, 2, t, 1, 6, 3);
+        let chunk = block_fetches(&out)[0].0;
+        let out = blocks_done(&mut c, chunk, Err(Failure::NoPeer));
+        assert!(!out.contains(&Output::Reset), "{out:?}");
     }
 
     /// Each block fetch: offset, length and the peers avoided.
