@@ -667,7 +667,7 @@ async fn sync_starts_once_every_seed_answered_its_height_query_and_certifies_bat
  {
     // State sync never ticks here (an interval of an hour): only the seeds'
     // height answers can start it, once all three are in. Epochs of 250
-    // commits with batches of 100 fetched up to 8 ahead: batches fetched
+    // commits with batches of 200 fetched up to 8 ahead: batches fetched
     // ahead are certified as they arrive, those past an epoch's end (not
     // of the epoch expected then) are checked in full at their turn.
     let chain = ChainBuilder::new(ChainConfig {

@@ -1069,7 +1069,10 @@ fn kept(
 fn verify_failure(error: VerifyError) -> Failure {
     match error {
         VerifyError::Invalid(e) => Failure::Invalid(e),
-        VerifyError::UnknownEpoch(e) => Failure::Local(LocalFailure::UnknownEpoch(e)),
+        VerifyError::UnknownEpoch(e) => {
+            tracing::warn!(epoch = e, "the verifier holds no committee of this epoch");
+            Failure::Local(LocalFailure::UnknownEpoch(e))
+        }
         VerifyError::Busy { .. } => Failure::Local(LocalFailure::VerifierBusy),
         VerifyError::Stopped | VerifyError::Internal => {
             Failure::Local(LocalFailure::VerifierUnavailable)

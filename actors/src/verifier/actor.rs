@@ -123,7 +123,16 @@ impl Actor for Verifier {
             return;
         };
         match stored_committees(store.as_ref(), first) {
-            Ok(committees) => committees.into_iter().for_each(|c| self.install(c)),
+            Ok(committees) => {
+                // Only the newest are kept: the others are not installed.
+                let older = committees
+                    .len()
+                    .saturating_sub(self.deps.config.max_committees.max(1));
+                committees
+                    .into_iter()
+                    .skip(older)
+                    .for_each(|c| self.install(c));
+            }
             Err(e) => {
                 // Without its committees it can verify nothing: a failure
                 // for the supervisor.

@@ -32,8 +32,9 @@ pub struct Config {
     /// one): a request of an older epoch is refused (`UnknownEpoch`), and
     /// installing one older than all kept drops it at once. Sync verifies
     /// against the epoch it has reached, whose committee is the newest
-    /// installed or the one before, so a node that runs for years holds
-    /// this many committees, not one per epoch it has seen.
+    /// installed (a node catching up across seven epochs with one kept is
+    /// tested), so a node that runs for years holds this many committees,
+    /// not one per epoch it has seen.
     #[serde(default = "default_max_committees")]
     pub max_committees: usize,
 }
