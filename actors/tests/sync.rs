@@ -783,6 +783,63 @@ async fn a_node_synced_from_a_synced_node_serves_a_third_with_certificates() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_smaller_batches_syncs_from_a_node_that_synced_in_larger_ones() {
+    // B syncs from a validator in batches of 200 and keeps certificates
+    // only at its batch ends (the multiples of 200 and the epoch ends 450
+    // and 900). A stops; C, syncing in batches of 100, asks B alone for
+    // ranges such as 1..=100 that hold none of them, and is served each
+    // with the certificate the votes of the commits after it make.
+    let chain = ChainBuilder::new(ChainConfig {
+        commits_per_epoch: Some(450),
+        ..ChainConfig::validators(4)
+    })
+    .build(1_000);
+    let a = validator(&chain, 1);
+    let b_store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+    let b = fresh(&chain, 8, &[&a], b_store.clone());
+    wait_synced(&b, 1_000).await;
+    a.shutdown().await;
+    let kept: Vec<u64> = (1..=1_000)
+        .filter(|&i| b_store.certificate(i).unwrap().is_some())
+        .collect();
+    assert_eq!(kept, [200, 400, 450, 600, 800, 900, 1_000]);
+
+    let c_store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+    let c = soma_testkit::node(
+        &chain,
+        9,
+        P2pConfig {
+            seed_peers: seeds(&[&b]),
+            ..P2pConfig::default().with_commit_sync_batch_size(100)
+        },
+        c_store.clone(),
+    );
+    wait_synced(&c, 1_000).await;
+    assert_same_chain(&chain, c_store.as_ref());
+    // C's batch ends: the multiples of 100, the epoch ends, each with a
+    // certificate it checked (its votes are for that very commit).
+    let ends: Vec<u64> = (1..=1_000)
+        .filter(|&i| c_store.certificate(i).unwrap().is_some())
+        .collect();
+    assert_eq!(
+        ends,
+        [100, 200, 300, 400, 450, 500, 600, 700, 800, 900, 1_000]
+    );
+    for i in ends {
+        let certificate = c_store.certificate(i).unwrap().unwrap();
+        assert_eq!(certificate.len(), 3, "a minimal quorum of commit {i}");
+        assert!(
+            certificate
+                .iter()
+                .all(|b| b.block().commit_votes.contains(&chain.commit_ref(i))),
+            "every certifier of commit {i} votes for it"
+        );
+    }
+    c.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_that_fails_writes_mid_sync_holds_the_watermark_and_sync_recovers_when_it_heals() {
     use soma_testkit::failing_store::FailingStore;
     let chain = ChainBuilder::new(ChainConfig::validators(4)).build(1_500);

@@ -169,8 +169,10 @@ fn build(
     };
     let end = batch_end(from, batch_size, epoch_last, watermark);
     // Local commits whose certificate is still to come: nothing to archive
-    // yet (the answer would be UNAVAILABLE).
-    if store.highest_certified_in(from..=end)?.is_none() {
+    // yet (the answer would be UNAVAILABLE). A range holding none of the
+    // certificates kept (the node synced in other batches) is archived
+    // with the certificate its next commits' votes make.
+    if store.highest_certified_in(from..=end)?.is_none() && !certified_by_votes(store, end)? {
         return Ok(Step::Idle);
     }
     let answer = match grpc::fetch_commits(store, from, end, grpc, data) {
@@ -201,6 +203,17 @@ fn build(
         certifiers: answer.certifier_blocks,
         blocks,
     }))
+}
+
+/// Whether the votes of the commits after `end` certify it.
+fn certified_by_votes(store: &dyn ConsensusStore, end: CommitIndex) -> Result<bool, ArchiveError> {
+    let Some(last) = store.commit(end)? else {
+        return Ok(false);
+    };
+    let Some(committee) = store.committee(last.commit().epoch)? else {
+        return Ok(false);
+    };
+    Ok(grpc::certificate_from_votes(store, last.reference(), &committee)?.is_some())
 }
 
 #[cfg(test)]
@@ -238,5 +251,34 @@ mod tests {
             panic!("commits 1..=3 are certified");
         };
         assert_eq!((batch.first, batch.last), (1, 3));
+    }
+
+    #[test]
+    fn a_store_synced_in_larger_batches_is_archived_in_the_writers_batches() {
+        // Certificates kept at 200 and the tip, 300: the writer's batches of
+        // 100 end at 100 with the certificate the later votes make.
+        let chain = ChainBuilder::new(ChainConfig::validators(4)).build(300);
+        let store = MemStore::new(chain.genesis());
+        chain.write_to(&store, 200).unwrap();
+        let (grpc, data) = (grpc::Limits::default(), soma_types::Limits::default());
+        let mut from = 1;
+        let mut objects = Vec::new();
+        while let Step::Batch(batch) = build(&store, from, &grpc, &data, 100).unwrap() {
+            let voters = batch
+                .certifiers
+                .iter()
+                .map(|b| soma_types::UnverifiedBlock::decode(b.clone(), data.max_block_bytes))
+                .filter(|b| {
+                    b.as_ref()
+                        .unwrap()
+                        .block()
+                        .commit_votes
+                        .contains(&chain.commit_ref(batch.last))
+                })
+                .count();
+            objects.push((batch.first, batch.last, voters));
+            from = batch.last + 1;
+        }
+        assert_eq!(objects, [(1, 100, 3), (101, 200, 3), (201, 300, 3)]);
     }
 }

@@ -26,7 +26,9 @@ pub(super) fn store_error(e: soma_store::Error) -> Status {
 /// FetchCommits: commits from `start`, ending at the epoch's last commit if
 /// that comes first, then at the highest commit in range whose certificate
 /// is held, within the byte budget; with a minimal quorum of that
-/// certificate's blocks ([`minimal_certificate`]).
+/// certificate's blocks ([`minimal_certificate`]). With none held in
+/// range, it ends at the range's end if the votes of the commits after it
+/// certify it ([`certificate_from_votes`]).
 ///
 /// The answer stays within
 /// [`soma_types::Limits::max_fetch_commits_response_bytes`] for the budget
@@ -73,29 +75,43 @@ pub(crate) fn fetch_commits(
         .commits_in_range(start..=end, limits.max_fetch_response_bytes)
         .map_err(store_error)?;
     let read_end = commits.last().map_or(start, |c| c.index());
-    // Commits held but not certified yet (local commits whose votes are
-    // still to come): UNAVAILABLE, not NOT_FOUND, which a peer takes for a
-    // lie about the height claimed.
-    let certified = store
+    let certifiers = match store
         .highest_certified_in(start..=read_end)
         .map_err(store_error)?
-        .ok_or_else(|| {
-            Status::unavailable(format!("no certificate held yet in {start}..={read_end}"))
-        })?;
-    commits.retain(|c| c.index() <= certified);
-    let last = commits
-        .last()
-        .map(|c| c.reference())
-        .ok_or_else(|| Status::internal(format!("commit {certified} is not held")))?;
-    let stored = store
-        .certificate(certified)
-        .map_err(store_error)?
-        .unwrap_or_default();
-    let certifiers = minimal_certificate(stored, last, &committee).ok_or_else(|| {
-        Status::internal(format!(
-            "stored certificate of commit {certified} lacks quorum"
-        ))
-    })?;
+    {
+        Some(certified) => {
+            commits.retain(|c| c.index() <= certified);
+            let last = commits
+                .last()
+                .map(|c| c.reference())
+                .ok_or_else(|| Status::internal(format!("commit {certified} is not held")))?;
+            let stored = store
+                .certificate(certified)
+                .map_err(store_error)?
+                .unwrap_or_default();
+            minimal_certificate(stored, last, &committee).ok_or_else(|| {
+                Status::internal(format!(
+                    "stored certificate of commit {certified} lacks quorum"
+                ))
+            })?
+        }
+        // None kept in range (the node synced in batches other than the
+        // client's): the votes of the commits after it may certify the
+        // range's end. Otherwise, local commits whose votes are still to
+        // come: UNAVAILABLE, not NOT_FOUND, which a peer takes for a lie
+        // about the height claimed.
+        None => {
+            let last = commits
+                .last()
+                .map(|c| c.reference())
+                .ok_or_else(|| Status::internal(format!("commit {start} is not held")))?;
+            certificate_from_votes(store, last, &committee)
+                .map_err(store_error)?
+                .ok_or_else(|| {
+                    Status::unavailable(format!("no certificate held yet in {start}..={read_end}"))
+                })?
+        }
+    };
     let response = proto::FetchCommitsResponse {
         commits: commits.iter().map(|c| c.serialized().clone()).collect(),
         certifier_blocks: certifiers.iter().map(|b| b.serialized().clone()).collect(),
@@ -111,6 +127,65 @@ pub(crate) fn fetch_commits(
         )));
     }
     Ok(response)
+}
+
+/// Most commits after a commit whose blocks are searched for its votes.
+pub(crate) const VOTE_SEARCH_COMMITS: u64 = 8;
+
+/// Most blocks read in that search.
+pub(crate) const VOTE_SEARCH_BLOCKS: usize = 1_024;
+
+/// Blocks read from the store at a time in that search: only the voters
+/// are kept, one per authority.
+const VOTE_SEARCH_READ: usize = 16;
+
+/// A certificate of commit `last` made of the blocks that vote for it among
+/// the blocks of the commits after it, of its epoch: each authority votes in
+/// its first block after it committed `last`, and those blocks are
+/// committed a few commits later. A node keeps the certificates of its own
+/// batch ends only; this lets it serve a client whose batches end
+/// elsewhere. The search reads the blocks of at most
+/// [`VOTE_SEARCH_COMMITS`] commits and [`VOTE_SEARCH_BLOCKS`] blocks, and
+/// stops at the first quorum. `None` if they hold no quorum of votes (the
+/// commits after `last` are not held yet, for one).
+///
+/// Every stored block was verified before it was stored, so the votes are
+/// the authorities' own; the client checks the certificate as any other.
+pub(crate) fn certificate_from_votes(
+    store: &dyn ConsensusStore,
+    last: CommitRef,
+    committee: &Committee,
+) -> soma_store::Result<Option<Vec<VerifiedBlock>>> {
+    let highest = store.highest_synced_commit()?.index;
+    let end = last.index.saturating_add(VOTE_SEARCH_COMMITS).min(highest);
+    // At most one voter per authority is kept, whatever else is read.
+    let mut authors = HashSet::new();
+    let mut voters: Vec<VerifiedBlock> = Vec::new();
+    let mut read = 0;
+    for index in last.index.saturating_add(1)..=end {
+        let Some(commit) = store.commit(index)? else {
+            break;
+        };
+        if commit.commit().epoch != committee.epoch() {
+            break;
+        }
+        let refs = commit.commit().blocks.as_slice();
+        let refs = &refs[..refs.len().min(VOTE_SEARCH_BLOCKS - read)];
+        read += refs.len();
+        for group in refs.chunks(VOTE_SEARCH_READ) {
+            voters.extend(store.blocks(group)?.into_iter().flatten().filter(|b| {
+                let b = b.block();
+                b.commit_votes.contains(&last) && authors.insert(b.author)
+            }));
+        }
+        if let Some(certificate) = minimal_certificate(voters.clone(), last, committee) {
+            return Ok(Some(certificate));
+        }
+        if read == VOTE_SEARCH_BLOCKS {
+            break;
+        }
+    }
+    Ok(None)
 }
 
 /// The certificate sent for commit `last`: of `stored`, only blocks voting
@@ -415,6 +490,51 @@ mod tests {
             &chain,
             &data,
         );
+    }
+
+    #[test]
+    fn a_range_holding_no_kept_certificate_is_certified_by_the_votes_after_it() {
+        // Certificates kept at 20 and 40 only, as a node keeps them that
+        // synced in batches of 20. Each authority votes for commit c in its
+        // block of round c + 3, committed by commit c + 4: every commit up to
+        // 36 has its votes held, 37..=39 do not.
+        let chain = small_blocks_chain(vec![1; 4], 40);
+        let store = MemStore::new(chain.genesis());
+        chain.write_to(&store, 20).unwrap();
+        let (limits, data) = (Limits::default(), soma_types::Limits::default());
+        for end in 21..=40 {
+            let answer = fetch_commits(&store, 21, end, &limits, &data);
+            if (37..=39).contains(&end) {
+                let refused = answer.unwrap_err();
+                assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused}");
+                continue;
+            }
+            let answer = answer.unwrap();
+            assert_eq!(answer.commits.len() as u64, end - 20, "21..={end}");
+            let commits = answer
+                .commits
+                .iter()
+                .map(|b| UnverifiedCommit::decode(b.clone(), data.max_commit_bytes).unwrap())
+                .collect();
+            let certifiers = answer
+                .certifier_blocks
+                .iter()
+                .map(|b| UnverifiedBlock::decode(b.clone(), data.max_block_bytes).unwrap())
+                .collect();
+            let (_, certifiers) = verify_commit_batch(
+                commits,
+                certifiers,
+                chain.genesis(),
+                chain.commit_ref(20),
+                &data,
+            )
+            .unwrap();
+            assert_eq!(certifiers.len(), 3, "a minimal quorum for 21..={end}");
+        }
+        // Below a kept certificate, the range ends where it was asked to.
+        let answer = fetch_commits(&store, 1, 10, &limits, &data).unwrap();
+        assert_eq!(answer.commits.len(), 10);
+        assert_eq!(verify_answer(&answer, &chain, &data), [0, 1, 2]);
     }
 
     #[test]
