@@ -160,6 +160,25 @@ impl BlocksSeen {
     }
 }
 
+/// Blocks in each chunk sent: `max_blocks_per_fetch`, or fewer when the
+/// blocks fetched lately average more than three quarters of
+/// `max_bytes_per_fetch` allows for that many. Chunks are sized so when
+/// their batch is made and again when they are sent, so that the batches
+/// made before any block arrived are not each cut at the cap. A chunk past
+/// the bytes a fetch may bring is cut all the same (blocks differ in
+/// size), its blocks that came whole counted, and fetched again in parts
+/// of this size, at most half of it.
+fn chunk_blocks(config: &Config, seen: &BlocksSeen) -> usize {
+    let most = config.max_blocks_per_fetch.max(1);
+    match seen.average() {
+        Some(average) => {
+            let fit = (config.max_bytes_per_fetch / 4 * 3 / average).max(1);
+            most.min(usize::try_from(fit).unwrap_or(usize::MAX))
+        }
+        None => most,
+    }
+}
+
 /// Peers one unit of work (a commit fetch, a chunk of blocks and the parts
 /// it splits into) avoids at most: past that many, the oldest is asked
 /// again. Each failure that avoids a peer can come from a new identity, so
@@ -964,19 +983,34 @@ impl StateSyncCore {
         }
     }
 
-    /// Blocks in each chunk of a new batch: `max_blocks_per_fetch`, or
-    /// fewer when the blocks fetched lately average more than three
-    /// quarters of `max_bytes_per_fetch` allows for that many. A chunk
-    /// past the bytes a fetch may bring is cut and fetched again in
-    /// halves; sized so, chunks of large blocks rarely are.
     fn chunk_blocks(&self) -> usize {
-        let most = self.config.max_blocks_per_fetch.max(1);
-        match self.blocks_seen.average() {
-            Some(average) => {
-                let fit = (self.config.max_bytes_per_fetch / 4 * 3 / average).max(1);
-                most.min(usize::try_from(fit).unwrap_or(usize::MAX))
+        chunk_blocks(&self.config, &self.blocks_seen)
+    }
+
+    /// Splits each chunk not sent yet that is longer than
+    /// [`chunk_blocks`] now allows (its batch was made before the blocks
+    /// fetched told their size); each part keeps the chunk's supervision.
+    fn resize_pending_chunks(&mut self) {
+        let step = self.chunk_blocks();
+        for batch in self.batches.values_mut() {
+            let long: Vec<usize> = batch
+                .chunks
+                .iter()
+                .filter(|(_, c)| c.state == ChunkState::Pending && c.len > step)
+                .map(|(offset, _)| *offset)
+                .collect();
+            for offset in long {
+                let chunk = batch.chunks[&offset].clone();
+                for at in (0..chunk.len).step_by(step) {
+                    batch.chunks.insert(
+                        offset + at,
+                        Chunk {
+                            len: step.min(chunk.len - at),
+                            ..chunk.clone()
+                        },
+                    );
+                }
             }
-            None => most,
         }
     }
 
@@ -1016,13 +1050,24 @@ impl StateSyncCore {
                 c.state = ChunkState::Done(bytes);
                 self.blocks_seen.add(bytes, c.len);
             }
-            Err(failure @ Failure::OverBudget { .. }) if c.len > 1 => {
-                // The blocks are larger than one fetch may hold: fetch them
-                // in two halves.
-                let half = c.len / 2;
-                let rest = c.len - half;
-                *c = Chunk::new(half);
-                b.chunks.insert(offset + half, Chunk::new(rest));
+            Err(
+                failure @ Failure::OverBudget {
+                    held_blocks,
+                    held_bytes,
+                    ..
+                },
+            ) if c.len > 1 => {
+                // The blocks are larger than one fetch may hold. Those that
+                // came whole (their digests matched) tell their size; the
+                // chunk is fetched again in parts that fit, at most halves.
+                if held_blocks > 0 {
+                    self.blocks_seen.add(held_bytes, held_blocks);
+                }
+                let step = chunk_blocks(&self.config, &self.blocks_seen).min(c.len.div_ceil(2));
+                let len = c.len;
+                for at in (0..len).step_by(step) {
+                    b.chunks.insert(offset + at, Chunk::new(step.min(len - at)));
+                }
                 out.push(Output::Restarted { task, failure });
             }
             Err(failure @ Failure::BlocksWithheld { held, claimed }) if c.len > 1 => {
@@ -1056,7 +1101,7 @@ impl StateSyncCore {
                 // One block never exceeds the cap of a one-block fetch: such
                 // a block is not the one its digest names.
                 let failure = match failure {
-                    Failure::OverBudget { received, max } => {
+                    Failure::OverBudget { received, max, .. } => {
                         Failure::Invalid(soma_types::Error::TooLarge {
                             len: usize::try_from(received).unwrap_or(usize::MAX),
                             limit: usize::try_from(max).unwrap_or(usize::MAX),
@@ -1406,6 +1451,7 @@ impl StateSyncCore {
             .filter(|t| matches!(t, Task::Blocks { .. }))
             .count();
         let next_in_line = self.synced.index + 1;
+        self.resize_pending_chunks();
         let starts: Vec<CommitIndex> = self.batches.keys().copied().collect();
         'batches: for start in starts {
             let Some(batch) = self.batches.get(&start) else {
@@ -1924,6 +1970,8 @@ mod tests {
             Err(Failure::OverBudget {
                 received: 400_001,
                 max: 400_000,
+                held_blocks: 0,
+                held_bytes: 0,
             }),
         );
         assert!(!out.iter().any(|o| matches!(o, Output::Misbehaved { .. })));
@@ -2863,6 +2911,8 @@ mod tests {
                             1 => Err(Failure::OverBudget {
                                 received: max_bytes + 1,
                                 max: max_bytes,
+                                held_blocks: 0,
+                                held_bytes: 0,
                             }),
                             _ => Ok(rng.random_range(0..=max_bytes)),
                         };
@@ -2894,6 +2944,8 @@ mod tests {
         let over = Failure::OverBudget {
             received: 9 << 20,
             max: 8 << 20,
+            held_blocks: 0,
+            held_bytes: 0,
         };
         let out = blocks_done(&mut c, first.0, Err(over.clone()));
         let halves: Vec<(usize, usize)> = out
@@ -2903,7 +2955,8 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert_eq!(halves, vec![(0, 2), (2, 3)]);
+        // Nothing tells the blocks' size: halves, the first the larger.
+        assert_eq!(halves, vec![(0, 3), (3, 2)]);
         assert!(out.contains(&Output::Restarted {
             task: first.0,
             failure: over
@@ -2946,6 +2999,70 @@ mod tests {
         // 100 blocks of 8 KiB and 200 of 64 KiB: 45.3 KiB a block, so
         // 16 a chunk.
         assert_eq!(lens(&out), vec![(0, 16), (16, 14)]);
+    }
+
+    #[test]
+    fn a_chunk_cut_at_the_cap_is_fetched_again_in_parts_its_whole_blocks_say_fit() {
+        // A fetch may bring 1 MiB, of 100 blocks at most; nothing fetched
+        // yet, so the batch's 100 blocks go as one chunk. It is cut after
+        // 40 blocks of 20 KiB came whole: three quarters of 1 MiB hold 38.
+        let mut c = core(Config {
+            max_blocks_per_fetch: 100,
+            max_bytes_per_fetch: 1 << 20,
+            parallel_fetches: 10,
+            ..config()
+        });
+        let (t, _, _) = commit_fetch(&tick(&mut c, 0, 10)).unwrap();
+        let out = commits_ok(&mut c, 0, t, 1, 10, 100);
+        let lens = |out: &[Output]| -> Vec<(usize, usize)> {
+            chunks(out).iter().map(|(o, l, _)| (*o, *l)).collect()
+        };
+        assert_eq!(lens(&out), vec![(0, 100)]);
+        let over = Failure::OverBudget {
+            received: (1 << 20) + 1,
+            max: 1 << 20,
+            held_blocks: 40,
+            held_bytes: 40 * (20 << 10),
+        };
+        let out = blocks_done(&mut c, block_fetches(&out)[0].0, Err(over));
+        assert_eq!(lens(&out), vec![(0, 38), (38, 38), (76, 24)]);
+    }
+
+    #[test]
+    fn chunks_of_batches_made_before_any_block_arrived_are_resized_when_sent() {
+        // One block fetch at a time: batch 11..=20 is made, as one chunk of
+        // 100, while batch 1..=10's blocks are on their way. They bring
+        // 8 KiB a block, so the waiting chunk goes as 96 and 4.
+        let mut c = core(Config {
+            max_blocks_per_fetch: 100,
+            max_bytes_per_fetch: 1 << 20,
+            parallel_fetches: 1,
+            ..config()
+        });
+        let lens = |out: &[Output]| -> Vec<(usize, usize)> {
+            chunks(out).iter().map(|(o, l, _)| (*o, *l)).collect()
+        };
+        let (t, _, _) = commit_fetch(&tick(&mut c, 0, 30)).unwrap();
+        let out = commits_ok(&mut c, 0, t, 1, 10, 100);
+        assert_eq!(lens(&out), vec![(0, 100)]);
+        let first = block_fetches(&out)[0].0;
+        let (t, _, _) = commit_fetch(&out).expect("the next batch asked for");
+        let out = commits_ok(&mut c, 1, t, 11, 20, 100);
+        assert_eq!(lens(&out), vec![], "one block fetch at a time");
+        let out = blocks_done(&mut c, first, Ok(800 << 10));
+        let sent: Vec<(CommitIndex, usize, usize)> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::FetchBlocks {
+                    batch, offset, len, ..
+                } => Some((*batch, *offset, *len)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sent, vec![(11, 0, 96)]);
+        let next = block_fetches(&out)[0].0;
+        let out = blocks_done(&mut c, next, Ok(96 * (8 << 10)));
+        assert_eq!(lens(&out), vec![(96, 4)]);
     }
 
     #[test]
@@ -3193,6 +3310,8 @@ mod tests {
         let over = Failure::OverBudget {
             received: 5 << 20,
             max: 4 << 20,
+            held_blocks: 0,
+            held_bytes: 0,
         };
         let out = c.handle(
             Time(0),

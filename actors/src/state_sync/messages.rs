@@ -123,6 +123,13 @@ pub enum Failure {
         received: u64,
         /// Bytes the fetch could hold.
         max: u64,
+        /// Blocks asked for that came whole before the cut, their digests
+        /// matched (none for a commit answer).
+        #[serde(default)]
+        held_blocks: usize,
+        /// Their bytes: what the next chunks are sized by.
+        #[serde(default)]
+        held_bytes: u64,
     },
     /// Our side failed; never held against the peer.
     Local(LocalFailure),

@@ -933,6 +933,8 @@ fn over_cap(failure: Failure, (max_bytes, estimated): (u64, bool)) -> Failure {
             Failure::OverBudget {
                 received: max_bytes.saturating_add(1),
                 max: max_bytes,
+                held_blocks: 0,
+                held_bytes: 0,
             }
         }
         failure => failure,
@@ -970,11 +972,14 @@ impl Intake {
     }
 
     fn accept(&mut self, blob: bytes::Bytes) -> Result<(), Failure> {
+        let held_bytes = self.bytes;
         self.bytes += blob.len() as u64;
         if self.bytes > self.max_bytes {
             return Err(Failure::OverBudget {
                 received: self.bytes,
                 max: self.max_bytes,
+                held_blocks: self.blobs.len(),
+                held_bytes,
             });
         }
         let blob = HashedBlob::new(blob);
@@ -1348,7 +1353,9 @@ mod tests {
             over_cap(out_of_range.clone(), (300_000, true)),
             Failure::OverBudget {
                 received: 300_001,
-                max: 300_000
+                max: 300_000,
+                held_blocks: 0,
+                held_bytes: 0,
             }
         );
         // Over the most an answer may be: the peer's fault, as sent.
@@ -1421,6 +1428,44 @@ mod tests {
         // A block repeated ends the intake, whatever follows.
         let result = received(&[&[0, 0]], not_found()).await;
         assert!(matches!(result, Ok(Err(Failure::Invalid(_)))), "{result:?}");
+    }
+
+    #[tokio::test]
+    async fn a_stream_cut_at_the_cap_counts_only_the_blocks_asked_for_that_came_whole() {
+        let (blocks, refs) = two_commits_blocks();
+        let len = |i: usize| blocks[i].len() as u64;
+        let cut = |items: Vec<bytes::Bytes>, max_bytes: u64| {
+            let refs = refs.clone();
+            async move {
+                let items = vec![Ok(proto::FetchBlocksResponse { blocks: items })];
+                receive_blocks(&mut futures::stream::iter(items), &refs, max_bytes)
+                    .await
+                    .unwrap()
+            }
+        };
+        // Room for two blocks and part of a third.
+        let max = len(0) + len(1) + len(2) / 2;
+        assert_eq!(
+            cut(blocks[..3].to_vec(), max).await,
+            Err(Failure::OverBudget {
+                received: len(0) + len(1) + len(2),
+                max,
+                held_blocks: 2,
+                held_bytes: len(0) + len(1),
+            })
+        );
+        // A blob asked for by no digest, past the cap at once: it tells
+        // nothing of the blocks' size.
+        let junk = bytes::Bytes::from(vec![0u8; 10_000]);
+        assert_eq!(
+            cut(vec![junk], 5_000).await,
+            Err(Failure::OverBudget {
+                received: 10_000,
+                max: 5_000,
+                held_blocks: 0,
+                held_bytes: 0,
+            })
+        );
     }
 
     #[test]

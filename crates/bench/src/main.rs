@@ -108,6 +108,8 @@ enum Hidden {
 pub struct Size {
     /// Commits of the catch-up chain.
     pub sync_commits: u64,
+    /// Commits of the catch-up chain of large blocks.
+    pub large_commits: u64,
     /// Commits of the chain caught up on 1 core, then 2.
     pub cores_commits: u64,
     /// Commits of the chain caught up through impaired links.
@@ -157,6 +159,7 @@ impl Size {
     fn full() -> Self {
         Size {
             sync_commits: 20_000,
+            large_commits: 4_000,
             cores_commits: 10_000,
             latency_commits: 40_000,
             latency_reset_every: Duration::from_secs(10),
@@ -185,6 +188,7 @@ impl Size {
     fn quick() -> Self {
         Size {
             sync_commits: 300,
+            large_commits: 100,
             cores_commits: 100,
             latency_commits: 300,
             // Long enough for a redial and a fetch through a 100 ms link

@@ -26,9 +26,20 @@ use crate::{Size, runtime};
 
 /// A chain of `validators` with blocks of 10 signed transactions.
 pub fn chain(validators: usize, commits: u64) -> Arc<Chain> {
+    chain_of_payloads(validators, commits, ChainConfig::default().payload_bytes)
+}
+
+/// Payload of each transaction in the chain of large blocks: blocks of 10
+/// transactions of about 20 KB.
+const LARGE_PAYLOAD_BYTES: usize = 1_900;
+
+/// A chain of `validators` with blocks of 10 signed transactions of
+/// `payload_bytes` each.
+fn chain_of_payloads(validators: usize, commits: u64, payload_bytes: usize) -> Arc<Chain> {
     Arc::new(
         ChainBuilder::new(ChainConfig {
             transactions_per_block: 10,
+            payload_bytes,
             ..ChainConfig::validators(validators)
         })
         .build(commits),
@@ -244,20 +255,37 @@ pub async fn stop(handles: Vec<P2pHandle>) {
     }
 }
 
-/// Benchmark 1: catch-up against the crypto and the transport limit.
-pub fn catch_up_section(size: &Size) -> Section {
-    let commits = size.sync_commits;
+/// One chain's catch-ups, with its limits.
+struct Measured {
+    chain: Arc<Chain>,
+    commits: u64,
+    blocks: f64,
+    block_bytes: f64,
+    signatures: usize,
+    crypto: Duration,
+    transport: Transport,
+    on: CatchUp,
+    off: CatchUp,
+}
+
+/// Builds a chain of `commits` commits of 10 transactions of
+/// `payload_bytes`, times its limits, and catches it up twice from 3
+/// validators: block signatures checked, then off.
+fn measure(commits: u64, payload_bytes: usize, config: &P2pConfig) -> Measured {
     let built = Instant::now();
-    let chain = chain(4, commits);
+    let chain = chain_of_payloads(4, commits, payload_bytes);
     let blocks = chain.block_count() as f64;
+    let block_bytes = (1..=commits)
+        .flat_map(|i| chain.blocks_of(i))
+        .map(|b| b.serialized().len() as f64)
+        .sum::<f64>()
+        / blocks;
     eprintln!(
-        "  chain of {commits} commits, {blocks} blocks built in {:.1}s",
+        "  chain of {commits} commits, {blocks} blocks of {block_bytes:.0} bytes built in {:.1}s",
         built.elapsed().as_secs_f64()
     );
     let (signatures, crypto) = crypto_limit(&chain);
-    let previous = previous_rule(&chain);
-    let config = P2pConfig::default();
-    let transport = transport_limit(&chain, 3, &config);
+    let transport = transport_limit(&chain, 3, config);
     let rt = runtime(2);
     let (on, off) = rt.block_on(async {
         let peers = validators(&chain, 3);
@@ -266,20 +294,53 @@ pub fn catch_up_section(size: &Size) -> Section {
         stop(peers).await;
         (on, off)
     });
+    Measured {
+        chain,
+        commits,
+        blocks,
+        block_bytes,
+        signatures,
+        crypto,
+        transport,
+        on,
+        off,
+    }
+}
+
+/// Benchmark 1: catch-up against the crypto and the transport limit, with
+/// the blocks of 10 small transactions, then with blocks of about 20 KB.
+pub fn catch_up_section(size: &Size) -> Section {
+    let config = P2pConfig::default();
+    let small = measure(
+        size.sync_commits,
+        ChainConfig::default().payload_bytes,
+        &config,
+    );
+    let previous = previous_rule(&small.chain);
+    let large = measure(size.large_commits, LARGE_PAYLOAD_BYTES, &config);
 
     let mut s = Section::new(
         "sync",
         "Catch-up sync against the crypto and transport limits",
         format!(
-            "A fresh node on a MemStore catches up {commits} commits ({blocks} blocks of 10 signed \
-             transactions, {signatures} signatures; 4-validator committee) from 3 validator nodes \
-             over mutual TLS on 127.0.0.1, default settings; everything in one process on {} cores. \
-             Crypto limit: the same signatures through raw `verify_batch`, batches prepared \
-             beforehand, on all cores. Transport limit: the same FetchCommits and FetchBlocks \
-             requests, {} at once over 3 connections, answered by a bare tonic service from memory. \
-             MB/s counts block bytes.",
+            "A fresh node on a MemStore catches up {} commits ({} blocks of 10 signed \
+             transactions, {:.0} bytes each on average, {} signatures; 4-validator committee) \
+             from 3 validator nodes over mutual TLS on 127.0.0.1, default settings; everything in \
+             one process on {} cores. Crypto limit: the same signatures through raw \
+             `verify_batch`, batches prepared beforehand, on all cores. Transport limit: the same \
+             FetchCommits and FetchBlocks requests, {} at once over 3 connections, answered by a \
+             bare tonic service from memory. MB/s counts block bytes. Then the same with \
+             transactions of {LARGE_PAYLOAD_BYTES}-byte payloads: {} commits, {} blocks of {:.0} \
+             bytes on average, each set of rows against its own limits.",
+            small.commits,
+            small.blocks,
+            small.block_bytes,
+            small.signatures,
             crate::cores(),
-            config.state_sync.parallel_fetches
+            config.state_sync.parallel_fetches,
+            large.commits,
+            large.blocks,
+            large.block_bytes,
         ),
         &[
             "path",
@@ -292,75 +353,90 @@ pub fn catch_up_section(size: &Size) -> Section {
             "of transport limit",
         ],
     );
-    let mb = |bytes: u64, d: Duration| Cell::num(bytes as f64 / 1e6 / d.as_secs_f64(), 1);
-    s.row(
-        "raw `verify_batch`, all cores (crypto limit)",
-        vec![
-            Cell::secs(crypto),
-            Cell::Empty,
-            Cell::Empty,
-            Cell::rate(signatures as f64, crypto),
-            Cell::Empty,
-            Cell::Ratio(1.0),
-            Cell::Empty,
-        ],
-    );
-    s.row(
-        "ed25519-dalek `verify_batch`, all cores (the previous, batch-dependent rule)",
-        vec![
-            Cell::secs(previous),
-            Cell::Empty,
-            Cell::Empty,
-            Cell::rate(signatures as f64, previous),
-            Cell::Empty,
-            Cell::Ratio(crypto.as_secs_f64() / previous.as_secs_f64()),
-            Cell::Empty,
-        ],
-    );
-    s.row(
-        "bare tonic stream, same requests (transport limit)",
-        vec![
-            Cell::secs(transport.elapsed),
-            Cell::rate(commits as f64, transport.elapsed),
-            Cell::rate(blocks, transport.elapsed),
-            Cell::Empty,
-            mb(transport.block_bytes, transport.elapsed),
-            Cell::Empty,
-            Cell::Ratio(1.0),
-        ],
-    );
-    for (label, run, checked) in [
-        ("catch-up, block signatures checked", &on, true),
-        ("catch-up, block signatures off", &off, false),
-    ] {
-        let sigs = signatures as f64 / run.elapsed.as_secs_f64();
-        let crypto_rate = signatures as f64 / crypto.as_secs_f64();
-        s.row(
-            label,
-            vec![
-                Cell::secs(run.elapsed),
-                Cell::rate(commits as f64, run.elapsed),
-                Cell::rate(blocks, run.elapsed),
-                if checked {
-                    Cell::int(sigs.round())
-                } else {
-                    Cell::Empty
-                },
-                mb(run.bytes, run.elapsed),
-                if checked {
-                    Cell::Ratio(sigs / crypto_rate)
-                } else {
-                    Cell::Empty
-                },
-                Cell::Ratio(transport.elapsed.as_secs_f64() / run.elapsed.as_secs_f64()),
-            ],
-        );
-    }
+    small.rows(&mut s, "", Some(previous));
+    let large_label = format!(", blocks of {:.0} KB", large.block_bytes / 1e3);
+    large.rows(&mut s, &large_label, None);
     s.notes.push(format!(
-        "Worker restarts: {} with signatures checked, {} without.",
-        on.restarts, off.restarts
+        "Worker restarts: {} with signatures checked, {} without; with the large blocks {} and {}.",
+        small.on.restarts, small.off.restarts, large.on.restarts, large.off.restarts
     ));
     s
+}
+
+impl Measured {
+    /// The crypto limit, the `previous` rule's time if given, the
+    /// transport limit, then both catch-ups, each label ending with
+    /// `suffix`.
+    fn rows(&self, s: &mut Section, suffix: &str, previous: Option<Duration>) {
+        let mb = |bytes: u64, d: Duration| Cell::num(bytes as f64 / 1e6 / d.as_secs_f64(), 1);
+        let (commits, blocks, signatures) = (self.commits as f64, self.blocks, self.signatures);
+        s.row(
+            format!("raw `verify_batch`, all cores (crypto limit){suffix}"),
+            vec![
+                Cell::secs(self.crypto),
+                Cell::Empty,
+                Cell::Empty,
+                Cell::rate(signatures as f64, self.crypto),
+                Cell::Empty,
+                Cell::Ratio(1.0),
+                Cell::Empty,
+            ],
+        );
+        if let Some(previous) = previous {
+            s.row(
+                "ed25519-dalek `verify_batch`, all cores (the previous, batch-dependent rule)",
+                vec![
+                    Cell::secs(previous),
+                    Cell::Empty,
+                    Cell::Empty,
+                    Cell::rate(signatures as f64, previous),
+                    Cell::Empty,
+                    Cell::Ratio(self.crypto.as_secs_f64() / previous.as_secs_f64()),
+                    Cell::Empty,
+                ],
+            );
+        }
+        let transport = &self.transport;
+        s.row(
+            format!("bare tonic stream, same requests (transport limit){suffix}"),
+            vec![
+                Cell::secs(transport.elapsed),
+                Cell::rate(commits, transport.elapsed),
+                Cell::rate(blocks, transport.elapsed),
+                Cell::Empty,
+                mb(transport.block_bytes, transport.elapsed),
+                Cell::Empty,
+                Cell::Ratio(1.0),
+            ],
+        );
+        for (label, run, checked) in [
+            ("catch-up, block signatures checked", &self.on, true),
+            ("catch-up, block signatures off", &self.off, false),
+        ] {
+            let sigs = signatures as f64 / run.elapsed.as_secs_f64();
+            let crypto_rate = signatures as f64 / self.crypto.as_secs_f64();
+            s.row(
+                format!("{label}{suffix}"),
+                vec![
+                    Cell::secs(run.elapsed),
+                    Cell::rate(commits, run.elapsed),
+                    Cell::rate(blocks, run.elapsed),
+                    if checked {
+                        Cell::int(sigs.round())
+                    } else {
+                        Cell::Empty
+                    },
+                    mb(run.bytes, run.elapsed),
+                    if checked {
+                        Cell::Ratio(sigs / crypto_rate)
+                    } else {
+                        Cell::Empty
+                    },
+                    Cell::Ratio(transport.elapsed.as_secs_f64() / run.elapsed.as_secs_f64()),
+                ],
+            );
+        }
+    }
 }
 
 /// Benchmark 6: throughput with 1, 2, 4 serving peers, and with committees

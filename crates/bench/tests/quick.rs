@@ -8,7 +8,7 @@ use serde_json::Value;
 
 /// Each benchmark and the rows it must produce.
 const EXPECTED: [(&str, usize); 11] = [
-    ("sync", 5),
+    ("sync", 9),
     // Replaced below by 2 per core count the machine allows (1, 2).
     ("cores", 0),
     ("latency", 6),
@@ -113,6 +113,9 @@ fn quick_run_produces_every_figure() {
     consistent("sync", 1, "of crypto limit", "signatures/s", true);
     assert!(ratio("sync", 3, "of crypto limit") > 0.0);
     assert!(ratio("sync", 4, "of transport limit") > 0.0);
+    // The chain of large blocks: its own limits, then its catch-ups.
+    assert!(ratio("sync", 7, "of crypto limit") > 0.0);
+    assert!(ratio("sync", 8, "of transport limit") > 0.0);
     for row in 1..=5 {
         consistent("latency", row, "of loopback", "time (s)", false);
     }
