@@ -947,6 +947,12 @@ impl StateSyncCore {
                 self.commit_supervision = Supervision::default();
                 self.unavailable = None;
                 self.verified = info.last;
+                if self.blocks_seen.average().is_none() && info.certifier_blocks > 0 {
+                    // Nothing fetched yet: the certifier blocks, of the
+                    // same chain, tell what its blocks weigh.
+                    self.blocks_seen
+                        .add(info.certifier_bytes, info.certifier_blocks);
+                }
                 let step = self.chunk_blocks();
                 let chunks = (0..info.block_count)
                     .step_by(step)
@@ -1693,6 +1699,8 @@ mod tests {
                 epoch,
                 block_count: blocks,
                 bytes: 0,
+                certifier_blocks: 0,
+                certifier_bytes: 0,
             }),
         )
     }
@@ -1946,6 +1954,8 @@ mod tests {
                 epoch: 0,
                 block_count: 0,
                 bytes,
+                certifier_blocks: 0,
+                certifier_bytes: 0,
             })
         };
         // A small answer: the floor.
@@ -2416,6 +2426,8 @@ mod tests {
                     epoch: 0,
                     block_count: 5,
                     bytes: 0,
+                    certifier_blocks: 0,
+                    certifier_bytes: 0,
                 }),
             },
         );
@@ -2828,6 +2840,8 @@ mod tests {
                 epoch: 0,
                 block_count: 40,
                 bytes: 1_000,
+                certifier_blocks: 0,
+                certifier_bytes: 0,
             }),
         );
         assert_eq!(c.fetched_bytes(), 1_000 + reserved(&config, &out));
@@ -2892,6 +2906,8 @@ mod tests {
                             epoch: 0,
                             block_count: rng.random_range(1..12),
                             bytes: rng.random_range(0..MIB),
+                            certifier_blocks: 0,
+                            certifier_bytes: 0,
                         }),
                     ),
                     Output::FetchCommitsAhead {
@@ -3026,6 +3042,47 @@ mod tests {
         };
         let out = blocks_done(&mut c, block_fetches(&out)[0].0, Err(over));
         assert_eq!(lens(&out), vec![(0, 38), (38, 38), (76, 24)]);
+    }
+
+    #[test]
+    fn before_any_block_arrives_chunks_are_sized_by_the_certifier_blocks() {
+        // Three certifiers of 20 KiB: three quarters of 1 MiB hold 38 such
+        // blocks. Once blocks are fetched, they decide, not certifiers.
+        let mut c = core(Config {
+            max_blocks_per_fetch: 100,
+            max_bytes_per_fetch: 1 << 20,
+            parallel_fetches: 10,
+            ..config()
+        });
+        let lens = |out: &[Output]| -> Vec<(usize, usize)> {
+            chunks(out).iter().map(|(o, l, _)| (*o, *l)).collect()
+        };
+        let certified = |start: u64, certifier_bytes: u64| CommitBatchInfo {
+            start,
+            end: start + 9,
+            last: CommitRef {
+                index: start + 9,
+                digest: Digest::default(),
+            },
+            epoch: 0,
+            block_count: 100,
+            bytes: 0,
+            certifier_blocks: 3,
+            certifier_bytes,
+        };
+        let (t, _, _) = commit_fetch(&tick(&mut c, 0, 30)).unwrap();
+        let out = commits_done(&mut c, 0, t, Ok(certified(1, 3 * (20 << 10))));
+        assert_eq!(lens(&out), vec![(0, 38), (38, 38), (76, 24)]);
+        let fetches = block_fetches(&out);
+        for (task, ..) in &fetches[..2] {
+            blocks_done(&mut c, *task, Ok(38 * (8 << 10)));
+        }
+        blocks_done(&mut c, fetches[2].0, Ok(24 * (8 << 10)));
+        // 3 blocks of 20 KiB and 100 of 8 KiB: 8.4 KiB a block, 91 a chunk;
+        // the next batch's certifiers, of 1 MiB, are not counted.
+        let (t, _, _) = commit_fetch(&out).expect("the next batch asked for");
+        let out = commits_done(&mut c, 1, t, Ok(certified(11, 3 << 20)));
+        assert_eq!(lens(&out), vec![(0, 91), (91, 9)]);
     }
 
     #[test]

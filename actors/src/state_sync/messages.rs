@@ -27,6 +27,13 @@ pub struct CommitBatchInfo {
     pub block_count: usize,
     /// Bytes of the commits and certifier blocks, held until applied.
     pub bytes: u64,
+    /// Certifier blocks, verified: blocks of the chain whose size tells
+    /// how many of its blocks a fetch may bring before any is fetched.
+    #[serde(default)]
+    pub certifier_blocks: usize,
+    /// Their bytes.
+    #[serde(default)]
+    pub certifier_bytes: u64,
 }
 
 /// An epoch that starts once a batch is applied, and what the core needs

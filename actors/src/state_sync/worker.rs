@@ -89,6 +89,12 @@ impl BatchData {
             epoch: self.epoch,
             block_count: self.refs.len(),
             bytes: self.commit_bytes(),
+            certifier_blocks: self.certifiers.len(),
+            certifier_bytes: self
+                .certifiers
+                .iter()
+                .map(|b| b.serialized().len() as u64)
+                .sum(),
         }
     }
 

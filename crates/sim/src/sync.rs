@@ -1203,6 +1203,8 @@ impl Run<'_> {
             epoch: 0,
             block_count: (count * self.settings.blocks_per_commit) as usize,
             bytes: answer.bytes,
+            certifier_blocks: self.settings.certifier_blocks as usize,
+            certifier_bytes: self.settings.certifier_blocks * self.settings.block_bytes,
         };
         Input::CommitsFetched {
             task,
