@@ -132,8 +132,10 @@ pub(crate) fn fetch_commits(
 /// Most commits after a commit whose blocks are searched for its votes.
 pub(crate) const VOTE_SEARCH_COMMITS: u64 = 8;
 
-/// Most blocks read in that search.
-pub(crate) const VOTE_SEARCH_BLOCKS: usize = 1_024;
+/// Most blocks read in that search, per member of the committee: the
+/// votes are in each authority's next block or two, and the answer's own
+/// certificate grows with the committee too.
+pub(crate) const VOTE_SEARCH_BLOCKS_PER_MEMBER: usize = 8;
 
 /// Blocks read from the store at a time in that search: only the voters
 /// are kept, one per authority.
@@ -145,7 +147,8 @@ const VOTE_SEARCH_READ: usize = 16;
 /// committed a few commits later. A node keeps the certificates of its own
 /// batch ends only; this lets it serve a client whose batches end
 /// elsewhere. The search reads the blocks of at most
-/// [`VOTE_SEARCH_COMMITS`] commits and [`VOTE_SEARCH_BLOCKS`] blocks, and
+/// [`VOTE_SEARCH_COMMITS`] commits and [`VOTE_SEARCH_BLOCKS_PER_MEMBER`]
+/// blocks per member of the committee, and
 /// stops at the first quorum. `None` if they hold no quorum of votes (the
 /// commits after `last` are not held yet, for one).
 ///
@@ -161,6 +164,7 @@ pub(crate) fn certificate_from_votes(
     // At most one voter per authority is kept, whatever else is read.
     let mut authors = HashSet::new();
     let mut voters: Vec<VerifiedBlock> = Vec::new();
+    let most = VOTE_SEARCH_BLOCKS_PER_MEMBER.saturating_mul(committee.size());
     let mut read = 0;
     for index in last.index.saturating_add(1)..=end {
         let Some(commit) = store.commit(index)? else {
@@ -170,7 +174,7 @@ pub(crate) fn certificate_from_votes(
             break;
         }
         let refs = commit.commit().blocks.as_slice();
-        let refs = &refs[..refs.len().min(VOTE_SEARCH_BLOCKS - read)];
+        let refs = &refs[..refs.len().min(most - read)];
         read += refs.len();
         for group in refs.chunks(VOTE_SEARCH_READ) {
             voters.extend(store.blocks(group)?.into_iter().flatten().filter(|b| {
@@ -181,7 +185,7 @@ pub(crate) fn certificate_from_votes(
         if let Some(certificate) = minimal_certificate(voters.clone(), last, committee) {
             return Ok(Some(certificate));
         }
-        if read == VOTE_SEARCH_BLOCKS {
+        if read == most {
             break;
         }
     }

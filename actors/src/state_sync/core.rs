@@ -460,6 +460,9 @@ pub struct StateSyncCore {
     /// Bytes and blocks of the block fetches completed lately, which size
     /// the chunks of new batches ([`StateSyncCore::chunk_blocks`]).
     blocks_seen: BlocksSeen,
+    /// The certifier blocks of the first batch verified: what sizes chunks
+    /// before any block fetch is done.
+    certifiers_seen: BlocksSeen,
     /// The last commit of the current epoch, once a forged batch running
     /// past it showed where it is (`Error::EpochEndInsideBatch`): commit
     /// ranges end there, so no answer can span it again.
@@ -521,6 +524,7 @@ impl Core for StateSyncCore {
             commit_answer_bytes: init.commit_answer_bytes,
             largest_answer: 0,
             blocks_seen: BlocksSeen::default(),
+            certifiers_seen: BlocksSeen::default(),
             known_end: None,
             highest_known: init.synced.index,
             executed: init.executed,
@@ -947,10 +951,11 @@ impl StateSyncCore {
                 self.commit_supervision = Supervision::default();
                 self.unavailable = None;
                 self.verified = info.last;
-                if self.blocks_seen.average().is_none() && info.certifier_blocks > 0 {
-                    // Nothing fetched yet: the certifier blocks, of the
-                    // same chain, tell what its blocks weigh.
-                    self.blocks_seen
+                if self.certifiers_seen.average().is_none() && info.certifier_blocks > 0 {
+                    // The first batch's certifier blocks, of the same chain,
+                    // tell what its blocks weigh until a fetch of them is
+                    // done; they are not mixed with the blocks fetched.
+                    self.certifiers_seen
                         .add(info.certifier_bytes, info.certifier_blocks);
                 }
                 let step = self.chunk_blocks();
@@ -990,7 +995,10 @@ impl StateSyncCore {
     }
 
     fn chunk_blocks(&self) -> usize {
-        chunk_blocks(&self.config, &self.blocks_seen)
+        match self.blocks_seen.average() {
+            Some(_) => chunk_blocks(&self.config, &self.blocks_seen),
+            None => chunk_blocks(&self.config, &self.certifiers_seen),
+        }
     }
 
     /// Splits each chunk not sent yet that is longer than
@@ -1064,12 +1072,19 @@ impl StateSyncCore {
                 },
             ) if c.len > 1 => {
                 // The blocks are larger than one fetch may hold. Those that
-                // came whole (their digests matched) tell their size; the
+                // came whole (their digests matched) tell their size: the
                 // chunk is fetched again in parts that fit, at most halves.
+                // They size this chunk only: which of its blocks a peer
+                // sends first is its choice, and the largest alone must
+                // not shrink every chunk to come.
+                let mut seen = match self.blocks_seen.average() {
+                    Some(_) => self.blocks_seen,
+                    None => self.certifiers_seen,
+                };
                 if held_blocks > 0 {
-                    self.blocks_seen.add(held_bytes, held_blocks);
+                    seen.add(held_bytes, held_blocks);
                 }
-                let step = chunk_blocks(&self.config, &self.blocks_seen).min(c.len.div_ceil(2));
+                let step = chunk_blocks(&self.config, &seen).min(c.len.div_ceil(2));
                 let len = c.len;
                 for at in (0..len).step_by(step) {
                     b.chunks.insert(offset + at, Chunk::new(step.min(len - at)));
@@ -3028,8 +3043,9 @@ mod tests {
             parallel_fetches: 10,
             ..config()
         });
-        let (t, _, _) = commit_fetch(&tick(&mut c, 0, 10)).unwrap();
+        let (t, _, _) = commit_fetch(&tick(&mut c, 0, 20)).unwrap();
         let out = commits_ok(&mut c, 0, t, 1, 10, 100);
+        let (next, _, _) = commit_fetch(&out).expect("the next batch asked for");
         let lens = |out: &[Output]| -> Vec<(usize, usize)> {
             chunks(out).iter().map(|(o, l, _)| (*o, *l)).collect()
         };
@@ -3042,6 +3058,10 @@ mod tests {
         };
         let out = blocks_done(&mut c, block_fetches(&out)[0].0, Err(over));
         assert_eq!(lens(&out), vec![(0, 38), (38, 38), (76, 24)]);
+        // They sized that chunk only: which blocks a peer sends before the
+        // cut is its choice. The next batch goes as one chunk again.
+        let out = commits_ok(&mut c, 1, next, 11, 20, 100);
+        assert_eq!(lens(&out), vec![(0, 100)]);
     }
 
     #[test]
@@ -3078,11 +3098,11 @@ mod tests {
             blocks_done(&mut c, *task, Ok(38 * (8 << 10)));
         }
         blocks_done(&mut c, fetches[2].0, Ok(24 * (8 << 10)));
-        // 3 blocks of 20 KiB and 100 of 8 KiB: 8.4 KiB a block, 91 a chunk;
-        // the next batch's certifiers, of 1 MiB, are not counted.
+        // The blocks fetched, 8 KiB each, now decide alone: 96 a chunk. The
+        // next batch's certifiers, of 1 MiB, are not counted.
         let (t, _, _) = commit_fetch(&out).expect("the next batch asked for");
         let out = commits_done(&mut c, 1, t, Ok(certified(11, 3 << 20)));
-        assert_eq!(lens(&out), vec![(0, 91), (91, 9)]);
+        assert_eq!(lens(&out), vec![(0, 96), (96, 4)]);
     }
 
     #[test]

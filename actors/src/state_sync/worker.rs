@@ -78,6 +78,18 @@ impl BatchData {
 
     /// What the core needs to know of it.
     pub(super) fn info(&self) -> CommitBatchInfo {
+        // Only the certifiers that vote for the last commit, one per
+        // author, are sized: a server may pad a certificate with others.
+        let last = self.commits.last().map(TrustedCommit::reference);
+        let mut authors = std::collections::HashSet::new();
+        let voters: Vec<&VerifiedBlock> = self
+            .certifiers
+            .iter()
+            .filter(|b| {
+                let b = b.block();
+                last.is_some_and(|l| b.commit_votes.contains(&l)) && authors.insert(b.author)
+            })
+            .collect();
         CommitBatchInfo {
             start: self.commits.first().map_or(0, TrustedCommit::index),
             end: self.end,
@@ -89,12 +101,8 @@ impl BatchData {
             epoch: self.epoch,
             block_count: self.refs.len(),
             bytes: self.commit_bytes(),
-            certifier_blocks: self.certifiers.len(),
-            certifier_bytes: self
-                .certifiers
-                .iter()
-                .map(|b| b.serialized().len() as u64)
-                .sum(),
+            certifier_blocks: voters.len(),
+            certifier_bytes: voters.iter().map(|b| b.serialized().len() as u64).sum(),
         }
     }
 
@@ -1471,6 +1479,23 @@ mod tests {
                 held_blocks: 0,
                 held_bytes: 0,
             })
+        );
+    }
+
+    #[test]
+    fn a_batch_is_sized_by_its_distinct_voting_certifiers_only() {
+        let chain = soma_chain::ChainBuilder::new(soma_chain::ChainConfig::validators(4)).build(10);
+        let voters = chain.certificate(10).to_vec();
+        let voting_bytes: u64 = voters.iter().map(|b| b.serialized().len() as u64).sum();
+        // Padded with a repeat of a voter and a block voting for nothing.
+        let mut padded = voters.clone();
+        padded.push(voters[0].clone());
+        padded.push(chain.blocks_of(1)[0].clone());
+        let data = BatchData::new(chain.commits()[..10].to_vec(), padded, 0);
+        let info = data.info();
+        assert_eq!(
+            (info.certifier_blocks, info.certifier_bytes),
+            (voters.len(), voting_bytes)
         );
     }
 
