@@ -100,6 +100,9 @@ mod plan {
         pub panics: Mutex<HashMap<CommitIndex, u32>>,
         /// Batch start → sync workers left to fail with a transport error.
         pub failures: Mutex<HashMap<CommitIndex, u32>>,
+        /// Batch start → sync workers left to fail as if their peer had
+        /// sent invalid data (no peer is asked, so none is blamed).
+        pub invalid: Mutex<HashMap<CommitIndex, u32>>,
         /// Actor name → when its handler panics.
         actors: Mutex<HashMap<String, Trigger>>,
         /// Actor name → panics injected so far.
@@ -186,6 +189,10 @@ mod plan {
             }
             if take(&self.failures, batch) {
                 return Err(Failure::Transport);
+            }
+            if take(&self.invalid, batch) {
+                let error = soma_types::Error::Malformed("injected".to_owned());
+                return Err(Failure::Invalid(error));
             }
             Ok(())
         }

@@ -420,6 +420,42 @@ async fn workers_that_panic_or_fail_are_restarted_and_sync_completes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_that_failed_as_invalid_is_retried_when_its_backoff_ends_without_a_tick() {
+    // Ticks an hour apart: after the one that starts sync (every seed's
+    // height heard), nothing but the end of a backoff can start the
+    // fetch that failed. Batch 1's first fetch fails as invalid data does
+    // (its retry avoids the peer, so it is woken); sync completes.
+    use soma_actors::faults::FaultPlan;
+    let chain = ChainBuilder::new(ChainConfig::validators(4)).build(300);
+    let validators: Vec<P2pHandle> = (1..=2).map(|k| validator(&chain, k)).collect();
+    let faults = Arc::new(FaultPlan::default());
+    faults.invalid.lock().unwrap().insert(1, 1);
+    let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+    let config = P2pConfig {
+        seed_peers: seeds(&validators.iter().collect::<Vec<_>>()),
+        faults: Some(faults.clone()),
+        tick: Duration::from_secs(3_600),
+        ..P2pConfig::default()
+    };
+    let node = P2pBuilder::new(
+        config,
+        KeyPair::from_seed([9; 32]),
+        chain.genesis().clone(),
+        store.clone(),
+    )
+    .start()
+    .unwrap();
+    wait_synced(&node, 300).await;
+    assert_same_chain(&chain, store.as_ref());
+    assert_eq!(faults.invalid.lock().unwrap()[&1], 0, "the fault was met");
+    assert_eq!(node.sync_status().await.unwrap().restarts, 1);
+    node.shutdown().await;
+    for v in validators {
+        v.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_stopped_mid_sync_resumes_from_its_watermark_on_the_same_store() {
     use soma_store::RedbStore;
     let chain = ChainBuilder::new(ChainConfig {

@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use actix::{
     Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, ResponseFuture,
-    Supervised, WrapFuture,
+    SpawnHandle, Supervised, WrapFuture,
 };
 use futures::StreamExt;
 use soma_types::{CommitIndex, CommitRef, PeerId};
@@ -15,11 +15,11 @@ use super::fetched::Fetched;
 use super::messages::*;
 use super::prune::Pruner;
 use super::worker::{PeerCalls, Tasks, Worker};
-use crate::Driver;
 use crate::connections::PeerEvent;
 use crate::peer_heights::{HeightsHeard, HighestKnownCommit};
 use crate::replay::Recorder;
 use crate::verifier::InstallCommittee;
+use crate::{Driver, Time};
 
 /// The StateSync actor: a thin shell around [`StateSyncCore`]. It runs
 /// the core's fetches as `Worker`s on the runtime, each under
@@ -47,6 +47,8 @@ pub struct StateSync {
     /// Whether a round's question to Connections (the peers to ask) is
     /// on its way: one at a time.
     asking_connected: bool,
+    /// The wake-up set for the core's next retry, and its time.
+    wake: Option<(Time, SpawnHandle)>,
 }
 
 impl StateSync {
@@ -73,6 +75,7 @@ impl StateSync {
             broken: None,
             asking_behind: None,
             asking_connected: false,
+            wake: None,
         })
     }
 
@@ -176,6 +179,29 @@ impl StateSync {
             }
         }
         self.status.follow(self.driver.core());
+        self.wake_for_retries(ctx);
+    }
+
+    /// Sets a wake-up for the core's earliest retry, unless one is set
+    /// for that time or earlier: work waiting out a backoff starts when
+    /// the backoff ends, not at the next tick.
+    fn wake_for_retries(&mut self, ctx: &mut Context<Self>) {
+        let now = self.driver.now();
+        let Some(at) = self.driver.core().next_retry(now) else {
+            return;
+        };
+        if self.wake.as_ref().is_some_and(|(set, _)| *set <= at) {
+            return;
+        }
+        if let Some((_, handle)) = self.wake.take() {
+            ctx.cancel_future(handle);
+        }
+        let delay = Duration::from_millis(at.0 - now.0);
+        let handle = ctx.run_later(delay, |act, ctx| {
+            act.wake = None;
+            act.step(Input::Wake, ctx);
+        });
+        self.wake = Some((at, handle));
     }
 
     /// Advertises `commit` as the highest this node serves, if it is
@@ -376,6 +402,7 @@ impl Supervised for StateSync {
         // context's futures.
         self.asking_behind = None;
         self.asking_connected = false;
+        self.wake = None;
         self.fetched.clear();
         match self.deps.init(self.driver.core().next_task()) {
             Ok(init) => self.driver.restart(init),

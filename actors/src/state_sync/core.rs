@@ -359,10 +359,17 @@ struct Supervision {
     failures: Intensity,
     retry_at: Time,
     avoid: Avoided,
+    /// Whether the retry is woken at `retry_at` ([`StateSyncCore::next_retry`])
+    /// rather than left to the next tick: only when the failure made the
+    /// work avoid its peer. The retry then goes to another peer, and going
+    /// at once loads no peer that refused or failed (a busy validator
+    /// asked again every 50 ms by every node behind it would be).
+    wake: bool,
 }
 
 impl Supervision {
     fn failed(&mut self, now: Time, peer: Option<PeerId>, failure: &Failure, config: &Config) {
+        self.wake = false;
         match failure {
             Failure::NoPeer => {
                 self.retry_at = Time(now.0 + config.wait_interval_when_no_peer_ms);
@@ -387,6 +394,7 @@ impl Supervision {
             // asked again for this work.
             Failure::Invalid(_) | Failure::NotFound | Failure::BlocksWithheld { .. } => {
                 self.avoid.extend(peer);
+                self.wake = true;
             }
             Failure::Timeout | Failure::Status { .. } | Failure::Transport | Failure::Panicked => {}
         }
@@ -566,6 +574,8 @@ impl Core for StateSyncCore {
                 }
             }
             Input::Executed { taken } => self.executed = taken,
+            // Nothing but the scheduling every input ends with.
+            Input::Wake => {}
             // A new peer's height is asked at once, not at the next interval.
             Input::PeerConnected { peer } => out.push(Output::QueryHeights { peer: Some(peer) }),
             Input::CommitsFetched { task, peer, result } => {
@@ -718,6 +728,27 @@ impl StateSyncCore {
     /// not within the lead.
     pub fn paused_for_executor(&self) -> bool {
         self.verified.index < self.highest_known && self.next_batch_end().is_none()
+    }
+
+    /// The earliest time after `now` at which work waiting out a backoff
+    /// is woken: a write, or a commit fetch or chunk of blocks that avoids
+    /// the peer that failed it (see `Supervision::wake`; other retries wait
+    /// for the next tick). The shell feeds [`Input::Wake`] then, so that a
+    /// liar's 50 ms backoff is not stretched to the next tick.
+    pub fn next_retry(&self, now: Time) -> Option<Time> {
+        let woken = |s: &Supervision| s.wake.then_some(s.retry_at);
+        let chunks = self
+            .batches
+            .values()
+            .flat_map(|b| b.chunks.values())
+            .filter(|c| c.state == ChunkState::Pending)
+            .filter_map(|c| woken(&c.supervision));
+        [woken(&self.commit_supervision), Some(self.write_retry_at)]
+            .into_iter()
+            .flatten()
+            .chain(chunks)
+            .filter(|t| *t > now)
+            .min()
     }
 
     /// The epoch the next commits must be of.
@@ -3030,6 +3061,46 @@ mod tests {
         // 100 blocks of 8 KiB and 200 of 64 KiB: 45.3 KiB a block, so
         // 16 a chunk.
         assert_eq!(lens(&out), vec![(0, 16), (16, 14)]);
+    }
+
+    #[test]
+    fn work_avoiding_the_peer_that_failed_it_is_woken_when_its_backoff_ends() {
+        let mut c = core(config());
+        let backoff = config().restart_backoff_ms;
+        let invalid = || Failure::Invalid(soma_types::Error::Malformed("x".to_owned()));
+        let (t, _, _) = commit_fetch(&tick(&mut c, 0, 10)).unwrap();
+        assert_eq!(c.next_retry(Time(0)), None, "nothing waits");
+        // A failure that may go back to the same peer (a transport error,
+        // a refusal as busy) waits for the next tick, as before.
+        let out = commits_failed(&mut c, 10, t, HONEST, Failure::Transport);
+        assert_eq!(commit_fetch(&out), None);
+        assert_eq!(c.next_retry(Time(10)), None);
+        let (t, _, _) = commit_fetch(&tick(&mut c, 200, 10)).expect("asked at the tick");
+        // Invalid data at 210: avoided, and woken at 210 + its backoff (the
+        // second failure in the window: doubled).
+        let out = commits_failed(&mut c, 210, t, LIAR, invalid());
+        assert_eq!(commit_fetch(&out), None);
+        let due = Time(210 + 2 * backoff);
+        assert_eq!(c.next_retry(Time(210)), Some(due));
+        let wake = |c: &mut StateSyncCore, at: u64| c.handle(Time(at), Input::Wake);
+        assert_eq!(commit_fetch(&wake(&mut c, due.0 - 1)), None, "not before");
+        let (retry, start, end) = commit_fetch(&wake(&mut c, due.0)).expect("asked again");
+        assert_eq!((start, end), (1, 10));
+        assert_eq!(c.next_retry(due), None);
+        // A chunk of blocks alike.
+        let out = commits_ok(&mut c, due.0, retry, 1, 10, 5);
+        let chunk = block_fetches(&out)[0].0;
+        c.handle(
+            Time(due.0 + 1),
+            Input::BlocksFetched {
+                task: chunk,
+                peer: Some(LIAR),
+                result: Err(invalid()),
+            },
+        );
+        let chunk_due = due.0 + 1 + backoff;
+        assert_eq!(c.next_retry(Time(due.0 + 1)), Some(Time(chunk_due)));
+        assert_eq!(block_fetches(&wake(&mut c, chunk_due)).len(), 1);
     }
 
     #[test]

@@ -218,6 +218,10 @@ pub enum Input {
         /// From PeerHeights.
         highest_known: Option<CommitIndex>,
     },
+    /// The time of a retry came
+    /// ([`StateSyncCore::next_retry`](super::StateSyncCore::next_retry)):
+    /// work waiting out a backoff is scheduled now, not at the next tick.
+    Wake,
     /// A caller pushed its new height (PushCommit): see
     /// [`HeightQueries::pushed`](super::HeightQueries::pushed).
     Pushed {

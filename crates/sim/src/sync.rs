@@ -224,6 +224,9 @@ enum Reply {
 enum Event {
     /// StateSync's tick at `node`.
     Tick { node: usize },
+    /// StateSync's wake-up at `node` for its earliest retry, set at `at`
+    /// (superseded if the node's wake was set earlier since).
+    Wake { node: usize, at: Time },
     /// PeerHeights' timer for waiting requests at `node`.
     HeightsTick { node: usize },
     /// `from`'s height query reaches `to`.
@@ -317,6 +320,9 @@ struct Node {
     /// Commits held (and served).
     height: CommitIndex,
     sync: Option<Driver<StateSyncCore>>,
+    /// When StateSync's core is to be woken for its next retry, as the
+    /// actor's shell does.
+    wake_at: Option<Time>,
     heights: Option<Driver<PeerHeightsCore>>,
     next_request: u64,
     /// Fetches waiting for a slot, by PeerHeights request.
@@ -420,6 +426,7 @@ pub fn catch_up(
                 serving: BTreeMap::new(),
                 serving_total: 0,
                 synced_at_us: None,
+                wake_at: None,
             }
         })
         .collect();
@@ -546,6 +553,12 @@ impl Run<'_> {
                 self.sync_step(node, Input::Tick { highest_known });
                 let tick = self.ms_to_us(self.settings.tick_ms);
                 self.queue.schedule(tick, Event::Tick { node });
+            }
+            Event::Wake { node, at } => {
+                if self.nodes[node].wake_at == Some(at) {
+                    self.nodes[node].wake_at = None;
+                    self.sync_step(node, Input::Wake);
+                }
             }
             Event::HeightsTick { node } => {
                 self.heights_step(node, peer_heights::Input::Tick);
@@ -681,6 +694,15 @@ impl Run<'_> {
             self.digest.update(&(node as u64).to_le_bytes());
             self.digest.update(format!("{output:?}").as_bytes());
             self.carry_out(node, output);
+        }
+        let n = &mut self.nodes[node];
+        let next = n.sync.as_ref().and_then(|d| d.core().next_retry(now));
+        if let Some(at) = next
+            && n.wake_at.is_none_or(|set| at < set)
+        {
+            n.wake_at = Some(at);
+            let after = (at.0 * 1_000).saturating_sub(self.queue.now());
+            self.queue.schedule(after, Event::Wake { node, at });
         }
     }
 
