@@ -114,8 +114,15 @@ async fn five_thousand_in_flight_rpcs_are_bounded_and_the_node_keeps_working() {
     // An admitted answer is whole, refused, or cut: a reader starved of
     // CPU for `fetch-stall-timeout` while every slot is wanted has its
     // stream reset (INTERNAL at the client), and the server counts it.
+    // The syncing node reads from the same server, and a fetch of its
+    // cut so is one of its worker restarts.
     let cut = server.responses_cut() + server.responses_preempted();
-    assert_eq!(count(Code::Internal) as u64, cut, "{outcomes:?}");
+    let internal = count(Code::Internal) as u64;
+    let sync_restarts = syncing.sync_status().await.unwrap().restarts;
+    assert!(
+        internal <= cut && cut <= internal + sync_restarts,
+        "{outcomes:?}: {cut} cut, {sync_restarts} sync restarts"
+    );
     assert_eq!(
         count(Code::Ok) + count(Code::ResourceExhausted) + count(Code::Internal),
         5_000,

@@ -738,8 +738,8 @@ async fn sync_starts_once_every_seed_answered_its_height_query_and_certifies_bat
 async fn a_chain_of_maximal_blocks_and_certificates_is_synced() {
     // Blocks within 2% of the 4 MiB limit (63 transactions of 64 KiB): each
     // certificate is three times the servers' 4 MiB commit budget, and any
-    // chunk of two blocks is more than one block fetch may bring, so chunks
-    // are split down to single blocks. None of it is the peer's fault.
+    // chunk of two blocks is more than one block fetch may bring, so
+    // chunks must be single blocks. None of it is the peer's fault.
     let chain = ChainBuilder::new(ChainConfig {
         transactions_per_block: 63,
         payload_bytes: soma_types::Limits::default().max_transaction_payload_bytes,
@@ -758,12 +758,12 @@ async fn a_chain_of_maximal_blocks_and_certificates_is_synced() {
     wait_synced(&node, chain.tip()).await;
     assert_same_chain(&chain, store.as_ref());
     let status = node.sync_status().await.unwrap();
-    // One batch, first fetched as one chunk of all its blocks: cut after
-    // its first block came whole, whose size says one block a fetch, so
-    // it is split once, into single blocks, not halved again and again.
-    // (Other restarts, say a fetch that waited too long under load, are
-    // not the peer's fault either.)
-    assert_eq!(status.chunks_split, 1, "{status:?}");
+    // One batch, whose certifier blocks are as large as its blocks: they
+    // size its chunks at one block each before any is fetched, so none
+    // is cut at the cap (before, the batch went as one chunk and was
+    // halved eight times). (Other restarts, say a fetch that waited too
+    // long under load, are not the peer's fault either.)
+    assert_eq!(status.chunks_split, 0, "{status:?}");
     assert!(status.restarts >= status.chunks_split, "{status:?}");
     assert_eq!(status.invalid_responses, 0, "{status:?}");
     // Splits are never held against the peer: whatever it is charged with
