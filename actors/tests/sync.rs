@@ -379,6 +379,30 @@ mod byzantine {
     }
 }
 
+/// A fresh node on `store` syncing from `peers` with `faults` injected,
+/// its other settings `config`'s.
+fn faulty(
+    chain: &Chain,
+    peers: &[P2pHandle],
+    faults: &Arc<soma_actors::faults::FaultPlan>,
+    config: P2pConfig,
+    store: Arc<dyn ConsensusStore>,
+) -> P2pHandle {
+    let config = P2pConfig {
+        seed_peers: seeds(&peers.iter().collect::<Vec<_>>()),
+        faults: Some(faults.clone()),
+        ..config
+    };
+    P2pBuilder::new(
+        config,
+        KeyPair::from_seed([9; 32]),
+        chain.genesis().clone(),
+        store,
+    )
+    .start()
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_that_panic_or_fail_are_restarted_and_sync_completes() {
     use soma_actors::faults::FaultPlan;
@@ -390,19 +414,8 @@ async fn workers_that_panic_or_fail_are_restarted_and_sync_completes() {
     faults.panics.lock().unwrap().insert(201, 2);
     faults.failures.lock().unwrap().insert(401, 5);
     let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
-    let config = P2pConfig {
-        seed_peers: seeds(&validators.iter().collect::<Vec<_>>()),
-        faults: Some(faults.clone()),
-        ..P2pConfig::default()
-    };
-    let node = P2pBuilder::new(
-        config,
-        KeyPair::from_seed([9; 32]),
-        chain.genesis().clone(),
-        store.clone(),
-    )
-    .start()
-    .unwrap();
+    let config = P2pConfig::default();
+    let node = faulty(&chain, &validators, &faults, config, store.clone());
     wait_synced(&node, 500).await;
     assert_same_chain(&chain, store.as_ref());
     let status = node.sync_status().await.unwrap();
@@ -432,19 +445,10 @@ async fn a_fetch_that_failed_as_invalid_is_retried_when_its_backoff_ends_without
     faults.invalid.lock().unwrap().insert(1, 1);
     let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
     let config = P2pConfig {
-        seed_peers: seeds(&validators.iter().collect::<Vec<_>>()),
-        faults: Some(faults.clone()),
         tick: Duration::from_secs(3_600),
         ..P2pConfig::default()
     };
-    let node = P2pBuilder::new(
-        config,
-        KeyPair::from_seed([9; 32]),
-        chain.genesis().clone(),
-        store.clone(),
-    )
-    .start()
-    .unwrap();
+    let node = faulty(&chain, &validators, &faults, config, store.clone());
     wait_synced(&node, 300).await;
     assert_same_chain(&chain, store.as_ref());
     assert_eq!(faults.invalid.lock().unwrap()[&1], 0, "the fault was met");

@@ -3035,9 +3035,6 @@ mod tests {
             parallel_fetches: 10,
             ..config()
         });
-        let lens = |out: &[Output]| -> Vec<(usize, usize)> {
-            chunks(out).iter().map(|(o, l, _)| (*o, *l)).collect()
-        };
         // Nothing fetched yet: chunks of 100.
         let (t, _, _) = commit_fetch(&tick(&mut c, 0, 30)).unwrap();
         let out = commits_ok(&mut c, 0, t, 1, 10, 100);
@@ -3117,9 +3114,6 @@ mod tests {
         let (t, _, _) = commit_fetch(&tick(&mut c, 0, 20)).unwrap();
         let out = commits_ok(&mut c, 0, t, 1, 10, 100);
         let (next, _, _) = commit_fetch(&out).expect("the next batch asked for");
-        let lens = |out: &[Output]| -> Vec<(usize, usize)> {
-            chunks(out).iter().map(|(o, l, _)| (*o, *l)).collect()
-        };
         assert_eq!(lens(&out), vec![(0, 100)]);
         let over = Failure::OverBudget {
             received: (1 << 20) + 1,
@@ -3145,9 +3139,6 @@ mod tests {
             parallel_fetches: 10,
             ..config()
         });
-        let lens = |out: &[Output]| -> Vec<(usize, usize)> {
-            chunks(out).iter().map(|(o, l, _)| (*o, *l)).collect()
-        };
         let certified = |start: u64, certifier_bytes: u64| CommitBatchInfo {
             start,
             end: start + 9,
@@ -3187,9 +3178,6 @@ mod tests {
             parallel_fetches: 1,
             ..config()
         });
-        let lens = |out: &[Output]| -> Vec<(usize, usize)> {
-            chunks(out).iter().map(|(o, l, _)| (*o, *l)).collect()
-        };
         let (t, _, _) = commit_fetch(&tick(&mut c, 0, 30)).unwrap();
         let out = commits_ok(&mut c, 0, t, 1, 10, 100);
         assert_eq!(lens(&out), vec![(0, 100)]);
@@ -3239,6 +3227,11 @@ mod tests {
     }
 
     /// Each block fetch: offset, length and the peers avoided.
+    /// The offset and length of each chunk sent in `out`.
+    fn lens(out: &[Output]) -> Vec<(usize, usize)> {
+        chunks(out).iter().map(|(o, l, _)| (*o, *l)).collect()
+    }
+
     fn chunks(out: &[Output]) -> Vec<(usize, usize, Vec<PeerId>)> {
         out.iter()
             .filter_map(|o| match o {
