@@ -9,7 +9,7 @@ use soma_types::{BlockRef, CommitIndex, batch_end};
 use tokio::sync::watch;
 
 use super::{Archive, ArchiveError, ArchiveStats, ArchivedBatch};
-use crate::grpc;
+use crate::grpc::{self, Refused};
 
 /// What the writer needs.
 pub(crate) struct WriterDeps {
@@ -168,18 +168,18 @@ fn build(
         None => None,
     };
     let end = batch_end(from, batch_size, epoch_last, watermark);
-    // Local commits whose certificate is still to come: nothing to archive
-    // yet (the answer would be UNAVAILABLE). A range holding none of the
-    // certificates kept (the node synced in other batches) is archived
-    // with the certificate its next commits' votes make.
-    if store.highest_certified_in(from..=end)?.is_none() && !certified_by_votes(store, end)? {
-        return Ok(Step::Idle);
-    }
-    let answer = match grpc::fetch_commits(store, from, end, grpc, data) {
+    // What a peer would be served: a range holding none of the
+    // certificates kept (the node synced in other batches) ends with the
+    // certificate its next commits' votes make.
+    let answer = match grpc::commits_answer(store, from, end, grpc, data) {
         Ok(answer) => answer,
+        // Local commits whose certificate is still to come: nothing to
+        // archive yet.
+        Err(Refused::NoCertificate(_)) => return Ok(Step::Idle),
         // Pruned meanwhile: the next look finds where the store stands.
-        Err(status) if status.code() == tonic::Code::NotFound => return Ok(Step::Idle),
-        Err(status) => return Err(ArchiveError::Source(status.message().to_string())),
+        Err(Refused::NotFound(_)) => return Ok(Step::Idle),
+        Err(Refused::Store(e)) => return Err(e.into()),
+        Err(Refused::Internal(m)) => return Err(ArchiveError::Source(m)),
     };
     let last = from + answer.commits.len() as u64 - 1;
     let commits = store.commits_in_range(from..=last, usize::MAX)?;
@@ -203,17 +203,6 @@ fn build(
         certifiers: answer.certifier_blocks,
         blocks,
     }))
-}
-
-/// Whether the votes of the commits after `end` certify it.
-fn certified_by_votes(store: &dyn ConsensusStore, end: CommitIndex) -> Result<bool, ArchiveError> {
-    let Some(last) = store.commit(end)? else {
-        return Ok(false);
-    };
-    let Some(committee) = store.committee(last.commit().epoch)? else {
-        return Ok(false);
-    };
-    Ok(grpc::certificate_from_votes(store, last.reference(), &committee)?.is_some())
 }
 
 #[cfg(test)]

@@ -34,5 +34,5 @@ pub use actor::{Deps, GrpcAdapter, Permit};
 pub use core::{GrpcAdapterCore, Init, Limits};
 pub use deadline::{DeadlineBody, SLICE_BYTES, SendDeadline, SendStats};
 pub use messages::{Admission, Call, CallMsg, Code, Input, Output, Refusal, Work};
-pub(crate) use serve::{certificate_from_votes, fetch_commits, minimal_certificate};
+pub(crate) use serve::{Refused, commits_answer, minimal_certificate};
 pub use service::{P2pService, RpcCounts, ServiceDeps};

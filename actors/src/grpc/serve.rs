@@ -44,15 +44,53 @@ pub(crate) fn fetch_commits(
     limits: &Limits,
     data: &soma_types::Limits,
 ) -> Result<proto::FetchCommitsResponse, Status> {
-    let highest = store.highest_synced_commit().map_err(store_error)?.index;
-    let lowest = store.lowest_available_commit().map_err(store_error)?;
+    commits_answer(store, start, end, limits, data).map_err(Status::from)
+}
+
+/// Why [`commits_answer`] gave no answer.
+#[derive(Debug)]
+pub(crate) enum Refused {
+    /// Not held: pruned, past the highest commit, or missing (NOT_FOUND).
+    NotFound(String),
+    /// Held, but no certificate is kept in range nor made from the votes
+    /// after it yet (UNAVAILABLE, not NOT_FOUND, which a peer takes for a
+    /// lie about the height claimed).
+    NoCertificate(String),
+    /// The store failed (UNAVAILABLE).
+    Store(soma_store::Error),
+    /// What the store holds breaks an invariant (INTERNAL).
+    Internal(String),
+}
+
+impl From<Refused> for Status {
+    fn from(refused: Refused) -> Self {
+        match refused {
+            Refused::NotFound(m) => Status::not_found(m),
+            Refused::NoCertificate(m) => Status::unavailable(m),
+            Refused::Store(e) => store_error(e),
+            Refused::Internal(m) => Status::internal(m),
+        }
+    }
+}
+
+/// [`fetch_commits`]'s answer, or why not as a [`Refused`]: the archive
+/// writer tells a range not certified yet from a failure.
+pub(crate) fn commits_answer(
+    store: &dyn ConsensusStore,
+    start: CommitIndex,
+    end: CommitIndex,
+    limits: &Limits,
+    data: &soma_types::Limits,
+) -> Result<proto::FetchCommitsResponse, Refused> {
+    let highest = store.highest_synced_commit().map_err(Refused::Store)?.index;
+    let lowest = store.lowest_available_commit().map_err(Refused::Store)?;
     if start < lowest {
-        return Err(Status::not_found(format!(
+        return Err(Refused::NotFound(format!(
             "commits below {lowest} are pruned"
         )));
     }
     if start > highest {
-        return Err(Status::not_found(format!(
+        return Err(Refused::NotFound(format!(
             "commit {start} is past our highest, {highest}"
         )));
     }
@@ -61,36 +99,36 @@ pub(crate) fn fetch_commits(
     let mut end = end.min(highest).min(longest);
     let first = store
         .commit(start)
-        .map_err(store_error)?
-        .ok_or_else(|| Status::not_found(format!("commit {start} is not held")))?;
+        .map_err(Refused::Store)?
+        .ok_or_else(|| Refused::NotFound(format!("commit {start} is not held")))?;
     let epoch = first.commit().epoch;
-    if let Some(last) = store.last_commit_of_epoch(epoch).map_err(store_error)? {
+    if let Some(last) = store.last_commit_of_epoch(epoch).map_err(Refused::Store)? {
         end = end.min(last);
     }
     let committee = store
         .committee(epoch)
-        .map_err(store_error)?
-        .ok_or_else(|| Status::internal(format!("committee of epoch {epoch} is not held")))?;
+        .map_err(Refused::Store)?
+        .ok_or_else(|| Refused::Internal(format!("committee of epoch {epoch} is not held")))?;
     let mut commits = store
         .commits_in_range(start..=end, limits.max_fetch_response_bytes)
-        .map_err(store_error)?;
+        .map_err(Refused::Store)?;
     let read_end = commits.last().map_or(start, |c| c.index());
     let certifiers = match store
         .highest_certified_in(start..=read_end)
-        .map_err(store_error)?
+        .map_err(Refused::Store)?
     {
         Some(certified) => {
             commits.retain(|c| c.index() <= certified);
             let last = commits
                 .last()
                 .map(|c| c.reference())
-                .ok_or_else(|| Status::internal(format!("commit {certified} is not held")))?;
+                .ok_or_else(|| Refused::Internal(format!("commit {certified} is not held")))?;
             let stored = store
                 .certificate(certified)
-                .map_err(store_error)?
+                .map_err(Refused::Store)?
                 .unwrap_or_default();
             minimal_certificate(stored, last, &committee).ok_or_else(|| {
-                Status::internal(format!(
+                Refused::Internal(format!(
                     "stored certificate of commit {certified} lacks quorum"
                 ))
             })?
@@ -98,17 +136,18 @@ pub(crate) fn fetch_commits(
         // None kept in range (the node synced in batches other than the
         // client's): the votes of the commits after it may certify the
         // range's end. Otherwise, local commits whose votes are still to
-        // come: UNAVAILABLE, not NOT_FOUND, which a peer takes for a lie
-        // about the height claimed.
+        // come.
         None => {
             let last = commits
                 .last()
                 .map(|c| c.reference())
-                .ok_or_else(|| Status::internal(format!("commit {start} is not held")))?;
+                .ok_or_else(|| Refused::Internal(format!("commit {start} is not held")))?;
             certificate_from_votes(store, last, &committee)
-                .map_err(store_error)?
+                .map_err(Refused::Store)?
                 .ok_or_else(|| {
-                    Status::unavailable(format!("no certificate held yet in {start}..={read_end}"))
+                    Refused::NoCertificate(format!(
+                        "no certificate held yet in {start}..={read_end}"
+                    ))
                 })?
         }
     };
@@ -122,7 +161,7 @@ pub(crate) fn fetch_commits(
         data.max_fetch_commits_response_bytes(limits.max_fetch_response_bytes, committee.size());
     let size = response.encoded_len();
     if size > bound {
-        return Err(Status::internal(format!(
+        return Err(Refused::Internal(format!(
             "answer of {size} bytes exceeds the bound of {bound}"
         )));
     }
