@@ -3029,12 +3029,7 @@ mod tests {
     #[test]
     fn chunks_of_new_batches_are_sized_by_the_blocks_fetched_lately() {
         // A fetch may bring 1 MiB, of 100 blocks at most.
-        let mut c = core(Config {
-            max_blocks_per_fetch: 100,
-            max_bytes_per_fetch: 1 << 20,
-            parallel_fetches: 10,
-            ..config()
-        });
+        let mut c = mib_fetch_core(10);
         // Nothing fetched yet: chunks of 100.
         let (t, _, _) = commit_fetch(&tick(&mut c, 0, 30)).unwrap();
         let out = commits_ok(&mut c, 0, t, 1, 10, 100);
@@ -3105,12 +3100,7 @@ mod tests {
         // A fetch may bring 1 MiB, of 100 blocks at most; nothing fetched
         // yet, so the batch's 100 blocks go as one chunk. It is cut after
         // 40 blocks of 20 KiB came whole: three quarters of 1 MiB hold 38.
-        let mut c = core(Config {
-            max_blocks_per_fetch: 100,
-            max_bytes_per_fetch: 1 << 20,
-            parallel_fetches: 10,
-            ..config()
-        });
+        let mut c = mib_fetch_core(10);
         let (t, _, _) = commit_fetch(&tick(&mut c, 0, 20)).unwrap();
         let out = commits_ok(&mut c, 0, t, 1, 10, 100);
         let (next, _, _) = commit_fetch(&out).expect("the next batch asked for");
@@ -3133,12 +3123,7 @@ mod tests {
     fn before_any_block_arrives_chunks_are_sized_by_the_certifier_blocks() {
         // Three certifiers of 20 KiB: three quarters of 1 MiB hold 38 such
         // blocks. Once blocks are fetched, they decide, not certifiers.
-        let mut c = core(Config {
-            max_blocks_per_fetch: 100,
-            max_bytes_per_fetch: 1 << 20,
-            parallel_fetches: 10,
-            ..config()
-        });
+        let mut c = mib_fetch_core(10);
         let certified = |start: u64, certifier_bytes: u64| CommitBatchInfo {
             start,
             end: start + 9,
@@ -3172,12 +3157,7 @@ mod tests {
         // One block fetch at a time: batch 11..=20 is made, as one chunk of
         // 100, while batch 1..=10's blocks are on their way. They bring
         // 8 KiB a block, so the waiting chunk goes as 96 and 4.
-        let mut c = core(Config {
-            max_blocks_per_fetch: 100,
-            max_bytes_per_fetch: 1 << 20,
-            parallel_fetches: 1,
-            ..config()
-        });
+        let mut c = mib_fetch_core(1);
         let (t, _, _) = commit_fetch(&tick(&mut c, 0, 30)).unwrap();
         let out = commits_ok(&mut c, 0, t, 1, 10, 100);
         assert_eq!(lens(&out), vec![(0, 100)]);
@@ -3227,6 +3207,17 @@ mod tests {
     }
 
     /// Each block fetch: offset, length and the peers avoided.
+    /// A core whose fetches may bring 1 MiB, of 100 blocks at most,
+    /// `parallel` at once.
+    fn mib_fetch_core(parallel: usize) -> StateSyncCore {
+        core(Config {
+            max_blocks_per_fetch: 100,
+            max_bytes_per_fetch: 1 << 20,
+            parallel_fetches: parallel,
+            ..config()
+        })
+    }
+
     /// The offset and length of each chunk sent in `out`.
     fn lens(out: &[Output]) -> Vec<(usize, usize)> {
         chunks(out).iter().map(|(o, l, _)| (*o, *l)).collect()
