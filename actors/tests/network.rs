@@ -248,8 +248,9 @@ async fn fetch_commits_never_crosses_an_epoch() {
     assert_eq!(r.commits.len(), 50);
     let last = UnverifiedCommit::decode(r.commits.last().unwrap().clone(), 1 << 20).unwrap();
     assert_eq!(last.reference(), chain.commit_ref(150));
-    // Batches of epoch 1 end on multiples of 100: the validator holds
-    // certificates at 200 and 300, so a request from 151 ends at 200.
+    // A request from 151 is cut at the batch size, at 250, where the
+    // validator keeps no certificate (it keeps them at 200 and 300): the
+    // votes of the commits after 250 certify it.
     let r = client
         .fetch_commits(fetch(151, 300))
         .await
@@ -257,7 +258,13 @@ async fn fetch_commits_never_crosses_an_epoch() {
         .into_inner();
     let first = UnverifiedCommit::decode(r.commits[0].clone(), 1 << 20).unwrap();
     assert_eq!(first.commit().epoch, 1);
-    assert_eq!(r.commits.len(), 50);
+    assert_eq!(r.commits.len(), 100);
+    let last = UnverifiedCommit::decode(r.commits.last().unwrap().clone(), 1 << 20).unwrap();
+    assert_eq!(last.reference(), chain.commit_ref(250));
+    assert!(r.certifier_blocks.iter().all(|b| {
+        let block = UnverifiedBlock::decode(b.clone(), 1 << 23).unwrap();
+        block.block().commit_votes.contains(&chain.commit_ref(250))
+    }));
     let r = client
         .fetch_commits(fetch(201, 300))
         .await

@@ -24,11 +24,11 @@ pub(super) fn store_error(e: soma_store::Error) -> Status {
 }
 
 /// FetchCommits: commits from `start`, ending at the epoch's last commit if
-/// that comes first, then at the highest commit in range whose certificate
-/// is held, within the byte budget; with a minimal quorum of that
-/// certificate's blocks ([`minimal_certificate`]). With none held in
-/// range, it ends at the range's end if the votes of the commits after it
-/// certify it ([`certificate_from_votes`]).
+/// that comes first, within the byte budget: at the range's end if a
+/// certificate of it is kept or the votes of the commits after it make one
+/// ([`certificate_from_votes`]), else at the highest commit in range whose
+/// certificate is kept; with a minimal quorum of that certificate's blocks
+/// ([`minimal_certificate`]).
 ///
 /// The answer stays within
 /// [`soma_types::Limits::max_fetch_commits_response_bytes`] for the budget
@@ -113,11 +113,24 @@ pub(crate) fn commits_answer(
         .commits_in_range(start..=end, limits.max_fetch_response_bytes)
         .map_err(Refused::Store)?;
     let read_end = commits.last().map_or(start, |c| c.index());
-    let certifiers = match store
+    let last = commits
+        .last()
+        .map(|c| c.reference())
+        .ok_or_else(|| Refused::Internal(format!("commit {start} is not held")))?;
+    let kept = store
         .highest_certified_in(start..=read_end)
-        .map_err(Refused::Store)?
-    {
-        Some(certified) => {
+        .map_err(Refused::Store)?;
+    // The range's end, certified by a kept certificate or else by the
+    // votes of the commits after it: a node that synced in other batches
+    // than the client's answers the whole range in one answer.
+    let at_end = match kept {
+        Some(certified) if certified == read_end => None,
+        _ => certificate_from_votes(store, last, &committee).map_err(Refused::Store)?,
+    };
+    let certifiers = match (at_end, kept) {
+        (Some(voters), _) => voters,
+        // Up to the highest kept certificate in range.
+        (None, Some(certified)) => {
             commits.retain(|c| c.index() <= certified);
             let last = commits
                 .last()
@@ -133,22 +146,11 @@ pub(crate) fn commits_answer(
                 ))
             })?
         }
-        // None kept in range (the node synced in batches other than the
-        // client's): the votes of the commits after it may certify the
-        // range's end. Otherwise, local commits whose votes are still to
-        // come.
-        None => {
-            let last = commits
-                .last()
-                .map(|c| c.reference())
-                .ok_or_else(|| Refused::Internal(format!("commit {start} is not held")))?;
-            certificate_from_votes(store, last, &committee)
-                .map_err(Refused::Store)?
-                .ok_or_else(|| {
-                    Refused::NoCertificate(format!(
-                        "no certificate held yet in {start}..={read_end}"
-                    ))
-                })?
+        // Local commits whose votes are still to come.
+        (None, None) => {
+            return Err(Refused::NoCertificate(format!(
+                "no certificate held yet in {start}..={read_end}"
+            )));
         }
     };
     let response = proto::FetchCommitsResponse {
@@ -546,7 +548,7 @@ mod tests {
     }
 
     #[test]
-    fn a_range_holding_no_kept_certificate_is_certified_by_the_votes_after_it() {
+    fn a_range_is_certified_at_its_end_by_the_votes_after_it_when_no_certificate_of_it_is_kept() {
         // Certificates kept at 20 and 40 only, as a node keeps them that
         // synced in batches of 20. Each authority votes for commit c in its
         // block of round c + 3, committed by commit c + 4: every commit up to
@@ -570,6 +572,14 @@ mod tests {
         // Below a kept certificate, the range ends where it was asked to.
         let answer = fetch_commits(&store, 1, 10, &limits, &data).unwrap();
         assert_eq!(answer.commits.len(), 10);
+        assert_eq!(verify_answer(&answer, &chain, &data), [0, 1, 2]);
+        // Past one too, in one answer, when the votes after it are held ...
+        let answer = fetch_commits(&store, 1, 30, &limits, &data).unwrap();
+        assert_eq!(answer.commits.len(), 30);
+        assert_eq!(verify_answer(&answer, &chain, &data), [0, 1, 2]);
+        // ... and up to the kept certificate when they are not.
+        let answer = fetch_commits(&store, 1, 38, &limits, &data).unwrap();
+        assert_eq!(answer.commits.len(), 20);
         assert_eq!(verify_answer(&answer, &chain, &data), [0, 1, 2]);
     }
 
