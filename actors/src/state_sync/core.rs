@@ -160,6 +160,21 @@ impl BlocksSeen {
     }
 }
 
+/// Puts `whole`, the chunk at `offset` of `chunks`, in its place as parts
+/// of `step` blocks (the last may be shorter), each with its supervision.
+fn split(chunks: &mut BTreeMap<usize, Chunk>, offset: usize, whole: Chunk, step: usize) {
+    for at in (0..whole.len).step_by(step.max(1)) {
+        let len = step.min(whole.len - at);
+        chunks.insert(
+            offset + at,
+            Chunk {
+                len,
+                ..whole.clone()
+            },
+        );
+    }
+}
+
 /// Blocks in each chunk sent: `max_blocks_per_fetch`, or fewer when the
 /// blocks fetched lately average more than three quarters of
 /// `max_bytes_per_fetch` allows for that many. Chunks are sized so when
@@ -989,11 +1004,13 @@ impl StateSyncCore {
                     self.certifiers_seen
                         .add(info.certifier_bytes, info.certifier_blocks);
                 }
-                let step = self.chunk_blocks();
-                let chunks = (0..info.block_count)
-                    .step_by(step)
-                    .map(|offset| (offset, Chunk::new(step.min(info.block_count - offset))))
-                    .collect();
+                let mut chunks = BTreeMap::new();
+                split(
+                    &mut chunks,
+                    0,
+                    Chunk::new(info.block_count),
+                    self.chunk_blocks(),
+                );
                 self.batches.insert(
                     info.start,
                     Batch {
@@ -1046,15 +1063,7 @@ impl StateSyncCore {
                 .collect();
             for offset in long {
                 let chunk = batch.chunks[&offset].clone();
-                for at in (0..chunk.len).step_by(step) {
-                    batch.chunks.insert(
-                        offset + at,
-                        Chunk {
-                            len: step.min(chunk.len - at),
-                            ..chunk.clone()
-                        },
-                    );
-                }
+                split(&mut batch.chunks, offset, chunk, step);
             }
         }
     }
@@ -1116,10 +1125,8 @@ impl StateSyncCore {
                     seen.add(held_bytes, held_blocks);
                 }
                 let step = chunk_blocks(&self.config, &seen).min(c.len.div_ceil(2));
-                let len = c.len;
-                for at in (0..len).step_by(step) {
-                    b.chunks.insert(offset + at, Chunk::new(step.min(len - at)));
-                }
+                let fresh = Chunk::new(c.len);
+                split(&mut b.chunks, offset, fresh, step);
                 out.push(Output::Restarted { task, failure });
             }
             Err(failure @ Failure::BlocksWithheld { held, claimed }) if c.len > 1 => {
