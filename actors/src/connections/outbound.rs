@@ -1,11 +1,12 @@
 //! The one way to call a peer: get its client from Connections, bound the
 //! call by the request timeout, and type what went wrong.
 
-use crate::dropped::{Droppable, try_send};
+use crate::dropped::{Droppable, count};
 use std::future::Future;
 use std::time::Duration;
 
-use actix::Addr;
+use actix::prelude::SendError;
+use actix::{Addr, Recipient};
 use serde::{Deserialize, Serialize};
 use soma_types::PeerId;
 use soma_wire::proto::p2p_client::P2pClient;
@@ -74,15 +75,31 @@ impl CallError {
 /// subscribers, so every caller notices a dead peer the same way.
 #[derive(Clone)]
 pub struct Outbound {
-    connections: Addr<Connections>,
+    clients: Recipient<GetClient>,
+    broken: Recipient<ReportBroken>,
     timeout: Duration,
 }
 
 impl Outbound {
     /// Calls through `connections`, each bounded by `timeout`.
     pub fn new(connections: Addr<Connections>, timeout: Duration) -> Self {
+        Self::through(
+            connections.clone().recipient(),
+            connections.recipient(),
+            timeout,
+        )
+    }
+
+    /// Calls with the clients `clients` hands out, reporting broken
+    /// connections to `broken`.
+    fn through(
+        clients: Recipient<GetClient>,
+        broken: Recipient<ReportBroken>,
+        timeout: Duration,
+    ) -> Self {
         Outbound {
-            connections,
+            clients,
+            broken,
             timeout,
         }
     }
@@ -94,7 +111,9 @@ impl Outbound {
 
     /// Sends `message` to `peer` with `call` (for instance
     /// `|mut c, r| async move { c.fetch_commits(r).await }`), the request
-    /// carrying the timeout as its gRPC deadline; the whole of `call`,
+    /// carrying the timeout as its gRPC deadline. The timeout runs from
+    /// this call on: asking Connections for the peer's client (which waits
+    /// while Connections is busy or restarting) and the whole of `call`,
     /// reading a streamed answer included, must end within it.
     pub async fn call<M, T, F, Fut>(
         &self,
@@ -106,18 +125,21 @@ impl Outbound {
         F: FnOnce(Client, tonic::Request<M>) -> Fut,
         Fut: Future<Output = Result<T, tonic::Status>>,
     {
-        let client = match self.connections.send(GetClient(peer)).await {
-            Ok(Some(client)) => client,
-            Ok(None) | Err(_) => return Err(CallError::NoConnection),
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let asked = tokio::time::timeout_at(deadline, self.clients.send(GetClient(peer)));
+        let client = match asked.await {
+            Ok(Ok(Some(client))) => client,
+            Ok(Ok(None) | Err(_)) => return Err(CallError::NoConnection),
+            Err(_) => return Err(CallError::Timeout),
         };
-        let result = call_client(client, self.timeout, message, call).await;
-        if result.as_ref().err() == Some(&CallError::Transport) {
-            // The probe finds a broken connection too, if this is dropped.
-            try_send(
-                &self.connections,
-                ReportBroken { peer },
-                Droppable::ReportBroken,
-            );
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let result = call_client(client, left, message, call).await;
+        if result.as_ref().err() == Some(&CallError::Transport)
+            // The probe finds a broken connection too, if this is dropped;
+            // a closed mailbox is a stopping actor, not a drop to count.
+            && let Err(SendError::Full(_)) = self.broken.try_send(ReportBroken { peer })
+        {
+            count(Droppable::ReportBroken);
         }
         result
     }
@@ -146,6 +168,58 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use actix::{Actor, Context, Handler, ResponseFuture};
+    use soma_wire::proto;
+
+    /// Connections that never hands out a client: busy, or waiting to be
+    /// restarted.
+    struct Unanswering;
+
+    impl Actor for Unanswering {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<GetClient> for Unanswering {
+        type Result = ResponseFuture<Option<Client>>;
+        fn handle(&mut self, _: GetClient, _: &mut Context<Self>) -> Self::Result {
+            Box::pin(std::future::pending())
+        }
+    }
+
+    impl Handler<ReportBroken> for Unanswering {
+        type Result = ();
+        fn handle(&mut self, _: ReportBroken, _: &mut Context<Self>) {}
+    }
+
+    /// The timeout runs from the call on: a call whose client never comes
+    /// times out at the request timeout, not never.
+    #[actix_rt::test]
+    async fn a_call_times_out_when_connections_never_hands_out_the_client() {
+        tokio::time::pause();
+        let connections = Unanswering.start();
+        let timeout = Duration::from_secs(10);
+        let outbound = Outbound::through(
+            connections.clone().recipient(),
+            connections.recipient(),
+            timeout,
+        );
+        let started = tokio::time::Instant::now();
+        let call = outbound.call(
+            PeerId([1; 32]),
+            proto::GetCommitAvailabilityRequest {},
+            |mut c, r| async move { c.get_commit_availability(r).await },
+        );
+        let result = tokio::time::timeout(2 * timeout, call)
+            .await
+            .expect("the call ended by itself");
+        assert_eq!(result.err(), Some(CallError::Timeout));
+        // tokio's timers fire on the millisecond after their deadline.
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= timeout && elapsed <= timeout + Duration::from_millis(1),
+            "{elapsed:?}"
+        );
+    }
 
     #[test]
     fn a_status_is_the_peers_answer_a_timeout_or_a_failed_transport() {
