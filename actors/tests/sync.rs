@@ -83,6 +83,33 @@ async fn fresh_node_catches_up_5000_commits_over_3_epochs_from_3_peers() {
     }
 }
 
+/// The benchmarks' wait returns once the commit waited for is applied,
+/// whether the node hands it over while the waiter listens, or applied it
+/// before the wait began.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_a_commit_returns_once_it_is_applied() {
+    let chain = ChainBuilder::new(ChainConfig::validators(4)).build(1_000);
+    let validators: Vec<P2pHandle> = (1..=2).map(|k| validator(&chain, k)).collect();
+    let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+    let node = fresh(
+        &chain,
+        9,
+        &validators.iter().collect::<Vec<_>>(),
+        store.clone(),
+    );
+    let watermark = || store.highest_synced_commit().unwrap().index;
+    soma_testkit::wait_applied(&node, 600, DEADLINE).await;
+    assert!(watermark() >= 600, "returned at {}", watermark());
+    soma_testkit::wait_applied(&node, 1_000, DEADLINE).await;
+    assert_eq!(watermark(), 1_000);
+    // Applied before the wait: it returns at once.
+    soma_testkit::wait_applied(&node, 1_000, Duration::ZERO).await;
+    node.shutdown().await;
+    for v in validators {
+        v.shutdown().await;
+    }
+}
+
 mod byzantine {
     //! Peers that lie. With one honest validator present, sync completes,
     //! nothing bad is stored or broadcast, and each liar is banned.

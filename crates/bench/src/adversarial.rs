@@ -201,7 +201,7 @@ fn catch_up(
         let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
         let start = Instant::now();
         let node = soma_testkit::node(chain, key, config, store);
-        soma_testkit::wait_synced(&node, chain.tip(), Duration::from_secs(600)).await;
+        soma_testkit::wait_applied(&node, chain.tip(), Duration::from_secs(600)).await;
         let elapsed = start.elapsed();
         let views = node.peer_heights().await.expect("the node runs");
         node.shutdown().await;
@@ -511,7 +511,7 @@ pub fn child(commits: u64, epoch: u64, budget: u64, timeout_ms: u64, seeds: &str
         )
         .start()
         .expect("the node starts");
-        soma_testkit::wait_synced(&node, commits, Duration::from_secs(600)).await;
+        soma_testkit::wait_applied(&node, commits, Duration::from_secs(600)).await;
         let elapsed = start.elapsed();
         let peak = crate::peak_rss_kib(std::process::id());
         let views = node.peer_heights().await.expect("the node runs");

@@ -109,7 +109,7 @@ fn run(chain: &soma_chain::Chain, cores: usize, signatures: bool, key: u8) -> Ru
         let before = thread_times();
         let start = Instant::now();
         let node = soma_testkit::node(chain, key, config, store);
-        soma_testkit::wait_synced(&node, chain.tip(), Duration::from_secs(1_800)).await;
+        soma_testkit::wait_applied(&node, chain.tip(), Duration::from_secs(1_800)).await;
         let elapsed = start.elapsed();
         let after = thread_times();
         node.shutdown().await;

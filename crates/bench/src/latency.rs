@@ -53,7 +53,7 @@ async fn catch_up(chain: &Chain, impairment: Option<Impairment>, key: u8) -> Run
     let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
     let start = Instant::now();
     let node = soma_testkit::node(chain, key, config, store);
-    soma_testkit::wait_synced(&node, chain.tip(), Duration::from_secs(1_800)).await;
+    soma_testkit::wait_applied(&node, chain.tip(), Duration::from_secs(1_800)).await;
     let elapsed = start.elapsed();
     let status = node.sync_status().await.expect("the node runs");
     let resets = links.iter().map(|l| l.stats().resets).sum();

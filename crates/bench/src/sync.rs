@@ -230,7 +230,7 @@ pub async fn catch_up(chain: &Chain, peers: &[P2pHandle], key: u8, signatures: b
     let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
     let start = Instant::now();
     let node = soma_testkit::node(chain, key, config, store);
-    soma_testkit::wait_synced(&node, chain.tip(), Duration::from_secs(1_800)).await;
+    soma_testkit::wait_applied(&node, chain.tip(), Duration::from_secs(1_800)).await;
     let elapsed = start.elapsed();
     let status = node.sync_status().await.expect("the node runs");
     node.shutdown().await;

@@ -244,7 +244,7 @@ fn run(chain: &Arc<Chain>, kind: Kind, key: u8) -> (Option<Duration>, u64, Tally
             ..P2pConfig::default()
         };
         let node = soma_testkit::node(chain, key, config, Arc::new(MemStore::new(chain.genesis())));
-        let synced = soma_testkit::wait_synced(&node, chain.tip(), PATIENCE);
+        let synced = soma_testkit::wait_applied(&node, chain.tip(), PATIENCE);
         let elapsed = tokio::time::timeout(STALLED_AFTER, synced).await.ok();
         if elapsed.is_none() {
             let status = node.sync_status().await;

@@ -140,6 +140,39 @@ pub async fn wait_synced(node: &P2pHandle, target: u64, deadline: Duration) -> D
     }
 }
 
+/// Waits until `node` hands the node commit `target` (or has applied it
+/// already), and returns the time it took: the moment it is handed over,
+/// not the next poll, for benchmarks whose catch-ups are a few hundred
+/// milliseconds ([`wait_synced`] may add up to its 10 ms poll). A
+/// subscriber that falls behind the broadcast reads the applied watermark
+/// instead. Panics with the node's sync status after `deadline`.
+pub async fn wait_applied(node: &P2pHandle, target: u64, deadline: Duration) -> Duration {
+    use tokio::sync::broadcast::error::RecvError;
+    let start = Instant::now();
+    let mut commits = node.subscribe_synced_commits();
+    let applied = || {
+        node.store()
+            .highest_synced_commit()
+            .is_ok_and(|c| c.index >= target)
+    };
+    if applied() {
+        return start.elapsed();
+    }
+    let until = tokio::time::Instant::from_std(start + deadline);
+    loop {
+        match tokio::time::timeout_at(until, commits.recv()).await {
+            Ok(Ok(commit)) if commit.commit_ref.index >= target => return start.elapsed(),
+            Ok(Ok(_)) => {}
+            Ok(Err(RecvError::Lagged(_))) if applied() => return start.elapsed(),
+            Ok(Err(RecvError::Lagged(_))) => {}
+            Ok(Err(RecvError::Closed)) | Err(_) => {
+                let status = node.sync_status().await;
+                panic!("commit {target} was not applied in {deadline:?}: {status:?}");
+            }
+        }
+    }
+}
+
 /// Polls `done` every 10 ms until it holds; panics with `what` after
 /// `deadline`.
 pub async fn wait_until(what: &str, deadline: Duration, mut done: impl AsyncFnMut() -> bool) {
