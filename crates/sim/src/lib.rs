@@ -10,6 +10,7 @@
 //! bit ([`net::Sim::digest`]), and any node's inputs can be written as a
 //! trace the replay harness replays.
 
+mod digest;
 pub mod heights;
 mod inbound;
 pub mod net;

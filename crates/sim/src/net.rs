@@ -32,6 +32,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use crate::digest::RunDigest;
 use crate::inbound::Server;
 use crate::queue::{Due, Queue};
 use rand::seq::IndexedRandom;
@@ -280,7 +281,7 @@ pub struct Sim {
     recorded: Option<usize>,
     counts: Counts,
     /// Every input and output, hashed in order: equal for equal runs.
-    digest: blake3::Hasher,
+    digest: RunDigest,
     /// Virtual time 0 for the inbound rules, which read `Instant`s.
     base: Instant,
     /// With more than one thread: the pool that, with the calling thread,
@@ -409,7 +410,7 @@ impl Sim {
             sides: None,
             recorded,
             counts: Counts::default(),
-            digest: blake3::Hasher::new(),
+            digest: RunDigest::default(),
             base: Instant::now(),
             pool,
             marks: Vec::new(),
@@ -453,7 +454,7 @@ impl Sim {
     /// A hash of every input and output so far: two runs are the same run
     /// exactly when their digests are equal.
     pub fn digest(&self) -> [u8; 32] {
-        *self.digest.clone().finalize().as_bytes()
+        self.digest.finalize()
     }
 
     /// The trace of the recorded node so far, if one records.
@@ -1430,7 +1431,7 @@ fn input_bytes(h: &mut Vec<u8>, input: &Input) {
     }
 }
 
-fn hash_output(h: &mut blake3::Hasher, output: &Output) {
+fn hash_output(h: &mut RunDigest, output: &Output) {
     match output {
         Output::Query { peer } => {
             h.update(b"Q");
@@ -1460,12 +1461,8 @@ fn hash_output(h: &mut blake3::Hasher, output: &Output) {
     }
 }
 
-/// One update for all of `infos`: blake3 hashes a long input several
-/// chunks at a time, where short updates go one block at a time.
-fn hash_infos(h: &mut blake3::Hasher, infos: &[Arc<SignedNodeInfo>]) {
-    let mut bytes = Vec::with_capacity(infos.len() * 40);
-    info_bytes(&mut bytes, infos);
-    h.update(&bytes);
+fn hash_infos(h: &mut RunDigest, infos: &[Arc<SignedNodeInfo>]) {
+    h.write(|bytes| info_bytes(bytes, infos));
 }
 
 /// What identifies `infos`: each one's peer and timestamp.

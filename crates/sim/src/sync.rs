@@ -44,6 +44,7 @@ use soma_actors::state_sync::{
 use soma_actors::{Driver, Time};
 use soma_types::{ChainId, CommitIndex, CommitRef, Digest, PeerId};
 
+use crate::digest::RunDigest;
 use crate::net::{Sim, peer_id};
 use crate::queue::Queue;
 
@@ -350,7 +351,7 @@ struct Run<'a> {
     queue: Queue<Event>,
     next_call: u64,
     run: SyncRun,
-    digest: blake3::Hasher,
+    digest: RunDigest,
 }
 
 /// The chain every node is on.
@@ -464,7 +465,7 @@ pub fn catch_up(
             bans: 0,
             digest: [0; 32],
         },
-        digest: blake3::Hasher::new(),
+        digest: RunDigest::default(),
     };
     for &node in &followers {
         for peer in sim.connections_of(node) {
@@ -488,7 +489,7 @@ pub fn catch_up(
         run.run.p90_synced_ms = Some(synced[(synced.len() * 9).div_ceil(10) - 1]);
         run.run.all_synced_ms = synced.last().copied();
     }
-    run.run.digest = *run.digest.finalize().as_bytes();
+    run.run.digest = run.digest.finalize();
     let trace = recorded.and_then(|i| {
         let driver = run.nodes[i].sync.take()?;
         driver.into_recorder().map(Recorder::into_string)
