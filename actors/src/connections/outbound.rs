@@ -23,7 +23,8 @@ pub type Client = P2pClient<Channel>;
 #[serde(rename_all = "snake_case")]
 pub enum CallError {
     /// We hold no connection to the peer (it left, or Connections is
-    /// restarting).
+    /// restarting), or Connections did not hand out its client within the
+    /// call's timeout.
     #[error("not connected")]
     NoConnection,
     /// The peer did not answer within the request timeout.
@@ -114,7 +115,9 @@ impl Outbound {
     /// carrying the timeout as its gRPC deadline. The timeout runs from
     /// this call on: asking Connections for the peer's client (which waits
     /// while Connections is busy or restarting) and the whole of `call`,
-    /// reading a streamed answer included, must end within it.
+    /// reading a streamed answer included, must end within it. A client
+    /// that does not come within it is [`CallError::NoConnection`], our
+    /// side's failure, never held against the peer.
     pub async fn call<M, T, F, Fut>(
         &self,
         peer: PeerId,
@@ -129,8 +132,8 @@ impl Outbound {
         let asked = tokio::time::timeout_at(deadline, self.clients.send(GetClient(peer)));
         let client = match asked.await {
             Ok(Ok(Some(client))) => client,
-            Ok(Ok(None) | Err(_)) => return Err(CallError::NoConnection),
-            Err(_) => return Err(CallError::Timeout),
+            // Not connected, Connections gone, or no client in time.
+            _ => return Err(CallError::NoConnection),
         };
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let result = call_client(client, left, message, call).await;
@@ -192,9 +195,10 @@ mod tests {
     }
 
     /// The timeout runs from the call on: a call whose client never comes
-    /// times out at the request timeout, not never.
+    /// ends at the request timeout, not never, as a connection we do not
+    /// have (our side's failure), not as the peer's timeout.
     #[actix_rt::test]
-    async fn a_call_times_out_when_connections_never_hands_out_the_client() {
+    async fn a_call_ends_at_its_timeout_when_connections_never_hands_out_the_client() {
         tokio::time::pause();
         let connections = Unanswering.start();
         let timeout = Duration::from_secs(10);
@@ -212,7 +216,7 @@ mod tests {
         let result = tokio::time::timeout(2 * timeout, call)
             .await
             .expect("the call ended by itself");
-        assert_eq!(result.err(), Some(CallError::Timeout));
+        assert_eq!(result.err(), Some(CallError::NoConnection));
         // tokio's timers fire on the millisecond after their deadline.
         let elapsed = started.elapsed();
         assert!(
