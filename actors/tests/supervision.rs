@@ -150,7 +150,7 @@ impl Scenario {
             faults,
             node,
         } = self;
-        wait_synced(&node, chain.tip(), DEADLINE).await;
+        wait_synced_or_report(&node, chain.tip()).await;
         assert_same_chain(&chain, store.as_ref());
         assert_eq!(faults.injected(actor), 1, "the panic was injected mid-sync");
         let expected: Vec<(&str, u64)> = ACTORS
@@ -164,6 +164,24 @@ impl Scenario {
         for v in validators {
             v.shutdown().await;
         }
+    }
+}
+
+/// Waits for `node` to apply commit `tip`; past [`DEADLINE`], fails with
+/// everything that says where it stands (sync status, each actor's health,
+/// the peers it holds and their heights, its fetches in flight), so that a
+/// stall says which step it is stuck in.
+async fn wait_synced_or_report(node: &P2pHandle, tip: u64) {
+    let waited = soma_testkit::wait_applied(node, tip, DEADLINE + Duration::from_secs(1));
+    if tokio::time::timeout(DEADLINE, waited).await.is_err() {
+        panic!(
+            "sync stalled\nstatus: {:?}\nhealth: {:?}\nconnected: {:?}\nheights: {:?}\nfetches in flight: {}",
+            node.sync_status().await,
+            node.health(),
+            node.connected_peers().await,
+            node.peer_heights().await,
+            node.fetches_in_flight(),
+        );
     }
 }
 
