@@ -88,6 +88,20 @@ async fn catch_up_completes_through_links_of_250_ms_round_trip_with_resets() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // The node comes back through every link after its resets: a reset
+    // just before the tip can leave a link to be redialled (at the next
+    // discovery round) after the other links have brought the rest.
+    soma_testkit::wait_until(
+        "a connection through every link after its last reset",
+        DEADLINE,
+        async || {
+            links.iter().all(|l| {
+                let s = l.stats();
+                s.connections > s.connections_reset
+            })
+        },
+    )
+    .await;
     let stats: Vec<_> = links.iter().map(ImpairedLink::stats).collect();
     let status = node.sync_status().await.unwrap();
     tracing::info!(?stats, ?status, resets_sent, "synced through the links");
