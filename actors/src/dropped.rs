@@ -11,7 +11,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use actix::dev::ToEnvelope;
-use actix::{Actor, Addr, Handler, Message};
+use actix::{Actor, Addr, Handler, Message, Recipient};
 
 /// The sends that may be dropped, by the name the metric uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,8 +83,22 @@ where
     M: Message + Send + 'static,
     M::Result: Send,
 {
-    // A closed mailbox is a stopping actor, not a drop to count.
-    if let Err(actix::prelude::SendError::Full(_)) = to.try_send(msg) {
+    counted(to.try_send(msg), kind);
+}
+
+/// [`try_send`] to a recipient.
+pub(crate) fn try_send_to<M>(to: &Recipient<M>, msg: M, kind: Droppable)
+where
+    M: Message + Send + 'static,
+    M::Result: Send,
+{
+    counted(to.try_send(msg), kind);
+}
+
+/// Counts a send refused by a full mailbox as a drop of `kind`; a closed
+/// mailbox is a stopping actor, not a drop to count.
+fn counted<M>(sent: Result<(), actix::prelude::SendError<M>>, kind: Droppable) {
+    if let Err(actix::prelude::SendError::Full(_)) = sent {
         count(kind);
     }
 }

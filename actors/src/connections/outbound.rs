@@ -1,11 +1,10 @@
 //! The one way to call a peer: get its client from Connections, bound the
 //! call by the request timeout, and type what went wrong.
 
-use crate::dropped::{Droppable, count};
+use crate::dropped::{Droppable, try_send_to};
 use std::future::Future;
 use std::time::Duration;
 
-use actix::prelude::SendError;
 use actix::{Addr, Recipient};
 use serde::{Deserialize, Serialize};
 use soma_types::PeerId;
@@ -137,12 +136,9 @@ impl Outbound {
         };
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let result = call_client(client, left, message, call).await;
-        if result.as_ref().err() == Some(&CallError::Transport)
-            // The probe finds a broken connection too, if this is dropped;
-            // a closed mailbox is a stopping actor, not a drop to count.
-            && let Err(SendError::Full(_)) = self.broken.try_send(ReportBroken { peer })
-        {
-            count(Droppable::ReportBroken);
+        if result.as_ref().err() == Some(&CallError::Transport) {
+            // The probe finds a broken connection too, if this is dropped.
+            try_send_to(&self.broken, ReportBroken { peer }, Droppable::ReportBroken);
         }
         result
     }
