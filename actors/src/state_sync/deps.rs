@@ -11,9 +11,10 @@ use soma_wire::convert::Availability;
 use tokio::sync::{broadcast, watch};
 
 use super::core::{Config, Init, commit_answer_bytes};
+use super::hedging::Hedging;
 use super::messages::TaskId;
 use super::prune;
-use super::worker::{Hedging, PeerCalls, Worker};
+use super::worker::{PeerCalls, Worker};
 use crate::archive::ArchiveReader;
 use crate::connections::{Connections, Outbound};
 use crate::faults::Faults;

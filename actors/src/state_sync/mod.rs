@@ -39,6 +39,7 @@ mod apply;
 mod core;
 mod deps;
 mod fetched;
+mod hedging;
 mod messages;
 pub mod prune;
 mod queries;
@@ -49,10 +50,11 @@ pub use actor::StateSync;
 pub use apply::ApplyError;
 pub use core::{Config, DEFAULT_COMMIT_SYNC_BATCH_SIZE, Init, StateSyncCore, commit_answer_bytes};
 pub use deps::Deps;
+pub use hedging::{HEDGE_MIN, HEDGE_PEERS, HEDGE_STALE_ANSWERS, Hedging};
 pub use messages::{
     ApplyLocal, CommitBatchInfo, CommitsWanted, EpochStart, Failure, GetSyncStatus, HeightPushed,
     Input, LocalFailure, Output, StoreCertificate, SyncStatus, TaskId,
 };
 pub use prune::Retention;
 pub use queries::HeightQueries;
-pub use worker::{HEDGE_MIN, Hedging, UNANSWERED_DOUBT};
+pub use worker::UNANSWERED_DOUBT;

@@ -15,7 +15,6 @@ use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use actix::Addr;
@@ -29,6 +28,7 @@ use tokio::task::{AbortHandle, JoinSet};
 
 use super::apply::{Batch, Source};
 use super::core::Config;
+use super::hedging::{HEDGE_MIN, Hedging};
 use super::messages::{CommitBatchInfo, CommitsWanted, Failure, LocalFailure, TaskId};
 use crate::archive::ArchiveReader;
 use crate::connections::{ActivePeers, Client, Connections, Outbound};
@@ -241,81 +241,11 @@ pub(super) struct Worker {
     pub(super) hedging: Hedging,
 }
 
-/// Earliest a late fetch asks a second peer; also how often a late fetch
-/// reads its delay again.
-pub const HEDGE_MIN: Duration = Duration::from_millis(100);
-
 /// How long a commit fetch goes unanswered, with no other peer to hedge
 /// it on, before its peer's claim past its start is doubted: well above
 /// an honest answer's time, so a fetch merely slow is seldom doubted (and
 /// its answer ends the doubt).
 pub const UNANSWERED_DOUBT: Duration = Duration::from_secs(1);
-
-/// When a fetch still unanswered also asks a second peer: after four times
-/// the recent answer time of fetches of its kind (a moving average over
-/// the actor's workers), at least [`HEDGE_MIN`]. While none has answered,
-/// the round trip to peers stands in for it: four times the recent answer
-/// time of height queries, which come before any fetch (a peer slow to
-/// serve the first fetch would otherwise hold sync up for a fixed part of
-/// the timeout), but never more than that fixed part, a twentieth of the
-/// request timeout, so peers slow to answer queries cannot stretch it.
-/// With neither, that twentieth; never past half the timeout.
-#[derive(Clone, Debug, Default)]
-pub struct Hedging {
-    /// Moving averages of answer times, in milliseconds (0: none yet).
-    commits_ms: Arc<AtomicU64>,
-    blocks_ms: Arc<AtomicU64>,
-    queries_ms: Arc<AtomicU64>,
-}
-
-impl Hedging {
-    fn average(&self, kind: FetchKind) -> &AtomicU64 {
-        match kind {
-            FetchKind::Commits => &self.commits_ms,
-            FetchKind::Blocks => &self.blocks_ms,
-        }
-    }
-
-    /// A fetch of `kind` was answered in `latency_ms`.
-    pub fn answered(&self, kind: FetchKind, latency_ms: u64) {
-        record(self.average(kind), latency_ms);
-    }
-
-    /// A height query was answered in `latency_ms`.
-    pub fn queried(&self, latency_ms: u64) {
-        record(&self.queries_ms, latency_ms);
-    }
-
-    /// How long a fetch of `kind` waits for its peer alone.
-    pub fn delay(&self, kind: FetchKind, timeout: Duration) -> Duration {
-        let fetches = self.average(kind).load(Ordering::Relaxed);
-        hedge_delay(fetches, self.queries_ms.load(Ordering::Relaxed), timeout)
-    }
-}
-
-/// Adds `latency_ms` to a moving average (weight 1/4 on the new sample).
-fn record(average: &AtomicU64, latency_ms: u64) {
-    let sample = latency_ms.max(1);
-    // Updates may race and one be lost: an estimate, not a count.
-    let old = average.load(Ordering::Relaxed);
-    let new = match old {
-        0 => sample,
-        old => (old.saturating_mul(3).saturating_add(sample)) / 4,
-    };
-    average.store(new, Ordering::Relaxed);
-}
-
-/// [`Hedging`]'s delay from the average answer times of the fetches of a
-/// kind and of height queries (0: none yet).
-fn hedge_delay(fetches_ms: u64, queries_ms: u64, timeout: Duration) -> Duration {
-    let four_times = |ms: u64| Duration::from_millis(ms.saturating_mul(4));
-    let delay = match (fetches_ms, queries_ms) {
-        (0, 0) => timeout / 20,
-        (0, ms) => four_times(ms).min(timeout / 20),
-        (ms, _) => four_times(ms),
-    };
-    delay.max(HEDGE_MIN).min(timeout / 2)
-}
 
 /// How a transfer that ended with `failure` is told to PeerHeights.
 fn transfer_of(failure: &Failure) -> Transfer {
@@ -466,10 +396,19 @@ impl Worker {
         }
     }
 
-    /// Scores `peer` for a transfer of `bytes` in `latency_ms` whose data
-    /// passed verification; a failed verification is the core's to report.
-    fn verified<T>(&self, peer: PeerId, bytes: u64, latency_ms: u64, result: &Result<T, Failure>) {
+    /// Scores `peer` for a fetch of `kind` that brought `bytes` in
+    /// `latency_ms` and whose data passed verification, and counts its
+    /// answer time for hedging; a failed verification is the core's to
+    /// report, and its time counts for nothing.
+    fn verified<T>(
+        &self,
+        (kind, peer): (FetchKind, PeerId),
+        bytes: u64,
+        latency_ms: u64,
+        result: &Result<T, Failure>,
+    ) {
         if result.is_ok() {
+            self.hedging.answered(kind, peer, latency_ms);
             self.heights.do_send(ReportOutcome {
                 peer,
                 bytes,
@@ -534,7 +473,12 @@ impl Worker {
             _ => self.verify_commits(answer.response, wanted).await,
         };
         match (answer.peer, &self.archive) {
-            (Some(peer), _) => self.verified(peer, answer.bytes, answer.latency_ms, &result),
+            (Some(peer), _) => self.verified(
+                (FetchKind::Commits, peer),
+                answer.bytes,
+                answer.latency_ms,
+                &result,
+            ),
             (None, Some(archive)) => {
                 // Commits of a later epoch, asked for while the batch that
                 // ends the expected one waits to be applied, are the core's
@@ -604,7 +548,6 @@ impl Worker {
         let bytes = response.commits.iter().map(|c| c.len() as u64).sum();
         // The peer's part is done; verifying does not hold its slot.
         let latency_ms = slot.release(Transfer::Received, bytes);
-        self.hedging.answered(FetchKind::Commits, latency_ms);
         let answer = CommitAnswer {
             peer: Some(peer),
             response,
@@ -697,9 +640,8 @@ impl Worker {
         };
         let bytes = blobs.iter().map(|b| b.bytes().len() as u64).sum();
         let latency = slot.release(Transfer::Received, bytes);
-        self.hedging.answered(FetchKind::Blocks, latency);
         let result = self.verify_blocks(chunk.epoch, blobs, &chunk.refs).await;
-        self.verified(peer, bytes, latency, &result);
+        self.verified((FetchKind::Blocks, peer), bytes, latency, &result);
         (Some(peer), result)
     }
 
@@ -1250,11 +1192,9 @@ impl Tasks {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
-
-    const TIMEOUT: Duration = Duration::from_secs(10);
 
     /// A call that counts itself in `count` and, if `forever`, never
     /// ends (a peer that never answers).
@@ -1333,27 +1273,6 @@ mod tests {
             assert_eq!(answered[n - 1].load(Ordering::SeqCst), rounds, "peer {n}");
         }
         assert_eq!(tasks.queries.peers(), 1);
-    }
-
-    #[test]
-    fn a_late_fetch_asks_a_second_peer_after_four_times_the_usual_answer_time() {
-        let ms = Duration::from_millis;
-        // Nothing answered yet: a twentieth of the timeout.
-        assert_eq!(hedge_delay(0, 0, TIMEOUT), ms(500));
-        assert_eq!(hedge_delay(60, 0, TIMEOUT), ms(240));
-        // No fetch yet: the height queries' round trip stands in, up to
-        // the twentieth.
-        assert_eq!(hedge_delay(0, 40, TIMEOUT), ms(160));
-        assert_eq!(hedge_delay(0, 200, TIMEOUT), ms(500));
-        // Once fetches answer, theirs counts alone.
-        assert_eq!(hedge_delay(60, 40, TIMEOUT), ms(240));
-        assert_eq!(hedge_delay(60, 4_000, TIMEOUT), ms(240));
-        // Never before 100 ms, never past half the timeout.
-        assert_eq!(hedge_delay(5, 0, TIMEOUT), ms(100));
-        assert_eq!(hedge_delay(0, 1, TIMEOUT), ms(100));
-        assert_eq!(hedge_delay(3_000, 0, TIMEOUT), ms(5_000));
-        assert_eq!(hedge_delay(0, 3_000, TIMEOUT), ms(500));
-        assert_eq!(hedge_delay(0, 0, ms(1_000)), ms(100));
     }
 
     #[test]
@@ -1554,45 +1473,5 @@ mod tests {
         // Every other failure is told as for any fetch.
         assert_eq!(block_transfer_of(&Failure::Timeout), Transfer::Timeout);
         assert_eq!(block_transfer_of(&Failure::Transport), Transfer::Error);
-    }
-
-    #[test]
-    fn answer_times_are_averaged_by_kind() {
-        let hedging = Hedging::default();
-        hedging.answered(FetchKind::Blocks, 100);
-        assert_eq!(
-            hedging.delay(FetchKind::Blocks, TIMEOUT),
-            Duration::from_millis(400)
-        );
-        // A quarter of each new answer time counts.
-        hedging.answered(FetchKind::Blocks, 500);
-        assert_eq!(
-            hedging.delay(FetchKind::Blocks, TIMEOUT),
-            Duration::from_millis(800)
-        );
-        // Commit fetches have their own average.
-        assert_eq!(
-            hedging.delay(FetchKind::Commits, TIMEOUT),
-            Duration::from_millis(500)
-        );
-        hedging.answered(FetchKind::Commits, 0);
-        assert_eq!(
-            hedging.delay(FetchKind::Commits, TIMEOUT),
-            Duration::from_millis(100)
-        );
-    }
-
-    #[test]
-    fn height_queries_set_the_delay_only_until_a_fetch_of_the_kind_answers() {
-        let hedging = Hedging::default();
-        hedging.queried(50);
-        hedging.queried(90);
-        // (3 × 50 + 90) / 4 = 60, four times over.
-        let ms = Duration::from_millis;
-        assert_eq!(hedging.delay(FetchKind::Commits, TIMEOUT), ms(240));
-        assert_eq!(hedging.delay(FetchKind::Blocks, TIMEOUT), ms(240));
-        hedging.answered(FetchKind::Blocks, 30);
-        assert_eq!(hedging.delay(FetchKind::Blocks, TIMEOUT), ms(120));
-        assert_eq!(hedging.delay(FetchKind::Commits, TIMEOUT), ms(240));
     }
 }

@@ -654,12 +654,15 @@ fn sync_section(md: &mut String, n: usize) {
          per block and {} µs per commit batch on one queue per node (a 2-core node with \
          signatures checked), a node serves {} fetches at once and {} per caller (more are \
          refused as busy) through an upload of {} MB/s, a fetch still unanswered after \
-         the worker's hedge delay (the production `Hedging`: four times the recent answer \
-         time of fetches, or of height queries before any fetch answered) also asks a second peer and keeps the first answer, and a node that \
-         applies a batch pushes its height to the peers it knows to be behind. Hostile nodes, drawn from \
-         the nodes that are not validators, claim every commit and: never answer a fetch \
-         (silent), answer at once with data that fails verification (liars), or serve \
-         everything 1.5 s late (slow). Times from the start; \"of honest\" is the median \
+         the worker's hedge delay (the production `Hedging`: four times the lower median \
+         of per-peer average answer times of fetches, or of height queries before any \
+         fetch answered) also asks a second peer and keeps the first answer, and a node \
+         that applies a batch pushes its height to the peers it knows to be behind. \
+         Hostile nodes, drawn from the nodes that are not validators, claim every commit \
+         and: never answer a fetch (silent), answer at once with data that fails \
+         verification (liars), serve everything 1.5 s late (slow), or serve everything \
+         just before the caller's hedge delay ends, told what it is (creeping). Times \
+         from the start; \"of honest\" is the median \
          node's time against the run without hostile nodes.\n",
         d.commits,
         d.state_sync.commit_sync_batch_size,
@@ -680,13 +683,14 @@ fn sync_section(md: &mut String, n: usize) {
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     .unwrap();
-    let modes: [(&str, Option<(Hostile, f64)>); 6] = [
+    let modes: [(&str, Option<(Hostile, f64)>); 7] = [
         ("none", None),
         ("10 % silent", Some((Hostile::Silent, 0.1))),
         ("30 % silent", Some((Hostile::Silent, 0.3))),
         ("10 % liars", Some((Hostile::Liar, 0.1))),
         ("30 % liars", Some((Hostile::Liar, 0.3))),
         ("10 % slow", Some((Hostile::Slow { delay_ms: 1_500 }, 0.1))),
+        ("10 % creeping", Some((Hostile::Creeping, 0.1))),
     ];
     let seed = seed_of("sync", n as u64);
     let (sim, validators, _) = converged_network(world(n, seed), 12);
@@ -756,7 +760,12 @@ fn sync_section(md: &mut String, n: usize) {
          any fetch, so silent peers still cost timeouts, in the 90th percentile and the last \
          node (at 30 % silent, before hedges: 4,248 timeouts, 90th percentile 36.0 s, last \
          node 86.3 s). Where nothing is hostile, hedges are answers queued at loaded \
-         validators: {} in the honest run, {:.1} % of its fetches.",
+         validators: {} in the honest run, {:.1} % of its fetches. Creeping peers serve, \
+         so they add to what the validators can serve: the network syncs sooner than \
+         without them, since their answers move only their own averages. When every \
+         answer time went into one average, each of theirs raised every fetch's delay \
+         by up to three quarters, and with 10 % of them the median node synced in \
+         17.5–19.0 s over three seeds instead of 12.8–13.4 s.",
         d.serve_slots,
         honest_hedges.0,
         honest_hedges.0 as f64 * 100.0 / honest_hedges.1.max(1) as f64,

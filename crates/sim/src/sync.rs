@@ -61,6 +61,12 @@ pub enum Hostile {
         /// The delay added to each answer.
         delay_ms: u64,
     },
+    /// Serves what it holds, each answer reaching the caller a millisecond
+    /// before the caller would ask another peer: it is told the caller's
+    /// hedge delay, the most such a peer could learn. A node that took
+    /// every peer's answer time into one average would see its delay
+    /// grow with each such answer, up to half its request timeout.
+    Creeping,
 }
 
 /// How a catch-up runs.
@@ -155,6 +161,9 @@ pub struct SyncRun {
     pub restarts: u64,
     /// Bans PeerHeights cores imposed.
     pub bans: u64,
+    /// The longest any fetch was to wait for its peer alone before a
+    /// second peer was asked (the hedge delay), in milliseconds.
+    pub longest_hedge_delay_ms: u64,
     /// Every StateSync output in order, hashed: equal for equal runs.
     pub digest: [u8; 32],
 }
@@ -273,11 +282,12 @@ enum Event {
     /// Whether call `call` of `client` is late enough to be hedged.
     HedgeCheck { client: usize, call: u64 },
     /// A worker of `node` ends: the core hears `input`; a verified answer
-    /// scores its peer first.
+    /// of a fetch of its kind scores its peer first, and its answer time
+    /// goes to hedging, as the worker has it.
     Done {
         node: usize,
         input: Input,
-        verified: Option<ReportOutcome>,
+        verified: Option<(FetchKind, ReportOutcome)>,
     },
     /// `node` wrote the batch `start..=end`.
     Applied {
@@ -462,6 +472,7 @@ pub fn catch_up(
             invalid: 0,
             busy: 0,
             restarts: 0,
+            longest_hedge_delay_ms: 0,
             bans: 0,
             digest: [0; 32],
         },
@@ -660,7 +671,8 @@ impl Run<'_> {
                 input,
                 verified,
             } => {
-                if let Some(outcome) = verified {
+                if let Some((kind, outcome)) = verified {
+                    (self.nodes[node].hedging).answered(kind, outcome.peer, outcome.latency_ms);
                     self.heights_step(node, peer_heights::Input::Outcome(outcome));
                 }
                 self.sync_step(node, input);
@@ -727,7 +739,7 @@ impl Run<'_> {
                     // Certified as it arrived: only its link is checked.
                     Some(answer) if answer.valid => {
                         let input = self.commits_input(node, task, &answer);
-                        let verified = Some(success(&answer));
+                        let verified = Some(success(FetchKind::Commits, &answer));
                         let done = Event::Done {
                             node,
                             input,
@@ -974,8 +986,10 @@ impl Run<'_> {
         let delay = match n.role {
             Role::Hostile(Hostile::Silent) => return,
             Role::Hostile(Hostile::Slow { delay_ms }) => delay_ms * 1_000,
+            Role::Hostile(Hostile::Creeping) => self.just_before_hedge(client, call, leg),
             _ => 0,
         };
+        let n = &mut self.nodes[server];
         let from_client = n.serving.get(&client).copied().unwrap_or(0);
         if n.serving_total >= serve_slots || from_client >= per_peer {
             let busy = Event::Reply {
@@ -1005,6 +1019,11 @@ impl Run<'_> {
         let start = now.max(n.upload_free_us);
         n.upload_free_us = start + bytes * 1_000_000 / self.settings.upload_bytes_per_s.max(1);
         let sent = n.upload_free_us - now;
+        // A creeping server's hold counts its upload's wait too.
+        let delay = match n.role {
+            Role::Hostile(Hostile::Creeping) => delay.saturating_sub(sent),
+            _ => delay,
+        };
         self.queue.schedule(sent, Event::Served { server, client });
         let arrives = Event::Reply {
             client,
@@ -1057,9 +1076,6 @@ impl Run<'_> {
                 }
                 self.release(client, &call, Transfer::Received, bytes);
                 let latency_ms = (self.queue.now() - call.sent_us) / 1_000;
-                self.nodes[client]
-                    .hedging
-                    .answered(call.work.kind(), latency_ms);
                 let (start, _) = call.work.range();
                 let answer = Answer {
                     peer,
@@ -1090,11 +1106,27 @@ impl Run<'_> {
         self.finish(client, call.work, Some(call.lease.peer), failure);
     }
 
+    /// How long a creeping server holds its answer to call `call` of
+    /// `client`, `leg` away, for it to arrive a millisecond before the
+    /// call's hedge delay ends (at once if that has passed).
+    fn just_before_hedge(&self, client: usize, call: u64, leg: u64) -> u64 {
+        let Some(c) = self.nodes[client].calls.get(&call) else {
+            return 0;
+        };
+        let timeout = Duration::from_millis(self.settings.timeout_ms);
+        let hedging = &self.nodes[client].hedging;
+        let delay = hedging.delay(c.work.kind(), timeout);
+        let arrives = c.sent_us + delay.as_micros() as u64 - 1_000;
+        arrives.saturating_sub(self.queue.now() + leg)
+    }
+
     /// How long until call `call`, sent `elapsed_us` ago, is checked
     /// again: its hedge delay, read afresh at most every [`HEDGE_MIN`].
-    fn hedge_wait(&self, node: usize, kind: FetchKind, elapsed_us: u64) -> u64 {
+    fn hedge_wait(&mut self, node: usize, kind: FetchKind, elapsed_us: u64) -> u64 {
         let timeout = Duration::from_millis(self.settings.timeout_ms);
         let delay = self.nodes[node].hedging.delay(kind, timeout);
+        let longest = &mut self.run.longest_hedge_delay_ms;
+        *longest = (*longest).max(delay.as_millis() as u64);
         let left = (delay.as_micros() as u64).saturating_sub(elapsed_us);
         left.min(HEDGE_MIN.as_micros() as u64)
     }
@@ -1195,7 +1227,7 @@ impl Run<'_> {
             }
             Work::Commits { task, .. } => {
                 let input = self.commits_input(node, task, &answer);
-                (input, Some(success(&answer)))
+                (input, Some(success(FetchKind::Commits, &answer)))
             }
             Work::Blocks { task, .. } => {
                 let input = Input::BlocksFetched {
@@ -1203,7 +1235,7 @@ impl Run<'_> {
                     peer: Some(answer.peer),
                     result: Ok(answer.bytes),
                 };
-                (input, Some(success(&answer)))
+                (input, Some(success(FetchKind::Blocks, &answer)))
             }
         };
         let done = Event::Done {
@@ -1319,11 +1351,12 @@ fn failed(work: Work, peer: Option<PeerId>, failure: Failure) -> Input {
 }
 
 /// The score of a transfer whose data passed verification.
-fn success(answer: &Answer) -> ReportOutcome {
-    ReportOutcome {
+fn success(kind: FetchKind, answer: &Answer) -> (FetchKind, ReportOutcome) {
+    let outcome = ReportOutcome {
         peer: answer.peer,
         bytes: answer.bytes,
         latency_ms: answer.latency_ms,
         kind: OutcomeKind::Success,
-    }
+    };
+    (kind, outcome)
 }

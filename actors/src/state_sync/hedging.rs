@@ -1,0 +1,350 @@
+//! When a late fetch also asks a second peer (a hedge), shared by the
+//! actor's workers.
+//!
+//! A fetch waits for its peer alone for four times the usual answer time
+//! of its kind: the lower median of the moving averages of the peers that
+//! recently served verified data of that kind, one average per peer. A
+//! peer's answers move only its own average, and the median moves only
+//! when more than half of the peers serving are slow. So a peer that
+//! answers just before the delay, again and again, cannot stretch it: with
+//! one average of every answer, each of its answers raised the delay by up
+//! to three quarters, and a dozen of them took it to half the request
+//! timeout, where every fetch a silent peer held waited that long before
+//! another peer was asked. Only answers that passed verification count: a
+//! liar's instant garbage cannot shorten it either.
+//!
+//! The table is bounded ([`HEDGE_PEERS`]): when it is full, a newcomer
+//! replaces an entry not updated in the last [`HEDGE_STALE_ANSWERS`]
+//! answers, else the slowest entry if it is slower than the newcomer, so
+//! identities minted to answer slowly displace only each other, never the
+//! faster peers the median is taken from. An entry that stops being
+//! updated (a peer gone, or no longer asked) stops counting once that many
+//! other answers came: the delay follows the peers that serve now.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use soma_types::PeerId;
+
+use crate::peer_heights::FetchKind;
+
+/// Earliest a late fetch asks a second peer; also how often a late fetch
+/// reads its delay again.
+pub const HEDGE_MIN: Duration = Duration::from_millis(100);
+
+/// Peers whose answer times are kept, per kind of fetch.
+pub const HEDGE_PEERS: usize = 32;
+
+/// Answers of a kind after which a peer's average, not updated by any of
+/// them, no longer counts.
+pub const HEDGE_STALE_ANSWERS: u64 = 1_000;
+
+/// When a fetch still unanswered also asks a second peer: after four times
+/// the usual answer time of the peers that served verified data of its
+/// kind (the lower median of their averages; see the module), at least
+/// [`HEDGE_MIN`]. While none has, the
+/// round trip to peers stands in for it: four times the recent answer
+/// time of height queries, which come before any fetch (a peer slow to
+/// serve the first fetch would otherwise hold sync up for a fixed part of
+/// the timeout), but never more than that fixed part, a twentieth of the
+/// request timeout, so peers slow to answer queries cannot stretch it.
+/// With neither, that twentieth; never past half the timeout.
+#[derive(Clone, Debug, Default)]
+pub struct Hedging {
+    fetches: Arc<Mutex<Fetches>>,
+    /// Moving average of height queries' answer times, in milliseconds
+    /// (0: none yet).
+    queries_ms: Arc<AtomicU64>,
+}
+
+#[derive(Debug, Default)]
+struct Fetches {
+    commits: PeerTimes,
+    blocks: PeerTimes,
+}
+
+/// One kind's answer times, per peer.
+#[derive(Debug, Default)]
+struct PeerTimes {
+    /// Answers recorded so far.
+    answers: u64,
+    /// At most [`HEDGE_PEERS`], in the order they came: no hash order, so
+    /// a simulated run is the same for the same inputs.
+    peers: Vec<PeerTime>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct PeerTime {
+    peer: PeerId,
+    /// Moving average, in milliseconds, at least 1.
+    average_ms: u64,
+    /// `answers` when it was last updated.
+    updated: u64,
+}
+
+impl PeerTimes {
+    fn stale(&self, t: &PeerTime) -> bool {
+        self.answers.saturating_sub(t.updated) > HEDGE_STALE_ANSWERS
+    }
+
+    fn record(&mut self, peer: PeerId, latency_ms: u64) {
+        let sample = latency_ms.max(1);
+        self.answers += 1;
+        let now = self.answers;
+        if let Some(t) = self.peers.iter_mut().find(|t| t.peer == peer) {
+            t.average_ms = average(t.average_ms, sample);
+            t.updated = now;
+            return;
+        }
+        let new = PeerTime {
+            peer,
+            average_ms: sample,
+            updated: now,
+        };
+        if self.peers.len() < HEDGE_PEERS {
+            self.peers.push(new);
+            return;
+        }
+        let stale = self.peers.iter().position(|t| self.stale(t));
+        let slowest = || {
+            (self.peers.iter().enumerate())
+                .max_by_key(|(_, t)| t.average_ms)
+                .filter(|(_, t)| t.average_ms > sample)
+                .map(|(i, _)| i)
+        };
+        if let Some(i) = stale.or_else(slowest) {
+            self.peers[i] = new;
+        }
+    }
+
+    /// The answer time fetches are judged by (0: none yet): the lower
+    /// median of the current averages, so a fetch is late by the measure
+    /// of at least half the peers serving, and peers that answer slowly
+    /// stretch it only if they are more than half of those.
+    fn expected_ms(&self) -> u64 {
+        let mut current = [0u64; HEDGE_PEERS];
+        let mut n = 0;
+        for t in self.peers.iter().filter(|t| !self.stale(t)) {
+            current[n] = t.average_ms;
+            n += 1;
+        }
+        if n == 0 {
+            return 0;
+        }
+        *current[..n].select_nth_unstable((n - 1) / 2).1
+    }
+}
+
+/// A moving average with weight 1/4 on the new sample.
+fn average(old: u64, sample: u64) -> u64 {
+    match old {
+        0 => sample,
+        old => (old.saturating_mul(3).saturating_add(sample)) / 4,
+    }
+}
+
+impl Fetches {
+    fn of(&mut self, kind: FetchKind) -> &mut PeerTimes {
+        match kind {
+            FetchKind::Commits => &mut self.commits,
+            FetchKind::Blocks => &mut self.blocks,
+        }
+    }
+}
+
+impl Hedging {
+    fn fetches(&self) -> std::sync::MutexGuard<'_, Fetches> {
+        // A panic elsewhere while it was held leaves averages, not
+        // invariants: keep using them.
+        self.fetches.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `peer` answered a fetch of `kind` in `latency_ms`, and what it sent
+    /// passed verification.
+    pub fn answered(&self, kind: FetchKind, peer: PeerId, latency_ms: u64) {
+        self.fetches().of(kind).record(peer, latency_ms);
+    }
+
+    /// A height query was answered in `latency_ms`.
+    pub fn queried(&self, latency_ms: u64) {
+        // Updates may race and one be lost: an estimate, not a count.
+        let old = self.queries_ms.load(Ordering::Relaxed);
+        let new = average(old, latency_ms.max(1));
+        self.queries_ms.store(new, Ordering::Relaxed);
+    }
+
+    /// How long a fetch of `kind` waits for its peer alone.
+    pub fn delay(&self, kind: FetchKind, timeout: Duration) -> Duration {
+        let fetches = self.fetches().of(kind).expected_ms();
+        hedge_delay(fetches, self.queries_ms.load(Ordering::Relaxed), timeout)
+    }
+}
+
+/// [`Hedging`]'s delay from the usual answer time of the peers serving
+/// fetches of a kind and the average of height queries (0: none yet).
+fn hedge_delay(fetches_ms: u64, queries_ms: u64, timeout: Duration) -> Duration {
+    let four_times = |ms: u64| Duration::from_millis(ms.saturating_mul(4));
+    let delay = match (fetches_ms, queries_ms) {
+        (0, 0) => timeout / 20,
+        (0, ms) => four_times(ms).min(timeout / 20),
+        (ms, _) => four_times(ms),
+    };
+    delay.max(HEDGE_MIN).min(timeout / 2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn peer(n: u16) -> PeerId {
+        let mut id = [0; 32];
+        id[..2].copy_from_slice(&n.to_be_bytes());
+        PeerId(id)
+    }
+
+    #[test]
+    fn a_late_fetch_asks_a_second_peer_after_four_times_the_usual_answer_time() {
+        // Nothing answered yet: a twentieth of the timeout.
+        assert_eq!(hedge_delay(0, 0, TIMEOUT), ms(500));
+        assert_eq!(hedge_delay(60, 0, TIMEOUT), ms(240));
+        // No fetch yet: the height queries' round trip stands in, up to
+        // the twentieth.
+        assert_eq!(hedge_delay(0, 40, TIMEOUT), ms(160));
+        assert_eq!(hedge_delay(0, 200, TIMEOUT), ms(500));
+        // Once fetches answer, theirs counts alone.
+        assert_eq!(hedge_delay(60, 40, TIMEOUT), ms(240));
+        assert_eq!(hedge_delay(60, 4_000, TIMEOUT), ms(240));
+        // Never before 100 ms, never past half the timeout.
+        assert_eq!(hedge_delay(5, 0, TIMEOUT), ms(100));
+        assert_eq!(hedge_delay(0, 1, TIMEOUT), ms(100));
+        assert_eq!(hedge_delay(3_000, 0, TIMEOUT), ms(5_000));
+        assert_eq!(hedge_delay(0, 3_000, TIMEOUT), ms(500));
+        assert_eq!(hedge_delay(0, 0, ms(1_000)), ms(100));
+    }
+
+    #[test]
+    fn a_peers_answer_times_are_averaged_by_kind() {
+        let hedging = Hedging::default();
+        hedging.answered(FetchKind::Blocks, peer(1), 100);
+        assert_eq!(hedging.delay(FetchKind::Blocks, TIMEOUT), ms(400));
+        // A quarter of each new answer time counts.
+        hedging.answered(FetchKind::Blocks, peer(1), 500);
+        assert_eq!(hedging.delay(FetchKind::Blocks, TIMEOUT), ms(800));
+        // Commit fetches have their own: none yet, so a twentieth.
+        assert_eq!(hedging.delay(FetchKind::Commits, TIMEOUT), ms(500));
+        hedging.answered(FetchKind::Commits, peer(1), 0);
+        assert_eq!(hedging.delay(FetchKind::Commits, TIMEOUT), HEDGE_MIN);
+    }
+
+    #[test]
+    fn height_queries_set_the_delay_only_until_a_fetch_of_the_kind_answers() {
+        let hedging = Hedging::default();
+        hedging.queried(50);
+        hedging.queried(90);
+        // (3 × 50 + 90) / 4 = 60, four times over.
+        assert_eq!(hedging.delay(FetchKind::Commits, TIMEOUT), ms(240));
+        assert_eq!(hedging.delay(FetchKind::Blocks, TIMEOUT), ms(240));
+        hedging.answered(FetchKind::Blocks, peer(1), 30);
+        assert_eq!(hedging.delay(FetchKind::Blocks, TIMEOUT), ms(120));
+        assert_eq!(hedging.delay(FetchKind::Commits, TIMEOUT), ms(240));
+    }
+
+    #[test]
+    fn the_delay_follows_the_lower_median_peer() {
+        let hedging = Hedging::default();
+        hedging.answered(FetchKind::Blocks, peer(1), 300);
+        assert_eq!(hedging.delay(FetchKind::Blocks, TIMEOUT), ms(1_200));
+        // Of two, the faster.
+        hedging.answered(FetchKind::Blocks, peer(2), 60);
+        assert_eq!(hedging.delay(FetchKind::Blocks, TIMEOUT), ms(240));
+        // Of three, the middle one; of four, the second fastest.
+        hedging.answered(FetchKind::Blocks, peer(3), 200);
+        assert_eq!(hedging.delay(FetchKind::Blocks, TIMEOUT), ms(800));
+        hedging.answered(FetchKind::Blocks, peer(4), 900);
+        assert_eq!(hedging.delay(FetchKind::Blocks, TIMEOUT), ms(800));
+    }
+
+    #[test]
+    fn peers_answering_just_before_the_delay_do_not_stretch_it() {
+        // The attack: each answer comes a millisecond before the fetch
+        // would be asked of another peer. With one average for all peers,
+        // each raised the delay by three quarters; here the honest peers'
+        // answers set it, whatever the others send, while they are fewer.
+        let hedging = Hedging::default();
+        for (n, honest) in [(1, 50), (2, 60), (3, 55)] {
+            hedging.answered(FetchKind::Blocks, peer(n), honest);
+        }
+        for round in 0..100 {
+            for attacker in [10, 11] {
+                let delay = hedging.delay(FetchKind::Blocks, TIMEOUT);
+                let late = delay.as_millis() as u64 - 1;
+                hedging.answered(FetchKind::Blocks, peer(attacker), late);
+            }
+            hedging.answered(FetchKind::Blocks, peer(1 + round % 3), 55);
+        }
+        // The honest averages are all 55 ms now.
+        assert_eq!(hedging.delay(FetchKind::Blocks, TIMEOUT), ms(220));
+    }
+
+    #[test]
+    fn slow_identities_past_the_bound_displace_only_each_other() {
+        // Honest peers fill half the table; a thousand identities, each
+        // faster than the one before but all slow, come after.
+        let hedging = Hedging::default();
+        let honest = HEDGE_PEERS as u16 / 2;
+        for n in 0..honest {
+            hedging.answered(FetchKind::Commits, peer(n), 40);
+        }
+        for n in honest..honest + 1_000 {
+            let slow = 3_000 - u64::from(n);
+            hedging.answered(FetchKind::Commits, peer(n), slow);
+            // The honest peers keep answering.
+            hedging.answered(FetchKind::Commits, peer(n % honest), 40);
+        }
+        let ids: Vec<PeerId> = (hedging.fetches().commits.peers.iter())
+            .map(|t| t.peer)
+            .collect();
+        assert_eq!(ids.len(), HEDGE_PEERS);
+        assert!((0..honest).all(|n| ids.contains(&peer(n))), "{ids:?}");
+        assert_eq!(hedging.delay(FetchKind::Commits, TIMEOUT), ms(160));
+    }
+
+    #[test]
+    fn a_full_table_takes_a_slower_newcomer_only_in_place_of_a_stale_entry() {
+        let hedging = Hedging::default();
+        for n in 0..HEDGE_PEERS as u16 {
+            hedging.answered(FetchKind::Blocks, peer(n), 10 + u64::from(n));
+        }
+        // Slower than all: dropped, the table unchanged.
+        hedging.answered(FetchKind::Blocks, peer(999), 5_000);
+        let ids = |h: &Hedging| -> Vec<PeerId> {
+            h.fetches().blocks.peers.iter().map(|t| t.peer).collect()
+        };
+        assert!(!ids(&hedging).contains(&peer(999)));
+        // Faster than the slowest (41 ms): it takes that one's place.
+        hedging.answered(FetchKind::Blocks, peer(1_000), 20);
+        let now = ids(&hedging);
+        assert!(now.contains(&peer(1_000)) && !now.contains(&peer(31)));
+        assert_eq!(hedging.delay(FetchKind::Blocks, TIMEOUT), ms(100));
+    }
+
+    #[test]
+    fn a_peer_not_heard_from_in_many_answers_stops_counting() {
+        let hedging = Hedging::default();
+        hedging.answered(FetchKind::Blocks, peer(1), 20);
+        for _ in 0..HEDGE_STALE_ANSWERS {
+            hedging.answered(FetchKind::Blocks, peer(2), 250);
+        }
+        // Peer 1 was updated 1,000 answers ago: it still counts.
+        assert_eq!(hedging.delay(FetchKind::Blocks, TIMEOUT), ms(100));
+        hedging.answered(FetchKind::Blocks, peer(2), 250);
+        assert_eq!(hedging.delay(FetchKind::Blocks, TIMEOUT), ms(1_000));
+    }
+}
