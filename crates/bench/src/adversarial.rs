@@ -23,7 +23,7 @@ use crate::report::{Cell, Section};
 use crate::{Size, runtime};
 
 /// The hostile kinds, each with the label of its row.
-const KINDS: [(Lie, &str); 12] = [
+const KINDS: [(Lie, &str); 13] = [
     (Lie::FutureEpoch, "commits of epoch u64::MAX"),
     (
         Lie::RetiredCommittee,
@@ -49,6 +49,10 @@ const KINDS: [(Lie, &str); 12] = [
     ),
     (Lie::NeverAnswers, "never answers a fetch"),
     (Lie::Slow, "honest, 1.5 s late"),
+    (
+        Lie::Creeping,
+        "honest, each answer held as long as no other peer's beats it",
+    ),
     (Lie::WrongBlock, "a block edited after signing"),
     (
         Lie::ForgedCertifierSignature,

@@ -5,7 +5,7 @@
 //! finishes from the honest ones, accepts nothing bad, and bans the liar.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -41,6 +41,14 @@ pub enum Lie {
     StreamsForever,
     /// Honest, but answers every call after a long delay.
     Slow,
+    /// Honest, but holds each fetch as long as it can without another
+    /// peer's answer beating it: each hold that ends with the call still
+    /// waiting makes the next one of its kind (commits, blocks) half as
+    /// long again, each call dropped meanwhile (the node took another
+    /// peer's answer) makes it two thirds as long; from 10 ms, at most
+    /// 5 s. What it learns is the node's hedge delay, and each answer it
+    /// gives just before it is a slow answer the node takes.
+    Creeping,
     /// Honest commits; FetchBlocks sends half the blocks, then fails.
     CutsStreamMidway,
     /// Relays another validator's data, honest except for every block
@@ -141,6 +149,9 @@ struct Evil {
     loaded_commit_fetches: AtomicUsize,
     /// GetCommitAvailability calls received.
     height_queries: Arc<AtomicUsize>,
+    /// A [`Lie::Creeping`] peer's next hold of a commit fetch and of a
+    /// block fetch, in milliseconds.
+    creep_ms: [AtomicU64; 2],
     /// The index of each PushCommit received, in order.
     pushes: Arc<Mutex<Vec<u64>>>,
 }
@@ -150,6 +161,35 @@ struct Evil {
 /// The pushes seen, whatever a panicking holder left.
 fn locked(m: &Mutex<Vec<u64>>) -> MutexGuard<'_, Vec<u64>> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A [`Lie::Creeping`] peer's first hold, and its longest.
+const CREEP_FIRST_MS: u64 = 10;
+const CREEP_MAX_MS: u64 = 5_000;
+
+/// A [`Lie::Creeping`] hold under way: dropped before it is `kept`, the
+/// call was dropped by the node, and the next hold is shorter.
+struct Creep<'a> {
+    next_ms: &'a AtomicU64,
+    kept: bool,
+}
+
+impl Creep<'_> {
+    fn scale(&self, times: u64, by: u64) {
+        let ms = self.next_ms.load(Ordering::SeqCst) * times / by;
+        let ms = ms.clamp(CREEP_FIRST_MS, CREEP_MAX_MS);
+        self.next_ms.store(ms, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Creep<'_> {
+    fn drop(&mut self) {
+        if self.kept {
+            self.scale(3, 2);
+        } else {
+            self.scale(2, 3);
+        }
+    }
 }
 
 struct Stalled(Arc<AtomicUsize>);
@@ -170,12 +210,23 @@ impl Drop for Stalled {
 type BlockStream = Pin<Box<dyn Stream<Item = Result<proto::FetchBlocksResponse, Status>> + Send>>;
 
 impl Evil {
-    /// Holds a fetch as the lie says; a refusing liar refuses it here.
-    async fn stall(&self) -> Result<(), Status> {
+    /// Holds a fetch (of commits if `commits`, else of blocks) as the lie
+    /// says; a refusing liar refuses it here.
+    async fn stall(&self, commits: bool) -> Result<(), Status> {
         let _stalled = Stalled::new(&self.stalled);
         match self.lie {
             Lie::NeverAnswers | Lie::ClaimsHeightSilent => std::future::pending::<()>().await,
             Lie::Slow => tokio::time::sleep(Duration::from_millis(1_500)).await,
+            Lie::Creeping => {
+                let next_ms = &self.creep_ms[usize::from(!commits)];
+                let mut creep = Creep {
+                    next_ms,
+                    kept: false,
+                };
+                let hold = next_ms.load(Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(hold)).await;
+                creep.kept = true;
+            }
             Lie::ClaimsHeightRefusing(code) => return Err(Status::new(code, "refused")),
             _ => {}
         }
@@ -343,7 +394,7 @@ impl p2p_server::P2p for Evil {
         request: Request<proto::FetchCommitsRequest>,
     ) -> Result<Response<proto::FetchCommitsResponse>, Status> {
         self.fetches.fetch_add(1, Ordering::SeqCst);
-        self.stall().await?;
+        self.stall(true).await?;
         if self.busy() {
             return Err(Status::resource_exhausted("every fetch slot is held"));
         }
@@ -420,7 +471,7 @@ impl p2p_server::P2p for Evil {
         request: Request<proto::FetchBlocksRequest>,
     ) -> Result<Response<BlockStream>, Status> {
         self.fetches.fetch_add(1, Ordering::SeqCst);
-        self.stall().await?;
+        self.stall(false).await?;
         if self.lie == Lie::ClaimsHeight {
             return Err(Status::not_found("not held"));
         }
@@ -615,6 +666,7 @@ pub async fn serve_observed(chain: Arc<Chain>, lie: Lie, key: u8) -> Served {
                 pruned: AtomicBool::new(false),
                 loaded: loaded.clone(),
                 loaded_commit_fetches: AtomicUsize::new(0),
+                creep_ms: [CREEP_FIRST_MS, CREEP_FIRST_MS].map(AtomicU64::new),
                 height_queries: height_queries.clone(),
                 pushes: pushes.clone(),
             }))
