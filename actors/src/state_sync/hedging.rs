@@ -43,13 +43,13 @@ pub const HEDGE_STALE_ANSWERS: u64 = 1_000;
 /// When a fetch still unanswered also asks a second peer: after four times
 /// the usual answer time of the peers that served verified data of its
 /// kind (the lower median of their averages; see the module), at least
-/// [`HEDGE_MIN`]. While none has, the
-/// round trip to peers stands in for it: four times the recent answer
-/// time of height queries, which come before any fetch (a peer slow to
-/// serve the first fetch would otherwise hold sync up for a fixed part of
-/// the timeout), but never more than that fixed part, a twentieth of the
-/// request timeout, so peers slow to answer queries cannot stretch it.
-/// With neither, that twentieth; never past half the timeout.
+/// [`HEDGE_MIN`]. While none has, the round trip to peers stands in for
+/// it: four times the recent answer time of height queries, which come
+/// before any fetch (a peer slow to serve the first fetch would otherwise
+/// hold sync up for a fixed part of the timeout), but never more than that
+/// fixed part, a twentieth of the request timeout, so peers slow to answer
+/// queries cannot stretch it. With neither, that twentieth; never past
+/// half the timeout.
 #[derive(Clone, Debug, Default)]
 pub struct Hedging {
     fetches: Arc<Mutex<Fetches>>,
