@@ -28,7 +28,8 @@
 //! bring, and fetched batches at their size.
 //!
 //! The folder: `core.rs` decides all of the above; `worker.rs` is one fetch
-//! (a fetch slot leased from PeerHeights, the call, the Verifier's check);
+//! (a fetch slot leased from PeerHeights, the call, the Verifier's check),
+//! and `hedging.rs` when a late one also asks a second peer;
 //! `apply.rs` is the one write path of synced and local commits;
 //! `actor.rs` is the shell that runs them, made from `deps.rs`, holding
 //! what was fetched in `fetched.rs`; `prune.rs`
