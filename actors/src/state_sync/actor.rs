@@ -64,9 +64,11 @@ impl StateSync {
             lowest_available: deps.store.lowest_available_commit()?,
             ..SyncStatus::default()
         };
+        let worker = deps.worker();
+        worker.hedging.applied(init.synced.index);
         Ok(StateSync {
             driver: Driver::new(init, recorder).with_faults(deps.faults.clone()),
-            worker: deps.worker(),
+            worker,
             tasks: Tasks::new(deps.max_queries, deps.max_pushes, deps.runtime.clone()),
             pruner: Pruner::new(&deps),
             deps,
@@ -322,6 +324,7 @@ impl Handler<ApplyDone> for StateSync {
             }
         };
         let last = applied.last;
+        self.worker.hedging.applied(last.index);
         // Advertised before a local commit's sender hears it is stored.
         if let Some(certified) = applied.certified {
             self.advertise(certified, ctx);

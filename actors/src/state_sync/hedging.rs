@@ -13,6 +13,18 @@
 //! another peer was asked. Only answers that passed verification count: a
 //! liar's instant garbage cannot shorten it either.
 //!
+//! The fetches of the batch after the last one applied are what the
+//! pipeline waits on, since batches are applied in order: those wait only
+//! twice the usual time (at least [`HEAD_HEDGE_MIN`]). A peer that serves
+//! honestly but holds each answer as long as no other peer's beats it is
+//! never slow enough to be hedged at four times the usual time, and one
+//! such fetch at the head of the pipeline held a catch-up of 0.18 s up
+//! about threefold (docs/benchmarks.md, "A peer that answers just before
+//! it is beaten"); at twice, it holds it up little more than an honest
+//! answer's time. A late fetch reads its delay again every
+//! [`HEAD_HEDGE_MIN`], so one that reaches the head as the batches before
+//! it are applied is hedged then.
+//!
 //! The table is bounded ([`HEDGE_PEERS`]): when it is full, a newcomer
 //! replaces an entry not updated in the last [`HEDGE_STALE_ANSWERS`]
 //! answers, else the slowest entry if it is slower than the newcomer, so
@@ -25,13 +37,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use soma_types::PeerId;
+use soma_types::{CommitIndex, PeerId};
 
 use crate::peer_heights::FetchKind;
 
-/// Earliest a late fetch asks a second peer; also how often a late fetch
-/// reads its delay again.
+/// Earliest a late fetch asks a second peer, unless the pipeline waits on
+/// it; also how often a hedge looks again for a second peer while none
+/// covers the range.
 pub const HEDGE_MIN: Duration = Duration::from_millis(100);
+
+/// Earliest a late fetch at the head of the pipeline asks a second peer;
+/// also how often a late fetch reads its delay again.
+pub const HEAD_HEDGE_MIN: Duration = Duration::from_millis(20);
 
 /// Peers whose answer times are kept, per kind of fetch.
 pub const HEDGE_PEERS: usize = 32;
@@ -53,6 +70,9 @@ pub const HEDGE_STALE_ANSWERS: u64 = 1_000;
 #[derive(Clone, Debug, Default)]
 pub struct Hedging {
     fetches: Arc<Mutex<Fetches>>,
+    /// The last commit applied: fetches of the batch after it are what
+    /// the pipeline waits on.
+    applied: Arc<AtomicU64>,
     /// Moving average of height queries' answer times, in milliseconds
     /// (0: none yet).
     queries_ms: Arc<AtomicU64>,
@@ -174,10 +194,34 @@ impl Hedging {
         self.queries_ms.store(new, Ordering::Relaxed);
     }
 
-    /// How long a fetch of `kind` waits for its peer alone.
-    pub fn delay(&self, kind: FetchKind, timeout: Duration) -> Duration {
+    /// Commits up to `last` are applied.
+    pub fn applied(&self, last: CommitIndex) {
+        self.applied.fetch_max(last, Ordering::Relaxed);
+    }
+
+    /// How long a fetch of `kind` for commits from `start` on waits for
+    /// its peer alone. A fetch within the `batch` commits after the last
+    /// applied is one the pipeline waits on: it waits only twice the usual
+    /// answer time, at least [`HEAD_HEDGE_MIN`], so a peer that holds each
+    /// answer as long as it is not beaten holds that fetch no longer.
+    pub fn delay(
+        &self,
+        (kind, start): (FetchKind, CommitIndex),
+        batch: u64,
+        timeout: Duration,
+    ) -> Duration {
         let fetches = self.fetches().of(kind).expected_ms();
-        hedge_delay(fetches, self.queries_ms.load(Ordering::Relaxed), timeout)
+        let delay = hedge_delay(fetches, self.queries_ms.load(Ordering::Relaxed), timeout);
+        let head = start
+            <= self
+                .applied
+                .load(Ordering::Relaxed)
+                .saturating_add(batch.max(1));
+        if head && fetches > 0 {
+            let twice = Duration::from_millis(fetches.saturating_mul(2));
+            return twice.max(HEAD_HEDGE_MIN).min(delay);
+        }
+        delay
     }
 }
 
@@ -198,6 +242,10 @@ mod tests {
     use super::*;
 
     const TIMEOUT: Duration = Duration::from_secs(10);
+    /// Commits a batch; a fetch from [`AHEAD`] on is not at the head of
+    /// the pipeline while nothing past its start is applied.
+    const BATCH: u64 = 200;
+    const AHEAD: CommitIndex = 1_000_000;
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
@@ -230,17 +278,87 @@ mod tests {
     }
 
     #[test]
+    fn a_fetch_the_pipeline_waits_on_is_hedged_after_twice_the_usual_time() {
+        let hedging = Hedging::default();
+        // Before any fetch answered, as for any fetch: a twentieth.
+        assert_eq!(
+            hedging.delay((FetchKind::Blocks, 1), BATCH, TIMEOUT),
+            ms(500)
+        );
+        hedging.answered(FetchKind::Blocks, peer(1), 60);
+        // The batch after the last applied (commits 1..=200 here): twice
+        // 60 ms; later ones, four times.
+        assert_eq!(
+            hedging.delay((FetchKind::Blocks, 1), BATCH, TIMEOUT),
+            ms(120)
+        );
+        assert_eq!(
+            hedging.delay((FetchKind::Blocks, 200), BATCH, TIMEOUT),
+            ms(120)
+        );
+        assert_eq!(
+            hedging.delay((FetchKind::Blocks, 201), BATCH, TIMEOUT),
+            ms(240)
+        );
+        // Once 1..=200 are applied, 201 is at the head.
+        hedging.applied(200);
+        assert_eq!(
+            hedging.delay((FetchKind::Blocks, 201), BATCH, TIMEOUT),
+            ms(120)
+        );
+        assert_eq!(
+            hedging.delay((FetchKind::Blocks, 401), BATCH, TIMEOUT),
+            ms(240)
+        );
+        // The watermark only rises.
+        hedging.applied(100);
+        assert_eq!(
+            hedging.delay((FetchKind::Blocks, 201), BATCH, TIMEOUT),
+            ms(120)
+        );
+        // Never before 20 ms, never past the delay of any fetch.
+        hedging.answered(FetchKind::Commits, peer(1), 5);
+        assert_eq!(
+            hedging.delay((FetchKind::Commits, 201), BATCH, TIMEOUT),
+            HEAD_HEDGE_MIN
+        );
+        assert_eq!(
+            hedging.delay((FetchKind::Commits, 401), BATCH, TIMEOUT),
+            HEDGE_MIN
+        );
+        for _ in 0..20 {
+            hedging.answered(FetchKind::Commits, peer(1), 3_000);
+        }
+        assert_eq!(
+            hedging.delay((FetchKind::Commits, 201), BATCH, TIMEOUT),
+            ms(5_000)
+        );
+    }
+
+    #[test]
     fn a_peers_answer_times_are_averaged_by_kind() {
         let hedging = Hedging::default();
         hedging.answered(FetchKind::Blocks, peer(1), 100);
-        assert_eq!(hedging.delay(FetchKind::Blocks, TIMEOUT), ms(400));
+        assert_eq!(
+            hedging.delay((FetchKind::Blocks, AHEAD), BATCH, TIMEOUT),
+            ms(400)
+        );
         // A quarter of each new answer time counts.
         hedging.answered(FetchKind::Blocks, peer(1), 500);
-        assert_eq!(hedging.delay(FetchKind::Blocks, TIMEOUT), ms(800));
+        assert_eq!(
+            hedging.delay((FetchKind::Blocks, AHEAD), BATCH, TIMEOUT),
+            ms(800)
+        );
         // Commit fetches have their own: none yet, so a twentieth.
-        assert_eq!(hedging.delay(FetchKind::Commits, TIMEOUT), ms(500));
+        assert_eq!(
+            hedging.delay((FetchKind::Commits, AHEAD), BATCH, TIMEOUT),
+            ms(500)
+        );
         hedging.answered(FetchKind::Commits, peer(1), 0);
-        assert_eq!(hedging.delay(FetchKind::Commits, TIMEOUT), HEDGE_MIN);
+        assert_eq!(
+            hedging.delay((FetchKind::Commits, AHEAD), BATCH, TIMEOUT),
+            HEDGE_MIN
+        );
     }
 
     #[test]
@@ -249,26 +367,50 @@ mod tests {
         hedging.queried(50);
         hedging.queried(90);
         // (3 × 50 + 90) / 4 = 60, four times over.
-        assert_eq!(hedging.delay(FetchKind::Commits, TIMEOUT), ms(240));
-        assert_eq!(hedging.delay(FetchKind::Blocks, TIMEOUT), ms(240));
+        assert_eq!(
+            hedging.delay((FetchKind::Commits, AHEAD), BATCH, TIMEOUT),
+            ms(240)
+        );
+        assert_eq!(
+            hedging.delay((FetchKind::Blocks, AHEAD), BATCH, TIMEOUT),
+            ms(240)
+        );
         hedging.answered(FetchKind::Blocks, peer(1), 30);
-        assert_eq!(hedging.delay(FetchKind::Blocks, TIMEOUT), ms(120));
-        assert_eq!(hedging.delay(FetchKind::Commits, TIMEOUT), ms(240));
+        assert_eq!(
+            hedging.delay((FetchKind::Blocks, AHEAD), BATCH, TIMEOUT),
+            ms(120)
+        );
+        assert_eq!(
+            hedging.delay((FetchKind::Commits, AHEAD), BATCH, TIMEOUT),
+            ms(240)
+        );
     }
 
     #[test]
     fn the_delay_follows_the_lower_median_peer() {
         let hedging = Hedging::default();
         hedging.answered(FetchKind::Blocks, peer(1), 300);
-        assert_eq!(hedging.delay(FetchKind::Blocks, TIMEOUT), ms(1_200));
+        assert_eq!(
+            hedging.delay((FetchKind::Blocks, AHEAD), BATCH, TIMEOUT),
+            ms(1_200)
+        );
         // Of two, the faster.
         hedging.answered(FetchKind::Blocks, peer(2), 60);
-        assert_eq!(hedging.delay(FetchKind::Blocks, TIMEOUT), ms(240));
+        assert_eq!(
+            hedging.delay((FetchKind::Blocks, AHEAD), BATCH, TIMEOUT),
+            ms(240)
+        );
         // Of three, the middle one; of four, the second fastest.
         hedging.answered(FetchKind::Blocks, peer(3), 200);
-        assert_eq!(hedging.delay(FetchKind::Blocks, TIMEOUT), ms(800));
+        assert_eq!(
+            hedging.delay((FetchKind::Blocks, AHEAD), BATCH, TIMEOUT),
+            ms(800)
+        );
         hedging.answered(FetchKind::Blocks, peer(4), 900);
-        assert_eq!(hedging.delay(FetchKind::Blocks, TIMEOUT), ms(800));
+        assert_eq!(
+            hedging.delay((FetchKind::Blocks, AHEAD), BATCH, TIMEOUT),
+            ms(800)
+        );
     }
 
     #[test]
@@ -283,14 +425,17 @@ mod tests {
         }
         for round in 0..100 {
             for attacker in [10, 11] {
-                let delay = hedging.delay(FetchKind::Blocks, TIMEOUT);
+                let delay = hedging.delay((FetchKind::Blocks, AHEAD), BATCH, TIMEOUT);
                 let late = delay.as_millis() as u64 - 1;
                 hedging.answered(FetchKind::Blocks, peer(attacker), late);
             }
             hedging.answered(FetchKind::Blocks, peer(1 + round % 3), 55);
         }
         // The honest averages are all 55 ms now.
-        assert_eq!(hedging.delay(FetchKind::Blocks, TIMEOUT), ms(220));
+        assert_eq!(
+            hedging.delay((FetchKind::Blocks, AHEAD), BATCH, TIMEOUT),
+            ms(220)
+        );
     }
 
     #[test]
@@ -313,7 +458,10 @@ mod tests {
             .collect();
         assert_eq!(ids.len(), HEDGE_PEERS);
         assert!((0..honest).all(|n| ids.contains(&peer(n))), "{ids:?}");
-        assert_eq!(hedging.delay(FetchKind::Commits, TIMEOUT), ms(160));
+        assert_eq!(
+            hedging.delay((FetchKind::Commits, AHEAD), BATCH, TIMEOUT),
+            ms(160)
+        );
     }
 
     #[test]
@@ -332,7 +480,10 @@ mod tests {
         hedging.answered(FetchKind::Blocks, peer(1_000), 20);
         let now = ids(&hedging);
         assert!(now.contains(&peer(1_000)) && !now.contains(&peer(31)));
-        assert_eq!(hedging.delay(FetchKind::Blocks, TIMEOUT), ms(100));
+        assert_eq!(
+            hedging.delay((FetchKind::Blocks, AHEAD), BATCH, TIMEOUT),
+            ms(100)
+        );
     }
 
     #[test]
@@ -343,8 +494,14 @@ mod tests {
             hedging.answered(FetchKind::Blocks, peer(2), 250);
         }
         // Peer 1 was updated 1,000 answers ago: it still counts.
-        assert_eq!(hedging.delay(FetchKind::Blocks, TIMEOUT), ms(100));
+        assert_eq!(
+            hedging.delay((FetchKind::Blocks, AHEAD), BATCH, TIMEOUT),
+            ms(100)
+        );
         hedging.answered(FetchKind::Blocks, peer(2), 250);
-        assert_eq!(hedging.delay(FetchKind::Blocks, TIMEOUT), ms(1_000));
+        assert_eq!(
+            hedging.delay((FetchKind::Blocks, AHEAD), BATCH, TIMEOUT),
+            ms(1_000)
+        );
     }
 }

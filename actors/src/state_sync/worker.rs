@@ -28,7 +28,7 @@ use tokio::task::{AbortHandle, JoinSet};
 
 use super::apply::{Batch, Source};
 use super::core::Config;
-use super::hedging::{HEDGE_MIN, Hedging};
+use super::hedging::{HEAD_HEDGE_MIN, HEDGE_MIN, Hedging};
 use super::messages::{CommitBatchInfo, CommitsWanted, Failure, LocalFailure, TaskId};
 use crate::archive::ArchiveReader;
 use crate::connections::{ActivePeers, Client, Connections, Outbound};
@@ -299,7 +299,9 @@ impl Worker {
     }
 
     /// Runs `call` on the peer `first` leases. If no answer came within
-    /// the hedge delay, also on a second peer for `range` (not that one,
+    /// the hedge delay (read again every [`HEAD_HEDGE_MIN`]: shorter once
+    /// the fetch is one the pipeline waits on), also on a second peer for
+    /// `range` (not that one,
     /// nor one in `avoid`), and keeps the answer that comes first, with the
     /// slot of the peer that sent it. The first peer, beaten by the second,
     /// is released as [`Transfer::Late`]: it ranks lower, with no fault (a
@@ -327,13 +329,15 @@ impl Worker {
         // The delay is read again as other fetches answer: a fetch sent
         // before any answered is not left to the default.
         let started = tokio::time::Instant::now();
+        let batch = self.config.commit_sync_batch_size;
         loop {
-            let delay = self.hedging.delay(kind, self.outbound.timeout());
+            let at = (kind, range.0);
+            let delay = self.hedging.delay(at, batch, self.outbound.timeout());
             let left = delay.saturating_sub(started.elapsed());
             if left.is_zero() {
                 break;
             }
-            let wait = left.min(HEDGE_MIN);
+            let wait = left.min(HEAD_HEDGE_MIN);
             if let Ok(result) = tokio::time::timeout(wait, &mut first_call).await {
                 return (first, result);
             }
@@ -673,7 +677,9 @@ impl Worker {
     /// peer may have corrected.
     async fn refresh(&self, peer: PeerId) -> bool {
         let timeout = self.outbound.timeout();
-        let wait = self.hedging.delay(FetchKind::Commits, timeout);
+        let wait = self
+            .hedging
+            .delay((FetchKind::Commits, CommitIndex::MAX), 1, timeout);
         match tokio::time::timeout(wait, availability(&self.outbound, peer)).await {
             Ok(Some(update)) => {
                 let taken = tokio::time::timeout(timeout, self.heights.send(update)).await;

@@ -655,8 +655,9 @@ fn sync_section(md: &mut String, n: usize) {
          signatures checked), a node serves {} fetches at once and {} per caller (more are \
          refused as busy) through an upload of {} MB/s, a fetch still unanswered after \
          the worker's hedge delay (the production `Hedging`: four times the lower median \
-         of per-peer average answer times of fetches, or of height queries before any \
-         fetch answered) also asks a second peer and keeps the first answer, and a node \
+         of per-peer average answer times of fetches, twice for the batch after the last \
+         applied, or of height queries before any fetch answered) also asks a second \
+         peer and keeps the first answer, and a node \
          that applies a batch pushes its height to the peers it knows to be behind. \
          Hostile nodes, drawn from the nodes that are not validators, claim every commit \
          and: never answer a fetch (silent), answer at once with data that fails \
@@ -765,7 +766,7 @@ fn sync_section(md: &mut String, n: usize) {
          without them, since their answers move only their own averages. When every \
          answer time went into one average, each of theirs raised every fetch's delay \
          by up to three quarters, and with 10 % of them the median node synced in \
-         17.5–19.0 s over three seeds instead of 12.8–13.4 s.",
+         17.5–19.0 s over three seeds instead of 12.5–13.2 s.",
         d.serve_slots,
         honest_hedges.0,
         honest_hedges.0 as f64 * 100.0 / honest_hedges.1.max(1) as f64,

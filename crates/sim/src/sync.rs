@@ -38,8 +38,8 @@ use soma_actors::peer_heights::{
 };
 use soma_actors::replay::Recorder;
 use soma_actors::state_sync::{
-    self, ApplyError, CommitBatchInfo, Failure, FetchKind, HEDGE_MIN, Hedging, Input, LocalFailure,
-    Output, StateSyncCore, TaskId, UNANSWERED_DOUBT,
+    self, ApplyError, CommitBatchInfo, Failure, FetchKind, HEAD_HEDGE_MIN, HEDGE_MIN, Hedging,
+    Input, LocalFailure, Output, StateSyncCore, TaskId, UNANSWERED_DOUBT,
 };
 use soma_actors::{Driver, Time};
 use soma_types::{ChainId, CommitIndex, CommitRef, Digest, PeerId};
@@ -680,6 +680,7 @@ impl Run<'_> {
             Event::Applied { node, start, end } => {
                 let n = &mut self.nodes[node];
                 n.height = n.height.max(end);
+                n.hedging.applied(n.height);
                 if n.height >= self.settings.commits && n.synced_at_us.is_none() {
                     n.synced_at_us = Some(self.queue.now());
                 }
@@ -959,7 +960,7 @@ impl Run<'_> {
             }
             None => {
                 self.run.fetches += 1;
-                let check = self.hedge_wait(node, work.kind(), 0);
+                let check = self.hedge_wait(node, work, 0);
                 self.queue
                     .schedule(check, Event::HedgeCheck { client: node, call });
             }
@@ -1115,20 +1116,24 @@ impl Run<'_> {
         };
         let timeout = Duration::from_millis(self.settings.timeout_ms);
         let hedging = &self.nodes[client].hedging;
-        let delay = hedging.delay(c.work.kind(), timeout);
+        let at = (c.work.kind(), c.work.range().0);
+        let delay = hedging.delay(at, self.settings.state_sync.commit_sync_batch_size, timeout);
         let arrives = c.sent_us + delay.as_micros() as u64 - 1_000;
         arrives.saturating_sub(self.queue.now() + leg)
     }
 
-    /// How long until call `call`, sent `elapsed_us` ago, is checked
-    /// again: its hedge delay, read afresh at most every [`HEDGE_MIN`].
-    fn hedge_wait(&mut self, node: usize, kind: FetchKind, elapsed_us: u64) -> u64 {
+    /// How long until a call for `work`, sent `elapsed_us` ago, is checked
+    /// again: its hedge delay, read afresh at most every
+    /// [`HEAD_HEDGE_MIN`], as the worker does.
+    fn hedge_wait(&mut self, node: usize, work: Work, elapsed_us: u64) -> u64 {
         let timeout = Duration::from_millis(self.settings.timeout_ms);
-        let delay = self.nodes[node].hedging.delay(kind, timeout);
+        let batch = self.settings.state_sync.commit_sync_batch_size;
+        let at = (work.kind(), work.range().0);
+        let delay = self.nodes[node].hedging.delay(at, batch, timeout);
         let longest = &mut self.run.longest_hedge_delay_ms;
         *longest = (*longest).max(delay.as_millis() as u64);
         let left = (delay.as_micros() as u64).saturating_sub(elapsed_us);
-        left.min(HEDGE_MIN.as_micros() as u64)
+        left.min(HEAD_HEDGE_MIN.as_micros() as u64)
     }
 
     /// Hedges call `call` of `client` if it is still unanswered past its
@@ -1142,7 +1147,7 @@ impl Run<'_> {
             return;
         }
         let (work, elapsed) = (c.work, now - c.sent_us);
-        let wait = self.hedge_wait(client, work.kind(), elapsed);
+        let wait = self.hedge_wait(client, work, elapsed);
         if wait > 0 {
             let check = Event::HedgeCheck { client, call };
             self.queue.schedule(wait, check);
