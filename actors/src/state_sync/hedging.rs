@@ -15,7 +15,10 @@
 //!
 //! The fetches of the batch after the last one applied are what the
 //! pipeline waits on, since batches are applied in order: those wait only
-//! twice the usual time (at least [`HEAD_HEDGE_MIN`]). A peer that serves
+//! twice the usual time (before any fetch of their kind answered, twice
+//! the height queries' round trip, not the 100 ms floor that a peer that
+//! never answers would otherwise cost each catch-up; at least
+//! [`HEAD_HEDGE_MIN`]). A peer that serves
 //! honestly but holds each answer as long as no other peer's beats it is
 //! never slow enough to be hedged at four times the usual time, and one
 //! such fetch at the head of the pipeline held a catch-up of 0.18 s up
@@ -202,8 +205,10 @@ impl Hedging {
     /// How long a fetch of `kind` for commits from `start` on waits for
     /// its peer alone. A fetch within the `batch` commits after the last
     /// applied is one the pipeline waits on: it waits only twice the usual
-    /// answer time, at least [`HEAD_HEDGE_MIN`], so a peer that holds each
-    /// answer as long as it is not beaten holds that fetch no longer.
+    /// answer time (before any fetch of its kind answered, twice the height
+    /// queries' round trip), at least [`HEAD_HEDGE_MIN`], so a peer that
+    /// holds each answer as long as it is not beaten, or never answers,
+    /// holds that fetch no longer.
     pub fn delay(
         &self,
         (kind, start): (FetchKind, CommitIndex),
@@ -211,14 +216,14 @@ impl Hedging {
         timeout: Duration,
     ) -> Duration {
         let fetches = self.fetches().of(kind).expected_ms();
-        let delay = hedge_delay(fetches, self.queries_ms.load(Ordering::Relaxed), timeout);
-        let head = start
-            <= self
-                .applied
-                .load(Ordering::Relaxed)
-                .saturating_add(batch.max(1));
-        if head && fetches > 0 {
-            let twice = Duration::from_millis(fetches.saturating_mul(2));
+        let queries = self.queries_ms.load(Ordering::Relaxed);
+        let delay = hedge_delay(fetches, queries, timeout);
+        let applied = self.applied.load(Ordering::Relaxed);
+        let head = start <= applied.saturating_add(batch.max(1));
+        // Before any fetch answered, the round trip of height queries.
+        let usual = if fetches > 0 { fetches } else { queries };
+        if head && usual > 0 {
+            let twice = Duration::from_millis(usual.saturating_mul(2));
             return twice.max(HEAD_HEDGE_MIN).min(delay);
         }
         delay
@@ -280,11 +285,16 @@ mod tests {
     #[test]
     fn a_fetch_the_pipeline_waits_on_is_hedged_after_twice_the_usual_time() {
         let hedging = Hedging::default();
-        // Before any fetch answered, as for any fetch: a twentieth.
+        // Before anything answered, as for any fetch: a twentieth.
         assert_eq!(
             hedging.delay((FetchKind::Blocks, 1), BATCH, TIMEOUT),
             ms(500)
         );
+        // Before any fetch answered, twice the height queries' 30 ms at
+        // the head, four times elsewhere.
+        hedging.queried(30);
+        let at = |start| hedging.delay((FetchKind::Blocks, start), BATCH, TIMEOUT);
+        assert_eq!((at(1), at(201)), (ms(60), ms(120)));
         hedging.answered(FetchKind::Blocks, peer(1), 60);
         // The batch after the last applied (commits 1..=200 here): twice
         // 60 ms; later ones, four times.

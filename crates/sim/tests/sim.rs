@@ -436,7 +436,7 @@ fn peers_answering_just_before_the_hedge_delay_do_not_stretch_it_for_everyone() 
         honest += h.all_synced_ms.expect("every honest node synced");
         creeping += c.all_synced_ms.expect("every honest node synced");
     }
-    // 1.86 times here.
+    // 1.72 times here.
     assert!(
         creeping * 2 <= honest * 5,
         "{creeping} ms against {honest} ms"
