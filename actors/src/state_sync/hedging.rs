@@ -202,6 +202,21 @@ impl Hedging {
         self.applied.fetch_max(last, Ordering::Relaxed);
     }
 
+    /// The usual answer time of fetches of `kind` and of height queries
+    /// (0: none answered yet).
+    fn usual_ms(&self, kind: FetchKind) -> (u64, u64) {
+        let fetches = self.fetches().of(kind).expected_ms();
+        (fetches, self.queries_ms.load(Ordering::Relaxed))
+    }
+
+    /// How long a fetch of `kind` that the pipeline does not wait on, or
+    /// another question to a peer, waits for that peer alone: four times
+    /// the usual answer time, within [`HEDGE_MIN`] and half `timeout`.
+    pub fn usual_delay(&self, kind: FetchKind, timeout: Duration) -> Duration {
+        let (fetches, queries) = self.usual_ms(kind);
+        hedge_delay(fetches, queries, timeout)
+    }
+
     /// How long a fetch of `kind` for commits from `start` on waits for
     /// its peer alone. A fetch within the `batch` commits after the last
     /// applied is one the pipeline waits on: it waits only twice the usual
@@ -215,8 +230,7 @@ impl Hedging {
         batch: u64,
         timeout: Duration,
     ) -> Duration {
-        let fetches = self.fetches().of(kind).expected_ms();
-        let queries = self.queries_ms.load(Ordering::Relaxed);
+        let (fetches, queries) = self.usual_ms(kind);
         let delay = hedge_delay(fetches, queries, timeout);
         let applied = self.applied.load(Ordering::Relaxed);
         let head = start <= applied.saturating_add(batch.max(1));
@@ -320,6 +334,9 @@ mod tests {
             hedging.delay((FetchKind::Blocks, 401), BATCH, TIMEOUT),
             ms(240)
         );
+        // A question that is no fetch of a batch waits the usual four
+        // times, wherever the pipeline stands.
+        assert_eq!(hedging.usual_delay(FetchKind::Blocks, TIMEOUT), ms(240));
         // The watermark only rises.
         hedging.applied(100);
         assert_eq!(

@@ -677,9 +677,7 @@ impl Worker {
     /// peer may have corrected.
     async fn refresh(&self, peer: PeerId) -> bool {
         let timeout = self.outbound.timeout();
-        let wait = self
-            .hedging
-            .delay((FetchKind::Commits, CommitIndex::MAX), 1, timeout);
+        let wait = self.hedging.usual_delay(FetchKind::Commits, timeout);
         match tokio::time::timeout(wait, availability(&self.outbound, peer)).await {
             Ok(Some(update)) => {
                 let taken = tokio::time::timeout(timeout, self.heights.send(update)).await;
