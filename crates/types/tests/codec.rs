@@ -22,32 +22,38 @@ use soma_types::{
 
 /// Records, per thread, the largest single allocation made, so a test can
 /// check that a forged length prefix did not make the decoder reserve memory
-/// for data that is not there. Per thread because tests run in parallel.
+/// for data that is not there, and the bytes allocated and not yet freed, so
+/// a test can weigh what a decoded value holds. Per thread because tests run
+/// in parallel.
 struct LargestAllocation;
 
 thread_local! {
     static LARGEST: Cell<usize> = const { Cell::new(0) };
+    static LIVE: Cell<isize> = const { Cell::new(0) };
 }
 
-fn note(size: usize) {
+/// `size` bytes allocated, and `freed` freed.
+fn note(size: usize, freed: usize) {
     // `try_with` because the allocator also runs while thread locals are torn down.
     let _ = LARGEST.try_with(|l| l.set(l.get().max(size)));
+    let _ = LIVE.try_with(|l| l.set(l.get() + size as isize - freed as isize));
 }
 
 unsafe impl GlobalAlloc for LargestAllocation {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note(layout.size());
+        note(layout.size(), 0);
         unsafe { System.alloc(layout) }
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        note(layout.size());
+        note(layout.size(), 0);
         unsafe { System.alloc_zeroed(layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note(new_size);
+        note(new_size, layout.size());
         unsafe { System.realloc(ptr, layout, new_size) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        note(0, layout.size());
         unsafe { System.dealloc(ptr, layout) }
     }
 }
@@ -60,6 +66,15 @@ fn largest_allocation<R>(f: impl FnOnce() -> R) -> (R, usize) {
     LARGEST.with(|l| l.set(0));
     let r = f();
     (r, LARGEST.with(Cell::get))
+}
+
+/// Runs `f` and returns its result with the bytes it allocated that are
+/// still held when it returns (by the result, since `f` keeps nothing else).
+fn retained_allocation<R>(f: impl FnOnce() -> R) -> (R, usize) {
+    let before = LIVE.with(Cell::get);
+    let r = f();
+    let after = LIVE.with(Cell::get);
+    (r, usize::try_from(after - before).unwrap_or(0))
 }
 
 // ---- strategies ----
@@ -1099,4 +1114,115 @@ mod domains {
             }
         }
     }
+}
+
+/// What a block holds in memory once decoded, against its encoded size: its
+/// bytes are kept beside the decoded fields (payloads are slices of them),
+/// so a budget that counts bytes holds a bounded multiple of them.
+mod footprint {
+    use super::*;
+
+    /// A block of `author` 1 with the given parts, its signature a blank
+    /// one (decoding checks none).
+    fn block(transactions: Vec<Transaction>, ancestors: usize, votes: usize) -> Bytes {
+        let block = Block {
+            epoch: 2,
+            round: 300,
+            author: AuthorityIndex(1),
+            timestamp_ms: 1_700_000_000_000,
+            ancestors: (0..ancestors)
+                .map(|i| BlockRef {
+                    epoch: 2,
+                    round: 1,
+                    author: AuthorityIndex(i as u32 % 100),
+                    digest: Digest([7; 32]),
+                })
+                .collect(),
+            transactions,
+            commit_votes: (0..votes)
+                .map(|i| CommitRef {
+                    index: i as u64 % 100,
+                    digest: Digest([9; 32]),
+                })
+                .collect(),
+            end_of_epoch: None,
+        };
+        let signed = SignedBlock {
+            block,
+            signature: Signature([0; 64]),
+        };
+        Bytes::from(codec::encode(&signed))
+    }
+
+    fn transactions(count: usize, payload: usize) -> Vec<Transaction> {
+        (0..count)
+            .map(|i| Transaction {
+                sender: key(3).public(),
+                nonce: i as u64 % 100,
+                payload: Bytes::from(vec![5; payload]),
+                signature: Signature([0; 64]),
+            })
+            .collect()
+    }
+
+    /// Bytes held by the block decoded from `bytes`, as sync keeps it:
+    /// the decoded value behind a reference count, and the bytes.
+    fn held(bytes: &Bytes) -> usize {
+        let (block, retained) = retained_allocation(|| {
+            let decoded = UnverifiedBlock::decode(bytes.clone(), usize::MAX).unwrap();
+            std::sync::Arc::new(decoded)
+        });
+        drop(block);
+        retained + bytes.len()
+    }
+
+    #[test]
+    fn a_decoded_block_holds_a_bounded_multiple_of_its_bytes() {
+        let limit = Limits::default().max_block_bytes;
+        // As many items as fit in a block, from what a thousand add.
+        let fill = |make: &dyn Fn(usize) -> Bytes| {
+            let per_item = (make(1_001).len() - make(1).len()) / 1_000;
+            (limit - make(0).len()) / per_item
+        };
+        let empty = |n| block(transactions(n, 0), 0, 0);
+        let ancestors = |n| block(Vec::new(), n, 0);
+        let votes = |n| block(Vec::new(), 0, n);
+        let shapes = [
+            (
+                "10 transactions of 100 bytes",
+                block(transactions(10, 100), 4, 4),
+            ),
+            ("empty", block(Vec::new(), 0, 0)),
+            ("one ancestor", block(Vec::new(), 1, 0)),
+            ("just past a growth of ancestors", ancestors(87_382)),
+            (
+                "just past a growth of empty transactions",
+                empty(7_711 * 4 + 1),
+            ),
+            ("empty transactions up to the limit", empty(fill(&empty))),
+            ("ancestors up to the limit", ancestors(fill(&ancestors))),
+            ("commit votes up to the limit", votes(fill(&votes))),
+        ];
+        for (name, bytes) in &shapes {
+            assert!(bytes.len() <= limit, "{name}: {} bytes", bytes.len());
+            let (len, held) = (bytes.len() as f64, held(bytes) as f64);
+            // The decoded value and its reference count: a fixed part, and
+            // under 2.75 times the bytes of the items, their vectors' growth
+            // included (a vector of more items than a megabyte's worth
+            // grows by doubling as it is decoded).
+            assert!(
+                held <= 3.75 * len + PER_BLOCK_BYTES as f64,
+                "{name}: {held} bytes held for {len}"
+            );
+            assert!(held / len <= 6.0, "{name}: {held} bytes held for {len}");
+        }
+        // An ordinary block holds its bytes about twice: its payloads are
+        // slices of them (copies would make this 2.4).
+        let ordinary = &shapes[0].1;
+        let ratio = held(ordinary) as f64 / ordinary.len() as f64;
+        assert!(ratio <= 2.1, "{ratio}");
+    }
+
+    /// The fixed part of a decoded block, beside its bytes and items.
+    const PER_BLOCK_BYTES: usize = 400;
 }
