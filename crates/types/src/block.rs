@@ -326,13 +326,22 @@ fn decode_signed(serialized: &Bytes, limit: usize) -> Result<SignedBlock> {
             round: b.round,
             author: b.author,
             timestamp_ms: b.timestamp_ms,
-            ancestors: b.ancestors,
+            ancestors: exact(b.ancestors),
             transactions,
-            commit_votes: b.commit_votes,
+            commit_votes: exact(b.commit_votes),
             end_of_epoch: b.end_of_epoch,
         },
         signature: wire.signature,
     })
+}
+
+/// `v` without room to spare. A vector decoded with more items than serde
+/// reserves at once (a megabyte's worth) grew by doubling, and would hold
+/// up to twice their size for as long as the block is kept; one that did
+/// not is returned as it is.
+fn exact<T>(mut v: Vec<T>) -> Vec<T> {
+    v.shrink_to_fit();
+    v
 }
 
 /// [`SignedBlock`] as decoded, borrowing the payloads. Its fields are
