@@ -497,6 +497,51 @@ async fn a_slow_peer_measured_first_does_not_keep_faster_peers_from_being_tried(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_answering_each_commit_fetch_with_one_commit_leaves_the_chain_to_the_others() {
+    // The peer serves the true chain, but each commit fetch with its first
+    // commit alone and its certificate: legal, since an answer may end at
+    // any commit its server can certify. Alone, it is the node's only
+    // source, and the chain comes a commit at a time; once honest
+    // validators come, they carry the rest, and the peer's short answers
+    // are no fault of its.
+    let chain = chain();
+    let short = byzantine::serve_observed(chain.clone(), Lie::OneCommit, 100).await;
+    let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+    let config = P2pConfig {
+        seed_peers: vec![short.seed()],
+        ..P2pConfig::default()
+    };
+    let node = soma_testkit::node(&chain, 9, config, store.clone());
+    wait_until("commits from the short peer alone", DEADLINE, async || {
+        node.sync_status().await.unwrap().synced >= 3
+    })
+    .await;
+    let honest: Vec<P2pHandle> = (1..=3).map(|k| validator(&chain, k)).collect();
+    for h in &honest {
+        node.connect(Some(h.peer_id()), h.local_addr().to_string())
+            .expect("Connections takes the dial");
+    }
+    soma_testkit::wait_synced(&node, TIP, DEADLINE).await;
+    assert_same_chain(&chain, store.as_ref());
+    let views = node.peer_heights().await.unwrap();
+    let view = views.iter().find(|v| v.peer == short.peer).unwrap();
+    assert_eq!((view.faults, view.banned_until), (0, None), "{view:?}");
+    // Each of its commit answers brought one commit: it served a small
+    // part of the 500, the honest validators the rest.
+    let served = |p: PeerId| views.iter().any(|v| v.peer == p && v.throughput_bps > 0);
+    assert!(honest.iter().any(|h| served(h.peer_id())), "{views:?}");
+    let fetches = short.fetches.load(Ordering::SeqCst);
+    assert!(
+        fetches < TIP as usize / 2,
+        "{fetches} fetches to the short peer"
+    );
+    node.shutdown().await;
+    for h in honest {
+        h.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retired_committees_batch_never_gets_the_honest_peers_after_it_banned() {
     soma_testkit::init_tracing();
     // Epochs of 20 commits: 24 epoch ends at which the liar, holding every

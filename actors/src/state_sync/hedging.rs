@@ -28,6 +28,24 @@
 //! [`HEAD_HEDGE_MIN`], so one that reaches the head as the batches before
 //! it are applied is hedged then.
 //!
+//! Peers count only where they are the majority of those serving, and
+//! identities are free in public mode: a majority of them serving verified
+//! data slowly can take the usual time up to half the request timeout. A
+//! fetch the pipeline waits on is therefore hedged after a tenth of the
+//! timeout at the latest, whatever the peers' averages: the most such a
+//! majority can hold up each batch, bounded by the node's own setting.
+//!
+//! Only answers of all that was asked count. A commit answer may end
+//! early (at an epoch's end, the server's byte budget, or any commit it
+//! can certify), and its time says little of a whole one's: counted as
+//! they came, peers answering each commit fetch at once with one commit
+//! brought the usual time down to nothing, and the delay to its floor, so
+//! that every honest fetch slower than the floor was also asked of a
+//! second peer, which such a peer would answer with one commit again.
+//! Counted as the time the whole would take at their pace, honest peers
+//! whose answers end at their own batch ends looked slow, and where they
+//! were most of those measured the delay grew with them.
+//!
 //! The table is bounded ([`HEDGE_PEERS`]): when it is full, a newcomer
 //! replaces an entry not updated in the last [`HEDGE_STALE_ANSWERS`]
 //! answers, else the slowest entry if it is slower than the newcomer, so
@@ -183,10 +201,20 @@ impl Hedging {
         self.fetches.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// `peer` answered a fetch of `kind` in `latency_ms`, and what it sent
-    /// passed verification.
-    pub fn answered(&self, kind: FetchKind, peer: PeerId, latency_ms: u64) {
-        self.fetches().of(kind).record(peer, latency_ms);
+    /// `peer` answered a fetch of `kind` in `latency_ms` with `got` of the
+    /// `asked` items (commits; a block fetch is answered whole or not at
+    /// all), and what it sent passed verification. Only an answer of all
+    /// that was asked counts.
+    pub fn answered(
+        &self,
+        kind: FetchKind,
+        peer: PeerId,
+        latency_ms: u64,
+        (got, asked): (u64, u64),
+    ) {
+        if got >= asked {
+            self.fetches().of(kind).record(peer, latency_ms);
+        }
     }
 
     /// A height query was answered in `latency_ms`.
@@ -221,7 +249,8 @@ impl Hedging {
     /// its peer alone. A fetch within the `batch` commits after the last
     /// applied is one the pipeline waits on: it waits only twice the usual
     /// answer time (before any fetch of its kind answered, twice the height
-    /// queries' round trip), at least [`HEAD_HEDGE_MIN`], so a peer that
+    /// queries' round trip), at least [`HEAD_HEDGE_MIN`] and at most a
+    /// tenth of `timeout`, so a peer that
     /// holds each answer as long as it is not beaten, or never answers,
     /// holds that fetch no longer.
     pub fn delay(
@@ -238,7 +267,7 @@ impl Hedging {
         let usual = if fetches > 0 { fetches } else { queries };
         if head && usual > 0 {
             let twice = Duration::from_millis(usual.saturating_mul(2));
-            return twice.max(HEAD_HEDGE_MIN).min(delay);
+            return twice.max(HEAD_HEDGE_MIN).min(delay).min(timeout / 10);
         }
         delay
     }
@@ -265,6 +294,8 @@ mod tests {
     /// the pipeline while nothing past its start is applied.
     const BATCH: u64 = 200;
     const AHEAD: CommitIndex = 1_000_000;
+    /// An answer of all that was asked.
+    const WHOLE: (u64, u64) = (1, 1);
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
@@ -309,7 +340,7 @@ mod tests {
         hedging.queried(30);
         let at = |start| hedging.delay((FetchKind::Blocks, start), BATCH, TIMEOUT);
         assert_eq!((at(1), at(201)), (ms(60), ms(120)));
-        hedging.answered(FetchKind::Blocks, peer(1), 60);
+        hedging.answered(FetchKind::Blocks, peer(1), 60, WHOLE);
         // The batch after the last applied (commits 1..=200 here): twice
         // 60 ms; later ones, four times.
         assert_eq!(
@@ -344,7 +375,7 @@ mod tests {
             ms(120)
         );
         // Never before 20 ms, never past the delay of any fetch.
-        hedging.answered(FetchKind::Commits, peer(1), 5);
+        hedging.answered(FetchKind::Commits, peer(1), 5, WHOLE);
         assert_eq!(
             hedging.delay((FetchKind::Commits, 201), BATCH, TIMEOUT),
             HEAD_HEDGE_MIN
@@ -353,25 +384,76 @@ mod tests {
             hedging.delay((FetchKind::Commits, 401), BATCH, TIMEOUT),
             HEDGE_MIN
         );
+        // However slow the peers serving: at most half the timeout, and
+        // at the head a tenth.
         for _ in 0..20 {
-            hedging.answered(FetchKind::Commits, peer(1), 3_000);
+            hedging.answered(FetchKind::Commits, peer(1), 3_000, WHOLE);
         }
         assert_eq!(
-            hedging.delay((FetchKind::Commits, 201), BATCH, TIMEOUT),
+            hedging.delay((FetchKind::Commits, 401), BATCH, TIMEOUT),
             ms(5_000)
         );
+        assert_eq!(
+            hedging.delay((FetchKind::Commits, 201), BATCH, TIMEOUT),
+            ms(1_000)
+        );
+    }
+
+    #[test]
+    fn a_majority_of_slow_identities_holds_the_head_of_the_pipeline_a_tenth_of_the_timeout() {
+        // Identities are free: five serve verified data, each answer a
+        // millisecond before the delay ends, beside three honest peers at
+        // 50 ms. They are the median, and take the usual delay to half
+        // the timeout; the fetch the pipeline waits on is hedged after a
+        // tenth of it all the same.
+        let hedging = Hedging::default();
+        for n in 1..=3 {
+            hedging.answered(FetchKind::Blocks, peer(n), 50, WHOLE);
+        }
+        for _ in 0..20 {
+            for n in 10..15 {
+                let late = hedging.usual_delay(FetchKind::Blocks, TIMEOUT).as_millis() as u64 - 1;
+                hedging.answered(FetchKind::Blocks, peer(n), late, WHOLE);
+            }
+        }
+        assert_eq!(hedging.usual_delay(FetchKind::Blocks, TIMEOUT), TIMEOUT / 2);
+        assert_eq!(
+            hedging.delay((FetchKind::Blocks, 1), BATCH, TIMEOUT),
+            TIMEOUT / 10
+        );
+    }
+
+    #[test]
+    fn only_answers_of_all_that_was_asked_count() {
+        // Five identities answer each commit fetch of 200 at once (1 ms)
+        // with one commit; three honest peers answer all 200 in 50 ms.
+        // Counted, the five would take the delay to its floor, and every
+        // honest answer slower than 100 ms would be asked of one of them
+        // again.
+        let hedging = Hedging::default();
+        for n in 1..=3 {
+            hedging.answered(FetchKind::Commits, peer(n), 50, (200, 200));
+        }
+        for _ in 0..10 {
+            for n in 10..15 {
+                hedging.answered(FetchKind::Commits, peer(n), 1, (1, 200));
+            }
+        }
+        assert_eq!(hedging.usual_delay(FetchKind::Commits, TIMEOUT), ms(200));
+        let fetches = hedging.fetches();
+        assert_eq!(fetches.commits.peers.len(), 3);
     }
 
     #[test]
     fn a_peers_answer_times_are_averaged_by_kind() {
         let hedging = Hedging::default();
-        hedging.answered(FetchKind::Blocks, peer(1), 100);
+        hedging.answered(FetchKind::Blocks, peer(1), 100, WHOLE);
         assert_eq!(
             hedging.delay((FetchKind::Blocks, AHEAD), BATCH, TIMEOUT),
             ms(400)
         );
         // A quarter of each new answer time counts.
-        hedging.answered(FetchKind::Blocks, peer(1), 500);
+        hedging.answered(FetchKind::Blocks, peer(1), 500, WHOLE);
         assert_eq!(
             hedging.delay((FetchKind::Blocks, AHEAD), BATCH, TIMEOUT),
             ms(800)
@@ -381,7 +463,7 @@ mod tests {
             hedging.delay((FetchKind::Commits, AHEAD), BATCH, TIMEOUT),
             ms(500)
         );
-        hedging.answered(FetchKind::Commits, peer(1), 0);
+        hedging.answered(FetchKind::Commits, peer(1), 0, WHOLE);
         assert_eq!(
             hedging.delay((FetchKind::Commits, AHEAD), BATCH, TIMEOUT),
             HEDGE_MIN
@@ -402,7 +484,7 @@ mod tests {
             hedging.delay((FetchKind::Blocks, AHEAD), BATCH, TIMEOUT),
             ms(240)
         );
-        hedging.answered(FetchKind::Blocks, peer(1), 30);
+        hedging.answered(FetchKind::Blocks, peer(1), 30, WHOLE);
         assert_eq!(
             hedging.delay((FetchKind::Blocks, AHEAD), BATCH, TIMEOUT),
             ms(120)
@@ -416,24 +498,24 @@ mod tests {
     #[test]
     fn the_delay_follows_the_lower_median_peer() {
         let hedging = Hedging::default();
-        hedging.answered(FetchKind::Blocks, peer(1), 300);
+        hedging.answered(FetchKind::Blocks, peer(1), 300, WHOLE);
         assert_eq!(
             hedging.delay((FetchKind::Blocks, AHEAD), BATCH, TIMEOUT),
             ms(1_200)
         );
         // Of two, the faster.
-        hedging.answered(FetchKind::Blocks, peer(2), 60);
+        hedging.answered(FetchKind::Blocks, peer(2), 60, WHOLE);
         assert_eq!(
             hedging.delay((FetchKind::Blocks, AHEAD), BATCH, TIMEOUT),
             ms(240)
         );
         // Of three, the middle one; of four, the second fastest.
-        hedging.answered(FetchKind::Blocks, peer(3), 200);
+        hedging.answered(FetchKind::Blocks, peer(3), 200, WHOLE);
         assert_eq!(
             hedging.delay((FetchKind::Blocks, AHEAD), BATCH, TIMEOUT),
             ms(800)
         );
-        hedging.answered(FetchKind::Blocks, peer(4), 900);
+        hedging.answered(FetchKind::Blocks, peer(4), 900, WHOLE);
         assert_eq!(
             hedging.delay((FetchKind::Blocks, AHEAD), BATCH, TIMEOUT),
             ms(800)
@@ -448,15 +530,15 @@ mod tests {
         // answers set it, whatever the others send, while they are fewer.
         let hedging = Hedging::default();
         for (n, honest) in [(1, 50), (2, 60), (3, 55)] {
-            hedging.answered(FetchKind::Blocks, peer(n), honest);
+            hedging.answered(FetchKind::Blocks, peer(n), honest, WHOLE);
         }
         for round in 0..100 {
             for attacker in [10, 11] {
                 let delay = hedging.delay((FetchKind::Blocks, AHEAD), BATCH, TIMEOUT);
                 let late = delay.as_millis() as u64 - 1;
-                hedging.answered(FetchKind::Blocks, peer(attacker), late);
+                hedging.answered(FetchKind::Blocks, peer(attacker), late, WHOLE);
             }
-            hedging.answered(FetchKind::Blocks, peer(1 + round % 3), 55);
+            hedging.answered(FetchKind::Blocks, peer(1 + round % 3), 55, WHOLE);
         }
         // The honest averages are all 55 ms now.
         assert_eq!(
@@ -472,13 +554,13 @@ mod tests {
         let hedging = Hedging::default();
         let honest = HEDGE_PEERS as u16 / 2;
         for n in 0..honest {
-            hedging.answered(FetchKind::Commits, peer(n), 40);
+            hedging.answered(FetchKind::Commits, peer(n), 40, WHOLE);
         }
         for n in honest..honest + 1_000 {
             let slow = 3_000 - u64::from(n);
-            hedging.answered(FetchKind::Commits, peer(n), slow);
+            hedging.answered(FetchKind::Commits, peer(n), slow, WHOLE);
             // The honest peers keep answering.
-            hedging.answered(FetchKind::Commits, peer(n % honest), 40);
+            hedging.answered(FetchKind::Commits, peer(n % honest), 40, WHOLE);
         }
         let ids: Vec<PeerId> = (hedging.fetches().commits.peers.iter())
             .map(|t| t.peer)
@@ -495,16 +577,16 @@ mod tests {
     fn a_full_table_takes_a_slower_newcomer_only_in_place_of_a_stale_entry() {
         let hedging = Hedging::default();
         for n in 0..HEDGE_PEERS as u16 {
-            hedging.answered(FetchKind::Blocks, peer(n), 10 + u64::from(n));
+            hedging.answered(FetchKind::Blocks, peer(n), 10 + u64::from(n), WHOLE);
         }
         // Slower than all: dropped, the table unchanged.
-        hedging.answered(FetchKind::Blocks, peer(999), 5_000);
+        hedging.answered(FetchKind::Blocks, peer(999), 5_000, WHOLE);
         let ids = |h: &Hedging| -> Vec<PeerId> {
             h.fetches().blocks.peers.iter().map(|t| t.peer).collect()
         };
         assert!(!ids(&hedging).contains(&peer(999)));
         // Faster than the slowest (41 ms): it takes that one's place.
-        hedging.answered(FetchKind::Blocks, peer(1_000), 20);
+        hedging.answered(FetchKind::Blocks, peer(1_000), 20, WHOLE);
         let now = ids(&hedging);
         assert!(now.contains(&peer(1_000)) && !now.contains(&peer(31)));
         assert_eq!(
@@ -516,16 +598,16 @@ mod tests {
     #[test]
     fn a_peer_not_heard_from_in_many_answers_stops_counting() {
         let hedging = Hedging::default();
-        hedging.answered(FetchKind::Blocks, peer(1), 20);
+        hedging.answered(FetchKind::Blocks, peer(1), 20, WHOLE);
         for _ in 0..HEDGE_STALE_ANSWERS {
-            hedging.answered(FetchKind::Blocks, peer(2), 250);
+            hedging.answered(FetchKind::Blocks, peer(2), 250, WHOLE);
         }
         // Peer 1 was updated 1,000 answers ago: it still counts.
         assert_eq!(
             hedging.delay((FetchKind::Blocks, AHEAD), BATCH, TIMEOUT),
             ms(100)
         );
-        hedging.answered(FetchKind::Blocks, peer(2), 250);
+        hedging.answered(FetchKind::Blocks, peer(2), 250, WHOLE);
         assert_eq!(
             hedging.delay((FetchKind::Blocks, AHEAD), BATCH, TIMEOUT),
             ms(1_000)

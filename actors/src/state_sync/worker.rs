@@ -306,7 +306,11 @@ impl Worker {
     /// slot of the peer that sent it. The first peer, beaten by the second,
     /// is released as [`Transfer::Late`]: it ranks lower, with no fault (a
     /// slow peer is not a silent one, and the call that would tell them
-    /// apart is dropped). While no other peer covers `range`, the second
+    /// apart is dropped); beaten by an answer that `whole` says is only
+    /// part of what was asked (a commit answer may end early), it is not
+    /// beaten and is released as [`Transfer::Cancelled`]: otherwise peers
+    /// answering each hedge at once with one commit would have every
+    /// honest peer they beat ranked as failing. While no other peer covers `range`, the second
     /// is looked for again ([`Self::second_peer`]). A second peer that
     /// fails, or none free, leaves the first to answer alone, its slot
     /// released as `transfer` tells
@@ -318,7 +322,7 @@ impl Worker {
         first: Slot,
         (kind, range): (FetchKind, (CommitIndex, CommitIndex)),
         mut avoid: Vec<PeerId>,
-        (call, transfer): (F, impl Fn(&Failure) -> Transfer),
+        (call, transfer, whole): (F, impl Fn(&Failure) -> Transfer, impl Fn(&T) -> bool),
     ) -> (Slot, Result<T, Failure>)
     where
         F: Fn(PeerId) -> Fut,
@@ -363,7 +367,7 @@ impl Worker {
         tokio::select! {
             result = &mut first_call => (first, result),
             Some((slot, answer)) = second => {
-                first.release(Transfer::Late, 0);
+                first.release(beaten_by(whole(&answer)), 0);
                 (slot, Ok(answer))
             }
         }
@@ -401,18 +405,19 @@ impl Worker {
     }
 
     /// Scores `peer` for a fetch of `kind` that brought `bytes` in
-    /// `latency_ms` and whose data passed verification, and counts its
-    /// answer time for hedging; a failed verification is the core's to
-    /// report, and its time counts for nothing.
+    /// `latency_ms`, `share.0` of the `share.1` items asked, and whose
+    /// data passed verification, and counts its answer time for hedging
+    /// if it brought all that was asked; a failed verification is the
+    /// core's to report, and its time counts for nothing.
     fn verified<T>(
         &self,
         (kind, peer): (FetchKind, PeerId),
-        bytes: u64,
+        (bytes, share): (u64, (u64, u64)),
         latency_ms: u64,
         result: &Result<T, Failure>,
     ) {
         if result.is_ok() {
-            self.hedging.answered(kind, peer, latency_ms);
+            self.hedging.answered(kind, peer, latency_ms, share);
             self.heights.do_send(ReportOutcome {
                 peer,
                 bytes,
@@ -469,6 +474,10 @@ impl Worker {
         answer: CommitAnswer,
         wanted: CommitsWanted,
     ) -> Result<BatchData, Failure> {
+        let share = (
+            answer.response.commits.len() as u64,
+            wanted.end.saturating_sub(wanted.start).saturating_add(1),
+        );
         let result = match answer.certified {
             Some(run) if run.epoch() == wanted.epoch => run
                 .link(wanted.after)
@@ -479,7 +488,7 @@ impl Worker {
         match (answer.peer, &self.archive) {
             (Some(peer), _) => self.verified(
                 (FetchKind::Commits, peer),
-                answer.bytes,
+                (answer.bytes, share),
                 answer.latency_ms,
                 &result,
             ),
@@ -534,9 +543,11 @@ impl Worker {
                 .map(|r| r.into_inner())
                 .map_err(|e| over_cap(Failure::from(e), (max_bytes, estimated)))
         };
-        let (slot, answer) = self.hedged(slot, work, avoid, (call, judge)).await;
+        let asked = (end - start).saturating_add(1);
+        let whole = |r: &proto::FetchCommitsResponse| whole_commit_answer(r, asked);
+        let (slot, answer) = self.hedged(slot, work, avoid, (call, judge, whole)).await;
         let peer = slot.lease().peer;
-        let response = match answer.and_then(|r| kept(r, end - start + 1)) {
+        let response = match answer.and_then(|r| kept(r, asked)) {
             Ok(response) => response,
             Err(failure) => {
                 // PeerHeights judges a NOT_FOUND on the claim it makes now;
@@ -627,7 +638,7 @@ impl Worker {
             }
         };
         let (slot, received) = self
-            .hedged(slot, work, avoid, (call, block_transfer_of))
+            .hedged(slot, work, avoid, (call, block_transfer_of, |_: &_| true))
             .await;
         let peer = slot.lease().peer;
         let blobs = match received {
@@ -645,7 +656,8 @@ impl Worker {
         let bytes = blobs.iter().map(|b| b.bytes().len() as u64).sum();
         let latency = slot.release(Transfer::Received, bytes);
         let result = self.verify_blocks(chunk.epoch, blobs, &chunk.refs).await;
-        self.verified((FetchKind::Blocks, peer), bytes, latency, &result);
+        // A block fetch is answered whole or not at all.
+        self.verified((FetchKind::Blocks, peer), (bytes, (1, 1)), latency, &result);
         (Some(peer), result)
     }
 
@@ -999,6 +1011,23 @@ where
     }
 }
 
+/// How the first peer of a hedged fetch is released when the second
+/// peer's answer came first: beaten ([`Transfer::Late`], ranked lower) by
+/// an answer of all that was asked, not by a part of it
+/// ([`Transfer::Cancelled`]).
+fn beaten_by(whole: bool) -> Transfer {
+    if whole {
+        Transfer::Late
+    } else {
+        Transfer::Cancelled
+    }
+}
+
+/// Whether a commit answer holds all the `asked` commits.
+fn whole_commit_answer(response: &proto::FetchCommitsResponse, asked: u64) -> bool {
+    u64::try_from(response.commits.len()).unwrap_or(u64::MAX) >= asked
+}
+
 /// Certifier blocks a commit answer may carry before anything is checked:
 /// more than any committee's quorum (the Verifier holds the answer to the
 /// expected committee's size).
@@ -1277,6 +1306,20 @@ mod tests {
             assert_eq!(answered[n - 1].load(Ordering::SeqCst), rounds, "peer {n}");
         }
         assert_eq!(tasks.queries.peers(), 1);
+    }
+
+    #[test]
+    fn a_first_peer_is_beaten_only_by_an_answer_of_all_that_was_asked() {
+        let answer = |commits: usize| proto::FetchCommitsResponse {
+            commits: vec![bytes::Bytes::from_static(b"c"); commits],
+            certifier_blocks: Vec::new(),
+        };
+        let released = |commits, asked| beaten_by(whole_commit_answer(&answer(commits), asked));
+        assert_eq!(released(200, 200), Transfer::Late);
+        // One commit of 200 (an answer may end early at any commit its
+        // server can certify): the first peer was not beaten.
+        assert_eq!(released(1, 200), Transfer::Cancelled);
+        assert_eq!(released(199, 200), Transfer::Cancelled);
     }
 
     #[test]

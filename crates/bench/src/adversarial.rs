@@ -23,7 +23,7 @@ use crate::report::{Cell, Section};
 use crate::{Size, runtime};
 
 /// The hostile kinds, each with the label of its row.
-const KINDS: [(Lie, &str); 13] = [
+const KINDS: [(Lie, &str); 14] = [
     (Lie::FutureEpoch, "commits of epoch u64::MAX"),
     (
         Lie::RetiredCommittee,
@@ -52,6 +52,10 @@ const KINDS: [(Lie, &str); 13] = [
     (
         Lie::Creeping,
         "honest, each answer held as long as no other peer's beats it",
+    ),
+    (
+        Lie::OneCommit,
+        "honest, each commit fetch answered with one commit",
     ),
     (Lie::WrongBlock, "a block edited after signing"),
     (

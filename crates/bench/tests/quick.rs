@@ -18,7 +18,7 @@ const EXPECTED: [(&str, usize); 11] = [
     ("memory", 4),
     ("scaling", 6),
     ("load", 2),
-    ("adversarial", 16),
+    ("adversarial", 17),
     ("attack", 6),
 ];
 
@@ -136,7 +136,7 @@ fn quick_run_produces_every_figure() {
     assert!(ratio("scaling", 5, "of crypto limit") > 0.0);
     assert!(ratio("load", 1, "of idle") > 0.0);
     assert!(ratio("load", 1, "calls served") > 0.0);
-    for row in 1..=13 {
+    for row in 1..=14 {
         let time = "catch-up (s), median";
         consistent("adversarial", row, "of honest-only", time, true);
         let fate = sections["adversarial"]["rows"][row]["values"]["hostile peer, per run"]
@@ -144,7 +144,7 @@ fn quick_run_produces_every_figure() {
             .unwrap();
         assert!(fate.ends_with("1/1"), "one verdict per run: {fate}");
     }
-    assert!(ratio("adversarial", 15, "peak RSS (MiB), median") > 0.0);
+    assert!(ratio("adversarial", 16, "peak RSS (MiB), median") > 0.0);
     for row in 1..=5 {
         consistent("attack", row, "of unattacked", "catch-up (s)", false);
         assert!(ratio("attack", row, "attack calls / connections") > 0.0);

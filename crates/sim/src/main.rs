@@ -655,14 +655,17 @@ fn sync_section(md: &mut String, n: usize) {
          signatures checked), a node serves {} fetches at once and {} per caller (more are \
          refused as busy) through an upload of {} MB/s, a fetch still unanswered after \
          the worker's hedge delay (the production `Hedging`: four times the lower median \
-         of per-peer average answer times of fetches, twice for the batch after the last \
-         applied, or of height queries before any fetch answered) also asks a second \
-         peer and keeps the first answer, and a node \
+         of per-peer average times of answers of all that was asked, twice for the batch \
+         after the last applied, at most a tenth of the timeout there, or of height \
+         queries before any fetch answered) also asks a second peer and keeps the first \
+         answer, and a node \
          that applies a batch pushes its height to the peers it knows to be behind. \
          Hostile nodes, drawn from the nodes that are not validators, claim every commit \
          and: never answer a fetch (silent), answer at once with data that fails \
-         verification (liars), serve everything 1.5 s late (slow), or serve everything \
-         just before the caller's hedge delay ends, told what it is (creeping). Times \
+         verification (liars), serve everything 1.5 s late (slow), serve everything \
+         just before the caller's hedge delay ends, told what it is (creeping), or serve \
+         everything but answer each commit fetch at once with its first commit alone \
+         (one commit). Times \
          from the start; \"of honest\" is the median \
          node's time against the run without hostile nodes.\n",
         d.commits,
@@ -684,7 +687,7 @@ fn sync_section(md: &mut String, n: usize) {
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     .unwrap();
-    let modes: [(&str, Option<(Hostile, f64)>); 7] = [
+    let modes: [(&str, Option<(Hostile, f64)>); 8] = [
         ("none", None),
         ("10 % silent", Some((Hostile::Silent, 0.1))),
         ("30 % silent", Some((Hostile::Silent, 0.3))),
@@ -692,6 +695,7 @@ fn sync_section(md: &mut String, n: usize) {
         ("30 % liars", Some((Hostile::Liar, 0.3))),
         ("10 % slow", Some((Hostile::Slow { delay_ms: 1_500 }, 0.1))),
         ("10 % creeping", Some((Hostile::Creeping, 0.1))),
+        ("30 % one commit", Some((Hostile::OneCommit, 0.3))),
     ];
     let seed = seed_of("sync", n as u64);
     let (sim, validators, _) = converged_network(world(n, seed), 12);

@@ -67,6 +67,10 @@ pub enum Hostile {
     /// every peer's answer time into one average would see its delay
     /// grow with each such answer, up to half its request timeout.
     Creeping,
+    /// Serves what it holds, but answers each commit fetch at once with
+    /// its first commit alone (an answer may end early at any commit its
+    /// server can certify); block fetches whole.
+    OneCommit,
 }
 
 /// How a catch-up runs.
@@ -199,6 +203,13 @@ impl Work {
         }
     }
 
+    /// The last commit asked for.
+    fn end(&self) -> CommitIndex {
+        match *self {
+            Work::Commits { end, .. } | Work::Ahead { end, .. } | Work::Blocks { end, .. } => end,
+        }
+    }
+
     fn kind(&self) -> FetchKind {
         match self {
             Work::Commits { .. } | Work::Ahead { .. } => FetchKind::Commits,
@@ -213,6 +224,8 @@ struct Answer {
     peer: PeerId,
     start: CommitIndex,
     end: CommitIndex,
+    /// The last commit asked for.
+    asked: CommitIndex,
     bytes: u64,
     /// From the request to the answer, in milliseconds.
     latency_ms: u64,
@@ -287,7 +300,7 @@ enum Event {
     Done {
         node: usize,
         input: Input,
-        verified: Option<(FetchKind, ReportOutcome)>,
+        verified: Option<Verified>,
     },
     /// `node` wrote the batch `start..=end`.
     Applied {
@@ -671,8 +684,9 @@ impl Run<'_> {
                 input,
                 verified,
             } => {
-                if let Some((kind, outcome)) = verified {
-                    (self.nodes[node].hedging).answered(kind, outcome.peer, outcome.latency_ms);
+                if let Some((kind, outcome, share)) = verified {
+                    let hedging = &self.nodes[node].hedging;
+                    hedging.answered(kind, outcome.peer, outcome.latency_ms, share);
                     self.heights_step(node, peer_heights::Input::Outcome(outcome));
                 }
                 self.sync_step(node, input);
@@ -1008,6 +1022,14 @@ impl Run<'_> {
                 bytes,
                 valid: false,
             },
+            (Role::Hostile(Hostile::OneCommit), Reply::Data { .. }) => match work {
+                Work::Commits { start, .. } | Work::Ahead { start, .. } => Reply::Data {
+                    end: start,
+                    bytes: s.commit_bytes + s.certifier_blocks * s.block_bytes,
+                    valid: true,
+                },
+                Work::Blocks { .. } => reply,
+            },
             (_, reply) => reply,
         };
         let bytes = match reply {
@@ -1066,12 +1088,13 @@ impl Run<'_> {
             }
             Reply::Data { end, bytes, valid } => {
                 // The first answer is kept; the other call is dropped, the
-                // hedged peer released as late.
+                // hedged peer released as late if this answer is whole.
+                let asked = call.work.end();
                 let other = call.hedge_of.or(call.hedge);
                 if let Some(other) = other.and_then(|o| self.nodes[client].calls.remove(&o)) {
                     let transfer = match other.hedge_of {
-                        Some(_) => Transfer::Cancelled,
-                        None => Transfer::Late,
+                        None if end >= asked => Transfer::Late,
+                        _ => Transfer::Cancelled,
                     };
                     self.release(client, &other, transfer, 0);
                 }
@@ -1082,6 +1105,7 @@ impl Run<'_> {
                     peer,
                     start,
                     end,
+                    asked,
                     bytes,
                     latency_ms,
                     valid,
@@ -1356,12 +1380,24 @@ fn failed(work: Work, peer: Option<PeerId>, failure: Failure) -> Input {
 }
 
 /// The score of a transfer whose data passed verification.
-fn success(kind: FetchKind, answer: &Answer) -> (FetchKind, ReportOutcome) {
+fn success(kind: FetchKind, answer: &Answer) -> Verified {
     let outcome = ReportOutcome {
         peer: answer.peer,
         bytes: answer.bytes,
         latency_ms: answer.latency_ms,
         kind: OutcomeKind::Success,
     };
-    (kind, outcome)
+    // Of the commits asked, those answered; a block fetch comes whole.
+    let share = match kind {
+        FetchKind::Commits => (
+            answer.end - answer.start + 1,
+            answer.asked - answer.start + 1,
+        ),
+        FetchKind::Blocks => (1, 1),
+    };
+    (kind, outcome, share)
 }
+
+/// A transfer whose data passed verification: its kind, its score, and
+/// the share of what was asked that it brought.
+type Verified = (FetchKind, ReportOutcome, (u64, u64));

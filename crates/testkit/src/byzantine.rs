@@ -49,6 +49,10 @@ pub enum Lie {
     /// 5 s. What it learns is the node's hedge delay, and each answer it
     /// gives just before it is a slow answer the node takes.
     Creeping,
+    /// Honest, but answers each commit fetch with its first commit alone
+    /// and its certificate (an answer may end early at any commit its
+    /// server can certify).
+    OneCommit,
     /// Honest commits; FetchBlocks sends half the blocks, then fails.
     CutsStreamMidway,
     /// Relays another validator's data, honest except for every block
@@ -431,7 +435,10 @@ impl p2p_server::P2p for Evil {
             }
         }
         let epoch = chain.commit(r.start).commit().epoch;
-        let end = batch_end(r.start, 100, chain.epoch_last(epoch), chain.tip()).min(r.end);
+        let end = match self.lie {
+            Lie::OneCommit => r.start,
+            _ => batch_end(r.start, 100, chain.epoch_last(epoch), chain.tip()).min(r.end),
+        };
         let (mut commits, mut certifiers) = chain.fetch_commits(r.start..=end);
         match self.lie {
             Lie::ForgedCertifierSignature => {
