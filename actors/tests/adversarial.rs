@@ -372,17 +372,8 @@ async fn a_sole_peer_that_served_us_and_refuses_as_busy_is_never_doubted() {
     soma_testkit::init_tracing();
     let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(LOADED_TIP));
     let loaded = byzantine::serve_observed(chain.clone(), Lie::BusyWhenLoaded, 100).await;
-    let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
-    let config = P2pConfig {
-        seed_peers: vec![loaded.seed()],
-        ..P2pConfig::default()
-    };
-    let node = soma_testkit::node(&chain, 9, config, store.clone());
     // Loaded once a batch it served is applied (so it has delivered).
-    wait_until("a batch applied", DEADLINE, async || {
-        node.sync_status().await.unwrap().synced >= 1
-    })
-    .await;
+    let (node, store) = node_synced_from(&chain, &loaded, 1).await;
     loaded.load();
     let start = std::time::Instant::now();
     loop {
@@ -405,6 +396,43 @@ async fn a_sole_peer_that_served_us_and_refuses_as_busy_is_never_doubted() {
     let refused = loaded.denied.load(Ordering::SeqCst);
     assert!(refused > 0, "no commit fetch was refused");
     node.shutdown().await;
+}
+
+/// Three honest validators join `node`, which then holds the whole chain;
+/// their handles.
+async fn validators_join_then_sync_completes(
+    chain: &Chain,
+    node: &P2pHandle,
+    store: &dyn ConsensusStore,
+) -> Vec<P2pHandle> {
+    let honest: Vec<P2pHandle> = (1..=3).map(|k| validator(chain, k)).collect();
+    for h in &honest {
+        node.connect(Some(h.peer_id()), h.local_addr().to_string())
+            .expect("Connections takes the dial");
+    }
+    soma_testkit::wait_synced(node, TIP, DEADLINE).await;
+    assert_same_chain(chain, store);
+    honest
+}
+
+/// A node on a MemStore whose only seed is `served`, once it has
+/// `synced` commits from it.
+async fn node_synced_from(
+    chain: &Chain,
+    served: &byzantine::Served,
+    synced: u64,
+) -> (P2pHandle, Arc<dyn ConsensusStore>) {
+    let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+    let config = P2pConfig {
+        seed_peers: vec![served.seed()],
+        ..P2pConfig::default()
+    };
+    let node = soma_testkit::node(chain, 9, config, store.clone());
+    wait_until("commits from the seed alone", DEADLINE, async || {
+        node.sync_status().await.unwrap().synced >= synced
+    })
+    .await;
+    (node, store)
 }
 
 /// Commits of the chain served by a loaded peer: enough commit fetches
@@ -473,13 +501,7 @@ async fn a_slow_peer_measured_first_does_not_keep_faster_peers_from_being_tried(
         assert!(start.elapsed() < DEADLINE, "the slow peer never served");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let honest: Vec<P2pHandle> = (1..=3).map(|k| validator(&chain, k)).collect();
-    for h in &honest {
-        node.connect(Some(h.peer_id()), h.local_addr().to_string())
-            .expect("Connections takes the dial");
-    }
-    soma_testkit::wait_synced(&node, TIP, DEADLINE).await;
-    assert_same_chain(&chain, store.as_ref());
+    let honest = validators_join_then_sync_completes(&chain, &node, store.as_ref()).await;
     let views = node.peer_heights().await.unwrap();
     let tried = honest
         .iter()
@@ -506,23 +528,8 @@ async fn a_peer_answering_each_commit_fetch_with_one_commit_leaves_the_chain_to_
     // are no fault of its.
     let chain = chain();
     let short = byzantine::serve_observed(chain.clone(), Lie::OneCommit, 100).await;
-    let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
-    let config = P2pConfig {
-        seed_peers: vec![short.seed()],
-        ..P2pConfig::default()
-    };
-    let node = soma_testkit::node(&chain, 9, config, store.clone());
-    wait_until("commits from the short peer alone", DEADLINE, async || {
-        node.sync_status().await.unwrap().synced >= 3
-    })
-    .await;
-    let honest: Vec<P2pHandle> = (1..=3).map(|k| validator(&chain, k)).collect();
-    for h in &honest {
-        node.connect(Some(h.peer_id()), h.local_addr().to_string())
-            .expect("Connections takes the dial");
-    }
-    soma_testkit::wait_synced(&node, TIP, DEADLINE).await;
-    assert_same_chain(&chain, store.as_ref());
+    let (node, store) = node_synced_from(&chain, &short, 3).await;
+    let honest = validators_join_then_sync_completes(&chain, &node, store.as_ref()).await;
     let views = node.peer_heights().await.unwrap();
     let view = views.iter().find(|v| v.peer == short.peer).unwrap();
     assert_eq!((view.faults, view.banned_until), (0, None), "{view:?}");
