@@ -297,6 +297,11 @@ mod tests {
     /// An answer of all that was asked.
     const WHOLE: (u64, u64) = (1, 1);
 
+    /// The delay of a fetch of `kind` not at the head of the pipeline.
+    fn ahead(hedging: &Hedging, kind: FetchKind) -> Duration {
+        hedging.delay((kind, AHEAD), BATCH, TIMEOUT)
+    }
+
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
     }
@@ -330,73 +335,41 @@ mod tests {
     #[test]
     fn a_fetch_the_pipeline_waits_on_is_hedged_after_twice_the_usual_time() {
         let hedging = Hedging::default();
+        let at = |kind, start| hedging.delay((kind, start), BATCH, TIMEOUT);
         // Before anything answered, as for any fetch: a twentieth.
-        assert_eq!(
-            hedging.delay((FetchKind::Blocks, 1), BATCH, TIMEOUT),
-            ms(500)
-        );
+        assert_eq!(at(FetchKind::Blocks, 1), ms(500));
         // Before any fetch answered, twice the height queries' 30 ms at
         // the head, four times elsewhere.
         hedging.queried(30);
-        let at = |start| hedging.delay((FetchKind::Blocks, start), BATCH, TIMEOUT);
-        assert_eq!((at(1), at(201)), (ms(60), ms(120)));
+        assert_eq!(at(FetchKind::Blocks, 1), ms(60));
+        assert_eq!(at(FetchKind::Blocks, 201), ms(120));
         hedging.answered(FetchKind::Blocks, peer(1), 60, WHOLE);
         // The batch after the last applied (commits 1..=200 here): twice
         // 60 ms; later ones, four times.
-        assert_eq!(
-            hedging.delay((FetchKind::Blocks, 1), BATCH, TIMEOUT),
-            ms(120)
-        );
-        assert_eq!(
-            hedging.delay((FetchKind::Blocks, 200), BATCH, TIMEOUT),
-            ms(120)
-        );
-        assert_eq!(
-            hedging.delay((FetchKind::Blocks, 201), BATCH, TIMEOUT),
-            ms(240)
-        );
+        assert_eq!(at(FetchKind::Blocks, 1), ms(120));
+        assert_eq!(at(FetchKind::Blocks, 200), ms(120));
+        assert_eq!(at(FetchKind::Blocks, 201), ms(240));
         // Once 1..=200 are applied, 201 is at the head.
         hedging.applied(200);
-        assert_eq!(
-            hedging.delay((FetchKind::Blocks, 201), BATCH, TIMEOUT),
-            ms(120)
-        );
-        assert_eq!(
-            hedging.delay((FetchKind::Blocks, 401), BATCH, TIMEOUT),
-            ms(240)
-        );
+        assert_eq!(at(FetchKind::Blocks, 201), ms(120));
+        assert_eq!(at(FetchKind::Blocks, 401), ms(240));
         // A question that is no fetch of a batch waits the usual four
         // times, wherever the pipeline stands.
         assert_eq!(hedging.usual_delay(FetchKind::Blocks, TIMEOUT), ms(240));
         // The watermark only rises.
         hedging.applied(100);
-        assert_eq!(
-            hedging.delay((FetchKind::Blocks, 201), BATCH, TIMEOUT),
-            ms(120)
-        );
+        assert_eq!(at(FetchKind::Blocks, 201), ms(120));
         // Never before 20 ms, never past the delay of any fetch.
         hedging.answered(FetchKind::Commits, peer(1), 5, WHOLE);
-        assert_eq!(
-            hedging.delay((FetchKind::Commits, 201), BATCH, TIMEOUT),
-            HEAD_HEDGE_MIN
-        );
-        assert_eq!(
-            hedging.delay((FetchKind::Commits, 401), BATCH, TIMEOUT),
-            HEDGE_MIN
-        );
+        assert_eq!(at(FetchKind::Commits, 201), HEAD_HEDGE_MIN);
+        assert_eq!(at(FetchKind::Commits, 401), HEDGE_MIN);
         // However slow the peers serving: at most half the timeout, and
         // at the head a tenth.
         for _ in 0..20 {
             hedging.answered(FetchKind::Commits, peer(1), 3_000, WHOLE);
         }
-        assert_eq!(
-            hedging.delay((FetchKind::Commits, 401), BATCH, TIMEOUT),
-            ms(5_000)
-        );
-        assert_eq!(
-            hedging.delay((FetchKind::Commits, 201), BATCH, TIMEOUT),
-            ms(1_000)
-        );
+        assert_eq!(at(FetchKind::Commits, 401), ms(5_000));
+        assert_eq!(at(FetchKind::Commits, 201), ms(1_000));
     }
 
     #[test]
@@ -448,26 +421,14 @@ mod tests {
     fn a_peers_answer_times_are_averaged_by_kind() {
         let hedging = Hedging::default();
         hedging.answered(FetchKind::Blocks, peer(1), 100, WHOLE);
-        assert_eq!(
-            hedging.delay((FetchKind::Blocks, AHEAD), BATCH, TIMEOUT),
-            ms(400)
-        );
+        assert_eq!(ahead(&hedging, FetchKind::Blocks), ms(400));
         // A quarter of each new answer time counts.
         hedging.answered(FetchKind::Blocks, peer(1), 500, WHOLE);
-        assert_eq!(
-            hedging.delay((FetchKind::Blocks, AHEAD), BATCH, TIMEOUT),
-            ms(800)
-        );
+        assert_eq!(ahead(&hedging, FetchKind::Blocks), ms(800));
         // Commit fetches have their own: none yet, so a twentieth.
-        assert_eq!(
-            hedging.delay((FetchKind::Commits, AHEAD), BATCH, TIMEOUT),
-            ms(500)
-        );
+        assert_eq!(ahead(&hedging, FetchKind::Commits), ms(500));
         hedging.answered(FetchKind::Commits, peer(1), 0, WHOLE);
-        assert_eq!(
-            hedging.delay((FetchKind::Commits, AHEAD), BATCH, TIMEOUT),
-            HEDGE_MIN
-        );
+        assert_eq!(ahead(&hedging, FetchKind::Commits), HEDGE_MIN);
     }
 
     #[test]
@@ -476,50 +437,26 @@ mod tests {
         hedging.queried(50);
         hedging.queried(90);
         // (3 × 50 + 90) / 4 = 60, four times over.
-        assert_eq!(
-            hedging.delay((FetchKind::Commits, AHEAD), BATCH, TIMEOUT),
-            ms(240)
-        );
-        assert_eq!(
-            hedging.delay((FetchKind::Blocks, AHEAD), BATCH, TIMEOUT),
-            ms(240)
-        );
+        assert_eq!(ahead(&hedging, FetchKind::Commits), ms(240));
+        assert_eq!(ahead(&hedging, FetchKind::Blocks), ms(240));
         hedging.answered(FetchKind::Blocks, peer(1), 30, WHOLE);
-        assert_eq!(
-            hedging.delay((FetchKind::Blocks, AHEAD), BATCH, TIMEOUT),
-            ms(120)
-        );
-        assert_eq!(
-            hedging.delay((FetchKind::Commits, AHEAD), BATCH, TIMEOUT),
-            ms(240)
-        );
+        assert_eq!(ahead(&hedging, FetchKind::Blocks), ms(120));
+        assert_eq!(ahead(&hedging, FetchKind::Commits), ms(240));
     }
 
     #[test]
     fn the_delay_follows_the_lower_median_peer() {
         let hedging = Hedging::default();
         hedging.answered(FetchKind::Blocks, peer(1), 300, WHOLE);
-        assert_eq!(
-            hedging.delay((FetchKind::Blocks, AHEAD), BATCH, TIMEOUT),
-            ms(1_200)
-        );
+        assert_eq!(ahead(&hedging, FetchKind::Blocks), ms(1_200));
         // Of two, the faster.
         hedging.answered(FetchKind::Blocks, peer(2), 60, WHOLE);
-        assert_eq!(
-            hedging.delay((FetchKind::Blocks, AHEAD), BATCH, TIMEOUT),
-            ms(240)
-        );
+        assert_eq!(ahead(&hedging, FetchKind::Blocks), ms(240));
         // Of three, the middle one; of four, the second fastest.
         hedging.answered(FetchKind::Blocks, peer(3), 200, WHOLE);
-        assert_eq!(
-            hedging.delay((FetchKind::Blocks, AHEAD), BATCH, TIMEOUT),
-            ms(800)
-        );
+        assert_eq!(ahead(&hedging, FetchKind::Blocks), ms(800));
         hedging.answered(FetchKind::Blocks, peer(4), 900, WHOLE);
-        assert_eq!(
-            hedging.delay((FetchKind::Blocks, AHEAD), BATCH, TIMEOUT),
-            ms(800)
-        );
+        assert_eq!(ahead(&hedging, FetchKind::Blocks), ms(800));
     }
 
     #[test]
@@ -534,17 +471,14 @@ mod tests {
         }
         for round in 0..100 {
             for attacker in [10, 11] {
-                let delay = hedging.delay((FetchKind::Blocks, AHEAD), BATCH, TIMEOUT);
+                let delay = ahead(&hedging, FetchKind::Blocks);
                 let late = delay.as_millis() as u64 - 1;
                 hedging.answered(FetchKind::Blocks, peer(attacker), late, WHOLE);
             }
             hedging.answered(FetchKind::Blocks, peer(1 + round % 3), 55, WHOLE);
         }
         // The honest averages are all 55 ms now.
-        assert_eq!(
-            hedging.delay((FetchKind::Blocks, AHEAD), BATCH, TIMEOUT),
-            ms(220)
-        );
+        assert_eq!(ahead(&hedging, FetchKind::Blocks), ms(220));
     }
 
     #[test]
@@ -567,10 +501,7 @@ mod tests {
             .collect();
         assert_eq!(ids.len(), HEDGE_PEERS);
         assert!((0..honest).all(|n| ids.contains(&peer(n))), "{ids:?}");
-        assert_eq!(
-            hedging.delay((FetchKind::Commits, AHEAD), BATCH, TIMEOUT),
-            ms(160)
-        );
+        assert_eq!(ahead(&hedging, FetchKind::Commits), ms(160));
     }
 
     #[test]
@@ -589,10 +520,7 @@ mod tests {
         hedging.answered(FetchKind::Blocks, peer(1_000), 20, WHOLE);
         let now = ids(&hedging);
         assert!(now.contains(&peer(1_000)) && !now.contains(&peer(31)));
-        assert_eq!(
-            hedging.delay((FetchKind::Blocks, AHEAD), BATCH, TIMEOUT),
-            ms(100)
-        );
+        assert_eq!(ahead(&hedging, FetchKind::Blocks), ms(100));
     }
 
     #[test]
@@ -603,14 +531,8 @@ mod tests {
             hedging.answered(FetchKind::Blocks, peer(2), 250, WHOLE);
         }
         // Peer 1 was updated 1,000 answers ago: it still counts.
-        assert_eq!(
-            hedging.delay((FetchKind::Blocks, AHEAD), BATCH, TIMEOUT),
-            ms(100)
-        );
+        assert_eq!(ahead(&hedging, FetchKind::Blocks), ms(100));
         hedging.answered(FetchKind::Blocks, peer(2), 250, WHOLE);
-        assert_eq!(
-            hedging.delay((FetchKind::Blocks, AHEAD), BATCH, TIMEOUT),
-            ms(1_000)
-        );
+        assert_eq!(ahead(&hedging, FetchKind::Blocks), ms(1_000));
     }
 }
