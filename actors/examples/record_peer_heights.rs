@@ -11,8 +11,8 @@ use std::path::PathBuf;
 use actix::Actor;
 use soma_actors::connections::PeerEvent;
 use soma_actors::peer_heights::{
-    Config, Deps, HighestKnownCommit, OutcomeKind, PeerHeights, PeersBehind, PeersForRange,
-    RemovePeer, ReportOutcome, Snapshot, UpdateHeight,
+    Config, Deps, FetchKind, HighestKnownCommit, OutcomeKind, PeerHeights, PeersBehind,
+    PeersForRange, RemovePeer, ReportOutcome, Snapshot, UpdateHeight,
 };
 use soma_actors::replay::Recorder;
 use soma_types::{ChainId, Digest, PeerId};
@@ -63,7 +63,7 @@ fn main() -> std::io::Result<()> {
                 let kind = if first == &peer(2) {
                     OutcomeKind::Timeout
                 } else {
-                    OutcomeKind::Success
+                    OutcomeKind::Success(FetchKind::Commits)
                 };
                 heights
                     .send(ReportOutcome {

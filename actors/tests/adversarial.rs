@@ -534,9 +534,27 @@ async fn a_peer_answering_each_commit_fetch_with_one_commit_leaves_the_chain_to_
     let view = views.iter().find(|v| v.peer == short.peer).unwrap();
     assert_eq!((view.faults, view.banned_until), (0, None), "{view:?}");
     // Each of its commit answers brought one commit: it served a small
-    // part of the 500, the honest validators the rest.
+    // part of the 500, the honest validators the rest. Its commit
+    // answers, scored by their share of what was asked, rank it for
+    // commit fetches far below its block answers (which came whole) and
+    // below every validator that served commits (each over 100 times:
+    // about 900 B/s against 2–130 MB/s and 26–30 MB/s here).
     let served = |p: PeerId| views.iter().any(|v| v.peer == p && v.throughput_bps > 0);
     assert!(honest.iter().any(|h| served(h.peer_id())), "{views:?}");
+    assert!(view.commit_throughput_bps > 0, "{view:?}");
+    assert!(
+        view.commit_throughput_bps * 100 < view.throughput_bps,
+        "{view:?}"
+    );
+    for v in views
+        .iter()
+        .filter(|v| v.peer != short.peer && v.commit_throughput_bps > 0)
+    {
+        assert!(
+            view.commit_throughput_bps * 100 < v.commit_throughput_bps,
+            "{views:?}"
+        );
+    }
     let fetches = short.fetches.load(Ordering::SeqCst);
     assert!(
         fetches < TIP as usize / 2,

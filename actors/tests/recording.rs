@@ -5,8 +5,8 @@ use actix::Actor;
 use soma_actors::HashedBlob;
 use soma_actors::connections::PeerEvent;
 use soma_actors::peer_heights::{
-    Config as HeightsConfig, Deps as HeightsDeps, HighestKnownCommit, OutcomeKind, PeerHeights,
-    PeersForRange, ReportOutcome, UpdateHeight,
+    Config as HeightsConfig, Deps as HeightsDeps, FetchKind, HighestKnownCommit, OutcomeKind,
+    PeerHeights, PeersForRange, ReportOutcome, UpdateHeight,
 };
 use soma_actors::replay::{Recorder, check};
 use soma_actors::verifier::{
@@ -52,7 +52,7 @@ async fn recorded_actor_runs_replay_exactly() {
         let kind = if round % 3 == 0 {
             OutcomeKind::Timeout
         } else {
-            OutcomeKind::Success
+            OutcomeKind::Success(FetchKind::Commits)
         };
         heights
             .send(ReportOutcome {

@@ -40,6 +40,15 @@ const MAX_DOUBT_MS: u64 = 8_000;
 /// us within it, and a node that was only loaded for a moment is not
 /// doubted for it.
 const BUSY_GRACE_MS: u64 = DOUBT_MS;
+/// How long, in milliseconds, a refusal as busy ranks its peer with the
+/// failing ones (not held back: it is loaded, not at fault), after which
+/// its measures rank it again. A refusal is no failure: counted as one, a
+/// few of them ranked a saturated validator below every peer able to
+/// serve, until an answer from it, which it was then asked for only when
+/// those were full; peers that answer each commit fetch at once with one
+/// commit are never full, and a node among them was left a commit per
+/// round trip (docs/simulation.md, "Catch-up").
+const LOADED_MS: u64 = DOUBT_MS;
 
 /// PeerHeights settings, and the seed of its RNG.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,7 +162,7 @@ struct Peer {
     /// a lower claim is no excuse for denying what it claimed before.
     most: CommitIndex,
     lowest: CommitIndex,
-    throughput_bps: Option<u64>,
+    throughput: Throughput,
     failures: u32,
     /// Outcomes held against it since it connected (never decays).
     faults: u64,
@@ -163,6 +172,8 @@ struct Peer {
     /// Fetches it serves us at once, learned from its refusals (`None`:
     /// `max_fetches_per_peer`); see [`Transfer::Busy`].
     slots: Option<usize>,
+    /// Until when it ranks as failing for its last refusal as busy.
+    loaded_until: Time,
 }
 
 /// Whether a claim in doubt counts as doubted when peers are ranked for a
@@ -207,11 +218,12 @@ impl Peer {
             highest: 0,
             most: 0,
             lowest: 0,
-            throughput_bps: None,
+            throughput: Throughput::default(),
             failures: 0,
             faults: 0,
             heard: now,
             slots: None,
+            loaded_until: Time(0),
         }
     }
 
@@ -235,22 +247,67 @@ impl Peer {
         self.chain_id.is_some() && start <= end && self.lowest <= start && end <= self.most
     }
 
-    /// Where the balancer ranks it before weights count.
-    fn standing(&self) -> Standing {
-        match self.throughput_bps {
+    /// Where the balancer ranks it for a fetch of `kind` at `now` before
+    /// weights count: by its record, but with the failing peers for
+    /// [`LOADED_MS`] after it refused us as busy.
+    fn standing(&self, kind: FetchKind, now: Time) -> Standing {
+        match self.record(kind) {
+            standing if self.loaded_until <= now => standing,
+            _ => Standing::Failing,
+        }
+    }
+
+    /// Where its measures for `kind`, its failures and its faults rank it.
+    fn record(&self, kind: FetchKind) -> Standing {
+        match self.throughput.of(kind) {
             _ if self.failures >= FAILING_AT => Standing::Failing,
             // Never delivered, and already failed: it has shown nothing else.
             None if self.faults > 0 => Standing::Failing,
             None => Standing::Unmeasured,
-            Some(_) if self.weight() >= GOOD_THROUGHPUT_BPS => Standing::Good,
+            Some(_) if self.weight(kind) >= GOOD_THROUGHPUT_BPS => Standing::Good,
             Some(_) => Standing::Slow,
         }
     }
 
-    /// Its weight within its standing: throughput halved per recent failure.
-    fn weight(&self) -> u64 {
-        let throughput = self.throughput_bps.unwrap_or(GOOD_THROUGHPUT_BPS);
+    /// Its weight within its standing for a fetch of `kind`: throughput
+    /// halved per recent failure.
+    fn weight(&self, kind: FetchKind) -> u64 {
+        let throughput = self.throughput.of(kind).unwrap_or(GOOD_THROUGHPUT_BPS);
         (throughput >> self.failures.min(MAX_FAILURES)).max(1)
+    }
+}
+
+/// A peer's throughput, in bytes per second, measured apart for each kind
+/// of fetch: a peer may serve blocks fast and commits a few at a time
+/// (see [`ReportOutcome::delivered`]), and its block answers must not rank
+/// it for commit fetches.
+#[derive(Clone, Copy, Debug, Default)]
+struct Throughput {
+    commits: Option<u64>,
+    blocks: Option<u64>,
+}
+
+impl Throughput {
+    /// What it is ranked by for a fetch of `kind`: its measure for that
+    /// kind, or until it has one, its measure for the other.
+    fn of(&self, kind: FetchKind) -> Option<u64> {
+        match kind {
+            FetchKind::Commits => self.commits.or(self.blocks),
+            FetchKind::Blocks => self.blocks.or(self.commits),
+        }
+    }
+
+    /// Adds a sample of `kind`: a moving average, weight 1/4 on the new
+    /// sample.
+    fn add(&mut self, kind: FetchKind, sample: u64) {
+        let rate = match kind {
+            FetchKind::Commits => &mut self.commits,
+            FetchKind::Blocks => &mut self.blocks,
+        };
+        *rate = Some(match *rate {
+            Some(old) => (old.saturating_mul(3) / 4).saturating_add(sample / 4),
+            None => sample,
+        });
     }
 }
 
@@ -352,7 +409,7 @@ impl Core for PeerHeightsCore {
         }
         let mut out = self.expire_waiters(now);
         out.extend(self.input(now, input));
-        self.serve_waiters(&mut out);
+        self.serve_waiters(now, &mut out);
         out
     }
 }
@@ -410,6 +467,7 @@ impl PeerHeightsCore {
             })],
             Input::PeersForRange(PeersForRange { start, end }) => {
                 vec![Output::Peers(self.peers_for_range(
+                    now,
                     FetchKind::Commits,
                     start,
                     end,
@@ -467,10 +525,10 @@ impl PeerHeightsCore {
 
     /// The best peer for `request` with a free slot: `Ok(None)` when peers
     /// can serve it but every one is busy.
-    fn choose(&mut self, request: &Acquire) -> Result<Option<PeerId>, AcquireError> {
+    fn choose(&mut self, now: Time, request: &Acquire) -> Result<Option<PeerId>, AcquireError> {
         let (kind, start, end) = (request.kind, request.start, request.end);
         let mut ranked: Vec<PeerId> = self
-            .peers_for_range(kind, start, end, Doubts::Count)
+            .peers_for_range(now, kind, start, end, Doubts::Count)
             .into_iter()
             .filter(|p| !request.avoid.contains(p))
             .collect();
@@ -481,7 +539,7 @@ impl PeerHeightsCore {
             // is doubted, and it may be the only one that holds what we
             // lack; it still counts for nothing in the highest known.
             ranked = self
-                .peers_for_range(kind, start, end, Doubts::Ignore)
+                .peers_for_range(now, kind, start, end, Doubts::Ignore)
                 .into_iter()
                 .filter(|p| !request.avoid.contains(p))
                 .collect();
@@ -490,12 +548,10 @@ impl PeerHeightsCore {
             return Err(AcquireError::NoPeer);
         };
         // Failing for its faults (timeouts, errors) or for being beaten by
-        // other peers, not for load: a peer whose slots shrank for refusing
-        // as busy, and with no fault, is only loaded.
+        // other peers, not for load: a peer failing only for refusing as
+        // busy lately is only loaded.
         let faulty = |peer: &PeerId| {
-            (self.peers.get(peer)).is_none_or(|p| {
-                p.standing() == Standing::Failing && (p.faults > 0 || p.slots.is_none())
-            })
+            (self.peers.get(peer)).is_none_or(|p| p.record(request.kind) == Standing::Failing)
         };
         let settle_for_faulty = faulty(best);
         Ok(ranked
@@ -542,7 +598,7 @@ impl PeerHeightsCore {
             request: request.request,
             error,
         };
-        match self.choose(&request) {
+        match self.choose(now, &request) {
             Err(e) => Some(refuse(e)),
             Ok(Some(peer)) => Some(self.grant(&request, peer)),
             Ok(None) if self.waiting.len() >= self.config.max_waiting_fetches => {
@@ -574,10 +630,10 @@ impl PeerHeightsCore {
 
     /// Grants waiting requests, oldest first, whatever slots are free now;
     /// refuses those no peer can serve any more.
-    fn serve_waiters(&mut self, out: &mut Vec<Output>) {
+    fn serve_waiters(&mut self, now: Time, out: &mut Vec<Output>) {
         let mut still = VecDeque::new();
         while let Some(w) = self.waiting.pop_front() {
-            match self.choose(&w.request) {
+            match self.choose(now, &w.request) {
                 Err(error) => out.push(Output::Refused {
                     request: w.request.request,
                     error,
@@ -599,12 +655,13 @@ impl PeerHeightsCore {
         }
         let kind = match r.transfer {
             Transfer::Busy => {
-                // It was serving the fetches still leased to it; it ranks
-                // lower until it answers again, but holds no fault.
+                // It was serving the fetches still leased to it. It ranks
+                // with the failing peers for a while, but holds no fault
+                // and no failure.
                 let serving = self.leased(&lease.peer).max(1);
                 if let Some(p) = self.peers.get_mut(&lease.peer) {
                     p.slots = Some(serving);
-                    p.failures = (p.failures + 1).min(MAX_FAILURES);
+                    p.loaded_until = now.after(Duration::from_millis(LOADED_MS));
                 }
                 return vec![];
             }
@@ -778,6 +835,7 @@ impl PeerHeightsCore {
     /// load spreads over peers of similar speed.
     fn peers_for_range(
         &mut self,
+        now: Time,
         kind: FetchKind,
         start: CommitIndex,
         end: CommitIndex,
@@ -790,7 +848,7 @@ impl PeerHeightsCore {
         let candidates: Vec<(Standing, u64, PeerId)> = self
             .eligible()
             .filter(|(id, p)| p.lowest <= start && p.credited(doubt(id), kind) >= end)
-            .map(|(id, p)| (p.standing(), p.weight(), *id))
+            .map(|(id, p)| (p.standing(kind, now), p.weight(kind), *id))
             .collect();
         let mut ranked: Vec<(Standing, u128, PeerId)> = candidates
             .into_iter()
@@ -812,7 +870,7 @@ impl PeerHeightsCore {
                 .get(&o.peer)
                 .is_some_and(|p| p.claims(start, end)),
             OutcomeKind::Withheld => true,
-            OutcomeKind::Success | OutcomeKind::Timeout | OutcomeKind::Error => false,
+            OutcomeKind::Success(_) | OutcomeKind::Timeout | OutcomeKind::Error => false,
         };
         let mut outputs = Vec::new();
         if lie {
@@ -825,13 +883,9 @@ impl PeerHeightsCore {
         }
         if let Some(p) = self.peers.get_mut(&o.peer) {
             let failed = match o.kind {
-                OutcomeKind::Success => {
+                OutcomeKind::Success(kind) => {
                     let sample = o.bytes.saturating_mul(1000) / o.latency_ms.max(1);
-                    // Exponential moving average, weight 1/4 on the new sample.
-                    p.throughput_bps = Some(match p.throughput_bps {
-                        Some(old) => (old.saturating_mul(3) / 4).saturating_add(sample / 4),
-                        None => sample,
-                    });
+                    p.throughput.add(kind, sample);
                     p.failures /= 2;
                     // Probe for the slot it refused, one answer at a time.
                     let max = self.config.max_fetches_per_peer.max(1);
@@ -868,8 +922,10 @@ impl PeerHeightsCore {
                     highest: p.highest,
                     lowest: p.lowest,
                     doubted_above: (self.doubts.get(id)).and_then(|d| d.until.map(|_| d.above)),
-                    throughput_bps: p.throughput_bps.unwrap_or(0),
+                    throughput_bps: p.throughput.of(FetchKind::Blocks).unwrap_or(0),
+                    commit_throughput_bps: p.throughput.of(FetchKind::Commits).unwrap_or(0),
                     failures: p.failures,
+                    busy_slots: p.slots,
                     faults: p.faults,
                     banned_until: self.bans.get(id).copied(),
                 };
@@ -885,7 +941,9 @@ impl PeerHeightsCore {
                 lowest: 0,
                 doubted_above: None,
                 throughput_bps: 0,
+                commit_throughput_bps: 0,
                 failures: 0,
+                busy_slots: None,
                 faults: 0,
                 banned_until: Some(*until),
             });
@@ -1405,8 +1463,22 @@ mod tests {
             join(&mut c, p, OURS, 1, 100);
         }
         // Peer 1: 1 KB/s. Peer 2: 100 MB/s, one timeout. Peer 3: unmeasured.
-        outcome(&mut c, Time(0), 1, OutcomeKind::Success, 1_000, 1_000);
-        outcome(&mut c, Time(0), 2, OutcomeKind::Success, 10_000_000, 100);
+        outcome(
+            &mut c,
+            Time(0),
+            1,
+            OutcomeKind::Success(FetchKind::Commits),
+            1_000,
+            1_000,
+        );
+        outcome(
+            &mut c,
+            Time(0),
+            2,
+            OutcomeKind::Success(FetchKind::Commits),
+            10_000_000,
+            100,
+        );
         outcome(&mut c, Time(0), 2, OutcomeKind::Timeout, 0, 10_000);
         // A slow peer measured first must not keep the others from ever
         // being tried.
@@ -1426,8 +1498,22 @@ mod tests {
         }
         // Peer 1: 10 GB/s, then times out again and again. Peer 2: 1 B/s.
         // Peer 3: unmeasured.
-        outcome(&mut c, Time(0), 1, OutcomeKind::Success, 1_000_000_000, 100);
-        outcome(&mut c, Time(0), 2, OutcomeKind::Success, 1, 1_000);
+        outcome(
+            &mut c,
+            Time(0),
+            1,
+            OutcomeKind::Success(FetchKind::Commits),
+            1_000_000_000,
+            100,
+        );
+        outcome(
+            &mut c,
+            Time(0),
+            2,
+            OutcomeKind::Success(FetchKind::Commits),
+            1,
+            1_000,
+        );
         for _ in 0..2 {
             outcome(&mut c, Time(0), 1, OutcomeKind::Timeout, 0, 10_000);
         }
@@ -1440,7 +1526,14 @@ mod tests {
             );
         }
         // Still offered last, and successes win it back.
-        outcome(&mut c, Time(0), 1, OutcomeKind::Success, 1_000_000_000, 100);
+        outcome(
+            &mut c,
+            Time(0),
+            1,
+            OutcomeKind::Success(FetchKind::Commits),
+            1_000_000_000,
+            100,
+        );
         assert_eq!(for_range(&mut c, Time(0), 1, 100)[0], peer(1));
     }
 
@@ -1451,9 +1544,30 @@ mod tests {
         join(&mut c, 2, OURS, 1, 100);
         join(&mut c, 3, OURS, 1, 100);
         // Peer 1: fast. Peer 2: slow. Peer 3: fast but times out.
-        outcome(&mut c, Time(0), 1, OutcomeKind::Success, 10_000_000, 100);
-        outcome(&mut c, Time(0), 2, OutcomeKind::Success, 100_000, 100);
-        outcome(&mut c, Time(0), 3, OutcomeKind::Success, 10_000_000, 100);
+        outcome(
+            &mut c,
+            Time(0),
+            1,
+            OutcomeKind::Success(FetchKind::Commits),
+            10_000_000,
+            100,
+        );
+        outcome(
+            &mut c,
+            Time(0),
+            2,
+            OutcomeKind::Success(FetchKind::Commits),
+            100_000,
+            100,
+        );
+        outcome(
+            &mut c,
+            Time(0),
+            3,
+            OutcomeKind::Success(FetchKind::Commits),
+            10_000_000,
+            100,
+        );
         for _ in 0..3 {
             outcome(&mut c, Time(0), 3, OutcomeKind::Timeout, 0, 10_000);
         }
@@ -1462,9 +1576,87 @@ mod tests {
         }
         // Successes win a failing peer back.
         for _ in 0..5 {
-            outcome(&mut c, Time(0), 3, OutcomeKind::Success, 20_000_000, 100);
+            outcome(
+                &mut c,
+                Time(0),
+                3,
+                OutcomeKind::Success(FetchKind::Commits),
+                20_000_000,
+                100,
+            );
         }
         assert_eq!(for_range(&mut c, Time(0), 1, 100)[0], peer(3));
+    }
+
+    /// The peers ranked for a fetch of `kind` of commits 1..=100.
+    fn ranked(c: &mut PeerHeightsCore, kind: FetchKind) -> Vec<u8> {
+        let ranked = c.peers_for_range(Time(0), kind, 1, 100, Doubts::Count);
+        ranked.iter().map(|p| p.0[0]).collect()
+    }
+
+    fn delivered(
+        c: &mut PeerHeightsCore,
+        p: u8,
+        kind: FetchKind,
+        (bytes, ms): (u64, u64),
+        share: (u64, u64),
+    ) {
+        let delivered = ReportOutcome::delivered((kind, peer(p)), (bytes, ms), share);
+        c.handle(Time(0), Input::Outcome(delivered));
+    }
+
+    #[test]
+    fn a_commit_answer_scores_its_bytes_times_its_share_of_what_was_asked() {
+        let bytes = |share| {
+            ReportOutcome::delivered((FetchKind::Commits, peer(1)), (4_000, 1), share).bytes
+        };
+        assert_eq!(bytes((200, 200)), 4_000);
+        assert_eq!(bytes((1, 200)), 20);
+        assert_eq!(bytes((150, 200)), 3_000);
+        // More than was asked counts as all of it; nothing asked, as nothing.
+        assert_eq!(bytes((300, 200)), 4_000);
+        assert_eq!(bytes((0, 0)), 0);
+        let huge = ReportOutcome::delivered((FetchKind::Blocks, peer(1)), (u64::MAX, 1), (3, 3));
+        assert_eq!(
+            (huge.bytes, huge.kind),
+            (u64::MAX, OutcomeKind::Success(FetchKind::Blocks))
+        );
+    }
+
+    #[test]
+    fn a_peer_serving_blocks_fast_and_commits_one_at_a_time_is_ranked_apart_for_each() {
+        let mut c = core(11);
+        for p in 1..=3 {
+            join(&mut c, p, OURS, 1, 100);
+        }
+        // Peer 1 serves blocks at 10 MB/s; peer 2 has answered nothing yet,
+        // peer 3 a whole commit fetch at 2 MB/s. Until peer 1 answers a
+        // commit fetch, its blocks rank it for commits too.
+        delivered(&mut c, 1, FetchKind::Blocks, (1_000_000, 100), (1, 1));
+        delivered(&mut c, 3, FetchKind::Commits, (200_000, 100), (200, 200));
+        for kind in [FetchKind::Commits, FetchKind::Blocks] {
+            for _ in 0..20 {
+                assert_eq!(ranked(&mut c, kind), vec![1, 3, 2], "{kind:?}");
+            }
+        }
+        // Then it answers each commit fetch at once with one commit of
+        // 4 KB out of 200 asked: 4 MB/s by its bytes alone, but 20 KB/s
+        // by its share. For commits it ranks below the peer never asked;
+        // for blocks it stays first.
+        for _ in 0..10 {
+            delivered(&mut c, 1, FetchKind::Commits, (4_000, 1), (1, 200));
+        }
+        for _ in 0..20 {
+            assert_eq!(ranked(&mut c, FetchKind::Commits), vec![3, 2, 1]);
+            assert_eq!(ranked(&mut c, FetchKind::Blocks), vec![1, 3, 2]);
+        }
+        // Views tell both rates apart.
+        let view = snapshot(&mut c, Time(0))
+            .into_iter()
+            .find(|v| v.peer == peer(1))
+            .unwrap();
+        assert_eq!(view.throughput_bps, 10_000_000);
+        assert_eq!(view.commit_throughput_bps, 20_000);
     }
 
     #[test]
@@ -1665,7 +1857,14 @@ mod tests {
         join(&mut c, 1, OURS, 1, 1_000);
         // Having served us before is no exemption: a liar relays what
         // others hold, then refuses what it claims past it.
-        outcome(&mut c, Time(0), 1, OutcomeKind::Success, 100_000, 10);
+        outcome(
+            &mut c,
+            Time(0),
+            1,
+            OutcomeKind::Success(FetchKind::Commits),
+            100_000,
+            10,
+        );
         let busy = |c: &mut PeerHeightsCore, at| {
             let (lease, 1) = lease_for(c, at, FetchKind::Commits, (101, 101)).unwrap() else {
                 panic!("peer 1 claims 101");
@@ -1680,7 +1879,14 @@ mod tests {
         join(&mut c, 1, OURS, 1, 1_000);
         let mut c = PeerHeightsCore::new(c.restart_init());
         join(&mut c, 1, OURS, 1, 1_000);
-        outcome(&mut c, Time(999), 1, OutcomeKind::Success, 100_000, 10);
+        outcome(
+            &mut c,
+            Time(999),
+            1,
+            OutcomeKind::Success(FetchKind::Commits),
+            100_000,
+            10,
+        );
         // Nor do answers below what it refused, of commits or blocks: a
         // liar serves what it holds and refuses what it claims past it.
         commit_fetch_on_peer_1(&mut c, 999, 100, Transfer::Received);
@@ -1957,7 +2163,14 @@ mod tests {
         join(&mut c, 2, OURS, 1, 100);
         // Peer 2 has answered before; peer 1 never has. Both are beaten
         // three times: each time a failure, never a fault.
-        outcome(&mut c, Time(0), 2, OutcomeKind::Success, 10_000_000, 10);
+        outcome(
+            &mut c,
+            Time(0),
+            2,
+            OutcomeKind::Success(FetchKind::Commits),
+            10_000_000,
+            10,
+        );
         for round in 0..3 {
             let mut leases = granted(&acquire(&mut c, 0, 2 * round, &[2]));
             leases.extend(granted(&acquire(&mut c, 0, 2 * round + 1, &[1])));
@@ -1983,7 +2196,14 @@ mod tests {
         let mut c = slots(1, 8);
         join(&mut c, 1, OURS, 1, 100);
         join(&mut c, 2, OURS, 1, 100);
-        outcome(&mut c, Time(0), 2, OutcomeKind::Success, 10_000_000, 10);
+        outcome(
+            &mut c,
+            Time(0),
+            2,
+            OutcomeKind::Success(FetchKind::Commits),
+            10_000_000,
+            10,
+        );
         // Peer 1 is asked three times, and each time peer 2 answers first.
         for request in 0..3 {
             let lease = granted(&acquire(&mut c, 0, request, &[2]));
@@ -2004,9 +2224,17 @@ mod tests {
         join(&mut c, 1, OURS, 1, 100);
         join(&mut c, 2, OURS, 1, 100);
         // Peer 2 is measured and good: it ranks first, and holds its slot.
-        outcome(&mut c, Time(0), 2, OutcomeKind::Success, 10_000_000, 10);
+        outcome(
+            &mut c,
+            Time(0),
+            2,
+            OutcomeKind::Success(FetchKind::Commits),
+            10_000_000,
+            10,
+        );
         assert_eq!(granted(&acquire(&mut c, 0, 0, &[])), vec![(0, 0, 2)]);
-        // Peer 1 refuses three fetches as busy: failing, with no fault.
+        // Peer 1 refuses three fetches as busy: ranked with the failing
+        // peers, with no fault.
         for request in 1..=3 {
             let lease = request;
             assert_eq!(
@@ -2017,6 +2245,53 @@ mod tests {
         }
         // It is loaded, not at fault: the next request still goes to it.
         assert_eq!(granted(&acquire(&mut c, 2, 4, &[])), vec![(4, 4, 1)]);
+    }
+
+    #[test]
+    fn a_refusal_as_busy_ranks_its_peer_with_the_failing_ones_for_a_while_and_is_no_failure() {
+        let mut c = slots(4, 8);
+        join(&mut c, 1, OURS, 1, 100);
+        join(&mut c, 2, OURS, 1, 100);
+        // Peer 1 serves commits at 10 MB/s, peer 2 at 100 KB/s.
+        for (p, bytes) in [(1, 100_000), (2, 1_000)] {
+            outcome(
+                &mut c,
+                Time(0),
+                p,
+                OutcomeKind::Success(FetchKind::Commits),
+                bytes,
+                10,
+            );
+        }
+        assert_eq!(for_range(&mut c, Time(0), 1, 100), vec![peer(1), peer(2)]);
+        // Peer 1 refuses twenty fetches in a row as busy, the last at 500.
+        for request in 0..20 {
+            let now = 480 + request;
+            let (_, lease, p) = granted(&acquire(&mut c, now, request, &[2]))[0];
+            assert_eq!(p, 1);
+            release(&mut c, now, lease, Transfer::Busy);
+        }
+        let until = 499 + LOADED_MS;
+        for now in [499, until - 1] {
+            assert_eq!(
+                for_range(&mut c, Time(now), 1, 100),
+                vec![peer(2), peer(1)],
+                "{now}"
+            );
+        }
+        // Then its measure ranks it first again: refusals left no failure.
+        assert_eq!(
+            for_range(&mut c, Time(until), 1, 100),
+            vec![peer(1), peer(2)]
+        );
+        let view = snapshot(&mut c, Time(until))
+            .into_iter()
+            .find(|v| v.peer == peer(1))
+            .unwrap();
+        assert_eq!(
+            (view.failures, view.faults, view.busy_slots),
+            (0, 0, Some(1))
+        );
     }
 
     #[test]
@@ -2056,13 +2331,34 @@ mod tests {
         assert_eq!(acquire(&mut c, 3, 5, &[]), vec![]);
         // A verified answer earns one slot back: the waiting request goes
         // at once, and the next waits again (3 leased, 3 slots).
-        let out = outcome(&mut c, Time(4), 1, OutcomeKind::Success, 1_000, 10);
+        let out = outcome(
+            &mut c,
+            Time(4),
+            1,
+            OutcomeKind::Success(FetchKind::Commits),
+            1_000,
+            10,
+        );
         assert_eq!(granted(&out), vec![(5, 5, 1)]);
         assert_eq!(acquire(&mut c, 4, 6, &[]), vec![]);
         // Answers up to the configured 4 slots, never past them.
-        let out = outcome(&mut c, Time(5), 1, OutcomeKind::Success, 1_000, 10);
+        let out = outcome(
+            &mut c,
+            Time(5),
+            1,
+            OutcomeKind::Success(FetchKind::Commits),
+            1_000,
+            10,
+        );
         assert_eq!(granted(&out), vec![(6, 6, 1)]);
-        outcome(&mut c, Time(6), 1, OutcomeKind::Success, 1_000, 10);
+        outcome(
+            &mut c,
+            Time(6),
+            1,
+            OutcomeKind::Success(FetchKind::Commits),
+            1_000,
+            10,
+        );
         assert_eq!(acquire(&mut c, 6, 7, &[]), vec![], "4 leased, 4 slots");
         // Busy is load, not a fault.
         assert_eq!(c.peers[&peer(1)].faults, 0);

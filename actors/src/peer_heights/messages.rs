@@ -243,8 +243,8 @@ pub struct PeersBehind {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OutcomeKind {
-    /// It answered with valid data.
-    Success,
+    /// It answered a fetch of this kind with valid data.
+    Success(FetchKind),
     /// It did not answer in time.
     Timeout,
     /// The request failed (transport error, error status).
@@ -285,6 +285,33 @@ pub struct ReportOutcome {
     pub kind: OutcomeKind,
 }
 
+impl ReportOutcome {
+    /// A fetch from `peer` whose data passed verification: `bytes` in
+    /// `latency_ms`, bringing `got` of the `asked` items (commits; a block
+    /// fetch comes whole). It scores the bytes times the share of what was
+    /// asked that they are. A commit answer may end early at any commit
+    /// its server can certify, so a peer answering each commit fetch at
+    /// once with one commit breaks no rule; scored by its bytes alone, its
+    /// round trip would measure it fast, and its free slots would take
+    /// every fetch from the peers not yet measured that send whole
+    /// batches, leaving the node a commit per round trip. By its share it
+    /// scores as slow, asked when the better peers are full. An honest
+    /// answer cut at the size cap is cut so at every honest peer.
+    pub fn delivered(
+        (kind, peer): (FetchKind, PeerId),
+        (bytes, latency_ms): (u64, u64),
+        (got, asked): (u64, u64),
+    ) -> Self {
+        let share = u128::from(got.min(asked)) * u128::from(bytes) / u128::from(asked.max(1));
+        ReportOutcome {
+            peer,
+            bytes: u64::try_from(share).unwrap_or(u64::MAX),
+            latency_ms,
+            kind: OutcomeKind::Success(kind),
+        }
+    }
+}
+
 /// Everything PeerHeights knows, for the handle and metrics.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Message)]
 #[rtype(result = "Vec<PeerView>")]
@@ -311,10 +338,23 @@ pub struct PeerView {
     /// nothing, refusing as busy, say).
     #[serde(default)]
     pub doubted_above: Option<CommitIndex>,
-    /// Estimated throughput, bytes per second (0 until measured).
+    /// Estimated throughput of its block answers, bytes per second (until
+    /// it has answered one, of its commit answers; 0 until measured).
     pub throughput_bps: u64,
-    /// Recent failures (halved by each success).
+    /// What commit fetches rank it by: the estimated throughput of its
+    /// commit answers, each scaled by its share of what was asked
+    /// ([`ReportOutcome::delivered`]), bytes per second (until it has
+    /// answered one, of its block answers; 0 until measured).
+    #[serde(default)]
+    pub commit_throughput_bps: u64,
+    /// Recent failures (halved by each success); a refusal as busy is
+    /// none.
     pub failures: u32,
+    /// The fetches it serves us at once, as its refusals as busy taught
+    /// (`None`: all `max_fetches_per_peer`: it refused none, or its
+    /// answers since earned them back).
+    #[serde(default)]
+    pub busy_slots: Option<usize>,
     /// Outcomes held against it (timeouts, errors, invalid data, denied
     /// ranges) since it connected; unlike `failures`, never decays.
     pub faults: u64,

@@ -418,12 +418,8 @@ impl Worker {
     ) {
         if result.is_ok() {
             self.hedging.answered(kind, peer, latency_ms, share);
-            self.heights.do_send(ReportOutcome {
-                peer,
-                bytes,
-                latency_ms,
-                kind: OutcomeKind::Success,
-            });
+            let delivered = ReportOutcome::delivered((kind, peer), (bytes, latency_ms), share);
+            self.heights.do_send(delivered);
         }
     }
 

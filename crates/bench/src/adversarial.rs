@@ -98,6 +98,9 @@ enum Verdict {
     Doubted,
     /// Not banned, but failed (a timeout): ranked after every other peer.
     Avoided,
+    /// Not banned and never failed, but refused fetches as busy: sent
+    /// fewer at once, and ranked after the other peers for a while.
+    Refused,
     /// Served data that was accepted.
     Served,
     /// Never asked for anything: it was ranked below measured peers.
@@ -110,6 +113,7 @@ impl Verdict {
             Some(v) if v.banned_until.is_some() => Verdict::Banned,
             Some(v) if v.doubted_above.is_some() => Verdict::Doubted,
             Some(v) if v.failures > 0 => Verdict::Avoided,
+            Some(v) if v.busy_slots.is_some() => Verdict::Refused,
             Some(v) if v.throughput_bps > 0 => Verdict::Served,
             _ => Verdict::NotAsked,
         }
@@ -120,6 +124,7 @@ impl Verdict {
             Verdict::Banned => "banned",
             Verdict::Doubted => "doubted",
             Verdict::Avoided => "avoided",
+            Verdict::Refused => "refused as busy",
             Verdict::Served => "served",
             Verdict::NotAsked => "not asked",
         }
@@ -131,6 +136,7 @@ impl Verdict {
             Verdict::Banned => "banned",
             Verdict::Doubted => "doubted",
             Verdict::Avoided => "avoided",
+            Verdict::Refused => "refused",
             Verdict::Served => "served",
             Verdict::NotAsked => "not-asked",
         }
@@ -141,6 +147,7 @@ impl Verdict {
             Verdict::Banned,
             Verdict::Doubted,
             Verdict::Avoided,
+            Verdict::Refused,
             Verdict::Served,
             Verdict::NotAsked,
         ]

@@ -653,7 +653,9 @@ fn sync_section(md: &mut String, n: usize) {
          Peers are the ones it dialled. Stand-ins for the rest: verification costs {} µs \
          per block and {} µs per commit batch on one queue per node (a 2-core node with \
          signatures checked), a node serves {} fetches at once and {} per caller (more are \
-         refused as busy) through an upload of {} MB/s, a fetch still unanswered after \
+         refused as busy) through an upload of {} MB/s, a verified answer scores its \
+         peer as the worker does (a commit answer by the bytes of its commits times its \
+         share of those asked), a fetch still unanswered after \
          the worker's hedge delay (the production `Hedging`: four times the lower median \
          of per-peer average times of answers of all that was asked, twice for the batch \
          after the last applied, at most a tenth of the timeout there, or of height \

@@ -227,6 +227,9 @@ struct Answer {
     /// The last commit asked for.
     asked: CommitIndex,
     bytes: u64,
+    /// What the worker scores its peer by: the bytes of a commit answer's
+    /// commits (its certificate apart), of a block answer's blocks.
+    scored_bytes: u64,
     /// From the request to the answer, in milliseconds.
     latency_ms: u64,
     valid: bool,
@@ -1101,12 +1104,17 @@ impl Run<'_> {
                 self.release(client, &call, Transfer::Received, bytes);
                 let latency_ms = (self.queue.now() - call.sent_us) / 1_000;
                 let (start, _) = call.work.range();
+                let scored_bytes = match call.work.kind() {
+                    FetchKind::Commits => (end - start + 1) * self.settings.commit_bytes,
+                    FetchKind::Blocks => bytes,
+                };
                 let answer = Answer {
                     peer,
                     start,
                     end,
                     asked,
                     bytes,
+                    scored_bytes,
                     latency_ms,
                     valid,
                 };
@@ -1381,12 +1389,6 @@ fn failed(work: Work, peer: Option<PeerId>, failure: Failure) -> Input {
 
 /// The score of a transfer whose data passed verification.
 fn success(kind: FetchKind, answer: &Answer) -> Verified {
-    let outcome = ReportOutcome {
-        peer: answer.peer,
-        bytes: answer.bytes,
-        latency_ms: answer.latency_ms,
-        kind: OutcomeKind::Success,
-    };
     // Of the commits asked, those answered; a block fetch comes whole.
     let share = match kind {
         FetchKind::Commits => (
@@ -1395,6 +1397,8 @@ fn success(kind: FetchKind, answer: &Answer) -> Verified {
         ),
         FetchKind::Blocks => (1, 1),
     };
+    let delivered = (answer.scored_bytes, answer.latency_ms);
+    let outcome = ReportOutcome::delivered((kind, answer.peer), delivered, share);
     (kind, outcome, share)
 }
 

@@ -454,14 +454,17 @@ fn peers_answering_just_before_the_hedge_delay_do_not_stretch_it_for_everyone() 
 }
 
 #[test]
-fn peers_answering_each_commit_fetch_with_one_commit_slow_only_the_nodes_that_lean_on_them() {
+fn peers_answering_each_commit_fetch_with_one_commit_slow_no_node_by_more_than_a_tenth() {
     // Half the nodes serve every fetch, but answer each commit fetch at
     // once with its first commit alone (legal: an answer may end at any
     // commit its server can certify). Every honest node syncs, with no
-    // timeout, ban or invalid answer, and the median node as soon as
-    // without them; the last nodes, whose peers are mostly such nodes
-    // while the validators refuse as busy, take several times as long:
-    // the cost of this attack, not yet defended (docs/reliability.md).
+    // timeout, ban or invalid answer, the median and the last node at
+    // most a tenth later than without them. Their commit answers rank
+    // them apart from their block answers, by their share of what was
+    // asked, and a validator refusing as busy is asked again within a
+    // second; before, the last node here took 3.8 times as long, leased
+    // them every commit fetch at a commit per round trip while the
+    // validators were ranked failing for their refusals.
     let (mut honest, mut one_commit) = ((0, 0), (0, 0));
     for seed in 20..25 {
         let (h, _) = catch_up_among(None, seed, None);
@@ -482,7 +485,7 @@ fn peers_answering_each_commit_fetch_with_one_commit_slow_only_the_nodes_that_le
         "{one_commit:?} against {honest:?}"
     );
     assert!(
-        one_commit.1 <= honest.1 * 4,
+        one_commit.1 * 10 <= honest.1 * 11,
         "{one_commit:?} against {honest:?}"
     );
 }
