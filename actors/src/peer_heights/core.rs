@@ -20,6 +20,13 @@ const MAX_FAILURES: u32 = 16;
 /// starve the rest of ever being tried. Also the weight of unmeasured peers
 /// among themselves.
 const GOOD_THROUGHPUT_BPS: u64 = 1 << 20;
+/// The same for commit fetches. A commit answer carries commits, not their
+/// blocks (in the benchmarks' chains a 250-byte commit names 4 blocks of
+/// 1.6 KB), so an honest server's commit answers move a small part of the
+/// bytes its block answers do: 200 commits in 100 ms are 500 KB/s. Held to
+/// the blocks' mark, honest peers would be slow for commit fetches, and a
+/// peer never measured, such as a fresh identity, asked before them.
+const GOOD_COMMIT_THROUGHPUT_BPS: u64 = GOOD_THROUGHPUT_BPS / 16;
 /// Randomness added to balancer weights, in percent.
 const JITTER_PERCENT: u64 = 20;
 /// How long, in milliseconds, the claim of a peer that failed a commit
@@ -40,15 +47,22 @@ const MAX_DOUBT_MS: u64 = 8_000;
 /// us within it, and a node that was only loaded for a moment is not
 /// doubted for it.
 const BUSY_GRACE_MS: u64 = DOUBT_MS;
-/// How long, in milliseconds, a refusal as busy ranks its peer with the
-/// failing ones (not held back: it is loaded, not at fault), after which
-/// its measures rank it again. A refusal is no failure: counted as one, a
-/// few of them ranked a saturated validator below every peer able to
-/// serve, until an answer from it, which it was then asked for only when
-/// those were full; peers that answer each commit fetch at once with one
-/// commit are never full, and a node among them was left a commit per
-/// round trip (docs/simulation.md, "Catch-up").
+/// How long, in milliseconds, a refusal as busy, while the peer served no
+/// other fetch of ours, first ranks it with the failing ones (not held
+/// back: it is loaded, not at fault); each such refusal in a row, with no
+/// verified answer from it between, doubles that, up to
+/// [`MAX_LOADED_MS`]; then its measures rank it again. A refusal is no
+/// failure: counted as one, a few of them ranked a saturated validator
+/// below every peer able to serve, until an answer from it, which it was
+/// then asked for only when those were full; peers that answer each
+/// commit fetch at once with one commit are never full, and a node among
+/// them was left a commit per round trip (docs/simulation.md, "One-commit
+/// peers"). The doubling keeps identities that refuse every fetch, and
+/// never answer one, from being asked again each second for free.
 const LOADED_MS: u64 = DOUBT_MS;
+/// The longest a run of refusals as busy ranks a peer with the failing
+/// ones: an honest peer others keep busy is still asked now and then.
+const MAX_LOADED_MS: u64 = MAX_DOUBT_MS;
 
 /// PeerHeights settings, and the seed of its RNG.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -174,6 +188,9 @@ struct Peer {
     slots: Option<usize>,
     /// Until when it ranks as failing for its last refusal as busy.
     loaded_until: Time,
+    /// Its refusals as busy in a row, while it served no other fetch of
+    /// ours, since its last verified answer.
+    refusals: u32,
 }
 
 /// Whether a claim in doubt counts as doubted when peers are ranked for a
@@ -224,6 +241,7 @@ impl Peer {
             heard: now,
             slots: None,
             loaded_until: Time(0),
+            refusals: 0,
         }
     }
 
@@ -264,7 +282,7 @@ impl Peer {
             // Never delivered, and already failed: it has shown nothing else.
             None if self.faults > 0 => Standing::Failing,
             None => Standing::Unmeasured,
-            Some(_) if self.weight(kind) >= GOOD_THROUGHPUT_BPS => Standing::Good,
+            Some(_) if self.weight(kind) >= good(kind) => Standing::Good,
             Some(_) => Standing::Slow,
         }
     }
@@ -274,6 +292,14 @@ impl Peer {
     fn weight(&self, kind: FetchKind) -> u64 {
         let throughput = self.throughput.of(kind).unwrap_or(GOOD_THROUGHPUT_BPS);
         (throughput >> self.failures.min(MAX_FAILURES)).max(1)
+    }
+}
+
+/// The throughput from which a peer measured for `kind` is good.
+fn good(kind: FetchKind) -> u64 {
+    match kind {
+        FetchKind::Commits => GOOD_COMMIT_THROUGHPUT_BPS,
+        FetchKind::Blocks => GOOD_THROUGHPUT_BPS,
     }
 }
 
@@ -312,7 +338,8 @@ impl Throughput {
 }
 
 /// Balancer tiers, worst first: a peer never measured is tried after every
-/// good peer (measured at [`GOOD_THROUGHPUT_BPS`] or more) and before the
+/// good peer (measured at [`GOOD_THROUGHPUT_BPS`] or more, for commit
+/// fetches [`GOOD_COMMIT_THROUGHPUT_BPS`]) and before the
 /// slower measured ones; a failing peer after all others.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Standing {
@@ -655,13 +682,19 @@ impl PeerHeightsCore {
         }
         let kind = match r.transfer {
             Transfer::Busy => {
-                // It was serving the fetches still leased to it. It ranks
-                // with the failing peers for a while, but holds no fault
-                // and no failure.
-                let serving = self.leased(&lease.peer).max(1);
+                // It was serving the fetches still leased to it: its slots
+                // learn how many. Serving none, it serves us nothing for
+                // now: it ranks with the failing peers for a while, with no
+                // fault and no failure (see [`LOADED_MS`]).
+                let serving = self.leased(&lease.peer);
                 if let Some(p) = self.peers.get_mut(&lease.peer) {
-                    p.slots = Some(serving);
-                    p.loaded_until = now.after(Duration::from_millis(LOADED_MS));
+                    p.slots = Some(serving.max(1));
+                    if serving == 0 {
+                        let doubled = LOADED_MS << p.refusals.min(8);
+                        let loaded = doubled.min(MAX_LOADED_MS);
+                        p.loaded_until = now.after(Duration::from_millis(loaded));
+                        p.refusals = p.refusals.saturating_add(1);
+                    }
                 }
                 return vec![];
             }
@@ -887,6 +920,7 @@ impl PeerHeightsCore {
                     let sample = o.bytes.saturating_mul(1000) / o.latency_ms.max(1);
                     p.throughput.add(kind, sample);
                     p.failures /= 2;
+                    (p.loaded_until, p.refusals) = (Time(0), 0);
                     // Probe for the slot it refused, one answer at a time.
                     let max = self.config.max_fetches_per_peer.max(1);
                     p.slots = p.slots.map(|s| s + 1).filter(|s| *s < max);
@@ -1076,6 +1110,18 @@ mod tests {
                 latency_ms: ms,
                 kind,
             }),
+        )
+    }
+
+    /// Peer `p` answered a commit fetch with `bytes` in `ms`.
+    fn succeeded(c: &mut PeerHeightsCore, now: Time, p: u8, bytes: u64, ms: u64) -> Vec<Output> {
+        outcome(
+            c,
+            now,
+            p,
+            OutcomeKind::Success(FetchKind::Commits),
+            bytes,
+            ms,
         )
     }
 
@@ -1458,27 +1504,10 @@ mod tests {
 
     #[test]
     fn unmeasured_peer_ranks_below_good_peers_and_above_slow_ones() {
-        let mut c = core(5);
-        for p in 1..=3 {
-            join(&mut c, p, OURS, 1, 100);
-        }
+        let mut c = three_peers(5);
         // Peer 1: 1 KB/s. Peer 2: 100 MB/s, one timeout. Peer 3: unmeasured.
-        outcome(
-            &mut c,
-            Time(0),
-            1,
-            OutcomeKind::Success(FetchKind::Commits),
-            1_000,
-            1_000,
-        );
-        outcome(
-            &mut c,
-            Time(0),
-            2,
-            OutcomeKind::Success(FetchKind::Commits),
-            10_000_000,
-            100,
-        );
+        succeeded(&mut c, Time(0), 1, 1_000, 1_000);
+        succeeded(&mut c, Time(0), 2, 10_000_000, 100);
         outcome(&mut c, Time(0), 2, OutcomeKind::Timeout, 0, 10_000);
         // A slow peer measured first must not keep the others from ever
         // being tried.
@@ -1492,28 +1521,11 @@ mod tests {
 
     #[test]
     fn peer_that_keeps_timing_out_sinks_below_every_good_peer() {
-        let mut c = core(9);
-        for p in 1..=3 {
-            join(&mut c, p, OURS, 1, 100);
-        }
+        let mut c = three_peers(9);
         // Peer 1: 10 GB/s, then times out again and again. Peer 2: 1 B/s.
         // Peer 3: unmeasured.
-        outcome(
-            &mut c,
-            Time(0),
-            1,
-            OutcomeKind::Success(FetchKind::Commits),
-            1_000_000_000,
-            100,
-        );
-        outcome(
-            &mut c,
-            Time(0),
-            2,
-            OutcomeKind::Success(FetchKind::Commits),
-            1,
-            1_000,
-        );
+        succeeded(&mut c, Time(0), 1, 1_000_000_000, 100);
+        succeeded(&mut c, Time(0), 2, 1, 1_000);
         for _ in 0..2 {
             outcome(&mut c, Time(0), 1, OutcomeKind::Timeout, 0, 10_000);
         }
@@ -1526,14 +1538,7 @@ mod tests {
             );
         }
         // Still offered last, and successes win it back.
-        outcome(
-            &mut c,
-            Time(0),
-            1,
-            OutcomeKind::Success(FetchKind::Commits),
-            1_000_000_000,
-            100,
-        );
+        succeeded(&mut c, Time(0), 1, 1_000_000_000, 100);
         assert_eq!(for_range(&mut c, Time(0), 1, 100)[0], peer(1));
     }
 
@@ -1544,30 +1549,9 @@ mod tests {
         join(&mut c, 2, OURS, 1, 100);
         join(&mut c, 3, OURS, 1, 100);
         // Peer 1: fast. Peer 2: slow. Peer 3: fast but times out.
-        outcome(
-            &mut c,
-            Time(0),
-            1,
-            OutcomeKind::Success(FetchKind::Commits),
-            10_000_000,
-            100,
-        );
-        outcome(
-            &mut c,
-            Time(0),
-            2,
-            OutcomeKind::Success(FetchKind::Commits),
-            100_000,
-            100,
-        );
-        outcome(
-            &mut c,
-            Time(0),
-            3,
-            OutcomeKind::Success(FetchKind::Commits),
-            10_000_000,
-            100,
-        );
+        succeeded(&mut c, Time(0), 1, 10_000_000, 100);
+        succeeded(&mut c, Time(0), 2, 100_000, 100);
+        succeeded(&mut c, Time(0), 3, 10_000_000, 100);
         for _ in 0..3 {
             outcome(&mut c, Time(0), 3, OutcomeKind::Timeout, 0, 10_000);
         }
@@ -1576,14 +1560,7 @@ mod tests {
         }
         // Successes win a failing peer back.
         for _ in 0..5 {
-            outcome(
-                &mut c,
-                Time(0),
-                3,
-                OutcomeKind::Success(FetchKind::Commits),
-                20_000_000,
-                100,
-            );
+            succeeded(&mut c, Time(0), 3, 20_000_000, 100);
         }
         assert_eq!(for_range(&mut c, Time(0), 1, 100)[0], peer(3));
     }
@@ -1623,12 +1600,47 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_peer_serving_blocks_fast_and_commits_one_at_a_time_is_ranked_apart_for_each() {
-        let mut c = core(11);
+    /// A core seeded `seed` with peers 1, 2 and 3 holding commits 1..=100.
+    fn three_peers(seed: u64) -> PeerHeightsCore {
+        let mut c = core(seed);
         for p in 1..=3 {
             join(&mut c, p, OURS, 1, 100);
         }
+        c
+    }
+
+    #[test]
+    fn honest_commit_answers_rank_a_peer_good_at_a_sixteenth_of_the_blocks_mark() {
+        let mut c = three_peers(13);
+        // Peer 1 answers whole commit fetches at 500 KB/s (200 commits of
+        // 250 bytes in 100 ms), peer 2 block fetches at the same pace;
+        // peer 3 is never measured. For commits, both are good and rank
+        // above peer 3 (peer 2 by its blocks, until it answers commits);
+        // for blocks, both are slow and rank below it.
+        delivered(&mut c, 1, FetchKind::Commits, (50_000, 100), (200, 200));
+        delivered(&mut c, 2, FetchKind::Blocks, (50_000, 100), (1, 1));
+        for _ in 0..20 {
+            assert_eq!(ranked(&mut c, FetchKind::Commits)[2], 3);
+            assert_eq!(ranked(&mut c, FetchKind::Blocks)[0], 3);
+        }
+        // At the mark and just under it.
+        let (at, under) = (GOOD_COMMIT_THROUGHPUT_BPS, GOOD_COMMIT_THROUGHPUT_BPS - 1);
+        delivered(&mut c, 1, FetchKind::Commits, (at * 4, 1_000), (1, 1));
+        delivered(&mut c, 2, FetchKind::Commits, (under, 1_000), (1, 1));
+        let record = |c: &PeerHeightsCore, p: u8| c.peers[&peer(p)].record(FetchKind::Commits);
+        assert_eq!(
+            c.peers[&peer(1)].throughput.commits,
+            Some(50_000 * 10 * 3 / 4 + at)
+        );
+        assert_eq!(
+            (record(&c, 1), record(&c, 2)),
+            (Standing::Good, Standing::Slow)
+        );
+    }
+
+    #[test]
+    fn a_peer_serving_blocks_fast_and_commits_one_at_a_time_is_ranked_apart_for_each() {
+        let mut c = three_peers(11);
         // Peer 1 serves blocks at 10 MB/s; peer 2 has answered nothing yet,
         // peer 3 a whole commit fetch at 2 MB/s. Until peer 1 answers a
         // commit fetch, its blocks rank it for commits too.
@@ -1857,14 +1869,7 @@ mod tests {
         join(&mut c, 1, OURS, 1, 1_000);
         // Having served us before is no exemption: a liar relays what
         // others hold, then refuses what it claims past it.
-        outcome(
-            &mut c,
-            Time(0),
-            1,
-            OutcomeKind::Success(FetchKind::Commits),
-            100_000,
-            10,
-        );
+        succeeded(&mut c, Time(0), 1, 100_000, 10);
         let busy = |c: &mut PeerHeightsCore, at| {
             let (lease, 1) = lease_for(c, at, FetchKind::Commits, (101, 101)).unwrap() else {
                 panic!("peer 1 claims 101");
@@ -1879,14 +1884,7 @@ mod tests {
         join(&mut c, 1, OURS, 1, 1_000);
         let mut c = PeerHeightsCore::new(c.restart_init());
         join(&mut c, 1, OURS, 1, 1_000);
-        outcome(
-            &mut c,
-            Time(999),
-            1,
-            OutcomeKind::Success(FetchKind::Commits),
-            100_000,
-            10,
-        );
+        succeeded(&mut c, Time(999), 1, 100_000, 10);
         // Nor do answers below what it refused, of commits or blocks: a
         // liar serves what it holds and refuses what it claims past it.
         commit_fetch_on_peer_1(&mut c, 999, 100, Transfer::Received);
@@ -2163,14 +2161,7 @@ mod tests {
         join(&mut c, 2, OURS, 1, 100);
         // Peer 2 has answered before; peer 1 never has. Both are beaten
         // three times: each time a failure, never a fault.
-        outcome(
-            &mut c,
-            Time(0),
-            2,
-            OutcomeKind::Success(FetchKind::Commits),
-            10_000_000,
-            10,
-        );
+        succeeded(&mut c, Time(0), 2, 10_000_000, 10);
         for round in 0..3 {
             let mut leases = granted(&acquire(&mut c, 0, 2 * round, &[2]));
             leases.extend(granted(&acquire(&mut c, 0, 2 * round + 1, &[1])));
@@ -2196,14 +2187,7 @@ mod tests {
         let mut c = slots(1, 8);
         join(&mut c, 1, OURS, 1, 100);
         join(&mut c, 2, OURS, 1, 100);
-        outcome(
-            &mut c,
-            Time(0),
-            2,
-            OutcomeKind::Success(FetchKind::Commits),
-            10_000_000,
-            10,
-        );
+        succeeded(&mut c, Time(0), 2, 10_000_000, 10);
         // Peer 1 is asked three times, and each time peer 2 answers first.
         for request in 0..3 {
             let lease = granted(&acquire(&mut c, 0, request, &[2]));
@@ -2224,14 +2208,7 @@ mod tests {
         join(&mut c, 1, OURS, 1, 100);
         join(&mut c, 2, OURS, 1, 100);
         // Peer 2 is measured and good: it ranks first, and holds its slot.
-        outcome(
-            &mut c,
-            Time(0),
-            2,
-            OutcomeKind::Success(FetchKind::Commits),
-            10_000_000,
-            10,
-        );
+        succeeded(&mut c, Time(0), 2, 10_000_000, 10);
         assert_eq!(granted(&acquire(&mut c, 0, 0, &[])), vec![(0, 0, 2)]);
         // Peer 1 refuses three fetches as busy: ranked with the failing
         // peers, with no fault.
@@ -2248,43 +2225,49 @@ mod tests {
     }
 
     #[test]
-    fn a_refusal_as_busy_ranks_its_peer_with_the_failing_ones_for_a_while_and_is_no_failure() {
+    fn refusals_as_busy_of_a_peer_serving_us_nothing_rank_it_failing_for_a_doubling_while() {
         let mut c = slots(4, 8);
         join(&mut c, 1, OURS, 1, 100);
         join(&mut c, 2, OURS, 1, 100);
+        let success = OutcomeKind::Success(FetchKind::Commits);
         // Peer 1 serves commits at 10 MB/s, peer 2 at 100 KB/s.
         for (p, bytes) in [(1, 100_000), (2, 1_000)] {
-            outcome(
-                &mut c,
-                Time(0),
-                p,
-                OutcomeKind::Success(FetchKind::Commits),
-                bytes,
-                10,
-            );
+            outcome(&mut c, Time(0), p, success, bytes, 10);
         }
-        assert_eq!(for_range(&mut c, Time(0), 1, 100), vec![peer(1), peer(2)]);
-        // Peer 1 refuses twenty fetches in a row as busy, the last at 500.
-        for request in 0..20 {
-            let now = 480 + request;
-            let (_, lease, p) = granted(&acquire(&mut c, now, request, &[2]))[0];
+        let first = |c: &mut PeerHeightsCore, now: u64| for_range(c, Time(now), 1, 100)[0];
+        assert_eq!(first(&mut c, 0), peer(1));
+        // Each refusal of a fetch while peer 1 serves no other of ours
+        // ranks it below peer 2: 1 s, then 2, 4 and 8 s, and no longer.
+        let mut request = 0;
+        let mut refuse = |c: &mut PeerHeightsCore, now: u64| {
+            request += 1;
+            let (_, lease, p) = granted(&acquire(c, now, request, &[2]))[0];
             assert_eq!(p, 1);
-            release(&mut c, now, lease, Transfer::Busy);
+            assert_eq!(release(c, now, lease, Transfer::Busy), vec![]);
+        };
+        let mut at = 100;
+        for loaded in [1_000, 2_000, 4_000, 8_000, 8_000] {
+            refuse(&mut c, at);
+            assert_eq!(first(&mut c, at + loaded - 1), peer(2), "{at} {loaded}");
+            assert_eq!(first(&mut c, at + loaded), peer(1), "{at} {loaded}");
+            at += loaded;
         }
-        let until = 499 + LOADED_MS;
-        for now in [499, until - 1] {
-            assert_eq!(
-                for_range(&mut c, Time(now), 1, 100),
-                vec![peer(2), peer(1)],
-                "{now}"
-            );
-        }
-        // Then its measure ranks it first again: refusals left no failure.
-        assert_eq!(
-            for_range(&mut c, Time(until), 1, 100),
-            vec![peer(1), peer(2)]
-        );
-        let view = snapshot(&mut c, Time(until))
+        // A verified answer ends the run: the next refusal counts 1 s.
+        outcome(&mut c, Time(at), 1, success, 100_000, 10);
+        refuse(&mut c, at);
+        assert_eq!(first(&mut c, at + 999), peer(2));
+        assert_eq!(first(&mut c, at + 1_000), peer(1));
+        // A refusal while it serves another fetch of ours says we sent
+        // too many: its slots learn it, and its rank stays.
+        at += 1_000;
+        outcome(&mut c, Time(at), 1, success, 100_000, 10);
+        let (_, serving, _) = granted(&acquire(&mut c, at, 100, &[2]))[0];
+        refuse(&mut c, at);
+        assert_eq!(first(&mut c, at), peer(1));
+        release(&mut c, at, serving, Transfer::Received);
+        // No refusal was a failure or a fault; its slots are the one fetch
+        // it served at the last.
+        let view = snapshot(&mut c, Time(at))
             .into_iter()
             .find(|v| v.peer == peer(1))
             .unwrap();
@@ -2331,34 +2314,13 @@ mod tests {
         assert_eq!(acquire(&mut c, 3, 5, &[]), vec![]);
         // A verified answer earns one slot back: the waiting request goes
         // at once, and the next waits again (3 leased, 3 slots).
-        let out = outcome(
-            &mut c,
-            Time(4),
-            1,
-            OutcomeKind::Success(FetchKind::Commits),
-            1_000,
-            10,
-        );
+        let out = succeeded(&mut c, Time(4), 1, 1_000, 10);
         assert_eq!(granted(&out), vec![(5, 5, 1)]);
         assert_eq!(acquire(&mut c, 4, 6, &[]), vec![]);
         // Answers up to the configured 4 slots, never past them.
-        let out = outcome(
-            &mut c,
-            Time(5),
-            1,
-            OutcomeKind::Success(FetchKind::Commits),
-            1_000,
-            10,
-        );
+        let out = succeeded(&mut c, Time(5), 1, 1_000, 10);
         assert_eq!(granted(&out), vec![(6, 6, 1)]);
-        outcome(
-            &mut c,
-            Time(6),
-            1,
-            OutcomeKind::Success(FetchKind::Commits),
-            1_000,
-            10,
-        );
+        succeeded(&mut c, Time(6), 1, 1_000, 10);
         assert_eq!(acquire(&mut c, 6, 7, &[]), vec![], "4 leased, 4 slots");
         // Busy is load, not a fault.
         assert_eq!(c.peers[&peer(1)].faults, 0);

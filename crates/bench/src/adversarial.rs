@@ -346,7 +346,8 @@ pub fn section(size: &Size) -> Section {
              Flood: the syncing node is a child process on a RedbStore ({} MiB page cache) with \
              a fetch budget (`max_total_fetched_bytes`) of {} MiB, among the 3 validators, \
              without and then with a peer that answers every block fetch with endless {} MiB \
-             chunks of a blob nobody asked for (repeated until it was asked in {runs} runs); \
+             chunks of a blob nobody asked for, dialled first and alone, the validators once \
+             it is banned (repeated until it was asked in {runs} runs); \
              growth is the highest peak RSS of a run where it was asked less the median peak \
              without it, against the budget.",
             chain.block_count(),
@@ -505,6 +506,15 @@ pub fn child(commits: u64, epoch: u64, budget: u64, timeout_ms: u64, seeds: &str
         })
         .collect();
     let liar = crate::peer_id_from_hex(liar);
+    // The flooding peer is dialled first and alone, the validators once it
+    // is banned (or after a minute): beside measured validators a peer
+    // never measured is asked only when their slots are full, which a
+    // catch-up this short may never reach, and a flood never asked floods
+    // nothing.
+    let (seed_peers, later): (Vec<SeedPeer>, Vec<SeedPeer>) = match liar {
+        Some(l) => seed_peers.into_iter().partition(|s| s.peer_id == Some(l)),
+        None => (seed_peers, Vec::new()),
+    };
     let dir = tempfile::tempdir().expect("a temporary directory");
     let store: Arc<dyn ConsensusStore> = Arc::new(
         RedbStore::open_with_cache(dir.path().join("store.redb"), &genesis, FLOOD_CACHE)
@@ -526,6 +536,23 @@ pub fn child(commits: u64, epoch: u64, budget: u64, timeout_ms: u64, seeds: &str
         )
         .start()
         .expect("the node starts");
+        if let Some(liar) = liar {
+            let banned = async || {
+                let views = node.peer_heights().await.unwrap_or_default();
+                Verdict::of(&views, liar) == Verdict::Banned
+            };
+            let minute = Duration::from_secs(60);
+            let _ = tokio::time::timeout(minute, async {
+                while !banned().await {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await;
+            for s in later {
+                node.connect(s.peer_id, s.address)
+                    .expect("Connections takes the dial");
+            }
+        }
         soma_testkit::wait_applied(&node, commits, Duration::from_secs(600)).await;
         let elapsed = start.elapsed();
         let peak = crate::peak_rss_kib(std::process::id());
