@@ -398,6 +398,76 @@ async fn a_sole_peer_that_served_us_and_refuses_as_busy_is_never_doubted() {
     node.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_the_pipeline_waits_on_refused_as_busy_goes_at_once_to_a_free_peer() {
+    // A peer that served us well refuses commit fetches as busy from now
+    // on, and an honest validator has free slots: each refused fetch at
+    // the head of the pipeline goes on to the validator in the same
+    // worker, so the core never hears of a failure (each it hears of is a
+    // restart, retried only at its next tick).
+    soma_testkit::init_tracing();
+    let chain = Arc::new(
+        ChainBuilder::new(ChainConfig {
+            transactions_per_block: 0,
+            ..ChainConfig::validators(4)
+        })
+        .build(HEAD_TIP),
+    );
+    let loaded = byzantine::serve_observed(chain.clone(), Lie::BusyWhenLoaded, 100).await;
+    let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+    let mut config = P2pConfig {
+        seed_peers: vec![loaded.seed()],
+        ..P2pConfig::default()
+    };
+    // The executor holds sync at a batch until the validator has joined.
+    config.state_sync.max_lead_over_execution = HEAD_LEAD;
+    let node = soma_testkit::node(&chain, 9, config, store.clone());
+    let mut executor = node.subscribe_executor_from(1).expect("the executor");
+    wait_until(
+        "the first batch from the loaded peer alone",
+        DEADLINE,
+        async || {
+            let status = node.sync_status().await.unwrap();
+            status.synced == HEAD_LEAD && status.paused_for_executor
+        },
+    )
+    .await;
+    let before = node.sync_status().await.unwrap();
+    assert_eq!(
+        (before.restarts, loaded.denied.load(Ordering::SeqCst)),
+        (0, 0)
+    );
+    let views = node.peer_heights().await.unwrap();
+    let view = views.iter().find(|v| v.peer == loaded.peer).unwrap();
+    assert!(view.commit_throughput_bps > 0, "measured first: {view:?}");
+
+    loaded.load();
+    let honest = validator(&chain, 1);
+    node.connect(Some(honest.peer_id()), honest.local_addr().to_string())
+        .expect("Connections takes the dial");
+    wait_until("the validator's height", DEADLINE, async || {
+        let views = node.peer_heights().await.unwrap();
+        (views.iter()).any(|v| v.peer == honest.peer_id() && v.highest == HEAD_TIP)
+    })
+    .await;
+    for index in 1..=HEAD_TIP {
+        let subdag = executor.next().await.expect("every commit");
+        assert_eq!(subdag.commit_ref, chain.commit_ref(index));
+    }
+    assert_same_chain(&chain, store.as_ref());
+    let status = node.sync_status().await.unwrap();
+    let refused = loaded.denied.load(Ordering::SeqCst);
+    // The loaded peer, measured and the validator not, was asked first.
+    assert!(refused > 0, "no commit fetch was refused: {status:?}");
+    assert_eq!(status.restarts, 0, "{refused} refused: {status:?}");
+    node.shutdown().await;
+}
+
+/// Commits of the chain of the hand-on test: all within a batch of the
+/// first [`HEAD_LEAD`], so that every fetch after them is at the head.
+const HEAD_TIP: u64 = 400;
+const HEAD_LEAD: u64 = 200;
+
 /// Three honest validators join `node`, which then holds the whole chain;
 /// their handles.
 async fn validators_join_then_sync_completes(

@@ -20,6 +20,7 @@ fn acquire(wait_ms: u64) -> AcquirePeer {
         kind: FetchKind::Blocks,
         avoid: Vec::new(),
         wait_ms,
+        spare_only: false,
     }
 }
 

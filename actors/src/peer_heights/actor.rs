@@ -251,6 +251,7 @@ impl Handler<AcquirePeer> for PeerHeights {
             kind: msg.kind,
             avoid: msg.avoid,
             wait_ms: msg.wait_ms,
+            spare_only: msg.spare_only,
         };
         self.step(Input::Acquire(acquire), ctx);
         if self.replies.contains_key(&request) {

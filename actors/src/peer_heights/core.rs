@@ -581,9 +581,18 @@ impl PeerHeightsCore {
             (self.peers.get(peer)).is_none_or(|p| p.record(request.kind) == Standing::Failing)
         };
         let settle_for_faulty = faulty(best);
+        // Room to spare: no refusal as busy lately, and the best standing
+        // of the peers that cover the range, if that is good or unmeasured
+        // (once any is good, a peer never measured may be a silent one).
+        let standing = |peer: &PeerId| (self.peers.get(peer)).map(|p| p.standing(kind, now));
+        let top = standing(best).filter(|s| *s >= Standing::Unmeasured);
+        let spare = |peer: &PeerId| {
+            let unrefused = (self.peers.get(peer)).is_some_and(|p| p.slots.is_none());
+            !request.spare_only || (unrefused && top.is_some() && standing(peer) == top)
+        };
         Ok(ranked
             .iter()
-            .find(|p| self.leased(p) < self.slots(p))
+            .find(|p| self.leased(p) < self.slots(p) && spare(p))
             // A peer failing for its faults is asked only when no other can
             // serve the range: while one can, the request waits for its
             // slot. Else a peer that never answers takes a fetch whenever
@@ -628,7 +637,12 @@ impl PeerHeightsCore {
         match self.choose(now, &request) {
             Err(e) => Some(refuse(e)),
             Ok(Some(peer)) => Some(self.grant(&request, peer)),
-            Ok(None) if self.waiting.len() >= self.config.max_waiting_fetches => {
+            // No wait asked for (a slot free now or none), or no room to
+            // wait in.
+            Ok(None)
+                if request.wait_ms == 0
+                    || self.waiting.len() >= self.config.max_waiting_fetches =>
+            {
                 Some(refuse(AcquireError::Busy))
             }
             Ok(None) => {
@@ -1692,6 +1706,7 @@ mod tests {
                 kind: FetchKind::Blocks,
                 avoid: avoid.iter().map(|p| peer(*p)).collect(),
                 wait_ms: 1_000,
+                spare_only: false,
             }),
         )
     }
@@ -1755,6 +1770,7 @@ mod tests {
                 kind,
                 avoid: Vec::new(),
                 wait_ms: 0,
+                spare_only: false,
             }),
         );
         granted(&out).first().map(|&(_, lease, p)| (lease, p))
@@ -2024,6 +2040,7 @@ mod tests {
                 kind: FetchKind::Commits,
                 avoid,
                 wait_ms: 0,
+                spare_only: false,
             }),
         );
         let (_, lease, got) = granted(&out)[0];
@@ -2376,6 +2393,78 @@ mod tests {
             refused(&acquire(&mut c, 0, 3, &[])),
             vec![(3, AcquireError::Busy)]
         );
+    }
+
+    /// A request for blocks 1..=100 that may not wait, avoiding `avoid`,
+    /// for a peer with room to spare if `spare_only`.
+    fn acquire_now(
+        c: &mut PeerHeightsCore,
+        now: u64,
+        request: u64,
+        avoid: &[u8],
+        spare_only: bool,
+    ) -> Vec<Output> {
+        let acquire = Acquire {
+            request,
+            start: 1,
+            end: 100,
+            kind: FetchKind::Blocks,
+            avoid: avoid.iter().map(|p| peer(*p)).collect(),
+            wait_ms: 0,
+            spare_only,
+        };
+        c.handle(Time(now), Input::Acquire(acquire))
+    }
+
+    #[test]
+    fn a_request_that_may_not_wait_gets_a_slot_free_now_or_is_refused_at_once() {
+        let mut c = slots(1, 8);
+        join(&mut c, 1, OURS, 1, 100);
+        join(&mut c, 2, OURS, 1, 100);
+        // Peer 1 taken: the slot free now is peer 2's.
+        let out = acquire_now(&mut c, 0, 0, &[2], false);
+        assert_eq!(granted(&out), vec![(0, 0, 1)]);
+        let out = acquire_now(&mut c, 0, 1, &[1], false);
+        assert_eq!(granted(&out), vec![(1, 1, 2)]);
+        // Both taken: refused at once, and never granted later.
+        let out = acquire_now(&mut c, 0, 2, &[], false);
+        assert_eq!(refused(&out), vec![(2, AcquireError::Busy)]);
+        assert_eq!(release(&mut c, 1, 0, Transfer::Cancelled), vec![]);
+        assert_eq!(granted(&acquire(&mut c, 1, 3, &[])), vec![(3, 2, 1)]);
+        // No peer for the range at all is told as such.
+        let out = acquire_now(&mut c, 1, 4, &[1, 2], false);
+        assert_eq!(refused(&out), vec![(4, AcquireError::NoPeer)]);
+    }
+
+    #[test]
+    fn a_request_for_room_to_spare_passes_over_a_peer_that_refused_us_or_is_of_a_lower_standing() {
+        let mut c = slots(1, 8);
+        join(&mut c, 1, OURS, 1, 100);
+        join(&mut c, 2, OURS, 1, 100);
+        // Peer 1 refuses a fetch as busy: its slot is free again, but
+        // only for a request that may settle for a loaded peer.
+        let (_, lease, 1) = granted(&acquire_now(&mut c, 0, 0, &[2], false))[0] else {
+            panic!("peer 1 is the only one not avoided");
+        };
+        assert_eq!(release(&mut c, 0, lease, Transfer::Busy), vec![]);
+        let out = acquire_now(&mut c, 0, 1, &[2], true);
+        assert_eq!(refused(&out), vec![(1, AcquireError::Busy)]);
+        let out = acquire_now(&mut c, 0, 2, &[], true);
+        assert_eq!(granted(&out), vec![(2, 1, 2)]);
+        let out = acquire_now(&mut c, 0, 3, &[2], false);
+        assert_eq!(granted(&out), vec![(3, 2, 1)]);
+        // A verified answer earns its slot back: room to spare again.
+        assert_eq!(release(&mut c, 0, 2, Transfer::Received), vec![]);
+        delivered(&mut c, 1, FetchKind::Blocks, (1_000_000, 10), (1, 1));
+        let out = acquire_now(&mut c, 0, 4, &[2], true);
+        assert_eq!(granted(&out), vec![(4, 3, 1)]);
+        // A peer never measured has no room to spare while a good one
+        // covers the range (it may be a silent one), even a full one.
+        join(&mut c, 3, OURS, 1, 100);
+        let out = acquire_now(&mut c, 0, 5, &[2], true);
+        assert_eq!(refused(&out), vec![(5, AcquireError::Busy)]);
+        let out = acquire_now(&mut c, 0, 6, &[2], false);
+        assert_eq!(granted(&out), vec![(6, 4, 3)]);
     }
 
     #[test]

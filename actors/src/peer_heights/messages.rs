@@ -118,7 +118,8 @@ pub struct Lease {
 
 /// Asks for the best peer that can serve commits `start..=end`, is not in
 /// `avoid`, and has a free fetch slot. When every such peer's slots are
-/// taken the request waits, at most `wait_ms`, for one to be released.
+/// taken the request waits, at most `wait_ms`, for one to be released;
+/// with `wait_ms` 0 it is refused as busy at once.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Acquire {
     /// Correlation id of the request.
@@ -132,8 +133,17 @@ pub struct Acquire {
     pub kind: FetchKind,
     /// Peers not to choose (they failed this work).
     pub avoid: Vec<PeerId>,
-    /// How long the request may wait for a slot, in milliseconds.
+    /// How long the request may wait for a slot, in milliseconds; 0: a
+    /// slot free now, or none.
     pub wait_ms: u64,
+    /// Only a peer with room to spare: one whose slots have not shrunk
+    /// since it last refused us as busy, of the best standing among the
+    /// peers that cover the range if that is good or never measured (so
+    /// not one never measured while a good one covers it: it may be
+    /// silent). For a fetch handed on from a peer that refused it as busy:
+    /// a peer that refused us too is likely as loaded.
+    #[serde(default)]
+    pub spare_only: bool,
 }
 
 /// [`Acquire`] as an actor message, answered once a slot is granted.
@@ -150,6 +160,8 @@ pub struct AcquirePeer {
     pub avoid: Vec<PeerId>,
     /// How long to wait for a slot, in milliseconds.
     pub wait_ms: u64,
+    /// Only a peer with room to spare (see [`Acquire::spare_only`]).
+    pub spare_only: bool,
 }
 
 /// Why no fetch slot was granted.

@@ -245,6 +245,13 @@ impl Hedging {
         hedge_delay(fetches, queries, timeout)
     }
 
+    /// Whether a fetch for commits from `start` on is one the pipeline
+    /// waits on: within the `batch` commits after the last applied.
+    pub fn at_head(&self, start: CommitIndex, batch: u64) -> bool {
+        let applied = self.applied.load(Ordering::Relaxed);
+        start <= applied.saturating_add(batch.max(1))
+    }
+
     /// How long a fetch of `kind` for commits from `start` on waits for
     /// its peer alone. A fetch within the `batch` commits after the last
     /// applied is one the pipeline waits on: it waits only twice the usual
@@ -261,8 +268,7 @@ impl Hedging {
     ) -> Duration {
         let (fetches, queries) = self.usual_ms(kind);
         let delay = hedge_delay(fetches, queries, timeout);
-        let applied = self.applied.load(Ordering::Relaxed);
-        let head = start <= applied.saturating_add(batch.max(1));
+        let head = self.at_head(start, batch);
         // Before any fetch answered, the round trip of height queries.
         let usual = if fetches > 0 { fetches } else { queries };
         if head && usual > 0 {

@@ -288,6 +288,7 @@ impl Worker {
             kind,
             avoid,
             wait_ms: wait.as_millis() as u64,
+            spare_only: false,
         };
         // PeerHeights answers within `wait`; the margin covers its mailbox.
         let answer =
@@ -317,12 +318,73 @@ impl Worker {
     /// from its failure, but a NOT_FOUND as an error: a denial is judged
     /// only on the peer's claim asked afresh, and this one's is not.
     /// Either way one call's answer is returned, as if only it was sent.
+    ///
+    /// A fetch the pipeline waits on ([`Hedging::at_head`]) that its peer
+    /// refuses as busy is handed once to the best other peer with room to
+    /// spare ([`AcquirePeer::spare_only`]) and a slot free now, if there
+    /// is one, its first slot released as busy: it goes on at once rather
+    /// than at the core's next tick, and a peer that refuses everything
+    /// holds up no catch-up. Any other refusal is returned, retried at
+    /// that tick, so that loaded peers are not asked more often than they
+    /// were (handed on to any peer with a free slot, four in five were
+    /// refused again where the validators are saturated:
+    /// docs/simulation.md).
     async fn hedged<T, F, Fut>(
+        &self,
+        first: Slot,
+        work: (FetchKind, (CommitIndex, CommitIndex)),
+        mut avoid: Vec<PeerId>,
+        calls: (F, impl Fn(&Failure) -> Transfer, impl Fn(&T) -> bool),
+    ) -> (Slot, Result<T, Failure>)
+    where
+        F: Fn(PeerId) -> Fut,
+        Fut: Future<Output = Result<T, Failure>>,
+    {
+        let (slot, result) = self.hedged_on(first, work, avoid.clone(), &calls).await;
+        let head = self
+            .hedging
+            .at_head(work.1.0, self.config.commit_sync_batch_size);
+        match result {
+            Err(busy) if busy.is_busy() && head => {
+                avoid.push(slot.lease().peer);
+                match self.free_now(work, avoid.clone()).await {
+                    Some(next) => {
+                        slot.release(Transfer::Busy, 0);
+                        self.hedged_on(next, work, avoid, &calls).await
+                    }
+                    None => (slot, Err(busy)),
+                }
+            }
+            result => (slot, result),
+        }
+    }
+
+    /// A slot free now on the best peer for `work` with room to spare, not
+    /// in `avoid`.
+    async fn free_now(
+        &self,
+        (kind, (start, end)): (FetchKind, (CommitIndex, CommitIndex)),
+        avoid: Vec<PeerId>,
+    ) -> Option<Slot> {
+        let request = AcquirePeer {
+            start,
+            end,
+            kind,
+            avoid,
+            wait_ms: 0,
+            spare_only: true,
+        };
+        let answer = tokio::time::timeout(self.outbound.timeout(), self.heights.send(request));
+        answer.await.ok()?.ok()?.ok()
+    }
+
+    /// [`Self::hedged`] on the peer `first` leases, with no handing on.
+    async fn hedged_on<T, F, Fut>(
         &self,
         first: Slot,
         (kind, range): (FetchKind, (CommitIndex, CommitIndex)),
         mut avoid: Vec<PeerId>,
-        (call, transfer, whole): (F, impl Fn(&Failure) -> Transfer, impl Fn(&T) -> bool),
+        (call, transfer, whole): &(F, impl Fn(&Failure) -> Transfer, impl Fn(&T) -> bool),
     ) -> (Slot, Result<T, Failure>)
     where
         F: Fn(PeerId) -> Fut,

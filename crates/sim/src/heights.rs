@@ -404,6 +404,7 @@ impl Run<'_> {
             kind: FetchKind::Commits,
             avoid: Vec::new(),
             wait_ms: 0,
+            spare_only: false,
         };
         let granted = self.step(node, Input::Acquire(acquire));
         let Some(Output::Granted { lease, .. }) = granted.into_iter().next() else {

@@ -660,7 +660,10 @@ fn sync_section(md: &mut String, n: usize) {
          of per-peer average times of answers of all that was asked, twice for the batch \
          after the last applied, at most a tenth of the timeout there, or of height \
          queries before any fetch answered) also asks a second peer and keeps the first \
-         answer, and a node \
+         answer, a fetch within a batch of the last applied commit that its peer refuses \
+         as busy goes at once to a peer with room to spare and a free slot, if one has \
+         (as the worker does: one that has not refused the node as busy lately, of the \
+         best standing if that is good or unmeasured), and a node \
          that applies a batch pushes its height to the peers it knows to be behind. \
          Hostile nodes, drawn from the nodes that are not validators, claim every commit \
          and: never answer a fetch (silent), answer at once with data that fails \

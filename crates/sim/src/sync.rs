@@ -15,6 +15,8 @@
 //!   ahead is certified as it arrives and, at its turn, only linked. A
 //!   fetch still unanswered after the production [`Hedging`] delay also
 //!   asks a second peer, and the first answer is kept, as the worker does.
+//!   A fetch the pipeline waits on that its peer refuses as busy goes once
+//!   to a peer with room to spare and a slot free now, if there is one.
 //! - **Servers.** A node serves the commits it holds: at most
 //!   `serve_slots` fetches at once and `serve_slots_per_peer` per caller
 //!   (more are refused as busy), each answer leaving through the node's
@@ -336,6 +338,9 @@ struct Call {
     hedged: bool,
     /// Whether its peer's claim was doubted while it went unanswered.
     unanswered: bool,
+    /// Whether it was handed on from a peer that refused it as busy (at
+    /// most once per fetch).
+    handed: bool,
 }
 
 /// A fetch waiting for a slot: its work, the peers it avoids, and the call
@@ -879,6 +884,16 @@ impl Run<'_> {
     ) -> Option<peer_heights::Output> {
         let now = self.now();
         let outputs = self.nodes[node].heights.as_mut()?.step_at(now, input);
+        self.heights_outputs(node, outputs)
+    }
+
+    /// Carries out what `node`'s PeerHeights core output, as
+    /// [`Self::heights_step`] says.
+    fn heights_outputs(
+        &mut self,
+        node: usize,
+        outputs: Vec<peer_heights::Output>,
+    ) -> Option<peer_heights::Output> {
         let mut answer = None;
         for output in outputs {
             match output {
@@ -939,6 +954,7 @@ impl Run<'_> {
             kind: work.kind(),
             avoid,
             wait_ms: self.settings.timeout_ms,
+            spare_only: false,
         };
         self.heights_step(node, peer_heights::Input::Acquire(acquire));
         if self.nodes[node].waiting.contains_key(&request) {
@@ -965,6 +981,7 @@ impl Run<'_> {
             hedge: None,
             hedged: false,
             unanswered: false,
+            handed: false,
         };
         let calls = &mut self.nodes[node].calls;
         calls.insert(call, entry);
@@ -1069,6 +1086,12 @@ impl Run<'_> {
             Reply::Busy => {
                 if call.hedge_of.is_none() {
                     self.run.busy += 1;
+                    let (start, _) = call.work.range();
+                    let batch = self.settings.state_sync.commit_sync_batch_size;
+                    let head = self.nodes[client].hedging.at_head(start, batch);
+                    if head && !call.handed && self.hand_on(client, &call) {
+                        return;
+                    }
                 }
                 self.release(client, &call, Transfer::Busy, 0);
                 let busy = Failure::Status {
@@ -1121,6 +1144,53 @@ impl Run<'_> {
                 self.verify(client, call.work, answer);
             }
         }
+    }
+
+    /// As the worker does (`Worker::hedged`): the fetch of `call`, one
+    /// the pipeline waits on and refused as busy, goes to the best other peer with a slot free now, its slot
+    /// released as busy; its hedge is dropped either way. False if no
+    /// slot is free.
+    fn hand_on(&mut self, node: usize, call: &Call) -> bool {
+        if let Some(hedge) = call.hedge.and_then(|h| self.nodes[node].calls.remove(&h)) {
+            self.release(node, &hedge, Transfer::Cancelled, 0);
+        }
+        let mut avoid = call.avoid.clone();
+        avoid.push(call.lease.peer);
+        let n = &mut self.nodes[node];
+        n.next_request += 1;
+        let request = n.next_request;
+        let (start, end) = call.work.range();
+        let acquire = Acquire {
+            request,
+            start,
+            end,
+            kind: call.work.kind(),
+            avoid: avoid.clone(),
+            wait_ms: 0,
+            spare_only: true,
+        };
+        let now = self.now();
+        let Some(heights) = self.nodes[node].heights.as_mut() else {
+            return false;
+        };
+        let mut outputs = heights.step_at(now, peer_heights::Input::Acquire(acquire));
+        let ours = outputs.iter().position(|o| match o {
+            peer_heights::Output::Granted { request: r, .. }
+            | peer_heights::Output::Refused { request: r, .. } => *r == request,
+            _ => false,
+        });
+        let ours = ours.map(|at| outputs.remove(at));
+        self.heights_outputs(node, outputs);
+        let Some(peer_heights::Output::Granted { lease, .. }) = ours else {
+            return false;
+        };
+        self.release(node, call, Transfer::Busy, 0);
+        let sent = self.next_call + 1;
+        self.send(node, (call.work, avoid, None), lease);
+        if let Some(handed) = self.nodes[node].calls.get_mut(&sent) {
+            handed.handed = true;
+        }
+        true
     }
 
     /// A call failed (its slot already released). A hedge that fails
