@@ -19,14 +19,14 @@ const MAX_FAILURES: u32 = 16;
 /// peers slower than this, so the first peer measured, however slow, cannot
 /// starve the rest of ever being tried. Also the weight of unmeasured peers
 /// among themselves.
-const GOOD_THROUGHPUT_BPS: u64 = 1 << 20;
+pub const GOOD_THROUGHPUT_BPS: u64 = 1 << 20;
 /// The same for commit fetches. A commit answer carries commits, not their
 /// blocks (in the benchmarks' chains a 250-byte commit names 4 blocks of
 /// 1.6 KB), so an honest server's commit answers move a small part of the
 /// bytes its block answers do: 200 commits in 100 ms are 500 KB/s. Held to
 /// the blocks' mark, honest peers would be slow for commit fetches, and a
 /// peer never measured, such as a fresh identity, asked before them.
-const GOOD_COMMIT_THROUGHPUT_BPS: u64 = GOOD_THROUGHPUT_BPS / 16;
+pub const GOOD_COMMIT_THROUGHPUT_BPS: u64 = GOOD_THROUGHPUT_BPS / 16;
 /// Randomness added to balancer weights, in percent.
 const JITTER_PERCENT: u64 = 20;
 /// How long, in milliseconds, the claim of a peer that failed a commit
@@ -581,9 +581,10 @@ impl PeerHeightsCore {
             (self.peers.get(peer)).is_none_or(|p| p.record(request.kind) == Standing::Failing)
         };
         let settle_for_faulty = faulty(best);
-        // Room to spare: no refusal as busy lately, and the best standing
-        // of the peers that cover the range, if that is good or unmeasured
-        // (once any is good, a peer never measured may be a silent one).
+        // Room to spare: its slots whole (none lost refusing us as busy, or
+        // earned back), and the best standing of the peers not avoided that
+        // cover the range, if that is good or unmeasured (once any is good,
+        // a peer never measured may be a silent one).
         let standing = |peer: &PeerId| (self.peers.get(peer)).map(|p| p.standing(kind, now));
         let top = standing(best).filter(|s| *s >= Standing::Unmeasured);
         let spare = |peer: &PeerId| {
@@ -2438,33 +2439,52 @@ mod tests {
 
     #[test]
     fn a_request_for_room_to_spare_passes_over_a_peer_that_refused_us_or_is_of_a_lower_standing() {
-        let mut c = slots(1, 8);
+        let mut c = slots(2, 8);
         join(&mut c, 1, OURS, 1, 100);
         join(&mut c, 2, OURS, 1, 100);
-        // Peer 1 refuses a fetch as busy: its slot is free again, but
-        // only for a request that may settle for a loaded peer.
-        let (_, lease, 1) = granted(&acquire_now(&mut c, 0, 0, &[2], false))[0] else {
-            panic!("peer 1 is the only one not avoided");
-        };
-        assert_eq!(release(&mut c, 0, lease, Transfer::Busy), vec![]);
-        let out = acquire_now(&mut c, 0, 1, &[2], true);
-        assert_eq!(refused(&out), vec![(1, AcquireError::Busy)]);
-        let out = acquire_now(&mut c, 0, 2, &[], true);
-        assert_eq!(granted(&out), vec![(2, 1, 2)]);
-        let out = acquire_now(&mut c, 0, 3, &[2], false);
-        assert_eq!(granted(&out), vec![(3, 2, 1)]);
+        // Peer 1 refuses one of two fetches as busy: loaded by us, not
+        // ranked loaded, its slots shrunk to the one it served.
+        assert_eq!(
+            granted(&acquire_now(&mut c, 0, 0, &[2], false)),
+            vec![(0, 0, 1)]
+        );
+        assert_eq!(
+            granted(&acquire_now(&mut c, 0, 1, &[2], false)),
+            vec![(1, 1, 1)]
+        );
+        assert_eq!(release(&mut c, 0, 0, Transfer::Busy), vec![]);
+        assert_eq!(release(&mut c, 0, 1, Transfer::Received), vec![]);
+        // Its slot is free, but it has no room to spare.
+        let out = acquire_now(&mut c, 0, 2, &[2], true);
+        assert_eq!(refused(&out), vec![(2, AcquireError::Busy)]);
+        assert_eq!(
+            granted(&acquire_now(&mut c, 0, 3, &[2], false)),
+            vec![(3, 2, 1)]
+        );
+        assert_eq!(
+            granted(&acquire_now(&mut c, 0, 4, &[], true)),
+            vec![(4, 3, 2)]
+        );
         // A verified answer earns its slot back: room to spare again.
         assert_eq!(release(&mut c, 0, 2, Transfer::Received), vec![]);
         delivered(&mut c, 1, FetchKind::Blocks, (1_000_000, 10), (1, 1));
-        let out = acquire_now(&mut c, 0, 4, &[2], true);
-        assert_eq!(granted(&out), vec![(4, 3, 1)]);
+        assert_eq!(
+            granted(&acquire_now(&mut c, 0, 5, &[2], true)),
+            vec![(5, 4, 1)]
+        );
         // A peer never measured has no room to spare while a good one
         // covers the range (it may be a silent one), even a full one.
         join(&mut c, 3, OURS, 1, 100);
-        let out = acquire_now(&mut c, 0, 5, &[2], true);
-        assert_eq!(refused(&out), vec![(5, AcquireError::Busy)]);
-        let out = acquire_now(&mut c, 0, 6, &[2], false);
-        assert_eq!(granted(&out), vec![(6, 4, 3)]);
+        assert_eq!(
+            granted(&acquire_now(&mut c, 0, 6, &[2, 3], false)),
+            vec![(6, 5, 1)]
+        );
+        let out = acquire_now(&mut c, 0, 7, &[2], true);
+        assert_eq!(refused(&out), vec![(7, AcquireError::Busy)]);
+        assert_eq!(
+            granted(&acquire_now(&mut c, 0, 8, &[2], false)),
+            vec![(8, 6, 3)]
+        );
     }
 
     #[test]

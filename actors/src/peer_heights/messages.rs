@@ -136,12 +136,13 @@ pub struct Acquire {
     /// How long the request may wait for a slot, in milliseconds; 0: a
     /// slot free now, or none.
     pub wait_ms: u64,
-    /// Only a peer with room to spare: one whose slots have not shrunk
-    /// since it last refused us as busy, of the best standing among the
-    /// peers that cover the range if that is good or never measured (so
-    /// not one never measured while a good one covers it: it may be
-    /// silent). For a fetch handed on from a peer that refused it as busy:
-    /// a peer that refused us too is likely as loaded.
+    /// Only a peer with room to spare: one whose slots are whole (any it
+    /// lost refusing us as busy were earned back by verified answers), of
+    /// the best standing among the peers not avoided that cover the range
+    /// if that is good or never measured (so not one never measured while
+    /// a good one covers it: it may be silent). For a fetch handed on from
+    /// a peer that refused it as busy: a peer that refused us too is
+    /// likely as loaded.
     #[serde(default)]
     pub spare_only: bool,
 }

@@ -25,7 +25,9 @@ mod core;
 mod messages;
 
 pub use actor::{Deps, PeerHeights, Slot};
-pub use core::{Config, Doubt, Init, PeerHeightsCore};
+pub use core::{
+    Config, Doubt, GOOD_COMMIT_THROUGHPUT_BPS, GOOD_THROUGHPUT_BPS, Init, PeerHeightsCore,
+};
 pub use messages::{
     Acquire, AcquireError, AcquirePeer, ClaimsRange, FetchKind, HeardHeights, HeightsHeard,
     HighestKnownCommit, Input, Lease, LeaseUnanswered, OutcomeKind, Output, PeerView, PeersBehind,

@@ -247,6 +247,10 @@ pub(super) struct Worker {
 /// its answer ends the doubt).
 pub const UNANSWERED_DOUBT: Duration = Duration::from_secs(1);
 
+/// How long PeerHeights' mailbox may take to answer a request for a slot,
+/// beyond the request's own wait.
+const MAILBOX_MARGIN: Duration = Duration::from_secs(1);
+
 /// How a transfer that ended with `failure` is told to PeerHeights.
 fn transfer_of(failure: &Failure) -> Transfer {
     match failure {
@@ -291,11 +295,10 @@ impl Worker {
             spare_only: false,
         };
         // PeerHeights answers within `wait`; the margin covers its mailbox.
-        let answer =
-            tokio::time::timeout(wait + Duration::from_secs(1), self.heights.send(request))
-                .await
-                .map_err(|_| Failure::Local(LocalFailure::PeersBusy))?
-                .map_err(|_| Failure::Local(LocalFailure::ActorUnavailable))?;
+        let answer = tokio::time::timeout(wait + MAILBOX_MARGIN, self.heights.send(request))
+            .await
+            .map_err(|_| Failure::Local(LocalFailure::PeersBusy))?
+            .map_err(|_| Failure::Local(LocalFailure::ActorUnavailable))?;
         Ok(answer?)
     }
 
@@ -320,7 +323,7 @@ impl Worker {
     /// Either way one call's answer is returned, as if only it was sent.
     ///
     /// A fetch the pipeline waits on ([`Hedging::at_head`]) that its peer
-    /// refuses as busy is handed once to the best other peer with room to
+    /// refuses as busy before any hedge was sent is handed once to the best other peer with room to
     /// spare ([`AcquirePeer::spare_only`]) and a slot free now, if there
     /// is one, its first slot released as busy: it goes on at once rather
     /// than at the core's next tick, and a peer that refuses everything
@@ -340,17 +343,21 @@ impl Worker {
         F: Fn(PeerId) -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
     {
-        let (slot, result) = self.hedged_on(first, work, avoid.clone(), &calls).await;
+        let (slot, result, alone) = self.hedged_on(first, work, avoid.clone(), &calls).await;
         let head = self
             .hedging
             .at_head(work.1.0, self.config.commit_sync_batch_size);
         match result {
-            Err(busy) if busy.is_busy() && head => {
+            // Refused before any hedge was sent: a refusal while a hedge
+            // ran would drop the hedge, whose peer may then be chosen
+            // again and refuse the request it still holds.
+            Err(busy) if busy.is_busy() && head && alone => {
                 avoid.push(slot.lease().peer);
                 match self.free_now(work, avoid.clone()).await {
                     Some(next) => {
                         slot.release(Transfer::Busy, 0);
-                        self.hedged_on(next, work, avoid, &calls).await
+                        let (slot, result, _) = self.hedged_on(next, work, avoid, &calls).await;
+                        (slot, result)
                     }
                     None => (slot, Err(busy)),
                 }
@@ -374,18 +381,19 @@ impl Worker {
             wait_ms: 0,
             spare_only: true,
         };
-        let answer = tokio::time::timeout(self.outbound.timeout(), self.heights.send(request));
+        let answer = tokio::time::timeout(MAILBOX_MARGIN, self.heights.send(request));
         answer.await.ok()?.ok()?.ok()
     }
 
-    /// [`Self::hedged`] on the peer `first` leases, with no handing on.
+    /// [`Self::hedged`] on the peer `first` leases, with no handing on;
+    /// also whether the answer came before any hedge was sent.
     async fn hedged_on<T, F, Fut>(
         &self,
         first: Slot,
         (kind, range): (FetchKind, (CommitIndex, CommitIndex)),
         mut avoid: Vec<PeerId>,
         (call, transfer, whole): &(F, impl Fn(&Failure) -> Transfer, impl Fn(&T) -> bool),
-    ) -> (Slot, Result<T, Failure>)
+    ) -> (Slot, Result<T, Failure>, bool)
     where
         F: Fn(PeerId) -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
@@ -405,7 +413,7 @@ impl Worker {
             }
             let wait = left.min(HEAD_HEDGE_MIN);
             if let Ok(result) = tokio::time::timeout(wait, &mut first_call).await {
-                return (first, result);
+                return (first, result, true);
             }
         }
         avoid.push(first_peer);
@@ -427,10 +435,10 @@ impl Worker {
             }
         });
         tokio::select! {
-            result = &mut first_call => (first, result),
+            result = &mut first_call => (first, result, false),
             Some((slot, answer)) = second => {
                 first.release(beaten_by(whole(&answer)), 0);
-                (slot, Ok(answer))
+                (slot, Ok(answer), false)
             }
         }
     }

@@ -153,7 +153,8 @@ pub struct SyncRun {
     pub p90_synced_ms: Option<u64>,
     /// Time until the last follower synced.
     pub all_synced_ms: Option<u64>,
-    /// Fetches sent to a peer (hedges apart).
+    /// Fetches sent to a peer (hedges apart; a fetch handed on after a
+    /// refusal as busy counts twice).
     pub fetches: u64,
     /// Second peers asked for a fetch that was late (hedges).
     pub hedges: u64,
@@ -341,6 +342,8 @@ struct Call {
     /// Whether it was handed on from a peer that refused it as busy (at
     /// most once per fetch).
     handed: bool,
+    /// Whether its hedge delay has ended (a hedge was looked for).
+    past_hedge: bool,
 }
 
 /// A fetch waiting for a slot: its work, the peers it avoids, and the call
@@ -982,6 +985,7 @@ impl Run<'_> {
             hedged: false,
             unanswered: false,
             handed: false,
+            past_hedge: false,
         };
         let calls = &mut self.nodes[node].calls;
         calls.insert(call, entry);
@@ -1089,7 +1093,8 @@ impl Run<'_> {
                     let (start, _) = call.work.range();
                     let batch = self.settings.state_sync.commit_sync_batch_size;
                     let head = self.nodes[client].hedging.at_head(start, batch);
-                    if head && !call.handed && self.hand_on(client, &call) {
+                    let alone = !call.past_hedge;
+                    if head && alone && !call.handed && self.hand_on(client, &call) {
                         return;
                     }
                 }
@@ -1147,13 +1152,10 @@ impl Run<'_> {
     }
 
     /// As the worker does (`Worker::hedged`): the fetch of `call`, one
-    /// the pipeline waits on and refused as busy, goes to the best other peer with a slot free now, its slot
-    /// released as busy; its hedge is dropped either way. False if no
-    /// slot is free.
+    /// the pipeline waits on, refused as busy before its hedge delay
+    /// ended, goes to the best other peer with room to spare and a slot
+    /// free now, its slot released as busy. False if there is none.
     fn hand_on(&mut self, node: usize, call: &Call) -> bool {
-        if let Some(hedge) = call.hedge.and_then(|h| self.nodes[node].calls.remove(&h)) {
-            self.release(node, &hedge, Transfer::Cancelled, 0);
-        }
         let mut avoid = call.avoid.clone();
         avoid.push(call.lease.peer);
         let n = &mut self.nodes[node];
@@ -1259,7 +1261,7 @@ impl Run<'_> {
             .calls
             .get_mut(&call)
             .expect("checked above");
-        c.hedged = true;
+        (c.hedged, c.past_hedge) = (true, true);
         let mut avoid = c.avoid.clone();
         avoid.push(c.lease.peer);
         self.acquire(client, (work, avoid, Some(call)));
