@@ -668,9 +668,9 @@ fn sync_section(md: &mut String, n: usize) {
          Hostile nodes, drawn from the nodes that are not validators, claim every commit \
          and: never answer a fetch (silent), answer at once with data that fails \
          verification (liars), serve everything 1.5 s late (slow), serve everything \
-         just before the caller's hedge delay ends, told what it is (creeping), or serve \
+         just before the caller's hedge delay ends, told what it is (creeping), serve \
          everything but answer each commit fetch at once with its first commit alone \
-         (one commit). Times \
+         (one commit), or refuse every fetch at once as busy (busy). Times \
          from the start; \"of honest\" is the median \
          node's time against the run without hostile nodes.\n",
         d.commits,
@@ -692,7 +692,7 @@ fn sync_section(md: &mut String, n: usize) {
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     .unwrap();
-    let modes: [(&str, Option<(Hostile, f64)>); 8] = [
+    let modes: [(&str, Option<(Hostile, f64)>); 9] = [
         ("none", None),
         ("10 % silent", Some((Hostile::Silent, 0.1))),
         ("30 % silent", Some((Hostile::Silent, 0.3))),
@@ -701,6 +701,7 @@ fn sync_section(md: &mut String, n: usize) {
         ("10 % slow", Some((Hostile::Slow { delay_ms: 1_500 }, 0.1))),
         ("10 % creeping", Some((Hostile::Creeping, 0.1))),
         ("30 % one commit", Some((Hostile::OneCommit, 0.3))),
+        ("30 % busy", Some((Hostile::Busy, 0.3))),
     ];
     let seed = seed_of("sync", n as u64);
     let (sim, validators, _) = converged_network(world(n, seed), 12);

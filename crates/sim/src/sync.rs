@@ -73,6 +73,9 @@ pub enum Hostile {
     /// its first commit alone (an answer may end early at any commit its
     /// server can certify); block fetches whole.
     OneCommit,
+    /// Refuses every fetch at once as busy, which proves no lie: it is
+    /// never banned, and its refusals cost its callers only time.
+    Busy,
 }
 
 /// How a catch-up runs.
@@ -1030,7 +1033,8 @@ impl Run<'_> {
         };
         let n = &mut self.nodes[server];
         let from_client = n.serving.get(&client).copied().unwrap_or(0);
-        if n.serving_total >= serve_slots || from_client >= per_peer {
+        let refuses = n.role == Role::Hostile(Hostile::Busy);
+        if refuses || n.serving_total >= serve_slots || from_client >= per_peer {
             let busy = Event::Reply {
                 client,
                 call,

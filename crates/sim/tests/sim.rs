@@ -341,6 +341,7 @@ fn a_network_far_behind_catches_up_through_the_state_sync_cores_among_hostile_pe
         Hostile::Slow { delay_ms: 1_500 },
         Hostile::Creeping,
         Hostile::OneCommit,
+        Hostile::Busy,
     ] {
         let (r, _) = catch_up_among(Some(hostile), 21, None);
         eprintln!("{hostile:?}: {r:?}");
@@ -368,6 +369,10 @@ fn a_network_far_behind_catches_up_through_the_state_sync_cores_among_hostile_pe
                 assert_eq!((r.timeouts, r.invalid, r.bans), (0, 0, 0));
             }
             Hostile::Creeping | Hostile::OneCommit => {
+                assert_eq!((r.timeouts, r.invalid, r.bans), (0, 0, 0));
+            }
+            Hostile::Busy => {
+                assert!(r.busy > 0, "{r:?}");
                 assert_eq!((r.timeouts, r.invalid, r.bans), (0, 0, 0));
             }
         }
@@ -488,4 +493,37 @@ fn peers_answering_each_commit_fetch_with_one_commit_slow_no_node_by_more_than_a
         one_commit.1 * 10 <= honest.1 * 11,
         "{one_commit:?} against {honest:?}"
     );
+}
+
+#[test]
+fn peers_refusing_every_fetch_as_busy_slow_no_node_by_more_than_a_tenth() {
+    // Half the nodes claim every commit and refuse every fetch at once as
+    // busy, which proves no lie. Every honest node syncs, with no timeout,
+    // ban or invalid answer, the median and the last node at most a tenth
+    // later than without them (0.75 and 0.87 times here: fewer honest
+    // nodes compete for the validators). A refusal costs its fetch a
+    // pause of at most a tick: retried after a 2 s pause instead, the
+    // last node here took 1.7 times as long. Among these saturated
+    // validators neither the hand-on of refusals at the head nor the
+    // doubling while of a refusing peer moves the figures (each switched
+    // off, the test still passes); the loopback test
+    // `a_fetch_the_pipeline_waits_on_refused_as_busy_goes_at_once_to_a_free_peer`
+    // proves the hand-on.
+    let (mut honest, mut busy) = ((0, 0), (0, 0));
+    for seed in 20..25 {
+        let (h, _) = catch_up_among(None, seed, None);
+        let (b, _) = catch_up_among_share(Some((Hostile::Busy, 0.5)), seed, None);
+        assert_eq!((b.followers, b.synced), (29, 29), "{b:?}");
+        assert_eq!((b.timeouts, b.invalid, b.bans), (0, 0, 0), "{b:?}");
+        let times = |r: &SyncRun| {
+            let median = r.median_synced_ms.expect("every honest node synced");
+            (median, r.all_synced_ms.expect("every honest node synced"))
+        };
+        let (h, b) = (times(&h), times(&b));
+        honest = (honest.0 + h.0, honest.1 + h.1);
+        busy = (busy.0 + b.0, busy.1 + b.1);
+    }
+    eprintln!("median and last: {busy:?} ms against {honest:?} ms");
+    assert!(busy.0 * 10 <= honest.0 * 11, "{busy:?} against {honest:?}");
+    assert!(busy.1 * 10 <= honest.1 * 11, "{busy:?} against {honest:?}");
 }
