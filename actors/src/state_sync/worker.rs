@@ -323,15 +323,15 @@ impl Worker {
     /// Either way one call's answer is returned, as if only it was sent.
     ///
     /// A fetch the pipeline waits on ([`Hedging::at_head`]) that its peer
-    /// refuses as busy before any hedge was sent is handed once to the best other peer with room to
-    /// spare ([`AcquirePeer::spare_only`]) and a slot free now, if there
-    /// is one, its first slot released as busy: it goes on at once rather
-    /// than at the core's next tick, and a peer that refuses everything
-    /// holds up no catch-up. Any other refusal is returned, retried at
-    /// that tick, so that loaded peers are not asked more often than they
-    /// were (handed on to any peer with a free slot, four in five were
-    /// refused again where the validators are saturated:
-    /// docs/simulation.md).
+    /// refuses as busy before any hedge was sent is handed once to the
+    /// best other peer with room to spare ([`AcquirePeer::spare_only`])
+    /// and a slot free now, if there is one, its first slot released as
+    /// busy: it goes on at once rather than at the core's next tick, and a
+    /// peer that refuses everything holds up no catch-up. Any other
+    /// refusal is returned, retried at that tick, so that loaded peers are
+    /// not asked more often than they were (handed on to any peer with a
+    /// free slot, four in five were refused again where the validators are
+    /// saturated: docs/simulation.md).
     async fn hedged<T, F, Fut>(
         &self,
         first: Slot,
