@@ -282,17 +282,29 @@ impl Worker {
     /// at most the request timeout for one to be free.
     async fn acquire(
         &self,
-        (kind, (start, end)): (FetchKind, (CommitIndex, CommitIndex)),
+        work: (FetchKind, (CommitIndex, CommitIndex)),
         avoid: Vec<PeerId>,
     ) -> Result<Slot, Failure> {
-        let wait = self.outbound.timeout();
+        self.lease(work, avoid, (self.outbound.timeout(), false))
+            .await
+    }
+
+    /// A slot on the best peer for `start..=end` not in `avoid`, waiting
+    /// at most `wait` for one to be free; with `spare_only`, only on a peer
+    /// with room to spare ([`AcquirePeer::spare_only`]).
+    async fn lease(
+        &self,
+        (kind, (start, end)): (FetchKind, (CommitIndex, CommitIndex)),
+        avoid: Vec<PeerId>,
+        (wait, spare_only): (Duration, bool),
+    ) -> Result<Slot, Failure> {
         let request = AcquirePeer {
             start,
             end,
             kind,
             avoid,
             wait_ms: wait.as_millis() as u64,
-            spare_only: false,
+            spare_only,
         };
         // PeerHeights answers within `wait`; the margin covers its mailbox.
         let answer = tokio::time::timeout(wait + MAILBOX_MARGIN, self.heights.send(request))
@@ -370,19 +382,10 @@ impl Worker {
     /// in `avoid`.
     async fn free_now(
         &self,
-        (kind, (start, end)): (FetchKind, (CommitIndex, CommitIndex)),
+        work: (FetchKind, (CommitIndex, CommitIndex)),
         avoid: Vec<PeerId>,
     ) -> Option<Slot> {
-        let request = AcquirePeer {
-            start,
-            end,
-            kind,
-            avoid,
-            wait_ms: 0,
-            spare_only: true,
-        };
-        let answer = tokio::time::timeout(MAILBOX_MARGIN, self.heights.send(request));
-        answer.await.ok()?.ok()?.ok()
+        self.lease(work, avoid, (Duration::ZERO, true)).await.ok()
     }
 
     /// [`Self::hedged`] on the peer `first` leases, with no handing on;
