@@ -662,6 +662,97 @@ async fn standard_health_and_reflection_services_answer_anonymous_callers() {
     a.shutdown().await;
 }
 
+/// Health and reflection decode what P2p decodes, not tonic's 4 MiB: a
+/// reflection answer copies its request, and a caller that sent maximal
+/// requests on streams it never read held gigabytes a connection. A
+/// reflection stream left open is cut at the send deadline, as every P2p
+/// answer is, and the node answers anyone after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_requests_to_the_standard_services_are_refused_and_open_reflection_streams_end() {
+    use soma_actors::system::MAX_STANDARD_REQUEST_BYTES;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+
+    const SEND_TIMEOUT: Duration = Duration::from_millis(500);
+    let chain = chain(32);
+    let store = MemStore::new(chain.genesis());
+    chain.write_to(&store, 100).unwrap();
+    let mut config = P2pConfig::default();
+    config.grpc.send_timeout = SEND_TIMEOUT;
+    let a = P2pBuilder::new(
+        config,
+        KeyPair::from_seed([1; 32]),
+        chain.genesis().clone(),
+        Arc::new(store),
+    )
+    .start()
+    .unwrap();
+    let (channel, _) = tls::connect(
+        &a.local_addr().to_string(),
+        None,
+        None,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let list = |host: String| ServerReflectionRequest {
+        host,
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut reflection = ServerReflectionClient::new(channel.clone());
+    // One byte past the cap, on each service: never answered (reflection
+    // ends the stream at a request it cannot decode; health refuses it).
+    let over = "x".repeat(MAX_STANDARD_REQUEST_BYTES + 1);
+    let refused = match reflection
+        .server_reflection_info(tokio_stream::iter(vec![list(over.clone())]))
+        .await
+    {
+        Ok(stream) => stream.into_inner().message().await.map(|m| m.is_some()),
+        Err(status) => Err(status),
+    };
+    // Ended before the whole request was read, the stream may also end in
+    // a reset: either way, nothing was answered.
+    assert!(!matches!(refused, Ok(true)), "{refused:?}");
+    let status = HealthClient::new(channel.clone())
+        .check(HealthCheckRequest { service: over })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange);
+    // A stream whose caller never ends it: answered, then cut at the send
+    // deadline rather than held open for the connection's age.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(list(String::new())).await.unwrap();
+    let mut open = reflection
+        .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let started = Instant::now();
+    assert!(open.message().await.unwrap().is_some(), "answered first");
+    let end = tokio::time::timeout(Duration::from_secs(30), open.message())
+        .await
+        .expect("the stream ends");
+    assert!(
+        !matches!(end, Ok(Some(_))),
+        "nothing more is answered: {end:?}"
+    );
+    assert!(
+        started.elapsed() >= SEND_TIMEOUT,
+        "cut at the deadline, not before"
+    );
+    drop(tx);
+    // An honest request of the same kind, after all that.
+    let mut stream = reflection
+        .server_reflection_info(tokio_stream::iter(vec![list(String::new())]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stream.message().await.unwrap().is_some());
+    a.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inbound_connections_past_the_limit_are_refused_until_one_closes() {
     const LIMIT: usize = 3;

@@ -33,6 +33,18 @@ pub(crate) fn max_request_bytes(grpc: &crate::grpc::Limits, data: &soma_types::L
     fetch.max(data.max_node_info_bytes).saturating_add(1 << 10)
 }
 
+/// The largest request the standard services (health and reflection)
+/// decode: a service or symbol name and a host, a few hundred bytes for
+/// any client. tonic's default is 4 MiB, and a reflection answer copies
+/// its request: a caller sending such requests on streams whose answers
+/// it never read held about 20 MiB a stream, 2.5 GiB a connection.
+pub const MAX_STANDARD_REQUEST_BYTES: usize = 4 << 10;
+
+/// The largest answer the standard services send: a reflection answer
+/// holds one file of the protocol's descriptors (a few KiB) and a copy of
+/// its request.
+pub const MAX_STANDARD_ANSWER_BYTES: usize = 256 << 10;
+
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -270,11 +282,22 @@ impl P2pBuilder {
         let server = {
             let _guard = runtime.enter();
             let (health_reporter, health) = tonic_health::server::health_reporter();
+            let health = health
+                .max_decoding_message_size(MAX_STANDARD_REQUEST_BYTES)
+                .max_encoding_message_size(MAX_STANDARD_ANSWER_BYTES);
+            // Reflection is a stream of answers, each held until the caller
+            // reads it: bounded in size as health is, and cut at the send
+            // deadline as the P2p service's answers are, so that a caller
+            // that stops reading frees what it holds.
             let reflection = tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(soma_wire::proto::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                 .build_v1()
-                .map_err(|e| StartError::Runtime(std::io::Error::other(e)))?;
+                .map_err(|e| StartError::Runtime(std::io::Error::other(e)))?
+                .max_decoding_message_size(MAX_STANDARD_REQUEST_BYTES)
+                .max_encoding_message_size(MAX_STANDARD_ANSWER_BYTES);
+            let reflection =
+                SendDeadline::new(reflection, config.grpc.send_timeout, send_stats.clone());
             // tonic caps encoding per service, not per call, and the
             // FetchCommits bound grows with the committee of the epoch
             // served, which a later epoch may enlarge: each answer is held

@@ -23,7 +23,7 @@ mod tree;
 pub use crate::state_sync::Retention;
 pub use crate::supervisor::NodeFailure;
 pub use allocator::{ARENA_ENV, limit_allocator_arenas};
-pub use builder::{P2pBuilder, StartError};
+pub use builder::{MAX_STANDARD_ANSWER_BYTES, MAX_STANDARD_REQUEST_BYTES, P2pBuilder, StartError};
 pub(crate) use commits::Execution;
 pub use commits::{CommitStream, StreamError};
 pub use config::P2pConfig;
