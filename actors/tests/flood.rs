@@ -18,9 +18,24 @@ const DEADLINE: Duration = Duration::from_secs(120);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_unrequested_maximal_chunks_is_cut_at_the_first_block_and_the_flooder_banned() {
+    flooded_then_synced(Lie::FloodsBlocks).await;
+}
+
+/// Blobs one byte past what the node accepts for a block fetch: judged by
+/// their size first, they passed for blocks asked for that did not fit,
+/// so the node split the chunk and held nothing against the peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unrequested_chunks_past_the_fetch_budget_are_lies_and_the_flooder_banned() {
+    flooded_then_synced(Lie::FloodsBlocksPastBudget).await;
+}
+
+/// A node beside a peer holding half the chain and a flooder: the flooder
+/// is banned before the node holds more than that half, and the node then
+/// syncs the whole chain from an honest peer.
+async fn flooded_then_synced(lie: Lie) {
     let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(400));
     let partial = validator_up_to(&chain, 200, 1);
-    let (liar, address) = byzantine::serve(chain.clone(), Lie::FloodsBlocks, 100).await;
+    let (liar, address) = byzantine::serve(chain.clone(), lie, 100).await;
     let mut seed_peers = seeds(&[&partial]);
     seed_peers.push(SeedPeer {
         peer_id: Some(liar),
@@ -37,6 +52,9 @@ async fn a_flood_of_unrequested_maximal_chunks_is_cut_at_the_first_block_and_the
     wait_banned(&node, &[liar], DEADLINE).await;
     let status = node.sync_status().await.unwrap();
     assert!(status.synced <= 200, "{status:?}");
+    // Banned at its first answer, as a liar: no chunk was split as if its
+    // blobs were blocks too large for the fetch.
+    assert_eq!(status.chunks_split, 0, "{status:?}");
     let full = validator(&chain, 2);
     node.connect(Some(full.peer_id()), full.local_addr().to_string())
         .expect("Connections takes the dial");

@@ -1012,9 +1012,18 @@ impl Intake {
         }
     }
 
+    /// Takes `blob`, judged by its digest before its size: a blob asked
+    /// for by no digest (or repeated) is a lie whatever its size. Judged
+    /// by its size first, junk one byte past the cap passed for a block
+    /// asked for that did not fit, which only splits the chunk and holds
+    /// nothing against the peer.
     fn accept(&mut self, blob: bytes::Bytes) -> Result<(), Failure> {
+        let blob = HashedBlob::new(blob);
+        self.expected
+            .accept_digest(blob.digest())
+            .map_err(Failure::Invalid)?;
         let held_bytes = self.bytes;
-        self.bytes += blob.len() as u64;
+        self.bytes += blob.bytes().len() as u64;
         if self.bytes > self.max_bytes {
             return Err(Failure::OverBudget {
                 received: self.bytes,
@@ -1023,10 +1032,6 @@ impl Intake {
                 held_bytes,
             });
         }
-        let blob = HashedBlob::new(blob);
-        self.expected
-            .accept_digest(blob.digest())
-            .map_err(Failure::Invalid)?;
         self.blobs.push(blob);
         Ok(())
     }
@@ -1503,18 +1508,21 @@ mod tests {
                 held_bytes: len(0) + len(1),
             })
         );
-        // A blob asked for by no digest, past the cap at once: it tells
-        // nothing of the blocks' size.
+        // A blob asked for by no digest, past the cap at once: a lie, not
+        // a block too large for the budget (which would only split the
+        // chunk and hold nothing against the peer).
         let junk = bytes::Bytes::from(vec![0u8; 10_000]);
-        assert_eq!(
-            cut(vec![junk], 5_000).await,
-            Err(Failure::OverBudget {
-                received: 10_000,
-                max: 5_000,
-                held_blocks: 0,
-                held_bytes: 0,
-            })
+        let result = cut(vec![junk], 5_000).await;
+        assert!(
+            matches!(
+                result,
+                Err(Failure::Invalid(soma_types::Error::UnrequestedBlock(_)))
+            ),
+            "{result:?}"
         );
+        // A block asked for, repeated past the cap: a lie too.
+        let result = cut(vec![blocks[0].clone(), blocks[0].clone()], len(0) + 1).await;
+        assert!(matches!(result, Err(Failure::Invalid(_))), "{result:?}");
     }
 
     #[test]

@@ -80,6 +80,11 @@ pub enum Lie {
     /// Answers FetchBlocks with endless chunks of one block-sized blob that
     /// nobody asked for; honest commits.
     FloodsBlocks,
+    /// As [`Lie::FloodsBlocks`], each blob one byte longer: past the bytes
+    /// a node accepts for one block fetch, though within its largest
+    /// message, so that it could pass for a block asked for that did not
+    /// fit.
+    FloodsBlocksPastBudget,
     /// Sends every block it is asked for twice; honest commits.
     RepeatsBlocks,
     /// Claims to hold a million commits more than the chain has, and
@@ -492,8 +497,9 @@ impl p2p_server::P2p for Evil {
         if self.denies(false, refs.iter().map(|r| r.epoch)) {
             return Err(Status::not_found("not held"));
         }
-        if self.lie == Lie::FloodsBlocks {
-            let blob = Bytes::from(vec![0x5a; FLOOD_BLOB_BYTES]);
+        if matches!(self.lie, Lie::FloodsBlocks | Lie::FloodsBlocksPastBudget) {
+            let past = usize::from(self.lie == Lie::FloodsBlocksPastBudget);
+            let blob = Bytes::from(vec![0x5a; FLOOD_BLOB_BYTES + past]);
             let chunk = proto::FetchBlocksResponse { blocks: vec![blob] };
             let endless = tokio_stream::iter(std::iter::repeat(Ok(chunk)));
             return Ok(Response::new(Box::pin(endless)));
