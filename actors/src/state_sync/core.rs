@@ -1382,11 +1382,13 @@ impl StateSyncCore {
             }
             Err(failure) => {
                 self.prefetches.remove(&start);
-                // Larger than its cap: answers of this epoch may be that
-                // large, and fetches ahead reserve the most from now on.
-                if let Failure::OverBudget { .. } = failure {
-                    self.largest_answer = self.commit_answer_bytes;
-                }
+                // Larger than its cap, maybe: that is the peer's word (its
+                // bytes or its status, neither verified), and it leaves
+                // the reserve as it was. The batch is fetched again in its
+                // turn, reserving the most, and its verified size raises
+                // the reserve of the fetches ahead if it must. Taken as
+                // true, one OUT_OF_RANGE status made every fetch ahead
+                // reserve the most for the rest of the epoch.
                 let pause = match failure {
                     Failure::NoPeer => self.config.wait_interval_when_no_peer_ms,
                     _ => self.config.restart_backoff_ms,
@@ -1410,8 +1412,9 @@ impl StateSyncCore {
     /// so far (at least [`AHEAD_ANSWER_MIN_BYTES`], at most the most), and
     /// the most until one is seen. A larger answer is cut at that bound
     /// like any other (`Failure::OverBudget`, not the peer's fault): the
-    /// fetch in turn asks again, reserving the most, as do fetches ahead
-    /// for the rest of the epoch.
+    /// fetch in turn asks again, reserving the most, and once that answer
+    /// is verified its size sets the reserve. A failure never does: its
+    /// size is the peer's word.
     fn ahead_reserve(&self) -> u64 {
         match self.largest_answer {
             0 => self.commit_answer_bytes,
@@ -2024,7 +2027,9 @@ mod tests {
         // Verified, it has 100,000 bytes: four times that.
         let out = commits_done(&mut c, 0, check, answer(11, 100_000));
         assert_all(&out, 400_000);
-        // One ahead over its cap: the most again, for the epoch.
+        // One ahead over its cap, or a peer saying so (OUT_OF_RANGE): not
+        // the peer's fault, and not a size learnt either. The reserve
+        // stays; the batch is fetched in its turn, reserving the most.
         let over = fetches_ahead(&out)[0].0;
         let out = ahead_done(
             &mut c,
@@ -2038,7 +2043,7 @@ mod tests {
             }),
         );
         assert!(!out.iter().any(|o| matches!(o, Output::Misbehaved { .. })));
-        assert_all(&tick(&mut c, 1_000, 1_000), MOST);
+        assert_all(&tick(&mut c, 1_000, 1_000), 400_000);
     }
 
     #[test]
