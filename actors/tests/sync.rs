@@ -116,6 +116,7 @@ mod byzantine {
 
     use soma_types::AuthorityIndex;
 
+    use soma_testkit::byzantine::serve_spoiling_hedges;
     pub(super) use soma_testkit::byzantine::{Lie, serve, serve_observed};
 
     use super::*;
@@ -296,6 +297,43 @@ mod byzantine {
         let view = view.expect("the silent peer is known");
         assert!(view.failures > 0, "{view:?}");
         assert_eq!((view.faults, view.banned_until), (0, None), "{view:?}");
+        node.shutdown().await;
+        honest.shutdown().await;
+    }
+
+    /// A block fetch the silent peer holds is hedged to the only other
+    /// peer, which answers the hedge with a blob nobody asked for. That
+    /// lie is the hedge's, which the core never sees: it used to be
+    /// dropped with no record, and the fetch then waited for the silent
+    /// peer, here for an hour. The liar is banned at its lie, the hedge
+    /// looks on for another peer, and the honest validator connected once
+    /// the ban is in takes it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_that_spoils_a_hedge_is_banned_and_the_hedge_goes_to_another_peer() {
+        let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(300));
+        let (silent, spoiler) = serve_spoiling_hedges(chain.clone(), 121, 122).await;
+        let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+        let config = P2pConfig {
+            seed_peers: vec![silent.seed(), spoiler.seed()],
+            // A fetch the silent peer holds would hold sync for an hour.
+            timeout: Duration::from_secs(3_600),
+            // While the spoiler serves one fetch, the next goes to the
+            // silent peer.
+            max_fetches_per_peer: 1,
+            ..P2pConfig::default()
+        };
+        let node = soma_testkit::node(&chain, 9, config, store.clone());
+        wait_banned(&node, &[spoiler.peer]).await;
+        let honest = validator(&chain, 1);
+        node.connect(Some(honest.peer_id()), honest.local_addr().to_string())
+            .expect("Connections takes the dial");
+        wait_synced(&node, chain.tip()).await;
+        assert_same_chain(&chain, store.as_ref());
+        // The silent peer held a block fetch, and proved no lie.
+        assert!(silent.fetches() > 0, "the silent peer was never asked");
+        let views = node.peer_heights().await.unwrap();
+        let view = views.iter().find(|v| v.peer == silent.peer);
+        assert_eq!(view.and_then(|v| v.banned_until), None, "{view:?}");
         node.shutdown().await;
         honest.shutdown().await;
     }

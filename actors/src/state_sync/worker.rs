@@ -422,18 +422,31 @@ impl Worker {
         avoid.push(first_peer);
         let first_lease = first.lease().id;
         let second = std::pin::pin!(async {
-            let slot = self
-                .second_peer((kind, range), avoid, first_lease, started)
-                .await?;
-            match call(slot.lease().peer).await {
-                Ok(answer) => Some((slot, answer)),
-                Err(failure) => {
-                    let transfer = match transfer(&failure) {
-                        Transfer::NotFound => Transfer::Error,
-                        other => other,
-                    };
-                    slot.release(transfer, 0);
-                    None
+            loop {
+                let slot = self
+                    .second_peer((kind, range), avoid.clone(), first_lease, started)
+                    .await?;
+                let peer = slot.lease().peer;
+                match call(peer).await {
+                    Ok(answer) => return Some((slot, answer)),
+                    Err(failure) => {
+                        let transfer = match transfer(&failure) {
+                            Transfer::NotFound => Transfer::Error,
+                            other => other,
+                        };
+                        slot.release(transfer, 0);
+                        // A provable lie (blocks nobody asked for, say):
+                        // the core never sees a hedge's failure, so the
+                        // peer is reported here, and another asked in its
+                        // place. Given up on, the fetch waited for a first
+                        // peer that may never answer, for the whole
+                        // timeout, and the liar kept no record.
+                        if !matches!(failure, Failure::Invalid(_)) {
+                            return None;
+                        }
+                        misbehaved(&self.heights, peer);
+                        avoid.push(peer);
+                    }
                 }
             }
         });
@@ -864,6 +877,21 @@ impl Worker {
     }
 }
 
+/// Has PeerHeights ban `peer`: it sent invalid data or a false claim.
+fn misbehaved(heights: &Addr<PeerHeights>, peer: PeerId) {
+    tracing::warn!(%peer, "peer sent invalid data or a false claim");
+    judge(heights, peer, OutcomeKind::InvalidData);
+}
+
+fn judge(heights: &Addr<PeerHeights>, peer: PeerId, kind: OutcomeKind) {
+    heights.do_send(ReportOutcome {
+        peer,
+        bytes: 0,
+        latency_ms: 0,
+        kind,
+    });
+}
+
 /// The calls StateSync makes besides fetches: availability queries,
 /// pushes of the new height, and reports of liars.
 #[derive(Clone)]
@@ -884,23 +912,13 @@ impl PeerCalls {
 
     /// Has PeerHeights ban `peer`: it sent invalid data or a false claim.
     pub(super) fn misbehaved(&self, peer: PeerId) {
-        tracing::warn!(%peer, "peer sent invalid data or a false claim");
-        self.judge(peer, OutcomeKind::InvalidData);
+        misbehaved(&self.heights, peer);
     }
 
     /// Has PeerHeights judge `peer`'s NOT_FOUND for blocks of a batch
     /// applied since: a lie if it claimed to hold them when it answered.
     pub(super) fn withheld(&self, peer: PeerId) {
-        self.judge(peer, OutcomeKind::Withheld);
-    }
-
-    fn judge(&self, peer: PeerId, kind: OutcomeKind) {
-        self.heights.do_send(ReportOutcome {
-            peer,
-            bytes: 0,
-            latency_ms: 0,
-            kind,
-        });
+        judge(&self.heights, peer, OutcomeKind::Withheld);
     }
 
     /// Asks `peer` for its availability; the answer goes to PeerHeights,

@@ -4,6 +4,7 @@
 //! Tests start one or several beside honest nodes and check that sync
 //! finishes from the honest ones, accepts nothing bad, and bans the liar.
 
+use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -85,6 +86,12 @@ pub enum Lie {
     /// message, so that it could pass for a block asked for that did not
     /// fit.
     FloodsBlocksPastBudget,
+    /// Serves the chain honestly, each block fetch after a short hold, but
+    /// answers a FetchBlocks asking for any block a [`Lie::NeverAnswers`]
+    /// peer of its pair was asked for with one blob nobody asked for: it
+    /// spoils the hedges of the fetches the silent peer holds, and is
+    /// never asked first for what it spoils ([`serve_spoiling_hedges`]).
+    SpoilsHedges,
     /// Sends every block it is asked for twice; honest commits.
     RepeatsBlocks,
     /// Claims to hold a million commits more than the chain has, and
@@ -138,6 +145,9 @@ pub enum Lie {
 /// block, the most one FetchBlocks message carries.
 pub const FLOOD_BLOB_BYTES: usize = 4 << 20;
 
+/// How long a [`Lie::SpoilsHedges`] peer holds each block fetch it serves.
+const SPOILER_HOLD: Duration = Duration::from_millis(200);
+
 /// Commits a [`Lie::ClaimsHeight`] peer claims beyond the chain's tip.
 pub const CLAIMED_EXTRA_COMMITS: u64 = 1_000_000;
 
@@ -163,12 +173,20 @@ struct Evil {
     creep_ms: [AtomicU64; 2],
     /// The index of each PushCommit received, in order.
     pushes: Arc<Mutex<Vec<u64>>>,
+    /// Blocks a [`Lie::NeverAnswers`] peer was asked for, shared with the
+    /// [`Lie::SpoilsHedges`] peer of its pair.
+    held_silent: Arc<Mutex<HashSet<BlockRef>>>,
 }
 
 /// Counts a stalled call while it lives: a call dropped by its client
 /// (cancelled, its connection closed) stops counting.
 /// The pushes seen, whatever a panicking holder left.
 fn locked(m: &Mutex<Vec<u64>>) -> MutexGuard<'_, Vec<u64>> {
+    lock(m)
+}
+
+/// `m`'s contents, whatever a panicking holder left.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -483,6 +501,28 @@ impl p2p_server::P2p for Evil {
         request: Request<proto::FetchBlocksRequest>,
     ) -> Result<Response<BlockStream>, Status> {
         self.fetches.fetch_add(1, Ordering::SeqCst);
+        let asked = || {
+            request
+                .get_ref()
+                .refs
+                .iter()
+                .filter_map(|r| BlockRef::try_from(r).ok())
+        };
+        if self.lie == Lie::NeverAnswers {
+            lock(&self.held_silent).extend(asked());
+        }
+
+        if self.lie == Lie::SpoilsHedges && asked().any(|r| lock(&self.held_silent).contains(&r)) {
+            let chunk = proto::FetchBlocksResponse {
+                blocks: vec![Bytes::from_static(b"spoiled")],
+            };
+            return Ok(Response::new(Box::pin(tokio_stream::iter([Ok(chunk)]))));
+        }
+        if self.lie == Lie::SpoilsHedges {
+            // Busy a while with each block fetch it serves: with one fetch
+            // per peer, the next goes to the silent peer.
+            tokio::time::sleep(SPOILER_HOLD).await;
+        }
         self.stall(false).await?;
         if self.lie == Lie::ClaimsHeight {
             return Err(Status::not_found("not held"));
@@ -652,6 +692,26 @@ impl Served {
 
 /// Like [`serve`], returning what the peer sees as well.
 pub async fn serve_observed(chain: Arc<Chain>, lie: Lie, key: u8) -> Served {
+    serve_sharing(chain, lie, key, Arc::default()).await
+}
+
+/// A [`Lie::NeverAnswers`] peer (key `silent`) and a [`Lie::SpoilsHedges`]
+/// peer (key `spoiler`) that spoils the hedges of the block fetches the
+/// first holds.
+pub async fn serve_spoiling_hedges(chain: Arc<Chain>, silent: u8, spoiler: u8) -> (Served, Served) {
+    let held = Arc::new(Mutex::new(HashSet::new()));
+    (
+        serve_sharing(chain.clone(), Lie::NeverAnswers, silent, held.clone()).await,
+        serve_sharing(chain, Lie::SpoilsHedges, spoiler, held).await,
+    )
+}
+
+async fn serve_sharing(
+    chain: Arc<Chain>,
+    lie: Lie,
+    key: u8,
+    held_silent: Arc<Mutex<HashSet<BlockRef>>>,
+) -> Served {
     let (stalled, fetches) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let denied = Arc::new(AtomicUsize::new(0));
     let loaded = Arc::new(AtomicBool::new(false));
@@ -682,6 +742,7 @@ pub async fn serve_observed(chain: Arc<Chain>, lie: Lie, key: u8) -> Served {
                 creep_ms: [CREEP_FIRST_MS, CREEP_FIRST_MS].map(AtomicU64::new),
                 height_queries: height_queries.clone(),
                 pushes: pushes.clone(),
+                held_silent,
             }))
             .serve_with_incoming(tls::incoming(listener, config)),
     );
