@@ -1,5 +1,5 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use rand::SeedableRng;
@@ -7,6 +7,7 @@ use rand::seq::{IndexedRandom, SliceRandom};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use soma_types::{Access, PeerId, SignedNodeInfo};
+use soma_wire::inbound::{IPV4_NETWORK_BITS, IPV6_NETWORK_BITS};
 
 use super::messages::*;
 use super::table::{Caps, Table};
@@ -66,11 +67,11 @@ pub struct Config {
     /// never of a peer connected to and verified.
     pub max_known_peers: usize,
     /// Most known peers learnt from one source: one peer's answers, or the
-    /// connect-back infos of callers from one /24 (IPv4) or /64 (IPv6)
+    /// connect-back infos of callers from one /24 (IPv4) or /32 (IPv6)
     /// (callers of unknown address together). A source that lies fills only
     /// its own bucket.
     pub max_known_peers_per_source: usize,
-    /// Most known peers whose dialled address is in one /24 (IPv4) or /64
+    /// Most known peers whose dialled address is in one /24 (IPv4) or /32
     /// (IPv6) prefix, so that addresses an attacker holds cannot fill the
     /// table.
     pub max_known_peers_per_prefix: usize,
@@ -164,7 +165,8 @@ pub(super) enum Source {
     Peer(PeerId),
 }
 
-/// The /24 (IPv4) or /64 (IPv6) prefix of an address, its bits as a
+/// The /24 (IPv4) or /32 (IPv6) prefix of an address (its network, as
+/// the inbound connection caps count it: `soma_wire::inbound::prefix`), its bits as a
 /// number (the address with the host bits cleared, shifted right): ordered
 /// as the bytes would be, compared without a call to `memcmp`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -176,8 +178,8 @@ pub(super) enum Prefix {
 /// The prefix of `ip`, an IPv4-mapped IPv6 address counting as IPv4.
 fn ip_prefix(ip: IpAddr) -> Prefix {
     match canonical(ip) {
-        IpAddr::V4(v4) => Prefix::V4(v4.to_bits() >> 8),
-        IpAddr::V6(v6) => Prefix::V6((v6.to_bits() >> 64) as u64),
+        IpAddr::V4(v4) => Prefix::V4(v4.to_bits() >> (32 - IPV4_NETWORK_BITS)),
+        IpAddr::V6(v6) => Prefix::V6((v6.to_bits() >> (128 - IPV6_NETWORK_BITS)) as u64),
     }
 }
 
@@ -215,6 +217,9 @@ fn prefix(address: &str, allow_private: bool) -> Option<Prefix> {
             if v6.is_unspecified() || v6.is_multicast() || (first & 0xffc0) == 0xfe80 {
                 return None;
             }
+            if embeds_ipv4(v6) {
+                return None;
+            }
             let unique_local = (first & 0xfe00) == 0xfc00;
             if (v6.is_loopback() || unique_local) && !allow_private {
                 return None;
@@ -222,6 +227,20 @@ fn prefix(address: &str, allow_private: bool) -> Option<Prefix> {
         }
     }
     Some(ip_prefix(ip))
+}
+
+/// Whether `v6` is an IPv4 address behind a translation prefix: NAT64's
+/// well-known `64:ff9b::/96` and local-use `64:ff9b:1::/48`, or the
+/// deprecated IPv4-compatible `::a.b.c.d` (the unspecified and loopback
+/// addresses apart). Such an address names no host of its own, and
+/// through a NAT64 it reaches whatever IPv4 address it embeds, private
+/// networks included, past `allow-private-addresses`.
+fn embeds_ipv4(v6: Ipv6Addr) -> bool {
+    let bits = v6.to_bits();
+    let well_known = bits >> 32 == 0x0064_ff9b_0000_0000_0000_0000;
+    let local_use = bits >> 80 == 0x0064_ff9b_0001;
+    let compatible = bits >> 32 == 0 && bits > 1;
+    well_known || local_use || compatible
 }
 
 /// A known peer.
@@ -1648,13 +1667,15 @@ mod tests {
     }
 
     #[test]
-    fn a_prefix_is_the_24_or_64_bits_and_orders_as_the_address() {
+    fn a_prefix_is_the_24_or_32_bits_and_orders_as_the_address() {
         let p = |a: &str| prefix(a, false).unwrap();
         assert_eq!(p("1.2.3.4:1"), Prefix::V4(0x01_02_03));
         assert_eq!(p("1.2.3.4:1"), p("1.2.3.254:2"));
         assert_eq!(p("[::ffff:1.2.3.9]:1"), p("1.2.3.4:1"));
-        assert_eq!(p("[2001:db8:1:2::1]:1"), Prefix::V6(0x2001_0db8_0001_0002));
-        assert_eq!(p("[2001:db8:1:2::1]:1"), p("[2001:db8:1:2:ffff::9]:1"));
+        assert_eq!(p("[2001:db8:1:2::1]:1"), Prefix::V6(0x2001_0db8));
+        // Every /64 of one /32 is one network.
+        assert_eq!(p("[2001:db8:1:2::1]:1"), p("[2001:db8:ffff:9::9]:1"));
+        assert_ne!(p("[2001:db8::1]:1"), p("[2001:db9::1]:1"));
         let ordered = [
             "1.2.3.4:1",
             "1.2.4.1:1",
@@ -1679,12 +1700,12 @@ mod tests {
                 at(3, "1.2.3.3:7000"),
                 at(4, "1.2.4.4:7000"),
                 at(5, "[2001:db8::5]:7000"),
-                at(6, "[2001:db8::ffff:6]:7000"),
-                at(7, "[2001:db8::7]:7000"),
-                at(8, "[2001:db8:0:1::8]:7000"),
+                at(6, "[2001:db8:0:1::ffff:6]:7000"),
+                at(7, "[2001:db8:ff::7]:7000"),
+                at(8, "[2001:db9::8]:7000"),
             ],
         );
-        // 1.2.3/24 and 2001:db8::/64 keep their two newest.
+        // 1.2.3/24 and 2001:db8::/32 keep their two newest.
         assert_eq!(sorted(known(&mut c)), ids([2, 3, 4, 6, 7, 8]));
         // A known peer moving into a full prefix evicts its oldest.
         let moved = info_at(4, NOW_MS + 50, &["1.2.3.9:7000"]);
@@ -1734,10 +1755,10 @@ mod tests {
             (1, Some("198.51.100.1")),
             (2, Some("198.51.100.2")),
             (3, Some("::ffff:198.51.100.3")),
-            // 2001:db8::/64, and another /64.
+            // 2001:db8::/32 (two of its /64s), and another /32.
             (4, Some("2001:db8::4")),
-            (5, Some("2001:db8::ffff:5")),
-            (6, Some("2001:db8:0:1::6")),
+            (5, Some("2001:db8:0:1::5")),
+            (6, Some("2001:db9::6")),
             // 203.0.113/24.
             (7, Some("203.0.113.7")),
             // Unknown addresses: one bucket for them all.
@@ -1779,6 +1800,33 @@ mod tests {
         assert_eq!(known.len(), 2 + 4);
     }
 
+    /// The same flood from 200 /64s of one IPv6 /32 (one subscriber holds
+    /// hundreds of /64s): one network still. Keyed by /64, each caller
+    /// was a bucket of its own, and eviction from the fullest bucket took
+    /// the honest callers too.
+    #[test]
+    fn a_flood_from_many_subnets_of_one_ipv6_network_never_evicts_callers_from_another() {
+        let mut c = config(|c| {
+            c.max_known_peers = 10;
+            c.max_known_peers_per_source = 4;
+        });
+        call_in(&mut c, 1, NOW_MS - 100, Some("198.51.100.1"));
+        call_in(&mut c, 2, NOW_MS - 100, Some("2001:db9::2"));
+        for round in 0..4 {
+            for n in 10..210 {
+                let from = format!("2001:db8:0:{n:x}::1");
+                call_in(&mut c, n, NOW_MS + 25_000, Some(&from));
+            }
+            tick(&mut c, Time(round * 5_000), NOW_MS);
+        }
+        let known = known(&mut c);
+        assert!(
+            known.contains(&id(1)) && known.contains(&id(2)),
+            "{known:?}"
+        );
+        assert_eq!(known.len(), 2 + 4);
+    }
+
     #[test]
     fn advertised_addresses_are_validated() {
         let never = [
@@ -1791,6 +1839,13 @@ mod tests {
             "[ff02::1]:7000",
             "[fe80::1]:7000",
             "[::ffff:169.254.0.1]:7000",
+            // IPv4 behind NAT64 (well-known and local-use prefixes), and
+            // IPv4-compatible: 10.0.0.1 and 1.2.3.4 each way.
+            "[64:ff9b::a00:1]:7000",
+            "[64:ff9b::102:304]:7000",
+            "[64:ff9b:1::a00:1]:7000",
+            "[::a00:1]:7000",
+            "[::102:304]:7000",
             "seed.example:7000",
             "1.2.3.4:0",
             "1.2.3.4",

@@ -61,7 +61,7 @@ pub enum Input {
         /// Unix epoch: a later timestamp counts as this one.
         #[serde(default)]
         unix_ms: u64,
-        /// The address the call came from, if known: its /24 or /64 is the
+        /// The address the call came from, if known: its /24 or /32 is the
         /// bucket the caller's info counts in.
         #[serde(default)]
         remote: Option<IpAddr>,

@@ -132,7 +132,7 @@ pub struct P2pSection {
     /// Most known peers learnt from one source (one peer's answers, or all
     /// connect-back infos together).
     pub max_known_peers_per_source: usize,
-    /// Most known peers whose address is in one /24 (IPv4) or /64 (IPv6).
+    /// Most known peers whose address is in one /24 (IPv4) or /32 (IPv6).
     pub max_known_peers_per_prefix: usize,
     /// Most new peers learnt from one source per discovery interval.
     pub max_new_peers_per_source_per_interval: usize,
@@ -224,7 +224,7 @@ pub struct P2pSection {
     pub reserved_inbound_connections: usize,
     /// Inbound connections from one source address.
     pub max_inbound_per_ip: usize,
-    /// Inbound connections from one /24 (IPv4) or /64 (IPv6).
+    /// Inbound connections from one /24 (IPv4) or /32 (IPv6).
     pub max_inbound_per_prefix: usize,
     /// Whether loopback callers skip the per-address and per-prefix caps
     /// and count as reserved callers.
@@ -1016,7 +1016,7 @@ target-concurrent-connections = {target}
 peers-to-query = {query}
 max-peers-to-send = {send}
 # The known-peer table: its size; caps per source (the peer that told us,
-# or all callers' own infos together), per /24 or /64 address prefix, and
+# or all callers' own infos together), per /24 or /32 address prefix, and
 # on new peers per source per interval. Connected peers are never evicted.
 max-known-peers = {known}
 max-known-peers-per-source = {per_source}
@@ -1094,7 +1094,7 @@ max-rate-limited = {rate_limited}
 # anonymous and other callers share the rest, and when it is full the
 # longest-idle of them (anonymous first) is closed for a newcomer.
 reserved-inbound-connections = {reserved}
-# Inbound connections from one address, and from one /24 (IPv4) or /64
+# Inbound connections from one address, and from one /24 (IPv4) or /32
 # (IPv6) network.
 max-inbound-per-ip = {per_ip}
 max-inbound-per-prefix = {inbound_per_prefix}

@@ -10,7 +10,7 @@
 //! The rules ([`Config`]), checked when a socket is accepted, before the
 //! TLS handshake:
 //! - at most `max_per_ip` connections from one source address and
-//!   `max_per_prefix` from one network (/24 in IPv4, /64 in IPv6), so one
+//!   `max_per_prefix` from one network (/24 in IPv4, /32 in IPv6), so one
 //!   host or one subnet cannot take every slot;
 //! - at most `max` in all. When all are taken, the connection of an
 //!   ordinary caller that has been idle longest is closed to make room
@@ -75,7 +75,7 @@ pub const DEFAULT_RESERVED_CONNECTIONS: usize = 64;
 /// 512 slots.
 pub const DEFAULT_MAX_PER_IP: usize = 8;
 
-/// Default connections from one /24 or /64: a few hosts of one provider's
+/// Default connections from one /24 or /32: a few hosts of one provider's
 /// subnet; taking every unreserved slot needs 14 distinct networks.
 pub const DEFAULT_MAX_PER_PREFIX: usize = 32;
 
@@ -109,7 +109,7 @@ pub struct Config {
     pub reserved: usize,
     /// Connections from one source address.
     pub max_per_ip: usize,
-    /// Connections from one /24 (IPv4) or /64 (IPv6).
+    /// Connections from one /24 (IPv4) or /32 (IPv6).
     pub max_per_prefix: usize,
     /// Whether loopback callers (this host) skip the per-address and
     /// per-prefix caps and count as reserved callers: every node of a
@@ -157,7 +157,7 @@ pub enum Refusal {
     /// Its source address already had `max_per_ip` connections.
     #[error("too many connections from this address")]
     PerIp,
-    /// Its /24 or /64 already had `max_per_prefix` connections.
+    /// Its /24 or /32 already had `max_per_prefix` connections.
     #[error("too many connections from this network")]
     PerPrefix,
     /// All `max` slots were taken and none could be freed.
@@ -466,17 +466,28 @@ fn decrement(counts: &mut HashMap<IpAddr, usize>, key: IpAddr) {
     }
 }
 
+/// Leading bits of an IPv6 address that name its network, for every cap
+/// keyed by network (here and in Discovery's tables): a /32, as Bitcoin's
+/// address manager groups IPv6. A /64 is one subscriber's LAN, and one
+/// subscriber holds hundreds of them (a /56 is 256, a tunnel broker's free
+/// /48 65,536): keyed by /64, one IPv6 customer took every unreserved
+/// inbound slot and made a Discovery bucket of its own per identity.
+pub const IPV6_NETWORK_BITS: u32 = 32;
+
+/// Leading bits of an IPv4 address that name its network: a /24.
+pub const IPV4_NETWORK_BITS: u32 = 24;
+
 /// The network of `ip` that [`Config::max_per_prefix`] counts: its /24 in
-/// IPv4, its /64 in IPv6.
+/// IPv4, its /32 in IPv6 (an IPv4-mapped address counting as IPv4).
 pub fn prefix(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
         IpAddr::V4(v4) => {
-            let [a, b, c, _] = v4.octets();
-            IpAddr::V4(Ipv4Addr::new(a, b, c, 0))
+            let mask = u32::MAX << (32 - IPV4_NETWORK_BITS);
+            IpAddr::V4(Ipv4Addr::from_bits(v4.to_bits() & mask))
         }
         IpAddr::V6(v6) => {
-            let s = v6.segments();
-            IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            let mask = u128::MAX << (128 - IPV6_NETWORK_BITS);
+            IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & mask))
         }
     }
 }
@@ -1049,12 +1060,13 @@ mod tests {
         assert_eq!(h.admit(0, "10.0.0.3"), Err(Refusal::PerPrefix));
         // Another /24 is another network.
         h.admit(0, "10.0.1.1").unwrap();
-        // IPv6: one /64, whatever the interface id.
+        // IPv6: one /32, whatever the subnets and interface ids within:
+        // one subscriber's many /64s are one network.
         h.admit(0, "2001:db8::1").unwrap();
         h.admit(0, "2001:db8::1").unwrap();
-        h.admit(0, "2001:db8::ffff:ffff:ffff:1").unwrap();
-        assert_eq!(h.admit(0, "2001:db8::2"), Err(Refusal::PerPrefix));
-        h.admit(0, "2001:db8:0:1::2").unwrap();
+        h.admit(0, "2001:db8:ffff:ffff::1").unwrap();
+        assert_eq!(h.admit(0, "2001:db8:0:1::2"), Err(Refusal::PerPrefix));
+        h.admit(0, "2001:db9::2").unwrap();
         let counts = h.rules.counts();
         assert_eq!(
             (
@@ -1065,7 +1077,8 @@ mod tests {
             (8, 2, 0)
         );
         assert_eq!(prefix(ip("192.168.7.9")), ip("192.168.7.0"));
-        assert_eq!(prefix(ip("2001:db8:1:2:3:4:5:6")), ip("2001:db8:1:2::"));
+        assert_eq!(prefix(ip("2001:db8:1:2:3:4:5:6")), ip("2001:db8::"));
+        assert_eq!(prefix(ip("::ffff:192.168.7.9")), ip("192.168.7.0"));
     }
 
     #[test]
