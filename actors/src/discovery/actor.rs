@@ -15,7 +15,7 @@ use super::messages::*;
 use crate::Blob;
 use crate::Driver;
 use crate::connections::{
-    ActiveConnections, Connect, Connections, Disconnect, Outbound, PeerEvent,
+    ActiveConnections, Connect, Connections, DialError, Disconnect, Outbound, PeerEvent,
 };
 use crate::faults::Faults;
 use crate::replay::Recorder;
@@ -274,7 +274,18 @@ impl Handler<PeerEvent> for Discovery {
         let input = match event {
             PeerEvent::Connected { peer, address } => Input::Connected { peer, address },
             PeerEvent::Disconnected { peer } => Input::Disconnected { peer },
-            PeerEvent::DialFailed { peer, address, .. } => Input::DialFailed { peer, address },
+            PeerEvent::DialFailed {
+                peer,
+                address,
+                reason,
+            } => Input::DialFailed {
+                peer,
+                address,
+                found: match reason {
+                    DialError::UnexpectedPeer { found, .. } => Some(found),
+                    _ => None,
+                },
+            },
         };
         self.step(input, ctx);
     }

@@ -293,6 +293,10 @@ pub struct DiscoveryCore {
     /// The order in which connected peers connected (a counter, not a
     /// time): the oldest are the anchors rotation leaves alone.
     connected_order: BTreeMap<PeerId, u64>,
+    /// The address each connected peer was reached at: no other peer is
+    /// dialled there (Connections drops a dial to an address it is
+    /// connected to, and the dial would hold its slot until it timed out).
+    connected_at: BTreeMap<PeerId, String>,
     connections_made: u64,
     /// New peers learnt this interval, per source (sources are peers we
     /// queried, and inbound).
@@ -325,6 +329,7 @@ impl Core for DiscoveryCore {
             next_rotation: None,
             rotating: None,
             connected_order: BTreeMap::new(),
+            connected_at: BTreeMap::new(),
             connections_made: 0,
             learned: BTreeMap::new(),
         }
@@ -338,6 +343,7 @@ impl Core for DiscoveryCore {
                     self.seed_ids.insert(address.clone(), peer);
                 }
                 let new = self.connected.insert(peer);
+                self.connected_at.insert(peer, address.clone());
                 self.verified.insert(peer);
                 if !self.connected_order.contains_key(&peer) {
                     self.connections_made += 1;
@@ -362,13 +368,18 @@ impl Core for DiscoveryCore {
             Input::Disconnected { peer } => {
                 self.connected.remove(&peer);
                 self.connected_order.remove(&peer);
+                self.connected_at.remove(&peer);
                 // Still verified while known: it may be back at the next dial.
                 if !self.known.contains_key(&peer) {
                     self.verified.remove(&peer);
                 }
                 vec![]
             }
-            Input::DialFailed { peer, address } => {
+            Input::DialFailed {
+                peer,
+                address,
+                found,
+            } => {
                 self.pending.remove(&address);
                 if self.rotating.as_ref() == Some(&address) {
                     self.rotating = None;
@@ -377,6 +388,11 @@ impl Core for DiscoveryCore {
                     self.pending.retain(|_, (q, _)| *q != Some(p));
                     // Unreachable: no longer kept whatever comes.
                     self.verified.remove(&p);
+                }
+                if let (Some(p), Some(found)) = (peer, found)
+                    && p != found
+                {
+                    return self.answered_by_another(now, p, found, address);
                 }
                 let b = self.backoff.entry(address).or_insert(Backoff {
                     failures: 0,
@@ -608,6 +624,7 @@ impl DiscoveryCore {
     fn dialable(&self, now: Time, address: &str) -> bool {
         !self.pending.contains_key(address)
             && self.backoff.get(address).is_none_or(|b| b.retry_at <= now)
+            && !self.connected_at.values().any(|a| a == address)
     }
 
     /// Whether `peer` is one to dial: not connected, no dial to it in
@@ -728,6 +745,37 @@ impl DiscoveryCore {
             .choose(&mut self.rng)
             .map_or(peer, |(_, p)| *p);
         vec![Output::Disconnect { peer: victim }]
+    }
+
+    /// A dial to `expected` at `address` reached `found` instead: the
+    /// address is live, and `found`'s. `expected`'s entry named an address
+    /// that is not its own (an info gone stale, or one made up to shadow
+    /// `found`), so it is forgotten, and the address is not backed off.
+    /// Backed off, identities minted to copy an honest peer's address took
+    /// turns failing there and kept the node from ever dialling that peer
+    /// again. `found` is dialled there at once if it is one to dial and its
+    /// own info names that address: the dial just proved it is there.
+    fn answered_by_another(
+        &mut self,
+        now: Time,
+        expected: PeerId,
+        found: PeerId,
+        address: String,
+    ) -> Vec<Output> {
+        // An allowlisted peer is kept: the operator named it, and its
+        // next info may name where it is now.
+        if !self.allowlist.contains(&expected) {
+            self.known.remove(&expected);
+        }
+        let pending_peers: BTreeSet<PeerId> =
+            self.pending.values().filter_map(|(p, _)| *p).collect();
+        let named = (self.known.get(&found))
+            .is_some_and(|e| e.info.info.addresses.first() == Some(&address));
+        let mut out = Vec::new();
+        if named && self.wanted(&found, &pending_peers) && self.dialable(now, &address) {
+            self.start_dial(now, Some(found), address, &mut out);
+        }
+        out
     }
 
     fn start_dial(
@@ -889,6 +937,7 @@ mod tests {
             Input::DialFailed {
                 peer: Some(id(1)),
                 address: "10.0.0.1:7000".to_string(),
+                found: None,
             },
         )
     }
@@ -1100,7 +1149,14 @@ mod tests {
         tick(&mut c, Time(0), NOW_MS);
         let (peer, address) = one_dial(&tick(&mut c, Time(interval), NOW_MS));
         let peer = Some(peer);
-        let out = c.handle(Time(interval + 1), Input::DialFailed { peer, address });
+        let out = c.handle(
+            Time(interval + 1),
+            Input::DialFailed {
+                peer,
+                address,
+                found: None,
+            },
+        );
         assert_eq!(out, vec![]);
         // A dial that connects later is an ordinary one: nothing dropped.
         let out = c.handle(
@@ -1344,6 +1400,7 @@ mod tests {
             Input::DialFailed {
                 peer: None,
                 address: "seed:1".into(),
+                found: None,
             },
         );
         // Connected to someone: seeds are left alone.
@@ -1726,6 +1783,7 @@ mod tests {
             Input::DialFailed {
                 peer: Some(id(1)),
                 address: "10.0.0.1:7000".into(),
+                found: None,
             },
         );
         learn(&mut c, vec![info(4, NOW_MS + 2)]);
@@ -1827,6 +1885,80 @@ mod tests {
         assert_eq!(known.len(), 2 + 4);
     }
 
+    /// 49 identities minted with peer 1's address: a dial of one reaches
+    /// peer 1, which proves itself. The fake is forgotten and peer 1 is
+    /// dialled there at once. Before, the address was backed off: peer 1
+    /// was not dialled again while the fakes took their turns failing.
+    #[test]
+    fn identities_copying_a_peers_address_are_forgotten_once_dialled_and_the_peer_dialled_there() {
+        const AT: &str = "10.0.0.1:7000";
+        for seed in 0..20 {
+            let mut i = init(1);
+            i.seed = seed;
+            let mut c = DiscoveryCore::new(i);
+            learn(&mut c, vec![info(1, NOW_MS)]);
+            connect(&mut c, 1);
+            c.handle(Time(0), Input::Disconnected { peer: id(1) });
+            let fakes: Vec<SignedNodeInfo> = (10..59)
+                .map(|n| info_at(n, NOW_MS + u64::from(n), &[AT]))
+                .collect();
+            learn(&mut c, fakes);
+            assert_eq!(known(&mut c).len(), 50);
+            let out = tick(&mut c, Time(0), NOW_MS);
+            let [(peer, address)] = &dials(&out)[..] else {
+                panic!("one dial: {out:?}")
+            };
+            assert_eq!(address, AT);
+            let Some(fake) = peer.filter(|p| *p != id(1)) else {
+                continue;
+            };
+            let out = c.handle(
+                Time(0),
+                Input::DialFailed {
+                    peer: Some(fake),
+                    address: AT.to_string(),
+                    found: Some(id(1)),
+                },
+            );
+            assert_eq!(dials(&out), vec![(Some(id(1)), AT.to_string())]);
+            let known = known(&mut c);
+            assert!(!known.contains(&fake) && known.contains(&id(1)));
+            assert_eq!(known.len(), 49);
+        }
+    }
+
+    /// While peer 1 is connected at its address, identities naming that
+    /// address are never dialled: Connections would drop such a dial, and
+    /// it would hold its slot until it timed out. Peer 2 is dialled.
+    #[test]
+    fn no_peer_is_dialled_at_the_address_of_a_connected_peer() {
+        let mut c = core(2);
+        learn(&mut c, vec![info(1, NOW_MS)]);
+        connect(&mut c, 1);
+        let fakes: Vec<SignedNodeInfo> = (10..59)
+            .map(|n| info_at(n, NOW_MS + u64::from(n), &["10.0.0.1:7000"]))
+            .collect();
+        learn(&mut c, fakes);
+        // From another source (the first has brought its 50 this
+        // interval), in another network (10.0.0/24 holds its 50).
+        learn_from(
+            &mut c,
+            201,
+            NOW_MS,
+            vec![info_at(2, NOW_MS, &["10.0.1.2:7000"])],
+        );
+        assert_eq!(known(&mut c).len(), 51);
+        for round in 0..10 {
+            let out = tick(&mut c, Time(round * 1_000), NOW_MS);
+            let dialled = dials(&out);
+            if !dialled.is_empty() {
+                assert_eq!(dialled, vec![(Some(id(2)), "10.0.1.2:7000".to_string())]);
+                return;
+            }
+        }
+        panic!("peer 2 was never dialled");
+    }
+
     #[test]
     fn advertised_addresses_are_validated() {
         let never = [
@@ -1907,6 +2039,7 @@ mod tests {
                 Input::DialFailed {
                     peer: None,
                     address: format!("10.{}.{}.{}:7000", k >> 16, (k >> 8) & 255, k & 255),
+                    found: None,
                 },
             );
             assert!(c.backoff.len() <= 13, "{k}: {}", c.backoff.len());
@@ -1926,7 +2059,14 @@ mod tests {
             let now = Time(k * 5_000);
             for (peer, address) in dials(&tick(&mut c, now, NOW_MS)) {
                 dialled.push(now.0);
-                c.handle(now, Input::DialFailed { peer, address });
+                c.handle(
+                    now,
+                    Input::DialFailed {
+                        peer,
+                        address,
+                        found: None,
+                    },
+                );
             }
         }
         let gaps: Vec<u64> = dialled.windows(2).map(|w| w[1] - w[0]).collect();
@@ -1975,6 +2115,7 @@ mod tests {
                 Input::DialFailed {
                     peer: Some(id(1)),
                     address: address.clone(),
+                    found: None,
                 },
             )
         };

@@ -34,6 +34,10 @@ pub enum Input {
         peer: Option<PeerId>,
         /// The address dialled.
         address: String,
+        /// The peer the server at `address` proved to be, when it was not
+        /// the one expected.
+        #[serde(default)]
+        found: Option<PeerId>,
     },
     /// Infos received from a peer, already verified.
     Learned {

@@ -1054,6 +1054,7 @@ impl Sim {
                             Input::DialFailed {
                                 peer: expected,
                                 address,
+                                found: None,
                             },
                         );
                     }
@@ -1388,10 +1389,18 @@ fn input_bytes(h: &mut Vec<u8>, input: &Input) {
             h.extend_from_slice(b"d");
             h.extend_from_slice(&peer.0);
         }
-        Input::DialFailed { peer, address } => {
+        Input::DialFailed {
+            peer,
+            address,
+            found,
+        } => {
             h.extend_from_slice(b"f");
             h.extend_from_slice(&peer.map_or([0; 32], |p| p.0));
             h.extend_from_slice(address.as_bytes());
+            // Never set here: simulated addresses are their nodes' own.
+            if let Some(found) = found {
+                h.extend_from_slice(&found.0);
+            }
         }
         Input::Learned {
             source,
