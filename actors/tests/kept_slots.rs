@@ -158,3 +158,29 @@ async fn a_kept_slot_never_keeps_another_caller_or_connection_out() {
     assert_eq!(node.fetches_on_kept_slots(), 1);
     node.shutdown().await;
 }
+
+/// Invalid fetches are refused before they reach the adapter. Each fetch
+/// that reaches it takes back every slot kept by a connection, and fetches
+/// are not rate-limited: a stranger sending invalid ones took honest
+/// connections' kept slots at any rate, and cost the actor's thread a
+/// message each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_fetches_from_anyone_never_take_back_the_slots_connections_kept() {
+    let (node, _) = node(config(1, 1), 100);
+    let mut a = client(&node, [100; 32], 1 << 24).await;
+    let mut b = client(&node, [101; 32], 1 << 24).await;
+    let answer = fetch(&mut a, 1, 100).await.expect("served");
+    wait_fetches(&node, 0, DEADLINE).await;
+    for _ in 0..20 {
+        let refused = fetch(&mut b, 0, 100).await.expect_err("start 0 is refused");
+        assert_eq!(refused.code(), Code::InvalidArgument);
+        let refused = fetch(&mut b, 50, 10)
+            .await
+            .expect_err("a reversed range is refused");
+        assert_eq!(refused.code(), Code::InvalidArgument);
+    }
+    // a's slot was kept through all of them.
+    assert_eq!(fetch(&mut a, 1, 100).await.expect("a served"), answer);
+    assert_eq!(node.fetches_on_kept_slots(), 1);
+    node.shutdown().await;
+}

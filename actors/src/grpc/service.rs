@@ -99,24 +99,21 @@ impl P2pService {
             .map_err(Status::from)
     }
 
-    /// Admission for a fetch: on the slot its connection kept from its
-    /// fetch before if there is one (the request checked as the adapter
-    /// would), else from the adapter.
+    /// Admission for a fetch: the request checked here, as the adapter
+    /// would, then on the slot its connection kept from its fetch before
+    /// if there is one, else from the adapter. A request the adapter would
+    /// refuse never reaches it: each fetch that reaches it takes back every
+    /// slot kept by a connection, and fetches are not rate-limited, so
+    /// invalid ones sent by anyone at any rate cost the actor's thread a
+    /// message each and honest connections their kept slots.
     async fn admit_fetch<T>(&self, request: &Request<T>, call: Call) -> Result<Admission, Status> {
+        let work = fetch_work(&self.deps.limits, call.clone()).map_err(Status::from)?;
         let kept = &self.deps.stats.kept;
         if let Some(key) = slot_key(request)
             && let Some(permit) = kept.take(key)
         {
-            return match fetch_work(&self.deps.limits, call) {
-                Ok(work) => {
-                    kept.started();
-                    Ok(Admission { work, permit })
-                }
-                Err(refusal) => {
-                    kept.keep(key, permit);
-                    Err(refusal.into())
-                }
-            };
+            kept.started();
+            return Ok(Admission { work, permit });
         }
         self.admit(request, call).await
     }
