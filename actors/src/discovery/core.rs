@@ -1,4 +1,4 @@
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
@@ -276,6 +276,10 @@ pub struct DiscoveryCore {
     /// Peers we connected to and verified, never evicted until a dial to
     /// them fails; at most the known and connected peers.
     verified: BTreeSet<PeerId>,
+    /// The verified peers not connected now, the one that left first in
+    /// front: at most `target_concurrent_connections` of them stay pinned
+    /// ([`DiscoveryCore::limit_pins`]).
+    pinned_apart: VecDeque<PeerId>,
     /// Dials in progress by address, with the peer expected and the start.
     pending: BTreeMap<String, (Option<PeerId>, Time)>,
     /// The identity each seed dialled by address turned out to have.
@@ -322,6 +326,7 @@ impl Core for DiscoveryCore {
             known,
             connected: BTreeSet::new(),
             verified: BTreeSet::new(),
+            pinned_apart: VecDeque::new(),
             pending: BTreeMap::new(),
             seed_ids: BTreeMap::new(),
             backoff: BTreeMap::new(),
@@ -345,6 +350,7 @@ impl Core for DiscoveryCore {
                 let new = self.connected.insert(peer);
                 self.connected_at.insert(peer, address.clone());
                 self.verified.insert(peer);
+                self.pinned_apart.retain(|p| *p != peer);
                 if !self.connected_order.contains_key(&peer) {
                     self.connections_made += 1;
                     self.connected_order.insert(peer, self.connections_made);
@@ -372,6 +378,9 @@ impl Core for DiscoveryCore {
                 // Still verified while known: it may be back at the next dial.
                 if !self.known.contains_key(&peer) {
                     self.verified.remove(&peer);
+                } else if self.verified.contains(&peer) {
+                    self.pinned_apart.push_back(peer);
+                    self.limit_pins();
                 }
                 vec![]
             }
@@ -745,6 +754,24 @@ impl DiscoveryCore {
             .choose(&mut self.rng)
             .map_or(peer, |(_, p)| *p);
         vec![Output::Disconnect { peer: victim }]
+    }
+
+    /// Unpins the verified peers not connected now past the first
+    /// `target_concurrent_connections` to leave, those that left first.
+    /// Every peer the node ever connects to is verified, and a sybil that
+    /// answers its first query and hangs up stays reachable and known:
+    /// pinned for ever, such peers piled up with each connection made and
+    /// refused honest newcomers once they filled the table.
+    fn limit_pins(&mut self) {
+        let (verified, connected) = (&self.verified, &self.connected);
+        self.pinned_apart
+            .retain(|p| verified.contains(p) && !connected.contains(p));
+        let most = self.config.target_concurrent_connections.max(1);
+        while self.pinned_apart.len() > most {
+            if let Some(p) = self.pinned_apart.pop_front() {
+                self.verified.remove(&p);
+            }
+        }
     }
 
     /// A dial to `expected` at `address` reached `found` instead: the
@@ -1768,6 +1795,49 @@ mod tests {
         let moved = info_at(4, NOW_MS + 50, &["1.2.3.9:7000"]);
         learn_from(&mut c, 100, NOW_MS + 100, vec![moved]);
         assert_eq!(sorted(known(&mut c)), ids([3, 4, 6, 7, 8]));
+    }
+
+    /// Sybils the node connects to, each answering and hanging up, stay
+    /// known: only the last `target_concurrent_connections` of them to
+    /// leave stay pinned. Pinned for ever, they filled the table, and an
+    /// honest newcomer, however new its info, was refused.
+    #[test]
+    fn only_the_last_peers_to_leave_stay_pinned_apart() {
+        let mut c = config(|c| {
+            c.max_known_peers = 4;
+            c.target_concurrent_connections = 2;
+        });
+        let sybils = [11, 12, 13, 14];
+        learn(&mut c, sybils.map(|n| info(n, NOW_MS)).to_vec());
+        for n in sybils {
+            connect(&mut c, n);
+            c.handle(Time(0), Input::Disconnected { peer: id(n) });
+        }
+        assert_eq!(sorted(known(&mut c)), ids(sybils));
+        let newcomer = |c: &mut DiscoveryCore, n: u8| {
+            learn_from(c, 100 + n, NOW_MS, vec![info(n, NOW_MS + 10)]);
+        };
+        // The first two to leave are no longer pinned: two newcomers take
+        // their places.
+        newcomer(&mut c, 1);
+        newcomer(&mut c, 2);
+        assert_eq!(sorted(known(&mut c)), ids([1, 2, 13, 14]));
+        // The last two stay, whatever comes.
+        for n in 3..7 {
+            newcomer(&mut c, n);
+        }
+        let held = known(&mut c);
+        assert_eq!(held.len(), 4);
+        assert!(held.contains(&id(13)) && held.contains(&id(14)), "{held:?}");
+        // Back and gone again, a peer is counted once: both stay.
+        connect(&mut c, 13);
+        c.handle(Time(0), Input::Disconnected { peer: id(13) });
+        for n in 7..11 {
+            newcomer(&mut c, n);
+        }
+        let held = known(&mut c);
+        assert_eq!(held.len(), 4);
+        assert!(held.contains(&id(13)) && held.contains(&id(14)), "{held:?}");
     }
 
     #[test]
