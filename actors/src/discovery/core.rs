@@ -1282,7 +1282,19 @@ mod tests {
         }
         let in_prefix = |e: &Entry| e.prefix == prefix;
         if count(&chosen, &in_prefix) >= c.config.max_known_peers_per_prefix {
-            chosen.push(victim(&chosen, &in_prefix)?);
+            // The source holding the most of the prefix gives up its oldest.
+            let mut sizes: BTreeMap<Source, usize> = BTreeMap::new();
+            for (p, e) in c.known.iter() {
+                if in_prefix(e) && !chosen.contains(p) {
+                    *sizes.entry(e.source).or_default() += 1;
+                }
+            }
+            let mut sizes: Vec<(Source, usize)> = sizes.into_iter().collect();
+            sizes.sort_by_key(|(s, n)| (std::cmp::Reverse(*n), *s));
+            let v = sizes
+                .iter()
+                .find_map(|(s, _)| victim(&chosen, &|e: &Entry| in_prefix(e) && e.source == *s))?;
+            chosen.push(v);
         }
         if source.is_some() && count(&chosen, &|_| true) >= c.config.max_known_peers {
             let mut sizes: BTreeMap<Source, usize> = BTreeMap::new();
@@ -1838,6 +1850,30 @@ mod tests {
         let held = known(&mut c);
         assert_eq!(held.len(), 4);
         assert!(held.contains(&id(13)) && held.contains(&id(14)), "{held:?}");
+    }
+
+    /// One source stamps 50 fakes with addresses of a network where five
+    /// honest peers are known, each newer than theirs. A full prefix gives
+    /// up the oldest entry of the source holding the most of it: the
+    /// fakes push out only each other. Its oldest whatever the source went
+    /// before, and the five were pushed out, with the table nowhere near
+    /// full.
+    #[test]
+    fn fakes_in_one_network_push_out_only_each_other() {
+        let mut c = core(8);
+        let honest: Vec<SignedNodeInfo> = (1..=5)
+            .map(|n| info_at(n, NOW_MS - 10_000, &[&format!("203.0.113.{n}:7000")]))
+            .collect();
+        learn_from(&mut c, 100, NOW_MS, honest);
+        let fakes: Vec<SignedNodeInfo> = (10..60)
+            .map(|n| info_at(n, NOW_MS + 25_000, &[&format!("203.0.113.{n}:7000")]))
+            .collect();
+        learn_from(&mut c, 150, NOW_MS, fakes);
+        let known = known(&mut c);
+        assert_eq!(known.len(), 50, "the prefix cap");
+        for n in 1..=5 {
+            assert!(known.contains(&id(n)), "honest peer {n} pushed out");
+        }
     }
 
     #[test]

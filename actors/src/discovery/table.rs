@@ -1,9 +1,11 @@
 //! Discovery's table of known peers, with an index of each bucket its caps
 //! count in (source, address prefix), oldest entry first. Making room for
-//! a newcomer walks the buckets involved from their oldest entry, instead
-//! of scanning the whole table per cap: in a network larger than the table
-//! (1,000 entries), where most answers bring peers the table must make
-//! room for, that scan was most of a node's Discovery time.
+//! a newcomer walks the source buckets involved from their oldest entry,
+//! instead of scanning the whole table per cap: in a network larger than
+//! the table (1,000 entries), where most answers bring peers the table
+//! must make room for, that scan was most of a node's Discovery time. A
+//! full prefix bucket (at most `per_prefix` entries) is read whole, since
+//! the entry it gives up is its fullest source's oldest.
 //!
 //! An entry is indexed at a seen time no later than its own: a newer info
 //! of a known peer (every peer signs afresh each interval, so most of what
@@ -11,8 +13,8 @@
 //! to date where it is read, as a bucket is walked from its oldest entry.
 //! Walking stops at the first entry that may go, so only the oldest end of
 //! the buckets a newcomer needs room in is ever settled, and an index
-//! whose buckets are never walked is never settled (docs/benchmarks.md,
-//! "The simulator's speed").
+//! whose buckets are never walked (the prefix index, read by entry) is
+//! never settled (docs/benchmarks.md, "The simulator's speed").
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap};
@@ -41,6 +43,9 @@ fn hasher() -> SeedableRandomState {
     let shared = SHARED.get_or_init(|| SharedSeed::from_u64(random()));
     SeedableRandomState::with_seed(random(), shared)
 }
+
+/// An entry's seen time and peer: ordered oldest first, ties by id.
+type Oldest = (u64, PeerId);
 
 /// The caps [`Table::make_room`] keeps.
 #[derive(Clone, Copy, Debug)]
@@ -213,13 +218,6 @@ impl Slot {
     }
 }
 
-/// A bucket by its index and number there.
-#[derive(Clone, Copy)]
-enum Bucket {
-    Source(u32),
-    Prefix(u32),
-}
-
 /// Known peers by id, indexed by source and by prefix. The entries lie in
 /// one array with a hash index beside it: a lookup is a hash and a probe
 /// rather than a walk down a tree of 32-byte keys, and an answer draws its
@@ -356,37 +354,27 @@ impl Table {
         }
     }
 
-    /// Bucket `bucket`'s oldest entry that may go (ties: the lowest id):
+    /// Source bucket number `id`'s oldest entry that may go (ties: the
+    /// lowest id):
     /// none newer than `seen_ms`, pinned or chosen. Entries indexed earlier
     /// than they were seen are moved to their place as they are met: every
     /// entry met before the one returned is then where it belongs, and one
     /// not met is indexed, so seen, later than it.
     fn first_evictable(
         &mut self,
-        bucket: Bucket,
+        id: u32,
         seen_ms: u64,
         chosen: &[PeerId],
         pinned: &dyn Fn(&PeerId) -> bool,
     ) -> Option<PeerId> {
         let mut after = None;
         loop {
-            let (indexed_ms, peer) = match bucket {
-                Bucket::Source(id) => self.by_source.next(id, seen_ms, after),
-                Bucket::Prefix(id) => self.by_prefix.next(id, seen_ms, after),
-            }?;
+            let (indexed_ms, peer) = self.by_source.next(id, seen_ms, after)?;
             let slot = self.entries.get_mut(&peer)?;
             let seen = slot.entry.seen_ms;
             if seen != indexed_ms {
-                match bucket {
-                    Bucket::Source(id) => {
-                        self.by_source.relocate(id, indexed_ms, seen, peer);
-                        slot.source_ms = seen;
-                    }
-                    Bucket::Prefix(id) => {
-                        self.by_prefix.relocate(id, indexed_ms, seen, peer);
-                        slot.prefix_ms = seen;
-                    }
-                }
+                self.by_source.relocate(id, indexed_ms, seen, peer);
+                slot.source_ms = seen;
                 // The next item is now the one after where it was.
                 continue;
             }
@@ -395,6 +383,54 @@ impl Table {
             }
             after = Some((indexed_ms, peer));
         }
+    }
+
+    /// The entry a full prefix bucket (number `id`) gives up: the oldest
+    /// evictable one (none newer than `seen_ms`, pinned or chosen) of the
+    /// source that holds the most of the bucket (ties: the lowest source),
+    /// as the whole table gives up the oldest of its fullest source. Its
+    /// oldest entry whatever its source went before: one source stamping
+    /// fakes with addresses of a network it chose pushed every honest
+    /// entry of that network out, newer than any of them. A prefix bucket
+    /// holds at most `per_prefix` entries, all read here; it fills only
+    /// where many peers share a network.
+    fn prefix_victim(
+        &self,
+        id: u32,
+        seen_ms: u64,
+        chosen: &[PeerId],
+        pinned: &dyn Fn(&PeerId) -> bool,
+    ) -> Option<PeerId> {
+        let items = self
+            .by_prefix
+            .items
+            .range((id, 0, PeerId([0; 32]))..=(id, u64::MAX, PeerId([u8::MAX; 32])));
+        // Each source's entries in the bucket, and its oldest evictable.
+        let mut sources: Vec<(Source, usize, Option<Oldest>)> = Vec::new();
+        for &(_, _, peer) in items {
+            if chosen.contains(&peer) {
+                continue;
+            }
+            let Some(entry) = self.get(&peer) else {
+                continue;
+            };
+            let evictable = !pinned(&peer) && entry.seen_ms <= seen_ms;
+            let candidate = evictable.then_some((entry.seen_ms, peer));
+            match sources.iter_mut().find(|(s, _, _)| *s == entry.source) {
+                Some((_, n, oldest)) => {
+                    *n += 1;
+                    *oldest = match (*oldest, candidate) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                }
+                None => sources.push((entry.source, 1, candidate)),
+            }
+        }
+        sources.sort_unstable_by_key(|&(s, n, _)| (Reverse(n), s));
+        sources
+            .into_iter()
+            .find_map(|(_, _, oldest)| oldest.map(|(_, peer)| peer))
     }
 
     /// The entries to evict so that `peer`, seen at `seen_ms` with prefix
@@ -430,7 +466,7 @@ impl Table {
             let len = bucket.map_or(0, |b| b.len);
             if size(self, len, &chosen, &|e| e.source == source) >= caps.per_source {
                 let id = bucket?.id;
-                let victim = self.first_evictable(Bucket::Source(id), seen_ms, &chosen, &pinned)?;
+                let victim = self.first_evictable(id, seen_ms, &chosen, &pinned)?;
                 chosen.push(victim);
             }
         }
@@ -438,7 +474,7 @@ impl Table {
         let len = bucket.map_or(0, |b| b.len);
         if size(self, len, &chosen, &|e| e.prefix == prefix) >= caps.per_prefix {
             let id = bucket?.id;
-            let victim = self.first_evictable(Bucket::Prefix(id), seen_ms, &chosen, &pinned)?;
+            let victim = self.prefix_victim(id, seen_ms, &chosen, &pinned)?;
             chosen.push(victim);
         }
         // `peer` is new to the table here (an update passes no source).
@@ -477,8 +513,7 @@ impl Table {
                     }
                     (None, _) => moved.next()?,
                 };
-                if let Some(v) = self.first_evictable(Bucket::Source(id), seen_ms, &chosen, &pinned)
-                {
+                if let Some(v) = self.first_evictable(id, seen_ms, &chosen, &pinned) {
                     break v;
                 }
             };
