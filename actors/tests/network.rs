@@ -50,6 +50,25 @@ fn validator(chain: &Chain, key: u8) -> P2pHandle {
     start(chain, Arc::new(store), key)
 }
 
+/// A node of key 1 holding the first 100 commits of `chain`, with the
+/// default settings as `edit` changes them.
+fn validator_with(chain: &Chain, edit: impl FnOnce(&mut P2pConfig)) -> P2pHandle {
+    let store = MemStore::new(chain.genesis());
+    chain.write_to(&store, 100).unwrap();
+    let mut config = P2pConfig::default();
+    edit(&mut config);
+    soma_testkit::node(chain, 1, config, Arc::new(store))
+}
+
+/// An anonymous caller's channel to `node`.
+async fn anonymous(node: &P2pHandle) -> Channel {
+    let address = node.local_addr().to_string();
+    let (channel, _) = tls::connect(&address, None, None, Duration::from_secs(5))
+        .await
+        .expect("connects");
+    channel
+}
+
 fn empty(chain: &Chain, key: u8) -> P2pHandle {
     start(chain, Arc::new(MemStore::new(chain.genesis())), key)
 }
@@ -615,14 +634,7 @@ async fn standard_health_and_reflection_services_answer_anonymous_callers() {
 
     let chain = chain(32);
     let a = validator(&chain, 1);
-    let (channel, _) = tls::connect(
-        &a.local_addr().to_string(),
-        None,
-        None,
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap();
+    let channel = anonymous(&a).await;
     let mut health = HealthClient::new(channel.clone());
     for service in ["", "soma.p2p.v1.P2p"] {
         let status = health
@@ -677,26 +689,8 @@ async fn oversized_requests_to_the_standard_services_are_refused_and_open_reflec
 
     const SEND_TIMEOUT: Duration = Duration::from_millis(500);
     let chain = chain(32);
-    let store = MemStore::new(chain.genesis());
-    chain.write_to(&store, 100).unwrap();
-    let mut config = P2pConfig::default();
-    config.grpc.send_timeout = SEND_TIMEOUT;
-    let a = P2pBuilder::new(
-        config,
-        KeyPair::from_seed([1; 32]),
-        chain.genesis().clone(),
-        Arc::new(store),
-    )
-    .start()
-    .unwrap();
-    let (channel, _) = tls::connect(
-        &a.local_addr().to_string(),
-        None,
-        None,
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap();
+    let a = validator_with(&chain, |c| c.grpc.send_timeout = SEND_TIMEOUT);
+    let channel = anonymous(&a).await;
     let list = |host: String| ServerReflectionRequest {
         host,
         message_request: Some(MessageRequest::ListServices(String::new())),
@@ -757,18 +751,7 @@ async fn oversized_requests_to_the_standard_services_are_refused_and_open_reflec
 async fn inbound_connections_past_the_limit_are_refused_until_one_closes() {
     const LIMIT: usize = 3;
     let chain = chain(32);
-    let store = MemStore::new(chain.genesis());
-    chain.write_to(&store, 100).unwrap();
-    let mut config = P2pConfig::default();
-    config.grpc.max_inbound_connections = LIMIT;
-    let a = P2pBuilder::new(
-        config,
-        KeyPair::from_seed([1; 32]),
-        chain.genesis().clone(),
-        Arc::new(store),
-    )
-    .start()
-    .unwrap();
+    let a = validator_with(&chain, |c| c.grpc.max_inbound_connections = LIMIT);
     let available = |client: &mut P2pClient<Channel>| {
         let mut client = client.clone();
         async move {

@@ -1942,26 +1942,8 @@ mod tests {
 
     #[test]
     fn a_flood_from_one_prefix_never_evicts_connect_back_infos_from_another() {
-        let mut c = config(|c| {
-            c.max_known_peers = 10;
-            c.max_known_peers_per_source = 4;
-        });
-        call_in(&mut c, 1, NOW_MS - 100, Some("198.51.100.1"));
-        call_in(&mut c, 2, NOW_MS - 100, Some("198.51.100.2"));
-        // 200 identities from one /24, each stamped ahead and newer than
-        // the honest callers, over several rounds.
-        for round in 0..4 {
-            for n in 10..210 {
-                call_in(&mut c, n, NOW_MS + 25_000, Some("203.0.113.7"));
-            }
-            tick(&mut c, Time(round * 5_000), NOW_MS);
-        }
-        let known = known(&mut c);
-        assert!(
-            known.contains(&id(1)) && known.contains(&id(2)),
-            "{known:?}"
-        );
-        assert_eq!(known.len(), 2 + 4);
+        // 200 identities from one /24.
+        flooded_by_callers("198.51.100.2", |_| "203.0.113.7".to_string());
     }
 
     /// The same flood from 200 /64s of one IPv6 /32 (one subscriber holds
@@ -1970,16 +1952,23 @@ mod tests {
     /// the honest callers too.
     #[test]
     fn a_flood_from_many_subnets_of_one_ipv6_network_never_evicts_callers_from_another() {
+        flooded_by_callers("2001:db9::2", |n| format!("2001:db8:0:{n:x}::1"));
+    }
+
+    /// Two honest callers (from 198.51.100.1 and `second`), then 200
+    /// identities calling from `flood(n)`, each stamped ahead and newer
+    /// than the honest callers, over several rounds: the honest callers'
+    /// infos stay, and the flood holds its one bucket.
+    fn flooded_by_callers(second: &str, flood: impl Fn(u8) -> String) {
         let mut c = config(|c| {
             c.max_known_peers = 10;
             c.max_known_peers_per_source = 4;
         });
         call_in(&mut c, 1, NOW_MS - 100, Some("198.51.100.1"));
-        call_in(&mut c, 2, NOW_MS - 100, Some("2001:db9::2"));
+        call_in(&mut c, 2, NOW_MS - 100, Some(second));
         for round in 0..4 {
             for n in 10..210 {
-                let from = format!("2001:db8:0:{n:x}::1");
-                call_in(&mut c, n, NOW_MS + 25_000, Some(&from));
+                call_in(&mut c, n, NOW_MS + 25_000, Some(&flood(n)));
             }
             tick(&mut c, Time(round * 5_000), NOW_MS);
         }
