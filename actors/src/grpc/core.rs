@@ -82,7 +82,8 @@ pub struct Limits {
     pub reserved_inbound_connections: usize,
     /// Inbound connections from one source address.
     pub max_inbound_per_ip: usize,
-    /// Inbound connections from one /24 (IPv4) or /32 (IPv6).
+    /// Inbound connections from one /24 (IPv4) or /64 (IPv6); an IPv6 /32
+    /// holds four times as many.
     pub max_inbound_per_prefix: usize,
     /// Whether loopback callers skip the per-address and per-prefix caps
     /// and count as reserved callers (local test networks).

@@ -224,7 +224,8 @@ pub struct P2pSection {
     pub reserved_inbound_connections: usize,
     /// Inbound connections from one source address.
     pub max_inbound_per_ip: usize,
-    /// Inbound connections from one /24 (IPv4) or /32 (IPv6).
+    /// Inbound connections from one /24 (IPv4) or /64 (IPv6); an IPv6 /32
+    /// holds four times as many.
     pub max_inbound_per_prefix: usize,
     /// Whether loopback callers skip the per-address and per-prefix caps
     /// and count as reserved callers.
@@ -1094,8 +1095,8 @@ max-rate-limited = {rate_limited}
 # anonymous and other callers share the rest, and when it is full the
 # longest-idle of them (anonymous first) is closed for a newcomer.
 reserved-inbound-connections = {reserved}
-# Inbound connections from one address, and from one /24 (IPv4) or /32
-# (IPv6) network.
+# Inbound connections from one address, and from one /24 (IPv4) or /64
+# (IPv6) network; an IPv6 /32 holds four times as many.
 max-inbound-per-ip = {per_ip}
 max-inbound-per-prefix = {inbound_per_prefix}
 # Loopback callers (this host) skip the two caps above and count as

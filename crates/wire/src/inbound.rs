@@ -10,7 +10,8 @@
 //! The rules ([`Config`]), checked when a socket is accepted, before the
 //! TLS handshake:
 //! - at most `max_per_ip` connections from one source address and
-//!   `max_per_prefix` from one network (/24 in IPv4, /32 in IPv6), so one
+//!   `max_per_prefix` from one network (/24 in IPv4, /64 in IPv6, and four
+//!   times that from one IPv6 /32), so one
 //!   host or one subnet cannot take every slot;
 //! - at most `max` in all. When all are taken, the connection of an
 //!   ordinary caller that has been idle longest is closed to make room
@@ -75,7 +76,7 @@ pub const DEFAULT_RESERVED_CONNECTIONS: usize = 64;
 /// 512 slots.
 pub const DEFAULT_MAX_PER_IP: usize = 8;
 
-/// Default connections from one /24 or /32: a few hosts of one provider's
+/// Default connections from one /24 or /64: a few hosts of one provider's
 /// subnet; taking every unreserved slot needs 14 distinct networks.
 pub const DEFAULT_MAX_PER_PREFIX: usize = 32;
 
@@ -109,7 +110,8 @@ pub struct Config {
     pub reserved: usize,
     /// Connections from one source address.
     pub max_per_ip: usize,
-    /// Connections from one /24 (IPv4) or /32 (IPv6).
+    /// Connections from one /24 (IPv4) or /64 (IPv6); an IPv6 /32 holds
+    /// [`IPV6_NETWORK_PREFIXES`] times as many.
     pub max_per_prefix: usize,
     /// Whether loopback callers (this host) skip the per-address and
     /// per-prefix caps and count as reserved callers: every node of a
@@ -157,7 +159,8 @@ pub enum Refusal {
     /// Its source address already had `max_per_ip` connections.
     #[error("too many connections from this address")]
     PerIp,
-    /// Its /24 or /32 already had `max_per_prefix` connections.
+    /// Its /24 or /64 already had `max_per_prefix` connections (or its
+    /// IPv6 /32 four times that).
     #[error("too many connections from this network")]
     PerPrefix,
     /// All `max` slots were taken and none could be freed.
@@ -227,6 +230,8 @@ enum Class {
 struct Entry {
     /// The source and its network, `None` for an exempt loopback caller.
     source: Option<(IpAddr, IpAddr)>,
+    /// The source's IPv6 /32, if it is one and not exempt.
+    network: Option<Ipv6Addr>,
     exempt: bool,
     class: Class,
     accepted: Instant,
@@ -242,6 +247,7 @@ pub struct Rules {
     entries: HashMap<ConnId, Entry>,
     per_ip: HashMap<IpAddr, usize>,
     per_prefix: HashMap<IpAddr, usize>,
+    per_network: HashMap<Ipv6Addr, usize>,
     /// Established connections of ordinary callers.
     ordinary: usize,
     next: ConnId,
@@ -266,6 +272,7 @@ impl Rules {
             entries: HashMap::new(),
             per_ip: HashMap::new(),
             per_prefix: HashMap::new(),
+            per_network: HashMap::new(),
             ordinary: 0,
             next: 0,
             counts: Counts::default(),
@@ -328,11 +335,21 @@ impl Rules {
         let ip = ip.to_canonical();
         let exempt = self.config.exempt_loopback && ip.is_loopback();
         let source = (!exempt).then(|| (ip, prefix(ip)));
+        let network = source.and_then(|(ip, _)| ipv6_network(ip));
         if let Some((ip, prefix)) = source {
             if self.per_ip.get(&ip).copied().unwrap_or(0) >= self.config.max_per_ip {
                 return Err(Refusal::PerIp);
             }
             if self.per_prefix.get(&prefix).copied().unwrap_or(0) >= self.config.max_per_prefix {
+                return Err(Refusal::PerPrefix);
+            }
+        }
+        if let Some(network) = network {
+            let most = self
+                .config
+                .max_per_prefix
+                .saturating_mul(IPV6_NETWORK_PREFIXES);
+            if self.per_network.get(&network).copied().unwrap_or(0) >= most {
                 return Err(Refusal::PerPrefix);
             }
         }
@@ -351,10 +368,14 @@ impl Rules {
             *self.per_ip.entry(ip).or_default() += 1;
             *self.per_prefix.entry(prefix).or_default() += 1;
         }
+        if let Some(network) = network {
+            *self.per_network.entry(network).or_default() += 1;
+        }
         self.entries.insert(
             id,
             Entry {
                 source,
+                network,
                 exempt,
                 class: Class::Handshake,
                 accepted: now,
@@ -434,6 +455,9 @@ impl Rules {
             decrement(&mut self.per_ip, ip);
             decrement(&mut self.per_prefix, prefix);
         }
+        if let Some(network) = entry.network {
+            decrement(&mut self.per_network, network);
+        }
     }
 
     /// The established ordinary connection to close first: anonymous
@@ -457,7 +481,7 @@ impl Rules {
     }
 }
 
-fn decrement(counts: &mut HashMap<IpAddr, usize>, key: IpAddr) {
+fn decrement<K: std::hash::Hash + Eq>(counts: &mut HashMap<K, usize>, key: K) {
     if let Some(n) = counts.get_mut(&key) {
         *n -= 1;
         if *n == 0 {
@@ -466,30 +490,49 @@ fn decrement(counts: &mut HashMap<IpAddr, usize>, key: IpAddr) {
     }
 }
 
-/// Leading bits of an IPv6 address that name its network, for every cap
-/// keyed by network (here and in Discovery's tables): a /32, as Bitcoin's
-/// address manager groups IPv6. A /64 is one subscriber's LAN, and one
-/// subscriber holds hundreds of them (a /56 is 256, a tunnel broker's free
-/// /48 65,536): keyed by /64, one IPv6 customer took every unreserved
-/// inbound slot and made a Discovery bucket of its own per identity.
+/// Leading bits of an IPv6 address that name one subscriber's LAN: what
+/// [`Config::max_per_prefix`] counts, as it counts an IPv4 /24.
+pub const IPV6_PREFIX_BITS: u32 = 64;
+
+/// Leading bits of an IPv6 address that name its network: a /32, as
+/// Bitcoin's address manager groups IPv6. Discovery buckets known peers by
+/// it; here a /32 holds at most [`IPV6_NETWORK_PREFIXES`] times
+/// `max_per_prefix` connections. One subscriber holds hundreds of /64s (a
+/// /56 is 256, a tunnel broker's free /48 65,536): counted by /64 alone,
+/// one IPv6 customer took every unreserved slot. Counted by /32 alone, one
+/// server rented from a provider would shut out every other node of that
+/// provider, the refusal coming before the handshake tells who calls.
 pub const IPV6_NETWORK_BITS: u32 = 32;
+
+/// How many /64s' worth of connections one IPv6 /32 may hold.
+pub const IPV6_NETWORK_PREFIXES: usize = 4;
 
 /// Leading bits of an IPv4 address that name its network: a /24.
 pub const IPV4_NETWORK_BITS: u32 = 24;
 
 /// The network of `ip` that [`Config::max_per_prefix`] counts: its /24 in
-/// IPv4, its /32 in IPv6 (an IPv4-mapped address counting as IPv4).
+/// IPv4, its /64 in IPv6 (an IPv4-mapped address counting as IPv4).
 pub fn prefix(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
         IpAddr::V4(v4) => {
             let mask = u32::MAX << (32 - IPV4_NETWORK_BITS);
             IpAddr::V4(Ipv4Addr::from_bits(v4.to_bits() & mask))
         }
-        IpAddr::V6(v6) => {
-            let mask = u128::MAX << (128 - IPV6_NETWORK_BITS);
-            IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & mask))
-        }
+        IpAddr::V6(v6) => IpAddr::V6(ipv6_masked(v6, IPV6_PREFIX_BITS)),
     }
+}
+
+/// The /32 of an IPv6 `ip` (not IPv4-mapped), which holds at most
+/// [`IPV6_NETWORK_PREFIXES`] times `max_per_prefix` connections.
+pub fn ipv6_network(ip: IpAddr) -> Option<Ipv6Addr> {
+    match ip.to_canonical() {
+        IpAddr::V4(_) => None,
+        IpAddr::V6(v6) => Some(ipv6_masked(v6, IPV6_NETWORK_BITS)),
+    }
+}
+
+fn ipv6_masked(v6: Ipv6Addr, bits: u32) -> Ipv6Addr {
+    Ipv6Addr::from_bits(v6.to_bits() & (u128::MAX << (128 - bits)))
 }
 
 /// The admission of a server's inbound connections (see the module docs),
@@ -1060,13 +1103,12 @@ mod tests {
         assert_eq!(h.admit(0, "10.0.0.3"), Err(Refusal::PerPrefix));
         // Another /24 is another network.
         h.admit(0, "10.0.1.1").unwrap();
-        // IPv6: one /32, whatever the subnets and interface ids within:
-        // one subscriber's many /64s are one network.
+        // IPv6: one /64, whatever the interface id.
         h.admit(0, "2001:db8::1").unwrap();
         h.admit(0, "2001:db8::1").unwrap();
-        h.admit(0, "2001:db8:ffff:ffff::1").unwrap();
-        assert_eq!(h.admit(0, "2001:db8:0:1::2"), Err(Refusal::PerPrefix));
-        h.admit(0, "2001:db9::2").unwrap();
+        h.admit(0, "2001:db8::ffff:ffff:ffff:1").unwrap();
+        assert_eq!(h.admit(0, "2001:db8::2"), Err(Refusal::PerPrefix));
+        h.admit(0, "2001:db8:0:1::2").unwrap();
         let counts = h.rules.counts();
         assert_eq!(
             (
@@ -1077,8 +1119,33 @@ mod tests {
             (8, 2, 0)
         );
         assert_eq!(prefix(ip("192.168.7.9")), ip("192.168.7.0"));
-        assert_eq!(prefix(ip("2001:db8:1:2:3:4:5:6")), ip("2001:db8::"));
+        assert_eq!(prefix(ip("2001:db8:1:2:3:4:5:6")), ip("2001:db8:1:2::"));
         assert_eq!(prefix(ip("::ffff:192.168.7.9")), ip("192.168.7.0"));
+    }
+
+    /// One subscriber's many /64s: each holds `max_per_prefix`, and their
+    /// /32 four times that, so one IPv6 customer cannot take every slot,
+    /// nor one server rented in a provider's /32 shut out the rest of it.
+    #[test]
+    fn one_ipv6_network_gets_at_most_four_prefixes_worth() {
+        let mut h = Harness::new(config(100, 0, 3, 3));
+        for subnet in 0..4 {
+            for host in 1..=3 {
+                h.admit(0, &format!("2001:db8:0:{subnet}::{host}")).unwrap();
+            }
+            let full = format!("2001:db8:0:{subnet}::9");
+            assert_eq!(h.admit(0, &full), Err(Refusal::PerPrefix));
+        }
+        // A fifth /64 of the same /32: its network holds 12 already.
+        assert_eq!(h.admit(0, "2001:db8:0:ff::1"), Err(Refusal::PerPrefix));
+        // Another /32 is another network.
+        h.admit(0, "2001:db9::1").unwrap();
+        assert_eq!(h.rules.open(), 13);
+        assert_eq!(
+            ipv6_network(ip("2001:db8:1:2::3")),
+            "2001:db8::".parse().ok()
+        );
+        assert_eq!(ipv6_network(ip("::ffff:1.2.3.4")), None);
     }
 
     #[test]
