@@ -400,8 +400,9 @@ impl Core for DiscoveryCore {
                 }
                 if let (Some(p), Some(found)) = (peer, found)
                     && p != found
+                    && let Some(out) = self.answered_by_another(now, p, found, &address)
                 {
-                    return self.answered_by_another(now, p, found, address);
+                    return out;
                 }
                 let b = self.backoff.entry(address).or_insert(Backoff {
                     failures: 0,
@@ -774,35 +775,41 @@ impl DiscoveryCore {
         }
     }
 
-    /// A dial to `expected` at `address` reached `found` instead: the
-    /// address is live, and `found`'s. `expected`'s entry named an address
-    /// that is not its own (an info gone stale, or one made up to shadow
-    /// `found`), so it is forgotten, and the address is not backed off.
-    /// Backed off, identities minted to copy an honest peer's address took
-    /// turns failing there and kept the node from ever dialling that peer
-    /// again. `found` is dialled there at once if it is one to dial and its
-    /// own info names that address: the dial just proved it is there.
+    /// A dial to `expected` at `address` reached a server whose
+    /// certificate names `found` (a claim: the handshake stopped there).
+    /// `expected`'s entry named an address that is not its own (an info
+    /// gone stale, or one made up to shadow another peer), so it is
+    /// forgotten, unless allowlisted. If `found` is one to dial and its own
+    /// signed info names that address, it is dialled there at once, past
+    /// any backoff of the address (`Some`): identities minted to copy an
+    /// honest peer's address otherwise took turns failing there, each
+    /// failure backing the address off, and kept the node from dialling
+    /// that peer again. Otherwise (`None`) the address is backed off as
+    /// for any failed dial, so that fakes naming the address of a peer not
+    /// known here cannot have every node dial it again and again.
     fn answered_by_another(
         &mut self,
         now: Time,
         expected: PeerId,
         found: PeerId,
-        address: String,
-    ) -> Vec<Output> {
-        // An allowlisted peer is kept: the operator named it, and its
-        // next info may name where it is now.
+        address: &str,
+    ) -> Option<Vec<Output>> {
         if !self.allowlist.contains(&expected) {
             self.known.remove(&expected);
         }
         let pending_peers: BTreeSet<PeerId> =
             self.pending.values().filter_map(|(p, _)| *p).collect();
         let named = (self.known.get(&found))
-            .is_some_and(|e| e.info.info.addresses.first() == Some(&address));
-        let mut out = Vec::new();
-        if named && self.wanted(&found, &pending_peers) && self.dialable(now, &address) {
-            self.start_dial(now, Some(found), address, &mut out);
+            .is_some_and(|e| e.info.info.addresses.first().map(String::as_str) == Some(address));
+        let free = !self.pending.contains_key(address)
+            && !self.connected_at.values().any(|a| a == address);
+        if !(named && free && self.wanted(&found, &pending_peers)) {
+            return None;
         }
-        out
+        self.backoff.remove(address);
+        let mut out = Vec::new();
+        self.start_dial(now, Some(found), address.to_string(), &mut out);
+        Some(out)
     }
 
     fn start_dial(
@@ -1855,7 +1862,8 @@ mod tests {
     /// One source stamps 50 fakes with addresses of a network where five
     /// honest peers are known, each newer than theirs. A full prefix gives
     /// up the oldest entry of the source holding the most of it: the
-    /// fakes push out only each other. Its oldest whatever the source went
+    /// fakes push out each other (honest entries only of a source holding
+    /// as many of the network). Its oldest whatever the source went
     /// before, and the five were pushed out, with the table nowhere near
     /// full.
     #[test]
@@ -2020,6 +2028,38 @@ mod tests {
             assert!(!known.contains(&fake) && known.contains(&id(1)));
             assert_eq!(known.len(), 49);
         }
+    }
+
+    /// Identities naming the address of a peer this node does not know:
+    /// the one dialled is forgotten, and the address is backed off as for
+    /// any failed dial, so that such fakes cannot have every node dial that
+    /// peer again and again.
+    #[test]
+    fn fakes_naming_a_peer_not_known_here_back_its_address_off() {
+        const AT: &str = "10.0.0.1:7000";
+        let mut c = core(1);
+        let fakes: Vec<SignedNodeInfo> = (10..59)
+            .map(|n| info_at(n, NOW_MS + u64::from(n), &[AT]))
+            .collect();
+        learn(&mut c, fakes);
+        let out = tick(&mut c, Time(0), NOW_MS);
+        let [(Some(fake), address)] = &dials(&out)[..] else {
+            panic!("one dial: {out:?}")
+        };
+        assert_eq!(address, AT);
+        let out = c.handle(
+            Time(0),
+            Input::DialFailed {
+                peer: Some(*fake),
+                address: AT.to_string(),
+                found: Some(id(1)),
+            },
+        );
+        assert_eq!(dials(&out), vec![]);
+        assert_eq!(known(&mut c).len(), 48);
+        // Within the backoff (1 s), no other fake is dialled there.
+        assert_eq!(dials(&tick(&mut c, Time(500), NOW_MS)), vec![]);
+        assert_eq!(dials(&tick(&mut c, Time(1_000), NOW_MS)).len(), 1);
     }
 
     /// While peer 1 is connected at its address, identities naming that

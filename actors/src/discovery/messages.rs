@@ -34,8 +34,9 @@ pub enum Input {
         peer: Option<PeerId>,
         /// The address dialled.
         address: String,
-        /// The peer the server at `address` proved to be, when it was not
-        /// the one expected.
+        /// The peer the certificate of the server at `address` named, when
+        /// it was not the one expected (a claim: the handshake stopped
+        /// there, before the server proved it holds that peer's key).
         #[serde(default)]
         found: Option<PeerId>,
     },
