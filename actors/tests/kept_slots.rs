@@ -159,18 +159,19 @@ async fn a_kept_slot_never_keeps_another_caller_or_connection_out() {
     node.shutdown().await;
 }
 
-/// Invalid fetches are refused before they reach the adapter. Each fetch
-/// that reaches it takes back every slot kept by a connection, and fetches
-/// are not rate-limited: a stranger sending invalid ones took honest
-/// connections' kept slots at any rate, and cost the actor's thread a
-/// message each.
+/// Fetches that find a slot free leave the slots connections kept alone,
+/// and invalid ones never reach the adapter. Every fetch that reached it
+/// took back every kept slot, and fetches are not rate-limited: a
+/// stranger's fetches, valid or not, at any rate, cost honest connections
+/// their kept slots (and invalid ones cost the actor's thread a message
+/// each).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn invalid_fetches_from_anyone_never_take_back_the_slots_connections_kept() {
-    let (node, _) = node(config(1, 1), 100);
+async fn fetches_from_anyone_that_find_a_slot_free_leave_the_slots_connections_kept() {
+    let (node, _) = node(config(2, 4), 100);
     let mut a = client(&node, [100; 32], 1 << 24).await;
-    let mut b = client(&node, [101; 32], 1 << 24).await;
     let answer = fetch(&mut a, 1, 100).await.expect("served");
     wait_fetches(&node, 0, DEADLINE).await;
+    let mut b = client(&node, [101; 32], 1 << 24).await;
     for _ in 0..20 {
         let refused = fetch(&mut b, 0, 100).await.expect_err("start 0 is refused");
         assert_eq!(refused.code(), Code::InvalidArgument);
@@ -179,6 +180,13 @@ async fn invalid_fetches_from_anyone_never_take_back_the_slots_connections_kept(
             .expect_err("a reversed range is refused");
         assert_eq!(refused.code(), Code::InvalidArgument);
     }
+    // Valid fetches, each on a connection of its own, so each asks the
+    // adapter: b keeps at most its 2 slots, a its 1, of 4.
+    for _ in 0..10 {
+        let mut again = client(&node, [101; 32], 1 << 24).await;
+        fetch(&mut again, 1, 1).await.expect("served");
+    }
+    wait_fetches(&node, 0, DEADLINE).await;
     // a's slot was kept through all of them.
     assert_eq!(fetch(&mut a, 1, 100).await.expect("a served"), answer);
     assert_eq!(node.fetches_on_kept_slots(), 1);

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use actix::{Actor, Addr, Context, Handler, Supervised};
 
-use super::core::{GrpcAdapterCore, Limits};
+use super::core::{Crowded, GrpcAdapterCore, Limits};
 use super::deadline::SendStats;
 use super::messages::*;
 use crate::Driver;
@@ -102,6 +102,16 @@ impl Supervised for GrpcAdapter {
     }
 }
 
+impl GrpcAdapter {
+    /// Tells the core of the fetches that ended since it last heard, in
+    /// id order, so a replay sees the same inputs.
+    fn step_ended(&mut self) {
+        for id in self.holders.ended() {
+            self.driver.step(Input::Done { id });
+        }
+    }
+}
+
 impl Handler<CallMsg> for GrpcAdapter {
     type Result = Result<Admission, Refusal>;
 
@@ -110,18 +120,27 @@ impl Handler<CallMsg> for GrpcAdapter {
             msg.call,
             Call::FetchCommits { .. } | Call::FetchBlocks { .. }
         );
-        // A fetch asking for a slot first takes back every slot kept by a
-        // connection for its next fetch (see `kept`), so none stands in
-        // its way.
-        if fetch {
-            let kept = &self.deps.send_stats.kept;
-            drop(kept.reclaim());
-            kept.forget_revoked(|id| self.holders.held(id));
-        }
         // The fetches that ended since the last call free their slots
         // first (in id order, so a replay sees the same inputs).
-        for id in self.holders.ended() {
-            self.driver.step(Input::Done { id });
+        self.step_ended();
+        // A fetch that slots kept by connections for their next fetch
+        // (see `kept`) stand in the way of takes them back first: the
+        // caller's own at its cap, everyone's when every slot is held.
+        // Taking them back for every fetch let anyone's fetches, at any
+        // rate, cost honest connections their kept slots.
+        if fetch {
+            let stats = self.deps.send_stats.clone();
+            let kept = &stats.kept;
+            let taken = match self.driver.core().crowded(msg.caller) {
+                Some(Crowded::Caller) => kept.reclaim(Some(msg.caller)),
+                Some(Crowded::All) => kept.reclaim(None),
+                None => Vec::new(),
+            };
+            if !taken.is_empty() {
+                drop(taken);
+                self.step_ended();
+            }
+            kept.forget_revoked(|id| self.holders.held(id));
         }
         let id = self.next_id;
         self.next_id += 1;

@@ -280,7 +280,32 @@ impl Core for GrpcAdapterCore {
     }
 }
 
+/// What stands in the way of a fetch: its caller's cap, or the slots of
+/// all callers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Crowded {
+    /// The caller holds `max_concurrent_fetches_per_peer` fetches.
+    Caller,
+    /// `max_concurrent_fetches` fetches run.
+    All,
+}
+
 impl GrpcAdapterCore {
+    /// What would stop a fetch of `caller` now, if anything: the slots
+    /// kept by connections that stand in its way are only those (the
+    /// caller's own, or everyone's).
+    pub fn crowded(&self, caller: Option<PeerId>) -> Option<Crowded> {
+        if self.fetches.get(&caller).copied().unwrap_or(0)
+            >= self.limits.max_concurrent_fetches_per_peer
+        {
+            Some(Crowded::Caller)
+        } else if self.running.len() >= self.limits.max_concurrent_fetches {
+            Some(Crowded::All)
+        } else {
+            None
+        }
+    }
+
     /// The init a restarted core is made from: the same limits and the
     /// fetches still running.
     pub fn restart_init(&self) -> Init {

@@ -8,10 +8,13 @@
 //! it is kept for the next fetch of the same caller on the same
 //! connection, which then starts without asking. The adapter's core still
 //! counts the slot as held by that caller, so keeping it grants nothing
-//! the caller did not hold already; and before the adapter admits any
-//! fetch it takes back every kept slot ([`KeptSlots::reclaim`]), so a
-//! kept slot never stands in the way of another caller, or of the same
-//! caller on another connection. A slot whose answer was cut (its
+//! the caller did not hold already; and before the adapter admits a fetch
+//! that kept slots stand in the way of, it takes them back
+//! ([`KeptSlots::reclaim`]): the caller's own when it is at its cap,
+//! everyone's when every slot is held. So a kept slot never stands in the
+//! way of another caller, or of the same caller on another connection,
+//! and fetches that find a slot free (a stranger's, at any rate) leave
+//! kept slots alone. A slot whose answer was cut (its
 //! deadline, or taken by a newer fetch) or not sent in full is given back
 //! as before, never kept.
 //!
@@ -113,13 +116,19 @@ impl KeptSlots {
         self.lock().revoked.retain(|id| held(*id));
     }
 
-    /// Every kept slot, taken out: dropping them gives their slots back to
-    /// the adapter (which learns of it from their tokens).
-    pub(crate) fn reclaim(&self) -> Vec<Permit> {
-        self.lock()
-            .slots
-            .drain()
-            .flat_map(|(_, kept)| kept)
+    /// The kept slots of `caller` (any caller if `None`), taken out:
+    /// dropping them gives their slots back to the adapter (which learns
+    /// of it from their tokens).
+    pub(crate) fn reclaim(&self, caller: Option<Option<PeerId>>) -> Vec<Permit> {
+        let mut state = self.lock();
+        let taken: Vec<SlotKey> = (state.slots.keys())
+            .filter(|(_, c)| caller.is_none_or(|caller| *c == caller))
+            .copied()
+            .collect();
+        taken
+            .into_iter()
+            .filter_map(|key| state.slots.remove(&key))
+            .flatten()
             .collect()
     }
 
@@ -169,9 +178,14 @@ mod tests {
         // still held, and the adapter still counts them.
         assert_eq!(holders.ended(), vec![3]);
         assert_eq!(kept.len(), 2);
-        drop(kept.reclaim());
-        assert_eq!(kept.len(), 0);
+        // Taken back by caller: another caller's are left.
+        kept.keep(key(3, 2), Permit::new(4, holders.hold_keeping_ended(4)));
+        drop(kept.reclaim(Some(Some(PeerId([1; 32])))));
+        assert_eq!(kept.len(), 1);
         assert_eq!(holders.ended(), vec![1, 2]);
+        drop(kept.reclaim(None));
+        assert_eq!(kept.len(), 0);
+        assert_eq!(holders.ended(), vec![4]);
     }
 
     #[test]

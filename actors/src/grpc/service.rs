@@ -102,10 +102,10 @@ impl P2pService {
     /// Admission for a fetch: the request checked here, as the adapter
     /// would, then on the slot its connection kept from its fetch before
     /// if there is one, else from the adapter. A request the adapter would
-    /// refuse never reaches it: each fetch that reaches it takes back every
-    /// slot kept by a connection, and fetches are not rate-limited, so
-    /// invalid ones sent by anyone at any rate cost the actor's thread a
-    /// message each and honest connections their kept slots.
+    /// refuse never reaches it: fetches are not rate-limited, and invalid
+    /// ones sent by anyone at any rate cost the actor's thread a message
+    /// each (and, when every fetch took back the slots connections kept,
+    /// honest connections those slots).
     async fn admit_fetch<T>(&self, request: &Request<T>, call: Call) -> Result<Admission, Status> {
         let work = fetch_work(&self.deps.limits, call.clone()).map_err(Status::from)?;
         let kept = &self.deps.stats.kept;
