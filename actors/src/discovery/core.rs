@@ -632,9 +632,13 @@ impl DiscoveryCore {
     }
 
     fn dialable(&self, now: Time, address: &str) -> bool {
-        !self.pending.contains_key(address)
-            && self.backoff.get(address).is_none_or(|b| b.retry_at <= now)
-            && !self.connected_at.values().any(|a| a == address)
+        self.address_free(address) && self.backoff.get(address).is_none_or(|b| b.retry_at <= now)
+    }
+
+    /// Whether no dial is on its way to `address` and no peer is connected
+    /// there.
+    fn address_free(&self, address: &str) -> bool {
+        !self.pending.contains_key(address) && !self.connected_at.values().any(|a| a == address)
     }
 
     /// Whether `peer` is one to dial: not connected, no dial to it in
@@ -801,9 +805,7 @@ impl DiscoveryCore {
             self.pending.values().filter_map(|(p, _)| *p).collect();
         let named = (self.known.get(&found))
             .is_some_and(|e| e.info.info.addresses.first().map(String::as_str) == Some(address));
-        let free = !self.pending.contains_key(address)
-            && !self.connected_at.values().any(|a| a == address);
-        if !(named && free && self.wanted(&found, &pending_peers)) {
+        if !(named && self.address_free(address) && self.wanted(&found, &pending_peers)) {
             return None;
         }
         self.backoff.remove(address);

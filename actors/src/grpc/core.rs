@@ -502,10 +502,8 @@ impl GrpcAdapterCore {
         stalled: &[u64],
         out: &mut Vec<Output>,
     ) -> Result<(), Refusal> {
-        let at_cap = self.fetches.get(&caller).copied().unwrap_or(0)
-            >= self.limits.max_concurrent_fetches_per_peer;
-        let full = self.running.len() >= self.limits.max_concurrent_fetches;
-        if at_cap || full {
+        if let Some(crowded) = self.crowded(caller) {
+            let at_cap = crowded == Crowded::Caller;
             let victim = stalled.iter().copied().find(|v| match self.running.get(v) {
                 Some(holder) => !at_cap || *holder == caller,
                 None => false,
