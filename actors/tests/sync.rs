@@ -334,6 +334,9 @@ mod byzantine {
         let views = node.peer_heights().await.unwrap();
         let view = views.iter().find(|v| v.peer == silent.peer);
         assert_eq!(view.and_then(|v| v.banned_until), None, "{view:?}");
+        // The one lie, told in a hedge's answer, is counted.
+        let status = node.sync_status().await.unwrap();
+        assert_eq!(status.invalid_responses, 1, "{status:?}");
         node.shutdown().await;
         honest.shutdown().await;
     }

@@ -1,3 +1,4 @@
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use actix::{
@@ -492,6 +493,8 @@ impl Handler<GetSyncStatus> for StateSync {
     fn handle(&mut self, _: GetSyncStatus, _: &mut Context<Self>) -> SyncStatus {
         SyncStatus {
             advertised: self.deps.availability.borrow().highest,
+            invalid_responses: self.status.invalid_responses
+                + self.worker.lies_in_hedges.load(Ordering::Relaxed),
             ..self.status.clone()
         }
     }

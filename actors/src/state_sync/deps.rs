@@ -114,6 +114,7 @@ impl Deps {
             faults: self.faults.clone(),
             archive: self.archive.clone(),
             hedging: Default::default(),
+            lies_in_hedges: Default::default(),
         }
     }
 

@@ -15,6 +15,7 @@ use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use actix::Addr;
@@ -239,6 +240,9 @@ pub(super) struct Worker {
     pub(super) archive: Option<Arc<ArchiveReader>>,
     /// When a late fetch asks a second peer; shared by the actor's workers.
     pub(super) hedging: Hedging,
+    /// Provable lies in answers to hedges, which the core never sees:
+    /// counted here, with the core's, in `invalid_responses`.
+    pub(super) lies_in_hedges: Arc<AtomicU64>,
 }
 
 /// How long a commit fetch goes unanswered, with no other peer to hedge
@@ -445,6 +449,7 @@ impl Worker {
                             return None;
                         }
                         misbehaved(&self.heights, peer);
+                        self.lies_in_hedges.fetch_add(1, Ordering::Relaxed);
                         avoid.push(peer);
                     }
                 }
