@@ -15,7 +15,9 @@ use soma_actors::P2pConfig;
 use soma_chain::{ChainBuilder, ChainConfig};
 use soma_store::{ConsensusStore, MemStore};
 use soma_testkit::{assert_same_chain, seeds, wait_synced};
+use soma_types::KeyPair;
 use soma_wire::proto;
+use soma_wire::tls::NodeIdentity;
 use support::{block_refs, client, server, wait_fetches};
 use tonic::Code;
 
@@ -90,5 +92,154 @@ async fn never_reading_clients_lose_their_fetch_slots_at_the_send_deadline() {
     }
     drop(streams);
     honest.shutdown().await;
+    node.shutdown().await;
+}
+
+/// Clients that read their answers, but a little at a time: each opens
+/// its stream's window by 16 KiB every 300 ms, so the transport asks for
+/// a frame far more often than the stall timeout and none of them is ever
+/// silent. They hold every fetch slot, and each answer would take longer
+/// than the send deadline at that rate. An honest fetch still gets a
+/// slot: the slowest answer's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_reading_too_slowly_give_their_slots_to_new_fetches() {
+    use soma_testkit::attack::{self, Target, Trickle};
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    const TRICKLERS: usize = 4;
+    let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(300));
+    let mut config = P2pConfig::default();
+    config.grpc.max_concurrent_fetches = TRICKLERS;
+    config.grpc.max_concurrent_fetches_per_peer = 1;
+    // 4 MiB in 20 s: answers read at under 210 KB/s are too slow.
+    config.grpc.send_timeout = Duration::from_secs(20);
+    config.grpc.fetch_stall_timeout = Duration::from_secs(1);
+    let node = server(&chain, config, Arc::new(MemStore::new(chain.genesis())));
+    let target = Target {
+        address: node.local_addr(),
+        peer_id: Some(node.peer_id()),
+    };
+    // About 1.6 MB each: half a minute at the rate they read.
+    let refs = block_refs(&chain, 250);
+    let how = Trickle {
+        window: 16 << 10,
+        pause: Duration::from_millis(300),
+    };
+    let read: Vec<Arc<AtomicU64>> = (0..TRICKLERS).map(|_| Arc::default()).collect();
+    let tricklers: Vec<_> = (0..TRICKLERS)
+        .map(|i| {
+            let identity = NodeIdentity::generate(&KeyPair::from_seed([200 + i as u8; 32]))
+                .expect("an identity");
+            let request = proto::FetchBlocksRequest { refs: refs.clone() };
+            let read = read[i].clone();
+            tokio::spawn(async move {
+                attack::trickle(target, attack::host(i as u8), &identity, request, how, read).await
+            })
+        })
+        .collect();
+
+    // Every slot is held by an answer read for longer than the stall
+    // timeout: four chunks read, 300 ms apart, after the first.
+    wait_fetches(&node, TRICKLERS, DEADLINE).await;
+    let start = std::time::Instant::now();
+    while read.iter().any(|r| r.load(Ordering::Relaxed) < 5) {
+        assert!(start.elapsed() < DEADLINE, "the tricklers did not read");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(node.responses_preempted(), 0);
+
+    // An honest fetch takes the slot of one of them and is served in full.
+    let mut honest = client(&node, [99; 32], 65_535).await;
+    let few = block_refs(&chain, 10);
+    let mut stream = honest
+        .fetch_blocks(proto::FetchBlocksRequest { refs: few.clone() })
+        .await
+        .expect("admitted in place of a slow answer")
+        .into_inner();
+    let mut blocks = 0;
+    while let Some(chunk) = stream.next().await {
+        blocks += chunk.unwrap().blocks.len();
+    }
+    assert_eq!(blocks, few.len());
+    assert_eq!(node.responses_preempted(), 1);
+
+    // Exactly one trickler was cut; the others still read.
+    let start = std::time::Instant::now();
+    while !tricklers.iter().any(|t| t.is_finished()) {
+        assert!(start.elapsed() < DEADLINE, "no trickler saw its cut");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut cut = 0;
+    for t in tricklers {
+        if t.is_finished() {
+            let ended = t.await.unwrap();
+            assert!(ended.is_err(), "a cut answer ended in full: {ended:?}");
+            cut += 1;
+        } else {
+            t.abort();
+        }
+    }
+    assert_eq!(cut, 1);
+    node.shutdown().await;
+}
+
+/// A FetchCommits behind answers its connection does not read waits for
+/// them to be sent before it asks for a fetch slot: while it waits, the
+/// slot is free for anyone who reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_waiting_behind_its_connections_unread_answers_holds_no_slot() {
+    let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(300));
+    let mut config = P2pConfig::default();
+    config.grpc.max_concurrent_fetches = 2;
+    config.grpc.max_concurrent_fetches_per_peer = 2;
+    // One unread FetchBlocks of 100 commits' blocks (about 650 KB) leaves
+    // no room for a FetchCommits' 4 MiB estimate.
+    config.grpc.max_buffered_bytes_per_connection = 1 << 20;
+    config.grpc.send_timeout = Duration::from_secs(30);
+    // No answer gives its slot away for being stalled.
+    config.grpc.fetch_stall_timeout = Duration::from_secs(3_600);
+    let node = server(&chain, config, Arc::new(MemStore::new(chain.genesis())));
+
+    let mut reader = client(&node, [120; 32], 0).await;
+    let request = proto::FetchBlocksRequest {
+        refs: block_refs(&chain, 100),
+    };
+    let unread = reader.fetch_blocks(request).await.expect("admitted");
+    wait_fetches(&node, 1, DEADLINE).await;
+    let waiting = tokio::spawn(async move {
+        reader
+            .fetch_commits(proto::FetchCommitsRequest { start: 1, end: 100 })
+            .await
+    });
+    let start = std::time::Instant::now();
+    while node.fetches_waiting_for_budget() != 1 {
+        assert!(start.elapsed() < DEADLINE, "the FetchCommits never waited");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // The second slot is free: a reader's fetch takes it.
+    let mut honest = client(&node, [99; 32], 65_535).await;
+    let answer = honest
+        .fetch_commits(proto::FetchCommitsRequest { start: 1, end: 100 })
+        .await
+        .expect("admitted beside the waiting fetch")
+        .into_inner();
+    assert_eq!(answer.commits.len(), 100);
+    assert_eq!(node.fetches_waiting_for_budget(), 1);
+    assert!(!waiting.is_finished());
+
+    // Once the unread answer is gone, the waiting fetch is admitted (and
+    // its answer, unread too, holds the one slot in flight).
+    drop(unread);
+    let start = std::time::Instant::now();
+    while node.fetches_waiting_for_budget() != 0 || node.fetches_in_flight() != 1 {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the waiting fetch was not admitted"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!waiting.is_finished());
+    waiting.abort();
     node.shutdown().await;
 }

@@ -1,6 +1,5 @@
 use crate::dropped::{Droppable, try_send};
 use std::sync::Arc;
-use std::time::Duration;
 
 use actix::{Actor, Addr, Context, Handler, Supervised};
 
@@ -76,10 +75,6 @@ impl GrpcAdapter {
             holders: Holders::default(),
         }
     }
-
-    fn stall(&self) -> Duration {
-        self.deps.limits.fetch_stall_timeout
-    }
 }
 
 impl Actor for GrpcAdapter {
@@ -147,7 +142,10 @@ impl Handler<CallMsg> for GrpcAdapter {
         // A fetch may take a stalled answer's slot (see the core); at most
         // `max_concurrent_fetches` answers to look at.
         let stalled = if fetch {
-            self.deps.send_stats.stalled(self.stall())
+            let limits = &self.deps.limits;
+            self.deps
+                .send_stats
+                .stalled(limits.fetch_stall_timeout, limits.min_send_rate())
         } else {
             Vec::new()
         };

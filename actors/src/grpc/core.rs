@@ -31,10 +31,12 @@ pub struct Limits {
     /// headers; past it the response is cut and all it holds released.
     pub send_timeout: Duration,
     /// An answer the transport has not asked a frame of for this long is
-    /// stalled (the client's window is full: it does not read): while
-    /// every fetch slot is held, a new fetch takes the slot of the
-    /// longest-stalled one, which is cut. Clients that never read then
-    /// hold slots only while nobody else wants them.
+    /// stalled (the client's window is full: it does not read), and so is
+    /// one under way this long that has been read at less than
+    /// [`Limits::min_send_rate`]: while every fetch slot is held, a new
+    /// fetch takes the slot of the longest-stalled one (then of the
+    /// slowest), which is cut. Clients that never read, or read a little
+    /// at a time, then hold slots only while nobody else wants them.
     #[serde(default = "default_fetch_stall_timeout")]
     pub fetch_stall_timeout: Duration,
     /// Bytes of answers built but not yet handed to the transport, per
@@ -93,6 +95,18 @@ pub struct Limits {
     /// Time without a byte either way after which an inbound connection
     /// is closed.
     pub inbound_idle_timeout: Duration,
+}
+
+impl Limits {
+    /// The rate, in bytes per second, an answer of `max_fetch_response_bytes`
+    /// must be read at to be sent within `send_timeout`: an answer read
+    /// more slowly than this since it began counts as stalled (see
+    /// `fetch_stall_timeout`). Derived rather than set, so the two bounds
+    /// it comes from cannot disagree with it.
+    pub fn min_send_rate(&self) -> u64 {
+        let ms = self.send_timeout.as_millis().max(1);
+        (self.max_fetch_response_bytes as u128 * 1_000 / ms) as u64
+    }
 }
 
 fn default_answer_cache_bytes() -> usize {

@@ -46,6 +46,7 @@ pub const SLICE_BYTES: usize = 64 << 10;
 #[derive(Default)]
 pub struct SendStats {
     fetches_in_flight: AtomicUsize,
+    waiting_for_budget: AtomicUsize,
     cut: AtomicU64,
     preempted: AtomicU64,
     /// The answers of admitted fetches being sent, by fetch id.
@@ -124,6 +125,19 @@ impl SendStats {
         self.fetches_in_flight.load(Ordering::Relaxed)
     }
 
+    /// FetchCommits waiting, before they ask for a fetch slot, for
+    /// answers their connection has not read to be sent.
+    pub fn fetches_waiting_for_budget(&self) -> usize {
+        self.waiting_for_budget.load(Ordering::Relaxed)
+    }
+
+    /// Counts a fetch as waiting for its connection's byte budget until
+    /// the guard returned is dropped.
+    pub(super) fn waiting_for_budget(self: &Arc<Self>) -> WaitingForBudget {
+        self.waiting_for_budget.fetch_add(1, Ordering::Relaxed);
+        WaitingForBudget(self.clone())
+    }
+
     /// Responses cut because they were not sent within the deadline.
     pub fn responses_cut(&self) -> u64 {
         self.cut.load(Ordering::Relaxed)
@@ -140,24 +154,37 @@ impl SendStats {
         self.kept.reused()
     }
 
-    /// The fetches whose answers the transport has not asked a frame of
-    /// for `stall` (their clients' windows are full), longest-stalled
-    /// first.
-    pub(super) fn stalled(&self, stall: Duration) -> Vec<u64> {
+    /// The fetches whose answers a newer fetch may take the slot of,
+    /// worst first: those the transport has not asked a frame of for
+    /// `stall` (their clients' windows are full), longest-stalled first;
+    /// then those under way for `stall` or longer that have handed the
+    /// transport fewer than `min_rate` bytes per second since they began
+    /// (their clients read, but too slowly for a whole answer to be sent
+    /// within the send deadline), slowest first. A client that opens its
+    /// window a little at a time is never silent for `stall`; what it
+    /// cannot do is read slowly and keep its slot.
+    pub(super) fn stalled(&self, stall: Duration, min_rate: u64) -> Vec<u64> {
         let now = Instant::now();
-        let mut stalled: Vec<(Instant, u64)> = lock(&self.sending)
+        // (silent: 0, slow: 1; then when last polled, or bytes a second)
+        let mut stalled: Vec<(u8, u128, u64)> = lock(&self.sending)
             .iter()
             .filter_map(|(id, state)| {
                 let state = state.upgrade()?;
-                let last_polled = match &*lock(&state) {
-                    State::Sending(s) => s.last_polled,
+                let (last_polled, began, sent) = match &*lock(&state) {
+                    State::Sending(s) => (s.last_polled, s.began, s.sent),
                     _ => return None,
                 };
-                (now.duration_since(last_polled) >= stall).then_some((last_polled, *id))
+                if now.duration_since(last_polled) >= stall {
+                    let since = last_polled.duration_since(began).as_micros();
+                    return Some((0, since, *id));
+                }
+                let under_way = now.duration_since(began);
+                let rate = u128::from(sent) * 1_000_000 / under_way.as_micros().max(1);
+                (under_way >= stall && rate < u128::from(min_rate)).then_some((1, rate, *id))
             })
             .collect();
         stalled.sort_unstable();
-        stalled.into_iter().map(|(_, id)| id).collect()
+        stalled.into_iter().map(|(_, _, id)| id).collect()
     }
 
     /// Forgets `state` as the answer of fetch `id`; only its own
@@ -188,6 +215,15 @@ impl SendStats {
             // fetch of its connection.
             self.kept.revoke(id);
         }
+    }
+}
+
+/// A fetch counted in [`SendStats::fetches_waiting_for_budget`].
+pub(super) struct WaitingForBudget(Arc<SendStats>);
+
+impl Drop for WaitingForBudget {
+    fn drop(&mut self) {
+        self.0.waiting_for_budget.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -349,7 +385,8 @@ where
 
 /// Where a response is: still being sent, sent, or cut at the deadline.
 enum State {
-    Sending(Sending),
+    /// Boxed: the other states hold nothing.
+    Sending(Box<Sending>),
     Finished,
     Cut,
 }
@@ -363,6 +400,10 @@ struct Sending {
     /// it asks only while the client's window has room, so a client that
     /// does not read leaves this behind.
     last_polled: Instant,
+    /// When the response began.
+    began: Instant,
+    /// Bytes handed to the transport so far.
+    sent: u64,
     /// The transport's task, as of its last poll: woken by a cut.
     waker: Option<Waker>,
 }
@@ -383,13 +424,16 @@ impl DeadlineBody {
             .slot
             .as_ref()
             .and_then(|s| s.permit.as_ref().map(Permit::id));
-        let state = Arc::new(Mutex::new(State::Sending(Sending {
+        let now = Instant::now();
+        let state = Arc::new(Mutex::new(State::Sending(Box::new(Sending {
             body,
             rest: Bytes::new(),
             guard,
-            last_polled: Instant::now(),
+            last_polled: now,
+            began: now,
+            sent: 0,
             waker: None,
-        })));
+        }))));
         if let Some(id) = id {
             lock(&stats.sending).insert(id, Arc::downgrade(&state));
         }
@@ -416,6 +460,7 @@ impl Sending {
         let n = self.rest.len().min(SLICE_BYTES);
         let slice = Bytes::copy_from_slice(&self.rest[..n]);
         self.rest.advance(n);
+        self.sent += n as u64;
         if let Some(reservation) = &self.guard.reservation {
             reservation.release(n);
         }

@@ -441,6 +441,13 @@ impl P2pHandle {
         self.inner.send_stats.fetches_in_flight()
     }
 
+    /// FetchCommits waiting, before they ask for a fetch slot, for the
+    /// answers their connection has not read yet to be sent (see
+    /// `max_buffered_bytes_per_connection`).
+    pub fn fetches_waiting_for_budget(&self) -> usize {
+        self.inner.send_stats.fetches_waiting_for_budget()
+    }
+
     /// Responses the server cut because the caller did not read them
     /// within `send_timeout`.
     pub fn responses_cut(&self) -> u64 {

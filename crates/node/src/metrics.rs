@@ -31,6 +31,7 @@ struct Series {
     rpcs: IntCounterVec,
     inbound: IntGauge,
     fetches_in_flight: IntGauge,
+    fetches_waiting_for_budget: IntGauge,
     responses_cut: IntCounterVec,
     fetches_on_kept_slots: IntCounterVec,
     inbound_refused: IntCounterVec,
@@ -134,6 +135,11 @@ impl Series {
                 &r,
                 "soma_fetches_in_flight",
                 "Fetches served and not yet fully sent",
+            ),
+            fetches_waiting_for_budget: gauge(
+                &r,
+                "soma_fetches_waiting_for_budget",
+                "FetchCommits waiting, before they take a fetch slot, for answers their connection has not read",
             ),
             responses_cut: counter(
                 &r,
@@ -281,6 +287,8 @@ impl Series {
         self.inbound.set(inbound.open as i64);
         self.fetches_in_flight
             .set(handle.fetches_in_flight() as i64);
+        self.fetches_waiting_for_budget
+            .set(handle.fetches_waiting_for_budget() as i64);
         self.advance(&self.responses_cut, &["deadline"], handle.responses_cut());
         self.advance(
             &self.responses_cut,

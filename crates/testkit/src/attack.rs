@@ -642,3 +642,98 @@ pub fn closed_address() -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binds");
     listener.local_addr().expect("bound").to_string()
 }
+
+/// How a [`trickle`] reads.
+#[derive(Clone, Copy, Debug)]
+pub struct Trickle {
+    /// The stream's window: bytes the node may send before the reader
+    /// opens it again.
+    pub window: u32,
+    /// Time between openings; each opens the window by what arrived.
+    pub pause: Duration,
+}
+
+/// A FetchBlocks of `request`, on a connection of its own from `source`
+/// as `identity`, read `how.window` bytes at a time every `how.pause`:
+/// HTTP/2 by hand, since a gRPC client opens the window as fast as it
+/// decodes. The transport always has a frame to ask for soon, so such an
+/// answer is never silent, only slow. Returns the bytes of the answer
+/// read, once the node ends or cuts the stream (`Err`: how it ended, if
+/// not in full), and counts each chunk of data in `read`.
+pub async fn trickle(
+    target: Target,
+    source: IpAddr,
+    identity: &NodeIdentity,
+    request: proto::FetchBlocksRequest,
+    how: Trickle,
+    read: Arc<AtomicU64>,
+) -> Result<u64, String> {
+    use prost::Message as _;
+    let (config, _) =
+        tls::client_config(Some(identity), target.peer_id).map_err(|e| e.to_string())?;
+    let tcp = tcp(source, target.address)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = ServerName::try_from(tls::SERVER_NAME).expect("a valid name");
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut h2, connection) = h2::client::Builder::new()
+        .initial_window_size(how.window)
+        .handshake::<_, Bytes>(tls)
+        .await
+        .map_err(|e| e.to_string())?;
+    let driver = tokio::spawn(connection);
+    let call = tonic::codegen::http::Request::builder()
+        .method("POST")
+        .uri(format!(
+            "http://{}/soma.p2p.v1.P2p/FetchBlocks",
+            target.address
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("a valid request");
+    let message = request.encode_to_vec();
+    let mut body = Vec::with_capacity(5 + message.len());
+    body.push(0);
+    body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    body.extend_from_slice(&message);
+    let (response, mut send) = h2.send_request(call, false).map_err(|e| e.to_string())?;
+    send.send_data(Bytes::from(body), true)
+        .map_err(|e| e.to_string())?;
+    let response = response.await.map_err(|e| e.to_string())?;
+    let mut stream = response.into_body();
+    let mut total = 0u64;
+    let ended = loop {
+        match stream.data().await {
+            Some(Ok(data)) => {
+                total += data.len() as u64;
+                read.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(how.pause).await;
+                let _ = stream.flow_control().release_capacity(data.len());
+            }
+            Some(Err(e)) => break Err(e.to_string()),
+            None => break Ok(()),
+        }
+    };
+    let status = match ended {
+        Ok(()) => stream
+            .trailers()
+            .await
+            .map_err(|e| e.to_string())?
+            .and_then(|t| t.get("grpc-status").cloned()),
+        Err(e) => {
+            driver.abort();
+            return Err(e);
+        }
+    };
+    driver.abort();
+    match status {
+        Some(s) if s == "0" => Ok(total),
+        other => Err(format!(
+            "ended with grpc-status {other:?} after {total} bytes"
+        )),
+    }
+}
