@@ -243,3 +243,85 @@ async fn a_fetch_waiting_behind_its_connections_unread_answers_holds_no_slot() {
     waiting.abort();
     node.shutdown().await;
 }
+
+/// Identities are free where anyone may connect, so the fetch slots one
+/// network's callers hold are capped whatever identities they use: four
+/// identities from four hosts of one /24 hold no more than its two; a
+/// committee member of that /24, and a caller from another network, are
+/// served beside them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_networks_callers_hold_at_most_its_fetch_slots_whatever_their_identities() {
+    use soma_testkit::attack::{self, Target};
+
+    let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(300));
+    let mut config = P2pConfig::default();
+    config.grpc.inbound_exempt_loopback = false;
+    config.grpc.max_concurrent_fetches = 8;
+    config.grpc.max_concurrent_fetches_per_peer = 4;
+    config.grpc.max_concurrent_fetches_per_network = 2;
+    // Unread answers keep their slots for the whole test.
+    config.grpc.send_timeout = Duration::from_secs(600);
+    config.grpc.fetch_stall_timeout = Duration::from_secs(3_600);
+    let node = server(&chain, config, Arc::new(MemStore::new(chain.genesis())));
+    let target = Target {
+        address: node.local_addr(),
+        peer_id: Some(node.peer_id()),
+    };
+    let refs = block_refs(&chain, 10);
+
+    // Four identities, from 127.10.0.1 to 127.10.0.4, never reading.
+    let mut streams = Vec::new();
+    let mut refused = Vec::new();
+    for i in 1..=4u8 {
+        let identity =
+            NodeIdentity::generate(&KeyPair::from_seed([210 + i; 32])).expect("an identity");
+        let source = std::net::IpAddr::from([127, 10, 0, i]);
+        let mut reader = attack::client(target, source, Some(&identity), Some(0))
+            .await
+            .expect("connects");
+        let request = proto::FetchBlocksRequest { refs: refs.clone() };
+        match reader.fetch_blocks(request).await {
+            Ok(stream) => streams.push(stream),
+            Err(status) => refused.push(status),
+        }
+    }
+    assert_eq!(streams.len(), 2);
+    assert_eq!(node.fetches_in_flight(), 2);
+    assert_eq!(refused.len(), 2);
+    for status in &refused {
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(
+            status.message().contains("network of 127.10.0.0"),
+            "{status:?}"
+        );
+    }
+
+    // A committee member of the same network holds a reserved slot: its
+    // fetches are not counted in the network's.
+    let member = NodeIdentity::generate(&chain.config().network_key(0)).expect("an identity");
+    let source = std::net::IpAddr::from([127, 10, 0, 5]);
+    let mut member = attack::client(target, source, Some(&member), None)
+        .await
+        .expect("connects");
+    let answer = member
+        .fetch_commits(proto::FetchCommitsRequest { start: 1, end: 10 })
+        .await
+        .expect("a committee member is admitted")
+        .into_inner();
+    assert_eq!(answer.commits.len(), 10);
+
+    // A caller of another network is served in full.
+    let mut honest = client(&node, [99; 32], 65_535).await;
+    let mut stream = honest
+        .fetch_blocks(proto::FetchBlocksRequest { refs: refs.clone() })
+        .await
+        .expect("admitted beside the full network")
+        .into_inner();
+    let mut blocks = 0;
+    while let Some(chunk) = stream.next().await {
+        blocks += chunk.unwrap().blocks.len();
+    }
+    assert_eq!(blocks, refs.len());
+    drop(streams);
+    node.shutdown().await;
+}

@@ -12,6 +12,7 @@ use crate::holders::{Holders, Token};
 use crate::peer_heights::{PeerHeights, PushHeight};
 use crate::replay::Recorder;
 use crate::state_sync::{HeightPushed, StateSync};
+use soma_wire::inbound;
 
 /// An admitted fetch's slot; dropping it (the call ended, failed or was
 /// cancelled) gives the slot back to the adapter, which learns of it at
@@ -120,15 +121,19 @@ impl Handler<CallMsg> for GrpcAdapter {
         self.step_ended();
         // A fetch that slots kept by connections for their next fetch
         // (see `kept`) stand in the way of takes them back first: the
-        // caller's own at its cap, everyone's when every slot is held.
+        // caller's own at its cap, its network's at the network's cap,
+        // everyone's when every slot is held.
         // Taking them back for every fetch let anyone's fetches, at any
         // rate, cost honest connections their kept slots.
         if fetch {
             let stats = self.deps.send_stats.clone();
             let kept = &stats.kept;
-            let taken = match self.driver.core().crowded(msg.caller) {
-                Some(Crowded::Caller) => kept.reclaim(Some(msg.caller)),
-                Some(Crowded::All) => kept.reclaim(None),
+            let taken = match self.driver.core().crowded(msg.caller, msg.network) {
+                Some(Crowded::Caller) => kept.reclaim(|(_, caller)| *caller == msg.caller),
+                Some(Crowded::Network(network)) => {
+                    kept.reclaim(|(address, _)| inbound::prefix(address.ip()) == network)
+                }
+                Some(Crowded::All) => kept.reclaim(|_| true),
                 None => Vec::new(),
             };
             if !taken.is_empty() {
@@ -153,6 +158,7 @@ impl Handler<CallMsg> for GrpcAdapter {
             id,
             caller: msg.caller,
             connection: msg.connection,
+            network: msg.network,
             call: msg.call,
             stalled,
         });

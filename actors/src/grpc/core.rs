@@ -1,5 +1,5 @@
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -27,6 +27,13 @@ pub struct Limits {
     pub max_concurrent_fetches_per_peer: usize,
     /// FetchCommits and FetchBlocks running at once in total.
     pub max_concurrent_fetches: usize,
+    /// FetchCommits and FetchBlocks running at once for the callers of
+    /// one network (a /24, or an IPv6 /64; an IPv6 /32 may hold four
+    /// times as many), whatever identities they use: committee members,
+    /// allowlisted peers and exempt loopback callers are not counted.
+    /// Identities are free where anyone may connect; networks are not.
+    #[serde(default = "default_max_concurrent_fetches_per_network")]
+    pub max_concurrent_fetches_per_network: usize,
     /// Time a response may take to be handed to the transport after its
     /// headers; past it the response is cut and all it holds released.
     pub send_timeout: Duration,
@@ -109,6 +116,10 @@ impl Limits {
     }
 }
 
+fn default_max_concurrent_fetches_per_network() -> usize {
+    16
+}
+
 fn default_answer_cache_bytes() -> usize {
     16 << 20
 }
@@ -160,6 +171,7 @@ impl Default for Limits {
             max_fetch_response_bytes: 4 << 20,
             answer_cache_bytes: default_answer_cache_bytes(),
             max_concurrent_fetches_per_peer: 4,
+            max_concurrent_fetches_per_network: default_max_concurrent_fetches_per_network(),
             max_concurrent_fetches: 64,
             send_timeout: Duration::from_secs(10),
             fetch_stall_timeout: default_fetch_stall_timeout(),
@@ -226,6 +238,9 @@ pub struct Init {
     /// Admitted fetches still running, with their callers.
     #[serde(default)]
     pub running: Vec<(u64, Option<PeerId>)>,
+    /// The networks of those of them that count in one.
+    #[serde(default)]
+    pub running_networks: Vec<(u64, IpAddr)>,
 }
 
 impl From<Limits> for Init {
@@ -233,6 +248,7 @@ impl From<Limits> for Init {
         Init {
             limits,
             running: Vec::new(),
+            running_networks: Vec::new(),
         }
     }
 }
@@ -246,6 +262,30 @@ pub struct GrpcAdapterCore {
     fetches: HashMap<Option<PeerId>, usize>,
     /// Caller of each admitted fetch still running.
     running: HashMap<u64, Option<PeerId>>,
+    /// Network of each admitted fetch still running that counts in one.
+    networks: HashMap<u64, IpAddr>,
+    /// Admitted fetches by network: by prefix, and IPv6 also by /32.
+    per_network: HashMap<NetworkKey, usize>,
+}
+
+/// A network fetches are counted in: an address masked to its first
+/// `bits` bits.
+type NetworkKey = (IpAddr, u32);
+
+/// The networks a fetch from `network` (a prefix, as
+/// [`inbound::prefix`] gives it) counts in, with how many prefixes' worth
+/// each may hold: its prefix, and for IPv6 its /32 too, as the inbound
+/// caps count connections.
+fn network_keys(network: IpAddr) -> [Option<(NetworkKey, usize)>; 2] {
+    let bits = match network {
+        IpAddr::V4(_) => inbound::IPV4_NETWORK_BITS,
+        IpAddr::V6(_) => inbound::IPV6_PREFIX_BITS,
+    };
+    let wide = inbound::ipv6_network(network).map(|n| {
+        let key = (IpAddr::V6(n), inbound::IPV6_NETWORK_BITS);
+        (key, inbound::IPV6_NETWORK_PREFIXES)
+    });
+    [Some(((network, bits), 1)), wide]
 }
 
 impl Core for GrpcAdapterCore {
@@ -255,16 +295,19 @@ impl Core for GrpcAdapterCore {
     type Output = Output;
 
     fn new(init: Init) -> Self {
-        let mut fetches: HashMap<Option<PeerId>, usize> = HashMap::new();
-        for (_, caller) in &init.running {
-            *fetches.entry(*caller).or_default() += 1;
-        }
-        GrpcAdapterCore {
+        let mut core = GrpcAdapterCore {
             limits: init.limits,
             buckets: HashMap::new(),
-            fetches,
-            running: init.running.into_iter().collect(),
+            fetches: HashMap::new(),
+            running: HashMap::new(),
+            networks: HashMap::new(),
+            per_network: HashMap::new(),
+        };
+        let networks: HashMap<u64, IpAddr> = init.running_networks.into_iter().collect();
+        for (id, caller) in init.running {
+            core.hold(id, caller, networks.get(&id).copied());
         }
+        core
     }
 
     fn handle(&mut self, now: Time, input: Input) -> Vec<Output> {
@@ -273,13 +316,14 @@ impl Core for GrpcAdapterCore {
                 id,
                 caller,
                 connection,
+                network,
                 call,
                 stalled,
             } => {
                 let mut out = Vec::new();
                 let admitted = self
                     .rate(now, caller, connection, &call)
-                    .and_then(|()| self.admit(id, caller, call, &stalled, &mut out));
+                    .and_then(|()| self.admit(id, (caller, network), call, &stalled, &mut out));
                 out.push(match admitted {
                     Ok(work) => Output::Admit { id, work },
                     Err(refusal) => Output::Refuse { id, refusal },
@@ -294,30 +338,62 @@ impl Core for GrpcAdapterCore {
     }
 }
 
-/// What stands in the way of a fetch: its caller's cap, or the slots of
-/// all callers.
+/// What stands in the way of a fetch: its caller's cap, its network's,
+/// or the slots of all callers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Crowded {
     /// The caller holds `max_concurrent_fetches_per_peer` fetches.
     Caller,
+    /// The caller's network holds `max_concurrent_fetches_per_network`
+    /// fetches (or its IPv6 /32 four times as many).
+    Network(IpAddr),
     /// `max_concurrent_fetches` fetches run.
     All,
 }
 
 impl GrpcAdapterCore {
-    /// What would stop a fetch of `caller` now, if anything: the slots
-    /// kept by connections that stand in its way are only those (the
-    /// caller's own, or everyone's).
-    pub fn crowded(&self, caller: Option<PeerId>) -> Option<Crowded> {
+    /// What would stop a fetch of `caller` from `network` now, if
+    /// anything: the slots kept by connections that stand in its way are
+    /// only those (the caller's own, its network's, or everyone's).
+    pub fn crowded(&self, caller: Option<PeerId>, network: Option<IpAddr>) -> Option<Crowded> {
         if self.fetches.get(&caller).copied().unwrap_or(0)
             >= self.limits.max_concurrent_fetches_per_peer
         {
             Some(Crowded::Caller)
+        } else if let Some(network) = network.filter(|n| self.network_full(*n, None)) {
+            Some(Crowded::Network(network))
         } else if self.running.len() >= self.limits.max_concurrent_fetches {
             Some(Crowded::All)
         } else {
             None
         }
+    }
+
+    /// Whether `network` holds its cap of fetches, or its IPv6 /32 does,
+    /// without fetch `without`.
+    fn network_full(&self, network: IpAddr, without: Option<u64>) -> bool {
+        let cap = self.limits.max_concurrent_fetches_per_network;
+        let gone = without.and_then(|id| self.networks.get(&id).copied());
+        network_keys(network)
+            .into_iter()
+            .flatten()
+            .any(|(key, prefixes)| {
+                let held = self.per_network.get(&key).copied().unwrap_or(0);
+                let freed = gone
+                    .is_some_and(|g| network_keys(g).into_iter().flatten().any(|(k, _)| k == key));
+                held - usize::from(freed) >= cap.saturating_mul(prefixes)
+            })
+    }
+
+    /// Whether fetch `victim`'s slot, once freed, leaves room for a fetch
+    /// of `caller` from `network` under every cap it is held to.
+    fn fits_without(&self, victim: u64, caller: Option<PeerId>, network: Option<IpAddr>) -> bool {
+        let Some(holder) = self.running.get(&victim) else {
+            return false;
+        };
+        let mine = self.fetches.get(&caller).copied().unwrap_or(0) - usize::from(*holder == caller);
+        mine < self.limits.max_concurrent_fetches_per_peer
+            && network.is_none_or(|n| !self.network_full(n, Some(victim)))
     }
 
     /// The init a restarted core is made from: the same limits and the
@@ -326,9 +402,25 @@ impl GrpcAdapterCore {
         let mut running: Vec<(u64, Option<PeerId>)> =
             self.running.iter().map(|(id, c)| (*id, *c)).collect();
         running.sort_unstable();
+        let mut running_networks: Vec<(u64, IpAddr)> =
+            self.networks.iter().map(|(id, n)| (*id, *n)).collect();
+        running_networks.sort_unstable();
         Init {
             limits: self.limits.clone(),
             running,
+            running_networks,
+        }
+    }
+
+    /// Counts fetch `id` of `caller` from `network` as running.
+    fn hold(&mut self, id: u64, caller: Option<PeerId>, network: Option<IpAddr>) {
+        *self.fetches.entry(caller).or_default() += 1;
+        self.running.insert(id, caller);
+        if let Some(network) = network {
+            self.networks.insert(id, network);
+            for (key, _) in network_keys(network).into_iter().flatten() {
+                *self.per_network.entry(key).or_default() += 1;
+            }
         }
     }
 }
@@ -468,7 +560,7 @@ impl GrpcAdapterCore {
     fn admit(
         &mut self,
         id: u64,
-        caller: Option<PeerId>,
+        (caller, network): (Option<PeerId>, Option<IpAddr>),
         call: Call,
         stalled: &[u64],
         out: &mut Vec<Output>,
@@ -485,7 +577,7 @@ impl GrpcAdapterCore {
             },
             Call::FetchCommits { .. } | Call::FetchBlocks { .. } => {
                 let work = fetch_work(&self.limits, call)?;
-                self.take_fetch_slot(id, caller, stalled, out)?;
+                self.take_fetch_slot(id, (caller, network), stalled, out)?;
                 Ok(work)
             }
         }
@@ -501,45 +593,56 @@ impl GrpcAdapterCore {
                 self.fetches.remove(&caller);
             }
         }
+        if let Some(network) = self.networks.remove(&id) {
+            for (key, _) in network_keys(network).into_iter().flatten() {
+                if let Some(n) = self.per_network.get_mut(&key) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.per_network.remove(&key);
+                    }
+                }
+            }
+        }
     }
 
-    /// A slot for fetch `id` of `caller`: a free one, or the slot of the
-    /// first of `stalled` that is running (its cut goes to `out`). At its
-    /// own cap a caller may take only the slot of its own stalled answer:
-    /// all anonymous callers share one allowance, so a stranger that never
-    /// reads cannot keep the others out. Below its cap, when every slot is
-    /// held, it may take any stalled answer's slot.
+    /// A slot for fetch `id` of `caller` from `network`: a free one, or
+    /// the slot of the first of `stalled` that is running and whose
+    /// freeing makes room under every cap the fetch is held to (its cut
+    /// goes to `out`). At its own cap a caller may so take only its own
+    /// stalled answer's slot (all anonymous callers share one allowance,
+    /// so a stranger that never reads cannot keep the others out), at its
+    /// network's cap only one of its network's; below both, when every
+    /// slot is held, any stalled answer's.
     fn take_fetch_slot(
         &mut self,
         id: u64,
-        caller: Option<PeerId>,
+        (caller, network): (Option<PeerId>, Option<IpAddr>),
         stalled: &[u64],
         out: &mut Vec<Output>,
     ) -> Result<(), Refusal> {
-        if let Some(crowded) = self.crowded(caller) {
-            let at_cap = crowded == Crowded::Caller;
-            let victim = stalled.iter().copied().find(|v| match self.running.get(v) {
-                Some(holder) => !at_cap || *holder == caller,
-                None => false,
-            });
+        if let Some(crowded) = self.crowded(caller, network) {
+            let victim = (stalled.iter().copied()).find(|v| self.fits_without(*v, caller, network));
             let Some(victim) = victim else {
-                return Err(if at_cap {
-                    refuse(
-                        Code::ResourceExhausted,
-                        format!(
+                let limits = &self.limits;
+                return Err(refuse(
+                    Code::ResourceExhausted,
+                    match crowded {
+                        Crowded::Caller => format!(
                             "at most {} fetches at once per peer",
-                            self.limits.max_concurrent_fetches_per_peer
+                            limits.max_concurrent_fetches_per_peer
                         ),
-                    )
-                } else {
-                    refuse(Code::ResourceExhausted, "too many fetches in progress")
-                });
+                        Crowded::Network(network) => format!(
+                            "at most {} fetches at once from the network of {network}",
+                            limits.max_concurrent_fetches_per_network
+                        ),
+                        Crowded::All => "too many fetches in progress".into(),
+                    },
+                ));
             };
             self.release(victim);
             out.push(Output::Cut { id: victim });
         }
-        *self.fetches.entry(caller).or_default() += 1;
-        self.running.insert(id, caller);
+        self.hold(id, caller, network);
         Ok(())
     }
 }
@@ -563,6 +666,7 @@ mod tests {
                 id,
                 caller: caller.map(|p| PeerId([p; 32])),
                 connection: None,
+                network: None,
                 call,
                 stalled: Vec::new(),
             },
@@ -580,16 +684,140 @@ mod tests {
 
     /// Fetch `id` of `caller` with `stalled` fetches to take a slot from.
     fn fetch_past(c: &mut GrpcAdapterCore, id: u64, caller: u8, stalled: &[u64]) -> Vec<Output> {
+        fetch_from(c, id, caller, None, stalled)
+    }
+
+    /// Fetch `id` of `caller` from `network`, with `stalled` fetches to
+    /// take a slot from.
+    fn fetch_from(
+        c: &mut GrpcAdapterCore,
+        id: u64,
+        caller: u8,
+        network: Option<&str>,
+        stalled: &[u64],
+    ) -> Vec<Output> {
         c.handle(
             Time(0),
             Input::Call {
                 id,
                 caller: Some(PeerId([caller; 32])),
                 connection: None,
+                network: network.map(|n| n.parse().unwrap()),
                 call: Call::FetchBlocks { refs: 1 },
                 stalled: stalled.to_vec(),
             },
         )
+    }
+
+    fn admitted(out: &[Output]) -> bool {
+        matches!(out.last(), Some(Output::Admit { .. }))
+    }
+
+    fn network_core(per_network: usize, total: usize) -> GrpcAdapterCore {
+        GrpcAdapterCore::new(Init::from(Limits {
+            max_concurrent_fetches_per_peer: 4,
+            max_concurrent_fetches_per_network: per_network,
+            max_concurrent_fetches: total,
+            ..Limits::default()
+        }))
+    }
+
+    #[test]
+    fn callers_of_one_network_share_its_cap_whatever_their_identities() {
+        let mut c = network_core(2, 8);
+        let net = "10.0.0.0";
+        assert!(admitted(&fetch_from(&mut c, 1, 1, Some(net), &[])));
+        assert!(admitted(&fetch_from(&mut c, 2, 2, Some(net), &[])));
+        // A third identity of the network is refused, and told why.
+        let out = fetch_from(&mut c, 3, 3, Some(net), &[]);
+        match out.as_slice() {
+            [Output::Refuse { refusal, .. }] => {
+                assert_eq!(refusal.code, Code::ResourceExhausted);
+                assert!(
+                    refusal.message.contains("network of 10.0.0.0"),
+                    "{refusal:?}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let key = Some(net.parse().unwrap());
+        assert_eq!(
+            c.crowded(Some(PeerId([3; 32])), key),
+            Some(Crowded::Network(net.parse().unwrap()))
+        );
+        // Another network, and a caller counted in none, are not.
+        assert!(admitted(&fetch_from(&mut c, 4, 3, Some("10.0.1.0"), &[])));
+        assert!(admitted(&fetch_from(&mut c, 5, 3, None, &[])));
+        // A restarted core counts what still runs.
+        let mut c = GrpcAdapterCore::new(c.restart_init());
+        assert_eq!(
+            code(fetch_from(&mut c, 6, 4, Some(net), &[]).pop().unwrap()),
+            Some(Code::ResourceExhausted)
+        );
+        // A fetch of the network ends: a newcomer of it takes the room.
+        c.handle(Time(0), Input::Done { id: 1 });
+        assert_eq!(c.crowded(Some(PeerId([3; 32])), key), None);
+        assert!(admitted(&fetch_from(&mut c, 7, 4, Some(net), &[])));
+    }
+
+    #[test]
+    fn an_ipv6_network_holds_four_prefixes_worth_of_fetches() {
+        let mut c = network_core(1, 16);
+        for (i, prefix) in [
+            "2001:db8:0:1::",
+            "2001:db8:0:2::",
+            "2001:db8:0:3::",
+            "2001:db8:0:4::",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            assert!(admitted(&fetch_from(
+                &mut c,
+                i as u64,
+                i as u8,
+                Some(prefix),
+                &[]
+            )));
+        }
+        // The /64s above hold one each; a fifth /64 of the /32 is refused.
+        let out = fetch_from(&mut c, 10, 10, Some("2001:db8:0:5::"), &[]);
+        assert_eq!(
+            code(out.last().cloned().unwrap()),
+            Some(Code::ResourceExhausted)
+        );
+        let out = fetch_from(&mut c, 11, 11, Some("2001:db8:0:1::"), &[]);
+        assert_eq!(
+            code(out.last().cloned().unwrap()),
+            Some(Code::ResourceExhausted)
+        );
+        assert!(admitted(&fetch_from(
+            &mut c,
+            12,
+            12,
+            Some("2001:db9::"),
+            &[]
+        )));
+    }
+
+    #[test]
+    fn at_its_networks_cap_a_fetch_takes_only_a_stalled_slot_of_its_network() {
+        let mut c = network_core(1, 2);
+        assert!(admitted(&fetch_from(&mut c, 1, 1, Some("10.0.0.0"), &[])));
+        assert!(admitted(&fetch_from(&mut c, 2, 2, Some("10.0.1.0"), &[])));
+        // Both answers stalled, the other network's first: freeing it
+        // would leave this network over its cap, so its own goes.
+        let out = fetch_from(&mut c, 3, 3, Some("10.0.0.0"), &[2, 1]);
+        assert_eq!(out[0], Output::Cut { id: 1 });
+        assert!(admitted(&out));
+        // A third network, with nothing stalled, finds every slot held.
+        let out = fetch_from(&mut c, 4, 4, Some("10.0.2.0"), &[]);
+        match out.as_slice() {
+            [Output::Refuse { refusal, .. }] => {
+                assert_eq!(refusal.message, "too many fetches in progress");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -764,6 +992,7 @@ mod tests {
                     id: now,
                     caller: caller.map(|p| PeerId([p; 32])),
                     connection: Some(SocketAddr::from(([127, 0, 0, 1], port))),
+                    network: None,
                     call,
                     stalled: Vec::new(),
                 },

@@ -720,7 +720,7 @@ mod tests {
         assert_eq!(stats.fetches_in_flight(), 0);
         // The next fetch reuses id 1 while the old body is still around:
         // dropping the old body leaves the new answer registered.
-        let reused = stats.kept.reclaim(None).pop().expect("kept");
+        let reused = stats.kept.reclaim(|_| true).pop().expect("kept");
         let guard = SendGuard::new(Some(FetchSlot::new(reused, &stats, None)), None);
         let mut again = DeadlineBody::new(body(1, 100_000), guard, timeout, stats.clone());
         drop(sent);

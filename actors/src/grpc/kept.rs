@@ -116,13 +116,13 @@ impl KeptSlots {
         self.lock().revoked.retain(|id| held(*id));
     }
 
-    /// The kept slots of `caller` (any caller if `None`), taken out:
-    /// dropping them gives their slots back to the adapter (which learns
-    /// of it from their tokens).
-    pub(crate) fn reclaim(&self, caller: Option<Option<PeerId>>) -> Vec<Permit> {
+    /// The kept slots whose connection and caller `which` names, taken
+    /// out: dropping them gives their slots back to the adapter (which
+    /// learns of it from their tokens).
+    pub(crate) fn reclaim(&self, which: impl Fn(&SlotKey) -> bool) -> Vec<Permit> {
         let mut state = self.lock();
         let taken: Vec<SlotKey> = (state.slots.keys())
-            .filter(|(_, c)| caller.is_none_or(|caller| *c == caller))
+            .filter(|key| which(key))
             .copied()
             .collect();
         taken
@@ -180,10 +180,10 @@ mod tests {
         assert_eq!(kept.len(), 2);
         // Taken back by caller: another caller's are left.
         kept.keep(key(3, 2), Permit::new(4, holders.hold_keeping_ended(4)));
-        drop(kept.reclaim(Some(Some(PeerId([1; 32])))));
+        drop(kept.reclaim(|(_, caller)| *caller == Some(PeerId([1; 32]))));
         assert_eq!(kept.len(), 1);
         assert_eq!(holders.ended(), vec![1, 2]);
-        drop(kept.reclaim(None));
+        drop(kept.reclaim(|_| true));
         assert_eq!(kept.len(), 0);
         assert_eq!(holders.ended(), vec![4]);
     }

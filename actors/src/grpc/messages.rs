@@ -120,10 +120,17 @@ pub enum Input {
         /// known.
         #[serde(default)]
         connection: Option<std::net::SocketAddr>,
+        /// The caller's network (its /24, or IPv6 /64), whose fetches
+        /// `max_concurrent_fetches_per_network` caps; `None` for a caller
+        /// with reserved slots (a committee member, an allowlisted peer, an
+        /// exempt loopback caller) or of unknown address.
+        #[serde(default)]
+        network: Option<std::net::IpAddr>,
         /// The call.
         call: Call,
         /// Admitted fetches whose answers are stalled (nothing handed to
-        /// the transport for `fetch_stall_timeout`), longest-stalled first:
+        /// the transport for `fetch_stall_timeout`, or read too slowly),
+        /// worst first:
         /// the slots a fetch may take when none is free.
         #[serde(default)]
         stalled: Vec<u64>,
@@ -168,6 +175,9 @@ pub struct CallMsg {
     pub caller: Option<PeerId>,
     /// The connection it came on, if known.
     pub connection: Option<std::net::SocketAddr>,
+    /// The caller's network, `None` if it holds reserved slots (see
+    /// `Input::Call`).
+    pub network: Option<std::net::IpAddr>,
     /// The call.
     pub call: Call,
 }

@@ -7,7 +7,7 @@ use soma_store::ConsensusStore;
 use soma_types::{BlockRef, CommitRef, SignedNodeInfo, codec};
 use soma_wire::convert::{Availability, ConvertError};
 use soma_wire::proto::{self, p2p_server::P2p};
-use soma_wire::tls::{caller, remote_addr};
+use soma_wire::tls::{caller, network, remote_addr};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -91,6 +91,7 @@ impl P2pService {
             .send(CallMsg {
                 caller,
                 connection,
+                network: network(request),
                 call,
             })
             .timeout(self.deps.timeout)

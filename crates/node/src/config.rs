@@ -247,13 +247,18 @@ pub struct P2pSection {
     pub answer_cache_bytes: usize,
     /// FetchCommits and FetchBlocks served at once, in all.
     pub max_concurrent_fetches: usize,
-    /// An answer that sent nothing for this long gives its slot to a new
-    /// fetch when every slot is held.
+    /// An answer that sent nothing for this long, or was read more slowly
+    /// than `max_fetch_response_bytes / send_timeout` for this long, gives
+    /// its slot to a new fetch when every slot is held.
     #[serde(with = "humantime_serde")]
     pub fetch_stall_timeout: Duration,
     /// FetchCommits and FetchBlocks served at once to one caller (all
     /// anonymous callers share one allowance).
     pub max_concurrent_fetches_per_peer: usize,
+    /// FetchCommits and FetchBlocks served at once to the callers of one
+    /// network (/24, IPv6 /64; a /32 four times as many), committee
+    /// members, allowlisted peers and exempt loopback callers apart.
+    pub max_concurrent_fetches_per_network: usize,
     /// Interval of HTTP/2 pings on inbound connections.
     #[serde(with = "humantime_serde")]
     pub http2_keepalive_interval: Duration,
@@ -330,6 +335,7 @@ impl Default for P2pSection {
             max_concurrent_fetches: p.grpc.max_concurrent_fetches,
             fetch_stall_timeout: p.grpc.fetch_stall_timeout,
             max_concurrent_fetches_per_peer: p.grpc.max_concurrent_fetches_per_peer,
+            max_concurrent_fetches_per_network: p.grpc.max_concurrent_fetches_per_network,
             http2_keepalive_interval: p.grpc.http2_keepalive_interval,
             http2_keepalive_timeout: p.grpc.http2_keepalive_timeout,
             max_connection_age: p.grpc.max_connection_age,
@@ -760,6 +766,12 @@ impl NodeConfig {
             p.max_concurrent_fetches_per_peer.to_string(),
         )?;
         range(
+            "p2p.max-concurrent-fetches-per-network",
+            "between 1 and max-concurrent-fetches",
+            (1..=p.max_concurrent_fetches).contains(&p.max_concurrent_fetches_per_network),
+            p.max_concurrent_fetches_per_network.to_string(),
+        )?;
+        range(
             "p2p.commit-sync-batch-size",
             "between 1 and 1000",
             (1..=1_000).contains(&p.commit_sync_batch_size),
@@ -907,6 +919,7 @@ impl NodeConfig {
         c.grpc.max_concurrent_fetches = p.max_concurrent_fetches;
         c.grpc.fetch_stall_timeout = p.fetch_stall_timeout;
         c.grpc.max_concurrent_fetches_per_peer = p.max_concurrent_fetches_per_peer;
+        c.grpc.max_concurrent_fetches_per_network = p.max_concurrent_fetches_per_network;
         c.grpc.http2_keepalive_interval = p.http2_keepalive_interval;
         c.grpc.http2_keepalive_timeout = p.http2_keepalive_timeout;
         c.grpc.max_connection_age = p.max_connection_age;
@@ -1117,12 +1130,16 @@ max-buffered-bytes-per-connection = {buffered}
 # again (syncing peers ask for the same batches) while the store is
 # unchanged; 0 keeps none.
 answer-cache-bytes = {answer_cache}
-# Fetches (FetchCommits, FetchBlocks) served at once, in all and to one
-# caller; past them a fetch gets RESOURCE_EXHAUSTED. Each holds a slot until
-# its answer is sent or cut at send-timeout.
+# Fetches (FetchCommits, FetchBlocks) served at once, in all, to one
+# caller, and to the callers of one network (/24, IPv6 /64; committee
+# members and allowlisted peers apart); past them a fetch gets
+# RESOURCE_EXHAUSTED. Each holds a slot until its answer is sent or cut at
+# send-timeout.
 max-concurrent-fetches = {fetches}
 max-concurrent-fetches-per-peer = {fetches_per_peer}
-# An answer that sent nothing for this long is stalled: when every slot is
+max-concurrent-fetches-per-network = {fetches_per_network}
+# An answer that sent nothing for this long, or was read more slowly than
+# max-fetch-response-bytes per send-timeout, is stalled: when every slot is
 # held, a new fetch takes the longest-stalled one's slot and it is cut.
 fetch-stall-timeout = "{stall}"
 # HTTP/2 pings find dead connections; every connection is asked to close
@@ -1186,6 +1203,7 @@ max-connection-age-grace = "{grace}"
         answer_cache = p.answer_cache_bytes,
         fetches = p.max_concurrent_fetches,
         fetches_per_peer = p.max_concurrent_fetches_per_peer,
+        fetches_per_network = p.max_concurrent_fetches_per_network,
         stall = humantime_serde::re::humantime::format_duration(p.fetch_stall_timeout),
         keepalive = humantime_serde::re::humantime::format_duration(p.http2_keepalive_interval),
         keepalive_timeout =
@@ -1351,7 +1369,7 @@ mod tests {
         }
         // Every key of the default file but those `run` reads itself: the
         // top level, [p2p] and [archive].
-        assert_eq!(checked, 5 + 58 + 7);
+        assert_eq!(checked, 5 + 59 + 7);
     }
 
     /// The default file with its commented `[archive]` section enabled,

@@ -431,6 +431,15 @@ impl Rules {
         Ok(evicted)
     }
 
+    /// Whether connection `id` is established with reserved slots: its
+    /// caller is a committee member or allowlisted, or it is an exempt
+    /// loopback one.
+    pub fn reserved(&self, id: ConnId) -> bool {
+        self.entries
+            .get(&id)
+            .is_some_and(|e| e.class == Class::Reserved)
+    }
+
     /// A handshake did not finish in time (its connection is released
     /// when dropped).
     pub fn handshake_timed_out(&mut self) {
@@ -728,10 +737,10 @@ pub struct Admitted {
     slot: Slot,
     /// Fires at the earliest time the connection may be idle too long.
     idle: Pin<Box<Sleep>>,
-    /// Who the handshake proved, once it did; every request on the
-    /// connection reads it from [`ConnInfo`] instead of parsing the
-    /// certificate again.
-    caller: OnceLock<Caller>,
+    /// Who the handshake proved, once it did, and whether the connection
+    /// holds a reserved slot; every request on the connection reads them
+    /// from [`ConnInfo`] instead of parsing the certificate again.
+    caller: OnceLock<(Caller, bool)>,
 }
 
 /// What the handlers learn about the connection a request came on: the
@@ -742,14 +751,19 @@ pub struct ConnInfo {
     pub tcp: TcpConnectInfo,
     /// The caller, `None` before the handshake proved one.
     pub caller: Option<Caller>,
+    /// Whether the connection holds a reserved slot (a committee member,
+    /// an allowlisted peer, or an exempt loopback caller), as of its
+    /// handshake.
+    pub reserved: bool,
 }
 
 impl Admitted {
     /// The handshake proved `caller`: keeps the slot or says why not.
     pub(crate) fn identify(&self, caller: Caller) -> Result<(), Refusal> {
         self.slot.limit.identify(self.slot.id, caller)?;
+        let reserved = self.slot.limit.lock().rules.reserved(self.slot.id);
         // Set once, by the one handshake of this connection.
-        self.caller.get_or_init(|| caller);
+        self.caller.get_or_init(|| (caller, reserved));
         Ok(())
     }
 
@@ -812,7 +826,8 @@ impl Connected for Admitted {
     fn connect_info(&self) -> ConnInfo {
         ConnInfo {
             tcp: self.stream.connect_info(),
-            caller: self.caller.get().copied(),
+            caller: self.caller.get().map(|(caller, _)| *caller),
+            reserved: self.caller.get().is_some_and(|(_, reserved)| *reserved),
         }
     }
 }

@@ -515,6 +515,21 @@ fn caller_of(certs: Option<&[CertificateDer<'_>]>) -> Caller {
         .unwrap_or(Caller::Anonymous)
 }
 
+/// The network a request came from, as the inbound caps count it (see
+/// [`crate::inbound::prefix`]: a /24, or an IPv6 /64), unless its
+/// connection holds a reserved slot (a committee member, an allowlisted
+/// peer, an exempt loopback caller): `None` then, and when the address is
+/// not known. Limits per identity are no limits where identities are
+/// free; limits per network are.
+pub fn network<T>(request: &tonic::Request<T>) -> Option<std::net::IpAddr> {
+    let info = request.extensions().get::<SslConnectInfo<ConnInfo>>()?;
+    let info = info.get_ref();
+    if info.reserved {
+        return None;
+    }
+    Some(crate::inbound::prefix(info.tcp.remote_addr()?.ip()))
+}
+
 /// The socket address a request came from, when it was served over
 /// [`incoming`]: it names the connection the call came on.
 pub fn remote_addr<T>(request: &tonic::Request<T>) -> Option<std::net::SocketAddr> {
