@@ -99,8 +99,8 @@ pub struct Limits {
     pub inbound_exempt_loopback: bool,
     /// Time an inbound connection has to finish its TLS handshake.
     pub tls_handshake_timeout: Duration,
-    /// Time without a byte either way after which an inbound connection
-    /// is closed.
+    /// Time without a request or an answer (pings do not count) after
+    /// which an inbound connection is closed.
     pub inbound_idle_timeout: Duration,
 }
 

@@ -233,7 +233,8 @@ pub struct P2pSection {
     /// Time an inbound connection has to finish its TLS handshake.
     #[serde(with = "humantime_serde")]
     pub tls_handshake_timeout: Duration,
-    /// Time without traffic after which an inbound connection is closed.
+    /// Time without a request or an answer (pings do not count) after
+    /// which an inbound connection is closed.
     #[serde(with = "humantime_serde")]
     pub inbound_idle_timeout: Duration,
     /// Time a response may take to be handed to the transport; past it the
@@ -1116,8 +1117,9 @@ max-inbound-per-prefix = {inbound_per_prefix}
 # reserved: local test networks share 127.0.0.1. Turn off if untrusted
 # local processes or a local proxy carry remote traffic.
 inbound-exempt-loopback = {exempt}
-# Time to finish the TLS handshake; time without traffic after which an
-# inbound connection is closed (at least `timeout`).
+# Time to finish the TLS handshake; time without a request or an answer
+# (HTTP/2 pings do not count) after which an inbound connection is closed
+# (at least `timeout`).
 tls-handshake-timeout = "{handshake}"
 inbound-idle-timeout = "{idle}"
 # Answers: time to hand each one to the transport (past it, it is cut and

@@ -26,9 +26,10 @@
 //! evicts the longest-idle ordinary connection or is closed itself.
 //!
 //! Time bounds: a handshake must finish within `handshake_timeout`, and a
-//! connection with no byte read or written for `idle_timeout` is closed
-//! (an HTTP/2 connection with no open call and no traffic is silent, so
-//! this closes it; one whose calls stall as long is closed too).
+//! connection that neither asks nor is answered for `idle_timeout` (no
+//! HTTP/2 HEADERS or DATA frame either way: pings and window updates do
+//! not count, see [`crate::activity`]) is closed, as is one whose calls
+//! stall as long. "Longest idle" is by the same measure.
 //!
 //! A refused socket is reset at once, before any TLS work: past a limit, a
 //! connection costs the server one accept and one close. The decisions are
@@ -119,8 +120,8 @@ pub struct Config {
     pub exempt_loopback: bool,
     /// Time allowed for the TLS handshake.
     pub handshake_timeout: Duration,
-    /// Time without a byte read or written after which a connection is
-    /// closed.
+    /// Time without a request or an answer (an HTTP/2 HEADERS or DATA
+    /// frame either way) after which a connection is closed.
     pub idle_timeout: Duration,
 }
 
@@ -704,12 +705,28 @@ fn close(conns: &mut HashMap<ConnId, Arc<Activity>>, id: Option<ConnId>) {
 /// What the IO side of a connection shares with its [`ConnectionLimit`].
 #[derive(Debug, Default)]
 struct Activity {
-    /// Last read or write, in ms since [`Shared::base`].
+    /// Last request or answer (see [`crate::activity`]), or the
+    /// admission, in ms since [`Shared::base`].
     last_ms: AtomicU64,
     /// Set to close the connection.
     closed: AtomicBool,
     /// The connection's task, woken when `closed` is set.
     waker: AtomicWaker,
+}
+
+/// Marks a connection active: it asked for something or was answered.
+#[derive(Debug)]
+pub(crate) struct Toucher {
+    activity: Arc<Activity>,
+    limit: ConnectionLimit,
+}
+
+impl Toucher {
+    /// The connection is active now.
+    pub(crate) fn touch(&self) {
+        let now = self.limit.now_ms();
+        self.activity.last_ms.store(now, Ordering::Relaxed);
+    }
 }
 
 /// A connection's slot, given back when dropped.
@@ -767,9 +784,12 @@ impl Admitted {
         Ok(())
     }
 
-    fn touch(&self) {
-        let now = self.slot.limit.now_ms();
-        self.slot.activity.last_ms.store(now, Ordering::Relaxed);
+    /// What marks the connection active (see [`crate::activity`]).
+    pub(crate) fn toucher(&self) -> Toucher {
+        Toucher {
+            activity: self.slot.activity.clone(),
+            limit: self.slot.limit.clone(),
+        }
     }
 
     /// Ready with an error once the connection is to be closed: evicted,
@@ -842,11 +862,7 @@ impl AsyncRead for Admitted {
         if let Some(error) = this.closed_now() {
             return Poll::Ready(Err(error));
         }
-        let before = buf.filled().len();
         let result = Pin::new(&mut this.stream).poll_read(cx, buf);
-        if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            this.touch();
-        }
         this.or_closed(cx, result)
     }
 }
@@ -862,9 +878,6 @@ impl AsyncWrite for Admitted {
             return Poll::Ready(Err(error));
         }
         let result = Pin::new(&mut this.stream).poll_write(cx, buf);
-        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            this.touch();
-        }
         this.or_closed(cx, result)
     }
 
@@ -878,9 +891,6 @@ impl AsyncWrite for Admitted {
             return Poll::Ready(Err(error));
         }
         let result = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
-        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            this.touch();
-        }
         this.or_closed(cx, result)
     }
 

@@ -13,6 +13,7 @@
 //!   timeouts.
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod activity;
 pub mod codec;
 pub mod convert;
 pub mod inbound;

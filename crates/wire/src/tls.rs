@@ -66,6 +66,7 @@ use tonic_tls::rustls::{SslConnectInfo, TlsStream};
 use x509_parser::oid_registry::Oid;
 use x509_parser::prelude::{FromDer, ParsedExtension, X509Certificate};
 
+use crate::activity::Watched;
 use crate::inbound::{Admission, Admitted, ConnInfo, ConnectionLimit, Refusal};
 
 /// The OID of the identity binding extension, as rcgen takes it.
@@ -381,7 +382,7 @@ fn make_client_config(
 
 /// The TLS connections accepted on a listener, for
 /// [`tonic::transport::Server::serve_with_incoming`].
-pub type Incoming = BoxStream<'static, Result<TlsStream<Admitted>, tonic_tls::Error>>;
+pub type Incoming = BoxStream<'static, Result<Watched<TlsStream<Admitted>>, tonic_tls::Error>>;
 
 /// Accepts TLS connections on `listener` with `config`, at most
 /// [`DEFAULT_MAX_CONNECTIONS`](crate::inbound::DEFAULT_MAX_CONNECTIONS)
@@ -419,9 +420,13 @@ struct Acceptor {
 }
 
 impl tonic_tls::TlsAcceptor<Admitted> for Acceptor {
-    type TlsStream = TlsStream<Admitted>;
+    type TlsStream = Watched<TlsStream<Admitted>>;
 
-    async fn accept(&self, stream: Admitted) -> Result<TlsStream<Admitted>, tonic_tls::Error> {
+    async fn accept(
+        &self,
+        stream: Admitted,
+    ) -> Result<Watched<TlsStream<Admitted>>, tonic_tls::Error> {
+        let toucher = stream.toucher();
         let timeout = self.limit.config().handshake_timeout;
         let stream = match tokio::time::timeout(timeout, self.inner.accept(stream)).await {
             Ok(stream) => stream?,
@@ -433,7 +438,7 @@ impl tonic_tls::TlsAcceptor<Admitted> for Acceptor {
         let (io, connection) = stream.get_ref();
         io.identify(caller_of(connection.peer_certificates()))
             .map_err(TlsError::from)?;
-        Ok(TlsStream::new(stream))
+        Ok(Watched::new(TlsStream::new(stream), toucher))
     }
 }
 

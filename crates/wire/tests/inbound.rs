@@ -41,12 +41,20 @@ struct TestServer {
 
 impl TestServer {
     async fn start(limit: ConnectionLimit) -> Self {
+        Self::start_pinging(limit, None).await
+    }
+
+    /// Like [`Self::start`], the server pinging every connection every
+    /// `keepalive`, if given.
+    async fn start_pinging(limit: ConnectionLimit, keepalive: Option<Duration>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let config = tls::server_config(&identity(), &AccessPolicy::default()).unwrap();
         let (_reporter, health) = tonic_health::server::health_reporter();
         let task = tokio::spawn(
             Server::builder()
+                .http2_keepalive_interval(keepalive)
+                .http2_keepalive_timeout(keepalive.map(|k| k * 10))
                 .add_service(health)
                 .serve_with_incoming(tls::incoming_with_limit(listener, config, limit)),
         );
@@ -313,4 +321,50 @@ async fn a_full_server_evicts_idle_anonymous_connections_and_keeps_reserved_ones
     drop((channel, anonymous, newcomers));
     wait_until("every connection closed", || limit.open() == 0).await;
     assert_eq!(limit.counts(), counts);
+}
+
+/// Only requests and answers keep a connection from its idle timeout: the
+/// server's HTTP/2 pings and the client's acknowledgements, every 100 ms,
+/// do not. A connection that calls more often than the timeout stays
+/// open; once it stops calling, it is closed at the timeout although the
+/// pings go on, and the client's next call connects again.
+#[tokio::test(flavor = "multi_thread")]
+async fn pings_do_not_keep_a_connection_that_asks_nothing_from_its_idle_timeout() {
+    init_tracing();
+    let limit = ConnectionLimit::with_config(Config {
+        idle_timeout: Duration::from_millis(1_000),
+        ..config(8, 0, 8, 8)
+    });
+    let server = TestServer::start_pinging(limit.clone(), Some(Duration::from_millis(100))).await;
+    let honest = identity();
+    let channel = server.call(&honest).await;
+    let mut health = HealthClient::new(channel);
+    let check = || HealthCheckRequest {
+        service: String::new(),
+    };
+    // Calls 250 ms apart, over three times the idle timeout.
+    for _ in 0..12 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        health.check(check()).await.expect("served");
+    }
+    assert_eq!(limit.counts().idle_closed, 0);
+    assert_eq!(limit.counts().admitted, 1);
+
+    // Silent but for the pings: closed at the timeout.
+    wait_until("the quiet connection closed", || {
+        limit.counts().idle_closed == 1
+    })
+    .await;
+    wait_until("its slot freed", || limit.open() == 0).await;
+    // The client may send its next call before it saw the close: that one
+    // fails, and the next connects again.
+    let mut served = false;
+    for _ in 0..3 {
+        if health.check(check()).await.is_ok() {
+            served = true;
+            break;
+        }
+    }
+    assert!(served, "not served again");
+    assert_eq!(limit.counts().admitted, 2);
 }
