@@ -131,7 +131,7 @@ impl Handler<CallMsg> for GrpcAdapter {
             let taken = match self.driver.core().crowded(msg.caller, msg.network) {
                 Some(Crowded::Caller) => kept.reclaim(|(_, caller)| *caller == msg.caller),
                 Some(Crowded::Network(network)) => {
-                    kept.reclaim(|(address, _)| inbound::prefix(address.ip()) == network)
+                    kept.reclaim(|(address, _)| inbound::network(address.ip()) == network)
                 }
                 Some(Crowded::All) => kept.reclaim(|_| true),
                 None => Vec::new(),

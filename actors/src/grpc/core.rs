@@ -28,8 +28,8 @@ pub struct Limits {
     /// FetchCommits and FetchBlocks running at once in total.
     pub max_concurrent_fetches: usize,
     /// FetchCommits and FetchBlocks running at once for the callers of
-    /// one network (a /24, or an IPv6 /64; an IPv6 /32 may hold four
-    /// times as many), whatever identities they use: committee members,
+    /// one network (a /24, or an IPv6 /32: see `inbound::network`),
+    /// whatever identities they use: committee members,
     /// allowlisted peers and exempt loopback callers are not counted.
     /// Identities are free where anyone may connect; networks are not.
     #[serde(default = "default_max_concurrent_fetches_per_network")]
@@ -264,28 +264,8 @@ pub struct GrpcAdapterCore {
     running: HashMap<u64, Option<PeerId>>,
     /// Network of each admitted fetch still running that counts in one.
     networks: HashMap<u64, IpAddr>,
-    /// Admitted fetches by network: by prefix, and IPv6 also by /32.
-    per_network: HashMap<NetworkKey, usize>,
-}
-
-/// A network fetches are counted in: an address masked to its first
-/// `bits` bits.
-type NetworkKey = (IpAddr, u32);
-
-/// The networks a fetch from `network` (a prefix, as
-/// [`inbound::prefix`] gives it) counts in, with how many prefixes' worth
-/// each may hold: its prefix, and for IPv6 its /32 too, as the inbound
-/// caps count connections.
-fn network_keys(network: IpAddr) -> [Option<(NetworkKey, usize)>; 2] {
-    let bits = match network {
-        IpAddr::V4(_) => inbound::IPV4_NETWORK_BITS,
-        IpAddr::V6(_) => inbound::IPV6_PREFIX_BITS,
-    };
-    let wide = inbound::ipv6_network(network).map(|n| {
-        let key = (IpAddr::V6(n), inbound::IPV6_NETWORK_BITS);
-        (key, inbound::IPV6_NETWORK_PREFIXES)
-    });
-    [Some(((network, bits), 1)), wide]
+    /// Admitted fetches by network.
+    per_network: HashMap<IpAddr, usize>,
 }
 
 impl Core for GrpcAdapterCore {
@@ -345,7 +325,7 @@ pub enum Crowded {
     /// The caller holds `max_concurrent_fetches_per_peer` fetches.
     Caller,
     /// The caller's network holds `max_concurrent_fetches_per_network`
-    /// fetches (or its IPv6 /32 four times as many).
+    /// fetches.
     Network(IpAddr),
     /// `max_concurrent_fetches` fetches run.
     All,
@@ -369,20 +349,11 @@ impl GrpcAdapterCore {
         }
     }
 
-    /// Whether `network` holds its cap of fetches, or its IPv6 /32 does,
-    /// without fetch `without`.
+    /// Whether `network` holds its cap of fetches without fetch `without`.
     fn network_full(&self, network: IpAddr, without: Option<u64>) -> bool {
-        let cap = self.limits.max_concurrent_fetches_per_network;
-        let gone = without.and_then(|id| self.networks.get(&id).copied());
-        network_keys(network)
-            .into_iter()
-            .flatten()
-            .any(|(key, prefixes)| {
-                let held = self.per_network.get(&key).copied().unwrap_or(0);
-                let freed = gone
-                    .is_some_and(|g| network_keys(g).into_iter().flatten().any(|(k, _)| k == key));
-                held - usize::from(freed) >= cap.saturating_mul(prefixes)
-            })
+        let held = self.per_network.get(&network).copied().unwrap_or(0);
+        let freed = without.is_some_and(|id| self.networks.get(&id) == Some(&network));
+        held - usize::from(freed) >= self.limits.max_concurrent_fetches_per_network
     }
 
     /// Whether fetch `victim`'s slot, once freed, leaves room for a fetch
@@ -418,9 +389,7 @@ impl GrpcAdapterCore {
         self.running.insert(id, caller);
         if let Some(network) = network {
             self.networks.insert(id, network);
-            for (key, _) in network_keys(network).into_iter().flatten() {
-                *self.per_network.entry(key).or_default() += 1;
-            }
+            *self.per_network.entry(network).or_default() += 1;
         }
     }
 }
@@ -593,14 +562,12 @@ impl GrpcAdapterCore {
                 self.fetches.remove(&caller);
             }
         }
-        if let Some(network) = self.networks.remove(&id) {
-            for (key, _) in network_keys(network).into_iter().flatten() {
-                if let Some(n) = self.per_network.get_mut(&key) {
-                    *n -= 1;
-                    if *n == 0 {
-                        self.per_network.remove(&key);
-                    }
-                }
+        if let Some(network) = self.networks.remove(&id)
+            && let Some(n) = self.per_network.get_mut(&network)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.per_network.remove(&network);
             }
         }
     }
@@ -758,46 +725,6 @@ mod tests {
         c.handle(Time(0), Input::Done { id: 1 });
         assert_eq!(c.crowded(Some(PeerId([3; 32])), key), None);
         assert!(admitted(&fetch_from(&mut c, 7, 4, Some(net), &[])));
-    }
-
-    #[test]
-    fn an_ipv6_network_holds_four_prefixes_worth_of_fetches() {
-        let mut c = network_core(1, 16);
-        for (i, prefix) in [
-            "2001:db8:0:1::",
-            "2001:db8:0:2::",
-            "2001:db8:0:3::",
-            "2001:db8:0:4::",
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            assert!(admitted(&fetch_from(
-                &mut c,
-                i as u64,
-                i as u8,
-                Some(prefix),
-                &[]
-            )));
-        }
-        // The /64s above hold one each; a fifth /64 of the /32 is refused.
-        let out = fetch_from(&mut c, 10, 10, Some("2001:db8:0:5::"), &[]);
-        assert_eq!(
-            code(out.last().cloned().unwrap()),
-            Some(Code::ResourceExhausted)
-        );
-        let out = fetch_from(&mut c, 11, 11, Some("2001:db8:0:1::"), &[]);
-        assert_eq!(
-            code(out.last().cloned().unwrap()),
-            Some(Code::ResourceExhausted)
-        );
-        assert!(admitted(&fetch_from(
-            &mut c,
-            12,
-            12,
-            Some("2001:db9::"),
-            &[]
-        )));
     }
 
     #[test]

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 use http_body::Frame;
+use tokio::sync::Notify;
 use tonic::Status;
 use tonic::body::Body;
 use tonic::codegen::{BoxFuture, Service, http};
@@ -42,11 +43,18 @@ use super::kept::{KeptSlots, SlotKey};
 /// inside hyper once it is cut.
 pub const SLICE_BYTES: usize = 64 << 10;
 
+/// An answer is judged by its rate only once under way this many times
+/// `fetch_stall_timeout`: TCP's first round trips (slow start, again after
+/// an idle spell) are not held against it.
+pub(super) const SLOW_AFTER_STALLS: u32 = 4;
+
 /// What the server is sending; shared with the handle.
 #[derive(Default)]
 pub struct SendStats {
     fetches_in_flight: AtomicUsize,
-    waiting_for_budget: AtomicUsize,
+    /// Admitted FetchCommits waiting for their connection's byte budget,
+    /// by fetch id: since when, and how to cut the wait.
+    waiting: Mutex<HashMap<u64, (Instant, Arc<Notify>)>>,
     cut: AtomicU64,
     preempted: AtomicU64,
     /// The answers of admitted fetches being sent, by fetch id.
@@ -125,17 +133,23 @@ impl SendStats {
         self.fetches_in_flight.load(Ordering::Relaxed)
     }
 
-    /// FetchCommits waiting, before they ask for a fetch slot, for
-    /// answers their connection has not read to be sent.
+    /// Admitted FetchCommits waiting, on their slot, for answers their
+    /// connection has not read to be sent.
     pub fn fetches_waiting_for_budget(&self) -> usize {
-        self.waiting_for_budget.load(Ordering::Relaxed)
+        lock(&self.waiting).len()
     }
 
-    /// Counts a fetch as waiting for its connection's byte budget until
-    /// the guard returned is dropped.
-    pub(super) fn waiting_for_budget(self: &Arc<Self>) -> WaitingForBudget {
-        self.waiting_for_budget.fetch_add(1, Ordering::Relaxed);
-        WaitingForBudget(self.clone())
+    /// Registers fetch `id` as waiting for its connection's byte budget
+    /// until the guard returned is dropped: a newer fetch may take its
+    /// slot, as it may a stalled answer's, and the guard then says so.
+    pub(super) fn waiting_for_budget(self: &Arc<Self>, id: u64) -> WaitingForBudget {
+        let cut = Arc::new(Notify::new());
+        lock(&self.waiting).insert(id, (Instant::now(), cut.clone()));
+        WaitingForBudget {
+            id,
+            cut,
+            stats: self.clone(),
+        }
     }
 
     /// Responses cut because they were not sent within the deadline.
@@ -154,35 +168,47 @@ impl SendStats {
         self.kept.reused()
     }
 
-    /// The fetches whose answers a newer fetch may take the slot of,
-    /// worst first: those the transport has not asked a frame of for
-    /// `stall` (their clients' windows are full), longest-stalled first;
-    /// then those under way for `stall` or longer that have handed the
-    /// transport fewer than `min_rate` bytes per second since they began
-    /// (their clients read, but too slowly for a whole answer to be sent
-    /// within the send deadline), slowest first. A client that opens its
-    /// window a little at a time is never silent for `stall`; what it
-    /// cannot do is read slowly and keep its slot.
+    /// The fetches whose slots a newer fetch may take, worst first:
+    /// - those waiting for `stall` or longer for their connection's byte
+    ///   budget (their connection does not read its earlier answers),
+    ///   longest-waiting first;
+    /// - answers the transport has not asked a frame of for `stall` (their
+    ///   clients' windows are full), longest-silent first;
+    /// - answers under way for [`SLOW_AFTER_STALLS`] times `stall` or
+    ///   longer that have been handed to the transport at fewer than
+    ///   `min_rate` bytes per second since they began, slowest first: their
+    ///   clients read, but too slowly for a whole answer to be sent within
+    ///   the send deadline. A client that opens its window a little at a
+    ///   time is never silent for `stall`; what it cannot do is read slowly
+    ///   and keep its slot.
     pub(super) fn stalled(&self, stall: Duration, min_rate: u64) -> Vec<u64> {
         let now = Instant::now();
-        // (silent: 0, slow: 1; then when last polled, or bytes a second)
-        let mut stalled: Vec<(u8, u128, u64)> = lock(&self.sending)
+        // (waiting: 0, silent: 1, slow: 2; then the worst first: the
+        // longest wait or silence, the lowest rate)
+        let longest = |d: Duration| u128::MAX - d.as_micros();
+        let mut stalled: Vec<(u8, u128, u64)> = lock(&self.waiting)
             .iter()
-            .filter_map(|(id, state)| {
-                let state = state.upgrade()?;
-                let (last_polled, began, sent) = match &*lock(&state) {
-                    State::Sending(s) => (s.last_polled, s.began, s.sent),
-                    _ => return None,
-                };
-                if now.duration_since(last_polled) >= stall {
-                    let since = last_polled.duration_since(began).as_micros();
-                    return Some((0, since, *id));
-                }
-                let under_way = now.duration_since(began);
-                let rate = u128::from(sent) * 1_000_000 / under_way.as_micros().max(1);
-                (under_way >= stall && rate < u128::from(min_rate)).then_some((1, rate, *id))
+            .filter_map(|(id, (since, _))| {
+                let waited = now.duration_since(*since);
+                (waited >= stall).then_some((0, longest(waited), *id))
             })
             .collect();
+        let sending = lock(&self.sending);
+        stalled.extend(sending.iter().filter_map(|(id, state)| {
+            let state = state.upgrade()?;
+            let (last_polled, began, sent) = match &*lock(&state) {
+                State::Sending(s) => (s.last_polled, s.began, s.sent),
+                _ => return None,
+            };
+            let silent = now.duration_since(last_polled);
+            if silent >= stall {
+                return Some((1, longest(silent), *id));
+            }
+            let under_way = now.duration_since(began);
+            let rate = u128::from(sent) * 1_000_000 / under_way.as_micros().max(1);
+            let judged = under_way >= stall * SLOW_AFTER_STALLS;
+            (judged && rate < u128::from(min_rate)).then_some((2, rate, *id))
+        }));
         stalled.sort_unstable();
         stalled.into_iter().map(|(_, _, id)| id).collect()
     }
@@ -205,6 +231,14 @@ impl SendStats {
     /// `held`: whether its permit is still alive (if not, its slot can no
     /// longer be kept either).
     pub(super) fn preempt(&self, id: u64, held: bool) {
+        if let Some((_, cut)) = lock(&self.waiting).remove(&id) {
+            // Still waiting for its budget: it ends with a refusal and
+            // drops its permit (whose slot the adapter gave away).
+            cut.notify_one();
+            self.preempted.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(id, "fetch waiting for its budget cut for a newer fetch");
+            return;
+        }
         let state = lock(&self.sending).remove(&id).and_then(|s| s.upgrade());
         if state.is_some_and(|state| cut(&state)) {
             self.preempted.fetch_add(1, Ordering::Relaxed);
@@ -218,12 +252,30 @@ impl SendStats {
     }
 }
 
-/// A fetch counted in [`SendStats::fetches_waiting_for_budget`].
-pub(super) struct WaitingForBudget(Arc<SendStats>);
+/// A fetch registered as waiting for its connection's byte budget (see
+/// [`SendStats::waiting_for_budget`]); unregistered when dropped.
+pub(super) struct WaitingForBudget {
+    id: u64,
+    cut: Arc<Notify>,
+    stats: Arc<SendStats>,
+}
+
+impl WaitingForBudget {
+    /// Ends once a newer fetch took the slot.
+    pub(super) async fn cut(&self) {
+        self.cut.notified().await;
+    }
+}
 
 impl Drop for WaitingForBudget {
     fn drop(&mut self) {
-        self.0.waiting_for_budget.fetch_sub(1, Ordering::Relaxed);
+        let mut waiting = lock(&self.stats.waiting);
+        if waiting
+            .get(&self.id)
+            .is_some_and(|(_, cut)| Arc::ptr_eq(cut, &self.cut))
+        {
+            waiting.remove(&self.id);
+        }
     }
 }
 

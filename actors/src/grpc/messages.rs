@@ -120,7 +120,7 @@ pub enum Input {
         /// known.
         #[serde(default)]
         connection: Option<std::net::SocketAddr>,
-        /// The caller's network (its /24, or IPv6 /64), whose fetches
+        /// The caller's network (its /24, or IPv6 /32), whose fetches
         /// `max_concurrent_fetches_per_network` caps; `None` for a caller
         /// with reserved slots (a committee member, an allowlisted peer, an
         /// exempt loopback caller) or of unknown address.

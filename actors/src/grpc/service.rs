@@ -272,33 +272,40 @@ impl P2pService {
             start: r.start,
             end: r.end,
         };
-        // Refused before it waits, if it is refused anyway.
-        fetch_work(&self.deps.limits, call.clone()).map_err(Status::from)?;
+        let admission = self.admit_fetch(&request, call).await?;
+        let Work::FetchCommits { start, end } = admission.work else {
+            return Err(Status::internal("unexpected admission"));
+        };
         let limits = self.deps.limits.clone();
         let data_limits = self.deps.data_limits.clone();
         // The answer's commits are within this; its size is known once read.
         let estimate = limits.max_fetch_response_bytes;
         let connection = connection(&request);
         let reservation = self.budget.reservation(connection);
-        // Waits for answers of this connection to be sent first, and only
-        // then asks for a fetch slot: a fetch waiting behind answers its
-        // connection does not read holds no slot a reader could use. A
-        // client that reads none of them is refused rather than kept
-        // waiting.
-        let waiting = self.deps.stats.waiting_for_budget();
-        let waited =
-            tokio::time::timeout(self.deps.limits.send_timeout, reservation.add(estimate)).await;
+        // Waits, on its slot, for answers of this connection to be sent
+        // first: registered meanwhile, so that a newer fetch may take the
+        // slot of one that waits on a connection that does not read, as it
+        // may a stalled answer's. A client that reads none of them is
+        // refused rather than kept waiting.
+        let waiting = self.deps.stats.waiting_for_budget(admission.permit.id());
+        let waited = tokio::select! {
+            waited = tokio::time::timeout(limits.send_timeout, reservation.add(estimate)) => {
+                waited.is_ok()
+            }
+            () = waiting.cut() => {
+                return Err(Status::resource_exhausted(
+                    "the fetch's slot went to a newer fetch while it waited for this \
+                     connection to read earlier answers",
+                ));
+            }
+        };
         drop(waiting);
-        if waited.is_err() {
+        if !waited {
             return Err(Status::resource_exhausted(format!(
                 "{} bytes of answers wait for this connection to read them",
                 self.budget.held(connection)
             )));
         }
-        let admission = self.admit_fetch(&request, call).await?;
-        let Work::FetchCommits { start, end } = admission.work else {
-            return Err(Status::internal("unexpected admission"));
-        };
         // Held by the read, so a cancelled call frees its slot only once
         // the read is done; then by the response until it is sent.
         let slot = FetchSlot::new(admission.permit, &self.deps.stats, slot_key(&request));

@@ -85,8 +85,8 @@ pub const DEFAULT_MAX_PER_PREFIX: usize = 32;
 /// takes two round trips, well under a second on any real link.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Default time without a byte either way after which a connection is
-/// closed: six times the request timeout, sixty height queries of a
+/// Default time without a request or an answer after which a connection
+/// is closed: six times the request timeout, sixty height queries of a
 /// connected peer.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -519,6 +519,19 @@ pub const IPV6_NETWORK_PREFIXES: usize = 4;
 
 /// Leading bits of an IPv4 address that name its network: a /24.
 pub const IPV4_NETWORK_BITS: u32 = 24;
+
+/// The network of `ip` that a server's fetch slots count (its /24 in IPv4,
+/// its /32 in IPv6, as Discovery buckets addresses; an IPv4-mapped address
+/// counting as IPv4). Coarser than [`prefix`] for IPv6: fetch slots are
+/// counted after the handshake, with committee members and allowlisted
+/// peers apart, so a provider's /32 costs no member its place, and a
+/// subscriber's many /64s buy no more.
+pub fn network(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V4(_) => prefix(ip),
+        IpAddr::V6(v6) => IpAddr::V6(ipv6_masked(v6, IPV6_NETWORK_BITS)),
+    }
+}
 
 /// The network of `ip` that [`Config::max_per_prefix`] counts: its /24 in
 /// IPv4, its /64 in IPv6 (an IPv4-mapped address counting as IPv4).
@@ -1146,6 +1159,18 @@ mod tests {
         assert_eq!(prefix(ip("192.168.7.9")), ip("192.168.7.0"));
         assert_eq!(prefix(ip("2001:db8:1:2:3:4:5:6")), ip("2001:db8:1:2::"));
         assert_eq!(prefix(ip("::ffff:192.168.7.9")), ip("192.168.7.0"));
+    }
+
+    /// Fetch slots count an IPv4 address by its /24 and an IPv6 one by its
+    /// /32, whatever /64 it is in: a subscriber's /56 is one network.
+    #[test]
+    fn fetch_slots_count_an_ipv6_address_by_its_32() {
+        let net = |a: &str| network(a.parse().unwrap()).to_string();
+        assert_eq!(net("10.1.2.3"), "10.1.2.0");
+        assert_eq!(net("::ffff:10.1.2.3"), "10.1.2.0");
+        assert_eq!(net("2001:db8:0:1::7"), "2001:db8::");
+        assert_eq!(net("2001:db8:ff00:5::1"), "2001:db8::");
+        assert_eq!(net("2001:db9::1"), "2001:db9::");
     }
 
     /// One subscriber's many /64s: each holds `max_per_prefix`, and their

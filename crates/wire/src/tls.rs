@@ -520,8 +520,8 @@ fn caller_of(certs: Option<&[CertificateDer<'_>]>) -> Caller {
         .unwrap_or(Caller::Anonymous)
 }
 
-/// The network a request came from, as the inbound caps count it (see
-/// [`crate::inbound::prefix`]: a /24, or an IPv6 /64), unless its
+/// The network a request came from, as fetch slots count it (see
+/// [`crate::inbound::network`]: a /24, or an IPv6 /32), unless its
 /// connection holds a reserved slot (a committee member, an allowlisted
 /// peer, an exempt loopback caller): `None` then, and when the address is
 /// not known. Limits per identity are no limits where identities are
@@ -532,7 +532,7 @@ pub fn network<T>(request: &tonic::Request<T>) -> Option<std::net::IpAddr> {
     if info.reserved {
         return None;
     }
-    Some(crate::inbound::prefix(info.tcp.remote_addr()?.ip()))
+    Some(crate::inbound::network(info.tcp.remote_addr()?.ip()))
 }
 
 /// The socket address a request came from, when it was served over
