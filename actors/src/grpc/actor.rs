@@ -12,7 +12,6 @@ use crate::holders::{Holders, Token};
 use crate::peer_heights::{PeerHeights, PushHeight};
 use crate::replay::Recorder;
 use crate::state_sync::{HeightPushed, StateSync};
-use soma_wire::inbound;
 
 /// An admitted fetch's slot; dropping it (the call ended, failed or was
 /// cancelled) gives the slot back to the adapter, which learns of it at
@@ -129,9 +128,9 @@ impl Handler<CallMsg> for GrpcAdapter {
             let stats = self.deps.send_stats.clone();
             let kept = &stats.kept;
             let taken = match self.driver.core().crowded(msg.caller, msg.network) {
-                Some(Crowded::Caller) => kept.reclaim(|(_, caller)| *caller == msg.caller),
+                Some(Crowded::Caller) => kept.reclaim(|(_, caller, _)| *caller == msg.caller),
                 Some(Crowded::Network(network)) => {
-                    kept.reclaim(|(address, _)| inbound::network(address.ip()) == network)
+                    kept.reclaim(|(_, _, counted_in)| *counted_in == Some(network))
                 }
                 Some(Crowded::All) => kept.reclaim(|_| true),
                 None => Vec::new(),

@@ -168,10 +168,14 @@ impl SendStats {
         self.kept.reused()
     }
 
-    /// The fetches whose slots a newer fetch may take, worst first:
-    /// - those waiting for `stall` or longer for their connection's byte
-    ///   budget (their connection does not read its earlier answers),
-    ///   longest-waiting first;
+    /// The fetches whose slots a newer fetch may take now, worst first
+    /// (see [`Self::stalled_at`]).
+    pub(super) fn stalled(&self, stall: Duration, min_rate: u64) -> Vec<u64> {
+        self.stalled_at(Instant::now(), stall, min_rate)
+    }
+
+    /// The fetches whose slots a newer fetch may take at `now`, worst
+    /// first:
     /// - answers the transport has not asked a frame of for `stall` (their
     ///   clients' windows are full), longest-silent first;
     /// - answers under way for [`SLOW_AFTER_STALLS`] times `stall` or
@@ -180,17 +184,22 @@ impl SendStats {
     ///   clients read, but too slowly for a whole answer to be sent within
     ///   the send deadline. A client that opens its window a little at a
     ///   time is never silent for `stall`; what it cannot do is read slowly
-    ///   and keep its slot.
-    pub(super) fn stalled(&self, stall: Duration, min_rate: u64) -> Vec<u64> {
-        let now = Instant::now();
-        // (waiting: 0, silent: 1, slow: 2; then the worst first: the
-        // longest wait or silence, the lowest rate)
+    ///   and keep its slot;
+    /// - FetchCommits that have waited `stall` or longer on their slot for
+    ///   their connection's byte budget, longest-waiting first: last, for
+    ///   the connection they wait on may be reading at full speed (its
+    ///   silent answers, if it does not read, come first), but a fetch that
+    ///   has done nothing yet costs least to refuse.
+    pub(super) fn stalled_at(&self, now: Instant, stall: Duration, min_rate: u64) -> Vec<u64> {
+        // (silent: 0, slow: 1, waiting: 2; then the worst first: the
+        // longest silence or wait, the lowest rate)
         let longest = |d: Duration| u128::MAX - d.as_micros();
+        let judged_after = stall.saturating_mul(SLOW_AFTER_STALLS);
         let mut stalled: Vec<(u8, u128, u64)> = lock(&self.waiting)
             .iter()
             .filter_map(|(id, (since, _))| {
-                let waited = now.duration_since(*since);
-                (waited >= stall).then_some((0, longest(waited), *id))
+                let waited = now.saturating_duration_since(*since);
+                (waited >= stall).then_some((2, longest(waited), *id))
             })
             .collect();
         let sending = lock(&self.sending);
@@ -200,14 +209,13 @@ impl SendStats {
                 State::Sending(s) => (s.last_polled, s.began, s.sent),
                 _ => return None,
             };
-            let silent = now.duration_since(last_polled);
+            let silent = now.saturating_duration_since(last_polled);
             if silent >= stall {
-                return Some((1, longest(silent), *id));
+                return Some((0, longest(silent), *id));
             }
-            let under_way = now.duration_since(began);
+            let under_way = now.saturating_duration_since(began);
             let rate = u128::from(sent) * 1_000_000 / under_way.as_micros().max(1);
-            let judged = under_way >= stall * SLOW_AFTER_STALLS;
-            (judged && rate < u128::from(min_rate)).then_some((2, rate, *id))
+            (under_way >= judged_after && rate < u128::from(min_rate)).then_some((1, rate, *id))
         }));
         stalled.sort_unstable();
         stalled.into_iter().map(|(_, _, id)| id).collect()
@@ -265,17 +273,31 @@ impl WaitingForBudget {
     pub(super) async fn cut(&self) {
         self.cut.notified().await;
     }
+
+    /// Ends the wait: true if the fetch still holds its slot, false if a
+    /// newer fetch took it meanwhile (its budget may have come at the same
+    /// time). Under the same lock as [`SendStats::preempt`], so one of the
+    /// two wins: a preemption after this finds no waiting fetch, and treats
+    /// the slot as one whose answer may be about to start.
+    pub(super) fn finish(self) -> bool {
+        self.unregister()
+    }
+
+    fn unregister(&self) -> bool {
+        let mut waiting = lock(&self.stats.waiting);
+        let mine = waiting
+            .get(&self.id)
+            .is_some_and(|(_, cut)| Arc::ptr_eq(cut, &self.cut));
+        if mine {
+            waiting.remove(&self.id);
+        }
+        mine
+    }
 }
 
 impl Drop for WaitingForBudget {
     fn drop(&mut self) {
-        let mut waiting = lock(&self.stats.waiting);
-        if waiting
-            .get(&self.id)
-            .is_some_and(|(_, cut)| Arc::ptr_eq(cut, &self.cut))
-        {
-            waiting.remove(&self.id);
-        }
+        self.unregister();
     }
 }
 
@@ -750,10 +772,55 @@ mod tests {
         assert_eq!(stats.responses_preempted(), 1);
     }
 
+    #[tokio::test]
+    async fn silent_answers_are_taken_before_fetches_waiting_for_their_budget() {
+        let stats = Arc::new(SendStats::default());
+        let mut holders = crate::holders::Holders::default();
+        let stall = Duration::from_secs(1);
+        let start = Instant::now();
+        let waiting = stats.waiting_for_budget(7);
+        let guard = SendGuard::new(Some(slot(&stats, &mut holders, 8)), None);
+        let _silent = DeadlineBody::new(body(1, 10), guard, Duration::from_secs(60), stats.clone());
+        assert_eq!(stats.fetches_waiting_for_budget(), 1);
+        // Neither has been stalled for a second yet; then both are, the
+        // silent answer first.
+        assert!(stats.stalled_at(start, stall, 0).is_empty());
+        let later = Instant::now() + 2 * stall;
+        assert_eq!(stats.stalled_at(later, stall, 0), vec![8, 7]);
+        // Taken by a newer fetch: the wait learns of it, whether it was
+        // still waiting or its budget came at the same time.
+        stats.preempt(7, true);
+        tokio::time::timeout(Duration::from_secs(10), waiting.cut())
+            .await
+            .expect("the wait learns it was cut");
+        assert!(!waiting.finish());
+        assert_eq!(stats.fetches_waiting_for_budget(), 0);
+        assert_eq!(stats.responses_preempted(), 1);
+        assert_eq!(stats.stalled_at(later, stall, 0), vec![8]);
+    }
+
+    #[test]
+    fn a_slot_taken_just_after_its_wait_ended_is_never_kept() {
+        let stats = Arc::new(SendStats::default());
+        let mut holders = crate::holders::Holders::default();
+        let waiting = stats.waiting_for_budget(3);
+        assert!(waiting.finish());
+        // The adapter gave the slot away as the wait ended: the fetch goes
+        // on uncounted for one answer, and its slot is then not kept.
+        stats.preempt(3, true);
+        assert_eq!(stats.responses_preempted(), 0);
+        let mut answered = slot(&stats, &mut holders, 3);
+        answered.answered();
+        drop(answered);
+        assert_eq!(stats.kept.len(), 0);
+        assert_eq!(holders.ended(), vec![3]);
+    }
+
     fn slot(stats: &Arc<SendStats>, holders: &mut crate::holders::Holders, id: u64) -> FetchSlot {
         let key = (
             std::net::SocketAddr::from(([127, 0, 0, 1], 9)),
             Some(soma_types::PeerId([9; 32])),
+            None,
         );
         let permit = Permit::new(id, holders.hold_keeping_ended(id));
         FetchSlot::new(permit, stats, Some(key))

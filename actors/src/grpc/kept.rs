@@ -27,7 +27,7 @@
 //! wide, one answer long); its slot is then never kept ([`KeptSlots::revoke`]).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -37,8 +37,10 @@ use super::actor::Permit;
 
 /// Who may use a kept slot: the connection, by its remote address, and the
 /// caller authenticated on it (so a later connection from the same
-/// address by another identity does not inherit it).
-pub(crate) type SlotKey = (SocketAddr, Option<PeerId>);
+/// address by another identity does not inherit it); with the network the
+/// slot counts in, if any (`None` for a connection holding reserved
+/// slots), by which the slots in a full network's way are taken back.
+pub(crate) type SlotKey = (SocketAddr, Option<PeerId>, Option<IpAddr>);
 
 /// Revoked ids remembered for a slot not yet kept; only a preemption racing
 /// the end of an answer leaves one, and the adapter forgets those whose
@@ -158,6 +160,7 @@ mod tests {
         (
             SocketAddr::from(([127, 0, 0, 1], port)),
             Some(PeerId([caller; 32])),
+            None,
         )
     }
 
@@ -180,7 +183,7 @@ mod tests {
         assert_eq!(kept.len(), 2);
         // Taken back by caller: another caller's are left.
         kept.keep(key(3, 2), Permit::new(4, holders.hold_keeping_ended(4)));
-        drop(kept.reclaim(|(_, caller)| *caller == Some(PeerId([1; 32]))));
+        drop(kept.reclaim(|(_, caller, _)| *caller == Some(PeerId([1; 32]))));
         assert_eq!(kept.len(), 1);
         assert_eq!(holders.ended(), vec![1, 2]);
         drop(kept.reclaim(|_| true));

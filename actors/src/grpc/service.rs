@@ -289,18 +289,20 @@ impl P2pService {
         // refused rather than kept waiting.
         let waiting = self.deps.stats.waiting_for_budget(admission.permit.id());
         let waited = tokio::select! {
+            biased;
+            () = waiting.cut() => None,
             waited = tokio::time::timeout(limits.send_timeout, reservation.add(estimate)) => {
-                waited.is_ok()
-            }
-            () = waiting.cut() => {
-                return Err(Status::resource_exhausted(
-                    "the fetch's slot went to a newer fetch while it waited for this \
-                     connection to read earlier answers",
-                ));
+                Some(waited.is_ok())
             }
         };
-        drop(waiting);
-        if !waited {
+        // Cut, or its budget came just as a newer fetch took its slot.
+        if waited.is_none() || !waiting.finish() {
+            return Err(Status::resource_exhausted(
+                "the fetch's slot went to a newer fetch while it waited for this \
+                 connection to read earlier answers",
+            ));
+        }
+        if waited == Some(false) {
             return Err(Status::resource_exhausted(format!(
                 "{} bytes of answers wait for this connection to read them",
                 self.budget.held(connection)
@@ -381,9 +383,14 @@ fn guarded<T>(
 }
 
 /// Who may reuse the slot of a fetch of `request`: its connection and
-/// caller; `None` (never kept) when the connection is not known.
+/// caller, with the network it counts in; `None` (never kept) when the
+/// connection is not known.
 fn slot_key<T>(request: &Request<T>) -> Option<SlotKey> {
-    Some((remote_addr(request)?, caller(request).peer_id()))
+    Some((
+        remote_addr(request)?,
+        caller(request).peer_id(),
+        network(request),
+    ))
 }
 
 /// The connection a request came on, by its remote address.

@@ -441,9 +441,10 @@ impl P2pHandle {
         self.inner.send_stats.fetches_in_flight()
     }
 
-    /// FetchCommits waiting, before they ask for a fetch slot, for the
-    /// answers their connection has not read yet to be sent (see
-    /// `max_buffered_bytes_per_connection`).
+    /// FetchCommits waiting, on their fetch slot, for the answers their
+    /// connection has not read yet to be sent (see
+    /// `max_buffered_bytes_per_connection`); not counted in
+    /// [`Self::fetches_in_flight`].
     pub fn fetches_waiting_for_budget(&self) -> usize {
         self.inner.send_stats.fetches_waiting_for_budget()
     }

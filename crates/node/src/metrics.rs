@@ -139,7 +139,7 @@ impl Series {
             fetches_waiting_for_budget: gauge(
                 &r,
                 "soma_fetches_waiting_for_budget",
-                "FetchCommits waiting, before they take a fetch slot, for answers their connection has not read",
+                "FetchCommits waiting, on their fetch slot, for answers their connection has not read",
             ),
             responses_cut: counter(
                 &r,
