@@ -10,7 +10,6 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use soma_actors::P2pConfig;
 use soma_chain::{ChainBuilder, ChainConfig};
 use soma_store::{ConsensusStore, MemStore};
@@ -79,11 +78,8 @@ async fn never_reading_clients_lose_their_fetch_slots_at_the_send_deadline() {
 
     // A client that reads is served in full.
     let request = proto::FetchBlocksRequest { refs: refs.clone() };
-    let mut stream = late.fetch_blocks(request).await.unwrap().into_inner();
-    let mut blocks = 0;
-    while let Some(chunk) = stream.next().await {
-        blocks += chunk.unwrap().blocks.len();
-    }
+    let stream = late.fetch_blocks(request).await.unwrap().into_inner();
+    let blocks = blocks_read(stream).await;
     assert_eq!(blocks, refs.len());
     assert_eq!(node.fetches_in_flight(), 0);
 
@@ -103,7 +99,7 @@ async fn never_reading_clients_lose_their_fetch_slots_at_the_send_deadline() {
 /// slot: the slowest answer's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_reading_too_slowly_give_their_slots_to_new_fetches() {
-    use soma_testkit::attack::{self, Target, Trickle};
+    use soma_testkit::attack::{self, Trickle};
     use std::sync::atomic::{AtomicU64, Ordering};
 
     const TRICKLERS: usize = 4;
@@ -115,10 +111,7 @@ async fn clients_reading_too_slowly_give_their_slots_to_new_fetches() {
     config.grpc.send_timeout = Duration::from_secs(20);
     config.grpc.fetch_stall_timeout = Duration::from_secs(1);
     let node = server(&chain, config, Arc::new(MemStore::new(chain.genesis())));
-    let target = Target {
-        address: node.local_addr(),
-        peer_id: Some(node.peer_id()),
-    };
+    let target = target(&node);
     // About 1.6 MB each: half a minute at the rate they read.
     let refs = block_refs(&chain, 250);
     let how = Trickle {
@@ -152,15 +145,12 @@ async fn clients_reading_too_slowly_give_their_slots_to_new_fetches() {
     // An honest fetch takes the slot of one of them and is served in full.
     let mut honest = client(&node, [99; 32], 65_535).await;
     let few = block_refs(&chain, 10);
-    let mut stream = honest
+    let stream = honest
         .fetch_blocks(proto::FetchBlocksRequest { refs: few.clone() })
         .await
         .expect("admitted in place of a slow answer")
         .into_inner();
-    let mut blocks = 0;
-    while let Some(chunk) = stream.next().await {
-        blocks += chunk.unwrap().blocks.len();
-    }
+    let blocks = blocks_read(stream).await;
     assert_eq!(blocks, few.len());
     assert_eq!(node.responses_preempted(), 1);
 
@@ -256,7 +246,7 @@ async fn a_fetch_waiting_behind_its_connections_unread_answers_holds_out_no_newe
 /// served beside them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_networks_callers_hold_at_most_its_fetch_slots_whatever_their_identities() {
-    use soma_testkit::attack::{self, Target};
+    use soma_testkit::attack;
 
     let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(300));
     let mut config = P2pConfig::default();
@@ -268,10 +258,7 @@ async fn one_networks_callers_hold_at_most_its_fetch_slots_whatever_their_identi
     config.grpc.send_timeout = Duration::from_secs(600);
     config.grpc.fetch_stall_timeout = Duration::from_secs(3_600);
     let node = server(&chain, config, Arc::new(MemStore::new(chain.genesis())));
-    let target = Target {
-        address: node.local_addr(),
-        peer_id: Some(node.peer_id()),
-    };
+    let target = target(&node);
     let refs = block_refs(&chain, 10);
 
     // Four identities, from 127.10.0.1 to 127.10.0.4, never reading.
@@ -317,16 +304,31 @@ async fn one_networks_callers_hold_at_most_its_fetch_slots_whatever_their_identi
 
     // A caller of another network is served in full.
     let mut honest = client(&node, [99; 32], 65_535).await;
-    let mut stream = honest
+    let stream = honest
         .fetch_blocks(proto::FetchBlocksRequest { refs: refs.clone() })
         .await
         .expect("admitted beside the full network")
         .into_inner();
-    let mut blocks = 0;
-    while let Some(chunk) = stream.next().await {
-        blocks += chunk.unwrap().blocks.len();
-    }
+    let blocks = blocks_read(stream).await;
     assert_eq!(blocks, refs.len());
     drop(streams);
     node.shutdown().await;
+}
+
+/// `node` as the testkit's attacks name their target.
+fn target(node: &soma_actors::P2pHandle) -> soma_testkit::attack::Target {
+    soma_testkit::attack::Target {
+        address: node.local_addr(),
+        peer_id: Some(node.peer_id()),
+    }
+}
+
+/// Reads a FetchBlocks answer to its end; the blocks it held. Panics on
+/// an error status.
+async fn blocks_read(mut stream: tonic::Streaming<proto::FetchBlocksResponse>) -> usize {
+    let mut blocks = 0;
+    while let Some(chunk) = stream.message().await.expect("the stream is served") {
+        blocks += chunk.blocks.len();
+    }
+    blocks
 }
