@@ -116,8 +116,8 @@ mod byzantine {
 
     use soma_types::AuthorityIndex;
 
-    use soma_testkit::byzantine::serve_spoiling_hedges;
     pub(super) use soma_testkit::byzantine::{Lie, serve, serve_observed};
+    use soma_testkit::byzantine::{serve_spoiling_commit_hedges, serve_spoiling_hedges};
 
     use super::*;
 
@@ -297,6 +297,10 @@ mod byzantine {
         let view = view.expect("the silent peer is known");
         assert!(view.failures > 0, "{view:?}");
         assert_eq!((view.faults, view.banned_until), (0, None), "{view:?}");
+        // Each failure is a fetch the honest peer's answer won, and only
+        // the silent peer, which never answers, was ever beaten.
+        let status = node.sync_status().await.unwrap();
+        assert_eq!(status.hedges_won, u64::from(view.failures), "{status:?}");
         node.shutdown().await;
         honest.shutdown().await;
     }
@@ -339,6 +343,47 @@ mod byzantine {
         assert_eq!(status.invalid_responses, 1, "{status:?}");
         node.shutdown().await;
         honest.shutdown().await;
+    }
+
+    /// A peer holds a commit fetch (it answers nothing until the test
+    /// opens it), and the fetch is hedged to the only other peer, which
+    /// answers a hedge at once with a forged certificate. That junk wins
+    /// the race, but is found out by the Verifier: the liar is banned, and
+    /// the peer it beat, which lied about nothing, is released with
+    /// nothing held against it, not ranked lower for being late. Before,
+    /// it was released late as soon as the junk came, and three such
+    /// answers, one banned identity each, ranked an honest peer as
+    /// failing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_junk_answer_to_a_commit_hedge_costs_the_peer_it_beat_nothing() {
+        let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(300));
+        let (held, spoiler) = serve_spoiling_commit_hedges(chain.clone(), 123, 124).await;
+        let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+        let config = P2pConfig {
+            seed_peers: vec![held.seed(), spoiler.seed()],
+            // No fetch the held peer holds times out before it is opened.
+            timeout: Duration::from_secs(3_600),
+            // While the spoiler serves one fetch, the next goes to the
+            // held peer.
+            max_fetches_per_peer: 1,
+            ..P2pConfig::default()
+        };
+        let node = soma_testkit::node(&chain, 9, config, store.clone());
+        wait_banned(&node, &[spoiler.peer]).await;
+        // The held peer has answered nothing yet, so nothing has halved
+        // a failure it was given.
+        let views = node.peer_heights().await.unwrap();
+        let view = views.iter().find(|v| v.peer == held.peer).expect("tracked");
+        assert_eq!((view.failures, view.banned_until), (0, None), "{view:?}");
+        let status = node.sync_status().await.unwrap();
+        assert_eq!((status.invalid_responses, status.hedges_won), (1, 0));
+        held.open();
+        wait_synced(&node, chain.tip()).await;
+        assert_same_chain(&chain, store.as_ref());
+        // Only the held peer was left to ask: nothing more was hedged.
+        let status = node.sync_status().await.unwrap();
+        assert_eq!((status.invalid_responses, status.hedges_won), (1, 0));
+        node.shutdown().await;
     }
 
     async fn wait_banned(node: &P2pHandle, peers: &[soma_types::PeerId]) {

@@ -495,6 +495,7 @@ impl Handler<GetSyncStatus> for StateSync {
             advertised: self.deps.availability.borrow().highest,
             invalid_responses: self.status.invalid_responses
                 + self.worker.lies_in_hedges.load(Ordering::Relaxed),
+            hedges_won: self.worker.hedges_won.load(Ordering::Relaxed),
             ..self.status.clone()
         }
     }

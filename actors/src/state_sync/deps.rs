@@ -115,6 +115,7 @@ impl Deps {
             archive: self.archive.clone(),
             hedging: Default::default(),
             lies_in_hedges: Default::default(),
+            hedges_won: Default::default(),
         }
     }
 

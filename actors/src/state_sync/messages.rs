@@ -424,6 +424,10 @@ pub struct SyncStatus {
     /// Answers refused because a peer sent invalid data or made a false
     /// claim.
     pub invalid_responses: u64,
+    /// Fetches answered first by the second peer asked (a hedge, sent when
+    /// the first was late), counted once that answer passed the checks
+    /// that tell a true answer from junk: each ranked its first peer lower.
+    pub hedges_won: u64,
     /// Chunks of blocks split in halves because their blocks were more
     /// bytes than one fetch may bring (each also counts as a restart).
     pub chunks_split: u64,

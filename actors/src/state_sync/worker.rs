@@ -213,6 +213,9 @@ pub(super) struct CommitAnswer {
     pub(super) latency_ms: u64,
     /// The answer certified ahead of its turn, if that passed.
     pub(super) certified: Option<CertifiedRun>,
+    /// The first peer asked, if this answer came from a hedge and beat it:
+    /// settled once the answer is checked.
+    pub(super) beaten: Option<Beaten>,
 }
 
 impl CommitAnswer {
@@ -243,6 +246,49 @@ pub(super) struct Worker {
     /// Provable lies in answers to hedges, which the core never sees:
     /// counted here, with the core's, in `invalid_responses`.
     pub(super) lies_in_hedges: Arc<AtomicU64>,
+    /// Fetches a hedge's answer won, counted as their first peers are
+    /// released late ([`Beaten::settle`]).
+    pub(super) hedges_won: Arc<AtomicU64>,
+}
+
+/// The first peer of a hedged fetch, beaten by a second peer's answer of
+/// all that was asked, and not released yet: late ([`Transfer::Late`],
+/// ranked lower) once that answer has passed the checks that tell a true
+/// answer from junk, cancelled (nothing held against it) otherwise. A
+/// block answer is checked as it arrives, a commit answer only by the
+/// Verifier: released late at once, the first peer would pay for a junk
+/// commit answer that a second peer sent as fast as it could, and three
+/// such answers, one banned identity each, would rank an honest peer as
+/// failing. Dropped unsettled, it is released as cancelled.
+#[derive(Debug)]
+#[must_use = "dropped, the first peer is released as cancelled"]
+pub(super) struct Beaten {
+    slot: Slot,
+    won: Arc<AtomicU64>,
+}
+
+impl Beaten {
+    /// Releases the first peer: late if the answer that beat it `passed`
+    /// its checks (and the fetch counts as won by its hedge), cancelled
+    /// if not.
+    pub(super) fn settle(self, passed: bool) {
+        if passed {
+            self.won.fetch_add(1, Ordering::Relaxed);
+            self.slot.release(Transfer::Late, 0);
+        } else {
+            self.slot.release(Transfer::Cancelled, 0);
+        }
+    }
+}
+
+/// How a hedged fetch ended: the slot of the peer whose answer (or
+/// failure) is kept, that answer, whether it came before any hedge was
+/// sent, and the first peer if a hedge's answer beat it.
+struct Hedged<T> {
+    slot: Slot,
+    result: Result<T, Failure>,
+    alone: bool,
+    beaten: Option<Beaten>,
 }
 
 /// How long a commit fetch goes unanswered, with no other peer to hedge
@@ -324,13 +370,14 @@ impl Worker {
     /// `range` (not that one,
     /// nor one in `avoid`), and keeps the answer that comes first, with the
     /// slot of the peer that sent it. The first peer, beaten by the second,
-    /// is released as [`Transfer::Late`]: it ranks lower, with no fault (a
-    /// slow peer is not a silent one, and the call that would tell them
-    /// apart is dropped); beaten by an answer that `whole` says is only
-    /// part of what was asked (a commit answer may end early), it is not
-    /// beaten and is released as [`Transfer::Cancelled`]: otherwise peers
-    /// answering each hedge at once with one commit would have every
-    /// honest peer they beat ranked as failing. While no other peer covers `range`, the second
+    /// is returned as [`Beaten`], for the caller to release once the
+    /// answer is checked: late ([`Transfer::Late`]), it ranks lower, with
+    /// no fault (a slow peer is not a silent one, and the call that would
+    /// tell them apart is dropped); beaten by an answer that `whole` says
+    /// is only part of what was asked (a commit answer may end early), it
+    /// is not beaten and is released as [`Transfer::Cancelled`] at once:
+    /// otherwise peers answering each hedge at once with one commit would
+    /// have every honest peer they beat ranked as failing. While no other peer covers `range`, the second
     /// is looked for again ([`Self::second_peer`]). A second peer that
     /// fails, or none free, leaves the first to answer alone, its slot
     /// released as `transfer` tells
@@ -354,31 +401,36 @@ impl Worker {
         work: (FetchKind, (CommitIndex, CommitIndex)),
         mut avoid: Vec<PeerId>,
         calls: (F, impl Fn(&Failure) -> Transfer, impl Fn(&T) -> bool),
-    ) -> (Slot, Result<T, Failure>)
+    ) -> (Slot, Result<T, Failure>, Option<Beaten>)
     where
         F: Fn(PeerId) -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
     {
-        let (slot, result, alone) = self.hedged_on(first, work, avoid.clone(), &calls).await;
+        let hedged = self.hedged_on(first, work, avoid.clone(), &calls).await;
         let head = self
             .hedging
             .at_head(work.1.0, self.config.commit_sync_batch_size);
-        match result {
+        match hedged {
             // Refused before any hedge was sent: a refusal while a hedge
             // ran would drop the hedge, whose peer may then be chosen
             // again and refuse the request it still holds.
-            Err(busy) if busy.is_busy() && head && alone => {
+            Hedged {
+                slot,
+                result: Err(busy),
+                alone: true,
+                ..
+            } if busy.is_busy() && head => {
                 avoid.push(slot.lease().peer);
                 match self.free_now(work, avoid.clone()).await {
                     Some(next) => {
                         slot.release(Transfer::Busy, 0);
-                        let (slot, result, _) = self.hedged_on(next, work, avoid, &calls).await;
-                        (slot, result)
+                        let hedged = self.hedged_on(next, work, avoid, &calls).await;
+                        (hedged.slot, hedged.result, hedged.beaten)
                     }
-                    None => (slot, Err(busy)),
+                    None => (slot, Err(busy), None),
                 }
             }
-            result => (slot, result),
+            hedged => (hedged.slot, hedged.result, hedged.beaten),
         }
     }
 
@@ -392,15 +444,14 @@ impl Worker {
         self.lease(work, avoid, (Duration::ZERO, true)).await.ok()
     }
 
-    /// [`Self::hedged`] on the peer `first` leases, with no handing on;
-    /// also whether the answer came before any hedge was sent.
+    /// [`Self::hedged`] on the peer `first` leases, with no handing on.
     async fn hedged_on<T, F, Fut>(
         &self,
         first: Slot,
         (kind, range): (FetchKind, (CommitIndex, CommitIndex)),
         mut avoid: Vec<PeerId>,
         (call, transfer, whole): &(F, impl Fn(&Failure) -> Transfer, impl Fn(&T) -> bool),
-    ) -> (Slot, Result<T, Failure>, bool)
+    ) -> Hedged<T>
     where
         F: Fn(PeerId) -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
@@ -420,7 +471,12 @@ impl Worker {
             }
             let wait = left.min(HEAD_HEDGE_MIN);
             if let Ok(result) = tokio::time::timeout(wait, &mut first_call).await {
-                return (first, result, true);
+                return Hedged {
+                    slot: first,
+                    result,
+                    alone: true,
+                    beaten: None,
+                };
             }
         }
         avoid.push(first_peer);
@@ -456,10 +512,15 @@ impl Worker {
             }
         });
         tokio::select! {
-            result = &mut first_call => (first, result, false),
+            result = &mut first_call => Hedged { slot: first, result, alone: false, beaten: None },
             Some((slot, answer)) = second => {
-                first.release(beaten_by(whole(&answer)), 0);
-                (slot, Ok(answer), false)
+                let beaten = if whole(&answer) {
+                    Some(Beaten { slot: first, won: self.hedges_won.clone() })
+                } else {
+                    first.release(Transfer::Cancelled, 0);
+                    None
+                };
+                Hedged { slot, result: Ok(answer), alone: false, beaten }
             }
         }
     }
@@ -550,6 +611,12 @@ impl Worker {
         if let Ok(Ok(VerifyResponse::CommitRun(run))) = self.verifier.send(Verify(request)).await {
             answer.certified = Some(run);
         }
+        // Not held until its turn: the first peer's slot is free meanwhile.
+        // An answer that failed here only for a wrong guess of its epoch
+        // costs the first peer nothing.
+        if let Some(beaten) = answer.beaten.take() {
+            beaten.settle(answer.certified.is_some());
+        }
         answer
     }
 
@@ -558,9 +625,10 @@ impl Worker {
     /// `wanted`, only the link of its first commit is left to check.
     pub(super) async fn check_commits(
         self,
-        answer: CommitAnswer,
+        mut answer: CommitAnswer,
         wanted: CommitsWanted,
     ) -> Result<BatchData, Failure> {
+        let beaten = answer.beaten.take();
         let share = (
             answer.response.commits.len() as u64,
             wanted.end.saturating_sub(wanted.start).saturating_add(1),
@@ -572,6 +640,9 @@ impl Worker {
                 .map_err(Failure::Invalid),
             _ => self.verify_commits(answer.response, wanted).await,
         };
+        if let Some(beaten) = beaten {
+            beaten.settle(result.is_ok());
+        }
         match (answer.peer, &self.archive) {
             (Some(peer), _) => self.verified(
                 (FetchKind::Commits, peer),
@@ -632,11 +703,14 @@ impl Worker {
         };
         let asked = (end - start).saturating_add(1);
         let whole = |r: &proto::FetchCommitsResponse| whole_commit_answer(r, asked);
-        let (slot, answer) = self.hedged(slot, work, avoid, (call, judge, whole)).await;
+        let (slot, answer, beaten) = self.hedged(slot, work, avoid, (call, judge, whole)).await;
         let peer = slot.lease().peer;
         let response = match answer.and_then(|r| kept(r, asked)) {
             Ok(response) => response,
             Err(failure) => {
+                if let Some(beaten) = beaten {
+                    beaten.settle(false);
+                }
                 // PeerHeights judges a NOT_FOUND on the claim it makes now;
                 // if it answered and PeerHeights did not take that, on none.
                 let transfer = match judge(&failure) {
@@ -656,6 +730,7 @@ impl Worker {
             bytes,
             latency_ms,
             certified: None,
+            beaten,
         };
         (Some(peer), Ok(answer))
     }
@@ -724,9 +799,13 @@ impl Worker {
                 }
             }
         };
-        let (slot, received) = self
+        let (slot, received, beaten) = self
             .hedged(slot, work, avoid, (call, block_transfer_of, |_: &_| true))
             .await;
+        // Blocks are checked against the refs asked for as they arrive.
+        if let Some(beaten) = beaten {
+            beaten.settle(received.is_ok());
+        }
         let peer = slot.lease().peer;
         let blobs = match received {
             Ok(blobs) => blobs,
@@ -809,6 +888,7 @@ impl Worker {
             },
             latency_ms: 0,
             certified: None,
+            beaten: None,
         })
     }
 
@@ -1108,19 +1188,8 @@ where
     }
 }
 
-/// How the first peer of a hedged fetch is released when the second
-/// peer's answer came first: beaten ([`Transfer::Late`], ranked lower) by
-/// an answer of all that was asked, not by a part of it
-/// ([`Transfer::Cancelled`]).
-fn beaten_by(whole: bool) -> Transfer {
-    if whole {
-        Transfer::Late
-    } else {
-        Transfer::Cancelled
-    }
-}
-
-/// Whether a commit answer holds all the `asked` commits.
+/// Whether a commit answer holds all the `asked` commits: only such an
+/// answer from a hedge beats the first peer asked.
 fn whole_commit_answer(response: &proto::FetchCommitsResponse, asked: u64) -> bool {
     u64::try_from(response.commits.len()).unwrap_or(u64::MAX) >= asked
 }
@@ -1411,12 +1480,12 @@ mod tests {
             commits: vec![bytes::Bytes::from_static(b"c"); commits],
             certifier_blocks: Vec::new(),
         };
-        let released = |commits, asked| beaten_by(whole_commit_answer(&answer(commits), asked));
-        assert_eq!(released(200, 200), Transfer::Late);
+        let beats = |commits, asked| whole_commit_answer(&answer(commits), asked);
+        assert!(beats(200, 200));
         // One commit of 200 (an answer may end early at any commit its
         // server can certify): the first peer was not beaten.
-        assert_eq!(released(1, 200), Transfer::Cancelled);
-        assert_eq!(released(199, 200), Transfer::Cancelled);
+        assert!(!beats(1, 200));
+        assert!(!beats(199, 200));
     }
 
     #[test]

@@ -26,6 +26,7 @@ struct Series {
     blocks: IntCounterVec,
     bytes: IntCounterVec,
     restarts: IntCounterVec,
+    hedges_won: IntCounterVec,
     write_failures: IntCounterVec,
     failures: IntCounterVec,
     rpcs: IntCounterVec,
@@ -115,6 +116,12 @@ impl Series {
                 &r,
                 "soma_worker_restarts_total",
                 "Sync workers restarted",
+                &[],
+            ),
+            hedges_won: counter(
+                &r,
+                "soma_hedges_won_total",
+                "Fetches a second peer, asked when the first was late, answered first with an answer that passed its checks",
                 &[],
             ),
             write_failures: counter(
@@ -250,6 +257,7 @@ impl Series {
             self.advance(&self.blocks, &[], status.blocks_applied);
             self.advance(&self.bytes, &[], status.bytes_fetched);
             self.advance(&self.restarts, &[], status.restarts);
+            self.advance(&self.hedges_won, &[], status.hedges_won);
             let writes_failed = status.store_write_failures;
             self.advance(&self.write_failures, &[], writes_failed);
             self.advance(
@@ -405,6 +413,8 @@ mod tests {
         );
         assert_eq!(value(&ours, "soma_bytes_fetched_total"), bytes as f64);
         assert_eq!(value(&ours, "soma_worker_restarts_total"), 0.0);
+        // One peer: no fetch is ever hedged.
+        assert_eq!(value(&ours, "soma_hedges_won_total"), 0.0);
         assert_eq!(value(&ours, "soma_store_write_failures_total"), 0.0);
         let invalid = r#"soma_verification_failures_total{kind="invalid_response"}"#;
         assert_eq!(value(&ours, invalid), 0.0);

@@ -4,7 +4,7 @@
 //! Tests start one or several beside honest nodes and check that sync
 //! finishes from the honest ones, accepts nothing bad, and bans the liar.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -92,6 +92,18 @@ pub enum Lie {
     /// spoils the hedges of the fetches the silent peer holds, and is
     /// never asked first for what it spoils ([`serve_spoiling_hedges`]).
     SpoilsHedges,
+    /// Serves the chain honestly, blocks at once, but holds every commit
+    /// fetch unanswered until it is opened ([`Served::open`]); the fetches
+    /// it holds or serves are shared with the [`Lie::SpoilsCommitHedges`]
+    /// peer of its pair. (Holding block fetches too, it could hold its
+    /// one fetch slot with a block fetch, and never a commit fetch.)
+    HoldsCommitsUntilOpened,
+    /// Serves the chain honestly and at once, except to a fetch its
+    /// [`Lie::HoldsCommitsUntilOpened`] pair holds or serves, that is, to
+    /// a hedge of it: a commit fetch then gets a certifier block with a
+    /// forged signature, and a block fetch a refusal as busy, so that none
+    /// of its hedges wins honestly ([`serve_spoiling_commit_hedges`]).
+    SpoilsCommitHedges,
     /// Sends every block it is asked for twice; honest commits.
     RepeatsBlocks,
     /// Claims to hold a million commits more than the chain has, and
@@ -173,13 +185,76 @@ struct Evil {
     creep_ms: [AtomicU64; 2],
     /// The index of each PushCommit received, in order.
     pushes: Arc<Mutex<Vec<u64>>>,
-    /// Blocks a [`Lie::NeverAnswers`] peer was asked for, shared with the
-    /// [`Lie::SpoilsHedges`] peer of its pair.
-    held_silent: Arc<Mutex<HashSet<BlockRef>>>,
+    /// What the first peer of a pair holds, shared with its spoiler.
+    held: Arc<Held>,
 }
 
-/// Counts a stalled call while it lives: a call dropped by its client
-/// (cancelled, its connection closed) stops counting.
+/// What the first peer of a pair ([`Lie::NeverAnswers`],
+/// [`Lie::HoldsCommitsUntilOpened`]) was asked for or holds, shared with
+/// the spoiler of its pair ([`serve_spoiling_hedges`],
+/// [`serve_spoiling_commit_hedges`]).
+struct Held {
+    /// Blocks it was asked for (a [`Lie::HoldsCommitsUntilOpened`] peer
+    /// serves them: only a hedge asks for them again).
+    blocks: Mutex<HashSet<BlockRef>>,
+    /// Where the commit fetches a [`Lie::HoldsCommitsUntilOpened`] peer
+    /// holds start, with how many of its calls hold each.
+    commits: Mutex<HashMap<u64, usize>>,
+    /// Whether a [`Lie::HoldsCommitsUntilOpened`] peer answers.
+    opened: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Held {
+    fn default() -> Self {
+        Held {
+            blocks: Mutex::default(),
+            commits: Mutex::default(),
+            opened: tokio::sync::watch::channel(false).0,
+        }
+    }
+}
+
+impl Held {
+    fn was_asked_for(&self, mut refs: impl Iterator<Item = BlockRef>) -> bool {
+        let blocks = lock(&self.blocks);
+        refs.any(|r| blocks.contains(&r))
+    }
+
+    fn holds_commits_from(&self, start: u64) -> bool {
+        lock(&self.commits).contains_key(&start)
+    }
+
+    /// Holds a call asking for the commits from `start` until the peer is
+    /// opened: they count as held until then, or until the caller drops
+    /// the call.
+    async fn until_opened(&self, start: u64) {
+        let _holding = Holding { held: self, start };
+        *lock(&self.commits).entry(start).or_default() += 1;
+        let mut opened = self.opened.subscribe();
+        // The sender lives as long as `self`.
+        let _ = opened.wait_for(|open| *open).await;
+    }
+}
+
+/// A [`Held::until_opened`] call under way: its start stops counting as
+/// held when it ends.
+struct Holding<'a> {
+    held: &'a Held,
+    start: u64,
+}
+
+impl Drop for Holding<'_> {
+    fn drop(&mut self) {
+        let mut commits = lock(&self.held.commits);
+        if let Some(n) = commits.get_mut(&self.start) {
+            *n -= 1;
+            if *n == 0 {
+                commits.remove(&self.start);
+            }
+        }
+    }
+}
+
 /// The pushes seen, whatever a panicking holder left.
 fn locked(m: &Mutex<Vec<u64>>) -> MutexGuard<'_, Vec<u64>> {
     lock(m)
@@ -219,6 +294,8 @@ impl Drop for Creep<'_> {
     }
 }
 
+/// Counts a stalled call while it lives: a call dropped by its client
+/// (cancelled, its connection closed) stops counting.
 struct Stalled(Arc<AtomicUsize>);
 
 impl Stalled {
@@ -421,6 +498,12 @@ impl p2p_server::P2p for Evil {
         request: Request<proto::FetchCommitsRequest>,
     ) -> Result<Response<proto::FetchCommitsResponse>, Status> {
         self.fetches.fetch_add(1, Ordering::SeqCst);
+        let start = request.get_ref().start;
+        if self.lie == Lie::HoldsCommitsUntilOpened {
+            self.held.until_opened(start).await;
+        }
+        // A hedge of a fetch its pair holds: answered at once, forged.
+        let spoiled = self.lie == Lie::SpoilsCommitHedges && self.held.holds_commits_from(start);
         self.stall(true).await?;
         if self.busy() {
             return Err(Status::resource_exhausted("every fetch slot is held"));
@@ -460,10 +543,23 @@ impl p2p_server::P2p for Evil {
         let epoch = chain.commit(r.start).commit().epoch;
         let end = match self.lie {
             Lie::OneCommit => r.start,
+            // A spoiled hedge answers all that was asked, so that it beats
+            // the peer holding the fetch.
+            _ if spoiled => batch_end(
+                r.start,
+                u64::MAX,
+                chain.epoch_last(epoch),
+                r.end.min(chain.tip()),
+            ),
             _ => batch_end(r.start, 100, chain.epoch_last(epoch), chain.tip()).min(r.end),
         };
         let (mut commits, mut certifiers) = chain.fetch_commits(r.start..=end);
-        match self.lie {
+        let lie = if spoiled {
+            Lie::ForgedCertifierSignature
+        } else {
+            self.lie
+        };
+        match lie {
             Lie::ForgedCertifierSignature => {
                 certifiers[0] = corrupt::forge_signature(&certifiers[0].clone().into_trusted())
             }
@@ -508,11 +604,13 @@ impl p2p_server::P2p for Evil {
                 .iter()
                 .filter_map(|r| BlockRef::try_from(r).ok())
         };
-        if self.lie == Lie::NeverAnswers {
-            lock(&self.held_silent).extend(asked());
+        if matches!(self.lie, Lie::NeverAnswers | Lie::HoldsCommitsUntilOpened) {
+            lock(&self.held.blocks).extend(asked());
         }
-
-        if self.lie == Lie::SpoilsHedges && asked().any(|r| lock(&self.held_silent).contains(&r)) {
+        if self.lie == Lie::SpoilsCommitHedges && self.held.was_asked_for(asked()) {
+            return Err(Status::resource_exhausted("every fetch slot is held"));
+        }
+        if self.lie == Lie::SpoilsHedges && self.held.was_asked_for(asked()) {
             let chunk = proto::FetchBlocksResponse {
                 blocks: vec![Bytes::from_static(b"spoiled")],
             };
@@ -662,6 +760,7 @@ pub struct Served {
     /// The index of each PushCommit it has received, in order.
     pub pushes: Arc<Mutex<Vec<u64>>>,
     loaded: Arc<AtomicBool>,
+    held: Arc<Held>,
 }
 
 impl Served {
@@ -677,6 +776,12 @@ impl Served {
     /// second commit fetch as busy.
     pub fn load(&self) {
         self.loaded.store(true, Ordering::SeqCst);
+    }
+
+    /// Opens a [`Lie::HoldsCommitsUntilOpened`] peer: it answers every
+    /// commit fetch it holds, and every later one at once.
+    pub fn open(&self) {
+        self.held.opened.send_replace(true);
     }
 
     /// Fetches it has received so far.
@@ -699,19 +804,36 @@ pub async fn serve_observed(chain: Arc<Chain>, lie: Lie, key: u8) -> Served {
 /// peer (key `spoiler`) that spoils the hedges of the block fetches the
 /// first holds.
 pub async fn serve_spoiling_hedges(chain: Arc<Chain>, silent: u8, spoiler: u8) -> (Served, Served) {
-    let held = Arc::new(Mutex::new(HashSet::new()));
+    serve_pair(
+        chain,
+        (Lie::NeverAnswers, silent),
+        (Lie::SpoilsHedges, spoiler),
+    )
+    .await
+}
+
+/// A [`Lie::HoldsCommitsUntilOpened`] peer (key `held`) and a
+/// [`Lie::SpoilsCommitHedges`] peer (key `spoiler`) that answers the
+/// hedges of the commit fetches the first holds with forged certificates.
+pub async fn serve_spoiling_commit_hedges(
+    chain: Arc<Chain>,
+    held: u8,
+    spoiler: u8,
+) -> (Served, Served) {
+    let pair = (Lie::HoldsCommitsUntilOpened, held);
+    serve_pair(chain, pair, (Lie::SpoilsCommitHedges, spoiler)).await
+}
+
+/// Two peers sharing what the first holds.
+async fn serve_pair(chain: Arc<Chain>, first: (Lie, u8), second: (Lie, u8)) -> (Served, Served) {
+    let held = Arc::new(Held::default());
     (
-        serve_sharing(chain.clone(), Lie::NeverAnswers, silent, held.clone()).await,
-        serve_sharing(chain, Lie::SpoilsHedges, spoiler, held).await,
+        serve_sharing(chain.clone(), first.0, first.1, held.clone()).await,
+        serve_sharing(chain, second.0, second.1, held).await,
     )
 }
 
-async fn serve_sharing(
-    chain: Arc<Chain>,
-    lie: Lie,
-    key: u8,
-    held_silent: Arc<Mutex<HashSet<BlockRef>>>,
-) -> Served {
+async fn serve_sharing(chain: Arc<Chain>, lie: Lie, key: u8, held: Arc<Held>) -> Served {
     let (stalled, fetches) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let denied = Arc::new(AtomicUsize::new(0));
     let loaded = Arc::new(AtomicBool::new(false));
@@ -742,7 +864,7 @@ async fn serve_sharing(
                 creep_ms: [CREEP_FIRST_MS, CREEP_FIRST_MS].map(AtomicU64::new),
                 height_queries: height_queries.clone(),
                 pushes: pushes.clone(),
-                held_silent,
+                held: held.clone(),
             }))
             .serve_with_incoming(tls::incoming(listener, config)),
     );
@@ -755,5 +877,6 @@ async fn serve_sharing(
         height_queries,
         pushes,
         loaded,
+        held,
     }
 }
