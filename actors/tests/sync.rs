@@ -356,6 +356,9 @@ mod byzantine {
     /// failing.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_junk_answer_to_a_commit_hedge_costs_the_peer_it_beat_nothing() {
+        // Two commit batches (of the default 200): at most two commit
+        // fetches at once, so the spoiler is banned at its first lie, even
+        // when it spoiled a fetch ahead, judged at that batch's turn.
         let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(300));
         let (held, spoiler) = serve_spoiling_commit_hedges(chain.clone(), 123, 124).await;
         let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));

@@ -273,6 +273,13 @@ impl Handler<Release> for PeerHeights {
     }
 }
 
+impl Handler<ReportBeaten> for PeerHeights {
+    type Result = ();
+    fn handle(&mut self, msg: ReportBeaten, ctx: &mut Context<Self>) {
+        self.step(Input::Beaten(msg), ctx);
+    }
+}
+
 impl Handler<LeaseUnanswered> for PeerHeights {
     type Result = ();
     fn handle(&mut self, LeaseUnanswered { lease }: LeaseUnanswered, ctx: &mut Context<Self>) {

@@ -514,6 +514,10 @@ impl PeerHeightsCore {
             Input::Snapshot => vec![Output::Snapshot(self.snapshot())],
             Input::Acquire(request) => self.acquire(now, request).into_iter().collect(),
             Input::Release(r) => self.release(now, r),
+            Input::Beaten(ReportBeaten { peer }) => {
+                self.beaten(peer);
+                vec![]
+            }
             Input::Unanswered { lease } => {
                 if let Some(l) = self.leases.get(&lease).copied()
                     && l.kind == FetchKind::Commits
@@ -714,9 +718,7 @@ impl PeerHeightsCore {
                 return vec![];
             }
             Transfer::Late => {
-                if let Some(p) = self.peers.get_mut(&lease.peer) {
-                    p.failures = (p.failures + 1).min(MAX_FAILURES);
-                }
+                self.beaten(lease.peer);
                 return vec![];
             }
             Transfer::Timeout => OutcomeKind::Timeout,
@@ -738,6 +740,14 @@ impl PeerHeightsCore {
                 kind,
             },
         )
+    }
+
+    /// `peer` was beaten by another peer's answer: one failure, no fault
+    /// (slow is not silent).
+    fn beaten(&mut self, peer: PeerId) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.failures = (p.failures + 1).min(MAX_FAILURES);
+        }
     }
 
     /// Judges a peer's claim on how a commit fetch leased on it ended
@@ -2178,15 +2188,21 @@ mod tests {
         join(&mut c, 1, OURS, 1, 100);
         join(&mut c, 2, OURS, 1, 100);
         // Peer 2 has answered before; peer 1 never has. Both are beaten
-        // three times: each time a failure, never a fault.
+        // three times: each time a failure, never a fault. Peer 1's slot
+        // is released late; peer 2's as cancelled, then reported beaten
+        // once the answer that beat it checked out: the same.
         succeeded(&mut c, Time(0), 2, 10_000_000, 10);
         for round in 0..3 {
             let mut leases = granted(&acquire(&mut c, 0, 2 * round, &[2]));
             leases.extend(granted(&acquire(&mut c, 0, 2 * round + 1, &[1])));
             assert_eq!(leases.iter().map(|l| l.2).collect::<Vec<_>>(), vec![1, 2]);
-            for (_, lease, _) in leases {
-                assert_eq!(release(&mut c, 500, lease, Transfer::Late), vec![]);
-            }
+            let [(_, first, _), (_, second, _)] = leases[..] else {
+                panic!("two leases: {leases:?}");
+            };
+            assert_eq!(release(&mut c, 500, first, Transfer::Late), vec![]);
+            assert_eq!(release(&mut c, 500, second, Transfer::Cancelled), vec![]);
+            let beaten = Input::Beaten(ReportBeaten { peer: peer(2) });
+            assert_eq!(c.handle(Time(500), beaten), vec![]);
         }
         let views = snapshot(&mut c, Time(500));
         let record = |p: u8| {

@@ -231,6 +231,18 @@ pub struct Release {
     pub latency_ms: u64,
 }
 
+/// A second peer's answer to a hedge beat `peer`'s on a fetch, and has
+/// since passed the checks that tell a true answer from junk: the same
+/// failure as a release [`Transfer::Late`], told once it is earned. The
+/// fetch's slot on `peer` was released as cancelled when the race ended,
+/// so that the peer is not held to a slot while the answer is checked.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Message)]
+#[rtype(result = "()")]
+pub struct ReportBeaten {
+    /// The peer whose answer was beaten.
+    pub peer: PeerId,
+}
+
 /// A commit fetch on `lease` went unanswered past the hedge delay, and no
 /// other peer covers its first commit: the peer alone claims it and has
 /// not shown it. Its claim above is doubted at once, as if the fetch had
@@ -409,6 +421,8 @@ pub enum Input {
     Acquire(Acquire),
     /// See [`Release`].
     Release(Release),
+    /// See [`ReportBeaten`].
+    Beaten(ReportBeaten),
     /// See [`LeaseUnanswered`].
     Unanswered {
         /// The lease.

@@ -31,6 +31,6 @@ pub use core::{
 pub use messages::{
     Acquire, AcquireError, AcquirePeer, ClaimsRange, FetchKind, HeardHeights, HeightsHeard,
     HighestKnownCommit, Input, Lease, LeaseUnanswered, OutcomeKind, Output, PeerView, PeersBehind,
-    PeersForRange, PushHeight, Release, RemovePeer, ReportOutcome, Snapshot, Transfer,
-    UpdateHeight,
+    PeersForRange, PushHeight, Release, RemovePeer, ReportBeaten, ReportOutcome, Snapshot,
+    Transfer, UpdateHeight,
 };

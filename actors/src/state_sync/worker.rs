@@ -36,7 +36,7 @@ use crate::connections::{ActivePeers, Client, Connections, Outbound};
 use crate::faults::Faults;
 use crate::peer_heights::{
     AcquirePeer, ClaimsRange, FetchKind, LeaseUnanswered, OutcomeKind, PeerHeights, PeersBehind,
-    ReportOutcome, Slot, Transfer, UpdateHeight,
+    ReportBeaten, ReportOutcome, Slot, Transfer, UpdateHeight,
 };
 use crate::verifier::{Verifier, Verify, VerifyError, VerifyRequest, VerifyResponse};
 use crate::{Blob, DecodedBlock, HashedBlob};
@@ -252,31 +252,31 @@ pub(super) struct Worker {
 }
 
 /// The first peer of a hedged fetch, beaten by a second peer's answer of
-/// all that was asked, and not released yet: late ([`Transfer::Late`],
-/// ranked lower) once that answer has passed the checks that tell a true
-/// answer from junk, cancelled (nothing held against it) otherwise. A
+/// all that was asked: its slot was released as cancelled when the race
+/// ended, and it is reported beaten ([`ReportBeaten`], the failure a
+/// release [`Transfer::Late`] gives: it ranks lower) only once that answer
+/// has passed the checks that tell a true answer from junk
+/// ([`Beaten::settle`]); dropped or failed, nothing is held against it. A
 /// block answer is checked as it arrives, a commit answer only by the
-/// Verifier: released late at once, the first peer would pay for a junk
-/// commit answer that a second peer sent as fast as it could, and three
-/// such answers, one banned identity each, would rank an honest peer as
-/// failing. Dropped unsettled, it is released as cancelled.
+/// Verifier: reported at once, the first peer would pay for a junk commit
+/// answer that a second peer sent as fast as it could, and three such
+/// answers, one banned identity each, would rank an honest peer as
+/// failing.
 #[derive(Debug)]
-#[must_use = "dropped, the first peer is released as cancelled"]
+#[must_use = "dropped, nothing is held against the first peer"]
 pub(super) struct Beaten {
-    slot: Slot,
+    peer: PeerId,
+    heights: Addr<PeerHeights>,
     won: Arc<AtomicU64>,
 }
 
 impl Beaten {
-    /// Releases the first peer: late if the answer that beat it `passed`
-    /// its checks (and the fetch counts as won by its hedge), cancelled
-    /// if not.
+    /// Reports the first peer beaten if the answer that beat it `passed`
+    /// its checks (and counts the fetch as won by its hedge).
     pub(super) fn settle(self, passed: bool) {
         if passed {
             self.won.fetch_add(1, Ordering::Relaxed);
-            self.slot.release(Transfer::Late, 0);
-        } else {
-            self.slot.release(Transfer::Cancelled, 0);
+            self.heights.do_send(ReportBeaten { peer: self.peer });
         }
     }
 }
@@ -370,14 +370,14 @@ impl Worker {
     /// `range` (not that one,
     /// nor one in `avoid`), and keeps the answer that comes first, with the
     /// slot of the peer that sent it. The first peer, beaten by the second,
-    /// is returned as [`Beaten`], for the caller to release once the
-    /// answer is checked: late ([`Transfer::Late`]), it ranks lower, with
-    /// no fault (a slow peer is not a silent one, and the call that would
+    /// is released as cancelled and returned as [`Beaten`], for the caller
+    /// to report once the answer is checked: it then ranks lower, with no
+    /// fault (a slow peer is not a silent one, and the call that would
     /// tell them apart is dropped); beaten by an answer that `whole` says
     /// is only part of what was asked (a commit answer may end early), it
-    /// is not beaten and is released as [`Transfer::Cancelled`] at once:
-    /// otherwise peers answering each hedge at once with one commit would
-    /// have every honest peer they beat ranked as failing. While no other peer covers `range`, the second
+    /// is not beaten: otherwise peers answering each hedge at once with
+    /// one commit would have every honest peer they beat ranked as
+    /// failing. While no other peer covers `range`, the second
     /// is looked for again ([`Self::second_peer`]). A second peer that
     /// fails, or none free, leaves the first to answer alone, its slot
     /// released as `transfer` tells
@@ -514,12 +514,12 @@ impl Worker {
         tokio::select! {
             result = &mut first_call => Hedged { slot: first, result, alone: false, beaten: None },
             Some((slot, answer)) = second => {
-                let beaten = if whole(&answer) {
-                    Some(Beaten { slot: first, won: self.hedges_won.clone() })
-                } else {
-                    first.release(Transfer::Cancelled, 0);
-                    None
-                };
+                first.release(Transfer::Cancelled, 0);
+                let beaten = whole(&answer).then(|| Beaten {
+                    peer: first_peer,
+                    heights: self.heights.clone(),
+                    won: self.hedges_won.clone(),
+                });
                 Hedged { slot, result: Ok(answer), alone: false, beaten }
             }
         }
@@ -611,9 +611,8 @@ impl Worker {
         if let Ok(Ok(VerifyResponse::CommitRun(run))) = self.verifier.send(Verify(request)).await {
             answer.certified = Some(run);
         }
-        // Not held until its turn: the first peer's slot is free meanwhile.
-        // An answer that failed here only for a wrong guess of its epoch
-        // costs the first peer nothing.
+        // Settled now, not at its turn. An answer that failed here only for
+        // a wrong guess of its epoch costs the first peer nothing.
         if let Some(beaten) = answer.beaten.take() {
             beaten.settle(answer.certified.is_some());
         }
