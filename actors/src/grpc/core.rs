@@ -159,6 +159,8 @@ impl Limits {
             exempt_loopback: self.inbound_exempt_loopback,
             handshake_timeout: self.tls_handshake_timeout,
             idle_timeout: self.inbound_idle_timeout,
+            // A call that crossed the GOAWAY is answered within it.
+            idle_drain_grace: self.send_timeout,
         }
     }
 }

@@ -315,7 +315,7 @@ impl P2pBuilder {
                 // `timeout` ends at the response headers; the body's send
                 // is bounded by `SendDeadline`, dead peers by the pings,
                 // and every connection by its age.
-                tonic::transport::Server::builder()
+                let router = tonic::transport::Server::builder()
                     .timeout(timeout)
                     .max_concurrent_streams(limits.max_concurrent_streams)
                     .concurrency_limit_per_connection(limits.concurrency_limit_per_connection)
@@ -325,11 +325,13 @@ impl P2pBuilder {
                     .max_connection_age_grace(limits.max_connection_age_grace)
                     .add_service(health)
                     .add_service(reflection)
-                    .add_service(p2p)
-                    .serve_with_incoming_shutdown(incoming, async {
-                        let _ = shutdown_rx.await;
-                    })
-                    .await
+                    .add_service(p2p);
+                // Each connection its own server: an idle one is closed
+                // with a GOAWAY, not cut under a crossing request.
+                soma_wire::serve::serve(router, incoming, async {
+                    let _ = shutdown_rx.await;
+                })
+                .await
             })
         };
         if let Some(deps) = writer {

@@ -28,7 +28,7 @@ pub(super) struct Running {
     pub(super) system: actix_rt::System,
     pub(super) actor_thread: std::thread::JoinHandle<()>,
     pub(super) actors_stopped: oneshot::Receiver<()>,
-    pub(super) server: Option<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
+    pub(super) server: Option<tokio::task::JoinHandle<()>>,
     pub(super) shutdown: Option<oneshot::Sender<()>>,
     pub(super) owned_runtime: Option<tokio::runtime::Runtime>,
 }

@@ -44,6 +44,8 @@ pub struct FrameScanner {
     header_len: usize,
     /// Payload bytes of the current frame still to skip.
     payload: usize,
+    /// Whether a whole frame header was read (so the preface too).
+    framed: bool,
 }
 
 impl FrameScanner {
@@ -63,7 +65,14 @@ impl FrameScanner {
             header: [0; FRAME_HEADER_BYTES],
             header_len: 0,
             payload: 0,
+            framed: false,
         }
+    }
+
+    /// Whether a whole frame header was read: from the client, its
+    /// preface is past, and its HTTP/2 connection is set up.
+    pub fn framed(&self) -> bool {
+        self.framed
     }
 
     /// Reads `bytes`, the next of its direction; whether a HEADERS or DATA
@@ -85,6 +94,7 @@ impl FrameScanner {
                     self.payload =
                         usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
                     self.header_len = 0;
+                    self.framed = true;
                     active |= matches!(h[3], DATA | HEADERS);
                 }
                 continue;
@@ -104,6 +114,8 @@ pub struct Watched<S> {
     reads: FrameScanner,
     writes: FrameScanner,
     toucher: Toucher,
+    /// Whether the connection limit was told the client set up HTTP/2.
+    framed: bool,
 }
 
 impl<S> Watched<S> {
@@ -113,7 +125,15 @@ impl<S> Watched<S> {
             reads: FrameScanner::from_client(),
             writes: FrameScanner::from_server(),
             toucher,
+            framed: false,
         }
+    }
+
+    /// Ready once the connection was found idle (its server is to close
+    /// it gracefully, see [`crate::inbound::Config::idle_drain_grace`]),
+    /// or is closed (its server is to end).
+    pub fn closing(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.toucher.closing()
     }
 }
 
@@ -136,6 +156,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
         let result = Pin::new(&mut this.inner).poll_read(cx, buf);
         if matches!(result, Poll::Ready(Ok(()))) && this.reads.scan(&buf.filled()[before..]) {
             this.toucher.touch();
+        }
+        if !this.framed && this.reads.framed() {
+            this.framed = true;
+            this.toucher.framed();
         }
         result
     }

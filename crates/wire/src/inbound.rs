@@ -29,7 +29,13 @@
 //! connection that neither asks nor is answered for `idle_timeout` (no
 //! HTTP/2 HEADERS or DATA frame either way: pings and window updates do
 //! not count, see [`crate::activity`]) is closed, as is one whose calls
-//! stall as long. "Longest idle" is by the same measure.
+//! stall as long. "Longest idle" is by the same measure. The idle close
+//! is graceful where the server is [`crate::serve`]'s and the client has
+//! set up HTTP/2: the connection's server is told ([`Toucher::closing`]) and
+//! sends a GOAWAY, so that a request that crosses it is still answered,
+//! and the connection is cut only if it is still open
+//! `idle_drain_grace` later. One that never set up HTTP/2 is cut at
+//! once.
 //!
 //! A refused socket is reset at once, before any TLS work: past a limit, a
 //! connection costs the server one accept and one close. The decisions are
@@ -90,6 +96,10 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// connected peer.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Default of [`Config::idle_drain_grace`]: the request timeout's
+/// default, so that a call that crossed the GOAWAY can end.
+pub const DEFAULT_IDLE_DRAIN_GRACE: Duration = Duration::from_secs(10);
+
 /// At most one warning of each kind (connections refused, accepts failed)
 /// per this interval; each refusal is also logged at debug level.
 const WARN_INTERVAL: Duration = Duration::from_secs(10);
@@ -123,6 +133,10 @@ pub struct Config {
     /// Time without a request or an answer (an HTTP/2 HEADERS or DATA
     /// frame either way) after which a connection is closed.
     pub idle_timeout: Duration,
+    /// How long a connection found idle may take to close itself after
+    /// its server is told ([`crate::serve`]): its GOAWAY sent, and the
+    /// calls that crossed it answered. Then it is cut.
+    pub idle_drain_grace: Duration,
 }
 
 impl Default for Config {
@@ -135,6 +149,7 @@ impl Default for Config {
             exempt_loopback: true,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            idle_drain_grace: DEFAULT_IDLE_DRAIN_GRACE,
         }
     }
 }
@@ -725,6 +740,16 @@ struct Activity {
     closed: AtomicBool,
     /// The connection's task, woken when `closed` is set.
     waker: AtomicWaker,
+    /// Set once the client's first HTTP/2 frame came: from then on its
+    /// server can close it gracefully.
+    framed: AtomicBool,
+    /// Set once the connection was found idle: its server is to close it.
+    draining: AtomicBool,
+    /// Set once the connection is closed (its slot given back).
+    gone: AtomicBool,
+    /// Wakes those waiting for `draining` or `gone`
+    /// ([`Toucher::closing`]).
+    drain: tokio::sync::Notify,
 }
 
 /// Marks a connection active: it asked for something or was answered.
@@ -739,6 +764,32 @@ impl Toucher {
     pub(crate) fn touch(&self) {
         let now = self.limit.now_ms();
         self.activity.last_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// The client's HTTP/2 connection is set up.
+    pub(crate) fn framed(&self) {
+        self.activity.framed.store(true, Ordering::Release);
+    }
+
+    /// Ready once the connection was found idle (its server is to close
+    /// it gracefully within [`Config::idle_drain_grace`], after which it
+    /// is cut) or is closed.
+    pub(crate) fn closing(&self) -> impl Future<Output = ()> + Send + 'static {
+        let activity = self.activity.clone();
+        async move {
+            loop {
+                let notified = activity.drain.notified();
+                tokio::pin!(notified);
+                // Registered before the flag is read: no wake-up is lost.
+                notified.as_mut().enable();
+                if activity.draining.load(Ordering::Acquire)
+                    || activity.gone.load(Ordering::Acquire)
+                {
+                    return;
+                }
+                notified.await;
+            }
+        }
     }
 }
 
@@ -755,6 +806,10 @@ impl Drop for Slot {
         let mut state = self.limit.lock();
         state.rules.release(self.id);
         state.conns.remove(&self.id);
+        drop(state);
+        // Whoever waits for it to close learns it is gone.
+        self.activity.gone.store(true, Ordering::Release);
+        self.activity.drain.notify_waiters();
     }
 }
 
@@ -819,14 +874,34 @@ impl Admitted {
             }
             ready!(self.idle.as_mut().poll(cx));
             let limit = &self.slot.limit;
+            if activity.draining.load(Ordering::Acquire) {
+                // Told to close, and still open after the grace: cut.
+                activity.closed.store(true, Ordering::Release);
+                tracing::debug!(id = self.slot.id, "idle inbound connection not closed; cut");
+                return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, "idle"));
+            }
             let last =
                 limit.shared.base + Duration::from_millis(activity.last_ms.load(Ordering::Relaxed));
             let deadline = last + limit.shared.config.idle_timeout;
-            if Instant::now() >= deadline {
+            let now = Instant::now();
+            if now >= deadline && !activity.framed.load(Ordering::Acquire) {
+                // Never set up HTTP/2: no request can cross the close, and
+                // no GOAWAY could be sent. Cut at once.
                 activity.closed.store(true, Ordering::Release);
                 limit.lock().rules.idle_closed();
                 tracing::debug!(id = self.slot.id, "inbound connection idle; closed");
                 return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, "idle"));
+            }
+            if now >= deadline {
+                // Its server sends a GOAWAY and closes it once the calls
+                // that crossed it are answered; cut after the grace.
+                activity.draining.store(true, Ordering::Release);
+                activity.drain.notify_waiters();
+                limit.lock().rules.idle_closed();
+                tracing::debug!(id = self.slot.id, "inbound connection idle; closing");
+                let grace = limit.shared.config.idle_drain_grace;
+                self.idle.as_mut().reset((now + grace).into());
+                continue;
             }
             self.idle.as_mut().reset(deadline.into());
         }

@@ -17,6 +17,7 @@ pub mod activity;
 pub mod codec;
 pub mod convert;
 pub mod inbound;
+pub mod serve;
 pub mod tls;
 
 /// Generated protocol code.

@@ -36,7 +36,7 @@ fn identity() -> NodeIdentity {
 /// A health server over TLS on 127.0.0.1 admitting by `limit`.
 struct TestServer {
     address: SocketAddr,
-    task: JoinHandle<Result<(), tonic::transport::Error>>,
+    task: JoinHandle<()>,
 }
 
 impl TestServer {
@@ -51,13 +51,16 @@ impl TestServer {
         let address = listener.local_addr().unwrap();
         let config = tls::server_config(&identity(), &AccessPolicy::default()).unwrap();
         let (_reporter, health) = tonic_health::server::health_reporter();
-        let task = tokio::spawn(
-            Server::builder()
-                .http2_keepalive_interval(keepalive)
-                .http2_keepalive_timeout(keepalive.map(|k| k * 10))
-                .add_service(health)
-                .serve_with_incoming(tls::incoming_with_limit(listener, config, limit)),
-        );
+        let router = Server::builder()
+            .http2_keepalive_interval(keepalive)
+            .http2_keepalive_timeout(keepalive.map(|k| k * 10))
+            .add_service(health);
+        let incoming = tls::incoming_with_limit(listener, config, limit);
+        let task = tokio::spawn(soma_wire::serve::serve(
+            router,
+            incoming,
+            std::future::pending(),
+        ));
         TestServer { address, task }
     }
 
@@ -74,17 +77,22 @@ impl TestServer {
         socket.connect(self.address).await
     }
 
+    /// A TLS connection from `from` as `identity`, nothing sent on it.
+    async fn tls(&self, from: &str, identity: Option<&NodeIdentity>) -> TlsStream<TcpStream> {
+        let tcp = self.silent(from).await;
+        let (config, _) = tls::client_config(identity, None).unwrap();
+        let name = ServerName::try_from(tls::SERVER_NAME).unwrap();
+        tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+            .unwrap()
+    }
+
     /// A TLS connection from `from`, handshake done and the server's
     /// first HTTP/2 bytes read, that then sends nothing (not even the
     /// HTTP/2 preface).
     async fn idle(&self, from: &str, identity: Option<&NodeIdentity>) -> TlsStream<TcpStream> {
-        let tcp = self.silent(from).await;
-        let (config, _) = tls::client_config(identity, None).unwrap();
-        let name = ServerName::try_from(tls::SERVER_NAME).unwrap();
-        let mut stream = tokio_rustls::TlsConnector::from(config)
-            .connect(name, tcp)
-            .await
-            .unwrap();
+        let mut stream = self.tls(from, identity).await;
         let read = tokio::time::timeout(PATIENCE, stream.read(&mut [0u8; 64])).await;
         assert!(matches!(read, Ok(Ok(n)) if n > 0), "{read:?}");
         stream
@@ -143,6 +151,7 @@ fn config(max: usize, reserved: usize, per_ip: usize, per_prefix: usize) -> Conf
         exempt_loopback: false,
         handshake_timeout: Duration::from_millis(1_000),
         idle_timeout: Duration::from_millis(2_000),
+        idle_drain_grace: Duration::from_millis(500),
     }
 }
 
@@ -367,4 +376,104 @@ async fn pings_do_not_keep_a_connection_that_asks_nothing_from_its_idle_timeout(
     }
     assert!(served, "not served again");
     assert_eq!(limit.counts().admitted, 2);
+}
+
+/// Calls the health service over a raw HTTP/2 connection `h2`, reading
+/// the answer whole.
+async fn raw_health_check(h2: &mut h2::client::SendRequest<bytes::Bytes>) {
+    let call = tonic::codegen::http::Request::builder()
+        .method("POST")
+        .uri("http://soma/grpc.health.v1.Health/Check")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    // An empty HealthCheckRequest: a frame of no bytes.
+    let (answer, mut send) = h2.send_request(call, false).unwrap();
+    send.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+        .unwrap();
+    let answer = tokio::time::timeout(PATIENCE, answer)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut body = answer.into_body();
+    while let Some(data) = body.data().await {
+        let data = data.unwrap();
+        let _ = body.flow_control().release_capacity(data.len());
+    }
+    let trailers = body.trailers().await.unwrap().expect("trailers");
+    assert_eq!(trailers.get("grpc-status").unwrap(), "0");
+}
+
+/// An idle connection that set up HTTP/2 is closed with a GOAWAY (its
+/// client's connection ends cleanly, and would have seen any request it
+/// sent before the GOAWAY answered), not cut under the client: a cut
+/// ends the client's connection with an error, and fails a call that
+/// crossed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_is_closed_with_a_goaway_not_cut() {
+    init_tracing();
+    let limit = ConnectionLimit::with_config(Config {
+        idle_timeout: Duration::from_millis(500),
+        ..config(8, 0, 8, 8)
+    });
+    let server = TestServer::start(limit.clone()).await;
+    let tls = server.tls("127.0.0.1", Some(&identity())).await;
+    let (mut h2, connection) = h2::client::handshake(tls).await.unwrap();
+    let connection = tokio::spawn(connection);
+    raw_health_check(&mut h2).await;
+    // Quiet from now on: closed at the idle timeout, with a GOAWAY.
+    let ended = tokio::time::timeout(PATIENCE, connection).await;
+    let ended = ended.expect("closed within the patience").unwrap();
+    assert!(ended.is_ok(), "the connection was cut: {ended:?}");
+    assert_eq!(limit.counts().idle_closed, 1);
+    wait_until("its slot freed", || limit.open() == 0).await;
+}
+
+/// A client that set up HTTP/2 and then ignores the GOAWAY of the idle
+/// close (it never reads, never answers the server's ping, never closes)
+/// is cut once the drain grace is over: it holds its slot no longer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_client_that_ignores_the_goaway_is_cut_after_the_grace() {
+    use tokio::io::AsyncWriteExt;
+    init_tracing();
+    let limit = ConnectionLimit::with_config(Config {
+        idle_timeout: Duration::from_millis(500),
+        idle_drain_grace: Duration::from_secs(2),
+        ..config(8, 0, 8, 8)
+    });
+    let server = TestServer::start(limit.clone()).await;
+    let mut tls = server.tls("127.0.0.1", Some(&identity())).await;
+    // The client preface and an empty SETTINGS frame, then nothing.
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    tls.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    tls.flush().await.unwrap();
+    wait_until("the idle close began", || limit.counts().idle_closed == 1).await;
+    // Still open while it may close itself: the server waits for it.
+    assert_eq!(limit.open(), 1);
+    wait_until("cut after the grace", || limit.open() == 0).await;
+}
+
+/// Each connection is served by a server of its own: once the connection
+/// closes, its server ends too, so a node that accepts connections for
+/// weeks keeps no task per connection it ever served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_connection_leaves_no_task_behind() {
+    init_tracing();
+    let limit = ConnectionLimit::with_config(config(8, 0, 8, 8));
+    let server = TestServer::start(limit.clone()).await;
+    let tasks = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    let before = tasks();
+    for _ in 0..4 {
+        let channel = server.call(&identity()).await;
+        drop(channel);
+    }
+    wait_until("every connection closed", || limit.open() == 0).await;
+    wait_until("their tasks ended", || tasks() == before).await;
 }
