@@ -161,6 +161,8 @@ impl Limits {
             idle_timeout: self.inbound_idle_timeout,
             // A call that crossed the GOAWAY is answered within it.
             idle_drain_grace: self.send_timeout,
+            max_age: self.max_connection_age,
+            max_age_grace: self.max_connection_age_grace,
         }
     }
 }

@@ -321,13 +321,14 @@ impl P2pBuilder {
                     .concurrency_limit_per_connection(limits.concurrency_limit_per_connection)
                     .http2_keepalive_interval(Some(limits.http2_keepalive_interval))
                     .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout))
-                    .max_connection_age(limits.max_connection_age)
-                    .max_connection_age_grace(limits.max_connection_age_grace)
                     .add_service(health)
                     .add_service(reflection)
                     .add_service(p2p);
-                // Each connection its own server: an idle one is closed
-                // with a GOAWAY, not cut under a crossing request.
+                // Each connection its own server: an idle or old one is
+                // closed with a GOAWAY, not cut under a crossing request
+                // (its age is the inbound limit's, not tonic's, which
+                // cuts old connections without a GOAWAY once a grace is
+                // set).
                 soma_wire::serve::serve(router, incoming, async {
                     let _ = shutdown_rx.await;
                 })

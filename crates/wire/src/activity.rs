@@ -135,6 +135,11 @@ impl<S> Watched<S> {
     pub fn closing(&self) -> impl Future<Output = ()> + Send + 'static {
         self.toucher.closing()
     }
+
+    /// What has the connection close gracefully, cut a grace later.
+    pub fn drainer(&self) -> crate::inbound::Drainer {
+        self.toucher.drainer()
+    }
 }
 
 impl<S: Connected> Connected for Watched<S> {

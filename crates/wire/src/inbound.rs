@@ -31,7 +31,7 @@
 //! not count, see [`crate::activity`]) is closed, as is one whose calls
 //! stall as long. "Longest idle" is by the same measure. The idle close
 //! is graceful where the server is [`crate::serve`]'s and the client has
-//! set up HTTP/2: the connection's server is told ([`Toucher::closing`]) and
+//! set up HTTP/2: the connection's server is told (`Watched::closing`) and
 //! sends a GOAWAY, so that a request that crosses it is still answered,
 //! and the connection is cut only if it is still open
 //! `idle_drain_grace` later. One that never set up HTTP/2 is cut at
@@ -100,6 +100,12 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// default, so that a call that crossed the GOAWAY can end.
 pub const DEFAULT_IDLE_DRAIN_GRACE: Duration = Duration::from_secs(10);
 
+/// Default of [`Config::max_age`].
+pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(30 * 60);
+
+/// Default of [`Config::max_age_grace`].
+pub const DEFAULT_MAX_AGE_GRACE: Duration = Duration::from_secs(30);
+
 /// At most one warning of each kind (connections refused, accepts failed)
 /// per this interval; each refusal is also logged at debug level.
 const WARN_INTERVAL: Duration = Duration::from_secs(10);
@@ -133,10 +139,17 @@ pub struct Config {
     /// Time without a request or an answer (an HTTP/2 HEADERS or DATA
     /// frame either way) after which a connection is closed.
     pub idle_timeout: Duration,
-    /// How long a connection found idle may take to close itself after
-    /// its server is told ([`crate::serve`]): its GOAWAY sent, and the
-    /// calls that crossed it answered. Then it is cut.
+    /// How long a connection found idle, or closed at the server's
+    /// shutdown, may take to close itself once its server is told
+    /// ([`crate::serve`]): its GOAWAY sent, and the calls that crossed it
+    /// answered. Then it is cut.
     pub idle_drain_grace: Duration,
+    /// Age at which [`crate::serve`] closes a connection gracefully (a
+    /// GOAWAY), so that its client reconnects, perhaps elsewhere.
+    pub max_age: Duration,
+    /// How long a connection closed for its age may take to close
+    /// itself. Then it is cut.
+    pub max_age_grace: Duration,
 }
 
 impl Default for Config {
@@ -150,6 +163,8 @@ impl Default for Config {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             idle_drain_grace: DEFAULT_IDLE_DRAIN_GRACE,
+            max_age: DEFAULT_MAX_AGE,
+            max_age_grace: DEFAULT_MAX_AGE_GRACE,
         }
     }
 }
@@ -743,8 +758,15 @@ struct Activity {
     /// Set once the client's first HTTP/2 frame came: from then on its
     /// server can close it gracefully.
     framed: AtomicBool,
-    /// Set once the connection was found idle: its server is to close it.
+    /// Set once its server listens for the idle close ([`crate::serve`]):
+    /// found idle, it is closed gracefully rather than cut.
+    graceful: AtomicBool,
+    /// Set once the connection is to close (found idle, or its server told
+    /// to close it): it is cut a grace later.
     draining: AtomicBool,
+    /// A grace in milliseconds, set by its server to have it close
+    /// ([`Drainer::drain`]); read and cleared by the connection's task.
+    drain_asked_ms: AtomicU64,
     /// Set once the connection is closed (its slot given back).
     gone: AtomicBool,
     /// Wakes those waiting for `draining` or `gone`
@@ -773,8 +795,10 @@ impl Toucher {
 
     /// Ready once the connection was found idle (its server is to close
     /// it gracefully within [`Config::idle_drain_grace`], after which it
-    /// is cut) or is closed.
+    /// is cut) or is closed. Asking for it makes the idle close graceful;
+    /// otherwise an idle connection is cut at once.
     pub(crate) fn closing(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.activity.graceful.store(true, Ordering::Release);
         let activity = self.activity.clone();
         async move {
             loop {
@@ -789,6 +813,39 @@ impl Toucher {
                 }
                 notified.await;
             }
+        }
+    }
+}
+
+/// Tells a connection that its server is closing it gracefully: it is
+/// cut if still open a grace later.
+#[derive(Debug)]
+pub struct Drainer {
+    activity: Arc<Activity>,
+    config: Config,
+}
+
+impl Drainer {
+    /// The connection is to close: cut if still open `grace` from now.
+    pub fn drain(&self, grace: Duration) {
+        let ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.activity.drain_asked_ms.store(ms, Ordering::Release);
+        // Its task reads the request at its next poll.
+        self.activity.waker.wake();
+    }
+
+    /// The settings of the connection's limit.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+}
+
+impl Toucher {
+    /// What closes the connection gracefully from its server's side.
+    pub(crate) fn drainer(&self) -> Drainer {
+        Drainer {
+            activity: self.activity.clone(),
+            config: self.limit.shared.config.clone(),
         }
     }
 }
@@ -861,10 +918,20 @@ impl Admitted {
     }
 
     /// Ready with an error once the connection is to be closed: evicted,
-    /// or idle for the idle timeout. Registers the task to learn either.
+    /// idle for the idle timeout (at once if it cannot be closed
+    /// gracefully), or still open a grace after it was told to close.
+    /// Registers the task to learn any of them.
     fn poll_closed(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         let activity = &self.slot.activity;
         activity.waker.register(cx.waker());
+        let limit = &self.slot.limit;
+        // Told to close by its server ([`Drainer`]): cut after the grace.
+        let asked_ms = activity.drain_asked_ms.swap(0, Ordering::AcqRel);
+        if asked_ms > 0 && !activity.draining.swap(true, Ordering::AcqRel) {
+            activity.drain.notify_waiters();
+            let grace = Duration::from_millis(asked_ms);
+            self.idle.as_mut().reset((Instant::now() + grace).into());
+        }
         loop {
             if activity.closed.load(Ordering::Acquire) {
                 return Poll::Ready(io::Error::new(
@@ -873,37 +940,40 @@ impl Admitted {
                 ));
             }
             ready!(self.idle.as_mut().poll(cx));
-            let limit = &self.slot.limit;
             if activity.draining.load(Ordering::Acquire) {
                 // Told to close, and still open after the grace: cut.
                 activity.closed.store(true, Ordering::Release);
-                tracing::debug!(id = self.slot.id, "idle inbound connection not closed; cut");
-                return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, "idle"));
+                tracing::debug!(
+                    id = self.slot.id,
+                    "closing inbound connection still open; cut"
+                );
+                return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, "not closed"));
             }
             let last =
                 limit.shared.base + Duration::from_millis(activity.last_ms.load(Ordering::Relaxed));
             let deadline = last + limit.shared.config.idle_timeout;
             let now = Instant::now();
-            if now >= deadline && !activity.framed.load(Ordering::Acquire) {
-                // Never set up HTTP/2: no request can cross the close, and
-                // no GOAWAY could be sent. Cut at once.
+            if now < deadline {
+                self.idle.as_mut().reset(deadline.into());
+                continue;
+            }
+            limit.lock().rules.idle_closed();
+            let graceful = activity.graceful.load(Ordering::Acquire)
+                && activity.framed.load(Ordering::Acquire);
+            if !graceful {
+                // No server to send a GOAWAY, or no HTTP/2 set up (no
+                // request can cross the close): cut at once.
                 activity.closed.store(true, Ordering::Release);
-                limit.lock().rules.idle_closed();
                 tracing::debug!(id = self.slot.id, "inbound connection idle; closed");
                 return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, "idle"));
             }
-            if now >= deadline {
-                // Its server sends a GOAWAY and closes it once the calls
-                // that crossed it are answered; cut after the grace.
-                activity.draining.store(true, Ordering::Release);
-                activity.drain.notify_waiters();
-                limit.lock().rules.idle_closed();
-                tracing::debug!(id = self.slot.id, "inbound connection idle; closing");
-                let grace = limit.shared.config.idle_drain_grace;
-                self.idle.as_mut().reset((now + grace).into());
-                continue;
-            }
-            self.idle.as_mut().reset(deadline.into());
+            // Its server sends a GOAWAY and closes it once the calls that
+            // crossed it are answered; cut after the grace.
+            activity.draining.store(true, Ordering::Release);
+            activity.drain.notify_waiters();
+            tracing::debug!(id = self.slot.id, "inbound connection idle; closing");
+            let grace = limit.shared.config.idle_drain_grace;
+            self.idle.as_mut().reset((now + grace).into());
         }
     }
 

@@ -2,15 +2,17 @@
 //! own, so that one connection can be closed gracefully.
 //!
 //! tonic closes connections gracefully only all at once, at the server's
-//! shutdown. A connection found idle ([`crate::inbound`]) was therefore
-//! cut: a request the client sent as it was cut failed, though nothing
-//! was wrong with either side. Here each connection is served by its own
-//! tonic server (a clone of one [`Router`], so every setting and layer is
-//! the same), whose shutdown signal is that connection's idle signal or
-//! the whole server's shutdown: at either, hyper sends a GOAWAY, answers
-//! the requests that crossed it, and closes. A connection that does not
-//! close within `idle_drain_grace` ([`crate::inbound::Config`]) of
-//! its idle signal is cut as before.
+//! shutdown, and at their age only by cutting them when a grace is set. A
+//! connection found idle ([`crate::inbound`]) was therefore cut: a request
+//! the client sent as it was cut failed, though nothing was wrong with
+//! either side. Here each connection is served by its own tonic server (a
+//! clone of one [`Router`], so every setting and layer is the same), whose
+//! shutdown signal is the first of: the connection found idle, its end,
+//! its age ([`Config::max_age`](crate::inbound::Config::max_age)), the
+//! whole server's shutdown. At any of them but its end, hyper sends a
+//! GOAWAY, answers the requests that crossed it, and closes; a connection
+//! still open a grace later (`idle_drain_grace`, or `max_age_grace` at its
+//! age) is cut.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -20,31 +22,23 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tonic::transport::server::Router;
 
-use crate::tls::Incoming;
+use crate::tls::{Connection, Incoming};
 
 /// Serves `router` on every connection `incoming` yields until `shutdown`
-/// completes; then stops accepting, has every connection close
-/// gracefully, and returns once all have closed.
+/// completes; then stops accepting (the listener is closed), has every
+/// connection close gracefully (each cut `idle_drain_grace` later if still
+/// open), and returns once all have closed.
 pub async fn serve(router: Router, incoming: Incoming, shutdown: impl Future<Output = ()>) {
     let (stop, stopped) = watch::channel(false);
     let mut connections = JoinSet::new();
-    let mut incoming = std::pin::pin!(incoming);
+    let mut incoming = incoming;
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             accepted = incoming.next() => match accepted {
                 Some(Ok(connection)) => {
-                    // Its server ends when the connection is idle (after a
-                    // graceful close), closed, or all are to close.
-                    let ended = connection.closing();
-                    let mut stopped = stopped.clone();
-                    let closing = async move {
-                        tokio::select! {
-                            _ = ended => {}
-                            _ = stopped.wait_for(|stop| *stop) => {}
-                        }
-                    };
+                    let closing = closing(&connection, stopped.clone());
                     // One connection, then none: the server waits for its
                     // signal rather than ending with its incoming stream.
                     let one = futures::stream::iter([Ok::<_, Infallible>(connection)])
@@ -60,9 +54,34 @@ pub async fn serve(router: Router, incoming: Incoming, shutdown: impl Future<Out
                 None => break,
             },
             // Reaps the servers of closed connections.
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            Some(ended) = connections.join_next(), if !connections.is_empty() => {
+                if let Err(error) = ended {
+                    tracing::warn!(%error, "inbound connection's server panicked");
+                }
+            }
         }
     }
+    // No new connection: the listener closes now, not after the drain.
+    drop(incoming);
     stop.send_replace(true);
     while connections.join_next().await.is_some() {}
+}
+
+/// The shutdown signal of `connection`'s server: found idle (it is then
+/// draining already), closed, too old, or all to close; the last two
+/// have it drain, cut if still open a grace later.
+fn closing(
+    connection: &Connection,
+    mut stopped: watch::Receiver<bool>,
+) -> impl Future<Output = ()> + Send + 'static {
+    let ended = connection.closing();
+    let drainer = connection.drainer();
+    async move {
+        let config = drainer.config().clone();
+        tokio::select! {
+            _ = ended => {}
+            _ = stopped.wait_for(|stop| *stop) => drainer.drain(config.idle_drain_grace),
+            _ = tokio::time::sleep(config.max_age) => drainer.drain(config.max_age_grace),
+        }
+    }
 }

@@ -380,9 +380,12 @@ fn make_client_config(
     Ok(Arc::new(config))
 }
 
-/// The TLS connections accepted on a listener, for
-/// [`tonic::transport::Server::serve_with_incoming`].
-pub type Incoming = BoxStream<'static, Result<Watched<TlsStream<Admitted>>, tonic_tls::Error>>;
+/// An accepted TLS connection, its activity watched.
+pub type Connection = Watched<TlsStream<Admitted>>;
+
+/// The TLS connections accepted on a listener, for [`crate::serve`] (or
+/// [`tonic::transport::Server::serve_with_incoming`]).
+pub type Incoming = BoxStream<'static, Result<Connection, tonic_tls::Error>>;
 
 /// Accepts TLS connections on `listener` with `config`, at most
 /// [`DEFAULT_MAX_CONNECTIONS`](crate::inbound::DEFAULT_MAX_CONNECTIONS)
