@@ -34,8 +34,9 @@
 //! set up HTTP/2: the connection's server is told (`Watched::closing`) and
 //! sends a GOAWAY, so that a request that crosses it is still answered,
 //! and the connection is cut only if it is still open
-//! `idle_drain_grace` later. One that never set up HTTP/2 is cut at
-//! once.
+//! `idle_drain_grace` later. One that never set up HTTP/2, or whose
+//! server does not listen for the signal (plain tonic), is cut at once.
+//! A drain asked while one is under way keeps the first one's grace.
 //!
 //! A refused socket is reset at once, before any TLS work: past a limit, a
 //! connection costs the server one accept and one close. The decisions are
