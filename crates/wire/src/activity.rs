@@ -276,6 +276,22 @@ mod tests {
         }
     }
 
+    /// A client has set up HTTP/2 (and can be sent a GOAWAY) once a whole
+    /// frame header came after its preface, not before, however the bytes
+    /// are split.
+    #[test]
+    fn a_client_is_framed_once_a_whole_frame_header_follows_its_preface() {
+        let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+        let settings = frame(SETTINGS, 0);
+        let mut scanner = FrameScanner::from_client();
+        scanner.scan(preface);
+        assert!(!scanner.framed(), "framed by the preface alone");
+        scanner.scan(&settings[..FRAME_HEADER_BYTES - 1]);
+        assert!(!scanner.framed(), "framed by part of a header");
+        scanner.scan(&settings[FRAME_HEADER_BYTES - 1..]);
+        assert!(scanner.framed());
+    }
+
     #[test]
     fn a_server_direction_has_no_preface() {
         let mut scanner = FrameScanner::from_server();
