@@ -37,6 +37,8 @@ fn identity() -> NodeIdentity {
 struct TestServer {
     address: SocketAddr,
     task: JoinHandle<()>,
+    /// Dropped or sent: the server shuts down.
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl TestServer {
@@ -56,12 +58,15 @@ impl TestServer {
             .http2_keepalive_timeout(keepalive.map(|k| k * 10))
             .add_service(health);
         let incoming = tls::incoming_with_limit(listener, config, limit);
-        let task = tokio::spawn(soma_wire::serve::serve(
-            router,
-            incoming,
-            std::future::pending(),
-        ));
-        TestServer { address, task }
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(soma_wire::serve::serve(router, incoming, async {
+            let _ = stopped.await;
+        }));
+        TestServer {
+            address,
+            task,
+            stop: Some(stop),
+        }
     }
 
     /// A TCP connection from `from` that never starts a handshake.
@@ -458,7 +463,17 @@ async fn an_old_connection_is_closed_with_a_goaway_not_cut() {
 /// Reads `stream` until a GOAWAY frame arrives (true) or it ends
 /// (false), skipping the other frames.
 async fn reads_a_goaway<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> bool {
-    let mut bytes = Vec::new();
+    reads_a_frame(stream, &mut Vec::new(), 0x7).await
+}
+
+/// Reads `stream` until a frame of type `kind` arrives (true) or it ends
+/// (false), skipping the other frames; `bytes` holds what was read past
+/// the last whole frame, for the next call.
+async fn reads_a_frame<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    bytes: &mut Vec<u8>,
+    kind: u8,
+) -> bool {
     let mut buf = [0u8; 4096];
     loop {
         // Whole frames: a 9-byte header (24-bit length, type, ...).
@@ -468,10 +483,11 @@ async fn reads_a_goaway<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> bool
             if bytes.len() < 9 + len {
                 break;
             }
-            if bytes[3] == 0x7 {
+            let found = bytes[3] == kind;
+            bytes.drain(..9 + len);
+            if found {
                 return true;
             }
-            bytes.drain(..9 + len);
         }
         match tokio::time::timeout(PATIENCE, stream.read(&mut buf)).await {
             Ok(Ok(n)) if n > 0 => bytes.extend_from_slice(&buf[..n]),
@@ -528,4 +544,54 @@ async fn a_closed_connection_leaves_no_task_behind() {
     }
     wait_until("every connection closed", || limit.open() == 0).await;
     wait_until("their tasks ended", || tasks() == before).await;
+}
+
+/// At its shutdown the server stops accepting at once, closes every
+/// connection with a GOAWAY, cuts one that ignores it `idle_drain_grace`
+/// later, and ends once all are closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_closes_connections_with_a_goaway_and_cuts_those_that_ignore_it() {
+    use tokio::io::AsyncWriteExt;
+    init_tracing();
+    let limit = ConnectionLimit::with_config(Config {
+        idle_timeout: PATIENCE,
+        idle_drain_grace: Duration::from_secs(1),
+        ..config(8, 0, 8, 8)
+    });
+    let mut server = TestServer::start(limit.clone()).await;
+    // An HTTP/2 client, after one call, and one that ignores everything.
+    let tls = server.tls("127.0.0.1", Some(&identity())).await;
+    let (mut h2, connection) = h2::client::handshake(tls).await.unwrap();
+    let connection = tokio::spawn(connection);
+    raw_health_check(&mut h2).await;
+    let mut deaf = server.tls("127.0.0.1", Some(&identity())).await;
+    deaf.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    deaf.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    deaf.flush().await.unwrap();
+    // The server's SETTINGS: its HTTP/2 connection is being served.
+    let mut read = Vec::new();
+    assert!(
+        reads_a_frame(&mut deaf, &mut read, 0x4).await,
+        "no SETTINGS"
+    );
+    assert_eq!(limit.open(), 2);
+
+    let _ = server.stop.take().expect("running").send(());
+    let closed = tokio::time::timeout(PATIENCE, connection).await;
+    let closed = closed.expect("closed within the patience").unwrap();
+    assert!(closed.is_ok(), "the connection was cut: {closed:?}");
+    // New callers are refused from the start of the drain.
+    assert!(
+        server.try_silent("127.0.0.1").await.is_err(),
+        "still listening"
+    );
+    assert!(reads_a_frame(&mut deaf, &mut read, 0x7).await, "no GOAWAY");
+    assert!(ended(&mut deaf).await, "not cut");
+    tokio::time::timeout(PATIENCE, &mut server.task)
+        .await
+        .expect("the server ended")
+        .unwrap();
+    assert_eq!((limit.open(), limit.counts().idle_closed), (0, 0));
 }
