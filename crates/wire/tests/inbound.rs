@@ -69,6 +69,36 @@ impl TestServer {
         }
     }
 
+    /// An HTTP/2 connection from 127.0.0.1 that has made one call: its
+    /// sender (kept, or the client would close the connection itself) and
+    /// its driver, which ends with how the connection ended: `Ok` by a
+    /// GOAWAY, an error if cut under the client.
+    async fn after_one_call(
+        &self,
+    ) -> (
+        h2::client::SendRequest<bytes::Bytes>,
+        JoinHandle<Result<(), h2::Error>>,
+    ) {
+        let tls = self.tls("127.0.0.1", Some(&identity())).await;
+        let (mut h2, connection) = h2::client::handshake(tls).await.unwrap();
+        let connection = tokio::spawn(connection);
+        raw_health_check(&mut h2).await;
+        (h2, connection)
+    }
+
+    /// A TLS connection from 127.0.0.1 that sent the HTTP/2 preface and
+    /// an empty SETTINGS frame, then nothing: it ignores all it is sent.
+    async fn deaf(&self) -> TlsStream<TcpStream> {
+        use tokio::io::AsyncWriteExt;
+        let mut tls = self.tls("127.0.0.1", Some(&identity())).await;
+        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        tls.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+        tls.flush().await.unwrap();
+        tls
+    }
+
     /// A TCP connection from `from` that never starts a handshake.
     async fn silent(&self, from: &str) -> TcpStream {
         self.try_silent(from).await.unwrap()
@@ -411,17 +441,19 @@ async fn raw_health_check(h2: &mut h2::client::SendRequest<bytes::Bytes>) {
     assert_eq!(trailers.get("grpc-status").unwrap(), "0");
 }
 
-/// The client side of a connection that made one call over HTTP/2 and
-/// then went quiet: how its connection ended. Ended by a GOAWAY it is
-/// `Ok`; cut under the client, an error (as a call that crossed the cut
-/// would be).
-async fn quiet_after_one_call(server: &TestServer) -> Result<(), h2::Error> {
-    let tls = server.tls("127.0.0.1", Some(&identity())).await;
-    let (mut h2, connection) = h2::client::handshake(tls).await.unwrap();
-    let connection = tokio::spawn(connection);
-    raw_health_check(&mut h2).await;
+/// With `config`, a connection that made one call over HTTP/2 and then
+/// went quiet ends cleanly (a GOAWAY), not cut under its client (an
+/// error, as a call that crossed the cut would be); then its slot is
+/// freed. Returns the limit, to read its counts.
+async fn a_quiet_connection_is_closed_with_a_goaway(config: Config) -> ConnectionLimit {
+    let limit = ConnectionLimit::with_config(config);
+    let server = TestServer::start(limit.clone()).await;
+    let (_h2, connection) = server.after_one_call().await;
     let ended = tokio::time::timeout(PATIENCE, connection).await;
-    ended.expect("closed within the patience").unwrap()
+    let ended = ended.expect("closed within the patience").unwrap();
+    assert!(ended.is_ok(), "the connection was cut: {ended:?}");
+    wait_until("its slot freed", || limit.open() == 0).await;
+    limit
 }
 
 /// An idle connection that set up HTTP/2 is closed with a GOAWAY, not
@@ -429,17 +461,14 @@ async fn quiet_after_one_call(server: &TestServer) -> Result<(), h2::Error> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_connection_is_closed_with_a_goaway_not_cut() {
     init_tracing();
-    let limit = ConnectionLimit::with_config(Config {
+    let limit = a_quiet_connection_is_closed_with_a_goaway(Config {
         idle_timeout: Duration::from_millis(500),
         // Long: a cut before the graceful close could end would show.
         idle_drain_grace: Duration::from_secs(5),
         ..config(8, 0, 8, 8)
-    });
-    let server = TestServer::start(limit.clone()).await;
-    let ended = quiet_after_one_call(&server).await;
-    assert!(ended.is_ok(), "the connection was cut: {ended:?}");
+    })
+    .await;
     assert_eq!(limit.counts().idle_closed, 1);
-    wait_until("its slot freed", || limit.open() == 0).await;
 }
 
 /// A connection past its age is closed with a GOAWAY too (tonic's own
@@ -447,17 +476,14 @@ async fn an_idle_connection_is_closed_with_a_goaway_not_cut() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_old_connection_is_closed_with_a_goaway_not_cut() {
     init_tracing();
-    let limit = ConnectionLimit::with_config(Config {
+    let limit = a_quiet_connection_is_closed_with_a_goaway(Config {
         idle_timeout: PATIENCE,
         max_age: Duration::from_millis(500),
         max_age_grace: Duration::from_secs(5),
         ..config(8, 0, 8, 8)
-    });
-    let server = TestServer::start(limit.clone()).await;
-    let ended = quiet_after_one_call(&server).await;
-    assert!(ended.is_ok(), "the connection was cut: {ended:?}");
+    })
+    .await;
     assert_eq!(limit.counts().idle_closed, 0);
-    wait_until("its slot freed", || limit.open() == 0).await;
 }
 
 /// Reads `stream` until a GOAWAY frame arrives (true) or it ends
@@ -501,7 +527,6 @@ async fn reads_a_frame<S: tokio::io::AsyncRead + Unpin>(
 /// is cut once the drain grace is over: it holds its slot no longer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_client_that_ignores_the_goaway_is_cut_after_the_grace() {
-    use tokio::io::AsyncWriteExt;
     init_tracing();
     let limit = ConnectionLimit::with_config(Config {
         idle_timeout: Duration::from_millis(500),
@@ -509,13 +534,7 @@ async fn an_idle_client_that_ignores_the_goaway_is_cut_after_the_grace() {
         ..config(8, 0, 8, 8)
     });
     let server = TestServer::start(limit.clone()).await;
-    let mut tls = server.tls("127.0.0.1", Some(&identity())).await;
-    // The client preface and an empty SETTINGS frame, then nothing.
-    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-        .await
-        .unwrap();
-    tls.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
-    tls.flush().await.unwrap();
+    let mut tls = server.deaf().await;
     // Told to go away, which it ignores (the server's ping unanswered)...
     assert!(reads_a_goaway(&mut tls).await, "no GOAWAY");
     assert_eq!(limit.counts().idle_closed, 1);
@@ -551,7 +570,6 @@ async fn a_closed_connection_leaves_no_task_behind() {
 /// later, and ends once all are closed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shutdown_closes_connections_with_a_goaway_and_cuts_those_that_ignore_it() {
-    use tokio::io::AsyncWriteExt;
     init_tracing();
     let limit = ConnectionLimit::with_config(Config {
         idle_timeout: PATIENCE,
@@ -560,16 +578,8 @@ async fn a_shutdown_closes_connections_with_a_goaway_and_cuts_those_that_ignore_
     });
     let mut server = TestServer::start(limit.clone()).await;
     // An HTTP/2 client, after one call, and one that ignores everything.
-    let tls = server.tls("127.0.0.1", Some(&identity())).await;
-    let (mut h2, connection) = h2::client::handshake(tls).await.unwrap();
-    let connection = tokio::spawn(connection);
-    raw_health_check(&mut h2).await;
-    let mut deaf = server.tls("127.0.0.1", Some(&identity())).await;
-    deaf.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-        .await
-        .unwrap();
-    deaf.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
-    deaf.flush().await.unwrap();
+    let (_h2, connection) = server.after_one_call().await;
+    let mut deaf = server.deaf().await;
     // The server's SETTINGS: its HTTP/2 connection is being served.
     let mut read = Vec::new();
     assert!(
