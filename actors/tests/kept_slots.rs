@@ -192,3 +192,46 @@ async fn fetches_from_anyone_that_find_a_slot_free_leave_the_slots_connections_k
     assert_eq!(node.fetches_on_kept_slots(), 1);
     node.shutdown().await;
 }
+
+/// A kept slot never keeps out a neighbour: at its host's cap, a fetch
+/// takes back the slots its host's connections kept, and at its network's
+/// cap the slots its network's kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_slot_never_keeps_another_identity_of_its_host_or_network_out() {
+    use soma_testkit::attack;
+    use soma_wire::tls::NodeIdentity;
+
+    let mut config = config(1, 8);
+    config.grpc.inbound_exempt_loopback = false;
+    config.grpc.max_concurrent_fetches_per_host = 1;
+    config.grpc.max_concurrent_fetches_per_network = 2;
+    let (node, _) = node(config, 100);
+    let target = attack::Target {
+        address: node.local_addr(),
+        peer_id: Some(node.peer_id()),
+    };
+    let connect = |seed: u8, host: u8| async move {
+        let key = soma_types::KeyPair::from_seed([seed; 32]);
+        let identity = NodeIdentity::generate(&key).expect("an identity");
+        let source = std::net::IpAddr::from([127, 10, 2, host]);
+        attack::client(target, source, Some(&identity), Some(1 << 24))
+            .await
+            .expect("connects")
+    };
+    let mut a = connect(100, 1).await;
+    let mut b = connect(101, 1).await;
+    let mut c = connect(102, 2).await;
+    let mut d = connect(103, 3).await;
+    let answer = fetch(&mut a, 1, 100).await.expect("a served");
+    wait_fetches(&node, 0, DEADLINE).await;
+    // a's slot is kept, its host's one: b, of the same host, takes it back.
+    assert_eq!(fetch(&mut b, 1, 100).await.expect("b served"), answer);
+    // c, of another host, finds room in the network; then c's and b's
+    // kept slots fill it, and d, of a third host, takes them back.
+    assert_eq!(fetch(&mut c, 1, 100).await.expect("c served"), answer);
+    wait_fetches(&node, 0, DEADLINE).await;
+    assert_eq!(fetch(&mut d, 1, 100).await.expect("d served"), answer);
+    // Each asked the adapter.
+    assert_eq!(node.fetches_on_kept_slots(), 0);
+    node.shutdown().await;
+}

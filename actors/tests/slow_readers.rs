@@ -315,6 +315,88 @@ async fn one_networks_callers_hold_at_most_its_fetch_slots_whatever_their_identi
     node.shutdown().await;
 }
 
+/// Within a network, one host's identities share the host's fetch slots:
+/// a machine with four identities that never reads its answers holds its
+/// host's four slots, not its /24's eight, and a neighbour of that /24
+/// (neither a committee member nor allowlisted) is served in full beside
+/// it, with no stalled answer to take a slot from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_hosts_identities_leave_its_neighbours_their_networks_slots() {
+    use soma_testkit::attack;
+
+    let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(300));
+    let mut config = P2pConfig::default();
+    config.grpc.inbound_exempt_loopback = false;
+    config.grpc.max_concurrent_fetches = 16;
+    config.grpc.max_concurrent_fetches_per_peer = 2;
+    config.grpc.max_concurrent_fetches_per_network = 8;
+    config.grpc.max_concurrent_fetches_per_host = 4;
+    // Unread answers keep their slots for the whole test.
+    config.grpc.send_timeout = Duration::from_secs(600);
+    config.grpc.fetch_stall_timeout = Duration::from_secs(3_600);
+    let node = server(&chain, config, Arc::new(MemStore::new(chain.genesis())));
+    let target = target(&node);
+    let refs = block_refs(&chain, 10);
+    let request = || proto::FetchBlocksRequest { refs: refs.clone() };
+
+    // The attacker: four identities on 127.10.1.1, two fetches each,
+    // never reading.
+    let attacker = std::net::IpAddr::from([127, 10, 1, 1]);
+    let mut streams = Vec::new();
+    let mut refused = Vec::new();
+    for i in 1..=4u8 {
+        let identity =
+            NodeIdentity::generate(&KeyPair::from_seed([230 + i; 32])).expect("an identity");
+        let mut reader = attack::client(target, attacker, Some(&identity), Some(0))
+            .await
+            .expect("connects");
+        for _ in 0..2 {
+            match reader.fetch_blocks(request()).await {
+                Ok(stream) => streams.push(stream),
+                Err(status) => refused.push(status),
+            }
+        }
+    }
+    assert_eq!((streams.len(), refused.len()), (4, 4));
+    assert_eq!(node.fetches_in_flight(), 4);
+    for status in &refused {
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert_eq!(
+            status.message(),
+            "at most 4 fetches at once from 127.10.1.1",
+            "{status:?}"
+        );
+    }
+
+    // Two neighbours in the same /24 take the network's other four slots
+    // at once, and read every block.
+    let mut fetches = Vec::new();
+    for (i, host) in [(1u8, 2u8), (2, 3)] {
+        let identity =
+            NodeIdentity::generate(&KeyPair::from_seed([240 + i; 32])).expect("an identity");
+        let source = std::net::IpAddr::from([127, 10, 1, host]);
+        let neighbour = attack::client(target, source, Some(&identity), None)
+            .await
+            .expect("connects");
+        for _ in 0..2 {
+            let mut neighbour = neighbour.clone();
+            let request = request();
+            fetches.push(tokio::spawn(async move {
+                let stream = neighbour.fetch_blocks(request).await?.into_inner();
+                Ok::<_, tonic::Status>(blocks_read(stream).await)
+            }));
+        }
+    }
+    for fetch in fetches {
+        let blocks = fetch.await.expect("the task ends").expect("admitted");
+        assert_eq!(blocks, refs.len());
+    }
+    // The attacker's answers were never cut to make room.
+    assert_eq!(node.fetches_in_flight(), 4);
+    drop(streams);
+    node.shutdown().await;
+}
+
 /// `node` as the testkit's attacks name their target.
 fn target(node: &soma_actors::P2pHandle) -> soma_testkit::attack::Target {
     soma_testkit::attack::Target {

@@ -2,6 +2,7 @@ use crate::dropped::{Droppable, try_send};
 use std::sync::Arc;
 
 use actix::{Actor, Addr, Context, Handler, Supervised};
+use soma_wire::inbound;
 
 use super::core::{Crowded, GrpcAdapterCore, Limits};
 use super::deadline::SendStats;
@@ -120,18 +121,22 @@ impl Handler<CallMsg> for GrpcAdapter {
         self.step_ended();
         // A fetch that slots kept by connections for their next fetch
         // (see `kept`) stand in the way of takes them back first: the
-        // caller's own at its cap, its network's at the network's cap,
+        // caller's own at its cap, its host's at the host's cap, its
+        // network's at the network's cap,
         // everyone's when every slot is held.
         // Taking them back for every fetch let anyone's fetches, at any
         // rate, cost honest connections their kept slots.
         if fetch {
             let stats = self.deps.send_stats.clone();
             let kept = &stats.kept;
-            let taken = match self.driver.core().crowded(msg.caller, msg.network) {
+            let taken = match self.driver.core().crowded(msg.caller, msg.origin) {
                 Some(Crowded::Caller) => kept.reclaim(|(_, caller, _)| *caller == msg.caller),
-                Some(Crowded::Network(network)) => {
-                    kept.reclaim(|(_, _, counted_in)| *counted_in == Some(network))
+                Some(Crowded::Host(host)) => {
+                    kept.reclaim(|(_, _, counted_in)| *counted_in == Some(host))
                 }
+                Some(Crowded::Network(network)) => kept.reclaim(|(_, _, counted_in)| {
+                    counted_in.is_some_and(|host| inbound::network(host) == network)
+                }),
                 Some(Crowded::All) => kept.reclaim(|_| true),
                 None => Vec::new(),
             };
@@ -157,7 +162,7 @@ impl Handler<CallMsg> for GrpcAdapter {
             id,
             caller: msg.caller,
             connection: msg.connection,
-            network: msg.network,
+            origin: msg.origin,
             call: msg.call,
             stalled,
         });

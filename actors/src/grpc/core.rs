@@ -34,6 +34,13 @@ pub struct Limits {
     /// Identities are free where anyone may connect; networks are not.
     #[serde(default = "default_max_concurrent_fetches_per_network")]
     pub max_concurrent_fetches_per_network: usize,
+    /// Of those, fetches running at once for the callers of one host (an
+    /// IPv4 address, or an IPv6 /64: see `inbound::host`), whatever
+    /// identities they use, so that one machine with a few identities
+    /// cannot hold its whole network's slots and leave its neighbours
+    /// only the answers it stalls.
+    #[serde(default = "default_max_concurrent_fetches_per_host")]
+    pub max_concurrent_fetches_per_host: usize,
     /// Time a response may take to be handed to the transport after its
     /// headers; past it the response is cut and all it holds released.
     pub send_timeout: Duration,
@@ -120,6 +127,10 @@ fn default_max_concurrent_fetches_per_network() -> usize {
     16
 }
 
+fn default_max_concurrent_fetches_per_host() -> usize {
+    8
+}
+
 fn default_answer_cache_bytes() -> usize {
     16 << 20
 }
@@ -176,6 +187,7 @@ impl Default for Limits {
             answer_cache_bytes: default_answer_cache_bytes(),
             max_concurrent_fetches_per_peer: 4,
             max_concurrent_fetches_per_network: default_max_concurrent_fetches_per_network(),
+            max_concurrent_fetches_per_host: default_max_concurrent_fetches_per_host(),
             max_concurrent_fetches: 64,
             send_timeout: Duration::from_secs(10),
             fetch_stall_timeout: default_fetch_stall_timeout(),
@@ -242,9 +254,10 @@ pub struct Init {
     /// Admitted fetches still running, with their callers.
     #[serde(default)]
     pub running: Vec<(u64, Option<PeerId>)>,
-    /// The networks of those of them that count in one.
+    /// The hosts (see `Input::Call`'s `origin`) of those of them that
+    /// count in a network.
     #[serde(default)]
-    pub running_networks: Vec<(u64, IpAddr)>,
+    pub running_origins: Vec<(u64, IpAddr)>,
 }
 
 impl From<Limits> for Init {
@@ -252,7 +265,7 @@ impl From<Limits> for Init {
         Init {
             limits,
             running: Vec::new(),
-            running_networks: Vec::new(),
+            running_origins: Vec::new(),
         }
     }
 }
@@ -266,10 +279,52 @@ pub struct GrpcAdapterCore {
     fetches: HashMap<Option<PeerId>, usize>,
     /// Caller of each admitted fetch still running.
     running: HashMap<u64, Option<PeerId>>,
-    /// Network of each admitted fetch still running that counts in one.
-    networks: HashMap<u64, IpAddr>,
-    /// Admitted fetches by network.
-    per_network: HashMap<IpAddr, usize>,
+    /// Admitted fetches still running by the host they came from, of
+    /// those that count in a network.
+    hosts: Tally,
+    /// The same by network.
+    networks: Tally,
+}
+
+/// Running fetches counted by where their callers call from (a host, or
+/// a network): each fetch's key and each key's count, at most `cap`.
+struct Tally {
+    cap: usize,
+    of: HashMap<u64, IpAddr>,
+    count: HashMap<IpAddr, usize>,
+}
+
+impl Tally {
+    fn new(cap: usize) -> Self {
+        Tally {
+            cap,
+            of: HashMap::new(),
+            count: HashMap::new(),
+        }
+    }
+
+    fn hold(&mut self, id: u64, key: IpAddr) {
+        self.of.insert(id, key);
+        *self.count.entry(key).or_default() += 1;
+    }
+
+    fn release(&mut self, id: u64) {
+        if let Some(key) = self.of.remove(&id)
+            && let Some(n) = self.count.get_mut(&key)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.count.remove(&key);
+            }
+        }
+    }
+
+    /// Whether `key` holds its cap of fetches without fetch `without`.
+    fn full(&self, key: IpAddr, without: Option<u64>) -> bool {
+        let held = self.count.get(&key).copied().unwrap_or(0);
+        let freed = without.is_some_and(|id| self.of.get(&id) == Some(&key));
+        held - usize::from(freed) >= self.cap
+    }
 }
 
 impl Core for GrpcAdapterCore {
@@ -280,16 +335,16 @@ impl Core for GrpcAdapterCore {
 
     fn new(init: Init) -> Self {
         let mut core = GrpcAdapterCore {
+            hosts: Tally::new(init.limits.max_concurrent_fetches_per_host),
+            networks: Tally::new(init.limits.max_concurrent_fetches_per_network),
             limits: init.limits,
             buckets: HashMap::new(),
             fetches: HashMap::new(),
             running: HashMap::new(),
-            networks: HashMap::new(),
-            per_network: HashMap::new(),
         };
-        let networks: HashMap<u64, IpAddr> = init.running_networks.into_iter().collect();
+        let origins: HashMap<u64, IpAddr> = init.running_origins.into_iter().collect();
         for (id, caller) in init.running {
-            core.hold(id, caller, networks.get(&id).copied());
+            core.hold(id, caller, origins.get(&id).copied());
         }
         core
     }
@@ -300,14 +355,15 @@ impl Core for GrpcAdapterCore {
                 id,
                 caller,
                 connection,
-                network,
+                origin,
                 call,
                 stalled,
             } => {
+                let origin = origin.map(inbound::host);
                 let mut out = Vec::new();
                 let admitted = self
                     .rate(now, caller, connection, &call)
-                    .and_then(|()| self.admit(id, (caller, network), call, &stalled, &mut out));
+                    .and_then(|()| self.admit(id, (caller, origin), call, &stalled, &mut out));
                 out.push(match admitted {
                     Ok(work) => Output::Admit { id, work },
                     Err(refusal) => Output::Refuse { id, refusal },
@@ -322,12 +378,14 @@ impl Core for GrpcAdapterCore {
     }
 }
 
-/// What stands in the way of a fetch: its caller's cap, its network's,
-/// or the slots of all callers.
+/// What stands in the way of a fetch: its caller's cap, its host's, its
+/// network's, or the slots of all callers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Crowded {
     /// The caller holds `max_concurrent_fetches_per_peer` fetches.
     Caller,
+    /// The caller's host holds `max_concurrent_fetches_per_host` fetches.
+    Host(IpAddr),
     /// The caller's network holds `max_concurrent_fetches_per_network`
     /// fetches.
     Network(IpAddr),
@@ -336,39 +394,41 @@ pub enum Crowded {
 }
 
 impl GrpcAdapterCore {
-    /// What would stop a fetch of `caller` from `network` now, if
+    /// What would stop a fetch of `caller` from `origin` now, if
     /// anything: the slots kept by connections that stand in its way are
-    /// only those (the caller's own, its network's, or everyone's).
-    pub fn crowded(&self, caller: Option<PeerId>, network: Option<IpAddr>) -> Option<Crowded> {
-        if self.fetches.get(&caller).copied().unwrap_or(0)
-            >= self.limits.max_concurrent_fetches_per_peer
+    /// only those (the caller's own, its host's, its network's, or
+    /// everyone's).
+    pub fn crowded(&self, caller: Option<PeerId>, origin: Option<IpAddr>) -> Option<Crowded> {
+        let limits = &self.limits;
+        if self.fetches.get(&caller).copied().unwrap_or(0) >= limits.max_concurrent_fetches_per_peer
         {
-            Some(Crowded::Caller)
-        } else if let Some(network) = network.filter(|n| self.network_full(*n, None)) {
-            Some(Crowded::Network(network))
-        } else if self.running.len() >= self.limits.max_concurrent_fetches {
-            Some(Crowded::All)
-        } else {
-            None
+            return Some(Crowded::Caller);
         }
-    }
-
-    /// Whether `network` holds its cap of fetches without fetch `without`.
-    fn network_full(&self, network: IpAddr, without: Option<u64>) -> bool {
-        let held = self.per_network.get(&network).copied().unwrap_or(0);
-        let freed = without.is_some_and(|id| self.networks.get(&id) == Some(&network));
-        held - usize::from(freed) >= self.limits.max_concurrent_fetches_per_network
+        if let Some(host) = origin.map(inbound::host) {
+            if self.hosts.full(host, None) {
+                return Some(Crowded::Host(host));
+            }
+            let network = inbound::network(host);
+            if self.networks.full(network, None) {
+                return Some(Crowded::Network(network));
+            }
+        }
+        (self.running.len() >= limits.max_concurrent_fetches).then_some(Crowded::All)
     }
 
     /// Whether fetch `victim`'s slot, once freed, leaves room for a fetch
-    /// of `caller` from `network` under every cap it is held to.
-    fn fits_without(&self, victim: u64, caller: Option<PeerId>, network: Option<IpAddr>) -> bool {
+    /// of `caller` from host `origin` under every cap it is held to.
+    fn fits_without(&self, victim: u64, caller: Option<PeerId>, origin: Option<IpAddr>) -> bool {
         let Some(holder) = self.running.get(&victim) else {
             return false;
         };
+        let limits = &self.limits;
         let mine = self.fetches.get(&caller).copied().unwrap_or(0) - usize::from(*holder == caller);
-        mine < self.limits.max_concurrent_fetches_per_peer
-            && network.is_none_or(|n| !self.network_full(n, Some(victim)))
+        mine < limits.max_concurrent_fetches_per_peer
+            && origin.is_none_or(|host| {
+                !self.hosts.full(host, Some(victim))
+                    && !self.networks.full(inbound::network(host), Some(victim))
+            })
     }
 
     /// The init a restarted core is made from: the same limits and the
@@ -377,23 +437,23 @@ impl GrpcAdapterCore {
         let mut running: Vec<(u64, Option<PeerId>)> =
             self.running.iter().map(|(id, c)| (*id, *c)).collect();
         running.sort_unstable();
-        let mut running_networks: Vec<(u64, IpAddr)> =
-            self.networks.iter().map(|(id, n)| (*id, *n)).collect();
-        running_networks.sort_unstable();
+        let mut running_origins: Vec<(u64, IpAddr)> =
+            self.hosts.of.iter().map(|(id, h)| (*id, *h)).collect();
+        running_origins.sort_unstable();
         Init {
             limits: self.limits.clone(),
             running,
-            running_networks,
+            running_origins,
         }
     }
 
-    /// Counts fetch `id` of `caller` from `network` as running.
-    fn hold(&mut self, id: u64, caller: Option<PeerId>, network: Option<IpAddr>) {
+    /// Counts fetch `id` of `caller` from host `origin` as running.
+    fn hold(&mut self, id: u64, caller: Option<PeerId>, origin: Option<IpAddr>) {
         *self.fetches.entry(caller).or_default() += 1;
         self.running.insert(id, caller);
-        if let Some(network) = network {
-            self.networks.insert(id, network);
-            *self.per_network.entry(network).or_default() += 1;
+        if let Some(host) = origin {
+            self.hosts.hold(id, host);
+            self.networks.hold(id, inbound::network(host));
         }
     }
 }
@@ -533,7 +593,7 @@ impl GrpcAdapterCore {
     fn admit(
         &mut self,
         id: u64,
-        (caller, network): (Option<PeerId>, Option<IpAddr>),
+        (caller, origin): (Option<PeerId>, Option<IpAddr>),
         call: Call,
         stalled: &[u64],
         out: &mut Vec<Output>,
@@ -550,7 +610,7 @@ impl GrpcAdapterCore {
             },
             Call::FetchCommits { .. } | Call::FetchBlocks { .. } => {
                 let work = fetch_work(&self.limits, call)?;
-                self.take_fetch_slot(id, (caller, network), stalled, out)?;
+                self.take_fetch_slot(id, (caller, origin), stalled, out)?;
                 Ok(work)
             }
         }
@@ -566,33 +626,28 @@ impl GrpcAdapterCore {
                 self.fetches.remove(&caller);
             }
         }
-        if let Some(network) = self.networks.remove(&id)
-            && let Some(n) = self.per_network.get_mut(&network)
-        {
-            *n -= 1;
-            if *n == 0 {
-                self.per_network.remove(&network);
-            }
-        }
+        self.hosts.release(id);
+        self.networks.release(id);
     }
 
-    /// A slot for fetch `id` of `caller` from `network`: a free one, or
-    /// the slot of the first of `stalled` that is running and whose
+    /// A slot for fetch `id` of `caller` from host `origin`: a free one,
+    /// or the slot of the first of `stalled` that is running and whose
     /// freeing makes room under every cap the fetch is held to (its cut
     /// goes to `out`). At its own cap a caller may so take only its own
     /// stalled answer's slot (all anonymous callers share one allowance,
     /// so a stranger that never reads cannot keep the others out), at its
-    /// network's cap only one of its network's; below both, when every
-    /// slot is held, any stalled answer's.
+    /// host's cap only one of its host's, at its network's cap only one
+    /// of its network's; below all three, when every slot is held, any
+    /// stalled answer's.
     fn take_fetch_slot(
         &mut self,
         id: u64,
-        (caller, network): (Option<PeerId>, Option<IpAddr>),
+        (caller, origin): (Option<PeerId>, Option<IpAddr>),
         stalled: &[u64],
         out: &mut Vec<Output>,
     ) -> Result<(), Refusal> {
-        if let Some(crowded) = self.crowded(caller, network) {
-            let victim = (stalled.iter().copied()).find(|v| self.fits_without(*v, caller, network));
+        if let Some(crowded) = self.crowded(caller, origin) {
+            let victim = (stalled.iter().copied()).find(|v| self.fits_without(*v, caller, origin));
             let Some(victim) = victim else {
                 let limits = &self.limits;
                 return Err(refuse(
@@ -601,6 +656,10 @@ impl GrpcAdapterCore {
                         Crowded::Caller => format!(
                             "at most {} fetches at once per peer",
                             limits.max_concurrent_fetches_per_peer
+                        ),
+                        Crowded::Host(host) => format!(
+                            "at most {} fetches at once from {host}",
+                            limits.max_concurrent_fetches_per_host
                         ),
                         Crowded::Network(network) => format!(
                             "at most {} fetches at once from the network of {network}",
@@ -613,7 +672,7 @@ impl GrpcAdapterCore {
             self.release(victim);
             out.push(Output::Cut { id: victim });
         }
-        self.hold(id, caller, network);
+        self.hold(id, caller, origin);
         Ok(())
     }
 }
@@ -637,7 +696,7 @@ mod tests {
                 id,
                 caller: caller.map(|p| PeerId([p; 32])),
                 connection: None,
-                network: None,
+                origin: None,
                 call,
                 stalled: Vec::new(),
             },
@@ -658,13 +717,13 @@ mod tests {
         fetch_from(c, id, caller, None, stalled)
     }
 
-    /// Fetch `id` of `caller` from `network`, with `stalled` fetches to
-    /// take a slot from.
+    /// Fetch `id` of `caller` from host `origin`, with `stalled` fetches
+    /// to take a slot from.
     fn fetch_from(
         c: &mut GrpcAdapterCore,
         id: u64,
         caller: u8,
-        network: Option<&str>,
+        origin: Option<&str>,
         stalled: &[u64],
     ) -> Vec<Output> {
         c.handle(
@@ -673,7 +732,7 @@ mod tests {
                 id,
                 caller: Some(PeerId([caller; 32])),
                 connection: None,
-                network: network.map(|n| n.parse().unwrap()),
+                origin: origin.map(|n| n.parse().unwrap()),
                 call: Call::FetchBlocks { refs: 1 },
                 stalled: stalled.to_vec(),
             },
@@ -682,6 +741,17 @@ mod tests {
 
     fn admitted(out: &[Output]) -> bool {
         matches!(out.last(), Some(Output::Admit { .. }))
+    }
+
+    /// The one refusal in `out`'s message.
+    fn refused(out: &[Output]) -> &str {
+        match out {
+            [Output::Refuse { refusal, .. }] => {
+                assert_eq!(refusal.code, Code::ResourceExhausted);
+                &refusal.message
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     fn network_core(per_network: usize, total: usize) -> GrpcAdapterCore {
@@ -693,62 +763,117 @@ mod tests {
         }))
     }
 
+    fn ip(a: &str) -> IpAddr {
+        a.parse().unwrap()
+    }
+
     #[test]
     fn callers_of_one_network_share_its_cap_whatever_their_identities() {
         let mut c = network_core(2, 8);
-        let net = "10.0.0.0";
-        assert!(admitted(&fetch_from(&mut c, 1, 1, Some(net), &[])));
-        assert!(admitted(&fetch_from(&mut c, 2, 2, Some(net), &[])));
-        // A third identity of the network is refused, and told why.
-        let out = fetch_from(&mut c, 3, 3, Some(net), &[]);
-        match out.as_slice() {
-            [Output::Refuse { refusal, .. }] => {
-                assert_eq!(refusal.code, Code::ResourceExhausted);
-                assert!(
-                    refusal.message.contains("network of 10.0.0.0"),
-                    "{refusal:?}"
-                );
-            }
-            other => panic!("{other:?}"),
-        }
-        let key = Some(net.parse().unwrap());
+        assert!(admitted(&fetch_from(&mut c, 1, 1, Some("10.0.0.1"), &[])));
+        assert!(admitted(&fetch_from(&mut c, 2, 2, Some("10.0.0.2"), &[])));
+        // A third identity of the network, on a third host, is refused,
+        // and told why.
+        let out = fetch_from(&mut c, 3, 3, Some("10.0.0.3"), &[]);
         assert_eq!(
-            c.crowded(Some(PeerId([3; 32])), key),
-            Some(Crowded::Network(net.parse().unwrap()))
+            refused(&out),
+            "at most 2 fetches at once from the network of 10.0.0.0"
+        );
+        let host = Some(ip("10.0.0.3"));
+        assert_eq!(
+            c.crowded(Some(PeerId([3; 32])), host),
+            Some(Crowded::Network(ip("10.0.0.0")))
         );
         // Another network, and a caller counted in none, are not.
-        assert!(admitted(&fetch_from(&mut c, 4, 3, Some("10.0.1.0"), &[])));
+        assert!(admitted(&fetch_from(&mut c, 4, 3, Some("10.0.1.3"), &[])));
         assert!(admitted(&fetch_from(&mut c, 5, 3, None, &[])));
         // A restarted core counts what still runs.
         let mut c = GrpcAdapterCore::new(c.restart_init());
         assert_eq!(
-            code(fetch_from(&mut c, 6, 4, Some(net), &[]).pop().unwrap()),
+            code(
+                fetch_from(&mut c, 6, 4, Some("10.0.0.4"), &[])
+                    .pop()
+                    .unwrap()
+            ),
             Some(Code::ResourceExhausted)
         );
         // A fetch of the network ends: a newcomer of it takes the room.
         c.handle(Time(0), Input::Done { id: 1 });
-        assert_eq!(c.crowded(Some(PeerId([3; 32])), key), None);
-        assert!(admitted(&fetch_from(&mut c, 7, 4, Some(net), &[])));
+        assert_eq!(c.crowded(Some(PeerId([3; 32])), host), None);
+        assert!(admitted(&fetch_from(&mut c, 7, 4, Some("10.0.0.4"), &[])));
     }
 
     #[test]
     fn at_its_networks_cap_a_fetch_takes_only_a_stalled_slot_of_its_network() {
         let mut c = network_core(1, 2);
-        assert!(admitted(&fetch_from(&mut c, 1, 1, Some("10.0.0.0"), &[])));
-        assert!(admitted(&fetch_from(&mut c, 2, 2, Some("10.0.1.0"), &[])));
+        assert!(admitted(&fetch_from(&mut c, 1, 1, Some("10.0.0.1"), &[])));
+        assert!(admitted(&fetch_from(&mut c, 2, 2, Some("10.0.1.1"), &[])));
         // Both answers stalled, the other network's first: freeing it
         // would leave this network over its cap, so its own goes.
-        let out = fetch_from(&mut c, 3, 3, Some("10.0.0.0"), &[2, 1]);
+        let out = fetch_from(&mut c, 3, 3, Some("10.0.0.3"), &[2, 1]);
         assert_eq!(out[0], Output::Cut { id: 1 });
         assert!(admitted(&out));
         // A third network, with nothing stalled, finds every slot held.
-        let out = fetch_from(&mut c, 4, 4, Some("10.0.2.0"), &[]);
-        match out.as_slice() {
-            [Output::Refuse { refusal, .. }] => {
-                assert_eq!(refusal.message, "too many fetches in progress");
-            }
-            other => panic!("{other:?}"),
+        let out = fetch_from(&mut c, 4, 4, Some("10.0.2.1"), &[]);
+        assert_eq!(refused(&out), "too many fetches in progress");
+    }
+
+    /// One machine's identities share its host's cap, so its neighbours
+    /// in the network keep the rest of the network's slots however many
+    /// identities it mints; an IPv6 host is its /64.
+    #[test]
+    fn one_hosts_identities_hold_at_most_its_share_of_the_network() {
+        let mut c = GrpcAdapterCore::new(Init::from(Limits {
+            max_concurrent_fetches_per_peer: 4,
+            max_concurrent_fetches_per_host: 2,
+            max_concurrent_fetches_per_network: 4,
+            max_concurrent_fetches: 16,
+            ..Limits::default()
+        }));
+        // Host 10.0.0.1, three identities: two fetches, then no more.
+        assert!(admitted(&fetch_from(&mut c, 1, 1, Some("10.0.0.1"), &[])));
+        assert!(admitted(&fetch_from(&mut c, 2, 2, Some("10.0.0.1"), &[])));
+        let out = fetch_from(&mut c, 3, 3, Some("10.0.0.1"), &[]);
+        assert_eq!(refused(&out), "at most 2 fetches at once from 10.0.0.1");
+        assert_eq!(
+            c.crowded(Some(PeerId([3; 32])), Some(ip("10.0.0.1"))),
+            Some(Crowded::Host(ip("10.0.0.1")))
+        );
+        // Its neighbour takes the network's other two.
+        assert!(admitted(&fetch_from(&mut c, 4, 4, Some("10.0.0.2"), &[])));
+        assert!(admitted(&fetch_from(&mut c, 5, 4, Some("10.0.0.2"), &[])));
+        let out = fetch_from(&mut c, 6, 5, Some("10.0.0.3"), &[]);
+        assert_eq!(
+            refused(&out),
+            "at most 4 fetches at once from the network of 10.0.0.0"
+        );
+        // At its cap, a host takes only a stalled slot of its own: the
+        // neighbour's, stalled first, would leave it over its cap.
+        let out = fetch_from(&mut c, 7, 3, Some("10.0.0.1"), &[4, 2]);
+        assert_eq!(out[0], Output::Cut { id: 2 });
+        assert!(admitted(&out));
+        // A restarted core counts each host's running fetches.
+        let mut c = GrpcAdapterCore::new(c.restart_init());
+        let out = fetch_from(&mut c, 8, 6, Some("10.0.0.1"), &[]);
+        assert_eq!(refused(&out), "at most 2 fetches at once from 10.0.0.1");
+        c.handle(Time(0), Input::Done { id: 4 });
+        assert!(admitted(&fetch_from(&mut c, 9, 6, Some("10.0.0.2"), &[])));
+        // IPv6: one /64 is one host, whatever its interface ids.
+        for (id, caller, host) in [(10, 7, "2001:db8:0:1::1"), (11, 8, "2001:db8:0:1::2")] {
+            assert!(admitted(&fetch_from(&mut c, id, caller, Some(host), &[])));
         }
+        let out = fetch_from(&mut c, 12, 9, Some("2001:db8:0:1::3"), &[]);
+        assert_eq!(
+            refused(&out),
+            "at most 2 fetches at once from 2001:db8:0:1::"
+        );
+        assert!(admitted(&fetch_from(
+            &mut c,
+            13,
+            9,
+            Some("2001:db8:0:2::3"),
+            &[]
+        )));
     }
 
     #[test]
@@ -923,7 +1048,7 @@ mod tests {
                     id: now,
                     caller: caller.map(|p| PeerId([p; 32])),
                     connection: Some(SocketAddr::from(([127, 0, 0, 1], port))),
-                    network: None,
+                    origin: None,
                     call,
                     stalled: Vec::new(),
                 },

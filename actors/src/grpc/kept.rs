@@ -10,8 +10,8 @@
 //! counts the slot as held by that caller, so keeping it grants nothing
 //! the caller did not hold already; and before the adapter admits a fetch
 //! that kept slots stand in the way of, it takes them back
-//! ([`KeptSlots::reclaim`]): the caller's own when it is at its cap,
-//! everyone's when every slot is held. So a kept slot never stands in the
+//! ([`KeptSlots::reclaim`]): the caller's own when it is at its cap, its
+//! host's or network's at theirs, everyone's when every slot is held. So a kept slot never stands in the
 //! way of another caller, or of the same caller on another connection,
 //! and fetches that find a slot free (a stranger's, at any rate) leave
 //! kept slots alone. A slot whose answer was cut (its
@@ -37,9 +37,10 @@ use super::actor::Permit;
 
 /// Who may use a kept slot: the connection, by its remote address, and the
 /// caller authenticated on it (so a later connection from the same
-/// address by another identity does not inherit it); with the network the
-/// slot counts in, if any (`None` for a connection holding reserved
-/// slots), by which the slots in a full network's way are taken back.
+/// address by another identity does not inherit it); with the host the
+/// slot counts in, if any (`None` for a connection holding
+/// reserved slots), by which the slots in a full host's or network's way
+/// are taken back.
 pub(crate) type SlotKey = (SocketAddr, Option<PeerId>, Option<IpAddr>);
 
 /// Revoked ids remembered for a slot not yet kept; only a preemption racing

@@ -120,12 +120,15 @@ pub enum Input {
         /// known.
         #[serde(default)]
         connection: Option<std::net::SocketAddr>,
-        /// The caller's network (its /24, or IPv6 /32), whose fetches
-        /// `max_concurrent_fetches_per_network` caps; `None` for a caller
-        /// with reserved slots (a committee member, an allowlisted peer, an
+        /// The caller's address, counted by its host (the IPv4 address,
+        /// or the IPv6 /64: see `inbound::host`), whose
+        /// fetches `max_concurrent_fetches_per_host` caps, and those of its
+        /// network (the host's /24, or IPv6 /32)
+        /// `max_concurrent_fetches_per_network`; `None` for a caller with
+        /// reserved slots (a committee member, an allowlisted peer, an
         /// exempt loopback caller) or of unknown address.
         #[serde(default)]
-        network: Option<std::net::IpAddr>,
+        origin: Option<std::net::IpAddr>,
         /// The call.
         call: Call,
         /// Admitted fetches whose answers are stalled (nothing handed to
@@ -175,9 +178,9 @@ pub struct CallMsg {
     pub caller: Option<PeerId>,
     /// The connection it came on, if known.
     pub connection: Option<std::net::SocketAddr>,
-    /// The caller's network, `None` if it holds reserved slots (see
+    /// The caller's host, `None` if it holds reserved slots (see
     /// `Input::Call`).
-    pub network: Option<std::net::IpAddr>,
+    pub origin: Option<std::net::IpAddr>,
     /// The call.
     pub call: Call,
 }

@@ -7,7 +7,7 @@ use soma_store::ConsensusStore;
 use soma_types::{BlockRef, CommitRef, SignedNodeInfo, codec};
 use soma_wire::convert::{Availability, ConvertError};
 use soma_wire::proto::{self, p2p_server::P2p};
-use soma_wire::tls::{caller, network, remote_addr};
+use soma_wire::tls::{caller, origin, remote_addr};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -91,7 +91,7 @@ impl P2pService {
             .send(CallMsg {
                 caller,
                 connection,
-                network: network(request),
+                origin: origin(request),
                 call,
             })
             .timeout(self.deps.timeout)
@@ -383,13 +383,13 @@ fn guarded<T>(
 }
 
 /// Who may reuse the slot of a fetch of `request`: its connection and
-/// caller, with the network it counts in; `None` (never kept) when the
+/// caller, with the host it counts in; `None` (never kept) when the
 /// connection is not known.
 fn slot_key<T>(request: &Request<T>) -> Option<SlotKey> {
     Some((
         remote_addr(request)?,
         caller(request).peer_id(),
-        network(request),
+        origin(request),
     ))
 }
 

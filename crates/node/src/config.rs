@@ -257,9 +257,12 @@ pub struct P2pSection {
     /// anonymous callers share one allowance).
     pub max_concurrent_fetches_per_peer: usize,
     /// FetchCommits and FetchBlocks served at once to the callers of one
-    /// network (/24, IPv6 /64; a /32 four times as many), committee
-    /// members, allowlisted peers and exempt loopback callers apart.
+    /// network (/24, IPv6 /32), committee members, allowlisted peers and
+    /// exempt loopback callers apart.
     pub max_concurrent_fetches_per_network: usize,
+    /// Of those, fetches served at once to the callers of one host (an
+    /// IPv4 address, an IPv6 /64), whatever identities they use.
+    pub max_concurrent_fetches_per_host: usize,
     /// Interval of HTTP/2 pings on inbound connections.
     #[serde(with = "humantime_serde")]
     pub http2_keepalive_interval: Duration,
@@ -337,6 +340,7 @@ impl Default for P2pSection {
             fetch_stall_timeout: p.grpc.fetch_stall_timeout,
             max_concurrent_fetches_per_peer: p.grpc.max_concurrent_fetches_per_peer,
             max_concurrent_fetches_per_network: p.grpc.max_concurrent_fetches_per_network,
+            max_concurrent_fetches_per_host: p.grpc.max_concurrent_fetches_per_host,
             http2_keepalive_interval: p.grpc.http2_keepalive_interval,
             http2_keepalive_timeout: p.grpc.http2_keepalive_timeout,
             max_connection_age: p.grpc.max_connection_age,
@@ -773,6 +777,12 @@ impl NodeConfig {
             p.max_concurrent_fetches_per_network.to_string(),
         )?;
         range(
+            "p2p.max-concurrent-fetches-per-host",
+            "between 1 and max-concurrent-fetches-per-network",
+            (1..=p.max_concurrent_fetches_per_network).contains(&p.max_concurrent_fetches_per_host),
+            p.max_concurrent_fetches_per_host.to_string(),
+        )?;
+        range(
             "p2p.commit-sync-batch-size",
             "between 1 and 1000",
             (1..=1_000).contains(&p.commit_sync_batch_size),
@@ -921,6 +931,7 @@ impl NodeConfig {
         c.grpc.fetch_stall_timeout = p.fetch_stall_timeout;
         c.grpc.max_concurrent_fetches_per_peer = p.max_concurrent_fetches_per_peer;
         c.grpc.max_concurrent_fetches_per_network = p.max_concurrent_fetches_per_network;
+        c.grpc.max_concurrent_fetches_per_host = p.max_concurrent_fetches_per_host;
         c.grpc.http2_keepalive_interval = p.http2_keepalive_interval;
         c.grpc.http2_keepalive_timeout = p.http2_keepalive_timeout;
         c.grpc.max_connection_age = p.max_connection_age;
@@ -1133,13 +1144,15 @@ max-buffered-bytes-per-connection = {buffered}
 # unchanged; 0 keeps none.
 answer-cache-bytes = {answer_cache}
 # Fetches (FetchCommits, FetchBlocks) served at once, in all, to one
-# caller, and to the callers of one network (/24, IPv6 /64; committee
-# members and allowlisted peers apart); past them a fetch gets
-# RESOURCE_EXHAUSTED. Each holds a slot until its answer is sent or cut at
-# send-timeout.
+# caller, to the callers of one network (/24, IPv6 /32) and to those of
+# one host (an address, an IPv6 /64) within it (committee members and
+# allowlisted peers apart, whatever identities the rest use); past them a
+# fetch gets RESOURCE_EXHAUSTED. Each holds a slot until its answer is sent
+# or cut at send-timeout.
 max-concurrent-fetches = {fetches}
 max-concurrent-fetches-per-peer = {fetches_per_peer}
 max-concurrent-fetches-per-network = {fetches_per_network}
+max-concurrent-fetches-per-host = {fetches_per_host}
 # An answer that sent nothing for this long, or was read more slowly than
 # max-fetch-response-bytes per send-timeout, is stalled: when every slot is
 # held, a new fetch takes the longest-stalled one's slot and it is cut.
@@ -1206,6 +1219,7 @@ max-connection-age-grace = "{grace}"
         fetches = p.max_concurrent_fetches,
         fetches_per_peer = p.max_concurrent_fetches_per_peer,
         fetches_per_network = p.max_concurrent_fetches_per_network,
+        fetches_per_host = p.max_concurrent_fetches_per_host,
         stall = humantime_serde::re::humantime::format_duration(p.fetch_stall_timeout),
         keepalive = humantime_serde::re::humantime::format_duration(p.http2_keepalive_interval),
         keepalive_timeout =
@@ -1371,7 +1385,7 @@ mod tests {
         }
         // Every key of the default file but those `run` reads itself: the
         // top level, [p2p] and [archive].
-        assert_eq!(checked, 5 + 59 + 7);
+        assert_eq!(checked, 5 + 60 + 7);
     }
 
     /// The default file with its commented `[archive]` section enabled,
@@ -1536,6 +1550,17 @@ mod tests {
         assert!(
             e.contains("p2p.max-buffered-bytes-per-connection")
                 && e.contains("between 1048576 and 4294967296"),
+            "{e}"
+        );
+        // A host's share is at most its network's.
+        let text = default_file().replace(
+            "max-concurrent-fetches-per-host = 8",
+            "max-concurrent-fetches-per-host = 17",
+        );
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(
+            e.contains("p2p.max-concurrent-fetches-per-host")
+                && e.contains("between 1 and max-concurrent-fetches-per-network"),
             "{e}"
         );
         let text = default_file().replace("send-timeout = \"10s\"", "send-timeout = \"1h\"");

@@ -564,6 +564,17 @@ pub fn network(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// The host of `ip`, as fetch slots count it within a network: the address
+/// itself in IPv4, its /64 in IPv6 (what one machine is commonly given),
+/// an IPv4-mapped address counting as IPv4. [`network`] of a host is the
+/// network of each of its addresses.
+pub fn host(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => IpAddr::V6(ipv6_masked(v6, IPV6_PREFIX_BITS)),
+    }
+}
+
 /// The network of `ip` that [`Config::max_per_prefix`] counts: its /24 in
 /// IPv4, its /64 in IPv6 (an IPv4-mapped address counting as IPv4).
 pub fn prefix(ip: IpAddr) -> IpAddr {
@@ -1317,6 +1328,23 @@ mod tests {
         assert_eq!(net("2001:db8:0:1::7"), "2001:db8::");
         assert_eq!(net("2001:db8:ff00:5::1"), "2001:db8::");
         assert_eq!(net("2001:db9::1"), "2001:db9::");
+    }
+
+    /// Within a network, fetch slots count a host: an IPv4 address, or an
+    /// IPv6 /64 (one machine's interface ids are free to it); a host's
+    /// network is its addresses' network.
+    #[test]
+    fn fetch_slots_count_a_host_by_its_address_or_its_ipv6_64() {
+        let host = |a: &str| host(a.parse().unwrap()).to_string();
+        assert_eq!(host("10.1.2.3"), "10.1.2.3");
+        assert_eq!(host("::ffff:10.1.2.3"), "10.1.2.3");
+        assert_eq!(host("2001:db8:0:1::7"), "2001:db8:0:1::");
+        assert_eq!(host("2001:db8:0:1:ffff::1"), "2001:db8:0:1::");
+        assert_eq!(host("2001:db8:0:2::7"), "2001:db8:0:2::");
+        for a in ["10.1.2.3", "::ffff:10.1.2.3", "2001:db8:ff00:5::1"] {
+            let ip: IpAddr = a.parse().unwrap();
+            assert_eq!(network(super::host(ip)), network(ip), "{a}");
+        }
     }
 
     /// One subscriber's many /64s: each holds `max_per_prefix`, and their

@@ -523,19 +523,20 @@ fn caller_of(certs: Option<&[CertificateDer<'_>]>) -> Caller {
         .unwrap_or(Caller::Anonymous)
 }
 
-/// The network a request came from, as fetch slots count it (see
-/// [`crate::inbound::network`]: a /24, or an IPv6 /32), unless its
+/// The host a request came from, as fetch slots count it (see
+/// [`crate::inbound::host`]: an IPv4 address, or an IPv6 /64; its
+/// [`crate::inbound::network`] is the network it counts in), unless its
 /// connection holds a reserved slot (a committee member, an allowlisted
 /// peer, an exempt loopback caller): `None` then, and when the address is
 /// not known. Limits per identity are no limits where identities are
-/// free; limits per network are.
-pub fn network<T>(request: &tonic::Request<T>) -> Option<std::net::IpAddr> {
+/// free; limits per host and per network are.
+pub fn origin<T>(request: &tonic::Request<T>) -> Option<std::net::IpAddr> {
     let info = request.extensions().get::<SslConnectInfo<ConnInfo>>()?;
     let info = info.get_ref();
     if info.reserved {
         return None;
     }
-    Some(crate::inbound::network(info.tcp.remote_addr()?.ip()))
+    Some(crate::inbound::host(info.tcp.remote_addr()?.ip()))
 }
 
 /// The socket address a request came from, when it was served over
