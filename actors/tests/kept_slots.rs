@@ -195,34 +195,22 @@ async fn fetches_from_anyone_that_find_a_slot_free_leave_the_slots_connections_k
 
 /// A kept slot never keeps out a neighbour: at its host's cap, a fetch
 /// takes back the slots its host's connections kept, and at its network's
-/// cap the slots its network's kept.
+/// cap the slots its network's kept; the slots kept in other networks
+/// stay kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kept_slot_never_keeps_another_identity_of_its_host_or_network_out() {
-    use soma_testkit::attack;
-    use soma_wire::tls::NodeIdentity;
-
     let mut config = config(1, 8);
     config.grpc.inbound_exempt_loopback = false;
     config.grpc.max_concurrent_fetches_per_host = 1;
     config.grpc.max_concurrent_fetches_per_network = 2;
     let (node, _) = node(config, 100);
-    let target = attack::Target {
-        address: node.local_addr(),
-        peer_id: Some(node.peer_id()),
-    };
-    let connect = |seed: u8, host: u8| async move {
-        let key = soma_types::KeyPair::from_seed([seed; 32]);
-        let identity = NodeIdentity::generate(&key).expect("an identity");
-        let source = std::net::IpAddr::from([127, 10, 2, host]);
-        attack::client(target, source, Some(&identity), Some(1 << 24))
-            .await
-            .expect("connects")
-    };
-    let mut a = connect(100, 1).await;
-    let mut b = connect(101, 1).await;
-    let mut c = connect(102, 2).await;
-    let mut d = connect(103, 3).await;
-    let answer = fetch(&mut a, 1, 100).await.expect("a served");
+    let mut elsewhere = from(&node, 99, [127, 10, 3, 1]).await;
+    let mut a = from(&node, 100, [127, 10, 2, 1]).await;
+    let mut b = from(&node, 101, [127, 10, 2, 1]).await;
+    let mut c = from(&node, 102, [127, 10, 2, 2]).await;
+    let mut d = from(&node, 103, [127, 10, 2, 3]).await;
+    let answer = fetch(&mut elsewhere, 1, 100).await.expect("served");
+    assert_eq!(fetch(&mut a, 1, 100).await.expect("a served"), answer);
     wait_fetches(&node, 0, DEADLINE).await;
     // a's slot is kept, its host's one: b, of the same host, takes it back.
     assert_eq!(fetch(&mut b, 1, 100).await.expect("b served"), answer);
@@ -231,7 +219,53 @@ async fn a_kept_slot_never_keeps_another_identity_of_its_host_or_network_out() {
     assert_eq!(fetch(&mut c, 1, 100).await.expect("c served"), answer);
     wait_fetches(&node, 0, DEADLINE).await;
     assert_eq!(fetch(&mut d, 1, 100).await.expect("d served"), answer);
-    // Each asked the adapter.
+    // Each asked the adapter; the slot kept in another network was left.
+    assert_eq!(node.fetches_on_kept_slots(), 0);
+    assert_eq!(fetch(&mut elsewhere, 1, 100).await.expect("served"), answer);
+    assert_eq!(node.fetches_on_kept_slots(), 1);
+    node.shutdown().await;
+}
+
+/// A fetch with more than one cap in its way takes back the kept slots in
+/// each: an identity at its own cap, calling from another network whose
+/// cap others' kept slots fill, takes back its own slot kept elsewhere,
+/// then that network's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_takes_back_the_kept_slots_of_every_cap_in_its_way() {
+    let mut config = config(1, 8);
+    config.grpc.inbound_exempt_loopback = false;
+    config.grpc.max_concurrent_fetches_per_host = 1;
+    config.grpc.max_concurrent_fetches_per_network = 1;
+    let (node, _) = node(config, 100);
+    let mut x = from(&node, 100, [127, 10, 4, 1]).await;
+    let mut y = from(&node, 101, [127, 10, 5, 1]).await;
+    let mut x_elsewhere = from(&node, 100, [127, 10, 5, 2]).await;
+    let answer = fetch(&mut x, 1, 100).await.expect("x served");
+    assert_eq!(fetch(&mut y, 1, 100).await.expect("y served"), answer);
+    wait_fetches(&node, 0, DEADLINE).await;
+    assert_eq!(
+        fetch(&mut x_elsewhere, 1, 100)
+            .await
+            .expect("x served from y's network"),
+        answer
+    );
     assert_eq!(node.fetches_on_kept_slots(), 0);
     node.shutdown().await;
+}
+
+/// A client of `node` as identity `seed` from `source`, reading freely.
+async fn from(node: &P2pHandle, seed: u8, source: [u8; 4]) -> P2pClient<Channel> {
+    use soma_testkit::attack;
+    use soma_wire::tls::NodeIdentity;
+
+    let target = attack::Target {
+        address: node.local_addr(),
+        peer_id: Some(node.peer_id()),
+    };
+    let key = soma_types::KeyPair::from_seed([seed; 32]);
+    let identity = NodeIdentity::generate(&key).expect("an identity");
+    let source = std::net::IpAddr::from(source);
+    attack::client(target, source, Some(&identity), Some(1 << 24))
+        .await
+        .expect("connects")
 }

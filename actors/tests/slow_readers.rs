@@ -391,8 +391,6 @@ async fn one_hosts_identities_leave_its_neighbours_their_networks_slots() {
         let blocks = fetch.await.expect("the task ends").expect("admitted");
         assert_eq!(blocks, refs.len());
     }
-    // The attacker's answers were never cut to make room.
-    assert_eq!(node.fetches_in_flight(), 4);
     drop(streams);
     node.shutdown().await;
 }

@@ -122,25 +122,33 @@ impl Handler<CallMsg> for GrpcAdapter {
         // A fetch that slots kept by connections for their next fetch
         // (see `kept`) stand in the way of takes them back first: the
         // caller's own at its cap, its host's at the host's cap, its
-        // network's at the network's cap,
-        // everyone's when every slot is held.
+        // network's at the network's cap, everyone's when every slot is
+        // held; then the next cap in its way, if any (the caller's own
+        // kept slots may be another host's), each cap once at most.
         // Taking them back for every fetch let anyone's fetches, at any
         // rate, cost honest connections their kept slots.
         if fetch {
             let stats = self.deps.send_stats.clone();
             let kept = &stats.kept;
-            let taken = match self.driver.core().crowded(msg.caller, msg.origin) {
-                Some(Crowded::Caller) => kept.reclaim(|(_, caller, _)| *caller == msg.caller),
-                Some(Crowded::Host(host)) => {
-                    kept.reclaim(|(_, _, counted_in)| *counted_in == Some(host))
+            let mut tried = Vec::new();
+            while let Some(crowded) = self.driver.core().crowded(msg.caller, msg.origin) {
+                if tried.contains(&crowded) {
+                    break;
                 }
-                Some(Crowded::Network(network)) => kept.reclaim(|(_, _, counted_in)| {
-                    counted_in.is_some_and(|host| inbound::network(host) == network)
-                }),
-                Some(Crowded::All) => kept.reclaim(|_| true),
-                None => Vec::new(),
-            };
-            if !taken.is_empty() {
+                tried.push(crowded);
+                let taken = match crowded {
+                    Crowded::Caller => kept.reclaim(|(_, caller, _)| *caller == msg.caller),
+                    Crowded::Host(host) => {
+                        kept.reclaim(|(_, _, counted_in)| *counted_in == Some(host))
+                    }
+                    Crowded::Network(network) => kept.reclaim(|(_, _, counted_in)| {
+                        counted_in.is_some_and(|host| inbound::network(host) == network)
+                    }),
+                    Crowded::All => kept.reclaim(|_| true),
+                };
+                if taken.is_empty() {
+                    break;
+                }
                 drop(taken);
                 self.step_ended();
             }

@@ -35,7 +35,7 @@ pub struct Limits {
     #[serde(default = "default_max_concurrent_fetches_per_network")]
     pub max_concurrent_fetches_per_network: usize,
     /// Of those, fetches running at once for the callers of one host (an
-    /// IPv4 address, or an IPv6 /64: see `inbound::host`), whatever
+    /// IPv4 address, or an IPv6 /48: see `inbound::host`), whatever
     /// identities they use, so that one machine with a few identities
     /// cannot hold its whole network's slots and leave its neighbours
     /// only the answers it stalls.
@@ -820,7 +820,7 @@ mod tests {
 
     /// One machine's identities share its host's cap, so its neighbours
     /// in the network keep the rest of the network's slots however many
-    /// identities it mints; an IPv6 host is its /64.
+    /// identities it mints; an IPv6 host is its /48.
     #[test]
     fn one_hosts_identities_hold_at_most_its_share_of_the_network() {
         let mut c = GrpcAdapterCore::new(Init::from(Limits {
@@ -858,22 +858,25 @@ mod tests {
         assert_eq!(refused(&out), "at most 2 fetches at once from 10.0.0.1");
         c.handle(Time(0), Input::Done { id: 4 });
         assert!(admitted(&fetch_from(&mut c, 9, 6, Some("10.0.0.2"), &[])));
-        // IPv6: one /64 is one host, whatever its interface ids.
-        for (id, caller, host) in [(10, 7, "2001:db8:0:1::1"), (11, 8, "2001:db8:0:1::2")] {
+        // IPv6: one /48 is one host, whatever /64s it uses.
+        for (id, caller, host) in [(10, 7, "2001:db8:aa:1::1"), (11, 8, "2001:db8:aa:2::1")] {
             assert!(admitted(&fetch_from(&mut c, id, caller, Some(host), &[])));
         }
-        let out = fetch_from(&mut c, 12, 9, Some("2001:db8:0:1::3"), &[]);
+        let out = fetch_from(&mut c, 12, 9, Some("2001:db8:aa:3::1"), &[]);
         assert_eq!(
             refused(&out),
-            "at most 2 fetches at once from 2001:db8:0:1::"
+            "at most 2 fetches at once from 2001:db8:aa::"
         );
         assert!(admitted(&fetch_from(
             &mut c,
             13,
             9,
-            Some("2001:db8:0:2::3"),
+            Some("2001:db8:ab:1::1"),
             &[]
         )));
+        // An IPv4-mapped address is its IPv4 host.
+        let out = fetch_from(&mut c, 14, 9, Some("::ffff:10.0.0.1"), &[]);
+        assert_eq!(refused(&out), "at most 2 fetches at once from 10.0.0.1");
     }
 
     #[test]

@@ -121,7 +121,7 @@ pub enum Input {
         #[serde(default)]
         connection: Option<std::net::SocketAddr>,
         /// The caller's address, counted by its host (the IPv4 address,
-        /// or the IPv6 /64: see `inbound::host`), whose
+        /// or the IPv6 /48: see `inbound::host`), whose
         /// fetches `max_concurrent_fetches_per_host` caps, and those of its
         /// network (the host's /24, or IPv6 /32)
         /// `max_concurrent_fetches_per_network`; `None` for a caller with

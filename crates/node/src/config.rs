@@ -261,8 +261,12 @@ pub struct P2pSection {
     /// exempt loopback callers apart.
     pub max_concurrent_fetches_per_network: usize,
     /// Of those, fetches served at once to the callers of one host (an
-    /// IPv4 address, an IPv6 /64), whatever identities they use.
-    pub max_concurrent_fetches_per_host: usize,
+    /// IPv4 address, an IPv6 /48), whatever identities they use. Unset (a
+    /// file written before the key existed): the library's default, or
+    /// `max_concurrent_fetches_per_network` if that is lower, so that such
+    /// a file loads as it did.
+    #[serde(default)]
+    pub max_concurrent_fetches_per_host: Option<usize>,
     /// Interval of HTTP/2 pings on inbound connections.
     #[serde(with = "humantime_serde")]
     pub http2_keepalive_interval: Duration,
@@ -275,6 +279,17 @@ pub struct P2pSection {
     /// Time after that before it is closed regardless.
     #[serde(with = "humantime_serde")]
     pub max_connection_age_grace: Duration,
+}
+
+impl P2pSection {
+    /// The per-host fetch cap the node runs with (see
+    /// `max_concurrent_fetches_per_host`).
+    fn fetches_per_host(&self) -> usize {
+        self.max_concurrent_fetches_per_host.unwrap_or_else(|| {
+            let library = P2pConfig::default().grpc.max_concurrent_fetches_per_host;
+            library.min(self.max_concurrent_fetches_per_network)
+        })
+    }
 }
 
 impl Default for P2pSection {
@@ -340,7 +355,7 @@ impl Default for P2pSection {
             fetch_stall_timeout: p.grpc.fetch_stall_timeout,
             max_concurrent_fetches_per_peer: p.grpc.max_concurrent_fetches_per_peer,
             max_concurrent_fetches_per_network: p.grpc.max_concurrent_fetches_per_network,
-            max_concurrent_fetches_per_host: p.grpc.max_concurrent_fetches_per_host,
+            max_concurrent_fetches_per_host: Some(p.grpc.max_concurrent_fetches_per_host),
             http2_keepalive_interval: p.grpc.http2_keepalive_interval,
             http2_keepalive_timeout: p.grpc.http2_keepalive_timeout,
             max_connection_age: p.grpc.max_connection_age,
@@ -779,8 +794,8 @@ impl NodeConfig {
         range(
             "p2p.max-concurrent-fetches-per-host",
             "between 1 and max-concurrent-fetches-per-network",
-            (1..=p.max_concurrent_fetches_per_network).contains(&p.max_concurrent_fetches_per_host),
-            p.max_concurrent_fetches_per_host.to_string(),
+            (1..=p.max_concurrent_fetches_per_network).contains(&p.fetches_per_host()),
+            p.fetches_per_host().to_string(),
         )?;
         range(
             "p2p.commit-sync-batch-size",
@@ -931,7 +946,7 @@ impl NodeConfig {
         c.grpc.fetch_stall_timeout = p.fetch_stall_timeout;
         c.grpc.max_concurrent_fetches_per_peer = p.max_concurrent_fetches_per_peer;
         c.grpc.max_concurrent_fetches_per_network = p.max_concurrent_fetches_per_network;
-        c.grpc.max_concurrent_fetches_per_host = p.max_concurrent_fetches_per_host;
+        c.grpc.max_concurrent_fetches_per_host = p.fetches_per_host();
         c.grpc.http2_keepalive_interval = p.http2_keepalive_interval;
         c.grpc.http2_keepalive_timeout = p.http2_keepalive_timeout;
         c.grpc.max_connection_age = p.max_connection_age;
@@ -1145,10 +1160,11 @@ max-buffered-bytes-per-connection = {buffered}
 answer-cache-bytes = {answer_cache}
 # Fetches (FetchCommits, FetchBlocks) served at once, in all, to one
 # caller, to the callers of one network (/24, IPv6 /32) and to those of
-# one host (an address, an IPv6 /64) within it (committee members and
+# one host (an address, an IPv6 /48) within it (committee members and
 # allowlisted peers apart, whatever identities the rest use); past them a
 # fetch gets RESOURCE_EXHAUSTED. Each holds a slot until its answer is sent
-# or cut at send-timeout.
+# or cut at send-timeout. Without max-concurrent-fetches-per-host, a host
+# gets 8, or the network's cap if that is lower.
 max-concurrent-fetches = {fetches}
 max-concurrent-fetches-per-peer = {fetches_per_peer}
 max-concurrent-fetches-per-network = {fetches_per_network}
@@ -1219,7 +1235,7 @@ max-connection-age-grace = "{grace}"
         fetches = p.max_concurrent_fetches,
         fetches_per_peer = p.max_concurrent_fetches_per_peer,
         fetches_per_network = p.max_concurrent_fetches_per_network,
-        fetches_per_host = p.max_concurrent_fetches_per_host,
+        fetches_per_host = p.fetches_per_host(),
         stall = humantime_serde::re::humantime::format_duration(p.fetch_stall_timeout),
         keepalive = humantime_serde::re::humantime::format_duration(p.http2_keepalive_interval),
         keepalive_timeout =
@@ -1581,6 +1597,30 @@ mod tests {
                 && e.contains("twice p2p.height-query-interval plus p2p.timeout"),
             "{e}"
         );
+    }
+
+    /// A file written before the per-host cap existed loads as it did,
+    /// even with a network cap below the host cap's default.
+    #[test]
+    fn a_file_without_the_host_cap_loads_with_its_network_cap() {
+        let text = default_file()
+            .replace("max-concurrent-fetches-per-host = 8\n", "")
+            .replace(
+                "max-concurrent-fetches-per-network = 16",
+                "max-concurrent-fetches-per-network = 4",
+            );
+        assert!(!text.contains("max-concurrent-fetches-per-host ="));
+        let grpc = parse(&text).expect("loads").p2p_config().grpc;
+        assert_eq!(
+            (
+                grpc.max_concurrent_fetches_per_network,
+                grpc.max_concurrent_fetches_per_host
+            ),
+            (4, 4)
+        );
+        let text = default_file().replace("max-concurrent-fetches-per-host = 8\n", "");
+        let grpc = parse(&text).expect("loads").p2p_config().grpc;
+        assert_eq!(grpc.max_concurrent_fetches_per_host, 8);
     }
 
     #[test]

@@ -548,6 +548,12 @@ pub const IPV6_NETWORK_BITS: u32 = 32;
 /// How many /64s' worth of connections one IPv6 /32 may hold.
 pub const IPV6_NETWORK_PREFIXES: usize = 4;
 
+/// Leading bits of an IPv6 address that name one host as fetch slots count
+/// it within a network: a /48, the most one site is commonly given (a
+/// tunnel broker gives one for free). A /64 would let one subscriber's /56
+/// count as 256 hosts.
+pub const IPV6_HOST_BITS: u32 = 48;
+
 /// Leading bits of an IPv4 address that name its network: a /24.
 pub const IPV4_NETWORK_BITS: u32 = 24;
 
@@ -565,13 +571,13 @@ pub fn network(ip: IpAddr) -> IpAddr {
 }
 
 /// The host of `ip`, as fetch slots count it within a network: the address
-/// itself in IPv4, its /64 in IPv6 (what one machine is commonly given),
-/// an IPv4-mapped address counting as IPv4. [`network`] of a host is the
+/// itself in IPv4, its /48 in IPv6 (see [`IPV6_HOST_BITS`]), an
+/// IPv4-mapped address counting as IPv4. [`network`] of a host is the
 /// network of each of its addresses.
 pub fn host(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
         IpAddr::V4(v4) => IpAddr::V4(v4),
-        IpAddr::V6(v6) => IpAddr::V6(ipv6_masked(v6, IPV6_PREFIX_BITS)),
+        IpAddr::V6(v6) => IpAddr::V6(ipv6_masked(v6, IPV6_HOST_BITS)),
     }
 }
 
@@ -1331,16 +1337,16 @@ mod tests {
     }
 
     /// Within a network, fetch slots count a host: an IPv4 address, or an
-    /// IPv6 /64 (one machine's interface ids are free to it); a host's
-    /// network is its addresses' network.
+    /// IPv6 /48 (one site's /64s are free to it); a host's network is its
+    /// addresses' network.
     #[test]
-    fn fetch_slots_count_a_host_by_its_address_or_its_ipv6_64() {
+    fn fetch_slots_count_a_host_by_its_address_or_its_ipv6_48() {
         let host = |a: &str| host(a.parse().unwrap()).to_string();
         assert_eq!(host("10.1.2.3"), "10.1.2.3");
         assert_eq!(host("::ffff:10.1.2.3"), "10.1.2.3");
-        assert_eq!(host("2001:db8:0:1::7"), "2001:db8:0:1::");
-        assert_eq!(host("2001:db8:0:1:ffff::1"), "2001:db8:0:1::");
-        assert_eq!(host("2001:db8:0:2::7"), "2001:db8:0:2::");
+        assert_eq!(host("2001:db8:aa:1::7"), "2001:db8:aa::");
+        assert_eq!(host("2001:db8:aa:ffff:ffff::1"), "2001:db8:aa::");
+        assert_eq!(host("2001:db8:ab:1::7"), "2001:db8:ab::");
         for a in ["10.1.2.3", "::ffff:10.1.2.3", "2001:db8:ff00:5::1"] {
             let ip: IpAddr = a.parse().unwrap();
             assert_eq!(network(super::host(ip)), network(ip), "{a}");

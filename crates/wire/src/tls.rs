@@ -524,7 +524,7 @@ fn caller_of(certs: Option<&[CertificateDer<'_>]>) -> Caller {
 }
 
 /// The host a request came from, as fetch slots count it (see
-/// [`crate::inbound::host`]: an IPv4 address, or an IPv6 /64; its
+/// [`crate::inbound::host`]: an IPv4 address, or an IPv6 /48; its
 /// [`crate::inbound::network`] is the network it counts in), unless its
 /// connection holds a reserved slot (a committee member, an allowlisted
 /// peer, an exempt loopback caller): `None` then, and when the address is
