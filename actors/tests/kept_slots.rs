@@ -199,11 +199,7 @@ async fn fetches_from_anyone_that_find_a_slot_free_leave_the_slots_connections_k
 /// stay kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kept_slot_never_keeps_another_identity_of_its_host_or_network_out() {
-    let mut config = config(1, 8);
-    config.grpc.inbound_exempt_loopback = false;
-    config.grpc.max_concurrent_fetches_per_host = 1;
-    config.grpc.max_concurrent_fetches_per_network = 2;
-    let (node, _) = node(config, 100);
+    let (node, _) = node(counted_by_address(1, 2), 100);
     let mut elsewhere = from(&node, 99, [127, 10, 3, 1]).await;
     let mut a = from(&node, 100, [127, 10, 2, 1]).await;
     let mut b = from(&node, 101, [127, 10, 2, 1]).await;
@@ -232,11 +228,7 @@ async fn a_kept_slot_never_keeps_another_identity_of_its_host_or_network_out() {
 /// then that network's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fetch_takes_back_the_kept_slots_of_every_cap_in_its_way() {
-    let mut config = config(1, 8);
-    config.grpc.inbound_exempt_loopback = false;
-    config.grpc.max_concurrent_fetches_per_host = 1;
-    config.grpc.max_concurrent_fetches_per_network = 1;
-    let (node, _) = node(config, 100);
+    let (node, _) = node(counted_by_address(1, 1), 100);
     let mut x = from(&node, 100, [127, 10, 4, 1]).await;
     let mut y = from(&node, 101, [127, 10, 5, 1]).await;
     let mut x_elsewhere = from(&node, 100, [127, 10, 5, 2]).await;
@@ -251,6 +243,16 @@ async fn a_fetch_takes_back_the_kept_slots_of_every_cap_in_its_way() {
     );
     assert_eq!(node.fetches_on_kept_slots(), 0);
     node.shutdown().await;
+}
+
+/// One fetch per peer, eight in all, and loopback callers counted by
+/// address (not exempt): `per_host` per host, `per_network` per /24.
+fn counted_by_address(per_host: usize, per_network: usize) -> P2pConfig {
+    let mut config = config(1, 8);
+    config.grpc.inbound_exempt_loopback = false;
+    config.grpc.max_concurrent_fetches_per_host = per_host;
+    config.grpc.max_concurrent_fetches_per_network = per_network;
+    config
 }
 
 /// A client of `node` as identity `seed` from `source`, reading freely.

@@ -248,16 +248,11 @@ async fn a_fetch_waiting_behind_its_connections_unread_answers_holds_out_no_newe
 async fn one_networks_callers_hold_at_most_its_fetch_slots_whatever_their_identities() {
     use soma_testkit::attack;
 
-    let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(300));
-    let mut config = P2pConfig::default();
-    config.grpc.inbound_exempt_loopback = false;
-    config.grpc.max_concurrent_fetches = 8;
-    config.grpc.max_concurrent_fetches_per_peer = 4;
-    config.grpc.max_concurrent_fetches_per_network = 2;
-    // Unread answers keep their slots for the whole test.
-    config.grpc.send_timeout = Duration::from_secs(600);
-    config.grpc.fetch_stall_timeout = Duration::from_secs(3_600);
-    let node = server(&chain, config, Arc::new(MemStore::new(chain.genesis())));
+    let (node, chain) = counted_by_address(|grpc| {
+        grpc.max_concurrent_fetches = 8;
+        grpc.max_concurrent_fetches_per_peer = 4;
+        grpc.max_concurrent_fetches_per_network = 2;
+    });
     let target = target(&node);
     let refs = block_refs(&chain, 10);
 
@@ -324,17 +319,12 @@ async fn one_networks_callers_hold_at_most_its_fetch_slots_whatever_their_identi
 async fn one_hosts_identities_leave_its_neighbours_their_networks_slots() {
     use soma_testkit::attack;
 
-    let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(300));
-    let mut config = P2pConfig::default();
-    config.grpc.inbound_exempt_loopback = false;
-    config.grpc.max_concurrent_fetches = 16;
-    config.grpc.max_concurrent_fetches_per_peer = 2;
-    config.grpc.max_concurrent_fetches_per_network = 8;
-    config.grpc.max_concurrent_fetches_per_host = 4;
-    // Unread answers keep their slots for the whole test.
-    config.grpc.send_timeout = Duration::from_secs(600);
-    config.grpc.fetch_stall_timeout = Duration::from_secs(3_600);
-    let node = server(&chain, config, Arc::new(MemStore::new(chain.genesis())));
+    let (node, chain) = counted_by_address(|grpc| {
+        grpc.max_concurrent_fetches = 16;
+        grpc.max_concurrent_fetches_per_peer = 2;
+        grpc.max_concurrent_fetches_per_network = 8;
+        grpc.max_concurrent_fetches_per_host = 4;
+    });
     let target = target(&node);
     let refs = block_refs(&chain, 10);
     let request = || proto::FetchBlocksRequest { refs: refs.clone() };
@@ -393,6 +383,22 @@ async fn one_hosts_identities_leave_its_neighbours_their_networks_slots() {
     }
     drop(streams);
     node.shutdown().await;
+}
+
+/// A node serving a chain of 300 commits whose loopback callers count by
+/// address (not exempt), with the fetch caps `caps` sets, and unread
+/// answers keeping their slots for the whole test.
+fn counted_by_address(
+    caps: impl FnOnce(&mut soma_actors::grpc::Limits),
+) -> (soma_actors::P2pHandle, Arc<soma_chain::Chain>) {
+    let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(300));
+    let mut config = P2pConfig::default();
+    config.grpc.inbound_exempt_loopback = false;
+    caps(&mut config.grpc);
+    config.grpc.send_timeout = Duration::from_secs(600);
+    config.grpc.fetch_stall_timeout = Duration::from_secs(3_600);
+    let node = server(&chain, config, Arc::new(MemStore::new(chain.genesis())));
+    (node, chain)
 }
 
 /// `node` as the testkit's attacks name their target.
