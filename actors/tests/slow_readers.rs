@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use soma_actors::P2pConfig;
+use soma_actors::grpc::FetchesRefused;
 use soma_chain::{ChainBuilder, ChainConfig};
 use soma_store::{ConsensusStore, MemStore};
 use soma_testkit::{assert_same_chain, seeds, wait_synced};
@@ -275,6 +276,11 @@ async fn one_networks_callers_hold_at_most_its_fetch_slots_whatever_their_identi
     assert_eq!(streams.len(), 2);
     assert_eq!(node.fetches_in_flight(), 2);
     assert_eq!(refused.len(), 2);
+    let at_network = FetchesRefused {
+        network: 2,
+        ..FetchesRefused::default()
+    };
+    assert_eq!(node.fetches_refused(), at_network);
     for status in &refused {
         assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
         assert!(
@@ -349,6 +355,11 @@ async fn one_hosts_identities_leave_its_neighbours_their_networks_slots() {
     }
     assert_eq!((streams.len(), refused.len()), (4, 4));
     assert_eq!(node.fetches_in_flight(), 4);
+    let at_host = FetchesRefused {
+        host: 4,
+        ..FetchesRefused::default()
+    };
+    assert_eq!(node.fetches_refused(), at_host);
     for status in &refused {
         assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
         assert_eq!(
@@ -381,6 +392,7 @@ async fn one_hosts_identities_leave_its_neighbours_their_networks_slots() {
         let blocks = fetch.await.expect("the task ends").expect("admitted");
         assert_eq!(blocks, refs.len());
     }
+    assert_eq!(node.fetches_refused(), at_host);
     drop(streams);
     node.shutdown().await;
 }

@@ -166,6 +166,12 @@ impl Handler<CallMsg> for GrpcAdapter {
         } else {
             Vec::new()
         };
+        // The cap a refused fetch was refused at, for the operator.
+        let in_way = if fetch {
+            self.driver.core().crowded(msg.caller, msg.origin)
+        } else {
+            None
+        };
         let outputs = self.driver.step(Input::Call {
             id,
             caller: msg.caller,
@@ -203,7 +209,14 @@ impl Handler<CallMsg> for GrpcAdapter {
                 Output::Refuse {
                     id: refused,
                     refusal,
-                } if refused == id => result = Err(refusal),
+                } if refused == id => {
+                    if let Some(cap) = in_way
+                        && refusal.code == Code::ResourceExhausted
+                    {
+                        self.deps.send_stats.count_refused(cap);
+                    }
+                    result = Err(refusal);
+                }
                 _ => {}
             }
         }

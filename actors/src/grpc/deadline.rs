@@ -37,6 +37,7 @@ use tonic::server::NamedService;
 
 use super::actor::Permit;
 use super::budget::Reservation;
+use super::core::Crowded;
 use super::kept::{KeptSlots, SlotKey};
 
 /// Largest frame handed to hyper at once: what a response still holds
@@ -47,6 +48,20 @@ pub const SLICE_BYTES: usize = 64 << 10;
 /// `fetch_stall_timeout`: TCP's first round trips (slow start, again after
 /// an idle spell) are not held against it.
 pub(super) const SLOW_AFTER_STALLS: u32 = 4;
+
+/// Fetches refused for want of a slot, by the cap that was full: what
+/// tells an operator which `max-concurrent-fetches*` setting binds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FetchesRefused {
+    /// At `max_concurrent_fetches_per_peer` (anonymous callers share one).
+    pub caller: u64,
+    /// At `max_concurrent_fetches_per_host`.
+    pub host: u64,
+    /// At `max_concurrent_fetches_per_network`.
+    pub network: u64,
+    /// At `max_concurrent_fetches`.
+    pub all: u64,
+}
 
 /// What the server is sending; shared with the handle.
 #[derive(Default)]
@@ -61,6 +76,9 @@ pub struct SendStats {
     sending: Mutex<HashMap<u64, Weak<Mutex<State>>>>,
     /// Slots of answered fetches, kept for their connection's next fetch.
     pub(super) kept: KeptSlots,
+    /// Fetches refused at a cap, by cap: the caller's, its host's, its
+    /// network's, everyone's.
+    refused: [AtomicU64; 4],
     /// Every response being sent, by deadline, for the sweeper.
     deadlines: Mutex<BTreeMap<Deadline, Registered>>,
     /// Responses registered so far: the second half of a deadline's key.
@@ -166,6 +184,30 @@ impl SendStats {
     /// fetch before, without asking the adapter (see `grpc::kept`).
     pub fn fetches_on_kept_slots(&self) -> u64 {
         self.kept.reused()
+    }
+
+    /// Counts a fetch refused at the cap `crowded` names.
+    pub(super) fn count_refused(&self, crowded: Crowded) {
+        let at = match crowded {
+            Crowded::Caller => 0,
+            Crowded::Host(_) => 1,
+            Crowded::Network(_) => 2,
+            Crowded::All => 3,
+        };
+        self.refused[at].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Fetches refused so far, by the cap that was full (with no stalled
+    /// answer whose slot they could take).
+    pub fn fetches_refused(&self) -> FetchesRefused {
+        let [caller, host, network, all] =
+            self.refused.each_ref().map(|n| n.load(Ordering::Relaxed));
+        FetchesRefused {
+            caller,
+            host,
+            network,
+            all,
+        }
     }
 
     /// The fetches whose slots a newer fetch may take now, worst first

@@ -32,7 +32,7 @@ mod service;
 
 pub use actor::{Deps, GrpcAdapter, Permit};
 pub use core::{Crowded, GrpcAdapterCore, Init, Limits};
-pub use deadline::{DeadlineBody, SLICE_BYTES, SendDeadline, SendStats};
+pub use deadline::{DeadlineBody, FetchesRefused, SLICE_BYTES, SendDeadline, SendStats};
 pub use messages::{Admission, Call, CallMsg, Code, Input, Output, Refusal, Work};
 pub(crate) use serve::{Refused, commits_answer, minimal_certificate};
 pub use service::{P2pService, RpcCounts, ServiceDeps};

@@ -461,6 +461,12 @@ impl P2pHandle {
         self.inner.send_stats.responses_preempted()
     }
 
+    /// Fetches the server refused for want of a slot, by the cap that was
+    /// full: which `max_concurrent_fetches*` setting binds.
+    pub fn fetches_refused(&self) -> crate::grpc::FetchesRefused {
+        self.inner.send_stats.fetches_refused()
+    }
+
     /// Fetches the server started on the slot their connection kept from
     /// its fetch before, without a round trip to the GrpcAdapter (see
     /// docs/architecture.md, "Fetch slots kept by their connection").

@@ -35,6 +35,7 @@ struct Series {
     fetches_waiting_for_budget: IntGauge,
     responses_cut: IntCounterVec,
     fetches_on_kept_slots: IntCounterVec,
+    fetches_refused: IntCounterVec,
     inbound_refused: IntCounterVec,
     inbound_closed: IntCounterVec,
     actor_up: IntGaugeVec,
@@ -159,6 +160,12 @@ impl Series {
                 "soma_fetches_on_kept_slots_total",
                 "Fetches started on the slot their connection kept from its fetch before, without asking the GrpcAdapter",
                 &[],
+            ),
+            fetches_refused: counter(
+                &r,
+                "soma_fetches_refused_total",
+                "Fetches refused for want of a slot, by the cap that was full",
+                &["cap"],
             ),
             inbound_refused: counter(
                 &r,
@@ -308,6 +315,15 @@ impl Series {
             &[],
             handle.fetches_on_kept_slots(),
         );
+        let refused = handle.fetches_refused();
+        for (cap, n) in [
+            ("peer", refused.caller),
+            ("host", refused.host),
+            ("network", refused.network),
+            ("all", refused.all),
+        ] {
+            self.advance(&self.fetches_refused, &[cap], n);
+        }
         let c = inbound.counts;
         for (reason, n) in [
             ("per_ip", c.refused_per_ip),
@@ -450,6 +466,10 @@ mod tests {
             .lines()
             .filter(|l| l.starts_with("soma_rpcs_total{") && !l.contains("status=\"Ok\""));
         assert_eq!(refused.collect::<Vec<_>>(), Vec::<&str>::new());
+        for cap in ["peer", "host", "network", "all"] {
+            let refused = format!("soma_fetches_refused_total{{cap=\"{cap}\"}}");
+            assert_eq!(value(&theirs, &refused), 0.0, "{cap}");
+        }
         assert_eq!(value(&theirs, "soma_inbound_connections"), 1.0);
         assert_eq!(value(&theirs, "soma_fetches_in_flight"), 0.0);
         node.shutdown().await;
