@@ -500,26 +500,133 @@ async fn reads_a_frame<S: tokio::io::AsyncRead + Unpin>(
     bytes: &mut Vec<u8>,
     kind: u8,
 ) -> bool {
+    while let Some(frame) = next_frame(stream, bytes).await {
+        if frame.kind == kind {
+            return true;
+        }
+    }
+    false
+}
+
+/// An HTTP/2 frame as read off the wire.
+#[derive(Debug)]
+struct Frame {
+    kind: u8,
+    flags: u8,
+    stream: u32,
+    payload: Vec<u8>,
+}
+
+/// The next whole frame of `stream`, `None` once it ends; `bytes` holds
+/// what was read past the last whole frame, for the next call.
+async fn next_frame<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    bytes: &mut Vec<u8>,
+) -> Option<Frame> {
     let mut buf = [0u8; 4096];
     loop {
-        // Whole frames: a 9-byte header (24-bit length, type, ...).
-        while bytes.len() >= 9 {
+        // A 9-byte header: 24-bit length, type, flags, stream id.
+        if bytes.len() >= 9 {
             let len =
                 usize::from(bytes[0]) << 16 | usize::from(bytes[1]) << 8 | usize::from(bytes[2]);
-            if bytes.len() < 9 + len {
-                break;
-            }
-            let found = bytes[3] == kind;
-            bytes.drain(..9 + len);
-            if found {
-                return true;
+            if bytes.len() >= 9 + len {
+                let id = u32::from_be_bytes([bytes[5], bytes[6], bytes[7], bytes[8]]);
+                let frame = Frame {
+                    kind: bytes[3],
+                    flags: bytes[4],
+                    stream: id & 0x7fff_ffff,
+                    payload: bytes[9..9 + len].to_vec(),
+                };
+                bytes.drain(..9 + len);
+                return Some(frame);
             }
         }
         match tokio::time::timeout(PATIENCE, stream.read(&mut buf)).await {
             Ok(Ok(n)) if n > 0 => bytes.extend_from_slice(&buf[..n]),
-            _ => return false,
+            _ => return None,
         }
     }
+}
+
+/// An HTTP/2 frame header for a payload of `len` bytes.
+fn frame_header(len: usize, kind: u8, flags: u8, stream: u32) -> Vec<u8> {
+    let len = u32::try_from(len).unwrap().to_be_bytes();
+    let mut header = vec![len[1], len[2], len[3], kind, flags];
+    header.extend_from_slice(&stream.to_be_bytes());
+    header
+}
+
+/// The frames of a health check on stream `stream`: HEADERS (HPACK,
+/// plain literals and static-table names) and one DATA frame holding an
+/// empty `HealthCheckRequest`, which ends the stream.
+fn health_check_frames(stream: u32) -> Vec<u8> {
+    fn literal(block: &mut Vec<u8>, value: &[u8]) {
+        block.push(u8::try_from(value.len()).unwrap());
+        block.extend_from_slice(value);
+    }
+    // :method POST (static 3), :scheme http (static 6).
+    let mut block = vec![0x83, 0x86];
+    // :path and :authority, names from the static table (4 and 1),
+    // without indexing.
+    block.push(0x04);
+    literal(&mut block, b"/grpc.health.v1.Health/Check");
+    block.push(0x01);
+    literal(&mut block, b"soma");
+    // content-type (static 31: 15 in the prefix, then 16).
+    block.extend_from_slice(&[0x0f, 0x10]);
+    literal(&mut block, b"application/grpc");
+    // te, a new name.
+    block.push(0x00);
+    literal(&mut block, b"te");
+    literal(&mut block, b"trailers");
+    // HEADERS, END_HEADERS; then DATA, END_STREAM.
+    let mut frames = frame_header(block.len(), 0x1, 0x4, stream);
+    frames.extend_from_slice(&block);
+    frames.extend_from_slice(&frame_header(5, 0x0, 0x1, stream));
+    frames.extend_from_slice(&[0, 0, 0, 0, 0]);
+    frames
+}
+
+/// A call sent as the idle close's GOAWAY arrives (after the client read
+/// it, before the server's drain has ended) is answered in full: the
+/// close waits for the calls that crossed it, where a cut fails them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_sent_as_the_idle_goaway_arrives_is_answered() {
+    use tokio::io::AsyncWriteExt;
+    init_tracing();
+    let limit = ConnectionLimit::with_config(Config {
+        idle_timeout: Duration::from_millis(500),
+        idle_drain_grace: Duration::from_secs(5),
+        ..config(8, 0, 8, 8)
+    });
+    let server = TestServer::start(limit.clone()).await;
+    let mut tls = server.deaf().await;
+    // The server's SETTINGS acknowledged; then nothing until the GOAWAY.
+    tls.write_all(&frame_header(0, 0x4, 0x1, 0)).await.unwrap();
+    tls.flush().await.unwrap();
+    let mut read = Vec::new();
+    assert!(reads_a_frame(&mut tls, &mut read, 0x7).await, "no GOAWAY");
+    assert_eq!(limit.counts().idle_closed, 1);
+    tls.write_all(&health_check_frames(1)).await.unwrap();
+    tls.flush().await.unwrap();
+    // Its answer: headers, the SERVING status, then trailers that end the
+    // stream; nothing reset.
+    let mut answer = Vec::new();
+    while let Some(frame) = next_frame(&mut tls, &mut read).await {
+        assert_ne!(frame.kind, 0x3, "the call was reset: {frame:?}");
+        if frame.stream != 1 {
+            continue;
+        }
+        let last = frame.flags & 0x1 != 0;
+        answer.push((frame.kind, frame.payload));
+        if last {
+            break;
+        }
+    }
+    let kinds: Vec<u8> = answer.iter().map(|(kind, _)| *kind).collect();
+    assert_eq!(kinds, [0x1, 0x0, 0x1], "{answer:?}");
+    // HealthCheckResponse { status: SERVING }, length-prefixed.
+    assert_eq!(answer[1].1, [0, 0, 0, 0, 2, 0x08, 0x01]);
 }
 
 /// A client that set up HTTP/2 and then ignores the GOAWAY of the idle
