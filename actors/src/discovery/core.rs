@@ -191,24 +191,70 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// `address` as a peer must advertise it if it is an IP socket address:
+/// as it prints (IPv6 in RFC 5952 form, lowercase and compressed), an
+/// IPv4-mapped IPv6 address as its IPv4 address. Anything else is
+/// returned as it is (peers refuse it).
+pub fn canonical_address(address: &str) -> String {
+    match address.parse::<SocketAddr>() {
+        Ok(parsed) => SocketAddr::new(canonical(parsed.ip()), parsed.port()).to_string(),
+        Err(_) => address.to_string(),
+    }
+}
+
+/// Whether `address` is written exactly as `parsed` prints, without
+/// allocating (the longest socket address prints in 47 bytes).
+fn prints_as(parsed: SocketAddr, address: &str) -> bool {
+    use std::fmt::Write;
+    struct Buffer {
+        bytes: [u8; 64],
+        len: usize,
+    }
+    impl Write for Buffer {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            let end = self.len + s.len();
+            let room = self.bytes.get_mut(self.len..end).ok_or(std::fmt::Error)?;
+            room.copy_from_slice(s.as_bytes());
+            self.len = end;
+            Ok(())
+        }
+    }
+    let mut buffer = Buffer {
+        bytes: [0; 64],
+        len: 0,
+    };
+    write!(buffer, "{parsed}").is_ok() && buffer.bytes[..buffer.len] == *address.as_bytes()
+}
+
 /// The prefix of `address` if peers may advertise it: an IP literal with a
-/// port, neither unspecified, multicast, broadcast nor link-local, and
-/// loopback or private only when allowed. Host names are refused: they
-/// cannot be bucketed without resolving them.
+/// port, written as [`canonical_address`] writes it, neither unspecified,
+/// multicast, broadcast, reserved (240/4) nor link-local, embedding no
+/// IPv4 address ([`embeds_ipv4`]), and loopback, private or otherwise
+/// not global only when allowed. Host names are refused: they cannot be
+/// bucketed without resolving them. One spelling per address: peers are
+/// dialled, and matched against those connected or being dialled, by the
+/// string, so another spelling of a connected peer's address (zeros not
+/// compressed, capitals, an IPv4-mapped form) would have it dialled again.
 fn prefix(address: &str, allow_private: bool) -> Option<Prefix> {
-    let address: SocketAddr = address.parse().ok()?;
-    if address.port() == 0 {
+    let parsed: SocketAddr = address.parse().ok()?;
+    let ip = parsed.ip();
+    if parsed.port() == 0 || canonical(ip) != ip || !prints_as(parsed, address) {
         return None;
     }
-    let ip = canonical(address.ip());
     match ip {
         IpAddr::V4(v4) => {
             let o = v4.octets();
-            if o[0] == 0 || v4.is_multicast() || v4.is_link_local() || v4.is_broadcast() {
+            let reserved = o[0] >= 240;
+            if o[0] == 0 || v4.is_multicast() || v4.is_link_local() || reserved {
                 return None;
             }
             let shared = o[0] == 100 && (o[1] & 0xc0) == 64;
-            if (v4.is_loopback() || v4.is_private() || shared) && !allow_private {
+            // 198.18/15 (benchmarking) and 192.0.0/24 (protocol
+            // assignments) reach no public host either.
+            let benchmarking = o[0] == 198 && (o[1] & 0xfe) == 18;
+            let assignments = o[..3] == [192, 0, 0];
+            let local = v4.is_loopback() || v4.is_private() || shared;
+            if (local || benchmarking || assignments) && !allow_private {
                 return None;
             }
         }
@@ -221,7 +267,8 @@ fn prefix(address: &str, allow_private: bool) -> Option<Prefix> {
                 return None;
             }
             let unique_local = (first & 0xfe00) == 0xfc00;
-            if (v6.is_loopback() || unique_local) && !allow_private {
+            let site_local = (first & 0xffc0) == 0xfec0;
+            if (v6.is_loopback() || unique_local || site_local) && !allow_private {
                 return None;
             }
         }
@@ -230,17 +277,22 @@ fn prefix(address: &str, allow_private: bool) -> Option<Prefix> {
 }
 
 /// Whether `v6` is an IPv4 address behind a translation prefix: NAT64's
-/// well-known `64:ff9b::/96` and local-use `64:ff9b:1::/48`, or the
-/// deprecated IPv4-compatible `::a.b.c.d` (the unspecified and loopback
-/// addresses apart). Such an address names no host of its own, and
-/// through a NAT64 it reaches whatever IPv4 address it embeds, private
-/// networks included, past `allow-private-addresses`.
+/// well-known `64:ff9b::/96` and local-use `64:ff9b:1::/48`, SIIT's
+/// `::ffff:0:0/96`, the deprecated IPv4-compatible `::a.b.c.d` (the
+/// unspecified and loopback addresses apart), 6to4's `2002::/16` or
+/// Teredo's `2001::/32`. Such an address names no host of its own, and
+/// through a translator or relay it reaches whatever IPv4 address it
+/// embeds, private networks included, past `allow-private-addresses`.
 fn embeds_ipv4(v6: Ipv6Addr) -> bool {
     let bits = v6.to_bits();
+    let segments = v6.segments();
     let well_known = bits >> 32 == 0x0064_ff9b_0000_0000_0000_0000;
     let local_use = bits >> 80 == 0x0064_ff9b_0001;
+    let siit = bits >> 32 == 0xffff_0000;
     let compatible = bits >> 32 == 0 && bits > 1;
-    well_known || local_use || compatible
+    let six_to_four = segments[0] == 0x2002;
+    let teredo = segments[..2] == [0x2001, 0];
+    well_known || local_use || siit || compatible || six_to_four || teredo
 }
 
 /// A known peer.
@@ -1776,7 +1828,10 @@ mod tests {
         let p = |a: &str| prefix(a, false).unwrap();
         assert_eq!(p("1.2.3.4:1"), Prefix::V4(0x01_02_03));
         assert_eq!(p("1.2.3.4:1"), p("1.2.3.254:2"));
-        assert_eq!(p("[::ffff:1.2.3.9]:1"), p("1.2.3.4:1"));
+        // An IPv4-mapped address is refused (one spelling per address),
+        // but a caller's counts as its IPv4 address.
+        assert_eq!(prefix("[::ffff:1.2.3.9]:1", false), None);
+        assert_eq!(ip_prefix("::ffff:1.2.3.9".parse().unwrap()), p("1.2.3.4:1"));
         assert_eq!(p("[2001:db8:1:2::1]:1"), Prefix::V6(0x2001_0db8));
         // Every /64 of one /32 is one network.
         assert_eq!(p("[2001:db8:1:2::1]:1"), p("[2001:db8:ffff:9::9]:1"));
@@ -1786,7 +1841,7 @@ mod tests {
             "1.2.4.1:1",
             "1.3.0.1:1",
             "2.0.0.1:1",
-            "[2001::1]:1",
+            "[2001:1::1]:1",
         ];
         assert!(ordered.windows(2).all(|w| p(w[0]) < p(w[1])));
     }
@@ -2096,6 +2151,23 @@ mod tests {
         panic!("peer 2 was never dialled");
     }
 
+    /// A node advertises its addresses as peers accept them.
+    #[test]
+    fn a_node_advertises_one_spelling_per_address() {
+        for (configured, advertised) in [
+            ("[2001:DB8:0:0::1]:7000", "[2001:db8::1]:7000"),
+            ("[::ffff:1.2.3.4]:7000", "1.2.3.4:7000"),
+            ("1.2.3.4:7000", "1.2.3.4:7000"),
+            ("seed.example:7000", "seed.example:7000"),
+        ] {
+            assert_eq!(canonical_address(configured), advertised);
+        }
+        for spelling in ["[2001:DB8:0:0::1]:7000", "[::ffff:1.2.3.4]:7000"] {
+            assert_eq!(prefix(spelling, true), None, "{spelling}");
+            assert!(prefix(&canonical_address(spelling), true).is_some());
+        }
+    }
+
     #[test]
     fn advertised_addresses_are_validated() {
         let never = [
@@ -2115,6 +2187,22 @@ mod tests {
             "[64:ff9b:1::a00:1]:7000",
             "[::a00:1]:7000",
             "[::102:304]:7000",
+            // SIIT, 6to4 and Teredo forms, each embedding an IPv4 address.
+            "[::ffff:0:a00:1]:7000",
+            "[2002:a00:1::1]:7000",
+            "[2001:0:4136:e378:8000:63bf:3fff:fdd2]:7000",
+            // Reserved.
+            "240.0.0.1:7000",
+            "250.1.2.3:7000",
+            "255.255.255.255:7000",
+            // Other spellings of an address (one spelling per address):
+            // IPv4-mapped, zeros not compressed, capitals.
+            "[::ffff:1.2.3.4]:7000",
+            "[::ffff:127.0.0.1]:7000",
+            "[0:0:0:0:0:0:0:1]:7000",
+            "[2001:db8:0:0:0:0:0:1]:7000",
+            "[2001:DB8::1]:7000",
+            "[2001:0db8::1]:7000",
             "seed.example:7000",
             "1.2.3.4:0",
             "1.2.3.4",
@@ -2127,12 +2215,19 @@ mod tests {
             "100.64.0.1:7000",
             "[::1]:7000",
             "[fd00::1]:7000",
-            "[::ffff:127.0.0.1]:7000",
+            "[fec0::1]:7000",
+            "198.18.0.1:7000",
+            "198.19.255.1:7000",
+            "192.0.0.8:7000",
         ];
         let public = [
             "1.2.3.4:7000",
+            "198.20.0.1:7000",
+            "192.0.1.1:7000",
+            "223.255.255.1:1",
             "[2001:db8::1]:7000",
-            "[::ffff:1.2.3.4]:7000",
+            "[2001:1::1]:7000",
+            "[2003::1]:65535",
         ];
         for allow in [false, true] {
             for a in never {

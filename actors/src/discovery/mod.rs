@@ -24,5 +24,5 @@ pub mod scenario;
 mod table;
 
 pub use actor::{Deps, Discovery};
-pub use core::{Config, DiscoveryCore, Init, SeedPeer};
+pub use core::{Config, DiscoveryCore, Init, SeedPeer, canonical_address};
 pub use messages::{ExchangeInfo, Exchanged, Input, KnownPeers, Output};

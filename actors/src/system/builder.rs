@@ -169,10 +169,13 @@ impl P2pBuilder {
             tokio::net::TcpListener::from_std(listener).map_err(StartError::Runtime)?
         };
 
+        // As peers accept them: one spelling per address.
         let addresses = if config.external_addresses.is_empty() {
-            vec![local_addr.to_string()]
+            vec![crate::discovery::canonical_address(&local_addr.to_string())]
         } else {
-            config.external_addresses.clone()
+            (config.external_addresses.iter())
+                .map(|a| crate::discovery::canonical_address(a))
+                .collect()
         };
         let own_info = SignedNodeInfo::sign(
             NodeInfo {
