@@ -231,11 +231,48 @@ impl ArchiveStats {
     }
 }
 
+/// The body of `result`, a chunk at a time, refused as soon as it passes
+/// the size the object claimed (checked against `max_object_bytes` before):
+/// a server may send a body longer than its `Content-Length` (with a
+/// chunked transfer encoding beside it, hyper reads the body to its end),
+/// and object_store's own `bytes()` collects whatever comes. A body that
+/// ends short of the claim is refused too.
+async fn body(
+    path: &Path,
+    result: object_store::GetResult,
+) -> object_store::Result<Result<Bytes, ArchiveError>> {
+    use futures::StreamExt;
+    let claimed = result.meta.size;
+    let mut body = Vec::with_capacity(usize::try_from(claimed).unwrap_or(0));
+    let mut stream = result.into_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        let size = (body.len() + chunk.len()) as u64;
+        if size > claimed {
+            return Ok(Err(ArchiveError::TooLarge {
+                path: path.to_string(),
+                size,
+                max: claimed,
+            }));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    if body.len() as u64 != claimed {
+        return Ok(Err(ArchiveError::Malformed {
+            path: path.to_string(),
+            reason: format!("its body ended at {} of {claimed} bytes", body.len()),
+        }));
+    }
+    Ok(Ok(Bytes::from(body)))
+}
+
 /// An open archive.
 #[derive(Clone, Debug)]
 pub struct Archive {
     store: Arc<dyn ObjectStore>,
     root: Path,
+    /// The directory of a local archive: only its regular files are read.
+    local: Option<std::path::PathBuf>,
     chain_id: ChainId,
     config: Config,
     stats: Arc<ArchiveStats>,
@@ -249,6 +286,7 @@ impl Archive {
             url: config.url.clone(),
             reason,
         };
+        let mut local = None;
         let (store, root): (Arc<dyn ObjectStore>, Path) = match url::Url::parse(&config.url) {
             Ok(url) if url.scheme() != "file" => {
                 // Credentials and endpoints come from the environment.
@@ -269,10 +307,14 @@ impl Archive {
                 std::fs::create_dir_all(&dir).map_err(|e| bad(e.to_string()))?;
                 let store = object_store::local::LocalFileSystem::new_with_prefix(&dir)
                     .map_err(|e| bad(e.to_string()))?;
+                local = Some(dir);
                 (Arc::new(store), Path::default())
             }
         };
-        Ok(Self::with_store(store, root, config, chain_id))
+        Ok(Archive {
+            local,
+            ..Self::with_store(store, root, config, chain_id)
+        })
     }
 
     /// An archive on `store` under `root`.
@@ -285,6 +327,7 @@ impl Archive {
         Archive {
             store,
             root,
+            local: None,
             chain_id,
             config,
             stats: Arc::new(ArchiveStats::default()),
@@ -324,8 +367,26 @@ impl Archive {
     }
 
     /// The object at `path`, `None` if there is none; refused past
-    /// `max_object_bytes` before its body is read.
+    /// `max_object_bytes` before its body is read, and as soon as its body
+    /// passes the size the object claimed (see [`body`]). In a local
+    /// archive only a regular file is read: opening a FIFO planted at a
+    /// batch's path would block a thread of the blocking pool until a
+    /// writer came, a thread per read, until the pool that serves peers
+    /// and writes the store had none left.
     async fn get(&self, path: &Path) -> Result<Option<Bytes>, ArchiveError> {
+        if let Some(dir) = &self.local {
+            // An lstat: it neither opens nor follows what it finds.
+            match std::fs::symlink_metadata(dir.join(path.as_ref())) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Ok(meta) if !meta.is_file() => {
+                    return Err(ArchiveError::Malformed {
+                        path: path.to_string(),
+                        reason: "not a regular file".into(),
+                    });
+                }
+                _ => {}
+            }
+        }
         let result = match self.timed(self.store.get(path)).await {
             Ok(r) => r,
             Err(ArchiveError::Store(object_store::Error::NotFound { .. })) => return Ok(None),
@@ -339,7 +400,7 @@ impl Archive {
                 max: self.config.max_object_bytes,
             });
         }
-        self.timed(result.bytes()).await.map(Some)
+        self.timed(body(path, result)).await?.map(Some)
     }
 
     async fn put(&self, path: &Path, bytes: Vec<u8>) -> Result<(), ArchiveError> {
@@ -358,7 +419,11 @@ impl Archive {
             path: path.to_string(),
             reason: e.to_string(),
         })?;
-        if batch.first != first || batch.last < first || batch.commits.is_empty() {
+        // One encoding per commit claimed: a batch claiming more would,
+        // cached, answer for every index it claims without the archive
+        // being read again.
+        let claimed = batch.last.checked_sub(first).map(|n| n.saturating_add(1));
+        if batch.first != first || claimed != Some(batch.commits.len() as u64) {
             return Err(ArchiveError::Malformed {
                 path: path.to_string(),
                 reason: format!(
@@ -370,6 +435,25 @@ impl Archive {
             });
         }
         Ok(Some(batch))
+    }
+
+    /// The first commit of the stored batch that would hold `index`: the
+    /// greatest batch start at or before it, from a listing of the
+    /// batches.
+    pub async fn batch_before(
+        &self,
+        index: CommitIndex,
+    ) -> Result<Option<CommitIndex>, ArchiveError> {
+        use futures::TryStreamExt;
+        let prefix = self.root.clone().join("batches");
+        let listed: Vec<object_store::ObjectMeta> = self
+            .timed(self.store.list(Some(&prefix)).try_collect())
+            .await?;
+        let firsts = listed.iter().filter_map(|meta| {
+            let name = meta.location.filename()?.strip_suffix(".batch")?;
+            name.parse::<CommitIndex>().ok()
+        });
+        Ok(firsts.filter(|first| *first <= index).max())
     }
 
     /// Stores `batch` under its first commit.
@@ -413,5 +497,116 @@ impl Archive {
         };
         let bytes = serde_json::to_vec(&head).expect("a head encodes");
         self.put(&self.head_path(), bytes).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+    use object_store::memory::InMemory;
+    use object_store::{GetResult, GetResultPayload};
+
+    use super::*;
+
+    /// A result claiming `claimed` bytes whose body is `chunks` chunks of
+    /// 64 KiB (`None`: without end).
+    async fn result(claimed: u64, chunks: Option<usize>) -> GetResult {
+        let store = InMemory::new();
+        let path = Path::from("object");
+        store.put(&path, PutPayload::from(vec![1u8])).await.unwrap();
+        let mut meta = store.head(&path).await.unwrap();
+        meta.size = claimed;
+        let chunk = || Ok(Bytes::from(vec![7u8; 64 << 10]));
+        let stream = match chunks {
+            Some(n) => futures::stream::iter((0..n).map(move |_| chunk())).boxed(),
+            None => futures::stream::repeat_with(chunk).boxed(),
+        };
+        GetResult {
+            payload: GetResultPayload::Stream(stream),
+            range: 0..claimed,
+            meta,
+            attributes: Default::default(),
+        }
+    }
+
+    /// A server may send more than the size it announced (a chunked body
+    /// beside a Content-Length): the body is cut as soon as it passes the
+    /// claim, so an endless one costs at most the claim and one chunk.
+    #[tokio::test]
+    async fn a_body_past_the_size_its_object_claimed_is_refused_at_once() {
+        let path = Path::from("object");
+        let endless = body(&path, result(100_000, None).await).await.unwrap();
+        match endless {
+            Err(ArchiveError::TooLarge { size, max, .. }) => {
+                assert_eq!((size, max), (2 * 65_536, 100_000));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Short of the claim: refused; the claim exactly: read whole.
+        match body(&path, result(3 * 65_536, Some(2)).await)
+            .await
+            .unwrap()
+        {
+            Err(ArchiveError::Malformed { reason, .. }) => {
+                assert_eq!(reason, "its body ended at 131072 of 196608 bytes");
+            }
+            other => panic!("{other:?}"),
+        }
+        let whole = body(&path, result(2 * 65_536, Some(2)).await)
+            .await
+            .unwrap();
+        assert_eq!(whole.unwrap().len(), 2 * 65_536);
+    }
+
+    /// A FIFO planted at a batch's path in a local archive is refused
+    /// without being opened (an open would block a thread until a writer
+    /// came, past the request timeout).
+    #[tokio::test]
+    async fn a_local_archive_reads_only_regular_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            request_timeout: Duration::from_secs(5),
+            ..Config::new(dir.path().to_str().unwrap())
+        };
+        let archive = Archive::open(config, ChainId(soma_types::Digest([3; 32]))).unwrap();
+        let at = dir.path().join(archive.batch_path(1).as_ref());
+        std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+        let fifo = std::ffi::CString::new(at.to_str().unwrap()).unwrap();
+        // SAFETY: a valid, NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        match archive.batch(1).await {
+            Err(ArchiveError::Malformed { reason, .. }) => assert_eq!(reason, "not a regular file"),
+            other => panic!("{other:?}"),
+        }
+        // Nothing there: none, as before.
+        assert!(archive.batch(101).await.unwrap().is_none());
+    }
+
+    /// A batch whose range claims more commits than it holds is refused:
+    /// cached, it would have answered for every index it claims.
+    #[tokio::test]
+    async fn a_batch_claiming_more_commits_than_it_holds_is_refused() {
+        let archive = Archive::with_store(
+            Arc::new(InMemory::new()),
+            Path::default(),
+            Config::new("memory"),
+            ChainId(soma_types::Digest([3; 32])),
+        );
+        let batch = |last| ArchivedBatch {
+            first: 1,
+            last,
+            commits: vec![Bytes::from_static(b"c1"), Bytes::from_static(b"c2")],
+            certifiers: Vec::new(),
+            blocks: Vec::new(),
+        };
+        for last in [u64::MAX, 3, 1] {
+            archive.put_batch(&batch(last)).await.unwrap();
+            match archive.batch(1).await {
+                Err(ArchiveError::Malformed { .. }) => {}
+                other => panic!("last {last}: {other:?}"),
+            }
+        }
+        archive.put_batch(&batch(2)).await.unwrap();
+        assert_eq!(archive.batch(1).await.unwrap(), Some(batch(2)));
     }
 }

@@ -84,12 +84,11 @@ async fn step(deps: &WriterDeps, next: &mut Option<CommitIndex>) -> Result<bool,
     let from = match *next {
         Some(n) => n,
         None => {
+            let store = deps.store.clone();
+            let lowest = blocking(move || Ok(store.lowest_available_commit()?)).await?;
             let n = match archive.head().await? {
-                Some(n) => n,
-                None => {
-                    let store = deps.store.clone();
-                    blocking(move || Ok(store.lowest_available_commit()?)).await?
-                }
+                Some(head) => checked_head(deps, head, lowest).await?,
+                None => lowest,
             };
             publish(deps, stats, n);
             *next = Some(n);
@@ -123,6 +122,52 @@ async fn step(deps: &WriterDeps, next: &mut Option<CommitIndex>) -> Result<bool,
             Ok(true)
         }
     }
+}
+
+/// `head`, read from the archive, if pruning may trust it: it prunes
+/// nothing this store holds (at most `lowest`), or the batch before it is
+/// stored, ends at `head - 1` and holds that commit as this store does
+/// (where it still holds it). Otherwise `lowest`, from which the writer
+/// archives again: `head.json` is any bytes whoever can write the bucket
+/// put there, and trusted it had the node prune history nobody archived.
+async fn checked_head(
+    deps: &WriterDeps,
+    head: CommitIndex,
+    lowest: CommitIndex,
+) -> Result<CommitIndex, ArchiveError> {
+    if head <= lowest {
+        return Ok(head);
+    }
+    let last = head - 1;
+    let batch = match deps.archive.batch_before(last).await? {
+        Some(first) => match deps.archive.batch(first).await {
+            Ok(batch) => batch.filter(|b| b.last == last),
+            Err(ArchiveError::Malformed { .. }) => None,
+            Err(e) => return Err(e),
+        },
+        None => None,
+    };
+    let held = match &batch {
+        Some(batch) => {
+            let store = deps.store.clone();
+            let archived = batch.commits.last().cloned();
+            blocking(move || {
+                let ours = store.commit(last)?;
+                Ok(ours.is_none_or(|c| Some(c.serialized()) == archived.as_ref()))
+            })
+            .await?
+        }
+        None => false,
+    };
+    if held {
+        return Ok(head);
+    }
+    tracing::error!(
+        head,
+        lowest,
+        "the archive's head is not backed by the batch before it; archiving again from the store's lowest commit"
+    );
+    Ok(lowest)
 }
 
 fn publish(deps: &WriterDeps, stats: &ArchiveStats, next: CommitIndex) {
@@ -209,6 +254,7 @@ fn build(
 mod tests {
     use soma_chain::{ChainBuilder, ChainConfig};
     use soma_store::MemStore;
+    use std::sync::Arc;
 
     use super::*;
 
@@ -240,6 +286,80 @@ mod tests {
             panic!("commits 1..=3 are certified");
         };
         assert_eq!((batch.first, batch.last), (1, 3));
+    }
+
+    /// A writer of a store of 300 commits on an archive in memory, with
+    /// its `archived` watch.
+    fn writer(store: Arc<MemStore>, chain_id: soma_types::ChainId) -> WriterDeps {
+        let archive = Archive::with_store(
+            Arc::new(object_store::memory::InMemory::new()),
+            object_store::path::Path::default(),
+            super::super::Config::new("memory"),
+            chain_id,
+        );
+        WriterDeps {
+            archive,
+            store,
+            grpc: grpc::Limits::default(),
+            data: soma_types::Limits::default(),
+            batch_size: 100,
+            archived: watch::channel(0).0,
+            stopped: watch::channel(false).1,
+        }
+    }
+
+    /// `head.json` is trusted for pruning only when the batch before it is
+    /// stored and holds that commit as the store does: a forged head (any
+    /// writer of the bucket can put one) had the node prune history that
+    /// was never archived.
+    #[tokio::test]
+    async fn pruning_trusts_the_archives_head_only_when_its_last_batch_backs_it() {
+        let chain = ChainBuilder::new(ChainConfig::validators(4)).build(300);
+        let store = Arc::new(MemStore::new(chain.genesis()));
+        chain.write_to(store.as_ref(), 300).unwrap();
+        // First archive 1..=200 as a writer does.
+        let honest = writer(store.clone(), chain.chain_id());
+        let mut next = None;
+        for _ in 0..2 {
+            assert!(step(&honest, &mut next).await.unwrap());
+        }
+        assert_eq!(*honest.archived.borrow(), 201);
+        // A restarted writer trusts that head: it goes on at 201.
+        let restarted = WriterDeps {
+            archive: honest.archive.clone(),
+            archived: watch::channel(0).0,
+            ..writer(store.clone(), chain.chain_id())
+        };
+        assert!(step(&restarted, &mut None).await.unwrap());
+        assert_eq!(*restarted.archived.borrow(), 301);
+        // Forged heads: past everything archived, and backed by a batch
+        // whose last commit is not ours. Each time the writer archives
+        // again from the store's lowest commit.
+        let restart_at = |head| {
+            let deps = WriterDeps {
+                archive: honest.archive.clone(),
+                archived: watch::channel(0).0,
+                ..writer(store.clone(), chain.chain_id())
+            };
+            async move {
+                deps.archive.set_head(head).await.unwrap();
+                step(&deps, &mut None).await.unwrap();
+                *deps.archived.borrow()
+            }
+        };
+        assert_eq!(restart_at(u64::MAX).await, 101);
+        let mut wrong = honest.archive.batch(201).await.unwrap().unwrap();
+        let last = wrong.commits.len() - 1;
+        wrong.commits[last] = chain.commit(299).serialized().clone();
+        honest.archive.put_batch(&wrong).await.unwrap();
+        assert_eq!(restart_at(301).await, 101);
+        // The batch before the head put back: trusted again.
+        let right = honest.archive.batch(201).await.unwrap().unwrap();
+        assert_eq!(right.first, 201);
+        let mut fixed = right;
+        fixed.commits[last] = chain.commit(300).serialized().clone();
+        honest.archive.put_batch(&fixed).await.unwrap();
+        assert_eq!(restart_at(301).await, 301);
     }
 
     #[test]
