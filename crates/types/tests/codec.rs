@@ -2,8 +2,6 @@
 //! round trip byte for byte, hostile input fails cleanly and cheaply, and the
 //! decoders that fix a digest accept only canonical encodings.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::fmt::Debug;
 
 use bytes::Bytes;
@@ -18,64 +16,9 @@ use soma_types::{
     VerifiedBlock, codec,
 };
 
-// ---- allocation tracking ----
-
-/// Records, per thread, the largest single allocation made, so a test can
-/// check that a forged length prefix did not make the decoder reserve memory
-/// for data that is not there, and the bytes allocated and not yet freed, so
-/// a test can weigh what a decoded value holds. Per thread because tests run
-/// in parallel.
-struct LargestAllocation;
-
-thread_local! {
-    static LARGEST: Cell<usize> = const { Cell::new(0) };
-    static LIVE: Cell<isize> = const { Cell::new(0) };
-}
-
-/// `size` bytes allocated, and `freed` freed.
-fn note(size: usize, freed: usize) {
-    // `try_with` because the allocator also runs while thread locals are torn down.
-    let _ = LARGEST.try_with(|l| l.set(l.get().max(size)));
-    let _ = LIVE.try_with(|l| l.set(l.get() + size as isize - freed as isize));
-}
-
-unsafe impl GlobalAlloc for LargestAllocation {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note(layout.size(), 0);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        note(layout.size(), 0);
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note(new_size, layout.size());
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        note(0, layout.size());
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: LargestAllocation = LargestAllocation;
-
-/// Runs `f` and returns its result with the largest allocation it made.
-fn largest_allocation<R>(f: impl FnOnce() -> R) -> (R, usize) {
-    LARGEST.with(|l| l.set(0));
-    let r = f();
-    (r, LARGEST.with(Cell::get))
-}
-
-/// Runs `f` and returns its result with the bytes it allocated that are
-/// still held when it returns (by the result, since `f` keeps nothing else).
-fn retained_allocation<R>(f: impl FnOnce() -> R) -> (R, usize) {
-    let before = LIVE.with(Cell::get);
-    let r = f();
-    let after = LIVE.with(Cell::get);
-    (r, usize::try_from(after - before).unwrap_or(0))
-}
+#[path = "support/allocations.rs"]
+mod allocations;
+use allocations::{largest_allocation, retained_allocation};
 
 // ---- strategies ----
 

@@ -2,63 +2,17 @@
 //! fields are too many for its length (each decoded entry costs a `Bytes`
 //! or a struct however short it is on the wire) is refused before anything
 //! is decoded, and one within the allowance decodes to at most three times
-//! its size. Measured with an allocator that records, per thread, the
-//! most bytes held at once.
-
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
+//! its size. Measured with the allocator of the types crate's tests,
+//! which records, per thread, the most bytes held at once.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::encoding::{WireType, encode_key, encode_varint};
 use soma_wire::codec::{FREE_FIELDS, MIN_FIELD_BYTES, decode_copying};
 use soma_wire::proto::{FetchBlocksResponse, FetchCommitsResponse};
 
-struct PeakAllocation;
-
-thread_local! {
-    static LIVE: Cell<isize> = const { Cell::new(0) };
-    static PEAK: Cell<isize> = const { Cell::new(0) };
-}
-
-fn note(size: usize, freed: usize) {
-    // `try_with`: the allocator also runs while thread locals are torn down.
-    let _ = LIVE.try_with(|l| {
-        l.set(l.get() + size as isize - freed as isize);
-        let _ = PEAK.try_with(|p| p.set(p.get().max(l.get())));
-    });
-}
-
-unsafe impl GlobalAlloc for PeakAllocation {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note(layout.size(), 0);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        note(layout.size(), 0);
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note(new_size, layout.size());
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        note(0, layout.size());
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: PeakAllocation = PeakAllocation;
-
-/// Runs `f`; its result, and the most bytes held at once while it ran
-/// beyond those held before.
-fn peak_allocation<R>(f: impl FnOnce() -> R) -> (R, usize) {
-    let before = LIVE.with(Cell::get);
-    PEAK.with(|p| p.set(before));
-    let r = f();
-    let peak = PEAK.with(Cell::get);
-    (r, usize::try_from(peak - before).unwrap_or(0))
-}
+#[path = "../../types/tests/support/allocations.rs"]
+mod allocations;
+use allocations::peak_allocation;
 
 /// `entries` empty entries of field 1 (two bytes each), after an unknown
 /// field (number 15) of `padding` bytes.
