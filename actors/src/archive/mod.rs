@@ -266,6 +266,54 @@ async fn body(
     Ok(Ok(Bytes::from(body)))
 }
 
+/// The object at `file` of a local archive, `None` if there is none: opened
+/// without following a symbolic link and without blocking (an open of a
+/// FIFO would wait for a writer), read only if it is a regular file of at
+/// most `max` bytes, and no further than `max` should it grow meanwhile.
+fn read_local(
+    file: &std::path::Path,
+    max: u64,
+    path: String,
+) -> Result<Option<Bytes>, ArchiveError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let failed = |e: std::io::Error| ArchiveError::Source(format!("reading {path}: {e}"));
+    let malformed = |reason: &str| ArchiveError::Malformed {
+        path: path.clone(),
+        reason: reason.into(),
+    };
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(file);
+    let file = match opened {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(malformed("a symbolic link"));
+        }
+        Err(e) => return Err(failed(e)),
+    };
+    let meta = file.metadata().map_err(failed)?;
+    if !meta.is_file() {
+        return Err(malformed("not a regular file"));
+    }
+    let too_large = |size| ArchiveError::TooLarge {
+        path: path.clone(),
+        size,
+        max,
+    };
+    if meta.len() > max {
+        return Err(too_large(meta.len()));
+    }
+    let mut body = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.take(max + 1).read_to_end(&mut body).map_err(failed)?;
+    if body.len() as u64 > max {
+        return Err(too_large(body.len() as u64));
+    }
+    Ok(Some(Bytes::from(body)))
+}
+
 /// An open archive.
 #[derive(Clone, Debug)]
 pub struct Archive {
@@ -375,17 +423,16 @@ impl Archive {
     /// and writes the store had none left.
     async fn get(&self, path: &Path) -> Result<Option<Bytes>, ArchiveError> {
         if let Some(dir) = &self.local {
-            // An lstat: it neither opens nor follows what it finds.
-            match std::fs::symlink_metadata(dir.join(path.as_ref())) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                Ok(meta) if !meta.is_file() => {
-                    return Err(ArchiveError::Malformed {
-                        path: path.to_string(),
-                        reason: "not a regular file".into(),
-                    });
-                }
-                _ => {}
-            }
+            let (file, max, name) = (
+                dir.join(path.as_ref()),
+                self.config.max_object_bytes,
+                path.to_string(),
+            );
+            let read = tokio::task::spawn_blocking(move || read_local(&file, max, name));
+            return tokio::time::timeout(self.config.request_timeout, read)
+                .await
+                .map_err(|_| ArchiveError::Timeout(self.config.request_timeout))?
+                .map_err(|e| ArchiveError::Source(format!("the read failed: {e}")))?;
         }
         let result = match self.timed(self.store.get(path)).await {
             Ok(r) => r,
@@ -437,17 +484,25 @@ impl Archive {
         Ok(Some(batch))
     }
 
-    /// The first commit of the stored batch that would hold `index`: the
-    /// greatest batch start at or before it, from a listing of the
-    /// batches.
-    pub async fn batch_before(
+    /// The first commit of the stored batch that would hold `index`, in
+    /// batches of at most `longest` commits: the greatest batch start at or
+    /// before it, from a listing of the batches past `index - longest`
+    /// (names sort as their numbers), so a long archive is not listed
+    /// whole.
+    pub async fn batch_holding(
         &self,
         index: CommitIndex,
+        longest: u64,
     ) -> Result<Option<CommitIndex>, ArchiveError> {
         use futures::TryStreamExt;
         let prefix = self.root.clone().join("batches");
+        let offset = self.batch_path(index.saturating_sub(longest));
         let listed: Vec<object_store::ObjectMeta> = self
-            .timed(self.store.list(Some(&prefix)).try_collect())
+            .timed(
+                self.store
+                    .list_with_offset(Some(&prefix), &offset)
+                    .try_collect(),
+            )
             .await?;
         let firsts = listed.iter().filter_map(|meta| {
             let name = meta.location.filename()?.strip_suffix(".batch")?;
@@ -559,8 +614,9 @@ mod tests {
     }
 
     /// A FIFO planted at a batch's path in a local archive is refused
-    /// without being opened (an open would block a thread until a writer
-    /// came, past the request timeout).
+    /// without blocking (an open for reading would block a thread until a
+    /// writer came, past the request timeout), and a symbolic link is not
+    /// followed.
     #[tokio::test]
     async fn a_local_archive_reads_only_regular_files() {
         let dir = tempfile::tempdir().unwrap();
@@ -576,6 +632,15 @@ mod tests {
         assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
         match archive.batch(1).await {
             Err(ArchiveError::Malformed { reason, .. }) => assert_eq!(reason, "not a regular file"),
+            other => panic!("{other:?}"),
+        }
+        // A symbolic link is not followed, even to a regular file.
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, b"x").unwrap();
+        let link = dir.path().join(archive.batch_path(201).as_ref());
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        match archive.batch(201).await {
+            Err(ArchiveError::Malformed { reason, .. }) => assert_eq!(reason, "a symbolic link"),
             other => panic!("{other:?}"),
         }
         // Nothing there: none, as before.

@@ -125,42 +125,51 @@ async fn step(deps: &WriterDeps, next: &mut Option<CommitIndex>) -> Result<bool,
 }
 
 /// `head`, read from the archive, if pruning may trust it: it prunes
-/// nothing this store holds (at most `lowest`), or the batch before it is
-/// stored, ends at `head - 1` and holds that commit as this store does
-/// (where it still holds it). Otherwise `lowest`, from which the writer
-/// archives again: `head.json` is any bytes whoever can write the bucket
-/// put there, and trusted it had the node prune history nobody archived.
+/// nothing this store holds (at most `lowest`), or the highest commit this
+/// store holds below it is in the archive's batch for it, as this store
+/// holds it, and then at most one past the store's watermark. Otherwise
+/// `lowest`, from which the writer archives again. A
+/// `head.json` written wrongly (another writer's, a bug) had the node
+/// prune history nobody archived; this checks it against the node's own
+/// data. Whoever can write the bucket can still copy a genuine commit
+/// there, or delete what a true head stands on: the archive is as safe
+/// as its credentials.
 async fn checked_head(
     deps: &WriterDeps,
     head: CommitIndex,
     lowest: CommitIndex,
 ) -> Result<CommitIndex, ArchiveError> {
-    if head <= lowest {
+    let store = deps.store.clone();
+    let watermark = blocking(move || Ok(store.highest_synced_commit()?.index)).await?;
+    // The highest commit this store holds that the head says is archived.
+    let check = (head - 1).min(watermark);
+    if head <= lowest || check < lowest {
         return Ok(head);
     }
-    let last = head - 1;
-    let batch = match deps.archive.batch_before(last).await? {
+    let batch = match deps.archive.batch_holding(check, deps.batch_size).await? {
         Some(first) => match deps.archive.batch(first).await {
-            Ok(batch) => batch.filter(|b| b.last == last),
+            Ok(batch) => batch.filter(|b| b.last >= check),
             Err(ArchiveError::Malformed { .. }) => None,
             Err(e) => return Err(e),
         },
         None => None,
     };
-    let held = match &batch {
+    let held = match batch {
         Some(batch) => {
             let store = deps.store.clone();
-            let archived = batch.commits.last().cloned();
+            let at = usize::try_from(check - batch.first).unwrap_or(usize::MAX);
+            let archived = batch.commits.get(at).cloned();
             blocking(move || {
-                let ours = store.commit(last)?;
-                Ok(ours.is_none_or(|c| Some(c.serialized()) == archived.as_ref()))
+                let ours = store.commit(check)?;
+                Ok(ours.is_some_and(|c| Some(c.serialized()) == archived.as_ref()))
             })
             .await?
         }
         None => false,
     };
     if held {
-        return Ok(head);
+        // Never past what this store holds: the writer goes on from there.
+        return Ok(head.min(watermark + 1));
     }
     tracing::error!(
         head,
@@ -347,7 +356,10 @@ mod tests {
                 *deps.archived.borrow()
             }
         };
-        assert_eq!(restart_at(u64::MAX).await, 101);
+        // A head past everything: backed at 300, and so taken, but never
+        // past the store's watermark (at 2^64 - 1 the writer idled for
+        // good and pruning took whatever came).
+        assert_eq!(restart_at(u64::MAX).await, 301);
         let mut wrong = honest.archive.batch(201).await.unwrap().unwrap();
         let last = wrong.commits.len() - 1;
         wrong.commits[last] = chain.commit(299).serialized().clone();
@@ -360,6 +372,18 @@ mod tests {
         fixed.commits[last] = chain.commit(300).serialized().clone();
         honest.archive.put_batch(&fixed).await.unwrap();
         assert_eq!(restart_at(301).await, 301);
+        // A head past what an archive holds (1..=100 only): nothing backs
+        // it at 300, so the writer starts again at 1.
+        let short = writer(store.clone(), chain.chain_id());
+        assert!(step(&short, &mut None).await.unwrap());
+        short.archive.set_head(301).await.unwrap();
+        let again = WriterDeps {
+            archive: short.archive.clone(),
+            archived: watch::channel(0).0,
+            ..writer(store.clone(), chain.chain_id())
+        };
+        step(&again, &mut None).await.unwrap();
+        assert_eq!(*again.archived.borrow(), 101);
     }
 
     #[test]

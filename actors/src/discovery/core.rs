@@ -238,7 +238,8 @@ fn prints_as(parsed: SocketAddr, address: &str) -> bool {
 fn prefix(address: &str, allow_private: bool) -> Option<Prefix> {
     let parsed: SocketAddr = address.parse().ok()?;
     let ip = parsed.ip();
-    if parsed.port() == 0 || canonical(ip) != ip || !prints_as(parsed, address) {
+    let scoped = matches!(parsed, SocketAddr::V6(v6) if v6.scope_id() != 0);
+    if parsed.port() == 0 || scoped || canonical(ip) != ip || !prints_as(parsed, address) {
         return None;
     }
     match ip {
@@ -366,7 +367,12 @@ impl Core for DiscoveryCore {
     type Input = Input;
     type Output = Output;
 
-    fn new(init: Init) -> Self {
+    fn new(mut init: Init) -> Self {
+        // Seeds spelled as infos must be, so a connection to a seed keeps
+        // its address from being dialled again under another spelling.
+        for seed in &mut init.seeds {
+            seed.address = canonical_address(&seed.address);
+        }
         // Room for a full table at once (up to a bound, whatever the
         // setting): one that grows keeps spare room as large again.
         let known = Table::with_capacity(init.config.max_known_peers.min(TABLE_PREALLOCATED));
@@ -1474,6 +1480,33 @@ mod tests {
         }
     }
 
+    /// A seed configured in another spelling is dialled, and counted
+    /// connected, as infos spell its address: a fake advertising it so is
+    /// not dialled while the seed is connected.
+    #[test]
+    fn a_seed_is_dialled_at_its_address_as_infos_spell_it() {
+        let mut i = init(8);
+        i.seeds = vec![SeedPeer {
+            peer_id: None,
+            address: "[2001:DB8:0::1]:7000".into(),
+        }];
+        let mut c = DiscoveryCore::new(i);
+        let address = "[2001:db8::1]:7000".to_string();
+        assert_eq!(
+            dials(&tick(&mut c, Time(0), NOW_MS)),
+            vec![(None, address.clone())]
+        );
+        c.handle(
+            Time(20),
+            Input::Connected {
+                address: address.clone(),
+                peer: id(7),
+            },
+        );
+        learn(&mut c, vec![info_at(9, NOW_MS, &[&address])]);
+        assert!(dials(&tick(&mut c, Time(5_000), NOW_MS)).is_empty());
+    }
+
     #[test]
     fn a_connected_seed_is_not_dialled_again() {
         let mut i = init(8);
@@ -2203,6 +2236,7 @@ mod tests {
             "[2001:db8:0:0:0:0:0:1]:7000",
             "[2001:DB8::1]:7000",
             "[2001:0db8::1]:7000",
+            "[2001:db8::1%7]:7000",
             "seed.example:7000",
             "1.2.3.4:0",
             "1.2.3.4",

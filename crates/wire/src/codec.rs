@@ -133,8 +133,9 @@ pub fn decode_copying<U: Message + Default, B: Buf>(buf: &mut B) -> Result<U, St
 
 /// Refuses `message`, an encoded message, if it has more top-level fields
 /// than [`FREE_FIELDS`] plus one per [`MIN_FIELD_BYTES`] of its length.
-/// Reads only keys and lengths, and stops at the first malformed one (or
-/// group), which the decoder then refuses.
+/// Reads only keys and lengths, and stops at the first malformed one,
+/// which the decoder then refuses. A group is refused: proto3 has none,
+/// and prost would skip one unread, with whatever follows it.
 fn check_field_count(mut message: &[u8]) -> Result<(), Status> {
     let len = message.len();
     let allowed = FREE_FIELDS + len / MIN_FIELD_BYTES;
@@ -154,7 +155,9 @@ fn check_field_count(mut message: &[u8]) -> Result<(), Status> {
                 Ok(len) => usize::try_from(len).unwrap_or(usize::MAX),
                 Err(_) => break,
             },
-            WireType::StartGroup | WireType::EndGroup => break,
+            WireType::StartGroup | WireType::EndGroup => {
+                return Err(Status::internal("a group in a proto3 message"));
+            }
         };
         if skip > message.len() {
             break;
@@ -255,6 +258,16 @@ mod tests {
         let encoded = Bytes::from(refs.encode_to_vec());
         let decoded: FetchBlocksRequest = decode_copying(&mut encoded.clone()).unwrap();
         assert_eq!(decoded, refs);
+    }
+
+    /// A group (an empty one, field 15) before the entries does not end
+    /// the count: groups are refused.
+    #[test]
+    fn a_group_is_refused_not_skipped() {
+        let mut junk = vec![0x7b, 0x7c];
+        junk.extend_from_slice(&empty_entries(1 << 16));
+        let refused = decode_copying::<FetchBlocksResponse, _>(&mut Bytes::from(junk)).unwrap_err();
+        assert_eq!(refused.message(), "a group in a proto3 message");
     }
 
     /// A message split over several chunks is counted as one.
