@@ -175,8 +175,9 @@ async fn wait_synced_or_report(node: &P2pHandle, tip: u64) {
     let waited = soma_testkit::wait_applied(node, tip, DEADLINE + Duration::from_secs(1));
     if tokio::time::timeout(DEADLINE, waited).await.is_err() {
         panic!(
-            "sync stalled\nstatus: {:?}\nhealth: {:?}\nconnected: {:?}\nheights: {:?}\nfetches in flight: {}",
+            "sync stalled\nstatus: {:?}\nplan: {}\nhealth: {:?}\nconnected: {:?}\nheights: {:?}\nfetches in flight: {}",
             node.sync_status().await,
+            node.sync_plan().await.unwrap_or_else(|e| e.to_string()),
             node.health(),
             node.connected_peers().await,
             node.peer_heights().await,

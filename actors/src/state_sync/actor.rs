@@ -501,6 +501,13 @@ impl Handler<GetSyncStatus> for StateSync {
     }
 }
 
+impl Handler<GetSyncPlan> for StateSync {
+    type Result = String;
+    fn handle(&mut self, _: GetSyncPlan, _: &mut Context<Self>) -> String {
+        self.driver.core().plan()
+    }
+}
+
 impl Handler<ApplyLocal> for StateSync {
     type Result = ResponseFuture<Result<(), ApplyError>>;
 

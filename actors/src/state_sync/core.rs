@@ -710,6 +710,54 @@ impl StateSyncCore {
         self.requested
     }
 
+    /// What the core is doing, in one line per kind of work, for a person
+    /// reading why sync stands still: the watermarks, the work in flight
+    /// (each task and what it fetches), the batches fetched with their
+    /// chunks still to come, the fetches ahead and the waits.
+    pub fn plan(&self) -> String {
+        let mut tasks: Vec<_> = self.tasks.iter().collect();
+        tasks.sort_unstable_by_key(|(id, _)| **id);
+        let batches: Vec<String> = (self.batches.iter())
+            .map(|(start, b)| {
+                let left = b
+                    .chunks
+                    .values()
+                    .filter(|c| !matches!(c.state, ChunkState::Done(_)));
+                format!("{start}..={} ({} chunks to come)", b.end, left.count())
+            })
+            .collect();
+        let prefetches: Vec<String> = (self.prefetches.iter())
+            .map(|(start, p)| {
+                format!(
+                    "{start}..={} (task {}, in: {})",
+                    p.end,
+                    p.task,
+                    p.ready.is_some()
+                )
+            })
+            .collect();
+        format!(
+            "synced {}, verified {}, requested {}, highest known {}, known end {:?}, \
+             unavailable {:?}, executed {:?}\n\
+             commit task {:?}, applying {:?}, write failures {}, orphans {}\n\
+             tasks {tasks:?}\nbatches {batches:?}\nprefetches {prefetches:?}\n\
+             fetched bytes {} of {}",
+            self.synced.index,
+            self.verified.index,
+            self.requested,
+            self.highest_known,
+            self.known_end,
+            self.unavailable,
+            self.executed,
+            self.commit_task,
+            self.applying,
+            self.write_failures,
+            self.orphans.len(),
+            self.fetched_bytes(),
+            self.config.max_total_fetched_bytes,
+        )
+    }
+
     /// The highest commit sync may ask for: the highest known, held to
     /// `max_lead_over_execution` past a registered executor.
     pub fn fetch_limit(&self) -> CommitIndex {
@@ -2736,6 +2784,39 @@ mod tests {
         // Unregistered: the lead no longer holds.
         c.handle(Time(4), Input::Executed { taken: None });
         assert_eq!(c.fetch_limit(), 100);
+    }
+
+    /// The plan a stalled sync is read by names the work in flight and
+    /// the batches waiting on it.
+    #[test]
+    fn the_plan_names_the_work_in_flight_and_the_batches_it_feeds() {
+        let mut c = core(config());
+        let (t, start, end) = commit_fetch(&tick(&mut c, 0, 100)).unwrap();
+        assert_eq!((start, end), (1, 10));
+        let plan = c.plan();
+        assert!(
+            plan.starts_with("synced 0, verified 0, requested 10, highest known 100,"),
+            "{plan}"
+        );
+        assert!(plan.contains(&format!("commit task Some({t})")), "{plan}");
+        assert!(plan.contains("batches []"), "{plan}");
+        // Its commits in (with no blocks): applied next, the next batch's
+        // commits asked.
+        commits_ok(&mut c, 0, t, 1, 10, 0);
+        let plan = c.plan();
+        assert!(
+            plan.starts_with("synced 0, verified 10, requested 20, highest known 100,"),
+            "{plan}"
+        );
+        assert!(plan.contains("applying Some(1)"), "{plan}");
+        assert!(
+            plan.contains("CommitsWanted { start: 11, end: 20,"),
+            "{plan}"
+        );
+        assert!(
+            plan.contains("batches [\"1..=10 (0 chunks to come)\"]"),
+            "{plan}"
+        );
     }
 
     #[test]

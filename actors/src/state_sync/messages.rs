@@ -467,6 +467,11 @@ impl SyncStatus {
 #[rtype(result = "SyncStatus")]
 pub struct GetSyncStatus;
 
+/// Asks for the core's plan, as text (`StateSyncCore::plan`).
+#[derive(Message)]
+#[rtype(result = "String")]
+pub struct GetSyncPlan;
+
 /// A caller's PushCommit, from the GrpcAdapter: the height it claims may
 /// bring the next height query forward ([`Input::Pushed`]).
 #[derive(Clone, Debug, Message)]

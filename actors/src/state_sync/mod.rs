@@ -53,8 +53,8 @@ pub use core::{Config, DEFAULT_COMMIT_SYNC_BATCH_SIZE, Init, StateSyncCore, comm
 pub use deps::Deps;
 pub use hedging::{HEAD_HEDGE_MIN, HEDGE_MIN, HEDGE_PEERS, HEDGE_STALE_ANSWERS, Hedging};
 pub use messages::{
-    ApplyLocal, CommitBatchInfo, CommitsWanted, EpochStart, Failure, GetSyncStatus, HeightPushed,
-    Input, LocalFailure, Output, StoreCertificate, SyncStatus, TaskId,
+    ApplyLocal, CommitBatchInfo, CommitsWanted, EpochStart, Failure, GetSyncPlan, GetSyncStatus,
+    HeightPushed, Input, LocalFailure, Output, StoreCertificate, SyncStatus, TaskId,
 };
 pub use prune::Retention;
 pub use queries::HeightQueries;

@@ -335,6 +335,20 @@ impl P2pHandle {
             .map_err(P2pError::from)
     }
 
+    /// What StateSync is doing, as text for a person to read (the
+    /// watermarks, each task in flight, the batches fetched and their
+    /// chunks still to come, the fetches ahead): a diagnostic, whose
+    /// wording may change.
+    pub async fn sync_plan(&self) -> Result<String, P2pError> {
+        self.inner
+            .actors
+            .state_sync
+            .send(crate::state_sync::GetSyncPlan)
+            .timeout(self.inner.timeout)
+            .await
+            .map_err(mailbox)
+    }
+
     /// How far the node has synced, and how far its peers reach.
     pub async fn sync_status(&self) -> Result<SyncStatus, P2pError> {
         self.inner
