@@ -237,10 +237,7 @@ impl ArchiveStats {
 /// chunked transfer encoding beside it, hyper reads the body to its end),
 /// and object_store's own `bytes()` collects whatever comes. A body that
 /// ends short of the claim is refused too.
-async fn body(
-    path: &Path,
-    result: object_store::GetResult,
-) -> object_store::Result<Result<Bytes, ArchiveError>> {
+async fn body(path: &Path, result: object_store::GetResult) -> Result<Bytes, ArchiveError> {
     use futures::StreamExt;
     let claimed = result.meta.size;
     let mut body = Vec::with_capacity(usize::try_from(claimed).unwrap_or(0));
@@ -249,21 +246,21 @@ async fn body(
         let chunk = chunk?;
         let size = (body.len() + chunk.len()) as u64;
         if size > claimed {
-            return Ok(Err(ArchiveError::TooLarge {
+            return Err(ArchiveError::TooLarge {
                 path: path.to_string(),
                 size,
                 max: claimed,
-            }));
+            });
         }
         body.extend_from_slice(&chunk);
     }
     if body.len() as u64 != claimed {
-        return Ok(Err(ArchiveError::Malformed {
+        return Err(ArchiveError::Malformed {
             path: path.to_string(),
             reason: format!("its body ended at {} of {claimed} bytes", body.len()),
-        }));
+        });
     }
-    Ok(Ok(Bytes::from(body)))
+    Ok(Bytes::from(body))
 }
 
 /// The object at `file` of a local archive, `None` if there is none: opened
@@ -404,14 +401,14 @@ impl Archive {
         self.root.clone().join("head.json")
     }
 
-    async fn timed<T>(
+    async fn timed<T, E: Into<ArchiveError>>(
         &self,
-        call: impl std::future::Future<Output = object_store::Result<T>>,
+        call: impl std::future::Future<Output = Result<T, E>>,
     ) -> Result<T, ArchiveError> {
         tokio::time::timeout(self.config.request_timeout, call)
             .await
             .map_err(|_| ArchiveError::Timeout(self.config.request_timeout))?
-            .map_err(ArchiveError::Store)
+            .map_err(Into::into)
     }
 
     /// The object at `path`, `None` if there is none; refused past
@@ -429,10 +426,11 @@ impl Archive {
                 path.to_string(),
             );
             let read = tokio::task::spawn_blocking(move || read_local(&file, max, name));
-            return tokio::time::timeout(self.config.request_timeout, read)
-                .await
-                .map_err(|_| ArchiveError::Timeout(self.config.request_timeout))?
-                .map_err(|e| ArchiveError::Source(format!("the read failed: {e}")))?;
+            let read = async {
+                read.await
+                    .map_err(|e| ArchiveError::Source(format!("the read failed: {e}")))?
+            };
+            return self.timed(read).await;
         }
         let result = match self.timed(self.store.get(path)).await {
             Ok(r) => r,
@@ -447,7 +445,7 @@ impl Archive {
                 max: self.config.max_object_bytes,
             });
         }
-        self.timed(body(path, result)).await?.map(Some)
+        self.timed(body(path, result)).await.map(Some)
     }
 
     async fn put(&self, path: &Path, bytes: Vec<u8>) -> Result<(), ArchiveError> {
@@ -590,7 +588,7 @@ mod tests {
     #[tokio::test]
     async fn a_body_past_the_size_its_object_claimed_is_refused_at_once() {
         let path = Path::from("object");
-        let endless = body(&path, result(100_000, None).await).await.unwrap();
+        let endless = body(&path, result(100_000, None).await).await;
         match endless {
             Err(ArchiveError::TooLarge { size, max, .. }) => {
                 assert_eq!((size, max), (2 * 65_536, 100_000));
@@ -598,18 +596,13 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // Short of the claim: refused; the claim exactly: read whole.
-        match body(&path, result(3 * 65_536, Some(2)).await)
-            .await
-            .unwrap()
-        {
+        match body(&path, result(3 * 65_536, Some(2)).await).await {
             Err(ArchiveError::Malformed { reason, .. }) => {
                 assert_eq!(reason, "its body ended at 131072 of 196608 bytes");
             }
             other => panic!("{other:?}"),
         }
-        let whole = body(&path, result(2 * 65_536, Some(2)).await)
-            .await
-            .unwrap();
+        let whole = body(&path, result(2 * 65_536, Some(2)).await).await;
         assert_eq!(whole.unwrap().len(), 2 * 65_536);
     }
 
