@@ -75,7 +75,9 @@ pub struct Config {
     /// (IPv6) prefix, so that addresses an attacker holds cannot fill the
     /// table.
     pub max_known_peers_per_prefix: usize,
-    /// Most new peers learnt from one source per interval.
+    /// Most peers not known yet taken from one source per interval,
+    /// whether or not the table had room for them (each costs a search
+    /// for an entry to evict).
     pub max_new_peers_per_source_per_interval: usize,
     /// Whether loopback and private addresses (10/8, 172.16/12,
     /// 192.168/16, 100.64/10, fc00::/7) are accepted in infos. True by
@@ -226,8 +228,31 @@ fn prints_as(parsed: SocketAddr, address: &str) -> bool {
     write!(buffer, "{parsed}").is_ok() && buffer.bytes[..buffer.len] == *address.as_bytes()
 }
 
+/// Ports of services that are not for the public and ask for credentials
+/// (remote shells, mail, name service, file sharing, databases, remote
+/// desktops...): no node is advertised on one. Otherwise infos naming a
+/// host at such a port would point every node that reads them at that
+/// service, each a connection attempt its operator sees as an attack
+/// (Bitcoin Core refuses to dial such ports for the same reason). The
+/// list is the "bad ports" of the WHATWG Fetch standard, which browsers
+/// refuse for the same reason, and the usual ports of databases, remote
+/// desktops and caches. Sorted, for a binary search.
+pub const SERVICE_PORTS: [u16; 91] = [
+    1, 7, 9, 11, 13, 15, 17, 19, 20, 21, 22, 23, 25, 37, 42, 43, 53, 69, 77, 79, 87, 95, 101, 102,
+    103, 104, 109, 110, 111, 113, 115, 117, 119, 123, 135, 137, 139, 143, 161, 179, 389, 427, 465,
+    512, 513, 514, 515, 526, 530, 531, 532, 540, 548, 554, 556, 563, 587, 601, 636, 989, 990, 993,
+    995, 1433, 1521, 1719, 1720, 1723, 2049, 3306, 3389, 3659, 4045, 4190, 5060, 5061, 5432, 5900,
+    6000, 6379, 6566, 6665, 6666, 6667, 6668, 6669, 6679, 6697, 10080, 11211, 27017,
+];
+
+/// Whether `port` is one of [`SERVICE_PORTS`], where no node may be
+/// advertised.
+pub fn is_service_port(port: u16) -> bool {
+    SERVICE_PORTS.binary_search(&port).is_ok()
+}
+
 /// The prefix of `address` if peers may advertise it: an IP literal with a
-/// port, written as [`canonical_address`] writes it, neither unspecified,
+/// port, none of [`SERVICE_PORTS`], written as [`canonical_address`] writes it, neither unspecified,
 /// multicast, broadcast, reserved (240/4) nor link-local, embedding no
 /// IPv4 address ([`embeds_ipv4`]), and loopback, private or otherwise
 /// not global only when allowed. Host names are refused: they cannot be
@@ -239,7 +264,11 @@ fn prefix(address: &str, allow_private: bool) -> Option<Prefix> {
     let parsed: SocketAddr = address.parse().ok()?;
     let ip = parsed.ip();
     let scoped = matches!(parsed, SocketAddr::V6(v6) if v6.scope_id() != 0);
-    if parsed.port() == 0 || scoped || canonical(ip) != ip || !prints_as(parsed, address) {
+    let port = parsed.port();
+    if port == 0 || is_service_port(port) || scoped || canonical(ip) != ip {
+        return None;
+    }
+    if !prints_as(parsed, address) {
         return None;
     }
     match ip {
@@ -613,6 +642,11 @@ impl DiscoveryCore {
             self.known.update(peer, info, first, seen_ms);
             return;
         }
+        // A newcomer counts against its source's allowance whether or not
+        // it finds room: each one that finds none costs a walk over the
+        // source buckets, and a source must not buy an unbounded number
+        // of walks with infos older than everything the table holds.
+        *learned += 1;
         let Some(victims) = self.make_room(Some(source), first, seen_ms, peer) else {
             return;
         };
@@ -629,7 +663,6 @@ impl DiscoveryCore {
                 seen_ms,
             },
         );
-        *learned += 1;
     }
 
     /// The bucket of `addresses`: the prefix of the first, if every one is
@@ -1856,25 +1889,56 @@ mod tests {
         assert_eq!(sorted(known(&mut c)), ids([1, 2, 3, 4, 5]));
     }
 
+    /// Newcomers that find no room (every entry newer, none evictable)
+    /// still count against their source's allowance: each cost a walk
+    /// over the source buckets, and a source sending only infos older
+    /// than the table's entries could otherwise buy that walk for every
+    /// info of every answer.
+    #[test]
+    fn newcomers_refused_for_want_of_room_count_against_the_allowance() {
+        let mut c = config(|c| {
+            c.max_known_peers = 4;
+            c.max_new_peers_per_source_per_interval = 3;
+        });
+        for (source, peers) in [(100, [1, 2]), (102, [3, 4])] {
+            let fresh = peers.map(|n| info(n, NOW_MS + 100)).to_vec();
+            learn_from(&mut c, source, NOW_MS + 100, fresh);
+        }
+        assert_eq!(sorted(known(&mut c)), ids([1, 2, 3, 4]));
+        // Three older newcomers from source 101: no room for any.
+        let old = (5..=7).map(|n| info(n, NOW_MS)).collect();
+        learn_from(&mut c, 101, NOW_MS + 100, old);
+        assert_eq!(sorted(known(&mut c)), ids([1, 2, 3, 4]));
+        // A newer one that would have room is past the allowance now.
+        learn_from(&mut c, 101, NOW_MS + 200, vec![info(8, NOW_MS + 200)]);
+        assert_eq!(sorted(known(&mut c)), ids([1, 2, 3, 4]));
+        // Next interval it is taken, in place of the fullest bucket's
+        // oldest entry.
+        tick(&mut c, Time(10_000), NOW_MS + 200);
+        learn_from(&mut c, 101, NOW_MS + 200, vec![info(8, NOW_MS + 200)]);
+        assert_eq!(known(&mut c).len(), 4);
+        assert!(known(&mut c).contains(&id(8)));
+    }
+
     #[test]
     fn a_prefix_is_the_24_or_32_bits_and_orders_as_the_address() {
         let p = |a: &str| prefix(a, false).unwrap();
-        assert_eq!(p("1.2.3.4:1"), Prefix::V4(0x01_02_03));
-        assert_eq!(p("1.2.3.4:1"), p("1.2.3.254:2"));
+        assert_eq!(p("1.2.3.4:2"), Prefix::V4(0x01_02_03));
+        assert_eq!(p("1.2.3.4:2"), p("1.2.3.254:3"));
         // An IPv4-mapped address is refused (one spelling per address),
         // but a caller's counts as its IPv4 address.
-        assert_eq!(prefix("[::ffff:1.2.3.9]:1", false), None);
-        assert_eq!(ip_prefix("::ffff:1.2.3.9".parse().unwrap()), p("1.2.3.4:1"));
-        assert_eq!(p("[2001:db8:1:2::1]:1"), Prefix::V6(0x2001_0db8));
+        assert_eq!(prefix("[::ffff:1.2.3.9]:2", false), None);
+        assert_eq!(ip_prefix("::ffff:1.2.3.9".parse().unwrap()), p("1.2.3.4:2"));
+        assert_eq!(p("[2001:db8:1:2::1]:2"), Prefix::V6(0x2001_0db8));
         // Every /64 of one /32 is one network.
-        assert_eq!(p("[2001:db8:1:2::1]:1"), p("[2001:db8:ffff:9::9]:1"));
-        assert_ne!(p("[2001:db8::1]:1"), p("[2001:db9::1]:1"));
+        assert_eq!(p("[2001:db8:1:2::1]:2"), p("[2001:db8:ffff:9::9]:2"));
+        assert_ne!(p("[2001:db8::1]:2"), p("[2001:db9::1]:2"));
         let ordered = [
-            "1.2.3.4:1",
-            "1.2.4.1:1",
-            "1.3.0.1:1",
-            "2.0.0.1:1",
-            "[2001:1::1]:1",
+            "1.2.3.4:2",
+            "1.2.4.1:2",
+            "1.3.0.1:2",
+            "2.0.0.1:2",
+            "[2001:1::1]:2",
         ];
         assert!(ordered.windows(2).all(|w| p(w[0]) < p(w[1])));
     }
@@ -2202,6 +2266,17 @@ mod tests {
     }
 
     #[test]
+    fn service_ports_are_sorted_and_found() {
+        assert!(SERVICE_PORTS.windows(2).all(|w| w[0] < w[1]));
+        for port in SERVICE_PORTS {
+            assert!(is_service_port(port), "{port}");
+        }
+        for port in [0, 2, 80, 443, 7000, 8080, 65535] {
+            assert!(!is_service_port(port), "{port}");
+        }
+    }
+
+    #[test]
     fn advertised_addresses_are_validated() {
         let never = [
             "0.0.0.0:7000",
@@ -2240,6 +2315,13 @@ mod tests {
             "seed.example:7000",
             "1.2.3.4:0",
             "1.2.3.4",
+            // Ports of services that are not nodes, whatever the address.
+            "1.2.3.4:22",
+            "1.2.3.4:25",
+            "1.2.3.4:1",
+            "[2001:db8::1]:3306",
+            "127.0.0.1:5432",
+            "10.0.0.1:27017",
         ];
         let private = [
             "127.0.0.1:7000",
@@ -2258,7 +2340,9 @@ mod tests {
             "1.2.3.4:7000",
             "198.20.0.1:7000",
             "192.0.1.1:7000",
-            "223.255.255.1:1",
+            "223.255.255.1:2",
+            "1.2.3.4:443",
+            "1.2.3.4:80",
             "[2001:db8::1]:7000",
             "[2001:1::1]:7000",
             "[2003::1]:65535",

@@ -24,5 +24,7 @@ pub mod scenario;
 mod table;
 
 pub use actor::{Deps, Discovery};
-pub use core::{Config, DiscoveryCore, Init, SeedPeer, canonical_address};
+pub use core::{
+    Config, DiscoveryCore, Init, SERVICE_PORTS, SeedPeer, canonical_address, is_service_port,
+};
 pub use messages::{ExchangeInfo, Exchanged, Input, KnownPeers, Output};

@@ -177,6 +177,16 @@ impl P2pBuilder {
                 .map(|a| crate::discovery::canonical_address(a))
                 .collect()
         };
+        for address in &addresses {
+            let port = address.parse::<std::net::SocketAddr>().map(|a| a.port());
+            if port.is_ok_and(crate::discovery::is_service_port) {
+                tracing::warn!(
+                    %address,
+                    "peers refuse to dial a node advertised at the port of another service \
+                     (docs/operations.md, `listen-address`); listen or advertise another port"
+                );
+            }
+        }
         let own_info = SignedNodeInfo::sign(
             NodeInfo {
                 peer_id,
