@@ -305,6 +305,50 @@ mod byzantine {
         honest.shutdown().await;
     }
 
+    /// Three silent peers hold several fetches at once, each hedged. Two
+    /// calls of a hedged fetch may each hold up to the fetch's
+    /// reservation, so hedges take theirs from a budget of their own
+    /// before they are sent: with a budget smaller than any hedge, each
+    /// waits until no other is in flight (a hedge that went to another
+    /// silent peer holds the budget until the timeout), and the catch-up
+    /// still completes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hedges_wait_for_room_in_their_budget_and_sync_completes() {
+        let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(600));
+        let honest = validator(&chain, 1);
+        let mut seed_peers = seeds(&[&honest]);
+        let mut silent = Vec::new();
+        for key in 125..128 {
+            let peer = serve_observed(chain.clone(), Lie::NeverAnswers, key).await;
+            seed_peers.push(peer.seed());
+            silent.push(peer);
+        }
+        let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+        let mut config = P2pConfig {
+            seed_peers,
+            timeout: Duration::from_secs(2),
+            // Two fetches per peer at once: while the honest peer serves
+            // two, the next go to the silent peers.
+            max_fetches_per_peer: 2,
+            synced_commit_broadcast_capacity: 10_000,
+            ..P2pConfig::default()
+        };
+        // Small block fetches, many at once: the silent peers hold several.
+        config.state_sync.max_blocks_per_fetch = 40;
+        config.state_sync.max_hedged_bytes = 1024;
+        let node = soma_testkit::node(&chain, 9, config, store.clone());
+        wait_synced(&node, 600).await;
+        assert_same_chain(&chain, store.as_ref());
+        let status = node.sync_status().await.unwrap();
+        let held: usize = silent.iter().map(|s| s.fetches()).sum();
+        assert!(held > 1, "{held}");
+        assert!(status.hedges_won > 0, "{status:?}");
+        assert!(status.hedges_sent >= status.hedges_won, "{status:?}");
+        assert_eq!(status.most_hedges_at_once, 1, "{status:?}");
+        node.shutdown().await;
+        honest.shutdown().await;
+    }
+
     /// A block fetch the silent peer holds is hedged to the only other
     /// peer, which answers the hedge with a blob nobody asked for. That
     /// lie is the hedge's, which the core never sees: it used to be

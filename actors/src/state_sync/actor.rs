@@ -491,11 +491,15 @@ impl Handler<BlocksDone> for StateSync {
 impl Handler<GetSyncStatus> for StateSync {
     type Result = SyncStatus;
     fn handle(&mut self, _: GetSyncStatus, _: &mut Context<Self>) -> SyncStatus {
+        let hedges = self.worker.hedge_budget.held();
         SyncStatus {
             advertised: self.deps.availability.borrow().highest,
             invalid_responses: self.status.invalid_responses
                 + self.worker.lies_in_hedges.load(Ordering::Relaxed),
             hedges_won: self.worker.hedges_won.load(Ordering::Relaxed),
+            hedges_sent: hedges.sent,
+            most_hedges_at_once: hedges.most_hedges,
+            most_hedged_bytes: hedges.most_bytes,
             ..self.status.clone()
         }
     }

@@ -32,6 +32,14 @@ pub struct Config {
     /// with the most its answer may bring, from the moment it is sent, and
     /// every fetched, not yet applied batch with its real size.
     pub max_total_fetched_bytes: u64,
+    /// Bytes that hedges in flight may hold beyond
+    /// `max_total_fetched_bytes`: a hedge (a late fetch asked of a second
+    /// peer too) counts with its fetch's reservation from the moment it
+    /// is sent until the race ends, and waits for room before it is sent
+    /// (one larger than all of it waits until no other hedge is in
+    /// flight). 0: fetches are never hedged.
+    #[serde(default = "default_max_hedged_bytes")]
+    pub max_hedged_bytes: u64,
     /// Blocks asked for in one FetchBlocks.
     pub max_blocks_per_fetch: usize,
     /// Bytes of blocks one FetchBlocks may bring; a chunk of blocks that
@@ -81,6 +89,7 @@ impl Default for Config {
             commit_fetches_ahead: 8,
             batches_ahead: 32,
             max_total_fetched_bytes: 128 << 20,
+            max_hedged_bytes: default_max_hedged_bytes(),
             max_blocks_per_fetch: 1_000,
             max_bytes_per_fetch: default_max_bytes_per_fetch(),
             max_block_bytes: default_max_block_bytes(),
@@ -94,6 +103,15 @@ impl Default for Config {
             max_write_backoff_ms: default_max_write_backoff_ms(),
         }
     }
+}
+
+/// Half the default `max_total_fetched_bytes`: room for the hedges of
+/// eight of the largest block fetches, or of a commit fetch at the head of
+/// the pipeline (about 16 MiB for a committee of 4, 88 MiB for 31: larger
+/// than the budget, it waits until no other hedge is in flight) beside
+/// block fetches.
+fn default_max_hedged_bytes() -> u64 {
+    64 << 20
 }
 
 fn default_max_write_backoff_ms() -> u64 {
@@ -227,7 +245,7 @@ impl Config {
     /// What a block fetch accepting `max_bytes` reserves of the budget: the
     /// bytes it may keep, plus one message that arrives whole before it
     /// can be counted.
-    fn block_reserve(&self, max_bytes: u64) -> u64 {
+    pub(super) fn block_reserve(&self, max_bytes: u64) -> u64 {
         max_bytes + self.block_message_bytes(max_bytes)
     }
 }

@@ -11,7 +11,7 @@ use soma_wire::convert::Availability;
 use tokio::sync::{broadcast, watch};
 
 use super::core::{Config, Init, commit_answer_bytes};
-use super::hedging::Hedging;
+use super::hedging::{HedgeBudget, Hedging};
 use super::messages::TaskId;
 use super::prune;
 use super::worker::{PeerCalls, Worker};
@@ -114,6 +114,7 @@ impl Deps {
             faults: self.faults.clone(),
             archive: self.archive.clone(),
             hedging: Default::default(),
+            hedge_budget: HedgeBudget::new(self.config.max_hedged_bytes),
             lies_in_hedges: Default::default(),
             hedges_won: Default::default(),
         }

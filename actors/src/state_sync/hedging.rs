@@ -198,7 +198,7 @@ impl Hedging {
     fn fetches(&self) -> std::sync::MutexGuard<'_, Fetches> {
         // A panic elsewhere while it was held leaves averages, not
         // invariants: keep using them.
-        self.fetches.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.fetches)
     }
 
     /// `peer` answered a fetch of `kind` in `latency_ms` with `got` of the
@@ -277,6 +277,103 @@ impl Hedging {
         }
         delay
     }
+}
+
+/// Bytes that hedges in flight may hold, shared by the actor's workers.
+///
+/// A hedged fetch runs two calls until one answers, and the first keeps
+/// what its peer sent so far: a peer that sends all but the end of an
+/// answer and then stalls makes the fetch hold up to twice what the core
+/// reserved for it. A hedge therefore takes its fetch's reservation from
+/// this budget before it is sent, and gives it back when the race ends,
+/// so hedges hold at most `max_hedged_bytes` beyond the core's
+/// `max_total_fetched_bytes`. A hedge larger than the whole budget takes
+/// all of it: it is sent only when no other hedge is in flight. Hedges
+/// wait in the order they asked (a fair semaphore), so a large one is not
+/// passed over for ever by small ones.
+#[derive(Clone, Debug)]
+pub(super) struct HedgeBudget {
+    /// Kibibytes free; its capacity is the budget.
+    free: Arc<tokio::sync::Semaphore>,
+    capacity_kib: u32,
+    held: Arc<Mutex<HedgesHeld>>,
+}
+
+/// What hedges in flight hold now, and the most they held at once.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct HedgesHeld {
+    /// Hedges in flight now.
+    pub hedges: usize,
+    /// Bytes they reserved.
+    pub bytes: u64,
+    /// Hedges sent since start.
+    pub sent: u64,
+    /// The most hedges in flight at once.
+    pub most_hedges: usize,
+    /// The most bytes hedges in flight reserved at once.
+    pub most_bytes: u64,
+}
+
+/// A hedge's share of the [`HedgeBudget`], given back when dropped.
+#[must_use = "the share is given back when dropped"]
+pub(super) struct HedgeShare {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    bytes: u64,
+    held: Arc<Mutex<HedgesHeld>>,
+}
+
+impl HedgeBudget {
+    /// A budget of `bytes` (counted in whole kibibytes, rounded down).
+    pub(super) fn new(bytes: u64) -> Self {
+        let capacity_kib = u32::try_from(bytes / 1024).unwrap_or(u32::MAX);
+        HedgeBudget {
+            free: Arc::new(tokio::sync::Semaphore::new(capacity_kib as usize)),
+            capacity_kib,
+            held: Default::default(),
+        }
+    }
+
+    /// Waits until a hedge reserving `bytes` fits (all of the budget if it
+    /// is larger), then counts it in flight until the share is dropped.
+    /// `None` if the budget is empty: no hedge is ever sent.
+    pub(super) async fn share(&self, bytes: u64) -> Option<HedgeShare> {
+        let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
+        let kib = kib.clamp(1, self.capacity_kib.max(1));
+        if self.capacity_kib == 0 {
+            return None;
+        }
+        let permit = self.free.clone().acquire_many_owned(kib).await.ok()?;
+        let mut held = lock(&self.held);
+        held.hedges += 1;
+        held.bytes += bytes;
+        held.sent += 1;
+        held.most_hedges = held.most_hedges.max(held.hedges);
+        held.most_bytes = held.most_bytes.max(held.bytes);
+        Some(HedgeShare {
+            _permit: permit,
+            bytes,
+            held: self.held.clone(),
+        })
+    }
+
+    /// What hedges hold now, and held at most.
+    pub(super) fn held(&self) -> HedgesHeld {
+        *lock(&self.held)
+    }
+}
+
+impl Drop for HedgeShare {
+    fn drop(&mut self) {
+        let mut held = lock(&self.held);
+        held.hedges -= 1;
+        held.bytes -= self.bytes;
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// [`Hedging`]'s delay from the usual answer time of the peers serving
@@ -540,5 +637,64 @@ mod tests {
         assert_eq!(ahead(&hedging, FetchKind::Blocks), ms(100));
         hedging.answered(FetchKind::Blocks, peer(2), 250, WHOLE);
         assert_eq!(ahead(&hedging, FetchKind::Blocks), ms(1_000));
+    }
+
+    const MIB: u64 = 1 << 20;
+
+    fn held(hedges: usize, bytes: u64, sent: u64, most: (usize, u64)) -> HedgesHeld {
+        HedgesHeld {
+            hedges,
+            bytes,
+            sent,
+            most_hedges: most.0,
+            most_bytes: most.1,
+        }
+    }
+
+    #[test]
+    fn hedges_wait_for_room_in_the_budget_and_give_it_back_when_they_end() {
+        use futures::FutureExt;
+        let budget = HedgeBudget::new(10 * MIB);
+        let a = budget
+            .share(4 * MIB)
+            .now_or_never()
+            .flatten()
+            .expect("fits");
+        let b = budget
+            .share(4 * MIB)
+            .now_or_never()
+            .flatten()
+            .expect("fits");
+        // A third would hold 12 MiB: it waits, and is not counted.
+        let mut c = Box::pin(budget.share(4 * MIB));
+        assert!((&mut c).now_or_never().is_none());
+        assert_eq!(budget.held(), held(2, 8 * MIB, 2, (2, 8 * MIB)));
+        drop(a);
+        let c = c.now_or_never().flatten().expect("room once one ended");
+        assert_eq!(budget.held(), held(2, 8 * MIB, 3, (2, 8 * MIB)));
+        // One larger than the whole budget waits until no other is in
+        // flight, then takes all of it; a small one asking after it waits
+        // behind it (first come, first served).
+        let mut large = Box::pin(budget.share(25 * MIB));
+        assert!((&mut large).now_or_never().is_none());
+        drop(b);
+        assert!((&mut large).now_or_never().is_none());
+        let mut small = Box::pin(budget.share(MIB));
+        drop(c);
+        let large = large.now_or_never().flatten().expect("alone now");
+        assert!((&mut small).now_or_never().is_none());
+        assert_eq!(budget.held(), held(1, 25 * MIB, 4, (2, 25 * MIB)));
+        drop(large);
+        let small = small.now_or_never().flatten().expect("room again");
+        drop(small);
+        assert_eq!(budget.held(), held(0, 0, 5, (2, 25 * MIB)));
+    }
+
+    #[test]
+    fn an_empty_budget_sends_no_hedge() {
+        use futures::FutureExt;
+        let budget = HedgeBudget::new(1023);
+        assert!(budget.share(1).now_or_never().expect("at once").is_none());
+        assert_eq!(budget.held(), HedgesHeld::default());
     }
 }

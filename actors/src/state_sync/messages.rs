@@ -428,6 +428,13 @@ pub struct SyncStatus {
     /// the first was late), counted once that answer passed the checks
     /// that tell a true answer from junk: each ranked its first peer lower.
     pub hedges_won: u64,
+    /// Hedges sent since start.
+    pub hedges_sent: u64,
+    /// The most hedges in flight at once since start.
+    pub most_hedges_at_once: usize,
+    /// The most bytes hedges in flight reserved at once since start (at
+    /// most `max_hedged_bytes`, or one hedge larger than that alone).
+    pub most_hedged_bytes: u64,
     /// Chunks of blocks split in halves because their blocks were more
     /// bytes than one fetch may bring (each also counts as a restart).
     pub chunks_split: u64,

@@ -29,7 +29,7 @@ use tokio::task::{AbortHandle, JoinSet};
 
 use super::apply::{Batch, Source};
 use super::core::Config;
-use super::hedging::{HEAD_HEDGE_MIN, HEDGE_MIN, Hedging};
+use super::hedging::{HEAD_HEDGE_MIN, HEDGE_MIN, HedgeBudget, Hedging};
 use super::messages::{CommitBatchInfo, CommitsWanted, Failure, LocalFailure, TaskId};
 use crate::archive::ArchiveReader;
 use crate::connections::{ActivePeers, Client, Connections, Outbound};
@@ -243,6 +243,8 @@ pub(super) struct Worker {
     pub(super) archive: Option<Arc<ArchiveReader>>,
     /// When a late fetch asks a second peer; shared by the actor's workers.
     pub(super) hedging: Hedging,
+    /// Bytes hedges in flight may hold; shared by the actor's workers.
+    pub(super) hedge_budget: HedgeBudget,
     /// Provable lies in answers to hedges, which the core never sees:
     /// counted here, with the core's, in `invalid_responses`.
     pub(super) lies_in_hedges: Arc<AtomicU64>,
@@ -398,7 +400,7 @@ impl Worker {
     async fn hedged<T, F, Fut>(
         &self,
         first: Slot,
-        work: (FetchKind, (CommitIndex, CommitIndex)),
+        (work, reserved): ((FetchKind, (CommitIndex, CommitIndex)), u64),
         mut avoid: Vec<PeerId>,
         calls: (F, impl Fn(&Failure) -> Transfer, impl Fn(&T) -> bool),
     ) -> (Slot, Result<T, Failure>, Option<Beaten>)
@@ -406,7 +408,9 @@ impl Worker {
         F: Fn(PeerId) -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
     {
-        let hedged = self.hedged_on(first, work, avoid.clone(), &calls).await;
+        let hedged = self
+            .hedged_on(first, (work, reserved), avoid.clone(), &calls)
+            .await;
         let head = self
             .hedging
             .at_head(work.1.0, self.config.commit_sync_batch_size);
@@ -424,7 +428,7 @@ impl Worker {
                 match self.free_now(work, avoid.clone()).await {
                     Some(next) => {
                         slot.release(Transfer::Busy, 0);
-                        let hedged = self.hedged_on(next, work, avoid, &calls).await;
+                        let hedged = self.hedged_on(next, (work, reserved), avoid, &calls).await;
                         (hedged.slot, hedged.result, hedged.beaten)
                     }
                     None => (slot, Err(busy), None),
@@ -445,10 +449,14 @@ impl Worker {
     }
 
     /// [`Self::hedged`] on the peer `first` leases, with no handing on.
+    /// The second call is sent only once the hedge's share of the
+    /// [`HedgeBudget`], `reserved` (what the core reserved for the fetch),
+    /// is free: the two calls together never hold more than the fetch's
+    /// reservation plus that share, given back when the race ends.
     async fn hedged_on<T, F, Fut>(
         &self,
         first: Slot,
-        (kind, range): (FetchKind, (CommitIndex, CommitIndex)),
+        ((kind, range), reserved): ((FetchKind, (CommitIndex, CommitIndex)), u64),
         mut avoid: Vec<PeerId>,
         (call, transfer, whole): &(F, impl Fn(&Failure) -> Transfer, impl Fn(&T) -> bool),
     ) -> Hedged<T>
@@ -457,7 +465,8 @@ impl Worker {
         Fut: Future<Output = Result<T, Failure>>,
     {
         let first_peer = first.lease().peer;
-        let mut first_call = std::pin::pin!(call(first_peer));
+        // Boxed, so that it can be dropped as soon as a hedge beats it.
+        let mut first_call = Box::pin(call(first_peer));
         // The delay is read again as other fetches answer: a fetch sent
         // before any answered is not left to the default.
         let started = tokio::time::Instant::now();
@@ -486,9 +495,10 @@ impl Worker {
                 let slot = self
                     .second_peer((kind, range), avoid.clone(), first_lease, started)
                     .await?;
+                let share = self.hedge_budget.share(reserved).await?;
                 let peer = slot.lease().peer;
                 match call(peer).await {
-                    Ok(answer) => return Some((slot, answer)),
+                    Ok(answer) => return Some((slot, answer, share)),
                     Err(failure) => {
                         let transfer = match transfer(&failure) {
                             Transfer::NotFound => Transfer::Error,
@@ -513,13 +523,16 @@ impl Worker {
         });
         tokio::select! {
             result = &mut first_call => Hedged { slot: first, result, alone: false, beaten: None },
-            Some((slot, answer)) = second => {
+            Some((slot, answer, share)) = second => {
                 first.release(Transfer::Cancelled, 0);
                 let beaten = whole(&answer).then(|| Beaten {
                     peer: first_peer,
                     heights: self.heights.clone(),
                     won: self.hedges_won.clone(),
                 });
+                // What the first call holds goes before the share does.
+                drop(first_call);
+                drop(share);
                 Hedged { slot, result: Ok(answer), alone: false, beaten }
             }
         }
@@ -702,6 +715,7 @@ impl Worker {
         };
         let asked = (end - start).saturating_add(1);
         let whole = |r: &proto::FetchCommitsResponse| whole_commit_answer(r, asked);
+        let work = (work, max_bytes);
         let (slot, answer, beaten) = self.hedged(slot, work, avoid, (call, judge, whole)).await;
         let peer = slot.lease().peer;
         let response = match answer.and_then(|r| kept(r, asked)) {
@@ -798,6 +812,7 @@ impl Worker {
                 }
             }
         };
+        let work = (work, self.config.block_reserve(chunk.max_bytes));
         let (slot, received, beaten) = self
             .hedged(slot, work, avoid, (call, block_transfer_of, |_: &_| true))
             .await;

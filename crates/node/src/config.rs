@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use soma_actors::P2pConfig;
-use soma_actors::discovery::SeedPeer;
+use soma_actors::discovery::{self, SeedPeer};
 use soma_types::{Access, PeerId};
 
 /// A configuration problem, naming the key (or file) at fault.
@@ -167,6 +167,10 @@ pub struct P2pSection {
     /// Bytes fetches may hold at most: each fetch in flight counts from
     /// the moment it is sent, fetched batches until applied.
     pub max_total_fetched_bytes: u64,
+    /// Bytes hedges in flight may hold beyond `max_total_fetched_bytes`:
+    /// each counts its fetch's reservation from the moment it is sent and
+    /// waits for room first; 0: fetches are never hedged.
+    pub max_hedged_bytes: u64,
     /// Bytes of blocks one FetchBlocks may bring (larger chunks are split).
     pub max_bytes_per_fetch: u64,
     /// Time allowed for one request.
@@ -318,6 +322,7 @@ impl Default for P2pSection {
             max_blocks_per_fetch: p.state_sync.max_blocks_per_fetch,
             max_fetch_response_bytes: p.grpc.max_fetch_response_bytes,
             max_total_fetched_bytes: p.state_sync.max_total_fetched_bytes,
+            max_hedged_bytes: p.state_sync.max_hedged_bytes,
             max_bytes_per_fetch: p.state_sync.max_bytes_per_fetch,
             timeout: p.timeout,
             wait_interval_when_no_peer: Duration::from_millis(
@@ -458,6 +463,25 @@ impl NodeConfig {
         };
         let ms = |d: Duration| format!("{}ms", d.as_millis());
         let between = |d: Duration, lo: u64, hi: u64| (lo..=hi).contains(&(d.as_millis() as u64));
+        // Peers refuse infos at another service's port: a node there would
+        // never be dialled by what it advertises.
+        let not_a_service = "a port other than another service's (SSH, mail, databases... \
+             soma_actors::discovery::SERVICE_PORTS), which peers refuse to dial; 7000 is usual";
+        range(
+            "listen-address",
+            not_a_service,
+            !discovery::is_service_port(self.listen_address.port()),
+            self.listen_address.to_string(),
+        )?;
+        for address in &self.external_addresses {
+            let port = address.parse::<SocketAddr>().map(|a| a.port());
+            range(
+                "external-addresses",
+                not_a_service,
+                !port.is_ok_and(discovery::is_service_port),
+                address.clone(),
+            )?;
+        }
         range(
             "p2p.interval",
             "between 10ms and 1h",
@@ -810,6 +834,12 @@ impl NodeConfig {
             p.max_total_fetched_bytes.to_string(),
         )?;
         range(
+            "p2p.max-hedged-bytes",
+            "between 0 (never hedge) and 68719476736",
+            p.max_hedged_bytes <= 64u64 << 30,
+            p.max_hedged_bytes.to_string(),
+        )?;
+        range(
             "p2p.max-bytes-per-fetch",
             "between 4194304 (the largest block) and 1073741824",
             ((4 << 20)..=(1u64 << 30)).contains(&p.max_bytes_per_fetch),
@@ -919,6 +949,7 @@ impl NodeConfig {
         c.state_sync.commit_fetches_ahead = p.commit_fetches_ahead;
         c.state_sync.max_blocks_per_fetch = p.max_blocks_per_fetch;
         c.state_sync.max_total_fetched_bytes = p.max_total_fetched_bytes;
+        c.state_sync.max_hedged_bytes = p.max_hedged_bytes;
         c.state_sync.max_bytes_per_fetch = p.max_bytes_per_fetch;
         c.state_sync.wait_interval_when_no_peer_ms =
             p.wait_interval_when_no_peer.as_millis() as u64;
@@ -1083,10 +1114,12 @@ batches-ahead = {ahead}
 commit-fetches-ahead = {commits_ahead}
 max-blocks-per-fetch = {blocks}
 # Bounds: largest response chunk; bytes fetches may hold (each fetch counts
-# the most its answer may bring from the moment it is sent); bytes of
-# blocks one block fetch may bring (larger chunks are split).
+# the most its answer may bring from the moment it is sent); bytes hedges
+# (late fetches also asked of a second peer) may hold beyond that, 0: never
+# hedge; bytes of blocks one block fetch may bring (larger chunks are split).
 max-fetch-response-bytes = {resp}
 max-total-fetched-bytes = {total}
+max-hedged-bytes = {hedged}
 max-bytes-per-fetch = {per_fetch}
 # Time allowed per request; wait when no peer can serve; ban for bad data.
 timeout = "{timeout}"
@@ -1201,6 +1234,7 @@ max-connection-age-grace = "{grace}"
         blocks = p.max_blocks_per_fetch,
         resp = p.max_fetch_response_bytes,
         total = p.max_total_fetched_bytes,
+        hedged = p.max_hedged_bytes,
         per_fetch = p.max_bytes_per_fetch,
         timeout = humantime_serde::re::humantime::format_duration(p.timeout),
         wait = humantime_serde::re::humantime::format_duration(p.wait_interval_when_no_peer),
@@ -1263,6 +1297,7 @@ mod tests {
         assert_eq!(config.p2p.interval, Duration::from_secs(5));
         assert_eq!(config.p2p.parallel_fetches, 8);
         assert_eq!(config.p2p.max_total_fetched_bytes, 128 << 20);
+        assert_eq!(config.p2p.max_hedged_bytes, 64 << 20);
         assert_eq!(config.p2p.max_inbound_connections, 512);
         assert_eq!(
             (
@@ -1401,7 +1436,7 @@ mod tests {
         }
         // Every key of the default file but those `run` reads itself: the
         // top level, [p2p] and [archive].
-        assert_eq!(checked, 5 + 60 + 7);
+        assert_eq!(checked, 5 + 61 + 7);
     }
 
     /// The default file with its commented `[archive]` section enabled,
@@ -1577,6 +1612,31 @@ mod tests {
         assert!(
             e.contains("p2p.max-concurrent-fetches-per-host")
                 && e.contains("between 1 and max-concurrent-fetches-per-network"),
+            "{e}"
+        );
+        // A node advertised at another service's port is never dialled.
+        let text = default_file().replace("127.0.0.1:7000", "127.0.0.1:22");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(
+            e.contains("key `listen-address`") && e.contains("another service's"),
+            "{e}"
+        );
+        let text = default_file().replace(
+            "external-addresses = []",
+            "external-addresses = [\"192.0.2.1:7000\", \"192.0.2.1:5432\"]",
+        );
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(
+            e.contains("key `external-addresses`") && e.contains("got 192.0.2.1:5432"),
+            "{e}"
+        );
+        let text = default_file().replace(
+            "max-hedged-bytes = 67108864",
+            "max-hedged-bytes = 68719476737",
+        );
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(
+            e.contains("p2p.max-hedged-bytes") && e.contains("between 0 (never hedge)"),
             "{e}"
         );
         let text = default_file().replace("send-timeout = \"10s\"", "send-timeout = \"1h\"");

@@ -27,6 +27,7 @@ struct Series {
     bytes: IntCounterVec,
     restarts: IntCounterVec,
     hedges_won: IntCounterVec,
+    hedges_sent: IntCounterVec,
     write_failures: IntCounterVec,
     failures: IntCounterVec,
     rpcs: IntCounterVec,
@@ -123,6 +124,12 @@ impl Series {
                 &r,
                 "soma_hedges_won_total",
                 "Fetches a second peer, asked when the first was late, answered first with an answer that passed its checks",
+                &[],
+            ),
+            hedges_sent: counter(
+                &r,
+                "soma_hedges_sent_total",
+                "Late fetches asked of a second peer as well, each once its share of max-hedged-bytes was free",
                 &[],
             ),
             write_failures: counter(
@@ -265,6 +272,7 @@ impl Series {
             self.advance(&self.bytes, &[], status.bytes_fetched);
             self.advance(&self.restarts, &[], status.restarts);
             self.advance(&self.hedges_won, &[], status.hedges_won);
+            self.advance(&self.hedges_sent, &[], status.hedges_sent);
             let writes_failed = status.store_write_failures;
             self.advance(&self.write_failures, &[], writes_failed);
             self.advance(
@@ -431,6 +439,7 @@ mod tests {
         assert_eq!(value(&ours, "soma_worker_restarts_total"), 0.0);
         // One peer: no fetch is ever hedged.
         assert_eq!(value(&ours, "soma_hedges_won_total"), 0.0);
+        assert_eq!(value(&ours, "soma_hedges_sent_total"), 0.0);
         assert_eq!(value(&ours, "soma_store_write_failures_total"), 0.0);
         let invalid = r#"soma_verification_failures_total{kind="invalid_response"}"#;
         assert_eq!(value(&ours, invalid), 0.0);
