@@ -114,10 +114,15 @@ mod byzantine {
     //! Peers that lie. With one honest validator present, sync completes,
     //! nothing bad is stored or broadcast, and each liar is banned.
 
+    use std::sync::atomic::Ordering;
+
     use soma_types::AuthorityIndex;
 
     pub(super) use soma_testkit::byzantine::{Lie, serve, serve_observed};
-    use soma_testkit::byzantine::{serve_spoiling_commit_hedges, serve_spoiling_hedges};
+    use soma_testkit::byzantine::{
+        Served, serve_denying_commit_hedges, serve_spoiling_commit_hedges, serve_spoiling_hedges,
+        serve_withholding_hedges,
+    };
 
     use super::*;
 
@@ -387,6 +392,65 @@ mod byzantine {
         assert_eq!(status.invalid_responses, 1, "{status:?}");
         node.shutdown().await;
         honest.shutdown().await;
+    }
+
+    /// A peer holds every block fetch it gets until the test opens it;
+    /// each is hedged to the only other peer, which serves the chain but
+    /// answers NOT_FOUND to those hedges, for blocks of commits it claims.
+    /// A hedge's denial used to count as an error, never judged: a peer
+    /// that denied blocks only in hedges was never banned. It is now
+    /// judged as a first peer's is, once the batch is applied.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_denying_blocks_only_in_hedges_is_banned_once_they_prove_to_exist() {
+        let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(300));
+        let (held, liar) = serve_withholding_hedges(chain.clone(), 126, 127).await;
+        let node = hedged_to_the_liar(&chain, &held, &liar).await;
+        let denied = liar.denied.clone();
+        let what = "the liar to deny a hedge";
+        let asked = async || denied.load(Ordering::SeqCst) > 0;
+        soma_testkit::wait_until(what, DEADLINE, asked).await;
+        held.open();
+        wait_banned(&node, &[liar.peer]).await;
+        wait_synced(&node, chain.tip()).await;
+        let views = node.peer_heights().await.unwrap();
+        let view = views.iter().find(|v| v.peer == held.peer).expect("tracked");
+        assert_eq!(view.banned_until, None, "{view:?}");
+        node.shutdown().await;
+    }
+
+    /// A node syncing `chain` from `held` alone until `held` holds a
+    /// fetch, then from `liar` too, which is then asked only in hedges of
+    /// what `held` holds (no fetch times out before it is opened).
+    async fn hedged_to_the_liar(chain: &Arc<Chain>, held: &Served, liar: &Served) -> P2pHandle {
+        let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+        let config = P2pConfig {
+            seed_peers: vec![held.seed()],
+            timeout: Duration::from_secs(3_600),
+            max_fetches_per_peer: 1,
+            ..P2pConfig::default()
+        };
+        let node = soma_testkit::node(chain, 9, config, store);
+        let stalled = held.stalled.clone();
+        let holds = async || stalled.load(Ordering::SeqCst) > 0;
+        soma_testkit::wait_until("the held peer to hold a fetch", DEADLINE, holds).await;
+        node.connect(Some(liar.peer), liar.address.clone())
+            .expect("Connections takes the dial");
+        node
+    }
+
+    /// The same for commits: a peer that answers NOT_FOUND only to the
+    /// hedges of commit fetches another peer holds, for commits it
+    /// claims, is banned on its claim asked afresh, as a first peer is.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_denying_commits_only_in_hedges_is_banned() {
+        let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(300));
+        let (held, liar) = serve_denying_commit_hedges(chain.clone(), 128, 129).await;
+        let node = hedged_to_the_liar(&chain, &held, &liar).await;
+        wait_banned(&node, &[liar.peer]).await;
+        assert_eq!(liar.denied.load(Ordering::SeqCst), 1);
+        held.open();
+        wait_synced(&node, chain.tip()).await;
+        node.shutdown().await;
     }
 
     /// A peer holds a commit fetch (it answers nothing until the test

@@ -1,4 +1,5 @@
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use actix::{
@@ -278,15 +279,18 @@ impl StateSync {
         avoid: Vec<PeerId>,
         ctx: &mut Context<Self>,
     ) {
+        let withheld = Arc::new(OnceLock::new());
+        let withheld_by = withheld.clone();
         let done = move |(peer, result)| BlocksDone {
             task,
             batch,
             peer,
             result,
+            withheld_by: withheld_by.get().copied(),
         };
         match self.fetched.chunk(batch, chunk) {
             Some(chunk) => {
-                let work = self.worker.clone().fetch_blocks(chunk, avoid);
+                let work = self.worker.clone().fetch_blocks(chunk, avoid, withheld);
                 self.tasks.worker(task, work, ctx.address(), done);
             }
             None => ctx.notify(done((None, Err(Failure::Local(LocalFailure::BatchGone))))),

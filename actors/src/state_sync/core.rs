@@ -106,10 +106,10 @@ impl Default for Config {
 }
 
 /// Half the default `max_total_fetched_bytes`: room for the hedges of
-/// eight of the largest block fetches, or of a commit fetch at the head of
-/// the pipeline (about 16 MiB for a committee of 4, 88 MiB for 31: larger
-/// than the budget, it waits until no other hedge is in flight) beside
-/// block fetches.
+/// seven of the largest block fetches (8 MiB and a little each), or of a
+/// commit fetch at the head of the pipeline (about 16 MiB for a committee
+/// of 4, 88 MiB for 31: larger than the budget, it waits until no other
+/// hedge holds any) beside block fetches.
 fn default_max_hedged_bytes() -> u64 {
     64 << 20
 }
@@ -625,6 +625,11 @@ impl Core for StateSyncCore {
                     self.prefetched(now, (task, start), peer, result, &mut out);
                 }
             }
+            Input::WithheldInHedge { batch, peer } => {
+                if let Some(b) = self.batches.get_mut(&batch) {
+                    b.withheld.insert(peer);
+                }
+            }
             Input::BlocksFetched { task, peer, result } => {
                 self.orphans.remove(&task);
                 if let Some(Task::Blocks { batch, offset }) = self.tasks.remove(&task) {
@@ -638,6 +643,11 @@ impl Core for StateSyncCore {
             } if self.applying == Some(start) => {
                 self.applying = None;
                 self.write_failures = 0;
+                // A reset while the write ran planned again from the
+                // watermark below it: what it fetched since (this batch
+                // again, among others) is behind the new watermark, and
+                // this batch's answer, come after the write, would make a
+                // batch never applied, first in line for good.
                 if let Some(b) = self.batches.remove(&start) {
                     // Its blocks exist: a NOT_FOUND for them is judged
                     // against what each peer claimed to hold.
@@ -647,6 +657,9 @@ impl Core for StateSyncCore {
                 }
                 self.advance(last, next_epoch);
                 self.drop_ended_epoch(&mut out);
+                if self.verified.index < self.synced.index {
+                    self.reset(&mut out);
+                }
             }
             // Not this core's write (a failed incarnation's, finished after
             // a restart): the watermark moved under the plan.
@@ -2301,6 +2314,39 @@ mod tests {
         assert!(out.contains(&Output::Apply { start: 11 }));
         applied(&mut c, 11, 20);
         assert_eq!(c.synced(), r(20));
+    }
+
+    /// The plan is reset while a batch is being written (here: the claim
+    /// the second batch ran up to went, as when a Connections restart
+    /// reports every peer gone, and its blocks found no peer). The reset
+    /// planned again from the watermark below the write, so the first
+    /// batch was fetched again; its answer, come after the write, made a
+    /// batch the watermark had passed, first in line and never applied:
+    /// sync stalled there for good (seen in
+    /// `a_panic_in_connections_mid_sync_is_restarted_and_sync_completes`,
+    /// at commit 1,000 of 2,000). The write's end now resets the plan
+    /// again when it went past what was planned.
+    #[test]
+    fn a_reset_during_a_write_does_not_fetch_the_written_batch_again() {
+        let (mut c, first, second) = two_fetched_batches();
+        let out = blocks_ok(&mut c, first[0].0);
+        assert!(out.contains(&Output::Apply { start: 1 }), "{out:?}");
+        tick(&mut c, 1, 10);
+        let out = blocks_done(&mut c, second[0].0, Err(Failure::NoPeer));
+        assert!(out.contains(&Output::Reset), "{out:?}");
+        let (again, start, end) = commit_fetch(&out).expect("fetched again");
+        assert_eq!((start, end), (1, 10));
+        // The write ends after the reset; the claims come back; the
+        // batch's answer comes after its write.
+        let mut out = applied(&mut c, 1, 10);
+        assert_eq!(c.synced(), r(10));
+        out.extend(tick(&mut c, 2, 30));
+        out.extend(commits_ok(&mut c, 2, again, 1, 10, 5));
+        let (t, start, end) = commit_fetch(&out).expect("the next batch is fetched");
+        assert_eq!((start, end), (11, 20));
+        let out = commits_ok(&mut c, 3, t, 11, 20, 5);
+        let out = blocks_ok(&mut c, block_fetches(&out)[0].0);
+        assert!(out.contains(&Output::Apply { start: 11 }), "{}", c.plan());
     }
 
     /// Fetches the batch `start..=end` (its blocks in one fetch) at `now`

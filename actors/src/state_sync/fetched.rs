@@ -58,14 +58,18 @@ impl Fetched {
     pub(super) fn blocks_done(&mut self, done: BlocksDone, awaited: bool) -> (Vec<Input>, u64) {
         let mut kept = 0;
         let mut broken = None;
+        let batch = done.batch;
+        let mut inputs: Vec<Input> = (done.withheld_by.into_iter())
+            .map(|peer| Input::WithheldInHedge { batch, peer })
+            .collect();
         let result = done.result.map(|blocks| {
-            if let Some(d) = self.batches.get_mut(&done.batch).filter(|_| awaited) {
+            if let Some(d) = self.batches.get_mut(&batch).filter(|_| awaited) {
                 (kept, broken) = d.add(blocks);
             }
             kept
         });
         let (task, peer) = (done.task, done.peer);
-        let mut inputs = vec![Input::BlocksFetched { task, peer, result }];
+        inputs.push(Input::BlocksFetched { task, peer, result });
         inputs.extend(broken.map(|error| Input::BatchBroken {
             start: done.batch,
             error,

@@ -299,18 +299,18 @@ pub(super) struct HedgeBudget {
     held: Arc<Mutex<HedgesHeld>>,
 }
 
-/// What hedges in flight hold now, and the most they held at once.
+/// What hedges hold now, and the most they held at once.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct HedgesHeld {
-    /// Hedges in flight now.
+    /// Hedges sent and not ended.
     pub hedges: usize,
-    /// Bytes they reserved.
+    /// Bytes reserved by the shares held (hedges sent, or about to be).
     pub bytes: u64,
     /// Hedges sent since start.
     pub sent: u64,
     /// The most hedges in flight at once.
     pub most_hedges: usize,
-    /// The most bytes hedges in flight reserved at once.
+    /// The most bytes reserved at once.
     pub most_bytes: u64,
 }
 
@@ -319,6 +319,7 @@ pub(super) struct HedgesHeld {
 pub(super) struct HedgeShare {
     _permit: tokio::sync::OwnedSemaphorePermit,
     bytes: u64,
+    sent: bool,
     held: Arc<Mutex<HedgesHeld>>,
 }
 
@@ -334,7 +335,7 @@ impl HedgeBudget {
     }
 
     /// Waits until a hedge reserving `bytes` fits (all of the budget if it
-    /// is larger), then counts it in flight until the share is dropped.
+    /// is larger), then holds that room until the share is dropped.
     /// `None` if the budget is empty: no hedge is ever sent.
     pub(super) async fn share(&self, bytes: u64) -> Option<HedgeShare> {
         let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
@@ -344,14 +345,12 @@ impl HedgeBudget {
         }
         let permit = self.free.clone().acquire_many_owned(kib).await.ok()?;
         let mut held = lock(&self.held);
-        held.hedges += 1;
         held.bytes += bytes;
-        held.sent += 1;
-        held.most_hedges = held.most_hedges.max(held.hedges);
         held.most_bytes = held.most_bytes.max(held.bytes);
         Some(HedgeShare {
             _permit: permit,
             bytes,
+            sent: false,
             held: self.held.clone(),
         })
     }
@@ -362,10 +361,24 @@ impl HedgeBudget {
     }
 }
 
+impl HedgeShare {
+    /// The hedge holding this share is sent: counted in flight until the
+    /// share is dropped.
+    pub(super) fn sent(&mut self) {
+        if !self.sent {
+            self.sent = true;
+            let mut held = lock(&self.held);
+            held.hedges += 1;
+            held.sent += 1;
+            held.most_hedges = held.most_hedges.max(held.hedges);
+        }
+    }
+}
+
 impl Drop for HedgeShare {
     fn drop(&mut self) {
         let mut held = lock(&self.held);
-        held.hedges -= 1;
+        held.hedges -= usize::from(self.sent);
         held.bytes -= self.bytes;
     }
 }
@@ -655,7 +668,18 @@ mod tests {
     fn hedges_wait_for_room_in_the_budget_and_give_it_back_when_they_end() {
         use futures::FutureExt;
         let budget = HedgeBudget::new(10 * MIB);
-        let a = budget
+        /// The share if it is there now.
+        fn now<F: Future<Output = Option<HedgeShare>>>(
+            share: &mut std::pin::Pin<Box<F>>,
+        ) -> Option<HedgeShare> {
+            share.as_mut().now_or_never().map(|s| s.expect("a budget"))
+        }
+        let sent = |share: Option<HedgeShare>| {
+            let mut share = share.expect("room now");
+            share.sent();
+            share
+        };
+        let mut a = budget
             .share(4 * MIB)
             .now_or_never()
             .flatten()
@@ -665,29 +689,36 @@ mod tests {
             .now_or_never()
             .flatten()
             .expect("fits");
+        // Held, not sent yet: their bytes count, they are not in flight.
+        assert_eq!(budget.held(), held(0, 8 * MIB, 0, (0, 8 * MIB)));
+        a.sent();
+        a.sent();
+        let b = sent(Some(b));
         // A third would hold 12 MiB: it waits, and is not counted.
         let mut c = Box::pin(budget.share(4 * MIB));
-        assert!((&mut c).now_or_never().is_none());
+        assert!(now(&mut c).is_none());
         assert_eq!(budget.held(), held(2, 8 * MIB, 2, (2, 8 * MIB)));
         drop(a);
-        let c = c.now_or_never().flatten().expect("room once one ended");
+        let c = sent(now(&mut c));
         assert_eq!(budget.held(), held(2, 8 * MIB, 3, (2, 8 * MIB)));
-        // One larger than the whole budget waits until no other is in
-        // flight, then takes all of it; a small one asking after it waits
+        // One larger than the whole budget waits until no other holds
+        // any, then takes all of it; a small one asking after it waits
         // behind it (first come, first served).
         let mut large = Box::pin(budget.share(25 * MIB));
-        assert!((&mut large).now_or_never().is_none());
+        assert!(now(&mut large).is_none());
         drop(b);
-        assert!((&mut large).now_or_never().is_none());
+        assert!(now(&mut large).is_none());
         let mut small = Box::pin(budget.share(MIB));
         drop(c);
-        let large = large.now_or_never().flatten().expect("alone now");
-        assert!((&mut small).now_or_never().is_none());
+        let large = sent(now(&mut large));
+        assert!(now(&mut small).is_none());
         assert_eq!(budget.held(), held(1, 25 * MIB, 4, (2, 25 * MIB)));
         drop(large);
-        let small = small.now_or_never().flatten().expect("room again");
+        // Given back unsent (no peer was found for it): never counted.
+        let small = now(&mut small).expect("room again");
+        assert_eq!(budget.held(), held(0, MIB, 4, (2, 25 * MIB)));
         drop(small);
-        assert_eq!(budget.held(), held(0, 0, 5, (2, 25 * MIB)));
+        assert_eq!(budget.held(), held(0, 0, 4, (2, 25 * MIB)));
     }
 
     #[test]

@@ -258,6 +258,16 @@ pub enum Input {
         /// Bytes of the answer, or why not.
         result: Result<u64, Failure>,
     },
+    /// A peer that claimed the commits naming blocks of the batch starting
+    /// at `batch` answered NOT_FOUND for them in a hedge, which another
+    /// peer's answer won: judged with the batch's own deniers once the
+    /// batch is applied ([`Output::WithheldBlocks`]).
+    WithheldInHedge {
+        /// First commit of the batch.
+        batch: CommitIndex,
+        /// The peer.
+        peer: PeerId,
+    },
     /// A block fetch ended.
     BlocksFetched {
         /// The task.
@@ -541,6 +551,9 @@ pub(super) struct BlocksDone {
     pub(super) batch: CommitIndex,
     pub(super) peer: Option<PeerId>,
     pub(super) result: Result<Vec<VerifiedBlock>, Failure>,
+    /// A peer that withheld the chunk's blocks in a hedge while claiming
+    /// their commits, if one did.
+    pub(super) withheld_by: Option<PeerId>,
 }
 
 /// Who waits for a write.

@@ -14,8 +14,8 @@ use crate::dropped::{self, Droppable, try_send};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use actix::Addr;
@@ -29,7 +29,7 @@ use tokio::task::{AbortHandle, JoinSet};
 
 use super::apply::{Batch, Source};
 use super::core::Config;
-use super::hedging::{HEAD_HEDGE_MIN, HEDGE_MIN, HedgeBudget, Hedging};
+use super::hedging::{HEAD_HEDGE_MIN, HEDGE_MIN, HedgeBudget, HedgeShare, Hedging};
 use super::messages::{CommitBatchInfo, CommitsWanted, Failure, LocalFailure, TaskId};
 use crate::archive::ArchiveReader;
 use crate::connections::{ActivePeers, Client, Connections, Outbound};
@@ -285,12 +285,15 @@ impl Beaten {
 
 /// How a hedged fetch ended: the slot of the peer whose answer (or
 /// failure) is kept, that answer, whether it came before any hedge was
-/// sent, and the first peer if a hedge's answer beat it.
+/// sent, the first peer if a hedge's answer beat it, and the second peer
+/// if it withheld blocks in the hedge (judged, as a first peer's denial
+/// is, once the batch is applied: [`Self::fetch_blocks`]).
 struct Hedged<T> {
     slot: Slot,
     result: Result<T, Failure>,
     alone: bool,
     beaten: Option<Beaten>,
+    withheld_by: Option<PeerId>,
 }
 
 /// How long a commit fetch goes unanswered, with no other peer to hedge
@@ -383,8 +386,9 @@ impl Worker {
     /// is looked for again ([`Self::second_peer`]). A second peer that
     /// fails, or none free, leaves the first to answer alone, its slot
     /// released as `transfer` tells
-    /// from its failure, but a NOT_FOUND as an error: a denial is judged
-    /// only on the peer's claim asked afresh, and this one's is not.
+    /// from its failure; a denial is judged as a first peer's is, on its
+    /// claim asked afresh (commits at once, blocks once the batch is
+    /// applied: [`Hedged::withheld_by`]).
     /// Either way one call's answer is returned, as if only it was sent.
     ///
     /// A fetch the pipeline waits on ([`Hedging::at_head`]) that its peer
@@ -403,7 +407,7 @@ impl Worker {
         (work, reserved): ((FetchKind, (CommitIndex, CommitIndex)), u64),
         mut avoid: Vec<PeerId>,
         calls: (F, impl Fn(&Failure) -> Transfer, impl Fn(&T) -> bool),
-    ) -> (Slot, Result<T, Failure>, Option<Beaten>)
+    ) -> Hedged<T>
     where
         F: Fn(PeerId) -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
@@ -428,13 +432,18 @@ impl Worker {
                 match self.free_now(work, avoid.clone()).await {
                     Some(next) => {
                         slot.release(Transfer::Busy, 0);
-                        let hedged = self.hedged_on(next, (work, reserved), avoid, &calls).await;
-                        (hedged.slot, hedged.result, hedged.beaten)
+                        self.hedged_on(next, (work, reserved), avoid, &calls).await
                     }
-                    None => (slot, Err(busy), None),
+                    None => Hedged {
+                        slot,
+                        result: Err(busy),
+                        alone: true,
+                        beaten: None,
+                        withheld_by: None,
+                    },
                 }
             }
-            hedged => (hedged.slot, hedged.result, hedged.beaten),
+            hedged => hedged,
         }
     }
 
@@ -485,23 +494,40 @@ impl Worker {
                     result,
                     alone: true,
                     beaten: None,
+                    withheld_by: None,
                 };
             }
         }
         avoid.push(first_peer);
         let first_lease = first.lease().id;
+        let withheld_by = std::sync::OnceLock::new();
         let second = std::pin::pin!(async {
             loop {
-                let slot = self
-                    .second_peer((kind, range), avoid.clone(), first_lease, started)
+                let (slot, mut share) = self
+                    .second_peer(
+                        (kind, range),
+                        avoid.clone(),
+                        first_lease,
+                        (started, reserved),
+                    )
                     .await?;
-                let share = self.hedge_budget.share(reserved).await?;
+                share.sent();
                 let peer = slot.lease().peer;
                 match call(peer).await {
                     Ok(answer) => return Some((slot, answer, share)),
                     Err(failure) => {
+                        // A denial is judged as a first peer's is: commits
+                        // on the claim asked afresh, blocks once the batch
+                        // is applied. Counted as an error, a peer that
+                        // denied only hedges was never banned.
                         let transfer = match transfer(&failure) {
+                            Transfer::NotFound if self.refresh(peer).await => Transfer::NotFound,
                             Transfer::NotFound => Transfer::Error,
+                            Transfer::Withheld => {
+                                // The hedge ends at its denial: one a race.
+                                let _ = withheld_by.set(peer);
+                                Transfer::Withheld
+                            }
                             other => other,
                         };
                         slot.release(transfer, 0);
@@ -522,7 +548,10 @@ impl Worker {
             }
         });
         tokio::select! {
-            result = &mut first_call => Hedged { slot: first, result, alone: false, beaten: None },
+            result = &mut first_call => {
+                let withheld_by = withheld_by.get().copied();
+                Hedged { slot: first, result, alone: false, beaten: None, withheld_by }
+            }
             Some((slot, answer, share)) = second => {
                 first.release(Transfer::Cancelled, 0);
                 let beaten = whole(&answer).then(|| Beaten {
@@ -533,31 +562,38 @@ impl Worker {
                 // What the first call holds goes before the share does.
                 drop(first_call);
                 drop(share);
-                Hedged { slot, result: Ok(answer), alone: false, beaten }
+                Hedged { slot, result: Ok(answer), alone: false, beaten, withheld_by: None }
             }
         }
     }
 
     /// A slot for the hedge of the fetch leased as `first`, sent at
-    /// `started`: while no other peer covers `range`, asked again every
+    /// `started`, with the hedge's share of the [`HedgeBudget`]
+    /// (`reserved`), taken first: a slot is never held idle while the
+    /// hedge waits for room, nor timed from before it could be used; the
+    /// share is given back while no peer is found. While no other peer
+    /// covers `range`, asked again every
     /// [`HEDGE_MIN`], for one may come (a peer that reached the range
     /// since), so a peer that holds the fetch unanswered holds it only
     /// until another can serve it. A commit fetch that no other peer could
     /// take and that is still unanswered [`UNANSWERED_DOUBT`] after it was
     /// sent has its peer's claim doubted at once ([`LeaseUnanswered`]).
-    /// `None` once acquiring fails otherwise.
+    /// `None` once acquiring fails otherwise, or if the budget is empty
+    /// (no hedge is ever sent).
     async fn second_peer(
         &self,
         (kind, range): (FetchKind, (CommitIndex, CommitIndex)),
         avoid: Vec<PeerId>,
         first: u64,
-        started: tokio::time::Instant,
-    ) -> Option<Slot> {
+        (started, reserved): (tokio::time::Instant, u64),
+    ) -> Option<(Slot, HedgeShare)> {
         let mut doubted = kind != FetchKind::Commits;
         loop {
+            let share = self.hedge_budget.share(reserved).await?;
             match self.acquire((kind, range), avoid.clone()).await {
-                Ok(slot) => return Some(slot),
+                Ok(slot) => return Some((slot, share)),
                 Err(Failure::NoPeer) => {
+                    drop(share);
                     if !doubted && started.elapsed() >= UNANSWERED_DOUBT {
                         doubted = true;
                         self.heights.do_send(LeaseUnanswered { lease: first });
@@ -716,7 +752,8 @@ impl Worker {
         let asked = (end - start).saturating_add(1);
         let whole = |r: &proto::FetchCommitsResponse| whole_commit_answer(r, asked);
         let work = (work, max_bytes);
-        let (slot, answer, beaten) = self.hedged(slot, work, avoid, (call, judge, whole)).await;
+        let hedged = self.hedged(slot, work, avoid, (call, judge, whole)).await;
+        let (slot, answer, beaten) = (hedged.slot, hedged.result, hedged.beaten);
         let peer = slot.lease().peer;
         let response = match answer.and_then(|r| kept(r, asked)) {
             Ok(response) => response,
@@ -772,10 +809,16 @@ impl Worker {
     }
 
     /// Fetches and verifies a chunk of blocks.
+    ///
+    /// A peer that withheld the blocks in a hedge while claiming their
+    /// commits (asked afresh, as a first peer is) is set in `withheld_by`,
+    /// whatever the fetch's outcome: it is judged with the batch's own
+    /// deniers once the batch is applied.
     pub(super) async fn fetch_blocks(
         self,
         chunk: BlockChunk,
         avoid: Vec<PeerId>,
+        withheld_by: Arc<OnceLock<PeerId>>,
     ) -> Outcome<Vec<VerifiedBlock>> {
         let range = chunk.commits;
         let work = (FetchKind::Blocks, range);
@@ -813,9 +856,18 @@ impl Worker {
             }
         };
         let work = (work, self.config.block_reserve(chunk.max_bytes));
-        let (slot, received, beaten) = self
+        let hedged = self
             .hedged(slot, work, avoid, (call, block_transfer_of, |_: &_| true))
             .await;
+        let (slot, received, beaten) = (hedged.slot, hedged.result, hedged.beaten);
+        let denier = async {
+            if let Some(peer) = hedged.withheld_by
+                && self.refresh(peer).await
+                && self.claims(peer, range).await
+            {
+                let _ = withheld_by.set(peer);
+            }
+        };
         // Blocks are checked against the refs asked for as they arrive.
         if let Some(beaten) = beaten {
             beaten.settle(received.is_ok());
@@ -826,16 +878,20 @@ impl Worker {
             Err(Failure::BlocksWithheld { held, .. }) => {
                 slot.release(Transfer::Withheld, 0);
                 let claimed = self.refresh(peer).await && self.claims(peer, range).await;
+                denier.await;
                 return (Some(peer), Err(Failure::BlocksWithheld { held, claimed }));
             }
             Err(failure) => {
                 slot.release(block_transfer_of(&failure), 0);
+                denier.await;
                 return (Some(peer), Err(failure));
             }
         };
         let bytes = blobs.iter().map(|b| b.bytes().len() as u64).sum();
         let latency = slot.release(Transfer::Received, bytes);
-        let result = self.verify_blocks(chunk.epoch, blobs, &chunk.refs).await;
+        // A hedge's denier is asked while the blocks are checked.
+        let verify = self.verify_blocks(chunk.epoch, blobs, &chunk.refs);
+        let (result, ()) = tokio::join!(verify, denier);
         // A block fetch is answered whole or not at all.
         self.verified((FetchKind::Blocks, peer), (bytes, (1, 1)), latency, &result);
         (Some(peer), result)

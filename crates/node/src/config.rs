@@ -467,10 +467,12 @@ impl NodeConfig {
         // never be dialled by what it advertises.
         let not_a_service = "a port other than another service's (SSH, mail, databases... \
              soma_actors::discovery::SERVICE_PORTS), which peers refuse to dial; 7000 is usual";
+        // The listen address is advertised only when no other is.
+        let advertised = self.external_addresses.is_empty();
         range(
             "listen-address",
             not_a_service,
-            !discovery::is_service_port(self.listen_address.port()),
+            !(advertised && discovery::is_service_port(self.listen_address.port())),
             self.listen_address.to_string(),
         )?;
         for address in &self.external_addresses {
@@ -835,8 +837,8 @@ impl NodeConfig {
         )?;
         range(
             "p2p.max-hedged-bytes",
-            "between 0 (never hedge) and 68719476736",
-            p.max_hedged_bytes <= 64u64 << 30,
+            "0 (never hedge) or between 1048576 and 68719476736",
+            p.max_hedged_bytes == 0 || ((1 << 20)..=(64u64 << 30)).contains(&p.max_hedged_bytes),
             p.max_hedged_bytes.to_string(),
         )?;
         range(
@@ -1630,14 +1632,34 @@ mod tests {
             e.contains("key `external-addresses`") && e.contains("got 192.0.2.1:5432"),
             "{e}"
         );
-        let text = default_file().replace(
-            "max-hedged-bytes = 67108864",
-            "max-hedged-bytes = 68719476737",
-        );
-        let e = parse(&text).unwrap_err().to_string();
-        assert!(
-            e.contains("p2p.max-hedged-bytes") && e.contains("between 0 (never hedge)"),
-            "{e}"
+        // Advertised elsewhere, the node may listen there (behind a
+        // forwarded port).
+        let text = default_file()
+            .replace("127.0.0.1:7000", "127.0.0.1:22")
+            .replace(
+                "external-addresses = []",
+                "external-addresses = [\"192.0.2.1:7000\"]",
+            );
+        assert!(parse(&text).is_ok());
+        for bytes in ["1024", "68719476737"] {
+            let text = default_file().replace(
+                "max-hedged-bytes = 67108864",
+                &format!("max-hedged-bytes = {bytes}"),
+            );
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(
+                e.contains("p2p.max-hedged-bytes") && e.contains("0 (never hedge) or between"),
+                "{e}"
+            );
+        }
+        let text = default_file().replace("max-hedged-bytes = 67108864", "max-hedged-bytes = 0");
+        assert_eq!(
+            parse(&text)
+                .unwrap()
+                .p2p_config()
+                .state_sync
+                .max_hedged_bytes,
+            0
         );
         let text = default_file().replace("send-timeout = \"10s\"", "send-timeout = \"1h\"");
         let e = parse(&text).unwrap_err().to_string();

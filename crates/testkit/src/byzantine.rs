@@ -104,6 +104,21 @@ pub enum Lie {
     /// forged signature, and a block fetch a refusal as busy, so that none
     /// of its hedges wins honestly ([`serve_spoiling_commit_hedges`]).
     SpoilsCommitHedges,
+    /// Holds every block fetch unanswered until it is opened
+    /// ([`Served::open`]), then serves the chain honestly; the blocks it
+    /// was asked for are shared with the [`Lie::WithholdsHedgedBlocks`]
+    /// peer of its pair.
+    HoldsBlocksUntilOpened,
+    /// Serves the chain honestly and claims all of it, but answers
+    /// NOT_FOUND to a block fetch asking for blocks its
+    /// [`Lie::HoldsBlocksUntilOpened`] pair was asked for, that is, to a
+    /// hedge of a fetch that peer holds ([`serve_withholding_hedges`]):
+    /// it denies blocks only in hedges.
+    WithholdsHedgedBlocks,
+    /// Serves the chain honestly and claims all of it, but answers
+    /// NOT_FOUND to a commit fetch its [`Lie::HoldsCommitsUntilOpened`]
+    /// pair holds, that is, to a hedge of it ([`serve_denying_commit_hedges`]).
+    DeniesCommitHedges,
     /// Sends every block it is asked for twice; honest commits.
     RepeatsBlocks,
     /// Claims to hold a million commits more than the chain has, and
@@ -500,7 +515,12 @@ impl p2p_server::P2p for Evil {
         self.fetches.fetch_add(1, Ordering::SeqCst);
         let start = request.get_ref().start;
         if self.lie == Lie::HoldsCommitsUntilOpened {
+            let _stalled = Stalled::new(&self.stalled);
             self.held.until_opened(start).await;
+        }
+        if self.lie == Lie::DeniesCommitHedges && self.held.holds_commits_from(start) {
+            self.denied.fetch_add(1, Ordering::SeqCst);
+            return Err(Status::not_found("commits not held"));
         }
         // A hedge of a fetch its pair holds: answered at once, forged.
         let spoiled = self.lie == Lie::SpoilsCommitHedges && self.held.holds_commits_from(start);
@@ -604,8 +624,22 @@ impl p2p_server::P2p for Evil {
                 .iter()
                 .filter_map(|r| BlockRef::try_from(r).ok())
         };
-        if matches!(self.lie, Lie::NeverAnswers | Lie::HoldsCommitsUntilOpened) {
+        let holds = matches!(
+            self.lie,
+            Lie::NeverAnswers | Lie::HoldsCommitsUntilOpened | Lie::HoldsBlocksUntilOpened
+        );
+        if holds {
             lock(&self.held.blocks).extend(asked());
+        }
+        if self.lie == Lie::HoldsBlocksUntilOpened {
+            let _stalled = Stalled::new(&self.stalled);
+            let mut opened = self.held.opened.subscribe();
+            // The sender lives as long as `self`.
+            let _ = opened.wait_for(|open| *open).await;
+        }
+        if self.lie == Lie::WithholdsHedgedBlocks && self.held.was_asked_for(asked()) {
+            self.denied.fetch_add(1, Ordering::SeqCst);
+            return Err(Status::not_found("block not held"));
         }
         if self.lie == Lie::SpoilsCommitHedges && self.held.was_asked_for(asked()) {
             return Err(Status::resource_exhausted("every fetch slot is held"));
@@ -752,7 +786,9 @@ pub struct Served {
     pub fetches: Arc<AtomicUsize>,
     /// Fetches it has refused: NOT_FOUND for what it pruned or withholds
     /// ([`Lie::PrunesAtBlocksOf`], [`Lie::PrunesAtCommitsOf`],
-    /// [`Lie::WithholdsBlocksOf`]), busy while loaded
+    /// [`Lie::WithholdsBlocksOf`], [`Lie::WithholdsHedgedBlocks`],
+    /// [`Lie::DeniesCommitHedges`]), busy
+    /// while loaded
     /// ([`Lie::BusyWhenLoaded`]).
     pub denied: Arc<AtomicUsize>,
     /// GetCommitAvailability calls it has received.
@@ -778,8 +814,9 @@ impl Served {
         self.loaded.store(true, Ordering::SeqCst);
     }
 
-    /// Opens a [`Lie::HoldsCommitsUntilOpened`] peer: it answers every
-    /// commit fetch it holds, and every later one at once.
+    /// Opens a [`Lie::HoldsCommitsUntilOpened`] or
+    /// [`Lie::HoldsBlocksUntilOpened`] peer: it answers every fetch it
+    /// holds, and every later one at once.
     pub fn open(&self) {
         self.held.opened.send_replace(true);
     }
@@ -822,6 +859,26 @@ pub async fn serve_spoiling_commit_hedges(
 ) -> (Served, Served) {
     let pair = (Lie::HoldsCommitsUntilOpened, held);
     serve_pair(chain, pair, (Lie::SpoilsCommitHedges, spoiler)).await
+}
+
+/// A [`Lie::HoldsBlocksUntilOpened`] peer (key `held`) and a
+/// [`Lie::WithholdsHedgedBlocks`] peer (key `liar`) that denies the blocks
+/// of every fetch the first holds when asked for them in a hedge.
+pub async fn serve_withholding_hedges(chain: Arc<Chain>, held: u8, liar: u8) -> (Served, Served) {
+    let pair = (Lie::HoldsBlocksUntilOpened, held);
+    serve_pair(chain, pair, (Lie::WithholdsHedgedBlocks, liar)).await
+}
+
+/// A [`Lie::HoldsCommitsUntilOpened`] peer (key `held`) and a
+/// [`Lie::DeniesCommitHedges`] peer (key `liar`) that denies the commits
+/// of every fetch the first holds when asked for them in a hedge.
+pub async fn serve_denying_commit_hedges(
+    chain: Arc<Chain>,
+    held: u8,
+    liar: u8,
+) -> (Served, Served) {
+    let pair = (Lie::HoldsCommitsUntilOpened, held);
+    serve_pair(chain, pair, (Lie::DeniesCommitHedges, liar)).await
 }
 
 /// Two peers sharing what the first holds.
