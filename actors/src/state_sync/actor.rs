@@ -145,6 +145,15 @@ impl StateSync {
                     self.calls().misbehaved(peer);
                 }
                 Output::WithheldBlocks { peer } => self.calls().withheld(peer),
+                Output::WithheldIfStored { peer, commit } => {
+                    let (store, calls) = (self.deps.store.clone(), self.calls());
+                    self.deps.runtime.spawn_blocking(move || {
+                        let stored = store.commit(commit.index);
+                        if stored.is_ok_and(|c| c.is_some_and(|c| c.reference() == commit)) {
+                            calls.withheld(peer);
+                        }
+                    });
+                }
                 // A round: each connected peer asked in a task of its own,
                 // so that one that never answers holds up no other's. A
                 // round due while the last one's question to Connections

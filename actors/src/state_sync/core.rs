@@ -148,6 +148,11 @@ fn default_max_message_bytes() -> u64 {
 /// batch end it certified (docs/protocol.md, "Batch ends").
 pub const DEFAULT_COMMIT_SYNC_BATCH_SIZE: u64 = 200;
 
+/// Peers kept for withholding blocks of batches dropped before they were
+/// applied, at most: each was leased a fetch and denied it, so in practice
+/// a few; past this, more are not kept (and go unjudged).
+const MAX_KEPT_DENIALS: usize = 256;
+
 /// Protobuf framing allowed on top of the payload of an answer.
 const FRAMING_BYTES: u64 = 64 << 10;
 
@@ -540,6 +545,12 @@ pub struct StateSyncCore {
     /// they do.
     orphans: HashMap<TaskId, u64>,
     applying: Option<CommitIndex>,
+    /// Peers that withheld blocks of a batch dropped before it was applied
+    /// (a reset, or local commits covering it), by the batch's last
+    /// commit: judged if a batch ending at that very commit is applied,
+    /// forgotten once the watermark passes it otherwise. At most
+    /// [`MAX_KEPT_DENIALS`].
+    withheld_kept: Vec<(CommitRef, PeerId)>,
     /// Store writes in a row that failed; no commits are fetched before
     /// `write_retry_at`.
     write_failures: u32,
@@ -583,6 +594,7 @@ impl Core for StateSyncCore {
             tasks: HashMap::new(),
             orphans: HashMap::new(),
             applying: None,
+            withheld_kept: Vec::new(),
             write_failures: 0,
             write_retry_at: Time(0),
             next_task: init.first_task,
@@ -656,6 +668,7 @@ impl Core for StateSyncCore {
                     );
                 }
                 self.advance(last, next_epoch);
+                self.judge_kept(last, &mut out);
                 self.drop_ended_epoch(&mut out);
                 if self.verified.index < self.synced.index {
                     self.reset(&mut out);
@@ -668,6 +681,7 @@ impl Core for StateSyncCore {
             }
             | Input::LocalApplied { last, next_epoch } => {
                 self.advance(last, next_epoch);
+                self.judge_kept(last, &mut out);
                 self.drop_ended_epoch(&mut out);
                 if self.verified.index < last.index {
                     // The watermark moved past what sync planned.
@@ -943,10 +957,13 @@ impl StateSyncCore {
         if stale.is_empty() {
             return;
         }
-        for (_, peer) in &stale {
+        for (start, peer) in &stale {
             if let Some(peer) = peer {
                 out.push(Output::Misbehaved { peer: *peer });
             }
+            // Forged: no one may hold its blocks, so no denial of them is
+            // kept.
+            self.batches.remove(start);
         }
         self.reset(out);
     }
@@ -1001,6 +1018,9 @@ impl StateSyncCore {
                 self.pause_writes(now);
             }
         }
+        // No one may hold the blocks of a batch that breaks the rules: no
+        // denial of them is kept.
+        self.batches.remove(&start);
         if self.applying == Some(start) {
             self.applying = None;
         }
@@ -1043,16 +1063,51 @@ impl StateSyncCore {
             .collect();
         for start in covered {
             self.orphan_tasks(|t| matches!(t, Task::Blocks { batch, .. } if *batch == start));
-            self.batches.remove(&start);
+            if let Some(b) = self.batches.remove(&start) {
+                self.keep_withheld(&b);
+            }
             out.push(Output::Discard { start });
         }
+    }
+
+    /// Keeps the peers that withheld blocks of `batch`, dropped before it
+    /// was applied, to be judged if a batch ending at its last commit is
+    /// (a liar that denies blocks and then disclaims them would otherwise
+    /// escape whenever no other peer claimed them for a moment: the
+    /// batch, past every claim, was dropped with its record).
+    fn keep_withheld(&mut self, batch: &Batch) {
+        for &peer in &batch.withheld {
+            let kept = (batch.last, peer);
+            if self.withheld_kept.len() < MAX_KEPT_DENIALS && !self.withheld_kept.contains(&kept) {
+                self.withheld_kept.push(kept);
+            }
+        }
+    }
+
+    /// A batch ending at `last` was applied: the peers kept for withholding
+    /// blocks of a batch ending at that very commit are judged; those kept
+    /// for other commits the watermark has passed are judged if the store
+    /// holds that very commit (the batches fetched again after a reset may
+    /// end elsewhere: an answer may end early), and forgotten.
+    fn judge_kept(&mut self, last: CommitRef, out: &mut Vec<Output>) {
+        let synced = self.synced.index;
+        self.withheld_kept.retain(|&(end, peer)| {
+            if end == last {
+                out.push(Output::WithheldBlocks { peer });
+            } else if end.index <= synced {
+                out.push(Output::WithheldIfStored { peer, commit: end });
+            }
+            end.index > synced
+        });
     }
 
     /// Forgets every batch after the watermark, to fetch them again.
     fn reset(&mut self, out: &mut Vec<Output>) {
         self.forget_prefetches(|_| true, out);
         self.orphan_tasks(|_| true);
-        self.batches.clear();
+        for batch in std::mem::take(&mut self.batches).into_values() {
+            self.keep_withheld(&batch);
+        }
         self.verified = self.synced;
         // A claim cannot be judged against batches that are gone.
         self.forget_claim();
@@ -3467,6 +3522,78 @@ mod tests {
                 Output::WithheldBlocks { peer: LIAR }
             ]
         );
+    }
+
+    /// The liar denies blocks it claims, then claims nothing: the batch
+    /// now runs past every claim, its blocks find no peer, and the plan
+    /// is reset, the batch and its record of who withheld what dropped.
+    /// Fetched again and applied, the batch ending at the same commit
+    /// still has the liar judged. Before, it escaped whenever no other
+    /// peer claimed the batch at that moment (a test of it failed under
+    /// load: `a_peer_denying_blocks_then_disclaiming_them_is_banned_all_the_same`).
+    /// A batch ending elsewhere, or at another commit of that index (a
+    /// forgery's), judges no one.
+    #[test]
+    fn blocks_withheld_of_a_batch_dropped_before_it_was_applied_are_judged_when_it_is() {
+        let (mut c, whole) = one_chunk_asked();
+        let out = withheld_by(&mut c, whole, LIAR, 0);
+        let parts = block_fetches(&out);
+        tick(&mut c, 1, 0);
+        let out = blocks_done(&mut c, parts[0].0, Err(Failure::NoPeer));
+        assert!(out.contains(&Output::Reset), "{out:?}");
+        // An honest peer claims the batch again: fetched and applied.
+        let out = tick(&mut c, 2, 10);
+        let (t, 1, 10) = commit_fetch(&out).expect("fetched again") else {
+            panic!("{out:?}")
+        };
+        let out = commits_ok(&mut c, 2, t, 1, 10, 5);
+        let out = blocks_ok(&mut c, block_fetches(&out)[0].0);
+        assert!(out.contains(&Output::Apply { start: 1 }), "{out:?}");
+        assert_eq!(
+            judged_once_applied(&mut c),
+            vec![Output::WithheldBlocks { peer: LIAR }]
+        );
+        // Judged once, then forgotten.
+        assert_eq!(c.withheld_kept, vec![]);
+    }
+
+    #[test]
+    fn blocks_withheld_of_a_dropped_batch_are_not_judged_by_another_commit_at_its_end() {
+        let (mut c, whole) = one_chunk_asked();
+        let out = withheld_by(&mut c, whole, LIAR, 0);
+        tick(&mut c, 1, 0);
+        let out = blocks_done(&mut c, block_fetches(&out)[0].0, Err(Failure::NoPeer));
+        assert!(out.contains(&Output::Reset), "{out:?}");
+        assert_eq!(c.withheld_kept, vec![(r(10), LIAR)]);
+        // Local commits end at another commit 10 (a forged batch's, say):
+        // no judgement here; the shell judges only if the store holds the
+        // very commit the batch ended at. The record goes with the
+        // watermark past it.
+        let last = CommitRef {
+            index: 10,
+            digest: Digest([0xee; 32]),
+        };
+        let out = c.handle(
+            Time(3),
+            Input::LocalApplied {
+                last,
+                next_epoch: None,
+            },
+        );
+        let judged: Vec<_> = (out.iter())
+            .filter(|o| {
+                matches!(
+                    o,
+                    Output::WithheldBlocks { .. } | Output::WithheldIfStored { .. }
+                )
+            })
+            .collect();
+        let commit = r(10);
+        assert_eq!(
+            judged,
+            vec![&Output::WithheldIfStored { peer: LIAR, commit }]
+        );
+        assert_eq!(c.withheld_kept, vec![]);
     }
 
     #[test]

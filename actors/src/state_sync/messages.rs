@@ -378,6 +378,19 @@ pub enum Output {
         /// The peer.
         peer: PeerId,
     },
+    /// `peer` answered NOT_FOUND, while it claimed the commits naming
+    /// them, for blocks of a batch ending at `commit` that was dropped
+    /// before it was applied (a reset); the watermark has passed `commit`
+    /// since, in batches ending elsewhere: a lie, judged as
+    /// [`Output::WithheldBlocks`], if the store holds that very commit (a
+    /// forged batch's commit at that index, which nobody may hold the
+    /// blocks of, judges no one).
+    WithheldIfStored {
+        /// The peer.
+        peer: PeerId,
+        /// The last commit of the batch it withheld blocks of.
+        commit: CommitRef,
+    },
     /// Every block of the batch starting at `start` is in: write it.
     Apply {
         /// First commit of the batch.

@@ -845,6 +845,10 @@ impl Run<'_> {
             Output::Restarted { .. } => self.run.restarts += 1,
             Output::Misbehaved { peer } => self.judge(node, peer, OutcomeKind::InvalidData),
             Output::WithheldBlocks { peer } => self.judge(node, peer, OutcomeKind::Withheld),
+            // The simulated chain is the only one with valid batches (no
+            // peer here forges one a retired committee certified): the
+            // commit is the one stored.
+            Output::WithheldIfStored { peer, .. } => self.judge(node, peer, OutcomeKind::Withheld),
             Output::QueryHeights { peer } => {
                 let (peers, connecting) = match peer {
                     Some(peer) => (self.sim.index_of(&peer).into_iter().collect(), true),
