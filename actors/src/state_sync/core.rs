@@ -545,6 +545,9 @@ pub struct StateSyncCore {
     /// they do.
     orphans: HashMap<TaskId, u64>,
     applying: Option<CommitIndex>,
+    /// Whether the plan was reset while the write of `applying` ran: the
+    /// batch now starting where it did, if any, was fetched again.
+    reset_while_applying: bool,
     /// Peers that withheld blocks of a batch dropped before it was applied
     /// (a reset, or local commits covering it), by the batch's last
     /// commit: judged if a batch ending at that very commit is applied,
@@ -594,6 +597,7 @@ impl Core for StateSyncCore {
             tasks: HashMap::new(),
             orphans: HashMap::new(),
             applying: None,
+            reset_while_applying: false,
             withheld_kept: Vec::new(),
             write_failures: 0,
             write_retry_at: Time(0),
@@ -637,8 +641,13 @@ impl Core for StateSyncCore {
                     self.prefetched(now, (task, start), peer, result, &mut out);
                 }
             }
-            Input::WithheldInHedge { batch, peer } => {
-                if let Some(b) = self.batches.get_mut(&batch) {
+            // Only while the fetch is awaited: a dropped task's batch is
+            // gone, and another (the true one after a forgery) may start
+            // where it did.
+            Input::WithheldInHedge { task, peer } => {
+                if let Some(Task::Blocks { batch, .. }) = self.tasks.get(&task)
+                    && let Some(b) = self.batches.get_mut(batch)
+                {
                     b.withheld.insert(peer);
                 }
             }
@@ -656,11 +665,12 @@ impl Core for StateSyncCore {
                 self.applying = None;
                 self.write_failures = 0;
                 // A reset while the write ran planned again from the
-                // watermark below it: what it fetched since (this batch
-                // again, among others) is behind the new watermark, and
-                // this batch's answer, come after the write, would make a
-                // batch never applied, first in line for good.
-                if let Some(b) = self.batches.remove(&start) {
+                // watermark below it: what starts at `start` now, and
+                // what was fetched after it, was fetched again from there
+                // (it may end elsewhere, an answer may end early), and is
+                // planned again from the new watermark, its data dropped.
+                let replanned = std::mem::take(&mut self.reset_while_applying);
+                if !replanned && let Some(b) = self.batches.remove(&start) {
                     // Its blocks exist: a NOT_FOUND for them is judged
                     // against what each peer claimed to hold.
                     out.extend(
@@ -670,7 +680,7 @@ impl Core for StateSyncCore {
                 self.advance(last, next_epoch);
                 self.judge_kept(last, &mut out);
                 self.drop_ended_epoch(&mut out);
-                if self.verified.index < self.synced.index {
+                if replanned {
                     self.reset(&mut out);
                 }
             }
@@ -1103,6 +1113,7 @@ impl StateSyncCore {
 
     /// Forgets every batch after the watermark, to fetch them again.
     fn reset(&mut self, out: &mut Vec<Output>) {
+        self.reset_while_applying = self.applying.is_some();
         self.forget_prefetches(|_| true, out);
         self.orphan_tasks(|_| true);
         for batch in std::mem::take(&mut self.batches).into_values() {
@@ -2402,6 +2413,74 @@ mod tests {
         let out = commits_ok(&mut c, 3, t, 11, 20, 5);
         let out = blocks_ok(&mut c, block_fetches(&out)[0].0);
         assert!(out.contains(&Output::Apply { start: 11 }), "{}", c.plan());
+    }
+
+    /// As above, the batch's answer coming before the write ends: what
+    /// starts where the written batch did is then a batch fetched again,
+    /// not the one written. Removed as if written, its data was left in
+    /// the shell and its record judged; and fetched again ending
+    /// elsewhere, the rest of it stood first in line for good. The write's
+    /// end now plans again from the new watermark.
+    #[test]
+    fn a_batch_fetched_again_during_its_write_is_planned_again_after_it() {
+        let (mut c, first, second) = two_fetched_batches();
+        blocks_ok(&mut c, first[0].0);
+        tick(&mut c, 1, 10);
+        let out = blocks_done(&mut c, second[0].0, Err(Failure::NoPeer));
+        let (again, 1, 10) = commit_fetch(&out).expect("fetched again") else {
+            panic!("{out:?}")
+        };
+        tick(&mut c, 2, 30);
+        let out = commits_ok(&mut c, 2, again, 1, 10, 5);
+        let refetched = block_fetches(&out);
+        assert_eq!(refetched.len(), 1, "{out:?}");
+        let out = applied(&mut c, 1, 10);
+        assert!(out.contains(&Output::Reset), "{out:?}");
+        assert_eq!(c.synced(), r(10));
+        let (t, start, end) = commit_fetch(&out).expect("the next batch is fetched");
+        assert_eq!((start, end), (11, 20));
+        // The refetched batch's blocks, come late, are no one's now.
+        let out = blocks_ok(&mut c, refetched[0].0);
+        assert!(
+            !out.iter().any(|o| matches!(o, Output::Apply { .. })),
+            "{out:?}"
+        );
+        let out = commits_ok(&mut c, 3, t, 11, 20, 5);
+        let out = blocks_ok(&mut c, block_fetches(&out)[0].0);
+        assert!(out.contains(&Output::Apply { start: 11 }), "{}", c.plan());
+    }
+
+    /// A hedge's denial reported for a block fetch the core no longer
+    /// awaits (its batch dropped, another maybe starting where it did:
+    /// the true one after a forgery) is ignored.
+    #[test]
+    fn a_hedge_denial_of_a_dropped_fetch_is_not_held_against_the_batch_after_it() {
+        let (mut c, whole) = one_chunk_asked();
+        tick(&mut c, 1, 0);
+        let out = blocks_done(&mut c, whole, Err(Failure::NoPeer));
+        assert!(out.contains(&Output::Reset), "{out:?}");
+        let (t, 1, 10) = commit_fetch(&tick(&mut c, 2, 10)).expect("fetched again") else {
+            panic!()
+        };
+        let out = commits_ok(&mut c, 2, t, 1, 10, 5);
+        let chunk = block_fetches(&out)[0].0;
+        // The dropped fetch's hedge report comes now, a batch starting
+        // where its batch did fetched again.
+        let peer = OTHER;
+        c.handle(Time(2), Input::WithheldInHedge { task: whole, peer });
+        // Reported for the fetch awaited now, it counts.
+        c.handle(
+            Time(2),
+            Input::WithheldInHedge {
+                task: chunk,
+                peer: LIAR,
+            },
+        );
+        blocks_ok(&mut c, chunk);
+        assert_eq!(
+            judged_once_applied(&mut c),
+            vec![Output::WithheldBlocks { peer: LIAR }]
+        );
     }
 
     /// Fetches the batch `start..=end` (its blocks in one fetch) at `now`

@@ -58,9 +58,9 @@ impl Fetched {
     pub(super) fn blocks_done(&mut self, done: BlocksDone, awaited: bool) -> (Vec<Input>, u64) {
         let mut kept = 0;
         let mut broken = None;
-        let batch = done.batch;
+        let (batch, task) = (done.batch, done.task);
         let mut inputs: Vec<Input> = (done.withheld_by.into_iter())
-            .map(|peer| Input::WithheldInHedge { batch, peer })
+            .map(|peer| Input::WithheldInHedge { task, peer })
             .collect();
         let result = done.result.map(|blocks| {
             if let Some(d) = self.batches.get_mut(&batch).filter(|_| awaited) {

@@ -258,13 +258,13 @@ pub enum Input {
         /// Bytes of the answer, or why not.
         result: Result<u64, Failure>,
     },
-    /// A peer that claimed the commits naming blocks of the batch starting
-    /// at `batch` answered NOT_FOUND for them in a hedge, which another
-    /// peer's answer won: judged with the batch's own deniers once the
-    /// batch is applied ([`Output::WithheldBlocks`]).
+    /// A peer that claimed the commits naming blocks of block fetch `task`
+    /// answered NOT_FOUND for them in a hedge of it: judged with the
+    /// batch's own deniers once the batch is applied
+    /// ([`Output::WithheldBlocks`]), if the fetch is still awaited.
     WithheldInHedge {
-        /// First commit of the batch.
-        batch: CommitIndex,
+        /// The block fetch the hedge was of (its result comes next).
+        task: TaskId,
         /// The peer.
         peer: PeerId,
     },

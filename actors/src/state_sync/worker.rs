@@ -877,8 +877,10 @@ impl Worker {
             Ok(blobs) => blobs,
             Err(Failure::BlocksWithheld { held, .. }) => {
                 slot.release(Transfer::Withheld, 0);
-                let claimed = self.refresh(peer).await && self.claims(peer, range).await;
-                denier.await;
+                // Both peers asked at once: one that stalls the question
+                // holds up the retry by one wait, not two.
+                let claimed = async { self.refresh(peer).await && self.claims(peer, range).await };
+                let (claimed, ()) = tokio::join!(claimed, denier);
                 return (Some(peer), Err(Failure::BlocksWithheld { held, claimed }));
             }
             Err(failure) => {
