@@ -441,15 +441,23 @@ mod byzantine {
     /// The same for commits: a peer that answers NOT_FOUND only to the
     /// hedges of commit fetches another peer holds, for commits it
     /// claims, is banned on its claim asked afresh, as a first peer is.
+    /// It is slow to answer that question
+    /// (`soma_testkit::byzantine::DENIER_QUERY_DELAY`), and the held peer
+    /// answers meanwhile, ending the race: the judgement goes on all the
+    /// same (it was dropped with the race before).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_peer_denying_commits_only_in_hedges_is_banned() {
         let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(300));
         let (held, liar) = serve_denying_commit_hedges(chain.clone(), 128, 129).await;
         let node = hedged_to_the_liar(&chain, &held, &liar).await;
-        wait_banned(&node, &[liar.peer]).await;
-        assert_eq!(liar.denied.load(Ordering::SeqCst), 1);
+        let denied = liar.denied.clone();
+        let what = "the liar to deny a hedge";
+        let asked = async || denied.load(Ordering::SeqCst) > 0;
+        soma_testkit::wait_until(what, DEADLINE, asked).await;
         held.open();
         wait_synced(&node, chain.tip()).await;
+        wait_banned(&node, &[liar.peer]).await;
+        assert_eq!(liar.denied.load(Ordering::SeqCst), 1);
         node.shutdown().await;
     }
 

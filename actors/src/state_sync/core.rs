@@ -153,6 +153,11 @@ pub const DEFAULT_COMMIT_SYNC_BATCH_SIZE: u64 = 200;
 /// a few; past this, more are not kept (and go unjudged).
 const MAX_KEPT_DENIALS: usize = 256;
 
+/// Of those, records of one peer at most: one proven denial is enough to
+/// ban it, and a peer that denies blocks of every batch ahead, moving its
+/// claim so that each plan ends elsewhere, fills no more than this.
+const MAX_KEPT_DENIALS_PER_PEER: usize = 4;
+
 /// Protobuf framing allowed on top of the payload of an answer.
 const FRAMING_BYTES: u64 = 64 << 10;
 
@@ -1088,7 +1093,15 @@ impl StateSyncCore {
     fn keep_withheld(&mut self, batch: &Batch) {
         for &peer in &batch.withheld {
             let kept = (batch.last, peer);
-            if self.withheld_kept.len() < MAX_KEPT_DENIALS && !self.withheld_kept.contains(&kept) {
+            let of_peer = self
+                .withheld_kept
+                .iter()
+                .filter(|(_, p)| *p == peer)
+                .count();
+            if self.withheld_kept.len() < MAX_KEPT_DENIALS
+                && of_peer < MAX_KEPT_DENIALS_PER_PEER
+                && !self.withheld_kept.contains(&kept)
+            {
                 self.withheld_kept.push(kept);
             }
         }
@@ -3634,6 +3647,30 @@ mod tests {
         );
         // Judged once, then forgotten.
         assert_eq!(c.withheld_kept, vec![]);
+    }
+
+    #[test]
+    fn one_peer_fills_at_most_its_share_of_the_kept_denials() {
+        let mut c = core(config());
+        for n in 1..=10u64 {
+            let mut withheld = BTreeSet::from([LIAR]);
+            if n == 10 {
+                withheld.insert(OTHER);
+            }
+            let batch = Batch {
+                end: n * 10,
+                last: r(n * 10),
+                epoch: 0,
+                peer: None,
+                commit_bytes: 0,
+                chunks: BTreeMap::new(),
+                withheld,
+            };
+            c.keep_withheld(&batch);
+        }
+        let of = |p: PeerId| c.withheld_kept.iter().filter(|(_, q)| *q == p).count();
+        assert_eq!((of(LIAR), of(OTHER)), (MAX_KEPT_DENIALS_PER_PEER, 1));
+        assert_eq!(c.withheld_kept[0], (r(10), LIAR));
     }
 
     #[test]

@@ -521,8 +521,21 @@ impl Worker {
                         // is applied. Counted as an error, a peer that
                         // denied only hedges was never banned.
                         let transfer = match transfer(&failure) {
-                            Transfer::NotFound if self.refresh(peer).await => Transfer::NotFound,
-                            Transfer::NotFound => Transfer::Error,
+                            // In a task of its own, so that the first
+                            // peer's answer, ending the race while the
+                            // question is out, does not drop the
+                            // judgement (at most a commit hedge delay).
+                            Transfer::NotFound => {
+                                let worker = self.clone();
+                                tokio::spawn(async move {
+                                    let transfer = match worker.refresh(peer).await {
+                                        true => Transfer::NotFound,
+                                        false => Transfer::Error,
+                                    };
+                                    slot.release(transfer, 0);
+                                });
+                                return None;
+                            }
                             Transfer::Withheld => {
                                 // The hedge ends at its denial: one a race.
                                 let _ = withheld_by.set(peer);

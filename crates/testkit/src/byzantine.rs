@@ -117,7 +117,9 @@ pub enum Lie {
     WithholdsHedgedBlocks,
     /// Serves the chain honestly and claims all of it, but answers
     /// NOT_FOUND to a commit fetch its [`Lie::HoldsCommitsUntilOpened`]
-    /// pair holds, that is, to a hedge of it ([`serve_denying_commit_hedges`]).
+    /// pair holds, that is, to a hedge of it ([`serve_denying_commit_hedges`]);
+    /// from its first denial on, it answers height queries only after
+    /// [`DENIER_QUERY_DELAY`].
     DeniesCommitHedges,
     /// Sends every block it is asked for twice; honest commits.
     RepeatsBlocks,
@@ -174,6 +176,10 @@ pub const FLOOD_BLOB_BYTES: usize = 4 << 20;
 
 /// How long a [`Lie::SpoilsHedges`] peer holds each block fetch it serves.
 const SPOILER_HOLD: Duration = Duration::from_millis(200);
+
+/// How long a [`Lie::DeniesCommitHedges`] peer takes to answer a height
+/// query once it has denied a fetch.
+pub const DENIER_QUERY_DELAY: Duration = Duration::from_secs(1);
 
 /// Commits a [`Lie::ClaimsHeight`] peer claims beyond the chain's tip.
 pub const CLAIMED_EXTRA_COMMITS: u64 = 1_000_000;
@@ -460,6 +466,10 @@ impl p2p_server::P2p for Evil {
         if self.lie == Lie::SilentAfterFirstHeightQuery && before > 0 {
             let _stalled = Stalled::new(&self.stalled);
             std::future::pending::<()>().await;
+        }
+        if self.lie == Lie::DeniesCommitHedges && self.denied.load(Ordering::SeqCst) > 0 {
+            // Asked afresh after its denial: slow to say what it holds.
+            tokio::time::sleep(DENIER_QUERY_DELAY).await;
         }
         let chain_id = if self.lie == Lie::OtherChain {
             ChainId(Digest([0xee; 32]))
