@@ -404,12 +404,7 @@ mod byzantine {
     async fn a_peer_denying_blocks_only_in_hedges_is_banned_once_they_prove_to_exist() {
         let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(300));
         let (held, liar) = serve_withholding_hedges(chain.clone(), 126, 127).await;
-        let node = hedged_to_the_liar(&chain, &held, &liar).await;
-        let denied = liar.denied.clone();
-        let what = "the liar to deny a hedge";
-        let asked = async || denied.load(Ordering::SeqCst) > 0;
-        soma_testkit::wait_until(what, DEADLINE, asked).await;
-        held.open();
+        let node = denied_in_a_hedge(&chain, &held, &liar).await;
         wait_banned(&node, &[liar.peer]).await;
         wait_synced(&node, chain.tip()).await;
         let views = node.peer_heights().await.unwrap();
@@ -420,8 +415,9 @@ mod byzantine {
 
     /// A node syncing `chain` from `held` alone until `held` holds a
     /// fetch, then from `liar` too, which is then asked only in hedges of
-    /// what `held` holds (no fetch times out before it is opened).
-    async fn hedged_to_the_liar(chain: &Arc<Chain>, held: &Served, liar: &Served) -> P2pHandle {
+    /// what `held` holds (no fetch times out before it is opened); once
+    /// `liar` has denied a hedge, `held` is opened.
+    async fn denied_in_a_hedge(chain: &Arc<Chain>, held: &Served, liar: &Served) -> P2pHandle {
         let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
         let config = P2pConfig {
             seed_peers: vec![held.seed()],
@@ -435,6 +431,10 @@ mod byzantine {
         soma_testkit::wait_until("the held peer to hold a fetch", DEADLINE, holds).await;
         node.connect(Some(liar.peer), liar.address.clone())
             .expect("Connections takes the dial");
+        let denied = liar.denied.clone();
+        let asked = async || denied.load(Ordering::SeqCst) > 0;
+        soma_testkit::wait_until("the liar to deny a hedge", DEADLINE, asked).await;
+        held.open();
         node
     }
 
@@ -449,12 +449,7 @@ mod byzantine {
     async fn a_peer_denying_commits_only_in_hedges_is_banned() {
         let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(300));
         let (held, liar) = serve_denying_commit_hedges(chain.clone(), 128, 129).await;
-        let node = hedged_to_the_liar(&chain, &held, &liar).await;
-        let denied = liar.denied.clone();
-        let what = "the liar to deny a hedge";
-        let asked = async || denied.load(Ordering::SeqCst) > 0;
-        soma_testkit::wait_until(what, DEADLINE, asked).await;
-        held.open();
+        let node = denied_in_a_hedge(&chain, &held, &liar).await;
         wait_synced(&node, chain.tip()).await;
         wait_banned(&node, &[liar.peer]).await;
         assert_eq!(liar.denied.load(Ordering::SeqCst), 1);

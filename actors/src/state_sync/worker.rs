@@ -875,8 +875,7 @@ impl Worker {
         let (slot, received, beaten) = (hedged.slot, hedged.result, hedged.beaten);
         let denier = async {
             if let Some(peer) = hedged.withheld_by
-                && self.refresh(peer).await
-                && self.claims(peer, range).await
+                && self.claims_afresh(peer, range).await
             {
                 let _ = withheld_by.set(peer);
             }
@@ -892,8 +891,7 @@ impl Worker {
                 slot.release(Transfer::Withheld, 0);
                 // Both peers asked at once: one that stalls the question
                 // holds up the retry by one wait, not two.
-                let claimed = async { self.refresh(peer).await && self.claims(peer, range).await };
-                let (claimed, ()) = tokio::join!(claimed, denier);
+                let (claimed, ()) = tokio::join!(self.claims_afresh(peer, range), denier);
                 return (Some(peer), Err(Failure::BlocksWithheld { held, claimed }));
             }
             Err(failure) => {
@@ -910,6 +908,13 @@ impl Worker {
         // A block fetch is answered whole or not at all.
         self.verified((FetchKind::Blocks, peer), (bytes, (1, 1)), latency, &result);
         (Some(peer), result)
+    }
+
+    /// Whether `peer`, which has just denied blocks of commits `range`,
+    /// still claims them once asked afresh ([`Self::refresh`]): its denial
+    /// is then a lie if the blocks prove to exist.
+    async fn claims_afresh(&self, peer: PeerId, range: (CommitIndex, CommitIndex)) -> bool {
+        self.refresh(peer).await && self.claims(peer, range).await
     }
 
     /// Whether `peer` claims commits `start..=end` in PeerHeights' view:
