@@ -345,6 +345,7 @@ impl Series {
             ("evicted", c.evicted),
             ("handshake_timeout", c.handshake_timeouts),
             ("idle", c.idle_closed),
+            ("cut_after_grace", c.cut_after_grace),
         ] {
             self.advance(&self.inbound_closed, &[reason], n);
         }

@@ -224,6 +224,9 @@ pub struct Counts {
     pub handshake_timeouts: u64,
     /// Connections closed for being idle.
     pub idle_closed: u64,
+    /// Connections told to close (a GOAWAY, when idle or at the server's
+    /// shutdown) and still open `idle_drain_grace` later: cut.
+    pub cut_after_grace: u64,
 }
 
 impl Counts {
@@ -481,6 +484,11 @@ impl Rules {
     /// A connection was closed for being idle.
     pub fn idle_closed(&mut self) {
         self.counts.idle_closed += 1;
+    }
+
+    /// A connection told to close was still open a grace later: cut.
+    pub fn cut_after_grace(&mut self) {
+        self.counts.cut_after_grace += 1;
     }
 
     /// Connection `id` ended: its slot and counts come back. Releasing a
@@ -961,6 +969,7 @@ impl Admitted {
             if activity.draining.load(Ordering::Acquire) {
                 // Told to close, and still open after the grace: cut.
                 activity.closed.store(true, Ordering::Release);
+                limit.lock().rules.cut_after_grace();
                 tracing::debug!(
                     id = self.slot.id,
                     "closing inbound connection still open; cut"
