@@ -302,10 +302,12 @@ mod byzantine {
         let view = view.expect("the silent peer is known");
         assert!(view.failures > 0, "{view:?}");
         assert_eq!((view.faults, view.banned_until), (0, None), "{view:?}");
-        // Each failure is a fetch the honest peer's answer won, and only
-        // the silent peer, which never answers, was ever beaten.
+        // Each failure is a fetch the honest peer's answer won, or a hedge
+        // to the silent peer that outwaited its delay, and only the silent
+        // peer, which never answers, was ever beaten.
         let status = node.sync_status().await.unwrap();
-        assert_eq!(status.hedges_won, u64::from(view.failures), "{status:?}");
+        let beaten = status.hedges_won + status.hedges_late;
+        assert_eq!(beaten, u64::from(view.failures), "{status:?}");
         node.shutdown().await;
         honest.shutdown().await;
     }
@@ -453,6 +455,63 @@ mod byzantine {
         wait_synced(&node, chain.tip()).await;
         wait_banned(&node, &[liar.peer]).await;
         assert_eq!(liar.denied.load(Ordering::SeqCst), 1);
+        node.shutdown().await;
+    }
+
+    /// A peer holds the one commit fetch of a catch-up until the test
+    /// opens it; the fetch is hedged to the only other peer, which never
+    /// answers anything. The hedge waits longer than makes a peer late
+    /// (before any fetch has answered, at most a twentieth of the
+    /// timeout), then the first peer answers: the silent second peer was
+    /// late just as a first peer beaten by a hedge is, and ranks lower for
+    /// it. It used to be released as cancelled, nothing held against it,
+    /// so a peer silent only to hedges wasted every hedge sent to it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_peer_silent_past_its_hedge_delay_ranks_lower_when_the_first_answers() {
+        const TIMEOUT: Duration = Duration::from_secs(20);
+        // One batch of commits: one commit fetch, which the held peer holds.
+        let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(200));
+        let held = serve_observed(chain.clone(), Lie::HoldsCommitsUntilOpened, 116).await;
+        let silent = serve_observed(chain.clone(), Lie::NeverAnswers, 117).await;
+        let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+        let config = P2pConfig {
+            seed_peers: vec![held.seed()],
+            timeout: TIMEOUT,
+            max_fetches_per_peer: 1,
+            ..P2pConfig::default()
+        };
+        let node = soma_testkit::node(&chain, 9, config, store.clone());
+        let stalled = held.stalled.clone();
+        let holds = async || stalled.load(Ordering::SeqCst) > 0;
+        soma_testkit::wait_until("the held peer to hold the fetch", DEADLINE, holds).await;
+        node.connect(Some(silent.peer), silent.address.clone())
+            .expect("Connections takes the dial");
+        let asked = async || silent.fetches() > 0;
+        soma_testkit::wait_until("the hedge to reach the silent peer", DEADLINE, asked).await;
+        // The time the hedge waits is what the rule reads: past the most
+        // its delay can be here.
+        tokio::time::sleep(TIMEOUT / 20 + Duration::from_millis(500)).await;
+        held.open();
+        wait_synced(&node, chain.tip()).await;
+        assert_same_chain(&chain, store.as_ref());
+        let status = node.sync_status().await.unwrap();
+        // The commit hedge, at least; a later block fetch the held peer
+        // was slow to answer may have had its hedge late too.
+        assert!(status.hedges_late >= 1, "{status:?}");
+        let views = node.peer_heights().await.unwrap();
+        let view = |peer| views.iter().find(|v| v.peer == peer).expect("tracked");
+        // Its other failures, if any, are block fetches it held as first
+        // peer that the held peer, opened, answered in its place.
+        let s = view(silent.peer);
+        let beaten = status.hedges_won + status.hedges_late;
+        assert_eq!(u64::from(s.failures), beaten, "{s:?} {status:?}");
+        assert_eq!((s.faults, s.banned_until), (0, None), "{s:?}");
+        let h = view(held.peer);
+        assert_eq!(
+            (h.failures, h.faults, h.banned_until),
+            (0, 0, None),
+            "{h:?}"
+        );
         node.shutdown().await;
     }
 

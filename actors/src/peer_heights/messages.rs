@@ -231,11 +231,13 @@ pub struct Release {
     pub latency_ms: u64,
 }
 
-/// A second peer's answer to a hedge beat `peer`'s on a fetch, and has
-/// since passed the checks that tell a true answer from junk: the same
-/// failure as a release [`Transfer::Late`], told once it is earned. The
-/// fetch's slot on `peer` was released as cancelled when the race ended,
-/// so that the peer is not held to a slot while the answer is checked.
+/// Another peer's answer beat `peer`'s on a hedged fetch (a second peer's
+/// beat the first, or the first's came after the hedge to `peer` was
+/// itself late), and has since passed the checks that tell a true answer
+/// from junk: the same failure as a release [`Transfer::Late`], told once
+/// it is earned. The fetch's slot on `peer` was released as cancelled when
+/// the race ended, so that the peer is not held to a slot while the answer
+/// is checked.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Message)]
 #[rtype(result = "()")]
 pub struct ReportBeaten {

@@ -117,6 +117,7 @@ impl Deps {
             hedge_budget: HedgeBudget::new(self.config.max_hedged_bytes),
             lies_in_hedges: Default::default(),
             hedges_won: Default::default(),
+            hedges_late: Default::default(),
         }
     }
 

@@ -240,6 +240,10 @@ impl Hedging {
     /// How long a fetch of `kind` that the pipeline does not wait on, or
     /// another question to a peer, waits for that peer alone: four times
     /// the usual answer time, within [`HEDGE_MIN`] and half `timeout`.
+    /// Also how long a hedge may go unanswered before its peer is late
+    /// when the first peer's answer ends the race: never the shorter wait
+    /// of a fetch at the head of the pipeline, which decides when to ask
+    /// a second peer sooner, not how slow a peer is.
     pub fn usual_delay(&self, kind: FetchKind, timeout: Duration) -> Duration {
         let (fetches, queries) = self.usual_ms(kind);
         hedge_delay(fetches, queries, timeout)
@@ -383,7 +387,7 @@ impl Drop for HedgeShare {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())

@@ -451,6 +451,10 @@ pub struct SyncStatus {
     /// the first was late), counted once that answer passed the checks
     /// that tell a true answer from junk: each ranked its first peer lower.
     pub hedges_won: u64,
+    /// Hedges still unanswered, when the first peer's answer came (and
+    /// passed its checks), as long after they were sent as makes a peer
+    /// late: each ranked its peer lower, as a late first peer is ranked.
+    pub hedges_late: u64,
     /// Hedges sent since start.
     pub hedges_sent: u64,
     /// The most hedges in flight at once since start.

@@ -29,7 +29,7 @@ use tokio::task::{AbortHandle, JoinSet};
 
 use super::apply::{Batch, Source};
 use super::core::Config;
-use super::hedging::{HEAD_HEDGE_MIN, HEDGE_MIN, HedgeBudget, HedgeShare, Hedging};
+use super::hedging::{HEAD_HEDGE_MIN, HEDGE_MIN, HedgeBudget, HedgeShare, Hedging, lock};
 use super::messages::{CommitBatchInfo, CommitsWanted, Failure, LocalFailure, TaskId};
 use crate::archive::ArchiveReader;
 use crate::connections::{ActivePeers, Client, Connections, Outbound};
@@ -213,8 +213,9 @@ pub(super) struct CommitAnswer {
     pub(super) latency_ms: u64,
     /// The answer certified ahead of its turn, if that passed.
     pub(super) certified: Option<CertifiedRun>,
-    /// The first peer asked, if this answer came from a hedge and beat it:
-    /// settled once the answer is checked.
+    /// The peer this answer beat (the first, if a hedge's answer won; the
+    /// second, if the first's came after the hedge was late): settled once
+    /// the answer is checked.
     pub(super) beaten: Option<Beaten>,
 }
 
@@ -251,11 +252,15 @@ pub(super) struct Worker {
     /// Fetches a hedge's answer won, counted as their first peers are
     /// released late ([`Beaten::settle`]).
     pub(super) hedges_won: Arc<AtomicU64>,
+    /// Hedges beaten by their first peer's answer after waiting a hedge
+    /// delay themselves, counted as their peers are reported beaten.
+    pub(super) hedges_late: Arc<AtomicU64>,
 }
 
 /// The first peer of a hedged fetch, beaten by a second peer's answer of
-/// all that was asked: its slot was released as cancelled when the race
-/// ended, and it is reported beaten ([`ReportBeaten`], the failure a
+/// all that was asked (or the second peer, beaten by the first's answer
+/// after it had waited a hedge delay itself): its slot was released as
+/// cancelled when the race ended, and it is reported beaten ([`ReportBeaten`], the failure a
 /// release [`Transfer::Late`] gives: it ranks lower) only once that answer
 /// has passed the checks that tell a true answer from junk
 /// ([`Beaten::settle`]); dropped or failed, nothing is held against it. A
@@ -265,19 +270,20 @@ pub(super) struct Worker {
 /// answers, one banned identity each, would rank an honest peer as
 /// failing.
 #[derive(Debug)]
-#[must_use = "dropped, nothing is held against the first peer"]
+#[must_use = "dropped, nothing is held against the peer beaten"]
 pub(super) struct Beaten {
     peer: PeerId,
     heights: Addr<PeerHeights>,
-    won: Arc<AtomicU64>,
+    /// Where it is counted: fetches won by their hedge, or hedges late.
+    count: Arc<AtomicU64>,
 }
 
 impl Beaten {
-    /// Reports the first peer beaten if the answer that beat it `passed`
-    /// its checks (and counts the fetch as won by its hedge).
+    /// Reports the peer beaten if the answer that beat it `passed` its
+    /// checks, and counts it.
     pub(super) fn settle(self, passed: bool) {
         if passed {
-            self.won.fetch_add(1, Ordering::Relaxed);
+            self.count.fetch_add(1, Ordering::Relaxed);
             self.heights.do_send(ReportBeaten { peer: self.peer });
         }
     }
@@ -285,7 +291,8 @@ impl Beaten {
 
 /// How a hedged fetch ended: the slot of the peer whose answer (or
 /// failure) is kept, that answer, whether it came before any hedge was
-/// sent, the first peer if a hedge's answer beat it, and the second peer
+/// sent, the peer it beat (the first, by a hedge's answer; the second, by
+/// the first's once the hedge was late), and the second peer
 /// if it withheld blocks in the hedge (judged, as a first peer's denial
 /// is, once the batch is applied: [`Self::fetch_blocks`]).
 struct Hedged<T> {
@@ -374,13 +381,16 @@ impl Worker {
     /// the fetch is one the pipeline waits on), also on a second peer for
     /// `range` (not that one,
     /// nor one in `avoid`), and keeps the answer that comes first, with the
-    /// slot of the peer that sent it. The first peer, beaten by the second,
-    /// is released as cancelled and returned as [`Beaten`], for the caller
+    /// slot of the peer that sent it. The peer beaten (the first, by the
+    /// second; or the second, by the first, once the hedge has itself
+    /// gone unanswered as long as makes a peer late,
+    /// [`Hedging::usual_delay`]) is released as cancelled and returned as
+    /// [`Beaten`], for the caller
     /// to report once the answer is checked: it then ranks lower, with no
     /// fault (a slow peer is not a silent one, and the call that would
-    /// tell them apart is dropped); beaten by an answer that `whole` says
-    /// is only part of what was asked (a commit answer may end early), it
-    /// is not beaten: otherwise peers answering each hedge at once with
+    /// tell them apart is dropped); a first peer beaten by an answer that
+    /// `whole` says is only part of what was asked (a commit answer may
+    /// end early) is not beaten: otherwise peers answering each hedge at once with
     /// one commit would have every honest peer they beat ranked as
     /// failing. While no other peer covers `range`, the second
     /// is looked for again ([`Self::second_peer`]). A second peer that
@@ -501,6 +511,10 @@ impl Worker {
         avoid.push(first_peer);
         let first_lease = first.lease().id;
         let withheld_by = std::sync::OnceLock::new();
+        // The peer the hedge waits on, since when, and how long it may
+        // take before it is late, as read when it was sent.
+        let hedge_on = std::sync::Mutex::new(None);
+        let timeout = self.outbound.timeout();
         let second = std::pin::pin!(async {
             loop {
                 let (slot, mut share) = self
@@ -513,7 +527,12 @@ impl Worker {
                     .await?;
                 share.sent();
                 let peer = slot.lease().peer;
-                match call(peer).await {
+                let late_after = self.hedging.usual_delay(kind, timeout);
+                *lock(&hedge_on) = Some((peer, tokio::time::Instant::now(), late_after));
+                let answer = call(peer).await;
+                // Answered: judged on its answer, never late.
+                *lock(&hedge_on) = None;
+                match answer {
                     Ok(answer) => return Some((slot, answer, share)),
                     Err(failure) => {
                         // A denial is judged as a first peer's is: commits
@@ -563,14 +582,38 @@ impl Worker {
         tokio::select! {
             result = &mut first_call => {
                 let withheld_by = withheld_by.get().copied();
-                Hedged { slot: first, result, alone: false, beaten: None, withheld_by }
+                // A hedge unanswered for as long as makes a peer late
+                // ([`Hedging::usual_delay`], the longer of its value when
+                // the hedge was sent and now, never the shorter wait of a
+                // fetch at the head of the pipeline) was late as the first
+                // peer was: its peer is beaten, once this answer passes its
+                // checks. One asked less long ago is not: an honest peer
+                // asked just before the first answered could not have
+                // answered. What the answer holds does not matter here (an
+                // answer may end early): the hedge is judged by the time
+                // it had.
+                let hedge = *lock(&hedge_on);
+                let outwaited = hedge
+                    .filter(|(_, sent, late_after)| {
+                        sent.elapsed() >= (*late_after).max(self.hedging.usual_delay(kind, timeout))
+                    })
+                    .map(|(peer, _, _)| peer);
+                let beaten = match (&result, outwaited) {
+                    (Ok(_), Some(peer)) => Some(Beaten {
+                        peer,
+                        heights: self.heights.clone(),
+                        count: self.hedges_late.clone(),
+                    }),
+                    _ => None,
+                };
+                Hedged { slot: first, result, alone: false, beaten, withheld_by }
             }
             Some((slot, answer, share)) = second => {
                 first.release(Transfer::Cancelled, 0);
                 let beaten = whole(&answer).then(|| Beaten {
                     peer: first_peer,
                     heights: self.heights.clone(),
-                    won: self.hedges_won.clone(),
+                    count: self.hedges_won.clone(),
                 });
                 // What the first call holds goes before the share does.
                 drop(first_call);
@@ -674,7 +717,7 @@ impl Worker {
             answer.certified = Some(run);
         }
         // Settled now, not at its turn. An answer that failed here only for
-        // a wrong guess of its epoch costs the first peer nothing.
+        // a wrong guess of its epoch costs the peer it beat nothing.
         if let Some(beaten) = answer.beaten.take() {
             beaten.settle(answer.certified.is_some());
         }

@@ -27,6 +27,7 @@ struct Series {
     bytes: IntCounterVec,
     restarts: IntCounterVec,
     hedges_won: IntCounterVec,
+    hedges_late: IntCounterVec,
     hedges_sent: IntCounterVec,
     write_failures: IntCounterVec,
     failures: IntCounterVec,
@@ -124,6 +125,12 @@ impl Series {
                 &r,
                 "soma_hedges_won_total",
                 "Fetches a second peer, asked when the first was late, answered first with an answer that passed its checks",
+                &[],
+            ),
+            hedges_late: counter(
+                &r,
+                "soma_hedges_late_total",
+                "Hedges still unanswered, when the first peer answered, as long after they were sent as makes a peer late",
                 &[],
             ),
             hedges_sent: counter(
@@ -272,6 +279,7 @@ impl Series {
             self.advance(&self.bytes, &[], status.bytes_fetched);
             self.advance(&self.restarts, &[], status.restarts);
             self.advance(&self.hedges_won, &[], status.hedges_won);
+            self.advance(&self.hedges_late, &[], status.hedges_late);
             self.advance(&self.hedges_sent, &[], status.hedges_sent);
             let writes_failed = status.store_write_failures;
             self.advance(&self.write_failures, &[], writes_failed);
@@ -440,6 +448,7 @@ mod tests {
         assert_eq!(value(&ours, "soma_worker_restarts_total"), 0.0);
         // One peer: no fetch is ever hedged.
         assert_eq!(value(&ours, "soma_hedges_won_total"), 0.0);
+        assert_eq!(value(&ours, "soma_hedges_late_total"), 0.0);
         assert_eq!(value(&ours, "soma_hedges_sent_total"), 0.0);
         assert_eq!(value(&ours, "soma_store_write_failures_total"), 0.0);
         let invalid = r#"soma_verification_failures_total{kind="invalid_response"}"#;
