@@ -289,6 +289,24 @@ impl Beaten {
     }
 }
 
+/// When a call's request went out: marked once its client is in hand, so
+/// that a wait for Connections (our side's, never the peer's) is not
+/// counted against a hedge judged late by how long it went unanswered.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Sent(Arc<OnceLock<tokio::time::Instant>>);
+
+impl Sent {
+    /// The request goes out now.
+    fn mark(&self) {
+        let _ = self.0.set(tokio::time::Instant::now());
+    }
+
+    /// How long since the request went out, if it did.
+    fn waited(&self) -> Option<Duration> {
+        self.0.get().map(|sent| sent.elapsed())
+    }
+}
+
 /// How a hedged fetch ended: the slot of the peer whose answer (or
 /// failure) is kept, that answer, whether it came before any hedge was
 /// sent, the peer it beat (the first, by a hedge's answer; the second, by
@@ -419,7 +437,7 @@ impl Worker {
         calls: (F, impl Fn(&Failure) -> Transfer, impl Fn(&T) -> bool),
     ) -> Hedged<T>
     where
-        F: Fn(PeerId) -> Fut,
+        F: Fn(PeerId, Sent) -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
     {
         let hedged = self
@@ -480,12 +498,12 @@ impl Worker {
         (call, transfer, whole): &(F, impl Fn(&Failure) -> Transfer, impl Fn(&T) -> bool),
     ) -> Hedged<T>
     where
-        F: Fn(PeerId) -> Fut,
+        F: Fn(PeerId, Sent) -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
     {
         let first_peer = first.lease().peer;
         // Boxed, so that it can be dropped as soon as a hedge beats it.
-        let mut first_call = Box::pin(call(first_peer));
+        let mut first_call = Box::pin(call(first_peer, Sent::default()));
         // The delay is read again as other fetches answer: a fetch sent
         // before any answered is not left to the default.
         let started = tokio::time::Instant::now();
@@ -528,8 +546,9 @@ impl Worker {
                 share.sent();
                 let peer = slot.lease().peer;
                 let late_after = self.hedging.usual_delay(kind, timeout);
-                *lock(&hedge_on) = Some((peer, tokio::time::Instant::now(), late_after));
-                let answer = call(peer).await;
+                let sent = Sent::default();
+                *lock(&hedge_on) = Some((peer, sent.clone(), late_after));
+                let answer = call(peer, sent).await;
                 // Answered: judged on its answer, never late.
                 *lock(&hedge_on) = None;
                 match answer {
@@ -579,9 +598,18 @@ impl Worker {
                 }
             }
         });
+        let mut second = second;
         tokio::select! {
             result = &mut first_call => {
                 let withheld_by = withheld_by.get().copied();
+                // A hedge whose answer came in the same instant is not
+                // late: polled once more, it ends its call (its answer is
+                // dropped, its slot released as cancelled). Only a hedge
+                // in its call is polled: one still looking for a peer
+                // could lease one.
+                if lock(&hedge_on).is_some() {
+                    let _ = second.as_mut().now_or_never();
+                }
                 // A hedge unanswered for as long as makes a peer late
                 // ([`Hedging::usual_delay`], the longer of its value when
                 // the hedge was sent and now, never the shorter wait of a
@@ -592,11 +620,10 @@ impl Worker {
                 // answered. What the answer holds does not matter here (an
                 // answer may end early): the hedge is judged by the time
                 // it had.
-                let hedge = *lock(&hedge_on);
+                let hedge = lock(&hedge_on).clone();
+                let late_after = |at_send: Duration| at_send.max(self.hedging.usual_delay(kind, timeout));
                 let outwaited = hedge
-                    .filter(|(_, sent, late_after)| {
-                        sent.elapsed() >= (*late_after).max(self.hedging.usual_delay(kind, timeout))
-                    })
+                    .filter(|(_, sent, at_send)| sent.waited().is_some_and(|w| w >= late_after(*at_send)))
                     .map(|(peer, _, _)| peer);
                 let beaten = match (&result, outwaited) {
                     (Ok(_), Some(peer)) => Some(Beaten {
@@ -608,7 +635,7 @@ impl Worker {
                 };
                 Hedged { slot: first, result, alone: false, beaten, withheld_by }
             }
-            Some((slot, answer, share)) = second => {
+            Some((slot, answer, share)) = &mut second => {
                 first.release(Transfer::Cancelled, 0);
                 let beaten = whole(&answer).then(|| Beaten {
                     peer: first_peer,
@@ -795,8 +822,9 @@ impl Worker {
             Failure::OverBudget { .. } => Transfer::Late,
             failure => transfer_of(failure),
         };
-        let call = |peer| async move {
+        let call = |peer, sent: Sent| async move {
             let call = move |mut c: Client, r| async move {
+                sent.mark();
                 c = c.max_decoding_message_size(max);
                 c.fetch_commits(r).await
             };
@@ -888,11 +916,12 @@ impl Worker {
             refs: chunk.refs.iter().copied().map(Into::into).collect(),
         };
         let outbound = &self.outbound;
-        let call = |peer| {
+        let call = |peer, sent: Sent| {
             let message = message.clone();
             let (refs, max_bytes) = (chunk.refs.clone(), chunk.max_bytes);
             async move {
                 let call = move |c: Client, r| async move {
+                    sent.mark();
                     let mut stream = c
                         .max_decoding_message_size(message_bytes)
                         .fetch_blocks(r)
