@@ -67,25 +67,33 @@ fn a_node_killed_twenty_times_during_sync_loses_nothing_and_finishes() {
     let base = free_ports(2);
     let genesis = local_genesis(d, 2, base, 600);
     let committee = genesis_committee(&genesis);
-    let chain = ChainBuilder::new(chain_config(&genesis)).build(COMMITS);
 
+    // Started right after their ports were found free, the chain built
+    // once they run: the less time between, the less chance another
+    // process takes a port meanwhile.
     let v0 = format!("127.0.0.1:{base}");
     let seed0 = format!("{{ address = \"{v0}\" }}");
-    let _validators = [
+    let logs = [d.join("validator-0.log"), d.join("validator-1.log")];
+    let mut validators = [
         run_node(
             &node_config(d, "validator-0", base, "", Some(2_000.0)),
-            &d.join("validator-0.log"),
+            &logs[0],
         ),
         run_node(
             &node_config(d, "validator-1", base + 1, &seed0, Some(2_000.0)),
-            &d.join("validator-1.log"),
+            &logs[1],
         ),
     ];
+    let chain = ChainBuilder::new(chain_config(&genesis)).build(COMMITS);
     let deadline = Instant::now() + Duration::from_secs(120);
     while height(&v0) != Some(COMMITS) {
+        for (validator, log) in validators.iter_mut().zip(&logs) {
+            validator.assert_running(log);
+        }
         assert!(
             Instant::now() < deadline,
-            "the validators did not produce {COMMITS} commits"
+            "the validators did not produce {COMMITS} commits: {}",
+            fs::read_to_string(&logs[0]).unwrap_or_default()
         );
         std::thread::sleep(Duration::from_millis(100));
     }

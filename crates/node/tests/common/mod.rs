@@ -58,6 +58,16 @@ impl Spawned {
         Pid::from_raw(self.child.id() as i32)
     }
 
+    /// Panics with the log at `log` if the child has exited: a node that
+    /// could not start (its port taken since it was found free, say) is
+    /// named with its reason, not waited for until a deadline.
+    pub fn assert_running(&mut self, log: &Path) {
+        if let Some(status) = self.child.try_wait().expect("try_wait") {
+            let log = fs::read_to_string(log).unwrap_or_default();
+            panic!("{} exited ({status}):\n{log}", self.child.id());
+        }
+    }
+
     /// Waits for the child to exit, at most `limit`.
     pub fn wait_for(&mut self, limit: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + limit;
