@@ -60,8 +60,11 @@ fn serving_validators_killed_and_restarted_mid_batch_leave_the_syncing_node_whol
     let mut validators: Vec<Option<Spawned>> = (0..VALIDATORS as usize)
         .map(|i| Some(run_node(&configs[i], &logs[i])))
         .collect();
-    for address in &addresses {
+    for (i, address) in addresses.iter().enumerate() {
         wait_for("a validator to serve", PATIENCE, || {
+            if let Some(validator) = validators[i].as_mut() {
+                validator.assert_running(&logs[i]);
+            }
             height(address) == Some(COMMITS)
         });
     }

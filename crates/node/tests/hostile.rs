@@ -81,6 +81,7 @@ fn sync_among(lies: &[Lie]) {
     let validator_log = d.join("validator-0.log");
     let mut validator = run_node(&validator_config, &validator_log);
     wait_for("the validator to serve", PATIENCE, || {
+        validator.assert_running(&validator_log);
         height(&validator_address) == Some(EPOCH_END)
     });
 

@@ -107,11 +107,14 @@ impl Attacked {
             .collect();
         let config = node_config(d, "validator-0", port, &[], &all);
         let log = d.join("validator-0.log");
-        let node = run_node(&config, &log);
+        let mut node = run_node(&config, &log);
         wait_or_report(
             "the attacked node to serve",
             PATIENCE,
-            || height(&address) == Some(TIP),
+            || {
+                node.assert_running(&log);
+                height(&address) == Some(TIP)
+            },
             || std::fs::read_to_string(&log).unwrap_or_default(),
         );
         let idle_peak = soma_testkit::peak_rss_of(node.child.id()).unwrap();
