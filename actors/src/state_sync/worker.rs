@@ -252,16 +252,18 @@ pub(super) struct Worker {
     /// Fetches a hedge's answer won, counted as their first peers are
     /// released late ([`Beaten::settle`]).
     pub(super) hedges_won: Arc<AtomicU64>,
-    /// Hedges beaten by their first peer's answer after waiting a hedge
-    /// delay themselves, counted as their peers are reported beaten.
+    /// Hedges beaten by their first peer's answer after going unanswered
+    /// as long as makes a peer late, counted as their peers are reported
+    /// beaten.
     pub(super) hedges_late: Arc<AtomicU64>,
 }
 
 /// The first peer of a hedged fetch, beaten by a second peer's answer of
 /// all that was asked (or the second peer, beaten by the first's answer
-/// after it had waited a hedge delay itself): its slot was released as
-/// cancelled when the race ended, and it is reported beaten ([`ReportBeaten`], the failure a
-/// release [`Transfer::Late`] gives: it ranks lower) only once that answer
+/// after going unanswered as long as makes a peer late): its slot was
+/// released as cancelled when the race ended, and it is reported beaten
+/// ([`ReportBeaten`], the failure a release [`Transfer::Late`] gives: it
+/// ranks lower) only once that answer
 /// has passed the checks that tell a true answer from junk
 /// ([`Beaten::settle`]); dropped or failed, nothing is held against it. A
 /// block answer is checked as it arrives, a commit answer only by the
@@ -533,7 +535,7 @@ impl Worker {
         // take before it is late, as read when it was sent.
         let hedge_on = std::sync::Mutex::new(None);
         let timeout = self.outbound.timeout();
-        let second = std::pin::pin!(async {
+        let mut second = std::pin::pin!(async {
             loop {
                 let (slot, mut share) = self
                     .second_peer(
@@ -598,7 +600,6 @@ impl Worker {
                 }
             }
         });
-        let mut second = second;
         tokio::select! {
             result = &mut first_call => {
                 let withheld_by = withheld_by.get().copied();
