@@ -129,6 +129,8 @@ fn a_node_killed_twenty_times_during_sync_loses_nothing_and_finishes() {
         kill(node.pid(), Signal::SIGKILL).unwrap();
         node.wait_for(Duration::from_secs(10))
             .expect("a killed node exits");
+        // Kept for the next run, while the store is checked.
+        hold_port(jport);
         let watermark = check_store(&store, &committee, &chain);
         // What the node reported as synced was on disk.
         assert!(watermark >= seen, "reported {seen}, stored {watermark}");

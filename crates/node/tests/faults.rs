@@ -128,6 +128,8 @@ fn serving_validators_killed_and_restarted_mid_batch_leave_the_syncing_node_whol
             process
                 .wait_for(PATIENCE)
                 .expect("a killed validator exits");
+            // Kept for its restart (another start lets go of it sooner).
+            hold_port(base + victim as u16);
             kills.push((victim, synced));
             restart_at[victim] = Some(now + Duration::from_millis(rng.random_range(100..800)));
             next_kill = now + Duration::from_millis(rng.random_range(200..800));

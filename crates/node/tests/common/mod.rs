@@ -3,12 +3,15 @@
 
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Write};
+use std::net::TcpListener;
 use std::ops::RangeInclusive;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, killpg};
@@ -45,7 +48,10 @@ pub struct Spawned {
 }
 
 impl Spawned {
+    /// Starts `command`, first letting go of every port this test holds
+    /// ([`free_port`]), so that the node it starts can listen on its own.
     pub fn spawn(command: &mut Command) -> Spawned {
+        release_ports();
         let child = command
             .stdin(Stdio::null())
             .process_group(0)
@@ -93,20 +99,63 @@ impl Drop for Spawned {
     }
 }
 
-/// A port free on 127.0.0.1 a moment ago.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+/// Ports on 127.0.0.1 this test found free, each held by a listener of
+/// its own until the test next starts a process ([`Spawned::spawn`]). While
+/// held, no other socket (another test's connection, given a port of the
+/// same range, included) can take one: a test that fills a store or builds
+/// a chain between choosing its nodes' ports and starting them cannot lose
+/// a port in the meantime. What is left is the moment between letting go
+/// and the node's own listen.
+static HELD: Mutex<BTreeMap<u16, TcpListener>> = Mutex::new(BTreeMap::new());
+
+fn held() -> std::sync::MutexGuard<'static, BTreeMap<u16, TcpListener>> {
+    HELD.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The first of `n` consecutive ports free on 127.0.0.1 a moment ago.
+/// Lets go of every port held.
+fn release_ports() {
+    held().clear();
+}
+
+/// Holds `port` again, once the node that listened on it has exited, until
+/// the next start: a node restarted on it then finds it free. Whether it
+/// could be held.
+pub fn hold_port(port: u16) -> bool {
+    match TcpListener::bind(("127.0.0.1", port)) {
+        Ok(listener) => {
+            held().insert(port, listener);
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// A port free on 127.0.0.1, held until the test next starts a process.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let port = listener.local_addr().expect("a bound address").port();
+    held().insert(port, listener);
+    port
+}
+
+/// The first of `n` consecutive ports free on 127.0.0.1, all held until
+/// the test next starts a process.
 pub fn free_ports(n: u16) -> u16 {
     loop {
-        let base = free_port();
-        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
-        if base.checked_add(n).is_some() && (1..n).all(|i| free(base + i)) {
+        let first = TcpListener::bind("127.0.0.1:0").expect("a free port");
+        let base = first.local_addr().expect("a bound address").port();
+        if base.checked_add(n).is_none() {
+            continue;
+        }
+        let rest: Option<Vec<TcpListener>> = (1..n)
+            .map(|i| TcpListener::bind(("127.0.0.1", base + i)).ok())
+            .collect();
+        if let Some(rest) = rest {
+            let mut held = held();
+            held.insert(base, first);
+            for (i, listener) in (1..n).zip(rest) {
+                held.insert(base + i, listener);
+            }
             return base;
         }
     }
