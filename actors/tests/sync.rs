@@ -1205,6 +1205,33 @@ async fn a_store_that_fails_writes_mid_sync_holds_the_watermark_and_sync_recover
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_write_that_panics_is_a_failed_write_and_sync_goes_on() {
+    use soma_testkit::failing_store::FailingStore;
+    let chain = ChainBuilder::new(ChainConfig::validators(4)).build(1_000);
+    let validators: Vec<P2pHandle> = (1..=2).map(|k| validator(&chain, k)).collect();
+    // The write of the third batch panics, as a store asserting on a
+    // damaged page would; the blocking task that ran it sends nothing.
+    let store = Arc::new(FailingStore::new(MemStore::new(chain.genesis())));
+    store.panic_once_above(400);
+    let node = fresh(
+        &chain,
+        9,
+        &validators.iter().collect::<Vec<_>>(),
+        store.clone(),
+    );
+    wait_synced(&node, 1_000).await;
+    let status = node.sync_status().await.unwrap();
+    assert_eq!(store.failed_writes(), 1, "the write panicked once");
+    assert_eq!(status.store_write_failures, 1, "counted as a failed write");
+    assert_eq!(
+        status.invalid_responses, 0,
+        "a store's panic is no peer's fault"
+    );
+    assert_same_chain(&chain, store.as_ref());
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_that_lags_at_the_default_capacity_is_told_what_it_missed() {
     // The default broadcast capacity, as operators run it: a subscriber
     // that does not read while 3,000 commits are applied misses all but

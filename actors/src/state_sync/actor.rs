@@ -10,7 +10,7 @@ use futures::StreamExt;
 use soma_types::{CommitIndex, CommitRef, PeerId};
 use tokio::sync::oneshot;
 
-use super::apply::{self, ApplyError, Batch};
+use super::apply::{self, ApplyError, Batch, unless_panicked};
 use super::core::StateSyncCore;
 use super::deps::Deps;
 use super::fetched::Fetched;
@@ -307,11 +307,15 @@ impl StateSync {
     }
 
     /// Writes a batch on the blocking pool; [`ApplyDone`] comes back even
-    /// if the actor restarts meanwhile, so no write goes unpublished.
+    /// if the actor restarts meanwhile, so no write goes unpublished, and
+    /// even if the write panics (a store bug, or a damaged file a store
+    /// asserts on), as a failed write: the core's pause and retry then
+    /// take it, where a lost answer would leave the batch applying for as
+    /// long as the node runs.
     fn write(&self, batch: Batch, origin: Origin, ctx: &mut Context<Self>) {
         let (store, addr) = (self.deps.store.clone(), ctx.address());
         self.deps.runtime.spawn_blocking(move || {
-            let result = apply::write(store.as_ref(), batch);
+            let result = unless_panicked("write", || apply::write(store.as_ref(), batch));
             addr.do_send(ApplyDone { origin, result });
         });
     }
@@ -543,7 +547,8 @@ impl Handler<StoreCertificate> for StateSync {
         let (reply, answer) = oneshot::channel();
         let (store, addr) = (self.deps.store.clone(), ctx.address());
         self.deps.runtime.spawn_blocking(move || {
-            let result = apply::certify(store.as_ref(), msg.index, msg.blocks);
+            let certify = || apply::certify(store.as_ref(), msg.index, msg.blocks);
+            let result = unless_panicked("certificate write", certify);
             addr.do_send(CertificateStored { result, reply });
         });
         Box::pin(async move { answer.await.unwrap_or(Err(ApplyError::Cancelled)) })

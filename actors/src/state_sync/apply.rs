@@ -113,6 +113,19 @@ pub(super) struct Applied {
 }
 
 /// Writes `batch` in one atomic store write.
+/// What `run` (work on the store, on the blocking pool) returns, or a
+/// store error if it panicked: a blocking task that panics sends no
+/// answer, and the actor waiting for one would wait for good.
+pub(super) fn unless_panicked<T, E: From<soma_store::Error>>(
+    what: &str,
+    run: impl FnOnce() -> Result<T, E>,
+) -> Result<T, E> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).unwrap_or_else(|_| {
+        tracing::error!("the store {what} panicked");
+        Err(soma_store::Error::Database(format!("the store {what} panicked")).into())
+    })
+}
+
 pub(super) fn write(store: &dyn ConsensusStore, mut batch: Batch) -> Result<Applied, ApplyError> {
     let next_committee = match &batch.source {
         Source::Local { next_committee } => next_committee.clone(),

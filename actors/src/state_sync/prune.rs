@@ -293,9 +293,7 @@ impl Pruner {
                 let position = (epoch, advertised);
                 run(store.as_ref(), &config, position, ripe, || execution.hold())
             };
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).unwrap_or(
-                Err(soma_store::Error::Database("the prune run panicked".into())),
-            );
+            let result = super::apply::unless_panicked("prune run", run);
             done(result);
         });
     }

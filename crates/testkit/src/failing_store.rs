@@ -1,5 +1,6 @@
 //! A store whose disk fills up on demand: writes of batches past a commit
-//! fail, reads pass through.
+//! fail (or panic, as a store asserting on a damaged file does), reads
+//! pass through.
 
 use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,6 +18,9 @@ pub struct FailingStore {
     /// Writes of a commit above this fail (`u64::MAX`: none).
     fail_above: AtomicU64,
     failed: AtomicU64,
+    /// The next write of a commit above this panics, once (`u64::MAX`:
+    /// none).
+    panic_above: AtomicU64,
 }
 
 impl FailingStore {
@@ -26,7 +30,14 @@ impl FailingStore {
             inner,
             fail_above: AtomicU64::new(u64::MAX),
             failed: AtomicU64::new(0),
+            panic_above: AtomicU64::new(u64::MAX),
         }
+    }
+
+    /// The next batch write holding a commit above `index` panics, once;
+    /// the writes after it pass.
+    pub fn panic_once_above(&self, index: CommitIndex) {
+        self.panic_above.store(index, Ordering::SeqCst);
     }
 
     /// From now on, a batch write holding a commit above `index` fails.
@@ -96,6 +107,11 @@ impl ConsensusStore for FailingStore {
     }
     fn write_synced_batch(&self, batch: SyncedBatch) -> Result<()> {
         let last = batch.commits.last().map_or(0, TrustedCommit::index);
+        if last > self.panic_above.load(Ordering::SeqCst) {
+            self.panic_above.store(u64::MAX, Ordering::SeqCst);
+            self.failed.fetch_add(1, Ordering::SeqCst);
+            panic!("the store's file is damaged (a test's panic)");
+        }
         if last > self.fail_above.load(Ordering::SeqCst) {
             self.failed.fetch_add(1, Ordering::SeqCst);
             return Err(Error::Database("no space left on device".into()));
