@@ -680,7 +680,8 @@ async fn standard_health_and_reflection_services_answer_anonymous_callers() {
 /// reflection stream left open is cut at the send deadline, as every P2p
 /// answer is, and the node answers anyone after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn oversized_requests_to_the_standard_services_are_refused_and_open_reflection_streams_end() {
+async fn oversized_requests_to_the_standard_services_are_refused_and_open_reflection_and_health_watch_streams_end()
+ {
     use soma_actors::system::MAX_STANDARD_REQUEST_BYTES;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     use tonic_reflection::pb::v1::ServerReflectionRequest;
@@ -737,6 +738,24 @@ async fn oversized_requests_to_the_standard_services_are_refused_and_open_reflec
         "cut at the deadline, not before"
     );
     drop(tx);
+    // Health's Watch, which never ends on its own: cut at the deadline too.
+    let mut watch = HealthClient::new(channel.clone())
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let started = Instant::now();
+    assert!(watch.message().await.unwrap().is_some(), "the status first");
+    let end = tokio::time::timeout(Duration::from_secs(30), watch.message())
+        .await
+        .expect("the watch ends");
+    assert!(!matches!(end, Ok(Some(_))), "no status changed: {end:?}");
+    assert!(
+        started.elapsed() >= SEND_TIMEOUT,
+        "cut at the deadline, not before"
+    );
     // An honest request of the same kind, after all that.
     let mut stream = reflection
         .server_reflection_info(tokio_stream::iter(vec![list(String::new())]))

@@ -298,6 +298,11 @@ impl P2pBuilder {
             let health = health
                 .max_decoding_message_size(MAX_STANDARD_REQUEST_BYTES)
                 .max_encoding_message_size(MAX_STANDARD_ANSWER_BYTES);
+            // Health's Watch is a stream that never ends on its own: cut at
+            // the send deadline too (its caller watches again), or each
+            // connection could hold its whole stream limit of them open,
+            // with their buffers, for as long as it lives.
+            let health = SendDeadline::new(health, config.grpc.send_timeout, send_stats.clone());
             // Reflection is a stream of answers, each held until the caller
             // reads it: bounded in size as health is, and cut at the send
             // deadline as the P2p service's answers are, so that a caller
