@@ -14,6 +14,20 @@ use crate::{Core, Time};
 const FAILING_AT: u32 = 3;
 /// Failure count at which a peer's weight stops halving.
 const MAX_FAILURES: u32 = 16;
+/// How long, in milliseconds, a peer's failures count in full after its
+/// last one: each such span since halves the failures it is ranked by.
+/// Only a verified answer lowers the count itself, and a peer failing
+/// for its faults is asked only while no other peer can serve the range,
+/// so without this a peer that failed a few times at once (our own link
+/// down for a timeout, say) would never be asked again while others can
+/// serve: peers that answer valid data slowly could then keep every fetch
+/// for as long as they stay connected. The span doubles for every
+/// [`FAILING_AT`] failures since the peer's last verified answer, up to
+/// [`MAX_FAILURE_DECAY_DOUBLINGS`] times, so that a peer that keeps
+/// failing is tried less and less often.
+const FAILURE_DECAY_MS: u64 = 8_000;
+/// The most times [`FAILURE_DECAY_MS`] doubles (to 64 s).
+const MAX_FAILURE_DECAY_DOUBLINGS: u32 = 3;
 /// Throughput, in bytes per second, from which a measured peer is good: a
 /// peer never measured is tried after every good peer and before measured
 /// peers slower than this, so the first peer measured, however slow, cannot
@@ -177,7 +191,13 @@ struct Peer {
     most: CommitIndex,
     lowest: CommitIndex,
     throughput: Throughput,
+    /// Its failures, halved by each verified answer: ranked by as they
+    /// fade ([`Peer::failures_at`]).
     failures: u32,
+    /// When it last failed.
+    failed_at: Time,
+    /// Its failures since its last verified answer: how slowly they fade.
+    unanswered: u32,
     /// Outcomes held against it since it connected (never decays).
     faults: u64,
     /// When it connected or last reported a height: the stalest peer is
@@ -237,6 +257,8 @@ impl Peer {
             lowest: 0,
             throughput: Throughput::default(),
             failures: 0,
+            failed_at: Time(0),
+            unanswered: 0,
             faults: 0,
             heard: now,
             slots: None,
@@ -269,29 +291,50 @@ impl Peer {
     /// weights count: by its record, but with the failing peers for
     /// [`LOADED_MS`] after it refused us as busy.
     fn standing(&self, kind: FetchKind, now: Time) -> Standing {
-        match self.record(kind) {
+        match self.record(kind, now) {
             standing if self.loaded_until <= now => standing,
             _ => Standing::Failing,
         }
     }
 
-    /// Where its measures for `kind`, its failures and its faults rank it.
-    fn record(&self, kind: FetchKind) -> Standing {
+    /// Where its measures for `kind`, its failures at `now` and its faults
+    /// rank it.
+    fn record(&self, kind: FetchKind, now: Time) -> Standing {
         match self.throughput.of(kind) {
-            _ if self.failures >= FAILING_AT => Standing::Failing,
+            _ if self.failures_at(now) >= FAILING_AT => Standing::Failing,
             // Never delivered, and already failed: it has shown nothing else.
             None if self.faults > 0 => Standing::Failing,
             None => Standing::Unmeasured,
-            Some(_) if self.weight(kind) >= good(kind) => Standing::Good,
+            Some(_) if self.weight(kind, now) >= good(kind) => Standing::Good,
             Some(_) => Standing::Slow,
         }
     }
 
-    /// Its weight within its standing for a fetch of `kind`: throughput
-    /// halved per recent failure.
-    fn weight(&self, kind: FetchKind) -> u64 {
+    /// Its weight within its standing for a fetch of `kind` at `now`:
+    /// throughput halved per recent failure.
+    fn weight(&self, kind: FetchKind, now: Time) -> u64 {
         let throughput = self.throughput.of(kind).unwrap_or(GOOD_THROUGHPUT_BPS);
-        (throughput >> self.failures.min(MAX_FAILURES)).max(1)
+        (throughput >> self.failures_at(now).min(MAX_FAILURES)).max(1)
+    }
+
+    /// Its failures as they count at `now`: halved for every
+    /// [`FAILURE_DECAY_MS`] (doubled per [`FAILING_AT`] failures since its
+    /// last verified answer) since its last failure.
+    fn failures_at(&self, now: Time) -> u32 {
+        let doublings = (self.unanswered / FAILING_AT).min(MAX_FAILURE_DECAY_DOUBLINGS);
+        let span = FAILURE_DECAY_MS << doublings;
+        let halvings = now.0.saturating_sub(self.failed_at.0) / span;
+        u32::try_from(halvings)
+            .ok()
+            .and_then(|h| self.failures.checked_shr(h))
+            .unwrap_or(0)
+    }
+
+    /// One failure more, at `now`.
+    fn fail(&mut self, now: Time) {
+        self.failures = (self.failures + 1).min(MAX_FAILURES);
+        self.unanswered = self.unanswered.saturating_add(1);
+        self.failed_at = now;
     }
 }
 
@@ -515,7 +558,7 @@ impl PeerHeightsCore {
             Input::Acquire(request) => self.acquire(now, request).into_iter().collect(),
             Input::Release(r) => self.release(now, r),
             Input::Beaten(ReportBeaten { peer }) => {
-                self.beaten(peer);
+                self.beaten(now, peer);
                 vec![]
             }
             Input::Unanswered { lease } => {
@@ -582,7 +625,7 @@ impl PeerHeightsCore {
         // other peers, not for load: a peer failing only for refusing as
         // busy lately is only loaded.
         let faulty = |peer: &PeerId| {
-            (self.peers.get(peer)).is_none_or(|p| p.record(request.kind) == Standing::Failing)
+            (self.peers.get(peer)).is_none_or(|p| p.record(request.kind, now) == Standing::Failing)
         };
         let settle_for_faulty = faulty(best);
         // Room to spare: its slots whole (none lost refusing us as busy, or
@@ -718,7 +761,7 @@ impl PeerHeightsCore {
                 return vec![];
             }
             Transfer::Late => {
-                self.beaten(lease.peer);
+                self.beaten(now, lease.peer);
                 return vec![];
             }
             Transfer::Timeout => OutcomeKind::Timeout,
@@ -744,9 +787,9 @@ impl PeerHeightsCore {
 
     /// `peer` was beaten by another peer's answer: one failure, no fault
     /// (slow is not silent).
-    fn beaten(&mut self, peer: PeerId) {
+    fn beaten(&mut self, now: Time, peer: PeerId) {
         if let Some(p) = self.peers.get_mut(&peer) {
-            p.failures = (p.failures + 1).min(MAX_FAILURES);
+            p.fail(now);
         }
     }
 
@@ -906,7 +949,7 @@ impl PeerHeightsCore {
         let candidates: Vec<(Standing, u64, PeerId)> = self
             .eligible()
             .filter(|(id, p)| p.lowest <= start && p.credited(doubt(id), kind) >= end)
-            .map(|(id, p)| (p.standing(kind, now), p.weight(kind), *id))
+            .map(|(id, p)| (p.standing(kind, now), p.weight(kind, now), *id))
             .collect();
         let mut ranked: Vec<(Standing, u128, PeerId)> = candidates
             .into_iter()
@@ -945,6 +988,7 @@ impl PeerHeightsCore {
                     let sample = o.bytes.saturating_mul(1000) / o.latency_ms.max(1);
                     p.throughput.add(kind, sample);
                     p.failures /= 2;
+                    p.unanswered = 0;
                     (p.loaded_until, p.refusals) = (Time(0), 0);
                     // Probe for the slot it refused, one answer at a time.
                     let max = self.config.max_fetches_per_peer.max(1);
@@ -958,7 +1002,7 @@ impl PeerHeightsCore {
                 OutcomeKind::Timeout | OutcomeKind::Error | OutcomeKind::InvalidData => true,
             };
             if failed {
-                p.failures = (p.failures + 1).min(MAX_FAILURES);
+                p.fail(now);
                 p.faults += 1;
             }
         }
@@ -1652,7 +1696,8 @@ mod tests {
         let (at, under) = (GOOD_COMMIT_THROUGHPUT_BPS, GOOD_COMMIT_THROUGHPUT_BPS - 1);
         delivered(&mut c, 1, FetchKind::Commits, (at * 4, 1_000), (1, 1));
         delivered(&mut c, 2, FetchKind::Commits, (under, 1_000), (1, 1));
-        let record = |c: &PeerHeightsCore, p: u8| c.peers[&peer(p)].record(FetchKind::Commits);
+        let record =
+            |c: &PeerHeightsCore, p: u8| c.peers[&peer(p)].record(FetchKind::Commits, Time(0));
         assert_eq!(
             c.peers[&peer(1)].throughput.commits,
             Some(50_000 * 10 * 3 / 4 + at)
@@ -2234,6 +2279,34 @@ mod tests {
         assert_eq!(acquire(&mut c, 300, 4, &[]), vec![]);
         let out = release(&mut c, 310, 3, Transfer::Received);
         assert_eq!(granted(&out), vec![(4, 4, 2)]);
+    }
+
+    #[test]
+    fn a_peer_failing_for_old_failures_is_asked_again_while_a_slower_peer_is_full() {
+        let mut c = slots(1, 8);
+        join(&mut c, 1, OURS, 1, 100);
+        join(&mut c, 2, OURS, 1, 100);
+        let blocks = OutcomeKind::Success(FetchKind::Blocks);
+        // Both have served blocks: peer 1 fast, peer 2 valid but slowly.
+        outcome(&mut c, Time(0), 1, blocks.clone(), 10_000_000, 10);
+        outcome(&mut c, Time(0), 2, blocks, 1_000, 9_900);
+        // Peer 1's fetches time out three times at once (our own link was
+        // down for a timeout, say): it is failing.
+        for request in 0..3 {
+            assert_eq!(
+                granted(&acquire(&mut c, 0, request, &[2])),
+                vec![(request, request, 1)]
+            );
+            assert_eq!(release(&mut c, 10_000, request, Transfer::Timeout), vec![]);
+        }
+        // Peer 2 holds its one slot; a request waits for it rather than go
+        // to peer 1 while peer 1's failures are recent.
+        assert_eq!(granted(&acquire(&mut c, 10_000, 3, &[])), vec![(3, 3, 2)]);
+        assert_eq!(acquire(&mut c, 10_000, 4, &[]), vec![]);
+        assert_eq!(granted(&acquire(&mut c, 25_999, 5, &[])), vec![]);
+        // Three failures fade over twice the first span: from then on peer
+        // 1 ranks by its measures again, first, and is asked.
+        assert_eq!(granted(&acquire(&mut c, 26_000, 6, &[])), vec![(6, 4, 1)]);
     }
 
     #[test]
