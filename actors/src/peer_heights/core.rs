@@ -2288,7 +2288,7 @@ mod tests {
         join(&mut c, 2, OURS, 1, 100);
         let blocks = OutcomeKind::Success(FetchKind::Blocks);
         // Both have served blocks: peer 1 fast, peer 2 valid but slowly.
-        outcome(&mut c, Time(0), 1, blocks.clone(), 10_000_000, 10);
+        outcome(&mut c, Time(0), 1, blocks, 10_000_000, 10);
         outcome(&mut c, Time(0), 2, blocks, 1_000, 9_900);
         // Peer 1's fetches time out three times at once (our own link was
         // down for a timeout, say): it is failing.
