@@ -146,7 +146,9 @@ pub(super) enum Refused {
 /// What a [`CommitStream`] is made from.
 pub(super) struct Source {
     pub(super) store: Arc<dyn ConsensusStore>,
-    pub(super) live: broadcast::Receiver<CommittedSubDag>,
+    /// The broadcast of applied commits, subscribed to only while the
+    /// stream has caught up with the store ([`CommitStream::next`]).
+    pub(super) live: broadcast::WeakSender<CommittedSubDag>,
     pub(super) stopped: watch::Receiver<bool>,
     pub(super) runtime: tokio::runtime::Handle,
     /// Bytes of commits one store read brings at most (its blocks on top).
@@ -165,6 +167,13 @@ pub struct CommitStream {
     next: CommitIndex,
     /// Commits read from the store, not delivered yet.
     buffer: VecDeque<CommittedSubDag>,
+    /// The broadcast, subscribed to once a store read found the stream
+    /// caught up, and dropped as soon as it falls behind. A receiver keeps
+    /// every commit broadcast after it subscribed until it has read it, so
+    /// one held while the stream reads the store (an executor far behind,
+    /// say) would keep the whole broadcast ring of commits, blocks and all,
+    /// in memory for as long as it is behind.
+    live: Option<broadcast::Receiver<CommittedSubDag>>,
     /// Whether the next commit is read from the store (the stream is
     /// behind) rather than taken from the broadcast.
     behind: bool,
@@ -180,6 +189,7 @@ impl CommitStream {
             source,
             next: from.max(1),
             buffer: VecDeque::new(),
+            live: None,
             behind: true,
             executor: None,
             store_reads: 0,
@@ -233,18 +243,27 @@ impl CommitStream {
                 return Ok(self.deliver(subdag));
             }
             if self.behind {
+                // Subscribed before the read: if the read finds the stream
+                // caught up, whatever is applied after it is broadcast
+                // after this subscription. Kept only then.
+                let sender = self.source.live.upgrade().ok_or(StreamError::Stopped)?;
+                let live = sender.subscribe();
+                drop(sender);
                 let read = self.read().await?;
                 self.store_reads += 1;
                 if read.is_empty() {
-                    // Caught up: whatever is applied next is broadcast
-                    // after this subscriber subscribed.
                     self.behind = false;
+                    self.live = Some(live);
                 }
                 self.buffer = read.into();
                 continue;
             }
+            let Some(live) = self.live.as_mut() else {
+                self.behind = true;
+                continue;
+            };
             let received = tokio::select! {
-                r = self.source.live.recv() => r,
+                r = live.recv() => r,
                 _ = self.source.stopped.wait_for(|s| *s) => return Err(StreamError::Stopped),
             };
             match received {
@@ -253,7 +272,10 @@ impl CommitStream {
                     return Ok(self.deliver(subdag));
                 }
                 // A gap: the commits between are in the store.
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => self.behind = true,
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                    self.behind = true;
+                    self.live = None;
+                }
                 Err(broadcast::error::RecvError::Closed) => return Err(StreamError::Stopped),
             }
         }
@@ -311,7 +333,22 @@ fn read_from(
         let found = store.blocks(refs)?;
         let mut blocks = std::collections::HashMap::with_capacity(refs.len());
         for (r, block) in refs.iter().zip(found) {
-            let block = block.ok_or(soma_store::Error::MissingBlock(*r))?;
+            let Some(block) = block else {
+                // Pruned since the commits were read, or missing: the
+                // commits read whole are delivered, and the next read
+                // says which.
+                if !subdags.is_empty() {
+                    return Ok(subdags);
+                }
+                let lowest = store.lowest_available_commit()?;
+                if commit.index() < lowest {
+                    return Err(StreamError::Pruned {
+                        next: commit.index(),
+                        lowest,
+                    });
+                }
+                return Err(soma_store::Error::MissingBlock(*r).into());
+            };
             block_bytes += block.serialized().len();
             blocks.insert(*r, block);
         }
@@ -321,4 +358,131 @@ fn read_from(
         subdags.push(subdag);
     }
     Ok(subdags)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use soma_chain::{ChainBuilder, ChainConfig};
+    use soma_store::MemStore;
+
+    use super::*;
+
+    /// Writes commits `range` of `chain` to `store` as one batch, then
+    /// broadcasts each, as StateSync applies a batch.
+    fn apply(
+        chain: &soma_chain::Chain,
+        store: &MemStore,
+        live: &broadcast::Sender<CommittedSubDag>,
+        range: std::ops::RangeInclusive<CommitIndex>,
+    ) {
+        store
+            .write_synced_batch(chain.batch(range.clone()))
+            .unwrap();
+        for i in range {
+            // No receiver is no error here: a stream subscribes when it
+            // needs to.
+            let _ = live.send(chain.subdag(i));
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn blocks_pruned_between_a_streams_reads_end_it_as_pruned() {
+        use soma_testkit::failing_store::FailingStore;
+        let chain = ChainBuilder::new(ChainConfig::validators(4)).build(200);
+        let store = Arc::new(FailingStore::new(MemStore::new(chain.genesis())));
+        chain.write_to(store.as_ref(), 100).unwrap();
+        let (live, _) = broadcast::channel(16);
+        let (_stop, stopped) = watch::channel(false);
+        let source = |store: Arc<FailingStore>| Source {
+            store,
+            live: live.downgrade(),
+            stopped: stopped.clone(),
+            runtime: tokio::runtime::Handle::current(),
+            read_bytes: 1 << 20,
+        };
+        // A prune run lands after the stream read commits 1..=200 and
+        // before it read their blocks.
+        store.prune_below_at_block_read(51, 0);
+        let mut stream = CommitStream::new(source(store.clone()), 1);
+        match stream.next().await {
+            Err(StreamError::Pruned {
+                next: 1,
+                lowest: 51,
+            }) => {}
+            other => panic!(
+                "expected Pruned {{ 1, 51 }}, got {:?}",
+                other.map(|s| s.commit_ref)
+            ),
+        }
+        // Landing after the blocks of commits 51 and 52 were read: those
+        // two are delivered, and the next read says the rest is pruned.
+        let mut stream = CommitStream::new(source(store.clone()), 51);
+        store.prune_below_at_block_read(60, 2);
+        for i in 51..=52 {
+            assert_eq!(stream.next().await.unwrap().commit_ref, chain.commit_ref(i));
+        }
+        match stream.next().await {
+            Err(StreamError::Pruned {
+                next: 53,
+                lowest: 60,
+            }) => {}
+            other => panic!(
+                "expected Pruned {{ 53, 60 }}, got {:?}",
+                other.map(|s| s.commit_ref)
+            ),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stream_reading_the_store_holds_no_broadcast_commits_and_misses_none() {
+        let chain = ChainBuilder::new(ChainConfig::validators(4)).build(400);
+        let store = Arc::new(MemStore::new(chain.genesis()));
+        let (live, _) = broadcast::channel(1_024);
+        let (_stop, stopped) = watch::channel(false);
+        apply(&chain, &store, &live, 1..=200);
+        let source = Source {
+            store: store.clone(),
+            live: live.downgrade(),
+            stopped,
+            runtime: tokio::runtime::Handle::current(),
+            // About 100 commits a read.
+            read_bytes: 100 * chain.commit(1).serialized().len(),
+        };
+        let mut stream = CommitStream::new(source, 1);
+        for i in 1..=100 {
+            assert_eq!(stream.next().await.unwrap().commit_ref, chain.commit_ref(i));
+        }
+        // Behind, reading the store: what is applied meanwhile is kept by
+        // no receiver of this stream.
+        apply(&chain, &store, &live, 201..=300);
+        assert_eq!(
+            live.len(),
+            0,
+            "commits kept for a stream that reads the store"
+        );
+        for i in 101..=300 {
+            assert_eq!(stream.next().await.unwrap().commit_ref, chain.commit_ref(i));
+        }
+        // Caught up, the stream takes the broadcast; what is applied next
+        // comes once each, in order, whichever way it is read.
+        let next = tokio::spawn(async move {
+            let got = stream.next().await.map(|s| s.commit_ref);
+            (stream, got)
+        });
+        let subscribed = async || live.receiver_count() == 1;
+        soma_testkit::wait_until(
+            "the stream to subscribe",
+            Duration::from_secs(10),
+            subscribed,
+        )
+        .await;
+        apply(&chain, &store, &live, 301..=400);
+        let (mut stream, got) = next.await.unwrap();
+        assert_eq!(got.unwrap(), chain.commit_ref(301));
+        for i in 302..=400 {
+            assert_eq!(stream.next().await.unwrap().commit_ref, chain.commit_ref(i));
+        }
+    }
 }

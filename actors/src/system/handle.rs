@@ -280,7 +280,7 @@ impl P2pHandle {
         CommitStream::new(
             Source {
                 store: self.inner.store.clone(),
-                live: self.inner.commits.subscribe(),
+                live: self.inner.commits.downgrade(),
                 stopped: self.inner.stopped.subscribe(),
                 runtime: self.inner.runtime.clone(),
                 read_bytes: self.inner.commit_read_bytes,

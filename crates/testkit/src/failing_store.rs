@@ -21,6 +21,10 @@ pub struct FailingStore {
     /// The next write of a commit above this panics, once (`u64::MAX`:
     /// none).
     panic_above: AtomicU64,
+    /// A block read first prunes below this, once (0: none)...
+    prune_before_read: AtomicU64,
+    /// ...once this many more block reads have passed.
+    reads_before_prune: AtomicU64,
 }
 
 impl FailingStore {
@@ -31,7 +35,17 @@ impl FailingStore {
             fail_above: AtomicU64::new(u64::MAX),
             failed: AtomicU64::new(0),
             panic_above: AtomicU64::new(u64::MAX),
+            prune_before_read: AtomicU64::new(0),
+            reads_before_prune: AtomicU64::new(0),
         }
+    }
+
+    /// Once `after` more reads of blocks have passed, the next one first
+    /// prunes the store below `index`, once: a prune run that lands
+    /// between a reader's read of commits and its read of their blocks.
+    pub fn prune_below_at_block_read(&self, index: CommitIndex, after: u64) {
+        self.reads_before_prune.store(after, Ordering::SeqCst);
+        self.prune_before_read.store(index, Ordering::SeqCst);
     }
 
     /// The next batch write holding a commit above `index` panics, once;
@@ -85,6 +99,15 @@ impl ConsensusStore for FailingStore {
         self.inner.block(block)
     }
     fn blocks(&self, refs: &[BlockRef]) -> Result<Vec<Option<VerifiedBlock>>> {
+        let waiting = self.reads_before_prune.load(Ordering::SeqCst);
+        if waiting > 0 {
+            self.reads_before_prune.store(waiting - 1, Ordering::SeqCst);
+        } else {
+            let prune = self.prune_before_read.swap(0, Ordering::SeqCst);
+            if prune > 0 {
+                self.inner.prune_below(prune)?;
+            }
+        }
         self.inner.blocks(refs)
     }
     fn block_bytes(&self, refs: &[BlockRef]) -> Result<Vec<Option<bytes::Bytes>>> {
