@@ -125,7 +125,10 @@ pub(crate) fn commits_answer(
     // than the client's answers the whole range in one answer.
     let at_end = match kept {
         Some(certified) if certified == read_end => None,
-        _ => certificate_from_votes(store, last, &committee).map_err(Refused::Store)?,
+        _ => {
+            let per_read = vote_search_read(limits, data);
+            certificate_from_votes(store, last, &committee, per_read).map_err(Refused::Store)?
+        }
     };
     let certifiers = match (at_end, kept) {
         (Some(voters), _) => voters,
@@ -178,9 +181,18 @@ pub(crate) const VOTE_SEARCH_COMMITS: u64 = 8;
 /// certificate grows with the committee too.
 pub(crate) const VOTE_SEARCH_BLOCKS_PER_MEMBER: usize = 8;
 
-/// Blocks read from the store at a time in that search: only the voters
-/// are kept, one per authority.
+/// Most blocks read from the store at a time in that search: only the
+/// voters are kept, one per authority.
 const VOTE_SEARCH_READ: usize = 16;
+
+/// Blocks read at a time in the vote search: as many of the largest blocks
+/// as one answer may hold, at least one, at most [`VOTE_SEARCH_READ`]. A
+/// read holds its blocks' bytes and their decoding at once, and sixteen
+/// of the largest blocks would be 64 MiB of each for a request of a few
+/// bytes.
+fn vote_search_read(limits: &Limits, data: &soma_types::Limits) -> usize {
+    (limits.max_fetch_response_bytes / data.max_block_bytes.max(1)).clamp(1, VOTE_SEARCH_READ)
+}
 
 /// A certificate of commit `last` made of the blocks that vote for it among
 /// the blocks of the commits after it, of its epoch: each authority votes in
@@ -189,7 +201,7 @@ const VOTE_SEARCH_READ: usize = 16;
 /// batch ends only; this lets it serve a client whose batches end
 /// elsewhere. The search reads the blocks of at most
 /// [`VOTE_SEARCH_COMMITS`] commits and [`VOTE_SEARCH_BLOCKS_PER_MEMBER`]
-/// blocks per member of the committee, and
+/// blocks per member of the committee, `per_read` blocks at a time, and
 /// stops at the first quorum. `None` if they hold no quorum of votes (the
 /// commits after `last` are not held yet, for one).
 ///
@@ -199,6 +211,7 @@ pub(crate) fn certificate_from_votes(
     store: &dyn ConsensusStore,
     last: CommitRef,
     committee: &Committee,
+    per_read: usize,
 ) -> soma_store::Result<Option<Vec<VerifiedBlock>>> {
     let highest = store.highest_synced_commit()?.index;
     let end = last.index.saturating_add(VOTE_SEARCH_COMMITS).min(highest);
@@ -217,7 +230,7 @@ pub(crate) fn certificate_from_votes(
         let refs = commit.commit().blocks.as_slice();
         let refs = &refs[..refs.len().min(most - read)];
         read += refs.len();
-        for group in refs.chunks(VOTE_SEARCH_READ) {
+        for group in refs.chunks(per_read.max(1)) {
             voters.extend(store.blocks(group)?.into_iter().flatten().filter(|b| {
                 let b = b.block();
                 b.commit_votes.contains(&last) && authors.insert(b.author)
@@ -581,6 +594,27 @@ mod tests {
         let answer = fetch_commits(&store, 1, 38, &limits, &data).unwrap();
         assert_eq!(answer.commits.len(), 20);
         assert_eq!(verify_answer(&answer, &chain, &data), [0, 1, 2]);
+    }
+
+    #[test]
+    fn the_vote_search_reads_no_more_blocks_at_once_than_an_answer_may_hold() {
+        use soma_testkit::failing_store::FailingStore;
+        // Seven authorities: a commit names seven blocks, all read in one
+        // go unless the reads are held to what an answer may hold.
+        let chain = small_blocks_chain(vec![1; 7], 40);
+        let store = FailingStore::new(MemStore::new(chain.genesis()));
+        chain.write_to(&store, 20).unwrap();
+        let data = soma_types::Limits::default();
+        // Room for two of the largest blocks in an answer.
+        let limits = Limits {
+            max_fetch_response_bytes: 2 * data.max_block_bytes,
+            ..Limits::default()
+        };
+        // No certificate kept at 25: certified by the votes after it.
+        let answer = fetch_commits(&store, 21, 25, &limits, &data).unwrap();
+        assert_eq!(answer.commits.len(), 5);
+        assert_eq!(verify_answer_after(&answer, &chain, &data, 20).len(), 5);
+        assert_eq!(store.most_blocks_read_at_once(), 2);
     }
 
     #[test]

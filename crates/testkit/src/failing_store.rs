@@ -25,6 +25,8 @@ pub struct FailingStore {
     prune_before_read: AtomicU64,
     /// ...once this many more block reads have passed.
     reads_before_prune: AtomicU64,
+    /// The most blocks one read has asked for.
+    most_blocks_read: AtomicU64,
 }
 
 impl FailingStore {
@@ -37,7 +39,13 @@ impl FailingStore {
             panic_above: AtomicU64::new(u64::MAX),
             prune_before_read: AtomicU64::new(0),
             reads_before_prune: AtomicU64::new(0),
+            most_blocks_read: AtomicU64::new(0),
         }
+    }
+
+    /// The most blocks one read of blocks has asked for so far.
+    pub fn most_blocks_read_at_once(&self) -> u64 {
+        self.most_blocks_read.load(Ordering::SeqCst)
     }
 
     /// Once `after` more reads of blocks have passed, the next one first
@@ -99,6 +107,8 @@ impl ConsensusStore for FailingStore {
         self.inner.block(block)
     }
     fn blocks(&self, refs: &[BlockRef]) -> Result<Vec<Option<VerifiedBlock>>> {
+        self.most_blocks_read
+            .fetch_max(refs.len() as u64, Ordering::SeqCst);
         let waiting = self.reads_before_prune.load(Ordering::SeqCst);
         if waiting > 0 {
             self.reads_before_prune.store(waiting - 1, Ordering::SeqCst);
