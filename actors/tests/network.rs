@@ -674,11 +674,34 @@ async fn standard_health_and_reflection_services_answer_anonymous_callers() {
     a.shutdown().await;
 }
 
+/// Reads one answer from `stream`, then asserts it ends with nothing more
+/// answered, no sooner than `deadline` after `started` (taken before the
+/// call was made: the server's deadline starts when the call reaches it)
+/// and within 30 s.
+async fn answered_once_then_cut<T: std::fmt::Debug>(
+    stream: &mut tonic::Streaming<T>,
+    started: Instant,
+    deadline: Duration,
+) {
+    assert!(stream.message().await.unwrap().is_some(), "answered first");
+    let end = tokio::time::timeout(Duration::from_secs(30), stream.message())
+        .await
+        .expect("the stream ends");
+    assert!(
+        !matches!(end, Ok(Some(_))),
+        "nothing more is answered: {end:?}"
+    );
+    assert!(
+        started.elapsed() >= deadline,
+        "cut at the deadline, not before"
+    );
+}
+
 /// Health and reflection decode what P2p decodes, not tonic's 4 MiB: a
 /// reflection answer copies its request, and a caller that sent maximal
 /// requests on streams it never read held gigabytes a connection. A
-/// reflection stream left open is cut at the send deadline, as every P2p
-/// answer is, and the node answers anyone after.
+/// reflection stream or a health Watch left open is cut at the send
+/// deadline, as every P2p answer is, and the node answers anyone after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_requests_to_the_standard_services_are_refused_and_open_reflection_and_health_watch_streams_end()
  {
@@ -719,26 +742,16 @@ async fn oversized_requests_to_the_standard_services_are_refused_and_open_reflec
     // deadline rather than held open for the connection's age.
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tx.send(list(String::new())).await.unwrap();
+    let started = Instant::now();
     let mut open = reflection
         .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
         .unwrap()
         .into_inner();
-    let started = Instant::now();
-    assert!(open.message().await.unwrap().is_some(), "answered first");
-    let end = tokio::time::timeout(Duration::from_secs(30), open.message())
-        .await
-        .expect("the stream ends");
-    assert!(
-        !matches!(end, Ok(Some(_))),
-        "nothing more is answered: {end:?}"
-    );
-    assert!(
-        started.elapsed() >= SEND_TIMEOUT,
-        "cut at the deadline, not before"
-    );
+    answered_once_then_cut(&mut open, started, SEND_TIMEOUT).await;
     drop(tx);
     // Health's Watch, which never ends on its own: cut at the deadline too.
+    let started = Instant::now();
     let mut watch = HealthClient::new(channel.clone())
         .watch(HealthCheckRequest {
             service: String::new(),
@@ -746,16 +759,7 @@ async fn oversized_requests_to_the_standard_services_are_refused_and_open_reflec
         .await
         .unwrap()
         .into_inner();
-    let started = Instant::now();
-    assert!(watch.message().await.unwrap().is_some(), "the status first");
-    let end = tokio::time::timeout(Duration::from_secs(30), watch.message())
-        .await
-        .expect("the watch ends");
-    assert!(!matches!(end, Ok(Some(_))), "no status changed: {end:?}");
-    assert!(
-        started.elapsed() >= SEND_TIMEOUT,
-        "cut at the deadline, not before"
-    );
+    answered_once_then_cut(&mut watch, started, SEND_TIMEOUT).await;
     // An honest request of the same kind, after all that.
     let mut stream = reflection
         .server_reflection_info(tokio_stream::iter(vec![list(String::new())]))
