@@ -377,3 +377,42 @@ async fn a_pruning_node_advertises_its_new_lowest_a_grace_before_it_deletes() {
     observer.shutdown().await;
     pruning.shutdown().await;
 }
+
+/// Commits reach the broadcast in index order even when a write is stored
+/// and then held up before it reports (a preempted thread): the local
+/// commit sent meanwhile, whose write could otherwise be stored and
+/// reported first, waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_are_broadcast_in_order_when_a_write_is_held_up_after_it_is_stored() {
+    use soma_testkit::failing_store::FailingStore;
+    let chain = small_chain(2);
+    let store = Arc::new(FailingStore::new(MemStore::new(chain.genesis())));
+    let node = soma_testkit::node(&chain, 9, P2pConfig::default(), store.clone());
+    let mut raw = node.subscribe_synced_commits();
+    store.pause_after_writing(1);
+    let send = |i: u64| {
+        let (node, commit) = (node.clone(), local(&chain, i));
+        tokio::spawn(async move { node.send_commit(commit).await })
+    };
+    let first = send(1);
+    wait_until("commit 1 stored and its write held up", async || {
+        store.paused()
+    })
+    .await;
+    let second = send(2);
+    // Unordered, commit 2 is stored (and broadcast) while commit 1's
+    // write is held up; ordered, it waits for it. A second is plenty for
+    // the first; the order is asserted, not this wait.
+    let stored_two = async {
+        while store.inner().highest_synced_commit().unwrap().index < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), stored_two).await;
+    store.resume();
+    first.await.unwrap().expect("commit 1 stored");
+    second.await.unwrap().expect("commit 2 stored");
+    let order = [raw.recv().await.unwrap(), raw.recv().await.unwrap()].map(|s| s.commit_ref.index);
+    assert_eq!(order, [1, 2]);
+    node.shutdown().await;
+}

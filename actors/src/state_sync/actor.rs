@@ -1,5 +1,5 @@
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use actix::{
@@ -51,6 +51,12 @@ pub struct StateSync {
     asking_connected: bool,
     /// The wake-up set for the core's next retry, and its time.
     wake: Option<(Time, SpawnHandle)>,
+    /// Held by each write from its start until its [`ApplyDone`] is sent:
+    /// the results of writes reach the actor in the order they were
+    /// stored, so commits are broadcast in index order even when a local
+    /// commit's write follows another write at once. The store takes one
+    /// write at a time anyway.
+    writing: Arc<Mutex<()>>,
 }
 
 impl StateSync {
@@ -80,6 +86,7 @@ impl StateSync {
             asking_behind: None,
             asking_connected: false,
             wake: None,
+            writing: Arc::new(Mutex::new(())),
         })
     }
 
@@ -314,7 +321,9 @@ impl StateSync {
     /// long as the node runs.
     fn write(&self, batch: Batch, origin: Origin, ctx: &mut Context<Self>) {
         let (store, addr) = (self.deps.store.clone(), ctx.address());
+        let writing = self.writing.clone();
         self.deps.runtime.spawn_blocking(move || {
+            let _in_order = writing.lock().unwrap_or_else(PoisonError::into_inner);
             let result = unless_panicked("write", || apply::write(store.as_ref(), batch));
             addr.do_send(ApplyDone { origin, result });
         });

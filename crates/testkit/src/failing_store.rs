@@ -4,6 +4,7 @@
 
 use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, PoisonError};
 
 use soma_store::{ConsensusStore, Error, MemStore, Result, SyncedBatch};
 use soma_types::{
@@ -27,6 +28,10 @@ pub struct FailingStore {
     reads_before_prune: AtomicU64,
     /// The most blocks one read has asked for.
     most_blocks_read: AtomicU64,
+    /// A batch write ending at this commit pauses once written (0: none).
+    pause_after: AtomicU64,
+    /// Whether a write is paused, and what ends the pause.
+    paused: (Mutex<bool>, Condvar),
 }
 
 impl FailingStore {
@@ -40,7 +45,28 @@ impl FailingStore {
             prune_before_read: AtomicU64::new(0),
             reads_before_prune: AtomicU64::new(0),
             most_blocks_read: AtomicU64::new(0),
+            pause_after: AtomicU64::new(0),
+            paused: (Mutex::new(false), Condvar::new()),
         }
+    }
+
+    /// The write of a batch ending at commit `index` pauses once it is
+    /// stored, before it returns, until [`FailingStore::resume`] (or a
+    /// minute): whatever its writer does next waits, as if its thread
+    /// were preempted there.
+    pub fn pause_after_writing(&self, index: CommitIndex) {
+        self.pause_after.store(index, Ordering::SeqCst);
+    }
+
+    /// Whether a write is paused now.
+    pub fn paused(&self) -> bool {
+        *self.paused.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Ends the pause of a paused write.
+    pub fn resume(&self) {
+        *self.paused.0.lock().unwrap_or_else(PoisonError::into_inner) = false;
+        self.paused.1.notify_all();
     }
 
     /// The most blocks one read of blocks has asked for so far.
@@ -149,7 +175,23 @@ impl ConsensusStore for FailingStore {
             self.failed.fetch_add(1, Ordering::SeqCst);
             return Err(Error::Database("no space left on device".into()));
         }
-        self.inner.write_synced_batch(batch)
+        self.inner.write_synced_batch(batch)?;
+        if last > 0
+            && self
+                .pause_after
+                .compare_exchange(last, 0, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        {
+            let (lock, resumed) = &self.paused;
+            let mut paused = lock.lock().unwrap_or_else(PoisonError::into_inner);
+            *paused = true;
+            let pause = std::time::Duration::from_secs(60);
+            let (mut paused, _) = resumed
+                .wait_timeout_while(paused, pause, |p| *p)
+                .unwrap_or_else(PoisonError::into_inner);
+            *paused = false;
+        }
+        Ok(())
     }
     fn insert_certificate(&self, index: CommitIndex, blocks: Vec<VerifiedBlock>) -> Result<()> {
         self.inner.insert_certificate(index, blocks)
