@@ -225,7 +225,7 @@ fn build(
     // What a peer would be served: a range holding none of the
     // certificates kept (the node synced in other batches) ends with the
     // certificate its next commits' votes make.
-    let answer = match grpc::commits_answer(store, from, end, grpc, data) {
+    let answer = match grpc::commits_answer(store, from, end, grpc, data, &|| true) {
         Ok(answer) => answer,
         // Local commits whose certificate is still to come: nothing to
         // archive yet.
@@ -234,6 +234,8 @@ fn build(
         Err(Refused::NotFound(_)) => return Ok(Step::Idle),
         Err(Refused::Store(e)) => return Err(e.into()),
         Err(Refused::Internal(m)) => return Err(ArchiveError::Source(m)),
+        // Never: the writer always wants its answer.
+        Err(Refused::Abandoned) => return Ok(Step::Idle),
     };
     let last = from + answer.commits.len() as u64 - 1;
     let commits = store.commits_in_range(from..=last, usize::MAX)?;

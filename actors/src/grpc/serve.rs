@@ -37,6 +37,7 @@ pub(super) fn store_error(e: soma_store::Error) -> Status {
 /// `data.max_commits_per_batch` of them, and one certifier per author at
 /// most. A client sets its decoding cap from the same function, so a range
 /// of maximal blocks is still served.
+#[cfg(test)]
 pub(crate) fn fetch_commits(
     store: &dyn ConsensusStore,
     start: CommitIndex,
@@ -44,7 +45,22 @@ pub(crate) fn fetch_commits(
     limits: &Limits,
     data: &soma_types::Limits,
 ) -> Result<proto::FetchCommitsResponse, Status> {
-    commits_answer(store, start, end, limits, data).map_err(Status::from)
+    fetch_commits_while(store, start, end, limits, data, &|| true)
+}
+
+/// [`fetch_commits`], stopped (CANCELLED) between its store reads once
+/// `wanted` says the answer is no longer wanted: a caller that resets its
+/// call at once would otherwise have the whole read done, the vote search
+/// included, without downloading anything.
+pub(crate) fn fetch_commits_while(
+    store: &dyn ConsensusStore,
+    start: CommitIndex,
+    end: CommitIndex,
+    limits: &Limits,
+    data: &soma_types::Limits,
+    wanted: &dyn Fn() -> bool,
+) -> Result<proto::FetchCommitsResponse, Status> {
+    commits_answer(store, start, end, limits, data, wanted).map_err(Status::from)
 }
 
 /// Why [`commits_answer`] gave no answer.
@@ -58,6 +74,8 @@ pub(crate) enum Refused {
     NoCertificate(String),
     /// The store failed (UNAVAILABLE).
     Store(soma_store::Error),
+    /// The answer was no longer wanted: the read stopped (CANCELLED).
+    Abandoned,
     /// What the store holds breaks an invariant (INTERNAL).
     Internal(String),
 }
@@ -69,6 +87,7 @@ impl From<Refused> for Status {
             Refused::NoCertificate(m) => Status::unavailable(m),
             Refused::Store(e) => store_error(e),
             Refused::Internal(m) => Status::internal(m),
+            Refused::Abandoned => Status::cancelled("the call was cancelled; its read stopped"),
         }
     }
 }
@@ -81,7 +100,11 @@ pub(crate) fn commits_answer(
     end: CommitIndex,
     limits: &Limits,
     data: &soma_types::Limits,
+    wanted: &dyn Fn() -> bool,
 ) -> Result<proto::FetchCommitsResponse, Refused> {
+    if !wanted() {
+        return Err(Refused::Abandoned);
+    }
     let highest = store.highest_synced_commit().map_err(Refused::Store)?.index;
     let lowest = store.lowest_available_commit().map_err(Refused::Store)?;
     if start < lowest {
@@ -127,7 +150,7 @@ pub(crate) fn commits_answer(
         Some(certified) if certified == read_end => None,
         _ => {
             let per_read = vote_search_read(limits, data);
-            certificate_from_votes(store, last, &committee, per_read).map_err(Refused::Store)?
+            certificate_from_votes(store, last, &committee, per_read, wanted)?
         }
     };
     let certifiers = match (at_end, kept) {
@@ -202,7 +225,8 @@ fn vote_search_read(limits: &Limits, data: &soma_types::Limits) -> usize {
 /// elsewhere. The search reads the blocks of at most
 /// [`VOTE_SEARCH_COMMITS`] commits and [`VOTE_SEARCH_BLOCKS_PER_MEMBER`]
 /// blocks per member of the committee, `per_read` blocks at a time, and
-/// stops at the first quorum. `None` if they hold no quorum of votes (the
+/// stops at the first quorum, or before a read once `wanted` says the
+/// answer is not wanted any more ([`Refused::Abandoned`]). `None` if they hold no quorum of votes (the
 /// commits after `last` are not held yet, for one).
 ///
 /// Every stored block was verified before it was stored, so the votes are
@@ -212,8 +236,9 @@ pub(crate) fn certificate_from_votes(
     last: CommitRef,
     committee: &Committee,
     per_read: usize,
-) -> soma_store::Result<Option<Vec<VerifiedBlock>>> {
-    let highest = store.highest_synced_commit()?.index;
+    wanted: &dyn Fn() -> bool,
+) -> Result<Option<Vec<VerifiedBlock>>, Refused> {
+    let highest = store.highest_synced_commit().map_err(Refused::Store)?.index;
     let end = last.index.saturating_add(VOTE_SEARCH_COMMITS).min(highest);
     // At most one voter per authority is kept, whatever else is read.
     let mut authors = HashSet::new();
@@ -221,7 +246,7 @@ pub(crate) fn certificate_from_votes(
     let most = VOTE_SEARCH_BLOCKS_PER_MEMBER.saturating_mul(committee.size());
     let mut read = 0;
     for index in last.index.saturating_add(1)..=end {
-        let Some(commit) = store.commit(index)? else {
+        let Some(commit) = store.commit(index).map_err(Refused::Store)? else {
             break;
         };
         if commit.commit().epoch != committee.epoch() {
@@ -231,7 +256,11 @@ pub(crate) fn certificate_from_votes(
         let refs = &refs[..refs.len().min(most - read)];
         read += refs.len();
         for group in refs.chunks(per_read.max(1)) {
-            voters.extend(store.blocks(group)?.into_iter().flatten().filter(|b| {
+            if !wanted() {
+                return Err(Refused::Abandoned);
+            }
+            let read = store.blocks(group).map_err(Refused::Store)?;
+            voters.extend(read.into_iter().flatten().filter(|b| {
                 let b = b.block();
                 b.commit_votes.contains(&last) && authors.insert(b.author)
             }));
@@ -594,6 +623,36 @@ mod tests {
         let answer = fetch_commits(&store, 1, 38, &limits, &data).unwrap();
         assert_eq!(answer.commits.len(), 20);
         assert_eq!(verify_answer(&answer, &chain, &data), [0, 1, 2]);
+    }
+
+    #[test]
+    fn a_read_no_longer_wanted_stops_before_the_vote_search_reads_a_block() {
+        use std::cell::Cell;
+
+        use soma_testkit::failing_store::FailingStore;
+        let chain = small_blocks_chain(vec![1; 4], 40);
+        let store = FailingStore::new(MemStore::new(chain.genesis()));
+        chain.write_to(&store, 20).unwrap();
+        let (limits, data) = (Limits::default(), soma_types::Limits::default());
+        // Wanted when the read starts, not after: the caller reset its call
+        // while the commits were read. 21..=25 has no kept certificate, so
+        // its end is certified by the votes after it, which are not read.
+        let checks = Cell::new(0);
+        let wanted = || {
+            checks.set(checks.get() + 1);
+            checks.get() == 1
+        };
+        let refused = fetch_commits_while(&store, 21, 25, &limits, &data, &wanted).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Cancelled, "{refused}");
+        assert_eq!(store.most_blocks_read_at_once(), 0, "no block read");
+        // Wanted throughout, the same request reads the votes (a block at
+        // a time: by default an answer has room for one of the largest).
+        let answer = fetch_commits_while(&store, 21, 25, &limits, &data, &|| true).unwrap();
+        assert_eq!(answer.commits.len(), 5);
+        assert_eq!(store.most_blocks_read_at_once(), 1);
+        // Not wanted from the start: nothing is read at all.
+        let refused = fetch_commits_while(&store, 1, 20, &limits, &data, &|| false).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Cancelled);
     }
 
     #[test]

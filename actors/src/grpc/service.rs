@@ -1,4 +1,5 @@
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use actix::{Addr, MailboxError};
@@ -22,6 +23,27 @@ use super::kept::SlotKey;
 use super::messages::{Admission, Call, CallMsg, Work};
 use super::serve;
 use crate::discovery::{Discovery, ExchangeInfo};
+
+/// Whether a call's answer is still wanted: cleared when the call's
+/// future is dropped (the caller reset the call) or ends.
+struct Wanted(Arc<AtomicBool>);
+
+impl Wanted {
+    fn new() -> Self {
+        Wanted(Arc::new(AtomicBool::new(true)))
+    }
+
+    /// The flag a read checks.
+    fn flag(&self) -> Arc<AtomicBool> {
+        self.0.clone()
+    }
+}
+
+impl Drop for Wanted {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+}
 
 /// Chunks of a FetchBlocks stream buffered ahead of the client.
 const STREAM_BUFFER: usize = 2;
@@ -317,15 +339,26 @@ impl P2pService {
         let (response, slot) = match self.answers.get(version, start, end) {
             Some(kept) => (kept, slot),
             None => {
-                let (response, slot) = self
-                    .blocking(move |store| {
-                        serve::fetch_commits(store, start, end, &limits, &data_limits)
-                            .map(|r| (r, slot))
-                    })
-                    .await?;
-                let size = response.encoded_len();
-                self.answers.insert(version, start, end, &response, size);
-                (response, slot)
+                // A call dropped (its caller reset it) stops its read at
+                // the next store call; a read done whole is kept even so,
+                // so the same request asked again is not read again.
+                let wanted = Wanted::new();
+                let (read_wanted, answers) = (wanted.flag(), self.answers.clone());
+                self.blocking(move |store| {
+                    let wanted = || read_wanted.load(Ordering::Relaxed);
+                    let response = serve::fetch_commits_while(
+                        store,
+                        start,
+                        end,
+                        &limits,
+                        &data_limits,
+                        &wanted,
+                    )?;
+                    let size = response.encoded_len();
+                    answers.insert(version, start, end, &response, size);
+                    Ok((response, slot))
+                })
+                .await?
             }
         };
         reservation.settle(estimate, serve::encoded_message_len(&response));
