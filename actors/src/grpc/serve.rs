@@ -23,20 +23,7 @@ pub(super) fn store_error(e: soma_store::Error) -> Status {
     Status::unavailable(format!("store: {e}"))
 }
 
-/// FetchCommits: commits from `start`, ending at the epoch's last commit if
-/// that comes first, within the byte budget: at the range's end if a
-/// certificate of it is kept or the votes of the commits after it make one
-/// ([`certificate_from_votes`]), else at the highest commit in range whose
-/// certificate is kept; with a minimal quorum of that certificate's blocks
-/// ([`minimal_certificate`]).
-///
-/// The answer stays within
-/// [`soma_types::Limits::max_fetch_commits_response_bytes`] for the budget
-/// and the served epoch's committee: commits within
-/// `limits.max_fetch_response_bytes` (the first always goes), at most
-/// `data.max_commits_per_batch` of them, and one certifier per author at
-/// most. A client sets its decoding cap from the same function, so a range
-/// of maximal blocks is still served.
+/// [`commits_answer`] as a status, whenever wanted: what the tests call.
 #[cfg(test)]
 pub(crate) fn fetch_commits(
     store: &dyn ConsensusStore,
@@ -45,22 +32,7 @@ pub(crate) fn fetch_commits(
     limits: &Limits,
     data: &soma_types::Limits,
 ) -> Result<proto::FetchCommitsResponse, Status> {
-    fetch_commits_while(store, start, end, limits, data, &|| true)
-}
-
-/// [`fetch_commits`], stopped (CANCELLED) between its store reads once
-/// `wanted` says the answer is no longer wanted: a caller that resets its
-/// call at once would otherwise have the whole read done, the vote search
-/// included, without downloading anything.
-pub(crate) fn fetch_commits_while(
-    store: &dyn ConsensusStore,
-    start: CommitIndex,
-    end: CommitIndex,
-    limits: &Limits,
-    data: &soma_types::Limits,
-    wanted: &dyn Fn() -> bool,
-) -> Result<proto::FetchCommitsResponse, Status> {
-    commits_answer(store, start, end, limits, data, wanted).map_err(Status::from)
+    commits_answer(store, start, end, limits, data, &|| true).map_err(Status::from)
 }
 
 /// Why [`commits_answer`] gave no answer.
@@ -92,8 +64,27 @@ impl From<Refused> for Status {
     }
 }
 
-/// [`fetch_commits`]'s answer, or why not as a [`Refused`]: the archive
-/// writer tells a range not certified yet from a failure.
+/// FetchCommits: commits from `start`, ending at the epoch's last commit if
+/// that comes first, within the byte budget: at the range's end if a
+/// certificate of it is kept or the votes of the commits after it make one
+/// ([`certificate_from_votes`]), else at the highest commit in range whose
+/// certificate is kept; with a minimal quorum of that certificate's blocks
+/// ([`minimal_certificate`]).
+///
+/// The answer stays within
+/// [`soma_types::Limits::max_fetch_commits_response_bytes`] for the budget
+/// and the served epoch's committee: commits within
+/// `limits.max_fetch_response_bytes` (the first always goes), at most
+/// `data.max_commits_per_batch` of them, and one certifier per author at
+/// most. A client sets its decoding cap from the same function, so a range
+/// of maximal blocks is still served.
+///
+/// Refused as a [`Refused`], so that the archive writer tells a range not
+/// certified yet from a failure. Stopped ([`Refused::Abandoned`], which is
+/// CANCELLED) before its first store read and before each read of the vote
+/// search once `wanted` says the answer is no longer wanted: a caller that
+/// resets its call at once would otherwise have the whole read done
+/// without downloading anything.
 pub(crate) fn commits_answer(
     store: &dyn ConsensusStore,
     start: CommitIndex,
@@ -642,17 +633,18 @@ mod tests {
             checks.set(checks.get() + 1);
             checks.get() == 1
         };
-        let refused = fetch_commits_while(&store, 21, 25, &limits, &data, &wanted).unwrap_err();
-        assert_eq!(refused.code(), tonic::Code::Cancelled, "{refused}");
+        let refused = commits_answer(&store, 21, 25, &limits, &data, &wanted).unwrap_err();
+        assert!(matches!(refused, Refused::Abandoned), "{refused:?}");
+        assert_eq!(Status::from(refused).code(), tonic::Code::Cancelled);
         assert_eq!(store.most_blocks_read_at_once(), 0, "no block read");
         // Wanted throughout, the same request reads the votes (a block at
         // a time: by default an answer has room for one of the largest).
-        let answer = fetch_commits_while(&store, 21, 25, &limits, &data, &|| true).unwrap();
+        let answer = commits_answer(&store, 21, 25, &limits, &data, &|| true).unwrap();
         assert_eq!(answer.commits.len(), 5);
         assert_eq!(store.most_blocks_read_at_once(), 1);
         // Not wanted from the start: nothing is read at all.
-        let refused = fetch_commits_while(&store, 1, 20, &limits, &data, &|| false).unwrap_err();
-        assert_eq!(refused.code(), tonic::Code::Cancelled);
+        let refused = commits_answer(&store, 1, 20, &limits, &data, &|| false).unwrap_err();
+        assert!(matches!(refused, Refused::Abandoned), "{refused:?}");
     }
 
     #[test]

@@ -346,14 +346,9 @@ impl P2pService {
                 let (read_wanted, answers) = (wanted.flag(), self.answers.clone());
                 self.blocking(move |store| {
                     let wanted = || read_wanted.load(Ordering::Relaxed);
-                    let response = serve::fetch_commits_while(
-                        store,
-                        start,
-                        end,
-                        &limits,
-                        &data_limits,
-                        &wanted,
-                    )?;
+                    let answer =
+                        serve::commits_answer(store, start, end, &limits, &data_limits, &wanted);
+                    let response = answer.map_err(Status::from)?;
                     let size = response.encoded_len();
                     answers.insert(version, start, end, &response, size);
                     Ok((response, slot))
