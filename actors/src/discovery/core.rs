@@ -747,12 +747,18 @@ impl DiscoveryCore {
     fn dial(&mut self, now: Time, out: &mut Vec<Output>) {
         let pending_peers: BTreeSet<PeerId> =
             self.pending.values().filter_map(|(p, _)| *p).collect();
+        // One dial per address a round: `pending` learns of each only as
+        // it starts, and identities that all name one address (free to
+        // mint) would otherwise take every slot of the round with dials
+        // Connections drops as repeats.
+        let mut picked: BTreeSet<String> = BTreeSet::new();
         // Allowlisted peers always; the rest up to the connection target.
         let allowlisted: Vec<(PeerId, String)> = self
             .allowlist
             .iter()
             .filter(|p| self.wanted(p, &pending_peers))
             .filter_map(|p| Some((*p, self.dial_address(now, self.known.get(p)?)?)))
+            .filter(|(_, address)| picked.insert(address.clone()))
             .collect();
         let slots = self
             .config
@@ -779,6 +785,7 @@ impl DiscoveryCore {
             others = candidates
                 .into_iter()
                 .filter_map(|(p, e)| Some((*p, self.dial_address(now, e)?)))
+                .filter(|(_, address)| picked.insert(address.clone()))
                 .take(count)
                 .collect();
         }
@@ -2219,6 +2226,26 @@ mod tests {
     /// While peer 1 is connected at its address, identities naming that
     /// address are never dialled: Connections would drop such a dial, and
     /// it would hold its slot until it timed out. Peer 2 is dialled.
+    #[test]
+    fn identities_naming_one_address_take_one_dial_of_a_round() {
+        let mut c = core(8);
+        let shared = "203.0.113.9:7000";
+        learn(
+            &mut c,
+            (10..18).map(|n| info_at(n, NOW_MS, &[shared])).collect(),
+        );
+        learn(&mut c, vec![info_at(20, NOW_MS, &["203.0.114.9:7000"])]);
+        let mut addresses: Vec<String> = dials(&tick(&mut c, Time(0), NOW_MS))
+            .into_iter()
+            .map(|(_, a)| a)
+            .collect();
+        addresses.sort();
+        assert_eq!(
+            addresses,
+            vec![shared.to_string(), "203.0.114.9:7000".to_string()]
+        );
+    }
+
     #[test]
     fn no_peer_is_dialled_at_the_address_of_a_connected_peer() {
         let mut c = core(2);
