@@ -3,6 +3,7 @@
 //! convergence, private nodes, forged infos, and peers that go away.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -265,6 +266,8 @@ struct Malicious {
     forged: Vec<SignedNodeInfo>,
     /// The timestamp of the first own info sent to each caller.
     answered: Arc<Mutex<HashMap<PeerId, u64>>>,
+    /// GetKnownPeers calls answered, all callers together.
+    calls: Arc<AtomicUsize>,
 }
 
 impl Malicious {
@@ -288,6 +291,7 @@ impl P2p for Malicious {
         request: Request<proto::GetKnownPeersRequest>,
     ) -> Result<Response<proto::GetKnownPeersResponse>, Status> {
         let own_info = self.own_info();
+        self.calls.fetch_add(1, Ordering::SeqCst);
         if let Caller::Peer(caller) = tls::caller(&request) {
             let mut answered = self.answered.lock().unwrap();
             answered.entry(caller).or_insert(own_info.info.timestamp_ms);
@@ -385,6 +389,7 @@ async fn forged_node_info_relayed_by_a_malicious_peer_is_never_accepted() {
         address: evil_address.clone(),
         forged,
         answered: answered.clone(),
+        calls: Arc::default(),
     };
     let (stop, server) = serve_malicious(evil, &identity, listener);
 
@@ -428,6 +433,71 @@ async fn forged_node_info_relayed_by_a_malicious_peer_is_never_accepted() {
         );
     }
     shutdown_all(&[h1, h2]).await;
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}
+
+/// An answer to GetKnownPeers larger than the infos a node keeps of one
+/// can take is refused whole, not decoded to keep its first few hundred:
+/// four thousand valid infos, the server's own first, teach the node
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_larger_than_the_infos_kept_of_it_is_refused_whole() {
+    let chain = chain();
+    let evil_key = KeyPair::from_seed([67; 32]);
+    let evil_id = PeerId::from(evil_key.public());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let evil_address = listener.local_addr().unwrap().to_string();
+    // Valid infos, each signed by its own key, at the malicious address.
+    let forged: Vec<SignedNodeInfo> = (0..4_000u32)
+        .map(|n| {
+            let mut seed = [7u8; 32];
+            seed[..4].copy_from_slice(&n.to_le_bytes());
+            let key = KeyPair::from_seed(seed);
+            let info = NodeInfo {
+                peer_id: PeerId::from(key.public()),
+                addresses: vec![evil_address.clone()],
+                timestamp_ms: now_ms(),
+                access: Access::Public,
+            };
+            SignedNodeInfo::sign(info, &key)
+        })
+        .collect();
+    let size: usize = forged.iter().map(|i| codec::encode(i).len()).sum();
+    let most = discovery::Config::default().max_peers_to_send + 1;
+    assert!(
+        size > most * (2 << 10),
+        "the answer, {size} bytes, must be past what its kept infos take"
+    );
+    let calls = Arc::new(AtomicUsize::new(0));
+    let identity = NodeIdentity::generate(&evil_key).unwrap();
+    let evil = Malicious {
+        key: evil_key,
+        address: evil_address.clone(),
+        forged,
+        answered: Arc::default(),
+        calls: calls.clone(),
+    };
+    let (stop, server) = serve_malicious(evil, &identity, listener);
+    let node = start(
+        &chain,
+        config(vec![SeedPeer {
+            peer_id: Some(evil_id),
+            address: evil_address,
+        }]),
+        1,
+    );
+    // Three answers sent, two rounds apart at least: a learnt answer would
+    // have been learnt long before.
+    wait_for("three answers", || async {
+        calls.load(Ordering::SeqCst) >= 3
+    })
+    .await;
+    assert!(
+        known(&node).await.is_empty(),
+        "learnt from an oversized answer"
+    );
+    shutdown_all(&[node]).await;
     let _ = stop.send(());
     server.await.unwrap().unwrap();
 }
@@ -527,6 +597,7 @@ async fn tampered_copies_of_an_honest_peers_info_change_nothing_about_it() {
         address: evil_address.clone(),
         forged: tampered,
         answered: answered.clone(),
+        calls: Arc::default(),
     };
     let (stop, server) = serve_malicious(evil, &identity, listener);
 

@@ -54,6 +54,10 @@ pub struct Deps {
     pub runtime: tokio::runtime::Handle,
     /// Time allowed for one query.
     pub timeout: Duration,
+    /// The largest encoded node info the Verifier accepts
+    /// (`Limits::max_node_info_bytes`): with the most infos kept of an
+    /// answer, what an answer to GetKnownPeers may decode to.
+    pub max_node_info_bytes: usize,
     /// Capacity of its mailbox.
     pub mailbox_capacity: usize,
     pub(crate) faults: Faults,
@@ -144,10 +148,17 @@ impl Discovery {
             own_info: self.own_info.clone(),
         };
         let max = self.deps.init.config.max_peers_to_send;
+        let most = answer_bytes(max, self.deps.max_node_info_bytes);
         let rules = self.rules();
         self.deps.runtime.spawn(async move {
-            let call =
-                |mut c: crate::connections::Client, r| async move { c.get_known_peers(r).await };
+            // Decoded within what the infos kept of it can take, not the
+            // client's cap for every call (8 MiB): a larger answer was
+            // decoded whole, as up to a quarter of a million empty
+            // entries, to keep its first few hundred.
+            let call = move |mut c: crate::connections::Client, r| async move {
+                c = c.max_decoding_message_size(most);
+                c.get_known_peers(r).await
+            };
             let response = match outbound.call(peer, message, call).await {
                 Ok(r) => r.into_inner(),
                 Err(e) => {
@@ -180,6 +191,18 @@ impl Discovery {
             }
         });
     }
+}
+
+/// The largest GetKnownPeers answer worth decoding when `max` infos of it
+/// are kept, each at most `info_bytes` encoded: the server's own info and
+/// `max` others, each with its field's tag and length, and a little
+/// spare.
+fn answer_bytes(max: usize, info_bytes: usize) -> usize {
+    const FIELD_OVERHEAD: usize = 1 + 3;
+    const SPARE: usize = 1 << 10;
+    max.saturating_add(1)
+        .saturating_mul(info_bytes.saturating_add(FIELD_OVERHEAD))
+        .saturating_add(SPARE)
 }
 
 /// What a received info must be besides validly signed and fresh: not ours,

@@ -261,6 +261,7 @@ fn start_tree(config: &P2pConfig, parts: NodeParts) -> Result<Actors, StartError
             verifier: actors.verifier.clone(),
             runtime,
             timeout: config.timeout,
+            max_node_info_bytes: config.verifier.limits.max_node_info_bytes,
             mailbox_capacity: capacity,
             faults: faults.clone(),
         },
