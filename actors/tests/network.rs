@@ -1,6 +1,9 @@
 //! Handles in one process on 127.0.0.1 with ephemeral ports, over real mutual
 //! TLS and real gRPC, serving a ChainBuilder chain.
 
+#[path = "support/slow_readers.rs"]
+#[allow(dead_code)]
+mod slow_readers;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -111,6 +114,55 @@ async fn fetch_blocks(
         chunks.push(chunk.blocks);
     }
     Ok(chunks)
+}
+
+/// A server that cuts one answer (not handed to the transport within its
+/// send deadline, the caller not reading) resets that call's stream, not
+/// the connection: the caller sees the peer's status, not a transport
+/// failure (which would have it drop the whole connection), and its next
+/// call on the same connection is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_the_server_cuts_fails_its_call_not_the_connection() {
+    use soma_actors::connections::CallError;
+    const SEND_TIMEOUT: Duration = Duration::from_millis(300);
+    let chain = chain(1_000);
+    let a = validator_with(&chain, |c| c.grpc.send_timeout = SEND_TIMEOUT);
+    // A stream window of 64 KiB: unread, the answer cannot all be handed
+    // to the transport.
+    let mut client = slow_readers::client(&a, [42; 32], 65_535).await;
+    let refs: Vec<BlockRef> = (1..=100)
+        .flat_map(|i| chain.commit(i).commit().blocks.clone())
+        .collect();
+    let request = proto::FetchBlocksRequest {
+        refs: refs.iter().copied().map(Into::into).collect(),
+    };
+    let mut stream = client.fetch_blocks(request).await.unwrap().into_inner();
+    assert!(stream.message().await.unwrap().is_some(), "a first chunk");
+    wait_for("the answer to be cut", || async { a.responses_cut() == 1 }).await;
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the whole answer came"),
+            Err(status) => break status,
+        }
+    };
+    // The server reset the stream (INTERNAL): its answer, not a failure
+    // of the transport.
+    assert_eq!(
+        CallError::from_status(&status),
+        CallError::Status {
+            code: tonic::Code::Internal as i32
+        },
+        "{status:?}"
+    );
+    // The same connection answers the next call.
+    let availability = client
+        .get_commit_availability(proto::GetCommitAvailabilityRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(availability.highest_synced_commit, 300);
+    a.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

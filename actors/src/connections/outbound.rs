@@ -44,17 +44,27 @@ impl CallError {
     /// What a status seen by a client means. One without a source error is
     /// the peer's answer. One with a source was made on our side: by the
     /// client's own deadline (the request's timeout, `TimeoutExpired`),
-    /// which is a timeout, or by the transport failing under the call.
+    /// which is a timeout; by the peer resetting this call's stream alone
+    /// (an HTTP/2 `RST_STREAM` it sent, as a server does when it cuts an
+    /// answer at its send deadline), which is the peer's answer too, its
+    /// connection still up; or by the transport failing under the call.
     pub fn from_status(status: &tonic::Status) -> Self {
+        let answered = CallError::Status {
+            code: status.code() as i32,
+        };
         let mut source = std::error::Error::source(status);
         if source.is_none() {
-            return CallError::Status {
-                code: status.code() as i32,
-            };
+            return answered;
         }
         while let Some(e) = source {
             if e.is::<tonic::TimeoutExpired>() {
                 return CallError::Timeout;
+            }
+            if let Some(h2) = e.downcast_ref::<h2::Error>()
+                && h2.is_reset()
+                && h2.is_remote()
+            {
+                return answered;
             }
             source = e.source();
         }
