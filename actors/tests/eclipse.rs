@@ -162,16 +162,20 @@ async fn a_thousand_identities_stamped_ahead_do_not_evict_honest_peers() {
     let nowhere = attack::closed_address();
 
     // The honest peers, and a malicious one offering 200 of its 1,000 fake
-    // identities in every answer, each stamped 25 s ahead.
+    // identities in every answer, each stamped 25 s ahead: each at a
+    // loopback address of a /24 of its own, as peers of a real network
+    // are (answers count in the bucket of the network a peer was dialled
+    // in).
     let mut honest = Vec::new();
     for h in 0..HONEST {
-        honest.push(serve_infos(KeyPair::from_seed([h as u8 + 1; 32]), Vec::new(), 0).await);
+        let key = KeyPair::from_seed([h as u8 + 1; 32]);
+        honest.push(serve_infos(key, attack::host(100 + h as u8), Vec::new(), 0).await);
     }
     let fakes: Vec<SignedNodeInfo> = (0..SYBILS)
         .map(|i| signed_info(&fresh_key(1, i), &nowhere, now_ms() + AHEAD_MS))
         .collect();
     let fake_ids: BTreeSet<PeerId> = fakes.iter().map(|i| i.info.peer_id).collect();
-    let evil = serve_infos(KeyPair::from_seed([66; 32]), fakes, 200).await;
+    let evil = serve_infos(KeyPair::from_seed([66; 32]), attack::host(99), fakes, 200).await;
     let evil_id = evil.peer_id;
     let honest_ids: BTreeSet<PeerId> = honest.iter().map(|h| h.peer_id).collect();
 

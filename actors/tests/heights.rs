@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use soma_actors::connections::{CallError, DialError, PeerEvent};
 use soma_actors::{P2pConfig, P2pHandle};
 use soma_chain::{Chain, ChainBuilder, ChainConfig};
 use soma_store::{ConsensusStore, MemStore};
@@ -16,6 +17,7 @@ use soma_testkit::byzantine::{Lie, serve_observed};
 use soma_types::{KeyPair, PeerId};
 use soma_wire::proto::{self, p2p_client::P2pClient};
 use soma_wire::tls::{self, NodeIdentity};
+use tokio::sync::broadcast::error::RecvError;
 use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -304,4 +306,49 @@ async fn a_peer_that_stops_answering_height_queries_holds_up_only_its_own() {
     for v in validators {
         v.shutdown().await;
     }
+}
+
+/// A peer answering the cheap height query with 64 KiB, of a call whose
+/// answer takes 56 bytes, is refused at the decoder's cap (the first call
+/// of a dial, a probe, a height query): the node never holds such an
+/// answer, nor a connection to its sender, and syncs from an honest peer
+/// all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_height_answer_is_refused_at_the_cap_and_sync_goes_on() {
+    soma_testkit::init_tracing();
+    let chain = chain();
+    let liar = serve_observed(Arc::new(chain.clone()), Lie::OversizedAvailability, 31).await;
+    const { assert!(64 << 10 > soma_actors::connections::MAX_SMALL_ANSWER_BYTES) };
+    let (node, store) = start(&chain, 9, P2pConfig::default());
+    let mut events = node.subscribe_peer_events();
+    node.connect(Some(liar.peer), liar.address.clone())
+        .expect("Connections takes the dial");
+    let refused = loop {
+        match tokio::time::timeout(WAIT, events.recv()).await {
+            Err(_) => panic!("timed out waiting for the dial of the liar to end"),
+            Ok(Ok(PeerEvent::DialFailed { peer, reason, .. })) if peer == Some(liar.peer) => {
+                break reason;
+            }
+            Ok(Ok(PeerEvent::Connected { peer, .. })) if peer == liar.peer => {
+                panic!("connected to a peer whose first answer was 64 KiB")
+            }
+            Ok(Ok(_)) | Ok(Err(RecvError::Lagged(_))) => {}
+            Ok(Err(RecvError::Closed)) => panic!("peer events closed"),
+        }
+    };
+    assert_eq!(
+        refused,
+        DialError::FirstCall(CallError::Status {
+            code: Code::OutOfRange as i32
+        })
+    );
+
+    let honest = soma_testkit::validator(&chain, 1);
+    node.connect(Some(honest.peer_id()), honest.local_addr().to_string())
+        .expect("Connections takes the dial");
+    soma_testkit::wait_synced(&node, chain.tip(), WAIT).await;
+    assert_same_chain(&chain, store.as_ref());
+    assert_eq!(tracked(&node).await, vec![honest.peer_id()]);
+    node.shutdown().await;
+    honest.shutdown().await;
 }

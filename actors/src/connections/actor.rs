@@ -9,7 +9,7 @@ use tonic::transport::Channel;
 
 use super::core::{Config, ConnectionsCore};
 use super::messages::*;
-use super::outbound::{CallError, Client, call_client};
+use super::outbound::{CallError, Client, call_client, small};
 use crate::Driver;
 use crate::faults::Faults;
 use crate::replay::Recorder;
@@ -154,8 +154,8 @@ fn client(channel: Channel) -> Client {
 /// One cheap call, to tell a working connection from a dead or refused one.
 async fn check(client: Client, timeout: Duration) -> Result<(), CallError> {
     let message = proto::GetCommitAvailabilityRequest {};
-    call_client(client, timeout, message, |mut c, r| async move {
-        c.get_commit_availability(r).await
+    call_client(client, timeout, message, |c, r| async move {
+        small(c).get_commit_availability(r).await
     })
     .await
     .map(drop)

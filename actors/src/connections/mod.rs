@@ -19,4 +19,6 @@ pub use messages::{
     ActiveConnections, ActivePeers, Connect, DialError, DialResult, Disconnect, GetClient, Input,
     Output, PeerEvent, ReportBroken,
 };
+pub use outbound::MAX_SMALL_ANSWER_BYTES;
+pub(crate) use outbound::small;
 pub use outbound::{CallError, Client, Outbound};

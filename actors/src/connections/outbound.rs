@@ -17,6 +17,18 @@ use super::messages::{GetClient, ReportBroken};
 /// The gRPC client of a connected peer.
 pub type Client = P2pClient<Channel>;
 
+/// Largest answer taken to a call whose answer has a fixed size:
+/// GetCommitAvailability (a 32-byte chain id and two numbers, 56 bytes at
+/// most) and PushCommit (nothing), with room for fields a later version
+/// may add. Without it each such call in flight could be made to decode
+/// the client's cap for every call, 8 MiB.
+pub const MAX_SMALL_ANSWER_BYTES: usize = 1 << 10;
+
+/// `client`, taking answers of at most [`MAX_SMALL_ANSWER_BYTES`].
+pub(crate) fn small(client: Client) -> Client {
+    client.max_decoding_message_size(MAX_SMALL_ANSWER_BYTES)
+}
+
 /// Why a call to a peer failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[serde(rename_all = "snake_case")]

@@ -155,16 +155,23 @@ struct Backoff {
     retry_at: Time,
 }
 
-/// Who told us of a peer: the bucket its entry counts in.
+/// Where an info came from: the bucket its entry counts in. Identities
+/// are free in public mode but addresses are not, so buckets are networks:
+/// the identities one network holds, however many, fill one bucket, never
+/// that of peers elsewhere.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(super) enum Source {
-    /// Callers' own infos (connect-back), by the prefix of the address the
-    /// call came from (`None`: unknown, one bucket for all such calls).
-    /// Identities are free but addresses are not, so one network's callers
-    /// fill only their own bucket, never that of callers elsewhere.
-    Inbound(Option<Prefix>),
-    /// A peer's GetKnownPeers answer.
-    Peer(PeerId),
+    /// Infos of unknown origin: a caller whose address is not known, or an
+    /// answer from a peer no longer connected. One bucket for them all.
+    Unknown,
+    /// The network of the address a caller called from (its own info,
+    /// connect-back), or of the address a peer was dialled at (its
+    /// GetKnownPeers answers).
+    Network(Prefix),
+    /// The answers of a seed dialled at a host name, by the identity it
+    /// proved: the operator chose it, so it is not an identity minted for
+    /// free, and its network is not known without resolving the name.
+    Seed(PeerId),
 }
 
 /// The /24 (IPv4) or /32 (IPv6) prefix of an address (its network, as
@@ -509,7 +516,7 @@ impl Core for DiscoveryCore {
                 infos,
                 unix_ms,
             } => {
-                let source = source.map_or(Source::Inbound(None), Source::Peer);
+                let source = source.map_or(Source::Unknown, |peer| self.source_of(peer));
                 self.learn_all(infos, source, unix_ms);
                 vec![]
             }
@@ -535,6 +542,19 @@ impl DiscoveryCore {
     /// for metrics and simulations).
     pub fn known_peers(&self) -> impl Iterator<Item = &PeerId> {
         self.known.keys()
+    }
+
+    /// The bucket of the answers of `peer`: the network of the address it
+    /// was dialled at, while connected.
+    fn source_of(&self, peer: PeerId) -> Source {
+        let Some(address) = self.connected_at.get(&peer) else {
+            return Source::Unknown;
+        };
+        match address.parse::<SocketAddr>() {
+            Ok(address) => Source::Network(ip_prefix(address.ip())),
+            Err(_) if self.init.seeds.iter().any(|s| s.address == *address) => Source::Seed(peer),
+            Err(_) => Source::Unknown,
+        }
     }
 
     fn acceptable(&self, peer: &PeerId) -> bool {
@@ -948,7 +968,7 @@ impl DiscoveryCore {
             if let Some(info) = info
                 && info.info.peer_id == caller
             {
-                let source = Source::Inbound(remote.map(ip_prefix));
+                let source = remote.map_or(Source::Unknown, |ip| Source::Network(ip_prefix(ip)));
                 self.learn_all([Arc::new(info)], source, unix_ms);
             }
         }
@@ -1015,8 +1035,11 @@ mod tests {
         learn_from(c, 200, NOW_MS, infos);
     }
 
-    /// Infos from peer `source`, arriving when the wall clock reads `unix_ms`.
+    /// Infos from peer `source`, arriving when the wall clock reads `unix_ms`:
+    /// an answer of a peer dialled in a network of its own.
     fn learn_from(c: &mut DiscoveryCore, source: u8, unix_ms: u64, infos: Vec<SignedNodeInfo>) {
+        c.connected_at
+            .insert(id(source), format!("172.16.{source}.1:7000"));
         c.handle(
             Time(0),
             Input::Learned {
@@ -1435,11 +1458,11 @@ mod tests {
             signature: soma_types::Signature([0; 64]),
         };
         let sources = [
-            Source::Inbound(None),
-            Source::Inbound(Some(Prefix::V4(0x01_02_03))),
-            Source::Peer(PeerId([1; 32])),
-            Source::Peer(PeerId([2; 32])),
-            Source::Peer(PeerId([3; 32])),
+            Source::Unknown,
+            Source::Network(Prefix::V4(0x01_02_03)),
+            Source::Network(Prefix::V4(0x01_02_04)),
+            Source::Network(Prefix::V4(0x01_02_05)),
+            Source::Seed(PeerId([3; 32])),
         ];
         let prefixes = [0u32, 1, 2, 3].map(|n| Prefix::V4(0x0a_00_00 | n));
         let mut evicted = 0;
@@ -1894,6 +1917,43 @@ mod tests {
             (4..=6).map(|n| info(n, NOW_MS)).collect(),
         );
         assert_eq!(sorted(known(&mut c)), ids([1, 2, 3, 4, 5]));
+    }
+
+    /// Answers count in the bucket of the network their peer was dialled
+    /// in: identities of one network share one allowance, peers of
+    /// another have their own, and an answer from a peer no longer
+    /// connected counts with every other of unknown origin, never in a
+    /// bucket of its identity's own.
+    #[test]
+    fn answers_count_by_the_network_their_peer_was_dialled_in() {
+        let mut c = config(|c| c.max_new_peers_per_source_per_interval = 2);
+        let answer = |c: &mut DiscoveryCore, source: u8, address: &str, infos: [u8; 2]| {
+            if !address.is_empty() {
+                c.handle(
+                    Time(0),
+                    Input::Connected {
+                        peer: id(source),
+                        address: address.to_string(),
+                    },
+                );
+            }
+            c.handle(
+                Time(0),
+                Input::Learned {
+                    source: Some(id(source)),
+                    infos: infos.map(|n| Arc::new(info(n, NOW_MS))).to_vec(),
+                    unix_ms: NOW_MS,
+                },
+            );
+        };
+        answer(&mut c, 100, "198.51.100.1:7000", [1, 2]);
+        answer(&mut c, 101, "198.51.100.2:7000", [3, 4]);
+        answer(&mut c, 102, "203.0.113.9:7000", [5, 6]);
+        assert_eq!(sorted(known(&mut c)), ids([1, 2, 5, 6]));
+        // Not connected: one bucket for all such answers.
+        answer(&mut c, 103, "", [7, 8]);
+        answer(&mut c, 104, "", [9, 10]);
+        assert_eq!(sorted(known(&mut c)), ids([1, 2, 5, 6, 7, 8]));
     }
 
     /// Newcomers that find no room (every entry newer, none evictable)

@@ -9,9 +9,10 @@
 //! infos spread over `honest_prefixes` /24s. Then the attack, both at once
 //! for `attack_intervals` rounds:
 //!
-//! - one malicious peer, connected when the attack starts, answers each
-//!   query with its own info and `fakes_per_call` never-seen identities,
-//!   each in its own /24, stamped `ahead_ms` in the future;
+//! - `malicious` peers, identities of one host (a /24 of its own),
+//!   connected when the attack starts, answer each query with their own
+//!   info and `fakes_per_call` never-seen identities, each in its own /24,
+//!   stamped `ahead_ms` in the future;
 //! - `sybils` identities, all calling from one /24, each send their own
 //!   info (advertising an address in its own /24, stamped `ahead_ms`
 //!   ahead) with GetKnownPeers every round, so the entries they hold are
@@ -54,7 +55,9 @@ pub struct Eclipse {
     /// How old honest infos in an answer are, at most, in milliseconds
     /// (they were signed at their owner's last rounds and passed on).
     pub honest_age_ms: u64,
-    /// Fresh fake identities in each answer of the malicious peer.
+    /// Malicious peers connected, all at addresses of one /24.
+    pub malicious: usize,
+    /// Fresh fake identities in each answer of a malicious peer.
     pub fakes_per_call: usize,
     /// Identities calling in with their own info every round, all from
     /// one /24.
@@ -76,6 +79,7 @@ impl Default for Eclipse {
             warmup_intervals: 40,
             attack_intervals: 60,
             honest_age_ms: 30_000,
+            malicious: 1,
             fakes_per_call: 200,
             sybils: 1_000,
             ahead_ms: 25_000,
@@ -91,7 +95,7 @@ pub struct Table {
     pub known: usize,
     /// Honest entries.
     pub honest: usize,
-    /// The malicious peer itself and its fakes.
+    /// The malicious peers themselves and their fakes.
     pub from_malicious: usize,
     /// Identities that called in.
     pub from_sybils: usize,
@@ -118,13 +122,13 @@ pub struct EclipseOutcome {
     pub worst: Table,
     /// The table when the attack ends.
     pub end: Table,
-    /// Most entries of the malicious peer after any attack round.
+    /// Most entries of the malicious peers after any attack round.
     pub most_from_malicious: usize,
     /// Most entries of the calling identities after any attack round.
     pub most_from_sybils: usize,
     /// Fewest honest connected peers known after any attack round.
     pub fewest_connected: usize,
-    /// Answers of the malicious peer the core learnt from.
+    /// Answers of the malicious peers the core learnt from.
     pub malicious_answers: usize,
 }
 
@@ -190,7 +194,10 @@ pub fn eclipse_scenario(config: Config, scenario: &Eclipse) -> EclipseOutcome {
         address([32, 0, 0, 0], h % prefixes, h / prefixes)
     };
     let honest: Vec<usize> = (0..scenario.honest_peers).collect();
-    let malicious = peer(Kind::Malicious, 0);
+    let malicious_ip = |m: usize| address([96, 0, 0, 0], 0, m);
+    let malicious: Vec<PeerId> = (0..scenario.malicious)
+        .map(|m| peer(Kind::Malicious, m))
+        .collect();
     let sybil_remote = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7));
     for c in 0..scenario.connected {
         let address = honest_address(c).to_string() + ":7000";
@@ -221,14 +228,10 @@ pub fn eclipse_scenario(config: Config, scenario: &Eclipse) -> EclipseOutcome {
         let unix_ms = START_MS + round * interval;
         let attack = round >= scenario.warmup_intervals;
         if round == scenario.warmup_intervals {
-            let address = "96.0.0.1:7000".to_string();
-            core.handle(
-                now,
-                Input::Connected {
-                    peer: malicious,
-                    address,
-                },
-            );
+            for (m, &peer) in malicious.iter().enumerate() {
+                let address = format!("{}:7000", malicious_ip(m));
+                core.handle(now, Input::Connected { peer, address });
+            }
         }
         let queried: Vec<PeerId> = core
             .handle(now, Input::Tick { unix_ms })
@@ -239,10 +242,10 @@ pub fn eclipse_scenario(config: Config, scenario: &Eclipse) -> EclipseOutcome {
             })
             .collect();
         for source in queried {
-            let infos = if source == malicious {
+            let infos = if kind(&source) == Kind::Malicious as u8 {
                 outcome.malicious_answers += 1;
                 let ahead = unix_ms + scenario.ahead_ms;
-                let own = info(malicious, Ipv4Addr::new(96, 0, 0, 1), ahead);
+                let own = info(source, malicious_ip(peer_index(&source)), ahead);
                 let fresh = (fakes..fakes + scenario.fakes_per_call)
                     .map(|n| info(peer(Kind::Fake, n), address([64, 0, 0, 0], n, 0), ahead));
                 fakes += scenario.fakes_per_call;
@@ -377,6 +380,36 @@ mod tests {
             honest: 8 * cap,
             from_malicious: cap,
             from_sybils: cap,
+            connected: 8,
+        };
+        assert_eq!(out.worst, want);
+        assert_eq!(out.end, want);
+    }
+
+    #[test]
+    fn malicious_identities_dialled_in_one_network_hold_one_bucket_between_them() {
+        // Four identities of one host, each dialled and asked every round
+        // alongside eight honest peers: one network, so one source bucket
+        // for all four, however many identities it mints.
+        let config = Config::default();
+        let scenario = Eclipse {
+            connected: 8,
+            attack_intervals: 40,
+            malicious: 4,
+            sybils: 0,
+            ..Eclipse::default()
+        };
+        let out = eclipse_scenario(config.clone(), &scenario);
+        let cap = config.max_known_peers_per_source;
+        // They were asked often enough to fill four buckets five times over.
+        assert!(out.malicious_answers * scenario.fakes_per_call >= 4 * 5 * cap);
+        // Eight honest buckets full, and one for the four (a third of the
+        // table when each identity had a bucket of its own).
+        let want = Table {
+            known: 9 * cap,
+            honest: 8 * cap,
+            from_malicious: cap,
+            from_sybils: 0,
             connected: 8,
         };
         assert_eq!(out.worst, want);

@@ -220,6 +220,7 @@ fn run(chain: &Arc<Chain>, kind: Kind, key: u8) -> (Option<Duration>, u64, Tally
     let fake_peer = matches!(kind, Kind::Identities).then(|| {
         attack_rt.block_on(attack::serve_fake_infos(
             KeyPair::from_seed([66; 32]),
+            1,
             SYBILS,
             "127.11.0.1:9",
             25_000,

@@ -374,6 +374,7 @@ fn a_thousand_identities_and_a_peer_full_of_fakes_do_not_eclipse_the_node() {
     // every answer, stamped 25 s ahead, at a host of their own.
     let fake_peer = rt.block_on(attack::serve_fake_infos(
         KeyPair::from_seed([66; 32]),
+        1,
         1_000,
         "127.11.0.1:9",
         25_000,

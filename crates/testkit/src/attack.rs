@@ -577,11 +577,12 @@ impl FakeInfoPeer {
     }
 }
 
-/// Serves, as `key`, `fakes` fresh identities of infos at `advertised`
-/// stamped `ahead_ms` ahead (signed when it starts), `per_call` in each
-/// GetKnownPeers answer.
+/// Serves, as `key` on attacking host `on` ([`host`]), `fakes` fresh
+/// identities of infos at `advertised` stamped `ahead_ms` ahead (signed
+/// when it starts), `per_call` in each GetKnownPeers answer.
 pub async fn serve_fake_infos(
     key: KeyPair,
+    on: u8,
     fakes: usize,
     advertised: &str,
     ahead_ms: u64,
@@ -591,19 +592,22 @@ pub async fn serve_fake_infos(
     let fakes = (0..fakes)
         .map(|i| signed_info(&fresh_key(3, i), advertised, stamped))
         .collect();
-    serve_infos(key, fakes, per_call).await
+    serve_infos(key, host(on), fakes, per_call).await
 }
 
-/// Serves, as `key` on 127.0.0.1, GetKnownPeers answers of its own fresh
-/// info and `per_call` of `infos` (a different window each call), and
-/// GetCommitAvailability (so a node stays connected to it); nothing else.
-/// With no infos, an honest peer that knows no one.
+/// Serves, as `key` on `ip` (127.0.0.1, or an attacking [`host`]: a
+/// node buckets the answers of peers by the network it dialled them in),
+/// GetKnownPeers answers of its own fresh info and `per_call` of `infos`
+/// (a different window each call), and GetCommitAvailability (so a node
+/// stays connected to it); nothing else. With no infos, an honest peer
+/// that knows no one.
 pub async fn serve_infos(
     key: KeyPair,
+    ip: IpAddr,
     infos: Vec<SignedNodeInfo>,
     per_call: usize,
 ) -> FakeInfoPeer {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+    let listener = tokio::net::TcpListener::bind(SocketAddr::new(ip, 0))
         .await
         .expect("binds an ephemeral port");
     let address = listener.local_addr().expect("bound").to_string();

@@ -36,6 +36,9 @@ pub enum Lie {
     ExtraBlock,
     /// Says it is on another chain.
     OtherChain,
+    /// Answers GetCommitAvailability with a chain id of 64 KiB, far past
+    /// what such an answer takes; honest otherwise.
+    OversizedAvailability,
     /// Never answers a fetch.
     NeverAnswers,
     /// Repeats its block answer forever.
@@ -484,6 +487,13 @@ impl p2p_server::P2p for Evil {
             Lie::StallsPushes => 0,
             _ => self.chain.tip(),
         };
+        if self.lie == Lie::OversizedAvailability {
+            return Ok(Response::new(proto::GetCommitAvailabilityResponse {
+                chain_id: vec![0xee; 64 << 10].into(),
+                highest_synced_commit: highest,
+                lowest_available_commit: 1,
+            }));
+        }
         let (lowest, highest) = match self.pruned.load(Ordering::SeqCst) {
             false => (1, highest),
             true if matches!(self.lie, Lie::WithholdsBlocksThenDisclaims(_)) => (1, 0),
