@@ -124,8 +124,16 @@ impl ConnectionsCore {
         }
         match result {
             DialResult::Connected(peer) if self.connected.contains_key(&peer) => {
-                // A seed dialled by address turned out to be a peer we hold.
-                vec![Output::Close { peer }]
+                // A seed dialled by address turned out to be a peer we hold:
+                // said, so that its dial is not left pending.
+                vec![
+                    Output::Close { peer },
+                    Output::Event(PeerEvent::DialFailed {
+                        peer: expected,
+                        address,
+                        reason: DialError::AlreadyConnected { peer },
+                    }),
+                ]
             }
             // A dial this core did not start (a failed incarnation's) counts
             // like a new one against the limit.
@@ -206,14 +214,21 @@ mod tests {
     }
 
     #[test]
-    fn seed_by_address_resolving_to_a_held_peer_is_closed() {
+    fn seed_by_address_resolving_to_a_held_peer_is_closed_and_said_so() {
         let mut c = ConnectionsCore::new(Config::default());
         connect(&mut c, Some(1), "a:1");
         dialed(&mut c, Some(1), "a:1", DialResult::Connected(peer(1)));
         connect(&mut c, None, "alias:1");
         assert_eq!(
             dialed(&mut c, None, "alias:1", DialResult::Connected(peer(1))),
-            vec![Output::Close { peer: peer(1) }]
+            vec![
+                Output::Close { peer: peer(1) },
+                Output::Event(PeerEvent::DialFailed {
+                    peer: None,
+                    address: "alias:1".into(),
+                    reason: DialError::AlreadyConnected { peer: peer(1) },
+                }),
+            ]
         );
         assert_eq!(
             c.handle(Time(0), Input::ActivePeers),

@@ -57,6 +57,14 @@ pub enum DialError {
         /// The peer the server proved to be.
         found: PeerId,
     },
+    /// The server proved to be `peer`, connected already at another
+    /// address (a seed dialled by address, say): the new connection was
+    /// closed, the one held stays.
+    #[error("already connected to {peer}")]
+    AlreadyConnected {
+        /// The peer the server proved to be.
+        peer: PeerId,
+    },
     /// The server's certificate or its identity binding is not valid.
     #[error("invalid certificate")]
     InvalidCertificate,

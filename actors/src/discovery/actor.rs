@@ -298,6 +298,11 @@ impl Handler<PeerEvent> for Discovery {
             PeerEvent::Connected { peer, address } => Input::Connected { peer, address },
             PeerEvent::Disconnected { peer } => Input::Disconnected { peer },
             PeerEvent::DialFailed {
+                address,
+                reason: DialError::AlreadyConnected { peer },
+                ..
+            } => Input::AlreadyConnected { peer, address },
+            PeerEvent::DialFailed {
                 peer,
                 address,
                 reason,

@@ -511,6 +511,19 @@ impl Core for DiscoveryCore {
                 b.retry_at = Time(now.0.saturating_add(wait));
                 vec![]
             }
+            Input::AlreadyConnected { peer, address } => {
+                self.pending.remove(&address);
+                if self.rotating.as_ref() == Some(&address) {
+                    self.rotating = None;
+                }
+                // A seed dialled by address that is a peer held: known by
+                // its identity from now on, so not dialled again while that
+                // peer stays connected.
+                if self.init.seeds.iter().any(|s| s.address == address) {
+                    self.seed_ids.insert(address, peer);
+                }
+                vec![]
+            }
             Input::Learned {
                 source,
                 infos,
@@ -1682,6 +1695,51 @@ mod tests {
         // the pending-dial timeout.
         assert_eq!(
             dials(&tick(&mut c, Time(5_000), NOW_MS)),
+            vec![(None, "seed:1".to_string())]
+        );
+    }
+
+    /// A seed dialled by address that turns out to be a peer connected
+    /// already (under the address it advertises) is not dialled again
+    /// while that peer stays: before, its dial stayed pending until the
+    /// pending-dial timeout and the seed was dialled after it, again and
+    /// again.
+    #[test]
+    fn a_seed_that_is_a_peer_held_is_not_dialled_again_while_it_stays() {
+        let mut i = init(8);
+        i.seeds = vec![SeedPeer {
+            peer_id: None,
+            address: "seed:1".into(),
+        }];
+        let mut c = DiscoveryCore::new(i);
+        c.handle(
+            Time(0),
+            Input::Connected {
+                address: "10.0.0.7:7000".into(),
+                peer: id(7),
+            },
+        );
+        assert_eq!(
+            dials(&tick(&mut c, Time(0), NOW_MS)),
+            vec![(None, "seed:1".to_string())]
+        );
+        c.handle(
+            Time(10),
+            Input::AlreadyConnected {
+                peer: id(7),
+                address: "seed:1".into(),
+            },
+        );
+        // Rounds well past the pending-dial timeout: the seed is left alone.
+        let timeout = c.config.pending_dial_timeout_ms;
+        for round in 1..=3 {
+            let now = Time(round * timeout);
+            assert_eq!(dials(&tick(&mut c, now, NOW_MS)), vec![], "round {round}");
+        }
+        // Gone: the seed is dialled again at once.
+        c.handle(Time(4 * timeout), Input::Disconnected { peer: id(7) });
+        assert_eq!(
+            dials(&tick(&mut c, Time(4 * timeout + 1), NOW_MS)),
             vec![(None, "seed:1".to_string())]
         );
     }

@@ -40,6 +40,14 @@ pub enum Input {
         #[serde(default)]
         found: Option<PeerId>,
     },
+    /// A dial of `address` reached `peer`, connected already at another
+    /// address: nothing failed, and the connection held stays.
+    AlreadyConnected {
+        /// The peer the server proved to be.
+        peer: PeerId,
+        /// The address dialled.
+        address: String,
+    },
     /// Infos received from a peer, already verified.
     Learned {
         /// The peer that sent them (the one queried); `None` if unknown,

@@ -1402,6 +1402,11 @@ fn input_bytes(h: &mut Vec<u8>, input: &Input) {
                 h.extend_from_slice(&found.0);
             }
         }
+        Input::AlreadyConnected { peer, address } => {
+            h.extend_from_slice(b"a");
+            h.extend_from_slice(&peer.0);
+            h.extend_from_slice(address.as_bytes());
+        }
         Input::Learned {
             source,
             infos,
