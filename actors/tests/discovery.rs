@@ -268,6 +268,34 @@ struct Malicious {
     answered: Arc<Mutex<HashMap<PeerId, u64>>>,
     /// GetKnownPeers calls answered, all callers together.
     calls: Arc<AtomicUsize>,
+    /// If set, GetKnownPeers calls are held, never answered.
+    holding: Option<Arc<Holding>>,
+}
+
+/// GetKnownPeers calls a [`Malicious`] peer holds.
+#[derive(Default)]
+struct Holding {
+    /// Held now.
+    now: AtomicUsize,
+    /// Most held at once.
+    most: AtomicUsize,
+}
+
+/// One held call: counted while it lasts.
+struct Held(Arc<Holding>);
+
+impl Held {
+    fn new(holding: &Arc<Holding>) -> Held {
+        let now = holding.now.fetch_add(1, Ordering::SeqCst) + 1;
+        holding.most.fetch_max(now, Ordering::SeqCst);
+        Held(holding.clone())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.now.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Malicious {
@@ -292,6 +320,10 @@ impl P2p for Malicious {
     ) -> Result<Response<proto::GetKnownPeersResponse>, Status> {
         let own_info = self.own_info();
         self.calls.fetch_add(1, Ordering::SeqCst);
+        if let Some(holding) = &self.holding {
+            let _held = Held::new(holding);
+            std::future::pending::<()>().await;
+        }
         if let Caller::Peer(caller) = tls::caller(&request) {
             let mut answered = self.answered.lock().unwrap();
             answered.entry(caller).or_insert(own_info.info.timestamp_ms);
@@ -390,6 +422,7 @@ async fn forged_node_info_relayed_by_a_malicious_peer_is_never_accepted() {
         forged,
         answered: answered.clone(),
         calls: Arc::default(),
+        holding: None,
     };
     let (stop, server) = serve_malicious(evil, &identity, listener);
 
@@ -477,6 +510,7 @@ async fn an_answer_larger_than_the_infos_kept_of_it_is_refused_whole() {
         forged,
         answered: Arc::default(),
         calls: calls.clone(),
+        holding: None,
     };
     let (stop, server) = serve_malicious(evil, &identity, listener);
     let node = start(
@@ -500,6 +534,55 @@ async fn an_answer_larger_than_the_infos_kept_of_it_is_refused_whole() {
     shutdown_all(&[node]).await;
     let _ = stop.send(());
     server.await.unwrap().unwrap();
+}
+
+/// A peer that holds its GetKnownPeers answers is asked again only once
+/// its call ended, not at every round: it holds one call of the node's,
+/// while a peer that answers at once is asked round after round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_holding_its_answer_is_asked_once_at_a_time() {
+    soma_testkit::init_tracing();
+    let chain = chain();
+    let mut peers = Vec::new();
+    let holding = Arc::new(Holding::default());
+    for (n, holding) in [(68u8, Some(holding.clone())), (69, None)] {
+        let key = KeyPair::from_seed([n; 32]);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let seed = SeedPeer {
+            peer_id: Some(PeerId::from(key.public())),
+            address: address.clone(),
+        };
+        let identity = NodeIdentity::generate(&key).unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let peer = Malicious {
+            key,
+            address,
+            forged: Vec::new(),
+            answered: Arc::default(),
+            calls: calls.clone(),
+            holding,
+        };
+        let (stop, server) = serve_malicious(peer, &identity, listener);
+        peers.push((seed, calls, stop, server));
+    }
+    let mut node_config = config(peers.iter().map(|p| p.0.clone()).collect());
+    // The held call outlasts the test.
+    node_config.timeout = Duration::from_secs(3_600);
+    let node = start(&chain, node_config, 1);
+    let (held_calls, answered_calls) = (peers[0].1.clone(), peers[1].1.clone());
+    wait_for("ten rounds' answers of the peer that answers", || async {
+        answered_calls.load(Ordering::SeqCst) >= 10
+    })
+    .await;
+    assert_eq!(held_calls.load(Ordering::SeqCst), 1);
+    assert_eq!(holding.most.load(Ordering::SeqCst), 1);
+    shutdown_all(&[node]).await;
+    for (_, _, stop, server) in peers {
+        let _ = stop.send(());
+        // Its held call would keep a graceful stop waiting.
+        server.abort();
+    }
 }
 
 /// Serves `evil` over mutual TLS on `listener` until `stop` fires.
@@ -598,6 +681,7 @@ async fn tampered_copies_of_an_honest_peers_info_change_nothing_about_it() {
         forged: tampered,
         answered: answered.clone(),
         calls: Arc::default(),
+        holding: None,
     };
     let (stop, server) = serve_malicious(evil, &identity, listener);
 

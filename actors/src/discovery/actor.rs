@@ -1,4 +1,5 @@
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use crate::dropped::{Droppable, try_send};
@@ -72,8 +73,37 @@ pub struct Discovery {
     driver: Driver<DiscoveryCore>,
     own_info: Bytes,
     outbound: Outbound,
+    /// Peers asked for their known peers whose call has not ended: a peer
+    /// is asked once at a time, so one that holds its answers holds one
+    /// call, not one per round.
+    asking: Arc<Mutex<HashSet<PeerId>>>,
     next_id: u64,
     restarts: u64,
+}
+
+/// A query to a peer under way: the peer leaves [`Discovery::asking`]
+/// when the query ends, however it ends.
+struct Asking {
+    peer: PeerId,
+    asking: Arc<Mutex<HashSet<PeerId>>>,
+}
+
+impl Asking {
+    /// `peer` marked as asked; `None` if a query to it is under way.
+    fn start(asking: &Arc<Mutex<HashSet<PeerId>>>, peer: PeerId) -> Option<Asking> {
+        let mut set = asking.lock().unwrap_or_else(PoisonError::into_inner);
+        set.insert(peer).then(|| Asking {
+            peer,
+            asking: asking.clone(),
+        })
+    }
+}
+
+impl Drop for Asking {
+    fn drop(&mut self) {
+        let mut set = self.asking.lock().unwrap_or_else(PoisonError::into_inner);
+        set.remove(&self.peer);
+    }
 }
 
 impl Discovery {
@@ -85,6 +115,7 @@ impl Discovery {
             outbound: Outbound::new(deps.connections.clone(), deps.timeout),
             deps,
             own_info: Bytes::new(),
+            asking: Arc::default(),
             next_id: 0,
             restarts: 0,
         };
@@ -138,7 +169,12 @@ impl Discovery {
 
     /// Asks `peer` for its known peers; what comes back is verified before
     /// the core learns it.
+    /// Not while a query to it is under way.
     fn query(&self, peer: PeerId, ctx: &mut Context<Self>) {
+        let Some(asking) = Asking::start(&self.asking, peer) else {
+            tracing::trace!(%peer, "still asking");
+            return;
+        };
         let (outbound, verifier, addr) = (
             self.outbound.clone(),
             self.deps.verifier.clone(),
@@ -151,6 +187,7 @@ impl Discovery {
         let most = answer_bytes(max, self.deps.max_node_info_bytes);
         let rules = self.rules();
         self.deps.runtime.spawn(async move {
+            let _asking = asking;
             // Decoded within what the infos kept of it can take, not the
             // client's cap for every call (8 MiB): a larger answer was
             // decoded whole, as up to a quarter of a million empty
