@@ -198,7 +198,8 @@ struct Peer {
     failed_at: Time,
     /// Its failures since its last verified answer: how slowly they fade.
     unanswered: u32,
-    /// Outcomes held against it since it connected (never decays).
+    /// Outcomes held against it since it was first tracked (never
+    /// decays; kept across reconnections while its record is).
     faults: u64,
     /// When it connected or last reported a height: the stalest peer is
     /// the one forgotten when the table is full.
@@ -264,6 +265,23 @@ impl Peer {
             slots: None,
             loaded_until: Time(0),
             refusals: 0,
+        }
+    }
+
+    /// A peer connecting again: its record as `left` had it (how it
+    /// served, failed and refused, and what it is learnt to serve at
+    /// once), its heights unknown until it states them.
+    fn with_record_of(self, left: Peer) -> Self {
+        Peer {
+            throughput: left.throughput,
+            failures: left.failures,
+            failed_at: left.failed_at,
+            unanswered: left.unanswered,
+            faults: left.faults,
+            slots: left.slots,
+            loaded_until: left.loaded_until,
+            refusals: left.refusals,
+            ..self
         }
     }
 
@@ -418,6 +436,12 @@ pub struct PeerHeightsCore {
     /// Doubts on peers' claims, connected or not, so a peer cannot shed
     /// one by reconnecting; at most `max_bans`, as bans.
     doubts: BTreeMap<PeerId, Doubt>,
+    /// The records of peers that left (measures, failures, faults,
+    /// refusals), by when they left, so a peer cannot shed them by
+    /// reconnecting either: it comes back as it left, not unmeasured. At
+    /// most `max_bans`, the earliest to leave forgotten first. Heights are
+    /// not kept: a peer states them afresh on each connection.
+    departed: BTreeMap<PeerId, Peer>,
     /// Commit fetches whose peer's claim was doubted while they went
     /// unanswered ([`Input::Unanswered`]), and still are: the doubt lasts
     /// while they do. A subset of `leases`.
@@ -449,6 +473,7 @@ impl Core for PeerHeightsCore {
             waiting: VecDeque::new(),
             doubts: init.doubts.into_iter().collect(),
             doubted_leases: init.doubted_leases.into_iter().collect(),
+            departed: BTreeMap::new(),
         };
         // Only leases carried over can be held doubted.
         let leases = &core.leases;
@@ -527,7 +552,7 @@ impl PeerHeightsCore {
                 vec![]
             }
             Input::Remove(RemovePeer { peer }) => {
-                self.peers.remove(&peer);
+                self.depart(now, peer);
                 vec![]
             }
             Input::HighestKnown => vec![Output::HighestKnown(self.highest_known())],
@@ -910,12 +935,38 @@ impl PeerHeightsCore {
                 .min_by_key(|(_, p)| p.heard)
                 .map(|(id, _)| *id);
             if let Some(id) = stalest {
-                self.peers.remove(&id);
+                self.depart(now, id);
             }
         }
         if self.peers.len() < self.config.max_tracked_peers {
-            self.peers.insert(peer, Peer::connected(now));
+            let record = match self.departed.remove(&peer) {
+                Some(left) => Peer {
+                    heard: now,
+                    ..Peer::connected(now).with_record_of(left)
+                },
+                None => Peer::connected(now),
+            };
+            self.peers.insert(peer, record);
         }
+    }
+
+    /// `peer` is no longer tracked; its record is kept with the others of
+    /// peers that left.
+    fn depart(&mut self, now: Time, peer: PeerId) {
+        let Some(mut record) = self.peers.remove(&peer) else {
+            return;
+        };
+        record.heard = now;
+        if self.departed.len() >= self.config.max_bans.max(1) {
+            // The first to leave (ties: the first in id order).
+            let earliest = (self.departed.iter())
+                .min_by_key(|(_, p)| p.heard)
+                .map(|(id, _)| *id);
+            if let Some(id) = earliest {
+                self.departed.remove(&id);
+            }
+        }
+        self.departed.insert(peer, record);
     }
 
     /// Peers on our chain and not banned.
@@ -2307,6 +2358,57 @@ mod tests {
         // Three failures fade over twice the first span: from then on peer
         // 1 ranks by its measures again, first, and is asked.
         assert_eq!(granted(&acquire(&mut c, 26_000, 6, &[])), vec![(6, 4, 1)]);
+    }
+
+    /// A silent identity that leaves and connects again comes back as it
+    /// left, failing, not as a peer never measured (which ranks above a
+    /// measured slow one); the records kept of peers that left are
+    /// bounded, the earliest to leave forgotten first.
+    #[test]
+    fn a_peer_comes_back_with_the_record_it_left_with_and_the_records_kept_are_bounded() {
+        let mut c = keeping_two_bans();
+        join(&mut c, 1, OURS, 1, 100);
+        join(&mut c, 2, OURS, 1, 100);
+        // Peer 2 serves, slowly; peer 1, never measured, is asked first
+        // and times out three times.
+        outcome(
+            &mut c,
+            Time(0),
+            2,
+            OutcomeKind::Success(FetchKind::Commits),
+            1_000,
+            9_900,
+        );
+        assert_eq!(for_range(&mut c, Time(0), 1, 100), vec![peer(1), peer(2)]);
+        for _ in 0..3 {
+            outcome(&mut c, Time(10_000), 1, OutcomeKind::Timeout, 0, 10_000);
+        }
+        assert_eq!(
+            for_range(&mut c, Time(10_000), 1, 100),
+            vec![peer(2), peer(1)]
+        );
+        // It leaves and is back at once: still ranked below peer 2.
+        remove(&mut c, Time(10_001), 1);
+        join(&mut c, 1, OURS, 1, 100);
+        assert_eq!(
+            for_range(&mut c, Time(10_002), 1, 100),
+            vec![peer(2), peer(1)]
+        );
+        assert_eq!(table(&mut c, Time(10_002))[0], (1, true, 1, 100, 3, None));
+        // Two records are kept here: peers 1, 3 and 4 leave in turn, and
+        // peer 1, the first to leave, comes back unmeasured.
+        join(&mut c, 3, OURS, 1, 100);
+        join(&mut c, 4, OURS, 1, 100);
+        for (at, p) in [(20_000, 1), (20_001, 3), (20_002, 4)] {
+            remove(&mut c, Time(at), p);
+        }
+        assert_eq!(c.departed.len(), 2);
+        join(&mut c, 1, OURS, 1, 100);
+        assert_eq!(table(&mut c, Time(20_003))[0], (1, true, 1, 100, 0, None));
+        assert_eq!(
+            for_range(&mut c, Time(20_003), 1, 100),
+            vec![peer(1), peer(2)]
+        );
     }
 
     #[test]
