@@ -9,7 +9,7 @@ use tonic::transport::Channel;
 
 use super::core::{Config, ConnectionsCore};
 use super::messages::*;
-use super::outbound::{CallError, Client, call_client, small};
+use super::outbound::{CallError, Client, ask_availability, call_client};
 use crate::Driver;
 use crate::faults::Faults;
 use crate::replay::Recorder;
@@ -154,11 +154,9 @@ fn client(channel: Channel) -> Client {
 /// One cheap call, to tell a working connection from a dead or refused one.
 async fn check(client: Client, timeout: Duration) -> Result<(), CallError> {
     let message = proto::GetCommitAvailabilityRequest {};
-    call_client(client, timeout, message, |c, r| async move {
-        small(c).get_commit_availability(r).await
-    })
-    .await
-    .map(drop)
+    call_client(client, timeout, message, ask_availability)
+        .await
+        .map(drop)
 }
 
 impl Actor for Connections {

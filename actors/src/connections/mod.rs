@@ -20,5 +20,5 @@ pub use messages::{
     Output, PeerEvent, ReportBroken,
 };
 pub use outbound::MAX_SMALL_ANSWER_BYTES;
-pub(crate) use outbound::small;
 pub use outbound::{CallError, Client, Outbound};
+pub(crate) use outbound::{ask_availability, small};

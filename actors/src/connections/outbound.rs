@@ -29,6 +29,16 @@ pub(crate) fn small(client: Client) -> Client {
     client.max_decoding_message_size(MAX_SMALL_ANSWER_BYTES)
 }
 
+/// GetCommitAvailability on `client`, its answer capped as a fixed-size
+/// one: the one way a dial's first call, the probe and the height query
+/// ask it.
+pub(crate) async fn ask_availability(
+    client: Client,
+    request: tonic::Request<soma_wire::proto::GetCommitAvailabilityRequest>,
+) -> Result<tonic::Response<soma_wire::proto::GetCommitAvailabilityResponse>, tonic::Status> {
+    small(client).get_commit_availability(request).await
+}
+
 /// Why a call to a peer failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[serde(rename_all = "snake_case")]

@@ -157,21 +157,25 @@ struct Backoff {
 
 /// Where an info came from: the bucket its entry counts in. Identities
 /// are free in public mode but addresses are not, so buckets are networks:
-/// the identities one network holds, however many, fill one bucket, never
-/// that of peers elsewhere.
+/// the identities one network holds, however many, fill one bucket of
+/// each kind, never that of peers elsewhere. Callers and the peers we
+/// dialled are apart: an attacker calling from an honest peer's network
+/// does not use up what that peer's answers may bring.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(super) enum Source {
-    /// Infos of unknown origin: a caller whose address is not known, or an
-    /// answer from a peer no longer connected. One bucket for them all.
+    /// Callers' own infos (connect-back) from calls of unknown address.
     Unknown,
-    /// The network of the address a caller called from (its own info,
-    /// connect-back), or of the address a peer was dialled at (its
-    /// GetKnownPeers answers).
-    Network(Prefix),
-    /// The answers of a seed dialled at a host name, by the identity it
-    /// proved: the operator chose it, so it is not an identity minted for
-    /// free, and its network is not known without resolving the name.
-    Seed(PeerId),
+    /// Callers' own infos (connect-back), by the network the call came
+    /// from.
+    Caller(Prefix),
+    /// Answers to our GetKnownPeers queries, by the network of the
+    /// address the peer was dialled at.
+    Dialled(Prefix),
+    /// Answers of the seed at this position of the configured seeds,
+    /// dialled at a host name (whose network is not known without
+    /// resolving it): the operator's choice, however many identities
+    /// answer there.
+    Seed(usize),
 }
 
 /// The /24 (IPv4) or /32 (IPv6) prefix of an address (its network, as
@@ -511,26 +515,43 @@ impl Core for DiscoveryCore {
                 b.retry_at = Time(now.0.saturating_add(wait));
                 vec![]
             }
-            Input::AlreadyConnected { peer, address } => {
+            // A seed at an IP address that is a peer held: known by its
+            // identity from now on, so not dialled again while that peer
+            // stays connected. A host name may name other servers too (a
+            // pool): dialled again after a backoff, as after a failure.
+            Input::AlreadyConnected { peer, address } if address.parse::<SocketAddr>().is_ok() => {
                 self.pending.remove(&address);
                 if self.rotating.as_ref() == Some(&address) {
                     self.rotating = None;
                 }
-                // A seed dialled by address that is a peer held: known by
-                // its identity from now on, so not dialled again while that
-                // peer stays connected.
                 if self.init.seeds.iter().any(|s| s.address == address) {
                     self.seed_ids.insert(address, peer);
                 }
                 vec![]
             }
+            Input::AlreadyConnected { address, .. } => self.handle(
+                now,
+                Input::DialFailed {
+                    peer: None,
+                    address,
+                    found: None,
+                },
+            ),
             Input::Learned {
                 source,
                 infos,
                 unix_ms,
             } => {
-                let source = source.map_or(Source::Unknown, |peer| self.source_of(peer));
-                self.learn_all(infos, source, unix_ms);
+                // An answer of a peer no longer connected is dropped: its
+                // network is not known for sure any more, and a peer must
+                // not find a bucket beside its own by hanging up.
+                let source = match source {
+                    None => Some(Source::Unknown),
+                    Some(peer) => self.source_of(peer),
+                };
+                if let Some(source) = source {
+                    self.learn_all(infos, source, unix_ms);
+                }
                 vec![]
             }
             Input::Serve {
@@ -558,15 +579,16 @@ impl DiscoveryCore {
     }
 
     /// The bucket of the answers of `peer`: the network of the address it
-    /// was dialled at, while connected.
-    fn source_of(&self, peer: PeerId) -> Source {
-        let Some(address) = self.connected_at.get(&peer) else {
-            return Source::Unknown;
-        };
+    /// was dialled at, while connected (`None` once it is not).
+    fn source_of(&self, peer: PeerId) -> Option<Source> {
+        let address = self.connected_at.get(&peer)?;
         match address.parse::<SocketAddr>() {
-            Ok(address) => Source::Network(ip_prefix(address.ip())),
-            Err(_) if self.init.seeds.iter().any(|s| s.address == *address) => Source::Seed(peer),
-            Err(_) => Source::Unknown,
+            Ok(address) => Some(Source::Dialled(ip_prefix(address.ip()))),
+            Err(_) => Some(
+                (self.init.seeds.iter())
+                    .position(|s| s.address == *address)
+                    .map_or(Source::Unknown, Source::Seed),
+            ),
         }
     }
 
@@ -981,7 +1003,7 @@ impl DiscoveryCore {
             if let Some(info) = info
                 && info.info.peer_id == caller
             {
-                let source = remote.map_or(Source::Unknown, |ip| Source::Network(ip_prefix(ip)));
+                let source = remote.map_or(Source::Unknown, |ip| Source::Caller(ip_prefix(ip)));
                 self.learn_all([Arc::new(info)], source, unix_ms);
             }
         }
@@ -1472,10 +1494,10 @@ mod tests {
         };
         let sources = [
             Source::Unknown,
-            Source::Network(Prefix::V4(0x01_02_03)),
-            Source::Network(Prefix::V4(0x01_02_04)),
-            Source::Network(Prefix::V4(0x01_02_05)),
-            Source::Seed(PeerId([3; 32])),
+            Source::Caller(Prefix::V4(0x01_02_03)),
+            Source::Dialled(Prefix::V4(0x01_02_03)),
+            Source::Dialled(Prefix::V4(0x01_02_05)),
+            Source::Seed(3),
         ];
         let prefixes = [0u32, 1, 2, 3].map(|n| Prefix::V4(0x0a_00_00 | n));
         let mut evicted = 0;
@@ -1699,18 +1721,22 @@ mod tests {
         );
     }
 
-    /// A seed dialled by address that turns out to be a peer connected
-    /// already (under the address it advertises) is not dialled again
-    /// while that peer stays: before, its dial stayed pending until the
-    /// pending-dial timeout and the seed was dialled after it, again and
-    /// again.
+    /// A seed dialled at an IP address that turns out to be a peer
+    /// connected already (under the address it advertises) is not dialled
+    /// again while that peer stays: before, its dial stayed pending until
+    /// the pending-dial timeout and the seed was dialled after it, again
+    /// and again. A seed at a host name, which may name other servers
+    /// too, is dialled again after a backoff, as after a failure.
     #[test]
     fn a_seed_that_is_a_peer_held_is_not_dialled_again_while_it_stays() {
+        let seed = "192.0.2.10:7000";
         let mut i = init(8);
-        i.seeds = vec![SeedPeer {
-            peer_id: None,
-            address: "seed:1".into(),
-        }];
+        i.seeds = ["seed.example:7000", seed]
+            .map(|address| SeedPeer {
+                peer_id: None,
+                address: address.into(),
+            })
+            .to_vec();
         let mut c = DiscoveryCore::new(i);
         c.handle(
             Time(0),
@@ -1719,28 +1745,43 @@ mod tests {
                 peer: id(7),
             },
         );
+        let both = vec![
+            (None, "seed.example:7000".to_string()),
+            (None, seed.to_string()),
+        ];
+        assert_eq!(dials(&tick(&mut c, Time(0), NOW_MS)), both);
+        for address in ["seed.example:7000", seed] {
+            let address = address.into();
+            c.handle(
+                Time(10),
+                Input::AlreadyConnected {
+                    peer: id(7),
+                    address,
+                },
+            );
+        }
+        // Rounds well past the pending-dial timeout: the seed at an IP
+        // address is left alone; the one at a host name is dialled again
+        // once its backoff ends.
+        let backoff = c.config.dial_backoff_ms;
+        assert_eq!(dials(&tick(&mut c, Time(10 + backoff - 1), NOW_MS)), vec![]);
         assert_eq!(
-            dials(&tick(&mut c, Time(0), NOW_MS)),
-            vec![(None, "seed:1".to_string())]
+            dials(&tick(&mut c, Time(10 + backoff), NOW_MS)),
+            vec![(None, "seed.example:7000".to_string())]
         );
-        c.handle(
-            Time(10),
-            Input::AlreadyConnected {
-                peer: id(7),
-                address: "seed:1".into(),
-            },
-        );
-        // Rounds well past the pending-dial timeout: the seed is left alone.
         let timeout = c.config.pending_dial_timeout_ms;
         for round in 1..=3 {
             let now = Time(round * timeout);
-            assert_eq!(dials(&tick(&mut c, now, NOW_MS)), vec![], "round {round}");
+            let dialled = dials(&tick(&mut c, now, NOW_MS));
+            assert!(
+                !dialled.contains(&(None, seed.to_string())),
+                "round {round}"
+            );
         }
         // Gone: the seed is dialled again at once.
         c.handle(Time(4 * timeout), Input::Disconnected { peer: id(7) });
-        assert_eq!(
-            dials(&tick(&mut c, Time(4 * timeout + 1), NOW_MS)),
-            vec![(None, "seed:1".to_string())]
+        assert!(
+            dials(&tick(&mut c, Time(4 * timeout + 1), NOW_MS)).contains(&(None, seed.to_string()))
         );
     }
 
@@ -1979,13 +2020,13 @@ mod tests {
 
     /// Answers count in the bucket of the network their peer was dialled
     /// in: identities of one network share one allowance, peers of
-    /// another have their own, and an answer from a peer no longer
-    /// connected counts with every other of unknown origin, never in a
-    /// bucket of its identity's own.
+    /// another have their own, callers of the network have theirs, and
+    /// an answer from a peer no longer connected is dropped, never counted
+    /// in a bucket of its identity's own.
     #[test]
     fn answers_count_by_the_network_their_peer_was_dialled_in() {
         let mut c = config(|c| c.max_new_peers_per_source_per_interval = 2);
-        let answer = |c: &mut DiscoveryCore, source: u8, address: &str, infos: [u8; 2]| {
+        let answer = |c: &mut DiscoveryCore, source: u8, address: &str, infos: &[u8]| {
             if !address.is_empty() {
                 c.handle(
                     Time(0),
@@ -1999,19 +2040,33 @@ mod tests {
                 Time(0),
                 Input::Learned {
                     source: Some(id(source)),
-                    infos: infos.map(|n| Arc::new(info(n, NOW_MS))).to_vec(),
+                    infos: infos.iter().map(|&n| Arc::new(info(n, NOW_MS))).collect(),
                     unix_ms: NOW_MS,
                 },
             );
         };
-        answer(&mut c, 100, "198.51.100.1:7000", [1, 2]);
-        answer(&mut c, 101, "198.51.100.2:7000", [3, 4]);
-        answer(&mut c, 102, "203.0.113.9:7000", [5, 6]);
+        answer(&mut c, 100, "198.51.100.1:7000", &[1, 2]);
+        answer(&mut c, 101, "198.51.100.2:7000", &[3, 4]);
+        answer(&mut c, 102, "203.0.113.9:7000", &[5, 6]);
         assert_eq!(sorted(known(&mut c)), ids([1, 2, 5, 6]));
-        // Not connected: one bucket for all such answers.
-        answer(&mut c, 103, "", [7, 8]);
-        answer(&mut c, 104, "", [9, 10]);
-        assert_eq!(sorted(known(&mut c)), ids([1, 2, 5, 6, 7, 8]));
+        // A caller from the first network has an allowance of its own:
+        // callers cannot use up what dialled peers bring, nor the reverse.
+        let caller = Input::Serve {
+            id: 1,
+            caller: Some(id(7)),
+            info: Some(info(7, NOW_MS)),
+            unix_ms: NOW_MS,
+            remote: Some("198.51.100.9".parse().unwrap()),
+        };
+        c.handle(Time(0), caller);
+        assert_eq!(sorted(known(&mut c)), ids([1, 2, 5, 6, 7]));
+        // The answers of a peer no longer connected, or never, are dropped,
+        // not counted in a bucket beside its network's.
+        answer(&mut c, 103, "192.0.2.1:7000", &[]);
+        c.handle(Time(0), Input::Disconnected { peer: id(103) });
+        answer(&mut c, 103, "", &[8, 9]);
+        answer(&mut c, 104, "", &[10, 11]);
+        assert_eq!(sorted(known(&mut c)), ids([1, 2, 5, 6, 7]));
     }
 
     /// Newcomers that find no room (every entry newer, none evictable)

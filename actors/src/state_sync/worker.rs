@@ -32,7 +32,7 @@ use super::core::Config;
 use super::hedging::{HEAD_HEDGE_MIN, HEDGE_MIN, HedgeBudget, HedgeShare, Hedging, lock};
 use super::messages::{CommitBatchInfo, CommitsWanted, Failure, LocalFailure, TaskId};
 use crate::archive::ArchiveReader;
-use crate::connections::{ActivePeers, Client, Connections, Outbound, small};
+use crate::connections::{ActivePeers, Client, Connections, Outbound, ask_availability, small};
 use crate::faults::Faults;
 use crate::peer_heights::{
     AcquirePeer, ClaimsRange, FetchKind, LeaseUnanswered, OutcomeKind, PeerHeights, PeersBehind,
@@ -1217,8 +1217,7 @@ impl PeerCalls {
 /// answer, or answers with something that is not one.
 async fn availability(outbound: &Outbound, peer: PeerId) -> Option<UpdateHeight> {
     let message = proto::GetCommitAvailabilityRequest {};
-    let call = |c: Client, r| async move { small(c).get_commit_availability(r).await };
-    let response = outbound.call(peer, message, call).await.ok()?;
+    let response = outbound.call(peer, message, ask_availability).await.ok()?;
     let a = Availability::try_from(response.get_ref()).ok()?;
     Some(UpdateHeight {
         peer,
