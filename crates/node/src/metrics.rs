@@ -2,19 +2,28 @@
 //! scrape.
 
 use soma_actors::dropped::{Droppable, dropped};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::State;
 use axum::routing::get;
+use axum::serve::Listener;
 use prometheus::core::Collector;
 use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 use soma_actors::P2pHandle;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// The series of the design, registered once.
 struct Series {
     registry: Registry,
+    /// The last scrape's text, and when it was taken.
+    scraped: tokio::sync::Mutex<Option<(Instant, String)>>,
     known_peers: IntGauge,
     connected_peers: IntGauge,
     banned_peers: IntGauge,
@@ -83,6 +92,7 @@ impl Series {
         r.register(Box::new(actor_up.clone()))
             .expect("registered once");
         Series {
+            scraped: tokio::sync::Mutex::new(None),
             known_peers: gauge(&r, "soma_known_peers", "Peers discovery knows"),
             connected_peers: gauge(&r, "soma_connected_peers", "Peers connected"),
             banned_peers: gauge(&r, "soma_banned_peers", "Peers banned for invalid data"),
@@ -375,26 +385,158 @@ impl Series {
     }
 }
 
+/// A scrape taken less than this long ago is served again rather than
+/// asked of the actors afresh: however often it is asked, the endpoint
+/// costs the actors one round of messages a second at most.
+const SCRAPE_REUSE: Duration = Duration::from_secs(1);
+
 async fn metrics(State((handle, series)): State<(P2pHandle, Arc<Series>)>) -> String {
+    // Scrapes wait for one another: one asks the actors at a time.
+    let mut last = series.scraped.lock().await;
+    if let Some((at, text)) = &*last
+        && at.elapsed() < SCRAPE_REUSE
+    {
+        return text.clone();
+    }
     series.update(&handle).await;
     let mut out = Vec::new();
     let _ = TextEncoder::new().encode(&series.registry.gather(), &mut out);
-    String::from_utf8(out).unwrap_or_default()
+    let text = String::from_utf8(out).unwrap_or_default();
+    *last = Some((Instant::now(), text.clone()));
+    text
 }
 
-/// Serves `/metrics` on `address` until `shutdown` resolves.
+/// What the metrics endpoint allows its clients.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections served at once; more wait, unaccepted, in the
+    /// listen backlog until one ends.
+    pub connections: usize,
+    /// How long a connection lives, whatever it does: a scraper connects
+    /// again, and a client that sends nothing, or sends slowly, holds a
+    /// connection (and a file descriptor) no longer.
+    pub lifetime: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            connections: 8,
+            lifetime: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Serves `/metrics` on `listener`, within `limits`, until `shutdown`
+/// resolves.
 pub async fn serve(
     handle: P2pHandle,
-    address: SocketAddr,
+    listener: tokio::net::TcpListener,
+    limits: Limits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(address).await?;
     let app = Router::new()
         .route("/metrics", get(metrics))
         .with_state((handle, Arc::new(Series::new())));
+    let listener = Limited {
+        listener,
+        slots: Arc::new(Semaphore::new(limits.connections.max(1))),
+        lifetime: limits.lifetime,
+    };
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// A listener that accepts a connection only while fewer than its slots
+/// are open, each connection ending at its lifetime.
+struct Limited {
+    listener: tokio::net::TcpListener,
+    slots: Arc<Semaphore>,
+    lifetime: Duration,
+}
+
+impl Listener for Limited {
+    type Io = Bounded;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Bounded, SocketAddr) {
+        let slot = match self.slots.clone().acquire_owned().await {
+            Ok(slot) => slot,
+            // Never closed; were it, nothing would be accepted again.
+            Err(_) => std::future::pending().await,
+        };
+        let (io, address) = Listener::accept(&mut self.listener).await;
+        let ends = Box::pin(tokio::time::sleep(self.lifetime));
+        (
+            Bounded {
+                io,
+                ends,
+                _slot: slot,
+            },
+            address,
+        )
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+}
+
+/// A connection of the metrics endpoint: it fails every read and write
+/// once its lifetime is over, and frees its slot when dropped.
+struct Bounded {
+    io: tokio::net::TcpStream,
+    ends: Pin<Box<tokio::time::Sleep>>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Bounded {
+    fn over(&mut self, cx: &mut Context<'_>) -> Option<std::io::Error> {
+        self.ends.as_mut().poll(cx).is_ready().then(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "metrics connection lifetime over",
+            )
+        })
+    }
+}
+
+impl AsyncRead for Bounded {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if let Some(e) = self.over(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Bounded {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if let Some(e) = self.over(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if let Some(e) = self.over(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 #[cfg(test)]
@@ -493,5 +635,80 @@ mod tests {
         assert_eq!(value(&theirs, "soma_fetches_in_flight"), 0.0);
         node.shutdown().await;
         source.shutdown().await;
+    }
+
+    /// One HTTP/1.1 request for `/metrics` on `stream`; the answer's body,
+    /// read to the end (the endpoint closes after answering a `close`).
+    async fn get(stream: &mut tokio::net::TcpStream) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let request = "GET /metrics HTTP/1.1\r\nhost: node\r\nconnection: close\r\n\r\n";
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.unwrap();
+        answer
+    }
+
+    /// A client that sends nothing holds a connection of the endpoint no
+    /// longer than its lifetime, and no more clients are served at once
+    /// than its slots: one more waits, unaccepted, until a slot frees.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_are_held_at_most_their_lifetime_and_no_more_than_the_slots() {
+        use tokio::io::AsyncReadExt;
+        use tokio::net::TcpStream;
+        let chain = ChainBuilder::new(ChainConfig::validators(4)).build(1);
+        let store = Arc::new(MemStore::new(chain.genesis()));
+        let node = soma_testkit::node(&chain, 9, P2pConfig::default(), store);
+        let start = |limits: Limits| {
+            let node = node.clone();
+            async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let address = listener.local_addr().unwrap();
+                let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+                let server = tokio::spawn(serve(node, listener, limits, async {
+                    let _ = stopped.await;
+                }));
+                (address, stop, server)
+            }
+        };
+
+        // One slot, held by a client that sends nothing: it is closed at
+        // its lifetime's end, with nothing sent to it.
+        let lifetime = Duration::from_millis(300);
+        let (address, stop, server) = start(Limits {
+            connections: 1,
+            lifetime,
+        })
+        .await;
+        let mut idle = TcpStream::connect(address).await.unwrap();
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(30), idle.read_to_end(&mut rest));
+        assert!(
+            read.await.is_ok(),
+            "the idle connection outlived its lifetime"
+        );
+        assert_eq!(rest, Vec::<u8>::new());
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
+
+        // One slot, held for an hour: a second client is not served while
+        // the first holds it, and is once the first has gone.
+        let (address, stop, server) = start(Limits {
+            connections: 1,
+            lifetime: Duration::from_secs(3_600),
+        })
+        .await;
+        let holder = TcpStream::connect(address).await.unwrap();
+        let mut waiting = TcpStream::connect(address).await.unwrap();
+        let mut asked = tokio::spawn(async move { get(&mut waiting).await });
+        let early = tokio::time::timeout(Duration::from_millis(500), &mut asked).await;
+        assert!(early.is_err(), "served past the one slot: {early:?}");
+        drop(holder);
+        let answer = tokio::time::timeout(Duration::from_secs(30), asked).await;
+        let answer = answer.expect("answered once the slot freed").unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.contains("soma_known_peers 0"), "{answer}");
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
+        node.shutdown().await;
     }
 }

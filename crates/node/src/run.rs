@@ -47,6 +47,31 @@ pub async fn run(
             "malloc arenas left to the C library"
         ),
     }
+    // Before the store opens: a signal during its repair after a crash
+    // waits for the repair to end rather than cut it short, and the
+    // node then stops at once, cleanly.
+    let signal_failed = |e: std::io::Error| crate::Failure::run(format!("signal handler: {e}"));
+    let mut terminate = signal(SignalKind::terminate()).map_err(signal_failed)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(signal_failed)?;
+    // What can be refused is refused before the node starts.
+    let producing = match &config.producer {
+        Some(producer) => {
+            let secrets = ProducerFile::path_beside(&config.genesis);
+            let chain = ProducerFile::load(&secrets)
+                .and_then(|p| p.chain_config(&genesis))
+                .map_err(|e| crate::Failure::usage(format!("{}: {e}", secrets.display())))?;
+            Some((chain, producer.clone()))
+        }
+        None => None,
+    };
+    let metrics_listener = match config.metrics_address {
+        Some(address) => Some(tokio::net::TcpListener::bind(address).await.map_err(|e| {
+            crate::Failure::usage(format!(
+                "metrics-address {address}: {e}; choose a free port, or leave the key out"
+            ))
+        })?),
+        None => None,
+    };
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| crate::Failure::run(format!("{}: {e}", config.data_dir.display())))?;
     let store: Arc<dyn ConsensusStore> = Arc::new(
@@ -70,23 +95,20 @@ pub async fn run(
     );
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    if let Some(address) = config.metrics_address {
+    if let Some(listener) = metrics_listener {
         let mut stop = stop_rx.clone();
         let handle = handle.clone();
+        let limits = crate::metrics::Limits::default();
         tokio::spawn(async move {
             let shutdown = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
-            if let Err(e) = crate::metrics::serve(handle, address, shutdown).await {
-                tracing::error!(%address, %e, "metrics server failed");
+            if let Err(e) = crate::metrics::serve(handle, listener, limits, shutdown).await {
+                tracing::error!(%e, "metrics server failed");
             }
         });
     }
-    if let Some(producer) = &config.producer {
-        let secrets = ProducerFile::path_beside(&config.genesis);
-        let chain = ProducerFile::load(&secrets)
-            .and_then(|p| p.chain_config(&genesis))
-            .map_err(|e| crate::Failure::usage(format!("{}: {e}", secrets.display())))?;
+    if let Some((chain, producer)) = producing {
         tokio::spawn(crate::producer::produce(
             handle.clone(),
             chain,
@@ -95,10 +117,8 @@ pub async fn run(
         ));
     }
 
-    let mut terminate =
-        signal(SignalKind::terminate()).map_err(|e| crate::Failure::run(e.to_string()))?;
     let failure = tokio::select! {
-        _ = tokio::signal::ctrl_c() => {
+        _ = interrupt.recv() => {
             tracing::info!("interrupted");
             None
         }
