@@ -61,7 +61,18 @@ pub(crate) async fn run_writer(mut deps: WriterDeps) {
             }
             Err(e) => {
                 ArchiveStats::count(&stats.write_errors);
-                tracing::warn!(%e, next = ?next, ?retry, "archive write failed; retrying");
+                if matches!(e, ArchiveError::TooLarge { .. }) {
+                    // It will be as large next time: the operator must act.
+                    tracing::error!(
+                        %e,
+                        next = ?next,
+                        ?retry,
+                        "archive write failed, and will until archive.max-object-bytes is \
+                         raised or p2p.commit-sync-batch-size lowered; pruning waits for it"
+                    );
+                } else {
+                    tracing::warn!(%e, next = ?next, ?retry, "archive write failed; retrying");
+                }
                 let pause = retry;
                 retry = (retry * 2).min(config.max_retry);
                 pause

@@ -256,6 +256,15 @@ pub const SERVICE_PORTS: [u16; 91] = [
     6000, 6379, 6566, 6665, 6666, 6667, 6668, 6669, 6679, 6697, 10080, 11211, 27017,
 ];
 
+/// Whether peers take `address` in a node's info: an IP literal with a
+/// port, spelled one way, reaching a host (the rules of [`prefix`]);
+/// loopback and private ones only with `allow_private`. A node checks its
+/// own advertised addresses with it, since peers refuse an info whole for
+/// one address they refuse.
+pub fn is_advertisable(address: &str, allow_private: bool) -> bool {
+    prefix(address, allow_private).is_some()
+}
+
 /// Whether `port` is one of [`SERVICE_PORTS`], where no node may be
 /// advertised.
 pub fn is_service_port(port: u16) -> bool {

@@ -462,26 +462,37 @@ impl NodeConfig {
             }
         };
         let ms = |d: Duration| format!("{}ms", d.as_millis());
-        let between = |d: Duration, lo: u64, hi: u64| (lo..=hi).contains(&(d.as_millis() as u64));
-        // Peers refuse infos at another service's port: a node there would
-        // never be dialled by what it advertises.
-        let not_a_service = "a port other than another service's (SSH, mail, databases... \
-             soma_actors::discovery::SERVICE_PORTS), which peers refuse to dial; 7000 is usual";
+        // Compared as durations: a count of milliseconds past u64 would
+        // wrap into the range.
+        let between = |d: Duration, lo: u64, hi: u64| {
+            Duration::from_millis(lo) <= d && d <= Duration::from_millis(hi)
+        };
+        // Peers refuse a node's info whole for one address they refuse: a
+        // node advertising one would never be discovered.
+        let advertisable = "an IP address with a port that peers accept: not a host name, \
+             not 0.0.0.0 or :: (set external-addresses when listening there), not link-local, \
+             multicast or reserved, loopback and private addresses only with \
+             p2p.allow-private-addresses = true, and not another service's port (SSH, mail, \
+             databases... soma_actors::discovery::SERVICE_PORTS; 7000 is usual)";
+        let allow_private = p.allow_private_addresses;
+        let accepted = |address: &str| {
+            discovery::is_advertisable(&discovery::canonical_address(address), allow_private)
+        };
         // The listen address is advertised only when no other is.
-        let advertised = self.external_addresses.is_empty();
-        range(
-            "listen-address",
-            not_a_service,
-            !(advertised && discovery::is_service_port(self.listen_address.port())),
-            self.listen_address.to_string(),
-        )?;
+        if self.external_addresses.is_empty() {
+            let listen = self.listen_address.to_string();
+            range("listen-address", advertisable, accepted(&listen), listen)?;
+        }
         for address in &self.external_addresses {
-            let port = address.parse::<SocketAddr>().map(|a| a.port());
+            let ok = accepted(address);
+            range("external-addresses", advertisable, ok, address.clone())?;
+        }
+        for seed in &self.seed_peers {
             range(
-                "external-addresses",
-                not_a_service,
-                !port.is_ok_and(discovery::is_service_port),
-                address.clone(),
+                "seed-peers",
+                "host:port addresses, a port from 1 up (an IP address or a name that resolves)",
+                crate::genesis::check_address(&seed.address).is_ok(),
+                seed.address.clone(),
             )?;
         }
         range(
@@ -697,7 +708,7 @@ impl NodeConfig {
         // timeout below it would cut honest slow calls.
         range(
             "p2p.inbound-idle-timeout",
-            "between p2p.timeout and 1 day",
+            "between p2p.timeout (at least 1s) and 1 day",
             p.inbound_idle_timeout >= p.timeout
                 && between(p.inbound_idle_timeout, 1_000, 86_400_000),
             ms(p.inbound_idle_timeout),
@@ -1413,7 +1424,13 @@ mod tests {
             let tried: Vec<_> = other_values(key, value)
                 .into_iter()
                 .map(|v| {
-                    let text = file.replacen(line, &format!("{key} = {v}"), 1);
+                    let mut text = file.replacen(line, &format!("{key} = {v}"), 1);
+                    if key == "allow-private-addresses" {
+                        // Refusing private addresses refuses advertising
+                        // the loopback listen address too.
+                        let public = "external-addresses = [\"192.0.2.1:7000\"]";
+                        text = text.replacen("external-addresses = []", public, 1);
+                    }
                     (v, parse(&text))
                 })
                 .collect();
@@ -1632,6 +1649,37 @@ mod tests {
             e.contains("key `external-addresses`") && e.contains("got 192.0.2.1:5432"),
             "{e}"
         );
+        // Addresses peers would refuse are refused at load: a host name,
+        // an unspecified or link-local address, a private one where
+        // private addresses are refused; a seed with no port likewise.
+        for (key, from, to) in [
+            (
+                "external-addresses",
+                "external-addresses = []",
+                "external-addresses = [\"node.example:7000\"]",
+            ),
+            (
+                "external-addresses",
+                "external-addresses = []",
+                "external-addresses = [\"169.254.1.1:7000\"]",
+            ),
+            ("listen-address", "127.0.0.1:7000", "0.0.0.0:7000"),
+            (
+                "listen-address",
+                "allow-private-addresses = true",
+                "allow-private-addresses = false",
+            ),
+            (
+                "seed-peers",
+                "seed-peers = []",
+                "seed-peers = [{ address = \"10.0.0.5\" }]",
+            ),
+        ] {
+            let text = default_file().replace(from, to);
+            assert_ne!(text, default_file(), "{to}");
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains(&format!("key `{key}`")), "{to}: {e}");
+        }
         // Advertised elsewhere, the node may listen there (behind a
         // forwarded port).
         let text = default_file()
@@ -1664,6 +1712,13 @@ mod tests {
         let text = default_file().replace("send-timeout = \"10s\"", "send-timeout = \"1h\"");
         let e = parse(&text).unwrap_err().to_string();
         assert!(e.contains("p2p.send-timeout"), "{e}");
+        // A duration whose milliseconds pass u64 does not wrap into range
+        // (2^64 ms + 10 s read as 10 s before).
+        let huge = "\ntimeout = \"18446744073709561s 616ms\"";
+        let text = default_file().replace("\ntimeout = \"10s\"", huge);
+        assert_ne!(text, default_file());
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("key `p2p.timeout`"), "{e}");
         // At the start of a line: other keys end in "timeout" too.
         let text = default_file().replace("\ntimeout = \"10s\"", "\ntimeout = \"1h\"");
         let e = parse(&text).unwrap_err().to_string();

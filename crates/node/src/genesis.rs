@@ -124,7 +124,7 @@ fn parse_key(field: &str, hex_key: &str) -> Result<PublicKey, String> {
 }
 
 /// Whether `address` is `host:port` with a port in 1..=65535.
-fn check_address(address: &str) -> Result<(), String> {
+pub(crate) fn check_address(address: &str) -> Result<(), String> {
     let (host, port) = address
         .rsplit_once(':')
         .ok_or_else(|| format!("address {address:?} must be host:port"))?;

@@ -3,7 +3,6 @@
 //! the public half of the first two, for a genesis.
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use soma_types::{KeyPair, PeerId};
@@ -57,20 +56,27 @@ impl NodeKeys {
     }
 }
 
-/// Writes a secret file, readable by its owner only (mode 0600).
+/// Writes a secret file, readable by its owner only (mode 0600), whole or
+/// not at all: written beside it, synced, then renamed over it, so a crash
+/// leaves the old file or the new one, and a file there before, whatever
+/// its mode, is replaced by one of mode 0600.
 pub fn write_secret(path: &Path, contents: &[u8]) -> Result<(), KeyError> {
     let io = |source| KeyError::Io {
         path: path.display().to_string(),
         source,
     };
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io)?;
-    file.write_all(contents).map_err(io)
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    // Created with mode 0600.
+    let mut file = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+    file.write_all(contents).map_err(io)?;
+    file.as_file().sync_all().map_err(io)?;
+    file.persist(path).map_err(|e| io(e.error))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io)
 }
 
 /// Writes keys into `dir`: `network` and `protocol` (fresh if `None`), and a
@@ -128,10 +134,27 @@ fn read_key(path: &Path) -> Result<KeyPair, KeyError> {
         path: path.display().to_string(),
         source,
     })?;
+    warn_if_readable_by_others(path);
     let mut seed = [0u8; 32];
     hex::decode_to_slice(text.trim(), &mut seed)
         .map_err(|_| KeyError::Invalid(path.display().to_string()))?;
     Ok(KeyPair::from_seed(seed))
+}
+
+/// Logs a warning if the secret at `path` can be read by its group or by
+/// anyone: a key copied or written by hand may have kept a wider mode.
+fn warn_if_readable_by_others(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                mode = format!("{mode:o}"),
+                "secret key readable by others: chmod 600 it"
+            );
+        }
+    }
 }
 
 /// Reads the keys in `dir`, checking the TLS certificate is bound to the
@@ -147,6 +170,7 @@ pub fn read_keys(dir: &Path) -> Result<NodeKeys, KeyError> {
             source,
         })
     };
+    warn_if_readable_by_others(&dir.join(TLS_KEY));
     let identity = NodeIdentity::from_pem(&read(TLS_CERT)?, &read(TLS_KEY)?)
         .map_err(|e| KeyError::Tls(format!("{}: {e}", dir.join(TLS_CERT).display())))?;
     if identity.peer_id() != PeerId::from(network.public()) {
@@ -156,4 +180,27 @@ pub fn read_keys(dir: &Path) -> Result<NodeKeys, KeyError> {
         )));
     }
     Ok(NodeKeys { network, identity })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    /// A secret written over a file anyone could read (a key copied in by
+    /// hand, say) leaves a file its owner alone can read, whole, and
+    /// nothing else beside it.
+    #[test]
+    fn a_secret_written_over_a_world_readable_file_is_left_mode_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(NETWORK_KEY);
+        std::fs::write(&path, "old").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_secret(&path, b"new").unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(format!("{mode:o}"), "600");
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
 }

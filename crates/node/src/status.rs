@@ -74,7 +74,14 @@ pub fn print(address: &str, s: &NodeStatus) {
         println!(
             "  {}  {}",
             hex::encode(&p.info.peer_id.0[..8]),
-            p.info.addresses.join(", ")
+            // Another node's strings: control characters escaped, so a
+            // hostile one cannot drive the terminal.
+            p.info
+                .addresses
+                .iter()
+                .map(|a| a.escape_default().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
 }
