@@ -171,7 +171,8 @@ fn run_request(request: VerifyRequest, job: &Job) -> Result<VerifyResponse, Veri
             ..
         } => {
             let committee = committee()?;
-            let (commits, certifiers) = decode_commit_batch(&commits, &certifiers, limits)?;
+            let (commits, certifiers) =
+                decode_commit_batch(&commits, &certifiers, committee, limits)?;
             let (commits, certifiers) =
                 verify::verify_commit_batch(commits, certifiers, committee, last_synced, limits)
                     .map_err(VerifyError::Invalid)?;
@@ -187,7 +188,8 @@ fn run_request(request: VerifyRequest, job: &Job) -> Result<VerifyResponse, Veri
             ..
         } => {
             let committee = committee()?;
-            let (commits, certifiers) = decode_commit_batch(&commits, &certifiers, limits)?;
+            let (commits, certifiers) =
+                decode_commit_batch(&commits, &certifiers, committee, limits)?;
             verify::certify_commit_run(
                 commits,
                 certifiers,
@@ -262,12 +264,21 @@ fn in_parts<I: Sync, T: Send>(
     Ok(out)
 }
 
-/// The commits and certifier blocks of a commit answer, decoded.
+/// The commits and certifier blocks of a commit answer, decoded; more
+/// certifier blocks than `committee` has members (a certificate needs one
+/// per authority at most) are refused before any is decoded.
 fn decode_commit_batch(
     commits: &[Blob],
     certifiers: &[Blob],
+    committee: &Committee,
     limits: &Limits,
 ) -> Result<(Vec<UnverifiedCommit>, Vec<UnverifiedBlock>), VerifyError> {
+    if certifiers.len() > committee.size() {
+        return Err(VerifyError::Invalid(soma_types::Error::TooManyCertifiers {
+            count: certifiers.len(),
+            limit: committee.size(),
+        }));
+    }
     let commits = decode_all(commits, |b| {
         UnverifiedCommit::decode(b, limits.max_commit_bytes)
     })?;
@@ -404,6 +415,41 @@ mod tests {
     use soma_chain::{ChainBuilder, ChainConfig};
 
     use super::*;
+
+    /// More certifier blocks than the committee has members are refused
+    /// before one is decoded: bytes that decode to nothing, past the
+    /// count, give the count's error, not a decoding one.
+    #[test]
+    fn certifiers_past_the_committee_size_are_refused_before_decoding() {
+        let chain = ChainBuilder::new(ChainConfig::validators(4)).build(1);
+        let job = Job {
+            requests: Vec::new(),
+            committee: Some(Arc::new(chain.genesis().clone())),
+            parts: 1,
+            limits: Limits::default(),
+            keys: Arc::new(KeyCache::new(64)),
+        };
+        let garbage = |n| vec![Blob(Bytes::from_static(b"not a block")); n];
+        let request = |certifiers| VerifyRequest::CommitRun {
+            epoch: 0,
+            start: 1,
+            commits: Vec::new(),
+            certifiers,
+        };
+        assert_eq!(
+            run_request(request(garbage(5)), &job).err(),
+            Some(VerifyError::Invalid(soma_types::Error::TooManyCertifiers {
+                count: 5,
+                limit: 4
+            }))
+        );
+        // As many as the committee: decoded, and refused as undecodable.
+        let decoded = run_request(request(garbage(4)), &job).err();
+        assert!(
+            matches!(decoded, Some(VerifyError::Invalid(ref e)) if !matches!(e, soma_types::Error::TooManyCertifiers { .. })),
+            "{decoded:?}"
+        );
+    }
 
     #[test]
     fn merged_block_requests_verify_as_one_batch_and_each_gets_its_own_blocks() {

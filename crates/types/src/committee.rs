@@ -42,6 +42,11 @@ pub struct Authority {
     pub address: String,
 }
 
+/// The most authorities a committee may have: far above any committee a
+/// BFT consensus runs with (a hundred or so), and a bound on the work a
+/// committee received from a peer costs before anything of it is verified.
+pub const MAX_COMMITTEE_SIZE: usize = 1024;
+
 /// The set of authorities that signs the chain during one epoch.
 ///
 /// A quorum is any set of distinct authorities whose stake is at least
@@ -86,6 +91,15 @@ impl Committee {
     pub fn new(epoch: Epoch, authorities: Vec<Authority>) -> Result<Self> {
         if authorities.is_empty() {
             return Err(Error::EmptyCommittee);
+        }
+        // Checked before any key is decompressed: a block ending an epoch
+        // carries the next committee, and a 4 MiB one could name some
+        // sixty thousand authorities, each key a point decompression.
+        if authorities.len() > MAX_COMMITTEE_SIZE {
+            return Err(Error::CommitteeTooLarge {
+                size: authorities.len(),
+                limit: MAX_COMMITTEE_SIZE,
+            });
         }
         if u32::try_from(authorities.len()).is_err() {
             return Err(Error::InvalidStake);
@@ -231,11 +245,19 @@ mod tests {
         let authorities = stakes
             .iter()
             .enumerate()
-            .map(|(i, &stake)| Authority {
-                stake,
-                protocol_key: KeyPair::from_seed([i as u8; 32]).public(),
-                network_key: PeerId(KeyPair::from_seed([100 + i as u8; 32]).public().to_bytes()),
-                address: format!("127.0.0.1:{}", 9000 + i),
+            .map(|(i, &stake)| {
+                // Distinct seeds for up to 2^16 authorities.
+                let seed = |kind: u8| {
+                    let mut seed = [kind; 32];
+                    seed[..2].copy_from_slice(&(i as u16).to_le_bytes());
+                    seed
+                };
+                Authority {
+                    stake,
+                    protocol_key: KeyPair::from_seed(seed(1)).public(),
+                    network_key: PeerId(KeyPair::from_seed(seed(2)).public().to_bytes()),
+                    address: format!("127.0.0.1:{}", 9000 + i),
+                }
             })
             .collect();
         Committee::new(0, authorities)
@@ -268,6 +290,18 @@ mod tests {
         assert_eq!(committee(&[]), Err(Error::EmptyCommittee));
         assert_eq!(committee(&[1, 0]), Err(Error::InvalidStake));
         assert_eq!(committee(&[u64::MAX, 1]), Err(Error::InvalidStake));
+    }
+
+    #[test]
+    fn rejects_a_committee_past_the_largest_allowed() {
+        assert_eq!(committee(&[1; MAX_COMMITTEE_SIZE]).unwrap().size(), 1024);
+        assert_eq!(
+            committee(&[1; MAX_COMMITTEE_SIZE + 1]),
+            Err(Error::CommitteeTooLarge {
+                size: 1025,
+                limit: 1024
+            })
+        );
     }
 
     #[test]

@@ -72,6 +72,14 @@ pub enum Error {
     /// A committee has no authorities.
     #[error("committee is empty")]
     EmptyCommittee,
+    /// A committee has more authorities than [`crate::MAX_COMMITTEE_SIZE`].
+    #[error("committee of {size} authorities exceeds the {limit} allowed")]
+    CommitteeTooLarge {
+        /// Authorities named.
+        size: usize,
+        /// The most allowed.
+        limit: usize,
+    },
     /// An authority has zero stake, or the total stake overflows.
     #[error("committee stake is invalid")]
     InvalidStake,

@@ -43,7 +43,9 @@ pub use commit::{
     Commit, CommitIndex, CommitRef, CommittedSubDag, TrustedCommit, UnverifiedCommit, batch_end,
     genesis_commit,
 };
-pub use committee::{Authority, AuthorityIndex, ChainId, Committee, Epoch, Stake};
+pub use committee::{
+    Authority, AuthorityIndex, ChainId, Committee, Epoch, MAX_COMMITTEE_SIZE, Stake,
+};
 pub use crypto::{Domain, KeyCache, KeyPair, PublicKey, Signature};
 pub use digest::Digest;
 pub use error::{Error, SignedItem};

@@ -2,8 +2,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use crate::{
-    BlockRef, CommitIndex, CommitRef, Committee, Epoch, Error, KeyCache, Limits, Result,
-    TrustedCommit, UnverifiedBlock, UnverifiedCommit, VerifiedBlock,
+    BlockRef, CommitIndex, CommitRef, Committee, Domain, Epoch, Error, KeyCache, Limits, Result,
+    SignedItem, TrustedCommit, UnverifiedBlock, UnverifiedCommit, VerifiedBlock,
     verify::{Fill, SignatureBatch, check_block},
 };
 
@@ -179,6 +179,27 @@ pub fn certify_commit_run(
             limit: committee.size(),
         });
     }
+    // The certifiers' own signatures first, one per block, before the
+    // batch with their transactions': a forged block claims its author's
+    // vote for nothing, and would have every signature of its transactions
+    // (thousands) checked before the batch found it.
+    let mut signed = SignatureBatch::with_capacity(certifiers.len());
+    for block in &certifiers {
+        let b = block.block();
+        if b.epoch != committee.epoch() {
+            continue; // refused by `check_block`, as of another epoch
+        }
+        if let Some(key) = committee.protocol_verifying_key(b.author) {
+            signed.push_key(
+                key,
+                Domain::Block,
+                &block.signing_digest(),
+                &block.signed.signature,
+                SignedItem::Block(block.reference()),
+            );
+        }
+    }
+    signed.verify()?;
     let signatures = certifiers
         .iter()
         .map(|b| 1 + b.block().transactions.len())
