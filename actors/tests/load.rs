@@ -12,7 +12,7 @@ use std::time::Duration;
 use soma_actors::P2pConfig;
 use soma_chain::{ChainBuilder, ChainConfig};
 use soma_store::MemStore;
-use soma_testkit::{validator, wait_synced};
+use soma_testkit::{validator_with, wait_synced};
 use soma_types::{BlockRef, KeyPair};
 use soma_wire::proto::{self, p2p_client::P2pClient};
 use soma_wire::tls::{self, NodeIdentity};
@@ -40,7 +40,20 @@ async fn fetch(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_thousand_in_flight_rpcs_are_bounded_and_the_node_keeps_working() {
     let chain = ChainBuilder::new(ChainConfig::validators(4)).build(1_500);
-    let server = validator(&chain, 1);
+    // Room for every connection of the storm in the ordinary slots: all
+    // of them come from loopback, which skips the address caps but holds
+    // slots as any caller does.
+    let server = validator_with(
+        &chain,
+        1,
+        P2pConfig {
+            grpc: soma_actors::grpc::Limits {
+                max_inbound_connections: CONNECTIONS + 128,
+                ..Default::default()
+            },
+            ..P2pConfig::default()
+        },
+    );
     let address = server.local_addr().to_string();
     // Half the connections authenticated (each its own identity), half
     // anonymous (all sharing one allowance).

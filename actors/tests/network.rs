@@ -826,7 +826,17 @@ async fn oversized_requests_to_the_standard_services_are_refused_and_open_reflec
 async fn inbound_connections_past_the_limit_are_refused_until_one_closes() {
     const LIMIT: usize = 3;
     let chain = chain(32);
-    let a = validator_with(&chain, |c| c.grpc.max_inbound_connections = LIMIT);
+    // The connections held are allowlisted peers': reserved, so a newcomer
+    // cannot take their slots (an ordinary caller's, the longest idle,
+    // would go for it).
+    let held_ids: Vec<_> = (0..LIMIT)
+        .map(|i| identity(10 + i as u8).peer_id())
+        .collect();
+    let a = validator_with(&chain, |c| {
+        c.grpc.max_inbound_connections = LIMIT;
+        c.grpc.reserved_inbound_connections = 0;
+        c.allowlist = held_ids;
+    });
     let available = |client: &mut P2pClient<Channel>| {
         let mut client = client.clone();
         async move {

@@ -102,7 +102,8 @@ pub struct Limits {
     /// holds four times as many.
     pub max_inbound_per_prefix: usize,
     /// Whether loopback callers skip the per-address and per-prefix caps
-    /// and count as reserved callers (local test networks).
+    /// and the fetch caps per host and network (local test networks); they
+    /// hold inbound slots as who they are, never reserved ones.
     pub inbound_exempt_loopback: bool,
     /// Time an inbound connection has to finish its TLS handshake.
     pub tls_handshake_timeout: Duration,
@@ -214,14 +215,17 @@ impl Default for Limits {
     }
 }
 
-/// Who a call rate is kept for: each connection, and each authenticated
-/// caller across its connections. Anonymous callers have only their
-/// connection's: no allowance is shared among strangers, so one cannot
-/// shut out the rest.
+/// Who a call rate is kept for: each connection, each authenticated
+/// caller across its connections, and each host (`Input::Call`'s origin)
+/// across its connections, with as many connections' allowance as it may
+/// hold connections (`max_inbound_per_ip`): a host that closes and opens
+/// connections gets no fresh allowance with each. No allowance is shared
+/// among strangers of different hosts, so one cannot shut out the rest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Payer {
     Connection(SocketAddr),
     Peer(PeerId),
+    Host(IpAddr),
 }
 
 /// The calls rated together.
@@ -362,7 +366,7 @@ impl Core for GrpcAdapterCore {
                 let origin = origin.map(inbound::host);
                 let mut out = Vec::new();
                 let admitted = self
-                    .rate(now, caller, connection, &call)
+                    .rate(now, (caller, connection, origin), &call)
                     .and_then(|()| self.admit(id, (caller, origin), call, &stalled, &mut out));
                 out.push(match admitted {
                     Ok(work) => Output::Admit { id, work },
@@ -508,13 +512,12 @@ fn refuse(code: Code, message: impl Into<String>) -> Refusal {
 
 impl GrpcAdapterCore {
     /// Takes a token for `call` from its connection's bucket and, for an
-    /// authenticated caller, from the caller's; fetches are bounded by
-    /// their slots instead.
+    /// authenticated caller, from the caller's, and for a caller of known
+    /// host, from the host's; fetches are bounded by their slots instead.
     fn rate(
         &mut self,
         now: Time,
-        caller: Option<PeerId>,
-        connection: Option<SocketAddr>,
+        (caller, connection, origin): (Option<PeerId>, Option<SocketAddr>, Option<IpAddr>),
         call: &Call,
     ) -> Result<(), Refusal> {
         let (rate, per_minute, burst) = match call {
@@ -534,11 +537,18 @@ impl GrpcAdapterCore {
             .map(Payer::Connection)
             .into_iter()
             .chain(caller.map(Payer::Peer))
+            .chain(origin.map(Payer::Host))
             .collect();
-        let capacity = u64::from(burst.max(1)) * MILLI;
+        let hosts_share = self.limits.max_inbound_per_ip.max(1) as u64;
         // Refill, then check every payer before taking from any.
         let mut levels = Vec::with_capacity(payers.len());
         for payer in &payers {
+            let share = match payer {
+                Payer::Host(_) => hosts_share,
+                _ => 1,
+            };
+            let capacity = u64::from(burst.max(1)) * MILLI * share;
+            let per_minute = per_minute * share;
             let bucket = self.buckets.get(&(*payer, rate)).copied();
             let level = bucket.map_or(capacity, |b| {
                 let elapsed_ms = now.0.saturating_sub(b.at.0);
@@ -1126,6 +1136,43 @@ mod tests {
         );
     }
 
+    /// A host that opens a new connection for each call gets no fresh
+    /// allowance with each: it has as many connections' worth as it may
+    /// hold connections, and another host has its own.
+    #[test]
+    fn a_host_reconnecting_for_each_call_gets_its_connections_worth_and_no_more() {
+        let mut c = GrpcAdapterCore::new(Init::from(Limits {
+            known_peers_calls_per_minute: 6,
+            known_peers_burst: 2,
+            max_inbound_per_ip: 3,
+            ..Limits::default()
+        }));
+        let mut call = |now: u64, host: u8, port: u16| {
+            let ip = IpAddr::from([203, 0, 113, host]);
+            let out = c.handle(
+                Time(now),
+                Input::Call {
+                    id: now * 1_000 + u64::from(port),
+                    caller: None,
+                    connection: Some(SocketAddr::new(ip, port)),
+                    origin: Some(ip),
+                    call: Call::KnownPeers,
+                    stalled: Vec::new(),
+                },
+            );
+            code(out.last().unwrap().clone())
+        };
+        // Three connections' burst of two, each call on a new connection.
+        for port in 1..=6 {
+            assert_eq!(call(0, 9, port), None, "call {port}");
+        }
+        assert_eq!(call(0, 9, 7), Some(Code::ResourceExhausted));
+        assert_eq!(call(0, 10, 1), None);
+        // Three connections' rate, 18 a minute: one more after 3,334 ms.
+        assert_eq!(call(3_333, 9, 8), Some(Code::ResourceExhausted));
+        assert_eq!(call(3_334, 9, 9), None);
+    }
+
     #[test]
     fn the_rate_table_forgets_the_quietest_payers_first() {
         let mut c = GrpcAdapterCore::new(
@@ -1143,7 +1190,7 @@ mod tests {
                 .keys()
                 .filter_map(|(p, _)| match p {
                     Payer::Connection(a) => Some(a.port()),
-                    Payer::Peer(_) => None,
+                    Payer::Peer(_) | Payer::Host(_) => None,
                 })
                 .collect();
             ports.sort_unstable();

@@ -232,7 +232,8 @@ pub struct P2pSection {
     /// holds four times as many.
     pub max_inbound_per_prefix: usize,
     /// Whether loopback callers skip the per-address and per-prefix caps
-    /// and count as reserved callers.
+    /// (and the fetch caps per host and network); they never hold
+    /// reserved slots for being local.
     pub inbound_exempt_loopback: bool,
     /// Time an inbound connection has to finish its TLS handshake.
     #[serde(with = "humantime_serde")]
@@ -1185,9 +1186,9 @@ reserved-inbound-connections = {reserved}
 # (IPv6) network; an IPv6 /32 holds four times as many.
 max-inbound-per-ip = {per_ip}
 max-inbound-per-prefix = {inbound_per_prefix}
-# Loopback callers (this host) skip the two caps above and count as
-# reserved: local test networks share 127.0.0.1. Turn off if untrusted
-# local processes or a local proxy carry remote traffic.
+# Loopback callers (this host) skip the two caps above: local test
+# networks share 127.0.0.1. They never hold the reserved slots. Turn off
+# if untrusted local processes or a local proxy carry remote traffic.
 inbound-exempt-loopback = {exempt}
 # Time to finish the TLS handshake; time without a request or an answer
 # (HTTP/2 pings do not count) after which an inbound connection is closed

@@ -22,7 +22,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// The series of the design, registered once.
 struct Series {
     registry: Registry,
-    /// The last scrape's text, and when it was taken.
+    /// The last scrape's text, and when it began.
     scraped: tokio::sync::Mutex<Option<(Instant, String)>>,
     known_peers: IntGauge,
     connected_peers: IntGauge,
@@ -385,24 +385,23 @@ impl Series {
     }
 }
 
-/// A scrape taken less than this long ago is served again rather than
-/// asked of the actors afresh: however often it is asked, the endpoint
-/// costs the actors one round of messages a second at most.
-const SCRAPE_REUSE: Duration = Duration::from_secs(1);
-
 async fn metrics(State((handle, series)): State<(P2pHandle, Arc<Series>)>) -> String {
-    // Scrapes wait for one another: one asks the actors at a time.
+    let asked = Instant::now();
+    // Scrapes wait for one another, so one asks the actors at a time; one
+    // that waited gets the text of a scrape begun after it was asked
+    // (never older), so scrapes arriving together cost one.
     let mut last = series.scraped.lock().await;
-    if let Some((at, text)) = &*last
-        && at.elapsed() < SCRAPE_REUSE
+    if let Some((began, text)) = &*last
+        && *began >= asked
     {
         return text.clone();
     }
+    let began = Instant::now();
     series.update(&handle).await;
     let mut out = Vec::new();
     let _ = TextEncoder::new().encode(&series.registry.gather(), &mut out);
     let text = String::from_utf8(out).unwrap_or_default();
-    *last = Some((Instant::now(), text.clone()));
+    *last = Some((began, text.clone()));
     text
 }
 

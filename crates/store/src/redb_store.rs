@@ -99,8 +99,21 @@ impl RedbStore {
         genesis: &Committee,
         cache_bytes: usize,
     ) -> Result<RedbStore> {
+        // After an unclean shutdown redb walks the whole file before it
+        // opens: said as it goes, so a long repair is not taken for a hang.
+        let step = std::sync::atomic::AtomicU32::new(u32::MAX);
         let db = redb::Builder::new()
             .set_cache_size(cache_bytes)
+            .set_repair_callback(move |session| {
+                let progress = session.progress();
+                let now = (progress * 20.0) as u32;
+                if step.swap(now, std::sync::atomic::Ordering::Relaxed) != now {
+                    tracing::info!(
+                        progress = format!("{:.0}%", progress * 100.0),
+                        "repairing the store after an unclean shutdown"
+                    );
+                }
+            })
             .create(path)
             .map_err(db_err)?;
         let chain_id = ChainId::from_genesis(genesis);

@@ -132,8 +132,9 @@ pub struct Config {
     /// [`IPV6_NETWORK_PREFIXES`] times as many.
     pub max_per_prefix: usize,
     /// Whether loopback callers (this host) skip the per-address and
-    /// per-prefix caps and count as reserved callers: every node of a
-    /// local test network shares 127.0.0.1.
+    /// per-prefix caps: every node of a local test network shares
+    /// 127.0.0.1. They hold slots as who they are, never reserved ones
+    /// for being local.
     pub exempt_loopback: bool,
     /// Time allowed for the TLS handshake.
     pub handshake_timeout: Duration,
@@ -257,7 +258,7 @@ enum Class {
     Anonymous,
     /// Established, a peer without reserved slots.
     Peer,
-    /// Established, a caller with reserved slots (or an exempt loopback).
+    /// Established, a caller with reserved slots.
     Reserved,
 }
 
@@ -267,7 +268,6 @@ struct Entry {
     source: Option<(IpAddr, IpAddr)>,
     /// The source's IPv6 /32, if it is one and not exempt.
     network: Option<Ipv6Addr>,
-    exempt: bool,
     class: Class,
     accepted: Instant,
 }
@@ -411,7 +411,6 @@ impl Rules {
             Entry {
                 source,
                 network,
-                exempt,
                 class: Class::Handshake,
                 accepted: now,
             },
@@ -419,8 +418,8 @@ impl Rules {
         Ok(Admit { id, evicted })
     }
 
-    /// The handshake of `id` proved `caller`. A reserved caller (or an
-    /// exempt loopback one) keeps its slot; an ordinary one keeps it if an
+    /// The handshake of `id` proved `caller`. A reserved caller keeps its
+    /// slot; an ordinary one keeps it if an
     /// unreserved slot is free or can be freed by evicting the
     /// longest-idle ordinary connection (returned, for the caller to
     /// close). On refusal, `id` is released.
@@ -430,12 +429,14 @@ impl Rules {
         caller: Caller,
         last_active: impl Fn(ConnId) -> Instant,
     ) -> Result<Option<ConnId>, Refusal> {
-        let Some(entry) = self.entries.get(&id) else {
+        if !self.entries.contains_key(&id) {
             // Evicted during its handshake.
             return Err(Refusal::Full);
-        };
+        }
         let class = match caller {
-            _ if entry.exempt => Class::Reserved,
+            // An exempt loopback caller skipped the address caps only: it
+            // holds a slot as who it is, so a local proxy carrying remote
+            // callers cannot fill the slots kept for the committee.
             Caller::Peer(peer) if self.reserved_for.contains(&peer) => Class::Reserved,
             Caller::Peer(_) => Class::Peer,
             Caller::Anonymous => Class::Anonymous,
@@ -467,12 +468,17 @@ impl Rules {
     }
 
     /// Whether connection `id` is established with reserved slots: its
-    /// caller is a committee member or allowlisted, or it is an exempt
-    /// loopback one.
+    /// caller is a committee member or allowlisted.
     pub fn reserved(&self, id: ConnId) -> bool {
         self.entries
             .get(&id)
             .is_some_and(|e| e.class == Class::Reserved)
+    }
+
+    /// Whether connection `id` is an exempt loopback caller's: it skipped
+    /// the address caps.
+    pub fn exempt(&self, id: ConnId) -> bool {
+        self.entries.get(&id).is_some_and(|e| e.source.is_none())
     }
 
     /// A handshake did not finish in time (its connection is released
@@ -919,19 +925,20 @@ pub struct ConnInfo {
     pub tcp: TcpConnectInfo,
     /// The caller, `None` before the handshake proved one.
     pub caller: Option<Caller>,
-    /// Whether the connection holds a reserved slot (a committee member,
-    /// an allowlisted peer, or an exempt loopback caller), as of its
-    /// handshake.
-    pub reserved: bool,
+    /// Whether the per-host and per-network caps skip its caller, as of
+    /// its handshake: it holds a reserved slot (a committee member or an
+    /// allowlisted peer) or is an exempt loopback caller.
+    pub uncapped: bool,
 }
 
 impl Admitted {
     /// The handshake proved `caller`: keeps the slot or says why not.
     pub(crate) fn identify(&self, caller: Caller) -> Result<(), Refusal> {
         self.slot.limit.identify(self.slot.id, caller)?;
-        let reserved = self.slot.limit.lock().rules.reserved(self.slot.id);
+        let rules = &self.slot.limit.lock().rules;
+        let uncapped = rules.reserved(self.slot.id) || rules.exempt(self.slot.id);
         // Set once, by the one handshake of this connection.
-        self.caller.get_or_init(|| (caller, reserved));
+        self.caller.get_or_init(|| (caller, uncapped));
         Ok(())
     }
 
@@ -1032,7 +1039,7 @@ impl Connected for Admitted {
         ConnInfo {
             tcp: self.stream.connect_info(),
             caller: self.caller.get().map(|(caller, _)| *caller),
-            reserved: self.caller.get().is_some_and(|(_, reserved)| *reserved),
+            uncapped: self.caller.get().is_some_and(|(_, uncapped)| *uncapped),
         }
     }
 }
@@ -1496,17 +1503,25 @@ mod tests {
     }
 
     #[test]
-    fn exempt_loopback_callers_skip_the_address_caps_and_count_as_reserved() {
+    fn exempt_loopback_callers_skip_the_address_caps_but_hold_ordinary_slots() {
+        // Four slots, one reserved; one connection per address and network.
         let mut h = Harness::new(Config {
             exempt_loopback: true,
-            ..config(4, 3, 1, 1)
+            ..config(4, 1, 1, 1)
         });
-        let ids: Vec<_> = (0..4)
-            .map(|_| h.established(0, "127.0.0.1", Caller::Anonymous))
-            .collect();
-        assert_eq!(ids.len(), 4);
-        // Full of reserved-class connections: nothing to evict.
-        assert_eq!(h.admit(1, "10.0.0.1"), Err(Refusal::Full));
+        let first = h.established(0, "127.0.0.1", Caller::Anonymous);
+        for n in 1..3 {
+            h.established(n, "127.0.0.1", Caller::Anonymous);
+        }
+        // The ordinary slots are full: a fourth loopback caller takes the
+        // longest-idle one's, as any anonymous newcomer would.
+        let fourth = h.admit(10, "127.0.0.1").unwrap();
+        assert_eq!(fourth.evicted, None);
+        assert_eq!(h.identify(fourth.id, Caller::Anonymous), Ok(Some(first)));
+        // The reserved slot is still there for a committee member.
+        let member = PeerId([7; 32]);
+        h.rules.reserve_for([member]);
+        h.established(11, "10.0.0.1", Caller::Peer(member));
 
         let mut h = Harness::new(config(4, 3, 1, 1));
         h.established(0, "127.0.0.1", Caller::Anonymous);

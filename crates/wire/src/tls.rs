@@ -526,14 +526,14 @@ fn caller_of(certs: Option<&[CertificateDer<'_>]>) -> Caller {
 /// The host a request came from, as fetch slots count it (see
 /// [`crate::inbound::host`]: an IPv4 address, or an IPv6 /48; its
 /// [`crate::inbound::network`] is the network it counts in), unless its
-/// connection holds a reserved slot (a committee member, an allowlisted
-/// peer, an exempt loopback caller): `None` then, and when the address is
+/// caller skips those caps (a committee member, an allowlisted peer, an
+/// exempt loopback caller): `None` then, and when the address is
 /// not known. Limits per identity are no limits where identities are
 /// free; limits per host and per network are.
 pub fn origin<T>(request: &tonic::Request<T>) -> Option<std::net::IpAddr> {
     let info = request.extensions().get::<SslConnectInfo<ConnInfo>>()?;
     let info = info.get_ref();
-    if info.reserved {
+    if info.uncapped {
         return None;
     }
     Some(crate::inbound::host(info.tcp.remote_addr()?.ip()))
