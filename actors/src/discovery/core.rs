@@ -257,7 +257,7 @@ pub const SERVICE_PORTS: [u16; 91] = [
 ];
 
 /// Whether peers take `address` in a node's info: an IP literal with a
-/// port, spelled one way, reaching a host (the rules of [`prefix`]);
+/// port, spelled one way, reaching a host (docs/protocol.md, "Addresses");
 /// loopback and private ones only with `allow_private`. A node checks its
 /// own advertised addresses with it, since peers refuse an info whole for
 /// one address they refuse.

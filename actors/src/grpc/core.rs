@@ -216,16 +216,19 @@ impl Default for Limits {
 }
 
 /// Who a call rate is kept for: each connection, each authenticated
-/// caller across its connections, and each host (`Input::Call`'s origin)
-/// across its connections, with as many connections' allowance as it may
-/// hold connections (`max_inbound_per_ip`): a host that closes and opens
-/// connections gets no fresh allowance with each. No allowance is shared
-/// among strangers of different hosts, so one cannot shut out the rest.
+/// caller across its connections, and, for a caller of known address
+/// (`Input::Call`'s origin), its address and its network (the /24 or /64
+/// the inbound caps count), each with as many connections' allowance as
+/// the inbound caps let it hold connections (`max_inbound_per_ip`,
+/// `max_inbound_per_prefix`): an address that closes and opens
+/// connections gets no fresh allowance with each, and a neighbour can use
+/// up no more of a network's than it could take of its connections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Payer {
     Connection(SocketAddr),
     Peer(PeerId),
-    Host(IpAddr),
+    Address(IpAddr),
+    Network(IpAddr),
 }
 
 /// The calls rated together.
@@ -363,10 +366,11 @@ impl Core for GrpcAdapterCore {
                 call,
                 stalled,
             } => {
+                let address = origin.map(|ip| ip.to_canonical());
                 let origin = origin.map(inbound::host);
                 let mut out = Vec::new();
                 let admitted = self
-                    .rate(now, (caller, connection, origin), &call)
+                    .rate(now, (caller, connection, address), &call)
                     .and_then(|()| self.admit(id, (caller, origin), call, &stalled, &mut out));
                 out.push(match admitted {
                     Ok(work) => Output::Admit { id, work },
@@ -513,11 +517,12 @@ fn refuse(code: Code, message: impl Into<String>) -> Refusal {
 impl GrpcAdapterCore {
     /// Takes a token for `call` from its connection's bucket and, for an
     /// authenticated caller, from the caller's, and for a caller of known
-    /// host, from the host's; fetches are bounded by their slots instead.
+    /// `address`, from its address's and its network's; fetches are
+    /// bounded by their slots instead.
     fn rate(
         &mut self,
         now: Time,
-        (caller, connection, origin): (Option<PeerId>, Option<SocketAddr>, Option<IpAddr>),
+        (caller, connection, address): (Option<PeerId>, Option<SocketAddr>, Option<IpAddr>),
         call: &Call,
     ) -> Result<(), Refusal> {
         let (rate, per_minute, burst) = match call {
@@ -537,15 +542,16 @@ impl GrpcAdapterCore {
             .map(Payer::Connection)
             .into_iter()
             .chain(caller.map(Payer::Peer))
-            .chain(origin.map(Payer::Host))
+            .chain(address.map(Payer::Address))
+            .chain(address.map(|ip| Payer::Network(inbound::prefix(ip))))
             .collect();
-        let hosts_share = self.limits.max_inbound_per_ip.max(1) as u64;
         // Refill, then check every payer before taking from any.
         let mut levels = Vec::with_capacity(payers.len());
         for payer in &payers {
             let share = match payer {
-                Payer::Host(_) => hosts_share,
-                _ => 1,
+                Payer::Address(_) => self.limits.max_inbound_per_ip.max(1) as u64,
+                Payer::Network(_) => self.limits.max_inbound_per_prefix.max(1) as u64,
+                Payer::Connection(_) | Payer::Peer(_) => 1,
             };
             let capacity = u64::from(burst.max(1)) * MILLI * share;
             let per_minute = per_minute * share;
@@ -1136,19 +1142,22 @@ mod tests {
         );
     }
 
-    /// A host that opens a new connection for each call gets no fresh
+    /// An address that opens a new connection for each call gets no fresh
     /// allowance with each: it has as many connections' worth as it may
-    /// hold connections, and another host has its own.
+    /// hold connections; another address has its own, within its
+    /// network's, which is as many connections' worth as the network may
+    /// hold.
     #[test]
-    fn a_host_reconnecting_for_each_call_gets_its_connections_worth_and_no_more() {
+    fn an_address_reconnecting_for_each_call_gets_its_connections_worth_and_no_more() {
         let mut c = GrpcAdapterCore::new(Init::from(Limits {
             known_peers_calls_per_minute: 6,
             known_peers_burst: 2,
             max_inbound_per_ip: 3,
+            max_inbound_per_prefix: 4,
             ..Limits::default()
         }));
-        let mut call = |now: u64, host: u8, port: u16| {
-            let ip = IpAddr::from([203, 0, 113, host]);
+        let mut call = |now: u64, ip: [u8; 4], port: u16| {
+            let ip = IpAddr::from(ip);
             let out = c.handle(
                 Time(now),
                 Input::Call {
@@ -1163,14 +1172,21 @@ mod tests {
             code(out.last().unwrap().clone())
         };
         // Three connections' burst of two, each call on a new connection.
+        let (first, neighbour) = ([203, 0, 113, 9], [203, 0, 113, 10]);
         for port in 1..=6 {
-            assert_eq!(call(0, 9, port), None, "call {port}");
+            assert_eq!(call(0, first, port), None, "call {port}");
         }
-        assert_eq!(call(0, 9, 7), Some(Code::ResourceExhausted));
-        assert_eq!(call(0, 10, 1), None);
+        assert_eq!(call(0, first, 7), Some(Code::ResourceExhausted));
+        // Another address of the /24: the network's four connections'
+        // worth, eight calls, of which six are gone.
+        assert_eq!(call(0, neighbour, 1), None);
+        assert_eq!(call(0, neighbour, 2), None);
+        assert_eq!(call(0, neighbour, 3), Some(Code::ResourceExhausted));
+        // Another network has its own.
+        assert_eq!(call(0, [198, 51, 100, 1], 1), None);
         // Three connections' rate, 18 a minute: one more after 3,334 ms.
-        assert_eq!(call(3_333, 9, 8), Some(Code::ResourceExhausted));
-        assert_eq!(call(3_334, 9, 9), None);
+        assert_eq!(call(3_333, first, 8), Some(Code::ResourceExhausted));
+        assert_eq!(call(3_334, first, 9), None);
     }
 
     #[test]
@@ -1190,7 +1206,7 @@ mod tests {
                 .keys()
                 .filter_map(|(p, _)| match p {
                     Payer::Connection(a) => Some(a.port()),
-                    Payer::Peer(_) | Payer::Host(_) => None,
+                    Payer::Peer(_) | Payer::Address(_) | Payer::Network(_) => None,
                 })
                 .collect();
             ports.sort_unstable();

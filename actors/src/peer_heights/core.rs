@@ -198,8 +198,7 @@ struct Peer {
     failed_at: Time,
     /// Its failures since its last verified answer: how slowly they fade.
     unanswered: u32,
-    /// Outcomes held against it since it was first tracked (never
-    /// decays; kept across reconnections while its record is).
+    /// Outcomes held against it since it connected (never decays).
     faults: u64,
     /// When it connected or last reported a height: the stalest peer is
     /// the one forgotten when the table is full.
@@ -270,14 +269,15 @@ impl Peer {
 
     /// A peer connecting again: its record as `left` had it (how it
     /// served, failed and refused, and what it is learnt to serve at
-    /// once), its heights unknown until it states them.
+    /// once), its heights unknown until it states them. Its faults, which
+    /// never fade (one failure ranks a peer that never delivered as
+    /// failing), start afresh: its failures, which fade, carry over.
     fn with_record_of(self, left: Peer) -> Self {
         Peer {
             throughput: left.throughput,
             failures: left.failures,
             failed_at: left.failed_at,
             unanswered: left.unanswered,
-            faults: left.faults,
             slots: left.slots,
             loaded_until: left.loaded_until,
             refusals: left.refusals,
@@ -436,8 +436,8 @@ pub struct PeerHeightsCore {
     /// Doubts on peers' claims, connected or not, so a peer cannot shed
     /// one by reconnecting; at most `max_bans`, as bans.
     doubts: BTreeMap<PeerId, Doubt>,
-    /// The records of peers that left (measures, failures, faults,
-    /// refusals), by when they left, so a peer cannot shed them by
+    /// The records of peers that left (measures, failures, refusals), by
+    /// when they left, so a peer cannot shed them by
     /// reconnecting either: it comes back as it left, not unmeasured. At
     /// most `max_bans`, the earliest to leave forgotten first. Heights are
     /// not kept: a peer states them afresh on each connection.

@@ -479,10 +479,28 @@ impl NodeConfig {
         let accepted = |address: &str| {
             discovery::is_advertisable(&discovery::canonical_address(address), allow_private)
         };
-        // The listen address is advertised only when no other is.
+        // The listen address is advertised only when no other is. One peers
+        // refuse leaves the node undiscovered, but it still syncs by its own
+        // dials (a follower behind a firewall): said, not refused.
         if self.external_addresses.is_empty() {
             let listen = self.listen_address.to_string();
-            range("listen-address", advertisable, accepted(&listen), listen)?;
+            // At another service's port, refused as before: a lie could not
+            // aim dials there, nor can a mistake.
+            range(
+                "listen-address",
+                "a port other than another service's (SSH, mail, databases... \
+                 soma_actors::discovery::SERVICE_PORTS), which peers refuse to dial; 7000 is usual",
+                !discovery::is_service_port(self.listen_address.port()),
+                listen.clone(),
+            )?;
+            if !accepted(&listen) {
+                tracing::warn!(
+                    %listen,
+                    "peers refuse to dial the listen address, advertised for want of \
+                     external-addresses: other nodes will not find this one; set \
+                     external-addresses to {advertisable}"
+                );
+            }
         }
         for address in &self.external_addresses {
             let ok = accepted(address);
@@ -1425,13 +1443,7 @@ mod tests {
             let tried: Vec<_> = other_values(key, value)
                 .into_iter()
                 .map(|v| {
-                    let mut text = file.replacen(line, &format!("{key} = {v}"), 1);
-                    if key == "allow-private-addresses" {
-                        // Refusing private addresses refuses advertising
-                        // the loopback listen address too.
-                        let public = "external-addresses = [\"192.0.2.1:7000\"]";
-                        text = text.replacen("external-addresses = []", public, 1);
-                    }
+                    let text = file.replacen(line, &format!("{key} = {v}"), 1);
                     (v, parse(&text))
                 })
                 .collect();
@@ -1664,16 +1676,15 @@ mod tests {
                 "external-addresses = []",
                 "external-addresses = [\"169.254.1.1:7000\"]",
             ),
-            ("listen-address", "127.0.0.1:7000", "0.0.0.0:7000"),
-            (
-                "listen-address",
-                "allow-private-addresses = true",
-                "allow-private-addresses = false",
-            ),
             (
                 "seed-peers",
                 "seed-peers = []",
                 "seed-peers = [{ address = \"10.0.0.5\" }]",
+            ),
+            (
+                "seed-peers",
+                "seed-peers = []",
+                "seed-peers = [{ address = \"2001:db8::1\" }]",
             ),
         ] {
             let text = default_file().replace(from, to);
@@ -1681,6 +1692,12 @@ mod tests {
             let e = parse(&text).unwrap_err().to_string();
             assert!(e.contains(&format!("key `{key}`")), "{to}: {e}");
         }
+        // A listen address peers refuse, advertised for want of another,
+        // leaves the node undiscovered but syncing by its own dials: it
+        // loads (with a warning).
+        let text = default_file().replace("127.0.0.1:7000", "0.0.0.0:7000");
+        assert_ne!(text, default_file());
+        assert!(parse(&text).is_ok());
         // Advertised elsewhere, the node may listen there (behind a
         // forwarded port).
         let text = default_file()

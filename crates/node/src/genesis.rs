@@ -134,6 +134,13 @@ pub(crate) fn check_address(address: &str) -> Result<(), String> {
     if host.is_empty() || port == 0 {
         return Err(format!("address {address:?} must be host:port"));
     }
+    // An IPv6 address is bracketed: `2001:db8::1` would read as host
+    // `2001:db8:` and port 1.
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        return Err(format!(
+            "address {address:?}: write an IPv6 address in brackets, [addr]:port"
+        ));
+    }
     Ok(())
 }
 
