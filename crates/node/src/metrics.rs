@@ -2,8 +2,9 @@
 //! scrape.
 
 use soma_actors::dropped::{Droppable, dropped};
+use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -411,6 +412,9 @@ pub struct Limits {
     /// Connections served at once; more wait, unaccepted, in the
     /// listen backlog until one ends.
     pub connections: usize,
+    /// Connections served at once from one address; more are closed as
+    /// soon as they are accepted, so one client cannot hold every slot.
+    pub per_address: usize,
     /// How long a connection lives, whatever it does: a scraper connects
     /// again, and a client that sends nothing, or sends slowly, holds a
     /// connection (and a file descriptor) no longer.
@@ -421,6 +425,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             connections: 8,
+            per_address: 2,
             lifetime: Duration::from_secs(10),
         }
     }
@@ -440,6 +445,8 @@ pub async fn serve(
     let listener = Limited {
         listener,
         slots: Arc::new(Semaphore::new(limits.connections.max(1))),
+        per_address: limits.per_address.max(1),
+        open: Arc::default(),
         lifetime: limits.lifetime,
     };
     axum::serve(listener, app)
@@ -448,10 +455,14 @@ pub async fn serve(
 }
 
 /// A listener that accepts a connection only while fewer than its slots
-/// are open, each connection ending at its lifetime.
+/// are open, and fewer than `per_address` from its address, each
+/// connection ending at its lifetime.
 struct Limited {
     listener: tokio::net::TcpListener,
     slots: Arc<Semaphore>,
+    per_address: usize,
+    /// Connections open, by address (only addresses with one open).
+    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
     lifetime: Duration,
 }
 
@@ -460,21 +471,35 @@ impl Listener for Limited {
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Bounded, SocketAddr) {
-        let slot = match self.slots.clone().acquire_owned().await {
-            Ok(slot) => slot,
-            // Never closed; were it, nothing would be accepted again.
-            Err(_) => std::future::pending().await,
-        };
-        let (io, address) = Listener::accept(&mut self.listener).await;
-        let ends = Box::pin(tokio::time::sleep(self.lifetime));
-        (
-            Bounded {
-                io,
-                ends,
-                _slot: slot,
-            },
-            address,
-        )
+        loop {
+            let slot = match self.slots.clone().acquire_owned().await {
+                Ok(slot) => slot,
+                // Never closed; were it, nothing would be accepted again.
+                Err(_) => std::future::pending().await,
+            };
+            let (io, address) = Listener::accept(&mut self.listener).await;
+            let ip = address.ip().to_canonical();
+            {
+                let mut open = lock(&self.open);
+                let count = open.entry(ip).or_default();
+                if *count >= self.per_address {
+                    // Closed at once; its slot goes back with `slot`.
+                    continue;
+                }
+                *count += 1;
+            }
+            let ends = Box::pin(tokio::time::sleep(self.lifetime));
+            let from = (ip, self.open.clone());
+            return (
+                Bounded {
+                    io,
+                    ends,
+                    from,
+                    _slot: slot,
+                },
+                address,
+            );
+        }
     }
 
     fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -487,7 +512,28 @@ impl Listener for Limited {
 struct Bounded {
     io: tokio::net::TcpStream,
     ends: Pin<Box<tokio::time::Sleep>>,
+    /// Its address, counted among those open until it is dropped.
+    from: (IpAddr, Arc<Mutex<HashMap<IpAddr, usize>>>),
     _slot: OwnedSemaphorePermit,
+}
+
+impl Drop for Bounded {
+    fn drop(&mut self) {
+        let (ip, open) = &self.from;
+        let mut open = lock(open);
+        if let Some(count) = open.get_mut(ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(ip);
+            }
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Bounded {
@@ -648,10 +694,11 @@ mod tests {
     }
 
     /// A client that sends nothing holds a connection of the endpoint no
-    /// longer than its lifetime, and no more clients are served at once
-    /// than its slots: one more waits, unaccepted, until a slot frees.
+    /// longer than its lifetime, no more clients are served at once than
+    /// its slots (one more waits, unaccepted, until a slot frees), and no
+    /// more from one address than its share.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn connections_are_held_at_most_their_lifetime_and_no_more_than_the_slots() {
+    async fn connections_are_held_at_most_their_lifetime_and_no_more_than_the_slots_and_shares() {
         use tokio::io::AsyncReadExt;
         use tokio::net::TcpStream;
         let chain = ChainBuilder::new(ChainConfig::validators(4)).build(1);
@@ -675,6 +722,7 @@ mod tests {
         let lifetime = Duration::from_millis(300);
         let (address, stop, server) = start(Limits {
             connections: 1,
+            per_address: 8,
             lifetime,
         })
         .await;
@@ -693,6 +741,7 @@ mod tests {
         // the first holds it, and is once the first has gone.
         let (address, stop, server) = start(Limits {
             connections: 1,
+            per_address: 8,
             lifetime: Duration::from_secs(3_600),
         })
         .await;
@@ -706,6 +755,32 @@ mod tests {
         let answer = answer.expect("answered once the slot freed").unwrap();
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         assert!(answer.contains("soma_known_peers 0"), "{answer}");
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
+
+        // Four slots, one per address: a second connection from the
+        // address holding one is closed at once, unanswered, while
+        // another address is served.
+        let (address, stop, server) = start(Limits {
+            connections: 4,
+            per_address: 1,
+            lifetime: Duration::from_secs(3_600),
+        })
+        .await;
+        let _holder = TcpStream::connect(address).await.unwrap();
+        let mut second = TcpStream::connect(address).await.unwrap();
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(30), second.read_to_end(&mut rest));
+        assert!(
+            read.await.is_ok(),
+            "a second connection of one address was kept"
+        );
+        assert_eq!(rest, Vec::<u8>::new());
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let mut elsewhere = socket.connect(address).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(30), get(&mut elsewhere)).await;
+        assert!(answer.expect("answered").starts_with("HTTP/1.1 200"));
         let _ = stop.send(());
         server.await.unwrap().unwrap();
         node.shutdown().await;
