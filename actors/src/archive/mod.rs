@@ -311,6 +311,15 @@ fn read_local(
     Ok(Some(Bytes::from(body)))
 }
 
+/// Syncs `file` and the directory that names it.
+fn sync_durably(file: &std::path::Path) -> std::io::Result<()> {
+    std::fs::File::open(file)?.sync_all()?;
+    match file.parent() {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
 /// An open archive.
 #[derive(Clone, Debug)]
 pub struct Archive {
@@ -448,9 +457,30 @@ impl Archive {
         self.timed(body(path, result)).await.map(Some)
     }
 
+    /// Writes `bytes` at `path`, durably: in a local archive the file and
+    /// its directory are synced before this returns (object_store renames
+    /// a written file into place without syncing it), since what the
+    /// writer puts lets pruning delete the same commits from the store,
+    /// and a power loss must not take both copies.
     async fn put(&self, path: &Path, bytes: Vec<u8>) -> Result<(), ArchiveError> {
         let payload = PutPayload::from(bytes);
-        self.timed(self.store.put(path, payload)).await.map(|_| ())
+        self.timed(self.store.put(path, payload)).await?;
+        if let Some(dir) = &self.local {
+            let file = dir.join(path.as_ref());
+            let synced = tokio::task::spawn_blocking(move || sync_durably(&file));
+            self.timed(async {
+                synced
+                    .await
+                    .map_err(std::io::Error::other)
+                    .and_then(|r| r)
+                    .map_err(|source| object_store::Error::Generic {
+                        store: "local",
+                        source: Box::new(source),
+                    })
+            })
+            .await?;
+        }
+        Ok(())
     }
 
     /// The batch starting at `first`, if the archive holds one.
