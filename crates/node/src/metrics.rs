@@ -270,10 +270,7 @@ impl Series {
     /// Raises a counter to the running total `now`.
     fn advance(&self, counter: &IntCounterVec, labels: &[&str], now: u64) {
         let key = format!("{}{labels:?}", counter.desc()[0].fq_name);
-        let mut last = self
-            .last
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut last = lock(&self.last);
         let before = last.insert(key, now).unwrap_or(0);
         counter
             .with_label_values(labels)
