@@ -131,9 +131,7 @@ impl UnverifiedBlock {
         limit: usize,
         signatures: bool,
     ) -> Result<Self> {
-        let signed = decode_signed(&serialized, limit)?;
-        let layout = Layout::of(&signed, &serialized)
-            .ok_or_else(|| Error::Malformed("non-canonical block encoding".into()))?;
+        let (signed, layout) = parse(&serialized, limit)?;
         debug_assert_eq!(layout.block_len + SIGNATURE_ENCODED_LEN, serialized.len());
         let (signing_digest, digest) = match (signatures, handed) {
             (true, None) => {
@@ -256,6 +254,115 @@ pub struct VerifiedBlock(Arc<UnverifiedBlock>);
 /// Bytes of an encoded signature: its length (64, one byte) and the 64 bytes.
 const SIGNATURE_ENCODED_LEN: usize = 65;
 
+/// Smallest encodings of a [`BlockRef`], a [`Transaction`] and a
+/// [`CommitRef`]: each integer one byte, each digest, key and signature its
+/// length and its bytes, an empty payload.
+const MIN_BLOCK_REF_BYTES: usize = 3 + 33;
+const MIN_TRANSACTION_BYTES: usize = 33 + 1 + 1 + SIGNATURE_ENCODED_LEN;
+const MIN_COMMIT_REF_BYTES: usize = 1 + 33;
+
+/// Decodes the signed block `serialized` holds, which must be its
+/// canonical encoding and at most `limit` bytes (and at most
+/// [`codec::MAX_DECODE_BYTES`]), and finds where its parts lie, in one pass.
+/// Payloads are slices of `serialized`, not copies: a block of many small
+/// transactions costs one allocation for them. Walks [`Block`]'s fields in
+/// their declared order, as the codec encodes them: a field added there
+/// must be added here (the tests compare this with the codec's own decode
+/// and encode of every field).
+fn parse(serialized: &Bytes, limit: usize) -> Result<(SignedBlock, Layout)> {
+    let limit = limit.min(codec::MAX_DECODE_BYTES);
+    if serialized.len() > limit {
+        return Err(Error::TooLarge {
+            len: serialized.len(),
+            limit,
+        });
+    }
+    let mut r = codec::Reader::new(serialized);
+    let epoch = r.u64()?;
+    let round = r.u32()?;
+    let author = AuthorityIndex(r.u32()?);
+    let timestamp_ms = r.u64()?;
+    let count = r.len(MIN_BLOCK_REF_BYTES)?;
+    let ancestors = items(count, || block_ref(&mut r))?;
+    let count = r.len(MIN_TRANSACTION_BYTES)?;
+    let mut transactions = Vec::with_capacity(count);
+    let mut ranges = Vec::with_capacity(count);
+    for _ in 0..count {
+        let start = r.position();
+        let sender = PublicKey::from_raw(r.fixed()?);
+        let nonce = r.u64()?;
+        let payload = serialized.slice_ref(r.bytes()?);
+        ranges.push(start..r.position());
+        let signature = Signature(r.fixed()?);
+        transactions.push(Transaction {
+            sender,
+            nonce,
+            payload,
+            signature,
+        });
+    }
+    let count = r.len(MIN_COMMIT_REF_BYTES)?;
+    let commit_votes = items(count, || {
+        Ok(CommitRef {
+            index: r.u64()?,
+            digest: Digest(r.fixed()?),
+        })
+    })?;
+    let end_of_epoch = if r.some()? {
+        // Rare (one block an epoch) and holding a committee, whose decode
+        // checks it: the codec decodes it, then its canonical form is
+        // checked against the bytes.
+        let rest = r.rest();
+        let (end, read) = codec::decode_prefix::<EndOfEpoch>(rest, limit)?;
+        let mut matched = 0;
+        if !codec::matches_at(&end, rest, &mut matched) || matched != read {
+            return Err(Error::Malformed("non-canonical block encoding".into()));
+        }
+        r.advance(read)?;
+        Some(end)
+    } else {
+        None
+    };
+    let block_len = r.position();
+    let signature = Signature(r.fixed()?);
+    if r.remaining() > 0 {
+        return Err(Error::TrailingBytes(r.remaining()));
+    }
+    let block = Block {
+        epoch,
+        round,
+        author,
+        timestamp_ms,
+        ancestors,
+        transactions,
+        commit_votes,
+        end_of_epoch,
+    };
+    let layout = Layout {
+        block_len,
+        transactions: ranges,
+    };
+    Ok((SignedBlock { block, signature }, layout))
+}
+
+/// `count` items read by `item`, in a vector of exactly their number.
+fn items<T>(count: usize, mut item: impl FnMut() -> Result<T>) -> Result<Vec<T>> {
+    let mut v = Vec::with_capacity(count);
+    for _ in 0..count {
+        v.push(item()?);
+    }
+    Ok(v)
+}
+
+fn block_ref(r: &mut codec::Reader<'_>) -> Result<BlockRef> {
+    Ok(BlockRef {
+        epoch: r.u64()?,
+        round: r.u32()?,
+        author: AuthorityIndex(r.u32()?),
+        digest: Digest(r.fixed()?),
+    })
+}
+
 /// Where the parts of an encoded signed block lie.
 struct Layout {
     /// Length of the block's encoding, which the signature follows.
@@ -263,117 +370,6 @@ struct Layout {
     /// The signed part of each transaction: its encoding without the
     /// signature, which is the encoding of (sender, nonce, payload).
     transactions: Vec<std::ops::Range<usize>>,
-}
-
-impl Layout {
-    /// Finds the layout by encoding `signed` field by field against `bytes`;
-    /// `None` unless `bytes` is exactly its canonical encoding. bincode writes
-    /// a struct as its fields in declaration order and a sequence as its
-    /// length then its elements, so the walk below follows [`Block`]'s
-    /// fields: a field added there must be added here, or every block is
-    /// refused as non-canonical (which the tests would show at once).
-    fn of(signed: &SignedBlock, bytes: &[u8]) -> Option<Layout> {
-        let b = &signed.block;
-        let mut pos = 0;
-        let header = (b.epoch, b.round, b.author, b.timestamp_ms, &b.ancestors);
-        if !codec::matches_at(&header, bytes, &mut pos)
-            || !codec::matches_at(&(b.transactions.len() as u64), bytes, &mut pos)
-        {
-            return None;
-        }
-        let mut transactions = Vec::with_capacity(b.transactions.len());
-        for tx in &b.transactions {
-            let start = pos;
-            if !codec::matches_at(tx, bytes, &mut pos) {
-                return None;
-            }
-            transactions.push(start..pos - SIGNATURE_ENCODED_LEN);
-        }
-        if !codec::matches_at(&(&b.commit_votes, &b.end_of_epoch), bytes, &mut pos) {
-            return None;
-        }
-        let block_len = pos;
-        if !codec::matches_at(&signed.signature, bytes, &mut pos) || pos != bytes.len() {
-            return None;
-        }
-        Some(Layout {
-            block_len,
-            transactions,
-        })
-    }
-}
-
-/// Decodes a [`SignedBlock`] whose transactions' payloads are slices of
-/// `serialized` rather than copies: a block of many small transactions
-/// costs one allocation for its transactions, not one more per payload, and
-/// a stored block keeps its payloads in its own bytes.
-fn decode_signed(serialized: &Bytes, limit: usize) -> Result<SignedBlock> {
-    let wire: WireSignedBlock = codec::decode(serialized, limit)?;
-    let b = wire.block;
-    let transactions = b
-        .transactions
-        .into_iter()
-        .map(|t| Transaction {
-            sender: t.sender,
-            nonce: t.nonce,
-            payload: serialized.slice_ref(t.payload),
-            signature: t.signature,
-        })
-        .collect();
-    Ok(SignedBlock {
-        block: Block {
-            epoch: b.epoch,
-            round: b.round,
-            author: b.author,
-            timestamp_ms: b.timestamp_ms,
-            ancestors: exact(b.ancestors),
-            transactions,
-            commit_votes: exact(b.commit_votes),
-            end_of_epoch: b.end_of_epoch,
-        },
-        signature: wire.signature,
-    })
-}
-
-/// `v` without room to spare. A vector decoded with more items than serde
-/// reserves at once (a megabyte's worth) grew by doubling, and would hold
-/// up to twice their size for as long as the block is kept; one that did
-/// not is returned as it is.
-fn exact<T>(mut v: Vec<T>) -> Vec<T> {
-    v.shrink_to_fit();
-    v
-}
-
-/// [`SignedBlock`] as decoded, borrowing the payloads. Its fields are
-/// [`Block`]'s and [`Transaction`]'s, in their order: a field added there
-/// must be added here (the canonical-encoding check of [`Layout::of`]
-/// refuses every block otherwise, which the tests show at once).
-#[derive(Deserialize)]
-struct WireSignedBlock<'a> {
-    #[serde(borrow)]
-    block: WireBlock<'a>,
-    signature: Signature,
-}
-
-#[derive(Deserialize)]
-struct WireBlock<'a> {
-    epoch: Epoch,
-    round: Round,
-    author: AuthorityIndex,
-    timestamp_ms: u64,
-    ancestors: Vec<BlockRef>,
-    #[serde(borrow)]
-    transactions: Vec<WireTransaction<'a>>,
-    commit_votes: Vec<CommitRef>,
-    end_of_epoch: Option<EndOfEpoch>,
-}
-
-#[derive(Deserialize)]
-struct WireTransaction<'a> {
-    sender: PublicKey,
-    nonce: u64,
-    payload: &'a [u8],
-    signature: Signature,
 }
 
 /// A block's bytes as received, with their digests from one pass over
@@ -453,7 +449,7 @@ impl VerifiedBlock {
 
     /// Decodes a block from this node's own store, skipping signature checks.
     pub fn from_trusted_bytes(serialized: Bytes) -> Result<Self> {
-        let signed = decode_signed(&serialized, codec::MAX_DECODE_BYTES)?;
+        let (signed, _) = parse(&serialized, codec::MAX_DECODE_BYTES)?;
         // Stored bytes are canonical (they passed `UnverifiedBlock::decode`
         // or were encoded here): the block's bytes, then the signature.
         let block_len = serialized

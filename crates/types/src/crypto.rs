@@ -58,6 +58,12 @@ impl PublicKey {
         Ok(key)
     }
 
+    /// 32 bytes as a key, unchecked, as decoding takes them: whether they
+    /// are a valid point is learnt when a signature is checked with it.
+    pub(crate) fn from_raw(bytes: [u8; 32]) -> Self {
+        PublicKey(bytes)
+    }
+
     /// The compressed key bytes.
     pub fn to_bytes(&self) -> [u8; 32] {
         self.0

@@ -677,6 +677,50 @@ mod hostile {
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// The block decoder (a walk of the bytes, not the codec's serde
+        /// path) accepts exactly what the codec decodes and encodes back to
+        /// the same bytes, and decodes it to the same block: valid,
+        /// corrupted, lengthened and cut encodings alike, with and without
+        /// an epoch's end.
+        #[test]
+        fn the_block_decoder_accepts_exactly_the_canonical_encodings(
+            signed in arb_signed_block_with(0..4),
+            edits in vec((any::<prop::sample::Index>(), any::<u8>()), 0..3),
+            insert in proptest::option::of(
+                (any::<prop::sample::Index>(), vec(any::<u8>(), 1..4))
+            ),
+            cut in proptest::option::of(any::<prop::sample::Index>()),
+        ) {
+            for valid in [codec::encode(&signed), codec::encode(&sample_signed_block())] {
+                let mut bytes = valid;
+                for (at, byte) in &edits {
+                    let i = at.index(bytes.len());
+                    bytes[i] = *byte;
+                }
+                if let Some((at, extra)) = &insert {
+                    let i = at.index(bytes.len() + 1);
+                    bytes.splice(i..i, extra.iter().copied());
+                }
+                if let Some(cut) = &cut {
+                    bytes.truncate(cut.index(bytes.len() + 1));
+                }
+                let canonical = codec::decode::<SignedBlock>(&bytes, usize::MAX)
+                    .ok()
+                    .filter(|b| codec::encode(b) == bytes);
+                let decoded = UnverifiedBlock::decode(Bytes::from(bytes.clone()), usize::MAX);
+                prop_assert_eq!(
+                    decoded.as_ref().ok().map(UnverifiedBlock::signed),
+                    canonical.as_ref(),
+                    "{:?}",
+                    decoded.as_ref().err()
+                );
+            }
+        }
+    }
+
+    proptest! {
         #![proptest_config(ProptestConfig::with_cases(16))]
 
         #[test]
