@@ -7,7 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use soma_chain::{Chain, ChainBuilder, ChainConfig, corrupt};
 use soma_types::verify::{
-    ExpectedBlocks, NodeInfoPolicy, certify_commit_run, epoch_change, verify_blocks,
+    ExpectedBlocks, NodeInfoPolicy, RefusedRun, certify_commit_run, epoch_change, verify_blocks,
     verify_commit_batch, verify_fetched_blocks, verify_node_infos, verify_transactions,
 };
 use soma_types::{
@@ -473,13 +473,16 @@ fn a_run_certified_ahead_then_linked_is_exactly_the_batch_verified_in_turn() {
     // Every batch of a chain over an epoch change, whole or corrupted, under
     // each committee, after the right commit and after wrong ones: a run
     // certified ahead and linked at its turn is accepted exactly when the
-    // batch is verified in turn, as the same commits and certifier blocks.
+    // batch is verified in turn, as the same commits and certifier blocks,
+    // and a run refused ahead gives at its turn the error the batch
+    // verified in turn gives.
     let chain = chain();
     let limits = Limits::default();
     // Shared by every batch, as the Verifier shares it: a key decompressed
     // for one batch is reused by the next.
     let keys = Arc::new(KeyCache::new(64));
     let mut accepted_count = 0;
+    let mut refused_count = 0;
     for start in (1..=31).step_by(10) {
         let (commits, certifiers) = chain.fetch_commits(start..=start + 9);
         let certifiers_short =
@@ -519,25 +522,40 @@ fn a_run_certified_ahead_then_linked_is_exactly_the_batch_verified_in_turn() {
                         after,
                         &limits,
                     ));
+                    // Refused ahead: the verdict kept for its turn, and none
+                    // for a turn after another commit than the one before
+                    // its start.
                     let ahead = accepted(
-                        certify_commit_run(
+                        match certify_commit_run(
                             commits.clone(),
                             certifiers.clone(),
                             committee,
                             after.index + 1,
                             &limits,
                             Some(&keys),
-                        )
-                        .and_then(|run| {
-                            assert_eq!(run.epoch(), committee.epoch());
-                            run.link(after)
-                        }),
+                        ) {
+                            Ok(run) => {
+                                assert_eq!(run.epoch(), committee.epoch());
+                                run.link(after)
+                            }
+                            Err(e) => {
+                                let refused = RefusedRun::new(
+                                    commits.first().cloned(),
+                                    after.index + 1,
+                                    committee.epoch(),
+                                    e,
+                                );
+                                assert_eq!(
+                                    refused.verdict(chain.commit_ref(after.index + 1)),
+                                    None
+                                );
+                                refused_count += 1;
+                                Err(refused.verdict(after).expect("after the commit before"))
+                            }
+                        },
                     );
-                    assert_eq!(in_turn.is_ok(), ahead.is_ok(), "batch {start}, {after:?}");
-                    if in_turn.is_ok() {
-                        accepted_count += 1;
-                        assert_eq!(in_turn, ahead);
-                    }
+                    assert_eq!(in_turn, ahead, "batch {start}, {after:?}");
+                    accepted_count += usize::from(in_turn.is_ok());
                 }
             }
         }
@@ -545,6 +563,12 @@ fn a_run_certified_ahead_then_linked_is_exactly_the_batch_verified_in_turn() {
     // Under its own epoch's committee: each whole batch after the commit
     // before it, and each batch without its first commit after that commit.
     assert_eq!(accepted_count, 8);
+    // 4 starts × 5 batches × 2 committees × 3 commits before, less the 8
+    // accepted and the 4 whole batches under their own committee after a
+    // commit of another digest, refused only for their first link (a run
+    // passes without it): 108 refused ahead, each verdict the in-turn one.
+    assert_eq!(chain.committees().count(), 2);
+    assert_eq!(refused_count, 108);
 }
 
 #[test]

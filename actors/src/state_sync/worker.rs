@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use actix::Addr;
 use futures::{FutureExt, StreamExt};
-use soma_types::verify::{CertifiedRun, ExpectedBlocks};
+use soma_types::verify::{CertifiedRun, ExpectedBlocks, RefusedRun};
 use soma_types::{BlockRef, CommitIndex, Epoch, PeerId, TrustedCommit, VerifiedBlock};
 use soma_wire::convert::Availability;
 use soma_wire::proto;
@@ -213,6 +213,8 @@ pub(super) struct CommitAnswer {
     pub(super) latency_ms: u64,
     /// The answer certified ahead of its turn, if that passed.
     pub(super) certified: Option<CertifiedRun>,
+    /// The answer refused ahead of its turn, if a rule refused it there.
+    pub(super) refused: Option<RefusedRun>,
     /// The peer this answer beat (the first, if a hedge's answer won; the
     /// second, if the first's came after the hedge was late): settled once
     /// the answer is checked.
@@ -725,8 +727,10 @@ impl Worker {
 
     /// Certifies a commit answer fetched ahead as it arrives, if its
     /// commits are of `epoch`: every rule but the link of its first commit
-    /// to the one before. Whatever fails here is checked again in full at
-    /// its turn (the epoch may have been a wrong guess), where it counts.
+    /// to the one before. What a rule refuses here is kept: at its turn,
+    /// if the epoch was guessed right, its verdict is what the full check
+    /// would give ([`RefusedRun::verdict`]), judged there; anything else is
+    /// checked again in full at its turn.
     pub(super) async fn certify_ahead(
         &self,
         mut answer: CommitAnswer,
@@ -741,8 +745,10 @@ impl Worker {
                 .map(Blob)
                 .collect(),
         };
-        if let Ok(Ok(VerifyResponse::CommitRun(run))) = self.verifier.send(Verify(request)).await {
-            answer.certified = Some(run);
+        match self.verifier.send(Verify(request)).await {
+            Ok(Ok(VerifyResponse::CommitRun(run))) => answer.certified = Some(run),
+            Ok(Ok(VerifyResponse::RefusedRun(refused))) => answer.refused = Some(*refused),
+            _ => {}
         }
         // Settled now, not at its turn. An answer that failed here only for
         // a wrong guess of its epoch costs the peer it beat nothing.
@@ -765,11 +771,17 @@ impl Worker {
             answer.response.commits.len() as u64,
             wanted.end.saturating_sub(wanted.start).saturating_add(1),
         );
-        let result = match answer.certified {
-            Some(run) if run.epoch() == wanted.epoch => run
+        // Refused ahead under this epoch's committee, after the commit
+        // before it: the full check's verdict, without checking again.
+        let verdict = (answer.refused.as_ref())
+            .filter(|refused| refused.epoch() == wanted.epoch)
+            .and_then(|refused| refused.verdict(wanted.after));
+        let result = match (answer.certified, verdict) {
+            (Some(run), _) if run.epoch() == wanted.epoch => run
                 .link(wanted.after)
                 .map(|(commits, certifiers)| BatchData::new(commits, certifiers, wanted.epoch))
                 .map_err(Failure::Invalid),
+            (_, Some(error)) => Err(Failure::Invalid(error)),
             _ => self.verify_commits(answer.response, wanted).await,
         };
         if let Some(beaten) = beaten {
@@ -865,6 +877,7 @@ impl Worker {
             bytes,
             latency_ms,
             certified: None,
+            refused: None,
             beaten,
         };
         (Some(peer), Ok(answer))
@@ -1051,6 +1064,7 @@ impl Worker {
             },
             latency_ms: 0,
             certified: None,
+            refused: None,
             beaten: None,
         })
     }

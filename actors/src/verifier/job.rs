@@ -188,18 +188,31 @@ fn run_request(request: VerifyRequest, job: &Job) -> Result<VerifyResponse, Veri
             ..
         } => {
             let committee = committee()?;
+            // Refused by a rule: kept with what the check at its turn
+            // needs to give the same verdict without checking again.
+            let refused = |first, error| {
+                Ok(VerifyResponse::RefusedRun(Box::new(
+                    verify::RefusedRun::new(first, start, committee.epoch(), error),
+                )))
+            };
             let (commits, certifiers) =
-                decode_commit_batch(&commits, &certifiers, committee, limits)?;
-            verify::certify_commit_run(
+                match decode_commit_batch(&commits, &certifiers, committee, limits) {
+                    Ok(decoded) => decoded,
+                    Err(VerifyError::Invalid(e)) => return refused(None, e),
+                    Err(e) => return Err(e),
+                };
+            let first = commits.first().cloned();
+            match verify::certify_commit_run(
                 commits,
                 certifiers,
                 committee,
                 start,
                 limits,
                 Some(&job.keys),
-            )
-            .map(VerifyResponse::CommitRun)
-            .map_err(VerifyError::Invalid)
+            ) {
+                Ok(run) => Ok(VerifyResponse::CommitRun(run)),
+                Err(e) => refused(first, e),
+            }
         }
         VerifyRequest::NodeInfos {
             infos,
@@ -418,7 +431,10 @@ mod tests {
 
     /// More certifier blocks than the committee has members are refused
     /// before one is decoded: bytes that decode to nothing, past the
-    /// count, give the count's error, not a decoding one.
+    /// count, give the count's error, not a decoding one. A run refused
+    /// ahead for its bytes keeps that error as its verdict for its turn,
+    /// as the full check decodes before any rule: even after a commit its
+    /// first does not link to.
     #[test]
     fn certifiers_past_the_committee_size_are_refused_before_decoding() {
         let chain = ChainBuilder::new(ChainConfig::validators(4)).build(1);
@@ -429,24 +445,36 @@ mod tests {
             limits: Limits::default(),
             keys: Arc::new(KeyCache::new(64)),
         };
+        let (commits, _) = chain.fetch_commits(1..=1);
         let garbage = |n| vec![Blob(Bytes::from_static(b"not a block")); n];
         let request = |certifiers| VerifyRequest::CommitRun {
             epoch: 0,
             start: 1,
-            commits: Vec::new(),
+            commits: vec![Blob(commits[0].serialized().clone())],
             certifiers,
         };
+        let mut unlinked = chain.commit_ref(0);
+        unlinked.digest.0[0] ^= 1;
+        let refusal = |certifiers| match run_request(request(certifiers), &job) {
+            Ok(VerifyResponse::RefusedRun(refused)) => {
+                assert_eq!(refused.epoch(), 0);
+                assert_eq!(
+                    refused.verdict(unlinked).as_ref(),
+                    Some(refused.error()),
+                    "the verdict is the decoding's"
+                );
+                refused.error().clone()
+            }
+            other => panic!("{other:?}"),
+        };
         assert_eq!(
-            run_request(request(garbage(5)), &job).err(),
-            Some(VerifyError::Invalid(soma_types::Error::TooManyCertifiers {
-                count: 5,
-                limit: 4
-            }))
+            refusal(garbage(5)),
+            soma_types::Error::TooManyCertifiers { count: 5, limit: 4 }
         );
         // As many as the committee: decoded, and refused as undecodable.
-        let decoded = run_request(request(garbage(4)), &job).err();
+        let decoded = refusal(garbage(4));
         assert!(
-            matches!(decoded, Some(VerifyError::Invalid(ref e)) if !matches!(e, soma_types::Error::TooManyCertifiers { .. })),
+            !matches!(decoded, soma_types::Error::TooManyCertifiers { .. }),
             "{decoded:?}"
         );
     }

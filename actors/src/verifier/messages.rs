@@ -1,6 +1,6 @@
 use actix::Message;
 use serde::{Deserialize, Serialize};
-use soma_types::verify::CertifiedRun;
+use soma_types::verify::{CertifiedRun, RefusedRun};
 use soma_types::{
     CommitIndex, CommitRef, Epoch, PeerId, SignedNodeInfo, Transaction, TrustedCommit,
     VerifiedBlock,
@@ -136,6 +136,10 @@ pub enum VerifyResponse {
     },
     /// The commit run, certified; its first link still to check.
     CommitRun(CertifiedRun),
+    /// The commit run, refused by a rule (its bytes, the commits or the
+    /// certificate): the answer to a `CommitRun` that fails, kept for the
+    /// verdict at its turn.
+    RefusedRun(Box<RefusedRun>),
     /// One result per node info, in request order.
     NodeInfos(Vec<Result<SignedNodeInfo, soma_types::Error>>),
     /// The transactions, verified, in request order.

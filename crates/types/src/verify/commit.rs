@@ -100,6 +100,68 @@ impl CertifiedRun {
 }
 
 /// Whether `commit` is of `epoch`.
+/// A commit batch fetched ahead and refused there, kept for its turn:
+/// [`RefusedRun::verdict`] then gives what [`verify_commit_batch`] would
+/// say of the same commits and certifier blocks, under the same committee,
+/// without checking them again. A junk answer costs one check, not two.
+#[derive(Clone, Debug)]
+pub struct RefusedRun {
+    /// The batch's first commit, if its commits and certifier blocks
+    /// decoded: the full check tests its epoch and link before the run.
+    /// `None` if they did not, since decoding comes before every rule.
+    first: Option<UnverifiedCommit>,
+    start: CommitIndex,
+    epoch: Epoch,
+    error: Error,
+}
+
+impl RefusedRun {
+    /// A batch whose first commit had to be `start`, refused with `error`
+    /// under the committee of `epoch`: by [`certify_commit_run`] (`first`
+    /// is then the batch's first commit, if it has one), or before, when
+    /// its bytes did not decode (`first` is `None`).
+    pub fn new(
+        first: Option<UnverifiedCommit>,
+        start: CommitIndex,
+        epoch: Epoch,
+        error: Error,
+    ) -> Self {
+        RefusedRun {
+            first,
+            start,
+            epoch,
+            error,
+        }
+    }
+
+    /// The epoch of the committee that refused it.
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    /// Why it was refused ahead.
+    pub fn error(&self) -> &Error {
+        &self.error
+    }
+
+    /// The error [`verify_commit_batch`] gives the batch after
+    /// `last_synced` under the committee of [`RefusedRun::epoch`]: the
+    /// first commit's epoch, then its link, then the run's own error.
+    /// `None` if `last_synced` is not the commit before the run's start:
+    /// the batch must then be checked in full.
+    pub fn verdict(&self, last_synced: CommitRef) -> Option<Error> {
+        if last_synced.index.checked_add(1) != Some(self.start) {
+            return None;
+        }
+        if let Some(first) = &self.first
+            && let Err(e) = of_epoch(first, self.epoch).and_then(|()| follows(first, last_synced))
+        {
+            return Some(e);
+        }
+        Some(self.error.clone())
+    }
+}
+
 fn of_epoch(commit: &UnverifiedCommit, epoch: Epoch) -> Result<()> {
     let c = commit.commit();
     if c.epoch != epoch {

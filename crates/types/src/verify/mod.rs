@@ -26,7 +26,7 @@ mod node_info;
 mod signatures;
 
 pub use block::{check_block, check_transaction, verify_blocks, verify_transactions};
-pub use commit::{CertifiedRun, certify_commit_run, verify_commit_batch};
+pub use commit::{CertifiedRun, RefusedRun, certify_commit_run, verify_commit_batch};
 pub use fetched::{ExpectedBlocks, epoch_change, verify_fetched_blocks};
 pub use node_info::{NodeInfoPolicy, check_node_info, verify_node_infos};
 pub use signatures::{Fill, SignatureBatch};
