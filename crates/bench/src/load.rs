@@ -119,14 +119,20 @@ pub fn section(size: &Size) -> Section {
         "Load: memory and admission under thousands of in-flight fetches",
         format!(
             "One node in a child process serves a {COMMITS}-commit chain from memory (default \
-             settings: {} fetches per peer, {} in all, {} inbound connections). {connections} \
-             connections to it, half authenticated (each its own identity) and half anonymous \
-             (one shared allowance), keep {total} FetchBlocks of {} blocks in flight at once. \
-             Reference: the node's own peak RSS before the storm.",
+             settings: {} fetches per peer, {} in all, {} inbound connections of which {} are \
+             reserved for the committee). {connections} connections to it, half authenticated \
+             (each its own identity) and half anonymous (one shared allowance), keep {total} \
+             FetchBlocks of {} blocks in flight at once; connections past the {} ordinary slots \
+             are closed as they arrive, and their calls end as the connection does (other \
+             outcomes). Reference: the node's own peak RSS before the storm.",
             defaults.max_concurrent_fetches_per_peer,
             defaults.max_concurrent_fetches,
             defaults.max_inbound_connections,
-            refs.len()
+            defaults.reserved_inbound_connections,
+            refs.len(),
+            defaults
+                .max_inbound_connections
+                .saturating_sub(defaults.reserved_inbound_connections)
         ),
         &[
             "phase",
@@ -164,6 +170,16 @@ pub fn section(size: &Size) -> Section {
         "An honest peer was {} after the storm.",
         if honest { "served" } else { "NOT served" }
     ));
+    let mut others: Vec<_> = outcomes
+        .iter()
+        .filter(|(code, _)| !matches!(code, Code::Ok | Code::ResourceExhausted))
+        .map(|(code, n)| format!("{n} {code:?}"))
+        .collect();
+    if !others.is_empty() {
+        others.sort();
+        s.notes
+            .push(format!("Other outcomes, by status: {}.", others.join(", ")));
+    }
     s
 }
 
