@@ -99,7 +99,6 @@ impl CertifiedRun {
     }
 }
 
-/// Whether `commit` is of `epoch`.
 /// A commit batch fetched ahead and refused there, kept for its turn:
 /// [`RefusedRun::verdict`] then gives what [`verify_commit_batch`] would
 /// say of the same commits and certifier blocks, under the same committee,
@@ -162,6 +161,7 @@ impl RefusedRun {
     }
 }
 
+/// Whether `commit` is of `epoch`.
 fn of_epoch(commit: &UnverifiedCommit, epoch: Epoch) -> Result<()> {
     let c = commit.commit();
     if c.epoch != epoch {
