@@ -69,12 +69,32 @@ struct Cli {
     #[arg(long)]
     json: Option<PathBuf>,
     #[command(subcommand)]
-    child: Option<Hidden>,
+    command: Option<Command>,
 }
 
-/// Runs in child processes, started by the harness itself.
+/// A steady load to profile, and the children the harness starts itself
+/// (hidden).
 #[derive(Subcommand, Debug)]
-enum Hidden {
+enum Command {
+    /// Catches the sync section's chain up again and again, from 3
+    /// validators in this process, printing each catch-up's time and the
+    /// CPU the process spent on it (servers and the node's shutdown
+    /// included): a steady load to
+    /// profile (`perf record -g -- soma-bench catch-ups`) or to compare
+    /// builds, without the chain's building in the figures.
+    #[command(name = "catch-ups")]
+    CatchUps {
+        /// Catch-ups to run, one after another.
+        #[arg(long, default_value_t = 10)]
+        times: usize,
+        /// Commits of the chain (blocks of 10 signed transactions).
+        #[arg(long, default_value_t = 20_000)]
+        commits: u64,
+        /// Check the synced blocks' signatures (off by default: the
+        /// pipeline without the crypto).
+        #[arg(long)]
+        signatures: bool,
+    },
     /// One discovery run.
     #[command(hide = true, name = "child-discovery")]
     Discovery { nodes: usize, interval_ms: u64 },
@@ -321,16 +341,24 @@ fn main() -> ExitCode {
             .with_writer(std::io::stderr)
             .init();
     }
-    match cli.child {
-        Some(Hidden::Discovery { nodes, interval_ms }) => {
+    match cli.command {
+        Some(Command::CatchUps {
+            times,
+            commits,
+            signatures,
+        }) => {
+            sync::catch_ups(times, commits, signatures);
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::Discovery { nodes, interval_ms }) => {
             discovery::child(nodes, interval_ms);
             return ExitCode::SUCCESS;
         }
-        Some(Hidden::Serve) => {
+        Some(Command::Serve) => {
             load::child();
             return ExitCode::SUCCESS;
         }
-        Some(Hidden::Memory {
+        Some(Command::Memory {
             commits,
             cache_bytes,
             seeds,
@@ -338,7 +366,7 @@ fn main() -> ExitCode {
             memory::child(commits, cache_bytes, &seeds);
             return ExitCode::SUCCESS;
         }
-        Some(Hidden::Flood {
+        Some(Command::Flood {
             commits,
             epoch,
             budget,
@@ -349,7 +377,7 @@ fn main() -> ExitCode {
             adversarial::child(commits, epoch, budget, timeout_ms, &seeds, &liar);
             return ExitCode::SUCCESS;
         }
-        Some(Hidden::Attacked { commits, seed }) => {
+        Some(Command::Attacked { commits, seed }) => {
             under_attack::child(commits, &seed);
             return ExitCode::SUCCESS;
         }

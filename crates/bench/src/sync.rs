@@ -241,6 +241,61 @@ pub async fn catch_up(chain: &Chain, peers: &[P2pHandle], key: u8, signatures: b
     }
 }
 
+/// CPU the process has used so far, all threads (user and system).
+fn process_cpu() -> Duration {
+    // SAFETY: `getrusage` only writes the struct it is given.
+    let mut usage = unsafe { std::mem::zeroed::<libc::rusage>() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let time = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+    };
+    time(usage.ru_utime) + time(usage.ru_stime)
+}
+
+/// `soma-bench catch-ups`: a chain of `commits` caught up `times` times
+/// in a row by a fresh node on a MemStore from the same 3 validators,
+/// each catch-up's time (to the tip) and CPU (to the node's shutdown,
+/// which drops its store) printed, then their medians.
+pub fn catch_ups(times: usize, commits: u64, signatures: bool) {
+    let built = Instant::now();
+    let chain = chain(4, commits);
+    eprintln!(
+        "chain of {commits} commits, {} blocks, built in {:.1}s; block signatures {}",
+        chain.block_count(),
+        built.elapsed().as_secs_f64(),
+        if signatures { "checked" } else { "off" }
+    );
+    let rt = runtime(2);
+    let (mut walls, mut cpus) = (Vec::new(), Vec::new());
+    rt.block_on(async {
+        let peers = validators(&chain, 3);
+        for i in 0..times {
+            let cpu = process_cpu();
+            // Keys of their own, past the validators' and the limits'.
+            let run = catch_up(&chain, &peers, 100 + (i % 100) as u8, signatures).await;
+            let cpu = process_cpu().saturating_sub(cpu);
+            println!(
+                "catch-up {i}: {:.3} s, {:.3} s of CPU, {} worker restarts",
+                run.elapsed.as_secs_f64(),
+                cpu.as_secs_f64(),
+                run.restarts
+            );
+            walls.push(run.elapsed);
+            cpus.push(cpu);
+        }
+        stop(peers).await;
+    });
+    let median = |v: &mut Vec<Duration>| {
+        v.sort();
+        v.get(v.len() / 2).copied().unwrap_or_default()
+    };
+    println!(
+        "median of {times}: {:.3} s, {:.3} s of CPU",
+        median(&mut walls).as_secs_f64(),
+        median(&mut cpus).as_secs_f64()
+    );
+}
+
 /// Starts `n` validators serving `chain`.
 pub fn validators(chain: &Chain, n: usize) -> Vec<P2pHandle> {
     (1..=n as u8)

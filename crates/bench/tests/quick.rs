@@ -171,3 +171,22 @@ fn an_unknown_benchmark_is_refused_with_the_choices() {
         "{stderr}"
     );
 }
+
+#[test]
+fn catch_ups_print_each_run_then_their_median() {
+    let output = Command::new(env!("CARGO_BIN_EXE_soma-bench"))
+        .args(["catch-ups", "--times", "3", "--commits", "40"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "{stdout}");
+    for (i, line) in lines[..3].iter().enumerate() {
+        assert!(
+            line.starts_with(&format!("catch-up {i}: ")) && line.ends_with(" 0 worker restarts"),
+            "{line}"
+        );
+    }
+    assert!(lines[3].starts_with("median of 3: "), "{stdout}");
+}
