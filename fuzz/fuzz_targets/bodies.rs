@@ -14,8 +14,8 @@ use bytes::Bytes;
 use prost::Message;
 use soma_types::verify::{self, NodeInfoPolicy};
 use soma_types::{
-    Authority, BlockRef, CommitRef, Committee, Digest, KeyPair, Limits, PeerId, SignedNodeInfo,
-    UnverifiedBlock, UnverifiedCommit, codec,
+    Authority, BlockRef, CommitRef, Committee, Digest, KeyPair, Limits, PeerId, SignedBlock,
+    SignedNodeInfo, UnverifiedBlock, UnverifiedCommit, codec,
 };
 use soma_wire::convert::Availability;
 use soma_wire::proto;
@@ -72,8 +72,19 @@ pub fn join(parts: &[&[u8]]) -> Vec<u8> {
 /// digests it hashed from the bytes must be those of the decoded values.
 pub fn decode_block(data: &[u8]) {
     let limits = Limits::default();
-    if let Ok(block) = UnverifiedBlock::decode(Bytes::copy_from_slice(data), limits.max_block_bytes)
+    let decoded = UnverifiedBlock::decode(Bytes::copy_from_slice(data), limits.max_block_bytes);
+    // The block decoder walks the bytes itself: whatever the codec's own
+    // decode takes and encodes back to the same bytes, it takes too, as the
+    // same block.
+    if let Ok(plain) = codec::decode::<SignedBlock>(data, limits.max_block_bytes)
+        && codec::encode(&plain) == data
     {
+        match &decoded {
+            Ok(block) => assert_eq!(block.signed(), &plain, "decoded differently"),
+            Err(e) => panic!("refused a canonical block: {e}"),
+        }
+    }
+    if let Ok(block) = decoded {
         assert_eq!(
             codec::encode(block.signed()),
             data,
