@@ -682,8 +682,8 @@ mod hostile {
         /// The block decoder (a walk of the bytes, not the codec's serde
         /// path) accepts exactly what the codec decodes and encodes back to
         /// the same bytes, and decodes it to the same block: valid,
-        /// corrupted, lengthened and cut encodings alike, with and without
-        /// an epoch's end.
+        /// corrupted, lengthened, cut and widened encodings alike, with and
+        /// without an epoch's end.
         #[test]
         fn the_block_decoder_accepts_exactly_the_canonical_encodings(
             signed in arb_signed_block_with(0..4),
@@ -692,9 +692,18 @@ mod hostile {
                 (any::<prop::sample::Index>(), vec(any::<u8>(), 1..4))
             ),
             cut in proptest::option::of(any::<prop::sample::Index>()),
+            widen in proptest::option::of(any::<prop::sample::Index>()),
         ) {
             for valid in [codec::encode(&signed), codec::encode(&sample_signed_block())] {
                 let mut bytes = valid;
+                // A byte below 251 in its long form: a non-canonical
+                // integer if it was one, junk otherwise.
+                if let Some(at) = &widen {
+                    let at = at.index(bytes.len());
+                    if bytes[at] < 251 {
+                        bytes = widened_varints(&bytes, at).swap_remove(0);
+                    }
+                }
                 for (at, byte) in &edits {
                     let i = at.index(bytes.len());
                     bytes[i] = *byte;
