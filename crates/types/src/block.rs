@@ -270,13 +270,7 @@ const MIN_COMMIT_REF_BYTES: usize = 1 + 33;
 /// must be added here (the tests compare this with the codec's own decode
 /// and encode of every field).
 fn parse(serialized: &Bytes, limit: usize) -> Result<(SignedBlock, Layout)> {
-    let limit = limit.min(codec::MAX_DECODE_BYTES);
-    if serialized.len() > limit {
-        return Err(Error::TooLarge {
-            len: serialized.len(),
-            limit,
-        });
-    }
+    codec::check_size(serialized, limit)?;
     let mut r = codec::Reader::new(serialized);
     let epoch = r.u64()?;
     let round = r.u32()?;

@@ -60,9 +60,10 @@ pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8], limit: usize) -> Result<T
     Ok(value)
 }
 
-/// [`decode`] of the value `bytes` begin with, and how many bytes it took;
-/// the bytes after it are left to the caller.
-pub fn decode_prefix<'a, T: Deserialize<'a>>(bytes: &'a [u8], limit: usize) -> Result<(T, usize)> {
+/// Refuses `bytes` longer than `limit`, or than [`MAX_DECODE_BYTES`]
+/// whatever the limit, before anything is read: every decoder of untrusted
+/// input starts here.
+pub fn check_size(bytes: &[u8], limit: usize) -> Result<()> {
     let limit = limit.min(MAX_DECODE_BYTES);
     if bytes.len() > limit {
         return Err(Error::TooLarge {
@@ -70,6 +71,13 @@ pub fn decode_prefix<'a, T: Deserialize<'a>>(bytes: &'a [u8], limit: usize) -> R
             limit,
         });
     }
+    Ok(())
+}
+
+/// [`decode`] of the value `bytes` begin with, and how many bytes it took;
+/// the bytes after it are left to the caller.
+pub fn decode_prefix<'a, T: Deserialize<'a>>(bytes: &'a [u8], limit: usize) -> Result<(T, usize)> {
+    check_size(bytes, limit)?;
     // bincode's limit is a type parameter, and it counts the bytes read plus
     // each container's claimed size in memory (length × element size), which
     // for our types stays under 8× the encoded size. Pick the smallest tier
