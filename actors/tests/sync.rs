@@ -526,22 +526,29 @@ mod byzantine {
     /// failing.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_junk_answer_to_a_commit_hedge_costs_the_peer_it_beat_nothing() {
-        // Two commit batches (of the default 200): at most two commit
-        // fetches at once, so the spoiler is banned at its first lie, even
-        // when it spoiled a fetch ahead, judged at that batch's turn.
+        // Two commit batches (of the default 200). The node knows only the
+        // held peer until it holds the first batch; the spoiler, dialled
+        // then, serves the second honestly or is asked first for a hedge
+        // of the first, which it spoils. Had both been known from the
+        // start, the spoiler could have served both batches before the
+        // held peer's height was known: no hedge, nothing spoiled.
         let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(300));
         let (held, spoiler) = serve_spoiling_commit_hedges(chain.clone(), 123, 124).await;
         let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
         let config = P2pConfig {
-            seed_peers: vec![held.seed(), spoiler.seed()],
+            seed_peers: vec![held.seed()],
             // No fetch the held peer holds times out before it is opened.
             timeout: Duration::from_secs(3_600),
-            // While the spoiler serves one fetch, the next goes to the
-            // held peer.
+            // The held peer holds the first batch; the second waits.
             max_fetches_per_peer: 1,
             ..P2pConfig::default()
         };
         let node = soma_testkit::node(&chain, 9, config, store.clone());
+        let stalled = held.stalled.clone();
+        let holds = async || stalled.load(Ordering::SeqCst) > 0;
+        soma_testkit::wait_until("the held peer to hold a fetch", DEADLINE, holds).await;
+        node.connect(Some(spoiler.peer), spoiler.address.clone())
+            .expect("Connections takes the dial");
         wait_banned(&node, &[spoiler.peer]).await;
         // The held peer has answered nothing yet, so nothing has halved
         // a failure it was given.
