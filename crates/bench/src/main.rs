@@ -130,6 +130,9 @@ pub struct Size {
     pub sync_commits: u64,
     /// Commits of the catch-up chain of large blocks.
     pub large_commits: u64,
+    /// Runs of each catch-up and of its transport limit (the median is
+    /// reported).
+    pub sync_runs: usize,
     /// Commits of the chain caught up on 1 core, then 2.
     pub cores_commits: u64,
     /// Commits of the chain caught up through impaired links.
@@ -180,6 +183,7 @@ impl Size {
         Size {
             sync_commits: 20_000,
             large_commits: 4_000,
+            sync_runs: 5,
             cores_commits: 10_000,
             latency_commits: 40_000,
             latency_reset_every: Duration::from_secs(10),
@@ -209,6 +213,7 @@ impl Size {
         Size {
             sync_commits: 300,
             large_commits: 100,
+            sync_runs: 1,
             cores_commits: 100,
             latency_commits: 300,
             // Long enough for a redial and a fetch through a 100 ms link

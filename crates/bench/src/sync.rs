@@ -310,6 +310,47 @@ pub async fn stop(handles: Vec<P2pHandle>) {
     }
 }
 
+/// Repeated runs of one measurement, sorted by their time: the median is
+/// reported and the spread noted, since one run of a second or less on a
+/// shared machine moves by a third from run to run.
+struct Runs<T> {
+    sorted: Vec<T>,
+    times: Vec<Duration>,
+}
+
+impl<T> Runs<T> {
+    /// `runs` (at least one), timed by `elapsed`.
+    fn new(mut runs: Vec<T>, elapsed: impl Fn(&T) -> Duration) -> Self {
+        assert!(!runs.is_empty(), "at least one run");
+        runs.sort_by_key(&elapsed);
+        let times = runs.iter().map(elapsed).collect();
+        Runs {
+            sorted: runs,
+            times,
+        }
+    }
+
+    /// The median run (the slower of the two middle ones, for an even count).
+    fn median(&self) -> &T {
+        &self.sorted[self.sorted.len() / 2]
+    }
+
+    /// The fastest and the slowest run's time, in seconds, as `a–b`.
+    fn spread(&self) -> String {
+        let secs = |d: &Duration| d.as_secs_f64();
+        let (first, last) = (self.times.first(), self.times.last());
+        format!(
+            "{:.2}–{:.2} s",
+            first.map_or(0.0, secs),
+            last.map_or(0.0, secs)
+        )
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &T> {
+        self.sorted.iter()
+    }
+}
+
 /// One chain's catch-ups, with its limits.
 struct Measured {
     chain: Arc<Chain>,
@@ -318,15 +359,16 @@ struct Measured {
     block_bytes: f64,
     signatures: usize,
     crypto: Duration,
-    transport: Transport,
-    on: CatchUp,
-    off: CatchUp,
+    transport: Runs<Transport>,
+    on: Runs<CatchUp>,
+    off: Runs<CatchUp>,
 }
 
 /// Builds a chain of `commits` commits of 10 transactions of
-/// `payload_bytes`, times its limits, and catches it up twice from 3
-/// validators: block signatures checked, then off.
-fn measure(commits: u64, payload_bytes: usize, config: &P2pConfig) -> Measured {
+/// `payload_bytes`, times its limits, and catches it up `runs` times from
+/// 3 validators each way, block signatures checked, then off, in turn;
+/// the transport limit is timed `runs` times too.
+fn measure(commits: u64, payload_bytes: usize, config: &P2pConfig, runs: usize) -> Measured {
     let built = Instant::now();
     let chain = chain_of_payloads(4, commits, payload_bytes);
     let blocks = chain.block_count() as f64;
@@ -340,15 +382,21 @@ fn measure(commits: u64, payload_bytes: usize, config: &P2pConfig) -> Measured {
         built.elapsed().as_secs_f64()
     );
     let (signatures, crypto) = crypto_limit(&chain);
-    let transport = transport_limit(&chain, 3, config);
+    let transport = (0..runs)
+        .map(|_| transport_limit(&chain, 3, config))
+        .collect();
     let rt = runtime(2);
     let (on, off) = rt.block_on(async {
         let peers = validators(&chain, 3);
-        let on = catch_up(&chain, &peers, 101, true).await;
-        let off = catch_up(&chain, &peers, 102, false).await;
+        let (mut on, mut off) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            on.push(catch_up(&chain, &peers, 101, true).await);
+            off.push(catch_up(&chain, &peers, 102, false).await);
+        }
         stop(peers).await;
         (on, off)
     });
+    let elapsed = |run: &CatchUp| run.elapsed;
     Measured {
         chain,
         commits,
@@ -356,9 +404,9 @@ fn measure(commits: u64, payload_bytes: usize, config: &P2pConfig) -> Measured {
         block_bytes,
         signatures,
         crypto,
-        transport,
-        on,
-        off,
+        transport: Runs::new(transport, |t: &Transport| t.elapsed),
+        on: Runs::new(on, elapsed),
+        off: Runs::new(off, elapsed),
     }
 }
 
@@ -366,13 +414,15 @@ fn measure(commits: u64, payload_bytes: usize, config: &P2pConfig) -> Measured {
 /// the blocks of 10 small transactions, then with blocks of about 20 KB.
 pub fn catch_up_section(size: &Size) -> Section {
     let config = P2pConfig::default();
+    let runs = size.sync_runs;
     let small = measure(
         size.sync_commits,
         ChainConfig::default().payload_bytes,
         &config,
+        runs,
     );
     let previous = previous_rule(&small.chain);
-    let large = measure(size.large_commits, LARGE_PAYLOAD_BYTES, &config);
+    let large = measure(size.large_commits, LARGE_PAYLOAD_BYTES, &config, runs);
 
     let mut s = Section::new(
         "sync",
@@ -386,7 +436,9 @@ pub fn catch_up_section(size: &Size) -> Section {
              FetchCommits and FetchBlocks requests, {} at once over 3 connections, answered by a \
              bare tonic service from memory. MB/s counts block bytes. Then the same with \
              transactions of {LARGE_PAYLOAD_BYTES}-byte payloads: {} commits, {} blocks of {:.0} \
-             bytes on average, each set of rows against its own limits.",
+             bytes on average, each set of rows against its own limits. The transport limit and \
+             each catch-up are the median of {runs} runs (the two catch-ups in turn, on the same \
+             validators); their spread is noted below.",
             small.commits,
             small.blocks,
             small.block_bytes,
@@ -411,14 +463,28 @@ pub fn catch_up_section(size: &Size) -> Section {
     small.rows(&mut s, "", Some(previous));
     let large_label = format!(", blocks of {:.0} KB", large.block_bytes / 1e3);
     large.rows(&mut s, &large_label, None);
-    s.notes.push(format!(
-        "Worker restarts: {} with signatures checked, {} without; with the large blocks {} and {}.",
-        small.on.restarts, small.off.restarts, large.on.restarts, large.off.restarts
-    ));
+    for (measured, label) in [(&small, "small blocks"), (&large, "large blocks")] {
+        s.notes.push(measured.spread(label));
+    }
     s
 }
 
 impl Measured {
+    /// The runs' spread and the worker restarts in all of them, for the
+    /// rows of `label`.
+    fn spread(&self, label: &str) -> String {
+        let restarts = |runs: &Runs<CatchUp>| runs.iter().map(|r| r.restarts).sum::<u64>();
+        format!(
+            "Runs with {label} (fastest–slowest): transport limit {}, catch-up with signatures \
+             checked {}, off {}; worker restarts in all runs: {} checked, {} off.",
+            self.transport.spread(),
+            self.on.spread(),
+            self.off.spread(),
+            restarts(&self.on),
+            restarts(&self.off),
+        )
+    }
+
     /// The crypto limit, the `previous` rule's time if given, the
     /// transport limit, then both catch-ups, each label ending with
     /// `suffix`.
@@ -451,7 +517,7 @@ impl Measured {
                 ],
             );
         }
-        let transport = &self.transport;
+        let transport = self.transport.median();
         s.row(
             format!("bare tonic stream, same requests (transport limit){suffix}"),
             vec![
@@ -465,8 +531,8 @@ impl Measured {
             ],
         );
         for (label, run, checked) in [
-            ("catch-up, block signatures checked", &self.on, true),
-            ("catch-up, block signatures off", &self.off, false),
+            ("catch-up, block signatures checked", self.on.median(), true),
+            ("catch-up, block signatures off", self.off.median(), false),
         ] {
             let sigs = signatures as f64 / run.elapsed.as_secs_f64();
             let crypto_rate = signatures as f64 / self.crypto.as_secs_f64();
@@ -560,4 +626,28 @@ pub fn scaling_section(size: &Size) -> Section {
         run(format!("{validators} validators"), &chain, 3);
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_report_their_median_run_and_their_spread() {
+        let ms = Duration::from_millis;
+        let runs = Runs::new(vec![(ms(300), 'a'), (ms(100), 'b'), (ms(200), 'c')], |r| {
+            r.0
+        });
+        assert_eq!(runs.median().1, 'c');
+        assert_eq!(runs.spread(), "0.10–0.30 s");
+        assert_eq!(runs.iter().map(|r| r.1).collect::<String>(), "bca");
+        // Of an even count, the slower of the middle two.
+        let runs = Runs::new(
+            vec![(ms(40), 1), (ms(10), 2), (ms(30), 3), (ms(20), 4)],
+            |r| r.0,
+        );
+        assert_eq!(runs.median().1, 3);
+        let one = Runs::new(vec![(ms(1_500), ())], |r| r.0);
+        assert_eq!(one.spread(), "1.50–1.50 s");
+    }
 }
