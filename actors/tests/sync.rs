@@ -415,6 +415,17 @@ mod byzantine {
         node.shutdown().await;
     }
 
+    /// Waits until `held` holds a fetch of `node`'s, then has `node` dial
+    /// `other`: what `other` is asked first is then a fetch `held` does
+    /// not hold, or a hedge of one it does.
+    async fn dial_once_held(node: &P2pHandle, held: &Served, other: &Served) {
+        let stalled = held.stalled.clone();
+        let holds = async || stalled.load(Ordering::SeqCst) > 0;
+        soma_testkit::wait_until("the held peer to hold a fetch", DEADLINE, holds).await;
+        node.connect(Some(other.peer), other.address.clone())
+            .expect("Connections takes the dial");
+    }
+
     /// A node syncing `chain` from `held` alone until `held` holds a
     /// fetch, then from `liar` too, which is then asked only in hedges of
     /// what `held` holds (no fetch times out before it is opened); once
@@ -428,11 +439,7 @@ mod byzantine {
             ..P2pConfig::default()
         };
         let node = soma_testkit::node(chain, 9, config, store);
-        let stalled = held.stalled.clone();
-        let holds = async || stalled.load(Ordering::SeqCst) > 0;
-        soma_testkit::wait_until("the held peer to hold a fetch", DEADLINE, holds).await;
-        node.connect(Some(liar.peer), liar.address.clone())
-            .expect("Connections takes the dial");
+        dial_once_held(&node, held, liar).await;
         let denied = liar.denied.clone();
         let asked = async || denied.load(Ordering::SeqCst) > 0;
         soma_testkit::wait_until("the liar to deny a hedge", DEADLINE, asked).await;
@@ -544,11 +551,7 @@ mod byzantine {
             ..P2pConfig::default()
         };
         let node = soma_testkit::node(&chain, 9, config, store.clone());
-        let stalled = held.stalled.clone();
-        let holds = async || stalled.load(Ordering::SeqCst) > 0;
-        soma_testkit::wait_until("the held peer to hold a fetch", DEADLINE, holds).await;
-        node.connect(Some(spoiler.peer), spoiler.address.clone())
-            .expect("Connections takes the dial");
+        dial_once_held(&node, &held, &spoiler).await;
         wait_banned(&node, &[spoiler.peer]).await;
         // The held peer has answered nothing yet, so nothing has halved
         // a failure it was given.

@@ -337,13 +337,9 @@ impl<T> Runs<T> {
 
     /// The fastest and the slowest run's time, in seconds, as `a–b`.
     fn spread(&self) -> String {
-        let secs = |d: &Duration| d.as_secs_f64();
-        let (first, last) = (self.times.first(), self.times.last());
-        format!(
-            "{:.2}–{:.2} s",
-            first.map_or(0.0, secs),
-            last.map_or(0.0, secs)
-        )
+        // `new` holds at least one run.
+        let (first, last) = (self.times[0], self.times[self.times.len() - 1]);
+        format!("{:.2}–{:.2} s", first.as_secs_f64(), last.as_secs_f64())
     }
 
     fn iter(&self) -> impl Iterator<Item = &T> {
