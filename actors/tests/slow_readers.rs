@@ -397,6 +397,91 @@ async fn one_hosts_identities_leave_its_neighbours_their_networks_slots() {
     node.shutdown().await;
 }
 
+/// A host that asks for answers and drops each unread (it resets the
+/// call once the answer's headers came), with a fresh identity every
+/// time, is refused as soon as it has dropped its host's allowance, for
+/// both kinds of fetch: the reads it never downloads stop there, not at
+/// its share of the fetch slots. A neighbour in its /24 is served in
+/// full, and an honest node syncs from the same server meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_dropping_answers_unread_is_refused_once_its_allowance_is_gone() {
+    use soma_testkit::attack;
+    use soma_testkit::wait_until;
+
+    const DROPPED: u64 = 3;
+    let (node, chain) = counted_by_address(|grpc| {
+        // The host holds one caller's allowance; none refills.
+        grpc.max_concurrent_fetches_per_peer = 4;
+        grpc.max_concurrent_fetches_per_host = 4;
+        grpc.abandoned_fetch_burst = DROPPED as u32;
+        grpc.abandoned_fetches_per_minute = 0;
+    });
+    let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+    let honest_config = P2pConfig {
+        seed_peers: seeds(&[&node]),
+        ..P2pConfig::default()
+    };
+    let honest = soma_testkit::node(&chain, 9, honest_config, store.clone());
+
+    let target = target(&node);
+    let refs = block_refs(&chain, 10);
+    let request = || proto::FetchBlocksRequest { refs: refs.clone() };
+    let attacker = std::net::IpAddr::from([127, 10, 2, 1]);
+    let fresh = |i: usize| NodeIdentity::generate(&attack::fresh_key(7, i)).expect("an identity");
+    for i in 0..DROPPED {
+        let identity = fresh(i as usize);
+        let mut dropper = attack::client(target, attacker, Some(&identity), Some(0))
+            .await
+            .expect("connects");
+        // Admitted: the headers came; the blocks wait for a window that
+        // never opens, and the call is reset.
+        let answer = dropper.fetch_blocks(request()).await.expect("admitted");
+        drop(answer);
+        wait_until(
+            "the server to see the answer dropped",
+            DEADLINE,
+            async || node.fetches_abandoned() == i + 1,
+        )
+        .await;
+    }
+    let refusal = "too many fetches dropped before their answers were read: \
+                   at most 0 a minute may go unread";
+    let identity = fresh(3);
+    let mut late = attack::client(target, attacker, Some(&identity), Some(0))
+        .await
+        .expect("connects");
+    let refused = late.fetch_blocks(request()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert_eq!(refused.message(), refusal);
+    let commits = proto::FetchCommitsRequest { start: 1, end: 10 };
+    let refused = late.fetch_commits(commits).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert_eq!(refused.message(), refusal);
+    let held = FetchesRefused {
+        abandoning: 2,
+        ..FetchesRefused::default()
+    };
+    assert_eq!(node.fetches_refused(), held);
+
+    // A neighbour on another host of the /24 reads its answer in full.
+    let identity = fresh(4);
+    let neighbour = std::net::IpAddr::from([127, 10, 2, 2]);
+    let mut reader = attack::client(target, neighbour, Some(&identity), None)
+        .await
+        .expect("connects");
+    let stream = reader.fetch_blocks(request()).await.expect("admitted");
+    assert_eq!(blocks_read(stream.into_inner()).await, refs.len());
+
+    wait_synced(&honest, chain.tip(), DEADLINE).await;
+    assert_same_chain(&chain, store.as_ref());
+    // Only the attacker's answers went unread; the honest node, fetching
+    // from its one peer, dropped none.
+    assert_eq!(node.fetches_abandoned(), DROPPED);
+    assert_eq!(node.fetches_refused(), held);
+    honest.shutdown().await;
+    node.shutdown().await;
+}
+
 /// A node serving a chain of 300 commits whose loopback callers count by
 /// address (not exempt), with the fetch caps `caps` sets, and unread
 /// answers keeping their slots for the whole test.

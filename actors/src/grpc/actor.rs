@@ -4,7 +4,7 @@ use std::sync::Arc;
 use actix::{Actor, Addr, Context, Handler, Supervised};
 use soma_wire::inbound;
 
-use super::core::{Crowded, GrpcAdapterCore, Limits};
+use super::core::{ABANDONED_REFUSAL, Crowded, GrpcAdapterCore, Limits};
 use super::deadline::SendStats;
 use super::messages::*;
 use crate::Driver;
@@ -101,7 +101,12 @@ impl Supervised for GrpcAdapter {
 impl GrpcAdapter {
     /// Tells the core of the fetches that ended since it last heard, in
     /// id order, so a replay sees the same inputs.
+    /// Fetches dropped unread are charged first: each is reported before
+    /// its permit goes.
     fn step_ended(&mut self) {
+        for (caller, origin) in self.deps.send_stats.take_abandoned() {
+            self.driver.step(Input::Abandoned { caller, origin });
+        }
         for id in self.holders.ended() {
             self.driver.step(Input::Done { id });
         }
@@ -210,10 +215,12 @@ impl Handler<CallMsg> for GrpcAdapter {
                     id: refused,
                     refusal,
                 } if refused == id => {
-                    if let Some(cap) = in_way
-                        && refusal.code == Code::ResourceExhausted
-                    {
-                        self.deps.send_stats.count_refused(cap);
+                    if refusal.code == Code::ResourceExhausted && fetch {
+                        if refusal.message.starts_with(ABANDONED_REFUSAL) {
+                            self.deps.send_stats.count_refused(None);
+                        } else if in_way.is_some() {
+                            self.deps.send_stats.count_refused(in_way);
+                        }
                     }
                     result = Err(refusal);
                 }

@@ -88,6 +88,24 @@ pub struct Limits {
     /// GetKnownPeers calls one connection or caller may make at once.
     #[serde(default = "default_known_peers_burst")]
     pub known_peers_burst: u32,
+    /// FetchCommits and FetchBlocks a caller may drop before their answers
+    /// are read (a reset call, a closed connection), a minute on average:
+    /// past its allowance, and past `abandoned-fetch-burst` after a quiet
+    /// spell, its fetches are refused (RESOURCE_EXHAUSTED) until the
+    /// allowance refills. A host and a network have as many callers'
+    /// allowance as their fetch caps hold callers at the caller's cap
+    /// (`max-concurrent-fetches-per-host` and `-per-network` over
+    /// `-per-peer`), so identities minted on one host share it. An honest
+    /// node drops a fetch it hedged and lost, or one past its timeout: a
+    /// few a minute. A host that asks for reads and never downloads them
+    /// would otherwise keep its share of the fetch slots reading for
+    /// nothing, at any rate.
+    #[serde(default = "default_abandoned_fetches_per_minute")]
+    pub abandoned_fetches_per_minute: u32,
+    /// Fetches a caller may drop unread at once after a quiet spell (the
+    /// token bucket's depth).
+    #[serde(default = "default_abandoned_fetch_burst")]
+    pub abandoned_fetch_burst: u32,
     /// Connections and callers whose call rates are tracked at once; past
     /// it, the entries that have been quiet longest are forgotten, down to
     /// three quarters of it at once.
@@ -156,6 +174,14 @@ fn default_known_peers_burst() -> u32 {
     5
 }
 
+fn default_abandoned_fetches_per_minute() -> u32 {
+    60
+}
+
+fn default_abandoned_fetch_burst() -> u32 {
+    20
+}
+
 fn default_max_rate_limited() -> usize {
     4_096
 }
@@ -204,6 +230,8 @@ impl Default for Limits {
             cheap_call_burst: default_cheap_call_burst(),
             known_peers_calls_per_minute: default_known_peers_calls_per_minute(),
             known_peers_burst: default_known_peers_burst(),
+            abandoned_fetches_per_minute: default_abandoned_fetches_per_minute(),
+            abandoned_fetch_burst: default_abandoned_fetch_burst(),
             max_rate_limited: default_max_rate_limited(),
             reserved_inbound_connections: inbound::DEFAULT_RESERVED_CONNECTIONS,
             max_inbound_per_ip: inbound::DEFAULT_MAX_PER_IP,
@@ -238,6 +266,9 @@ enum Rate {
     Cheap,
     /// GetKnownPeers.
     KnownPeers,
+    /// Fetches dropped before their answers were read: charged when
+    /// dropped, checked when a fetch arrives.
+    Abandoned,
 }
 
 /// A token bucket, in thousandths of a call so refills need no floats.
@@ -370,7 +401,7 @@ impl Core for GrpcAdapterCore {
                 let origin = origin.map(inbound::host);
                 let mut out = Vec::new();
                 let admitted = self
-                    .rate(now, (caller, connection, address), &call)
+                    .rate(now, (caller, connection, address), origin, &call)
                     .and_then(|()| self.admit(id, (caller, origin), call, &stalled, &mut out));
                 out.push(match admitted {
                     Ok(work) => Output::Admit { id, work },
@@ -380,6 +411,10 @@ impl Core for GrpcAdapterCore {
             }
             Input::Done { id } => {
                 self.release(id);
+                vec![]
+            }
+            Input::Abandoned { caller, origin } => {
+                self.charge_abandoned(now, caller, origin.map(inbound::host));
                 vec![]
             }
         }
@@ -507,6 +542,22 @@ pub(crate) fn fetch_work(limits: &Limits, call: Call) -> Result<Work, Refusal> {
     }
 }
 
+/// How a fetch refused for its caller's fetches dropped unread begins.
+pub(crate) const ABANDONED_REFUSAL: &str =
+    "too many fetches dropped before their answers were read";
+
+/// Who pays for a fetch of `caller` from `host` dropped unread: the
+/// caller if authenticated, and the host and its network if counted (see
+/// `Input::Call`'s `origin`). An exempt or reserved anonymous caller pays
+/// nothing.
+fn abandoning(caller: Option<PeerId>, host: Option<IpAddr>) -> impl Iterator<Item = Payer> {
+    caller
+        .map(Payer::Peer)
+        .into_iter()
+        .chain(host.map(Payer::Address))
+        .chain(host.map(|h| Payer::Network(inbound::network(h))))
+}
+
 fn refuse(code: Code, message: impl Into<String>) -> Refusal {
     Refusal {
         code,
@@ -517,26 +568,34 @@ fn refuse(code: Code, message: impl Into<String>) -> Refusal {
 impl GrpcAdapterCore {
     /// Takes a token for `call` from its connection's bucket and, for an
     /// authenticated caller, from the caller's, and for a caller of known
-    /// `address`, from its address's and its network's; fetches are
-    /// bounded by their slots instead.
+    /// `address`, from its address's and its network's. Fetches are
+    /// bounded by their slots instead, and refused while their caller, or
+    /// their `host` or its network, has dropped its allowance of fetches
+    /// unread ([`Rate::Abandoned`]).
     fn rate(
         &mut self,
         now: Time,
         (caller, connection, address): (Option<PeerId>, Option<SocketAddr>, Option<IpAddr>),
+        host: Option<IpAddr>,
         call: &Call,
     ) -> Result<(), Refusal> {
-        let (rate, per_minute, burst) = match call {
-            Call::CommitInfo { .. } | Call::PushCommit { .. } => (
-                Rate::Cheap,
-                u64::from(self.limits.cheap_calls_per_second) * 60,
-                self.limits.cheap_call_burst,
-            ),
-            Call::KnownPeers => (
-                Rate::KnownPeers,
-                u64::from(self.limits.known_peers_calls_per_minute),
-                self.limits.known_peers_burst,
-            ),
-            Call::FetchCommits { .. } | Call::FetchBlocks { .. } => return Ok(()),
+        let rate = match call {
+            Call::CommitInfo { .. } | Call::PushCommit { .. } => Rate::Cheap,
+            Call::KnownPeers => Rate::KnownPeers,
+            Call::FetchCommits { .. } | Call::FetchBlocks { .. } => {
+                for payer in abandoning(caller, host) {
+                    let (level, (_, per_minute)) = self.level(now, payer, Rate::Abandoned);
+                    if level < MILLI {
+                        return Err(refuse(
+                            Code::ResourceExhausted,
+                            format!(
+                                "{ABANDONED_REFUSAL}: at most {per_minute} a minute may go unread"
+                            ),
+                        ));
+                    }
+                }
+                return Ok(());
+            }
         };
         let payers: Vec<Payer> = connection
             .map(Payer::Connection)
@@ -548,21 +607,7 @@ impl GrpcAdapterCore {
         // Refill, then check every payer before taking from any.
         let mut levels = Vec::with_capacity(payers.len());
         for payer in &payers {
-            let share = match payer {
-                Payer::Address(_) => self.limits.max_inbound_per_ip.max(1) as u64,
-                Payer::Network(_) => self.limits.max_inbound_per_prefix.max(1) as u64,
-                Payer::Connection(_) | Payer::Peer(_) => 1,
-            };
-            let capacity = u64::from(burst.max(1)) * MILLI * share;
-            let per_minute = per_minute * share;
-            let bucket = self.buckets.get(&(*payer, rate)).copied();
-            let level = bucket.map_or(capacity, |b| {
-                let elapsed_ms = now.0.saturating_sub(b.at.0);
-                // per_minute calls a minute is per_minute thousandths a
-                // millisecond over 60.
-                let refill = elapsed_ms.saturating_mul(per_minute) / 60;
-                b.milli.saturating_add(refill).min(capacity)
-            });
+            let (level, (_, per_minute)) = self.level(now, *payer, rate);
             if level < MILLI {
                 return Err(refuse(
                     Code::ResourceExhausted,
@@ -582,6 +627,77 @@ impl GrpcAdapterCore {
         }
         self.forget_quiet();
         Ok(())
+    }
+
+    /// A fetch of `caller` from `host` was dropped before its answer was
+    /// read: a token from each of their [`Rate::Abandoned`] buckets, down
+    /// to empty. Charged after the fact, so a payer may drop as many more
+    /// as it had fetches running when its allowance ran out, which its
+    /// slots bound.
+    fn charge_abandoned(&mut self, now: Time, caller: Option<PeerId>, host: Option<IpAddr>) {
+        for payer in abandoning(caller, host) {
+            let (level, _) = self.level(now, payer, Rate::Abandoned);
+            self.buckets.insert(
+                (payer, Rate::Abandoned),
+                Bucket {
+                    milli: level.saturating_sub(MILLI),
+                    at: now,
+                },
+            );
+        }
+        self.forget_quiet();
+    }
+
+    /// `payer`'s allowance for `rate`: its bucket's depth in thousandths
+    /// of a call, and its calls a minute. An address and a network have
+    /// as many connections' allowance as the inbound caps let them hold
+    /// connections (`max_inbound_per_ip`, `max_inbound_per_prefix`); for
+    /// fetches dropped unread, a host and a network as many callers' as
+    /// their fetch caps hold callers at the caller's cap.
+    fn allowance(&self, payer: Payer, rate: Rate) -> (u64, u64) {
+        let limits = &self.limits;
+        let (per_minute, burst) = match rate {
+            Rate::Cheap => (
+                u64::from(limits.cheap_calls_per_second) * 60,
+                limits.cheap_call_burst,
+            ),
+            Rate::KnownPeers => (
+                u64::from(limits.known_peers_calls_per_minute),
+                limits.known_peers_burst,
+            ),
+            Rate::Abandoned => (
+                u64::from(limits.abandoned_fetches_per_minute),
+                limits.abandoned_fetch_burst,
+            ),
+        };
+        let callers = |cap: usize| cap.div_ceil(limits.max_concurrent_fetches_per_peer.max(1));
+        let share = match (rate, payer) {
+            (Rate::Abandoned, Payer::Address(_)) => callers(limits.max_concurrent_fetches_per_host),
+            (Rate::Abandoned, Payer::Network(_)) => {
+                callers(limits.max_concurrent_fetches_per_network)
+            }
+            (_, Payer::Address(_)) => limits.max_inbound_per_ip,
+            (_, Payer::Network(_)) => limits.max_inbound_per_prefix,
+            (_, Payer::Connection(_) | Payer::Peer(_)) => 1,
+        }
+        .max(1) as u64;
+        (u64::from(burst.max(1)) * MILLI * share, per_minute * share)
+    }
+
+    /// The level of `payer`'s bucket for `rate` at `now`, refilled since
+    /// it was last taken from (full if it is not tracked), with its
+    /// [`allowance`](Self::allowance).
+    fn level(&self, now: Time, payer: Payer, rate: Rate) -> (u64, (u64, u64)) {
+        let (capacity, per_minute) = self.allowance(payer, rate);
+        let bucket = self.buckets.get(&(payer, rate)).copied();
+        let level = bucket.map_or(capacity, |b| {
+            let elapsed_ms = now.0.saturating_sub(b.at.0);
+            // per_minute calls a minute is per_minute thousandths a
+            // millisecond over 60.
+            let refill = elapsed_ms.saturating_mul(per_minute) / 60;
+            b.milli.saturating_add(refill).min(capacity)
+        });
+        (level, (capacity, per_minute))
     }
 
     /// Keeps the rate table within `max_rate_limited` entries: past it,
@@ -1228,5 +1344,126 @@ mod tests {
             rated(&mut c, 5, None, 5, info()),
             Some(Code::ResourceExhausted)
         );
+    }
+
+    /// Fetch `id` of `caller` from `host` at `now`; its slot is given
+    /// back at once (so no slot cap is in the way). The refusal's message
+    /// if refused.
+    fn fetch_then_done(
+        c: &mut GrpcAdapterCore,
+        now: u64,
+        id: u64,
+        caller: u8,
+        host: &str,
+    ) -> Result<(), String> {
+        let out = c.handle(
+            Time(now),
+            Input::Call {
+                id,
+                caller: Some(PeerId([caller; 32])),
+                connection: None,
+                origin: Some(ip(host)),
+                call: Call::FetchCommits { start: 1, end: 1 },
+                stalled: Vec::new(),
+            },
+        );
+        c.handle(Time(now), Input::Done { id });
+        match out.as_slice() {
+            [Output::Admit { .. }] => Ok(()),
+            [Output::Refuse { refusal, .. }] => {
+                assert_eq!(refusal.code, Code::ResourceExhausted);
+                Err(refusal.message.clone())
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A fetch of `caller` from `host` dropped unread at `now`.
+    fn abandon(c: &mut GrpcAdapterCore, now: u64, caller: u8, host: &str) {
+        let out = c.handle(
+            Time(now),
+            Input::Abandoned {
+                caller: Some(PeerId([caller; 32])),
+                origin: Some(ip(host)),
+            },
+        );
+        assert_eq!(out, vec![]);
+    }
+
+    #[test]
+    fn fetches_dropped_unread_use_up_the_allowance_of_their_caller_host_and_network() {
+        // One dropped fetch every 10 s, three at once; a host holds two
+        // callers at their cap (8 / 4), a network four (16 / 4).
+        let mut c = GrpcAdapterCore::new(Init::from(Limits {
+            abandoned_fetches_per_minute: 6,
+            abandoned_fetch_burst: 3,
+            max_concurrent_fetches_per_peer: 4,
+            max_concurrent_fetches_per_host: 8,
+            max_concurrent_fetches_per_network: 16,
+            ..Limits::default()
+        }));
+        let refusal = "too many fetches dropped before their answers were read: \
+                       at most 6 a minute may go unread";
+        // Fetches answered in full cost nothing, however many.
+        for id in 0..50 {
+            assert_eq!(fetch_then_done(&mut c, 0, id, 1, "10.0.0.1"), Ok(()));
+        }
+        // Caller 1 drops three: its own allowance is gone.
+        for _ in 0..3 {
+            abandon(&mut c, 0, 1, "10.0.0.1");
+        }
+        assert_eq!(
+            fetch_then_done(&mut c, 0, 100, 1, "10.0.0.1"),
+            Err(refusal.into())
+        );
+        // A fresh identity on the same host has the host's other half.
+        assert_eq!(fetch_then_done(&mut c, 0, 101, 2, "10.0.0.1"), Ok(()));
+        for _ in 0..3 {
+            abandon(&mut c, 0, 2, "10.0.0.1");
+        }
+        let host = "too many fetches dropped before their answers were read: \
+                    at most 12 a minute may go unread";
+        assert_eq!(
+            fetch_then_done(&mut c, 0, 102, 3, "10.0.0.1"),
+            Err(host.into())
+        );
+        // Its network has 12 at once: half of it is gone.
+        for (id, (caller, neighbour)) in [(4, "10.0.0.2"), (5, "10.0.0.3")].into_iter().enumerate()
+        {
+            assert_eq!(
+                fetch_then_done(&mut c, 0, 103 + id as u64, caller, neighbour),
+                Ok(())
+            );
+            for _ in 0..3 {
+                abandon(&mut c, 0, caller, neighbour);
+            }
+        }
+        let network = "too many fetches dropped before their answers were read: \
+                       at most 24 a minute may go unread";
+        assert_eq!(
+            fetch_then_done(&mut c, 0, 105, 6, "10.0.0.4"),
+            Err(network.into())
+        );
+        // Another network's callers are untouched.
+        assert_eq!(fetch_then_done(&mut c, 0, 106, 7, "10.0.1.1"), Ok(()));
+        // Refills: the network's 24 a minute give a token after 2.5 s,
+        // the host's 12 after 5 s, caller 1's own 6 after 10 s.
+        assert_eq!(
+            fetch_then_done(&mut c, 2_499, 107, 6, "10.0.0.4"),
+            Err(network.into())
+        );
+        assert_eq!(fetch_then_done(&mut c, 2_500, 108, 6, "10.0.0.4"), Ok(()));
+        assert_eq!(
+            fetch_then_done(&mut c, 4_999, 109, 3, "10.0.0.1"),
+            Err(host.into())
+        );
+        assert_eq!(fetch_then_done(&mut c, 5_000, 110, 3, "10.0.0.1"), Ok(()));
+        assert_eq!(
+            fetch_then_done(&mut c, 9_999, 111, 1, "10.0.0.1"),
+            Err(refusal.into())
+        );
+        assert_eq!(fetch_then_done(&mut c, 10_000, 112, 1, "10.0.0.1"), Ok(()));
+        // A refusal takes nothing: admitted again at once.
+        assert_eq!(fetch_then_done(&mut c, 10_000, 113, 1, "10.0.0.1"), Ok(()));
     }
 }

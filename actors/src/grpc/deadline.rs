@@ -21,14 +21,17 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll, Waker, ready};
+
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 use http_body::Frame;
+use soma_types::PeerId;
 use tokio::sync::Notify;
 use tonic::Status;
 use tonic::body::Body;
@@ -61,6 +64,10 @@ pub struct FetchesRefused {
     pub network: u64,
     /// At `max_concurrent_fetches`.
     pub all: u64,
+    /// Their caller, host or network had dropped its allowance of
+    /// fetches before their answers were read
+    /// (`abandoned-fetches-per-minute`).
+    pub abandoning: u64,
 }
 
 /// What the server is sending; shared with the handle.
@@ -77,8 +84,15 @@ pub struct SendStats {
     /// Slots of answered fetches, kept for their connection's next fetch.
     pub(super) kept: KeptSlots,
     /// Fetches refused at a cap, by cap: the caller's, its host's, its
-    /// network's, everyone's.
-    refused: [AtomicU64; 4],
+    /// network's, everyone's, and for fetches dropped unread.
+    refused: [AtomicU64; 5],
+    /// Fetches dropped before their answers were read, by caller and
+    /// host, until the adapter charges them (at its next call). Each was
+    /// admitted by the adapter and gave its slot back unkept, so there are
+    /// never more than the slots the adapter handed out meanwhile.
+    abandoned: Mutex<Vec<(Option<PeerId>, Option<IpAddr>)>>,
+    /// Fetches dropped unread so far.
+    abandoned_total: AtomicU64,
     /// Every response being sent, by deadline, for the sweeper.
     deadlines: Mutex<BTreeMap<Deadline, Registered>>,
     /// Responses registered so far: the second half of a deadline's key.
@@ -186,28 +200,49 @@ impl SendStats {
         self.kept.reused()
     }
 
-    /// Counts a fetch refused at the cap `crowded` names.
-    pub(super) fn count_refused(&self, crowded: Crowded) {
+    /// Counts a fetch refused at the cap `crowded` names, or, if `None`,
+    /// for its caller's fetches dropped unread.
+    pub(super) fn count_refused(&self, crowded: Option<Crowded>) {
         let at = match crowded {
-            Crowded::Caller => 0,
-            Crowded::Host(_) => 1,
-            Crowded::Network(_) => 2,
-            Crowded::All => 3,
+            Some(Crowded::Caller) => 0,
+            Some(Crowded::Host(_)) => 1,
+            Some(Crowded::Network(_)) => 2,
+            Some(Crowded::All) => 3,
+            None => 4,
         };
         self.refused[at].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Fetches refused so far, by the cap that was full (with no stalled
-    /// answer whose slot they could take).
+    /// answer whose slot they could take), or for fetches dropped unread.
     pub fn fetches_refused(&self) -> FetchesRefused {
-        let [caller, host, network, all] =
+        let [caller, host, network, all, abandoning] =
             self.refused.each_ref().map(|n| n.load(Ordering::Relaxed));
         FetchesRefused {
             caller,
             host,
             network,
             all,
+            abandoning,
         }
+    }
+
+    /// Fetches dropped before their answers were read (their callers reset
+    /// the calls or closed the connections), since the node started.
+    pub fn fetches_abandoned(&self) -> u64 {
+        self.abandoned_total.load(Ordering::Relaxed)
+    }
+
+    /// Records a fetch of `caller` from `host` dropped unread.
+    fn abandon(&self, caller: Option<PeerId>, host: Option<IpAddr>) {
+        lock(&self.abandoned).push((caller, host));
+        self.abandoned_total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The fetches dropped unread since the last call, in the order they
+    /// were dropped, by caller and host.
+    pub(super) fn take_abandoned(&self) -> Vec<(Option<PeerId>, Option<IpAddr>)> {
+        std::mem::take(&mut *lock(&self.abandoned))
     }
 
     /// The fetches whose slots a newer fetch may take now, worst first
@@ -370,7 +405,9 @@ fn cut(state: &Mutex<State>) -> bool {
 /// An admitted fetch's slot, counted in [`SendStats`] while held. Once
 /// its answer is handed to the transport in full ([`FetchSlot::answered`])
 /// it is kept for the next fetch of its connection (`grpc::kept`);
-/// otherwise dropping it gives the slot back to the adapter.
+/// otherwise dropping it gives the slot back to the adapter, and if its
+/// caller went away before reading the answer ([`FetchSlot::abandon`]),
+/// charges the caller for it.
 #[derive(Debug)]
 pub(super) struct FetchSlot {
     permit: Option<Permit>,
@@ -378,6 +415,7 @@ pub(super) struct FetchSlot {
     /// Where the slot is kept once answered, if the connection is known.
     keep_for: Option<SlotKey>,
     answered: bool,
+    abandoned: bool,
 }
 
 impl FetchSlot {
@@ -390,12 +428,20 @@ impl FetchSlot {
             stats: stats.clone(),
             keep_for,
             answered: false,
+            abandoned: false,
         }
     }
 
     /// The answer was handed to the transport in full: the slot may be kept.
     fn answered(&mut self) {
         self.answered = true;
+    }
+
+    /// The caller went away before the answer was read: the reset call,
+    /// or the closed connection, is charged to the caller and its host
+    /// when the slot is given back (before its permit goes).
+    pub(super) fn abandon(&mut self) {
+        self.abandoned = true;
     }
 }
 
@@ -406,6 +452,10 @@ impl Drop for FetchSlot {
             && let (Some(key), Some(permit)) = (self.keep_for, self.permit.take())
         {
             self.stats.kept.keep(key, permit);
+        } else if self.abandoned
+            && let Some((_, caller, host)) = self.keep_for
+        {
+            self.stats.abandon(caller, host);
         }
     }
 }
@@ -601,6 +651,14 @@ fn finish(mut state: MutexGuard<'_, State>, answered: bool) {
 
 impl Drop for DeadlineBody {
     fn drop(&mut self) {
+        // Dropped by the transport while still being sent, and not at its
+        // end: the client reset the call or closed the connection.
+        if let State::Sending(sending) = &mut *lock(&self.state)
+            && !(sending.rest.is_empty() && http_body::Body::is_end_stream(&sending.body))
+            && let Some(slot) = &mut sending.guard.slot
+        {
+            slot.abandon();
+        }
         lock(&self.stats.deadlines).remove(&self.deadline);
         if let Some(id) = self.fetch {
             self.stats.unregister(id, &self.state);

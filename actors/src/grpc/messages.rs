@@ -143,6 +143,15 @@ pub enum Input {
         /// Correlation id.
         id: u64,
     },
+    /// A fetch admitted earlier was dropped before its answer was read
+    /// (its caller reset the call or closed the connection); reported
+    /// before its `Done`, if that has not come yet.
+    Abandoned {
+        /// Its authenticated caller, `None` if anonymous.
+        caller: Option<PeerId>,
+        /// The host it counted in, as `Call`'s `origin`.
+        origin: Option<std::net::IpAddr>,
+    },
 }
 
 /// Outputs of the adapter core.

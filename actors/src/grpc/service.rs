@@ -125,10 +125,12 @@ impl P2pService {
     /// Admission for a fetch: the request checked here, as the adapter
     /// would, then on the slot its connection kept from its fetch before
     /// if there is one, else from the adapter. A request the adapter would
-    /// refuse never reaches it: fetches are not rate-limited, and invalid
-    /// ones sent by anyone at any rate cost the actor's thread a message
-    /// each (and, when every fetch took back the slots connections kept,
-    /// honest connections those slots).
+    /// refuse as invalid never reaches it: invalid ones sent by anyone at
+    /// any rate would cost the actor's thread a message each (and, when
+    /// every fetch took back the slots connections kept, honest
+    /// connections those slots). Fetches are rated only by those dropped
+    /// unread, which the adapter checks; a fetch dropped unread gives its
+    /// slot back unkept, so such a caller's next fetch asks the adapter.
     async fn admit_fetch<T>(&self, request: &Request<T>, call: Call) -> Result<Admission, Status> {
         let work = fetch_work(&self.deps.limits, call.clone()).map_err(Status::from)?;
         let kept = &self.deps.stats.kept;
@@ -340,14 +342,19 @@ impl P2pService {
             Some(kept) => (kept, slot),
             None => {
                 // A call dropped (its caller reset it) stops its read at
-                // the next store call; a read done whole is kept even so,
-                // so the same request asked again is not read again.
+                // the next store call, and is charged to its caller; a
+                // read done whole is kept even so, so the same request
+                // asked again is not read again.
                 let wanted = Wanted::new();
                 let (read_wanted, answers) = (wanted.flag(), self.answers.clone());
+                let mut slot = slot;
                 self.blocking(move |store| {
                     let wanted = || read_wanted.load(Ordering::Relaxed);
                     let answer =
                         serve::commits_answer(store, start, end, &limits, &data_limits, &wanted);
+                    if !wanted() {
+                        slot.abandon();
+                    }
                     let response = answer.map_err(Status::from)?;
                     let size = response.encoded_len();
                     answers.insert(version, start, end, &response, size);

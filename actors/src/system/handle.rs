@@ -488,6 +488,13 @@ impl P2pHandle {
         self.inner.send_stats.fetches_on_kept_slots()
     }
 
+    /// Fetches whose callers dropped them before reading their answers (a
+    /// reset call, a closed connection): each is charged to the caller's
+    /// `abandoned-fetches-per-minute` allowance.
+    pub fn fetches_abandoned(&self) -> u64 {
+        self.inner.send_stats.fetches_abandoned()
+    }
+
     /// How many inbound connections are open, and what admission did so
     /// far (refusals by reason, evictions, timeouts).
     pub fn inbound_connections(&self) -> InboundConnections {

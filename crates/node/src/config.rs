@@ -222,6 +222,11 @@ pub struct P2pSection {
     pub known_peers_calls_per_minute: u32,
     /// GetKnownPeers calls at once after a quiet spell.
     pub known_peers_burst: u32,
+    /// Fetches a caller may drop unread a minute (its host and network
+    /// have a few callers' worth); past it its fetches are refused.
+    pub abandoned_fetches_per_minute: u32,
+    /// Such fetches at once after a quiet spell.
+    pub abandoned_fetch_burst: u32,
     /// Connections and callers whose call rates are tracked at once.
     pub max_rate_limited: usize,
     /// Of those, slots only committee members and allowlisted peers hold.
@@ -347,6 +352,8 @@ impl Default for P2pSection {
             cheap_call_burst: p.grpc.cheap_call_burst,
             known_peers_calls_per_minute: p.grpc.known_peers_calls_per_minute,
             known_peers_burst: p.grpc.known_peers_burst,
+            abandoned_fetches_per_minute: p.grpc.abandoned_fetches_per_minute,
+            abandoned_fetch_burst: p.grpc.abandoned_fetch_burst,
             max_rate_limited: p.grpc.max_rate_limited,
             reserved_inbound_connections: p.grpc.reserved_inbound_connections,
             max_inbound_per_ip: p.grpc.max_inbound_per_ip,
@@ -679,6 +686,11 @@ impl NodeConfig {
                 p.known_peers_calls_per_minute,
             ),
             ("p2p.known-peers-burst", p.known_peers_burst),
+            (
+                "p2p.abandoned-fetches-per-minute",
+                p.abandoned_fetches_per_minute,
+            ),
+            ("p2p.abandoned-fetch-burst", p.abandoned_fetch_burst),
         ] {
             count(key, value as usize, 1, 1_000_000, "between 1 and 1000000")?;
         }
@@ -995,6 +1007,8 @@ impl NodeConfig {
         c.grpc.cheap_call_burst = p.cheap_call_burst;
         c.grpc.known_peers_calls_per_minute = p.known_peers_calls_per_minute;
         c.grpc.known_peers_burst = p.known_peers_burst;
+        c.grpc.abandoned_fetches_per_minute = p.abandoned_fetches_per_minute;
+        c.grpc.abandoned_fetch_burst = p.abandoned_fetch_burst;
         c.grpc.max_rate_limited = p.max_rate_limited;
         c.grpc.reserved_inbound_connections = p.reserved_inbound_connections;
         c.grpc.max_inbound_per_ip = p.max_inbound_per_ip;
@@ -1195,6 +1209,11 @@ cheap-calls-per-second = {cheap_rate}
 cheap-call-burst = {cheap_burst}
 known-peers-calls-per-minute = {known_rate}
 known-peers-burst = {known_burst}
+# FetchCommits and FetchBlocks a caller may drop before reading their
+# answers, a minute and at once (a host and a network have as many callers'
+# worth as their fetch caps hold callers); past it its fetches are refused.
+abandoned-fetches-per-minute = {abandoned_rate}
+abandoned-fetch-burst = {abandoned_burst}
 max-rate-limited = {rate_limited}
 # Of those, slots only committee members and allowlisted peers may hold;
 # anonymous and other callers share the rest, and when it is full the
@@ -1288,6 +1307,8 @@ max-connection-age-grace = "{grace}"
         cheap_burst = p.cheap_call_burst,
         known_rate = p.known_peers_calls_per_minute,
         known_burst = p.known_peers_burst,
+        abandoned_rate = p.abandoned_fetches_per_minute,
+        abandoned_burst = p.abandoned_fetch_burst,
         rate_limited = p.max_rate_limited,
         reserved = p.reserved_inbound_connections,
         per_ip = p.max_inbound_per_ip,
@@ -1468,7 +1489,7 @@ mod tests {
         }
         // Every key of the default file but those `run` reads itself: the
         // top level, [p2p] and [archive].
-        assert_eq!(checked, 5 + 61 + 7);
+        assert_eq!(checked, 5 + 63 + 7);
     }
 
     /// The default file with its commented `[archive]` section enabled,

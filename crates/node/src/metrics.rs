@@ -48,6 +48,7 @@ struct Series {
     responses_cut: IntCounterVec,
     fetches_on_kept_slots: IntCounterVec,
     fetches_refused: IntCounterVec,
+    fetches_abandoned: IntCounterVec,
     inbound_refused: IntCounterVec,
     inbound_closed: IntCounterVec,
     actor_up: IntGaugeVec,
@@ -189,8 +190,14 @@ impl Series {
             fetches_refused: counter(
                 &r,
                 "soma_fetches_refused_total",
-                "Fetches refused for want of a slot, by the cap that was full",
+                "Fetches refused, by the cap that was full: a slot cap, or abandoned (the caller's allowance of fetches dropped unread)",
                 &["cap"],
+            ),
+            fetches_abandoned: counter(
+                &r,
+                "soma_fetches_abandoned_total",
+                "Fetches whose callers dropped them before reading their answers",
+                &[],
             ),
             inbound_refused: counter(
                 &r,
@@ -345,9 +352,11 @@ impl Series {
             ("host", refused.host),
             ("network", refused.network),
             ("all", refused.all),
+            ("abandoned", refused.abandoning),
         ] {
             self.advance(&self.fetches_refused, &[cap], n);
         }
+        self.advance(&self.fetches_abandoned, &[], handle.fetches_abandoned());
         let c = inbound.counts;
         for (reason, n) in [
             ("per_ip", c.refused_per_ip),
@@ -669,7 +678,7 @@ mod tests {
             .lines()
             .filter(|l| l.starts_with("soma_rpcs_total{") && !l.contains("status=\"Ok\""));
         assert_eq!(refused.collect::<Vec<_>>(), Vec::<&str>::new());
-        for cap in ["peer", "host", "network", "all"] {
+        for cap in ["peer", "host", "network", "all", "abandoned"] {
             let refused = format!("soma_fetches_refused_total{{cap=\"{cap}\"}}");
             assert_eq!(value(&theirs, &refused), 0.0, "{cap}");
         }
