@@ -186,6 +186,7 @@ pub struct ArchiveStats {
     batches_written: AtomicU64,
     write_errors: AtomicU64,
     batches_read: AtomicU64,
+    objects_read: AtomicU64,
     read_misses: AtomicU64,
     read_errors: AtomicU64,
     refused: AtomicU64,
@@ -203,6 +204,10 @@ pub struct ArchiveStatus {
     pub write_errors: u64,
     /// Reads whose data was handed to verification.
     pub batches_read: u64,
+    /// Batch objects fetched from the archive's store (a reader's reads
+    /// of one batch at once are merged into one).
+    #[serde(default)]
+    pub objects_read: u64,
     /// Reads of a range the archive does not hold.
     pub read_misses: u64,
     /// Reads that failed (store errors, timeouts, oversized objects).
@@ -220,6 +225,7 @@ impl ArchiveStats {
             batches_written: get(&self.batches_written),
             write_errors: get(&self.write_errors),
             batches_read: get(&self.batches_read),
+            objects_read: get(&self.objects_read),
             read_misses: get(&self.read_misses),
             read_errors: get(&self.read_errors),
             refused: get(&self.refused),
@@ -489,6 +495,7 @@ impl Archive {
         let Some(bytes) = self.get(&path).await? else {
             return Ok(None);
         };
+        ArchiveStats::count(&self.stats.objects_read);
         let limit = usize::try_from(self.config.max_object_bytes).unwrap_or(usize::MAX);
         let batch = ArchivedBatch::decode(&bytes, limit).map_err(|e| ArchiveError::Malformed {
             path: path.to_string(),

@@ -2,7 +2,7 @@
 //! range. Nothing read is trusted; the worker verifies it as a peer's
 //! answer.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
@@ -13,21 +13,70 @@ use super::{Archive, ArchiveError, ArchiveStats, ArchivedBatch};
 /// Reads archived batches for sync, keeping the last `cached_batches`
 /// read: a batch's commits and then its blocks, chunk by chunk, come from
 /// one object, and sync works on several batches at once.
+///
+/// An object is read whole (up to `max_object_bytes`) and decoded, so
+/// reads are bounded apart from `max-total-fetched-bytes`: reads of one
+/// batch at once are merged (the workers fetching its chunks wait for the
+/// first, then find it kept), and at most `cached_batches` objects are
+/// read at once. What the reader holds is so at most twice
+/// `cached_batches` objects: those kept, and those being read.
 #[derive(Debug)]
 pub struct ArchiveReader {
     archive: Archive,
     batch_size: u64,
     recent: Mutex<VecDeque<Arc<ArchivedBatch>>>,
+    /// The batches being read, by the batch boundary looked under: a
+    /// read holds its batch's lock, and a read of the same batch waits
+    /// for it. Entries go when nobody holds or waits on them.
+    reading: Mutex<HashMap<CommitIndex, Arc<ReadLock>>>,
+    /// Objects read at once.
+    reads: tokio::sync::Semaphore,
+}
+
+/// Held while a batch is read.
+type ReadLock = tokio::sync::Mutex<()>;
+
+/// A share of the lock of the reads of one batch; the reader forgets the
+/// lock when the last share goes, however its read ends (a dropped read
+/// included).
+struct Gate<'a> {
+    reader: &'a ArchiveReader,
+    boundary: CommitIndex,
+    lock: Arc<ReadLock>,
+}
+
+impl<'a> Gate<'a> {
+    fn new(reader: &'a ArchiveReader, boundary: CommitIndex) -> Self {
+        let lock = reader.reading().entry(boundary).or_default().clone();
+        Gate {
+            reader,
+            boundary,
+            lock,
+        }
+    }
+}
+
+impl Drop for Gate<'_> {
+    fn drop(&mut self) {
+        let mut reading = self.reader.reading();
+        // Every share is taken under this lock: none other is left.
+        if Arc::strong_count(&self.lock) == 2 {
+            reading.remove(&self.boundary);
+        }
+    }
 }
 
 impl ArchiveReader {
     /// A reader of `archive` for a node whose batches are `batch_size`
     /// commits long (the archive's are found at the same boundaries).
     pub fn new(archive: Archive, batch_size: u64) -> Self {
+        let reads = tokio::sync::Semaphore::new(archive.config().cached_batches.max(1));
         ArchiveReader {
             archive,
             batch_size: batch_size.max(1),
             recent: Mutex::new(VecDeque::new()),
+            reading: Mutex::new(HashMap::new()),
+            reads,
         }
     }
 
@@ -51,17 +100,43 @@ impl ArchiveReader {
         index: CommitIndex,
     ) -> Result<Option<Arc<ArchivedBatch>>, ArchiveError> {
         let holds = |b: &ArchivedBatch| b.first <= index && index <= b.last;
-        let cached = self.recent().iter().find(|b| holds(b)).cloned();
-        if let Some(batch) = cached {
+        let cached = || self.recent().iter().find(|b| holds(b)).cloned();
+        if let Some(batch) = cached() {
             return Ok(Some(batch));
         }
         let boundary = (index.saturating_sub(1) / self.batch_size) * self.batch_size + 1;
+        // Merged with a read of the same batch under way: kept once it ends.
+        let gate = Gate::new(self, boundary);
+        let _read = gate.lock.lock().await;
+        match cached() {
+            Some(batch) => Ok(Some(batch)),
+            None => self.read(index, boundary, holds).await,
+        }
+    }
+
+    fn reading(&self) -> std::sync::MutexGuard<'_, HashMap<CommitIndex, Arc<ReadLock>>> {
+        self.reading.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Reads the batch holding `index`, starting there or at `boundary`,
+    /// and keeps it; one of at most `cached_batches` objects read at once.
+    async fn read(
+        &self,
+        index: CommitIndex,
+        boundary: CommitIndex,
+        holds: impl Fn(&ArchivedBatch) -> bool,
+    ) -> Result<Option<Arc<ArchivedBatch>>, ArchiveError> {
+        let _read = self
+            .reads
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
         let mut firsts = vec![index];
         if boundary != index {
             firsts.push(boundary);
         }
         for first in firsts {
-            if let Some(batch) = self.archive.batch(first).await?.filter(holds) {
+            if let Some(batch) = self.archive.batch(first).await?.filter(&holds) {
                 let batch = Arc::new(batch);
                 let mut recent = self.recent();
                 recent.push_back(batch.clone());
@@ -144,5 +219,100 @@ impl ArchiveReader {
                 .cloned()
                 .collect(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use object_store::memory::InMemory;
+    use object_store::path::Path;
+    use object_store::throttle::{ThrottleConfig, ThrottledStore};
+    use soma_types::ChainId;
+
+    use super::super::Config;
+    use super::*;
+
+    /// Each object read takes `GET` of (paused) time.
+    const GET: Duration = Duration::from_millis(50);
+
+    /// A reader of batches 1..=2, 101..=102, … (`batches` of them, in
+    /// batches of 100), from a store whose every read takes [`GET`],
+    /// keeping `cached` batches.
+    async fn reader(batches: u64, cached: usize) -> ArchiveReader {
+        let store = ThrottledStore::new(
+            InMemory::new(),
+            ThrottleConfig {
+                wait_get_per_call: GET,
+                ..ThrottleConfig::default()
+            },
+        );
+        let config = Config {
+            cached_batches: cached,
+            ..Config::new("memory")
+        };
+        let archive = Archive::with_store(
+            Arc::new(store),
+            Path::default(),
+            config,
+            ChainId(soma_types::Digest([3; 32])),
+        );
+        for b in 0..batches {
+            let first = b * 100 + 1;
+            let batch = ArchivedBatch {
+                first,
+                last: first + 1,
+                commits: vec![Bytes::from_static(b"c1"), Bytes::from_static(b"c2")],
+                certifiers: Vec::new(),
+                blocks: Vec::new(),
+            };
+            archive.put_batch(&batch).await.unwrap();
+        }
+        ArchiveReader::new(archive, 100)
+    }
+
+    fn objects_read(reader: &ArchiveReader) -> u64 {
+        reader.stats().status().objects_read
+    }
+
+    /// Eight workers asking for one batch at once (its commits, its block
+    /// chunks) read its object once: the others wait for that read and
+    /// are answered from it.
+    #[tokio::test(start_paused = true)]
+    async fn reads_of_one_batch_at_once_read_its_object_once() {
+        let reader = reader(1, 4).await;
+        let asked = (0..8).map(|_| reader.commits(1, 2, u64::MAX));
+        let answers = futures::future::join_all(asked).await;
+        assert!(
+            answers
+                .iter()
+                .all(|a| a.as_ref().is_some_and(|(c, _)| c.len() == 2))
+        );
+        assert_eq!(objects_read(&reader), 1);
+        assert!(reader.reading().is_empty(), "the read's lock is forgotten");
+    }
+
+    /// Reads of distinct batches at once go `cached_batches` at a time:
+    /// what a reader holds stays within twice that many objects.
+    #[tokio::test(start_paused = true)]
+    async fn at_most_cached_batches_objects_are_read_at_once() {
+        let reader = reader(4, 2).await;
+        let asked = (0..4).map(|b| reader.commits(b * 100 + 1, b * 100 + 2, u64::MAX));
+        let probe = async {
+            let mut seen = Vec::new();
+            for _ in 0..3 {
+                tokio::time::sleep(GET).await;
+                tokio::task::yield_now().await;
+                seen.push(objects_read(&reader));
+            }
+            seen
+        };
+        let (answers, seen) = tokio::join!(futures::future::join_all(asked), probe);
+        assert!(answers.iter().all(Option::is_some));
+        // Two objects by the end of the first read's time, four by the
+        // end of the second's.
+        assert_eq!(seen, vec![2, 4, 4]);
+        assert!(reader.reading().is_empty());
     }
 }
