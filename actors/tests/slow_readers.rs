@@ -482,18 +482,109 @@ async fn a_host_dropping_answers_unread_is_refused_once_its_allowance_is_gone() 
     node.shutdown().await;
 }
 
+/// A host that lets its unread answers be cut rather than reset them
+/// pays for them all the same: each newer fetch of its own that takes
+/// the slot of one of its idle answers (as a host at its cap may) is
+/// charged for the answer cut, and once its allowance is gone its next
+/// fetch is refused for it, though an idle answer of its own is there to
+/// take. An honest node syncs from the server meanwhile and pays nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_whose_idle_answers_are_cut_for_its_newer_fetches_pays_for_them() {
+    use soma_testkit::attack;
+    use soma_testkit::wait_until;
+
+    const CHARGED: u64 = 2;
+    let (node, chain) = counted_by_address(|grpc| {
+        grpc.max_concurrent_fetches_per_peer = 2;
+        grpc.max_concurrent_fetches_per_host = 2;
+        grpc.abandoned_fetch_burst = CHARGED as u32;
+        grpc.abandoned_fetches_per_minute = 0;
+        grpc.fetch_stall_timeout = Duration::from_millis(200);
+    });
+    let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+    let honest_config = P2pConfig {
+        seed_peers: seeds(&[&node]),
+        ..P2pConfig::default()
+    };
+    let honest = soma_testkit::node(&chain, 9, honest_config, store.clone());
+
+    let target = target(&node);
+    let refs = block_refs(&chain, 10);
+    let request = || proto::FetchBlocksRequest { refs: refs.clone() };
+    let attacker = std::net::IpAddr::from([127, 10, 3, 1]);
+    let fresh = |i: usize| NodeIdentity::generate(&attack::fresh_key(8, i)).expect("an identity");
+    // The host's two slots, held by answers never read.
+    let identity = fresh(0);
+    let mut holder = attack::client(target, attacker, Some(&identity), Some(0))
+        .await
+        .expect("connects");
+    let mut unread = Vec::new();
+    for _ in 0..2 {
+        unread.push(holder.fetch_blocks(request()).await.expect("admitted"));
+    }
+    let at_cap = "at most 2 fetches at once from 127.10.3.1";
+    for i in 0..CHARGED {
+        let identity = fresh(1 + i as usize);
+        let mut newer = attack::client(target, attacker, Some(&identity), Some(0))
+            .await
+            .expect("connects");
+        // Refused at the host's cap until one of its answers has been
+        // idle for the stall timeout; then it takes that answer's slot.
+        let mut taken = None;
+        wait_until(
+            "a newer fetch to take an idle answer's slot",
+            DEADLINE,
+            async || {
+                match newer.fetch_blocks(request()).await {
+                    Ok(stream) => taken = Some(stream),
+                    Err(status) => assert_eq!(status.message(), at_cap, "{status:?}"),
+                }
+                taken.is_some()
+            },
+        )
+        .await;
+        unread.extend(taken);
+        wait_until("the cut answer to be charged", DEADLINE, async || {
+            node.fetches_abandoned() == i + 1
+        })
+        .await;
+    }
+    // Its allowance is gone: the next fetch is refused for it, whatever
+    // idle answer of its host it could have taken.
+    let identity = fresh(3);
+    let mut last = attack::client(target, attacker, Some(&identity), Some(0))
+        .await
+        .expect("connects");
+    let refused = last.fetch_blocks(request()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert_eq!(
+        refused.message(),
+        "too many fetches dropped before their answers were read: \
+         at most 0 a minute may go unread"
+    );
+    assert_eq!(node.fetches_refused().abandoning, 1);
+
+    wait_synced(&honest, chain.tip(), DEADLINE).await;
+    assert_same_chain(&chain, store.as_ref());
+    assert_eq!(node.fetches_abandoned(), CHARGED);
+    drop(unread);
+    honest.shutdown().await;
+    node.shutdown().await;
+}
+
 /// A node serving a chain of 300 commits whose loopback callers count by
 /// address (not exempt), with the fetch caps `caps` sets, and unread
-/// answers keeping their slots for the whole test.
+/// answers keeping their slots for the whole test unless `caps` says
+/// otherwise.
 fn counted_by_address(
     caps: impl FnOnce(&mut soma_actors::grpc::Limits),
 ) -> (soma_actors::P2pHandle, Arc<soma_chain::Chain>) {
     let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(300));
     let mut config = P2pConfig::default();
     config.grpc.inbound_exempt_loopback = false;
-    caps(&mut config.grpc);
     config.grpc.send_timeout = Duration::from_secs(600);
     config.grpc.fetch_stall_timeout = Duration::from_secs(3_600);
+    caps(&mut config.grpc);
     let node = server(&chain, config, Arc::new(MemStore::new(chain.genesis())));
     (node, chain)
 }

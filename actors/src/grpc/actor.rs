@@ -132,7 +132,14 @@ impl Handler<CallMsg> for GrpcAdapter {
         // kept slots may be another host's), each cap once at most.
         // Taking them back for every fetch let anyone's fetches, at any
         // rate, cost honest connections their kept slots.
-        if fetch {
+        // A fetch refused for its caller's fetches dropped unread takes
+        // no kept slot back: such a caller could otherwise strip its
+        // neighbours of theirs at any rate.
+        let refused = fetch
+            && (self.driver.core())
+                .refusal_for_abandoning(self.driver.now(), msg.caller, msg.origin)
+                .is_some();
+        if fetch && !refused {
             let stats = self.deps.send_stats.clone();
             let kept = &stats.kept;
             let mut tried = Vec::new();

@@ -272,14 +272,17 @@ enum Rate {
 }
 
 /// A token bucket, in thousandths of a call so refills need no floats.
+/// Below zero for fetches dropped unread that were charged after the
+/// fact: a payer admitted while it had a token may drop every fetch it
+/// then held, and owes them all.
 #[derive(Clone, Copy, Debug)]
 struct Bucket {
-    milli: u64,
+    milli: i64,
     at: Time,
 }
 
 /// Thousandths of a call in a token.
-const MILLI: u64 = 1_000;
+const MILLI: i64 = 1_000;
 
 /// Everything an adapter core is made from: its limits and, after a
 /// restart, the fetches still running (their slots stay taken until their
@@ -583,18 +586,10 @@ impl GrpcAdapterCore {
             Call::CommitInfo { .. } | Call::PushCommit { .. } => Rate::Cheap,
             Call::KnownPeers => Rate::KnownPeers,
             Call::FetchCommits { .. } | Call::FetchBlocks { .. } => {
-                for payer in abandoning(caller, host) {
-                    let (level, (_, per_minute)) = self.level(now, payer, Rate::Abandoned);
-                    if level < MILLI {
-                        return Err(refuse(
-                            Code::ResourceExhausted,
-                            format!(
-                                "{ABANDONED_REFUSAL}: at most {per_minute} a minute may go unread"
-                            ),
-                        ));
-                    }
-                }
-                return Ok(());
+                return match self.refusal_for_abandoning(now, caller, host) {
+                    Some(refusal) => Err(refusal),
+                    None => Ok(()),
+                };
             }
         };
         let payers: Vec<Payer> = connection
@@ -625,15 +620,45 @@ impl GrpcAdapterCore {
                 },
             );
         }
-        self.forget_quiet();
+        self.forget_quiet(now);
         Ok(())
     }
 
+    /// Why a fetch of `caller` from `host` would be refused at `now` for
+    /// the fetches dropped unread, if it would: its caller's allowance, or
+    /// its host's, is gone; or its network's is, and its host has dropped
+    /// fetches lately itself (its allowance is not whole), so that a
+    /// network's other hosts that drop nothing are not shut out by one
+    /// that does.
+    pub fn refusal_for_abandoning(
+        &self,
+        now: Time,
+        caller: Option<PeerId>,
+        host: Option<IpAddr>,
+    ) -> Option<Refusal> {
+        let host = host.map(inbound::host);
+        let host_whole = host.is_none_or(|h| {
+            let (level, (capacity, _)) = self.level(now, Payer::Address(h), Rate::Abandoned);
+            level >= capacity
+        });
+        abandoning(caller, host).find_map(|payer| {
+            let (level, (_, per_minute)) = self.level(now, payer, Rate::Abandoned);
+            let spared = matches!(payer, Payer::Network(_)) && host_whole;
+            (level < MILLI && !spared).then(|| {
+                refuse(
+                    Code::ResourceExhausted,
+                    format!("{ABANDONED_REFUSAL}: at most {per_minute} a minute may go unread"),
+                )
+            })
+        })
+    }
+
     /// A fetch of `caller` from `host` was dropped before its answer was
-    /// read: a token from each of their [`Rate::Abandoned`] buckets, down
-    /// to empty. Charged after the fact, so a payer may drop as many more
-    /// as it had fetches running when its allowance ran out, which its
-    /// slots bound.
+    /// read: a token from each of their [`Rate::Abandoned`] buckets, below
+    /// empty if need be. Charged after the fact, so a payer may drop as
+    /// many more as it had fetches running when its allowance ran out
+    /// (which its slots bound); it owes them, and is refused until they
+    /// are refilled too.
     fn charge_abandoned(&mut self, now: Time, caller: Option<PeerId>, host: Option<IpAddr>) {
         for payer in abandoning(caller, host) {
             let (level, _) = self.level(now, payer, Rate::Abandoned);
@@ -645,7 +670,7 @@ impl GrpcAdapterCore {
                 },
             );
         }
-        self.forget_quiet();
+        self.forget_quiet(now);
     }
 
     /// `payer`'s allowance for `rate`: its bucket's depth in thousandths
@@ -654,7 +679,7 @@ impl GrpcAdapterCore {
     /// connections (`max_inbound_per_ip`, `max_inbound_per_prefix`); for
     /// fetches dropped unread, a host and a network as many callers' as
     /// their fetch caps hold callers at the caller's cap.
-    fn allowance(&self, payer: Payer, rate: Rate) -> (u64, u64) {
+    fn allowance(&self, payer: Payer, rate: Rate) -> (i64, i64) {
         let limits = &self.limits;
         let (per_minute, burst) = match rate {
             Rate::Cheap => (
@@ -680,18 +705,24 @@ impl GrpcAdapterCore {
             (_, Payer::Network(_)) => limits.max_inbound_per_prefix,
             (_, Payer::Connection(_) | Payer::Peer(_)) => 1,
         }
-        .max(1) as u64;
-        (u64::from(burst.max(1)) * MILLI * share, per_minute * share)
+        .max(1) as i64;
+        let per_minute = i64::try_from(per_minute).unwrap_or(i64::MAX);
+        (
+            i64::from(burst.max(1))
+                .saturating_mul(MILLI)
+                .saturating_mul(share),
+            per_minute.saturating_mul(share),
+        )
     }
 
     /// The level of `payer`'s bucket for `rate` at `now`, refilled since
     /// it was last taken from (full if it is not tracked), with its
     /// [`allowance`](Self::allowance).
-    fn level(&self, now: Time, payer: Payer, rate: Rate) -> (u64, (u64, u64)) {
+    fn level(&self, now: Time, payer: Payer, rate: Rate) -> (i64, (i64, i64)) {
         let (capacity, per_minute) = self.allowance(payer, rate);
         let bucket = self.buckets.get(&(payer, rate)).copied();
         let level = bucket.map_or(capacity, |b| {
-            let elapsed_ms = now.0.saturating_sub(b.at.0);
+            let elapsed_ms = i64::try_from(now.0.saturating_sub(b.at.0)).unwrap_or(i64::MAX);
             // per_minute calls a minute is per_minute thousandths a
             // millisecond over 60.
             let refill = elapsed_ms.saturating_mul(per_minute) / 60;
@@ -706,15 +737,24 @@ impl GrpcAdapterCore {
     /// quarters of the bound at once. One pass over the table then serves
     /// a quarter of it in new entries: a host opening connection after
     /// connection, each a new payer, would otherwise cost a pass (and a
-    /// sort) per connection on the actors' thread.
-    fn forget_quiet(&mut self) {
+    /// sort) per connection on the actors' thread. Buckets whole again by
+    /// `now` go first, whatever their age: forgetting them gives nobody
+    /// anything, where a forgotten bucket of fetches dropped unread (which
+    /// refills slowly) would be a fresh allowance.
+    fn forget_quiet(&mut self, now: Time) {
         let max = self.limits.max_rate_limited.max(1);
         if self.buckets.len() <= max {
             return;
         }
         let keep = max - max / 4;
-        let mut by_age: Vec<(Time, (Payer, Rate))> =
-            self.buckets.iter().map(|(k, b)| (b.at, *k)).collect();
+        let mut by_age: Vec<((bool, Time), (Payer, Rate))> = self
+            .buckets
+            .iter()
+            .map(|(key, b)| {
+                let (level, (capacity, _)) = self.level(now, key.0, key.1);
+                ((level < capacity, b.at), *key)
+            })
+            .collect();
         let excess = by_age.len() - keep;
         by_age.select_nth_unstable(excess);
         for (_, key) in &by_age[..excess] {
@@ -1402,8 +1442,13 @@ mod tests {
             max_concurrent_fetches_per_network: 16,
             ..Limits::default()
         }));
-        let refusal = "too many fetches dropped before their answers were read: \
-                       at most 6 a minute may go unread";
+        let message = |per_minute: u32| {
+            format!(
+                "too many fetches dropped before their answers were read: \
+                 at most {per_minute} a minute may go unread"
+            )
+        };
+        let (caller, host, network) = (message(6), message(12), message(24));
         // Fetches answered in full cost nothing, however many.
         for id in 0..50 {
             assert_eq!(fetch_then_done(&mut c, 0, id, 1, "10.0.0.1"), Ok(()));
@@ -1414,56 +1459,55 @@ mod tests {
         }
         assert_eq!(
             fetch_then_done(&mut c, 0, 100, 1, "10.0.0.1"),
-            Err(refusal.into())
+            Err(caller.clone())
         );
         // A fresh identity on the same host has the host's other half.
         assert_eq!(fetch_then_done(&mut c, 0, 101, 2, "10.0.0.1"), Ok(()));
         for _ in 0..3 {
             abandon(&mut c, 0, 2, "10.0.0.1");
         }
-        let host = "too many fetches dropped before their answers were read: \
-                    at most 12 a minute may go unread";
         assert_eq!(
             fetch_then_done(&mut c, 0, 102, 3, "10.0.0.1"),
-            Err(host.into())
+            Err(host.clone())
         );
-        // Its network has 12 at once: half of it is gone.
-        for (id, (caller, neighbour)) in [(4, "10.0.0.2"), (5, "10.0.0.3")].into_iter().enumerate()
-        {
-            assert_eq!(
-                fetch_then_done(&mut c, 0, 103 + id as u64, caller, neighbour),
-                Ok(())
-            );
-            for _ in 0..3 {
-                abandon(&mut c, 0, caller, neighbour);
+        // Refills: the host's 12 a minute give a token after 5 s, the
+        // caller's own 6 after 10 s; a refusal takes nothing.
+        assert_eq!(
+            fetch_then_done(&mut c, 4_999, 103, 3, "10.0.0.1"),
+            Err(host)
+        );
+        assert_eq!(fetch_then_done(&mut c, 5_000, 104, 3, "10.0.0.1"), Ok(()));
+        assert_eq!(
+            fetch_then_done(&mut c, 9_999, 105, 1, "10.0.0.1"),
+            Err(caller)
+        );
+        assert_eq!(fetch_then_done(&mut c, 10_000, 106, 1, "10.0.0.1"), Ok(()));
+        assert_eq!(fetch_then_done(&mut c, 10_000, 107, 1, "10.0.0.1"), Ok(()));
+
+        // By then the network has 10 of its 12: two neighbours drop them.
+        for (caller, neighbour) in [(4, "10.0.0.2"), (5, "10.0.0.3")] {
+            for _ in 0..5 {
+                abandon(&mut c, 10_000, caller, neighbour);
             }
         }
-        let network = "too many fetches dropped before their answers were read: \
-                       at most 24 a minute may go unread";
+        // A host of the drained network that drops nothing is still
+        // served; once it drops, the network refuses it, and it owes
+        // what it dropped past the network's allowance.
+        assert_eq!(fetch_then_done(&mut c, 10_000, 108, 6, "10.0.0.4"), Ok(()));
+        for _ in 0..2 {
+            abandon(&mut c, 10_000, 6, "10.0.0.4");
+        }
         assert_eq!(
-            fetch_then_done(&mut c, 0, 105, 6, "10.0.0.4"),
-            Err(network.into())
+            fetch_then_done(&mut c, 10_000, 109, 7, "10.0.0.4"),
+            Err(network.clone())
         );
         // Another network's callers are untouched.
-        assert_eq!(fetch_then_done(&mut c, 0, 106, 7, "10.0.1.1"), Ok(()));
-        // Refills: the network's 24 a minute give a token after 2.5 s,
-        // the host's 12 after 5 s, caller 1's own 6 after 10 s.
+        assert_eq!(fetch_then_done(&mut c, 10_000, 110, 8, "10.0.1.1"), Ok(()));
+        // Two tokens owed and one to take: 3 tokens at 24 a minute.
         assert_eq!(
-            fetch_then_done(&mut c, 2_499, 107, 6, "10.0.0.4"),
-            Err(network.into())
+            fetch_then_done(&mut c, 17_499, 111, 7, "10.0.0.4"),
+            Err(network)
         );
-        assert_eq!(fetch_then_done(&mut c, 2_500, 108, 6, "10.0.0.4"), Ok(()));
-        assert_eq!(
-            fetch_then_done(&mut c, 4_999, 109, 3, "10.0.0.1"),
-            Err(host.into())
-        );
-        assert_eq!(fetch_then_done(&mut c, 5_000, 110, 3, "10.0.0.1"), Ok(()));
-        assert_eq!(
-            fetch_then_done(&mut c, 9_999, 111, 1, "10.0.0.1"),
-            Err(refusal.into())
-        );
-        assert_eq!(fetch_then_done(&mut c, 10_000, 112, 1, "10.0.0.1"), Ok(()));
-        // A refusal takes nothing: admitted again at once.
-        assert_eq!(fetch_then_done(&mut c, 10_000, 113, 1, "10.0.0.1"), Ok(()));
+        assert_eq!(fetch_then_done(&mut c, 17_500, 112, 7, "10.0.0.4"), Ok(()));
     }
 }

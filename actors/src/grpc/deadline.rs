@@ -93,6 +93,11 @@ pub struct SendStats {
     abandoned: Mutex<Vec<(Option<PeerId>, Option<IpAddr>)>>,
     /// Fetches dropped unread so far.
     abandoned_total: AtomicU64,
+    /// An answer cut (at its deadline, or for a newer fetch) that the
+    /// transport has not asked a frame of for this long was dropped unread
+    /// by its client, which never read it: charged as a reset would be.
+    /// `None`: cuts are never charged.
+    idle_after: Option<Duration>,
     /// Every response being sent, by deadline, for the sweeper.
     deadlines: Mutex<BTreeMap<Deadline, Registered>>,
     /// Responses registered so far: the second half of a deadline's key.
@@ -134,7 +139,7 @@ async fn sweep(stats: Weak<SendStats>, tick: Duration) {
             let Some(state) = state.upgrade() else {
                 continue;
             };
-            if cut(&state) {
+            if cut(&state, stats.idle_after) {
                 // The transport may keep the cut body (and so its
                 // registration) until the connection closes.
                 if let Some(id) = fetch {
@@ -159,6 +164,15 @@ impl std::fmt::Debug for SendStats {
 }
 
 impl SendStats {
+    /// Stats whose cuts charge answers the transport has not asked a frame
+    /// of for `fetch_stall_timeout` as dropped unread.
+    pub fn new(fetch_stall_timeout: Duration) -> Self {
+        SendStats {
+            idle_after: Some(fetch_stall_timeout),
+            ..SendStats::default()
+        }
+    }
+
     /// Admitted fetches (FetchCommits, FetchBlocks) whose slot is still
     /// held: being read, or being sent.
     pub fn fetches_in_flight(&self) -> usize {
@@ -325,7 +339,7 @@ impl SendStats {
             return;
         }
         let state = lock(&self.sending).remove(&id).and_then(|s| s.upgrade());
-        if state.is_some_and(|state| cut(&state)) {
+        if state.is_some_and(|state| cut(&state, self.idle_after)) {
             self.preempted.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(id, "stalled response cut for a newer fetch");
         } else if held {
@@ -383,8 +397,11 @@ impl Drop for WaitingForBudget {
 /// polls the body again and sends the error. (The task may be waiting on
 /// the producer just dropped, which would never wake it: the client would
 /// wait for the rest of the answer for good.) False if it had ended
-/// already.
-fn cut(state: &Mutex<State>) -> bool {
+/// already. An answer the transport has not asked a frame of for
+/// `idle_after` is charged to its client as dropped unread: a client that
+/// never reads must not get reads for free by letting its answers be cut
+/// rather than resetting them. One read slowly is not.
+fn cut(state: &Mutex<State>, idle_after: Option<Duration>) -> bool {
     let cut = {
         let mut state = lock(state);
         match *state {
@@ -393,6 +410,11 @@ fn cut(state: &Mutex<State>) -> bool {
         }
     };
     if let State::Sending(mut sending) = cut {
+        if idle_after.is_some_and(|idle| sending.last_polled.elapsed() >= idle)
+            && let Some(slot) = &mut sending.guard.slot
+        {
+            slot.abandon();
+        }
         let waker = sending.waker.take();
         drop(sending);
         if let Some(waker) = waker {
