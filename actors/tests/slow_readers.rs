@@ -63,12 +63,7 @@ async fn never_reading_clients_lose_their_fetch_slots_at_the_send_deadline() {
         .unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
 
-    let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
-    let honest_config = P2pConfig {
-        seed_peers: seeds(&[&node]),
-        ..P2pConfig::default()
-    };
-    let honest = soma_testkit::node(&chain, 9, honest_config, store.clone());
+    let (honest, store) = honest_beside(&node, &chain);
     wait_synced(&honest, chain.tip(), DEADLINE).await;
     assert_same_chain(&chain, store.as_ref());
 
@@ -416,18 +411,13 @@ async fn a_host_dropping_answers_unread_is_refused_once_its_allowance_is_gone() 
         grpc.abandoned_fetch_burst = DROPPED as u32;
         grpc.abandoned_fetches_per_minute = 0;
     });
-    let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
-    let honest_config = P2pConfig {
-        seed_peers: seeds(&[&node]),
-        ..P2pConfig::default()
-    };
-    let honest = soma_testkit::node(&chain, 9, honest_config, store.clone());
+    let (honest, store) = honest_beside(&node, &chain);
 
     let target = target(&node);
     let refs = block_refs(&chain, 10);
     let request = || proto::FetchBlocksRequest { refs: refs.clone() };
     let attacker = std::net::IpAddr::from([127, 10, 2, 1]);
-    let fresh = |i: usize| NodeIdentity::generate(&attack::fresh_key(7, i)).expect("an identity");
+    let fresh = |i| fresh_identity(7, i);
     for i in 0..DROPPED {
         let identity = fresh(i as usize);
         let mut dropper = attack::client(target, attacker, Some(&identity), Some(0))
@@ -444,8 +434,7 @@ async fn a_host_dropping_answers_unread_is_refused_once_its_allowance_is_gone() 
         )
         .await;
     }
-    let refusal = "too many fetches dropped before their answers were read: \
-                   at most 0 a minute may go unread";
+    let refusal = NONE_REFILLED;
     let identity = fresh(3);
     let mut late = attack::client(target, attacker, Some(&identity), Some(0))
         .await
@@ -501,18 +490,13 @@ async fn a_host_whose_idle_answers_are_cut_for_its_newer_fetches_pays_for_them()
         grpc.abandoned_fetches_per_minute = 0;
         grpc.fetch_stall_timeout = Duration::from_millis(200);
     });
-    let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
-    let honest_config = P2pConfig {
-        seed_peers: seeds(&[&node]),
-        ..P2pConfig::default()
-    };
-    let honest = soma_testkit::node(&chain, 9, honest_config, store.clone());
+    let (honest, store) = honest_beside(&node, &chain);
 
     let target = target(&node);
     let refs = block_refs(&chain, 10);
     let request = || proto::FetchBlocksRequest { refs: refs.clone() };
     let attacker = std::net::IpAddr::from([127, 10, 3, 1]);
-    let fresh = |i: usize| NodeIdentity::generate(&attack::fresh_key(8, i)).expect("an identity");
+    let fresh = |i| fresh_identity(8, i);
     // The host's two slots, held by answers never read.
     let identity = fresh(0);
     let mut holder = attack::client(target, attacker, Some(&identity), Some(0))
@@ -557,11 +541,7 @@ async fn a_host_whose_idle_answers_are_cut_for_its_newer_fetches_pays_for_them()
         .expect("connects");
     let refused = last.fetch_blocks(request()).await.unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
-    assert_eq!(
-        refused.message(),
-        "too many fetches dropped before their answers were read: \
-         at most 0 a minute may go unread"
-    );
+    assert_eq!(refused.message(), NONE_REFILLED);
     assert_eq!(node.fetches_refused().abandoning, 1);
 
     wait_synced(&honest, chain.tip(), DEADLINE).await;
@@ -570,6 +550,29 @@ async fn a_host_whose_idle_answers_are_cut_for_its_newer_fetches_pays_for_them()
     drop(unread);
     honest.shutdown().await;
     node.shutdown().await;
+}
+
+/// The refusal of a fetch whose host dropped its allowance of answers
+/// unread, where none refills.
+const NONE_REFILLED: &str = "too many fetches dropped before their answers were read: \
+                             at most 0 a minute may go unread";
+
+/// Fresh identity `i` of attack `attack`.
+fn fresh_identity(attack: u8, i: usize) -> NodeIdentity {
+    NodeIdentity::generate(&soma_testkit::attack::fresh_key(attack, i)).expect("an identity")
+}
+
+/// An honest node syncing `chain` from `node` alone, on a store of its own.
+fn honest_beside(
+    node: &soma_actors::P2pHandle,
+    chain: &soma_chain::Chain,
+) -> (soma_actors::P2pHandle, Arc<dyn ConsensusStore>) {
+    let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+    let config = P2pConfig {
+        seed_peers: seeds(&[node]),
+        ..P2pConfig::default()
+    };
+    (soma_testkit::node(chain, 9, config, store.clone()), store)
 }
 
 /// A node serving a chain of 300 commits whose loopback callers count by
