@@ -473,10 +473,11 @@ async fn a_host_dropping_answers_unread_is_refused_once_its_allowance_is_gone() 
 
 /// A host that lets its unread answers be cut rather than reset them
 /// pays for them all the same: each newer fetch of its own that takes
-/// the slot of one of its idle answers (as a host at its cap may) is
+/// the slot of one of its stalled answers (as a host at its cap may) is
 /// charged for the answer cut, and once its allowance is gone its next
-/// fetch is refused for it, though an idle answer of its own is there to
-/// take. An honest node syncs from the server meanwhile and pays nothing.
+/// fetch is refused for it, though a stalled answer of its own is there
+/// to take. An honest node syncs from the server meanwhile and pays
+/// nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_whose_idle_answers_are_cut_for_its_newer_fetches_pays_for_them() {
     use soma_testkit::attack;

@@ -214,9 +214,12 @@ impl Handler<CallMsg> for GrpcAdapter {
                         permit: Permit::new(id, self.holders.hold_keeping_ended(id)),
                     });
                 }
-                Output::Cut { id: victim } => {
+                Output::Cut {
+                    id: victim,
+                    charged,
+                } => {
                     let held = self.holders.held(victim);
-                    self.deps.send_stats.preempt(victim, held);
+                    self.deps.send_stats.preempt(victim, held, charged);
                 }
                 Output::Refuse {
                     id: refused,

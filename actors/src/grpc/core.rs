@@ -620,7 +620,7 @@ impl GrpcAdapterCore {
                 },
             );
         }
-        self.forget_quiet(now);
+        self.forget_quiet();
         Ok(())
     }
 
@@ -642,8 +642,10 @@ impl GrpcAdapterCore {
             level >= capacity
         });
         abandoning(caller, host).find_map(|payer| {
-            let (level, (_, per_minute)) = self.level(now, payer, Rate::Abandoned);
-            let spared = matches!(payer, Payer::Network(_)) && host_whole;
+            let (level, (capacity, per_minute)) = self.level(now, payer, Rate::Abandoned);
+            // Hosts taking turns do not spare a network more than its
+            // allowance again.
+            let spared = matches!(payer, Payer::Network(_)) && host_whole && level > -capacity;
             (level < MILLI && !spared).then(|| {
                 refuse(
                     Code::ResourceExhausted,
@@ -670,7 +672,7 @@ impl GrpcAdapterCore {
                 },
             );
         }
-        self.forget_quiet(now);
+        self.forget_quiet();
     }
 
     /// `payer`'s allowance for `rate`: its bucket's depth in thousandths
@@ -705,7 +707,8 @@ impl GrpcAdapterCore {
             (_, Payer::Network(_)) => limits.max_inbound_per_prefix,
             (_, Payer::Connection(_) | Payer::Peer(_)) => 1,
         }
-        .max(1) as i64;
+        .max(1);
+        let share = i64::try_from(share).unwrap_or(i64::MAX);
         let per_minute = i64::try_from(per_minute).unwrap_or(i64::MAX);
         (
             i64::from(burst.max(1))
@@ -731,29 +734,40 @@ impl GrpcAdapterCore {
         (level, (capacity, per_minute))
     }
 
+    /// When `bucket` of `key` is whole again, in milliseconds of the core's
+    /// clock (`u64::MAX` if it never refills).
+    fn whole_at(&self, (payer, rate): (Payer, Rate), bucket: &Bucket) -> u64 {
+        let (capacity, per_minute) = self.allowance(payer, rate);
+        let missing = capacity.saturating_sub(bucket.milli).max(0);
+        if per_minute <= 0 {
+            return if missing == 0 { bucket.at.0 } else { u64::MAX };
+        }
+        // per_minute thousandths of a token a millisecond over 60.
+        let ms = u64::try_from(missing.saturating_mul(60)).unwrap_or(u64::MAX);
+        let ms = ms.div_ceil(u64::try_from(per_minute).unwrap_or(u64::MAX));
+        bucket.at.0.saturating_add(ms)
+    }
+
     /// Keeps the rate table within `max_rate_limited` entries: past it,
     /// the buckets untouched longest go (a forgotten bucket starts full
     /// again, so only the quietest payers gain from it), down to three
     /// quarters of the bound at once. One pass over the table then serves
     /// a quarter of it in new entries: a host opening connection after
     /// connection, each a new payer, would otherwise cost a pass (and a
-    /// sort) per connection on the actors' thread. Buckets whole again by
-    /// `now` go first, whatever their age: forgetting them gives nobody
-    /// anything, where a forgotten bucket of fetches dropped unread (which
-    /// refills slowly) would be a fresh allowance.
-    fn forget_quiet(&mut self, now: Time) {
+    /// sort) per connection on the actors' thread. The buckets whole
+    /// again soonest go first (those whole already lose nothing): a
+    /// forgotten bucket starts whole, and one of fetches dropped unread,
+    /// owing and refilling slowly, would otherwise be handed back whole.
+    fn forget_quiet(&mut self) {
         let max = self.limits.max_rate_limited.max(1);
         if self.buckets.len() <= max {
             return;
         }
         let keep = max - max / 4;
-        let mut by_age: Vec<((bool, Time), (Payer, Rate))> = self
+        let mut by_age: Vec<(u64, (Payer, Rate))> = self
             .buckets
             .iter()
-            .map(|(key, b)| {
-                let (level, (capacity, _)) = self.level(now, key.0, key.1);
-                ((level < capacity, b.at), *key)
-            })
+            .map(|(key, b)| (self.whole_at(*key, b), *key))
             .collect();
         let excess = by_age.len() - keep;
         by_age.select_nth_unstable(excess);
@@ -786,6 +800,17 @@ impl GrpcAdapterCore {
                 Ok(work)
             }
         }
+    }
+
+    /// Whether running fetch `victim` is of `caller` (an authenticated
+    /// one), or of host `origin` or its network.
+    fn of_the_same(&self, victim: u64, caller: Option<PeerId>, origin: Option<IpAddr>) -> bool {
+        let same_caller = caller.is_some() && self.running.get(&victim) == Some(&caller);
+        let same_network = match (self.hosts.of.get(&victim), origin) {
+            (Some(host), Some(origin)) => inbound::network(*host) == inbound::network(origin),
+            _ => false,
+        };
+        same_caller || same_network
     }
 
     /// Frees the slot of fetch `id`, if it holds one.
@@ -841,8 +866,12 @@ impl GrpcAdapterCore {
                     },
                 ));
             };
+            let charged = self.of_the_same(victim, caller, origin);
             self.release(victim);
-            out.push(Output::Cut { id: victim });
+            out.push(Output::Cut {
+                id: victim,
+                charged,
+            });
         }
         self.hold(id, caller, origin);
         Ok(())
@@ -983,7 +1012,14 @@ mod tests {
         // Both answers stalled, the other network's first: freeing it
         // would leave this network over its cap, so its own goes.
         let out = fetch_from(&mut c, 3, 3, Some("10.0.0.3"), &[2, 1]);
-        assert_eq!(out[0], Output::Cut { id: 1 });
+        // Of the newcomer's network: charged as dropped unread.
+        assert_eq!(
+            out[0],
+            Output::Cut {
+                id: 1,
+                charged: true
+            }
+        );
         assert!(admitted(&out));
         // A third network, with nothing stalled, finds every slot held.
         let out = fetch_from(&mut c, 4, 4, Some("10.0.2.1"), &[]);
@@ -1022,7 +1058,13 @@ mod tests {
         // At its cap, a host takes only a stalled slot of its own: the
         // neighbour's, stalled first, would leave it over its cap.
         let out = fetch_from(&mut c, 7, 3, Some("10.0.0.1"), &[4, 2]);
-        assert_eq!(out[0], Output::Cut { id: 2 });
+        assert_eq!(
+            out[0],
+            Output::Cut {
+                id: 2,
+                charged: true
+            }
+        );
         assert!(admitted(&out));
         // A restarted core counts each host's running fetches.
         let mut c = GrpcAdapterCore::new(c.restart_init());
@@ -1072,17 +1114,28 @@ mod tests {
         assert_eq!(
             out,
             vec![
-                Output::Cut { id: 2 },
+                // Another caller's, of no known host: not charged.
+                Output::Cut {
+                    id: 2,
+                    charged: false
+                },
                 Output::Admit {
                     id: 5,
                     work: Work::FetchBlocks
                 }
             ]
         );
-        // The cut fetch's slot was its caller's: caller 1 has one again.
+        // The cut fetch's slot was its caller's: caller 1 has one again,
+        // and is charged for the answer it let be cut.
         assert!(matches!(
             fetch_past(&mut c, 6, 1, &[1])[..],
-            [Output::Cut { id: 1 }, Output::Admit { id: 6, .. }]
+            [
+                Output::Cut {
+                    id: 1,
+                    charged: true
+                },
+                Output::Admit { id: 6, .. }
+            ]
         ));
         // Its permit's end, arriving later, frees nothing twice: the three
         // slots are still held (ids 3, 5, 6).
@@ -1096,7 +1149,13 @@ mod tests {
         // takes caller 2's (its second), then is refused.
         assert!(matches!(
             fetch_past(&mut c, 8, 3, &[3])[..],
-            [Output::Cut { id: 3 }, Output::Admit { id: 8, .. }]
+            [
+                Output::Cut {
+                    id: 3,
+                    charged: false
+                },
+                Output::Admit { id: 8, .. }
+            ]
         ));
         assert_eq!(
             fetch_past(&mut c, 9, 3, &[6]),
@@ -1509,5 +1568,28 @@ mod tests {
             Err(network)
         );
         assert_eq!(fetch_then_done(&mut c, 17_500, 112, 7, "10.0.0.4"), Ok(()));
+
+        // Hosts taking turns, each quiet until it drops: the network
+        // spares them down to its allowance owed once more, no further.
+        for (i, fresh) in (20..26).enumerate() {
+            let fresh = format!("10.0.0.{fresh}");
+            assert_eq!(
+                fetch_then_done(&mut c, 17_500, 113 + i as u64, 20 + i as u8, &fresh),
+                Ok(())
+            );
+            for _ in 0..2 {
+                abandon(&mut c, 17_500, 20 + i as u8, &fresh);
+            }
+        }
+        // One token there, twelve dropped since: eleven owed.
+        assert_eq!(
+            fetch_then_done(&mut c, 17_500, 120, 30, "10.0.0.26"),
+            Ok(())
+        );
+        abandon(&mut c, 17_500, 30, "10.0.0.26");
+        assert_eq!(
+            fetch_then_done(&mut c, 17_500, 121, 31, "10.0.0.27"),
+            Err(message(24))
+        );
     }
 }

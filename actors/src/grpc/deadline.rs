@@ -93,11 +93,6 @@ pub struct SendStats {
     abandoned: Mutex<Vec<(Option<PeerId>, Option<IpAddr>)>>,
     /// Fetches dropped unread so far.
     abandoned_total: AtomicU64,
-    /// An answer cut (at its deadline, or for a newer fetch) that the
-    /// transport has not asked a frame of for this long was dropped unread
-    /// by its client, which never read it: charged as a reset would be.
-    /// `None`: cuts are never charged.
-    idle_after: Option<Duration>,
     /// Every response being sent, by deadline, for the sweeper.
     deadlines: Mutex<BTreeMap<Deadline, Registered>>,
     /// Responses registered so far: the second half of a deadline's key.
@@ -139,7 +134,7 @@ async fn sweep(stats: Weak<SendStats>, tick: Duration) {
             let Some(state) = state.upgrade() else {
                 continue;
             };
-            if cut(&state, stats.idle_after) {
+            if cut(&state, false) {
                 // The transport may keep the cut body (and so its
                 // registration) until the connection closes.
                 if let Some(id) = fetch {
@@ -164,15 +159,6 @@ impl std::fmt::Debug for SendStats {
 }
 
 impl SendStats {
-    /// Stats whose cuts charge answers the transport has not asked a frame
-    /// of for `fetch_stall_timeout` as dropped unread.
-    pub fn new(fetch_stall_timeout: Duration) -> Self {
-        SendStats {
-            idle_after: Some(fetch_stall_timeout),
-            ..SendStats::default()
-        }
-    }
-
     /// Admitted fetches (FetchCommits, FetchBlocks) whose slot is still
     /// held: being read, or being sent.
     pub fn fetches_in_flight(&self) -> usize {
@@ -328,8 +314,9 @@ impl SendStats {
     /// Cuts the answer of fetch `id` now, as its deadline would, for a
     /// newer fetch that took its slot.
     /// `held`: whether its permit is still alive (if not, its slot can no
-    /// longer be kept either).
-    pub(super) fn preempt(&self, id: u64, held: bool) {
+    /// longer be kept either); `charged`: whether its answer counts as
+    /// dropped unread (see `Output::Cut`).
+    pub(super) fn preempt(&self, id: u64, held: bool, charged: bool) {
         if let Some((_, cut)) = lock(&self.waiting).remove(&id) {
             // Still waiting for its budget: it ends with a refusal and
             // drops its permit (whose slot the adapter gave away).
@@ -339,7 +326,7 @@ impl SendStats {
             return;
         }
         let state = lock(&self.sending).remove(&id).and_then(|s| s.upgrade());
-        if state.is_some_and(|state| cut(&state, self.idle_after)) {
+        if state.is_some_and(|state| cut(&state, charged)) {
             self.preempted.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(id, "stalled response cut for a newer fetch");
         } else if held {
@@ -397,11 +384,9 @@ impl Drop for WaitingForBudget {
 /// polls the body again and sends the error. (The task may be waiting on
 /// the producer just dropped, which would never wake it: the client would
 /// wait for the rest of the answer for good.) False if it had ended
-/// already. An answer the transport has not asked a frame of for
-/// `idle_after` is charged to its client as dropped unread: a client that
-/// never reads must not get reads for free by letting its answers be cut
-/// rather than resetting them. One read slowly is not.
-fn cut(state: &Mutex<State>, idle_after: Option<Duration>) -> bool {
+/// already. `charged`: its answer counts as dropped unread, its slot
+/// charged to its caller as a reset would be.
+fn cut(state: &Mutex<State>, charged: bool) -> bool {
     let cut = {
         let mut state = lock(state);
         match *state {
@@ -410,9 +395,7 @@ fn cut(state: &Mutex<State>, idle_after: Option<Duration>) -> bool {
         }
     };
     if let State::Sending(mut sending) = cut {
-        if idle_after.is_some_and(|idle| sending.last_polled.elapsed() >= idle)
-            && let Some(slot) = &mut sending.guard.slot
-        {
+        if charged && let Some(slot) = &mut sending.guard.slot {
             slot.abandon();
         }
         let waker = sending.waker.take();
@@ -882,7 +865,7 @@ mod tests {
         {
             tokio::task::yield_now().await;
         }
-        stats.preempt(7, true);
+        stats.preempt(7, true, false);
         let frame = tokio::time::timeout(Duration::from_secs(10), transport)
             .await
             .expect("the transport was woken")
@@ -911,7 +894,7 @@ mod tests {
         assert_eq!(stats.stalled_at(later, stall, 0), vec![8, 7]);
         // Taken by a newer fetch: the wait learns of it, whether it was
         // still waiting or its budget came at the same time.
-        stats.preempt(7, true);
+        stats.preempt(7, true, false);
         tokio::time::timeout(Duration::from_secs(10), waiting.cut())
             .await
             .expect("the wait learns it was cut");
@@ -929,7 +912,7 @@ mod tests {
         assert!(waiting.finish());
         // The adapter gave the slot away as the wait ended: the fetch goes
         // on uncounted for one answer, and its slot is then not kept.
-        stats.preempt(3, true);
+        stats.preempt(3, true, false);
         assert_eq!(stats.responses_preempted(), 0);
         let mut answered = slot(&stats, &mut holders, 3);
         answered.answered();
@@ -981,7 +964,7 @@ mod tests {
         let guard = SendGuard::new(Some(slot(&stats, &mut holders, 2)), None);
         let mut cut = DeadlineBody::new(body(1, 100_000), guard, timeout, stats.clone());
         next(&mut cut).await.unwrap().unwrap();
-        stats.preempt(2, true);
+        stats.preempt(2, true, false);
         assert_eq!(stats.kept.len(), 0);
         assert_eq!(holders.ended(), vec![2]);
         // Ended with an error status: not sent in full, not kept.

@@ -169,6 +169,12 @@ pub enum Output {
     Cut {
         /// Correlation id of the fetch to cut.
         id: u64,
+        /// Whether its answer counts as dropped unread: the newer fetch
+        /// is of its caller, its host or its network, which may take the
+        /// slot of its own stalled answer, and must not so get reads for
+        /// free by letting answers be cut rather than resetting them.
+        #[serde(default)]
+        charged: bool,
     },
     /// Call `id` is refused.
     Refuse {

@@ -247,7 +247,7 @@ impl P2pBuilder {
             Some((deps, watched)) => (Some(deps), Some(watched)),
             None => (None, None),
         };
-        let send_stats = Arc::new(SendStats::new(config.grpc.fetch_stall_timeout));
+        let send_stats = Arc::new(SendStats::default());
         let (tree, tree_status) = tokio::sync::watch::channel(TreeStatus::default());
         let parts = NodeParts {
             availability,
