@@ -123,9 +123,7 @@ pub(crate) fn commits_answer(
         .committee(epoch)
         .map_err(Refused::Store)?
         .ok_or_else(|| Refused::Internal(format!("committee of epoch {epoch} is not held")))?;
-    let mut commits = store
-        .commits_in_range(start..=end, limits.max_fetch_response_bytes)
-        .map_err(Refused::Store)?;
+    let mut commits = commits_read(store, start..=end, limits.max_fetch_response_bytes, wanted)?;
     let read_end = commits.last().map_or(start, |c| c.index());
     let last = commits
         .last()
@@ -185,6 +183,52 @@ pub(crate) fn commits_answer(
         )));
     }
     Ok(response)
+}
+
+/// Commits read from the store at a time for a FetchCommits answer: a
+/// call no longer wanted stops between two reads.
+const COMMITS_READ: u64 = 32;
+
+/// The stored commits of `range` within `max_bytes`, as one
+/// `commits_in_range` would give them (the first whatever its size, then
+/// in order while they fit), read [`COMMITS_READ`] at a time; stopped
+/// ([`Refused::Abandoned`]) before each read after the first once
+/// `wanted` says the answer is not wanted any more.
+fn commits_read(
+    store: &dyn ConsensusStore,
+    range: std::ops::RangeInclusive<CommitIndex>,
+    max_bytes: usize,
+    wanted: &dyn Fn() -> bool,
+) -> Result<Vec<soma_types::TrustedCommit>, Refused> {
+    let (mut from, end) = range.into_inner();
+    let mut commits = Vec::new();
+    let mut bytes = 0usize;
+    while from <= end {
+        if !commits.is_empty() && !wanted() {
+            return Err(Refused::Abandoned);
+        }
+        let to = from.saturating_add(COMMITS_READ - 1).min(end);
+        let read = store
+            .commits_in_range(from..=to, max_bytes.saturating_sub(bytes))
+            .map_err(Refused::Store)?;
+        // Fewer than asked: the budget or the stored commits end here.
+        let mut done = (read.len() as u64) < to - from + 1;
+        for commit in read {
+            let len = commit.serialized().len();
+            // A read's first commit comes whatever the budget left.
+            if !commits.is_empty() && bytes.saturating_add(len) > max_bytes {
+                done = true;
+                break;
+            }
+            bytes = bytes.saturating_add(len);
+            commits.push(commit);
+        }
+        if done || to == end {
+            break;
+        }
+        from = to + 1;
+    }
+    Ok(commits)
 }
 
 /// Most commits after a commit whose blocks are searched for its votes.
@@ -645,6 +689,56 @@ mod tests {
         // Not wanted from the start: nothing is read at all.
         let refused = commits_answer(&store, 1, 20, &limits, &data, &|| false).unwrap_err();
         assert!(matches!(refused, Refused::Abandoned), "{refused:?}");
+    }
+
+    #[test]
+    fn commits_read_a_few_at_a_time_are_those_of_one_read_and_stop_once_not_wanted() {
+        use std::cell::Cell;
+
+        let chain = small_blocks_chain(vec![1; 4], 100);
+        let store = stored(&chain);
+        let size = chain.commit(1).serialized().len();
+        let indexes =
+            |c: &[soma_types::TrustedCommit]| c.iter().map(|c| c.index()).collect::<Vec<_>>();
+        let sizes = |range: std::ops::RangeInclusive<CommitIndex>| {
+            range
+                .map(|i| chain.commit(i).serialized().len())
+                .sum::<usize>()
+        };
+        for (start, end) in [(1, 100), (5, 70), (33, 64), (90, 120), (100, 100)] {
+            // Exactly the first read's commits, and one byte more: the
+            // second read's first commit comes whatever the budget left.
+            let first = sizes(start..=(start + COMMITS_READ - 1).min(100));
+            let budgets = [
+                0,
+                1,
+                size,
+                first - 1,
+                first,
+                first + 1,
+                2 * first,
+                usize::MAX,
+            ];
+            for budget in budgets {
+                let whole = store.commits_in_range(start..=end, budget).unwrap();
+                let read = commits_read(&store, start..=end, budget, &|| true).unwrap();
+                assert_eq!(
+                    indexes(&read),
+                    indexes(&whole),
+                    "{start}..={end} in {budget}"
+                );
+            }
+        }
+        // No longer wanted once the first read is done: the second is not
+        // made.
+        let checks = Cell::new(0);
+        let wanted = || {
+            checks.set(checks.get() + 1);
+            false
+        };
+        let refused = commits_read(&store, 1..=100, usize::MAX, &wanted).unwrap_err();
+        assert!(matches!(refused, Refused::Abandoned), "{refused:?}");
+        assert_eq!(checks.get(), 1);
     }
 
     #[test]
