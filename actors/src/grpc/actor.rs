@@ -101,8 +101,8 @@ impl Supervised for GrpcAdapter {
 impl GrpcAdapter {
     /// Tells the core of the fetches that ended since it last heard, in
     /// id order, so a replay sees the same inputs.
-    /// Fetches dropped unread are charged first: each is reported before
-    /// its permit goes.
+    /// Fetches dropped unread are charged first: each was recorded
+    /// before its permit went.
     fn step_ended(&mut self) {
         for (caller, origin) in self.deps.send_stats.take_abandoned() {
             self.driver.step(Input::Abandoned { caller, origin });

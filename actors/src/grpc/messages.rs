@@ -144,8 +144,11 @@ pub enum Input {
         id: u64,
     },
     /// A fetch admitted earlier was dropped before its answer was read
-    /// (its caller reset the call or closed the connection); reported
-    /// before its `Done`, if that has not come yet.
+    /// (its caller reset the call or closed the connection, or its stalled
+    /// answer was cut for a newer fetch of its own caller, host or
+    /// network); reported as its slot is given back, most often before
+    /// its `Done` (a charge touches no slot, so the order does not
+    /// matter).
     Abandoned {
         /// Its authenticated caller, `None` if anonymous.
         caller: Option<PeerId>,
