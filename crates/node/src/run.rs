@@ -108,14 +108,14 @@ pub async fn run(
             }
         });
     }
-    if let Some((chain, producer)) = producing {
+    let producer = producing.map(|(chain, producer)| {
         tokio::spawn(crate::producer::produce(
             handle.clone(),
             chain,
             producer.commit_rate,
             producer.max_commits,
-        ));
-    }
+        ))
+    });
 
     let failure = tokio::select! {
         _ = interrupt.recv() => {
@@ -128,6 +128,13 @@ pub async fn run(
         }
         failure = handle.failed() => failure,
     };
+    // The producer goes first, and is gone before anything else stops: a
+    // commit it offers a stopping node is refused, and its warning would
+    // otherwise come after the error `run` ends with.
+    if let Some(producer) = producer {
+        producer.abort();
+        let _ = producer.await;
+    }
     let _ = stop_tx.send(true);
     handle.shutdown().await;
     match failure {
