@@ -610,3 +610,97 @@ async fn blocks_read(mut stream: tonic::Streaming<proto::FetchBlocksResponse>) -
     }
     blocks
 }
+
+/// A client that declares windows of 1 GiB, as if it read everything, and
+/// stops reading its socket after the handshake leaves at most
+/// `max-unwritten-bytes-per-connection` of its answers in the server's
+/// transport buffers, however many answers it asked for at once: the
+/// rest wait, unsent and not counted as answered (their fetch slots held,
+/// not kept for its next fetches), as any answer its client does not
+/// read. Its bytes stay within the cap throughout, while an honest node
+/// syncs from the server beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_a_client_does_not_read_leave_at_most_the_cap_unwritten() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use soma_actors::grpc::SLICE_BYTES;
+    use soma_testkit::{attack, wait_until};
+
+    const CAP: u64 = 256 << 10;
+    const CALLS: usize = 48;
+    let (node, chain) = counted_by_address(|grpc| {
+        grpc.max_unwritten_bytes_per_connection = CAP as usize;
+        // Every call of the client admitted at once, with room left for
+        // the honest node.
+        grpc.max_concurrent_fetches_per_peer = CALLS;
+        grpc.max_concurrent_fetches_per_host = CALLS;
+        grpc.max_concurrent_fetches_per_network = CALLS;
+        grpc.max_concurrent_fetches = 2 * CALLS;
+    });
+    let unwritten = |node: &soma_actors::P2pHandle| node.inbound_connections().unwritten_bytes;
+    // The most bytes unwritten at once, sampled until the end of the
+    // test: [the client alone, beside the honest node].
+    let most = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+    let beside = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = tokio::spawn({
+        let (node, most, beside) = (node.clone(), most.clone(), beside.clone());
+        async move {
+            loop {
+                let phase = usize::from(beside.load(Ordering::Relaxed));
+                most[phase].fetch_max(unwritten(&node), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
+
+    // About 314 KB each, 15 MB in all: far more than the server's socket
+    // buffer (4 MiB at most here) and the cap hold.
+    let refs = block_refs(&chain, 150);
+    let identity = fresh_identity(10, 0);
+    let attacker = std::net::IpAddr::from([127, 10, 5, 1]);
+    let client =
+        attack::client_that_stops_reading(target(&node), attacker, Some(&identity), 64 << 10)
+            .await
+            .expect("connects");
+    let calls: Vec<_> = (0..CALLS)
+        .map(|_| {
+            let mut client = client.clone();
+            let request = proto::FetchBlocksRequest { refs: refs.clone() };
+            tokio::spawn(async move { client.fetch_blocks(request).await.map(drop) })
+        })
+        .collect();
+    // The cap reached: the next slice of any answer would pass it.
+    let at_cap = async || unwritten(&node) > CAP - SLICE_BYTES as u64;
+    wait_until("the cap to be reached", DEADLINE, at_cap).await;
+
+    beside.store(true, Ordering::Relaxed);
+    let (honest, store) = honest_beside(&node, &chain);
+    wait_synced(&honest, chain.tip(), DEADLINE).await;
+    assert_same_chain(&chain, store.as_ref());
+    honest.shutdown().await;
+    wait_until(
+        "the honest node's connection to close",
+        DEADLINE,
+        async || node.inbound_connections().open == 1,
+    )
+    .await;
+    beside.store(false, Ordering::Relaxed);
+
+    // The client's bytes are still there, past all but a slice of the cap.
+    wait_until("the client's answers to wait at the cap", DEADLINE, at_cap).await;
+    // Its answers beyond what the socket took are not answered: their
+    // slots are held, not kept.
+    let in_flight = node.fetches_in_flight();
+    assert!(in_flight > 0 && in_flight <= CALLS, "{in_flight}");
+    sampler.abort();
+    let alone = most[0].load(Ordering::Relaxed);
+    assert!(alone <= CAP, "{alone} bytes unwritten at once");
+    // The honest node's answers counted beside the client's, each
+    // connection within the cap.
+    let beside = most[1].load(Ordering::Relaxed);
+    assert!(beside <= 2 * CAP, "{beside} bytes unwritten at once");
+    for call in calls {
+        call.abort();
+    }
+    node.shutdown().await;
+}

@@ -56,6 +56,13 @@ pub struct Limits {
     /// Bytes of answers built but not yet handed to the transport, per
     /// connection; past it new answers wait for earlier ones to be sent.
     pub max_buffered_bytes_per_connection: usize,
+    /// Bytes of answers handed to the transport (HTTP/2) but not yet
+    /// written to the socket, per connection; past it answers wait for the
+    /// client to read (see `soma_wire::backlog`). What a client that does
+    /// not read leaves in the transport's buffers, and the most of its
+    /// answers that count as answered in full.
+    #[serde(default = "default_max_unwritten_bytes_per_connection")]
+    pub max_unwritten_bytes_per_connection: usize,
     /// Interval of HTTP/2 pings on inbound connections.
     pub http2_keepalive_interval: Duration,
     /// Time for a ping's acknowledgement before the connection is closed.
@@ -150,6 +157,10 @@ fn default_max_concurrent_fetches_per_host() -> usize {
     8
 }
 
+fn default_max_unwritten_bytes_per_connection() -> usize {
+    1 << 20
+}
+
 fn default_answer_cache_bytes() -> usize {
     16 << 20
 }
@@ -219,6 +230,7 @@ impl Default for Limits {
             send_timeout: Duration::from_secs(10),
             fetch_stall_timeout: default_fetch_stall_timeout(),
             max_buffered_bytes_per_connection: 16 << 20,
+            max_unwritten_bytes_per_connection: default_max_unwritten_bytes_per_connection(),
             http2_keepalive_interval: Duration::from_secs(30),
             http2_keepalive_timeout: Duration::from_secs(10),
             max_connection_age: Duration::from_secs(30 * 60),

@@ -32,6 +32,8 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes};
 use http_body::Frame;
 use soma_types::PeerId;
+use soma_wire::backlog::{Hand, SendBacklog};
+use soma_wire::tls::send_backlog;
 use tokio::sync::Notify;
 use tonic::Status;
 use tonic::body::Body;
@@ -506,16 +508,20 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct SendDeadline<S> {
     inner: S,
     timeout: Duration,
+    max_unwritten: usize,
     stats: Arc<SendStats>,
 }
 
 impl<S> SendDeadline<S> {
     /// `inner`, whose responses must be handed to the transport within
-    /// `timeout` of their headers.
-    pub fn new(inner: S, timeout: Duration, stats: Arc<SendStats>) -> Self {
+    /// `timeout` of their headers, each frame only while its connection
+    /// has at most `max_unwritten` bytes handed and not yet written (see
+    /// `soma_wire::backlog`).
+    pub fn new(inner: S, timeout: Duration, max_unwritten: usize, stats: Arc<SendStats>) -> Self {
         SendDeadline {
             inner,
             timeout,
+            max_unwritten,
             stats,
         }
     }
@@ -539,6 +545,10 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let gate = send_backlog(request.extensions()).map(|backlog| Gate {
+            backlog,
+            max: self.max_unwritten,
+        });
         let response = self.inner.call(request);
         let (timeout, stats) = (self.timeout, self.stats.clone());
         Box::pin(async move {
@@ -548,7 +558,7 @@ where
                 .remove::<Held>()
                 .and_then(Held::take)
                 .unwrap_or_default();
-            let body = DeadlineBody::new(body, guard, timeout, stats);
+            let body = DeadlineBody::new(body, guard, timeout, gate, stats);
             Ok(http::Response::from_parts(parts, body))
         })
     }
@@ -564,12 +574,21 @@ enum State {
 
 struct Sending {
     body: Body,
+    /// Its connection's count of bytes handed and not written, and the
+    /// cap on it (see `soma_wire::backlog`); `None` for a connection not
+    /// served over `soma_wire::tls::incoming`.
+    gate: Option<Gate>,
+    /// Set while its gate waits for a time at which what its connection
+    /// counts may be forgotten.
+    settle: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The part of the last data frame not yet handed over.
     rest: Bytes,
     guard: SendGuard,
-    /// When the transport last asked for a frame (or the response began):
-    /// it asks only while the client's window has room, so a client that
-    /// does not read leaves this behind.
+    /// When the transport last asked for a frame and could take it (or
+    /// the response began): it asks only while the client's window has
+    /// room, and takes a frame only while its connection's unwritten
+    /// bytes are within the cap, so a client that does not read leaves
+    /// this behind.
     last_polled: Instant,
     /// When the response began.
     began: Instant,
@@ -577,6 +596,13 @@ struct Sending {
     sent: u64,
     /// The transport's task, as of its last poll: woken by a cut.
     waker: Option<Waker>,
+}
+
+/// A connection's count of bytes handed and not written, and its cap.
+#[derive(Debug)]
+pub(super) struct Gate {
+    pub(super) backlog: Arc<SendBacklog>,
+    pub(super) max: usize,
 }
 
 /// A response body cut at its deadline; see the module docs.
@@ -590,7 +616,13 @@ pub struct DeadlineBody {
 }
 
 impl DeadlineBody {
-    fn new(body: Body, guard: SendGuard, timeout: Duration, stats: Arc<SendStats>) -> Self {
+    fn new(
+        body: Body,
+        guard: SendGuard,
+        timeout: Duration,
+        gate: Option<Gate>,
+        stats: Arc<SendStats>,
+    ) -> Self {
         let id = guard
             .slot
             .as_ref()
@@ -598,6 +630,8 @@ impl DeadlineBody {
         let now = Instant::now();
         let state = Arc::new(Mutex::new(State::Sending(Box::new(Sending {
             body,
+            gate,
+            settle: None,
             rest: Bytes::new(),
             guard,
             last_polled: now,
@@ -626,6 +660,42 @@ impl DeadlineBody {
 }
 
 impl Sending {
+    /// Ready once the next slice of `rest` may be handed over: its
+    /// connection's bytes handed and not written stay within the cap with
+    /// it (see `soma_wire::backlog`), and it is counted there.
+    fn poll_gate(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(gate) = &self.gate else {
+            return Poll::Ready(());
+        };
+        let n = self.rest.len().min(SLICE_BYTES);
+        loop {
+            let now = tokio::time::Instant::now();
+            match gate.backlog.try_hand(cx.waker(), n, gate.max, now) {
+                Hand::Taken => {
+                    self.settle = None;
+                    return Poll::Ready(());
+                }
+                Hand::Wait(None) => {
+                    self.settle = None;
+                    return Poll::Pending;
+                }
+                Hand::Wait(Some(at)) => {
+                    // Never in the past: the count was kept at `now`, so
+                    // asking again at once would spin.
+                    let at = at.max(now + Duration::from_millis(1));
+                    let timer = self
+                        .settle
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+                    if timer.deadline() != at {
+                        timer.as_mut().reset(at);
+                    }
+                    // Once it fires, what is counted may be forgotten.
+                    ready!(timer.as_mut().poll(cx));
+                }
+            }
+        }
+    }
+
     /// The next slice of `rest`, counted as handed over.
     fn slice(&mut self) -> Frame<Bytes> {
         let n = self.rest.len().min(SLICE_BYTES);
@@ -682,7 +752,6 @@ impl http_body::Body for DeadlineBody {
         let mut state = lock(&self.state);
         let sending = match &mut *state {
             State::Sending(s) => {
-                s.last_polled = Instant::now();
                 if !s.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                     s.waker = Some(cx.waker().clone());
                 }
@@ -695,33 +764,35 @@ impl http_body::Body for DeadlineBody {
                 ))));
             }
         };
-        if !sending.rest.is_empty() {
-            return Poll::Ready(Some(Ok(sending.slice())));
-        }
-        let polled = ready!(Pin::new(&mut sending.body).poll_frame(cx));
-        match polled {
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) if !data.is_empty() => {
-                    sending.rest = data;
-                    Poll::Ready(Some(Ok(sending.slice())))
+        if sending.rest.is_empty() {
+            // The transport asks: whatever the answer waits for now is the
+            // server's doing, not the client's.
+            sending.last_polled = Instant::now();
+            let polled = ready!(Pin::new(&mut sending.body).poll_frame(cx));
+            match polled {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) if !data.is_empty() => sending.rest = data,
+                    Ok(empty) => return Poll::Ready(Some(Ok(Frame::data(empty)))),
+                    Err(trailers) => {
+                        // An answer that ended in an error status was not
+                        // sent in full.
+                        let ok = trailers
+                            .trailers_ref()
+                            .and_then(|t| t.get("grpc-status"))
+                            .is_none_or(|status| status == "0");
+                        finish(state, ok);
+                        return Poll::Ready(Some(Ok(trailers)));
+                    }
+                },
+                end => {
+                    finish(state, end.is_none());
+                    return Poll::Ready(end);
                 }
-                Ok(empty) => Poll::Ready(Some(Ok(Frame::data(empty)))),
-                Err(trailers) => {
-                    // An answer that ended in an error status was not
-                    // sent in full.
-                    let ok = trailers
-                        .trailers_ref()
-                        .and_then(|t| t.get("grpc-status"))
-                        .is_none_or(|status| status == "0");
-                    finish(state, ok);
-                    Poll::Ready(Some(Ok(trailers)))
-                }
-            },
-            end => {
-                finish(state, end.is_none());
-                Poll::Ready(end)
             }
         }
+        ready!(sending.poll_gate(cx));
+        sending.last_polled = Instant::now();
+        Poll::Ready(Some(Ok(sending.slice())))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -779,8 +850,13 @@ mod tests {
         assert!(reservation.try_add(2 * 100_000));
         let stats = Arc::new(SendStats::default());
         let guard = SendGuard::new(None, Some(reservation.clone()));
-        let mut sent =
-            DeadlineBody::new(body(2, 100_000), guard, Duration::from_secs(3_600), stats);
+        let mut sent = DeadlineBody::new(
+            body(2, 100_000),
+            guard,
+            Duration::from_secs(3_600),
+            None,
+            stats,
+        );
         let mut lens = Vec::new();
         while let Some(frame) = next(&mut sent).await {
             let frame = frame.unwrap();
@@ -807,6 +883,7 @@ mod tests {
             body(1, 100_000),
             guard,
             Duration::from_secs(1),
+            None,
             stats.clone(),
         );
         // One slice handed over, then the client stops reading.
@@ -852,6 +929,7 @@ mod tests {
             Body::new(Pending),
             SendGuard::default(),
             Duration::from_secs(3_600),
+            None,
             stats.clone(),
         );
         // Registered as fetch 7's answer, as an admitted fetch's is.
@@ -885,7 +963,13 @@ mod tests {
         let start = Instant::now();
         let waiting = stats.waiting_for_budget(7);
         let guard = SendGuard::new(Some(slot(&stats, &mut holders, 8)), None);
-        let _silent = DeadlineBody::new(body(1, 10), guard, Duration::from_secs(60), stats.clone());
+        let _silent = DeadlineBody::new(
+            body(1, 10),
+            guard,
+            Duration::from_secs(60),
+            None,
+            stats.clone(),
+        );
         assert_eq!(stats.fetches_waiting_for_budget(), 1);
         // Neither has been stalled for a second yet; then both are, the
         // silent answer first.
@@ -921,6 +1005,58 @@ mod tests {
         assert_eq!(holders.ended(), vec![3]);
     }
 
+    /// An answer hands a frame over only while its connection's bytes
+    /// handed and not written stay within the cap. Waiting, it is silent
+    /// (a stalled answer); it goes on when the connection writes, or once
+    /// the connection, its socket taking writes, wrote nothing for
+    /// `SETTLE_AFTER`, never while its socket is full.
+    #[tokio::test(start_paused = true)]
+    async fn frames_wait_for_their_connection_to_write_and_waiting_is_a_stall() {
+        use futures::FutureExt;
+        use soma_wire::backlog::SETTLE_AFTER;
+
+        let stats = Arc::new(SendStats::default());
+        let mut holders = crate::holders::Holders::default();
+        let backlog = Arc::new(SendBacklog::default());
+        let gate = Gate {
+            backlog: backlog.clone(),
+            max: SLICE_BYTES,
+        };
+        let guard = SendGuard::new(Some(slot(&stats, &mut holders, 5)), None);
+        let timeout = Duration::from_secs(100_000);
+        let answer = body(1, 4 * SLICE_BYTES);
+        let mut sent = DeadlineBody::new(answer, guard, timeout, Some(gate), stats.clone());
+        let slice = |frame: Option<Result<Frame<Bytes>, Status>>| {
+            frame.unwrap().unwrap().into_data().unwrap().len()
+        };
+        // Nothing counted: the first slice goes; the second would pass
+        // the cap.
+        assert_eq!(slice(next(&mut sent).await), SLICE_BYTES);
+        assert_eq!(backlog.unwritten(), SLICE_BYTES as u64);
+        let waiting_since = Instant::now();
+        assert!(next(&mut sent).now_or_never().is_none());
+        // Asked, and not able to take the frame: silent since its last one.
+        let stall = Duration::from_secs(1);
+        assert_eq!(stats.stalled_at(waiting_since + stall, stall, 0), vec![5]);
+        // The connection writes: the second slice goes.
+        backlog.wrote(SLICE_BYTES, tokio::time::Instant::now());
+        assert_eq!(slice(next(&mut sent).now_or_never().unwrap()), SLICE_BYTES);
+        // Its bytes are never written (its stream was reset, say) while
+        // the socket takes writes: forgotten after SETTLE_AFTER.
+        let counted = tokio::time::Instant::now();
+        assert_eq!(slice(next(&mut sent).await), SLICE_BYTES);
+        assert_eq!(counted.elapsed(), SETTLE_AFTER);
+        // A full socket is never forgiven; it waits for the write.
+        backlog.blocked();
+        let waited = tokio::time::timeout(timeout / 2, next(&mut sent)).await;
+        assert!(waited.is_err(), "handed over past the cap");
+        backlog.wrote(SLICE_BYTES, tokio::time::Instant::now());
+        assert_eq!(slice(next(&mut sent).await), SLICE_BYTES);
+        // Then its end: answered in full, its slot kept.
+        while next(&mut sent).await.is_some() {}
+        assert_eq!(stats.kept.len(), 1);
+    }
+
     fn slot(stats: &Arc<SendStats>, holders: &mut crate::holders::Holders, id: u64) -> FetchSlot {
         let key = (
             std::net::SocketAddr::from(([127, 0, 0, 1], 9)),
@@ -938,7 +1074,7 @@ mod tests {
         let timeout = Duration::from_secs(1);
         // Sent whole: kept, still held.
         let guard = SendGuard::new(Some(slot(&stats, &mut holders, 1)), None);
-        let mut sent = DeadlineBody::new(body(1, 10), guard, timeout, stats.clone());
+        let mut sent = DeadlineBody::new(body(1, 10), guard, timeout, None, stats.clone());
         while next(&mut sent).await.is_some() {}
         assert_eq!(stats.kept.len(), 1);
         assert_eq!(stats.fetches_in_flight(), 0);
@@ -946,7 +1082,7 @@ mod tests {
         // dropping the old body leaves the new answer registered.
         let reused = stats.kept.reclaim(|_| true).pop().expect("kept");
         let guard = SendGuard::new(Some(FetchSlot::new(reused, &stats, None)), None);
-        let mut again = DeadlineBody::new(body(1, 100_000), guard, timeout, stats.clone());
+        let mut again = DeadlineBody::new(body(1, 100_000), guard, timeout, None, stats.clone());
         drop(sent);
         assert!(lock(&stats.sending).contains_key(&1));
         // Cut at its deadline: not kept, given back.
@@ -962,7 +1098,7 @@ mod tests {
         drop(again);
         // Preempted: not kept either.
         let guard = SendGuard::new(Some(slot(&stats, &mut holders, 2)), None);
-        let mut cut = DeadlineBody::new(body(1, 100_000), guard, timeout, stats.clone());
+        let mut cut = DeadlineBody::new(body(1, 100_000), guard, timeout, None, stats.clone());
         next(&mut cut).await.unwrap().unwrap();
         stats.preempt(2, true, false);
         assert_eq!(stats.kept.len(), 0);
@@ -975,7 +1111,7 @@ mod tests {
             Frame::trailers(trailers),
         ])));
         let guard = SendGuard::new(Some(slot(&stats, &mut holders, 4)), None);
-        let mut sent = DeadlineBody::new(failed, guard, timeout, stats.clone());
+        let mut sent = DeadlineBody::new(failed, guard, timeout, None, stats.clone());
         while next(&mut sent).await.is_some() {}
         assert_eq!(stats.kept.len(), 0);
         assert_eq!(holders.ended(), vec![4]);
@@ -985,6 +1121,7 @@ mod tests {
             body(1, 10),
             guard,
             timeout,
+            None,
             stats.clone(),
         ));
         assert_eq!(stats.kept.len(), 0);

@@ -302,7 +302,12 @@ impl P2pBuilder {
             // the send deadline too (its caller watches again), or each
             // connection could hold its whole stream limit of them open,
             // with their buffers, for as long as it lives.
-            let health = SendDeadline::new(health, config.grpc.send_timeout, send_stats.clone());
+            let health = SendDeadline::new(
+                health,
+                config.grpc.send_timeout,
+                config.grpc.max_unwritten_bytes_per_connection,
+                send_stats.clone(),
+            );
             // Reflection is a stream of answers, each held until the caller
             // reads it: bounded in size as health is, and cut at the send
             // deadline as the P2p service's answers are, so that a caller
@@ -314,8 +319,12 @@ impl P2pBuilder {
                 .map_err(|e| StartError::Runtime(std::io::Error::other(e)))?
                 .max_decoding_message_size(MAX_STANDARD_REQUEST_BYTES)
                 .max_encoding_message_size(MAX_STANDARD_ANSWER_BYTES);
-            let reflection =
-                SendDeadline::new(reflection, config.grpc.send_timeout, send_stats.clone());
+            let reflection = SendDeadline::new(
+                reflection,
+                config.grpc.send_timeout,
+                config.grpc.max_unwritten_bytes_per_connection,
+                send_stats.clone(),
+            );
             // tonic caps encoding per service, not per call, and the
             // FetchCommits bound grows with the committee of the epoch
             // served, which a later epoch may enlarge: each answer is held
@@ -324,7 +333,12 @@ impl P2pBuilder {
             let p2p = P2pServer::new(service)
                 .max_decoding_message_size(max_request_bytes(&config.grpc, &config.verifier.limits))
                 .max_encoding_message_size(usize::MAX);
-            let p2p = SendDeadline::new(p2p, config.grpc.send_timeout, send_stats.clone());
+            let p2p = SendDeadline::new(
+                p2p,
+                config.grpc.send_timeout,
+                config.grpc.max_unwritten_bytes_per_connection,
+                send_stats.clone(),
+            );
             let incoming = tls::incoming_with_limit(listener, server_config, inbound.clone());
             let timeout = config.timeout;
             let limits = config.grpc.clone();

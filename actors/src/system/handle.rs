@@ -190,6 +190,11 @@ pub struct InboundConnections {
     /// Admissions, refusals by reason, evictions, handshake timeouts and
     /// idle closures so far.
     pub counts: soma_wire::inbound::Counts,
+    /// Bytes of answers handed to HTTP/2 and not yet written to the
+    /// sockets, over every open connection: each connection's at most
+    /// `max_unwritten_bytes_per_connection` (but for one frame larger
+    /// than it, alone).
+    pub unwritten_bytes: u64,
 }
 
 /// Whether one long-lived actor is running.
@@ -505,6 +510,7 @@ impl P2pHandle {
             refused: limit.refused(),
             reserved_peers: limit.reserved_peers(),
             counts: limit.counts(),
+            unwritten_bytes: limit.unwritten_bytes(),
         }
     }
 

@@ -253,6 +253,10 @@ pub struct P2pSection {
     pub send_timeout: Duration,
     /// Bytes of answers built but not yet sent, per inbound connection.
     pub max_buffered_bytes_per_connection: usize,
+    /// Bytes of answers handed to HTTP/2 but not yet written to the
+    /// socket, per inbound connection: what a client that does not read
+    /// leaves in the transport's buffers.
+    pub max_unwritten_bytes_per_connection: usize,
     /// Bytes of FetchCommits answers kept to answer the same request
     /// again while the store is unchanged; 0 keeps none.
     pub answer_cache_bytes: usize,
@@ -363,6 +367,7 @@ impl Default for P2pSection {
             inbound_idle_timeout: p.grpc.inbound_idle_timeout,
             send_timeout: p.grpc.send_timeout,
             max_buffered_bytes_per_connection: p.grpc.max_buffered_bytes_per_connection,
+            max_unwritten_bytes_per_connection: p.grpc.max_unwritten_bytes_per_connection,
             answer_cache_bytes: p.grpc.answer_cache_bytes,
             max_concurrent_fetches: p.grpc.max_concurrent_fetches,
             fetch_stall_timeout: p.grpc.fetch_stall_timeout,
@@ -835,6 +840,13 @@ impl NodeConfig {
             "between 1048576 and 4294967296",
         )?;
         count(
+            "p2p.max-unwritten-bytes-per-connection",
+            p.max_unwritten_bytes_per_connection,
+            64 << 10,
+            1 << 30,
+            "between 65536 and 1073741824",
+        )?;
+        count(
             "p2p.answer-cache-bytes",
             p.answer_cache_bytes,
             0,
@@ -1018,6 +1030,7 @@ impl NodeConfig {
         c.grpc.inbound_idle_timeout = p.inbound_idle_timeout;
         c.grpc.send_timeout = p.send_timeout;
         c.grpc.max_buffered_bytes_per_connection = p.max_buffered_bytes_per_connection;
+        c.grpc.max_unwritten_bytes_per_connection = p.max_unwritten_bytes_per_connection;
         c.grpc.answer_cache_bytes = p.answer_cache_bytes;
         c.grpc.max_concurrent_fetches = p.max_concurrent_fetches;
         c.grpc.fetch_stall_timeout = p.fetch_stall_timeout;
@@ -1238,6 +1251,10 @@ inbound-idle-timeout = "{idle}"
 # for earlier ones to be sent).
 send-timeout = "{send_timeout}"
 max-buffered-bytes-per-connection = {buffered}
+# Bytes of answers handed to HTTP/2 but not yet written to the socket, per
+# connection: past it, answers wait for the client to read. What a client
+# that does not read leaves in the transport's buffers.
+max-unwritten-bytes-per-connection = {unwritten}
 # FetchCommits answers kept in memory, in bytes, to answer the same request
 # again (syncing peers ask for the same batches) while the store is
 # unchanged; 0 keeps none.
@@ -1318,6 +1335,7 @@ max-connection-age-grace = "{grace}"
         idle = humantime_serde::re::humantime::format_duration(p.inbound_idle_timeout),
         send_timeout = humantime_serde::re::humantime::format_duration(p.send_timeout),
         buffered = p.max_buffered_bytes_per_connection,
+        unwritten = p.max_unwritten_bytes_per_connection,
         answer_cache = p.answer_cache_bytes,
         fetches = p.max_concurrent_fetches,
         fetches_per_peer = p.max_concurrent_fetches_per_peer,
@@ -1367,6 +1385,7 @@ mod tests {
         assert_eq!(inbound, soma_wire::inbound::Config::default());
         assert_eq!(config.p2p.send_timeout, Duration::from_secs(10));
         assert_eq!(config.p2p.max_buffered_bytes_per_connection, 16 << 20);
+        assert_eq!(config.p2p.max_unwritten_bytes_per_connection, 1 << 20);
         assert_eq!(config.p2p.answer_cache_bytes, 16 << 20);
         assert_eq!(config.p2p.max_connection_age, Duration::from_secs(1_800));
         let grpc = config.p2p_config().grpc;
@@ -1489,7 +1508,7 @@ mod tests {
         }
         // Every key of the default file but those `run` reads itself: the
         // top level, [p2p] and [archive].
-        assert_eq!(checked, 5 + 63 + 7);
+        assert_eq!(checked, 5 + 64 + 7);
     }
 
     /// The default file with its commented `[archive]` section enabled,

@@ -45,6 +45,7 @@ struct Series {
     inbound: IntGauge,
     fetches_in_flight: IntGauge,
     fetches_waiting_for_budget: IntGauge,
+    unwritten_bytes: IntGauge,
     responses_cut: IntCounterVec,
     fetches_on_kept_slots: IntCounterVec,
     fetches_refused: IntCounterVec,
@@ -169,6 +170,11 @@ impl Series {
                 &r,
                 "soma_fetches_in_flight",
                 "Fetches served and not yet fully sent",
+            ),
+            unwritten_bytes: gauge(
+                &r,
+                "soma_answer_bytes_unwritten",
+                "Answer bytes handed to HTTP/2 and not yet written to the sockets",
             ),
             fetches_waiting_for_budget: gauge(
                 &r,
@@ -331,6 +337,7 @@ impl Series {
         }
         let inbound = handle.inbound_connections();
         self.inbound.set(inbound.open as i64);
+        self.unwritten_bytes.set(inbound.unwritten_bytes as i64);
         self.fetches_in_flight
             .set(handle.fetches_in_flight() as i64);
         self.fetches_waiting_for_budget

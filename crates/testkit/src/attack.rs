@@ -140,11 +140,21 @@ impl Drop for Attack {
 
 /// A TCP connection to `target` from `source`.
 async fn tcp(source: IpAddr, target: SocketAddr) -> std::io::Result<TcpStream> {
+    connected(socket(source)?, target).await
+}
+
+/// A TCP socket bound to `source`.
+fn socket(source: IpAddr) -> std::io::Result<TcpSocket> {
     let socket = match source {
         IpAddr::V4(_) => TcpSocket::new_v4()?,
         IpAddr::V6(_) => TcpSocket::new_v6()?,
     };
     socket.bind(SocketAddr::new(source, 0))?;
+    Ok(socket)
+}
+
+/// `socket` connected to `target` within the connect timeout.
+async fn connected(socket: TcpSocket, target: SocketAddr) -> std::io::Result<TcpStream> {
     tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(target))
         .await
         .map_err(|_| std::io::ErrorKind::TimedOut)?
@@ -177,24 +187,146 @@ pub async fn client(
     identity: Option<&NodeIdentity>,
     window: Option<u32>,
 ) -> Result<P2pClient<Channel>, tonic::transport::Error> {
-    let mut endpoint = Endpoint::from_shared(format!("http://{}", target.address))
-        .expect("a socket address is a valid URI")
-        .connect_timeout(CONNECT_TIMEOUT);
+    let mut endpoint = endpoint(target);
     if let Some(window) = window {
         endpoint = endpoint.initial_stream_window_size(window);
     }
+    let transport = FromSource {
+        source,
+        target: target.address,
+    };
+    connect(target, identity, endpoint, transport).await
+}
+
+/// A gRPC client like [`client`] that declares windows of 1 GiB, as if it
+/// read everything, and stops reading its socket for good once `read`
+/// bytes came (the handshake and the server's settings need a few KiB).
+/// Its socket's receive buffer is kept small, so that what the server
+/// sends it waits in the server's own buffers.
+pub async fn client_that_stops_reading(
+    target: Target,
+    source: IpAddr,
+    identity: Option<&NodeIdentity>,
+    read: usize,
+) -> Result<P2pClient<Channel>, tonic::transport::Error> {
+    let endpoint = endpoint(target)
+        .initial_stream_window_size(1 << 30)
+        .initial_connection_window_size(1 << 30);
+    let transport = StopsReading {
+        source,
+        target: target.address,
+        read,
+    };
+    connect(target, identity, endpoint, transport).await
+}
+
+fn endpoint(target: Target) -> Endpoint {
+    Endpoint::from_shared(format!("http://{}", target.address))
+        .expect("a socket address is a valid URI")
+        .connect_timeout(CONNECT_TIMEOUT)
+}
+
+/// Connects `endpoint` over `transport`, with TLS as `identity`.
+async fn connect<T>(
+    target: Target,
+    identity: Option<&NodeIdentity>,
+    endpoint: Endpoint,
+    transport: T,
+) -> Result<P2pClient<Channel>, tonic::transport::Error>
+where
+    T: tonic_tls::Transport + Clone + Send + Sync + 'static,
+    T::Io: Unpin + Send + 'static,
+    T::Error: std::error::Error + Send + Sync + 'static,
+{
     let (config, _) =
         tls::client_config(identity, target.peer_id).expect("a generated identity is valid");
     let connector = tonic_tls::rustls::TlsConnector::new(
-        FromSource {
-            source,
-            target: target.address,
-        },
+        transport,
         config,
         ServerName::try_from(tls::SERVER_NAME).expect("a valid name"),
     );
     let channel = endpoint.connect_with_connector(connector).await?;
     Ok(P2pClient::new(channel).max_decoding_message_size(usize::MAX))
+}
+
+/// TCP from a fixed source address with a small receive buffer, whose
+/// reads stop for good once `read` bytes came.
+#[derive(Clone)]
+struct StopsReading {
+    source: IpAddr,
+    target: SocketAddr,
+    read: usize,
+}
+
+/// Smallest receive buffer Linux allows: the client's kernel holds next
+/// to nothing of what it is sent.
+const SMALL_RECEIVE_BUFFER: u32 = 4 << 10;
+
+impl tonic_tls::Transport for StopsReading {
+    type Io = ReadsStop;
+    type Error = std::io::Error;
+
+    async fn connect(&self, _: &Uri) -> Result<ReadsStop, std::io::Error> {
+        let socket = socket(self.source)?;
+        // Before the connection, so that the window it offers is small.
+        socket.set_recv_buffer_size(SMALL_RECEIVE_BUFFER)?;
+        let stream = connected(socket, self.target).await?;
+        stream.set_nodelay(true)?;
+        Ok(ReadsStop {
+            stream,
+            left: self.read,
+        })
+    }
+}
+
+/// A TCP stream whose reads stop for good once `left` more bytes came.
+pub struct ReadsStop {
+    stream: TcpStream,
+    left: usize,
+}
+
+impl tokio::io::AsyncRead for ReadsStop {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.left == 0 {
+            // Never woken: the client reads no more.
+            return std::task::Poll::Pending;
+        }
+        let room = buf.remaining().min(self.left);
+        let mut part = tokio::io::ReadBuf::new(&mut buf.initialize_unfilled()[..room]);
+        let polled = std::pin::Pin::new(&mut self.stream).poll_read(cx, &mut part);
+        let n = part.filled().len();
+        buf.advance(n);
+        self.left -= n;
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for ReadsStop {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, data)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }
 
 /// Counts the outcome of a call: refused, cut after admission, or

@@ -46,6 +46,10 @@ pub struct FrameScanner {
     payload: usize,
     /// Whether a whole frame header was read (so the preface too).
     framed: bool,
+    /// Whether the current frame is a DATA frame.
+    in_data: bool,
+    /// DATA payload bytes read so far.
+    data: u64,
 }
 
 impl FrameScanner {
@@ -66,6 +70,8 @@ impl FrameScanner {
             header_len: 0,
             payload: 0,
             framed: false,
+            in_data: false,
+            data: 0,
         }
     }
 
@@ -75,15 +81,20 @@ impl FrameScanner {
         self.framed
     }
 
+    /// DATA payload bytes read so far: answers' bytes, from the server.
+    pub fn data(&self) -> u64 {
+        self.data
+    }
+
     /// Reads `bytes`, the next of its direction; whether a HEADERS or DATA
     /// frame's header ended among them.
     pub fn scan(&mut self, mut bytes: &[u8]) -> bool {
         let mut active = false;
         while !bytes.is_empty() {
-            let skip = if self.preface > 0 {
-                &mut self.preface
+            let (skip, data) = if self.preface > 0 {
+                (&mut self.preface, false)
             } else if self.payload > 0 {
-                &mut self.payload
+                (&mut self.payload, self.in_data)
             } else {
                 let n = (FRAME_HEADER_BYTES - self.header_len).min(bytes.len());
                 self.header[self.header_len..self.header_len + n].copy_from_slice(&bytes[..n]);
@@ -95,12 +106,16 @@ impl FrameScanner {
                         usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
                     self.header_len = 0;
                     self.framed = true;
+                    self.in_data = h[3] == DATA;
                     active |= matches!(h[3], DATA | HEADERS);
                 }
                 continue;
             };
             let n = (*skip).min(bytes.len());
             *skip -= n;
+            if data {
+                self.data += n as u64;
+            }
             bytes = &bytes[n..];
         }
         active
@@ -142,6 +157,16 @@ impl<S> Watched<S> {
     }
 }
 
+impl<S> Watched<S> {
+    /// Tells the connection's [`crate::backlog`] its socket is full, if
+    /// this write could not go on.
+    fn note_blocked<T>(&self, result: &Poll<io::Result<T>>) {
+        if result.is_pending() {
+            self.toucher.blocked();
+        }
+    }
+}
+
 impl<S: Connected> Connected for Watched<S> {
     type ConnectInfo = S::ConnectInfo;
 
@@ -178,11 +203,14 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let result = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = result
-            && this.writes.scan(&buf[..n])
-        {
-            this.toucher.touch();
+        if let Poll::Ready(Ok(n)) = result {
+            let data = this.writes.data();
+            if this.writes.scan(&buf[..n]) {
+                this.toucher.touch();
+            }
+            this.toucher.wrote(this.writes.data() - data);
         }
+        this.note_blocked(&result);
         result
     }
 
@@ -194,6 +222,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         let this = self.get_mut();
         let result = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(mut n)) = result {
+            let data = this.writes.data();
             let mut active = false;
             for buf in bufs {
                 if n == 0 {
@@ -206,7 +235,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
             if active {
                 this.toucher.touch();
             }
+            this.toucher.wrote(this.writes.data() - data);
         }
+        this.note_blocked(&result);
         result
     }
 
@@ -215,7 +246,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let result = Pin::new(&mut self.inner).poll_flush(cx);
+        match result {
+            Poll::Ready(Ok(())) => self.toucher.wrote(0),
+            Poll::Pending => self.toucher.blocked(),
+            Poll::Ready(Err(_)) => {}
+        }
+        result
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -273,6 +310,48 @@ mod tests {
                 );
                 offset = end;
             }
+        }
+    }
+
+    /// The server's answers as they reach the socket: exactly the payload
+    /// bytes of DATA frames count as data, however the writes split them.
+    #[test]
+    fn only_data_payload_bytes_count_as_data_whatever_the_writes_they_are_in() {
+        let mut stream = Vec::new();
+        // The payload ranges of the DATA frames.
+        let mut payloads = Vec::new();
+        for (kind, payload) in [
+            (SETTINGS, 6),
+            (HEADERS, 30),
+            (DATA, 1_000),
+            (PING, 8),
+            (DATA, 0),
+            (DATA, 17),
+            (HEADERS, 12),
+        ] {
+            if kind == DATA {
+                let start = stream.len() + FRAME_HEADER_BYTES;
+                payloads.push(start..start + payload);
+            }
+            stream.extend(frame(kind, payload));
+        }
+        for piece in (1..=40).chain([stream.len()]) {
+            let mut scanner = FrameScanner::from_server();
+            let mut end = 0;
+            for chunk in stream.chunks(piece) {
+                scanner.scan(chunk);
+                end += chunk.len();
+                let expected: usize = payloads
+                    .iter()
+                    .map(|p| p.end.min(end).saturating_sub(p.start))
+                    .sum();
+                assert_eq!(
+                    scanner.data(),
+                    expected as u64,
+                    "pieces of {piece}, to {end}"
+                );
+            }
+            assert_eq!(scanner.data(), 1_017);
         }
     }
 

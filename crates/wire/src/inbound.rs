@@ -67,6 +67,7 @@ use tokio::net::TcpStream;
 use tokio::time::Sleep;
 use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
 
+use crate::backlog::SendBacklog;
 use crate::tls::Caller;
 
 /// The default bound: 64 times the peers a node dials by default, about
@@ -707,6 +708,13 @@ impl ConnectionLimit {
         self.lock().rules.counts()
     }
 
+    /// Answer bytes handed to HTTP/2 and not yet written, over every open
+    /// connection (see [`crate::backlog`]).
+    pub fn unwritten_bytes(&self) -> u64 {
+        let state = self.lock();
+        state.conns.values().map(|a| a.backlog.unwritten()).sum()
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.shared
             .state
@@ -804,6 +812,8 @@ struct Activity {
     /// Wakes those waiting for `draining` or `gone`
     /// ([`Toucher::closing`]).
     drain: tokio::sync::Notify,
+    /// Its answers' bytes handed to HTTP/2 and not yet written.
+    backlog: Arc<SendBacklog>,
 }
 
 /// Marks a connection active: it asked for something or was answered.
@@ -818,6 +828,20 @@ impl Toucher {
     pub(crate) fn touch(&self) {
         let now = self.limit.now_ms();
         self.activity.last_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// The connection wrote `data` bytes of DATA frames (see
+    /// [`crate::backlog`]); its socket took the write.
+    pub(crate) fn wrote(&self, data: u64) {
+        let data = usize::try_from(data).unwrap_or(usize::MAX);
+        self.activity
+            .backlog
+            .wrote(data, tokio::time::Instant::now());
+    }
+
+    /// The connection's socket is full.
+    pub(crate) fn blocked(&self) {
+        self.activity.backlog.blocked();
     }
 
     /// The client's HTTP/2 connection is set up.
@@ -929,6 +953,8 @@ pub struct ConnInfo {
     /// its handshake: it holds a reserved slot (a committee member or an
     /// allowlisted peer) or is an exempt loopback caller.
     pub uncapped: bool,
+    /// Its answers' bytes handed to HTTP/2 and not yet written.
+    pub backlog: Arc<SendBacklog>,
 }
 
 impl Admitted {
@@ -1040,6 +1066,7 @@ impl Connected for Admitted {
             tcp: self.stream.connect_info(),
             caller: self.caller.get().map(|(caller, _)| *caller),
             uncapped: self.caller.get().is_some_and(|(_, uncapped)| *uncapped),
+            backlog: self.slot.activity.backlog.clone(),
         }
     }
 }

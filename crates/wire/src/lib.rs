@@ -11,9 +11,13 @@
 //! - [`inbound`]: admission of a server's inbound connections: caps in all,
 //!   per address and per network, reserved slots, handshake and idle
 //!   timeouts.
+//! - [`backlog`]: answer bytes handed to HTTP/2 and not yet written, per
+//!   inbound connection, which bounds what a client that does not read
+//!   leaves in the server's buffers.
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod activity;
+pub mod backlog;
 pub mod codec;
 pub mod convert;
 pub mod inbound;

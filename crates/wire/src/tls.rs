@@ -539,6 +539,17 @@ pub fn origin<T>(request: &tonic::Request<T>) -> Option<std::net::IpAddr> {
     Some(crate::inbound::host(info.tcp.remote_addr()?.ip()))
 }
 
+/// The count of answer bytes handed and not written of the connection a
+/// request came on (see [`crate::backlog`]), when it was served over
+/// [`incoming`].
+pub fn send_backlog(
+    extensions: &tonic::codegen::http::Extensions,
+) -> Option<std::sync::Arc<crate::backlog::SendBacklog>> {
+    extensions
+        .get::<SslConnectInfo<ConnInfo>>()
+        .map(|info| info.get_ref().backlog.clone())
+}
+
 /// The socket address a request came from, when it was served over
 /// [`incoming`]: it names the connection the call came on.
 pub fn remote_addr<T>(request: &tonic::Request<T>) -> Option<std::net::SocketAddr> {
