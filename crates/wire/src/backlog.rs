@@ -24,9 +24,16 @@
 //! server cannot tell how many there were. Such bytes are never written
 //! and would shut the gate for good. So once the connection has written
 //! nothing for [`SETTLE_AFTER`] while its last write went through (HTTP/2
-//! is not waiting for the socket, so it has nothing it may write), what is
-//! left counted is forgotten. A client that does not read keeps the
-//! socket full, and is never forgiven.
+//! is not waiting for the socket), what is left counted is forgotten, at
+//! most the cap's worth a minute. A client that does not read keeps the
+//! socket full, and is never forgiven. The limit is for a client that
+//! keeps HTTP/2 from writing otherwise: one that opens each stream's
+//! window a byte at a time gets a whole slice of each answer handed over
+//! (hyper hands a frame once the stream has any room), held back by h2
+//! for want of window while the socket is idle; forgotten without limit,
+//! such answers would count as answered at the cap every quiet spell.
+//! Bytes written never count past those handed, so bytes forgotten and
+//! written after all are no credit for later ones.
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::task::Waker;
@@ -60,6 +67,10 @@ struct State {
     quiet_since: Option<Instant>,
     /// Bodies waiting for the connection to write, woken when it does.
     waiters: Vec<Waker>,
+    /// Bytes that may still be forgotten, as of `refilled_at` (`None`:
+    /// never yet, so the whole cap).
+    forgivable: u64,
+    refilled_at: Option<Instant>,
 }
 
 /// What [`SendBacklog::try_hand`] decided.
@@ -87,23 +98,26 @@ impl SendBacklog {
     /// and not written stays within `max` with them, or is nothing; else
     /// registers `waker` and says when to ask again.
     pub fn try_hand(&self, waker: &Waker, bytes: usize, max: usize, now: Instant) -> Hand {
+        let (bytes, max) = (bytes as u64, max as u64);
         let mut state = self.lock();
-        let unwritten = state.unwritten();
-        let fits = unwritten.saturating_add(bytes as u64) <= max as u64;
-        if unwritten > 0 && !fits && !state.settle(now) {
+        if !state.fits(bytes, max) && state.settle(now, max) {
+            state.wake_all();
+        }
+        if !state.fits(bytes, max) {
             if !state.waiters.iter().any(|w| w.will_wake(waker)) {
+                if state.waiters.len() >= MAX_WAITERS {
+                    // Tasks of bodies gone since: woken for nothing,
+                    // those still waiting ask again.
+                    state.wake_all();
+                }
                 state.waiters.push(waker.clone());
             }
-            let settle_at = match (state.blocked, state.quiet_since) {
-                (false, Some(since)) => Some(since + SETTLE_AFTER),
-                _ => None,
-            };
-            return Hand::Wait(settle_at);
+            return Hand::Wait(state.settle_at(now, bytes, max));
         }
         if state.unwritten() == 0 {
             state.quiet_since = Some(now);
         }
-        state.handed += bytes as u64;
+        state.handed += bytes;
         Hand::Taken
     }
 
@@ -113,13 +127,13 @@ impl SendBacklog {
     pub fn wrote(&self, data: usize, now: Instant) {
         let mut state = self.lock();
         let unblocked = std::mem::replace(&mut state.blocked, false);
-        state.written += data as u64;
+        // Never past what was handed: bytes forgotten and written after
+        // all are no credit for later ones.
+        state.written = state.handed.min(state.written + data as u64);
         if data > 0 || unblocked {
             // The quiet spell starts again: the connection moves.
             state.quiet_since = (state.unwritten() > 0).then_some(now);
-            let waiters = std::mem::take(&mut state.waiters);
-            drop(state);
-            waiters.into_iter().for_each(Waker::wake);
+            state.wake_all();
         }
     }
 
@@ -130,27 +144,96 @@ impl SendBacklog {
     }
 }
 
+/// Tasks waiting on one connection past which all are woken (and those
+/// still waiting register again): more than a connection has streams at
+/// the default `max-concurrent-streams` (128), so only the tasks of
+/// bodies gone since are this many.
+const MAX_WAITERS: usize = 256;
+
+/// The time over which a connection may be forgiven its cap's worth of
+/// bytes (see [`SendBacklog`]'s module docs).
+const FORGIVEN_PER: Duration = Duration::from_secs(60);
+
 impl State {
     fn unwritten(&self) -> u64 {
         self.handed.saturating_sub(self.written)
     }
 
-    /// Forgets what is counted if the connection wrote nothing for
-    /// [`SETTLE_AFTER`] before `now` while its socket took its writes.
-    fn settle(&mut self, now: Instant) -> bool {
-        let quiet = self
-            .quiet_since
-            .is_some_and(|since| now.saturating_duration_since(since) >= SETTLE_AFTER);
-        if self.blocked || !quiet {
+    /// Whether `bytes` more may be handed over within `max`.
+    fn fits(&self, bytes: u64, max: u64) -> bool {
+        let unwritten = self.unwritten();
+        unwritten == 0 || unwritten.saturating_add(bytes) <= max
+    }
+
+    fn wake_all(&mut self) {
+        std::mem::take(&mut self.waiters)
+            .into_iter()
+            .for_each(Waker::wake);
+    }
+
+    /// Whether what is counted may be forgotten at `now`: the connection
+    /// wrote nothing for [`SETTLE_AFTER`] while its socket took writes.
+    fn quiet(&self, now: Instant) -> bool {
+        !self.blocked
+            && self
+                .quiet_since
+                .is_some_and(|since| now.saturating_duration_since(since) >= SETTLE_AFTER)
+    }
+
+    /// Bytes that may be forgotten at `now`: `max` a [`FORGIVEN_PER`],
+    /// `max` at most, refilled since the last time.
+    fn forgivable_at(&self, now: Instant, max: u64) -> u64 {
+        match self.refilled_at {
+            None => max,
+            Some(at) => {
+                let elapsed = now.saturating_duration_since(at).as_millis();
+                let refill = elapsed * u128::from(max) / FORGIVEN_PER.as_millis();
+                let refill = u64::try_from(refill).unwrap_or(u64::MAX);
+                self.forgivable.saturating_add(refill).min(max)
+            }
+        }
+    }
+
+    /// Forgets what is counted, as much as the connection may be forgiven
+    /// now, if it is quiet; whether anything was forgotten.
+    fn settle(&mut self, now: Instant, max: u64) -> bool {
+        if !self.quiet(now) {
+            return false;
+        }
+        let forgivable = self.forgivable_at(now, max);
+        let forgiven = self.unwritten().min(forgivable);
+        self.forgivable = forgivable - forgiven;
+        self.refilled_at = Some(now);
+        if forgiven == 0 {
             return false;
         }
         tracing::debug!(
-            bytes = self.unwritten(),
+            bytes = forgiven,
             "answer bytes counted as handed were never written; forgotten"
         );
-        self.written = self.handed;
-        self.quiet_since = None;
+        self.written += forgiven;
+        // What is left waits for a quiet spell (and a refill) again.
+        self.quiet_since = (self.unwritten() > 0).then_some(now);
         true
+    }
+
+    /// When `bytes` more may fit within `max` by forgetting, if ever
+    /// without a write: once the connection is quiet and may be forgiven
+    /// enough. `None` while its socket is full.
+    fn settle_at(&self, now: Instant, bytes: u64, max: u64) -> Option<Instant> {
+        let since = self.quiet_since.filter(|_| !self.blocked)?;
+        let quiet_at = since + SETTLE_AFTER;
+        // To forget so that the bytes fit (or all, for a frame past the
+        // cap), beyond what may be forgiven now.
+        let needed = (self.unwritten() + bytes)
+            .saturating_sub(max)
+            .min(self.unwritten());
+        let short = needed.saturating_sub(self.forgivable_at(now, max));
+        let refill_ms = (u128::from(short) * FORGIVEN_PER.as_millis())
+            .div_ceil(u128::from(max.max(1)))
+            .min(FORGIVEN_PER.as_millis());
+        let refilled_at = now + Duration::from_millis(refill_ms as u64);
+        Some(quiet_at.max(refilled_at))
     }
 }
 
@@ -215,6 +298,67 @@ mod tests {
         // A write of no data wakes no one.
         backlog.wrote(0, t0 + 3 * MS);
         assert_eq!(woken(&w), 2);
+    }
+
+    #[test]
+    fn at_most_the_cap_is_forgotten_a_minute_and_writes_never_pass_what_was_handed() {
+        let t0 = Instant::now();
+        let backlog = SendBacklog::default();
+        let (_, waker) = waker();
+        assert_eq!(backlog.try_hand(&waker, 100, 100, t0), Hand::Taken);
+        // Held back by HTTP/2 while the socket is idle: forgotten once,
+        // the whole allowance.
+        let quiet = t0 + SETTLE_AFTER;
+        assert_eq!(backlog.try_hand(&waker, 100, 100, quiet), Hand::Taken);
+        assert_eq!(backlog.unwritten(), 100);
+        // Again: nothing left to forgive until the allowance refills, a
+        // minute for the whole cap.
+        let later = quiet + SETTLE_AFTER;
+        let refilled = later + FORGIVEN_PER;
+        assert_eq!(
+            backlog.try_hand(&waker, 100, 100, later),
+            Hand::Wait(Some(refilled))
+        );
+        // Half a minute on, half the cap is forgotten, and the rest waits
+        // for the other half.
+        let half = later + FORGIVEN_PER / 2;
+        assert_eq!(
+            backlog.try_hand(&waker, 100, 100, half),
+            Hand::Wait(Some(refilled))
+        );
+        assert_eq!(backlog.unwritten(), 50);
+        assert_eq!(backlog.try_hand(&waker, 100, 100, refilled), Hand::Taken);
+        // The forgotten bytes written after all are no credit.
+        backlog.wrote(1_000, refilled + MS);
+        assert_eq!(backlog.unwritten(), 0);
+        assert_eq!(
+            backlog.try_hand(&waker, 100, 100, refilled + MS),
+            Hand::Taken
+        );
+        // Its allowance spent, one byte more waits for a hundredth of it.
+        assert_eq!(
+            backlog.try_hand(&waker, 1, 100, refilled + MS),
+            Hand::Wait(Some(refilled + MS + FORGIVEN_PER / 100))
+        );
+    }
+
+    #[test]
+    fn the_waiters_of_one_connection_are_bounded() {
+        let t0 = Instant::now();
+        let backlog = SendBacklog::default();
+        let (_, first) = waker();
+        assert_eq!(backlog.try_hand(&first, 100, 100, t0), Hand::Taken);
+        let waiters: Vec<_> = (0..=MAX_WAITERS).map(|_| waker()).collect();
+        for (_, waker) in &waiters {
+            assert!(matches!(backlog.try_hand(waker, 1, 100, t0), Hand::Wait(_)));
+        }
+        // Past the bound, those registered were woken to ask again; the
+        // last is registered alone.
+        let woken_once: Vec<_> = waiters.iter().map(|(w, _)| woken(w)).collect();
+        let mut expected = vec![1; MAX_WAITERS];
+        expected.push(0);
+        assert_eq!(woken_once, expected);
+        assert_eq!(backlog.lock().waiters.len(), 1);
     }
 
     #[test]

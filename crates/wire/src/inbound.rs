@@ -711,8 +711,14 @@ impl ConnectionLimit {
     /// Answer bytes handed to HTTP/2 and not yet written, over every open
     /// connection (see [`crate::backlog`]).
     pub fn unwritten_bytes(&self) -> u64 {
-        let state = self.lock();
-        state.conns.values().map(|a| a.backlog.unwritten()).sum()
+        // Read outside the limit's lock, which admissions take.
+        let backlogs: Vec<_> = self
+            .lock()
+            .conns
+            .values()
+            .map(|a| a.backlog.clone())
+            .collect();
+        backlogs.iter().map(|b| b.unwritten()).sum()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
