@@ -545,10 +545,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let gate = send_backlog(request.extensions()).map(|backlog| Gate {
-            backlog,
-            max: self.max_unwritten,
-        });
+        let gate = send_backlog(request.extensions()).map(|b| (b, self.max_unwritten));
         let response = self.inner.call(request);
         let (timeout, stats) = (self.timeout, self.stats.clone());
         Box::pin(async move {
@@ -600,9 +597,19 @@ struct Sending {
 
 /// A connection's count of bytes handed and not written, and its cap.
 #[derive(Debug)]
-pub(super) struct Gate {
-    pub(super) backlog: Arc<SendBacklog>,
-    pub(super) max: usize,
+struct Gate {
+    backlog: Arc<SendBacklog>,
+    max: usize,
+    /// The body's id among those waiting on the backlog: the second half
+    /// of its deadline's key.
+    waiter: u64,
+}
+
+impl Drop for Gate {
+    /// The body ended, or was cut or dropped: it waits no more.
+    fn drop(&mut self) {
+        self.backlog.stop_waiting(self.waiter);
+    }
 }
 
 /// A response body cut at its deadline; see the module docs.
@@ -620,17 +627,22 @@ impl DeadlineBody {
         body: Body,
         guard: SendGuard,
         timeout: Duration,
-        gate: Option<Gate>,
+        gate: Option<(Arc<SendBacklog>, usize)>,
         stats: Arc<SendStats>,
     ) -> Self {
         let id = guard
             .slot
             .as_ref()
             .and_then(|s| s.permit.as_ref().map(Permit::id));
+        let registered = stats.registered.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
         let state = Arc::new(Mutex::new(State::Sending(Box::new(Sending {
             body,
-            gate,
+            gate: gate.map(|(backlog, max)| Gate {
+                backlog,
+                max,
+                waiter: registered,
+            }),
             settle: None,
             rest: Bytes::new(),
             guard,
@@ -642,10 +654,7 @@ impl DeadlineBody {
         if let Some(id) = id {
             lock(&stats.sending).insert(id, Arc::downgrade(&state));
         }
-        let deadline = (
-            tokio::time::Instant::now() + timeout,
-            stats.registered.fetch_add(1, Ordering::Relaxed),
-        );
+        let deadline = (tokio::time::Instant::now() + timeout, registered);
         lock(&stats.deadlines).insert(deadline, (Arc::downgrade(&state), id));
         if !stats.sweeping.swap(true, Ordering::Relaxed) {
             tokio::spawn(sweep(Arc::downgrade(&stats), sweep_tick(timeout)));
@@ -670,7 +679,10 @@ impl Sending {
         let n = self.rest.len().min(SLICE_BYTES);
         loop {
             let now = tokio::time::Instant::now();
-            match gate.backlog.try_hand(cx.waker(), n, gate.max, now) {
+            match gate
+                .backlog
+                .try_hand(gate.waiter, cx.waker(), n, gate.max, now)
+            {
                 Hand::Taken => {
                     self.settle = None;
                     return Poll::Ready(());
@@ -1018,10 +1030,7 @@ mod tests {
         let stats = Arc::new(SendStats::default());
         let mut holders = crate::holders::Holders::default();
         let backlog = Arc::new(SendBacklog::default());
-        let gate = Gate {
-            backlog: backlog.clone(),
-            max: SLICE_BYTES,
-        };
+        let gate = (backlog.clone(), SLICE_BYTES);
         let guard = SendGuard::new(Some(slot(&stats, &mut holders, 5)), None);
         let timeout = Duration::from_secs(100_000);
         let answer = body(1, 4 * SLICE_BYTES);

@@ -33,8 +33,10 @@
 //! for want of window while the socket is idle; forgotten without limit,
 //! such answers would count as answered at the cap every quiet spell.
 //! Bytes written never count past those handed, so bytes forgotten and
-//! written after all are no credit for later ones.
+//! written after all credit at most what was handed by then.
 
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::task::Waker;
 use std::time::Duration;
@@ -65,8 +67,11 @@ struct State {
     /// writes, while counting bytes handed and not written (`None`: it
     /// counts none).
     quiet_since: Option<Instant>,
-    /// Bodies waiting for the connection to write, woken when it does.
-    waiters: Vec<Waker>,
+    /// Bodies waiting for the connection to write, woken when it does, by
+    /// their ids: a body registers once however often it asks, and goes
+    /// once it hands its bytes over or is dropped, so there are never
+    /// more than bodies waiting.
+    waiters: HashMap<u64, Waker>,
     /// Bytes that may still be forgotten, as of `refilled_at` (`None`:
     /// never yet, so the whole cap).
     forgivable: u64,
@@ -94,26 +99,36 @@ impl SendBacklog {
         self.lock().unwritten()
     }
 
-    /// Counts `bytes` about to be handed over at `now` if what is handed
-    /// and not written stays within `max` with them, or is nothing; else
-    /// registers `waker` and says when to ask again.
-    pub fn try_hand(&self, waker: &Waker, bytes: usize, max: usize, now: Instant) -> Hand {
+    /// Counts `bytes` about to be handed over at `now` by the body
+    /// `waiter` (an id of its own) if what is handed and not written
+    /// stays within `max` with them, or is nothing; else registers `waker`
+    /// as the body's and says when to ask again.
+    pub fn try_hand(
+        &self,
+        waiter: u64,
+        waker: &Waker,
+        bytes: usize,
+        max: usize,
+        now: Instant,
+    ) -> Hand {
         let (bytes, max) = (bytes as u64, max as u64);
         let mut state = self.lock();
         if !state.fits(bytes, max) && state.settle(now, max) {
             state.wake_all();
         }
         if !state.fits(bytes, max) {
-            if !state.waiters.iter().any(|w| w.will_wake(waker)) {
-                if state.waiters.len() >= MAX_WAITERS {
-                    // Tasks of bodies gone since: woken for nothing,
-                    // those still waiting ask again.
-                    state.wake_all();
+            match state.waiters.entry(waiter) {
+                Entry::Occupied(mut known) if !known.get().will_wake(waker) => {
+                    known.insert(waker.clone());
                 }
-                state.waiters.push(waker.clone());
+                Entry::Occupied(_) => {}
+                Entry::Vacant(new) => {
+                    new.insert(waker.clone());
+                }
             }
             return Hand::Wait(state.settle_at(now, bytes, max));
         }
+        state.waiters.remove(&waiter);
         if state.unwritten() == 0 {
             state.quiet_since = Some(now);
         }
@@ -142,13 +157,12 @@ impl SendBacklog {
     pub fn blocked(&self) {
         self.lock().blocked = true;
     }
-}
 
-/// Tasks waiting on one connection past which all are woken (and those
-/// still waiting register again): more than a connection has streams at
-/// the default `max-concurrent-streams` (128), so only the tasks of
-/// bodies gone since are this many.
-const MAX_WAITERS: usize = 256;
+    /// The body `waiter` waits no more (it was cut, or dropped).
+    pub fn stop_waiting(&self, waiter: u64) {
+        self.lock().waiters.remove(&waiter);
+    }
+}
 
 /// The time over which a connection may be forgiven its cap's worth of
 /// bytes (see [`SendBacklog`]'s module docs).
@@ -167,7 +181,7 @@ impl State {
 
     fn wake_all(&mut self) {
         std::mem::take(&mut self.waiters)
-            .into_iter()
+            .into_values()
             .for_each(Waker::wake);
     }
 
@@ -272,24 +286,24 @@ mod tests {
         let backlog = SendBacklog::default();
         let (w, waker) = waker();
         // Nothing counted: even a frame past the cap goes, alone.
-        assert_eq!(backlog.try_hand(&waker, 150, 100, t0), Hand::Taken);
+        assert_eq!(backlog.try_hand(9, &waker, 150, 100, t0), Hand::Taken);
         assert_eq!(backlog.unwritten(), 150);
         assert_eq!(
-            backlog.try_hand(&waker, 1, 100, t0),
+            backlog.try_hand(9, &waker, 1, 100, t0),
             Hand::Wait(Some(t0 + SETTLE_AFTER))
         );
         // Written in part: what fits in the cap goes, not a byte more.
         backlog.wrote(110, t0 + MS);
         assert_eq!(woken(&w), 1);
-        assert_eq!(backlog.try_hand(&waker, 60, 100, t0 + MS), Hand::Taken);
+        assert_eq!(backlog.try_hand(9, &waker, 60, 100, t0 + MS), Hand::Taken);
         assert_eq!(backlog.unwritten(), 100);
         assert_eq!(
-            backlog.try_hand(&waker, 1, 100, t0 + MS),
+            backlog.try_hand(9, &waker, 1, 100, t0 + MS),
             Hand::Wait(Some(t0 + MS + SETTLE_AFTER))
         );
         // Registered once however often it asks.
         assert_eq!(
-            backlog.try_hand(&waker, 1, 100, t0 + MS),
+            backlog.try_hand(9, &waker, 1, 100, t0 + MS),
             Hand::Wait(Some(t0 + MS + SETTLE_AFTER))
         );
         backlog.wrote(100, t0 + 2 * MS);
@@ -305,59 +319,79 @@ mod tests {
         let t0 = Instant::now();
         let backlog = SendBacklog::default();
         let (_, waker) = waker();
-        assert_eq!(backlog.try_hand(&waker, 100, 100, t0), Hand::Taken);
+        assert_eq!(backlog.try_hand(9, &waker, 100, 100, t0), Hand::Taken);
         // Held back by HTTP/2 while the socket is idle: forgotten once,
         // the whole allowance.
         let quiet = t0 + SETTLE_AFTER;
-        assert_eq!(backlog.try_hand(&waker, 100, 100, quiet), Hand::Taken);
+        assert_eq!(backlog.try_hand(9, &waker, 100, 100, quiet), Hand::Taken);
         assert_eq!(backlog.unwritten(), 100);
         // Again: nothing left to forgive until the allowance refills, a
         // minute for the whole cap.
         let later = quiet + SETTLE_AFTER;
         let refilled = later + FORGIVEN_PER;
         assert_eq!(
-            backlog.try_hand(&waker, 100, 100, later),
+            backlog.try_hand(9, &waker, 100, 100, later),
             Hand::Wait(Some(refilled))
         );
         // Half a minute on, half the cap is forgotten, and the rest waits
         // for the other half.
         let half = later + FORGIVEN_PER / 2;
         assert_eq!(
-            backlog.try_hand(&waker, 100, 100, half),
+            backlog.try_hand(9, &waker, 100, 100, half),
             Hand::Wait(Some(refilled))
         );
         assert_eq!(backlog.unwritten(), 50);
-        assert_eq!(backlog.try_hand(&waker, 100, 100, refilled), Hand::Taken);
+        assert_eq!(backlog.try_hand(9, &waker, 100, 100, refilled), Hand::Taken);
         // The forgotten bytes written after all are no credit.
         backlog.wrote(1_000, refilled + MS);
         assert_eq!(backlog.unwritten(), 0);
         assert_eq!(
-            backlog.try_hand(&waker, 100, 100, refilled + MS),
+            backlog.try_hand(9, &waker, 100, 100, refilled + MS),
             Hand::Taken
         );
         // Its allowance spent, one byte more waits for a hundredth of it.
         assert_eq!(
-            backlog.try_hand(&waker, 1, 100, refilled + MS),
+            backlog.try_hand(9, &waker, 1, 100, refilled + MS),
             Hand::Wait(Some(refilled + MS + FORGIVEN_PER / 100))
         );
     }
 
     #[test]
-    fn the_waiters_of_one_connection_are_bounded() {
+    fn a_body_waits_once_however_often_it_asks_and_not_once_gone() {
         let t0 = Instant::now();
         let backlog = SendBacklog::default();
         let (_, first) = waker();
-        assert_eq!(backlog.try_hand(&first, 100, 100, t0), Hand::Taken);
-        let waiters: Vec<_> = (0..=MAX_WAITERS).map(|_| waker()).collect();
-        for (_, waker) in &waiters {
-            assert!(matches!(backlog.try_hand(waker, 1, 100, t0), Hand::Wait(_)));
+        assert_eq!(backlog.try_hand(0, &first, 100, 100, t0), Hand::Taken);
+        let (w1, waker1) = waker();
+        let (w2, waker2) = waker();
+        for _ in 0..3 {
+            assert!(matches!(
+                backlog.try_hand(1, &waker1, 1, 100, t0),
+                Hand::Wait(_)
+            ));
         }
-        // Past the bound, those registered were woken to ask again; the
-        // last is registered alone.
-        let woken_once: Vec<_> = waiters.iter().map(|(w, _)| woken(w)).collect();
-        let mut expected = vec![1; MAX_WAITERS];
-        expected.push(0);
-        assert_eq!(woken_once, expected);
+        // Asking with another waker replaces the body's.
+        assert!(matches!(
+            backlog.try_hand(2, &waker1, 1, 100, t0),
+            Hand::Wait(_)
+        ));
+        assert!(matches!(
+            backlog.try_hand(2, &waker2, 1, 100, t0),
+            Hand::Wait(_)
+        ));
+        assert_eq!(backlog.lock().waiters.len(), 2);
+        backlog.stop_waiting(2);
+        backlog.wrote(1, t0 + MS);
+        assert_eq!((woken(&w1), woken(&w2)), (1, 0));
+        // Handing its bytes over, a body waits no more.
+        assert!(matches!(
+            backlog.try_hand(1, &waker1, 1, 100, t0 + MS),
+            Hand::Taken
+        ));
+        assert!(matches!(
+            backlog.try_hand(3, &waker2, 1, 100, t0 + MS),
+            Hand::Wait(_)
+        ));
         assert_eq!(backlog.lock().waiters.len(), 1);
     }
 
@@ -366,12 +400,12 @@ mod tests {
         let t0 = Instant::now();
         let backlog = SendBacklog::default();
         let (w, waker) = waker();
-        assert_eq!(backlog.try_hand(&waker, 100, 100, t0), Hand::Taken);
+        assert_eq!(backlog.try_hand(9, &waker, 100, 100, t0), Hand::Taken);
         backlog.blocked();
         // The client does not read: however long, nothing is forgotten.
         let much_later = t0 + 1_000 * SETTLE_AFTER;
         assert_eq!(
-            backlog.try_hand(&waker, 1, 100, much_later),
+            backlog.try_hand(9, &waker, 1, 100, much_later),
             Hand::Wait(None)
         );
         assert_eq!(backlog.unwritten(), 100);
@@ -381,7 +415,7 @@ mod tests {
         backlog.wrote(0, much_later);
         assert_eq!(woken(&w), 1);
         assert_eq!(
-            backlog.try_hand(&waker, 1, 100, much_later + MS),
+            backlog.try_hand(9, &waker, 1, 100, much_later + MS),
             Hand::Wait(Some(much_later + SETTLE_AFTER))
         );
     }
@@ -391,22 +425,22 @@ mod tests {
         let t0 = Instant::now();
         let backlog = SendBacklog::default();
         let (_, waker) = waker();
-        assert_eq!(backlog.try_hand(&waker, 80, 100, t0), Hand::Taken);
+        assert_eq!(backlog.try_hand(9, &waker, 80, 100, t0), Hand::Taken);
         backlog.wrote(30, t0 + 10 * MS);
         // 50 bytes of a stream reset meanwhile will never be written.
         let settle_at = t0 + 10 * MS + SETTLE_AFTER;
         assert_eq!(
-            backlog.try_hand(&waker, 60, 100, settle_at - MS),
+            backlog.try_hand(9, &waker, 60, 100, settle_at - MS),
             Hand::Wait(Some(settle_at))
         );
         assert_eq!(backlog.unwritten(), 50);
-        assert_eq!(backlog.try_hand(&waker, 60, 100, settle_at), Hand::Taken);
+        assert_eq!(backlog.try_hand(9, &waker, 60, 100, settle_at), Hand::Taken);
         assert_eq!(backlog.unwritten(), 60);
         // Blocked, then writing: the quiet spell starts again at the write.
         backlog.blocked();
         backlog.wrote(10, settle_at + MS);
         assert_eq!(
-            backlog.try_hand(&waker, 60, 100, settle_at + SETTLE_AFTER),
+            backlog.try_hand(9, &waker, 60, 100, settle_at + SETTLE_AFTER),
             Hand::Wait(Some(settle_at + MS + SETTLE_AFTER))
         );
     }
