@@ -35,8 +35,8 @@
 //! Bytes written never count past those handed, so bytes forgotten and
 //! written after all credit at most what was handed by then.
 
-use std::collections::HashMap;
-use std::collections::hash_map::Entry;
+use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::task::Waker;
 use std::time::Duration;
@@ -67,15 +67,26 @@ struct State {
     /// writes, while counting bytes handed and not written (`None`: it
     /// counts none).
     quiet_since: Option<Instant>,
-    /// Bodies waiting for the connection to write, woken when it does, by
-    /// their ids: a body registers once however often it asks, and goes
-    /// once it hands its bytes over or is dropped, so there are never
-    /// more than bodies waiting.
-    waiters: HashMap<u64, Waker>,
+    /// Bodies waiting for the connection to write, by their ids (oldest
+    /// first): a body registers once however often it asks, and goes once
+    /// it hands its bytes over or is dropped, so there are never more
+    /// than bodies waiting. A write wakes those whose bytes now fit, in
+    /// turn.
+    waiters: BTreeMap<u64, Waiter>,
+    /// The cap the bodies ask with.
+    max: u64,
     /// Bytes that may still be forgotten, as of `refilled_at` (`None`:
     /// never yet, so the whole cap).
     forgivable: u64,
     refilled_at: Option<Instant>,
+}
+
+/// A body waiting for its connection to write.
+#[derive(Debug)]
+struct Waiter {
+    waker: Waker,
+    /// The bytes it asked to hand over.
+    bytes: u64,
 }
 
 /// What [`SendBacklog::try_hand`] decided.
@@ -113,17 +124,22 @@ impl SendBacklog {
     ) -> Hand {
         let (bytes, max) = (bytes as u64, max as u64);
         let mut state = self.lock();
+        state.max = max;
         if !state.fits(bytes, max) && state.settle(now, max) {
             state.wake_all();
         }
         if !state.fits(bytes, max) {
             match state.waiters.entry(waiter) {
-                Entry::Occupied(mut known) if !known.get().will_wake(waker) => {
-                    known.insert(waker.clone());
+                Entry::Occupied(mut known) => {
+                    let known = known.get_mut();
+                    known.bytes = bytes;
+                    if !known.waker.will_wake(waker) {
+                        known.waker = waker.clone();
+                    }
                 }
-                Entry::Occupied(_) => {}
                 Entry::Vacant(new) => {
-                    new.insert(waker.clone());
+                    let waker = waker.clone();
+                    new.insert(Waiter { waker, bytes });
                 }
             }
             return Hand::Wait(state.settle_at(now, bytes, max));
@@ -148,7 +164,12 @@ impl SendBacklog {
         if data > 0 || unblocked {
             // The quiet spell starts again: the connection moves.
             state.quiet_since = (state.unwritten() > 0).then_some(now);
+        }
+        if unblocked {
+            // Each learns when it may ask again.
             state.wake_all();
+        } else if data > 0 {
+            state.wake_fitting();
         }
     }
 
@@ -182,7 +203,22 @@ impl State {
     fn wake_all(&mut self) {
         std::mem::take(&mut self.waiters)
             .into_values()
-            .for_each(Waker::wake);
+            .for_each(|w| w.waker.wake());
+    }
+
+    /// Wakes the waiters whose bytes fit now, oldest first, each counted
+    /// as if it took its bytes, up to the first that does not fit: a
+    /// write wakes no more bodies than it made room for.
+    fn wake_fitting(&mut self) {
+        let mut unwritten = self.unwritten();
+        while let Some(entry) = self.waiters.first_entry() {
+            let bytes = entry.get().bytes;
+            if unwritten > 0 && unwritten.saturating_add(bytes) > self.max {
+                return;
+            }
+            unwritten = unwritten.saturating_add(bytes);
+            entry.remove().waker.wake();
+        }
     }
 
     /// Whether what is counted may be forgotten at `now`: the connection
@@ -393,6 +429,29 @@ mod tests {
             Hand::Wait(_)
         ));
         assert_eq!(backlog.lock().waiters.len(), 1);
+    }
+
+    #[test]
+    fn a_write_wakes_the_waiters_it_made_room_for_oldest_first() {
+        let t0 = Instant::now();
+        let backlog = SendBacklog::default();
+        let (_, first) = waker();
+        assert_eq!(backlog.try_hand(0, &first, 100, 100, t0), Hand::Taken);
+        let waiters: Vec<_> = (1..=3).map(|_| waker()).collect();
+        for (id, (_, waker)) in (1..).zip(&waiters) {
+            assert!(matches!(
+                backlog.try_hand(id, waker, 40, 100, t0),
+                Hand::Wait(_)
+            ));
+        }
+        let woken_now = || waiters.iter().map(|(w, _)| woken(w)).collect::<Vec<_>>();
+        // Room for one: the oldest is woken, not the others.
+        backlog.wrote(50, t0 + MS);
+        assert_eq!(woken_now(), vec![1, 0, 0]);
+        // Room for two more.
+        backlog.wrote(50, t0 + 2 * MS);
+        assert_eq!(woken_now(), vec![1, 1, 1]);
+        assert_eq!(backlog.lock().waiters.len(), 0);
     }
 
     #[test]
