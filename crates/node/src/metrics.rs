@@ -691,6 +691,8 @@ mod tests {
         }
         assert_eq!(value(&theirs, "soma_inbound_connections"), 1.0);
         assert_eq!(value(&theirs, "soma_fetches_in_flight"), 0.0);
+        // Every answer was read: none of its bytes wait in HTTP/2.
+        assert_eq!(value(&theirs, "soma_answer_bytes_unwritten"), 0.0);
         node.shutdown().await;
         source.shutdown().await;
     }
