@@ -159,7 +159,7 @@ impl SendBacklog {
         let mut state = self.lock();
         let unblocked = std::mem::replace(&mut state.blocked, false);
         // Never past what was handed: bytes forgotten and written after
-        // all are no credit for later ones.
+        // all credit at most what was handed by then.
         state.written = state.handed.min(state.written + data as u64);
         if data > 0 || unblocked {
             // The quiet spell starts again: the connection moves.
