@@ -17,7 +17,11 @@
 //!
 //! Frames go to hyper in copied slices of [`SLICE_BYTES`]: hyper holds one
 //! frame while it waits for window, and a slice of a shared buffer would
-//! keep the whole answer alive after the deadline.
+//! keep the whole answer alive after the deadline. Each slice goes only
+//! while its connection's bytes handed to HTTP/2 and not yet written stay
+//! within `max_unwritten_bytes_per_connection` (`soma_wire::backlog`):
+//! hyper takes frames whenever the client's window has room, read or not,
+//! and the client sets the window.
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
