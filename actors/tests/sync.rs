@@ -356,6 +356,64 @@ mod byzantine {
         honest.shutdown().await;
     }
 
+    /// The same attack with the request timeout at an hour, and no honest
+    /// peer at first: three silent peers hold the commit fetches, and the
+    /// budget has room for one hedge, which goes to another silent peer.
+    /// Such a hedge held its share until the timeout, with nothing to show
+    /// for it, and every other late fetch waited that long for room: the
+    /// catch-up stalled for an hour whoever connected later. A hedge late
+    /// itself now gives its share up to a hedge waiting for room. Once two
+    /// have given way, an honest validator is dialled: the hedges reach it,
+    /// and the catch-up completes, the honest peer never ranked lower.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_late_hedge_gives_its_share_up_to_a_hedge_waiting_for_room() {
+        let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(600));
+        let mut silent = Vec::new();
+        for key in 113..116 {
+            silent.push(serve_observed(chain.clone(), Lie::NeverAnswers, key).await);
+        }
+        let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+        let mut config = P2pConfig {
+            seed_peers: silent.iter().map(|s| s.seed()).collect(),
+            // A share held until the timeout holds the catch-up an hour.
+            timeout: Duration::from_secs(3_600),
+            max_fetches_per_peer: 2,
+            synced_commit_broadcast_capacity: 10_000,
+            ..P2pConfig::default()
+        };
+        config.state_sync.max_hedged_bytes = 1024;
+        let node = soma_testkit::node(&chain, 9, config, store.clone());
+        let given_way = async || {
+            let status = node.sync_status().await.unwrap();
+            status.hedges_given_way >= 2
+        };
+        soma_testkit::wait_until("two hedges to give way", DEADLINE, given_way).await;
+        let honest = validator(&chain, 1);
+        node.connect(Some(honest.peer_id()), honest.local_addr().to_string())
+            .expect("Connections takes the dial");
+        wait_synced(&node, 600).await;
+        assert_same_chain(&chain, store.as_ref());
+        let status = node.sync_status().await.unwrap();
+        // Every hedge sent before the honest peer came went to a silent
+        // peer, and one ended only by giving way to the next.
+        assert!(status.hedges_sent > status.hedges_given_way, "{status:?}");
+        let views = node.peer_heights().await.unwrap();
+        let view = |peer| views.iter().find(|v| v.peer == peer).expect("tracked");
+        let h = view(honest.peer_id());
+        assert_eq!(
+            (h.failures, h.faults, h.banned_until),
+            (0, 0, None),
+            "{h:?}"
+        );
+        // Giving way proves no lie.
+        for s in &silent {
+            let v = view(s.peer);
+            assert_eq!((v.faults, v.banned_until), (0, None), "{v:?}");
+        }
+        node.shutdown().await;
+        honest.shutdown().await;
+    }
+
     /// A block fetch the silent peer holds is hedged to the only other
     /// peer, which answers the hedge with a blob nobody asked for. That
     /// lie is the hedge's, which the core never sees: it used to be

@@ -317,6 +317,16 @@ impl Handler<ClaimsRange> for PeerHeights {
     }
 }
 
+impl Handler<CoversRange> for PeerHeights {
+    type Result = bool;
+    fn handle(&mut self, msg: CoversRange, ctx: &mut Context<Self>) -> bool {
+        matches!(
+            self.step(Input::CoversRange(msg), ctx).pop(),
+            Some(Output::Claims(true))
+        )
+    }
+}
+
 impl Handler<PeersForRange> for PeerHeights {
     type Result = Vec<PeerId>;
     fn handle(&mut self, msg: PeersForRange, ctx: &mut Context<Self>) -> Vec<PeerId> {

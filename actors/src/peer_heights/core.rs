@@ -575,6 +575,14 @@ impl PeerHeightsCore {
                     .map(|(id, _)| *id)
                     .collect(),
             )],
+            Input::CoversRange(CoversRange {
+                kind,
+                start,
+                end,
+                avoid,
+            }) => vec![Output::Claims(
+                !self.candidates(now, (kind, start, end), &avoid).is_empty(),
+            )],
             Input::ClaimsRange(ClaimsRange { peer, start, end }) => vec![Output::Claims(
                 self.peers.get(&peer).is_some_and(|p| p.claims(start, end)),
             )],
@@ -617,6 +625,30 @@ impl PeerHeightsCore {
         }
     }
 
+    /// The peers not in `avoid` a fetch of `kind` of commits `start..=end`
+    /// may be leased on, best first.
+    fn candidates(
+        &mut self,
+        now: Time,
+        (kind, start, end): (FetchKind, CommitIndex, CommitIndex),
+        avoid: &[PeerId],
+    ) -> Vec<PeerId> {
+        let mut ranked = |doubts| {
+            let peers = self.peers_for_range(now, kind, start, end, doubts);
+            peers.into_iter().filter(|p| !avoid.contains(p)).collect()
+        };
+        let counted: Vec<PeerId> = ranked(Doubts::Count);
+        if !counted.is_empty() {
+            return counted;
+        }
+        // A claim in doubt is asked as the last resort, as a failing peer
+        // is: when no other peer covers the range. An honest server whose
+        // slots an attacker fills refuses us as busy and is doubted, and
+        // it may be the only one that holds what we lack; it still counts
+        // for nothing in the highest known.
+        ranked(Doubts::Ignore)
+    }
+
     /// Fetches leased on `peer` now.
     fn leased(&self, peer: &PeerId) -> usize {
         self.leases.values().filter(|l| l.peer == *peer).count()
@@ -626,23 +658,7 @@ impl PeerHeightsCore {
     /// can serve it but every one is busy.
     fn choose(&mut self, now: Time, request: &Acquire) -> Result<Option<PeerId>, AcquireError> {
         let (kind, start, end) = (request.kind, request.start, request.end);
-        let mut ranked: Vec<PeerId> = self
-            .peers_for_range(now, kind, start, end, Doubts::Count)
-            .into_iter()
-            .filter(|p| !request.avoid.contains(p))
-            .collect();
-        if ranked.is_empty() {
-            // A claim in doubt is asked as the last resort, as a failing
-            // peer is: when no other peer covers the range. An honest
-            // server whose slots an attacker fills refuses us as busy and
-            // is doubted, and it may be the only one that holds what we
-            // lack; it still counts for nothing in the highest known.
-            ranked = self
-                .peers_for_range(now, kind, start, end, Doubts::Ignore)
-                .into_iter()
-                .filter(|p| !request.avoid.contains(p))
-                .collect();
-        }
+        let ranked = self.candidates(now, (kind, start, end), &request.avoid);
         let Some(best) = ranked.first() else {
             return Err(AcquireError::NoPeer);
         };
@@ -2744,6 +2760,43 @@ mod tests {
             table(&mut c, Time(0))[0],
             (1, true, 101, 200, 1, Some(60_000))
         );
+    }
+
+    #[test]
+    fn a_range_is_covered_wherever_a_fetch_of_its_kind_could_be_leased() {
+        let mut c = core(1);
+        join(&mut c, 1, OURS, 1, 1_000);
+        join(&mut c, 2, OURS, 1, 100);
+        let covers = |c: &mut PeerHeightsCore, now, kind, (start, end), avoid: &[u8]| {
+            let avoid = avoid.iter().map(|p| peer(*p)).collect();
+            let input = Input::CoversRange(CoversRange {
+                kind,
+                start,
+                end,
+                avoid,
+            });
+            c.handle(Time(now), input) == vec![Output::Claims(true)]
+        };
+        let commits = FetchKind::Commits;
+        assert!(covers(&mut c, 0, commits, (201, 201), &[]));
+        assert!(covers(&mut c, 0, commits, (50, 50), &[1]));
+        assert!(!covers(&mut c, 0, commits, (201, 201), &[1]));
+        assert!(!covers(&mut c, 0, commits, (1_001, 1_001), &[]));
+        // Peer 1's claim above 200 in doubt: still covered, as a lease
+        // there would take it as the last resort, and for blocks, whose
+        // leases doubt does not touch.
+        let (low, 1) = lease_for(&mut c, 0, commits, (201, 201)).unwrap() else {
+            panic!("peer 1 claims 201");
+        };
+        assert_eq!(
+            c.handle(Time(100), Input::Unanswered { lease: low }),
+            vec![]
+        );
+        assert_eq!(view(&mut c, 100).1, Some(200));
+        assert!(covers(&mut c, 100, commits, (201, 201), &[2]));
+        assert!(covers(&mut c, 100, FetchKind::Blocks, (201, 300), &[2]));
+        // A slot free or not: peer 1's only one is held by that lease.
+        assert!(covers(&mut c, 100, commits, (1, 1), &[2]));
     }
 
     #[test]

@@ -73,6 +73,23 @@ pub struct PeersForRange {
     pub end: CommitIndex,
 }
 
+/// Whether a peer not in `avoid` could be leased for a fetch of `kind`
+/// of commits `start..=end`, as [`AcquirePeer`] would choose one, whether
+/// or not it has a slot free now: one whose claim is in doubt counts, as
+/// the last resort it is there.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Message)]
+#[rtype(result = "bool")]
+pub struct CoversRange {
+    /// The kind of fetch.
+    pub kind: FetchKind,
+    /// First commit.
+    pub start: CommitIndex,
+    /// Last commit.
+    pub end: CommitIndex,
+    /// Peers not to count.
+    pub avoid: Vec<PeerId>,
+}
+
 /// Whether `peer` claims to hold commits `start..=end` now: the view a
 /// NOT_FOUND for blocks is judged against ([`OutcomeKind::Withheld`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Message)]
@@ -415,6 +432,8 @@ pub enum Input {
     PeersBehind(PeersBehind),
     /// See [`ClaimsRange`].
     ClaimsRange(ClaimsRange),
+    /// See [`CoversRange`].
+    CoversRange(CoversRange),
     /// See [`ReportOutcome`].
     Outcome(ReportOutcome),
     /// See [`Snapshot`].
@@ -445,7 +464,7 @@ pub enum Output {
     HeightsHeard(HeardHeights),
     /// Answer to [`Input::PeersForRange`] and [`Input::PeersBehind`].
     Peers(Vec<PeerId>),
-    /// Answer to [`Input::ClaimsRange`].
+    /// Answer to [`Input::ClaimsRange`] and [`Input::CoversRange`].
     Claims(bool),
     /// Answer to [`Input::Snapshot`]: connected peers and banned departed
     /// ones, ordered by peer id.

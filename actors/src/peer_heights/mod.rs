@@ -29,8 +29,8 @@ pub use core::{
     Config, Doubt, GOOD_COMMIT_THROUGHPUT_BPS, GOOD_THROUGHPUT_BPS, Init, PeerHeightsCore,
 };
 pub use messages::{
-    Acquire, AcquireError, AcquirePeer, ClaimsRange, FetchKind, HeardHeights, HeightsHeard,
-    HighestKnownCommit, Input, Lease, LeaseUnanswered, OutcomeKind, Output, PeerView, PeersBehind,
-    PeersForRange, PushHeight, Release, RemovePeer, ReportBeaten, ReportOutcome, Snapshot,
-    Transfer, UpdateHeight,
+    Acquire, AcquireError, AcquirePeer, ClaimsRange, CoversRange, FetchKind, HeardHeights,
+    HeightsHeard, HighestKnownCommit, Input, Lease, LeaseUnanswered, OutcomeKind, Output, PeerView,
+    PeersBehind, PeersForRange, PushHeight, Release, RemovePeer, ReportBeaten, ReportOutcome,
+    Snapshot, Transfer, UpdateHeight,
 };

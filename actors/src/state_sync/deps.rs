@@ -118,6 +118,7 @@ impl Deps {
             lies_in_hedges: Default::default(),
             hedges_won: Default::default(),
             hedges_late: Default::default(),
+            hedges_given_way: Default::default(),
         }
     }
 

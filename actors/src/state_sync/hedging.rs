@@ -54,9 +54,12 @@
 //! updated (a peer gone, or no longer asked) stops counting once that many
 //! other answers came: the delay follows the peers that serve now.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::sync::oneshot;
 
 use soma_types::{CommitIndex, PeerId};
 
@@ -293,14 +296,115 @@ impl Hedging {
 /// so hedges hold at most `max_hedged_bytes` beyond the core's
 /// `max_total_fetched_bytes`. A hedge larger than the whole budget takes
 /// all of it: it is sent only when no other hedge is in flight. Hedges
-/// wait in the order they asked (a fair semaphore), so a large one is not
-/// passed over for ever by small ones.
+/// wait in the order they asked, so a large one is not passed over for
+/// ever by small ones.
+///
+/// A hedge holds its share only while it is not late itself
+/// ([`Self::wanted`]): once its peer has gone unanswered as long as makes
+/// a peer late, it gives the share up as soon as a hedge waiting for room
+/// lacks it, the oldest late first and only as many as the waiting lack,
+/// counting what the late hedges already told will give back. Held until
+/// its answer or the request timeout, a share was a hedge's whatever its
+/// peer did: identities that are free to mint, made first and second peer
+/// of a few fetches at once and never answering either, held the whole
+/// budget for the timeout, and every other late fetch, the one the
+/// pipeline waits on included, waited that long for room. A hedge that
+/// gave way and asks again takes room back only from hedges given room
+/// after it gave way (its turn comes round), not from hedges late before:
+/// one waiting hedge does not set off a chain of them. (Room is given in
+/// turn, so room a hedge behind it makes an older late hedge give up may
+/// still come to it first.)
 #[derive(Clone, Debug)]
 pub(super) struct HedgeBudget {
-    /// Kibibytes free; its capacity is the budget.
-    free: Arc<tokio::sync::Semaphore>,
     capacity_kib: u32,
-    held: Arc<Mutex<HedgesHeld>>,
+    state: Arc<Mutex<BudgetState>>,
+}
+
+/// The budget's room, the hedges waiting for it, and the late hedges that
+/// give way to them.
+#[derive(Debug, Default)]
+struct BudgetState {
+    /// Kibibytes free.
+    free: u32,
+    /// Hedges waiting for room, first come first served.
+    queue: VecDeque<Waiter>,
+    /// Late hedges holding shares, by the order they became late.
+    late: BTreeMap<u64, LateHedge>,
+    /// Kibibytes of hedges told to give way and not given back yet, by
+    /// the turn their shares were given.
+    told: BTreeMap<u64, u32>,
+    /// The next turn: shares given, hedges late, hedges told, in order.
+    turn: u64,
+    held: HedgesHeld,
+}
+
+/// A hedge waiting for room.
+#[derive(Debug)]
+struct Waiter {
+    key: u64,
+    kib: u32,
+    /// It takes room back only from hedges given theirs after this turn.
+    after: u64,
+    /// Told the turn of its share once room is given.
+    given: oneshot::Sender<u64>,
+}
+
+/// A late hedge, and how it is told to give its share up.
+#[derive(Debug)]
+struct LateHedge {
+    kib: u32,
+    /// The turn its share was given.
+    given: u64,
+    /// Told the turn at which it gave way.
+    tell: oneshot::Sender<u64>,
+}
+
+impl BudgetState {
+    fn turn(&mut self) -> u64 {
+        self.turn += 1;
+        self.turn
+    }
+
+    /// Gives room to the waiting, in order, while the first fits.
+    fn give(&mut self) {
+        while let Some(first) = self.queue.front() {
+            if first.kib > self.free {
+                break;
+            }
+            let first = self.queue.pop_front().expect("a first");
+            let turn = self.turn();
+            if first.given.send(turn).is_ok() {
+                self.free -= first.kib;
+            }
+        }
+    }
+
+    /// Tells late hedges to give way while a waiting hedge lacks room that
+    /// neither the free room nor the hedges told already will give: for
+    /// each in order, the oldest late hedge it may take room back from.
+    fn settle(&mut self) {
+        let told: u32 = self.told.values().sum();
+        let mut coming = u64::from(self.free) + u64::from(told);
+        for i in 0..self.queue.len() {
+            let (kib, after) = (u64::from(self.queue[i].kib), self.queue[i].after);
+            while coming < kib {
+                let Some(key) = (self.late.iter())
+                    .find(|(_, late)| late.given > after)
+                    .map(|(key, _)| *key)
+                else {
+                    break;
+                };
+                let late = self.late.remove(&key).expect("found");
+                let turn = self.turn();
+                if late.tell.send(turn).is_ok() {
+                    self.told.insert(late.given, late.kib);
+                    coming += u64::from(late.kib);
+                }
+            }
+            // What it lacks is not there for those behind it either.
+            coming = coming.saturating_sub(kib);
+        }
+    }
 }
 
 /// What hedges hold now, and the most they held at once.
@@ -321,47 +425,151 @@ pub(super) struct HedgesHeld {
 /// A hedge's share of the [`HedgeBudget`], given back when dropped.
 #[must_use = "the share is given back when dropped"]
 pub(super) struct HedgeShare {
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    kib: u32,
     bytes: u64,
+    /// The turn it was given.
+    given: u64,
     sent: bool,
-    held: Arc<Mutex<HedgesHeld>>,
+    state: Arc<Mutex<BudgetState>>,
 }
 
 impl HedgeBudget {
     /// A budget of `bytes` (counted in whole kibibytes, rounded down).
     pub(super) fn new(bytes: u64) -> Self {
         let capacity_kib = u32::try_from(bytes / 1024).unwrap_or(u32::MAX);
+        let state = BudgetState {
+            free: capacity_kib,
+            ..BudgetState::default()
+        };
         HedgeBudget {
-            free: Arc::new(tokio::sync::Semaphore::new(capacity_kib as usize)),
             capacity_kib,
-            held: Default::default(),
+            state: Arc::new(Mutex::new(state)),
         }
     }
 
     /// Waits until a hedge reserving `bytes` fits (all of the budget if it
-    /// is larger), then holds that room until the share is dropped.
+    /// is larger), then holds that room until the share is dropped. While
+    /// it waits, late hedges give way to it: any, or after a hedge gave
+    /// way at turn `after`, only those given their room since.
     /// `None` if the budget is empty: no hedge is ever sent.
-    pub(super) async fn share(&self, bytes: u64) -> Option<HedgeShare> {
-        let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
-        let kib = kib.clamp(1, self.capacity_kib.max(1));
+    pub(super) async fn share(&self, bytes: u64, after: u64) -> Option<HedgeShare> {
         if self.capacity_kib == 0 {
             return None;
         }
-        let permit = self.free.clone().acquire_many_owned(kib).await.ok()?;
-        let mut held = lock(&self.held);
-        held.bytes += bytes;
-        held.most_bytes = held.most_bytes.max(held.bytes);
+        let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
+        let kib = kib.clamp(1, self.capacity_kib);
+        let (given, waiting) = {
+            let mut state = lock(&self.state);
+            if state.queue.is_empty() && state.free >= kib {
+                state.free -= kib;
+                (Some(state.turn()), None)
+            } else {
+                let key = state.turn();
+                let (tx, rx) = oneshot::channel();
+                let given = tx;
+                state.queue.push_back(Waiter {
+                    key,
+                    kib,
+                    after,
+                    given,
+                });
+                state.settle();
+                (None, Some((key, rx)))
+            }
+        };
+        let given = match (given, waiting) {
+            (Some(given), _) => given,
+            (None, Some((key, rx))) => {
+                let mut waiting = Waiting {
+                    budget: self,
+                    key,
+                    kib,
+                    given: Some(rx),
+                };
+                let rx = waiting.given.as_mut().expect("set");
+                let given = rx.await.ok()?;
+                waiting.given = None;
+                given
+            }
+            (None, None) => unreachable!("a share is given or waited for"),
+        };
+        let mut state = lock(&self.state);
+        state.held.bytes += bytes;
+        state.held.most_bytes = state.held.most_bytes.max(state.held.bytes);
         Some(HedgeShare {
-            _permit: permit,
+            kib,
             bytes,
+            given,
             sent: false,
-            held: self.held.clone(),
+            state: self.state.clone(),
         })
     }
 
     /// What hedges hold now, and held at most.
     pub(super) fn held(&self) -> HedgesHeld {
-        *lock(&self.held)
+        lock(&self.state).held
+    }
+
+    /// For a hedge that is late, holding `share`: ends once a hedge
+    /// waiting for room needs that share, at once if one waits already,
+    /// with the turn at which it gave way. Hedges are told in the order
+    /// they became late, and only as many as the waiting lack. Dropped,
+    /// the hedge is no longer counted late.
+    pub(super) async fn wanted(&self, share: &HedgeShare) -> u64 {
+        let (tell, told) = oneshot::channel();
+        let key = {
+            let mut state = lock(&self.state);
+            let key = state.turn();
+            let late = LateHedge {
+                kib: share.kib,
+                given: share.given,
+                tell,
+            };
+            state.late.insert(key, late);
+            state.settle();
+            key
+        };
+        let _late = Late { budget: self, key };
+        match told.await {
+            Ok(turn) => turn,
+            Err(_) => std::future::pending().await,
+        }
+    }
+}
+
+/// A hedge waiting for room: taken out of the queue if it stops waiting,
+/// and what it was given then given back.
+struct Waiting<'a> {
+    budget: &'a HedgeBudget,
+    key: u64,
+    kib: u32,
+    given: Option<oneshot::Receiver<u64>>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let Some(mut given) = self.given.take() else {
+            return;
+        };
+        let mut state = lock(&self.budget.state);
+        state.queue.retain(|w| w.key != self.key);
+        if given.try_recv().is_ok() {
+            state.free += self.kib;
+        }
+        state.give();
+        state.settle();
+    }
+}
+
+/// A late hedge, counted in [`BudgetState::late`] while it lives.
+struct Late<'a> {
+    budget: &'a HedgeBudget,
+    key: u64,
+}
+
+impl Drop for Late<'_> {
+    fn drop(&mut self) {
+        lock(&self.budget.state).late.remove(&self.key);
     }
 }
 
@@ -371,7 +579,7 @@ impl HedgeShare {
     pub(super) fn sent(&mut self) {
         if !self.sent {
             self.sent = true;
-            let mut held = lock(&self.held);
+            let held = &mut lock(&self.state).held;
             held.hedges += 1;
             held.sent += 1;
             held.most_hedges = held.most_hedges.max(held.hedges);
@@ -381,9 +589,13 @@ impl HedgeShare {
 
 impl Drop for HedgeShare {
     fn drop(&mut self) {
-        let mut held = lock(&self.held);
-        held.hedges -= usize::from(self.sent);
-        held.bytes -= self.bytes;
+        let mut state = lock(&self.state);
+        state.held.hedges -= usize::from(self.sent);
+        state.held.bytes -= self.bytes;
+        state.told.remove(&self.given);
+        state.free += self.kib;
+        state.give();
+        state.settle();
     }
 }
 
@@ -684,12 +896,12 @@ mod tests {
             share
         };
         let mut a = budget
-            .share(4 * MIB)
+            .share(4 * MIB, 0)
             .now_or_never()
             .flatten()
             .expect("fits");
         let b = budget
-            .share(4 * MIB)
+            .share(4 * MIB, 0)
             .now_or_never()
             .flatten()
             .expect("fits");
@@ -699,7 +911,7 @@ mod tests {
         a.sent();
         let b = sent(Some(b));
         // A third would hold 12 MiB: it waits, and is not counted.
-        let mut c = Box::pin(budget.share(4 * MIB));
+        let mut c = Box::pin(budget.share(4 * MIB, 0));
         assert!(now(&mut c).is_none());
         assert_eq!(budget.held(), held(2, 8 * MIB, 2, (2, 8 * MIB)));
         drop(a);
@@ -708,11 +920,11 @@ mod tests {
         // One larger than the whole budget waits until no other holds
         // any, then takes all of it; a small one asking after it waits
         // behind it (first come, first served).
-        let mut large = Box::pin(budget.share(25 * MIB));
+        let mut large = Box::pin(budget.share(25 * MIB, 0));
         assert!(now(&mut large).is_none());
         drop(b);
         assert!(now(&mut large).is_none());
-        let mut small = Box::pin(budget.share(MIB));
+        let mut small = Box::pin(budget.share(MIB, 0));
         drop(c);
         let large = sent(now(&mut large));
         assert!(now(&mut small).is_none());
@@ -725,11 +937,127 @@ mod tests {
         assert_eq!(budget.held(), held(0, 0, 4, (2, 25 * MIB)));
     }
 
+    /// Whether a late hedge was told to give way, and at which turn.
+    fn told<F: Future<Output = u64>>(wanted: &mut std::pin::Pin<Box<F>>) -> Option<u64> {
+        use futures::FutureExt;
+        wanted.as_mut().now_or_never()
+    }
+
+    #[test]
+    fn late_hedges_give_their_shares_up_oldest_first_as_far_as_hedges_waiting_lack() {
+        use futures::FutureExt;
+        let budget = HedgeBudget::new(10 * MIB);
+        let share = |bytes| {
+            budget
+                .share(bytes, 0)
+                .now_or_never()
+                .flatten()
+                .expect("fits")
+        };
+        // Given room in this order: c, b, a.
+        let c = share(2 * MIB);
+        let (b, a) = (share(4 * MIB), share(4 * MIB));
+        // Late in this order, with no hedge waiting for room: none is told.
+        let mut a_late = Box::pin(budget.wanted(&a));
+        let mut b_late = Box::pin(budget.wanted(&b));
+        assert_eq!((told(&mut a_late), told(&mut b_late)), (None, None));
+        // A hedge of 3 MiB waits: the hedge late first is told, though b
+        // was given its room before. c, not late, is never told.
+        let mut d = Box::pin(budget.share(3 * MIB, 0));
+        assert!(d.as_mut().now_or_never().is_none());
+        assert!(told(&mut a_late).is_some());
+        assert_eq!(told(&mut b_late), None);
+        // What a gives back covers a hedge of 1 MiB waiting behind: b is
+        // still not told.
+        let mut g = Box::pin(budget.share(MIB, 0));
+        assert!(g.as_mut().now_or_never().is_none());
+        assert_eq!(told(&mut b_late), None);
+        drop(a_late);
+        drop(a);
+        let d = d.now_or_never().flatten().expect("room given back");
+        let g = g.now_or_never().flatten().expect("room given back");
+        // A hedge of 4 MiB finds none free: b is told.
+        let mut e = Box::pin(budget.share(4 * MIB, 0));
+        assert!(e.as_mut().now_or_never().is_none());
+        assert!(told(&mut b_late).is_some());
+        drop(b_late);
+        // g ends as hedges do: with b's 4 MiB to come, 1 MiB free is
+        // more than e lacks, so a hedge late from now is not told.
+        drop(g);
+        let mut c_late = Box::pin(budget.wanted(&c));
+        assert_eq!(told(&mut c_late), None);
+        drop(b);
+        let e = e.now_or_never().flatten().expect("room given back");
+        // No longer late (its hedge answered): never told, though a hedge
+        // now lacks room.
+        drop(c_late);
+        let mut f = Box::pin(budget.share(8 * MIB, 0));
+        assert!(f.as_mut().now_or_never().is_none());
+        // A hedge late while another waits is told at once.
+        let mut c_late = Box::pin(budget.wanted(&c));
+        assert!(told(&mut c_late).is_some());
+        drop(c_late);
+        // Only room given back makes room: f lacks 7 MiB, c held 2.
+        drop(c);
+        assert!(f.as_mut().now_or_never().is_none());
+        drop((d, e));
+        assert!(f.now_or_never().flatten().is_some());
+    }
+
+    #[test]
+    fn a_hedge_that_gave_way_takes_room_back_only_from_hedges_given_room_since() {
+        use futures::FutureExt;
+        let budget = HedgeBudget::new(8 * MIB);
+        let share = |bytes| {
+            budget
+                .share(bytes, 0)
+                .now_or_never()
+                .flatten()
+                .expect("fits")
+        };
+        let (a, b) = (share(4 * MIB), share(4 * MIB));
+        let mut a_late = Box::pin(budget.wanted(&a));
+        let mut b_late = Box::pin(budget.wanted(&b));
+        let mut w = Box::pin(budget.share(4 * MIB, 0));
+        assert!(w.as_mut().now_or_never().is_none());
+        let turn = told(&mut a_late).expect("the oldest late hedge is told");
+        // a's fetch asks again: b, late but given its room before a gave
+        // way, is not told for it (no chain of hedges giving way).
+        let mut r = Box::pin(budget.share(4 * MIB, turn));
+        assert!(r.as_mut().now_or_never().is_none());
+        assert_eq!(told(&mut b_late), None);
+        drop(a_late);
+        drop(a);
+        let w = w.now_or_never().flatten().expect("room given back");
+        assert!(r.as_mut().now_or_never().is_none());
+        // w, given a's room after a gave way, gives it back once late.
+        let mut w_late = Box::pin(budget.wanted(&w));
+        assert!(told(&mut w_late).is_some());
+        assert_eq!(told(&mut b_late), None);
+        drop(w_late);
+        // A hedge that stops waiting is out of the queue, and the room it
+        // was given meanwhile is given back.
+        drop(w);
+        drop(r);
+        drop(b_late);
+        let again = share(4 * MIB);
+        assert_eq!(budget.held().bytes, 8 * MIB);
+        drop((again, b));
+        assert_eq!(budget.held().bytes, 0);
+        assert!(budget.share(8 * MIB, 0).now_or_never().flatten().is_some());
+    }
+
     #[test]
     fn an_empty_budget_sends_no_hedge() {
         use futures::FutureExt;
         let budget = HedgeBudget::new(1023);
-        assert!(budget.share(1).now_or_never().expect("at once").is_none());
+        assert!(
+            budget
+                .share(1, 0)
+                .now_or_never()
+                .expect("at once")
+                .is_none()
+        );
         assert_eq!(budget.held(), HedgesHeld::default());
     }
 }

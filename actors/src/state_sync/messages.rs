@@ -455,6 +455,11 @@ pub struct SyncStatus {
     /// passed its checks), as long after they were sent as makes a peer
     /// late: each ranked its peer lower, as a late first peer is ranked.
     pub hedges_late: u64,
+    /// Hedges given up, late themselves, to hedges waiting for room in
+    /// `max_hedged_bytes`: each fetch asked another peer, and the peer
+    /// given up on ranks lower once the fetch's answer passes its checks,
+    /// as a first peer beaten by a hedge does.
+    pub hedges_given_way: u64,
     /// Hedges sent since start.
     pub hedges_sent: u64,
     /// The most hedges in flight at once since start.

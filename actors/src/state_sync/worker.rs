@@ -35,8 +35,8 @@ use crate::archive::ArchiveReader;
 use crate::connections::{ActivePeers, Client, Connections, Outbound, ask_availability, small};
 use crate::faults::Faults;
 use crate::peer_heights::{
-    AcquirePeer, ClaimsRange, FetchKind, LeaseUnanswered, OutcomeKind, PeerHeights, PeersBehind,
-    ReportBeaten, ReportOutcome, Slot, Transfer, UpdateHeight,
+    AcquirePeer, ClaimsRange, CoversRange, FetchKind, LeaseUnanswered, OutcomeKind, PeerHeights,
+    PeersBehind, ReportBeaten, ReportOutcome, Slot, Transfer, UpdateHeight,
 };
 use crate::verifier::{Verifier, Verify, VerifyError, VerifyRequest, VerifyResponse};
 use crate::{Blob, DecodedBlock, HashedBlob};
@@ -258,7 +258,13 @@ pub(super) struct Worker {
     /// as long as makes a peer late, counted as their peers are reported
     /// beaten.
     pub(super) hedges_late: Arc<AtomicU64>,
+    /// Hedges that gave their share up, late, to hedges waiting for room
+    /// ([`HedgeBudget::wanted`]).
+    pub(super) hedges_given_way: Arc<AtomicU64>,
 }
+
+/// A fetch's kind and the commits it is for.
+type Work = (FetchKind, (CommitIndex, CommitIndex));
 
 /// The first peer of a hedged fetch, beaten by a second peer's answer of
 /// all that was asked (or the second peer, beaten by the first's answer
@@ -272,23 +278,29 @@ pub(super) struct Worker {
 /// Verifier: reported at once, the first peer would pay for a junk commit
 /// answer that a second peer sent as fast as it could, and three such
 /// answers, one banned identity each, would rank an honest peer as
-/// failing.
+/// failing. The second peers of hedges that gave way, late, to hedges
+/// waiting for room ([`HedgeBudget::wanted`]) are beaten by the answer
+/// too, on the same terms.
 #[derive(Debug)]
-#[must_use = "dropped, nothing is held against the peer beaten"]
+#[must_use = "dropped, nothing is held against the peers beaten"]
 pub(super) struct Beaten {
-    peer: PeerId,
     heights: Addr<PeerHeights>,
-    /// Where it is counted: fetches won by their hedge, or hedges late.
-    count: Arc<AtomicU64>,
+    /// The peers beaten, each with where it is counted (fetches won by
+    /// their hedge, hedges late), if anywhere.
+    peers: Vec<(PeerId, Option<Arc<AtomicU64>>)>,
 }
 
 impl Beaten {
-    /// Reports the peer beaten if the answer that beat it `passed` its
-    /// checks, and counts it.
+    /// Reports the peers beaten if the answer that beat them `passed` its
+    /// checks, and counts them.
     pub(super) fn settle(self, passed: bool) {
         if passed {
-            self.count.fetch_add(1, Ordering::Relaxed);
-            self.heights.do_send(ReportBeaten { peer: self.peer });
+            for (peer, count) in self.peers {
+                if let Some(count) = count {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+                self.heights.do_send(ReportBeaten { peer });
+            }
         }
     }
 }
@@ -537,14 +549,23 @@ impl Worker {
         // take before it is late, as read when it was sent.
         let hedge_on = std::sync::Mutex::new(None);
         let timeout = self.outbound.timeout();
+        // Second peers whose hedges gave way, late, to hedges waiting for
+        // room: beaten by the answer, if it passes its checks.
+        let given_way = std::sync::Mutex::new(Vec::new());
+        // Set once the first peer's answer ends the race: a hedge polled
+        // after that looks for no other peer.
+        let over = std::sync::atomic::AtomicBool::new(false);
         let mut second = std::pin::pin!(async {
+            // A hedge that gave way takes room back only from hedges given
+            // theirs since ([`HedgeBudget::share`]).
+            let mut after = 0;
             loop {
+                let passed_over = lock(&given_way).clone();
                 let (slot, mut share) = self
                     .second_peer(
-                        (kind, range),
-                        avoid.clone(),
+                        ((kind, range), (avoid.clone(), passed_over)),
                         first_lease,
-                        (started, reserved),
+                        (started, (reserved, &mut after)),
                     )
                     .await?;
                 share.sent();
@@ -552,9 +573,34 @@ impl Worker {
                 let late_after = self.hedging.usual_delay(kind, timeout);
                 let sent = Sent::default();
                 *lock(&hedge_on) = Some((peer, sent.clone(), late_after));
-                let answer = call(peer, sent).await;
-                // Answered: judged on its answer, never late.
+                let answer = tokio::select! {
+                    answer = call(peer, sent.clone()) => Ok(answer),
+                    turn = self.late_and_wanted((kind, &sent, late_after), &share) => Err(turn),
+                };
+                // Answered, or given up: judged here, never late.
                 *lock(&hedge_on) = None;
+                let answer = match answer {
+                    Ok(answer) => answer,
+                    Err(_) if over.load(Ordering::Relaxed) => {
+                        slot.release(Transfer::Cancelled, 0);
+                        return None;
+                    }
+                    Err(turn) => {
+                        // Late itself, and its share wanted by a hedge
+                        // waiting for room: its call is dropped, and its
+                        // peer beaten by the answer that ends the race, if
+                        // that passes its checks. Another peer is asked
+                        // (this one again only if no other can serve),
+                        // with a share taken afresh behind the hedges
+                        // already waiting.
+                        slot.release(Transfer::Cancelled, 0);
+                        drop(share);
+                        self.hedges_given_way.fetch_add(1, Ordering::Relaxed);
+                        lock(&given_way).push(peer);
+                        after = turn;
+                        continue;
+                    }
+                };
                 match answer {
                     Ok(answer) => return Some((slot, answer, share)),
                     Err(failure) => {
@@ -611,6 +657,7 @@ impl Worker {
                 // in its call is polled: one still looking for a peer
                 // could lease one.
                 if lock(&hedge_on).is_some() {
+                    over.store(true, Ordering::Relaxed);
                     let _ = second.as_mut().now_or_never();
                 }
                 // A hedge unanswered for as long as makes a peer late
@@ -624,33 +671,67 @@ impl Worker {
                 // answer may end early): the hedge is judged by the time
                 // it had.
                 let hedge = lock(&hedge_on).clone();
-                let late_after = |at_send: Duration| at_send.max(self.hedging.usual_delay(kind, timeout));
                 let outwaited = hedge
-                    .filter(|(_, sent, at_send)| sent.waited().is_some_and(|w| w >= late_after(*at_send)))
+                    .filter(|(_, sent, at_send)| sent.waited().is_some_and(|w| w >= self.late_after(kind, *at_send)))
                     .map(|(peer, _, _)| peer);
-                let beaten = match (&result, outwaited) {
-                    (Ok(_), Some(peer)) => Some(Beaten {
-                        peer,
-                        heights: self.heights.clone(),
-                        count: self.hedges_late.clone(),
-                    }),
-                    _ => None,
-                };
+                let late = outwaited.filter(|_| result.is_ok());
+                let late = late.map(|peer| (peer, Some(self.hedges_late.clone())));
+                let beaten = self.beaten(late, &given_way);
                 Hedged { slot: first, result, alone: false, beaten, withheld_by }
             }
             Some((slot, answer, share)) = &mut second => {
                 first.release(Transfer::Cancelled, 0);
-                let beaten = whole(&answer).then(|| Beaten {
-                    peer: first_peer,
-                    heights: self.heights.clone(),
-                    count: self.hedges_won.clone(),
-                });
+                let won = whole(&answer).then(|| (first_peer, Some(self.hedges_won.clone())));
+                let beaten = self.beaten(won, &given_way);
                 // What the first call holds goes before the share does.
                 drop(first_call);
                 drop(share);
                 Hedged { slot, result: Ok(answer), alone: false, beaten, withheld_by: None }
             }
         }
+    }
+
+    /// The peers an answer beats, if any: `peer`, and the second peers
+    /// whose hedges gave way (not counted: the budget counts them).
+    fn beaten(
+        &self,
+        peer: Option<(PeerId, Option<Arc<AtomicU64>>)>,
+        given_way: &std::sync::Mutex<Vec<PeerId>>,
+    ) -> Option<Beaten> {
+        let given_way: Vec<_> = lock(given_way).drain(..).map(|p| (p, None)).collect();
+        let peers: Vec<_> = peer.into_iter().chain(given_way).collect();
+        (!peers.is_empty()).then(|| Beaten {
+            heights: self.heights.clone(),
+            peers,
+        })
+    }
+
+    /// How long a call for a fetch of `kind` goes unanswered before its
+    /// peer is late: [`Hedging::usual_delay`], the longer of its value
+    /// `at_send` (when the call was sent) and now, never the shorter wait
+    /// of a fetch at the head of the pipeline.
+    fn late_after(&self, kind: FetchKind, at_send: Duration) -> Duration {
+        at_send.max(self.hedging.usual_delay(kind, self.outbound.timeout()))
+    }
+
+    /// Ends once the hedge whose request went out as `sent` is late
+    /// ([`Self::late_after`], from `at_send`) and a hedge waiting for room
+    /// wants its `share` ([`HedgeBudget::wanted`]). Time spent before the
+    /// request went out (a wait for Connections, ours) does not count.
+    async fn late_and_wanted(
+        &self,
+        (kind, sent, at_send): (FetchKind, &Sent, Duration),
+        share: &HedgeShare,
+    ) -> u64 {
+        loop {
+            let late_after = self.late_after(kind, at_send);
+            match sent.waited() {
+                Some(waited) if waited >= late_after => break,
+                Some(waited) => tokio::time::sleep(late_after - waited).await,
+                None => tokio::time::sleep(late_after).await,
+            }
+        }
+        self.hedge_budget.wanted(share).await
     }
 
     /// A slot for the hedge of the fetch leased as `first`, sent at
@@ -668,27 +749,80 @@ impl Worker {
     /// (no hedge is ever sent).
     async fn second_peer(
         &self,
-        (kind, range): (FetchKind, (CommitIndex, CommitIndex)),
-        avoid: Vec<PeerId>,
+        ((kind, range), (avoid, passed_over)): (Work, (Vec<PeerId>, Vec<PeerId>)),
         first: u64,
-        (started, reserved): (tokio::time::Instant, u64),
+        (started, (reserved, after)): (tokio::time::Instant, (u64, &mut u64)),
     ) -> Option<(Slot, HedgeShare)> {
         let mut doubted = kind != FetchKind::Commits;
+        let timeout = self.outbound.timeout();
         loop {
-            let share = self.hedge_budget.share(reserved).await?;
-            match self.acquire((kind, range), avoid.clone()).await {
-                Ok(slot) => return Some((slot, share)),
-                Err(Failure::NoPeer) => {
-                    drop(share);
-                    if !doubted && started.elapsed() >= UNANSWERED_DOUBT {
-                        doubted = true;
-                        self.heights.do_send(LeaseUnanswered { lease: first });
-                    }
-                    tokio::time::sleep(HEDGE_MIN).await;
+            let share = self.hedge_budget.share(reserved, *after).await?;
+            // Waiting for a slot with its share held, a hedge gives the
+            // share up as a late one does.
+            let given = Sent::default();
+            given.mark();
+            let at_given = self.hedging.usual_delay(kind, timeout);
+            let leased = tokio::select! {
+                leased = self.acquire_passing_over((kind, range), &avoid, &passed_over) => leased,
+                turn = self.late_and_wanted((kind, &given, at_given), &share) => {
+                    *after = turn;
+                    continue;
                 }
+            };
+            match leased {
+                Ok(slot) => return Some((slot, share)),
+                Err(Failure::NoPeer) => drop(share),
                 Err(_) => return None,
             }
+            // Room is asked for again only once a peer could be leased: a
+            // hedge waiting for room makes late hedges give way, and room
+            // given to a hedge with no peer to ask is given for nothing.
+            loop {
+                if !doubted && started.elapsed() >= UNANSWERED_DOUBT {
+                    doubted = true;
+                    self.heights.do_send(LeaseUnanswered { lease: first });
+                }
+                tokio::time::sleep(HEDGE_MIN).await;
+                if self.covered((kind, range), &avoid).await {
+                    break;
+                }
+            }
         }
+    }
+
+    /// [`Self::acquire`] for a peer in neither `avoid` nor `passed_over`
+    /// (second peers whose hedges gave way), or, if none can serve, in
+    /// `passed_over`: giving way proves nothing against a peer.
+    async fn acquire_passing_over(
+        &self,
+        work: Work,
+        avoid: &[PeerId],
+        passed_over: &[PeerId],
+    ) -> Result<Slot, Failure> {
+        let all = [avoid, passed_over].concat();
+        match self.acquire(work, all).await {
+            Err(Failure::NoPeer) if !passed_over.is_empty() => {
+                self.acquire(work, avoid.to_vec()).await
+            }
+            leased => leased,
+        }
+    }
+
+    /// Whether a peer not in `avoid` could be leased for `work`, as
+    /// PeerHeights would choose one (unknown, if it does not answer in
+    /// time, is yes).
+    async fn covered(&self, (kind, (start, end)): Work, avoid: &[PeerId]) -> bool {
+        let avoid = avoid.to_vec();
+        let query = self.heights.send(CoversRange {
+            kind,
+            start,
+            end,
+            avoid,
+        });
+        !matches!(
+            tokio::time::timeout(MAILBOX_MARGIN, query).await,
+            Ok(Ok(false))
+        )
     }
 
     /// Scores `peer` for a fetch of `kind` that brought `bytes` in

@@ -38,6 +38,7 @@ struct Series {
     restarts: IntCounterVec,
     hedges_won: IntCounterVec,
     hedges_late: IntCounterVec,
+    hedges_given_way: IntCounterVec,
     hedges_sent: IntCounterVec,
     write_failures: IntCounterVec,
     failures: IntCounterVec,
@@ -144,6 +145,12 @@ impl Series {
                 &r,
                 "soma_hedges_late_total",
                 "Hedges still unanswered, when the first peer answered, as long after they were sent as makes a peer late",
+                &[],
+            ),
+            hedges_given_way: counter(
+                &r,
+                "soma_hedges_given_way_total",
+                "Hedges given up, late themselves, to hedges waiting for room in max-hedged-bytes",
                 &[],
             ),
             hedges_sent: counter(
@@ -301,6 +308,7 @@ impl Series {
             self.advance(&self.restarts, &[], status.restarts);
             self.advance(&self.hedges_won, &[], status.hedges_won);
             self.advance(&self.hedges_late, &[], status.hedges_late);
+            self.advance(&self.hedges_given_way, &[], status.hedges_given_way);
             self.advance(&self.hedges_sent, &[], status.hedges_sent);
             let writes_failed = status.store_write_failures;
             self.advance(&self.write_failures, &[], writes_failed);
@@ -649,6 +657,7 @@ mod tests {
         // One peer: no fetch is ever hedged.
         assert_eq!(value(&ours, "soma_hedges_won_total"), 0.0);
         assert_eq!(value(&ours, "soma_hedges_late_total"), 0.0);
+        assert_eq!(value(&ours, "soma_hedges_given_way_total"), 0.0);
         assert_eq!(value(&ours, "soma_hedges_sent_total"), 0.0);
         assert_eq!(value(&ours, "soma_store_write_failures_total"), 0.0);
         let invalid = r#"soma_verification_failures_total{kind="invalid_response"}"#;
