@@ -895,16 +895,8 @@ mod tests {
             share.sent();
             share
         };
-        let mut a = budget
-            .share(4 * MIB, 0)
-            .now_or_never()
-            .flatten()
-            .expect("fits");
-        let b = budget
-            .share(4 * MIB, 0)
-            .now_or_never()
-            .flatten()
-            .expect("fits");
+        let mut a = room_now(&budget, 4 * MIB);
+        let b = room_now(&budget, 4 * MIB);
         // Held, not sent yet: their bytes count, they are not in flight.
         assert_eq!(budget.held(), held(0, 8 * MIB, 0, (0, 8 * MIB)));
         a.sent();
@@ -937,6 +929,13 @@ mod tests {
         assert_eq!(budget.held(), held(0, 0, 4, (2, 25 * MIB)));
     }
 
+    /// A share of `bytes` that fits at once.
+    fn room_now(budget: &HedgeBudget, bytes: u64) -> HedgeShare {
+        use futures::FutureExt;
+        let share = budget.share(bytes, 0).now_or_never().flatten();
+        share.expect("fits")
+    }
+
     /// Whether a late hedge was told to give way, and at which turn.
     fn told<F: Future<Output = u64>>(wanted: &mut std::pin::Pin<Box<F>>) -> Option<u64> {
         use futures::FutureExt;
@@ -947,13 +946,7 @@ mod tests {
     fn late_hedges_give_their_shares_up_oldest_first_as_far_as_hedges_waiting_lack() {
         use futures::FutureExt;
         let budget = HedgeBudget::new(10 * MIB);
-        let share = |bytes| {
-            budget
-                .share(bytes, 0)
-                .now_or_never()
-                .flatten()
-                .expect("fits")
-        };
+        let share = |bytes| room_now(&budget, bytes);
         // Given room in this order: c, b, a.
         let c = share(2 * MIB);
         let (b, a) = (share(4 * MIB), share(4 * MIB));
@@ -1008,13 +1001,7 @@ mod tests {
     fn a_hedge_that_gave_way_takes_room_back_only_from_hedges_given_room_since() {
         use futures::FutureExt;
         let budget = HedgeBudget::new(8 * MIB);
-        let share = |bytes| {
-            budget
-                .share(bytes, 0)
-                .now_or_never()
-                .flatten()
-                .expect("fits")
-        };
+        let share = |bytes| room_now(&budget, bytes);
         let (a, b) = (share(4 * MIB), share(4 * MIB));
         let mut a_late = Box::pin(budget.wanted(&a));
         let mut b_late = Box::pin(budget.wanted(&b));

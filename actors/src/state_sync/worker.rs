@@ -692,7 +692,8 @@ impl Worker {
     }
 
     /// The peers an answer beats, if any: `peer`, and the second peers
-    /// whose hedges gave way (not counted: the budget counts them).
+    /// whose hedges gave way (counted in `hedges_given_way` already, as
+    /// they gave way).
     fn beaten(
         &self,
         peer: Option<(PeerId, Option<Arc<AtomicU64>>)>,
