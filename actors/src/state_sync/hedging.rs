@@ -297,14 +297,17 @@ impl Hedging {
 /// `max_total_fetched_bytes`. A hedge larger than the whole budget takes
 /// all of it: it is sent only when no other hedge is in flight. Hedges
 /// wait in the order they asked, so a large one is not passed over for
-/// ever by small ones.
+/// ever by small ones; the first ask of a hedge of a fetch the pipeline
+/// waits on goes before the asks of the others.
 ///
 /// A hedge holds its share only while it is not late itself
 /// ([`Self::wanted`]): once its peer has gone unanswered as long as makes
 /// a peer late, it gives the share up as soon as a hedge waiting for room
 /// lacks it, the oldest late first and only as many as the waiting lack,
-/// counting what the late hedges already told will give back. Held until
-/// its answer or the request timeout, a share was a hedge's whatever its
+/// counting what the late hedges already told will give back. Hedges of
+/// fetches the pipeline waited on when they became late give way last.
+/// Held until its answer or the request timeout, a share was a hedge's
+/// whatever its
 /// peer did: identities that are free to mint, made first and second peer
 /// of a few fetches at once and never answering either, held the whole
 /// budget for the timeout, and every other late fetch, the one the
@@ -326,7 +329,8 @@ pub(super) struct HedgeBudget {
 struct BudgetState {
     /// Kibibytes free.
     free: u32,
-    /// Hedges waiting for room, first come first served.
+    /// Hedges waiting for room, first come first served (first asks of
+    /// hedges of fetches the pipeline waits on before the others).
     queue: VecDeque<Waiter>,
     /// Late hedges holding shares, by the order they became late.
     late: BTreeMap<u64, LateHedge>,
@@ -345,6 +349,9 @@ struct Waiter {
     kib: u32,
     /// It takes room back only from hedges given theirs after this turn.
     after: u64,
+    /// The first ask of a hedge of a fetch the pipeline waits on: it
+    /// waits before the others.
+    head: bool,
     /// Told the turn of its share once room is given.
     given: oneshot::Sender<u64>,
 }
@@ -355,6 +362,8 @@ struct LateHedge {
     kib: u32,
     /// The turn its share was given.
     given: u64,
+    /// Of a fetch the pipeline waits on: told after the others.
+    head: bool,
     /// Told the turn at which it gave way.
     tell: oneshot::Sender<u64>,
 }
@@ -381,17 +390,20 @@ impl BudgetState {
 
     /// Tells late hedges to give way while a waiting hedge lacks room that
     /// neither the free room nor the hedges told already will give: for
-    /// each in order, the oldest late hedge it may take room back from.
+    /// each in order, the oldest late hedge it may take room back from,
+    /// those of fetches the pipeline waits on last.
     fn settle(&mut self) {
         let told: u32 = self.told.values().sum();
         let mut coming = u64::from(self.free) + u64::from(told);
         for i in 0..self.queue.len() {
             let (kib, after) = (u64::from(self.queue[i].kib), self.queue[i].after);
             while coming < kib {
-                let Some(key) = (self.late.iter())
-                    .find(|(_, late)| late.given > after)
-                    .map(|(key, _)| *key)
-                else {
+                let oldest = |head: bool| {
+                    (self.late.iter())
+                        .find(|(_, late)| late.head == head && late.given > after)
+                        .map(|(key, _)| *key)
+                };
+                let Some(key) = oldest(false).or_else(|| oldest(true)) else {
                     break;
                 };
                 let late = self.late.remove(&key).expect("found");
@@ -450,9 +462,12 @@ impl HedgeBudget {
     /// Waits until a hedge reserving `bytes` fits (all of the budget if it
     /// is larger), then holds that room until the share is dropped. While
     /// it waits, late hedges give way to it: any, or after a hedge gave
-    /// way at turn `after`, only those given their room since.
+    /// way at turn `after`, only those given their room since. The first
+    /// ask (`after` 0) of a hedge of a fetch the pipeline waits on (`head`)
+    /// waits before the others; a hedge that gave way asks again behind
+    /// every hedge waiting, or it would take back the room it gave up.
     /// `None` if the budget is empty: no hedge is ever sent.
-    pub(super) async fn share(&self, bytes: u64, after: u64) -> Option<HedgeShare> {
+    pub(super) async fn share(&self, bytes: u64, (after, head): (u64, bool)) -> Option<HedgeShare> {
         if self.capacity_kib == 0 {
             return None;
         }
@@ -465,14 +480,21 @@ impl HedgeBudget {
                 (Some(state.turn()), None)
             } else {
                 let key = state.turn();
-                let (tx, rx) = oneshot::channel();
-                let given = tx;
-                state.queue.push_back(Waiter {
+                let (given, rx) = oneshot::channel();
+                let waiter = Waiter {
                     key,
                     kib,
                     after,
+                    head: head && after == 0,
                     given,
-                });
+                };
+                let at = match head && after == 0 {
+                    true => state.queue.iter().position(|w| !w.head),
+                    false => None,
+                };
+                let at = at.unwrap_or(state.queue.len());
+                state.queue.insert(at, waiter);
+                state.give();
                 state.settle();
                 (None, Some((key, rx)))
             }
@@ -513,9 +535,10 @@ impl HedgeBudget {
     /// For a hedge that is late, holding `share`: ends once a hedge
     /// waiting for room needs that share, at once if one waits already,
     /// with the turn at which it gave way. Hedges are told in the order
-    /// they became late, and only as many as the waiting lack. Dropped,
-    /// the hedge is no longer counted late.
-    pub(super) async fn wanted(&self, share: &HedgeShare) -> u64 {
+    /// they became late, those of fetches the pipeline waits on (`head`)
+    /// last, and only as many as the waiting lack. Dropped, the hedge is
+    /// no longer counted late.
+    pub(super) async fn wanted(&self, share: &HedgeShare, head: bool) -> u64 {
         let (tell, told) = oneshot::channel();
         let key = {
             let mut state = lock(&self.state);
@@ -523,6 +546,7 @@ impl HedgeBudget {
             let late = LateHedge {
                 kib: share.kib,
                 given: share.given,
+                head,
                 tell,
             };
             state.late.insert(key, late);
@@ -903,7 +927,7 @@ mod tests {
         a.sent();
         let b = sent(Some(b));
         // A third would hold 12 MiB: it waits, and is not counted.
-        let mut c = Box::pin(budget.share(4 * MIB, 0));
+        let mut c = Box::pin(budget.share(4 * MIB, (0, false)));
         assert!(now(&mut c).is_none());
         assert_eq!(budget.held(), held(2, 8 * MIB, 2, (2, 8 * MIB)));
         drop(a);
@@ -912,11 +936,11 @@ mod tests {
         // One larger than the whole budget waits until no other holds
         // any, then takes all of it; a small one asking after it waits
         // behind it (first come, first served).
-        let mut large = Box::pin(budget.share(25 * MIB, 0));
+        let mut large = Box::pin(budget.share(25 * MIB, (0, false)));
         assert!(now(&mut large).is_none());
         drop(b);
         assert!(now(&mut large).is_none());
-        let mut small = Box::pin(budget.share(MIB, 0));
+        let mut small = Box::pin(budget.share(MIB, (0, false)));
         drop(c);
         let large = sent(now(&mut large));
         assert!(now(&mut small).is_none());
@@ -932,7 +956,7 @@ mod tests {
     /// A share of `bytes` that fits at once.
     fn room_now(budget: &HedgeBudget, bytes: u64) -> HedgeShare {
         use futures::FutureExt;
-        let share = budget.share(bytes, 0).now_or_never().flatten();
+        let share = budget.share(bytes, (0, false)).now_or_never().flatten();
         share.expect("fits")
     }
 
@@ -951,18 +975,18 @@ mod tests {
         let c = share(2 * MIB);
         let (b, a) = (share(4 * MIB), share(4 * MIB));
         // Late in this order, with no hedge waiting for room: none is told.
-        let mut a_late = Box::pin(budget.wanted(&a));
-        let mut b_late = Box::pin(budget.wanted(&b));
+        let mut a_late = Box::pin(budget.wanted(&a, false));
+        let mut b_late = Box::pin(budget.wanted(&b, false));
         assert_eq!((told(&mut a_late), told(&mut b_late)), (None, None));
         // A hedge of 3 MiB waits: the hedge late first is told, though b
         // was given its room before. c, not late, is never told.
-        let mut d = Box::pin(budget.share(3 * MIB, 0));
+        let mut d = Box::pin(budget.share(3 * MIB, (0, false)));
         assert!(d.as_mut().now_or_never().is_none());
         assert!(told(&mut a_late).is_some());
         assert_eq!(told(&mut b_late), None);
         // What a gives back covers a hedge of 1 MiB waiting behind: b is
         // still not told.
-        let mut g = Box::pin(budget.share(MIB, 0));
+        let mut g = Box::pin(budget.share(MIB, (0, false)));
         assert!(g.as_mut().now_or_never().is_none());
         assert_eq!(told(&mut b_late), None);
         drop(a_late);
@@ -970,24 +994,24 @@ mod tests {
         let d = d.now_or_never().flatten().expect("room given back");
         let g = g.now_or_never().flatten().expect("room given back");
         // A hedge of 4 MiB finds none free: b is told.
-        let mut e = Box::pin(budget.share(4 * MIB, 0));
+        let mut e = Box::pin(budget.share(4 * MIB, (0, false)));
         assert!(e.as_mut().now_or_never().is_none());
         assert!(told(&mut b_late).is_some());
         drop(b_late);
         // g ends as hedges do: with b's 4 MiB to come, 1 MiB free is
         // more than e lacks, so a hedge late from now is not told.
         drop(g);
-        let mut c_late = Box::pin(budget.wanted(&c));
+        let mut c_late = Box::pin(budget.wanted(&c, false));
         assert_eq!(told(&mut c_late), None);
         drop(b);
         let e = e.now_or_never().flatten().expect("room given back");
         // No longer late (its hedge answered): never told, though a hedge
         // now lacks room.
         drop(c_late);
-        let mut f = Box::pin(budget.share(8 * MIB, 0));
+        let mut f = Box::pin(budget.share(8 * MIB, (0, false)));
         assert!(f.as_mut().now_or_never().is_none());
         // A hedge late while another waits is told at once.
-        let mut c_late = Box::pin(budget.wanted(&c));
+        let mut c_late = Box::pin(budget.wanted(&c, false));
         assert!(told(&mut c_late).is_some());
         drop(c_late);
         // Only room given back makes room: f lacks 7 MiB, c held 2.
@@ -1003,14 +1027,14 @@ mod tests {
         let budget = HedgeBudget::new(8 * MIB);
         let share = |bytes| room_now(&budget, bytes);
         let (a, b) = (share(4 * MIB), share(4 * MIB));
-        let mut a_late = Box::pin(budget.wanted(&a));
-        let mut b_late = Box::pin(budget.wanted(&b));
-        let mut w = Box::pin(budget.share(4 * MIB, 0));
+        let mut a_late = Box::pin(budget.wanted(&a, false));
+        let mut b_late = Box::pin(budget.wanted(&b, false));
+        let mut w = Box::pin(budget.share(4 * MIB, (0, false)));
         assert!(w.as_mut().now_or_never().is_none());
         let turn = told(&mut a_late).expect("the oldest late hedge is told");
         // a's fetch asks again: b, late but given its room before a gave
         // way, is not told for it (no chain of hedges giving way).
-        let mut r = Box::pin(budget.share(4 * MIB, turn));
+        let mut r = Box::pin(budget.share(4 * MIB, (turn, false)));
         assert!(r.as_mut().now_or_never().is_none());
         assert_eq!(told(&mut b_late), None);
         drop(a_late);
@@ -1018,7 +1042,7 @@ mod tests {
         let w = w.now_or_never().flatten().expect("room given back");
         assert!(r.as_mut().now_or_never().is_none());
         // w, given a's room after a gave way, gives it back once late.
-        let mut w_late = Box::pin(budget.wanted(&w));
+        let mut w_late = Box::pin(budget.wanted(&w, false));
         assert!(told(&mut w_late).is_some());
         assert_eq!(told(&mut b_late), None);
         drop(w_late);
@@ -1031,7 +1055,73 @@ mod tests {
         assert_eq!(budget.held().bytes, 8 * MIB);
         drop((again, b));
         assert_eq!(budget.held().bytes, 0);
-        assert!(budget.share(8 * MIB, 0).now_or_never().flatten().is_some());
+        assert!(
+            budget
+                .share(8 * MIB, (0, false))
+                .now_or_never()
+                .flatten()
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn hedges_of_fetches_the_pipeline_waits_on_wait_first_and_give_way_last() {
+        use futures::FutureExt;
+        fn now<F: Future<Output = Option<HedgeShare>>>(
+            share: &mut std::pin::Pin<Box<F>>,
+        ) -> Option<HedgeShare> {
+            share.as_mut().now_or_never().flatten()
+        }
+        let budget = HedgeBudget::new(12 * MIB);
+        let (a, b, c) = (
+            room_now(&budget, 4 * MIB),
+            room_now(&budget, 4 * MIB),
+            room_now(&budget, 4 * MIB),
+        );
+        // a is of the fetch the pipeline waits on, and late first.
+        let mut a_late = Box::pin(budget.wanted(&a, true));
+        let mut b_late = Box::pin(budget.wanted(&b, false));
+        assert_eq!((told(&mut a_late), told(&mut b_late)), (None, None));
+        // A hedge waits: b is told, though a became late first.
+        let mut n = Box::pin(budget.share(4 * MIB, (0, false)));
+        assert!(now(&mut n).is_none());
+        assert_eq!(told(&mut a_late), None);
+        let turn = told(&mut b_late).expect("told");
+        drop(b_late);
+        // b's fetch asks again, though at the head: behind every hedge
+        // waiting, or it would take back the room it gave up; and a, given
+        // its room before b gave way, is not told for it.
+        let mut r = Box::pin(budget.share(4 * MIB, (turn, true)));
+        assert!(now(&mut r).is_none());
+        assert_eq!(told(&mut a_late), None);
+        // Two first asks of hedges at the head: before n, in turn. b's room
+        // is the first's; n lacks room then, and a, the one late hedge
+        // left, is told.
+        let mut h1 = Box::pin(budget.share(4 * MIB, (0, true)));
+        let mut h2 = Box::pin(budget.share(4 * MIB, (0, true)));
+        assert!(now(&mut h1).is_none() && now(&mut h2).is_none());
+        assert!(told(&mut a_late).is_some());
+        drop(a_late);
+        drop(b);
+        let h1 = now(&mut h1).expect("first in line");
+        assert!(now(&mut h2).is_none() && now(&mut n).is_none());
+        drop(a);
+        let h2 = now(&mut h2).expect("next in line");
+        assert!(now(&mut n).is_none());
+        drop(c);
+        let n = now(&mut n).expect("n's turn");
+        assert!(now(&mut r).is_none());
+        drop(h1);
+        let r = now(&mut r).expect("r's turn");
+        // A first ask at the head that fits goes at once, past a hedge
+        // waiting that does not.
+        drop(h2);
+        let mut large = Box::pin(budget.share(8 * MIB, (0, false)));
+        assert!(now(&mut large).is_none());
+        let head = now(&mut Box::pin(budget.share(4 * MIB, (0, true)))).expect("at once");
+        drop((head, n, r));
+        assert!(now(&mut large).is_some());
+        assert_eq!(budget.held().bytes, 0);
     }
 
     #[test]
@@ -1040,7 +1130,7 @@ mod tests {
         let budget = HedgeBudget::new(1023);
         assert!(
             budget
-                .share(1, 0)
+                .share(1, (0, false))
                 .now_or_never()
                 .expect("at once")
                 .is_none()

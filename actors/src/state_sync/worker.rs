@@ -575,7 +575,7 @@ impl Worker {
                 *lock(&hedge_on) = Some((peer, sent.clone(), late_after));
                 let answer = tokio::select! {
                     answer = call(peer, sent.clone()) => Ok(answer),
-                    turn = self.late_and_wanted((kind, &sent, late_after), &share) => Err(turn),
+                    turn = self.late_and_wanted(((kind, range.0), &sent, late_after), &share) => Err(turn),
                 };
                 // Answered, or given up: judged here, never late.
                 *lock(&hedge_on) = None;
@@ -715,13 +715,15 @@ impl Worker {
         at_send.max(self.hedging.usual_delay(kind, self.outbound.timeout()))
     }
 
-    /// Ends once the hedge whose request went out as `sent` is late
-    /// ([`Self::late_after`], from `at_send`) and a hedge waiting for room
-    /// wants its `share` ([`HedgeBudget::wanted`]). Time spent before the
-    /// request went out (a wait for Connections, ours) does not count.
+    /// Ends once the hedge of a fetch of `kind` from commit `start` whose
+    /// request went out as `sent` is late ([`Self::late_after`], from
+    /// `at_send`) and a hedge waiting for room wants its `share`
+    /// ([`HedgeBudget::wanted`]; told last if the pipeline waits on the
+    /// fetch then). Time spent before the request went out (a wait for
+    /// Connections, ours) does not count.
     async fn late_and_wanted(
         &self,
-        (kind, sent, at_send): (FetchKind, &Sent, Duration),
+        ((kind, start), sent, at_send): ((FetchKind, CommitIndex), &Sent, Duration),
         share: &HedgeShare,
     ) -> u64 {
         loop {
@@ -732,7 +734,8 @@ impl Worker {
                 None => tokio::time::sleep(late_after).await,
             }
         }
-        self.hedge_budget.wanted(share).await
+        let head = (self.hedging).at_head(start, self.config.commit_sync_batch_size);
+        self.hedge_budget.wanted(share, head).await
     }
 
     /// A slot for the hedge of the fetch leased as `first`, sent at
@@ -757,7 +760,9 @@ impl Worker {
         let mut doubted = kind != FetchKind::Commits;
         let timeout = self.outbound.timeout();
         loop {
-            let share = self.hedge_budget.share(reserved, *after).await?;
+            // The hedge of a fetch the pipeline waits on waits first.
+            let head = (self.hedging).at_head(range.0, self.config.commit_sync_batch_size);
+            let share = self.hedge_budget.share(reserved, (*after, head)).await?;
             // Waiting for a slot with its share held, a hedge gives the
             // share up as a late one does.
             let given = Sent::default();
@@ -765,7 +770,7 @@ impl Worker {
             let at_given = self.hedging.usual_delay(kind, timeout);
             let leased = tokio::select! {
                 leased = self.acquire_passing_over((kind, range), &avoid, &passed_over) => leased,
-                turn = self.late_and_wanted((kind, &given, at_given), &share) => {
+                turn = self.late_and_wanted(((kind, range.0), &given, at_given), &share) => {
                     *after = turn;
                     continue;
                 }
