@@ -130,3 +130,80 @@ async fn catch_up_completes_through_links_of_250_ms_round_trip_with_resets() {
         v.shutdown().await;
     }
 }
+
+/// Near the tip a fetch is small: over a long round trip its answer moves
+/// few bytes a second, and an honest peer measured by them alone ranked
+/// slow, below a peer never measured. Fresh identities cost nothing in
+/// public mode, so each silent one then took a fetch first and held it.
+/// An answer of all that was asked within `WHOLE_ANSWER_MS` now ranks its
+/// peer good. Here an honest validator behind a 150 ms round trip serves
+/// batches of 10 commits, as near the tip (about 2.5 KB of commits and
+/// 22 KB of blocks a fetch: by their bytes alone, 17 KB/s and 150 KB/s,
+/// slow for both kinds), one batch ahead, so that fewer fetches are in
+/// flight than it has slots; hedges are off, so that a fetch goes to a
+/// silent peer only if the balancer ranks it first. Once the validator
+/// is measured for both kinds, three silent identities claiming the chain
+/// connect. None of them is asked for anything, and the chain completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_identities_are_not_asked_before_a_far_peer_whose_small_answers_came_whole() {
+    use soma_testkit::byzantine::{Lie, serve_observed};
+
+    let chain = ChainBuilder::new(ChainConfig::validators(4)).build(400);
+    let (validator, _link, seed) = soma_testkit::validator_behind_link(
+        &chain,
+        1,
+        P2pConfig::default(),
+        Impairment::round_trip(Duration::from_millis(150)),
+    )
+    .await;
+    let chain = Arc::new(chain);
+    let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+    let mut config = P2pConfig {
+        seed_peers: vec![seed],
+        ..P2pConfig::default()
+    }
+    .with_commit_sync_batch_size(10);
+    config.state_sync.batches_ahead = 1;
+    config.state_sync.commit_fetches_ahead = 0;
+    config.state_sync.max_hedged_bytes = 0;
+    let node = soma_testkit::node(&chain, 9, config, store.clone());
+    let views = async || node.peer_heights().await.expect("the node runs");
+    let measured = async || {
+        views().await.iter().any(|v| {
+            v.peer == validator.peer_id() && v.throughput_bps > 0 && v.commit_throughput_bps > 0
+        })
+    };
+    soma_testkit::wait_until("the validator measured for both kinds", DEADLINE, measured).await;
+    let mut silent = Vec::new();
+    for key in 131..=133 {
+        let served = serve_observed(chain.clone(), Lie::NeverAnswers, key).await;
+        node.connect(Some(served.peer), served.address.clone())
+            .expect("Connections takes the dial");
+        silent.push(served);
+    }
+    let tracked = async || {
+        let views = views().await;
+        silent.iter().all(|s| {
+            views
+                .iter()
+                .any(|v| v.peer == s.peer && v.connected && v.highest == chain.tip())
+        })
+    };
+    soma_testkit::wait_until(
+        "the silent identities claiming the chain",
+        DEADLINE,
+        tracked,
+    )
+    .await;
+    // The attack is on while most of the chain is still to come.
+    let status = node.sync_status().await.expect("the node runs");
+    assert!(status.synced < chain.tip() / 2, "{status:?}");
+    let synced = async || node.sync_status().await.expect("the node runs").synced >= chain.tip();
+    soma_testkit::wait_until("the chain synced", DEADLINE, synced).await;
+    soma_testkit::assert_same_chain(&chain, store.as_ref());
+    let asked: Vec<usize> = silent.iter().map(|s| s.fetches()).collect();
+    let views = views().await;
+    assert_eq!(asked, vec![0, 0, 0], "{views:?}");
+    node.shutdown().await;
+    validator.shutdown().await;
+}

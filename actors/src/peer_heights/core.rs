@@ -357,7 +357,7 @@ impl Peer {
 }
 
 /// The throughput from which a peer measured for `kind` is good.
-fn good(kind: FetchKind) -> u64 {
+pub(super) fn good(kind: FetchKind) -> u64 {
     match kind {
         FetchKind::Commits => GOOD_COMMIT_THROUGHPUT_BPS,
         FetchKind::Blocks => GOOD_THROUGHPUT_BPS,
@@ -1721,19 +1721,100 @@ mod tests {
     #[test]
     fn a_commit_answer_scores_its_bytes_times_its_share_of_what_was_asked() {
         let bytes = |share| {
-            ReportOutcome::delivered((FetchKind::Commits, peer(1)), (4_000, 1), share).bytes
+            ReportOutcome::delivered((FetchKind::Commits, peer(1)), (400_000, 1), share).bytes
         };
-        assert_eq!(bytes((200, 200)), 4_000);
-        assert_eq!(bytes((1, 200)), 20);
-        assert_eq!(bytes((150, 200)), 3_000);
+        assert_eq!(bytes((200, 200)), 400_000);
+        assert_eq!(bytes((1, 200)), 2_000);
+        assert_eq!(bytes((150, 200)), 300_000);
         // More than was asked counts as all of it; nothing asked, as nothing.
-        assert_eq!(bytes((300, 200)), 4_000);
+        assert_eq!(bytes((300, 200)), 400_000);
         assert_eq!(bytes((0, 0)), 0);
         let huge = ReportOutcome::delivered((FetchKind::Blocks, peer(1)), (u64::MAX, 1), (3, 3));
         assert_eq!(
             (huge.bytes, huge.kind),
             (u64::MAX, OutcomeKind::Success(FetchKind::Blocks))
         );
+    }
+
+    #[test]
+    fn a_whole_answer_in_the_whole_answer_time_scores_at_least_the_mark_and_at_most_twice() {
+        let bytes = |kind, (bytes, ms), share| {
+            ReportOutcome::delivered((kind, peer(1)), (bytes, ms), share).bytes
+        };
+        let rate = |kind, answer, share| bytes(kind, answer, share) * 1000 / answer.1;
+        let (commits, blocks) = (GOOD_COMMIT_THROUGHPUT_BPS, GOOD_THROUGHPUT_BPS);
+        // Two commits of 250 bytes, four blocks of 1.6 KB: at 400 ms, the
+        // mark and a quarter; at 100 ms and at 10 ms, twice the mark.
+        assert_eq!(bytes(FetchKind::Commits, (500, 400), (2, 2)), 32_768);
+        assert_eq!(
+            rate(FetchKind::Commits, (500, 400), (2, 2)),
+            commits * 5 / 4
+        );
+        assert_eq!(
+            rate(FetchKind::Blocks, (6_400, 400), (4, 4)),
+            blocks * 5 / 4
+        );
+        for (ms, floors) in [(10, (1_311, 20_972)), (100, (13_108, 209_716))] {
+            // What a peer at the mark moves in twice the answer's time,
+            // rounded up.
+            assert_eq!(bytes(FetchKind::Commits, (500, ms), (2, 2)), floors.0);
+            assert_eq!(bytes(FetchKind::Blocks, (6_400, ms), (4, 4)), floors.1);
+            assert!(rate(FetchKind::Commits, (500, ms), (2, 2)) >= 2 * commits);
+            assert!(rate(FetchKind::Blocks, (6_400, ms), (4, 4)) >= 2 * blocks);
+        }
+        // At the whole-answer time, the mark; past it, the bytes alone.
+        assert_eq!(rate(FetchKind::Blocks, (6_400, 500), (4, 4)), blocks);
+        assert_eq!(bytes(FetchKind::Blocks, (6_400, 501), (4, 4)), 6_400);
+        // Above the floor, the bytes.
+        assert_eq!(bytes(FetchKind::Blocks, (600_000, 100), (4, 4)), 600_000);
+        // A share of what was asked scores by its bytes alone, however
+        // small and quick.
+        assert_eq!(bytes(FetchKind::Commits, (500, 1), (1, 2)), 250);
+        assert_eq!(bytes(FetchKind::Commits, (4_000, 1), (1, 200)), 20);
+    }
+
+    #[test]
+    fn a_peer_answering_small_fetches_whole_in_a_round_trip_ranks_above_one_never_measured() {
+        // Near the tip: peer 1 answers fetches of two commits (500 bytes)
+        // and of their eight blocks (13 KB) whole in 150 ms, a far peer's
+        // round trip; peer 2 is never measured (a fresh identity, maybe
+        // silent). By their bytes alone, 3 KB/s and 87 KB/s, peer 1 would
+        // be slow for both and rank below peer 2.
+        let mut c = three_peers(17);
+        c.handle(Time(0), Input::Remove(RemovePeer { peer: peer(3) }));
+        delivered(&mut c, 1, FetchKind::Commits, (500, 150), (2, 2));
+        delivered(&mut c, 1, FetchKind::Blocks, (13_000, 150), (8, 8));
+        for kind in [FetchKind::Commits, FetchKind::Blocks] {
+            assert_eq!(c.peers[&peer(1)].record(kind, Time(0)), Standing::Good);
+            for _ in 0..20 {
+                assert_eq!(ranked(&mut c, kind), vec![1, 2], "{kind:?}");
+            }
+        }
+        // An answer of all that was asked slower than the whole-answer
+        // time scores by its bytes alone: a peer creeping through small
+        // fetches is slow.
+        for _ in 0..20 {
+            delivered(&mut c, 1, FetchKind::Blocks, (13_000, 2_000), (8, 8));
+        }
+        assert_eq!(
+            c.peers[&peer(1)].record(FetchKind::Blocks, Time(0)),
+            Standing::Slow
+        );
+        assert_eq!(ranked(&mut c, FetchKind::Blocks), vec![2, 1]);
+        // Quick small answers build no credit past twice the mark: after
+        // twenty at 10 ms, a peer that turns to answering each commit
+        // fetch with one commit of 200 (20 KB/s by its share) is slow at
+        // its fourth such answer. Uncapped (50 marks) it would take 15.
+        for _ in 0..20 {
+            delivered(&mut c, 1, FetchKind::Commits, (500, 10), (2, 2));
+        }
+        let record = |c: &PeerHeightsCore| c.peers[&peer(1)].record(FetchKind::Commits, Time(0));
+        for _ in 0..3 {
+            delivered(&mut c, 1, FetchKind::Commits, (4_000, 1), (1, 200));
+            assert_eq!(record(&c), Standing::Good);
+        }
+        delivered(&mut c, 1, FetchKind::Commits, (4_000, 1), (1, 200));
+        assert_eq!(record(&c), Standing::Slow);
     }
 
     /// A core seeded `seed` with peers 1, 2 and 3 holding commits 1..=100.
@@ -1748,13 +1829,14 @@ mod tests {
     #[test]
     fn honest_commit_answers_rank_a_peer_good_at_a_sixteenth_of_the_blocks_mark() {
         let mut c = three_peers(13);
-        // Peer 1 answers whole commit fetches at 500 KB/s (200 commits of
-        // 250 bytes in 100 ms), peer 2 block fetches at the same pace;
-        // peer 3 is never measured. For commits, both are good and rank
-        // above peer 3 (peer 2 by its blocks, until it answers commits);
-        // for blocks, both are slow and rank below it.
-        delivered(&mut c, 1, FetchKind::Commits, (50_000, 100), (200, 200));
-        delivered(&mut c, 2, FetchKind::Blocks, (50_000, 100), (1, 1));
+        // Peer 1 answers whole commit fetches at 500 KB/s (2,000 commits
+        // of 250 bytes in 1 s, so that the whole-answer floor is not what
+        // counts), peer 2 block fetches at the same pace; peer 3 is never
+        // measured. For commits, both are good and rank above peer 3
+        // (peer 2 by its blocks, until it answers commits); for blocks,
+        // both are slow and rank below it.
+        delivered(&mut c, 1, FetchKind::Commits, (500_000, 1_000), (200, 200));
+        delivered(&mut c, 2, FetchKind::Blocks, (500_000, 1_000), (1, 1));
         for _ in 0..20 {
             assert_eq!(ranked(&mut c, FetchKind::Commits)[2], 3);
             assert_eq!(ranked(&mut c, FetchKind::Blocks)[0], 3);
@@ -1767,7 +1849,7 @@ mod tests {
             |c: &PeerHeightsCore, p: u8| c.peers[&peer(p)].record(FetchKind::Commits, Time(0));
         assert_eq!(
             c.peers[&peer(1)].throughput.commits,
-            Some(50_000 * 10 * 3 / 4 + at)
+            Some(500_000 * 3 / 4 + at)
         );
         assert_eq!(
             (record(&c, 1), record(&c, 2)),

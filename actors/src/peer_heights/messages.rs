@@ -2,6 +2,7 @@ use actix::Message;
 use serde::{Deserialize, Serialize};
 use soma_types::{ChainId, CommitIndex, PeerId};
 
+use super::core::good;
 use crate::Time;
 
 /// A peer answered GetCommitAvailability: its current claim. Both bounds
@@ -321,13 +322,30 @@ pub enum OutcomeKind {
 pub struct ReportOutcome {
     /// The peer.
     pub peer: PeerId,
-    /// Bytes received.
+    /// Bytes it is scored by (see [`ReportOutcome::delivered`]).
     pub bytes: u64,
     /// Time the request took, in milliseconds.
     pub latency_ms: u64,
     /// How it went.
     pub kind: OutcomeKind,
 }
+
+/// How long an answer of all that was asked may take, however small, and
+/// still rank its peer good: it scores at least the mark of its kind. A
+/// small answer measures the round trip, not the peer's rate: near the tip
+/// a fetch is a commit or two, a few KB, and over 100 ms an honest peer
+/// scored below the marks, slow, so that a peer never measured (a fresh
+/// identity, free to mint in public mode, and maybe silent) ranked above
+/// it. Long enough for a round trip across the world and the server's
+/// read; a slower answer scores by its bytes alone.
+pub const WHOLE_ANSWER_MS: u64 = 500;
+
+/// The most a small whole answer scores, in marks of its kind: the floor
+/// is the mark times [`WHOLE_ANSWER_MS`] over the answer's time, up to
+/// this. Uncapped, a few quick answers of a commit or two would score a
+/// hundred marks at a short round trip, and the moving average would
+/// carry that credit over many slow or partial answers after.
+pub const WHOLE_ANSWER_MAX_MARKS: u64 = 2;
 
 impl ReportOutcome {
     /// A fetch from `peer` whose data passed verification: `bytes` in
@@ -341,15 +359,25 @@ impl ReportOutcome {
     /// batches, leaving the node a commit per round trip. By its share it
     /// scores as slow, asked when the better peers are full. An honest
     /// answer cut at the size cap is cut so at every honest peer.
+    ///
+    /// An answer of all that was asked within [`WHOLE_ANSWER_MS`] scores
+    /// at least what a peer at the mark moves in that time, up to
+    /// [`WHOLE_ANSWER_MAX_MARKS`] times what it moves in the answer's, so
+    /// that small answers (near the tip) rank an honest peer good; a share
+    /// of what was asked never does.
     pub fn delivered(
         (kind, peer): (FetchKind, PeerId),
         (bytes, latency_ms): (u64, u64),
         (got, asked): (u64, u64),
     ) -> Self {
         let share = u128::from(got.min(asked)) * u128::from(bytes) / u128::from(asked.max(1));
+        let share = u64::try_from(share).unwrap_or(u64::MAX);
+        let whole = got >= asked && asked > 0 && latency_ms <= WHOLE_ANSWER_MS;
+        let floor_ms = WHOLE_ANSWER_MS.min(WHOLE_ANSWER_MAX_MARKS * latency_ms.max(1));
+        let floor = (good(kind) * floor_ms).div_ceil(1000);
         ReportOutcome {
             peer,
-            bytes: u64::try_from(share).unwrap_or(u64::MAX),
+            bytes: if whole { share.max(floor) } else { share },
             latency_ms,
             kind: OutcomeKind::Success(kind),
         }

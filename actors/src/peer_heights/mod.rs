@@ -32,5 +32,5 @@ pub use messages::{
     Acquire, AcquireError, AcquirePeer, ClaimsRange, CoversRange, FetchKind, HeardHeights,
     HeightsHeard, HighestKnownCommit, Input, Lease, LeaseUnanswered, OutcomeKind, Output, PeerView,
     PeersBehind, PeersForRange, PushHeight, Release, RemovePeer, ReportBeaten, ReportOutcome,
-    Snapshot, Transfer, UpdateHeight,
+    Snapshot, Transfer, UpdateHeight, WHOLE_ANSWER_MAX_MARKS, WHOLE_ANSWER_MS,
 };

@@ -177,8 +177,13 @@ pub enum Lie {
 /// block, the most one FetchBlocks message carries.
 pub const FLOOD_BLOB_BYTES: usize = 4 << 20;
 
-/// How long a [`Lie::SpoilsHedges`] peer holds each block fetch it serves.
-const SPOILER_HOLD: Duration = Duration::from_millis(200);
+/// How long a [`Lie::SpoilsHedges`] peer holds each block fetch it serves:
+/// longer than a whole answer may take and still rank its peer good
+/// ([`soma_actors::peer_heights::WHOLE_ANSWER_MS`]), so that its small
+/// answers measure it slow and a peer never measured, the silent one, is
+/// asked before it, as the test of its attack needs.
+const SPOILER_HOLD: Duration =
+    Duration::from_millis(soma_actors::peer_heights::WHOLE_ANSWER_MS + 100);
 
 /// How long a [`Lie::DeniesCommitHedges`] peer takes to answer a height
 /// query once it has denied a fetch.
