@@ -142,8 +142,8 @@ async fn catch_up_completes_through_links_of_250_ms_round_trip_with_resets() {
 /// slow for both kinds), one batch ahead, so that fewer fetches are in
 /// flight than it has slots; hedges are off, so that a fetch goes to a
 /// silent peer only if the balancer ranks it first. Once the validator
-/// is measured for both kinds, three silent identities claiming the chain
-/// connect. None of them is asked for anything, and the chain completes.
+/// is measured for both kinds (its first batch applied), three silent
+/// identities claiming the chain connect. None of them is asked for anything, and the chain completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_identities_are_not_asked_before_a_far_peer_whose_small_answers_came_whole() {
     use soma_testkit::byzantine::{Lie, serve_observed};
@@ -173,7 +173,10 @@ async fn silent_identities_are_not_asked_before_a_far_peer_whose_small_answers_c
             v.peer == validator.peer_id() && v.throughput_bps > 0 && v.commit_throughput_bps > 0
         })
     };
-    soma_testkit::wait_until("the validator measured for both kinds", DEADLINE, measured).await;
+    soma_testkit::wait_until("the validator measured", DEADLINE, measured).await;
+    // Its first batch applied: its block answer is measured too.
+    let first = async || node.sync_status().await.expect("the node runs").synced >= 10;
+    soma_testkit::wait_until("the first batch applied", DEADLINE, first).await;
     let mut silent = Vec::new();
     for key in 131..=133 {
         let served = serve_observed(chain.clone(), Lie::NeverAnswers, key).await;

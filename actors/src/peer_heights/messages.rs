@@ -373,7 +373,8 @@ impl ReportOutcome {
         let share = u128::from(got.min(asked)) * u128::from(bytes) / u128::from(asked.max(1));
         let share = u64::try_from(share).unwrap_or(u64::MAX);
         let whole = got >= asked && asked > 0 && latency_ms <= WHOLE_ANSWER_MS;
-        let floor_ms = WHOLE_ANSWER_MS.min(WHOLE_ANSWER_MAX_MARKS * latency_ms.max(1));
+        let floor_ms =
+            WHOLE_ANSWER_MS.min(WHOLE_ANSWER_MAX_MARKS.saturating_mul(latency_ms.max(1)));
         let floor = (good(kind) * floor_ms).div_ceil(1000);
         ReportOutcome {
             peer,
@@ -410,8 +411,10 @@ pub struct PeerView {
     /// nothing, refusing as busy, say).
     #[serde(default)]
     pub doubted_above: Option<CommitIndex>,
-    /// Estimated throughput of its block answers, bytes per second (until
-    /// it has answered one, of its commit answers; 0 until measured).
+    /// What block fetches rank it by: the estimated throughput of its
+    /// block answers as [`ReportOutcome::delivered`] scores them (a small
+    /// whole answer at least at the mark), bytes per second (until it has
+    /// answered one, of its commit answers; 0 until measured).
     pub throughput_bps: u64,
     /// What commit fetches rank it by: the estimated throughput of its
     /// commit answers, each scaled by its share of what was asked
