@@ -857,3 +857,55 @@ async fn a_node_at_its_target_rotates_its_connection_to_another_known_peer() {
     shutdown_all(&others).await;
     s.shutdown().await;
 }
+
+/// GetKnownPeers calls `node` has answered.
+fn known_peers_answered(node: &P2pHandle) -> u64 {
+    node.rpc_counts()
+        .iter()
+        .filter(|(method, code, _)| *method == "GetKnownPeers" && *code == tonic::Code::Ok)
+        .map(|(_, _, n)| n)
+        .sum()
+}
+
+/// The validator is a seed twice: by its identity at its own address, and
+/// by address alone through a forwarder. Whichever dial lands second finds
+/// the validator connected already: Connections closes it and says so
+/// (`DialFailed { AlreadyConnected }`), and Discovery's actor hands that to
+/// its core as `AlreadyConnected`, so the seed address is known as the
+/// validator from then on and not dialled while the validator stays
+/// connected. Handed on as a plain failed dial, the seed was dialled again
+/// after each backoff, a TLS handshake with the validator every round.
+/// Ten rounds after the node connected (each asks the validator for the
+/// peers it knows), the forwarder has carried exactly one connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seed_address_found_to_be_a_connected_peer_is_not_dialled_again_while_it_stays() {
+    use soma_testkit::impair::{ImpairedLink, Impairment};
+
+    let chain = chain();
+    let validator = start(&chain, config(vec![]), 1);
+    let link = ImpairedLink::listen(validator.local_addr(), Impairment::default())
+        .await
+        .expect("the forwarder listens");
+    let by_address = SeedPeer {
+        peer_id: None,
+        address: link.local_addr().to_string(),
+    };
+    let node = start(&chain, config(vec![seed(&validator), by_address]), 9);
+    let connected = async || {
+        let peers = node.connected_peers().await.expect("the node runs");
+        peers == vec![validator.peer_id()]
+    };
+    wait_for("the validator connected", connected).await;
+    let first = known_peers_answered(&validator);
+    wait_for("ten rounds of discovery", async || {
+        known_peers_answered(&validator) >= first + 10
+    })
+    .await;
+    let stats = link.stats();
+    assert_eq!(stats.connections, 1, "{stats:?}");
+    assert_eq!(
+        node.connected_peers().await.expect("the node runs"),
+        vec![validator.peer_id()]
+    );
+    shutdown_all(&[node, validator]).await;
+}

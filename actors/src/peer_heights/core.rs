@@ -316,23 +316,14 @@ impl Peer {
     }
 
     /// Where its measures for `kind`, its failures at `now` and its faults
-    /// rank it. Measured only for the other kind, it is good if it is good
-    /// by either kind's mark: a peer whose commit answers came whole and
-    /// quick is not ranked below a fresh identity for its first block
-    /// fetch, and its first block answer measures it for blocks.
+    /// rank it.
     fn record(&self, kind: FetchKind, now: Time) -> Standing {
-        let other = match kind {
-            FetchKind::Commits => FetchKind::Blocks,
-            FetchKind::Blocks => FetchKind::Commits,
-        };
-        let good_by_other =
-            self.throughput.measured(kind).is_none() && self.weight(kind, now) >= good(other);
         match self.throughput.of(kind) {
             _ if self.failures_at(now) >= FAILING_AT => Standing::Failing,
             // Never delivered, and already failed: it has shown nothing else.
             None if self.faults > 0 => Standing::Failing,
             None => Standing::Unmeasured,
-            Some(_) if self.weight(kind, now) >= good(kind) || good_by_other => Standing::Good,
+            Some(_) if self.weight(kind, now) >= good(kind) => Standing::Good,
             Some(_) => Standing::Slow,
         }
     }
@@ -387,17 +378,9 @@ impl Throughput {
     /// What it is ranked by for a fetch of `kind`: its measure for that
     /// kind, or until it has one, its measure for the other.
     fn of(&self, kind: FetchKind) -> Option<u64> {
-        self.measured(kind).or(match kind {
-            FetchKind::Commits => self.blocks,
-            FetchKind::Blocks => self.commits,
-        })
-    }
-
-    /// Its measure for `kind` itself.
-    fn measured(&self, kind: FetchKind) -> Option<u64> {
         match kind {
-            FetchKind::Commits => self.commits,
-            FetchKind::Blocks => self.blocks,
+            FetchKind::Commits => self.commits.or(self.blocks),
+            FetchKind::Blocks => self.blocks.or(self.commits),
         }
     }
 
@@ -1800,13 +1783,6 @@ mod tests {
         let mut c = three_peers(17);
         c.handle(Time(0), Input::Remove(RemovePeer { peer: peer(3) }));
         delivered(&mut c, 1, FetchKind::Commits, (500, 150), (2, 2));
-        // Measured for commits alone (at the commits' mark and a half,
-        // under the blocks' mark), it is good for its first block fetch
-        // too.
-        assert_eq!(
-            c.peers[&peer(1)].record(FetchKind::Blocks, Time(0)),
-            Standing::Good
-        );
         delivered(&mut c, 1, FetchKind::Blocks, (13_000, 150), (8, 8));
         for kind in [FetchKind::Commits, FetchKind::Blocks] {
             assert_eq!(c.peers[&peer(1)].record(kind, Time(0)), Standing::Good);
@@ -1858,13 +1834,12 @@ mod tests {
         // counts), peer 2 block fetches at the same pace; peer 3 is never
         // measured. For commits, both are good and rank above peer 3
         // (peer 2 by its blocks, until it answers commits); for blocks,
-        // peer 2 is slow and ranks below it, and peer 1, measured for
-        // commits alone, is good by their mark until it answers blocks.
+        // both are slow and rank below it.
         delivered(&mut c, 1, FetchKind::Commits, (500_000, 1_000), (200, 200));
         delivered(&mut c, 2, FetchKind::Blocks, (500_000, 1_000), (1, 1));
         for _ in 0..20 {
             assert_eq!(ranked(&mut c, FetchKind::Commits)[2], 3);
-            assert_eq!(ranked(&mut c, FetchKind::Blocks), vec![1, 3, 2]);
+            assert_eq!(ranked(&mut c, FetchKind::Blocks)[0], 3);
         }
         // At the mark and just under it.
         let (at, under) = (GOOD_COMMIT_THROUGHPUT_BPS, GOOD_COMMIT_THROUGHPUT_BPS - 1);
