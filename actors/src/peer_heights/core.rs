@@ -1829,8 +1829,8 @@ mod tests {
     #[test]
     fn honest_commit_answers_rank_a_peer_good_at_a_sixteenth_of_the_blocks_mark() {
         let mut c = three_peers(13);
-        // Peer 1 answers whole commit fetches at 500 KB/s (2,000 commits
-        // of 250 bytes in 1 s, so that the whole-answer floor is not what
+        // Peer 1 answers whole commit fetches at 500 KB/s (500 KB in 1 s,
+        // past the whole-answer time, so that the floor is not what
         // counts), peer 2 block fetches at the same pace; peer 3 is never
         // measured. For commits, both are good and rank above peer 3
         // (peer 2 by its blocks, until it answers commits); for blocks,
