@@ -143,7 +143,8 @@ async fn catch_up_completes_through_links_of_250_ms_round_trip_with_resets() {
 /// flight than it has slots; hedges are off, so that a fetch goes to a
 /// silent peer only if the balancer ranks it first. Once the validator
 /// is measured for both kinds (its first batch applied), three silent
-/// identities claiming the chain connect. None of them is asked for anything, and the chain completes.
+/// identities claiming the chain connect. None of them is asked for
+/// anything, and the chain completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_identities_are_not_asked_before_a_far_peer_whose_small_answers_came_whole() {
     use soma_testkit::byzantine::{Lie, serve_observed};
