@@ -16,9 +16,6 @@ use tonic::Status;
 use super::budget::Reservation;
 use super::core::Limits;
 
-/// Most references read from the store at a time while streaming blocks.
-const READ_BATCH: usize = 64;
-
 pub(super) fn store_error(e: soma_store::Error) -> Status {
     Status::unavailable(format!("store: {e}"))
 }
@@ -377,13 +374,10 @@ pub(super) async fn stream_blocks(
     store: Arc<dyn ConsensusStore>,
     refs: Vec<BlockRef>,
     max_bytes: usize,
-    max_block_bytes: usize,
     reservation: Arc<Reservation>,
     tx: BlockSender,
 ) {
     let refs: Arc<[BlockRef]> = refs.into();
-    // Reads never hold more than one chunk's worth of the largest blocks.
-    let per_read = (max_bytes / max_block_bytes.max(1)).clamp(1, READ_BATCH);
     let mut next = 0;
     while next < refs.len() {
         if !unless_closed(&tx, reservation.add(max_bytes)).await {
@@ -391,10 +385,8 @@ pub(super) async fn stream_blocks(
         }
         let read = {
             let (store, refs) = (store.clone(), refs.clone());
-            tokio::task::spawn_blocking(move || {
-                read_chunk(store.as_ref(), &refs, next, max_bytes, per_read)
-            })
-            .await
+            tokio::task::spawn_blocking(move || read_chunk(store.as_ref(), &refs, next, max_bytes))
+                .await
         };
         let Ok(chunk) = read else { return };
         next = chunk.next;
@@ -435,42 +427,34 @@ struct Chunk {
     error: Option<Status>,
 }
 
-/// Reads the blocks of `refs` from `start`, `per_read` at a time, until
-/// the next one would take the chunk past `max_bytes`.
+/// Reads, in one read of the store, the blocks of `refs` from `start` that
+/// fit in `max_bytes` (at least one).
 fn read_chunk(
     store: &dyn ConsensusStore,
     refs: &[BlockRef],
     start: usize,
     max_bytes: usize,
-    per_read: usize,
 ) -> Chunk {
     let mut chunk = Chunk {
         blocks: Vec::new(),
         next: start,
         error: None,
     };
-    let mut bytes = 0usize;
-    while chunk.next < refs.len() {
-        let batch = &refs[chunk.next..(chunk.next + per_read).min(refs.len())];
-        let blocks = match store.block_bytes(batch) {
-            Ok(blocks) => blocks,
-            Err(e) => {
-                chunk.error = Some(store_error(e));
-                return chunk;
-            }
-        };
-        for (r, block) in batch.iter().zip(blocks) {
-            let Some(block) = block else {
-                chunk.error = Some(Status::not_found(format!("block {r} is not held")));
-                return chunk;
-            };
-            if !chunk.blocks.is_empty() && bytes + block.len() > max_bytes {
-                return chunk;
-            }
-            bytes += block.len();
-            chunk.blocks.push(block);
-            chunk.next += 1;
+    let asked = &refs[start..];
+    let blocks = match store.block_bytes(asked, max_bytes) {
+        Ok(blocks) => blocks,
+        Err(e) => {
+            chunk.error = Some(store_error(e));
+            return chunk;
         }
+    };
+    for (r, block) in asked.iter().zip(blocks) {
+        let Some(block) = block else {
+            chunk.error = Some(Status::not_found(format!("block {r} is not held")));
+            return chunk;
+        };
+        chunk.blocks.push(block);
+        chunk.next += 1;
     }
     chunk
 }
@@ -658,6 +642,56 @@ mod tests {
         let answer = fetch_commits(&store, 1, 38, &limits, &data).unwrap();
         assert_eq!(answer.commits.len(), 20);
         assert_eq!(verify_answer(&answer, &chain, &data), [0, 1, 2]);
+    }
+
+    #[test]
+    fn a_chunk_of_blocks_is_one_read_of_the_store_and_holds_as_many_as_fit() {
+        use soma_testkit::failing_store::FailingStore;
+        let chain = small_blocks_chain(vec![1; 4], 30);
+        let store = FailingStore::new(MemStore::new(chain.genesis()));
+        chain.write_to(&store, 10).unwrap();
+        let blocks: Vec<Bytes> = (1..=30)
+            .flat_map(|i| chain.blocks_of(i).iter().map(|b| b.serialized().clone()))
+            .collect();
+        let mut refs: Vec<BlockRef> = (1..=30)
+            .flat_map(|i| chain.blocks_of(i).iter().map(VerifiedBlock::reference))
+            .collect();
+        // Room for ten and a half of the first blocks.
+        let max_bytes = blocks[..10].iter().map(Bytes::len).sum::<usize>() + blocks[10].len() / 2;
+        // The chunks a greedy cut of the blocks' sizes gives.
+        let mut expected: Vec<Vec<Bytes>> = vec![Vec::new()];
+        for block in &blocks {
+            let held: usize = expected.last().unwrap().iter().map(Bytes::len).sum();
+            if held + block.len() > max_bytes {
+                expected.push(Vec::new());
+            }
+            expected.last_mut().unwrap().push(block.clone());
+        }
+        assert!(expected.len() > 5, "{} chunks", expected.len());
+
+        let read_all = |refs: &[BlockRef]| {
+            let (mut next, mut chunks) = (0, Vec::new());
+            while next < refs.len() {
+                let chunk = read_chunk(&store, refs, next, max_bytes);
+                next = chunk.next;
+                chunks.push(chunk.blocks);
+                if let Some(status) = chunk.error {
+                    return (chunks, Some(status));
+                }
+            }
+            (chunks, None)
+        };
+        let (chunks, error) = read_all(&refs);
+        assert!(error.is_none(), "{error:?}");
+        assert_eq!(chunks, expected);
+        assert_eq!(store.block_bytes_reads(), expected.len() as u64);
+
+        // A block not held ends the stream with NOT_FOUND after the blocks
+        // before it.
+        refs[12].digest = soma_types::Digest::ZERO;
+        let (chunks, error) = read_all(&refs);
+        assert_eq!(chunks.concat(), blocks[..12]);
+        assert_eq!(error.map(|s| s.code()), Some(tonic::Code::NotFound));
     }
 
     #[test]

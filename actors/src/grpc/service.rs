@@ -393,7 +393,6 @@ impl P2pService {
             self.deps.store.clone(),
             refs,
             self.deps.limits.max_fetch_response_bytes,
-            self.deps.data_limits.max_block_bytes,
             reservation.clone(),
             tx,
         ));

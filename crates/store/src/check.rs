@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 
+use bytes::Bytes;
 use soma_types::{BlockRef, CommitIndex, CommitRef, Epoch, TrustedCommit};
 
 use crate::{Error, Result, SyncedBatch};
@@ -111,22 +112,76 @@ pub(crate) fn check_epochs(
     Ok(())
 }
 
+/// A read bounded by bytes: items are taken in order while their total
+/// stays within `max`, and the first is always taken, whatever its size,
+/// so that a caller makes progress.
+struct ByteBudget {
+    max: usize,
+    total: usize,
+    taken: bool,
+}
+
+impl ByteBudget {
+    fn new(max: usize) -> Self {
+        ByteBudget {
+            max,
+            total: 0,
+            taken: false,
+        }
+    }
+
+    /// Takes an item of `len` bytes if it fits; false, and nothing taken,
+    /// if it would take the total past the budget.
+    fn take(&mut self, len: usize) -> bool {
+        if self.taken && self.total.saturating_add(len) > self.max {
+            return false;
+        }
+        self.total = self.total.saturating_add(len);
+        self.taken = true;
+        true
+    }
+}
+
 /// Keeps the commits of `commits` (in index order) whose encodings fit in
 /// `max_bytes`, always keeping the first so a caller makes progress.
 pub(crate) fn take_within_budget(
     commits: impl IntoIterator<Item = Result<TrustedCommit>>,
     max_bytes: usize,
 ) -> Result<Vec<TrustedCommit>> {
+    let mut budget = ByteBudget::new(max_bytes);
     let mut taken = Vec::new();
-    let mut total = 0usize;
     for commit in commits {
         let commit = commit?;
-        let len = commit.serialized().len();
-        if !taken.is_empty() && total.saturating_add(len) > max_bytes {
+        if !budget.take(commit.serialized().len()) {
             break;
         }
-        total = total.saturating_add(len);
         taken.push(commit);
+    }
+    Ok(taken)
+}
+
+/// The rule of [`ConsensusStore::block_bytes`](crate::ConsensusStore::block_bytes)
+/// for a store that finds a block's entry (`find`), knows its encoded
+/// length from the entry (`len`) and only then reads its bytes (`bytes`):
+/// a block past the budget is found but never read.
+pub(crate) fn block_bytes_within<E>(
+    refs: &[BlockRef],
+    max_bytes: usize,
+    mut find: impl FnMut(&BlockRef) -> Result<Option<E>>,
+    len: impl Fn(&E) -> usize,
+    mut bytes: impl FnMut(&BlockRef, E) -> Result<Bytes>,
+) -> Result<Vec<Option<Bytes>>> {
+    let mut budget = ByteBudget::new(max_bytes);
+    let mut taken = Vec::new();
+    for r in refs {
+        let Some(entry) = find(r)? else {
+            taken.push(None);
+            break;
+        };
+        if !budget.take(len(&entry)) {
+            break;
+        }
+        taken.push(Some(bytes(r, entry)?));
     }
     Ok(taken)
 }

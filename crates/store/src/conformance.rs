@@ -351,7 +351,15 @@ fn assert_blocks_stored<S: ConsensusStore>(store: &S, blocks: &[VerifiedBlock], 
         .map(|b| stored.then(|| b.serialized().clone()))
         .collect();
     assert_eq!(decoded, expected);
-    assert_eq!(store.block_bytes(&refs).unwrap(), expected);
+    // Read as encodings, they end after the first block not stored.
+    let cut = expected
+        .iter()
+        .position(Option::is_none)
+        .map_or(expected.len(), |i| i + 1);
+    assert_eq!(
+        store.block_bytes(&refs, usize::MAX).unwrap(),
+        expected[..cut]
+    );
 }
 
 /// Runs the whole suite against stores made by `new_store`.
@@ -368,6 +376,7 @@ pub fn run_all<S: ConsensusStore>(new_store: impl Fn(&Committee) -> S) {
     commits_in_range_respects_byte_budget(&new_store);
     commits_in_range_clamps_to_stored(&new_store);
     blocks_keep_order_and_mark_unknown(&new_store);
+    block_bytes_respect_byte_budget(&new_store);
     highest_certified_in_finds_last_certificate(&new_store);
     epoch_end_installs_next_committee(&new_store);
     refuses_commits_of_an_ended_epoch(&new_store);
@@ -624,6 +633,67 @@ pub fn commits_in_range_respects_byte_budget<S: ConsensusStore>(
     assert_eq!(read(5..=5, 0), expected(5..=5));
 }
 
+/// `block_bytes` returns, in order, the encodings of as many blocks as fit
+/// in its budget, at least one, and ends after the first block not stored:
+/// exactly what reading each block alone gives, cut there.
+pub fn block_bytes_respect_byte_budget<S: ConsensusStore>(new_store: impl Fn(&Committee) -> S) {
+    let chain = TestChain::new(4, None);
+    let store = new_store(chain.genesis());
+    store.write_synced_batch(chain.batch(1..=4)).unwrap();
+    let stored: Vec<VerifiedBlock> = (1..=4).flat_map(|i| chain.blocks(i).to_vec()).collect();
+    // Each stored block read alone, the plain path.
+    let alone: Vec<Bytes> = stored
+        .iter()
+        .map(|b| {
+            store
+                .block(&b.reference())
+                .unwrap()
+                .unwrap()
+                .serialized()
+                .clone()
+        })
+        .collect();
+    let refs: Vec<BlockRef> = stored.iter().map(VerifiedBlock::reference).collect();
+    let read = |refs: &[BlockRef], max_bytes: usize| store.block_bytes(refs, max_bytes).unwrap();
+    let taken = |n: usize| -> Vec<Option<Bytes>> { alone[..n].iter().cloned().map(Some).collect() };
+
+    // Every budget from nothing to all the blocks: the longest run whose
+    // total fits, never fewer than one block.
+    let mut total = 0;
+    for (n, block) in alone.iter().enumerate() {
+        if n > 0 {
+            assert_eq!(
+                read(&refs, total),
+                taken(n),
+                "a budget of exactly {n} blocks"
+            );
+        }
+        assert_eq!(read(&refs, total + block.len() - 1), taken(n.max(1)));
+        total += block.len();
+    }
+    assert_eq!(read(&refs, total), taken(alone.len()));
+    assert_eq!(read(&refs, usize::MAX), taken(alone.len()));
+    assert_eq!(read(&refs, 0), taken(1));
+    // A first block larger than the budget comes alone.
+    assert_eq!(read(&refs[2..], 1), vec![Some(alone[2].clone())]);
+
+    // A block not stored ends the read, given as `None`, within the budget
+    // or not.
+    let unknown = BlockRef {
+        digest: Digest::ZERO,
+        ..refs[0]
+    };
+    let mut asked = refs[..3].to_vec();
+    asked.push(unknown);
+    asked.extend_from_slice(&refs[3..]);
+    let mut ended = taken(3);
+    ended.push(None);
+    assert_eq!(read(&asked, usize::MAX), ended);
+    assert_eq!(read(&asked, 0), taken(1));
+    assert_eq!(read(&[unknown], 0), vec![None]);
+    assert!(read(&[], 0).is_empty());
+}
+
 /// `commits_in_range` clamps its range to the stored commits; an empty or
 /// reversed range gives nothing.
 pub fn commits_in_range_clamps_to_stored<S: ConsensusStore>(new_store: impl Fn(&Committee) -> S) {
@@ -675,9 +745,14 @@ pub fn blocks_keep_order_and_mark_unknown<S: ConsensusStore>(new_store: impl Fn(
             Some(known_a.serialized().clone()),
         ]
     );
-    assert_eq!(store.block_bytes(&asked).unwrap(), found);
+    // As encodings, up to the first block not stored, which ends them.
+    assert_eq!(store.block_bytes(&asked, usize::MAX).unwrap(), found[..2]);
+    assert_eq!(
+        store.block_bytes(&asked[2..], usize::MAX).unwrap(),
+        found[2..]
+    );
     assert!(store.blocks(&[]).unwrap().is_empty());
-    assert!(store.block_bytes(&[]).unwrap().is_empty());
+    assert!(store.block_bytes(&[], usize::MAX).unwrap().is_empty());
     assert!(store.block(&unknown).unwrap().is_none());
 }
 

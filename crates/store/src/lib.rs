@@ -96,18 +96,23 @@ pub trait ConsensusStore: Send + Sync + 'static {
     /// each one not stored.
     fn blocks(&self, refs: &[BlockRef]) -> Result<Vec<Option<VerifiedBlock>>>;
 
-    /// The encodings of the blocks with the given references, in the same
-    /// order; `None` for each one not stored: exactly the `serialized()`
-    /// bytes of what [`blocks`](Self::blocks) returns. What a FetchBlocks
-    /// answer needs; a store that keeps blocks encoded returns them without
-    /// decoding them (it still checks that the bytes are the block asked
-    /// for).
-    fn block_bytes(&self, refs: &[BlockRef]) -> Result<Vec<Option<Bytes>>> {
-        Ok(self
-            .blocks(refs)?
-            .into_iter()
-            .map(|b| b.map(|b| b.serialized().clone()))
-            .collect())
+    /// The encodings of the blocks of `refs`, in order, as many as fit in
+    /// `max_bytes` (the first always, whatever its size, so a caller makes
+    /// progress), ending after the first block not stored, given as `None`:
+    /// exactly the `serialized()` bytes of what [`blocks`](Self::blocks)
+    /// returns for the same references, cut there. What a FetchBlocks answer
+    /// needs: one read for a whole chunk of an answer, never holding more
+    /// than the chunk. A store that keeps blocks encoded returns them
+    /// without decoding them (it still checks that the bytes are the block
+    /// asked for) and reads no block past the budget.
+    fn block_bytes(&self, refs: &[BlockRef], max_bytes: usize) -> Result<Vec<Option<Bytes>>> {
+        check::block_bytes_within(
+            refs,
+            max_bytes,
+            |r| Ok(self.block(r)?.map(|b| b.serialized().clone())),
+            Bytes::len,
+            |_, bytes| Ok(bytes),
+        )
     }
 
     /// The certifier blocks stored for the commit at `index`, if any.

@@ -10,7 +10,9 @@ use soma_types::{
     genesis_commit,
 };
 
-use crate::check::{StoredEpochs, check_blocks, check_epochs, check_links, take_within_budget};
+use crate::check::{
+    StoredEpochs, block_bytes_within, check_blocks, check_epochs, check_links, take_within_budget,
+};
 use crate::{ConsensusStore, Error, FIRST_COMMIT, Result, SyncedBatch};
 
 /// A [`ConsensusStore`] held in memory, for tests and light nodes.
@@ -207,12 +209,19 @@ impl ConsensusStore for MemStore {
             .collect())
     }
 
-    fn block_bytes(&self, refs: &[BlockRef]) -> Result<Vec<Option<bytes::Bytes>>> {
+    fn block_bytes(
+        &self,
+        refs: &[BlockRef],
+        max_bytes: usize,
+    ) -> Result<Vec<Option<bytes::Bytes>>> {
         let state = self.read()?;
-        Ok(refs
-            .iter()
-            .map(|r| state.blocks.get(r).map(|k| k.bytes.clone()))
-            .collect())
+        block_bytes_within(
+            refs,
+            max_bytes,
+            |r| Ok(state.blocks.get(r)),
+            |kept| kept.bytes.len(),
+            |_, kept| Ok(kept.bytes.clone()),
+        )
     }
 
     fn certificate(&self, index: CommitIndex) -> Result<Option<Vec<VerifiedBlock>>> {

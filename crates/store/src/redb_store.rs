@@ -33,7 +33,9 @@ use soma_types::{
     VerifiedBlock, codec, genesis_commit,
 };
 
-use crate::check::{StoredEpochs, check_blocks, check_epochs, check_links, take_within_budget};
+use crate::check::{
+    StoredEpochs, block_bytes_within, check_blocks, check_epochs, check_links, take_within_budget,
+};
 use crate::{ConsensusStore, Error, FIRST_COMMIT, Result, SyncedBatch};
 
 const BLOCK_KEY_LEN: usize = 48;
@@ -222,10 +224,16 @@ impl ConsensusStore for RedbStore {
         })
     }
 
-    fn block_bytes(&self, refs: &[BlockRef]) -> Result<Vec<Option<Bytes>>> {
+    fn block_bytes(&self, refs: &[BlockRef], max_bytes: usize) -> Result<Vec<Option<Bytes>>> {
         self.read(|txn| {
             let blocks = txn.open_table(BLOCKS).map_err(db_err)?;
-            refs.iter().map(|r| read_block_bytes(&blocks, r)).collect()
+            block_bytes_within(
+                refs,
+                max_bytes,
+                |r| blocks.get(&block_key(r)).map_err(db_err),
+                |stored| stored.value().len(),
+                |r, stored| checked_block_bytes(r, stored.value()),
+            )
         })
     }
 
@@ -609,25 +617,18 @@ fn read_block(
     Ok(Some(stored))
 }
 
-/// The stored bytes of `block`, checked to be that block by their digest
-/// (the key holds the rest of its reference) but not decoded: a block's
-/// digest is the blake3 of its encoding, so bytes that hash to it are the
-/// bytes that were stored.
-fn read_block_bytes(
-    blocks: &impl ReadableTable<&'static BlockKey, &'static [u8]>,
-    block: &BlockRef,
-) -> Result<Option<Bytes>> {
-    let Some(bytes) = blocks.get(&block_key(block)).map_err(db_err)? else {
-        return Ok(None);
-    };
-    let bytes = bytes.value();
+/// The stored bytes of `block`, a copy, checked to be that block by their
+/// digest (the key holds the rest of its reference) but not decoded: a
+/// block's digest is the blake3 of its encoding, so bytes that hash to it
+/// are the bytes that were stored.
+fn checked_block_bytes(block: &BlockRef, bytes: &[u8]) -> Result<Bytes> {
     if Digest::of(bytes) != block.digest {
         return Err(Error::Corrupt(format!(
             "block {block} holds bytes of digest {}",
             Digest::of(bytes)
         )));
     }
-    Ok(Some(Bytes::copy_from_slice(bytes)))
+    Ok(Bytes::copy_from_slice(bytes))
 }
 
 fn decode_commit(index: CommitIndex, bytes: &[u8]) -> Result<TrustedCommit> {

@@ -175,13 +175,13 @@ fn corrupt_values_read_as_corrupt() {
     assert!(is_corrupt(store.block(&chain.blocks(1)[1].reference())));
     assert!(is_corrupt(store.blocks(&[block])));
     // Read as bytes, not decoded: still checked to be the block asked for.
-    assert!(is_corrupt(store.block_bytes(&[block])));
+    assert!(is_corrupt(store.block_bytes(&[block], usize::MAX)));
     assert!(is_corrupt(
-        store.block_bytes(&[chain.blocks(1)[1].reference()])
+        store.block_bytes(&[chain.blocks(1)[1].reference()], usize::MAX)
     ));
     assert_eq!(
         store
-            .block_bytes(&[chain.blocks(1)[2].reference()])
+            .block_bytes(&[chain.blocks(1)[2].reference()], usize::MAX)
             .unwrap(),
         vec![Some(chain.blocks(1)[2].serialized().clone())]
     );

@@ -28,6 +28,8 @@ pub struct FailingStore {
     reads_before_prune: AtomicU64,
     /// The most blocks one read has asked for.
     most_blocks_read: AtomicU64,
+    /// Reads of block encodings so far.
+    block_bytes_reads: AtomicU64,
     /// A batch write ending at this commit pauses once written (0: none).
     pause_after: AtomicU64,
     /// Whether a write is paused, and what ends the pause.
@@ -45,6 +47,7 @@ impl FailingStore {
             prune_before_read: AtomicU64::new(0),
             reads_before_prune: AtomicU64::new(0),
             most_blocks_read: AtomicU64::new(0),
+            block_bytes_reads: AtomicU64::new(0),
             pause_after: AtomicU64::new(0),
             paused: (Mutex::new(false), Condvar::new()),
         }
@@ -72,6 +75,11 @@ impl FailingStore {
     /// The most blocks one read of blocks has asked for so far.
     pub fn most_blocks_read_at_once(&self) -> u64 {
         self.most_blocks_read.load(Ordering::SeqCst)
+    }
+
+    /// Reads of block encodings ([`ConsensusStore::block_bytes`]) so far.
+    pub fn block_bytes_reads(&self) -> u64 {
+        self.block_bytes_reads.load(Ordering::SeqCst)
     }
 
     /// Once `after` more reads of blocks have passed, the next one first
@@ -146,8 +154,13 @@ impl ConsensusStore for FailingStore {
         }
         self.inner.blocks(refs)
     }
-    fn block_bytes(&self, refs: &[BlockRef]) -> Result<Vec<Option<bytes::Bytes>>> {
-        self.inner.block_bytes(refs)
+    fn block_bytes(
+        &self,
+        refs: &[BlockRef],
+        max_bytes: usize,
+    ) -> Result<Vec<Option<bytes::Bytes>>> {
+        self.block_bytes_reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.block_bytes(refs, max_bytes)
     }
     fn certificate(&self, index: CommitIndex) -> Result<Option<Vec<VerifiedBlock>>> {
         self.inner.certificate(index)
