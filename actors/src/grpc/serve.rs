@@ -428,7 +428,9 @@ struct Chunk {
 }
 
 /// Reads, in one read of the store, the blocks of `refs` from `start` that
-/// fit in `max_bytes` (at least one).
+/// fit in `max_bytes` (at least one). A store error ends the stream with
+/// nothing of its chunk; a store that returns no block at all, against its
+/// contract, ends it too rather than read the same chunk for ever.
 fn read_chunk(
     store: &dyn ConsensusStore,
     refs: &[BlockRef],
@@ -442,6 +444,10 @@ fn read_chunk(
     };
     let asked = &refs[start..];
     let blocks = match store.block_bytes(asked, max_bytes) {
+        Ok(blocks) if blocks.is_empty() && !asked.is_empty() => {
+            chunk.error = Some(Status::internal("the store returned no block"));
+            return chunk;
+        }
         Ok(blocks) => blocks,
         Err(e) => {
             chunk.error = Some(store_error(e));
@@ -692,6 +698,13 @@ mod tests {
         let (chunks, error) = read_all(&refs);
         assert_eq!(chunks.concat(), blocks[..12]);
         assert_eq!(error.map(|s| s.code()), Some(tonic::Code::NotFound));
+
+        // A faulty store that returns no block at all ends the stream
+        // rather than have the same chunk read again and again.
+        store.return_no_block_bytes();
+        let chunk = read_chunk(&store, &refs, 3, max_bytes);
+        assert_eq!((chunk.blocks.len(), chunk.next), (0, 3));
+        assert_eq!(chunk.error.map(|s| s.code()), Some(tonic::Code::Internal));
     }
 
     #[test]

@@ -162,8 +162,9 @@ pub(crate) fn take_within_budget(
 
 /// The rule of [`ConsensusStore::block_bytes`](crate::ConsensusStore::block_bytes)
 /// for a store that finds a block's entry (`find`), knows its encoded
-/// length from the entry (`len`) and only then reads its bytes (`bytes`):
-/// a block past the budget is found but never read.
+/// length from the entry (`len`) and only then takes its bytes (`bytes`):
+/// a block past the budget is found, then dropped, its bytes never taken
+/// (a copy and a check, for redb).
 pub(crate) fn block_bytes_within<E>(
     refs: &[BlockRef],
     max_bytes: usize,

@@ -689,6 +689,11 @@ pub fn block_bytes_respect_byte_budget<S: ConsensusStore>(new_store: impl Fn(&Co
     let mut ended = taken(3);
     ended.push(None);
     assert_eq!(read(&asked, usize::MAX), ended);
+    // Found missing before the budget is asked: with the budget spent
+    // exactly, the block not stored still ends the read.
+    let three = alone[..3].iter().map(Bytes::len).sum();
+    assert_eq!(read(&asked, three), ended);
+    assert_eq!(read(&asked, three - 1), taken(2));
     assert_eq!(read(&asked, 0), taken(1));
     assert_eq!(read(&[unknown], 0), vec![None]);
     assert!(read(&[], 0).is_empty());

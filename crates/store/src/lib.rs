@@ -101,10 +101,13 @@ pub trait ConsensusStore: Send + Sync + 'static {
     /// progress), ending after the first block not stored, given as `None`:
     /// exactly the `serialized()` bytes of what [`blocks`](Self::blocks)
     /// returns for the same references, cut there. What a FetchBlocks answer
-    /// needs: one read for a whole chunk of an answer, never holding more
+    /// needs: one call for a whole chunk of an answer, never holding more
     /// than the chunk. A store that keeps blocks encoded returns them
     /// without decoding them (it still checks that the bytes are the block
-    /// asked for) and reads no block past the budget.
+    /// asked for), and neither copies nor checks a block past the budget;
+    /// both stores here read a whole call under one lock or transaction.
+    /// The default reads one block at a time with [`block`](Self::block),
+    /// decoding at most one past the budget.
     fn block_bytes(&self, refs: &[BlockRef], max_bytes: usize) -> Result<Vec<Option<Bytes>>> {
         check::block_bytes_within(
             refs,

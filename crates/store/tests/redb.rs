@@ -185,6 +185,19 @@ fn corrupt_values_read_as_corrupt() {
             .unwrap(),
         vec![Some(chain.blocks(1)[2].serialized().clone())]
     );
+    // A corrupt block past the budget is neither copied nor checked: the
+    // read ends before it.
+    let good = chain.blocks(1)[2].clone();
+    assert_eq!(
+        store
+            .block_bytes(&[good.reference(), block], good.serialized().len())
+            .unwrap(),
+        vec![Some(good.serialized().clone())]
+    );
+    assert!(is_corrupt(store.block_bytes(
+        &[good.reference(), block],
+        good.serialized().len() + garbage.len()
+    )));
     assert!(is_corrupt(store.certificate(3)));
     assert!(is_corrupt(store.committee(0)));
     // Pruning must decode what it deletes, and refuses the corrupt commits

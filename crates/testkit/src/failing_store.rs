@@ -3,7 +3,7 @@
 //! pass through.
 
 use std::ops::RangeInclusive;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, PoisonError};
 
 use soma_store::{ConsensusStore, Error, MemStore, Result, SyncedBatch};
@@ -30,6 +30,9 @@ pub struct FailingStore {
     most_blocks_read: AtomicU64,
     /// Reads of block encodings so far.
     block_bytes_reads: AtomicU64,
+    /// Whether reads of block encodings return nothing at all, against
+    /// the trait's contract.
+    no_block_bytes: AtomicBool,
     /// A batch write ending at this commit pauses once written (0: none).
     pause_after: AtomicU64,
     /// Whether a write is paused, and what ends the pause.
@@ -48,6 +51,7 @@ impl FailingStore {
             reads_before_prune: AtomicU64::new(0),
             most_blocks_read: AtomicU64::new(0),
             block_bytes_reads: AtomicU64::new(0),
+            no_block_bytes: AtomicBool::new(false),
             pause_after: AtomicU64::new(0),
             paused: (Mutex::new(false), Condvar::new()),
         }
@@ -75,6 +79,12 @@ impl FailingStore {
     /// The most blocks one read of blocks has asked for so far.
     pub fn most_blocks_read_at_once(&self) -> u64 {
         self.most_blocks_read.load(Ordering::SeqCst)
+    }
+
+    /// From now on, reads of block encodings return no entry at all, not
+    /// even the first block's: a faulty store.
+    pub fn return_no_block_bytes(&self) {
+        self.no_block_bytes.store(true, Ordering::SeqCst);
     }
 
     /// Reads of block encodings ([`ConsensusStore::block_bytes`]) so far.
@@ -160,6 +170,9 @@ impl ConsensusStore for FailingStore {
         max_bytes: usize,
     ) -> Result<Vec<Option<bytes::Bytes>>> {
         self.block_bytes_reads.fetch_add(1, Ordering::SeqCst);
+        if self.no_block_bytes.load(Ordering::SeqCst) {
+            return Ok(Vec::new());
+        }
         self.inner.block_bytes(refs, max_bytes)
     }
     fn certificate(&self, index: CommitIndex) -> Result<Option<Vec<VerifiedBlock>>> {
