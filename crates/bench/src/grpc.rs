@@ -17,13 +17,34 @@ use crate::bare::Bare;
 use crate::report::{Cell, Section};
 use crate::{Size, runtime};
 
+/// Rounds each load of a comparison is split into, the loads taking turns
+/// (see [`interleaved`]).
+const ROUNDS: u32 = 4;
+
 /// What a load of clients achieved.
+#[derive(Default)]
 struct Load {
     requests: usize,
     bytes: usize,
-    p50: Duration,
-    p99: Duration,
+    latencies: Vec<Duration>,
     run: Duration,
+}
+
+impl Load {
+    /// Adds the figures of another round of the same load.
+    fn merge(&mut self, round: Load) {
+        self.requests += round.requests;
+        self.bytes += round.bytes;
+        self.latencies.extend(round.latencies);
+        self.run += round.run;
+    }
+
+    /// The latency at quantile `q`.
+    fn at(&self, q: f64) -> Duration {
+        let mut sorted = self.latencies.clone();
+        sorted.sort();
+        sorted[((sorted.len() - 1) as f64 * q) as usize]
+    }
 }
 
 /// `clients` clients, each on its own connection (one identity for all),
@@ -59,22 +80,46 @@ where
             })
         })
         .collect();
-    let mut latencies = Vec::new();
-    let mut bytes = 0;
-    for t in tasks {
-        let (l, b) = t.await.expect("a client task");
-        latencies.extend(l);
-        bytes += b;
-    }
-    latencies.sort();
-    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
-    Load {
-        requests: latencies.len(),
-        bytes,
-        p50: at(0.5),
-        p99: at(0.99),
+    let mut total = Load {
         run,
+        ..Load::default()
+    };
+    for t in tasks {
+        let (latencies, bytes) = t.await.expect("a client task");
+        total.requests += latencies.len();
+        total.latencies.extend(latencies);
+        total.bytes += bytes;
     }
+    total
+}
+
+/// The same load of `clients` calling `call` on each of `targets`, for
+/// `run` each in all: in [`ROUNDS`] rounds in which the targets take
+/// turns, in order and then in reverse, so that a machine that speeds up
+/// or slows down over the comparison weighs on every target alike.
+async fn interleaved<F, Fut>(
+    targets: &[(&str, PeerId)],
+    clients: usize,
+    run: Duration,
+    call: F,
+) -> Vec<Load>
+where
+    F: Fn(P2pClient<Channel>) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = usize> + Send,
+{
+    let mut loads: Vec<Load> = targets.iter().map(|_| Load::default()).collect();
+    for round in 0..ROUNDS {
+        let mut order: Vec<usize> = (0..targets.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            let (address, peer) = targets[i];
+            let part = load(clients, run / ROUNDS, address, peer, call.clone()).await;
+            loads[i].merge(part);
+        }
+    }
+    loads
 }
 
 async fn availability(mut c: P2pClient<Channel>) -> usize {
@@ -170,31 +215,31 @@ pub fn section(size: &Size) -> Section {
     let clients = runtime(2);
     let run = size.grpc_run;
     let n = size.grpc_clients;
-    let plain = clients.block_on(load(n, run, &bare_address, bare_peer, availability));
-    let through = clients.block_on(load(n, run, &node_address, node.peer_id(), availability));
-    let bare_fetch = clients.block_on(load(per_peer, run, &bare_address, bare_peer, fetch));
-    let node_fetch = clients.block_on(load(per_peer, run, &node_address, node.peer_id(), fetch));
     let uncached_address = uncached.local_addr().to_string();
-    let uncached_fetch = clients.block_on(load(
-        per_peer,
-        run,
-        &uncached_address,
-        uncached.peer_id(),
-        fetch,
-    ));
+    // (address, identity) of the plain service, the node, and the node
+    // keeping no answers.
+    let bare = (bare_address.as_str(), bare_peer);
+    let cached = (node_address.as_str(), node.peer_id());
+    let without_cache = (uncached_address.as_str(), uncached.peer_id());
+    let mut calls = clients
+        .block_on(interleaved(&[bare, cached], n, run, availability))
+        .into_iter();
+    let (plain, through) = (calls.next().unwrap(), calls.next().unwrap());
+    let targets = [bare, cached, without_cache];
+    let mut fetches = clients
+        .block_on(interleaved(&targets, per_peer, run, fetch))
+        .into_iter();
+    let (bare_fetch, node_fetch, uncached_fetch) = (
+        fetches.next().unwrap(),
+        fetches.next().unwrap(),
+        fetches.next().unwrap(),
+    );
     let refs = block_refs(&chain);
-    let blocks = {
-        let refs = refs.clone();
-        move |c| fetch_blocks(c, refs.clone())
-    };
-    let bare_blocks = clients.block_on(load(
-        per_peer,
-        run,
-        &bare_address,
-        bare_peer,
-        blocks.clone(),
-    ));
-    let node_blocks = clients.block_on(load(per_peer, run, &node_address, node.peer_id(), blocks));
+    let blocks = move |c| fetch_blocks(c, refs.clone());
+    let mut streams = clients
+        .block_on(interleaved(&[bare, cached], per_peer, run, blocks))
+        .into_iter();
+    let (bare_blocks, node_blocks) = (streams.next().unwrap(), streams.next().unwrap());
     clients.block_on(node.shutdown());
     clients.block_on(uncached.shutdown());
 
@@ -205,13 +250,15 @@ pub fn section(size: &Size) -> Section {
             "A validator node (1,000 commits, MemStore) started with `P2pBuilder`, and in the same \
              process a plain tonic `P2p` service answering from memory, both over mutual TLS on \
              127.0.0.1, each on its own 2-worker runtime; clients on a third. GetCommitAvailability: \
-             {n} clients, each on its own connection, call in a loop for {:.1} s. FetchCommits: \
+             {n} clients, each on its own connection, call in a loop. FetchCommits: \
              one peer with {per_peer} connections (its per-peer allowance) fetching batches of \
              100 commits with their certificate, ten per request; the node keeps answers in memory \
              while its store is unchanged (`answer-cache-bytes`), and the row with the cache off \
              reads every answer from the store. FetchBlocks: the same peer fetching the blocks of \
-             100 commits (about 400 blocks, 1.6 KB each) per call, ten per request. Server and \
-             clients share the {} cores.",
+             100 commits (about 400 blocks, 1.6 KB each) per call, ten per request. Each load \
+             runs {:.1} s in all, in {ROUNDS} rounds taken in turn with the rows it is compared \
+             with (in order, then in reverse), so that a machine that speeds up or slows down \
+             weighs on both alike. Server and clients share the {} cores.",
             run.as_secs_f64(),
             crate::cores()
         ),
@@ -264,8 +311,8 @@ pub fn section(size: &Size) -> Section {
             label,
             vec![
                 Cell::int(rate(l).round()),
-                Cell::ms(l.p50),
-                Cell::ms(l.p99),
+                Cell::ms(l.at(0.5)),
+                Cell::ms(l.at(0.99)),
                 if bytes {
                     Cell::num(mb(l), 1)
                 } else {
