@@ -427,7 +427,7 @@ struct Chunk {
     error: Option<Status>,
 }
 
-/// Reads, in one read of the store, the blocks of `refs` from `start` that
+/// Reads, in one call of the store, the blocks of `refs` from `start` that
 /// fit in `max_bytes` (at least one). A store error ends the stream with
 /// nothing of its chunk; a store that returns no block at all, against its
 /// contract, ends it too rather than read the same chunk for ever.

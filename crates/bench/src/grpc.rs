@@ -24,8 +24,8 @@ const ROUNDS: u32 = 4;
 /// What a load of clients achieved.
 #[derive(Default)]
 struct Load {
-    requests: usize,
     bytes: usize,
+    /// One per request.
     latencies: Vec<Duration>,
     run: Duration,
 }
@@ -33,7 +33,6 @@ struct Load {
 impl Load {
     /// Adds the figures of another round of the same load.
     fn merge(&mut self, round: Load) {
-        self.requests += round.requests;
         self.bytes += round.bytes;
         self.latencies.extend(round.latencies);
         self.run += round.run;
@@ -86,7 +85,6 @@ where
     };
     for t in tasks {
         let (latencies, bytes) = t.await.expect("a client task");
-        total.requests += latencies.len();
         total.latencies.extend(latencies);
         total.bytes += bytes;
     }
@@ -271,7 +269,7 @@ pub fn section(size: &Size) -> Section {
             "of plain",
         ],
     );
-    let rate = |l: &Load| l.requests as f64 / l.run.as_secs_f64();
+    let rate = |l: &Load| l.latencies.len() as f64 / l.run.as_secs_f64();
     let mb = |l: &Load| l.bytes as f64 / 1e6 / l.run.as_secs_f64();
     for (label, l, reference, bytes) in [
         (
