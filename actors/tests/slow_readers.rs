@@ -666,7 +666,12 @@ async fn answers_a_client_does_not_read_leave_at_most_the_cap_unwritten() {
         .map(|_| {
             let mut client = client.clone();
             let request = proto::FetchBlocksRequest { refs: refs.clone() };
-            tokio::spawn(async move { client.fetch_blocks(request).await.map(drop) })
+            // Each call keeps its answer, unread, until the test ends: a
+            // stream dropped would be reset, and its slot given back.
+            tokio::spawn(async move {
+                let _unread = client.fetch_blocks(request).await;
+                std::future::pending::<()>().await
+            })
         })
         .collect();
     // The cap reached: the next slice of any answer would pass it.
@@ -692,6 +697,11 @@ async fn answers_a_client_does_not_read_leave_at_most_the_cap_unwritten() {
     // slots are held, not kept.
     let in_flight = node.fetches_in_flight();
     assert!(in_flight > 0 && in_flight <= CALLS, "{in_flight}");
+    assert_eq!(
+        node.fetches_abandoned(),
+        0,
+        "the client reset none of its calls"
+    );
     sampler.abort();
     let alone = most[0].load(Ordering::Relaxed);
     assert!(alone <= CAP, "{alone} bytes unwritten at once");
