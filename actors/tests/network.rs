@@ -126,7 +126,12 @@ async fn an_answer_the_server_cuts_fails_its_call_not_the_connection() {
     use soma_actors::connections::CallError;
     const SEND_TIMEOUT: Duration = Duration::from_millis(300);
     let chain = chain(1_000);
-    let a = validator_with(&chain, |c| c.grpc.send_timeout = SEND_TIMEOUT);
+    let a = validator_with(&chain, |c| {
+        c.grpc.send_timeout = SEND_TIMEOUT;
+        // A first chunk that crosses the window in a few round trips, well
+        // within the deadline however busy the machine.
+        c.grpc.max_fetch_response_bytes = 32 << 10;
+    });
     // A stream window of 64 KiB: unread, the answer cannot all be handed
     // to the transport.
     let mut client = slow_readers::client(&a, [42; 32], 65_535).await;

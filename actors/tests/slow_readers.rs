@@ -193,6 +193,18 @@ async fn a_fetch_waiting_behind_its_connections_unread_answers_holds_out_no_newe
     };
     let unread = reader.fetch_blocks(request).await.expect("admitted");
     wait_fetches(&node, 1, DEADLINE).await;
+    // The transport takes one slice of the answer into its buffer, window
+    // or not, then asks no more: the answer is silent from then on. Only
+    // then does the FetchCommits start to wait, so that the answer has
+    // been silent for longer whenever both are judged.
+    soma_testkit::wait_until(
+        "the transport to take a first slice",
+        DEADLINE,
+        async || {
+            node.inbound_connections().unwritten_bytes == soma_actors::grpc::SLICE_BYTES as u64
+        },
+    )
+    .await;
     let waiting = tokio::spawn(async move {
         reader
             .fetch_commits(proto::FetchCommitsRequest { start: 1, end: 100 })
@@ -491,7 +503,10 @@ async fn a_host_whose_idle_answers_are_cut_for_its_newer_fetches_pays_for_them()
         grpc.abandoned_fetches_per_minute = 0;
         grpc.fetch_stall_timeout = Duration::from_millis(200);
     });
-    let (honest, store) = honest_beside(&node, &chain);
+    // Asking no more at once than the server allows it: at its cap, a
+    // fetch of its own would take the slot of one of its answers it had
+    // not read for the stall timeout (a busy machine), and be charged.
+    let (honest, store) = honest_beside_with(&node, &chain, |c| c.max_fetches_per_peer = 2);
 
     let target = target(&node);
     let refs = block_refs(&chain, 10);
@@ -568,11 +583,21 @@ fn honest_beside(
     node: &soma_actors::P2pHandle,
     chain: &soma_chain::Chain,
 ) -> (soma_actors::P2pHandle, Arc<dyn ConsensusStore>) {
+    honest_beside_with(node, chain, |_| {})
+}
+
+/// [`honest_beside`], its settings changed by `configure`.
+fn honest_beside_with(
+    node: &soma_actors::P2pHandle,
+    chain: &soma_chain::Chain,
+    configure: impl FnOnce(&mut P2pConfig),
+) -> (soma_actors::P2pHandle, Arc<dyn ConsensusStore>) {
     let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
-    let config = P2pConfig {
+    let mut config = P2pConfig {
         seed_peers: seeds(&[node]),
         ..P2pConfig::default()
     };
+    configure(&mut config);
     (soma_testkit::node(chain, 9, config, store.clone()), store)
 }
 
@@ -636,6 +661,8 @@ async fn answers_a_client_does_not_read_leave_at_most_the_cap_unwritten() {
         grpc.max_concurrent_fetches_per_host = CALLS;
         grpc.max_concurrent_fetches_per_network = CALLS;
         grpc.max_concurrent_fetches = 2 * CALLS;
+        // The client reads no ping either: kept however long the test.
+        grpc.http2_keepalive_interval = Duration::from_secs(3_600);
     });
     let unwritten = |node: &soma_actors::P2pHandle| node.inbound_connections().unwritten_bytes;
     // The most bytes unwritten at once, sampled until the end of the
