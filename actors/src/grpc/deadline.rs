@@ -140,13 +140,12 @@ async fn sweep(stats: Weak<SendStats>, tick: Duration) {
             let Some(state) = state.upgrade() else {
                 continue;
             };
-            if cut(&state, false) {
+            if cut(&state, false, &stats.cut) {
                 // The transport may keep the cut body (and so its
                 // registration) until the connection closes.
                 if let Some(id) = fetch {
                     stats.unregister(id, &state);
                 }
-                stats.cut.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!("response not sent within its deadline; cut");
             }
         }
@@ -168,7 +167,9 @@ impl SendStats {
     /// Admitted fetches (FetchCommits, FetchBlocks) whose slot is still
     /// held: being read, or being sent.
     pub fn fetches_in_flight(&self) -> usize {
-        self.fetches_in_flight.load(Ordering::Relaxed)
+        // Acquire: with the release of a slot, what was counted before it
+        // (a cut, a preemption).
+        self.fetches_in_flight.load(Ordering::Acquire)
     }
 
     /// Admitted FetchCommits waiting, on their slot, for answers their
@@ -325,15 +326,15 @@ impl SendStats {
     pub(super) fn preempt(&self, id: u64, held: bool, charged: bool) {
         if let Some((_, cut)) = lock(&self.waiting).remove(&id) {
             // Still waiting for its budget: it ends with a refusal and
-            // drops its permit (whose slot the adapter gave away).
-            cut.notify_one();
+            // drops its permit (whose slot the adapter gave away); counted
+            // first, so that whoever sees the refusal sees the count.
             self.preempted.fetch_add(1, Ordering::Relaxed);
+            cut.notify_one();
             tracing::debug!(id, "fetch waiting for its budget cut for a newer fetch");
             return;
         }
         let state = lock(&self.sending).remove(&id).and_then(|s| s.upgrade());
-        if state.is_some_and(|state| cut(&state, charged)) {
-            self.preempted.fetch_add(1, Ordering::Relaxed);
+        if state.is_some_and(|state| cut(&state, charged, &self.preempted)) {
             tracing::debug!(id, "stalled response cut for a newer fetch");
         } else if held {
             // Its answer ended meanwhile: its slot, which the adapter gave
@@ -391,8 +392,10 @@ impl Drop for WaitingForBudget {
 /// the producer just dropped, which would never wake it: the client would
 /// wait for the rest of the answer for good.) False if it had ended
 /// already. `charged`: its answer counts as dropped unread, its slot
-/// charged to its caller as a reset would be.
-fn cut(state: &Mutex<State>, charged: bool) -> bool {
+/// charged to its caller as a reset would be. `count` is incremented
+/// before the slot is given back and the client told, so that whoever
+/// sees either sees the count.
+fn cut(state: &Mutex<State>, charged: bool, count: &AtomicU64) -> bool {
     let cut = {
         let mut state = lock(state);
         match *state {
@@ -400,6 +403,7 @@ fn cut(state: &Mutex<State>, charged: bool) -> bool {
             _ => return false,
         }
     };
+    count.fetch_add(1, Ordering::Relaxed);
     if let State::Sending(mut sending) = cut {
         if charged && let Some(slot) = &mut sending.guard.slot {
             slot.abandon();
@@ -458,7 +462,7 @@ impl FetchSlot {
 
 impl Drop for FetchSlot {
     fn drop(&mut self) {
-        self.stats.fetches_in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.stats.fetches_in_flight.fetch_sub(1, Ordering::Release);
         if self.answered
             && let (Some(key), Some(permit)) = (self.keep_for, self.permit.take())
         {
