@@ -71,12 +71,21 @@ fn signature_batches(chain: &Chain) -> Vec<SignatureBatch> {
 /// `verify_batch` takes for them on all cores (the global rayon pool).
 pub fn crypto_limit(chain: &Chain) -> (usize, Duration) {
     let batches = signature_batches(chain);
-    let signatures = batches.iter().map(SignatureBatch::len).sum();
+    (signatures(&batches), verify_all(&batches))
+}
+
+/// Signatures in `batches`.
+fn signatures(batches: &[SignatureBatch]) -> usize {
+    batches.iter().map(SignatureBatch::len).sum()
+}
+
+/// The time raw `verify_batch` takes for `batches` on all cores.
+fn verify_all(batches: &[SignatureBatch]) -> Duration {
     let t = Instant::now();
     batches
         .par_iter()
         .for_each(|b| b.verify().expect("built signatures verify"));
-    (signatures, t.elapsed())
+    t.elapsed()
 }
 
 /// The time plain ed25519-dalek `verify_batch` (cofactorless, so its
@@ -358,16 +367,18 @@ struct Measured {
     blocks: f64,
     block_bytes: f64,
     signatures: usize,
-    crypto: Duration,
+    crypto: Runs<Duration>,
     transport: Runs<Transport>,
     on: Runs<CatchUp>,
     off: Runs<CatchUp>,
 }
 
 /// Builds a chain of `commits` commits of 10 transactions of
-/// `payload_bytes`, times its limits, and catches it up `runs` times from
-/// 3 validators each way, block signatures checked, then off, in turn;
-/// the transport limit is timed `runs` times too.
+/// `payload_bytes`, and times its crypto limit, its transport limit and
+/// its catch-up from 3 validators with block signatures checked and off,
+/// each `runs` times. A round times each once, in that order, and the
+/// next round in reverse, so that a machine changing speed during the
+/// section weighs on the limits as on the catch-ups.
 fn measure(commits: u64, payload_bytes: usize, config: &P2pConfig, runs: usize) -> Measured {
     let built = Instant::now();
     let chain = chain_of_payloads(4, commits, payload_bytes);
@@ -381,29 +392,34 @@ fn measure(commits: u64, payload_bytes: usize, config: &P2pConfig, runs: usize) 
         "  chain of {commits} commits, {blocks} blocks of {block_bytes:.0} bytes built in {:.1}s",
         built.elapsed().as_secs_f64()
     );
-    let (signatures, crypto) = crypto_limit(&chain);
-    let transport = (0..runs)
-        .map(|_| transport_limit(&chain, 3, config))
-        .collect();
+    let batches = signature_batches(&chain);
     let rt = runtime(2);
-    let (on, off) = rt.block_on(async {
-        let peers = validators(&chain, 3);
-        let (mut on, mut off) = (Vec::new(), Vec::new());
-        for _ in 0..runs {
-            on.push(catch_up(&chain, &peers, 101, true).await);
-            off.push(catch_up(&chain, &peers, 102, false).await);
+    let peers = rt.block_on(async { validators(&chain, 3) });
+    let (mut crypto, mut transport, mut on, mut off) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for round in 0..runs {
+        let mut steps = [0, 1, 2, 3];
+        if round % 2 == 1 {
+            steps.reverse();
         }
-        stop(peers).await;
-        (on, off)
-    });
+        for step in steps {
+            match step {
+                0 => crypto.push(verify_all(&batches)),
+                1 => transport.push(transport_limit(&chain, 3, config)),
+                2 => on.push(rt.block_on(catch_up(&chain, &peers, 101, true))),
+                _ => off.push(rt.block_on(catch_up(&chain, &peers, 102, false))),
+            }
+        }
+    }
+    rt.block_on(stop(peers));
     let elapsed = |run: &CatchUp| run.elapsed;
     Measured {
         chain,
         commits,
         blocks,
         block_bytes,
-        signatures,
-        crypto,
+        signatures: signatures(&batches),
+        crypto: Runs::new(crypto, |d: &Duration| *d),
         transport: Runs::new(transport, |t: &Transport| t.elapsed),
         on: Runs::new(on, elapsed),
         off: Runs::new(off, elapsed),
@@ -436,9 +452,10 @@ pub fn catch_up_section(size: &Size) -> Section {
              FetchCommits and FetchBlocks requests, {} at once over 3 connections, answered by a \
              bare tonic service from memory. MB/s counts block bytes. Then the same with \
              transactions of {LARGE_PAYLOAD_BYTES}-byte payloads: {} commits, {} blocks of {:.0} \
-             bytes on average, each set of rows against its own limits. The transport limit and \
-             each catch-up are the median of {runs} runs (the two catch-ups in turn, on the same \
-             validators); their spread is noted below.",
+             bytes on average, each set of rows against its own limits. Each limit and each \
+             catch-up is the median of {runs} runs, taken in rounds that time each once (crypto, \
+             transport, checked, off; the next round in reverse), the catch-ups from the same \
+             validators; their spread is noted below.",
             small.commits,
             small.blocks,
             small.block_bytes,
@@ -475,8 +492,9 @@ impl Measured {
     fn spread(&self, label: &str) -> String {
         let restarts = |runs: &Runs<CatchUp>| runs.iter().map(|r| r.restarts).sum::<u64>();
         format!(
-            "Runs with {label} (fastest–slowest): transport limit {}, catch-up with signatures \
-             checked {}, off {}; worker restarts in all runs: {} checked, {} off.",
+            "Runs with {label} (fastest–slowest): crypto limit {}, transport limit {}, catch-up \
+             with signatures checked {}, off {}; worker restarts in all runs: {} checked, {} off.",
+            self.crypto.spread(),
             self.transport.spread(),
             self.on.spread(),
             self.off.spread(),
@@ -491,13 +509,14 @@ impl Measured {
     fn rows(&self, s: &mut Section, suffix: &str, previous: Option<Duration>) {
         let mb = |bytes: u64, d: Duration| Cell::num(bytes as f64 / 1e6 / d.as_secs_f64(), 1);
         let (commits, blocks, signatures) = (self.commits as f64, self.blocks, self.signatures);
+        let crypto = *self.crypto.median();
         s.row(
             format!("raw `verify_batch`, all cores (crypto limit){suffix}"),
             vec![
-                Cell::secs(self.crypto),
+                Cell::secs(crypto),
                 Cell::Empty,
                 Cell::Empty,
-                Cell::rate(signatures as f64, self.crypto),
+                Cell::rate(signatures as f64, crypto),
                 Cell::Empty,
                 Cell::Ratio(1.0),
                 Cell::Empty,
@@ -512,7 +531,7 @@ impl Measured {
                     Cell::Empty,
                     Cell::rate(signatures as f64, previous),
                     Cell::Empty,
-                    Cell::Ratio(self.crypto.as_secs_f64() / previous.as_secs_f64()),
+                    Cell::Ratio(crypto.as_secs_f64() / previous.as_secs_f64()),
                     Cell::Empty,
                 ],
             );
@@ -535,7 +554,7 @@ impl Measured {
             ("catch-up, block signatures off", self.off.median(), false),
         ] {
             let sigs = signatures as f64 / run.elapsed.as_secs_f64();
-            let crypto_rate = signatures as f64 / self.crypto.as_secs_f64();
+            let crypto_rate = signatures as f64 / crypto.as_secs_f64();
             s.row(
                 format!("{label}{suffix}"),
                 vec![
