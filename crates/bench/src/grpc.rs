@@ -107,11 +107,7 @@ where
 {
     let mut loads: Vec<Load> = targets.iter().map(|_| Load::default()).collect();
     for round in 0..ROUNDS {
-        let mut order: Vec<usize> = (0..targets.len()).collect();
-        if round % 2 == 1 {
-            order.reverse();
-        }
-        for i in order {
+        for i in crate::turns(round as usize, targets.len()) {
             let (address, peer) = targets[i];
             let part = load(clients, run / ROUNDS, address, peer, call.clone()).await;
             loads[i].merge(part);

@@ -325,6 +325,18 @@ pub fn peer_id_from_hex(text: &str) -> Option<soma_types::PeerId> {
     Some(soma_types::PeerId(hex::decode(text).ok()?.try_into().ok()?))
 }
 
+/// The order in which `n` measurements compared with one another take
+/// their turns in round `round`: in order, and every other round in
+/// reverse, so that a machine that speeds up or slows down over the
+/// rounds weighs on each alike.
+pub fn turns(round: usize, n: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    if round % 2 == 1 {
+        order.reverse();
+    }
+    order
+}
+
 /// A multi-threaded tokio runtime with `workers` workers.
 pub fn runtime(workers: usize) -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()

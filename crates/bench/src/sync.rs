@@ -397,17 +397,16 @@ fn measure(commits: u64, payload_bytes: usize, config: &P2pConfig, runs: usize) 
     let peers = rt.block_on(async { validators(&chain, 3) });
     let (mut crypto, mut transport, mut on, mut off) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for round in 0..runs {
-        let mut steps = [0, 1, 2, 3];
-        if round % 2 == 1 {
-            steps.reverse();
-        }
-        for step in steps {
-            match step {
-                0 => crypto.push(verify_all(&batches)),
-                1 => transport.push(transport_limit(&chain, 3, config)),
-                2 => on.push(rt.block_on(catch_up(&chain, &peers, 101, true))),
-                _ => off.push(rt.block_on(catch_up(&chain, &peers, 102, false))),
+    {
+        let steps: [&mut dyn FnMut(); 4] = [
+            &mut || crypto.push(verify_all(&batches)),
+            &mut || transport.push(transport_limit(&chain, 3, config)),
+            &mut || on.push(rt.block_on(catch_up(&chain, &peers, 101, true))),
+            &mut || off.push(rt.block_on(catch_up(&chain, &peers, 102, false))),
+        ];
+        for round in 0..runs {
+            for step in crate::turns(round, steps.len()) {
+                steps[step]();
             }
         }
     }
@@ -668,5 +667,11 @@ mod tests {
         assert_eq!(runs.median().1, 3);
         let one = Runs::new(vec![(ms(1_500), ())], |r| r.0);
         assert_eq!(one.spread(), "1.50–1.50 s");
+    }
+
+    #[test]
+    fn measurements_take_turns_in_order_then_in_reverse() {
+        let rounds: Vec<Vec<usize>> = (0..3).map(|round| crate::turns(round, 4)).collect();
+        assert_eq!(rounds, [[0, 1, 2, 3], [3, 2, 1, 0], [0, 1, 2, 3]]);
     }
 }
