@@ -21,4 +21,4 @@ pub use messages::{
 };
 pub use outbound::MAX_SMALL_ANSWER_BYTES;
 pub use outbound::{CallError, Client, Outbound};
-pub(crate) use outbound::{ask_availability, small};
+pub(crate) use outbound::{ask_availability, push_commit};

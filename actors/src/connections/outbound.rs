@@ -25,7 +25,7 @@ pub type Client = P2pClient<Channel>;
 pub const MAX_SMALL_ANSWER_BYTES: usize = 1 << 10;
 
 /// `client`, taking answers of at most [`MAX_SMALL_ANSWER_BYTES`].
-pub(crate) fn small(client: Client) -> Client {
+fn small(client: Client) -> Client {
     client.max_decoding_message_size(MAX_SMALL_ANSWER_BYTES)
 }
 
@@ -37,6 +37,15 @@ pub(crate) async fn ask_availability(
     request: tonic::Request<soma_wire::proto::GetCommitAvailabilityRequest>,
 ) -> Result<tonic::Response<soma_wire::proto::GetCommitAvailabilityResponse>, tonic::Status> {
     small(client).get_commit_availability(request).await
+}
+
+/// PushCommit on `client`, its answer capped as a fixed-size one: the one
+/// way the sync worker pushes a height.
+pub(crate) async fn push_commit(
+    client: Client,
+    request: tonic::Request<soma_wire::proto::PushCommitRequest>,
+) -> Result<tonic::Response<soma_wire::proto::PushCommitResponse>, tonic::Status> {
+    small(client).push_commit(request).await
 }
 
 /// Why a call to a peer failed.
@@ -271,5 +280,39 @@ mod tests {
             std::io::ErrorKind::ConnectionReset,
         )));
         assert_eq!(CallError::from_status(&reset), CallError::Transport);
+    }
+
+    /// A peer that answers PushCommit, whose answer takes no byte, with
+    /// 64 KiB of a field the answer does not have is refused at the small
+    /// answers' cap: a push in flight holds no more of its answer than
+    /// that. The same answer to a client without the cap decodes (a
+    /// decoder skips a field it does not know), so the cap is what
+    /// refuses it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_push_answer_past_the_small_answers_cap_is_refused() {
+        use soma_testkit::byzantine::{Lie, PADDED_PUSH_ANSWER_BYTES, serve_observed};
+        const { assert!(PADDED_PUSH_ANSWER_BYTES > MAX_SMALL_ANSWER_BYTES) };
+
+        let chain = soma_chain::ChainBuilder::new(soma_chain::ChainConfig::validators(4)).build(2);
+        let liar = serve_observed(std::sync::Arc::new(chain), Lie::PadsPushAnswers, 41).await;
+        let identity =
+            soma_wire::tls::NodeIdentity::generate(&soma_types::KeyPair::from_seed([42; 32]))
+                .expect("an identity");
+        let (channel, _) = soma_wire::tls::connect(
+            &liar.address,
+            Some(&identity),
+            Some(liar.peer),
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("connects");
+        let client = Client::new(channel);
+        let push = |index| tonic::Request::new(proto::PushCommitRequest { index });
+        let status = push_commit(client.clone(), push(7)).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+        let uncapped = client.max_decoding_message_size(usize::MAX);
+        let answer = uncapped.clone().push_commit(push(8)).await;
+        assert!(answer.is_ok(), "{answer:?}");
+        assert_eq!(*liar.pushes.lock().unwrap(), vec![7, 8]);
     }
 }

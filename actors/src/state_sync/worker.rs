@@ -32,7 +32,9 @@ use super::core::Config;
 use super::hedging::{HEAD_HEDGE_MIN, HEDGE_MIN, HedgeBudget, HedgeShare, Hedging, lock};
 use super::messages::{CommitBatchInfo, CommitsWanted, Failure, LocalFailure, TaskId};
 use crate::archive::ArchiveReader;
-use crate::connections::{ActivePeers, Client, Connections, Outbound, ask_availability, small};
+use crate::connections::{
+    ActivePeers, Client, Connections, Outbound, ask_availability, push_commit,
+};
 use crate::faults::Faults;
 use crate::peer_heights::{
     AcquirePeer, ClaimsRange, CoversRange, FetchKind, LeaseUnanswered, OutcomeKind, PeerHeights,
@@ -1358,8 +1360,12 @@ impl PeerCalls {
                 return;
             }
             let message = proto::PushCommitRequest { index };
-            let call = |c: Client, r| async move { small(c).push_commit(r).await };
-            if self.outbound.call(peer, message, call).await.is_err() {
+            if self
+                .outbound
+                .call(peer, message, push_commit)
+                .await
+                .is_err()
+            {
                 return;
             }
             sent = index;

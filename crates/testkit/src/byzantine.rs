@@ -160,6 +160,11 @@ pub enum Lie {
     /// it every new height, and never answers a PushCommit (each one
     /// counted stalled while it waits).
     StallsPushes,
+    /// Claims no commit, as [`Lie::StallsPushes`] does, and answers each
+    /// PushCommit at once with [`PADDED_PUSH_ANSWER_BYTES`] of a field
+    /// the answer does not have: well-formed (a decoder skips a field it
+    /// does not know), where the answer takes no byte.
+    PadsPushAnswers,
     /// Not a lie: an honest node whose fetch slots others fill at times.
     /// Honest until its [`Served::load`] is called; from then on it
     /// refuses every second commit fetch (the first one included) with
@@ -489,7 +494,7 @@ impl p2p_server::P2p for Evil {
             | Lie::ClaimsHeightRefusing(_)
             | Lie::ClaimsHeightSilent
             | Lie::ServesThenClaimsHeightBusy => self.chain.tip() + CLAIMED_EXTRA_COMMITS,
-            Lie::StallsPushes => 0,
+            Lie::StallsPushes | Lie::PadsPushAnswers => 0,
             _ => self.chain.tip(),
         };
         if self.lie == Lie::OversizedAvailability {
@@ -932,22 +937,27 @@ async fn serve_sharing(chain: Arc<Chain>, lie: Lie, key: u8, held: Arc<Held>) ->
         .to_string();
     let config =
         tls::server_config(&identity, &AccessPolicy::default()).expect("a server config is made");
+    let server = p2p_server::P2pServer::new(Evil {
+        chain,
+        lie,
+        stalled: stalled.clone(),
+        fetches: fetches.clone(),
+        denied: denied.clone(),
+        pruned: AtomicBool::new(false),
+        loaded: loaded.clone(),
+        loaded_commit_fetches: AtomicUsize::new(0),
+        creep_ms: [CREEP_FIRST_MS, CREEP_FIRST_MS].map(AtomicU64::new),
+        height_queries: height_queries.clone(),
+        pushes: pushes.clone(),
+        held: held.clone(),
+    });
+    let server = PadsPushAnswers {
+        inner: server,
+        pads: (lie == Lie::PadsPushAnswers).then(|| pushes.clone()),
+    };
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(p2p_server::P2pServer::new(Evil {
-                chain,
-                lie,
-                stalled: stalled.clone(),
-                fetches: fetches.clone(),
-                denied: denied.clone(),
-                pruned: AtomicBool::new(false),
-                loaded: loaded.clone(),
-                loaded_commit_fetches: AtomicUsize::new(0),
-                creep_ms: [CREEP_FIRST_MS, CREEP_FIRST_MS].map(AtomicU64::new),
-                height_queries: height_queries.clone(),
-                pushes: pushes.clone(),
-                held: held.clone(),
-            }))
+            .add_service(server)
             .serve_with_incoming(tls::incoming(listener, config)),
     );
     Served {
@@ -960,5 +970,88 @@ async fn serve_sharing(chain: Arc<Chain>, lie: Lie, key: u8, held: Arc<Held>) ->
         pushes,
         loaded,
         held,
+    }
+}
+
+/// What a [`Lie::PadsPushAnswers`] peer answers a PushCommit with.
+pub const PADDED_PUSH_ANSWER_BYTES: usize = 64 << 10;
+
+/// A PushCommit answer with a field the answer does not have: decoded as
+/// an empty [`proto::PushCommitResponse`], the field skipped.
+#[derive(Clone, PartialEq, prost::Message)]
+struct PaddedPushAnswer {
+    #[prost(bytes = "vec", tag = "15")]
+    padding: Vec<u8>,
+}
+
+/// The P2p service `inner`, but for PushCommit when `pads` is set: each
+/// one recorded in it, then answered with [`PaddedPushAnswer`] of
+/// [`PADDED_PUSH_ANSWER_BYTES`].
+#[derive(Clone)]
+struct PadsPushAnswers<S> {
+    inner: S,
+    pads: Option<Arc<Mutex<Vec<u64>>>>,
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for PadsPushAnswers<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>>
+    for PadsPushAnswers<S>
+where
+    S: tonic::codegen::Service<
+            tonic::codegen::http::Request<tonic::body::Body>,
+            Response = tonic::codegen::http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        >,
+    S::Future: Send + 'static,
+{
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
+        match &self.pads {
+            Some(pushes) if request.uri().path() == "/soma.p2p.v1.P2p/PushCommit" => {
+                let pushes = pushes.clone();
+                Box::pin(async move {
+                    let codec = soma_wire::codec::ReservingCodec::<
+                        PaddedPushAnswer,
+                        proto::PushCommitRequest,
+                    >::default();
+                    let mut grpc = tonic::server::Grpc::new(codec);
+                    Ok(grpc.unary(PaddedPush(pushes), request).await)
+                })
+            }
+            _ => Box::pin(self.inner.call(request)),
+        }
+    }
+}
+
+/// Answers a PushCommit, recording its index, with a padded answer.
+struct PaddedPush(Arc<Mutex<Vec<u64>>>);
+
+impl tonic::server::UnaryService<proto::PushCommitRequest> for PaddedPush {
+    type Response = PaddedPushAnswer;
+    type Future = Pin<
+        Box<dyn std::future::Future<Output = Result<Response<PaddedPushAnswer>, Status>> + Send>,
+    >;
+
+    fn call(&mut self, request: Request<proto::PushCommitRequest>) -> Self::Future {
+        locked(&self.0).push(request.get_ref().index);
+        Box::pin(async {
+            Ok(Response::new(PaddedPushAnswer {
+                padding: vec![0xee; PADDED_PUSH_ANSWER_BYTES],
+            }))
+        })
     }
 }
