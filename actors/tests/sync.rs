@@ -414,6 +414,70 @@ mod byzantine {
         honest.shutdown().await;
     }
 
+    /// The commit fetch the pipeline waits on is asked of a silent peer
+    /// and, late, hedged to the only other, silent too, with the request
+    /// timeout at an hour and no other hedge to give way to. The hedge
+    /// held the fetch on its silent peer, and the catch-up stalled for the
+    /// hour, though an honest peer dialled meanwhile stood idle (this
+    /// stalled the test above about once in forty runs on a loaded
+    /// machine). A late hedge now moves on to a peer not yet asked for its
+    /// fetch: the honest peer, dialled once both silent peers hold the
+    /// fetch, takes it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_late_hedge_moves_on_to_a_peer_not_yet_asked_for_its_fetch() {
+        let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(20));
+        let mut silent = Vec::new();
+        for key in 140..142 {
+            silent.push(serve_observed(chain.clone(), Lie::NeverAnswers, key).await);
+        }
+        let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+        let config = P2pConfig {
+            seed_peers: silent.iter().map(|s| s.seed()).collect(),
+            // A fetch held until the timeout holds the catch-up an hour.
+            timeout: Duration::from_secs(3_600),
+            ..P2pConfig::default()
+        };
+        let node = soma_testkit::node(&chain, 9, config, store.clone());
+        // The one commit fetch, and its hedge.
+        let held = async || silent.iter().all(|s| s.fetches() == 1);
+        soma_testkit::wait_until("both silent peers to hold the fetch", DEADLINE, held).await;
+        let status = node.sync_status().await.unwrap();
+        assert_eq!(
+            (status.hedges_sent, status.hedges_moved),
+            (1, 0),
+            "{status:?}"
+        );
+        let honest = validator(&chain, 1);
+        node.connect(Some(honest.peer_id()), honest.local_addr().to_string())
+            .expect("Connections takes the dial");
+        wait_synced(&node, chain.tip()).await;
+        assert_same_chain(&chain, store.as_ref());
+        let status = node.sync_status().await.unwrap();
+        // The commit fetch's hedge moved to the honest peer: nothing else
+        // could end it. A block fetch may go the same way, first asked of
+        // a silent peer, then hedged to the other (and moved) or to the
+        // honest peer. Each fetch a silent peer got was a first call,
+        // hedged once, or a hedge that moved on; every hedge won, and none
+        // gave way, there being one at a time.
+        assert!(status.hedges_moved >= 1, "{status:?}");
+        let silent_fetches: usize = silent.iter().map(|s| s.fetches()).sum();
+        let moved = status.hedges_sent + status.hedges_moved;
+        assert_eq!(silent_fetches as u64, moved, "{status:?}");
+        assert_eq!(status.hedges_won, status.hedges_sent, "{status:?}");
+        assert_eq!(status.hedges_given_way, 0, "{status:?}");
+        let views = node.peer_heights().await.unwrap();
+        let view = |peer| views.iter().find(|v| v.peer == peer).expect("tracked");
+        let h = view(honest.peer_id());
+        assert_eq!((h.failures, h.faults), (0, 0), "{h:?}");
+        // Being left proves no lie.
+        for s in &silent {
+            let v = view(s.peer);
+            assert_eq!((v.faults, v.banned_until), (0, None), "{v:?}");
+        }
+        node.shutdown().await;
+        honest.shutdown().await;
+    }
+
     /// A block fetch the silent peer holds is hedged to the only other
     /// peer, which answers the hedge with a blob nobody asked for. That
     /// lie is the hedge's, which the core never sees: it used to be

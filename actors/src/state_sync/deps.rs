@@ -119,6 +119,7 @@ impl Deps {
             hedges_won: Default::default(),
             hedges_late: Default::default(),
             hedges_given_way: Default::default(),
+            hedges_moved: Default::default(),
         }
     }
 

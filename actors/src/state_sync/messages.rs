@@ -460,6 +460,10 @@ pub struct SyncStatus {
     /// given up on ranks lower once the fetch's answer passes its checks,
     /// as a first peer beaten by a hedge does.
     pub hedges_given_way: u64,
+    /// Hedges that, unanswered as long as makes a peer late, left their
+    /// peer for one not yet asked for the fetch, keeping their share: the
+    /// peer left ranks lower once the fetch's answer passes its checks.
+    pub hedges_moved: u64,
     /// Hedges sent since start.
     pub hedges_sent: u64,
     /// The most hedges in flight at once since start.

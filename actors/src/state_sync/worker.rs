@@ -263,6 +263,19 @@ pub(super) struct Worker {
     /// Hedges that gave their share up, late, to hedges waiting for room
     /// ([`HedgeBudget::wanted`]).
     pub(super) hedges_given_way: Arc<AtomicU64>,
+    /// Hedges that, late, left their peer for one not yet asked for the
+    /// fetch, keeping their share ([`LateHedge::Move`]).
+    pub(super) hedges_moved: Arc<AtomicU64>,
+}
+
+/// How a hedge late itself ends its call ([`Worker::late_hedge`]).
+enum LateHedge {
+    /// Its share is wanted by a hedge waiting for room: given up at this
+    /// turn.
+    GiveWay(u64),
+    /// A peer not yet asked for the fetch covers its range: asked instead,
+    /// with the same share.
+    Move,
 }
 
 /// A fetch's kind and the commits it is for.
@@ -561,6 +574,8 @@ impl Worker {
             // A hedge that gave way takes room back only from hedges given
             // theirs since ([`HedgeBudget::share`]).
             let mut after = 0;
+            // The share of a hedge that moved on to another peer.
+            let mut kept = None;
             loop {
                 let passed_over = lock(&given_way).clone();
                 let (slot, mut share) = self
@@ -568,6 +583,7 @@ impl Worker {
                         ((kind, range), (avoid.clone(), passed_over)),
                         first_lease,
                         (started, (reserved, &mut after)),
+                        kept.take(),
                     )
                     .await?;
                 share.sent();
@@ -575,9 +591,12 @@ impl Worker {
                 let late_after = self.hedging.usual_delay(kind, timeout);
                 let sent = Sent::default();
                 *lock(&hedge_on) = Some((peer, sent.clone(), late_after));
+                // Every peer asked for this fetch: a late hedge moves on
+                // only to a peer outside them.
+                let asked = [&avoid[..], &lock(&given_way), &[peer]].concat();
                 let answer = tokio::select! {
                     answer = call(peer, sent.clone()) => Ok(answer),
-                    turn = self.late_and_wanted(((kind, range.0), &sent, late_after), &share) => Err(turn),
+                    late = self.late_hedge(((kind, range), &sent, late_after), &share, asked) => Err(late),
                 };
                 // Answered, or given up: judged here, never late.
                 *lock(&hedge_on) = None;
@@ -587,19 +606,28 @@ impl Worker {
                         slot.release(Transfer::Cancelled, 0);
                         return None;
                     }
-                    Err(turn) => {
-                        // Late itself, and its share wanted by a hedge
-                        // waiting for room: its call is dropped, and its
-                        // peer beaten by the answer that ends the race, if
-                        // that passes its checks. Another peer is asked
-                        // (this one again only if no other can serve),
-                        // with a share taken afresh behind the hedges
-                        // already waiting.
+                    Err(late) => {
+                        // Late itself: its call is dropped, and its peer
+                        // beaten by the answer that ends the race, if that
+                        // passes its checks. Another peer is asked (this
+                        // one again only if no other can serve). A hedge
+                        // whose share a hedge waiting for room wants takes
+                        // a share afresh, behind the hedges already
+                        // waiting; one that moves on to a peer not yet
+                        // asked keeps its own.
                         slot.release(Transfer::Cancelled, 0);
-                        drop(share);
-                        self.hedges_given_way.fetch_add(1, Ordering::Relaxed);
                         lock(&given_way).push(peer);
-                        after = turn;
+                        match late {
+                            LateHedge::GiveWay(turn) => {
+                                drop(share);
+                                self.hedges_given_way.fetch_add(1, Ordering::Relaxed);
+                                after = turn;
+                            }
+                            LateHedge::Move => {
+                                self.hedges_moved.fetch_add(1, Ordering::Relaxed);
+                                kept = Some(share);
+                            }
+                        }
                         continue;
                     }
                 };
@@ -728,16 +756,57 @@ impl Worker {
         ((kind, start), sent, at_send): ((FetchKind, CommitIndex), &Sent, Duration),
         share: &HedgeShare,
     ) -> u64 {
+        self.until_late(kind, sent, at_send).await;
+        self.wanted(start, share).await
+    }
+
+    /// Ends once the hedge of a fetch of `kind` whose request went out as
+    /// `sent` is late ([`Self::late_after`], from `at_send`).
+    async fn until_late(&self, kind: FetchKind, sent: &Sent, at_send: Duration) {
         loop {
             let late_after = self.late_after(kind, at_send);
             match sent.waited() {
-                Some(waited) if waited >= late_after => break,
+                Some(waited) if waited >= late_after => return,
                 Some(waited) => tokio::time::sleep(late_after - waited).await,
                 None => tokio::time::sleep(late_after).await,
             }
         }
+    }
+
+    /// Ends once a hedge waiting for room wants `share`, held by the late
+    /// hedge of a fetch from commit `start` ([`HedgeBudget::wanted`]; told
+    /// last if the pipeline waits on the fetch then).
+    async fn wanted(&self, start: CommitIndex, share: &HedgeShare) -> u64 {
         let head = (self.hedging).at_head(start, self.config.commit_sync_batch_size);
         self.hedge_budget.wanted(share, head).await
+    }
+
+    /// For a hedge in its call: ends once it is late
+    /// ([`Self::until_late`]) and either a hedge waiting for room wants its
+    /// `share` ([`LateHedge::GiveWay`]) or a peer outside `asked` (every
+    /// peer asked for the fetch so far) covers its range, looked for every
+    /// [`HEDGE_MIN`] ([`LateHedge::Move`]). A hedge that only gave way to
+    /// others, with nothing waiting for its room, held its fetch on a
+    /// silent second peer as long as the first: for the whole request
+    /// timeout, at the head of the pipeline too, while a peer never asked
+    /// stood idle. Each move leaves a peer for one not asked before, so a
+    /// fetch's hedge moves at most once per peer that covers it.
+    async fn late_hedge(
+        &self,
+        ((kind, range), sent, at_send): (Work, &Sent, Duration),
+        share: &HedgeShare,
+        asked: Vec<PeerId>,
+    ) -> LateHedge {
+        self.until_late(kind, sent, at_send).await;
+        let another = async {
+            while !self.covered((kind, range), &asked).await {
+                tokio::time::sleep(HEDGE_MIN).await;
+            }
+        };
+        tokio::select! {
+            turn = self.wanted(range.0, share) => LateHedge::GiveWay(turn),
+            () = another => LateHedge::Move,
+        }
     }
 
     /// A slot for the hedge of the fetch leased as `first`, sent at
@@ -751,20 +820,25 @@ impl Worker {
     /// until another can serve it. A commit fetch that no other peer could
     /// take and that is still unanswered [`UNANSWERED_DOUBT`] after it was
     /// sent has its peer's claim doubted at once ([`LeaseUnanswered`]).
-    /// `None` once acquiring fails otherwise, or if the budget is empty
-    /// (no hedge is ever sent).
+    /// A hedge moving on from a late peer brings its share (`kept`) and
+    /// asks for none. `None` once acquiring fails otherwise, or if the
+    /// budget is empty (no hedge is ever sent).
     async fn second_peer(
         &self,
         ((kind, range), (avoid, passed_over)): (Work, (Vec<PeerId>, Vec<PeerId>)),
         first: u64,
         (started, (reserved, after)): (tokio::time::Instant, (u64, &mut u64)),
+        mut kept: Option<HedgeShare>,
     ) -> Option<(Slot, HedgeShare)> {
         let mut doubted = kind != FetchKind::Commits;
         let timeout = self.outbound.timeout();
         loop {
             // The hedge of a fetch the pipeline waits on waits first.
             let head = (self.hedging).at_head(range.0, self.config.commit_sync_batch_size);
-            let share = self.hedge_budget.share(reserved, (*after, head)).await?;
+            let share = match kept.take() {
+                Some(share) => share,
+                None => self.hedge_budget.share(reserved, (*after, head)).await?,
+            };
             // Waiting for a slot with its share held, a hedge gives the
             // share up as a late one does.
             let given = Sent::default();

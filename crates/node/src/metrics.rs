@@ -39,6 +39,7 @@ struct Series {
     hedges_won: IntCounterVec,
     hedges_late: IntCounterVec,
     hedges_given_way: IntCounterVec,
+    hedges_moved: IntCounterVec,
     hedges_sent: IntCounterVec,
     write_failures: IntCounterVec,
     failures: IntCounterVec,
@@ -151,6 +152,12 @@ impl Series {
                 &r,
                 "soma_hedges_given_way_total",
                 "Hedges given up, late themselves, to hedges waiting for room in max-hedged-bytes",
+                &[],
+            ),
+            hedges_moved: counter(
+                &r,
+                "soma_hedges_moved_total",
+                "Hedges that, late themselves, left their peer for one not yet asked for the fetch",
                 &[],
             ),
             hedges_sent: counter(
@@ -309,6 +316,7 @@ impl Series {
             self.advance(&self.hedges_won, &[], status.hedges_won);
             self.advance(&self.hedges_late, &[], status.hedges_late);
             self.advance(&self.hedges_given_way, &[], status.hedges_given_way);
+            self.advance(&self.hedges_moved, &[], status.hedges_moved);
             self.advance(&self.hedges_sent, &[], status.hedges_sent);
             let writes_failed = status.store_write_failures;
             self.advance(&self.write_failures, &[], writes_failed);
@@ -658,6 +666,7 @@ mod tests {
         assert_eq!(value(&ours, "soma_hedges_won_total"), 0.0);
         assert_eq!(value(&ours, "soma_hedges_late_total"), 0.0);
         assert_eq!(value(&ours, "soma_hedges_given_way_total"), 0.0);
+        assert_eq!(value(&ours, "soma_hedges_moved_total"), 0.0);
         assert_eq!(value(&ours, "soma_hedges_sent_total"), 0.0);
         assert_eq!(value(&ours, "soma_store_write_failures_total"), 0.0);
         let invalid = r#"soma_verification_failures_total{kind="invalid_response"}"#;
