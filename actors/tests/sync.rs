@@ -478,6 +478,58 @@ mod byzantine {
         honest.shutdown().await;
     }
 
+    /// The commit fetch the pipeline waits on is held by a silent peer,
+    /// the request timeout at an hour; its hedge goes to the one peer
+    /// dialled next, which refuses every fetch (UNAVAILABLE, which proves
+    /// no lie). A hedge whose second peer failed left the first to answer
+    /// alone, so the two identities held the fetch, and the catch-up,
+    /// for the hour. Now another peer is asked in the refuser's place:
+    /// the honest validator dialled once the refusal is in takes it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hedge_its_second_peer_refuses_is_asked_of_another() {
+        let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(20));
+        let silent = serve_observed(chain.clone(), Lie::NeverAnswers, 142).await;
+        let refuser =
+            serve_observed(chain.clone(), Lie::Refuses(tonic::Code::Unavailable), 143).await;
+        let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+        let config = P2pConfig {
+            seed_peers: vec![silent.seed()],
+            timeout: Duration::from_secs(3_600),
+            ..P2pConfig::default()
+        };
+        let node = soma_testkit::node(&chain, 9, config, store.clone());
+        let held = async || silent.fetches() == 1;
+        soma_testkit::wait_until("the silent peer to hold the fetch", DEADLINE, held).await;
+        node.connect(Some(refuser.peer), refuser.address.clone())
+            .expect("Connections takes the dial");
+        // Its only fetch is the hedge: no commit is known yet to ask it
+        // for blocks.
+        let refused = async || refuser.fetches() == 1;
+        soma_testkit::wait_until("the refuser to refuse the hedge", DEADLINE, refused).await;
+        let status = node.sync_status().await.unwrap();
+        assert_eq!((status.hedges_sent, status.synced), (1, 0), "{status:?}");
+        let honest = validator(&chain, 1);
+        node.connect(Some(honest.peer_id()), honest.local_addr().to_string())
+            .expect("Connections takes the dial");
+        wait_synced(&node, chain.tip()).await;
+        assert_same_chain(&chain, store.as_ref());
+        let status = node.sync_status().await.unwrap();
+        assert!(status.hedges_won >= 1, "{status:?}");
+        let views = node.peer_heights().await.unwrap();
+        let view = |peer| views.iter().find(|v| v.peer == peer).expect("tracked");
+        let h = view(honest.peer_id());
+        assert_eq!((h.failures, h.faults), (0, 0), "{h:?}");
+        // Silence proves no lie; a refusal counts against its peer, but
+        // bans no one.
+        let s = view(silent.peer);
+        assert_eq!((s.faults, s.banned_until), (0, None), "{s:?}");
+        let r = view(refuser.peer);
+        assert_eq!(r.banned_until, None, "{r:?}");
+        assert!(r.failures >= 1, "{r:?}");
+        node.shutdown().await;
+        honest.shutdown().await;
+    }
+
     /// A block fetch the silent peer holds is hedged to the only other
     /// peer, which answers the hedge with a blob nobody asked for. That
     /// lie is the hedge's, which the core never sees: it used to be

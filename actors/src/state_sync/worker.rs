@@ -443,11 +443,14 @@ impl Worker {
     /// one commit would have every honest peer they beat ranked as
     /// failing. While no other peer covers `range`, the second
     /// is looked for again ([`Self::second_peer`]). A second peer that
-    /// fails, or none free, leaves the first to answer alone, its slot
-    /// released as `transfer` tells
-    /// from its failure; a denial is judged as a first peer's is, on its
-    /// claim asked afresh (commits at once, blocks once the batch is
-    /// applied: [`Hedged::withheld_by`]).
+    /// fails has its slot released as `transfer` tells from its failure,
+    /// and another peer is asked in its place (looked for the same way);
+    /// a denial is judged as a first peer's is, on its claim asked afresh
+    /// (commits at once, blocks once the batch is applied:
+    /// [`Hedged::withheld_by`]). A second peer late itself is left as
+    /// [`Self::late_hedge`] says. Only a lease that fails outright (no
+    /// slot within the request timeout, PeerHeights gone) leaves the
+    /// first to answer alone.
     /// Either way one call's answer is returned, as if only it was sent.
     ///
     /// A fetch the pipeline waits on ([`Hedging::at_head`]) that its peer
@@ -638,7 +641,7 @@ impl Worker {
                         // on the claim asked afresh, blocks once the batch
                         // is applied. Counted as an error, a peer that
                         // denied only hedges was never banned.
-                        let transfer = match transfer(&failure) {
+                        match transfer(&failure) {
                             // In a task of its own, so that the first
                             // peer's answer, ending the race while the
                             // question is out, does not drop the
@@ -652,28 +655,31 @@ impl Worker {
                                     };
                                     slot.release(transfer, 0);
                                 });
-                                return None;
                             }
+                            // The first denier of a race is judged.
                             Transfer::Withheld => {
-                                // The hedge ends at its denial: one a race.
                                 let _ = withheld_by.set(peer);
-                                Transfer::Withheld
+                                slot.release(Transfer::Withheld, 0);
                             }
-                            other => other,
-                        };
-                        slot.release(transfer, 0);
+                            other => {
+                                slot.release(other, 0);
+                            }
+                        }
                         // A provable lie (blocks nobody asked for, say):
                         // the core never sees a hedge's failure, so the
-                        // peer is reported here, and another asked in its
-                        // place. Given up on, the fetch waited for a first
-                        // peer that may never answer, for the whole
-                        // timeout, and the liar kept no record.
-                        if !matches!(failure, Failure::Invalid(_)) {
-                            return None;
+                        // peer is reported here.
+                        if matches!(failure, Failure::Invalid(_)) {
+                            misbehaved(&self.heights, peer);
+                            self.lies_in_hedges.fetch_add(1, Ordering::Relaxed);
                         }
-                        misbehaved(&self.heights, peer);
-                        self.lies_in_hedges.fetch_add(1, Ordering::Relaxed);
+                        // Whatever the failure, another peer is asked in
+                        // its place, with the same share. Given up on, the
+                        // fetch waited for a first peer that may never
+                        // answer, for the whole timeout: a silent identity
+                        // and one refusing hedges held every fetch they
+                        // were first and second peer of that long.
                         avoid.push(peer);
+                        kept = Some(share);
                     }
                 }
             }
@@ -716,7 +722,8 @@ impl Worker {
                 // What the first call holds goes before the share does.
                 drop(first_call);
                 drop(share);
-                Hedged { slot, result: Ok(answer), alone: false, beaten, withheld_by: None }
+                let withheld_by = withheld_by.get().copied();
+                Hedged { slot, result: Ok(answer), alone: false, beaten, withheld_by }
             }
         }
     }

@@ -135,6 +135,9 @@ pub enum Lie {
     ClaimsHeightRefusing(tonic::Code),
     /// Claims as [`Lie::ClaimsHeight`] does, and never answers a fetch.
     ClaimsHeightSilent,
+    /// Claims the chain, as an honest peer does, and refuses every fetch
+    /// with this status, which proves no lie.
+    Refuses(tonic::Code),
     /// Serves the chain honestly, and claims as [`Lie::ClaimsHeight`]
     /// does, refusing every fetch past the chain's tip as busy
     /// (RESOURCE_EXHAUSTED): a peer that has delivered, and whose each
@@ -365,7 +368,9 @@ impl Evil {
                 tokio::time::sleep(Duration::from_millis(hold)).await;
                 creep.kept = true;
             }
-            Lie::ClaimsHeightRefusing(code) => return Err(Status::new(code, "refused")),
+            Lie::ClaimsHeightRefusing(code) | Lie::Refuses(code) => {
+                return Err(Status::new(code, "refused"));
+            }
             _ => {}
         }
         Ok(())
