@@ -334,9 +334,9 @@ struct BudgetState {
     queue: VecDeque<Waiter>,
     /// Late hedges holding shares, by the order they became late.
     late: BTreeMap<u64, LateHedge>,
-    /// Kibibytes of hedges told to give way and not given back yet, by
-    /// the turn their shares were given.
-    told: BTreeMap<u64, u32>,
+    /// Kibibytes of hedges told to give way and not given back yet, and
+    /// the turn each was told, by the turn their shares were given.
+    told: BTreeMap<u64, (u32, u64)>,
     /// The next turn: shares given, hedges late, hedges told, in order.
     turn: u64,
     held: HedgesHeld,
@@ -393,7 +393,7 @@ impl BudgetState {
     /// each in order, the oldest late hedge it may take room back from,
     /// those of fetches the pipeline waits on last.
     fn settle(&mut self) {
-        let told: u32 = self.told.values().sum();
+        let told: u32 = self.told.values().map(|(kib, _)| kib).sum();
         let mut coming = u64::from(self.free) + u64::from(told);
         for i in 0..self.queue.len() {
             let (kib, after) = (u64::from(self.queue[i].kib), self.queue[i].after);
@@ -409,7 +409,7 @@ impl BudgetState {
                 let late = self.late.remove(&key).expect("found");
                 let turn = self.turn();
                 if late.tell.send(turn).is_ok() {
-                    self.told.insert(late.given, late.kib);
+                    self.told.insert(late.given, (late.kib, turn));
                     coming += u64::from(late.kib);
                 }
             }
@@ -598,6 +598,18 @@ impl Drop for Late<'_> {
 }
 
 impl HedgeShare {
+    /// The turn at which the hedge holding this share was told to give it
+    /// up ([`HedgeBudget::wanted`]), if it was: a hedge waiting for room
+    /// counts on it, so a hedge that ends its call for another reason in
+    /// the same instant (its call failed, or it moves on) must give it up
+    /// all the same, not keep it for its next peer.
+    pub(super) fn told(&self) -> Option<u64> {
+        lock(&self.state)
+            .told
+            .get(&self.given)
+            .map(|(_, turn)| *turn)
+    }
+
     /// The hedge holding this share is sent: counted in flight until the
     /// share is dropped.
     pub(super) fn sent(&mut self) {
@@ -1019,6 +1031,29 @@ mod tests {
         assert!(f.as_mut().now_or_never().is_none());
         drop((d, e));
         assert!(f.now_or_never().flatten().is_some());
+    }
+
+    #[test]
+    fn a_share_knows_it_was_told_to_give_way_though_its_hedge_never_heard() {
+        use futures::FutureExt;
+        let budget = HedgeBudget::new(8 * MIB);
+        let (a, b) = (room_now(&budget, 4 * MIB), room_now(&budget, 4 * MIB));
+        let mut a_late = Box::pin(budget.wanted(&a, false));
+        let mut b_late = Box::pin(budget.wanted(&b, false));
+        assert_eq!((a.told(), told(&mut a_late)), (None, None));
+        let mut w = Box::pin(budget.share(4 * MIB, (0, false)));
+        assert!(w.as_mut().now_or_never().is_none());
+        // a is told; its hedge ends its call otherwise before it hears.
+        let turn = a.told().expect("told");
+        assert_eq!(told(&mut a_late), Some(turn));
+        assert_eq!(told(&mut b_late), None);
+        drop((a_late, b_late));
+        assert_eq!(b.told(), None);
+        // The hedge waiting counts on a's room, and gets it once a's hedge
+        // gives it up; b is never told.
+        drop(a);
+        assert!(w.now_or_never().flatten().is_some());
+        assert_eq!(b.told(), None);
     }
 
     #[test]

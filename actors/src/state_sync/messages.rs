@@ -464,7 +464,10 @@ pub struct SyncStatus {
     /// peer for one not yet asked for the fetch, keeping their share: the
     /// peer left ranks lower once the fetch's answer passes its checks.
     pub hedges_moved: u64,
-    /// Hedges sent since start.
+    /// Hedges sent since start, one per share of `max_hedged_bytes`
+    /// taken: a hedge that asks another peer with the share it holds
+    /// (after its peer failed, or moving on) is not counted again; one
+    /// that gave way, and takes a share afresh, is.
     pub hedges_sent: u64,
     /// The most hedges in flight at once since start.
     pub most_hedges_at_once: usize,

@@ -273,9 +273,17 @@ enum LateHedge {
     /// Its share is wanted by a hedge waiting for room: given up at this
     /// turn.
     GiveWay(u64),
-    /// A peer not yet asked for the fetch covers its range: asked instead,
-    /// with the same share.
-    Move,
+    /// A slot free now on a peer not yet asked for the fetch: that peer
+    /// is asked instead, with the same share.
+    Move(Slot),
+}
+
+/// Adds `peer` to `peers` unless it is there already.
+fn push_once(peers: &std::sync::Mutex<Vec<PeerId>>, peer: PeerId) {
+    let mut peers = lock(peers);
+    if !peers.contains(&peer) {
+        peers.push(peer);
+    }
 }
 
 /// A fetch's kind and the commits it is for.
@@ -293,9 +301,10 @@ type Work = (FetchKind, (CommitIndex, CommitIndex));
 /// Verifier: reported at once, the first peer would pay for a junk commit
 /// answer that a second peer sent as fast as it could, and three such
 /// answers, one banned identity each, would rank an honest peer as
-/// failing. The second peers of hedges that gave way, late, to hedges
-/// waiting for room ([`HedgeBudget::wanted`]) are beaten by the answer
-/// too, on the same terms.
+/// failing. The second peers that hedges left, late, to give way to
+/// hedges waiting for room ([`HedgeBudget::wanted`]) or to move on to a
+/// peer not yet asked ([`LateHedge::Move`]), are beaten by the answer too,
+/// on the same terms, each once.
 #[derive(Debug)]
 #[must_use = "dropped, nothing is held against the peers beaten"]
 pub(super) struct Beaten {
@@ -567,8 +576,9 @@ impl Worker {
         // take before it is late, as read when it was sent.
         let hedge_on = std::sync::Mutex::new(None);
         let timeout = self.outbound.timeout();
-        // Second peers whose hedges gave way, late, to hedges waiting for
-        // room: beaten by the answer, if it passes its checks.
+        // Second peers that hedges left, late (giving way to hedges
+        // waiting for room, or moving on): beaten by the answer, if it
+        // passes its checks.
         let given_way = std::sync::Mutex::new(Vec::new());
         // Set once the first peer's answer ends the race: a hedge polled
         // after that looks for no other peer.
@@ -577,18 +587,24 @@ impl Worker {
             // A hedge that gave way takes room back only from hedges given
             // theirs since ([`HedgeBudget::share`]).
             let mut after = 0;
-            // The share of a hedge that moved on to another peer.
+            // The share of a hedge asking another peer after a failure.
             let mut kept = None;
+            // The slot and share of a hedge moving on from a late peer.
+            let mut moved = None;
             loop {
                 let passed_over = lock(&given_way).clone();
-                let (slot, mut share) = self
-                    .second_peer(
-                        ((kind, range), (avoid.clone(), passed_over)),
-                        first_lease,
-                        (started, (reserved, &mut after)),
-                        kept.take(),
-                    )
-                    .await?;
+                let (slot, mut share) = match moved.take() {
+                    Some(next) => next,
+                    None => {
+                        self.second_peer(
+                            ((kind, range), (avoid.clone(), passed_over)),
+                            first_lease,
+                            (started, (reserved, &mut after)),
+                            kept.take(),
+                        )
+                        .await?
+                    }
+                };
                 share.sent();
                 let peer = slot.lease().peer;
                 let late_after = self.hedging.usual_delay(kind, timeout);
@@ -605,30 +621,38 @@ impl Worker {
                 *lock(&hedge_on) = None;
                 let answer = match answer {
                     Ok(answer) => answer,
-                    Err(_) if over.load(Ordering::Relaxed) => {
-                        slot.release(Transfer::Cancelled, 0);
-                        return None;
-                    }
                     Err(late) => {
                         // Late itself: its call is dropped, and its peer
                         // beaten by the answer that ends the race, if that
-                        // passes its checks. Another peer is asked (this
-                        // one again only if no other can serve). A hedge
-                        // whose share a hedge waiting for room wants takes
-                        // a share afresh, behind the hedges already
-                        // waiting; one that moves on to a peer not yet
-                        // asked keeps its own.
+                        // passes its checks. A hedge whose share a hedge
+                        // waiting for room wants asks another peer (this
+                        // one again only if no other can serve) with a
+                        // share taken afresh, behind the hedges already
+                        // waiting; one that moves on keeps its own, and
+                        // the slot leased for it.
                         slot.release(Transfer::Cancelled, 0);
-                        lock(&given_way).push(peer);
-                        match late {
-                            LateHedge::GiveWay(turn) => {
+                        let next = match late {
+                            LateHedge::GiveWay(turn) => Err(turn),
+                            LateHedge::Move(next) => Ok(next),
+                        };
+                        if over.load(Ordering::Relaxed) {
+                            return None;
+                        }
+                        push_once(&given_way, peer);
+                        // Told to give way in the instant it moved: the
+                        // hedge waiting counts on its room.
+                        match next.and_then(|next| match share.told() {
+                            Some(turn) => Err(turn),
+                            None => Ok(next),
+                        }) {
+                            Ok(next) => {
+                                self.hedges_moved.fetch_add(1, Ordering::Relaxed);
+                                moved = Some((next, share));
+                            }
+                            Err(turn) => {
                                 drop(share);
                                 self.hedges_given_way.fetch_add(1, Ordering::Relaxed);
                                 after = turn;
-                            }
-                            LateHedge::Move => {
-                                self.hedges_moved.fetch_add(1, Ordering::Relaxed);
-                                kept = Some(share);
                             }
                         }
                         continue;
@@ -672,30 +696,39 @@ impl Worker {
                             misbehaved(&self.heights, peer);
                             self.lies_in_hedges.fetch_add(1, Ordering::Relaxed);
                         }
+                        // The race ended as it failed: no other peer.
+                        if over.load(Ordering::Relaxed) {
+                            return None;
+                        }
                         // Whatever the failure, another peer is asked in
-                        // its place, with the same share. Given up on, the
-                        // fetch waited for a first peer that may never
-                        // answer, for the whole timeout: a silent identity
-                        // and one refusing hedges held every fetch they
-                        // were first and second peer of that long.
+                        // its place, with the same share (unless a hedge
+                        // waiting for room was told it in that instant).
+                        // Given up on, the fetch waited for a first peer
+                        // that may never answer, for the whole timeout: a
+                        // silent identity and one refusing hedges held
+                        // every fetch they were first and second peer of
+                        // that long.
                         avoid.push(peer);
-                        kept = Some(share);
+                        match share.told() {
+                            Some(turn) => after = turn,
+                            None => kept = Some(share),
+                        }
                     }
                 }
             }
         });
         tokio::select! {
             result = &mut first_call => {
-                let withheld_by = withheld_by.get().copied();
                 // A hedge whose answer came in the same instant is not
                 // late: polled once more, it ends its call (its answer is
-                // dropped, its slot released as cancelled). Only a hedge
-                // in its call is polled: one still looking for a peer
-                // could lease one.
+                // dropped, its slot released as cancelled, a denial
+                // judged). Only a hedge in its call is polled: one still
+                // looking for a peer could lease one.
                 if lock(&hedge_on).is_some() {
                     over.store(true, Ordering::Relaxed);
                     let _ = second.as_mut().now_or_never();
                 }
+                let withheld_by = withheld_by.get().copied();
                 // A hedge unanswered for as long as makes a peer late
                 // ([`Hedging::usual_delay`], the longer of its value when
                 // the hedge was sent and now, never the shorter wait of a
@@ -729,8 +762,8 @@ impl Worker {
     }
 
     /// The peers an answer beats, if any: `peer`, and the second peers
-    /// whose hedges gave way (counted in `hedges_given_way` already, as
-    /// they gave way).
+    /// that hedges left, late (counted in `hedges_given_way` or
+    /// `hedges_moved` already, as they were left).
     fn beaten(
         &self,
         peer: Option<(PeerId, Option<Arc<AtomicU64>>)>,
@@ -790,14 +823,17 @@ impl Worker {
 
     /// For a hedge in its call: ends once it is late
     /// ([`Self::until_late`]) and either a hedge waiting for room wants its
-    /// `share` ([`LateHedge::GiveWay`]) or a peer outside `asked` (every
-    /// peer asked for the fetch so far) covers its range, looked for every
-    /// [`HEDGE_MIN`] ([`LateHedge::Move`]). A hedge that only gave way to
-    /// others, with nothing waiting for its room, held its fetch on a
-    /// silent second peer as long as the first: for the whole request
-    /// timeout, at the head of the pipeline too, while a peer never asked
-    /// stood idle. Each move leaves a peer for one not asked before, so a
-    /// fetch's hedge moves at most once per peer that covers it.
+    /// `share` ([`LateHedge::GiveWay`]) or a slot is free now on a peer
+    /// outside `asked` (every peer asked for the fetch so far), looked for
+    /// every [`HEDGE_MIN`] ([`LateHedge::Move`], with that slot: the late
+    /// call is dropped only once the next peer is sure). A hedge that only
+    /// gave way to others, with nothing waiting for its room, held its
+    /// fetch on a silent second peer as long as the first: for the whole
+    /// request timeout, at the head of the pipeline too, while a peer
+    /// never asked stood idle. Each move leaves a peer for one not asked
+    /// before, so a fetch's hedge moves at most once per peer that covers
+    /// it; once every such peer was asked it stays where it is, a peer
+    /// left is not asked again.
     async fn late_hedge(
         &self,
         ((kind, range), sent, at_send): (Work, &Sent, Duration),
@@ -806,13 +842,17 @@ impl Worker {
     ) -> LateHedge {
         self.until_late(kind, sent, at_send).await;
         let another = async {
-            while !self.covered((kind, range), &asked).await {
+            loop {
+                let free_now = (Duration::ZERO, false);
+                if let Ok(slot) = self.lease((kind, range), asked.clone(), free_now).await {
+                    return slot;
+                }
                 tokio::time::sleep(HEDGE_MIN).await;
             }
         };
         tokio::select! {
             turn = self.wanted(range.0, share) => LateHedge::GiveWay(turn),
-            () = another => LateHedge::Move,
+            slot = another => LateHedge::Move(slot),
         }
     }
 
@@ -880,8 +920,8 @@ impl Worker {
     }
 
     /// [`Self::acquire`] for a peer in neither `avoid` nor `passed_over`
-    /// (second peers whose hedges gave way), or, if none can serve, in
-    /// `passed_over`: giving way proves nothing against a peer.
+    /// (second peers that hedges left, late), or, if none can serve, in
+    /// `passed_over`: being left late proves nothing against a peer.
     async fn acquire_passing_over(
         &self,
         work: Work,
