@@ -116,7 +116,8 @@ mod byzantine {
 
     use std::sync::atomic::Ordering;
 
-    use soma_types::AuthorityIndex;
+    use soma_actors::peer_heights::PeerView;
+    use soma_types::{AuthorityIndex, PeerId};
 
     pub(super) use soma_testkit::byzantine::{Lie, serve, serve_observed};
     use soma_testkit::byzantine::{
@@ -388,30 +389,50 @@ mod byzantine {
             status.hedges_given_way >= 2
         };
         soma_testkit::wait_until("two hedges to give way", DEADLINE, given_way).await;
-        let honest = validator(&chain, 1);
-        node.connect(Some(honest.peer_id()), honest.local_addr().to_string())
-            .expect("Connections takes the dial");
-        wait_synced(&node, 600).await;
-        assert_same_chain(&chain, store.as_ref());
+        let (honest, views) = synced_from_an_honest_peer_dialled(&node, &chain, store).await;
         let status = node.sync_status().await.unwrap();
         // Every hedge sent before the honest peer came went to a silent
         // peer, and one ended only by giving way to the next.
         assert!(status.hedges_sent > status.hedges_given_way, "{status:?}");
-        let views = node.peer_heights().await.unwrap();
-        let view = |peer| views.iter().find(|v| v.peer == peer).expect("tracked");
-        let h = view(honest.peer_id());
-        assert_eq!(
-            (h.failures, h.faults, h.banned_until),
-            (0, 0, None),
-            "{h:?}"
-        );
         // Giving way proves no lie.
-        for s in &silent {
-            let v = view(s.peer);
-            assert_eq!((v.faults, v.banned_until), (0, None), "{v:?}");
-        }
+        let silent: Vec<PeerId> = silent.iter().map(|s| s.peer).collect();
+        assert_no_lie_proved(&views, &silent);
         node.shutdown().await;
         honest.shutdown().await;
+    }
+
+    /// Dials an honest validator, waits until the node has synced the
+    /// chain, and checks what it stored, and that the honest peer was
+    /// never held at fault. Returns the validator, to shut down, and the
+    /// node's peer table.
+    async fn synced_from_an_honest_peer_dialled(
+        node: &P2pHandle,
+        chain: &Chain,
+        store: Arc<dyn ConsensusStore>,
+    ) -> (P2pHandle, Vec<PeerView>) {
+        let honest = validator(chain, 1);
+        node.connect(Some(honest.peer_id()), honest.local_addr().to_string())
+            .expect("Connections takes the dial");
+        wait_synced(node, chain.tip()).await;
+        assert_same_chain(chain, store.as_ref());
+        let views = node.peer_heights().await.unwrap();
+        let h = view(&views, honest.peer_id());
+        let fate = (h.failures, h.faults, h.banned_until);
+        assert_eq!(fate, (0, 0, None), "{h:?}");
+        (honest, views)
+    }
+
+    /// `peer`'s row of the peer table.
+    fn view(views: &[PeerView], peer: PeerId) -> &PeerView {
+        views.iter().find(|v| v.peer == peer).expect("tracked")
+    }
+
+    /// Asserts that none of `peers` was found at fault, nor banned.
+    fn assert_no_lie_proved(views: &[PeerView], peers: &[PeerId]) {
+        for &peer in peers {
+            let v = view(views, peer);
+            assert_eq!((v.faults, v.banned_until), (0, None), "{v:?}");
+        }
     }
 
     /// The commit fetch the pipeline waits on is asked of a silent peer
@@ -447,11 +468,7 @@ mod byzantine {
             (1, 0),
             "{status:?}"
         );
-        let honest = validator(&chain, 1);
-        node.connect(Some(honest.peer_id()), honest.local_addr().to_string())
-            .expect("Connections takes the dial");
-        wait_synced(&node, chain.tip()).await;
-        assert_same_chain(&chain, store.as_ref());
+        let (honest, views) = synced_from_an_honest_peer_dialled(&node, &chain, store).await;
         let status = node.sync_status().await.unwrap();
         // The commit fetch's hedge moved to the honest peer: nothing else
         // could end it. (Block fetches may be hedged, and move, too, as
@@ -459,15 +476,9 @@ mod byzantine {
         // has room for every hedge.
         assert!(status.hedges_moved >= 1, "{status:?}");
         assert_eq!(status.hedges_given_way, 0, "{status:?}");
-        let views = node.peer_heights().await.unwrap();
-        let view = |peer| views.iter().find(|v| v.peer == peer).expect("tracked");
-        let h = view(honest.peer_id());
-        assert_eq!((h.failures, h.faults), (0, 0), "{h:?}");
         // Being left proves no lie.
-        for s in &silent {
-            let v = view(s.peer);
-            assert_eq!((v.faults, v.banned_until), (0, None), "{v:?}");
-        }
+        let silent: Vec<PeerId> = silent.iter().map(|s| s.peer).collect();
+        assert_no_lie_proved(&views, &silent);
         node.shutdown().await;
         honest.shutdown().await;
     }
@@ -502,22 +513,13 @@ mod byzantine {
         soma_testkit::wait_until("the refuser to refuse the hedge", DEADLINE, refused).await;
         let status = node.sync_status().await.unwrap();
         assert_eq!((status.hedges_sent, status.synced), (1, 0), "{status:?}");
-        let honest = validator(&chain, 1);
-        node.connect(Some(honest.peer_id()), honest.local_addr().to_string())
-            .expect("Connections takes the dial");
-        wait_synced(&node, chain.tip()).await;
-        assert_same_chain(&chain, store.as_ref());
+        let (honest, views) = synced_from_an_honest_peer_dialled(&node, &chain, store).await;
         let status = node.sync_status().await.unwrap();
         assert!(status.hedges_won >= 1, "{status:?}");
-        let views = node.peer_heights().await.unwrap();
-        let view = |peer| views.iter().find(|v| v.peer == peer).expect("tracked");
-        let h = view(honest.peer_id());
-        assert_eq!((h.failures, h.faults), (0, 0), "{h:?}");
         // Silence proves no lie; a refusal counts against its peer, but
         // bans no one.
-        let s = view(silent.peer);
-        assert_eq!((s.faults, s.banned_until), (0, None), "{s:?}");
-        let r = view(refuser.peer);
+        assert_no_lie_proved(&views, &[silent.peer]);
+        let r = view(&views, refuser.peer);
         assert_eq!(r.banned_until, None, "{r:?}");
         assert!(r.failures >= 1, "{r:?}");
         node.shutdown().await;
