@@ -252,6 +252,37 @@ impl Hedging {
         hedge_delay(fetches, queries, timeout)
     }
 
+    /// How long a call for a fetch of `kind` goes unanswered before its
+    /// peer is late: [`Self::usual_delay`], the longer of its value
+    /// `at_send` (when the call was sent) and now, never the shorter wait
+    /// of a fetch at the head of the pipeline.
+    pub fn late_after(&self, kind: FetchKind, timeout: Duration, at_send: Duration) -> Duration {
+        at_send.max(self.usual_delay(kind, timeout))
+    }
+
+    /// How long the hedge of a fetch of `kind` for commits from `start`
+    /// on goes unanswered before it moves on to a peer not yet asked: as
+    /// long as makes its peer late ([`Self::late_after`], from `at_send`),
+    /// but while the pipeline waits on the fetch, no longer than the fetch
+    /// waited for its first peer alone ([`Self::delay`]: at most a tenth
+    /// of `timeout`). Identities serving verified data slowly, made the
+    /// majority of those measured, stretch the time that makes a peer
+    /// late up to half the timeout, and each silent identity a hedge of
+    /// the head of the pipeline moved to would have held it that long.
+    pub fn move_delay(
+        &self,
+        (kind, start): (FetchKind, CommitIndex),
+        batch: u64,
+        timeout: Duration,
+        at_send: Duration,
+    ) -> Duration {
+        let late = self.late_after(kind, timeout, at_send);
+        match self.at_head(start, batch) {
+            true => late.min(self.delay((kind, start), batch, timeout)),
+            false => late,
+        }
+    }
+
     /// Whether a fetch for commits from `start` on is one the pipeline
     /// waits on: within the `batch` commits after the last applied.
     pub fn at_head(&self, start: CommitIndex, batch: u64) -> bool {
@@ -740,13 +771,11 @@ mod tests {
         assert_eq!(at(FetchKind::Commits, 201), ms(1_000));
     }
 
-    #[test]
-    fn a_majority_of_slow_identities_holds_the_head_of_the_pipeline_a_tenth_of_the_timeout() {
-        // Identities are free: five serve verified data, each answer a
-        // millisecond before the delay ends, beside three honest peers at
-        // 50 ms. They are the median, and take the usual delay to half
-        // the timeout; the fetch the pipeline waits on is hedged after a
-        // tenth of it all the same.
+    /// Identities are free: five serve verified data, each answer a
+    /// millisecond before the delay ends, beside three honest peers at 50
+    /// ms. They are the median, and take the usual delay to half the
+    /// timeout.
+    fn slow_majority() -> Hedging {
         let hedging = Hedging::default();
         for n in 1..=3 {
             hedging.answered(FetchKind::Blocks, peer(n), 50, WHOLE);
@@ -758,8 +787,52 @@ mod tests {
             }
         }
         assert_eq!(hedging.usual_delay(FetchKind::Blocks, TIMEOUT), TIMEOUT / 2);
+        hedging
+    }
+
+    #[test]
+    fn a_majority_of_slow_identities_holds_the_head_of_the_pipeline_a_tenth_of_the_timeout() {
+        // The fetch the pipeline waits on is hedged after a tenth of the
+        // timeout all the same.
+        let hedging = slow_majority();
         assert_eq!(
             hedging.delay((FetchKind::Blocks, 1), BATCH, TIMEOUT),
+            TIMEOUT / 10
+        );
+    }
+
+    #[test]
+    fn a_hedge_at_the_head_of_the_pipeline_moves_on_after_the_heads_own_wait() {
+        // With the slow majority, a hedge's peer is late only at half the
+        // timeout; a hedge of the fetch the pipeline waits on moves on
+        // after a tenth, as its fetch was hedged, however long its peer
+        // had when it was sent. Ahead, it waits as long as makes its peer
+        // late, the longer of then and now.
+        let hedging = slow_majority();
+        let blocks = FetchKind::Blocks;
+        assert_eq!(hedging.late_after(blocks, TIMEOUT, ms(0)), TIMEOUT / 2);
+        assert_eq!(
+            hedging.move_delay((blocks, 1), BATCH, TIMEOUT, ms(0)),
+            TIMEOUT / 10
+        );
+        assert_eq!(
+            hedging.move_delay((blocks, 1), BATCH, TIMEOUT, TIMEOUT),
+            TIMEOUT / 10
+        );
+        assert_eq!(
+            hedging.move_delay((blocks, AHEAD), BATCH, TIMEOUT, ms(0)),
+            TIMEOUT / 2
+        );
+        let longer = TIMEOUT / 2 + ms(1);
+        assert_eq!(
+            hedging.move_delay((blocks, AHEAD), BATCH, TIMEOUT, longer),
+            longer
+        );
+        // Once its batch is the next to apply, the same hedge moves on
+        // after the head's wait.
+        hedging.applied(AHEAD - 1);
+        assert_eq!(
+            hedging.move_delay((blocks, AHEAD), BATCH, TIMEOUT, ms(0)),
             TIMEOUT / 10
         );
     }

@@ -457,9 +457,8 @@ impl Worker {
     /// a denial is judged as a first peer's is, on its claim asked afresh
     /// (commits at once, blocks once the batch is applied:
     /// [`Hedged::withheld_by`]). A second peer late itself is left as
-    /// [`Self::late_hedge`] says. Only a lease that fails outright (no
-    /// slot within the request timeout, PeerHeights gone) leaves the
-    /// first to answer alone.
+    /// [`Self::late_hedge`] says. Only an empty budget leaves the first
+    /// to answer alone.
     /// Either way one call's answer is returned, as if only it was sent.
     ///
     /// A fetch the pipeline waits on ([`Hedging::at_head`]) that its peer
@@ -778,11 +777,9 @@ impl Worker {
     }
 
     /// How long a call for a fetch of `kind` goes unanswered before its
-    /// peer is late: [`Hedging::usual_delay`], the longer of its value
-    /// `at_send` (when the call was sent) and now, never the shorter wait
-    /// of a fetch at the head of the pipeline.
+    /// peer is late ([`Hedging::late_after`]).
     fn late_after(&self, kind: FetchKind, at_send: Duration) -> Duration {
-        at_send.max(self.hedging.usual_delay(kind, self.outbound.timeout()))
+        (self.hedging).late_after(kind, self.outbound.timeout(), at_send)
     }
 
     /// Ends once the hedge of a fetch of `kind` from commit `start` whose
@@ -822,8 +819,10 @@ impl Worker {
     }
 
     /// For a hedge in its call: ends once it is late
-    /// ([`Self::until_late`]) and either a hedge waiting for room wants its
-    /// `share` ([`LateHedge::GiveWay`]) or a slot is free now on a peer
+    /// ([`Self::until_late`]) and a hedge waiting for room wants its
+    /// `share` ([`LateHedge::GiveWay`]), or once it may move on
+    /// ([`Self::until_moveable`]: as late, or at the head of the pipeline
+    /// as soon as its fetch was hedged) and a slot is free now on a peer
     /// outside `asked` (every peer asked for the fetch so far), looked for
     /// every [`HEDGE_MIN`] ([`LateHedge::Move`], with that slot: the late
     /// call is dropped only once the next peer is sure). A hedge that only
@@ -840,8 +839,12 @@ impl Worker {
         share: &HedgeShare,
         asked: Vec<PeerId>,
     ) -> LateHedge {
-        self.until_late(kind, sent, at_send).await;
+        let wanted = async {
+            self.until_late(kind, sent, at_send).await;
+            self.wanted(range.0, share).await
+        };
         let another = async {
+            self.until_moveable((kind, range.0), sent, at_send).await;
             loop {
                 let free_now = (Duration::ZERO, false);
                 if let Ok(slot) = self.lease((kind, range), asked.clone(), free_now).await {
@@ -851,8 +854,32 @@ impl Worker {
             }
         };
         tokio::select! {
-            turn = self.wanted(range.0, share) => LateHedge::GiveWay(turn),
+            turn = wanted => LateHedge::GiveWay(turn),
             slot = another => LateHedge::Move(slot),
+        }
+    }
+
+    /// Ends once the hedge of a fetch of `kind` from commit `start` whose
+    /// request went out as `sent` may move on ([`Hedging::move_delay`],
+    /// from `at_send`), read again every [`HEAD_HEDGE_MIN`]: a fetch
+    /// reaches the head of the pipeline as the batches before it are
+    /// applied.
+    async fn until_moveable(
+        &self,
+        (kind, start): (FetchKind, CommitIndex),
+        sent: &Sent,
+        at_send: Duration,
+    ) {
+        let (batch, timeout) = (self.config.commit_sync_batch_size, self.outbound.timeout());
+        loop {
+            let after = (self.hedging).move_delay((kind, start), batch, timeout, at_send);
+            match sent.waited() {
+                Some(waited) if waited >= after => return,
+                waited => {
+                    let left = after - waited.unwrap_or_default();
+                    tokio::time::sleep(left.min(HEAD_HEDGE_MIN)).await;
+                }
+            }
         }
     }
 
@@ -867,9 +894,11 @@ impl Worker {
     /// until another can serve it. A commit fetch that no other peer could
     /// take and that is still unanswered [`UNANSWERED_DOUBT`] after it was
     /// sent has its peer's claim doubted at once ([`LeaseUnanswered`]).
-    /// A hedge moving on from a late peer brings its share (`kept`) and
-    /// asks for none. `None` once acquiring fails otherwise, or if the
-    /// budget is empty (no hedge is ever sent).
+    /// A hedge asking another peer after a failure brings its share
+    /// (`kept`) and asks for none. `None` only if the budget is empty (no
+    /// hedge is ever sent). A lease that fails for want of a free slot,
+    /// or of an answer from PeerHeights, is asked again as when no peer
+    /// covers the range.
     async fn second_peer(
         &self,
         ((kind, range), (avoid, passed_over)): (Work, (Vec<PeerId>, Vec<PeerId>)),
@@ -900,8 +929,13 @@ impl Worker {
             };
             match leased {
                 Ok(slot) => return Some((slot, share)),
-                Err(Failure::NoPeer) => drop(share),
-                Err(_) => return None,
+                // No peer; or none free in time, PeerHeights' queue of
+                // waiting fetches full, or PeerHeights not answering: the
+                // share is given back and a peer looked for again while
+                // the first call runs. Given up on, a failed lease left
+                // the first peer, silent perhaps, the fetch for the whole
+                // timeout.
+                Err(_) => drop(share),
             }
             // Room is asked for again only once a peer could be leased: a
             // hedge waiting for room makes late hedges give way, and room
