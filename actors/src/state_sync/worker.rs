@@ -278,6 +278,22 @@ enum LateHedge {
     Move(Slot),
 }
 
+/// Ends once the call that went out as `sent` has waited `after()`, read
+/// again each time it wakes, at least every `recheck`. Time before the
+/// request went out (a wait for Connections, ours) does not count.
+async fn until_waited(sent: &Sent, after: impl Fn() -> Duration, recheck: Duration) {
+    loop {
+        let after = after();
+        match sent.waited() {
+            Some(waited) if waited >= after => return,
+            waited => {
+                let left = after - waited.unwrap_or_default();
+                tokio::time::sleep(left.min(recheck)).await;
+            }
+        }
+    }
+}
+
 /// Adds `peer` to `peers` unless it is there already.
 fn push_once(peers: &std::sync::Mutex<Vec<PeerId>>, peer: PeerId) {
     let mut peers = lock(peers);
@@ -630,25 +646,16 @@ impl Worker {
                         // waiting; one that moves on keeps its own, and
                         // the slot leased for it.
                         slot.release(Transfer::Cancelled, 0);
-                        let next = match late {
-                            LateHedge::GiveWay(turn) => Err(turn),
-                            LateHedge::Move(next) => Ok(next),
-                        };
                         if over.load(Ordering::Relaxed) {
                             return None;
                         }
                         push_once(&given_way, peer);
-                        // Told to give way in the instant it moved: the
-                        // hedge waiting counts on its room.
-                        match next.and_then(|next| match share.told() {
-                            Some(turn) => Err(turn),
-                            None => Ok(next),
-                        }) {
-                            Ok(next) => {
+                        match late {
+                            LateHedge::Move(next) => {
                                 self.hedges_moved.fetch_add(1, Ordering::Relaxed);
                                 moved = Some((next, share));
                             }
-                            Err(turn) => {
+                            LateHedge::GiveWay(turn) => {
                                 drop(share);
                                 self.hedges_given_way.fetch_add(1, Ordering::Relaxed);
                                 after = turn;
@@ -800,14 +807,8 @@ impl Worker {
     /// Ends once the hedge of a fetch of `kind` whose request went out as
     /// `sent` is late ([`Self::late_after`], from `at_send`).
     async fn until_late(&self, kind: FetchKind, sent: &Sent, at_send: Duration) {
-        loop {
-            let late_after = self.late_after(kind, at_send);
-            match sent.waited() {
-                Some(waited) if waited >= late_after => return,
-                Some(waited) => tokio::time::sleep(late_after - waited).await,
-                None => tokio::time::sleep(late_after).await,
-            }
-        }
+        let late_after = || self.late_after(kind, at_send);
+        until_waited(sent, late_after, Duration::MAX).await;
     }
 
     /// Ends once a hedge waiting for room wants `share`, held by the late
@@ -853,9 +854,18 @@ impl Worker {
                 tokio::time::sleep(HEDGE_MIN).await;
             }
         };
-        tokio::select! {
+        let late = tokio::select! {
             turn = wanted => LateHedge::GiveWay(turn),
             slot = another => LateHedge::Move(slot),
+        };
+        // Told to give way in the instant it could move: the hedge waiting
+        // counts on its room.
+        match (late, share.told()) {
+            (LateHedge::Move(slot), Some(turn)) => {
+                slot.release(Transfer::Cancelled, 0);
+                LateHedge::GiveWay(turn)
+            }
+            (late, _) => late,
         }
     }
 
@@ -871,16 +881,8 @@ impl Worker {
         at_send: Duration,
     ) {
         let (batch, timeout) = (self.config.commit_sync_batch_size, self.outbound.timeout());
-        loop {
-            let after = (self.hedging).move_delay((kind, start), batch, timeout, at_send);
-            match sent.waited() {
-                Some(waited) if waited >= after => return,
-                waited => {
-                    let left = after - waited.unwrap_or_default();
-                    tokio::time::sleep(left.min(HEAD_HEDGE_MIN)).await;
-                }
-            }
-        }
+        let after = || (self.hedging).move_delay((kind, start), batch, timeout, at_send);
+        until_waited(sent, after, HEAD_HEDGE_MIN).await;
     }
 
     /// A slot for the hedge of the fetch leased as `first`, sent at
