@@ -576,7 +576,7 @@ mod byzantine {
     async fn a_peer_denying_blocks_only_in_hedges_is_banned_once_they_prove_to_exist() {
         let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(300));
         let (held, liar) = serve_withholding_hedges(chain.clone(), 126, 127).await;
-        let node = denied_in_a_hedge(&chain, &held, &liar).await;
+        let node = denied_in_a_hedge(&chain, (&held, &liar), false).await;
         wait_banned(&node, &[liar.peer]).await;
         wait_synced(&node, chain.tip()).await;
         let views = node.peer_heights().await.unwrap();
@@ -599,8 +599,14 @@ mod byzantine {
     /// A node syncing `chain` from `held` alone until `held` holds a
     /// fetch, then from `liar` too, which is then asked only in hedges of
     /// what `held` holds (no fetch times out before it is opened); once
-    /// `liar` has denied a hedge, `held` is opened.
-    async fn denied_in_a_hedge(chain: &Arc<Chain>, held: &Served, liar: &Served) -> P2pHandle {
+    /// `liar` has denied a hedge (and, if `asked_afresh`, has been asked
+    /// its height since: the node read the denial and judges it now),
+    /// `held` is opened.
+    async fn denied_in_a_hedge(
+        chain: &Arc<Chain>,
+        (held, liar): (&Served, &Served),
+        asked_afresh: bool,
+    ) -> P2pHandle {
         let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
         let config = P2pConfig {
             seed_peers: vec![held.seed()],
@@ -613,6 +619,16 @@ mod byzantine {
         let denied = liar.denied.clone();
         let asked = async || denied.load(Ordering::SeqCst) > 0;
         soma_testkit::wait_until("the liar to deny a hedge", DEADLINE, asked).await;
+        if asked_afresh {
+            // Opened as soon as its server counted the denial, the held
+            // peer's answer could end the race before the node read the
+            // denial, which then went unjudged (a stall of this test, about
+            // one run in twenty on a loaded machine).
+            let queries = liar.height_queries.clone();
+            let at_denial = queries.load(Ordering::SeqCst);
+            let again = async || queries.load(Ordering::SeqCst) > at_denial;
+            soma_testkit::wait_until("the liar to be asked afresh", DEADLINE, again).await;
+        }
         held.open();
         node
     }
@@ -628,7 +644,7 @@ mod byzantine {
     async fn a_peer_denying_commits_only_in_hedges_is_banned() {
         let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(300));
         let (held, liar) = serve_denying_commit_hedges(chain.clone(), 128, 129).await;
-        let node = denied_in_a_hedge(&chain, &held, &liar).await;
+        let node = denied_in_a_hedge(&chain, (&held, &liar), true).await;
         wait_synced(&node, chain.tip()).await;
         wait_banned(&node, &[liar.peer]).await;
         assert_eq!(liar.denied.load(Ordering::SeqCst), 1);
