@@ -526,6 +526,55 @@ mod byzantine {
         honest.shutdown().await;
     }
 
+    /// The one commit fetch is held by a peer that refuses it only once
+    /// the node has hedged it to the only other peer, which holds the
+    /// hedge until the test opens it. The refusal used to end the race:
+    /// the hedge's call was dropped and the fetch asked again at the next
+    /// tick, of the hedge's peer as often as not, a hedge delay and a tick
+    /// lost each time. The hedge now goes on alone: its answer is the
+    /// fetch's, and its peer is asked for the commits once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hedge_goes_on_alone_when_the_first_peer_fails_after_it_went_out() {
+        let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(20));
+        let refusing = Lie::HoldsCommitsThenRefuses(tonic::Code::Unavailable);
+        let first = serve_observed(chain.clone(), refusing, 144).await;
+        let hedge = serve_observed(chain.clone(), Lie::HoldsCommitsUntilOpened, 145).await;
+        let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+        let config = P2pConfig {
+            seed_peers: vec![first.seed()],
+            timeout: Duration::from_secs(3_600),
+            ..P2pConfig::default()
+        };
+        let node = soma_testkit::node(&chain, 9, config, store.clone());
+        dial_once_held(&node, &first, &hedge).await;
+        let hedged = async || hedge.commit_fetches() == 1;
+        soma_testkit::wait_until("the hedge to go out", DEADLINE, hedged).await;
+        let status = node.sync_status().await.unwrap();
+        assert_eq!((status.hedges_sent, status.synced), (1, 0), "{status:?}");
+        first.open();
+        let alone = async || node.sync_status().await.is_ok_and(|s| s.hedges_alone == 1);
+        soma_testkit::wait_until("the hedge to go on alone", DEADLINE, alone).await;
+        hedge.open();
+        wait_synced(&node, chain.tip()).await;
+        assert_same_chain(&chain, store.as_ref());
+        // Each peer was asked for the commits once: the hedge's answer was
+        // kept, not asked for again.
+        let asked = (first.commit_fetches(), hedge.commit_fetches());
+        assert_eq!(asked, (1, 1));
+        let status = node.sync_status().await.unwrap();
+        let hedges = (status.hedges_sent, status.hedges_alone, status.hedges_won);
+        assert_eq!(hedges, (1, 1, 0), "{status:?}");
+        // A refusal counts against its peer, but bans no one.
+        let views = node.peer_heights().await.unwrap();
+        assert_no_lie_proved(&views, &[hedge.peer]);
+        let f = view(&views, first.peer);
+        assert_eq!(f.banned_until, None, "{f:?}");
+        assert!(f.failures >= 1, "{f:?}");
+        let h = view(&views, hedge.peer);
+        assert_eq!(h.failures, 0, "{h:?}");
+        node.shutdown().await;
+    }
+
     /// A block fetch the silent peer holds is hedged to the only other
     /// peer, which answers the hedge with a blob nobody asked for. That
     /// lie is the hedge's, which the core never sees: it used to be

@@ -120,6 +120,7 @@ impl Deps {
             hedges_late: Default::default(),
             hedges_given_way: Default::default(),
             hedges_moved: Default::default(),
+            hedges_alone: Default::default(),
         }
     }
 

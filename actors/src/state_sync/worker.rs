@@ -250,8 +250,9 @@ pub(super) struct Worker {
     pub(super) hedging: Hedging,
     /// Bytes hedges in flight may hold; shared by the actor's workers.
     pub(super) hedge_budget: HedgeBudget,
-    /// Provable lies in answers to hedges, which the core never sees:
-    /// counted here, with the core's, in `invalid_responses`.
+    /// Provable lies in answers the core never sees (a hedge's, or a first
+    /// peer's its hedge outlived): counted here, with the core's, in
+    /// `invalid_responses`.
     pub(super) lies_in_hedges: Arc<AtomicU64>,
     /// Fetches a hedge's answer won, counted as their first peers are
     /// released late ([`Beaten::settle`]).
@@ -266,6 +267,9 @@ pub(super) struct Worker {
     /// Hedges that, late, left their peer for one not yet asked for the
     /// fetch, keeping their share ([`LateHedge::Move`]).
     pub(super) hedges_moved: Arc<AtomicU64>,
+    /// Hedges that went on alone once their fetch's first peer failed
+    /// while they were out.
+    pub(super) hedges_alone: Arc<AtomicU64>,
 }
 
 /// How a hedge late itself ends its call ([`Worker::late_hedge`]).
@@ -598,6 +602,11 @@ impl Worker {
         // Set once the first peer's answer ends the race: a hedge polled
         // after that looks for no other peer.
         let over = std::sync::atomic::AtomicBool::new(false);
+        // Set once the first peer failed while the hedge was in its call:
+        // the hedge goes on alone, moving on when late, but a hedge that
+        // fails or gives way then ends the fetch with the first's failure
+        // (nothing else bounds a search for another peer).
+        let alone = std::sync::atomic::AtomicBool::new(false);
         let mut second = std::pin::pin!(async {
             // A hedge that gave way takes room back only from hedges given
             // theirs since ([`HedgeBudget::share`]).
@@ -658,6 +667,9 @@ impl Worker {
                             LateHedge::GiveWay(turn) => {
                                 drop(share);
                                 self.hedges_given_way.fetch_add(1, Ordering::Relaxed);
+                                if alone.load(Ordering::Relaxed) {
+                                    return None;
+                                }
                                 after = turn;
                             }
                         }
@@ -667,43 +679,10 @@ impl Worker {
                 match answer {
                     Ok(answer) => return Some((slot, answer, share)),
                     Err(failure) => {
-                        // A denial is judged as a first peer's is: commits
-                        // on the claim asked afresh, blocks once the batch
-                        // is applied. Counted as an error, a peer that
-                        // denied only hedges was never banned.
-                        match transfer(&failure) {
-                            // In a task of its own, so that the first
-                            // peer's answer, ending the race while the
-                            // question is out, does not drop the
-                            // judgement (at most a commit hedge delay).
-                            Transfer::NotFound => {
-                                let worker = self.clone();
-                                tokio::spawn(async move {
-                                    let transfer = match worker.refresh(peer).await {
-                                        true => Transfer::NotFound,
-                                        false => Transfer::Error,
-                                    };
-                                    slot.release(transfer, 0);
-                                });
-                            }
-                            // The first denier of a race is judged.
-                            Transfer::Withheld => {
-                                let _ = withheld_by.set(peer);
-                                slot.release(Transfer::Withheld, 0);
-                            }
-                            other => {
-                                slot.release(other, 0);
-                            }
-                        }
-                        // A provable lie (blocks nobody asked for, say):
-                        // the core never sees a hedge's failure, so the
-                        // peer is reported here.
-                        if matches!(failure, Failure::Invalid(_)) {
-                            misbehaved(&self.heights, peer);
-                            self.lies_in_hedges.fetch_add(1, Ordering::Relaxed);
-                        }
-                        // The race ended as it failed: no other peer.
-                        if over.load(Ordering::Relaxed) {
+                        self.judge_aside(slot, &failure, transfer(&failure), &withheld_by);
+                        // The race ended as it failed, or the hedge was
+                        // alone: no other peer.
+                        if over.load(Ordering::Relaxed) || alone.load(Ordering::Relaxed) {
                             return None;
                         }
                         // Whatever the failure, another peer is asked in
@@ -725,6 +704,27 @@ impl Worker {
         });
         tokio::select! {
             result = &mut first_call => {
+                // Failed, by its peer's doing, while the hedge was in its
+                // call: the hedge goes on alone and its answer is the
+                // fetch's. Ended with the race, an answer in flight was
+                // dropped and the fetch asked again at the core's next
+                // tick, so a peer that failed each fetch just after its
+                // hedge went out cost every such fetch a hedge delay and a
+                // tick. The first's failure is judged as a hedge's is.
+                if let Err(failure) = &result
+                    && failure.is_peer_fault()
+                    && lock(&hedge_on).is_some()
+                {
+                    alone.store(true, Ordering::Relaxed);
+                    self.hedges_alone.fetch_add(1, Ordering::Relaxed);
+                    if let Some((slot, answer, share)) = second.as_mut().await {
+                        drop(share);
+                        self.judge_aside(first, failure, transfer(failure), &withheld_by);
+                        let beaten = self.beaten(None, &given_way);
+                        let withheld_by = withheld_by.get().copied();
+                        return Hedged { slot, result: Ok(answer), alone: false, beaten, withheld_by };
+                    }
+                }
                 // A hedge whose answer came in the same instant is not
                 // late: polled once more, it ends its call (its answer is
                 // dropped, its slot released as cancelled, a denial
@@ -764,6 +764,50 @@ impl Worker {
                 let withheld_by = withheld_by.get().copied();
                 Hedged { slot, result: Ok(answer), alone: false, beaten, withheld_by }
             }
+        }
+    }
+
+    /// Judges the failure of a call whose fetch went on without it (a
+    /// hedge's; a first peer's its hedge outlived), which the core never
+    /// sees: a denial as a first peer's is, commits on the claim asked
+    /// afresh, blocks once the batch is applied (the first denier of a
+    /// race, set in `withheld_by`); a provable lie (blocks nobody asked
+    /// for, say) reported at once; anything else released as `transfer`
+    /// tells. Counted as an error, a peer that denied only hedges was
+    /// never banned.
+    fn judge_aside(
+        &self,
+        slot: Slot,
+        failure: &Failure,
+        transfer: Transfer,
+        withheld_by: &OnceLock<PeerId>,
+    ) {
+        let peer = slot.lease().peer;
+        match transfer {
+            // In a task of its own, so that the race ending while the
+            // question is out does not drop the judgement (at most a commit
+            // hedge delay).
+            Transfer::NotFound => {
+                let worker = self.clone();
+                tokio::spawn(async move {
+                    let transfer = match worker.refresh(peer).await {
+                        true => Transfer::NotFound,
+                        false => Transfer::Error,
+                    };
+                    slot.release(transfer, 0);
+                });
+            }
+            Transfer::Withheld => {
+                let _ = withheld_by.set(peer);
+                slot.release(Transfer::Withheld, 0);
+            }
+            other => {
+                slot.release(other, 0);
+            }
+        }
+        if matches!(failure, Failure::Invalid(_)) {
+            misbehaved(&self.heights, peer);
+            self.lies_in_hedges.fetch_add(1, Ordering::Relaxed);
         }
     }
 

@@ -40,6 +40,7 @@ struct Series {
     hedges_late: IntCounterVec,
     hedges_given_way: IntCounterVec,
     hedges_moved: IntCounterVec,
+    hedges_alone: IntCounterVec,
     hedges_sent: IntCounterVec,
     write_failures: IntCounterVec,
     failures: IntCounterVec,
@@ -158,6 +159,12 @@ impl Series {
                 &r,
                 "soma_hedges_moved_total",
                 "Hedges that, late themselves, left their peer for one not yet asked for the fetch",
+                &[],
+            ),
+            hedges_alone: counter(
+                &r,
+                "soma_hedges_alone_total",
+                "Hedges that went on alone once their fetch's first peer failed while they were out",
                 &[],
             ),
             hedges_sent: counter(
@@ -317,6 +324,7 @@ impl Series {
             self.advance(&self.hedges_late, &[], status.hedges_late);
             self.advance(&self.hedges_given_way, &[], status.hedges_given_way);
             self.advance(&self.hedges_moved, &[], status.hedges_moved);
+            self.advance(&self.hedges_alone, &[], status.hedges_alone);
             self.advance(&self.hedges_sent, &[], status.hedges_sent);
             let writes_failed = status.store_write_failures;
             self.advance(&self.write_failures, &[], writes_failed);
@@ -667,6 +675,7 @@ mod tests {
         assert_eq!(value(&ours, "soma_hedges_late_total"), 0.0);
         assert_eq!(value(&ours, "soma_hedges_given_way_total"), 0.0);
         assert_eq!(value(&ours, "soma_hedges_moved_total"), 0.0);
+        assert_eq!(value(&ours, "soma_hedges_alone_total"), 0.0);
         assert_eq!(value(&ours, "soma_hedges_sent_total"), 0.0);
         assert_eq!(value(&ours, "soma_store_write_failures_total"), 0.0);
         let invalid = r#"soma_verification_failures_total{kind="invalid_response"}"#;

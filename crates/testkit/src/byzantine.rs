@@ -101,6 +101,11 @@ pub enum Lie {
     /// peer of its pair. (Holding block fetches too, it could hold its
     /// one fetch slot with a block fetch, and never a commit fetch.)
     HoldsCommitsUntilOpened,
+    /// Claims the chain, holds every commit fetch unanswered until it is
+    /// opened ([`Served::open`]), then refuses it with this status, as it
+    /// refuses every other fetch at once: it fails a fetch only after the
+    /// node had time to hedge it, and proves no lie.
+    HoldsCommitsThenRefuses(tonic::Code),
     /// Serves the chain honestly and at once, except to a fetch its
     /// [`Lie::HoldsCommitsUntilOpened`] pair holds or serves, that is, to
     /// a hedge of it: a commit fetch then gets a certifier block with a
@@ -207,6 +212,8 @@ struct Evil {
     stalled: Arc<AtomicUsize>,
     /// FetchCommits and FetchBlocks calls received.
     fetches: Arc<AtomicUsize>,
+    /// FetchCommits calls received.
+    commit_fetches: Arc<AtomicUsize>,
     /// Fetches answered NOT_FOUND for what it pruned or withholds.
     denied: Arc<AtomicUsize>,
     /// Whether a pruning peer has pruned (or a disclaiming one denied).
@@ -368,7 +375,9 @@ impl Evil {
                 tokio::time::sleep(Duration::from_millis(hold)).await;
                 creep.kept = true;
             }
-            Lie::ClaimsHeightRefusing(code) | Lie::Refuses(code) => {
+            Lie::ClaimsHeightRefusing(code)
+            | Lie::Refuses(code)
+            | Lie::HoldsCommitsThenRefuses(code) => {
                 return Err(Status::new(code, "refused"));
             }
             _ => {}
@@ -548,8 +557,12 @@ impl p2p_server::P2p for Evil {
         request: Request<proto::FetchCommitsRequest>,
     ) -> Result<Response<proto::FetchCommitsResponse>, Status> {
         self.fetches.fetch_add(1, Ordering::SeqCst);
+        self.commit_fetches.fetch_add(1, Ordering::SeqCst);
         let start = request.get_ref().start;
-        if self.lie == Lie::HoldsCommitsUntilOpened {
+        if matches!(
+            self.lie,
+            Lie::HoldsCommitsUntilOpened | Lie::HoldsCommitsThenRefuses(_)
+        ) {
             let _stalled = Stalled::new(&self.stalled);
             self.held.until_opened(start).await;
         }
@@ -819,6 +832,8 @@ pub struct Served {
     pub stalled: Arc<AtomicUsize>,
     /// FetchCommits and FetchBlocks calls it has received.
     pub fetches: Arc<AtomicUsize>,
+    /// FetchCommits calls it has received.
+    pub commit_fetches: Arc<AtomicUsize>,
     /// Fetches it has refused: NOT_FOUND for what it pruned or withholds
     /// ([`Lie::PrunesAtBlocksOf`], [`Lie::PrunesAtCommitsOf`],
     /// [`Lie::WithholdsBlocksOf`], [`Lie::WithholdsHedgedBlocks`],
@@ -851,7 +866,8 @@ impl Served {
 
     /// Opens a [`Lie::HoldsCommitsUntilOpened`] or
     /// [`Lie::HoldsBlocksUntilOpened`] peer: it answers every fetch it
-    /// holds, and every later one at once.
+    /// holds, and every later one at once (a
+    /// [`Lie::HoldsCommitsThenRefuses`] peer refuses them).
     pub fn open(&self) {
         self.held.opened.send_replace(true);
     }
@@ -859,6 +875,11 @@ impl Served {
     /// Fetches it has received so far.
     pub fn fetches(&self) -> usize {
         self.fetches.load(Ordering::SeqCst)
+    }
+
+    /// FetchCommits calls it has received so far.
+    pub fn commit_fetches(&self) -> usize {
+        self.commit_fetches.load(Ordering::SeqCst)
     }
 
     /// The index of each PushCommit it has received so far, in order.
@@ -928,6 +949,7 @@ async fn serve_pair(chain: Arc<Chain>, first: (Lie, u8), second: (Lie, u8)) -> (
 async fn serve_sharing(chain: Arc<Chain>, lie: Lie, key: u8, held: Arc<Held>) -> Served {
     let (stalled, fetches) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let denied = Arc::new(AtomicUsize::new(0));
+    let commit_fetches = Arc::new(AtomicUsize::new(0));
     let loaded = Arc::new(AtomicBool::new(false));
     let height_queries = Arc::new(AtomicUsize::new(0));
     let pushes = Arc::new(Mutex::new(Vec::new()));
@@ -947,6 +969,7 @@ async fn serve_sharing(chain: Arc<Chain>, lie: Lie, key: u8, held: Arc<Held>) ->
         lie,
         stalled: stalled.clone(),
         fetches: fetches.clone(),
+        commit_fetches: commit_fetches.clone(),
         denied: denied.clone(),
         pruned: AtomicBool::new(false),
         loaded: loaded.clone(),
@@ -970,6 +993,7 @@ async fn serve_sharing(chain: Arc<Chain>, lie: Lie, key: u8, held: Arc<Held>) ->
         address,
         stalled,
         fetches,
+        commit_fetches,
         denied,
         height_queries,
         pushes,
