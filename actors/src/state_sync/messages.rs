@@ -464,10 +464,10 @@ pub struct SyncStatus {
     /// peer for one not yet asked for the fetch, keeping their share: the
     /// peer left ranks lower once the fetch's answer passes its checks.
     pub hedges_moved: u64,
-    /// Hedges that went on alone once their fetch's first peer failed
-    /// (refused, reset, timed out, denied, lied) while they were out: the
-    /// fetch became theirs, and its answer in flight was kept rather than
-    /// dropped and asked for again.
+    /// Hedges that went on alone once their fetch's first peer refused,
+    /// reset or denied it while they were out (not a timeout, nor a lie):
+    /// the fetch became theirs until the first call's own deadline, and an
+    /// answer in flight was kept rather than dropped and asked for again.
     pub hedges_alone: u64,
     /// Hedges sent since start, one per share of `max_hedged_bytes`
     /// taken: a hedge that asks another peer with the share it holds

@@ -298,6 +298,19 @@ async fn until_waited(sent: &Sent, after: impl Fn() -> Duration, recheck: Durati
     }
 }
 
+/// Whether a hedge in its call goes on alone once its fetch's first call
+/// failed with `failure` ([`Worker::hedged_on`]): a refusal, a broken
+/// connection or a denial, the peer's doing; not a timeout, nor a lie, nor
+/// a denial of blocks once the race's one denier judged aside is taken
+/// (`denier_taken`).
+fn goes_alone(failure: &Failure, denier_taken: bool) -> bool {
+    match failure {
+        Failure::Status { .. } | Failure::Transport | Failure::NotFound => true,
+        Failure::BlocksWithheld { .. } => !denier_taken,
+        _ => false,
+    }
+}
+
 /// Adds `peer` to `peers` unless it is there already.
 fn push_once(peers: &std::sync::Mutex<Vec<PeerId>>, peer: PeerId) {
     let mut peers = lock(peers);
@@ -370,13 +383,15 @@ impl Sent {
 /// How a hedged fetch ended: the slot of the peer whose answer (or
 /// failure) is kept, that answer, whether it came before any hedge was
 /// sent, the peer it beat (the first, by a hedge's answer; the second, by
-/// the first's once the hedge was late), and the second peer
-/// if it withheld blocks in the hedge (judged, as a first peer's denial
-/// is, once the batch is applied: [`Self::fetch_blocks`]).
+/// the first's once the hedge was late), and the peer whose denial of the
+/// blocks was judged aside, if any: a second peer that withheld them in
+/// the hedge, or a first peer that did so while its hedge went on alone
+/// (judged, as a first peer's denial returned to the core is, once the
+/// batch is applied: [`Self::fetch_blocks`]).
 struct Hedged<T> {
     slot: Slot,
     result: Result<T, Failure>,
-    alone: bool,
+    unhedged: bool,
     beaten: Option<Beaten>,
     withheld_by: Option<PeerId>,
 }
@@ -478,7 +493,12 @@ impl Worker {
     /// (commits at once, blocks once the batch is applied:
     /// [`Hedged::withheld_by`]). A second peer late itself is left as
     /// [`Self::late_hedge`] says. Only an empty budget leaves the first
-    /// to answer alone.
+    /// to answer alone. A first peer that fails while the hedge is in its
+    /// call ([`goes_alone`]: refused, reset, denied) leaves the hedge to go
+    /// on alone until the first call's own deadline, its failure judged
+    /// aside as a hedge's is once the hedge answers; alone, a hedge still
+    /// moves on when late, but one that fails or gives way ends the fetch
+    /// with the first's failure.
     /// Either way one call's answer is returned, as if only it was sent.
     ///
     /// A fetch the pipeline waits on ([`Hedging::at_head`]) that its peer
@@ -515,7 +535,7 @@ impl Worker {
             Hedged {
                 slot,
                 result: Err(busy),
-                alone: true,
+                unhedged: true,
                 ..
             } if busy.is_busy() && head => {
                 avoid.push(slot.lease().peer);
@@ -527,7 +547,7 @@ impl Worker {
                     None => Hedged {
                         slot,
                         result: Err(busy),
-                        alone: true,
+                        unhedged: true,
                         beaten: None,
                         withheld_by: None,
                     },
@@ -582,7 +602,7 @@ impl Worker {
                 return Hedged {
                     slot: first,
                     result,
-                    alone: true,
+                    unhedged: true,
                     beaten: None,
                     withheld_by: None,
                 };
@@ -602,10 +622,11 @@ impl Worker {
         // Set once the first peer's answer ends the race: a hedge polled
         // after that looks for no other peer.
         let over = std::sync::atomic::AtomicBool::new(false);
-        // Set once the first peer failed while the hedge was in its call:
-        // the hedge goes on alone, moving on when late, but a hedge that
-        // fails or gives way then ends the fetch with the first's failure
-        // (nothing else bounds a search for another peer).
+        // Set once the first peer failed while the hedge was in its call
+        // ([`goes_alone`]): the hedge goes on alone, moving on when late,
+        // but a hedge that fails or gives way then ends the fetch with the
+        // first's failure (nothing else would bound a search for another
+        // peer).
         let alone = std::sync::atomic::AtomicBool::new(false);
         let mut second = std::pin::pin!(async {
             // A hedge that gave way takes room back only from hedges given
@@ -710,19 +731,29 @@ impl Worker {
                 // dropped and the fetch asked again at the core's next
                 // tick, so a peer that failed each fetch just after its
                 // hedge went out cost every such fetch a hedge delay and a
-                // tick. The first's failure is judged as a hedge's is.
+                // tick. Alone, the hedge has until the first call's own
+                // deadline (the request timeout from when it began), so
+                // going alone never holds a fetch longer than its first
+                // call could; the first's failure is judged as a hedge's
+                // is once the hedge ends. Not a first call that timed out
+                // (its hedge has been out nearly as long), nor one that
+                // lied (reported by the core at once, and banned), nor one
+                // denying blocks in a race whose one denier judged aside
+                // is taken already: those end the race, as before.
                 if let Err(failure) = &result
-                    && failure.is_peer_fault()
+                    && goes_alone(failure, withheld_by.get().is_some())
                     && lock(&hedge_on).is_some()
                 {
                     alone.store(true, Ordering::Relaxed);
                     self.hedges_alone.fetch_add(1, Ordering::Relaxed);
-                    if let Some((slot, answer, share)) = second.as_mut().await {
+                    let deadline = started + timeout;
+                    let answered = tokio::time::timeout_at(deadline, second.as_mut()).await;
+                    if let Ok(Some((slot, answer, share))) = answered {
                         drop(share);
                         self.judge_aside(first, failure, transfer(failure), &withheld_by);
                         let beaten = self.beaten(None, &given_way);
                         let withheld_by = withheld_by.get().copied();
-                        return Hedged { slot, result: Ok(answer), alone: false, beaten, withheld_by };
+                        return Hedged { slot, result: Ok(answer), unhedged: false, beaten, withheld_by };
                     }
                 }
                 // A hedge whose answer came in the same instant is not
@@ -752,7 +783,7 @@ impl Worker {
                 let late = outwaited.filter(|_| result.is_ok());
                 let late = late.map(|peer| (peer, Some(self.hedges_late.clone())));
                 let beaten = self.beaten(late, &given_way);
-                Hedged { slot: first, result, alone: false, beaten, withheld_by }
+                Hedged { slot: first, result, unhedged: false, beaten, withheld_by }
             }
             Some((slot, answer, share)) = &mut second => {
                 first.release(Transfer::Cancelled, 0);
@@ -762,7 +793,7 @@ impl Worker {
                 drop(first_call);
                 drop(share);
                 let withheld_by = withheld_by.get().copied();
-                Hedged { slot, result: Ok(answer), alone: false, beaten, withheld_by }
+                Hedged { slot, result: Ok(answer), unhedged: false, beaten, withheld_by }
             }
         }
     }
@@ -1251,10 +1282,11 @@ impl Worker {
 
     /// Fetches and verifies a chunk of blocks.
     ///
-    /// A peer that withheld the blocks in a hedge while claiming their
-    /// commits (asked afresh, as a first peer is) is set in `withheld_by`,
-    /// whatever the fetch's outcome: it is judged with the batch's own
-    /// deniers once the batch is applied.
+    /// A peer that withheld the blocks in a hedge, or as first peer while
+    /// its hedge went on alone to win, while claiming their commits (asked
+    /// afresh, as a first peer is) is set in `withheld_by`, whatever the
+    /// fetch's outcome: it is judged with the batch's own deniers once the
+    /// batch is applied.
     pub(super) async fn fetch_blocks(
         self,
         chunk: BlockChunk,
@@ -2212,5 +2244,46 @@ mod tests {
         // Every other failure is told as for any fetch.
         assert_eq!(block_transfer_of(&Failure::Timeout), Transfer::Timeout);
         assert_eq!(block_transfer_of(&Failure::Transport), Transfer::Error);
+    }
+
+    #[test]
+    fn a_hedge_goes_on_alone_after_a_refusal_a_reset_or_a_denial_only() {
+        let busy = Failure::Status {
+            code: tonic::Code::ResourceExhausted as i32,
+        };
+        let unavailable = Failure::Status {
+            code: tonic::Code::Unavailable as i32,
+        };
+        let withheld = Failure::BlocksWithheld {
+            held: 0,
+            claimed: true,
+        };
+        for failure in [&busy, &unavailable, &Failure::Transport, &Failure::NotFound] {
+            assert!(goes_alone(failure, false), "{failure:?}");
+            assert!(goes_alone(failure, true), "{failure:?}");
+        }
+        // A block denial only while no denier judged aside is taken: the
+        // race judges one, and the core judges the first's otherwise.
+        assert!(goes_alone(&withheld, false));
+        assert!(!goes_alone(&withheld, true));
+        // A timeout: the hedge has been out nearly as long. A lie: the
+        // core reports it at once. Ours, or no peer's: nothing to go on.
+        let lie = Failure::Invalid(soma_types::Error::InvalidPublicKey);
+        let over = Failure::OverBudget {
+            received: 10,
+            max: 5,
+            held_blocks: 0,
+            held_bytes: 0,
+        };
+        let ours = Failure::Local(LocalFailure::VerifierBusy);
+        for failure in [
+            &Failure::Timeout,
+            &lie,
+            &over,
+            &ours,
+            &Failure::Disconnected,
+        ] {
+            assert!(!goes_alone(failure, false), "{failure:?}");
+        }
     }
 }
