@@ -565,7 +565,9 @@ mod byzantine {
         let hedges = (status.hedges_sent, status.hedges_alone, status.hedges_won);
         assert_eq!(hedges, (1, 1, 0), "{status:?}");
         // A refusal counts against its peer, but bans no one: each of its
-        // fetches failed once, the commit fetch its hedge outlived too.
+        // fetches failed once, the commit fetch its hedge outlived too
+        // (few enough to stay under PeerHeights' cap on failures, and
+        // none of them a hedge, with the only commit fetch held by it).
         let views = node.peer_heights().await.unwrap();
         assert_no_lie_proved(&views, &[hedge.peer]);
         let f = view(&views, first.peer);

@@ -250,9 +250,8 @@ pub(super) struct Worker {
     pub(super) hedging: Hedging,
     /// Bytes hedges in flight may hold; shared by the actor's workers.
     pub(super) hedge_budget: HedgeBudget,
-    /// Provable lies in answers the core never sees (a hedge's, or a first
-    /// peer's its hedge outlived): counted here, with the core's, in
-    /// `invalid_responses`.
+    /// Provable lies in answers to hedges, which the core never sees:
+    /// counted here, with the core's, in `invalid_responses`.
     pub(super) lies_in_hedges: Arc<AtomicU64>,
     /// Fetches a hedge's answer won, counted as their first peers are
     /// released late ([`Beaten::settle`]).
@@ -307,7 +306,13 @@ fn goes_alone(failure: &Failure, denier_taken: bool) -> bool {
     match failure {
         Failure::Status { .. } | Failure::Transport | Failure::NotFound => true,
         Failure::BlocksWithheld { .. } => !denier_taken,
-        _ => false,
+        Failure::Timeout | Failure::Invalid(_) => false,
+        // Ours, or before any call: nothing for a hedge to outlive.
+        Failure::NoPeer
+        | Failure::Disconnected
+        | Failure::OverBudget { .. }
+        | Failure::Local(_)
+        | Failure::Panicked => false,
     }
 }
 
@@ -382,8 +387,10 @@ impl Sent {
 
 /// How a hedged fetch ended: the slot of the peer whose answer (or
 /// failure) is kept, that answer, whether it came before any hedge was
-/// sent, the peer it beat (the first, by a hedge's answer; the second, by
-/// the first's once the hedge was late), and the peer whose denial of the
+/// sent, the peer it beat (the first, by a hedge's answer, unless the
+/// hedge went on alone: the first is then judged by its failure; the
+/// second, by the first's once the hedge was late), and the peer whose
+/// denial of the
 /// blocks was judged aside, if any: a second peer that withheld them in
 /// the hedge, or a first peer that did so while its hedge went on alone
 /// (judged, as a first peer's denial returned to the core is, once the
@@ -735,7 +742,8 @@ impl Worker {
                 // deadline (the request timeout from when it began), so
                 // going alone never holds a fetch longer than its first
                 // call could; the first's failure is judged as a hedge's
-                // is once the hedge ends. Not a first call that timed out
+                // is if the hedge's answer wins, and returned to the core
+                // otherwise. Not a first call that timed out
                 // (its hedge has been out nearly as long), nor one that
                 // lied (reported by the core at once, and banned), nor one
                 // denying blocks in a race whose one denier judged aside
@@ -799,11 +807,12 @@ impl Worker {
     }
 
     /// Judges the failure of a call whose fetch went on without it (a
-    /// hedge's; a first peer's its hedge outlived), which the core never
-    /// sees: a denial as a first peer's is, commits on the claim asked
-    /// afresh, blocks once the batch is applied (the first denier of a
-    /// race, set in `withheld_by`); a provable lie (blocks nobody asked
-    /// for, say) reported at once; anything else released as `transfer`
+    /// hedge's; a first peer's whose hedge went on alone and won), which
+    /// the core never sees: a denial as a first peer's is, commits on the
+    /// claim asked afresh, blocks once the batch is applied (the first
+    /// denier of a race, set in `withheld_by`); a provable lie (blocks
+    /// nobody asked for, say; a hedge's only, as a first peer's lie never
+    /// goes alone) reported at once; anything else released as `transfer`
     /// tells. Counted as an error, a peer that denied only hedges was
     /// never banned.
     fn judge_aside(
