@@ -660,7 +660,9 @@ fn sync_section(md: &mut String, n: usize) {
          of per-peer average times of answers of all that was asked, twice for the batch \
          after the last applied, at most a tenth of the timeout there, or of height \
          queries before any fetch answered) also asks a second peer and keeps the first \
-         answer, a fetch within a batch of the last applied commit that its peer refuses \
+         answer (if the first call fails meanwhile, not by timing out, the second goes \
+         on alone until the first call's deadline; the worker also hedges within a \
+         budget and moves a late hedge on, which this model does not), a fetch within a batch of the last applied commit that its peer refuses \
          as busy goes at once to a peer with room to spare and a free slot, if one has \
          (as the worker does: one that has not refused the node as busy lately, of the \
          best standing if that is good or unmeasured), and a node \

@@ -161,6 +161,13 @@ pub struct SyncRun {
     pub fetches: u64,
     /// Second peers asked for a fetch that was late (hedges).
     pub hedges: u64,
+    /// Hedges that went on alone once their fetch's first call failed
+    /// (not by timing out) while they were out, as the worker's do
+    /// (`Worker::hedged_on`).
+    pub hedges_alone: u64,
+    /// Of those, the ones whose answer came by the first call's deadline:
+    /// their fetch was not asked again.
+    pub alone_answered: u64,
     /// Fetches that ended at their timeout.
     pub timeouts: u64,
     /// Answers that failed verification.
@@ -301,6 +308,10 @@ enum Event {
     },
     /// Call `call` of `client` reached its timeout.
     Timeout { client: usize, call: u64 },
+    /// The first call of the hedge `call` of `client`, gone on alone,
+    /// reached its deadline: the hedge, if still unanswered, is dropped and
+    /// the fetch ends with the first call's failure.
+    AloneDeadline { client: usize, call: u64 },
     /// Whether call `call` of `client` is late enough to be hedged.
     HedgeCheck { client: usize, call: u64 },
     /// A worker of `node` ends: the core hears `input`; a verified answer
@@ -347,6 +358,9 @@ struct Call {
     handed: bool,
     /// Whether its hedge delay has ended (a hedge was looked for).
     past_hedge: bool,
+    /// Set on a hedge gone on alone: its first call, failed, with how its
+    /// slot is to be released and its failure.
+    alone: Option<Box<(Call, Transfer, Failure)>>,
 }
 
 /// A fetch waiting for a slot: its work, the peers it avoids, and the call
@@ -495,6 +509,8 @@ pub fn catch_up(
             all_synced_ms: None,
             fetches: 0,
             hedges: 0,
+            hedges_alone: 0,
+            alone_answered: 0,
             timeouts: 0,
             invalid: 0,
             busy: 0,
@@ -688,8 +704,19 @@ impl Run<'_> {
             Event::Timeout { client, call } => {
                 if let Some(call) = self.nodes[client].calls.remove(&call) {
                     self.run.timeouts += 1;
-                    self.release(client, &call, Transfer::Timeout, 0);
-                    self.failed_call(client, call, Failure::Timeout);
+                    self.failed_call(client, call, (Transfer::Timeout, Failure::Timeout));
+                }
+            }
+            Event::AloneDeadline { client, call } => {
+                let alone = self.nodes[client]
+                    .calls
+                    .get(&call)
+                    .is_some_and(|c| c.alone.is_some());
+                if alone && let Some(mut hedge) = self.nodes[client].calls.remove(&call) {
+                    self.release(client, &hedge, Transfer::Cancelled, 0);
+                    if let Some(first) = hedge.alone.take() {
+                        self.end_alone(client, *first);
+                    }
                 }
             }
             Event::HedgeCheck { client, call } => self.hedge_check(client, call),
@@ -993,6 +1020,7 @@ impl Run<'_> {
             unanswered: false,
             handed: false,
             past_hedge: false,
+            alone: None,
         };
         let calls = &mut self.nodes[node].calls;
         calls.insert(call, entry);
@@ -1106,11 +1134,10 @@ impl Run<'_> {
                         return;
                     }
                 }
-                self.release(client, &call, Transfer::Busy, 0);
                 let busy = Failure::Status {
                     code: RESOURCE_EXHAUSTED,
                 };
-                self.failed_call(client, call, busy);
+                self.failed_call(client, call, (Transfer::Busy, busy));
             }
             Reply::NotFound => {
                 // As the worker releases it: a NOT_FOUND for blocks is
@@ -1122,10 +1149,17 @@ impl Run<'_> {
                     Work::Blocks { .. } => Transfer::Withheld,
                     Work::Commits { .. } | Work::Ahead { .. } => Transfer::NotFound,
                 };
-                self.release(client, &call, transfer, 0);
-                self.failed_call(client, call, Failure::NotFound);
+                self.failed_call(client, call, (transfer, Failure::NotFound));
             }
             Reply::Data { end, bytes, valid } => {
+                // A hedge gone on alone: its first call's failure is judged
+                // now, as the worker judges it aside.
+                let mut call = call;
+                if let Some(first) = call.alone.take() {
+                    let (first, transfer, _) = *first;
+                    self.release(client, &first, transfer, 0);
+                    self.run.alone_answered += 1;
+                }
                 // The first answer is kept; the other call is dropped, the
                 // hedged peer released as late if this answer is whole.
                 let asked = call.work.end();
@@ -1203,20 +1237,60 @@ impl Run<'_> {
         true
     }
 
-    /// A call failed (its slot already released). A hedge that fails
-    /// leaves its first call to answer alone; a first call that fails ends
-    /// the fetch, and its hedge is dropped.
-    fn failed_call(&mut self, client: usize, call: Call, failure: Failure) {
+    /// A call failed, its slot to be released as `transfer` says. A hedge
+    /// that fails leaves its first call to answer alone, or, gone on alone
+    /// itself, ends the fetch with its first call's failure. A first call
+    /// that fails, not by timing out, while its hedge is out leaves the
+    /// hedge to go on alone until the first call's own deadline, its own
+    /// release held until the hedge ends, as the worker does
+    /// (`Worker::hedged_on`); any other ends the fetch, and its hedge is
+    /// dropped.
+    fn failed_call(
+        &mut self,
+        client: usize,
+        mut call: Call,
+        (transfer, failure): (Transfer, Failure),
+    ) {
         if let Some(first) = call.hedge_of {
+            self.release(client, &call, transfer, 0);
             if let Some(first) = self.nodes[client].calls.get_mut(&first) {
                 first.hedge = None;
+            } else if let Some(first) = call.alone.take() {
+                self.end_alone(client, *first);
             }
             return;
         }
-        if let Some(hedge) = call.hedge.and_then(|h| self.nodes[client].calls.remove(&h)) {
+        let hedge = call
+            .hedge
+            .filter(|h| self.nodes[client].calls.contains_key(h));
+        if let Some(hedge) = hedge
+            && !matches!(failure, Failure::Timeout)
+        {
+            self.run.hedges_alone += 1;
+            let timeout = self.ms_to_us(self.settings.timeout_ms);
+            let deadline = (call.sent_us + timeout).saturating_sub(self.queue.now());
+            let ended = Event::AloneDeadline {
+                client,
+                call: hedge,
+            };
+            self.queue.schedule(deadline, ended);
+            if let Some(h) = self.nodes[client].calls.get_mut(&hedge) {
+                h.alone = Some(Box::new((call, transfer, failure)));
+            }
+            return;
+        }
+        self.release(client, &call, transfer, 0);
+        if let Some(hedge) = hedge.and_then(|h| self.nodes[client].calls.remove(&h)) {
             self.release(client, &hedge, Transfer::Cancelled, 0);
         }
         self.finish(client, call.work, Some(call.lease.peer), failure);
+    }
+
+    /// A hedge gone on alone ended unanswered: its first call's slot goes
+    /// back as its failure says, and the fetch ends with that failure.
+    fn end_alone(&mut self, client: usize, (first, transfer, failure): (Call, Transfer, Failure)) {
+        self.release(client, &first, transfer, 0);
+        self.finish(client, first.work, Some(first.lease.peer), failure);
     }
 
     /// How long a creeping server holds its answer to call `call` of
