@@ -121,8 +121,8 @@ mod byzantine {
 
     pub(super) use soma_testkit::byzantine::{Lie, serve, serve_observed};
     use soma_testkit::byzantine::{
-        Served, serve_denying_commit_hedges, serve_spoiling_commit_hedges, serve_spoiling_hedges,
-        serve_withholding_hedges,
+        Served, serve_denying_commit_hedges, serve_observed_slow_heights,
+        serve_spoiling_commit_hedges, serve_spoiling_hedges, serve_withholding_hedges,
     };
 
     use super::*;
@@ -531,14 +531,19 @@ mod byzantine {
     /// hedge until the test opens it. The refusal used to end the race:
     /// the hedge's call was dropped and the fetch asked again at the next
     /// tick, of the hedge's peer as often as not, a hedge delay and a tick
-    /// lost each time. The hedge now goes on alone: its answer is the
-    /// fetch's, and its peer is asked for the commits once.
+    /// lost each time. The hedge now goes on alone until it is late
+    /// itself: its answer is the fetch's, and its peer is asked for the
+    /// commits once. Both peers answer height queries after 250 ms, so the
+    /// hedge is late only a second after it went out, well after the test
+    /// has opened its peer.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_hedge_goes_on_alone_when_the_first_peer_fails_after_it_went_out() {
         let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(20));
         let refusing = Lie::HoldsCommitsThenRefuses(tonic::Code::Unavailable);
-        let first = serve_observed(chain.clone(), refusing, 144).await;
-        let hedge = serve_observed(chain.clone(), Lie::HoldsCommitsUntilOpened, 145).await;
+        let slow = Duration::from_millis(250);
+        let first = serve_observed_slow_heights(chain.clone(), refusing, 144, slow).await;
+        let held = Lie::HoldsCommitsUntilOpened;
+        let hedge = serve_observed_slow_heights(chain.clone(), held, 145, slow).await;
         let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
         let config = P2pConfig {
             seed_peers: vec![first.seed()],

@@ -467,9 +467,10 @@ pub struct SyncStatus {
     /// Hedges that went on alone once their fetch's first peer refused,
     /// reset or denied it while they were out (not a timeout, nor a lie,
     /// nor a block denial once the race's denier judged aside is taken):
-    /// the fetch became theirs until the first call's own deadline, its
-    /// answer kept rather than dropped and asked for again if it came by
-    /// then. Counted as they go alone, whatever comes of them.
+    /// the fetch became theirs until they were late, at most until the
+    /// first call's own deadline, their answer kept rather than dropped
+    /// and asked for again if it came by then. Counted as they go alone,
+    /// whatever comes of them.
     pub hedges_alone: u64,
     /// Hedges sent since start, one per share of `max_hedged_bytes`
     /// taken: a hedge that asks another peer with the share it holds

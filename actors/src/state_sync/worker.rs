@@ -502,10 +502,10 @@ impl Worker {
     /// [`Self::late_hedge`] says. Only an empty budget leaves the first
     /// to answer alone. A first peer that fails while the hedge is in its
     /// call ([`goes_alone`]: refused, reset, denied) leaves the hedge to go
-    /// on alone until the first call's own deadline, its failure judged
-    /// aside as a hedge's is once the hedge answers; alone, a hedge still
-    /// moves on when late, but one that fails or gives way ends the fetch
-    /// with the first's failure.
+    /// on alone until it is late itself, at most until the first call's
+    /// own deadline, the first's failure judged aside as a hedge's is if
+    /// the hedge answers by then; a hedge alone that fails, would move on
+    /// or give way ends the fetch with the first's failure.
     /// Either way one call's answer is returned, as if only it was sent.
     ///
     /// A fetch the pipeline waits on ([`Hedging::at_head`]) that its peer
@@ -630,10 +630,10 @@ impl Worker {
         // after that looks for no other peer.
         let over = std::sync::atomic::AtomicBool::new(false);
         // Set once the first peer failed while the hedge was in its call
-        // ([`goes_alone`]): the hedge goes on alone, moving on when late,
-        // but a hedge that fails or gives way then ends the fetch with the
-        // first's failure (nothing else would bound a search for another
-        // peer).
+        // ([`goes_alone`]): the hedge goes on alone, but one that fails,
+        // would move on or give way then ends the fetch with the first's
+        // failure, for the core to retry (nothing else would bound a
+        // search for another peer).
         let alone = std::sync::atomic::AtomicBool::new(false);
         let mut second = std::pin::pin!(async {
             // A hedge that gave way takes room back only from hedges given
@@ -683,7 +683,11 @@ impl Worker {
                         // waiting; one that moves on keeps its own, and
                         // the slot leased for it.
                         slot.release(Transfer::Cancelled, 0);
-                        if over.load(Ordering::Relaxed) {
+                        // The race over, or the hedge alone (which then
+                        // ends the fetch for the core to retry, rather than
+                        // move on or give way): no other peer (a slot
+                        // leased to move to is given back as it drops).
+                        if over.load(Ordering::Relaxed) || alone.load(Ordering::Relaxed) {
                             return None;
                         }
                         push_once(&given_way, peer);
@@ -695,9 +699,6 @@ impl Worker {
                             LateHedge::GiveWay(turn) => {
                                 drop(share);
                                 self.hedges_given_way.fetch_add(1, Ordering::Relaxed);
-                                if alone.load(Ordering::Relaxed) {
-                                    return None;
-                                }
                                 after = turn;
                             }
                         }
@@ -738,25 +739,32 @@ impl Worker {
                 // dropped and the fetch asked again at the core's next
                 // tick, so a peer that failed each fetch just after its
                 // hedge went out cost every such fetch a hedge delay and a
-                // tick. Alone, the hedge has until the first call's own
-                // deadline (the request timeout from when it began), so
-                // going alone never holds a fetch longer than its first
-                // call could; the first's failure is judged as a hedge's
-                // is if the hedge's answer wins, and returned to the core
-                // otherwise. Not a first call that timed out
+                // tick. Alone, the hedge has until it is late itself (a
+                // silent peer holds it no longer than that) and at most
+                // until the first call's own deadline (the request timeout
+                // from when it began), so going alone never holds a fetch
+                // longer than its first call could; the first's failure is
+                // judged as a hedge's is if the hedge's answer wins, and
+                // returned to the core otherwise. Not a hedge late already,
+                // nor after a first call that timed out
                 // (its hedge has been out nearly as long), nor one that
                 // lied (reported by the core at once, and banned), nor one
                 // denying blocks in a race whose one denier judged aside
                 // is taken already: those end the race, as before.
+                let hedge = lock(&hedge_on).clone();
                 if let Err(failure) = &result
                     && goes_alone(failure, withheld_by.get().is_some())
-                    && lock(&hedge_on).is_some()
+                    && let Some((_, sent, at_send)) = hedge
+                    && sent.waited().is_some_and(|w| w < self.late_after(kind, at_send))
                 {
                     alone.store(true, Ordering::Relaxed);
                     self.hedges_alone.fetch_add(1, Ordering::Relaxed);
                     let deadline = started + timeout;
-                    let answered = tokio::time::timeout_at(deadline, second.as_mut()).await;
-                    if let Ok(Some((slot, answer, share))) = answered {
+                    let answered = tokio::select! {
+                        answered = tokio::time::timeout_at(deadline, second.as_mut()) => answered.ok().flatten(),
+                        () = self.until_late(kind, &sent, at_send) => None,
+                    };
+                    if let Some((slot, answer, share)) = answered {
                         drop(share);
                         self.judge_aside(first, failure, transfer(failure), &withheld_by);
                         let beaten = self.beaten(None, &given_way);

@@ -661,7 +661,7 @@ fn sync_section(md: &mut String, n: usize) {
          after the last applied, at most a tenth of the timeout there, or of height \
          queries before any fetch answered) also asks a second peer and keeps the first \
          answer (if the first call fails meanwhile, not by timing out, the second goes \
-         on alone until the first call's deadline; the worker also hedges within a \
+         on alone until it is late, at most until the first call's deadline; the worker also hedges within a \
          budget and moves a late hedge on, which this model does not), a fetch within a batch of the last applied commit that its peer refuses \
          as busy goes at once to a peer with room to spare and a free slot, if one has \
          (as the worker does: one that has not refused the node as busy lately, of the \

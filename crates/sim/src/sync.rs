@@ -165,8 +165,9 @@ pub struct SyncRun {
     /// (not by timing out) while they were out, as the worker's do
     /// (`Worker::hedged_on`).
     pub hedges_alone: u64,
-    /// Of those, the ones whose answer came by the first call's deadline:
-    /// their fetch was not asked again.
+    /// Of those, the ones whose answer came before they were late (at
+    /// most by the first call's deadline): their fetch was not asked
+    /// again.
     pub alone_answered: u64,
     /// Fetches that ended at their timeout.
     pub timeouts: u64,
@@ -308,9 +309,9 @@ enum Event {
     },
     /// Call `call` of `client` reached its timeout.
     Timeout { client: usize, call: u64 },
-    /// The first call of the hedge `call` of `client`, gone on alone,
-    /// reached its deadline: the hedge, if still unanswered, is dropped and
-    /// the fetch ends with the first call's failure.
+    /// The hedge `call` of `client`, gone on alone, is late, or its first
+    /// call reached its deadline: the hedge, if still unanswered, is
+    /// dropped and the fetch ends with the first call's failure.
     AloneDeadline { client: usize, call: u64 },
     /// Whether call `call` of `client` is late enough to be hedged.
     HedgeCheck { client: usize, call: u64 },
@@ -1240,9 +1241,10 @@ impl Run<'_> {
     /// A call failed, its slot to be released as `transfer` says. A hedge
     /// that fails leaves its first call to answer alone, or, gone on alone
     /// itself, ends the fetch with its first call's failure. A first call
-    /// that fails, not by timing out, while its hedge is out leaves the
-    /// hedge to go on alone until the first call's own deadline, its own
-    /// release held until the hedge ends, as the worker does
+    /// that fails, not by timing out, while its hedge is out and not late
+    /// leaves the hedge to go on alone until it is late, at most until the
+    /// first call's own deadline, its own release held until the hedge
+    /// ends, as the worker does
     /// (`Worker::hedged_on`); any other ends the fetch, and its hedge is
     /// dropped.
     fn failed_call(
@@ -1263,12 +1265,23 @@ impl Run<'_> {
         let hedge = call
             .hedge
             .filter(|h| self.nodes[client].calls.contains_key(h));
-        if let Some(hedge) = hedge
+        // Until the hedge is late itself, at most until the first call's
+        // deadline; a hedge late already is not left alone.
+        let timeout = self.ms_to_us(self.settings.timeout_ms);
+        let late_us = self.nodes[client]
+            .hedging
+            .usual_delay(call.work.kind(), Duration::from_micros(timeout))
+            .as_micros() as u64;
+        let now = self.queue.now();
+        let late_at = hedge
+            .and_then(|h| self.nodes[client].calls.get(&h))
+            .map(|h| h.sent_us + late_us);
+        if let (Some(hedge), Some(late_at)) = (hedge, late_at)
+            && late_at > now
             && !matches!(failure, Failure::Timeout)
         {
             self.run.hedges_alone += 1;
-            let timeout = self.ms_to_us(self.settings.timeout_ms);
-            let deadline = (call.sent_us + timeout).saturating_sub(self.queue.now());
+            let deadline = (call.sent_us + timeout).min(late_at) - now;
             let ended = Event::AloneDeadline {
                 client,
                 call: hedge,

@@ -337,9 +337,6 @@ fn a_network_far_behind_catches_up_through_the_state_sync_cores_among_hostile_pe
     let asked_again = honest.busy - honest.alone_answered;
     assert_eq!(honest.fetches, 58 * 10 * 2 + asked_again, "{honest:?}");
     assert!(honest.alone_answered <= honest.hedges_alone, "{honest:?}");
-    // Some refusals of busy validators come after the fetch was hedged,
-    // and the hedge going on alone answers for it.
-    assert!(honest.alone_answered > 0, "{honest:?}");
     assert_eq!((honest.timeouts, honest.invalid, honest.bans), (0, 0, 0));
     for hostile in [
         Hostile::Silent,

@@ -246,6 +246,8 @@ struct Held {
     commits: Mutex<HashMap<u64, usize>>,
     /// Whether a [`Lie::HoldsCommitsUntilOpened`] peer answers.
     opened: tokio::sync::watch::Sender<bool>,
+    /// How long each height answer waits ([`serve_observed_slow_heights`]).
+    height_delay: Duration,
 }
 
 impl Default for Held {
@@ -254,6 +256,7 @@ impl Default for Held {
             blocks: Mutex::default(),
             commits: Mutex::default(),
             opened: tokio::sync::watch::channel(false).0,
+            height_delay: Duration::ZERO,
         }
     }
 }
@@ -490,6 +493,9 @@ impl p2p_server::P2p for Evil {
         _: Request<proto::GetCommitAvailabilityRequest>,
     ) -> Result<Response<proto::GetCommitAvailabilityResponse>, Status> {
         let before = self.height_queries.fetch_add(1, Ordering::SeqCst);
+        if !self.held.height_delay.is_zero() {
+            tokio::time::sleep(self.held.height_delay).await;
+        }
         if self.lie == Lie::SilentAfterFirstHeightQuery && before > 0 {
             let _stalled = Stalled::new(&self.stalled);
             std::future::pending::<()>().await;
@@ -891,6 +897,23 @@ impl Served {
 /// Like [`serve`], returning what the peer sees as well.
 pub async fn serve_observed(chain: Arc<Chain>, lie: Lie, key: u8) -> Served {
     serve_sharing(chain, lie, key, Arc::default()).await
+}
+
+/// Like [`serve_observed`], answering every GetCommitAvailability only
+/// after `height_delay`: a node that measures its peers by their height
+/// answers (before any fetch answered) then waits longer before it hedges
+/// a fetch, and before it holds a hedge late.
+pub async fn serve_observed_slow_heights(
+    chain: Arc<Chain>,
+    lie: Lie,
+    key: u8,
+    height_delay: Duration,
+) -> Served {
+    let held = Arc::new(Held {
+        height_delay,
+        ..Held::default()
+    });
+    serve_sharing(chain, lie, key, held).await
 }
 
 /// A [`Lie::NeverAnswers`] peer (key `silent`) and a [`Lie::SpoilsHedges`]
