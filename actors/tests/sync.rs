@@ -533,32 +533,11 @@ mod byzantine {
     /// tick, of the hedge's peer as often as not, a hedge delay and a tick
     /// lost each time. The hedge now goes on alone until it is late
     /// itself: its answer is the fetch's, and its peer is asked for the
-    /// commits once. Both peers answer height queries after 250 ms, so the
-    /// hedge is late only a second after it went out, well after the test
-    /// has opened its peer.
+    /// commits once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_hedge_goes_on_alone_when_the_first_peer_fails_after_it_went_out() {
         let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(20));
-        let refusing = Lie::HoldsCommitsThenRefuses(tonic::Code::Unavailable);
-        let slow = Duration::from_millis(250);
-        let first = serve_observed_slow_heights(chain.clone(), refusing, 144, slow).await;
-        let held = Lie::HoldsCommitsUntilOpened;
-        let hedge = serve_observed_slow_heights(chain.clone(), held, 145, slow).await;
-        let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
-        let config = P2pConfig {
-            seed_peers: vec![first.seed()],
-            timeout: Duration::from_secs(3_600),
-            ..P2pConfig::default()
-        };
-        let node = soma_testkit::node(&chain, 9, config, store.clone());
-        dial_once_held(&node, &first, &hedge).await;
-        let hedged = async || hedge.commit_fetches() == 1;
-        soma_testkit::wait_until("the hedge to go out", DEADLINE, hedged).await;
-        let status = node.sync_status().await.unwrap();
-        assert_eq!((status.hedges_sent, status.synced), (1, 0), "{status:?}");
-        first.open();
-        let alone = async || node.sync_status().await.is_ok_and(|s| s.hedges_alone == 1);
-        soma_testkit::wait_until("the hedge to go on alone", DEADLINE, alone).await;
+        let (node, (first, hedge), store) = refused_once_hedged(&chain).await;
         hedge.open();
         wait_synced(&node, chain.tip()).await;
         assert_same_chain(&chain, store.as_ref());
@@ -581,6 +560,60 @@ mod byzantine {
         let h = view(&views, hedge.peer);
         assert_eq!(h.failures, 0, "{h:?}");
         node.shutdown().await;
+    }
+
+    /// As above, but the hedge's peer holds the hedge past the hedge's
+    /// late mark. Bounded only by the first call's deadline, here an hour,
+    /// a hedge alone on a silent peer held its fetch that long, where the
+    /// race used to end at the refusal. It ends once it is late, and the
+    /// fetch is asked again, of the hedge's peer (the first refuses
+    /// everything now), which the test then opens.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hedge_alone_ends_once_it_is_late_itself() {
+        let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(20));
+        let (node, (_first, hedge), store) = refused_once_hedged(&chain).await;
+        let again = async || hedge.commit_fetches() == 2;
+        soma_testkit::wait_until("the fetch to be asked again", DEADLINE, again).await;
+        hedge.open();
+        wait_synced(&node, chain.tip()).await;
+        assert_same_chain(&chain, store.as_ref());
+        assert_eq!(hedge.commit_fetches(), 2);
+        let status = node.sync_status().await.unwrap();
+        assert_eq!(status.hedges_alone, 1, "{status:?}");
+        node.shutdown().await;
+    }
+
+    /// A node with a request timeout of an hour whose one commit fetch
+    /// (a chain of 20 commits) is held by a first peer, hedged to the only
+    /// other peer, which holds the hedge until it is opened, and then
+    /// refused by the first peer: returned once the node reports the
+    /// hedge gone on alone. Both peers answer height queries after 250
+    /// ms, so that the hedge is late a second after it went out, well
+    /// after the node went on with it alone.
+    async fn refused_once_hedged(
+        chain: &Arc<Chain>,
+    ) -> (P2pHandle, (Served, Served), Arc<dyn ConsensusStore>) {
+        let refusing = Lie::HoldsCommitsThenRefuses(tonic::Code::Unavailable);
+        let slow = Duration::from_millis(250);
+        let first = serve_observed_slow_heights(chain.clone(), refusing, 144, slow).await;
+        let held = Lie::HoldsCommitsUntilOpened;
+        let hedge = serve_observed_slow_heights(chain.clone(), held, 145, slow).await;
+        let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+        let config = P2pConfig {
+            seed_peers: vec![first.seed()],
+            timeout: Duration::from_secs(3_600),
+            ..P2pConfig::default()
+        };
+        let node = soma_testkit::node(chain, 9, config, store.clone());
+        dial_once_held(&node, &first, &hedge).await;
+        let hedged = async || hedge.commit_fetches() == 1;
+        soma_testkit::wait_until("the hedge to go out", DEADLINE, hedged).await;
+        let status = node.sync_status().await.unwrap();
+        assert_eq!((status.hedges_sent, status.synced), (1, 0), "{status:?}");
+        first.open();
+        let alone = async || node.sync_status().await.is_ok_and(|s| s.hedges_alone == 1);
+        soma_testkit::wait_until("the hedge to go on alone", DEADLINE, alone).await;
+        (node, (first, hedge), store)
     }
 
     /// A block fetch the silent peer holds is hedged to the only other

@@ -390,11 +390,10 @@ impl Sent {
 /// sent, the peer it beat (the first, by a hedge's answer, unless the
 /// hedge went on alone: the first is then judged by its failure; the
 /// second, by the first's once the hedge was late), and the peer whose
-/// denial of the
-/// blocks was judged aside, if any: a second peer that withheld them in
-/// the hedge, or a first peer that did so while its hedge went on alone
-/// (judged, as a first peer's denial returned to the core is, once the
-/// batch is applied: [`Self::fetch_blocks`]).
+/// denial of the blocks was judged aside, if any: a second peer that
+/// withheld them in the hedge, or a first peer that did so while its hedge
+/// went on alone (judged, as a first peer's denial returned to the core
+/// is, once the batch is applied: [`Self::fetch_blocks`]).
 struct Hedged<T> {
     slot: Slot,
     result: Result<T, Failure>,
@@ -760,7 +759,10 @@ impl Worker {
                     alone.store(true, Ordering::Relaxed);
                     self.hedges_alone.fetch_add(1, Ordering::Relaxed);
                     let deadline = started + timeout;
+                    // The hedge's answer first: one ready as it becomes
+                    // late is taken, not dropped.
                     let answered = tokio::select! {
+                        biased;
                         answered = tokio::time::timeout_at(deadline, second.as_mut()) => answered.ok().flatten(),
                         () = self.until_late(kind, &sent, at_send) => None,
                     };
