@@ -537,7 +537,8 @@ mod byzantine {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_hedge_goes_on_alone_when_the_first_peer_fails_after_it_went_out() {
         let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(20));
-        let (node, (first, hedge), store) = refused_once_hedged(&chain).await;
+        let held = Lie::HoldsCommitsUntilOpened;
+        let (node, (first, hedge), store) = refused_once_hedged(&chain, held).await;
         hedge.open();
         wait_synced(&node, chain.tip()).await;
         assert_same_chain(&chain, store.as_ref());
@@ -571,7 +572,8 @@ mod byzantine {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_hedge_alone_ends_once_it_is_late_itself() {
         let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(20));
-        let (node, (_first, hedge), store) = refused_once_hedged(&chain).await;
+        let held = Lie::HoldsCommitsUntilOpened;
+        let (node, (_first, hedge), store) = refused_once_hedged(&chain, held).await;
         let again = async || hedge.commit_fetches() == 2;
         soma_testkit::wait_until("the fetch to be asked again", DEADLINE, again).await;
         hedge.open();
@@ -583,21 +585,106 @@ mod byzantine {
         node.shutdown().await;
     }
 
+    /// As [`a_hedge_goes_on_alone_when_the_first_peer_fails_after_it_went_out`],
+    /// but the hedge's peer refuses the hedge too once it is alone. A
+    /// hedge alone that fails looks for no other peer: the fetch ends with
+    /// the first peer's failure, which the core retries (of an honest
+    /// validator, dialled as the hedge is refused), and each failure is
+    /// judged once: every fetch of either peer counts as one failure of
+    /// its peer, the hedge's refusal too, which the core never sees.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hedge_alone_that_fails_ends_the_fetch_and_both_failures_count() {
+        let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(20));
+        let refusing = Lie::HoldsCommitsThenRefuses(tonic::Code::Unavailable);
+        let (node, (first, hedge), store) = refused_once_hedged(&chain, refusing).await;
+        hedge.open();
+        let (honest, views) = synced_from_an_honest_peer_dialled(&node, &chain, store).await;
+        let status = node.sync_status().await.unwrap();
+        let hedges = (status.hedges_alone, status.hedges_won);
+        assert_eq!(hedges, (1, 0), "{status:?}");
+        // Each refusal counts against its peer once, as a failure and a
+        // fault (few enough to stay under PeerHeights' cap on failures),
+        // but bans no one.
+        for served in [&first, &hedge] {
+            let v = view(&views, served.peer);
+            let fetches = served.fetches();
+            let fate = (v.failures as usize, v.faults as usize, v.banned_until);
+            assert_eq!(fate, (fetches, fetches, None), "{v:?}");
+        }
+        node.shutdown().await;
+        honest.shutdown().await;
+    }
+
+    /// The block fetch of a chain of 20 commits, its one chunk held by a
+    /// first peer that serves the commits at once, is hedged to the only
+    /// other peer, which holds the hedge until the test opens it; the
+    /// first peer then refuses the fetch (UNAVAILABLE). As with commits,
+    /// the hedge goes on alone, its answer is the fetch's, each peer is
+    /// asked for the blocks once, and the first peer's refusal is judged
+    /// aside, once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_block_hedge_goes_on_alone_when_the_first_peer_fails_after_it_went_out() {
+        let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(20));
+        let slow = Duration::from_millis(250);
+        let refusing = Lie::HoldsBlocksThenRefuses(tonic::Code::Unavailable);
+        let first = serve_observed_slow_heights(chain.clone(), refusing, 146, slow).await;
+        let held = Lie::HoldsBlocksUntilOpened;
+        let hedge = serve_observed_slow_heights(chain.clone(), held, 147, slow).await;
+        let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+        let config = P2pConfig {
+            seed_peers: vec![first.seed()],
+            timeout: Duration::from_secs(3_600),
+            ..P2pConfig::default()
+        };
+        let node = soma_testkit::node(&chain, 9, config, store.clone());
+        dial_once_held(&node, &first, &hedge).await;
+        let hedged = async || hedge.block_fetches() == 1;
+        soma_testkit::wait_until("the block hedge to go out", DEADLINE, hedged).await;
+        let status = node.sync_status().await.unwrap();
+        assert_eq!((status.hedges_sent, status.synced), (1, 0), "{status:?}");
+        first.open();
+        let alone = async || node.sync_status().await.is_ok_and(|s| s.hedges_alone == 1);
+        soma_testkit::wait_until("the block hedge to go on alone", DEADLINE, alone).await;
+        hedge.open();
+        wait_synced(&node, chain.tip()).await;
+        assert_same_chain(&chain, store.as_ref());
+        let asked = (first.block_fetches(), hedge.block_fetches());
+        assert_eq!(asked, (1, 1));
+        assert_eq!((first.commit_fetches(), hedge.commit_fetches()), (1, 0));
+        let status = node.sync_status().await.unwrap();
+        let hedges = (status.hedges_sent, status.hedges_alone, status.hedges_won);
+        assert_eq!(hedges, (1, 1, 0), "{status:?}");
+        // The first peer's refusal, judged aside, counts against it once;
+        // it bans no one.
+        let views = node.peer_heights().await.unwrap();
+        assert_no_lie_proved(&views, &[hedge.peer]);
+        let f = view(&views, first.peer);
+        assert_eq!(
+            (f.failures, f.faults, f.banned_until),
+            (1, 1, None),
+            "{f:?}"
+        );
+        let h = view(&views, hedge.peer);
+        assert_eq!(h.failures, 0, "{h:?}");
+        node.shutdown().await;
+    }
+
     /// A node with a request timeout of an hour whose one commit fetch
     /// (a chain of 20 commits) is held by a first peer, hedged to the only
-    /// other peer, which holds the hedge until it is opened, and then
-    /// refused by the first peer: returned once the node reports the
-    /// hedge gone on alone. Both peers answer height queries after 250
-    /// ms, so that the hedge is late a second after it went out, well
-    /// after the node went on with it alone.
+    /// other peer, which holds the hedge until it is opened (and then
+    /// does as `hedge_lie` says), and then refused by the first peer:
+    /// returned once the node reports the hedge gone on alone. Both peers
+    /// answer height queries after 250 ms, so that the hedge is late a
+    /// second after it went out, well after the node went on with it
+    /// alone.
     async fn refused_once_hedged(
         chain: &Arc<Chain>,
+        hedge_lie: Lie,
     ) -> (P2pHandle, (Served, Served), Arc<dyn ConsensusStore>) {
         let refusing = Lie::HoldsCommitsThenRefuses(tonic::Code::Unavailable);
         let slow = Duration::from_millis(250);
         let first = serve_observed_slow_heights(chain.clone(), refusing, 144, slow).await;
-        let held = Lie::HoldsCommitsUntilOpened;
-        let hedge = serve_observed_slow_heights(chain.clone(), held, 145, slow).await;
+        let hedge = serve_observed_slow_heights(chain.clone(), hedge_lie, 145, slow).await;
         let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
         let config = P2pConfig {
             seed_peers: vec![first.seed()],

@@ -117,6 +117,12 @@ pub enum Lie {
     /// was asked for are shared with the [`Lie::WithholdsHedgedBlocks`]
     /// peer of its pair.
     HoldsBlocksUntilOpened,
+    /// Serves and claims the chain, commits at once, but holds every block
+    /// fetch unanswered until it is opened ([`Served::open`]), then refuses
+    /// it with this status, as it refuses every later block fetch at once:
+    /// it fails a block fetch only after the node had time to hedge it,
+    /// and proves no lie.
+    HoldsBlocksThenRefuses(tonic::Code),
     /// Serves the chain honestly and claims all of it, but answers
     /// NOT_FOUND to a block fetch asking for blocks its
     /// [`Lie::HoldsBlocksUntilOpened`] pair was asked for, that is, to a
@@ -214,6 +220,8 @@ struct Evil {
     fetches: Arc<AtomicUsize>,
     /// FetchCommits calls received.
     commit_fetches: Arc<AtomicUsize>,
+    /// FetchBlocks calls received.
+    block_fetches: Arc<AtomicUsize>,
     /// Fetches answered NOT_FOUND for what it pruned or withholds.
     denied: Arc<AtomicUsize>,
     /// Whether a pruning peer has pruned (or a disclaiming one denied).
@@ -381,6 +389,9 @@ impl Evil {
             Lie::ClaimsHeightRefusing(code)
             | Lie::Refuses(code)
             | Lie::HoldsCommitsThenRefuses(code) => {
+                return Err(Status::new(code, "refused"));
+            }
+            Lie::HoldsBlocksThenRefuses(code) if !commits => {
                 return Err(Status::new(code, "refused"));
             }
             _ => {}
@@ -671,6 +682,7 @@ impl p2p_server::P2p for Evil {
         request: Request<proto::FetchBlocksRequest>,
     ) -> Result<Response<BlockStream>, Status> {
         self.fetches.fetch_add(1, Ordering::SeqCst);
+        self.block_fetches.fetch_add(1, Ordering::SeqCst);
         let asked = || {
             request
                 .get_ref()
@@ -685,7 +697,11 @@ impl p2p_server::P2p for Evil {
         if holds {
             lock(&self.held.blocks).extend(asked());
         }
-        if self.lie == Lie::HoldsBlocksUntilOpened {
+        let held_until_opened = matches!(
+            self.lie,
+            Lie::HoldsBlocksUntilOpened | Lie::HoldsBlocksThenRefuses(_)
+        );
+        if held_until_opened {
             let _stalled = Stalled::new(&self.stalled);
             let mut opened = self.held.opened.subscribe();
             // The sender lives as long as `self`.
@@ -840,6 +856,8 @@ pub struct Served {
     pub fetches: Arc<AtomicUsize>,
     /// FetchCommits calls it has received.
     pub commit_fetches: Arc<AtomicUsize>,
+    /// FetchBlocks calls it has received.
+    pub block_fetches: Arc<AtomicUsize>,
     /// Fetches it has refused: NOT_FOUND for what it pruned or withholds
     /// ([`Lie::PrunesAtBlocksOf`], [`Lie::PrunesAtCommitsOf`],
     /// [`Lie::WithholdsBlocksOf`], [`Lie::WithholdsHedgedBlocks`],
@@ -873,7 +891,8 @@ impl Served {
     /// Opens a [`Lie::HoldsCommitsUntilOpened`] or
     /// [`Lie::HoldsBlocksUntilOpened`] peer: it answers every fetch it
     /// holds, and every later one at once (a
-    /// [`Lie::HoldsCommitsThenRefuses`] peer refuses them).
+    /// [`Lie::HoldsCommitsThenRefuses`] or [`Lie::HoldsBlocksThenRefuses`]
+    /// peer refuses them).
     pub fn open(&self) {
         self.held.opened.send_replace(true);
     }
@@ -886,6 +905,11 @@ impl Served {
     /// FetchCommits calls it has received so far.
     pub fn commit_fetches(&self) -> usize {
         self.commit_fetches.load(Ordering::SeqCst)
+    }
+
+    /// FetchBlocks calls it has received so far.
+    pub fn block_fetches(&self) -> usize {
+        self.block_fetches.load(Ordering::SeqCst)
     }
 
     /// The index of each PushCommit it has received so far, in order.
@@ -973,6 +997,7 @@ async fn serve_sharing(chain: Arc<Chain>, lie: Lie, key: u8, held: Arc<Held>) ->
     let (stalled, fetches) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let denied = Arc::new(AtomicUsize::new(0));
     let commit_fetches = Arc::new(AtomicUsize::new(0));
+    let block_fetches = Arc::new(AtomicUsize::new(0));
     let loaded = Arc::new(AtomicBool::new(false));
     let height_queries = Arc::new(AtomicUsize::new(0));
     let pushes = Arc::new(Mutex::new(Vec::new()));
@@ -993,6 +1018,7 @@ async fn serve_sharing(chain: Arc<Chain>, lie: Lie, key: u8, held: Arc<Held>) ->
         stalled: stalled.clone(),
         fetches: fetches.clone(),
         commit_fetches: commit_fetches.clone(),
+        block_fetches: block_fetches.clone(),
         denied: denied.clone(),
         pruned: AtomicBool::new(false),
         loaded: loaded.clone(),
@@ -1017,6 +1043,7 @@ async fn serve_sharing(chain: Arc<Chain>, lie: Lie, key: u8, held: Arc<Held>) ->
         stalled,
         fetches,
         commit_fetches,
+        block_fetches,
         denied,
         height_queries,
         pushes,
