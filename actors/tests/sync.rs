@@ -625,23 +625,8 @@ mod byzantine {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_block_hedge_goes_on_alone_when_the_first_peer_fails_after_it_went_out() {
         let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(20));
-        let slow = Duration::from_millis(250);
         let refusing = Lie::HoldsBlocksThenRefuses(tonic::Code::Unavailable);
-        let first = serve_observed_slow_heights(chain.clone(), refusing, 146, slow).await;
-        let held = Lie::HoldsBlocksUntilOpened;
-        let hedge = serve_observed_slow_heights(chain.clone(), held, 147, slow).await;
-        let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
-        let config = P2pConfig {
-            seed_peers: vec![first.seed()],
-            timeout: Duration::from_secs(3_600),
-            ..P2pConfig::default()
-        };
-        let node = soma_testkit::node(&chain, 9, config, store.clone());
-        dial_once_held(&node, &first, &hedge).await;
-        let hedged = async || hedge.block_fetches() == 1;
-        soma_testkit::wait_until("the block hedge to go out", DEADLINE, hedged).await;
-        let status = node.sync_status().await.unwrap();
-        assert_eq!((status.hedges_sent, status.synced), (1, 0), "{status:?}");
+        let (node, (first, hedge), store) = block_fetch_hedged(&chain, (refusing, 146)).await;
         first.open();
         let alone = async || node.sync_status().await.is_ok_and(|s| s.hedges_alone == 1);
         soma_testkit::wait_until("the block hedge to go on alone", DEADLINE, alone).await;
@@ -667,6 +652,66 @@ mod byzantine {
         let h = view(&views, hedge.peer);
         assert_eq!(h.failures, 0, "{h:?}");
         node.shutdown().await;
+    }
+
+    /// As above, but the first peer answers the block fetch, once hedged,
+    /// with a blob nobody asked for: a provable lie, which the core must
+    /// see at once (to ban its peer and avoid it), not behind a hedge
+    /// alone. The race ends as the lie comes, the hedge's call is dropped,
+    /// and the fetch is asked of the hedge's peer again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_first_peer_that_lies_after_its_fetch_was_hedged_ends_the_race() {
+        let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(20));
+        let spoiling = (Lie::HoldsBlocksThenSpoils, 148);
+        let (node, (first, hedge), store) = block_fetch_hedged(&chain, spoiling).await;
+        first.open();
+        wait_banned(&node, &[first.peer]).await;
+        let again = async || hedge.block_fetches() == 2;
+        soma_testkit::wait_until("the blocks to be asked again", DEADLINE, again).await;
+        hedge.open();
+        wait_synced(&node, chain.tip()).await;
+        assert_same_chain(&chain, store.as_ref());
+        assert_eq!((first.block_fetches(), hedge.block_fetches()), (1, 2));
+        let status = node.sync_status().await.unwrap();
+        let hedges = (
+            status.hedges_sent,
+            status.hedges_alone,
+            status.invalid_responses,
+        );
+        assert_eq!(hedges, (1, 0, 1), "{status:?}");
+        let views = node.peer_heights().await.unwrap();
+        assert_no_lie_proved(&views, &[hedge.peer]);
+        node.shutdown().await;
+    }
+
+    /// A node with a request timeout of an hour syncing a chain of 20
+    /// commits from a first peer lying as `first` says (key given), which
+    /// serves the commits and holds the one block fetch until it is
+    /// opened; hedged to the only other peer, which holds its block
+    /// fetches until opened: returned once the hedge is out, neither
+    /// opened. Both answer height queries after 250 ms, so that the hedge
+    /// is late a second after it went out.
+    async fn block_fetch_hedged(
+        chain: &Arc<Chain>,
+        (lie, key): (Lie, u8),
+    ) -> (P2pHandle, (Served, Served), Arc<dyn ConsensusStore>) {
+        let slow = Duration::from_millis(250);
+        let first = serve_observed_slow_heights(chain.clone(), lie, key, slow).await;
+        let held = Lie::HoldsBlocksUntilOpened;
+        let hedge = serve_observed_slow_heights(chain.clone(), held, 147, slow).await;
+        let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+        let config = P2pConfig {
+            seed_peers: vec![first.seed()],
+            timeout: Duration::from_secs(3_600),
+            ..P2pConfig::default()
+        };
+        let node = soma_testkit::node(chain, 9, config, store.clone());
+        dial_once_held(&node, &first, &hedge).await;
+        let hedged = async || hedge.block_fetches() == 1;
+        soma_testkit::wait_until("the block hedge to go out", DEADLINE, hedged).await;
+        let status = node.sync_status().await.unwrap();
+        assert_eq!((status.hedges_sent, status.synced), (1, 0), "{status:?}");
+        (node, (first, hedge), store)
     }
 
     /// A node with a request timeout of an hour whose one commit fetch

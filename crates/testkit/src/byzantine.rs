@@ -123,6 +123,11 @@ pub enum Lie {
     /// it fails a block fetch only after the node had time to hedge it,
     /// and proves no lie.
     HoldsBlocksThenRefuses(tonic::Code),
+    /// Serves and claims the chain, commits at once, but holds every block
+    /// fetch unanswered until it is opened ([`Served::open`]), then answers
+    /// it, and every later block fetch at once, with one blob nobody asked
+    /// for: a provable lie, told only after the node had time to hedge.
+    HoldsBlocksThenSpoils,
     /// Serves the chain honestly and claims all of it, but answers
     /// NOT_FOUND to a block fetch asking for blocks its
     /// [`Lie::HoldsBlocksUntilOpened`] pair was asked for, that is, to a
@@ -699,7 +704,9 @@ impl p2p_server::P2p for Evil {
         }
         let held_until_opened = matches!(
             self.lie,
-            Lie::HoldsBlocksUntilOpened | Lie::HoldsBlocksThenRefuses(_)
+            Lie::HoldsBlocksUntilOpened
+                | Lie::HoldsBlocksThenRefuses(_)
+                | Lie::HoldsBlocksThenSpoils
         );
         if held_until_opened {
             let _stalled = Stalled::new(&self.stalled);
@@ -714,7 +721,12 @@ impl p2p_server::P2p for Evil {
         if self.lie == Lie::SpoilsCommitHedges && self.held.was_asked_for(asked()) {
             return Err(Status::resource_exhausted("every fetch slot is held"));
         }
-        if self.lie == Lie::SpoilsHedges && self.held.was_asked_for(asked()) {
+        let spoils = match self.lie {
+            Lie::SpoilsHedges => self.held.was_asked_for(asked()),
+            Lie::HoldsBlocksThenSpoils => true,
+            _ => false,
+        };
+        if spoils {
             let chunk = proto::FetchBlocksResponse {
                 blocks: vec![Bytes::from_static(b"spoiled")],
             };
