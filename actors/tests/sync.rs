@@ -684,6 +684,62 @@ mod byzantine {
         node.shutdown().await;
     }
 
+    /// The first peer of the one commit fetch denies it (NOT_FOUND, for
+    /// commits it claims), then holds the height query that asks its
+    /// claim afresh until the test opens it; it answered height queries
+    /// after a second before, so the node waits four seconds for that
+    /// answer. The denial used to be judged on the answer before the
+    /// worker returned: such an identity held the retry that long (half
+    /// the request timeout with a slow majority), once per identity. It
+    /// is now judged in a task of its own: the core has the failure, and
+    /// retries, while the question is still out and the denier not yet
+    /// judged; an honest validator dialled then takes the fetch, and the
+    /// denial counts once the wait for the answer ends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_first_peer_that_denies_and_stalls_its_height_answer_holds_no_retry() {
+        let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(20));
+        let lie = Lie::DeniesCommitsThenHoldsHeights;
+        let slow = Duration::from_secs(1);
+        let denier = serve_observed_slow_heights(chain.clone(), lie, 149, slow).await;
+        let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+        let config = P2pConfig {
+            seed_peers: vec![denier.seed()],
+            timeout: Duration::from_secs(3_600),
+            // The only height query held is the one asking afresh.
+            height_query_interval: Duration::from_secs(3_600),
+            ..P2pConfig::default()
+        };
+        let node = soma_testkit::node(&chain, 9, config, store.clone());
+        // The question asking its claim afresh, answered only after a
+        // second, reaches the denier's hold only then.
+        let asked = async || denier.stalled.load(Ordering::SeqCst) == 1;
+        soma_testkit::wait_until("the claim to be asked afresh", DEADLINE, asked).await;
+        assert_eq!(denier.denied.load(Ordering::SeqCst), 1);
+        // The core has the failure already (it retries while the denier is
+        // the only peer, each retry finding no peer); the denial is not
+        // judged yet.
+        let status = node.sync_status().await.unwrap();
+        assert!(status.restarts >= 1, "{status:?}");
+        let views = node.peer_heights().await.unwrap();
+        let d = view(&views, denier.peer);
+        assert_eq!((d.failures, d.faults), (0, 0), "{d:?}");
+        let (honest, _) = synced_from_an_honest_peer_dialled(&node, &chain, store).await;
+        // Unanswered, the question leaves the claim as it was: each denial
+        // (a retry with no other peer asks the denier again) is of commits
+        // it claims, and counts once its wait ends.
+        let judged = async || {
+            let denied = denier.denied.load(Ordering::SeqCst) as u32;
+            let views = node.peer_heights().await.unwrap_or_default();
+            views
+                .iter()
+                .any(|v| v.peer == denier.peer && v.failures == denied)
+        };
+        soma_testkit::wait_until("each denial to be judged", DEADLINE, judged).await;
+        denier.open();
+        node.shutdown().await;
+        honest.shutdown().await;
+    }
+
     /// A node with a request timeout of an hour syncing a chain of 20
     /// commits from a first peer lying as `first` says (key given), which
     /// serves the commits and holds the one block fetch until it is

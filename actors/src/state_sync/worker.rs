@@ -834,19 +834,7 @@ impl Worker {
     ) {
         let peer = slot.lease().peer;
         match transfer {
-            // In a task of its own, so that the race ending while the
-            // question is out does not drop the judgement (at most a commit
-            // hedge delay).
-            Transfer::NotFound => {
-                let worker = self.clone();
-                tokio::spawn(async move {
-                    let transfer = match worker.refresh(peer).await {
-                        true => Transfer::NotFound,
-                        false => Transfer::Error,
-                    };
-                    slot.release(transfer, 0);
-                });
-            }
+            Transfer::NotFound => self.judge_denial(slot),
             Transfer::Withheld => {
                 let _ = withheld_by.set(peer);
                 slot.release(Transfer::Withheld, 0);
@@ -859,6 +847,26 @@ impl Worker {
             misbehaved(&self.heights, peer);
             self.lies_in_hedges.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Releases the slot of a commit fetch its peer denied (NOT_FOUND) once
+    /// that peer's claim was asked afresh ([`Self::refresh`]): judged on
+    /// the claim it then makes, or on none if it answered and PeerHeights
+    /// did not take that. In a task of its own, holding the slot until
+    /// then (at most a commit hedge delay): a race that ends, or a retry
+    /// that goes on, while the question is out neither drops the
+    /// judgement nor waits for it. Waited for before the worker returned,
+    /// a first peer's denial let an identity that then stalled its height
+    /// answer hold the retry that long, once per identity.
+    fn judge_denial(&self, slot: Slot) {
+        let worker = self.clone();
+        tokio::spawn(async move {
+            let transfer = match worker.refresh(slot.lease().peer).await {
+                true => Transfer::NotFound,
+                false => Transfer::Error,
+            };
+            slot.release(transfer, 0);
+        });
     }
 
     /// The peers an answer beats, if any: `peer`, and the second peers
@@ -1251,13 +1259,15 @@ impl Worker {
                 if let Some(beaten) = beaten {
                     beaten.settle(false);
                 }
-                // PeerHeights judges a NOT_FOUND on the claim it makes now;
-                // if it answered and PeerHeights did not take that, on none.
-                let transfer = match judge(&failure) {
-                    Transfer::NotFound if !self.refresh(peer).await => Transfer::Error,
-                    transfer => transfer,
-                };
-                slot.release(transfer, 0);
+                // A denial is judged on the claim the peer makes now, in a
+                // task of its own: the retry, which avoids this peer, does
+                // not wait on a question the peer may stall.
+                match judge(&failure) {
+                    Transfer::NotFound => self.judge_denial(slot),
+                    transfer => {
+                        slot.release(transfer, 0);
+                    }
+                }
                 return (Some(peer), Err(failure));
             }
         };
@@ -1419,8 +1429,10 @@ impl Worker {
     /// The answer is waited for no longer than a late fetch is before
     /// another peer is asked (the hedge delay of commit fetches): one
     /// that does not come by then leaves the view as it is (kept current
-    /// by `prune-grace`), so a peer that stalls the question holds up the
-    /// work it denied by at most that delay more. An answer PeerHeights
+    /// by `prune-grace`), so a peer that stalls the question holds up its
+    /// judgement by at most that delay (commits: [`Self::judge_denial`],
+    /// the retry going on meanwhile), and the retry of blocks it denied,
+    /// which carries whether it still claims them, as long. An answer PeerHeights
     /// did not take (our overload) is `false`: no judgement on a view the
     /// peer may have corrected.
     async fn refresh(&self, peer: PeerId) -> bool {

@@ -149,6 +149,11 @@ pub enum Lie {
     /// this status, which proves no lie (RESOURCE_EXHAUSTED: busy;
     /// UNAVAILABLE), so it is never banned.
     ClaimsHeightRefusing(tonic::Code),
+    /// Claims the chain and answers every commit fetch NOT_FOUND; from its
+    /// first denial on, it holds every height query unanswered until it
+    /// is opened ([`Served::open`]): it stalls the question that asks its
+    /// claim afresh.
+    DeniesCommitsThenHoldsHeights,
     /// Claims as [`Lie::ClaimsHeight`] does, and never answers a fetch.
     ClaimsHeightSilent,
     /// Claims the chain, as an honest peer does, and refuses every fetch
@@ -516,6 +521,13 @@ impl p2p_server::P2p for Evil {
             let _stalled = Stalled::new(&self.stalled);
             std::future::pending::<()>().await;
         }
+        if self.lie == Lie::DeniesCommitsThenHoldsHeights && self.denied.load(Ordering::SeqCst) > 0
+        {
+            let _stalled = Stalled::new(&self.stalled);
+            let mut opened = self.held.opened.subscribe();
+            // The sender lives as long as `self`.
+            let _ = opened.wait_for(|open| *open).await;
+        }
         if self.lie == Lie::DeniesCommitHedges && self.denied.load(Ordering::SeqCst) > 0 {
             // Asked afresh after its denial: slow to say what it holds.
             tokio::time::sleep(DENIER_QUERY_DELAY).await;
@@ -588,7 +600,12 @@ impl p2p_server::P2p for Evil {
             let _stalled = Stalled::new(&self.stalled);
             self.held.until_opened(start).await;
         }
-        if self.lie == Lie::DeniesCommitHedges && self.held.holds_commits_from(start) {
+        let denies = match self.lie {
+            Lie::DeniesCommitHedges => self.held.holds_commits_from(start),
+            Lie::DeniesCommitsThenHoldsHeights => true,
+            _ => false,
+        };
+        if denies {
             self.denied.fetch_add(1, Ordering::SeqCst);
             return Err(Status::not_found("commits not held"));
         }
