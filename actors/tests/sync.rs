@@ -546,20 +546,11 @@ mod byzantine {
         // kept, not asked for again.
         let asked = (first.commit_fetches(), hedge.commit_fetches());
         assert_eq!(asked, (1, 1));
-        let status = node.sync_status().await.unwrap();
-        let hedges = (status.hedges_sent, status.hedges_alone, status.hedges_won);
-        assert_eq!(hedges, (1, 1, 0), "{status:?}");
-        // A refusal counts against its peer, but bans no one: each of its
-        // fetches failed once, the commit fetch its hedge outlived too
-        // (few enough to stay under PeerHeights' cap on failures, and
-        // none of them a hedge, with the only commit fetch held by it).
-        let views = node.peer_heights().await.unwrap();
-        assert_no_lie_proved(&views, &[hedge.peer]);
-        let f = view(&views, first.peer);
-        assert_eq!(f.banned_until, None, "{f:?}");
-        assert_eq!(f.failures as usize, first.fetches(), "{f:?}");
-        let h = view(&views, hedge.peer);
-        assert_eq!(h.failures, 0, "{h:?}");
+        // Each of the first peer's fetches failed once, the commit fetch
+        // its hedge outlived too (few enough to stay under PeerHeights'
+        // cap on failures, and none of them a hedge, with the only commit
+        // fetch held by it).
+        assert_won_alone(&node, (&first, first.fetches()), &hedge).await;
         node.shutdown().await;
     }
 
@@ -636,22 +627,30 @@ mod byzantine {
         let asked = (first.block_fetches(), hedge.block_fetches());
         assert_eq!(asked, (1, 1));
         assert_eq!((first.commit_fetches(), hedge.commit_fetches()), (1, 0));
+        // The first peer's refusal, judged aside, counts once.
+        assert_won_alone(&node, (&first, 1), &hedge).await;
+        node.shutdown().await;
+    }
+
+    /// Asserts that `node` sent one hedge, which went on alone and whose
+    /// answer was the fetch's (not counted as won: the first peer had
+    /// failed), that the first peer's refusals count as `failures` and
+    /// ban it not, and that the hedge's peer has no failure and no fault.
+    async fn assert_won_alone(
+        node: &P2pHandle,
+        (first, failures): (&Served, usize),
+        hedge: &Served,
+    ) {
         let status = node.sync_status().await.unwrap();
         let hedges = (status.hedges_sent, status.hedges_alone, status.hedges_won);
         assert_eq!(hedges, (1, 1, 0), "{status:?}");
-        // The first peer's refusal, judged aside, counts against it once;
-        // it bans no one.
         let views = node.peer_heights().await.unwrap();
         assert_no_lie_proved(&views, &[hedge.peer]);
         let f = view(&views, first.peer);
-        assert_eq!(
-            (f.failures, f.faults, f.banned_until),
-            (1, 1, None),
-            "{f:?}"
-        );
+        let fate = (f.failures as usize, f.faults as usize, f.banned_until);
+        assert_eq!(fate, (failures, failures, None), "{f:?}");
         let h = view(&views, hedge.peer);
         assert_eq!(h.failures, 0, "{h:?}");
-        node.shutdown().await;
     }
 
     /// As above, but the first peer answers the block fetch, once hedged,
@@ -741,51 +740,50 @@ mod byzantine {
     }
 
     /// A node with a request timeout of an hour syncing a chain of 20
-    /// commits from a first peer lying as `first` says (key given), which
-    /// serves the commits and holds the one block fetch until it is
-    /// opened; hedged to the only other peer, which holds its block
-    /// fetches until opened: returned once the hedge is out, neither
-    /// opened. Both answer height queries after 250 ms, so that the hedge
-    /// is late a second after it went out.
+    /// commits, the block fetch (one chunk) held by a first peer lying as
+    /// `first` says (with its key), which serves the commits at once, and
+    /// hedged to the only other peer, which holds its block fetches until
+    /// opened: returned once the hedge is out, neither opened.
     async fn block_fetch_hedged(
         chain: &Arc<Chain>,
-        (lie, key): (Lie, u8),
+        first: (Lie, u8),
     ) -> (P2pHandle, (Served, Served), Arc<dyn ConsensusStore>) {
-        let slow = Duration::from_millis(250);
-        let first = serve_observed_slow_heights(chain.clone(), lie, key, slow).await;
-        let held = Lie::HoldsBlocksUntilOpened;
-        let hedge = serve_observed_slow_heights(chain.clone(), held, 147, slow).await;
-        let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
-        let config = P2pConfig {
-            seed_peers: vec![first.seed()],
-            timeout: Duration::from_secs(3_600),
-            ..P2pConfig::default()
-        };
-        let node = soma_testkit::node(chain, 9, config, store.clone());
-        dial_once_held(&node, &first, &hedge).await;
-        let hedged = async || hedge.block_fetches() == 1;
-        soma_testkit::wait_until("the block hedge to go out", DEADLINE, hedged).await;
-        let status = node.sync_status().await.unwrap();
-        assert_eq!((status.hedges_sent, status.synced), (1, 0), "{status:?}");
-        (node, (first, hedge), store)
+        let hedge = (Lie::HoldsBlocksUntilOpened, 147);
+        hedged_once(chain, (first, hedge), Served::block_fetches).await
     }
 
     /// A node with a request timeout of an hour whose one commit fetch
     /// (a chain of 20 commits) is held by a first peer, hedged to the only
     /// other peer, which holds the hedge until it is opened (and then
     /// does as `hedge_lie` says), and then refused by the first peer:
-    /// returned once the node reports the hedge gone on alone. Both peers
-    /// answer height queries after 250 ms, so that the hedge is late a
-    /// second after it went out, well after the node went on with it
-    /// alone.
+    /// returned once the node reports the hedge gone on alone.
     async fn refused_once_hedged(
         chain: &Arc<Chain>,
         hedge_lie: Lie,
     ) -> (P2pHandle, (Served, Served), Arc<dyn ConsensusStore>) {
         let refusing = Lie::HoldsCommitsThenRefuses(tonic::Code::Unavailable);
+        let peers = ((refusing, 144), (hedge_lie, 145));
+        let (node, (first, hedge), store) = hedged_once(chain, peers, Served::commit_fetches).await;
+        first.open();
+        let alone = async || node.sync_status().await.is_ok_and(|s| s.hedges_alone == 1);
+        soma_testkit::wait_until("the hedge to go on alone", DEADLINE, alone).await;
+        (node, (first, hedge), store)
+    }
+
+    /// A node with a request timeout of an hour syncing `chain` from a
+    /// first peer, then, once that peer holds a fetch, from a second one,
+    /// each lying as said (with its key) and answering height queries
+    /// after 250 ms, so that a hedge is late a second after it goes out:
+    /// returned once the second peer has had one fetch of the kind
+    /// `fetches` counts (a hedge of what the first holds).
+    async fn hedged_once(
+        chain: &Arc<Chain>,
+        ((first_lie, first_key), (hedge_lie, hedge_key)): ((Lie, u8), (Lie, u8)),
+        fetches: fn(&Served) -> usize,
+    ) -> (P2pHandle, (Served, Served), Arc<dyn ConsensusStore>) {
         let slow = Duration::from_millis(250);
-        let first = serve_observed_slow_heights(chain.clone(), refusing, 144, slow).await;
-        let hedge = serve_observed_slow_heights(chain.clone(), hedge_lie, 145, slow).await;
+        let first = serve_observed_slow_heights(chain.clone(), first_lie, first_key, slow).await;
+        let hedge = serve_observed_slow_heights(chain.clone(), hedge_lie, hedge_key, slow).await;
         let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
         let config = P2pConfig {
             seed_peers: vec![first.seed()],
@@ -794,13 +792,10 @@ mod byzantine {
         };
         let node = soma_testkit::node(chain, 9, config, store.clone());
         dial_once_held(&node, &first, &hedge).await;
-        let hedged = async || hedge.commit_fetches() == 1;
+        let hedged = async || fetches(&hedge) == 1;
         soma_testkit::wait_until("the hedge to go out", DEADLINE, hedged).await;
         let status = node.sync_status().await.unwrap();
         assert_eq!((status.hedges_sent, status.synced), (1, 0), "{status:?}");
-        first.open();
-        let alone = async || node.sync_status().await.is_ok_and(|s| s.hedges_alone == 1);
-        soma_testkit::wait_until("the hedge to go on alone", DEADLINE, alone).await;
         (node, (first, hedge), store)
     }
 
