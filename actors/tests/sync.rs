@@ -713,7 +713,6 @@ mod byzantine {
         // second, reaches the denier's hold only then.
         let asked = async || denier.stalled.load(Ordering::SeqCst) == 1;
         soma_testkit::wait_until("the claim to be asked afresh", DEADLINE, asked).await;
-        assert_eq!(denier.denied.load(Ordering::SeqCst), 1);
         // The core has the failure already (it retries while the denier is
         // the only peer, each retry finding no peer); the denial is not
         // judged yet.
@@ -724,16 +723,17 @@ mod byzantine {
         assert_eq!((d.failures, d.faults), (0, 0), "{d:?}");
         let (honest, _) = synced_from_an_honest_peer_dialled(&node, &chain, store).await;
         // Unanswered, the question leaves the claim as it was: each denial
-        // (a retry with no other peer asks the denier again) is of commits
-        // it claims, and counts once its wait ends.
+        // (a retry with no other peer may ask the denier again) is of
+        // commits it claims, a lie, counted once its wait ends.
         let judged = async || {
-            let denied = denier.denied.load(Ordering::SeqCst) as u32;
+            let denied = denier.denied.load(Ordering::SeqCst) as u64;
             let views = node.peer_heights().await.unwrap_or_default();
-            views
-                .iter()
-                .any(|v| v.peer == denier.peer && v.failures == denied)
+            views.iter().any(|v| {
+                let fate = (u64::from(v.failures), v.faults, v.banned_until.is_some());
+                v.peer == denier.peer && fate == (denied, denied, true)
+            })
         };
-        soma_testkit::wait_until("each denial to be judged", DEADLINE, judged).await;
+        soma_testkit::wait_until("each denial to be judged a lie", DEADLINE, judged).await;
         denier.open();
         node.shutdown().await;
         honest.shutdown().await;

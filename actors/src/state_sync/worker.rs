@@ -1891,7 +1891,10 @@ impl PerPeer {
 
 /// Every task StateSync runs on the runtime, aborted together on a
 /// restart and when the actor is dropped (a worker's fetch slot is
-/// released as it drops): sync workers by task; height queries and commit
+/// released as it drops), but the judgements of denials
+/// ([`Worker::judge_denial`]), which outlive the worker that spawned them
+/// on purpose (at most one per fetch slot held, each ending within a
+/// commit hedge delay and PeerHeights' answer): sync workers by task; height queries and commit
 /// pushes, each one task per peer and at most one per peer at a time
 /// ([`PerPeer`]), at most `most_queries` and `most_pushes` of each. A
 /// query or push to a peer whose last one is still on its way is skipped:
