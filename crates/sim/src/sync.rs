@@ -35,13 +35,14 @@ use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use soma_actors::peer_heights::{
-    self, Acquire, AcquireError, Lease, OutcomeKind, PeerHeightsCore, PeersBehind, PushHeight,
-    Release, ReportOutcome, Transfer, UpdateHeight,
+    self, Acquire, Lease, OutcomeKind, PeerHeightsCore, PeersBehind, PushHeight, Release,
+    ReportBeaten, ReportOutcome, Transfer, UpdateHeight,
 };
 use soma_actors::replay::Recorder;
 use soma_actors::state_sync::{
     self, ApplyError, CommitBatchInfo, Failure, FetchKind, HEAD_HEDGE_MIN, HEDGE_MIN, Hedging,
-    Input, LocalFailure, Output, StateSyncCore, TaskId, UNANSWERED_DOUBT,
+    Input, LocalFailure, MOVE_ANYWHERE_AFTER_LATE_TIMES, Output, StateSyncCore, TaskId,
+    UNANSWERED_DOUBT,
 };
 use soma_actors::{Driver, Time};
 use soma_types::{ChainId, CommitIndex, CommitRef, Digest, PeerId};
@@ -169,6 +170,12 @@ pub struct SyncRun {
     /// most by the first call's deadline): their fetch was not asked
     /// again.
     pub alone_answered: u64,
+    /// Hedges that failed (refused, denied, timed out) and were asked of
+    /// another peer in their place, as the worker's are.
+    pub hedges_asked_again: u64,
+    /// Late hedges that moved on to a peer not yet asked for their fetch
+    /// with a slot free (`Worker::late_hedge`).
+    pub hedges_moved: u64,
     /// Fetches that ended at their timeout.
     pub timeouts: u64,
     /// Answers that failed verification.
@@ -315,6 +322,9 @@ enum Event {
     AloneDeadline { client: usize, call: u64 },
     /// Whether call `call` of `client` is late enough to be hedged.
     HedgeCheck { client: usize, call: u64 },
+    /// Whether the hedge `call` of `client` may move on to a peer not yet
+    /// asked for its fetch.
+    MoveCheck { client: usize, call: u64 },
     /// A worker of `node` ends: the core hears `input`; a verified answer
     /// of a fetch of its kind scores its peer first, and its answer time
     /// goes to hedging, as the worker has it.
@@ -362,6 +372,14 @@ struct Call {
     /// Set on a hedge gone on alone: its first call, failed, with how its
     /// slot is to be released and its failure.
     alone: Option<Box<(Call, Transfer, Failure)>>,
+    /// On a hedged call: the peers its hedges failed on (not asked again
+    /// in this race) and the peers late hedges moved on from (beaten by
+    /// the answer that ends the race, if it passes its checks).
+    hedges_failed: Vec<PeerId>,
+    hedges_left: Vec<PeerId>,
+    /// On a hedge: how long makes its peer late, read as it was sent
+    /// (`Hedging::late_after`'s `at_send`).
+    late_at_send: Duration,
 }
 
 /// A fetch waiting for a slot: its work, the peers it avoids, and the call
@@ -512,6 +530,8 @@ pub fn catch_up(
             hedges: 0,
             hedges_alone: 0,
             alone_answered: 0,
+            hedges_asked_again: 0,
+            hedges_moved: 0,
             timeouts: 0,
             invalid: 0,
             busy: 0,
@@ -721,6 +741,7 @@ impl Run<'_> {
                 }
             }
             Event::HedgeCheck { client, call } => self.hedge_check(client, call),
+            Event::MoveCheck { client, call } => self.move_check(client, call),
             Event::Done {
                 node,
                 input,
@@ -944,20 +965,14 @@ impl Run<'_> {
                         // The hedged call ended while its hedge waited: the
                         // slot is given back unused.
                         Some(first) if !self.nodes[node].calls.contains_key(&first) => {
-                            let release = Release {
-                                lease: lease.id,
-                                transfer: Transfer::Cancelled,
-                                bytes: 0,
-                                latency_ms: 0,
-                            };
-                            self.heights_step(node, peer_heights::Input::Release(release));
+                            self.give_back(node, lease);
                         }
                         _ => self.send(node, (work, avoid, hedge_of), lease),
                     }
                 }
                 peer_heights::Output::Refused { request, error } => {
                     match self.nodes[node].waiting.remove(&request) {
-                        Some((_, _, Some(first))) => self.no_second_peer(node, first, error),
+                        Some((_, _, Some(first))) => self.no_second_peer(node, first),
                         None => {}
                         Some((work, _, None)) => {
                             self.finish(node, work, None, Failure::from(error))
@@ -1010,6 +1025,8 @@ impl Run<'_> {
         self.next_call += 1;
         let call = self.next_call;
         let sent_us = self.queue.now();
+        let timeout = Duration::from_millis(self.settings.timeout_ms);
+        let late_at_send = self.nodes[node].hedging.usual_delay(work.kind(), timeout);
         let entry = Call {
             work,
             lease,
@@ -1022,6 +1039,9 @@ impl Run<'_> {
             handed: false,
             past_hedge: false,
             alone: None,
+            hedges_failed: Vec::new(),
+            hedges_left: Vec::new(),
+            late_at_send,
         };
         let calls = &mut self.nodes[node].calls;
         calls.insert(call, entry);
@@ -1031,6 +1051,9 @@ impl Run<'_> {
                     first.hedge = Some(call);
                 }
                 self.run.hedges += 1;
+                let check = self.move_wait(node, call);
+                self.queue
+                    .schedule(check, Event::MoveCheck { client: node, call });
             }
             None => {
                 self.run.fetches += 1;
@@ -1156,21 +1179,33 @@ impl Run<'_> {
                 // A hedge gone on alone: its first call's failure is judged
                 // now, as the worker judges it aside.
                 let mut call = call;
+                // Peers late hedges of the fetch moved on from.
+                let mut left = std::mem::take(&mut call.hedges_left);
                 if let Some(first) = call.alone.take() {
-                    let (first, transfer, _) = *first;
+                    let (mut first, transfer, _) = *first;
                     self.release(client, &first, transfer, 0);
                     self.run.alone_answered += 1;
+                    left = std::mem::take(&mut first.hedges_left);
                 }
                 // The first answer is kept; the other call is dropped, the
                 // hedged peer released as late if this answer is whole.
                 let asked = call.work.end();
                 let other = call.hedge_of.or(call.hedge);
-                if let Some(other) = other.and_then(|o| self.nodes[client].calls.remove(&o)) {
+                if let Some(mut other) = other.and_then(|o| self.nodes[client].calls.remove(&o)) {
                     let transfer = match other.hedge_of {
                         None if end >= asked => Transfer::Late,
                         _ => Transfer::Cancelled,
                     };
                     self.release(client, &other, transfer, 0);
+                    left.extend(std::mem::take(&mut other.hedges_left));
+                }
+                // Beaten by an answer that passes its checks, as the worker
+                // reports them (`Beaten::settle`).
+                if valid {
+                    for peer in left {
+                        let beaten = peer_heights::Input::Beaten(ReportBeaten { peer });
+                        self.heights_step(client, beaten);
+                    }
                 }
                 self.release(client, &call, Transfer::Received, bytes);
                 let latency_ms = (self.queue.now() - call.sent_us) / 1_000;
@@ -1201,32 +1236,7 @@ impl Run<'_> {
     fn hand_on(&mut self, node: usize, call: &Call) -> bool {
         let mut avoid = call.avoid.clone();
         avoid.push(call.lease.peer);
-        let n = &mut self.nodes[node];
-        n.next_request += 1;
-        let request = n.next_request;
-        let (start, end) = call.work.range();
-        let acquire = Acquire {
-            request,
-            start,
-            end,
-            kind: call.work.kind(),
-            avoid: avoid.clone(),
-            wait_ms: 0,
-            spare_only: true,
-        };
-        let now = self.now();
-        let Some(heights) = self.nodes[node].heights.as_mut() else {
-            return false;
-        };
-        let mut outputs = heights.step_at(now, peer_heights::Input::Acquire(acquire));
-        let ours = outputs.iter().position(|o| match o {
-            peer_heights::Output::Granted { request: r, .. }
-            | peer_heights::Output::Refused { request: r, .. } => *r == request,
-            _ => false,
-        });
-        let ours = ours.map(|at| outputs.remove(at));
-        self.heights_outputs(node, outputs);
-        let Some(peer_heights::Output::Granted { lease, .. }) = ours else {
+        let Some(lease) = self.lease_now(node, call.work, avoid.clone(), true) else {
             return false;
         };
         self.release(node, call, Transfer::Busy, 0);
@@ -1238,9 +1248,132 @@ impl Run<'_> {
         true
     }
 
+    /// A slot for `work` free now on the best peer not in `avoid` (with
+    /// `spare_only`, on one with room to spare), if any: PeerHeights is
+    /// asked with no wait, as the worker asks it.
+    fn lease_now(
+        &mut self,
+        node: usize,
+        work: Work,
+        avoid: Vec<PeerId>,
+        spare_only: bool,
+    ) -> Option<Lease> {
+        let n = &mut self.nodes[node];
+        n.next_request += 1;
+        let request = n.next_request;
+        let (start, end) = work.range();
+        let acquire = Acquire {
+            request,
+            start,
+            end,
+            kind: work.kind(),
+            avoid,
+            wait_ms: 0,
+            spare_only,
+        };
+        let now = self.now();
+        let heights = self.nodes[node].heights.as_mut()?;
+        let mut outputs = heights.step_at(now, peer_heights::Input::Acquire(acquire));
+        let ours = outputs.iter().position(|o| match o {
+            peer_heights::Output::Granted { request: r, .. }
+            | peer_heights::Output::Refused { request: r, .. } => *r == request,
+            _ => false,
+        });
+        let ours = ours.map(|at| outputs.remove(at));
+        self.heights_outputs(node, outputs);
+        match ours {
+            Some(peer_heights::Output::Granted { lease, .. }) => Some(lease),
+            _ => None,
+        }
+    }
+
+    /// How long until the hedge `call` of `node` may move on: its move
+    /// delay from when it was sent (`Hedging::move_delay`), read again
+    /// at most every [`HEAD_HEDGE_MIN`] as batches are applied, as the
+    /// worker does; 0 once it may.
+    fn move_wait(&self, node: usize, call: u64) -> u64 {
+        let Some(c) = self.nodes[node].calls.get(&call) else {
+            return 0;
+        };
+        let timeout = Duration::from_millis(self.settings.timeout_ms);
+        let batch = self.settings.state_sync.commit_sync_batch_size;
+        let at = (c.work.kind(), c.work.range().0);
+        let hedging = &self.nodes[node].hedging;
+        let delay = hedging.move_delay(at, batch, timeout, c.late_at_send);
+        let elapsed = self.queue.now() - c.sent_us;
+        let left = (delay.as_micros() as u64).saturating_sub(elapsed);
+        left.min(HEAD_HEDGE_MIN.as_micros() as u64)
+    }
+
+    /// As the worker's late hedge does (`Worker::late_hedge`): once the
+    /// hedge `call` of `client` may move on, it does so as soon as a slot
+    /// is free on a peer not yet asked for its fetch with room to spare,
+    /// or on any such peer once it has gone unanswered
+    /// [`MOVE_ANYWHERE_AFTER_LATE_TIMES`] as long as makes it late, looked
+    /// for every [`HEDGE_MIN`]: its call is dropped, its peer beaten by the answer
+    /// that ends the race if that passes its checks, and the fetch asked
+    /// of that peer. Each move leaves a peer for one never asked, so a
+    /// fetch's hedge moves at most once per peer covering it. A hedge gone
+    /// on alone that could move ends the fetch with its first call's
+    /// failure instead, the slot found given back. (The hedge budget, and
+    /// giving way to a hedge waiting for room, are not modelled.)
+    fn move_check(&mut self, client: usize, call: u64) {
+        let Some(hedge) = self.nodes[client].calls.get(&call) else {
+            return;
+        };
+        let wait = self.move_wait(client, call);
+        if wait > 0 {
+            self.queue.schedule(wait, Event::MoveCheck { client, call });
+            return;
+        }
+        let first = hedge.hedge_of.expect("only hedges move");
+        let first_call = match &hedge.alone {
+            Some(alone) => Some(&alone.0),
+            None => self.nodes[client].calls.get(&first),
+        };
+        let Some(f) = first_call else {
+            return;
+        };
+        let mut asked = f.avoid.clone();
+        asked.push(f.lease.peer);
+        asked.extend(&f.hedges_failed);
+        asked.extend(&f.hedges_left);
+        asked.push(hedge.lease.peer);
+        let (work, alone) = (hedge.work, hedge.alone.is_some());
+        // Only to a peer with room to spare until it has gone unanswered
+        // long enough.
+        let waited = Duration::from_micros(self.queue.now() - hedge.sent_us);
+        let timeout = Duration::from_millis(self.settings.timeout_ms);
+        let hedging = &self.nodes[client].hedging;
+        let late = hedging.late_after(work.kind(), timeout, hedge.late_at_send);
+        let spare_only = waited < late * MOVE_ANYWHERE_AFTER_LATE_TIMES;
+        let Some(lease) = self.lease_now(client, work, asked.clone(), spare_only) else {
+            let again = HEDGE_MIN.as_micros() as u64;
+            self.queue
+                .schedule(again, Event::MoveCheck { client, call });
+            return;
+        };
+        let mut hedge = self.nodes[client].calls.remove(&call).expect("found above");
+        self.release(client, &hedge, Transfer::Cancelled, 0);
+        if alone {
+            self.give_back(client, lease);
+            if let Some(first) = hedge.alone.take() {
+                self.end_alone(client, *first);
+            }
+            return;
+        }
+        self.run.hedges_moved += 1;
+        if let Some(f) = self.nodes[client].calls.get_mut(&first) {
+            f.hedge = None;
+            f.hedges_left.push(hedge.lease.peer);
+        }
+        self.send(client, (work, asked, Some(first)), lease);
+    }
+
     /// A call failed, its slot to be released as `transfer` says. A hedge
-    /// that fails leaves its first call to answer alone, or, gone on alone
-    /// itself, ends the fetch with its first call's failure. A first call
+    /// that fails is asked of another peer in its place (not of one a
+    /// hedge of the fetch failed on), or, gone on alone itself, ends the
+    /// fetch with its first call's failure. A first call
     /// that fails, not by timing out, while its hedge is out and not late
     /// leaves the hedge to go on alone until it is late, at most until the
     /// first call's own deadline, its own release held until the hedge
@@ -1255,8 +1388,13 @@ impl Run<'_> {
     ) {
         if let Some(first) = call.hedge_of {
             self.release(client, &call, transfer, 0);
-            if let Some(first) = self.nodes[client].calls.get_mut(&first) {
-                first.hedge = None;
+            if let Some(f) = self.nodes[client].calls.get_mut(&first) {
+                // Another peer is asked in its place, as the worker does.
+                f.hedge = None;
+                f.hedged = false;
+                f.hedges_failed.push(call.lease.peer);
+                self.run.hedges_asked_again += 1;
+                self.hedge_check(client, first);
             } else if let Some(first) = call.alone.take() {
                 self.end_alone(client, *first);
             }
@@ -1359,22 +1497,21 @@ impl Run<'_> {
         (c.hedged, c.past_hedge) = (true, true);
         let mut avoid = c.avoid.clone();
         avoid.push(c.lease.peer);
+        avoid.extend(&c.hedges_failed);
         self.acquire(client, (work, avoid, Some(call)));
     }
 
-    /// No second peer for the hedge of call `first`. As the worker does
-    /// (`Worker::second_peer`): while no other peer covers the range, one
-    /// is looked for again after [`HEDGE_MIN`], and a commit fetch still
-    /// unanswered [`UNANSWERED_DOUBT`] after it was sent has its peer's
-    /// claim doubted. Otherwise the first answers alone.
-    fn no_second_peer(&mut self, node: usize, first: u64, error: AcquireError) {
+    /// No second peer for the hedge of call `first`: none covers the
+    /// range, or none had a slot free in time. As the worker does
+    /// (`Worker::second_peer`): one is looked for again after
+    /// [`HEDGE_MIN`], and a commit fetch still unanswered
+    /// [`UNANSWERED_DOUBT`] after it was sent has its peer's claim
+    /// doubted.
+    fn no_second_peer(&mut self, node: usize, first: u64) {
         let now = self.queue.now();
         let Some(c) = self.nodes[node].calls.get_mut(&first) else {
             return;
         };
-        if error != AcquireError::NoPeer {
-            return;
-        }
         c.hedged = false;
         let unanswered = now - c.sent_us >= UNANSWERED_DOUBT.as_micros() as u64;
         if c.work.kind() == FetchKind::Commits && !c.unanswered && unanswered {
@@ -1388,6 +1525,17 @@ impl Run<'_> {
             call: first,
         };
         self.queue.schedule(again, check);
+    }
+
+    /// A slot leased for a call never sent goes back unused.
+    fn give_back(&mut self, node: usize, lease: Lease) {
+        let release = Release {
+            lease: lease.id,
+            transfer: Transfer::Cancelled,
+            bytes: 0,
+            latency_ms: 0,
+        };
+        self.heights_step(node, peer_heights::Input::Release(release));
     }
 
     /// The worker's slot goes back, with how the transfer went.

@@ -357,11 +357,13 @@ fn a_network_far_behind_catches_up_through_the_state_sync_cores_among_hostile_pe
         let most = (slots * r.hostile_connections) as u64;
         match hostile {
             Hostile::Silent => {
-                // A late fetch asks a second peer: a silent peer costs a
-                // node at most one timeout, where no second peer was free.
-                assert!(r.hedges > 0, "{r:?}");
-                assert!(r.timeouts <= r.hostile_connections as u64, "{r:?}");
-                assert_eq!((r.invalid, r.bans), (0, 0));
+                // A late fetch asks a second peer, and a hedge late on a
+                // silent peer moves on to one not yet asked as soon as it
+                // has a slot free: no fetch waits out its timeout here
+                // (26 did, the last node syncing in 21.1 s instead of
+                // 3.0 s, while a late hedge stayed on its silent peer).
+                assert!(r.hedges > 0 && r.hedges_moved > 0, "{r:?}");
+                assert_eq!((r.timeouts, r.invalid, r.bans), (0, 0, 0), "{r:?}");
             }
             Hostile::Liar => {
                 assert!(r.invalid > 0 && r.invalid <= most, "{r:?}");
@@ -375,7 +377,8 @@ fn a_network_far_behind_catches_up_through_the_state_sync_cores_among_hostile_pe
                 assert_eq!((r.timeouts, r.invalid, r.bans), (0, 0, 0));
             }
             Hostile::Busy => {
-                assert!(r.busy > 0, "{r:?}");
+                // Hedges refused as busy are asked of another peer.
+                assert!(r.busy > 0 && r.hedges_asked_again > 0, "{r:?}");
                 assert_eq!((r.timeouts, r.invalid, r.bans), (0, 0, 0));
             }
         }
