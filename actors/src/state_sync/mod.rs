@@ -58,4 +58,4 @@ pub use messages::{
 };
 pub use prune::Retention;
 pub use queries::HeightQueries;
-pub use worker::{MOVE_ANYWHERE_AFTER_LATE_TIMES, UNANSWERED_DOUBT};
+pub use worker::{MOVE_ANYWHERE_AFTER_MOVE_DELAYS, UNANSWERED_DOUBT};

@@ -342,7 +342,7 @@ type Work = (FetchKind, (CommitIndex, CommitIndex));
 /// failing. The second peers that hedges left, late, to give way to
 /// hedges waiting for room ([`HedgeBudget::wanted`]) or to move on to a
 /// peer not yet asked ([`LateHedge::Move`]), are beaten by the answer too,
-/// on the same terms, each once.
+/// on the same terms, each once, if it is all that was asked.
 #[derive(Debug)]
 #[must_use = "dropped, nothing is held against the peers beaten"]
 pub(super) struct Beaten {
@@ -408,16 +408,19 @@ struct Hedged<T> {
 /// its answer ends the doubt).
 pub const UNANSWERED_DOUBT: Duration = Duration::from_secs(1);
 
-/// How many times as long as makes it late a hedge goes unanswered
-/// before it moves on to any peer not yet asked with a slot free; until
-/// then only to a peer with room to spare ([`AcquirePeer::spare_only`]).
-/// Moved to any free peer at once, a hedge late on a loaded honest
-/// validator went to identities answering each fetch with one commit,
-/// whose part of an answer ended the race: in the simulator's catch-up of
-/// 1,000 nodes, 30 % of them such identities, the last node synced in
-/// 65.6 s instead of 18.7 s. A silent peer is left all the same, this much
-/// later.
-pub const MOVE_ANYWHERE_AFTER_LATE_TIMES: u32 = 2;
+/// How many times its move delay ([`Hedging::move_delay`]: as long as
+/// makes it late, at the head of the pipeline no longer than its fetch
+/// waited before it was hedged) a hedge goes unanswered before it moves on
+/// to any peer not yet asked with a slot free; until then only to a peer
+/// with room to spare ([`AcquirePeer::spare_only`]). Moved to any free
+/// peer at once, a hedge late on a loaded honest validator went to
+/// identities answering each fetch with one commit, whose part of an
+/// answer ended the race: in the simulator's catch-up of 1,000 nodes, 30 %
+/// of them such identities, the last node synced in 65.6 s instead of
+/// 20.6 s. A silent peer is left all the same, within the first call's
+/// deadline if this much later comes first (at the head, at most a fifth
+/// of the request timeout after the hedge went out).
+pub const MOVE_ANYWHERE_AFTER_MOVE_DELAYS: u32 = 2;
 
 /// How long PeerHeights' mailbox may take to answer a request for a slot,
 /// beyond the request's own wait.
@@ -780,7 +783,7 @@ impl Worker {
                     if let Some((slot, answer, share)) = answered {
                         drop(share);
                         self.judge_aside(first, failure, transfer(failure), &withheld_by);
-                        let beaten = self.beaten(None, &given_way);
+                        let beaten = self.beaten(None, &given_way, whole(&answer));
                         let withheld_by = withheld_by.get().copied();
                         return Hedged { slot, result: Ok(answer), unhedged: false, beaten, withheld_by };
                     }
@@ -811,13 +814,15 @@ impl Worker {
                     .map(|(peer, _, _)| peer);
                 let late = outwaited.filter(|_| result.is_ok());
                 let late = late.map(|peer| (peer, Some(self.hedges_late.clone())));
-                let beaten = self.beaten(late, &given_way);
+                let whole = result.as_ref().is_ok_and(whole);
+                let beaten = self.beaten(late, &given_way, whole);
                 Hedged { slot: first, result, unhedged: false, beaten, withheld_by }
             }
             Some((slot, answer, share)) = &mut second => {
                 first.release(Transfer::Cancelled, 0);
-                let won = whole(&answer).then(|| (first_peer, Some(self.hedges_won.clone())));
-                let beaten = self.beaten(won, &given_way);
+                let whole = whole(&answer);
+                let won = whole.then(|| (first_peer, Some(self.hedges_won.clone())));
+                let beaten = self.beaten(won, &given_way, whole);
                 // What the first call holds goes before the share does.
                 drop(first_call);
                 drop(share);
@@ -880,15 +885,21 @@ impl Worker {
         });
     }
 
-    /// The peers an answer beats, if any: `peer`, and the second peers
-    /// that hedges left, late (counted in `hedges_given_way` or
-    /// `hedges_moved` already, as they were left).
+    /// The peers an answer beats, if any: `peer`, and, if the answer is
+    /// `whole` (all that was asked), the second peers that hedges left,
+    /// late (counted in `hedges_given_way` or `hedges_moved` already, as
+    /// they were left). A part of an answer beats none of those: a hedge
+    /// that moved on to an identity answering each fetch with one commit
+    /// would otherwise have the honest peer it left ranked lower each time.
     fn beaten(
         &self,
         peer: Option<(PeerId, Option<Arc<AtomicU64>>)>,
         given_way: &std::sync::Mutex<Vec<PeerId>>,
+        whole: bool,
     ) -> Option<Beaten> {
-        let given_way: Vec<_> = lock(given_way).drain(..).map(|p| (p, None)).collect();
+        let given_way = std::mem::take(&mut *lock(given_way));
+        let given_way = given_way.into_iter().filter(|_| whole).map(|p| (p, None));
+        let given_way: Vec<_> = given_way.collect();
         let peers: Vec<_> = peer.into_iter().chain(given_way).collect();
         (!peers.is_empty()).then(|| Beaten {
             heights: self.heights.clone(),
@@ -939,7 +950,7 @@ impl Worker {
     /// as soon as its fetch was hedged) and a slot is free now on a peer
     /// outside `asked` (every peer asked for the fetch so far) with room to
     /// spare, or on any such peer once the hedge has gone unanswered
-    /// [`MOVE_ANYWHERE_AFTER_LATE_TIMES`] as long as makes it late, looked
+    /// [`MOVE_ANYWHERE_AFTER_MOVE_DELAYS`] times its move delay, looked
     /// for every [`HEDGE_MIN`] ([`LateHedge::Move`], with that slot: the late
     /// call is dropped only once the next peer is sure). A hedge that only
     /// gave way to others, with nothing waiting for its room, held its
@@ -962,7 +973,8 @@ impl Worker {
         let another = async {
             self.until_moveable((kind, range.0), sent, at_send).await;
             loop {
-                let anywhere = self.late_after(kind, at_send) * MOVE_ANYWHERE_AFTER_LATE_TIMES;
+                let delay = self.move_delay((kind, range.0), at_send);
+                let anywhere = delay * MOVE_ANYWHERE_AFTER_MOVE_DELAYS;
                 let spare_only = sent.waited().is_none_or(|w| w < anywhere);
                 let free_now = (Duration::ZERO, spare_only);
                 if let Ok(slot) = self.lease((kind, range), asked.clone(), free_now).await {
@@ -997,9 +1009,16 @@ impl Worker {
         sent: &Sent,
         at_send: Duration,
     ) {
-        let (batch, timeout) = (self.config.commit_sync_batch_size, self.outbound.timeout());
-        let after = || (self.hedging).move_delay((kind, start), batch, timeout, at_send);
+        let after = || self.move_delay((kind, start), at_send);
         until_waited(sent, after, HEAD_HEDGE_MIN).await;
+    }
+
+    /// How long the hedge of a fetch of `kind` from commit `start`, sent
+    /// when a peer was late after `at_send`, waits before it may move on
+    /// ([`Hedging::move_delay`]).
+    fn move_delay(&self, (kind, start): (FetchKind, CommitIndex), at_send: Duration) -> Duration {
+        let (batch, timeout) = (self.config.commit_sync_batch_size, self.outbound.timeout());
+        (self.hedging).move_delay((kind, start), batch, timeout, at_send)
     }
 
     /// A slot for the hedge of the fetch leased as `first`, sent at

@@ -41,7 +41,7 @@ use soma_actors::peer_heights::{
 use soma_actors::replay::Recorder;
 use soma_actors::state_sync::{
     self, ApplyError, CommitBatchInfo, Failure, FetchKind, HEAD_HEDGE_MIN, HEDGE_MIN, Hedging,
-    Input, LocalFailure, MOVE_ANYWHERE_AFTER_LATE_TIMES, Output, StateSyncCore, TaskId,
+    Input, LocalFailure, MOVE_ANYWHERE_AFTER_MOVE_DELAYS, Output, StateSyncCore, TaskId,
     UNANSWERED_DOUBT,
 };
 use soma_actors::{Driver, Time};
@@ -1199,9 +1199,9 @@ impl Run<'_> {
                     self.release(client, &other, transfer, 0);
                     left.extend(std::mem::take(&mut other.hedges_left));
                 }
-                // Beaten by an answer that passes its checks, as the worker
-                // reports them (`Beaten::settle`).
-                if valid {
+                // Beaten by an answer of all that was asked that passes its
+                // checks, as the worker reports them (`Worker::beaten`).
+                if valid && end >= asked {
                     for peer in left {
                         let beaten = peer_heights::Input::Beaten(ReportBeaten { peer });
                         self.heights_step(client, beaten);
@@ -1309,7 +1309,7 @@ impl Run<'_> {
     /// hedge `call` of `client` may move on, it does so as soon as a slot
     /// is free on a peer not yet asked for its fetch with room to spare,
     /// or on any such peer once it has gone unanswered
-    /// [`MOVE_ANYWHERE_AFTER_LATE_TIMES`] as long as makes it late, looked
+    /// [`MOVE_ANYWHERE_AFTER_MOVE_DELAYS`] times its move delay, looked
     /// for every [`HEDGE_MIN`]: its call is dropped, its peer beaten by the answer
     /// that ends the race if that passes its checks, and the fetch asked
     /// of that peer. Each move leaves a peer for one never asked, so a
@@ -1344,9 +1344,11 @@ impl Run<'_> {
         // long enough.
         let waited = Duration::from_micros(self.queue.now() - hedge.sent_us);
         let timeout = Duration::from_millis(self.settings.timeout_ms);
+        let batch = self.settings.state_sync.commit_sync_batch_size;
+        let at = (work.kind(), work.range().0);
         let hedging = &self.nodes[client].hedging;
-        let late = hedging.late_after(work.kind(), timeout, hedge.late_at_send);
-        let spare_only = waited < late * MOVE_ANYWHERE_AFTER_LATE_TIMES;
+        let delay = hedging.move_delay(at, batch, timeout, hedge.late_at_send);
+        let spare_only = waited < delay * MOVE_ANYWHERE_AFTER_MOVE_DELAYS;
         let Some(lease) = self.lease_now(client, work, asked.clone(), spare_only) else {
             let again = HEDGE_MIN.as_micros() as u64;
             self.queue
