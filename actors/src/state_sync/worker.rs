@@ -417,7 +417,7 @@ pub const UNANSWERED_DOUBT: Duration = Duration::from_secs(1);
 /// identities answering each fetch with one commit, whose part of an
 /// answer ended the race: in the simulator's catch-up of 1,000 nodes, 30 %
 /// of them such identities, the last node synced in 65.6 s instead of
-/// 20.6 s. A silent peer is left all the same, within the first call's
+/// 19.1 s. A silent peer is left all the same, within the first call's
 /// deadline if this much later comes first (at the head, at most a fifth
 /// of the request timeout after the hedge went out).
 pub const MOVE_ANYWHERE_AFTER_MOVE_DELAYS: u32 = 2;

@@ -35,8 +35,8 @@ use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use soma_actors::peer_heights::{
-    self, Acquire, Lease, OutcomeKind, PeerHeightsCore, PeersBehind, PushHeight, Release,
-    ReportBeaten, ReportOutcome, Transfer, UpdateHeight,
+    self, Acquire, AcquireError, Lease, OutcomeKind, PeerHeightsCore, PeersBehind, PushHeight,
+    Release, ReportBeaten, ReportOutcome, Transfer, UpdateHeight,
 };
 use soma_actors::replay::Recorder;
 use soma_actors::state_sync::{
@@ -377,6 +377,9 @@ struct Call {
     /// the answer that ends the race, if it passes its checks).
     hedges_failed: Vec<PeerId>,
     hedges_left: Vec<PeerId>,
+    /// Whether its next hedge may ask a peer a hedge of it moved away
+    /// from: only once no other could be leased.
+    ask_left: bool,
     /// On a hedge: how long makes its peer late, read as it was sent
     /// (`Hedging::late_after`'s `at_send`).
     late_at_send: Duration,
@@ -972,7 +975,7 @@ impl Run<'_> {
                 }
                 peer_heights::Output::Refused { request, error } => {
                     match self.nodes[node].waiting.remove(&request) {
-                        Some((_, _, Some(first))) => self.no_second_peer(node, first),
+                        Some((_, _, Some(first))) => self.no_second_peer(node, first, error),
                         None => {}
                         Some((work, _, None)) => {
                             self.finish(node, work, None, Failure::from(error))
@@ -1041,6 +1044,7 @@ impl Run<'_> {
             alone: None,
             hedges_failed: Vec::new(),
             hedges_left: Vec::new(),
+            ask_left: false,
             late_at_send,
         };
         let calls = &mut self.nodes[node].calls;
@@ -1190,18 +1194,30 @@ impl Run<'_> {
                 // The first answer is kept; the other call is dropped, the
                 // hedged peer released as late if this answer is whole.
                 let asked = call.work.end();
+                let whole = end >= asked;
+                if !whole {
+                    left.clear();
+                }
                 let other = call.hedge_of.or(call.hedge);
                 if let Some(mut other) = other.and_then(|o| self.nodes[client].calls.remove(&o)) {
                     let transfer = match other.hedge_of {
-                        None if end >= asked => Transfer::Late,
+                        None if whole => Transfer::Late,
                         _ => Transfer::Cancelled,
                     };
                     self.release(client, &other, transfer, 0);
-                    left.extend(std::mem::take(&mut other.hedges_left));
+                    if whole {
+                        left.extend(std::mem::take(&mut other.hedges_left));
+                    }
+                    // A hedge the first call's answer outran once it was
+                    // late itself, whatever that answer holds.
+                    if other.hedge_of.is_some() && self.outwaited(client, &other) {
+                        left.push(other.lease.peer);
+                    }
                 }
-                // Beaten by an answer of all that was asked that passes its
-                // checks, as the worker reports them (`Worker::beaten`).
-                if valid && end >= asked {
+                // Beaten by an answer that passes its checks, as the worker
+                // reports them (`Worker::beaten`): the peers hedges left
+                // only by an answer of all that was asked.
+                if valid {
                     for peer in left {
                         let beaten = peer_heights::Input::Beaten(ReportBeaten { peer });
                         self.heights_step(client, beaten);
@@ -1500,21 +1516,30 @@ impl Run<'_> {
         let mut avoid = c.avoid.clone();
         avoid.push(c.lease.peer);
         avoid.extend(&c.hedges_failed);
+        if !c.ask_left {
+            avoid.extend(&c.hedges_left);
+        }
         self.acquire(client, (work, avoid, Some(call)));
     }
 
     /// No second peer for the hedge of call `first`: none covers the
     /// range, or none had a slot free in time. As the worker does
-    /// (`Worker::second_peer`): one is looked for again after
-    /// [`HEDGE_MIN`], and a commit fetch still unanswered
-    /// [`UNANSWERED_DOUBT`] after it was sent has its peer's claim
-    /// doubted.
-    fn no_second_peer(&mut self, node: usize, first: u64) {
+    /// (`Worker::second_peer`, `Worker::acquire_passing_over`): with no
+    /// peer but those hedges moved away from, one of those is asked at
+    /// once; otherwise one is looked for again after [`HEDGE_MIN`], and a
+    /// commit fetch still unanswered [`UNANSWERED_DOUBT`] after it was
+    /// sent has its peer's claim doubted.
+    fn no_second_peer(&mut self, node: usize, first: u64, error: AcquireError) {
         let now = self.queue.now();
         let Some(c) = self.nodes[node].calls.get_mut(&first) else {
             return;
         };
         c.hedged = false;
+        if error == AcquireError::NoPeer && !c.hedges_left.is_empty() && !c.ask_left {
+            c.ask_left = true;
+            return self.hedge_check(node, first);
+        }
+        c.ask_left = false;
         let unanswered = now - c.sent_us >= UNANSWERED_DOUBT.as_micros() as u64;
         if c.work.kind() == FetchKind::Commits && !c.unanswered && unanswered {
             c.unanswered = true;
@@ -1527,6 +1552,16 @@ impl Run<'_> {
             call: first,
         };
         self.queue.schedule(again, check);
+    }
+
+    /// Whether the hedge `hedge` of `node` has gone unanswered as long as
+    /// makes its peer late (`Hedging::late_after`, from its value when it
+    /// was sent).
+    fn outwaited(&self, node: usize, hedge: &Call) -> bool {
+        let timeout = Duration::from_millis(self.settings.timeout_ms);
+        let hedging = &self.nodes[node].hedging;
+        let late = hedging.late_after(hedge.work.kind(), timeout, hedge.late_at_send);
+        Duration::from_micros(self.queue.now() - hedge.sent_us) >= late
     }
 
     /// A slot leased for a call never sent goes back unused.

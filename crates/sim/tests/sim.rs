@@ -361,7 +361,7 @@ fn a_network_far_behind_catches_up_through_the_state_sync_cores_among_hostile_pe
                 // silent peer moves on to one not yet asked as soon as it
                 // has a slot free: no fetch waits out its timeout here
                 // (26 did, the last node syncing in 21.1 s instead of
-                // 3.2 s, while a late hedge stayed on its silent peer).
+                // 3.0 s, while a late hedge stayed on its silent peer).
                 assert!(r.hedges > 0 && r.hedges_moved > 0, "{r:?}");
                 assert_eq!((r.timeouts, r.invalid, r.bans), (0, 0, 0), "{r:?}");
             }
