@@ -494,6 +494,72 @@ async fn fetch_blocks_streams_chunks_of_at_most_4_mib() {
     a.shutdown().await;
 }
 
+/// A FetchBlocks stream is counted (`soma_rpcs_total`) by how it ends, as
+/// its caller sees it: OK once every block was sent, NOT_FOUND when it
+/// stopped at a block not held, CANCELLED when the caller went away first;
+/// a request refused before any stream, by its refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_stream_is_counted_by_how_it_ends() {
+    // Blocks of about 60 KB: the 1,000 blocks of a request, some 60 MB,
+    // are far more than the connection's budget (16 MiB) and the caller's
+    // flow-control windows hold, so the stream cannot end before the
+    // caller goes away.
+    let chain = chain(6_000);
+    let a = validator(&chain, 1);
+    let mut client = client(&a, Some(&identity(9))).await;
+    let refs: Vec<BlockRef> = (1..=260)
+        .flat_map(|i| chain.blocks_of(i).iter().map(|b| b.reference()))
+        .take(1_000)
+        .collect();
+    assert_eq!(refs.len(), 1_000);
+    let count = |code| {
+        a.rpc_counts()
+            .iter()
+            .filter(|(rpc, c, _)| *rpc == "FetchBlocks" && *c == code)
+            .map(|(_, _, n)| n)
+            .sum::<u64>()
+    };
+    let codes = [Code::Ok, Code::NotFound, Code::Cancelled];
+    let counted = || codes.map(count);
+
+    // A stream is counted before its end goes out: a caller that read it
+    // to the end finds it counted.
+    let whole = fetch_blocks(&mut client, &refs[..10]).await.unwrap();
+    assert_eq!(whole.concat().len(), 10);
+    assert_eq!(counted(), [1, 0, 0]);
+
+    let mut unknown = refs[0];
+    unknown.digest.0[0] ^= 1;
+    let denied = fetch_blocks(&mut client, &[refs[1], unknown]).await;
+    assert_eq!(denied.unwrap_err().code(), Code::NotFound);
+    assert_eq!(counted(), [1, 1, 0]);
+
+    // One chunk read of a long stream, then the caller goes away.
+    let request = proto::FetchBlocksRequest {
+        refs: refs.iter().copied().map(Into::into).collect(),
+    };
+    let mut stream = client.fetch_blocks(request).await.unwrap().into_inner();
+    let first = stream.message().await.unwrap().expect("a first chunk");
+    assert!(
+        first.blocks.len() < refs.len() / 4,
+        "{}",
+        first.blocks.len()
+    );
+    drop(stream);
+    // Counted once the server hears of it.
+    wait_for("the stream counted as cancelled", || async {
+        counted() == [1, 1, 1]
+    })
+    .await;
+
+    // Refused before any stream: counted by its refusal, and no stream.
+    let empty = fetch_blocks(&mut client, &[]).await;
+    assert_eq!(empty.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(count(Code::InvalidArgument), 1);
+    assert_eq!(counted(), [1, 1, 1]);
+    a.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anonymous_caller_reads_but_may_not_push() {
     let chain = chain(32);

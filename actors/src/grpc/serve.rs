@@ -388,7 +388,13 @@ pub(super) async fn stream_blocks(
             tokio::task::spawn_blocking(move || read_chunk(store.as_ref(), &refs, next, max_bytes))
                 .await
         };
-        let Ok(chunk) = read else { return };
+        // A read that panicked ends the stream with INTERNAL, not
+        // quietly: a stream that just stops reads as blocks withheld.
+        let chunk = read.unwrap_or_else(|_| Chunk {
+            blocks: Vec::new(),
+            next,
+            error: Some(Status::internal("the block read failed")),
+        });
         next = chunk.next;
         let message = proto::FetchBlocksResponse {
             blocks: chunk.blocks,

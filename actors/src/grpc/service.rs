@@ -1,5 +1,7 @@
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use actix::{Addr, MailboxError};
@@ -10,6 +12,7 @@ use soma_wire::convert::{Availability, ConvertError};
 use soma_wire::proto::{self, p2p_server::P2p};
 use soma_wire::tls::{caller, origin, remote_addr};
 use tokio::sync::mpsc;
+use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -48,7 +51,59 @@ impl Drop for Wanted {
 /// Chunks of a FetchBlocks stream buffered ahead of the client.
 const STREAM_BUFFER: usize = 2;
 
-type BlockStream = ReceiverStream<Result<proto::FetchBlocksResponse, Status>>;
+type BlockStream = Counted<ReceiverStream<Result<proto::FetchBlocksResponse, Status>>>;
+
+/// A response stream counted in [`RpcCounts`] by how it ends, as its caller
+/// sees it: OK at its end, the code of the error it ends with, CANCELLED if
+/// dropped before either (the caller went away, or the server cut the
+/// answer). Counted before the end reaches the transport, so a caller that
+/// has read the whole stream finds it counted.
+pub struct Counted<S> {
+    inner: S,
+    method: &'static str,
+    counts: RpcCounts,
+    ended: bool,
+}
+
+impl<S> Counted<S> {
+    fn new(inner: S, method: &'static str, counts: RpcCounts) -> Self {
+        Counted {
+            inner,
+            method,
+            counts,
+            ended: false,
+        }
+    }
+
+    fn end(&mut self, code: tonic::Code) {
+        if !std::mem::replace(&mut self.ended, true) {
+            *self.counts.entry((self.method, code)).or_default() += 1;
+        }
+    }
+}
+
+impl<S, T> Stream for Counted<S>
+where
+    S: Stream<Item = Result<T, Status>> + Unpin,
+{
+    type Item = Result<T, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let item = std::task::ready!(Pin::new(&mut self.inner).poll_next(cx));
+        match &item {
+            Some(Ok(_)) => {}
+            Some(Err(status)) => self.end(status.code()),
+            None => self.end(tonic::Code::Ok),
+        }
+        Poll::Ready(item)
+    }
+}
+
+impl<S> Drop for Counted<S> {
+    fn drop(&mut self) {
+        self.end(tonic::Code::Cancelled);
+    }
+}
 
 /// Calls answered, by method and status code; shared with the handle for
 /// metrics.
@@ -211,8 +266,12 @@ impl P2p for P2pService {
         &self,
         request: Request<proto::FetchBlocksRequest>,
     ) -> Result<Response<BlockStream>, Status> {
-        let result = self.fetch_blocks_inner(request).await;
-        self.count("FetchBlocks", result)
+        // A stream opened is counted as it ends ([`Counted`]): one that
+        // stops at a block not held is no OK call.
+        match self.fetch_blocks_inner(request).await {
+            Ok(stream) => Ok(stream),
+            refused => self.count("FetchBlocks", refused),
+        }
     }
 }
 
@@ -397,7 +456,11 @@ impl P2pService {
             tx,
         ));
         Ok(guarded(
-            Response::new(ReceiverStream::new(rx)),
+            Response::new(Counted::new(
+                ReceiverStream::new(rx),
+                "FetchBlocks",
+                self.deps.counts.clone(),
+            )),
             slot,
             reservation,
         ))
