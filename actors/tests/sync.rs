@@ -483,6 +483,73 @@ mod byzantine {
         honest.shutdown().await;
     }
 
+    /// The commit fetch the pipeline waits on is held by a silent peer
+    /// and hedged to another silent one; both answer height queries after
+    /// a second, so the hedge's peer is late only four seconds after the
+    /// hedge went out, while a hedge at the head of the pipeline may move
+    /// on after the head's own wait, two. A validator dialled once the
+    /// hedge is held (serving commits at once, blocks once opened) has
+    /// room to spare: the hedge moves to it before the peer it leaves is
+    /// late, and its answer used to count as beating that peer, a failure
+    /// for not answering within a wait shorter than its late mark (a
+    /// silent identity leased the head fetch could so rank each honest
+    /// peer a hedge went to lower). A peer left before it was late is not
+    /// beaten now. Read once the first block fetch is out: the commits'
+    /// answer was checked and its verdicts taken by then, and no block
+    /// fetch can end before the validator is opened.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_a_head_hedge_left_before_it_was_late_is_not_beaten() {
+        let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(20));
+        let slow = Duration::from_secs(1);
+        let mut silent = Vec::new();
+        for key in 150..152 {
+            silent.push(
+                serve_observed_slow_heights(chain.clone(), Lie::NeverAnswers, key, slow).await,
+            );
+        }
+        let (first, left) = (&silent[0], &silent[1]);
+        let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+        let config = P2pConfig {
+            seed_peers: vec![first.seed()],
+            timeout: Duration::from_secs(3_600),
+            ..P2pConfig::default()
+        };
+        let node = soma_testkit::node(&chain, 9, config, store.clone());
+        dial_once_held(&node, first, left).await;
+        let hedged = async || left.commit_fetches() == 1;
+        soma_testkit::wait_until("the hedge to be held", DEADLINE, hedged).await;
+        let validator = serve_observed(chain.clone(), Lie::HoldsBlocksUntilOpened, 152).await;
+        node.connect(Some(validator.peer), validator.address.clone())
+            .expect("Connections takes the dial");
+        let all = [first, left, &validator];
+        let blocks_asked = async || all.iter().any(|s| s.block_fetches() > 0);
+        soma_testkit::wait_until("a block fetch", DEADLINE, blocks_asked).await;
+        let status = node.sync_status().await.unwrap();
+        let hedges = (status.hedges_sent, status.hedges_moved, status.hedges_won);
+        assert_eq!(hedges, (1, 1, 1), "{status:?}");
+        assert_eq!(validator.commit_fetches(), 1);
+        let views = node.peer_heights().await.unwrap();
+        // The peer left before it was late: no failure.
+        let l = view(&views, left.peer);
+        assert_eq!(
+            (l.failures, l.faults, l.banned_until),
+            (0, 0, None),
+            "{l:?}"
+        );
+        // The first peer, outrun by the hedge's answer of all it asked
+        // for: one failure, no fault.
+        let f = view(&views, first.peer);
+        assert_eq!(
+            (f.failures, f.faults, f.banned_until),
+            (1, 0, None),
+            "{f:?}"
+        );
+        validator.open();
+        wait_synced(&node, chain.tip()).await;
+        assert_same_chain(&chain, store.as_ref());
+        node.shutdown().await;
+    }
+
     /// The commit fetch the pipeline waits on is held by a silent peer,
     /// the request timeout at an hour; its hedge goes to the one peer
     /// dialled next, which refuses every fetch (UNAVAILABLE, which proves

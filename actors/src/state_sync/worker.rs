@@ -316,12 +316,19 @@ fn goes_alone(failure: &Failure, denier_taken: bool) -> bool {
     }
 }
 
-/// Adds `peer` to `peers` unless it is there already.
-fn push_once(peers: &std::sync::Mutex<Vec<PeerId>>, peer: PeerId) {
+/// Adds `peer`, left by a hedge, to `peers`, late if it was (and if it
+/// was left late before).
+fn push_once(peers: &std::sync::Mutex<Vec<(PeerId, bool)>>, (peer, late): (PeerId, bool)) {
     let mut peers = lock(peers);
-    if !peers.contains(&peer) {
-        peers.push(peer);
+    match peers.iter_mut().find(|(p, _)| *p == peer) {
+        Some((_, was_late)) => *was_late |= late,
+        None => peers.push((peer, late)),
     }
+}
+
+/// The peers hedges left.
+fn left(peers: &std::sync::Mutex<Vec<(PeerId, bool)>>) -> Vec<PeerId> {
+    lock(peers).iter().map(|(p, _)| *p).collect()
 }
 
 /// A fetch's kind and the commits it is for.
@@ -636,9 +643,9 @@ impl Worker {
         // take before it is late, as read when it was sent.
         let hedge_on = std::sync::Mutex::new(None);
         let timeout = self.outbound.timeout();
-        // Second peers that hedges left, late (giving way to hedges
-        // waiting for room, or moving on): beaten by the answer, if it
-        // passes its checks.
+        // Second peers that hedges left (giving way to hedges waiting for
+        // room, or moving on), each with whether it was late itself then:
+        // those beaten by the answer, if it passes its checks.
         let given_way = std::sync::Mutex::new(Vec::new());
         // Set once the first peer's answer ends the race: a hedge polled
         // after that looks for no other peer.
@@ -658,7 +665,7 @@ impl Worker {
             // The slot and share of a hedge moving on from a late peer.
             let mut moved = None;
             loop {
-                let passed_over = lock(&given_way).clone();
+                let passed_over = left(&given_way);
                 let (slot, mut share) = match moved.take() {
                     Some(next) => next,
                     None => {
@@ -673,12 +680,15 @@ impl Worker {
                 };
                 share.sent();
                 let peer = slot.lease().peer;
+                // Asked again (no other peer could serve): no longer left,
+                // so neither beaten by its own answer nor counted twice.
+                lock(&given_way).retain(|(p, _)| *p != peer);
                 let late_after = self.hedging.usual_delay(kind, timeout);
                 let sent = Sent::default();
                 *lock(&hedge_on) = Some((peer, sent.clone(), late_after));
                 // Every peer asked for this fetch: a late hedge moves on
                 // only to a peer outside them.
-                let asked = [&avoid[..], &lock(&given_way), &[peer]].concat();
+                let asked = [&avoid[..], &left(&given_way), &[peer]].concat();
                 let answer = tokio::select! {
                     answer = call(peer, sent.clone()) => Ok(answer),
                     late = self.late_hedge(((kind, range), &sent, late_after), &share, asked) => Err(late),
@@ -704,7 +714,13 @@ impl Worker {
                         if over.load(Ordering::Relaxed) || alone.load(Ordering::Relaxed) {
                             return None;
                         }
-                        push_once(&given_way, peer);
+                        // Beaten only if late itself: a hedge at the head
+                        // of the pipeline moves on after the head's own
+                        // wait, before its peer could be late.
+                        let late_itself = sent
+                            .waited()
+                            .is_some_and(|w| w >= self.late_after(kind, late_after));
+                        push_once(&given_way, (peer, late_itself));
                         match late {
                             LateHedge::Move(next) => {
                                 self.hedges_moved.fetch_add(1, Ordering::Relaxed);
@@ -887,19 +903,25 @@ impl Worker {
     }
 
     /// The peers an answer beats, if any: `peer`, and, if the answer is
-    /// `whole` (all that was asked), the second peers that hedges left,
-    /// late (counted in `hedges_given_way` or `hedges_moved` already, as
-    /// they were left). A part of an answer beats none of those: a hedge
-    /// that moved on to an identity answering each fetch with one commit
-    /// would otherwise have the honest peer it left ranked lower each time.
+    /// `whole` (all that was asked), the second peers that hedges left
+    /// once they were late themselves (counted in `hedges_given_way` or
+    /// `hedges_moved` already, as they were left). A part of an answer
+    /// beats none of those: a hedge that moved on to an identity answering
+    /// each fetch with one commit would otherwise have the honest peer it
+    /// left ranked lower each time. Nor does any answer beat a peer left
+    /// before it was late (a hedge at the head of the pipeline moves on
+    /// after the head's shorter wait): a silent identity leased the fetch
+    /// the pipeline waits on would otherwise have each honest peer its
+    /// hedge went to ranked lower for not answering within that wait.
     fn beaten(
         &self,
         peer: Option<(PeerId, Option<Arc<AtomicU64>>)>,
-        given_way: &std::sync::Mutex<Vec<PeerId>>,
+        given_way: &std::sync::Mutex<Vec<(PeerId, bool)>>,
         whole: bool,
     ) -> Option<Beaten> {
         let given_way = std::mem::take(&mut *lock(given_way));
-        let given_way = given_way.into_iter().filter(|_| whole).map(|p| (p, None));
+        let given_way = given_way.into_iter().filter(|(_, late)| whole && *late);
+        let given_way = given_way.map(|(p, _)| (p, None));
         let given_way: Vec<_> = given_way.collect();
         let peers: Vec<_> = peer.into_iter().chain(given_way).collect();
         (!peers.is_empty()).then(|| Beaten {

@@ -373,10 +373,13 @@ struct Call {
     /// slot is to be released and its failure.
     alone: Option<Box<(Call, Transfer, Failure)>>,
     /// On a hedged call: the peers its hedges failed on (not asked again
-    /// in this race) and the peers late hedges moved on from (beaten by
-    /// the answer that ends the race, if it passes its checks).
+    /// in this race) and the peers hedges moved on from, each with whether
+    /// it was late itself then (those beaten by the answer of all that was
+    /// asked that ends the race, if it passes its checks; a hedge at the
+    /// head moves on before its peer is late). A peer asked again leaves
+    /// the list, as the worker's `given_way`.
     hedges_failed: Vec<PeerId>,
-    hedges_left: Vec<PeerId>,
+    hedges_left: Vec<(PeerId, bool)>,
     /// Whether its next hedge may ask a peer a hedge of it moved away
     /// from: only once no other could be leased.
     ask_left: bool,
@@ -1022,6 +1025,7 @@ impl Run<'_> {
     /// Sends the work's request to the leased peer, with its timeout; a
     /// call that is not a hedge is watched for lateness.
     fn send(&mut self, node: usize, (work, avoid, hedge_of): Waiting, lease: Lease) {
+        let lease_peer = lease.peer;
         let Some(server) = self.sim.index_of(&lease.peer) else {
             return self.finish(node, work, None, Failure::Disconnected);
         };
@@ -1053,6 +1057,7 @@ impl Run<'_> {
             Some(first) => {
                 if let Some(first) = calls.get_mut(&first) {
                     first.hedge = Some(call);
+                    first.hedges_left.retain(|(p, _)| *p != lease_peer);
                 }
                 self.run.hedges += 1;
                 let check = self.move_wait(node, call);
@@ -1184,12 +1189,12 @@ impl Run<'_> {
                 // now, as the worker judges it aside.
                 let mut call = call;
                 // Peers late hedges of the fetch moved on from.
-                let mut left = std::mem::take(&mut call.hedges_left);
+                let mut left = late_only(std::mem::take(&mut call.hedges_left));
                 if let Some(first) = call.alone.take() {
                     let (mut first, transfer, _) = *first;
                     self.release(client, &first, transfer, 0);
                     self.run.alone_answered += 1;
-                    left = std::mem::take(&mut first.hedges_left);
+                    left = late_only(std::mem::take(&mut first.hedges_left));
                 }
                 // The first answer is kept; the other call is dropped, the
                 // hedged peer released as late if this answer is whole.
@@ -1206,7 +1211,7 @@ impl Run<'_> {
                     };
                     self.release(client, &other, transfer, 0);
                     if whole {
-                        left.extend(std::mem::take(&mut other.hedges_left));
+                        left.extend(late_only(std::mem::take(&mut other.hedges_left)));
                     }
                     // A hedge the first call's answer outran once it was
                     // late itself, whatever that answer holds.
@@ -1353,7 +1358,7 @@ impl Run<'_> {
         let mut asked = f.avoid.clone();
         asked.push(f.lease.peer);
         asked.extend(&f.hedges_failed);
-        asked.extend(&f.hedges_left);
+        asked.extend(f.hedges_left.iter().map(|(p, _)| *p));
         asked.push(hedge.lease.peer);
         let (work, alone) = (hedge.work, hedge.alone.is_some());
         // Only to a peer with room to spare until it has gone unanswered
@@ -1372,6 +1377,7 @@ impl Run<'_> {
             return;
         };
         let mut hedge = self.nodes[client].calls.remove(&call).expect("found above");
+        let late = self.outwaited(client, &hedge);
         self.release(client, &hedge, Transfer::Cancelled, 0);
         if alone {
             self.give_back(client, lease);
@@ -1383,7 +1389,7 @@ impl Run<'_> {
         self.run.hedges_moved += 1;
         if let Some(f) = self.nodes[client].calls.get_mut(&first) {
             f.hedge = None;
-            f.hedges_left.push(hedge.lease.peer);
+            f.hedges_left.push((hedge.lease.peer, late));
         }
         self.send(client, (work, asked, Some(first)), lease);
     }
@@ -1517,7 +1523,7 @@ impl Run<'_> {
         avoid.push(c.lease.peer);
         avoid.extend(&c.hedges_failed);
         if !c.ask_left {
-            avoid.extend(&c.hedges_left);
+            avoid.extend(c.hedges_left.iter().map(|(p, _)| *p));
         }
         self.acquire(client, (work, avoid, Some(call)));
     }
@@ -1687,6 +1693,15 @@ impl Run<'_> {
             self.queue.schedule(leg, push);
         }
     }
+}
+
+/// The peers of `left` (peers hedges moved on from) that were late when
+/// left: those an answer beats.
+fn late_only(left: Vec<(PeerId, bool)>) -> Vec<PeerId> {
+    left.into_iter()
+        .filter(|(_, late)| *late)
+        .map(|(p, _)| p)
+        .collect()
 }
 
 /// What an honest server holding `height` commits sends for `work`.
