@@ -316,19 +316,44 @@ fn goes_alone(failure: &Failure, denier_taken: bool) -> bool {
     }
 }
 
-/// Adds `peer`, left by a hedge, to `peers`, late if it was (and if it
-/// was left late before).
-fn push_once(peers: &std::sync::Mutex<Vec<(PeerId, bool)>>, (peer, late): (PeerId, bool)) {
-    let mut peers = lock(peers);
-    match peers.iter_mut().find(|(p, _)| *p == peer) {
-        Some((_, was_late)) => *was_late |= late,
-        None => peers.push((peer, late)),
-    }
-}
+/// The second peers that the hedges of one fetch left (giving way to
+/// hedges waiting for room, or moving on), each with whether it was late
+/// itself when left: passed over by the next hedge unless none other can
+/// serve, and those left late beaten by the answer of all that was asked
+/// that ends the race.
+#[derive(Debug, Default)]
+struct Left(std::sync::Mutex<Vec<(PeerId, bool)>>);
 
-/// The peers hedges left.
-fn left(peers: &std::sync::Mutex<Vec<(PeerId, bool)>>) -> Vec<PeerId> {
-    lock(peers).iter().map(|(p, _)| *p).collect()
+impl Left {
+    /// A hedge left `peer`, `late` if it had gone unanswered as long as
+    /// makes its peer late.
+    fn leave(&self, peer: PeerId, late: bool) {
+        let mut peers = lock(&self.0);
+        match peers.iter_mut().find(|(p, _)| *p == peer) {
+            Some((_, was_late)) => *was_late |= late,
+            None => peers.push((peer, late)),
+        }
+    }
+
+    /// A hedge asks `peer` again (no other could serve): no longer left,
+    /// so neither beaten by its own answer nor counted twice.
+    fn ask_again(&self, peer: PeerId) {
+        lock(&self.0).retain(|(p, _)| *p != peer);
+    }
+
+    /// The peers left.
+    fn peers(&self) -> Vec<PeerId> {
+        lock(&self.0).iter().map(|(p, _)| *p).collect()
+    }
+
+    /// The peers an answer beats, `whole` if it holds all that was asked:
+    /// those left late, and none for a part of an answer. Taken: the
+    /// race is over.
+    fn beaten_by(&self, whole: bool) -> Vec<PeerId> {
+        let peers = std::mem::take(&mut *lock(&self.0));
+        let beaten = peers.into_iter().filter(|(_, late)| whole && *late);
+        beaten.map(|(p, _)| p).collect()
+    }
 }
 
 /// A fetch's kind and the commits it is for.
@@ -646,7 +671,7 @@ impl Worker {
         // Second peers that hedges left (giving way to hedges waiting for
         // room, or moving on), each with whether it was late itself then:
         // those beaten by the answer, if it passes its checks.
-        let given_way = std::sync::Mutex::new(Vec::new());
+        let given_way = Left::default();
         // Set once the first peer's answer ends the race: a hedge polled
         // after that looks for no other peer.
         let over = std::sync::atomic::AtomicBool::new(false);
@@ -665,7 +690,7 @@ impl Worker {
             // The slot and share of a hedge moving on from a late peer.
             let mut moved = None;
             loop {
-                let passed_over = left(&given_way);
+                let passed_over = given_way.peers();
                 let (slot, mut share) = match moved.take() {
                     Some(next) => next,
                     None => {
@@ -682,13 +707,13 @@ impl Worker {
                 let peer = slot.lease().peer;
                 // Asked again (no other peer could serve): no longer left,
                 // so neither beaten by its own answer nor counted twice.
-                lock(&given_way).retain(|(p, _)| *p != peer);
+                given_way.ask_again(peer);
                 let late_after = self.hedging.usual_delay(kind, timeout);
                 let sent = Sent::default();
                 *lock(&hedge_on) = Some((peer, sent.clone(), late_after));
                 // Every peer asked for this fetch: a late hedge moves on
                 // only to a peer outside them.
-                let asked = [&avoid[..], &left(&given_way), &[peer]].concat();
+                let asked = [&avoid[..], &given_way.peers(), &[peer]].concat();
                 let answer = tokio::select! {
                     answer = call(peer, sent.clone()) => Ok(answer),
                     late = self.late_hedge(((kind, range), &sent, late_after), &share, asked) => Err(late),
@@ -720,7 +745,7 @@ impl Worker {
                         let late_itself = sent
                             .waited()
                             .is_some_and(|w| w >= self.late_after(kind, late_after));
-                        push_once(&given_way, (peer, late_itself));
+                        given_way.leave(peer, late_itself);
                         match late {
                             LateHedge::Move(next) => {
                                 self.hedges_moved.fetch_add(1, Ordering::Relaxed);
@@ -916,13 +941,10 @@ impl Worker {
     fn beaten(
         &self,
         peer: Option<(PeerId, Option<Arc<AtomicU64>>)>,
-        given_way: &std::sync::Mutex<Vec<(PeerId, bool)>>,
+        given_way: &Left,
         whole: bool,
     ) -> Option<Beaten> {
-        let given_way = std::mem::take(&mut *lock(given_way));
-        let given_way = given_way.into_iter().filter(|(_, late)| whole && *late);
-        let given_way = given_way.map(|(p, _)| (p, None));
-        let given_way: Vec<_> = given_way.collect();
+        let given_way = given_way.beaten_by(whole).into_iter().map(|p| (p, None));
         let peers: Vec<_> = peer.into_iter().chain(given_way).collect();
         (!peers.is_empty()).then(|| Beaten {
             heights: self.heights.clone(),
@@ -2336,6 +2358,27 @@ mod tests {
         // Every other failure is told as for any fetch.
         assert_eq!(block_transfer_of(&Failure::Timeout), Transfer::Timeout);
         assert_eq!(block_transfer_of(&Failure::Transport), Transfer::Error);
+    }
+
+    #[test]
+    fn only_peers_left_late_are_beaten_and_a_peer_asked_again_is_not_left() {
+        let peer = |i: u8| PeerId([i; 32]);
+        let left = Left::default();
+        left.leave(peer(1), false);
+        left.leave(peer(2), true);
+        left.leave(peer(3), true);
+        // Left early, then late: late.
+        left.leave(peer(1), true);
+        left.leave(peer(4), false);
+        // Asked again, then neither passed over nor beaten.
+        left.ask_again(peer(3));
+        assert_eq!(left.peers(), vec![peer(1), peer(2), peer(4)]);
+        assert_eq!(left.beaten_by(true), vec![peer(1), peer(2)]);
+        // Taken with the race.
+        assert_eq!(left.peers(), vec![]);
+        left.leave(peer(5), true);
+        assert_eq!(left.beaten_by(false), vec![]);
+        assert_eq!(left.peers(), vec![]);
     }
 
     #[test]
