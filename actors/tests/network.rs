@@ -464,17 +464,27 @@ async fn only_commits_with_a_certificate_held_are_advertised_and_pushed() {
     producer.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fetch_blocks_streams_chunks_of_at_most_4_mib() {
-    // Blocks of 10 transactions with 1,000-byte payloads: about 11 KB each.
-    let chain = chain(1_000);
+/// A validator holding a chain of blocks of 10 transactions with
+/// `payload_bytes` payloads, a client of it, and the references of the
+/// first 1,000 blocks (the most one FetchBlocks may ask for).
+async fn serving_a_thousand_blocks(
+    payload_bytes: usize,
+) -> (P2pHandle, P2pClient<Channel>, Vec<BlockRef>) {
+    let chain = chain(payload_bytes);
     let a = validator(&chain, 1);
-    let mut client = client(&a, Some(&identity(9))).await;
+    let client = client(&a, Some(&identity(9))).await;
     let refs: Vec<BlockRef> = (1..=260)
         .flat_map(|i| chain.blocks_of(i).iter().map(|b| b.reference()))
         .take(1_000)
         .collect();
     assert_eq!(refs.len(), 1_000);
+    (a, client, refs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_blocks_streams_chunks_of_at_most_4_mib() {
+    // Blocks of 10 transactions with 1,000-byte payloads: about 11 KB each.
+    let (a, mut client, refs) = serving_a_thousand_blocks(1_000).await;
     let chunks = fetch_blocks(&mut client, &refs).await.unwrap();
     assert!(
         chunks.len() >= 2,
@@ -504,14 +514,7 @@ async fn a_block_stream_is_counted_by_how_it_ends() {
     // are far more than the connection's budget (16 MiB) and the caller's
     // flow-control windows hold, so the stream cannot end before the
     // caller goes away.
-    let chain = chain(6_000);
-    let a = validator(&chain, 1);
-    let mut client = client(&a, Some(&identity(9))).await;
-    let refs: Vec<BlockRef> = (1..=260)
-        .flat_map(|i| chain.blocks_of(i).iter().map(|b| b.reference()))
-        .take(1_000)
-        .collect();
-    assert_eq!(refs.len(), 1_000);
+    let (a, mut client, refs) = serving_a_thousand_blocks(6_000).await;
     let count = |code| {
         a.rpc_counts()
             .iter()
