@@ -360,7 +360,8 @@ type BlockSender = mpsc::Sender<Result<proto::FetchBlocksResponse, Status>>;
 
 /// FetchBlocks: streams the blocks in request order, in chunks of at most
 /// `max_bytes` (a single larger block goes alone). Stops with NOT_FOUND at
-/// the first block not held, and quietly when the caller goes away.
+/// the first block not held, with INTERNAL if the store breaks its
+/// contract or a read fails, and quietly when the caller goes away.
 ///
 /// Each chunk is read on the blocking pool ([`read_chunk`]); sending is
 /// async, so a client that does not read holds no thread. Before a chunk is

@@ -336,9 +336,12 @@ impl Left {
     }
 
     /// A hedge asks `peer` again (no other could serve): no longer left,
-    /// so neither beaten by its own answer nor counted twice.
+    /// unless it was left late, which it stays (it is then neither beaten
+    /// by its own answer nor counted twice: [`Self::beaten_by`]'s
+    /// `except`). Forgotten, a peer left late and asked again escaped its
+    /// charge whenever the first peer answered before it was late again.
     fn ask_again(&self, peer: PeerId) {
-        lock(&self.0).retain(|(p, _)| *p != peer);
+        lock(&self.0).retain(|(p, late)| *p != peer || *late);
     }
 
     /// The peers left.
@@ -347,17 +350,25 @@ impl Left {
     }
 
     /// The peers an answer beats, `whole` if it holds all that was asked:
-    /// those left late, and none for a part of an answer. Taken: the
-    /// race is over.
-    fn beaten_by(&self, whole: bool) -> Vec<PeerId> {
+    /// those left late but `except` (the peers that answered, or are
+    /// beaten already), and none for a part of an answer. Taken: the race
+    /// is over.
+    fn beaten_by(&self, whole: bool, except: &[PeerId]) -> Vec<PeerId> {
         let peers = std::mem::take(&mut *lock(&self.0));
         let beaten = peers.into_iter().filter(|(_, late)| whole && *late);
-        beaten.map(|(p, _)| p).collect()
+        beaten
+            .map(|(p, _)| p)
+            .filter(|p| !except.contains(p))
+            .collect()
     }
 }
 
 /// A fetch's kind and the commits it is for.
 type Work = (FetchKind, (CommitIndex, CommitIndex));
+
+/// A peer beaten, with where it is counted (fetches won by their hedge,
+/// hedges late), if anywhere.
+type BeatenPeer = (PeerId, Option<Arc<AtomicU64>>);
 
 /// The first peer of a hedged fetch, beaten by a second peer's answer of
 /// all that was asked (or the second peer, beaten by the first's answer
@@ -379,9 +390,8 @@ type Work = (FetchKind, (CommitIndex, CommitIndex));
 #[must_use = "dropped, nothing is held against the peers beaten"]
 pub(super) struct Beaten {
     heights: Addr<PeerHeights>,
-    /// The peers beaten, each with where it is counted (fetches won by
-    /// their hedge, hedges late), if anywhere.
-    peers: Vec<(PeerId, Option<Arc<AtomicU64>>)>,
+    /// The peers beaten.
+    peers: Vec<BeatenPeer>,
 }
 
 impl Beaten {
@@ -825,7 +835,8 @@ impl Worker {
                     if let Some((slot, answer, share)) = answered {
                         drop(share);
                         self.judge_aside(first, failure, transfer(failure), &withheld_by);
-                        let beaten = self.beaten(None, &given_way, whole(&answer));
+                        let won = (None, slot.lease().peer);
+                        let beaten = self.beaten(won, &given_way, whole(&answer));
                         let withheld_by = withheld_by.get().copied();
                         return Hedged { slot, result: Ok(answer), unhedged: false, beaten, withheld_by };
                     }
@@ -857,14 +868,14 @@ impl Worker {
                 let late = outwaited.filter(|_| result.is_ok());
                 let late = late.map(|peer| (peer, Some(self.hedges_late.clone())));
                 let whole = result.as_ref().is_ok_and(whole);
-                let beaten = self.beaten(late, &given_way, whole);
+                let beaten = self.beaten((late, first_peer), &given_way, whole);
                 Hedged { slot: first, result, unhedged: false, beaten, withheld_by }
             }
             Some((slot, answer, share)) = &mut second => {
                 first.release(Transfer::Cancelled, 0);
                 let whole = whole(&answer);
                 let won = whole.then(|| (first_peer, Some(self.hedges_won.clone())));
-                let beaten = self.beaten(won, &given_way, whole);
+                let beaten = self.beaten((won, slot.lease().peer), &given_way, whole);
                 // What the first call holds goes before the share does.
                 drop(first_call);
                 drop(share);
@@ -938,13 +949,18 @@ impl Worker {
     /// after the head's shorter wait): a silent identity leased the fetch
     /// the pipeline waits on would otherwise have each honest peer its
     /// hedge went to ranked lower for not answering within that wait.
+    /// The peer whose answer it is (`answered`) is never among them.
     fn beaten(
         &self,
-        peer: Option<(PeerId, Option<Arc<AtomicU64>>)>,
+        (peer, answered): (Option<BeatenPeer>, PeerId),
         given_way: &Left,
         whole: bool,
     ) -> Option<Beaten> {
-        let given_way = given_way.beaten_by(whole).into_iter().map(|p| (p, None));
+        let except: Vec<PeerId> = peer.iter().map(|(p, _)| *p).chain([answered]).collect();
+        let given_way = given_way
+            .beaten_by(whole, &except)
+            .into_iter()
+            .map(|p| (p, None));
         let peers: Vec<_> = peer.into_iter().chain(given_way).collect();
         (!peers.is_empty()).then(|| Beaten {
             heights: self.heights.clone(),
@@ -2361,7 +2377,7 @@ mod tests {
     }
 
     #[test]
-    fn only_peers_left_late_are_beaten_and_a_peer_asked_again_is_not_left() {
+    fn only_peers_left_late_are_beaten_and_a_peer_asked_again_stays_left_only_if_late() {
         let peer = |i: u8| PeerId([i; 32]);
         let left = Left::default();
         left.leave(peer(1), false);
@@ -2370,15 +2386,20 @@ mod tests {
         // Left early, then late: late.
         left.leave(peer(1), true);
         left.leave(peer(4), false);
-        // Asked again, then neither passed over nor beaten.
+        // Asked again: one left early is no longer left; one left late
+        // stays, and is beaten unless it answered or is beaten already.
+        left.ask_again(peer(4));
         left.ask_again(peer(3));
-        assert_eq!(left.peers(), vec![peer(1), peer(2), peer(4)]);
-        assert_eq!(left.beaten_by(true), vec![peer(1), peer(2)]);
+        assert_eq!(left.peers(), vec![peer(1), peer(2), peer(3)]);
+        assert_eq!(left.beaten_by(true, &[peer(3)]), vec![peer(1), peer(2)]);
         // Taken with the race.
         assert_eq!(left.peers(), vec![]);
         left.leave(peer(5), true);
-        assert_eq!(left.beaten_by(false), vec![]);
+        assert_eq!(left.beaten_by(false, &[]), vec![]);
         assert_eq!(left.peers(), vec![]);
+        left.leave(peer(6), true);
+        left.ask_again(peer(6));
+        assert_eq!(left.beaten_by(true, &[]), vec![peer(6)]);
     }
 
     #[test]

@@ -377,7 +377,7 @@ struct Call {
     /// it was late itself then (those beaten by the answer of all that was
     /// asked that ends the race, if it passes its checks; a hedge at the
     /// head moves on before its peer is late). A peer asked again leaves
-    /// the list, as the worker's `given_way`.
+    /// the list unless it was left late, as the worker's `given_way`.
     hedges_failed: Vec<PeerId>,
     hedges_left: Vec<(PeerId, bool)>,
     /// Whether its next hedge may ask a peer a hedge of it moved away
@@ -1057,7 +1057,10 @@ impl Run<'_> {
             Some(first) => {
                 if let Some(first) = calls.get_mut(&first) {
                     first.hedge = Some(call);
-                    first.hedges_left.retain(|(p, _)| *p != lease_peer);
+                    // Left late, it stays left, as the worker's.
+                    first
+                        .hedges_left
+                        .retain(|(p, late)| *p != lease_peer || *late);
                 }
                 self.run.hedges += 1;
                 let check = self.move_wait(node, call);
@@ -1215,10 +1218,13 @@ impl Run<'_> {
                     }
                     // A hedge the first call's answer outran once it was
                     // late itself, whatever that answer holds.
-                    if other.hedge_of.is_some() && self.outwaited(client, &other) {
+                    let outwaited = other.hedge_of.is_some() && self.outwaited(client, &other);
+                    if outwaited && !left.contains(&other.lease.peer) {
                         left.push(other.lease.peer);
                     }
                 }
+                // Never the peer whose answer this is.
+                left.retain(|p| *p != peer);
                 // Beaten by an answer that passes its checks, as the worker
                 // reports them (`Worker::beaten`): the peers hedges left
                 // only by an answer of all that was asked.
