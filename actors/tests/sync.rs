@@ -500,24 +500,11 @@ mod byzantine {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_peer_a_head_hedge_left_before_it_was_late_is_not_beaten() {
         let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(20));
-        let slow = Duration::from_secs(1);
-        let mut silent = Vec::new();
-        for key in 150..152 {
-            silent.push(
-                serve_observed_slow_heights(chain.clone(), Lie::NeverAnswers, key, slow).await,
-            );
-        }
-        let (first, left) = (&silent[0], &silent[1]);
-        let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
-        let config = P2pConfig {
-            seed_peers: vec![first.seed()],
-            timeout: Duration::from_secs(3_600),
-            ..P2pConfig::default()
-        };
-        let node = soma_testkit::node(&chain, 9, config, store.clone());
-        dial_once_held(&node, first, left).await;
-        let hedged = async || left.commit_fetches() == 1;
-        soma_testkit::wait_until("the hedge to be held", DEADLINE, hedged).await;
+        let peers = ((Lie::NeverAnswers, 150), (Lie::NeverAnswers, 151));
+        let commits: fn(&Served) -> usize = Served::commit_fetches;
+        let fetches = (commits, Duration::from_secs(1));
+        let (node, (first, left), store) = hedged_once_after(&chain, peers, fetches).await;
+        let (first, left) = (&first, &left);
         let validator = serve_observed(chain.clone(), Lie::HoldsBlocksUntilOpened, 152).await;
         node.connect(Some(validator.peer), validator.address.clone())
             .expect("Connections takes the dial");
@@ -845,10 +832,20 @@ mod byzantine {
     /// `fetches` counts (a hedge of what the first holds).
     async fn hedged_once(
         chain: &Arc<Chain>,
-        ((first_lie, first_key), (hedge_lie, hedge_key)): ((Lie, u8), (Lie, u8)),
+        peers: ((Lie, u8), (Lie, u8)),
         fetches: fn(&Served) -> usize,
     ) -> (P2pHandle, (Served, Served), Arc<dyn ConsensusStore>) {
         let slow = Duration::from_millis(250);
+        hedged_once_after(chain, peers, (fetches, slow)).await
+    }
+
+    /// [`hedged_once`], the peers answering height queries after `slow`
+    /// (a hedge is late four times that after it goes out).
+    async fn hedged_once_after(
+        chain: &Arc<Chain>,
+        ((first_lie, first_key), (hedge_lie, hedge_key)): ((Lie, u8), (Lie, u8)),
+        (fetches, slow): (fn(&Served) -> usize, Duration),
+    ) -> (P2pHandle, (Served, Served), Arc<dyn ConsensusStore>) {
         let first = serve_observed_slow_heights(chain.clone(), first_lie, first_key, slow).await;
         let hedge = serve_observed_slow_heights(chain.clone(), hedge_lie, hedge_key, slow).await;
         let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
