@@ -537,6 +537,95 @@ mod byzantine {
         node.shutdown().await;
     }
 
+    /// The one commit fetch of a chain of 20 commits is held by its first
+    /// peer (an honest validator, slow here) and hedged to an identity
+    /// that answers each commit fetch at once with its first commit alone
+    /// (legal: an answer may end at any commit its server can certify).
+    /// That part used to end the race: the first call was dropped and the
+    /// other 19 commits asked again, of the identity as often as not, a
+    /// commit per race (in the simulator, nodes whose usual answer time
+    /// such identities set synced 5 to 10 times slower than the rest). The
+    /// part is now held while the first call has the time its own peer
+    /// needs (four times its round trip; the test opens it long before):
+    /// the first's answer of all 20 is the fetch's, each peer is
+    /// asked for commits once, and neither is held to have failed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hedges_part_of_an_answer_waits_for_the_first_peer_to_have_its_own_time() {
+        let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(20));
+        let peers = ((Lie::HoldsCommitsUntilOpened, 153), (Lie::OneCommit, 154));
+        // Height queries answered after a second: the hedge goes out after
+        // two, and the first call is waited for until four (its round
+        // trip's four times), far past the test's opening it.
+        let commits: fn(&Served) -> usize = Served::commit_fetches;
+        let fetches = (commits, Duration::from_secs(1));
+        let (node, (first, hedge), store) = hedged_once_after(&chain, peers, fetches).await;
+        let held = async || {
+            node.sync_status()
+                .await
+                .is_ok_and(|s| s.hedge_parts_held == 1)
+        };
+        soma_testkit::wait_until("the hedge's part to be held", DEADLINE, held).await;
+        first.open();
+        wait_synced(&node, chain.tip()).await;
+        assert_same_chain(&chain, store.as_ref());
+        assert_eq!((first.commit_fetches(), hedge.commit_fetches()), (1, 1));
+        let status = node.sync_status().await.unwrap();
+        let hedges = (
+            status.hedges_sent,
+            status.hedge_parts_held,
+            status.hedges_won,
+        );
+        assert_eq!(hedges, (1, 1, 0), "{status:?}");
+        let views = node.peer_heights().await.unwrap();
+        for served in [&first, &hedge] {
+            let v = view(&views, served.peer);
+            assert_eq!(
+                (v.failures, v.faults, v.banned_until),
+                (0, 0, None),
+                "{v:?}"
+            );
+        }
+        node.shutdown().await;
+    }
+
+    /// As above, but the first peer never answers: once it has had the
+    /// time its own peer needs (four times its round trip), the part is
+    /// the fetch's answer, and the first peer ranks lower for its silence
+    /// once the part passes its checks, as a first peer beaten by a whole
+    /// answer does. A part used to charge nobody: a silent identity paired
+    /// with one answering in parts would have held each of those commits
+    /// for its whole wait, again and again. Read once the beaten peer is
+    /// counted; an honest validator dialled then completes the chain.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_first_peer_silent_past_its_own_time_is_beaten_by_a_hedges_part() {
+        let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(20));
+        let peers = ((Lie::NeverAnswers, 155), (Lie::OneCommit, 156));
+        // Height queries answered after a second: the part is taken four
+        // seconds after the first call went out, and a later fetch hedged
+        // no sooner than two seconds after that.
+        let commits: fn(&Served) -> usize = Served::commit_fetches;
+        let fetches = (commits, Duration::from_secs(1));
+        let (node, (first, _hedge), store) = hedged_once_after(&chain, peers, fetches).await;
+        let won = async || node.sync_status().await.is_ok_and(|s| s.hedges_won == 1);
+        soma_testkit::wait_until("the part to beat the first peer", DEADLINE, won).await;
+        let status = node.sync_status().await.unwrap();
+        assert_eq!(status.hedge_parts_held, 1, "{status:?}");
+        let views = node.peer_heights().await.unwrap();
+        let f = view(&views, first.peer);
+        assert_eq!(
+            (f.failures, f.faults, f.banned_until),
+            (1, 0, None),
+            "{f:?}"
+        );
+        let honest = validator(&chain, 1);
+        node.connect(Some(honest.peer_id()), honest.local_addr().to_string())
+            .expect("Connections takes the dial");
+        wait_synced(&node, chain.tip()).await;
+        assert_same_chain(&chain, store.as_ref());
+        node.shutdown().await;
+        honest.shutdown().await;
+    }
+
     /// The commit fetch the pipeline waits on is held by a silent peer,
     /// the request timeout at an hour; its hedge goes to the one peer
     /// dialled next, which refuses every fetch (UNAVAILABLE, which proves

@@ -527,6 +527,7 @@ impl Handler<GetSyncStatus> for StateSync {
             hedges_given_way: self.worker.hedges_given_way.load(Ordering::Relaxed),
             hedges_moved: self.worker.hedges_moved.load(Ordering::Relaxed),
             hedges_alone: self.worker.hedges_alone.load(Ordering::Relaxed),
+            hedge_parts_held: self.worker.hedge_parts_held.load(Ordering::Relaxed),
             hedges_sent: hedges.sent,
             most_hedges_at_once: hedges.most_hedges,
             most_hedged_bytes: hedges.most_bytes,

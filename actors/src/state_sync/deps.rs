@@ -121,6 +121,7 @@ impl Deps {
             hedges_given_way: Default::default(),
             hedges_moved: Default::default(),
             hedges_alone: Default::default(),
+            hedge_parts_held: Default::default(),
         }
     }
 

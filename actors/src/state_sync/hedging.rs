@@ -81,6 +81,12 @@ pub const HEDGE_PEERS: usize = 32;
 /// them, no longer counts.
 pub const HEDGE_STALE_ANSWERS: u64 = 1_000;
 
+/// Peers whose height queries' round trips are kept, each apart: when
+/// full, the one heard from least recently gives way. Connected peers are
+/// queried again and again, so this holds the round trip of every peer a
+/// node connects to at once unless it keeps more connections than this.
+pub const HEDGE_QUERIED_PEERS: usize = 1_024;
+
 /// When a fetch still unanswered also asks a second peer: after four times
 /// the usual answer time of the peers that served verified data of its
 /// kind (the lower median of their averages; see the module), at least
@@ -106,6 +112,49 @@ pub struct Hedging {
 struct Fetches {
     commits: PeerTimes,
     blocks: PeerTimes,
+    /// Each peer's height queries' round trip.
+    queries: RoundTrips,
+}
+
+/// Moving averages of height queries' answer times, per peer: at most
+/// [`HEDGE_QUERIED_PEERS`], the one updated least recently replaced.
+#[derive(Debug, Default)]
+struct RoundTrips {
+    /// Answers recorded so far.
+    answers: u64,
+    /// In the order they came (no hash order: a simulated run is the same
+    /// for the same inputs).
+    peers: Vec<PeerTime>,
+}
+
+impl RoundTrips {
+    fn record(&mut self, peer: PeerId, latency_ms: u64) {
+        let sample = latency_ms.max(1);
+        self.answers += 1;
+        let now = self.answers;
+        if let Some(t) = self.peers.iter_mut().find(|t| t.peer == peer) {
+            t.average_ms = average(t.average_ms, sample);
+            t.updated = now;
+            return;
+        }
+        let new = PeerTime {
+            peer,
+            average_ms: sample,
+            updated: now,
+        };
+        if self.peers.len() < HEDGE_QUERIED_PEERS {
+            self.peers.push(new);
+        } else if let Some(oldest) = self.peers.iter_mut().min_by_key(|t| t.updated) {
+            *oldest = new;
+        }
+    }
+
+    fn of_peer(&self, peer: PeerId) -> Option<u64> {
+        self.peers
+            .iter()
+            .find(|t| t.peer == peer)
+            .map(|t| t.average_ms)
+    }
 }
 
 /// One kind's answer times, per peer.
@@ -160,6 +209,12 @@ impl PeerTimes {
         if let Some(i) = stale.or_else(slowest) {
             self.peers[i] = new;
         }
+    }
+
+    /// `peer`'s own average, if it is measured and not stale.
+    fn of_peer(&self, peer: PeerId) -> Option<u64> {
+        let t = self.peers.iter().find(|t| t.peer == peer)?;
+        (!self.stale(t)).then_some(t.average_ms)
     }
 
     /// The answer time fetches are judged by (0: none yet): the lower
@@ -220,8 +275,9 @@ impl Hedging {
         }
     }
 
-    /// A height query was answered in `latency_ms`.
-    pub fn queried(&self, latency_ms: u64) {
+    /// `peer` answered a height query in `latency_ms`.
+    pub fn queried(&self, peer: PeerId, latency_ms: u64) {
+        self.fetches().queries.record(peer, latency_ms);
         // Updates may race and one be lost: an estimate, not a count.
         let old = self.queries_ms.load(Ordering::Relaxed);
         let new = average(old, latency_ms.max(1));
@@ -258,6 +314,39 @@ impl Hedging {
     /// of a fetch at the head of the pipeline.
     pub fn late_after(&self, kind: FetchKind, timeout: Duration, at_send: Duration) -> Duration {
         at_send.max(self.usual_delay(kind, timeout))
+    }
+
+    /// How long, from when it was sent, the first call of a fetch of
+    /// `kind` to `peer` is waited for once a hedge answered the fetch with
+    /// only a part of what was asked: until it is late by the usual
+    /// measure ([`Self::late_after`], from `at_send`), and at least four
+    /// times `peer`'s own average answer time for the kind, or, if that is
+    /// not measured, four times its height queries' round trip (a tenth
+    /// of `timeout` with neither), never longer than that tenth unless the
+    /// usual measure is. A silent peer answering height queries is thus
+    /// waited for about as long as any late peer; a far one, as long as
+    /// its distance takes. A commit answer may end at any commit its server
+    /// can certify: taken as soon as it came, identities answering each
+    /// hedge at once with one commit ended every race they were hedged
+    /// into, and a node whose usual answer time they set (their whole
+    /// answers are fast) fetched a commit per race while the honest first
+    /// calls it dropped would have brought the whole batch.
+    pub fn part_wait(
+        &self,
+        (kind, peer): (FetchKind, PeerId),
+        timeout: Duration,
+        at_send: Duration,
+    ) -> Duration {
+        let late = self.late_after(kind, timeout, at_send);
+        let own = {
+            let mut fetches = self.fetches();
+            let answers = fetches.of(kind).of_peer(peer);
+            answers.or_else(|| fetches.queries.of_peer(peer))
+        };
+        let own = own.map_or(Duration::MAX, |ms| {
+            Duration::from_millis(ms.saturating_mul(4))
+        });
+        late.max(own.min(timeout / 10))
     }
 
     /// How long the hedge of a fetch of `kind` for commits from `start`
@@ -739,7 +828,7 @@ mod tests {
         assert_eq!(at(FetchKind::Blocks, 1), ms(500));
         // Before any fetch answered, twice the height queries' 30 ms at
         // the head, four times elsewhere.
-        hedging.queried(30);
+        hedging.queried(peer(90), 30);
         assert_eq!(at(FetchKind::Blocks, 1), ms(60));
         assert_eq!(at(FetchKind::Blocks, 201), ms(120));
         hedging.answered(FetchKind::Blocks, peer(1), 60, WHOLE);
@@ -838,6 +927,78 @@ mod tests {
     }
 
     #[test]
+    fn a_first_call_outrun_by_a_part_has_its_own_peers_time_or_a_tenth_of_the_timeout() {
+        let commits = FetchKind::Commits;
+        let hedging = Hedging::default();
+        // Fast identities set the usual time: a peer is late after 100 ms.
+        for p in 1..=3 {
+            hedging.answered(commits, peer(p), 5, WHOLE);
+        }
+        hedging.answered(commits, peer(4), 150, WHOLE);
+        assert_eq!(hedging.late_after(commits, TIMEOUT, ms(0)), ms(100));
+        let wait = |p| hedging.part_wait((commits, peer(p)), TIMEOUT, ms(0));
+        // A far peer measured at 150 ms has four times that; one never
+        // measured (a validator whose every answer a part outran), a
+        // tenth of the timeout; a fast one, the usual late mark.
+        assert_eq!(wait(4), ms(600));
+        assert_eq!(wait(9), TIMEOUT / 10);
+        assert_eq!(wait(1), ms(100));
+        // Never past the tenth, unless the usual late mark is.
+        hedging.answered(commits, peer(5), 2_000, WHOLE);
+        assert_eq!(wait(5), TIMEOUT / 10);
+        let slow = slow_majority();
+        let late = slow.late_after(FetchKind::Blocks, TIMEOUT, ms(0));
+        assert_eq!(late, TIMEOUT / 2);
+        let wait = slow.part_wait((FetchKind::Blocks, peer(1)), TIMEOUT, ms(0));
+        assert_eq!(wait, TIMEOUT / 2);
+        // A part does not measure its peer: only answers of all asked do.
+        hedging.answered(commits, peer(6), 1, (1, 200));
+        assert_eq!(
+            hedging.part_wait((commits, peer(6)), TIMEOUT, ms(0)),
+            TIMEOUT / 10
+        );
+        // Not measured for the kind, its height queries' round trip
+        // stands in: a silent peer answering queries at once is waited
+        // for as long as any late peer, a far one four times its trip.
+        hedging.queried(peer(6), 2);
+        hedging.queried(peer(9), 200);
+        assert_eq!(
+            hedging.part_wait((commits, peer(6)), TIMEOUT, ms(0)),
+            ms(100)
+        );
+        assert_eq!(
+            hedging.part_wait((commits, peer(9)), TIMEOUT, ms(0)),
+            ms(800)
+        );
+        // Its own answers of the kind, once measured, count instead.
+        hedging.answered(commits, peer(9), 50, WHOLE);
+        assert_eq!(
+            hedging.part_wait((commits, peer(9)), TIMEOUT, ms(0)),
+            ms(200)
+        );
+    }
+
+    #[test]
+    fn round_trips_are_kept_per_peer_and_the_least_recently_heard_gives_way() {
+        let hedging = Hedging::default();
+        let trip = |p| hedging.fetches().queries.of_peer(peer(p));
+        for p in 0..HEDGE_QUERIED_PEERS as u16 {
+            hedging.queried(peer(p), 10 + u64::from(p));
+        }
+        // Peer 0 heard from again: peer 1 is now the least recently.
+        hedging.queried(peer(0), 10);
+        hedging.queried(peer(5000), 70);
+        assert_eq!(
+            (trip(0), trip(1), trip(2), trip(5000)),
+            (Some(10), None, Some(12), Some(70))
+        );
+        assert_eq!(hedging.fetches().queries.peers.len(), HEDGE_QUERIED_PEERS);
+        // A moving average, a quarter weight on the new trip.
+        hedging.queried(peer(5000), 30);
+        assert_eq!(trip(5000), Some(60));
+    }
+
+    #[test]
     fn only_answers_of_all_that_was_asked_count() {
         // Five identities answer each commit fetch of 200 at once (1 ms)
         // with one commit; three honest peers answer all 200 in 50 ms.
@@ -875,8 +1036,8 @@ mod tests {
     #[test]
     fn height_queries_set_the_delay_only_until_a_fetch_of_the_kind_answers() {
         let hedging = Hedging::default();
-        hedging.queried(50);
-        hedging.queried(90);
+        hedging.queried(peer(90), 50);
+        hedging.queried(peer(90), 90);
         // (3 × 50 + 90) / 4 = 60, four times over.
         assert_eq!(ahead(&hedging, FetchKind::Commits), ms(240));
         assert_eq!(ahead(&hedging, FetchKind::Blocks), ms(240));

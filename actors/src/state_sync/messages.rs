@@ -472,6 +472,14 @@ pub struct SyncStatus {
     /// and asked for again if it came by then. Counted as they go alone,
     /// whatever comes of them.
     pub hedges_alone: u64,
+    /// Hedges whose answer held only a part of what was asked (a commit
+    /// answer may end early) while their fetch's first call was still out
+    /// and had not had the time its own peer needs: the part was held
+    /// until the first call answered (its answer then the fetch's, the
+    /// part dropped), failed, or had that time (the part then the fetch's
+    /// answer, and the first peer ranked lower once it passes its
+    /// checks). Counted as they are held, whatever comes of them.
+    pub hedge_parts_held: u64,
     /// Hedges sent since start, one per share of `max_hedged_bytes`
     /// taken: a hedge that asks another peer with the share it holds
     /// (after its peer failed, or moving on) is not counted again; one

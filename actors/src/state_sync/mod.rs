@@ -51,7 +51,9 @@ pub use actor::StateSync;
 pub use apply::ApplyError;
 pub use core::{Config, DEFAULT_COMMIT_SYNC_BATCH_SIZE, Init, StateSyncCore, commit_answer_bytes};
 pub use deps::Deps;
-pub use hedging::{HEAD_HEDGE_MIN, HEDGE_MIN, HEDGE_PEERS, HEDGE_STALE_ANSWERS, Hedging};
+pub use hedging::{
+    HEAD_HEDGE_MIN, HEDGE_MIN, HEDGE_PEERS, HEDGE_QUERIED_PEERS, HEDGE_STALE_ANSWERS, Hedging,
+};
 pub use messages::{
     ApplyLocal, CommitBatchInfo, CommitsWanted, EpochStart, Failure, GetSyncPlan, GetSyncStatus,
     HeightPushed, Input, LocalFailure, Output, StoreCertificate, SyncStatus, TaskId,

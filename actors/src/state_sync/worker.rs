@@ -269,6 +269,9 @@ pub(super) struct Worker {
     /// Hedges that went on alone once their fetch's first peer failed
     /// while they were out.
     pub(super) hedges_alone: Arc<AtomicU64>,
+    /// Hedges' answers of a part of what was asked, held while the first
+    /// call had the time its own peer needs ([`Hedging::part_wait`]).
+    pub(super) hedge_parts_held: Arc<AtomicU64>,
 }
 
 /// How a hedge late itself ends its call ([`Worker::late_hedge`]).
@@ -872,10 +875,39 @@ impl Worker {
                 Hedged { slot: first, result, unhedged: false, beaten, withheld_by }
             }
             Some((slot, answer, share)) = &mut second => {
+                let part_only = !whole(&answer);
+                // A part of what was asked ends the race only once the
+                // first call has had the time its own peer needs: until
+                // then, the first's answer, or failure, comes first.
+                let mut first_late = !part_only;
+                if part_only {
+                    self.hedge_parts_held.fetch_add(1, Ordering::Relaxed);
+                    let wait = (self.hedging).part_wait((kind, first_peer), timeout, Duration::ZERO);
+                    match tokio::time::timeout_at(started + wait, &mut first_call).await {
+                        Ok(Ok(answer)) => {
+                            // The part dropped, its peer not beaten: it
+                            // answered.
+                            slot.release(Transfer::Cancelled, 0);
+                            drop(share);
+                            let beaten = self.beaten((None, first_peer), &given_way, whole(&answer));
+                            let withheld_by = withheld_by.get().copied();
+                            return Hedged { slot: first, result: Ok(answer), unhedged: false, beaten, withheld_by };
+                        }
+                        Ok(Err(failure)) => {
+                            drop(share);
+                            self.judge_aside(first, &failure, transfer(&failure), &withheld_by);
+                            let beaten = self.beaten((None, slot.lease().peer), &given_way, false);
+                            let withheld_by = withheld_by.get().copied();
+                            return Hedged { slot, result: Ok(answer), unhedged: false, beaten, withheld_by };
+                        }
+                        // Late by its own peer's measure: beaten by the
+                        // part, as by a whole answer.
+                        Err(_) => first_late = true,
+                    }
+                }
                 first.release(Transfer::Cancelled, 0);
-                let whole = whole(&answer);
-                let won = whole.then(|| (first_peer, Some(self.hedges_won.clone())));
-                let beaten = self.beaten((won, slot.lease().peer), &given_way, whole);
+                let won = first_late.then(|| (first_peer, Some(self.hedges_won.clone())));
+                let beaten = self.beaten((won, slot.lease().peer), &given_way, !part_only);
                 // What the first call holds goes before the share does.
                 drop(first_call);
                 drop(share);
@@ -1689,7 +1721,8 @@ impl PeerCalls {
     pub(super) async fn query_height(self, peer: PeerId) {
         let asked = Instant::now();
         if let Some(update) = availability(&self.outbound, peer).await {
-            self.hedging.queried(asked.elapsed().as_millis() as u64);
+            self.hedging
+                .queried(peer, asked.elapsed().as_millis() as u64);
             // The next query repeats a dropped answer.
             try_send(&self.heights, update, Droppable::UpdateHeight);
         }
@@ -2160,7 +2193,7 @@ mod tests {
     }
 
     #[test]
-    fn a_first_peer_is_beaten_only_by_an_answer_of_all_that_was_asked() {
+    fn only_an_answer_of_all_that_was_asked_is_whole() {
         let answer = |commits: usize| proto::FetchCommitsResponse {
             commits: vec![bytes::Bytes::from_static(b"c"); commits],
             certifier_blocks: Vec::new(),
@@ -2168,7 +2201,8 @@ mod tests {
         let beats = |commits, asked| whole_commit_answer(&answer(commits), asked);
         assert!(beats(200, 200));
         // One commit of 200 (an answer may end early at any commit its
-        // server can certify): the first peer was not beaten.
+        // server can certify): a part, held while the first call has its
+        // own peer's time, and beating it only after.
         assert!(!beats(1, 200));
         assert!(!beats(199, 200));
     }

@@ -41,6 +41,7 @@ struct Series {
     hedges_given_way: IntCounterVec,
     hedges_moved: IntCounterVec,
     hedges_alone: IntCounterVec,
+    hedge_parts_held: IntCounterVec,
     hedges_sent: IntCounterVec,
     write_failures: IntCounterVec,
     failures: IntCounterVec,
@@ -165,6 +166,12 @@ impl Series {
                 &r,
                 "soma_hedges_alone_total",
                 "Hedges that went on alone once their fetch's first peer failed while they were out",
+                &[],
+            ),
+            hedge_parts_held: counter(
+                &r,
+                "soma_hedge_parts_held_total",
+                "Hedges' answers of only a part of what was asked, held while the first peer had the time it needs",
                 &[],
             ),
             hedges_sent: counter(
@@ -325,6 +332,7 @@ impl Series {
             self.advance(&self.hedges_given_way, &[], status.hedges_given_way);
             self.advance(&self.hedges_moved, &[], status.hedges_moved);
             self.advance(&self.hedges_alone, &[], status.hedges_alone);
+            self.advance(&self.hedge_parts_held, &[], status.hedge_parts_held);
             self.advance(&self.hedges_sent, &[], status.hedges_sent);
             let writes_failed = status.store_write_failures;
             self.advance(&self.write_failures, &[], writes_failed);
@@ -676,6 +684,7 @@ mod tests {
         assert_eq!(value(&ours, "soma_hedges_given_way_total"), 0.0);
         assert_eq!(value(&ours, "soma_hedges_moved_total"), 0.0);
         assert_eq!(value(&ours, "soma_hedges_alone_total"), 0.0);
+        assert_eq!(value(&ours, "soma_hedge_parts_held_total"), 0.0);
         assert_eq!(value(&ours, "soma_hedges_sent_total"), 0.0);
         assert_eq!(value(&ours, "soma_store_write_failures_total"), 0.0);
         let invalid = r#"soma_verification_failures_total{kind="invalid_response"}"#;

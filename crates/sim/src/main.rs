@@ -8,7 +8,7 @@ use soma_sim::heights::HeightSettings;
 use soma_sim::net::Settings;
 use soma_sim::scenarios::{
     churn, converged_network, convergence, eclipse, full_knowledge, heights, like_the_bench,
-    partition_and_heal, seed_of,
+    partition_and_heal,
 };
 use soma_sim::sync::{Hostile, SyncSettings, catch_up};
 use soma_wire::inbound;
@@ -37,6 +37,19 @@ struct Cli {
     /// figures are the same whatever the number.
     #[arg(long)]
     threads: Option<usize>,
+    /// Mixed into every scenario's seed (XOR), to run the same scenarios
+    /// on other networks; 0, the default, gives the report's figures.
+    #[arg(long, default_value_t = 0)]
+    reseed: u64,
+}
+
+/// `--reseed`, set once at start.
+static RESEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
+/// The seed of scenario `name` at run `k` ([`soma_sim::scenarios::seed_of`]),
+/// mixed with `--reseed`.
+fn seed_of(name: &str, k: u64) -> u64 {
+    soma_sim::scenarios::seed_of(name, k) ^ RESEED.get().copied().unwrap_or(0)
 }
 
 /// The report's sections, in the order they run.
@@ -131,6 +144,7 @@ fn keep_freed_memory() {
 fn main() {
     keep_freed_memory();
     let cli = Cli::parse();
+    RESEED.set(cli.reseed).expect("set once");
     let threads = cli
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get));
@@ -661,8 +675,15 @@ fn sync_section(md: &mut String, n: usize) {
          after the last applied, at most a tenth of the timeout there, or of height \
          queries before any fetch answered) also asks a second peer and keeps the first \
          answer (if the first call fails meanwhile, not by timing out, the second goes \
-         on alone until it is late, at most until the first call's deadline; the worker also hedges within a \
-         budget and moves a late hedge on, which this model does not), a fetch within a batch of the last applied commit that its peer refuses \
+         on alone until it is late, at most until the first call's deadline; a second that \
+         fails is asked of another peer; a late second moves on to a peer not yet asked \
+         with a slot free, at first only to one with room to spare, to any once it has \
+         gone unanswered twice its move delay; peers it left are beaten by an answer of \
+         all that was asked; a second's answer of only a part of what was asked is held \
+         until the first call has had the time its own peer needs, the production \
+         `Hedging::part_wait`, and the first call's answer kept if it comes by then; \
+         the worker also hedges within a budget, which this model does not), a fetch \
+         within a batch of the last applied commit that its peer refuses \
          as busy goes at once to a peer with room to spare and a free slot, if one has \
          (as the worker does: one that has not refused the node as busy lately, of the \
          best standing if that is good or unmeasured), and a node \

@@ -176,6 +176,12 @@ pub struct SyncRun {
     /// Late hedges that moved on to a peer not yet asked for their fetch
     /// with a slot free (`Worker::late_hedge`).
     pub hedges_moved: u64,
+    /// Hedges' answers of a part of what was asked, held while their
+    /// fetch's first call had the time its own peer needs
+    /// (`Hedging::part_wait`), as the worker holds them.
+    pub parts_held: u64,
+    /// Of those, the ones the first call's answer replaced.
+    pub parts_outrun: u64,
     /// Fetches that ended at their timeout.
     pub timeouts: u64,
     /// Answers that failed verification.
@@ -320,6 +326,9 @@ enum Event {
     /// call reached its deadline: the hedge, if still unanswered, is
     /// dropped and the fetch ends with the first call's failure.
     AloneDeadline { client: usize, call: u64 },
+    /// The first call `call` of `client`, whose hedge's part of an answer
+    /// is held, has had the time its own peer needs: the part is taken.
+    PartDue { client: usize, call: u64 },
     /// Whether call `call` of `client` is late enough to be hedged.
     HedgeCheck { client: usize, call: u64 },
     /// Whether the hedge `call` of `client` may move on to a peer not yet
@@ -386,6 +395,17 @@ struct Call {
     /// On a hedge: how long makes its peer late, read as it was sent
     /// (`Hedging::late_after`'s `at_send`).
     late_at_send: Duration,
+    /// On a first call: its hedge's answer of a part of what was asked,
+    /// held until it has had the time its own peer needs.
+    held_part: Option<Box<HeldPart>>,
+}
+
+/// A hedge's answer of a part of what was asked, held for its first call.
+struct HeldPart {
+    /// The hedge's call number.
+    call: u64,
+    hedge: Call,
+    reply: Reply,
 }
 
 /// A fetch waiting for a slot: its work, the peers it avoids, and the call
@@ -538,6 +558,8 @@ pub fn catch_up(
             alone_answered: 0,
             hedges_asked_again: 0,
             hedges_moved: 0,
+            parts_held: 0,
+            parts_outrun: 0,
             timeouts: 0,
             invalid: 0,
             busy: 0,
@@ -674,7 +696,7 @@ impl Run<'_> {
             } => {
                 // As the shell does: its answer time goes to hedging.
                 let latency_ms = (self.queue.now() - sent_us) / 1_000;
-                self.nodes[to].hedging.queried(latency_ms);
+                self.nodes[to].hedging.queried(peer_id(from), latency_ms);
                 let update = UpdateHeight {
                     peer: peer_id(from),
                     chain_id: CHAIN,
@@ -744,6 +766,23 @@ impl Run<'_> {
                     if let Some(first) = hedge.alone.take() {
                         self.end_alone(client, *first);
                     }
+                }
+            }
+            Event::PartDue { client, call } => {
+                let held = self.nodes[client]
+                    .calls
+                    .get(&call)
+                    .is_some_and(|c| c.held_part.is_some());
+                if held && let Some(mut first) = self.nodes[client].calls.remove(&call) {
+                    let part = first.held_part.take().expect("checked above");
+                    // Late by its own peer's measure: beaten by the part,
+                    // if that passes its checks.
+                    let transfer = match part.reply {
+                        Reply::Data { valid: true, .. } => Transfer::Late,
+                        _ => Transfer::Cancelled,
+                    };
+                    self.release(client, &first, transfer, 0);
+                    self.take_part(client, *part);
                 }
             }
             Event::HedgeCheck { client, call } => self.hedge_check(client, call),
@@ -1050,6 +1089,7 @@ impl Run<'_> {
             hedges_left: Vec::new(),
             ask_left: false,
             late_at_send,
+            held_part: None,
         };
         let calls = &mut self.nodes[node].calls;
         calls.insert(call, entry);
@@ -1154,9 +1194,41 @@ impl Run<'_> {
 
     /// The answer to call `call` reaches `client`.
     fn replied(&mut self, client: usize, call: u64, reply: Reply) {
-        let Some(call) = self.nodes[client].calls.remove(&call) else {
+        let id = call;
+        let Some(mut call) = self.nodes[client].calls.remove(&call) else {
             return;
         };
+        if let Reply::Data { end, .. } = reply
+            && end < call.work.end()
+            && let Some(due_us) = self.part_due(client, &call)
+        {
+            let first = call.hedge_of.expect("only a hedge's part is held");
+            let f = self.nodes[client]
+                .calls
+                .get_mut(&first)
+                .expect("found by part_due");
+            f.held_part = Some(Box::new(HeldPart {
+                call: id,
+                hedge: call,
+                reply,
+            }));
+            self.run.parts_held += 1;
+            let wait = due_us - self.queue.now();
+            self.queue.schedule(
+                wait,
+                Event::PartDue {
+                    client,
+                    call: first,
+                },
+            );
+            return;
+        }
+        // A first call answering while its hedge's part is held: the part
+        // is dropped.
+        if let (Some(part), Reply::Data { .. }) = (call.held_part.take(), reply) {
+            self.release(client, &part.hedge, Transfer::Cancelled, 0);
+            self.run.parts_outrun += 1;
+        }
         let peer = call.lease.peer;
         match reply {
             Reply::Busy => {
@@ -1190,7 +1262,6 @@ impl Run<'_> {
             Reply::Data { end, bytes, valid } => {
                 // A hedge gone on alone: its first call's failure is judged
                 // now, as the worker judges it aside.
-                let mut call = call;
                 // Peers late hedges of the fetch moved on from.
                 let mut left = late_only(std::mem::take(&mut call.hedges_left));
                 if let Some(first) = call.alone.take() {
@@ -1254,6 +1325,28 @@ impl Run<'_> {
                 self.verify(client, call.work, answer);
             }
         }
+    }
+
+    /// When the part of an answer that the hedge `hedge` of `client` brought
+    /// is taken, if it is held (as the worker holds it, `Worker::hedged_on`):
+    /// its first call still out and not yet waited for as long as its own
+    /// peer needs (`Hedging::part_wait`, from when it was sent), in
+    /// microseconds of virtual time.
+    fn part_due(&self, client: usize, hedge: &Call) -> Option<u64> {
+        let first = hedge.hedge_of.filter(|_| hedge.alone.is_none())?;
+        let f = self.nodes[client].calls.get(&first)?;
+        let timeout = Duration::from_millis(self.settings.timeout_ms);
+        let hedging = &self.nodes[client].hedging;
+        let wait = hedging.part_wait((f.work.kind(), f.lease.peer), timeout, Duration::ZERO);
+        let due_us = f.sent_us + wait.as_micros() as u64;
+        (due_us > self.queue.now()).then_some(due_us)
+    }
+
+    /// A held part of an answer is taken: its hedge answers now, as if its
+    /// first call had gone (released already).
+    fn take_part(&mut self, client: usize, part: HeldPart) {
+        self.nodes[client].calls.insert(part.call, part.hedge);
+        self.replied(client, part.call, part.reply);
     }
 
     /// As the worker does (`Worker::hedged`): the fetch of `call`, one
@@ -1416,6 +1509,12 @@ impl Run<'_> {
         mut call: Call,
         (transfer, failure): (Transfer, Failure),
     ) {
+        // A first call that fails while its hedge's part is held: its
+        // failure is judged aside, and the part is the fetch's answer.
+        if let Some(part) = call.held_part.take() {
+            self.release(client, &call, transfer, 0);
+            return self.take_part(client, *part);
+        }
         if let Some(first) = call.hedge_of {
             self.release(client, &call, transfer, 0);
             if let Some(f) = self.nodes[client].calls.get_mut(&first) {
