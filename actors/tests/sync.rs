@@ -12,6 +12,8 @@ use soma_store::{ConsensusStore, MemStore};
 use soma_types::KeyPair;
 
 const DEADLINE: Duration = Duration::from_secs(180);
+/// A request timeout no test waits out.
+const HOUR: Duration = Duration::from_secs(3_600);
 
 use soma_testkit::{seeds, validator};
 
@@ -502,7 +504,7 @@ mod byzantine {
         let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(20));
         let peers = ((Lie::NeverAnswers, 150), (Lie::NeverAnswers, 151));
         let commits: fn(&Served) -> usize = Served::commit_fetches;
-        let fetches = (commits, Duration::from_secs(1));
+        let fetches = (commits, Duration::from_secs(1), HOUR);
         let (node, (first, left), store) = hedged_once_after(&chain, peers, fetches).await;
         let (first, left) = (&first, &left);
         let validator = serve_observed(chain.clone(), Lie::HoldsBlocksUntilOpened, 152).await;
@@ -557,7 +559,7 @@ mod byzantine {
         // two, and the first call is waited for until four (its round
         // trip's four times), far past the test's opening it.
         let commits: fn(&Served) -> usize = Served::commit_fetches;
-        let fetches = (commits, Duration::from_secs(1));
+        let fetches = (commits, Duration::from_secs(1), HOUR);
         let (node, (first, hedge), store) = hedged_once_after(&chain, peers, fetches).await;
         let held = async || {
             node.sync_status()
@@ -588,23 +590,28 @@ mod byzantine {
         node.shutdown().await;
     }
 
-    /// As above, but the first peer never answers: once it has had the
-    /// time its own peer needs (four times its round trip), the part is
-    /// the fetch's answer, and the first peer ranks lower for its silence
-    /// once the part passes its checks, as a first peer beaten by a whole
-    /// answer does. A part used to charge nobody: a silent identity paired
-    /// with one answering in parts would have held each of those commits
-    /// for its whole wait, again and again. Read once the beaten peer is
-    /// counted; an honest validator dialled then completes the chain.
+    /// As above, but the first peer never answers, and answers height
+    /// queries so slowly that four times its round trip is past a tenth
+    /// of the request timeout (here 20 s: 600 ms against 2 s), the most a
+    /// part is held: once it has had that tenth, the part is the fetch's
+    /// answer, and the first peer ranks lower for its silence once the
+    /// part passes its checks, as a first peer beaten by a whole answer
+    /// does. A part used to charge nobody, and a silent identity paired
+    /// with one answering in parts could have held each such commit for
+    /// the whole tenth, again and again. (A first peer never measured
+    /// whose round trip is shorter is waited for four times it, and not
+    /// charged: a loaded honest validator's trip does not show its load.)
+    /// Read once the beaten peer is counted; an honest validator dialled
+    /// then completes the chain.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_first_peer_silent_past_its_own_time_is_beaten_by_a_hedges_part() {
         let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(20));
         let peers = ((Lie::NeverAnswers, 155), (Lie::OneCommit, 156));
-        // Height queries answered after a second: the part is taken four
-        // seconds after the first call went out, and a later fetch hedged
-        // no sooner than two seconds after that.
+        // The hedge goes out after twice the round trip, 1.2 s; the part
+        // is taken at 2 s, and a later fetch hedged no sooner than 1.2 s
+        // after that.
         let commits: fn(&Served) -> usize = Served::commit_fetches;
-        let fetches = (commits, Duration::from_secs(1));
+        let fetches = (commits, Duration::from_millis(600), Duration::from_secs(20));
         let (node, (first, _hedge), store) = hedged_once_after(&chain, peers, fetches).await;
         let won = async || node.sync_status().await.is_ok_and(|s| s.hedges_won == 1);
         soma_testkit::wait_until("the part to beat the first peer", DEADLINE, won).await;
@@ -925,22 +932,23 @@ mod byzantine {
         fetches: fn(&Served) -> usize,
     ) -> (P2pHandle, (Served, Served), Arc<dyn ConsensusStore>) {
         let slow = Duration::from_millis(250);
-        hedged_once_after(chain, peers, (fetches, slow)).await
+        hedged_once_after(chain, peers, (fetches, slow, HOUR)).await
     }
 
     /// [`hedged_once`], the peers answering height queries after `slow`
-    /// (a hedge is late four times that after it goes out).
+    /// (a hedge is late four times that after it goes out, at most a
+    /// twentieth of `timeout`), the request timeout `timeout`.
     async fn hedged_once_after(
         chain: &Arc<Chain>,
         ((first_lie, first_key), (hedge_lie, hedge_key)): ((Lie, u8), (Lie, u8)),
-        (fetches, slow): (fn(&Served) -> usize, Duration),
+        (fetches, slow, timeout): (fn(&Served) -> usize, Duration, Duration),
     ) -> (P2pHandle, (Served, Served), Arc<dyn ConsensusStore>) {
         let first = serve_observed_slow_heights(chain.clone(), first_lie, first_key, slow).await;
         let hedge = serve_observed_slow_heights(chain.clone(), hedge_lie, hedge_key, slow).await;
         let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
         let config = P2pConfig {
             seed_peers: vec![first.seed()],
-            timeout: Duration::from_secs(3_600),
+            timeout,
             ..P2pConfig::default()
         };
         let node = soma_testkit::node(chain, 9, config, store.clone());

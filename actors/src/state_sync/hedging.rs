@@ -81,11 +81,13 @@ pub const HEDGE_PEERS: usize = 32;
 /// them, no longer counts.
 pub const HEDGE_STALE_ANSWERS: u64 = 1_000;
 
-/// Peers whose height queries' round trips are kept, each apart: when
-/// full, the one heard from least recently gives way. Connected peers are
-/// queried again and again, so this holds the round trip of every peer a
-/// node connects to at once unless it keeps more connections than this.
-pub const HEDGE_QUERIED_PEERS: usize = 1_024;
+/// Peers whose own averages are kept, each apart from the median's
+/// table (per kind of fetch, of answers of all that was asked; and of
+/// height queries' round trips): when full, the one heard from least
+/// recently gives way. Connected peers are queried again and again, so
+/// this holds every peer a node connects to at once unless it keeps more
+/// connections than this.
+pub const HEDGE_PEERS_APART: usize = 1_024;
 
 /// When a fetch still unanswered also asks a second peer: after four times
 /// the usual answer time of the peers that served verified data of its
@@ -112,14 +114,18 @@ pub struct Hedging {
 struct Fetches {
     commits: PeerTimes,
     blocks: PeerTimes,
-    /// Each peer's height queries' round trip.
-    queries: RoundTrips,
+    /// Each peer's own average answer time of whole commit answers, of
+    /// block answers, and of height queries: unlike the median's tables,
+    /// a slow peer is not pushed out by faster ones.
+    own_commits: PeerAverages,
+    own_blocks: PeerAverages,
+    queries: PeerAverages,
 }
 
-/// Moving averages of height queries' answer times, per peer: at most
-/// [`HEDGE_QUERIED_PEERS`], the one updated least recently replaced.
+/// Moving averages of answer times, per peer: at most
+/// [`HEDGE_PEERS_APART`], the one updated least recently replaced.
 #[derive(Debug, Default)]
-struct RoundTrips {
+struct PeerAverages {
     /// Answers recorded so far.
     answers: u64,
     /// In the order they came (no hash order: a simulated run is the same
@@ -127,7 +133,7 @@ struct RoundTrips {
     peers: Vec<PeerTime>,
 }
 
-impl RoundTrips {
+impl PeerAverages {
     fn record(&mut self, peer: PeerId, latency_ms: u64) {
         let sample = latency_ms.max(1);
         self.answers += 1;
@@ -142,7 +148,7 @@ impl RoundTrips {
             average_ms: sample,
             updated: now,
         };
-        if self.peers.len() < HEDGE_QUERIED_PEERS {
+        if self.peers.len() < HEDGE_PEERS_APART {
             self.peers.push(new);
         } else if let Some(oldest) = self.peers.iter_mut().min_by_key(|t| t.updated) {
             *oldest = new;
@@ -211,12 +217,6 @@ impl PeerTimes {
         }
     }
 
-    /// `peer`'s own average, if it is measured and not stale.
-    fn of_peer(&self, peer: PeerId) -> Option<u64> {
-        let t = self.peers.iter().find(|t| t.peer == peer)?;
-        (!self.stale(t)).then_some(t.average_ms)
-    }
-
     /// The answer time fetches are judged by (0: none yet): the lower
     /// median of the current averages, so a fetch is late by the measure
     /// of at least half the peers serving, and peers that answer slowly
@@ -250,6 +250,13 @@ impl Fetches {
             FetchKind::Blocks => &mut self.blocks,
         }
     }
+
+    fn own(&mut self, kind: FetchKind) -> &mut PeerAverages {
+        match kind {
+            FetchKind::Commits => &mut self.own_commits,
+            FetchKind::Blocks => &mut self.own_blocks,
+        }
+    }
 }
 
 impl Hedging {
@@ -271,7 +278,9 @@ impl Hedging {
         (got, asked): (u64, u64),
     ) {
         if got >= asked {
-            self.fetches().of(kind).record(peer, latency_ms);
+            let mut fetches = self.fetches();
+            fetches.of(kind).record(peer, latency_ms);
+            fetches.own(kind).record(peer, latency_ms);
         }
     }
 
@@ -318,35 +327,47 @@ impl Hedging {
 
     /// How long, from when it was sent, the first call of a fetch of
     /// `kind` to `peer` is waited for once a hedge answered the fetch with
-    /// only a part of what was asked: until it is late by the usual
-    /// measure ([`Self::late_after`], from `at_send`), and at least four
-    /// times `peer`'s own average answer time for the kind, or, if that is
-    /// not measured, four times its height queries' round trip (a tenth
-    /// of `timeout` with neither), never longer than that tenth unless the
-    /// usual measure is. A silent peer answering height queries is thus
-    /// waited for about as long as any late peer; a far one, as long as
-    /// its distance takes. A commit answer may end at any commit its server
-    /// can certify: taken as soon as it came, identities answering each
-    /// hedge at once with one commit ended every race they were hedged
-    /// into, and a node whose usual answer time they set (their whole
-    /// answers are fast) fetched a commit per race while the honest first
-    /// calls it dropped would have brought the whole batch.
+    /// only a part of what was asked, and whether, still unanswered then,
+    /// it is beaten by that part ([`PartWait`]). A commit answer may end at
+    /// any commit its server can certify: taken as soon as it came,
+    /// identities answering each hedge at once with one commit ended every
+    /// race they were hedged into, and a node whose usual answer time they
+    /// set (their whole answers are fast) fetched a commit per race while
+    /// the honest first calls it dropped would have brought the whole
+    /// batch.
+    ///
+    /// The wait is the late mark ([`Self::late_after`], from `at_send`),
+    /// or longer: four times `peer`'s own average answer time for the kind
+    /// (of answers of all that was asked, kept apart from the median's
+    /// table, so a far peer is not pushed out by faster ones), else four
+    /// times its height queries' round trip, else a tenth of `timeout`;
+    /// never past that tenth (the most a fetch the pipeline waits on is
+    /// held before it is hedged). A peer measured for the kind is beaten
+    /// once it has had that time; one not measured only if it had the whole
+    /// tenth (a silent identity answering queries slowly to be waited for
+    /// long): charged on a round trip, a loaded honest validator never
+    /// measured for the kind would rank lower for each part of an
+    /// identity's that outran it, as it was never measured. Nor is a peer
+    /// beaten whose late mark is past the tenth (a slow majority).
     pub fn part_wait(
         &self,
         (kind, peer): (FetchKind, PeerId),
         timeout: Duration,
         at_send: Duration,
-    ) -> Duration {
+    ) -> PartWait {
         let late = self.late_after(kind, timeout, at_send);
-        let own = {
+        let most = timeout / 10;
+        let four_times = |ms: u64| Duration::from_millis(ms.saturating_mul(4));
+        let (own, trip) = {
             let mut fetches = self.fetches();
-            let answers = fetches.of(kind).of_peer(peer);
-            answers.or_else(|| fetches.queries.of_peer(peer))
+            let own = fetches.own(kind).of_peer(peer);
+            (own, fetches.queries.of_peer(peer))
         };
-        let own = own.map_or(Duration::MAX, |ms| {
-            Duration::from_millis(ms.saturating_mul(4))
-        });
-        late.max(own.min(timeout / 10))
+        let own = own.map(four_times);
+        let basis = own.or(trip.map(four_times)).unwrap_or(Duration::MAX);
+        let wait = late.max(basis.min(most)).min(most);
+        let beaten = late <= most && (own.is_some() || basis >= most);
+        PartWait { wait, beaten }
     }
 
     /// How long the hedge of a fetch of `kind` for commits from `start`
@@ -404,6 +425,17 @@ impl Hedging {
         }
         delay
     }
+}
+
+/// How long a first call is waited for once a hedge brought only a part
+/// of what was asked ([`Hedging::part_wait`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PartWait {
+    /// From when the first call was sent.
+    pub wait: Duration,
+    /// Whether the first peer, unanswered that long, is beaten by the part
+    /// (ranked lower once it passes its checks).
+    pub beaten: bool,
 }
 
 /// Bytes that hedges in flight may hold, shared by the actor's workers.
@@ -927,7 +959,7 @@ mod tests {
     }
 
     #[test]
-    fn a_first_call_outrun_by_a_part_has_its_own_peers_time_or_a_tenth_of_the_timeout() {
+    fn a_first_call_outrun_by_a_part_has_its_own_peers_time_and_is_beaten_only_if_measured() {
         let commits = FetchKind::Commits;
         let hedging = Hedging::default();
         // Fast identities set the usual time: a peer is late after 100 ms.
@@ -937,52 +969,56 @@ mod tests {
         hedging.answered(commits, peer(4), 150, WHOLE);
         assert_eq!(hedging.late_after(commits, TIMEOUT, ms(0)), ms(100));
         let wait = |p| hedging.part_wait((commits, peer(p)), TIMEOUT, ms(0));
-        // A far peer measured at 150 ms has four times that; one never
-        // measured (a validator whose every answer a part outran), a
-        // tenth of the timeout; a fast one, the usual late mark.
-        assert_eq!(wait(4), ms(600));
-        assert_eq!(wait(9), TIMEOUT / 10);
-        assert_eq!(wait(1), ms(100));
-        // Never past the tenth, unless the usual late mark is.
+        let part = |wait, beaten| PartWait { wait, beaten };
+        // A far peer measured at 150 ms has four times that, a fast one
+        // the late mark, each beaten past it; one never measured nor
+        // queried (a validator every answer of which a part outran), the
+        // tenth of the timeout, and beaten only past that.
+        assert_eq!(wait(4), part(ms(600), true));
+        assert_eq!(wait(1), part(ms(100), true));
+        assert_eq!(wait(9), part(TIMEOUT / 10, true));
+        // Never past the tenth.
         hedging.answered(commits, peer(5), 2_000, WHOLE);
-        assert_eq!(wait(5), TIMEOUT / 10);
+        assert_eq!(wait(5), part(TIMEOUT / 10, true));
+        // Measured apart from the median's table: a slow peer pushed out
+        // of that by 32 faster ones keeps its own average.
+        for p in 100..100 + HEDGE_PEERS as u16 {
+            hedging.answered(commits, peer(p), 3, WHOLE);
+        }
+        assert_eq!(wait(4), part(ms(600), true));
+        // A part does not measure its peer: only answers of all asked do.
+        hedging.answered(commits, peer(6), 1, (1, 200));
+        assert_eq!(wait(6), part(TIMEOUT / 10, true));
+        // Not measured for the kind, its height queries' round trip
+        // stands in, and it is not beaten: a silent peer answering queries
+        // at once is waited for only as long as any late peer, a far one
+        // four times its trip, and a loaded honest one not charged for
+        // what its trip does not show. One answering queries slowly, to be
+        // waited for long, is waited the tenth, and beaten.
+        hedging.queried(peer(6), 2);
+        hedging.queried(peer(9), 200);
+        hedging.queried(peer(7), 400);
+        assert_eq!(wait(6), part(ms(100), false));
+        assert_eq!(wait(9), part(ms(800), false));
+        assert_eq!(wait(7), part(TIMEOUT / 10, true));
+        // Its own answers of the kind, once measured, count instead.
+        hedging.answered(commits, peer(9), 50, WHOLE);
+        assert_eq!(wait(9), part(ms(200), true));
+        // With a slow majority the late mark is past the tenth: the tenth
+        // all the same (the most the head of the pipeline is held), and
+        // no peer beaten before it is late.
         let slow = slow_majority();
         let late = slow.late_after(FetchKind::Blocks, TIMEOUT, ms(0));
         assert_eq!(late, TIMEOUT / 2);
         let wait = slow.part_wait((FetchKind::Blocks, peer(1)), TIMEOUT, ms(0));
-        assert_eq!(wait, TIMEOUT / 2);
-        // A part does not measure its peer: only answers of all asked do.
-        hedging.answered(commits, peer(6), 1, (1, 200));
-        assert_eq!(
-            hedging.part_wait((commits, peer(6)), TIMEOUT, ms(0)),
-            TIMEOUT / 10
-        );
-        // Not measured for the kind, its height queries' round trip
-        // stands in: a silent peer answering queries at once is waited
-        // for as long as any late peer, a far one four times its trip.
-        hedging.queried(peer(6), 2);
-        hedging.queried(peer(9), 200);
-        assert_eq!(
-            hedging.part_wait((commits, peer(6)), TIMEOUT, ms(0)),
-            ms(100)
-        );
-        assert_eq!(
-            hedging.part_wait((commits, peer(9)), TIMEOUT, ms(0)),
-            ms(800)
-        );
-        // Its own answers of the kind, once measured, count instead.
-        hedging.answered(commits, peer(9), 50, WHOLE);
-        assert_eq!(
-            hedging.part_wait((commits, peer(9)), TIMEOUT, ms(0)),
-            ms(200)
-        );
+        assert_eq!(wait, part(TIMEOUT / 10, false));
     }
 
     #[test]
-    fn round_trips_are_kept_per_peer_and_the_least_recently_heard_gives_way() {
+    fn own_averages_are_kept_per_peer_and_the_least_recently_heard_gives_way() {
         let hedging = Hedging::default();
         let trip = |p| hedging.fetches().queries.of_peer(peer(p));
-        for p in 0..HEDGE_QUERIED_PEERS as u16 {
+        for p in 0..HEDGE_PEERS_APART as u16 {
             hedging.queried(peer(p), 10 + u64::from(p));
         }
         // Peer 0 heard from again: peer 1 is now the least recently.
@@ -992,7 +1028,7 @@ mod tests {
             (trip(0), trip(1), trip(2), trip(5000)),
             (Some(10), None, Some(12), Some(70))
         );
-        assert_eq!(hedging.fetches().queries.peers.len(), HEDGE_QUERIED_PEERS);
+        assert_eq!(hedging.fetches().queries.peers.len(), HEDGE_PEERS_APART);
         // A moving average, a quarter weight on the new trip.
         hedging.queried(peer(5000), 30);
         assert_eq!(trip(5000), Some(60));

@@ -477,8 +477,9 @@ pub struct SyncStatus {
     /// and had not had the time its own peer needs: the part was held
     /// until the first call answered (its answer then the fetch's, the
     /// part dropped), failed, or had that time (the part then the fetch's
-    /// answer, and the first peer ranked lower once it passes its
-    /// checks). Counted as they are held, whatever comes of them.
+    /// answer, and the first peer ranked lower once it passes its checks
+    /// if that time was its own answer time: [`crate::state_sync::PartWait`]).
+    /// Counted as they are held, whatever comes of them.
     pub hedge_parts_held: u64,
     /// Hedges sent since start, one per share of `max_hedged_bytes`
     /// taken: a hedge that asks another peer with the share it holds

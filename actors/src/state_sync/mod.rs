@@ -52,7 +52,8 @@ pub use apply::ApplyError;
 pub use core::{Config, DEFAULT_COMMIT_SYNC_BATCH_SIZE, Init, StateSyncCore, commit_answer_bytes};
 pub use deps::Deps;
 pub use hedging::{
-    HEAD_HEDGE_MIN, HEDGE_MIN, HEDGE_PEERS, HEDGE_QUERIED_PEERS, HEDGE_STALE_ANSWERS, Hedging,
+    HEAD_HEDGE_MIN, HEDGE_MIN, HEDGE_PEERS, HEDGE_PEERS_APART, HEDGE_STALE_ANSWERS, Hedging,
+    PartWait,
 };
 pub use messages::{
     ApplyLocal, CommitBatchInfo, CommitsWanted, EpochStart, Failure, GetSyncPlan, GetSyncStatus,

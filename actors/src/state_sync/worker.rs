@@ -877,13 +877,19 @@ impl Worker {
             Some((slot, answer, share)) = &mut second => {
                 let part_only = !whole(&answer);
                 // A part of what was asked ends the race only once the
-                // first call has had the time its own peer needs: until
-                // then, the first's answer, or failure, comes first.
+                // first call has had the time its own peer needs
+                // ([`Hedging::part_wait`]): until then, the first's
+                // answer, or failure, comes first. Unanswered then, the
+                // first peer is beaten by the part if that time was its
+                // own measure's.
                 let mut first_late = !part_only;
                 if part_only {
-                    self.hedge_parts_held.fetch_add(1, Ordering::Relaxed);
-                    let wait = (self.hedging).part_wait((kind, first_peer), timeout, Duration::ZERO);
-                    match tokio::time::timeout_at(started + wait, &mut first_call).await {
+                    let part = (self.hedging).part_wait((kind, first_peer), timeout, Duration::ZERO);
+                    let due = started + part.wait;
+                    if due > tokio::time::Instant::now() {
+                        self.hedge_parts_held.fetch_add(1, Ordering::Relaxed);
+                    }
+                    match tokio::time::timeout_at(due, &mut first_call).await {
                         Ok(Ok(answer)) => {
                             // The part dropped, its peer not beaten: it
                             // answered.
@@ -900,9 +906,7 @@ impl Worker {
                             let withheld_by = withheld_by.get().copied();
                             return Hedged { slot, result: Ok(answer), unhedged: false, beaten, withheld_by };
                         }
-                        // Late by its own peer's measure: beaten by the
-                        // part, as by a whole answer.
-                        Err(_) => first_late = true,
+                        Err(_) => first_late = part.beaten,
                     }
                 }
                 first.release(Transfer::Cancelled, 0);

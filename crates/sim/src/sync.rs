@@ -406,6 +406,9 @@ struct HeldPart {
     call: u64,
     hedge: Call,
     reply: Reply,
+    /// Whether the first peer, unanswered by the time the part is taken,
+    /// is beaten by it (`PartWait::beaten`).
+    beats_first: bool,
 }
 
 /// A fetch waiting for a slot: its work, the peers it avoids, and the call
@@ -778,7 +781,7 @@ impl Run<'_> {
                     // Late by its own peer's measure: beaten by the part,
                     // if that passes its checks.
                     let transfer = match part.reply {
-                        Reply::Data { valid: true, .. } => Transfer::Late,
+                        Reply::Data { valid: true, .. } if part.beats_first => Transfer::Late,
                         _ => Transfer::Cancelled,
                     };
                     self.release(client, &first, transfer, 0);
@@ -1198,10 +1201,18 @@ impl Run<'_> {
         let Some(mut call) = self.nodes[client].calls.remove(&call) else {
             return;
         };
-        if let Reply::Data { end, .. } = reply
-            && end < call.work.end()
-            && let Some(due_us) = self.part_due(client, &call)
+        // A hedge's part: held while its first call has the time its own
+        // peer needs; past that, it beats the first peer if it may.
+        let part = match reply {
+            Reply::Data { end, .. } if end < call.work.end() => self.part_due(client, &call),
+            _ => None,
+        };
+        let mut part_beats_first = false;
+        if let Some((due_us, beats_first)) = part
+            && due_us <= self.queue.now()
         {
+            part_beats_first = beats_first;
+        } else if let Some((due_us, beats_first)) = part {
             let first = call.hedge_of.expect("only a hedge's part is held");
             let f = self.nodes[client]
                 .calls
@@ -1211,6 +1222,7 @@ impl Run<'_> {
                 call: id,
                 hedge: call,
                 reply,
+                beats_first,
             }));
             self.run.parts_held += 1;
             let wait = due_us - self.queue.now();
@@ -1225,7 +1237,9 @@ impl Run<'_> {
         }
         // A first call answering while its hedge's part is held: the part
         // is dropped.
-        if let (Some(part), Reply::Data { .. }) = (call.held_part.take(), reply) {
+        if matches!(reply, Reply::Data { .. })
+            && let Some(part) = call.held_part.take()
+        {
             self.release(client, &part.hedge, Transfer::Cancelled, 0);
             self.run.parts_outrun += 1;
         }
@@ -1280,7 +1294,7 @@ impl Run<'_> {
                 let other = call.hedge_of.or(call.hedge);
                 if let Some(mut other) = other.and_then(|o| self.nodes[client].calls.remove(&o)) {
                     let transfer = match other.hedge_of {
-                        None if whole => Transfer::Late,
+                        None if whole || (part_beats_first && valid) => Transfer::Late,
                         _ => Transfer::Cancelled,
                     };
                     self.release(client, &other, transfer, 0);
@@ -1327,19 +1341,19 @@ impl Run<'_> {
         }
     }
 
-    /// When the part of an answer that the hedge `hedge` of `client` brought
-    /// is taken, if it is held (as the worker holds it, `Worker::hedged_on`):
-    /// its first call still out and not yet waited for as long as its own
-    /// peer needs (`Hedging::part_wait`, from when it was sent), in
-    /// microseconds of virtual time.
-    fn part_due(&self, client: usize, hedge: &Call) -> Option<u64> {
+    /// For a part of an answer that the hedge `hedge` of `client` brought,
+    /// while its first call is still out (as the worker has it,
+    /// `Worker::hedged_on`): when the part is taken, once the first call
+    /// has waited as long as its own peer needs (`Hedging::part_wait`,
+    /// from when it was sent), in microseconds of virtual time, and
+    /// whether the first peer, unanswered then, is beaten by it.
+    fn part_due(&self, client: usize, hedge: &Call) -> Option<(u64, bool)> {
         let first = hedge.hedge_of.filter(|_| hedge.alone.is_none())?;
         let f = self.nodes[client].calls.get(&first)?;
         let timeout = Duration::from_millis(self.settings.timeout_ms);
         let hedging = &self.nodes[client].hedging;
-        let wait = hedging.part_wait((f.work.kind(), f.lease.peer), timeout, Duration::ZERO);
-        let due_us = f.sent_us + wait.as_micros() as u64;
-        (due_us > self.queue.now()).then_some(due_us)
+        let part = hedging.part_wait((f.work.kind(), f.lease.peer), timeout, Duration::ZERO);
+        Some((f.sent_us + part.wait.as_micros() as u64, part.beaten))
     }
 
     /// A held part of an answer is taken: its hedge answers now, as if its
