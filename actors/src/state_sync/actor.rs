@@ -1,5 +1,5 @@
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use actix::{
@@ -295,18 +295,16 @@ impl StateSync {
         avoid: Vec<PeerId>,
         ctx: &mut Context<Self>,
     ) {
-        let withheld = Arc::new(OnceLock::new());
-        let withheld_by = withheld.clone();
         let done = move |(peer, result)| BlocksDone {
             task,
             batch,
             peer,
             result,
-            withheld_by: withheld_by.get().copied(),
         };
         match self.fetched.chunk(batch, chunk) {
             Some(chunk) => {
-                let work = self.worker.clone().fetch_blocks(chunk, avoid, withheld);
+                let denied = ctx.address().recipient();
+                let work = self.worker.clone().fetch_blocks(chunk, avoid, denied);
                 self.tasks.worker(task, work, ctx.address(), done);
             }
             None => ctx.notify(done((None, Err(Failure::Local(LocalFailure::BatchGone))))),
@@ -499,6 +497,13 @@ impl Handler<AheadDone> for StateSync {
         let awaited = self.ended(done.task);
         let input = self.fetched.ahead_done(done, awaited);
         self.step(input, ctx);
+    }
+}
+
+impl Handler<DeniedInHedge> for StateSync {
+    type Result = ();
+    fn handle(&mut self, DeniedInHedge { last, peer }: DeniedInHedge, ctx: &mut Context<Self>) {
+        self.step(Input::WithheldInHedge { last, peer }, ctx);
     }
 }
 

@@ -646,16 +646,7 @@ impl Core for StateSyncCore {
                     self.prefetched(now, (task, start), peer, result, &mut out);
                 }
             }
-            // Only while the fetch is awaited: a dropped task's batch is
-            // gone, and another (the true one after a forgery) may start
-            // where it did.
-            Input::WithheldInHedge { task, peer } => {
-                if let Some(Task::Blocks { batch, .. }) = self.tasks.get(&task)
-                    && let Some(b) = self.batches.get_mut(batch)
-                {
-                    b.withheld.insert(peer);
-                }
-            }
+            Input::WithheldInHedge { last, peer } => self.withheld_in_hedge(last, peer, &mut out),
             Input::BlocksFetched { task, peer, result } => {
                 self.orphans.remove(&task);
                 if let Some(Task::Blocks { batch, offset }) = self.tasks.remove(&task) {
@@ -1092,18 +1083,43 @@ impl StateSyncCore {
     /// batch, past every claim, was dropped with its record).
     fn keep_withheld(&mut self, batch: &Batch) {
         for &peer in &batch.withheld {
-            let kept = (batch.last, peer);
-            let of_peer = self
-                .withheld_kept
-                .iter()
-                .filter(|(_, p)| *p == peer)
-                .count();
-            if self.withheld_kept.len() < MAX_KEPT_DENIALS
-                && of_peer < MAX_KEPT_DENIALS_PER_PEER
-                && !self.withheld_kept.contains(&kept)
-            {
-                self.withheld_kept.push(kept);
-            }
+            self.keep_denial(batch.last, peer);
+        }
+    }
+
+    /// Keeps `peer`'s denial of blocks of a batch ending at `last`, to be
+    /// judged once the watermark reaches it ([`Self::judge_kept`]), within
+    /// [`MAX_KEPT_DENIALS`] in all and [`MAX_KEPT_DENIALS_PER_PEER`] each.
+    fn keep_denial(&mut self, last: CommitRef, peer: PeerId) {
+        let kept = (last, peer);
+        let of_peer = self
+            .withheld_kept
+            .iter()
+            .filter(|(_, p)| *p == peer)
+            .count();
+        if self.withheld_kept.len() < MAX_KEPT_DENIALS
+            && of_peer < MAX_KEPT_DENIALS_PER_PEER
+            && !self.withheld_kept.contains(&kept)
+        {
+            self.withheld_kept.push(kept);
+        }
+    }
+
+    /// `peer` denied blocks of a batch ending at `last` in a hedge while
+    /// claiming its commits ([`Input::WithheldInHedge`]): with that batch's
+    /// own deniers if it is still held (judged once applied), judged now
+    /// on the store if the watermark has passed `last`, kept otherwise (the
+    /// batch dropped: judged if a batch ending at that very commit is
+    /// applied). By the batch's last commit, not its start: the true batch
+    /// after a forgery may start where the forgery did, but its last commit
+    /// is another.
+    fn withheld_in_hedge(&mut self, last: CommitRef, peer: PeerId, out: &mut Vec<Output>) {
+        if let Some(b) = self.batches.values_mut().find(|b| b.last == last) {
+            b.withheld.insert(peer);
+        } else if last.index <= self.synced.index {
+            out.push(Output::WithheldIfStored { peer, commit: last });
+        } else {
+            self.keep_denial(last, peer);
         }
     }
 
@@ -2463,37 +2479,51 @@ mod tests {
         assert!(out.contains(&Output::Apply { start: 11 }), "{}", c.plan());
     }
 
-    /// A hedge's denial reported for a block fetch the core no longer
-    /// awaits (its batch dropped, another maybe starting where it did:
-    /// the true one after a forgery) is ignored.
+    /// A hedge's denial comes whenever its peer answered the question
+    /// asking its claim afresh, so it names the batch by its last commit:
+    /// with that batch's own deniers while it is held (judged once
+    /// applied); judged on the store once the watermark has passed it; a
+    /// forgery's (its last commit another digest) never with the true
+    /// batch that starts where it did, only on the store, which judges no
+    /// one for it.
     #[test]
-    fn a_hedge_denial_of_a_dropped_fetch_is_not_held_against_the_batch_after_it() {
+    fn a_hedge_denial_is_judged_by_its_batchs_last_commit_whenever_it_comes() {
         let (mut c, whole) = one_chunk_asked();
-        tick(&mut c, 1, 0);
-        let out = blocks_done(&mut c, whole, Err(Failure::NoPeer));
-        assert!(out.contains(&Output::Reset), "{out:?}");
-        let (t, 1, 10) = commit_fetch(&tick(&mut c, 2, 10)).expect("fetched again") else {
-            panic!()
+        let forged = CommitRef {
+            index: 10,
+            digest: Digest([77; 32]),
         };
-        let out = commits_ok(&mut c, 2, t, 1, 10, 5);
-        let chunk = block_fetches(&out)[0].0;
-        // The dropped fetch's hedge report comes now, a batch starting
-        // where its batch did fetched again.
-        let peer = OTHER;
-        c.handle(Time(2), Input::WithheldInHedge { task: whole, peer });
-        // Reported for the fetch awaited now, it counts.
-        c.handle(
-            Time(2),
-            Input::WithheldInHedge {
-                task: chunk,
-                peer: LIAR,
-            },
-        );
-        blocks_ok(&mut c, chunk);
+        let denied = |c: &mut StateSyncCore, last, peer| {
+            c.handle(Time(1), Input::WithheldInHedge { last, peer })
+        };
+        assert_eq!(denied(&mut c, r(10), LIAR), vec![]);
+        assert_eq!(denied(&mut c, forged, OTHER), vec![]);
+        assert_eq!(c.withheld_kept, vec![(forged, OTHER)]);
+        blocks_ok(&mut c, whole);
+        let out = applied(&mut c, 1, 10);
+        let judged: Vec<_> = (out.iter())
+            .filter(|o| {
+                matches!(
+                    o,
+                    Output::WithheldBlocks { .. } | Output::WithheldIfStored { .. }
+                )
+            })
+            .collect();
+        let forgery = Output::WithheldIfStored {
+            peer: OTHER,
+            commit: forged,
+        };
         assert_eq!(
-            judged_once_applied(&mut c),
-            vec![Output::WithheldBlocks { peer: LIAR }]
+            judged,
+            vec![&Output::WithheldBlocks { peer: LIAR }, &forgery]
         );
+        assert_eq!(c.withheld_kept, vec![]);
+        // Come after the batch was applied: judged on the store at once.
+        let late = Output::WithheldIfStored {
+            peer: HONEST,
+            commit: r(10),
+        };
+        assert_eq!(denied(&mut c, r(10), HONEST), vec![late]);
     }
 
     /// Fetches the batch `start..=end` (its blocks in one fetch) at `now`

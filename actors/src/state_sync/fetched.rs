@@ -58,10 +58,7 @@ impl Fetched {
     pub(super) fn blocks_done(&mut self, done: BlocksDone, awaited: bool) -> (Vec<Input>, u64) {
         let mut kept = 0;
         let mut broken = None;
-        let (batch, task) = (done.batch, done.task);
-        let mut inputs: Vec<Input> = (done.withheld_by.into_iter())
-            .map(|peer| Input::WithheldInHedge { task, peer })
-            .collect();
+        let batch = done.batch;
         let result = done.result.map(|blocks| {
             if let Some(d) = self.batches.get_mut(&batch).filter(|_| awaited) {
                 (kept, broken) = d.add(blocks);
@@ -69,7 +66,7 @@ impl Fetched {
             kept
         });
         let (task, peer) = (done.task, done.peer);
-        inputs.push(Input::BlocksFetched { task, peer, result });
+        let mut inputs = vec![Input::BlocksFetched { task, peer, result }];
         inputs.extend(broken.map(|error| Input::BatchBroken {
             start: done.batch,
             error,

@@ -258,13 +258,18 @@ pub enum Input {
         /// Bytes of the answer, or why not.
         result: Result<u64, Failure>,
     },
-    /// A peer that claimed the commits naming blocks of block fetch `task`
-    /// answered NOT_FOUND for them in a hedge of it: judged with the
-    /// batch's own deniers once the batch is applied
-    /// ([`Output::WithheldBlocks`]), if the fetch is still awaited.
+    /// A peer answered NOT_FOUND, in a hedge, for blocks named by commits
+    /// of a batch ending at `last`, and still claimed those commits once
+    /// asked afresh: judged with the deniers of a batch ending at that very
+    /// commit once it is applied ([`Output::WithheldBlocks`]), or, if the
+    /// watermark has passed `last` already, if the store holds that very
+    /// commit ([`Output::WithheldIfStored`]). It comes whenever the peer
+    /// answered that question, after its fetch ended maybe (a peer that
+    /// stalled its answer held the fetch that long while it was waited
+    /// for), so it names the batch by its last commit, not by the fetch.
     WithheldInHedge {
-        /// The block fetch the hedge was of (its result comes next).
-        task: TaskId,
+        /// The last commit of the batch.
+        last: CommitRef,
         /// The peer.
         peer: PeerId,
     },
@@ -597,9 +602,15 @@ pub(super) struct BlocksDone {
     pub(super) batch: CommitIndex,
     pub(super) peer: Option<PeerId>,
     pub(super) result: Result<Vec<VerifiedBlock>, Failure>,
-    /// A peer that withheld the chunk's blocks in a hedge while claiming
-    /// their commits, if one did.
-    pub(super) withheld_by: Option<PeerId>,
+}
+
+/// A peer denied blocks of a batch ending at `last` in a hedge, and still
+/// claimed their commits once asked afresh ([`Input::WithheldInHedge`]).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(super) struct DeniedInHedge {
+    pub(super) last: CommitRef,
+    pub(super) peer: PeerId,
 }
 
 /// Who waits for a write.

@@ -18,10 +18,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use actix::Addr;
+use actix::{Addr, Recipient};
 use futures::{FutureExt, StreamExt};
 use soma_types::verify::{CertifiedRun, ExpectedBlocks, RefusedRun};
-use soma_types::{BlockRef, CommitIndex, Epoch, PeerId, TrustedCommit, VerifiedBlock};
+use soma_types::{BlockRef, CommitIndex, CommitRef, Epoch, PeerId, TrustedCommit, VerifiedBlock};
 use soma_wire::convert::Availability;
 use soma_wire::proto;
 use tokio::sync::watch;
@@ -30,7 +30,9 @@ use tokio::task::{AbortHandle, JoinSet};
 use super::apply::{Batch, Source};
 use super::core::Config;
 use super::hedging::{HEAD_HEDGE_MIN, HEDGE_MIN, HedgeBudget, HedgeShare, Hedging, lock};
-use super::messages::{CommitBatchInfo, CommitsWanted, Failure, LocalFailure, TaskId};
+use super::messages::{
+    CommitBatchInfo, CommitsWanted, DeniedInHedge, Failure, LocalFailure, TaskId,
+};
 use crate::archive::ArchiveReader;
 use crate::connections::{
     ActivePeers, Client, Connections, Outbound, ask_availability, push_commit,
@@ -119,6 +121,9 @@ impl BatchData {
     ) -> BlockChunk {
         BlockChunk {
             batch,
+            last: (self.commits.last())
+                .map(TrustedCommit::reference)
+                .unwrap_or_default(),
             commits: self.commits_naming(offset, len),
             epoch: self.epoch,
             refs: self.refs.iter().skip(offset).take(len).copied().collect(),
@@ -186,6 +191,8 @@ impl BatchData {
 /// holds those can serve it. At most `max_bytes` of them.
 pub(super) struct BlockChunk {
     pub(super) batch: CommitIndex,
+    /// The batch's last commit: what a denial in a hedge is judged by.
+    pub(super) last: CommitRef,
     pub(super) commits: (CommitIndex, CommitIndex),
     pub(super) epoch: Epoch,
     pub(super) refs: Vec<BlockRef>,
@@ -1451,7 +1458,7 @@ impl Worker {
         self,
         chunk: BlockChunk,
         avoid: Vec<PeerId>,
-        withheld_by: Arc<OnceLock<PeerId>>,
+        denied: Recipient<DeniedInHedge>,
     ) -> Outcome<Vec<VerifiedBlock>> {
         let range = chunk.commits;
         let work = (FetchKind::Blocks, range);
@@ -1494,13 +1501,19 @@ impl Worker {
             .hedged(slot, work, avoid, (call, block_transfer_of, |_: &_| true))
             .await;
         let (slot, received, beaten) = (hedged.slot, hedged.result, hedged.beaten);
-        let denier = async {
-            if let Some(peer) = hedged.withheld_by
-                && self.claims_afresh(peer, range).await
-            {
-                let _ = withheld_by.set(peer);
-            }
-        };
+        // A hedge's denier is asked afresh in a task of its own, and its
+        // verdict reaches the core whenever it comes: waited for here, a
+        // denier that stalled its height answer held a fetch already
+        // answered, at the head of the pipeline too, for up to the usual
+        // delay (half the timeout with a slow majority).
+        if let Some(peer) = hedged.withheld_by {
+            let (worker, last) = (self.clone(), chunk.last);
+            tokio::spawn(async move {
+                if worker.claims_afresh(peer, range).await {
+                    denied.do_send(DeniedInHedge { last, peer });
+                }
+            });
+        }
         // Blocks are checked against the refs asked for as they arrive.
         if let Some(beaten) = beaten {
             beaten.settle(received.is_ok());
@@ -1510,22 +1523,17 @@ impl Worker {
             Ok(blobs) => blobs,
             Err(Failure::BlocksWithheld { held, .. }) => {
                 slot.release(Transfer::Withheld, 0);
-                // Both peers asked at once: one that stalls the question
-                // holds up the retry by one wait, not two.
-                let (claimed, ()) = tokio::join!(self.claims_afresh(peer, range), denier);
+                let claimed = self.claims_afresh(peer, range).await;
                 return (Some(peer), Err(Failure::BlocksWithheld { held, claimed }));
             }
             Err(failure) => {
                 slot.release(block_transfer_of(&failure), 0);
-                denier.await;
                 return (Some(peer), Err(failure));
             }
         };
         let bytes = blobs.iter().map(|b| b.bytes().len() as u64).sum();
         let latency = slot.release(Transfer::Received, bytes);
-        // A hedge's denier is asked while the blocks are checked.
-        let verify = self.verify_blocks(chunk.epoch, blobs, &chunk.refs);
-        let (result, ()) = tokio::join!(verify, denier);
+        let result = self.verify_blocks(chunk.epoch, blobs, &chunk.refs).await;
         // A block fetch is answered whole or not at all.
         self.verified((FetchKind::Blocks, peer), (bytes, (1, 1)), latency, &result);
         (Some(peer), result)
