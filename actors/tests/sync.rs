@@ -418,15 +418,20 @@ mod byzantine {
         wait_synced(node, chain.tip()).await;
         assert_same_chain(chain, store.as_ref());
         let views = node.peer_heights().await.unwrap();
-        let h = view(&views, honest.peer_id());
-        let fate = (h.failures, h.faults, h.banned_until);
-        assert_eq!(fate, (0, 0, None), "{h:?}");
+        assert_unbanned_with(&views, honest.peer_id(), (0, 0));
         (honest, views)
     }
 
     /// `peer`'s row of the peer table.
     fn view(views: &[PeerView], peer: PeerId) -> &PeerView {
         views.iter().find(|v| v.peer == peer).expect("tracked")
+    }
+
+    /// Asserts that `peer` has exactly `failures` and `faults`, and no ban.
+    fn assert_unbanned_with(views: &[PeerView], peer: PeerId, (failures, faults): (u32, u64)) {
+        let v = view(views, peer);
+        let fate = (v.failures, v.faults, v.banned_until);
+        assert_eq!(fate, (failures, faults, None), "{v:?}");
     }
 
     /// Asserts that none of `peers` was found at fault, nor banned.
@@ -519,20 +524,10 @@ mod byzantine {
         assert_eq!(validator.commit_fetches(), 1);
         let views = node.peer_heights().await.unwrap();
         // The peer left before it was late: no failure.
-        let l = view(&views, left.peer);
-        assert_eq!(
-            (l.failures, l.faults, l.banned_until),
-            (0, 0, None),
-            "{l:?}"
-        );
+        assert_unbanned_with(&views, left.peer, (0, 0));
         // The first peer, outrun by the hedge's answer of all it asked
         // for: one failure, no fault.
-        let f = view(&views, first.peer);
-        assert_eq!(
-            (f.failures, f.faults, f.banned_until),
-            (1, 0, None),
-            "{f:?}"
-        );
+        assert_unbanned_with(&views, first.peer, (1, 0));
         validator.open();
         wait_synced(&node, chain.tip()).await;
         assert_same_chain(&chain, store.as_ref());
@@ -580,12 +575,7 @@ mod byzantine {
         assert_eq!(hedges, (1, 1, 0), "{status:?}");
         let views = node.peer_heights().await.unwrap();
         for served in [&first, &hedge] {
-            let v = view(&views, served.peer);
-            assert_eq!(
-                (v.failures, v.faults, v.banned_until),
-                (0, 0, None),
-                "{v:?}"
-            );
+            assert_unbanned_with(&views, served.peer, (0, 0));
         }
         node.shutdown().await;
     }
@@ -598,11 +588,13 @@ mod byzantine {
     /// part passes its checks, as a first peer beaten by a whole answer
     /// does. A part used to charge nobody, and a silent identity paired
     /// with one answering in parts could have held each such commit for
-    /// the whole tenth, again and again. (A first peer never measured
-    /// whose round trip is shorter is waited for four times it, and not
-    /// charged: a loaded honest validator's trip does not show its load.)
-    /// Read once the beaten peer is counted; an honest validator dialled
-    /// then completes the chain.
+    /// the whole tenth, again and again. (A first peer that delivered
+    /// whole blocks but was never measured for commits, whose round trip
+    /// is shorter, is waited for four times it and not charged: a loaded
+    /// honest validator's trip does not show its load. One that never
+    /// delivered anything is charged either way.) Read once the beaten
+    /// peer is counted; an honest validator dialled then completes the
+    /// chain.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_first_peer_silent_past_its_own_time_is_beaten_by_a_hedges_part() {
         let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(20));
@@ -618,12 +610,7 @@ mod byzantine {
         let status = node.sync_status().await.unwrap();
         assert_eq!(status.hedge_parts_held, 1, "{status:?}");
         let views = node.peer_heights().await.unwrap();
-        let f = view(&views, first.peer);
-        assert_eq!(
-            (f.failures, f.faults, f.banned_until),
-            (1, 0, None),
-            "{f:?}"
-        );
+        assert_unbanned_with(&views, first.peer, (1, 0));
         let honest = validator(&chain, 1);
         node.connect(Some(honest.peer_id()), honest.local_addr().to_string())
             .expect("Connections takes the dial");
@@ -1133,12 +1120,7 @@ mod byzantine {
         let beaten = status.hedges_won + status.hedges_late;
         assert_eq!(u64::from(s.failures), beaten, "{s:?} {status:?}");
         assert_eq!((s.faults, s.banned_until), (0, None), "{s:?}");
-        let h = view(held.peer);
-        assert_eq!(
-            (h.failures, h.faults, h.banned_until),
-            (0, 0, None),
-            "{h:?}"
-        );
+        assert_unbanned_with(&views, held.peer, (0, 0));
         node.shutdown().await;
     }
 

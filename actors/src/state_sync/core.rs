@@ -1083,43 +1083,37 @@ impl StateSyncCore {
     /// batch, past every claim, was dropped with its record).
     fn keep_withheld(&mut self, batch: &Batch) {
         for &peer in &batch.withheld {
-            self.keep_denial(batch.last, peer);
-        }
-    }
-
-    /// Keeps `peer`'s denial of blocks of a batch ending at `last`, to be
-    /// judged once the watermark reaches it ([`Self::judge_kept`]), within
-    /// [`MAX_KEPT_DENIALS`] in all and [`MAX_KEPT_DENIALS_PER_PEER`] each.
-    fn keep_denial(&mut self, last: CommitRef, peer: PeerId) {
-        let kept = (last, peer);
-        let of_peer = self
-            .withheld_kept
-            .iter()
-            .filter(|(_, p)| *p == peer)
-            .count();
-        if self.withheld_kept.len() < MAX_KEPT_DENIALS
-            && of_peer < MAX_KEPT_DENIALS_PER_PEER
-            && !self.withheld_kept.contains(&kept)
-        {
-            self.withheld_kept.push(kept);
+            let kept = (batch.last, peer);
+            let of_peer = self
+                .withheld_kept
+                .iter()
+                .filter(|(_, p)| *p == peer)
+                .count();
+            if self.withheld_kept.len() < MAX_KEPT_DENIALS
+                && of_peer < MAX_KEPT_DENIALS_PER_PEER
+                && !self.withheld_kept.contains(&kept)
+            {
+                self.withheld_kept.push(kept);
+            }
         }
     }
 
     /// `peer` denied blocks of a batch ending at `last` in a hedge while
     /// claiming its commits ([`Input::WithheldInHedge`]): with that batch's
-    /// own deniers if it is still held (judged once applied), judged now
-    /// on the store if the watermark has passed `last`, kept otherwise (the
-    /// batch dropped: judged if a batch ending at that very commit is
-    /// applied). By the batch's last commit, not its start: the true batch
-    /// after a forgery may start where the forgery did, but its last commit
-    /// is another.
+    /// own deniers if it is still held (judged once applied, or kept if a
+    /// reset drops it), judged now on the store if the watermark has
+    /// passed `last`, and dropped otherwise (the batch dropped before the
+    /// verdict came: refused as a forgery, or reset). By the batch's last
+    /// commit, not its start: the true batch after a forgery may start
+    /// where the forgery did, but its last commit is another. Kept, the
+    /// verdicts on forged batches, which identities can stall until the
+    /// forgery is refused, would fill the kept denials and crowd out a
+    /// true liar's.
     fn withheld_in_hedge(&mut self, last: CommitRef, peer: PeerId, out: &mut Vec<Output>) {
         if let Some(b) = self.batches.values_mut().find(|b| b.last == last) {
             b.withheld.insert(peer);
         } else if last.index <= self.synced.index {
             out.push(Output::WithheldIfStored { peer, commit: last });
-        } else {
-            self.keep_denial(last, peer);
         }
     }
 
@@ -2483,9 +2477,9 @@ mod tests {
     /// asking its claim afresh, so it names the batch by its last commit:
     /// with that batch's own deniers while it is held (judged once
     /// applied); judged on the store once the watermark has passed it; a
-    /// forgery's (its last commit another digest) never with the true
-    /// batch that starts where it did, only on the store, which judges no
-    /// one for it.
+    /// forgery's (its last commit another digest), come after the forgery
+    /// was dropped, never with the true batch that starts where it did,
+    /// and not kept.
     #[test]
     fn a_hedge_denial_is_judged_by_its_batchs_last_commit_whenever_it_comes() {
         let (mut c, whole) = one_chunk_asked();
@@ -2498,7 +2492,7 @@ mod tests {
         };
         assert_eq!(denied(&mut c, r(10), LIAR), vec![]);
         assert_eq!(denied(&mut c, forged, OTHER), vec![]);
-        assert_eq!(c.withheld_kept, vec![(forged, OTHER)]);
+        assert_eq!(c.withheld_kept, vec![]);
         blocks_ok(&mut c, whole);
         let out = applied(&mut c, 1, 10);
         let judged: Vec<_> = (out.iter())
@@ -2509,15 +2503,7 @@ mod tests {
                 )
             })
             .collect();
-        let forgery = Output::WithheldIfStored {
-            peer: OTHER,
-            commit: forged,
-        };
-        assert_eq!(
-            judged,
-            vec![&Output::WithheldBlocks { peer: LIAR }, &forgery]
-        );
-        assert_eq!(c.withheld_kept, vec![]);
+        assert_eq!(judged, vec![&Output::WithheldBlocks { peer: LIAR }]);
         // Come after the batch was applied: judged on the store at once.
         let late = Output::WithheldIfStored {
             peer: HONEST,

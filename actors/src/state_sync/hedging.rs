@@ -135,18 +135,8 @@ struct PeerAverages {
 
 impl PeerAverages {
     fn record(&mut self, peer: PeerId, latency_ms: u64) {
-        let sample = latency_ms.max(1);
-        self.answers += 1;
-        let now = self.answers;
-        if let Some(t) = self.peers.iter_mut().find(|t| t.peer == peer) {
-            t.average_ms = average(t.average_ms, sample);
-            t.updated = now;
+        let Some(new) = moved((&mut self.peers, &mut self.answers), peer, latency_ms) else {
             return;
-        }
-        let new = PeerTime {
-            peer,
-            average_ms: sample,
-            updated: now,
         };
         if self.peers.len() < HEDGE_PEERS_APART {
             self.peers.push(new);
@@ -155,11 +145,13 @@ impl PeerAverages {
         }
     }
 
+    /// `peer`'s average, unless [`HEDGE_STALE_ANSWERS`] answers came
+    /// since it was last updated: a peer measured fast once and loaded now
+    /// is not held to that for ever.
     fn of_peer(&self, peer: PeerId) -> Option<u64> {
-        self.peers
-            .iter()
-            .find(|t| t.peer == peer)
-            .map(|t| t.average_ms)
+        let t = self.peers.iter().find(|t| t.peer == peer)?;
+        let stale = self.answers.saturating_sub(t.updated) > HEDGE_STALE_ANSWERS;
+        (!stale).then_some(t.average_ms)
     }
 }
 
@@ -188,19 +180,10 @@ impl PeerTimes {
     }
 
     fn record(&mut self, peer: PeerId, latency_ms: u64) {
-        let sample = latency_ms.max(1);
-        self.answers += 1;
-        let now = self.answers;
-        if let Some(t) = self.peers.iter_mut().find(|t| t.peer == peer) {
-            t.average_ms = average(t.average_ms, sample);
-            t.updated = now;
+        let Some(new) = moved((&mut self.peers, &mut self.answers), peer, latency_ms) else {
             return;
-        }
-        let new = PeerTime {
-            peer,
-            average_ms: sample,
-            updated: now,
         };
+        let sample = new.average_ms;
         if self.peers.len() < HEDGE_PEERS {
             self.peers.push(new);
             return;
@@ -233,6 +216,29 @@ impl PeerTimes {
         }
         *current[..n].select_nth_unstable((n - 1) / 2).1
     }
+}
+
+/// Counts an answer of `peer` in `latency_ms` in `answers`, and moves its
+/// average in `peers` if it has one; otherwise returns its first entry,
+/// for the table to place as its rule says.
+fn moved(
+    (peers, answers): (&mut [PeerTime], &mut u64),
+    peer: PeerId,
+    latency_ms: u64,
+) -> Option<PeerTime> {
+    let sample = latency_ms.max(1);
+    *answers += 1;
+    let now = *answers;
+    if let Some(t) = peers.iter_mut().find(|t| t.peer == peer) {
+        t.average_ms = average(t.average_ms, sample);
+        t.updated = now;
+        return None;
+    }
+    Some(PeerTime {
+        peer,
+        average_ms: sample,
+        updated: now,
+    })
 }
 
 /// A moving average with weight 1/4 on the new sample.
@@ -343,11 +349,14 @@ impl Hedging {
     /// times its height queries' round trip, else a tenth of `timeout`;
     /// never past that tenth (the most a fetch the pipeline waits on is
     /// held before it is hedged). A peer measured for the kind is beaten
-    /// once it has had that time; one not measured only if it had the whole
-    /// tenth (a silent identity answering queries slowly to be waited for
-    /// long): charged on a round trip, a loaded honest validator never
-    /// measured for the kind would rank lower for each part of an
-    /// identity's that outran it, as it was never measured. Nor is a peer
+    /// once it has had that time, and so is one that never delivered a
+    /// whole answer of either kind (a silent identity, leased first where
+    /// the measured peers are full, would otherwise hold each such part
+    /// for free, again and again); one measured for the other kind only,
+    /// only if it had the whole tenth (answering queries slowly to be
+    /// waited for long): charged on a round trip, a loaded honest
+    /// validator serving blocks and never measured for commits would rank
+    /// lower for each part of an identity's that outran it. Nor is a peer
     /// beaten whose late mark is past the tenth (a slow majority).
     pub fn part_wait(
         &self,
@@ -358,15 +367,18 @@ impl Hedging {
         let late = self.late_after(kind, timeout, at_send);
         let most = timeout / 10;
         let four_times = |ms: u64| Duration::from_millis(ms.saturating_mul(4));
-        let (own, trip) = {
+        let (own, trip, delivered) = {
             let mut fetches = self.fetches();
             let own = fetches.own(kind).of_peer(peer);
-            (own, fetches.queries.of_peer(peer))
+            let delivered = (fetches.own_commits.of_peer(peer))
+                .or(fetches.own_blocks.of_peer(peer))
+                .is_some();
+            (own, fetches.queries.of_peer(peer), delivered)
         };
         let own = own.map(four_times);
         let basis = own.or(trip.map(four_times)).unwrap_or(Duration::MAX);
         let wait = late.max(basis.min(most)).min(most);
-        let beaten = late <= most && (own.is_some() || basis >= most);
+        let beaten = late <= most && (own.is_some() || basis >= most || !delivered);
         PartWait { wait, beaten }
     }
 
@@ -959,7 +971,8 @@ mod tests {
     }
 
     #[test]
-    fn a_first_call_outrun_by_a_part_has_its_own_peers_time_and_is_beaten_only_if_measured() {
+    fn a_first_call_outrun_by_a_part_has_its_own_peers_time_and_is_beaten_unless_only_its_trip_was()
+    {
         let commits = FetchKind::Commits;
         let hedging = Hedging::default();
         // Fast identities set the usual time: a peer is late after 100 ms.
@@ -990,17 +1003,23 @@ mod tests {
         hedging.answered(commits, peer(6), 1, (1, 200));
         assert_eq!(wait(6), part(TIMEOUT / 10, true));
         // Not measured for the kind, its height queries' round trip
-        // stands in, and it is not beaten: a silent peer answering queries
-        // at once is waited for only as long as any late peer, a far one
-        // four times its trip, and a loaded honest one not charged for
-        // what its trip does not show. One answering queries slowly, to be
-        // waited for long, is waited the tenth, and beaten.
+        // stands in: a peer answering queries at once is waited for only
+        // as long as any late peer, a far one four times its trip. One
+        // that delivered whole blocks (a validator, loaded maybe) is not
+        // beaten on its trip, which does not show its load; one that never
+        // delivered anything (a silent identity) is. One answering queries
+        // slowly, to be waited for long, is waited the tenth, and beaten.
         hedging.queried(peer(6), 2);
         hedging.queried(peer(9), 200);
         hedging.queried(peer(7), 400);
+        hedging.queried(peer(8), 2);
+        for p in [6, 7, 9] {
+            hedging.answered(FetchKind::Blocks, peer(p), 300, WHOLE);
+        }
         assert_eq!(wait(6), part(ms(100), false));
         assert_eq!(wait(9), part(ms(800), false));
         assert_eq!(wait(7), part(TIMEOUT / 10, true));
+        assert_eq!(wait(8), part(ms(100), true));
         // Its own answers of the kind, once measured, count instead.
         hedging.answered(commits, peer(9), 50, WHOLE);
         assert_eq!(wait(9), part(ms(200), true));
@@ -1015,6 +1034,25 @@ mod tests {
     }
 
     #[test]
+    fn an_own_average_not_updated_in_many_answers_stops_counting() {
+        let commits = FetchKind::Commits;
+        let hedging = Hedging::default();
+        for p in 1..=3 {
+            hedging.answered(commits, peer(p), 5, WHOLE);
+        }
+        hedging.answered(commits, peer(4), 150, WHOLE);
+        let wait = |p| hedging.part_wait((commits, peer(p)), TIMEOUT, ms(0)).wait;
+        assert_eq!(wait(4), ms(600));
+        for _ in 0..HEDGE_STALE_ANSWERS {
+            hedging.answered(commits, peer(1), 5, WHOLE);
+        }
+        assert_eq!(wait(4), ms(600));
+        hedging.answered(commits, peer(1), 5, WHOLE);
+        // Measured once, then not heard from: as if never measured.
+        assert_eq!(wait(4), TIMEOUT / 10);
+    }
+
+    #[test]
     fn own_averages_are_kept_per_peer_and_the_least_recently_heard_gives_way() {
         let hedging = Hedging::default();
         let trip = |p| hedging.fetches().queries.of_peer(peer(p));
@@ -1024,9 +1062,11 @@ mod tests {
         // Peer 0 heard from again: peer 1 is now the least recently.
         hedging.queried(peer(0), 10);
         hedging.queried(peer(5000), 70);
+        // Peer 1 gave way; peer 2, still there, was last heard over
+        // HEDGE_STALE_ANSWERS answers ago and no longer counts.
         assert_eq!(
-            (trip(0), trip(1), trip(2), trip(5000)),
-            (Some(10), None, Some(12), Some(70))
+            (trip(0), trip(1), trip(2), trip(1_023), trip(5000)),
+            (Some(10), None, None, Some(1_033), Some(70))
         );
         assert_eq!(hedging.fetches().queries.peers.len(), HEDGE_PEERS_APART);
         // A moving average, a quarter weight on the new trip.
