@@ -693,7 +693,8 @@ fn sync_section(md: &mut String, n: usize) {
          verification (liars), serve everything 1.5 s late (slow), serve everything \
          just before the caller's hedge delay ends, told what it is (creeping), serve \
          everything but answer each commit fetch at once with its first commit alone \
-         (one commit), or refuse every fetch at once as busy (busy). Times \
+         (one commit), half of them silent and half one commit (silent or one commit), \
+         or refuse every fetch at once as busy (busy). Times \
          from the start; \"of honest\" is the median \
          node's time against the run without hostile nodes.\n",
         d.commits,
@@ -715,7 +716,7 @@ fn sync_section(md: &mut String, n: usize) {
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     .unwrap();
-    let modes: [(&str, Option<(Hostile, f64)>); 9] = [
+    let modes: [(&str, Option<(Hostile, f64)>); 10] = [
         ("none", None),
         ("10 % silent", Some((Hostile::Silent, 0.1))),
         ("30 % silent", Some((Hostile::Silent, 0.3))),
@@ -724,6 +725,10 @@ fn sync_section(md: &mut String, n: usize) {
         ("10 % slow", Some((Hostile::Slow { delay_ms: 1_500 }, 0.1))),
         ("10 % creeping", Some((Hostile::Creeping, 0.1))),
         ("30 % one commit", Some((Hostile::OneCommit, 0.3))),
+        (
+            "30 % silent or one commit",
+            Some((Hostile::SilentOrOneCommit, 0.3)),
+        ),
         ("30 % busy", Some((Hostile::Busy, 0.3))),
     ];
     let seed = seed_of("sync", n as u64);

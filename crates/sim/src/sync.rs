@@ -77,6 +77,11 @@ pub enum Hostile {
     /// Refuses every fetch at once as busy, which proves no lie: it is
     /// never banned, and its refusals cost its callers only time.
     Busy,
+    /// Half of them [`Hostile::Silent`], half [`Hostile::OneCommit`]
+    /// (alternately, in the order of their indices): the silent ones, once
+    /// leased a fetch, are hedged, and the others answer the hedges with
+    /// one commit.
+    SilentOrOneCommit,
 }
 
 /// How a catch-up runs.
@@ -496,11 +501,19 @@ pub fn catch_up(
         }
         None => BTreeSet::new(),
     };
+    // A mixed kind, alternately by index.
+    let kind_of = |i: usize, kind: Hostile| match kind {
+        Hostile::SilentOrOneCommit => match hostile.range(..i).count() % 2 {
+            0 => Hostile::Silent,
+            _ => Hostile::OneCommit,
+        },
+        kind => kind,
+    };
     let nodes = (0..sim.len())
         .map(|i| {
             let role = match settings.hostile {
                 _ if validators.contains(&i) => Role::Validator,
-                Some((kind, _)) if hostile.contains(&i) => Role::Hostile(kind),
+                Some((kind, _)) if hostile.contains(&i) => Role::Hostile(kind_of(i, kind)),
                 _ => Role::Follower,
             };
             let follows = role == Role::Follower && sim.is_up(i);

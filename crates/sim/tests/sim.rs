@@ -345,6 +345,7 @@ fn a_network_far_behind_catches_up_through_the_state_sync_cores_among_hostile_pe
         Hostile::Creeping,
         Hostile::OneCommit,
         Hostile::Busy,
+        Hostile::SilentOrOneCommit,
     ] {
         let (r, _) = catch_up_among(Some(hostile), 21, None);
         eprintln!("{hostile:?}: {r:?}");
@@ -375,6 +376,14 @@ fn a_network_far_behind_catches_up_through_the_state_sync_cores_among_hostile_pe
             }
             Hostile::Creeping | Hostile::OneCommit => {
                 assert_eq!((r.timeouts, r.invalid, r.bans), (0, 0, 0));
+            }
+            Hostile::SilentOrOneCommit => {
+                // Hedges of fetches silent peers hold, answered in part by
+                // one-commit peers: each part is held while its silent
+                // first peer has its time, and no fetch waits out its
+                // timeout.
+                assert!(r.parts_held > 0, "{r:?}");
+                assert_eq!((r.timeouts, r.invalid, r.bans), (0, 0, 0), "{r:?}");
             }
             Hostile::Busy => {
                 // Hedges refused as busy are asked of another peer.
