@@ -1103,7 +1103,8 @@ impl StateSyncCore {
     /// own deniers if it is still held (judged once applied, or kept if a
     /// reset drops it), judged now on the store if the watermark has
     /// passed `last`, and dropped otherwise (the batch dropped before the
-    /// verdict came: refused as a forgery, or reset). By the batch's last
+    /// verdict came: refused as a forgery, reset, or dropped to free
+    /// memory for the batch next in line). By the batch's last
     /// commit, not its start: the true batch after a forgery may start
     /// where the forgery did, but its last commit is another. Kept, the
     /// verdicts on forged batches, which identities can stall until the

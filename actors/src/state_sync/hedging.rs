@@ -84,9 +84,11 @@ pub const HEDGE_STALE_ANSWERS: u64 = 1_000;
 /// Peers whose own averages are kept, each apart from the median's
 /// table (per kind of fetch, of answers of all that was asked; and of
 /// height queries' round trips): when full, the one heard from least
-/// recently gives way. Connected peers are queried again and again, so
-/// this holds every peer a node connects to at once unless it keeps more
-/// connections than this.
+/// recently gives way, and an entry not updated in
+/// [`HEDGE_STALE_ANSWERS`] answers of its table no longer counts.
+/// Connected peers are queried every round, so this holds the round trip
+/// of every peer a node connects to unless it keeps about as many
+/// connections as that (64 by default).
 pub const HEDGE_PEERS_APART: usize = 1_024;
 
 /// When a fetch still unanswered also asks a second peer: after four times
@@ -349,15 +351,16 @@ impl Hedging {
     /// times its height queries' round trip, else a tenth of `timeout`;
     /// never past that tenth (the most a fetch the pipeline waits on is
     /// held before it is hedged). A peer measured for the kind is beaten
-    /// once it has had that time, and so is one that never delivered a
-    /// whole answer of either kind (a silent identity, leased first where
-    /// the measured peers are full, would otherwise hold each such part
-    /// for free, again and again); one measured for the other kind only,
-    /// only if it had the whole tenth (answering queries slowly to be
-    /// waited for long): charged on a round trip, a loaded honest
-    /// validator serving blocks and never measured for commits would rank
-    /// lower for each part of an identity's that outran it. Nor is a peer
-    /// beaten whose late mark is past the tenth (a slow majority).
+    /// once it has had that time; one not measured, only if it had the
+    /// whole tenth (answering queries slowly to be waited for long).
+    /// Charged on a round trip, a loaded honest validator never measured
+    /// for the kind (at the start of a catch-up, none is) would rank lower
+    /// for each part of an identity's that outran it, and three such
+    /// failures rank it failing for blocks too. So a silent identity that
+    /// answers queries fast is not charged here either: leased first where
+    /// the measured peers are full, it holds a part for the late mark or
+    /// four times its trip, and nothing more. Nor is a peer beaten whose
+    /// late mark is past the tenth (a slow majority).
     pub fn part_wait(
         &self,
         (kind, peer): (FetchKind, PeerId),
@@ -367,18 +370,15 @@ impl Hedging {
         let late = self.late_after(kind, timeout, at_send);
         let most = timeout / 10;
         let four_times = |ms: u64| Duration::from_millis(ms.saturating_mul(4));
-        let (own, trip, delivered) = {
+        let (own, trip) = {
             let mut fetches = self.fetches();
             let own = fetches.own(kind).of_peer(peer);
-            let delivered = (fetches.own_commits.of_peer(peer))
-                .or(fetches.own_blocks.of_peer(peer))
-                .is_some();
-            (own, fetches.queries.of_peer(peer), delivered)
+            (own, fetches.queries.of_peer(peer))
         };
         let own = own.map(four_times);
         let basis = own.or(trip.map(four_times)).unwrap_or(Duration::MAX);
         let wait = late.max(basis.min(most)).min(most);
-        let beaten = late <= most && (own.is_some() || basis >= most || !delivered);
+        let beaten = late <= most && (own.is_some() || basis >= most);
         PartWait { wait, beaten }
     }
 
@@ -971,8 +971,8 @@ mod tests {
     }
 
     #[test]
-    fn a_first_call_outrun_by_a_part_has_its_own_peers_time_and_is_beaten_unless_only_its_trip_was()
-    {
+    fn a_first_call_outrun_by_a_part_has_its_own_peers_time_and_is_beaten_only_past_its_own_measure()
+     {
         let commits = FetchKind::Commits;
         let hedging = Hedging::default();
         // Fast identities set the usual time: a peer is late after 100 ms.
@@ -1004,22 +1004,20 @@ mod tests {
         assert_eq!(wait(6), part(TIMEOUT / 10, true));
         // Not measured for the kind, its height queries' round trip
         // stands in: a peer answering queries at once is waited for only
-        // as long as any late peer, a far one four times its trip. One
-        // that delivered whole blocks (a validator, loaded maybe) is not
-        // beaten on its trip, which does not show its load; one that never
-        // delivered anything (a silent identity) is. One answering queries
-        // slowly, to be waited for long, is waited the tenth, and beaten.
+        // as long as any late peer, a far one four times its trip, and
+        // neither is beaten on its trip, which does not show its load
+        // (whole blocks delivered or not: at the start of a catch-up no
+        // validator has). One answering queries slowly, to be waited for
+        // long, is waited the tenth, and beaten.
         hedging.queried(peer(6), 2);
         hedging.queried(peer(9), 200);
         hedging.queried(peer(7), 400);
         hedging.queried(peer(8), 2);
-        for p in [6, 7, 9] {
-            hedging.answered(FetchKind::Blocks, peer(p), 300, WHOLE);
-        }
+        hedging.answered(FetchKind::Blocks, peer(8), 300, WHOLE);
         assert_eq!(wait(6), part(ms(100), false));
         assert_eq!(wait(9), part(ms(800), false));
         assert_eq!(wait(7), part(TIMEOUT / 10, true));
-        assert_eq!(wait(8), part(ms(100), true));
+        assert_eq!(wait(8), part(ms(100), false));
         // Its own answers of the kind, once measured, count instead.
         hedging.answered(commits, peer(9), 50, WHOLE);
         assert_eq!(wait(9), part(ms(200), true));
