@@ -773,24 +773,13 @@ impl Run<'_> {
                 }
             }
             Event::AloneDeadline { client, call } => {
-                let alone = self.nodes[client]
-                    .calls
-                    .get(&call)
-                    .is_some_and(|c| c.alone.is_some());
-                if alone && let Some(mut hedge) = self.nodes[client].calls.remove(&call) {
+                if let Some((hedge, first)) = self.take_call(client, call, |c| c.alone.take()) {
                     self.release(client, &hedge, Transfer::Cancelled, 0);
-                    if let Some(first) = hedge.alone.take() {
-                        self.end_alone(client, *first);
-                    }
+                    self.end_alone(client, *first);
                 }
             }
             Event::PartDue { client, call } => {
-                let held = self.nodes[client]
-                    .calls
-                    .get(&call)
-                    .is_some_and(|c| c.held_part.is_some());
-                if held && let Some(mut first) = self.nodes[client].calls.remove(&call) {
-                    let part = first.held_part.take().expect("checked above");
+                if let Some((first, part)) = self.take_call(client, call, |c| c.held_part.take()) {
                     // Late by its own peer's measure: beaten by the part,
                     // if that passes its checks.
                     let transfer = match part.reply {
@@ -1220,34 +1209,33 @@ impl Run<'_> {
             Reply::Data { end, .. } if end < call.work.end() => self.part_due(client, &call),
             _ => None,
         };
-        let mut part_beats_first = false;
-        if let Some((due_us, beats_first)) = part
-            && due_us <= self.queue.now()
-        {
-            part_beats_first = beats_first;
-        } else if let Some((due_us, beats_first)) = part {
-            let first = call.hedge_of.expect("only a hedge's part is held");
-            let f = self.nodes[client]
-                .calls
-                .get_mut(&first)
-                .expect("found by part_due");
-            f.held_part = Some(Box::new(HeldPart {
-                call: id,
-                hedge: call,
-                reply,
-                beats_first,
-            }));
-            self.run.parts_held += 1;
-            let wait = due_us - self.queue.now();
-            self.queue.schedule(
-                wait,
-                Event::PartDue {
-                    client,
-                    call: first,
-                },
-            );
-            return;
-        }
+        let part_beats_first = match part {
+            None => false,
+            Some((due_us, beats_first)) if due_us <= self.queue.now() => beats_first,
+            Some((due_us, beats_first)) => {
+                let first = call.hedge_of.expect("only a hedge's part is held");
+                let f = self.nodes[client]
+                    .calls
+                    .get_mut(&first)
+                    .expect("found by part_due");
+                f.held_part = Some(Box::new(HeldPart {
+                    call: id,
+                    hedge: call,
+                    reply,
+                    beats_first,
+                }));
+                self.run.parts_held += 1;
+                let wait = due_us - self.queue.now();
+                self.queue.schedule(
+                    wait,
+                    Event::PartDue {
+                        client,
+                        call: first,
+                    },
+                );
+                return;
+            }
+        };
         // A first call answering while its hedge's part is held: the part
         // is dropped.
         if matches!(reply, Reply::Data { .. })
@@ -1367,6 +1355,20 @@ impl Run<'_> {
         let hedging = &self.nodes[client].hedging;
         let part = hedging.part_wait((f.work.kind(), f.lease.peer), timeout, Duration::ZERO);
         Some((f.sent_us + part.wait.as_micros() as u64, part.beaten))
+    }
+
+    /// Call `call` of `client`, removed, with what `state` takes out of it,
+    /// if it is still out and `state` finds something (a timer's event
+    /// whose call has moved on does nothing).
+    fn take_call<T>(
+        &mut self,
+        client: usize,
+        call: u64,
+        state: impl FnOnce(&mut Call) -> Option<T>,
+    ) -> Option<(Call, T)> {
+        let calls = &mut self.nodes[client].calls;
+        let taken = state(calls.get_mut(&call)?)?;
+        Some((calls.remove(&call).expect("found above"), taken))
     }
 
     /// A held part of an answer is taken: its hedge answers now, as if its
