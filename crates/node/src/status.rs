@@ -21,34 +21,38 @@ pub struct NodeStatus {
     pub known_peers: Vec<SignedNodeInfo>,
 }
 
-/// Queries the node at `address`.
+/// Queries the node at `address`, each call (the connection, then each of
+/// the three questions) given `timeout` to answer: a node that takes the
+/// connection and never answers its height is an error, not waited for
+/// (health unanswered reads as not serving, peers as none).
 pub async fn query(address: &str, timeout: Duration) -> Result<NodeStatus, String> {
     let (channel, peer_id) = soma_wire::tls::connect(address, None, None, timeout)
         .await
         .map_err(|e| format!("cannot reach {address}: {e}"))?;
     let mut client = P2pClient::new(channel.clone());
-    let availability = client
-        .get_commit_availability(proto::GetCommitAvailabilityRequest {})
+    let availability = client.get_commit_availability(proto::GetCommitAvailabilityRequest {});
+    let availability = tokio::time::timeout(timeout, availability)
         .await
+        .map_err(|_| format!("availability: no answer from {address} in {timeout:?}"))?
         .map_err(|s| format!("availability: {}", s.message()))?;
     let availability = Availability::try_from(availability.get_ref()).map_err(|e| e.to_string())?;
-    let serving = HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: "soma.p2p.v1.P2p".into(),
-        })
+    let mut health = HealthClient::new(channel);
+    let health = health.check(HealthCheckRequest {
+        service: "soma.p2p.v1.P2p".into(),
+    });
+    let serving = tokio::time::timeout(timeout, health)
         .await
-        .is_ok_and(|r| r.get_ref().status == 1);
-    let known_peers = match client
-        .get_known_peers(proto::GetKnownPeersRequest::default())
-        .await
-    {
-        Ok(r) => r
+        .is_ok_and(|r| r.is_ok_and(|r| r.get_ref().status == 1));
+    let peers = client.get_known_peers(proto::GetKnownPeersRequest::default());
+    let known_peers = match tokio::time::timeout(timeout, peers).await {
+        Ok(Ok(r)) => r
             .into_inner()
             .known_peers
             .iter()
             .filter_map(|b| codec::decode(b, 4096).ok())
             .collect(),
-        Err(_) => Vec::new(),
+        // Refused or unanswered: the report says no peers.
+        _ => Vec::new(),
     };
     Ok(NodeStatus {
         availability,
@@ -82,6 +86,31 @@ pub fn print(address: &str, s: &NodeStatus) {
                 .map(|a| a.escape_default().to_string())
                 .collect::<Vec<_>>()
                 .join(", ")
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use soma_chain::{ChainBuilder, ChainConfig};
+    use soma_testkit::byzantine::{Lie, serve_observed_slow_heights};
+
+    /// A node that takes the connection and holds its height answer (for
+    /// an hour here) is reported once the timeout passes; before, `status`
+    /// waited as long as the node held the call.
+    #[tokio::test]
+    async fn a_node_holding_its_height_answer_is_reported_at_the_timeout() {
+        let chain = Arc::new(ChainBuilder::new(ChainConfig::validators(4)).build(10));
+        let hour = Duration::from_secs(3600);
+        let node = serve_observed_slow_heights(chain, Lie::MissingBlock, 7, hour).await;
+        let timeout = Duration::from_millis(300);
+        let error = super::query(&node.address, timeout).await.unwrap_err();
+        assert_eq!(
+            error,
+            format!("availability: no answer from {} in 300ms", node.address)
         );
     }
 }
