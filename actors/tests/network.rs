@@ -969,3 +969,50 @@ async fn inbound_connections_past_the_limit_are_refused_until_one_closes() {
     assert_eq!(a.inbound_connections().refused, 2);
     a.shutdown().await;
 }
+
+/// A node started from async code with a port already taken fails with
+/// the bind error: the runtime it made for itself is shut down in the
+/// background. Dropped as it was, inside async code, that runtime
+/// panicked ("Cannot drop a runtime in a context where blocking is not
+/// allowed") instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_from_async_code_on_a_taken_port_fails_with_the_bind_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap();
+    let chain = chain(0);
+    let config = P2pConfig {
+        listen_address: address,
+        ..P2pConfig::default()
+    };
+    let started = P2pBuilder::new(
+        config,
+        KeyPair::from_seed([5; 32]),
+        chain.genesis().clone(),
+        Arc::new(MemStore::new(chain.genesis())),
+    )
+    .start();
+    match started {
+        Err(soma_actors::system::StartError::Bind { address: a, .. }) => assert_eq!(a, address),
+        Err(e) => panic!("expected the bind error, got {e}"),
+        Ok(_) => panic!("started on a taken port"),
+    }
+}
+
+/// The handle's calls work from a thread that runs no tokio runtime, as
+/// the handle's docs promise (their timers are made on the node's
+/// runtime), and so does the shutdown. Before, each call panicked there:
+/// "there is no reactor running".
+#[test]
+fn the_handles_calls_work_from_a_thread_without_a_runtime() {
+    let chain = chain(0);
+    let node = validator(&chain, 1);
+    let status = futures::executor::block_on(node.sync_status()).expect("a status");
+    assert_eq!(status.synced, 300);
+    let peers = futures::executor::block_on(node.connected_peers()).expect("peers");
+    assert_eq!(peers, Vec::new());
+    futures::executor::block_on(node.shutdown());
+    assert!(matches!(
+        futures::executor::block_on(node.sync_status()),
+        Err(soma_actors::system::P2pError::Stopped)
+    ));
+}

@@ -399,7 +399,11 @@ impl Actor for StateSync {
             act.pruner
                 .start(epoch, move |run| addr.do_send(PruneDone(run)));
         });
-        ctx.run_interval(self.deps.tick, |act, ctx| {
+        // At least a millisecond, as every other interval: actix fires an
+        // interval of zero again and again within one poll, which would
+        // pin the actors' thread (an embedder's `tick` is not checked).
+        let tick = self.deps.tick.max(Duration::from_millis(1));
+        ctx.run_interval(tick, |act, ctx| {
             let heights = act.deps.heights.clone();
             ctx.spawn(
                 async move { heights.send(HighestKnownCommit).await.ok().flatten() }

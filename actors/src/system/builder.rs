@@ -10,7 +10,7 @@ use tokio::sync::{broadcast, oneshot, watch};
 
 use super::Execution;
 use super::config::P2pConfig;
-use super::handle::{Inner, P2pHandle, Running};
+use super::handle::{Inner, OwnedRuntime, P2pHandle, Running};
 use super::tree::{self, NodeParts};
 use crate::archive::{Archive, ArchiveReader, WriterDeps, run_writer};
 use crate::discovery;
@@ -150,7 +150,7 @@ impl P2pBuilder {
                     .build()
                     .map_err(StartError::Runtime)?;
                 let handle = rt.handle().clone();
-                (Some(rt), handle)
+                (Some(OwnedRuntime::new(rt)), handle)
             }
         };
 
@@ -270,6 +270,18 @@ impl P2pBuilder {
             archive: reader,
             archived,
         };
+        // The last steps that may fail, before the actors start: an error
+        // after them would have to stop them.
+        let policy = AccessPolicy {
+            access: config.access,
+            allowlist: config.allowlist.iter().copied().collect(),
+        };
+        let server_config = tls::server_config(&identity, &policy)?;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(soma_wire::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| StartError::Runtime(std::io::Error::other(e)))?;
         let started = tree::start(&config, parts)?;
         let actors = started.actors.clone();
         let rpc_counts = crate::grpc::RpcCounts::default();
@@ -286,11 +298,6 @@ impl P2pBuilder {
             availability: published,
             stats: send_stats.clone(),
         });
-        let policy = AccessPolicy {
-            access: config.access,
-            allowlist: config.allowlist.iter().copied().collect(),
-        };
-        let server_config = tls::server_config(&identity, &policy)?;
         let (shutdown, shutdown_rx) = oneshot::channel::<()>();
         let server = {
             let _guard = runtime.enter();
@@ -312,11 +319,7 @@ impl P2pBuilder {
             // reads it: bounded in size as health is, and cut at the send
             // deadline as the P2p service's answers are, so that a caller
             // that stops reading frees what it holds.
-            let reflection = tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(soma_wire::proto::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-                .build_v1()
-                .map_err(|e| StartError::Runtime(std::io::Error::other(e)))?
+            let reflection = reflection
                 .max_decoding_message_size(MAX_STANDARD_REQUEST_BYTES)
                 .max_encoding_message_size(MAX_STANDARD_ANSWER_BYTES);
             let reflection = SendDeadline::new(

@@ -35,7 +35,9 @@ pub enum StreamError {
         /// The lowest commit the store holds.
         lowest: CommitIndex,
     },
-    /// The store failed, or holds a commit without a block it names.
+    /// The store failed, or holds a commit without a block it names. Not
+    /// final: the stream stays where it was (an executor's registered),
+    /// and the next call reads the same commit again.
     #[error("store: {0}")]
     Store(soma_store::Error),
     /// The node stopped.
@@ -217,15 +219,23 @@ impl CommitStream {
     /// commit delivered before has been executed: its lead and pruning
     /// move on. Cancel-safe: a call dropped before it returns loses
     /// nothing (the commit is read again by the next call).
+    ///
+    /// After [`StreamError::Store`] the stream is where it was, and an
+    /// executor's stays registered (holding sync and pruning back): the
+    /// next call reads the same commit again. [`StreamError::Pruned`] and
+    /// [`StreamError::Stopped`] are final: an executor's stream is
+    /// unregistered then, since it cannot go on.
     pub async fn next(&mut self) -> Result<CommittedSubDag, StreamError> {
         if let Some(execution) = &self.executor {
             execution.advance(self.next - 1);
         }
         let result = self.next_commit().await;
-        if result.is_err()
+        if let Err(StreamError::Pruned { .. } | StreamError::Stopped) = result
             && let Some(execution) = self.executor.take()
         {
             // An executor that cannot go on must not hold sync and pruning.
+            // One whose read failed may: unregistered then, pruning would
+            // remove the commits it has not taken while it tried again.
             execution.unregister();
         }
         result
@@ -290,11 +300,18 @@ impl CommitStream {
     /// empty once the stream has caught up with the watermark.
     async fn read(&self) -> Result<Vec<CommittedSubDag>, StreamError> {
         let (store, next, bytes) = (self.source.store.clone(), self.next, self.source.read_bytes);
-        self.source
-            .runtime
+        match (self.source.runtime)
             .spawn_blocking(move || read_from(store.as_ref(), next, bytes))
             .await
-            .map_err(|_| StreamError::Stopped)?
+        {
+            Ok(read) => read,
+            // A read that panicked is the store's failure, not the node's
+            // end: the node goes on, and the next call reads again.
+            Err(e) if e.is_panic() => Err(StreamError::Store(soma_store::Error::Database(
+                "a store read panicked".into(),
+            ))),
+            Err(_) => Err(StreamError::Stopped),
+        }
     }
 }
 
@@ -433,6 +450,49 @@ mod tests {
                 other.map(|s| s.commit_ref)
             ),
         }
+    }
+
+    /// A read that fails once leaves the executor registered, holding
+    /// pruning at the commit it has not taken, and the next call delivers
+    /// that commit. Before, the failure unregistered it: pruning then went
+    /// past commits it never executed, and its stream went on as an
+    /// observer's, to be told they were pruned.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_executor_whose_read_fails_stays_registered_and_misses_nothing() {
+        use soma_testkit::failing_store::FailingStore;
+        let chain = ChainBuilder::new(ChainConfig::validators(4)).build(40);
+        let store = Arc::new(FailingStore::new(MemStore::new(chain.genesis())));
+        store.write_synced_batch(chain.batch(1..=20)).unwrap();
+        let (live, _) = broadcast::channel(16);
+        let (_stop, stopped) = watch::channel(false);
+        let source = Source {
+            store: store.clone(),
+            live: live.downgrade(),
+            stopped,
+            runtime: tokio::runtime::Handle::current(),
+            read_bytes: 1 << 20,
+        };
+        let execution = Execution::new();
+        let mut stream = CommitStream::new(source, 1).executor(&execution).unwrap();
+        for i in 1..=20 {
+            assert_eq!(stream.next().await.unwrap().commit_ref, chain.commit_ref(i));
+        }
+        store.write_synced_batch(chain.batch(21..=40)).unwrap();
+        store.fail_commit_reads(1);
+        match stream.next().await {
+            Err(StreamError::Store(soma_store::Error::Database(_))) => {}
+            other => panic!(
+                "expected a store error, got {:?}",
+                other.map(|s| s.commit_ref)
+            ),
+        }
+        assert!(stream.is_executor());
+        assert_eq!(execution.executed(), Some(20));
+        for i in 21..=40 {
+            assert_eq!(stream.next().await.unwrap().commit_ref, chain.commit_ref(i));
+        }
+        assert_eq!(execution.executed(), Some(39));
+        drop(live);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -30,7 +30,33 @@ pub(super) struct Running {
     pub(super) actors_stopped: oneshot::Receiver<()>,
     pub(super) server: Option<tokio::task::JoinHandle<()>>,
     pub(super) shutdown: Option<oneshot::Sender<()>>,
-    pub(super) owned_runtime: Option<tokio::runtime::Runtime>,
+    pub(super) owned_runtime: Option<OwnedRuntime>,
+}
+
+/// A runtime the node made for itself ([`super::P2pBuilder::start`] with
+/// no runtime given). Dropped before [`P2pHandle::shutdown`] took it (an
+/// error of `start`, a `shutdown` call dropped half-way, the last handle
+/// gone), it shuts down in the background: dropped as it is, a runtime
+/// panics inside async code.
+pub(super) struct OwnedRuntime(Option<tokio::runtime::Runtime>);
+
+impl OwnedRuntime {
+    pub(super) fn new(runtime: tokio::runtime::Runtime) -> Self {
+        OwnedRuntime(Some(runtime))
+    }
+
+    /// The runtime, for a shutdown that waits for it.
+    fn take(mut self) -> Option<tokio::runtime::Runtime> {
+        self.0.take()
+    }
+}
+
+impl Drop for OwnedRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 pub(super) struct Inner {
@@ -89,10 +115,14 @@ impl Inner {
             let _ = shutdown.send(());
         }
         self.stopped.send_replace(true);
-        if let Some(server) = server
-            && tokio::time::timeout(SERVER_DRAIN, server).await.is_err()
-        {
-            tracing::warn!("the server did not drain in time");
+        if let Some(server) = server {
+            // Timed on the node's runtime: the caller may be on none.
+            let drained = self
+                .runtime
+                .spawn(async move { tokio::time::timeout(SERVER_DRAIN, server).await.is_ok() });
+            if !drained.await.unwrap_or(false) {
+                tracing::warn!("the server did not drain in time");
+            }
         }
         system.stop();
     }
@@ -107,9 +137,7 @@ impl Drop for Inner {
                 let _ = shutdown.send(());
             }
             running.system.stop();
-            if let Some(rt) = running.owned_runtime {
-                rt.shutdown_background();
-            }
+            // An owned runtime shuts down in the background as it drops.
         }
     }
 }
@@ -330,13 +358,8 @@ impl P2pHandle {
             certificate: local.certificate,
             next_committee: local.next_committee,
         };
-        self.inner
-            .actors
-            .state_sync
-            .send(ApplyLocal(batch))
-            .timeout(self.inner.timeout)
-            .await
-            .map_err(mailbox)?
+        self.ask(&self.inner.actors.state_sync, ApplyLocal(batch))
+            .await?
             .map_err(P2pError::from)
     }
 
@@ -345,24 +368,38 @@ impl P2pHandle {
     /// chunks still to come, the fetches ahead): a diagnostic, whose
     /// wording may change.
     pub async fn sync_plan(&self) -> Result<String, P2pError> {
-        self.inner
-            .actors
-            .state_sync
-            .send(crate::state_sync::GetSyncPlan)
-            .timeout(self.inner.timeout)
-            .await
-            .map_err(mailbox)
+        self.ask(
+            &self.inner.actors.state_sync,
+            crate::state_sync::GetSyncPlan,
+        )
+        .await
+    }
+
+    /// Sends `message` to `actor` and waits for its answer, at most the
+    /// handle's timeout. The timer is made on the node's runtime, so the
+    /// handle's calls work from any thread or runtime, not only from a
+    /// tokio runtime's own.
+    fn ask<A, M>(
+        &self,
+        actor: &actix::Addr<A>,
+        message: M,
+    ) -> impl Future<Output = Result<M::Result, P2pError>> + use<A, M>
+    where
+        A: actix::Handler<M>,
+        A::Context: actix::dev::ToEnvelope<A, M>,
+        M: actix::Message + Send + 'static,
+        M::Result: Send,
+    {
+        let request = {
+            let _runtime = self.inner.runtime.enter();
+            actor.send(message).timeout(self.inner.timeout)
+        };
+        async move { request.await.map_err(mailbox) }
     }
 
     /// How far the node has synced, and how far its peers reach.
     pub async fn sync_status(&self) -> Result<SyncStatus, P2pError> {
-        self.inner
-            .actors
-            .state_sync
-            .send(GetSyncStatus)
-            .timeout(self.inner.timeout)
-            .await
-            .map_err(mailbox)
+        self.ask(&self.inner.actors.state_sync, GetSyncStatus).await
     }
 
     /// Stores the certificate of an already stored local commit, so the node
@@ -378,14 +415,12 @@ impl P2pHandle {
         index: CommitIndex,
         blocks: Vec<VerifiedBlock>,
     ) -> Result<(), P2pError> {
-        self.inner
-            .actors
-            .state_sync
-            .send(StoreCertificate { index, blocks })
-            .timeout(self.inner.timeout)
-            .await
-            .map_err(mailbox)?
-            .map_err(P2pError::from)
+        self.ask(
+            &self.inner.actors.state_sync,
+            StoreCertificate { index, blocks },
+        )
+        .await?
+        .map_err(P2pError::from)
     }
 
     /// Dials a peer at `address`; with `peer` given, the server must prove
@@ -412,24 +447,12 @@ impl P2pHandle {
 
     /// The peers the node holds a connection to.
     pub async fn connected_peers(&self) -> Result<Vec<PeerId>, P2pError> {
-        self.inner
-            .actors
-            .connections
-            .send(ActivePeers)
-            .timeout(self.inner.timeout)
-            .await
-            .map_err(mailbox)
+        self.ask(&self.inner.actors.connections, ActivePeers).await
     }
 
     /// The peers discovery knows, with the newest signed info of each.
     pub async fn known_peers(&self) -> Result<Vec<SignedNodeInfo>, P2pError> {
-        self.inner
-            .actors
-            .discovery
-            .send(KnownPeers)
-            .timeout(self.inner.timeout)
-            .await
-            .map_err(mailbox)
+        self.ask(&self.inner.actors.discovery, KnownPeers).await
     }
 
     /// Every peer event from now on: connections, disconnections, failed
@@ -516,13 +539,7 @@ impl P2pHandle {
 
     /// What the node knows of each peer's chain.
     pub async fn peer_heights(&self) -> Result<Vec<PeerView>, P2pError> {
-        self.inner
-            .actors
-            .heights
-            .send(Snapshot)
-            .timeout(self.inner.timeout)
-            .await
-            .map_err(mailbox)
+        self.ask(&self.inner.actors.heights, Snapshot).await
     }
 
     /// Whether the node and each of its long-lived actors are running, and
@@ -593,7 +610,7 @@ impl P2pHandle {
         } = running;
         let _ = actors_stopped.await;
         let _ = actor_thread.join();
-        if let Some(rt) = owned_runtime {
+        if let Some(rt) = owned_runtime.and_then(OwnedRuntime::take) {
             // A runtime cannot be dropped from async code: drop it on a
             // thread of its own and wait for that.
             let (done_tx, done_rx) = oneshot::channel();

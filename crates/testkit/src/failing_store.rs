@@ -1,6 +1,6 @@
 //! A store whose disk fills up on demand: writes of batches past a commit
-//! fail (or panic, as a store asserting on a damaged file does), reads
-//! pass through.
+//! fail (or panic, as a store asserting on a damaged file does), reads of
+//! commits fail when asked to, other reads pass through.
 
 use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -35,6 +35,8 @@ pub struct FailingStore {
     no_block_bytes: AtomicBool,
     /// A batch write ending at this commit pauses once written (0: none).
     pause_after: AtomicU64,
+    /// Reads of commits still to fail ([`FailingStore::fail_commit_reads`]).
+    failing_reads: AtomicU64,
     /// Whether a write is paused, and what ends the pause.
     paused: (Mutex<bool>, Condvar),
 }
@@ -53,6 +55,7 @@ impl FailingStore {
             block_bytes_reads: AtomicU64::new(0),
             no_block_bytes: AtomicBool::new(false),
             pause_after: AtomicU64::new(0),
+            failing_reads: AtomicU64::new(0),
             paused: (Mutex::new(false), Condvar::new()),
         }
     }
@@ -106,6 +109,13 @@ impl FailingStore {
         self.panic_above.store(index, Ordering::SeqCst);
     }
 
+    /// The next `reads` reads of a range of commits fail with
+    /// [`Error::Database`], as a disk that fails a read now and then does;
+    /// the reads after them pass.
+    pub fn fail_commit_reads(&self, reads: u64) {
+        self.failing_reads.store(reads, Ordering::SeqCst);
+    }
+
     /// From now on, a batch write holding a commit above `index` fails.
     pub fn fail_writes_above(&self, index: CommitIndex) {
         self.fail_above.store(index, Ordering::SeqCst);
@@ -145,6 +155,11 @@ impl ConsensusStore for FailingStore {
         range: RangeInclusive<CommitIndex>,
         max_bytes: usize,
     ) -> Result<Vec<TrustedCommit>> {
+        let failing = self.failing_reads.load(Ordering::SeqCst);
+        if failing > 0 {
+            self.failing_reads.store(failing - 1, Ordering::SeqCst);
+            return Err(Error::Database("a read failed (a test's fault)".into()));
+        }
         self.inner.commits_in_range(range, max_bytes)
     }
     fn block(&self, block: &BlockRef) -> Result<Option<VerifiedBlock>> {
