@@ -518,6 +518,18 @@ impl NodeConfig {
             let ok = accepted(address);
             range("external-addresses", advertisable, ok, address.clone())?;
         }
+        // Peers refuse an info with more addresses than `Limits`'s (4): a
+        // node advertising more would never be discovered.
+        let most = soma_types::Limits::default().max_node_addresses;
+        let advertised: std::collections::BTreeSet<String> = (self.external_addresses.iter())
+            .map(|a| discovery::canonical_address(a))
+            .collect();
+        range(
+            "external-addresses",
+            "at most 4 distinct addresses (peers refuse an info with more)",
+            advertised.len() <= most,
+            format!("{} addresses", advertised.len()),
+        )?;
         for seed in &self.seed_peers {
             range(
                 "seed-peers",
@@ -549,6 +561,15 @@ impl NodeConfig {
             "between 10ms and 1h",
             between(p.height_query_interval, 10, 3_600_000),
             ms(p.height_query_interval),
+        )?;
+        // Restarts are counted by their times over the window: the count
+        // bounds that record, and a node that never stops on failures is
+        // not one the supervisor can stop.
+        range(
+            "p2p.max-actor-restarts",
+            "between 0 and 1000",
+            p.max_actor_restarts <= 1_000,
+            p.max_actor_restarts.to_string(),
         )?;
         range(
             "p2p.actor-restart-window",
@@ -1648,8 +1669,52 @@ mod tests {
         assert!(!e.contains('\n'), "one line: {e}");
     }
 
+    /// Five distinct external addresses: peers would refuse the node's
+    /// info (at most 4), so the file is refused; one address spelled five
+    /// ways is one.
+    #[test]
+    fn more_addresses_than_peers_take_in_one_info_are_refused() {
+        let addresses = |list: &[&str]| {
+            let quoted: Vec<String> = list.iter().map(|a| format!("\"{a}\"")).collect();
+            default_file().replace(
+                "external-addresses = []",
+                &format!("external-addresses = [{}]", quoted.join(", ")),
+            )
+        };
+        let five = [
+            "192.0.2.1:7000",
+            "192.0.2.2:7000",
+            "192.0.2.3:7000",
+            "192.0.2.4:7000",
+        ];
+        let config = parse(&addresses(&five)).expect("four load");
+        assert_eq!(config.external_addresses.len(), 4);
+        let mut five = five.to_vec();
+        five.push("192.0.2.5:7000");
+        let e = parse(&addresses(&five)).unwrap_err().to_string();
+        assert!(
+            e.contains("external-addresses")
+                && e.contains("at most 4")
+                && e.contains("5 addresses"),
+            "{e}"
+        );
+        let one = [
+            "[2001:db8::1]:7000",
+            "[2001:DB8::1]:7000",
+            "[2001:db8:0:0::1]:7000",
+        ];
+        let twice = [&one[..], &one[..2]].concat();
+        assert!(parse(&addresses(&twice)).is_ok());
+    }
+
     #[test]
     fn out_of_range_values_are_named_with_their_range() {
+        let text = default_file().replace("max-actor-restarts = 5", "max-actor-restarts = 1001");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(
+            e.contains("p2p.max-actor-restarts") && e.contains("between 0 and 1000"),
+            "{e}"
+        );
         let text = default_file().replace("parallel-fetches = 8", "parallel-fetches = 0");
         let e = parse(&text).unwrap_err().to_string();
         assert!(

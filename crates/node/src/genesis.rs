@@ -260,6 +260,19 @@ impl ProducerFile {
         let mut seed = [0u8; 32];
         hex::decode_to_slice(&self.seed, &mut seed)
             .map_err(|_| "seed must be 64 hex characters".to_string())?;
+        let limits = soma_types::Limits::default();
+        if self.transactions_per_block > limits.max_transactions_per_block {
+            return Err(format!(
+                "transactions-per-block must be at most {}, got {}",
+                limits.max_transactions_per_block, self.transactions_per_block
+            ));
+        }
+        if self.payload_bytes > limits.max_transaction_payload_bytes {
+            return Err(format!(
+                "payload-bytes must be at most {}, got {}",
+                limits.max_transaction_payload_bytes, self.payload_bytes
+            ));
+        }
         let chain = ChainConfig {
             seed,
             stakes: genesis.validators.iter().map(|v| v.stake).collect(),

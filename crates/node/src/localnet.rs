@@ -81,11 +81,29 @@ fn node_config(
 struct NodeProcess {
     name: String,
     child: Child,
+    /// Where its output goes.
+    log: PathBuf,
+}
+
+/// An error naming the first child that has exited, with its log, if
+/// one has: the demo cannot go on without it.
+fn exited(nodes: &mut [NodeProcess]) -> Result<(), Failure> {
+    for node in nodes.iter_mut() {
+        if let Ok(Some(status)) = node.child.try_wait() {
+            return Err(Failure::run(format!(
+                "{} exited ({status}); its log is {}",
+                node.name,
+                node.log.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 async fn spawn(name: &str, dir: &Path) -> Result<NodeProcess, Failure> {
     let exe = std::env::current_exe().map_err(|e| Failure::run(e.to_string()))?;
-    let log = std::fs::File::create(dir.join("node.log"))
+    let log_path = dir.join("node.log");
+    let log = std::fs::File::create(&log_path)
         .map_err(|e| Failure::run(format!("{}: {e}", dir.display())))?;
     let err = log.try_clone().map_err(|e| Failure::run(e.to_string()))?;
     let child = Command::new(exe)
@@ -104,6 +122,7 @@ async fn spawn(name: &str, dir: &Path) -> Result<NodeProcess, Failure> {
     Ok(NodeProcess {
         name: name.to_string(),
         child,
+        log: log_path,
     })
 }
 
@@ -163,6 +182,30 @@ async fn highest(address: &str) -> Option<u64> {
 pub async fn run(net: Localnet) -> Result<(), Failure> {
     if net.nodes == 0 || net.commits == 0 {
         return Err(Failure::usage("--nodes and --commits must be at least 1"));
+    }
+    // The children would refuse these at start: said here, not after the
+    // timeout.
+    if !(0.1..=10_000.0).contains(&net.commit_rate) {
+        return Err(Failure::usage(format!(
+            "--commit-rate must be between 0.1 and 10000, got {}",
+            net.commit_rate
+        )));
+    }
+    let most = soma_types::Limits::default().max_transactions_per_block;
+    if net.transactions_per_block > most {
+        return Err(Failure::usage(format!(
+            "--transactions-per-block must be at most {most}, got {}",
+            net.transactions_per_block
+        )));
+    }
+    if let Some(dir) = &net.dir
+        && std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some())
+    {
+        return Err(Failure::usage(format!(
+            "{} is not empty: localnet writes fresh keys, a genesis and stores there; \
+             give a new or empty --dir",
+            dir.display()
+        )));
     }
     let temporary;
     let dir = match &net.dir {
@@ -245,6 +288,7 @@ pub async fn run(net: Localnet) -> Result<(), Failure> {
                     break;
                 }
             }
+            exited(&mut children)?;
             if Instant::now() > deadline {
                 return Err(Failure::run(
                     "the validators did not produce the chain in time",
@@ -284,6 +328,10 @@ pub async fn run(net: Localnet) -> Result<(), Failure> {
                 if h >= net.commits {
                     break;
                 }
+            }
+            if let Err(e) = exited(&mut children) {
+                bar.abandon();
+                return Err(e);
             }
             if Instant::now() > deadline {
                 bar.abandon();

@@ -110,13 +110,14 @@ enum Command {
         #[arg(long, default_value_t = 500.0)]
         commit_rate: f64,
         /// Commits per epoch.
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
         commits_per_epoch: u64,
         /// Signed transactions per block.
         #[arg(long, default_value_t = 10)]
         transactions_per_block: usize,
-        /// Seconds to wait for production and for sync before giving up.
-        #[arg(long, default_value_t = 300)]
+        /// Seconds to wait for production and for sync before giving up
+        /// (at most a day).
+        #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
         timeout: u64,
     },
     /// Ask a running node (as an anonymous caller) for its chain, heights,
@@ -384,11 +385,20 @@ fn write_local_genesis(
 ) -> Result<(), Failure> {
     check_new(&out.join(genesis::GENESIS_FILE), force)?;
     check_new(&out.join(genesis::PRODUCER_FILE), force)?;
+    if base_port as usize + validators - 1 > u16::MAX as usize {
+        return Err(Failure::usage(format!(
+            "--base-port {base_port} leaves no port for validator {}: ports go up to 65535",
+            validators - 1
+        )));
+    }
     let addresses = (0..validators)
         .map(|i| format!("127.0.0.1:{}", base_port as usize + i))
         .collect();
     let (genesis, producer, chain) =
         genesis::local_network(&vec![1; validators], addresses, Some(commits_per_epoch), 10);
+    // Checked before any key is written: a refused genesis leaves nothing
+    // behind for the corrected run to trip on.
+    genesis.chain_id().map_err(Failure::usage)?;
     for i in 0..validators {
         let dir = out.join(format!("validator-{i}")).join("keys");
         keys::write_keys(

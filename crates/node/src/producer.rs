@@ -19,6 +19,9 @@ pub async fn produce(handle: P2pHandle, chain: ChainConfig, rate: f64, max_commi
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pending: Option<LocalCommit> = None;
     loop {
+        // A round catching up to the store's watermark awaits nothing
+        // else: yielding here lets the task be stopped at any round.
+        tokio::task::yield_now().await;
         let out = builder.produce_round();
         for (index, blocks) in out.certified {
             // Checked before anything is sent: commits up to the limit may

@@ -371,3 +371,62 @@ fn replay_command_reports_the_first_difference() {
     assert_eq!(output.status.code(), Some(1), "stderr: {err}");
     assert!(err.contains("line 13"), "{err}");
 }
+
+/// What localnet and genesis would only find out late, or after writing
+/// files, is refused first, naming the fix: a `--timeout` past a day (it
+/// panicked adding it to the clock, after the validators started), a
+/// `--dir` holding an earlier run (its keys and producer secret were
+/// overwritten, and its stores refused the new genesis until the timeout),
+/// a commit rate the children refuse, and a genesis whose ports run past
+/// 65535 (it wrote every validator's keys first, so the corrected run was
+/// refused for keys already there).
+#[test]
+fn localnet_and_genesis_refuse_bad_input_before_starting_or_writing_anything() {
+    let output = soma(&["localnet", "--timeout", "18446744073709551615"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("not in 1..=86400"),
+        "{}",
+        stderr(&output)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("genesis.toml"), "an earlier run's").unwrap();
+    let used = dir.path().to_str().unwrap();
+    let output = soma(&["localnet", "--dir", used]);
+    assert_usage_error(&output, &["is not empty", "--dir"]);
+    assert_eq!(
+        fs::read_to_string(dir.path().join("genesis.toml")).unwrap(),
+        "an earlier run's"
+    );
+    let output = soma(&["localnet", "--commit-rate", "0"]);
+    assert_usage_error(&output, &["--commit-rate", "between 0.1 and 10000"]);
+
+    let out = tempfile::tempdir().unwrap();
+    let path = out.path().to_str().unwrap();
+    let args = [
+        "genesis",
+        "--validators",
+        "4",
+        "--base-port",
+        "65534",
+        "--out",
+        path,
+    ];
+    assert_usage_error(&soma(&args), &["--base-port 65534", "65535"]);
+    assert_eq!(
+        fs::read_dir(out.path()).unwrap().count(),
+        0,
+        "nothing written"
+    );
+    let args = [
+        "genesis",
+        "--validators",
+        "4",
+        "--base-port",
+        "65530",
+        "--out",
+        path,
+    ];
+    let output = soma(&args);
+    assert!(output.status.success(), "{}", stderr(&output));
+}
