@@ -351,6 +351,12 @@ impl P2pHandle {
     /// peers known to be behind (else at [`P2pHandle::send_certificate`]). A commit
     /// that does not link to the highest synced commit, or lacks a block it
     /// names, is refused with an error.
+    ///
+    /// An error does not always mean the commit was not stored: once sent,
+    /// the write goes on whatever the caller does, so after
+    /// [`P2pError::Timeout`] (or `Stopped` at shutdown) it may have landed.
+    /// Read [`ConsensusStore::highest_synced_commit`] before sending it
+    /// again: a commit sent twice is refused as not contiguous.
     pub async fn send_commit(&self, local: LocalCommit) -> Result<(), P2pError> {
         let batch = SyncedBatch {
             commits: vec![local.commit],
