@@ -998,6 +998,28 @@ async fn a_node_started_from_async_code_on_a_taken_port_fails_with_the_bind_erro
     }
 }
 
+/// External addresses are advertised once each, in the order given,
+/// however they are spelled: peers refuse an info listing more than 4,
+/// and the node's config counts them so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_addresses_are_advertised_once_each_whatever_their_spelling() {
+    let chain = chain(0);
+    let spelled = ["[2001:db8::1]:7000", "192.0.2.1:7000", "[2001:DB8::1]:7000"];
+    let config = P2pConfig {
+        external_addresses: spelled.iter().map(|a| a.to_string()).collect(),
+        ..P2pConfig::default()
+    };
+    let node = soma_testkit::node(&chain, 6, config, Arc::new(MemStore::new(chain.genesis())));
+    assert_eq!(
+        node.node_info().info.addresses,
+        vec![
+            "[2001:db8::1]:7000".to_string(),
+            "192.0.2.1:7000".to_string()
+        ]
+    );
+    node.shutdown().await;
+}
+
 /// The handle's calls work from a thread that runs no tokio runtime, as
 /// the handle's docs promise (their timers are made on the node's
 /// runtime), and so does the shutdown. Before, each call panicked there:

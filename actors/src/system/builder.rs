@@ -173,9 +173,16 @@ impl P2pBuilder {
         let addresses = if config.external_addresses.is_empty() {
             vec![crate::discovery::canonical_address(&local_addr.to_string())]
         } else {
-            (config.external_addresses.iter())
-                .map(|a| crate::discovery::canonical_address(a))
-                .collect()
+            // Each once, in the order given: peers count an info's
+            // addresses as listed.
+            let mut addresses: Vec<String> = Vec::new();
+            for address in &config.external_addresses {
+                let address = crate::discovery::canonical_address(address);
+                if !addresses.contains(&address) {
+                    addresses.push(address);
+                }
+            }
+            addresses
         };
         for address in &addresses {
             let port = address.parse::<std::net::SocketAddr>().map(|a| a.port());

@@ -120,8 +120,10 @@ impl Inner {
             let drained = self
                 .runtime
                 .spawn(async move { tokio::time::timeout(SERVER_DRAIN, server).await.is_ok() });
-            if !drained.await.unwrap_or(false) {
-                tracing::warn!("the server did not drain in time");
+            match drained.await {
+                Ok(true) => {}
+                Ok(false) => tracing::warn!("the server did not drain in time"),
+                Err(_) => tracing::warn!("the node's runtime stopped before the server drained"),
             }
         }
         system.stop();
@@ -329,7 +331,11 @@ impl P2pHandle {
     /// delivered before it is executed), pausing rather than dropping
     /// anything, and pruning never removes a commit it has not taken.
     /// One executor at a time: [`P2pError::ExecutorRegistered`] while
-    /// another's stream lives; dropping the stream unregisters it.
+    /// another's stream lives; dropping the stream unregisters it. A
+    /// [`crate::system::StreamError::Store`] leaves it registered, holding
+    /// sync and pruning back while the executor retries: back off between
+    /// tries, and drop the stream to release them if the store stays
+    /// broken.
     ///
     /// The node does not persist the executor's position: register it
     /// right after start (the first prune runs one `prune.interval_ms`
@@ -382,9 +388,10 @@ impl P2pHandle {
     }
 
     /// Sends `message` to `actor` and waits for its answer, at most the
-    /// handle's timeout. The timer is made on the node's runtime, so the
-    /// handle's calls work from any thread or runtime, not only from a
-    /// tokio runtime's own.
+    /// handle's timeout, a full mailbox included (actix's own timeout is
+    /// not polled while its send waits for room). The timer is the
+    /// caller's runtime's, or, called from a thread without one, the
+    /// node's: the handle's calls work from any thread.
     fn ask<A, M>(
         &self,
         actor: &actix::Addr<A>,
@@ -397,10 +404,16 @@ impl P2pHandle {
         M::Result: Send,
     {
         let request = {
-            let _runtime = self.inner.runtime.enter();
-            actor.send(message).timeout(self.inner.timeout)
+            let _runtime = (tokio::runtime::Handle::try_current().is_err())
+                .then(|| self.inner.runtime.enter());
+            tokio::time::timeout(self.inner.timeout, actor.send(message))
         };
-        async move { request.await.map_err(mailbox) }
+        async move {
+            match request.await {
+                Ok(answer) => answer.map_err(mailbox),
+                Err(_) => Err(P2pError::Timeout),
+            }
+        }
     }
 
     /// How far the node has synced, and how far its peers reach.
