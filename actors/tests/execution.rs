@@ -370,7 +370,11 @@ async fn a_pruning_node_advertises_its_new_lowest_a_grace_before_it_deletes() {
         .expect("an anonymous caller connects");
     let mut client = soma_wire::proto::p2p_client::P2pClient::new(channel);
     let answer = client
-        .fetch_commits(soma_wire::proto::FetchCommitsRequest { start: 1, end: 100 })
+        .fetch_commits(soma_wire::proto::FetchCommitsRequest {
+            start: 1,
+            end: 100,
+            ..Default::default()
+        })
         .await
         .expect("commits below the advertised lowest are served within the grace");
     assert_eq!(answer.get_ref().commits.len(), 100);

@@ -57,7 +57,11 @@ async fn fetch_commits_of_full_blocks_fits_the_derived_decoding_cap() {
 
     let mut derived = client(&node, cap).await;
     let response = derived
-        .fetch_commits(proto::FetchCommitsRequest { start: 1, end: 100 })
+        .fetch_commits(proto::FetchCommitsRequest {
+            start: 1,
+            end: 100,
+            ..Default::default()
+        })
         .await
         .expect("a range of full blocks is served")
         .into_inner();
@@ -87,7 +91,11 @@ async fn fetch_commits_of_full_blocks_fits_the_derived_decoding_cap() {
     // A client with a fixed 8 MiB cap cannot take three full blocks.
     let mut fixed = client(&node, 8 << 20).await;
     let refused = fixed
-        .fetch_commits(proto::FetchCommitsRequest { start: 1, end: 100 })
+        .fetch_commits(proto::FetchCommitsRequest {
+            start: 1,
+            end: 100,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::OutOfRange);

@@ -46,7 +46,11 @@ async fn fetch(
     end: u64,
 ) -> Result<proto::FetchCommitsResponse, tonic::Status> {
     client
-        .fetch_commits(proto::FetchCommitsRequest { start, end })
+        .fetch_commits(proto::FetchCommitsRequest {
+            start,
+            end,
+            ..Default::default()
+        })
         .await
         .map(tonic::Response::into_inner)
 }
@@ -108,7 +112,10 @@ async fn a_kept_slot_counts_against_its_callers_cap() {
     let mut held = Vec::new();
     let mut outcomes = Vec::new();
     for _ in 0..3 {
-        let request = proto::FetchBlocksRequest { refs: refs.clone() };
+        let request = proto::FetchBlocksRequest {
+            refs: refs.clone(),
+            ..Default::default()
+        };
         match a.fetch_blocks(request).await {
             Ok(stream) => {
                 held.push(stream.into_inner());

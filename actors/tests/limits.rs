@@ -34,6 +34,7 @@ async fn ask(
     for _ in 0..calls {
         let request = proto::FetchBlocksRequest {
             refs: refs.to_vec(),
+            ..Default::default()
         };
         match client.fetch_blocks(request).await {
             Ok(stream) => {

@@ -28,6 +28,7 @@ async fn fetch(
 ) -> Result<usize, tonic::Status> {
     let request = proto::FetchBlocksRequest {
         refs: refs.into_iter().map(Into::into).collect(),
+        ..Default::default()
     };
     let mut stream = client.fetch_blocks(request).await?.into_inner();
     let mut n = 0;

@@ -107,6 +107,7 @@ async fn fetch_blocks(
 ) -> Result<Vec<Vec<Bytes>>, tonic::Status> {
     let request = proto::FetchBlocksRequest {
         refs: refs.iter().copied().map(Into::into).collect(),
+        ..Default::default()
     };
     let mut stream = client.fetch_blocks(request).await?.into_inner();
     let mut chunks = Vec::new();
@@ -140,6 +141,7 @@ async fn an_answer_the_server_cuts_fails_its_call_not_the_connection() {
         .collect();
     let request = proto::FetchBlocksRequest {
         refs: refs.iter().copied().map(Into::into).collect(),
+        ..Default::default()
     };
     let mut stream = client.fetch_blocks(request).await.unwrap().into_inner();
     assert!(stream.message().await.unwrap().is_some(), "a first chunk");
@@ -251,6 +253,7 @@ async fn every_rpc_is_served_from_the_store() {
         .fetch_commits(proto::FetchCommitsRequest {
             start: 1,
             end: 1_000,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -314,7 +317,11 @@ async fn fetch_commits_never_crosses_an_epoch() {
     let chain = chain(32);
     let a = validator(&chain, 1);
     let mut client = client(&a, Some(&identity(9))).await;
-    let fetch = |start, end| proto::FetchCommitsRequest { start, end };
+    let fetch = |start, end| proto::FetchCommitsRequest {
+        start,
+        end,
+        ..Default::default()
+    };
     let r = client
         .fetch_commits(fetch(101, 300))
         .await
@@ -540,6 +547,7 @@ async fn a_block_stream_is_counted_by_how_it_ends() {
     // One chunk read of a long stream, then the caller goes away.
     let request = proto::FetchBlocksRequest {
         refs: refs.iter().copied().map(Into::into).collect(),
+        ..Default::default()
     };
     let mut stream = client.fetch_blocks(request).await.unwrap().into_inner();
     let first = stream.message().await.unwrap().expect("a first chunk");
@@ -603,7 +611,11 @@ async fn bad_input_gets_the_right_status_and_the_server_stays_up() {
     let chain = chain(32);
     let a = validator(&chain, 1);
     let mut client = client(&a, Some(&identity(9))).await;
-    let fetch = |start, end| proto::FetchCommitsRequest { start, end };
+    let fetch = |start, end| proto::FetchCommitsRequest {
+        start,
+        end,
+        ..Default::default()
+    };
     let code = |r: Result<tonic::Response<proto::FetchCommitsResponse>, tonic::Status>| {
         r.unwrap_err().code()
     };
@@ -646,6 +658,7 @@ async fn bad_input_gets_the_right_status_and_the_server_stays_up() {
             digest: Bytes::from_static(b"not a digest"),
             ..refs[0].into()
         }],
+        ..Default::default()
     };
     let status = client.fetch_blocks(garbage_digest).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
@@ -654,6 +667,7 @@ async fn bad_input_gets_the_right_status_and_the_server_stays_up() {
     // request twice that size is refused before it is decoded.
     let oversized = proto::FetchBlocksRequest {
         refs: std::iter::repeat_n(proto::BlockRef::from(refs[0]), 4_000).collect(),
+        ..Default::default()
     };
     assert!(prost::Message::encoded_len(&oversized) > 2 * 65_024);
     let status = client.fetch_blocks(oversized).await.unwrap_err();
@@ -663,6 +677,7 @@ async fn bad_input_gets_the_right_status_and_the_server_stays_up() {
             .iter()
             .map(|r| proto::BlockRef::from(*r))
             .collect(),
+        max_message_bytes: u64::MAX,
     };
     let mut stream = client
         .fetch_blocks(largest_real)
@@ -1037,4 +1052,35 @@ fn the_handles_calls_work_from_a_thread_without_a_runtime() {
         futures::executor::block_on(node.sync_status()),
         Err(soma_actors::system::P2pError::Stopped)
     ));
+}
+
+/// A node that decodes smaller answers than its peers fill
+/// (`max_fetch_response_bytes` of 128 KiB against their 4 MiB) syncs
+/// blocks of about 20 KB from them: each request says what it takes, and
+/// the peers fill each message to that. Before, the peers filled messages
+/// to their own cap, the node refused each as too large, and it never
+/// synced a block.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_taking_smaller_answers_than_its_peers_fill_syncs_from_them() {
+    let chain = ChainBuilder::new(ChainConfig {
+        transactions_per_block: 10,
+        payload_bytes: 1_900,
+        ..ChainConfig::validators(4)
+    })
+    .build(100);
+    let validators: Vec<P2pHandle> = (1..=2)
+        .map(|k| soma_testkit::validator(&chain, k))
+        .collect();
+    let mut config = P2pConfig {
+        seed_peers: soma_testkit::seeds(&validators.iter().collect::<Vec<_>>()),
+        verify_synced_block_signatures: false,
+        ..P2pConfig::default()
+    };
+    config.grpc.max_fetch_response_bytes = 128 << 10;
+    let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+    let node = soma_testkit::node(&chain, 9, config, store.clone());
+    soma_testkit::wait_synced(&node, 100, Duration::from_secs(60)).await;
+    soma_testkit::assert_same_chain(&chain, store.as_ref());
+    let status = node.sync_status().await.unwrap();
+    assert_eq!(status.invalid_responses, 0);
 }

@@ -48,17 +48,28 @@ async fn never_reading_clients_lose_their_fetch_slots_at_the_send_deadline() {
     let mut unary = Vec::new();
     for reader in &mut readers {
         // The headers come at once; no byte of the body can.
-        let request = proto::FetchBlocksRequest { refs: refs.clone() };
+        let request = proto::FetchBlocksRequest {
+            refs: refs.clone(),
+            ..Default::default()
+        };
         streams.push(reader.fetch_blocks(request).await.expect("admitted"));
         let mut reader = reader.clone();
         unary.push(tokio::spawn(async move {
-            let request = proto::FetchCommitsRequest { start: 1, end: 100 };
+            let request = proto::FetchCommitsRequest {
+                start: 1,
+                end: 100,
+                ..Default::default()
+            };
             reader.fetch_commits(request).await
         }));
     }
     wait_fetches(&node, slots, SEND_TIMEOUT).await;
     let refused = late
-        .fetch_commits(proto::FetchCommitsRequest { start: 1, end: 100 })
+        .fetch_commits(proto::FetchCommitsRequest {
+            start: 1,
+            end: 100,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
@@ -73,7 +84,10 @@ async fn never_reading_clients_lose_their_fetch_slots_at_the_send_deadline() {
     assert!(unary.iter().all(|call| !call.is_finished()));
 
     // A client that reads is served in full.
-    let request = proto::FetchBlocksRequest { refs: refs.clone() };
+    let request = proto::FetchBlocksRequest {
+        refs: refs.clone(),
+        ..Default::default()
+    };
     let stream = late.fetch_blocks(request).await.unwrap().into_inner();
     let blocks = blocks_read(stream).await;
     assert_eq!(blocks, refs.len());
@@ -119,7 +133,10 @@ async fn clients_reading_too_slowly_give_their_slots_to_new_fetches() {
         .map(|i| {
             let identity = NodeIdentity::generate(&KeyPair::from_seed([200 + i as u8; 32]))
                 .expect("an identity");
-            let request = proto::FetchBlocksRequest { refs: refs.clone() };
+            let request = proto::FetchBlocksRequest {
+                refs: refs.clone(),
+                ..Default::default()
+            };
             let read = read[i].clone();
             tokio::spawn(async move {
                 attack::trickle(target, attack::host(i as u8), &identity, request, how, read).await
@@ -142,7 +159,10 @@ async fn clients_reading_too_slowly_give_their_slots_to_new_fetches() {
     let mut honest = client(&node, [99; 32], 65_535).await;
     let few = block_refs(&chain, 10);
     let stream = honest
-        .fetch_blocks(proto::FetchBlocksRequest { refs: few.clone() })
+        .fetch_blocks(proto::FetchBlocksRequest {
+            refs: few.clone(),
+            ..Default::default()
+        })
         .await
         .expect("admitted in place of a slow answer")
         .into_inner();
@@ -190,6 +210,7 @@ async fn a_fetch_waiting_behind_its_connections_unread_answers_holds_out_no_newe
     let mut reader = client(&node, [120; 32], 0).await;
     let request = proto::FetchBlocksRequest {
         refs: block_refs(&chain, 100),
+        ..Default::default()
     };
     let unread = reader.fetch_blocks(request).await.expect("admitted");
     wait_fetches(&node, 1, DEADLINE).await;
@@ -207,7 +228,11 @@ async fn a_fetch_waiting_behind_its_connections_unread_answers_holds_out_no_newe
     .await;
     let waiting = tokio::spawn(async move {
         reader
-            .fetch_commits(proto::FetchCommitsRequest { start: 1, end: 100 })
+            .fetch_commits(proto::FetchCommitsRequest {
+                start: 1,
+                end: 100,
+                ..Default::default()
+            })
             .await
     });
     let start = std::time::Instant::now();
@@ -220,7 +245,11 @@ async fn a_fetch_waiting_behind_its_connections_unread_answers_holds_out_no_newe
     // answer has been silent for the stall timeout, then takes its slot.
     let mut honest = client(&node, [99; 32], 65_535).await;
     let answer = loop {
-        let request = proto::FetchCommitsRequest { start: 1, end: 100 };
+        let request = proto::FetchCommitsRequest {
+            start: 1,
+            end: 100,
+            ..Default::default()
+        };
         match honest.fetch_commits(request).await {
             Ok(answer) => break answer.into_inner(),
             Err(status) if status.code() == Code::ResourceExhausted => {
@@ -274,7 +303,10 @@ async fn one_networks_callers_hold_at_most_its_fetch_slots_whatever_their_identi
         let mut reader = attack::client(target, source, Some(&identity), Some(0))
             .await
             .expect("connects");
-        let request = proto::FetchBlocksRequest { refs: refs.clone() };
+        let request = proto::FetchBlocksRequest {
+            refs: refs.clone(),
+            ..Default::default()
+        };
         match reader.fetch_blocks(request).await {
             Ok(stream) => streams.push(stream),
             Err(status) => refused.push(status),
@@ -304,7 +336,11 @@ async fn one_networks_callers_hold_at_most_its_fetch_slots_whatever_their_identi
         .await
         .expect("connects");
     let answer = member
-        .fetch_commits(proto::FetchCommitsRequest { start: 1, end: 10 })
+        .fetch_commits(proto::FetchCommitsRequest {
+            start: 1,
+            end: 10,
+            ..Default::default()
+        })
         .await
         .expect("a committee member is admitted")
         .into_inner();
@@ -313,7 +349,10 @@ async fn one_networks_callers_hold_at_most_its_fetch_slots_whatever_their_identi
     // A caller of another network is served in full.
     let mut honest = client(&node, [99; 32], 65_535).await;
     let stream = honest
-        .fetch_blocks(proto::FetchBlocksRequest { refs: refs.clone() })
+        .fetch_blocks(proto::FetchBlocksRequest {
+            refs: refs.clone(),
+            ..Default::default()
+        })
         .await
         .expect("admitted beside the full network")
         .into_inner();
@@ -340,7 +379,10 @@ async fn one_hosts_identities_leave_its_neighbours_their_networks_slots() {
     });
     let target = target(&node);
     let refs = block_refs(&chain, 10);
-    let request = || proto::FetchBlocksRequest { refs: refs.clone() };
+    let request = || proto::FetchBlocksRequest {
+        refs: refs.clone(),
+        ..Default::default()
+    };
 
     // The attacker: four identities on 127.10.1.1, two fetches each,
     // never reading.
@@ -427,7 +469,10 @@ async fn a_host_dropping_answers_unread_is_refused_once_its_allowance_is_gone() 
 
     let target = target(&node);
     let refs = block_refs(&chain, 10);
-    let request = || proto::FetchBlocksRequest { refs: refs.clone() };
+    let request = || proto::FetchBlocksRequest {
+        refs: refs.clone(),
+        ..Default::default()
+    };
     let attacker = std::net::IpAddr::from([127, 10, 2, 1]);
     let fresh = |i| fresh_identity(7, i);
     for i in 0..DROPPED {
@@ -454,7 +499,11 @@ async fn a_host_dropping_answers_unread_is_refused_once_its_allowance_is_gone() 
     let refused = late.fetch_blocks(request()).await.unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     assert_eq!(refused.message(), refusal);
-    let commits = proto::FetchCommitsRequest { start: 1, end: 10 };
+    let commits = proto::FetchCommitsRequest {
+        start: 1,
+        end: 10,
+        ..Default::default()
+    };
     let refused = late.fetch_commits(commits).await.unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     assert_eq!(refused.message(), refusal);
@@ -510,7 +559,10 @@ async fn a_host_whose_idle_answers_are_cut_for_its_newer_fetches_pays_for_them()
 
     let target = target(&node);
     let refs = block_refs(&chain, 10);
-    let request = || proto::FetchBlocksRequest { refs: refs.clone() };
+    let request = || proto::FetchBlocksRequest {
+        refs: refs.clone(),
+        ..Default::default()
+    };
     let attacker = std::net::IpAddr::from([127, 10, 3, 1]);
     let fresh = |i| fresh_identity(8, i);
     // The host's two slots, held by answers never read.
@@ -692,7 +744,10 @@ async fn answers_a_client_does_not_read_leave_at_most_the_cap_unwritten() {
     let calls: Vec<_> = (0..CALLS)
         .map(|_| {
             let mut client = client.clone();
-            let request = proto::FetchBlocksRequest { refs: refs.clone() };
+            let request = proto::FetchBlocksRequest {
+                refs: refs.clone(),
+                ..Default::default()
+            };
             // Each call keeps its answer, unread, until the test ends: a
             // stream dropped would be reset, and its slot given back.
             tokio::spawn(async move {

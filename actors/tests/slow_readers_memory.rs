@@ -58,7 +58,10 @@ async fn unread_block_streams_hold_at_most_the_connection_budget() {
     let mut streams = Vec::new();
     for reader in &mut readers {
         for _ in 0..STREAMS_PER_CONNECTION {
-            let request = proto::FetchBlocksRequest { refs: refs.clone() };
+            let request = proto::FetchBlocksRequest {
+                refs: refs.clone(),
+                ..Default::default()
+            };
             streams.push(reader.fetch_blocks(request).await.expect("admitted"));
         }
     }

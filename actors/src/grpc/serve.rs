@@ -231,6 +231,25 @@ fn commits_read(
 /// Most commits after a commit whose blocks are searched for its votes.
 pub(crate) const VOTE_SEARCH_COMMITS: u64 = 8;
 
+/// The least a caller may have a server fill a FetchCommits answer or a
+/// FetchBlocks message to (the smallest `max-fetch-response-bytes`): less
+/// would have a server send its blocks one message each.
+pub(crate) const MIN_ASKED_RESPONSE_BYTES: usize = 64 << 10;
+
+/// What an answer, or a message of a block stream, is filled to for a
+/// caller that takes at most `asked` bytes (0: not said, as callers before
+/// the field sent): the server's `own` cap, or less if asked, never less
+/// than [`MIN_ASKED_RESPONSE_BYTES`]. A server filling to its own cap a
+/// caller's answers, decoded up to the caller's, had answers refused as
+/// too large wherever the two settings differ.
+pub(crate) fn asked_budget(own: usize, asked: u64) -> usize {
+    match usize::try_from(asked) {
+        Ok(0) => own,
+        Ok(asked) => own.min(asked.max(MIN_ASKED_RESPONSE_BYTES)),
+        Err(_) => own,
+    }
+}
+
 /// Most blocks read in that search, per member of the committee: the
 /// votes are in each authority's next block or two, and the answer's own
 /// certificate grows with the committee too.
@@ -480,6 +499,19 @@ mod tests {
     use soma_types::{AuthorityIndex, UnverifiedBlock, UnverifiedCommit};
 
     use super::*;
+
+    /// A caller's limit lowers what an answer is filled to, never below
+    /// the floor, never above the server's own; an old caller's (0) is
+    /// the server's own.
+    #[test]
+    fn answers_are_filled_to_the_callers_limit_within_the_floor_and_our_own() {
+        let own = 4 << 20;
+        assert_eq!(asked_budget(own, 0), own);
+        assert_eq!(asked_budget(own, 128 << 10), 128 << 10);
+        assert_eq!(asked_budget(own, 1), MIN_ASKED_RESPONSE_BYTES);
+        assert_eq!(asked_budget(own, 64 << 20), own);
+        assert_eq!(asked_budget(own, u64::MAX), own);
+    }
 
     /// Transactions of the largest payload (64 KiB) that fit in one block
     /// of at most 4 MiB: each block is within 2% of the largest allowed.

@@ -359,7 +359,13 @@ impl P2pService {
         let Work::FetchCommits { start, end } = admission.work else {
             return Err(Status::internal("unexpected admission"));
         };
-        let limits = self.deps.limits.clone();
+        let mut limits = self.deps.limits.clone();
+        // Filled to what the caller takes, if it said less than ours.
+        let own = limits.max_fetch_response_bytes;
+        limits.max_fetch_response_bytes =
+            serve::asked_budget(own, request.get_ref().max_commit_bytes);
+        // Answers are kept for callers that take ours whole.
+        let keep = limits.max_fetch_response_bytes == own;
         let data_limits = self.deps.data_limits.clone();
         // The answer's commits are within this; its size is known once read.
         let estimate = limits.max_fetch_response_bytes;
@@ -397,7 +403,12 @@ impl P2pService {
         // Observed before reading: an answer read now is kept for this
         // version only (see `answers`).
         let version = self.deps.store.version();
-        let (response, slot) = match self.answers.get(version, start, end) {
+        let kept = if keep {
+            self.answers.get(version, start, end)
+        } else {
+            None
+        };
+        let (response, slot) = match kept {
             Some(kept) => (kept, slot),
             None => {
                 // A call dropped (its caller reset it) stops its read at
@@ -415,8 +426,10 @@ impl P2pService {
                         slot.abandon();
                     }
                     let response = answer.map_err(Status::from)?;
-                    let size = response.encoded_len();
-                    answers.insert(version, start, end, &response, size);
+                    if keep {
+                        let size = response.encoded_len();
+                        answers.insert(version, start, end, &response, size);
+                    }
                     Ok((response, slot))
                 })
                 .await?
@@ -448,10 +461,12 @@ impl P2pService {
         let slot = FetchSlot::new(admission.permit, &self.deps.stats, slot_key(&request));
         let reservation = Arc::new(self.budget.reservation(connection(&request)));
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let own = self.deps.limits.max_fetch_response_bytes;
+        let max_bytes = serve::asked_budget(own, request.get_ref().max_message_bytes);
         tokio::spawn(serve::stream_blocks(
             self.deps.store.clone(),
             refs,
-            self.deps.limits.max_fetch_response_bytes,
+            max_bytes,
             reservation.clone(),
             tx,
         ));

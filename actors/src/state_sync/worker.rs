@@ -1369,7 +1369,13 @@ impl Worker {
         };
         // The answer may be as large as the core reserved for it, no larger.
         let max = to_usize(max_bytes);
-        let message = proto::FetchCommitsRequest { start, end };
+        // Filled to what this node decodes, whatever the peer's own cap.
+        let max_commit_bytes = self.config.max_message_bytes;
+        let message = proto::FetchCommitsRequest {
+            start,
+            end,
+            max_commit_bytes,
+        };
         let judge = |failure: &Failure| match failure {
             Failure::OverBudget { .. } => Transfer::Late,
             failure => transfer_of(failure),
@@ -1470,6 +1476,8 @@ impl Worker {
         let message_bytes = to_usize(self.config.block_message_bytes(chunk.max_bytes));
         let message = proto::FetchBlocksRequest {
             refs: chunk.refs.iter().copied().map(Into::into).collect(),
+            // Each message within what this node decodes of one.
+            max_message_bytes: self.config.max_message_bytes.min(chunk.max_bytes),
         };
         let outbound = &self.outbound;
         let call = |peer, sent: Sent| {

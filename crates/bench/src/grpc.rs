@@ -131,6 +131,7 @@ async fn fetch(mut c: P2pClient<Channel>) -> usize {
             .fetch_commits(proto::FetchCommitsRequest {
                 start,
                 end: start + 99,
+                ..Default::default()
             })
             .await
             .expect("commits served")
@@ -167,7 +168,10 @@ async fn fetch_blocks(mut c: P2pClient<Channel>, refs: Arc<Vec<Vec<proto::BlockR
     let mut bytes = 0;
     for refs in refs.iter() {
         let mut stream = c
-            .fetch_blocks(proto::FetchBlocksRequest { refs: refs.clone() })
+            .fetch_blocks(proto::FetchBlocksRequest {
+                refs: refs.clone(),
+                ..Default::default()
+            })
             .await
             .expect("blocks served")
             .into_inner();

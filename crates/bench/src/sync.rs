@@ -184,6 +184,7 @@ pub fn transport_limit(chain: &Arc<Chain>, peers: usize, config: &P2pConfig) -> 
                         .fetch_commits(proto::FetchCommitsRequest {
                             start: *range.start(),
                             end: *range.end(),
+                            ..Default::default()
                         })
                         .await
                         .expect("commits served")
@@ -197,6 +198,7 @@ pub fn transport_limit(chain: &Arc<Chain>, peers: usize, config: &P2pConfig) -> 
                         let mut stream = client
                             .fetch_blocks(proto::FetchBlocksRequest {
                                 refs: refs.to_vec(),
+                                ..Default::default()
                             })
                             .await
                             .expect("blocks served")

@@ -169,6 +169,7 @@ async fn start_attack(kind: Kind, target: Target, chain: &Chain) -> Option<Attac
                 commits: proto::FetchCommitsRequest {
                     start: 1,
                     end: chain.tip().min(100),
+                    ..Default::default()
                 },
                 fetch_blocks: 1,
                 fetch_commits: 1,

@@ -1448,6 +1448,7 @@ async fn visit(address: &str, i: usize, tally: &Tally) {
         .fetch_commits(timed(proto::FetchCommitsRequest {
             start: highest.saturating_sub(4).max(lowest),
             end: highest,
+            ..Default::default()
         }))
         .await;
     tally.call("FetchCommits", &commits);
@@ -1460,7 +1461,10 @@ async fn visit(address: &str, i: usize, tally: &Tally) {
 
     let blocks = async {
         let mut stream = client
-            .fetch_blocks(timed(proto::FetchBlocksRequest { refs }))
+            .fetch_blocks(timed(proto::FetchBlocksRequest {
+                refs,
+                ..Default::default()
+            }))
             .await?
             .into_inner();
         let mut n = 0;

@@ -240,7 +240,11 @@ fn clients_that_never_read_from_sixteen_identities_do_not_stop_an_honest_sync() 
         .collect();
     let unread = |fetch_blocks, fetch_commits| Unread {
         blocks: Vec::clone(&blocks),
-        commits: proto::FetchCommitsRequest { start: 1, end: 100 },
+        commits: proto::FetchCommitsRequest {
+            start: 1,
+            end: 100,
+            ..Default::default()
+        },
         fetch_blocks,
         fetch_commits,
         hold: LONG_SEND_TIMEOUT + Duration::from_millis(50),

@@ -430,6 +430,7 @@ pub async fn never_reading(
                     Counts::add(&counts_b.sent);
                     let request = proto::FetchBlocksRequest {
                         refs: what_b.blocks.clone(),
+                        ..Default::default()
                     };
                     // The headers come at once; a body never can. The
                     // stream ends only when the node cuts it.

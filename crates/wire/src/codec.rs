@@ -254,6 +254,7 @@ mod tests {
                     digest: Bytes::from(vec![7u8; 32]),
                 })
                 .collect(),
+            ..Default::default()
         };
         let encoded = Bytes::from(refs.encode_to_vec());
         let decoded: FetchBlocksRequest = decode_copying(&mut encoded.clone()).unwrap();
