@@ -40,4 +40,4 @@ pub mod verifier;
 
 pub use blob::{Blob, DecodedBlock, HashedBlob};
 pub use core::{Core, Driver, Time};
-pub use system::{P2pBuilder, P2pConfig, P2pHandle};
+pub use system::{InvalidSetting, P2pBuilder, P2pConfig, P2pHandle};

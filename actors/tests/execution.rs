@@ -382,6 +382,47 @@ async fn a_pruning_node_advertises_its_new_lowest_a_grace_before_it_deletes() {
     pruning.shutdown().await;
 }
 
+/// Local commits whose writes wait for a slow store are bounded by
+/// `max_local_writes`: with commit 1's write held up and commit 2's
+/// waiting behind it (2 of 2), commit 3 is refused as busy at once, and
+/// taken once the store moves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_commits_waiting_for_a_slow_store_are_bounded_and_the_rest_refused_as_busy() {
+    use soma_actors::system::P2pError;
+    use soma_testkit::failing_store::FailingStore;
+    let chain = small_chain(3);
+    let store = Arc::new(FailingStore::new(MemStore::new(chain.genesis())));
+    let config = P2pConfig {
+        max_local_writes: 2,
+        ..P2pConfig::default()
+    };
+    let node = soma_testkit::node(&chain, 9, config, store.clone());
+    store.pause_after_writing(1);
+    let first = {
+        let (node, commit) = (node.clone(), local(&chain, 1));
+        tokio::spawn(async move { node.send_commit(commit).await })
+    };
+    wait_until("commit 1 stored and its write held up", async || {
+        store.paused()
+    })
+    .await;
+    // Polled once, commit 2 is in StateSync's mailbox, ahead of commit 3.
+    let mut second = Box::pin(node.send_commit(local(&chain, 2)));
+    assert!(futures::poll!(&mut second).is_pending());
+    assert!(matches!(
+        node.send_commit(local(&chain, 3)).await,
+        Err(P2pError::Busy)
+    ));
+    store.resume();
+    first.await.unwrap().expect("commit 1 stored");
+    second.await.expect("commit 2 stored");
+    node.send_commit(local(&chain, 3))
+        .await
+        .expect("commit 3 stored once the writes before it are answered");
+    assert_eq!(store.inner().highest_synced_commit().unwrap().index, 3);
+    node.shutdown().await;
+}
+
 /// Commits reach the broadcast in index order even when a write is stored
 /// and then held up before it reports (a preempted thread): the local
 /// commit sent meanwhile, whose write could otherwise be stored and

@@ -1013,6 +1013,32 @@ async fn a_node_started_from_async_code_on_a_taken_port_fails_with_the_bind_erro
     }
 }
 
+/// A config the node cannot work with (here a tick of zero, which made
+/// the actors' interval fire without end) is refused by `start`, naming
+/// the field.
+#[test]
+fn a_node_started_with_a_zero_tick_is_refused_naming_it() {
+    let chain = chain(0);
+    let config = P2pConfig {
+        tick: Duration::ZERO,
+        ..P2pConfig::default()
+    };
+    let started = P2pBuilder::new(
+        config,
+        KeyPair::from_seed([5; 32]),
+        chain.genesis().clone(),
+        Arc::new(MemStore::new(chain.genesis())),
+    )
+    .start();
+    match started {
+        Err(soma_actors::system::StartError::Config(e)) => {
+            assert_eq!((e.field, e.got.as_str()), ("tick", "0ms"))
+        }
+        Err(e) => panic!("expected the config error, got {e}"),
+        Ok(_) => panic!("started with a zero tick"),
+    }
+}
+
 /// External addresses are advertised once each, in the order given,
 /// however they are spelled: peers refuse an info listing more than 4,
 /// and the node's config counts them so.
@@ -1052,6 +1078,27 @@ fn the_handles_calls_work_from_a_thread_without_a_runtime() {
         futures::executor::block_on(node.sync_status()),
         Err(soma_actors::system::P2pError::Stopped)
     ));
+}
+
+/// Two `shutdown` calls at once: the second returns only once the first
+/// has joined what the node started (its actors' thread and its own
+/// runtime), so that nothing of the node holds the store any longer but
+/// the handle itself. Before, the second returned as soon as the server
+/// had drained and the actors were told to stop, while the first was
+/// still joining.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_shutdown_returns_once_the_first_has_joined_the_node() {
+    let chain = chain(0);
+    let node = validator(&chain, 1);
+    let store = node.store();
+    assert!(Arc::strong_count(store) > 1, "the actors hold the store");
+    let first = node.shutdown();
+    let second = async {
+        node.shutdown().await;
+        Arc::strong_count(store)
+    };
+    let ((), holders) = tokio::join!(first, second);
+    assert_eq!(holders, 1, "only the handle holds the store");
 }
 
 /// A node that decodes smaller answers than its peers fill

@@ -344,7 +344,7 @@ impl Handler<ApplyDone> for StateSync {
                 self.status.store_write_failures += 1;
                 return match done.origin {
                     Origin::Synced(start) => self.step(Input::ApplyFailed { start, error }, ctx),
-                    Origin::Local(reply) => drop(reply.send(Err(error))),
+                    Origin::Local { reply, .. } => drop(reply.send(Err(error))),
                 };
             }
         };
@@ -367,7 +367,7 @@ impl Handler<ApplyDone> for StateSync {
                 last,
                 next_epoch,
             },
-            Origin::Local(reply) => {
+            Origin::Local { reply, .. } => {
                 let _ = reply.send(Ok(()));
                 Input::LocalApplied { last, next_epoch }
             }
@@ -556,8 +556,20 @@ impl Handler<ApplyLocal> for StateSync {
     type Result = ResponseFuture<Result<(), ApplyError>>;
 
     fn handle(&mut self, msg: ApplyLocal, ctx: &mut Context<Self>) -> Self::Result {
+        // A caller retrying after timeouts behind a slow store queues a
+        // write each time: at most `max_local_writes` wait at once.
+        let Ok(place) = self.deps.local_writes.clone().try_acquire_owned() else {
+            return Box::pin(async { Err(ApplyError::Busy) });
+        };
         let (reply, answer) = oneshot::channel();
-        self.write(Batch::local(msg.0), Origin::Local(reply), ctx);
+        self.write(
+            Batch::local(msg.0),
+            Origin::Local {
+                reply,
+                _place: place,
+            },
+            ctx,
+        );
         Box::pin(async move { answer.await.unwrap_or(Err(ApplyError::Cancelled)) })
     }
 }

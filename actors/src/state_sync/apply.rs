@@ -47,6 +47,10 @@ pub enum ApplyError {
     /// commit they are given for (the node could not serve it).
     #[error("the certificate of commit {0} holds no quorum of votes for it")]
     NoQuorum(CommitIndex),
+    /// As many local commits as `max_local_writes` wait for the store
+    /// already; try again once one is answered.
+    #[error("too many local commits wait for the store")]
+    Busy,
 }
 
 impl From<soma_store::Error> for ApplyError {
@@ -127,6 +131,11 @@ pub(super) fn unless_panicked<T, E: From<soma_store::Error>>(
 }
 
 pub(super) fn write(store: &dyn ConsensusStore, mut batch: Batch) -> Result<Applied, ApplyError> {
+    if let Source::Local { .. } = batch.source
+        && let Some(done) = stored_already(store, &mut batch)?
+    {
+        return Ok(done);
+    }
     let next_committee = match &batch.source {
         Source::Local { next_committee } => next_committee.clone(),
         Source::Synced { epoch } => {
@@ -212,6 +221,37 @@ pub(super) fn write(store: &dyn ConsensusStore, mut batch: Batch) -> Result<Appl
 /// Stores `blocks` as the certificate of the stored commit `index`, if
 /// they hold a quorum of votes for it; returns that commit. An empty
 /// `blocks` certifies nothing (`None`).
+/// A local batch whose commits are all stored already, each the same
+/// commit at its index: sent again after a send that timed out once its
+/// write had landed. Taken as done (its certificate stored, if it brings
+/// one), not refused as not contiguous. A different commit at a stored
+/// index is left to the write, which refuses it.
+fn stored_already(
+    store: &dyn ConsensusStore,
+    batch: &mut Batch,
+) -> Result<Option<Applied>, ApplyError> {
+    let watermark = store.highest_synced_commit()?;
+    let Some(last) = batch.commits.last().map(TrustedCommit::reference) else {
+        return Ok(None);
+    };
+    if last.index > watermark.index {
+        return Ok(None);
+    }
+    for commit in &batch.commits {
+        let stored = store.commit(commit.index())?;
+        if stored.map(|s| s.reference()) != Some(commit.reference()) {
+            return Ok(None);
+        }
+    }
+    let certificate = std::mem::take(&mut batch.certificate);
+    Ok(Some(Applied {
+        last: watermark,
+        next_committee: None,
+        subdags: Vec::new(),
+        certified: certify(store, last.index, certificate)?,
+    }))
+}
+
 pub(super) fn certify(
     store: &dyn ConsensusStore,
     index: CommitIndex,
@@ -308,6 +348,44 @@ mod tests {
             (applied.last, applied.certified),
             (chain.commit_ref(2), None)
         );
+    }
+
+    /// A local commit sent again, as a caller does after a send that
+    /// timed out once the write had landed, is taken as done, and its
+    /// certificate kept if it brings one; another commit at a stored index
+    /// is still refused.
+    #[test]
+    fn a_local_commit_sent_again_is_taken_as_done_and_another_refused() {
+        let chain = ChainBuilder::new(ChainConfig::validators(4)).build(3);
+        let store = MemStore::new(chain.genesis());
+        write(&store, batch(&chain, 1..=3, Vec::new(), local())).unwrap();
+        let version = store.version();
+        let again = write(&store, batch(&chain, 2..=2, Vec::new(), local())).unwrap();
+        assert_eq!(
+            (again.last, again.subdags.len(), again.certified),
+            (chain.commit_ref(3), 0, None)
+        );
+        assert_eq!(store.version(), version, "nothing written");
+        let certificate = chain.certificate(3).to_vec();
+        let again = write(&store, batch(&chain, 3..=3, certificate, local())).unwrap();
+        assert_eq!(again.certified, Some(chain.commit_ref(3)));
+        assert!(store.certificate(3).unwrap().is_some());
+        // A commit of another chain at index 2 is not the one stored.
+        let other = ChainBuilder::new(ChainConfig {
+            transactions_per_block: 3,
+            ..ChainConfig::validators(4)
+        })
+        .build(2);
+        assert_ne!(other.commit_ref(2), chain.commit_ref(2));
+        let refused = write(&store, batch(&other, 2..=2, Vec::new(), local()));
+        assert!(
+            matches!(
+                refused,
+                Err(ApplyError::Store(soma_store::Error::NotContiguous { .. }))
+            ),
+            "{refused:?}"
+        );
+        assert_eq!(store.highest_synced_commit().unwrap(), chain.commit_ref(3));
     }
 
     #[test]

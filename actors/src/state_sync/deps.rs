@@ -64,6 +64,9 @@ pub struct Deps {
     pub prune: prune::Config,
     /// Capacity of its mailbox.
     pub mailbox_capacity: usize,
+    /// Local commits' writes in flight at once at most (`P2pConfig`'s
+    /// `max_local_writes` places); one more is refused as busy.
+    pub local_writes: Arc<tokio::sync::Semaphore>,
     /// Height queries on their way at once at most, one per peer at most:
     /// the connections held at most (Connections' `max_connections`), so
     /// that every connected peer is asked each round, whoever else never

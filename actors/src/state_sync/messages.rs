@@ -617,8 +617,14 @@ pub(super) struct DeniedInHedge {
 pub(super) enum Origin {
     /// Sync's batch starting at this commit.
     Synced(CommitIndex),
-    /// A local commit, whose sender waits for the answer.
-    Local(tokio::sync::oneshot::Sender<Result<(), ApplyError>>),
+    /// A local commit, whose sender waits for the answer, and its place
+    /// among the local writes in flight (given back with the answer).
+    Local {
+        /// Where the answer goes.
+        reply: tokio::sync::oneshot::Sender<Result<(), ApplyError>>,
+        /// Held until the write is answered.
+        _place: tokio::sync::OwnedSemaphorePermit,
+    },
 }
 
 /// A certificate's write ended: the commit it certified, if any.

@@ -71,6 +71,9 @@ pub enum StartError {
     /// The archive could not be opened.
     #[error("{0}")]
     Archive(#[from] crate::archive::ArchiveError),
+    /// A setting is outside its range ([`P2pConfig::check`]).
+    #[error("{0}")]
+    Config(#[from] super::InvalidSetting),
 }
 
 /// Builds and starts a P2P node.
@@ -126,6 +129,7 @@ impl P2pBuilder {
             identity,
             runtime,
         } = self;
+        config.check()?;
         let identity = match identity {
             Some(i) => i,
             None => NodeIdentity::generate(&network_key)?,
@@ -410,6 +414,7 @@ impl P2pBuilder {
                 owned_runtime,
             })),
             halted: tokio::sync::OnceCell::new(),
+            shut_down: tokio::sync::OnceCell::new(),
         });
         handle.stop_on_failure();
         Ok(handle)

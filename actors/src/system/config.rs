@@ -34,6 +34,11 @@ pub struct P2pConfig {
     /// Fetches that may wait for a free slot at once; more are refused as
     /// busy and retried by state sync.
     pub max_waiting_fetches: usize,
+    /// Local commits ([`super::P2pHandle::send_commit`]) whose writes may
+    /// be in flight at once; one more is refused with
+    /// [`super::P2pError::Busy`]. Bounds what callers that retry after
+    /// timeouts queue behind a slow store.
+    pub max_local_writes: usize,
     /// The supervisor's intensity limit: restarts of one actor within a
     /// window before the node stops.
     pub supervision: supervisor::Config,
@@ -100,6 +105,7 @@ impl Default for P2pConfig {
             ban_duration: Duration::from_secs(60),
             max_fetches_per_peer: 4,
             max_waiting_fetches: 64,
+            max_local_writes: 64,
             supervision: supervisor::Config::default(),
             synced_commit_broadcast_capacity: 1024,
             synced_commit_read_bytes: 1 << 20,

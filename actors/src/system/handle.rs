@@ -87,6 +87,9 @@ pub(super) struct Inner {
     /// Set once the server has drained and the actors are told to stop;
     /// a second caller (a failure and `shutdown` at once) waits for it.
     pub(super) halted: tokio::sync::OnceCell<()>,
+    /// Set once `shutdown` has joined every thread; a second `shutdown`
+    /// waits for the first's joins.
+    pub(super) shut_down: tokio::sync::OnceCell<()>,
 }
 
 impl Inner {
@@ -159,7 +162,8 @@ pub enum P2pError {
     /// The commit was refused before the store saw it.
     #[error("refused: {0}")]
     Refused(ApplyError),
-    /// The actor's mailbox is full; try again later.
+    /// The actor's mailbox is full, or (from `send_commit`) as many local
+    /// commits as `max_local_writes` wait for the store; try again later.
     #[error("the node is busy; try again")]
     Busy,
     /// The executor asked for a commit the node has pruned.
@@ -179,6 +183,7 @@ impl From<ApplyError> for P2pError {
     fn from(e: ApplyError) -> Self {
         match e {
             ApplyError::Store(e) => P2pError::Store(e),
+            ApplyError::Busy => P2pError::Busy,
             e => P2pError::Refused(e),
         }
     }
@@ -361,8 +366,9 @@ impl P2pHandle {
     /// An error does not always mean the commit was not stored: once sent,
     /// the write goes on whatever the caller does, so after
     /// [`P2pError::Timeout`] (or `Stopped` at shutdown) it may have landed.
-    /// Read [`ConsensusStore::highest_synced_commit`] before sending it
-    /// again: a commit sent twice is refused as not contiguous.
+    /// Sending it again is safe: a commit already stored, the same at its
+    /// index, is taken as done (its certificate stored if it brings one),
+    /// while another commit at a stored index is refused as not contiguous.
     pub async fn send_commit(&self, local: LocalCommit) -> Result<(), P2pError> {
         let batch = SyncedBatch {
             commits: vec![local.commit],
@@ -617,6 +623,15 @@ impl P2pHandle {
     /// drains the running ones, the actors stop, and every thread the node
     /// started is joined. Calling it again does nothing.
     pub async fn shutdown(&self) {
+        // Once: a second call waits for the first's joins, and takes over
+        // if the first was dropped before it finished.
+        self.inner
+            .shut_down
+            .get_or_init(|| self.stop_and_join())
+            .await;
+    }
+
+    async fn stop_and_join(&self) {
         self.inner.halt().await;
         let Some(running) = self.inner.running().take() else {
             return;

@@ -14,6 +14,7 @@
 
 mod allocator;
 mod builder;
+mod check;
 mod commits;
 mod config;
 mod handle;
@@ -24,6 +25,7 @@ pub use crate::state_sync::Retention;
 pub use crate::supervisor::NodeFailure;
 pub use allocator::{ARENA_ENV, limit_allocator_arenas};
 pub use builder::{MAX_STANDARD_ANSWER_BYTES, MAX_STANDARD_REQUEST_BYTES, P2pBuilder, StartError};
+pub use check::InvalidSetting;
 pub(crate) use commits::Execution;
 pub use commits::{CommitStream, StreamError};
 pub use config::P2pConfig;

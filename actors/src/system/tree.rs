@@ -244,6 +244,7 @@ fn start_tree(config: &P2pConfig, parts: NodeParts) -> Result<Actors, StartError
             execution,
             prune: config.prune.clone(),
             mailbox_capacity: capacity,
+            local_writes: Arc::new(tokio::sync::Semaphore::new(config.max_local_writes)),
             max_queries: config.connections.max_connections.max(1),
             max_pushes: max_tracked_peers.max(1),
             archive,
