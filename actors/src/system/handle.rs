@@ -621,7 +621,8 @@ impl P2pHandle {
 
     /// Stops the node gracefully: the server stops accepting calls and
     /// drains the running ones, the actors stop, and every thread the node
-    /// started is joined. Calling it again does nothing.
+    /// started is joined. A second call, at once or later, returns once the
+    /// first has finished.
     pub async fn shutdown(&self) {
         // Once: a second call waits for the first's joins, and takes over
         // if the first was dropped before it finished.
