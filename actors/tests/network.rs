@@ -1101,6 +1101,33 @@ async fn a_second_shutdown_returns_once_the_first_has_joined_the_node() {
     assert_eq!(holders, 1, "only the handle holds the store");
 }
 
+/// A `shutdown` dropped once it has taken the node's threads to join
+/// (the node no longer says it runs), then a second call: the second
+/// returns once those threads are joined, so that only the handle holds
+/// the store. Before, the second found nothing left to join and returned
+/// at once, with the actors' thread still running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_dropped_half_way_is_finished_by_the_next_call() {
+    let chain = chain(0);
+    let node = validator(&chain, 1);
+    let store = node.store();
+    {
+        let mut first = Box::pin(node.shutdown());
+        while node.health().running {
+            if futures::poll!(&mut first).is_ready() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+    node.shutdown().await;
+    assert_eq!(
+        Arc::strong_count(store),
+        1,
+        "only the handle holds the store"
+    );
+}
+
 /// A node that decodes smaller answers than its peers fill
 /// (`max_fetch_response_bytes` of 128 KiB against their 4 MiB) syncs
 /// blocks of about 20 KB from them: each request says what it takes, and

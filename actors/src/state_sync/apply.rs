@@ -7,7 +7,8 @@
 //! from its verified blocks (and checked), a local commit's is given by
 //! local consensus. A synced batch may also overlap local commits applied
 //! while it was on its way: those commits are skipped, while a local commit
-//! at or below the watermark is refused.
+//! at or below the watermark is refused, unless it is the very commit
+//! stored there (sent again after a timeout), which is taken as done.
 
 use std::collections::HashMap;
 
@@ -51,6 +52,15 @@ pub enum ApplyError {
     /// already; try again once one is answered.
     #[error("too many local commits wait for the store")]
     Busy,
+    /// A local commit sent again once its index was pruned: whether it is
+    /// the one stored can no longer be told.
+    #[error("commit {index} is pruned; the lowest kept is {lowest}")]
+    Pruned {
+        /// The commit sent.
+        index: CommitIndex,
+        /// The lowest commit kept.
+        lowest: CommitIndex,
+    },
 }
 
 impl From<soma_store::Error> for ApplyError {
@@ -218,14 +228,13 @@ pub(super) fn write(store: &dyn ConsensusStore, mut batch: Batch) -> Result<Appl
     })
 }
 
-/// Stores `blocks` as the certificate of the stored commit `index`, if
-/// they hold a quorum of votes for it; returns that commit. An empty
-/// `blocks` certifies nothing (`None`).
 /// A local batch whose commits are all stored already, each the same
-/// commit at its index: sent again after a send that timed out once its
-/// write had landed. Taken as done (its certificate stored, if it brings
-/// one), not refused as not contiguous. A different commit at a stored
-/// index is left to the write, which refuses it.
+/// commit at its index (and the same next committee, if it ends an
+/// epoch): sent again after a send that timed out once its write had
+/// landed. Taken as done (its certificate stored, if it brings one), not
+/// refused as not contiguous. A different commit at a stored index is left
+/// to the write, which refuses it; one pruned since is refused as pruned,
+/// since it can no longer be compared.
 fn stored_already(
     store: &dyn ConsensusStore,
     batch: &mut Batch,
@@ -237,11 +246,23 @@ fn stored_already(
     if last.index > watermark.index {
         return Ok(None);
     }
+    let lowest = store.lowest_available_commit()?;
     for commit in &batch.commits {
-        let stored = store.commit(commit.index())?;
+        let index = commit.index();
+        if index < lowest {
+            return Err(ApplyError::Pruned { index, lowest });
+        }
+        let stored = store.commit(index)?;
         if stored.map(|s| s.reference()) != Some(commit.reference()) {
             return Ok(None);
         }
+    }
+    if let Source::Local {
+        next_committee: Some(next),
+    } = &batch.source
+        && store.committee(next.epoch())?.as_ref() != Some(next)
+    {
+        return Ok(None);
     }
     let certificate = std::mem::take(&mut batch.certificate);
     Ok(Some(Applied {
@@ -252,6 +273,9 @@ fn stored_already(
     }))
 }
 
+/// Stores `blocks` as the certificate of the stored commit `index`, if
+/// they hold a quorum of votes for it; returns that commit. An empty
+/// `blocks` certifies nothing (`None`).
 pub(super) fn certify(
     store: &dyn ConsensusStore,
     index: CommitIndex,
@@ -386,6 +410,16 @@ mod tests {
             "{refused:?}"
         );
         assert_eq!(store.highest_synced_commit().unwrap(), chain.commit_ref(3));
+        // Pruned since, it can no longer be compared: refused as pruned.
+        store.prune_below(3).unwrap();
+        let pruned = write(&store, batch(&chain, 2..=2, Vec::new(), local()));
+        assert_eq!(
+            pruned.err(),
+            Some(ApplyError::Pruned {
+                index: 2,
+                lowest: 3
+            })
+        );
     }
 
     #[test]

@@ -415,6 +415,7 @@ impl P2pBuilder {
             })),
             halted: tokio::sync::OnceCell::new(),
             shut_down: tokio::sync::OnceCell::new(),
+            joined: Arc::new(tokio::sync::watch::channel(false).0),
         });
         handle.stop_on_failure();
         Ok(handle)

@@ -187,9 +187,9 @@ impl P2pConfig {
             ("max_waiting_fetches", n(self.max_waiting_fetches), 1, 1 << 24, "between 1 and 16777216"),
             ("max_local_writes", n(self.max_local_writes), 1, 1 << 20, "between 1 and 1048576"),
             ("supervision.max_restarts", u64::from(self.supervision.max_restarts), 0, MILLION, "at most 1000000"),
-            ("synced_commit_broadcast_capacity", n(self.synced_commit_broadcast_capacity), 1, 1 << 24, "between 1 and 16777216"),
+            ("synced_commit_broadcast_capacity", n(self.synced_commit_broadcast_capacity), 1, 1 << 20, "between 1 and 1048576"),
             ("synced_commit_read_bytes", n(self.synced_commit_read_bytes), 1, GIB, "between 1 and 1073741824"),
-            ("peer_event_broadcast_capacity", n(self.peer_event_broadcast_capacity), 1, 1 << 24, "between 1 and 16777216"),
+            ("peer_event_broadcast_capacity", n(self.peer_event_broadcast_capacity), 1, 1 << 20, "between 1 and 1048576"),
             ("connections.max_connections", n(self.connections.max_connections), 1, 1 << 20, "between 1 and 1048576"),
             ("discovery.peers_to_query", n(d.peers_to_query), 1, 1 << 20, "between 1 and 1048576"),
             ("discovery.target_concurrent_connections", n(d.target_concurrent_connections), 0, 1 << 20, "at most 1048576"),
@@ -226,11 +226,26 @@ impl P2pConfig {
             ("grpc.known_peers_burst", u64::from(g.known_peers_burst), 1, 1 << 30, "between 1 and 1073741824"),
             ("grpc.abandoned_fetches_per_minute", u64::from(g.abandoned_fetches_per_minute), 0, 1 << 30, "at most 1073741824 (0: no refill)"),
             ("grpc.abandoned_fetch_burst", u64::from(g.abandoned_fetch_burst), 1, 1 << 30, "between 1 and 1073741824"),
-            ("verifier.threads", n(v.threads), 1, 1_024, "between 1 and 1024"),
+            ("verifier.threads", n(v.threads), 1, 1 << 16, "between 1 and 65536"),
             ("verifier.queue_capacity", n(v.queue_capacity), 1, 1 << 24, "between 1 and 16777216"),
             ("verifier.key_cache_capacity", n(v.key_cache_capacity), 1, 1 << 24, "between 1 and 16777216"),
             ("verifier.merge_blocks_per_thread", n(v.merge_blocks_per_thread), 1, 1 << 24, "between 1 and 16777216"),
             ("verifier.max_committees", n(v.max_committees), 1, 1 << 20, "between 1 and 1048576"),
+            // What peers may send: each at least 1, or every answer is
+            // refused and its peer banned; bounded, or reservations
+            // computed from them overflow.
+            ("verifier.limits.max_transaction_payload_bytes", n(v.limits.max_transaction_payload_bytes), 1, GIB, "between 1 and 1073741824"),
+            ("verifier.limits.max_transactions_per_block", n(v.limits.max_transactions_per_block), 1, 1 << 24, "between 1 and 16777216"),
+            ("verifier.limits.max_block_bytes", n(v.limits.max_block_bytes), 1, GIB, "between 1 and 1073741824"),
+            ("verifier.limits.max_votes_per_block", n(v.limits.max_votes_per_block), 1, 1 << 24, "between 1 and 16777216"),
+            ("verifier.limits.max_blocks_per_commit", n(v.limits.max_blocks_per_commit), 1, 1 << 24, "between 1 and 16777216"),
+            ("verifier.limits.max_commit_bytes", n(v.limits.max_commit_bytes), 1, GIB, "between 1 and 1073741824"),
+            ("verifier.limits.max_commits_per_batch", n(v.limits.max_commits_per_batch), 1, MILLION, "between 1 and 1000000"),
+            ("verifier.limits.max_node_addresses", n(v.limits.max_node_addresses), 1, 1 << 10, "between 1 and 1024"),
+            ("verifier.limits.max_address_bytes", n(v.limits.max_address_bytes), 1, 1 << 16, "between 1 and 65536"),
+            ("verifier.limits.max_node_info_bytes", n(v.limits.max_node_info_bytes), 1, 1 << 24, "between 1 and 16777216"),
+            ("verifier.limits.node_info_max_age_ms", v.limits.node_info_max_age_ms, 1, 365 * 86_400_000, "between 1ms and 365 days"),
+            ("verifier.limits.node_info_max_skew_ms", v.limits.node_info_max_skew_ms, 0, 365 * 86_400_000, "at most 365 days"),
         ];
         if let Some(a) = &self.archive {
             counts.extend([
@@ -320,6 +335,20 @@ impl P2pConfig {
             ("grpc.max_inbound_per_ip", g.max_inbound_per_ip),
         ] {
             holds(field, value >= 1, "at least 1", value)?;
+        }
+        // Answers longer than the verifier takes are refused, and their
+        // peers banned: a node asking for more would ban honest peers, one
+        // serving more would be banned by them.
+        let most = self.verifier.limits.max_commits_per_batch as u64;
+        for (field, value) in [
+            (
+                "state_sync.commit_sync_batch_size",
+                self.state_sync.commit_sync_batch_size,
+            ),
+            ("grpc.commit_sync_batch_size", g.commit_sync_batch_size),
+        ] {
+            let allowed = "at most verifier.limits.max_commits_per_batch";
+            holds(field, value <= most, allowed, value)?;
         }
         within(
             "grpc.reserved_inbound_connections",
@@ -414,6 +443,16 @@ mod tests {
         // Settings bounded by others.
         let e = refused(|c| c.grpc.max_inbound_per_ip = c.grpc.max_inbound_per_prefix + 1);
         assert_eq!(e.field, "grpc.max_inbound_per_ip");
+        let e = refused(|c| c.state_sync.commit_sync_batch_size = 1_001);
+        assert_eq!(
+            (e.field, e.allowed),
+            (
+                "state_sync.commit_sync_batch_size",
+                "at most verifier.limits.max_commits_per_batch"
+            )
+        );
+        let e = refused(|c| c.verifier.limits.max_block_bytes = usize::MAX);
+        assert_eq!(e.field, "verifier.limits.max_block_bytes");
         let e = refused(|c| c.discovery.dial_backoff_ms = c.discovery.max_dial_backoff_ms + 1);
         assert_eq!(e.field, "discovery.dial_backoff_ms");
         let e = refused(|c| {

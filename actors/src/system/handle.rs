@@ -90,6 +90,8 @@ pub(super) struct Inner {
     /// Set once `shutdown` has joined every thread; a second `shutdown`
     /// waits for the first's joins.
     pub(super) shut_down: tokio::sync::OnceCell<()>,
+    /// Set by the thread that joins the node's once it has.
+    pub(super) joined: Arc<watch::Sender<bool>>,
 }
 
 impl Inner {
@@ -184,6 +186,7 @@ impl From<ApplyError> for P2pError {
         match e {
             ApplyError::Store(e) => P2pError::Store(e),
             ApplyError::Busy => P2pError::Busy,
+            ApplyError::Pruned { index, lowest } => P2pError::Pruned { index, lowest },
             e => P2pError::Refused(e),
         }
     }
@@ -368,7 +371,8 @@ impl P2pHandle {
     /// [`P2pError::Timeout`] (or `Stopped` at shutdown) it may have landed.
     /// Sending it again is safe: a commit already stored, the same at its
     /// index, is taken as done (its certificate stored if it brings one),
-    /// while another commit at a stored index is refused as not contiguous.
+    /// while another commit at a stored index is refused as not contiguous,
+    /// and one pruned since with [`P2pError::Pruned`].
     pub async fn send_commit(&self, local: LocalCommit) -> Result<(), P2pError> {
         let batch = SyncedBatch {
             commits: vec![local.commit],
@@ -624,37 +628,47 @@ impl P2pHandle {
     /// started is joined. A second call, at once or later, returns once the
     /// first has finished.
     pub async fn shutdown(&self) {
-        // Once: a second call waits for the first's joins, and takes over
-        // if the first was dropped before it finished.
+        // Once: a second call waits for the first's joins.
         self.inner
             .shut_down
             .get_or_init(|| self.stop_and_join())
             .await;
     }
 
+    /// The joins run on a thread of their own, which a caller dropped half
+    /// way does not stop: the next caller (`shut_down` runs this again if
+    /// the first was dropped) waits for the same thread.
     async fn stop_and_join(&self) {
         self.inner.halt().await;
-        let Some(running) = self.inner.running().take() else {
-            return;
-        };
-        let Running {
-            actor_thread,
-            actors_stopped,
-            owned_runtime,
-            ..
-        } = running;
-        let _ = actors_stopped.await;
-        let _ = actor_thread.join();
-        if let Some(rt) = owned_runtime.and_then(OwnedRuntime::take) {
-            // A runtime cannot be dropped from async code: drop it on a
-            // thread of its own and wait for that.
-            let (done_tx, done_rx) = oneshot::channel();
-            std::thread::spawn(move || {
-                rt.shutdown_timeout(SERVER_DRAIN);
-                let _ = done_tx.send(());
-            });
-            let _ = done_rx.await;
+        let mut joined = self.inner.joined.subscribe();
+        let running = self.inner.running().take();
+        if let Some(running) = running {
+            let done = self.inner.joined.clone();
+            let join = move || {
+                let Running {
+                    actor_thread,
+                    actors_stopped,
+                    owned_runtime,
+                    ..
+                } = running;
+                let _ = actors_stopped.blocking_recv();
+                let _ = actor_thread.join();
+                if let Some(rt) = owned_runtime.and_then(OwnedRuntime::take) {
+                    rt.shutdown_timeout(SERVER_DRAIN);
+                }
+                done.send_replace(true);
+            };
+            let spawned = std::thread::Builder::new()
+                .name("soma-stop".into())
+                .spawn(join);
+            if let Err(e) = spawned {
+                // The node's parts were dropped with the closure: an owned
+                // runtime shuts down in the background.
+                tracing::warn!(%e, "cannot start a thread to join the node's; not waiting");
+                self.inner.joined.send_replace(true);
+            }
         }
+        let _ = joined.wait_for(|joined| *joined).await;
         tracing::info!(peer_id = %self.inner.peer_id, "p2p node stopped");
     }
 }
