@@ -7,7 +7,8 @@
 //! read. It is served only while the store is still at that version, so a
 //! hit is exactly what [`serve::fetch_commits`](super::serve::fetch_commits)
 //! would read now: any write (a new batch, a certificate, pruning, an
-//! epoch's end) empties the cache. Only answers are kept, never refusals.
+//! epoch's end) empties the cache. Only answers are kept, never refusals;
+//! an answer filled to a caller's smaller limit is kept under that limit.
 //!
 //! Bounded by [`Limits::answer_cache_bytes`](super::core::Limits) (the
 //! answers' encoded size); the oldest answers go first. A lock guards the
@@ -19,8 +20,9 @@ use std::sync::{Mutex, PoisonError};
 use soma_types::CommitIndex;
 use soma_wire::proto;
 
-/// The request an answer answers: its start and (capped) end.
-type Key = (CommitIndex, CommitIndex);
+/// The request an answer answers: its start, its (capped) end, and the
+/// bytes of commits it was filled to (the caller's limit, within ours).
+type Key = (CommitIndex, CommitIndex, usize);
 
 /// The cache; see the module docs.
 #[derive(Debug)]
@@ -60,13 +62,15 @@ impl AnswerCache {
         }
     }
 
-    /// The answer to `(start, end)` read at store version `version`, if
-    /// kept; `version` must be the store's current one.
+    /// The answer to `(start, end)` filled to `budget` bytes of commits,
+    /// read at store version `version`, if kept; `version` must be the
+    /// store's current one.
     pub(crate) fn get(
         &self,
         version: u64,
         start: CommitIndex,
         end: CommitIndex,
+        budget: usize,
     ) -> Option<proto::FetchCommitsResponse> {
         if self.max_bytes == 0 {
             return None;
@@ -77,17 +81,19 @@ impl AnswerCache {
             return None;
         }
         state.at(version);
-        state.answers.get(&(start, end)).map(|(a, _)| a.clone())
+        state
+            .answers
+            .get(&(start, end, budget))
+            .map(|(a, _)| a.clone())
     }
 
-    /// Keeps `answer` (of `size` encoded bytes) to `(start, end)`, read
-    /// after observing store version `version`. Dropped if the store has
-    /// moved on since, or if it alone exceeds the bound.
+    /// Keeps `answer` (of `size` encoded bytes) to `(start, end)` filled
+    /// to `budget`, read after observing store version `version`. Dropped
+    /// if the store has moved on since, or if it alone exceeds the bound.
     pub(crate) fn insert(
         &self,
         version: u64,
-        start: CommitIndex,
-        end: CommitIndex,
+        (start, end, budget): Key,
         answer: &proto::FetchCommitsResponse,
         size: usize,
     ) {
@@ -99,7 +105,8 @@ impl AnswerCache {
             return;
         }
         state.at(version);
-        if state.answers.contains_key(&(start, end)) {
+        let key = (start, end, budget);
+        if state.answers.contains_key(&key) {
             return;
         }
         while state.bytes + size > self.max_bytes {
@@ -110,8 +117,8 @@ impl AnswerCache {
                 state.bytes -= freed;
             }
         }
-        state.answers.insert((start, end), (answer.clone(), size));
-        state.order.push_back((start, end));
+        state.answers.insert(key, (answer.clone(), size));
+        state.order.push_back(key);
         state.bytes += size;
     }
 
@@ -137,6 +144,9 @@ mod tests {
     use crate::grpc::core::Limits;
     use crate::grpc::serve;
 
+    /// The commit bytes every answer here is filled to: the default limit.
+    const BUDGET: usize = 4 << 20;
+
     /// What the service does: a kept answer if the store is still at the
     /// version it was read at, else a read, kept for the next call.
     fn cached(
@@ -146,11 +156,11 @@ mod tests {
         end: CommitIndex,
     ) -> Result<proto::FetchCommitsResponse, Status> {
         let version = store.version();
-        if let Some(answer) = cache.get(version, start, end) {
+        if let Some(answer) = cache.get(version, start, end, BUDGET) {
             return Ok(answer);
         }
         let answer = plain(store, start, end)?;
-        cache.insert(version, start, end, &answer, answer.encoded_len());
+        cache.insert(version, (start, end, BUDGET), &answer, answer.encoded_len());
         Ok(answer)
     }
 
@@ -250,28 +260,47 @@ mod tests {
         let cache = AnswerCache::new(size * 3);
         let version = store.version();
         for start in [1, 51, 101, 151] {
-            cache.insert(version, start, start + 49, &answer, size);
+            cache.insert(version, (start, start + 49, BUDGET), &answer, size);
         }
         assert_eq!(cache.bytes(), size * 3);
-        assert_eq!(cache.get(version, 1, 50), None, "the oldest went");
+        assert_eq!(cache.get(version, 1, 50, BUDGET), None, "the oldest went");
         for start in [51, 101, 151] {
             assert_eq!(
-                cache.get(version, start, start + 49).as_ref(),
+                cache.get(version, start, start + 49, BUDGET).as_ref(),
                 Some(&answer)
             );
         }
         // Too large alone, or read before the store moved on: not kept.
         let small = AnswerCache::new(size - 1);
-        small.insert(version, 1, 50, &answer, size);
-        assert_eq!(small.get(version, 1, 50), None);
-        cache.insert(version + 1, 201, 250, &answer, size);
-        cache.insert(version, 251, 300, &answer, size);
-        assert_eq!(cache.get(version + 1, 251, 300), None);
+        small.insert(version, (1, 50, BUDGET), &answer, size);
+        assert_eq!(small.get(version, 1, 50, BUDGET), None);
+        cache.insert(version + 1, (201, 250, BUDGET), &answer, size);
+        cache.insert(version, (251, 300, BUDGET), &answer, size);
+        assert_eq!(cache.get(version + 1, 251, 300, BUDGET), None);
         assert_eq!(
             cache.bytes(),
             size,
             "only the answer read at the newer version"
         );
-        assert_eq!(AnswerCache::new(0).get(version, 201, 250), None);
+        assert_eq!(AnswerCache::new(0).get(version, 201, 250, BUDGET), None);
+    }
+
+    /// An answer filled to a caller's smaller limit is kept apart from the
+    /// one filled to ours: each caller gets what its own request reads.
+    #[test]
+    fn answers_filled_to_other_limits_are_kept_apart() {
+        let chain = chain();
+        let store = MemStore::new(chain.genesis());
+        chain.write_to(&store, 50).unwrap();
+        let version = store.version();
+        let answer = plain(&store, 1, 50).unwrap();
+        let cache = AnswerCache::new(4 * answer.encoded_len());
+        cache.insert(version, (1, 50, BUDGET), &answer, answer.encoded_len());
+        let small = 64 << 10;
+        assert_eq!(cache.get(version, 1, 50, small), None);
+        let other = plain(&store, 1, 10).unwrap();
+        cache.insert(version, (1, 50, small), &other, other.encoded_len());
+        assert_eq!(cache.get(version, 1, 50, small).as_ref(), Some(&other));
+        assert_eq!(cache.get(version, 1, 50, BUDGET).as_ref(), Some(&answer));
     }
 }

@@ -384,7 +384,10 @@ type BlockSender = mpsc::Sender<Result<proto::FetchBlocksResponse, Status>>;
 ///
 /// Each chunk is read on the blocking pool ([`read_chunk`]); sending is
 /// async, so a client that does not read holds no thread. Before a chunk is
-/// read it takes `max_bytes` from the connection's budget (`reservation`),
+/// read it takes `estimate` from the connection's budget (`reservation`):
+/// at least `max_bytes`, and at least one block of the largest size the
+/// server's own limit lets a chunk hold, since a chunk always holds a block
+/// whatever the budget;
 /// waiting while the connection holds too much, and the reservation is set
 /// to the chunk's size once read (never waiting again: streams that each
 /// hold an estimate would wait on each other): all the producer holds is
@@ -394,13 +397,14 @@ pub(super) async fn stream_blocks(
     store: Arc<dyn ConsensusStore>,
     refs: Vec<BlockRef>,
     max_bytes: usize,
+    estimate: usize,
     reservation: Arc<Reservation>,
     tx: BlockSender,
 ) {
     let refs: Arc<[BlockRef]> = refs.into();
     let mut next = 0;
     while next < refs.len() {
-        if !unless_closed(&tx, reservation.add(max_bytes)).await {
+        if !unless_closed(&tx, reservation.add(estimate)).await {
             return;
         }
         let read = {
@@ -424,7 +428,7 @@ pub(super) async fn stream_blocks(
         } else {
             encoded_message_len(&message)
         };
-        reservation.settle(max_bytes, len);
+        reservation.settle(estimate, len);
         if len > 0 && tx.send(Ok(message)).await.is_err() {
             return;
         }

@@ -364,11 +364,11 @@ impl P2pService {
         let own = limits.max_fetch_response_bytes;
         limits.max_fetch_response_bytes =
             serve::asked_budget(own, request.get_ref().max_commit_bytes);
-        // Answers are kept for callers that take ours whole.
-        let keep = limits.max_fetch_response_bytes == own;
+        let budget = limits.max_fetch_response_bytes;
         let data_limits = self.deps.data_limits.clone();
-        // The answer's commits are within this; its size is known once read.
-        let estimate = limits.max_fetch_response_bytes;
+        // The answer's commits are within our own limit (its first commit
+        // whatever the caller asked); its size is known once read.
+        let estimate = own;
         let connection = connection(&request);
         let reservation = self.budget.reservation(connection);
         // Waits, on its slot, for answers of this connection to be sent
@@ -403,11 +403,7 @@ impl P2pService {
         // Observed before reading: an answer read now is kept for this
         // version only (see `answers`).
         let version = self.deps.store.version();
-        let kept = if keep {
-            self.answers.get(version, start, end)
-        } else {
-            None
-        };
+        let kept = self.answers.get(version, start, end, budget);
         let (response, slot) = match kept {
             Some(kept) => (kept, slot),
             None => {
@@ -422,14 +418,18 @@ impl P2pService {
                     let wanted = || read_wanted.load(Ordering::Relaxed);
                     let answer =
                         serve::commits_answer(store, start, end, &limits, &data_limits, &wanted);
-                    if !wanted() {
+                    // A range no certificate covers yet is refused only
+                    // after its commits are read and their votes searched:
+                    // charged as a fetch dropped unread, or a caller could
+                    // ask for such ranges without end at no cost. An
+                    // honest caller asks only what a peer advertises as
+                    // certified.
+                    if !wanted() || matches!(answer, Err(serve::Refused::NoCertificate(_))) {
                         slot.abandon();
                     }
                     let response = answer.map_err(Status::from)?;
-                    if keep {
-                        let size = response.encoded_len();
-                        answers.insert(version, start, end, &response, size);
-                    }
+                    let size = response.encoded_len();
+                    answers.insert(version, (start, end, budget), &response, size);
                     Ok((response, slot))
                 })
                 .await?
@@ -463,10 +463,13 @@ impl P2pService {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let own = self.deps.limits.max_fetch_response_bytes;
         let max_bytes = serve::asked_budget(own, request.get_ref().max_message_bytes);
+        // A chunk holds one block at least, whatever the caller asked.
+        let estimate = max_bytes.max(own.min(self.deps.data_limits.max_block_bytes));
         tokio::spawn(serve::stream_blocks(
             self.deps.store.clone(),
             refs,
             max_bytes,
+            estimate,
             reservation.clone(),
             tx,
         ));
