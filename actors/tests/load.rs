@@ -101,6 +101,20 @@ async fn five_thousand_in_flight_rpcs_are_bounded_and_the_node_keeps_working() {
     })
     .await;
     let before = synced().await;
+    // The most fetches the server serves at once, sampled until the storm
+    // has ended.
+    let storm_over = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let most_in_flight = tokio::spawn({
+        let (server, storm_over) = (server.clone(), storm_over.clone());
+        async move {
+            let mut most = 0;
+            while !storm_over.load(std::sync::atomic::Ordering::Relaxed) {
+                most = most.max(server.fetches_in_flight());
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            most
+        }
+    });
     let mut calls = Vec::with_capacity(CONNECTIONS * CALLS_PER_CONNECTION);
     for client in &clients {
         for _ in 0..CALLS_PER_CONNECTION {
@@ -124,7 +138,19 @@ async fn five_thousand_in_flight_rpcs_are_bounded_and_the_node_keeps_working() {
             Err(status) => *outcomes.entry(status.code()).or_default() += 1,
         }
     }
+    storm_over.store(true, std::sync::atomic::Ordering::Relaxed);
+    let most_in_flight = most_in_flight.await.unwrap();
     let count = |code| outcomes.get(&code).copied().unwrap_or(0);
+    // Bounded: the server never served more fetches at once than its cap
+    // (a fetch whose slot a newer one took holds it until its answer is
+    // cut: at most one more each), and refused the calls past it.
+    let cap = soma_actors::grpc::Limits::default().max_concurrent_fetches;
+    let preempted = server.responses_preempted() as usize;
+    assert!(
+        most_in_flight <= cap + preempted,
+        "{most_in_flight} fetches at once, {preempted} preempted"
+    );
+    assert!(count(Code::ResourceExhausted) > 0, "{outcomes:?}");
     // An admitted answer is whole, refused, or cut: a reader starved of
     // CPU for `fetch-stall-timeout` while every slot is wanted has its
     // stream reset (INTERNAL at the client), and the server counts it.

@@ -71,7 +71,8 @@ async fn one_client_hammering_cheap_calls_uses_up_only_its_own_allowance() {
     config.grpc.known_peers_burst = 5;
     let server = soma_testkit::node(&chain, 1, config, Arc::new(store));
 
-    // An honest node syncs from the server during the storm.
+    // An honest node syncs from the same server, started before the storm
+    // (it may finish before the storm does).
     let fresh_store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
     let fresh = soma_testkit::node(
         &chain,

@@ -624,8 +624,9 @@ async fn a_host_whose_idle_answers_are_cut_for_its_newer_fetches_pays_for_them()
 /// (the two commits below the tip, whose votes are still to come) pays
 /// for each refusal as for a fetch dropped unread: the server reads the
 /// commits and searches their votes before it can refuse. Once its
-/// allowance is gone it is refused before any read, while an honest node
-/// syncs from the server. Before, such refusals cost the caller nothing.
+/// allowance is gone it is refused before any read; an honest node
+/// syncing from the server meanwhile pays for nothing. Before, such
+/// refusals cost the caller nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_asking_for_ranges_no_certificate_covers_pays_for_each_read() {
     use soma_testkit::{attack, wait_until};
@@ -635,6 +636,8 @@ async fn a_host_asking_for_ranges_no_certificate_covers_pays_for_each_read() {
         grpc.abandoned_fetch_burst = REFUSED as u32;
         grpc.abandoned_fetches_per_minute = 0;
     });
+    // Started first, it syncs while the host asks.
+    let (honest, store) = honest_beside(&node, &chain);
     let uncovered = || proto::FetchCommitsRequest {
         start: chain.tip() - 2,
         end: chain.tip() - 1,
@@ -656,10 +659,9 @@ async fn a_host_asking_for_ranges_no_certificate_covers_pays_for_each_read() {
     let refused = asker.fetch_commits(uncovered()).await.unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     assert_eq!(refused.message(), NONE_REFILLED);
-
-    let (honest, store) = honest_beside(&node, &chain);
     wait_synced(&honest, chain.tip(), DEADLINE).await;
     assert_same_chain(&chain, store.as_ref());
+    // The honest node, asking only certified ranges, paid for none.
     assert_eq!(node.fetches_abandoned(), REFUSED);
     honest.shutdown().await;
     node.shutdown().await;

@@ -1666,16 +1666,12 @@ async fn a_chain_of_maximal_blocks_and_certificates_is_synced() {
     // halved eight times). (Other restarts, say a fetch that waited too
     // long under load, are not the peer's fault either.)
     assert_eq!(status.chunks_split, 0, "{status:?}");
-    assert!(status.restarts >= status.chunks_split, "{status:?}");
     assert_eq!(status.invalid_responses, 0, "{status:?}");
-    // Splits are never held against the peer: whatever it is charged with
-    // comes from the other restarts (none, unless the machine is loaded).
+    // Whatever the peer is charged with comes from the restarts (none,
+    // unless a fetch waited too long on a loaded machine).
     let views = node.peer_heights().await.unwrap();
     let view = views.iter().find(|v| v.peer == honest.peer_id()).unwrap();
-    assert!(
-        view.faults <= status.restarts - status.chunks_split,
-        "{view:?} {status:?}"
-    );
+    assert!(view.faults <= status.restarts, "{view:?} {status:?}");
     assert_eq!(view.banned_until, None, "{view:?}");
     node.shutdown().await;
     honest.shutdown().await;

@@ -84,7 +84,7 @@ impl Config {
             url: url.into(),
             write: true,
             read: true,
-            max_object_bytes: 256 << 20,
+            max_object_bytes: soma_types::codec::MAX_DECODE_BYTES as u64,
             interval: Duration::from_secs(1),
             request_timeout: Duration::from_secs(30),
             min_retry: Duration::from_millis(500),
@@ -153,11 +153,51 @@ pub struct ArchivedBatch {
     /// Index of the last commit.
     pub last: CommitIndex,
     /// The commits, encoded.
+    #[serde(deserialize_with = "capped")]
     pub commits: Vec<Bytes>,
     /// Blocks voting for the last commit (a minimal quorum), encoded.
+    #[serde(deserialize_with = "capped")]
     pub certifiers: Vec<Bytes>,
     /// The blocks the commits name, encoded.
+    #[serde(deserialize_with = "capped")]
     pub blocks: Vec<Bytes>,
+}
+
+/// The most encodings one list of a batch holds when read back: far past
+/// any honest batch (a batch of 1,000 commits of 1,000 blocks), and a
+/// bound on what a forged length costs. The codec's bound on memory per
+/// encoded byte does not cover a list of empty encodings, one byte each
+/// but 32 in memory: without this, 64 MiB of them would take 2 GiB.
+pub const MAX_BATCH_ENCODINGS: usize = 1 << 20;
+
+/// A list of encodings of at most [`MAX_BATCH_ENCODINGS`], none empty,
+/// refused as soon as it passes either.
+fn capped<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<Bytes>, D::Error> {
+    struct Capped;
+    impl<'de> serde::de::Visitor<'de> for Capped {
+        type Value = Vec<Bytes>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "at most {MAX_BATCH_ENCODINGS} non-empty encodings")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let claimed = seq.size_hint().unwrap_or(0);
+            if claimed > MAX_BATCH_ENCODINGS {
+                return Err(serde::de::Error::invalid_length(claimed, &self));
+            }
+            let mut list = Vec::with_capacity(claimed);
+            while let Some(encoding) = seq.next_element::<Bytes>()? {
+                if encoding.is_empty() || list.len() == MAX_BATCH_ENCODINGS {
+                    return Err(serde::de::Error::invalid_length(list.len() + 1, &self));
+                }
+                list.push(encoding);
+            }
+            Ok(list)
+        }
+    }
+    deserializer.deserialize_seq(Capped)
 }
 
 impl ArchivedBatch {
@@ -336,6 +376,11 @@ pub struct Archive {
     chain_id: ChainId,
     config: Config,
     stats: Arc<ArchiveStats>,
+    /// Places for reads and syncs of a local archive on the blocking pool,
+    /// each held until its thread returns: a timed-out call's thread runs
+    /// on (a hung mount), and without a bound each retry would take one
+    /// more of the threads that serve peers and write the store.
+    local_ops: Arc<tokio::sync::Semaphore>,
 }
 
 impl Archive {
@@ -389,9 +434,28 @@ impl Archive {
             root,
             local: None,
             chain_id,
+            local_ops: Arc::new(tokio::sync::Semaphore::new(
+                config.cached_batches.max(1) + 2,
+            )),
             config,
             stats: Arc::new(ArchiveStats::default()),
         }
+    }
+
+    /// Runs `op` on the blocking pool in one of the local archive's places
+    /// (waiting for one, within the caller's timeout).
+    async fn local_op<T: Send + 'static>(
+        &self,
+        op: impl FnOnce() -> Result<T, ArchiveError> + Send + 'static,
+    ) -> Result<T, ArchiveError> {
+        let place = (self.local_ops.clone().acquire_owned().await)
+            .map_err(|e| ArchiveError::Source(e.to_string()))?;
+        tokio::task::spawn_blocking(move || {
+            let _place = place;
+            op()
+        })
+        .await
+        .map_err(|e| ArchiveError::Source(format!("the call failed: {e}")))?
     }
 
     /// Its settings.
@@ -440,11 +504,7 @@ impl Archive {
                 self.config.max_object_bytes,
                 path.to_string(),
             );
-            let read = tokio::task::spawn_blocking(move || read_local(&file, max, name));
-            let read = async {
-                read.await
-                    .map_err(|e| ArchiveError::Source(format!("the read failed: {e}")))?
-            };
+            let read = self.local_op(move || read_local(&file, max, name));
             return self.timed(read).await;
         }
         let result = match self.timed(self.store.get(path)).await {
@@ -473,18 +533,15 @@ impl Archive {
         self.timed(self.store.put(path, payload)).await?;
         if let Some(dir) = &self.local {
             let file = dir.join(path.as_ref());
-            let synced = tokio::task::spawn_blocking(move || sync_durably(&file));
-            self.timed(async {
-                synced
-                    .await
-                    .map_err(std::io::Error::other)
-                    .and_then(|r| r)
-                    .map_err(|source| object_store::Error::Generic {
+            let synced = self.local_op(move || {
+                sync_durably(&file).map_err(|source| {
+                    ArchiveError::Store(object_store::Error::Generic {
                         store: "local",
                         source: Box::new(source),
                     })
-            })
-            .await?;
+                })
+            });
+            self.timed(synced).await?;
         }
         Ok(())
     }
@@ -497,10 +554,15 @@ impl Archive {
         };
         ArchiveStats::count(&self.stats.objects_read);
         let limit = usize::try_from(self.config.max_object_bytes).unwrap_or(usize::MAX);
-        let batch = ArchivedBatch::decode(&bytes, limit).map_err(|e| ArchiveError::Malformed {
-            path: path.to_string(),
-            reason: e.to_string(),
-        })?;
+        // Up to 64 MiB: decoded on the blocking pool, not a runtime thread.
+        let decoded = tokio::task::spawn_blocking(move || ArchivedBatch::decode(&bytes, limit));
+        let batch = decoded
+            .await
+            .map_err(|e| ArchiveError::Source(format!("the decode failed: {e}")))?
+            .map_err(|e| ArchiveError::Malformed {
+                path: path.to_string(),
+                reason: e.to_string(),
+            })?;
         // One encoding per commit claimed: a batch claiming more would,
         // cached, answer for every index it claims without the archive
         // being read again.
@@ -703,5 +765,36 @@ mod tests {
         }
         archive.put_batch(&batch(2)).await.unwrap();
         assert_eq!(archive.batch(1).await.unwrap(), Some(batch(2)));
+    }
+
+    /// A list of empty encodings, one byte each in the object but 32 in
+    /// memory, is refused as it is read: the codec's bound on memory per
+    /// encoded byte does not cover it. So is a list longer than
+    /// `MAX_BATCH_ENCODINGS`, before anything is allocated for it.
+    #[test]
+    fn padded_or_overlong_lists_are_refused_as_they_are_decoded() {
+        let batch = |blocks: Vec<Bytes>| ArchivedBatch {
+            first: 1,
+            last: 1,
+            commits: vec![Bytes::from_static(b"c1")],
+            certifiers: Vec::new(),
+            blocks,
+        };
+        let limit = soma_types::codec::MAX_DECODE_BYTES;
+        let padded = batch(vec![Bytes::new(); 1_000]).encode();
+        let e = ArchivedBatch::decode(&padded, limit).unwrap_err();
+        assert!(e.to_string().contains("non-empty encodings"), "{e}");
+        let overlong = batch(vec![Bytes::from_static(b"b"); MAX_BATCH_ENCODINGS + 1]).encode();
+        let e = ArchivedBatch::decode(&overlong, limit).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains(&format!("{}", MAX_BATCH_ENCODINGS + 1)),
+            "{e}"
+        );
+        let honest = batch(vec![Bytes::from_static(b"b"); 1_000]);
+        assert_eq!(
+            ArchivedBatch::decode(&honest.encode(), limit).unwrap(),
+            honest
+        );
     }
 }

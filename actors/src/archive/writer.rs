@@ -153,7 +153,7 @@ async fn checked_head(
     let store = deps.store.clone();
     let watermark = blocking(move || Ok(store.highest_synced_commit()?.index)).await?;
     // The highest commit this store holds that the head says is archived.
-    let check = (head - 1).min(watermark);
+    let check = head.saturating_sub(1).min(watermark);
     if head <= lowest || check < lowest {
         return Ok(head);
     }

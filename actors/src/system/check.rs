@@ -253,8 +253,8 @@ impl P2pConfig {
                     "archive.max_object_bytes",
                     a.max_object_bytes,
                     1 << 20,
-                    1 << 40,
-                    "between 1048576 and 1099511627776",
+                    soma_types::codec::MAX_DECODE_BYTES as u64,
+                    "between 1048576 and 67108864 (the most a batch is decoded from)",
                 ),
                 (
                     "archive.cached_batches",

@@ -957,8 +957,8 @@ impl NodeConfig {
             )?;
             range(
                 "archive.max-object-bytes",
-                "between 16777216 and 17179869184",
-                ((16 << 20)..=(16u64 << 30)).contains(&archive.max_object_bytes),
+                "between 16777216 and 67108864 (the most a batch is decoded from)",
+                ((16 << 20)..=(64u64 << 20)).contains(&archive.max_object_bytes),
                 archive.max_object_bytes.to_string(),
             )?;
         }
@@ -1151,7 +1151,7 @@ store-cache-bytes = {cache}
 # read = true
 # interval = "1s"
 # request-timeout = "30s"
-# max-object-bytes = 268435456
+# max-object-bytes = 67108864
 # max-retry = "1m"
 
 # Block production, for validators of a local network only: it reads the
@@ -1562,7 +1562,7 @@ mod tests {
         );
         assert_eq!(
             (archive.write, archive.read, archive.max_object_bytes),
-            (true, true, 256 << 20)
+            (true, true, 64 << 20)
         );
         assert_eq!(archive.interval, Duration::from_secs(1));
         assert_eq!(archive.request_timeout, Duration::from_secs(30));
@@ -1591,7 +1591,7 @@ mod tests {
             "{e}"
         );
         let e = parse(&with_archive(|s| {
-            s.replace("max-object-bytes = 268435456", "max-object-bytes = 10")
+            s.replace("max-object-bytes = 67108864", "max-object-bytes = 10")
         }))
         .unwrap_err()
         .to_string();
