@@ -999,18 +999,25 @@ async fn a_node_started_from_async_code_on_a_taken_port_fails_with_the_bind_erro
         listen_address: address,
         ..P2pConfig::default()
     };
-    let started = P2pBuilder::new(
+    match start_on_a_fresh_store(&chain, config) {
+        Err(soma_actors::system::StartError::Bind { address: a, .. }) => assert_eq!(a, address),
+        Err(e) => panic!("expected the bind error, got {e}"),
+        Ok(_) => panic!("started on a taken port"),
+    }
+}
+
+/// `P2pBuilder::start` of a node with `config` on a fresh store of `chain`.
+fn start_on_a_fresh_store(
+    chain: &Chain,
+    config: P2pConfig,
+) -> Result<P2pHandle, soma_actors::system::StartError> {
+    P2pBuilder::new(
         config,
         KeyPair::from_seed([5; 32]),
         chain.genesis().clone(),
         Arc::new(MemStore::new(chain.genesis())),
     )
-    .start();
-    match started {
-        Err(soma_actors::system::StartError::Bind { address: a, .. }) => assert_eq!(a, address),
-        Err(e) => panic!("expected the bind error, got {e}"),
-        Ok(_) => panic!("started on a taken port"),
-    }
+    .start()
 }
 
 /// A config the node cannot work with (here a tick of zero, which made
@@ -1023,14 +1030,7 @@ fn a_node_started_with_a_zero_tick_is_refused_naming_it() {
         tick: Duration::ZERO,
         ..P2pConfig::default()
     };
-    let started = P2pBuilder::new(
-        config,
-        KeyPair::from_seed([5; 32]),
-        chain.genesis().clone(),
-        Arc::new(MemStore::new(chain.genesis())),
-    )
-    .start();
-    match started {
+    match start_on_a_fresh_store(&chain, config) {
         Err(soma_actors::system::StartError::Config(e)) => {
             assert_eq!((e.field, e.got.as_str()), ("tick", "0ms"))
         }

@@ -94,7 +94,9 @@ impl ArchiveReader {
     }
 
     /// The archived batch that holds commit `index`: the one starting
-    /// there, else the one starting at the batch boundary below it.
+    /// there, else the one starting at the batch boundary below it or, as
+    /// a writer starts a batch mid-window after an epoch's end or a batch
+    /// cut for size, one found from there by following each batch's end.
     async fn holding(
         &self,
         index: CommitIndex,
@@ -118,8 +120,10 @@ impl ArchiveReader {
         self.reading.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Reads the batch holding `index`, starting there or at `boundary`,
-    /// and keeps it; one of at most `cached_batches` objects read at once.
+    /// Reads the batch holding `index`, starting there or at `boundary`
+    /// (then at the commit after each batch read from there that ends
+    /// below `index`, at most a window's worth of batches), and keeps it;
+    /// one of at most `cached_batches` objects read at once.
     async fn read(
         &self,
         index: CommitIndex,
@@ -131,20 +135,35 @@ impl ArchiveReader {
             .acquire()
             .await
             .expect("the semaphore is never closed");
-        let mut firsts = vec![index];
-        if boundary != index {
-            firsts.push(boundary);
-        }
-        for first in firsts {
-            if let Some(batch) = self.archive.batch(first).await?.filter(&holds) {
-                let batch = Arc::new(batch);
-                let mut recent = self.recent();
-                recent.push_back(batch.clone());
-                while recent.len() > self.archive.config().cached_batches {
-                    recent.pop_front();
-                }
-                return Ok(Some(batch));
+        let keep = |batch: ArchivedBatch| {
+            let batch = Arc::new(batch);
+            let mut recent = self.recent();
+            recent.push_back(batch.clone());
+            while recent.len() > self.archive.config().cached_batches {
+                recent.pop_front();
             }
+            Some(batch)
+        };
+        if let Some(batch) = self.archive.batch(index).await?.filter(&holds) {
+            return Ok(keep(batch));
+        }
+        // Each batch read moves `first` on by a commit at least, and a
+        // window holds `batch_size` commits.
+        let mut first = boundary;
+        for _ in 0..self.batch_size {
+            if first >= index {
+                break;
+            }
+            let Some(batch) = self.archive.batch(first).await? else {
+                break;
+            };
+            if holds(&batch) {
+                return Ok(keep(batch));
+            }
+            if batch.last >= index {
+                break;
+            }
+            first = batch.last + 1;
         }
         Ok(None)
     }
@@ -205,11 +224,22 @@ impl ArchiveReader {
         Some((commits, batch.certifiers.clone()))
     }
 
-    /// Of the blocks archived with the batch holding commit `batch`, those
-    /// `refs` names (matched by the digest of their bytes, so a wrong
-    /// block is never picked). `None` if the archive holds no such batch.
-    pub async fn blocks(&self, batch: CommitIndex, refs: &[BlockRef]) -> Option<Vec<Bytes>> {
-        let archived = self.find(batch).await?;
+    /// Of the blocks archived with the batch holding the commits `first`
+    /// to `last`, those `refs` names (matched by the digest of their
+    /// bytes, so a wrong block is never picked). `None` if no archived
+    /// batch holds them all (commits fetched from peers in other batches
+    /// than the archive's may name blocks of two archived batches: left to
+    /// peers, not refused as missing).
+    pub async fn blocks(
+        &self,
+        (first, last): (CommitIndex, CommitIndex),
+        refs: &[BlockRef],
+    ) -> Option<Vec<Bytes>> {
+        let archived = self.find(first).await?;
+        if archived.last < last {
+            ArchiveStats::count(&self.archive.stats().read_misses);
+            return None;
+        }
         let wanted: HashSet<Digest> = refs.iter().map(|r| r.digest).collect();
         Some(
             archived
@@ -314,5 +344,49 @@ mod tests {
         // end of the second's.
         assert_eq!(seen, vec![2, 4, 4]);
         assert!(reader.reading().is_empty());
+    }
+
+    /// Batches a writer started mid-window (1..=30, 31..=80, 81..=100 in
+    /// windows of 100) are found from any commit they hold, by following
+    /// each batch's end from the window's boundary; blocks are given only
+    /// for commits one batch holds whole.
+    #[tokio::test]
+    async fn batches_started_mid_window_are_found_by_following_the_batches_before() {
+        let archive = Archive::with_store(
+            Arc::new(InMemory::new()),
+            Path::default(),
+            Config::new("memory"),
+            ChainId(soma_types::Digest([3; 32])),
+        );
+        let block = Bytes::from_static(b"block of 31");
+        for (first, last) in [(1, 30), (31, 80), (81, 100)] {
+            let batch = ArchivedBatch {
+                first,
+                last,
+                commits: (first..=last)
+                    .map(|i| Bytes::from(format!("c{i}")))
+                    .collect(),
+                certifiers: Vec::new(),
+                blocks: vec![block.clone()],
+            };
+            archive.put_batch(&batch).await.unwrap();
+        }
+        let reader = ArchiveReader::new(archive, 100);
+        let (commits, _) = reader.commits(60, 80, u64::MAX).await.expect("found");
+        assert_eq!(commits.len(), 21);
+        assert_eq!(commits[0], Bytes::from_static(b"c60"));
+        let (commits, _) = reader.commits(95, 100, u64::MAX).await.expect("found");
+        assert_eq!(commits.len(), 6);
+        // Its end past the fetch's: not an answer to it.
+        assert_eq!(reader.commits(60, 79, u64::MAX).await, None);
+        let wanted = [BlockRef {
+            digest: Digest::of(&block),
+            ..BlockRef::default()
+        }];
+        assert_eq!(
+            reader.blocks((40, 80), &wanted).await,
+            Some(vec![block.clone()])
+        );
+        assert_eq!(reader.blocks((40, 81), &wanted).await, None, "two batches");
     }
 }

@@ -1629,7 +1629,7 @@ impl Worker {
             return Err(Failure::NoPeer);
         };
         let blobs = archive
-            .blocks(chunk.batch, &chunk.refs)
+            .blocks(chunk.commits, &chunk.refs)
             .await
             .ok_or(Failure::NoPeer)?;
         let mut intake = Intake::new(&chunk.refs, chunk.max_bytes);
