@@ -620,53 +620,6 @@ async fn a_host_whose_idle_answers_are_cut_for_its_newer_fetches_pays_for_them()
     node.shutdown().await;
 }
 
-/// A host asking again and again for a range no certificate covers yet
-/// (the two commits below the tip, whose votes are still to come) pays
-/// for each refusal as for a fetch dropped unread: the server reads the
-/// commits and searches their votes before it can refuse. Once its
-/// allowance is gone it is refused before any read; an honest node
-/// syncing from the server meanwhile pays for nothing. Before, such
-/// refusals cost the caller nothing.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_host_asking_for_ranges_no_certificate_covers_pays_for_each_read() {
-    use soma_testkit::{attack, wait_until};
-
-    const REFUSED: u64 = 3;
-    let (node, chain) = counted_by_address(|grpc| {
-        grpc.abandoned_fetch_burst = REFUSED as u32;
-        grpc.abandoned_fetches_per_minute = 0;
-    });
-    // Started first, it syncs while the host asks.
-    let (honest, store) = honest_beside(&node, &chain);
-    let uncovered = || proto::FetchCommitsRequest {
-        start: chain.tip() - 2,
-        end: chain.tip() - 1,
-        ..Default::default()
-    };
-    let attacker = std::net::IpAddr::from([127, 10, 5, 1]);
-    let identity = fresh_identity(9, 0);
-    let mut asker = attack::client(target(&node), attacker, Some(&identity), None)
-        .await
-        .expect("connects");
-    for i in 0..REFUSED {
-        let refused = asker.fetch_commits(uncovered()).await.unwrap_err();
-        assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
-        wait_until("the refusal charged", DEADLINE, async || {
-            node.fetches_abandoned() == i + 1
-        })
-        .await;
-    }
-    let refused = asker.fetch_commits(uncovered()).await.unwrap_err();
-    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
-    assert_eq!(refused.message(), NONE_REFILLED);
-    wait_synced(&honest, chain.tip(), DEADLINE).await;
-    assert_same_chain(&chain, store.as_ref());
-    // The honest node, asking only certified ranges, paid for none.
-    assert_eq!(node.fetches_abandoned(), REFUSED);
-    honest.shutdown().await;
-    node.shutdown().await;
-}
-
 /// The refusal of a fetch whose host dropped its allowance of answers
 /// unread, where none refills.
 const NONE_REFILLED: &str = "too many fetches dropped before their answers were read: \

@@ -187,7 +187,8 @@ fn capped<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<Bytes
             if claimed > MAX_BATCH_ENCODINGS {
                 return Err(serde::de::Error::invalid_length(claimed, &self));
             }
-            let mut list = Vec::with_capacity(claimed);
+            // The claim is the object's word: room grows with what comes.
+            let mut list = Vec::with_capacity(claimed.min(4_096));
             while let Some(encoding) = seq.next_element::<Bytes>()? {
                 if encoding.is_empty() || list.len() == MAX_BATCH_ENCODINGS {
                     return Err(serde::de::Error::invalid_length(list.len() + 1, &self));
@@ -204,6 +205,19 @@ impl ArchivedBatch {
     /// The batch's encoding, as stored.
     pub fn encode(&self) -> Vec<u8> {
         soma_types::codec::encode(self)
+    }
+
+    /// At least the length of [`Self::encode`]: the bytes of every
+    /// encoding, and the most each length (and the two indexes) takes.
+    pub fn most_encoded_bytes(&self) -> u64 {
+        const MOST_VARINT: u64 = 9;
+        let lists = [&self.commits, &self.certifiers, &self.blocks];
+        let encodings: u64 = lists
+            .iter()
+            .flat_map(|l| l.iter())
+            .map(|b| b.len() as u64 + MOST_VARINT)
+            .sum();
+        encodings + MOST_VARINT * (lists.len() as u64 + 2)
     }
 
     /// Decodes a stored batch of at most `limit` bytes.

@@ -31,7 +31,15 @@ pub struct ArchiveReader {
     reading: Mutex<HashMap<CommitIndex, Arc<ReadLock>>>,
     /// Objects read at once.
     reads: tokio::sync::Semaphore,
+    /// The commits of objects read before, first to last, so that a walk
+    /// from a window's boundary to a batch started mid-window reads each
+    /// object before it once, not at every lookup. At most
+    /// [`MAX_SPANS`] (the lowest go first).
+    spans: Mutex<std::collections::BTreeMap<CommitIndex, CommitIndex>>,
 }
+
+/// Spans the reader remembers.
+const MAX_SPANS: usize = 4_096;
 
 /// Held while a batch is read.
 type ReadLock = tokio::sync::Mutex<()>;
@@ -77,6 +85,7 @@ impl ArchiveReader {
             recent: Mutex::new(VecDeque::new()),
             reading: Mutex::new(HashMap::new()),
             reads,
+            spans: Mutex::default(),
         }
     }
 
@@ -91,6 +100,21 @@ impl ArchiveReader {
     pub(crate) fn refused(&self) {
         ArchiveStats::count(&self.archive.stats().refused);
         self.recent().clear();
+        self.spans().clear();
+    }
+
+    fn spans(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<CommitIndex, CommitIndex>> {
+        self.spans.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn remember(&self, batch: &ArchivedBatch) {
+        let mut spans = self.spans();
+        spans.insert(batch.first, batch.last);
+        while spans.len() > MAX_SPANS {
+            spans.pop_first();
+        }
     }
 
     /// The archived batch that holds commit `index`: the one starting
@@ -154,9 +178,16 @@ impl ArchiveReader {
             if first >= index {
                 break;
             }
+            // An object read before that ends below `index`: not again.
+            let known = self.spans().get(&first).copied();
+            if let Some(last) = known.filter(|last| *last < index && *last >= first) {
+                first = last + 1;
+                continue;
+            }
             let Some(batch) = self.archive.batch(first).await? else {
                 break;
             };
+            self.remember(&batch);
             if holds(&batch) {
                 return Ok(keep(batch));
             }
@@ -375,8 +406,12 @@ mod tests {
         let (commits, _) = reader.commits(60, 80, u64::MAX).await.expect("found");
         assert_eq!(commits.len(), 21);
         assert_eq!(commits[0], Bytes::from_static(b"c60"));
+        // None at 60; then 1..=30 and 31..=80 from the boundary.
+        assert_eq!(objects_read(&reader), 2);
         let (commits, _) = reader.commits(95, 100, u64::MAX).await.expect("found");
         assert_eq!(commits.len(), 6);
+        // None at 95; then 81..=100 only: the objects before are known.
+        assert_eq!(objects_read(&reader), 3);
         // Its end past the fetch's: not an answer to it.
         assert_eq!(reader.commits(60, 79, u64::MAX).await, None);
         let wanted = [BlockRef {

@@ -62,13 +62,14 @@ pub(crate) async fn run_writer(mut deps: WriterDeps) {
             Err(e) => {
                 ArchiveStats::count(&stats.write_errors);
                 if matches!(e, ArchiveError::TooLarge { .. }) {
-                    // It will be as large next time: the operator must act.
+                    // One commit whose blocks alone pass the bound: it
+                    // will be as large next time.
                     tracing::error!(
                         %e,
                         next = ?next,
                         ?retry,
-                        "archive write failed, and will until archive.max-object-bytes is \
-                         raised or p2p.commit-sync-batch-size lowered; pruning waits for it"
+                        "archive write failed: one commit's blocks make an object larger \
+                         than archive.max-object-bytes; pruning waits for it"
                     );
                 } else {
                     tracing::warn!(%e, next = ?next, ?retry, "archive write failed; retrying");
@@ -108,7 +109,9 @@ async fn step(deps: &WriterDeps, next: &mut Option<CommitIndex>) -> Result<bool,
     };
     let store = deps.store.clone();
     let (grpc, data, batch_size) = (deps.grpc.clone(), deps.data.clone(), deps.batch_size);
-    let found = blocking(move || build(store.as_ref(), from, &grpc, &data, batch_size)).await?;
+    let max_bytes = archive.config().max_object_bytes;
+    let found =
+        blocking(move || build(store.as_ref(), from, &grpc, &data, batch_size, max_bytes)).await?;
     match found {
         Step::Idle => Ok(false),
         Step::Pruned { lowest } => {
@@ -211,13 +214,40 @@ impl From<soma_store::Error> for ArchiveError {
 }
 
 /// The batch starting at `from`, as FetchCommits would answer it, with
-/// every block its commits name.
+/// every block its commits name, in an object of at most `max_bytes`: a
+/// batch whose blocks make it larger is cut to half its commits, again
+/// until it fits or holds one commit (a reader finds batches that start
+/// mid-window). Left larger, it would be refused by every reader, or
+/// stop the writer, and pruning with it, for good.
 fn build(
     store: &dyn ConsensusStore,
     from: CommitIndex,
     grpc: &grpc::Limits,
     data: &soma_types::Limits,
     batch_size: u64,
+    max_bytes: u64,
+) -> Result<Step, ArchiveError> {
+    let mut span = batch_size.max(1);
+    loop {
+        let step = build_within(store, from, grpc, data, batch_size, span)?;
+        match &step {
+            Step::Batch(b) if b.most_encoded_bytes() > max_bytes && b.last > b.first => {
+                // Half its commits, rounded down: n.div_ceil(2) of n + 1.
+                span = (b.last - b.first).div_ceil(2);
+            }
+            _ => return Ok(step),
+        }
+    }
+}
+
+/// [`build`] of a batch of at most `span` commits.
+fn build_within(
+    store: &dyn ConsensusStore,
+    from: CommitIndex,
+    grpc: &grpc::Limits,
+    data: &soma_types::Limits,
+    batch_size: u64,
+    span: u64,
 ) -> Result<Step, ArchiveError> {
     let watermark = store.highest_synced_commit()?.index;
     if from > watermark {
@@ -232,7 +262,7 @@ fn build(
         Some(c) => store.last_commit_of_epoch(c.commit().epoch)?,
         None => None,
     };
-    let end = batch_end(from, batch_size, epoch_last, watermark);
+    let end = batch_end(from, batch_size, epoch_last, watermark).min(from + span - 1);
     // What a peer would be served: a range holding none of the
     // certificates kept (the node synced in other batches) ends with the
     // certificate its next commits' votes make.
@@ -296,7 +326,7 @@ mod tests {
             store.write_synced_batch(batch).unwrap();
         }
         let (grpc, data) = (grpc::Limits::default(), soma_types::Limits::default());
-        let look = |store: &MemStore| build(store, 1, &grpc, &data, 100).unwrap();
+        let look = |store: &MemStore| build(store, 1, &grpc, &data, 100, u64::MAX).unwrap();
         assert!(matches!(look(&store), Step::Idle));
         // A certificate past the epoch's end: still nothing to archive
         // from commit 1, whose batch ends with the epoch.
@@ -409,7 +439,7 @@ mod tests {
         let (grpc, data) = (grpc::Limits::default(), soma_types::Limits::default());
         let mut from = 1;
         let mut objects = Vec::new();
-        while let Step::Batch(batch) = build(&store, from, &grpc, &data, 100).unwrap() {
+        while let Step::Batch(batch) = build(&store, from, &grpc, &data, 100, u64::MAX).unwrap() {
             let voters = batch
                 .certifiers
                 .iter()
@@ -426,5 +456,43 @@ mod tests {
             from = batch.last + 1;
         }
         assert_eq!(objects, [(1, 100, 3), (101, 200, 3), (201, 300, 3)]);
+    }
+
+    /// Batches whose blocks would make an object past `max-object-bytes`
+    /// are cut until they fit, each still ending at a certified commit,
+    /// one after the other with no gap.
+    #[test]
+    fn batches_too_large_for_an_object_are_cut_to_fit_and_stay_certified() {
+        let chain = ChainBuilder::new(ChainConfig::validators(4)).build(300);
+        let store = MemStore::new(chain.genesis());
+        chain.write_to(&store, 100).unwrap();
+        let (grpc, data) = (grpc::Limits::default(), soma_types::Limits::default());
+        let whole = match build(&store, 1, &grpc, &data, 100, u64::MAX).unwrap() {
+            Step::Batch(batch) => batch.most_encoded_bytes(),
+            _ => panic!("a batch"),
+        };
+        let max_bytes = whole / 3;
+        let mut from = 1;
+        let mut ends = Vec::new();
+        while let Step::Batch(batch) = build(&store, from, &grpc, &data, 100, max_bytes).unwrap() {
+            assert!(batch.most_encoded_bytes() <= max_bytes, "{}", batch.last);
+            assert!(batch.encode().len() as u64 <= max_bytes);
+            let last = chain.commit_ref(batch.last);
+            let certified = batch.certifiers.iter().all(|b| {
+                let block = soma_types::UnverifiedBlock::decode(b.clone(), data.max_block_bytes);
+                block.unwrap().block().commit_votes.contains(&last)
+            });
+            assert!(certified && batch.certifiers.len() == 3, "{}", batch.last);
+            assert_eq!(batch.first, from);
+            ends.push(batch.last);
+            from = batch.last + 1;
+        }
+        // Each window of 100, a third of an object about every 25 commits:
+        // 1..=100 halved twice to 25; 26..=100 (75) halved twice to 18;
+        // 44..=100 (57) halved once to 28; 72..=100 (29) fits.
+        assert_eq!(
+            ends,
+            [25, 43, 71, 100, 125, 143, 171, 200, 225, 243, 271, 300]
+        );
     }
 }

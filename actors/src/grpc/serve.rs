@@ -385,9 +385,8 @@ type BlockSender = mpsc::Sender<Result<proto::FetchBlocksResponse, Status>>;
 /// Each chunk is read on the blocking pool ([`read_chunk`]); sending is
 /// async, so a client that does not read holds no thread. Before a chunk is
 /// read it takes `estimate` from the connection's budget (`reservation`):
-/// at least `max_bytes`, and at least one block of the largest size the
-/// server's own limit lets a chunk hold, since a chunk always holds a block
-/// whatever the budget;
+/// at least `max_bytes`, and at least the largest block, since a chunk
+/// always holds a block whatever the budget;
 /// waiting while the connection holds too much, and the reservation is set
 /// to the chunk's size once read (never waiting again: streams that each
 /// hold an estimate would wait on each other): all the producer holds is

@@ -418,13 +418,7 @@ impl P2pService {
                     let wanted = || read_wanted.load(Ordering::Relaxed);
                     let answer =
                         serve::commits_answer(store, start, end, &limits, &data_limits, &wanted);
-                    // A range no certificate covers yet is refused only
-                    // after its commits are read and their votes searched:
-                    // charged as a fetch dropped unread, or a caller could
-                    // ask for such ranges without end at no cost. An
-                    // honest caller asks only what a peer advertises as
-                    // certified.
-                    if !wanted() || matches!(answer, Err(serve::Refused::NoCertificate(_))) {
+                    if !wanted() {
                         slot.abandon();
                     }
                     let response = answer.map_err(Status::from)?;
@@ -463,8 +457,8 @@ impl P2pService {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let own = self.deps.limits.max_fetch_response_bytes;
         let max_bytes = serve::asked_budget(own, request.get_ref().max_message_bytes);
-        // A chunk holds one block at least, whatever the caller asked.
-        let estimate = max_bytes.max(own.min(self.deps.data_limits.max_block_bytes));
+        // A chunk holds one block at least, whatever the budget.
+        let estimate = max_bytes.max(self.deps.data_limits.max_block_bytes);
         tokio::spawn(serve::stream_blocks(
             self.deps.store.clone(),
             refs,

@@ -382,6 +382,10 @@ impl Default for P2pSection {
     }
 }
 
+/// The largest archive object a batch is decoded from: a larger
+/// `archive.max-object-bytes` is taken as this.
+const MOST_OBJECT_BYTES: u64 = soma_types::codec::MAX_DECODE_BYTES as u64;
+
 /// A node's configuration file.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -957,10 +961,17 @@ impl NodeConfig {
             )?;
             range(
                 "archive.max-object-bytes",
-                "between 16777216 and 67108864 (the most a batch is decoded from)",
-                ((16 << 20)..=(64u64 << 20)).contains(&archive.max_object_bytes),
+                "between 16777216 and 17179869184",
+                ((16 << 20)..=(16u64 << 30)).contains(&archive.max_object_bytes),
                 archive.max_object_bytes.to_string(),
             )?;
+            if archive.max_object_bytes > MOST_OBJECT_BYTES {
+                tracing::warn!(
+                    max_object_bytes = archive.max_object_bytes,
+                    "archive.max-object-bytes is taken as 67108864, the most a batch is \
+                     decoded from; larger batches are written in parts"
+                );
+            }
         }
         if let Some(producer) = &self.producer {
             range(
@@ -1066,7 +1077,8 @@ impl NodeConfig {
             url: a.url.clone(),
             write: a.write,
             read: a.read,
-            max_object_bytes: a.max_object_bytes,
+            // A file written when the bound was higher still loads.
+            max_object_bytes: a.max_object_bytes.min(MOST_OBJECT_BYTES),
             interval: a.interval,
             request_timeout: a.request_timeout,
             max_retry: a.max_retry,
