@@ -173,28 +173,39 @@ impl ArchiveReader {
         }
         // Each batch read moves `first` on by a commit at least, and a
         // window holds `batch_size` commits.
-        let mut first = boundary;
-        for _ in 0..self.batch_size {
-            if first >= index {
+        // Twice at most: a walk that skipped objects by spans remembered
+        // and found nothing walks again reading each, since an object may
+        // have been written again since with other ends.
+        for trust in [true, false] {
+            let mut first = boundary;
+            let mut skipped = false;
+            for _ in 0..self.batch_size {
+                if first >= index {
+                    break;
+                }
+                // An object read before that ends below `index`: not again.
+                let known = trust.then(|| self.spans().get(&first).copied()).flatten();
+                if let Some(last) = known.filter(|last| *last < index && *last >= first) {
+                    first = last + 1;
+                    skipped = true;
+                    continue;
+                }
+                let Some(batch) = self.archive.batch(first).await? else {
+                    break;
+                };
+                self.remember(&batch);
+                if holds(&batch) {
+                    return Ok(keep(batch));
+                }
+                if batch.last >= index {
+                    break;
+                }
+                first = batch.last + 1;
+            }
+            if !skipped {
                 break;
             }
-            // An object read before that ends below `index`: not again.
-            let known = self.spans().get(&first).copied();
-            if let Some(last) = known.filter(|last| *last < index && *last >= first) {
-                first = last + 1;
-                continue;
-            }
-            let Some(batch) = self.archive.batch(first).await? else {
-                break;
-            };
-            self.remember(&batch);
-            if holds(&batch) {
-                return Ok(keep(batch));
-            }
-            if batch.last >= index {
-                break;
-            }
-            first = batch.last + 1;
+            self.spans().retain(|f, _| *f < boundary || *f >= index);
         }
         Ok(None)
     }
@@ -423,5 +434,37 @@ mod tests {
             Some(vec![block.clone()])
         );
         assert_eq!(reader.blocks((40, 81), &wanted).await, None, "two batches");
+    }
+
+    /// An object written again with other ends after its span was
+    /// remembered (31..=80 become 31..=90 and 91..=100): a walk that a
+    /// remembered span leads to nothing walks again, reading each object.
+    #[tokio::test]
+    async fn a_walk_led_astray_by_a_remembered_span_walks_again_reading_each_object() {
+        let archive = Archive::with_store(
+            Arc::new(InMemory::new()),
+            Path::default(),
+            Config::new("memory"),
+            ChainId(soma_types::Digest([3; 32])),
+        );
+        let batch = |first: u64, last: u64| ArchivedBatch {
+            first,
+            last,
+            commits: (first..=last)
+                .map(|i| Bytes::from(format!("c{i}")))
+                .collect(),
+            certifiers: Vec::new(),
+            blocks: Vec::new(),
+        };
+        for (first, last) in [(1, 30), (31, 80)] {
+            archive.put_batch(&batch(first, last)).await.unwrap();
+        }
+        let reader = ArchiveReader::new(archive, 100);
+        assert!(reader.commits(60, 80, u64::MAX).await.is_some());
+        for (first, last) in [(31, 90), (91, 100)] {
+            reader.archive.put_batch(&batch(first, last)).await.unwrap();
+        }
+        let (commits, _) = reader.commits(95, 100, u64::MAX).await.expect("found");
+        assert_eq!(commits.len(), 6);
     }
 }

@@ -228,12 +228,23 @@ fn build(
     max_bytes: u64,
 ) -> Result<Step, ArchiveError> {
     let mut span = batch_size.max(1);
+    let mut cut = false;
     loop {
         let step = build_within(store, from, grpc, data, batch_size, span)?;
         match &step {
             Step::Batch(b) if b.most_encoded_bytes() > max_bytes && b.last > b.first => {
                 // Half its commits, rounded down: n.div_ceil(2) of n + 1.
                 span = (b.last - b.first).div_ceil(2);
+                cut = true;
+            }
+            // No certificate at the cut (its votes come later than the
+            // commits after it show): a commit earlier.
+            Step::Idle if cut && span > 1 => span -= 1,
+            Step::Idle if cut => {
+                return Err(ArchiveError::Source(format!(
+                    "no certified commit from {from} on ends a batch within \
+                     archive.max-object-bytes"
+                )));
             }
             _ => return Ok(step),
         }
@@ -262,7 +273,7 @@ fn build_within(
         Some(c) => store.last_commit_of_epoch(c.commit().epoch)?,
         None => None,
     };
-    let end = batch_end(from, batch_size, epoch_last, watermark).min(from + span - 1);
+    let end = batch_end(from, batch_size, epoch_last, watermark).min(from.saturating_add(span - 1));
     // What a peer would be served: a range holding none of the
     // certificates kept (the node synced in other batches) ends with the
     // certificate its next commits' votes make.
