@@ -1445,6 +1445,8 @@ mod tests {
             ("seed-peers", &["[{ address = \"192.0.2.1:7000\" }]"]),
             ("retention", &["\"commits:100\"", "\"epochs:2\""]),
             ("url", &["\"elsewhere\""]),
+            // The default is the most used: a larger value is taken as it.
+            ("max-object-bytes", &["33554432"]),
         ];
         if let Some((_, values)) = special.iter().find(|(k, _)| *k == key) {
             return values.iter().map(|v| v.to_string()).collect();
@@ -1608,6 +1610,16 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("archive.max-object-bytes"), "{e}");
+        // A file written when the bound was higher loads, taken as 64 MiB.
+        let old = parse(&with_archive(|s| {
+            s.replace(
+                "max-object-bytes = 67108864",
+                "max-object-bytes = 268435456",
+            )
+        }))
+        .unwrap();
+        let archive = old.p2p_config().archive.unwrap();
+        assert_eq!(archive.max_object_bytes, 64 << 20);
     }
 
     #[test]
