@@ -472,6 +472,13 @@ impl Archive {
         .map_err(|e| ArchiveError::Source(format!("the call failed: {e}")))?
     }
 
+    /// An archive in memory, for tests.
+    #[cfg(test)]
+    pub(crate) fn in_memory(config: Config, chain_id: ChainId) -> Self {
+        let store = Arc::new(object_store::memory::InMemory::new());
+        Self::with_store(store, Path::default(), config, chain_id)
+    }
+
     /// Its settings.
     pub fn config(&self) -> &Config {
         &self.config
@@ -757,12 +764,8 @@ mod tests {
     /// cached, it would have answered for every index it claims.
     #[tokio::test]
     async fn a_batch_claiming_more_commits_than_it_holds_is_refused() {
-        let archive = Archive::with_store(
-            Arc::new(InMemory::new()),
-            Path::default(),
-            Config::new("memory"),
-            ChainId(soma_types::Digest([3; 32])),
-        );
+        let archive =
+            Archive::in_memory(Config::new("memory"), ChainId(soma_types::Digest([3; 32])));
         let batch = |last| ArchivedBatch {
             first: 1,
             last,

@@ -388,28 +388,33 @@ mod tests {
         assert!(reader.reading().is_empty());
     }
 
+    /// A batch of commits `first..=last`, each encoded as `c<index>`, with
+    /// no certifier or block.
+    fn numbered(first: u64, last: u64) -> ArchivedBatch {
+        ArchivedBatch {
+            first,
+            last,
+            commits: (first..=last)
+                .map(|i| Bytes::from(format!("c{i}")))
+                .collect(),
+            certifiers: Vec::new(),
+            blocks: Vec::new(),
+        }
+    }
+
     /// Batches a writer started mid-window (1..=30, 31..=80, 81..=100 in
     /// windows of 100) are found from any commit they hold, by following
     /// each batch's end from the window's boundary; blocks are given only
     /// for commits one batch holds whole.
     #[tokio::test]
     async fn batches_started_mid_window_are_found_by_following_the_batches_before() {
-        let archive = Archive::with_store(
-            Arc::new(InMemory::new()),
-            Path::default(),
-            Config::new("memory"),
-            ChainId(soma_types::Digest([3; 32])),
-        );
+        let archive =
+            Archive::in_memory(Config::new("memory"), ChainId(soma_types::Digest([3; 32])));
         let block = Bytes::from_static(b"block of 31");
         for (first, last) in [(1, 30), (31, 80), (81, 100)] {
             let batch = ArchivedBatch {
-                first,
-                last,
-                commits: (first..=last)
-                    .map(|i| Bytes::from(format!("c{i}")))
-                    .collect(),
-                certifiers: Vec::new(),
                 blocks: vec![block.clone()],
+                ..numbered(first, last)
             };
             archive.put_batch(&batch).await.unwrap();
         }
@@ -441,28 +446,19 @@ mod tests {
     /// remembered span leads to nothing walks again, reading each object.
     #[tokio::test]
     async fn a_walk_led_astray_by_a_remembered_span_walks_again_reading_each_object() {
-        let archive = Archive::with_store(
-            Arc::new(InMemory::new()),
-            Path::default(),
-            Config::new("memory"),
-            ChainId(soma_types::Digest([3; 32])),
-        );
-        let batch = |first: u64, last: u64| ArchivedBatch {
-            first,
-            last,
-            commits: (first..=last)
-                .map(|i| Bytes::from(format!("c{i}")))
-                .collect(),
-            certifiers: Vec::new(),
-            blocks: Vec::new(),
-        };
+        let archive =
+            Archive::in_memory(Config::new("memory"), ChainId(soma_types::Digest([3; 32])));
         for (first, last) in [(1, 30), (31, 80)] {
-            archive.put_batch(&batch(first, last)).await.unwrap();
+            archive.put_batch(&numbered(first, last)).await.unwrap();
         }
         let reader = ArchiveReader::new(archive, 100);
         assert!(reader.commits(60, 80, u64::MAX).await.is_some());
         for (first, last) in [(31, 90), (91, 100)] {
-            reader.archive.put_batch(&batch(first, last)).await.unwrap();
+            reader
+                .archive
+                .put_batch(&numbered(first, last))
+                .await
+                .unwrap();
         }
         let (commits, _) = reader.commits(95, 100, u64::MAX).await.expect("found");
         assert_eq!(commits.len(), 6);

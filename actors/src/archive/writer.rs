@@ -354,12 +354,7 @@ mod tests {
     /// A writer of a store of 300 commits on an archive in memory, with
     /// its `archived` watch.
     fn writer(store: Arc<MemStore>, chain_id: soma_types::ChainId) -> WriterDeps {
-        let archive = Archive::with_store(
-            Arc::new(object_store::memory::InMemory::new()),
-            object_store::path::Path::default(),
-            super::super::Config::new("memory"),
-            chain_id,
-        );
+        let archive = Archive::in_memory(super::super::Config::new("memory"), chain_id);
         WriterDeps {
             archive,
             store,
