@@ -152,9 +152,10 @@ fn local(chain: &Chain, index: u64) -> LocalCommit {
 
 /// A node fed by local consensus: 400 commits are stored before the
 /// streams start; the rest arrive while they read. One stream reads at
-/// once, one stalls 300 ms before it starts (so the live broadcast, of
-/// capacity 4, lags under it), one starts at commit 250. Each sees every
-/// commit from its start exactly once, in order, and ends live.
+/// once, one starts only once 20 more commits are stored (so the live
+/// broadcast, of capacity 4, has lagged under it), one starts at commit
+/// 250. Each sees every commit from its start exactly once, in order, and
+/// ends live.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_switches_from_the_store_to_live_commits_without_gap_or_duplicate() {
     init_tracing();
@@ -171,10 +172,16 @@ async fn a_stream_switches_from_the_store_to_live_commits_without_gap_or_duplica
     for i in 1..=400 {
         node.send_commit(local(&chain, i)).await.expect("stored");
     }
-    let read = |from: u64, stall: Duration| {
+    // The highest commit stored since the streams started.
+    let (stored, _) = tokio::sync::watch::channel(400);
+    let read = |from: u64, start_after: u64| {
         let mut stream = node.subscribe_synced_commits_from(from);
+        let mut stored = stored.subscribe();
         tokio::spawn(async move {
-            tokio::time::sleep(stall).await;
+            stored
+                .wait_for(|i| *i >= start_after)
+                .await
+                .expect("sending");
             let mut seen = Vec::new();
             while seen.len() < (TOTAL - from + 1) as usize {
                 seen.push(stream.next().await.expect("no error").commit_ref);
@@ -182,13 +189,10 @@ async fn a_stream_switches_from_the_store_to_live_commits_without_gap_or_duplica
             seen
         })
     };
-    let readers = [
-        (1, read(1, Duration::ZERO)),
-        (1, read(1, Duration::from_millis(300))),
-        (250, read(250, Duration::ZERO)),
-    ];
+    let readers = [(1, read(1, 400)), (1, read(1, 420)), (250, read(250, 400))];
     for i in 401..=TOTAL {
         node.send_commit(local(&chain, i)).await.expect("stored");
+        stored.send_replace(i);
         if i % 50 == 0 {
             tokio::task::yield_now().await;
         }

@@ -1,7 +1,8 @@
 //! Faults of whole processes. The validators a fresh node syncs from are
-//! separate `soma-p2p run` processes, killed with SIGKILL and restarted at
-//! seeded random moments while the node's batches are in flight: the node
-//! ends with exactly their chain and never applies part of a batch. And a
+//! separate `soma-p2p run` processes, killed with SIGKILL while their
+//! metrics show them serving a fetch and restarted once the node has synced
+//! further: the node ends with exactly their chain and never applies part
+//! of a batch. And a
 //! node that runs out of file descriptors keeps accepting connections once
 //! some are free again.
 
@@ -56,7 +57,13 @@ fn serving_validators_killed_and_restarted_mid_batch_leave_the_syncing_node_whol
     for store in &stores[1..] {
         fs::copy(&stores[0], store).unwrap();
     }
-    let (addresses, configs, logs) = validator_network(d, base, VALIDATORS);
+    // Each validator's metrics say when it is serving a fetch.
+    let vmetrics: Vec<String> = (0..VALIDATORS)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    let (addresses, configs, logs) = validator_network_with(d, base, VALIDATORS, |i| {
+        vec![format!("metrics-address = \"{}\"", vmetrics[i as usize])]
+    });
     let mut validators: Vec<Option<Spawned>> = (0..VALIDATORS as usize)
         .map(|i| Some(run_node(&configs[i], &logs[i])))
         .collect();
@@ -92,11 +99,13 @@ fn serving_validators_killed_and_restarted_mid_batch_leave_the_syncing_node_whol
     let mut joiner = run_node(&joiner_config, &jlog);
     let sync_started = Instant::now();
 
-    // Kill a validator every 200-800 ms, never the last one up, and
-    // restart it 100-800 ms later, KILLS times while the node syncs.
+    // Kill a validator seen serving a fetch, never the last one up, once
+    // the node has synced past where it stood at the kill before; restart
+    // it once the node has synced past where it stood at its kill. KILLS
+    // times, all while the node syncs; the victim among those serving is
+    // drawn from a seed.
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(20261123);
-    let mut restart_at: Vec<Option<Instant>> = vec![None; VALIDATORS as usize];
-    let mut next_kill = Instant::now() + Duration::from_millis(rng.random_range(200..800));
+    let mut killed_at: Vec<Option<u64>> = vec![None; VALIDATORS as usize];
     let mut kills: Vec<(usize, u64)> = Vec::new();
     let mut seen = BTreeSet::new();
     let mut synced = 0;
@@ -111,30 +120,39 @@ fn serving_validators_killed_and_restarted_mid_batch_leave_the_syncing_node_whol
             seen.insert(h);
             synced = h;
         }
-        let now = Instant::now();
-        for (i, at) in restart_at.iter_mut().enumerate() {
-            if at.is_some_and(|at| now >= at) {
+        for (i, at) in killed_at.iter_mut().enumerate() {
+            if at.is_some_and(|at| synced > at) {
                 validators[i] = Some(run_node(&configs[i], &logs[i]));
                 *at = None;
             }
         }
-        let up: Vec<usize> = (0..restart_at.len())
-            .filter(|i| restart_at[*i].is_none())
+        let up: Vec<usize> = (0..killed_at.len())
+            .filter(|i| killed_at[*i].is_none())
             .collect();
-        if now >= next_kill && up.len() > 1 && kills.len() < KILLS && synced < COMMITS {
-            let victim = up[rng.random_range(0..up.len())];
-            let mut process = validators[victim].take().unwrap();
-            kill(process.pid(), Signal::SIGKILL).unwrap();
-            process
-                .wait_for(PATIENCE)
-                .expect("a killed validator exits");
-            // Kept for its restart (another start lets go of it sooner).
-            hold_port(base + victim as u16);
-            kills.push((victim, synced));
-            restart_at[victim] = Some(now + Duration::from_millis(rng.random_range(100..800)));
-            next_kill = now + Duration::from_millis(rng.random_range(200..800));
+        let progressed = kills.last().is_none_or(|(_, at)| synced > *at);
+        if progressed && up.len() > 1 && kills.len() < KILLS && synced < COMMITS {
+            let serving: Vec<usize> = up
+                .iter()
+                .copied()
+                .filter(|i| {
+                    metric(&vmetrics[*i], "soma_fetches_in_flight").is_some_and(|n| n > 0.0)
+                })
+                .collect();
+            if !serving.is_empty() {
+                let victim = serving[rng.random_range(0..serving.len())];
+                let mut process = validators[victim].take().unwrap();
+                kill(process.pid(), Signal::SIGKILL).unwrap();
+                process
+                    .wait_for(PATIENCE)
+                    .expect("a killed validator exits");
+                // Kept for its restart (another start lets go of it sooner).
+                hold_port(base + victim as u16);
+                kills.push((victim, synced));
+                killed_at[victim] = Some(synced);
+                continue;
+            }
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(5));
     }
     let sync_time = sync_started.elapsed();
 
@@ -151,11 +169,10 @@ fn serving_validators_killed_and_restarted_mid_batch_leave_the_syncing_node_whol
         .collect();
     let partial: Vec<&u64> = seen.difference(&ends).collect();
     assert!(partial.is_empty(), "watermarks inside a batch: {partial:?}");
-    let mid_sync = kills.iter().filter(|(_, h)| *h < COMMITS).count();
-    assert!(
-        mid_sync >= KILLS / 2,
-        "too few kills during the sync: {kills:?}"
-    );
+    // Every kill came while the node synced, each at a height of its own.
+    let heights: BTreeSet<u64> = kills.iter().map(|(_, h)| *h).collect();
+    assert_eq!(heights.len(), KILLS, "kills while syncing: {kills:?}");
+    assert!(heights.iter().all(|h| *h < COMMITS), "{kills:?}");
     assert!(restarts > 0.0, "no kill cut a fetch short");
 
     // The node's store is the validators' chain, commit for commit, and the
@@ -177,7 +194,7 @@ fn serving_validators_killed_and_restarted_mid_batch_leave_the_syncing_node_whol
         assert_eq!(check_store(store, &committee, &chain), COMMITS);
     }
     println!(
-        "{} kills ({mid_sync} during the sync): {kills:?}; {} watermarks seen; \
+        "{} kills: {kills:?}; {} watermarks seen; \
          {restarts} sync workers restarted; synced in {sync_time:?}, test {:?}",
         kills.len(),
         seen.len(),

@@ -313,6 +313,16 @@ pub fn validator_network(
     base: u16,
     n: u16,
 ) -> (Vec<String>, Vec<PathBuf>, Vec<PathBuf>) {
+    validator_network_with(dir, base, n, |_| Vec::new())
+}
+
+/// [`validator_network`], validator `i`'s file with the lines `lines(i)`.
+pub fn validator_network_with(
+    dir: &Path,
+    base: u16,
+    n: u16,
+    lines: impl Fn(u16) -> Vec<String>,
+) -> (Vec<String>, Vec<PathBuf>, Vec<PathBuf>) {
     let addresses: Vec<String> = (0..n).map(|i| format!("127.0.0.1:{}", base + i)).collect();
     let configs = (0..n)
         .map(|i| {
@@ -321,7 +331,9 @@ pub fn validator_network(
                 .filter(|a| **a != addresses[i as usize])
                 .cloned()
                 .collect();
-            node_config(dir, &format!("validator-{i}"), base + i, &others, &[])
+            let lines = lines(i);
+            let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+            node_config(dir, &format!("validator-{i}"), base + i, &others, &lines)
         })
         .collect();
     let logs = (0..n)
