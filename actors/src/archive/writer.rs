@@ -155,6 +155,8 @@ async fn checked_head(
 ) -> Result<CommitIndex, ArchiveError> {
     let store = deps.store.clone();
     let watermark = blocking(move || Ok(store.highest_synced_commit()?.index)).await?;
+    // The genesis commit is never archived: a head of 0 says nothing is.
+    let head = head.max(1);
     // The highest commit this store holds that the head says is archived.
     let check = head.saturating_sub(1).min(watermark);
     if head <= lowest || check < lowest {
@@ -409,6 +411,9 @@ mod tests {
         // past the store's watermark (at 2^64 - 1 the writer idled for
         // good and pruning took whatever came).
         assert_eq!(restart_at(u64::MAX).await, 301);
+        // A head of 0, the genesis commit no writer archives: taken as 1,
+        // the writer archives from there (its check underflowed before).
+        assert_eq!(restart_at(0).await, 101);
         let mut wrong = honest.archive.batch(201).await.unwrap().unwrap();
         let last = wrong.commits.len() - 1;
         wrong.commits[last] = chain.commit(299).serialized().clone();
@@ -499,6 +504,51 @@ mod tests {
         assert_eq!(
             ends,
             [25, 43, 71, 100, 125, 143, 171, 200, 225, 243, 271, 300]
+        );
+    }
+
+    /// A cut whose last commit no certificate covers (the last four
+    /// commits of an epoch are voted for only by the next epoch's blocks,
+    /// which do not count) steps back a commit at a time to one that is
+    /// certified; where none within the object's bound is, the writer
+    /// fails, naming the setting, rather than idle for good.
+    #[test]
+    fn a_cut_without_a_certificate_steps_back_to_a_certified_commit() {
+        let chain = ChainBuilder::new(ChainConfig {
+            commits_per_epoch: Some(20),
+            ..ChainConfig::validators(4)
+        })
+        .build(30);
+        let store = MemStore::new(chain.genesis());
+        for i in 1..=30 {
+            let mut batch = chain.batch(i..=i);
+            batch.certificate.clear();
+            store.write_synced_batch(batch).unwrap();
+        }
+        store
+            .insert_certificate(20, chain.certificate(20).to_vec())
+            .unwrap();
+        let (grpc, data) = (grpc::Limits::default(), soma_types::Limits::default());
+        let span = |from, span| match build_within(&store, from, &grpc, &data, 100, span) {
+            Ok(Step::Batch(b)) => Some((b.last, b.most_encoded_bytes())),
+            _ => None,
+        };
+        // Votes certify 16, not 17 to 19; the epoch's end, 20, is kept.
+        assert_eq!(span(15, 2).map(|(last, _)| last), Some(16));
+        assert_eq!(span(15, 3), None);
+        assert_eq!(span(15, 6).map(|(last, _)| last), Some(20));
+        let max_bytes = span(15, 2).unwrap().1;
+        // 15..=20 is too large; its half, 15..=17, is not certified; one
+        // commit less is.
+        let Step::Batch(batch) = build(&store, 15, &grpc, &data, 100, max_bytes).unwrap() else {
+            panic!("a batch from 15");
+        };
+        assert_eq!((batch.first, batch.last), (15, 16));
+        // From 17 only 20 is certified, and 17..=20 does not fit.
+        let error = build(&store, 17, &grpc, &data, 100, max_bytes).err();
+        assert!(
+            matches!(&error, Some(ArchiveError::Source(m)) if m.contains("archive.max-object-bytes")),
+            "{error:?}"
         );
     }
 }
