@@ -77,7 +77,8 @@ impl From<Refused> for Status {
 /// of maximal blocks is still served.
 ///
 /// Refused as a [`Refused`], so that the archive writer tells a range not
-/// certified yet from a failure. Stopped ([`Refused::Abandoned`], which is
+/// certified yet from a failure: a range holding no kept certificate whose
+/// end the votes held do not certify is refused before any of it is read. Stopped ([`Refused::Abandoned`], which is
 /// CANCELLED) before its first store read and before each read of the vote
 /// search once `wanted` says the answer is no longer wanted: a caller that
 /// resets its call at once would otherwise have the whole read done
@@ -120,6 +121,34 @@ pub(crate) fn commits_answer(
         .committee(epoch)
         .map_err(Refused::Store)?
         .ok_or_else(|| Refused::Internal(format!("committee of epoch {epoch} is not held")))?;
+    let per_read = vote_search_read(limits, data);
+    // Decided before the range is read: with no certificate kept in it,
+    // only the votes after its end can certify an answer. Where they do
+    // not (local commits at our tip, the last commits of an epoch), the
+    // call is refused for the cost of that search, not of a read of up
+    // to the whole budget that a refusal would throw away. (A budget
+    // that cut the answer short of `end` could have ended it at a commit
+    // the votes certify; such a caller asks again once they do.)
+    let voted_end = match store
+        .highest_certified_in(start..=end)
+        .map_err(Refused::Store)?
+    {
+        Some(_) => None,
+        None => {
+            let at = store
+                .commit(end)
+                .map_err(Refused::Store)?
+                .ok_or_else(|| Refused::Internal(format!("commit {end} is not held")))?;
+            match certificate_from_votes(store, at.reference(), &committee, per_read, wanted)? {
+                Some(voters) => Some((end, voters)),
+                None => {
+                    return Err(Refused::NoCertificate(format!(
+                        "no certificate held yet in {start}..={end}"
+                    )));
+                }
+            }
+        }
+    };
     let mut commits = commits_read(store, start..=end, limits.max_fetch_response_bytes, wanted)?;
     let read_end = commits.last().map_or(start, |c| c.index());
     let last = commits
@@ -132,12 +161,10 @@ pub(crate) fn commits_answer(
     // The range's end, certified by a kept certificate or else by the
     // votes of the commits after it: a node that synced in other batches
     // than the client's answers the whole range in one answer.
-    let at_end = match kept {
-        Some(certified) if certified == read_end => None,
-        _ => {
-            let per_read = vote_search_read(limits, data);
-            certificate_from_votes(store, last, &committee, per_read, wanted)?
-        }
+    let at_end = match (kept, voted_end) {
+        (Some(certified), _) if certified == read_end => None,
+        (_, Some((voted, voters))) if voted == read_end => Some(voters),
+        _ => certificate_from_votes(store, last, &committee, per_read, wanted)?,
     };
     let certifiers = match (at_end, kept) {
         (Some(voters), _) => voters,
@@ -690,6 +717,30 @@ mod tests {
         let answer = fetch_commits(&store, 1, 38, &limits, &data).unwrap();
         assert_eq!(answer.commits.len(), 20);
         assert_eq!(verify_answer(&answer, &chain, &data), [0, 1, 2]);
+    }
+
+    /// A range no kept certificate covers, whose end the votes held do not
+    /// certify yet, is refused before a commit of it is read: the refusal
+    /// costs its caller nothing, so it must cost us no read of the range.
+    #[test]
+    fn a_range_no_certificate_covers_is_refused_before_it_is_read() {
+        use soma_testkit::failing_store::FailingStore;
+        // As above: kept at 20 and 40, votes held for every commit to 36.
+        let chain = small_blocks_chain(vec![1; 4], 40);
+        let store = FailingStore::new(MemStore::new(chain.genesis()));
+        chain.write_to(&store, 20).unwrap();
+        let (limits, data) = (Limits::default(), soma_types::Limits::default());
+        let refused = commits_answer(&store, 21, 38, &limits, &data, &|| true).unwrap_err();
+        assert!(matches!(refused, Refused::NoCertificate(_)), "{refused:?}");
+        assert_eq!(store.commits_read(), 0);
+        // Certified by the votes after it: read once, from 21 to 36.
+        let answer = commits_answer(&store, 21, 36, &limits, &data, &|| true).unwrap();
+        assert_eq!(answer.commits.len(), 16);
+        assert_eq!(store.commits_read(), 16);
+        // Reaching the kept certificate at 40: read to its end.
+        let answer = commits_answer(&store, 37, 40, &limits, &data, &|| true).unwrap();
+        assert_eq!(answer.commits.len(), 4);
+        assert_eq!(store.commits_read(), 20);
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub struct FailingStore {
     most_blocks_read: AtomicU64,
     /// Reads of block encodings so far.
     block_bytes_reads: AtomicU64,
+    /// Commits `commits_in_range` has returned so far.
+    commits_read: AtomicU64,
     /// Whether reads of block encodings return nothing at all, against
     /// the trait's contract.
     no_block_bytes: AtomicBool,
@@ -53,6 +55,7 @@ impl FailingStore {
             reads_before_prune: AtomicU64::new(0),
             most_blocks_read: AtomicU64::new(0),
             block_bytes_reads: AtomicU64::new(0),
+            commits_read: AtomicU64::new(0),
             no_block_bytes: AtomicBool::new(false),
             pause_after: AtomicU64::new(0),
             failing_reads: AtomicU64::new(0),
@@ -88,6 +91,11 @@ impl FailingStore {
     /// even the first block's: a faulty store.
     pub fn return_no_block_bytes(&self) {
         self.no_block_bytes.store(true, Ordering::SeqCst);
+    }
+
+    /// Commits [`ConsensusStore::commits_in_range`] has returned so far.
+    pub fn commits_read(&self) -> u64 {
+        self.commits_read.load(Ordering::SeqCst)
     }
 
     /// Reads of block encodings ([`ConsensusStore::block_bytes`]) so far.
@@ -160,7 +168,10 @@ impl ConsensusStore for FailingStore {
             self.failing_reads.store(failing - 1, Ordering::SeqCst);
             return Err(Error::Database("a read failed (a test's fault)".into()));
         }
-        self.inner.commits_in_range(range, max_bytes)
+        let commits = self.inner.commits_in_range(range, max_bytes)?;
+        self.commits_read
+            .fetch_add(commits.len() as u64, Ordering::SeqCst);
+        Ok(commits)
     }
     fn block(&self, block: &BlockRef) -> Result<Option<VerifiedBlock>> {
         self.inner.block(block)
