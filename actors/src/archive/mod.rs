@@ -42,7 +42,7 @@ use serde::{Deserialize, Serialize};
 use soma_types::{ChainId, CommitIndex};
 
 pub use reader::ArchiveReader;
-pub(crate) use writer::{WriterDeps, run_writer};
+pub(crate) use writer::{WriterDeps, supervise_writer};
 
 /// How a node uses an archive.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -244,6 +244,7 @@ pub struct ArchiveStats {
     read_misses: AtomicU64,
     read_errors: AtomicU64,
     refused: AtomicU64,
+    writer_restarts: AtomicU64,
 }
 
 /// A snapshot of [`ArchiveStats`].
@@ -268,6 +269,9 @@ pub struct ArchiveStatus {
     pub read_errors: u64,
     /// Archive data refused by verification (corrupt or forged).
     pub refused: u64,
+    /// Times the writer task panicked and was started again.
+    #[serde(default)]
+    pub writer_restarts: u64,
 }
 
 impl ArchiveStats {
@@ -283,6 +287,7 @@ impl ArchiveStats {
             read_misses: get(&self.read_misses),
             read_errors: get(&self.read_errors),
             refused: get(&self.refused),
+            writer_restarts: get(&self.writer_restarts),
         }
     }
 

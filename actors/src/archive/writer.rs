@@ -12,6 +12,7 @@ use super::{Archive, ArchiveError, ArchiveStats, ArchivedBatch};
 use crate::grpc::{self, Refused};
 
 /// What the writer needs.
+#[derive(Clone)]
 pub(crate) struct WriterDeps {
     pub(crate) archive: Archive,
     pub(crate) store: Arc<dyn ConsensusStore>,
@@ -35,6 +36,33 @@ enum Step {
     Idle,
     /// The next commit to archive is pruned already; go on from `lowest`.
     Pruned { lowest: CommitIndex },
+}
+
+/// [`run_writer`] until the node stops, started again after it panics,
+/// after a pause that doubles from `min_retry` to `max_retry`: pruning
+/// waits on the writer, and a writer gone for good would hold it back
+/// with nothing but the log to say so. Each restart is counted
+/// (`ArchiveStatus::writer_restarts`) and logged; it goes on from the
+/// archive's head as a writer started with the node does.
+pub(crate) async fn supervise_writer(deps: WriterDeps) {
+    use futures::FutureExt;
+    let config = deps.archive.config().clone();
+    let mut stopped = deps.stopped.clone();
+    let mut pause = config.min_retry;
+    loop {
+        let run = std::panic::AssertUnwindSafe(run_writer(deps.clone()));
+        let Err(panic) = run.catch_unwind().await else {
+            return;
+        };
+        ArchiveStats::count(&deps.archive.stats().writer_restarts);
+        let message = crate::supervisor::panic_message(panic.as_ref());
+        tracing::error!(%message, ?pause, "the archive writer panicked; starting it again");
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stopped.wait_for(|s| *s) => return,
+        }
+        pause = (pause * 2).min(config.max_retry);
+    }
 }
 
 /// Copies certified batches into the archive until the node stops: at
@@ -550,5 +578,122 @@ mod tests {
             matches!(&error, Some(ArchiveError::Source(m)) if m.contains("archive.max-object-bytes")),
             "{error:?}"
         );
+    }
+
+    /// An object store whose first write panics, as a faulty backend
+    /// client may; everything else goes to the store in memory.
+    #[derive(Debug, Default)]
+    struct PanicsOnce {
+        inner: object_store::memory::InMemory,
+        panicked: std::sync::atomic::AtomicBool,
+    }
+
+    impl std::fmt::Display for PanicsOnce {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "PanicsOnce({})", self.inner)
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl object_store::ObjectStore for PanicsOnce {
+        async fn put_opts(
+            &self,
+            location: &object_store::path::Path,
+            payload: object_store::PutPayload,
+            opts: object_store::PutOptions,
+        ) -> object_store::Result<object_store::PutResult> {
+            use std::sync::atomic::Ordering;
+            assert!(
+                self.panicked.swap(true, Ordering::SeqCst),
+                "the object store's first write panics"
+            );
+            self.inner.put_opts(location, payload, opts).await
+        }
+        async fn put_multipart_opts(
+            &self,
+            location: &object_store::path::Path,
+            opts: object_store::PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+            self.inner.put_multipart_opts(location, opts).await
+        }
+        async fn get_opts(
+            &self,
+            location: &object_store::path::Path,
+            options: object_store::GetOptions,
+        ) -> object_store::Result<object_store::GetResult> {
+            self.inner.get_opts(location, options).await
+        }
+        fn delete_stream(
+            &self,
+            locations: futures::stream::BoxStream<
+                'static,
+                object_store::Result<object_store::path::Path>,
+            >,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::path::Path>>
+        {
+            self.inner.delete_stream(locations)
+        }
+        fn list(
+            &self,
+            prefix: Option<&object_store::path::Path>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>>
+        {
+            self.inner.list(prefix)
+        }
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&object_store::path::Path>,
+        ) -> object_store::Result<object_store::ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+        async fn copy_opts(
+            &self,
+            from: &object_store::path::Path,
+            to: &object_store::path::Path,
+            options: object_store::CopyOptions,
+        ) -> object_store::Result<()> {
+            self.inner.copy_opts(from, to, options).await
+        }
+    }
+
+    /// A writer task that panics (its object store's first write) is
+    /// started again, counted once, and archives the whole store; it
+    /// stops when the node does.
+    #[tokio::test]
+    async fn a_writer_that_panics_is_started_again_and_archives_everything() {
+        let chain = ChainBuilder::new(ChainConfig::validators(4)).build(300);
+        let store = Arc::new(MemStore::new(chain.genesis()));
+        chain.write_to(store.as_ref(), 100).unwrap();
+        let config = super::super::Config {
+            min_retry: Duration::from_millis(1),
+            ..super::super::Config::new("memory")
+        };
+        let archive = Archive::with_store(
+            Arc::new(PanicsOnce::default()),
+            object_store::path::Path::default(),
+            config,
+            chain.chain_id(),
+        );
+        let (stop, stopped) = watch::channel(false);
+        let deps = WriterDeps {
+            archive: archive.clone(),
+            stopped,
+            ..writer(store.clone(), chain.chain_id())
+        };
+        let mut archived = deps.archived.subscribe();
+        let task = tokio::spawn(supervise_writer(deps));
+        let all = archived.wait_for(|next| *next == 301);
+        tokio::time::timeout(Duration::from_secs(60), all)
+            .await
+            .expect("everything archived")
+            .unwrap();
+        let status = archive.stats().status();
+        assert_eq!((status.writer_restarts, status.batches_written), (1, 3));
+        for first in [1, 101, 201] {
+            let batch = archive.batch(first).await.unwrap().unwrap();
+            assert_eq!((batch.first, batch.last), (first, first + 99));
+        }
+        stop.send_replace(true);
+        task.await.unwrap();
     }
 }

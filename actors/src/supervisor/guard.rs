@@ -113,10 +113,16 @@ impl<A: Actor<Context = Context<A>> + Supervised> Future for Guarded<A> {
 }
 
 fn panicked(panic: &(dyn std::any::Any + Send)) -> ActorFailure {
-    let message = panic
+    ActorFailure::Panicked {
+        message: panic_message(panic),
+    }
+}
+
+/// What a panic said, if it said it in a string.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
         .downcast_ref::<&str>()
         .map(|s| (*s).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".to_owned());
-    ActorFailure::Panicked { message }
+        .unwrap_or_else(|| "a panic without a message".to_owned())
 }

@@ -27,4 +27,4 @@ mod guard;
 pub(crate) use actor::TreeStatus;
 pub use actor::{NodeFailure, Supervisor};
 pub use core::{ActorFailure, Config, Input, Output, SupervisorCore};
-pub(crate) use guard::{Parent, start};
+pub(crate) use guard::{Parent, panic_message, start};

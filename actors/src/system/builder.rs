@@ -12,7 +12,7 @@ use super::Execution;
 use super::config::P2pConfig;
 use super::handle::{Inner, OwnedRuntime, P2pHandle, Running};
 use super::tree::{self, NodeParts};
-use crate::archive::{Archive, ArchiveReader, WriterDeps, run_writer};
+use crate::archive::{Archive, ArchiveReader, WriterDeps, supervise_writer};
 use crate::discovery;
 use crate::grpc::{P2pService, SendDeadline, SendStats, ServiceDeps};
 use crate::supervisor::TreeStatus;
@@ -382,7 +382,7 @@ impl P2pBuilder {
             })
         };
         if let Some(deps) = writer {
-            runtime.spawn(run_writer(deps));
+            runtime.spawn(supervise_writer(deps));
         }
         tracing::info!(%peer_id, %local_addr, %chain_id, "p2p node started");
 

@@ -68,6 +68,7 @@ struct Series {
     archive_read: IntCounterVec,
     archive_errors: IntCounterVec,
     archive_refused: IntCounterVec,
+    archive_writer_restarts: IntCounterVec,
     /// Last values seen, to turn totals into counter increments.
     last: Mutex<std::collections::HashMap<String, u64>>,
 }
@@ -302,6 +303,12 @@ impl Series {
                 "Archived data that failed verification (a corrupt or forged archive); never applied",
                 &[],
             ),
+            archive_writer_restarts: counter(
+                &r,
+                "soma_archive_writer_restarts_total",
+                "Times the archive writer panicked and was started again",
+                &[],
+            ),
             actor_up,
             registry: r,
             last: Mutex::new(Default::default()),
@@ -421,6 +428,7 @@ impl Series {
             self.advance(&self.archive_errors, &["write"], a.write_errors);
             self.advance(&self.archive_errors, &["read"], a.read_errors);
             self.advance(&self.archive_refused, &[], a.refused);
+            self.advance(&self.archive_writer_restarts, &[], a.writer_restarts);
         }
         for actor in handle.health().actors {
             self.actor_up
