@@ -152,10 +152,11 @@ fn local(chain: &Chain, index: u64) -> LocalCommit {
 
 /// A node fed by local consensus: 400 commits are stored before the
 /// streams start; the rest arrive while they read. One stream reads at
-/// once, one starts only once 20 more commits are stored (so the live
-/// broadcast, of capacity 4, has lagged under it), one starts at commit
-/// 250. Each sees every commit from its start exactly once, in order, and
-/// ends live.
+/// once and one starts at commit 250, both as the commits come; one is
+/// read until it is live (caught up with the store, on the broadcast of
+/// capacity 4), then not read while the other 800 commits are sent, so
+/// the broadcast laps it and it falls back to the store. Each sees every
+/// commit from its start exactly once, in order, and ends live.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_switches_from_the_store_to_live_commits_without_gap_or_duplicate() {
     init_tracing();
@@ -163,7 +164,8 @@ async fn a_stream_switches_from_the_store_to_live_commits_without_gap_or_duplica
     let chain = small_chain(TOTAL + 1);
     let config = P2pConfig {
         synced_commit_broadcast_capacity: 4,
-        // Small store reads: the stream switches many times.
+        // Small store reads (a commit each): the stream switches many
+        // times.
         synced_commit_read_bytes: 1,
         ..P2pConfig::default()
     };
@@ -172,16 +174,9 @@ async fn a_stream_switches_from_the_store_to_live_commits_without_gap_or_duplica
     for i in 1..=400 {
         node.send_commit(local(&chain, i)).await.expect("stored");
     }
-    // The highest commit stored since the streams started.
-    let (stored, _) = tokio::sync::watch::channel(400);
-    let read = |from: u64, start_after: u64| {
+    let read = |from: u64| {
         let mut stream = node.subscribe_synced_commits_from(from);
-        let mut stored = stored.subscribe();
         tokio::spawn(async move {
-            stored
-                .wait_for(|i| *i >= start_after)
-                .await
-                .expect("sending");
             let mut seen = Vec::new();
             while seen.len() < (TOTAL - from + 1) as usize {
                 seen.push(stream.next().await.expect("no error").commit_ref);
@@ -189,14 +184,33 @@ async fn a_stream_switches_from_the_store_to_live_commits_without_gap_or_duplica
             seen
         })
     };
-    let readers = [(1, read(1, 400)), (1, read(1, 420)), (250, read(250, 400))];
+    // The lapped stream: 400 commits read a commit a store read, then
+    // the read that finds nothing more and puts it on the broadcast (a
+    // call cut short loses nothing).
+    let mut lapped = node.subscribe_synced_commits_from(1);
+    let mut seen = Vec::new();
+    for _ in 1..=400 {
+        seen.push(lapped.next().await.expect("no error").commit_ref);
+    }
+    while lapped.store_reads() == 400 {
+        let waited = tokio::time::timeout(Duration::from_millis(10), lapped.next()).await;
+        assert!(waited.is_err(), "nothing to deliver yet");
+    }
+    assert_eq!(lapped.store_reads(), 401);
+    let readers = [(1, read(1)), (250, read(250))];
     for i in 401..=TOTAL {
         node.send_commit(local(&chain, i)).await.expect("stored");
-        stored.send_replace(i);
         if i % 50 == 0 {
             tokio::task::yield_now().await;
         }
     }
+    while seen.len() < TOTAL as usize {
+        seen.push(lapped.next().await.expect("no error").commit_ref);
+    }
+    let expected: Vec<_> = (1..=TOTAL).map(|i| chain.commit_ref(i)).collect();
+    assert!(seen == expected, "lapped: every commit once, in order");
+    // Lapped, it read from the store again: a commit a read.
+    assert!(lapped.store_reads() > 401, "{}", lapped.store_reads());
     for (from, reader) in readers {
         let seen = tokio::time::timeout(DEADLINE, reader)
             .await

@@ -39,7 +39,9 @@ enum Step {
 }
 
 /// [`run_writer`] until the node stops, started again after it panics,
-/// after a pause that doubles from `min_retry` to `max_retry`: pruning
+/// after a pause that doubles from `min_retry` to `max_retry` while runs
+/// archive nothing (store calls that panic on the blocking pool are
+/// failed writes, retried within the run, not panics of it): pruning
 /// waits on the writer, and a writer gone for good would hold it back
 /// with nothing but the log to say so. Each restart is counted
 /// (`ArchiveStatus::writer_restarts`) and logged; it goes on from the
@@ -48,13 +50,19 @@ pub(crate) async fn supervise_writer(deps: WriterDeps) {
     use futures::FutureExt;
     let config = deps.archive.config().clone();
     let mut stopped = deps.stopped.clone();
+    let stats = deps.archive.stats().clone();
     let mut pause = config.min_retry;
     loop {
+        let written = stats.status().batches_written;
         let run = std::panic::AssertUnwindSafe(run_writer(deps.clone()));
         let Err(panic) = run.catch_unwind().await else {
             return;
         };
-        ArchiveStats::count(&deps.archive.stats().writer_restarts);
+        ArchiveStats::count(&stats.writer_restarts);
+        // A run that archived something was not part of a crash loop.
+        if stats.status().batches_written > written {
+            pause = config.min_retry;
+        }
         let message = crate::supervisor::panic_message(panic.as_ref());
         tracing::error!(%message, ?pause, "the archive writer panicked; starting it again");
         tokio::select! {
@@ -694,6 +702,9 @@ mod tests {
             assert_eq!((batch.first, batch.last), (first, first + 99));
         }
         stop.send_replace(true);
-        task.await.unwrap();
+        tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .expect("the writer stops with the node")
+            .unwrap();
     }
 }

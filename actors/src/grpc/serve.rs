@@ -733,10 +733,12 @@ mod tests {
         let refused = commits_answer(&store, 21, 38, &limits, &data, &|| true).unwrap_err();
         assert!(matches!(refused, Refused::NoCertificate(_)), "{refused:?}");
         assert_eq!(store.commits_read(), 0);
-        // Certified by the votes after it: read once, from 21 to 36.
+        // Certified by the votes after it: read once, from 21 to 36, with
+        // the certificate the search before the read made.
         let answer = commits_answer(&store, 21, 36, &limits, &data, &|| true).unwrap();
         assert_eq!(answer.commits.len(), 16);
         assert_eq!(store.commits_read(), 16);
+        assert_eq!(verify_answer_after(&answer, &chain, &data, 20).len(), 3);
         // Reaching the kept certificate at 40: read to its end.
         let answer = commits_answer(&store, 37, 40, &limits, &data, &|| true).unwrap();
         assert_eq!(answer.commits.len(), 4);

@@ -13,7 +13,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
-use rand::{Rng, SeedableRng};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
 use soma_chain::ChainBuilder;
 use soma_store::{ConsensusStore, RedbStore};
 
@@ -102,8 +103,7 @@ fn serving_validators_killed_and_restarted_mid_batch_leave_the_syncing_node_whol
     // Kill a validator seen serving a fetch, never the last one up, once
     // the node has synced past where it stood at the kill before; restart
     // it once the node has synced past where it stood at its kill. KILLS
-    // times, all while the node syncs; the victim among those serving is
-    // drawn from a seed.
+    // times, all while the node syncs.
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(20261123);
     let mut killed_at: Vec<Option<u64>> = vec![None; VALIDATORS as usize];
     let mut kills: Vec<(usize, u64)> = Vec::new();
@@ -131,15 +131,14 @@ fn serving_validators_killed_and_restarted_mid_batch_leave_the_syncing_node_whol
             .collect();
         let progressed = kills.last().is_none_or(|(_, at)| synced > *at);
         if progressed && up.len() > 1 && kills.len() < KILLS && synced < COMMITS {
-            let serving: Vec<usize> = up
-                .iter()
-                .copied()
-                .filter(|i| {
-                    metric(&vmetrics[*i], "soma_fetches_in_flight").is_some_and(|n| n > 0.0)
-                })
-                .collect();
-            if !serving.is_empty() {
-                let victim = serving[rng.random_range(0..serving.len())];
+            // Looked at in a seeded order, the first seen serving killed
+            // at once, while its fetch is likeliest still in flight.
+            let mut order = up.clone();
+            order.shuffle(&mut rng);
+            let serving = order
+                .into_iter()
+                .find(|i| metric(&vmetrics[*i], "soma_fetches_in_flight").is_some_and(|n| n > 0.0));
+            if let Some(victim) = serving {
                 let mut process = validators[victim].take().unwrap();
                 kill(process.pid(), Signal::SIGKILL).unwrap();
                 process
