@@ -155,3 +155,58 @@ fn a_node_shut_down_while_it_syncs_and_serves_leaves_no_task_and_a_consistent_st
     }
     soma_testkit::assert_certified(&chain, &store, 1..=watermark.index);
 }
+
+/// On a runtime the node does not own, a store write under way when the
+/// node is shut down (a local commit's, held up once stored) is waited
+/// for: `shutdown` returns only once it has, and then nothing of the node
+/// holds the store but the handle. Before, `shutdown` returned with the
+/// write still running on the blocking pool, holding the store: an
+/// embedder reopening its database found it in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_on_a_runtime_the_node_does_not_own_waits_for_the_store_write_under_way() {
+    use soma_testkit::failing_store::FailingStore;
+    let chain = ChainBuilder::new(ChainConfig::validators(4)).build(1);
+    let store = Arc::new(FailingStore::new(MemStore::new(chain.genesis())));
+    let node = P2pBuilder::new(
+        P2pConfig::default(),
+        KeyPair::from_seed([9; 32]),
+        chain.genesis().clone(),
+        store.clone(),
+    )
+    .runtime(tokio::runtime::Handle::current())
+    .start()
+    .expect("the node starts");
+    store.pause_after_writing(1);
+    let sending = {
+        let (node, commit) = (node.clone(), soma_testkit::local_commit(&chain, 1));
+        tokio::spawn(async move { node.send_commit(commit).await })
+    };
+    let start = Instant::now();
+    while !store.paused() {
+        assert!(start.elapsed() < DEADLINE, "the write never started");
+        tokio::task::yield_now().await;
+    }
+    let mut shutdown = Box::pin({
+        let node = node.clone();
+        async move { node.shutdown().await }
+    });
+    // Once the node's parts let go of it, the test, the handle and the
+    // write under way hold the store.
+    while Arc::strong_count(&store) > 3 {
+        assert!(start.elapsed() < DEADLINE, "the node never stopped");
+        if futures::poll!(&mut shutdown).is_ready() {
+            panic!("shutdown returned with the write under way");
+        }
+        tokio::task::yield_now().await;
+    }
+    // The write is held: shutdown cannot end (had it not waited, it would
+    // end as soon as the actors' thread is joined).
+    let early = tokio::time::timeout(Duration::from_millis(300), &mut shutdown).await;
+    assert!(early.is_err(), "shutdown returned with the write under way");
+    store.resume();
+    shutdown.await;
+    assert_eq!(store.inner().highest_synced_commit().unwrap().index, 1);
+    assert_eq!(Arc::strong_count(&store), 2, "the test's and the handle's");
+    // Stored, though the node stopped before it could say so.
+    let _ = sending.await.unwrap();
+}

@@ -2,6 +2,8 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use soma_store::ConsensusStore;
+
+use super::store_gate::StoreGate;
 use soma_types::{ChainId, Committee, KeyPair, NodeInfo, PeerId, SignedNodeInfo, genesis_commit};
 use soma_wire::inbound::ConnectionLimit;
 use soma_wire::proto::p2p_server::P2pServer;
@@ -144,6 +146,11 @@ impl P2pBuilder {
         if store.committee(genesis.epoch())?.as_ref() != Some(&genesis) {
             return Err(StartError::WrongChain);
         }
+        // Every call the node makes to the store from here on goes
+        // through the gate, which shutdown closes once the calls under
+        // way have returned.
+        let gate = Arc::new(StoreGate::new(store.clone()));
+        let (given_store, store) = (store, gate.clone() as Arc<dyn ConsensusStore>);
         let (owned_runtime, runtime) = match runtime {
             Some(handle) => (None, handle),
             None => {
@@ -395,7 +402,8 @@ impl P2pBuilder {
             local_addr,
             chain_id,
             own_info,
-            store,
+            store: given_store,
+            gate,
             actors,
             commits,
             execution,

@@ -11,6 +11,7 @@ use soma_types::{
 use tokio::sync::{broadcast, oneshot, watch};
 
 use super::commits::{CommitStream, Execution, Source};
+use super::store_gate::Closed;
 use super::tree::Actors;
 use crate::connections::{ActivePeers, Connect, PeerEvent};
 use crate::discovery::KnownPeers;
@@ -68,7 +69,10 @@ pub(super) struct Inner {
     pub(super) local_addr: SocketAddr,
     pub(super) chain_id: ChainId,
     pub(super) own_info: SignedNodeInfo,
+    /// The embedder's store, as given.
     pub(super) store: Arc<dyn ConsensusStore>,
+    /// The node's way to it, closed at shutdown.
+    pub(super) gate: Arc<super::store_gate::StoreGate>,
     pub(super) actors: Actors,
     pub(super) commits: broadcast::Sender<CommittedSubDag>,
     /// The registered executor's progress.
@@ -322,7 +326,7 @@ impl P2pHandle {
     pub fn subscribe_synced_commits_from(&self, index: CommitIndex) -> CommitStream {
         CommitStream::new(
             Source {
-                store: self.inner.store.clone(),
+                store: self.inner.gate.clone(),
                 live: self.inner.commits.downgrade(),
                 stopped: self.inner.stopped.subscribe(),
                 runtime: self.inner.runtime.clone(),
@@ -644,6 +648,7 @@ impl P2pHandle {
         let running = self.inner.running().take();
         if let Some(running) = running {
             let done = self.inner.joined.clone();
+            let gate = self.inner.gate.clone();
             let join = move || {
                 let Running {
                     actor_thread,
@@ -655,6 +660,14 @@ impl P2pHandle {
                 let _ = actor_thread.join();
                 if let Some(rt) = owned_runtime.and_then(OwnedRuntime::take) {
                     rt.shutdown_timeout(SERVER_DRAIN);
+                }
+                // On a runtime the node does not own, its blocking store
+                // calls may still be under way: waited for here.
+                if let Closed::Busy(calls) = gate.close(SERVER_DRAIN) {
+                    tracing::warn!(
+                        calls,
+                        "store calls still under way at shutdown; they hold the store until they return"
+                    );
                 }
                 done.send_replace(true);
             };

@@ -19,6 +19,7 @@ mod commits;
 mod config;
 mod handle;
 mod reserved;
+mod store_gate;
 mod tree;
 
 pub use crate::state_sync::Retention;
