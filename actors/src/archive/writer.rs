@@ -95,6 +95,8 @@ pub(crate) async fn run_writer(mut deps: WriterDeps) {
                 retry = config.min_retry;
                 config.interval
             }
+            // Refused by the store as the node stops: not a failure.
+            Err(_) if *deps.stopped.borrow() => return,
             Err(e) => {
                 ArchiveStats::count(&stats.write_errors);
                 if matches!(e, ArchiveError::TooLarge { .. }) {

@@ -2,8 +2,6 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use soma_store::ConsensusStore;
-
-use super::store_gate::StoreGate;
 use soma_types::{ChainId, Committee, KeyPair, NodeInfo, PeerId, SignedNodeInfo, genesis_commit};
 use soma_wire::inbound::ConnectionLimit;
 use soma_wire::proto::p2p_server::P2pServer;
@@ -13,6 +11,7 @@ use tokio::sync::{broadcast, oneshot, watch};
 use super::Execution;
 use super::config::P2pConfig;
 use super::handle::{Inner, OwnedRuntime, P2pHandle, Running};
+use super::store_gate::StoreGate;
 use super::tree::{self, NodeParts};
 use crate::archive::{Archive, ArchiveReader, WriterDeps, supervise_writer};
 use crate::discovery;

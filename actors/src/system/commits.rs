@@ -304,10 +304,6 @@ impl CommitStream {
             .spawn_blocking(move || read_from(store.as_ref(), next, bytes))
             .await
         {
-            // A read the node's shutdown refused (its store gate closed).
-            Ok(Err(StreamError::Store(_))) if *self.source.stopped.borrow() => {
-                Err(StreamError::Stopped)
-            }
             Ok(read) => read,
             // A read that panicked is the store's failure, not the node's
             // end: the node goes on, and the next call reads again.

@@ -326,7 +326,7 @@ impl P2pHandle {
     pub fn subscribe_synced_commits_from(&self, index: CommitIndex) -> CommitStream {
         CommitStream::new(
             Source {
-                store: self.inner.gate.clone(),
+                store: self.inner.store.clone(),
                 live: self.inner.commits.downgrade(),
                 stopped: self.inner.stopped.subscribe(),
                 runtime: self.inner.runtime.clone(),
@@ -648,7 +648,7 @@ impl P2pHandle {
         let running = self.inner.running().take();
         if let Some(running) = running {
             let done = self.inner.joined.clone();
-            let gate = self.inner.gate.clone();
+            let (gate, gate_now) = (self.inner.gate.clone(), self.inner.gate.clone());
             let join = move || {
                 let Running {
                     actor_thread,
@@ -658,12 +658,15 @@ impl P2pHandle {
                 } = running;
                 let _ = actors_stopped.blocking_recv();
                 let _ = actor_thread.join();
+                // One drain for both: an owned runtime's blocking store
+                // calls and, on a runtime the node does not own, those
+                // still under way.
+                let deadline = std::time::Instant::now() + SERVER_DRAIN;
                 if let Some(rt) = owned_runtime.and_then(OwnedRuntime::take) {
                     rt.shutdown_timeout(SERVER_DRAIN);
                 }
-                // On a runtime the node does not own, its blocking store
-                // calls may still be under way: waited for here.
-                if let Closed::Busy(calls) = gate.close(SERVER_DRAIN) {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if let Closed::Busy(calls) = gate.close(left) {
                     tracing::warn!(
                         calls,
                         "store calls still under way at shutdown; they hold the store until they return"
@@ -675,6 +678,8 @@ impl P2pHandle {
                 .name("soma-stop".into())
                 .spawn(join);
             if let Err(e) = spawned {
+                // Refuses the node's store calls from now on, at least.
+                let _ = gate_now.close(Duration::ZERO);
                 // The node's parts were dropped with the closure: an owned
                 // runtime shuts down in the background.
                 tracing::warn!(%e, "cannot start a thread to join the node's; not waiting");

@@ -82,35 +82,52 @@ impl StoreGate {
     /// `call` on the store, counted as under way until it returns (or
     /// panics); refused once the gate is closed.
     fn with<T>(&self, call: impl FnOnce(&dyn ConsensusStore) -> Result<T>) -> Result<T> {
-        let store = {
+        let under_way = {
             let mut gate = self.lock();
             let Some(store) = gate.store.clone() else {
                 return Err(Error::Database("the node has stopped".into()));
             };
             gate.calls += 1;
-            store
+            UnderWay {
+                gate: self,
+                store: Some(store),
+            }
         };
-        let _returned = Returned(self);
-        call(store.as_ref())
+        call(under_way.store())
     }
 }
 
-/// Counts a call as returned when dropped, a panic's unwinding included.
-struct Returned<'a>(&'a StoreGate);
+/// A call under way, holding the store; counted as returned when
+/// dropped (a panic's unwinding included), once it has let go of the
+/// store, so that `close` never finds the calls done while one still
+/// holds it.
+struct UnderWay<'a> {
+    gate: &'a StoreGate,
+    store: Option<Arc<dyn ConsensusStore>>,
+}
 
-impl Drop for Returned<'_> {
+impl UnderWay<'_> {
+    fn store(&self) -> &dyn ConsensusStore {
+        self.store.as_deref().expect("held until dropped")
+    }
+}
+
+impl Drop for UnderWay<'_> {
     fn drop(&mut self) {
-        let mut gate = self.0.lock();
+        drop(self.store.take());
+        let mut gate = self.gate.lock();
         gate.calls -= 1;
         if gate.calls == 0 {
-            self.0.idle.notify_all();
+            self.gate.idle.notify_all();
         }
     }
 }
 
 impl ConsensusStore for StoreGate {
+    /// Once closed, the highest version: no answer cached before matches
+    /// it (a version is never lowered).
     fn version(&self) -> u64 {
-        self.with(|s| Ok(s.version())).unwrap_or(0)
+        self.with(|s| Ok(s.version())).unwrap_or(u64::MAX)
     }
     fn highest_synced_commit(&self) -> Result<CommitRef> {
         self.with(|s| s.highest_synced_commit())
@@ -171,6 +188,15 @@ mod tests {
 
     use super::*;
 
+    /// Spins until `done`, for a minute at most.
+    fn wait(done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !done() {
+            assert!(Instant::now() < deadline, "waited a minute");
+            std::thread::yield_now();
+        }
+    }
+
     /// A write under way when the gate closes is waited for and stored;
     /// then the gate holds the store no more, and refuses every call.
     #[test]
@@ -183,18 +209,15 @@ mod tests {
             let (gate, batch) = (gate.clone(), chain.batch(1..=1));
             std::thread::spawn(move || gate.write_synced_batch(batch))
         };
-        while !store.paused() {
-            std::thread::yield_now();
-        }
+        wait(|| store.paused() || writing.is_finished());
+        assert!(store.paused(), "the write pauses once stored");
         let closing = {
             let gate = gate.clone();
             std::thread::spawn(move || gate.close(Duration::from_secs(60)))
         };
         // Once closing, the gate refuses new calls (the write under way
         // still counts, so `close` is still waiting for it).
-        while gate.highest_synced_commit().is_ok() {
-            std::thread::yield_now();
-        }
+        wait(|| gate.highest_synced_commit().is_err());
         assert!(!closing.is_finished(), "close waits for the write");
         assert_eq!(
             Arc::strong_count(&store),
@@ -211,7 +234,7 @@ mod tests {
         assert_eq!(Arc::strong_count(&store), 1, "only the test holds it");
         let refused = gate.write_synced_batch(chain.batch(2..=2)).unwrap_err();
         assert!(refused.to_string().contains("stopped"), "{refused}");
-        assert_eq!(gate.version(), 0);
+        assert_eq!(gate.version(), u64::MAX);
     }
 
     /// A call that never returns (a hung disk) holds `close` only until
@@ -226,9 +249,8 @@ mod tests {
             let (gate, batch) = (gate.clone(), chain.batch(1..=1));
             std::thread::spawn(move || gate.write_synced_batch(batch))
         };
-        while !store.paused() {
-            std::thread::yield_now();
-        }
+        wait(|| store.paused() || writing.is_finished());
+        assert!(store.paused(), "the write pauses once stored");
         assert_eq!(gate.close(Duration::from_millis(1)), Closed::Busy(1));
         store.resume();
         writing.join().unwrap().unwrap();
