@@ -125,6 +125,16 @@ fn fuzz_bodies_survive_random_and_mutated_inputs() {
     }
 }
 
+/// The offset of the last byte of part `k` of a body [`bodies::join`]
+/// made.
+fn end_of_part(joined: &[u8], k: usize) -> usize {
+    let mut at = 0;
+    for _ in 0..=k {
+        at += 2 + usize::from(u16::from_le_bytes([joined[at], joined[at + 1]]));
+    }
+    at - 1
+}
+
 /// The seeds reach the verification code: as made they verify, and a
 /// byte changed in a signature is caught by the rule it breaks, not lost
 /// in a decoder.
@@ -134,9 +144,16 @@ fn the_seeds_reach_verification() {
     let seed = |name: &str| seeds.iter().find(|(n, _)| *n == name).unwrap().1.clone();
     let batch = seed("commit_batch");
     assert_eq!(bodies::commit_batch_checked(&batch), Some(Ok(())));
-    // The last byte is inside the last certifier's signature.
+    // A part's last byte is inside its signature. The certifiers are all
+    // four authorities' votes, of which a minimal quorum (the first three,
+    // of equal stakes) is checked: the fourth's signature is never read,
+    // the first's is caught.
+    let commits = usize::from(batch[0]);
     let mut forged = batch.clone();
     *forged.last_mut().unwrap() ^= 1;
+    assert_eq!(bodies::commit_batch_checked(&forged), Some(Ok(())));
+    let mut forged = batch.clone();
+    forged[1 + end_of_part(&batch[1..], commits)] ^= 1;
     let verdict = bodies::commit_batch_checked(&forged);
     assert!(
         matches!(verdict, Some(Err(soma_types::Error::BadSignature(_)))),

@@ -353,7 +353,53 @@ fn certified_commit_batch_passes() {
     )
     .unwrap();
     assert_eq!(trusted.last().unwrap().reference(), chain.commit_ref(20));
-    assert_eq!(cert.len(), 4);
+    // Of the four votes, a minimal quorum of equal stakes: the first three.
+    let kept: Vec<_> = cert.iter().map(|b| b.reference()).collect();
+    let sent: Vec<_> = chain
+        .certificate(20)
+        .iter()
+        .map(|b| b.reference())
+        .collect();
+    assert_eq!(kept, sent[..3]);
+}
+
+/// Certifiers past a minimal quorum of votes for the last commit are
+/// padding: neither checked nor kept. A retired validator's junk block
+/// of thousands of transactions, or a forged one, past the quorum costs
+/// nothing; nor does a block that votes for something else, wherever it
+/// stands in the list.
+#[test]
+fn certifiers_past_a_minimal_quorum_are_neither_checked_nor_kept() {
+    let chain = chain();
+    let (commits, certifiers) = chain.fetch_commits(1..=20);
+    let voters: Vec<_> = certifiers[..3].iter().map(|b| b.reference()).collect();
+    let kept = |certifiers: Vec<_>| {
+        let (_, kept) = verify_commit_batch(
+            commits.clone(),
+            certifiers,
+            chain.genesis(),
+            chain.commit_ref(0),
+            &Limits::default(),
+        )
+        .unwrap();
+        kept.iter().map(|b| b.reference()).collect::<Vec<_>>()
+    };
+    // A forged fourth vote.
+    let mut forged = certifiers.clone();
+    forged[3] = corrupt::forge_signature(&forged[3].clone().into_trusted());
+    assert_eq!(kept(forged), voters);
+    // A block voting for nothing of this batch (one of the chain's), sent
+    // first, in the fourth vote's place.
+    let stranger = chain.blocks_of(2)[0].to_unverified();
+    assert!(
+        !stranger
+            .block()
+            .commit_votes
+            .contains(&chain.commit_ref(20))
+    );
+    let mut padded = certifiers[..3].to_vec();
+    padded.insert(0, stranger);
+    assert_eq!(kept(padded), voters);
 }
 
 #[test]

@@ -67,6 +67,10 @@ pub enum Error {
     /// A signature does not verify.
     #[error("bad signature on {0}")]
     BadSignature(SignedItem),
+    /// A batch of signatures does not verify, and was not searched for
+    /// the bad one (the data is refused whole).
+    #[error("a batch of {0} signatures does not verify")]
+    BadSignatures(usize),
 
     // ---- committee ----
     /// A committee has no authorities.

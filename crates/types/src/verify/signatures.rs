@@ -186,6 +186,22 @@ impl SignatureBatch {
         }
     }
 
+    /// Checks every signature as [`SignatureBatch::verify`] does, but does
+    /// not search a failed batch for the bad signature: for data refused
+    /// whole whichever it is ([`Error::BadSignatures`]).
+    pub fn verify_whole(&self) -> Result<()> {
+        if let Some(&i) = self.invalid.iter().min() {
+            return Err(Error::InvalidKey(self.items[i].clone()));
+        }
+        if let Some(&i) = self.weak.iter().min() {
+            return Err(Error::WeakKey(self.items[i].clone()));
+        }
+        if self.is_empty() || self.batch_passes() {
+            return Ok(());
+        }
+        Err(Error::BadSignatures(self.len()))
+    }
+
     /// Checks every signature and reports each one's result, in push order.
     pub fn verify_each(&self) -> Vec<Result<()>> {
         if self.verify().is_ok() {
