@@ -366,6 +366,14 @@ impl Handler<KnownPeers> for Discovery {
     }
 }
 
+impl Handler<KnownPeerCount> for Discovery {
+    type Result = usize;
+    /// A read of the core, not an input: nothing to record.
+    fn handle(&mut self, _: KnownPeerCount, _: &mut Context<Self>) -> usize {
+        self.driver.core().known_peers().count()
+    }
+}
+
 impl Handler<ExchangeInfo> for Discovery {
     type Result = ResponseActFuture<Self, Result<Exchanged, tonic::Status>>;
 

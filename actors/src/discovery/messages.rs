@@ -146,3 +146,9 @@ pub struct Exchanged {
 #[derive(Debug, Message)]
 #[rtype(result = "Vec<SignedNodeInfo>")]
 pub struct KnownPeers;
+
+/// How many peers Discovery knows: [`KnownPeers`]' length, without the
+/// copy of the table (for metrics).
+#[derive(Debug, Message)]
+#[rtype(result = "usize")]
+pub struct KnownPeerCount;

@@ -28,4 +28,4 @@ pub use core::{
     Config, DiscoveryCore, Init, SERVICE_PORTS, SeedPeer, canonical_address, is_advertisable,
     is_service_port,
 };
-pub use messages::{ExchangeInfo, Exchanged, Input, KnownPeers, Output};
+pub use messages::{ExchangeInfo, Exchanged, Input, KnownPeerCount, KnownPeers, Output};

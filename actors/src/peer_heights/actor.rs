@@ -341,6 +341,13 @@ impl Handler<PeersBehind> for PeerHeights {
     }
 }
 
+impl Handler<CountPeers> for PeerHeights {
+    type Result = PeerCounts;
+    fn handle(&mut self, _: CountPeers, _: &mut Context<Self>) -> PeerCounts {
+        self.driver.core().counts()
+    }
+}
+
 impl Handler<Snapshot> for PeerHeights {
     type Result = Vec<PeerView>;
     fn handle(&mut self, _: Snapshot, ctx: &mut Context<Self>) -> Vec<PeerView> {

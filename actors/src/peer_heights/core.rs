@@ -1080,6 +1080,18 @@ impl PeerHeightsCore {
         insert_bounded(&mut self.bans, (peer, until), self.config.max_bans);
     }
 
+    /// The banned and doubted peers a snapshot would show, counted
+    /// without building it (a read, not an input: for metrics).
+    pub fn counts(&self) -> PeerCounts {
+        let doubted = (self.peers.keys())
+            .filter(|id| self.doubts.get(*id).is_some_and(|d| d.until.is_some()))
+            .count();
+        PeerCounts {
+            banned: self.bans.len(),
+            doubted,
+        }
+    }
+
     fn snapshot(&self) -> Vec<PeerView> {
         let mut views: BTreeMap<PeerId, PeerView> = self
             .peers
@@ -1205,11 +1217,19 @@ mod tests {
         }
     }
 
+    /// The snapshot, checked against the counts metrics read instead.
     fn snapshot(c: &mut PeerHeightsCore, now: Time) -> Vec<PeerView> {
-        match c.handle(now, Input::Snapshot).pop() {
+        let views = match c.handle(now, Input::Snapshot).pop() {
             Some(Output::Snapshot(s)) => s,
             other => panic!("unexpected {other:?}"),
-        }
+        };
+        let counted = |f: fn(&PeerView) -> bool| views.iter().filter(|v| f(v)).count();
+        let counts = PeerCounts {
+            banned: counted(|v| v.banned_until.is_some()),
+            doubted: counted(|v| v.doubted_above.is_some()),
+        };
+        assert_eq!(c.counts(), counts);
+        views
     }
 
     /// Each tracked or banned peer as (id byte, connected, lowest, highest,

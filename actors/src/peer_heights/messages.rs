@@ -390,6 +390,21 @@ impl ReportOutcome {
 #[rtype(result = "Vec<PeerView>")]
 pub struct Snapshot;
 
+/// How many peers of a [`Snapshot`] are banned and how many doubted,
+/// without building it (for metrics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Message)]
+#[rtype(result = "PeerCounts")]
+pub struct CountPeers;
+
+/// What [`CountPeers`] answers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, actix::MessageResponse)]
+pub struct PeerCounts {
+    /// Peers banned, connected or not.
+    pub banned: usize,
+    /// Connected peers whose claims are doubted.
+    pub doubted: usize,
+}
+
 /// What PeerHeights knows of one peer: a connected peer, or a banned one
 /// that has left (then only its ban is known).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -29,8 +29,9 @@ pub use core::{
     Config, Doubt, GOOD_COMMIT_THROUGHPUT_BPS, GOOD_THROUGHPUT_BPS, Init, PeerHeightsCore,
 };
 pub use messages::{
-    Acquire, AcquireError, AcquirePeer, ClaimsRange, CoversRange, FetchKind, HeardHeights,
-    HeightsHeard, HighestKnownCommit, Input, Lease, LeaseUnanswered, OutcomeKind, Output, PeerView,
-    PeersBehind, PeersForRange, PushHeight, Release, RemovePeer, ReportBeaten, ReportOutcome,
-    Snapshot, Transfer, UpdateHeight, WHOLE_ANSWER_MAX_MARKS, WHOLE_ANSWER_MS,
+    Acquire, AcquireError, AcquirePeer, ClaimsRange, CountPeers, CoversRange, FetchKind,
+    HeardHeights, HeightsHeard, HighestKnownCommit, Input, Lease, LeaseUnanswered, OutcomeKind,
+    Output, PeerCounts, PeerView, PeersBehind, PeersForRange, PushHeight, Release, RemovePeer,
+    ReportBeaten, ReportOutcome, Snapshot, Transfer, UpdateHeight, WHOLE_ANSWER_MAX_MARKS,
+    WHOLE_ANSWER_MS,
 };

@@ -14,8 +14,8 @@ use super::commits::{CommitStream, Execution, Source};
 use super::store_gate::Closed;
 use super::tree::Actors;
 use crate::connections::{ActivePeers, Connect, PeerEvent};
-use crate::discovery::KnownPeers;
-use crate::peer_heights::{PeerView, Snapshot};
+use crate::discovery::{KnownPeerCount, KnownPeers};
+use crate::peer_heights::{CountPeers, PeerCounts, PeerView, Snapshot};
 use crate::state_sync::{ApplyError, ApplyLocal, GetSyncStatus, StoreCertificate, SyncStatus};
 use crate::supervisor::{NodeFailure, TreeStatus};
 
@@ -488,6 +488,12 @@ impl P2pHandle {
         self.ask(&self.inner.actors.discovery, KnownPeers).await
     }
 
+    /// How many peers discovery knows: [`P2pHandle::known_peers`]' length,
+    /// without copying the table.
+    pub async fn known_peer_count(&self) -> Result<usize, P2pError> {
+        self.ask(&self.inner.actors.discovery, KnownPeerCount).await
+    }
+
     /// Every peer event from now on: connections, disconnections, failed
     /// dials. A subscriber more than `peer_event_broadcast_capacity` behind
     /// gets `RecvError::Lagged(n)`.
@@ -573,6 +579,12 @@ impl P2pHandle {
     /// What the node knows of each peer's chain.
     pub async fn peer_heights(&self) -> Result<Vec<PeerView>, P2pError> {
         self.ask(&self.inner.actors.heights, Snapshot).await
+    }
+
+    /// How many of [`P2pHandle::peer_heights`]' peers are banned and how
+    /// many doubted, without building the views.
+    pub async fn peer_counts(&self) -> Result<PeerCounts, P2pError> {
+        self.ask(&self.inner.actors.heights, CountPeers).await
     }
 
     /// Whether the node and each of its long-lived actors are running, and

@@ -522,6 +522,21 @@ impl NodeConfig {
             let ok = accepted(address);
             range("external-addresses", advertisable, ok, address.clone())?;
         }
+        // Caught here rather than as the second bind failing, once the
+        // store has been opened, with a message naming neither key.
+        if let Some(metrics) = self.metrics_address {
+            let listen = self.listen_address;
+            let same_host = metrics.ip() == listen.ip()
+                || metrics.ip().is_unspecified()
+                || listen.ip().is_unspecified();
+            let clash = metrics.port() != 0 && metrics.port() == listen.port() && same_host;
+            range(
+                "metrics-address",
+                "an address other than listen-address's",
+                !clash,
+                metrics.to_string(),
+            )?;
+        }
         // Peers refuse an info with more addresses than `Limits`'s (4): a
         // node advertising more would never be discovered.
         let most = soma_types::Limits::default().max_node_addresses;
@@ -1733,6 +1748,16 @@ mod tests {
 
     #[test]
     fn out_of_range_values_are_named_with_their_range() {
+        // The metrics endpoint at the node's own port.
+        let text = default_file().replace(
+            "# metrics-address = \"127.0.0.1:9100\"",
+            "metrics-address = \"0.0.0.0:7000\"",
+        );
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(
+            e.contains("metrics-address") && e.contains("other than listen-address"),
+            "{e}"
+        );
         let text = default_file().replace("max-actor-restarts = 5", "max-actor-restarts = 1001");
         let e = parse(&text).unwrap_err().to_string();
         assert!(

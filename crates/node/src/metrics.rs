@@ -326,7 +326,15 @@ impl Series {
     }
 
     async fn update(&self, handle: &P2pHandle) {
-        if let Ok(status) = handle.sync_status().await {
+        // Asked together, each within the scrape's budget: one slow actor
+        // leaves its gauges as they were and does not lose the scrape.
+        let (status, known, connected, counts) = tokio::join!(
+            within(handle.sync_status()),
+            within(handle.known_peer_count()),
+            within(handle.connected_peers()),
+            within(handle.peer_counts()),
+        );
+        if let Ok(Ok(status)) = status {
             self.highest_synced.set(status.synced as i64);
             self.advertised.set(status.advertised as i64);
             self.highest_known.set(status.highest_known as i64);
@@ -359,17 +367,15 @@ impl Series {
         for kind in Droppable::ALL {
             self.advance(&self.dropped, &[kind.name()], dropped(kind));
         }
-        if let Ok(known) = handle.known_peers().await {
-            self.known_peers.set(known.len() as i64);
+        if let Ok(Ok(known)) = known {
+            self.known_peers.set(known as i64);
         }
-        if let Ok(connected) = handle.connected_peers().await {
+        if let Ok(Ok(connected)) = connected {
             self.connected_peers.set(connected.len() as i64);
         }
-        if let Ok(views) = handle.peer_heights().await {
-            self.banned_peers
-                .set(views.iter().filter(|v| v.banned_until.is_some()).count() as i64);
-            self.doubted_peers
-                .set(views.iter().filter(|v| v.doubted_above.is_some()).count() as i64);
+        if let Ok(Ok(counts)) = counts {
+            self.banned_peers.set(counts.banned as i64);
+            self.doubted_peers.set(counts.doubted as i64);
         }
         for (method, code, n) in handle.rpc_counts() {
             self.advance(&self.rpcs, &[method, &format!("{code:?}")], n);
@@ -437,6 +443,16 @@ impl Series {
             self.advance(&self.actor_restarts, &[actor.name], actor.restarts);
         }
     }
+}
+
+/// The most a scrape waits for each actor it asks: an actor slower than
+/// that (a full mailbox) leaves its gauges as they were, and the scrape
+/// still answers within Prometheus' default `scrape_timeout` of 10 s.
+const SCRAPE_BUDGET: Duration = Duration::from_secs(2);
+
+/// `ask`, if it answers within [`SCRAPE_BUDGET`].
+async fn within<T>(ask: impl Future<Output = T>) -> Result<T, tokio::time::error::Elapsed> {
+    tokio::time::timeout(SCRAPE_BUDGET, ask).await
 }
 
 async fn metrics(State((handle, series)): State<(P2pHandle, Arc<Series>)>) -> String {

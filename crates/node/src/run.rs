@@ -128,6 +128,19 @@ pub async fn run(
         }
         failure = handle.failed() => failure,
     };
+    // A second signal while the node stops (its server drains for up to
+    // 5 s, a hung disk's store call holds it longer) ends the process at
+    // once: the store's commits are atomic, so its next start finds the
+    // last one whole, as after a crash.
+    tracing::info!("stopping; a second interrupt or terminate signal exits at once");
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+        tracing::warn!("second signal: exiting without waiting for the node to stop");
+        std::process::exit(130);
+    });
     // The producer goes first, and is gone before anything else stops: a
     // commit it offers a stopping node is refused, and its warning would
     // otherwise come after the error `run` ends with.
