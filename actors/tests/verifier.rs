@@ -82,7 +82,8 @@ async fn certified_batch_of_100_commits_passes() {
     };
     assert_eq!(commits.len(), 100);
     assert_eq!(commits[99].reference(), chain.commit_ref(100));
-    assert_eq!(certifiers.len(), 4);
+    // A minimal quorum of the four votes sent: three of equal stakes.
+    assert_eq!(certifiers.len(), 3);
 }
 
 #[actix_rt::test]
