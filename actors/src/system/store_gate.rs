@@ -197,10 +197,16 @@ mod tests {
         }
     }
 
-    /// A write under way when the gate closes is waited for and stored;
-    /// then the gate holds the store no more, and refuses every call.
-    #[test]
-    fn closing_waits_for_the_write_under_way_then_refuses_and_lets_go() {
+    type Writing = std::thread::JoinHandle<Result<()>>;
+
+    /// A gate over a store of a 2-commit chain, and the write of commit 1
+    /// through it, held up once stored.
+    fn writing_held() -> (
+        soma_chain::Chain,
+        Arc<FailingStore>,
+        Arc<StoreGate>,
+        Writing,
+    ) {
         let chain = ChainBuilder::new(ChainConfig::validators(4)).build(2);
         let store = Arc::new(FailingStore::new(MemStore::new(chain.genesis())));
         let gate = Arc::new(StoreGate::new(store.clone()));
@@ -211,6 +217,14 @@ mod tests {
         };
         wait(|| store.paused() || writing.is_finished());
         assert!(store.paused(), "the write pauses once stored");
+        (chain, store, gate, writing)
+    }
+
+    /// A write under way when the gate closes is waited for and stored;
+    /// then the gate holds the store no more, and refuses every call.
+    #[test]
+    fn closing_waits_for_the_write_under_way_then_refuses_and_lets_go() {
+        let (chain, store, gate, writing) = writing_held();
         let closing = {
             let gate = gate.clone();
             std::thread::spawn(move || gate.close(Duration::from_secs(60)))
@@ -241,16 +255,7 @@ mod tests {
     /// its limit, which says how many were still under way.
     #[test]
     fn closing_gives_up_on_a_call_that_does_not_return_in_time() {
-        let chain = ChainBuilder::new(ChainConfig::validators(4)).build(1);
-        let store = Arc::new(FailingStore::new(MemStore::new(chain.genesis())));
-        let gate = Arc::new(StoreGate::new(store.clone()));
-        store.pause_after_writing(1);
-        let writing = {
-            let (gate, batch) = (gate.clone(), chain.batch(1..=1));
-            std::thread::spawn(move || gate.write_synced_batch(batch))
-        };
-        wait(|| store.paused() || writing.is_finished());
-        assert!(store.paused(), "the write pauses once stored");
+        let (_, store, gate, writing) = writing_held();
         assert_eq!(gate.close(Duration::from_millis(1)), Closed::Busy(1));
         store.resume();
         writing.join().unwrap().unwrap();

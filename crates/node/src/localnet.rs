@@ -244,6 +244,10 @@ pub async fn run(net: Localnet) -> Result<(), Failure> {
     )
     .map_err(|e| Failure::run(e.to_string()))?;
 
+    // Registered before any node starts: a SIGTERM stops them as Ctrl-C
+    // does, rather than end this process and leave them running.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Failure::run(format!("signal handler: {e}")))?;
     let mut children = Vec::new();
     let result = async {
         // Validators, each seeded with validator 0.
@@ -394,6 +398,7 @@ pub async fn run(net: Localnet) -> Result<(), Failure> {
     let outcome = tokio::select! {
         r = result => r,
         _ = tokio::signal::ctrl_c() => Err(Failure::run("interrupted")),
+        _ = terminate.recv() => Err(Failure::run("terminated")),
     };
     stop_all(&mut children).await;
     outcome

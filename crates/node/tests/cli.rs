@@ -232,6 +232,49 @@ fn localnet_syncs_a_fresh_node_and_reports_status_and_metrics() {
     assert_eq!(discovered, 4.0, "{summary}");
 }
 
+/// SIGTERM to `localnet` stops its nodes as Ctrl-C does: each logs its
+/// stop, and the command fails naming the signal. Before, the signal
+/// ended `localnet` at once and left its nodes running, producing on
+/// their ports.
+#[test]
+fn localnet_stopped_by_sigterm_stops_its_nodes() {
+    const PATIENCE: Duration = Duration::from_secs(90);
+    let dir = tempfile::tempdir().unwrap();
+    let net = dir.path().join("net");
+    let err_path = dir.path().join("stderr");
+    let mut localnet = Spawned::spawn(
+        Command::new(BIN)
+            .args(["localnet", "--nodes", "2", "--commits", "1000000"])
+            .args(["--commit-rate", "10", "--timeout", "120", "--dir"])
+            .arg(&net)
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&err_path).unwrap()),
+    );
+    // Whatever happens, nothing of the group outlives the test.
+    struct Group(nix::unistd::Pid);
+    impl Drop for Group {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::killpg(self.0, Signal::SIGKILL);
+        }
+    }
+    let _group = Group(localnet.pid());
+    let log = |i: usize| fs::read_to_string(net.join(format!("validator-{i}/node.log")));
+    wait_for("both validators started", PATIENCE, || {
+        (0..2).all(|i| log(i).is_ok_and(|l| l.contains("p2p node started")))
+    });
+    kill(localnet.pid(), Signal::SIGTERM).unwrap();
+    let status = localnet.wait_for(PATIENCE).expect("localnet exits");
+    let stderr = fs::read_to_string(&err_path).unwrap();
+    assert!(
+        !status.success() && stderr.contains("terminated"),
+        "{status}: {stderr}"
+    );
+    for i in 0..2 {
+        let log = log(i).unwrap();
+        assert!(log.contains("p2p node stopped"), "validator-{i}:\n{log}");
+    }
+}
+
 #[test]
 fn sigterm_stops_a_node_cleanly_and_its_store_reopens_consistent() {
     let dir = tempfile::tempdir().unwrap();

@@ -169,20 +169,14 @@ impl SignatureBatch {
 
     /// Checks every signature; the error names the first bad one.
     pub fn verify(&self) -> Result<()> {
-        if let Some(&i) = self.invalid.iter().min() {
-            return Err(Error::InvalidKey(self.items[i].clone()));
-        }
-        if let Some(&i) = self.weak.iter().min() {
-            return Err(Error::WeakKey(self.items[i].clone()));
-        }
-        if self.is_empty() || self.batch_passes() {
-            return Ok(());
-        }
-        // Under this rule a batch fails only if one of its signatures fails
-        // alone, so the search below always finds the culprit.
-        match (0..self.len()).find(|&i| !self.verify_one(i)) {
-            Some(i) => Err(Error::BadSignature(self.items[i].clone())),
-            None => Ok(()),
+        match self.verify_whole() {
+            // Under this rule a batch fails only if one of its signatures
+            // fails alone, so the search below always finds the culprit.
+            Err(Error::BadSignatures(_)) => match (0..self.len()).find(|&i| !self.verify_one(i)) {
+                Some(i) => Err(Error::BadSignature(self.items[i].clone())),
+                None => Ok(()),
+            },
+            checked => checked,
         }
     }
 
