@@ -343,8 +343,11 @@ impl Handler<PeersBehind> for PeerHeights {
 
 impl Handler<CountPeers> for PeerHeights {
     type Result = PeerCounts;
-    fn handle(&mut self, _: CountPeers, _: &mut Context<Self>) -> PeerCounts {
-        self.driver.core().counts()
+    fn handle(&mut self, _: CountPeers, ctx: &mut Context<Self>) -> PeerCounts {
+        match self.step(Input::CountPeers, ctx).pop() {
+            Some(Output::Counts(counts)) => counts,
+            _ => PeerCounts::default(),
+        }
     }
 }
 

@@ -588,6 +588,7 @@ impl PeerHeightsCore {
             )],
             Input::Outcome(o) => self.outcome(now, o),
             Input::Snapshot => vec![Output::Snapshot(self.snapshot())],
+            Input::CountPeers => vec![Output::Counts(self.counts())],
             Input::Acquire(request) => self.acquire(now, request).into_iter().collect(),
             Input::Release(r) => self.release(now, r),
             Input::Beaten(ReportBeaten { peer }) => {
@@ -1081,8 +1082,9 @@ impl PeerHeightsCore {
     }
 
     /// The banned and doubted peers a snapshot would show, counted
-    /// without building it (a read, not an input: for metrics).
-    pub fn counts(&self) -> PeerCounts {
+    /// without building it (an input, as the snapshot is, so that bans and
+    /// doubts past their end are dropped first).
+    fn counts(&self) -> PeerCounts {
         let doubted = (self.peers.keys())
             .filter(|id| self.doubts.get(*id).is_some_and(|d| d.until.is_some()))
             .count();
@@ -1228,7 +1230,7 @@ mod tests {
             banned: counted(|v| v.banned_until.is_some()),
             doubted: counted(|v| v.doubted_above.is_some()),
         };
-        assert_eq!(c.counts(), counts);
+        assert_eq!(c.handle(now, Input::CountPeers), [Output::Counts(counts)]);
         views
     }
 
@@ -1560,6 +1562,22 @@ mod tests {
         assert_eq!(behind(&mut c, 1_000), vec![peer(2)]);
         // At the end of the ban the peer is back.
         assert_eq!(highest(&mut c, Time(61_000)), Some(100));
+    }
+
+    /// The counts metrics read drop a ban at its end, though nothing else
+    /// reached the core since (a node with no peers to ask).
+    #[test]
+    fn counts_drop_a_ban_at_its_end_with_no_other_input() {
+        let mut c = core(1);
+        join(&mut c, 1, OURS, 1, 100);
+        outcome(&mut c, Time(1_000), 1, OutcomeKind::InvalidData, 0, 5);
+        let count = |c: &mut PeerHeightsCore, at| match c.handle(Time(at), Input::CountPeers).pop()
+        {
+            Some(Output::Counts(counts)) => counts.banned,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(count(&mut c, 60_999), 1);
+        assert_eq!(count(&mut c, 61_000), 0);
     }
 
     #[test]

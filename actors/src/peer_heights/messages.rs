@@ -397,7 +397,9 @@ pub struct Snapshot;
 pub struct CountPeers;
 
 /// What [`CountPeers`] answers.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, actix::MessageResponse)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, actix::MessageResponse,
+)]
 pub struct PeerCounts {
     /// Peers banned, connected or not.
     pub banned: usize,
@@ -484,6 +486,8 @@ pub enum Input {
     Outcome(ReportOutcome),
     /// See [`Snapshot`].
     Snapshot,
+    /// See [`CountPeers`].
+    CountPeers,
     /// See [`Acquire`].
     Acquire(Acquire),
     /// See [`Release`].
@@ -515,6 +519,8 @@ pub enum Output {
     /// Answer to [`Input::Snapshot`]: connected peers and banned departed
     /// ones, ordered by peer id.
     Snapshot(Vec<PeerView>),
+    /// Answer to [`Input::CountPeers`].
+    Counts(PeerCounts),
     /// A peer was banned after sending invalid data or denying commits it
     /// claims to hold.
     Banned {

@@ -117,6 +117,10 @@ async fn spawn(name: &str, dir: &Path) -> Result<NodeProcess, Failure> {
         .stdout(log)
         .stderr(err)
         .kill_on_drop(true)
+        // A group of its own: a Ctrl-C at the terminal reaches this
+        // command alone, which stops each node with one signal (a node
+        // takes a second signal as an order to exit at once).
+        .process_group(0)
         .spawn()
         .map_err(|e| Failure::run(format!("cannot start {name}: {e}")))?;
     Ok(NodeProcess {

@@ -117,30 +117,34 @@ pub async fn run(
         ))
     });
 
-    let failure = tokio::select! {
+    let (failure, signalled) = tokio::select! {
         _ = interrupt.recv() => {
             tracing::info!("interrupted");
-            None
+            (None, true)
         }
         _ = terminate.recv() => {
             tracing::info!("terminated");
-            None
+            (None, true)
         }
-        failure = handle.failed() => failure,
+        failure = handle.failed() => (failure, false),
     };
-    // A second signal while the node stops (its server drains for up to
-    // 5 s, a hung disk's store call holds it longer) ends the process at
-    // once: the store's commits are atomic, so its next start finds the
-    // last one whole, as after a crash.
-    tracing::info!("stopping; a second interrupt or terminate signal exits at once");
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = interrupt.recv() => {}
-            _ = terminate.recv() => {}
-        }
-        tracing::warn!("second signal: exiting without waiting for the node to stop");
-        std::process::exit(130);
-    });
+    // Stopped by a signal, a second one while the node stops (its server
+    // drains for up to 5 s, a hung disk's store call holds it longer) ends
+    // the process at once, with the shell's code for that signal: the
+    // store's commits are atomic, so its next start finds the last one
+    // whole, after a repair pass, as after a crash. (Stopped by a failure,
+    // its error and exit code 1 are not cut short.)
+    if signalled {
+        tracing::info!("stopping; a second interrupt or terminate signal exits at once");
+        tokio::spawn(async move {
+            let code = tokio::select! {
+                _ = interrupt.recv() => 130,
+                _ = terminate.recv() => 143,
+            };
+            tracing::warn!("second signal: exiting without waiting for the node to stop");
+            std::process::exit(code);
+        });
+    }
     // The producer goes first, and is gone before anything else stops: a
     // commit it offers a stopping node is refused, and its warning would
     // otherwise come after the error `run` ends with.

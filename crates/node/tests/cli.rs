@@ -238,6 +238,23 @@ fn localnet_syncs_a_fresh_node_and_reports_status_and_metrics() {
 /// their ports.
 #[test]
 fn localnet_stopped_by_sigterm_stops_its_nodes() {
+    localnet_stopped_by(Signal::SIGTERM, false, "terminated");
+}
+
+/// Ctrl-C at the terminal (SIGINT to the whole foreground group) stops
+/// `localnet`'s nodes cleanly: they are in groups of their own, so each
+/// gets one signal, `localnet`'s. In its group, each took the terminal's
+/// SIGINT and then `localnet`'s SIGTERM as a second signal, and exited
+/// without stopping.
+#[test]
+fn localnet_interrupted_at_its_terminal_stops_its_nodes() {
+    localnet_stopped_by(Signal::SIGINT, true, "interrupted");
+}
+
+/// Starts a `localnet` of two validators, sends `signal` to it (to its
+/// whole process group if `group`) once both have started, and checks
+/// that it fails saying `said` and that each node logged its stop.
+fn localnet_stopped_by(signal: Signal, group: bool, said: &str) {
     const PATIENCE: Duration = Duration::from_secs(90);
     let dir = tempfile::tempdir().unwrap();
     let net = dir.path().join("net");
@@ -250,28 +267,46 @@ fn localnet_stopped_by_sigterm_stops_its_nodes() {
             .stdout(Stdio::null())
             .stderr(fs::File::create(&err_path).unwrap()),
     );
-    // Whatever happens, nothing of the group outlives the test.
-    struct Group(nix::unistd::Pid);
-    impl Drop for Group {
+    // Whatever happens, no node outlives the test.
+    struct Reaper(PathBuf);
+    impl Drop for Reaper {
         fn drop(&mut self) {
-            let _ = nix::sys::signal::killpg(self.0, Signal::SIGKILL);
+            kill_processes_naming(&self.0);
         }
     }
-    let _group = Group(localnet.pid());
+    let _reaper = Reaper(net.clone());
     let log = |i: usize| fs::read_to_string(net.join(format!("validator-{i}/node.log")));
     wait_for("both validators started", PATIENCE, || {
         (0..2).all(|i| log(i).is_ok_and(|l| l.contains("p2p node started")))
     });
-    kill(localnet.pid(), Signal::SIGTERM).unwrap();
+    if group {
+        nix::sys::signal::killpg(localnet.pid(), signal).unwrap();
+    } else {
+        kill(localnet.pid(), signal).unwrap();
+    }
     let status = localnet.wait_for(PATIENCE).expect("localnet exits");
     let stderr = fs::read_to_string(&err_path).unwrap();
     assert!(
-        !status.success() && stderr.contains("terminated"),
+        !status.success() && stderr.contains(said),
         "{status}: {stderr}"
     );
     for i in 0..2 {
         let log = log(i).unwrap();
         assert!(log.contains("p2p node stopped"), "validator-{i}:\n{log}");
+    }
+}
+
+/// SIGKILLs every process whose command line names `path`.
+fn kill_processes_naming(path: &std::path::Path) {
+    let path = path.to_string_lossy().into_owned();
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&path) {
+            let _ = kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+        }
     }
 }
 
