@@ -61,6 +61,13 @@ impl NodeKeys {
 /// leaves the old file or the new one, and a file there before, whatever
 /// its mode, is replaced by one of mode 0600.
 pub fn write_secret(path: &Path, contents: &[u8]) -> Result<(), KeyError> {
+    write_whole(path, contents, false)
+}
+
+/// Writes `contents` to `path` whole or not at all, as [`write_secret`]
+/// does, readable by all (mode 0644) if `public`: a file cut short by a
+/// crash or a full disk is never left where one is read.
+pub fn write_whole(path: &Path, contents: &[u8], public: bool) -> Result<(), KeyError> {
     let io = |source| KeyError::Io {
         path: path.display().to_string(),
         source,
@@ -72,6 +79,11 @@ pub fn write_secret(path: &Path, contents: &[u8]) -> Result<(), KeyError> {
     // Created with mode 0600.
     let mut file = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
     file.write_all(contents).map_err(io)?;
+    if public {
+        use std::os::unix::fs::PermissionsExt;
+        let readable = std::fs::Permissions::from_mode(0o644);
+        file.as_file().set_permissions(readable).map_err(io)?;
+    }
     file.as_file().sync_all().map_err(io)?;
     file.persist(path).map_err(|e| io(e.error))?;
     std::fs::File::open(dir)
@@ -123,10 +135,7 @@ pub fn write_keys(
 }
 
 fn write_public(path: &Path, contents: String) -> Result<(), KeyError> {
-    std::fs::write(path, contents).map_err(|source| KeyError::Io {
-        path: path.display().to_string(),
-        source,
-    })
+    write_whole(path, contents.as_bytes(), true)
 }
 
 fn read_key(path: &Path) -> Result<KeyPair, KeyError> {

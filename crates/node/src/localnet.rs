@@ -45,7 +45,7 @@ fn free_port() -> Result<u16, Failure> {
 }
 
 fn write(path: &Path, text: String) -> Result<(), Failure> {
-    std::fs::write(path, text).map_err(|e| Failure::run(format!("{}: {e}", path.display())))
+    keys::write_whole(path, text.as_bytes(), true).map_err(|e| Failure::run(e.to_string()))
 }
 
 fn node_config(

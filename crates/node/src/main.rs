@@ -314,7 +314,7 @@ fn check_new(path: &std::path::Path, force: bool) -> Result<(), Failure> {
 }
 
 fn write_file(path: &std::path::Path, text: &str) -> Result<(), Failure> {
-    std::fs::write(path, text).map_err(|e| Failure::run(format!("{}: {e}", path.display())))
+    keys::write_whole(path, text.as_bytes(), true).map_err(|e| Failure::run(e.to_string()))
 }
 
 /// Writes `genesis` as `out/genesis.toml` and prints its chain id.

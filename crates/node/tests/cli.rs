@@ -151,11 +151,31 @@ fn keygen_refuses_to_overwrite_keys_without_force() {
         ["network.key", "protocol.key", "tls.key", "tls.crt"]
             .map(|name| fs::read(keys.join(name)).expect("key file written"))
     };
+    // Secrets readable by the owner alone, the rest by all, and nothing
+    // else left in the directory (each file is written through a
+    // temporary one renamed into place).
     let assert_private = || {
         for name in secrets {
             let mode = fs::metadata(keys.join(name)).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600, "{name} has mode {mode:o}");
         }
+        for name in ["tls.crt", "public.toml"] {
+            let mode = fs::metadata(keys.join(name)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o644, "{name} has mode {mode:o}");
+        }
+        let mut names: Vec<String> = fs::read_dir(&keys)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        let expected = [
+            "network.key",
+            "protocol.key",
+            "public.toml",
+            "tls.crt",
+            "tls.key",
+        ];
+        assert_eq!(names, expected);
     };
 
     let output = soma(&["keygen", "--out", out]);
