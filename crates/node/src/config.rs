@@ -414,6 +414,18 @@ pub struct NodeConfig {
     /// Where Prometheus metrics are served, if anywhere.
     #[serde(default)]
     pub metrics_address: Option<SocketAddr>,
+    /// Metrics connections served at once; more wait in the listen backlog.
+    #[serde(default = "default_metrics_max_connections")]
+    pub metrics_max_connections: usize,
+    /// Metrics connections served at once from one address.
+    #[serde(default = "default_metrics_max_connections_per_address")]
+    pub metrics_max_connections_per_address: usize,
+    /// How long a metrics connection lives, whatever it does.
+    #[serde(
+        default = "default_metrics_connection_lifetime",
+        with = "humantime_serde"
+    )]
+    pub metrics_connection_lifetime: Duration,
     /// The store's page cache, in bytes: the bound on the memory it keeps.
     #[serde(default = "default_store_cache_bytes")]
     pub store_cache_bytes: usize,
@@ -537,6 +549,27 @@ impl NodeConfig {
                 metrics.to_string(),
             )?;
         }
+        let connections = self.metrics_max_connections;
+        range(
+            "metrics-max-connections",
+            "between 1 and 1024",
+            (1..=1024).contains(&connections),
+            connections.to_string(),
+        )?;
+        let per_address = self.metrics_max_connections_per_address;
+        range(
+            "metrics-max-connections-per-address",
+            "between 1 and metrics-max-connections",
+            (1..=connections).contains(&per_address),
+            per_address.to_string(),
+        )?;
+        let lifetime = self.metrics_connection_lifetime;
+        range(
+            "metrics-connection-lifetime",
+            "between 1s and 1h",
+            between(lifetime, 1_000, 3_600_000),
+            ms(lifetime),
+        )?;
         // Peers refuse an info with more addresses than `Limits`'s (4): a
         // node advertising more would never be discovered.
         let most = soma_types::Limits::default().max_node_addresses;
@@ -1140,6 +1173,29 @@ fn one_line(e: &toml::de::Error, text: &str) -> String {
     }
 }
 
+fn default_metrics_max_connections() -> usize {
+    crate::metrics::Limits::default().connections
+}
+
+fn default_metrics_max_connections_per_address() -> usize {
+    crate::metrics::Limits::default().per_address
+}
+
+fn default_metrics_connection_lifetime() -> Duration {
+    crate::metrics::Limits::default().lifetime
+}
+
+impl NodeConfig {
+    /// What the metrics endpoint allows its clients.
+    pub fn metrics_limits(&self) -> crate::metrics::Limits {
+        crate::metrics::Limits {
+            connections: self.metrics_max_connections,
+            per_address: self.metrics_max_connections_per_address,
+            lifetime: self.metrics_connection_lifetime,
+        }
+    }
+}
+
 /// A commented configuration file with every default, for `config --default`.
 pub fn default_file() -> String {
     let p = P2pSection::default();
@@ -1167,6 +1223,11 @@ allowlist = []
 seed-peers = []
 # Prometheus metrics (/metrics); omit to serve none.
 # metrics-address = "127.0.0.1:9100"
+# Metrics connections served at once (more wait unaccepted), at once from
+# one address (more are closed), and how long each lives.
+# metrics-max-connections = 8
+# metrics-max-connections-per-address = 2
+# metrics-connection-lifetime = "10s"
 # The store's page cache in bytes: the bound on the memory it keeps.
 store-cache-bytes = {cache}
 
@@ -1744,6 +1805,48 @@ mod tests {
         ];
         let twice = [&one[..], &one[..2]].concat();
         assert!(parse(&addresses(&twice)).is_ok());
+    }
+
+    #[test]
+    fn the_metrics_endpoints_limits_are_read_from_the_file_and_bounded() {
+        assert_eq!(
+            format!("{:?}", parse(&default_file()).unwrap().metrics_limits()),
+            format!("{:?}", crate::metrics::Limits::default())
+        );
+        let set = |lines: &str| {
+            default_file().replace(
+                "# metrics-address = \"127.0.0.1:9100\"",
+                &format!("metrics-address = \"127.0.0.1:9100\"\n{lines}"),
+            )
+        };
+        let text = set("metrics-max-connections = 16\n\
+             metrics-max-connections-per-address = 4\n\
+             metrics-connection-lifetime = \"30s\"");
+        let limits = parse(&text).unwrap().metrics_limits();
+        assert_eq!(
+            (limits.connections, limits.per_address, limits.lifetime),
+            (16, 4, Duration::from_secs(30))
+        );
+        for (line, key, allowed) in [
+            (
+                "metrics-max-connections = 0",
+                "metrics-max-connections",
+                "between 1 and 1024",
+            ),
+            (
+                "metrics-max-connections-per-address = 9",
+                "metrics-max-connections-per-address",
+                "between 1 and metrics-max-connections",
+            ),
+            (
+                "metrics-connection-lifetime = \"0s\"",
+                "metrics-connection-lifetime",
+                "between 1s and 1h",
+            ),
+        ] {
+            let e = parse(&set(line)).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(allowed), "{line}: {e}");
+        }
     }
 
     #[test]

@@ -98,7 +98,7 @@ pub async fn run(
     if let Some(listener) = metrics_listener {
         let mut stop = stop_rx.clone();
         let handle = handle.clone();
-        let limits = crate::metrics::Limits::default();
+        let limits = config.metrics_limits();
         tokio::spawn(async move {
             let shutdown = async move {
                 let _ = stop.wait_for(|s| *s).await;
