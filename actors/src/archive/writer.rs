@@ -361,21 +361,28 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn local_commits_wait_for_their_certificate_before_they_are_archived() {
-        // Epoch 0 ends at commit 4; commits 1..=6 are local, without
-        // certificates.
+    /// A chain of `commits` in epochs of `per_epoch`, and a store holding
+    /// each commit as a local one without its certificate.
+    fn uncertified(per_epoch: u64, commits: u64) -> (soma_chain::Chain, MemStore) {
         let chain = ChainBuilder::new(ChainConfig {
-            commits_per_epoch: Some(4),
+            commits_per_epoch: Some(per_epoch),
             ..ChainConfig::validators(4)
         })
-        .build(6);
+        .build(commits);
         let store = MemStore::new(chain.genesis());
-        for i in 1..=6 {
+        for i in 1..=commits {
             let mut batch = chain.batch(i..=i);
             batch.certificate.clear();
             store.write_synced_batch(batch).unwrap();
         }
+        (chain, store)
+    }
+
+    #[test]
+    fn local_commits_wait_for_their_certificate_before_they_are_archived() {
+        // Epoch 0 ends at commit 4; commits 1..=6 are local, without
+        // certificates.
+        let (chain, store) = uncertified(4, 6);
         let (grpc, data) = (grpc::Limits::default(), soma_types::Limits::default());
         let look = |store: &MemStore| build(store, 1, &grpc, &data, 100, u64::MAX).unwrap();
         assert!(matches!(look(&store), Step::Idle));
@@ -552,17 +559,7 @@ mod tests {
     /// fails, naming the setting, rather than idle for good.
     #[test]
     fn a_cut_without_a_certificate_steps_back_to_a_certified_commit() {
-        let chain = ChainBuilder::new(ChainConfig {
-            commits_per_epoch: Some(20),
-            ..ChainConfig::validators(4)
-        })
-        .build(30);
-        let store = MemStore::new(chain.genesis());
-        for i in 1..=30 {
-            let mut batch = chain.batch(i..=i);
-            batch.certificate.clear();
-            store.write_synced_batch(batch).unwrap();
-        }
+        let (chain, store) = uncertified(20, 30);
         store
             .insert_certificate(20, chain.certificate(20).to_vec())
             .unwrap();

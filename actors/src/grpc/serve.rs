@@ -129,10 +129,10 @@ pub(crate) fn commits_answer(
     // to the whole budget that a refusal would throw away. (A budget
     // that cut the answer short of `end` could have ended it at a commit
     // the votes certify; such a caller asks again once they do.)
-    let voted_end = match store
+    let kept_in_range = store
         .highest_certified_in(start..=end)
-        .map_err(Refused::Store)?
-    {
+        .map_err(Refused::Store)?;
+    let voted_end = match kept_in_range {
         Some(_) => None,
         None => {
             let at = store
@@ -155,9 +155,14 @@ pub(crate) fn commits_answer(
         .last()
         .map(|c| c.reference())
         .ok_or_else(|| Refused::Internal(format!("commit {start} is not held")))?;
-    let kept = store
-        .highest_certified_in(start..=read_end)
-        .map_err(Refused::Store)?;
+    // The highest kept in `start..=end` is the highest in the part read,
+    // unless the budget cut the read below it.
+    let kept = match kept_in_range {
+        Some(certified) if certified > read_end => store
+            .highest_certified_in(start..=read_end)
+            .map_err(Refused::Store)?,
+        kept => kept,
+    };
     // The range's end, certified by a kept certificate or else by the
     // votes of the commits after it: a node that synced in other batches
     // than the client's answers the whole range in one answer.
