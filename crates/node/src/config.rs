@@ -444,6 +444,13 @@ fn default_store_cache_bytes() -> usize {
     soma_store::RedbStore::DEFAULT_CACHE_BYTES
 }
 
+/// What peers accept as an address in a node's info.
+const ADVERTISABLE: &str = "an IP address with a port that peers accept: not a host name, \
+     not 0.0.0.0 or :: (set external-addresses when listening there), not link-local, \
+     multicast or reserved, loopback and private addresses only with \
+     p2p.allow-private-addresses = true, and not another service's port (SSH, mail, \
+     databases... soma_actors::discovery::SERVICE_PORTS; 7000 is usual)";
+
 impl NodeConfig {
     /// Reads and checks a configuration file. Relative paths in it are
     /// relative to the file's directory.
@@ -457,6 +464,9 @@ impl NodeConfig {
             message: one_line(&e, &text),
         })?;
         config.check(path)?;
+        for warning in config.warnings() {
+            tracing::warn!("{warning}");
+        }
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [
             &mut config.data_dir,
@@ -498,41 +508,26 @@ impl NodeConfig {
         };
         // Peers refuse a node's info whole for one address they refuse: a
         // node advertising one would never be discovered.
-        let advertisable = "an IP address with a port that peers accept: not a host name, \
-             not 0.0.0.0 or :: (set external-addresses when listening there), not link-local, \
-             multicast or reserved, loopback and private addresses only with \
-             p2p.allow-private-addresses = true, and not another service's port (SSH, mail, \
-             databases... soma_actors::discovery::SERVICE_PORTS; 7000 is usual)";
         let allow_private = p.allow_private_addresses;
         let accepted = |address: &str| {
             discovery::is_advertisable(&discovery::canonical_address(address), allow_private)
         };
-        // The listen address is advertised only when no other is. One peers
-        // refuse leaves the node undiscovered, but it still syncs by its own
-        // dials (a follower behind a firewall): said, not refused.
+        // The listen address is advertised only when no other is. At
+        // another service's port it is refused: a lie could not aim dials
+        // there, nor can a mistake. Any other address peers refuse is a
+        // warning (`warnings`).
         if self.external_addresses.is_empty() {
-            let listen = self.listen_address.to_string();
-            // At another service's port, refused as before: a lie could not
-            // aim dials there, nor can a mistake.
             range(
                 "listen-address",
                 "a port other than another service's (SSH, mail, databases... \
                  soma_actors::discovery::SERVICE_PORTS), which peers refuse to dial; 7000 is usual",
                 !discovery::is_service_port(self.listen_address.port()),
-                listen.clone(),
+                self.listen_address.to_string(),
             )?;
-            if !accepted(&listen) {
-                tracing::warn!(
-                    %listen,
-                    "peers refuse to dial the listen address, advertised for want of \
-                     external-addresses: other nodes will not find this one; set \
-                     external-addresses to {advertisable}"
-                );
-            }
         }
         for address in &self.external_addresses {
             let ok = accepted(address);
-            range("external-addresses", advertisable, ok, address.clone())?;
+            range("external-addresses", ADVERTISABLE, ok, address.clone())?;
         }
         // Caught here rather than as the second bind failing, once the
         // store has been opened, with a message naming neither key.
@@ -1013,13 +1008,6 @@ impl NodeConfig {
                 ((16 << 20)..=(16u64 << 30)).contains(&archive.max_object_bytes),
                 archive.max_object_bytes.to_string(),
             )?;
-            if archive.max_object_bytes > MOST_OBJECT_BYTES {
-                tracing::warn!(
-                    max_object_bytes = archive.max_object_bytes,
-                    "archive.max-object-bytes is taken as 67108864, the most a batch is \
-                     decoded from; larger batches are written in parts"
-                );
-            }
         }
         if let Some(producer) = &self.producer {
             range(
@@ -1030,6 +1018,48 @@ impl NodeConfig {
             )?;
         }
         Ok(())
+    }
+
+    /// What is allowed but most likely a mistake, each said with its fix:
+    /// [`NodeConfig::load`] logs them.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let allow_private = self.p2p.allow_private_addresses;
+        // The listen address is advertised only when no other is. One peers
+        // refuse leaves the node undiscovered, but it still syncs by its own
+        // dials (a follower behind a firewall): said, not refused.
+        let listen = self.listen_address.to_string();
+        if self.external_addresses.is_empty()
+            && !discovery::is_advertisable(&discovery::canonical_address(&listen), allow_private)
+        {
+            warnings.push(format!(
+                "peers refuse to dial the listen address {listen}, advertised for want of \
+                 external-addresses: other nodes will not find this one; set \
+                 external-addresses to {ADVERTISABLE}"
+            ));
+        }
+        // Every caller through a proxy or tunnel on this host comes from a
+        // loopback address: with the exemption, all of them together skip
+        // the caps per address, per prefix, per host and per network.
+        if self.p2p.inbound_exempt_loopback && !self.listen_address.ip().is_loopback() {
+            warnings.push(format!(
+                "p2p.inbound-exempt-loopback is on while the node listens on {listen}, \
+                 beyond this host: callers that reach it through a proxy, tunnel or NAT on \
+                 this host all come from a loopback address and skip every per-address and \
+                 per-network cap; set p2p.inbound-exempt-loopback = false unless such \
+                 callers are trusted"
+            ));
+        }
+        if let Some(archive) = &self.archive
+            && archive.max_object_bytes > MOST_OBJECT_BYTES
+        {
+            warnings.push(format!(
+                "archive.max-object-bytes {} is taken as {MOST_OBJECT_BYTES}, the most a \
+                 batch is decoded from; larger batches are written in parts",
+                archive.max_object_bytes
+            ));
+        }
+        warnings
     }
 
     /// The P2P layer's settings.
@@ -1347,7 +1377,8 @@ max-inbound-per-ip = {per_ip}
 max-inbound-per-prefix = {inbound_per_prefix}
 # Loopback callers (this host) skip the two caps above: local test
 # networks share 127.0.0.1. They never hold the reserved slots. Turn off
-# if untrusted local processes or a local proxy carry remote traffic.
+# if untrusted local processes or a local proxy carry remote traffic; the
+# node warns when it is on and listen-address is not a loopback address.
 inbound-exempt-loopback = {exempt}
 # Time to finish the TLS handshake; time without a request or an answer
 # (HTTP/2 pings do not count) after which an inbound connection is closed
@@ -1696,6 +1727,83 @@ mod tests {
         .unwrap();
         let archive = old.p2p_config().archive.unwrap();
         assert_eq!(archive.max_object_bytes, 64 << 20);
+    }
+
+    #[test]
+    fn what_is_allowed_but_likely_a_mistake_is_warned_with_its_fix() {
+        // The default file: loopback, private addresses allowed, the
+        // loopback exemption on, no archive.
+        assert_eq!(
+            parse(&default_file()).unwrap().warnings(),
+            Vec::<String>::new()
+        );
+        let public = |file: &str| {
+            file.replace(
+                "listen-address = \"127.0.0.1:7000\"",
+                "listen-address = \"203.0.113.7:7000\"",
+            )
+        };
+        let exempt_off = |file: &str| {
+            file.replace(
+                "inbound-exempt-loopback = true",
+                "inbound-exempt-loopback = false",
+            )
+        };
+        let warned = |file: &str| parse(file).unwrap().warnings();
+
+        // Listening beyond this host with the exemption on: one warning,
+        // naming the setting and its fix. Off, none.
+        let warnings = warned(&public(&default_file()));
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("203.0.113.7:7000")
+                && warnings[0].contains("set p2p.inbound-exempt-loopback = false"),
+            "{warnings:?}"
+        );
+        assert_eq!(
+            warned(&exempt_off(&public(&default_file()))),
+            Vec::<String>::new()
+        );
+        // On every address, 0.0.0.0 included (advertised addresses set).
+        let anywhere = default_file()
+            .replace(
+                "listen-address = \"127.0.0.1:7000\"",
+                "listen-address = \"0.0.0.0:7000\"",
+            )
+            .replace(
+                "external-addresses = []",
+                "external-addresses = [\"203.0.113.7:7000\"]",
+            );
+        let warnings = warned(&anywhere);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("0.0.0.0:7000"), "{warnings:?}");
+
+        // A listen address peers refuse, advertised for want of another.
+        let private_refused = exempt_off(&default_file()).replace(
+            "allow-private-addresses = true",
+            "allow-private-addresses = false",
+        );
+        let warnings = warned(&private_refused);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("peers refuse to dial the listen address 127.0.0.1:7000")
+                && warnings[0].contains("set external-addresses"),
+            "{warnings:?}"
+        );
+
+        // An archive object bound past what a batch is decoded from.
+        let large = with_archive(|s| {
+            s.replace(
+                "max-object-bytes = 67108864",
+                "max-object-bytes = 268435456",
+            )
+        });
+        let warnings = warned(&large);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("archive.max-object-bytes 268435456 is taken as 67108864"),
+            "{warnings:?}"
+        );
     }
 
     #[test]
