@@ -417,9 +417,14 @@ pub struct NodeConfig {
     /// Metrics connections served at once; more wait in the listen backlog.
     #[serde(default = "default_metrics_max_connections")]
     pub metrics_max_connections: usize,
-    /// Metrics connections served at once from one address.
-    #[serde(default = "default_metrics_max_connections_per_address")]
-    pub metrics_max_connections_per_address: usize,
+    /// Metrics connections served at once from one network (a /24 or an
+    /// IPv6 /64). Files written before it was counted by network name it
+    /// by its old name, `metrics-max-connections-per-address`.
+    #[serde(
+        default = "default_metrics_max_connections_per_network",
+        alias = "metrics-max-connections-per-address"
+    )]
+    pub metrics_max_connections_per_network: usize,
     /// How long a metrics connection lives, whatever it does.
     #[serde(
         default = "default_metrics_connection_lifetime",
@@ -551,12 +556,12 @@ impl NodeConfig {
             (1..=1024).contains(&connections),
             connections.to_string(),
         )?;
-        let per_address = self.metrics_max_connections_per_address;
+        let per_network = self.metrics_max_connections_per_network;
         range(
-            "metrics-max-connections-per-address",
+            "metrics-max-connections-per-network",
             "between 1 and metrics-max-connections",
-            (1..=connections).contains(&per_address),
-            per_address.to_string(),
+            (1..=connections).contains(&per_network),
+            per_network.to_string(),
         )?;
         let lifetime = self.metrics_connection_lifetime;
         range(
@@ -1207,8 +1212,8 @@ fn default_metrics_max_connections() -> usize {
     crate::metrics::Limits::default().connections
 }
 
-fn default_metrics_max_connections_per_address() -> usize {
-    crate::metrics::Limits::default().per_address
+fn default_metrics_max_connections_per_network() -> usize {
+    crate::metrics::Limits::default().per_network
 }
 
 fn default_metrics_connection_lifetime() -> Duration {
@@ -1220,7 +1225,7 @@ impl NodeConfig {
     pub fn metrics_limits(&self) -> crate::metrics::Limits {
         crate::metrics::Limits {
             connections: self.metrics_max_connections,
-            per_address: self.metrics_max_connections_per_address,
+            per_network: self.metrics_max_connections_per_network,
             lifetime: self.metrics_connection_lifetime,
         }
     }
@@ -1254,9 +1259,10 @@ seed-peers = []
 # Prometheus metrics (/metrics); omit to serve none.
 # metrics-address = "127.0.0.1:9100"
 # Metrics connections served at once (more wait unaccepted), at once from
-# one address (more are closed), and how long each lives.
+# one network, a /24 or an IPv6 /64 (more are closed), and how long each
+# lives.
 # metrics-max-connections = 8
-# metrics-max-connections-per-address = 2
+# metrics-max-connections-per-network = 2
 # metrics-connection-lifetime = "10s"
 # The store's page cache in bytes: the bound on the memory it keeps.
 store-cache-bytes = {cache}
@@ -1928,13 +1934,16 @@ mod tests {
             )
         };
         let text = set("metrics-max-connections = 16\n\
-             metrics-max-connections-per-address = 4\n\
+             metrics-max-connections-per-network = 4\n\
              metrics-connection-lifetime = \"30s\"");
         let limits = parse(&text).unwrap().metrics_limits();
         assert_eq!(
-            (limits.connections, limits.per_address, limits.lifetime),
+            (limits.connections, limits.per_network, limits.lifetime),
             (16, 4, Duration::from_secs(30))
         );
+        // The setting's name before it counted networks still loads.
+        let old = set("metrics-max-connections-per-address = 3");
+        assert_eq!(parse(&old).unwrap().metrics_limits().per_network, 3);
         for (line, key, allowed) in [
             (
                 "metrics-max-connections = 0",
@@ -1942,8 +1951,8 @@ mod tests {
                 "between 1 and 1024",
             ),
             (
-                "metrics-max-connections-per-address = 9",
-                "metrics-max-connections-per-address",
+                "metrics-max-connections-per-network = 9",
+                "metrics-max-connections-per-network",
                 "between 1 and metrics-max-connections",
             ),
             (

@@ -65,7 +65,7 @@ fn node_config(
         seed_peers: seeds,
         metrics_address: metrics.map(|p| ([127, 0, 0, 1], p).into()),
         metrics_max_connections: crate::metrics::Limits::default().connections,
-        metrics_max_connections_per_address: crate::metrics::Limits::default().per_address,
+        metrics_max_connections_per_network: crate::metrics::Limits::default().per_network,
         metrics_connection_lifetime: crate::metrics::Limits::default().lifetime,
         store_cache_bytes: soma_store::RedbStore::DEFAULT_CACHE_BYTES,
         producer,

@@ -481,9 +481,11 @@ pub struct Limits {
     /// Connections served at once; more wait, unaccepted, in the
     /// listen backlog until one ends.
     pub connections: usize,
-    /// Connections served at once from one address; more are closed as
-    /// soon as they are accepted, so one client cannot hold every slot.
-    pub per_address: usize,
+    /// Connections served at once from one network (a /24 in IPv4, a /64
+    /// in IPv6, as the gRPC server counts prefixes); more are closed as
+    /// soon as they are accepted, so one client, however many addresses
+    /// its network gives it, cannot hold every slot.
+    pub per_network: usize,
     /// How long a connection lives, whatever it does: a scraper connects
     /// again, and a client that sends nothing, or sends slowly, holds a
     /// connection (and a file descriptor) no longer.
@@ -494,7 +496,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             connections: 8,
-            per_address: 2,
+            per_network: 2,
             lifetime: Duration::from_secs(10),
         }
     }
@@ -514,7 +516,7 @@ pub async fn serve(
     let listener = Limited {
         listener,
         slots: Arc::new(Semaphore::new(limits.connections.max(1))),
-        per_address: limits.per_address.max(1),
+        per_network: limits.per_network.max(1),
         open: Arc::default(),
         lifetime: limits.lifetime,
     };
@@ -524,13 +526,13 @@ pub async fn serve(
 }
 
 /// A listener that accepts a connection only while fewer than its slots
-/// are open, and fewer than `per_address` from its address, each
+/// are open, and fewer than `per_network` from its network, each
 /// connection ending at its lifetime.
 struct Limited {
     listener: tokio::net::TcpListener,
     slots: Arc<Semaphore>,
-    per_address: usize,
-    /// Connections open, by address (only addresses with one open).
+    per_network: usize,
+    /// Connections open, by network (only networks with one open).
     open: Arc<Mutex<HashMap<IpAddr, usize>>>,
     lifetime: Duration,
 }
@@ -547,18 +549,18 @@ impl Listener for Limited {
                 Err(_) => std::future::pending().await,
             };
             let (io, address) = Listener::accept(&mut self.listener).await;
-            let ip = address.ip().to_canonical();
+            let network = soma_wire::inbound::prefix(address.ip());
             {
                 let mut open = lock(&self.open);
-                let count = open.entry(ip).or_default();
-                if *count >= self.per_address {
+                let count = open.entry(network).or_default();
+                if *count >= self.per_network {
                     // Closed at once; its slot goes back with `slot`.
                     continue;
                 }
                 *count += 1;
             }
             let ends = Box::pin(tokio::time::sleep(self.lifetime));
-            let from = (ip, self.open.clone());
+            let from = (network, self.open.clone());
             return (
                 Bounded {
                     io,
@@ -581,19 +583,19 @@ impl Listener for Limited {
 struct Bounded {
     io: tokio::net::TcpStream,
     ends: Pin<Box<tokio::time::Sleep>>,
-    /// Its address, counted among those open until it is dropped.
+    /// Its network, counted among those open until it is dropped.
     from: (IpAddr, Arc<Mutex<HashMap<IpAddr, usize>>>),
     _slot: OwnedSemaphorePermit,
 }
 
 impl Drop for Bounded {
     fn drop(&mut self) {
-        let (ip, open) = &self.from;
+        let (network, open) = &self.from;
         let mut open = lock(open);
-        if let Some(count) = open.get_mut(ip) {
+        if let Some(count) = open.get_mut(network) {
             *count -= 1;
             if *count == 0 {
-                open.remove(ip);
+                open.remove(network);
             }
         }
     }
@@ -797,7 +799,7 @@ mod tests {
         let lifetime = Duration::from_millis(300);
         let (address, stop, server) = start(Limits {
             connections: 1,
-            per_address: 8,
+            per_network: 8,
             lifetime,
         })
         .await;
@@ -816,7 +818,7 @@ mod tests {
         // the first holds it, and is once the first has gone.
         let (address, stop, server) = start(Limits {
             connections: 1,
-            per_address: 8,
+            per_network: 8,
             lifetime: Duration::from_secs(3_600),
         })
         .await;
@@ -833,12 +835,12 @@ mod tests {
         let _ = stop.send(());
         server.await.unwrap().unwrap();
 
-        // Four slots, one per address: a second connection from the
-        // address holding one is closed at once, unanswered, while
-        // another address is served.
+        // Four slots, one per network: a second connection from the
+        // address holding one, or from another address of its /24, is
+        // closed at once, unanswered, while another network is served.
         let (address, stop, server) = start(Limits {
             connections: 4,
-            per_address: 1,
+            per_network: 1,
             lifetime: Duration::from_secs(3_600),
         })
         .await;
@@ -851,9 +853,20 @@ mod tests {
             "a second connection of one address was kept"
         );
         assert_eq!(rest, Vec::<u8>::new());
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
-        let mut elsewhere = socket.connect(address).await.unwrap();
+        let from = |ip: &str| {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+            socket.connect(address)
+        };
+        let mut neighbour = from("127.0.0.2").await.unwrap();
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(30), neighbour.read_to_end(&mut rest));
+        assert!(
+            read.await.is_ok(),
+            "a second connection of one network was kept"
+        );
+        assert_eq!(rest, Vec::<u8>::new());
+        let mut elsewhere = from("127.0.1.1").await.unwrap();
         let answer = tokio::time::timeout(Duration::from_secs(30), get(&mut elsewhere)).await;
         assert!(answer.expect("answered").starts_with("HTTP/1.1 200"));
         let _ = stop.send(());
