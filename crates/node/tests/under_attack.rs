@@ -10,7 +10,9 @@
 //! fresh identity having called in). The honest node must then sync the
 //! whole chain from the attacked node alone while the attack goes on, the
 //! attacked node's peak memory must stay within what its settings allow,
-//! and what the node did to the attack is checked exactly.
+//! and what the node did to the attack is checked exactly. One more test
+//! uses an unread answer only to hold the node's drain while it stops, and
+//! checks that a second SIGTERM then ends the process at once.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -290,6 +292,58 @@ fn clients_that_never_read_from_sixteen_identities_do_not_stop_an_honest_sync() 
          deadline, {stalled} for newer fetches; peak memory +{} KiB",
         grown >> 10
     );
+}
+
+#[test]
+fn a_second_sigterm_while_an_unread_answer_holds_the_drain_exits_at_once() {
+    // One answer no one reads keeps the server draining (for up to its 5 s)
+    // once the node is told to stop.
+    let mut attacked = Attacked::start(&[
+        &format!("send-timeout = \"{}s\"", LONG_SEND_TIMEOUT.as_secs()),
+        "inbound-idle-timeout = \"1h\"",
+    ]);
+    let rt = runtime();
+    let blocks: Vec<proto::BlockRef> = (1..=100)
+        .flat_map(|i| attacked.chain.blocks_of(i).iter())
+        .map(|b| b.reference().into())
+        .collect();
+    let unread = Unread {
+        blocks,
+        commits: proto::FetchCommitsRequest::default(),
+        fetch_blocks: 1,
+        fetch_commits: 0,
+        hold: LONG_SEND_TIMEOUT,
+    };
+    let attack = rt.block_on(attack::never_reading(attacked.target(), 1, 0, unread));
+    wait_or_report(
+        "the unread answer to hold its fetch slot",
+        PATIENCE,
+        || attacked.metric("soma_fetches_in_flight") == 1.0,
+        || attacked.report(&attack.tally()),
+    );
+    let log_path = attacked.dir.path().join("validator-0.log");
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    kill(attacked.node.pid(), Signal::SIGTERM).unwrap();
+    wait_or_report(
+        "the node to say it is stopping",
+        PATIENCE,
+        || log().contains("a second interrupt or terminate signal exits at once"),
+        log,
+    );
+    kill(attacked.node.pid(), Signal::SIGTERM).unwrap();
+    let exit = attacked
+        .node
+        .wait_for(PATIENCE)
+        .unwrap_or_else(|| panic!("the node did not exit\n{}", log()));
+    // The shell's code for SIGTERM, from the node's own exit: the drain,
+    // had it ended first, would have exited 0.
+    assert_eq!(exit.code(), Some(143), "{exit}\n{}", log());
+    assert!(
+        log().contains("second signal: exiting without waiting for the node to stop"),
+        "{}",
+        log()
+    );
+    assert_eq!(attack.stop().answered, 0);
 }
 
 #[test]
