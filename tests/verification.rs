@@ -529,6 +529,7 @@ fn a_run_certified_ahead_then_linked_is_exactly_the_batch_verified_in_turn() {
     let keys = Arc::new(KeyCache::new(64));
     let mut accepted_count = 0;
     let mut refused_count = 0;
+    let mut standing_count = 0;
     for start in (1..=31).step_by(10) {
         let (commits, certifiers) = chain.fetch_commits(start..=start + 9);
         let certifiers_short =
@@ -596,6 +597,22 @@ fn a_run_certified_ahead_then_linked_is_exactly_the_batch_verified_in_turn() {
                                     None
                                 );
                                 refused_count += 1;
+                                // Judged at once only where no commit before
+                                // its start could make it pass: refused in
+                                // turn after each one tried there.
+                                if refused.stands_alone() {
+                                    standing_count += 1;
+                                    for other in afters.iter().filter(|a| a.index == after.index) {
+                                        let checked = verify_commit_batch(
+                                            commits.clone(),
+                                            certifiers.clone(),
+                                            committee,
+                                            *other,
+                                            &limits,
+                                        );
+                                        assert!(checked.is_err(), "batch {start}, {other:?}");
+                                    }
+                                }
                                 Err(refused.verdict(after).expect("after the commit before"))
                             }
                         },
@@ -615,6 +632,11 @@ fn a_run_certified_ahead_then_linked_is_exactly_the_batch_verified_in_turn() {
     // passes without it): 108 refused ahead, each verdict the in-turn one.
     assert_eq!(chain.committees().count(), 2);
     assert_eq!(refused_count, 108);
+    // Standing whatever comes before: the refusals under the committee of
+    // the epoch the batch's first commit names, one committee of the two
+    // for each of the 20 batches, after each of 3 commits (60), less the 8
+    // accepted and the 4 certified only to fail their link.
+    assert_eq!(standing_count, 48);
 }
 
 #[test]

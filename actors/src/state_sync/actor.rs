@@ -112,7 +112,7 @@ impl StateSync {
                         let cap = (max_bytes, true);
                         match worker.commit_answer((start, end), cap, avoid).await {
                             (peer, Ok(answer)) => {
-                                (peer, Ok(worker.certify_ahead(answer, start, epoch).await))
+                                (peer, worker.certify_ahead(answer, start, epoch).await)
                             }
                             failed => failed,
                         }

@@ -1558,11 +1558,17 @@ impl StateSyncCore {
                 // the reserve of the fetches ahead if it must. Taken as
                 // true, one OUT_OF_RANGE status made every fetch ahead
                 // reserve the most for the rest of the epoch.
+                // An invalid answer (refused whatever came before it) is
+                // its peer's fault alone: the peer is judged, and the
+                // fetches ahead go on with the others, unpaused.
                 let pause = match failure {
-                    Failure::NoPeer => self.config.wait_interval_when_no_peer_ms,
-                    _ => self.config.restart_backoff_ms,
+                    Failure::Invalid(_) => None,
+                    Failure::NoPeer => Some(self.config.wait_interval_when_no_peer_ms),
+                    _ => Some(self.config.restart_backoff_ms),
                 };
-                self.ahead_retry_at = Time(now.0 + pause);
+                if let Some(pause) = pause {
+                    self.ahead_retry_at = Time(now.0 + pause);
+                }
                 if matches!(failure, Failure::Timeout | Failure::Transport) {
                     self.ahead_depth = (self.ahead_depth / 2).max(1);
                 }
@@ -2152,6 +2158,51 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn an_invalid_answer_fetched_ahead_judges_its_peer_at_once_and_pauses_no_fetch_ahead() {
+        let mut c = core(ahead_config(4));
+        let out = tick(&mut c, 0, 100);
+        let (head, _, _) = commit_fetch(&out).unwrap();
+        assert_eq!(fetches_ahead(&out), vec![(1, 11, 20)]);
+        // Refused as it arrives, whatever comes before it: its peer is
+        // judged now, with the batch next in line still on its way, and
+        // the range is asked again ahead at once, not after a backoff.
+        let invalid = Failure::Invalid(soma_types::Error::EmptyBatch);
+        let out = c.handle(
+            Time(0),
+            Input::CommitsPrefetched {
+                task: 1,
+                peer: Some(LIAR),
+                result: Err(invalid.clone()),
+            },
+        );
+        assert!(out.contains(&Output::Misbehaved { peer: LIAR }), "{out:?}");
+        assert!(
+            out.contains(&Output::Restarted {
+                task: 1,
+                failure: invalid
+            }),
+            "{out:?}"
+        );
+        let again = fetches_ahead(&out);
+        assert_eq!(again.len(), 1, "{out:?}");
+        assert_eq!((again[0].1, again[0].2), (11, 20));
+        // Any other failure ahead pauses the fetches ahead for the backoff.
+        let out = ahead_done(
+            &mut c,
+            0,
+            again[0].0,
+            Err(Failure::Status {
+                code: tonic::Code::Unavailable as i32,
+            }),
+        );
+        assert!(!out.iter().any(|o| matches!(o, Output::Misbehaved { .. })));
+        assert_eq!(fetches_ahead(&out), Vec::new());
+        // The batch next in line is as it was: checked in its turn.
+        let out = commits_ok(&mut c, 0, head, 1, 10, 5);
+        assert_eq!(commit_fetch(&out).map(|(_, s, e)| (s, e)), Some((11, 20)));
     }
 
     #[test]

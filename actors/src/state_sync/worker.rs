@@ -1266,16 +1266,19 @@ impl Worker {
 
     /// Certifies a commit answer fetched ahead as it arrives, if its
     /// commits are of `epoch`: every rule but the link of its first commit
-    /// to the one before. What a rule refuses here is kept: at its turn,
-    /// if the epoch was guessed right, its verdict is what the full check
-    /// would give ([`RefusedRun::verdict`]), judged there; anything else is
-    /// checked again in full at its turn.
+    /// to the one before. A peer's answer refused whatever comes before it
+    /// ([`RefusedRun::stands_alone`]) fails now, as invalid, so that its
+    /// sender is judged at once and given no more fetches meanwhile. Any
+    /// other refusal is kept: at its turn, if the epoch was guessed right,
+    /// its verdict is what the full check would give
+    /// ([`RefusedRun::verdict`]), judged there; anything else is checked
+    /// again in full at its turn.
     pub(super) async fn certify_ahead(
         &self,
         mut answer: CommitAnswer,
         start: CommitIndex,
         epoch: Epoch,
-    ) -> CommitAnswer {
+    ) -> Result<CommitAnswer, Failure> {
         let request = VerifyRequest::CommitRun {
             epoch,
             start,
@@ -1294,7 +1297,14 @@ impl Worker {
         if let Some(beaten) = answer.beaten.take() {
             beaten.settle(answer.certified.is_some());
         }
-        answer
+        // An archive's answer is judged at its turn, where its refusal is
+        // counted against the archive.
+        match answer.refused.take() {
+            Some(refused) if answer.peer.is_some() && refused.stands_alone() => {
+                Err(Failure::Invalid(refused.error().clone()))
+            }
+            refused => Ok(CommitAnswer { refused, ..answer }),
+        }
     }
 
     /// Verifies a commit answer fetched ahead, as [`Self::fetch_commits`]

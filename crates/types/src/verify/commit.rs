@@ -143,6 +143,20 @@ impl RefusedRun {
         &self.error
     }
 
+    /// Whether the refusal stands whatever the commits before the run
+    /// turn out to be: its bytes did not decode, or its first commit is of
+    /// the epoch whose committee refused it. Honest commits of that epoch
+    /// pass under its committee, and the true commits at the run's start
+    /// are of that epoch or a later one, so only a run naming a later
+    /// epoch can be honest data checked too early (an epoch's end not yet
+    /// known where it was checked). The refusal's sender can be judged at
+    /// once.
+    pub fn stands_alone(&self) -> bool {
+        self.first
+            .as_ref()
+            .is_none_or(|first| first.commit().epoch == self.epoch)
+    }
+
     /// The error [`verify_commit_batch`] gives the batch after
     /// `last_synced` under the committee of [`RefusedRun::epoch`]: the
     /// first commit's epoch, then its link, then the run's own error.
