@@ -434,7 +434,9 @@ mod tests {
     /// count, give the count's error, not a decoding one. A run refused
     /// ahead for its bytes keeps that error as its verdict for its turn,
     /// as the full check decodes before any rule: even after a commit its
-    /// first does not link to.
+    /// first does not link to. Neither refusal stands alone: more
+    /// certifiers than this committee has members is the honest quorum of
+    /// a larger next committee, checked under this one too early.
     #[test]
     fn certifiers_past_the_committee_size_are_refused_before_decoding() {
         let chain = ChainBuilder::new(ChainConfig::validators(4)).build(1);
@@ -463,6 +465,7 @@ mod tests {
                     Some(refused.error()),
                     "the verdict is the decoding's"
                 );
+                assert!(!refused.stands_alone(), "judged before its turn");
                 refused.error().clone()
             }
             other => panic!("{other:?}"),

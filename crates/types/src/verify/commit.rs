@@ -144,17 +144,19 @@ impl RefusedRun {
     }
 
     /// Whether the refusal stands whatever the commits before the run
-    /// turn out to be: its bytes did not decode, or its first commit is of
-    /// the epoch whose committee refused it. Honest commits of that epoch
-    /// pass under its committee, and the true commits at the run's start
-    /// are of that epoch or a later one, so only a run naming a later
-    /// epoch can be honest data checked too early (an epoch's end not yet
-    /// known where it was checked). The refusal's sender can be judged at
-    /// once.
+    /// turn out to be: its first commit decoded and is of the epoch whose
+    /// committee refused it. Honest commits of that epoch pass under its
+    /// committee, and the true commits at the run's start are of that
+    /// epoch or a later one, so only a run naming a later epoch can be
+    /// honest data checked too early (an epoch's end not yet known where
+    /// it was checked), and the refusal's sender can be judged at once. A
+    /// run refused before its commits decoded does not stand alone: that
+    /// refusal may be the committee's (more certifier blocks than it has
+    /// members, the honest quorum of a larger next committee).
     pub fn stands_alone(&self) -> bool {
         self.first
             .as_ref()
-            .is_none_or(|first| first.commit().epoch == self.epoch)
+            .is_some_and(|first| first.commit().epoch == self.epoch)
     }
 
     /// The error [`verify_commit_batch`] gives the batch after
