@@ -533,20 +533,26 @@ impl Archive {
             let read = self.local_op(move || read_local(&file, max, name));
             return self.timed(read).await;
         }
-        let result = match self.timed(self.store.get(path)).await {
-            Ok(r) => r,
-            Err(ArchiveError::Store(object_store::Error::NotFound { .. })) => return Ok(None),
-            Err(e) => return Err(e),
+        // One deadline for the answer's head and its body together: a
+        // store that sends its head just in time, then its body just in
+        // time, takes one `request_timeout`, not two.
+        let read = async {
+            let result = match self.store.get(path).await {
+                Ok(r) => r,
+                Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                Err(e) => return Err(ArchiveError::from(e)),
+            };
+            let size = result.meta.size;
+            if size > self.config.max_object_bytes {
+                return Err(ArchiveError::TooLarge {
+                    path: path.to_string(),
+                    size,
+                    max: self.config.max_object_bytes,
+                });
+            }
+            body(path, result).await.map(Some)
         };
-        let size = result.meta.size;
-        if size > self.config.max_object_bytes {
-            return Err(ArchiveError::TooLarge {
-                path: path.to_string(),
-                size,
-                max: self.config.max_object_bytes,
-            });
-        }
-        self.timed(body(path, result)).await.map(Some)
+        self.timed(read).await
     }
 
     /// Writes `bytes` at `path`, durably: in a local archive the file and

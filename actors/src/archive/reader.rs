@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use bytes::Bytes;
 use soma_types::{BlockRef, CommitIndex, Digest};
@@ -40,6 +41,16 @@ pub struct ArchiveReader {
 
 /// Spans the reader remembers.
 const MAX_SPANS: usize = 4_096;
+
+/// A lookup (its waits for other reads, the read at its index, the walk
+/// from the window's boundary) ends after this many `request_timeout`s,
+/// whatever it read: an archive whose objects each come just within their
+/// own timeout, laid out so that the walk reads a window's worth, held a
+/// sync task (and, while no peer held the range, sync) for hours. An
+/// honest archive answers a lookup with one object, or a few after an
+/// epoch's end; a walk cut short keeps the spans it read, so the next
+/// lookup goes on from there.
+const LOOKUP_REQUESTS: u32 = 2;
 
 /// Held while a batch is read.
 type ReadLock = tokio::sync::Mutex<()>;
@@ -214,10 +225,24 @@ impl ArchiveReader {
         self.recent.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// [`Self::holding`], counted: a miss or an error is `None`.
+    /// How long one lookup may take, waits for other reads included:
+    /// [`LOOKUP_REQUESTS`] times the archive's `request_timeout`.
+    fn lookup_deadline(&self) -> Duration {
+        self.archive
+            .config()
+            .request_timeout
+            .saturating_mul(LOOKUP_REQUESTS)
+    }
+
+    /// [`Self::holding`] within [`Self::lookup_deadline`], counted: a miss,
+    /// an error or a lookup past its deadline is `None`.
     async fn find(&self, index: CommitIndex) -> Option<Arc<ArchivedBatch>> {
         let stats = self.archive.stats();
-        match self.holding(index).await {
+        let deadline = self.lookup_deadline();
+        let found = tokio::time::timeout(deadline, self.holding(index))
+            .await
+            .unwrap_or(Err(ArchiveError::Timeout(deadline)));
+        match found {
             Ok(Some(batch)) => Some(batch),
             Ok(None) => {
                 ArchiveStats::count(&stats.read_misses);
@@ -439,6 +464,59 @@ mod tests {
             Some(vec![block.clone()])
         );
         assert_eq!(reader.blocks((40, 81), &wanted).await, None, "two batches");
+    }
+
+    /// A hostile archive: one-commit objects from the window's boundary
+    /// up, none holding the commit asked for, each object's head and body
+    /// coming within `request_timeout` apart but not together. An object
+    /// is refused at one `request_timeout` for its head and body together,
+    /// and a lookup ends at [`LOOKUP_REQUESTS`] of them whatever its walk
+    /// would still read (it read up to 150 objects, about 35 minutes).
+    #[tokio::test(start_paused = true)]
+    async fn a_lookup_ends_at_its_deadline_whatever_the_archive_lays_out() {
+        let timeout = Duration::from_secs(10);
+        let config = Config {
+            request_timeout: timeout,
+            ..Config::new("memory")
+        };
+        let chain_id = ChainId(soma_types::Digest([3; 32]));
+        let memory = Arc::new(InMemory::new());
+        let writer = Archive::with_store(memory.clone(), Path::default(), config.clone(), chain_id);
+        for i in 1..=150 {
+            writer.put_batch(&numbered(i, i)).await.unwrap();
+        }
+        let slow = |per_call: Duration, per_byte: Duration| {
+            let store = ThrottledStore::new(
+                memory.clone(),
+                ThrottleConfig {
+                    wait_get_per_call: per_call,
+                    wait_get_per_byte: per_byte,
+                    ..ThrottleConfig::default()
+                },
+            );
+            let archive =
+                Archive::with_store(Arc::new(store), Path::default(), config.clone(), chain_id);
+            ArchiveReader::new(archive, 200)
+        };
+
+        // Heads in 7 s each, bodies at once: the read at 180 (none), then
+        // the walk from 1, one object every 7 s, until the deadline.
+        let reader = slow(Duration::from_secs(7), Duration::ZERO);
+        let started = tokio::time::Instant::now();
+        assert_eq!(reader.commits(180, 180, u64::MAX).await, None);
+        assert_eq!(started.elapsed(), timeout * LOOKUP_REQUESTS);
+        let status = reader.stats().status();
+        assert_eq!((status.objects_read, status.read_errors), (1, 1));
+
+        // Head and body each within the timeout, together past it: the
+        // object is not read.
+        let size = writer.batch(1).await.unwrap().unwrap().encode().len() as u32;
+        let reader = slow(Duration::from_secs(7), Duration::from_secs(7) / size);
+        let started = tokio::time::Instant::now();
+        assert_eq!(reader.commits(1, 1, u64::MAX).await, None);
+        assert_eq!(started.elapsed(), timeout);
+        let status = reader.stats().status();
+        assert_eq!((status.objects_read, status.read_errors), (0, 1));
     }
 
     /// An object written again with other ends after its span was
