@@ -12,6 +12,7 @@
 use std::sync::Arc;
 
 use soma_actors::discovery::SeedPeer;
+use soma_actors::system::StreamError;
 use soma_actors::{P2pBuilder, P2pConfig};
 use soma_chain::{ChainBuilder, ChainConfig};
 use soma_store::{ConsensusStore, MemStore, RedbStore};
@@ -44,12 +45,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ..P2pConfig::default()
     };
     let p2p = P2pBuilder::new(config, KeyPair::generate(), genesis, store).start()?;
-    let mut commits = p2p.subscribe_synced_commits();
-    let mut executed = 0;
-    while executed < 500 {
-        let subdag = commits.recv().await?;
+    // The executor's stream, registered right after start: every commit
+    // from the one after the last executed (none yet here), exactly once,
+    // in order; sync runs at most `max_lead_over_execution` commits ahead
+    // of it, and pruning keeps what it has not taken.
+    let mut commits = p2p.subscribe_executor_from(1)?;
+    while commits.next_index() <= 500 {
+        let subdag = match commits.next().await {
+            Ok(subdag) => subdag,
+            // The store failed: the stream stays where it was; try again.
+            Err(StreamError::Store(e)) => {
+                eprintln!("store read failed, retrying: {e}");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         // Execute the commit's blocks, in order.
-        executed += 1;
         if subdag.commit_ref.index % 100 == 0 {
             println!(
                 "executed commit {} ({} blocks, epoch {})",

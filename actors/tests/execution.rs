@@ -402,8 +402,8 @@ async fn a_pruning_node_advertises_its_new_lowest_a_grace_before_it_deletes() {
 
 /// Local commits whose writes wait for a slow store are bounded by
 /// `max_local_writes`: with commit 1's write held up and commit 2's
-/// waiting behind it (2 of 2), commit 3 is refused as busy at once, and
-/// taken once the store moves again.
+/// waiting behind it (2 of 2), commit 3 and a certificate are refused as
+/// busy at once, and taken once the store moves again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_commits_waiting_for_a_slow_store_are_bounded_and_the_rest_refused_as_busy() {
     use soma_actors::system::P2pError;
@@ -431,12 +431,21 @@ async fn local_commits_waiting_for_a_slow_store_are_bounded_and_the_rest_refused
         node.send_commit(local(&chain, 3)).await,
         Err(P2pError::Busy)
     ));
+    // A certificate's write takes a place too.
+    assert!(matches!(
+        node.send_certificate(1, chain.certificate(1).to_vec())
+            .await,
+        Err(P2pError::Busy)
+    ));
     store.resume();
     first.await.unwrap().expect("commit 1 stored");
     second.await.expect("commit 2 stored");
     node.send_commit(local(&chain, 3))
         .await
         .expect("commit 3 stored once the writes before it are answered");
+    node.send_certificate(1, chain.certificate(1).to_vec())
+        .await
+        .expect("the certificate stored once there is room");
     assert_eq!(store.inner().highest_synced_commit().unwrap().index, 3);
     node.shutdown().await;
 }

@@ -210,3 +210,60 @@ async fn shutdown_on_a_runtime_the_node_does_not_own_waits_for_the_store_write_u
     // Stored, though the node stopped before it could say so.
     let _ = sending.await.unwrap();
 }
+
+/// A FetchBlocks answer no one reads, its send deadline an hour, holds
+/// the server's drain past its 5 s. `shutdown`, on a runtime the node
+/// does not own, cuts that connection once the drain's time is up: before,
+/// it returned with the connection's server still running on the
+/// embedder's runtime, holding its answer until the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_cuts_the_connections_the_drain_left_on_a_runtime_the_node_does_not_own() {
+    use soma_testkit::attack::{self, Target, Unread};
+    let chain = ChainBuilder::new(ChainConfig::validators(4)).build(100);
+    let store = MemStore::new(chain.genesis());
+    chain.write_to(&store, 100).unwrap();
+    let mut config = P2pConfig::default();
+    config.grpc.send_timeout = Duration::from_secs(3_600);
+    let node = P2pBuilder::new(
+        config,
+        KeyPair::from_seed([9; 32]),
+        chain.genesis().clone(),
+        Arc::new(store),
+    )
+    .runtime(tokio::runtime::Handle::current())
+    .start()
+    .expect("the node starts");
+    let blocks = (1..=100)
+        .flat_map(|i| chain.blocks_of(i).iter())
+        .map(|b| b.reference().into())
+        .collect();
+    let unread = Unread {
+        blocks,
+        commits: Default::default(),
+        fetch_blocks: 1,
+        fetch_commits: 0,
+        hold: Duration::from_secs(3_600),
+    };
+    let target = Target {
+        address: node.local_addr(),
+        peer_id: Some(node.peer_id()),
+    };
+    let attack = attack::never_reading(target, 1, 0, unread).await;
+    let start = Instant::now();
+    while node.fetches_in_flight() != 1 {
+        assert!(start.elapsed() < DEADLINE, "the fetch was never served");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(attack.tally().cut, 0);
+    node.shutdown().await;
+    // The client sees its call end: the connection was cut.
+    while attack.tally().cut == 0 {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the unread answer's connection outlived shutdown: {:?}",
+            attack.tally()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(attack.stop().answered, 0);
+}

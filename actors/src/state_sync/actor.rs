@@ -578,11 +578,17 @@ impl Handler<StoreCertificate> for StateSync {
     type Result = ResponseFuture<Result<(), ApplyError>>;
 
     fn handle(&mut self, msg: StoreCertificate, ctx: &mut Context<Self>) -> Self::Result {
+        // Certificate writes share the places of local commits' writes:
+        // a caller retrying behind a slow store queues no more of them.
+        let Ok(place) = self.deps.local_writes.clone().try_acquire_owned() else {
+            return Box::pin(async { Err(ApplyError::Busy) });
+        };
         let (reply, answer) = oneshot::channel();
         let (store, addr) = (self.deps.store.clone(), ctx.address());
         self.deps.runtime.spawn_blocking(move || {
             let certify = || apply::certify(store.as_ref(), msg.index, msg.blocks);
             let result = unless_panicked("certificate write", certify);
+            drop(place);
             addr.do_send(CertificateStored { result, reply });
         });
         Box::pin(async move { answer.await.unwrap_or(Err(ApplyError::Cancelled)) })

@@ -53,9 +53,10 @@ pub struct Config {
     /// Write transactions of one prune run at most; the next run goes on.
     pub max_steps_per_run: u32,
     /// Time between advertising a new lowest commit and deleting below it,
-    /// in milliseconds: longer than peers take to learn it (the node
-    /// checks at least twice their height query interval plus a request
-    /// timeout).
+    /// in milliseconds: longer than peers take to learn it. The node
+    /// binary refuses less than twice the height query interval plus a
+    /// request timeout; the library takes anything up to a year, 0
+    /// included, so an embedder keeps to that rule itself.
     pub grace_ms: u64,
 }
 

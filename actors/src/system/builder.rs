@@ -10,7 +10,7 @@ use tokio::sync::{broadcast, oneshot, watch};
 
 use super::Execution;
 use super::config::P2pConfig;
-use super::handle::{Inner, OwnedRuntime, P2pHandle, Running};
+use super::handle::{CONNECTION_STOP_GRACE, Inner, OwnedRuntime, P2pHandle, Running};
 use super::store_gate::StoreGate;
 use super::tree::{self, NodeParts};
 use crate::archive::{Archive, ArchiveReader, WriterDeps, supervise_writer};
@@ -114,7 +114,9 @@ impl P2pBuilder {
     }
 
     /// Runs the gRPC server and client connections on the node's own tokio
-    /// runtime rather than a runtime owned by the handle.
+    /// runtime rather than a runtime owned by the handle. Its I/O and time
+    /// drivers must be on (`enable_all`): tokio panics in
+    /// [`P2pBuilder::start`] on a runtime without I/O.
     pub fn runtime(mut self, runtime: tokio::runtime::Handle) -> Self {
         self.runtime = Some(runtime);
         self
@@ -381,10 +383,10 @@ impl P2pBuilder {
                 // (its age is the inbound limit's, not tonic's, which
                 // cuts old connections without a GOAWAY once a grace is
                 // set).
-                soma_wire::serve::serve(router, incoming, async {
+                let stopped = async {
                     let _ = shutdown_rx.await;
-                })
-                .await
+                };
+                soma_wire::serve::serve(router, incoming, stopped, CONNECTION_STOP_GRACE).await
             })
         };
         if let Some(deps) = writer {

@@ -305,6 +305,15 @@ impl P2pConfig {
             d.max_known_peers,
             "at most discovery.max_known_peers",
         )?;
+        // Dials past Connections' limit are refused as `LimitReached`, which
+        // Discovery takes as the peer failing: it would back off from good
+        // peers every round.
+        within(
+            "discovery.target_concurrent_connections",
+            d.target_concurrent_connections,
+            self.connections.max_connections,
+            "at most connections.max_connections",
+        )?;
         holds(
             "discovery.dial_backoff_ms",
             d.dial_backoff_ms <= d.max_dial_backoff_ms,
@@ -453,6 +462,19 @@ mod tests {
         );
         let e = refused(|c| c.verifier.limits.max_block_bytes = usize::MAX);
         assert_eq!(e.field, "verifier.limits.max_block_bytes");
+        let e = refused(|c| {
+            c.discovery.target_concurrent_connections = c.connections.max_connections + 1
+        });
+        assert_eq!(
+            (e.field, e.allowed),
+            (
+                "discovery.target_concurrent_connections",
+                "at most connections.max_connections"
+            )
+        );
+        let mut config = P2pConfig::default();
+        config.discovery.target_concurrent_connections = config.connections.max_connections;
+        assert_eq!(config.check(), Ok(()));
         let e = refused(|c| c.discovery.dial_backoff_ms = c.discovery.max_dial_backoff_ms + 1);
         assert_eq!(e.field, "discovery.dial_backoff_ms");
         let e = refused(|c| {

@@ -34,10 +34,13 @@ pub struct P2pConfig {
     /// Fetches that may wait for a free slot at once; more are refused as
     /// busy and retried by state sync.
     pub max_waiting_fetches: usize,
-    /// Local commits ([`super::P2pHandle::send_commit`]) whose writes may
-    /// be in flight at once; one more is refused with
-    /// [`super::P2pError::Busy`]. Bounds what callers that retry after
-    /// timeouts queue behind a slow store.
+    /// Local commits ([`super::P2pHandle::send_commit`]) and certificates
+    /// ([`super::P2pHandle::send_certificate`]) whose writes may be in
+    /// flight at once; one more is refused with [`super::P2pError::Busy`].
+    /// Bounds what callers that retry after timeouts queue behind a slow
+    /// store. Writes in flight at once are not ordered among themselves:
+    /// await each local commit's answer before sending the next, or the
+    /// later may be written first and refused as not contiguous.
     pub max_local_writes: usize,
     /// The supervisor's intensity limit: restarts of one actor within a
     /// window before the node stops.

@@ -20,7 +20,11 @@ use crate::state_sync::{ApplyError, ApplyLocal, GetSyncStatus, StoreCertificate,
 use crate::supervisor::{NodeFailure, TreeStatus};
 
 /// Time allowed for the server to finish in-flight calls at shutdown.
-const SERVER_DRAIN: Duration = Duration::from_secs(5);
+pub(super) const SERVER_DRAIN: Duration = Duration::from_secs(5);
+
+/// Time a connection has to close gracefully at shutdown before it is
+/// cut: a second of the drain is left for the cuts to end.
+pub(super) const CONNECTION_STOP_GRACE: Duration = Duration::from_secs(4);
 
 /// What shutdown stops. The server and the System are stopped first, by
 /// [`P2pHandle::shutdown`] or, when an actor fails past the intensity
@@ -125,13 +129,24 @@ impl Inner {
         }
         self.stopped.send_replace(true);
         if let Some(server) = server {
-            // Timed on the node's runtime: the caller may be on none.
-            let drained = self
-                .runtime
-                .spawn(async move { tokio::time::timeout(SERVER_DRAIN, server).await.is_ok() });
+            // Timed on the node's runtime: the caller may be on none. A
+            // server still draining when the time is up is aborted, and
+            // its connections with it (each connection's server is its
+            // task's): dropped, its task would go on, on a runtime that
+            // may be the embedder's, until each answer's send deadline.
+            let drained = self.runtime.spawn(async move {
+                let abort = server.abort_handle();
+                let drained = tokio::time::timeout(SERVER_DRAIN, server).await.is_ok();
+                if !drained {
+                    abort.abort();
+                }
+                drained
+            });
             match drained.await {
                 Ok(true) => {}
-                Ok(false) => tracing::warn!("the server did not drain in time"),
+                Ok(false) => {
+                    tracing::warn!("the server did not drain in time; its connections are cut")
+                }
                 Err(_) => tracing::warn!("the node's runtime stopped before the server drained"),
             }
         }
@@ -352,6 +367,11 @@ impl P2pHandle {
     /// The node does not persist the executor's position: register it
     /// right after start (the first prune runs one `prune.interval_ms`
     /// later), or a pruning node may remove commits it has not executed.
+    ///
+    /// It blocks the calling thread while a prune step runs (one write of
+    /// up to `prune.batch_commits` commits) and for one read of the
+    /// store's lowest commit: from async code on a busy node, call it
+    /// inside `spawn_blocking`.
     pub fn subscribe_executor_from(&self, index: CommitIndex) -> Result<CommitStream, P2pError> {
         use super::commits::Refused;
         self.subscribe_synced_commits_from(index)
@@ -405,7 +425,9 @@ impl P2pHandle {
     /// handle's timeout, a full mailbox included (actix's own timeout is
     /// not polled while its send waits for room). The timer is the
     /// caller's runtime's, or, called from a thread without one, the
-    /// node's: the handle's calls work from any thread.
+    /// node's: the handle's calls work from any thread, and from any tokio
+    /// runtime with its time driver on (`enable_time` or `enable_all`;
+    /// tokio panics on a timer of a runtime without one).
     fn ask<A, M>(
         &self,
         actor: &actix::Addr<A>,
@@ -640,9 +662,12 @@ impl P2pHandle {
     }
 
     /// Stops the node gracefully: the server stops accepting calls and
-    /// drains the running ones, the actors stop, and every thread the node
-    /// started is joined. A second call, at once or later, returns once the
-    /// first has finished.
+    /// drains the running ones (a connection still open after 4 s is cut,
+    /// the server after 5 s), the actors stop, and their thread is joined,
+    /// as is an owned runtime's (for up to 5 s); store calls still under
+    /// way are waited for within the same 5 s. The Verifier's pool is let
+    /// go, not joined: its threads end once their last job does. A second
+    /// call, at once or later, returns once the first has finished.
     pub async fn shutdown(&self) {
         // Once: a second call waits for the first's joins.
         self.inner

@@ -1094,6 +1094,11 @@ impl NodeConfig {
         };
         c.discovery.interval_ms = p.interval.as_millis() as u64;
         c.discovery.target_concurrent_connections = p.target_concurrent_connections;
+        // Connections holds at least the target, which the library checks.
+        c.connections.max_connections = c
+            .connections
+            .max_connections
+            .max(p.target_concurrent_connections);
         c.discovery.peers_to_query = p.peers_to_query;
         c.discovery.max_peers_to_send = p.max_peers_to_send;
         c.discovery.max_known_peers = p.max_known_peers;
@@ -1810,6 +1815,24 @@ mod tests {
             warnings[0].contains("archive.max-object-bytes 268435456 is taken as 67108864"),
             "{warnings:?}"
         );
+    }
+
+    #[test]
+    fn a_connection_target_past_the_librarys_default_limit_raises_the_limit() {
+        let config = parse(&default_file()).unwrap().p2p_config();
+        let limit = config.connections.max_connections;
+        assert_eq!(config.check(), Ok(()));
+        let text = default_file().replace(
+            &format!(
+                "target-concurrent-connections = {}",
+                config.discovery.target_concurrent_connections
+            ),
+            &format!("target-concurrent-connections = {}", limit + 36),
+        );
+        let config = parse(&text).unwrap().p2p_config();
+        assert_eq!(config.discovery.target_concurrent_connections, limit + 36);
+        assert_eq!(config.connections.max_connections, limit + 36);
+        assert_eq!(config.check(), Ok(()));
     }
 
     #[test]

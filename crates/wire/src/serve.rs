@@ -12,7 +12,8 @@
 //! whole server's shutdown. At any of them but its end, hyper sends a
 //! GOAWAY, answers the requests that crossed it, and closes; a connection
 //! still open a grace later (`idle_drain_grace`, or `max_age_grace` at its
-//! age) is cut.
+//! age) is cut; at the server's shutdown, the lesser of `idle_drain_grace`
+//! and the server's own stop grace.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -26,9 +27,17 @@ use crate::tls::{Connection, Incoming};
 
 /// Serves `router` on every connection `incoming` yields until `shutdown`
 /// completes; then stops accepting (the listener is closed), has every
-/// connection close gracefully (each cut `idle_drain_grace` later if still
-/// open), and returns once all have closed.
-pub async fn serve(router: Router, incoming: Incoming, shutdown: impl Future<Output = ()>) {
+/// connection close gracefully (each cut `idle_drain_grace`, or
+/// `stop_grace` if less, later if still open), and returns once all have
+/// closed. The cut is the connection's own (its transport fails), so it
+/// holds whatever task serves the connection: tonic runs each in a task
+/// of its own, which no abort of this future reaches.
+pub async fn serve(
+    router: Router,
+    incoming: Incoming,
+    shutdown: impl Future<Output = ()>,
+    stop_grace: std::time::Duration,
+) {
     let (stop, stopped) = watch::channel(false);
     let mut connections = JoinSet::new();
     let mut incoming = incoming;
@@ -38,7 +47,7 @@ pub async fn serve(router: Router, incoming: Incoming, shutdown: impl Future<Out
             _ = &mut shutdown => break,
             accepted = incoming.next() => match accepted {
                 Some(Ok(connection)) => {
-                    let closing = closing(&connection, stopped.clone());
+                    let closing = closing(&connection, stopped.clone(), stop_grace);
                     // One connection, then none: the server waits for its
                     // signal rather than ending with its incoming stream.
                     let one = futures::stream::iter([Ok::<_, Infallible>(connection)])
@@ -73,14 +82,16 @@ pub async fn serve(router: Router, incoming: Incoming, shutdown: impl Future<Out
 fn closing(
     connection: &Connection,
     mut stopped: watch::Receiver<bool>,
+    stop_grace: std::time::Duration,
 ) -> impl Future<Output = ()> + Send + 'static {
     let ended = connection.closing();
     let drainer = connection.drainer();
     async move {
         let config = drainer.config().clone();
+        let at_stop = config.idle_drain_grace.min(stop_grace);
         tokio::select! {
             _ = ended => {}
-            _ = stopped.wait_for(|stop| *stop) => drainer.drain(config.idle_drain_grace),
+            _ = stopped.wait_for(|stop| *stop) => drainer.drain(at_stop),
             _ = tokio::time::sleep(config.max_age) => drainer.drain(config.max_age_grace),
         }
     }

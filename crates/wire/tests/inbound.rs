@@ -59,9 +59,15 @@ impl TestServer {
             .add_service(health);
         let incoming = tls::incoming_with_limit(listener, config, limit);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(soma_wire::serve::serve(router, incoming, async {
+        let stopped = async {
             let _ = stopped.await;
-        }));
+        };
+        let task = tokio::spawn(soma_wire::serve::serve(
+            router,
+            incoming,
+            stopped,
+            Duration::MAX,
+        ));
         TestServer {
             address,
             task,
