@@ -212,7 +212,8 @@ async fn shutdown_on_a_runtime_the_node_does_not_own_waits_for_the_store_write_u
 }
 
 /// A FetchBlocks answer no one reads, its send deadline an hour, holds
-/// the server's drain past its 5 s. `shutdown`, on a runtime the node
+/// the server's drain past its 5 s (its own grace, the send deadline, an
+/// hour). `shutdown`, on a runtime the node
 /// does not own, cuts that connection once the drain's time is up: before,
 /// it returned with the connection's server still running on the
 /// embedder's runtime, holding its answer until the deadline.

@@ -471,7 +471,7 @@ mod tests {
     /// coming within `request_timeout` apart but not together. An object
     /// is refused at one `request_timeout` for its head and body together,
     /// and a lookup ends at [`LOOKUP_REQUESTS`] of them whatever its walk
-    /// would still read (it read up to 150 objects, about 35 minutes).
+    /// would still read (it read up to 150 objects, about 18 minutes).
     #[tokio::test(start_paused = true)]
     async fn a_lookup_ends_at_its_deadline_whatever_the_archive_lays_out() {
         let timeout = Duration::from_secs(10);

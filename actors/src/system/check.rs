@@ -307,12 +307,13 @@ impl P2pConfig {
         )?;
         // Dials past Connections' limit are refused as `LimitReached`, which
         // Discovery takes as the peer failing: it would back off from good
-        // peers every round.
-        within(
+        // peers every round. At its target it still dials one more, to
+        // rotate: the limit must leave room for it.
+        holds(
             "discovery.target_concurrent_connections",
+            d.target_concurrent_connections < self.connections.max_connections,
+            "less than connections.max_connections",
             d.target_concurrent_connections,
-            self.connections.max_connections,
-            "at most connections.max_connections",
         )?;
         holds(
             "discovery.dial_backoff_ms",
@@ -469,11 +470,14 @@ mod tests {
             (e.field, e.allowed),
             (
                 "discovery.target_concurrent_connections",
-                "at most connections.max_connections"
+                "less than connections.max_connections"
             )
         );
+        let e =
+            refused(|c| c.discovery.target_concurrent_connections = c.connections.max_connections);
+        assert_eq!(e.field, "discovery.target_concurrent_connections");
         let mut config = P2pConfig::default();
-        config.discovery.target_concurrent_connections = config.connections.max_connections;
+        config.discovery.target_concurrent_connections = config.connections.max_connections - 1;
         assert_eq!(config.check(), Ok(()));
         let e = refused(|c| c.discovery.dial_backoff_ms = c.discovery.max_dial_backoff_ms + 1);
         assert_eq!(e.field, "discovery.dial_backoff_ms");

@@ -129,11 +129,12 @@ impl Inner {
         }
         self.stopped.send_replace(true);
         if let Some(server) = server {
-            // Timed on the node's runtime: the caller may be on none. A
-            // server still draining when the time is up is aborted, and
-            // its connections with it (each connection's server is its
-            // task's): dropped, its task would go on, on a runtime that
-            // may be the embedder's, until each answer's send deadline.
+            // Timed on the node's runtime: the caller may be on none. Each
+            // connection is cut within `CONNECTION_STOP_GRACE` by its own
+            // transport (tonic serves it in a task of its own, which no
+            // abort here reaches); the server's task, still running when
+            // the time is up, is aborted rather than left to run on a
+            // runtime that may be the embedder's.
             let drained = self.runtime.spawn(async move {
                 let abort = server.abort_handle();
                 let drained = tokio::time::timeout(SERVER_DRAIN, server).await.is_ok();
@@ -145,7 +146,7 @@ impl Inner {
             match drained.await {
                 Ok(true) => {}
                 Ok(false) => {
-                    tracing::warn!("the server did not drain in time; its connections are cut")
+                    tracing::warn!("the server did not drain in time; stopped")
                 }
                 Err(_) => tracing::warn!("the node's runtime stopped before the server drained"),
             }
@@ -183,8 +184,9 @@ pub enum P2pError {
     /// The commit was refused before the store saw it.
     #[error("refused: {0}")]
     Refused(ApplyError),
-    /// The actor's mailbox is full, or (from `send_commit`) as many local
-    /// commits as `max_local_writes` wait for the store; try again later.
+    /// The actor's mailbox is full, or (from `send_commit` and
+    /// `send_certificate`) as many writes as `max_local_writes` wait for
+    /// the store; try again later.
     #[error("the node is busy; try again")]
     Busy,
     /// The executor asked for a commit the node has pruned.
@@ -662,8 +664,9 @@ impl P2pHandle {
     }
 
     /// Stops the node gracefully: the server stops accepting calls and
-    /// drains the running ones (a connection still open after 4 s is cut,
-    /// the server after 5 s), the actors stop, and their thread is joined,
+    /// drains the running ones (each connection is cut if still open 4 s
+    /// into the stop, or sooner at a grace of its own; the server is
+    /// stopped at 5 s), the actors stop, and their thread is joined,
     /// as is an owned runtime's (for up to 5 s); store calls still under
     /// way are waited for within the same 5 s. The Verifier's pool is let
     /// go, not joined: its threads end once their last job does. A second

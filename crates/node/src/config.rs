@@ -1046,7 +1046,8 @@ impl NodeConfig {
         // Every caller through a proxy or tunnel on this host comes from a
         // loopback address: with the exemption, all of them together skip
         // the caps per address, per prefix, per host and per network.
-        if self.p2p.inbound_exempt_loopback && !self.listen_address.ip().is_loopback() {
+        let loopback = self.listen_address.ip().to_canonical().is_loopback();
+        if self.p2p.inbound_exempt_loopback && !loopback {
             warnings.push(format!(
                 "p2p.inbound-exempt-loopback is on while the node listens on {listen}, \
                  beyond this host: callers that reach it through a proxy, tunnel or NAT on \
@@ -1094,11 +1095,13 @@ impl NodeConfig {
         };
         c.discovery.interval_ms = p.interval.as_millis() as u64;
         c.discovery.target_concurrent_connections = p.target_concurrent_connections;
-        // Connections holds at least the target, which the library checks.
-        c.connections.max_connections = c
-            .connections
-            .max_connections
-            .max(p.target_concurrent_connections);
+        // Connections holds the target and the one dial past it that
+        // rotates, and allowlisted peers, dialled whatever the target.
+        c.connections.max_connections = c.connections.max_connections.max(
+            p.target_concurrent_connections
+                .saturating_add(1)
+                .saturating_add(self.allowlist.len()),
+        );
         c.discovery.peers_to_query = p.peers_to_query;
         c.discovery.max_peers_to_send = p.max_peers_to_send;
         c.discovery.max_known_peers = p.max_known_peers;
@@ -1831,7 +1834,8 @@ mod tests {
         );
         let config = parse(&text).unwrap().p2p_config();
         assert_eq!(config.discovery.target_concurrent_connections, limit + 36);
-        assert_eq!(config.connections.max_connections, limit + 36);
+        // Room for the dial that rotates, past the target.
+        assert_eq!(config.connections.max_connections, limit + 37);
         assert_eq!(config.check(), Ok(()));
     }
 

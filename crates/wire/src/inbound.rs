@@ -145,7 +145,9 @@ pub struct Config {
     /// How long a connection found idle, or closed at the server's
     /// shutdown, may take to close itself once its server is told
     /// ([`crate::serve`]): its GOAWAY sent, and the calls that crossed it
-    /// answered. Then it is cut.
+    /// answered. Then it is cut. At the shutdown, the server's own stop
+    /// grace applies if shorter, to every connection, those closing
+    /// already included.
     pub idle_drain_grace: Duration,
     /// Age at which [`crate::serve`] closes a connection gracefully (a
     /// GOAWAY), so that its client reconnects, perhaps elsewhere.
@@ -879,6 +881,9 @@ impl Toucher {
     }
 }
 
+/// The longest grace a drain is given.
+const LONGEST_GRACE: Duration = Duration::from_secs(365 * 86_400);
+
 /// Tells a connection that its server is closing it gracefully: it is
 /// cut if still open a grace later.
 #[derive(Debug)]
@@ -888,7 +893,8 @@ pub struct Drainer {
 }
 
 impl Drainer {
-    /// The connection is to close: cut if still open `grace` from now.
+    /// The connection is to close: cut if still open `grace` from now, or
+    /// at the cut an earlier call set, if sooner.
     pub fn drain(&self, grace: Duration) {
         let ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX).max(1);
         self.activity.drain_asked_ms.store(ms, Ordering::Release);
@@ -991,11 +997,19 @@ impl Admitted {
         activity.waker.register(cx.waker());
         let limit = &self.slot.limit;
         // Told to close by its server ([`Drainer`]): cut after the grace.
+        // Told again while it closes already (found idle, or at its age),
+        // the earlier cut holds: the server's stop shortens a long grace.
         let asked_ms = activity.drain_asked_ms.swap(0, Ordering::AcqRel);
-        if asked_ms > 0 && !activity.draining.swap(true, Ordering::AcqRel) {
-            activity.drain.notify_waiters();
-            let grace = Duration::from_millis(asked_ms);
-            self.idle.as_mut().reset((Instant::now() + grace).into());
+        if asked_ms > 0 {
+            // A year at most: an `Instant` past the clock's range panics.
+            let grace = Duration::from_millis(asked_ms).min(LONGEST_GRACE);
+            let cut_at = tokio::time::Instant::from(Instant::now()) + grace;
+            if !activity.draining.swap(true, Ordering::AcqRel) {
+                activity.drain.notify_waiters();
+                self.idle.as_mut().reset(cut_at);
+            } else if cut_at < self.idle.deadline() {
+                self.idle.as_mut().reset(cut_at);
+            }
         }
         loop {
             if activity.closed.load(Ordering::Acquire) {

@@ -15,6 +15,7 @@
 //! age) is cut; at the server's shutdown, the lesser of `idle_drain_grace`
 //! and the server's own stop grace.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 
@@ -40,6 +41,10 @@ pub async fn serve(
 ) {
     let (stop, stopped) = watch::channel(false);
     let mut connections = JoinSet::new();
+    // What drains each connection served, by its server's task: at the
+    // stop every one is told, those already closing (found idle, or at
+    // their age) included, whose own grace may be far longer.
+    let mut drainers = HashMap::new();
     let mut incoming = incoming;
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -47,51 +52,59 @@ pub async fn serve(
             _ = &mut shutdown => break,
             accepted = incoming.next() => match accepted {
                 Some(Ok(connection)) => {
-                    let closing = closing(&connection, stopped.clone(), stop_grace);
+                    let closing = closing(&connection, stopped.clone());
+                    let drainer = connection.drainer();
                     // One connection, then none: the server waits for its
                     // signal rather than ending with its incoming stream.
                     let one = futures::stream::iter([Ok::<_, Infallible>(connection)])
                         .chain(futures::stream::pending());
                     let server = router.clone().serve_with_incoming_shutdown(one, closing);
-                    connections.spawn(async move {
+                    let task = connections.spawn(async move {
                         if let Err(error) = server.await {
                             tracing::debug!(%error, "inbound connection's server failed");
                         }
                     });
+                    drainers.insert(task.id(), drainer);
                 }
                 Some(Err(error)) => tracing::debug!(%error, "inbound connection not accepted"),
                 None => break,
             },
             // Reaps the servers of closed connections.
-            Some(ended) = connections.join_next(), if !connections.is_empty() => {
-                if let Err(error) = ended {
-                    tracing::warn!(%error, "inbound connection's server panicked");
-                }
+            Some(ended) = connections.join_next_with_id(), if !connections.is_empty() => {
+                match ended {
+                    Ok((id, ())) => drainers.remove(&id),
+                    Err(error) => {
+                        tracing::warn!(%error, "inbound connection's server panicked");
+                        drainers.remove(&error.id())
+                    }
+                };
             }
         }
     }
     // No new connection: the listener closes now, not after the drain.
     drop(incoming);
     stop.send_replace(true);
+    for drainer in drainers.values() {
+        drainer.drain(drainer.config().idle_drain_grace.min(stop_grace));
+    }
     while connections.join_next().await.is_some() {}
 }
 
 /// The shutdown signal of `connection`'s server: found idle (it is then
-/// draining already), closed, too old, or all to close; the last two
-/// have it drain, cut if still open a grace later.
+/// draining already), closed, too old (it drains, cut if still open
+/// `max_age_grace` later), or all to close (`serve` drains it).
 fn closing(
     connection: &Connection,
     mut stopped: watch::Receiver<bool>,
-    stop_grace: std::time::Duration,
 ) -> impl Future<Output = ()> + Send + 'static {
     let ended = connection.closing();
     let drainer = connection.drainer();
     async move {
         let config = drainer.config().clone();
-        let at_stop = config.idle_drain_grace.min(stop_grace);
         tokio::select! {
             _ = ended => {}
-            _ = stopped.wait_for(|stop| *stop) => drainer.drain(at_stop),
+            // `serve` tells every connection's drainer at its stop.
+            _ = stopped.wait_for(|stop| *stop) => {}
             _ = tokio::time::sleep(config.max_age) => drainer.drain(config.max_age_grace),
         }
     }

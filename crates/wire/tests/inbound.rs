@@ -49,6 +49,16 @@ impl TestServer {
     /// Like [`Self::start`], the server pinging every connection every
     /// `keepalive`, if given.
     async fn start_pinging(limit: ConnectionLimit, keepalive: Option<Duration>) -> Self {
+        Self::start_with(limit, keepalive, Duration::MAX).await
+    }
+
+    /// Like [`Self::start_pinging`], each connection cut `stop_grace`
+    /// after the server's stop if its own grace is longer.
+    async fn start_with(
+        limit: ConnectionLimit,
+        keepalive: Option<Duration>,
+        stop_grace: Duration,
+    ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let config = tls::server_config(&identity(), &AccessPolicy::default()).unwrap();
@@ -63,10 +73,7 @@ impl TestServer {
             let _ = stopped.await;
         };
         let task = tokio::spawn(soma_wire::serve::serve(
-            router,
-            incoming,
-            stopped,
-            Duration::MAX,
+            router, incoming, stopped, stop_grace,
         ));
         TestServer {
             address,
@@ -736,4 +743,31 @@ async fn a_shutdown_closes_connections_with_a_goaway_and_cuts_those_that_ignore_
         (limit.open(), counts.idle_closed, counts.cut_after_grace),
         (0, 0, 1)
     );
+}
+
+/// A connection found idle closes with the idle drain's grace (an hour
+/// here) and ignores the GOAWAY; the server's stop, whose grace is far
+/// shorter, cuts it then, and the server ends: before, a connection
+/// closing already kept its own grace past the stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_cuts_a_connection_closing_already_at_its_own_shorter_grace() {
+    init_tracing();
+    let limit = ConnectionLimit::with_config(Config {
+        idle_timeout: Duration::from_millis(300),
+        idle_drain_grace: Duration::from_secs(3_600),
+        ..config(8, 0, 8, 8)
+    });
+    let mut server = TestServer::start_with(limit.clone(), None, Duration::from_millis(200)).await;
+    let mut deaf = server.deaf().await;
+    assert!(reads_a_goaway(&mut deaf).await, "no GOAWAY");
+    assert_eq!(limit.counts().idle_closed, 1);
+    assert_eq!(limit.open(), 1);
+    let _ = server.stop.take().expect("running").send(());
+    assert!(ended(&mut deaf).await, "not cut");
+    tokio::time::timeout(PATIENCE, &mut server.task)
+        .await
+        .expect("the server ended")
+        .unwrap();
+    let counts = limit.counts();
+    assert_eq!((limit.open(), counts.cut_after_grace), (0, 1));
 }
