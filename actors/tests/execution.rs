@@ -488,3 +488,36 @@ async fn commits_are_broadcast_in_order_when_a_write_is_held_up_after_it_is_stor
     assert_eq!(order, [1, 2]);
     node.shutdown().await;
 }
+
+/// Local commits sent at once, without awaiting each answer before the
+/// next, are written in the order they were sent: each is stored, none
+/// refused as not contiguous, and the broadcast sees them in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_commits_sent_at_once_are_written_in_the_order_sent() {
+    let chain = small_chain(64);
+    let store = Arc::new(MemStore::new(chain.genesis()));
+    let node = soma_testkit::node(&chain, 9, P2pConfig::default(), store.clone());
+    let mut raw = node.subscribe_synced_commits();
+    // Each polled once, in order: its message is in StateSync's mailbox
+    // before the next is sent.
+    let mut sends = Vec::new();
+    for i in 1..=64 {
+        let mut send = Box::pin(node.send_commit(local(&chain, i)));
+        let _ = futures::poll!(&mut send);
+        sends.push(send);
+    }
+    for (i, result) in futures::future::join_all(sends)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        assert!(result.is_ok(), "commit {}: {result:?}", i + 1);
+    }
+    assert_eq!(store.highest_synced_commit().unwrap().index, 64);
+    let mut order = Vec::new();
+    for _ in 0..64 {
+        order.push(raw.recv().await.unwrap().commit_ref.index);
+    }
+    assert_eq!(order, (1..=64).collect::<Vec<_>>());
+    node.shutdown().await;
+}

@@ -1,5 +1,5 @@
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use actix::{
@@ -51,12 +51,18 @@ pub struct StateSync {
     asking_connected: bool,
     /// The wake-up set for the core's next retry, and its time.
     wake: Option<(Time, SpawnHandle)>,
-    /// Held by each write from its start until its [`ApplyDone`] is sent:
-    /// the results of writes reach the actor in the order they were
-    /// stored, so commits are broadcast in index order even when a local
-    /// commit's write follows another write at once. The store takes one
-    /// write at a time anyway.
-    writing: Arc<Mutex<()>>,
+    /// Whether a write is on its way (its [`ApplyDone`] not handled yet).
+    /// Writes go one at a time, in the order asked: local commits sent
+    /// without awaiting each other are stored in the order sent, and their
+    /// results, hence the broadcast, come in index order. (Spawned each on
+    /// the blocking pool, they raced for the store: a later commit written
+    /// first was refused as not contiguous.) Kept across restarts: a write
+    /// in flight still reports to the restarted actor.
+    writing: bool,
+    /// Writes waiting for the one on its way, in order: at most one synced
+    /// batch (the core applies one at a time) and the local commits that
+    /// hold places of `max_local_writes`.
+    queued: VecDeque<(Batch, Origin)>,
 }
 
 impl StateSync {
@@ -86,7 +92,8 @@ impl StateSync {
             asking_behind: None,
             asking_connected: false,
             wake: None,
-            writing: Arc::new(Mutex::new(())),
+            writing: false,
+            queued: VecDeque::new(),
         })
     }
 
@@ -317,11 +324,14 @@ impl StateSync {
     /// asserts on), as a failed write: the core's pause and retry then
     /// take it, where a lost answer would leave the batch applying for as
     /// long as the node runs.
-    fn write(&self, batch: Batch, origin: Origin, ctx: &mut Context<Self>) {
+    fn write(&mut self, batch: Batch, origin: Origin, ctx: &mut Context<Self>) {
+        if self.writing {
+            self.queued.push_back((batch, origin));
+            return;
+        }
+        self.writing = true;
         let (store, addr) = (self.deps.store.clone(), ctx.address());
-        let writing = self.writing.clone();
         self.deps.runtime.spawn_blocking(move || {
-            let _in_order = writing.lock().unwrap_or_else(PoisonError::into_inner);
             let result = unless_panicked("write", || apply::write(store.as_ref(), batch));
             addr.do_send(ApplyDone { origin, result });
         });
@@ -338,6 +348,11 @@ impl Handler<ApplyDone> for StateSync {
     /// fetch starts after this step), the core told, the height pushed to
     /// peers behind.
     fn handle(&mut self, done: ApplyDone, ctx: &mut Context<Self>) {
+        // The next write starts now; its result is handled after this one.
+        self.writing = false;
+        if let Some((batch, origin)) = self.queued.pop_front() {
+            self.write(batch, origin, ctx);
+        }
         let applied = match done.result {
             Ok(applied) => applied,
             Err(error) => {
@@ -424,10 +439,11 @@ impl Drop for StateSync {
 
 impl Supervised for StateSync {
     /// Workers are aborted (their slots are released as they drop) and
-    /// fetched batches dropped; the watermark and epoch are read from the
-    /// store again, and task ids go on from the failed incarnation's.
-    /// Counters carry over. A write in flight still reports, as a write
-    /// this core did not plan.
+    /// fetched batches dropped, a synced batch waiting to be written
+    /// included; the watermark and epoch are read from the store again,
+    /// and task ids go on from the failed incarnation's. Counters carry
+    /// over. A write in flight still reports, as a write this core did not
+    /// plan, and local commits waiting are written in turn.
     fn restarting(&mut self, ctx: &mut Context<Self>) {
         self.tasks.abort_all();
         // The questions to PeerHeights and Connections went with the
@@ -436,6 +452,11 @@ impl Supervised for StateSync {
         self.asking_connected = false;
         self.wake = None;
         self.fetched.clear();
+        // A synced batch waiting to be written goes with the fetched ones
+        // (the restarted core fetches from the store's watermark); local
+        // commits waiting keep their turn, their callers waiting too.
+        self.queued
+            .retain(|(_, origin)| matches!(origin, Origin::Local { .. }));
         match self.deps.init(self.driver.core().next_task()) {
             Ok(init) => self.driver.restart(init),
             Err(e) => self.broken = Some(e),

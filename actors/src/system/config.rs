@@ -38,9 +38,8 @@ pub struct P2pConfig {
     /// ([`super::P2pHandle::send_certificate`]) whose writes may be in
     /// flight at once; one more is refused with [`super::P2pError::Busy`].
     /// Bounds what callers that retry after timeouts queue behind a slow
-    /// store. Writes in flight at once are not ordered among themselves:
-    /// await each local commit's answer before sending the next, or the
-    /// later may be written first and refused as not contiguous.
+    /// store. Local commits sent without awaiting each other are written
+    /// one at a time, in the order sent.
     pub max_local_writes: usize,
     /// The supervisor's intensity limit: restarts of one actor within a
     /// window before the node stops.
