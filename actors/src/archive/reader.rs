@@ -25,7 +25,7 @@ use super::{Archive, ArchiveError, ArchiveStats, ArchivedBatch};
 pub struct ArchiveReader {
     archive: Archive,
     batch_size: u64,
-    recent: Mutex<VecDeque<Arc<ArchivedBatch>>>,
+    recent: Mutex<VecDeque<Arc<Kept>>>,
     /// The batches being read, by the batch boundary looked under: a
     /// read holds its batch's lock, and a read of the same batch waits
     /// for it. Entries go when nobody holds or waits on them.
@@ -37,6 +37,22 @@ pub struct ArchiveReader {
     /// object before it once, not at every lookup. At most
     /// [`MAX_SPANS`] (the lowest go first).
     spans: Mutex<std::collections::BTreeMap<CommitIndex, CommitIndex>>,
+}
+
+/// A batch kept, with the digest of each of its blocks: hashed once, on
+/// the blocking pool, where each chunk asked of the batch hashed every
+/// block of it again (up to 64 MiB) on a runtime thread.
+#[derive(Debug)]
+struct Kept {
+    batch: ArchivedBatch,
+    digests: Vec<Digest>,
+}
+
+impl std::ops::Deref for Kept {
+    type Target = ArchivedBatch;
+    fn deref(&self) -> &ArchivedBatch {
+        &self.batch
+    }
 }
 
 /// Spans the reader remembers.
@@ -132,10 +148,7 @@ impl ArchiveReader {
     /// there, else the one starting at the batch boundary below it or, as
     /// a writer starts a batch mid-window after an epoch's end or a batch
     /// cut for size, one found from there by following each batch's end.
-    async fn holding(
-        &self,
-        index: CommitIndex,
-    ) -> Result<Option<Arc<ArchivedBatch>>, ArchiveError> {
+    async fn holding(&self, index: CommitIndex) -> Result<Option<Arc<Kept>>, ArchiveError> {
         let holds = |b: &ArchivedBatch| b.first <= index && index <= b.last;
         let cached = || self.recent().iter().find(|b| holds(b)).cloned();
         if let Some(batch) = cached() {
@@ -164,23 +177,14 @@ impl ArchiveReader {
         index: CommitIndex,
         boundary: CommitIndex,
         holds: impl Fn(&ArchivedBatch) -> bool,
-    ) -> Result<Option<Arc<ArchivedBatch>>, ArchiveError> {
+    ) -> Result<Option<Arc<Kept>>, ArchiveError> {
         let _read = self
             .reads
             .acquire()
             .await
             .expect("the semaphore is never closed");
-        let keep = |batch: ArchivedBatch| {
-            let batch = Arc::new(batch);
-            let mut recent = self.recent();
-            recent.push_back(batch.clone());
-            while recent.len() > self.archive.config().cached_batches {
-                recent.pop_front();
-            }
-            Some(batch)
-        };
         if let Some(batch) = self.archive.batch(index).await?.filter(&holds) {
-            return Ok(keep(batch));
+            return self.keep(batch).await.map(Some);
         }
         // Each batch read moves `first` on by a commit at least, and a
         // window holds `batch_size` commits.
@@ -206,7 +210,7 @@ impl ArchiveReader {
                 };
                 self.remember(&batch);
                 if holds(&batch) {
-                    return Ok(keep(batch));
+                    return self.keep(batch).await.map(Some);
                 }
                 if batch.last >= index {
                     break;
@@ -221,7 +225,27 @@ impl ArchiveReader {
         Ok(None)
     }
 
-    fn recent(&self) -> std::sync::MutexGuard<'_, VecDeque<Arc<ArchivedBatch>>> {
+    /// Hashes `batch`'s blocks on the blocking pool and keeps it, the
+    /// oldest kept going past `cached_batches`.
+    async fn keep(&self, batch: ArchivedBatch) -> Result<Arc<Kept>, ArchiveError> {
+        let hashed = tokio::task::spawn_blocking(move || {
+            let digests = batch.blocks.iter().map(|b| Digest::of(b)).collect();
+            Kept { batch, digests }
+        });
+        let kept = Arc::new(
+            hashed
+                .await
+                .map_err(|e| ArchiveError::Source(format!("the hashing failed: {e}")))?,
+        );
+        let mut recent = self.recent();
+        recent.push_back(kept.clone());
+        while recent.len() > self.archive.config().cached_batches {
+            recent.pop_front();
+        }
+        Ok(kept)
+    }
+
+    fn recent(&self) -> std::sync::MutexGuard<'_, VecDeque<Arc<Kept>>> {
         self.recent.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -236,7 +260,7 @@ impl ArchiveReader {
 
     /// [`Self::holding`] within [`Self::lookup_deadline`], counted: a miss,
     /// an error or a lookup past its deadline is `None`.
-    async fn find(&self, index: CommitIndex) -> Option<Arc<ArchivedBatch>> {
+    async fn find(&self, index: CommitIndex) -> Option<Arc<Kept>> {
         let stats = self.archive.stats();
         let deadline = self.lookup_deadline();
         let found = tokio::time::timeout(deadline, self.holding(index))
@@ -308,12 +332,11 @@ impl ArchiveReader {
             return None;
         }
         let wanted: HashSet<Digest> = refs.iter().map(|r| r.digest).collect();
+        let blocks = archived.blocks.iter().zip(&archived.digests);
         Some(
-            archived
-                .blocks
-                .iter()
-                .filter(|b| wanted.contains(&Digest::of(b)))
-                .cloned()
+            blocks
+                .filter(|(_, digest)| wanted.contains(digest))
+                .map(|(block, _)| block.clone())
                 .collect(),
         )
     }

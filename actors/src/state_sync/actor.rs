@@ -145,6 +145,7 @@ impl StateSync {
                     None => ctx.notify(ApplyDone {
                         origin: Origin::Synced(start),
                         result: Err(ApplyError::BatchGone),
+                        written: false,
                     }),
                 },
                 Output::Restarted { task, failure } => {
@@ -331,10 +332,41 @@ impl StateSync {
         }
         self.writing = true;
         let (store, addr) = (self.deps.store.clone(), ctx.address());
+        // Reports even if the runtime drops the write unrun (shutting
+        // down): the writes queued behind it must not wait for good.
+        let mut report = Report {
+            addr,
+            origin: Some(origin),
+        };
         self.deps.runtime.spawn_blocking(move || {
             let result = unless_panicked("write", || apply::write(store.as_ref(), batch));
-            addr.do_send(ApplyDone { origin, result });
+            report.send(result);
         });
+    }
+}
+
+/// Sends a write's [`ApplyDone`] once: with its result, or, dropped
+/// without one (the write never ran), as cancelled.
+struct Report {
+    addr: actix::Addr<StateSync>,
+    origin: Option<Origin>,
+}
+
+impl Report {
+    fn send(&mut self, result: Result<super::apply::Applied, ApplyError>) {
+        if let Some(origin) = self.origin.take() {
+            self.addr.do_send(ApplyDone {
+                origin,
+                result,
+                written: true,
+            });
+        }
+    }
+}
+
+impl Drop for Report {
+    fn drop(&mut self) {
+        self.send(Err(ApplyError::Cancelled));
     }
 }
 
@@ -349,9 +381,11 @@ impl Handler<ApplyDone> for StateSync {
     /// peers behind.
     fn handle(&mut self, done: ApplyDone, ctx: &mut Context<Self>) {
         // The next write starts now; its result is handled after this one.
-        self.writing = false;
-        if let Some((batch, origin)) = self.queued.pop_front() {
-            self.write(batch, origin, ctx);
+        if done.written {
+            self.writing = false;
+            if let Some((batch, origin)) = self.queued.pop_front() {
+                self.write(batch, origin, ctx);
+            }
         }
         let applied = match done.result {
             Ok(applied) => applied,

@@ -635,12 +635,16 @@ pub(super) struct CertificateStored {
     pub(super) reply: tokio::sync::oneshot::Sender<Result<(), ApplyError>>,
 }
 
-/// A write ended.
+/// A write ended, or (not `written`) a batch to apply was found gone
+/// before any write started.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub(super) struct ApplyDone {
     pub(super) origin: Origin,
     pub(super) result: Result<Applied, ApplyError>,
+    /// Whether it ends a write the actor started: only such an end lets
+    /// the next write start.
+    pub(super) written: bool,
 }
 
 /// The registered executor's progress moved (see `Execution`).

@@ -39,7 +39,9 @@ pub struct P2pConfig {
     /// flight at once; one more is refused with [`super::P2pError::Busy`].
     /// Bounds what callers that retry after timeouts queue behind a slow
     /// store. Local commits sent without awaiting each other are written
-    /// one at a time, in the order sent.
+    /// one at a time, in the order sent; a certificate is written at once,
+    /// not after the commits sent before it: await the commit before
+    /// sending its certificate.
     pub max_local_writes: usize,
     /// The supervisor's intensity limit: restarts of one actor within a
     /// window before the node stops.

@@ -897,7 +897,12 @@ impl Drainer {
     /// at the cut an earlier call set, if sooner.
     pub fn drain(&self, grace: Duration) {
         let ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX).max(1);
-        self.activity.drain_asked_ms.store(ms, Ordering::Release);
+        // Two asked before the connection reads them: the shorter holds.
+        let _ = self.activity.drain_asked_ms.fetch_update(
+            Ordering::AcqRel,
+            Ordering::Acquire,
+            |asked| Some(if asked == 0 { ms } else { asked.min(ms) }),
+        );
         // Its task reads the request at its next poll.
         self.activity.waker.wake();
     }
