@@ -170,6 +170,16 @@ impl Drop for TestServer {
     }
 }
 
+/// A limit of 8 connections, closing those idle for `idle_timeout` with
+/// a GOAWAY, each cut if still open `grace` later.
+fn closing_when_idle(idle_timeout: Duration, grace: Duration) -> ConnectionLimit {
+    ConnectionLimit::with_config(Config {
+        idle_timeout,
+        idle_drain_grace: grace,
+        ..config(8, 0, 8, 8)
+    })
+}
+
 /// Polls `condition` until it holds, for at most [`PATIENCE`].
 async fn wait_until(what: &str, condition: impl Fn() -> bool) {
     let deadline = Instant::now() + PATIENCE;
@@ -607,11 +617,7 @@ fn health_check_frames(stream: u32) -> Vec<u8> {
 async fn a_call_sent_as_the_idle_goaway_arrives_is_answered() {
     use tokio::io::AsyncWriteExt;
     init_tracing();
-    let limit = ConnectionLimit::with_config(Config {
-        idle_timeout: Duration::from_millis(500),
-        idle_drain_grace: Duration::from_secs(5),
-        ..config(8, 0, 8, 8)
-    });
+    let limit = closing_when_idle(Duration::from_millis(500), Duration::from_secs(5));
     let server = TestServer::start(limit.clone()).await;
     let mut tls = server.deaf().await;
     // The server's SETTINGS acknowledged; then nothing until the GOAWAY.
@@ -648,11 +654,7 @@ async fn a_call_sent_as_the_idle_goaway_arrives_is_answered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_client_that_ignores_the_goaway_is_cut_after_the_grace() {
     init_tracing();
-    let limit = ConnectionLimit::with_config(Config {
-        idle_timeout: Duration::from_millis(500),
-        idle_drain_grace: Duration::from_secs(2),
-        ..config(8, 0, 8, 8)
-    });
+    let limit = closing_when_idle(Duration::from_millis(500), Duration::from_secs(2));
     let server = TestServer::start(limit.clone()).await;
     let mut tls = server.deaf().await;
     // Told to go away, which it ignores (the server's ping unanswered)...
@@ -692,11 +694,7 @@ async fn a_closed_connection_leaves_no_task_behind() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shutdown_closes_connections_with_a_goaway_and_cuts_those_that_ignore_it() {
     init_tracing();
-    let limit = ConnectionLimit::with_config(Config {
-        idle_timeout: PATIENCE,
-        idle_drain_grace: Duration::from_secs(1),
-        ..config(8, 0, 8, 8)
-    });
+    let limit = closing_when_idle(PATIENCE, Duration::from_secs(1));
     let mut server = TestServer::start(limit.clone()).await;
     // An HTTP/2 client, after one call, and one that ignores everything.
     let (_h2, connection) = server.after_one_call().await;
@@ -752,11 +750,7 @@ async fn a_shutdown_closes_connections_with_a_goaway_and_cuts_those_that_ignore_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_cuts_a_connection_closing_already_at_its_own_shorter_grace() {
     init_tracing();
-    let limit = ConnectionLimit::with_config(Config {
-        idle_timeout: Duration::from_millis(300),
-        idle_drain_grace: Duration::from_secs(3_600),
-        ..config(8, 0, 8, 8)
-    });
+    let limit = closing_when_idle(Duration::from_millis(300), Duration::from_secs(3_600));
     let mut server = TestServer::start_with(limit.clone(), None, Duration::from_millis(200)).await;
     let mut deaf = server.deaf().await;
     assert!(reads_a_goaway(&mut deaf).await, "no GOAWAY");
