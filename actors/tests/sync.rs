@@ -1636,6 +1636,46 @@ async fn sync_starts_once_every_seed_answered_its_height_query_and_certifies_bat
     }
 }
 
+/// Epochs of 250 commits whose committee grows from 4 validators to 7 at
+/// the first epoch change, caught up with batches fetched ahead: answers
+/// past the end of epoch 0 are certified by 5 blocks, more than epoch 0's
+/// committee has members, and are checked under epoch 0's committee as
+/// they arrive (the end not known yet). They are claims for their turn,
+/// not lies: sync ends with no batch refused and no peer banned. (A first
+/// version judged such a refusal at once and banned the honest servers.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catch_up_across_a_committee_that_grows_refuses_nothing_and_bans_no_one() {
+    let chain = ChainBuilder::new(ChainConfig {
+        commits_per_epoch: Some(250),
+        later_stakes: Some(vec![1; 7]),
+        ..ChainConfig::validators(4)
+    })
+    .build(1_000);
+    let sizes: Vec<usize> = chain.committees().map(|c| c.size()).collect();
+    assert_eq!(sizes, [4, 7, 7, 7, 7]);
+    let validators: Vec<P2pHandle> = (1..=3).map(|k| validator(&chain, k)).collect();
+    let config = P2pConfig {
+        seed_peers: seeds(&validators.iter().collect::<Vec<_>>()),
+        ..P2pConfig::default()
+    };
+    let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+    let node = soma_testkit::node(&chain, 9, config, store.clone());
+    wait_synced(&node, chain.tip()).await;
+    assert_same_chain(&chain, store.as_ref());
+    let status = node.sync_status().await.unwrap();
+    assert_eq!(
+        (status.restarts, status.invalid_responses),
+        (0, 0),
+        "{status:?}"
+    );
+    let views = node.peer_heights().await.unwrap();
+    assert!(views.iter().all(|v| v.banned_until.is_none()), "{views:?}");
+    node.shutdown().await;
+    for v in validators {
+        v.shutdown().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chain_of_maximal_blocks_and_certificates_is_synced() {
     // Blocks within 2% of the 4 MiB limit (63 transactions of 64 KiB): each

@@ -280,21 +280,38 @@ fn in_parts<I: Sync, T: Send>(
 /// The commits and certifier blocks of a commit answer, decoded; more
 /// certifier blocks than `committee` has members (a certificate needs one
 /// per authority at most) are refused before any is decoded.
+///
+/// A first commit of another epoch than `committee`'s is refused as such
+/// before the certifiers are counted, as the full check refuses it before
+/// any other rule: a batch of a later epoch is that epoch's claim, judged
+/// once the epoch is known, and its certificate is counted against its
+/// own committee, which may be larger (the first batches past an epoch's
+/// end, fetched before it was known, were refused as having too many
+/// certifiers and their honest senders banned).
 fn decode_commit_batch(
     commits: &[Blob],
     certifiers: &[Blob],
     committee: &Committee,
     limits: &Limits,
 ) -> Result<(Vec<UnverifiedCommit>, Vec<UnverifiedBlock>), VerifyError> {
+    let commits = decode_all(commits, |b| {
+        UnverifiedCommit::decode(b, limits.max_commit_bytes)
+    })?;
+    if let Some(first) = commits.first().map(UnverifiedCommit::commit)
+        && first.epoch != committee.epoch()
+    {
+        return Err(VerifyError::Invalid(soma_types::Error::CommitWrongEpoch {
+            index: first.index,
+            got: first.epoch,
+            expected: committee.epoch(),
+        }));
+    }
     if certifiers.len() > committee.size() {
         return Err(VerifyError::Invalid(soma_types::Error::TooManyCertifiers {
             count: certifiers.len(),
             limit: committee.size(),
         }));
     }
-    let commits = decode_all(commits, |b| {
-        UnverifiedCommit::decode(b, limits.max_commit_bytes)
-    })?;
     let certifiers = decode_all(certifiers, |b| {
         UnverifiedBlock::decode(b, limits.max_block_bytes)
     })?;

@@ -15,6 +15,10 @@ pub struct ChainConfig {
     pub seed: [u8; 32],
     /// Stake of each validator; its length is the committee size.
     pub stakes: Vec<Stake>,
+    /// Stakes of every committee after the genesis one, if they differ
+    /// (a committee that grows or shrinks at the first epoch change); the
+    /// validators are the first ones of `stakes`' and more, by index.
+    pub later_stakes: Option<Vec<Stake>>,
     /// Listening address of each validator; `None` gives placeholder
     /// addresses on 127.0.0.1.
     pub addresses: Option<Vec<String>>,
@@ -43,6 +47,7 @@ impl Default for ChainConfig {
         ChainConfig {
             seed: [7; 32],
             stakes: vec![1; 4],
+            later_stakes: None,
             addresses: None,
             transactions_per_block: 2,
             payload_bytes: 32,
@@ -94,6 +99,14 @@ impl ChainConfig {
     pub fn committee(&self, epoch: Epoch) -> Committee {
         committee_for(self, epoch)
     }
+
+    /// The stakes of the committee of `epoch`.
+    pub fn stakes_of(&self, epoch: Epoch) -> &[Stake] {
+        match &self.later_stakes {
+            Some(later) if epoch > 0 => later,
+            _ => &self.stakes,
+        }
+    }
 }
 
 /// What one round produced.
@@ -142,6 +155,13 @@ impl ChainBuilder {
                 config.stakes.len(),
                 "one key pair per validator"
             );
+            assert!(
+                config.later_stakes.is_none(),
+                "later committees are of derived keys"
+            );
+        }
+        if let Some(later) = &config.later_stakes {
+            assert!(!later.is_empty(), "a later committee needs validators");
         }
         let genesis = committee_for(&config, 0);
         let protocol_keys = protocol_keys(&config, 0);
@@ -358,14 +378,14 @@ fn derive_key(seed: &[u8; 32], label: &[u8], a: u64, b: u64) -> KeyPair {
 }
 
 fn protocol_keys(config: &ChainConfig, epoch: Epoch) -> Vec<KeyPair> {
-    (0..config.stakes.len())
+    (0..config.stakes_of(epoch).len())
         .map(|i| config.protocol_key(epoch, i))
         .collect()
 }
 
 fn committee_for(config: &ChainConfig, epoch: Epoch) -> Committee {
     let authorities = config
-        .stakes
+        .stakes_of(epoch)
         .iter()
         .enumerate()
         .map(|(i, &stake)| Authority {
