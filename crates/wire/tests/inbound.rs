@@ -730,17 +730,25 @@ async fn a_shutdown_closes_connections_with_a_goaway_and_cuts_those_that_ignore_
         "still listening"
     );
     assert!(reads_a_frame(&mut deaf, &mut read, 0x7).await, "no GOAWAY");
-    assert!(ended(&mut deaf).await, "not cut");
-    tokio::time::timeout(PATIENCE, &mut server.task)
-        .await
-        .expect("the server ended")
-        .unwrap();
+    cut_and_the_server_ends(&mut deaf, &mut server).await;
     // Only the deaf client was cut; the other closed when told to.
     let counts = limit.counts();
     assert_eq!(
         (limit.open(), counts.idle_closed, counts.cut_after_grace),
         (0, 0, 1)
     );
+}
+
+/// Waits for `deaf` to be cut and then for `server`, stopped, to end.
+async fn cut_and_the_server_ends<S: tokio::io::AsyncRead + Unpin>(
+    deaf: &mut S,
+    server: &mut TestServer,
+) {
+    assert!(ended(deaf).await, "not cut");
+    tokio::time::timeout(PATIENCE, &mut server.task)
+        .await
+        .expect("the server ended")
+        .unwrap();
 }
 
 /// A connection found idle closes with the idle drain's grace (an hour
@@ -757,11 +765,7 @@ async fn a_stop_cuts_a_connection_closing_already_at_its_own_shorter_grace() {
     assert_eq!(limit.counts().idle_closed, 1);
     assert_eq!(limit.open(), 1);
     let _ = server.stop.take().expect("running").send(());
-    assert!(ended(&mut deaf).await, "not cut");
-    tokio::time::timeout(PATIENCE, &mut server.task)
-        .await
-        .expect("the server ended")
-        .unwrap();
+    cut_and_the_server_ends(&mut deaf, &mut server).await;
     let counts = limit.counts();
     assert_eq!((limit.open(), counts.cut_after_grace), (0, 1));
 }
