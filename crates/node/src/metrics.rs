@@ -759,6 +759,16 @@ mod tests {
         source.shutdown().await;
     }
 
+    /// Waits (30 s at most) for the server to close `stream` having sent
+    /// nothing on it; `kept` says what it means if it does not.
+    async fn closed_unanswered(stream: &mut tokio::net::TcpStream, kept: &str) {
+        use tokio::io::AsyncReadExt;
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut rest));
+        assert!(read.await.is_ok(), "{kept}");
+        assert_eq!(rest, Vec::<u8>::new());
+    }
+
     /// One HTTP/1.1 request for `/metrics` on `stream`; the answer's body,
     /// read to the end (the endpoint closes after answering a `close`).
     async fn get(stream: &mut tokio::net::TcpStream) -> String {
@@ -773,10 +783,9 @@ mod tests {
     /// A client that sends nothing holds a connection of the endpoint no
     /// longer than its lifetime, no more clients are served at once than
     /// its slots (one more waits, unaccepted, until a slot frees), and no
-    /// more from one address than its share.
+    /// more from one network than its share.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn connections_are_held_at_most_their_lifetime_and_no_more_than_the_slots_and_shares() {
-        use tokio::io::AsyncReadExt;
         use tokio::net::TcpStream;
         let chain = ChainBuilder::new(ChainConfig::validators(4)).build(1);
         let store = Arc::new(MemStore::new(chain.genesis()));
@@ -804,13 +813,7 @@ mod tests {
         })
         .await;
         let mut idle = TcpStream::connect(address).await.unwrap();
-        let mut rest = Vec::new();
-        let read = tokio::time::timeout(Duration::from_secs(30), idle.read_to_end(&mut rest));
-        assert!(
-            read.await.is_ok(),
-            "the idle connection outlived its lifetime"
-        );
-        assert_eq!(rest, Vec::<u8>::new());
+        closed_unanswered(&mut idle, "the idle connection outlived its lifetime").await;
         let _ = stop.send(());
         server.await.unwrap().unwrap();
 
@@ -846,26 +849,18 @@ mod tests {
         .await;
         let _holder = TcpStream::connect(address).await.unwrap();
         let mut second = TcpStream::connect(address).await.unwrap();
-        let mut rest = Vec::new();
-        let read = tokio::time::timeout(Duration::from_secs(30), second.read_to_end(&mut rest));
-        assert!(
-            read.await.is_ok(),
-            "a second connection of one address was kept"
-        );
-        assert_eq!(rest, Vec::<u8>::new());
+        closed_unanswered(&mut second, "a second connection of one address was kept").await;
         let from = |ip: &str| {
             let socket = tokio::net::TcpSocket::new_v4().unwrap();
             socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
             socket.connect(address)
         };
         let mut neighbour = from("127.0.0.2").await.unwrap();
-        let mut rest = Vec::new();
-        let read = tokio::time::timeout(Duration::from_secs(30), neighbour.read_to_end(&mut rest));
-        assert!(
-            read.await.is_ok(),
-            "a second connection of one network was kept"
-        );
-        assert_eq!(rest, Vec::<u8>::new());
+        closed_unanswered(
+            &mut neighbour,
+            "a second connection of one network was kept",
+        )
+        .await;
         let mut elsewhere = from("127.0.1.1").await.unwrap();
         let answer = tokio::time::timeout(Duration::from_secs(30), get(&mut elsewhere)).await;
         assert!(answer.expect("answered").starts_with("HTTP/1.1 200"));
