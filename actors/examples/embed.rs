@@ -8,7 +8,10 @@
 //! ```sh
 //! cargo run -p soma-actors --example embed
 //! ```
+//!
+//! The tests run it too (`cargo test -p soma-actors --example embed`).
 
+use std::error::Error;
 use std::sync::Arc;
 
 use soma_actors::discovery::SeedPeer;
@@ -18,10 +21,21 @@ use soma_chain::{ChainBuilder, ChainConfig};
 use soma_store::{ConsensusStore, MemStore, RedbStore};
 use soma_types::KeyPair;
 
+/// The validator's chain length, and so what the node executes.
+const CHAIN_COMMITS: u64 = 500;
+
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> Result<(), Box<dyn Error>> {
+    let executed = run().await?;
+    println!("executed commits 1..={executed}");
+    Ok(())
+}
+
+/// Starts a validator and the embedding node, and executes every commit
+/// the node delivers up to the validator's tip; returns the last executed.
+async fn run() -> Result<u64, Box<dyn Error>> {
     // A validator somewhere on the network (here: in this process).
-    let chain = ChainBuilder::new(ChainConfig::validators(4)).build(500);
+    let chain = ChainBuilder::new(ChainConfig::validators(4)).build(CHAIN_COMMITS);
     let genesis = chain.genesis().clone();
     let validator_store = MemStore::new(&genesis);
     chain.write_to(&validator_store, 100)?;
@@ -49,8 +63,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // from the one after the last executed (none yet here), exactly once,
     // in order; sync runs at most `max_lead_over_execution` commits ahead
     // of it, and pruning keeps what it has not taken.
-    let mut commits = p2p.subscribe_executor_from(1)?;
-    while commits.next_index() <= 500 {
+    let mut executed = 0;
+    let mut commits = p2p.subscribe_executor_from(executed + 1)?;
+    while executed < CHAIN_COMMITS {
         let subdag = match commits.next().await {
             Ok(subdag) => subdag,
             // The store failed: the stream stays where it was; try again.
@@ -61,11 +76,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             Err(e) => return Err(e.into()),
         };
-        // Execute the commit's blocks, in order.
-        if subdag.commit_ref.index % 100 == 0 {
+        // Execute the commit's blocks, in order. (The stream's promise,
+        // checked here because this example is also a test.)
+        if subdag.commit_ref.index != executed + 1 {
+            return Err(format!(
+                "commit {} delivered after commit {executed}",
+                subdag.commit_ref.index
+            )
+            .into());
+        }
+        executed = subdag.commit_ref.index;
+        if executed % 100 == 0 {
             println!(
-                "executed commit {} ({} blocks, epoch {})",
-                subdag.commit_ref.index,
+                "executed commit {executed} ({} blocks, epoch {})",
                 subdag.blocks.len(),
                 subdag.epoch
             );
@@ -74,5 +97,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("synced: {:?}", p2p.sync_status().await?);
     p2p.shutdown().await;
     validator.shutdown().await;
-    Ok(())
+    Ok(executed)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    /// The example, as a newcomer runs it, executes the validator's whole
+    /// chain in order and shuts down. A deadline, not a pause: sync that
+    /// stalls fails the test instead of hanging it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_example_executes_the_validators_whole_chain_in_order() {
+        let executed = tokio::time::timeout(Duration::from_secs(120), super::run())
+            .await
+            .expect("the example ends within two minutes")
+            .expect("the example runs without error");
+        assert_eq!(executed, super::CHAIN_COMMITS);
+    }
 }
