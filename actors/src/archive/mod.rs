@@ -64,9 +64,11 @@ pub struct Config {
     pub interval: Duration,
     /// Time allowed for one object store request.
     pub request_timeout: Duration,
-    /// First pause after a failed write; it doubles up to `max_retry`.
+    /// First pause after a failed write, or a failed read before the
+    /// archive is read again; it doubles up to `max_retry`.
     pub min_retry: Duration,
-    /// Longest pause between retries of a failed write.
+    /// Longest pause between retries of a failed write, or reads of an
+    /// archive that keeps failing.
     pub max_retry: Duration,
     /// Batches a reader keeps after reading them: sync reads a batch's
     /// commits, then its blocks in chunks, for several batches at once.
@@ -243,6 +245,7 @@ pub struct ArchiveStats {
     objects_read: AtomicU64,
     read_misses: AtomicU64,
     read_errors: AtomicU64,
+    reads_deferred: AtomicU64,
     refused: AtomicU64,
     writer_restarts: AtomicU64,
 }
@@ -267,6 +270,11 @@ pub struct ArchiveStatus {
     pub read_misses: u64,
     /// Reads that failed (store errors, timeouts, oversized objects).
     pub read_errors: u64,
+    /// Reads not made: the archive failed the last one, and the reader
+    /// waits out a pause (doubling from `min_retry` to `max_retry` while
+    /// reads go on failing) before asking it again.
+    #[serde(default)]
+    pub reads_deferred: u64,
     /// Archive data refused by verification (corrupt or forged).
     pub refused: u64,
     /// Times the writer task panicked and was started again.
@@ -286,6 +294,7 @@ impl ArchiveStats {
             objects_read: get(&self.objects_read),
             read_misses: get(&self.read_misses),
             read_errors: get(&self.read_errors),
+            reads_deferred: get(&self.reads_deferred),
             refused: get(&self.refused),
             writer_restarts: get(&self.writer_restarts),
         }

@@ -37,6 +37,22 @@ pub struct ArchiveReader {
     /// object before it once, not at every lookup. At most
     /// [`MAX_SPANS`] (the lowest go first).
     spans: Mutex<std::collections::BTreeMap<CommitIndex, CommitIndex>>,
+    /// The pause after failed reads: no lookup reads the archive before
+    /// it ends. Sync asks the archive every `wait-interval-when-no-peer`
+    /// per range no peer holds, which, against a failing archive, was a
+    /// request a second per worker for as long as it failed.
+    backoff: Mutex<Backoff>,
+}
+
+/// Reads paused after a failure: the pause doubles from `min_retry` to
+/// `max_retry` while reads go on failing, and a read that succeeds
+/// (a miss included) ends it.
+#[derive(Debug, Default)]
+struct Backoff {
+    /// No read before this.
+    until: Option<tokio::time::Instant>,
+    /// The next pause.
+    next: Duration,
 }
 
 /// A batch kept, with the digest of each of its blocks: hashed once, on
@@ -113,6 +129,7 @@ impl ArchiveReader {
             reading: Mutex::new(HashMap::new()),
             reads,
             spans: Mutex::default(),
+            backoff: Mutex::default(),
         }
     }
 
@@ -121,13 +138,17 @@ impl ArchiveReader {
         self.archive.stats()
     }
 
-    /// Counts data of the archive that verification refused, and drops the
-    /// batch kept: the next read asks the archive again, which may have
-    /// been repaired meanwhile.
-    pub(crate) fn refused(&self) {
+    /// Counts data of the archive that verification refused, and drops
+    /// the batch kept that holds `index` with the span it was read as: the
+    /// next read of it asks the archive again, which may have been
+    /// repaired meanwhile. Other batches kept stay: one forged object no
+    /// longer empties the cache of the ranges the workers are reading.
+    pub(crate) fn refused(&self, index: CommitIndex) {
         ArchiveStats::count(&self.archive.stats().refused);
-        self.recent().clear();
-        self.spans().clear();
+        self.recent()
+            .retain(|b| !(b.first <= index && index <= b.last));
+        self.spans()
+            .retain(|first, last| !(*first <= index && index <= *last));
     }
 
     fn spans(
@@ -158,10 +179,15 @@ impl ArchiveReader {
         // Merged with a read of the same batch under way: kept once it ends.
         let gate = Gate::new(self, boundary);
         let _read = gate.lock.lock().await;
-        match cached() {
-            Some(batch) => Ok(Some(batch)),
-            None => self.read(index, boundary, holds).await,
+        if let Some(batch) = cached() {
+            return Ok(Some(batch));
         }
+        let read = self.read(index, boundary, holds).await;
+        if read.is_ok() {
+            // The archive answered: reads are no longer paused.
+            *self.backoff() = Backoff::default();
+        }
+        read
     }
 
     fn reading(&self) -> std::sync::MutexGuard<'_, HashMap<CommitIndex, Arc<ReadLock>>> {
@@ -259,9 +285,26 @@ impl ArchiveReader {
     }
 
     /// [`Self::holding`] within [`Self::lookup_deadline`], counted: a miss,
-    /// an error or a lookup past its deadline is `None`.
+    /// an error or a lookup past its deadline is `None`, and so is a
+    /// lookup during the pause after a failure ([`Backoff`]) unless the
+    /// batch is kept already.
     async fn find(&self, index: CommitIndex) -> Option<Arc<Kept>> {
         let stats = self.archive.stats();
+        let deferred = self
+            .backoff()
+            .until
+            .is_some_and(|until| tokio::time::Instant::now() < until);
+        if deferred {
+            let kept = self
+                .recent()
+                .iter()
+                .find(|b| b.first <= index && index <= b.last)
+                .cloned();
+            if kept.is_none() {
+                ArchiveStats::count(&stats.reads_deferred);
+            }
+            return kept;
+        }
         let deadline = self.lookup_deadline();
         let found = tokio::time::timeout(deadline, self.holding(index))
             .await
@@ -273,11 +316,32 @@ impl ArchiveReader {
                 None
             }
             Err(e) => {
-                tracing::warn!(index, %e, "archive read failed");
+                let pause = self.failed();
+                tracing::warn!(index, %e, ?pause, "archive read failed; reads paused");
                 ArchiveStats::count(&stats.read_errors);
                 None
             }
         }
+    }
+
+    /// Starts the pause after a failed read, doubling the next one, and
+    /// returns it; a failure during a pause (a lookup that began before
+    /// it) neither restarts nor doubles it.
+    fn failed(&self) -> Duration {
+        let config = self.archive.config();
+        let now = tokio::time::Instant::now();
+        let mut backoff = self.backoff();
+        if let Some(until) = backoff.until.filter(|until| now < *until) {
+            return until - now;
+        }
+        let pause = backoff.next.clamp(config.min_retry, config.max_retry);
+        backoff.until = Some(now + pause);
+        backoff.next = pause.saturating_mul(2).min(config.max_retry);
+        pause
+    }
+
+    fn backoff(&self) -> std::sync::MutexGuard<'_, Backoff> {
+        self.backoff.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Commits from `start` to the end of the archived batch holding it,
@@ -563,5 +627,100 @@ mod tests {
         }
         let (commits, _) = reader.commits(95, 100, u64::MAX).await.expect("found");
         assert_eq!(commits.len(), 6);
+    }
+
+    /// A batch verification refused is dropped alone: the other batches
+    /// kept are still answered without a read, and the refused one is
+    /// read again.
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_batch_is_dropped_alone_and_read_again() {
+        let reader = reader(3, 4).await;
+        for first in [1, 101, 201] {
+            assert!(reader.commits(first, first + 1, u64::MAX).await.is_some());
+        }
+        assert_eq!(objects_read(&reader), 3);
+        reader.refused(102);
+        assert!(reader.commits(1, 2, u64::MAX).await.is_some());
+        assert!(reader.commits(201, 202, u64::MAX).await.is_some());
+        assert_eq!(
+            objects_read(&reader),
+            3,
+            "the batches not refused stay kept"
+        );
+        assert!(reader.commits(101, 102, u64::MAX).await.is_some());
+        assert_eq!(objects_read(&reader), 4, "the refused batch is read again");
+        assert_eq!(reader.stats().status().refused, 1);
+    }
+
+    /// An archive that fails is not asked again before a pause that
+    /// doubles from `min_retry` while its reads go on failing; batches
+    /// kept are still answered meanwhile, and a read that succeeds ends
+    /// the pauses, so the next failure pauses for `min_retry` again.
+    #[tokio::test(start_paused = true)]
+    async fn reads_of_a_failing_archive_pause_doubling_and_a_success_ends_the_pauses() {
+        use object_store::{ObjectStoreExt, PutPayload};
+        let min = Duration::from_millis(500);
+        let config = Config {
+            min_retry: min,
+            max_retry: Duration::from_secs(60),
+            ..Config::new("memory")
+        };
+        let memory = Arc::new(InMemory::new());
+        let archive = Archive::with_store(
+            memory.clone(),
+            Path::default(),
+            config,
+            ChainId(soma_types::Digest([3; 32])),
+        );
+        archive.put_batch(&numbered(101, 102)).await.unwrap();
+        let garbage = |first: u64| {
+            let path = archive.batch_path(first);
+            let memory = memory.clone();
+            async move {
+                memory
+                    .put(&path, PutPayload::from_static(b"not a batch"))
+                    .await
+                    .unwrap();
+            }
+        };
+        garbage(1).await;
+        garbage(201).await;
+        let reader = ArchiveReader::new(archive, 100);
+        // (objects read, read errors, reads deferred)
+        let counts = || {
+            let s = reader.stats().status();
+            (s.objects_read, s.read_errors, s.reads_deferred)
+        };
+        assert!(reader.commits(101, 102, u64::MAX).await.is_some());
+        assert_eq!(reader.commits(1, 2, u64::MAX).await, None);
+        assert_eq!(counts(), (2, 1, 0));
+        // Paused for `min`: not read, but the batch kept is answered.
+        assert_eq!(reader.commits(1, 2, u64::MAX).await, None);
+        assert!(reader.commits(101, 102, u64::MAX).await.is_some());
+        assert_eq!(counts(), (2, 1, 1));
+        tokio::time::advance(min - Duration::from_millis(1)).await;
+        assert_eq!(reader.commits(1, 2, u64::MAX).await, None);
+        assert_eq!(counts(), (2, 1, 2));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(reader.commits(1, 2, u64::MAX).await, None);
+        assert_eq!(counts(), (3, 2, 2), "read again once the pause ended");
+        // The next pause is twice as long.
+        tokio::time::advance(min * 2 - Duration::from_millis(1)).await;
+        assert_eq!(reader.commits(1, 2, u64::MAX).await, None);
+        assert_eq!(counts(), (3, 2, 3));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(reader.commits(1, 2, u64::MAX).await, None);
+        assert_eq!(counts(), (4, 3, 3));
+        // Repaired: read after the third pause (four times `min`).
+        reader.archive.put_batch(&numbered(1, 2)).await.unwrap();
+        tokio::time::advance(min * 4).await;
+        assert!(reader.commits(1, 2, u64::MAX).await.is_some());
+        assert_eq!(counts(), (5, 3, 3));
+        // The next failure pauses for `min` again.
+        assert_eq!(reader.commits(201, 202, u64::MAX).await, None);
+        assert_eq!(counts(), (6, 4, 3));
+        tokio::time::advance(min).await;
+        assert_eq!(reader.commits(201, 202, u64::MAX).await, None);
+        assert_eq!(counts(), (7, 5, 3));
     }
 }

@@ -1834,7 +1834,7 @@ fn over_cap(failure: Failure, (max_bytes, estimated): (u64, bool)) -> Failure {
 fn refused_by<T>(archive: &ArchiveReader, batch: CommitIndex, result: &Result<T, Failure>) {
     if let Err(Failure::Invalid(e)) = result {
         tracing::warn!(batch, %e, "archived data refused: the archive is corrupt or forged");
-        archive.refused();
+        archive.refused(batch);
     }
 }
 

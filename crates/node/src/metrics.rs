@@ -288,7 +288,7 @@ impl Series {
             archive_read: counter(
                 &r,
                 "soma_archive_reads_total",
-                "Archive reads for sync: batches handed to verification (read) or not held (miss)",
+                "Archive reads for sync: batches handed to verification (read), not held (miss), or not asked while the archive's failures pause its reads (deferred)",
                 &["outcome"],
             ),
             archive_errors: counter(
@@ -431,6 +431,7 @@ impl Series {
             self.advance(&self.archive_written, &[], a.batches_written);
             self.advance(&self.archive_read, &["read"], a.batches_read);
             self.advance(&self.archive_read, &["miss"], a.read_misses);
+            self.advance(&self.archive_read, &["deferred"], a.reads_deferred);
             self.advance(&self.archive_errors, &["write"], a.write_errors);
             self.advance(&self.archive_errors, &["read"], a.read_errors);
             self.advance(&self.archive_refused, &[], a.refused);
