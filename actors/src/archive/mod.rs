@@ -135,6 +135,20 @@ pub enum ArchiveError {
     /// The node's own store could not give the batch.
     #[error("archive: {0}")]
     Source(String),
+    /// The store reported a write done but does not hold the object as
+    /// written.
+    #[error(
+        "archive object {path}: the store reported {size} bytes written but holds {}",
+        found.map_or("nothing".to_string(), |n| format!("{n} bytes"))
+    )]
+    NotKept {
+        /// The object.
+        path: String,
+        /// Its size as written.
+        size: u64,
+        /// Its size as the store holds it, if at all.
+        found: Option<u64>,
+    },
     /// The archive holds another chain.
     #[error("the archive holds chain {found}, not ours ({ours})")]
     WrongChain {
@@ -659,7 +673,34 @@ impl Archive {
                 max: self.config.max_object_bytes,
             });
         }
-        self.put(&self.batch_path(batch.first), bytes).await
+        let path = self.batch_path(batch.first);
+        let size = bytes.len() as u64;
+        self.put(&path, bytes).await?;
+        self.confirm(&path, size).await
+    }
+
+    /// Checks that the store holds `path` at `size` bytes after a write it
+    /// reported done: the writer publishes what it archived for pruning,
+    /// so a store that answers a write with success and keeps nothing (or
+    /// less: a gateway without a backend, a bucket rule, a full disk
+    /// behind a cache) would have the node delete commits no copy holds.
+    /// One HEAD request, not a read back: it catches a store that drops or
+    /// cuts writes, not one that lies to each request on purpose (an
+    /// archive is only as safe as its credentials).
+    async fn confirm(&self, path: &Path, size: u64) -> Result<(), ArchiveError> {
+        let found = match self.timed(self.store.head(path)).await {
+            Ok(meta) => Some(meta.size),
+            Err(ArchiveError::Store(object_store::Error::NotFound { .. })) => None,
+            Err(e) => return Err(e),
+        };
+        if found != Some(size) {
+            return Err(ArchiveError::NotKept {
+                path: path.to_string(),
+                size,
+                found,
+            });
+        }
+        Ok(())
     }
 
     /// The next commit the writer will archive, from `head.json`; `None`

@@ -587,22 +587,26 @@ mod tests {
         );
     }
 
-    /// An object store whose first write panics, as a faulty backend
-    /// client may; everything else goes to the store in memory.
+    /// An object store in memory with a fault of a backend's client or
+    /// server.
     #[derive(Debug, Default)]
-    struct PanicsOnce {
+    struct Faulty {
         inner: object_store::memory::InMemory,
+        /// The first write panics.
+        panics_once: bool,
         panicked: std::sync::atomic::AtomicBool,
+        /// Writes of batches are answered as done and not kept.
+        drops_batches: std::sync::atomic::AtomicBool,
     }
 
-    impl std::fmt::Display for PanicsOnce {
+    impl std::fmt::Display for Faulty {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            write!(f, "PanicsOnce({})", self.inner)
+            write!(f, "Faulty({})", self.inner)
         }
     }
 
     #[async_trait::async_trait]
-    impl object_store::ObjectStore for PanicsOnce {
+    impl object_store::ObjectStore for Faulty {
         async fn put_opts(
             &self,
             location: &object_store::path::Path,
@@ -611,9 +615,16 @@ mod tests {
         ) -> object_store::Result<object_store::PutResult> {
             use std::sync::atomic::Ordering;
             assert!(
-                self.panicked.swap(true, Ordering::SeqCst),
+                !self.panics_once || self.panicked.swap(true, Ordering::SeqCst),
                 "the object store's first write panics"
             );
+            let batch = location.as_ref().ends_with(".batch");
+            if batch && self.drops_batches.load(Ordering::SeqCst) {
+                return Ok(object_store::PutResult {
+                    e_tag: None,
+                    version: None,
+                });
+            }
             self.inner.put_opts(location, payload, opts).await
         }
         async fn put_multipart_opts(
@@ -676,7 +687,10 @@ mod tests {
             ..super::super::Config::new("memory")
         };
         let archive = Archive::with_store(
-            Arc::new(PanicsOnce::default()),
+            Arc::new(Faulty {
+                panics_once: true,
+                ..Faulty::default()
+            }),
             object_store::path::Path::default(),
             config,
             chain.chain_id(),
@@ -696,6 +710,68 @@ mod tests {
             .unwrap();
         let status = archive.stats().status();
         assert_eq!((status.writer_restarts, status.batches_written), (1, 3));
+        for first in [1, 101, 201] {
+            let batch = archive.batch(first).await.unwrap().unwrap();
+            assert_eq!((batch.first, batch.last), (first, first + 99));
+        }
+        stop.send_replace(true);
+        tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .expect("the writer stops with the node")
+            .unwrap();
+    }
+
+    /// A store that answers each batch's write as done and keeps nothing:
+    /// the writer finds the object missing, counts a failed write and
+    /// publishes nothing for pruning (it published 101, 201, 301, and
+    /// pruning would have deleted commits no copy held); once the store
+    /// keeps its writes, everything is archived and published.
+    #[tokio::test]
+    async fn batches_the_store_reports_written_but_does_not_hold_are_never_published() {
+        use std::sync::atomic::Ordering;
+        let chain = ChainBuilder::new(ChainConfig::validators(4)).build(300);
+        let store = Arc::new(MemStore::new(chain.genesis()));
+        chain.write_to(store.as_ref(), 100).unwrap();
+        let config = super::super::Config {
+            min_retry: Duration::from_millis(1),
+            max_retry: Duration::from_millis(4),
+            ..super::super::Config::new("memory")
+        };
+        let faulty = Arc::new(Faulty::default());
+        faulty.drops_batches.store(true, Ordering::SeqCst);
+        let archive = Archive::with_store(
+            faulty.clone(),
+            object_store::path::Path::default(),
+            config,
+            chain.chain_id(),
+        );
+        let (stop, stopped) = watch::channel(false);
+        let deps = WriterDeps {
+            archive: archive.clone(),
+            stopped,
+            ..writer(store.clone(), chain.chain_id())
+        };
+        let mut archived = deps.archived.subscribe();
+        let task = tokio::spawn(run_writer(deps));
+        let failed_thrice = async {
+            while archive.stats().status().write_errors < 3 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), failed_thrice)
+            .await
+            .expect("writes the store did not keep are failures");
+        assert_eq!(*archived.borrow(), 1, "nothing published past the lowest");
+        assert_eq!(archive.stats().status().batches_written, 0);
+        assert_eq!(archive.head().await.unwrap(), None);
+
+        faulty.drops_batches.store(false, Ordering::SeqCst);
+        let all = archived.wait_for(|next| *next == 301);
+        tokio::time::timeout(Duration::from_secs(60), all)
+            .await
+            .expect("everything archived once the store keeps its writes")
+            .unwrap();
+        assert_eq!(archive.stats().status().batches_written, 3);
         for first in [1, 101, 201] {
             let batch = archive.batch(first).await.unwrap().unwrap();
             assert_eq!((batch.first, batch.last), (first, first + 99));
