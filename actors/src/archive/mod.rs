@@ -676,17 +676,23 @@ impl Archive {
         let path = self.batch_path(batch.first);
         let size = bytes.len() as u64;
         self.put(&path, bytes).await?;
+        // A local archive's file was written and synced by this node.
+        if self.local.is_some() {
+            return Ok(());
+        }
         self.confirm(&path, size).await
     }
 
     /// Checks that the store holds `path` at `size` bytes after a write it
     /// reported done: the writer publishes what it archived for pruning,
     /// so a store that answers a write with success and keeps nothing (or
-    /// less: a gateway without a backend, a bucket rule, a full disk
-    /// behind a cache) would have the node delete commits no copy holds.
-    /// One HEAD request, not a read back: it catches a store that drops or
-    /// cuts writes, not one that lies to each request on purpose (an
-    /// archive is only as safe as its credentials).
+    /// less: a gateway without a backend, a bucket rule that drops
+    /// objects) would have the node delete commits no copy holds. One HEAD
+    /// request, not a read back: it catches a store that drops or cuts
+    /// writes and says so when asked, not one that lies to each request on
+    /// purpose (an archive is only as safe as its credentials). A store
+    /// that shows a write late (a cached 404) fails the write, which is
+    /// written again after the writer's pause.
     async fn confirm(&self, path: &Path, size: u64) -> Result<(), ArchiveError> {
         let found = match self.timed(self.store.head(path)).await {
             Ok(meta) => Some(meta.size),

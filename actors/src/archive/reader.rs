@@ -44,15 +44,27 @@ pub struct ArchiveReader {
     backoff: Mutex<Backoff>,
 }
 
-/// Reads paused after a failure: the pause doubles from `min_retry` to
-/// `max_retry` while reads go on failing, and a read that succeeds
-/// (a miss included) ends it.
+/// Reads paused after the archive failed one: the pause doubles from
+/// `min_retry` to `max_retry` while reads go on failing, and a read that
+/// succeeds (a miss included) ends it.
 #[derive(Debug, Default)]
 struct Backoff {
-    /// No read before this.
+    /// When the pause began: reads begun before it that fail during it
+    /// (lookups asked together) neither restart nor double it.
+    since: Option<tokio::time::Instant>,
+    /// No read begins before this.
     until: Option<tokio::time::Instant>,
     /// The next pause.
     next: Duration,
+}
+
+/// What a lookup found.
+enum Lookup {
+    Found(Arc<Kept>),
+    /// The archive does not hold the commit.
+    Missing,
+    /// Not asked: reads are paused.
+    Deferred,
 }
 
 /// A batch kept, with the digest of each of its blocks: hashed once, on
@@ -139,16 +151,16 @@ impl ArchiveReader {
     }
 
     /// Counts data of the archive that verification refused, and drops
-    /// the batch kept that holds `index` with the span it was read as: the
-    /// next read of it asks the archive again, which may have been
-    /// repaired meanwhile. Other batches kept stay: one forged object no
-    /// longer empties the cache of the ranges the workers are reading.
+    /// the batch kept that holds `index`, and the spans remembered (the
+    /// walk that found it may have gone by them): the next read of it asks
+    /// the archive again, which may have been repaired meanwhile. Other
+    /// batches kept stay: one forged object no longer empties the cache of
+    /// the ranges the workers are reading.
     pub(crate) fn refused(&self, index: CommitIndex) {
         ArchiveStats::count(&self.archive.stats().refused);
         self.recent()
             .retain(|b| !(b.first <= index && index <= b.last));
-        self.spans()
-            .retain(|first, last| !(*first <= index && index <= *last));
+        self.spans().clear();
     }
 
     fn spans(
@@ -169,25 +181,41 @@ impl ArchiveReader {
     /// there, else the one starting at the batch boundary below it or, as
     /// a writer starts a batch mid-window after an epoch's end or a batch
     /// cut for size, one found from there by following each batch's end.
-    async fn holding(&self, index: CommitIndex) -> Result<Option<Arc<Kept>>, ArchiveError> {
+    async fn holding(&self, index: CommitIndex) -> Result<Lookup, ArchiveError> {
         let holds = |b: &ArchivedBatch| b.first <= index && index <= b.last;
         let cached = || self.recent().iter().find(|b| holds(b)).cloned();
         if let Some(batch) = cached() {
-            return Ok(Some(batch));
+            return Ok(Lookup::Found(batch));
         }
         let boundary = (index.saturating_sub(1) / self.batch_size) * self.batch_size + 1;
         // Merged with a read of the same batch under way: kept once it ends.
         let gate = Gate::new(self, boundary);
         let _read = gate.lock.lock().await;
         if let Some(batch) = cached() {
-            return Ok(Some(batch));
+            return Ok(Lookup::Found(batch));
         }
-        let read = self.read(index, boundary, holds).await;
-        if read.is_ok() {
-            // The archive answered: reads are no longer paused.
-            *self.backoff() = Backoff::default();
+        let _read = self
+            .reads
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
+        // Read once the lookup may read: lookups queued when a failure
+        // paused reads do not ask the archive during the pause.
+        let Some(started) = self.may_read() else {
+            return Ok(Lookup::Deferred);
+        };
+        match self.read(index, boundary, holds).await {
+            Ok(found) => {
+                // The archive answered: reads are no longer paused.
+                *self.backoff() = Backoff::default();
+                Ok(found.map_or(Lookup::Missing, Lookup::Found))
+            }
+            Err(e) => {
+                let pause = self.failed(started);
+                tracing::warn!(index, %e, ?pause, "archive read failed; reads paused");
+                Err(e)
+            }
         }
-        read
     }
 
     fn reading(&self) -> std::sync::MutexGuard<'_, HashMap<CommitIndex, Arc<ReadLock>>> {
@@ -197,18 +225,13 @@ impl ArchiveReader {
     /// Reads the batch holding `index`, starting there or at `boundary`
     /// (then at the commit after each batch read from there that ends
     /// below `index`, at most a window's worth of batches), and keeps it;
-    /// one of at most `cached_batches` objects read at once.
+    /// its caller holds one of the `cached_batches` places to read.
     async fn read(
         &self,
         index: CommitIndex,
         boundary: CommitIndex,
         holds: impl Fn(&ArchivedBatch) -> bool,
     ) -> Result<Option<Arc<Kept>>, ArchiveError> {
-        let _read = self
-            .reads
-            .acquire()
-            .await
-            .expect("the semaphore is never closed");
         if let Some(batch) = self.archive.batch(index).await?.filter(&holds) {
             return self.keep(batch).await.map(Some);
         }
@@ -285,56 +308,56 @@ impl ArchiveReader {
     }
 
     /// [`Self::holding`] within [`Self::lookup_deadline`], counted: a miss,
-    /// an error or a lookup past its deadline is `None`, and so is a
-    /// lookup during the pause after a failure ([`Backoff`]) unless the
-    /// batch is kept already.
+    /// an error, a lookup past its deadline, or one during the pause after
+    /// a failed read ([`Backoff`]) is `None`. The deadline pauses nothing:
+    /// it counts waits for other reads, which an honest archive of large
+    /// objects may make long.
     async fn find(&self, index: CommitIndex) -> Option<Arc<Kept>> {
         let stats = self.archive.stats();
-        let deferred = self
-            .backoff()
-            .until
-            .is_some_and(|until| tokio::time::Instant::now() < until);
-        if deferred {
-            let kept = self
-                .recent()
-                .iter()
-                .find(|b| b.first <= index && index <= b.last)
-                .cloned();
-            if kept.is_none() {
-                ArchiveStats::count(&stats.reads_deferred);
-            }
-            return kept;
-        }
         let deadline = self.lookup_deadline();
         let found = tokio::time::timeout(deadline, self.holding(index))
             .await
             .unwrap_or(Err(ArchiveError::Timeout(deadline)));
         match found {
-            Ok(Some(batch)) => Some(batch),
-            Ok(None) => {
+            Ok(Lookup::Found(batch)) => Some(batch),
+            Ok(Lookup::Missing) => {
                 ArchiveStats::count(&stats.read_misses);
                 None
             }
+            Ok(Lookup::Deferred) => {
+                ArchiveStats::count(&stats.reads_deferred);
+                None
+            }
             Err(e) => {
-                let pause = self.failed();
-                tracing::warn!(index, %e, ?pause, "archive read failed; reads paused");
+                tracing::warn!(index, %e, "archive lookup failed");
                 ArchiveStats::count(&stats.read_errors);
                 None
             }
         }
     }
 
-    /// Starts the pause after a failed read, doubling the next one, and
-    /// returns it; a failure during a pause (a lookup that began before
-    /// it) neither restarts nor doubles it.
-    fn failed(&self) -> Duration {
+    /// The time a read may begin now, or `None` during a pause.
+    fn may_read(&self) -> Option<tokio::time::Instant> {
+        let now = tokio::time::Instant::now();
+        let paused = self.backoff().until.is_some_and(|until| now < until);
+        (!paused).then_some(now)
+    }
+
+    /// Starts the pause after a read begun at `started` failed, doubling
+    /// the next one, and returns it; a read begun before the pause now
+    /// running began (one of several asked together) neither restarts nor
+    /// doubles it.
+    fn failed(&self, started: tokio::time::Instant) -> Duration {
         let config = self.archive.config();
         let now = tokio::time::Instant::now();
         let mut backoff = self.backoff();
-        if let Some(until) = backoff.until.filter(|until| now < *until) {
-            return until - now;
+        if backoff.since.is_some_and(|since| since >= started) {
+            return backoff
+                .until
+                .map_or(Duration::ZERO, |until| until.saturating_duration_since(now));
         }
-        let pause = backoff.next.clamp(config.min_retry, config.max_retry);
+        let pause = backoff.next.max(config.min_retry).min(config.max_retry);
+        backoff.since = Some(now);
         backoff.until = Some(now + pause);
         backoff.next = pause.saturating_mul(2).min(config.max_retry);
         pause
@@ -658,34 +681,8 @@ mod tests {
     /// the pauses, so the next failure pauses for `min_retry` again.
     #[tokio::test(start_paused = true)]
     async fn reads_of_a_failing_archive_pause_doubling_and_a_success_ends_the_pauses() {
-        use object_store::{ObjectStoreExt, PutPayload};
         let min = Duration::from_millis(500);
-        let config = Config {
-            min_retry: min,
-            max_retry: Duration::from_secs(60),
-            ..Config::new("memory")
-        };
-        let memory = Arc::new(InMemory::new());
-        let archive = Archive::with_store(
-            memory.clone(),
-            Path::default(),
-            config,
-            ChainId(soma_types::Digest([3; 32])),
-        );
-        archive.put_batch(&numbered(101, 102)).await.unwrap();
-        let garbage = |first: u64| {
-            let path = archive.batch_path(first);
-            let memory = memory.clone();
-            async move {
-                memory
-                    .put(&path, PutPayload::from_static(b"not a batch"))
-                    .await
-                    .unwrap();
-            }
-        };
-        garbage(1).await;
-        garbage(201).await;
-        let reader = ArchiveReader::new(archive, 100);
+        let reader = failing(min, Duration::ZERO).await;
         // (objects read, read errors, reads deferred)
         let counts = || {
             let s = reader.stats().status();
@@ -722,5 +719,63 @@ mod tests {
         tokio::time::advance(min).await;
         assert_eq!(reader.commits(201, 202, u64::MAX).await, None);
         assert_eq!(counts(), (7, 5, 3));
+    }
+
+    /// A reader (`min_retry` of `min`, every object read taking `get`) of
+    /// an archive holding batch 101..=102 and, at 1 and 201, objects that
+    /// are not batches.
+    async fn failing(min: Duration, get: Duration) -> ArchiveReader {
+        use object_store::{ObjectStoreExt, PutPayload};
+        let config = Config {
+            min_retry: min,
+            max_retry: Duration::from_secs(60),
+            ..Config::new("memory")
+        };
+        let memory = Arc::new(InMemory::new());
+        let chain_id = ChainId(soma_types::Digest([3; 32]));
+        let writer = Archive::with_store(memory.clone(), Path::default(), config.clone(), chain_id);
+        writer.put_batch(&numbered(101, 102)).await.unwrap();
+        for first in [1, 201] {
+            let garbage = PutPayload::from_static(b"not a batch");
+            memory
+                .put(&writer.batch_path(first), garbage)
+                .await
+                .unwrap();
+        }
+        let store = ThrottledStore::new(
+            memory,
+            ThrottleConfig {
+                wait_get_per_call: get,
+                ..ThrottleConfig::default()
+            },
+        );
+        let archive = Archive::with_store(Arc::new(store), Path::default(), config, chain_id);
+        ArchiveReader::new(archive, 100)
+    }
+
+    /// Reads asked together that all fail pause reads once, for
+    /// `min_retry`, not once each (doubling with each), and the next
+    /// failure doubles it once.
+    #[tokio::test(start_paused = true)]
+    async fn reads_failing_together_pause_once() {
+        let min = Duration::from_millis(500);
+        let reader = failing(min, GET).await;
+        let counts = || {
+            let s = reader.stats().status();
+            (s.objects_read, s.read_errors, s.reads_deferred)
+        };
+        let (a, b) = tokio::join!(
+            reader.commits(1, 2, u64::MAX),
+            reader.commits(201, 202, u64::MAX)
+        );
+        assert_eq!((a, b), (None, None));
+        assert_eq!(counts(), (2, 2, 0), "both read, both failed");
+        tokio::time::advance(min).await;
+        assert_eq!(reader.commits(1, 2, u64::MAX).await, None);
+        assert_eq!(counts(), (3, 3, 0), "read again after one pause of min");
+        // That failure doubled the pause once.
+        tokio::time::advance(min * 2 - Duration::from_millis(1)).await;
+        assert_eq!(reader.commits(1, 2, u64::MAX).await, None);
+        assert_eq!(counts(), (3, 3, 1));
     }
 }

@@ -1,4 +1,3 @@
-use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -17,6 +16,7 @@ use super::fetched::Fetched;
 use super::messages::*;
 use super::prune::Pruner;
 use super::worker::{PeerCalls, Tasks, Worker};
+use super::writes::{Report, WriteQueue};
 use crate::connections::PeerEvent;
 use crate::peer_heights::{HeightsHeard, HighestKnownCommit};
 use crate::replay::Recorder;
@@ -51,18 +51,12 @@ pub struct StateSync {
     asking_connected: bool,
     /// The wake-up set for the core's next retry, and its time.
     wake: Option<(Time, SpawnHandle)>,
-    /// Whether a write is on its way (its [`ApplyDone`] not handled yet).
-    /// Writes go one at a time, in the order asked: local commits sent
-    /// without awaiting each other are stored in the order sent, and their
-    /// results, hence the broadcast, come in index order. (Spawned each on
-    /// the blocking pool, they raced for the store: a later commit written
-    /// first was refused as not contiguous.) Kept across restarts: a write
-    /// in flight still reports to the restarted actor.
-    writing: bool,
-    /// Writes waiting for the one on its way, in order: at most one synced
-    /// batch (the core applies one at a time) and the local commits that
-    /// hold places of `max_local_writes`.
-    queued: VecDeque<(Batch, Origin)>,
+    /// Store writes, one at a time in the order asked ([`WriteQueue`]):
+    /// at most one synced batch waiting (the core applies one at a time)
+    /// and the local commits that hold places of `max_local_writes`. Kept
+    /// across restarts: a write in flight still reports to the restarted
+    /// actor.
+    writes: WriteQueue<(Batch, Origin)>,
 }
 
 impl StateSync {
@@ -92,8 +86,7 @@ impl StateSync {
             asking_behind: None,
             asking_connected: false,
             wake: None,
-            writing: false,
-            queued: VecDeque::new(),
+            writes: WriteQueue::default(),
         })
     }
 
@@ -326,47 +319,19 @@ impl StateSync {
     /// take it, where a lost answer would leave the batch applying for as
     /// long as the node runs.
     fn write(&mut self, batch: Batch, origin: Origin, ctx: &mut Context<Self>) {
-        if self.writing {
-            self.queued.push_back((batch, origin));
-            return;
+        if let Some(write) = self.writes.offer((batch, origin)) {
+            self.start_write(write, ctx);
         }
-        self.writing = true;
-        let (store, addr) = (self.deps.store.clone(), ctx.address());
-        // Reports even if the runtime drops the write unrun (shutting
-        // down): the writes queued behind it must not wait for good.
-        let mut report = Report {
-            addr,
-            origin: Some(origin),
-        };
+    }
+
+    /// Starts a write the queue let go (see [`Self::write`]).
+    fn start_write(&mut self, (batch, origin): (Batch, Origin), ctx: &mut Context<Self>) {
+        let store = self.deps.store.clone();
+        let mut report = Report::new(ctx.address().recipient(), origin);
         self.deps.runtime.spawn_blocking(move || {
             let result = unless_panicked("write", || apply::write(store.as_ref(), batch));
             report.send(result);
         });
-    }
-}
-
-/// Sends a write's [`ApplyDone`] once: with its result, or, dropped
-/// without one (the write never ran), as cancelled.
-struct Report {
-    addr: actix::Addr<StateSync>,
-    origin: Option<Origin>,
-}
-
-impl Report {
-    fn send(&mut self, result: Result<super::apply::Applied, ApplyError>) {
-        if let Some(origin) = self.origin.take() {
-            self.addr.do_send(ApplyDone {
-                origin,
-                result,
-                written: true,
-            });
-        }
-    }
-}
-
-impl Drop for Report {
-    fn drop(&mut self) {
-        self.send(Err(ApplyError::Cancelled));
     }
 }
 
@@ -381,11 +346,8 @@ impl Handler<ApplyDone> for StateSync {
     /// peers behind.
     fn handle(&mut self, done: ApplyDone, ctx: &mut Context<Self>) {
         // The next write starts now; its result is handled after this one.
-        if done.written {
-            self.writing = false;
-            if let Some((batch, origin)) = self.queued.pop_front() {
-                self.write(batch, origin, ctx);
-            }
+        if let Some(next) = self.writes.ended(done.written) {
+            self.start_write(next, ctx);
         }
         let applied = match done.result {
             Ok(applied) => applied,
@@ -489,7 +451,7 @@ impl Supervised for StateSync {
         // A synced batch waiting to be written goes with the fetched ones
         // (the restarted core fetches from the store's watermark); local
         // commits waiting keep their turn, their callers waiting too.
-        self.queued
+        self.writes
             .retain(|(_, origin)| matches!(origin, Origin::Local { .. }));
         match self.deps.init(self.driver.core().next_task()) {
             Ok(init) => self.driver.restart(init),

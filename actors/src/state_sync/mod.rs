@@ -45,6 +45,7 @@ mod messages;
 pub mod prune;
 mod queries;
 mod worker;
+mod writes;
 
 pub use crate::peer_heights::FetchKind;
 pub use actor::StateSync;

@@ -1650,7 +1650,7 @@ impl Worker {
             },
             Err(f) => Err(f),
         };
-        refused_by(archive, chunk.batch, &result);
+        refused_by(archive, chunk.commits.0, &result);
         result
     }
 
@@ -1830,11 +1830,13 @@ fn over_cap(failure: Failure, (max_bytes, estimated): (u64, bool)) -> Failure {
 }
 
 /// Counts and logs archive data that verification refused, and forgets
-/// the batch read, so the next attempt reads the archive again.
-fn refused_by<T>(archive: &ArchiveReader, batch: CommitIndex, result: &Result<T, Failure>) {
+/// the archived batch it came from, the one holding commit `read` (the
+/// index the reader looked up: a sync batch may span archived batches),
+/// so the next attempt reads the archive again.
+fn refused_by<T>(archive: &ArchiveReader, read: CommitIndex, result: &Result<T, Failure>) {
     if let Err(Failure::Invalid(e)) = result {
-        tracing::warn!(batch, %e, "archived data refused: the archive is corrupt or forged");
-        archive.refused(batch);
+        tracing::warn!(read, %e, "archived data refused: the archive is corrupt or forged");
+        archive.refused(read);
     }
 }
 

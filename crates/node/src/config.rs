@@ -89,7 +89,9 @@ pub struct ArchiveSection {
     /// Largest archive object read or written, in bytes.
     #[serde(default = "default_archive_object_bytes")]
     pub max_object_bytes: u64,
-    /// Longest pause between retries of a failed write.
+    /// Longest pause between retries of a failed write, and between
+    /// reads of an archive whose reads keep failing (sync reads nothing
+    /// from it during a pause).
     #[serde(default = "default_archive_max_retry", with = "humantime_serde")]
     pub max_retry: Duration,
 }
