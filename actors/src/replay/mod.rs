@@ -39,7 +39,7 @@ use crate::state_sync::StateSyncCore;
 use crate::supervisor::SupervisorCore;
 use crate::verifier::VerifierCore;
 
-pub use recorder::{Recorder, TRACE_DIR_ENV};
+pub use recorder::{DEFAULT_TRACE_MAX_BYTES, Recorder, TRACE_DIR_ENV, TRACE_MAX_BYTES_ENV};
 
 /// Set to `1` to rewrite traces with the outputs the cores produce now.
 pub const REWRITE_ENV: &str = "SOMA_REPLAY_REWRITE";
