@@ -674,23 +674,28 @@ mod tests {
         }
     }
 
-    /// A writer task that panics (its object store's first write) is
-    /// started again, counted once, and archives the whole store; it
-    /// stops when the node does.
-    #[tokio::test]
-    async fn a_writer_that_panics_is_started_again_and_archives_everything() {
+    /// A 300-commit store and a writer of it (`supervise_writer` if
+    /// `supervised`, else `run_writer`) into an archive on `faulty`, its
+    /// retries 1 to 4 ms apart; the writer's task, the archive, the next
+    /// commit it publishes, and the switch that stops it.
+    struct Writing {
+        task: tokio::task::JoinHandle<()>,
+        archive: Archive,
+        archived: watch::Receiver<CommitIndex>,
+        stop: watch::Sender<bool>,
+    }
+
+    fn writing(faulty: Arc<Faulty>, supervised: bool) -> Writing {
         let chain = ChainBuilder::new(ChainConfig::validators(4)).build(300);
         let store = Arc::new(MemStore::new(chain.genesis()));
         chain.write_to(store.as_ref(), 100).unwrap();
         let config = super::super::Config {
             min_retry: Duration::from_millis(1),
+            max_retry: Duration::from_millis(4),
             ..super::super::Config::new("memory")
         };
         let archive = Archive::with_store(
-            Arc::new(Faulty {
-                panics_once: true,
-                ..Faulty::default()
-            }),
+            faulty,
             object_store::path::Path::default(),
             config,
             chain.chain_id(),
@@ -699,26 +704,57 @@ mod tests {
         let deps = WriterDeps {
             archive: archive.clone(),
             stopped,
-            ..writer(store.clone(), chain.chain_id())
+            ..writer(store, chain.chain_id())
         };
-        let mut archived = deps.archived.subscribe();
-        let task = tokio::spawn(supervise_writer(deps));
-        let all = archived.wait_for(|next| *next == 301);
-        tokio::time::timeout(Duration::from_secs(60), all)
-            .await
-            .expect("everything archived")
-            .unwrap();
+        let archived = deps.archived.subscribe();
+        let task = if supervised {
+            tokio::spawn(supervise_writer(deps))
+        } else {
+            tokio::spawn(run_writer(deps))
+        };
+        Writing {
+            task,
+            archive,
+            archived,
+            stop,
+        }
+    }
+
+    impl Writing {
+        /// Waits for the whole store to be archived and published, checks
+        /// the three batches, and stops the writer.
+        async fn archives_everything(mut self) {
+            let all = self.archived.wait_for(|next| *next == 301);
+            tokio::time::timeout(Duration::from_secs(60), all)
+                .await
+                .expect("everything archived")
+                .unwrap();
+            for first in [1, 101, 201] {
+                let batch = self.archive.batch(first).await.unwrap().unwrap();
+                assert_eq!((batch.first, batch.last), (first, first + 99));
+            }
+            self.stop.send_replace(true);
+            tokio::time::timeout(Duration::from_secs(60), self.task)
+                .await
+                .expect("the writer stops with the node")
+                .unwrap();
+        }
+    }
+
+    /// A writer task that panics (its object store's first write) is
+    /// started again, counted once, and archives the whole store; it
+    /// stops when the node does.
+    #[tokio::test]
+    async fn a_writer_that_panics_is_started_again_and_archives_everything() {
+        let faulty = Faulty {
+            panics_once: true,
+            ..Faulty::default()
+        };
+        let writing = writing(Arc::new(faulty), true);
+        let archive = writing.archive.clone();
+        writing.archives_everything().await;
         let status = archive.stats().status();
         assert_eq!((status.writer_restarts, status.batches_written), (1, 3));
-        for first in [1, 101, 201] {
-            let batch = archive.batch(first).await.unwrap().unwrap();
-            assert_eq!((batch.first, batch.last), (first, first + 99));
-        }
-        stop.send_replace(true);
-        tokio::time::timeout(Duration::from_secs(60), task)
-            .await
-            .expect("the writer stops with the node")
-            .unwrap();
     }
 
     /// A store that answers each batch's write as done and keeps nothing:
@@ -729,30 +765,10 @@ mod tests {
     #[tokio::test]
     async fn batches_the_store_reports_written_but_does_not_hold_are_never_published() {
         use std::sync::atomic::Ordering;
-        let chain = ChainBuilder::new(ChainConfig::validators(4)).build(300);
-        let store = Arc::new(MemStore::new(chain.genesis()));
-        chain.write_to(store.as_ref(), 100).unwrap();
-        let config = super::super::Config {
-            min_retry: Duration::from_millis(1),
-            max_retry: Duration::from_millis(4),
-            ..super::super::Config::new("memory")
-        };
         let faulty = Arc::new(Faulty::default());
         faulty.drops_batches.store(true, Ordering::SeqCst);
-        let archive = Archive::with_store(
-            faulty.clone(),
-            object_store::path::Path::default(),
-            config,
-            chain.chain_id(),
-        );
-        let (stop, stopped) = watch::channel(false);
-        let deps = WriterDeps {
-            archive: archive.clone(),
-            stopped,
-            ..writer(store.clone(), chain.chain_id())
-        };
-        let mut archived = deps.archived.subscribe();
-        let task = tokio::spawn(run_writer(deps));
+        let writing = writing(faulty.clone(), false);
+        let archive = writing.archive.clone();
         let failed_thrice = async {
             while archive.stats().status().write_errors < 3 {
                 tokio::time::sleep(Duration::from_millis(1)).await;
@@ -761,25 +777,16 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(60), failed_thrice)
             .await
             .expect("writes the store did not keep are failures");
-        assert_eq!(*archived.borrow(), 1, "nothing published past the lowest");
+        assert_eq!(
+            *writing.archived.borrow(),
+            1,
+            "nothing published past the lowest"
+        );
         assert_eq!(archive.stats().status().batches_written, 0);
         assert_eq!(archive.head().await.unwrap(), None);
 
         faulty.drops_batches.store(false, Ordering::SeqCst);
-        let all = archived.wait_for(|next| *next == 301);
-        tokio::time::timeout(Duration::from_secs(60), all)
-            .await
-            .expect("everything archived once the store keeps its writes")
-            .unwrap();
+        writing.archives_everything().await;
         assert_eq!(archive.stats().status().batches_written, 3);
-        for first in [1, 101, 201] {
-            let batch = archive.batch(first).await.unwrap().unwrap();
-            assert_eq!((batch.first, batch.last), (first, first + 99));
-        }
-        stop.send_replace(true);
-        tokio::time::timeout(Duration::from_secs(60), task)
-            .await
-            .expect("the writer stops with the node")
-            .unwrap();
     }
 }
