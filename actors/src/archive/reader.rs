@@ -49,8 +49,10 @@ pub struct ArchiveReader {
 /// succeeds (a miss included) ends it.
 #[derive(Debug, Default)]
 struct Backoff {
-    /// When the pause began: reads begun before it that fail during it
-    /// (lookups asked together) neither restart nor double it.
+    /// When the running pause began, or the last read succeeded: a read
+    /// begun before that which fails later (one of several asked
+    /// together, or one the success overtook) neither starts nor doubles
+    /// a pause.
     since: Option<tokio::time::Instant>,
     /// No read begins before this.
     until: Option<tokio::time::Instant>,
@@ -151,16 +153,26 @@ impl ArchiveReader {
     }
 
     /// Counts data of the archive that verification refused, and drops
-    /// the batch kept that holds `index`, and the spans remembered (the
-    /// walk that found it may have gone by them): the next read of it asks
-    /// the archive again, which may have been repaired meanwhile. Other
-    /// batches kept stay: one forged object no longer empties the cache of
-    /// the ranges the workers are reading.
+    /// the batch kept that holds `index`, and the spans remembered from
+    /// its window's boundary up to it (the walk that found it went by
+    /// them): the next read of it asks the archive again, which may have
+    /// been repaired meanwhile, walking from the boundary. Other batches
+    /// kept, and other windows' spans, stay: one forged object neither
+    /// empties the cache of the ranges the workers are reading nor sends
+    /// their walks back to their boundaries.
     pub(crate) fn refused(&self, index: CommitIndex) {
         ArchiveStats::count(&self.archive.stats().refused);
         self.recent()
             .retain(|b| !(b.first <= index && index <= b.last));
-        self.spans().clear();
+        let boundary = self.boundary(index);
+        self.spans()
+            .retain(|first, _| *first < boundary || *first > index);
+    }
+
+    /// The first commit of the window of `batch_size` commits holding
+    /// `index`.
+    fn boundary(&self, index: CommitIndex) -> CommitIndex {
+        (index.saturating_sub(1) / self.batch_size) * self.batch_size + 1
     }
 
     fn spans(
@@ -187,32 +199,40 @@ impl ArchiveReader {
         if let Some(batch) = cached() {
             return Ok(Lookup::Found(batch));
         }
-        let boundary = (index.saturating_sub(1) / self.batch_size) * self.batch_size + 1;
+        let boundary = self.boundary(index);
         // Merged with a read of the same batch under way: kept once it ends.
         let gate = Gate::new(self, boundary);
         let _read = gate.lock.lock().await;
         if let Some(batch) = cached() {
             return Ok(Lookup::Found(batch));
         }
+        // Not behind the reads in flight during a pause: deferred at once.
+        if self.may_read().is_none() {
+            return Ok(Lookup::Deferred);
+        }
         let _read = self
             .reads
             .acquire()
             .await
             .expect("the semaphore is never closed");
-        // Read once the lookup may read: lookups queued when a failure
-        // paused reads do not ask the archive during the pause.
+        // And read only if the lookup may read once it has a place: lookups
+        // queued when a failure paused reads do not ask the archive during
+        // the pause.
         let Some(started) = self.may_read() else {
             return Ok(Lookup::Deferred);
         };
         match self.read(index, boundary, holds).await {
             Ok(found) => {
-                // The archive answered: reads are no longer paused.
-                *self.backoff() = Backoff::default();
+                self.succeeded();
                 Ok(found.map_or(Lookup::Missing, Lookup::Found))
             }
             Err(e) => {
-                let pause = self.failed(started);
-                tracing::warn!(index, %e, ?pause, "archive read failed; reads paused");
+                match self.failed(started) {
+                    Some(pause) => {
+                        tracing::warn!(index, %e, ?pause, "archive read failed; reads paused")
+                    }
+                    None => tracing::warn!(index, %e, "archive read failed"),
+                }
                 Err(e)
             }
         }
@@ -344,23 +364,31 @@ impl ArchiveReader {
     }
 
     /// Starts the pause after a read begun at `started` failed, doubling
-    /// the next one, and returns it; a read begun before the pause now
-    /// running began (one of several asked together) neither restarts nor
-    /// doubles it.
-    fn failed(&self, started: tokio::time::Instant) -> Duration {
+    /// the next one, and returns it; `None` for a read begun before the
+    /// running pause began or the last read succeeded (one of several
+    /// asked together, or one a success overtook): it neither starts nor
+    /// doubles a pause.
+    fn failed(&self, started: tokio::time::Instant) -> Option<Duration> {
         let config = self.archive.config();
         let now = tokio::time::Instant::now();
         let mut backoff = self.backoff();
-        if backoff.since.is_some_and(|since| since >= started) {
-            return backoff
-                .until
-                .map_or(Duration::ZERO, |until| until.saturating_duration_since(now));
+        if backoff.since.is_some_and(|since| since > started) {
+            return None;
         }
         let pause = backoff.next.max(config.min_retry).min(config.max_retry);
         backoff.since = Some(now);
         backoff.until = Some(now + pause);
         backoff.next = pause.saturating_mul(2).min(config.max_retry);
-        pause
+        Some(pause)
+    }
+
+    /// The archive answered a read: reads are no longer paused, and the
+    /// next failure pauses them for `min_retry`.
+    fn succeeded(&self) {
+        *self.backoff() = Backoff {
+            since: Some(tokio::time::Instant::now()),
+            ..Backoff::default()
+        };
     }
 
     fn backoff(&self) -> std::sync::MutexGuard<'_, Backoff> {
@@ -682,12 +710,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn reads_of_a_failing_archive_pause_doubling_and_a_success_ends_the_pauses() {
         let min = Duration::from_millis(500);
-        let reader = failing(min, Duration::ZERO).await;
+        let reader = failing(min, ThrottleConfig::default()).await;
         // (objects read, read errors, reads deferred)
-        let counts = || {
-            let s = reader.stats().status();
-            (s.objects_read, s.read_errors, s.reads_deferred)
-        };
+        let counts = || counts(&reader);
         assert!(reader.commits(101, 102, u64::MAX).await.is_some());
         assert_eq!(reader.commits(1, 2, u64::MAX).await, None);
         assert_eq!(counts(), (2, 1, 0));
@@ -721,10 +746,10 @@ mod tests {
         assert_eq!(counts(), (7, 5, 3));
     }
 
-    /// A reader (`min_retry` of `min`, every object read taking `get`) of
-    /// an archive holding batch 101..=102 and, at 1 and 201, objects that
-    /// are not batches.
-    async fn failing(min: Duration, get: Duration) -> ArchiveReader {
+    /// A reader (`min_retry` of `min`, its reads throttled by `throttle`)
+    /// of an archive holding batch 101..=102 and, at 1 and 201, objects
+    /// that are not batches (11 and 1,000 bytes).
+    async fn failing(min: Duration, throttle: ThrottleConfig) -> ArchiveReader {
         use object_store::{ObjectStoreExt, PutPayload};
         let config = Config {
             min_retry: min,
@@ -735,22 +760,51 @@ mod tests {
         let chain_id = ChainId(soma_types::Digest([3; 32]));
         let writer = Archive::with_store(memory.clone(), Path::default(), config.clone(), chain_id);
         writer.put_batch(&numbered(101, 102)).await.unwrap();
-        for first in [1, 201] {
-            let garbage = PutPayload::from_static(b"not a batch");
+        let not_batches = [
+            (1, PutPayload::from_static(b"not a batch")),
+            (201, PutPayload::from(vec![0u8; 1_000])),
+        ];
+        for (first, garbage) in not_batches {
             memory
                 .put(&writer.batch_path(first), garbage)
                 .await
                 .unwrap();
         }
-        let store = ThrottledStore::new(
-            memory,
-            ThrottleConfig {
-                wait_get_per_call: get,
-                ..ThrottleConfig::default()
-            },
-        );
+        let store = ThrottledStore::new(memory, throttle);
         let archive = Archive::with_store(Arc::new(store), Path::default(), config, chain_id);
         ArchiveReader::new(archive, 100)
+    }
+
+    /// The reader's (objects read, read errors, reads deferred).
+    fn counts(reader: &ArchiveReader) -> (u64, u64, u64) {
+        let s = reader.stats().status();
+        (s.objects_read, s.read_errors, s.reads_deferred)
+    }
+
+    /// A slow read begun with a fast one, both failing, the slow one only
+    /// once the pause the fast one began has ended: it starts no pause of
+    /// its own, and the next lookup reads.
+    #[tokio::test(start_paused = true)]
+    async fn a_read_begun_before_a_pause_that_fails_after_it_ended_starts_none() {
+        let min = Duration::from_millis(500);
+        let throttle = ThrottleConfig {
+            wait_get_per_byte: Duration::from_millis(1),
+            ..ThrottleConfig::default()
+        };
+        let reader = failing(min, throttle).await;
+        let started = tokio::time::Instant::now();
+        let (fast, slow) = tokio::join!(
+            reader.commits(1, 2, u64::MAX),
+            reader.commits(201, 202, u64::MAX)
+        );
+        assert_eq!((fast, slow), (None, None));
+        assert!(
+            started.elapsed() >= Duration::from_secs(1),
+            "the slow read outlived the pause"
+        );
+        assert_eq!(counts(&reader), (2, 2, 0));
+        assert_eq!(reader.commits(1, 2, u64::MAX).await, None);
+        assert_eq!(counts(&reader), (3, 3, 0), "read, not deferred");
     }
 
     /// Reads asked together that all fail pause reads once, for
@@ -759,11 +813,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn reads_failing_together_pause_once() {
         let min = Duration::from_millis(500);
-        let reader = failing(min, GET).await;
-        let counts = || {
-            let s = reader.stats().status();
-            (s.objects_read, s.read_errors, s.reads_deferred)
+        let throttle = ThrottleConfig {
+            wait_get_per_call: GET,
+            ..ThrottleConfig::default()
         };
+        let reader = failing(min, throttle).await;
+        let counts = || counts(&reader);
         let (a, b) = tokio::join!(
             reader.commits(1, 2, u64::MAX),
             reader.commits(201, 202, u64::MAX)
