@@ -131,6 +131,15 @@ impl PeerHeights {
                 Output::Banned { peer, until } => {
                     tracing::warn!(%peer, until_ms = until.0, "peer banned");
                 }
+                Output::OtherChain { peer, chain_id } => {
+                    tracing::warn!(
+                        %peer,
+                        theirs = %hex::encode(chain_id.0.0),
+                        ours = %hex::encode(self.driver.core().chain_id().0.0),
+                        "peer is on another chain: never synced from (if every peer says \
+                         so, this node's genesis file is another network's)"
+                    );
+                }
                 Output::Granted { request, lease } => {
                     let slot = Slot {
                         lease,

@@ -529,7 +529,15 @@ impl PeerHeightsCore {
                 vec![]
             }
             Input::Update(u) => {
+                let mut outputs = vec![];
                 if let Some(p) = self.peers.get_mut(&u.peer) {
+                    let ours = self.config.chain_id;
+                    if u.chain_id != ours && p.chain_id.is_none() {
+                        outputs.push(Output::OtherChain {
+                            peer: u.peer,
+                            chain_id: u.chain_id,
+                        });
+                    }
                     // The answer is the peer's claim now, its highest lower
                     // or not. Its lowest never goes down while it stays
                     // connected: a node deletes what it pruned, so a claim
@@ -541,7 +549,7 @@ impl PeerHeightsCore {
                     p.lowest = p.lowest.max(u.lowest);
                     p.heard = now;
                 }
-                vec![]
+                outputs
             }
             Input::Push(PushHeight { peer, highest }) => {
                 if let Some(p) = self.peers.get_mut(&peer) {
@@ -606,6 +614,11 @@ impl PeerHeightsCore {
             }
             Input::Tick => vec![],
         }
+    }
+
+    /// The chain this node is on.
+    pub fn chain_id(&self) -> ChainId {
+        self.config.chain_id
     }
 
     /// The bans in force, for a restart to carry over.
@@ -1167,7 +1180,11 @@ mod tests {
                 lowest,
             }),
         );
-        assert_eq!(out, vec![]);
+        // A peer's first answer of another chain is told (tested below).
+        assert!(
+            out.iter().all(|o| matches!(o, Output::OtherChain { .. })),
+            "{out:?}"
+        );
     }
 
     /// A peer connects and answers an availability query.
@@ -1285,6 +1302,39 @@ mod tests {
 
     fn not_found(c: &mut PeerHeightsCore, now: Time, p: u8, start: u64, end: u64) -> Vec<Output> {
         outcome(c, now, p, OutcomeKind::NotFound { start, end }, 0, 5)
+    }
+
+    /// A connected peer's first answer naming another chain is told once
+    /// (the shell warns: every peer saying so is a wrong genesis); later
+    /// answers, answers of our chain, and a peer not connected are not.
+    #[test]
+    fn a_peers_first_answer_of_another_chain_is_told_once() {
+        let mut c = core(1);
+        let answer = |c: &mut PeerHeightsCore, p: u8, chain_id| {
+            c.handle(
+                Time(0),
+                Input::Update(UpdateHeight {
+                    peer: peer(p),
+                    chain_id,
+                    highest: 10,
+                    lowest: 1,
+                }),
+            )
+        };
+        assert_eq!(answer(&mut c, 1, THEIRS), vec![], "not connected");
+        connect(&mut c, Time(0), 1);
+        connect(&mut c, Time(0), 2);
+        let told = vec![Output::OtherChain {
+            peer: peer(1),
+            chain_id: THEIRS,
+        }];
+        assert_eq!(answer(&mut c, 1, THEIRS), told);
+        assert_eq!(answer(&mut c, 1, THEIRS), vec![], "once per connection");
+        assert_eq!(answer(&mut c, 2, OURS), vec![]);
+        // Connected again: told again.
+        c.handle(Time(0), Input::Remove(RemovePeer { peer: peer(1) }));
+        connect(&mut c, Time(0), 1);
+        assert_eq!(answer(&mut c, 1, THEIRS), told);
     }
 
     #[test]

@@ -521,6 +521,15 @@ pub enum Output {
     Snapshot(Vec<PeerView>),
     /// Answer to [`Input::CountPeers`].
     Counts(PeerCounts),
+    /// A connected peer answered that it is on another chain, for the
+    /// first time since it connected: it is never synced from. Every peer
+    /// saying so is a node given another network's genesis.
+    OtherChain {
+        /// The peer.
+        peer: PeerId,
+        /// The chain it says it is on.
+        chain_id: ChainId,
+    },
     /// A peer was banned after sending invalid data or denying commits it
     /// claims to hold.
     Banned {

@@ -163,9 +163,14 @@ fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
+    // A log line that cannot be written is dropped: tracing-subscriber
+    // would otherwise report it with `eprintln!`, which panics once stderr
+    // is a closed pipe (a `| tee` or a log shipper that went away), and
+    // every actor logging then panicked and the node stopped uncleanly.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
+        .log_internal_errors(false)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
@@ -184,7 +189,7 @@ fn main() -> ExitCode {
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: cannot start: {e}");
+            say_error(&format!("cannot start: {e}"));
             return ExitCode::from(1);
         }
     };
@@ -192,14 +197,21 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(message)) => {
-            eprintln!("error: {message}");
+            say_error(&message);
             ExitCode::from(2)
         }
         Err(Failure::Run(message)) => {
-            eprintln!("error: {message}");
+            say_error(&message);
             ExitCode::from(1)
         }
     }
+}
+
+/// Writes `error: {message}` to stderr, if it can: with stderr closed the
+/// exit code still says what happened (`eprintln!` would panic instead).
+fn say_error(message: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "error: {message}");
 }
 
 /// Runs the command; `arenas` is the malloc arena limit `main` set, if any.

@@ -528,3 +528,48 @@ fn localnet_and_genesis_refuse_bad_input_before_starting_or_writing_anything() {
     let output = soma(&args);
     assert!(output.status.success(), "{}", stderr(&output));
 }
+
+/// A node whose log reader went away (a `| tee` or a log shipper that
+/// exited, leaving stderr a closed pipe) runs on, and a SIGTERM still
+/// stops it cleanly: a log line it cannot write is dropped. Before, the
+/// logger reported the failed write with `eprintln!`, which panicked in
+/// every thread that logged, and the node exited 101 from its stop.
+#[test]
+fn a_node_whose_log_reader_went_away_runs_on_and_stops_cleanly() {
+    const PATIENCE: Duration = Duration::from_secs(60);
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_ports(1);
+    local_genesis(dir.path(), 1, base, 1_000);
+    let (addresses, configs, _) = validator_network(dir.path(), base, 1);
+    let mut node = Spawned::spawn(
+        Command::new(BIN)
+            .arg("run")
+            .arg("--config")
+            .arg(&configs[0])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    );
+    let log = node.child.stderr.take().expect("a piped stderr");
+    // The log is read until the node says it runs; then its reader goes.
+    let (said, running) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut lines = std::io::BufReader::new(log).lines();
+        let seen = lines.any(|l| l.is_ok_and(|l| l.contains("node running")));
+        let _ = said.send(seen);
+    });
+    assert_eq!(
+        running.recv_timeout(PATIENCE),
+        Ok(true),
+        "the node said it runs"
+    );
+    wait_for("the node to answer with its log closed", PATIENCE, || {
+        height(&addresses[0]).is_some()
+    });
+    // Stopping logs; those lines go nowhere.
+    kill(node.pid(), Signal::SIGTERM).unwrap();
+    let exit = node
+        .wait_for(Duration::from_secs(20))
+        .expect("the node stops within 20 s");
+    assert!(exit.success(), "{exit}");
+}
