@@ -909,3 +909,36 @@ async fn a_seed_address_found_to_be_a_connected_peer_is_not_dialled_again_while_
     );
     shutdown_all(&[node, validator]).await;
 }
+
+/// A node dialling its own address (a seed list every node shares names
+/// each one's own) is refused as itself, holds no connection to itself,
+/// and still connects to the other address it is given. Before, it
+/// connected to itself, counted itself a connected peer, and asked itself
+/// for peers every round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_dialling_its_own_address_does_not_connect_to_itself() {
+    soma_testkit::init_tracing();
+    let chain = chain();
+    let other = start(&chain, config(vec![]), 1);
+    let node = start(&chain, config(vec![]), 2);
+    let mut events = node.subscribe_peer_events();
+    node.connect(None, node.local_addr().to_string()).unwrap();
+    let failed = wait_for_event("the dial of itself to end", &mut events, |e| {
+        matches!(
+            e,
+            PeerEvent::DialFailed { .. } | PeerEvent::Connected { .. }
+        )
+    })
+    .await;
+    let PeerEvent::DialFailed { reason, .. } = failed else {
+        panic!("connected to itself: {failed:?}");
+    };
+    assert_eq!(reason, connections::DialError::Ourselves);
+    node.connect(None, other.local_addr().to_string()).unwrap();
+    wait_for_event("the other node connected", &mut events, |e| {
+        matches!(e, PeerEvent::Connected { .. })
+    })
+    .await;
+    assert_eq!(node.connected_peers().await.unwrap(), vec![other.peer_id()]);
+    shutdown_all(&[node, other]).await;
+}

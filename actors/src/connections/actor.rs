@@ -114,6 +114,15 @@ impl Connections {
         let timeout = Duration::from_millis(self.deps.config.connect_timeout_ms);
         self.deps.runtime.spawn(async move {
             let result = match tls::connect(&address, Some(&identity), expected, timeout).await {
+                // A seed list shared by every node names each node's own
+                // address too: not a peer, and not to be asked for peers.
+                Ok((_, peer)) if peer == identity.peer_id() => {
+                    tracing::warn!(
+                        %address,
+                        "dialled this node's own address; leave it out of seed-peers"
+                    );
+                    Err(DialError::Ourselves)
+                }
                 // With TLS 1.3 a server refusing our certificate (private,
                 // not allowlisted) only shows on the first call: one call
                 // proves the connection before it counts as connected.

@@ -65,6 +65,10 @@ pub enum DialError {
         /// The peer the server proved to be.
         peer: PeerId,
     },
+    /// The server proved to be this node: its address (a seed, say) is
+    /// our own. The connection was closed.
+    #[error("the address is this node's own")]
+    Ourselves,
     /// The server's certificate or its identity binding is not valid.
     #[error("invalid certificate")]
     InvalidCertificate,
