@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod alone;
 mod config;
 mod genesis;
 mod keys;

@@ -108,6 +108,10 @@ pub async fn run(
             }
         });
     }
+    // A node with seeds that holds no connection says so (a node without
+    // seeds may be a network's first, alone on purpose).
+    let alone =
+        (!config.seed_peers.is_empty()).then(|| tokio::spawn(crate::alone::watch(handle.clone())));
     let producer = producing.map(|(chain, producer)| {
         tokio::spawn(crate::producer::produce(
             handle.clone(),
@@ -151,6 +155,9 @@ pub async fn run(
     if let Some(producer) = producer {
         producer.abort();
         let _ = producer.await;
+    }
+    if let Some(alone) = alone {
+        alone.abort();
     }
     let _ = stop_tx.send(true);
     handle.shutdown().await;
