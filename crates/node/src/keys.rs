@@ -166,6 +166,26 @@ fn warn_if_readable_by_others(path: &Path) {
     }
 }
 
+/// Writes a new TLS pair in `dir` for the network key there, over a pair
+/// missing, damaged or bound to another key: the node keeps its identity
+/// (`keygen --force` would make new network and protocol keys too).
+pub fn write_tls(dir: &Path) -> Result<NodeKeys, KeyError> {
+    let network = read_key(&dir.join(NETWORK_KEY))?;
+    let identity = NodeIdentity::generate(&network).map_err(|e| KeyError::Tls(e.to_string()))?;
+    write_secret(&dir.join(TLS_KEY), identity.key_pem().as_bytes())?;
+    write_public(&dir.join(TLS_CERT), identity.cert_pem())?;
+    Ok(NodeKeys { network, identity })
+}
+
+/// The fix for a TLS pair in `dir` that cannot be used.
+fn tls_fix(dir: &Path) -> String {
+    format!(
+        "run `soma-p2p keygen --tls-only --out {}` for a new pair bound to this node's \
+         network key (not `--force`: that makes new network and protocol keys, another identity)",
+        dir.display()
+    )
+}
+
 /// Reads the keys in `dir`, checking the TLS certificate is bound to the
 /// network key.
 pub fn read_keys(dir: &Path) -> Result<NodeKeys, KeyError> {
@@ -180,11 +200,21 @@ pub fn read_keys(dir: &Path) -> Result<NodeKeys, KeyError> {
         })
     };
     warn_if_readable_by_others(&dir.join(TLS_KEY));
-    let identity = NodeIdentity::from_pem(&read(TLS_CERT)?, &read(TLS_KEY)?)
-        .map_err(|e| KeyError::Tls(format!("{}: {e}", dir.join(TLS_CERT).display())))?;
+    let unusable = |what: String| KeyError::Tls(format!("{what}; {}", tls_fix(dir)));
+    let (cert, key) = match (read(TLS_CERT), read(TLS_KEY)) {
+        (Ok(cert), Ok(key)) => (cert, key),
+        (Err(e), _) | (_, Err(e)) => return Err(unusable(e.to_string())),
+    };
+    let identity = NodeIdentity::from_pem(&cert, &key).map_err(|e| {
+        unusable(format!(
+            "{} and {}: {e}",
+            dir.join(TLS_CERT).display(),
+            dir.join(TLS_KEY).display()
+        ))
+    })?;
     if identity.peer_id() != PeerId::from(network.public()) {
-        return Err(KeyError::Tls(format!(
-            "{} is bound to another network key; run `soma-p2p keygen --force`",
+        return Err(unusable(format!(
+            "{} is bound to another network key",
             dir.join(TLS_CERT).display()
         )));
     }
@@ -211,5 +241,43 @@ mod tests {
         assert_eq!(format!("{mode:o}"), "600");
         assert_eq!(std::fs::read(&path).unwrap(), b"new");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    /// A TLS pair bound to another key, or missing, is refused with the
+    /// fix that keeps the node's identity, and that fix (`write_tls`)
+    /// makes a pair the node reads, its network key and peer id unchanged.
+    #[test]
+    fn an_unusable_tls_pair_is_replaced_keeping_the_identity() {
+        let (ours, theirs) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let peer = write_keys(ours.path(), None, None, false)
+            .unwrap()
+            .peer_id();
+        write_keys(theirs.path(), None, None, false).unwrap();
+        let network = std::fs::read(ours.path().join(NETWORK_KEY)).unwrap();
+        for name in [TLS_CERT, TLS_KEY] {
+            std::fs::copy(theirs.path().join(name), ours.path().join(name)).unwrap();
+        }
+        let refused = read_keys(ours.path())
+            .err()
+            .expect("another key's pair")
+            .to_string();
+        assert!(
+            refused.contains("bound to another network key"),
+            "{refused}"
+        );
+        assert!(refused.contains("keygen --tls-only"), "{refused}");
+        std::fs::remove_file(ours.path().join(TLS_CERT)).unwrap();
+        let refused = read_keys(ours.path())
+            .err()
+            .expect("no certificate")
+            .to_string();
+        assert!(refused.contains("keygen --tls-only"), "{refused}");
+
+        assert_eq!(write_tls(ours.path()).unwrap().peer_id(), peer);
+        assert_eq!(read_keys(ours.path()).unwrap().peer_id(), peer);
+        assert_eq!(
+            std::fs::read(ours.path().join(NETWORK_KEY)).unwrap(),
+            network
+        );
     }
 }

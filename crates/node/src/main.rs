@@ -50,6 +50,11 @@ enum Command {
         /// Overwrite keys already there.
         #[arg(long)]
         force: bool,
+        /// Make only a new TLS pair (`tls.crt`, `tls.key`) for the network
+        /// key already in the directory, replacing a pair that is missing
+        /// or bound to another key; the node's identity stays.
+        #[arg(long, conflicts_with = "force")]
+        tls_only: bool,
     },
     /// Write a genesis (`genesis.toml`, public material only). Either from
     /// validators' public files (`--validator public.toml --stake N
@@ -218,7 +223,17 @@ fn say_error(message: &str) {
 /// Runs the command; `arenas` is the malloc arena limit `main` set, if any.
 async fn execute(cli: Cli, arenas: Option<usize>) -> Result<(), Failure> {
     match cli.command {
-        Command::Keygen { out, force } => {
+        Command::Keygen {
+            out,
+            tls_only: true,
+            ..
+        } => {
+            let keys = keys::write_tls(&out).map_err(Failure::run)?;
+            println!("peer id {}", hex::encode(keys.peer_id().0));
+            println!("a new TLS pair written to {}", out.display());
+            Ok(())
+        }
+        Command::Keygen { out, force, .. } => {
             let keys = keys::write_keys(&out, None, None, force).map_err(|e| match e {
                 keys::KeyError::Exists(_) => Failure::usage(e),
                 e => Failure::run(e),

@@ -573,3 +573,33 @@ fn a_node_whose_log_reader_went_away_runs_on_and_stops_cleanly() {
         .expect("the node stops within 20 s");
     assert!(exit.success(), "{exit}");
 }
+
+/// `keygen --tls-only` makes a new TLS pair for the network key already
+/// there: the peer id it prints is the node's, and the other keys stay
+/// as they were; with `--force` too it is refused as a usage error.
+#[test]
+fn keygen_tls_only_keeps_the_nodes_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    let out = keys.to_str().unwrap();
+    let first = soma(&["keygen", "--out", out]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let peer = field(&stdout(&first), "peer id").map(str::to_owned);
+    assert!(peer.is_some(), "{}", stdout(&first));
+    let others = ["network.key", "protocol.key", "public.toml"]
+        .map(|name| fs::read(keys.join(name)).expect("key file written"));
+    let old_cert = fs::read(keys.join("tls.crt")).unwrap();
+    fs::remove_file(keys.join("tls.key")).unwrap();
+
+    let again = soma(&["keygen", "--tls-only", "--out", out]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert_eq!(field(&stdout(&again), "peer id").map(str::to_owned), peer);
+    let now = ["network.key", "protocol.key", "public.toml"]
+        .map(|name| fs::read(keys.join(name)).expect("key file kept"));
+    assert_eq!(now, others);
+    assert!(keys.join("tls.key").exists());
+    assert_ne!(fs::read(keys.join("tls.crt")).unwrap(), old_cert);
+
+    let both = soma(&["keygen", "--tls-only", "--force", "--out", out]);
+    assert_eq!(both.status.code(), Some(2), "{}", stderr(&both));
+}
