@@ -37,9 +37,23 @@ pub async fn run(
             max_commits,
         });
     }
-    let genesis = GenesisFile::load(&config.genesis).map_err(crate::Failure::usage)?;
+    let genesis = GenesisFile::load(&config.genesis)
+        .map_err(|e| crate::Failure::usage(format!("genesis: {e}")))?;
     let committee = genesis.committee().map_err(crate::Failure::usage)?;
-    let keys = keys::read_keys(&config.keys_dir).map_err(crate::Failure::usage)?;
+    let keys = keys::read_keys(&config.keys_dir).map_err(|e| {
+        let fix = match &e {
+            keys::KeyError::Io { .. } if !config.keys_dir.join(keys::NETWORK_KEY).exists() => {
+                format!(
+                    "; keys-dir is {}: point it at the node's keys, or make them with \
+                     `soma-p2p keygen --out {}`",
+                    config.keys_dir.display(),
+                    config.keys_dir.display()
+                )
+            }
+            _ => String::new(),
+        };
+        crate::Failure::usage(format!("{e}{fix}"))
+    })?;
     match arenas {
         Some(arenas) => tracing::info!(arenas, "malloc arenas limited to one per core"),
         None => tracing::info!(
@@ -72,22 +86,38 @@ pub async fn run(
         })?),
         None => None,
     };
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|e| crate::Failure::run(format!("{}: {e}", config.data_dir.display())))?;
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+        crate::Failure::usage(format!(
+            "data-dir {}: {e}; point data-dir at a directory the node may create and write",
+            config.data_dir.display()
+        ))
+    })?;
+    let store_path = config.data_dir.join(STORE_FILE);
+    let wrong_chain = || {
+        crate::Failure::usage(format!(
+            "store {}: it belongs to another chain than genesis {} names; point data-dir \
+             elsewhere, or use the genesis the store was made with",
+            store_path.display(),
+            config.genesis.display()
+        ))
+    };
     let store: Arc<dyn ConsensusStore> = Arc::new(
-        RedbStore::open_with_cache(
-            config.data_dir.join(STORE_FILE),
-            &committee,
-            config.store_cache_bytes,
-        )
-        .map_err(|e| crate::Failure::run(format!("store: {e}")))?,
+        RedbStore::open_with_cache(&store_path, &committee, config.store_cache_bytes).map_err(
+            |e| match e {
+                soma_store::Error::WrongChain => wrong_chain(),
+                e => crate::Failure::run(format!("store {}: {e}", store_path.display())),
+            },
+        )?,
     );
     let peer_id = keys.peer_id();
     let handle = P2pBuilder::new(config.p2p_config(), keys.network, committee, store)
         .identity(keys.identity)
         .runtime(tokio::runtime::Handle::current())
         .start()
-        .map_err(|e| crate::Failure::run(e.to_string()))?;
+        .map_err(|e| match e {
+            soma_actors::system::StartError::WrongChain => wrong_chain(),
+            e => crate::Failure::run(e.to_string()),
+        })?;
     tracing::info!(
         peer_id = %hex::encode(peer_id.0),
         address = %handle.local_addr(),

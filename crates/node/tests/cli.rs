@@ -603,3 +603,82 @@ fn keygen_tls_only_keeps_the_nodes_identity() {
     let both = soma(&["keygen", "--tls-only", "--force", "--out", out]);
     assert_eq!(both.status.code(), Some(2), "{}", stderr(&both));
 }
+
+/// Start errors an operator makes name the setting and the fix, as usage
+/// errors (exit code 2): a `data-dir` that is a file, a `keys-dir` with no
+/// keys, a missing genesis, and a store made for another genesis.
+#[test]
+fn start_errors_name_the_setting_and_the_fix() {
+    // Logs may come first (the allocator's line); the error is the last.
+    let assert_start_error = |output: &Output, needles: &[&str]| {
+        let err = stderr(output);
+        assert_eq!(output.status.code(), Some(2), "stderr: {err}");
+        let last = err.lines().last().unwrap_or_default();
+        assert!(last.starts_with("error: "), "{err}");
+        for needle in needles {
+            assert!(last.contains(needle), "`{needle}` missing from: {last}");
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = free_ports(1);
+    local_genesis(d, 1, base, 1_000);
+    let (_, configs, _) = validator_network(d, base, 1);
+    let text = fs::read_to_string(&configs[0]).unwrap();
+    let run = |name: &str, key: &str, line: &str| {
+        let path = d.join(name);
+        fs::write(&path, set_line(&text, key, line)).unwrap();
+        soma(&["run", "--config", path.to_str().unwrap()])
+    };
+
+    fs::write(d.join("afile"), b"").unwrap();
+    let output = run("file.toml", "data-dir", "data-dir = \"afile\"");
+    assert_start_error(
+        &output,
+        &["data-dir", "afile", "point data-dir at a directory"],
+    );
+
+    let output = run("nokeys.toml", "keys-dir", "keys-dir = \"nokeys\"");
+    assert_start_error(
+        &output,
+        &[
+            "keys-dir is ",
+            "nokeys: point it at",
+            "soma-p2p keygen --out ",
+        ],
+    );
+
+    let output = run("nogenesis.toml", "genesis", "genesis = \"none.toml\"");
+    assert_start_error(&output, &["genesis: cannot read ", "none.toml"]);
+
+    // A store made by a node of another network's genesis.
+    let other = d.join("other");
+    fs::create_dir(&other).unwrap();
+    local_genesis(&other, 1, base + 100, 1_000);
+    let (_, other_configs, _) = validator_network(&other, base + 100, 1);
+    let other_text = fs::read_to_string(&other_configs[0]).unwrap();
+    let other_data = other.join("validator-0/data");
+    let made = set_line(
+        &other_text,
+        "data-dir",
+        &format!("data-dir = \"{}\"", other_data.display()),
+    );
+    let made_path = other.join("made.toml");
+    fs::write(&made_path, &made).unwrap();
+    let mut maker = run_node(&made_path, &other.join("made.log"));
+    wait_for("the other network's store", Duration::from_secs(30), || {
+        other_data.join("chain.redb").exists()
+    });
+    kill(maker.pid(), Signal::SIGTERM).unwrap();
+    assert!(
+        maker
+            .wait_for(Duration::from_secs(20))
+            .is_some_and(|e| e.success())
+    );
+    let line = format!("data-dir = \"{}\"", other_data.display());
+    let output = run("wrongchain.toml", "data-dir", &line);
+    assert_start_error(
+        &output,
+        &["belongs to another chain", "point data-dir elsewhere"],
+    );
+}
