@@ -118,7 +118,13 @@ impl Recorder {
         match Self::in_dir(&dir, actor) {
             Ok(r) => Some(Recorder { budget, ..r }),
             Err(e) => {
-                tracing::warn!(%e, actor, "cannot record a trace");
+                tracing::warn!(
+                    %e,
+                    actor,
+                    ?dir,
+                    "cannot record a trace in {TRACE_DIR_ENV}: make the directory writable, \
+                     or unset the variable"
+                );
                 None
             }
         }

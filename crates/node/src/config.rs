@@ -1058,6 +1058,17 @@ impl NodeConfig {
                  callers are trusted"
             ));
         }
+        // The metrics port is for the operator's monitoring: on every
+        // address it is open to whoever reaches the host.
+        if let Some(metrics) = self.metrics_address
+            && metrics.ip().is_unspecified()
+        {
+            warnings.push(format!(
+                "metrics-address {metrics} listens on every address of this host: bind it \
+                 to loopback or a private interface (e.g. 127.0.0.1:{}), or firewall the port",
+                metrics.port()
+            ));
+        }
         if let Some(archive) = &self.archive
             && archive.max_object_bytes > MOST_OBJECT_BYTES
         {
@@ -1806,6 +1817,22 @@ mod tests {
                 && warnings[0].contains("set external-addresses"),
             "{warnings:?}"
         );
+
+        // Metrics on every address; on loopback, none.
+        let metrics = |address: &str| {
+            default_file().replace(
+                "# metrics-address = \"127.0.0.1:9100\"",
+                &format!("metrics-address = \"{address}\""),
+            )
+        };
+        let warnings = warned(&metrics("0.0.0.0:9100"));
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("metrics-address 0.0.0.0:9100 listens on every address")
+                && warnings[0].contains("127.0.0.1:9100"),
+            "{warnings:?}"
+        );
+        assert_eq!(warned(&metrics("127.0.0.1:9100")), Vec::<String>::new());
 
         // An archive object bound past what a batch is decoded from.
         let large = with_archive(|s| {
