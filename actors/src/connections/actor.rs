@@ -117,10 +117,7 @@ impl Connections {
                 // A seed list shared by every node names each node's own
                 // address too: not a peer, and not to be asked for peers.
                 Ok((_, peer)) if peer == identity.peer_id() => {
-                    tracing::warn!(
-                        %address,
-                        "dialled this node's own address; leave it out of seed-peers"
-                    );
+                    tracing::info!(%address, "dialled this node's own address; closed");
                     Err(DialError::Ourselves)
                 }
                 // With TLS 1.3 a server refusing our certificate (private,

@@ -339,6 +339,16 @@ impl Handler<PeerEvent> for Discovery {
                 reason: DialError::AlreadyConnected { peer },
                 ..
             } => Input::AlreadyConnected { peer, address },
+            // A seed at this node's own address: known by this node's own
+            // identity from now on, which is never dialled.
+            PeerEvent::DialFailed {
+                address,
+                reason: DialError::Ourselves,
+                ..
+            } => Input::AlreadyConnected {
+                peer: self.deps.init.local,
+                address,
+            },
             PeerEvent::DialFailed {
                 peer,
                 address,

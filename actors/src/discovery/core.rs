@@ -1737,6 +1737,37 @@ mod tests {
     /// and again. A seed at a host name, which may name other servers
     /// too, is dialled again after a backoff, as after a failure.
     #[test]
+    fn a_seed_found_to_be_this_node_is_never_dialled_again() {
+        let seed = "192.0.2.10:7000";
+        let mut i = init(8);
+        i.seeds = vec![SeedPeer {
+            peer_id: None,
+            address: seed.into(),
+        }];
+        let local = i.local;
+        let mut c = DiscoveryCore::new(i);
+        assert_eq!(
+            dials(&tick(&mut c, Time(0), NOW_MS)),
+            vec![(None, seed.to_string())]
+        );
+        // Connections found the server to be this node (the actor's
+        // translation of `DialError::Ourselves`).
+        c.handle(
+            Time(10),
+            Input::AlreadyConnected {
+                peer: local,
+                address: seed.into(),
+            },
+        );
+        // Alone, every round dials its seeds; never this one again.
+        let timeout = c.config.pending_dial_timeout_ms;
+        for round in 1..=5 {
+            let now = Time(round * timeout);
+            assert_eq!(dials(&tick(&mut c, now, NOW_MS)), vec![], "round {round}");
+        }
+    }
+
+    #[test]
     fn a_seed_that_is_a_peer_held_is_not_dialled_again_while_it_stays() {
         let seed = "192.0.2.10:7000";
         let mut i = init(8);

@@ -64,8 +64,11 @@ pub async fn watch(handle: soma_actors::P2pHandle) {
     let mut looks = tokio::time::interval(LOOK_EVERY);
     loop {
         looks.tick().await;
-        let Ok(peers) = handle.connected_peers().await else {
-            return;
+        let peers = match handle.connected_peers().await {
+            Ok(peers) => peers,
+            Err(soma_actors::system::P2pError::Stopped) => return,
+            // A slow answer (an overloaded node) is no count: look again.
+            Err(_) => continue,
         };
         match alone.look(Instant::now(), peers.len()) {
             Some(Say::Alone(time)) => tracing::warn!(

@@ -170,7 +170,11 @@ fn warn_if_readable_by_others(path: &Path) {
 /// missing, damaged or bound to another key: the node keeps its identity
 /// (`keygen --force` would make new network and protocol keys too).
 pub fn write_tls(dir: &Path) -> Result<NodeKeys, KeyError> {
-    let network = read_key(&dir.join(NETWORK_KEY))?;
+    let network = read_key(&dir.join(NETWORK_KEY)).map_err(|e| {
+        KeyError::Tls(format!(
+            "{e}; --tls-only makes a pair for the network key already in --out"
+        ))
+    })?;
     let identity = NodeIdentity::generate(&network).map_err(|e| KeyError::Tls(e.to_string()))?;
     write_secret(&dir.join(TLS_KEY), identity.key_pem().as_bytes())?;
     write_public(&dir.join(TLS_CERT), identity.cert_pem())?;
@@ -203,7 +207,13 @@ pub fn read_keys(dir: &Path) -> Result<NodeKeys, KeyError> {
     let unusable = |what: String| KeyError::Tls(format!("{what}; {}", tls_fix(dir)));
     let (cert, key) = match (read(TLS_CERT), read(TLS_KEY)) {
         (Ok(cert), Ok(key)) => (cert, key),
-        (Err(e), _) | (_, Err(e)) => return Err(unusable(e.to_string())),
+        // Missing: a new pair is the fix. Unreadable (the wrong user, a
+        // directory): the pair may be fine, and is not to be replaced.
+        (Err(e @ KeyError::Io { .. }), _) | (_, Err(e @ KeyError::Io { .. })) if matches!(&e, KeyError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound) =>
+        {
+            return Err(unusable(e.to_string()));
+        }
+        (Err(e), _) | (_, Err(e)) => return Err(e),
     };
     let identity = NodeIdentity::from_pem(&cert, &key).map_err(|e| {
         unusable(format!(

@@ -51,8 +51,8 @@ enum Command {
         #[arg(long)]
         force: bool,
         /// Make only a new TLS pair (`tls.crt`, `tls.key`) for the network
-        /// key already in the directory, replacing a pair that is missing
-        /// or bound to another key; the node's identity stays.
+        /// key already in the directory, replacing the pair there (missing,
+        /// damaged or bound to another key); the node's identity stays.
         #[arg(long, conflicts_with = "force")]
         tls_only: bool,
     },
@@ -228,7 +228,7 @@ async fn execute(cli: Cli, arenas: Option<usize>) -> Result<(), Failure> {
             tls_only: true,
             ..
         } => {
-            let keys = keys::write_tls(&out).map_err(Failure::run)?;
+            let keys = keys::write_tls(&out).map_err(Failure::usage)?;
             println!("peer id {}", hex::encode(keys.peer_id().0));
             println!("a new TLS pair written to {}", out.display());
             Ok(())

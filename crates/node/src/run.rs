@@ -42,9 +42,14 @@ pub async fn run(
     let committee = genesis.committee().map_err(crate::Failure::usage)?;
     let keys = keys::read_keys(&config.keys_dir).map_err(|e| {
         let fix = match &e {
-            keys::KeyError::Io { .. } if !config.keys_dir.join(keys::NETWORK_KEY).exists() => {
+            // Nothing at all there (a link to a volume not mounted yet
+            // is something: no hint to make keys over it).
+            keys::KeyError::Io { .. }
+                if std::fs::symlink_metadata(config.keys_dir.join(keys::NETWORK_KEY)).is_err() =>
+            {
                 format!(
-                    "; keys-dir is {}: point it at the node's keys, or make them with \
+                    "; keys-dir is {}: point it at the node's keys (a validator's are those \
+                     its genesis entry names), or, for a new node only, make them with \
                      `soma-p2p keygen --out {}`",
                     config.keys_dir.display(),
                     config.keys_dir.display()
