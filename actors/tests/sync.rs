@@ -211,9 +211,16 @@ mod byzantine {
                         .any(|v| v.peer == **p && v.banned_until.is_some())
                 })
                 .count();
-            // The silent peer is the last left to ask: it is asked before
-            // the honest peer comes.
-            if banned == data_liars.len() && silent.fetches() > 0 {
+            // The silent peer is the last left to ask: it is asked, and
+            // scored down for its silence (a fetch it holds times out),
+            // before the honest peer comes. Were the honest peer connected
+            // while the silent one still held a fetch, that fetch could be
+            // answered by the honest peer and dropped uncharged (a known
+            // gap: docs/reliability.md, answers a reset forgets).
+            let silent_scored = views
+                .iter()
+                .any(|v| v.peer == silent.peer && v.faults + u64::from(v.failures) > 0);
+            if banned == data_liars.len() && silent.fetches() > 0 && silent_scored {
                 break;
             }
             assert!(
