@@ -21,7 +21,11 @@
 # partition heals, and the test asserts that discovery converges (every node
 # knows and is connected to the other four) and that sync converges (every
 # node, the fresh one included, reaches MAX_COMMITS), reporting how long each
-# took after the heal.
+# took after the heal, within 45 s of it. A cut-off validator goes on
+# committing locally (10 commits a second) while it catches up over the
+# 100 ms round trip; sync must outrun that (it takes about 10 s here), and
+# a sync that keeps pace with local commits only, as one did, needs more
+# than 100 s for the gap.
 #
 # State is read from each node's Prometheus endpoint on its own address
 # (`ip netns exec <host> curl`), and once at the end with `soma-p2p status`.
@@ -414,7 +418,7 @@ for i in "${PARTITIONED[@]}"; do ip -n "$BRNS" link set "v$i" master br0; done
 HEAL_MS=$(now_ms)
 say "healed after $(secs $((HEAL_MS - PART_MS))) s of partition"
 DISC_MS=0 SYNC_MS=0
-deadline=$((HEAL_MS + 90000))
+deadline=$((HEAL_MS + 45000))
 while :; do
     alive
     snapshot
@@ -427,7 +431,7 @@ while :; do
         say "sync converged: every node at $MAX_COMMITS"
     fi
     ((DISC_MS == 0 || SYNC_MS == 0)) || break
-    (($(now_ms) < deadline)) || fail "no convergence within 90 s of the heal"
+    (($(now_ms) < deadline)) || fail "no convergence within 45 s of the heal"
     sleep "$POLL"
 done
 FETCHED=$(metrics "$FRESH" | awk '$1 == "soma_bytes_fetched_total" { print $2 }')

@@ -686,14 +686,18 @@ impl Core for StateSyncCore {
                 last, next_epoch, ..
             }
             | Input::LocalApplied { last, next_epoch } => {
+                let epoch = self.epoch;
                 self.advance(last, next_epoch);
                 self.judge_kept(last, &mut out);
                 self.drop_ended_epoch(&mut out);
-                if self.verified.index < last.index {
-                    // The watermark moved past what sync planned.
+                if self.verified.index >= last.index {
+                    self.discard_applied(&mut out);
+                } else if self.epoch != epoch {
+                    // The watermark moved past what sync planned, into
+                    // another epoch: nothing asked of the last one helps.
                     self.reset(&mut out);
                 } else {
-                    self.discard_applied(&mut out);
+                    self.overtaken(&mut out);
                 }
             }
             // A batch whose epoch change breaks a rule, found at its write.
@@ -1076,6 +1080,26 @@ impl StateSyncCore {
         }
     }
 
+    /// Local commits moved the watermark past every commit sync verified:
+    /// the batches fetched are all covered and dropped, and the next
+    /// commits asked for follow the watermark. The commit fetch on the way
+    /// is kept, though it asked for commits after the old mark: its answer
+    /// most likely runs past the local commits, and is applied from the
+    /// watermark like any batch the watermark falls inside. Dropped, as it
+    /// was, a node committing locally more often than a commit fetch takes
+    /// (a validator catching up over a slow link) dropped every fetch and
+    /// synced no faster than it committed. The fetches ahead past the
+    /// watermark are kept too; a commit fetch whose whole range the
+    /// local commits covered is dropped, and a claim of a later epoch is
+    /// forgotten, as by a reset (its batches are gone).
+    fn overtaken(&mut self, out: &mut Vec<Output>) {
+        self.discard_applied(out);
+        let synced = self.synced.index;
+        self.orphan_tasks(|t| matches!(t, Task::Commits { wanted, .. } if wanted.end <= synced));
+        self.verified = self.synced;
+        self.forget_claim();
+    }
+
     /// Keeps the peers that withheld blocks of `batch`, dropped before it
     /// was applied, to be judged if a batch ending at its last commit is
     /// (a liar that denies blocks and then disclaims them would otherwise
@@ -1157,8 +1181,11 @@ impl StateSyncCore {
         out: &mut Vec<Output>,
     ) {
         match result {
+            // It starts before the next commit only if local commits
+            // overtook sync while it was on the way.
             Ok(info)
-                if info.start == self.verified.index + 1
+                if info.start <= self.verified.index + 1
+                    && info.end > self.verified.index
                     && info.end >= info.start
                     && info.epoch == self.epoch =>
             {
@@ -1193,8 +1220,13 @@ impl StateSyncCore {
                     },
                 );
             }
-            // A stale answer (after a reset): ignore it.
-            Ok(_) => {}
+            // Covered by local commits while on the way, or of an epoch
+            // that has ended: its data, kept by the shell, is dropped.
+            Ok(info) => {
+                if !self.batches.contains_key(&info.start) {
+                    out.push(Output::Discard { start: info.start });
+                }
+            }
             Err(Claim::LaterEpoch(claimed)) => {
                 // Judged once the batches before it are applied; until then
                 // no commits are fetched.
@@ -2356,15 +2388,20 @@ mod tests {
         let out = tick(&mut c, 0, 100);
         let (ahead, _, _) = fetches_ahead(&out)[0];
         ahead_done(&mut c, 0, ahead, Ok(500));
-        // Local commits moved the watermark past what sync planned: the
-        // plan is reset, and the answer held ahead dropped with it.
+        // Local commits moved the watermark past what sync planned, into
+        // the next epoch: the plan is reset, and the answer held ahead
+        // dropped with it.
         let out = c.handle(
             Time(0),
             Input::LocalApplied {
                 last: r(5),
-                next_epoch: None,
+                next_epoch: Some(EpochStart {
+                    epoch: 1,
+                    commit_answer_bytes: 5 << 20,
+                }),
             },
         );
+        assert!(out.contains(&Output::Reset), "{out:?}");
         assert!(
             out.contains(&Output::ForgetCommitsAhead { task: ahead }),
             "{out:?}"
@@ -2667,6 +2704,76 @@ mod tests {
         assert!(out.contains(&Output::Apply { start: 11 }), "{out:?}");
         applied(&mut c, 11, 20);
         assert_eq!(c.synced(), r(20));
+    }
+
+    fn local(c: &mut StateSyncCore, last: u64) -> Vec<Output> {
+        let last = r(last);
+        c.handle(
+            Time(0),
+            Input::LocalApplied {
+                last,
+                next_epoch: None,
+            },
+        )
+    }
+
+    #[test]
+    fn local_commits_more_frequent_than_a_commit_fetch_do_not_stall_sync() {
+        // A validator catching up over a slow link commits locally between
+        // the sending of a commit fetch and its answer.
+        let mut c = core(ahead_config(1));
+        let out = tick(&mut c, 0, 100);
+        let (t, 1, 10) = commit_fetch(&out).unwrap() else {
+            panic!("{out:?}")
+        };
+        let ahead = fetches_ahead(&out);
+        assert_eq!(
+            ahead.iter().map(|a| (a.1, a.2)).collect::<Vec<_>>(),
+            [(11, 20)]
+        );
+        for index in 1..=3 {
+            let out = local(&mut c, index);
+            assert!(!out.contains(&Output::Reset), "{out:?}");
+            assert_eq!(commit_fetch(&out), None, "{out:?}");
+            assert_eq!(fetches_ahead(&out), [], "{out:?}");
+            assert!(c.awaits(t) && c.awaits(ahead[0].0));
+        }
+        ahead_done(&mut c, 0, ahead[0].0, Ok(500));
+        // The answer on the way is taken, and the watermark falls inside
+        // it; the next batch is checked from the answer fetched ahead.
+        let out = commits_ok(&mut c, 0, t, 1, 10, 5);
+        assert_eq!(checks_ahead(&out), Some(ahead[0].0), "{out:?}");
+        assert_eq!(commit_fetch(&out).map(|f| (f.1, f.2)), Some((11, 20)));
+        let blocks = block_fetches(&out);
+        assert_eq!(blocks, [(blocks[0].0, 1, 0)]);
+        assert!(!local(&mut c, 4).contains(&Output::Reset));
+        let out = blocks_ok(&mut c, blocks[0].0);
+        assert!(out.contains(&Output::Apply { start: 1 }), "{out:?}");
+        applied(&mut c, 1, 10);
+        assert_eq!(c.synced(), r(10));
+    }
+
+    #[test]
+    fn a_commit_fetch_local_commits_covered_on_its_way_is_dropped_and_sync_goes_on_past_them() {
+        let mut c = core(config());
+        let (t, 1, 10) = commit_fetch(&tick(&mut c, 0, 30)).unwrap() else {
+            panic!()
+        };
+        // Past the whole range asked: asked again after the local commits.
+        let out = local(&mut c, 12);
+        assert!(!out.contains(&Output::Reset), "{out:?}");
+        assert!(!c.awaits(t));
+        let (t, 13, 20) = commit_fetch(&out).unwrap() else {
+            panic!("{out:?}")
+        };
+        // Inside the range asked, but the answer ends early, before them:
+        // dropped, with the data the shell keeps for it.
+        local(&mut c, 16);
+        assert!(c.awaits(t));
+        let out = commits_ok(&mut c, 0, t, 13, 15, 2);
+        assert!(out.contains(&Output::Discard { start: 13 }), "{out:?}");
+        assert_eq!(block_fetches(&out), []);
+        assert_eq!(commit_fetch(&out).map(|f| (f.1, f.2)), Some((17, 20)));
     }
 
     #[test]
@@ -3158,8 +3265,9 @@ mod tests {
             },
         );
         assert_eq!(c.synced(), r(20));
-        // The batch it fetched is below the watermark now: refetched from 21.
-        assert!(out.contains(&Output::Reset), "{out:?}");
+        // The batch it fetched is below the watermark now: sync goes on
+        // from 21.
+        assert!(out.contains(&Output::Discard { start: 1 }), "{out:?}");
         assert_eq!(commit_fetch(&out).map(|f| f.1), Some(21));
         // A failed write of the old incarnation changes nothing.
         assert_eq!(
@@ -3879,16 +3987,10 @@ mod tests {
     #[test]
     fn a_claim_forgotten_unjudged_leaves_its_peer_avoided_for_the_next_commit_fetch() {
         let (mut c, _) = next_epoch_claimed();
-        // Local commits pass what was verified: the plan is reset, and the
-        // claim with it.
-        let out = c.handle(
-            Time(0),
-            Input::LocalApplied {
-                last: r(12),
-                next_epoch: None,
-            },
-        );
-        assert!(out.contains(&Output::Reset), "{out:?}");
+        // Local commits pass what was verified: the batch is dropped, and
+        // the claim with it.
+        let out = local(&mut c, 12);
+        assert!(out.contains(&Output::Discard { start: 1 }), "{out:?}");
         let out = if commit_fetch(&out).is_some() {
             out
         } else {
