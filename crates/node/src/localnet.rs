@@ -251,10 +251,13 @@ pub async fn run(net: Localnet) -> Result<(), Failure> {
     )
     .map_err(|e| Failure::run(e.to_string()))?;
 
-    // Registered before any node starts: a SIGTERM stops them as Ctrl-C
-    // does, rather than end this process and leave them running.
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| Failure::run(format!("signal handler: {e}")))?;
+    // Registered before any node starts: a SIGTERM or a hang-up stops them
+    // as Ctrl-C does, rather than end this process and leave them running.
+    let handler = |kind| {
+        tokio::signal::unix::signal(kind).map_err(|e| Failure::run(format!("signal handler: {e}")))
+    };
+    let mut terminate = handler(tokio::signal::unix::SignalKind::terminate())?;
+    let mut hangup = handler(tokio::signal::unix::SignalKind::hangup())?;
     let mut children = Vec::new();
     let result = async {
         // Validators, each seeded with validator 0.
@@ -406,6 +409,7 @@ pub async fn run(net: Localnet) -> Result<(), Failure> {
         r = result => r,
         _ = tokio::signal::ctrl_c() => Err(Failure::run("interrupted")),
         _ = terminate.recv() => Err(Failure::run("terminated")),
+        _ = hangup.recv() => Err(Failure::run("hung up")),
     };
     stop_all(&mut children).await;
     outcome

@@ -89,7 +89,7 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Run one node until Ctrl-C or SIGTERM.
+    /// Run one node until Ctrl-C, SIGTERM or SIGHUP.
     Run {
         /// The node's configuration file (`soma-p2p config --default`).
         #[arg(long)]

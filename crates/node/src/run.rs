@@ -1,4 +1,4 @@
-//! `soma-p2p run`: one node, until Ctrl-C or SIGTERM.
+//! `soma-p2p run`: one node, until Ctrl-C, SIGTERM or SIGHUP.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -72,6 +72,9 @@ pub async fn run(
     let signal_failed = |e: std::io::Error| crate::Failure::run(format!("signal handler: {e}"));
     let mut terminate = signal(SignalKind::terminate()).map_err(signal_failed)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(signal_failed)?;
+    // A hang-up (the terminal the node was started from closed) stops it
+    // as SIGTERM does; left to its default it killed the node mid-write.
+    let mut hangup = signal(SignalKind::hangup()).map_err(signal_failed)?;
     // What can be refused is refused before the node starts.
     let producing = match &config.producer {
         Some(producer) => {
@@ -165,6 +168,10 @@ pub async fn run(
             tracing::info!("terminated");
             (None, true)
         }
+        _ = hangup.recv() => {
+            tracing::info!("hung up");
+            (None, true)
+        }
         failure = handle.failed() => (failure, false),
     };
     // Stopped by a signal, a second one while the node stops (its server
@@ -174,11 +181,12 @@ pub async fn run(
     // whole, after a repair pass, as after a crash. (Stopped by a failure,
     // its error and exit code 1 are not cut short.)
     if signalled {
-        tracing::info!("stopping; a second interrupt or terminate signal exits at once");
+        tracing::info!("stopping; a second interrupt, terminate or hang-up signal exits at once");
         tokio::spawn(async move {
             let code = tokio::select! {
                 _ = interrupt.recv() => 130,
                 _ = terminate.recv() => 143,
+                _ = hangup.recv() => 129,
             };
             tracing::warn!("second signal: exiting without waiting for the node to stop");
             std::process::exit(code);

@@ -574,6 +574,33 @@ fn a_node_whose_log_reader_went_away_runs_on_and_stops_cleanly() {
     assert!(exit.success(), "{exit}");
 }
 
+/// A hang-up (the terminal the node was started from closed) stops the
+/// node cleanly, as SIGTERM does: left to its default, it killed the node
+/// mid-write, and the next start repaired the store.
+#[test]
+fn a_hangup_stops_the_node_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_ports(1);
+    local_genesis(dir.path(), 1, base, 1_000);
+    let (addresses, configs, _) = validator_network(dir.path(), base, 1);
+    let mut node = Spawned::spawn(
+        Command::new(BIN)
+            .arg("run")
+            .arg("--config")
+            .arg(&configs[0])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    wait_for("the node to answer", Duration::from_secs(60), || {
+        height(&addresses[0]).is_some()
+    });
+    kill(node.pid(), Signal::SIGHUP).unwrap();
+    let exit = node
+        .wait_for(Duration::from_secs(20))
+        .expect("the node stops within 20 s");
+    assert!(exit.success(), "{exit}");
+}
+
 /// `keygen --tls-only` makes a new TLS pair for the network key already
 /// there: the peer id it prints is the node's, and the other keys stay
 /// as they were; with `--force` too it is refused as a usage error.
