@@ -144,6 +144,38 @@ pub(crate) fn check_address(address: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether peers could dial a validator at `address`, as the `genesis`
+/// command writes it: [`check_address`], and neither every address
+/// (`0.0.0.0`, `::`: where a node listens, not where it is reached) nor
+/// another service's port, which peers refuse to dial and `run` refuses
+/// to listen on. A genesis already written is not held to this: its
+/// chain id is fixed.
+pub(crate) fn check_validator_address(address: &str) -> Result<(), String> {
+    check_address(address)?;
+    let (host, port) = address.rsplit_once(':').unwrap_or((address, ""));
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_unspecified())
+    {
+        return Err(format!(
+            "address {address:?} is every address of a host, which peers cannot dial: \
+             give the address peers reach the validator at"
+        ));
+    }
+    if port
+        .parse()
+        .is_ok_and(soma_actors::discovery::is_service_port)
+    {
+        return Err(format!(
+            "address {address:?} is at another service's port (SSH, mail, databases... \
+             soma_actors::discovery::SERVICE_PORTS), which peers refuse to dial \
+             and `run` refuses to listen on; 7000 is usual"
+        ));
+    }
+    Ok(())
+}
+
 impl GenesisFile {
     /// Reads and checks a genesis file.
     pub fn load(path: &Path) -> Result<Self, String> {

@@ -376,6 +376,10 @@ fn write_public_genesis(
         )));
     }
     check_new(&out.join(genesis::GENESIS_FILE), force)?;
+    for (n, address) in addresses.iter().enumerate() {
+        genesis::check_validator_address(address)
+            .map_err(|e| Failure::usage(format!("--address of validator {}: {e}", n + 1)))?;
+    }
     let entries = validators
         .iter()
         .zip(stakes)
@@ -419,9 +423,16 @@ fn write_local_genesis(
             validators - 1
         )));
     }
-    let addresses = (0..validators)
+    let addresses: Vec<String> = (0..validators)
         .map(|i| format!("127.0.0.1:{}", base_port as usize + i))
         .collect();
+    for address in &addresses {
+        genesis::check_validator_address(address).map_err(|e| {
+            Failure::usage(format!(
+                "--base-port {base_port}: {e}; choose a range of ports clear of them"
+            ))
+        })?;
+    }
     let (genesis, producer, chain) =
         genesis::local_network(&vec![1; validators], addresses, Some(commits_per_epoch), 10);
     // Checked before any key is written: a refused genesis leaves nothing

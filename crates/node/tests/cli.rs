@@ -511,11 +511,26 @@ fn localnet_and_genesis_refuse_bad_input_before_starting_or_writing_anything() {
         path,
     ];
     assert_usage_error(&soma(&args), &["--base-port 65534", "65535"]);
+    // Validator 2 would be at MySQL's port, which `run` refuses.
+    let args = ["genesis", "--validators", "4", "--base-port", "3304"];
+    let output = soma(&[&args[..], &["--out", path]].concat());
+    assert_usage_error(&output, &["127.0.0.1:3306", "another service's port"]);
     assert_eq!(
         fs::read_dir(out.path()).unwrap().count(),
         0,
         "nothing written"
     );
+    // A validator at every address of its host, which peers cannot dial.
+    let keys = tempfile::tempdir().unwrap();
+    let keys_dir = keys.path().join("keys");
+    let made = soma(&["keygen", "--out", keys_dir.to_str().unwrap()]);
+    assert!(made.status.success(), "{}", stderr(&made));
+    let public = keys_dir.join("public.toml");
+    let mut args = ["genesis", "--validator", public.to_str().unwrap()].to_vec();
+    args.extend(["--stake", "1", "--address", "0.0.0.0:7000", "--out", path]);
+    let output = soma(&args);
+    assert_usage_error(&output, &["validator 1", "0.0.0.0:7000", "every address"]);
+    assert_eq!(fs::read_dir(out.path()).unwrap().count(), 0);
     let args = [
         "genesis",
         "--validators",
