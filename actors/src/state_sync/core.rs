@@ -1063,12 +1063,15 @@ impl StateSyncCore {
 
     /// Drops the batches that local commits have wholly covered. A batch
     /// the watermark falls inside stays: applying it writes only the commits
-    /// after the watermark.
+    /// after the watermark. So does the batch being written, unless a reset
+    /// came during its write: what starts where it did is then a batch
+    /// fetched again, not the one written.
     fn discard_applied(&mut self, out: &mut Vec<Output>) {
+        let written = self.applying.filter(|_| !self.reset_while_applying);
         let covered: Vec<CommitIndex> = self
             .batches
             .iter()
-            .filter(|(start, b)| b.end <= self.synced.index && self.applying != Some(**start))
+            .filter(|(start, b)| b.end <= self.synced.index && written != Some(**start))
             .map(|(start, _)| *start)
             .collect();
         for start in covered {
@@ -1443,10 +1446,10 @@ impl StateSyncCore {
             Task::Blocks { batch, .. } => *batch == start,
         });
         self.batches.remove(&start);
-        self.verified = self
-            .batches
-            .last_key_value()
-            .map_or(self.synced, |(_, b)| b.last);
+        self.verified = match self.batches.last_key_value() {
+            Some((_, b)) if b.last.index > self.synced.index => b.last,
+            _ => self.synced,
+        };
         // A claim about what follows the dropped batch is moot.
         self.forget_claim();
         out.push(Output::Discard { start });
@@ -2751,6 +2754,37 @@ mod tests {
         assert!(out.contains(&Output::Apply { start: 1 }), "{out:?}");
         applied(&mut c, 1, 10);
         assert_eq!(c.synced(), r(10));
+    }
+
+    #[test]
+    fn a_batch_fetched_again_during_its_write_is_dropped_once_local_commits_cover_it() {
+        let (mut c, first, second) = two_fetched_batches();
+        let out = blocks_ok(&mut c, first[0].0);
+        assert!(out.contains(&Output::Apply { start: 1 }), "{out:?}");
+        tick(&mut c, 1, 10);
+        let out = blocks_done(&mut c, second[0].0, Err(Failure::NoPeer));
+        assert!(out.contains(&Output::Reset), "{out:?}");
+        let (again, 1, 10) = commit_fetch(&out).unwrap() else {
+            panic!("{out:?}")
+        };
+        tick(&mut c, 2, 30);
+        // Fetched again while the first one is still being written: the
+        // same start, another batch.
+        let out = commits_ok(&mut c, 2, again, 1, 10, 5);
+        let refetch = block_fetches(&out);
+        assert_eq!(refetch, [(refetch[0].0, 1, 0)]);
+        let (next, 11, 20) = commit_fetch(&out).unwrap() else {
+            panic!("{out:?}")
+        };
+        let out = local(&mut c, 12);
+        assert!(out.contains(&Output::Discard { start: 1 }), "{out:?}");
+        assert!(!c.awaits(refetch[0].0));
+        // The fetch of the next batch, which the watermark falls inside, is
+        // kept; the write's end plans again from the watermark.
+        assert!(c.awaits(next));
+        let out = applied(&mut c, 1, 10);
+        assert_eq!(c.synced(), r(12));
+        assert_eq!(commit_fetch(&out).map(|f| (f.1, f.2)), Some((13, 20)));
     }
 
     #[test]
