@@ -161,6 +161,13 @@ impl Discovery {
                     Disconnect { peer },
                     Droppable::Disconnect,
                 ),
+                Output::SameKeyElsewhere { addresses } => tracing::warn!(
+                    ?addresses,
+                    "another node runs with this node's network key: its info, signed since \
+                     this node started, names other addresses; two nodes must never share \
+                     keys (peers hold one entry for both, and a validator would sign twice): \
+                     stop one, or give it keys of its own (`soma-p2p keygen`)"
+                ),
                 other => replies.push(other),
             }
         }
@@ -242,8 +249,9 @@ fn answer_bytes(max: usize, info_bytes: usize) -> usize {
         .saturating_add(SPARE)
 }
 
-/// What a received info must be besides validly signed and fresh: not ours,
-/// and allowlisted when the node is private.
+/// What a received info must be besides validly signed and fresh:
+/// allowlisted when the node is private, unless it is ours (the core never
+/// adds itself, but tells whether another node signs with its key).
 #[derive(Clone)]
 struct InfoRules {
     local: PeerId,

@@ -40,6 +40,12 @@ pub struct Init {
     pub seeds: Vec<SeedPeer>,
     /// Seed of the core's randomness.
     pub seed: u64,
+    /// The addresses this node advertises in its own info. An info of
+    /// this node's identity naming others, signed after the core started,
+    /// is another node's that holds this node's key
+    /// ([`Output::SameKeyElsewhere`]); empty, nothing is judged.
+    #[serde(default)]
+    pub addresses: Vec<String>,
 }
 
 /// Entries of the table of known peers allocated when a core is made.
@@ -145,9 +151,13 @@ impl Init {
             allowlist: Vec::new(),
             seeds: Vec::new(),
             seed,
+            addresses: Vec::new(),
         }
     }
 }
+
+/// Least time between two [`Output::SameKeyElsewhere`].
+const SAME_KEY_WARNING_INTERVAL_MS: u64 = 10 * 60 * 1000;
 
 #[derive(Clone, Copy, Debug)]
 struct Backoff {
@@ -407,6 +417,13 @@ pub struct DiscoveryCore {
     /// New peers learnt this interval, per source (sources are peers we
     /// queried, and inbound).
     learned: BTreeMap<Source, usize>,
+    /// The wall clock of the first input that read it: infos of this
+    /// node's identity signed before are of an earlier run.
+    started_ms: Option<u64>,
+    /// Addresses of an info of this node's identity signed by another
+    /// node, not told yet, and when that was last told.
+    same_key: Option<Vec<String>>,
+    same_key_told: Option<Time>,
     rng: ChaCha8Rng,
 }
 
@@ -444,10 +461,27 @@ impl Core for DiscoveryCore {
             connected_at: BTreeMap::new(),
             connections_made: 0,
             learned: BTreeMap::new(),
+            started_ms: None,
+            same_key: None,
+            same_key_told: None,
         }
     }
 
     fn handle(&mut self, now: Time, input: Input) -> Vec<Output> {
+        if let Input::Tick { unix_ms }
+        | Input::Learned { unix_ms, .. }
+        | Input::Serve { unix_ms, .. } = input
+        {
+            self.started_ms.get_or_insert(unix_ms);
+        }
+        let mut out = self.step(now, input);
+        self.tell_same_key(now, &mut out);
+        out
+    }
+}
+
+impl DiscoveryCore {
+    fn step(&mut self, now: Time, input: Input) -> Vec<Output> {
         match input {
             Input::Tick { unix_ms } => self.tick(now, unix_ms),
             Input::Connected { peer, address } => {
@@ -601,6 +635,35 @@ impl DiscoveryCore {
         }
     }
 
+    /// An info of this node's identity came back. Only a holder of this
+    /// node's key signs one, so one that names other addresses than this
+    /// node advertises, signed since this core started (not an earlier
+    /// run's, before an address changed), is another node's running with
+    /// the same keys: the two refuse to dial each other (each finds
+    /// itself), peers hold one entry for both, and the validator's
+    /// signatures come from two places.
+    fn own_identity_seen(&mut self, info: &soma_types::NodeInfo) {
+        let ours = &self.init.addresses;
+        if !ours.is_empty()
+            && info.addresses != *ours
+            && self.started_ms.is_some_and(|s| info.timestamp_ms > s)
+        {
+            self.same_key = Some(info.addresses.clone());
+        }
+    }
+
+    /// Tells a node of this node's identity seen elsewhere, at most once
+    /// per [`SAME_KEY_WARNING_INTERVAL_MS`].
+    fn tell_same_key(&mut self, now: Time, out: &mut Vec<Output>) {
+        let due = self
+            .same_key_told
+            .is_none_or(|t| now.0 >= t.0.saturating_add(SAME_KEY_WARNING_INTERVAL_MS));
+        if due && let Some(addresses) = self.same_key.take() {
+            self.same_key_told = Some(now);
+            out.push(Output::SameKeyElsewhere { addresses });
+        }
+    }
+
     fn acceptable(&self, peer: &PeerId) -> bool {
         *peer != self.init.local
             && (self.init.access == Access::Public || self.allowlist.contains(peer))
@@ -661,6 +724,10 @@ impl DiscoveryCore {
         learned: &mut usize,
     ) {
         let peer = info.info.peer_id;
+        if peer == self.init.local {
+            self.own_identity_seen(&info.info);
+            return;
+        }
         if !self.acceptable(&peer) {
             return;
         }
@@ -1004,6 +1071,20 @@ impl DiscoveryCore {
             }
             *count += 1;
         }
+        // The entry held for the caller, signed at other addresses than the
+        // info it sends: an earlier run's, or another node's that holds the
+        // caller's key. It goes back with the answer, for the caller to
+        // tell which (no one else can tell the caller its key is used
+        // twice: each of the two finds itself at the other's address, and
+        // neither is sent its own entry otherwise).
+        let twin = match (caller, &info) {
+            (Some(caller), Some(sent)) if sent.info.peer_id == caller => self
+                .known
+                .get(&caller)
+                .filter(|e| e.info.info.addresses != sent.info.addresses)
+                .map(|e| e.info.clone()),
+            _ => None,
+        };
         if let Some(caller) = caller {
             // An authenticated call proves the caller is up: dial it again
             // now rather than when an old failure's backoff ends.
@@ -1022,16 +1103,23 @@ impl DiscoveryCore {
         let skip = caller.and_then(|c| self.known.position(&c));
         let len = self.known.len() - usize::from(skip.is_some());
         let amount = self.config.max_peers_to_send.min(len);
-        let infos = rand::seq::index::sample(&mut self.rng, len, amount)
-            .into_iter()
-            .filter_map(|i| {
-                let position = match skip {
-                    Some(s) if i >= s => i + 1,
-                    _ => i,
-                };
-                self.known.get_index(position).map(|(_, e)| e.info.clone())
-            })
-            .collect();
+        let mut infos: Vec<Arc<SignedNodeInfo>> =
+            rand::seq::index::sample(&mut self.rng, len, amount)
+                .into_iter()
+                .filter_map(|i| {
+                    let position = match skip {
+                        Some(s) if i >= s => i + 1,
+                        _ => i,
+                    };
+                    self.known.get_index(position).map(|(_, e)| e.info.clone())
+                })
+                .collect();
+        if let Some(twin) = twin
+            && self.config.max_peers_to_send > 0
+        {
+            infos.truncate(self.config.max_peers_to_send - 1);
+            infos.push(twin);
+        }
         vec![Output::Answer { id, infos }]
     }
 }
@@ -1737,6 +1825,57 @@ mod tests {
     /// and again. A seed at a host name, which may name other servers
     /// too, is dialled again after a backoff, as after a failure.
     #[test]
+    fn an_info_of_this_nodes_identity_from_another_node_is_told_once_per_interval() {
+        let ours = "203.0.113.1:7000";
+        let mut c = DiscoveryCore::new(Init {
+            addresses: vec![ours.into()],
+            ..init(8)
+        });
+        let told = |c: &mut DiscoveryCore, at: u64, info: SignedNodeInfo| {
+            c.connected_at.insert(id(7), "172.16.7.1:7000".into());
+            let out = c.handle(
+                Time(at),
+                Input::Learned {
+                    source: Some(id(7)),
+                    infos: vec![Arc::new(info)],
+                    unix_ms: NOW_MS + at,
+                },
+            );
+            let told: Vec<Output> = (out.into_iter())
+                .filter(|o| matches!(o, Output::SameKeyElsewhere { .. }))
+                .collect();
+            told
+        };
+        tick(&mut c, Time(0), NOW_MS);
+        let elsewhere = |at: u64| info_at(0, NOW_MS + at, &["198.51.100.9:7000"]);
+        let told_there = vec![Output::SameKeyElsewhere {
+            addresses: vec!["198.51.100.9:7000".into()],
+        }];
+        // Its own info, passed on by a peer: nothing to tell.
+        assert_eq!(told(&mut c, 1, info_at(0, NOW_MS + 1, &[ours])), []);
+        // Its info of an earlier run, from before its address changed.
+        assert_eq!(
+            told(&mut c, 2, info_at(0, NOW_MS - 1, &["198.51.100.9:7000"])),
+            []
+        );
+        // Signed since it started, at other addresses: another node.
+        assert_eq!(told(&mut c, 3, elsewhere(3)), told_there);
+        assert!(!c.known_peers().any(|p| *p == id(0)), "never its own entry");
+        // Within the interval, not told again; once it has passed, told.
+        let interval = SAME_KEY_WARNING_INTERVAL_MS;
+        assert_eq!(told(&mut c, 4, elsewhere(4)), []);
+        assert_eq!(told(&mut c, 3 + interval - 1, elsewhere(interval)), []);
+        assert_eq!(
+            told(&mut c, 3 + interval, elsewhere(interval + 1)),
+            told_there
+        );
+        // A core not told its addresses judges nothing.
+        let mut blind = core(8);
+        tick(&mut blind, Time(0), NOW_MS);
+        assert_eq!(told(&mut blind, 3, elsewhere(3)), []);
+    }
+
+    #[test]
     fn a_seed_found_to_be_this_node_is_never_dialled_again() {
         let seed = "192.0.2.10:7000";
         let mut i = init(8);
@@ -1868,6 +2007,50 @@ mod tests {
             .filter(|o| matches!(o, Output::Query { .. }))
             .count();
         assert_eq!(queries, 3);
+    }
+
+    #[test]
+    fn a_caller_is_sent_its_own_entry_only_if_signed_at_other_addresses() {
+        let mut i = init(0);
+        i.config.max_peers_to_send = 3;
+        let mut c = DiscoveryCore::new(i);
+        learn(
+            &mut c,
+            (1..=5)
+                .map(|n| info_at(n, NOW_MS, &[&format!("198.51.100.{n}:7000")]))
+                .collect(),
+        );
+        let serve = |c: &mut DiscoveryCore, sent: SignedNodeInfo| {
+            let out = c.handle(
+                Time(0),
+                Input::Serve {
+                    id: 1,
+                    caller: Some(id(2)),
+                    info: Some(sent),
+                    unix_ms: NOW_MS + 10,
+                    remote: None,
+                },
+            );
+            let [Output::Answer { infos, .. }] = &out[..] else {
+                panic!("{out:?}")
+            };
+            infos.clone()
+        };
+        // The same addresses: its own entry is not sent back.
+        let infos = serve(&mut c, info_at(2, NOW_MS + 1, &["198.51.100.2:7000"]));
+        assert_eq!(infos.len(), 3);
+        assert!(infos.iter().all(|i| i.info.peer_id != id(2)), "{infos:?}");
+        // Another node signs with its key, elsewhere: the entry held goes
+        // back to it, within the bound, last.
+        let infos = serve(&mut c, info_at(2, NOW_MS + 2, &["203.0.113.2:7000"]));
+        assert_eq!(infos.len(), 3);
+        assert_eq!(
+            infos.iter().filter(|i| i.info.peer_id == id(2)).count(),
+            1,
+            "{infos:?}"
+        );
+        assert_eq!(infos[2].info.addresses, ["198.51.100.2:7000"]);
+        assert_eq!(infos[2].info.timestamp_ms, NOW_MS + 1);
     }
 
     #[test]

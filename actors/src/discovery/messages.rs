@@ -118,6 +118,13 @@ pub enum Output {
     },
     /// Answer to [`Input::KnownPeers`], in id order.
     Known(Vec<Arc<SignedNodeInfo>>),
+    /// Another node runs with this node's keys: an info of this node's
+    /// identity, signed since it started, names `addresses`, not this
+    /// node's own.
+    SameKeyElsewhere {
+        /// The addresses the other node advertises.
+        addresses: Vec<String>,
+    },
 }
 
 /// A GetKnownPeers call, from the gRPC service: the caller, where the call

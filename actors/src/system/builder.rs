@@ -230,6 +230,7 @@ impl P2pBuilder {
             allowlist: config.allowlist.clone(),
             seeds: config.seed_peers.clone(),
             seed,
+            addresses: own_info.info.addresses.clone(),
         };
         let (commits, _) = broadcast::channel(config.synced_commit_broadcast_capacity.max(1));
         // Advertised: the highest commit whose certificate is held (a local

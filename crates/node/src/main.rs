@@ -376,10 +376,6 @@ fn write_public_genesis(
         )));
     }
     check_new(&out.join(genesis::GENESIS_FILE), force)?;
-    for (n, address) in addresses.iter().enumerate() {
-        genesis::check_validator_address(address)
-            .map_err(|e| Failure::usage(format!("--address of validator {}: {e}", n + 1)))?;
-    }
     let entries = validators
         .iter()
         .zip(stakes)
@@ -399,6 +395,12 @@ fn write_public_genesis(
         commits_per_epoch: Some(commits_per_epoch),
         validators: entries,
     };
+    // What a genesis file may hold first, then what peers could dial.
+    genesis.chain_id().map_err(Failure::usage)?;
+    for (n, address) in addresses.iter().enumerate() {
+        genesis::check_validator_address(address)
+            .map_err(|e| Failure::usage(format!("validator {} ({address}): {e}", n + 1)))?;
+    }
     write_genesis_file(out, &genesis)?;
     println!(
         "genesis of {} validators written to {}",

@@ -529,7 +529,7 @@ fn localnet_and_genesis_refuse_bad_input_before_starting_or_writing_anything() {
     let mut args = ["genesis", "--validator", public.to_str().unwrap()].to_vec();
     args.extend(["--stake", "1", "--address", "0.0.0.0:7000", "--out", path]);
     let output = soma(&args);
-    assert_usage_error(&output, &["validator 1", "0.0.0.0:7000", "every address"]);
+    assert_usage_error(&output, &["validator 1 (0.0.0.0:7000)", "every address"]);
     assert_eq!(fs::read_dir(out.path()).unwrap().count(), 0);
     let args = [
         "genesis",
@@ -614,6 +614,53 @@ fn a_hangup_stops_the_node_cleanly() {
         .wait_for(Duration::from_secs(20))
         .expect("the node stops within 20 s");
     assert!(exit.success(), "{exit}");
+}
+
+/// Two nodes run with one key (validator-0's, copied to a second host):
+/// peers pass each one's info on to the other, and the node that sees its
+/// own identity at addresses not its own warns, naming them. The third
+/// node, a seed to both, holds one entry for the two.
+#[test]
+fn a_node_whose_keys_run_elsewhere_too_warns_naming_the_other_address() {
+    const WARNING: &str = "another node runs with this node's network key";
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_ports(3);
+    local_genesis(dir.path(), 2, base, 1_000);
+    let (addresses, configs, logs) = validator_network(dir.path(), base, 2);
+    let twin_address = format!("127.0.0.1:{}", base + 2);
+    let twin = node_config(
+        dir.path(),
+        "twin",
+        base + 2,
+        &addresses[1..],
+        &["keys-dir = \"validator-0/keys\""],
+    );
+    let twin_log = dir.path().join("twin.log");
+    let _nodes = [
+        run_node(&configs[0], &logs[0]),
+        run_node(&configs[1], &logs[1]),
+        run_node(&twin, &twin_log),
+    ];
+    let warned = |log: &PathBuf| {
+        let text = fs::read_to_string(log).unwrap_or_default();
+        (text.lines())
+            .find(|l| l.contains(WARNING))
+            .map(str::to_owned)
+    };
+    wait_or_report(
+        "a warning of the key used twice",
+        Duration::from_secs(60),
+        || warned(&logs[0]).is_some() || warned(&twin_log).is_some(),
+        || fs::read_to_string(&twin_log).unwrap_or_default(),
+    );
+    // Each names the other's address, never its own.
+    if let Some(line) = warned(&logs[0]) {
+        assert!(line.contains(&twin_address), "{line}");
+    }
+    if let Some(line) = warned(&twin_log) {
+        assert!(line.contains(&addresses[0]), "{line}");
+    }
+    assert_eq!(warned(&logs[1]), None, "validator-1's keys are its own");
 }
 
 /// `keygen --tls-only` makes a new TLS pair for the network key already

@@ -224,7 +224,7 @@ fn a_genesis_is_refused_naming_the_bad_entry() {
     )
     .unwrap();
     assert_refused(
-        &genesis_of(&out, &[(a, "1", "h:1"), (&broken, "1", "h:3")]),
+        &genesis_of(&out, &[(a, "1", "h:7001"), (&broken, "1", "h:7003")]),
         &[
             path(&broken),
             "protocol-key must be 64 hex characters, got \"0123\"",
@@ -233,27 +233,36 @@ fn a_genesis_is_refused_naming_the_bad_entry() {
 
     // A repeated key.
     assert_refused(
-        &genesis_of(&out, &[(a, "1", "h:1"), (b, "1", "h:2"), (a, "1", "h:3")]),
-        &["validator 3 (h:3): network-key repeats the network key of validator 1"],
+        &genesis_of(
+            &out,
+            &[(a, "1", "h:7001"), (b, "1", "h:7002"), (a, "1", "h:7003")],
+        ),
+        &["validator 3 (h:7003): network-key repeats the network key of validator 1"],
     );
 
     // A zero stake.
     assert_refused(
-        &genesis_of(&out, &[(a, "1", "h:1"), (b, "0", "h:2")]),
-        &["validator 2 (h:2): stake must be positive"],
+        &genesis_of(&out, &[(a, "1", "h:7001"), (b, "0", "h:7002")]),
+        &["validator 2 (h:7002): stake must be positive"],
     );
 
     // A total that overflows.
     let max = u64::MAX.to_string();
     assert_refused(
-        &genesis_of(&out, &[(a, &max, "h:1"), (b, "1", "h:2")]),
-        &["validator 2 (h:2): the total stake overflows 2^64 - 1"],
+        &genesis_of(&out, &[(a, &max, "h:7001"), (b, "1", "h:7002")]),
+        &["validator 2 (h:7002): the total stake overflows 2^64 - 1"],
     );
 
     // An address that is not host:port.
     assert_refused(
-        &genesis_of(&out, &[(a, "1", "h:1"), (b, "1", "h")]),
+        &genesis_of(&out, &[(a, "1", "h:7001"), (b, "1", "h")]),
         &["validator 2 (h): address \"h\" must be host:port"],
+    );
+
+    // An address peers refuse to dial.
+    assert_refused(
+        &genesis_of(&out, &[(a, "1", "h:7001"), (b, "1", "h:22")]),
+        &["validator 2 (h:22)", "another service's port"],
     );
 
     // Each validator needs its stake and address.
@@ -269,16 +278,19 @@ fn a_genesis_is_refused_naming_the_bad_entry() {
             "--stake",
             "1",
             "--address",
-            "h:1",
+            "h:7001",
             "--address",
-            "h:2",
+            "h:7002",
         ]),
         &["got 2 validators, 1 stakes, 2 addresses"],
     );
     assert!(!out.join("genesis.toml").exists(), "nothing written");
 
     // A genesis edited by hand is checked again when a node starts.
-    let ok = genesis_of(&out, &[(a, "1", "h:1"), (b, "2", "h:2"), (c, "3", "h:3")]);
+    let ok = genesis_of(
+        &out,
+        &[(a, "1", "h:7001"), (b, "2", "h:7002"), (c, "3", "h:7003")],
+    );
     assert!(ok.status.success(), "{}", stderr(&ok));
     let genesis = out.join("genesis.toml");
     let text = fs::read_to_string(&genesis).unwrap();
@@ -299,6 +311,9 @@ fn a_genesis_is_refused_naming_the_bad_entry() {
     fs::write(&config_path, config).unwrap();
     assert_refused(
         &soma(&["run", "--config", path(&config_path)]),
-        &[path(&genesis), "validator 2 (h:2): stake must be positive"],
+        &[
+            path(&genesis),
+            "validator 2 (h:7002): stake must be positive",
+        ],
     );
 }

@@ -327,7 +327,7 @@ fn a_second_sigterm_while_an_unread_answer_holds_the_drain_exits_at_once() {
     wait_or_report(
         "the node to say it is stopping",
         PATIENCE,
-        || log().contains("a second interrupt or terminate signal exits at once"),
+        || log().contains("a second interrupt, terminate or hang-up signal exits at once"),
         log,
     );
     // The unread answer's call is still held: the node is draining.

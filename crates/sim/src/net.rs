@@ -523,6 +523,7 @@ impl Sim {
         Init {
             config,
             seeds,
+            addresses: vec![address(index)],
             ..Init::new(id, self.rng.random())
         }
     }
@@ -1471,6 +1472,12 @@ fn hash_output(h: &mut RunDigest, output: &Output) {
         Output::Known(infos) => {
             h.update(b"K");
             hash_infos(h, infos);
+        }
+        Output::SameKeyElsewhere { addresses } => {
+            h.update(b"S");
+            for address in addresses {
+                h.update(address.as_bytes());
+            }
         }
     }
 }

@@ -269,9 +269,6 @@ pub enum Error {
     },
 
     // ---- node info ----
-    /// A node info is ours; we never add ourselves.
-    #[error("node info is our own")]
-    OwnNodeInfo,
     /// A node info's timestamp is too old.
     #[error("node info of {0} is expired")]
     NodeInfoExpired(PeerId),

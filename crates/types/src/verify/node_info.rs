@@ -9,13 +9,15 @@ use crate::{
 pub struct NodeInfoPolicy<'a> {
     /// The current time, in milliseconds since the Unix epoch.
     pub now_ms: u64,
-    /// Our own peer id: our own info is never accepted from others.
+    /// Our own peer id: our own info, passed back by others, is checked as
+    /// any other's (it tells whether another node holds our key), allowlist
+    /// or not; it is never added as a peer (Discovery's rule).
     pub local: PeerId,
     /// In private mode, the only peers whose infos are accepted.
     pub allowlist: Option<&'a HashSet<PeerId>>,
 }
 
-/// Checks every rule of a node info except its signature: not ours, not
+/// Checks every rule of a node info except its signature: not
 /// older than `limits.node_info_max_age_ms`, not more than
 /// `limits.node_info_max_skew_ms` ahead, bounded addresses, allowlisted when
 /// the policy has an allowlist.
@@ -25,9 +27,6 @@ pub fn check_node_info(
     limits: &Limits,
 ) -> Result<()> {
     let i = &info.info;
-    if i.peer_id == policy.local {
-        return Err(Error::OwnNodeInfo);
-    }
     if policy.now_ms.saturating_sub(i.timestamp_ms) > limits.node_info_max_age_ms {
         return Err(Error::NodeInfoExpired(i.peer_id));
     }
@@ -42,6 +41,7 @@ pub fn check_node_info(
         return Err(Error::InvalidAddresses(i.peer_id));
     }
     if let Some(allowlist) = policy.allowlist
+        && i.peer_id != policy.local
         && !allowlist.contains(&i.peer_id)
     {
         return Err(Error::NotAllowlisted(i.peer_id));
