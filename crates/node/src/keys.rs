@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use soma_types::{KeyPair, PeerId};
+use soma_types::{KeyPair, PeerId, PublicKey};
 use soma_wire::tls::NodeIdentity;
 
 use crate::genesis::{PUBLIC_FILE, PublicFile};
@@ -45,6 +45,9 @@ pub enum KeyError {
 pub struct NodeKeys {
     /// The network key.
     pub network: KeyPair,
+    /// The public half of the protocol key (this binary signs nothing
+    /// with it: a local network's producer plays every validator).
+    pub protocol: PublicKey,
     /// The TLS identity, bound to the network key.
     pub identity: NodeIdentity,
 }
@@ -131,7 +134,11 @@ pub fn write_keys(
         &dir.join(PUBLIC_FILE),
         toml::to_string(&public).expect("a public file encodes"),
     )?;
-    Ok(NodeKeys { network, identity })
+    Ok(NodeKeys {
+        network,
+        protocol: protocol.public(),
+        identity,
+    })
 }
 
 fn write_public(path: &Path, contents: String) -> Result<(), KeyError> {
@@ -169,7 +176,8 @@ fn warn_if_readable_by_others(path: &Path) {
 /// Writes a new TLS pair in `dir` for the network key there, over a pair
 /// missing, damaged or bound to another key: the node keeps its identity
 /// (`keygen --force` would make new network and protocol keys too).
-pub fn write_tls(dir: &Path) -> Result<NodeKeys, KeyError> {
+/// Returns the node's peer id.
+pub fn write_tls(dir: &Path) -> Result<PeerId, KeyError> {
     let network = read_key(&dir.join(NETWORK_KEY)).map_err(|e| {
         KeyError::Tls(format!(
             "{e}; --tls-only makes a pair for the network key already in --out"
@@ -178,7 +186,7 @@ pub fn write_tls(dir: &Path) -> Result<NodeKeys, KeyError> {
     let identity = NodeIdentity::generate(&network).map_err(|e| KeyError::Tls(e.to_string()))?;
     write_secret(&dir.join(TLS_KEY), identity.key_pem().as_bytes())?;
     write_public(&dir.join(TLS_CERT), identity.cert_pem())?;
-    Ok(NodeKeys { network, identity })
+    Ok(identity.peer_id())
 }
 
 /// The fix for a TLS pair in `dir` that cannot be used.
@@ -195,8 +203,9 @@ fn tls_fix(dir: &Path) -> String {
 pub fn read_keys(dir: &Path) -> Result<NodeKeys, KeyError> {
     let network = read_key(&dir.join(NETWORK_KEY))?;
     // This binary signs no block with it (a local network's producer plays
-    // every validator from its own seed): the protocol key is checked only.
-    read_key(&dir.join(PROTOCOL_KEY))?;
+    // every validator from its own seed): its public half is checked
+    // against the genesis only.
+    let protocol = read_key(&dir.join(PROTOCOL_KEY))?.public();
     let read = |name: &str| {
         std::fs::read_to_string(dir.join(name)).map_err(|source| KeyError::Io {
             path: dir.join(name).display().to_string(),
@@ -228,7 +237,11 @@ pub fn read_keys(dir: &Path) -> Result<NodeKeys, KeyError> {
             dir.join(TLS_CERT).display()
         )));
     }
-    Ok(NodeKeys { network, identity })
+    Ok(NodeKeys {
+        network,
+        protocol,
+        identity,
+    })
 }
 
 #[cfg(test)]
@@ -283,7 +296,7 @@ mod tests {
             .to_string();
         assert!(refused.contains("keygen --tls-only"), "{refused}");
 
-        assert_eq!(write_tls(ours.path()).unwrap().peer_id(), peer);
+        assert_eq!(write_tls(ours.path()).unwrap(), peer);
         assert_eq!(read_keys(ours.path()).unwrap().peer_id(), peer);
         assert_eq!(
             std::fs::read(ours.path().join(NETWORK_KEY)).unwrap(),

@@ -15,6 +15,7 @@ mod keys;
 mod localnet;
 mod metrics;
 mod producer;
+mod role;
 mod run;
 mod status;
 
@@ -228,8 +229,8 @@ async fn execute(cli: Cli, arenas: Option<usize>) -> Result<(), Failure> {
             tls_only: true,
             ..
         } => {
-            let keys = keys::write_tls(&out).map_err(Failure::usage)?;
-            println!("peer id {}", hex::encode(keys.peer_id().0));
+            let peer = keys::write_tls(&out).map_err(Failure::usage)?;
+            println!("peer id {}", hex::encode(peer.0));
             println!("a new TLS pair written to {}", out.display());
             Ok(())
         }

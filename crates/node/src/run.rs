@@ -118,7 +118,7 @@ pub async fn run(
         )?,
     );
     let peer_id = keys.peer_id();
-    let handle = P2pBuilder::new(config.p2p_config(), keys.network, committee, store)
+    let handle = P2pBuilder::new(config.p2p_config(), keys.network, committee.clone(), store)
         .identity(keys.identity)
         .runtime(tokio::runtime::Handle::current())
         .start()
@@ -131,6 +131,20 @@ pub async fn run(
         address = %handle.local_addr(),
         "node running"
     );
+    let advertised: Vec<String> = if config.external_addresses.is_empty() {
+        vec![handle.local_addr().to_string()]
+    } else {
+        config.external_addresses.clone()
+    };
+    let advertised: Vec<String> = (advertised.iter())
+        .map(|a| soma_actors::discovery::canonical_address(a))
+        .collect();
+    for note in crate::role::notes(&committee, peer_id, &keys.protocol, &advertised) {
+        match note.warning {
+            true => tracing::warn!("{}", note.text),
+            false => tracing::info!("{}", note.text),
+        }
+    }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     if let Some(listener) = metrics_listener {

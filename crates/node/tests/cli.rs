@@ -619,7 +619,9 @@ fn a_hangup_stops_the_node_cleanly() {
 /// Two nodes run with one key (validator-0's, copied to a second host):
 /// peers pass each one's info on to the other, and the node that sees its
 /// own identity at addresses not its own warns, naming them. The third
-/// node, a seed to both, holds one entry for the two.
+/// node, a seed to both, holds one entry for the two. At start, each says
+/// what it is in the genesis: the copy, listening elsewhere than
+/// validator-0's entry names, is warned of that.
 #[test]
 fn a_node_whose_keys_run_elsewhere_too_warns_naming_the_other_address() {
     const WARNING: &str = "another node runs with this node's network key";
@@ -661,6 +663,27 @@ fn a_node_whose_keys_run_elsewhere_too_warns_naming_the_other_address() {
         assert!(line.contains(&addresses[0]), "{line}");
     }
     assert_eq!(warned(&logs[1]), None, "validator-1's keys are its own");
+    // Each says at start what it is in the genesis; the twin, not at the
+    // address validator-0's entry names, is told so.
+    let log = |path: &PathBuf| fs::read_to_string(path).unwrap();
+    let elsewhere = format!(
+        "the genesis names validator #0 at {}, but the node advertises {twin_address}",
+        addresses[0]
+    );
+    wait_or_report(
+        "the twin to say it is not at its genesis address",
+        Duration::from_secs(20),
+        || log(&twin_log).contains(&elsewhere),
+        || log(&twin_log),
+    );
+    let role = "validator #0 of the genesis committee, at";
+    wait_or_report(
+        "validator-0 to say what it is",
+        Duration::from_secs(20),
+        || log(&logs[0]).contains(role),
+        || log(&logs[0]),
+    );
+    assert!(!log(&logs[0]).contains("the genesis names"));
 }
 
 /// `keygen --tls-only` makes a new TLS pair for the network key already
