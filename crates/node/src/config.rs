@@ -1223,10 +1223,61 @@ fn one_line(e: &toml::de::Error, text: &str) -> String {
             let start = span.start.min(text.len());
             let line = text[..start].matches('\n').count() + 1;
             let content = text.lines().nth(line - 1).unwrap_or("").trim();
+            let message = misplaced(&message, section_at(text, line)).unwrap_or(message);
             format!("line {line} (`{content}`): {message}")
         }
         None => message,
     }
+}
+
+/// The section line `line` (from 1) of `text` is in: `""` before any
+/// `[section]`.
+fn section_at(text: &str, line: usize) -> &str {
+    (text.lines().take(line).filter_map(section_header))
+        .last()
+        .unwrap_or("")
+}
+
+/// The name of the section a line opens, `[name]`, written as the
+/// default file writes it, commented out or not.
+fn section_header(line: &str) -> Option<&str> {
+    let line = line.trim().trim_start_matches('#').trim();
+    line.strip_prefix('[')?.strip_suffix(']')
+}
+
+/// For an unknown key that is a setting of another section (a top-level
+/// key written under `[p2p]`, say), what to say instead of the list of
+/// the section's keys: where it belongs. The sections are those of the
+/// default file, whose every setting is written, commented out or not.
+fn misplaced(message: &str, section: &str) -> Option<String> {
+    let key = message.strip_prefix("unknown field `")?.split_once('`')?.0;
+    let mut homes: Vec<String> = Vec::new();
+    let mut current = String::new();
+    for line in default_file().lines() {
+        if let Some(name) = section_header(line) {
+            current = name.to_string();
+        }
+        let setting = line.trim().trim_start_matches('#').trim();
+        if setting.split_once(" = ").is_some_and(|(k, _)| k == key) && !homes.contains(&current) {
+            homes.push(current.clone());
+        }
+    }
+    if homes.is_empty() || homes.iter().any(|h| h == section) {
+        return None;
+    }
+    let place = |s: &str| match s {
+        "" => "at the top of the file, before any [section]".to_string(),
+        s => format!("under [{s}]"),
+    };
+    let here = match section {
+        "" => "a top-level setting".to_string(),
+        s => format!("a setting of [{s}]"),
+    };
+    let homes: Vec<String> = homes.iter().map(|h| place(h)).collect();
+    Some(format!(
+        "`{key}` is not {here}: it belongs {}",
+        homes.join(" or ")
+    ))
 }
 
 fn default_metrics_max_connections() -> usize {
@@ -1937,6 +1988,44 @@ mod tests {
         let e = parse(&text).unwrap_err().to_string();
         assert!(e.contains("parallel-fetchez"), "{e}");
         assert!(!e.contains('\n'), "one line: {e}");
+    }
+
+    /// A setting written in another section than its own is told where it
+    /// belongs, rather than listed against the section's keys.
+    #[test]
+    fn a_setting_in_the_wrong_section_is_told_where_it_belongs() {
+        let refused = |text: String| {
+            let e = parse(&text).unwrap_err().to_string();
+            let (_, message) = e.split_once("`): ").expect("a line named");
+            message.to_string()
+        };
+        let under_p2p = |line: &str| default_file().replace("[p2p]\n", &format!("[p2p]\n{line}\n"));
+        assert_eq!(
+            refused(under_p2p("metrics-address = \"127.0.0.1:9100\"")),
+            "`metrics-address` is not a setting of [p2p]: it belongs at the top of the file, \
+             before any [section]"
+        );
+        // A commented-out section's setting.
+        assert_eq!(
+            refused(under_p2p("request-timeout = \"5s\"")),
+            "`request-timeout` is not a setting of [p2p]: it belongs under [archive]"
+        );
+        let top = default_file()
+            .replace("allow-private-addresses = true", "")
+            .replace(
+                "store-cache-bytes",
+                "allow-private-addresses = true\nstore-cache-bytes",
+            );
+        assert_eq!(
+            refused(top),
+            "`allow-private-addresses` is not a top-level setting: it belongs under [p2p]"
+        );
+        // A key of no section: the section's keys, as before.
+        let typo = refused(under_p2p("intervall = \"1s\""));
+        assert!(
+            typo.starts_with("unknown field `intervall`, expected one of `interval`"),
+            "{typo}"
+        );
     }
 
     /// Five distinct external addresses: peers would refuse the node's
