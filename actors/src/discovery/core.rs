@@ -1114,11 +1114,13 @@ impl DiscoveryCore {
                     self.known.get_index(position).map(|(_, e)| e.info.clone())
                 })
                 .collect();
+        // First: a caller keeps the first infos of an answer longer than
+        // its own bound.
         if let Some(twin) = twin
             && self.config.max_peers_to_send > 0
         {
             infos.truncate(self.config.max_peers_to_send - 1);
-            infos.push(twin);
+            infos.insert(0, twin);
         }
         vec![Output::Answer { id, infos }]
     }
@@ -1818,12 +1820,9 @@ mod tests {
         );
     }
 
-    /// A seed dialled at an IP address that turns out to be a peer
-    /// connected already (under the address it advertises) is not dialled
-    /// again while that peer stays: before, its dial stayed pending until
-    /// the pending-dial timeout and the seed was dialled after it, again
-    /// and again. A seed at a host name, which may name other servers
-    /// too, is dialled again after a backoff, as after a failure.
+    /// Only an info signed with this node's key, since it started, at
+    /// other addresses than its own is another node's, told at most once
+    /// per interval.
     #[test]
     fn an_info_of_this_nodes_identity_from_another_node_is_told_once_per_interval() {
         let ours = "203.0.113.1:7000";
@@ -1906,6 +1905,12 @@ mod tests {
         }
     }
 
+    /// A seed dialled at an IP address that turns out to be a peer
+    /// connected already (under the address it advertises) is not dialled
+    /// again while that peer stays: before, its dial stayed pending until
+    /// the pending-dial timeout and the seed was dialled after it, again
+    /// and again. A seed at a host name, which may name other servers
+    /// too, is dialled again after a backoff, as after a failure.
     #[test]
     fn a_seed_that_is_a_peer_held_is_not_dialled_again_while_it_stays() {
         let seed = "192.0.2.10:7000";
@@ -2041,7 +2046,7 @@ mod tests {
         assert_eq!(infos.len(), 3);
         assert!(infos.iter().all(|i| i.info.peer_id != id(2)), "{infos:?}");
         // Another node signs with its key, elsewhere: the entry held goes
-        // back to it, within the bound, last.
+        // back to it, within the bound, first.
         let infos = serve(&mut c, info_at(2, NOW_MS + 2, &["203.0.113.2:7000"]));
         assert_eq!(infos.len(), 3);
         assert_eq!(
@@ -2049,8 +2054,8 @@ mod tests {
             1,
             "{infos:?}"
         );
-        assert_eq!(infos[2].info.addresses, ["198.51.100.2:7000"]);
-        assert_eq!(infos[2].info.timestamp_ms, NOW_MS + 1);
+        assert_eq!(infos[0].info.addresses, ["198.51.100.2:7000"]);
+        assert_eq!(infos[0].info.timestamp_ms, NOW_MS + 1);
     }
 
     #[test]

@@ -145,7 +145,11 @@ async fn stop_all(nodes: &mut [NodeProcess]) {
             .await
             .is_err()
         {
-            eprintln!("{} did not stop in time; killing it", node.name);
+            // Not `eprintln!`: after a hang-up the terminal is gone.
+            let _ = std::io::Write::write_fmt(
+                &mut std::io::stderr(),
+                format_args!("{} did not stop in time; killing it\n", node.name),
+            );
             let _ = node.child.kill().await;
         }
     }
@@ -257,7 +261,10 @@ pub async fn run(net: Localnet) -> Result<(), Failure> {
         tokio::signal::unix::signal(kind).map_err(|e| Failure::run(format!("signal handler: {e}")))
     };
     let mut terminate = handler(tokio::signal::unix::SignalKind::terminate())?;
-    let mut hangup = handler(tokio::signal::unix::SignalKind::hangup())?;
+    let mut hangup = match crate::signals::hangup_ignored() {
+        true => None,
+        false => Some(handler(tokio::signal::unix::SignalKind::hangup())?),
+    };
     let mut children = Vec::new();
     let result = async {
         // Validators, each seeded with validator 0.
@@ -409,7 +416,7 @@ pub async fn run(net: Localnet) -> Result<(), Failure> {
         r = result => r,
         _ = tokio::signal::ctrl_c() => Err(Failure::run("interrupted")),
         _ = terminate.recv() => Err(Failure::run("terminated")),
-        _ = hangup.recv() => Err(Failure::run("hung up")),
+        _ = crate::signals::recv(&mut hangup) => Err(Failure::run("hung up")),
     };
     stop_all(&mut children).await;
     outcome

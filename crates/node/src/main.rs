@@ -17,6 +17,7 @@ mod metrics;
 mod producer;
 mod role;
 mod run;
+mod signals;
 mod status;
 
 /// The peer-to-peer layer of a soma node: discovery, state sync and the

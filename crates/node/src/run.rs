@@ -74,7 +74,11 @@ pub async fn run(
     let mut interrupt = signal(SignalKind::interrupt()).map_err(signal_failed)?;
     // A hang-up (the terminal the node was started from closed) stops it
     // as SIGTERM does; left to its default it killed the node mid-write.
-    let mut hangup = signal(SignalKind::hangup()).map_err(signal_failed)?;
+    // Not under `nohup`: a node started so runs on after a logout.
+    let mut hangup = match crate::signals::hangup_ignored() {
+        true => None,
+        false => Some(signal(SignalKind::hangup()).map_err(signal_failed)?),
+    };
     // What can be refused is refused before the node starts.
     let producing = match &config.producer {
         Some(producer) => {
@@ -182,7 +186,7 @@ pub async fn run(
             tracing::info!("terminated");
             (None, true)
         }
-        _ = hangup.recv() => {
+        _ = crate::signals::recv(&mut hangup) => {
             tracing::info!("hung up");
             (None, true)
         }
@@ -195,12 +199,13 @@ pub async fn run(
     // whole, after a repair pass, as after a crash. (Stopped by a failure,
     // its error and exit code 1 are not cut short.)
     if signalled {
-        tracing::info!("stopping; a second interrupt, terminate or hang-up signal exits at once");
+        // Not a second hang-up: a closing terminal often sends two (the
+        // shell forwards one, the kernel sends another).
+        tracing::info!("stopping; a second interrupt or terminate signal exits at once");
         tokio::spawn(async move {
             let code = tokio::select! {
                 _ = interrupt.recv() => 130,
                 _ = terminate.recv() => 143,
-                _ = hangup.recv() => 129,
             };
             tracing::warn!("second signal: exiting without waiting for the node to stop");
             std::process::exit(code);

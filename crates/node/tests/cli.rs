@@ -597,15 +597,8 @@ fn a_hangup_stops_the_node_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let base = free_ports(1);
     local_genesis(dir.path(), 1, base, 1_000);
-    let (addresses, configs, _) = validator_network(dir.path(), base, 1);
-    let mut node = Spawned::spawn(
-        Command::new(BIN)
-            .arg("run")
-            .arg("--config")
-            .arg(&configs[0])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    );
+    let (addresses, configs, logs) = validator_network(dir.path(), base, 1);
+    let mut node = run_node(&configs[0], &logs[0]);
     wait_for("the node to answer", Duration::from_secs(60), || {
         height(&addresses[0]).is_some()
     });
@@ -613,7 +606,61 @@ fn a_hangup_stops_the_node_cleanly() {
     let exit = node
         .wait_for(Duration::from_secs(20))
         .expect("the node stops within 20 s");
-    assert!(exit.success(), "{exit}");
+    let log = fs::read_to_string(&logs[0]).unwrap();
+    assert!(exit.success(), "{exit}\n{log}");
+    assert!(log.contains("hung up"), "{log}");
+}
+
+/// A node started under `nohup` (SIGHUP ignored) runs on after a hang-up,
+/// as it did before the node handled SIGHUP: a handler installed over the
+/// inherited "ignore" would stop it at logout.
+#[test]
+fn a_node_started_under_nohup_runs_on_after_a_hangup() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_ports(1);
+    local_genesis(dir.path(), 1, base, 1_000);
+    let (addresses, configs, logs) = validator_network(dir.path(), base, 1);
+    let log_file = fs::File::create(&logs[0]).unwrap();
+    let mut command = Command::new(BIN);
+    command
+        .arg("run")
+        .arg("--config")
+        .arg(&configs[0])
+        .stdout(Stdio::null())
+        .stderr(log_file);
+    // SAFETY: sets a signal disposition between fork and exec, which is
+    // async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, sigaction};
+            let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
+            sigaction(Signal::SIGHUP, &ignore)
+                .map(|_| ())
+                .map_err(std::io::Error::from)
+        });
+    }
+    let mut node = Spawned::spawn(&mut command);
+    wait_for("the node to answer", Duration::from_secs(60), || {
+        height(&addresses[0]).is_some()
+    });
+    // Ignored, not caught: a hang-up is discarded by the kernel.
+    let status = fs::read_to_string(format!("/proc/{}/status", node.pid())).unwrap();
+    let mask = |field: &str| {
+        let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+        u64::from_str_radix(line[field.len()..].trim(), 16).unwrap()
+    };
+    assert_eq!(mask("SigIgn:") & 1, 1, "SIGHUP ignored\n{status}");
+    assert_eq!(mask("SigCgt:") & 1, 0, "SIGHUP not caught\n{status}");
+    kill(node.pid(), Signal::SIGHUP).unwrap();
+    kill(node.pid(), Signal::SIGTERM).unwrap();
+    let exit = node
+        .wait_for(Duration::from_secs(20))
+        .expect("the node stops within 20 s");
+    let log = fs::read_to_string(&logs[0]).unwrap();
+    assert!(exit.success(), "{exit}\n{log}");
+    assert!(log.contains("terminated"), "{log}");
+    assert!(!log.contains("hung up"), "{log}");
 }
 
 /// Two nodes run with one key (validator-0's, copied to a second host):

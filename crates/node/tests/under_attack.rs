@@ -15,6 +15,7 @@
 //! checks that a second SIGTERM then ends the process at once.
 
 use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -294,10 +295,11 @@ fn clients_that_never_read_from_sixteen_identities_do_not_stop_an_honest_sync() 
     );
 }
 
-#[test]
-fn a_second_sigterm_while_an_unread_answer_holds_the_drain_exits_at_once() {
-    // One answer no one reads keeps the server draining (for up to its 4 s)
-    // once the node is told to stop.
+/// Stops a node with `first` while an answer no one reads keeps its
+/// server draining (for up to its 4 s), then sends `second` once it says
+/// it is stopping: its exit status, its log, and whether the unread answer
+/// was ever answered whole.
+fn signalled_while_draining(first: Signal, second: Signal) -> (ExitStatus, String, bool) {
     let mut attacked = Attacked::start(&[
         &format!("send-timeout = \"{}s\"", LONG_SEND_TIMEOUT.as_secs()),
         "inbound-idle-timeout = \"1h\"",
@@ -323,29 +325,45 @@ fn a_second_sigterm_while_an_unread_answer_holds_the_drain_exits_at_once() {
     );
     let log_path = attacked.dir.path().join("validator-0.log");
     let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
-    kill(attacked.node.pid(), Signal::SIGTERM).unwrap();
+    kill(attacked.node.pid(), first).unwrap();
     wait_or_report(
         "the node to say it is stopping",
         PATIENCE,
-        || log().contains("a second interrupt, terminate or hang-up signal exits at once"),
+        || log().contains("a second interrupt or terminate signal exits at once"),
         log,
     );
     // The unread answer's call is still held: the node is draining.
     assert_eq!(attack.tally().cut, 0, "{}", log());
-    kill(attacked.node.pid(), Signal::SIGTERM).unwrap();
+    kill(attacked.node.pid(), second).unwrap();
     let exit = attacked
         .node
         .wait_for(PATIENCE)
         .unwrap_or_else(|| panic!("the node did not exit\n{}", log()));
+    let answered = attack.stop().answered > 0;
+    (exit, log(), answered)
+}
+
+#[test]
+fn a_second_sigterm_while_an_unread_answer_holds_the_drain_exits_at_once() {
+    let (exit, log, answered) = signalled_while_draining(Signal::SIGTERM, Signal::SIGTERM);
     // The shell's code for SIGTERM, from the node's own exit: the drain,
     // had it ended first, would have exited 0.
-    assert_eq!(exit.code(), Some(143), "{exit}\n{}", log());
+    assert_eq!(exit.code(), Some(143), "{exit}\n{log}");
     assert!(
-        log().contains("second signal: exiting without waiting for the node to stop"),
-        "{}",
-        log()
+        log.contains("second signal: exiting without waiting for the node to stop"),
+        "{log}"
     );
-    assert_eq!(attack.stop().answered, 0);
+    assert!(!answered);
+}
+
+/// A closing terminal often sends two hang-ups (the shell forwards one,
+/// the kernel sends another): the second does not cut the stop short.
+#[test]
+fn a_second_hangup_while_the_node_drains_lets_it_stop_cleanly() {
+    let (exit, log, _) = signalled_while_draining(Signal::SIGHUP, Signal::SIGHUP);
+    assert_eq!(exit.code(), Some(0), "{exit}\n{log}");
+    assert!(log.contains("hung up"), "{log}");
+    assert!(!log.contains("second signal"), "{log}");
 }
 
 #[test]
