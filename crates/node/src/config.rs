@@ -983,10 +983,17 @@ impl NodeConfig {
             self.store_cache_bytes.to_string(),
         )?;
         if let Some(archive) = &self.archive {
+            // Only the stores this binary can use: any other scheme was
+            // opened and then failed every request (plain http, which the
+            // HTTP store refuses unless told, and nothing here tells it).
+            let scheme = archive.url.split_once("://").map(|(s, _)| s);
             range(
                 "archive.url",
-                "a directory, s3://bucket/prefix, gs://bucket/prefix or https://host/prefix",
-                !archive.url.trim().is_empty(),
+                "a directory, s3://bucket/prefix, gs://bucket/prefix or https://host/prefix \
+                 (not plain http://; an S3-compatible server over plain HTTP is s3://bucket \
+                 with AWS_ENDPOINT=http://host:port and AWS_ALLOW_HTTP=true)",
+                !archive.url.trim().is_empty()
+                    && scheme.is_none_or(|s| ["file", "s3", "s3a", "gs", "https"].contains(&s)),
                 format!("{:?}", archive.url),
             )?;
             range(
@@ -1779,6 +1786,26 @@ mod tests {
             (s3.url.as_str(), s3.write, s3.read),
             ("s3://bucket/soma", false, true)
         );
+
+        // A store this binary cannot use is refused at once, with the way
+        // to reach a plain-HTTP S3 server.
+        for url in ["http://host/prefix", "ftp://host/prefix", "memory:///"] {
+            let e = parse(&with_archive(|s| {
+                s.replace("url = \"archive\"", &format!("url = \"{url}\""))
+            }))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("archive.url") && e.contains(url) && e.contains("AWS_ALLOW_HTTP=true"),
+                "{e}"
+            );
+        }
+        for url in ["gs://bucket/soma", "https://host/soma", "file:///var/soma"] {
+            let loaded = parse(&with_archive(|s| {
+                s.replace("url = \"archive\"", &format!("url = \"{url}\""))
+            }));
+            assert_eq!(loaded.unwrap().p2p_config().archive.unwrap().url, url);
+        }
 
         let e = parse(&with_archive(|s| {
             s.replace("interval = \"1s\"", "interval = \"0s\"")
