@@ -6,6 +6,7 @@ use std::time::Duration;
 use soma_types::{SignedNodeInfo, codec};
 use soma_wire::convert::Availability;
 use soma_wire::proto::{self, p2p_client::P2pClient};
+use soma_wire::tls::with_causes;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 /// What `status` reports.
@@ -28,13 +29,25 @@ pub struct NodeStatus {
 pub async fn query(address: &str, timeout: Duration) -> Result<NodeStatus, String> {
     let (channel, peer_id) = soma_wire::tls::connect(address, None, None, timeout)
         .await
-        .map_err(|e| format!("cannot reach {address}: {e}"))?;
+        .map_err(|e| {
+            let hint = match &e {
+                soma_wire::tls::TlsError::Connect(_) if e.to_string().contains("refused") => {
+                    " (nothing listens there: is the node running, and is this its \
+                     listen-address, not its metrics-address?)"
+                }
+                soma_wire::tls::TlsError::Timeout => {
+                    " (no answer: a firewall dropping packets, or a host that is down)"
+                }
+                _ => "",
+            };
+            format!("cannot reach {address}: {e}{hint}")
+        })?;
     let mut client = P2pClient::new(channel.clone());
     let availability = client.get_commit_availability(proto::GetCommitAvailabilityRequest {});
     let availability = tokio::time::timeout(timeout, availability)
         .await
         .map_err(|_| format!("availability: no answer from {address} in {timeout:?}"))?
-        .map_err(|s| format!("availability: {}", s.message()))?;
+        .map_err(|s| format!("availability: {}", status_causes(&s)))?;
     let availability = Availability::try_from(availability.get_ref()).map_err(|e| e.to_string())?;
     let mut health = HealthClient::new(channel);
     let health = health.check(HealthCheckRequest {
@@ -60,6 +73,25 @@ pub async fn query(address: &str, timeout: Duration) -> Result<NodeStatus, Strin
         serving,
         known_peers,
     })
+}
+
+/// A failed call's message, its causes and, for a connection that failed
+/// under the first call after its handshake, what that most likely means
+/// (TLS 1.3 shows a refused client only then; how it shows varies).
+fn status_causes(status: &tonic::Status) -> String {
+    let text = with_causes(
+        status.message().to_string(),
+        std::error::Error::source(status),
+    );
+    if text.contains("transport error") {
+        format!(
+            "{text} (the connection failed right after the handshake: most likely a \
+             private node, access = \"private\", which serves only the peers on its \
+             allowlist; `status` connects without a key)"
+        )
+    } else {
+        text
+    }
 }
 
 /// Prints a status report.

@@ -611,6 +611,46 @@ fn a_hangup_stops_the_node_cleanly() {
     assert!(log.contains("hung up"), "{log}");
 }
 
+/// `status` that cannot get an answer says why, with what to check: no
+/// node at the port, or a private node that serves only its allowlist
+/// (before, both said little more than "transport error").
+#[test]
+fn status_says_why_a_node_does_not_answer() {
+    // A port just let go of: nothing listens there.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .to_string();
+    let output = soma(&["status", "--addr", &closed]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let err = stderr(&output);
+    assert!(
+        err.contains("Connection refused") && err.contains("nothing listens there"),
+        "{err}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_ports(1);
+    local_genesis(dir.path(), 1, base, 1_000);
+    let (addresses, configs, logs) =
+        validator_network_with(dir.path(), base, 1, |_| vec!["access = \"private\"".into()]);
+    let _node = run_node(&configs[0], &logs[0]);
+    let log = || fs::read_to_string(&logs[0]).unwrap_or_default();
+    wait_or_report(
+        "the node to run",
+        Duration::from_secs(60),
+        || log().contains("node running"),
+        log,
+    );
+    let output = soma(&["status", "--addr", &addresses[0]]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let err = stderr(&output);
+    assert!(
+        err.contains("transport error") && err.contains("private node"),
+        "{err}"
+    );
+}
+
 /// A node started under `nohup` (SIGHUP ignored) runs on after a hang-up,
 /// as it did before the node handled SIGHUP: a handler installed over the
 /// inherited "ignore" would stop it at logout.

@@ -141,8 +141,9 @@ pub enum TlsError {
     /// The address is not `host:port`.
     #[error("invalid address {0:?}")]
     Address(String),
-    /// Connecting failed: TCP, the TLS handshake, or HTTP/2.
-    #[error("connecting: {0}")]
+    /// Connecting failed: TCP, the TLS handshake, or HTTP/2. Shown with
+    /// its causes (tonic's own text is only "transport error").
+    #[error("connecting: {}", with_causes(.0.to_string(), std::error::Error::source(.0.as_ref())))]
     Connect(#[source] Arc<tonic::transport::Error>),
     /// Connecting took longer than allowed.
     #[error("timed out")]
@@ -150,6 +151,25 @@ pub enum TlsError {
     /// The server's admission rules left no slot for this connection.
     #[error("connection not admitted: {0}")]
     NotAdmitted(#[from] Refusal),
+}
+
+/// `text` (an error's) followed by each of its causes from `source` on:
+/// "transport error: tcp connect error: Connection refused (os error
+/// 111)". Errors of the transport say little more than their kind at the
+/// top.
+pub fn with_causes(
+    mut text: String,
+    mut source: Option<&(dyn std::error::Error + 'static)>,
+) -> String {
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        // A source often repeats the text of the one it is the source of.
+        if !text.ends_with(&more) {
+            text = format!("{text}: {more}");
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// A node's TLS identity: a P-256 key and its self-signed certificate bound
