@@ -1231,6 +1231,14 @@ fn one_line(e: &toml::de::Error, text: &str) -> String {
             let line = text[..start].matches('\n').count() + 1;
             let content = text.lines().nth(line - 1).unwrap_or("").trim();
             let message = misplaced(&message, section_at(text, line)).unwrap_or(message);
+            // std's words for a bad socket address say nothing of the form.
+            let message = match message.as_str() {
+                "invalid socket address syntax" => format!(
+                    "{message}: expected an IP address and a port, such as 0.0.0.0:7000 or \
+                     [::]:7000 (not a host name)"
+                ),
+                _ => message,
+            };
             format!("line {line} (`{content}`): {message}")
         }
         None => message,
@@ -2015,6 +2023,41 @@ mod tests {
         let e = parse(&text).unwrap_err().to_string();
         assert!(e.contains("parallel-fetchez"), "{e}");
         assert!(!e.contains('\n'), "one line: {e}");
+    }
+
+    /// A peer id or an address of the wrong form is refused saying what
+    /// form is expected (the words of hex and std said only "Odd number of
+    /// digits" or "invalid socket address syntax").
+    #[test]
+    fn values_of_the_wrong_form_are_told_the_form_expected() {
+        let refused = |from: &str, to: &str| {
+            assert!(default_file().contains(from), "{from}");
+            let e = parse(&default_file().replace(from, to))
+                .unwrap_err()
+                .to_string();
+            let (_, message) = e.split_once("`): ").expect("a line named");
+            message.to_string()
+        };
+        let seed = "seed-peers = [{ peer-id = \"abc\", address = \"10.0.0.5:7000\" }]";
+        let e = refused("seed-peers = []", seed);
+        assert!(
+            e.contains("expected 64 hex characters (32 bytes), got 3 characters"),
+            "{e}"
+        );
+        let e = refused("allowlist = []", "allowlist = [\"zz\"]");
+        assert!(
+            e.starts_with("expected 64 hex characters (32 bytes), got 2"),
+            "{e}"
+        );
+        let e = refused(
+            "listen-address = \"127.0.0.1:7000\"",
+            "listen-address = \"localhost:7000\"",
+        );
+        assert_eq!(
+            e,
+            "invalid socket address syntax: expected an IP address and a port, such as \
+             0.0.0.0:7000 or [::]:7000 (not a host name)"
+        );
     }
 
     /// A setting written in another section than its own is told where it

@@ -26,7 +26,13 @@ pub(crate) fn deserialize<'de, D: Deserializer<'de>, const N: usize>(
         }
         fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
             let mut out = [0u8; N];
-            hex::decode_to_slice(v, &mut out).map_err(E::custom)?;
+            hex::decode_to_slice(v, &mut out).map_err(|e| {
+                E::custom(format!(
+                    "expected {} hex characters ({N} bytes), got {} characters: {e}",
+                    2 * N,
+                    v.chars().count()
+                ))
+            })?;
             Ok(out)
         }
         fn visit_seq<A: serde::de::SeqAccess<'de>>(
