@@ -1766,32 +1766,54 @@ impl PeerCalls {
             .unwrap_or_default()
     }
 
-    /// Tells `peer` the highest commit we serve, as `advertised` reads
-    /// when each push is sent: again while it rose during the last push,
-    /// so a height that rose while a push was on its way still reaches the
-    /// peer. Stops at the first push the peer does not answer.
+    /// Tells `peer` the highest commit we serve, paced by
+    /// [`paced_pushes`] at [`PUSH_INTERVAL`].
     pub(super) async fn push_commits(
         self,
         peer: PeerId,
-        mut advertised: watch::Receiver<Availability>,
+        advertised: watch::Receiver<Availability>,
     ) {
-        let mut sent = 0;
-        loop {
-            let index = advertised.borrow_and_update().highest;
-            if index <= sent {
-                return;
+        let outbound = self.outbound;
+        paced_pushes(advertised, PUSH_INTERVAL, move |index| {
+            let outbound = outbound.clone();
+            async move {
+                let message = proto::PushCommitRequest { index };
+                outbound.call(peer, message, push_commit).await.is_ok()
             }
-            let message = proto::PushCommitRequest { index };
-            if self
-                .outbound
-                .call(peer, message, push_commit)
-                .await
-                .is_err()
-            {
-                return;
-            }
-            sent = index;
+        })
+        .await;
+    }
+}
+
+/// Least time between two pushes to one peer: a tenth of a second, half
+/// the rate of cheap calls a server takes from a caller by default
+/// (`cheap-calls-per-second`, 20). Pushed as fast as commits came, a
+/// validator committing more than 20 a second had most of its pushes
+/// refused, each ending its push until the next commit.
+pub(super) const PUSH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Pushes the highest commit `advertised` reads, as it reads when each
+/// push is sent, then waits `gap` and pushes again if it rose meanwhile:
+/// a height that rose while a push was on its way, or during the wait,
+/// still reaches the peer, at most one push per `gap`. Ends at the first
+/// push that fails (`push` returns false), or once a wait saw no rise;
+/// while it runs, the caller starts no other for that peer.
+pub(super) async fn paced_pushes<F, Fut>(
+    mut advertised: watch::Receiver<Availability>,
+    gap: Duration,
+    mut push: F,
+) where
+    F: FnMut(CommitIndex) -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let mut sent = 0;
+    loop {
+        let index = advertised.borrow_and_update().highest;
+        if index <= sent || !push(index).await {
+            return;
         }
+        sent = index;
+        tokio::time::sleep(gap).await;
     }
 }
 
@@ -2172,6 +2194,48 @@ mod tests {
             }
         }
         panic!("{} calls on their way, not {left}", set.set.len());
+    }
+
+    /// A validator committing every 10 ms pushes to a peer once per
+    /// [`PUSH_INTERVAL`], each push the height as it then is, the last one
+    /// its last height; a failed push ends the pushes.
+    #[tokio::test(start_paused = true)]
+    async fn pushes_to_a_peer_are_paced_and_its_last_height_reaches_it() {
+        let height = |highest| Availability {
+            chain_id: soma_types::ChainId(soma_types::Digest([0; 32])),
+            highest,
+            lowest: 0,
+        };
+        let (rises, advertised) = watch::channel(height(1));
+        let start = tokio::time::Instant::now();
+        let pushed: Arc<std::sync::Mutex<Vec<(u128, u64)>>> = Arc::default();
+        let record = pushed.clone();
+        let pushes = tokio::spawn(paced_pushes(advertised, PUSH_INTERVAL, move |index| {
+            record
+                .lock()
+                .unwrap()
+                .push((start.elapsed().as_millis(), index));
+            async { true }
+        }));
+        // New commits at 5, 15, ..., 995 ms: heights 2 to 101.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        for highest in 2..=101 {
+            rises.send_modify(|a| a.highest = highest);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        pushes.await.unwrap();
+        let expected: Vec<(u128, u64)> = (0..=10).map(|k| (k * 100, k as u64 * 10 + 1)).collect();
+        assert_eq!(*pushed.lock().unwrap(), expected);
+
+        let (_rises, advertised) = watch::channel(height(7));
+        let tried = Arc::new(AtomicUsize::new(0));
+        let count = tried.clone();
+        paced_pushes(advertised, PUSH_INTERVAL, move |_| {
+            count.fetch_add(1, Ordering::SeqCst);
+            async { false }
+        })
+        .await;
+        assert_eq!(tried.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
