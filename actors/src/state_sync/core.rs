@@ -549,6 +549,9 @@ pub struct StateSyncCore {
     /// evicted): their answers still arrive, so their bytes count until
     /// they do.
     orphans: HashMap<TaskId, u64>,
+    /// What each orphaned commit fetch asked for: its answer, dropped, is
+    /// still judged by it (a lie is a lie whatever came since).
+    orphan_wants: HashMap<TaskId, CommitsWanted>,
     applying: Option<CommitIndex>,
     /// Whether the plan was reset while the write of `applying` ran: the
     /// batch now starting where it did, if any, was fetched again.
@@ -601,6 +604,7 @@ impl Core for StateSyncCore {
             batches: BTreeMap::new(),
             tasks: HashMap::new(),
             orphans: HashMap::new(),
+            orphan_wants: HashMap::new(),
             applying: None,
             reset_while_applying: false,
             withheld_kept: Vec::new(),
@@ -634,10 +638,15 @@ impl Core for StateSyncCore {
             Input::PeerConnected { peer } => out.push(Output::QueryHeights { peer: Some(peer) }),
             Input::CommitsFetched { task, peer, result } => {
                 self.orphans.remove(&task);
+                let orphaned = self.orphan_wants.remove(&task);
                 if let Some(Task::Commits { wanted, .. }) = self.tasks.remove(&task) {
                     self.commit_task = None;
                     let result = judge_epoch_answer(result, &wanted);
                     self.commits_fetched(now, (task, peer), result, &mut out);
+                } else if let Some(wanted) = orphaned
+                    && let Err(Claim::Failed(failure)) = judge_epoch_answer(result, &wanted)
+                {
+                    orphan_failed(peer, &failure, &mut out);
                 }
             }
             Input::CommitsPrefetched { task, peer, result } => {
@@ -648,9 +657,11 @@ impl Core for StateSyncCore {
             }
             Input::WithheldInHedge { last, peer } => self.withheld_in_hedge(last, peer, &mut out),
             Input::BlocksFetched { task, peer, result } => {
-                self.orphans.remove(&task);
+                let orphaned = self.orphans.remove(&task).is_some();
                 if let Some(Task::Blocks { batch, offset }) = self.tasks.remove(&task) {
                     self.blocks_fetched(now, task, peer, (batch, offset), result, &mut out);
+                } else if let (true, Err(failure)) = (orphaned, &result) {
+                    orphan_failed(peer, failure, &mut out);
                 }
             }
             Input::Applied {
@@ -914,8 +925,9 @@ impl StateSyncCore {
         for id in dropped {
             if let Some(task) = self.tasks.remove(&id) {
                 let reserved = match task {
-                    Task::Commits { reserved, .. } => {
+                    Task::Commits { reserved, wanted } => {
                         self.commit_task = None;
+                        self.orphan_wants.insert(id, wanted);
                         reserved
                     }
                     Task::Ahead { start } => {
@@ -1831,6 +1843,16 @@ fn judge_epoch_answer(
         }
         failure => Claim::Failed(failure),
     })
+}
+
+/// The answer of a task dropped on its way (a reset, a discard) failed:
+/// invalid data is reported as any other's, so that a liar cannot escape
+/// by answering after the plan changed. Nothing else is counted: the
+/// work is not the core's any more.
+fn orphan_failed(peer: Option<PeerId>, failure: &Failure, out: &mut Vec<Output>) {
+    if let (Failure::Invalid(_), Some(peer)) = (failure, peer) {
+        out.push(Output::Misbehaved { peer });
+    }
 }
 
 /// A task failed and its work is retried: counted, and a peer that sent
@@ -2785,6 +2807,85 @@ mod tests {
         let out = applied(&mut c, 1, 10);
         assert_eq!(c.synced(), r(12));
         assert_eq!(commit_fetch(&out).map(|f| (f.1, f.2)), Some((13, 20)));
+    }
+
+    /// A batch 1..=10 fetched (its blocks asked in two chunks) and the
+    /// commit fetch of 11..=20 on its way, asked while the epoch was not
+    /// settled; then local commits end the epoch at 5, and everything is
+    /// planned again: the block fetches and the commit fetch are dropped.
+    fn fetches_dropped_by_a_reset() -> (StateSyncCore, Vec<BlockFetch>, TaskId) {
+        let mut c = core(config());
+        let (t, 1, 10) = commit_fetch(&tick(&mut c, 0, 40)).unwrap() else {
+            panic!()
+        };
+        let out = commits_ok(&mut c, 0, t, 1, 10, 10);
+        let blocks = block_fetches(&out);
+        assert_eq!(blocks.len(), 2, "{out:?}");
+        let (next, 11, 20) = commit_fetch(&out).unwrap() else {
+            panic!("{out:?}")
+        };
+        assert_eq!(commit_fetch_epoch(&out), Some((0, false)));
+        let out = c.handle(
+            Time(0),
+            Input::LocalApplied {
+                last: r(5),
+                next_epoch: Some(EpochStart {
+                    epoch: 1,
+                    commit_answer_bytes: 5 << 20,
+                }),
+            },
+        );
+        assert!(out.contains(&Output::Reset), "{out:?}");
+        assert!(!c.awaits(next) && !c.awaits(blocks[0].0));
+        (c, blocks, next)
+    }
+
+    /// Invalid answers of fetches a reset dropped on their way are charged
+    /// as any other's: before, a liar whose answer came after the plan
+    /// changed went free. Any other failure is no one's lie.
+    #[test]
+    fn invalid_answers_of_fetches_a_reset_dropped_are_still_charged() {
+        let (mut c, blocks, next) = fetches_dropped_by_a_reset();
+        let invalid = || Failure::Invalid(soma_types::Error::InvalidAddresses(LIAR));
+        let blocks_failed = |c: &mut StateSyncCore, task, peer, failure| {
+            let result = Err(failure);
+            let out = c.handle(Time(1), Input::BlocksFetched { task, peer, result });
+            misbehaved(&out)
+        };
+        assert_eq!(
+            blocks_failed(&mut c, blocks[0].0, Some(LIAR), invalid()),
+            vec![LIAR]
+        );
+        assert_eq!(
+            blocks_failed(&mut c, blocks[1].0, Some(OTHER), Failure::Timeout),
+            vec![]
+        );
+        assert_eq!(
+            misbehaved(&commits_failed(&mut c, 1, next, LIAR, invalid())),
+            vec![LIAR]
+        );
+        // Each task's answer is judged once.
+        assert_eq!(
+            misbehaved(&commits_failed(&mut c, 1, next, LIAR, invalid())),
+            vec![]
+        );
+    }
+
+    /// A claim that a later epoch started, answered to a dropped commit
+    /// fetch asked while the epoch was not settled, may be true: not
+    /// charged.
+    #[test]
+    fn a_later_epoch_claimed_to_a_dropped_unsettled_fetch_is_not_charged() {
+        let (mut c, _, next) = fetches_dropped_by_a_reset();
+        let claim = Failure::Invalid(soma_types::Error::CommitWrongEpoch {
+            index: 11,
+            got: 1,
+            expected: 0,
+        });
+        assert_eq!(
+            misbehaved(&commits_failed(&mut c, 1, next, LIAR, claim)),
+            vec![]
+        );
     }
 
     #[test]

@@ -1795,9 +1795,9 @@ pub(super) const PUSH_INTERVAL: Duration = Duration::from_millis(100);
 /// Pushes the highest commit `advertised` reads, as it reads when each
 /// push is sent, then waits `gap` and pushes again if it rose meanwhile:
 /// a height that rose while a push was on its way, or during the wait,
-/// still reaches the peer, at most one push per `gap`. Ends at the first
-/// push that fails (`push` returns false), or once a wait saw no rise;
-/// while it runs, the caller starts no other for that peer.
+/// still reaches the peer, at most one push per `gap`. Ends a `gap` after
+/// the first push that fails (`push` returns false), or once a wait saw
+/// no rise; while it runs, the caller starts no other for that peer.
 pub(super) async fn paced_pushes<F, Fut>(
     mut advertised: watch::Receiver<Availability>,
     gap: Duration,
@@ -1809,11 +1809,17 @@ pub(super) async fn paced_pushes<F, Fut>(
     let mut sent = 0;
     loop {
         let index = advertised.borrow_and_update().highest;
-        if index <= sent || !push(index).await {
+        if index <= sent {
+            return;
+        }
+        let pushed = push(index).await;
+        // After a failure too: a task started at the next commit must not
+        // push at once, faster than the pace.
+        tokio::time::sleep(gap).await;
+        if !pushed {
             return;
         }
         sent = index;
-        tokio::time::sleep(gap).await;
     }
 }
 
@@ -2227,15 +2233,19 @@ mod tests {
         let expected: Vec<(u128, u64)> = (0..=10).map(|k| (k * 100, k as u64 * 10 + 1)).collect();
         assert_eq!(*pushed.lock().unwrap(), expected);
 
+        // A failed push ends the pushes, a pace after it: the next task
+        // for that peer cannot push sooner.
         let (_rises, advertised) = watch::channel(height(7));
         let tried = Arc::new(AtomicUsize::new(0));
         let count = tried.clone();
+        let start = tokio::time::Instant::now();
         paced_pushes(advertised, PUSH_INTERVAL, move |_| {
             count.fetch_add(1, Ordering::SeqCst);
             async { false }
         })
         .await;
         assert_eq!(tried.load(Ordering::SeqCst), 1);
+        assert_eq!(start.elapsed(), PUSH_INTERVAL);
     }
 
     #[tokio::test]

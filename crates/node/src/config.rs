@@ -986,14 +986,15 @@ impl NodeConfig {
             // Only the stores this binary can use: any other scheme was
             // opened and then failed every request (plain http, which the
             // HTTP store refuses unless told, and nothing here tells it).
-            let scheme = archive.url.split_once("://").map(|(s, _)| s);
+            let scheme = (archive.url.split_once("://")).map(|(s, _)| s.to_ascii_lowercase());
             range(
                 "archive.url",
                 "a directory, s3://bucket/prefix, gs://bucket/prefix or https://host/prefix \
                  (not plain http://; an S3-compatible server over plain HTTP is s3://bucket \
                  with AWS_ENDPOINT=http://host:port and AWS_ALLOW_HTTP=true)",
                 !archive.url.trim().is_empty()
-                    && scheme.is_none_or(|s| ["file", "s3", "s3a", "gs", "https"].contains(&s)),
+                    && scheme
+                        .is_none_or(|s| ["file", "s3", "s3a", "gs", "https"].contains(&s.as_str())),
                 format!("{:?}", archive.url),
             )?;
             range(
@@ -1230,7 +1231,7 @@ fn one_line(e: &toml::de::Error, text: &str) -> String {
             let start = span.start.min(text.len());
             let line = text[..start].matches('\n').count() + 1;
             let content = text.lines().nth(line - 1).unwrap_or("").trim();
-            let message = misplaced(&message, section_at(text, line)).unwrap_or(message);
+            let message = misplaced(&message, content, &section_at(text, line)).unwrap_or(message);
             // std's words for a bad socket address say nothing of the form.
             let message = match message.as_str() {
                 "invalid socket address syntax" => format!(
@@ -1245,35 +1246,44 @@ fn one_line(e: &toml::de::Error, text: &str) -> String {
     }
 }
 
-/// The section line `line` (from 1) of `text` is in: `""` before any
-/// `[section]`.
-fn section_at(text: &str, line: usize) -> &str {
-    (text.lines().take(line).filter_map(section_header))
+/// The table line `line` (from 1) of `text` is in, as TOML reads it:
+/// `""` before any header (a commented header is no header).
+fn section_at(text: &str, line: usize) -> String {
+    (text.lines().take(line).filter_map(table_header))
         .last()
-        .unwrap_or("")
+        .unwrap_or_default()
 }
 
-/// The name of the section a line opens, `[name]`, written as the
-/// default file writes it, commented out or not.
-fn section_header(line: &str) -> Option<&str> {
-    let line = line.trim().trim_start_matches('#').trim();
-    line.strip_prefix('[')?.strip_suffix(']')
+/// The name of the table a line opens, `[name]`, with spaces and a
+/// trailing comment as TOML allows them (`[[name]]`, an array of tables,
+/// is named `[name]`).
+fn table_header(line: &str) -> Option<String> {
+    let line = line.split('#').next()?.trim();
+    let name = line.strip_prefix('[')?.strip_suffix(']')?;
+    Some(name.trim().to_string())
 }
 
 /// For an unknown key that is a setting of another section (a top-level
 /// key written under `[p2p]`, say), what to say instead of the list of
-/// the section's keys: where it belongs. The sections are those of the
-/// default file, whose every setting is written, commented out or not.
-fn misplaced(message: &str, section: &str) -> Option<String> {
+/// the section's keys, or with it when that list is short: where a
+/// setting of that name belongs. The sections are those of the default
+/// file, whose every setting is written, commented out or not. A key
+/// inside an inline table (`content`, the line, does not start with it:
+/// a seed-peers entry) is no section's setting.
+fn misplaced(message: &str, content: &str, section: &str) -> Option<String> {
+    const SHORT_LIST: usize = 12;
     let key = message.strip_prefix("unknown field `")?.split_once('`')?.0;
+    if !content.starts_with(key) {
+        return None;
+    }
     let mut homes: Vec<String> = Vec::new();
     let mut current = String::new();
     for line in default_file().lines() {
-        if let Some(name) = section_header(line) {
-            current = name.to_string();
+        let line = line.trim().trim_start_matches('#').trim();
+        if let Some(name) = table_header(line) {
+            current = name;
         }
-        let setting = line.trim().trim_start_matches('#').trim();
-        if setting.split_once(" = ").is_some_and(|(k, _)| k == key) && !homes.contains(&current) {
+        if line.split_once(" = ").is_some_and(|(k, _)| k == key) && !homes.contains(&current) {
             homes.push(current.clone());
         }
     }
@@ -1289,10 +1299,14 @@ fn misplaced(message: &str, section: &str) -> Option<String> {
         s => format!("a setting of [{s}]"),
     };
     let homes: Vec<String> = homes.iter().map(|h| place(h)).collect();
-    Some(format!(
-        "`{key}` is not {here}: it belongs {}",
+    let mut told = format!(
+        "`{key}` is not {here}; a setting of that name belongs {}",
         homes.join(" or ")
-    ))
+    );
+    if message.matches('`').count() / 2 <= SHORT_LIST + 1 {
+        told.push_str(&format!(" ({message})"));
+    }
+    Some(told)
 }
 
 fn default_metrics_max_connections() -> usize {
@@ -2041,7 +2055,7 @@ mod tests {
         let seed = "seed-peers = [{ peer-id = \"abc\", address = \"10.0.0.5:7000\" }]";
         let e = refused("seed-peers = []", seed);
         assert!(
-            e.contains("expected 64 hex characters (32 bytes), got 3 characters"),
+            e.contains("expected 64 hex characters (32 bytes), got 3 bytes of text"),
             "{e}"
         );
         let e = refused("allowlist = []", "allowlist = [\"zz\"]");
@@ -2072,13 +2086,45 @@ mod tests {
         let under_p2p = |line: &str| default_file().replace("[p2p]\n", &format!("[p2p]\n{line}\n"));
         assert_eq!(
             refused(under_p2p("metrics-address = \"127.0.0.1:9100\"")),
-            "`metrics-address` is not a setting of [p2p]: it belongs at the top of the file, \
-             before any [section]"
+            "`metrics-address` is not a setting of [p2p]; a setting of that name belongs at \
+             the top of the file, before any [section]"
         );
         // A commented-out section's setting.
         assert_eq!(
             refused(under_p2p("request-timeout = \"5s\"")),
-            "`request-timeout` is not a setting of [p2p]: it belongs under [archive]"
+            "`request-timeout` is not a setting of [p2p]; a setting of that name belongs \
+             under [archive]"
+        );
+        // Under [archive], whose settings are few: they are listed too.
+        let archive = with_archive(|s| s.replace("write = true", "write = true\ntimeout = \"5s\""));
+        let told = refused(archive);
+        assert!(
+            told.starts_with(
+                "`timeout` is not a setting of [archive]; a setting of that name belongs \
+                 under [p2p] (unknown field `timeout`, expected one of `url`"
+            ) && told.contains("`request-timeout`"),
+            "{told}"
+        );
+        // A setting uncommented without its commented header: top-level.
+        let stray = default_file().replace("# url = \"archive\"", "url = \"archive\"");
+        assert!(refused(stray).starts_with(
+            "`url` is not a top-level setting; a setting of that name belongs under [archive]"
+        ),);
+        // A header with a trailing comment is read as TOML reads it.
+        let commented = default_file().replace(
+            "[p2p]\n",
+            "[p2p] # the layer\nmetrics-address = \"127.0.0.1:9100\"\n",
+        );
+        assert!(refused(commented).starts_with("`metrics-address` is not a setting of [p2p];"));
+        // A key inside a seed-peers entry is no section's setting.
+        let entry = default_file().replace(
+            "seed-peers = []",
+            "seed-peers = [{ address = \"10.0.0.5:7000\", interval = \"1s\" }]",
+        );
+        let told = refused(entry);
+        assert!(
+            told.starts_with("unknown field `interval`, expected"),
+            "{told}"
         );
         let top = default_file()
             .replace("allow-private-addresses = true", "")
@@ -2088,7 +2134,8 @@ mod tests {
             );
         assert_eq!(
             refused(top),
-            "`allow-private-addresses` is not a top-level setting: it belongs under [p2p]"
+            "`allow-private-addresses` is not a top-level setting; a setting of that name \
+             belongs under [p2p]"
         );
         // A key of no section: the section's keys, as before.
         let typo = refused(under_p2p("intervall = \"1s\""));

@@ -69,9 +69,15 @@ pub fn notes(
     }
     // Only an address written as peers write one can be compared: a host
     // name may resolve to any of them.
+    // Nor can one listening on every address without external-addresses:
+    // it is reached there, and told at load that it advertises 0.0.0.0.
     let named = soma_actors::discovery::canonical_address(&authority.address);
     let comparable = named.parse::<std::net::SocketAddr>().is_ok();
-    if comparable && !advertised.contains(&named) {
+    let everywhere = (advertised.iter()).any(|a| {
+        a.parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| a.ip().is_unspecified())
+    });
+    if comparable && !everywhere && !advertised.contains(&named) {
         notes.push(warning(format!(
             "the genesis names validator {index} at {}, but the node advertises {}: peers \
              dialling the validator's address will not find it; set listen-address or \
@@ -128,6 +134,10 @@ mod tests {
         // A host name is not compared.
         let notes = notes_of(&c, 11, 21, "10.0.0.9:7000");
         assert_eq!(notes.len(), 1, "{notes:?}");
+        // Nor is a node listening on every address (warned of at load).
+        let c = committee("10.0.0.2:7000");
+        assert_eq!(notes_of(&c, 11, 21, "0.0.0.0:7000").len(), 1);
+        assert_eq!(notes_of(&c, 11, 21, "[::]:7000").len(), 1);
     }
 
     fn notes_of(c: &Committee, network: u8, protocol: u8, advertised: &str) -> Vec<Note> {

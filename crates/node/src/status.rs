@@ -33,7 +33,12 @@ pub async fn query(address: &str, timeout: Duration) -> Result<NodeStatus, Strin
             let hint = match &e {
                 soma_wire::tls::TlsError::Connect(_) if e.to_string().contains("refused") => {
                     " (nothing listens there: is the node running, and is this its \
-                     listen-address, not its metrics-address?)"
+                     listen-address?)"
+                }
+                soma_wire::tls::TlsError::Connect(_)
+                    if e.to_string().contains("InvalidContentType") =>
+                {
+                    " (not a node's gRPC port: its metrics-address, or another service?)"
                 }
                 soma_wire::tls::TlsError::Timeout => {
                     " (no answer: a firewall dropping packets, or a host that is down)"
@@ -85,9 +90,9 @@ fn status_causes(status: &tonic::Status) -> String {
     );
     if text.contains("transport error") {
         format!(
-            "{text} (the connection failed right after the handshake: most likely a \
-             private node, access = \"private\", which serves only the peers on its \
-             allowlist; `status` connects without a key)"
+            "{text} (the connection failed right after the handshake: a private node, \
+             access = \"private\", which serves only the peers on its allowlist (`status` \
+             connects without a key), or a node at its connection limit, or stopping)"
         )
     } else {
         text

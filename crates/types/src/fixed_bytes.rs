@@ -28,9 +28,9 @@ pub(crate) fn deserialize<'de, D: Deserializer<'de>, const N: usize>(
             let mut out = [0u8; N];
             hex::decode_to_slice(v, &mut out).map_err(|e| {
                 E::custom(format!(
-                    "expected {} hex characters ({N} bytes), got {} characters: {e}",
+                    "expected {} hex characters ({N} bytes), got {} bytes of text: {e}",
                     2 * N,
-                    v.chars().count()
+                    v.len()
                 ))
             })?;
             Ok(out)
