@@ -2519,6 +2519,22 @@ mod tests {
         assert_eq!(c.synced(), r(20));
     }
 
+    /// Batch 1..=10 being written when the plan is reset (the claim the
+    /// second batch ran up to went, and its blocks found no peer): the
+    /// reset asks for 1..=10 again. The core, and that commit fetch.
+    fn reset_during_a_write() -> (StateSyncCore, TaskId) {
+        let (mut c, first, second) = two_fetched_batches();
+        let out = blocks_ok(&mut c, first[0].0);
+        assert!(out.contains(&Output::Apply { start: 1 }), "{out:?}");
+        tick(&mut c, 1, 10);
+        let out = blocks_done(&mut c, second[0].0, Err(Failure::NoPeer));
+        assert!(out.contains(&Output::Reset), "{out:?}");
+        let (again, 1, 10) = commit_fetch(&out).expect("fetched again") else {
+            panic!("{out:?}")
+        };
+        (c, again)
+    }
+
     /// The plan is reset while a batch is being written (here: the claim
     /// the second batch ran up to went, as when a Connections restart
     /// reports every peer gone, and its blocks found no peer). The reset
@@ -2531,14 +2547,7 @@ mod tests {
     /// again when it went past what was planned.
     #[test]
     fn a_reset_during_a_write_does_not_fetch_the_written_batch_again() {
-        let (mut c, first, second) = two_fetched_batches();
-        let out = blocks_ok(&mut c, first[0].0);
-        assert!(out.contains(&Output::Apply { start: 1 }), "{out:?}");
-        tick(&mut c, 1, 10);
-        let out = blocks_done(&mut c, second[0].0, Err(Failure::NoPeer));
-        assert!(out.contains(&Output::Reset), "{out:?}");
-        let (again, start, end) = commit_fetch(&out).expect("fetched again");
-        assert_eq!((start, end), (1, 10));
+        let (mut c, again) = reset_during_a_write();
         // The write ends after the reset; the claims come back; the
         // batch's answer comes after its write.
         let mut out = applied(&mut c, 1, 10);
@@ -2560,13 +2569,7 @@ mod tests {
     /// end now plans again from the new watermark.
     #[test]
     fn a_batch_fetched_again_during_its_write_is_planned_again_after_it() {
-        let (mut c, first, second) = two_fetched_batches();
-        blocks_ok(&mut c, first[0].0);
-        tick(&mut c, 1, 10);
-        let out = blocks_done(&mut c, second[0].0, Err(Failure::NoPeer));
-        let (again, 1, 10) = commit_fetch(&out).expect("fetched again") else {
-            panic!("{out:?}")
-        };
+        let (mut c, again) = reset_during_a_write();
         tick(&mut c, 2, 30);
         let out = commits_ok(&mut c, 2, again, 1, 10, 5);
         let refetched = block_fetches(&out);
@@ -2780,15 +2783,7 @@ mod tests {
 
     #[test]
     fn a_batch_fetched_again_during_its_write_is_dropped_once_local_commits_cover_it() {
-        let (mut c, first, second) = two_fetched_batches();
-        let out = blocks_ok(&mut c, first[0].0);
-        assert!(out.contains(&Output::Apply { start: 1 }), "{out:?}");
-        tick(&mut c, 1, 10);
-        let out = blocks_done(&mut c, second[0].0, Err(Failure::NoPeer));
-        assert!(out.contains(&Output::Reset), "{out:?}");
-        let (again, 1, 10) = commit_fetch(&out).unwrap() else {
-            panic!("{out:?}")
-        };
+        let (mut c, again) = reset_during_a_write();
         tick(&mut c, 2, 30);
         // Fetched again while the first one is still being written: the
         // same start, another batch.
