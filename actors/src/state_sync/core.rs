@@ -2416,16 +2416,7 @@ mod tests {
         // Local commits moved the watermark past what sync planned, into
         // the next epoch: the plan is reset, and the answer held ahead
         // dropped with it.
-        let out = c.handle(
-            Time(0),
-            Input::LocalApplied {
-                last: r(5),
-                next_epoch: Some(EpochStart {
-                    epoch: 1,
-                    commit_answer_bytes: 5 << 20,
-                }),
-            },
-        );
+        let out = local_ending_epoch_0(&mut c, 5);
         assert!(out.contains(&Output::Reset), "{out:?}");
         assert!(
             out.contains(&Output::ForgetCommitsAhead { task: ahead }),
@@ -2734,6 +2725,16 @@ mod tests {
         assert_eq!(c.synced(), r(20));
     }
 
+    /// Local commits up to `last`, the last ending epoch 0.
+    fn local_ending_epoch_0(c: &mut StateSyncCore, last: u64) -> Vec<Output> {
+        let next_epoch = Some(EpochStart {
+            epoch: 1,
+            commit_answer_bytes: 5 << 20,
+        });
+        let last = r(last);
+        c.handle(Time(0), Input::LocalApplied { last, next_epoch })
+    }
+
     fn local(c: &mut StateSyncCore, last: u64) -> Vec<Output> {
         let last = r(last);
         c.handle(
@@ -2820,16 +2821,7 @@ mod tests {
             panic!("{out:?}")
         };
         assert_eq!(commit_fetch_epoch(&out), Some((0, false)));
-        let out = c.handle(
-            Time(0),
-            Input::LocalApplied {
-                last: r(5),
-                next_epoch: Some(EpochStart {
-                    epoch: 1,
-                    commit_answer_bytes: 5 << 20,
-                }),
-            },
-        );
+        let out = local_ending_epoch_0(&mut c, 5);
         assert!(out.contains(&Output::Reset), "{out:?}");
         assert!(!c.awaits(next) && !c.awaits(blocks[0].0));
         (c, blocks, next)
