@@ -986,15 +986,24 @@ impl NodeConfig {
             // Only the stores this binary can use: any other scheme was
             // opened and then failed every request (plain http, which the
             // HTTP store refuses unless told, and nothing here tells it).
+            const STORES: [&str; 5] = ["file", "s3", "s3a", "gs", "https"];
             let scheme = (archive.url.split_once("://")).map(|(s, _)| s.to_ascii_lowercase());
+            // `s3:/bucket` or `gs:bucket`, a slash short of a URL, would
+            // otherwise be taken for a directory relative to the file's.
+            let slashes_missing = scheme.is_none()
+                && (archive.url.split_once(':')).is_some_and(|(s, _)| {
+                    let s = s.to_ascii_lowercase();
+                    STORES.contains(&s.as_str()) || s == "http"
+                });
             range(
                 "archive.url",
                 "a directory, s3://bucket/prefix, gs://bucket/prefix or https://host/prefix \
-                 (not plain http://; an S3-compatible server over plain HTTP is s3://bucket \
-                 with AWS_ENDPOINT=http://host:port and AWS_ALLOW_HTTP=true)",
+                 (two slashes after the scheme; not plain http://; an S3-compatible server \
+                 over plain HTTP is s3://bucket with AWS_ENDPOINT=http://host:port and \
+                 AWS_ALLOW_HTTP=true)",
                 !archive.url.trim().is_empty()
-                    && scheme
-                        .is_none_or(|s| ["file", "s3", "s3a", "gs", "https"].contains(&s.as_str())),
+                    && !slashes_missing
+                    && scheme.is_none_or(|s| STORES.contains(&s.as_str())),
                 format!("{:?}", archive.url),
             )?;
             range(
@@ -1810,8 +1819,17 @@ mod tests {
         );
 
         // A store this binary cannot use is refused at once, with the way
-        // to reach a plain-HTTP S3 server.
-        for url in ["http://host/prefix", "ftp://host/prefix", "memory:///"] {
+        // to reach a plain-HTTP S3 server; so is a URL a slash short, which
+        // would be read as a directory.
+        for url in [
+            "http://host/prefix",
+            "ftp://host/prefix",
+            "memory:///",
+            "s3:/bucket/soma",
+            "GS:bucket",
+            "https:/host/soma",
+            "file:/var/soma",
+        ] {
             let e = parse(&with_archive(|s| {
                 s.replace("url = \"archive\"", &format!("url = \"{url}\""))
             }))
