@@ -1,10 +1,11 @@
 //! Fault injection, for tests of supervision.
 //!
 //! With the `testing` feature a node can be given a `FaultPlan`: panics
-//! in an actor's handler on its Nth input (or on every input), and panics
-//! or failures in the sync workers of given batches. Without the feature
-//! there is no plan to give, and the hooks below compile to nothing, so a
-//! production build carries no way to trigger them.
+//! in an actor's handler on its Nth input (or on every input), panics or
+//! failures in the sync workers of given batches, and panics in dials.
+//! Without the feature there is no plan to give, and the hooks below
+//! compile to nothing, so a production build carries no way to trigger
+//! them.
 
 use soma_types::CommitIndex;
 
@@ -38,6 +39,16 @@ impl Faults {
         }
         #[cfg(not(feature = "testing"))]
         let _ = actor;
+    }
+
+    /// Called by a dialling task before it connects: panics if the plan
+    /// has dials left to panic.
+    #[inline]
+    pub(crate) fn on_dial(&self) {
+        #[cfg(feature = "testing")]
+        if let Some(plan) = &self.plan {
+            plan.on_dial();
+        }
     }
 
     /// Called by a sync worker for the batch starting at `batch`: panics,
@@ -103,6 +114,8 @@ mod plan {
         /// Batch start → sync workers left to fail as if their peer had
         /// sent invalid data (no peer is asked, so none is blamed).
         pub invalid: Mutex<HashMap<CommitIndex, u32>>,
+        /// Dials left to panic in their task, before they connect.
+        pub dial_panics: Mutex<u32>,
         /// Actor name → when its handler panics.
         actors: Mutex<HashMap<String, Trigger>>,
         /// Actor name → panics injected so far.
@@ -136,7 +149,7 @@ mod plan {
             lock(&self.actors).insert(actor.to_owned(), Trigger::Always);
         }
 
-        /// Panics injected into `actor` so far.
+        /// Panics injected into `actor` so far (`"dial"`: into dials).
         pub fn injected(&self, actor: &str) -> u64 {
             lock(&self.injected).get(actor).copied().unwrap_or(0)
         }
@@ -181,6 +194,18 @@ mod plan {
             }
             *lock(&self.injected).entry(actor.to_owned()).or_default() += 1;
             panic!("injected panic in the {actor} actor");
+        }
+
+        pub(super) fn on_dial(&self) {
+            {
+                let mut left = lock(&self.dial_panics);
+                if *left == 0 {
+                    return;
+                }
+                *left -= 1;
+            }
+            *lock(&self.injected).entry("dial".to_owned()).or_default() += 1;
+            panic!("injected panic in a dial");
         }
 
         pub(super) fn on_worker(&self, batch: CommitIndex) -> Result<(), Failure> {

@@ -314,6 +314,44 @@ async fn a_peer_that_stops_answering_height_queries_holds_up_only_its_own() {
     }
 }
 
+/// A connection's probe is not sent again while the last one is on its
+/// way: with probes every 20 ms and calls that never time out, a peer that
+/// holds every check after its first holds one probe, not one more every
+/// interval. A validator answering beside it is probed all the while.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_holding_its_probe_is_probed_once_at_a_time() {
+    soma_testkit::init_tracing();
+    const PROBES: u64 = 50;
+    let chain = Arc::new(chain());
+    let validator = soma_testkit::validator(&chain, 1);
+    let silent = serve_observed(chain.clone(), Lie::SilentAfterFirstHeightQuery, 40).await;
+    let mut config = P2pConfig {
+        seed_peers: vec![soma_testkit::seeds(&[&validator]).remove(0), silent.seed()],
+        timeout: Duration::from_secs(3_600),
+        height_query_interval: Duration::from_secs(3_600),
+        ..P2pConfig::default()
+    };
+    config.connections.probe_interval_ms = 20;
+    config.connections.connect_timeout_ms = 3_600_000;
+    let (node, _) = start(&chain, 9, config);
+    wait_for("the silent peer connected", || async {
+        let connected = node.connected_peers().await.unwrap();
+        connected.contains(&silent.peer)
+    })
+    .await;
+    let start = height_queries_answered(&validator);
+    wait_for("the validator probed 50 times more", || async {
+        height_queries_answered(&validator) >= start + PROBES
+    })
+    .await;
+    // The dial's check, then the height query StateSync sends a new
+    // connection and one probe, both held.
+    assert_eq!(silent.height_queries.load(Ordering::SeqCst), 3);
+    assert_eq!(silent.stalled.load(Ordering::SeqCst), 2);
+    node.shutdown().await;
+    validator.shutdown().await;
+}
+
 /// A peer answering the cheap height query with 64 KiB, of a call whose
 /// answer takes 56 bytes, is refused at the decoder's cap (the first call
 /// of a dial, a probe, a height query): the node never holds such an

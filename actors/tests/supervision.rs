@@ -373,3 +373,43 @@ async fn a_state_sync_restart_pushes_the_advertised_height_again_to_peers_behind
     node.shutdown().await;
     source.shutdown().await;
 }
+
+/// A dial whose task panics (an unwinding task reports nothing) frees the
+/// address and the slot it held: the node dials its one seed again and
+/// connects. Before, the address stayed "being dialled" for as long as
+/// Connections lived, and every later dial of it was dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dial_whose_task_panics_frees_its_address_and_the_seed_is_dialled_again() {
+    init_tracing();
+    let chain = ChainBuilder::new(ChainConfig::validators(4)).build(20);
+    let source = validator(&chain, 1);
+    let faults = Arc::new(FaultPlan::default());
+    *faults.dial_panics.lock().unwrap() = 2;
+    let config = P2pConfig {
+        seed_peers: seeds(&[&source]),
+        faults: Some(faults.clone()),
+        ..P2pConfig::default()
+    };
+    let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+    let node = soma_testkit::node(&chain, 9, config, store);
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let connected = node.connected_peers().await.expect("connected peers");
+        if connected.contains(&source.peer_id()) {
+            assert_eq!(connected.len(), 1, "{connected:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the seed was never connected");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(faults.injected("dial"), 2);
+    wait_synced(&node, chain.tip(), DEADLINE).await;
+    // Only the panics: Connections itself was never restarted.
+    assert!(
+        restarts(&node).iter().all(|(_, r)| *r == 0),
+        "{:?}",
+        restarts(&node)
+    );
+    node.shutdown().await;
+    source.shutdown().await;
+}

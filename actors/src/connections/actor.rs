@@ -1,4 +1,4 @@
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use actix::{Actor, AsyncContext, Context, Handler, Message, Recipient, Supervised};
@@ -24,6 +24,50 @@ struct DialDone {
     address: String,
     expected: Option<PeerId>,
     result: Result<(Channel, PeerId), DialError>,
+}
+
+/// A probe finished (sent by the probing task): connection `connection`
+/// to `peer` failed its check if `broken`.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Probed {
+    peer: PeerId,
+    connection: u64,
+    broken: bool,
+}
+
+/// One message from a task to the actor: the one the task sends, or, if
+/// the task ends without sending it (it panicked, or its runtime dropped
+/// it), `fallback`, so that what the actor holds for the task (a dial's
+/// slot and address, a peer marked as being probed) is freed either way
+/// rather than held for as long as the actor lives.
+struct ReportOnce<M>
+where
+    M: Message<Result = ()> + Send + 'static,
+{
+    to: Recipient<M>,
+    fallback: Option<M>,
+}
+
+impl<M> ReportOnce<M>
+where
+    M: Message<Result = ()> + Send + 'static,
+{
+    fn send(mut self, message: M) {
+        self.fallback = None;
+        self.to.do_send(message);
+    }
+}
+
+impl<M> Drop for ReportOnce<M>
+where
+    M: Message<Result = ()> + Send + 'static,
+{
+    fn drop(&mut self) {
+        if let Some(message) = self.fallback.take() {
+            self.to.do_send(message);
+        }
+    }
 }
 
 /// What the Connections actor is made from; kept across restarts.
@@ -52,7 +96,14 @@ pub struct Deps {
 pub struct Connections {
     deps: Deps,
     driver: Driver<ConnectionsCore>,
-    clients: HashMap<PeerId, Client>,
+    /// Each connected peer's client, with the number of its connection.
+    clients: HashMap<PeerId, (u64, Client)>,
+    /// The number of the next connection kept.
+    next_connection: u64,
+    /// Connections whose probe is on its way; each is removed by its
+    /// probe's [`Probed`], which the probing task sends whatever becomes of
+    /// it.
+    probing: HashSet<(PeerId, u64)>,
 }
 
 impl Connections {
@@ -63,6 +114,8 @@ impl Connections {
             driver: Driver::new(deps.config.clone(), recorder).with_faults(deps.faults.clone()),
             deps,
             clients: HashMap::new(),
+            next_connection: 0,
+            probing: HashSet::new(),
         }
     }
 
@@ -73,7 +126,9 @@ impl Connections {
                 Output::Dial { address, expected } => self.dial(address, expected, ctx),
                 Output::Keep { peer } => {
                     if let Some(channel) = dialled.take() {
-                        self.clients.insert(peer, client(channel));
+                        self.next_connection += 1;
+                        let kept = (self.next_connection, client(channel));
+                        self.clients.insert(peer, kept);
                     }
                 }
                 Output::Close { peer } => {
@@ -109,10 +164,19 @@ impl Connections {
     }
 
     fn dial(&self, address: String, expected: Option<PeerId>, ctx: &mut Context<Self>) {
-        let addr = ctx.address();
+        let report = ReportOnce {
+            to: ctx.address().recipient(),
+            fallback: Some(DialDone {
+                address: address.clone(),
+                expected,
+                result: Err(DialError::Abandoned),
+            }),
+        };
         let identity = self.deps.identity.clone();
+        let faults = self.deps.faults.clone();
         let timeout = Duration::from_millis(self.deps.config.connect_timeout_ms);
         self.deps.runtime.spawn(async move {
+            faults.on_dial();
             let result = match tls::connect(&address, Some(&identity), expected, timeout).await {
                 // A seed list shared by every node names each node's own
                 // address too: not a peer, and not to be asked for peers.
@@ -132,7 +196,7 @@ impl Connections {
                     Err(DialError::from(&e))
                 }
             };
-            addr.do_send(DialDone {
+            report.send(DialDone {
                 address,
                 expected,
                 result,
@@ -140,14 +204,32 @@ impl Connections {
         });
     }
 
-    fn probe(&self, ctx: &mut Context<Self>) {
+    /// Checks each connection not being checked already: with a probe
+    /// interval shorter than the connect timeout, a silent peer would
+    /// otherwise hold a new call each interval until its first timed out.
+    fn probe(&mut self, ctx: &mut Context<Self>) {
         let timeout = Duration::from_millis(self.deps.config.connect_timeout_ms);
-        for (peer, client) in &self.clients {
-            let (peer, client, addr) = (*peer, client.clone(), ctx.address());
+        for (&peer, (connection, client)) in &self.clients {
+            let connection = *connection;
+            if !self.probing.insert((peer, connection)) {
+                continue;
+            }
+            let report = ReportOnce {
+                to: ctx.address().recipient(),
+                fallback: Some(Probed {
+                    peer,
+                    connection,
+                    broken: false,
+                }),
+            };
+            let client = client.clone();
             self.deps.runtime.spawn(async move {
-                if check(client, timeout).await.is_err() {
-                    addr.do_send(ReportBroken { peer });
-                }
+                let broken = check(client, timeout).await.is_err();
+                report.send(Probed {
+                    peer,
+                    connection,
+                    broken,
+                });
             });
         }
     }
@@ -182,6 +264,8 @@ impl Supervised for Connections {
     fn restarting(&mut self, _: &mut Context<Self>) {
         let held: Vec<PeerId> = self.driver.core().connected().collect();
         self.clients.clear();
+        // `probing` stays: the probes on their way still report, each
+        // freeing its peer.
         self.driver.restart(self.deps.config.clone());
         for peer in held {
             self.publish(PeerEvent::Disconnected { peer });
@@ -207,6 +291,19 @@ impl Handler<ReportBroken> for Connections {
     type Result = ();
     fn handle(&mut self, msg: ReportBroken, ctx: &mut Context<Self>) {
         self.step(Input::Broken { peer: msg.peer }, ctx, None);
+    }
+}
+
+impl Handler<Probed> for Connections {
+    type Result = ();
+    fn handle(&mut self, msg: Probed, ctx: &mut Context<Self>) {
+        self.probing.remove(&(msg.peer, msg.connection));
+        // A probe of a connection since replaced says nothing of the new
+        // one.
+        let current = self.clients.get(&msg.peer).map(|(c, _)| *c);
+        if msg.broken && current == Some(msg.connection) {
+            self.step(Input::Broken { peer: msg.peer }, ctx, None);
+        }
     }
 }
 
@@ -249,6 +346,6 @@ impl Handler<ActiveConnections> for Connections {
 impl Handler<GetClient> for Connections {
     type Result = Option<Client>;
     fn handle(&mut self, msg: GetClient, _: &mut Context<Self>) -> Self::Result {
-        self.clients.get(&msg.0).cloned()
+        self.clients.get(&msg.0).map(|(_, client)| client.clone())
     }
 }

@@ -36,6 +36,7 @@ pub enum PeerEvent {
 /// Why a dial failed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum DialError {
     /// We hold `max_connections` connections or dials already.
     #[error("connection limit reached")]
@@ -76,6 +77,10 @@ pub enum DialError {
     /// configuration failed.
     #[error("refused")]
     Refused,
+    /// The dial's task ended without a result (it panicked, or its
+    /// runtime dropped it).
+    #[error("the dial ended without a result")]
+    Abandoned,
     /// The handshake passed but the first call failed (a private server
     /// refusing our certificate shows only then).
     #[error("first call failed: {0}")]
