@@ -49,6 +49,11 @@ pub struct StateSync {
     /// Whether a round's question to Connections (the peers to ask) is
     /// on its way: one at a time.
     asking_connected: bool,
+    /// Whether a tick's question to PeerHeights (the highest commit known)
+    /// is on its way: one at a time, so that ticks do not pile up
+    /// questions while PeerHeights is held up (its start waits for
+    /// Connections).
+    asking_highest: bool,
     /// The wake-up set for the core's next retry, and its time.
     wake: Option<(Time, SpawnHandle)>,
     /// Store writes, one at a time in the order asked ([`WriteQueue`]):
@@ -85,6 +90,7 @@ impl StateSync {
             broken: None,
             asking_behind: None,
             asking_connected: false,
+            asking_highest: false,
             wake: None,
             writes: WriteQueue::default(),
         })
@@ -415,11 +421,17 @@ impl Actor for StateSync {
         // pin the actors' thread (an embedder's `tick` is not checked).
         let tick = self.deps.tick.max(Duration::from_millis(1));
         ctx.run_interval(tick, |act, ctx| {
+            if std::mem::replace(&mut act.asking_highest, true) {
+                return;
+            }
             let heights = act.deps.heights.clone();
             ctx.spawn(
                 async move { heights.send(HighestKnownCommit).await.ok().flatten() }
                     .into_actor(act)
-                    .map(|highest, _, ctx| ctx.notify(TickMsg(highest))),
+                    .map(|highest, act, ctx| {
+                        act.asking_highest = false;
+                        ctx.notify(TickMsg(highest))
+                    }),
             );
         });
     }
@@ -446,6 +458,7 @@ impl Supervised for StateSync {
         // context's futures.
         self.asking_behind = None;
         self.asking_connected = false;
+        self.asking_highest = false;
         self.wake = None;
         self.fetched.clear();
         // A synced batch waiting to be written goes with the fetched ones
