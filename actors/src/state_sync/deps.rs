@@ -89,7 +89,7 @@ impl Deps {
     /// committee it holds (the epoch of the next commit to sync).
     pub(super) fn init(&self, first_task: TaskId) -> Result<Init, soma_store::Error> {
         let synced = self.store.highest_synced_commit()?;
-        let committees = stored_committees(self.store.as_ref(), self.genesis_epoch)?;
+        let committees = stored_committees(self.store.as_ref(), self.genesis_epoch, 1)?;
         let last = committees.last();
         Ok(Init {
             config: self.config.clone(),

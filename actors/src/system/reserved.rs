@@ -104,7 +104,7 @@ impl ReservedSlots {
     fn rebuild(&mut self) {
         self.peers = ReservedPeers::new(self.allowlist.iter().copied());
         let (store, first) = &self.committees;
-        match stored_committees(store.as_ref(), *first) {
+        match stored_committees(store.as_ref(), *first, RESERVED_COMMITTEES) {
             Ok(committees) => committees.iter().for_each(|c| self.peers.install(c)),
             Err(e) => tracing::warn!(%e, "reserved slots: cannot read the committees"),
         }

@@ -58,17 +58,57 @@ impl Deps {
     }
 }
 
-/// Every committee `store` holds from `first` on, in epoch order.
+/// The newest `most` committees `store` holds from `first` on, in epoch
+/// order. A store holds the committee of every epoch from `first` to its
+/// newest, so the newest is found by doubling steps and then halving them:
+/// a number of reads that grows with the logarithm of the epochs, where a
+/// read of every committee since `first` made each start of a node that
+/// has run for many epochs read and hold them all.
 pub(crate) fn stored_committees(
     store: &dyn ConsensusStore,
     first: Epoch,
+    most: usize,
 ) -> Result<Vec<Committee>, soma_store::Error> {
-    let mut committees = Vec::new();
-    let mut epoch = first;
-    while let Some(c) = store.committee(epoch)? {
-        committees.push(c);
-        epoch += 1;
+    newest_committees(first, most, |epoch| store.committee(epoch))
+}
+
+/// [`stored_committees`], reading each committee with `read`.
+fn newest_committees<E>(
+    first: Epoch,
+    most: usize,
+    mut read: impl FnMut(Epoch) -> Result<Option<Committee>, E>,
+) -> Result<Vec<Committee>, E> {
+    let Some(mut newest) = read(first)? else {
+        return Ok(Vec::new());
+    };
+    let mut held = first;
+    let mut step: Epoch = 1;
+    // An epoch past the newest, every one from `first` to `held` held.
+    let mut missing = loop {
+        let Some(epoch) = held.checked_add(step) else {
+            break Epoch::MAX;
+        };
+        match read(epoch)? {
+            Some(c) => (held, newest, step) = (epoch, c, step.saturating_mul(2)),
+            None => break epoch,
+        }
+    };
+    while missing - held > 1 {
+        let middle = held + (missing - held) / 2;
+        match read(middle)? {
+            Some(c) => (held, newest) = (middle, c),
+            None => missing = middle,
+        }
     }
+    let mut committees = vec![newest];
+    while committees.len() < most.max(1) && held > first {
+        held -= 1;
+        match read(held)? {
+            Some(c) => committees.push(c),
+            None => break,
+        }
+    }
+    committees.reverse();
     Ok(committees)
 }
 
@@ -122,17 +162,9 @@ impl Actor for Verifier {
         let Some((store, first)) = self.deps.committees.clone() else {
             return;
         };
-        match stored_committees(store.as_ref(), first) {
-            Ok(committees) => {
-                // Only the newest are kept: the others are not installed.
-                let older = committees
-                    .len()
-                    .saturating_sub(self.deps.config.max_committees.max(1));
-                committees
-                    .into_iter()
-                    .skip(older)
-                    .for_each(|c| self.install(c));
-            }
+        // Only the newest are kept: the others are not read.
+        match stored_committees(store.as_ref(), first, self.deps.config.max_committees) {
+            Ok(committees) => committees.into_iter().for_each(|c| self.install(c)),
             Err(e) => {
                 // Without its committees it can verify nothing: a failure
                 // for the supervisor.
@@ -239,6 +271,61 @@ impl Verifier {
                 Output::Installed { .. } => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod newest_committees_tests {
+    use super::*;
+
+    /// The newest committees of stores holding epochs `first..=last`, for
+    /// every `last` up to 300 (and one far past): exactly the newest
+    /// `most`, in order, each found in reads logarithmic in the epochs.
+    #[test]
+    fn the_newest_committees_are_found_in_logarithmic_reads() {
+        let chain = soma_chain::ChainBuilder::new(soma_chain::ChainConfig::validators(4)).build(1);
+        let authorities: Vec<_> = chain
+            .genesis()
+            .authorities()
+            .map(|(_, a)| a.clone())
+            .collect();
+        let committee = |epoch| Committee::new(epoch, authorities.clone()).unwrap();
+        for first in [0, 7] {
+            for last in (first..=first + 300).chain([first + 100_000]) {
+                for most in [0, 1, 2, 16] {
+                    let mut reads = 0u64;
+                    let found = newest_committees(first, most, |epoch| {
+                        reads += 1;
+                        Ok::<_, ()>((first..=last).contains(&epoch).then(|| committee(epoch)))
+                    })
+                    .unwrap();
+                    let wanted = most.max(1).min((last - first + 1) as usize) as u64;
+                    let epochs: Vec<Epoch> = found.iter().map(Committee::epoch).collect();
+                    assert_eq!(
+                        epochs,
+                        (last + 1 - wanted..=last).collect::<Vec<_>>(),
+                        "{first}..={last}, most {most}"
+                    );
+                    // Doubling up to twice the span, halving down, then
+                    // the older ones.
+                    let log = u64::from(64 - (last - first + 1).leading_zeros());
+                    assert!(
+                        reads <= 2 * log + 2 + wanted,
+                        "{reads} reads for {first}..={last}"
+                    );
+                }
+            }
+        }
+        // No committee at all, and a failed read, are told as such.
+        assert!(
+            newest_committees(0, 2, |_| Ok::<_, ()>(None))
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            newest_committees(0, 2, |_| Err::<Option<Committee>, _>("broken")).unwrap_err(),
+            "broken"
+        );
     }
 }
 
