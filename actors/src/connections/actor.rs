@@ -144,6 +144,20 @@ impl Connections {
         }
     }
 
+    /// Connection `connection` to `peer` failed a call or a probe: it is
+    /// closed if it is still the one held. A failure of a connection since
+    /// replaced (closed, and the peer dialled again) says nothing of the
+    /// new one.
+    fn broken(&mut self, peer: PeerId, connection: u64, ctx: &mut Context<Self>) {
+        if self
+            .clients
+            .get(&peer)
+            .is_some_and(|(held, _)| *held == connection)
+        {
+            self.step(Input::Broken { peer }, ctx, None);
+        }
+    }
+
     fn publish(&self, event: PeerEvent) {
         match &event {
             PeerEvent::Connected { peer, address } => {
@@ -290,7 +304,7 @@ impl Handler<Disconnect> for Connections {
 impl Handler<ReportBroken> for Connections {
     type Result = ();
     fn handle(&mut self, msg: ReportBroken, ctx: &mut Context<Self>) {
-        self.step(Input::Broken { peer: msg.peer }, ctx, None);
+        self.broken(msg.peer, msg.connection, ctx);
     }
 }
 
@@ -298,11 +312,8 @@ impl Handler<Probed> for Connections {
     type Result = ();
     fn handle(&mut self, msg: Probed, ctx: &mut Context<Self>) {
         self.probing.remove(&(msg.peer, msg.connection));
-        // A probe of a connection since replaced says nothing of the new
-        // one.
-        let current = self.clients.get(&msg.peer).map(|(c, _)| *c);
-        if msg.broken && current == Some(msg.connection) {
-            self.step(Input::Broken { peer: msg.peer }, ctx, None);
+        if msg.broken {
+            self.broken(msg.peer, msg.connection, ctx);
         }
     }
 }
@@ -344,8 +355,8 @@ impl Handler<ActiveConnections> for Connections {
 }
 
 impl Handler<GetClient> for Connections {
-    type Result = Option<Client>;
+    type Result = Option<(u64, Client)>;
     fn handle(&mut self, msg: GetClient, _: &mut Context<Self>) -> Self::Result {
-        self.clients.get(&msg.0).map(|(_, client)| client.clone())
+        self.clients.get(&msg.0).cloned()
     }
 }

@@ -138,6 +138,9 @@ pub struct Disconnect {
 pub struct ReportBroken {
     /// The peer.
     pub peer: PeerId,
+    /// The connection the call went over, as [`GetClient`] numbered it: a
+    /// failure of a connection since replaced closes nothing.
+    pub connection: u64,
 }
 
 /// The peers we hold a connection to.
@@ -152,9 +155,10 @@ pub struct ActivePeers;
 #[rtype(result = "Vec<(PeerId, String)>")]
 pub struct ActiveConnections;
 
-/// The gRPC client of a connected peer.
+/// The gRPC client of a connected peer, with the number of its connection
+/// (to name in a [`ReportBroken`]).
 #[derive(Clone, Debug, Message)]
-#[rtype(result = "Option<Client>")]
+#[rtype(result = "Option<(u64, Client)>")]
 pub struct GetClient(pub PeerId);
 
 /// How a dial ended.

@@ -170,8 +170,8 @@ impl Outbound {
     {
         let deadline = tokio::time::Instant::now() + self.timeout;
         let asked = tokio::time::timeout_at(deadline, self.clients.send(GetClient(peer)));
-        let client = match asked.await {
-            Ok(Ok(Some(client))) => client,
+        let (connection, client) = match asked.await {
+            Ok(Ok(Some(held))) => held,
             // Not connected, Connections gone, or no client in time.
             _ => return Err(CallError::NoConnection),
         };
@@ -179,7 +179,8 @@ impl Outbound {
         let result = call_client(client, left, message, call).await;
         if result.as_ref().err() == Some(&CallError::Transport) {
             // The probe finds a broken connection too, if this is dropped.
-            try_send_to(&self.broken, ReportBroken { peer }, Droppable::ReportBroken);
+            let report = ReportBroken { peer, connection };
+            try_send_to(&self.broken, report, Droppable::ReportBroken);
         }
         result
     }
@@ -220,7 +221,7 @@ mod tests {
     }
 
     impl Handler<GetClient> for Unanswering {
-        type Result = ResponseFuture<Option<Client>>;
+        type Result = ResponseFuture<Option<(u64, Client)>>;
         fn handle(&mut self, _: GetClient, _: &mut Context<Self>) -> Self::Result {
             Box::pin(std::future::pending())
         }
