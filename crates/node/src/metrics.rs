@@ -335,9 +335,9 @@ impl Series {
             within(handle.peer_counts()),
         );
         if let Ok(Ok(status)) = status {
-            self.highest_synced.set(status.synced as i64);
-            self.advertised.set(status.advertised as i64);
-            self.highest_known.set(status.highest_known as i64);
+            self.highest_synced.set(gauge_value(status.synced));
+            self.advertised.set(gauge_value(status.advertised));
+            self.highest_known.set(gauge_value(status.highest_known));
             self.advance(&self.commits, &[], status.commits_applied);
             self.advance(&self.blocks, &[], status.blocks_applied);
             self.advance(&self.bytes, &[], status.bytes_fetched);
@@ -356,13 +356,15 @@ impl Series {
                 &["invalid_response"],
                 status.invalid_responses,
             );
-            self.lowest_available.set(status.lowest_available as i64);
+            self.lowest_available
+                .set(gauge_value(status.lowest_available));
             self.advance(&self.pruned, &[], status.commits_pruned);
-            self.unavailable.set(status.unavailable.unwrap_or(0) as i64);
+            self.unavailable
+                .set(gauge_value(status.unavailable.unwrap_or(0)));
             let lead = status
                 .executed
                 .map_or(0, |taken| status.requested.saturating_sub(taken));
-            self.executor_lead.set(lead as i64);
+            self.executor_lead.set(gauge_value(lead));
         }
         for kind in Droppable::ALL {
             self.advance(&self.dropped, &[kind.name()], dropped(kind));
@@ -427,7 +429,7 @@ impl Series {
             self.advance(&self.inbound_closed, &[reason], n);
         }
         if let Some(a) = handle.archive_status() {
-            self.archive_next.set(a.next as i64);
+            self.archive_next.set(gauge_value(a.next));
             self.advance(&self.archive_written, &[], a.batches_written);
             self.advance(&self.archive_read, &["read"], a.batches_read);
             self.advance(&self.archive_read, &["miss"], a.read_misses);
@@ -656,6 +658,13 @@ impl AsyncWrite for Bounded {
     }
 }
 
+/// A count or a commit index as a gauge's value: past `i64::MAX` (a
+/// peer's claim of the highest commit may be anything) the gauge reads
+/// `i64::MAX`, not a negative number.
+fn gauge_value(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -675,6 +684,17 @@ mod tests {
 
     async fn scrape(handle: &P2pHandle, series: &Arc<Series>) -> String {
         metrics(State((handle.clone(), series.clone()))).await
+    }
+
+    /// A peer may claim any height: past `i64::MAX` the gauge reads
+    /// `i64::MAX`, where a cast read a negative number (-1 for `u64::MAX`).
+    #[test]
+    fn a_height_past_what_a_gauge_holds_reads_as_its_largest() {
+        assert_eq!(gauge_value(0), 0);
+        assert_eq!(gauge_value(1_234), 1_234);
+        assert_eq!(gauge_value(i64::MAX as u64), i64::MAX);
+        assert_eq!(gauge_value(i64::MAX as u64 + 1), i64::MAX);
+        assert_eq!(gauge_value(u64::MAX), i64::MAX);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
