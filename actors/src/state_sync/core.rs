@@ -650,9 +650,14 @@ impl Core for StateSyncCore {
                 }
             }
             Input::CommitsPrefetched { task, peer, result } => {
-                self.orphans.remove(&task);
+                let orphaned = self.orphans.remove(&task).is_some();
                 if let Some(Task::Ahead { start }) = self.tasks.remove(&task) {
                     self.prefetched(now, (task, start), peer, result, &mut out);
+                } else if let (true, Err(failure)) = (orphaned, &result) {
+                    // Invalid whatever came before it, as in turn (an
+                    // answer refused under the epoch guessed comes as
+                    // `Ok`, to be judged at its turn, which is gone).
+                    orphan_failed(peer, failure, &mut out);
                 }
             }
             Input::WithheldInHedge { last, peer } => self.withheld_in_hedge(last, peer, &mut out),
@@ -2854,6 +2859,38 @@ mod tests {
         // Each task's answer is judged once.
         assert_eq!(
             misbehaved(&commits_failed(&mut c, 1, next, LIAR, invalid())),
+            vec![]
+        );
+    }
+
+    /// A fetch ahead forgotten on its way by a reset, then answered with
+    /// data invalid whatever came before it, is charged to its peer, once;
+    /// a timeout is not.
+    #[test]
+    fn an_invalid_answer_of_a_fetch_ahead_a_reset_dropped_is_still_charged() {
+        let mut c = core(ahead_config(2));
+        let out = tick(&mut c, 0, 100);
+        let mut ahead = fetches_ahead(&out);
+        let (t, 1, 10) = commit_fetch(&out).unwrap() else {
+            panic!("{out:?}")
+        };
+        ahead.extend(fetches_ahead(&commits_ok(&mut c, 0, t, 1, 10, 5)));
+        assert_eq!(ahead, [(1, 11, 20), (2, 21, 30), (3, 31, 40)]);
+        let out = local_ending_epoch_0(&mut c, 5);
+        assert!(out.contains(&Output::Reset), "{out:?}");
+        assert!(ahead.iter().all(|a| !c.awaits(a.0)));
+        let invalid = || Failure::Invalid(soma_types::Error::InvalidAddresses(LIAR));
+        let failed = |c: &mut StateSyncCore, task, peer, failure| {
+            let result = Err(failure);
+            misbehaved(&c.handle(Time(1), Input::CommitsPrefetched { task, peer, result }))
+        };
+        assert_eq!(
+            failed(&mut c, ahead[0].0, Some(LIAR), invalid()),
+            vec![LIAR]
+        );
+        assert_eq!(failed(&mut c, ahead[0].0, Some(LIAR), invalid()), vec![]);
+        assert_eq!(
+            failed(&mut c, ahead[1].0, Some(OTHER), Failure::Timeout),
             vec![]
         );
     }
