@@ -147,9 +147,8 @@ pub(crate) fn check_address(address: &str) -> Result<(), String> {
 /// Whether peers could dial a validator at `address`, as the `genesis`
 /// command writes it: [`check_address`], and neither every address
 /// (`0.0.0.0`, `::`: where a node listens, not where it is reached) nor
-/// another service's port, which peers refuse to dial and `run` refuses
-/// to listen on. A genesis already written is not held to this: its
-/// chain id is fixed.
+/// another service's port, which peers refuse to dial. A genesis already
+/// written is not held to this: its chain id is fixed.
 pub(crate) fn check_validator_address(address: &str) -> Result<(), String> {
     check_address(address)?;
     let (host, port) = address.rsplit_once(':').unwrap_or((address, ""));
@@ -169,8 +168,8 @@ pub(crate) fn check_validator_address(address: &str) -> Result<(), String> {
     {
         return Err(format!(
             "address {address:?} is at another service's port (SSH, mail, databases... \
-             soma_actors::discovery::SERVICE_PORTS), which peers refuse to dial \
-             and `run` refuses to listen on; 7000 is usual"
+             soma_actors::discovery::SERVICE_PORTS), which peers refuse to dial; \
+             7000 is usual"
         ));
     }
     Ok(())
