@@ -730,3 +730,71 @@ impl P2pHandle {
         tracing::info!(peer_id = %self.inner.peer_id, "p2p node stopped");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use soma_chain::{ChainBuilder, ChainConfig};
+    use soma_store::MemStore;
+    use soma_types::KeyPair;
+
+    use super::*;
+    use crate::P2pConfig;
+    use crate::connections::{Disconnect, GetClient, ReportBroken};
+
+    /// Waits until Connections holds a connection to `peer` or not, as
+    /// `held` says.
+    async fn wait_held(node: &P2pHandle, peer: PeerId, held: bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while node.connected_peers().await.unwrap().contains(&peer) != held {
+            assert!(Instant::now() < deadline, "never held: {held}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A failure reported of a connection since replaced (closed, and the
+    /// peer dialled again) closes nothing; one of the connection held
+    /// closes it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failure_of_a_replaced_connection_closes_nothing() {
+        let chain = ChainBuilder::new(ChainConfig::validators(4)).build(20);
+        let start = |key: u8| {
+            let store = Arc::new(MemStore::new(chain.genesis()));
+            let key = KeyPair::from_seed([key; 32]);
+            crate::P2pBuilder::new(P2pConfig::default(), key, chain.genesis().clone(), store)
+                .start()
+                .expect("the node starts")
+        };
+        let (source, node) = (start(1), start(9));
+        let (peer, address) = (source.peer_id(), source.local_addr().to_string());
+        let connections = node.inner.actors.connections.clone();
+        let number = async || {
+            let held = connections.send(GetClient(peer)).await.unwrap();
+            held.expect("a client of the peer").0
+        };
+        node.connect(Some(peer), address.clone()).unwrap();
+        wait_held(&node, peer, true).await;
+        let first = number().await;
+        connections.send(Disconnect { peer }).await.unwrap();
+        wait_held(&node, peer, false).await;
+        node.connect(Some(peer), address).unwrap();
+        wait_held(&node, peer, true).await;
+        let second = number().await;
+        assert_ne!(first, second);
+        // Handled in order: the failure, then the question.
+        connections.do_send(ReportBroken {
+            peer,
+            connection: first,
+        });
+        assert!(node.connected_peers().await.unwrap().contains(&peer));
+        assert_eq!(number().await, second);
+        connections.do_send(ReportBroken {
+            peer,
+            connection: second,
+        });
+        assert!(!node.connected_peers().await.unwrap().contains(&peer));
+        node.shutdown().await;
+        source.shutdown().await;
+    }
+}
