@@ -400,10 +400,7 @@ fn sigterm_stops_a_node_cleanly_and_its_store_reopens_consistent() {
     assert_eq!(field(&status, "health"), Some("serving"), "{status}");
 
     kill(node.pid(), Signal::SIGTERM).unwrap();
-    let exit = node
-        .wait_for(Duration::from_secs(20))
-        .unwrap_or_else(|| panic!("the node did not stop within 20 s\n{}", log()));
-    assert!(exit.success(), "{exit}\n{}", log());
+    node.stopped_cleanly(&log_path);
 
     // The store reopens, and every commit up to the watermark is there with
     // its blocks, each linked to the one before.
@@ -603,11 +600,7 @@ fn a_hangup_stops_the_node_cleanly() {
         height(&addresses[0]).is_some()
     });
     kill(node.pid(), Signal::SIGHUP).unwrap();
-    let exit = node
-        .wait_for(Duration::from_secs(20))
-        .expect("the node stops within 20 s");
-    let log = fs::read_to_string(&logs[0]).unwrap();
-    assert!(exit.success(), "{exit}\n{log}");
+    let log = node.stopped_cleanly(&logs[0]);
     assert!(log.contains("hung up"), "{log}");
 }
 
@@ -694,11 +687,7 @@ fn a_node_started_under_nohup_runs_on_after_a_hangup() {
     assert_eq!(mask("SigCgt:") & 1, 0, "SIGHUP not caught\n{status}");
     kill(node.pid(), Signal::SIGHUP).unwrap();
     kill(node.pid(), Signal::SIGTERM).unwrap();
-    let exit = node
-        .wait_for(Duration::from_secs(20))
-        .expect("the node stops within 20 s");
-    let log = fs::read_to_string(&logs[0]).unwrap();
-    assert!(exit.success(), "{exit}\n{log}");
+    let log = node.stopped_cleanly(&logs[0]);
     assert!(log.contains("terminated"), "{log}");
     assert!(!log.contains("hung up"), "{log}");
 }

@@ -74,6 +74,17 @@ impl Spawned {
         }
     }
 
+    /// Waits at most 20 s for the child to exit, asserts that it exited
+    /// cleanly (the log at `log` in the message otherwise), and returns
+    /// that log.
+    pub fn stopped_cleanly(&mut self, log: &Path) -> String {
+        let exit = self.wait_for(Duration::from_secs(20));
+        let text = fs::read_to_string(log).unwrap_or_default();
+        let exit = exit.unwrap_or_else(|| panic!("the node did not stop within 20 s\n{text}"));
+        assert!(exit.success(), "{exit}\n{text}");
+        text
+    }
+
     /// Waits for the child to exit, at most `limit`.
     pub fn wait_for(&mut self, limit: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + limit;
