@@ -1,6 +1,8 @@
 //! [`MemStore`]: the chain in memory, behind one lock.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use smallvec::SmallVec;
 use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -38,49 +40,63 @@ enum Holder {
 }
 
 /// A block as kept: its encoding beside the block, so that serving it
-/// reads the map's entry and no further.
+/// reads the map's entry and no further, and what holds it (nearly always
+/// one commit; a certifier block a commit names holds two), so that a
+/// block stored costs one entry of one map and no allocation of its own.
 #[derive(Debug)]
 struct Kept {
     bytes: bytes::Bytes,
     block: VerifiedBlock,
+    holders: SmallVec<[Holder; 2]>,
 }
+
+/// The hasher of the block map: foldhash, keyed per process. Its keys are
+/// references of blocks already verified (a block is stored only once its
+/// commit's certificate or its own signature vouched for it), so no peer
+/// chooses them freely; a lookup of any reference costs one probe.
+type BlockHasher = foldhash::fast::RandomState;
 
 #[derive(Debug)]
 struct State {
     watermark: CommitRef,
     lowest: CommitIndex,
     commits: BTreeMap<CommitIndex, TrustedCommit>,
-    blocks: HashMap<BlockRef, Kept>,
+    /// Every block stored, with which commits and certificates hold it.
+    blocks: HashMap<BlockRef, Kept, BlockHasher>,
     /// Certifier block references per commit, in the order given.
     certificates: BTreeMap<CommitIndex, Vec<BlockRef>>,
     committees: BTreeMap<Epoch, Committee>,
     epoch_ends: BTreeMap<Epoch, CommitIndex>,
-    /// Reverse index: which commits and certificates hold each block.
-    holders: HashMap<BlockRef, BTreeSet<Holder>>,
 }
 
 impl State {
+    /// Stores `block` unless it is stored already (with its holders).
     fn store_block(&mut self, block: &VerifiedBlock) {
-        self.blocks.insert(
-            block.reference(),
-            Kept {
+        self.blocks
+            .entry(block.reference())
+            .or_insert_with(|| Kept {
                 bytes: block.serialized().clone(),
                 block: block.clone(),
-            },
-        );
+                holders: SmallVec::new(),
+            });
     }
 
+    /// Adds `holder` to the holders of `block`, a stored block (the
+    /// callers store or check every block before holding it).
     fn hold(&mut self, block: BlockRef, holder: Holder) {
-        self.holders.entry(block).or_default().insert(holder);
+        if let Some(kept) = self.blocks.get_mut(&block)
+            && !kept.holders.contains(&holder)
+        {
+            kept.holders.push(holder);
+        }
     }
 
     /// Drops `holder`'s claim on `block`, deleting the block once nothing
     /// holds it.
     fn release(&mut self, block: BlockRef, holder: Holder) {
-        if let Some(holders) = self.holders.get_mut(&block) {
-            holders.remove(&holder);
-            if holders.is_empty() {
-                self.holders.remove(&block);
+        if let Some(kept) = self.blocks.get_mut(&block) {
+            kept.holders.retain(|h| *h != holder);
+            if kept.holders.is_empty() {
                 self.blocks.remove(&block);
             }
         }
@@ -134,11 +150,10 @@ impl MemStore {
             watermark: genesis_commit(genesis).reference(),
             lowest: FIRST_COMMIT,
             commits: BTreeMap::new(),
-            blocks: HashMap::new(),
+            blocks: HashMap::default(),
             certificates: BTreeMap::new(),
             committees: BTreeMap::from([(genesis.epoch(), genesis.clone())]),
             epoch_ends: BTreeMap::new(),
-            holders: HashMap::new(),
         };
         MemStore {
             state: RwLock::new(state),
