@@ -10,13 +10,11 @@
 //! at or below the watermark is refused, unless it is the very commit
 //! stored there (sent again after a timeout), which is taken as done.
 
-use std::collections::HashMap;
-
 use serde::{Deserialize, Serialize};
 use soma_store::{ConsensusStore, SyncedBatch};
 use soma_types::verify::epoch_change;
 use soma_types::{
-    BlockRef, CommitIndex, CommitRef, CommittedSubDag, Committee, Epoch, TrustedCommit,
+    BlockRef, CommitIndex, CommitRef, CommittedSubDag, Committee, Epoch, FastMap, TrustedCommit,
     VerifiedBlock,
 };
 use tokio::sync::broadcast;
@@ -87,7 +85,7 @@ pub(super) enum Source {
 /// A batch to write.
 pub(super) struct Batch {
     pub(super) commits: Vec<TrustedCommit>,
-    pub(super) blocks: HashMap<BlockRef, VerifiedBlock>,
+    pub(super) blocks: FastMap<BlockRef, VerifiedBlock>,
     pub(super) certificate: Vec<VerifiedBlock>,
     pub(super) source: Source,
 }

@@ -11,7 +11,7 @@
 //! bytes than the fetch may hold.
 
 use crate::dropped::{self, Droppable, try_send};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 use actix::{Addr, Recipient};
 use futures::{FutureExt, StreamExt};
 use soma_types::verify::{CertifiedRun, ExpectedBlocks, RefusedRun};
-use soma_types::{BlockRef, CommitIndex, CommitRef, Epoch, PeerId, TrustedCommit, VerifiedBlock};
+use soma_types::{
+    BlockRef, CommitIndex, CommitRef, Epoch, FastMap, FastSet, PeerId, TrustedCommit, VerifiedBlock,
+};
 use soma_wire::convert::Availability;
 use soma_wire::proto;
 use tokio::sync::watch;
@@ -53,7 +55,7 @@ pub(super) struct BatchData {
     pub(super) refs: Vec<BlockRef>,
     pub(super) epoch: Epoch,
     pub(super) end: CommitIndex,
-    pub(super) blocks: HashMap<BlockRef, VerifiedBlock>,
+    pub(super) blocks: FastMap<BlockRef, VerifiedBlock>,
 }
 
 impl BatchData {
@@ -70,7 +72,7 @@ impl BatchData {
             refs,
             epoch,
             end,
-            blocks: HashMap::new(),
+            blocks: FastMap::default(),
         }
     }
 
@@ -1692,7 +1694,7 @@ impl Worker {
         };
         // The digests matched; the whole references must too (the epoch,
         // round and author a commit names are those of the block).
-        let wanted: HashSet<BlockRef> = refs.iter().copied().collect();
+        let wanted: FastSet<BlockRef> = refs.iter().copied().collect();
         if let Some(block) = blocks.iter().find(|b| !wanted.contains(&b.reference())) {
             return Err(Failure::Invalid(soma_types::Error::UnexpectedBlock(
                 block.reference(),

@@ -1,14 +1,13 @@
 //! [`MemStore`]: the chain in memory, behind one lock.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-
-use smallvec::SmallVec;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use smallvec::SmallVec;
 use soma_types::{
-    BlockRef, CommitIndex, CommitRef, Committee, Epoch, TrustedCommit, VerifiedBlock,
+    BlockRef, CommitIndex, CommitRef, Committee, Epoch, FastMap, TrustedCommit, VerifiedBlock,
     genesis_commit,
 };
 
@@ -50,19 +49,15 @@ struct Kept {
     holders: SmallVec<[Holder; 2]>,
 }
 
-/// The hasher of the block map: foldhash, keyed per process. Its keys are
-/// references of blocks already verified (a block is stored only once its
-/// commit's certificate or its own signature vouched for it), so no peer
-/// chooses them freely; a lookup of any reference costs one probe.
-type BlockHasher = foldhash::fast::RandomState;
-
 #[derive(Debug)]
 struct State {
     watermark: CommitRef,
     lowest: CommitIndex,
     commits: BTreeMap<CommitIndex, TrustedCommit>,
     /// Every block stored, with which commits and certificates hold it.
-    blocks: HashMap<BlockRef, Kept, BlockHasher>,
+    /// Its keys are references of verified blocks, so no peer chooses
+    /// them freely ([`FastMap`]).
+    blocks: FastMap<BlockRef, Kept>,
     /// Certifier block references per commit, in the order given.
     certificates: BTreeMap<CommitIndex, Vec<BlockRef>>,
     committees: BTreeMap<Epoch, Committee>,
@@ -150,7 +145,7 @@ impl MemStore {
             watermark: genesis_commit(genesis).reference(),
             lowest: FIRST_COMMIT,
             commits: BTreeMap::new(),
-            blocks: HashMap::default(),
+            blocks: FastMap::default(),
             certificates: BTreeMap::new(),
             committees: BTreeMap::from([(genesis.epoch(), genesis.clone())]),
             epoch_ends: BTreeMap::new(),

@@ -23,6 +23,33 @@ impl AuthorityIndex {
     }
 }
 
+/// A set of authorities of one committee, a bit each: the checks that an
+/// authority appears once (a block's ancestors, a certificate's voters)
+/// without allocating or hashing.
+#[derive(Clone, Debug)]
+pub(crate) struct AuthoritySet([u64; MAX_COMMITTEE_SIZE / 64]);
+
+impl AuthoritySet {
+    /// The empty set.
+    pub(crate) fn new() -> Self {
+        AuthoritySet([0; MAX_COMMITTEE_SIZE / 64])
+    }
+
+    /// Adds `index`, an authority of a committee (so below
+    /// [`MAX_COMMITTEE_SIZE`]); false if it was in the set already. An
+    /// index past every committee is never added (false).
+    pub(crate) fn insert(&mut self, index: AuthorityIndex) -> bool {
+        let i = index.get();
+        let Some(word) = self.0.get_mut(i / 64) else {
+            return false;
+        };
+        let bit = 1u64 << (i % 64);
+        let fresh = *word & bit == 0;
+        *word |= bit;
+        fresh
+    }
+}
+
 impl std::fmt::Display for AuthorityIndex {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "#{}", self.0)
@@ -240,6 +267,25 @@ impl std::fmt::Display for ChainId {
 mod tests {
     use super::*;
     use crate::KeyPair;
+
+    #[test]
+    fn an_authority_set_holds_each_index_once_up_to_the_largest_committee() {
+        let mut set = AuthoritySet::new();
+        for i in [0, 1, 63, 64, 65, 511, 1_023] {
+            assert!(set.insert(AuthorityIndex(i)), "{i} is new");
+        }
+        for i in [0, 1, 63, 64, 65, 511, 1_023] {
+            assert!(!set.insert(AuthorityIndex(i)), "{i} is held");
+        }
+        // Neighbours of the indices held are not.
+        for i in [2, 62, 66, 510, 512, 1_022] {
+            assert!(set.insert(AuthorityIndex(i)), "{i} is new");
+        }
+        // Past every committee: never added.
+        let past = u32::try_from(MAX_COMMITTEE_SIZE).unwrap();
+        assert!(!set.insert(AuthorityIndex(past)));
+        assert!(!set.insert(AuthorityIndex(u32::MAX)));
+    }
 
     fn committee(stakes: &[Stake]) -> Result<Committee> {
         let authorities = stakes

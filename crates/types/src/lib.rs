@@ -28,6 +28,7 @@ mod committee;
 mod crypto;
 mod digest;
 mod error;
+mod fast_hash;
 mod fixed_bytes;
 mod limits;
 mod node_info;
@@ -49,6 +50,7 @@ pub use committee::{
 pub use crypto::{Domain, KeyCache, KeyPair, PublicKey, Signature};
 pub use digest::Digest;
 pub use error::{Error, SignedItem};
+pub use fast_hash::{FastHasher, FastMap, FastSet};
 pub use limits::Limits;
 pub use node_info::{Access, NodeInfo, PeerId, SignedNodeInfo};
 pub use signature_rule::PreparedKey;

@@ -1,5 +1,4 @@
-use std::collections::HashSet;
-
+use crate::committee::AuthoritySet;
 use crate::{
     Committee, Domain, Error, Limits, Result, SignedItem, Transaction, UnverifiedBlock,
     VerifiedBlock, verify::SignatureBatch,
@@ -72,7 +71,7 @@ pub fn check_block(
     if b.ancestors.len() > committee.size() {
         return Err(Error::TooManyAncestors(r));
     }
-    let mut authors = HashSet::with_capacity(b.ancestors.len());
+    let mut authors = AuthoritySet::new();
     let mut parent_stake = 0u64;
     for ancestor in &b.ancestors {
         if ancestor.epoch != b.epoch

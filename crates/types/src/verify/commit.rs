@@ -1,9 +1,9 @@
-use std::collections::HashSet;
 use std::sync::Arc;
 
+use crate::committee::AuthoritySet;
 use crate::{
-    BlockRef, CommitIndex, CommitRef, Committee, Domain, Epoch, Error, KeyCache, Limits, Result,
-    SignedItem, TrustedCommit, UnverifiedBlock, UnverifiedCommit, VerifiedBlock,
+    BlockRef, CommitIndex, CommitRef, Committee, Domain, Epoch, Error, FastSet, KeyCache, Limits,
+    Result, SignedItem, TrustedCommit, UnverifiedBlock, UnverifiedCommit, VerifiedBlock,
     verify::{Fill, SignatureBatch, check_block},
 };
 
@@ -231,7 +231,7 @@ pub fn certify_commit_run(
         });
     }
     let mut previous: Option<CommitRef> = None;
-    let mut named = HashSet::new();
+    let mut named = FastSet::default();
     for unverified in &commits {
         let c = unverified.commit();
         match previous {
@@ -327,7 +327,7 @@ fn minimal_voters(
     last: CommitRef,
     committee: &Committee,
 ) -> Vec<UnverifiedBlock> {
-    let mut authors = HashSet::with_capacity(certifiers.len());
+    let mut authors = AuthoritySet::new();
     let mut voters: Vec<UnverifiedBlock> = certifiers
         .into_iter()
         .filter(|b| {
@@ -357,7 +357,7 @@ fn check_commit_blocks(
     commit: &UnverifiedCommit,
     committee: &Committee,
     limits: &Limits,
-    named: &mut HashSet<BlockRef>,
+    named: &mut FastSet<BlockRef>,
 ) -> Result<()> {
     let c = commit.commit();
     let invalid = || Error::InvalidCommitBlocks(c.index);

@@ -1,7 +1,7 @@
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 use crate::{
-    BlockRef, Committee, Digest, Error, Limits, Result, TrustedCommit, UnverifiedBlock,
+    BlockRef, Committee, Digest, Error, FastMap, Limits, Result, TrustedCommit, UnverifiedBlock,
     VerifiedBlock,
     verify::{SignatureBatch, check_block},
 };
@@ -18,7 +18,7 @@ use crate::{
 #[derive(Debug, Default)]
 pub struct ExpectedBlocks {
     pending: BTreeSet<BlockRef>,
-    by_digest: HashMap<Digest, BlockRef>,
+    by_digest: FastMap<Digest, BlockRef>,
 }
 
 impl ExpectedBlocks {
@@ -138,9 +138,9 @@ pub fn verify_fetched_blocks(
 /// the last commit of a batch may do so. Returns the next committee when the
 /// batch ends the epoch, after checking it is for the next epoch.
 /// `blocks` must hold every block the commits name.
-pub fn epoch_change(
+pub fn epoch_change<S: std::hash::BuildHasher>(
     commits: &[TrustedCommit],
-    blocks: &HashMap<BlockRef, VerifiedBlock>,
+    blocks: &std::collections::HashMap<BlockRef, VerifiedBlock, S>,
     committee: &Committee,
 ) -> Result<Option<Committee>> {
     let mut next = None;
