@@ -18,30 +18,24 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap};
-use std::hash::{BuildHasher, Hash};
+use std::hash::Hash;
 use std::ops::Bound;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use foldhash::SharedSeed;
-use foldhash::fast::SeedableRandomState;
 use indexmap::IndexMap;
-use soma_types::{PeerId, SignedNodeInfo};
+use soma_types::{FastHasher, PeerId, SignedNodeInfo};
 
 use super::core::{Entry, Prefix, Source};
 
-/// The hasher of a table's maps: foldhash, keyed from the system's
-/// randomness. A SipHash of each 32-byte id was a sixth of a large
-/// simulated network's time (docs/benchmarks.md, "The simulator's speed");
-/// foldhash's own seed comes from addresses and the clock, and peer ids
-/// (and the addresses that make prefixes) are whatever anyone mints, so
-/// both of its seeds are drawn from std's randomly keyed hasher instead:
-/// without them no one can aim ids at one slot. A table holds at most
-/// `max_known_peers` entries, so even a slot aimed at costs a bounded walk.
-fn hasher() -> SeedableRandomState {
-    static SHARED: OnceLock<SharedSeed> = OnceLock::new();
-    let random = || std::hash::RandomState::new().hash_one(0u8);
-    let shared = SHARED.get_or_init(|| SharedSeed::from_u64(random()));
-    SeedableRandomState::with_seed(random(), shared)
+/// The hasher of a table's maps: foldhash, both its seeds drawn from
+/// std's randomness ([`FastHasher`]). A SipHash of each 32-byte id was a
+/// sixth of a large simulated network's time (docs/benchmarks.md, "The
+/// simulator's speed"). Peer ids (and the addresses that make prefixes)
+/// are whatever anyone mints, but without the seeds no one can aim them
+/// at one slot, and a table holds at most `max_known_peers` entries, so
+/// even a slot aimed at costs a bounded walk.
+fn hasher() -> FastHasher {
+    FastHasher::default()
 }
 
 /// An entry's seen time and peer: ordered oldest first, ties by id.
@@ -73,7 +67,7 @@ struct BucketInfo {
 /// size are looked up by hash (nothing depends on that map's order).
 struct Ordered<K> {
     items: BTreeSet<(u32, u64, PeerId)>,
-    buckets: HashMap<K, BucketInfo, SeedableRandomState>,
+    buckets: HashMap<K, BucketInfo, FastHasher>,
     free: Vec<u32>,
     /// The buckets fullest first (ties: the lowest key), if kept: kept as
     /// sizes change, rather than sorted for each newcomer to a full table.
@@ -226,7 +220,7 @@ impl Slot {
 /// inputs only, never on the hashes, so a core's outputs stay the same for
 /// the same inputs whatever the hasher's keys.
 pub(super) struct Table {
-    entries: IndexMap<PeerId, Slot, SeedableRandomState>,
+    entries: IndexMap<PeerId, Slot, FastHasher>,
     by_source: Ordered<Source>,
     by_prefix: Ordered<Prefix>,
 }

@@ -40,8 +40,9 @@ enum Holder {
 
 /// A block as kept: its encoding beside the block, so that serving it
 /// reads the map's entry and no further, and what holds it (nearly always
-/// one commit; a certifier block a commit names holds two), so that a
-/// block stored costs one entry of one map and no allocation of its own.
+/// one commit; a certifier block also the certificates it is in), so that
+/// a block stored costs one entry of one map and, with two holders or
+/// fewer, no allocation of its own.
 #[derive(Debug)]
 struct Kept {
     bytes: bytes::Bytes,
@@ -79,6 +80,7 @@ impl State {
     /// Adds `holder` to the holders of `block`, a stored block (the
     /// callers store or check every block before holding it).
     fn hold(&mut self, block: BlockRef, holder: Holder) {
+        debug_assert!(self.blocks.contains_key(&block), "{block} held unstored");
         if let Some(kept) = self.blocks.get_mut(&block)
             && !kept.holders.contains(&holder)
         {

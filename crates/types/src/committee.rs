@@ -27,12 +27,12 @@ impl AuthorityIndex {
 /// authority appears once (a block's ancestors, a certificate's voters)
 /// without allocating or hashing.
 #[derive(Clone, Debug)]
-pub(crate) struct AuthoritySet([u64; MAX_COMMITTEE_SIZE / 64]);
+pub(crate) struct AuthoritySet([u64; MAX_COMMITTEE_SIZE.div_ceil(64)]);
 
 impl AuthoritySet {
     /// The empty set.
     pub(crate) fn new() -> Self {
-        AuthoritySet([0; MAX_COMMITTEE_SIZE / 64])
+        AuthoritySet([0; MAX_COMMITTEE_SIZE.div_ceil(64)])
     }
 
     /// Adds `index`, an authority of a committee (so below

@@ -1,9 +1,10 @@
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use crate::committee::AuthoritySet;
 use crate::{
-    BlockRef, CommitIndex, CommitRef, Committee, Domain, Epoch, Error, FastSet, KeyCache, Limits,
-    Result, SignedItem, TrustedCommit, UnverifiedBlock, UnverifiedCommit, VerifiedBlock,
+    BlockRef, CommitIndex, CommitRef, Committee, Domain, Epoch, Error, KeyCache, Limits, Result,
+    SignedItem, TrustedCommit, UnverifiedBlock, UnverifiedCommit, VerifiedBlock,
     verify::{Fill, SignatureBatch, check_block},
 };
 
@@ -231,7 +232,9 @@ pub fn certify_commit_run(
         });
     }
     let mut previous: Option<CommitRef> = None;
-    let mut named = FastSet::default();
+    // Filled from a peer's answer before anything in it is checked: std's
+    // keyed SipHash, so no peer can aim the references at one slot.
+    let mut named = HashSet::new();
     for unverified in &commits {
         let c = unverified.commit();
         match previous {
@@ -357,7 +360,7 @@ fn check_commit_blocks(
     commit: &UnverifiedCommit,
     committee: &Committee,
     limits: &Limits,
-    named: &mut FastSet<BlockRef>,
+    named: &mut HashSet<BlockRef>,
 ) -> Result<()> {
     let c = commit.commit();
     let invalid = || Error::InvalidCommitBlocks(c.index);
