@@ -7,7 +7,7 @@ use clap::Parser;
 use soma_sim::heights::HeightSettings;
 use soma_sim::net::Settings;
 use soma_sim::scenarios::{
-    churn, converged_network, convergence, eclipse, full_knowledge, heights, like_the_bench,
+    Churn, churn, converged_network, convergence, eclipse, full_knowledge, heights, like_the_bench,
     partition_and_heal,
 };
 use soma_sim::sync::{Hostile, SyncSettings, catch_up};
@@ -605,8 +605,11 @@ fn hour_section(md: &mut String, n: usize, minutes: u64) {
     let settings = world(n, seed);
     let interval = settings.discovery.interval_ms;
     let t = Instant::now();
+    let (cpu_before, _) = soma_sim::memory::process_usage();
     let run = churn(settings, 30, minutes, 1.0);
     let wall = t.elapsed().as_secs_f64();
+    let (cpu_after, peak) = soma_sim::memory::process_usage();
+    let cpu = cpu_after - cpu_before;
     let every = minutes.div_ceil(6).max(1);
     writeln!(
         md,
@@ -649,6 +652,36 @@ fn hour_section(md: &mut String, n: usize, minutes: u64) {
         run.under_target_after
     )
     .unwrap();
+    cost_per_info(
+        md,
+        &run,
+        cpu,
+        peak,
+        (30 * interval + minutes * 60_000) as f64 / 1_000.0,
+    );
+}
+
+/// What the long run spent per info its nodes took in, against what one
+/// load from main memory takes here, over as much memory as the run held.
+fn cost_per_info(md: &mut String, run: &Churn, cpu: f64, peak: u64, protocol_s: f64) {
+    let infos = run.counts.infos;
+    let per_info_ns = cpu * 1e9 / infos.max(1) as f64;
+    let load_ns = soma_sim::memory::dependent_load_ns(peak as usize, 4_000_000, 1);
+    let line = format!(
+        "\nThe nodes took in {infos} infos in answers, {:.0} per protocol second; the run \
+         used {cpu:.0} s of CPU, {per_info_ns:.0} ns per info (every step of the simulation \
+         counted). A load that misses every cache took {load_ns:.0} ns here, over a buffer \
+         of the run's peak resident size ({:.2} GiB; `soma_sim::memory`): the run spent \
+         {:.1} such loads' worth of CPU per info. At one load per info, the least a \
+         table that does not fit in the cache can cost, the same run would need {:.0} s of \
+         CPU.",
+        infos as f64 / protocol_s.max(f64::MIN_POSITIVE),
+        peak as f64 / f64::from(1u32 << 30),
+        per_info_ns / load_ns.max(f64::MIN_POSITIVE),
+        infos as f64 * load_ns / 1e9,
+    );
+    eprintln!("{line}");
+    writeln!(md, "{line}").unwrap();
 }
 
 /// A network far behind its validators catches up, every node running the

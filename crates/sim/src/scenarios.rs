@@ -7,7 +7,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::heights::{HeightSettings, Spread, spread};
-use crate::net::{Latency, NodeView, Settings, Sim};
+use crate::net::{Counts, Latency, NodeView, Settings, Sim};
 
 /// Every node connected to at least `target` peers (or all the others,
 /// in a smaller network) and knowing at least as many.
@@ -146,6 +146,9 @@ pub struct Churn {
     /// Nodes under their connection target once the churn stopped and a
     /// call timeout and three intervals passed: nodes that did not recover.
     pub under_target_after: usize,
+    /// Counts over the whole run, the convergence before the churn
+    /// included.
+    pub counts: Counts,
 }
 
 /// Converges `settings` (for `warmup_intervals`), then each minute for
@@ -210,6 +213,7 @@ pub fn churn(
     Churn {
         minutes: out,
         under_target_after,
+        counts: sim.counts().clone(),
     }
 }
 
