@@ -37,8 +37,9 @@
 #   CARGO             the cargo command (default: cargo)
 #   CARGO_TARGET_DIR  where cargo builds (default: <repo>/target)
 #   PROFILE           cargo profile to build with: release (default) or dev
-#                     (CI uses dev: it reuses the test build, which already
-#                     has the binary, instead of building everything again)
+#                     (CI uses dev: no second, optimised build of the whole
+#                     tree; what the test build compiled with other features
+#                     builds again)
 #   MAX_COMMITS       commits the validators produce (default 1500)
 #   COMMIT_RATE       commits/s of each validator (default 50)
 #   PARTITIONED_RATE  commits/s of validator-3, the partitioned validator
