@@ -2,7 +2,8 @@
 //!
 //! With the `testing` feature a node can be given a `FaultPlan`: panics
 //! in an actor's handler on its Nth input (or on every input), panics or
-//! failures in the sync workers of given batches, and panics in dials.
+//! failures in the sync workers of given batches, panics in dials, and
+//! StateSync's questions to PeerHeights held unanswered.
 //! Without the feature there is no plan to give, and the hooks below
 //! compile to nothing, so a production build carries no way to trigger
 //! them.
@@ -51,6 +52,31 @@ impl Faults {
         }
     }
 
+    /// Called by StateSync at each tick, before it decides whether to ask
+    /// PeerHeights for the highest commit known: counts the tick.
+    #[inline]
+    pub(crate) fn on_tick(&self) {
+        #[cfg(feature = "testing")]
+        if let Some(plan) = &self.plan {
+            plan.on_tick();
+        }
+    }
+
+    /// What a tick's question to PeerHeights waits for before it is sent:
+    /// counts the question, and holds it while the plan holds such
+    /// questions (as a PeerHeights held up would). Ready at once without
+    /// a plan.
+    pub(crate) fn highest_question(&self) -> impl Future<Output = ()> + Send + 'static {
+        #[cfg(feature = "testing")]
+        let plan = self.plan.clone();
+        async move {
+            #[cfg(feature = "testing")]
+            if let Some(plan) = plan {
+                plan.highest_question().await;
+            }
+        }
+    }
+
     /// Called by a sync worker for the batch starting at `batch`: panics,
     /// or fails as a peer's transport would, if the plan says so.
     #[inline]
@@ -67,7 +93,10 @@ impl Faults {
 #[cfg(feature = "testing")]
 mod plan {
     use std::collections::HashMap;
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::{Arc, Mutex};
+
+    use tokio::sync::Notify;
 
     use soma_types::CommitIndex;
 
@@ -120,6 +149,14 @@ mod plan {
         actors: Mutex<HashMap<String, Trigger>>,
         /// Actor name → panics injected so far.
         injected: Mutex<HashMap<String, u64>>,
+        /// StateSync's ticks so far.
+        ticks: AtomicU64,
+        /// Questions StateSync's ticks sent PeerHeights so far.
+        highest_questions: AtomicU64,
+        /// Whether those questions are held before they are sent.
+        hold_highest: Mutex<bool>,
+        /// Wakes the held questions once they are let go.
+        highest_released: Notify,
     }
 
     fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -147,6 +184,46 @@ mod plan {
         /// The handler of `actor` panics on every input from now on.
         pub fn panic_actor_always(&self, actor: &str) {
             lock(&self.actors).insert(actor.to_owned(), Trigger::Always);
+        }
+
+        /// Holds (`true`) or lets go (`false`) StateSync's questions to
+        /// PeerHeights for the highest commit known, as a PeerHeights that
+        /// does not answer would hold them; those held go once let go.
+        pub fn hold_highest_questions(&self, hold: bool) {
+            *lock(&self.hold_highest) = hold;
+            if !hold {
+                self.highest_released.notify_waiters();
+            }
+        }
+
+        /// StateSync's ticks so far.
+        pub fn ticks(&self) -> u64 {
+            self.ticks.load(Ordering::Relaxed)
+        }
+
+        /// Questions StateSync's ticks have sent PeerHeights (or had held)
+        /// so far.
+        pub fn highest_questions(&self) -> u64 {
+            self.highest_questions.load(Ordering::Relaxed)
+        }
+
+        pub(super) fn on_tick(&self) {
+            self.ticks.fetch_add(1, Ordering::Relaxed);
+        }
+
+        pub(super) async fn highest_question(&self) {
+            self.highest_questions.fetch_add(1, Ordering::Relaxed);
+            loop {
+                // Registered before the flag is read, so a release between
+                // the two is not missed.
+                let released = self.highest_released.notified();
+                let mut released = std::pin::pin!(released);
+                released.as_mut().enable();
+                if !*lock(&self.hold_highest) {
+                    return;
+                }
+                released.await;
+            }
         }
 
         /// Panics injected into `actor` so far (`"dial"`: into dials).

@@ -413,3 +413,38 @@ async fn a_dial_whose_task_panics_frees_its_address_and_the_seed_is_dialled_agai
     node.shutdown().await;
     source.shutdown().await;
 }
+
+/// A tick whose question to PeerHeights is still on its way asks nothing
+/// more: with PeerHeights held up (its questions held) for a hundred ticks
+/// of a millisecond, exactly one question is out, where each tick used to
+/// send one more; let go, the ticks ask again and the node syncs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tick_asks_peer_heights_one_question_at_a_time_while_it_is_held_up() {
+    init_tracing();
+    let chain = chain();
+    let validators: Vec<P2pHandle> = (1..=2).map(|k| validator(&chain, k)).collect();
+    let faults = Arc::new(FaultPlan::default());
+    faults.hold_highest_questions(true);
+    let config = P2pConfig {
+        seed_peers: seeds(&validators.iter().collect::<Vec<_>>()),
+        tick: Duration::from_millis(1),
+        faults: Some(faults.clone()),
+        ..P2pConfig::default()
+    };
+    let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
+    let node = soma_testkit::node(&chain, 9, config, store.clone());
+    soma_testkit::wait_until("a hundred ticks", DEADLINE, async || faults.ticks() >= 100).await;
+    assert_eq!(faults.highest_questions(), 1, "one question out at a time");
+    faults.hold_highest_questions(false);
+    let asked = faults.highest_questions();
+    soma_testkit::wait_until("the ticks asking again", DEADLINE, async || {
+        faults.highest_questions() > asked
+    })
+    .await;
+    wait_synced_or_report(&node, chain.tip()).await;
+    assert_same_chain(&chain, store.as_ref());
+    node.shutdown().await;
+    for v in validators {
+        v.shutdown().await;
+    }
+}

@@ -421,17 +421,22 @@ impl Actor for StateSync {
         // pin the actors' thread (an embedder's `tick` is not checked).
         let tick = self.deps.tick.max(Duration::from_millis(1));
         ctx.run_interval(tick, |act, ctx| {
+            act.deps.faults.on_tick();
             if std::mem::replace(&mut act.asking_highest, true) {
                 return;
             }
             let heights = act.deps.heights.clone();
+            let held = act.deps.faults.highest_question();
             ctx.spawn(
-                async move { heights.send(HighestKnownCommit).await.ok().flatten() }
-                    .into_actor(act)
-                    .map(|highest, act, ctx| {
-                        act.asking_highest = false;
-                        ctx.notify(TickMsg(highest))
-                    }),
+                async move {
+                    held.await;
+                    heights.send(HighestKnownCommit).await.ok().flatten()
+                }
+                .into_actor(act)
+                .map(|highest, act, ctx| {
+                    act.asking_highest = false;
+                    ctx.notify(TickMsg(highest))
+                }),
             );
         });
     }
