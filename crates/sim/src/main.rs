@@ -41,6 +41,11 @@ struct Cli {
     /// on other networks; 0, the default, gives the report's figures.
     #[arg(long, default_value_t = 0)]
     reseed: u64,
+    /// Only measure the time of a load from main memory over buffers of
+    /// these sizes, in MiB (comma-separated), and print it: what bounds a
+    /// large network's speed on this machine (`soma_sim::memory`).
+    #[arg(long, value_delimiter = ',', value_name = "MIB")]
+    memory_latency: Vec<usize>,
 }
 
 /// `--reseed`, set once at start.
@@ -103,7 +108,9 @@ is a delay, not a pipe; there, each node's upload is one).
 Each section can be run alone (`soma-sim --only eclipse`, written to
 target/sim-partial/ unless `--out` says otherwise); the last one,
 the long run under churn, states how fast the simulator ran, in protocol
-seconds per wall second (`--hour-nodes`, `--hour-minutes` size it). Nodes
+seconds per wall second, and the CPU it spent per info its nodes took in
+against the time of one load from main memory here (`--hour-nodes`,
+`--hour-minutes` size it). Nodes
 are stepped on every core (`--threads`); the figures are the same on one,
 bit for bit (docs/benchmarks.md, \"The simulator's speed\", says how).
 ";
@@ -153,6 +160,10 @@ fn main() {
         std::process::exit(2);
     }
     THREADS.set(threads).expect("set once");
+    if !cli.memory_latency.is_empty() {
+        memory_latency(&cli.memory_latency);
+        return;
+    }
     let out = report_path(&cli);
     let sizes: &[usize] = if cli.quick { &[200] } else { &[1_000, 10_000] };
     let mut md = String::new();
@@ -597,6 +608,26 @@ fn heights_section(md: &mut String, sizes: &[usize]) {
          the once-a-second rounds, not pushes, bound how fast a height crosses the network."
     )
     .unwrap();
+}
+
+/// `--memory-latency`: the time of a load from main memory over buffers
+/// of `sizes` MiB, printed; exits with a message for a size the machine's
+/// free memory does not hold.
+fn memory_latency(sizes: &[usize]) {
+    let available = soma_sim::memory::available_bytes().unwrap_or(u64::MAX);
+    for &mib in sizes {
+        let bytes = (mib as u64).saturating_mul(1 << 20);
+        if mib == 0 || bytes > available {
+            eprintln!(
+                "error: --memory-latency {mib}: give sizes from 1 MiB to the {} MiB this \
+                 machine has free",
+                available >> 20
+            );
+            std::process::exit(2);
+        }
+        let ns = soma_sim::memory::dependent_load_ns(bytes as usize, 4_000_000, 1);
+        println!("{mib} MiB: {ns:.1} ns per load that depends on the one before");
+    }
 }
 
 /// The long run: a large network under churn for an hour of protocol time.

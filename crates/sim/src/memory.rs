@@ -27,7 +27,8 @@ const MAX_LINES: usize = 1 << 21;
 
 /// The mean time, in nanoseconds, of one load that depends on the one
 /// before (a pointer chase), over lines spread across a buffer of `bytes`
-/// ([`Chase::new`]), `loads` loads in all after one lap to settle. Nothing
+/// (one line at random in each of up to two million equal stripes, in a
+/// random order), `loads` loads in all after one lap to settle. Nothing
 /// can be loaded ahead, so each load waits the whole time memory takes to
 /// answer; the lines are spread over every page of the buffer, so the TLB
 /// misses as it would over a table of that size.
@@ -80,6 +81,17 @@ impl Chase {
             lines,
         }
     }
+}
+
+/// Memory the system can still give this process without swapping, in
+/// bytes (`MemAvailable`), if it says.
+pub fn available_bytes() -> Option<u64> {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024)
 }
 
 /// CPU time this process has used so far, user and system, in seconds,
