@@ -614,19 +614,32 @@ fn heights_section(md: &mut String, sizes: &[usize]) {
 /// of `sizes` MiB, printed; exits with a message for a size the machine's
 /// free memory does not hold.
 fn memory_latency(sizes: &[usize]) {
-    let available = soma_sim::memory::available_bytes().unwrap_or(u64::MAX);
+    let (most, known) = buffer_limit();
     for &mib in sizes {
         let bytes = (mib as u64).saturating_mul(1 << 20);
-        if mib == 0 || bytes > available {
+        if mib == 0 || bytes > most {
+            let what = if known {
+                "this machine has free"
+            } else {
+                "allowed where free memory is not known"
+            };
             eprintln!(
-                "error: --memory-latency {mib}: give sizes from 1 MiB to the {} MiB this \
-                 machine has free",
-                available >> 20
+                "error: --memory-latency {mib}: give sizes from 1 MiB to the {} MiB {what}",
+                most >> 20
             );
             std::process::exit(2);
         }
         let ns = soma_sim::memory::dependent_load_ns(bytes as usize, 4_000_000, 1);
         println!("{mib} MiB: {ns:.1} ns per load that depends on the one before");
+    }
+}
+
+/// The largest buffer a latency measurement may take, and whether it is
+/// what the machine has free (`MemAvailable`) or, not knowing that, 64 GiB.
+fn buffer_limit() -> (u64, bool) {
+    match soma_sim::memory::available_bytes() {
+        Some(free) => (free, true),
+        None => (64 << 30, false),
     }
 }
 
@@ -697,17 +710,31 @@ fn hour_section(md: &mut String, n: usize, minutes: u64) {
 fn cost_per_info(md: &mut String, run: &Churn, cpu: f64, peak: u64, protocol_s: f64) {
     let infos = run.counts.infos;
     let per_info_ns = cpu * 1e9 / infos.max(1) as f64;
-    let load_ns = soma_sim::memory::dependent_load_ns(peak as usize, 4_000_000, 1);
+    // The run's memory may still be held for reuse (`keep_freed_memory`):
+    // the buffer takes at most three quarters of what is free beside it.
+    let (most, _) = buffer_limit();
+    let bytes = peak.min(most / 4 * 3);
+    let over = if bytes < peak {
+        format!(
+            "{:.2} GiB, what the machine had free of the process's peak resident size, {:.2} GiB",
+            bytes as f64 / f64::from(1u32 << 30),
+            peak as f64 / f64::from(1u32 << 30)
+        )
+    } else {
+        format!(
+            "the process's peak resident size, {:.2} GiB",
+            peak as f64 / f64::from(1u32 << 30)
+        )
+    };
+    let load_ns = soma_sim::memory::dependent_load_ns(bytes as usize, 4_000_000, 1);
     let line = format!(
         "\nThe nodes took in {infos} infos in answers, {:.0} per protocol second; the run \
          used {cpu:.0} s of CPU, {per_info_ns:.0} ns per info (every step of the simulation \
          counted). A load that misses every cache took {load_ns:.0} ns here, over a buffer \
-         of the run's peak resident size ({:.2} GiB; `soma_sim::memory`): the run spent \
-         {:.1} such loads' worth of CPU per info. At one load per info, the least a \
-         table that does not fit in the cache can cost, the same run would need {:.0} s of \
-         CPU.",
+         of {over} (`soma_sim::memory`): the run spent {:.1} such loads' worth of CPU per \
+         info. At one load per info, the least a table that does not fit in the cache can \
+         cost, the same run would need {:.0} s of CPU.",
         infos as f64 / protocol_s.max(f64::MIN_POSITIVE),
-        peak as f64 / f64::from(1u32 << 30),
         per_info_ns / load_ns.max(f64::MIN_POSITIVE),
         infos as f64 * load_ns / 1e9,
     );

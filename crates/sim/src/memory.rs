@@ -30,8 +30,9 @@ const MAX_LINES: usize = 1 << 21;
 /// (one line at random in each of up to two million equal stripes, in a
 /// random order), `loads` loads in all after one lap to settle. Nothing
 /// can be loaded ahead, so each load waits the whole time memory takes to
-/// answer; the lines are spread over every page of the buffer, so the TLB
-/// misses as it would over a table of that size.
+/// answer; up to 8 GiB (two million stripes of a 4 KiB page or less) the
+/// lines are spread over every page of the buffer, so the TLB misses as
+/// it would over a table of that size.
 pub fn dependent_load_ns(bytes: usize, loads: usize, seed: u64) -> f64 {
     let chase = Chase::new(bytes, MAX_LINES, seed);
     let mut at = chase.start;
