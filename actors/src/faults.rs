@@ -2,8 +2,9 @@
 //!
 //! With the `testing` feature a node can be given a `FaultPlan`: panics
 //! in an actor's handler on its Nth input (or on every input), panics or
-//! failures in the sync workers of given batches, panics in dials, and
-//! StateSync's questions to PeerHeights held unanswered.
+//! failures in the sync workers of given batches, panics in dials,
+//! StateSync's questions to PeerHeights held unanswered, and Connections'
+//! probes held before they are sent.
 //! Without the feature there is no plan to give, and the hooks below
 //! compile to nothing, so a production build carries no way to trigger
 //! them.
@@ -76,9 +77,36 @@ impl Faults {
         async move {
             #[cfg(feature = "testing")]
             if let Some(plan) = plan {
-                plan.highest_question().await;
+                plan.highest_questions.pass().await;
             }
         }
+    }
+
+    /// What a probe of Connections waits for before it checks its
+    /// connection: counts the probe, and holds it while the plan holds
+    /// probes. Ready at once without a plan.
+    #[cfg_attr(not(feature = "testing"), allow(clippy::manual_async_fn))]
+    pub(crate) fn probe(&self) -> impl Future<Output = ()> + Send + 'static {
+        #[cfg(feature = "testing")]
+        let plan = self.plan.clone();
+        async move {
+            #[cfg(feature = "testing")]
+            if let Some(plan) = plan {
+                plan.probes.pass().await;
+            }
+        }
+    }
+
+    /// Called by a probe once its verdict (`broken` or not) is on its way
+    /// to Connections.
+    #[inline]
+    pub(crate) fn on_probe_reported(&self, broken: bool) {
+        #[cfg(feature = "testing")]
+        if let Some(plan) = &self.plan {
+            plan.on_probe_reported(broken);
+        }
+        #[cfg(not(feature = "testing"))]
+        let _ = broken;
     }
 
     /// Called by a sync worker for the batch starting at `batch`: panics,
@@ -155,12 +183,55 @@ mod plan {
         injected: Mutex<HashMap<String, u64>>,
         /// StateSync's ticks so far.
         ticks: AtomicU64,
-        /// Questions StateSync's ticks sent PeerHeights so far.
-        highest_questions: AtomicU64,
-        /// Whether those questions are held before they are sent.
-        hold_highest: Mutex<bool>,
-        /// Wakes the held questions once they are let go.
-        highest_released: Notify,
+        /// StateSync's ticks' questions to PeerHeights.
+        pub(super) highest_questions: Gate,
+        /// Connections' probes, before they check their connection.
+        pub(super) probes: Gate,
+        /// Probes that found their connection broken and said so to
+        /// Connections, so far.
+        probes_broken: AtomicU64,
+    }
+
+    /// A point tasks pass, counted, and held there while it is closed.
+    #[derive(Debug, Default)]
+    pub(super) struct Gate {
+        /// Tasks come to the gate so far, held or not.
+        passed: AtomicU64,
+        /// Whether the gate holds the tasks that come to it.
+        closed: Mutex<bool>,
+        /// Wakes the held tasks once it opens.
+        opened: Notify,
+    }
+
+    impl Gate {
+        /// Closes the gate (`true`) or opens it (`false`), letting go of
+        /// every task it held.
+        fn close(&self, closed: bool) {
+            *lock(&self.closed) = closed;
+            if !closed {
+                self.opened.notify_waiters();
+            }
+        }
+
+        fn passed(&self) -> u64 {
+            self.passed.load(Ordering::Relaxed)
+        }
+
+        /// Counts the task, then returns once the gate is open.
+        pub(super) async fn pass(&self) {
+            self.passed.fetch_add(1, Ordering::Relaxed);
+            loop {
+                // Registered before the flag is read, so an opening
+                // between the two is not missed.
+                let opened = self.opened.notified();
+                let mut opened = std::pin::pin!(opened);
+                opened.as_mut().enable();
+                if !*lock(&self.closed) {
+                    return;
+                }
+                opened.await;
+            }
+        }
     }
 
     fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -194,9 +265,30 @@ mod plan {
         /// PeerHeights for the highest commit known, as a PeerHeights that
         /// does not answer would hold them; those held go once let go.
         pub fn hold_highest_questions(&self, hold: bool) {
-            *lock(&self.hold_highest) = hold;
-            if !hold {
-                self.highest_released.notify_waiters();
+            self.highest_questions.close(hold);
+        }
+
+        /// Holds (`true`) or lets go (`false`) Connections' probes before
+        /// they check their connection; those held check it once let go.
+        pub fn hold_probes(&self, hold: bool) {
+            self.probes.close(hold);
+        }
+
+        /// Probes Connections has started (held or not) so far.
+        pub fn probes(&self) -> u64 {
+            self.probes.passed()
+        }
+
+        /// Probes that found their connection broken so far, counted once
+        /// their verdict is sent: a message sent to Connections after this
+        /// count moved is handled after that verdict.
+        pub fn probes_broken(&self) -> u64 {
+            self.probes_broken.load(Ordering::Relaxed)
+        }
+
+        pub(super) fn on_probe_reported(&self, broken: bool) {
+            if broken {
+                self.probes_broken.fetch_add(1, Ordering::Relaxed);
             }
         }
 
@@ -208,26 +300,11 @@ mod plan {
         /// Questions StateSync's ticks have sent PeerHeights (or had held)
         /// so far.
         pub fn highest_questions(&self) -> u64 {
-            self.highest_questions.load(Ordering::Relaxed)
+            self.highest_questions.passed()
         }
 
         pub(super) fn on_tick(&self) {
             self.ticks.fetch_add(1, Ordering::Relaxed);
-        }
-
-        pub(super) async fn highest_question(&self) {
-            self.highest_questions.fetch_add(1, Ordering::Relaxed);
-            loop {
-                // Registered before the flag is read, so a release between
-                // the two is not missed.
-                let released = self.highest_released.notified();
-                let mut released = std::pin::pin!(released);
-                released.as_mut().enable();
-                if !*lock(&self.hold_highest) {
-                    return;
-                }
-                released.await;
-            }
         }
 
         /// Panics injected into `actor` so far (`"dial"`: into dials).

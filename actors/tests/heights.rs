@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use soma_actors::connections::{CallError, DialError, PeerEvent};
+use soma_actors::faults::FaultPlan;
 use soma_actors::{P2pConfig, P2pHandle};
 use soma_chain::{Chain, ChainBuilder, ChainConfig};
 use soma_store::{ConsensusStore, MemStore};
@@ -17,7 +18,7 @@ use soma_testkit::byzantine::{Lie, serve_observed};
 use soma_types::{KeyPair, PeerId};
 use soma_wire::proto::{self, p2p_client::P2pClient};
 use soma_wire::tls::{self, NodeIdentity};
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -350,6 +351,83 @@ async fn a_peer_holding_its_probe_is_probed_once_at_a_time() {
     assert_eq!(silent.stalled.load(Ordering::SeqCst), 2);
     node.shutdown().await;
     validator.shutdown().await;
+}
+
+/// A probe that fails after its connection was replaced closes nothing:
+/// the peer went away while a probe of its connection was held, the node
+/// dropped that connection on a failed height query and connected to the
+/// same peer again at another address, and the held probe, let go, found
+/// the first connection broken. Its verdict names the connection it went
+/// over, so the one held now stays, as `a_failure_of_a_replaced_connection_closes_nothing`
+/// shows for a failure reported directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_failing_late_on_a_replaced_connection_closes_nothing() {
+    soma_testkit::init_tracing();
+    let chain = chain();
+    let faults = Arc::new(FaultPlan::default());
+    faults.hold_probes(true);
+    let mut config = P2pConfig {
+        height_query_interval: Duration::from_millis(50),
+        faults: Some(faults.clone()),
+        ..P2pConfig::default()
+    };
+    config.connections.probe_interval_ms = 20;
+    let (node, _) = start(&chain, 9, config);
+    let held = async || node.connected_peers().await.unwrap();
+
+    let first = soma_testkit::validator(&chain, 1);
+    let peer = first.peer_id();
+    node.connect(Some(peer), first.local_addr().to_string())
+        .expect("Connections takes the dial");
+    wait_for("a probe of the first connection held", || async {
+        faults.probes() == 1
+    })
+    .await;
+    first.shutdown().await;
+    wait_for("the first connection dropped", || async {
+        !held().await.contains(&peer)
+    })
+    .await;
+
+    let second = soma_testkit::validator(&chain, 1);
+    assert_eq!(second.peer_id(), peer);
+    node.connect(Some(peer), second.local_addr().to_string())
+        .expect("Connections takes the dial");
+    wait_for("a probe of the second connection held", || async {
+        faults.probes() == 2
+    })
+    .await;
+    assert!(held().await.contains(&peer));
+    assert_eq!(faults.probes_broken(), 0);
+
+    let mut events = node.subscribe_peer_events();
+    faults.hold_probes(false);
+    wait_for("the first connection's probe failed", || async {
+        faults.probes_broken() == 1
+    })
+    .await;
+    // Handled after that probe's verdict: the second connection is held.
+    assert_eq!(held().await, vec![peer]);
+    loop {
+        match events.try_recv() {
+            Ok(PeerEvent::Disconnected { peer: p }) if p == peer => {
+                panic!("the second connection was closed")
+            }
+            Ok(_) | Err(TryRecvError::Lagged(_)) => {}
+            Err(TryRecvError::Empty) => break,
+            Err(TryRecvError::Closed) => panic!("peer events closed"),
+        }
+    }
+    // The second connection's probes answer, and none fails since.
+    let probed = faults.probes();
+    wait_for("the second connection probed again", || async {
+        faults.probes() > probed + 2
+    })
+    .await;
+    assert_eq!(faults.probes_broken(), 1);
+    assert_eq!(held().await, vec![peer]);
+    node.shutdown().await;
+    second.shutdown().await;
 }
 
 /// A peer answering the cheap height query with 64 KiB, of a call whose

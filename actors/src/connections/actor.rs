@@ -237,13 +237,17 @@ impl Connections {
                 }),
             };
             let client = client.clone();
+            let faults = self.deps.faults.clone();
+            let held = faults.probe();
             self.deps.runtime.spawn(async move {
+                held.await;
                 let broken = check(client, timeout).await.is_err();
                 report.send(Probed {
                     peer,
                     connection,
                     broken,
                 });
+                faults.on_probe_reported(broken);
             });
         }
     }
