@@ -433,6 +433,11 @@ pub struct NodeConfig {
         with = "humantime_serde"
     )]
     pub metrics_connection_lifetime: Duration,
+    /// The networks whose clients the metrics endpoint serves, each in
+    /// CIDR notation or as one address ([`metrics_network`]); empty, the
+    /// default: every address.
+    #[serde(default)]
+    pub metrics_allowed_networks: Vec<String>,
     /// The store's page cache, in bytes: the bound on the memory it keeps.
     #[serde(default = "default_store_cache_bytes")]
     pub store_cache_bytes: usize,
@@ -572,6 +577,15 @@ impl NodeConfig {
             between(lifetime, 1_000, 3_600_000),
             ms(lifetime),
         )?;
+        for network in &self.metrics_allowed_networks {
+            range(
+                "metrics-allowed-networks",
+                "a list of networks such as \"10.0.0.0/8\" or \"2001:db8::/32\", or of addresses \
+                 such as \"192.0.2.7\"",
+                metrics_network(network).is_some(),
+                network.clone(),
+            )?;
+        }
         // Peers refuse an info with more addresses than `Limits`'s (4): a
         // node advertising more would never be discovered.
         let most = soma_types::Limits::default().max_node_addresses;
@@ -1076,13 +1090,16 @@ impl NodeConfig {
             ));
         }
         // The metrics port is for the operator's monitoring: on every
-        // address it is open to whoever reaches the host.
+        // address, and with no networks named, it is open to whoever
+        // reaches the host.
         if let Some(metrics) = self.metrics_address
             && metrics.ip().is_unspecified()
+            && self.metrics_allowed_networks.is_empty()
         {
             warnings.push(format!(
                 "metrics-address {metrics} listens on every address of this host: bind it \
-                 to loopback or a private interface (e.g. 127.0.0.1:{}), or firewall the port",
+                 to loopback or a private interface (e.g. 127.0.0.1:{}), name your \
+                 scrapers' networks in metrics-allowed-networks, or firewall the port",
                 metrics.port()
             ));
         }
@@ -1330,13 +1347,31 @@ fn default_metrics_connection_lifetime() -> Duration {
     crate::metrics::Limits::default().lifetime
 }
 
+/// A network of `metrics-allowed-networks`: CIDR notation, or one
+/// address, taken as the network of that address alone. Bits past the
+/// prefix are ignored (`10.1.2.3/8` is `10.0.0.0/8`).
+pub fn metrics_network(text: &str) -> Option<ipnet::IpNet> {
+    let text = text.trim();
+    match text.parse::<ipnet::IpNet>() {
+        Ok(network) => Some(network.trunc()),
+        Err(_) => text
+            .parse::<std::net::IpAddr>()
+            .ok()
+            .map(ipnet::IpNet::from),
+    }
+}
+
 impl NodeConfig {
-    /// What the metrics endpoint allows its clients.
+    /// What the metrics endpoint allows its clients. Networks that do
+    /// not parse are left out: loading the file refused them already.
     pub fn metrics_limits(&self) -> crate::metrics::Limits {
         crate::metrics::Limits {
             connections: self.metrics_max_connections,
             per_network: self.metrics_max_connections_per_network,
             lifetime: self.metrics_connection_lifetime,
+            allowed: (self.metrics_allowed_networks.iter())
+                .filter_map(|n| metrics_network(n))
+                .collect(),
         }
     }
 }
@@ -1374,6 +1409,9 @@ seed-peers = []
 # metrics-max-connections = 8
 # metrics-max-connections-per-network = 2
 # metrics-connection-lifetime = "10s"
+# The networks of the scrapers: connections from any other address are
+# closed at once. Empty: every address is served.
+# metrics-allowed-networks = ["127.0.0.1", "10.0.0.0/8"]
 # The store's page cache in bytes: the bound on the memory it keeps.
 store-cache-bytes = {cache}
 
@@ -1951,6 +1989,12 @@ mod tests {
             "{warnings:?}"
         );
         assert_eq!(warned(&metrics("127.0.0.1:9100")), Vec::<String>::new());
+        // On every address, but serving only the networks named: none.
+        let named = default_file().replace(
+            "# metrics-address = \"127.0.0.1:9100\"",
+            "metrics-address = \"0.0.0.0:9100\"\nmetrics-allowed-networks = [\"10.0.0.0/8\"]",
+        );
+        assert_eq!(warned(&named), Vec::<String>::new());
 
         // An archive object bound past what a batch is decoded from.
         let large = with_archive(|s| {
@@ -2224,6 +2268,17 @@ mod tests {
         // The setting's name before it counted networks still loads.
         let old = set("metrics-max-connections-per-address = 3");
         assert_eq!(parse(&old).unwrap().metrics_limits().per_network, 3);
+        // Networks, and addresses as the networks of themselves alone.
+        let text = set(
+            "metrics-allowed-networks = [\"10.1.2.3/8\", \"192.0.2.7\", \"2001:db8::/32\", \"::1\"]",
+        );
+        let allowed: Vec<String> = (parse(&text).unwrap().metrics_limits().allowed.iter())
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            allowed,
+            ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32", "::1/128"]
+        );
         for (line, key, allowed) in [
             (
                 "metrics-max-connections = 0",
@@ -2239,6 +2294,16 @@ mod tests {
                 "metrics-connection-lifetime = \"0s\"",
                 "metrics-connection-lifetime",
                 "between 1s and 1h",
+            ),
+            (
+                "metrics-allowed-networks = [\"10.0.0.0/8\", \"10.0.0/8\"]",
+                "metrics-allowed-networks",
+                "got 10.0.0/8",
+            ),
+            (
+                "metrics-allowed-networks = [\"10.0.0.0/33\"]",
+                "metrics-allowed-networks",
+                "a list of networks such as \"10.0.0.0/8\"",
             ),
         ] {
             let e = parse(&set(line)).unwrap_err().to_string();

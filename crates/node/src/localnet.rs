@@ -67,6 +67,7 @@ fn node_config(
         metrics_max_connections: crate::metrics::Limits::default().connections,
         metrics_max_connections_per_network: crate::metrics::Limits::default().per_network,
         metrics_connection_lifetime: crate::metrics::Limits::default().lifetime,
+        metrics_allowed_networks: Vec::new(),
         store_cache_bytes: soma_store::RedbStore::DEFAULT_CACHE_BYTES,
         producer,
         archive: None,

@@ -14,6 +14,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::routing::get;
 use axum::serve::Listener;
+use ipnet::IpNet;
 use prometheus::core::Collector;
 use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 use soma_actors::P2pHandle;
@@ -479,7 +480,7 @@ async fn metrics(State((handle, series)): State<(P2pHandle, Arc<Series>)>) -> St
 }
 
 /// What the metrics endpoint allows its clients.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Limits {
     /// Connections served at once; more wait, unaccepted, in the
     /// listen backlog until one ends.
@@ -493,6 +494,10 @@ pub struct Limits {
     /// again, and a client that sends nothing, or sends slowly, holds a
     /// connection (and a file descriptor) no longer.
     pub lifetime: Duration,
+    /// The networks whose clients are served; a connection from any other
+    /// address is closed as soon as it is accepted, before it holds a
+    /// slot. Empty: every address is.
+    pub allowed: Vec<IpNet>,
 }
 
 impl Default for Limits {
@@ -501,8 +506,17 @@ impl Default for Limits {
             connections: 8,
             per_network: 2,
             lifetime: Duration::from_secs(10),
+            allowed: Vec::new(),
         }
     }
+}
+
+/// Whether a client at `ip` may be served under `allowed` (every address
+/// if empty). An IPv4 client of a dual-stack listener, seen as an
+/// IPv4-mapped IPv6 address, is matched as the IPv4 address it is.
+fn allowed(allowed: &[IpNet], ip: IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    allowed.is_empty() || allowed.iter().any(|network| network.contains(&ip))
 }
 
 /// Serves `/metrics` on `listener`, within `limits`, until `shutdown`
@@ -522,15 +536,16 @@ pub async fn serve(
         per_network: limits.per_network.max(1),
         open: Arc::default(),
         lifetime: limits.lifetime,
+        allowed: limits.allowed,
     };
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
 }
 
-/// A listener that accepts a connection only while fewer than its slots
-/// are open, and fewer than `per_network` from its network, each
-/// connection ending at its lifetime.
+/// A listener that accepts a connection only from the networks it
+/// allows, while fewer than its slots are open, and fewer than
+/// `per_network` from its network, each connection ending at its lifetime.
 struct Limited {
     listener: tokio::net::TcpListener,
     slots: Arc<Semaphore>,
@@ -538,6 +553,7 @@ struct Limited {
     /// Connections open, by network (only networks with one open).
     open: Arc<Mutex<HashMap<IpAddr, usize>>>,
     lifetime: Duration,
+    allowed: Vec<IpNet>,
 }
 
 impl Listener for Limited {
@@ -552,6 +568,10 @@ impl Listener for Limited {
                 Err(_) => std::future::pending().await,
             };
             let (io, address) = Listener::accept(&mut self.listener).await;
+            if !allowed(&self.allowed, address.ip()) {
+                // Closed at once, as below.
+                continue;
+            }
             let network = soma_wire::inbound::prefix(address.ip());
             {
                 let mut open = lock(&self.open);
@@ -790,6 +810,13 @@ mod tests {
         assert_eq!(rest, Vec::<u8>::new());
     }
 
+    /// A connection to `address` from `ip`, an address of this host.
+    async fn connect_from(ip: &str, address: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(format!("{ip}:0").parse().expect("an address"))?;
+        socket.connect(address).await
+    }
+
     /// One HTTP/1.1 request for `/metrics` on `stream`; the answer's body,
     /// read to the end (the endpoint closes after answering a `close`).
     async fn get(stream: &mut tokio::net::TcpStream) -> String {
@@ -803,10 +830,11 @@ mod tests {
 
     /// A client that sends nothing holds a connection of the endpoint no
     /// longer than its lifetime, no more clients are served at once than
-    /// its slots (one more waits, unaccepted, until a slot frees), and no
-    /// more from one network than its share.
+    /// its slots (one more waits, unaccepted, until a slot frees), no more
+    /// from one network than its share, and none from outside the
+    /// networks allowed.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn connections_are_held_at_most_their_lifetime_and_no_more_than_the_slots_and_shares() {
+    async fn connections_are_bounded_by_lifetime_slots_shares_and_allowed_networks() {
         use tokio::net::TcpStream;
         let chain = ChainBuilder::new(ChainConfig::validators(4)).build(1);
         let store = Arc::new(MemStore::new(chain.genesis()));
@@ -831,6 +859,7 @@ mod tests {
             connections: 1,
             per_network: 8,
             lifetime,
+            ..Limits::default()
         })
         .await;
         let mut idle = TcpStream::connect(address).await.unwrap();
@@ -844,6 +873,7 @@ mod tests {
             connections: 1,
             per_network: 8,
             lifetime: Duration::from_secs(3_600),
+            ..Limits::default()
         })
         .await;
         let holder = TcpStream::connect(address).await.unwrap();
@@ -866,27 +896,66 @@ mod tests {
             connections: 4,
             per_network: 1,
             lifetime: Duration::from_secs(3_600),
+            ..Limits::default()
         })
         .await;
         let _holder = TcpStream::connect(address).await.unwrap();
         let mut second = TcpStream::connect(address).await.unwrap();
         closed_unanswered(&mut second, "a second connection of one address was kept").await;
-        let from = |ip: &str| {
-            let socket = tokio::net::TcpSocket::new_v4().unwrap();
-            socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
-            socket.connect(address)
-        };
-        let mut neighbour = from("127.0.0.2").await.unwrap();
+        let mut neighbour = connect_from("127.0.0.2", address).await.unwrap();
         closed_unanswered(
             &mut neighbour,
             "a second connection of one network was kept",
         )
         .await;
-        let mut elsewhere = from("127.0.1.1").await.unwrap();
+        let mut elsewhere = connect_from("127.0.1.1", address).await.unwrap();
         let answer = tokio::time::timeout(Duration::from_secs(30), get(&mut elsewhere)).await;
         assert!(answer.expect("answered").starts_with("HTTP/1.1 200"));
         let _ = stop.send(());
         server.await.unwrap().unwrap();
+
+        // One slot, and only 127.0.2.0/24 allowed: connections from
+        // elsewhere are closed at once, unanswered, and hold no slot, so
+        // the allowed network's client is served after them.
+        let (address, stop, server) = start(Limits {
+            connections: 1,
+            per_network: 1,
+            lifetime: Duration::from_secs(3_600),
+            allowed: vec!["127.0.2.0/24".parse().unwrap()],
+        })
+        .await;
+        for outsider in ["127.0.0.1", "127.0.1.1", "127.0.3.1"] {
+            let mut outsider = connect_from(outsider, address).await.unwrap();
+            closed_unanswered(&mut outsider, "a connection from outside was kept").await;
+        }
+        let mut inside = connect_from("127.0.2.9", address).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(30), get(&mut inside)).await;
+        assert!(answer.expect("answered").starts_with("HTTP/1.1 200"));
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
         node.shutdown().await;
+    }
+
+    #[test]
+    fn clients_are_allowed_by_network_and_ipv4_clients_of_a_dual_stack_listener_as_ipv4() {
+        let networks: Vec<IpNet> = ["10.0.0.0/8", "2001:db8::/32"]
+            .iter()
+            .map(|n| n.parse().unwrap())
+            .collect();
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        for (client, served) in [
+            ("10.200.0.1", true),
+            ("::ffff:10.200.0.1", true),
+            ("11.0.0.1", false),
+            ("::ffff:11.0.0.1", false),
+            ("2001:db8:1::1", true),
+            ("2001:db9::1", false),
+        ] {
+            assert_eq!(allowed(&networks, ip(client)), served, "{client}");
+        }
+        assert!(
+            allowed(&[], ip("203.0.113.1")),
+            "empty allows every address"
+        );
     }
 }
