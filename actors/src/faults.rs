@@ -283,12 +283,14 @@ mod plan {
         /// their verdict is sent: a message sent to Connections after this
         /// count moved is handled after that verdict.
         pub fn probes_broken(&self) -> u64 {
-            self.probes_broken.load(Ordering::Relaxed)
+            self.probes_broken.load(Ordering::Acquire)
         }
 
         pub(super) fn on_probe_reported(&self, broken: bool) {
             if broken {
-                self.probes_broken.fetch_add(1, Ordering::Relaxed);
+                // Released after the verdict was sent, for the promise
+                // above.
+                self.probes_broken.fetch_add(1, Ordering::Release);
             }
         }
 

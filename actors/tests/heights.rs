@@ -376,8 +376,8 @@ async fn a_probe_failing_late_on_a_replaced_connection_closes_nothing() {
     let held = async || node.connected_peers().await.unwrap();
 
     let first = soma_testkit::validator(&chain, 1);
-    let peer = first.peer_id();
-    node.connect(Some(peer), first.local_addr().to_string())
+    let (peer, first_address) = (first.peer_id(), first.local_addr());
+    node.connect(Some(peer), first_address.to_string())
         .expect("Connections takes the dial");
     wait_for("a probe of the first connection held", || async {
         faults.probes() == 1
@@ -391,6 +391,9 @@ async fn a_probe_failing_late_on_a_replaced_connection_closes_nothing() {
 
     let second = soma_testkit::validator(&chain, 1);
     assert_eq!(second.peer_id(), peer);
+    // Another address: at the first's, the held probe would reach the
+    // second and find nothing broken.
+    assert_ne!(second.local_addr(), first_address);
     node.connect(Some(peer), second.local_addr().to_string())
         .expect("Connections takes the dial");
     wait_for("a probe of the second connection held", || async {

@@ -580,10 +580,10 @@ impl NodeConfig {
         for network in &self.metrics_allowed_networks {
             range(
                 "metrics-allowed-networks",
-                "a list of networks such as \"10.0.0.0/8\" or \"2001:db8::/32\", or of addresses \
-                 such as \"192.0.2.7\"",
+                "a list of networks such as \"10.0.0.0/8\" or \"2001:db8::/32\" (no bits set \
+                 past the prefix), or of addresses such as \"192.0.2.7\"",
                 metrics_network(network).is_some(),
-                network.clone(),
+                format!("{network:?}"),
             )?;
         }
         // Peers refuse an info with more addresses than `Limits`'s (4): a
@@ -1090,11 +1090,11 @@ impl NodeConfig {
             ));
         }
         // The metrics port is for the operator's monitoring: on every
-        // address, and with no networks named, it is open to whoever
-        // reaches the host.
+        // address, with no networks named (or only networks of every
+        // address, /0), it is open to whoever reaches the host.
         if let Some(metrics) = self.metrics_address
             && metrics.ip().is_unspecified()
-            && self.metrics_allowed_networks.is_empty()
+            && (self.metrics_limits().allowed.iter()).all(|n| n.prefix_len() == 0)
         {
             warnings.push(format!(
                 "metrics-address {metrics} listens on every address of this host: bind it \
@@ -1348,16 +1348,24 @@ fn default_metrics_connection_lifetime() -> Duration {
 }
 
 /// A network of `metrics-allowed-networks`: CIDR notation, or one
-/// address, taken as the network of that address alone. Bits past the
-/// prefix are ignored (`10.1.2.3/8` is `10.0.0.0/8`).
+/// address, taken as the network of that address alone. A network with
+/// bits set past its prefix (`10.1.2.3/8`) is refused as ambiguous. An
+/// IPv4-mapped IPv6 network (`::ffff:10.0.0.0/104`) is taken as the IPv4
+/// network it maps, since clients are matched as IPv4 addresses.
 pub fn metrics_network(text: &str) -> Option<ipnet::IpNet> {
-    let text = text.trim();
-    match text.parse::<ipnet::IpNet>() {
-        Ok(network) => Some(network.trunc()),
-        Err(_) => text
-            .parse::<std::net::IpAddr>()
-            .ok()
-            .map(ipnet::IpNet::from),
+    use ipnet::{IpNet, Ipv4Net};
+    let network = match text.trim().parse::<IpNet>() {
+        Ok(network) => (network.trunc() == network).then_some(network)?,
+        Err(_) => IpNet::from(text.trim().parse::<std::net::IpAddr>().ok()?),
+    };
+    let IpNet::V6(v6) = network else {
+        return Some(network);
+    };
+    match v6.network().to_ipv4_mapped() {
+        Some(v4) if v6.prefix_len() >= 96 => {
+            Some(IpNet::V4(Ipv4Net::new(v4, v6.prefix_len() - 96).ok()?))
+        }
+        _ => Some(network),
     }
 }
 
@@ -1989,12 +1997,23 @@ mod tests {
             "{warnings:?}"
         );
         assert_eq!(warned(&metrics("127.0.0.1:9100")), Vec::<String>::new());
-        // On every address, but serving only the networks named: none.
-        let named = default_file().replace(
-            "# metrics-address = \"127.0.0.1:9100\"",
-            "metrics-address = \"0.0.0.0:9100\"\nmetrics-allowed-networks = [\"10.0.0.0/8\"]",
+        // On every address, but serving only the networks named: none;
+        // naming every address (/0) is no naming.
+        let named = |networks: &str| {
+            default_file().replace(
+                "# metrics-address = \"127.0.0.1:9100\"",
+                &format!(
+                    "metrics-address = \"0.0.0.0:9100\"\nmetrics-allowed-networks = {networks}"
+                ),
+            )
+        };
+        assert_eq!(warned(&named("[\"10.0.0.0/8\"]")), Vec::<String>::new());
+        let everyone = warned(&named("[\"0.0.0.0/0\", \"::/0\"]"));
+        assert_eq!(everyone.len(), 1, "{everyone:?}");
+        assert!(
+            everyone[0].contains("metrics-allowed-networks"),
+            "{everyone:?}"
         );
-        assert_eq!(warned(&named), Vec::<String>::new());
 
         // An archive object bound past what a batch is decoded from.
         let large = with_archive(|s| {
@@ -2270,14 +2289,22 @@ mod tests {
         assert_eq!(parse(&old).unwrap().metrics_limits().per_network, 3);
         // Networks, and addresses as the networks of themselves alone.
         let text = set(
-            "metrics-allowed-networks = [\"10.1.2.3/8\", \"192.0.2.7\", \"2001:db8::/32\", \"::1\"]",
+            "metrics-allowed-networks = [\"10.0.0.0/8\", \" 192.0.2.7 \", \
+             \"2001:db8::/32\", \"::1\", \"::ffff:172.16.0.0/108\", \"::ffff:192.0.2.8\"]",
         );
         let allowed: Vec<String> = (parse(&text).unwrap().metrics_limits().allowed.iter())
             .map(ToString::to_string)
             .collect();
         assert_eq!(
             allowed,
-            ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32", "::1/128"]
+            [
+                "10.0.0.0/8",
+                "192.0.2.7/32",
+                "2001:db8::/32",
+                "::1/128",
+                "172.16.0.0/12",
+                "192.0.2.8/32"
+            ]
         );
         for (line, key, allowed) in [
             (
@@ -2298,7 +2325,17 @@ mod tests {
             (
                 "metrics-allowed-networks = [\"10.0.0.0/8\", \"10.0.0/8\"]",
                 "metrics-allowed-networks",
-                "got 10.0.0/8",
+                "got \"10.0.0/8\"",
+            ),
+            (
+                "metrics-allowed-networks = [\"192.168.1.5/16\"]",
+                "metrics-allowed-networks",
+                "no bits set past the prefix",
+            ),
+            (
+                "metrics-allowed-networks = [\"\"]",
+                "metrics-allowed-networks",
+                "got \"\"",
             ),
             (
                 "metrics-allowed-networks = [\"10.0.0.0/33\"]",

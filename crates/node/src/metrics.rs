@@ -570,6 +570,7 @@ impl Listener for Limited {
             let (io, address) = Listener::accept(&mut self.listener).await;
             if !allowed(&self.allowed, address.ip()) {
                 // Closed at once, as below.
+                tracing::debug!(%address, "metrics connection from outside metrics-allowed-networks closed");
                 continue;
             }
             let network = soma_wire::inbound::prefix(address.ip());
