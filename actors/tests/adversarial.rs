@@ -549,33 +549,48 @@ async fn verifier_back_pressure_is_never_charged_to_the_serving_peer() {
 async fn a_slow_peer_measured_first_does_not_keep_faster_peers_from_being_tried() {
     // The slow peer (every answer 1.5 s late) is the only one at first, so
     // it is the first and only peer measured. Unmeasured peers rank below
-    // good measured ones; a slow measured peer must not outrank them, or
-    // every later fetch would go to it and the honest peers never be tried.
+    // good measured ones and above slow ones (the PeerHeights core test
+    // `unmeasured_peer_ranks_below_good_peers_and_above_slow_ones`): once
+    // the honest validators are known, they carry the chain, and the slow
+    // peer is asked nothing more.
     let chain = chain();
-    let (slow, address) = byzantine::serve(chain.clone(), Lie::Slow, 100).await;
+    let served = byzantine::serve_observed(chain.clone(), Lie::Slow, 100).await;
+    let slow = served.peer;
     let store: Arc<dyn ConsensusStore> = Arc::new(MemStore::new(chain.genesis()));
-    let node = soma_testkit::node(
-        &chain,
-        9,
-        P2pConfig {
-            seed_peers: vec![SeedPeer {
-                peer_id: Some(slow),
-                address,
-            }],
-            ..P2pConfig::default()
-        },
-        store.clone(),
-    );
-    let start = std::time::Instant::now();
-    loop {
+    let config = P2pConfig {
+        seed_peers: vec![served.seed()],
+        ..P2pConfig::default()
+    };
+    let node = soma_testkit::node(&chain, 9, config, store.clone());
+    wait_until("the slow peer measured", DEADLINE, async || {
         let views = node.peer_heights().await.unwrap();
-        if views.iter().any(|v| v.peer == slow && v.throughput_bps > 0) {
-            break;
-        }
-        assert!(start.elapsed() < DEADLINE, "the slow peer never served");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        views.iter().any(|v| v.peer == slow && v.throughput_bps > 0)
+    })
+    .await;
+    let honest: Vec<P2pHandle> = (1..=3).map(|k| validator(&chain, k)).collect();
+    for h in &honest {
+        node.connect(Some(h.peer_id()), h.local_addr().to_string())
+            .expect("Connections takes the dial");
     }
-    let honest = validators_join_then_sync_completes(&chain, &node, store.as_ref()).await;
+    wait_until("the honest validators' heights known", DEADLINE, async || {
+        let views = node.peer_heights().await.unwrap();
+        honest.iter().all(|h| {
+            views
+                .iter()
+                .any(|v| v.peer == h.peer_id() && v.highest == TIP)
+        })
+    })
+    .await;
+    let asked = served.fetches.load(Ordering::SeqCst);
+    soma_testkit::wait_synced(&node, TIP, DEADLINE).await;
+    assert_same_chain(&chain, store.as_ref());
+    // Once the honest validators are known, the slow peer is asked
+    // nothing more: every fetch goes to one of them.
+    assert_eq!(
+        served.fetches.load(Ordering::SeqCst),
+        asked,
+        "the slow peer was asked again beside the honest validators"
+    );
     let views = node.peer_heights().await.unwrap();
     let tried = honest
         .iter()
