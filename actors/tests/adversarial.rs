@@ -572,14 +572,18 @@ async fn a_slow_peer_measured_first_does_not_keep_faster_peers_from_being_tried(
         node.connect(Some(h.peer_id()), h.local_addr().to_string())
             .expect("Connections takes the dial");
     }
-    wait_until("the honest validators' heights known", DEADLINE, async || {
-        let views = node.peer_heights().await.unwrap();
-        honest.iter().all(|h| {
-            views
-                .iter()
-                .any(|v| v.peer == h.peer_id() && v.highest == TIP)
-        })
-    })
+    wait_until(
+        "the honest validators' heights known",
+        DEADLINE,
+        async || {
+            let views = node.peer_heights().await.unwrap();
+            honest.iter().all(|h| {
+                views
+                    .iter()
+                    .any(|v| v.peer == h.peer_id() && v.highest == TIP)
+            })
+        },
+    )
     .await;
     let asked = served.fetches.load(Ordering::SeqCst);
     soma_testkit::wait_synced(&node, TIP, DEADLINE).await;
