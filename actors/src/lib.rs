@@ -18,8 +18,10 @@
 //! (the server's admission). They run under the [`supervisor`] tree, and a
 //! node embeds them through [`P2pHandle`] ([`system`]).
 //!
-//! Features: `testing` compiles in fault injection ([`faults`]) for tests of
-//! supervision; production builds leave it out.
+//! Features: `cloud` opens archives in object stores reached over HTTP
+//! (S3-compatible, GCS, WebDAV; without it an [`archive`] is a local
+//! directory); `testing` compiles in fault injection ([`faults`]) for tests
+//! of supervision, and production builds leave it out.
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod archive;

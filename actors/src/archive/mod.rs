@@ -28,6 +28,8 @@
 //! comes first), with its minimal certificate, plus every block its commits
 //! name, in commit order.
 
+#[cfg(feature = "cloud")]
+mod http;
 mod reader;
 mod writer;
 
@@ -51,8 +53,8 @@ pub struct Config {
     /// `s3://bucket/prefix` (S3 and compatible servers; credentials and
     /// endpoint from the `AWS_*` environment variables),
     /// `gs://bucket/prefix` (`GOOGLE_*`), or `https://host/prefix`
-    /// (WebDAV). Object stores other than a local directory need a build
-    /// with their support, as the node binary has.
+    /// (WebDAV). Object stores other than a local directory need the
+    /// feature `cloud` of this crate, as the node binary has.
     pub url: String,
     /// Copy every certified batch into the archive.
     pub write: bool,
@@ -399,6 +401,30 @@ fn read_local(
     Ok(Some(Bytes::from(body)))
 }
 
+/// Opens the object store `url` names, every answer's body bounded
+/// (`http`).
+#[cfg(feature = "cloud")]
+fn open_remote(
+    url: &url::Url,
+    options: impl IntoIterator<Item = (String, String)>,
+    max_body_bytes: u64,
+) -> Result<(Box<dyn ObjectStore>, Path), object_store::Error> {
+    http::open(url, options, max_body_bytes)
+}
+
+/// Without the `cloud` feature only local archives open.
+#[cfg(not(feature = "cloud"))]
+fn open_remote(
+    url: &url::Url,
+    _options: impl IntoIterator<Item = (String, String)>,
+    _max_body_bytes: u64,
+) -> Result<(Box<dyn ObjectStore>, Path), String> {
+    Err(format!(
+        "{}:// archives need a build with the `cloud` feature of soma-actors (the node binary has it)",
+        url.scheme()
+    ))
+}
+
 /// Syncs `file` and the directory that names it.
 fn sync_durably(file: &std::path::Path) -> std::io::Result<()> {
     std::fs::File::open(file)?.sync_all()?;
@@ -440,8 +466,8 @@ impl Archive {
                 let options = std::env::vars()
                     .filter(|(k, _)| k.starts_with("AWS_") || k.starts_with("GOOGLE_"))
                     .chain(config.options.iter().cloned());
-                let (store, root) =
-                    object_store::parse_url_opts(&url, options).map_err(|e| bad(e.to_string()))?;
+                let (store, root) = open_remote(&url, options, config.max_object_bytes)
+                    .map_err(|e| bad(e.to_string()))?;
                 (Arc::from(store), root)
             }
             parsed => {
