@@ -46,6 +46,17 @@ use soma_types::{ChainId, CommitIndex};
 pub use reader::ArchiveReader;
 pub(crate) use writer::{WriterDeps, supervise_writer};
 
+/// The largest `head.json` read: a chain id and an index take under 100
+/// bytes.
+pub const MAX_HEAD_BYTES: u64 = 4 << 10;
+
+/// The most entries of one listing read (a lookup of the batch holding a
+/// commit, listed from a batch's length before it to the archive's end):
+/// a thousand pages of an S3 listing, 200 million commits at the default
+/// batch size. A lookup past it fails, and the writer archives again from
+/// its store's lowest commit.
+pub const MOST_LISTED: u64 = 1 << 20;
+
 /// How a node uses an archive.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Config {
@@ -188,14 +199,25 @@ pub struct ArchivedBatch {
 /// but 32 in memory: without this, 64 MiB of them would take 2 GiB.
 pub const MAX_BATCH_ENCODINGS: usize = 1 << 20;
 
-/// A list of encodings of at most [`MAX_BATCH_ENCODINGS`], none empty,
-/// refused as soon as it passes either.
+/// The fewest bytes an encoding in a batch has: every commit holds two
+/// digests (the previous commit's, the leader's), every block a 64-byte
+/// signature. Each encoding read costs its bytes plus about 48 (its
+/// `Bytes` and its allocation's overhead): at a byte each, a 64 MiB
+/// object of the most encodings decoded into some 300 MiB; at 64 or more,
+/// under twice its size.
+pub const MIN_ENCODING_BYTES: usize = 64;
+
+/// A list of encodings of at most [`MAX_BATCH_ENCODINGS`], none shorter
+/// than [`MIN_ENCODING_BYTES`], refused as soon as it passes either.
 fn capped<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<Bytes>, D::Error> {
     struct Capped;
     impl<'de> serde::de::Visitor<'de> for Capped {
         type Value = Vec<Bytes>;
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            write!(f, "at most {MAX_BATCH_ENCODINGS} non-empty encodings")
+            write!(
+                f,
+                "at most {MAX_BATCH_ENCODINGS} encodings of {MIN_ENCODING_BYTES} bytes or more"
+            )
         }
         fn visit_seq<A: serde::de::SeqAccess<'de>>(
             self,
@@ -208,7 +230,7 @@ fn capped<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<Bytes
             // The claim is the object's word: room grows with what comes.
             let mut list = Vec::with_capacity(claimed.min(4_096));
             while let Some(encoding) = seq.next_element::<Bytes>()? {
-                if encoding.is_empty() || list.len() == MAX_BATCH_ENCODINGS {
+                if encoding.len() < MIN_ENCODING_BYTES || list.len() == MAX_BATCH_ENCODINGS {
                     return Err(serde::de::Error::invalid_length(list.len() + 1, &self));
                 }
                 list.push(encoding);
@@ -573,12 +595,13 @@ impl Archive {
     /// writer came, a thread per read, until the pool that serves peers
     /// and writes the store had none left.
     async fn get(&self, path: &Path) -> Result<Option<Bytes>, ArchiveError> {
+        self.get_within(path, self.config.max_object_bytes).await
+    }
+
+    /// [`Archive::get`], refusing objects past `max` bytes.
+    async fn get_within(&self, path: &Path, max: u64) -> Result<Option<Bytes>, ArchiveError> {
         if let Some(dir) = &self.local {
-            let (file, max, name) = (
-                dir.join(path.as_ref()),
-                self.config.max_object_bytes,
-                path.to_string(),
-            );
+            let (file, name) = (dir.join(path.as_ref()), path.to_string());
             let read = self.local_op(move || read_local(&file, max, name));
             return self.timed(read).await;
         }
@@ -592,11 +615,11 @@ impl Archive {
                 Err(e) => return Err(ArchiveError::from(e)),
             };
             let size = result.meta.size;
-            if size > self.config.max_object_bytes {
+            if size > max {
                 return Err(ArchiveError::TooLarge {
                     path: path.to_string(),
                     size,
-                    max: self.config.max_object_bytes,
+                    max,
                 });
             }
             body(path, result).await.map(Some)
@@ -666,27 +689,46 @@ impl Archive {
     /// batches of at most `longest` commits: the greatest batch start at or
     /// before it, from a listing of the batches past `index - longest`
     /// (names sort as their numbers), so a long archive is not listed
-    /// whole.
+    /// whole. The listing is read an entry at a time, keeping only the
+    /// best so far, and at most [`MOST_LISTED`] entries of it: a store
+    /// chooses how many pages a listing has, and the entries of one that
+    /// never ends it were held in memory until the request timed out. No
+    /// entry past `index` ends the walk: listings of a local directory or
+    /// WebDAV come in no order.
     pub async fn batch_holding(
         &self,
         index: CommitIndex,
         longest: u64,
     ) -> Result<Option<CommitIndex>, ArchiveError> {
-        use futures::TryStreamExt;
+        self.batch_holding_within(index, longest, MOST_LISTED).await
+    }
+
+    async fn batch_holding_within(
+        &self,
+        index: CommitIndex,
+        longest: u64,
+        most: u64,
+    ) -> Result<Option<CommitIndex>, ArchiveError> {
+        use futures::StreamExt;
         let prefix = self.root.clone().join("batches");
         let offset = self.batch_path(index.saturating_sub(longest));
-        let listed: Vec<object_store::ObjectMeta> = self
-            .timed(
-                self.store
-                    .list_with_offset(Some(&prefix), &offset)
-                    .try_collect(),
-            )
-            .await?;
-        let firsts = listed.iter().filter_map(|meta| {
-            let name = meta.location.filename()?.strip_suffix(".batch")?;
-            name.parse::<CommitIndex>().ok()
-        });
-        Ok(firsts.filter(|first| *first <= index).max())
+        let walk = async {
+            let mut listing = self.store.list_with_offset(Some(&prefix), &offset);
+            let (mut best, mut listed) = (None, 0u64);
+            while let Some(meta) = listing.next().await {
+                listed += 1;
+                if listed > most {
+                    let reason = format!("its listing from {offset} passed {most} entries");
+                    return Err(ArchiveError::Source(reason));
+                }
+                let meta = meta?;
+                let first = (meta.location.filename())
+                    .and_then(|name| name.strip_suffix(".batch")?.parse::<CommitIndex>().ok());
+                best = best.max(first.filter(|first| *first <= index));
+            }
+            Ok(best)
+        };
+        self.timed(walk).await
     }
 
     /// Stores `batch` under its first commit.
@@ -739,7 +781,7 @@ impl Archive {
     /// for an empty archive. Refuses an archive of another chain.
     pub async fn head(&self) -> Result<Option<CommitIndex>, ArchiveError> {
         let path = self.head_path();
-        let Some(bytes) = self.get(&path).await? else {
+        let Some(bytes) = self.get_within(&path, MAX_HEAD_BYTES).await? else {
             return Ok(None);
         };
         let head: Head = serde_json::from_slice(&bytes).map_err(|e| ArchiveError::Malformed {
@@ -764,6 +806,12 @@ impl Archive {
         let bytes = serde_json::to_vec(&head).expect("a head encodes");
         self.put(&self.head_path(), bytes).await
     }
+}
+
+/// `label` padded to an encoding a batch may hold, for tests.
+#[cfg(test)]
+pub(crate) fn encoding(label: &str) -> Bytes {
+    Bytes::from(format!("{label:<MIN_ENCODING_BYTES$}"))
 }
 
 #[cfg(test)]
@@ -862,7 +910,7 @@ mod tests {
         let batch = |last| ArchivedBatch {
             first: 1,
             last,
-            commits: vec![Bytes::from_static(b"c1"), Bytes::from_static(b"c2")],
+            commits: vec![encoding("c1"), encoding("c2")],
             certifiers: Vec::new(),
             blocks: Vec::new(),
         };
@@ -877,31 +925,65 @@ mod tests {
         assert_eq!(archive.batch(1).await.unwrap(), Some(batch(2)));
     }
 
-    /// A list of empty encodings, one byte each in the object but 32 in
-    /// memory, is refused as it is read: the codec's bound on memory per
-    /// encoded byte does not cover it. So is a list longer than
-    /// `MAX_BATCH_ENCODINGS`, before anything is allocated for it.
+    /// `head.json` is read up to `MAX_HEAD_BYTES`, not `max-object-bytes`.
+    #[tokio::test]
+    async fn a_head_past_its_bound_is_refused() {
+        let id = ChainId(soma_types::Digest([3; 32]));
+        let archive = Archive::in_memory(Config::new("memory"), id);
+        archive.set_head(301).await.unwrap();
+        assert_eq!(archive.head().await.unwrap(), Some(301));
+        let padded = format!(r#"{{"chain_id": "{}", "next": 301}}"#, " ".repeat(4_096));
+        let size = padded.len() as u64;
+        let path = archive.head_path();
+        archive.put(&path, padded.into_bytes()).await.unwrap();
+        match archive.head().await {
+            Err(ArchiveError::TooLarge {
+                size: found, max, ..
+            }) => {
+                assert_eq!((found, max), (size, MAX_HEAD_BYTES))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A list of encodings shorter than any commit or block (empty: one
+    /// byte each in the object but about 64 in memory) is refused as it is
+    /// read: the codec's bound on memory per encoded byte does not cover
+    /// it. So is a list longer than `MAX_BATCH_ENCODINGS`, before anything
+    /// is allocated for it.
     #[test]
     fn padded_or_overlong_lists_are_refused_as_they_are_decoded() {
         let batch = |blocks: Vec<Bytes>| ArchivedBatch {
             first: 1,
             last: 1,
-            commits: vec![Bytes::from_static(b"c1")],
+            commits: vec![encoding("c1")],
             certifiers: Vec::new(),
             blocks,
         };
         let limit = soma_types::codec::MAX_DECODE_BYTES;
-        let padded = batch(vec![Bytes::new(); 1_000]).encode();
-        let e = ArchivedBatch::decode(&padded, limit).unwrap_err();
-        assert!(e.to_string().contains("non-empty encodings"), "{e}");
-        let overlong = batch(vec![Bytes::from_static(b"b"); MAX_BATCH_ENCODINGS + 1]).encode();
+        let short = Bytes::from(vec![b'b'; MIN_ENCODING_BYTES - 1]);
+        for padding in [Bytes::new(), Bytes::from_static(b"b"), short] {
+            let padded = batch(vec![padding; 1_000]).encode();
+            let e = ArchivedBatch::decode(&padded, limit).unwrap_err();
+            assert!(
+                e.to_string().contains("encodings of 64 bytes or more"),
+                "{e}"
+            );
+        }
+        // A list of blocks claiming one encoding more than the most (more
+        // than 64 MiB of them could hold): its length, the last field,
+        // 0 in the encoding, put as the codec writes a u32.
+        let mut overlong = batch(Vec::new()).encode();
+        assert_eq!(overlong.pop(), Some(0));
+        overlong.push(0xfc);
+        overlong.extend_from_slice(&(MAX_BATCH_ENCODINGS as u32 + 1).to_le_bytes());
         let e = ArchivedBatch::decode(&overlong, limit).unwrap_err();
         assert!(
             e.to_string()
                 .contains(&format!("{}", MAX_BATCH_ENCODINGS + 1)),
             "{e}"
         );
-        let honest = batch(vec![Bytes::from_static(b"b"); 1_000]);
+        let honest = batch(vec![encoding("b"); 1_000]);
         assert_eq!(
             ArchivedBatch::decode(&honest.encode(), limit).unwrap(),
             honest

@@ -466,7 +466,7 @@ mod tests {
     use object_store::throttle::{ThrottleConfig, ThrottledStore};
     use soma_types::ChainId;
 
-    use super::super::Config;
+    use super::super::{Config, encoding};
     use super::*;
 
     /// Each object read takes `GET` of (paused) time.
@@ -498,7 +498,7 @@ mod tests {
             let batch = ArchivedBatch {
                 first,
                 last: first + 1,
-                commits: vec![Bytes::from_static(b"c1"), Bytes::from_static(b"c2")],
+                commits: vec![encoding("c1"), encoding("c2")],
                 certifiers: Vec::new(),
                 blocks: Vec::new(),
             };
@@ -551,15 +551,13 @@ mod tests {
         assert!(reader.reading().is_empty());
     }
 
-    /// A batch of commits `first..=last`, each encoded as `c<index>`, with
-    /// no certifier or block.
+    /// A batch of commits `first..=last`, each encoded as `c<index>`
+    /// (padded), with no certifier or block.
     fn numbered(first: u64, last: u64) -> ArchivedBatch {
         ArchivedBatch {
             first,
             last,
-            commits: (first..=last)
-                .map(|i| Bytes::from(format!("c{i}")))
-                .collect(),
+            commits: (first..=last).map(|i| encoding(&format!("c{i}"))).collect(),
             certifiers: Vec::new(),
             blocks: Vec::new(),
         }
@@ -573,7 +571,7 @@ mod tests {
     async fn batches_started_mid_window_are_found_by_following_the_batches_before() {
         let archive =
             Archive::in_memory(Config::new("memory"), ChainId(soma_types::Digest([3; 32])));
-        let block = Bytes::from_static(b"block of 31");
+        let block = encoding("block of 31");
         for (first, last) in [(1, 30), (31, 80), (81, 100)] {
             let batch = ArchivedBatch {
                 blocks: vec![block.clone()],
@@ -584,7 +582,7 @@ mod tests {
         let reader = ArchiveReader::new(archive, 100);
         let (commits, _) = reader.commits(60, 80, u64::MAX).await.expect("found");
         assert_eq!(commits.len(), 21);
-        assert_eq!(commits[0], Bytes::from_static(b"c60"));
+        assert_eq!(commits[0], encoding("c60"));
         // None at 60; then 1..=30 and 31..=80 from the boundary.
         assert_eq!(objects_read(&reader), 2);
         let (commits, _) = reader.commits(95, 100, u64::MAX).await.expect("found");

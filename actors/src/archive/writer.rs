@@ -597,6 +597,11 @@ mod tests {
         panicked: std::sync::atomic::AtomicBool,
         /// Writes of batches are answered as done and not kept.
         drops_batches: std::sync::atomic::AtomicBool,
+        /// Listings never end: after the entries held, one of a name no
+        /// batch has, and another, ...
+        floods_listings: bool,
+        /// Entries of a listing flood taken.
+        flooded: Arc<std::sync::atomic::AtomicU64>,
     }
 
     impl std::fmt::Display for Faulty {
@@ -656,7 +661,29 @@ mod tests {
             prefix: Option<&object_store::path::Path>,
         ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>>
         {
-            self.inner.list(prefix)
+            use futures::StreamExt;
+            let held = self.inner.list(prefix);
+            if !self.floods_listings {
+                return held;
+            }
+            let flooded = self.flooded.clone();
+            let flood = futures::stream::iter(0u64..).map(move |n| {
+                flooded.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Ok(object_store::ObjectMeta {
+                    location: format!("batches/flood-{n:020}.batch").into(),
+                    last_modified: Default::default(),
+                    size: 0,
+                    e_tag: Some("x".repeat(1 << 10)),
+                    version: None,
+                })
+            });
+            // Each entry yields, as a store's pages, awaited from the
+            // network, do: a timeout can cut the walk.
+            let flood = flood.then(|entry| async {
+                tokio::task::yield_now().await;
+                entry
+            });
+            held.chain(flood).boxed()
         }
         async fn list_with_delimiter(
             &self,
@@ -672,6 +699,47 @@ mod tests {
         ) -> object_store::Result<()> {
             self.inner.copy_opts(from, to, options).await
         }
+    }
+
+    /// A store that never ends a listing: the lookup of the batch holding
+    /// a commit reads at most its bound of entries, keeping none of them,
+    /// and fails; a listing within the bound is read whole. Collected as
+    /// before, the flood was held in memory until the request timed out.
+    #[tokio::test]
+    async fn a_listing_without_end_is_read_only_to_its_bound() {
+        use std::sync::atomic::Ordering;
+        let lookup = async |floods_listings, most| {
+            let faulty = Arc::new(Faulty {
+                floods_listings,
+                ..Faulty::default()
+            });
+            let config = super::super::Config {
+                request_timeout: Duration::from_secs(5),
+                ..super::super::Config::new("memory")
+            };
+            let id = soma_types::ChainId(soma_types::Digest([7; 32]));
+            let root = object_store::path::Path::default();
+            let archive = Archive::with_store(faulty.clone(), root, config, id);
+            for first in [1, 101, 201] {
+                let (path, object) = (archive.batch_path(first), b"batch".to_vec());
+                archive.put(&path, object).await.unwrap();
+            }
+            let found = archive.batch_holding_within(150, 100, most).await;
+            (found, faulty.flooded.load(Ordering::SeqCst), archive)
+        };
+        // Listed from 50: the batches at 101 and 201, then the flood.
+        let (found, flooded, archive) = lookup(true, 1000).await;
+        let expected = format!(
+            "its listing from {} passed 1000 entries",
+            archive.batch_path(50)
+        );
+        match found {
+            Err(ArchiveError::Source(reason)) => assert_eq!(reason, expected),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(flooded, 999);
+        // Without the flood, two entries: found within a bound of two.
+        assert_eq!(lookup(false, 2).await.0.unwrap(), Some(101));
     }
 
     /// A 300-commit store and a writer of it (`supervise_writer` if

@@ -467,7 +467,7 @@ impl NodeConfig {
     /// Reads and checks a configuration file. Relative paths in it are
     /// relative to the file's directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = crate::files::read_text(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;

@@ -78,7 +78,7 @@ impl PublicFile {
 
     /// Reads a public file, checking its keys are valid and agree.
     pub fn load(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
+        let text = crate::files::read_text(path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let file: PublicFile =
             toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.message()))?;
@@ -178,7 +178,7 @@ pub(crate) fn check_validator_address(address: &str) -> Result<(), String> {
 impl GenesisFile {
     /// Reads and checks a genesis file.
     pub fn load(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
+        let text = crate::files::read_text(path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let file: GenesisFile =
             toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.message()))?;
@@ -275,7 +275,7 @@ impl ProducerFile {
 
     /// Reads the producer file at `path`.
     pub fn load(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
+        let text = crate::files::read_text(path).map_err(|e| {
             format!(
                 "cannot read {}: {e}; block production needs the local network's \
                  producer secrets, written by `soma-p2p genesis --validators N`",

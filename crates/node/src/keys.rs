@@ -146,7 +146,7 @@ fn write_public(path: &Path, contents: String) -> Result<(), KeyError> {
 }
 
 fn read_key(path: &Path) -> Result<KeyPair, KeyError> {
-    let text = std::fs::read_to_string(path).map_err(|source| KeyError::Io {
+    let text = crate::files::read_text(path).map_err(|source| KeyError::Io {
         path: path.display().to_string(),
         source,
     })?;
@@ -207,7 +207,7 @@ pub fn read_keys(dir: &Path) -> Result<NodeKeys, KeyError> {
     // against the genesis only.
     let protocol = read_key(&dir.join(PROTOCOL_KEY))?.public();
     let read = |name: &str| {
-        std::fs::read_to_string(dir.join(name)).map_err(|source| KeyError::Io {
+        crate::files::read_text(&dir.join(name)).map_err(|source| KeyError::Io {
             path: dir.join(name).display().to_string(),
             source,
         })

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod alone;
 mod config;
+mod files;
 mod genesis;
 mod keys;
 mod localnet;
