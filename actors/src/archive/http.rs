@@ -10,7 +10,11 @@
 //! here goes through [`Connector`], which cuts a body as soon as it passes
 //! its bound: [`MAX_ERROR_BODY_BYTES`] for an error answer, the archive's
 //! `max-object-bytes` for any other. The cut is an error of kind
-//! `Decode`, which object_store does not retry.
+//! `Decode`: object_store does not send the request again for it (a GET's
+//! body it may ask for again by range, but the archive's own reads stop
+//! at the size the object claimed first). A body's size hint is bounded
+//! too: object_store reserves what a body's `Content-Length` claims before
+//! collecting it, and a claim of 2^62 bytes aborted the process.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -32,6 +36,8 @@ pub(super) const MAX_ERROR_BODY_BYTES: u64 = 64 << 10;
 /// `options` (object_store's configuration keys, case-insensitive; keys a
 /// store does not know are ignored), every body it reads bounded: see the
 /// module's documentation. Returns the store and the path within it.
+/// Other schemes object_store knows (`memory://`, Azure's) are refused:
+/// an archive in memory keeps nothing.
 pub(super) fn open(
     url: &url::Url,
     options: impl IntoIterator<Item = (String, String)>,
@@ -158,9 +164,25 @@ impl Body for BoundedBody {
         self.read > self.limit || self.inner.is_end_stream()
     }
 
+    /// The inner body's claim, at most the bound: what object_store
+    /// reserves before collecting a body.
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let mut hint = SizeHint::new();
+        hint.set_lower(self.inner.size_hint().lower().min(self.limit));
+        hint
     }
+}
+
+/// The bound a body was cut at, if `error` is that cut.
+pub(super) fn body_cut_at(error: &(dyn std::error::Error + 'static)) -> Option<u64> {
+    let mut source = Some(error);
+    while let Some(error) = source {
+        if let Some(cut) = error.downcast_ref::<BodyTooLong>() {
+            return Some(cut.limit);
+        }
+        source = error.source();
+    }
+    None
 }
 
 #[cfg(test)]
@@ -227,6 +249,18 @@ mod tests {
                 ["GET", "/archive/flood"] => {
                     return flood(stream, "404 Not Found", sent);
                 }
+                ["GET", "/archive/claim"] => {
+                    // A length past any memory, then the same flood.
+                    let head =
+                        b"HTTP/1.1 404 Not Found\r\nContent-Length: 4611686018427387904\r\n\r\n";
+                    let chunk = vec![b'x'; 0x4000];
+                    let body = std::iter::repeat_n(&chunk[..], FLOOD_BYTES / 0x4000);
+                    let mut parts = std::iter::once(&head[..]).chain(body);
+                    if parts.any(|part| stream.write_all(part).is_err()) {
+                        sent.floods_cut.fetch_add(1, Ordering::SeqCst);
+                    }
+                    return;
+                }
                 ["PROPFIND", _] => return flood(stream, "207 Multi-Status", sent),
                 _ => b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n",
             };
@@ -255,18 +289,6 @@ mod tests {
         let options = [("timeout", "1h"), ("allow_http", "true")];
         let options = options.map(|(k, v)| (k.to_owned(), v.to_owned()));
         open(&url, options, max_body_bytes).unwrap()
-    }
-
-    /// The bound `error` was cut at, if a body passed one.
-    fn cut_at(error: &(dyn std::error::Error + 'static)) -> Option<u64> {
-        let mut source = Some(error);
-        while let Some(error) = source {
-            if let Some(cut) = error.downcast_ref::<BodyTooLong>() {
-                return Some(cut.limit);
-            }
-            source = error.source();
-        }
-        None
     }
 
     /// The start of `error`'s message (a body read whole would be in it).
@@ -299,7 +321,20 @@ mod tests {
             .expect("the 404's body was read for a minute")
             .unwrap_err();
         assert_eq!(
-            cut_at(&error),
+            body_cut_at(&error),
+            Some(MAX_ERROR_BODY_BYTES),
+            "{}",
+            brief(&error)
+        );
+
+        // A 404 claiming 2^62 bytes: object_store reserved what a body
+        // claims before collecting it, and the process aborted.
+        let claim = tokio::time::timeout(guard, store.get(&root.clone().join("claim"))).await;
+        let error = claim
+            .expect("the 404's body was read for a minute")
+            .unwrap_err();
+        assert_eq!(
+            body_cut_at(&error),
             Some(MAX_ERROR_BODY_BYTES),
             "{}",
             brief(&error)
@@ -311,11 +346,22 @@ mod tests {
             .await
             .expect("the listing was read for a minute")
             .unwrap_err();
-        assert_eq!(cut_at(&error), Some(1 << 20), "{}", brief(&error));
+        assert_eq!(body_cut_at(&error), Some(1 << 20), "{}", brief(&error));
 
-        // Both connections closed by the node: the server's writes failed.
+        // The lookup of a batch over that listing fails as too long.
+        let id = soma_types::ChainId(soma_types::Digest([7; 32]));
+        let config = super::super::Config::new("https://archive");
+        let archive = super::super::Archive::with_store(store.into(), root, config, id);
+        match archive.batch_holding(150, 100).await {
+            Err(super::super::ArchiveError::ListingTooLong { reason, .. }) => {
+                assert_eq!(reason, "passed 1048576 bytes");
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // Every flood's connection closed by the node: the writes failed.
         let closed = async {
-            while sent.floods_cut.load(Ordering::SeqCst) < 2 {
+            while sent.floods_cut.load(Ordering::SeqCst) < 3 {
                 tokio::task::yield_now().await;
             }
         };

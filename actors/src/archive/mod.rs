@@ -50,11 +50,12 @@ pub(crate) use writer::{WriterDeps, supervise_writer};
 /// bytes.
 pub const MAX_HEAD_BYTES: u64 = 4 << 10;
 
-/// The most entries of one listing read (a lookup of the batch holding a
-/// commit, listed from a batch's length before it to the archive's end):
-/// a thousand pages of an S3 listing, 200 million commits at the default
-/// batch size. A lookup past it fails, and the writer archives again from
-/// its store's lowest commit.
+/// The most entries of one listing read: the lookup of the batch holding
+/// the commit before `head.json`'s, listed from a batch's length before
+/// it to the archive's end, a few entries in an honest archive (a WebDAV
+/// archive is listed whole, but in one body, bounded by
+/// `max_object_bytes`). A longer listing fails the lookup, and the writer
+/// archives again from its store's lowest commit.
 pub const MOST_LISTED: u64 = 1 << 20;
 
 /// How a node uses an archive.
@@ -161,6 +162,16 @@ pub enum ArchiveError {
         size: u64,
         /// Its size as the store holds it, if at all.
         found: Option<u64>,
+    },
+    /// A listing passed what is read of one: [`MOST_LISTED`] entries, or
+    /// a body past `max_object_bytes` (a WebDAV listing is of the whole
+    /// archive, in one body).
+    #[error("the archive's listing from {from} {reason}")]
+    ListingTooLong {
+        /// Where the listing started.
+        from: String,
+        /// What it passed.
+        reason: String,
     },
     /// The archive holds another chain.
     #[error("the archive holds chain {found}, not ours ({ours})")]
@@ -434,6 +445,18 @@ fn open_remote(
     http::open(url, options, max_body_bytes)
 }
 
+/// The bound a body was cut at, if `error` is that cut.
+#[cfg(feature = "cloud")]
+fn body_cut_at(error: &object_store::Error) -> Option<u64> {
+    http::body_cut_at(error)
+}
+
+/// Without the `cloud` feature no body is cut.
+#[cfg(not(feature = "cloud"))]
+fn body_cut_at(_error: &object_store::Error) -> Option<u64> {
+    None
+}
+
 /// Without the `cloud` feature only local archives open.
 #[cfg(not(feature = "cloud"))]
 fn open_remote(
@@ -690,11 +713,12 @@ impl Archive {
     /// before it, from a listing of the batches past `index - longest`
     /// (names sort as their numbers), so a long archive is not listed
     /// whole. The listing is read an entry at a time, keeping only the
-    /// best so far, and at most [`MOST_LISTED`] entries of it: a store
-    /// chooses how many pages a listing has, and the entries of one that
-    /// never ends it were held in memory until the request timed out. No
-    /// entry past `index` ends the walk: listings of a local directory or
-    /// WebDAV come in no order.
+    /// best so far, and at most [`MOST_LISTED`] entries of it
+    /// ([`ArchiveError::ListingTooLong`]): a store chooses how many pages
+    /// a listing has, and the entries of one that never ends it were held
+    /// in memory until the request timed out. No entry past `index` ends
+    /// the walk: listings of a local directory or WebDAV come in no order.
+    /// The walk has one `request_timeout`.
     pub async fn batch_holding(
         &self,
         index: CommitIndex,
@@ -717,11 +741,20 @@ impl Archive {
             let (mut best, mut listed) = (None, 0u64);
             while let Some(meta) = listing.next().await {
                 listed += 1;
+                let too_long = |reason| ArchiveError::ListingTooLong {
+                    from: offset.to_string(),
+                    reason,
+                };
                 if listed > most {
-                    let reason = format!("its listing from {offset} passed {most} entries");
-                    return Err(ArchiveError::Source(reason));
+                    return Err(too_long(format!("passed {most} entries")));
                 }
-                let meta = meta?;
+                let meta = match meta {
+                    Ok(meta) => meta,
+                    Err(e) => match body_cut_at(&e) {
+                        Some(bound) => return Err(too_long(format!("passed {bound} bytes"))),
+                        None => return Err(e.into()),
+                    },
+                };
                 let first = (meta.location.filename())
                     .and_then(|name| name.strip_suffix(".batch")?.parse::<CommitIndex>().ok());
                 best = best.max(first.filter(|first| *first <= index));

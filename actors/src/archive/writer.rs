@@ -200,7 +200,18 @@ async fn checked_head(
     if head <= lowest || check < lowest {
         return Ok(head);
     }
-    let batch = match deps.archive.batch_holding(check, deps.batch_size).await? {
+    // A listing too long to read (a WebDAV archive past `max-object-bytes`
+    // of listing, a store whose listing never ends) backs nothing; any
+    // other failure is retried.
+    let holding = match deps.archive.batch_holding(check, deps.batch_size).await {
+        Ok(holding) => holding,
+        Err(e @ ArchiveError::ListingTooLong { .. }) => {
+            tracing::warn!(error = %e, "the archive's head cannot be checked");
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    let batch = match holding {
         Some(first) => match deps.archive.batch(first).await {
             Ok(batch) => batch.filter(|b| b.last >= check),
             Err(ArchiveError::Malformed { .. }) => None,
@@ -673,7 +684,7 @@ mod tests {
                     location: format!("batches/flood-{n:020}.batch").into(),
                     last_modified: Default::default(),
                     size: 0,
-                    e_tag: Some("x".repeat(1 << 10)),
+                    e_tag: None,
                     version: None,
                 })
             });
@@ -701,25 +712,38 @@ mod tests {
         }
     }
 
+    /// An archive for chain `id` on a store in memory whose listings end
+    /// in a flood if `floods_listings`, and the store.
+    fn flooding(floods_listings: bool, id: soma_types::ChainId) -> (Archive, Arc<Faulty>) {
+        let faulty = Arc::new(Faulty {
+            floods_listings,
+            ..Faulty::default()
+        });
+        let config = super::super::Config {
+            request_timeout: Duration::from_secs(60),
+            ..super::super::Config::new("memory")
+        };
+        let root = object_store::path::Path::default();
+        (
+            Archive::with_store(faulty.clone(), root, config, id),
+            faulty,
+        )
+    }
+
     /// A store that never ends a listing: the lookup of the batch holding
     /// a commit reads at most its bound of entries, keeping none of them,
     /// and fails; a listing within the bound is read whole. Collected as
     /// before, the flood was held in memory until the request timed out.
+    /// A writer whose head that lookup cannot check archives again from
+    /// its store's lowest commit, as for a head nothing backs.
     #[tokio::test]
     async fn a_listing_without_end_is_read_only_to_its_bound() {
         use std::sync::atomic::Ordering;
         let lookup = async |floods_listings, most| {
-            let faulty = Arc::new(Faulty {
+            let (archive, faulty) = flooding(
                 floods_listings,
-                ..Faulty::default()
-            });
-            let config = super::super::Config {
-                request_timeout: Duration::from_secs(5),
-                ..super::super::Config::new("memory")
-            };
-            let id = soma_types::ChainId(soma_types::Digest([7; 32]));
-            let root = object_store::path::Path::default();
-            let archive = Archive::with_store(faulty.clone(), root, config, id);
+                soma_types::ChainId(soma_types::Digest([7; 32])),
+            );
             for first in [1, 101, 201] {
                 let (path, object) = (archive.batch_path(first), b"batch".to_vec());
                 archive.put(&path, object).await.unwrap();
@@ -729,17 +753,31 @@ mod tests {
         };
         // Listed from 50: the batches at 101 and 201, then the flood.
         let (found, flooded, archive) = lookup(true, 1000).await;
-        let expected = format!(
-            "its listing from {} passed 1000 entries",
-            archive.batch_path(50)
-        );
         match found {
-            Err(ArchiveError::Source(reason)) => assert_eq!(reason, expected),
+            Err(ArchiveError::ListingTooLong { from, reason }) => {
+                assert_eq!(from, archive.batch_path(50).to_string());
+                assert_eq!(reason, "passed 1000 entries");
+            }
             other => panic!("{other:?}"),
         }
         assert_eq!(flooded, 999);
         // Without the flood, two entries: found within a bound of two.
         assert_eq!(lookup(false, 2).await.0.unwrap(), Some(101));
+
+        let chain = ChainBuilder::new(ChainConfig::validators(4)).build(300);
+        let store = Arc::new(MemStore::new(chain.genesis()));
+        chain.write_to(store.as_ref(), 300).unwrap();
+        let (archive, faulty) = flooding(true, chain.chain_id());
+        let deps = WriterDeps {
+            archive,
+            ..writer(store, chain.chain_id())
+        };
+        deps.archive.set_head(301).await.unwrap();
+        assert!(step(&deps, &mut None).await.unwrap());
+        assert_eq!(*deps.archived.borrow(), 101);
+        // No batch held: the flood's first entry past the bound ended it.
+        let flooded = faulty.flooded.load(Ordering::SeqCst);
+        assert_eq!(flooded, super::super::MOST_LISTED + 1);
     }
 
     /// A 300-commit store and a writer of it (`supervise_writer` if

@@ -12,7 +12,8 @@ pub const MAX_FILE_BYTES: u64 = 4 << 20;
 /// The text of the file at `path`, which must be a regular file of at
 /// most [`MAX_FILE_BYTES`]. It is opened without blocking, so a FIFO
 /// named by mistake is refused instead of waiting for a writer, and a
-/// device that never ends (`/dev/zero`) is refused as not a regular file.
+/// device that never ends (`/dev/zero`) is refused as not a regular file,
+/// as a pipe is (`<(envsubst < node.toml)`, a piped `/dev/stdin`).
 /// Symbolic links are followed (configurations are often mounted as
 /// links).
 pub fn read_text(path: &Path) -> std::io::Result<String> {
