@@ -25,6 +25,8 @@ endif
 lint: deny no-test-hooks
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+	# The library as an embedder without object stores builds it (no `cloud`).
+	$(CARGO) clippy -p soma-actors --lib --locked -- -D warnings
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps --locked
 
 ## deny: dependency policy (deny.toml): licences, sources, bans, and security
