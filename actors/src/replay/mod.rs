@@ -106,78 +106,120 @@ pub enum ReplayError {
 }
 
 /// Replays the trace at `path`; rewrites it instead of failing on a
-/// difference when `SOMA_REPLAY_REWRITE=1`.
+/// difference when `SOMA_REPLAY_REWRITE=1`. The trace is read a line at a
+/// time, and a rewrite goes to a file beside it, renamed over it once
+/// whole: a trace as large as a recorder writes (1 GiB) replays in the
+/// memory of one step, not of the whole trace.
 pub fn replay(path: &Path) -> Result<Report, ReplayError> {
-    let text = std::fs::read_to_string(path)?;
     let rewrite = std::env::var(REWRITE_ENV).is_ok_and(|v| v == "1");
-    let (report, rewritten) = replay_text(&text, rewrite)?;
-    if rewrite {
-        std::fs::write(path, rewritten)?;
+    if !rewrite {
+        return check(path);
     }
-    Ok(report)
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".rewrite");
+    let temporary = path.with_file_name(name);
+    let out = Recorder::to_file(&temporary)?.with_max_bytes(u64::MAX);
+    let replayed = replay_lines(lines_of(path)?, Some(out), true);
+    match replayed {
+        Ok((report, out)) => {
+            out.map(Recorder::finish).transpose()?;
+            std::fs::rename(&temporary, path)?;
+            Ok(report)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&temporary);
+            Err(e)
+        }
+    }
 }
 
 /// Replays the trace at `path` and never rewrites it, whatever the
 /// environment says: what tests use, so that a rewrite is always a
 /// deliberate act (`SOMA_REPLAY_REWRITE=1 soma-p2p replay FILE`).
 pub fn check(path: &Path) -> Result<Report, ReplayError> {
-    let text = std::fs::read_to_string(path)?;
-    replay_text(&text, false).map(|(report, _)| report)
+    replay_lines(lines_of(path)?, None, false).map(|(report, _)| report)
 }
 
 /// Replays a trace held in memory. With `rewrite`, differences are not
-/// errors and the second value is the trace with the outputs produced now.
+/// errors; the second value is the trace with the outputs produced now.
 pub fn replay_text(text: &str, rewrite: bool) -> Result<(Report, String), ReplayError> {
-    let lines = parse(text)?;
-    let Some((_, header)) = lines.first() else {
-        return Err(ReplayError::Parse {
-            line: 1,
-            message: "empty trace".into(),
-        });
+    let lines = text.lines().map(|line| Ok(line.to_string()));
+    let out = Recorder::to_string_buffer();
+    let (report, out) = replay_lines(lines, Some(out), rewrite)?;
+    Ok((report, out.map(Recorder::into_string).unwrap_or_default()))
+}
+
+/// The lines of the file at `path`, read as they are taken.
+fn lines_of(path: &Path) -> std::io::Result<impl Iterator<Item = std::io::Result<String>> + use<>> {
+    use std::io::BufRead;
+    Ok(std::io::BufReader::new(std::fs::File::open(path)?).lines())
+}
+
+/// Replays `lines`, recording into `out` what the core does now; with
+/// `rewrite`, differences are not errors.
+fn replay_lines(
+    lines: impl Iterator<Item = std::io::Result<String>>,
+    out: Option<Recorder>,
+    rewrite: bool,
+) -> Result<(Report, Option<Recorder>), ReplayError> {
+    let mut lines = parse(lines).peekable();
+    let actor = match lines.peek() {
+        None => {
+            return Err(ReplayError::Parse {
+                line: 1,
+                message: "empty trace".into(),
+            });
+        }
+        Some(Err(_)) => return Err(lines.next().and_then(Result::err).expect("an error")),
+        Some(Ok((_, header))) => header.actor.clone(),
     };
-    match header.actor.as_str() {
-        PeerHeightsCore::NAME => replay_core::<PeerHeightsCore>(&lines, rewrite),
-        VerifierCore::NAME => replay_core::<VerifierCore>(&lines, rewrite),
-        DiscoveryCore::NAME => replay_core::<DiscoveryCore>(&lines, rewrite),
-        ConnectionsCore::NAME => replay_core::<ConnectionsCore>(&lines, rewrite),
-        GrpcAdapterCore::NAME => replay_core::<GrpcAdapterCore>(&lines, rewrite),
-        StateSyncCore::NAME => replay_core::<StateSyncCore>(&lines, rewrite),
-        SupervisorCore::NAME => replay_core::<SupervisorCore>(&lines, rewrite),
+    match actor.as_str() {
+        PeerHeightsCore::NAME => replay_core::<PeerHeightsCore>(lines, out, rewrite),
+        VerifierCore::NAME => replay_core::<VerifierCore>(lines, out, rewrite),
+        DiscoveryCore::NAME => replay_core::<DiscoveryCore>(lines, out, rewrite),
+        ConnectionsCore::NAME => replay_core::<ConnectionsCore>(lines, out, rewrite),
+        GrpcAdapterCore::NAME => replay_core::<GrpcAdapterCore>(lines, out, rewrite),
+        StateSyncCore::NAME => replay_core::<StateSyncCore>(lines, out, rewrite),
+        SupervisorCore::NAME => replay_core::<SupervisorCore>(lines, out, rewrite),
         other => Err(ReplayError::UnknownActor(other.to_string())),
     }
 }
 
-fn parse(text: &str) -> Result<Vec<(usize, Line)>, ReplayError> {
-    text.lines()
+/// The non-empty lines of a trace, parsed, with their 1-based numbers.
+fn parse(
+    lines: impl Iterator<Item = std::io::Result<String>>,
+) -> impl Iterator<Item = Result<(usize, Line), ReplayError>> {
+    lines
         .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
+        .filter(|(_, l)| l.as_ref().map_or(true, |l| !l.trim().is_empty()))
         .map(|(i, l)| {
-            serde_json::from_str(l)
-                .map(|line| (i + 1, line))
+            let line = l?;
+            serde_json::from_str(&line)
+                .map(|parsed| (i + 1, parsed))
                 .map_err(|e| ReplayError::Parse {
                     line: i + 1,
                     message: e.to_string(),
                 })
         })
-        .collect()
 }
 
 fn replay_core<C: Core>(
-    lines: &[(usize, Line)],
+    mut lines: std::iter::Peekable<impl Iterator<Item = Result<(usize, Line), ReplayError>>>,
+    mut out: Option<Recorder>,
     rewrite: bool,
-) -> Result<(Report, String), ReplayError> {
+) -> Result<(Report, Option<Recorder>), ReplayError> {
     let parse_err = |line: usize, e: serde_json::Error| ReplayError::Parse {
         line,
         message: e.to_string(),
     };
-    let (header_line, header) = &lines[0];
-    if header.init.is_none() {
+    if let Some(Ok((header_line, header))) = lines.peek()
+        && header.init.is_none()
+    {
         return Err(ReplayError::Parse {
             line: *header_line,
             message: "the first line must be the header with \"init\"".into(),
         });
     }
-    let mut out = Recorder::to_string_buffer();
     let mut core: Option<C> = None;
     let mut report = Report {
         actor: C::NAME.to_string(),
@@ -186,48 +228,52 @@ fn replay_core<C: Core>(
         restarts: 0,
         rewritten: rewrite,
     };
-    let mut i = 0;
-    while i < lines.len() {
-        let (line_no, line) = &lines[i];
+    while let Some(next) = lines.next() {
+        let (line_no, line) = next?;
         // A header: the first core, or a restart with the init the shell
         // rebuilt it from.
-        if let Some(init) = &line.init {
-            let init: C::Init =
-                serde_json::from_value(init.clone()).map_err(|e| parse_err(*line_no, e))?;
-            out.header(C::NAME, &init);
+        if let Some(init) = line.init {
+            let init: C::Init = serde_json::from_value(init).map_err(|e| parse_err(line_no, e))?;
+            if let Some(out) = out.as_mut() {
+                out.header(C::NAME, &init);
+            }
             if core.is_some() {
                 report.restarts += 1;
             }
             core = Some(C::new(init));
-            i += 1;
             continue;
         }
-        let Some(input_value) = &line.input else {
+        let Some(input_value) = line.input else {
             return Err(ReplayError::Parse {
-                line: *line_no,
+                line: line_no,
                 message: "an output with no input before it".into(),
             });
         };
         let input: C::Input =
-            serde_json::from_value(input_value.clone()).map_err(|e| parse_err(*line_no, e))?;
+            serde_json::from_value(input_value).map_err(|e| parse_err(line_no, e))?;
         let now = crate::Time(line.t.unwrap_or(0));
-        out.record(C::NAME, now, "in", &input);
+        if let Some(out) = out.as_mut() {
+            out.record(C::NAME, now, "in", &input);
+        }
         let produced = core
             .as_mut()
             .expect("the first line is a header")
             .handle(now, input);
         report.inputs += 1;
-        i += 1;
 
         // The recorded outputs of this input are the lines up to the next
         // input or header.
-        let start = i;
-        while i < lines.len() && lines[i].1.input.is_none() && lines[i].1.init.is_none() {
-            i += 1;
+        let mut recorded = Vec::new();
+        while let Some(Ok((_, next))) = lines.peek()
+            && next.input.is_none()
+            && next.init.is_none()
+        {
+            recorded.push(lines.next().expect("peeked")?);
         }
-        let recorded = &lines[start..i];
-        for output in &produced {
-            out.record(C::NAME, now, "out", output);
+        if let Some(out) = out.as_mut() {
+            for output in &produced {
+                out.record(C::NAME, now, "out", output);
+            }
         }
         report.outputs += produced.len();
         if rewrite {
@@ -236,14 +282,14 @@ fn replay_core<C: Core>(
         for k in 0..produced.len().max(recorded.len()) {
             let got = produced
                 .get(k)
-                .map(|o| serde_json::to_value(o).map_err(|e| parse_err(*line_no, e)))
+                .map(|o| serde_json::to_value(o).map_err(|e| parse_err(line_no, e)))
                 .transpose()?;
             let expected = recorded
                 .get(k)
                 .map(|(_, l)| l.out.clone().unwrap_or(Value::Null));
             if got != expected {
                 let line = recorded.get(k).map_or_else(
-                    || recorded.last().map_or(*line_no, |(n, _)| *n) + 1,
+                    || recorded.last().map_or(line_no, |(n, _)| *n) + 1,
                     |(n, _)| *n,
                 );
                 let show =
@@ -256,5 +302,5 @@ fn replay_core<C: Core>(
             }
         }
     }
-    Ok((report, out.into_string()))
+    Ok((report, out))
 }

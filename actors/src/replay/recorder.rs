@@ -224,6 +224,22 @@ impl Recorder {
         }
     }
 
+    /// Ends a recording that must be whole (a rewritten trace): its file
+    /// flushed and synced, or an error if recording stopped on the way.
+    pub(crate) fn finish(mut self) -> std::io::Result<()> {
+        if self.stopped {
+            return Err(std::io::Error::other(format!(
+                "the trace {:?} could not be written whole",
+                self.path
+            )));
+        }
+        if let Some(Sink::File(f)) = self.sink.as_mut() {
+            f.flush()?;
+            f.get_ref().sync_all()?;
+        }
+        Ok(())
+    }
+
     fn stop(&mut self, why: &str) {
         tracing::warn!(why, path = ?self.path, "trace recording stopped");
         self.stopped = true;

@@ -465,6 +465,19 @@ fn replay_command_reports_the_first_difference() {
     let err = stderr(&output);
     assert_eq!(output.status.code(), Some(1), "stderr: {err}");
     assert!(err.contains("line 13"), "{err}");
+
+    // Rewritten on purpose: the file holds the outputs the core produces
+    // now (the recorded trace again), written beside it and renamed over
+    // it, nothing left beside it.
+    let output = std::process::Command::new(BIN)
+        .args(["replay", copy.to_str().unwrap()])
+        .env("SOMA_REPLAY_REWRITE", "1")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(fs::read_to_string(&copy).unwrap(), text);
+    let left: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(left.len(), 1, "{left:?}");
 }
 
 /// What localnet and genesis would only find out late, or after writing
