@@ -18,9 +18,11 @@
 //! - `batches/<first>.batch`, `<first>` the batch's first commit index in
 //!   20 decimal digits: one [`ArchivedBatch`], in the protocol's codec
 //!   (docs/protocol.md, "Archive").
-//! - `head.json`: `{"chain_id": "<hex>", "next": <index>}`, the next commit
-//!   the writer will archive; every commit below it from the first batch up
-//!   is archived.
+//! - `head.json`: `{"chain_id": "<hex>", "next": <index>, "last": <index>}`,
+//!   the next commit the writer will archive (every commit below it from
+//!   the first batch up is archived) and the first commit of the batch it
+//!   wrote last, the one ending at `next - 1` (absent in heads written
+//!   before it was kept).
 //!
 //! A batch is what a peer's FetchCommits answer would hold for the range
 //! (up to the highest certified commit within a batch of the writer's
@@ -282,6 +284,19 @@ impl ArchivedBatch {
 struct Head {
     chain_id: String,
     next: CommitIndex,
+    /// The first commit of the batch written last, which ends at
+    /// `next - 1`: a restarted writer checks the head against that batch
+    /// without listing the archive (a WebDAV archive is listed whole).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last: Option<CommitIndex>,
+}
+
+/// What `head.json` says: the next commit the writer will archive, and
+/// the first commit of the batch it wrote last, if named.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct HeadRecord {
+    pub(crate) next: CommitIndex,
+    pub(crate) last: Option<CommitIndex>,
 }
 
 /// What the archive did, for metrics and status.
@@ -813,6 +828,12 @@ impl Archive {
     /// The next commit the writer will archive, from `head.json`; `None`
     /// for an empty archive. Refuses an archive of another chain.
     pub async fn head(&self) -> Result<Option<CommitIndex>, ArchiveError> {
+        Ok(self.head_record().await?.map(|head| head.next))
+    }
+
+    /// `head.json` whole; `None` for an empty archive. Refuses an archive
+    /// of another chain.
+    pub(crate) async fn head_record(&self) -> Result<Option<HeadRecord>, ArchiveError> {
         let path = self.head_path();
         let Some(bytes) = self.get_within(&path, MAX_HEAD_BYTES).await? else {
             return Ok(None);
@@ -828,13 +849,23 @@ impl Archive {
                 ours,
             });
         }
-        Ok(Some(head.next))
+        Ok(Some(HeadRecord {
+            next: head.next,
+            last: head.last,
+        }))
     }
 
-    async fn set_head(&self, next: CommitIndex) -> Result<(), ArchiveError> {
+    /// Writes `head.json`: `next`, and `last`, the first commit of the
+    /// batch that ends at `next - 1`.
+    async fn set_head(
+        &self,
+        next: CommitIndex,
+        last: Option<CommitIndex>,
+    ) -> Result<(), ArchiveError> {
         let head = Head {
             chain_id: hex::encode(self.chain_id.0.0),
             next,
+            last,
         };
         let bytes = serde_json::to_vec(&head).expect("a head encodes");
         self.put(&self.head_path(), bytes).await
@@ -963,8 +994,30 @@ mod tests {
     async fn a_head_past_its_bound_is_refused() {
         let id = ChainId(soma_types::Digest([3; 32]));
         let archive = Archive::in_memory(Config::new("memory"), id);
-        archive.set_head(301).await.unwrap();
+        archive.set_head(301, Some(201)).await.unwrap();
         assert_eq!(archive.head().await.unwrap(), Some(301));
+        let record = archive.head_record().await.unwrap();
+        assert_eq!(
+            record,
+            Some(HeadRecord {
+                next: 301,
+                last: Some(201)
+            })
+        );
+        // A head written before `last` was kept reads as naming no batch.
+        let old = format!(r#"{{"chain_id": "{}", "next": 301}}"#, hex::encode(id.0.0));
+        archive
+            .put(&archive.head_path(), old.into_bytes())
+            .await
+            .unwrap();
+        let record = archive.head_record().await.unwrap();
+        assert_eq!(
+            record,
+            Some(HeadRecord {
+                next: 301,
+                last: None
+            })
+        );
         let padded = format!(r#"{{"chain_id": "{}", "next": 301}}"#, " ".repeat(4_096));
         let size = padded.len() as u64;
         let path = archive.head_path();

@@ -8,7 +8,7 @@ use soma_store::ConsensusStore;
 use soma_types::{BlockRef, CommitIndex, batch_end};
 use tokio::sync::watch;
 
-use super::{Archive, ArchiveError, ArchiveStats, ArchivedBatch};
+use super::{Archive, ArchiveError, ArchiveStats, ArchivedBatch, HeadRecord};
 use crate::grpc::{self, Refused};
 
 /// What the writer needs.
@@ -136,7 +136,7 @@ async fn step(deps: &WriterDeps, next: &mut Option<CommitIndex>) -> Result<bool,
         None => {
             let store = deps.store.clone();
             let lowest = blocking(move || Ok(store.lowest_available_commit()?)).await?;
-            let n = match archive.head().await? {
+            let n = match archive.head_record().await? {
                 Some(head) => checked_head(deps, head, lowest).await?,
                 None => lowest,
             };
@@ -166,7 +166,7 @@ async fn step(deps: &WriterDeps, next: &mut Option<CommitIndex>) -> Result<bool,
             archive.put_batch(&batch).await?;
             let after = batch.last + 1;
             // The head moves only once its batches are stored.
-            archive.set_head(after).await?;
+            archive.set_head(after, Some(batch.first)).await?;
             ArchiveStats::count(&stats.batches_written);
             tracing::debug!(first = batch.first, last = batch.last, "batch archived");
             *next = Some(after);
@@ -180,7 +180,11 @@ async fn step(deps: &WriterDeps, next: &mut Option<CommitIndex>) -> Result<bool,
 /// nothing this store holds (at most `lowest`), or the highest commit this
 /// store holds below it is in the archive's batch for it, as this store
 /// holds it, and then at most one past the store's watermark. Otherwise
-/// `lowest`, from which the writer archives again. A
+/// `lowest`, from which the writer archives again. That batch is the one
+/// the head names as written last when the commit checked is the head's
+/// last (the store holds all the head covers), and is looked up in a
+/// listing only otherwise: a head naming a batch that does not back it is
+/// not backed, whatever other batch might. A
 /// `head.json` written wrongly (another writer's, a bug) had the node
 /// prune history nobody archived; this checks it against the node's own
 /// data. Whoever can write the bucket can still copy a genuine commit
@@ -188,28 +192,34 @@ async fn step(deps: &WriterDeps, next: &mut Option<CommitIndex>) -> Result<bool,
 /// as its credentials.
 async fn checked_head(
     deps: &WriterDeps,
-    head: CommitIndex,
+    record: HeadRecord,
     lowest: CommitIndex,
 ) -> Result<CommitIndex, ArchiveError> {
     let store = deps.store.clone();
     let watermark = blocking(move || Ok(store.highest_synced_commit()?.index)).await?;
     // The genesis commit is never archived: a head of 0 says nothing is.
-    let head = head.max(1);
+    let head = record.next.max(1);
     // The highest commit this store holds that the head says is archived.
     let check = head.saturating_sub(1).min(watermark);
     if head <= lowest || check < lowest {
         return Ok(head);
     }
+    // The batch written last holds the head's last commit: no listing.
+    let named = (record.last).filter(|_| check == record.next.saturating_sub(1));
     // A listing too long to read (a WebDAV archive past `max-object-bytes`
     // of listing, a store whose listing never ends) backs nothing; any
     // other failure is retried.
-    let holding = match deps.archive.batch_holding(check, deps.batch_size).await {
-        Ok(holding) => holding,
-        Err(e @ ArchiveError::ListingTooLong { .. }) => {
-            tracing::warn!(error = %e, "the archive's head cannot be checked");
-            None
-        }
-        Err(e) => return Err(e),
+    let holding = match named {
+        // One named past `check` backs nothing.
+        Some(first) => (first <= check).then_some(first),
+        None => match deps.archive.batch_holding(check, deps.batch_size).await {
+            Ok(holding) => holding,
+            Err(e @ ArchiveError::ListingTooLong { .. }) => {
+                tracing::warn!(error = %e, "the archive's head cannot be checked");
+                None
+            }
+            Err(e) => return Err(e),
+        },
     };
     let batch = match holding {
         Some(first) => match deps.archive.batch(first).await {
@@ -458,7 +468,7 @@ mod tests {
                 ..writer(store.clone(), chain.chain_id())
             };
             async move {
-                deps.archive.set_head(head).await.unwrap();
+                deps.archive.set_head(head, None).await.unwrap();
                 step(&deps, &mut None).await.unwrap();
                 *deps.archived.borrow()
             }
@@ -486,7 +496,7 @@ mod tests {
         // it at 300, so the writer starts again at 1.
         let short = writer(store.clone(), chain.chain_id());
         assert!(step(&short, &mut None).await.unwrap());
-        short.archive.set_head(301).await.unwrap();
+        short.archive.set_head(301, None).await.unwrap();
         let again = WriterDeps {
             archive: short.archive.clone(),
             archived: watch::channel(0).0,
@@ -772,12 +782,91 @@ mod tests {
             archive,
             ..writer(store, chain.chain_id())
         };
-        deps.archive.set_head(301).await.unwrap();
+        deps.archive.set_head(301, None).await.unwrap();
         assert!(step(&deps, &mut None).await.unwrap());
         assert_eq!(*deps.archived.borrow(), 101);
         // No batch held: the flood's first entry past the bound ended it.
         let flooded = faulty.flooded.load(Ordering::SeqCst);
         assert_eq!(flooded, super::super::MOST_LISTED + 1);
+    }
+
+    /// A restarted writer checks a head that names the batch written last
+    /// against that batch, without listing the archive: over a store whose
+    /// listing never ends (as a WebDAV archive past `max-object-bytes` of
+    /// listing fails) it goes on from the head, where a head naming no
+    /// batch had it archive everything again. A head naming a batch that
+    /// does not back it is not backed.
+    #[tokio::test]
+    async fn a_head_naming_its_last_batch_is_checked_without_a_listing() {
+        use std::sync::atomic::Ordering;
+        let chain = ChainBuilder::new(ChainConfig::validators(4)).build(300);
+        let store = Arc::new(MemStore::new(chain.genesis()));
+        chain.write_to(store.as_ref(), 300).unwrap();
+        let (archive, faulty) = flooding(true, chain.chain_id());
+        let first = WriterDeps {
+            archive: archive.clone(),
+            ..writer(store.clone(), chain.chain_id())
+        };
+        let mut next = None;
+        for _ in 0..3 {
+            assert!(step(&first, &mut next).await.unwrap());
+        }
+        let written = archive.head_record().await.unwrap();
+        assert_eq!(
+            written,
+            Some(HeadRecord {
+                next: 301,
+                last: Some(201)
+            })
+        );
+        let restart = async |record: HeadRecord| {
+            let deps = WriterDeps {
+                archive: archive.clone(),
+                archived: watch::channel(0).0,
+                ..writer(store.clone(), chain.chain_id())
+            };
+            deps.archive
+                .set_head(record.next, record.last)
+                .await
+                .unwrap();
+            step(&deps, &mut None).await.unwrap();
+            *deps.archived.borrow()
+        };
+        // Nothing left to archive past 300: the writer idles at its head.
+        assert_eq!(
+            restart(HeadRecord {
+                next: 301,
+                last: Some(201)
+            })
+            .await,
+            301
+        );
+        assert_eq!(faulty.flooded.load(Ordering::SeqCst), 0);
+        // Named wrongly (a batch that ends before 300, one past it): not
+        // backed, archived again from commit 1, still with no listing.
+        for last in [101, 301] {
+            assert_eq!(
+                restart(HeadRecord {
+                    next: 301,
+                    last: Some(last)
+                })
+                .await,
+                101
+            );
+        }
+        assert_eq!(faulty.flooded.load(Ordering::SeqCst), 0);
+        // Naming none, the head is looked up in the listing, which fails.
+        assert_eq!(
+            restart(HeadRecord {
+                next: 301,
+                last: None
+            })
+            .await,
+            101
+        );
+        let flooded = faulty.flooded.load(Ordering::SeqCst);
+        // The batch at 201, then the flood up to the entry past the bound.
+        assert_eq!(flooded, super::super::MOST_LISTED);
     }
 
     /// A 300-commit store and a writer of it (`supervise_writer` if
