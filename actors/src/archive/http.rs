@@ -8,9 +8,10 @@
 //! sits between it and the node, could send such a body without end, and
 //! the node would buffer it until the request timed out. Every store opened
 //! here goes through [`Connector`], which cuts a body as soon as it passes
-//! its bound. An error answer's body ends at [`MAX_ERROR_BODY_BYTES`], the
-//! rest dropped with the connection: it is only a message, and a 404 is
-//! still read as not found. Any other body fails past the archive's
+//! its bound. An error answer's body ends at [`MAX_ERROR_BODY_BYTES`] (or
+//! up to three bytes later, not to split a UTF-8 character), the rest
+//! dropped with the connection: it is only a message, and a 404 with a
+//! long text body is still read as not found. Any other body fails past the archive's
 //! `max-object-bytes`, with an error of kind `Decode`: object_store does
 //! not send the request again for it (a GET's body it may ask for again
 //! by range, but the archive's own reads stop at the size the object
@@ -127,7 +128,8 @@ impl HttpService for Service {
 }
 
 /// A body that fails as soon as it passes `limit` bytes, or, if
-/// `truncate`, ends there.
+/// `truncate`, ends there (or up to three bytes later, to end a UTF-8
+/// character: [`text_cut`]).
 #[derive(Debug)]
 struct BoundedBody {
     inner: HttpResponseBody,
@@ -162,7 +164,7 @@ impl Body for BoundedBody {
             if this.read > this.limit {
                 if this.truncate {
                     // `room` is below the frame's length, a `usize`.
-                    let kept = data.slice(..room as usize);
+                    let kept = data.slice(..text_cut(data, room as usize));
                     return Poll::Ready((!kept.is_empty()).then(|| Ok(Frame::data(kept))));
                 }
                 let error = BodyTooLong { limit: this.limit };
@@ -183,6 +185,15 @@ impl Body for BoundedBody {
         hint.set_lower(self.inner.size_hint().lower().min(self.limit));
         hint
     }
+}
+
+/// Where to cut `data` at `at` or just after: past the continuation
+/// bytes (three at most) of a UTF-8 character begun before `at`, so that
+/// a message cut there still reads as text (object_store reads an error
+/// body as UTF-8, and one that is not makes a 404 a generic error).
+fn text_cut(data: &[u8], at: usize) -> usize {
+    let continues = |i: usize| data.get(i).is_some_and(|b| b & 0xC0 == 0x80);
+    (at..at + 3).find(|&i| !continues(i)).unwrap_or(at + 3)
 }
 
 /// The bound a body was cut at, if `error` is that cut.
@@ -258,10 +269,18 @@ mod tests {
                 ["GET", "/archive/missing"] => {
                     b"HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\n\r\nno object"
                 }
-                ["GET", "/archive/flood"] => return flood(stream, "404 Not Found", true, sent),
+                ["GET", "/archive/flood"] => {
+                    return flood(stream, "404 Not Found", true, "x", sent);
+                }
                 // A length past any memory, then the same flood.
-                ["GET", "/archive/claim"] => return flood(stream, "404 Not Found", false, sent),
-                ["PROPFIND", _] => return flood(stream, "207 Multi-Status", true, sent),
+                ["GET", "/archive/claim"] => {
+                    return flood(stream, "404 Not Found", false, "x", sent);
+                }
+                // Two-byte characters, the bound falling inside one.
+                ["GET", "/archive/accents"] => {
+                    return flood(stream, "404 Not Found", true, "é", sent);
+                }
+                ["PROPFIND", _] => return flood(stream, "207 Multi-Status", true, "x", sent),
                 _ => b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n",
             };
             if stream.write_all(answer).is_err() {
@@ -270,19 +289,24 @@ mod tests {
         }
     }
 
-    /// A body of `FLOOD_BYTES` for `status`, `chunked` or else claiming
-    /// 2^62 bytes, counted in `sent` if the client closes the connection
-    /// before its end.
-    fn flood(mut stream: TcpStream, status: &str, chunked: bool, sent: &Sent) {
-        let (head, chunk) = if chunked {
-            let chunk = format!("4000\r\n{}\r\n", "x".repeat(0x4000));
-            ("Transfer-Encoding: chunked", chunk)
-        } else {
-            ("Content-Length: 4611686018427387904", "x".repeat(0x4000))
+    /// A body of about `FLOOD_BYTES` for `status`, `chunked` or else
+    /// claiming 2^62 bytes: an `x`, then `unit` over and over, in chunks of
+    /// 12 KiB (which the bounds are not multiples of); counted in `sent`
+    /// if the client closes the connection before its end.
+    fn flood(mut stream: TcpStream, status: &str, chunked: bool, unit: &str, sent: &Sent) {
+        let text = unit.repeat(0x3000 / unit.len());
+        let frame = |text: &str| match chunked {
+            true => format!("{:x}\r\n{text}\r\n", text.len()),
+            false => text.to_owned(),
+        };
+        let (first, chunk) = (frame("x"), frame(&text));
+        let head = match chunked {
+            true => "Transfer-Encoding: chunked",
+            false => "Content-Length: 4611686018427387904",
         };
         let head = format!("HTTP/1.1 {status}\r\n{head}\r\n\r\n");
-        let mut body = vec![head.as_bytes()];
-        body.extend(std::iter::repeat_n(chunk.as_bytes(), FLOOD_BYTES / 0x4000));
+        let mut body = vec![head.as_bytes(), first.as_bytes()];
+        body.extend(std::iter::repeat_n(chunk.as_bytes(), FLOOD_BYTES / 0x3000));
         if chunked {
             body.push(b"0\r\n\r\n");
         }
@@ -342,6 +366,20 @@ mod tests {
             let body = message.split(|c| c != 'x').map(str::len).max();
             assert_eq!(body, Some(MAX_ERROR_BODY_BYTES as usize), "{name}");
         }
+        // Cut at the bound, the body would end inside a character and not
+        // read as text: the 404 was a generic error. The cut ends the
+        // character, a byte past the bound: an `x`, then 32,768 of them.
+        let read = tokio::time::timeout(guard, store.get(&root.clone().join("accents"))).await;
+        let error = read
+            .expect("the 404's body was read for a minute")
+            .unwrap_err();
+        assert!(
+            matches!(error, object_store::Error::NotFound { .. }),
+            "accents: {}",
+            brief(&error)
+        );
+        let accents = error.to_string().matches('é').count();
+        assert_eq!(accents, MAX_ERROR_BODY_BYTES as usize / 2);
 
         use futures::TryStreamExt;
         let listing = tokio::time::timeout(guard, store.list(Some(&root)).try_collect::<Vec<_>>());
@@ -364,12 +402,14 @@ mod tests {
 
         // Every flood's connection closed by the node: the writes failed.
         let closed = async {
-            while sent.floods_cut.load(Ordering::SeqCst) < 3 {
+            while sent.floods_cut.load(Ordering::SeqCst) < 5 {
                 tokio::task::yield_now().await;
             }
         };
         tokio::time::timeout(guard, closed)
             .await
             .expect("a cut body's connection left open");
+        // Three 404s and two listings (the lookup's and the one above).
+        assert_eq!(sent.floods_cut.load(Ordering::SeqCst), 5);
     }
 }

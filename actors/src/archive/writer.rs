@@ -182,7 +182,7 @@ async fn step(deps: &WriterDeps, next: &mut Option<CommitIndex>) -> Result<bool,
 /// holds it, and then at most one past the store's watermark. Otherwise
 /// `lowest`, from which the writer archives again. That batch is the one
 /// the head names as written last when the commit checked is the head's
-/// last (the store holds all the head covers), and is looked up in a
+/// last (the store has synced that far), and is looked up in a
 /// listing only otherwise: a head naming a batch that does not back it is
 /// not backed, whatever other batch might. A
 /// `head.json` written wrongly (another writer's, a bug) had the node
@@ -819,7 +819,7 @@ mod tests {
                 last: Some(201)
             })
         );
-        let restart = async |record: HeadRecord| {
+        let restart_on = async |store: &Arc<MemStore>, record: HeadRecord| {
             let deps = WriterDeps {
                 archive: archive.clone(),
                 archived: watch::channel(0).0,
@@ -832,6 +832,7 @@ mod tests {
             step(&deps, &mut None).await.unwrap();
             *deps.archived.borrow()
         };
+        let restart = async |record| restart_on(&store, record).await;
         // Nothing left to archive past 300: the writer idles at its head.
         assert_eq!(
             restart(HeadRecord {
@@ -842,19 +843,31 @@ mod tests {
             301
         );
         assert_eq!(faulty.flooded.load(Ordering::SeqCst), 0);
-        // Named wrongly (a batch that ends before 300, one past it): not
-        // backed, archived again from commit 1, still with no listing.
-        for last in [101, 301] {
-            assert_eq!(
-                restart(HeadRecord {
-                    next: 301,
-                    last: Some(last)
-                })
-                .await,
-                101
-            );
+        // Named wrongly (a batch that ends before 300, one past it, and at
+        // 201 one past the head's last commit, 200, though it holds 200
+        // and more): not backed, archived again from commit 1, still with
+        // no listing.
+        for (next, last) in [(301, 101), (301, 301), (201, 201)] {
+            let last = Some(last);
+            assert_eq!(restart(HeadRecord { next, last }).await, 101);
         }
         assert_eq!(faulty.flooded.load(Ordering::SeqCst), 0);
+        // A store synced only to 250 checks its own last commit, which the
+        // batch named does hold, but looks it up in the listing, which
+        // fails here: archived again from 1.
+        let behind = Arc::new(MemStore::new(chain.genesis()));
+        for range in chain.batch_ranges(50).into_iter().take(5) {
+            behind.write_synced_batch(chain.batch(range)).unwrap();
+        }
+        assert_eq!(behind.highest_synced_commit().unwrap().index, 250);
+        let named = HeadRecord {
+            next: 301,
+            last: Some(201),
+        };
+        assert_eq!(restart_on(&behind, named).await, 101);
+        let flooded = faulty.flooded.load(Ordering::SeqCst);
+        // The batch at 201, then the flood up to the entry past the bound.
+        assert_eq!(flooded, super::super::MOST_LISTED);
         // Naming none, the head is looked up in the listing, which fails.
         assert_eq!(
             restart(HeadRecord {
@@ -865,8 +878,7 @@ mod tests {
             101
         );
         let flooded = faulty.flooded.load(Ordering::SeqCst);
-        // The batch at 201, then the flood up to the entry past the bound.
-        assert_eq!(flooded, super::super::MOST_LISTED);
+        assert_eq!(flooded, 2 * super::super::MOST_LISTED);
     }
 
     /// A 300-commit store and a writer of it (`supervise_writer` if
