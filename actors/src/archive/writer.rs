@@ -221,10 +221,16 @@ async fn checked_head(
             Err(e) => return Err(e),
         },
     };
+    // An object there that is no batch (malformed, or past
+    // `max-object-bytes`) backs nothing: retried, it would stop the writer,
+    // and pruning, for as long as it stays; archiving again overwrites it.
     let batch = match holding {
         Some(first) => match deps.archive.batch(first).await {
             Ok(batch) => batch.filter(|b| b.last >= check),
-            Err(ArchiveError::Malformed { .. }) => None,
+            Err(e @ (ArchiveError::Malformed { .. } | ArchiveError::TooLarge { .. })) => {
+                tracing::warn!(error = %e, "the batch before the archive's head is no batch");
+                None
+            }
             Err(e) => return Err(e),
         },
         None => None,
@@ -879,6 +885,55 @@ mod tests {
         );
         let flooded = faulty.flooded.load(Ordering::SeqCst);
         assert_eq!(flooded, 2 * super::super::MOST_LISTED);
+    }
+
+    /// An object past `max-object-bytes` at the path of the batch a head
+    /// stands on, named or listed (a bucket's other writer planted it):
+    /// the head is not backed, and the writer archives again from commit
+    /// 1, overwriting it, where it failed the same read for good and
+    /// pruning waited with it.
+    #[tokio::test]
+    async fn an_oversize_object_where_the_heads_batch_is_backs_nothing() {
+        let chain = ChainBuilder::new(ChainConfig::validators(4)).build(300);
+        let store = Arc::new(MemStore::new(chain.genesis()));
+        chain.write_to(store.as_ref(), 300).unwrap();
+        let config = super::super::Config {
+            max_object_bytes: 1 << 20,
+            ..super::super::Config::new("memory")
+        };
+        let archive = Archive::in_memory(config, chain.chain_id());
+        let deps = || WriterDeps {
+            archive: archive.clone(),
+            archived: watch::channel(0).0,
+            ..writer(store.clone(), chain.chain_id())
+        };
+        let first = deps();
+        let mut next = None;
+        for _ in 0..3 {
+            assert!(step(&first, &mut next).await.unwrap());
+        }
+        let honest = archive.batch(201).await.unwrap().unwrap();
+        assert!(honest.most_encoded_bytes() < 1 << 20);
+        for last in [Some(201), None] {
+            let path = archive.batch_path(201);
+            archive.put(&path, vec![0; (1 << 20) + 1]).await.unwrap();
+            let planted = archive.batch(201).await;
+            assert!(
+                matches!(planted, Err(ArchiveError::TooLarge { size, .. }) if size == (1 << 20) + 1),
+                "{planted:?}"
+            );
+            archive.set_head(301, last).await.unwrap();
+            let restarted = deps();
+            let mut next = None;
+            assert!(step(&restarted, &mut next).await.unwrap());
+            assert_eq!(*restarted.archived.borrow(), 101, "head naming {last:?}");
+            for _ in 0..2 {
+                assert!(step(&restarted, &mut next).await.unwrap());
+            }
+            assert_eq!(*restarted.archived.borrow(), 301);
+            let rewritten = archive.batch(201).await.unwrap().unwrap();
+            assert_eq!(rewritten.commits, honest.commits);
+        }
     }
 
     /// A 300-commit store and a writer of it (`supervise_writer` if
