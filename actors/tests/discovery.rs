@@ -13,8 +13,9 @@ use soma_actors::discovery::{self, SeedPeer};
 use soma_actors::{P2pBuilder, P2pConfig, P2pHandle};
 use soma_chain::{Chain, ChainBuilder, ChainConfig};
 use soma_store::MemStore;
+use soma_testkit::attack::{InfosOnly, ServesInfos};
 use soma_types::{Access, KeyPair, NodeInfo, PeerId, SignedNodeInfo, codec};
-use soma_wire::proto::{self, p2p_server::P2p, p2p_server::P2pServer};
+use soma_wire::proto::{self, p2p_server::P2pServer};
 use soma_wire::tls::{self, AccessPolicy, Caller, NodeIdentity};
 use tokio::sync::broadcast;
 use tonic::{Request, Response, Status};
@@ -313,8 +314,8 @@ impl Malicious {
 }
 
 #[tonic::async_trait]
-impl P2p for Malicious {
-    async fn get_known_peers(
+impl ServesInfos for Malicious {
+    async fn known_peers(
         &self,
         request: Request<proto::GetKnownPeersRequest>,
     ) -> Result<Response<proto::GetKnownPeersResponse>, Status> {
@@ -336,45 +337,6 @@ impl P2p for Malicious {
                 .map(|i| Bytes::from(codec::encode(i)))
                 .collect(),
         }))
-    }
-
-    async fn get_commit_availability(
-        &self,
-        _: Request<proto::GetCommitAvailabilityRequest>,
-    ) -> Result<Response<proto::GetCommitAvailabilityResponse>, Status> {
-        Ok(Response::new(
-            proto::GetCommitAvailabilityResponse::default(),
-        ))
-    }
-
-    async fn get_commit_info(
-        &self,
-        _: Request<proto::GetCommitInfoRequest>,
-    ) -> Result<Response<proto::GetCommitInfoResponse>, Status> {
-        Err(Status::unimplemented("malicious"))
-    }
-
-    async fn push_commit(
-        &self,
-        _: Request<proto::PushCommitRequest>,
-    ) -> Result<Response<proto::PushCommitResponse>, Status> {
-        Err(Status::unimplemented("malicious"))
-    }
-
-    async fn fetch_commits(
-        &self,
-        _: Request<proto::FetchCommitsRequest>,
-    ) -> Result<Response<proto::FetchCommitsResponse>, Status> {
-        Err(Status::unimplemented("malicious"))
-    }
-
-    type FetchBlocksStream = tokio_stream::Empty<Result<proto::FetchBlocksResponse, Status>>;
-
-    async fn fetch_blocks(
-        &self,
-        _: Request<proto::FetchBlocksRequest>,
-    ) -> Result<Response<Self::FetchBlocksStream>, Status> {
-        Err(Status::unimplemented("malicious"))
     }
 }
 
@@ -621,7 +583,7 @@ fn serve_malicious(
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(P2pServer::new(evil))
+            .add_service(P2pServer::new(InfosOnly(evil)))
             .serve_with_incoming_shutdown(tls::incoming(listener, server_config), async {
                 let _ = stopped.await;
             }),

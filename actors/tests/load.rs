@@ -12,31 +12,15 @@ use std::time::Duration;
 use soma_actors::P2pConfig;
 use soma_chain::{ChainBuilder, ChainConfig};
 use soma_store::MemStore;
+use soma_testkit::attack::blocks_fetched;
 use soma_testkit::{validator_with, wait_synced};
 use soma_types::{BlockRef, KeyPair};
 use soma_wire::proto::{self, p2p_client::P2pClient};
 use soma_wire::tls::{self, NodeIdentity};
 use tonic::Code;
-use tonic::transport::Channel;
 
 const CONNECTIONS: usize = 500;
 const CALLS_PER_CONNECTION: usize = 10;
-
-async fn fetch(
-    mut client: P2pClient<Channel>,
-    refs: Vec<BlockRef>,
-) -> Result<usize, tonic::Status> {
-    let request = proto::FetchBlocksRequest {
-        refs: refs.into_iter().map(Into::into).collect(),
-        ..Default::default()
-    };
-    let mut stream = client.fetch_blocks(request).await?.into_inner();
-    let mut n = 0;
-    while let Some(chunk) = stream.message().await? {
-        n += chunk.blocks.len();
-    }
-    Ok(n)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_thousand_in_flight_rpcs_are_bounded_and_the_node_keeps_working() {
@@ -118,7 +102,7 @@ async fn five_thousand_in_flight_rpcs_are_bounded_and_the_node_keeps_working() {
     let mut calls = Vec::with_capacity(CONNECTIONS * CALLS_PER_CONNECTION);
     for client in &clients {
         for _ in 0..CALLS_PER_CONNECTION {
-            calls.push(tokio::spawn(fetch(client.clone(), refs.clone())));
+            calls.push(tokio::spawn(blocks_fetched(client.clone(), refs.clone())));
         }
     }
     assert_eq!(calls.len(), 5_000);
@@ -187,13 +171,13 @@ async fn five_thousand_in_flight_rpcs_are_bounded_and_the_node_keeps_working() {
     .unwrap();
     let client = P2pClient::new(channel).max_decoding_message_size(8 << 20);
     assert_eq!(
-        fetch(client.clone(), refs.clone()).await.unwrap(),
+        blocks_fetched(client.clone(), refs.clone()).await.unwrap(),
         refs.len()
     );
 
     // An oversize request (more than 1 MiB) is refused by the transport.
     let many: Vec<BlockRef> = std::iter::repeat_n(refs[0], 40_000).collect();
-    let status = fetch(client.clone(), many).await.unwrap_err();
+    let status = blocks_fetched(client.clone(), many).await.unwrap_err();
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
     // ...and the server still answers.
     assert!(

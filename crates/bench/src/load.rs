@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 use soma_actors::P2pConfig;
 use soma_chain::{Chain, ChainBuilder, ChainConfig};
 use soma_store::MemStore;
+use soma_testkit::attack::blocks_fetched;
 use soma_types::{BlockRef, KeyPair};
-use soma_wire::proto::{self, p2p_client::P2pClient};
+use soma_wire::proto::p2p_client::P2pClient;
 use soma_wire::tls::{self, NodeIdentity};
 use tonic::Code;
-use tonic::transport::Channel;
 
 use crate::report::{Cell, Section};
 use crate::{Size, runtime};
@@ -27,22 +27,6 @@ const COMMITS_PER_CALL: u64 = 30;
 
 fn chain() -> Chain {
     ChainBuilder::new(ChainConfig::validators(4)).build(COMMITS)
-}
-
-async fn fetch(
-    mut client: P2pClient<Channel>,
-    refs: Vec<BlockRef>,
-) -> Result<usize, tonic::Status> {
-    let request = proto::FetchBlocksRequest {
-        refs: refs.into_iter().map(Into::into).collect(),
-        ..Default::default()
-    };
-    let mut stream = client.fetch_blocks(request).await?.into_inner();
-    let mut n = 0;
-    while let Some(chunk) = stream.message().await? {
-        n += chunk.blocks.len();
-    }
-    Ok(n)
 }
 
 /// Runs the benchmark.
@@ -79,7 +63,7 @@ pub fn section(size: &Size) -> Section {
         let tasks: Vec<_> = clients
             .iter()
             .flat_map(|c| (0..calls).map(move |_| c.clone()))
-            .map(|c| tokio::spawn(fetch(c, refs.clone())))
+            .map(|c| tokio::spawn(blocks_fetched(c, refs.clone())))
             .collect();
         let mut outcomes: HashMap<Code, usize> = HashMap::new();
         for t in tasks {
@@ -97,7 +81,7 @@ pub fn section(size: &Size) -> Section {
             tls::connect(address, Some(&identity), Some(peer), Duration::from_secs(5))
                 .await
                 .expect("connects");
-        let honest = fetch(
+        let honest = blocks_fetched(
             P2pClient::new(channel).max_decoding_message_size(8 << 20),
             refs.clone(),
         )

@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use futures::StreamExt;
 use soma_actors::discovery::SeedPeer;
-use soma_types::{Access, KeyPair, NodeInfo, PeerId, SignedNodeInfo, codec};
+use soma_types::{Access, BlockRef, KeyPair, NodeInfo, PeerId, SignedNodeInfo, codec};
 use soma_wire::proto::{self, p2p_client::P2pClient, p2p_server::P2p, p2p_server::P2pServer};
 use soma_wire::tls::{self, AccessPolicy, NodeIdentity};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -218,6 +218,24 @@ pub async fn client_that_stops_reading(
         read,
     };
     connect(target, identity, endpoint, transport).await
+}
+
+/// The blocks a FetchBlocks call for `refs` on `client` streamed back,
+/// counted, or the status it ended with.
+pub async fn blocks_fetched(
+    mut client: P2pClient<Channel>,
+    refs: Vec<BlockRef>,
+) -> Result<usize, Status> {
+    let request = proto::FetchBlocksRequest {
+        refs: refs.into_iter().map(Into::into).collect(),
+        ..Default::default()
+    };
+    let mut stream = client.fetch_blocks(request).await?.into_inner();
+    let mut n = 0;
+    while let Some(chunk) = stream.message().await? {
+        n += chunk.blocks.len();
+    }
+    Ok(n)
 }
 
 fn endpoint(target: Target) -> Endpoint {
@@ -612,8 +630,8 @@ struct FakeInfos {
 }
 
 #[tonic::async_trait]
-impl P2p for FakeInfos {
-    async fn get_known_peers(
+impl ServesInfos for FakeInfos {
+    async fn known_peers(
         &self,
         _: Request<proto::GetKnownPeersRequest>,
     ) -> Result<Response<proto::GetKnownPeersResponse>, Status> {
@@ -631,6 +649,32 @@ impl P2p for FakeInfos {
             own_info: Bytes::from(codec::encode(&own)),
             known_peers,
         }))
+    }
+}
+
+/// A test peer that serves GetKnownPeers its own way and nothing else:
+/// its service is [`InfosOnly`].
+#[tonic::async_trait]
+pub trait ServesInfos: Send + Sync + 'static {
+    /// Its answer to GetKnownPeers.
+    async fn known_peers(
+        &self,
+        request: Request<proto::GetKnownPeersRequest>,
+    ) -> Result<Response<proto::GetKnownPeersResponse>, Status>;
+}
+
+/// The gRPC service of a [`ServesInfos`] peer: GetKnownPeers as it
+/// answers, GetCommitAvailability with an empty answer (so that a node
+/// stays connected to it), every other call refused as unimplemented.
+pub struct InfosOnly<T>(pub T);
+
+#[tonic::async_trait]
+impl<T: ServesInfos> P2p for InfosOnly<T> {
+    async fn get_known_peers(
+        &self,
+        request: Request<proto::GetKnownPeersRequest>,
+    ) -> Result<Response<proto::GetKnownPeersResponse>, Status> {
+        self.0.known_peers(request).await
     }
 
     async fn get_commit_availability(
@@ -761,7 +805,7 @@ pub async fn serve_infos(
     let config = tls::server_config(&identity, &AccessPolicy::default()).expect("tls");
     attack.tasks.push(tokio::spawn(async move {
         let _ = tonic::transport::Server::builder()
-            .add_service(P2pServer::new(server))
+            .add_service(P2pServer::new(InfosOnly(server)))
             .serve_with_incoming(tls::incoming(listener, config))
             .await;
     }));
