@@ -25,7 +25,7 @@ mod table;
 
 pub use actor::{Deps, Discovery};
 pub use core::{
-    Config, DiscoveryCore, Init, SERVICE_PORTS, SeedPeer, canonical_address, is_advertisable,
-    is_service_port,
+    Config, DiscoveryCore, EVICTION_SEARCH_BUCKETS, Init, SERVICE_PORTS, SeedPeer,
+    canonical_address, is_advertisable, is_service_port,
 };
 pub use messages::{ExchangeInfo, Exchanged, Input, KnownPeerCount, KnownPeers, Output};

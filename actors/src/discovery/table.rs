@@ -25,7 +25,7 @@ use std::sync::Arc;
 use indexmap::IndexMap;
 use soma_types::{FastHasher, PeerId, SignedNodeInfo};
 
-use super::core::{Entry, Prefix, Source};
+use super::core::{EVICTION_SEARCH_BUCKETS, Entry, Prefix, Source};
 
 /// The hasher of a table's maps: foldhash, both its seeds drawn from
 /// std's randomness ([`FastHasher`]). A SipHash of each 32-byte id was a
@@ -47,6 +47,9 @@ pub(super) struct Caps {
     pub(super) total: usize,
     pub(super) per_source: usize,
     pub(super) per_prefix: usize,
+    /// How long before a newcomer an entry the total cap gives up must
+    /// have been seen; 0: any no newer than the newcomer.
+    pub(super) min_evict_age_ms: u64,
 }
 
 /// A bucket's number in its index's items, and its size. Numbers are
@@ -429,8 +432,10 @@ impl Table {
 
     /// The entries to evict so that `peer`, seen at `seen_ms` with prefix
     /// `prefix` and (when new) from `source`, fits every cap; `None` if it
-    /// cannot. A victim is never pinned nor newer than the newcomer; of a
-    /// bucket's candidates the oldest goes (ties: the lowest id).
+    /// cannot. A victim is never pinned nor newer than the newcomer (nor,
+    /// for the total cap and outside the newcomer's source, seen less than
+    /// `min_evict_age_ms` before it); of a bucket's candidates the oldest
+    /// goes (ties: the lowest id).
     pub(super) fn make_room(
         &mut self,
         caps: Caps,
@@ -495,11 +500,20 @@ impl Table {
             moved.sort_unstable();
             let mut moved = moved.into_iter().peekable();
             let mut after = None;
+            // From the fullest buckets only, an entry seen long enough
+            // before the newcomer; or the oldest of the newcomer's own
+            // source, which then takes no one else's place. With no age
+            // asked, the oldest of any bucket.
+            let (old_enough, mut tries) = match caps.min_evict_age_ms {
+                0 => (Some(seen_ms), usize::MAX),
+                age => (seen_ms.checked_sub(age), EVICTION_SEARCH_BUCKETS),
+            };
             let victim = loop {
+                tries = tries.checked_sub(1)?;
                 let ranked = self
                     .by_source
                     .ranked_after(after, |s| less.iter().any(|(l, _)| l == s));
-                let (_, _, id) = match (ranked, moved.peek()) {
+                let (_, bucket, id) = match (ranked, moved.peek()) {
                     (Some(r), Some(m)) if *m < r => moved.next()?,
                     (Some(r), _) => {
                         after = Some(r);
@@ -507,7 +521,12 @@ impl Table {
                     }
                     (None, _) => moved.next()?,
                 };
-                if let Some(v) = self.first_evictable(id, seen_ms, &chosen, &pinned) {
+                let limit = if source == Some(bucket) {
+                    Some(seen_ms)
+                } else {
+                    old_enough
+                };
+                if let Some(v) = limit.and_then(|l| self.first_evictable(id, l, &chosen, &pinned)) {
                     break v;
                 }
             };

@@ -157,9 +157,11 @@ impl P2pConfig {
             let ok = millis(1) <= value && value <= LONGEST;
             holds(field, ok, LONGEST_TEXT, format!("{}ms", value.as_millis()))?;
         }
-        // Zero means never (rotation), or no wait (backoff, grace).
+        // Zero means never (rotation), no wait (backoff, grace), or no age
+        // asked (eviction).
         for (field, value) in [
             ("discovery.rotation_interval_ms", d.rotation_interval_ms),
+            ("discovery.min_evict_age_ms", d.min_evict_age_ms),
             ("state_sync.restart_backoff_ms", s.restart_backoff_ms),
             ("prune.grace_ms", self.prune.grace_ms),
         ] {

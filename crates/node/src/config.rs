@@ -138,6 +138,11 @@ pub struct P2pSection {
     pub max_known_peers_per_prefix: usize,
     /// Most new peers learnt from one source per discovery interval.
     pub max_new_peers_per_source_per_interval: usize,
+    /// How long before a new peer a known peer must have been last seen
+    /// for a full table to give its place to the new one (the new peer's
+    /// own source excepted); zero: any entry older than the new peer.
+    #[serde(with = "humantime_serde")]
+    pub min_evict_age: Duration,
     /// Whether infos with loopback or private addresses are accepted; a
     /// node on the public Internet sets it to false.
     pub allow_private_addresses: bool,
@@ -322,6 +327,7 @@ impl Default for P2pSection {
             max_new_peers_per_source_per_interval: p
                 .discovery
                 .max_new_peers_per_source_per_interval,
+            min_evict_age: Duration::from_millis(p.discovery.min_evict_age_ms),
             allow_private_addresses: p.discovery.allow_private_addresses,
             rotation_interval: Duration::from_millis(p.discovery.rotation_interval_ms),
             tick: p.tick,
@@ -611,6 +617,12 @@ impl NodeConfig {
             "between 10ms and 1h",
             between(p.interval, 10, 3_600_000),
             ms(p.interval),
+        )?;
+        range(
+            "p2p.min-evict-age",
+            "between 0s and 1h",
+            p.min_evict_age <= Duration::from_secs(3_600),
+            ms(p.min_evict_age),
         )?;
         range(
             "p2p.rotation-interval",
@@ -1155,6 +1167,7 @@ impl NodeConfig {
         c.discovery.max_known_peers_per_source = p.max_known_peers_per_source;
         c.discovery.max_known_peers_per_prefix = p.max_known_peers_per_prefix;
         c.discovery.max_new_peers_per_source_per_interval = p.max_new_peers_per_source_per_interval;
+        c.discovery.min_evict_age_ms = p.min_evict_age.as_millis() as u64;
         c.discovery.allow_private_addresses = p.allow_private_addresses;
         c.discovery.rotation_interval_ms = p.rotation_interval.as_millis() as u64;
         c.state_sync.commit_sync_batch_size = p.commit_sync_batch_size;
@@ -1454,6 +1467,12 @@ max-known-peers = {known}
 max-known-peers-per-source = {per_source}
 max-known-peers-per-prefix = {per_prefix}
 max-new-peers-per-source-per-interval = {new_per_source}
+# A full table gives a new peer the place of a known one only if that one
+# was last seen this long before (or came from the new peer's own source):
+# a flood of fresh infos takes only the places of peers gone quiet, but a
+# new honest node spreads more slowly; "0s": any older entry
+# (docs/operations.md).
+min-evict-age = "{min_evict_age}"
 # Accept peers advertising loopback or private addresses (local networks,
 # tests). Set to false on a node reachable from the Internet.
 allow-private-addresses = {private}
@@ -1592,6 +1611,7 @@ max-connection-age-grace = "{grace}"
         per_source = p.max_known_peers_per_source,
         per_prefix = p.max_known_peers_per_prefix,
         new_per_source = p.max_new_peers_per_source_per_interval,
+        min_evict_age = humantime_serde::re::humantime::format_duration(p.min_evict_age),
         private = p.allow_private_addresses,
         rotation = humantime_serde::re::humantime::format_duration(p.rotation_interval),
         tick = humantime_serde::re::humantime::format_duration(p.tick),
@@ -1812,7 +1832,7 @@ mod tests {
         }
         // Every key of the default file but those `run` reads itself: the
         // top level, [p2p] and [archive].
-        assert_eq!(checked, 5 + 64 + 7);
+        assert_eq!(checked, 5 + 65 + 7);
     }
 
     /// The default file with its commented `[archive]` section enabled,
@@ -2360,6 +2380,15 @@ mod tests {
             e.contains("metrics-address") && e.contains("other than listen-address"),
             "{e}"
         );
+        let text = default_file().replace("min-evict-age = \"0s\"", "min-evict-age = \"61m\"");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(
+            e.contains("p2p.min-evict-age") && e.contains("between 0s and 1h"),
+            "{e}"
+        );
+        let text = default_file().replace("min-evict-age = \"0s\"", "min-evict-age = \"30s\"");
+        let config = parse(&text).unwrap().p2p_config();
+        assert_eq!(config.discovery.min_evict_age_ms, 30_000);
         let text = default_file().replace("max-actor-restarts = 5", "max-actor-restarts = 1001");
         let e = parse(&text).unwrap_err().to_string();
         assert!(
