@@ -332,6 +332,81 @@ pub fn eclipse(settings: Settings, warmup_intervals: u64, minutes: u64) -> Vec<E
         .collect()
 }
 
+/// How far nodes that joined a converged network have spread, at one
+/// minute after they joined.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JoinMinute {
+    /// Minutes since the joiners started.
+    pub minute: u64,
+    /// The fraction of the nodes up before them whose tables hold a
+    /// joiner: the mean over joiners.
+    pub known_by_mean: f64,
+    /// The lowest such fraction of any joiner.
+    pub known_by_min: f64,
+    /// Connections a joiner is at an end of: the mean over joiners.
+    pub connections_mean: f64,
+    /// Peers in a joiner's own table: the mean over joiners.
+    pub known_mean: f64,
+}
+
+/// Converges every node of `settings` but every `every`-th (never a seed)
+/// for `warmup_intervals`, then starts those, the joiners, and samples
+/// every minute for `minutes` how far they are known: what a newcomer's
+/// place in full tables costs it.
+pub fn joining(
+    settings: Settings,
+    warmup_intervals: u64,
+    every: usize,
+    minutes: u64,
+) -> Vec<JoinMinute> {
+    let interval = settings.discovery.interval_ms.max(1);
+    let seeds = settings.seeds;
+    let mut sim = Sim::new(settings, None);
+    let every = every.max(1);
+    let (joiners, first): (Vec<usize>, Vec<usize>) =
+        (0..sim.len()).partition(|&i| i >= seeds && i % every == every - 1);
+    for &i in &first {
+        sim.start(i);
+    }
+    sim.run_until(warmup_intervals * interval);
+    for &i in &joiners {
+        sim.start(i);
+    }
+    let started = sim.now();
+    (1..=minutes)
+        .map(|minute| {
+            sim.run_until(started + minute * 60_000);
+            let mut holders = vec![0usize; sim.len()];
+            for &k in &first {
+                for j in sim.known_by(k) {
+                    holders[j] += 1;
+                }
+            }
+            let known_by: Vec<f64> = joiners
+                .iter()
+                .map(|&j| holders[j] as f64 / first.len().max(1) as f64)
+                .collect();
+            let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+            let of_joiners = |f: &dyn Fn(usize) -> usize| {
+                joiners.iter().map(|&j| f(j)).sum::<usize>() as f64 / joiners.len().max(1) as f64
+            };
+            JoinMinute {
+                minute,
+                known_by_mean: mean(&known_by),
+                known_by_min: known_by.iter().copied().fold(1.0, f64::min),
+                connections_mean: of_joiners(&|j| {
+                    first
+                        .iter()
+                        .filter(|&&k| sim.holds_connection(k, j))
+                        .count()
+                        + sim.connections_of(j).len()
+                }),
+                known_mean: of_joiners(&|j| sim.known_by(j).len()),
+            }
+        })
+        .collect()
+}
+
 /// How long until every node knew every other, and the calls it took.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FullKnowledge {

@@ -205,12 +205,11 @@ fn without_rotation_two_halves_stay_apart_after_the_heal() {
     assert_eq!(result.heal_ms, None, "{result:?}");
 }
 
-#[test]
-fn sybils_flooding_fresh_infos_never_rotate_an_honest_node_past_its_anchors() {
-    // 30 % of the nodes an attacker's, answering every call with sybils
-    // only, at the limits, for three minutes after the honest network
-    // converged. Tables of 40 (of 99 others), 10 per source, 20 infos an
-    // answer, so that the caps bite in a network this small.
+/// 30 % of 100 nodes an attacker's, answering every call with sybils
+/// only, at the limits. Tables of 40 (of 99 others), 10 per source, 20
+/// infos an answer, so that the caps bite in a network this small; a
+/// rotation every 10 s, so that three minutes of attack hold eighteen.
+fn sybil_flood(min_evict_age_ms: u64) -> Settings {
     let mut settings = Settings {
         nodes: 100,
         sybils: 30,
@@ -219,9 +218,17 @@ fn sybils_flooding_fresh_infos_never_rotate_an_honest_node_past_its_anchors() {
     settings.discovery.max_known_peers = 40;
     settings.discovery.max_known_peers_per_source = 10;
     settings.discovery.max_peers_to_send = 20;
-    // A rotation every 10 s: three minutes of attack hold eighteen.
     settings.discovery.rotation_interval_ms = 10_000;
-    let minutes = soma_sim::scenarios::eclipse(settings, 12, 3);
+    settings.discovery.min_evict_age_ms = min_evict_age_ms;
+    settings
+}
+
+#[test]
+fn sybils_flooding_fresh_infos_never_rotate_an_honest_node_past_its_anchors() {
+    // The flood for three minutes after the honest network converged,
+    // against tables that give up their oldest entry however fresh: the
+    // flood wins the tables, and only the anchors hold.
+    let minutes = soma_sim::scenarios::eclipse(sybil_flood(0), 12, 3);
     assert_eq!(minutes.len(), 3);
     // The flood is real: sybils hold more of the tables than their 30 %
     // of the nodes, and rotation moves connections to them.
@@ -233,6 +240,51 @@ fn sybils_flooding_fresh_infos_never_rotate_an_honest_node_past_its_anchors() {
     for m in &minutes {
         assert!(m.connections_min >= 0.5, "{m:?}");
         assert_eq!(m.eclipsed, 0, "{m:?}");
+    }
+}
+
+#[test]
+fn tables_that_keep_entries_younger_than_30_s_stay_honest_under_the_same_flood() {
+    // The same flood after convergence, against tables that give a
+    // newcomer only the place of an entry seen 30 s before it (or its own
+    // source's oldest): honest peers, signing afresh each round, keep
+    // their places, and the flood takes only its own sources' buckets.
+    let minutes = soma_sim::scenarios::eclipse(sybil_flood(30_000), 12, 3);
+    assert_eq!(minutes.len(), 3);
+    for m in &minutes {
+        assert!(m.table_mean >= 0.9, "{m:?}");
+        assert!(m.table_min >= 0.8, "{m:?}");
+        assert!(m.connections_min >= 0.75, "{m:?}");
+        assert_eq!(m.eclipsed, 0, "{m:?}");
+    }
+}
+
+/// 300 nodes, tables of 100 (25 per source): full tables. Every 20th
+/// node (15 of them) joins once the rest converged.
+fn joining_full_tables(min_evict_age_ms: u64) -> Vec<soma_sim::scenarios::JoinMinute> {
+    let mut settings = Settings {
+        nodes: 300,
+        ..small(8)
+    };
+    settings.discovery.max_known_peers = 100;
+    settings.discovery.max_known_peers_per_source = 25;
+    settings.discovery.min_evict_age_ms = min_evict_age_ms;
+    soma_sim::scenarios::joining(settings, 12, 20, 2)
+}
+
+#[test]
+fn nodes_joining_a_network_of_full_tables_are_known_to_a_fifth_of_it_within_a_minute() {
+    // The cost of keeping young entries: under the default rule a joiner
+    // takes the places of the oldest entries and is soon widely known;
+    // keeping entries younger than 30 s leaves it almost nowhere, since in
+    // a network without churn few entries grow that old.
+    let default = joining_full_tables(Config::default().min_evict_age_ms);
+    let kept = joining_full_tables(30_000);
+    assert_eq!((default.len(), kept.len()), (2, 2));
+    for (d, k) in default.iter().zip(&kept) {
+        assert!(d.known_by_mean >= 0.2, "{d:?}");
+        assert!(d.connections_mean >= 8.0, "{d:?}");
+        assert!(k.known_by_mean < 0.1, "{k:?}");
     }
 }
 
