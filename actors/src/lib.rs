@@ -31,6 +31,7 @@ mod core;
 pub mod discovery;
 pub mod dropped;
 pub mod faults;
+pub mod files;
 pub mod grpc;
 mod holders;
 pub mod peer_heights;

@@ -401,52 +401,26 @@ async fn body(path: &Path, result: object_store::GetResult) -> Result<Bytes, Arc
     Ok(Bytes::from(body))
 }
 
-/// The object at `file` of a local archive, `None` if there is none: opened
-/// without following a symbolic link and without blocking (an open of a
-/// FIFO would wait for a writer), read only if it is a regular file of at
-/// most `max` bytes, and no further than `max` should it grow meanwhile.
+/// The object at `file` of a local archive, `None` if there is none: not
+/// through a symbolic link, and only a regular file of at most `max`
+/// bytes ([`crate::files::read_bounded`]).
 fn read_local(
     file: &std::path::Path,
     max: u64,
     path: String,
 ) -> Result<Option<Bytes>, ArchiveError> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let failed = |e: std::io::Error| ArchiveError::Source(format!("reading {path}: {e}"));
-    let malformed = |reason: &str| ArchiveError::Malformed {
+    use crate::files::{ReadError, read_bounded};
+    let malformed = |reason: String| ArchiveError::Malformed {
         path: path.clone(),
-        reason: reason.into(),
+        reason,
     };
-    let opened = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
-        .open(file);
-    let file = match opened {
-        Ok(file) => file,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
-            return Err(malformed("a symbolic link"));
-        }
-        Err(e) => return Err(failed(e)),
-    };
-    let meta = file.metadata().map_err(failed)?;
-    if !meta.is_file() {
-        return Err(malformed("not a regular file"));
+    match read_bounded(file, max, false) {
+        Ok(body) => Ok(Some(Bytes::from(body))),
+        Err(ReadError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(ReadError::TooLarge { size, max }) => Err(ArchiveError::TooLarge { path, size, max }),
+        Err(e @ (ReadError::SymbolicLink | ReadError::NotRegular)) => Err(malformed(e.to_string())),
+        Err(ReadError::Io(e)) => Err(ArchiveError::Source(format!("reading {path}: {e}"))),
     }
-    let too_large = |size| ArchiveError::TooLarge {
-        path: path.clone(),
-        size,
-        max,
-    };
-    if meta.len() > max {
-        return Err(too_large(meta.len()));
-    }
-    let mut body = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
-    file.take(max + 1).read_to_end(&mut body).map_err(failed)?;
-    if body.len() as u64 > max {
-        return Err(too_large(body.len() as u64));
-    }
-    Ok(Some(Bytes::from(body)))
 }
 
 /// Opens the object store `url` names, every answer's body bounded

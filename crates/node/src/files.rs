@@ -1,8 +1,6 @@
 //! Reading the files an operator names: the configuration, the genesis,
 //! keys and certificates, other validators' public files.
 
-use std::io::Read;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// The largest file the node reads: a genesis of the largest committee
@@ -17,25 +15,13 @@ pub const MAX_FILE_BYTES: u64 = 4 << 20;
 /// Symbolic links are followed (configurations are often mounted as
 /// links).
 pub fn read_text(path: &Path) -> std::io::Result<String> {
-    let refused = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, what);
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NONBLOCK)
-        .open(path)?;
-    let meta = file.metadata()?;
-    if !meta.is_file() {
-        return Err(refused("not a regular file".into()));
-    }
-    let too_large = || refused(format!("larger than {MAX_FILE_BYTES} bytes, the most read"));
-    if meta.len() > MAX_FILE_BYTES {
-        return Err(too_large());
-    }
-    let mut text = String::new();
-    file.take(MAX_FILE_BYTES + 1).read_to_string(&mut text)?;
-    if text.len() as u64 > MAX_FILE_BYTES {
-        return Err(too_large());
-    }
-    Ok(text)
+    use soma_actors::files::{ReadError, read_bounded};
+    let bytes = read_bounded(path, MAX_FILE_BYTES, true).map_err(|e| match e {
+        ReadError::Io(e) => e,
+        refused => std::io::Error::new(std::io::ErrorKind::InvalidInput, refused.to_string()),
+    })?;
+    String::from_utf8(bytes)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"))
 }
 
 #[cfg(test)]
