@@ -41,6 +41,13 @@ struct Cli {
     /// on other networks; 0, the default, gives the report's figures.
     #[arg(long, default_value_t = 0)]
     reseed: u64,
+    /// Discovery's `min_evict_age_ms` in every section's nodes (the node's
+    /// `p2p.min-evict-age`): a full table gives a newcomer only the place
+    /// of an entry seen this long before it. 0, the default, gives the
+    /// report's figures; another value writes to target/sim-partial/
+    /// unless --out says where.
+    #[arg(long, default_value_t = 0, value_name = "MS")]
+    min_evict_age_ms: u64,
     /// Only measure the time of a load from main memory over buffers of
     /// these sizes, in MiB (comma-separated), and print it: what bounds a
     /// large network's speed on this machine (`soma_sim::memory`).
@@ -118,12 +125,18 @@ bit for bit (docs/benchmarks.md, \"The simulator's speed\", says how).
 /// Threads every simulated network here runs on ([`Settings::threads`]).
 static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
 
-/// [`soma_sim::scenarios::world`] on this run's threads.
+/// `--min-evict-age-ms`, set once at start.
+static MIN_EVICT_AGE_MS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
+/// [`soma_sim::scenarios::world`] on this run's threads, with
+/// `--min-evict-age-ms`.
 fn world(nodes: usize, seed: u64) -> Settings {
-    Settings {
+    let mut settings = Settings {
         threads: THREADS.get().copied().unwrap_or(1),
         ..soma_sim::scenarios::world(nodes, seed)
-    }
+    };
+    settings.discovery.min_evict_age_ms = MIN_EVICT_AGE_MS.get().copied().unwrap_or(0);
+    settings
 }
 
 /// An allocator whose threads do not queue for each other: with glibc's,
@@ -152,6 +165,9 @@ fn main() {
     keep_freed_memory();
     let cli = Cli::parse();
     RESEED.set(cli.reseed).expect("set once");
+    MIN_EVICT_AGE_MS
+        .set(cli.min_evict_age_ms)
+        .expect("set once");
     let threads = cli
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get));
@@ -174,6 +190,16 @@ fn main() {
             md,
             "This is the quick run (`soma-sim --quick`): 200 nodes, shorter runs. `make sim` \
              runs 1,000 and 10,000 nodes.\n"
+        )
+        .unwrap();
+    }
+    if cli.min_evict_age_ms != 0 {
+        writeln!(
+            md,
+            "This run's nodes keep entries seen less than {} ms before a newcomer \
+             (`soma-sim --min-evict-age-ms {}`; Discovery's `min_evict_age_ms`, 0 by \
+             default): its figures are not the default's.\n",
+            cli.min_evict_age_ms, cli.min_evict_age_ms
         )
         .unwrap();
     }
@@ -243,7 +269,7 @@ fn report_path(cli: &Cli) -> std::path::PathBuf {
             .expect("the crate sits two levels below the workspace root");
         let dir = if cli.quick {
             root.join("target/sim-quick")
-        } else if !cli.only.is_empty() {
+        } else if !cli.only.is_empty() || cli.min_evict_age_ms != 0 {
             root.join("target/sim-partial")
         } else {
             root.join("docs")
