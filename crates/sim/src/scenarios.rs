@@ -343,7 +343,8 @@ pub struct JoinMinute {
     pub known_by_mean: f64,
     /// The lowest such fraction of any joiner.
     pub known_by_min: f64,
-    /// Connections a joiner is at an end of: the mean over joiners.
+    /// Connections a joiner dialled, and those earlier nodes dialled to
+    /// it: the mean over joiners.
     pub connections_mean: f64,
     /// Peers in a joiner's own table: the mean over joiners.
     pub known_mean: f64,
