@@ -90,8 +90,8 @@ bench:
 
 ## sim: networks of 1,000 and 10,000 simulated nodes (the production Discovery,
 ## PeerHeights and StateSync cores in virtual time): convergence, churn, partition,
-## eclipse, heights, a catch-up among hostile peers, the real-node discovery
-## benchmark simulated, and an hour of churn at
+## eclipse, newcomers joining full tables, heights, a catch-up among hostile peers,
+## the real-node discovery benchmark simulated, and an hour of churn at
 ## 2,000 nodes; writes docs/simulation.md, on every core (long: docs/benchmarks.md,
 ## "The simulator's speed"; `--only` runs a part, `--hour-nodes 10000` the long run at 10,000)
 sim:

@@ -7,8 +7,8 @@ use clap::Parser;
 use soma_sim::heights::HeightSettings;
 use soma_sim::net::Settings;
 use soma_sim::scenarios::{
-    Churn, churn, converged_network, convergence, eclipse, full_knowledge, heights, like_the_bench,
-    partition_and_heal,
+    Churn, JoinMinute, churn, churn_joining, converged_network, convergence, eclipse,
+    full_knowledge, heights, joining, like_the_bench, partition_and_heal,
 };
 use soma_sim::sync::{Hostile, SyncSettings, catch_up};
 use soma_wire::inbound;
@@ -65,12 +65,13 @@ fn seed_of(name: &str, k: u64) -> u64 {
 }
 
 /// The report's sections, in the order they run.
-const SECTIONS: [&str; 9] = [
+const SECTIONS: [&str; 10] = [
     "convergence",
     "inbound",
     "churn",
     "partition",
     "eclipse",
+    "joining",
     "heights",
     "sync",
     "bench",
@@ -222,6 +223,13 @@ fn main() {
     }
     if cli.runs("eclipse") {
         eclipse_section(
+            &mut md,
+            if cli.quick { 200 } else { 2_000 },
+            if cli.quick { 3 } else { 5 },
+        );
+    }
+    if cli.runs("joining") {
+        joining_section(
             &mut md,
             if cli.quick { 200 } else { 2_000 },
             if cli.quick { 3 } else { 5 },
@@ -498,6 +506,75 @@ fn eclipse_section(md: &mut String, n: usize, minutes: u64) {
          the anchors are the trade between the two. A node that starts during an attack, \
          from tables already flooded, has no honest anchors to keep: its defence is its \
          seed peers and allowlist (docs/operations.md)."
+    )
+    .unwrap();
+}
+
+/// Nodes joining full tables, without churn and with it, under the
+/// default eviction rule and with entries younger than 30 s kept (both,
+/// whatever `--min-evict-age-ms` says).
+fn joining_section(md: &mut String, n: usize, minutes: u64) {
+    writeln!(
+        md,
+        "\n## Joining: what keeping young entries costs a newcomer\n\n\
+         {n} nodes, converged for 30 intervals. Then either every 20th node (never a seed) \
+         starts at once in a network without churn, or 1 % of the nodes are replaced each \
+         minute, as in the churn section. Each row is a minute: without churn, of the \
+         joiners since they started; with churn, of the nodes that joined in the minute \
+         before and are still up (so 1 to 2 minutes old). Figures over those joiners: \
+         the share of the other nodes up whose tables hold a joiner (mean, lowest), the \
+         connections a joiner holds (those it dialled and those dialled to it, mean), and \
+         the peers its own table holds (mean). Rule: Discovery's `min_evict_age_ms` (the \
+         node's `p2p.min-evict-age`), 0 by default: a full table then gives a newcomer the \
+         place of its oldest entry however young; at 30 s, only of one seen at least 30 s \
+         before the newcomer (docs/operations.md).\n"
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "| churn | min-evict-age | minute | joiners | known by, mean | lowest | connections, mean | table, mean |"
+    )
+    .unwrap();
+    writeln!(md, "|---|---|---|---|---|---|---|---|").unwrap();
+    let seed = seed_of("joining", 0);
+    for (churned, age_ms) in [(false, 0), (false, 30_000), (true, 0), (true, 30_000)] {
+        let mut settings = world(n, seed);
+        settings.discovery.min_evict_age_ms = age_ms;
+        let (rows, churn_label): (Vec<JoinMinute>, _) = if churned {
+            (churn_joining(settings, 30, minutes, 1.0), "1 % / min")
+        } else {
+            (joining(settings, 30, 20, minutes), "none")
+        };
+        for m in rows {
+            let line = format!(
+                "| {churn_label} | {} s | {} | {} | {:.3} | {:.3} | {:.1} | {:.0} |",
+                age_ms / 1000,
+                m.minute,
+                m.joiners,
+                m.known_by_mean,
+                m.known_by_min,
+                m.connections_mean,
+                m.known_mean
+            );
+            eprintln!("{line}");
+            writeln!(md, "{line}").unwrap();
+        }
+    }
+    writeln!(
+        md,
+        "\nUnder the default rule a joiner takes the places of the oldest entries, and in a \
+         network that churns, where it competes only with entries refreshed no later than \
+         itself, most tables soon hold it. Keeping entries younger than 30 s, a full table \
+         gives a joiner only the place of a peer quiet that long, looked for in its 8 \
+         fullest source buckets (`EVICTION_SEARCH_BUCKETS`): without churn the joiners \
+         spread slowly, and churn at 1 % a minute does not help, since the entries old \
+         enough (of departed peers, or of peers whose infos seldom reach the node) seldom \
+         lie in a bucket searched. A joiner still makes its own connections, up to the \
+         target of 8, and fills its own table as fast: what it lacks is the place in \
+         others' tables that brings it inbound connections. The same bound on the search \
+         is what keeps a flood out: tables that searched every bucket let the joiners in, \
+         and the sybils' newcomers with them (docs/benchmarks.md, \"Keeping fresh \
+         incumbents, as an option\")."
     )
     .unwrap();
 }

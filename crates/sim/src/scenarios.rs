@@ -151,6 +151,55 @@ pub struct Churn {
     pub counts: Counts,
 }
 
+/// A converged network whose nodes (never a seed) are replaced at a
+/// steady rate, as the churn scenarios run it.
+struct Churning {
+    sim: Sim,
+    rng: ChaCha8Rng,
+    per_minute: usize,
+}
+
+impl Churning {
+    /// Starts every node of `settings`, runs `warmup_intervals`, and makes
+    /// ready to replace `percent_per_minute` of the nodes each minute.
+    fn converge(settings: Settings, warmup_intervals: u64, percent_per_minute: f64) -> Self {
+        let interval = settings.discovery.interval_ms.max(1);
+        let rng = ChaCha8Rng::seed_from_u64(settings.seed ^ 0xc4u64);
+        let per_minute = ((settings.nodes as f64) * percent_per_minute / 100.0).round() as usize;
+        let mut sim = Sim::new(settings, None);
+        sim.start_all();
+        sim.run_until(warmup_intervals * interval);
+        Churning {
+            sim,
+            rng,
+            per_minute,
+        }
+    }
+
+    /// Runs a minute, the replacements spread over it, one leave and one
+    /// join at a time: a node up drawn at random stops, and a new one
+    /// starts. The new nodes.
+    fn minute(&mut self) -> Vec<usize> {
+        let (sim, per_minute) = (&mut self.sim, self.per_minute);
+        let seeds = sim.settings().seeds;
+        let start = sim.now();
+        let mut joined = Vec::with_capacity(per_minute);
+        for k in 0..per_minute {
+            let at = start + (k as u64 + 1) * 60_000 / (per_minute as u64 + 1);
+            sim.run_until(at);
+            let up: Vec<usize> = (seeds..sim.len()).filter(|&i| sim.is_up(i)).collect();
+            if let Some(&gone) = up.choose(&mut self.rng) {
+                sim.stop(gone);
+            }
+            let node = sim.add_node();
+            sim.start(node);
+            joined.push(node);
+        }
+        sim.run_until(start + 60_000);
+        joined
+    }
+}
+
 /// Converges `settings` (for `warmup_intervals`), then each minute for
 /// `minutes` replaces `percent_per_minute` % of the nodes: as many leave
 /// as join, fresh, seeded like the others. The seed nodes stay.
@@ -163,28 +212,12 @@ pub fn churn(
     let timeout = settings.call_timeout_ms;
     let interval = settings.discovery.interval_ms.max(1);
     let target = settings.discovery.target_concurrent_connections;
-    let mut rng = ChaCha8Rng::seed_from_u64(settings.seed ^ 0xc4u64);
-    let per_minute = ((settings.nodes as f64) * percent_per_minute / 100.0).round() as usize;
-    let seeds = settings.seeds;
-    let mut sim = Sim::new(settings, None);
-    sim.start_all();
-    sim.run_until(warmup_intervals * interval);
+    let mut churning = Churning::converge(settings, warmup_intervals, percent_per_minute);
     let mut out = Vec::new();
     for minute in 1..=minutes {
-        let start = sim.now();
-        let before = sim.counts().clone();
-        // Spread over the minute: one leave and one join at a time.
-        for k in 0..per_minute {
-            let at = start + (k as u64 + 1) * 60_000 / (per_minute as u64 + 1);
-            sim.run_until(at);
-            let up: Vec<usize> = (seeds..sim.len()).filter(|&i| sim.is_up(i)).collect();
-            if let Some(&gone) = up.choose(&mut rng) {
-                sim.stop(gone);
-            }
-            let joined = sim.add_node();
-            sim.start(joined);
-        }
-        sim.run_until(start + 60_000);
+        let before = churning.sim.counts().clone();
+        churning.minute();
+        let sim = &churning.sim;
         let views = sim.views();
         let (mut stale, mut entries) = (0, 0);
         for v in views.iter().filter(|v| v.up) {
@@ -206,6 +239,7 @@ pub fn churn(
                 .count(),
         });
     }
+    let mut sim = churning.sim;
     sim.run_until(sim.now() + timeout + 3 * interval);
     let views = sim.views();
     let want = target.min(views.iter().filter(|v| v.up).count().saturating_sub(1));
@@ -336,8 +370,11 @@ pub fn eclipse(settings: Settings, warmup_intervals: u64, minutes: u64) -> Vec<E
 /// minute after they joined.
 #[derive(Clone, Debug, PartialEq)]
 pub struct JoinMinute {
-    /// Minutes since the joiners started.
+    /// Minutes since the joiners started (in [`churn_joining`], since the
+    /// churn started: the joiners are those of the minute before).
     pub minute: u64,
+    /// Joiners sampled.
+    pub joiners: usize,
     /// The fraction of the nodes up before them whose tables hold a
     /// joiner: the mean over joiners.
     pub known_by_mean: f64,
@@ -377,35 +414,75 @@ pub fn joining(
     (1..=minutes)
         .map(|minute| {
             sim.run_until(started + minute * 60_000);
-            let mut holders = vec![0usize; sim.len()];
-            for &k in &first {
-                for j in sim.known_by(k) {
-                    holders[j] += 1;
-                }
-            }
-            let known_by: Vec<f64> = joiners
-                .iter()
-                .map(|&j| holders[j] as f64 / first.len().max(1) as f64)
-                .collect();
-            let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-            let of_joiners = |f: &dyn Fn(usize) -> usize| {
-                joiners.iter().map(|&j| f(j)).sum::<usize>() as f64 / joiners.len().max(1) as f64
-            };
-            JoinMinute {
-                minute,
-                known_by_mean: mean(&known_by),
-                known_by_min: known_by.iter().copied().fold(1.0, f64::min),
-                connections_mean: of_joiners(&|j| {
-                    first
-                        .iter()
-                        .filter(|&&k| sim.holds_connection(k, j))
-                        .count()
-                        + sim.connections_of(j).len()
-                }),
-                known_mean: of_joiners(&|j| sim.known_by(j).len()),
-            }
+            join_spread(&sim, minute, &joiners, &first)
         })
         .collect()
+}
+
+/// How far `joiners` have spread through the tables of `earlier` (those
+/// of them up) at `minute`.
+fn join_spread(sim: &Sim, minute: u64, joiners: &[usize], earlier: &[usize]) -> JoinMinute {
+    let earlier: Vec<usize> = earlier.iter().copied().filter(|&k| sim.is_up(k)).collect();
+    let mut holders = vec![0usize; sim.len()];
+    for &k in &earlier {
+        for j in sim.known_by(k) {
+            holders[j] += 1;
+        }
+    }
+    let known_by: Vec<f64> = joiners
+        .iter()
+        .map(|&j| holders[j] as f64 / earlier.len().max(1) as f64)
+        .collect();
+    let of_joiners =
+        |f: &dyn Fn(usize) -> usize| joiners.iter().map(|&j| f(j)).sum::<usize>() as f64;
+    let per_joiner = joiners.len().max(1) as f64;
+    JoinMinute {
+        minute,
+        joiners: joiners.len(),
+        known_by_mean: known_by.iter().sum::<f64>() / per_joiner,
+        known_by_min: known_by.iter().copied().fold(1.0, f64::min),
+        connections_mean: of_joiners(&|j| {
+            earlier
+                .iter()
+                .filter(|&&k| sim.holds_connection(k, j))
+                .count()
+                + sim.connections_of(j).len()
+        }) / per_joiner,
+        known_mean: of_joiners(&|j| sim.known_by(j).len()) / per_joiner,
+    }
+}
+
+/// Converges every node of `settings` for `warmup_intervals`, then
+/// replaces `percent_per_minute` of the nodes (never a seed) each minute
+/// for `minutes`, as [`churn`] does, and at the end of each minute from
+/// the second samples how far the nodes that joined in the minute before
+/// (and are still up) have spread through the tables of every other node
+/// up: what a newcomer's place in full tables costs it in a network that
+/// never stops changing. A minute with no such joiner is left out.
+pub fn churn_joining(
+    settings: Settings,
+    warmup_intervals: u64,
+    minutes: u64,
+    percent_per_minute: f64,
+) -> Vec<JoinMinute> {
+    let mut churning = Churning::converge(settings, warmup_intervals, percent_per_minute);
+    let mut out = Vec::new();
+    let mut joined_before: Vec<usize> = Vec::new();
+    for minute in 1..=minutes {
+        let joined = churning.minute();
+        let sim = &churning.sim;
+        let joiners: Vec<usize> = joined_before
+            .iter()
+            .copied()
+            .filter(|&j| sim.is_up(j))
+            .collect();
+        if !joiners.is_empty() {
+            let others: Vec<usize> = (0..sim.len()).filter(|i| !joiners.contains(i)).collect();
+            out.push(join_spread(sim, minute, &joiners, &others));
+        }
+        joined_before = joined;
+    }
+    out
 }
 
 /// How long until every node knew every other, and the calls it took.

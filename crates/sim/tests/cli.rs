@@ -18,7 +18,7 @@ fn an_unknown_section_is_refused_with_the_choices() {
     assert!(stderr.contains("'warp'"), "{stderr}");
     assert!(
         stderr.contains(
-            "convergence, inbound, churn, partition, eclipse, heights, sync, bench, hour"
+            "convergence, inbound, churn, partition, eclipse, joining, heights, sync, bench, hour"
         ),
         "{stderr}"
     );
