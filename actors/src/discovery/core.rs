@@ -104,9 +104,12 @@ pub struct Config {
     /// free gain (docs/benchmarks.md, "Keeping fresh incumbents"): 30 s
     /// keeps a network that converged before a sybil flood at 0.95 of
     /// honest entries where 0 keeps 0.25, but it does nothing against a
-    /// flood from the first round, and while no entry goes stale a node
-    /// that joins stays known to a tenth as many peers; below 30 s (with
-    /// the default 5 s rounds) it keeps little more than 0 does.
+    /// flood from the first round, and a node that joins is held by a
+    /// twelfth to a third as many tables, whether the network churns or
+    /// not (docs/simulation.md, "Joining"); below 30 s (with the default
+    /// 5 s rounds) it keeps little more than 0 does. The bound on the
+    /// search is part of the defence: tables that searched every bucket
+    /// let newcomers in, joiners and sybils alike.
     pub min_evict_age_ms: u64,
     /// Most peers not known yet taken from one source per interval,
     /// whether or not the table had room for them (each costs a search
