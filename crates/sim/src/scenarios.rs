@@ -324,17 +324,7 @@ pub struct EclipseMinute {
 /// for `warmup_intervals`, then starts the sybils and samples every
 /// minute for `minutes`.
 pub fn eclipse(settings: Settings, warmup_intervals: u64, minutes: u64) -> Vec<EclipseMinute> {
-    let interval = settings.discovery.interval_ms.max(1);
-    let mut sim = Sim::new(settings, None);
-    let (honest, sybils): (Vec<usize>, Vec<usize>) =
-        (0..sim.len()).partition(|&i| !sim.is_sybil(i));
-    for &i in &honest {
-        sim.start(i);
-    }
-    sim.run_until(warmup_intervals * interval);
-    for &i in &sybils {
-        sim.start(i);
-    }
+    let (mut sim, honest, _) = in_two_waves(settings, warmup_intervals, Sim::is_sybil);
     let started = sim.now();
     let fraction = |of: &[usize], sim: &Sim| {
         let good = of.iter().filter(|&&k| !sim.is_sybil(k)).count();
@@ -364,6 +354,27 @@ pub fn eclipse(settings: Settings, warmup_intervals: u64, minutes: u64) -> Vec<E
             }
         })
         .collect()
+}
+
+/// A network of `settings` started in two waves: the nodes `late` does
+/// not name, then, once they ran `warmup_intervals`, those it names. The
+/// network, and the nodes of each wave.
+fn in_two_waves(
+    settings: Settings,
+    warmup_intervals: u64,
+    late: impl Fn(&Sim, usize) -> bool,
+) -> (Sim, Vec<usize>, Vec<usize>) {
+    let interval = settings.discovery.interval_ms.max(1);
+    let mut sim = Sim::new(settings, None);
+    let (second, first): (Vec<usize>, Vec<usize>) = (0..sim.len()).partition(|&i| late(&sim, i));
+    for &i in &first {
+        sim.start(i);
+    }
+    sim.run_until(warmup_intervals * interval);
+    for &i in &second {
+        sim.start(i);
+    }
+    (sim, first, second)
 }
 
 /// How far nodes that joined a converged network have spread, at one
@@ -397,19 +408,10 @@ pub fn joining(
     every: usize,
     minutes: u64,
 ) -> Vec<JoinMinute> {
-    let interval = settings.discovery.interval_ms.max(1);
-    let seeds = settings.seeds;
-    let mut sim = Sim::new(settings, None);
-    let every = every.max(1);
-    let (joiners, first): (Vec<usize>, Vec<usize>) =
-        (0..sim.len()).partition(|&i| i >= seeds && i % every == every - 1);
-    for &i in &first {
-        sim.start(i);
-    }
-    sim.run_until(warmup_intervals * interval);
-    for &i in &joiners {
-        sim.start(i);
-    }
+    let (seeds, every) = (settings.seeds, every.max(1));
+    let (mut sim, first, joiners) = in_two_waves(settings, warmup_intervals, |_, i| {
+        i >= seeds && i % every == every - 1
+    });
     let started = sim.now();
     (1..=minutes)
         .map(|minute| {
